@@ -1,0 +1,3 @@
+from loramerge_cli.cli.app import main
+
+main()

@@ -1,0 +1,94 @@
+"""The in-memory form of a LoRA adapter: factors per module, scale kept apart, heads, provenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from loramerge_cli.adapters.units import unit_of
+
+
+@dataclass
+class LoraModule:
+    """One LoRA-adapted weight. ΔW = scale · B @ A, in (d_out, d_in) orientation.
+
+    For GPT-2 style Conv1D (`fan_in_fan_out`) the base weight is stored (d_in, d_out); the factors
+    here are still in Linear orientation and the update is transposed only when touching W0.
+    """
+
+    path: str
+    lora_A: torch.Tensor  # (r, d_in)
+    lora_B: torch.Tensor  # (d_out, r), raw: the scale is not folded in
+    scale: float
+    alpha: float
+    fan_in_fan_out: bool = False
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.lora_B.shape[0]), int(self.lora_A.shape[1])
+
+    @property
+    def unit(self) -> str | None:
+        return unit_of(self.path)
+
+    def factors(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B̃, A) in `dtype`, with the scale folded into B̃."""
+        return self.lora_B.to(dtype) * self.scale, self.lora_A.to(dtype)
+
+    def delta(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The dense update ΔW = B̃ A, (d_out, d_in). Only for tests, references and small modules."""
+        scaled_B, A = self.factors(dtype)
+        return scaled_B @ A
+
+
+@dataclass
+class AdapterSource:
+    """Where an adapter came from, resolved to local files."""
+
+    spec: str  # what the user wrote
+    kind: str  # "dir", "file" or "hub"
+    weights_file: str  # local path of the weights file
+    config_file: str | None
+    sha256: str
+    repo_id: str | None = None
+    revision: str | None = None  # resolved commit for Hub sources
+
+    def describe(self) -> dict:
+        out = {"source": self.spec, "kind": self.kind, "sha256": self.sha256}
+        if self.repo_id:
+            out["repo_id"] = self.repo_id
+            out["revision"] = self.revision
+        return out
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: its modules (sorted by path), task heads and PEFT config."""
+
+    name: str
+    source: AdapterSource
+    config: dict
+    modules: dict[str, LoraModule]
+    heads: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save tensors by key
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path") or None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.modules.values())).lora_A.dtype
+
+    @property
+    def units(self) -> list[str]:
+        return sorted({m.unit for m in self.modules.values() if m.unit is not None})
+
+    @property
+    def head_modules(self) -> list[str]:
+        """Module names of the heads (`score`, `classifier`), from their parameter keys."""
+        return sorted({key.rsplit(".", 1)[0] for key in self.heads})

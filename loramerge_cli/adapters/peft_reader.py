@@ -1,0 +1,200 @@
+"""Read a PEFT LoRA adapter (folder, .safetensors file or Hub snapshot) into an `Adapter`.
+
+Everything loramerge cannot merge exactly is refused here, by name, before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule
+from loramerge_cli.adapters.sources import LocalFiles, default_name, resolve, sha256_file, split_name
+from loramerge_cli.errors import LoramergeError
+
+# Config fields that change what a LoRA module computes; loramerge refuses them by name.
+REFUSED_FIELDS = {
+    "use_dora": "DoRA",
+    "lora_bias": "LoRA bias terms",
+    "target_parameters": "LoRA on parameters (target_parameters)",
+    "layer_replication": "layer replication",
+    "trainable_token_indices": "trainable tokens",
+    "alora_invocation_tokens": "aLoRA",
+    "use_qalora": "QALoRA",
+    "use_bdlora": "BD-LoRA",
+    "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA",
+    "kasa_config": "KaSA",
+    "arrow_config": "Arrow routing",
+    "megatron_config": "Megatron parallel LoRA",
+}
+LORA_KEY = re.compile(r"^(?P<path>.+?)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
+OTHER_LORA_KEY = re.compile(r"\.(lora_embedding_[AB]|lora_magnitude_vector|lora_[A-Z]\w*)\b")
+PEFT_PREFIX = "base_model.model."
+
+
+def load_adapter(argument: str, allow_pickle: bool = False, name: str | None = None) -> Adapter:
+    """Resolve and read one adapter given as `[name=]source`."""
+    named = split_name(argument)
+    files = resolve(named.spec, allow_pickle=allow_pickle)
+    adapter_name = name or named.name or default_name(named.spec)
+    config = read_config(files.config_file) if files.config_file else {}
+    check_supported(config, named.spec)
+    tensors = read_tensors(files.weights_file)
+    modules, heads = parse_state_dict(tensors, config, named.spec)
+    source = AdapterSource(
+        spec=named.spec,
+        kind=files.kind,
+        weights_file=str(files.weights_file),
+        config_file=str(files.config_file) if files.config_file else None,
+        sha256=sha256_file(files.weights_file),
+        repo_id=files.repo_id,
+        revision=files.revision,
+    )
+    return Adapter(adapter_name, source, config, modules, heads)
+
+
+def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adapter]:
+    """Load every source, in task order; names must be unique."""
+    adapters = [load_adapter(argument, allow_pickle) for argument in arguments]
+    seen: dict[str, str] = {}
+    for adapter in adapters:
+        if adapter.name in seen:
+            raise LoramergeError(
+                f"two adapters are named {adapter.name!r} ({seen[adapter.name]}, {adapter.source.spec}); "
+                "name them with name=source"
+            )
+        seen[adapter.name] = adapter.source.spec
+    return adapters
+
+
+def read_config(path: Path) -> dict:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoramergeError(f"{path}: not a readable JSON adapter config ({error})") from None
+    if not isinstance(config, dict):
+        raise LoramergeError(f"{path}: adapter config is not a JSON object")
+    return config
+
+
+def check_supported(config: dict, spec: str) -> None:
+    """Refuse every adapter kind whose update is not ΔW = s·B·A on a Linear or Conv1D weight."""
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise LoramergeError(f"{spec}: peft_type {peft_type} is not supported (only LORA)")
+    for field_name, what in REFUSED_FIELDS.items():
+        if config.get(field_name):
+            raise LoramergeError(f"{spec}: {what} ({field_name}) is not supported; it cannot be merged exactly")
+    if config.get("bias", "none") not in ("none", None):
+        raise LoramergeError(f"{spec}: trained biases (bias={config['bias']!r}) are not supported")
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            raise LoramergeError(f"{path}: corrupt or truncated safetensors file ({_first_line(error)})") from None
+    try:  # pickle, only with --allow-pickle (checked by the resolver); torch's restricted unpickler
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure is a data error
+        raise LoramergeError(f"{path}: cannot read pickle file ({_first_line(error)})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise LoramergeError(f"{path}: pickle file is not a flat state dict of tensors")
+    return state
+
+
+def parse_state_dict(
+    tensors: dict[str, torch.Tensor], config: dict, spec: str
+) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
+    """Split PEFT keys into LoRA modules (by module path) and head tensors (modules_to_save)."""
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    heads: dict[str, torch.Tensor] = {}
+    adapter_names: set[str] = set()
+    for key, tensor in tensors.items():
+        bare = key.removeprefix(PEFT_PREFIX)
+        other = OTHER_LORA_KEY.search(bare)
+        if other and not LORA_KEY.match(bare):
+            kind = other.group(1)
+            what = {
+                "lora_embedding_A": "embedding LoRA",
+                "lora_embedding_B": "embedding LoRA",
+                "lora_magnitude_vector": "DoRA",
+            }.get(kind, f"{kind} weights")
+            raise LoramergeError(f"{spec}: {what} ({key}) is not supported")
+        match = LORA_KEY.match(bare)
+        if match is None:
+            heads[_head_key(bare)] = tensor
+            continue
+        if match["param"] == "bias":
+            raise LoramergeError(f"{spec}: LoRA bias terms (lora_bias, {key}) are not supported")
+        if match["adapter"]:
+            adapter_names.add(match["adapter"])
+        path = match["path"].replace(".base_layer", "")
+        if path in factors and match["factor"] in factors[path]:
+            raise LoramergeError(f"{spec}: module {path} appears twice (several adapters in one file?)")
+        factors.setdefault(path, {})[match["factor"]] = tensor
+    if len(adapter_names) > 1:
+        raise LoramergeError(f"{spec}: the file holds several adapters ({', '.join(sorted(adapter_names))})")
+    if not factors:
+        raise LoramergeError(f"{spec}: no LoRA weights (lora_A / lora_B) in the file")
+    modules = {path: _make_module(path, pair, config, spec) for path, pair in sorted(factors.items())}
+    return modules, heads
+
+
+def _head_key(bare: str) -> str:
+    """PEFT saves modules_to_save without their wrapper; older files keep `modules_to_save.NAME.`."""
+    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", bare).replace(".original_module.", ".")
+
+
+def _make_module(path: str, pair: dict[str, torch.Tensor], config: dict, spec: str) -> LoraModule:
+    if set(pair) != {"A", "B"}:
+        missing = "lora_B" if "A" in pair else "lora_A"
+        raise LoramergeError(f"{spec}: module {path} has no {missing} weight")
+    lora_A, lora_B = pair["A"], pair["B"]
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise LoramergeError(f"{spec}: convolution LoRA ({path}, {lora_A.dim()}-d factors) is not supported")
+    rank = lora_A.shape[0]
+    if lora_B.shape[1] != rank:
+        raise LoramergeError(
+            f"{spec}: module {path}: lora_A has rank {rank} but lora_B has {lora_B.shape[1]} columns"
+        )
+    if not lora_A.is_floating_point() or not lora_B.is_floating_point():
+        raise LoramergeError(f"{spec}: module {path} has non-floating-point LoRA weights")
+    for factor, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
+        if not torch.isfinite(tensor).all():
+            raise LoramergeError(f"{spec}: module {path} {factor} has NaN or Inf values")
+    config_rank = _pattern_value(config, "rank_pattern", path, config.get("r"))
+    if config and config_rank is not None and int(config_rank) != rank:
+        raise LoramergeError(
+            f"{spec}: config and weights disagree: module {path} has rank {rank} in the weights "
+            f"but r={config_rank} in the config"
+        )
+    alpha = float(_pattern_value(config, "alpha_pattern", path, config.get("lora_alpha", rank)))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return LoraModule(path, lora_A, lora_B, scale, alpha, bool(config.get("fan_in_fan_out", False)))
+
+
+def _pattern_value(config: dict, pattern_field: str, path: str, default):
+    """A per-module value from rank_pattern / alpha_pattern, matched by PEFT's own rules."""
+    patterns = config.get(pattern_field) or {}
+    if not patterns:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    key = get_pattern_key(list(patterns), path)
+    return patterns.get(key, default)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

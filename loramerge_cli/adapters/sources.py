@@ -1,0 +1,132 @@
+"""Resolve what the user wrote (`name=path`, a folder, a .safetensors file, a Hub id) to local files."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramerge_cli.errors import LoramergeError
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*$")
+
+
+@dataclass
+class NamedSource:
+    name: str | None  # given with name=source, else derived later
+    spec: str
+
+
+@dataclass
+class LocalFiles:
+    kind: str  # dir, file, hub
+    weights_file: Path
+    config_file: Path | None
+    repo_id: str | None = None
+    revision: str | None = None
+
+
+def split_name(argument: str) -> NamedSource:
+    """`rte=./adapters/rte` -> (rte, ./adapters/rte); a plain source has no name yet."""
+    head, sep, tail = argument.partition("=")
+    if sep and NAME.match(head) and tail and not os.path.exists(argument):
+        return NamedSource(head, tail)
+    return NamedSource(None, argument)
+
+
+def default_name(spec: str) -> str:
+    """The last path component, or a Hub id's repository name, without revision or suffix."""
+    spec = spec.removeprefix("hf://").split("@", 1)[0] if not os.path.exists(spec) else spec
+    name = Path(spec.rstrip("/\\")).name
+    return name.removesuffix(".safetensors") if name.endswith(".safetensors") else name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:
+    """Find the weights and config of one source, downloading Hub sources into the HF cache."""
+    if spec.startswith("hf://"):
+        return _resolve_hub(spec.removeprefix("hf://"), spec, allow_pickle)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _resolve_dir(path, allow_pickle)
+    if path.is_file():
+        return _resolve_file(path, allow_pickle)
+    if HUB_ID.match(spec) and not spec.startswith((".", "/")):
+        return _resolve_hub(spec, spec, allow_pickle)
+    raise LoramergeError(f"{spec}: no such file or folder (a Hub id looks like org/name[@revision])")
+
+
+def _resolve_dir(path: Path, allow_pickle: bool, kind: str = "dir") -> LocalFiles:
+    config = path / CONFIG_NAME
+    weights = path / SAFETENSORS_NAME
+    if not weights.is_file():
+        pickle = path / PICKLE_NAME
+        if pickle.is_file():
+            if not allow_pickle:
+                raise LoramergeError(
+                    f"{path}: only {PICKLE_NAME} (a pickle file) found; pass --allow-pickle if you trust it"
+                )
+            weights = pickle
+        else:
+            candidates = sorted(p.name for p in path.glob("*.safetensors"))
+            hint = f" (found {', '.join(candidates)}: pass the file itself)" if candidates else ""
+            raise LoramergeError(f"{path}: folder has no {SAFETENSORS_NAME}{hint}")
+    if not config.is_file():
+        raise LoramergeError(f"{path}: folder has no {CONFIG_NAME}")
+    return LocalFiles(kind, weights, config)
+
+
+def _resolve_file(path: Path, allow_pickle: bool) -> LocalFiles:
+    if path.suffix in (".bin", ".pt", ".pth"):
+        if not allow_pickle:
+            raise LoramergeError(f"{path}: a pickle file; pass --allow-pickle if you trust it")
+    elif path.suffix != ".safetensors":
+        raise LoramergeError(f"{path}: not a .safetensors file or an adapter folder")
+    config = path.parent / CONFIG_NAME
+    return LocalFiles("file", path, config if config.is_file() else None)
+
+
+def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
+    match = HUB_ID.match(repo_spec)
+    if not match:
+        raise LoramergeError(f"{spec}: not a Hub id (expected org/name[@revision])")
+    repo_id, revision = match["repo"], match["rev"]
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = [CONFIG_NAME, SAFETENSORS_NAME] + ([PICKLE_NAME] if allow_pickle else [])
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise LoramergeError(
+            f"{spec}: not in the local Hugging Face cache and the Hub cannot be reached (offline?)"
+        ) from None
+    except RevisionNotFoundError:
+        raise LoramergeError(f"{spec}: revision {revision!r} not found on the Hub") from None
+    except GatedRepoError:
+        raise LoramergeError(f"{spec}: gated repository; log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise LoramergeError(f"{spec}: repository not found on the Hub (or private)") from None
+    except OSError as error:  # network errors and friends
+        raise LoramergeError(f"{spec}: cannot download from the Hub: {error}") from None
+    files = _resolve_dir(folder, allow_pickle, kind="hub")
+    files.repo_id, files.revision = repo_id, folder.name
+    return files

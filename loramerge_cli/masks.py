@@ -1,0 +1,171 @@
+"""Weight tables (masks and coefficients, Part A §A2): JSON I/O, validation, lookup.
+
+`weights[t][u]` is task t's weight on unit u: 0 removes the task from every module of the unit
+("prune, then align"), any other value multiplies its ΔW before the method.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loramerge_cli.adapters.model import Adapter
+from loramerge_cli.adapters.units import sorted_units, unit_of
+from loramerge_cli.errors import LoramergeError
+
+FORMAT = "loramerge.mask/v1"
+
+
+@dataclass
+class WeightTable:
+    tasks: list[str]
+    units: list[str]
+    weights: list[list[float]]
+    unit: str = "block"  # "block" (units are block prefixes) or "module" (units are module paths)
+    adapters: list[dict] = field(default_factory=list)  # [{"source": …, "sha256": …}] in task order
+    scale: float | None = None
+    merger: dict | None = None
+    provenance: dict = field(default_factory=dict)
+
+    def weight(self, task_index: int, module_path: str) -> float:
+        """The weight of task `task_index` on a module; modules outside the table's units get 1."""
+        key = unit_of(module_path) if self.unit == "block" else module_path
+        column = self._columns.get(key) if key is not None else None
+        return 1.0 if column is None else float(self.weights[task_index][column])
+
+    @property
+    def _columns(self) -> dict[str, int]:
+        return {name: index for index, name in enumerate(self.units)}
+
+    def pruned_count(self) -> int:
+        return sum(1 for row in self.weights for value in row if value == 0)
+
+    def to_json(self) -> dict:
+        out = {
+            "format": FORMAT,
+            "tasks": self.tasks,
+            "adapters": self.adapters,
+            "unit": self.unit,
+            "units": self.units,
+            "weights": self.weights,
+        }
+        if self.scale is not None:
+            out["scale"] = self.scale
+        if self.merger is not None:
+            out["merger"] = self.merger
+        if self.provenance:
+            out["provenance"] = self.provenance
+        return out
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (temporary file, then rename)."""
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.tmp")
+        temporary.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        temporary.replace(path)
+
+
+def units_of(adapters: list[Adapter]) -> list[str]:
+    """The unit list: the sorted union of the adapters' block prefixes (natural order)."""
+    return sorted_units(unit for adapter in adapters for unit in adapter.units)
+
+
+def ones_table(adapters: list[Adapter]) -> WeightTable:
+    units = units_of(adapters)
+    return WeightTable(
+        tasks=[a.name for a in adapters],
+        units=units,
+        weights=[[1.0] * len(units) for _ in adapters],
+        adapters=[{"source": a.source.spec, "sha256": a.source.sha256} for a in adapters],
+    )
+
+
+def from_pruned_indices(adapters: list[Adapter], indices: list[int]) -> WeightTable:
+    """A 0/1 table from the ENMP reference's flat list of pruned units, i = u·T + t."""
+    table = ones_table(adapters)
+    task_count, unit_count = len(adapters), len(table.units)
+    for index in indices:
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < task_count * unit_count:
+            raise LoramergeError(
+                f"--indices: {index!r} is not a flat index in [0, {task_count * unit_count}) "
+                f"({unit_count} units × {task_count} tasks)"
+            )
+        unit, task = divmod(index, task_count)
+        table.weights[task][unit] = 0.0
+    return table
+
+
+def parse_indices(text: str) -> list[int]:
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError:
+        raise LoramergeError(f"--indices: expected a JSON list of integers like \"[3, 17]\", got {text!r}") from None
+    if not isinstance(values, list):
+        raise LoramergeError("--indices: expected a JSON list of integers")
+    return values
+
+
+def load_table(path: str | Path) -> WeightTable:
+    """Read and structurally validate a weight-table JSON file."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise LoramergeError(f"{path}: mask file not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoramergeError(f"{path}: not a readable JSON mask ({error})") from None
+    problem = _structure_problem(data)
+    if problem:
+        raise LoramergeError(f"{path}: {problem}")
+    return WeightTable(
+        tasks=list(data["tasks"]),
+        units=list(data["units"]),
+        weights=[[float(v) for v in row] for row in data["weights"]],
+        unit=data.get("unit", "block"),
+        adapters=list(data.get("adapters", [])),
+        scale=data.get("scale"),
+        merger=data.get("merger"),
+        provenance=data.get("provenance", {}),
+    )
+
+
+def _structure_problem(data) -> str | None:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        return f'not a loramerge mask (expected "format": "{FORMAT}")'
+    for key in ("tasks", "units", "weights"):
+        if not isinstance(data.get(key), list):
+            return f"field {key!r} is missing or not a list"
+    if data.get("unit", "block") not in ("block", "module"):
+        return "field 'unit' must be 'block' or 'module'"
+    if len(data["weights"]) != len(data["tasks"]):
+        return f"'weights' has {len(data['weights'])} rows for {len(data['tasks'])} tasks"
+    for row in data["weights"]:
+        if not isinstance(row, list) or len(row) != len(data["units"]):
+            return f"every row of 'weights' needs {len(data['units'])} numbers (one per unit)"
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in row):
+            return "'weights' holds a value that is not a finite number"
+    if "scale" in data and not isinstance(data["scale"], (int, float)):
+        return "'scale' must be a number"
+    return None
+
+
+def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask") -> None:
+    """The table must name the same tasks, units and adapter weights (sha256) as the inputs."""
+    names = [a.name for a in adapters]
+    if table.tasks != names:
+        raise LoramergeError(f"{origin}: tasks {table.tasks} do not match the adapters {names} (same order)")
+    if table.unit == "block":
+        expected = units_of(adapters)
+    else:
+        expected = sorted({path for a in adapters for path in a.modules})
+    missing = [u for u in table.units if u not in expected]
+    if missing or (table.unit == "block" and table.units != expected):
+        extra = f"unknown units {missing[:3]}" if missing else f"units differ from the adapters' {len(expected)}"
+        raise LoramergeError(f"{origin}: {extra}")
+    for recorded, adapter in zip(table.adapters, adapters):
+        digest = recorded.get("sha256") if isinstance(recorded, dict) else None
+        if digest and digest != adapter.source.sha256:
+            raise LoramergeError(
+                f"{origin}: adapter {adapter.name!r} differs from the one the table was made for (sha256 mismatch)"
+            )

@@ -1,0 +1,148 @@
+"""Low-rank algebra on factors: compact SVDs from thin QRs, sign conventions, polar factors, truncation.
+
+Nothing here forms an m×n product unless it is handed a dense matrix (Part A §A3, Part B §14.1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+EPS_RANK = 1e-6  # ε-rank: singular values > EPS_RANK · σ_max count (Part A notation)
+
+
+@dataclass
+class LowRank:
+    """X = left @ right with left (m×k) and right (k×n); k may exceed the rank."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.left.shape[0]), int(self.right.shape[1])
+
+    def dense(self) -> torch.Tensor:
+        return self.left @ self.right
+
+    def scaled(self, factor: float) -> LowRank:
+        return LowRank(self.left * factor, self.right)
+
+
+@dataclass
+class CompactSVD:
+    """X = U diag(S) Vᵀ keeping the ε-rank components, signs canonical (see `canonical_signs`)."""
+
+    U: torch.Tensor  # m×q
+    S: torch.Tensor  # q
+    V: torch.Tensor  # n×q
+
+    def as_lowrank(self) -> LowRank:
+        return LowRank(self.U * self.S, self.V.T)
+
+
+def sum_lowrank(terms: list[LowRank]) -> LowRank:
+    """Σ terms, exactly, by concatenating the factors."""
+    return LowRank(torch.cat([t.left for t in terms], dim=1), torch.cat([t.right for t in terms], dim=0))
+
+
+def canonical_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip each pair (u_i, v_i) so that the largest-magnitude entry of u_i is positive.
+
+    Ties go to the lowest index (torch.argmax returns the first maximum).
+    """
+    if U.shape[1] == 0:
+        return U, V
+    rows = U.abs().argmax(dim=0)
+    signs = torch.sign(U[rows, torch.arange(U.shape[1], device=U.device)])
+    signs[signs == 0] = 1
+    return U * signs, V * signs
+
+
+def epsilon_rank(S: torch.Tensor) -> int:
+    """Number of singular values above EPS_RANK · σ_max (0 for a zero matrix)."""
+    if S.numel() == 0 or S[0] <= 0:
+        return 0
+    return int((S > EPS_RANK * S[0]).sum())
+
+
+def from_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> CompactSVD:
+    rank = epsilon_rank(S)
+    U, V = canonical_signs(U[:, :rank], V[:, :rank])
+    return CompactSVD(U, S[:rank], V)
+
+
+def svd_dense(X: torch.Tensor) -> CompactSVD:
+    """Compact SVD of a dense matrix, ε-rank components, canonical signs."""
+    U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    return from_svd(U, S, Vh.T)
+
+
+def svd_lowrank_exact(X: LowRank) -> CompactSVD:
+    """Exact compact SVD of left @ right from thin QRs of the factors and an SVD of the k×k middle."""
+    Q_left, R_left = torch.linalg.qr(X.left)
+    Q_right, R_right = torch.linalg.qr(X.right.T)
+    P, S, Ht = torch.linalg.svd(R_left @ R_right.T, full_matrices=False)
+    return from_svd(Q_left @ P, S, Q_right @ Ht.T)
+
+
+def compact_svd(X: torch.Tensor | LowRank) -> CompactSVD:
+    """Compact SVD of a dense or factored matrix (factored: never forms the product)."""
+    if isinstance(X, LowRank):
+        return svd_lowrank_exact(X)
+    return svd_dense(X)
+
+
+def polar(M: torch.Tensor) -> torch.Tensor:
+    """Orthogonal polar factor P Qᵀ of M = P Σ Qᵀ: the nearest matrix with orthonormal columns."""
+    P, _, Qh = torch.linalg.svd(M, full_matrices=False)
+    return P @ Qh
+
+
+def truncate_dense(
+    X: torch.Tensor, out_rank: int | None, energy: float, max_rank: int, seed: int = 1
+) -> tuple[LowRank, float, bool]:
+    """Factorise a dense update by truncated SVD.
+
+    Rank = `out_rank` if given, else the smallest rank keeping `energy` of Σσ² capped at `max_rank`.
+    Returns the factors, the relative Frobenius error and whether the cap bound. Small matrices use an
+    exact SVD; large ones a randomized range finder with power iterations (the error is measured
+    exactly either way).
+    """
+    m, n = X.shape
+    full = min(m, n)
+    total = float(torch.linalg.matrix_norm(X) ** 2)
+    if total == 0.0:
+        return LowRank(X.new_zeros(m, 0), X.new_zeros(0, n)), 0.0, False
+    wanted = min(out_rank, full) if out_rank is not None else min(max_rank, full)
+    if full <= 512 or wanted * 4 >= full:
+        U, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        U, S, Vh = _randomized_svd(X, min(wanted + 16, full), generator)
+    capped = False
+    if out_rank is not None:
+        rank = min(out_rank, S.numel())
+    else:
+        kept = torch.cumsum(S.double() ** 2, 0) / total
+        reached = (kept >= energy).nonzero()
+        rank = int(reached[0]) + 1 if reached.numel() else S.numel()
+        if rank > max_rank or not reached.numel():
+            capped = True
+            rank = min(rank, max_rank)
+    U, Vt = canonical_signs(U[:, :rank], Vh[:rank].T)
+    factors = LowRank(U * S[:rank], Vt.T)
+    error = float(torch.linalg.matrix_norm(X - factors.dense()) / total**0.5)
+    return factors, error, capped
+
+
+def _randomized_svd(X: torch.Tensor, width: int, generator: torch.Generator, power_iterations: int = 6):
+    """Halko et al. randomized SVD with orthonormalised power iterations (deterministic per seed)."""
+    omega = torch.randn(X.shape[1], width, generator=generator, dtype=X.dtype).to(X.device)
+    Q, _ = torch.linalg.qr(X @ omega)
+    for _ in range(power_iterations):
+        Q, _ = torch.linalg.qr(X.T @ Q)
+        Q, _ = torch.linalg.qr(X @ Q)
+    U_small, S, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
+    return Q @ U_small, S, Vh

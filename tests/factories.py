@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import torch
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule
@@ -32,3 +34,80 @@ def attention_shapes(blocks: int = 2, m: int = 20, n: int = 24) -> dict[str, tup
     return {
         f"model.layers.{b}.self_attn.{proj}": (m, n) for b in range(blocks) for proj in ("q_proj", "v_proj")
     }
+
+
+def write_peft_folder(
+    folder,
+    adapter: Adapter,
+    config_updates: dict | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+):
+    """Write an in-memory adapter as a real PEFT folder (adapter_config.json + adapter_model.safetensors).
+
+    Keys are PEFT's (`base_model.model.<path>.lora_A.weight`), B is stored raw with r / lora_alpha (and
+    rank_pattern / alpha_pattern for the other modules) giving back each module's scale. Independent of
+    loramerge's writer, so tests of the writer are not circular.
+    """
+    from collections import Counter
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    modules = adapter.modules
+    r = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
+    alpha = next(m.alpha for m in modules.values() if m.rank == r)
+    config = {
+        "peft_type": "LORA",
+        "task_type": adapter.config.get("task_type"),
+        "base_model_name_or_path": adapter.base_model,
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(modules),
+        "rank_pattern": {p: m.rank for p, m in modules.items() if m.rank != r},
+        "alpha_pattern": {p: m.alpha for p, m in modules.items() if m.rank != r or m.alpha != alpha},
+        "use_rslora": False,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "modules_to_save": adapter.head_modules or None,
+    }
+    config.update(config_updates or {})
+    tensors = {}
+    for path, module in modules.items():
+        tensors[f"base_model.model.{path}.lora_A.weight"] = module.lora_A.contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = module.lora_B.contiguous()
+    for key, tensor in adapter.heads.items():
+        tensors[f"base_model.model.{key}"] = tensor.contiguous()
+    tensors.update(extra_tensors or {})
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    return folder
+
+
+def write_task_folders(root, names=("a", "b", "c"), blocks: int = 3, seed: int = 0, head: bool = True) -> dict:
+    """PEFT folders of float32 random adapters with mixed ranks, α ≠ r, a module outside any block and
+    (optionally) a `score` head per task: {name: folder}."""
+    from pathlib import Path
+
+    shapes = attention_shapes(blocks=blocks, m=12, n=10)
+    shapes["pooler.dense"] = (6, 10)
+    folders = {}
+    for index, name in enumerate(names):
+        adapter = random_adapter(name, shapes, rank=2 + index, alpha=3.0 + index, seed=seed + index,
+                                 dtype=torch.float32)
+        if head:
+            generator = torch.Generator().manual_seed(100 + seed + index)
+            adapter.heads = {"score.weight": torch.randn(3, 10, generator=generator)}
+        adapter.config["task_type"] = "SEQ_CLS"
+        folders[name] = write_peft_folder(Path(root) / name, adapter)
+    return folders
+
+
+def invoke_cli(args):
+    """Run the loramerge CLI in-process (CliRunner); returns click's Result (stdout, stderr, exit_code)."""
+    from typer.testing import CliRunner
+
+    from loramerge_cli.cli.app import app
+
+    return CliRunner().invoke(app, [str(arg) for arg in args])

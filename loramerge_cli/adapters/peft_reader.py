@@ -33,7 +33,7 @@ REFUSED_FIELDS = {
     "megatron_config": "Megatron parallel LoRA",
 }
 LORA_KEY = re.compile(r"^(?P<path>.+?)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
-OTHER_LORA_KEY = re.compile(r"\.(lora_embedding_[AB]|lora_magnitude_vector|lora_[A-Z]\w*)\b")
+OTHER_LORA_KEY = re.compile(r"\.(lora_embedding_[AB]|lora_magnitude_vector|lora_[A-Z]\w*|trainable_tokens_\w+)\b")
 PEFT_PREFIX = "base_model.model."
 
 
@@ -129,6 +129,7 @@ def parse_state_dict(
                 "lora_embedding_A": "embedding LoRA",
                 "lora_embedding_B": "embedding LoRA",
                 "lora_magnitude_vector": "DoRA",
+                "trainable_tokens_delta": "trainable tokens",
             }.get(kind, f"{kind} weights")
             raise LoramergeError(f"{spec}: {what} ({key}) is not supported")
         match = LORA_KEY.match(bare)

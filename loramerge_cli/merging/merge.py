@@ -6,6 +6,7 @@ Everything is validated by `resolve_config` before the first tensor is touched.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 
@@ -154,8 +155,11 @@ def merge(
     config: MergeConfig | None = None,
     table: WeightTable | None = None,
     allow_base_mismatch: bool = False,
+    progress: Callable[[str], None] | None = None,
 ) -> MergeResult:
-    """Merge the adapters module by module. See Part A §A2–§A4 for the exact semantics."""
+    """Merge the adapters module by module. See Part A §A2–§A4 for the exact semantics.
+
+    `progress(path)` is called after each module is done (the CLI's progress bar)."""
     config = config or MergeConfig()
     if not adapters:
         raise LoramergeError("no adapters to merge")
@@ -163,10 +167,15 @@ def merge(
     if table is not None:
         check_table(table, adapters)
     settings = resolve_config(config, len(adapters), table)
-    return run_merge(adapters, settings, table)
+    return run_merge(adapters, settings, table, progress)
 
 
-def run_merge(adapters: list[Adapter], settings: ResolvedMerge, table: WeightTable | None = None) -> MergeResult:
+def run_merge(
+    adapters: list[Adapter],
+    settings: ResolvedMerge,
+    table: WeightTable | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> MergeResult:
     """The merge proper, on validated inputs."""
     retained = {path: _retained_tasks(adapters, path, settings, table) for path in module_paths(adapters)}
     active = {path: tasks for path, tasks in retained.items() if tasks}
@@ -180,6 +189,10 @@ def run_merge(adapters: list[Adapter], settings: ResolvedMerge, table: WeightTab
         module = next(a.modules[path] for a in adapters if path in a.modules)
         result.modules[path] = _finish(path, delta, module.fan_in_fan_out, sum(
             adapters[t].modules[path].rank for t, _ in active[path]), settings, result)
+        if progress is not None:
+            progress(path)
+    for path in omitted if progress is not None else ():
+        progress(path)
     return result
 
 

@@ -1,0 +1,382 @@
+"""Write adapters as PEFT folders: merged results (scale folded, lora_alpha = r) and plain adapters.
+
+Every folder is written into a temporary sibling and renamed into place only when complete, so a
+failure never leaves a half-written output and `force` replaces an existing one only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from loramerge_cli import __version__
+from loramerge_cli.adapters.model import Adapter
+from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
+from loramerge_cli.adapters.units import unit_sort_key
+from loramerge_cli.errors import LoramergeError
+from loramerge_cli.merging.merge import MergeResult
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+HEAD_TASK_TYPES = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}  # PEFT task types that wrap a head module
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def output_dtype(adapters: list[Adapter], requested: str | torch.dtype | None = None) -> torch.dtype:
+    """`requested`, else the inputs' common dtype, float32 when they differ."""
+    if isinstance(requested, torch.dtype):
+        return requested
+    if requested is not None:
+        if requested not in DTYPES:
+            raise LoramergeError(f"--dtype must be one of {', '.join(DTYPES)} (got {requested!r})")
+        return DTYPES[requested]
+    dtypes = {adapter.dtype for adapter in adapters}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
+    """Fail early: the output must not exist (unless `force`) and its parent must be writable."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise LoramergeError(f"{out_dir}: already exists; pass --force to replace it")
+    ancestor = out_dir.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LoramergeError(f"{out_dir}: cannot create it, {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LoramergeError(f"{out_dir}: cannot create it, {ancestor} is not writable")
+    return out_dir
+
+
+@contextmanager
+def staged_folder(out_dir: str | Path, force: bool = False):
+    """Yield a temporary sibling folder; on success it replaces `out_dir`, on failure it is removed."""
+    out_dir = check_output_dir(out_dir, force)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
+    except OSError as error:
+        raise LoramergeError(f"{out_dir}: cannot create the output folder ({error.strerror or error})") from None
+    try:
+        yield staging
+        _apply_umask(staging)
+        _replace(staging, out_dir, force)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LoramergeError(f"{out_dir}: cannot write the output ({error.strerror or error})") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp and safetensors create private (0700/0600) entries; give them the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _replace(staging: Path, out_dir: Path, force: bool) -> None:
+    if not (out_dir.exists() or out_dir.is_symlink()):
+        staging.rename(out_dir)
+        return
+    if not force:
+        raise LoramergeError(f"{out_dir}: already exists; pass --force to replace it")
+    retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    out_dir.rename(retired)
+    staging.rename(out_dir)
+    if retired.is_dir() and not retired.is_symlink():
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        retired.unlink()
+
+
+def lora_config(
+    ranks: dict[str, int],
+    alphas: dict[str, float],
+    *,
+    fan_in_fan_out: bool,
+    base_model: str | None,
+    task_type: str | None,
+    modules_to_save: list[str] | None,
+) -> dict:
+    """The adapter_config.json PEFT writes for LoRA, with exact module paths as targets.
+
+    `r`/`lora_alpha` are those of the most common rank; other modules go in rank_pattern/alpha_pattern.
+    """
+    counts = Counter(ranks.values())
+    r = max(counts, key=lambda rank: (counts[rank], rank))
+    alpha_counts = Counter(alphas[path] for path, rank in ranks.items() if rank == r)
+    lora_alpha = max(alpha_counts, key=lambda alpha: (alpha_counts[alpha], alpha))
+    paths = sorted(ranks, key=unit_sort_key)
+    return {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model,
+        "revision": None,
+        "r": r,
+        "lora_alpha": _number(lora_alpha),
+        "target_modules": paths,
+        "rank_pattern": {path: ranks[path] for path in paths if ranks[path] != r},
+        "alpha_pattern": {
+            path: _number(alphas[path]) for path in paths if ranks[path] != r or alphas[path] != lora_alpha
+        },
+        "use_rslora": False,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "lora_dropout": 0.0,
+        "modules_to_save": modules_to_save or None,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "exclude_modules": None,
+    }
+
+
+def _number(value: float) -> int | float:
+    return int(value) if float(value).is_integer() else float(value)
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_head(adapters: list[Adapter], head: str | None) -> Adapter | None:
+    """The adapter whose head `--head TASK` names (None without --head); it must carry a head."""
+    if head is None:
+        return None
+    by_name = {adapter.name: adapter for adapter in adapters}
+    if head not in by_name:
+        raise LoramergeError(f"--head {head}: no adapter of that name (tasks: {', '.join(by_name)})")
+    if not by_name[head].heads:
+        raise LoramergeError(f"--head {head}: that adapter has no task head (no modules_to_save weights)")
+    return by_name[head]
+
+
+def _merged_task_type(adapters: list[Adapter], head_adapter: Adapter | None) -> str | None:
+    """The inputs' common task type, unless it makes PEFT expect a head that is not written:
+    PeftModelForSequenceClassification and friends add `score`/`classifier` to modules_to_save
+    and fail to load without their weights."""
+    task_type = _common([a.config.get("task_type") for a in adapters])
+    return None if head_adapter is None and task_type in HEAD_TASK_TYPES else task_type
+
+
+def _common(values: list):
+    """The one non-empty value all inputs agree on, else None."""
+    distinct = {value for value in values if value}
+    return distinct.pop() if len(distinct) == 1 else None
+
+
+def write_merged_adapter(
+    result: MergeResult,
+    adapters: list[Adapter],
+    out_dir: str | Path,
+    *,
+    dtype: str | torch.dtype | None = None,
+    head: str | None = None,
+    command: str | None = None,
+    force: bool = False,
+    table=None,
+    base_model: str | None = None,
+    extra_provenance: dict | None = None,
+) -> Path:
+    """Write a merge result as a PEFT LoRA folder (design.md §4); returns the folder."""
+    out_dtype = output_dtype(adapters, dtype)
+    head_adapter = check_head(adapters, head)
+    check_output_dir(out_dir, force)
+    modules = {path: module for path, module in result.modules.items() if module.rank > 0}
+    if not modules:
+        raise LoramergeError("the merge is empty: every module was pruned or merged to zero; nothing to write")
+    base = base_model or _common([a.base_model for a in adapters])
+    tensors = {}
+    for path, module in modules.items():
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = module.lora_A.to(out_dtype)
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.lora_B.to(out_dtype)
+    if head_adapter is not None:
+        for key, tensor in head_adapter.heads.items():
+            tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype)
+    ranks = {path: module.rank for path, module in modules.items()}
+    config = lora_config(
+        ranks,
+        {path: float(rank) for path, rank in ranks.items()},  # lora_alpha = r: every scale is 1
+        fan_in_fan_out=all(module.fan_in_fan_out for module in modules.values()),
+        base_model=base,
+        task_type=_merged_task_type(adapters, head_adapter),
+        modules_to_save=head_adapter.head_modules if head_adapter is not None else None,
+    )
+    provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table, base)
+    provenance.update(extra_provenance or {})
+    with staged_folder(out_dir, force) as staging:
+        _write_json(config, staging / CONFIG_NAME)
+        _save_safetensors(tensors, staging / WEIGHTS_NAME)
+        _write_heads(adapters, staging / "heads")
+        _write_json(provenance, staging / "loramerge.json")
+        (staging / "README.md").write_text(model_card(result, adapters, base, command, Path(out_dir).name))
+    return Path(out_dir)
+
+
+def _write_heads(adapters: list[Adapter], folder: Path) -> None:
+    with_heads = [adapter for adapter in adapters if adapter.heads]
+    if with_heads:
+        folder.mkdir()
+    for adapter in with_heads:
+        _save_safetensors(dict(adapter.heads), folder / f"{adapter.name}.safetensors")
+
+
+def _inputs(adapters: list[Adapter]) -> list[dict]:
+    return [{"name": a.name, **a.source.describe(), "base_model": a.base_model} for a in adapters]
+
+
+def merge_provenance(result, adapters, modules, out_dtype, head, command, table, base) -> dict:
+    """loramerge.json: what was merged, how, with which values, and what it cost in accuracy of ΔW."""
+    settings = result.settings
+    truncation = {
+        path: {"rank": module.rank, "relative_error": module.truncation_error, "capped": module.capped}
+        for path, module in modules.items()
+        if module.truncation_error is not None
+    }
+    return {
+        "format": "loramerge.provenance/v1",
+        "version": __version__,
+        "command": command,
+        "base_model": base,
+        "inputs": _inputs(adapters),
+        "merger": settings.merger,
+        "method": settings.method.name,
+        "space": settings.space,
+        "parameters": settings.describe(),
+        "seed": settings.seed,
+        "weight_table": table.to_json() if table is not None else None,
+        "output": {
+            "dtype": str(out_dtype).removeprefix("torch."),
+            "modules": len(modules),
+            "ranks": {path: module.rank for path, module in modules.items()},
+            "omitted": sorted(set(result.omitted) | (set(result.modules) - set(modules)), key=unit_sort_key),
+            "head": head,
+        },
+        "truncation": truncation or None,
+        "warnings": list(result.warnings),
+    }
+
+
+def _papers(settings) -> list[str]:
+    from loramerge_cli.merging.registry import PRESETS
+
+    papers = [settings.method.paper]
+    preset = PRESETS.get(settings.merger)
+    if preset is not None and preset.paper not in papers:
+        papers.insert(0, preset.paper)
+    return papers
+
+
+def model_card(result: MergeResult, adapters: list[Adapter], base: str | None, command: str | None, title: str) -> str:
+    """README.md with the YAML front matter the Hub reads, the method, its paper and the inputs."""
+    settings = result.settings
+    front = ["---"]
+    if base:
+        front.append(f"base_model: {json.dumps(base)}")
+    front += ["library_name: peft", "tags:", "- loramerge", "- merge", "- lora", "---", ""]
+    lines = [
+        f"# {title}",
+        "",
+        f"A LoRA adapter merged from {len(adapters)} adapters with loramerge {__version__}.",
+        "",
+        f"- Merger: `{settings.merger}` (method `{settings.method.name}`: {settings.method.summary}; "
+        f"space `{settings.space}`)",
+        *(f"- Paper: {paper}" for paper in _papers(settings)),
+        f"- Parameters: `{json.dumps(settings.describe())}`",
+        "",
+        "## Inputs",
+        "",
+        "| task | source | revision | sha256 |",
+        "|---|---|---|---|",
+        *(
+            f"| {a.name} | `{a.source.spec}` | {a.source.revision or '-'} | `{a.source.sha256}` |"
+            for a in adapters
+        ),
+        "",
+    ]
+    if command:
+        lines += ["## Command", "", "```", command, "```", ""]
+    lines += [
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        f"model = PeftModel.from_pretrained(base_model, {json.dumps(title)})",
+        "```",
+        "",
+        "Task heads of the inputs, if any, are in `heads/<task>.safetensors`; provenance in `loramerge.json`.",
+        "",
+    ]
+    return "\n".join(front + lines)
+
+
+def write_adapter(adapter: Adapter, out_dir: str | Path, force: bool = False, command: str | None = None,
+                  dtype: str | torch.dtype | None = None) -> Path:
+    """Write one plain adapter (raw B, its own scales) as a PEFT folder."""
+    with staged_folder(out_dir, force) as staging:
+        write_adapter_files(adapter, staging, command, dtype)
+    return Path(out_dir)
+
+
+def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = False, command: str | None = None,
+                   dtype: str | torch.dtype | None = None) -> Path:
+    """Write several plain adapters as `out_dir/<name>/`, all or nothing."""
+    with staged_folder(out_dir, force) as staging:
+        for adapter in adapters:
+            folder = staging / adapter.name
+            folder.mkdir()
+            write_adapter_files(adapter, folder, command, dtype)
+    return Path(out_dir)
+
+
+def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = None,
+                        dtype: str | torch.dtype | None = None) -> None:
+    """adapter_config.json (the input's, targets narrowed to the modules present), weights, provenance."""
+    if not adapter.modules:
+        raise LoramergeError(f"adapter {adapter.name!r} has no modules left; nothing to write")
+    out_dtype = output_dtype([adapter], dtype)
+    tensors = {}
+    for path, module in adapter.modules.items():
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = module.lora_A.to(out_dtype)
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.lora_B.to(out_dtype)
+    for key, tensor in adapter.heads.items():
+        tensors[f"{PEFT_PREFIX}{key}"] = tensor
+    paths = sorted(adapter.modules, key=unit_sort_key)
+    if adapter.config:
+        config = {**adapter.config, "target_modules": paths}
+    else:  # a bare .safetensors file: its scales were α = r
+        config = lora_config(
+            {path: adapter.modules[path].rank for path in paths},
+            {path: adapter.modules[path].alpha for path in paths},
+            fan_in_fan_out=all(m.fan_in_fan_out for m in adapter.modules.values()),
+            base_model=None, task_type=None, modules_to_save=adapter.head_modules or None,
+        )
+    _write_json(config, folder / CONFIG_NAME)
+    _save_safetensors(tensors, folder / WEIGHTS_NAME)
+    _write_json(
+        {"format": "loramerge.provenance/v1", "version": __version__, "command": command,
+         "inputs": _inputs([adapter]), "output": {"dtype": str(out_dtype).removeprefix("torch."),
+                                                  "modules": len(paths)}},
+        folder / "loramerge.json",
+    )

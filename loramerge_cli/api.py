@@ -1,0 +1,100 @@
+"""The library API the CLI uses: load, inspect, merge, prune, write. Importing it imports torch."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import torch
+
+from loramerge_cli.adapters.compat import compatibility_problems
+from loramerge_cli.adapters.model import Adapter, LoraModule
+from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
+from loramerge_cli.adapters.units import sorted_units
+from loramerge_cli.adapters.writer import write_adapter, write_adapters, write_merged_adapter
+from loramerge_cli.masks import WeightTable, check_table, from_pruned_indices, load_table, ones_table, parse_indices
+from loramerge_cli.merging.merge import MergeConfig, MergeResult, merge
+from loramerge_cli.pruning import apply_table
+
+__all__ = [
+    "Adapter", "MergeConfig", "MergeResult", "WeightTable", "apply_table", "check_table", "from_pruned_indices",
+    "inspect_adapters", "load_adapter", "load_adapters", "load_table", "merge", "module_norm", "ones_table",
+    "parse_indices", "write_adapter", "write_adapters", "write_merged_adapter",
+]
+
+
+def module_norm_squared(module: LoraModule) -> float:
+    """‖B̃A‖_F² = trace((B̃ᵀB̃)(AAᵀ)), from the r×r Gram matrices: never forms B̃A."""
+    scaled_B, A = module.factors(torch.float64)
+    return float(((scaled_B.T @ scaled_B) * (A @ A.T)).sum())
+
+
+def module_norm(module: LoraModule) -> float:
+    return math.sqrt(max(module_norm_squared(module), 0.0))
+
+
+def norm_grid(adapters: list[Adapter]) -> dict:
+    """‖B̃A‖_F per (unit, task), summed in squares over the unit's modules; None where a task has none.
+
+    Modules outside any block are listed under their own path after the units.
+    """
+    squares: dict[str, list[float | None]] = {}
+    for task, adapter in enumerate(adapters):
+        for path, module in adapter.modules.items():
+            row = squares.setdefault(module.unit or path, [None] * len(adapters))
+            row[task] = (row[task] or 0.0) + module_norm_squared(module)
+    block_keys = {m.unit for a in adapters for m in a.modules.values() if m.unit is not None}
+    blocks = sorted_units(block_keys)
+    others = sorted(key for key in squares if key not in block_keys)
+    rows = blocks + others
+    values = [[None if value is None else math.sqrt(max(value, 0.0)) for value in squares[row]] for row in rows]
+    return {"tasks": [a.name for a in adapters], "units": rows, "blocks": len(blocks), "values": values}
+
+
+def _size_bytes(adapter: Adapter) -> int:
+    tensors = [t for m in adapter.modules.values() for t in (m.lora_A, m.lora_B)] + list(adapter.heads.values())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _summary(adapter: Adapter) -> dict:
+    modules = adapter.modules.values()
+    return {
+        "name": adapter.name,
+        **adapter.source.describe(),
+        "base_model": adapter.base_model,
+        "peft_type": str(adapter.config.get("peft_type", "LORA")).upper(),
+        "task_type": adapter.config.get("task_type"),
+        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "modules": len(adapter.modules),
+        "ranks": _counts(m.rank for m in modules),
+        "alphas": _counts(m.alpha for m in modules),
+        "scales": _counts(round(m.scale, 8) for m in modules),
+        "use_rslora": bool(adapter.config.get("use_rslora", False)),
+        "fan_in_fan_out": any(m.fan_in_fan_out for m in modules),
+        "targets": sorted({m.path.rsplit(".", 1)[-1] for m in modules}),
+        "units": len(adapter.units),
+        "heads": adapter.head_modules,
+        "size_bytes": _size_bytes(adapter),
+    }
+
+
+def _counts(values) -> dict:
+    """{value: how many modules}, as JSON-friendly strings sorted by value."""
+    counts = Counter(values)
+    return {str(int(v) if float(v).is_integer() else v): counts[v] for v in sorted(counts)}
+
+
+def inspect_adapters(adapters: list[Adapter]) -> dict:
+    """Everything `loramerge inspect` shows: per-adapter summaries, the norm grid, compatibility."""
+    pairs = []
+    for i, first in enumerate(adapters):
+        for second in adapters[i + 1:]:
+            problems = compatibility_problems([first, second])
+            pairs.append({"adapters": [first.name, second.name], "compatible": not problems, "problems": problems})
+    return {
+        "adapters": [_summary(adapter) for adapter in adapters],
+        "units": sorted_units(unit for adapter in adapters for unit in adapter.units),
+        "norms": norm_grid(adapters),
+        "pairs": pairs,
+        "merge_refusals": compatibility_problems(adapters) if len(adapters) > 1 else [],
+    }

@@ -1,0 +1,75 @@
+"""The `loramerge` command: a Typer app with one thin module per subcommand.
+
+Only typer (and rich) are imported here; torch, transformers and peft are imported inside the
+command bodies, so `loramerge --help` answers fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Annotated
+
+import typer
+
+from loramerge_cli import __version__
+from loramerge_cli.cli import apply_mask_cmd, inspect_cmd, merge_cmd
+from loramerge_cli.cli.common import LoramergeGroup, examples_epilog
+
+OPTIONAL_COMMANDS = ("search_cmd", "eval_cmd")  # modules that may not exist yet
+
+app = typer.Typer(
+    name="loramerge",
+    cls=LoramergeGroup,
+    help="Merge LoRA adapters exactly, and find which modules to prune and how much of each to keep.",
+    epilog=examples_epilog(
+        "loramerge inspect a/ b/ c/",
+        "loramerge merge --adapters a/ b/ c/ --merger knots --out merged/",
+        "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/",
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts hold literal brackets ("[i, ...]", "[default: ...]")
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"loramerge {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
+                                          callback=_show_version)] = False,
+) -> None:
+    """Merge LoRA adapters exactly, and find which modules to prune and how much of each to keep."""
+
+
+def _register_all() -> None:
+    for module in (inspect_cmd, merge_cmd, apply_mask_cmd):
+        module.register(app)
+    for name in OPTIONAL_COMMANDS:
+        qualified = f"loramerge_cli.cli.{name}"
+        try:
+            module = importlib.import_module(qualified)
+        except ImportError as error:
+            if error.name == qualified:  # not written yet; any other import error is a real bug
+                continue
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        raise SystemExit(130) from None

@@ -1,0 +1,107 @@
+"""Rich rendering for people: tables, the norm heatmap, merge progress. Never used under --json."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from rich.table import Table
+from rich.text import Text
+
+HEAT = ("grey35", "blue", "cyan", "green", "yellow", "red")  # low -> high
+
+
+def _compact(counts: dict) -> str:
+    return ", ".join(f"{value}×{count}" if len(counts) > 1 else str(value) for value, count in counts.items())
+
+
+def adapters_table(summary: dict) -> Table:
+    """One column per adapter, one row per property (adapters are few, properties many)."""
+    rows = summary["adapters"]
+    table = Table(title="adapters", title_justify="left")
+    table.add_column("")
+    for row in rows:
+        table.add_column(row["name"], overflow="fold")
+    fields = {
+        "base model": lambda r: r["base_model"] or "?",
+        "type": lambda r: r["task_type"] or "-",
+        "dtype": lambda r: r["dtype"],
+        "modules": lambda r: f"{r['modules']} in {r['units']} units",
+        "ranks": lambda r: _compact(r["ranks"]),
+        "alphas": lambda r: _compact(r["alphas"]),
+        "targets": lambda r: ", ".join(r["targets"]),
+        "heads": lambda r: ", ".join(r["heads"]) or "-",
+        "size": lambda r: _size(r["size_bytes"]),
+        "sha256": lambda r: r["sha256"][:12],
+    }
+    for label, value in fields.items():
+        table.add_row(label, *(value(row) for row in rows))
+    return table
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(size)
+
+
+def norms_table(norms: dict, heatmap: bool = False) -> Table:
+    """‖B̃A‖_F per (unit, task); with `heatmap`, cells coloured by their share of the largest value."""
+    table = Table(title="‖ΔW‖_F per unit and task", title_justify="left")
+    table.add_column("unit")
+    for task in norms["tasks"]:
+        table.add_column(task, justify="right")
+    largest = max((v for row in norms["values"] for v in row if v is not None), default=0.0) or 1.0
+    for unit, row in zip(norms["units"], norms["values"]):
+        cells = []
+        for value in row:
+            if value is None:
+                cells.append(Text("-", style="dim"))
+            elif heatmap:
+                level = min(len(HEAT) - 1, int(value / largest * len(HEAT)))
+                cells.append(Text(f"{value:.3g}", style=f"bold white on {HEAT[level]}"))
+            else:
+                cells.append(Text(f"{value:.4g}"))
+        table.add_row(unit, *cells)
+    return table
+
+
+def compatibility_lines(summary: dict) -> list[str]:
+    lines = []
+    for pair in summary["pairs"]:
+        first, second = pair["adapters"]
+        verdict = "[green]compatible[/]" if pair["compatible"] else "[red]" + "; ".join(pair["problems"]) + "[/]"
+        lines.append(f"{first} / {second}: {verdict}")
+    refusals = summary["merge_refusals"]
+    lines.append("merge would refuse: " + ("; ".join(refusals) if refusals else "nothing"))
+    return lines
+
+
+def merge_table(report: dict) -> Table:
+    table = Table(title=f"merged into {report['out']}", title_justify="left", show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    shown = {k: v for k, v in report["parameters"].items() if k not in ("merger", "method", "space")}
+    parameters = ", ".join(f"{k}={v}" for k, v in shown.items())
+    table.add_row("merger", f"{report['merger']} (method {report['method']}, space {report['space']})")
+    table.add_row("parameters", parameters)
+    table.add_row("modules", f"{report['modules']} written, {len(report['omitted'])} omitted (every task pruned)")
+    table.add_row("ranks", _compact(report["ranks"]))
+    if report.get("max_truncation_error") is not None:
+        table.add_row("truncation", f"largest relative error {report['max_truncation_error']:.3g}")
+    return table
+
+
+@contextmanager
+def module_progress(console, total: int, description: str = "merging"):
+    """A per-module progress bar on a terminal console (nothing when quiet or redirected); yields `advance(path)`."""
+    if console.quiet or not console.is_terminal:
+        yield lambda path: None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+        yield lambda path: progress.update(task, advance=1, description=f"{description} {path}")

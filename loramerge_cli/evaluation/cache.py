@@ -1,0 +1,69 @@
+"""Scores that never change within a run (experts, the base) stored in the run directory.
+
+A score is keyed by the candidate's weights (adapter sha256) and the engine's task fingerprint
+(base model, data selection, head, settings), so a changed input is never served from the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from loramerge_cli.errors import LoramergeError
+
+CACHE_NAME = "scores.json"
+
+
+class ScoreCache:
+    """A JSON file of {key: accuracy}; without a run directory it only lives in memory."""
+
+    def __init__(self, run_dir: str | Path | None = None):
+        self.file = Path(run_dir) / CACHE_NAME if run_dir is not None else None
+        self.scores: dict[str, float] = {}
+        if self.file is not None and self.file.is_file():
+            try:
+                self.scores = json.loads(self.file.read_text())
+            except (OSError, json.JSONDecodeError):
+                raise LoramergeError(f"{self.file}: unreadable score cache; delete it to start afresh") from None
+
+    def get(self, key: str) -> float | None:
+        return self.scores.get(key)
+
+    def put(self, entries: dict[str, float]) -> None:
+        self.scores.update(entries)
+        if self.file is None:
+            return
+        self.file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.file.with_name(self.file.name + ".tmp")
+        temporary.write_text(json.dumps(self.scores, indent=1, sort_keys=True))
+        os.replace(temporary, self.file)
+
+
+def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:
+    return hashlib.sha256(f"{kind}|{weights_sha256}|{fingerprint}".encode()).hexdigest()
+
+
+def expert_scores(engine, cache: ScoreCache) -> dict[str, float]:
+    """Each expert's accuracy on its own task, computed once per (weights, data, settings)."""
+    out, fresh = {}, {}
+    for task in engine.task_file.names:
+        adapter = engine.experts[task]
+        key = score_key("expert", adapter.source.sha256, engine.fingerprint(task))
+        value = cache.get(key)
+        if value is None:
+            value = fresh[key] = engine.score_adapter(adapter, [task])[task]
+        out[task] = value
+    if fresh:
+        cache.put(fresh)
+    return out
+
+
+def base_scores(engine, cache: ScoreCache) -> dict[str, float]:
+    """The base model's accuracy on every task (with each task's head)."""
+    keys = {task: score_key("base", "", engine.fingerprint(task)) for task in engine.task_file.names}
+    missing = [task for task, key in keys.items() if cache.get(key) is None]
+    if missing:
+        cache.put({keys[task]: value for task, value in engine.score_base(missing).items()})
+    return {task: cache.get(key) for task, key in keys.items()}

@@ -1,0 +1,176 @@
+"""Task data: jsonl / csv / parquet rows or an image folder tree, labels mapped to indices, capped.
+
+The cap (`limit`, or `--val-limit` on the validation split) keeps a seeded random subset in file
+order, so the same seed always gives the same examples.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from loramerge_cli.evaluation.specs import TaskFile, TaskSpec
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+@dataclass
+class Examples:
+    """One task's split, ready for the engine. `inputs` depends on the model type:
+    text tuples (classification), prompt strings (causal-lm) or image paths/bytes (images)."""
+
+    task: str
+    split: str
+    inputs: list
+    labels: list[int] | None
+    fingerprint: str  # sha256 of the data files, the selection and the task's settings
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+def load_examples(
+    task_file: TaskFile, task: TaskSpec, split: str, val_limit: int | None = None, seed: int = 0
+) -> Examples:
+    """Read one split of one task; every problem names the file and the field."""
+    where = f"{task.where}.data"
+    if split not in task.data:
+        raise task_file.error(where, f"no {split!r} split (has: {', '.join(task.data)})")
+    source = Path(task.data[split])
+    where = f"{where}.{split}"
+    if source.is_dir() and task_file.model_type == "image-classification":
+        rows, class_names = _image_tree(source, task_file, task, where), None
+    elif source.is_file():
+        rows, class_names = _read_rows(source, task_file, where), task.labels
+    else:
+        raise task_file.error(where, f"no such file {source}")
+    if not rows:
+        raise task_file.error(where, f"split is empty ({source})")
+    limit = val_limit if split == "validation" and val_limit is not None else task.limit
+    selected = _subsample(len(rows), limit, seed)
+    rows = [rows[index] for index in selected]
+    inputs = [_input_of(row, source, task_file, task) for row in rows]
+    labels = None
+    if task.label is not None or source.is_dir():
+        labels = [_label_of(row, task_file, task, class_names) for row in rows]
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
+    digest.update(_content_hash(source).encode())
+    return Examples(task.name, split, inputs, labels, digest.hexdigest())
+
+
+def _subsample(count: int, limit: int | None, seed: int) -> list[int]:
+    if limit is None or limit >= count:
+        return list(range(count))
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(count, generator=generator)[:limit].tolist())
+
+
+def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise task_file.error(where, f"{path} line {number} is not JSON") from None
+            if not isinstance(row, dict):
+                raise task_file.error(where, f"{path} line {number} is not a JSON object")
+            rows.append(row)
+        return rows
+    if suffix == ".csv":
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    if suffix == ".parquet":
+        try:
+            import pyarrow.parquet as parquet
+        except ImportError:
+            hint = "pip install loramerge[parquet]"
+            raise task_file.error(where, f"{path}: reading parquet needs pyarrow ({hint})") from None
+        return parquet.read_table(str(path)).to_pylist()
+    raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
+
+
+def _image_tree(folder: Path, task_file: TaskFile, task: TaskSpec, where: str) -> list[dict]:
+    """`folder/class_name/*.png` -> rows {image: path, label: class_name}, sorted by class then file."""
+    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+    if not classes:
+        raise task_file.error(where, f"{folder} has no class folders (expected {folder}/class_name/*.png)")
+    names = task.labels or classes
+    rows = []
+    for class_name in classes:
+        if class_name not in names:
+            raise task_file.error(f"{task.where}.labels", f"unknown label name {class_name!r} (folder in {folder})")
+        files = sorted(p for p in (folder / class_name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        rows.extend({task.image or "image": str(p), task.label or "label": names.index(class_name)} for p in files)
+    return rows
+
+
+def _input_of(row: dict, source: Path, task_file: TaskFile, task: TaskSpec):
+    if task_file.model_type == "causal-lm":
+        try:
+            return task.prompt.format(**row)
+        except KeyError as error:
+            raise task_file.error(f"{task.where}.prompt", f"column {error.args[0]!r} not in {source}") from None
+        except (IndexError, ValueError) as error:
+            raise task_file.error(f"{task.where}.prompt", f"bad format string ({error})") from None
+    if task_file.model_type == "image-classification":
+        column = task.image or "image"
+        if column not in row:
+            raise task_file.error(f"{task.where}.image", f"column {column!r} not in {source}")
+        value = row[column]
+        if isinstance(value, dict):  # Hugging Face datasets' image struct
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, str) and not Path(value).is_absolute():
+            value = str(source.parent / value) if source.is_file() else value
+        return value
+    missing = [column for column in task.text if column not in row]
+    if missing:
+        raise task_file.error(f"{task.where}.text", f"column {missing[0]!r} not in {source}")
+    return tuple(str(row[column]) for column in task.text)
+
+
+def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] | None) -> int:
+    where = f"{task.where}.label"
+    column = task.label or "label"
+    if column not in row:
+        raise task_file.error(where, f"column {column!r} missing in a row of {task.data}")
+    value = row[column]
+    if isinstance(value, str):
+        names = names or task.labels or (task.choices if task_file.model_type == "causal-lm" else None)
+        if names and value in names:
+            return names.index(value)
+        if value.strip().lstrip("-").isdigit():
+            value = int(value)
+        else:
+            known = f" (labels: {', '.join(names)})" if names else ""
+            raise task_file.error(where, f"unknown label name {value!r}{known}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise task_file.error(where, f"label {value!r} is neither an index nor a name")
+    classes = task.class_count
+    if value < 0 or (classes is not None and value >= classes):
+        upper = f"0..{classes - 1}" if classes is not None else ">= 0"
+        raise task_file.error(where, f"label {value} is out of range {upper}")
+    return value
+
+
+def _content_hash(source: Path) -> str:
+    """sha256 of a data file, or of every file name and content under an image folder."""
+    digest = hashlib.sha256()
+    files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
+    for file in files:
+        digest.update(str(file.relative_to(source) if file != source else "").encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,309 @@
+"""The evaluation engine (design §6): one base model, candidates patched into its weights in place.
+
+Only LoRA-targeted weights keep a copy of W0. A candidate is applied as W ← W0 + ΔW (ΔW = B̃ A,
+transposed for Conv1D) and W0 is copied back afterwards, bit for bit. Task heads are swapped per task.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from loramerge_cli.adapters.sources import sha256_file
+from loramerge_cli.errors import LoramergeError
+from loramerge_cli.evaluation import batches as batching
+from loramerge_cli.evaluation.data import Examples, load_examples
+from loramerge_cli.evaluation.heads import check_head, task_head
+from loramerge_cli.evaluation.loading import (
+    base_identity,
+    load_base,
+    load_preprocessor,
+    torch_device,
+    torch_dtype,
+)
+from loramerge_cli.evaluation.metrics import accuracy
+from loramerge_cli.evaluation.specs import FROM_ADAPTER, NO_HEAD, TaskFile, match_adapters
+
+
+@dataclass
+class EvalSettings:
+    """How to evaluate. `val_limit` caps the validation split (overrides each task's `limit`)."""
+
+    split: str = "validation"
+    val_limit: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 16
+    threads: int | None = None  # torch CPU threads; None: min(8, CPU count). Fixed for determinism.
+    length_normalize: bool = False  # causal LM: divide a choice's log-likelihood by its token count
+    sample_seed: int = 0  # which examples a limit keeps
+    max_length: int = 2048  # token cap when a task sets none (and the model allows more)
+
+
+@dataclass
+class Delta:
+    """A low-rank update ΔW = left @ right in (d_out, d_in) orientation; Conv1D weights get ΔWᵀ."""
+
+    left: torch.Tensor  # d_out × k, every scale folded in
+    right: torch.Tensor  # k × d_in
+    fan_in_fan_out: bool = False
+
+    def dense(self, device, dtype=torch.float32) -> torch.Tensor:
+        update = self.left.to(device=device, dtype=dtype) @ self.right.to(device=device, dtype=dtype)
+        return update.T if self.fan_in_fan_out else update
+
+    def scaled(self, factor: float) -> "Delta":
+        return Delta(self.left * factor, self.right, self.fan_in_fan_out)
+
+
+def adapter_deltas(adapter) -> dict[str, Delta]:
+    """An Adapter's updates, with the LoRA scale folded into the left factor."""
+    return {
+        path: Delta(*module.factors(torch.float32), module.fan_in_fan_out) for path, module in adapter.modules.items()
+    }
+
+
+def merged_deltas(result, factor: float = 1.0) -> dict[str, Delta]:
+    """A MergeResult's updates (λ already folded in), optionally scaled again by `factor`."""
+    return {
+        path: Delta(module.lora_B.to(torch.float32) * factor, module.lora_A.to(torch.float32), module.fan_in_fan_out)
+        for path, module in result.modules.items()
+    }
+
+
+def scale_deltas(deltas: dict[str, Delta], factor: float) -> dict[str, Delta]:
+    return {path: delta.scaled(factor) for path, delta in deltas.items()}
+
+
+def resolve_base(task_file: TaskFile, adapters, base: str | None) -> str:
+    """--base, else the spec's base_model, else the one base every adapter names."""
+    if base:
+        return base
+    if task_file.base_model:
+        return task_file.base_model
+    named = {adapter.base_model for adapter in adapters if adapter.base_model}
+    if len(named) == 1:
+        return named.pop()
+    if not named:
+        raise LoramergeError(f"{task_file.path}: base_model: not given, and no adapter names its base (use --base)")
+    raise LoramergeError(f"{task_file.path}: base_model: not given, and the adapters name several bases (use --base)")
+
+
+class Evaluator:
+    """Scores candidates (experts, merges, the base) on every task of a spec, one split.
+
+    Everything a run needs is read and checked on construction, before the first forward pass.
+    """
+
+    def __init__(
+        self,
+        task_file: TaskFile,
+        experts: list,
+        settings: EvalSettings | None = None,
+        base: str | None = None,
+        allow_pickle: bool = False,
+    ):
+        self.task_file = task_file
+        self.settings = settings = settings or EvalSettings()
+        if settings.batch_size < 1:
+            raise LoramergeError("--batch-size must be >= 1")
+        torch.set_num_threads(settings.threads or min(8, os.cpu_count() or 1))
+        self.experts = match_adapters(task_file, experts, allow_pickle)
+        self.base = resolve_base(task_file, experts, base)
+        self.device = torch_device(settings.device)
+        self.dtype = torch_dtype(settings.dtype)
+        self.examples: dict[str, Examples] = {
+            task.name: load_examples(task_file, task, settings.split, settings.val_limit, settings.sample_seed)
+            for task in task_file.tasks
+        }
+        self.heads = {task.name: task_head(task_file, task, self.experts[task.name]) for task in task_file.tasks}
+        self.model = load_base(self.base, task_file.model_type, self.device, self.dtype, self._num_labels())
+        self.modules = dict(self.model.named_modules())
+        self.parameters = dict(self.model.named_parameters())
+        for task in task_file.tasks:
+            check_head(task_file, task, self.heads[task.name], self.parameters)
+        # A task whose head lacks a tensor another task's head has (a bias) gets the base model's value.
+        self.head_defaults = {
+            key: self.parameters[key].detach().clone() for head in self.heads.values() for key in head
+        }
+        self._check_label_range()
+        self.base_weights: dict[str, torch.Tensor] = {}  # W0 of every LoRA-targeted weight
+        for adapter in experts:
+            self._check_targets(adapter_deltas(adapter), adapter.name)
+        self.prepared = self._prepare(load_preprocessor(self.base, task_file.model_type))
+        self._identity = base_identity(self.base, self.model)
+
+    # --- setup ---------------------------------------------------------------------------------
+
+    def _num_labels(self) -> int | None:
+        """The class count every classification task agrees on (spec or head rows), if any says it."""
+        if self.task_file.model_type == "causal-lm":
+            return None
+        counts = {}
+        for task in self.task_file.tasks:
+            count = task.class_count
+            weights = [t for key, t in self.heads[task.name].items() if key.endswith("weight") and t.dim() == 2]
+            if count is None and len(weights) == 1:
+                count = int(weights[0].shape[0])
+            if count is not None:
+                counts.setdefault(count, task.name)
+        if len(counts) > 1:
+            listed = ", ".join(f"{name}: {count}" for count, name in counts.items())
+            raise LoramergeError(
+                f"{self.task_file.path}: num_labels: tasks differ ({listed}); one model has one head shape"
+            )
+        return next(iter(counts), None)
+
+    def _check_label_range(self) -> None:
+        if self.task_file.model_type == "causal-lm":
+            return
+        classes = int(self.model.config.num_labels)
+        for task in self.task_file.tasks:
+            labels = self.examples[task.name].labels or []
+            for label in labels:
+                if label >= classes:
+                    raise self.task_file.error(f"{task.where}.label", f"label {label} is out of range 0..{classes - 1}")
+            for masked in task.masked_labels:
+                if masked >= classes:
+                    raise self.task_file.error(
+                        f"{task.where}.masked_labels", f"label {masked} is out of range 0..{classes - 1}"
+                    )
+
+    def _check_targets(self, deltas: dict[str, Delta], owner: str) -> None:
+        """Every updated module must be a 2-d weight of the base model of the right shape."""
+        for path, delta in deltas.items():
+            module = self.modules.get(path)
+            weight = getattr(module, "weight", None) if module is not None else None
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+                raise LoramergeError(f"{owner}: module {path} is not a weight matrix of the base model {self.base}")
+            expected = (delta.left.shape[0], delta.right.shape[1])
+            if delta.fan_in_fan_out:
+                expected = expected[::-1]
+            if tuple(weight.shape) != expected:
+                raise LoramergeError(
+                    f"{owner}: module {path} updates a {expected[0]}×{expected[1]} weight but the base model's is "
+                    f"{weight.shape[0]}×{weight.shape[1]}"
+                )
+            if path not in self.base_weights:
+                self.base_weights[path] = weight.detach().clone()
+
+    def _prepare(self, preprocessor) -> dict[str, batching.PreparedTask]:
+        settings, model_type = self.settings, self.task_file.model_type
+        prepared = {}
+        for task in self.task_file.tasks:
+            examples = self.examples[task.name]
+            if model_type == "image-classification":
+                prepared[task.name] = batching.prepare_images(
+                    examples.inputs, preprocessor, settings.batch_size, self.device, self.dtype
+                )
+                continue
+            pad_id = self.model.config.pad_token_id
+            if pad_id is None:
+                pad_id = self.model.config.pad_token_id = preprocessor.pad_token_id
+            max_length = task.max_length or self._max_length(preprocessor)
+            if model_type == "causal-lm":
+                prepared[task.name] = batching.prepare_choices(
+                    examples.inputs, task.choices, preprocessor, pad_id, settings.batch_size, max_length, self.device
+                )
+            else:
+                prepared[task.name] = batching.prepare_text(
+                    examples.inputs, preprocessor, pad_id, settings.batch_size, max_length, self.device
+                )
+        return prepared
+
+    def _max_length(self, tokenizer) -> int:
+        limits = [self.settings.max_length, getattr(self.model.config, "max_position_embeddings", None)]
+        if tokenizer.model_max_length and tokenizer.model_max_length < 10**9:
+            limits.append(tokenizer.model_max_length)
+        return min(limit for limit in limits if limit)
+
+    # --- patching ------------------------------------------------------------------------------
+
+    @contextmanager
+    def apply(self, deltas: dict[str, Delta]) -> Iterator[None]:
+        """Within the block the model computes W0 + ΔW for every module in `deltas`; W0 after it."""
+        self._check_targets(deltas, "candidate")
+        touched = []
+        try:
+            with torch.no_grad():
+                for path, delta in deltas.items():
+                    weight, original = self.modules[path].weight, self.base_weights[path]
+                    touched.append(path)
+                    compute = torch.promote_types(weight.dtype, torch.float32)
+                    patched = original.to(compute) + delta.dense(self.device, compute)
+                    weight.copy_(patched.to(weight.dtype))
+            yield
+        finally:
+            with torch.no_grad():
+                for path in touched:
+                    self.modules[path].weight.copy_(self.base_weights[path])
+
+    def use_head(self, task: str) -> None:
+        head = self.heads[task]
+        with torch.no_grad():
+            for key, default in self.head_defaults.items():
+                parameter = self.parameters[key]
+                parameter.copy_(head[key].to(parameter.dtype) if key in head else default)
+
+    # --- scoring -------------------------------------------------------------------------------
+
+    def scores(self, task: str) -> torch.Tensor:
+        """Raw per-example scores of the current weights: logits, or per-choice log-likelihoods."""
+        self.use_head(task)
+        prepared = self.prepared[task]
+        if self.task_file.model_type == "causal-lm":
+            spec = self.task_file.task(task)
+            return batching.choice_scores(
+                self.model, prepared, self.settings.length_normalize or spec.length_normalize
+            )
+        return batching.classifier_scores(self.model, prepared)
+
+    def accuracy(self, task: str) -> float:
+        spec = self.task_file.task(task)
+        labels = self.examples[task].labels
+        if labels is None:
+            raise self.task_file.error(f"{spec.where}.label", "required field is missing (accuracy needs labels)")
+        return accuracy(self.scores(task), labels, spec.masked_labels)
+
+    def evaluate(self, deltas: dict[str, Delta] | None = None, tasks: list[str] | None = None) -> dict[str, float]:
+        """{task: accuracy} with `deltas` applied (the base model when None)."""
+        with self.apply(deltas or {}):
+            return {task: self.accuracy(task) for task in (tasks or self.task_file.names)}
+
+    def score_adapter(self, adapter, tasks: list[str] | None = None) -> dict[str, float]:
+        return self.evaluate(adapter_deltas(adapter), tasks)
+
+    def score_merged(self, result, tasks: list[str] | None = None, factor: float = 1.0) -> dict[str, float]:
+        return self.evaluate(merged_deltas(result, factor), tasks)
+
+    def score_base(self, tasks: list[str] | None = None) -> dict[str, float]:
+        return self.evaluate(None, tasks)
+
+    # --- identity, for caches ------------------------------------------------------------------
+
+    def fingerprint(self, task: str) -> str:
+        """Everything that fixes a task's score apart from the candidate: base, data, head, settings."""
+        spec = self.task_file.task(task)
+        if spec.head == FROM_ADAPTER:
+            head = self.experts[task].source.sha256
+        elif spec.head == NO_HEAD:
+            head = NO_HEAD
+        else:
+            head = sha256_file(spec.head)
+        payload = {
+            "base": self._identity,
+            "model_type": self.task_file.model_type,
+            "dtype": self.settings.dtype,
+            "device": self.device.type,
+            "data": self.examples[task].fingerprint,
+            "head": head,
+            "length_normalize": self.settings.length_normalize,
+            "max_length": self.settings.max_length,
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

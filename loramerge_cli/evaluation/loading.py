@@ -1,0 +1,105 @@
+"""Load the base model once, with its tokenizer or image processor, by the spec's model type."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from loramerge_cli.errors import LoramergeError
+
+MODEL_CLASSES = {
+    "sequence-classification": "AutoModelForSequenceClassification",
+    "causal-lm": "AutoModelForCausalLM",
+    "image-classification": "AutoModelForImageClassification",
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise LoramergeError(f"--dtype must be one of {', '.join(DTYPES)} (got {name!r})")
+    return DTYPES[name]
+
+
+def torch_device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LoramergeError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LoramergeError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LoramergeError(f"--device {name}: MPS is not available on this machine")
+    return device
+
+
+@contextmanager
+def _quiet_transformers():
+    """No warnings about freshly initialised heads (heads are swapped per task) and no progress bars."""
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_base(base: str, model_type: str, device: torch.device, dtype: torch.dtype, num_labels: int | None):
+    """The base model in eval mode on `device`, with a `num_labels`-way head for classifiers."""
+    import transformers
+
+    model_class = getattr(transformers, MODEL_CLASSES[model_type])
+    kwargs: dict = {"dtype": dtype}
+    try:
+        with _quiet_transformers():
+            if num_labels is not None and model_type != "causal-lm":
+                config = transformers.AutoConfig.from_pretrained(base)
+                if getattr(config, "num_labels", None) != num_labels:
+                    kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
+            model = model_class.from_pretrained(base, **kwargs)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoramergeError(f"{base}: cannot load the base model as {MODEL_CLASSES[model_type]} ({first})") from None
+    return model.to(device).eval()
+
+
+def load_preprocessor(base: str, model_type: str):
+    """The tokenizer (text models, with a pad token) or the image processor."""
+    import transformers
+
+    try:
+        with _quiet_transformers():
+            if model_type == "image-classification":
+                return transformers.AutoImageProcessor.from_pretrained(base)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoramergeError(f"{base}: cannot load its tokenizer or image processor ({first})") from None
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise LoramergeError(f"{base}: the tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def base_identity(base: str, model) -> str:
+    """A cheap fingerprint of the base weights: config, and each weight file's name, size and mtime."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    folder = Path(base)
+    if folder.is_dir():
+        for file in sorted(folder.iterdir()):
+            if file.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+                stat = file.stat()
+                digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    else:
+        digest.update(f"{base}@{getattr(model.config, '_commit_hash', None)}".encode())
+    return digest.hexdigest()

@@ -1,0 +1,35 @@
+"""Accuracy and normalized accuracy (Part A §A7)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def accuracy(scores: torch.Tensor, labels: list[int], masked_labels: list[int] = ()) -> float:
+    """Fraction of rows whose best score (masked classes set to -inf) is the label."""
+    if masked_labels:
+        scores = scores.clone()
+        scores[:, list(masked_labels)] = float("-inf")
+    predictions = scores.argmax(dim=-1)
+    return float((predictions == torch.tensor(labels, device=predictions.device)).double().mean())
+
+
+def normalized_accuracy(
+    merged: dict[str, float], experts: dict[str, float]
+) -> tuple[dict[str, float | None], list[str]]:
+    """normacc_t = 100 · acc_t(merged) / acc_t(expert); an expert at 0 gives None and a warning."""
+    out, warnings = {}, []
+    for task, value in merged.items():
+        expert = experts.get(task)
+        if not expert:
+            out[task] = None
+            warnings.append(f"task {task}: the expert scores 0, so its normalized accuracy is undefined")
+        else:
+            out[task] = 100.0 * value / expert
+    return out, warnings
+
+
+def mean_defined(values: dict[str, float | None]) -> float | None:
+    """Mean over the defined values (None for tasks left out); None if none is defined."""
+    defined = [value for value in values.values() if value is not None]
+    return sum(defined) / len(defined) if defined else None

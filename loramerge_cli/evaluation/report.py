@@ -1,0 +1,57 @@
+"""What `loramerge eval` reports: base, experts and merged adapters per task, with averages."""
+
+from __future__ import annotations
+
+from loramerge_cli.evaluation.cache import ScoreCache, base_scores, expert_scores
+from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
+from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
+from loramerge_cli.evaluation.specs import load_task_file
+
+
+def score_row(name: str, kind: str, accuracy: dict[str, float], experts: dict[str, float], warnings: list[str]) -> dict:
+    normalized, problems = normalized_accuracy(accuracy, experts)
+    warnings.extend(problem for problem in problems if problem not in warnings)
+    return {
+        "name": name,
+        "kind": kind,
+        "accuracy": accuracy,
+        "normalized_accuracy": normalized,
+        "mean_accuracy": mean_defined(accuracy),
+        "mean_normalized_accuracy": mean_defined(normalized),
+    }
+
+
+def eval_report(
+    tasks_file,
+    experts: list,
+    merged: list | None = None,
+    settings: EvalSettings | None = None,
+    base: str | None = None,
+    run_dir=None,
+    allow_pickle: bool = False,
+) -> dict:
+    """Score the base model, each expert on its own task, and each merged adapter on every task.
+
+    Expert and base scores are read from (and written to) the run directory's cache when given.
+    """
+    task_file = load_task_file(tasks_file)
+    engine = Evaluator(task_file, experts, settings, base=base, allow_pickle=allow_pickle)
+    cache = ScoreCache(run_dir)
+    expert_accuracy = expert_scores(engine, cache)
+    warnings: list[str] = []
+    rows = [
+        score_row("base", "base", base_scores(engine, cache), expert_accuracy, warnings),
+        score_row("experts", "experts", expert_accuracy, expert_accuracy, warnings),
+    ]
+    for adapter in merged or []:
+        row = score_row(adapter.name, "merged", engine.score_adapter(adapter), expert_accuracy, warnings)
+        row["source"] = adapter.source.spec
+        rows.append(row)
+    return {
+        "tasks": task_file.names,
+        "split": engine.settings.split,
+        "base_model": engine.base,
+        "examples": {task: len(examples) for task, examples in engine.examples.items()},
+        "rows": rows,
+        "warnings": warnings,
+    }

@@ -1,0 +1,229 @@
+"""Task spec YAML (design §4): load, validate against the JSON Schema, match tasks to adapters.
+
+Every problem is one line naming the file and the field (`tasks.yaml: tasks[1].data: ...`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from loramerge_cli.errors import LoramergeError
+
+MODEL_TYPES = ("sequence-classification", "causal-lm", "image-classification")
+FROM_ADAPTER = "from-adapter"
+NO_HEAD = "none"
+
+
+@dataclass
+class TaskSpec:
+    """One evaluation task. Paths are absolute (resolved against the spec file's folder)."""
+
+    name: str
+    index: int  # position in the file, for error messages (`tasks[index]`)
+    data: dict[str, str]  # split -> file or image folder
+    text: list[str] = field(default_factory=list)
+    image: str | None = None
+    label: str | None = None
+    labels: list[str] | None = None
+    num_labels: int | None = None
+    masked_labels: list[int] = field(default_factory=list)
+    head: str = FROM_ADAPTER
+    prompt: str | None = None
+    choices: list[str] | None = None
+    length_normalize: bool = False
+    max_length: int | None = None
+    limit: int | None = None
+    adapter: str | None = None
+
+    @property
+    def class_count(self) -> int | None:
+        """Number of classes when the spec says it (choices, num_labels or label names)."""
+        if self.choices:
+            return len(self.choices)
+        if self.num_labels is not None:
+            return self.num_labels
+        return len(self.labels) if self.labels else None
+
+    @property
+    def where(self) -> str:
+        return f"tasks[{self.index}]"
+
+    def describe(self) -> dict:
+        """Every field that changes a score, for cache keys."""
+        return {
+            key: getattr(self, key)
+            for key in ("name", "text", "image", "label", "labels", "num_labels", "masked_labels", "head",
+                        "prompt", "choices", "length_normalize", "max_length")
+        }
+
+
+@dataclass
+class TaskFile:
+    path: Path
+    model_type: str
+    tasks: list[TaskSpec]
+    base_model: str | None = None
+
+    def task(self, name: str) -> TaskSpec:
+        for task in self.tasks:
+            if task.name == name:
+                return task
+        raise LoramergeError(f"{self.path}: no task named {name!r}")
+
+    @property
+    def names(self) -> list[str]:
+        return [task.name for task in self.tasks]
+
+    def error(self, where: str, message: str) -> LoramergeError:
+        return LoramergeError(f"{self.path}: {where}: {message}")
+
+
+def schema() -> dict:
+    text = resources.files("loramerge_cli").joinpath("schemas/tasks.schema.json").read_text()
+    return json.loads(text)
+
+
+def load_task_file(path: str | Path) -> TaskFile:
+    """Read and validate a tasks.yaml; relative data and head paths are taken from its folder."""
+    import yaml
+
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as error:
+        raise LoramergeError(f"{path}: cannot read task spec ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise LoramergeError(f"{path}: not valid YAML{at}") from None
+    _validate(document, path)
+    model_type = document.get("model_type", MODEL_TYPES[0])
+    folder = path.parent
+    tasks = [_task_from(entry, index, folder, path) for index, entry in enumerate(document["tasks"])]
+    names = [task.name for task in tasks]
+    for index, name in enumerate(names):
+        if name in names[:index]:
+            raise LoramergeError(f"{path}: tasks[{index}].name: task {name!r} appears twice")
+    task_file = TaskFile(path, model_type, tasks, document.get("base_model"))
+    for task in tasks:
+        _check_task(task, task_file)
+    return task_file
+
+
+def _validate(document, path: Path) -> None:
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
+    error = best_match(Draft202012Validator(schema()).iter_errors(document))
+    if error is None:
+        return
+    location = _location(list(error.absolute_path))
+    if error.validator == "required":
+        missing = next(name for name in error.validator_value if name not in error.instance)
+        location = f"{location}.{missing}" if location else missing
+        message = "required field is missing"
+        if "allOf" in error.absolute_schema_path:
+            message += f" (model_type {document.get('model_type')})"
+    elif error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = error.schema.get("properties", {})
+        unknown = sorted(key for key in error.instance if key not in allowed)
+        message = f"unknown field {unknown[0]!r}" if unknown else error.message
+    else:
+        message = error.message
+    raise LoramergeError(f"{path}: {location or '(top level)'}: {message}")
+
+
+def _location(parts: list) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _task_from(entry: dict, index: int, folder: Path, path: Path) -> TaskSpec:
+    text = entry.get("text", [])
+    task = TaskSpec(
+        name=entry["name"],
+        index=index,
+        data={split: str(_resolve(folder, file)) for split, file in entry["data"].items()},
+        text=[text] if isinstance(text, str) else list(text),
+        image=entry.get("image"),
+        label=entry.get("label"),
+        labels=entry.get("labels"),
+        num_labels=entry.get("num_labels"),
+        head=entry.get("head", FROM_ADAPTER),
+        prompt=entry.get("prompt"),
+        choices=entry.get("choices"),
+        length_normalize=bool(entry.get("length_normalize", False)),
+        max_length=entry.get("max_length"),
+        limit=entry.get("limit"),
+        adapter=entry.get("adapter"),
+    )
+    if task.head not in (FROM_ADAPTER, NO_HEAD):
+        task.head = str(_resolve(folder, task.head))
+    if task.adapter and not task.adapter.startswith("hf://") and (folder / task.adapter).exists():
+        task.adapter = str(_resolve(folder, task.adapter))
+    task.masked_labels = [_masked_index(value, task, path) for value in entry.get("masked_labels", [])]
+    return task
+
+
+def _resolve(folder: Path, file: str) -> Path:
+    candidate = Path(file).expanduser()
+    return candidate if candidate.is_absolute() else (folder / candidate)
+
+
+def _masked_index(value, task: TaskSpec, path: Path) -> int:
+    if isinstance(value, str):
+        if not task.labels or value not in task.labels:
+            raise LoramergeError(f"{path}: {task.where}.masked_labels: unknown label name {value!r}")
+        return task.labels.index(value)
+    return value
+
+
+def _check_task(task: TaskSpec, task_file: TaskFile) -> None:
+    """Cross-field rules the schema cannot say."""
+    where = task.where
+    if task.labels and task.num_labels is not None and len(task.labels) != task.num_labels:
+        raise task_file.error(f"{where}.labels", f"{len(task.labels)} names but num_labels is {task.num_labels}")
+    classes = task.class_count
+    for value in task.masked_labels:
+        if classes is not None and not 0 <= value < classes:
+            raise task_file.error(f"{where}.masked_labels", f"label {value} is out of range 0..{classes - 1}")
+    if task_file.model_type == "causal-lm":
+        if task.labels and len(task.labels) != len(task.choices):
+            raise task_file.error(f"{where}.labels", f"{len(task.labels)} names for {len(task.choices)} choices")
+    elif task_file.model_type == "image-classification":
+        if task.choices or task.prompt:
+            raise task_file.error(f"{where}.choices", "only causal-lm tasks have prompts and choices")
+    else:
+        if not task.text:
+            raise task_file.error(f"{where}.text", "required field is missing (the input column(s))")
+        if task.choices or task.prompt:
+            raise task_file.error(f"{where}.choices", "only causal-lm tasks have prompts and choices")
+    if task.head not in (FROM_ADAPTER, NO_HEAD) and not Path(task.head).is_file():
+        raise task_file.error(f"{where}.head", f"no such file {task.head}")
+
+
+def match_adapters(task_file: TaskFile, adapters: list, allow_pickle: bool = False) -> dict:
+    """Task name -> the Adapter of the same name; a task's `adapter:` source must be the same weights."""
+    from loramerge_cli.adapters.sources import resolve, sha256_file
+
+    by_name = {adapter.name: adapter for adapter in adapters}
+    matched = {}
+    for task in task_file.tasks:
+        adapter = by_name.get(task.name)
+        if adapter is None:
+            known = ", ".join(by_name) or "none given"
+            raise task_file.error(f"{task.where}.name", f"no adapter named {task.name!r} (adapters: {known})")
+        if task.adapter:
+            digest = sha256_file(resolve(task.adapter, allow_pickle=allow_pickle).weights_file)
+            if digest != adapter.source.sha256:
+                raise task_file.error(
+                    f"{task.where}.adapter",
+                    f"{task.adapter} is not the same weights as adapter {adapter.name!r} ({adapter.source.spec})",
+                )
+        matched[task.name] = adapter
+    return matched

@@ -1,0 +1,28 @@
+"""ENMP's latent → mask decoding (Part A §A5, Part B §8.2)."""
+
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+import numpy as np
+
+
+def max_pruned(ratio: float, unit_count: int, task_count: int) -> int:
+    """K_max = ⌊ρ·U·T⌋, exact with ρ read as a decimal (⌊0.29·100⌋ = 29, not 28)."""
+    return int(math.floor(Decimal(str(ratio)) * unit_count * task_count))
+
+
+def decode_mask(z: np.ndarray, k_max: int, threshold: float = 0.0) -> tuple[int, ...]:
+    """Flat indices pruned: among the k_max largest z (ties: lower index first), those with z > θ.
+
+    Returned in ascending index order; flat index i = u·T + t.
+    """
+    order = sorted(range(len(z)), key=lambda i: (-float(z[i]), i))[:k_max]
+    return tuple(sorted(i for i in order if float(z[i]) > threshold))
+
+
+def decode_scale(gene: float, base_lambda: float) -> float:
+    """`--addscale`: λ = λ0 · 2 · sigmoid(g), rounded to 3 significant digits (the memo key)."""
+    value = base_lambda * 2.0 / (1.0 + math.exp(-gene))
+    return float(f"{value:.3g}")

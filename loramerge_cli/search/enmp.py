@@ -1,0 +1,226 @@
+"""ENMP: CMA-ES over a (task × unit) pruning table, memoised, checkpointed every generation.
+
+The fitness is pluggable (`Fitness`): labelled validation accuracy through the evaluation engine, or
+the label-free NSC objective. Everything that makes a run reproducible lives in `SearchState`, which is
+written to the run directory after every generation, so `resume` continues a killed run exactly.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from loramerge_cli.errors import LoramergeError
+from loramerge_cli.search.decode import decode_mask, decode_scale, max_pruned
+
+Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or None)
+
+
+@dataclass
+class EnmpSettings:
+    """Part A §A5 defaults (the paper's)."""
+
+    max_prune: float = 0.2
+    popsize: int = 16
+    generations: int = 60
+    sigma0: float = 0.5
+    threshold: float = 0.0
+    seed: int = 1
+    addscale: bool = False
+    x0: float = -1.0
+
+    def check(self) -> None:
+        if self.seed < 1:
+            raise LoramergeError("--seed must be >= 1 (pycma reads 0 as 'seed from the clock')")
+        if not 0.0 < self.max_prune <= 1.0:
+            raise LoramergeError("--max-prune must be in (0, 1]")
+        if self.popsize < 2:
+            raise LoramergeError("--popsize must be >= 2")
+        if self.generations < 1:
+            raise LoramergeError("--generations must be >= 1")
+        if self.sigma0 <= 0:
+            raise LoramergeError("--sigma0 must be > 0")
+
+
+class Fitness(Protocol):
+    def __call__(self, candidates: list[Candidate]) -> list[float]:
+        """Fitness (points of mean normalized accuracy over the unpruned merge) of each candidate."""
+
+
+@dataclass
+class Evaluation:
+    pruned: tuple[int, ...]
+    lam: float | None
+    fitness: float
+    order: int  # evaluation index: earlier wins ties
+
+
+@dataclass
+class SearchState:
+    generation: int  # generations completed
+    strategy: object  # the pickled-with-state CMAEvolutionStrategy
+    numpy_rng: tuple  # numpy's global RNG state (pycma samples through numpy)
+    memo: dict = field(default_factory=dict)  # (pruned, λ) -> Evaluation
+    history: list = field(default_factory=list)  # one dict per generation
+
+
+class SeededNormal:
+    """A picklable randn(λ, N) for pycma, drawing from its own numpy Generator."""
+
+    def __init__(self, seed: int):
+        self.generator = np.random.Generator(np.random.PCG64(seed))
+
+    def __call__(self, *shape):
+        return self.generator.standard_normal(shape)
+
+
+def new_strategy(settings: EnmpSettings, dimension: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import cma
+    x0 = [settings.x0] * dimension
+    if settings.addscale:
+        x0[-1] = 0.0
+    options = {
+        "maxiter": settings.generations,
+        "popsize": settings.popsize,
+        "seed": settings.seed,
+        "randn": SeededNormal(settings.seed),
+        "verbose": -9,
+        "verb_log": 0,
+        "verb_disp": 0,
+        "tolfun": 0,
+        "tolfunhist": 0,
+        "tolx": 0,
+        "tolstagnation": 10**9,
+        "tolflatfitness": 10**9,
+    }
+    return cma.CMAEvolutionStrategy(x0, settings.sigma0, options)
+
+
+class EnmpSearch:
+    """Runs the search; `run_dir` (optional) holds `state.pkl`, `trajectory.jsonl`, `best.json`."""
+
+    def __init__(
+        self,
+        settings: EnmpSettings,
+        unit_count: int,
+        task_count: int,
+        fitness: Fitness,
+        base_lambda: float | None = None,
+        run_dir: Path | None = None,
+        on_generation: Callable[[dict], None] | None = None,
+    ):
+        settings.check()
+        self.settings = settings
+        self.unit_count, self.task_count = unit_count, task_count
+        self.dimension = unit_count * task_count + (1 if settings.addscale else 0)
+        self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
+        self.fitness = fitness
+        self.base_lambda = base_lambda
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.on_generation = on_generation or (lambda record: None)
+        self.state: SearchState | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+    def start(self, resume: bool = False) -> None:
+        if resume:
+            self.state = self._load_state()
+            return
+        np.random.seed(self.settings.seed)
+        strategy = new_strategy(self.settings, self.dimension)
+        empty = ((), self._default_lambda())
+        memo = {empty: Evaluation((), empty[1], 0.0, 0)}  # the unpruned merge is the reference: fitness 0
+        self.state = SearchState(0, strategy, np.random.get_state(), memo, [])
+
+    def _default_lambda(self) -> float | None:
+        return decode_scale(0.0, self.base_lambda) if self.settings.addscale else None
+
+    def decode(self, x: np.ndarray) -> Candidate:
+        z = np.asarray(x[: self.unit_count * self.task_count])
+        lam = decode_scale(float(x[-1]), self.base_lambda) if self.settings.addscale else None
+        return decode_mask(z, self.k_max, self.settings.threshold), lam
+
+    # -- loop --------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Evaluation:
+        if self.state is None:
+            self.start(resume)
+        while self.state.generation < self.settings.generations:
+            self.step()
+        return self.best()
+
+    def step(self) -> dict:
+        """One generation: ask, evaluate the masks not in the memo, tell, checkpoint."""
+        state = self.state
+        started = time.perf_counter()
+        np.random.set_state(state.numpy_rng)
+        solutions = state.strategy.ask()
+        candidates = [self.decode(x) for x in solutions]
+        fresh = list(dict.fromkeys(c for c in candidates if c not in state.memo))
+        values = self.fitness(fresh) if fresh else []
+        for candidate, value in zip(fresh, values):
+            state.memo[candidate] = Evaluation(candidate[0], candidate[1], float(value), len(state.memo))
+        fitnesses = [state.memo[c].fitness for c in candidates]
+        state.strategy.tell(solutions, [-f for f in fitnesses])  # CMA-ES minimises
+        state.numpy_rng = np.random.get_state()
+        state.generation += 1
+        best = self.best()
+        record = {
+            "generation": state.generation,
+            "best_fitness": best.fitness,
+            "mean_fitness": float(np.mean(fitnesses)),
+            "best_pruned": list(best.pruned),
+            "best_lambda": best.lam,
+            "mean_sparsity": float(np.mean([len(c[0]) for c in candidates])) / (self.unit_count * self.task_count),
+            "distinct_evaluated": len(state.memo),
+            "new_evaluations": len(fresh),
+            "cache_hits": len(candidates) - len(fresh),
+            "seconds": time.perf_counter() - started,
+            "seconds_per_evaluation": (time.perf_counter() - started) / max(1, len(fresh)),
+        }
+        state.history.append(record)
+        self._save_state()
+        self.on_generation(record)
+        return record
+
+    def best(self) -> Evaluation:
+        """Highest fitness; ties: fewest pruned units, then earliest evaluated."""
+        return min(self.state.memo.values(), key=lambda e: (-e.fitness, len(e.pruned), e.order))
+
+    # -- run directory -----------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        temporary = self.run_dir / "state.pkl.tmp"
+        temporary.write_bytes(pickle.dumps(self.state))
+        temporary.replace(self.run_dir / "state.pkl")
+        lines = "".join(_json_line(record) for record in self.state.history)
+        trajectory = self.run_dir / "trajectory.jsonl.tmp"
+        trajectory.write_text(lines)
+        trajectory.replace(self.run_dir / "trajectory.jsonl")
+
+    def _load_state(self) -> SearchState:
+        path = self.run_dir / "state.pkl" if self.run_dir else None
+        if path is None or not path.is_file():
+            raise LoramergeError(f"--resume: no saved search state in {self.run_dir}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import cma  # noqa: F401 - unpickling needs the class
+
+        return pickle.loads(path.read_bytes())
+
+
+def _json_line(record: dict) -> str:
+    import json
+
+    return json.dumps(record) + "\n"
+
+
+__all__ = ["EnmpSearch", "EnmpSettings", "Evaluation", "asdict"]

@@ -1,0 +1,51 @@
+"""Test-wide settings (offline Hub, one torch thread) and session fixtures of real PEFT adapters."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+LLAMA_TARGETS = ["q_proj", "v_proj"]
+
+
+def pytest_configure(config):
+    # peft 0.21 calls a transformers 5 method that transformers deprecates; nothing loramerge can change.
+    config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
+
+@pytest.fixture(scope="session")
+def llama_task_dirs(tmp_path_factory):
+    """Two SEQ_CLS LoRA adapters of the tiny Llama (ranks 4 and 2, different α), each with its own
+    `score` head in modules_to_save: {"rte": folder, "mnli": folder}."""
+    from tiny_models import save_lora
+
+    root = tmp_path_factory.mktemp("llama_tasks")
+    settings = {"rte": (11, 4, 8.0), "mnli": (12, 2, 3.0)}
+    return {
+        name: save_lora(
+            "llama", root / name, seed, r=rank, lora_alpha=alpha, target_modules=LLAMA_TARGETS, task_type="SEQ_CLS"
+        )
+        for name, (seed, rank, alpha) in settings.items()
+    }
+
+
+@pytest.fixture(scope="session")
+def gpt2_task_dirs(tmp_path_factory):
+    """Two LoRA adapters on the tiny GPT-2's Conv1D layers (fan_in_fan_out): {"wiki": …, "code": …}."""
+    from tiny_models import save_lora
+
+    root = tmp_path_factory.mktemp("gpt2_tasks")
+    settings = {"wiki": (21, 4), "code": (22, 3)}
+    return {
+        name: save_lora(
+            "gpt2", root / name, seed, r=rank, lora_alpha=6.0, target_modules=["c_attn", "c_proj"],
+            fan_in_fan_out=True,
+        )
+        for name, (seed, rank) in settings.items()
+    }

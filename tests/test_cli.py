@@ -1,0 +1,252 @@
+"""The loramerge command line: merge, inspect, apply-mask, --config, --json, masks, help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from factories import invoke_cli, write_task_folders
+
+from loramerge_cli import api
+from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
+from loramerge_cli.cli.common import spread_multi_values
+from loramerge_cli.masks import ones_table
+from loramerge_cli.merging.merge import MergeConfig, merge
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return write_task_folders(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def sources(folders):
+    return [str(folders[name]) for name in "abc"]
+
+
+def _deltas(folder) -> dict[str, torch.Tensor]:
+    adapter = load_adapter(str(folder))
+    return {path: module.delta() for path, module in adapter.modules.items()}
+
+
+def _assert_same_deltas(first, second, rtol=1e-6):
+    one, two = _deltas(first), _deltas(second)
+    assert one.keys() == two.keys()
+    for path in one:
+        assert torch.allclose(one[path], two[path], rtol=rtol, atol=1e-7), path
+
+
+def _ok(args):
+    result = invoke_cli(args)
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def test_spread_multi_values():
+    assert spread_multi_values(["merge", "--adapters", "a", "b", "c", "--out", "o"]) == [
+        "merge", "--adapters", "a", "--adapters", "b", "--adapters", "c", "--out", "o"]
+    assert spread_multi_values(["merge", "--adapters=a", "b", "--json"]) == [
+        "merge", "--adapters=a", "--adapters", "b", "--json"]
+    assert spread_multi_values(["inspect", "a", "b"]) == ["inspect", "a", "b"]
+    assert spread_multi_values(["merge", "--adapters", "a", "--", "b"]) == ["merge", "--adapters", "a", "--", "b"]
+
+
+def test_merge_writes_every_file_and_matches_the_library(folders, sources, tmp_path):
+    out = tmp_path / "merged"
+    _ok(["merge", "--adapters", *sources, "--merger", "knots", "--out", out, "--head", "a", "--quiet"])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "heads", "loramerge.json"]
+    assert sorted(p.name for p in (out / "heads").iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
+    provenance = json.loads((out / "loramerge.json").read_text())
+    assert provenance["command"].startswith("loramerge merge --adapters ")
+    assert provenance["parameters"]["density"] == 0.9 and provenance["space"] == "knots"
+    expected = merge(load_adapters(sources), MergeConfig(merger="knots"))
+    written = load_adapter(str(out))
+    assert set(written.modules) == set(expected.modules)
+    for path, module in expected.modules.items():
+        assert torch.allclose(written.modules[path].delta(), module.lora_B @ module.lora_A, rtol=1e-5, atol=1e-6)
+    assert written.heads.keys() == {"score.weight"}
+
+
+def test_adapters_after_one_flag_equal_repeated_flags(sources, tmp_path):
+    _ok(["merge", "--adapters", *sources, "--merger", "ties", "--density", "0.5", "--out", tmp_path / "one"])
+    repeated = [token for source in sources for token in ("--adapters", source)]
+    _ok(["merge", *repeated, "--merger", "ties", "--density", "0.5", "--out", tmp_path / "many"])
+    _assert_same_deltas(tmp_path / "one", tmp_path / "many", rtol=0)
+
+
+def test_config_yaml_equals_flags_and_flags_win(sources, tmp_path):
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        "adapters: [" + ", ".join(sources) + "]\nmerger: dare_ties\ndrop_rate: 0.3\nknots-scaled: false\n"
+        "seed: 7\nweights: [1, 0.5, 2]\nlambda: 0.8\nout: " + str(tmp_path / "from_yaml") + "\n"
+    )
+    _ok(["merge", "--config", config])
+    _ok(["merge", "--adapters", *sources, "--merger", "dare_ties", "--drop-rate", "0.3", "--seed", "7",
+         "--weights", "1,0.5,2", "--lambda", "0.8", "--out", tmp_path / "from_flags"])
+    _assert_same_deltas(tmp_path / "from_yaml", tmp_path / "from_flags", rtol=0)
+    _ok(["merge", "--config", config, "--seed", "8", "--out", tmp_path / "seed8"])
+    assert json.loads((tmp_path / "seed8" / "loramerge.json").read_text())["seed"] == 8
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("no_such_flag: 1\n")
+    result = invoke_cli(["merge", "--config", bad, "--adapters", *sources, "--out", tmp_path / "x"])
+    assert result.exit_code == 2 and "no_such_flag" in result.stderr
+
+
+def test_json_output_parses_and_goes_alone_to_stdout(sources, tmp_path):
+    result = _ok(["merge", "--adapters", *sources, "--merger", "ties", "--out-rank", "3", "--out", tmp_path / "m",
+                  "--json"])
+    report = json.loads(result.stdout)
+    assert report["method"] == "ties" and report["ranks"] == {"3": 7} and report["modules"] == 7
+    assert report["max_truncation_error"] > 0
+    assert result.stderr == ""
+
+
+def test_inspect_json_norms_equal_dense_norms(folders, sources):
+    result = _ok(["inspect", *sources, "--json"])
+    summary = json.loads(result.stdout)
+    norms = summary["norms"]
+    assert norms["tasks"] == ["a", "b", "c"]
+    assert norms["units"] == ["model.layers.0", "model.layers.1", "model.layers.2", "pooler.dense"]
+    for task, name in enumerate("abc"):
+        adapter = load_adapter(str(folders[name]))
+        for row, unit in enumerate(norms["units"]):
+            dense = [m.delta() for m in adapter.modules.values() if (m.unit or m.path) == unit]
+            expected = float(torch.sqrt(sum(torch.linalg.matrix_norm(d) ** 2 for d in dense)))
+            assert norms["values"][row][task] == pytest.approx(expected, rel=1e-10)
+    assert [a["ranks"] for a in summary["adapters"]] == [{"2": 7}, {"3": 7}, {"4": 7}]
+    assert summary["adapters"][0]["task_type"] == "SEQ_CLS" and summary["adapters"][0]["heads"] == ["score"]
+    assert summary["merge_refusals"] == []
+    human = _ok(["inspect", *sources, "--heatmap"])
+    assert "model.layers.2" in human.stdout and "merge would refuse: nothing" in human.stdout
+
+
+def test_apply_mask_writes_the_masked_adapters(folders, sources, tmp_path):
+    adapters = load_adapters(sources)
+    table = ones_table(adapters)
+    table.weights[0][1] = 0.0
+    table.weights[2][0] = 0.25
+    table.save(tmp_path / "mask.json")
+    _ok(["apply-mask", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--out", tmp_path / "pruned"])
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["a", "b", "c"]
+    for index, adapter in enumerate(adapters):
+        written = load_adapter(str(tmp_path / "pruned" / adapter.name))
+        expected = api.apply_table(adapter, table, index)
+        assert written.modules.keys() == expected.modules.keys()
+        for path, module in expected.modules.items():
+            assert torch.allclose(written.modules[path].delta(), module.delta(), rtol=1e-6)
+        assert torch.equal(written.heads["score.weight"], adapter.heads["score.weight"])
+    assert "model.layers.1.self_attn.q_proj" not in load_adapter(str(tmp_path / "pruned" / "a")).modules
+    # the same pruning as flat indices i = u·T + t
+    _ok(["apply-mask", "--adapters", *sources, "--indices", "[3]", "--out", tmp_path / "by_index"])
+    _assert_same_deltas(tmp_path / "by_index" / "a", tmp_path / "pruned" / "a", rtol=0)
+
+
+def test_mask_round_trip(sources, tmp_path):
+    adapters = load_adapters(sources)
+    # constant rows: the table acts like per-adapter weights
+    table = ones_table(adapters)
+    table.weights = [[0.5] * 3, [2.0] * 3, [1.0] * 3]
+    table.save(tmp_path / "weights.json")
+    _ok(["merge", "--adapters", *sources, "--mask", tmp_path / "weights.json", "--out", tmp_path / "masked"])
+    _ok(["merge", "--adapters", *sources, "--weights", "0.5,2,1", "--out", tmp_path / "weighted"])
+    _ok(["merge", "--adapters", *sources, "--out", tmp_path / "plain"])
+    masked, weighted, plain = (_deltas(tmp_path / name) for name in ("masked", "weighted", "plain"))
+    for path in masked:  # a module outside every block cannot be masked (Part A §A1)
+        expected = plain[path] if path == "pooler.dense" else weighted[path]
+        assert torch.allclose(masked[path], expected, rtol=1e-6, atol=1e-7), path
+    # a searched 0/1 table, saved and reloaded, equals the library merge; the flat-index form too
+    table = ones_table(adapters)
+    table.weights[1][0] = table.weights[2][0] = 0.0  # block 0: only a is left
+    table.weights[0][2] = 0.0
+    table.merger = {"merger": "tsv", "method": "tsv", "space": "full", "lambda": 0.6}
+    table.save(tmp_path / "mask.json")
+    assert api.load_table(tmp_path / "mask.json").to_json() == table.to_json()
+    _ok(["merge", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--out", tmp_path / "pruned"])
+    expected = merge(adapters, MergeConfig(merger="tsv", lam=0.6), table)
+    written = load_adapter(str(tmp_path / "pruned"))
+    for path, module in expected.modules.items():
+        assert torch.allclose(written.modules[path].delta(), module.lora_B @ module.lora_A, rtol=1e-5, atol=1e-6)
+    only_a = adapters[0].modules["model.layers.0.self_attn.q_proj"].delta()
+    assert torch.allclose(written.modules["model.layers.0.self_attn.q_proj"].delta(), 0.6 * only_a, rtol=1e-5)
+    indices = json.dumps([0 * 3 + 1, 0 * 3 + 2, 2 * 3 + 0])
+    _ok(["merge", "--adapters", *sources, "--indices", indices, "--merger", "tsv", "--lambda", "0.6",
+         "--out", tmp_path / "indexed"])
+    _assert_same_deltas(tmp_path / "indexed", tmp_path / "pruned")
+
+
+def test_mask_reuses_recorded_settings_and_refuses_conflicts(sources, tmp_path):
+    adapters = load_adapters(sources)
+    table = ones_table(adapters)
+    table.merger = {"merger": "knots", "method": "ties", "space": "knots", "density": 0.6, "scope": "module"}
+    table.scale = 1.5
+    table.save(tmp_path / "mask.json")
+    _ok(["merge", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--out", tmp_path / "m"])
+    parameters = json.loads((tmp_path / "m" / "loramerge.json").read_text())["parameters"]
+    assert parameters["density"] == 0.6 and parameters["space"] == "knots" and parameters["lambda"] == 1.5
+    conflict = invoke_cli(["merge", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--density", "0.9",
+                           "--out", tmp_path / "c"])
+    assert conflict.exit_code == 1 and "--override" in conflict.stderr and not (tmp_path / "c").exists()
+    _ok(["merge", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--density", "0.9", "--override",
+         "--lambda", "0.5", "--out", tmp_path / "o"])
+    parameters = json.loads((tmp_path / "o" / "loramerge.json").read_text())["parameters"]
+    assert parameters["density"] == 0.9 and parameters["lambda"] == 0.5
+
+
+def test_force_replaces_output(sources, tmp_path):
+    out = tmp_path / "m"
+    _ok(["merge", "--adapters", *sources, "--out", out])
+    _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--out", out, "--force"])
+    assert json.loads((out / "loramerge.json").read_text())["method"] == "tsv"
+
+
+def test_merger_names_match_the_registry():
+    """The CLI keeps its own copy of the names (the registry imports torch); it must not drift."""
+    import inspect
+
+    from loramerge_cli.cli.merge_cmd import MERGERS, merge_command
+    from loramerge_cli.merging.registry import PARAMETERS, merger_names
+
+    assert list(MERGERS) == merger_names()
+    assert set(PARAMETERS) <= set(inspect.signature(merge_command).parameters)
+
+
+@pytest.mark.parametrize("command", ["inspect", "merge", "apply-mask", "search-mask"])
+def test_help_ends_with_examples(command):
+    result = _ok([command, "--help"])
+    tail = result.stdout.rstrip().splitlines()
+    assert "Examples:" in result.stdout and tail[-1].strip().startswith("loramerge ")
+
+
+def test_cli_startup_imports_no_heavy_library():
+    code = ("import sys; import loramerge_cli.cli.app; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'safetensors') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_search_mask_stub_says_not_implemented(sources):
+    result = invoke_cli(["search-mask", "--adapters", *sources, "--out", "mask.json"])
+    assert result.exit_code == 1 and result.stderr == "error: search-mask is not implemented yet\n"
+
+
+def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monkeypatch):
+    import loramerge_cli.evaluation.tuning as tuning
+
+    calls = []
+
+    def fake_tune(adapters, config, table, tasks_file, **options):
+        calls.append((config.merger, str(tasks_file), options))
+        return 0.3, [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}]
+
+    monkeypatch.setattr(tuning, "tune_lambda", fake_tune)
+    (tmp_path / "tasks.yaml").write_text("tasks: []\n")
+    _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks", tmp_path / "tasks.yaml",
+         "--val-limit", "8", "--out", tmp_path / "m"])
+    assert calls == [("tsv", str(tmp_path / "tasks.yaml"), {"val_limit": 8, "allow_base_mismatch": False})]
+    provenance = json.loads((tmp_path / "m" / "loramerge.json").read_text())
+    assert provenance["parameters"]["lambda"] == 0.3
+    assert provenance["lambda_tuning"]["grid"] == [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}]

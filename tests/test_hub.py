@@ -1,0 +1,129 @@
+"""Hub sources resolved offline through huggingface_hub's real `snapshot_download` and a real cache
+layout (models--org--name/{blobs,snapshots,refs}) laid out in tmp_path; nothing is mocked but the
+cache location and the offline switch.
+
+huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE into `huggingface_hub.constants` when it is
+first imported, so the tests patch those constants as well as the environment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramerge_cli.adapters.peft_reader import load_adapter
+from loramerge_cli.errors import LoramergeError
+
+FILES = ("adapter_config.json", "adapter_model.safetensors")
+MAIN_COMMIT = "1" * 8 + "a" * 32
+V2_COMMIT = "2" * 8 + "b" * 32
+
+
+def add_snapshot(repo, commit: str, source_folder, symlinks: bool) -> None:
+    """One revision: files under snapshots/<commit>, as symlinks into blobs/ (the usual layout) or plain."""
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name in FILES:
+        data = (source_folder / name).read_bytes()
+        if symlinks:
+            blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+            blob.write_bytes(data)
+            (snapshot / name).symlink_to(f"../../blobs/{blob.name}")
+        else:
+            (snapshot / name).write_bytes(data)
+
+
+def set_ref(repo, ref: str, commit: str) -> None:
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)  # huggingface_hub writes the hash without a newline
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch, llama_task_dirs):
+    """A Hub cache holding org/name: `main` -> MAIN_COMMIT (rte's files, symlinked blobs) and tag
+    `v2` -> V2_COMMIT (mnli's files, plain files)."""
+    import huggingface_hub.constants as constants
+
+    home = tmp_path / "hf_home"
+    cache = home / "hub"
+    repo = cache / "models--org--name"
+    add_snapshot(repo, MAIN_COMMIT, llama_task_dirs["rte"], symlinks=True)
+    add_snapshot(repo, V2_COMMIT, llama_task_dirs["mnli"], symlinks=False)
+    set_ref(repo, "main", MAIN_COMMIT)
+    set_ref(repo, "v2", V2_COMMIT)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return repo
+
+
+def assert_same_weights(adapter, folder) -> None:
+    local = load_adapter(str(folder))
+    assert list(adapter.modules) == list(local.modules)
+    for path, module in adapter.modules.items():
+        assert torch.equal(module.lora_B, local.modules[path].lora_B)
+        assert module.scale == local.modules[path].scale
+    assert adapter.source.sha256 == local.source.sha256
+
+
+@pytest.mark.parametrize("spec", ["org/name", "hf://org/name", "org/name@main", "hf://org/name@main"])
+def test_default_revision_resolves_to_the_main_commit(hub_cache, llama_task_dirs, spec):
+    adapter = load_adapter(spec)
+
+    assert adapter.source.kind == "hub"
+    assert adapter.source.repo_id == "org/name"
+    assert adapter.source.revision == MAIN_COMMIT
+    assert adapter.source.spec == spec
+    assert adapter.name == "name"
+    assert adapter.source.describe()["revision"] == MAIN_COMMIT
+    weights = Path(adapter.source.weights_file)
+    assert weights.parent.resolve() == (hub_cache / "snapshots" / MAIN_COMMIT).resolve()  # our cache, not ~/.cache
+    assert_same_weights(adapter, llama_task_dirs["rte"])
+
+
+@pytest.mark.parametrize("spec", [f"org/name@{V2_COMMIT}", "org/name@v2", f"hf://org/name@{V2_COMMIT}"])
+def test_other_revision_by_commit_or_tag(hub_cache, llama_task_dirs, spec):
+    adapter = load_adapter(f"nli={spec}")
+
+    assert adapter.name == "nli"
+    assert adapter.source.repo_id == "org/name"
+    assert adapter.source.revision == V2_COMMIT
+    assert_same_weights(adapter, llama_task_dirs["mnli"])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    ["org/missing", "hf://org/missing", "org/name@v9", f"org/name@{'3' * 40}"],
+)
+def test_missing_repo_or_revision_is_a_one_line_error(hub_cache, spec):
+    with pytest.raises(LoramergeError, match="local Hugging Face cache") as error:
+        load_adapter(spec)
+
+    assert str(error.value).startswith(f"{spec}: ")
+    assert "\n" not in str(error.value)
+
+
+def test_snapshot_without_config_is_refused(hub_cache):
+    (hub_cache / "snapshots" / V2_COMMIT / "adapter_config.json").unlink()
+
+    with pytest.raises(LoramergeError, match="no adapter_config.json"):
+        load_adapter("org/name@v2")
+
+
+def test_a_local_folder_wins_over_a_hub_id_of_the_same_spelling(hub_cache, llama_task_dirs, tmp_path, monkeypatch):
+    shutil.copytree(llama_task_dirs["mnli"], tmp_path / "org" / "name")
+    monkeypatch.chdir(tmp_path)
+
+    adapter = load_adapter("org/name")
+
+    assert adapter.source.kind == "dir"
+    assert adapter.source.repo_id is None
+    assert_same_weights(adapter, llama_task_dirs["mnli"])

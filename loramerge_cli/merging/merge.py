@@ -175,22 +175,38 @@ def run_merge(
     settings: ResolvedMerge,
     table: WeightTable | None = None,
     progress: Callable[[str], None] | None = None,
+    cache: dict | None = None,
 ) -> MergeResult:
-    """The merge proper, on validated inputs."""
+    """The merge proper, on validated inputs.
+
+    `cache` (optional, scope `module` only) maps (module path, retained (task, weight) pairs, λ) to the
+    finished module, so a search that changes a few units re-merges only those modules.
+    """
     retained = {path: _retained_tasks(adapters, path, settings, table) for path in module_paths(adapters)}
     active = {path: tasks for path, tasks in retained.items() if tasks}
     omitted = [path for path, tasks in retained.items() if not tasks]
+    result = MergeResult({}, omitted, settings)
     if settings.method.elementwise and settings.params.get("scope") == "adapter":
         merged = _merge_adapter_scope(active, adapters, settings)
+        for path, delta in merged.items():
+            result.modules[path] = _finish(path, delta, adapters, active[path], settings, result)
+            if progress is not None:
+                progress(path)
     else:
-        merged = {path: _merge_module(path, tasks, adapters, settings) for path, tasks in active.items()}
-    result = MergeResult({}, omitted, settings)
-    for path, delta in merged.items():
-        module = next(a.modules[path] for a in adapters if path in a.modules)
-        result.modules[path] = _finish(path, delta, module.fan_in_fan_out, sum(
-            adapters[t].modules[path].rank for t, _ in active[path]), settings, result)
-        if progress is not None:
-            progress(path)
+        for path, tasks in active.items():
+            key = (path, tuple(tasks), settings.lam)
+            if cache is None or key not in cache:
+                warnings_before = len(result.warnings)
+                module = _finish(path, _merge_module(path, tasks, adapters, settings), adapters, tasks, settings, result)
+                entry = (module, result.warnings[warnings_before:])
+                if cache is not None:
+                    cache[key] = entry
+            else:
+                entry = cache[key]
+                result.warnings.extend(entry[1])
+            result.modules[path] = entry[0]
+            if progress is not None:
+                progress(path)
     for path in omitted if progress is not None else ():
         progress(path)
     return result
@@ -264,8 +280,10 @@ def _merge_adapter_scope(active, adapters, settings: ResolvedMerge) -> dict:
     return out
 
 
-def _finish(path, delta, fan_in_fan_out, total_rank, settings: ResolvedMerge, result: MergeResult) -> MergedModule:
+def _finish(path, delta, adapters, tasks, settings: ResolvedMerge, result: MergeResult) -> MergedModule:
     """Scale by λ and turn the result into LoRA factors (exact, or truncated SVD for dense results)."""
+    fan_in_fan_out = adapters[tasks[0][0]].modules[path].fan_in_fan_out
+    total_rank = sum(adapters[index].modules[path].rank for index, _ in tasks)
     if isinstance(delta, LowRank):
         return MergedModule(path, delta.left * settings.lam, delta.right, fan_in_fan_out)
     factors, error, capped = truncate_dense(delta * settings.lam, settings.out_rank, settings.energy, total_rank)

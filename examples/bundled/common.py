@@ -49,7 +49,7 @@ def train(
         optimizer.step()
         schedule.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())
 
 
 def lora_config(target_modules: str, rank: int, alpha: int, head: str):

@@ -105,3 +105,55 @@ def module_progress(console, total: int, description: str = "merging"):
     with Progress(*columns, console=console, transient=True) as progress:
         task = progress.add_task(description, total=total)
         yield lambda path: progress.update(task, advance=1, description=f"{description} {path}")
+
+
+def search_progress(console, generations: int):
+    """A callback for run_search: one line per generation (or greedy/random round) on the console."""
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "lambda":
+            console.print(f"λ tuned on validation: {data['lambda']:.4g}", highlight=False)
+        elif kind == "start":
+            console.print(
+                f"unpruned merge: {data['reference']:.2f} mean normalized accuracy (λ = {data['lambda']:.4g}); "
+                f"{data['units']} units × {data['tasks']} tasks", highlight=False)
+        elif kind == "generation":
+            console.print(
+                f"gen {data['generation']:>3}/{generations}  best {data['best_fitness']:+.3f}  "
+                f"mean {data['mean_fitness']:+.3f}  sparsity {100 * data['mean_sparsity']:.1f}%  "
+                f"distinct {data['distinct_evaluated']}  cache hits {data['cache_hits']}  "
+                f"{data['seconds_per_evaluation']:.2f} s/eval", highlight=False)
+        elif kind == "round":
+            console.print(f"round {data['round']:>3}  best {data['best_fitness']:+.3f}  "
+                          f"distinct {data['distinct_evaluated']}", highlight=False)
+
+    return on_event
+
+
+def mask_heatmap(table) -> Table:
+    """Tasks × units: '█' kept, '·' pruned (real-valued weights shown as numbers)."""
+    grid = Table(title="kept █  pruned ·", title_justify="left", show_header=True, box=None, pad_edge=False)
+    grid.add_column("task")
+    grid.add_column("units " + (table.units[0] + " …" if table.units else ""), no_wrap=True)
+    for task, row in zip(table.tasks, table.weights):
+        cells = "".join("█" if value == 1 else ("·" if value == 0 else "▒") for value in row)
+        grid.add_row(task, cells)
+    return grid
+
+
+def search_summary(table, provenance: dict):
+    from rich.console import Group
+
+    validation = provenance["validation"]
+    lines = Text(
+        f"pruned {table.pruned_count()} of {len(table.tasks) * len(table.units)} units; "
+        f"validation mean normalized accuracy {validation['unpruned_mean_normalized_accuracy']:.2f} -> "
+        f"{validation['best_mean_normalized_accuracy']:.2f} ({validation['fitness']:+.2f}); "
+        f"{provenance['evaluations']} evaluations in {provenance['seconds']:.1f} s"
+    )
+    parts = [mask_heatmap(table), lines]
+    test = provenance.get("test")
+    if test:
+        parts.append(Text(f"test mean normalized accuracy {test['unpruned_mean_normalized_accuracy']:.2f} -> "
+                          f"{test['best_mean_normalized_accuracy']:.2f}"))
+    return Group(*parts)

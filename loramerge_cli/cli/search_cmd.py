@@ -1,24 +1,155 @@
-"""`loramerge search-mask`: placeholder until the search engine lands."""
+"""`loramerge search-mask`: find which (task, block) LoRA modules to prune before merging (ENMP)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated, Literal
+
 import typer
 
-from loramerge_cli.cli.common import examples_epilog, fail
+from loramerge_cli.cli.common import (
+    ADAPTERS_HELP,
+    ALLOW_BASE_MISMATCH_HELP,
+    ALLOW_PICKLE_HELP,
+    CONFIG_HELP,
+    DEBUG_HELP,
+    JSON_HELP,
+    QUIET_HELP,
+    command_errors,
+    command_line,
+    emit_json,
+    examples_epilog,
+    human_console,
+    load_config_defaults,
+    parse_float_list,
+)
+from loramerge_cli.cli.merge_cmd import MERGERS, _lambda_value
+from loramerge_cli.errors import LoramergeError
 
 EPILOG = examples_epilog(
     "loramerge search-mask --adapters a/ b/ c/ --merger knots --tasks tasks.yaml --out mask.json",
+    "loramerge search-mask --adapters a/ b/ c/ --merger ta --lambda auto --tasks tasks.yaml --popsize 8 "
+    "--generations 15 --val-limit 256 --run-dir runs/ta --out mask.json",
+    "loramerge search-mask --adapters a/ b/ c/ --merger ta --tasks tasks.yaml --run-dir runs/ta --resume "
+    "--out mask.json",
+    "loramerge search-mask --adapters a/ b/ c/ --merger ties --tasks tasks.yaml --strategy greedy --out greedy.json",
+    "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/",
 )
 
 
-def search_command() -> None:
-    """Search a weight table (which units to prune) for a merger. Not implemented yet."""
-    raise fail("error: search-mask is not implemented yet")
+@command_errors
+def search_command(
+    ctx: typer.Context,
+    adapters: Annotated[list[str], typer.Option("--adapters", help=ADAPTERS_HELP, show_default=False)],
+    tasks: Annotated[Path, typer.Option("--tasks", help="Task spec YAML with validation splits.", show_default=False)],
+    out: Annotated[Path, typer.Option("--out", help="Weight table JSON to write.", show_default=False)],
+    merger: Annotated[str, typer.Option("--merger", help=f"Preset or method: {', '.join(MERGERS)}.")] = "ta",
+    method: Annotated[str | None, typer.Option("--method", help="Override the preset's method.")] = None,
+    space: Annotated[str | None, typer.Option("--space", help="Override the space: full, knots or core.")] = None,
+    lam: Annotated[str | None, typer.Option(
+        "--lambda", help="λ of the merge: a number, or 'auto' (tuned on validation first). [default: the method's]",
+        show_default=False)] = None,
+    weights: Annotated[str | None, typer.Option("--weights", help="Per-adapter weights w1,w2,...")] = None,
+    density: Annotated[float | None, typer.Option("--density", help="Trim density (ties, magnitude, dare_ties).")] = None,
+    drop_rate: Annotated[float | None, typer.Option("--drop-rate", help="DARE drop rate.")] = None,
+    scope: Annotated[Literal["module", "adapter"] | None, typer.Option("--scope", help="Trim scope.")] = None,
+    knots_scaled: Annotated[bool | None, typer.Option(
+        "--knots-scaled/--no-knots-scaled", help="knots space: scale components by S.", show_default=False)] = None,
+    strategy: Annotated[Literal["enmp", "greedy", "random", "nsc"], typer.Option(
+        "--strategy", help="enmp (CMA-ES), greedy (leave-one-out), random (best of N).")] = "enmp",
+    max_prune: Annotated[float, typer.Option("--max-prune", help="ρ: at most ⌊ρ·units·tasks⌋ pruned.")] = 0.2,
+    popsize: Annotated[int, typer.Option("--popsize", help="CMA-ES population size.")] = 16,
+    generations: Annotated[int, typer.Option("--generations", help="CMA-ES generations.")] = 60,
+    sigma0: Annotated[float, typer.Option("--sigma0", help="CMA-ES initial step size.")] = 0.5,
+    threshold: Annotated[float, typer.Option("--threshold", help="θ: latent values above it prune.")] = 0.0,
+    addscale: Annotated[bool, typer.Option("--addscale", help="Also search λ (one extra gene).")] = False,
+    budget: Annotated[int | None, typer.Option(
+        "--budget", help="greedy/random: distinct evaluations. [default: popsize·generations]",
+        show_default=False)] = None,
+    sparsity: Annotated[float | None, typer.Option(
+        "--sparsity", help="random: fraction of units pruned. [default: max-prune/2]", show_default=False)] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed (>= 1) of CMA-ES, random masks and DARE.")] = 1,
+    val_limit: Annotated[int | None, typer.Option("--val-limit", help="Validation examples per task.")] = None,
+    device: Annotated[str, typer.Option("--device", help="Torch device of a serial search.")] = "cpu",
+    devices: Annotated[str | None, typer.Option(
+        "--devices", help="Comma-separated devices, one worker process each (cuda:0,cuda:1).")] = None,
+    workers: Annotated[int | None, typer.Option("--workers", help="CPU worker processes.")] = None,
+    threads: Annotated[int | None, typer.Option(
+        "--threads", help="Torch threads per process (the same in every worker). [default: min(8, CPUs)]",
+        show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 16,
+    eval_dtype: Annotated[str, typer.Option("--eval-dtype", help="Dtype of the evaluated model.")] = "float32",
+    run_dir: Annotated[Path | None, typer.Option(
+        "--run-dir", help="Checkpoints every generation (state, trajectory.jsonl, best table).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the search saved in --run-dir.")] = False,
+    report_test: Annotated[bool, typer.Option("--report-test", help="Also score the result on the test split.")] = False,
+    base: Annotated[str | None, typer.Option("--base", help="Base model id or path.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
+    allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help=ALLOW_BASE_MISMATCH_HELP)] = False,
+    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
+    config: Annotated[Path | None, typer.Option(
+        "--config", help=CONFIG_HELP, is_eager=True, callback=load_config_defaults)] = None,
+    json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
+) -> None:
+    """Search a weight table: which (task, block) LoRA modules to drop before merging, scored on labelled
+    validation data (ENMP: CMA-ES; greedy and random baselines on the same fitness and budget)."""
+    if strategy == "nsc":
+        raise LoramergeError("--strategy nsc is not implemented yet")
+    if seed < 1:
+        raise LoramergeError("--seed must be >= 1 (pycma reads 0 as 'seed from the clock')")
+    if out.exists() and not force:
+        raise LoramergeError(f"{out} exists; pass --force to replace it")
+    if devices and workers:
+        raise LoramergeError("give --devices or --workers, not both")
+    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
+    if workers is not None:
+        if workers < 1:
+            raise LoramergeError("--workers must be >= 1")
+        device_list = [device] * workers
+    lam_value = _lambda_value(lam)
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.runner import SearchRequest, run_search
+
+    request = SearchRequest(
+        adapters=adapters,
+        merge=MergeConfig(merger=merger, method=method, space=space,
+                          lam=None if lam_value in (None, "auto") else lam_value,
+                          weights=parse_float_list(weights, "--weights"), density=density, drop_rate=drop_rate,
+                          scope=scope, knots_scaled=knots_scaled, seed=seed),
+        tasks=tasks,
+        eval=EvalSettings(val_limit=val_limit, device=device, dtype=eval_dtype, batch_size=batch_size,
+                          threads=threads),
+        lambda_auto=lam_value == "auto",
+        base=base,
+        allow_base_mismatch=allow_base_mismatch,
+        allow_pickle=allow_pickle,
+        strategy=strategy,
+        enmp=EnmpSettings(max_prune=max_prune, popsize=popsize, generations=generations, sigma0=sigma0,
+                          threshold=threshold, seed=seed, addscale=addscale),
+        budget=budget,
+        sparsity=sparsity,
+        run_dir=run_dir,
+        resume=resume,
+        report_test=report_test,
+        devices=device_list,
+        command=command_line(ctx),
+    )
+    console = human_console(quiet, json_output)
+    from loramerge_cli.cli import render
+
+    table, provenance = run_search(request, render.search_progress(console, generations))
+    table.save(out)
+    if run_dir is not None:
+        table.save(Path(run_dir) / "best.json")
+    if json_output:
+        emit_json(table.to_json())
+        return
+    console.print(render.search_summary(table, provenance))
 
 
 def register(app: typer.Typer) -> None:
-    app.command(
-        "search-mask",
-        epilog=EPILOG,
-        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    )(search_command)
+    app.command("search-mask", epilog=EPILOG)(search_command)

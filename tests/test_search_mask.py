@@ -1,0 +1,130 @@
+"""search-mask end to end on a tiny real model: output table, merge --mask, resume, serial = parallel."""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from eval_fixtures import build_text_setting
+from factories import invoke_cli
+from loramerge_cli.evaluation.engine import EvalSettings
+from loramerge_cli.masks import load_table
+from loramerge_cli.merging.merge import MergeConfig
+from loramerge_cli.search.enmp import EnmpSettings
+from loramerge_cli.search.runner import SearchRequest, run_search
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    return build_text_setting(tmp_path_factory.mktemp("search"))
+
+
+def request(setting, **changes) -> SearchRequest:
+    base = SearchRequest(
+        adapters=setting.adapter_args(),
+        merge=MergeConfig(merger="ties"),
+        tasks=setting.tasks_file,
+        eval=EvalSettings(threads=1, batch_size=8),
+        enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3),
+    )
+    return replace(base, **changes)
+
+
+def test_cli_writes_a_table_that_merge_consumes(setting, tmp_path):
+    mask = tmp_path / "mask.json"
+    result = invoke_cli([
+        "search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ties",
+        "--popsize", "6", "--generations", "3", "--max-prune", "0.5", "--threads", "1", "--out", str(mask),
+        "--run-dir", str(tmp_path / "run"), "--json",
+    ])
+    assert result.exit_code == 0, result.stderr
+    table = load_table(mask)
+    assert json.loads(result.stdout)["weights"] == table.weights
+    assert table.tasks == ["alpha", "beta", "gamma"] and table.units == ["model.layers.0", "model.layers.1"]
+    provenance = table.provenance
+    assert provenance["validation"]["fitness"] >= 0.0  # never worse than not pruning
+    assert table.pruned_count() == len(provenance["pruned_flat_indices"])
+    assert table.merger["method"] == "ties" and table.merger["lambda"] == 1.0
+    for name in ("config.json", "state.pkl", "trajectory.jsonl", "best.json", "scores.json"):
+        assert (tmp_path / "run" / name).is_file()
+    assert len((tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()) == 3
+    merged = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--mask", str(mask),
+                         "--out", str(tmp_path / "merged")])
+    assert merged.exit_code == 0, merged.stderr
+    recorded = json.loads((tmp_path / "merged" / "loramerge.json").read_text())
+    assert json.dumps(recorded).count("ties") >= 1
+
+
+def test_fitness_of_best_table_is_reproduced_by_the_merge(setting):
+    from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+    from loramerge_cli.search.fitness import AccuracyFitness
+    from loramerge_cli.search.runner import build_problem
+
+    table, provenance = run_search(request(setting))
+    problem = build_problem(request(setting))
+    experts = expert_scores(problem.engine, ScoreCache())
+    fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+    pruned = tuple(provenance["pruned_flat_indices"])
+    assert fitness([(pruned, None)])[0] == provenance["validation"]["fitness"]
+
+
+def test_interrupted_run_resumes_to_the_same_table(setting, tmp_path):
+    plain, plain_provenance = run_search(request(setting))
+
+    def interrupt(kind, data):
+        if kind == "generation" and data["generation"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(request(setting, run_dir=tmp_path), on_event=interrupt)
+    resumed, provenance = run_search(request(setting, run_dir=tmp_path, resume=True))
+    assert resumed.weights == plain.weights
+    assert provenance["validation"] == plain_provenance["validation"]
+    assert [r["best_fitness"] for r in provenance["history"]] == [r["best_fitness"] for r in plain_provenance["history"]]
+
+
+def test_resume_refuses_changed_settings(setting, tmp_path):
+    from loramerge_cli.errors import LoramergeError
+
+    run_search(request(setting, run_dir=tmp_path))
+    with pytest.raises(LoramergeError, match="settings differ"):
+        run_search(request(setting, run_dir=tmp_path, resume=True, merge=MergeConfig(merger="ta")))
+    with pytest.raises(LoramergeError, match="already holds a search"):
+        run_search(request(setting, run_dir=tmp_path))
+
+
+def test_parallel_workers_equal_serial(setting):
+    serial, serial_provenance = run_search(request(setting))
+    parallel, provenance = run_search(request(setting, devices=["cpu", "cpu"]))
+    assert parallel.weights == serial.weights
+    assert provenance["validation"] == serial_provenance["validation"]
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "random"])
+def test_baselines_use_the_same_budget(setting, strategy):
+    table, provenance = run_search(request(setting, strategy=strategy, budget=5))
+    assert provenance["evaluations"] <= 5
+    assert provenance["validation"]["fitness"] >= 0.0
+    if strategy == "random" and table.pruned_count():
+        assert table.pruned_count() == round(0.25 * 6)
+
+
+def test_all_ones_table_is_the_plain_merge_and_a_pruned_unit_leaves_w0(setting):
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.masks import ones_table
+    from loramerge_cli.merging.merge import merge
+    from loramerge_cli.search.fitness import pruned_table
+
+    adapters = load_adapters(setting.adapter_args())
+    template = ones_table(adapters)
+    plain = merge(adapters, MergeConfig(merger="ties"))
+    masked = merge(adapters, MergeConfig(merger="ties"), template)
+    for path, module in plain.modules.items():
+        assert torch.equal(module.lora_B @ module.lora_A, masked.modules[path].lora_B @ masked.modules[path].lora_A)
+    pruned_block = pruned_table(template, (3, 4, 5))  # unit 1, every task
+    result = merge(adapters, MergeConfig(merger="ties"), pruned_block)
+    assert all(path.startswith("model.layers.1.") for path in result.omitted) and result.omitted
+    assert not any(path.startswith("model.layers.1.") for path in result.modules)

@@ -128,3 +128,12 @@ def test_all_ones_table_is_the_plain_merge_and_a_pruned_unit_leaves_w0(setting):
     result = merge(adapters, MergeConfig(merger="ties"), pruned_block)
     assert all(path.startswith("model.layers.1.") for path in result.omitted) and result.omitted
     assert not any(path.startswith("model.layers.1.") for path in result.modules)
+
+
+def test_plots_are_written(setting, tmp_path):
+    from loramerge_cli.search.plots import write_plots
+
+    table, provenance = run_search(request(setting))
+    paths = write_plots(table, provenance["history"], tmp_path / "plots")
+    for path in paths:
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

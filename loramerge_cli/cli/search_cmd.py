@@ -83,6 +83,8 @@ def search_command(
         "--run-dir", help="Checkpoints every generation (state, trajectory.jsonl, best table).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the search saved in --run-dir.")] = False,
     report_test: Annotated[bool, typer.Option("--report-test", help="Also score the result on the test split.")] = False,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Write fitness.png and mask.png to this folder (needs the plot extra).")] = None,
     base: Annotated[str | None, typer.Option("--base", help="Base model id or path.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help=ALLOW_BASE_MISMATCH_HELP)] = False,
@@ -145,6 +147,10 @@ def search_command(
     table.save(out)
     if run_dir is not None:
         table.save(Path(run_dir) / "best.json")
+    if plot is not None:
+        from loramerge_cli.search.plots import write_plots
+
+        write_plots(table, provenance["history"], plot)
     if json_output:
         emit_json(table.to_json())
         return

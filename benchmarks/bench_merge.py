@@ -1,5 +1,7 @@
-"""Merge benchmark: every method × space on Llama-3-8B attention shapes, and loramerge against the
-dense formulation of the papers' code (algorithms.md §14.1) on a subset of modules.
+"""Merge benchmark: every method × space on Llama-3-8B attention shapes, and versus the papers' dense code.
+
+The second part compares loramerge with the dense formulation of the reference code (algorithms.md §14.1)
+on a subset of modules.
 
 Run by hand (never from the tests):
 
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule  # noqa: E402
-from loramerge_cli.merging import elementwise, spectral  # noqa: E402
+from loramerge_cli.merging import elementwise  # noqa: E402
 from loramerge_cli.merging.merge import MergeConfig, merge  # noqa: E402
 from loramerge_cli.merging.spaces import knots_basis  # noqa: E402
 
@@ -108,9 +110,9 @@ def dense_ties(rows: torch.Tensor, density: float) -> tuple[torch.Tensor, torch.
 def dense_knots_ties(adapters, path, dtype, density):
     deltas = dense_deltas(adapters, path, dtype)
     n = deltas[0].shape[1]
-    U, S, V = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)
+    U, S, Vh = torch.linalg.svd(torch.cat(deltas, dim=1), full_matrices=False)
     q = epsilon_rank(S, sum(a.modules[path].rank for a in adapters))
-    U, V = canonical_signs(U[:, :q], V[:q].T)
+    U, V = canonical_signs(U[:, :q], Vh[:q].T)
     S = S[:q]
     blocks = [V[t * n : (t + 1) * n].T for t in range(len(deltas))]
     merged, kept = dense_ties(torch.stack([b.reshape(-1) for b in blocks]), density)
@@ -159,7 +161,7 @@ def run_dense(label, adapters, path, dtype):
     if label == "tsv":
         return dense_tsv_tasks(dense_deltas(adapters, path, dtype), ranks), None
     if label == "iso_c":
-        return dense_isotropize(sum(dense_deltas(adapters, path, dtype)), sum(ranks)) / len(adapters), None
+        return dense_isotropize(sum(dense_deltas(adapters, path, dtype)), sum(ranks)), None
     if label == "core_tsv":
         return dense_core_tsv(adapters, path, dtype), None
     raise ValueError(label)
@@ -243,7 +245,12 @@ def main(argv=None) -> None:
     parser.add_argument("--adapters", type=int, default=6)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--dense-output-blocks", type=int, default=1,
+                        help="blocks for the methods whose full-space output is dense (ties, magnitude, dare, "
+                             "dare_ties): they cost ~30 s per block on one core; reported per block as well")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads per measurement (use 1 on a shared machine: oversubscribed OpenMP "
+                             "threads make timings erratic)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--spaces", default=",".join(SPACES))
     parser.add_argument("--compute-dtype", choices=DTYPES, default="float64", help="loramerge's compute dtype")
@@ -263,18 +270,21 @@ def main(argv=None) -> None:
     print(f"{args.adapters} adapters, rank {args.rank}, {args.blocks} blocks × (q,o 4096×4096; k,v 1024×4096), "
           f"compute {args.compute_dtype}, {args.threads} threads")
     rows = []
-    print(f"{'method':<10} {'space':<6} {'seconds':>9} {'peak MB':>9} {'out ranks':>12}")
+    print(f"{'method':<10} {'space':<6} {'blocks':>6} {'seconds':>9} {'s/block':>8} {'peak MB':>9} {'out ranks':>10}")
     for method in args.methods.split(","):
         for space in args.spaces.split(","):
-            result = spawn({**common, "kind": "merge", "method": method, "space": space,
+            dense_output = space == "full" and method in ("ties", "magnitude", "dare", "dare_ties")
+            blocks = min(args.blocks, args.dense_output_blocks) if dense_output else args.blocks
+            result = spawn({**common, "blocks": blocks, "kind": "merge", "method": method, "space": space,
                             "params": default_params(method)})
-            rows.append({"method": method, "space": space, **result})
+            rows.append({"method": method, "space": space, "blocks": blocks, **result})
             if "error" in result:
                 print(f"{method:<10} {space:<6} error: {result['error']}")
                 continue
             ranks = result["ranks"]
             shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
-            print(f"{method:<10} {space:<6} {result['seconds']:9.2f} {result['peak_mb']:9.0f} {shown:>12}")
+            print(f"{method:<10} {space:<6} {blocks:6d} {result['seconds']:9.2f} {result['seconds'] / blocks:8.2f} "
+                  f"{result['peak_mb']:9.0f} {shown:>10}")
 
     comparisons = []
     modules = [m for m in args.dense_modules.split(",") if m]

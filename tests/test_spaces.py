@@ -22,7 +22,9 @@ def randn(*shape, seed=0):
 
 def task_factors(ranks, m=20, n=24, seed=0):
     """(B̃_t, A_t) with B̃_t scaled by a factor ≠ 1, as a LoRA scale α/r would."""
-    return [(randn(m, r, seed=seed + 2 * i) * (1.7 + i), randn(r, n, seed=seed + 2 * i + 1)) for i, r in enumerate(ranks)]
+    return [
+        (randn(m, r, seed=seed + 2 * i) * (1.7 + i), randn(r, n, seed=seed + 2 * i + 1)) for i, r in enumerate(ranks)
+    ]
 
 
 def adapters(ranks=(2, 3, 5)):
@@ -75,7 +77,9 @@ def test_knots_scaled_and_unscaled_ties_agree_at_density_one():
 # ---------------------------------------------------------------- CoreSpace
 
 
-@pytest.mark.parametrize(("ranks", "shape"), [((2, 3, 5), (10, 10)), ((3, 3, 3, 3), (12, 12)), ((8, 8, 8, 8), (20, 24))])
+@pytest.mark.parametrize(
+    ("ranks", "shape"), [((2, 3, 5), (10, 10)), ((3, 3, 3, 3), (12, 12)), ((8, 8, 8, 8), (20, 24))]
+)
 def test_core_matrices_reconstruct_exactly(ranks, shape):
     factors = task_factors(ranks, seed=7)
     projected = project("core", factors)
@@ -146,7 +150,8 @@ def test_dare_masks_do_not_depend_on_task_order(space):
 
 
 @pytest.mark.parametrize("space", SPACES)
-@pytest.mark.parametrize("method", ["ta", "ties", "tsv", "iso_c"])
-def test_every_task_left_means_every_module_omitted(method, space):
-    result = merge(adapters(), MergeConfig(merger=method, space=space, weights=[0.0, 0.0, 0.0]))
+@pytest.mark.parametrize(("method", "scope"), [("ta", None), ("ties", "module"), ("ties", "adapter"),
+                                               ("dare_ties", "adapter"), ("tsv", None), ("iso_c", None)])
+def test_every_task_left_means_every_module_omitted(method, scope, space):
+    result = merge(adapters(), MergeConfig(merger=method, space=space, scope=scope, weights=[0.0, 0.0, 0.0]))
     assert result.modules == {} and sorted(result.omitted) == sorted(SHAPES)

@@ -1,5 +1,8 @@
-"""Build the bundled example once: a text setting (a small Llama, four interfering tasks) and an image
-setting (a small ViT on scikit-learn's digits, three tasks), each with LoRA experts, data and tasks.yaml.
+"""Build the bundled example (cached): small text and image settings with LoRA experts, data, tasks.yaml.
+
+A text setting (a small Llama, four interfering tasks) and an image setting (a small ViT on
+scikit-learn's digits, three tasks), each with a base model folder, one PEFT adapter per task,
+validation and test splits and a tasks.yaml:
 
     python -m examples.bundled.build --out examples/.cache/bundled      # from the repository root
 
@@ -21,7 +24,8 @@ from examples.bundled import image, text
 
 HERE = Path(__file__).parent
 DEFAULT_OUT = Path("examples/.cache/bundled")
-MARKER = ".loramerge-bundled-example"  # written first, so a half-built folder is still known as ours
+MARKER = ".loramerge-bundled-example"
+LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "scikit-learn", "pillow")  # written first, so a half-built folder is still known as ours
 
 
 @dataclass(frozen=True)
@@ -41,45 +45,42 @@ TINY = Scale(  # seconds, for tests: same code path, small models and data
 
 def stamp(scale: Scale) -> str:
     """sha256 of the builder's source files, the settings and the versions of the libraries it uses."""
-    import peft
-    import sklearn
-    import tokenizers
-    import torch
-    import transformers
+    from importlib.metadata import version
 
     digest = hashlib.sha256()
     for source in sorted(HERE.glob("*.py")):
         if source.name != "check.py":
             digest.update(source.name.encode() + b"\0" + source.read_bytes())
-    versions = [module.__version__ for module in (torch, transformers, peft, tokenizers, sklearn)]
+    versions = [version(package) for package in LIBRARIES]
     digest.update(json.dumps({"settings": asdict(scale), "versions": versions}, sort_keys=True).encode())
     return digest.hexdigest()
 
 
-def up_to_date(out: Path, scale: Scale) -> bool:
+def up_to_date(out: Path, key: str) -> bool:
     record = out / "build.json"
-    return record.is_file() and json.loads(record.read_text()).get("stamp") == stamp(scale)
+    return record.is_file() and json.loads(record.read_text()).get("stamp") == key
 
 
 def build(out: Path, scale: Scale = FULL, force: bool = False, log=lambda message: None) -> dict:
     """Build into `out` unless it is up to date; returns the build record (what build.json holds)."""
-    from examples.bundled.common import make_deterministic
+    from examples.bundled.common import deterministic, quiet_transformers
 
     out = out.resolve()
-    if not force and up_to_date(out, scale):
+    key = stamp(scale)  # before building: the code that runs is the code stamped
+    if not force and up_to_date(out, key):
         log(f"{out} is up to date")
         return json.loads((out / "build.json").read_text())
     _clear(out)
     out.mkdir(parents=True)
     (out / MARKER).touch()
-    make_deterministic()
     started = time.perf_counter()
-    log("text setting: tokenizer, base model, four adapters")
-    text_experts = text.build(out / "text", scale.text)
-    log("image setting: base ViT, three adapters")
-    image_experts = image.build(out / "image", scale.image)
+    with deterministic(), quiet_transformers():
+        log("text setting: tokenizer, base model, four adapters")
+        text_experts = text.build(out / "text", scale.text)
+        log("image setting: base ViT, three adapters")
+        image_experts = image.build(out / "image", scale.image)
     record = {
-        "stamp": stamp(scale),
+        "stamp": key,
         "settings": asdict(scale),
         "experts": {"text": text_experts, "image": image_experts},
         "build_seconds": round(time.perf_counter() - started, 1),

@@ -138,9 +138,6 @@ def _peft_accuracy(setting: dict, folder: Path, name: str) -> dict[str, float]:
 
 def measure(folder: Path) -> dict:
     """Experts, head-only base, and task arithmetic over the grid; the best λ by validation."""
-    from transformers.utils import logging
-
-    logging.set_verbosity_error()
     setting = load_setting(folder)
     names = list(setting["tasks"])
     count = len(names)
@@ -179,16 +176,17 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from examples.bundled.common import make_deterministic
+    from examples.bundled.common import THREADS, quiet_transformers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("examples/.cache/bundled"), help="the built example")
     args = parser.parse_args(argv)
-    make_deterministic()
+    torch.set_num_threads(THREADS)
     console = Console(stderr=True)
     results = {}
     for setting in ("text", "image"):
-        results[setting] = result = measure(args.out / setting)
+        with quiet_transformers():
+            results[setting] = result = measure(args.out / setting)
         table = Table(title=f"{setting}: experts vs task arithmetic at λ={result['ta_best']['lambda']} (test, %)")
         for column in ("task", "head only", "expert", "expert (PEFT)", "TA", "TA normalized"):
             table.add_column(column)

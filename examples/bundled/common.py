@@ -4,17 +4,46 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-THREADS = 1  # fixed so that builds are bit-for-bit repeatable on any machine
+THREADS = 1  # fixed, so that a build repeats bit for bit (same machine type and library versions)
 
 
-def make_deterministic() -> None:
-    """One thread and deterministic kernels: the same bytes on every build."""
+@contextmanager
+def deterministic():
+    """One thread and deterministic kernels while building; the caller's settings come back after."""
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(THREADS)
     torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(strict)
+
+
+@contextmanager
+def quiet_transformers():
+    """No progress bars or fresh-head notices (every head here is new by design); restored after."""
+    import warnings
+
+    from transformers.utils import logging
+
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            # peft 0.21 calls a method transformers 5 deprecates; nothing the builder can change.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
 
 
 def train(
@@ -52,14 +81,23 @@ def train(
     return float(loss.detach())
 
 
-def lora_config(target_modules: str, rank: int, alpha: int, head: str):
-    """LoRA on the attention projections (`target_modules` is a regex), the task head saved whole."""
-    from peft import LoraConfig
+def attention_projections(model: torch.nn.Module) -> list[str]:
+    """Names of the linear layers inside the attention blocks (`q_proj`, …), read from the model."""
+    return sorted({
+        path.rsplit(".", 1)[-1] for path, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and any(part in path for part in (".attention.", ".self_attn."))
+    })
 
-    return LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target_modules, modules_to_save=[head],
-        init_lora_weights=True,
+
+def add_lora(model: torch.nn.Module, rank: int, alpha: int, head: str, task_type: str | None = None):
+    """The PEFT model with LoRA on every attention projection and the task head trained and saved whole."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=attention_projections(model),
+        modules_to_save=[head], task_type=task_type,
     )
+    return get_peft_model(model, config)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:

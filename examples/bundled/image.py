@@ -11,7 +11,6 @@ import torch
 
 from examples.bundled import common
 
-ATTENTION = r".*\.attention\.(q|k|v|o)_proj"
 CLASS_NAMES = [str(digit) for digit in range(10)]
 TRANSFORMS = {
     "rotated": lambda images: np.rot90(images, k=1, axes=(1, 2)),
@@ -136,10 +135,8 @@ def load_classifier(base: Path | str, seed: int):
 
 
 def _train_adapter(base: Path, processor, name: str, splits: dict, settings: ImageSettings, seed: int) -> dict:
-    from peft import get_peft_model
-
     rank, alpha = LORA_SHAPES[name]
-    model = get_peft_model(load_classifier(base, seed), common.lora_config(ATTENTION, rank, alpha, "classifier"))
+    model = common.add_lora(load_classifier(base, seed), rank, alpha, "classifier")
     images, labels = splits["train"]
     _fit(model, pixels(processor, images), torch.as_tensor(labels), settings.adapter_steps, settings.adapter_lr,
          settings.batch, seed)

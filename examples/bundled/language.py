@@ -4,6 +4,7 @@ A sentence is 8-16 words. Each word belongs to one of four kinds; the next word'
 cycle (kind + 1) % 4 with some probability, else a random kind, so a masked-LM has something to learn.
 The marker word `ze` appears exactly once, never last. Every task labels the same kind of sentence with
 a kind index (4 classes), but reads a different part of it: the tasks compete for the same attention.
+The base is pretrained on related rules (PRETRAINING_RULES), never on the tasks themselves.
 """
 
 from __future__ import annotations
@@ -80,3 +81,26 @@ TASKS: dict[str, Callable[[list[str], dict[str, int]], int]] = {
     "after_marker": after_marker,
     "majority_kind": majority_kind,
 }
+
+
+def second_kind(tokens: list[str], kind_of: dict[str, int]) -> int:
+    """The kind of the second word that is not the marker."""
+    return [kind_of[t] for t in tokens if t != MARKER][1]
+
+
+def penultimate_kind(tokens: list[str], kind_of: dict[str, int]) -> int:
+    """The kind of the second-to-last word that is not the marker."""
+    return [kind_of[t] for t in tokens if t != MARKER][-2]
+
+
+def minority_kind(tokens: list[str], kind_of: dict[str, int]) -> int:
+    """The least frequent kind; ties go to the lowest kind index."""
+    counts = [0] * KIND_COUNT
+    for t in tokens:
+        if t != MARKER:
+            counts[kind_of[t]] += 1
+    return counts.index(min(counts))
+
+
+# Related but different rules the base is pretrained on, so that it already reads kinds and positions.
+PRETRAINING_RULES = [second_kind, penultimate_kind, minority_kind]

@@ -1,5 +1,5 @@
-"""The text setting: a word-level tokenizer, a small Llama pretrained as a language model on the synthetic
-language, four 4-class tasks with LoRA experts, jsonl splits and tasks.yaml."""
+"""The text setting: a word-level tokenizer, a small Llama pretrained on the synthetic language (next word
+and related sentence rules), four 4-class tasks with LoRA experts, jsonl splits and tasks.yaml."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import torch
 
 from examples.bundled import common, language
 
-ATTENTION = r".*\.self_attn\.(q|k|v|o)_proj"
 SPECIAL = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 # (rank, alpha) per task: alpha differs from r on most, and one rank differs.
 LORA_SHAPES = {"first_kind": (8, 16), "last_kind": (8, 8), "after_marker": (4, 8), "majority_kind": (8, 16)}
@@ -21,10 +20,10 @@ class TextSettings:
     hidden: int = 64
     layers: int = 4
     heads: int = 4
-    pretrain_steps: int = 600
+    pretrain_steps: int = 400
     pretrain_sentences: int = 8192
     pretrain_lr: float = 2e-3
-    adapter_steps: int = 400
+    adapter_steps: int = 250
     adapter_lr: float = 3e-3
     batch: int = 64
     train_examples: int = 4096
@@ -97,25 +96,37 @@ def _config(tokenizer, settings: TextSettings):
 
 
 def _pretrain(tokenizer, words, settings: TextSettings):
-    """Next-word prediction on sentences of the language. Returns the causal LM that becomes the base."""
+    """Next-word prediction plus related sentence rules read at [EOS] (language.PRETRAINING_RULES), so the
+    base already tracks kinds and positions. Returns the causal LM that becomes the base."""
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(settings.seed)  # weight init reads the global generator
     model = LlamaForCausalLM(_config(tokenizer, settings))
+    rule_heads = torch.nn.Linear(settings.hidden, language.KIND_COUNT * len(language.PRETRAINING_RULES))
+    model.add_module("pretraining_rules", rule_heads)  # trained with the model, not saved with the base
+    kind_of = {w: k for k, group in enumerate(words) for w in group}
     generator = torch.Generator().manual_seed(settings.seed)
-    pool = [" ".join(language.sentence(language.sample_kinds(generator), generator, words))
+    pool = [language.sentence(language.sample_kinds(generator), generator, words)
             for _ in range(settings.pretrain_sentences)]
-    inputs = tokenizer(pool, padding=True, return_tensors="pt")
+    inputs = tokenizer([" ".join(tokens) for tokens in pool], padding=True, return_tensors="pt",
+                       return_token_type_ids=False)
     labels = inputs["input_ids"].masked_fill(inputs["attention_mask"] == 0, -100)
+    rule_labels = torch.tensor([[rule(tokens, kind_of) for rule in language.PRETRAINING_RULES] for tokens in pool])
+    last = inputs["attention_mask"].sum(1) - 1  # the [EOS] position
 
     def batch(generator):
         picks = torch.randint(len(pool), (settings.batch,), generator=generator)
-        return {key: value[picks] for key, value in inputs.items() if key != "token_type_ids"}, labels[picks]
+        return {key: value[picks] for key, value in inputs.items()}, (labels[picks], rule_labels[picks], last[picks])
 
-    def loss_of(model, batch_inputs, batch_labels):
-        return model(**batch_inputs, labels=batch_labels).loss
+    def loss_of(model, batch_inputs, targets):
+        token_labels, rules, positions = targets
+        output = model(**batch_inputs, labels=token_labels, output_hidden_states=True)
+        states = output.hidden_states[-1][torch.arange(len(positions)), positions]
+        logits = model.pretraining_rules(states).view(-1, language.KIND_COUNT)
+        return output.loss + torch.nn.functional.cross_entropy(logits, rules.view(-1))
 
     common.train(model, batch, loss_of, settings.pretrain_steps, settings.pretrain_lr, settings.seed)
+    del model.pretraining_rules
     return model
 
 
@@ -146,22 +157,14 @@ def encode(tokenizer, rows: list[dict], batch_size: int) -> list[tuple[dict, tor
 
 def load_classifier(base: Path | str, num_labels: int, seed: int):
     from transformers import AutoModelForSequenceClassification
-    from transformers.utils import logging
 
     torch.manual_seed(seed)  # the fresh head's init reads the global generator
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()  # the head is new by design
-    try:
-        return AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=num_labels)
-    finally:
-        logging.set_verbosity(level)
+    return AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=num_labels)
 
 
 def _train_adapter(base: Path, tokenizer, name: str, splits: dict, settings: TextSettings, seed: int) -> dict:
-    from peft import get_peft_model
-
     rank, alpha = LORA_SHAPES[name]
-    model = get_peft_model(load_classifier(base, language.KIND_COUNT, seed), common.lora_config(ATTENTION, rank, alpha, "score"))
+    model = common.add_lora(load_classifier(base, language.KIND_COUNT, seed), rank, alpha, "score", "SEQ_CLS")
     train_rows = splits["train"]
 
     def batch(generator):
@@ -174,8 +177,7 @@ def _train_adapter(base: Path, tokenizer, name: str, splits: dict, settings: Tex
 
     common.train(model, batch, loss_of, settings.adapter_steps, settings.adapter_lr, seed)
     model.save_pretrained(base.parent / "adapters" / name)
-    logits = lambda inputs: model(**inputs).logits  # noqa: E731
     return {
-        split: round(common.accuracy(logits, encode(tokenizer, splits[split], 256)), 2)
+        split: round(common.accuracy(lambda inputs: model(**inputs).logits, encode(tokenizer, splits[split], 256)), 2)
         for split in ("validation", "test")
     }

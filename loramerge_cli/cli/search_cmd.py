@@ -1,4 +1,5 @@
-"""`loramerge search-mask`: find which (task, block) LoRA modules to prune before merging (ENMP)."""
+"""`loramerge search-mask`: find which (task, block) LoRA modules to prune before merging (ENMP), or
+learn one merge coefficient per (task, module) from unlabeled inputs (NSC)."""
 
 from __future__ import annotations
 
@@ -34,6 +35,11 @@ EPILOG = examples_epilog(
     "--out mask.json",
     "loramerge search-mask --adapters a/ b/ c/ --merger ties --tasks tasks.yaml --strategy greedy --out greedy.json",
     "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/",
+    "loramerge search-mask --adapters a/ b/ c/ --tasks inputs.yaml --strategy nsc --out coeffs.json",
+    "loramerge search-mask --adapters a/ b/ c/ --tasks inputs.yaml --strategy nsc --target-blocks 9,10,11 "
+    "--target-modules out_proj --steps 100 --out coeffs.json",
+    "loramerge merge --adapters a/ b/ c/ --mask coeffs.json --merger ta --out merged/",
+    "loramerge search-mask --adapters a/ b/ c/ --merger ta --tasks inputs.yaml --fitness nsc --out mask.json",
 )
 
 
@@ -56,7 +62,23 @@ def search_command(
     knots_scaled: Annotated[bool | None, typer.Option(
         "--knots-scaled/--no-knots-scaled", help="knots space: scale components by S.", show_default=False)] = None,
     strategy: Annotated[Literal["enmp", "greedy", "random", "nsc"], typer.Option(
-        "--strategy", help="enmp (CMA-ES), greedy (leave-one-out), random (best of N).")] = "enmp",
+        "--strategy", help="enmp (CMA-ES), greedy (leave-one-out), random (best of N), nsc (learn one coefficient "
+        "per task and module by gradient descent on unlabeled inputs).")] = "enmp",
+    fitness: Annotated[Literal["accuracy", "nsc"], typer.Option(
+        "--fitness", help="enmp/greedy/random: labelled validation accuracy, or nsc: % reduction of the label-free "
+        "--objective loss (no labels read).")] = "accuracy",
+    objective: Annotated[Literal["nsc", "entropy"], typer.Option(
+        "--objective", help="Label-free loss: nsc (null-space ratio at the targets) or entropy (AdaMerging: "
+        "mean prediction entropy; classification tasks).")] = "nsc",
+    steps: Annotated[int, typer.Option("--steps", help="nsc: AdamW steps.")] = 100,
+    lr: Annotated[float, typer.Option("--lr", help="nsc: AdamW learning rate (weight decay 0.01).")] = 1e-3,
+    target_blocks: Annotated[str | None, typer.Option(
+        "--target-blocks", help="nsc: blocks the ratio is measured in: indices (9,10,11) or unit prefixes. "
+        "[default: the last quarter of the blocks with LoRA]", show_default=False)] = None,
+    target_modules: Annotated[str | None, typer.Option(
+        "--target-modules", help="nsc: module names in those blocks (o_proj,out_proj), matched on whole path "
+        "components. [default: the attention output projection, else the last LoRA attention module]",
+        show_default=False)] = None,
     max_prune: Annotated[float, typer.Option("--max-prune", help="ρ: at most ⌊ρ·units·tasks⌋ pruned.")] = 0.2,
     popsize: Annotated[int, typer.Option("--popsize", help="CMA-ES population size.")] = 16,
     generations: Annotated[int, typer.Option("--generations", help="CMA-ES generations.")] = 60,
@@ -77,7 +99,8 @@ def search_command(
     threads: Annotated[int | None, typer.Option(
         "--threads", help="Torch threads per process (the same in every worker). [default: min(8, CPUs)]",
         show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Evaluation batch size.")] = 16,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Evaluation batch size; nsc: examples per task and step.")] = 16,
     eval_dtype: Annotated[str, typer.Option("--eval-dtype", help="Dtype of the evaluated model.")] = "float32",
     run_dir: Annotated[Path | None, typer.Option(
         "--run-dir", help="Checkpoints every generation (state, trajectory.jsonl, best table).")] = None,
@@ -96,11 +119,12 @@ def search_command(
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
     """Search a weight table: which (task, block) LoRA modules to drop before merging, scored on labelled
-    validation data (ENMP: CMA-ES; greedy and random baselines on the same fitness and budget)."""
-    if strategy == "nsc":
-        raise LoramergeError("--strategy nsc is not implemented yet")
+    validation data or label-free (ENMP: CMA-ES; greedy and random baselines on the same fitness and budget),
+    or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
     if seed < 1:
         raise LoramergeError("--seed must be >= 1 (pycma reads 0 as 'seed from the clock')")
+    if strategy == "nsc" and plot is not None:
+        raise LoramergeError("--plot draws search curves and masks; --strategy nsc has neither")
     if out.exists() and not force:
         raise LoramergeError(f"{out} exists; pass --force to replace it")
     if devices and workers:
@@ -114,6 +138,7 @@ def search_command(
     from loramerge_cli.evaluation.engine import EvalSettings
     from loramerge_cli.merging.merge import MergeConfig
     from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.nsc import NscSettings
     from loramerge_cli.search.runner import SearchRequest, run_search
 
     request = SearchRequest(
@@ -132,6 +157,9 @@ def search_command(
         strategy=strategy,
         enmp=EnmpSettings(max_prune=max_prune, popsize=popsize, generations=generations, sigma0=sigma0,
                           threshold=threshold, seed=seed, addscale=addscale),
+        fitness=fitness,
+        nsc=NscSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, objective=objective,
+                        target_blocks=_names(target_blocks), target_modules=_names(target_modules)),
         budget=budget,
         sparsity=sparsity,
         run_dir=run_dir,
@@ -141,9 +169,15 @@ def search_command(
         command=command_line(ctx),
     )
     console = human_console(quiet, json_output)
-    from loramerge_cli.cli import render
+    from loramerge_cli.cli import render, render_nsc
 
-    table, provenance = run_search(request, render.search_progress(console, generations))
+    if strategy == "nsc":
+        progress, summary = render_nsc.nsc_progress(console, steps), render_nsc.nsc_summary
+    elif fitness == "nsc":
+        progress, summary = render_nsc.label_free_progress(console, generations), render_nsc.label_free_summary
+    else:
+        progress, summary = render.search_progress(console, generations), render.search_summary
+    table, provenance = run_search(request, progress)
     table.save(out)
     if run_dir is not None:
         table.save(Path(run_dir) / "best.json")
@@ -154,7 +188,17 @@ def search_command(
     if json_output:
         emit_json(table.to_json())
         return
-    console.print(render.search_summary(table, provenance))
+    console.print(summary(table, provenance))
+
+
+def _names(text: str | None) -> list[str] | None:
+    """A comma-separated flag value as a list (None when not given)."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise LoramergeError("--target-blocks / --target-modules: give at least one name")
+    return names
 
 
 def register(app: typer.Typer) -> None:

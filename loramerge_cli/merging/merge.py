@@ -255,6 +255,8 @@ def _merge_module(path, tasks, adapters, settings: ResolvedMerge):
 
 def _merge_adapter_scope(active, adapters, settings: ResolvedMerge) -> dict:
     """Elementwise methods with scope `adapter`: one row per task over all its modules (sorted paths)."""
+    if not active:  # every task left every module: nothing to merge
+        return {}
     task_count = len(adapters)
     projections, blocks = {}, []
     for path in sorted(active):

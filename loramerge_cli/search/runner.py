@@ -12,8 +12,10 @@ from typing import Callable
 from loramerge_cli import __version__
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings, Evaluation
+from loramerge_cli.search.nsc import NscSettings
 
-STRATEGIES = ("enmp", "greedy", "random")
+STRATEGIES = ("enmp", "greedy", "random", "nsc")
+FITNESSES = ("accuracy", "nsc")
 
 
 @dataclass
@@ -28,6 +30,8 @@ class SearchRequest:
     allow_pickle: bool = False
     strategy: str = "enmp"
     enmp: EnmpSettings = field(default_factory=EnmpSettings)
+    fitness: str = "accuracy"  # or "nsc": label-free (Part A §A6), for enmp, greedy and random
+    nsc: NscSettings = field(default_factory=NscSettings)  # --strategy nsc, and --fitness nsc's objective
     budget: int | None = None  # distinct evaluations for greedy/random; default popsize·generations
     sparsity: float | None = None  # random: fraction of units pruned; default max_prune / 2
     run_dir: Path | None = None
@@ -95,9 +99,19 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
 
     if request.strategy not in STRATEGIES:
         raise LoramergeError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {request.strategy!r})")
+    if request.fitness not in FITNESSES:
+        raise LoramergeError(f"--fitness must be one of {', '.join(FITNESSES)} (got {request.fitness!r})")
+    run_dir = Path(request.run_dir) if request.run_dir else None
+    if request.strategy == "nsc":
+        from loramerge_cli.search.nsc import run_nsc
+
+        request.nsc.check()
+        _check_run_dir(request, run_dir)
+        return run_nsc(request, on_event)
+    if request.fitness == "nsc":
+        return _run_label_free(request, run_dir, on_event)
     request.enmp.check()
     started = time.perf_counter()
-    run_dir = Path(request.run_dir) if request.run_dir else None
     _check_run_dir(request, run_dir)
     problem = build_problem(request)
     lam = problem.settings.lam
@@ -160,6 +174,69 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     return table, provenance
 
 
+def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
+    """ENMP (or greedy/random) with the label-free NSC fitness: no expert scores, no labels."""
+    from loramerge_cli.search.fitness import pruned_table
+    from loramerge_cli.search.nsc_fitness import NscWorkerBuilder, build_nsc_fitness
+    from loramerge_cli.search.parallel import ParallelFitness
+
+    if request.lambda_auto:
+        raise LoramergeError("--lambda auto tunes λ on labelled validation data; give a number with --fitness nsc")
+    request.enmp.check()
+    request.nsc.check()
+    started = time.perf_counter()
+    _check_run_dir(request, run_dir)
+    fitness = build_nsc_fitness(request)
+    lam = fitness.base_lambda
+    template = fitness.template
+    on_event("start", {"lambda": lam, "reference_loss": fitness.reference, "objective": request.nsc.objective,
+                       "targets": fitness.objective.targets if request.nsc.objective == "nsc" else [],
+                       "units": len(template.units), "tasks": len(fitness.adapters)})
+    evaluate, parallel = fitness, None
+    if request.devices and len(request.devices) > 1:
+        parallel = ParallelFitness(NscWorkerBuilder(request, lam, fitness.reference), request.devices)
+        evaluate = parallel
+
+    def on_progress(kind: str, data: dict) -> None:
+        if run_dir is not None and "best_pruned" in data:
+            pruned_table(template, tuple(data["best_pruned"])).save(run_dir / "best.json")
+        on_event(kind, data)
+
+    try:
+        best, evaluations, history = _run_strategy(request, evaluate, len(template.units), len(fitness.adapters),
+                                                    lam, run_dir, on_progress)
+    finally:
+        if parallel is not None:
+            parallel.close()
+    best_lambda = best.lam if best.lam is not None else lam
+    provenance = {
+        "loramerge": __version__,
+        "command": request.command,
+        "strategy": request.strategy,
+        "fitness": "nsc",
+        "objective": request.nsc.objective,
+        "seed": request.enmp.seed,
+        "search": asdict(request.enmp) if request.strategy == "enmp" else {
+            "budget": _budget(request), "sparsity": request.sparsity},
+        "evaluations": evaluations,
+        "forward_passes": fitness.forward_passes if parallel is None else None,
+        "validation": {
+            "unpruned_loss": fitness.reference,
+            "best_loss": fitness.reference * (1.0 - best.fitness / 100.0),
+            "fitness": best.fitness,
+        },
+        "pruned_flat_indices": list(best.pruned),
+        "seconds": round(time.perf_counter() - started, 3),
+        "history": history,
+    }
+    if request.report_test:
+        provenance["test"] = _test_report(request, lam, best_lambda, best.pruned)
+    merger = {**fitness.unit_settings.describe(), "lambda": best_lambda}
+    table = replace(pruned_table(template, best.pruned), scale=best.lam if request.enmp.addscale else None,
+                    merger=merger, provenance=provenance)
+    return table, provenance
+
+
 def _budget(request: SearchRequest) -> int:
     return request.budget or request.enmp.popsize * request.enmp.generations
 
@@ -203,6 +280,8 @@ def _check_run_dir(request: SearchRequest, run_dir: Path | None) -> None:
         "lambda_auto": request.lambda_auto, "base": request.base, "budget": request.budget,
         "sparsity": request.sparsity,
     }
+    if request.strategy == "nsc" or request.fitness == "nsc":
+        config.update(fitness=request.fitness, nsc=asdict(request.nsc))
     path = run_dir / "config.json"
     if request.resume:
         if not path.is_file():
@@ -212,7 +291,7 @@ def _check_run_dir(request: SearchRequest, run_dir: Path | None) -> None:
             changed = sorted(key for key in config if json.loads(json.dumps(config[key])) != saved.get(key))
             raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
         return
-    if (run_dir / "state.pkl").exists():
+    if (run_dir / "state.pkl").exists() or (run_dir / "nsc_state.pt").exists():
         raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,138 @@
+"""The main job on the bundled example: build it once (cached), tune λ and merge with every merger,
+evaluate on the test split, run one ENMP search with the example's recorded budget, print one table.
+
+    python -m examples.main_job [--out examples/.cache/bundled] [--json results.json]
+
+Everything goes through loramerge's library API, in one process, so the models are loaded once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait for the Hub
+
+MERGERS = ("ta", "ties", "dare_ties", "tsv", "iso_c", "tsv_iso", "knots", "core")
+ENMP_BUDGET = {"merger": "ta", "popsize": 8, "generations": 15, "val_limit": 256}  # the recorded budget
+THREADS = 2
+
+
+def adapter_args(setting: Path, tasks_file: Path) -> list[str]:
+    import yaml
+
+    names = [task["name"] for task in yaml.safe_load(tasks_file.read_text())["tasks"]]
+    return [f"{name}={setting / 'adapters' / name}" for name in names]
+
+
+def run_setting(setting: Path, merged_root: Path, mergers, enmp: bool, log) -> dict:
+    """Rows (base, experts, each merger at its tuned λ, ENMP) of mean normalized test accuracy."""
+    from dataclasses import replace
+
+    from loramerge_cli import api
+    from loramerge_cli.evaluation.cache import ScoreCache, base_scores, expert_scores
+    from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
+    from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
+    from loramerge_cli.evaluation.specs import load_task_file
+    from loramerge_cli.evaluation.tuning import tune_lambda
+    from loramerge_cli.merging.merge import MergeConfig, merge
+    from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.runner import SearchRequest, run_search
+
+    tasks_file = setting / "tasks.yaml"
+    arguments = adapter_args(setting, tasks_file)
+    adapters = api.load_adapters(arguments)
+    validation_settings = EvalSettings(split="validation", val_limit=ENMP_BUDGET["val_limit"], threads=THREADS,
+                                       batch_size=32)
+    validation = Evaluator(load_task_file(tasks_file), adapters, validation_settings)
+    test = Evaluator(load_task_file(tasks_file), adapters, replace(validation_settings, split="test", val_limit=None))
+    cache = ScoreCache(merged_root / "scores")
+    experts = expert_scores(test, cache)
+    rows = []
+
+    def add_row(name: str, scores: dict, lam=None, seconds=None, note=""):
+        normalized, _ = normalized_accuracy(scores, experts)
+        rows.append({"method": name, "lambda": lam, "accuracy": scores, "normalized": normalized,
+                     "mean_normalized": mean_defined(normalized), "seconds": seconds, "note": note})
+
+    add_row("base", base_scores(test, cache))
+    add_row("experts", experts)
+    for merger in mergers:
+        started = time.perf_counter()
+        lam, _ = tune_lambda(adapters, MergeConfig(merger=merger), None, tasks_file, evaluator=validation,
+                             run_dir=merged_root / "scores")
+        result = merge(adapters, MergeConfig(merger=merger, lam=lam))
+        api.write_merged_adapter(result, adapters, merged_root / merger, force=True,
+                                 command=f"python -m examples.main_job ({merger}, λ auto)")
+        add_row(merger, test.score_merged(result), lam, time.perf_counter() - started)
+        log(f"{setting.name}: {merger} λ={lam:.3g} mean normalized test accuracy {rows[-1]['mean_normalized']:.1f}")
+    if enmp:
+        started = time.perf_counter()
+        request = SearchRequest(
+            adapters=arguments, merge=MergeConfig(merger=ENMP_BUDGET["merger"]), tasks=tasks_file,
+            eval=validation_settings, lambda_auto=True,
+            enmp=EnmpSettings(popsize=ENMP_BUDGET["popsize"], generations=ENMP_BUDGET["generations"], seed=1),
+        )
+        table, provenance = run_search(request)
+        table.save(merged_root / "enmp_mask.json")
+        lam = table.merger["lambda"]
+        result = merge(adapters, MergeConfig(merger=ENMP_BUDGET["merger"], lam=lam), table)
+        api.write_merged_adapter(result, adapters, merged_root / "enmp", force=True, table=table,
+                                 command="python -m examples.main_job (ENMP)")
+        note = (f"{table.pruned_count()} of {len(table.tasks) * len(table.units)} units pruned, "
+                f"{provenance['evaluations']} evaluations")
+        add_row(f"{ENMP_BUDGET['merger']} + ENMP", test.score_merged(result), lam, time.perf_counter() - started, note)
+        log(f"{setting.name}: ENMP {note}, mean normalized test accuracy {rows[-1]['mean_normalized']:.1f}")
+    return {"tasks": list(experts), "rows": rows}
+
+
+def render(results: dict):
+    from rich.table import Table
+
+    table = Table(title="bundled example: test accuracy (%) and mean normalized accuracy", title_justify="left")
+    for column in ("setting", "method", "λ", "tasks (acc %)", "mean norm. acc", "seconds"):
+        table.add_column(column, justify="left" if column in ("setting", "method", "tasks (acc %)") else "right")
+    for setting, data in results["settings"].items():
+        for row in data["rows"]:
+            accuracies = " ".join(f"{100 * value:.1f}" for value in row["accuracy"].values())
+            table.add_row(
+                setting, row["method"] + (f" ({row['note']})" if row["note"] else ""),
+                "" if row["lambda"] is None else f"{row['lambda']:.3g}", accuracies,
+                "" if row["mean_normalized"] is None else f"{row['mean_normalized']:.1f}",
+                "" if row["seconds"] is None else f"{row['seconds']:.0f}",
+            )
+    return table
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import torch
+    from rich.console import Console
+
+    from examples.bundled.build import DEFAULT_OUT, build
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundled example folder (built if needed)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--no-enmp", action="store_true", help="skip the ENMP search")
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    torch.set_num_threads(THREADS)
+    started = time.perf_counter()
+    build(args.out, log=console.log)
+    results = {"settings": {}}
+    for setting, enmp in (("text", not args.no_enmp), ("image", False)):
+        results["settings"][setting] = run_setting(args.out / setting, args.out / "merged" / setting, MERGERS, enmp,
+                                                   console.log)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    Console().print(render(results))
+    Console().print(f"wall time {results['seconds']:.0f} s (build cached in {args.out})")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Rich rendering of the label-free searches: NSC training progress and summaries. Never under --json."""
+
+from __future__ import annotations
+
+from rich.text import Text
+
+
+def nsc_progress(console, steps: int, every: int = 10):
+    """A callback for run_search --strategy nsc: the resolved targets, then a line every `every` steps."""
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "nsc_start":
+            targets = ", ".join(data["targets"]) or "(none: the entropy objective reads the heads' predictions)"
+            console.print(f"{data['objective']} objective over {data['modules']} modules × {data['tasks']} tasks; "
+                          f"targets: {targets}", highlight=False)
+        elif kind == "step" and (data["step"] % every == 0 or data["step"] in (1, steps)):
+            console.print(f"step {data['step']:>4}/{steps}  loss {data['loss']:.5f}  {data['seconds']:.2f} s/step",
+                          highlight=False)
+
+    return on_event
+
+
+def label_free_progress(console, generations: int):
+    """A callback for ENMP / greedy / random with --fitness nsc (fitness: % reduction of the loss)."""
+    from loramerge_cli.cli.render import search_progress
+
+    inner = search_progress(console, generations)
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "start":
+            targets = ", ".join(data["targets"]) or "-"
+            console.print(f"unpruned merge: {data['objective']} loss {data['reference_loss']:.5f} "
+                          f"(λ = {data['lambda']:.4g}); {data['units']} units × {data['tasks']} tasks; "
+                          f"targets: {targets}; fitness = % reduction of the loss", highlight=False)
+        else:
+            inner(kind, data)
+
+    return on_event
+
+
+def nsc_summary(table, provenance: dict):
+    from rich.console import Group
+    from rich.table import Table
+
+    grid = Table(title="learned coefficients (rows: tasks)", title_justify="left")
+    grid.add_column("module")
+    for task in table.tasks:
+        grid.add_column(task, justify="right")
+    for column, unit in enumerate(table.units):
+        grid.add_row(unit, *(f"{row[column]:.4f}" for row in table.weights))
+    loss = provenance["loss"]
+    parts = [grid, Text(f"{provenance['objective']} loss {loss['first']:.5f} -> {loss['last']:.5f} in "
+                        f"{len(provenance['history'])} steps, {provenance['seconds']:.1f} s")]
+    test = provenance.get("test")
+    if test:
+        parts.append(Text(f"test mean normalized accuracy: ta at its default λ "
+                          f"{test['ta_default_mean_normalized_accuracy']:.2f}, with these coefficients "
+                          f"{test['coefficients_mean_normalized_accuracy']:.2f}"))
+    return Group(*parts)
+
+
+def label_free_summary(table, provenance: dict):
+    from rich.console import Group
+
+    from loramerge_cli.cli.render import mask_heatmap
+
+    validation = provenance["validation"]
+    parts = [mask_heatmap(table), Text(
+        f"pruned {table.pruned_count()} of {len(table.tasks) * len(table.units)} units; validation "
+        f"{provenance['objective']} loss {validation['unpruned_loss']:.5f} -> {validation['best_loss']:.5f} "
+        f"({validation['fitness']:+.2f}%); {provenance['evaluations']} evaluations in {provenance['seconds']:.1f} s")]
+    test = provenance.get("test")
+    if test:
+        parts.append(Text(f"test mean normalized accuracy {test['unpruned_mean_normalized_accuracy']:.2f} -> "
+                          f"{test['best_mean_normalized_accuracy']:.2f}"))
+    return Group(*parts)

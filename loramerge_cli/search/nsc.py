@@ -1,0 +1,288 @@
+"""NSC: learn one merge coefficient per (task, LoRA module) by AdamW on a label-free objective
+(Part A §A6), through the low-rank side path on one copy of the base model.
+
+Only inputs are read. Batches are drawn per task in a seeded order that depends on nothing but
+(seed, task, epoch), so a run checkpointed every few steps and resumed equals an uninterrupted one.
+The result is a weight table (unit = module, scale 1): `merge --mask` with `ta` is the NSC merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from loramerge_cli import __version__
+from loramerge_cli.errors import LoramergeError
+
+OBJECTIVES = ("nsc", "entropy")
+STATE_NAME = "nsc_state.pt"
+
+
+@dataclass
+class NscSettings:
+    """Part A §A6 defaults. `batch_size` examples per task and step."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    init: float = 0.4
+    seed: int = 1
+    objective: str = "nsc"
+    target_blocks: list[str] | None = None
+    target_modules: list[str] | None = None
+    checkpoint_every: int = 10  # steps between run-directory checkpoints
+
+    def check(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise LoramergeError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if self.steps < 1:
+            raise LoramergeError("--steps must be >= 1")
+        if not self.lr > 0:
+            raise LoramergeError("--lr must be > 0")
+        if self.batch_size < 1:
+            raise LoramergeError("--batch-size must be >= 1")
+        if self.seed < 1:
+            raise LoramergeError("--seed must be >= 1")
+        if self.checkpoint_every < 1:
+            raise LoramergeError("checkpoint interval must be >= 1 step")
+
+
+# --- data -------------------------------------------------------------------------------------------
+
+def example_inputs(engine, task: str) -> list[dict[str, torch.Tensor]]:
+    """One model-input dict per example, in example order, from an engine prepared with batch size 1.
+
+    Causal-LM tasks keep the prompt only (the tokens before the first choice token)."""
+    prepared = engine.prepared[task]
+    by_example: dict[int, dict] = {}
+    for batch in prepared.batches:
+        index = int(batch.indices[0])
+        if engine.task_file.model_type == "causal-lm":
+            if index % prepared.choices:
+                continue
+            cut = int(batch.positions.min())
+            by_example[index // prepared.choices] = {key: value[:, :cut] for key, value in batch.inputs.items()}
+        else:
+            by_example[index] = batch.inputs
+    return [by_example[index] for index in range(prepared.count)]
+
+
+def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Stack single-example inputs: token tensors right-padded (ids with pad_id, masks with 0)."""
+    out = {}
+    for key in examples[0]:
+        parts = [example[key] for example in examples]
+        if parts[0].dim() == 2 and key in ("input_ids", "attention_mask", "token_type_ids"):
+            width = max(part.shape[1] for part in parts)
+            fill = pad_id if key == "input_ids" else 0
+            parts = [torch.nn.functional.pad(part, (0, width - part.shape[1]), value=fill) for part in parts]
+        out[key] = torch.cat(parts)
+    return out
+
+
+def batch_indices(seed: int, task: str, count: int, batch_size: int, step: int) -> list[int]:
+    """Example indices of `task`'s batch at `step`: epochs of seeded permutations cut into batches
+    (the last batch of an epoch may be short), cycled. Stateless, so resuming needs no RNG state."""
+    per_epoch = -(-count // batch_size)
+    epoch, position = divmod(step, per_epoch)
+    digest = hashlib.sha256(f"{seed}|{task}|{epoch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") & ((1 << 63) - 1))
+    order = torch.randperm(count, generator=generator).tolist()
+    return order[position * batch_size:(position + 1) * batch_size]
+
+
+# --- the problem ------------------------------------------------------------------------------------
+
+@dataclass
+class NscProblem:
+    adapters: list
+    engine: object  # Evaluator (batch size 1: one prepared entry per example)
+    paths: list[str]  # every LoRA module, natural order: the table's units
+    targets: list[str]  # empty for the entropy objective
+    objective: object
+    examples: dict[str, list[dict]]
+    pad_id: int
+
+
+def label_free_task_file(task_file, adapters, objective: str):
+    """The NSC objective needs no head: tasks whose adapter carries none run with the base's head."""
+    from loramerge_cli.evaluation.specs import FROM_ADAPTER, NO_HEAD
+
+    if objective != "nsc":
+        return task_file
+    headless = {adapter.name for adapter in adapters if not adapter.heads}
+    tasks = [replace(task, head=NO_HEAD) if task.head == FROM_ADAPTER and task.name in headless else task
+             for task in task_file.tasks]
+    return replace(task_file, tasks=tasks)
+
+
+def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
+    """Load and check everything before the first step: adapters, tasks, model, targets, inputs."""
+    from loramerge_cli.adapters.compat import check_compatible
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.evaluation.engine import Evaluator
+    from loramerge_cli.evaluation.functional import freeze
+    from loramerge_cli.evaluation.specs import load_task_file
+    from loramerge_cli.merging.merge import module_paths
+    from loramerge_cli.search.nsc_objectives import EntropyObjective, NullSpaceObjective
+    from loramerge_cli.search.nsc_targets import resolve_targets
+
+    settings: NscSettings = request.nsc
+    adapters = load_adapters(request.adapters, request.allow_pickle)
+    check_compatible(adapters, request.allow_base_mismatch)
+    task_file = label_free_task_file(load_task_file(request.tasks), adapters, settings.objective)
+    names = [a.name for a in adapters]
+    missing = [name for name in names if name not in task_file.names]
+    if missing:
+        raise LoramergeError(f"{request.tasks}: no task for adapter(s) {', '.join(missing)}")
+    eval_settings = replace(request.eval, batch_size=batch_size or request.eval.batch_size)
+    engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)
+    freeze(engine.model)
+    paths = module_paths(adapters)
+    if settings.objective == "entropy":
+        targets, objective = [], EntropyObjective(engine.task_file)
+    else:
+        targets = resolve_targets(list(engine.model.named_modules()), paths, settings.target_blocks,
+                                  settings.target_modules)
+        objective = NullSpaceObjective(adapters, engine.modules, targets, engine.device)
+    examples = {name: example_inputs(engine, name) for name in names} if batch_size == 1 else {}
+    pad_id = getattr(engine.model.config, "pad_token_id", None)  # image models have none
+    return NscProblem(adapters, engine, paths, targets, objective, examples, 0 if pad_id is None else pad_id)
+
+
+# --- training ---------------------------------------------------------------------------------------
+
+def train_step(problem: NscProblem, side_path, settings: NscSettings, step: int) -> list[float]:
+    """Forward one batch per task, backward each task's loss / K (the same gradient as one backward of
+    the mean, with one task's activations alive at a time). Returns the per-task losses."""
+    task_count = len(problem.adapters)
+    losses = []
+    with side_path.installed():
+        for index, adapter in enumerate(problem.adapters):
+            examples = problem.examples[adapter.name]
+            chosen = batch_indices(settings.seed, adapter.name, len(examples), settings.batch_size, step)
+            inputs = collate([examples[i] for i in chosen], problem.pad_id)
+            sums, counts = problem.objective.statistics(problem.engine, index, adapter.name, inputs)
+            loss = problem.objective.loss(sums, counts)
+            if not torch.isfinite(loss):
+                raise LoramergeError(f"NSC: the {problem.objective.name} loss of task {adapter.name} is not finite")
+            (loss / task_count).backward()
+            losses.append(float(loss.detach()))
+    return losses
+
+
+def train(problem: NscProblem, settings: NscSettings, run_dir: Path | None = None, resume: bool = False,
+          on_event: Callable[[str, dict], None] = lambda kind, data: None):
+    """AdamW on the coefficients; returns (SidePath, history). Checkpoints every `checkpoint_every` steps."""
+    from loramerge_cli.evaluation.functional import SidePath
+
+    engine = problem.engine
+    side_path = SidePath(engine.modules, problem.adapters, problem.paths, engine.device, engine.dtype, settings.init)
+    optimizer = torch.optim.AdamW([side_path.coefficients], lr=settings.lr, weight_decay=settings.weight_decay)
+    step, history = 0, []
+    if resume:
+        step, history = _load_state(run_dir, side_path, optimizer)
+    while step < settings.steps:
+        started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        losses = train_step(problem, side_path, settings, step)
+        gradient = side_path.coefficients.grad
+        if gradient is None or not bool(torch.isfinite(gradient).all()):
+            raise LoramergeError(f"NSC: step {step + 1}: the gradient of the coefficients is not finite")
+        optimizer.step()
+        step += 1
+        record = {"step": step, "loss": sum(losses) / len(losses), "task_losses": losses,
+                  "seconds": time.perf_counter() - started}
+        history.append(record)
+        if run_dir is not None and (step % settings.checkpoint_every == 0 or step == settings.steps):
+            _save_state(run_dir, step, side_path, optimizer, history)
+        on_event("step", {**record, "steps": settings.steps})
+    return side_path, history
+
+
+def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[dict]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    temporary = run_dir / (STATE_NAME + ".tmp")
+    torch.save({"step": step, "coefficients": side_path.coefficients.detach().cpu(),
+                "optimizer": optimizer.state_dict(), "history": history}, temporary)
+    temporary.replace(run_dir / STATE_NAME)
+    lines = "".join(json.dumps(record) + "\n" for record in history)
+    trajectory = run_dir / "trajectory.jsonl.tmp"
+    trajectory.write_text(lines)
+    trajectory.replace(run_dir / "trajectory.jsonl")
+
+
+def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[dict]]:
+    path = run_dir / STATE_NAME if run_dir is not None else None
+    if path is None or not path.is_file():
+        raise LoramergeError(f"--resume: no saved NSC state in {run_dir}")
+    state = torch.load(path, weights_only=True)
+    if tuple(state["coefficients"].shape) != tuple(side_path.coefficients.shape):
+        raise LoramergeError(f"--resume: {path} holds coefficients of another shape")
+    with torch.no_grad():
+        side_path.coefficients.copy_(state["coefficients"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["history"])
+
+
+# --- end to end -------------------------------------------------------------------------------------
+
+def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: None):
+    """search-mask --strategy nsc: returns (WeightTable, provenance)."""
+    from loramerge_cli.masks import WeightTable
+
+    settings: NscSettings = request.nsc
+    settings.check()
+    started = time.perf_counter()
+    run_dir = Path(request.run_dir) if request.run_dir else None
+    problem = build_nsc_problem(request)
+    on_event("nsc_start", {"objective": settings.objective, "targets": problem.targets,
+                           "modules": len(problem.paths), "tasks": len(problem.adapters)})
+    side_path, history = train(problem, settings, run_dir, request.resume, on_event)
+    provenance = {
+        "loramerge": __version__,
+        "command": request.command,
+        "strategy": "nsc",
+        "objective": settings.objective,
+        "seed": settings.seed,
+        "search": asdict(settings),
+        "targets": problem.targets,
+        "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]},
+        "seconds": round(time.perf_counter() - started, 3),
+        "history": history,
+    }
+    table = WeightTable(
+        tasks=[a.name for a in problem.adapters], units=problem.paths, weights=side_path.table_rows(), unit="module",
+        adapters=[{"source": a.source.spec, "sha256": a.source.sha256} for a in problem.adapters], scale=1.0,
+        provenance=provenance,
+    )
+    if request.report_test:
+        provenance["test"] = report_on_test(request, table)
+    return table, provenance
+
+
+def report_on_test(request, table) -> dict:
+    """Mean normalized test accuracy of the coefficient merge (ta, λ = 1) and of plain ta at its default λ."""
+    from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+    from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
+    from loramerge_cli.merging.merge import MergeConfig, resolve_config, run_merge
+    from loramerge_cli.search.runner import build_problem
+
+    test_request = replace(request, eval=replace(request.eval, split="test", val_limit=None),
+                           merge=MergeConfig(merger="ta"))
+    problem = build_problem(test_request)
+    experts = expert_scores(problem.engine, ScoreCache(request.run_dir))
+    out = {"experts_test_accuracy": experts}
+    for label, lam, weights in (("ta_default", None, None), ("coefficients", 1.0, table)):
+        settings = resolve_config(MergeConfig(merger="ta", lam=lam), len(problem.adapters), weights)
+        scores = problem.engine.score_merged(run_merge(problem.adapters, settings, weights))
+        out[f"{label}_mean_normalized_accuracy"] = mean_defined(normalized_accuracy(scores, experts)[0])
+        out[f"{label}_test_accuracy"] = scores
+    return out

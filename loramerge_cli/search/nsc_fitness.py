@@ -1,0 +1,77 @@
+"""Label-free ENMP fitness (Part A §A6, `--fitness nsc`): the relative reduction, in percent, of the
+NSC loss of the pruned merge against the unpruned merge. No labels are read.
+
+A candidate is merged exactly as the accuracy fitness merges it (its 0/1 table, the merger, λ; merged
+modules cached per retained task set) and patched into the one base model; the ratio at each target
+is always measured with task k's own A_k on task k's inputs, whether or not k was pruned there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from loramerge_cli.evaluation.engine import merged_deltas
+from loramerge_cli.merging.merge import run_merge
+from loramerge_cli.search.fitness import pruned_table
+
+
+class NscFitness:
+    """Scores candidates (pruned flat indices, λ or None) like `AccuracyFitness`, without labels."""
+
+    def __init__(self, adapters, settings, template, engine, objective, reference: float | None = None):
+        self.adapters = adapters
+        self.unit_settings = replace(settings, lam=1.0)  # merge once at λ = 1, scale the factors
+        self.base_lambda = settings.lam
+        self.template = template
+        self.engine = engine
+        self.objective = objective
+        self.cache: dict | None = {} if settings.params.get("scope", "module") == "module" else None
+        self.forward_passes = 0
+        self.reference = self.loss((), None) if reference is None else reference
+
+    def loss(self, pruned: tuple[int, ...], lam: float | None) -> float:
+        """The objective's loss of one candidate on every task's validation inputs (token-weighted)."""
+        result = run_merge(self.adapters, self.unit_settings, pruned_table(self.template, pruned), cache=self.cache)
+        self.forward_passes += 1
+        task_losses = []
+        with self.engine.apply(merged_deltas(result, self.base_lambda if lam is None else lam)), torch.no_grad():
+            for index, adapter in enumerate(self.adapters):
+                sums, counts = 0.0, 0.0
+                for batch in self.engine.prepared[adapter.name].batches:
+                    batch_sums, batch_counts = self.objective.statistics(self.engine, index, adapter.name, batch.inputs)
+                    sums, counts = sums + batch_sums.double(), counts + batch_counts
+                task_losses.append(float(self.objective.loss(sums, counts)))
+        return sum(task_losses) / len(task_losses)
+
+    def __call__(self, candidates: list[tuple[tuple[int, ...], float | None]]) -> list[float]:
+        return [100.0 * (self.reference - self.loss(pruned, lam)) / self.reference for pruned, lam in candidates]
+
+
+def build_nsc_fitness(request, device: str | None = None, lam: float | None = None,
+                      reference: float | None = None) -> NscFitness:
+    """The label-free fitness of a search request, on `device` (workers build their own)."""
+    from loramerge_cli.masks import ones_table
+    from loramerge_cli.merging.merge import resolve_config
+    from loramerge_cli.search.nsc import build_nsc_problem
+
+    if device:
+        request = replace(request, eval=replace(request.eval, device=device))
+    problem = build_nsc_problem(request, batch_size=None)
+    merge_config = replace(request.merge, lam=lam if lam is not None else request.merge.lam)
+    settings = resolve_config(merge_config, len(problem.adapters))
+    return NscFitness(problem.adapters, settings, ones_table(problem.adapters), problem.engine, problem.objective,
+                      reference)
+
+
+@dataclass
+class NscWorkerBuilder:
+    """Picklable: builds a worker's label-free fitness on its device."""
+
+    request: object
+    lam: float
+    reference: float
+
+    def __call__(self, device: str) -> NscFitness:
+        return build_nsc_fitness(self.request, device, self.lam, self.reference)

@@ -1,0 +1,167 @@
+"""The bundled example's builder, at its tiny scale: what it writes loads with plain transformers/PEFT and
+with loramerge's own readers, the data matches the rules, and builds are cached and deterministic."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+if str(REPOSITORY) not in sys.path:  # `examples` is a folder of the repository, not an installed package
+    sys.path.insert(0, str(REPOSITORY))
+
+from examples.bundled import build, check, image, language, text  # noqa: E402
+
+TEXT_TASKS = list(language.TASKS)
+IMAGE_TASKS = list(image.TRANSFORMS)
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory) -> Path:
+    out = (tmp_path_factory.mktemp("bundled") / "example").resolve()  # as the builder writes base paths
+    build.build(out, build.TINY)
+    return out
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tasks_yaml_parses_with_loramerge_and_points_at_the_files(bundled):
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    for setting, model_type, names in (("text", "sequence-classification", TEXT_TASKS),
+                                       ("image", "image-classification", IMAGE_TASKS)):
+        spec = load_task_file(bundled / setting / "tasks.yaml")
+        assert spec.model_type == model_type
+        assert spec.names == names
+        assert Path(spec.base_model) == bundled / setting / "base"
+        for task in spec.tasks:
+            assert (bundled / setting / "adapters" / task.name / "adapter_model.safetensors").is_file()
+            assert set(task.data) == {"validation", "test"}
+            assert all(Path(path).exists() for path in task.data.values())
+            assert task.head == "from-adapter"
+
+
+def test_text_data_follows_the_rules_and_is_balanced(bundled):
+    kind_of = {word: kind for kind, group in enumerate(language.vocabulary()) for word in group}
+    for name, rule in language.TASKS.items():
+        rows = _rows(bundled / "text" / "data" / name / "validation.jsonl")
+        assert len(rows) == build.TINY.text.validation_examples
+        assert all(rule(row["text"].split(), kind_of) == row["label"] for row in rows)
+        counts = torch.bincount(torch.tensor([row["label"] for row in rows]), minlength=language.KIND_COUNT)
+        assert counts.tolist() == [len(rows) // language.KIND_COUNT] * language.KIND_COUNT
+    validation = {row["text"] for row in _rows(bundled / "text" / "data" / "first_kind" / "validation.jsonl")}
+    test = {row["text"] for row in _rows(bundled / "text" / "data" / "first_kind" / "test.jsonl")}
+    assert not validation & test
+
+
+def test_rules_on_a_hand_written_sentence():
+    words = language.vocabulary()
+    kind_of = {word: kind for kind, group in enumerate(words) for word in group}
+    tokens = [words[2][0], words[1][0], language.MARKER, words[3][0], words[1][1], words[0][0]]
+    assert [rule(tokens, kind_of) for rule in language.TASKS.values()] == [2, 0, 3, 1]
+    assert [rule(tokens, kind_of) for rule in language.PRETRAINING_RULES] == [1, 1, 0]
+
+
+def test_text_adapters_load_with_peft_and_match_the_manual_update(bundled):
+    """PeftModel on the base gives the same logits as W0 + s·B@A with the adapter's head swapped in."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base = str(bundled / "text" / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = _rows(bundled / "text" / "data" / "after_marker" / "validation.jsonl")
+    inputs = tokenizer([row["text"] for row in rows], padding=True, return_tensors="pt", return_token_type_ids=False)
+    assert inputs["input_ids"][0, 0] == tokenizer.bos_token_id
+    assert tokenizer.unk_token_id not in inputs["input_ids"]
+    alphas_differ = False
+    for name in TEXT_TASKS:
+        folder = bundled / "text" / "adapters" / name
+        config = json.loads((folder / "adapter_config.json").read_text())
+        assert config["base_model_name_or_path"] == base
+        assert sorted(config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        assert "score" in config["modules_to_save"] and config["task_type"] == "SEQ_CLS"
+        alphas_differ |= config["lora_alpha"] != config["r"]
+        with torch.no_grad():
+            model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=language.KIND_COUNT)
+            peft_logits = PeftModel.from_pretrained(model, str(folder)).eval()(**inputs).logits
+            manual = AutoModelForSequenceClassification.from_pretrained(base, num_labels=language.KIND_COUNT).eval()
+            deltas, head = check.lora_updates(folder)
+            parameters = dict(manual.named_parameters())
+            assert len(deltas) == 4 * build.TINY.text.layers and set(head) == {"score.weight"}
+            for key, tensor in head.items():
+                parameters[key].copy_(tensor)
+            head_only = manual(**inputs).logits
+            for path, delta in deltas.items():
+                parameters[path + ".weight"].add_(delta.float())
+            assert not torch.allclose(head_only, peft_logits, atol=1e-3)  # the update matters
+            assert peft_logits.shape == (len(rows), language.KIND_COUNT)
+            torch.testing.assert_close(manual(**inputs).logits, peft_logits, rtol=1e-4, atol=1e-5)
+    assert alphas_differ
+
+
+def test_image_adapters_and_png_trees_load(bundled):
+    from peft import PeftModel
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    base = str(bundled / "image" / "base")
+    processor = AutoImageProcessor.from_pretrained(base)
+    for name in IMAGE_TASKS:
+        tree = bundled / "image" / "data" / name / "validation"
+        files = sorted(tree.glob("*/*.png"))
+        assert len(files) == build.TINY.image.validation_examples
+        assert {path.parent.name for path in files} <= set(image.CLASS_NAMES)
+        pixels = processor([Image.open(path).convert("RGB") for path in files], return_tensors="pt")["pixel_values"]
+        assert pixels.shape == (len(files), 3, 8, 8)
+        model = PeftModel.from_pretrained(AutoModelForImageClassification.from_pretrained(base),
+                                          str(bundled / "image" / "adapters" / name)).eval()
+        with torch.no_grad():
+            assert model(pixel_values=pixels).logits.shape == (len(files), len(image.CLASS_NAMES))
+
+
+def test_transforms_are_what_their_names_say():
+    digit = torch.arange(64, dtype=torch.uint8).reshape(1, 8, 8).numpy()
+    assert image.TRANSFORMS["mirrored"](digit)[0, 0, 0] == 7
+    assert image.TRANSFORMS["rotated"](digit)[0, 0, 0] == 7  # counter-clockwise: the top row's right end goes up-left
+    assert image.TRANSFORMS["inverted"](digit)[0, 0, 1] == 254
+
+
+def test_loramerge_reads_every_adapter_with_its_head(bundled):
+    from loramerge_cli.adapters.peft_reader import load_adapters
+
+    adapters = load_adapters([str(bundled / "text" / "adapters" / name) for name in TEXT_TASKS])
+    assert [adapter.name for adapter in adapters] == TEXT_TASKS
+    assert all(list(adapter.heads) == ["score.weight"] for adapter in adapters)
+    assert {module.rank for module in adapters[2].modules.values()} == {text.LORA_SHAPES["after_marker"][0]}
+
+
+def test_build_is_cached_and_the_stamp_follows_the_settings(bundled):
+    before = (bundled / "build.json").stat().st_mtime_ns
+    record = build.build(bundled, build.TINY)
+    assert (bundled / "build.json").stat().st_mtime_ns == before
+    assert record["stamp"] == build.stamp(build.TINY) != build.stamp(build.FULL)
+
+
+def test_refuses_to_clear_a_folder_it_did_not_build(tmp_path):
+    from loramerge_cli.errors import LoramergeError
+
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(LoramergeError, match="not a bundled-example build"):
+        build.build(tmp_path, build.TINY)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_text_build_is_deterministic(bundled, tmp_path):
+    from examples.bundled import common
+
+    with common.deterministic():
+        text.build(tmp_path / "text", build.TINY.text)
+    for name in TEXT_TASKS:
+        relative = Path("adapters") / name / "adapter_model.safetensors"
+        assert (tmp_path / "text" / relative).read_bytes() == (bundled / "text" / relative).read_bytes()

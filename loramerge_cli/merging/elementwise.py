@@ -40,10 +40,13 @@ def trim(X: torch.Tensor, density: float, present: torch.Tensor | None = None) -
 def _top_k_mask(magnitude: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the k largest entries, the lowest indices winning ties at the threshold."""
     threshold = torch.kthvalue(magnitude, magnitude.numel() - k + 1).values
-    above = magnitude > threshold
+    keep = magnitude >= threshold
+    surplus = int(keep.sum()) - k
+    if surplus == 0:  # no tie at the threshold (the usual case): skip the cumulative sum
+        return keep
     at_threshold = magnitude == threshold
-    needed = k - int(above.sum())
-    return above | (at_threshold & (torch.cumsum(at_threshold, 0) <= needed))
+    needed = int(at_threshold.sum()) - surplus
+    return (magnitude > threshold) | (at_threshold & (torch.cumsum(at_threshold, 0) <= needed))
 
 
 def elect_signs(X: torch.Tensor) -> torch.Tensor:
@@ -56,8 +59,8 @@ def elect_signs(X: torch.Tensor) -> torch.Tensor:
 
 def disjoint_mean(X: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Mean over the tasks whose nonzero entry agrees with the elected sign (0 where none does)."""
-    agree = (torch.sign(X) == signs) & (X != 0)
-    total = (X * agree).sum(dim=0)
+    agree = X * signs > 0  # nonzero and of the elected sign
+    total = torch.where(agree, X, 0.0).sum(dim=0)
     return total / agree.sum(dim=0).clamp(min=1)
 
 

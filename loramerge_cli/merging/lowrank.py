@@ -133,7 +133,12 @@ def truncate_dense(
             rank = min(rank, max_rank)
     U, Vt = canonical_signs(U[:, :rank], Vh[:rank].T)
     factors = LowRank(U * S[:rank], Vt.T)
-    error = float(torch.linalg.matrix_norm(X - factors.dense()) / total**0.5)
+    # The factors are an orthogonal projection of X, so ‖X − P X‖² = ‖X‖² − Σ_{i≤k} σ_i²; measure the
+    # difference explicitly only where that subtraction would cancel.
+    residual = max(0.0, total - float((S[:rank].double() ** 2).sum()))
+    if residual < 1e-6 * total:
+        residual = float(torch.linalg.matrix_norm(X - factors.dense()) ** 2)
+    error = (residual / total) ** 0.5
     return factors, error, capped
 
 

@@ -234,13 +234,16 @@ def _projected(path, tasks, adapters, settings: ResolvedMerge):
 
 def _dense_rows(projected, path, tasks, adapters, settings: ResolvedMerge) -> torch.Tensor:
     """The (T × D) matrix of flattened task tensors, DARE applied per (task, module)."""
-    rows = []
-    for tensor, (index, _) in zip(projected.tasks, tasks):
+    shape = projected.tasks[0].shape
+    rows = None
+    for row, (tensor, (index, _)) in enumerate(zip(projected.tasks, tasks)):
         dense = tensor.dense() if isinstance(tensor, LowRank) else tensor
+        if rows is None:
+            rows = dense.new_empty(len(tasks), shape[0] * shape[1])
         if settings.method.uses_dare:
             dense = elementwise.dare(dense, settings.params["drop_rate"], settings.seed, adapters[index].name, path)
-        rows.append(dense.reshape(-1))
-    return torch.stack(rows)
+        rows[row] = dense.reshape(-1)
+    return rows
 
 
 def _merge_module(path, tasks, adapters, settings: ResolvedMerge):

@@ -216,10 +216,8 @@ def main() -> None:
     if args.phase:
         print(json.dumps(measure(args)))
         return
-    forwarded = [arg for arg in sys.argv[1:] if not arg.startswith("--json")]
-    if "--json" in sys.argv:
-        position = sys.argv.index("--json")
-        forwarded = sys.argv[1:position] + sys.argv[position + 2:]
+    settings = {key: value for key, value in vars(args).items() if key not in ("json", "phase")}
+    forwarded = [part for key, value in settings.items() for part in (f"--{key}", str(value))]
     results = {}
     for phase in PHASES:
         output = subprocess.run([sys.executable, __file__, *forwarded, "--phase", phase], check=True,
@@ -240,8 +238,7 @@ def main() -> None:
               f"{row['saved_activation_bytes'] / 2**20:>16.1f}{row['saved_vs_lora']:>8.2f}")
     print("note: NSC and entropy steps run one forward + backward per task (K of them); 1 LoRA runs one.")
     if args.json:
-        args.json.write_text(json.dumps({"settings": {k: v for k, v in vars(args).items() if k not in ("json", "phase")},
-                                         "results": results}, indent=2, default=str) + "\n")
+        args.json.write_text(json.dumps({"settings": settings, "results": results}, indent=2, default=str) + "\n")
 
 
 if __name__ == "__main__":

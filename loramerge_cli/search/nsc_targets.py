@@ -53,7 +53,8 @@ def _chosen_blocks(units: list[str], blocks: list[str] | None) -> list[str]:
     for entry in blocks:
         matched = [u for u in units if u == entry or (entry.isdigit() and u.rsplit(".", 1)[-1] == entry)]
         if not matched:
-            raise LoramergeError(f"--target-blocks: {entry!r} is no block with LoRA (blocks: {units[0]} … {units[-1]})")
+            known = f"{units[0]} … {units[-1]}"
+            raise LoramergeError(f"--target-blocks: {entry!r} is no block with LoRA (blocks: {known})")
         chosen += [u for u in matched if u not in chosen]
     return sorted_units(chosen)
 

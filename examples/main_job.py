@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         results["settings"][setting] = run_setting(args.out / setting, args.out / "merged" / setting, MERGERS, enmp,
                                                    console.log)
     results["seconds"] = round(time.perf_counter() - started, 1)
-    Console().print(render(results))
+    Console(width=140).print(render(results))
     Console().print(f"wall time {results['seconds']:.0f} s (build cached in {args.out})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))

@@ -112,6 +112,7 @@ def coefficient_rows(task_count, module_count, seed=5):
     return (torch.rand(task_count, module_count, generator=generator) * 1.5 - 0.25).tolist()
 
 
+@pytest.mark.slow
 def test_side_path_equals_the_materialised_merge(problem):
     """W0 x + Σ_k λ_k^j B̃_k^j (A_k^j x) = the ta merge of the λ table (scale 1) patched into the weights."""
     from loramerge_cli.masks import ones_table
@@ -136,6 +137,7 @@ def test_side_path_equals_the_materialised_merge(problem):
     assert torch.equal(after, plain)  # hooks removed
 
 
+@pytest.mark.slow
 def test_constant_coefficients_on_conv1d_match_a_materialised_weight(gpt2_task_dirs):
     """§13.9 item 2 on GPT-2 Conv1D (fan_in_fan_out): all λ = c gives W0 + c Σ s_k B_k A_k."""
     from tiny_models import patched_forward, tiny_gpt2, token_inputs
@@ -155,6 +157,7 @@ def test_constant_coefficients_on_conv1d_match_a_materialised_weight(gpt2_task_d
     assert torch.allclose(functional, patched_forward(tiny_gpt2(), deltas, inputs), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_gradients_are_finite_with_alpha_not_r_and_under_bf16_autocast(problem):
     adapters = problem.adapters
     assert any(m.scale != 1.0 for a in adapters for m in a.modules.values())  # α = 8, r = 4
@@ -171,6 +174,7 @@ def test_gradients_are_finite_with_alpha_not_r_and_under_bf16_autocast(problem):
 
 # --- targets -----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_default_targets_on_llama_and_vit(problem, tmp_path):
     assert problem.targets == ["model.layers.1.self_attn.v_proj"]  # no o_proj LoRA: last attention LoRA
     named = list(problem.engine.model.named_modules())
@@ -186,6 +190,7 @@ def test_default_targets_on_llama_and_vit(problem, tmp_path):
     assert resolve_targets(list(model.named_modules()), vit_lora) == ["vit.layers.1.attention.o_proj"]
 
 
+@pytest.mark.slow
 def test_targets_that_match_nothing_are_an_error_not_a_zero_loss(problem):
     named = list(problem.engine.model.named_modules())
     with pytest.raises(LoramergeError, match="no targeted module"):
@@ -205,6 +210,7 @@ def test_batch_order_is_seeded_and_covers_each_epoch():
     assert batch_indices(1, "alpha", 10, 4, 3) != batch_indices(2, "alpha", 10, 4, 3)
 
 
+@pytest.mark.slow
 def test_cli_learns_coefficients_from_inputs_only_and_merge_applies_them(setting, tmp_path):
     """No labels in the data, no label field; the table is unit=module, scale 1; merge --mask with ta
     gives W0 + Σ_k λ_k B̃_k A_k exactly."""
@@ -240,6 +246,7 @@ def test_cli_learns_coefficients_from_inputs_only_and_merge_applies_them(setting
         assert torch.allclose(written.modules[path].delta(), expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_the_same_coefficients(setting, tmp_path):
     plain, plain_provenance = run_search(request(setting))
 
@@ -259,13 +266,18 @@ def test_interrupted_training_resumes_to_the_same_coefficients(setting, tmp_path
         run_search(request(setting, run_dir=tmp_path, resume=True, nsc=replace(request(setting).nsc, lr=0.1)))
 
 
+@pytest.mark.slow
 def test_nsc_training_lowers_its_loss_on_a_fixed_batch(setting):
     """Full-batch steps (batch ≥ examples): the objective must go down."""
     settings = NscSettings(steps=15, batch_size=64, lr=0.05)
-    table, provenance = run_search(request(setting, nsc=settings))
+    table, provenance = run_search(request(setting, nsc=settings, report_test=True))
     assert provenance["loss"]["last"] < provenance["loss"]["first"] - 1e-3
+    test = provenance["test"]  # --report-test: the coefficient merge beside ta at its default λ, on test
+    assert set(test["coefficients_test_accuracy"]) == {"alpha", "beta", "gamma"}
+    assert test["coefficients_test_accuracy"] != test["ta_default_test_accuracy"]
 
 
+@pytest.mark.slow
 def test_entropy_objective_lowers_prediction_entropy(setting):
     settings = NscSettings(steps=15, batch_size=64, lr=0.05, objective="entropy")
     table, provenance = run_search(request(setting, nsc=settings))
@@ -277,6 +289,7 @@ def test_entropy_objective_lowers_prediction_entropy(setting):
 
 # --- label-free ENMP ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_label_free_enmp_fitness_is_the_relative_loss_reduction(setting):
     from loramerge_cli.masks import ones_table
     from loramerge_cli.search.enmp import EnmpSettings
@@ -321,6 +334,7 @@ def test_label_free_enmp_fitness_is_the_relative_loss_reduction(setting):
 
 # --- other model types -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_vit_adapters_without_heads_train_on_images_alone(tmp_path):
     """Image inputs, no labels in the spec's eyes (folder names are ignored by NSC), no heads at all."""
     from PIL import Image
@@ -349,6 +363,7 @@ def test_vit_adapters_without_heads_train_on_images_alone(tmp_path):
         run_search(replace(search, nsc=replace(search.nsc, objective="entropy")))
 
 
+@pytest.mark.slow
 def test_causal_lm_tasks_read_the_prompt_only(tmp_path):
     from eval_fixtures import build_gpt2_lm, write_jsonl
     from transformers import AutoTokenizer
@@ -374,6 +389,7 @@ def test_causal_lm_tasks_read_the_prompt_only(tmp_path):
                            "transformer.h.1.attn.c_proj", "transformer.h.1.mlp.c_proj"]
 
 
+@pytest.mark.slow
 def test_cli_label_free_enmp(setting, tmp_path):
     out = tmp_path / "mask.json"
     result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
@@ -388,3 +404,15 @@ def test_cli_label_free_enmp(setting, tmp_path):
     refused = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                           "--fitness", "nsc", "--lambda", "auto", "--out", tmp_path / "x.json"])
     assert refused.exit_code == 1 and "--lambda auto" in refused.stderr
+
+
+@pytest.mark.slow
+def test_label_free_enmp_in_parallel_workers_equals_serial(setting):
+    from loramerge_cli.search.enmp import EnmpSettings
+
+    search = request(setting, strategy="enmp", fitness="nsc",
+                     enmp=EnmpSettings(popsize=4, generations=2, max_prune=0.5, seed=5))
+    serial, serial_provenance = run_search(search)
+    parallel, provenance = run_search(replace(search, devices=["cpu", "cpu"]))
+    assert parallel.weights == serial.weights
+    assert provenance["validation"] == serial_provenance["validation"]

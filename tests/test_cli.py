@@ -228,9 +228,13 @@ def test_cli_startup_imports_no_heavy_library():
     assert out.strip() == "[]"
 
 
-def test_search_mask_stub_says_not_implemented(sources):
-    result = invoke_cli(["search-mask", "--adapters", *sources, "--out", "mask.json"])
-    assert result.exit_code == 1 and result.stderr == "error: search-mask is not implemented yet\n"
+def test_search_mask_needs_tasks_and_a_valid_seed(sources, tmp_path):
+    missing = invoke_cli(["search-mask", "--adapters", *sources, "--out", str(tmp_path / "mask.json")])
+    assert missing.exit_code == 2 and "--tasks" in missing.stderr
+    seed = invoke_cli(["search-mask", "--adapters", *sources, "--tasks", "tasks.yaml", "--seed", "0",
+                       "--out", str(tmp_path / "mask.json")])
+    assert seed.exit_code == 1 and seed.stderr.startswith("error: --seed must be >= 1")
+    assert not (tmp_path / "mask.json").exists()
 
 
 def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monkeypatch):

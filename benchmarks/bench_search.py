@@ -1,0 +1,238 @@
+"""Search benchmark (issue 5): seconds per ENMP generation on the bundled example's text setting, loramerge as
+is against a naive loop without its caches, as a ratio in one run, and the share of candidates that needed a
+forward pass.
+
+Run by hand (never from the tests):
+
+    .venv/bin/python benchmarks/bench_search.py --threads 1 --json bench_search.json
+
+Budget (defaults): merger ta at its default λ, popsize 16, 10 generations, the paper's x0 = -1 and σ0 = 0.5,
+ρ = 0.2, CMA-ES seed 1, no --addscale, 256 validation examples per task.
+
+* cached (the library as is): one `Evaluator`, `AccuracyFitness` with its per-(module, retained tasks) merge
+  cache, `EnmpSearch` with its memo by decoded mask; experts and the unpruned merge scored once at setup.
+* naive (the reference code's loop, one worker): every candidate is re-merged from scratch (no merge cache)
+  and scored on a freshly loaded base model (W += ΔW, heads swapped per task), with no memo, so repeated
+  masks are scored again; at setup the worker scores the experts and the unpruned merge itself.
+
+Both sides see the same candidates: the naive side replays the decoded candidates the cached run drew (same
+seed), in order, and must reproduce every fitness exactly (mismatches are reported). It times the first
+`--naive-generations` generations (default: all); CMA-ES's ask/tell (milliseconds) is not part of its time.
+Both sides share the engine's tokenised batches, so the naive side's cost is merging, loading and scoring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait for the Hub
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_eval import NaiveEvaluator, setting_paths  # noqa: E402
+
+from loramerge_cli.evaluation.engine import EvalSettings, adapter_deltas, merged_deltas  # noqa: E402
+from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy  # noqa: E402
+from loramerge_cli.merging.merge import MergeConfig, run_merge  # noqa: E402
+from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings  # noqa: E402
+from loramerge_cli.search.fitness import AccuracyFitness, pruned_table  # noqa: E402
+from loramerge_cli.search.runner import SearchRequest, build_problem  # noqa: E402
+
+
+def make_request(args) -> SearchRequest:
+    tasks_file, arguments = setting_paths(args.out)
+    return SearchRequest(
+        adapters=arguments, merge=MergeConfig(merger=args.merger, lam=args.lam), tasks=tasks_file,
+        eval=EvalSettings(split="validation", val_limit=args.val_limit, threads=args.threads,
+                          batch_size=args.batch_size),
+        enmp=EnmpSettings(popsize=args.popsize, generations=args.generations, seed=args.seed, sigma0=args.sigma0,
+                          x0=args.x0, max_prune=args.max_prune),
+    )
+
+
+def cached_run(request: SearchRequest) -> tuple[object, AccuracyFitness, dict]:
+    """The library as is; records every generation's decoded candidates (memo hits included)."""
+    from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+
+    started = time.perf_counter()
+    problem = build_problem(request)
+    experts = expert_scores(problem.engine, ScoreCache(None))
+    fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+    setup = time.perf_counter() - started
+    search = EnmpSearch(request.enmp, len(problem.template.units), len(problem.adapters), fitness,
+                        base_lambda=problem.settings.lam)
+    drawn: list = []
+
+    def recording_decode(x):
+        candidate = EnmpSearch.decode(search, x)
+        drawn.append(candidate)
+        return candidate
+
+    search.decode = recording_decode
+    search.start()
+    generations = []
+    for _ in range(request.enmp.generations):
+        drawn.clear()
+        record = search.step()
+        record["candidates"] = list(drawn)
+        record["fitness"] = [search.state.memo[candidate].fitness for candidate in drawn]
+        generations.append(record)
+    return problem, fitness, {"setup_seconds": setup, "experts": experts, "reference": fitness.reference,
+                              "generations": generations}
+
+
+def naive_run(problem, fitness: AccuracyFitness, generations: list[dict]) -> dict:
+    """Replays the recorded candidates: re-merge from scratch, reload the base, score, no memo."""
+    naive = NaiveEvaluator(problem.engine, Path("."))
+    adapters, template = problem.adapters, problem.template
+    started = time.perf_counter()
+    experts = {adapter.name: naive.evaluate_dense(adapter_deltas(adapter), [adapter.name])[adapter.name]
+               for adapter in adapters}
+
+    def score(pruned, lam) -> float:
+        result = run_merge(adapters, fitness.unit_settings, pruned_table(template, pruned))
+        scores = naive.evaluate_dense(merged_deltas(result, fitness.base_lambda if lam is None else lam))
+        return mean_defined(normalized_accuracy(scores, experts)[0]) or 0.0
+
+    reference = score((), None)
+    setup = time.perf_counter() - started
+    timed, mismatches = [], []
+    for record in generations:
+        started = time.perf_counter()
+        values = [score(pruned, lam) - reference for pruned, lam in record["candidates"]]
+        timed.append(time.perf_counter() - started)
+        for (pruned, _), ours, theirs in zip(record["candidates"], record["fitness"], values):
+            if ours != theirs:
+                mismatches.append(f"generation {record['generation']}, pruned {list(pruned)}: cached {ours:.6f}, "
+                                  f"naive {theirs:.6f}")
+    return {"setup_seconds": setup, "experts_match": experts == fitness.experts,
+            "reference_match": reference == fitness.reference, "generation_seconds": timed, "mismatches": mismatches}
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    request = make_request(args)
+    problem, fitness, cached = cached_run(request)
+    generations = cached["generations"]
+    naive = naive_run(problem, fitness, generations[: args.naive_generations or len(generations)])
+    timed = len(naive["generation_seconds"])
+    asked = sum(len(record["candidates"]) for record in generations)
+    forward = sum(record["new_evaluations"] for record in generations)
+    cached_timed = sum(record["seconds"] for record in generations[:timed])
+    naive_timed = sum(naive["generation_seconds"])
+    naive_per_generation = naive_timed / timed
+    modules = len(fitness.cache)  # distinct (module, retained tasks) merges the cached side computed
+    requested = fitness.forward_passes * len(problem.template.units and run_merge(
+        problem.adapters, fitness.unit_settings, None, cache=fitness.cache).modules)
+    return {
+        "settings": {"setting": str(request.tasks), "merger": args.merger, "lambda": problem.settings.lam,
+                     "units": len(problem.template.units), "tasks": len(problem.adapters),
+                     "enmp": vars(request.enmp), "threads": args.threads, "val_limit": args.val_limit,
+                     "batch_size": args.batch_size, "naive_generations": timed, "torch": torch.__version__},
+        "generations": [
+            {"generation": record["generation"], "candidates": len(record["candidates"]),
+             "forward_passes": record["new_evaluations"], "memo_hits": record["cache_hits"],
+             "cached_seconds": record["seconds"],
+             "naive_seconds": naive["generation_seconds"][index] if index < timed else None,
+             "best_fitness": record["best_fitness"], "mean_fitness": record["mean_fitness"],
+             "mean_sparsity": record["mean_sparsity"]}
+            for index, record in enumerate(generations)],
+        "cached": {"setup_seconds": cached["setup_seconds"],
+                   "seconds_per_generation": sum(record["seconds"] for record in generations) / len(generations),
+                   "candidates": asked, "forward_passes": forward, "forward_share": forward / asked,
+                   "distinct_masks": len({record_candidate for record in generations
+                                          for record_candidate in record["candidates"]}),
+                   "module_merges": modules, "module_merges_without_cache": requested},
+        "naive": {"setup_seconds": naive["setup_seconds"], "seconds_per_generation": naive_per_generation,
+                  "forward_passes": sum(len(record["candidates"]) for record in generations[:timed]),
+                  "estimated_total_seconds": naive["setup_seconds"] + naive_per_generation * len(generations)},
+        "speedup_per_generation": naive_timed / cached_timed,
+        "experts_match": naive["experts_match"], "reference_match": naive["reference_match"],
+        "mismatches": naive["mismatches"],
+    }
+
+
+def render(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    settings, cached, naive = report["settings"], report["cached"], report["naive"]
+    enmp = settings["enmp"]
+    console = Console(width=max(Console().width, 110))
+    table = Table(title=f"ENMP on the bundled text setting: {settings['merger']} λ={settings['lambda']:g}, "
+                        f"{settings['units']} units × {settings['tasks']} tasks, popsize {enmp['popsize']}, "
+                        f"x0 {enmp['x0']:g}, σ0 {enmp['sigma0']:g}, seed {enmp['seed']}, "
+                        f"{settings['threads']} thread(s)", title_justify="left")
+    for column in ("gen", "candidates", "forward passes", "memo hits", "cached s", "naive s", "naive / cached",
+                   "best fitness", "mean sparsity"):
+        table.add_column(column, justify="right")
+    for row in report["generations"]:
+        naive_seconds = row["naive_seconds"]
+        table.add_row(str(row["generation"]), str(row["candidates"]), str(row["forward_passes"]),
+                      str(row["memo_hits"]), f"{row['cached_seconds']:.2f}",
+                      "" if naive_seconds is None else f"{naive_seconds:.2f}",
+                      "" if naive_seconds is None else f"{naive_seconds / max(row['cached_seconds'], 1e-9):.1f}×",
+                      f"{row['best_fitness']:+.2f}", f"{100 * row['mean_sparsity']:.1f} %")
+    console.print(table)
+    console.print(
+        f"seconds per generation: cached {cached['seconds_per_generation']:.2f}, naive {naive['seconds_per_generation']:.2f} "
+        f"(over {settings['naive_generations']} generation(s)); naive / cached on the same generations: "
+        f"{report['speedup_per_generation']:.2f}×")
+    console.print(
+        f"forward passes: {cached['forward_passes']} of {cached['candidates']} candidates "
+        f"({100 * cached['forward_share']:.1f} %; {cached['distinct_masks']} distinct masks), plus the unpruned merge "
+        f"once; module merges computed {cached['module_merges']} of {cached['module_merges_without_cache']} needed "
+        f"without the merge cache")
+    console.print(
+        f"setup (scored once): cached {cached['setup_seconds']:.1f} s (model, data, experts, unpruned merge), naive "
+        f"{naive['setup_seconds']:.1f} s (experts, unpruned merge; shares the tokenised data); whole budget: cached "
+        f"{cached['setup_seconds'] + cached['seconds_per_generation'] * len(report['generations']):.0f} s, naive "
+        f"≈{naive['estimated_total_seconds']:.0f} s plus model and data loading")
+    checks = [report["experts_match"], report["reference_match"], not report["mismatches"]]
+    console.print("fitness check: " + ("every replayed candidate, the experts and the unpruned merge score exactly "
+                                        "as in the cached run" if all(checks) else "[red]MISMATCH[/red]"))
+    for line in report["mismatches"]:
+        console.print("  " + line)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from examples.bundled.build import DEFAULT_OUT
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT, help="bundled example folder (built if needed)")
+    parser.add_argument("--merger", default="ta", help="merger (default ta)")
+    parser.add_argument("--lam", type=float, help="λ (default: the merger's)")
+    parser.add_argument("--popsize", type=int, default=16)
+    parser.add_argument("--generations", type=int, default=10)
+    parser.add_argument("--naive-generations", type=int, default=0,
+                        help="generations the naive loop replays and times (default 0: all)")
+    parser.add_argument("--x0", type=float, default=-1.0)
+    parser.add_argument("--sigma0", type=float, default=0.5)
+    parser.add_argument("--max-prune", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=1, help="CMA-ES seed")
+    parser.add_argument("--val-limit", type=int, default=256, help="validation examples per task (default 256)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, both sides (default 1)")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    if args.naive_generations < 0:
+        parser.error("--naive-generations must be >= 0")
+    report = run(args)
+    render(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -104,9 +104,9 @@ class NaiveEvaluator:
     """Reloads the base model for every candidate; shares the engine's tokenised batches, labels and heads
     so the two sides differ only in how a candidate reaches the weights."""
 
-    def __init__(self, engine: Evaluator, workdir: Path):
+    def __init__(self, engine: Evaluator, workdir: Path | None = None):
         self.engine = engine
-        self.workdir = workdir
+        self.workdir = workdir  # where the PEFT route writes its merged folders
         self.num_labels = int(engine.model.config.num_labels)
 
     def _fresh_base(self):

@@ -37,8 +37,12 @@ def project(space: str, factors: list[tuple[torch.Tensor, torch.Tensor]], knots_
     raise ValueError(f"unknown space {space!r}")
 
 
-def knots_basis(factors: list[tuple[torch.Tensor, torch.Tensor]]):
-    """U (m×q), S (q), and V_t (q×n per task) with [B̃_0A_0 | …] = U diag(S) [V_0 | …], from factors."""
+def knots_factors(factors: list[tuple[torch.Tensor, torch.Tensor]]):
+    """U (m×q), S (q), and each V_t (q×n) as LowRank(H_t, Q_tᵀ), with [B̃_0A_0 | …] = U diag(S) [V_0 | …].
+
+    B_stack = Q_B R_B and A_tᵀ = Q_t R_t (thin QRs); the SVD of the small middle R_B · blockdiag(R_tᵀ)
+    = P Σ Hᵀ gives U = Q_B P and V_t = (block t of Hᵀ) Q_tᵀ.
+    """
     Q_B, R_B = torch.linalg.qr(torch.cat([B for B, _ in factors], dim=1))
     right_bases, middle_blocks = [], []
     for _, A in factors:
@@ -51,15 +55,21 @@ def knots_basis(factors: list[tuple[torch.Tensor, torch.Tensor]]):
     blocks, start = [], 0
     for Q_t in right_bases:
         width = Q_t.shape[1]
-        blocks.append(svd.V[start : start + width].T @ Q_t.T)
+        blocks.append(LowRank(svd.V[start : start + width].T, Q_t.T))
         start += width
     return svd.U, svd.S, blocks
 
 
+def knots_basis(factors: list[tuple[torch.Tensor, torch.Tensor]]):
+    """U (m×q), S (q), and the dense V_t blocks (q×n per task)."""
+    U, S, blocks = knots_factors(factors)
+    return U, S, [block.dense() for block in blocks]
+
+
 def _project_knots(factors, knots_scaled: bool) -> Projected:
-    U, S, blocks = knots_basis(factors)
+    U, S, blocks = knots_factors(factors)
     if knots_scaled:
-        tasks = [S[:, None] * V_t for V_t in blocks]
+        tasks = [LowRank(S[:, None] * V_t.left, V_t.right) for V_t in blocks]
         left = U
     else:
         tasks = blocks

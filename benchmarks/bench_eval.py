@@ -96,13 +96,14 @@ def candidates(adapters: list, count: int, merger: str, seed: int) -> list[tuple
         else:
             pruned = sorted(rng.sample(range(flat), max(1, round(0.2 * flat))))
             table = from_pruned_indices(adapters, pruned)
-            out.append((f"{merger} mask {len(pruned)}/{flat}", merge(adapters, MergeConfig(merger=merger), table)))
+            label = f"{merger} mask {index - (count + 1) // 2 + 1} ({len(pruned)}/{flat} pruned)"
+            out.append((label, merge(adapters, MergeConfig(merger=merger), table)))
     return out
 
 
 class NaiveEvaluator:
     """Reloads the base model for every candidate; shares the engine's tokenised batches, labels and heads
-    so the two sides differ only in how a candidate reaches the weights."""
+    so the two sides differ only in how a candidate reaches the weights. Classification tasks only."""
 
     def __init__(self, engine: Evaluator, workdir: Path | None = None):
         self.engine = engine
@@ -122,7 +123,8 @@ class NaiveEvaluator:
         return accuracy(scores, self.engine.examples[task].labels, self.engine.task_file.task(task).masked_labels)
 
     def evaluate_peft(self, result, adapters: list) -> dict[str, float]:
-        """Issue 4's naive loop: write the merged adapter, reload base + PEFT adapter, merge_and_unload, swap heads, evaluate."""
+        """Issue 4's naive loop: write the merged folder, reload base + PEFT adapter, merge_and_unload,
+        swap heads, evaluate."""
         from peft import PeftModel
 
         from loramerge_cli.adapters.writer import write_merged_adapter
@@ -214,7 +216,7 @@ def render(report: dict) -> None:
     from rich.table import Table
 
     settings = report["settings"]
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     examples = sum(settings["examples"].values())
     table = Table(title=f"candidate evaluations, bundled text setting: {len(settings['examples'])} tasks, "
                         f"{examples} validation examples, {settings['candidates']} candidates, "

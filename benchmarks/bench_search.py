@@ -7,7 +7,7 @@ Run by hand (never from the tests):
     .venv/bin/python benchmarks/bench_search.py --threads 1 --json bench_search.json
 
 Budget (defaults): merger ta at its default λ, popsize 16, 10 generations, the paper's x0 = -1 and σ0 = 0.5,
-ρ = 0.2, CMA-ES seed 1, no --addscale, 256 validation examples per task.
+ρ = 0.2, CMA-ES seed 1, no --addscale (`--addscale` to search λ too), 256 validation examples per task.
 
 * cached (the library as is): one `Evaluator`, `AccuracyFitness` with its per-(module, retained tasks) merge
   cache, `EnmpSearch` with its memo by decoded mask; experts and the unpruned merge scored once at setup.
@@ -15,10 +15,11 @@ Budget (defaults): merger ta at its default λ, popsize 16, 10 generations, the 
   and scored on a freshly loaded base model (W += ΔW, heads swapped per task), with no memo, so repeated
   masks are scored again; at setup the worker scores the experts and the unpruned merge itself.
 
-Both sides see the same candidates: the naive side replays the decoded candidates the cached run drew (same
-seed), in order, and must reproduce every fitness exactly (mismatches are reported). It times the first
-`--naive-generations` generations (default: all); CMA-ES's ask/tell (milliseconds) is not part of its time.
-Both sides share the engine's tokenised batches, so the naive side's cost is merging, loading and scoring.
+Both sides see the same candidates: after each cached generation the naive side replays the decoded
+candidates that generation drew (same seed), in order, and must reproduce every fitness exactly (mismatches
+are reported); taking turns per generation, the two sides share the machine's load. The naive side times the
+first `--naive-generations` generations (default: all); CMA-ES's ask/tell (milliseconds) is not part of its
+time. It reuses the engine's tokenised batches, so its cost is merging, loading and scoring.
 """
 
 from __future__ import annotations
@@ -56,67 +57,73 @@ def make_request(args) -> SearchRequest:
         eval=EvalSettings(split="validation", val_limit=args.val_limit, threads=args.threads,
                           batch_size=args.batch_size),
         enmp=EnmpSettings(popsize=args.popsize, generations=args.generations, seed=args.seed, sigma0=args.sigma0,
-                          x0=args.x0, max_prune=args.max_prune),
+                          x0=args.x0, max_prune=args.max_prune, addscale=args.addscale),
     )
 
 
-def cached_run(request: SearchRequest) -> tuple[object, AccuracyFitness, dict]:
-    """The library as is; records every generation's decoded candidates (memo hits included)."""
-    from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+class CachedSearch:
+    """The library as is; `generation()` runs one ENMP step and records its decoded candidates (memo hits
+    included) with their fitness."""
 
-    started = time.perf_counter()
-    problem = build_problem(request)
-    experts = expert_scores(problem.engine, ScoreCache(None))
-    fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
-    setup = time.perf_counter() - started
-    search = EnmpSearch(request.enmp, len(problem.template.units), len(problem.adapters), fitness,
-                        base_lambda=problem.settings.lam)
-    drawn: list = []
+    def __init__(self, request: SearchRequest):
+        from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
 
-    def recording_decode(x):
-        candidate = EnmpSearch.decode(search, x)
-        drawn.append(candidate)
+        started = time.perf_counter()
+        self.problem = problem = build_problem(request)
+        experts = expert_scores(problem.engine, ScoreCache(None))
+        self.fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+        self.setup_seconds = time.perf_counter() - started
+        self.search = EnmpSearch(request.enmp, len(problem.template.units), len(problem.adapters), self.fitness,
+                                 base_lambda=problem.settings.lam)
+        self.drawn: list = []
+        self.search.decode = self._recording_decode
+        self.search.start()
+
+    def _recording_decode(self, x):
+        candidate = EnmpSearch.decode(self.search, x)
+        self.drawn.append(candidate)
         return candidate
 
-    search.decode = recording_decode
-    search.start()
-    generations = []
-    for _ in range(request.enmp.generations):
-        drawn.clear()
-        record = search.step()
-        record["candidates"] = list(drawn)
-        record["fitness"] = [search.state.memo[candidate].fitness for candidate in drawn]
-        generations.append(record)
-    return problem, fitness, {"setup_seconds": setup, "experts": experts, "reference": fitness.reference,
-                              "generations": generations}
+    def generation(self) -> dict:
+        self.drawn = []
+        record = self.search.step()
+        record["candidates"] = self.drawn
+        record["fitness"] = [self.search.state.memo[candidate].fitness for candidate in self.drawn]
+        return record
 
 
-def naive_run(problem, fitness: AccuracyFitness, generations: list[dict]) -> dict:
-    """Replays the recorded candidates: re-merge from scratch, reload the base, score, no memo."""
-    naive = NaiveEvaluator(problem.engine)
-    adapters, template = problem.adapters, problem.template
-    started = time.perf_counter()
-    experts = {adapter.name: naive.evaluate_dense(adapter_deltas(adapter), [adapter.name])[adapter.name]
-               for adapter in adapters}
+class NaiveLoop:
+    """The reference code's loop on one worker: scores the experts and the unpruned merge itself, then
+    re-merges every candidate from scratch and scores it on a freshly loaded base, with no memo."""
 
-    def score(pruned, lam) -> float:
-        result = run_merge(adapters, fitness.unit_settings, pruned_table(template, pruned))
-        scores = naive.evaluate_dense(merged_deltas(result, fitness.base_lambda if lam is None else lam))
-        return mean_defined(normalized_accuracy(scores, experts)[0]) or 0.0
-
-    reference = score((), None)
-    setup = time.perf_counter() - started
-    timed, mismatches = [], []
-    for record in generations:
+    def __init__(self, cached: CachedSearch):
+        self.problem, self.fitness = cached.problem, cached.fitness
+        self.evaluator = NaiveEvaluator(self.problem.engine)
         started = time.perf_counter()
-        values = [score(pruned, lam) - reference for pruned, lam in record["candidates"]]
-        timed.append(time.perf_counter() - started)
-        for (pruned, _), ours, theirs in zip(record["candidates"], record["fitness"], values):
+        self.experts = {
+            adapter.name: self.evaluator.evaluate_dense(adapter_deltas(adapter), [adapter.name])[adapter.name]
+            for adapter in self.problem.adapters
+        }
+        self.reference = self.score((), None)
+        self.setup_seconds = time.perf_counter() - started
+        self.mismatches: list[str] = []
+
+    def score(self, pruned: tuple[int, ...], lam: float | None) -> float:
+        table = pruned_table(self.problem.template, pruned)
+        result = run_merge(self.problem.adapters, self.fitness.unit_settings, table)  # no cache: from scratch
+        scores = self.evaluator.evaluate_dense(merged_deltas(result, self.fitness.base_lambda if lam is None else lam))
+        return mean_defined(normalized_accuracy(scores, self.experts)[0]) or 0.0
+
+    def generation(self, record: dict) -> float:
+        """Replays one recorded generation; returns its seconds and notes any fitness that differs."""
+        started = time.perf_counter()
+        values = [self.score(pruned, lam) - self.reference for pruned, lam in record["candidates"]]
+        seconds = time.perf_counter() - started
+        for (pruned, lam), ours, theirs in zip(record["candidates"], record["fitness"], values):
             if ours != theirs:
-                mismatches.append(f"generation {record['generation']}, pruned {list(pruned)}: cached {ours:.6f}, "
-                                  f"naive {theirs:.6f}")
-    return {"setup_seconds": setup, "experts_match": experts == fitness.experts,
-            "reference_match": reference == fitness.reference, "generation_seconds": timed, "mismatches": mismatches}
+                self.mismatches.append(f"generation {record['generation']}, pruned {list(pruned)}, λ {lam}: "
+                                       f"cached {ours:.6f}, naive {theirs:.6f}")
+        return seconds
 
 
 def fitness_memo_keys(generations: list[dict]) -> list:
@@ -127,14 +134,19 @@ def fitness_memo_keys(generations: list[dict]) -> list:
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     request = make_request(args)
-    problem, fitness, cached = cached_run(request)
-    generations = cached["generations"]
-    naive = naive_run(problem, fitness, generations[: args.naive_generations or len(generations)])
-    timed = len(naive["generation_seconds"])
+    cached = CachedSearch(request)
+    naive = NaiveLoop(cached)
+    problem, fitness = cached.problem, cached.fitness
+    timed = min(args.naive_generations or args.generations, args.generations)
+    generations, naive_seconds = [], []
+    for index in range(args.generations):  # the sides take turns per generation: they share the machine's load
+        generations.append(cached.generation())
+        if index < timed:
+            naive_seconds.append(naive.generation(generations[-1]))
     asked = sum(len(record["candidates"]) for record in generations)
     forward = sum(record["new_evaluations"] for record in generations)
     cached_timed = sum(record["seconds"] for record in generations[:timed])
-    naive_timed = sum(naive["generation_seconds"])
+    naive_timed = sum(naive_seconds)
     naive_per_generation = naive_timed / timed
     modules = len(fitness.cache)  # distinct (module, retained tasks) merges the cached side computed
     requested = sum(len(run_merge(problem.adapters, fitness.unit_settings, pruned_table(problem.template, pruned),
@@ -149,22 +161,28 @@ def run(args) -> dict:
             {"generation": record["generation"], "candidates": len(record["candidates"]),
              "forward_passes": record["new_evaluations"], "memo_hits": record["cache_hits"],
              "cached_seconds": record["seconds"],
-             "naive_seconds": naive["generation_seconds"][index] if index < timed else None,
+             "naive_seconds": naive_seconds[index] if index < timed else None,
              "best_fitness": record["best_fitness"], "mean_fitness": record["mean_fitness"],
              "mean_sparsity": record["mean_sparsity"]}
             for index, record in enumerate(generations)],
-        "cached": {"setup_seconds": cached["setup_seconds"],
+        "cached": {"setup_seconds": cached.setup_seconds,
                    "seconds_per_generation": sum(record["seconds"] for record in generations) / len(generations),
                    "candidates": asked, "forward_passes": forward, "forward_share": forward / asked,
-                   "distinct_masks_drawn": len({c for record in generations for c in record["candidates"]}),
+                   "distinct_candidates_drawn": len({c for record in generations for c in record["candidates"]}),
                    "module_merges": modules, "module_merges_without_cache": requested},
-        "naive": {"setup_seconds": naive["setup_seconds"], "seconds_per_generation": naive_per_generation,
+        "naive": {"setup_seconds": naive.setup_seconds, "seconds_per_generation": naive_per_generation,
                   "forward_passes": sum(len(record["candidates"]) for record in generations[:timed]),
-                  "estimated_total_seconds": naive["setup_seconds"] + naive_per_generation * len(generations)},
+                  "estimated_total_seconds": naive.setup_seconds + naive_per_generation * len(generations)},
         "speedup_per_generation": naive_timed / cached_timed,
-        "experts_match": naive["experts_match"], "reference_match": naive["reference_match"],
-        "mismatches": naive["mismatches"],
+        "experts_match": naive.experts == fitness.experts, "reference_match": naive.reference == fitness.reference,
+        "mismatches": naive.mismatches,
     }
+
+
+def _ratio(naive_seconds: float | None, cached_seconds: float) -> str:
+    if naive_seconds is None:
+        return ""
+    return "memo only" if cached_seconds < 0.01 else f"{naive_seconds / cached_seconds:.1f}×"
 
 
 def render(report: dict) -> None:
@@ -173,10 +191,11 @@ def render(report: dict) -> None:
 
     settings, cached, naive = report["settings"], report["cached"], report["naive"]
     enmp = settings["enmp"]
+    addscale = ", --addscale" if enmp["addscale"] else ""
     console = Console(width=max(Console().width, 110))
     table = Table(title=f"ENMP on the bundled text setting: {settings['merger']} λ={settings['lambda']:g}, "
                         f"{settings['units']} units × {settings['tasks']} tasks, popsize {enmp['popsize']}, "
-                        f"x0 {enmp['x0']:g}, σ0 {enmp['sigma0']:g}, seed {enmp['seed']}, "
+                        f"x0 {enmp['x0']:g}, σ0 {enmp['sigma0']:g}, seed {enmp['seed']}{addscale}, "
                         f"{settings['threads']} thread(s)", title_justify="left")
     for column in ("gen", "candidates", "forward passes", "memo hits", "cached s", "naive s", "naive / cached",
                    "best fitness", "mean sparsity"):
@@ -186,18 +205,19 @@ def render(report: dict) -> None:
         table.add_row(str(row["generation"]), str(row["candidates"]), str(row["forward_passes"]),
                       str(row["memo_hits"]), f"{row['cached_seconds']:.2f}",
                       "" if naive_seconds is None else f"{naive_seconds:.2f}",
-                      "" if naive_seconds is None else f"{naive_seconds / max(row['cached_seconds'], 1e-9):.1f}×",
+                      _ratio(naive_seconds, row["cached_seconds"]),
                       f"{row['best_fitness']:+.2f}", f"{100 * row['mean_sparsity']:.1f} %")
     console.print(table)
     console.print(
-        f"seconds per generation: cached {cached['seconds_per_generation']:.2f}, naive {naive['seconds_per_generation']:.2f} "
+        f"seconds per generation: cached {cached['seconds_per_generation']:.2f}, "
+        f"naive {naive['seconds_per_generation']:.2f} "
         f"(over {settings['naive_generations']} generation(s)); naive / cached on the same generations: "
         f"{report['speedup_per_generation']:.2f}×")
     console.print(
         f"forward passes: {cached['forward_passes']} of {cached['candidates']} candidates "
-        f"({100 * cached['forward_share']:.1f} %; {cached['distinct_masks_drawn']} distinct masks drawn, the "
-        f"unpruned one included), plus the unpruned merge once at setup; module merges computed {cached['module_merges']} of {cached['module_merges_without_cache']} needed "
-        f"without the merge cache")
+        f"({100 * cached['forward_share']:.1f} %; {cached['distinct_candidates_drawn']} distinct candidates drawn), "
+        f"plus the unpruned merge once at setup; module merges computed "
+        f"{cached['module_merges']} of {cached['module_merges_without_cache']} needed without the merge cache")
     console.print(
         f"setup (scored once): cached {cached['setup_seconds']:.1f} s (model, data, experts, unpruned merge), naive "
         f"{naive['setup_seconds']:.1f} s (experts, unpruned merge; it reuses the cached side's tokenised data)")
@@ -227,6 +247,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sigma0", type=float, default=0.5)
     parser.add_argument("--max-prune", type=float, default=0.2)
     parser.add_argument("--seed", type=int, default=1, help="CMA-ES seed")
+    parser.add_argument("--addscale", action="store_true", help="search λ too (one extra gene)")
     parser.add_argument("--val-limit", type=int, default=256, help="validation examples per task (default 256)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, both sides (default 1)")

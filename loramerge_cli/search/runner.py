@@ -148,26 +148,13 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     table = pruned_table(problem.template, best.pruned)
     best_lambda = best.lam if best.lam is not None else lam
     merger = {**problem.settings.describe(), "lambda": best_lambda}
-    provenance = {
-        "loramerge": __version__,
-        "command": request.command,
-        "strategy": request.strategy,
-        "seed": request.enmp.seed,
-        "search": asdict(request.enmp) if request.strategy == "enmp" else {
-            "budget": _budget(request), "sparsity": request.sparsity},
-        "evaluations": evaluations,
-        "forward_passes": fitness.forward_passes if parallel is None else None,
-        "validation": {
-            "unpruned_mean_normalized_accuracy": fitness.reference,
-            "best_mean_normalized_accuracy": fitness.reference + best.fitness,
-            "fitness": best.fitness,
-        },
-        "experts_validation_accuracy": experts,
-        "lambda_tuning": tuning,
-        "pruned_flat_indices": list(best.pruned),
-        "seconds": round(time.perf_counter() - started, 3),
-        "history": history,
+    provenance = _provenance(request, fitness, parallel, best, evaluations, history, started)
+    provenance["validation"] = {
+        "unpruned_mean_normalized_accuracy": fitness.reference,
+        "best_mean_normalized_accuracy": fitness.reference + best.fitness,
+        "fitness": best.fitness,
     }
+    provenance.update(experts_validation_accuracy=experts, lambda_tuning=tuning)
     if request.report_test:
         provenance["test"] = _test_report(request, lam, best_lambda, best.pruned)
     table = replace(table, scale=best.lam if request.enmp.addscale else None, merger=merger, provenance=provenance)
@@ -209,25 +196,12 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
         if parallel is not None:
             parallel.close()
     best_lambda = best.lam if best.lam is not None else lam
-    provenance = {
-        "loramerge": __version__,
-        "command": request.command,
-        "strategy": request.strategy,
-        "fitness": "nsc",
-        "objective": request.nsc.objective,
-        "seed": request.enmp.seed,
-        "search": asdict(request.enmp) if request.strategy == "enmp" else {
-            "budget": _budget(request), "sparsity": request.sparsity},
-        "evaluations": evaluations,
-        "forward_passes": fitness.forward_passes if parallel is None else None,
-        "validation": {
-            "unpruned_loss": fitness.reference,
-            "best_loss": fitness.reference * (1.0 - best.fitness / 100.0),
-            "fitness": best.fitness,
-        },
-        "pruned_flat_indices": list(best.pruned),
-        "seconds": round(time.perf_counter() - started, 3),
-        "history": history,
+    provenance = _provenance(request, fitness, parallel, best, evaluations, history, started)
+    provenance.update(fitness="nsc", objective=request.nsc.objective)
+    provenance["validation"] = {
+        "unpruned_loss": fitness.reference,
+        "best_loss": fitness.reference * (1.0 - best.fitness / 100.0),
+        "fitness": best.fitness,
     }
     if request.report_test:
         provenance["test"] = _test_report(request, lam, best_lambda, best.pruned)
@@ -235,6 +209,23 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
     table = replace(pruned_table(template, best.pruned), scale=best.lam if request.enmp.addscale else None,
                     merger=merger, provenance=provenance)
     return table, provenance
+
+
+def _provenance(request, fitness, parallel, best, evaluations, history, started) -> dict:
+    """What every search records about itself (the validation figures are added by the caller)."""
+    return {
+        "loramerge": __version__,
+        "command": request.command,
+        "strategy": request.strategy,
+        "seed": request.enmp.seed,
+        "search": asdict(request.enmp) if request.strategy == "enmp" else {
+            "budget": _budget(request), "sparsity": request.sparsity},
+        "evaluations": evaluations,
+        "forward_passes": fitness.forward_passes if parallel is None else None,
+        "pruned_flat_indices": list(best.pruned),
+        "seconds": round(time.perf_counter() - started, 3),
+        "history": history,
+    }
 
 
 def _budget(request: SearchRequest) -> int:

@@ -56,7 +56,8 @@ def search_command(
         "--lambda", help="λ of the merge: a number, or 'auto' (tuned on validation first). [default: the method's]",
         show_default=False)] = None,
     weights: Annotated[str | None, typer.Option("--weights", help="Per-adapter weights w1,w2,...")] = None,
-    density: Annotated[float | None, typer.Option("--density", help="Trim density (ties, magnitude, dare_ties).")] = None,
+    density: Annotated[float | None, typer.Option(
+        "--density", help="Trim density (ties, magnitude, dare_ties).")] = None,
     drop_rate: Annotated[float | None, typer.Option("--drop-rate", help="DARE drop rate.")] = None,
     scope: Annotated[Literal["module", "adapter"] | None, typer.Option("--scope", help="Trim scope.")] = None,
     knots_scaled: Annotated[bool | None, typer.Option(
@@ -97,7 +98,8 @@ def search_command(
         "--devices", help="Comma-separated devices, one worker process each (cuda:0,cuda:1).")] = None,
     workers: Annotated[int | None, typer.Option("--workers", help="CPU worker processes.")] = None,
     threads: Annotated[int | None, typer.Option(
-        "--threads", help="Torch threads per process (the same in every worker). [default: min(8, CPUs)]",
+        "--threads", help="Torch threads per process (the same in every process). "
+        "[default: min(8, CPUs); CPUs / N with --workers N]",
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Evaluation batch size; nsc: examples per task and step.")] = 16,
@@ -105,7 +107,8 @@ def search_command(
     run_dir: Annotated[Path | None, typer.Option(
         "--run-dir", help="Checkpoints every generation (state, trajectory.jsonl, best table).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the search saved in --run-dir.")] = False,
-    report_test: Annotated[bool, typer.Option("--report-test", help="Also score the result on the test split.")] = False,
+    report_test: Annotated[bool, typer.Option(
+        "--report-test", help="Also score the result on the test split.")] = False,
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Write fitness.png and mask.png to this folder (needs the plot extra).")] = None,
     base: Annotated[str | None, typer.Option("--base", help="Base model id or path.")] = None,
@@ -134,6 +137,10 @@ def search_command(
         if workers < 1:
             raise LoramergeError("--workers must be >= 1")
         device_list = [device] * workers
+        if threads is None:  # share the cores instead of oversubscribing them; every process uses the same count
+            import os
+
+            threads = max(1, (os.cpu_count() or 1) // workers)
     lam_value = _lambda_value(lam)
     from loramerge_cli.evaluation.engine import EvalSettings
     from loramerge_cli.merging.merge import MergeConfig

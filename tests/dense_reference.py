@@ -191,7 +191,7 @@ def reference_merge(
     paths = sorted({p for a in adapters for p in a.modules})
     active = {p: retained(adapters, p, weights, table) for p in paths}
     active = {p: tasks for p, tasks in active.items() if tasks}
-    spaces, rows = {}, {}
+    spaces = {}
     for path, tasks in active.items():
         factors = []
         for t, w in tasks:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule
-from loramerge_cli.adapters.sources import LocalFiles, default_name, resolve, sha256_file, split_name
+from loramerge_cli.adapters.sources import default_name, resolve, sha256_file, split_name
 from loramerge_cli.errors import LoramergeError
 
 # Config fields that change what a LoRA module computes; loramerge refuses them by name.

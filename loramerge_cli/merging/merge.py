@@ -5,7 +5,7 @@ Everything is validated by `resolve_config` before the first tensor is touched.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -17,7 +17,7 @@ from loramerge_cli.errors import LoramergeError
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import elementwise
 from loramerge_cli.merging.lowrank import LowRank, truncate_dense
-from loramerge_cli.merging.registry import METHODS, PARAMETERS, PRESETS, Method, method_named
+from loramerge_cli.merging.registry import PARAMETERS, PRESETS, Method, method_named
 from loramerge_cli.merging.spaces import SPACES, project
 
 
@@ -298,10 +298,3 @@ def _finish(path, delta, adapters, tasks, settings: ResolvedMerge, result: Merge
             f"components; capped (relative error {error:.3g})"
         )
     return MergedModule(path, factors.left, factors.right, fan_in_fan_out, error, capped)
-
-
-def resolved_dict(settings: ResolvedMerge) -> dict:
-    return settings.describe()
-
-
-__all__ = ["MergeConfig", "MergeResult", "MergedModule", "merge", "resolve_config", "run_merge", "asdict"]

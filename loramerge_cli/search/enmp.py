@@ -10,7 +10,7 @@ from __future__ import annotations
 import pickle
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -222,5 +222,3 @@ def _json_line(record: dict) -> str:
 
     return json.dumps(record) + "\n"
 
-
-__all__ = ["EnmpSearch", "EnmpSettings", "Evaluation", "asdict"]

@@ -11,7 +11,7 @@ from typing import Callable
 
 from loramerge_cli import __version__
 from loramerge_cli.errors import LoramergeError
-from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings, Evaluation
+from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings
 from loramerge_cli.search.nsc import NscSettings
 
 STRATEGIES = ("enmp", "greedy", "random", "nsc")
@@ -307,4 +307,3 @@ def _test_report(request: SearchRequest, lam: float, best_lambda: float, pruned:
             "experts_test_accuracy": experts}
 
 
-__all__ = ["SearchRequest", "run_search", "Evaluation"]

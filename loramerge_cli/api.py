@@ -75,7 +75,15 @@ def _summary(adapter: Adapter) -> dict:
         "units": len(adapter.units),
         "heads": adapter.head_modules,
         "size_bytes": _size_bytes(adapter),
+        "notes": _notes(adapter),
     }
+
+
+def _notes(adapter: Adapter) -> list[str]:
+    """What a user should know before merging this adapter."""
+    if adapter.source.config_file is None:
+        return ["no adapter_config.json beside the weights: read with lora_alpha = r (scale 1)"]
+    return []
 
 
 def _counts(values) -> dict:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from factories import invoke_cli, write_task_folders
+from factories import invoke_cli, random_adapter, write_peft_folder, write_task_folders
 
 from loramerge_cli import api
 from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
@@ -254,3 +254,15 @@ def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monk
     provenance = json.loads((tmp_path / "m" / "loramerge.json").read_text())
     assert provenance["parameters"]["lambda"] == 0.3
     assert provenance["lambda_tuning"]["grid"] == [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}]
+
+
+def test_inspect_notes_a_bare_safetensors_file(tmp_path):
+    folder = write_peft_folder(tmp_path / "a", random_adapter("a", {"model.layers.0.q_proj": (6, 5)}, seed=1))
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes((folder / "adapter_model.safetensors").read_bytes())
+    result = invoke_cli(["inspect", str(bare), "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout)["adapters"][0]
+    assert summary["notes"] == ["no adapter_config.json beside the weights: read with lora_alpha = r (scale 1)"]
+    assert summary["scales"] == {"1": 1}
+    assert invoke_cli(["inspect", str(folder), "--json"]).stdout.count("lora_alpha = r") == 0

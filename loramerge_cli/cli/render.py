@@ -68,7 +68,7 @@ def norms_table(norms: dict, heatmap: bool = False) -> Table:
 
 
 def compatibility_lines(summary: dict) -> list[str]:
-    lines = []
+    lines = [f"{adapter['name']}: {note}" for adapter in summary["adapters"] for note in adapter.get("notes", [])]
     for pair in summary["pairs"]:
         first, second = pair["adapters"]
         verdict = "[green]compatible[/]" if pair["compatible"] else "[red]" + "; ".join(pair["problems"]) + "[/]"

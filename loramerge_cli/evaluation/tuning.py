@@ -20,7 +20,7 @@ GRID_STEPS = [step / 10 for step in range(1, 21)]  # 0.1 … 2.0, times the meth
 
 
 def default_grid(default_lambda: float) -> list[float]:
-    return [step * default_lambda for step in GRID_STEPS]
+    return [float(f"{step * default_lambda:.12g}") for step in GRID_STEPS]  # 0.3, not 0.30000000000000004
 
 
 def best_lambda(records: list[dict], default_lambda: float) -> float:

@@ -106,7 +106,9 @@ def search_command(
     eval_dtype: Annotated[str, typer.Option("--eval-dtype", help="Dtype of the evaluated model.")] = "float32",
     run_dir: Annotated[Path | None, typer.Option(
         "--run-dir", help="Checkpoints every generation (state, trajectory.jsonl, best table).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the search saved in --run-dir (its state.pkl is a pickle: only resume your own runs).")] = False,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the search saved in --run-dir (its CMA-ES state is a pickle: resume only "
+        "run directories you made).")] = False,
     report_test: Annotated[bool, typer.Option(
         "--report-test", help="Also score the result on the test split.")] = False,
     plot: Annotated[Path | None, typer.Option(

@@ -28,15 +28,14 @@ class WeightTable:
     merger: dict | None = None
     provenance: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._columns = {name: index for index, name in enumerate(self.units)}  # weight() is on the search's hot path
+
     def weight(self, task_index: int, module_path: str) -> float:
         """The weight of task `task_index` on a module; modules outside the table's units get 1."""
         key = unit_of(module_path) if self.unit == "block" else module_path
         column = self._columns.get(key) if key is not None else None
         return 1.0 if column is None else float(self.weights[task_index][column])
-
-    @property
-    def _columns(self) -> dict[str, int]:
-        return {name: index for index, name in enumerate(self.units)}
 
     def pruned_count(self) -> int:
         return sum(1 for row in self.weights for value in row if value == 0)

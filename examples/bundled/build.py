@@ -63,7 +63,8 @@ def up_to_date(out: Path, key: str) -> bool:
 
 def build(out: Path, scale: Scale = FULL, force: bool = False, log=lambda message: None) -> dict:
     """Build into `out` unless it is up to date; returns the build record (what build.json holds)."""
-    from examples.bundled.common import deterministic, quiet_transformers
+    from examples.bundled.common import deterministic
+    from loramerge_cli.evaluation.loading import quiet_transformers
 
     out = out.resolve()
     key = stamp(scale)  # before building: the code that runs is the code stamped

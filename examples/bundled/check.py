@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
     from rich.table import Table
 
-    from examples.bundled.common import THREADS, quiet_transformers
+    from examples.bundled.common import THREADS
+    from loramerge_cli.evaluation.loading import quiet_transformers
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("examples/.cache/bundled"), help="the built example")

@@ -25,27 +25,6 @@ def deterministic():
         torch.use_deterministic_algorithms(strict)
 
 
-@contextmanager
-def quiet_transformers():
-    """No progress bars or fresh-head notices (every head here is new by design); restored after."""
-    import warnings
-
-    from transformers.utils import logging
-
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
-            # peft 0.21 calls a method transformers 5 deprecates; nothing the builder can change.
-            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
-            yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
-
-
 def train(
     model: torch.nn.Module,
     batch: Callable[[torch.Generator], tuple[dict, torch.Tensor | dict]],

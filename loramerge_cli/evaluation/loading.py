@@ -38,15 +38,20 @@ def torch_device(name: str) -> torch.device:
 
 
 @contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """No warnings about freshly initialised heads (heads are swapped per task) and no progress bars."""
+    import warnings
+
     from transformers.utils import logging
 
     level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
-        yield
+        with warnings.catch_warnings():
+            # peft 0.21 calls a method transformers 5 deprecates; nothing a caller can change.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            yield
     finally:
         logging.set_verbosity(level)
         if bars:
@@ -60,7 +65,7 @@ def load_base(base: str, model_type: str, device: torch.device, dtype: torch.dty
     model_class = getattr(transformers, MODEL_CLASSES[model_type])
     kwargs: dict = {"dtype": dtype}
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if num_labels is not None and model_type != "causal-lm":
                 config = transformers.AutoConfig.from_pretrained(base)
                 if getattr(config, "num_labels", None) != num_labels:
@@ -77,7 +82,7 @@ def load_preprocessor(base: str, model_type: str):
     import transformers
 
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             if model_type == "image-classification":
                 return transformers.AutoImageProcessor.from_pretrained(base)
             tokenizer = transformers.AutoTokenizer.from_pretrained(base)

@@ -197,7 +197,8 @@ def run_merge(
             key = (path, tuple(tasks), settings.lam)
             if cache is None or key not in cache:
                 warnings_before = len(result.warnings)
-                module = _finish(path, _merge_module(path, tasks, adapters, settings), adapters, tasks, settings, result)
+                delta = _merge_module(path, tasks, adapters, settings)
+                module = _finish(path, delta, adapters, tasks, settings, result)
                 entry = (module, result.warnings[warnings_before:])
                 if cache is not None:
                     cache[key] = entry

@@ -33,7 +33,8 @@ class Ledger:
 
 
 def greedy_search(
-    fitness: Fitness, flat_size: int, max_pruned: int, budget: int, on_round: Callable[[dict], None] = lambda record: None
+    fitness: Fitness, flat_size: int, max_pruned: int, budget: int,
+    on_round: Callable[[dict], None] = lambda record: None,
 ) -> Ledger:
     """Add the single unit whose pruning helps most, while it helps and the budget lasts."""
     ledger = Ledger(fitness, budget)

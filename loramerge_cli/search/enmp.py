@@ -7,6 +7,7 @@ written to the run directory after every generation, so `resume` continues a kil
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 import warnings
@@ -218,7 +219,5 @@ class EnmpSearch:
 
 
 def _json_line(record: dict) -> str:
-    import json
-
     return json.dumps(record) + "\n"
 

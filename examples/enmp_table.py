@@ -5,7 +5,7 @@ budget: ENMP, ENMP with `--addscale`, greedy leave-one-out pruning and random ma
 (same number of evaluations), each over several seeds; validation fitness and test mean normalized
 accuracy, against the unpruned merge.
 
-    python -m examples.enmp_table [--seeds 1,2,3] [--popsize 8] [--generations 15] [--json out.json]
+    python -m examples.enmp_table [--seeds 1,2,3] [--popsize 16] [--generations 15] [--json out.json]
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def run_merger(merger, arguments, tasks_file, validation, test, seeds, budget, l
     runs["greedy"].append(outcome(ledger.best(), len(ledger.memo) - 1))  # deterministic: one run
     row["runs"] = runs
     row["mean"] = {
-        key: {field: statistics.mean(run[field] for run in values) for field in ("fitness", "test", "pruned")}
+        key: {field: statistics.mean(run[field] for run in values) for field in ("fitness", "test", "pruned", "evaluations")}
         for key, values in runs.items()
     }
     return row
@@ -84,13 +84,13 @@ def render(rows: list[dict], seeds, budget, seconds):
     table.add_column("λ", justify="right")
     table.add_column("unpruned val / test", justify="right")
     for key in ("enmp", "enmp_addscale", "greedy", "random"):
-        table.add_column(f"+{key.replace('_', ' ')} Δval / test (pruned)", justify="right")
+        table.add_column(f"+{key.replace('_', ' ')} Δval / test (pruned; evaluations)", justify="right")
     for row in rows:
         cells = [row["merger"], f"{row['lambda']:.3g}",
                  f"{row['unpruned']['validation']:.1f} / {row['unpruned']['test']:.1f}"]
         for key in ("enmp", "enmp_addscale", "greedy", "random"):
             mean = row["mean"][key]
-            cells.append(f"{mean['fitness']:+.2f} / {mean['test']:.1f} ({mean['pruned']:.1f})")
+            cells.append(f"{mean['fitness']:+.2f} / {mean['test']:.1f} ({mean['pruned']:.1f}; {mean['evaluations']:.0f})")
         table.add_row(*cells)
     return table
 
@@ -109,7 +109,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--mergers", default=",".join(MERGERS))
-    parser.add_argument("--popsize", type=int, default=8)
+    parser.add_argument("--popsize", type=int, default=16)
     parser.add_argument("--generations", type=int, default=15)
     parser.add_argument("--max-prune", type=float, default=0.2)
     parser.add_argument("--val-limit", type=int, default=256)

@@ -18,7 +18,7 @@ LORA_SHAPES = {"first_kind": (8, 16), "last_kind": (8, 8), "after_marker": (4, 8
 @dataclass(frozen=True)
 class TextSettings:
     hidden: int = 64
-    layers: int = 4
+    layers: int = 8
     heads: int = 4
     pretrain_steps: int = 400
     pretrain_sentences: int = 8192

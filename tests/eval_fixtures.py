@@ -38,12 +38,12 @@ def vocab_size() -> int:
     return len(SPECIAL) + len(WORDS) + 4
 
 
-def build_llama_classifier(folder: Path, num_labels: int = 3, seed: int = 0) -> Path:
-    """A 2-block Llama sequence classifier (hidden 16) with its tokenizer."""
+def build_llama_classifier(folder: Path, num_labels: int = 3, seed: int = 0, layers: int = 2) -> Path:
+    """A Llama sequence classifier (hidden 16, 2 blocks unless told) with its tokenizer."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     config = LlamaConfig(
-        vocab_size=vocab_size(), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        vocab_size=vocab_size(), hidden_size=16, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
         num_key_value_heads=2, max_position_embeddings=64, num_labels=num_labels, pad_token_id=0,
     )
     with torch.random.fork_rng(devices=[]):
@@ -137,9 +137,11 @@ class TextSetting:
         return [f"{name}={path}" for name, path in self.adapters.items()]
 
 
-def build_text_setting(root: Path, task_names=("alpha", "beta", "gamma"), rows: int = 24) -> TextSetting:
+def build_text_setting(
+    root: Path, task_names=("alpha", "beta", "gamma"), rows: int = 24, layers: int = 2
+) -> TextSetting:
     """Three NLI-like tasks on a tiny Llama classifier; `gamma` never uses class 1 (masked)."""
-    base = build_llama_classifier(root / "base")
+    base = build_llama_classifier(root / "base", layers=layers)
     adapters, tasks = {}, []
     for index, name in enumerate(task_names):
         adapters[name] = save_peft_adapter(

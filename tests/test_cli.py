@@ -235,6 +235,10 @@ def test_search_mask_needs_tasks_and_a_valid_seed(sources, tmp_path):
                        "--out", str(tmp_path / "mask.json")])
     assert seed.exit_code == 1 and seed.stderr.startswith("error: --seed must be >= 1")
     assert not (tmp_path / "mask.json").exists()
+    cache = invoke_cli(["search-mask", "--adapters", *sources, "--tasks", "tasks.yaml", "--block-cache-mb", "-1",
+                        "--out", str(tmp_path / "mask.json")])
+    assert cache.exit_code == 1 and cache.stderr.startswith("error: --block-cache-mb must be a number >= 0")
+    assert not (tmp_path / "mask.json").exists()
 
 
 def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monkeypatch):

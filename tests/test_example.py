@@ -165,3 +165,46 @@ def test_text_build_is_deterministic(bundled, tmp_path):
     for name in TEXT_TASKS:
         relative = Path("adapters") / name / "adapter_model.safetensors"
         assert (tmp_path / "text" / relative).read_bytes() == (bundled / "text" / relative).read_bytes()
+
+
+def test_nsc_premise_measures_each_row_and_reads_a_coefficient_table(bundled, tmp_path):
+    from examples import nsc_premise
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.masks import WeightTable
+    from loramerge_cli.merging.merge import module_paths
+
+    setting = bundled / "text"
+    adapters = load_adapters([f"{t}={setting / 'adapters' / t}" for t in language.TASKS])
+    paths = module_paths(adapters)
+    table = WeightTable(tasks=list(language.TASKS), units=paths, weights=[[0.4] * len(paths) for _ in adapters],
+                        unit="module", scale=1.0)
+    table.save(tmp_path / "coeffs.json")
+    result = nsc_premise.measure(setting, None, tmp_path / "coeffs.json", val_limit=8)
+    assert result["targets"] == [f"model.layers.{build.TINY.text.layers - 1}.self_attn.o_proj"]
+    rows = list(result["rows"].values())
+    assert len(rows) == 5 and all(len(row) == len(language.TASKS) for row in rows)
+    assert all(0.0 < value <= 1.0 for row in rows for value in row)
+    assert rows[4] == rows[2]  # a table of 0.4 everywhere is ta at λ = 0.4, read through the table
+    assert rows[0] != rows[2]  # the coefficients reach the measured inputs
+
+
+def test_block_replay_is_exact_on_the_vit(bundled):
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+    from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
+    from loramerge_cli.evaluation.specs import load_task_file
+    from loramerge_cli.masks import ones_table
+    from loramerge_cli.merging.merge import MergeConfig, resolve_config
+    from loramerge_cli.search.fitness import AccuracyFitness
+
+    setting = bundled / "image"
+    adapters = load_adapters([f"{t}={setting / 'adapters' / t}" for t in IMAGE_TASKS])
+    engine = Evaluator(load_task_file(setting / "tasks.yaml"), adapters, EvalSettings(threads=1, batch_size=8))
+    fitness = AccuracyFitness(adapters, resolve_config(MergeConfig(merger="ta"), len(adapters)), ones_table(adapters),
+                              engine, expert_scores(engine, ScoreCache()))
+    last_block = build.TINY.image.layers - 1
+    for pruned in [(last_block * len(adapters),), (last_block * len(adapters) + 1, last_block * len(adapters) + 2)]:
+        deltas = fitness._deltas(pruned, None)
+        assert fitness.replay.first_changed(deltas) == last_block
+        assert fitness.replay.evaluate(deltas) == engine.evaluate(deltas)
+    assert fitness.replay.verified and fitness.replay.replayed_blocks == 2 * last_block

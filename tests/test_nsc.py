@@ -246,6 +246,21 @@ def test_cli_learns_coefficients_from_inputs_only_and_merge_applies_them(setting
         assert torch.allclose(written.modules[path].delta(), expected, atol=1e-5)
 
 
+def test_cli_init_sets_the_starting_coefficients_and_rejects_nan(setting, tmp_path):
+    common = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+              "--strategy", "nsc", "--steps", "1", "--batch-size", "4", "--threads", "1"]
+    out = tmp_path / "coeffs.json"
+    result = invoke_cli([*common, "--init", "0.25", "--lr", "1e-9", "--out", out])
+    assert result.exit_code == 0, result.stderr
+    table = load_table(out)
+    present = [v for row in table.weights for v in row if v != 0]
+    assert present and all(abs(v - 0.25) < 1e-6 for v in present)  # one step of lr 1e-9 barely moves them
+    assert table.provenance["search"]["init"] == 0.25
+    bad = invoke_cli([*common, "--init", "nan", "--out", tmp_path / "bad.json"])
+    assert bad.exit_code != 0 and "--init must be a finite number" in bad.stderr
+    assert not (tmp_path / "bad.json").exists()
+
+
 @pytest.mark.slow
 def test_interrupted_training_resumes_to_the_same_coefficients(setting, tmp_path):
     plain, plain_provenance = run_search(request(setting))

@@ -73,6 +73,9 @@ def search_command(
         "mean prediction entropy; classification tasks).")] = "nsc",
     steps: Annotated[int, typer.Option("--steps", help="nsc: AdamW steps.")] = 100,
     lr: Annotated[float, typer.Option("--lr", help="nsc: AdamW learning rate (weight decay 0.01).")] = 1e-3,
+    init: Annotated[float, typer.Option(
+        "--init", help="nsc: starting value of every coefficient (the paper's 0.4; 1/T starts from ta's "
+        "default λ).")] = 0.4,
     target_blocks: Annotated[str | None, typer.Option(
         "--target-blocks", help="nsc: blocks the ratio is measured in: indices (9,10,11) or unit prefixes. "
         "[default: the last quarter of the blocks with LoRA]", show_default=False)] = None,
@@ -104,6 +107,9 @@ def search_command(
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Evaluation batch size; nsc: examples per task and step.")] = 16,
     eval_dtype: Annotated[str, typer.Option("--eval-dtype", help="Dtype of the evaluated model.")] = "float32",
+    block_cache_mb: Annotated[float, typer.Option(
+        "--block-cache-mb", help="MB of the unpruned merge's block outputs kept so that each candidate's "
+        "forward pass starts at its first changed block (same scores; 0: off).")] = 1024,
     run_dir: Annotated[Path | None, typer.Option(
         "--run-dir", help="Checkpoints every generation (state, trajectory.jsonl, best table).")] = None,
     resume: Annotated[bool, typer.Option(
@@ -158,7 +164,7 @@ def search_command(
                           scope=scope, knots_scaled=knots_scaled, seed=seed),
         tasks=tasks,
         eval=EvalSettings(val_limit=val_limit, device=device, dtype=eval_dtype, batch_size=batch_size,
-                          threads=threads),
+                          threads=threads, block_cache_mb=block_cache_mb),
         lambda_auto=lam_value == "auto",
         base=base,
         allow_base_mismatch=allow_base_mismatch,
@@ -167,7 +173,7 @@ def search_command(
         enmp=EnmpSettings(max_prune=max_prune, popsize=popsize, generations=generations, sigma0=sigma0,
                           threshold=threshold, seed=seed, addscale=addscale),
         fitness=fitness,
-        nsc=NscSettings(steps=steps, lr=lr, batch_size=batch_size, seed=seed, objective=objective,
+        nsc=NscSettings(steps=steps, lr=lr, init=init, batch_size=batch_size, seed=seed, objective=objective,
                         target_blocks=_names(target_blocks), target_modules=_names(target_modules)),
         budget=budget,
         sparsity=sparsity,

@@ -44,6 +44,7 @@ class EvalSettings:
     length_normalize: bool = False  # causal LM: divide a choice's log-likelihood by its token count
     sample_seed: int = 0  # which examples a limit keeps
     max_length: int = 2048  # token cap when a task sets none (and the model allows more)
+    block_cache_mb: float = 1024  # searches: reference block outputs kept to skip unchanged blocks (0: off)
 
 
 @dataclass

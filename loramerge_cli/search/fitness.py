@@ -1,14 +1,16 @@
 """Fitness of a pruning table: mean normalized validation accuracy of the pruned merge, in points
-over the unpruned merge (Part A §A5). Merged modules are cached per (module, retained tasks)."""
+over the unpruned merge (Part A §A5). Merged modules are cached per (module, retained tasks), and each
+candidate's forward pass starts at its first changed block (`BlockReplay`)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
 from loramerge_cli.evaluation.engine import Evaluator, merged_deltas
+from loramerge_cli.evaluation.replay import BlockReplay
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
 from loramerge_cli.masks import WeightTable
-from loramerge_cli.merging.merge import ResolvedMerge, run_merge
+from loramerge_cli.merging.merge import ResolvedMerge, module_paths, run_merge
 
 
 def pruned_table(template: WeightTable, pruned: tuple[int, ...]) -> WeightTable:
@@ -36,15 +38,30 @@ class AccuracyFitness:
         self.experts = experts
         self.cache: dict | None = {} if settings.params.get("scope", "module") == "module" else None
         self.forward_passes = 0
-        self.reference = self.score((), None) if reference is None else reference
+        self.replay = BlockReplay(engine, module_paths(adapters), engine.settings.block_cache_mb)
+        if reference is None:  # scored here; a worker is handed it and records the replay on first use
+            self.reference = self._mean(self._record_reference())
+            self.forward_passes += 1
+        else:
+            self.reference = reference
+
+    def _deltas(self, pruned: tuple[int, ...], lam: float | None) -> dict:
+        result = run_merge(self.adapters, self.unit_settings, pruned_table(self.template, pruned), cache=self.cache)
+        return merged_deltas(result, self.base_lambda if lam is None else lam)
+
+    def _record_reference(self) -> dict[str, float]:
+        return self.replay.record(self._deltas((), None))
+
+    def _mean(self, scores: dict[str, float]) -> float:
+        normalized, _ = normalized_accuracy(scores, self.experts)
+        return mean_defined(normalized) or 0.0
 
     def score(self, pruned: tuple[int, ...], lam: float | None) -> float:
         """Mean normalized accuracy (points) of one candidate."""
-        result = run_merge(self.adapters, self.unit_settings, pruned_table(self.template, pruned), cache=self.cache)
+        if not self.replay.recorded:
+            self._record_reference()
         self.forward_passes += 1
-        scores = self.engine.evaluate(merged_deltas(result, self.base_lambda if lam is None else lam))
-        normalized, _ = normalized_accuracy(scores, self.experts)
-        return mean_defined(normalized) or 0.0
+        return self._mean(self.replay.evaluate(self._deltas(pruned, lam)))
 
     def __call__(self, candidates: list[tuple[tuple[int, ...], float | None]]) -> list[float]:
         return [self.score(pruned, lam) - self.reference for pruned, lam in candidates]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -46,6 +47,8 @@ class NscSettings:
             raise LoramergeError("--steps must be >= 1")
         if not self.lr > 0:
             raise LoramergeError("--lr must be > 0")
+        if not math.isfinite(self.init):
+            raise LoramergeError("--init must be a finite number")
         if self.batch_size < 1:
             raise LoramergeError("--batch-size must be >= 1")
         if self.seed < 1:

@@ -101,6 +101,8 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
         raise LoramergeError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {request.strategy!r})")
     if request.fitness not in FITNESSES:
         raise LoramergeError(f"--fitness must be one of {', '.join(FITNESSES)} (got {request.fitness!r})")
+    if not 0 <= request.eval.block_cache_mb < float("inf"):
+        raise LoramergeError("--block-cache-mb must be a number >= 0")
     run_dir = Path(request.run_dir) if request.run_dir else None
     if request.strategy == "nsc":
         from loramerge_cli.search.nsc import run_nsc

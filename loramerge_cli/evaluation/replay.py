@@ -1,0 +1,209 @@
+"""Start a candidate's forward pass at its first changed block, replaying the blocks before it.
+
+A pruning candidate differs from the reference (the unpruned merge at the same λ) only in the modules
+of the blocks it prunes, when the merge works module by module. Every block before the first changed
+one then computes, batch by batch, exactly what it computed for the reference: same weights, same
+inputs, same kernels, same bits. `BlockReplay` records the reference's block outputs once and, per
+candidate, stands in for the unchanged leading blocks with those outputs. The first replayed candidate
+is also run in full; if the two differ in any bit the replay is switched off for the run.
+
+Block outputs take memory (examples × tokens × hidden per block): when they exceed the budget, only
+every 2nd, 4th, … block's output is kept (the deepest of each stride), so the replay skips less.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from loramerge_cli.adapters.units import unit_of
+
+LOGGER = logging.getLogger(__name__)
+
+
+def find_blocks(model: torch.nn.Module, module_paths) -> tuple[torch.nn.ModuleList, dict[str, int]] | None:
+    """The ModuleList of transformer blocks that holds every LoRA module, and each module's block index;
+    None when the modules do not all sit in the blocks of one list (then nothing is replayed)."""
+    units = {path: unit_of(path) for path in module_paths}
+    if not units or any(unit is None for unit in units.values()):
+        return None
+    parents = {unit.rsplit(".", 1)[0] for unit in units.values()}
+    if len(parents) != 1:
+        return None
+    try:
+        blocks = model.get_submodule(parents.pop())
+    except AttributeError:
+        return None
+    if not isinstance(blocks, torch.nn.ModuleList):
+        return None
+    index_of = {path: int(unit.rsplit(".", 1)[1]) for path, unit in units.items()}
+    if max(index_of.values()) >= len(blocks):
+        return None
+    return blocks, index_of
+
+
+def same_delta(a, b) -> bool:
+    """True when two `Delta`s (or None, no update) give the same weight bit for bit."""
+    if a is None or b is None:
+        return a is b
+    return (
+        a.fan_in_fan_out == b.fan_in_fan_out
+        and a.left.shape == b.left.shape and a.right.shape == b.right.shape
+        and torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
+    )
+
+
+def _detached(output):
+    if isinstance(output, torch.Tensor):
+        return output.detach()
+    if isinstance(output, tuple):
+        return tuple(_detached(item) for item in output)
+    return output
+
+
+def _cloned(output):
+    if isinstance(output, torch.Tensor):
+        return output.clone()
+    if isinstance(output, tuple):
+        return tuple(_cloned(item) for item in output)
+    return output
+
+
+def _size(output) -> int:
+    if isinstance(output, torch.Tensor):
+        return output.numel() * output.element_size()
+    if isinstance(output, tuple):
+        return sum(_size(item) for item in output)
+    return 0
+
+
+class _Replayed(torch.nn.Module):
+    """Stands in for one block: returns the recorded outputs, one per call, in batch order."""
+
+    def __init__(self, block: torch.nn.Module, outputs: list, copy: bool):
+        super().__init__()
+        object.__setattr__(self, "block", block)  # not registered: the model's module tree is unchanged
+        self.outputs = outputs
+        self.copy = copy
+        self.position = 0
+
+    def forward(self, *args, **kwargs):
+        output = self.outputs[self.position]
+        self.position += 1
+        return _cloned(output) if self.copy else output  # the model may change the last one in place
+
+    def __getattr__(self, name):  # a model may read a block's attributes (an attention type) in its loop
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "block"), name)
+
+
+class BlockReplay:
+    """Reference block outputs of one engine, and candidate evaluation that replays the unchanged prefix."""
+
+    def __init__(self, engine, module_paths, budget_mb: float):
+        self.engine = engine
+        self.budget = budget_mb * 2**20
+        found = find_blocks(engine.model, module_paths) if budget_mb > 0 else None
+        self.enabled = found is not None
+        self.blocks, self.index_of = found if found else (None, {})
+        self.reference: dict | None = None
+        self.outputs: dict[int, dict[str, list]] = {}  # block index -> task -> outputs per batch
+        self.verified = False
+        self.replayed_blocks = 0  # block forwards skipped, over all tasks' batches
+        self.full_blocks = 0  # block forwards run
+
+    @property
+    def recorded(self) -> bool:
+        return self.reference is not None
+
+    def record(self, deltas: dict) -> dict[str, float]:
+        """Evaluate the reference and keep its block outputs (within the budget). Returns its accuracies."""
+        self.reference = dict(deltas)
+        if not self.enabled:
+            return self.engine.evaluate(deltas)
+        count = len(self.blocks)
+        stride, total = 1, 0
+        outputs: dict[int, dict[str, list]] = {index: {} for index in range(count)}
+        current = {"task": None}
+
+        def keep(index):
+            def hook(module, args, output):
+                nonlocal stride, total
+                if (index + 1) % stride:
+                    return
+                outputs[index].setdefault(current["task"], []).append(_detached(output))
+                total += _size(output)
+                while total > self.budget and stride <= count:
+                    stride *= 2
+                    for dropped in [i for i in outputs if (i + 1) % stride]:
+                        total -= sum(_size(o) for per_task in outputs[dropped].values() for o in per_task)
+                        del outputs[dropped]
+            return hook
+
+        handles = [block.register_forward_hook(keep(index)) for index, block in enumerate(self.blocks)]
+        try:
+            with self.engine.apply(deltas):
+                scores = {}
+                for task in self.engine.task_file.names:
+                    current["task"] = task
+                    scores[task] = self.engine.accuracy(task)
+        finally:
+            for handle in handles:
+                handle.remove()
+        self.outputs = {index: per_task for index, per_task in outputs.items()
+                        if (index + 1) % stride == 0 and per_task}
+        self.enabled = bool(self.outputs)
+        return scores
+
+    def first_changed(self, deltas: dict) -> int:
+        """Index of the first block whose modules differ from the reference (0 if one outside the blocks does)."""
+        first = len(self.blocks)
+        for path in set(deltas) | set(self.reference):
+            if not same_delta(deltas.get(path), self.reference.get(path)):
+                first = min(first, self.index_of.get(path, 0))
+        return first
+
+    def evaluate(self, deltas: dict) -> dict[str, float]:
+        """{task: accuracy} of a candidate, bit for bit what `engine.evaluate(deltas)` gives."""
+        if not self.recorded:
+            raise RuntimeError("BlockReplay.evaluate before record")
+        if not self.enabled:
+            return self.engine.evaluate(deltas)
+        first = self.first_changed(deltas)
+        replayed = max((index for index in self.outputs if index < first), default=None)
+        if replayed is None:
+            self.full_blocks += len(self.blocks)
+            return self.engine.evaluate(deltas)
+        with self.engine.apply(deltas):
+            scores = {}
+            for task in self.engine.task_file.names:
+                with self._standing_in(replayed, task):
+                    scores[task] = self.engine.accuracy(task)
+        self.replayed_blocks += replayed + 1
+        self.full_blocks += len(self.blocks) - replayed - 1
+        if not self.verified:
+            full = self.engine.evaluate(deltas)
+            if full != scores:
+                LOGGER.warning("replaying unchanged blocks changed the scores on this model; running every block")
+                self.enabled = False
+                return full
+            self.verified = True
+        return scores
+
+    @contextmanager
+    def _standing_in(self, last: int, task: str) -> Iterator[None]:
+        """Blocks 0..last replaced by stand-ins that return block `last`'s recorded outputs for `task`."""
+        outputs = self.outputs[last][task]
+        originals = [self.blocks[index] for index in range(last + 1)]
+        try:
+            for index, block in enumerate(originals):
+                self.blocks[index] = _Replayed(block, outputs, copy=index == last)
+            yield
+        finally:
+            for index, block in enumerate(originals):
+                self.blocks[index] = block

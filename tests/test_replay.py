@@ -1,0 +1,130 @@
+"""BlockReplay: a candidate's forward pass starts at its first changed block and scores exactly as in full."""
+
+import itertools
+
+import pytest
+import torch
+
+from eval_fixtures import build_text_setting
+from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+from loramerge_cli.evaluation.engine import Delta, EvalSettings, Evaluator
+from loramerge_cli.evaluation.replay import BlockReplay, find_blocks, same_delta
+from loramerge_cli.evaluation.specs import load_task_file
+from loramerge_cli.masks import ones_table
+from loramerge_cli.merging.merge import MergeConfig, module_paths, resolve_config
+from loramerge_cli.search.fitness import AccuracyFitness
+
+LAYERS = 4
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    return build_text_setting(tmp_path_factory.mktemp("replay"), layers=LAYERS)
+
+
+def fitness_for(setting, merger="ties", block_cache_mb=1024.0, batch_size=8):
+    from loramerge_cli.adapters.peft_reader import load_adapters
+
+    adapters = load_adapters(setting.adapter_args())
+    engine = Evaluator(load_task_file(setting.tasks_file), adapters,
+                       EvalSettings(threads=1, batch_size=batch_size, block_cache_mb=block_cache_mb))
+    settings = resolve_config(MergeConfig(merger=merger), len(adapters))
+    return AccuracyFitness(adapters, settings, ones_table(adapters), engine, expert_scores(engine, ScoreCache()))
+
+
+def counting_forwards(blocks):
+    calls = [0] * len(blocks)
+    handles = [block.register_forward_pre_hook(lambda module, args, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, block in enumerate(blocks)]
+    return calls, handles
+
+
+def test_candidates_score_exactly_as_a_full_forward_and_skip_their_unchanged_blocks(setting):
+    fitness = fitness_for(setting)
+    replay = fitness.replay
+    assert replay.enabled and sorted(replay.outputs) == list(range(LAYERS))
+    task_count = len(fitness.adapters)
+    assert not replay.verified
+    replay.evaluate(fitness._deltas((task_count * 3,), None))  # the first replayed candidate also runs in full
+    assert replay.verified and replay.enabled
+    candidates = [(), (task_count * 3,), (task_count * 2 + 1, task_count * 3 + 2), (1,), (5, 9), (4, 8, 10, 11)]
+    for pruned in candidates:
+        deltas = fitness._deltas(pruned, None)
+        first = replay.first_changed(deltas)
+        assert first == (min(i // task_count for i in pruned) if pruned else LAYERS)
+        calls, handles = counting_forwards(replay.blocks)
+        try:
+            replayed = replay.evaluate(deltas)
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert replayed == fitness.engine.evaluate(deltas)  # bit for bit
+        batches = sum(len(p.batches) for p in fitness.engine.prepared.values())
+        assert calls == [0] * first + [batches] * (LAYERS - first)  # the real blocks before `first` never ran
+    assert replay.verified and replay.enabled
+
+
+def test_a_search_with_replay_equals_one_without(setting):
+    from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings
+
+    results = []
+    for block_cache_mb in (1024.0, 0.0):
+        fitness = fitness_for(setting, block_cache_mb=block_cache_mb)
+        assert fitness.replay.enabled == (block_cache_mb > 0)
+        search = EnmpSearch(EnmpSettings(popsize=6, generations=3, max_prune=0.5, seed=2), LAYERS,
+                            len(fitness.adapters), fitness)
+        best = search.run()
+        results.append((best.pruned, best.fitness, fitness.reference,
+                        sorted((key, value.fitness) for key, value in search.state.memo.items())))
+    assert results[0] == results[1]
+
+
+def test_a_small_budget_keeps_every_second_block_and_stays_exact(setting):
+    full = fitness_for(setting)
+    per_block = sum(o.numel() * o.element_size() for per_task in full.replay.outputs[0].values() for o in per_task)
+    budget_mb = (2.5 * per_block) / 2**20  # room for two blocks' outputs: strides 1 and 2 overflow... 4 fits one
+    fitness = fitness_for(setting, block_cache_mb=budget_mb)
+    kept = sorted(fitness.replay.outputs)
+    assert kept == [1, 3]  # the deepest block of each stride of 2
+    task_count = len(fitness.adapters)
+    for pruned in [(task_count * 3,), (task_count * 2,), (task_count,)]:  # first changed: 3, 2, 1
+        deltas = fitness._deltas(pruned, None)
+        assert fitness.replay.evaluate(deltas) == fitness.engine.evaluate(deltas)
+    assert fitness.replay.replayed_blocks == 2 + 2 + 0  # blocks 0–1 replayed for firsts 3 and 2; none for 1
+
+
+def test_adapter_scope_and_a_new_lambda_change_every_block(setting):
+    fitness = fitness_for(setting)
+    task_count = len(fitness.adapters)
+    assert fitness.replay.first_changed(fitness._deltas((task_count * 3,), 0.7)) == 0  # another λ
+    adapter_scope = fitness_for(setting, merger="magnitude")
+    adapter_scope.unit_settings.params["scope"] = "adapter"
+    adapter_scope.cache = None
+    deltas = adapter_scope._deltas((task_count * 3,), None)  # global trimming: every block may change
+    assert adapter_scope.replay.evaluate(deltas) == adapter_scope.engine.evaluate(deltas)
+
+
+def test_find_blocks_and_same_delta():
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+    model.head = torch.nn.Linear(2, 2)
+    blocks, index_of = find_blocks(model, ["layers.0", "layers.2"])
+    assert blocks is model.layers and index_of == {"layers.0": 0, "layers.2": 2}
+    assert find_blocks(model, ["layers.0", "head"]) is None  # a module outside the blocks
+    assert find_blocks(model, ["layers.7"]) is None
+    left, right = torch.randn(3, 2), torch.randn(2, 4)
+    assert same_delta(Delta(left, right), Delta(left.clone(), right.clone()))
+    assert not same_delta(Delta(left, right), Delta(left * 2, right))
+    assert not same_delta(Delta(left, right), None) and same_delta(None, None)
+    for a, b in itertools.product([False, True], repeat=2):
+        assert same_delta(Delta(left, right, a), Delta(left, right, b)) == (a == b)
+
+
+def test_no_budget_and_modules_outside_one_block_list_turn_it_off(setting):
+    fitness = fitness_for(setting, block_cache_mb=0)
+    assert not fitness.replay.enabled
+    deltas = fitness._deltas((3,), None)
+    assert fitness.replay.evaluate(deltas) == fitness.engine.evaluate(deltas)
+    model = fitness.engine.model
+    assert BlockReplay(fitness.engine, [*module_paths(fitness.adapters), "score"], 1024).enabled is False
+    assert model is fitness.engine.model

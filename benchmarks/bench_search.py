@@ -54,7 +54,7 @@ def make_request(args) -> SearchRequest:
     return SearchRequest(
         adapters=arguments, merge=MergeConfig(merger=args.merger, lam=args.lam), tasks=tasks_file,
         eval=EvalSettings(split="validation", val_limit=args.val_limit, threads=args.threads,
-                          batch_size=args.batch_size),
+                          batch_size=args.batch_size, block_cache_mb=args.block_cache_mb),
         enmp=EnmpSettings(popsize=args.popsize, generations=args.generations, seed=args.seed, sigma0=args.sigma0,
                           x0=args.x0, max_prune=args.max_prune, addscale=args.addscale),
     )
@@ -168,7 +168,9 @@ def run(args) -> dict:
                    "seconds_per_generation": sum(record["seconds"] for record in generations) / len(generations),
                    "candidates": asked, "forward_passes": forward, "forward_share": forward / asked,
                    "distinct_candidates_drawn": len({c for record in generations for c in record["candidates"]}),
-                   "module_merges": modules, "module_merges_without_cache": requested},
+                   "module_merges": modules, "module_merges_without_cache": requested,
+                   "blocks_replayed": fitness.replay.replayed_blocks, "blocks_run": fitness.replay.full_blocks,
+                   "block_replay": fitness.replay.enabled},
         "naive": {"setup_seconds": naive.setup_seconds, "seconds_per_generation": naive_per_generation,
                   "forward_passes": sum(len(record["candidates"]) for record in generations[:timed]),
                   "estimated_total_seconds": naive.setup_seconds + naive_per_generation * len(generations)},
@@ -217,6 +219,11 @@ def render(report: dict) -> None:
         f"({100 * cached['forward_share']:.1f} %; {cached['distinct_candidates_drawn']} distinct candidates drawn), "
         f"plus the unpruned merge once at setup; module merges computed "
         f"{cached['module_merges']} of {cached['module_merges_without_cache']} needed without the merge cache")
+    blocks = cached["blocks_replayed"] + cached["blocks_run"]
+    console.print(
+        f"block replay: {cached['blocks_replayed']} of the {blocks} blocks of the forward passes replayed "
+        f"from the unpruned merge's outputs ({100 * cached['blocks_replayed'] / max(blocks, 1):.1f} %)"
+        if cached["block_replay"] else "block replay: off")
     console.print(
         f"setup (scored once): cached {cached['setup_seconds']:.1f} s (model, data, experts, unpruned merge), naive "
         f"{naive['setup_seconds']:.1f} s (experts, unpruned merge; it reuses the cached side's tokenised data)")
@@ -249,6 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--addscale", action="store_true", help="search λ too (one extra gene)")
     parser.add_argument("--val-limit", type=int, default=256, help="validation examples per task (default 256)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--block-cache-mb", type=float, default=1024,
+                        help="cached side: block outputs kept for replay (default 1024; 0: off)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, both sides (default 1)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)

@@ -68,7 +68,8 @@ def run_merger(merger, arguments, tasks_file, validation, test, seeds, budget, l
     runs["greedy"].append(outcome(ledger.best(), len(ledger.memo) - 1))  # deterministic: one run
     row["runs"] = runs
     row["mean"] = {
-        key: {field: statistics.mean(run[field] for run in values) for field in ("fitness", "test", "pruned", "evaluations")}
+        key: {field: statistics.mean(run[field] for run in values)
+              for field in ("fitness", "test", "pruned", "evaluations")}
         for key, values in runs.items()
     }
     return row
@@ -90,7 +91,8 @@ def render(rows: list[dict], seeds, budget, seconds):
                  f"{row['unpruned']['validation']:.1f} / {row['unpruned']['test']:.1f}"]
         for key in ("enmp", "enmp_addscale", "greedy", "random"):
             mean = row["mean"][key]
-            cells.append(f"{mean['fitness']:+.2f} / {mean['test']:.1f} ({mean['pruned']:.1f}; {mean['evaluations']:.0f})")
+            cells.append(f"{mean['fitness']:+.2f} / {mean['test']:.1f} "
+                         f"({mean['pruned']:.1f}; {mean['evaluations']:.0f})")
         table.add_row(*cells)
     return table
 

@@ -83,7 +83,8 @@ def test_interrupted_run_resumes_to_the_same_table(setting, tmp_path):
     resumed, provenance = run_search(request(setting, run_dir=tmp_path, resume=True))
     assert resumed.weights == plain.weights
     assert provenance["validation"] == plain_provenance["validation"]
-    assert [r["best_fitness"] for r in provenance["history"]] == [r["best_fitness"] for r in plain_provenance["history"]]
+    best = [r["best_fitness"] for r in provenance["history"]]
+    assert best == [r["best_fitness"] for r in plain_provenance["history"]]
 
 
 def test_resume_refuses_changed_settings(setting, tmp_path):

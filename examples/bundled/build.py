@@ -24,8 +24,8 @@ from examples.bundled import image, text
 
 HERE = Path(__file__).parent
 DEFAULT_OUT = Path("examples/.cache/bundled")
-MARKER = ".loramerge-bundled-example"
-LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "scikit-learn", "pillow")  # written first, so a half-built folder is still known as ours
+MARKER = ".loramerge-bundled-example"  # written first, so a half-built folder is still known as ours
+LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "scikit-learn", "pillow")
 
 
 @dataclass(frozen=True)

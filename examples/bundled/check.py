@@ -164,7 +164,8 @@ def measure(folder: Path) -> dict:
             "average_normalized_test": round(best["normalized"]["test"], 2),
             "gap_test": round(100 - best["normalized"]["test"], 2),
         },
-        "ta_oracle_test": {"lambda": oracle["lambda"], "average_normalized_test": round(oracle["normalized"]["test"], 2)},
+        "ta_oracle_test": {"lambda": oracle["lambda"],
+                           "average_normalized_test": round(oracle["normalized"]["test"], 2)},
     }
 
 

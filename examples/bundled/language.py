@@ -40,7 +40,8 @@ def sample_kinds(generator: torch.Generator, shuffled: bool = False) -> list[int
     kinds = [int(torch.randint(KIND_COUNT, (1,), generator=generator))]
     for _ in range(length - 1):
         follows = not shuffled and float(torch.rand(1, generator=generator)) < FOLLOW_CYCLE
-        kinds.append((kinds[-1] + 1) % KIND_COUNT if follows else int(torch.randint(KIND_COUNT, (1,), generator=generator)))
+        kinds.append((kinds[-1] + 1) % KIND_COUNT if follows
+                     else int(torch.randint(KIND_COUNT, (1,), generator=generator)))
     return kinds
 
 

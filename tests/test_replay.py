@@ -128,3 +128,41 @@ def test_no_budget_and_modules_outside_one_block_list_turn_it_off(setting):
     model = fitness.engine.model
     assert BlockReplay(fitness.engine, [*module_paths(fitness.adapters), "score"], 1024).enabled is False
     assert model is fitness.engine.model
+
+
+def test_gpt2_causal_lm_choice_scores_are_identical_with_replay(tmp_path):
+    from eval_fixtures import build_gpt2_lm, save_peft_adapter, text_rows, write_jsonl, write_tasks_file
+
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.evaluation.engine import merged_deltas
+    from loramerge_cli.merging.merge import merge, run_merge
+    from loramerge_cli.search.fitness import pruned_table
+
+    base = build_gpt2_lm(tmp_path / "gpt2")
+    folders = {name: save_peft_adapter(base, tmp_path / name, ["c_attn", "c_proj"], "GPT2LMHeadModel", "CAUSAL_LM",
+                                       seed=seed, fan_in_fan_out=True)
+               for name, seed in (("wiki", 1), ("code", 2))}
+    tasks = []
+    for name in folders:
+        rows = [{**row, "answer": ["yes", "no"][row["label"]]} for row in text_rows(7, seed=len(name), num_labels=2)]
+        tasks.append({"name": name, "data": {"validation": str(write_jsonl(tmp_path / f"{name}.jsonl", rows))},
+                      "prompt": "{premise} ? {hypothesis} :", "choices": [" yes", " no w1"], "label": "answer",
+                      "labels": ["yes", "no"]})
+    tasks_file = write_tasks_file(tmp_path / "tasks.yaml", {"base_model": str(base), "model_type": "causal-lm",
+                                                            "tasks": tasks})
+    adapters = load_adapters([f"{name}={folder}" for name, folder in folders.items()])
+    engine = Evaluator(load_task_file(tasks_file), adapters, EvalSettings(threads=1, batch_size=4))
+    replay = BlockReplay(engine, module_paths(adapters), 1024)
+    assert replay.enabled and len(replay.blocks) == 2  # transformer.h
+    replay.record(merged_deltas(merge(adapters, MergeConfig(merger="ta"))))
+    settings = resolve_config(MergeConfig(merger="ta"), len(adapters))
+    pruned = run_merge(adapters, settings, pruned_table(ones_table(adapters), (2,)))  # block 1, task wiki
+    deltas = merged_deltas(pruned)
+    assert replay.first_changed(deltas) == 1
+    for task in engine.task_file.names:
+        with engine.apply(deltas):
+            full = engine.scores(task)
+            with replay._standing_in(0, task):
+                replayed = engine.scores(task)
+        assert torch.equal(full, replayed)
+    assert replay.evaluate(deltas) == engine.evaluate(deltas) and replay.verified

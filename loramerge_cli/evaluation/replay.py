@@ -56,23 +56,17 @@ def same_delta(a, b) -> bool:
     )
 
 
-def _detached(output):
+def _mapped(output, function):
+    """`output` (a tensor, or a tuple of tensors and other values) with `function` applied to each tensor."""
     if isinstance(output, torch.Tensor):
-        return output.detach()
+        return function(output)
     if isinstance(output, tuple):
-        return tuple(_detached(item) for item in output)
-    return output
-
-
-def _cloned(output):
-    if isinstance(output, torch.Tensor):
-        return output.clone()
-    if isinstance(output, tuple):
-        return tuple(_cloned(item) for item in output)
+        return tuple(_mapped(item, function) for item in output)
     return output
 
 
 def _size(output) -> int:
+    """Bytes of the tensors in a block's output."""
     if isinstance(output, torch.Tensor):
         return output.numel() * output.element_size()
     if isinstance(output, tuple):
@@ -93,7 +87,8 @@ class _Replayed(torch.nn.Module):
     def forward(self, *args, **kwargs):
         output = self.outputs[self.position]
         self.position += 1
-        return _cloned(output) if self.copy else output  # the model may change the last one in place
+        # the model may change the last block's output in place: hand it a copy
+        return _mapped(output, torch.Tensor.clone) if self.copy else output
 
     def __getattr__(self, name):  # a model may read a block's attributes (an attention type) in its loop
         try:
@@ -114,8 +109,8 @@ class BlockReplay:
         self.reference: dict | None = None
         self.outputs: dict[int, dict[str, list]] = {}  # block index -> task -> outputs per batch
         self.verified = False
-        self.replayed_blocks = 0  # block forwards skipped, over all tasks' batches
-        self.full_blocks = 0  # block forwards run
+        self.replayed_blocks = 0  # blocks replayed instead of run, summed over candidates
+        self.full_blocks = 0  # blocks run, summed over candidates
 
     @property
     def recorded(self) -> bool:
@@ -136,7 +131,7 @@ class BlockReplay:
                 nonlocal stride, total
                 if (index + 1) % stride:
                     return
-                outputs[index].setdefault(current["task"], []).append(_detached(output))
+                outputs[index].setdefault(current["task"], []).append(_mapped(output, torch.Tensor.detach))
                 total += _size(output)
                 while total > self.budget and stride <= count:
                     stride *= 2

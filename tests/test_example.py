@@ -204,7 +204,7 @@ def test_block_replay_is_exact_on_the_vit(bundled):
                               engine, expert_scores(engine, ScoreCache()))
     last_block = build.TINY.image.layers - 1
     for pruned in [(last_block * len(adapters),), (last_block * len(adapters) + 1, last_block * len(adapters) + 2)]:
-        deltas = fitness._deltas(pruned, None)
+        deltas = fitness.candidate_deltas(pruned, None)
         assert fitness.replay.first_changed(deltas) == last_block
         assert fitness.replay.evaluate(deltas) == engine.evaluate(deltas)
     assert fitness.replay.verified and fitness.replay.replayed_blocks == 2 * last_block

@@ -45,11 +45,11 @@ def test_candidates_score_exactly_as_a_full_forward_and_skip_their_unchanged_blo
     assert replay.enabled and sorted(replay.outputs) == list(range(LAYERS))
     task_count = len(fitness.adapters)
     assert not replay.verified
-    replay.evaluate(fitness._deltas((task_count * 3,), None))  # the first replayed candidate also runs in full
+    replay.evaluate(fitness.candidate_deltas((task_count * 3,), None))  # the first replayed candidate also runs in full
     assert replay.verified and replay.enabled
     candidates = [(), (task_count * 3,), (task_count * 2 + 1, task_count * 3 + 2), (1,), (5, 9), (4, 8, 10, 11)]
     for pruned in candidates:
-        deltas = fitness._deltas(pruned, None)
+        deltas = fitness.candidate_deltas(pruned, None)
         first = replay.first_changed(deltas)
         assert first == (min(i // task_count for i in pruned) if pruned else LAYERS)
         calls, handles = counting_forwards(replay.blocks)
@@ -88,7 +88,7 @@ def test_a_small_budget_keeps_every_second_block_and_stays_exact(setting):
     assert kept == [1, 3]  # the deepest block of each stride of 2
     task_count = len(fitness.adapters)
     for pruned in [(task_count * 3,), (task_count * 2,), (task_count,)]:  # first changed: 3, 2, 1
-        deltas = fitness._deltas(pruned, None)
+        deltas = fitness.candidate_deltas(pruned, None)
         assert fitness.replay.evaluate(deltas) == fitness.engine.evaluate(deltas)
     assert fitness.replay.replayed_blocks == 2 + 2 + 0  # blocks 0–1 replayed for firsts 3 and 2; none for 1
 
@@ -96,11 +96,11 @@ def test_a_small_budget_keeps_every_second_block_and_stays_exact(setting):
 def test_adapter_scope_and_a_new_lambda_change_every_block(setting):
     fitness = fitness_for(setting)
     task_count = len(fitness.adapters)
-    assert fitness.replay.first_changed(fitness._deltas((task_count * 3,), 0.7)) == 0  # another λ
+    assert fitness.replay.first_changed(fitness.candidate_deltas((task_count * 3,), 0.7)) == 0  # another λ
     adapter_scope = fitness_for(setting, merger="magnitude")
     adapter_scope.unit_settings.params["scope"] = "adapter"
     adapter_scope.cache = None
-    deltas = adapter_scope._deltas((task_count * 3,), None)  # global trimming: every block may change
+    deltas = adapter_scope.candidate_deltas((task_count * 3,), None)  # global trimming: every block may change
     assert adapter_scope.replay.evaluate(deltas) == adapter_scope.engine.evaluate(deltas)
 
 
@@ -123,7 +123,7 @@ def test_find_blocks_and_same_delta():
 def test_no_budget_and_modules_outside_one_block_list_turn_it_off(setting):
     fitness = fitness_for(setting, block_cache_mb=0)
     assert not fitness.replay.enabled
-    deltas = fitness._deltas((3,), None)
+    deltas = fitness.candidate_deltas((3,), None)
     assert fitness.replay.evaluate(deltas) == fitness.engine.evaluate(deltas)
     model = fitness.engine.model
     assert BlockReplay(fitness.engine, [*module_paths(fitness.adapters), "score"], 1024).enabled is False

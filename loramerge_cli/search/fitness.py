@@ -45,12 +45,13 @@ class AccuracyFitness:
         else:
             self.reference = reference
 
-    def _deltas(self, pruned: tuple[int, ...], lam: float | None) -> dict:
+    def candidate_deltas(self, pruned: tuple[int, ...], lam: float | None) -> dict:
+        """The merged updates of one candidate, at λ (the merger's when None)."""
         result = run_merge(self.adapters, self.unit_settings, pruned_table(self.template, pruned), cache=self.cache)
         return merged_deltas(result, self.base_lambda if lam is None else lam)
 
     def _record_reference(self) -> dict[str, float]:
-        return self.replay.record(self._deltas((), None))
+        return self.replay.record(self.candidate_deltas((), None))
 
     def _mean(self, scores: dict[str, float]) -> float:
         normalized, _ = normalized_accuracy(scores, self.experts)
@@ -61,7 +62,7 @@ class AccuracyFitness:
         if not self.replay.recorded:
             self._record_reference()
         self.forward_passes += 1
-        return self._mean(self.replay.evaluate(self._deltas(pruned, lam)))
+        return self._mean(self.replay.evaluate(self.candidate_deltas(pruned, lam)))
 
     def __call__(self, candidates: list[tuple[tuple[int, ...], float | None]]) -> list[float]:
         return [self.score(pruned, lam) - self.reference for pruned, lam in candidates]

@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -272,10 +272,18 @@ class Evaluator:
             raise self.task_file.error(f"{spec.where}.label", "required field is missing (accuracy needs labels)")
         return accuracy(self.scores(task), labels, spec.masked_labels)
 
-    def evaluate(self, deltas: dict[str, Delta] | None = None, tasks: list[str] | None = None) -> dict[str, float]:
-        """{task: accuracy} with `deltas` applied (the base model when None)."""
+    def evaluate(
+        self, deltas: dict[str, Delta] | None = None, tasks: list[str] | None = None,
+        around_task: Callable[[str], AbstractContextManager] = lambda task: nullcontext(),
+    ) -> dict[str, float]:
+        """{task: accuracy} with `deltas` applied (the base model when None); each task's forward passes
+        run inside `around_task(task)` (block replay records or replays there)."""
+        scores = {}
         with self.apply(deltas or {}):
-            return {task: self.accuracy(task) for task in (tasks or self.task_file.names)}
+            for task in tasks or self.task_file.names:
+                with around_task(task):
+                    scores[task] = self.accuracy(task)
+        return scores
 
     def score_adapter(self, adapter, tasks: list[str] | None = None) -> dict[str, float]:
         return self.evaluate(adapter_deltas(adapter), tasks)

@@ -124,14 +124,13 @@ class BlockReplay:
         count = len(self.blocks)
         stride, total = 1, 0
         outputs: dict[int, dict[str, list]] = {index: {} for index in range(count)}
-        current = {"task": None}
 
-        def keep(index):
+        def keep(index, task):
             def hook(module, args, output):
                 nonlocal stride, total
                 if (index + 1) % stride:
                     return
-                outputs[index].setdefault(current["task"], []).append(_mapped(output, torch.Tensor.detach))
+                outputs[index].setdefault(task, []).append(_mapped(output, torch.Tensor.detach))
                 total += _size(output)
                 while total > self.budget and stride <= count:
                     stride *= 2
@@ -140,16 +139,16 @@ class BlockReplay:
                         del outputs[dropped]
             return hook
 
-        handles = [block.register_forward_hook(keep(index)) for index, block in enumerate(self.blocks)]
-        try:
-            with self.engine.apply(deltas):
-                scores = {}
-                for task in self.engine.task_file.names:
-                    current["task"] = task
-                    scores[task] = self.engine.accuracy(task)
-        finally:
-            for handle in handles:
-                handle.remove()
+        @contextmanager
+        def recording(task: str) -> Iterator[None]:
+            handles = [block.register_forward_hook(keep(index, task)) for index, block in enumerate(self.blocks)]
+            try:
+                yield
+            finally:
+                for handle in handles:
+                    handle.remove()
+
+        scores = self.engine.evaluate(deltas, around_task=recording)
         self.outputs = {index: per_task for index, per_task in outputs.items()
                         if (index + 1) % stride == 0 and per_task}
         self.enabled = bool(self.outputs)
@@ -165,20 +164,16 @@ class BlockReplay:
 
     def evaluate(self, deltas: dict) -> dict[str, float]:
         """{task: accuracy} of a candidate, bit for bit what `engine.evaluate(deltas)` gives."""
-        if not self.recorded:
-            raise RuntimeError("BlockReplay.evaluate before record")
         if not self.enabled:
             return self.engine.evaluate(deltas)
+        if not self.recorded:
+            raise RuntimeError("BlockReplay.evaluate before record")
         first = self.first_changed(deltas)
         replayed = max((index for index in self.outputs if index < first), default=None)
         if replayed is None:
             self.full_blocks += len(self.blocks)
             return self.engine.evaluate(deltas)
-        with self.engine.apply(deltas):
-            scores = {}
-            for task in self.engine.task_file.names:
-                with self._standing_in(replayed, task):
-                    scores[task] = self.engine.accuracy(task)
+        scores = self.engine.evaluate(deltas, around_task=lambda task: self._standing_in(replayed, task))
         self.replayed_blocks += replayed + 1
         self.full_blocks += len(self.blocks) - replayed - 1
         if not self.verified:

@@ -59,7 +59,7 @@ class AccuracyFitness:
 
     def score(self, pruned: tuple[int, ...], lam: float | None) -> float:
         """Mean normalized accuracy (points) of one candidate."""
-        if not self.replay.recorded:
+        if self.replay.enabled and not self.replay.recorded:  # a worker: record the reference once
             self._record_reference()
         self.forward_passes += 1
         return self._mean(self.replay.evaluate(self.candidate_deltas(pruned, lam)))

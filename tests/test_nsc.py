@@ -279,6 +279,14 @@ def test_interrupted_training_resumes_to_the_same_coefficients(setting, tmp_path
     assert other.weights != plain.weights
     with pytest.raises(LoramergeError, match="settings differ"):
         run_search(request(setting, run_dir=tmp_path, resume=True, nsc=replace(request(setting).nsc, lr=0.1)))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "nsc_state.safetensors"), framework="pt") as state:  # no pickle to resume
+        assert {"coefficients", "adamw.exp_avg", "adamw.exp_avg_sq"} <= set(state.keys())
+        assert int(state.metadata()["step"]) == 6
+    (tmp_path / "nsc_state.safetensors").write_bytes(b"not a state")
+    with pytest.raises(LoramergeError, match="is not a readable NSC state"):
+        run_search(request(setting, run_dir=tmp_path, resume=True))
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from loramerge_cli import __version__
 from loramerge_cli.errors import LoramergeError
 
 OBJECTIVES = ("nsc", "entropy")
-STATE_NAME = "nsc_state.pt"
+STATE_NAME = "nsc_state.safetensors"
 
 
 @dataclass
@@ -211,10 +211,19 @@ def train(problem: NscProblem, settings: NscSettings, run_dir: Path | None = Non
 
 
 def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[dict]) -> None:
+    """Coefficients and AdamW moments as safetensors tensors, step, AdamW settings and history as JSON
+    metadata, in one file replaced atomically: resuming reads no pickle."""
+    from safetensors.torch import save_file
+
     run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer_state = optimizer.state_dict()
+    tensors = {"coefficients": side_path.coefficients.detach().cpu().contiguous()}
+    for key, value in optimizer_state["state"].get(0, {}).items():
+        tensors[f"adamw.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    metadata = {"step": str(step), "param_groups": json.dumps(optimizer_state["param_groups"]),
+                "history": json.dumps(history)}
     temporary = run_dir / (STATE_NAME + ".tmp")
-    torch.save({"step": step, "coefficients": side_path.coefficients.detach().cpu(),
-                "optimizer": optimizer.state_dict(), "history": history}, temporary)
+    save_file(tensors, str(temporary), metadata=metadata)
     temporary.replace(run_dir / STATE_NAME)
     lines = "".join(json.dumps(record) + "\n" for record in history)
     trajectory = run_dir / "trajectory.jsonl.tmp"
@@ -223,16 +232,27 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
 
 
 def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[dict]]:
+    from safetensors import SafetensorError, safe_open
+
     path = run_dir / STATE_NAME if run_dir is not None else None
     if path is None or not path.is_file():
         raise LoramergeError(f"--resume: no saved NSC state in {run_dir}")
-    state = torch.load(path, weights_only=True)
-    if tuple(state["coefficients"].shape) != tuple(side_path.coefficients.shape):
+    try:
+        with safe_open(str(path), framework="pt") as state:
+            tensors = {key: state.get_tensor(key) for key in state.keys()}
+            metadata = state.metadata()
+        step, groups, history = int(metadata["step"]), json.loads(metadata["param_groups"]), \
+            json.loads(metadata["history"])
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as error:
+        raise LoramergeError(f"--resume: {path} is not a readable NSC state ({error})") from None
+    coefficients = tensors.pop("coefficients", None)
+    if coefficients is None or tuple(coefficients.shape) != tuple(side_path.coefficients.shape):
         raise LoramergeError(f"--resume: {path} holds coefficients of another shape")
     with torch.no_grad():
-        side_path.coefficients.copy_(state["coefficients"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), list(state["history"])
+        side_path.coefficients.copy_(coefficients)
+    moments = {key.removeprefix("adamw."): value for key, value in tensors.items()}
+    optimizer.load_state_dict({"state": {0: moments} if moments else {}, "param_groups": groups})
+    return step, history
 
 
 # --- end to end -------------------------------------------------------------------------------------

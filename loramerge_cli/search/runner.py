@@ -284,7 +284,9 @@ def _check_run_dir(request: SearchRequest, run_dir: Path | None) -> None:
             changed = sorted(key for key in config if json.loads(json.dumps(config[key])) != saved.get(key))
             raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
         return
-    if (run_dir / "state.pkl").exists() or (run_dir / "nsc_state.pt").exists():
+    from loramerge_cli.search.nsc import STATE_NAME
+
+    if (run_dir / "state.pkl").exists() or (run_dir / STATE_NAME).exists():
         raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(config, indent=2) + "\n")

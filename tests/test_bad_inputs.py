@@ -234,3 +234,30 @@ def test_real_process_exit_codes_and_no_traceback(good, tmp_path):
     usage = subprocess.run([*command, "merge", "--bogus"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2
     assert not (tmp_path / "out").exists()
+
+
+class _RunsCode:
+    """Unpickling this calls `Path.touch` on a marker file: code from the file, which must never run."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return Path.touch, (Path(self.marker),)
+
+
+def test_allow_pickle_uses_the_restricted_unpickler_and_never_runs_code_from_the_file(tmp_path):
+    import pickle
+
+    folder = tmp_path / "hostile"
+    folder.mkdir()
+    marker = tmp_path / "code-ran"
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"base_model.model.x.lora_A.weight": _RunsCode(marker)}))
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+    result = invoke_cli(["inspect", str(folder), "--allow-pickle"])
+    assert result.exit_code == 1 and "cannot read pickle file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+    assert load_adapters([_pickle_only(tmp_path)], allow_pickle=True)[0].modules  # a plain state dict still loads

@@ -82,7 +82,7 @@ def test_a_search_with_replay_equals_one_without(setting):
 def test_a_small_budget_keeps_every_second_block_and_stays_exact(setting):
     full = fitness_for(setting)
     per_block = sum(o.numel() * o.element_size() for per_task in full.replay.outputs[0].values() for o in per_task)
-    budget_mb = (2.5 * per_block) / 2**20  # room for two blocks' outputs: strides 1 and 2 overflow... 4 fits one
+    budget_mb = (2.5 * per_block) / 2**20  # four blocks overflow it; every second block (two) fits
     fitness = fitness_for(setting, block_cache_mb=budget_mb)
     kept = sorted(fitness.replay.outputs)
     assert kept == [1, 3]  # the deepest block of each stride of 2

@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from loramerge_cli.evaluation.engine import Evaluator, merged_deltas
-from loramerge_cli.evaluation.replay import BlockReplay
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
+from loramerge_cli.evaluation.replay import BlockReplay
 from loramerge_cli.masks import WeightTable
 from loramerge_cli.merging.merge import ResolvedMerge, module_paths, run_merge
 

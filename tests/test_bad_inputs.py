@@ -254,7 +254,8 @@ def test_allow_pickle_uses_the_restricted_unpickler_and_never_runs_code_from_the
     folder = tmp_path / "hostile"
     folder.mkdir()
     marker = tmp_path / "code-ran"
-    (folder / "adapter_model.bin").write_bytes(pickle.dumps({"base_model.model.x.lora_A.weight": _RunsCode(marker)}))
+    hostile = {"base_model.model.x.lora_A.weight": _RunsCode(marker)}
+    (folder / "adapter_model.bin").write_bytes(pickle.dumps(hostile, protocol=2))
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
     result = invoke_cli(["inspect", str(folder), "--allow-pickle"])
     assert result.exit_code == 1 and "cannot read pickle file" in result.stderr

@@ -7,7 +7,8 @@ ratio ω_k of every task k (its own A_k, its own inputs) for: the base (all coef
 λ = 1/T and at NSC's starting point 0.4, each expert alone (λ_k = 1, the rest 0), and, with `--table`,
 learned coefficients (a `search-mask --strategy nsc` output). Label-free: no label is read.
 
-    python -m examples.nsc_premise [--target-blocks 0,1,2,3] [--table coeffs.json] [--json out.json]
+    python -m examples.nsc_premise [--target-blocks 0,1,2,3] [--target-modules v_proj] [--table coeffs.json]
+                                   [--json out.json]
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def task_ratios(problem, side_path, coefficients) -> list[float]:
     return ratios
 
 
-def measure(setting: Path, target_blocks: list[str] | None, table: Path | None, val_limit: int) -> dict:
+def measure(setting: Path, target_blocks: list[str] | None, table: Path | None, val_limit: int,
+            target_modules: list[str] | None = None) -> dict:
     import torch
 
     from examples.main_job import adapter_args
@@ -52,7 +54,7 @@ def measure(setting: Path, target_blocks: list[str] | None, table: Path | None, 
     request = SearchRequest(
         adapters=adapter_args(setting, tasks_file), merge=MergeConfig(merger="ta"), tasks=tasks_file,
         eval=EvalSettings(split="validation", val_limit=val_limit, threads=1), strategy="nsc",
-        nsc=NscSettings(target_blocks=target_blocks),
+        nsc=NscSettings(target_blocks=target_blocks, target_modules=target_modules),
     )
     problem = build_nsc_problem(request)
     engine = problem.engine
@@ -86,6 +88,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--target-blocks", help="comma-separated block indices (default: NSC's, the last quarter)")
+    parser.add_argument("--target-modules", help="comma-separated module names (default: NSC's, o_proj here)")
     parser.add_argument("--table", type=Path, help="a coefficient table to measure too")
     parser.add_argument("--val-limit", type=int, default=256)
     parser.add_argument("--json", type=Path)
@@ -93,7 +96,8 @@ def main(argv=None):
     console = Console(stderr=True)
     build(args.out, log=console.log)
     blocks = args.target_blocks.split(",") if args.target_blocks else None
-    result = measure(args.out / "text", blocks, args.table, args.val_limit)
+    modules = args.target_modules.split(",") if args.target_modules else None
+    result = measure(args.out / "text", blocks, args.table, args.val_limit, modules)
     table = Table(title=f"mean null-space ratio ω_k at {', '.join(result['targets'])} (validation inputs; lower = "
                   "more of the input inside A_k's row space)", title_justify="left")
     table.add_column("coefficients")

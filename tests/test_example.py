@@ -186,6 +186,9 @@ def test_nsc_premise_measures_each_row_and_reads_a_coefficient_table(bundled, tm
     assert all(0.0 < value <= 1.0 for row in rows for value in row)
     assert rows[4] == rows[2]  # a table of 0.4 everywhere is ta at λ = 0.4, read through the table
     assert rows[0] != rows[2]  # the coefficients reach the measured inputs
+    at_v_proj = nsc_premise.measure(setting, None, None, val_limit=8, target_modules=["v_proj"])
+    assert at_v_proj["targets"] == [f"model.layers.{build.TINY.text.layers - 1}.self_attn.v_proj"]
+    assert list(at_v_proj["rows"].values())[0] != rows[0]  # measured at the other module
 
 
 def test_block_replay_is_exact_on_the_vit(bundled):
@@ -208,3 +211,28 @@ def test_block_replay_is_exact_on_the_vit(bundled):
         assert fitness.replay.first_changed(deltas) == last_block
         assert fitness.replay.evaluate(deltas) == engine.evaluate(deltas)
     assert fitness.replay.verified and fitness.replay.replayed_blocks == 2 * last_block
+
+
+def test_nsc_table_scores_a_command_s_table_as_the_command_reports_it(bundled, tmp_path):
+    from examples import nsc_table
+    from examples.main_job import adapter_args
+    from loramerge_cli.adapters.peft_reader import load_adapters
+
+    setting = bundled / "text"
+    tasks_file = setting / "tasks.yaml"
+    arguments = adapter_args(setting, tasks_file)
+    adapters = load_adapters(arguments)
+    scorers = {split: nsc_table.Scorer(adapters, tasks_file, split, 1) for split in ("validation", "test")}
+    rows = nsc_table.baseline_rows(scorers, len(adapters))
+    assert [row["key"] for row in rows] == ["ta", "ta_0.4"]
+    row = nsc_table.run_row("nsc_v_proj", arguments, tasks_file, scorers, [1], 1, tmp_path, lambda message: None)
+    [run] = row["runs"]
+    assert run["seconds"] > 0 and set(run["test_per_task"]) == set(language.TASKS)
+    # the same command with --report-test scores its table on the test split itself: the two must agree
+    _, flags = nsc_table.ROWS["nsc_v_proj"]
+    nsc_table.run_command([*flags, "--report-test"], arguments, tasks_file, 1, 1, tmp_path / "reported.json")
+    reported = json.loads((tmp_path / "reported.json").read_text())["provenance"]["test"]
+    assert run["test"] == pytest.approx(reported["coefficients_mean_normalized_accuracy"], abs=1e-9)
+    assert rows[0]["runs"][0]["test"] == pytest.approx(reported["ta_default_mean_normalized_accuracy"], abs=1e-9)
+    rendered = nsc_table.render(rows + [row], list(language.TASKS), [1], 1.0)
+    assert rendered.row_count == 3

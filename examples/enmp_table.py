@@ -101,9 +101,8 @@ def main(argv=None):
     import torch
     from rich.console import Console
 
-    from examples.bundled.build import DEFAULT_OUT, build
-    from examples.main_job import adapter_args
-    from loramerge_cli import api
+    from examples.bundled.build import DEFAULT_OUT
+    from examples.main_job import text_setting
     from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
     from loramerge_cli.evaluation.specs import load_task_file
 
@@ -121,11 +120,7 @@ def main(argv=None):
     console = Console(stderr=True)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    build(args.out, log=console.log)
-    setting = args.out / "text"
-    tasks_file = setting / "tasks.yaml"
-    arguments = adapter_args(setting, tasks_file)
-    adapters = api.load_adapters(arguments)
+    tasks_file, arguments, adapters = text_setting(args.out, console.log)
     settings = EvalSettings(split="validation", val_limit=args.val_limit, threads=args.threads, batch_size=32)
     validation = Evaluator(load_task_file(tasks_file), adapters, settings)
     test = Evaluator(load_task_file(tasks_file), adapters, replace(settings, split="test", val_limit=None))

@@ -28,6 +28,18 @@ def adapter_args(setting: Path, tasks_file: Path) -> list[str]:
     return [f"{name}={setting / 'adapters' / name}" for name in names]
 
 
+def text_setting(out: Path, log) -> tuple[Path, list[str], list]:
+    """Build the bundled example if it is not up to date; the text setting's tasks.yaml, adapter
+    arguments (`name=folder`, task order) and loaded adapters."""
+    from examples.bundled.build import build
+    from loramerge_cli import api
+
+    build(out, log=log)
+    tasks_file = out / "text" / "tasks.yaml"
+    arguments = adapter_args(out / "text", tasks_file)
+    return tasks_file, arguments, api.load_adapters(arguments)
+
+
 def run_setting(setting: Path, merged_root: Path, mergers, enmp: bool, log) -> dict:
     """Rows (base, experts, each merger at its tuned λ, ENMP) of mean normalized test accuracy."""
     from dataclasses import replace

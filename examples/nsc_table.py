@@ -126,9 +126,8 @@ def main(argv=None):
     import torch
     from rich.console import Console
 
-    from examples.bundled.build import DEFAULT_OUT, build
-    from examples.main_job import adapter_args
-    from loramerge_cli import api
+    from examples.bundled.build import DEFAULT_OUT
+    from examples.main_job import text_setting
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -143,11 +142,7 @@ def main(argv=None):
     console = Console(stderr=True)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    build(args.out, log=console.log)
-    setting = args.out / "text"
-    tasks_file = setting / "tasks.yaml"
-    arguments = adapter_args(setting, tasks_file)
-    adapters = api.load_adapters(arguments)
+    tasks_file, arguments, adapters = text_setting(args.out, console.log)
     scorers = {split: Scorer(adapters, tasks_file, split, args.threads) for split in ("validation", "test")}
     seeds = [int(seed) for seed in args.seeds.split(",")]
     rows = baseline_rows(scorers, len(adapters))

@@ -25,17 +25,11 @@ def task_ratios(problem, side_path, coefficients) -> list[float]:
     """Mean ω_k per task over all of the task's inputs, with the given coefficients (tasks × modules)."""
     import torch
 
-    from loramerge_cli.search.nsc import collate
+    from loramerge_cli.search.nsc import task_losses
 
-    ratios = []
     with torch.no_grad():
         side_path.coefficients.copy_(coefficients)
-        with side_path.installed():
-            for index, adapter in enumerate(problem.adapters):
-                inputs = collate(problem.examples[adapter.name], problem.pad_id)
-                sums, counts = problem.objective.statistics(problem.engine, index, adapter.name, inputs)
-                ratios.append(float(problem.objective.loss(sums, counts)))
-    return ratios
+    return task_losses(problem, side_path, batch_size=64)
 
 
 def measure(setting: Path, target_blocks: list[str] | None, table: Path | None, val_limit: int,

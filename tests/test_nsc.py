@@ -235,6 +235,11 @@ def test_cli_learns_coefficients_from_inputs_only_and_merge_applies_them(setting
     assert table.unit == "module" and table.scale == 1.0 and table.merger is None
     assert table.provenance["targets"] == ["model.layers.1.self_attn.v_proj"]
     assert any(abs(v - 0.4) > 1e-3 for row in table.weights for v in row)  # trained away from the init
+    per_task = table.provenance["task_losses"]  # each task's objective at the start and learned, printed too
+    assert per_task["tasks"] == table.tasks and per_task["start"] != per_task["end"]
+    assert "per task, start -> learned" in result.stderr
+    assert len(table.provenance["warnings"]) == sum(after > before for before, after in
+                                                    zip(per_task["start"], per_task["end"]))
     merged = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--mask", out, "--out", tmp_path / "m"])
     assert merged.exit_code == 0, merged.stderr
     from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
@@ -439,3 +444,27 @@ def test_label_free_enmp_in_parallel_workers_equals_serial(setting):
     parallel, provenance = run_search(replace(search, devices=["cpu", "cpu"]))
     assert parallel.weights == serial.weights
     assert provenance["validation"] == serial_provenance["validation"]
+
+
+def test_per_task_losses_are_exact_over_batches_and_a_risen_task_is_warned_about(problem):
+    """task_losses gives the same per-task objective whatever the batch size; raised_tasks measures the
+    start at every coefficient = init, leaves the learned coefficients as they were, and warns about
+    exactly the tasks whose objective rose."""
+    from loramerge_cli.search.nsc import raised_tasks, task_losses
+
+    side_path = SidePath(problem.engine.modules, problem.adapters, problem.paths, problem.engine.device,
+                         problem.engine.dtype, 0.4)
+    at_init = task_losses(problem, side_path, batch_size=1000)
+    assert task_losses(problem, side_path, batch_size=3) == pytest.approx(at_init, rel=1e-5)
+    with torch.no_grad():  # task 0 alone at 0, the others at 1.2: some tasks' objectives must move
+        side_path.coefficients.fill_(1.2)
+        side_path.coefficients[0] = 0.0
+    learned = side_path.coefficients.detach().clone()
+    per_task, warnings = raised_tasks(problem, side_path, NscSettings(init=0.4, batch_size=5))
+    assert torch.equal(side_path.coefficients.detach(), learned)
+    assert per_task["start"] == pytest.approx(at_init, rel=1e-5)
+    assert per_task["end"] == pytest.approx(task_losses(problem, side_path, batch_size=1000), rel=1e-5)
+    risen = [name for name, before, after in zip(per_task["tasks"], per_task["start"], per_task["end"])
+             if after > before]
+    assert 0 < len(risen) < len(problem.adapters)  # the test needs both kinds of task
+    assert [warning.split()[5] for warning in warnings] == risen

@@ -255,6 +255,41 @@ def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[d
     return step, history
 
 
+def task_losses(problem: NscProblem, side_path, batch_size: int) -> list[float]:
+    """Each task's objective over all of its inputs (token-weighted, exact over batches), no gradient."""
+    losses = []
+    with torch.no_grad(), side_path.installed():
+        for index, adapter in enumerate(problem.adapters):
+            examples = problem.examples[adapter.name]
+            sums, counts = 0.0, 0.0
+            for start in range(0, len(examples), batch_size):
+                inputs = collate(examples[start:start + batch_size], problem.pad_id)
+                batch_sums, batch_counts = problem.objective.statistics(problem.engine, index, adapter.name, inputs)
+                sums, counts = sums + batch_sums.double(), counts + batch_counts
+            losses.append(float(problem.objective.loss(sums, counts)))
+    return losses
+
+
+def raised_tasks(problem: NscProblem, side_path, settings: NscSettings) -> tuple[dict, list[str]]:
+    """Per-task objective at the start (every coefficient = init) and with the learned coefficients, and
+    a warning for each task whose objective rose: the loss is a mean over tasks, so it can buy lower values
+    on some tasks with a higher one on another, and that task's accuracy tends to fall with it."""
+    learned = side_path.coefficients.detach().clone()
+    end = task_losses(problem, side_path, settings.batch_size)
+    with torch.no_grad():
+        side_path.coefficients.fill_(settings.init)
+        start = task_losses(problem, side_path, settings.batch_size)
+        side_path.coefficients.copy_(learned)
+    names = [adapter.name for adapter in problem.adapters]
+    elsewhere = ", or measure the ratio elsewhere (--target-modules, --target-blocks)" \
+        if settings.objective == "nsc" else ""
+    warnings = [f"the {settings.objective} loss of task {name} rose under the learned coefficients "
+                f"({before:.4f} -> {after:.4f}): the mean over tasks may have traded that task's accuracy for "
+                f"the others'; check on labelled data{elsewhere}"
+                for name, before, after in zip(names, start, end) if after > before]
+    return {"tasks": names, "start": start, "end": end}, warnings
+
+
 # --- end to end -------------------------------------------------------------------------------------
 
 def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: None):
@@ -269,6 +304,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
     on_event("nsc_start", {"objective": settings.objective, "targets": problem.targets,
                            "modules": len(problem.paths), "tasks": len(problem.adapters)})
     side_path, history = train(problem, settings, run_dir, request.resume, on_event)
+    per_task, warnings = raised_tasks(problem, side_path, settings)
     provenance = {
         "loramerge": __version__,
         "command": request.command,
@@ -278,6 +314,8 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         "search": asdict(settings),
         "targets": problem.targets,
         "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]},
+        "task_losses": per_task,
+        "warnings": warnings,
         "seconds": round(time.perf_counter() - started, 3),
         "history": history,
     }

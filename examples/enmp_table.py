@@ -102,7 +102,7 @@ def main(argv=None):
     from rich.console import Console
 
     from examples.bundled.build import DEFAULT_OUT
-    from examples.main_job import text_setting
+    from examples.main_job import bundled_setting
     from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
     from loramerge_cli.evaluation.specs import load_task_file
 
@@ -120,7 +120,7 @@ def main(argv=None):
     console = Console(stderr=True)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    tasks_file, arguments, adapters = text_setting(args.out, console.log)
+    tasks_file, arguments, adapters = bundled_setting(args.out, console.log)
     settings = EvalSettings(split="validation", val_limit=args.val_limit, threads=args.threads, batch_size=32)
     validation = Evaluator(load_task_file(tasks_file), adapters, settings)
     test = Evaluator(load_task_file(tasks_file), adapters, replace(settings, split="test", val_limit=None))

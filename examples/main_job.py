@@ -28,15 +28,15 @@ def adapter_args(setting: Path, tasks_file: Path) -> list[str]:
     return [f"{name}={setting / 'adapters' / name}" for name in names]
 
 
-def text_setting(out: Path, log) -> tuple[Path, list[str], list]:
-    """Build the bundled example if it is not up to date; the text setting's tasks.yaml, adapter
-    arguments (`name=folder`, task order) and loaded adapters."""
+def bundled_setting(out: Path, log, setting: str = "text") -> tuple[Path, list[str], list]:
+    """Build the bundled example if it is not up to date; one setting's (text or image) tasks.yaml,
+    adapter arguments (`name=folder`, task order) and loaded adapters."""
     from examples.bundled.build import build
     from loramerge_cli import api
 
     build(out, log=log)
-    tasks_file = out / "text" / "tasks.yaml"
-    arguments = adapter_args(out / "text", tasks_file)
+    tasks_file = out / setting / "tasks.yaml"
+    arguments = adapter_args(out / setting, tasks_file)
     return tasks_file, arguments, api.load_adapters(arguments)
 
 

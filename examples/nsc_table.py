@@ -1,12 +1,13 @@
-"""Label-free merging on the bundled example's text setting (issue 6's table): NSC, AdaMerging and
-label-free ENMP against `ta` at its default λ and against labelled ENMP.
+"""Label-free merging on the bundled example (issue 6's table): NSC, AdaMerging and label-free ENMP
+against `ta` at its default λ and against labelled ENMP, on the text setting (default) or the image one.
 
 Every row runs the real command (`loramerge search-mask …` in a subprocess, timed) once per seed, then
 scores the table it wrote as `merge --mask` would (merger `ta`; the table's scale, else the default λ)
 on the validation and the test split. The label-free rows read no label; labels are read here only to
 score their results.
 
-    python -m examples.nsc_table [--seeds 1,2,3] [--rows nsc,nsc_v_proj,…] [--threads 1] [--json out.json]
+    python -m examples.nsc_table [--setting text|image] [--seeds 1,2,3] [--rows nsc,nsc_v_proj,…] [--threads 1]
+                                 [--json out.json]
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ENMP_FLAGS = ["--merger", "ta", "--popsize", "8", "--generations", "15", "--val-limit", "256"]
 ROWS = {  # key: (label, search-mask flags)
-    "nsc": ("NSC, defaults (targets: blocks 6 and 7's o_proj)", ["--strategy", "nsc"]),
-    "nsc_v_proj": ("NSC, --target-modules v_proj (blocks 6 and 7)",
+    "nsc": ("NSC, defaults (o_proj in the last quarter of the blocks)", ["--strategy", "nsc"]),
+    "nsc_v_proj": ("NSC, --target-modules v_proj",
                    ["--strategy", "nsc", "--target-modules", "v_proj"]),
     "nsc_v_proj_llm": ("NSC, v_proj, the paper's LLM setting (--steps 500 --lr 3e-4 --batch-size 2)",
                        ["--strategy", "nsc", "--target-modules", "v_proj", "--steps", "500", "--lr", "3e-4",
@@ -101,11 +102,11 @@ def baseline_rows(scorers, task_count: int) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict], tasks: list[str], seeds, seconds: float):
+def render(rows: list[dict], setting: str, tasks: list[str], seeds, seconds: float):
     from rich.table import Table
 
     reference = next((row["runs"][0]["test"] for row in rows if row["key"] == "ta"), None)
-    table = Table(title=f"Label-free merging, text setting; mean over seeds {list(seeds)} (min–max); test per "
+    table = Table(title=f"Label-free merging, {setting} setting; mean over seeds {list(seeds)} (min–max); test per "
                   f"task: {' '.join(tasks)}; {seconds:.0f} s", title_justify="left")
     for column in ("merge", "validation", "test", "Δ test vs ta", "test per task", "pruned", "wall per run"):
         table.add_column(column, justify="left" if column in ("merge", "test per task") else "right")
@@ -127,10 +128,11 @@ def main(argv=None):
     from rich.console import Console
 
     from examples.bundled.build import DEFAULT_OUT
-    from examples.main_job import text_setting
+    from examples.main_job import bundled_setting
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--setting", choices=("text", "image"), default="text")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"a subset of {', '.join(ROWS)}")
     parser.add_argument("--threads", type=int, default=1)
@@ -142,7 +144,7 @@ def main(argv=None):
     console = Console(stderr=True)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    tasks_file, arguments, adapters = text_setting(args.out, console.log)
+    tasks_file, arguments, adapters = bundled_setting(args.out, console.log, args.setting)
     scorers = {split: Scorer(adapters, tasks_file, split, args.threads) for split in ("validation", "test")}
     seeds = [int(seed) for seed in args.seeds.split(",")]
     rows = baseline_rows(scorers, len(adapters))
@@ -151,7 +153,7 @@ def main(argv=None):
                  for key in args.rows.split(",")]
     seconds = time.perf_counter() - started
     tasks = [adapter.name for adapter in adapters]
-    Console(width=200).print(render(rows, tasks, seeds, seconds))
+    Console(width=200).print(render(rows, args.setting, tasks, seeds, seconds))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "seeds": seeds, "seconds": seconds}, indent=1))
 

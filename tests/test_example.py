@@ -234,5 +234,5 @@ def test_nsc_table_scores_a_command_s_table_as_the_command_reports_it(bundled, t
     reported = json.loads((tmp_path / "reported.json").read_text())["provenance"]["test"]
     assert run["test"] == pytest.approx(reported["coefficients_mean_normalized_accuracy"], abs=1e-9)
     assert rows[0]["runs"][0]["test"] == pytest.approx(reported["ta_default_mean_normalized_accuracy"], abs=1e-9)
-    rendered = nsc_table.render(rows + [row], list(language.TASKS), [1], 1.0)
+    rendered = nsc_table.render(rows + [row], "text", list(language.TASKS), [1], 1.0)
     assert rendered.row_count == 3

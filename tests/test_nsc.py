@@ -468,3 +468,16 @@ def test_per_task_losses_are_exact_over_batches_and_a_risen_task_is_warned_about
              if after > before]
     assert 0 < len(risen) < len(problem.adapters)  # the test needs both kinds of task
     assert [warning.split()[5] for warning in warnings] == risen
+
+
+def test_the_per_task_check_reads_at_most_its_example_cap(problem, monkeypatch):
+    from loramerge_cli.search import nsc
+
+    side_path = SidePath(problem.engine.modules, problem.adapters, problem.paths, problem.engine.device,
+                         problem.engine.dtype, 0.4)
+    monkeypatch.setattr(nsc, "CHECK_EXAMPLES", 4)
+    per_task, _ = nsc.raised_tasks(problem, side_path, NscSettings(init=0.4, batch_size=3))
+    assert per_task["examples"] == {a.name: 4 for a in problem.adapters}
+    first_four = nsc.task_losses(problem, side_path, batch_size=100, limit=4)
+    assert per_task["start"] == pytest.approx(first_four, rel=1e-5)
+    assert first_four != pytest.approx(nsc.task_losses(problem, side_path, batch_size=100), rel=1e-5)

@@ -23,6 +23,7 @@ from loramerge_cli.errors import LoramergeError
 
 OBJECTIVES = ("nsc", "entropy")
 STATE_NAME = "nsc_state.safetensors"
+CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
 
 
 @dataclass
@@ -255,12 +256,13 @@ def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[d
     return step, history
 
 
-def task_losses(problem: NscProblem, side_path, batch_size: int) -> list[float]:
-    """Each task's objective over all of its inputs (token-weighted, exact over batches), no gradient."""
+def task_losses(problem: NscProblem, side_path, batch_size: int, limit: int | None = None) -> list[float]:
+    """Each task's objective over its inputs (the first `limit` of them; token-weighted, exact over
+    batches), no gradient."""
     losses = []
     with torch.no_grad(), side_path.installed():
         for index, adapter in enumerate(problem.adapters):
-            examples = problem.examples[adapter.name]
+            examples = problem.examples[adapter.name][:limit]
             sums, counts = 0.0, 0.0
             for start in range(0, len(examples), batch_size):
                 inputs = collate(examples[start:start + batch_size], problem.pad_id)
@@ -275,10 +277,10 @@ def raised_tasks(problem: NscProblem, side_path, settings: NscSettings) -> tuple
     a warning for each task whose objective rose: the loss is a mean over tasks, so it can buy lower values
     on some tasks with a higher one on another, and that task's accuracy tends to fall with it."""
     learned = side_path.coefficients.detach().clone()
-    end = task_losses(problem, side_path, settings.batch_size)
+    end = task_losses(problem, side_path, settings.batch_size, CHECK_EXAMPLES)
     with torch.no_grad():
         side_path.coefficients.fill_(settings.init)
-        start = task_losses(problem, side_path, settings.batch_size)
+        start = task_losses(problem, side_path, settings.batch_size, CHECK_EXAMPLES)
         side_path.coefficients.copy_(learned)
     names = [adapter.name for adapter in problem.adapters]
     elsewhere = ", or measure the ratio elsewhere (--target-modules, --target-blocks)" \
@@ -287,7 +289,8 @@ def raised_tasks(problem: NscProblem, side_path, settings: NscSettings) -> tuple
                 f"({before:.4f} -> {after:.4f}): the mean over tasks may have traded that task's accuracy for "
                 f"the others'; check on labelled data{elsewhere}"
                 for name, before, after in zip(names, start, end) if after > before]
-    return {"tasks": names, "start": start, "end": end}, warnings
+    examples = {name: min(CHECK_EXAMPLES, len(problem.examples[name])) for name in names}
+    return {"tasks": names, "start": start, "end": end, "examples": examples}, warnings
 
 
 # --- end to end -------------------------------------------------------------------------------------

@@ -259,16 +259,15 @@ def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[d
 def task_losses(problem: NscProblem, side_path, batch_size: int, limit: int | None = None) -> list[float]:
     """Each task's objective over its inputs (the first `limit` of them; token-weighted, exact over
     batches), no gradient."""
+    from loramerge_cli.search.nsc_objectives import loss_over_batches
+
     losses = []
     with torch.no_grad(), side_path.installed():
         for index, adapter in enumerate(problem.adapters):
             examples = problem.examples[adapter.name][:limit]
-            sums, counts = 0.0, 0.0
-            for start in range(0, len(examples), batch_size):
-                inputs = collate(examples[start:start + batch_size], problem.pad_id)
-                batch_sums, batch_counts = problem.objective.statistics(problem.engine, index, adapter.name, inputs)
-                sums, counts = sums + batch_sums.double(), counts + batch_counts
-            losses.append(float(problem.objective.loss(sums, counts)))
+            batches = (collate(examples[start:start + batch_size], problem.pad_id)
+                       for start in range(0, len(examples), batch_size))
+            losses.append(loss_over_batches(problem.objective, problem.engine, index, adapter.name, batches))
     return losses
 
 

@@ -15,6 +15,7 @@ import torch
 from loramerge_cli.evaluation.engine import merged_deltas
 from loramerge_cli.merging.merge import run_merge
 from loramerge_cli.search.fitness import pruned_table
+from loramerge_cli.search.nsc_objectives import loss_over_batches
 
 
 class NscFitness:
@@ -35,14 +36,11 @@ class NscFitness:
         """The objective's loss of one candidate on every task's validation inputs (token-weighted)."""
         result = run_merge(self.adapters, self.unit_settings, pruned_table(self.template, pruned), cache=self.cache)
         self.forward_passes += 1
-        task_losses = []
         with self.engine.apply(merged_deltas(result, self.base_lambda if lam is None else lam)), torch.no_grad():
-            for index, adapter in enumerate(self.adapters):
-                sums, counts = 0.0, 0.0
-                for batch in self.engine.prepared[adapter.name].batches:
-                    batch_sums, batch_counts = self.objective.statistics(self.engine, index, adapter.name, batch.inputs)
-                    sums, counts = sums + batch_sums.double(), counts + batch_counts
-                task_losses.append(float(self.objective.loss(sums, counts)))
+            task_losses = [
+                loss_over_batches(self.objective, self.engine, index, adapter.name,
+                                  (batch.inputs for batch in self.engine.prepared[adapter.name].batches))
+                for index, adapter in enumerate(self.adapters)]
         return sum(task_losses) / len(task_losses)
 
     def __call__(self, candidates: list[tuple[tuple[int, ...], float | None]]) -> list[float]:

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -192,7 +193,7 @@ def worker(job: dict) -> dict:
         out = {"seconds": seconds, "peak_mb": (peak_rss_bytes() - baseline) / 2**20, "modules": len(result.modules),
                "ranks": sorted({m.rank for m in result.modules.values()})}
         if job.get("save"):
-            torch.save({p: (m.lora_B @ m.lora_A).float() for p, m in result.modules.items()}, job["save"])
+            save_file({p: (m.lora_B @ m.lora_A).float().contiguous() for p, m in result.modules.items()}, job["save"])
         return out
     # kind == "dense": the papers' formulation on the same modules, compared with the saved loramerge result
     dtype = DTYPES[job["dense_dtype"]]
@@ -200,7 +201,7 @@ def worker(job: dict) -> dict:
     results = {path: run_dense(job["label"], adapters, path, dtype) for path in only}
     seconds = time.perf_counter() - start
     peak = (peak_rss_bytes() - baseline) / 2**20
-    fast = torch.load(job["save"])
+    fast = load_file(job["save"])
     difference = max(
         float(torch.linalg.norm(fast[p].double() - d.double()) / torch.linalg.norm(fast[p].double()))
         for p, (d, _) in results.items()
@@ -292,7 +293,7 @@ def main(argv=None) -> None:
         print(f"\ndense formulation ({args.dense_dtype}) on {', '.join(modules)}")
         print(f"{'merger':<11} {'ours s':>8} {'dense s':>8} {'speed-up':>9} {'ours MB':>8} {'dense MB':>9} "
               f"{'rel diff':>9} {'flipped':>8}")
-        scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_merge_{os.getpid()}.pt"
+        scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_merge_{os.getpid()}.safetensors"
         for label in args.comparisons.split(","):
             method, space, params = COMPARISONS[label]
             job = {**common, "modules": modules, "save": str(scratch)}

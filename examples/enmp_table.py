@@ -23,8 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 MERGERS = ("ta", "ties", "knots", "core")
 
 
-def run_merger(merger, arguments, tasks_file, validation, test, seeds, budget, log) -> dict:
-    from loramerge_cli import api
+def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, log) -> dict:
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
     from loramerge_cli.evaluation.tuning import tune_lambda
     from loramerge_cli.masks import ones_table
@@ -34,7 +33,6 @@ def run_merger(merger, arguments, tasks_file, validation, test, seeds, budget, l
     from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings
     from loramerge_cli.search.fitness import AccuracyFitness
 
-    adapters = api.load_adapters(arguments)
     lam, _ = tune_lambda(adapters, MergeConfig(merger=merger), None, tasks_file, evaluator=validation)
     settings = resolve_config(MergeConfig(merger=merger, lam=lam), len(adapters))
     template = ones_table(adapters)
@@ -120,14 +118,14 @@ def main(argv=None):
     console = Console(stderr=True)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    tasks_file, arguments, adapters = bundled_setting(args.out, console.log)
+    tasks_file, _, adapters = bundled_setting(args.out, console.log)
     settings = EvalSettings(split="validation", val_limit=args.val_limit, threads=args.threads, batch_size=32)
     validation = Evaluator(load_task_file(tasks_file), adapters, settings)
     test = Evaluator(load_task_file(tasks_file), adapters, replace(settings, split="test", val_limit=None))
     seeds = [int(seed) for seed in args.seeds.split(",")]
     budget = {"popsize": args.popsize, "generations": args.generations, "max_prune": args.max_prune,
               "val_limit": args.val_limit}
-    rows = [run_merger(merger, arguments, tasks_file, validation, test, seeds, budget, console.log)
+    rows = [run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, console.log)
             for merger in args.mergers.split(",")]
     seconds = time.perf_counter() - started
     Console(width=160).print(render(rows, seeds, budget, seconds))

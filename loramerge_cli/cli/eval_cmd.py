@@ -20,12 +20,20 @@ from loramerge_cli.cli.common import (
     human_console,
     load_config_defaults,
 )
+from loramerge_cli.cli.scale_options import (
+    BackendOption,
+    DevicesOption,
+    RayAddressOption,
+    WorkersOption,
+    resolve_backend,
+)
 
 EPILOG = examples_epilog(
     "loramerge eval --adapters rte=adapters/rte mnli=adapters/mnli --tasks tasks.yaml",
     "loramerge eval --adapters adapters/rte adapters/mnli --tasks tasks.yaml --merged merged/ --split test",
     "loramerge eval --adapters a/ b/ --tasks tasks.yaml --merged ta=out/ta knots=out/knots --val-limit 256 "
     "--run-dir runs/eval --json > scores.json",
+    "loramerge eval --adapters a/ b/ --tasks tasks.yaml --merged ta=out/ta ties=out/ties --devices cuda:0,cuda:1",
 )
 
 
@@ -45,6 +53,10 @@ def eval_command(
     base: Annotated[Optional[str], typer.Option("--base", help="Base model folder or Hub id; overrides the "
                                                 "spec and the adapter configs.")] = None,
     device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")] = "cpu",
+    devices: DevicesOption = None,
+    workers: WorkersOption = None,
+    backend: BackendOption = "process",
+    ray_address: RayAddressOption = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16, float16.")] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 16,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads (fixed, for "
@@ -66,14 +78,26 @@ def eval_command(
     from loramerge_cli.evaluation.engine import EvalSettings
     from loramerge_cli.evaluation.report import eval_report
 
+    from loramerge_cli.evaluation.workers import EngineSource, MergedScorer
+    from loramerge_cli.search.backends import open_pool
+
+    spread, threads = resolve_backend(device, devices, workers, threads, backend, ray_address)
     console = human_console(quiet, json_output)
     experts = load_adapters(adapters, allow_pickle=allow_pickle)
     merged_adapters = [load_adapter(source, allow_pickle=allow_pickle) for source in merged or []]
-    settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
-                            threads=threads, length_normalize=length_normalize)
-    with console.status("evaluating"):
-        report = eval_report(tasks, experts, merged_adapters, settings, base=base, run_dir=run_dir,
-                             allow_pickle=allow_pickle)
+    settings = EvalSettings(split=split, val_limit=val_limit, device=spread.devices[0] if spread.devices else device,
+                            dtype=dtype, batch_size=batch_size, threads=threads, length_normalize=length_normalize)
+    pool = None
+    if len(merged_adapters) > 1:  # the merged adapters are scored on the workers
+        pool = open_pool(MergedScorer(EngineSource(tasks, adapters, settings, base, allow_pickle)), spread, device,
+                         threads)
+    try:
+        with console.status("evaluating"):
+            report = eval_report(tasks, experts, merged_adapters, settings, base=base, run_dir=run_dir,
+                                 allow_pickle=allow_pickle, pool=pool)
+    finally:
+        if pool is not None:
+            pool.close()
     if json_output:
         emit_json(report)
         return

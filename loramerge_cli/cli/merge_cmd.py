@@ -24,6 +24,13 @@ from loramerge_cli.cli.common import (
     load_config_defaults,
     parse_float_list,
 )
+from loramerge_cli.cli.scale_options import (
+    BackendOption,
+    DevicesOption,
+    RayAddressOption,
+    WorkersOption,
+    resolve_backend,
+)
 from loramerge_cli.errors import LoramergeError
 
 # Mirrors merging.registry.merger_names() (importing the registry imports torch); a test keeps them equal.
@@ -101,13 +108,28 @@ def _check_not_an_input(out: Path, adapters) -> None:
             raise LoramergeError(f"--out {out} would overwrite the input adapter {adapter.name!r}")
 
 
-def _tune_lambda(adapters, config, table, tasks: Path, eval_options: dict):
+def _tune_lambda(adapters, config, table, tasks: Path, eval_options: dict, sources: list[str], spread):
+    """λ on the validation split; the grid is scored on the workers of `spread` (a Backend), if any."""
     try:
+        from loramerge_cli.evaluation.engine import EvalSettings
         from loramerge_cli.evaluation.tuning import tune_lambda
+        from loramerge_cli.evaluation.workers import EngineSource, LambdaScorer
+        from loramerge_cli.search.backends import open_pool
     except ImportError:
         raise LoramergeError("--lambda auto needs the evaluation engine, which is not installed") from None
     options = {key: value for key, value in eval_options.items() if value is not None}
-    return tune_lambda(adapters, config, table, tasks, **options)
+    if spread.devices:
+        options["device"] = spread.devices[0]  # experts are scored where the grid is
+    settings = EvalSettings(**{key: options[key] for key in ("val_limit", "device", "batch_size", "dtype", "threads")
+                               if key in options})
+    source = EngineSource(tasks, sources, settings, options.get("base"))
+    pool = open_pool(LambdaScorer(source, config, table, options.get("allow_base_mismatch", False)), spread,
+                     settings.device, settings.threads)
+    try:
+        return tune_lambda(adapters, config, table, tasks, pool=pool, **options)
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 @command_errors
@@ -154,7 +176,14 @@ def merge_command(
     tasks: Annotated[Path | None, typer.Option("--tasks", help="Task spec YAML (for --lambda auto).")] = None,
     val_limit: Annotated[int | None, typer.Option("--val-limit", help="--lambda auto: examples per task.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="--lambda auto: torch device.")] = None,
+    devices: DevicesOption = None,
+    workers: WorkersOption = None,
+    backend: BackendOption = "process",
+    ray_address: RayAddressOption = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="--lambda auto: batch size.")] = None,
+    eval_dtype: Annotated[DtypeName | None, typer.Option(
+        "--eval-dtype", help="--lambda auto: dtype of the evaluated model. [default: float32]",
+        show_default=False)] = None,
     allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help=ALLOW_BASE_MISMATCH_HELP)] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
     config: Annotated[Path | None, typer.Option(
@@ -172,6 +201,7 @@ def merge_command(
     weight_list = parse_float_list(weights, "--weights")
     if lam_value == "auto" and tasks is None:
         raise LoramergeError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
+    spread, threads = resolve_backend(device or "cpu", devices, workers, None, backend, ray_address)
     from loramerge_cli import api
     from loramerge_cli.adapters.compat import check_compatible
     from loramerge_cli.adapters.writer import check_head, check_output_dir
@@ -195,7 +225,8 @@ def merge_command(
     if lam_value == "auto":
         best, grid = _tune_lambda(loaded, merge_config, table, tasks,
                                   {"val_limit": val_limit, "device": device, "batch_size": batch_size, "base": base,
-                                   "allow_base_mismatch": allow_base_mismatch})
+                                   "dtype": eval_dtype, "threads": threads, "allow_base_mismatch": allow_base_mismatch}, adapters,
+                                  spread)
         merge_config.lam = float(best)
         extra["lambda_tuning"] = {"tasks": str(tasks), "best": float(best), "grid": grid}
 

@@ -25,6 +25,13 @@ from loramerge_cli.cli.common import (
     parse_float_list,
 )
 from loramerge_cli.cli.merge_cmd import MERGERS, _lambda_value
+from loramerge_cli.cli.scale_options import (
+    BackendOption,
+    DevicesOption,
+    RayAddressOption,
+    WorkersOption,
+    resolve_backend,
+)
 from loramerge_cli.errors import LoramergeError
 
 EPILOG = examples_epilog(
@@ -40,6 +47,9 @@ EPILOG = examples_epilog(
     "--target-modules out_proj --steps 100 --out coeffs.json",
     "loramerge merge --adapters a/ b/ c/ --mask coeffs.json --merger ta --out merged/",
     "loramerge search-mask --adapters a/ b/ c/ --merger ta --tasks inputs.yaml --fitness nsc --out mask.json",
+    "loramerge search-mask --adapters a/ b/ c/ --tasks tasks.yaml --devices cuda:0,cuda:1 --out mask.json",
+    "loramerge search-mask --adapters a/ b/ c/ --tasks tasks.yaml --device cuda --backend ray --ray-address auto "
+    "--out mask.json",
 )
 
 
@@ -98,9 +108,10 @@ def search_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed (>= 1) of CMA-ES, random masks and DARE.")] = 1,
     val_limit: Annotated[int | None, typer.Option("--val-limit", help="Validation examples per task.")] = None,
     device: Annotated[str, typer.Option("--device", help="Torch device of a serial search.")] = "cpu",
-    devices: Annotated[str | None, typer.Option(
-        "--devices", help="Comma-separated devices, one worker process each (cuda:0,cuda:1).")] = None,
-    workers: Annotated[int | None, typer.Option("--workers", help="CPU worker processes.")] = None,
+    devices: DevicesOption = None,
+    workers: WorkersOption = None,
+    backend: BackendOption = "process",
+    ray_address: RayAddressOption = None,
     threads: Annotated[int | None, typer.Option(
         "--threads", help="Torch threads per process (the same in every process). "
         "[default: min(8, CPUs); CPUs / N with --workers N]",
@@ -139,17 +150,10 @@ def search_command(
         raise LoramergeError("--plot draws search curves and masks; --strategy nsc has neither")
     if out.exists() and not force:
         raise LoramergeError(f"{out} exists; pass --force to replace it")
-    if devices and workers:
-        raise LoramergeError("give --devices or --workers, not both")
-    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
-    if workers is not None:
-        if workers < 1:
-            raise LoramergeError("--workers must be >= 1")
-        device_list = [device] * workers
-        if threads is None:  # share the cores instead of oversubscribing them; every process uses the same count
-            import os
-
-            threads = max(1, (os.cpu_count() or 1) // workers)
+    spread, threads = resolve_backend(device, devices, workers, threads, backend, ray_address)
+    if strategy == "nsc" and (spread.devices or spread.name == "ray"):
+        raise LoramergeError("--strategy nsc trains on one device (--device); --devices, --workers and --backend "
+                             "ray spread the candidates of enmp, greedy and random")
     lam_value = _lambda_value(lam)
     from loramerge_cli.evaluation.engine import EvalSettings
     from loramerge_cli.merging.merge import MergeConfig
@@ -181,7 +185,9 @@ def search_command(
         run_dir=run_dir,
         resume=resume,
         report_test=report_test,
-        devices=device_list,
+        devices=spread.devices,
+        backend=spread.name,
+        ray_address=spread.address,
         command=command_line(ctx),
     )
     console = human_console(quiet, json_output)

@@ -29,10 +29,12 @@ def eval_report(
     base: str | None = None,
     run_dir=None,
     allow_pickle: bool = False,
+    pool=None,
 ) -> dict:
     """Score the base model, each expert on its own task, and each merged adapter on every task.
 
-    Expert and base scores are read from (and written to) the run directory's cache when given.
+    Expert and base scores are read from (and written to) the run directory's cache when given; `pool`, if
+    given, scores the merged adapters on its workers (`MergedScorer`, search/backends.py).
     """
     task_file = load_task_file(tasks_file)
     engine = Evaluator(task_file, experts, settings, base=base, allow_pickle=allow_pickle)
@@ -43,8 +45,13 @@ def eval_report(
         score_row("base", "base", base_scores(engine, cache), expert_accuracy, warnings),
         score_row("experts", "experts", expert_accuracy, expert_accuracy, warnings),
     ]
-    for adapter in merged or []:
-        row = score_row(adapter.name, "merged", engine.score_adapter(adapter), expert_accuracy, warnings)
+    merged = merged or []
+    if pool is not None and merged:
+        merged_accuracy = pool([adapter.source.spec for adapter in merged])
+    else:
+        merged_accuracy = [engine.score_adapter(adapter) for adapter in merged]
+    for adapter, accuracy in zip(merged, merged_accuracy):
+        row = score_row(adapter.name, "merged", accuracy, expert_accuracy, warnings)
         row["source"] = adapter.source.spec
         rows.append(row)
     return {

@@ -49,10 +49,12 @@ def tune_lambda(
     threads: int | None = None,
     allow_base_mismatch: bool = False,
     evaluator: Evaluator | None = None,
+    pool=None,
 ) -> tuple[float, list[dict]]:
     """(chosen λ, one record per grid point: λ, accuracy and normalized accuracy per task, mean).
 
-    `evaluator`, if given, is reused (its split and settings win over the keyword arguments).
+    `evaluator`, if given, is reused (its split and settings win over the keyword arguments); `pool`, if
+    given, scores the grid points on its workers (`LambdaScorer`, search/backends.py).
     """
     from loramerge_cli.merging.merge import merge, resolve_config
 
@@ -60,16 +62,18 @@ def tune_lambda(
     grid = list(grid) if grid is not None else default_grid(default_lambda)
     if not grid or not all(math.isfinite(value) for value in grid):
         raise LoramergeError("the λ grid must hold at least one finite value")
-    result = merge(adapters, replace(config, lam=1.0), table, allow_base_mismatch)
     if evaluator is None:
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads)
         evaluator = Evaluator(load_task_file(tasks_file), adapters, settings, base=base)
     experts = expert_scores(evaluator, ScoreCache(run_dir))
-    unit_deltas = merged_deltas(result)
+    if pool is not None:
+        grid_scores = pool(grid)
+    else:
+        unit_deltas = merged_deltas(merge(adapters, replace(config, lam=1.0), table, allow_base_mismatch))
+        grid_scores = [evaluator.evaluate(scale_deltas(unit_deltas, lam)) for lam in grid]
     records = []
-    for lam in grid:
-        scores = evaluator.evaluate(scale_deltas(unit_deltas, lam))
+    for lam, scores in zip(grid, grid_scores):
         normalized, _ = normalized_accuracy(scores, experts)
         records.append({
             "lambda": lam,

@@ -38,6 +38,8 @@ class SearchRequest:
     resume: bool = False
     report_test: bool = False
     devices: list[str] | None = None  # one worker per entry; None: serial in this process
+    backend: str = "process"  # or "ray" (search/backends.py)
+    ray_address: str | None = None
     command: str = ""
 
 
@@ -93,9 +95,7 @@ class WorkerBuilder:
 def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = lambda kind, data: None):
     """Returns (WeightTable, summary dict)."""
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
-    from loramerge_cli.evaluation.tuning import tune_lambda
     from loramerge_cli.search.fitness import AccuracyFitness, pruned_table
-    from loramerge_cli.search.parallel import ParallelFitness
 
     if request.strategy not in STRATEGIES:
         raise LoramergeError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {request.strategy!r})")
@@ -115,13 +115,11 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     request.enmp.check()
     started = time.perf_counter()
     _check_run_dir(request, run_dir)
-    problem = build_problem(request)
+    problem = build_problem(request, _first_device(request))
     lam = problem.settings.lam
     tuning = None
     if request.lambda_auto:
-        lam, grid = tune_lambda(problem.adapters, replace(request.merge, lam=None), None, request.tasks,
-                                evaluator=problem.engine, run_dir=run_dir,
-                                allow_base_mismatch=request.allow_base_mismatch)
+        lam, grid = _tune_lambda(request, problem, run_dir)
         tuning = {"best": lam, "grid": grid}
         problem.settings = replace(problem.settings, lam=lam)
         on_event("lambda", {"lambda": lam})
@@ -129,11 +127,8 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
     on_event("start", {"lambda": lam, "reference": fitness.reference, "experts": experts,
                        "units": len(problem.template.units), "tasks": len(problem.adapters)})
-    evaluate = fitness
-    parallel = None
-    if request.devices and len(request.devices) > 1:
-        parallel = ParallelFitness(WorkerBuilder(request, lam, experts, fitness.reference), request.devices)
-        evaluate = parallel
+    parallel = _open_pool(WorkerBuilder(request, lam, experts, fitness.reference), request)
+    evaluate = parallel or fitness
     unit_count, task_count = len(problem.template.units), len(problem.adapters)
 
     def on_progress(kind: str, data: dict) -> None:
@@ -167,7 +162,6 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
     """ENMP (or greedy/random) with the label-free NSC fitness: no expert scores, no labels."""
     from loramerge_cli.search.fitness import pruned_table
     from loramerge_cli.search.nsc_fitness import NscWorkerBuilder, build_nsc_fitness
-    from loramerge_cli.search.parallel import ParallelFitness
 
     if request.lambda_auto:
         raise LoramergeError("--lambda auto tunes λ on labelled validation data; give a number with --fitness nsc")
@@ -175,16 +169,14 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
     request.nsc.check()
     started = time.perf_counter()
     _check_run_dir(request, run_dir)
-    fitness = build_nsc_fitness(request)
+    fitness = build_nsc_fitness(request, _first_device(request))
     lam = fitness.base_lambda
     template = fitness.template
     on_event("start", {"lambda": lam, "reference_loss": fitness.reference, "objective": request.nsc.objective,
                        "targets": fitness.objective.targets if request.nsc.objective == "nsc" else [],
                        "units": len(template.units), "tasks": len(fitness.adapters)})
-    evaluate, parallel = fitness, None
-    if request.devices and len(request.devices) > 1:
-        parallel = ParallelFitness(NscWorkerBuilder(request, lam, fitness.reference), request.devices)
-        evaluate = parallel
+    parallel = _open_pool(NscWorkerBuilder(request, lam, fitness.reference), request)
+    evaluate = parallel or fitness
 
     def on_progress(kind: str, data: dict) -> None:
         if run_dir is not None and "best_pruned" in data:
@@ -211,6 +203,36 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
     table = replace(pruned_table(template, best.pruned), scale=best.lam if request.enmp.addscale else None,
                     merger=merger, provenance=provenance)
     return table, provenance
+
+
+def _first_device(request: SearchRequest) -> str | None:
+    """The driver scores the experts and the unpruned merge on the workers' first device (the reference
+    every worker's fitness is measured against)."""
+    return request.devices[0] if request.devices else None
+
+
+def _open_pool(build, request: SearchRequest):
+    """The search's workers (search/backends.py), or None for a serial search."""
+    from loramerge_cli.search.backends import Backend, open_pool
+
+    backend = Backend(request.backend, request.devices, request.ray_address)
+    return open_pool(build, backend, request.eval.device, request.eval.threads)
+
+
+def _tune_lambda(request: SearchRequest, problem: Problem, run_dir: Path | None):
+    """--lambda auto before the search, its grid on the search's workers."""
+    from loramerge_cli.evaluation.tuning import tune_lambda
+    from loramerge_cli.evaluation.workers import EngineSource, LambdaScorer
+
+    config = replace(request.merge, lam=None)
+    source = EngineSource(request.tasks, request.adapters, request.eval, request.base, request.allow_pickle)
+    pool = _open_pool(LambdaScorer(source, config, None, request.allow_base_mismatch), request)
+    try:
+        return tune_lambda(problem.adapters, config, None, request.tasks, evaluator=problem.engine, run_dir=run_dir,
+                           allow_base_mismatch=request.allow_base_mismatch, pool=pool)
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 def _provenance(request, fitness, parallel, best, evaluations, history, started) -> dict:

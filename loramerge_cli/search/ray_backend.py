@@ -1,0 +1,172 @@
+"""The Ray backend (`--backend ray`): one actor per device, each building its worker once (base model,
+adapters, data), and the driver handing out items (search candidates, merged adapters, λ values) one at a
+time to whichever actor is free. Results are put back in item order, so a run equals a serial one.
+
+An actor that dies (its process killed, its node lost) is dropped and its item handed to another; the
+run fails only when no actor is left. A worker that raises fails the run (the same item would fail
+again anywhere). Ray is imported only here: `pip install "loramerge[ray]"`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections import deque
+
+from loramerge_cli.errors import LoramergeError
+
+LOGGER = logging.getLogger(__name__)
+ACTOR_PREFIX = "loramerge-worker-"
+# Passed on to the actors, which may run on other machines (a cluster) with other environments.
+FORWARDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "HF_HOME", "HF_TOKEN", "TRANSFORMERS_OFFLINE")
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise LoramergeError('--backend ray needs Ray: pip install "loramerge[ray]"') from None
+    return ray
+
+
+def connect(address: str | None = None):
+    """Ray, initialised once per process: `address` None starts a local cluster on this machine, "auto"
+    joins the one `ray start` runs here, HOST:PORT a remote one. Ray shuts it down when the process ends."""
+    ray = import_ray()
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+        except (ConnectionError, ValueError, RuntimeError) as error:
+            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+            raise LoramergeError(f"cannot connect to {where} ({_first_line(error)})") from None
+    return ray
+
+
+def slots(device: str, threads: int | None, address: str | None = None) -> list[str]:
+    """One device per actor when none is given: every GPU of the cluster for a cuda device, else one actor
+    per `threads` CPUs."""
+    ray = connect(address)
+    resources = ray.cluster_resources()
+    if device.startswith("cuda"):
+        count = int(resources.get("GPU", 0))
+        if count < 1:
+            raise LoramergeError("--device cuda --backend ray: the Ray cluster has no GPU")
+        return ["cuda"] * count
+    return [device] * max(1, int(resources.get("CPU", 1)) // (threads or 1))
+
+
+def actor_resources(device: str, threads: int | None) -> dict:
+    """What one actor reserves: a whole GPU (and one CPU), or `threads` CPUs."""
+    if device.startswith("cuda"):
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_gpus": 0, "num_cpus": threads or 1}
+
+
+class Worker:
+    """A Ray actor: builds `build(device)` once, then maps items through it one at a time."""
+
+    def __init__(self, build, device: str, cwd: str):
+        if os.path.isdir(cwd):  # relative paths of the request mean what they mean on the driver
+            os.chdir(cwd)
+        self.error = None
+        try:
+            # Ray hands a GPU actor its GPU as the only visible one: "cuda" (cuda:0) is that GPU.
+            self.work = build("cuda" if device.startswith("cuda") else device)
+        except Exception as error:  # noqa: BLE001 - reported to the driver as one line
+            self.error = f"worker on {device} failed to start: {_first_line(error)}"
+
+    def ready(self) -> str | None:
+        return self.error
+
+    def run(self, item):
+        return self.work([item])[0]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+class RayPool:
+    """Callable like a fitness: `pool(items)` is `[build(device)([item])[0] for item in items]`, computed by
+    one actor per entry of `devices`."""
+
+    def __init__(self, build, devices: list[str], address: str | None = None, threads: int | None = None,
+                 start_timeout: float = 600.0, timeout: float = 3600.0):
+        ray = self.ray = connect(address)
+        self.timeout = timeout
+        self.lost = 0  # actors that died during the run
+        needed = sum(1 for device in devices if device.startswith("cuda"))
+        available = int(ray.cluster_resources().get("GPU", 0))
+        if needed > available:
+            raise LoramergeError(f"--backend ray: {needed} GPU worker(s) asked for, the Ray cluster has {available}")
+        environment = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
+        remote = ray.remote(Worker)
+        run = uuid.uuid4().hex[:8]
+        self.devices = {}
+        for index, device in enumerate(devices):  # named, so that `ray list actors` says whose they are
+            actor = remote.options(name=f"{ACTOR_PREFIX}{run}-{index}", max_restarts=0, max_task_retries=0,
+                                   runtime_env={"env_vars": environment},
+                                   **actor_resources(device, threads)).remote(build, device, os.getcwd())
+            self.devices[actor] = device
+        self.actors = list(self.devices)
+        try:
+            errors = ray.get([actor.ready.remote() for actor in self.actors], timeout=start_timeout)
+        except ray.exceptions.GetTimeoutError:
+            self.close()
+            raise LoramergeError(f"the Ray workers did not start within {start_timeout:g} s (is the cluster "
+                                 f"short of CPUs or GPUs?)") from None
+        except ray.exceptions.RayError as error:
+            self.close()
+            raise LoramergeError(f"a Ray worker failed to start ({_first_line(error)})") from None
+        failed = [error for error in errors if error]
+        if failed:
+            self.close()
+            raise LoramergeError(failed[0])
+
+    def __call__(self, items: list) -> list:
+        ray = self.ray
+        pending = deque(enumerate(items))
+        idle = list(self.actors)
+        running: dict = {}  # object ref -> (actor, index, item)
+        results: dict = {}
+        while pending or running:
+            while pending and idle:
+                actor = idle.pop(0)
+                index, item = pending.popleft()
+                running[actor.run.remote(item)] = (actor, index, item)
+            done, _ = ray.wait(list(running), num_returns=1, timeout=self.timeout)
+            if not done:
+                self.close()
+                raise LoramergeError("a Ray worker stopped answering")
+            for ref in done:
+                actor, index, item = running.pop(ref)
+                try:
+                    results[index] = ray.get(ref)
+                    idle.append(actor)
+                except ray.exceptions.RayActorError as error:  # the actor is gone: another takes its item
+                    self._drop(actor, error)
+                    pending.appendleft((index, item))
+                except ray.exceptions.RayTaskError as error:
+                    self.close()
+                    raise LoramergeError(f"worker on {self.devices[actor]}: "
+                                         f"{_first_line(getattr(error, 'cause', None) or error)}") from None
+        return [results[index] for index in range(len(items))]
+
+    def _drop(self, actor, error) -> None:
+        self.actors.remove(actor)
+        self.lost += 1
+        self.ray.kill(actor)
+        LOGGER.warning("a Ray worker on %s died (%s); its candidates go to the %d left", self.devices[actor],
+                       _first_line(error), len(self.actors))
+        if not self.actors:
+            raise LoramergeError(f"every Ray worker died (the last: {_first_line(error)})")
+
+    def close(self) -> None:
+        for actor in self.actors:
+            self.ray.kill(actor)
+        self.actors = []
+
+
+def _first_line(error) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__

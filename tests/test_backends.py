@@ -1,0 +1,178 @@
+"""Backends (search/backends.py): searches, `eval` and `--lambda auto` on worker processes and on a real local
+Ray cluster (2 CPUs, loopback only) give the serial results; a killed actor's candidates go to the others; a
+search whose driver is killed with SIGKILL resumes to the undisturbed table."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+# Before Ray is imported: bind every Ray process to 127.0.0.1 (Ray reads this once) and send no usage stats.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+from eval_fixtures import build_text_setting  # noqa: E402
+from factories import invoke_cli  # noqa: E402
+from loramerge_cli.evaluation.engine import EvalSettings  # noqa: E402
+from loramerge_cli.merging.merge import MergeConfig  # noqa: E402
+from loramerge_cli.search.enmp import EnmpSettings  # noqa: E402
+from loramerge_cli.search.runner import SearchRequest, run_search  # noqa: E402
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    return build_text_setting(tmp_path_factory.mktemp("backends"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """One local Ray cluster for the module: 2 CPUs, no dashboard, loopback only; shut down afterwards."""
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+    assert not ray.is_initialized()
+
+
+def request(setting, **changes) -> SearchRequest:
+    base = SearchRequest(
+        adapters=setting.adapter_args(),
+        merge=MergeConfig(merger="ties"),
+        tasks=setting.tasks_file,
+        eval=EvalSettings(threads=1, batch_size=8),
+        enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3),
+    )
+    return replace(base, **changes)
+
+
+def trajectory(run_dir: Path) -> list[tuple]:
+    """The fitness values a search recorded, generation by generation."""
+    records = [json.loads(line) for line in (run_dir / "trajectory.jsonl").read_text().splitlines()]
+    return [(r["best_fitness"], r["mean_fitness"], r["best_pruned"], r["distinct_evaluated"]) for r in records]
+
+
+def ray_workers(ray) -> list:
+    from loramerge_cli.search.ray_backend import ACTOR_PREFIX
+
+    return [ray.get_actor(entry["name"], namespace=entry["namespace"])
+            for entry in ray.util.list_named_actors(all_namespaces=True) if entry["name"].startswith(ACTOR_PREFIX)]
+
+
+def test_ray_search_equals_serial(setting, cluster, tmp_path):
+    """Same seed: the same table, λ and fitness values in trajectory.jsonl as a serial run (λ auto included)."""
+    serial, serial_provenance = run_search(request(setting, lambda_auto=True, run_dir=tmp_path / "serial"))
+    spread, provenance = run_search(request(setting, lambda_auto=True, run_dir=tmp_path / "ray", backend="ray",
+                                            devices=["cpu", "cpu"]))
+    assert spread.weights == serial.weights
+    assert provenance["lambda_tuning"] == serial_provenance["lambda_tuning"]
+    assert provenance["validation"] == serial_provenance["validation"]
+    assert trajectory(tmp_path / "ray") == trajectory(tmp_path / "serial")
+    assert not ray_workers(cluster)  # the actors are gone with the search
+
+
+def test_a_killed_actor_is_replaced_by_the_others(setting, cluster, tmp_path, caplog):
+    serial, _ = run_search(request(setting, run_dir=tmp_path / "serial"))
+    killed = []
+
+    def kill_one(kind, data):
+        if kind == "generation" and data["generation"] == 1:
+            actor = ray_workers(cluster)[0]
+            killed.append(cluster.get(actor.pid.remote()))
+            os.kill(killed[0], signal.SIGKILL)
+
+    table, _ = run_search(request(setting, run_dir=tmp_path / "ray", backend="ray", devices=["cpu", "cpu"]),
+                          on_event=kill_one)
+    assert killed
+    assert "a Ray worker on cpu died" in caplog.text
+    assert table.weights == serial.weights
+    assert trajectory(tmp_path / "ray") == trajectory(tmp_path / "serial")
+
+
+DRIVER = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from loramerge_cli.evaluation.engine import EvalSettings
+from loramerge_cli.merging.merge import MergeConfig
+from loramerge_cli.search.enmp import EnmpSettings
+from loramerge_cli.search.runner import SearchRequest, run_search
+
+def die(kind, data):
+    if kind == "generation" and data["generation"] == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+run_search(SearchRequest(adapters={adapters!r}, merge=MergeConfig(merger="ties"), tasks=Path({tasks!r}),
+                         eval=EvalSettings(threads=1, batch_size=8),
+                         enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3),
+                         run_dir=Path({run_dir!r}), backend="ray", devices=["cpu"], ray_address={address!r}),
+           on_event=die)
+"""
+
+
+def test_a_driver_killed_with_sigkill_resumes(setting, cluster, tmp_path):
+    serial, _ = run_search(request(setting, run_dir=tmp_path / "serial"))
+    script = DRIVER.format(tests=str(ROOT / "tests"), adapters=setting.adapter_args(), tasks=str(setting.tasks_file),
+                           run_dir=str(tmp_path / "ray"), address=cluster.get_runtime_context().gcs_address)
+    driver = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert driver.returncode == -signal.SIGKILL, driver.stderr[-2000:]
+    assert len(trajectory(tmp_path / "ray")) == 2
+    resumed, _ = run_search(request(setting, run_dir=tmp_path / "ray", resume=True, backend="ray",
+                                    devices=["cpu", "cpu"]))
+    assert resumed.weights == serial.weights
+    assert trajectory(tmp_path / "ray") == trajectory(tmp_path / "serial")
+
+
+def merged_folders(setting, tmp_path) -> list[str]:
+    folders = []
+    for merger in ("ta", "ties"):
+        result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", merger,
+                             "--out", str(tmp_path / merger)])
+        assert result.exit_code == 0, result.stderr
+        folders.append(f"{merger}={tmp_path / merger}")
+    return folders
+
+
+def eval_json(setting, merged, *flags) -> dict:
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
+                         "--merged", *merged, "--threads", "1", "--batch-size", "8", "--json", *flags])
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def lambda_tuning(setting, out: Path, *flags) -> dict:
+    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ta", "--lambda", "auto",
+                         "--tasks", str(setting.tasks_file), "--batch-size", "8", "--out", str(out), *flags])
+    assert result.exit_code == 0, result.stderr
+    return json.loads((out / "loramerge.json").read_text())["lambda_tuning"]
+
+
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_eval_and_lambda_auto_on_workers_equal_serial(setting, tmp_path, backend, request):
+    if backend == "ray":
+        request.getfixturevalue("cluster")
+    merged = merged_folders(setting, tmp_path)
+    flags = ["--backend", backend, "--workers", "2"]
+    assert eval_json(setting, merged, *flags) == eval_json(setting, merged)
+    assert lambda_tuning(setting, tmp_path / "spread", *flags) == lambda_tuning(setting, tmp_path / "serial")
+
+
+def test_backend_flags_are_checked_before_any_work(setting, tmp_path):
+    common = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
+              "--out", str(tmp_path / "mask.json")]
+    result = invoke_cli([*common, "--ray-address", "auto"])
+    assert result.exit_code == 1 and "--ray-address needs --backend ray" in result.stderr
+    result = invoke_cli([*common, "--backend", "dask"])
+    assert result.exit_code == 2
+    result = invoke_cli([*common, "--backend", "ray", "--strategy", "nsc", "--workers", "2"])
+    assert result.exit_code == 1 and "--strategy nsc" in result.stderr
+    assert not (tmp_path / "mask.json").exists()

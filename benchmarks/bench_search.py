@@ -260,11 +260,22 @@ def main(argv: list[str] | None = None) -> dict:
                         help="cached side: block outputs kept for replay (default 1024; 0: off)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, both sides (default 1)")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--backend", choices=["naive", "ray"], default="naive",
+                        help="naive: against the naive loop (default); ray: serial against 1 and 2 Ray CPU actors "
+                             "(bench_search_ray.py)")
+    parser.add_argument("--actors", type=lambda text: [int(n) for n in text.split(",")], default=[1, 2],
+                        help="--backend ray: actor counts (default 1,2)")
     args = parser.parse_args(argv)
     if args.naive_generations < 0:
         parser.error("--naive-generations must be >= 0")
-    report = run(args)
-    render(report)
+    if args.backend == "ray":
+        from bench_search_ray import render_ray, run_ray
+
+        report = run_ray(args, make_request)
+        render_ray(report)
+    else:
+        report = run(args)
+        render(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=1, default=str) + "\n")
     return report

@@ -107,7 +107,7 @@ class NullSpaceObjective:
         """(1/|J_k|) Σ_j mean over tokens of ω_k^j."""
         if bool((counts == 0).any()):
             raise LoramergeError("NSC: a batch has no non-padding token at a targeted module")
-        return (sums / counts.to(sums.dtype)).mean()
+        return (sums / counts.to(sums)).mean()  # counts live on the CPU, sums on the model's device
 
 
 class EntropyObjective:
@@ -127,4 +127,4 @@ class EntropyObjective:
 
     @staticmethod
     def loss(sums: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        return (sums / counts.to(sums.dtype)).mean()
+        return (sums / counts.to(sums)).mean()

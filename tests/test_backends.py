@@ -156,14 +156,17 @@ def lambda_tuning(setting, out: Path, *flags) -> dict:
     return json.loads((out / "loramerge.json").read_text())["lambda_tuning"]
 
 
-@pytest.mark.parametrize("backend", ["process", "ray"])
-def test_eval_and_lambda_auto_on_workers_equal_serial(setting, tmp_path, backend, request):
-    if backend == "ray":
-        request.getfixturevalue("cluster")
+def test_eval_and_lambda_auto_on_worker_processes_equal_serial(setting, tmp_path):
     merged = merged_folders(setting, tmp_path)
-    flags = ["--backend", backend, "--workers", "2"]
+    flags = ["--workers", "2"]
     assert eval_json(setting, merged, *flags) == eval_json(setting, merged)
     assert lambda_tuning(setting, tmp_path / "spread", *flags) == lambda_tuning(setting, tmp_path / "serial")
+
+
+def test_eval_on_ray_actors_equals_serial(setting, cluster, tmp_path):
+    """(--lambda auto on Ray: test_ray_search_equals_serial.)"""
+    merged = merged_folders(setting, tmp_path)
+    assert eval_json(setting, merged, "--backend", "ray", "--workers", "2") == eval_json(setting, merged)
 
 
 def test_backend_flags_are_checked_before_any_work(setting, tmp_path):

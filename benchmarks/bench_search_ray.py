@@ -4,8 +4,9 @@ the serial search, on the bundled example's text setting, and the Ray overhead p
 The three runs draw the same candidates (same seed) and must record the same fitness values (checked). Each
 actor builds its worker once (model, data; not timed per generation, reported as start seconds) and records
 the unpruned merge's block outputs on its first candidate (inside generation 1, so "steady" figures leave
-generation 1 out). Overhead per candidate = (1-actor seconds − serial seconds) / candidates scored, over the
-steady generations: the dispatch, transfer and scheduling that one actor adds to the same work.
+generation 1 out). Overhead per candidate, two ways: the seconds per candidate of one actor that does no work
+(dispatch, transfer, scheduling alone), and (1-actor seconds − serial seconds) / candidates scored over the
+steady generations (the same, plus whatever the machine's load did between the runs).
 """
 
 from __future__ import annotations
@@ -17,6 +18,34 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # a local cluster on 127.0.0.1 only
 
 from loramerge_cli.search.enmp import EnmpSearch  # noqa: E402
+
+DISPATCH_ITEMS = 400
+
+
+class Echo:
+    """A worker that does no work: `RayPool` over it times the dispatch alone."""
+
+    def __call__(self, device: str):
+        return lambda items: list(items)
+
+
+def dispatch_seconds(threads: int) -> float:
+    """Seconds per item of one actor that does nothing with candidate-shaped items."""
+    import sys
+
+    import ray
+
+    from loramerge_cli.search.ray_backend import RayPool
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actor cannot import benchmarks/
+    pool = RayPool(Echo(), ["cpu"], threads=threads)
+    try:
+        items = [((index, index + 7, index + 13), None) for index in range(DISPATCH_ITEMS)]
+        started = time.perf_counter()
+        assert pool(items) == items
+        return (time.perf_counter() - started) / DISPATCH_ITEMS
+    finally:
+        pool.close()
 
 
 def _search(request, fitness, problem) -> tuple[list[dict], list]:
@@ -44,6 +73,7 @@ def run_ray(args, make_request) -> dict:
     starts = {}
     ray.init(num_cpus=max(args.actors), include_dashboard=False, log_to_driver=False)
     try:
+        dispatch = dispatch_seconds(args.threads)
         for count in args.actors:
             started = time.perf_counter()
             pool = RayPool(WorkerBuilder(request, problem.settings.lam, experts, fitness.reference), ["cpu"] * count,
@@ -82,7 +112,7 @@ def run_ray(args, make_request) -> dict:
                          "units": len(problem.template.units), "tasks": len(problem.adapters),
                          "popsize": args.popsize, "generations": args.generations, "threads": args.threads,
                          "val_limit": args.val_limit, "actors": args.actors, "ray": ray.__version__},
-            "runs": summary, "overhead_seconds_per_candidate": overhead}
+            "runs": summary, "overhead_seconds_per_candidate": overhead, "dispatch_seconds_per_candidate": dispatch}
 
 
 def render_ray(report: dict) -> None:
@@ -97,6 +127,8 @@ def render_ray(report: dict) -> None:
         print(f"{name:<14}{entry['seconds_per_generation']:>8.2f}{entry['steady_seconds_per_generation']:>14.2f}"
               f"{'' if ratio is None else f'{ratio:.2f}×':>14}{'' if start is None else f'{start:.1f}':>9}  "
               f"{entry['same_fitness_as_serial']}")
+    print(f"Ray dispatch per candidate (one actor that does no work, {DISPATCH_ITEMS} candidates): "
+          f"{1000 * report['dispatch_seconds_per_candidate']:.2f} ms")
     overhead = report["overhead_seconds_per_candidate"]
     if overhead is not None:
-        print(f"Ray overhead per candidate (1 actor − serial, steady generations): {1000 * overhead:.1f} ms")
+        print(f"1 actor − serial per candidate, steady generations: {1000 * overhead:.1f} ms (load noise included)")

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,10 +17,9 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 
 from eval_fixtures import build_text_setting  # noqa: E402
 from factories import invoke_cli  # noqa: E402
-from loramerge_cli.evaluation.engine import EvalSettings  # noqa: E402
-from loramerge_cli.merging.merge import MergeConfig  # noqa: E402
-from loramerge_cli.search.enmp import EnmpSettings  # noqa: E402
-from loramerge_cli.search.runner import SearchRequest, run_search  # noqa: E402
+from test_search_mask import request  # noqa: E402 - the same small search (ties, popsize 6, 4 generations)
+
+from loramerge_cli.search.runner import run_search  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,17 +40,6 @@ def cluster():
     yield ray
     ray.shutdown()
     assert not ray.is_initialized()
-
-
-def request(setting, **changes) -> SearchRequest:
-    base = SearchRequest(
-        adapters=setting.adapter_args(),
-        merge=MergeConfig(merger="ties"),
-        tasks=setting.tasks_file,
-        eval=EvalSettings(threads=1, batch_size=8),
-        enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3),
-    )
-    return replace(base, **changes)
 
 
 def trajectory(run_dir: Path) -> list[tuple]:

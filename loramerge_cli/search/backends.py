@@ -44,7 +44,3 @@ def open_pool(build, backend: Backend, device: str = "cpu", threads: int | None 
         return ParallelFitness(build, backend.devices)
     return None
 
-
-def pooled_map(pool, work, items: list) -> list:
-    """`items` through the pool's workers, or through `work` here when there is no pool."""
-    return pool(items) if pool is not None else work(items)

@@ -81,7 +81,8 @@ def run(args) -> dict:
     sizes = evals["cpu float32"]["examples"]
     rows = {key: {row["name"]: row["accuracy"] for row in value["rows"]} for key, value in evals.items()}
     checks["eval: cuda float32 within one example per task of cpu"] = all(
-        within_one_example(rows["cuda:0 float32"][name], rows["cpu float32"][name], sizes) for name in rows["cpu float32"])
+        within_one_example(rows["cuda:0 float32"][name], rows["cpu float32"][name], sizes)
+        for name in rows["cpu float32"])
     report["bfloat16_vs_float32_cuda_max_examples_apart"] = max(
         abs(rows["cuda:0 bfloat16"][name][task] - rows["cuda:0 float32"][name][task]) * sizes[task]
         for name in rows["cpu float32"] for task in sizes)

@@ -223,10 +223,9 @@ def merge_command(
     resolve_config(merge_config, len(loaded), table)  # every parameter checked before any work
     extra = {}
     if lam_value == "auto":
-        best, grid = _tune_lambda(loaded, merge_config, table, tasks,
-                                  {"val_limit": val_limit, "device": device, "batch_size": batch_size, "base": base,
-                                   "dtype": eval_dtype, "threads": threads, "allow_base_mismatch": allow_base_mismatch}, adapters,
-                                  spread)
+        options = {"val_limit": val_limit, "device": device, "batch_size": batch_size, "base": base,
+                   "dtype": eval_dtype, "threads": threads, "allow_base_mismatch": allow_base_mismatch}
+        best, grid = _tune_lambda(loaded, merge_config, table, tasks, options, adapters, spread)
         merge_config.lam = float(best)
         extra["lambda_tuning"] = {"tasks": str(tasks), "best": float(best), "grid": grid}
 

@@ -25,6 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+DEVICES = {"cpu": "cpu", "gpu": "cuda:0"}  # "gpu" is --device (cpu: a dry run of this script without a GPU)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -55,17 +56,17 @@ def run(args) -> dict:
     from bench_eval import setting_paths
 
     tasks, adapters = setting_paths(args.example)
-    work = args.work
-    work.mkdir(parents=True, exist_ok=True)
+    work = args.work / time.strftime("%Y%m%d-%H%M%S")  # fresh run directories on every run
+    work.mkdir(parents=True)
     common = ["--adapters", *adapters, "--tasks", tasks]
     limit = ["--val-limit", str(args.val_limit)]
     merged = []
     for merger in ("ta", "ties"):
         folder = work / f"merged_{merger}"
-        cli(["merge", "--adapters", *adapters, "--merger", merger, "--out", folder, "--force", "--quiet"])
+        cli(["merge", "--adapters", *adapters, "--merger", merger, "--out", folder, "--quiet"])
         merged.append(f"{merger}={folder}")
     report: dict = {"settings": vars(args) | {"example": str(args.example), "work": str(work)},
-                    "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "steps": {}, "checks": {}}
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "torch": torch.__version__, "steps": {}, "checks": {}}
     steps, checks = report["steps"], report["checks"]
 
     def record(name: str, device: str, seconds: float, peak: float, **extra) -> None:
@@ -73,52 +74,52 @@ def run(args) -> dict:
 
     # eval
     evals = {}
-    for device, dtype in (("cpu", "float32"), ("cuda:0", "float32"), ("cuda:0", "bfloat16")):
-        stdout, seconds, peak = cli(["eval", *common, "--merged", *merged, *limit, "--device", device,
+    for role, dtype in (("cpu", "float32"), ("gpu", "float32"), ("gpu", "bfloat16")):
+        stdout, seconds, peak = cli(["eval", *common, "--merged", *merged, *limit, "--device", DEVICES[role],
                                      "--dtype", dtype, "--json", "--threads", str(args.threads)])
-        evals[f"{device} {dtype}"] = json.loads(stdout)
-        record("eval", f"{device} {dtype}", seconds, peak if device != "cpu" else 0.0)
+        evals[f"{role} {dtype}"] = json.loads(stdout)
+        record("eval", f"{DEVICES[role]} {dtype}", seconds, peak if role == "gpu" else 0.0)
     sizes = evals["cpu float32"]["examples"]
     rows = {key: {row["name"]: row["accuracy"] for row in value["rows"]} for key, value in evals.items()}
     checks["eval: cuda float32 within one example per task of cpu"] = all(
-        within_one_example(rows["cuda:0 float32"][name], rows["cpu float32"][name], sizes)
+        within_one_example(rows["gpu float32"][name], rows["cpu float32"][name], sizes)
         for name in rows["cpu float32"])
     report["bfloat16_vs_float32_cuda_max_examples_apart"] = max(
-        abs(rows["cuda:0 bfloat16"][name][task] - rows["cuda:0 float32"][name][task]) * sizes[task]
+        abs(rows["gpu bfloat16"][name][task] - rows["gpu float32"][name][task]) * sizes[task]
         for name in rows["cpu float32"] for task in sizes)
 
     # merge --lambda auto
     tuning = {}
-    for device in ("cpu", "cuda:0"):
-        out = work / f"lambda_{device.replace(':', '')}"
+    for role, device in DEVICES.items():
+        out = work / f"lambda_{role}"
         _, seconds, peak = cli(["merge", *common, "--merger", "ta", "--lambda", "auto", *limit, "--device", device,
-                                "--out", out, "--force", "--quiet"])
-        tuning[device] = json.loads((out / "loramerge.json").read_text())["lambda_tuning"]
-        record("merge --lambda auto", device, seconds, peak if device != "cpu" else 0.0, best=tuning[device]["best"])
-    checks["lambda auto: the same λ"] = tuning["cpu"]["best"] == tuning["cuda:0"]["best"]
+                                "--out", out, "--quiet"])
+        tuning[role] = json.loads((out / "loramerge.json").read_text())["lambda_tuning"]
+        record("merge --lambda auto", device, seconds, peak if role == "gpu" else 0.0, best=tuning[role]["best"])
+    checks["lambda auto: the same λ"] = tuning["cpu"]["best"] == tuning["gpu"]["best"]
     checks["lambda auto: grid accuracies within one example per task"] = all(
         within_one_example(a["accuracy"], b["accuracy"], sizes)
-        for a, b in zip(tuning["cpu"]["grid"], tuning["cuda:0"]["grid"]))
+        for a, b in zip(tuning["cpu"]["grid"], tuning["gpu"]["grid"]))
 
     # search-mask enmp and nsc
     tables = {}
     for strategy in ("enmp", "nsc"):
-        for device in ("cpu", "cuda:0"):
-            run_dir = work / f"{strategy}_{device.replace(':', '')}"
+        for role, device in DEVICES.items():
+            run_dir = work / f"{strategy}_{role}"
             out = run_dir.with_suffix(".json")
             flags = (["--merger", "ties", "--popsize", str(args.popsize), "--generations", str(args.generations),
                       "--seed", "1"] if strategy == "enmp" else ["--steps", str(args.nsc_steps)])
             stdout, seconds, peak = cli(["search-mask", *common, "--strategy", strategy, *flags, *limit,
                                          "--device", device, "--threads", str(args.threads), "--run-dir", run_dir,
-                                         "--out", out, "--force", "--json"])
-            tables[f"{strategy} {device}"] = json.loads(stdout)
+                                         "--out", out, "--json"])
+            tables[f"{strategy} {role}"] = json.loads(stdout)
             history = [json.loads(line) for line in (run_dir / "trajectory.jsonl").read_text().splitlines()]
             per = sum(item["seconds"] for item in history) / len(history)
-            record(f"search-mask {strategy}", device, seconds, peak if device != "cpu" else 0.0,
+            record(f"search-mask {strategy}", device, seconds, peak if role == "gpu" else 0.0,
                    **{("seconds_per_generation" if strategy == "enmp" else "seconds_per_step"): round(per, 3)})
-    checks["enmp: the same table"] = tables["enmp cpu"]["weights"] == tables["enmp cuda:0"]["weights"]
+    checks["enmp: the same table"] = tables["enmp cpu"]["weights"] == tables["enmp gpu"]["weights"]
     nsc_cpu = torch.tensor(tables["nsc cpu"]["weights"])
-    nsc_gpu = torch.tensor(tables["nsc cuda:0"]["weights"])
+    nsc_gpu = torch.tensor(tables["nsc gpu"]["weights"])
     report["nsc_max_coefficient_difference"] = float((nsc_cpu - nsc_gpu).abs().max())
     checks[f"nsc: coefficients within {args.nsc_tolerance:g}"] = report["nsc_max_coefficient_difference"] <= \
         args.nsc_tolerance
@@ -151,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nsc-steps", type=int, default=30)
     parser.add_argument("--nsc-tolerance", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=4, help="torch CPU threads of the cpu runs")
+    parser.add_argument("--device", default="cuda:0", help="device compared with cpu (default cuda:0; cpu: dry run)")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
+    DEVICES["gpu"] = args.device
+    if args.device != "cpu" and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible to torch (torch.cuda.is_available() is false)", file=sys.stderr)
         return 2
     report = run(args)

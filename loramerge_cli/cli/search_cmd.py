@@ -107,7 +107,8 @@ def search_command(
         "--sparsity", help="random: fraction of units pruned. [default: max-prune/2]", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed (>= 1) of CMA-ES, random masks and DARE.")] = 1,
     val_limit: Annotated[int | None, typer.Option("--val-limit", help="Validation examples per task.")] = None,
-    device: Annotated[str, typer.Option("--device", help="Torch device of a serial search.")] = "cpu",
+    device: Annotated[str, typer.Option(
+        "--device", help="Torch device of the search (and of each worker of --workers or --backend ray).")] = "cpu",
     devices: DevicesOption = None,
     workers: WorkersOption = None,
     backend: BackendOption = "process",

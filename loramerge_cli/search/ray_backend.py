@@ -19,7 +19,7 @@ from loramerge_cli.errors import LoramergeError
 LOGGER = logging.getLogger(__name__)
 ACTOR_PREFIX = "loramerge-worker-"
 # Passed on to the actors, which may run on other machines (a cluster) with other environments.
-FORWARDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "HF_HOME", "HF_TOKEN", "TRANSFORMERS_OFFLINE")
+FORWARDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")  # no tokens: Ray stores these
 
 
 def import_ray():

@@ -38,8 +38,12 @@ def cluster():
         ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 2**20, log_to_driver=False)
     yield ray
+    import psutil  # installed with peft
+
+    started = psutil.Process().children(recursive=True)  # GCS, raylet, actors, agents
     ray.shutdown()
-    assert not ray.is_initialized()
+    _, alive = psutil.wait_procs(started, timeout=30)
+    assert not ray.is_initialized() and not alive, f"processes left behind: {alive}"
 
 
 def trajectory(run_dir: Path) -> list[tuple]:

@@ -95,10 +95,13 @@ class RayPool:
         ray = self.ray = connect(address)
         self.timeout = timeout
         self.lost = 0  # actors that died during the run
-        needed = sum(1 for device in devices if device.startswith("cuda"))
-        available = int(ray.cluster_resources().get("GPU", 0))
-        if needed > available:
-            raise LoramergeError(f"--backend ray: {needed} GPU worker(s) asked for, the Ray cluster has {available}")
+        resources = ray.cluster_resources()
+        for kind in ("GPU", "CPU"):  # an actor the cluster cannot place would wait for ever
+            needed = sum(actor_resources(device, threads)[f"num_{kind.lower()}s"] for device in devices)
+            available = int(resources.get(kind, 0))
+            if needed > available:
+                raise LoramergeError(f"--backend ray: the workers need {needed} {kind}s, the Ray cluster has "
+                                     f"{available}")
         environment = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
         remote = ray.remote(Worker)
         run = uuid.uuid4().hex[:8]

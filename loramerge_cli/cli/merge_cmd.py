@@ -126,7 +126,7 @@ def _tune_lambda(adapters, config, table, tasks: Path, eval_options: dict, sourc
     pool = open_pool(LambdaScorer(source, config, table, options.get("allow_base_mismatch", False)), spread,
                      settings.device, settings.threads)
     try:
-        return tune_lambda(adapters, config, table, tasks, pool=pool, **options)
+        return tune_lambda(adapters, config, table, tasks, **options, **({"pool": pool} if pool else {}))
     finally:
         if pool is not None:
             pool.close()

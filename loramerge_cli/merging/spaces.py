@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from loramerge_cli.merging.lowrank import LowRank, from_svd, compact_svd
+from loramerge_cli.merging.registry import SPACES
 
-SPACES = ("full", "knots", "core")
 Tensorish = torch.Tensor | LowRank
 
 

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 
 from loramerge_cli import __version__
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli import atomic
+from loramerge_cli.errors import LoramergeError, UsageError, check_seed
 
 OBJECTIVES = ("nsc", "entropy")
 STATE_NAME = "nsc_state.safetensors"
@@ -43,19 +44,18 @@ class NscSettings:
 
     def check(self) -> None:
         if self.objective not in OBJECTIVES:
-            raise LoramergeError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+            raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
         if self.steps < 1:
-            raise LoramergeError("--steps must be >= 1")
+            raise UsageError("--steps must be >= 1")
         if not self.lr > 0:
-            raise LoramergeError("--lr must be > 0")
+            raise UsageError("--lr must be > 0")
         if not math.isfinite(self.init):
-            raise LoramergeError("--init must be a finite number")
+            raise UsageError("--init must be a finite number")
         if self.batch_size < 1:
-            raise LoramergeError("--batch-size must be >= 1")
-        if self.seed < 1:
-            raise LoramergeError("--seed must be >= 1")
+            raise UsageError("--batch-size must be >= 1")
+        check_seed(self.seed)
         if self.checkpoint_every < 1:
-            raise LoramergeError("checkpoint interval must be >= 1 step")
+            raise UsageError("checkpoint interval must be >= 1 step")
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -223,13 +223,9 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
         tensors[f"adamw.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     metadata = {"step": str(step), "param_groups": json.dumps(optimizer_state["param_groups"]),
                 "history": json.dumps(history)}
-    temporary = run_dir / (STATE_NAME + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    temporary.replace(run_dir / STATE_NAME)
-    lines = "".join(json.dumps(record) + "\n" for record in history)
-    trajectory = run_dir / "trajectory.jsonl.tmp"
-    trajectory.write_text(lines)
-    trajectory.replace(run_dir / "trajectory.jsonl")
+    with atomic.replacing(run_dir / STATE_NAME) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    atomic.write_text(run_dir / "trajectory.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
 def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[dict]]:

@@ -431,7 +431,7 @@ def test_cli_label_free_enmp(setting, tmp_path):
     assert table.provenance["validation"]["fitness"] >= 0.0
     refused = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                           "--fitness", "nsc", "--lambda", "auto", "--out", tmp_path / "x.json"])
-    assert refused.exit_code == 1 and "--lambda auto" in refused.stderr
+    assert refused.exit_code == 2 and "--lambda auto" in refused.stderr  # a usage error (issue 12)
 
 
 @pytest.mark.slow

@@ -155,7 +155,7 @@ def test_mask_round_trip(sources, tmp_path):
     _ok(["merge", "--adapters", *sources, "--weights", "0.5,2,1", "--out", tmp_path / "weighted"])
     _ok(["merge", "--adapters", *sources, "--out", tmp_path / "plain"])
     masked, weighted, plain = (_deltas(tmp_path / name) for name in ("masked", "weighted", "plain"))
-    for path in masked:  # a module outside every block cannot be masked (Part A §A1)
+    for path in masked:  # a module outside every block cannot be masked (docs/algorithms.md, Inputs)
         expected = plain[path] if path == "pooler.dense" else weighted[path]
         assert torch.allclose(masked[path], expected, rtol=1e-6, atol=1e-7), path
     # a searched 0/1 table, saved and reloaded, equals the library merge; the flat-index form too

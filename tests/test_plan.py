@@ -211,3 +211,21 @@ def test_a_registered_method_is_in_the_cli_and_works_in_every_space(toy_method, 
     for path, module in reference.modules.items():
         expected = module.lora_B.double() @ module.lora_A.double()
         assert torch.allclose(toy[path].double(), expected, rtol=1e-4, atol=1e-6), path
+
+
+def test_no_import_cycle_inside_search():
+    """search/ imports form a DAG (nsc -> runner -> nsc_fitness -> nsc was a cycle), lazy imports included."""
+    import re
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "loramerge_cli" / "search"
+    graph = {path.stem: set(re.findall(r"from loramerge_cli\.search\.(\w+) import", path.read_text()))
+             for path in folder.glob("*.py")}
+
+    def visit(name, stack):
+        assert name not in stack, " -> ".join([*stack, name])
+        for dependency in graph.get(name, ()):
+            visit(dependency, [*stack, name])
+
+    for name in graph:
+        visit(name, [])

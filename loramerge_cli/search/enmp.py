@@ -27,7 +27,7 @@ Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or 
 
 @dataclass
 class EnmpSettings:
-    """Part A §A5 defaults (the paper's)."""
+    """The paper's defaults (docs/algorithms.md, ENMP)."""
 
     max_prune: float = 0.2
     popsize: int = 16

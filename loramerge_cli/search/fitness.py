@@ -1,5 +1,5 @@
 """Fitness of a pruning table: mean normalized validation accuracy of the pruned merge, in points
-over the unpruned merge (Part A §A5). Merged modules are cached per (module, retained tasks), and each
+over the unpruned merge (docs/algorithms.md, ENMP). Merged modules are cached per (module, retained tasks), and each
 candidate's forward pass starts at its first changed block (`BlockReplay`)."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """NSC: learn one merge coefficient per (task, LoRA module) by AdamW on a label-free objective
-(Part A §A6), through the low-rank side path on one copy of the base model.
+(docs/algorithms.md, NSC), through the low-rank side path on one copy of the base model.
 
 Only inputs are read. Batches are drawn per task in a seeded order that depends on nothing but
 (seed, task, epoch), so a run checkpointed every few steps and resumed equals an uninterrupted one.
@@ -29,7 +29,7 @@ CHECK_EXAMPLES = 256  # per task: the after-training check of each task's object
 
 @dataclass
 class NscSettings:
-    """Part A §A6 defaults. `batch_size` examples per task and step."""
+    """Defaults of docs/algorithms.md, NSC. `batch_size` examples per task and step."""
 
     steps: int = 100
     lr: float = 1e-3
@@ -68,7 +68,7 @@ def example_inputs(engine, task: str) -> list[dict[str, torch.Tensor]]:
     by_example: dict[int, dict] = {}
     for batch in prepared.batches:
         index = int(batch.indices[0])
-        if engine.task_file.model_type == "causal-lm":
+        if engine.task_file.type.choices:
             if index % prepared.choices:
                 continue
             cut = int(batch.positions.min())
@@ -332,7 +332,7 @@ def report_on_test(request, table) -> dict:
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
     from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
     from loramerge_cli.merging.merge import MergeConfig, resolve_config, run_merge
-    from loramerge_cli.search.runner import build_problem
+    from loramerge_cli.search.problem import build_problem
 
     test_request = replace(request, eval=replace(request.eval, split="test", val_limit=None),
                            merge=MergeConfig(merger="ta"))

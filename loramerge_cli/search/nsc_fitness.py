@@ -1,4 +1,4 @@
-"""Label-free ENMP fitness (Part A §A6, `--fitness nsc`): the relative reduction, in percent, of the
+"""Label-free ENMP fitness (docs/algorithms.md, NSC, `--fitness nsc`): the relative reduction, in percent, of the
 NSC loss of the pruned merge against the unpruned merge. No labels are read.
 
 A candidate is merged exactly as the accuracy fitness merges it (its 0/1 table, the merger, λ; merged

@@ -8,23 +8,13 @@ import sys
 
 import pytest
 import torch
-from factories import invoke_cli, random_adapter, write_peft_folder, write_task_folders
+from factories import invoke_cli, random_adapter, write_peft_folder
 
 from loramerge_cli import api
 from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
 from loramerge_cli.cli.common import spread_multi_values
 from loramerge_cli.masks import ones_table
 from loramerge_cli.merging.merge import MergeConfig, merge
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return write_task_folders(tmp_path_factory.mktemp("adapters"))
-
-
-@pytest.fixture(scope="module")
-def sources(folders):
-    return [str(folders[name]) for name in "abc"]
 
 
 def _deltas(folder) -> dict[str, torch.Tensor]:

@@ -11,21 +11,11 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from factories import invoke_cli, write_task_folders
+from factories import invoke_cli
 
 from loramerge_cli import api
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.merging.merge import MergeConfig
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return write_task_folders(tmp_path_factory.mktemp("adapters"))
-
-
-@pytest.fixture(scope="module")
-def sources(folders):
-    return [str(folders[name]) for name in "abc"]
 
 
 @pytest.fixture()

@@ -130,16 +130,16 @@ def label_free_task_file(task_file, adapters, objective: str):
 def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     """Load and check everything before the first step: adapters, tasks, model, targets, inputs."""
     from loramerge_cli.adapters.compat import check_compatible
-    from loramerge_cli.adapters.peft_reader import load_adapters
     from loramerge_cli.evaluation.engine import Evaluator
     from loramerge_cli.evaluation.functional import freeze
     from loramerge_cli.evaluation.specs import load_task_file
     from loramerge_cli.merging.merge import module_paths
     from loramerge_cli.search.nsc_objectives import EntropyObjective, NullSpaceObjective
     from loramerge_cli.search.nsc_targets import resolve_targets
+    from loramerge_cli.search.problem import request_adapters
 
     settings: NscSettings = request.nsc
-    adapters = load_adapters(request.adapters, request.allow_pickle)
+    adapters = request_adapters(request)
     check_compatible(adapters, request.allow_base_mismatch)
     task_file = label_free_task_file(load_task_file(request.tasks), adapters, settings.objective)
     names = [a.name for a in adapters]

@@ -33,6 +33,10 @@ class LambdaTuning:
     batch_size: int | None = None
     base: str | None = None
 
+    def __post_init__(self) -> None:
+        check_at_least(self.val_limit, 1, "--val-limit")
+        check_at_least(self.batch_size, 1, "--batch-size")
+
 
 @dataclass
 class MergePlan:
@@ -105,8 +109,6 @@ def plan_merge(
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     if tuning is not None:
-        check_at_least(tuning.val_limit, 1, "--val-limit")
-        check_at_least(tuning.batch_size, 1, "--batch-size")
         if not Path(tuning.tasks).is_file():
             raise LoramergeError(f"{tuning.tasks}: task spec not found (--lambda auto tunes λ on it)")
     if out is not None:

@@ -147,6 +147,7 @@ USAGE_CASES = {
                                   "--val-limit", "0"], "--val-limit"),
     "val-limit -1": lambda t, g: (["--adapters", *g, "--lambda", "auto", "--tasks", str(t / "tasks.yaml"),
                                    "--val-limit", "-1"], "--val-limit"),
+    "val-limit -1 without auto": lambda t, g: (["--adapters", *g, "--val-limit", "-1"], "--val-limit"),
 }
 
 

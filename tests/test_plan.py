@@ -134,6 +134,14 @@ def test_search_fail_late_cases_are_refused_before_work(sources, tasks_file, tmp
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "r").exists()
 
 
+def test_a_table_saved_into_a_missing_folder_creates_it(sources, tmp_path):
+    """search-mask --out into a folder that does not exist: the folder is made (it failed after the search)."""
+    table = api.ones_table(api.load_adapters(sources))
+    table.save(tmp_path / "new" / "deeper" / "mask.json")
+    assert api.load_table(tmp_path / "new" / "deeper" / "mask.json").weights == table.weights
+    assert [p.name for p in (tmp_path / "new" / "deeper").iterdir()] == ["mask.json"]  # no temporary left
+
+
 def test_unknown_strategy_is_an_error_in_the_library():
     from loramerge_cli.search.strategies import strategy_named
 

@@ -17,7 +17,7 @@ from loramerge_cli.cli.options import (
     output_options,
     with_options,
 )
-from loramerge_cli.errors import UsageError
+from loramerge_cli.errors import UsageError, check_at_least
 from loramerge_cli.merging.registry import DTYPES
 
 DtypeName = Literal["float32", "float16", "bfloat16"]
@@ -68,6 +68,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli.cli import render
 
     config = merge_config(flags)  # flag values are checked before anything is read
+    check_at_least(flags["val_limit"], 1, "--val-limit")
     tuning = None
     if flags["lam"] == "auto":
         if flags["tasks"] is None:

@@ -30,18 +30,12 @@ __all__ = [
 ]
 
 
-def merge(
-    adapters: list[Adapter],
-    config: MergeConfig | None = None,
-    table: WeightTable | None = None,
-    allow_base_mismatch: bool = False,
-    progress: Callable[[str], None] | None = None,
-    override: bool = False,
-) -> MergeResult:
+def merge(adapters: list[Adapter], config: MergeConfig | None = None, table: WeightTable | None = None,
+          progress: Callable[[str], None] | None = None, **options) -> MergeResult:
     """The merge `loramerge merge` does: the table's recorded settings apply under `config`'s (a conflict needs
-    `override`), then defaults. `merging.merge.merge` merges with exactly `config` instead."""
-    plan = plan_merge(adapters, config, table, override=override, allow_base_mismatch=allow_base_mismatch)
-    return execute(plan, progress)
+    `override=True`), then defaults. `options` are `plan_merge`'s (override, allow_base_mismatch, tuning).
+    `merging.merge.merge` merges with exactly `config` instead."""
+    return execute(plan_merge(adapters, config, table, **options), progress)
 
 
 def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind, data: None):

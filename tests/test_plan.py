@@ -131,6 +131,14 @@ def test_search_fail_late_cases_are_refused_before_work(sources, tasks_file, tmp
     _refused([*common, "--out", tmp_path / "m.json", "--lambda", "abc"], 2, "--lambda")
     monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # the plot extra is not installed
     _refused([*common, "--out", tmp_path / "m.json", "--plot", tmp_path / "plots"], 1, "matplotlib")
+    parquet = tasks_file.with_name("parquet.yaml")  # parquet data needs pyarrow (the parquet extra)
+    document = yaml.safe_load(tasks_file.read_text())
+    for task in document["tasks"]:
+        task["data"]["validation"] = str(tmp_path / "rows.parquet")
+    (tmp_path / "rows.parquet").write_bytes(b"")
+    parquet.write_text(yaml.safe_dump(document))
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)
+    _refused(["--adapters", *sources, "--tasks", parquet, "--out", tmp_path / "m.json"], 1, "pyarrow")
     assert not (tmp_path / "m.json").exists() and not (tmp_path / "r").exists()
 
 

@@ -95,14 +95,26 @@ def check_splits(request: SearchRequest) -> None:
                 raise task_file.error(f"{task.where}.data.{split}", f"no such file {task.data[split]}{reason}")
 
 
-def check_extras(plot: Path | None) -> None:
-    """--plot needs matplotlib (the plot extra): import it now, not after the search."""
-    if plot is None:
-        return
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise LoramergeError("--plot needs matplotlib: pip install 'loramerge[plot]'") from None
+def check_extras(request: SearchRequest, plot: Path | None) -> None:
+    """The optional libraries the search will import, imported now rather than after the work: matplotlib
+    for --plot, pillow for image tasks, pyarrow for parquet data."""
+    import importlib
+
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    task_file = load_task_file(request.tasks)
+    splits = [request.eval.split] + (["test"] if request.report_test else [])
+    files = [str(task.data.get(split, "")) for task in task_file.tasks for split in splits]
+    needed = [("matplotlib", "plot", "--plot")] if plot is not None else []
+    if task_file.type.images:
+        needed.append(("PIL", "image", f"{task_file.model_type} tasks"))
+    if any(name.endswith(".parquet") for name in files):
+        needed.append(("pyarrow", "parquet", "parquet data"))
+    for module, extra, reason in needed:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise LoramergeError(f"{reason} needs {module}: pip install 'loramerge[{extra}]'") from None
 
 
 def prepare_run_dir(request: SearchRequest) -> None:
@@ -153,8 +165,8 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
         raise UsageError("--plot draws search curves and masks; --strategy nsc has neither")
     if out is not None:
         check_output_dir(out, force)
-    check_extras(plot)
     check_splits(request)
+    check_extras(request, plot)
     prepare_run_dir(request)
     return SearchPlan(request, strategy, Path(out) if out is not None else None, force,
                       Path(plot) if plot is not None else None)

@@ -1,6 +1,6 @@
 """Does the NSC premise hold on the bundled example? The null-space ratio at NSC's targets, per task.
 
-NSC (Part A §A6) assumes that fine-tuning compresses the null space of each adapter's down-projection A
+NSC (docs/algorithms.md, NSC) assumes that fine-tuning compresses the null space of each adapter's down-projection A
 (the task's expert sees a lower ratio than the base does) and that a lower ratio in the merged model
 means higher accuracy. This script measures, on the validation inputs of the text setting, the mean
 ratio ω_k of every task k (its own A_k, its own inputs) for: the base (all coefficients 0), `ta` at

@@ -51,6 +51,19 @@ def gpt2_task_dirs(tmp_path_factory):
     }
 
 
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Three random adapters a, b, c (three blocks, heads) written as PEFT folders: {name: folder}."""
+    from factories import write_task_folders
+
+    return write_task_folders(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def sources(folders):
+    return [str(folders[name]) for name in "abc"]
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `cuda` run where a CUDA GPU is visible and are skipped elsewhere."""
     if torch.cuda.is_available():

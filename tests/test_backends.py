@@ -164,9 +164,9 @@ def test_backend_flags_are_checked_before_any_work(setting, tmp_path):
     common = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
               "--out", str(tmp_path / "mask.json")]
     result = invoke_cli([*common, "--ray-address", "auto"])
-    assert result.exit_code == 1 and "--ray-address needs --backend ray" in result.stderr
+    assert result.exit_code == 2 and "--ray-address needs --backend ray" in result.stderr
     result = invoke_cli([*common, "--backend", "dask"])
     assert result.exit_code == 2
     result = invoke_cli([*common, "--backend", "ray", "--strategy", "nsc", "--workers", "2"])
-    assert result.exit_code == 1 and "--strategy nsc" in result.stderr
+    assert result.exit_code == 2 and "--strategy nsc" in result.stderr
     assert not (tmp_path / "mask.json").exists()

@@ -1,4 +1,4 @@
-"""NSC (Part A §A6): the null-space ratio (§9.7, §13.9, §13.10 item 6), the differentiable side path
+"""NSC (docs/algorithms.md, NSC): the null-space ratio (§9.7, §13.9, §13.10 item 6), the differentiable side path
 against the materialised merge, targets, training with resume, the entropy baseline and label-free ENMP."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def ratio(A, z) -> float:
 
 
 def reference_ratio(A, z, scale=1.0):
-    """The reference's formula (Part B §9.2): y from the *scaled* A, no clamp before the square root."""
+    """The reference code's formula (docs/differences.md): y from the *scaled* A, no clamp before the square root."""
     y = scale * (A @ z)
     gram_inverse = torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(A.shape[0], dtype=A.dtype))
     return torch.sqrt(1 - (y @ gram_inverse @ y) / (z @ z + 1e-8))
@@ -431,7 +431,7 @@ def test_cli_label_free_enmp(setting, tmp_path):
     assert table.provenance["validation"]["fitness"] >= 0.0
     refused = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                           "--fitness", "nsc", "--lambda", "auto", "--out", tmp_path / "x.json"])
-    assert refused.exit_code == 1 and "--lambda auto" in refused.stderr
+    assert refused.exit_code == 2 and "--lambda auto" in refused.stderr  # a usage error (issue 12)
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -20,13 +20,9 @@ from loramerge_cli.cli.common import (
     human_console,
     load_config_defaults,
 )
-from loramerge_cli.cli.scale_options import (
-    BackendOption,
-    DevicesOption,
-    RayAddressOption,
-    WorkersOption,
-    resolve_backend,
-)
+from loramerge_cli.cli.scale_options import resolve_backend, scale_options
+
+SCALE = {parameter.name: parameter.annotation for parameter in scale_options()}  # --devices, --backend, …
 
 EPILOG = examples_epilog(
     "loramerge eval --adapters rte=adapters/rte mnli=adapters/mnli --tasks tasks.yaml",
@@ -53,11 +49,11 @@ def eval_command(
     base: Annotated[Optional[str], typer.Option("--base", help="Base model folder or Hub id; overrides the "
                                                 "spec and the adapter configs.")] = None,
     device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")] = "cpu",
-    devices: DevicesOption = None,
-    workers: WorkersOption = None,
-    backend: BackendOption = "process",
-    ray_address: RayAddressOption = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16, float16.")] = "float32",
+    devices: SCALE["devices"] = None,
+    workers: SCALE["workers"] = None,
+    backend: SCALE["backend"] = "process",
+    ray_address: SCALE["ray_address"] = None,
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], typer.Option("--dtype", help="Model dtype.")] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 16,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads (fixed, for "
                                                    "reproducible numbers); default min(8, CPUs).")] = None,

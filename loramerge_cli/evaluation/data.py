@@ -41,7 +41,7 @@ def load_examples(
         raise task_file.error(where, f"no {split!r} split (has: {', '.join(task.data)})")
     source = Path(task.data[split])
     where = f"{where}.{split}"
-    if source.is_dir() and task_file.model_type == "image-classification":
+    if source.is_dir() and task_file.type.images:
         rows, class_names = _image_tree(source, task_file, task, where), None
     elif source.is_file():
         rows, class_names = _read_rows(source, task_file, where), task.labels
@@ -115,14 +115,14 @@ def _image_tree(folder: Path, task_file: TaskFile, task: TaskSpec, where: str) -
 
 
 def _input_of(row: dict, source: Path, task_file: TaskFile, task: TaskSpec):
-    if task_file.model_type == "causal-lm":
+    if task_file.type.choices:
         try:
             return task.prompt.format(**row)
         except KeyError as error:
             raise task_file.error(f"{task.where}.prompt", f"column {error.args[0]!r} not in {source}") from None
         except (IndexError, ValueError) as error:
             raise task_file.error(f"{task.where}.prompt", f"bad format string ({error})") from None
-    if task_file.model_type == "image-classification":
+    if task_file.type.images:
         column = task.image or "image"
         if column not in row:
             raise task_file.error(f"{task.where}.image", f"column {column!r} not in {source}")
@@ -145,7 +145,7 @@ def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] |
         raise task_file.error(where, f"column {column!r} missing in a row of {task.data}")
     value = row[column]
     if isinstance(value, str):
-        names = names or task.labels or (task.choices if task_file.model_type == "causal-lm" else None)
+        names = names or task.labels or (task.choices if task_file.type.choices else None)
         if names and value in names:
             return names.index(value)
         if value.strip().lstrip("-").isdigit():

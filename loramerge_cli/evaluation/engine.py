@@ -144,7 +144,7 @@ class Evaluator:
 
     def _num_labels(self) -> int | None:
         """The class count every classification task agrees on (spec or head rows), if any says it."""
-        if self.task_file.model_type == "causal-lm":
+        if not self.task_file.type.classifier:
             return None
         counts = {}
         for task in self.task_file.tasks:
@@ -162,7 +162,7 @@ class Evaluator:
         return next(iter(counts), None)
 
     def _check_label_range(self) -> None:
-        if self.task_file.model_type == "causal-lm":
+        if not self.task_file.type.classifier:
             return
         classes = int(self.model.config.num_labels)
         for task in self.task_file.tasks:
@@ -195,11 +195,11 @@ class Evaluator:
                 self.base_weights[path] = weight.detach().clone()
 
     def _prepare(self, preprocessor) -> dict[str, batching.PreparedTask]:
-        settings, model_type = self.settings, self.task_file.model_type
+        settings, task_type = self.settings, self.task_file.type
         prepared = {}
         for task in self.task_file.tasks:
             examples = self.examples[task.name]
-            if model_type == "image-classification":
+            if task_type.images:
                 prepared[task.name] = batching.prepare_images(
                     examples.inputs, preprocessor, settings.batch_size, self.device, self.dtype
                 )
@@ -208,7 +208,7 @@ class Evaluator:
             if pad_id is None:
                 pad_id = self.model.config.pad_token_id = preprocessor.pad_token_id
             max_length = task.max_length or self._max_length(preprocessor)
-            if model_type == "causal-lm":
+            if task_type.choices:
                 prepared[task.name] = batching.prepare_choices(
                     examples.inputs, task.choices, preprocessor, pad_id, settings.batch_size, max_length, self.device
                 )
@@ -258,7 +258,7 @@ class Evaluator:
         """Raw per-example scores of the current weights: logits, or per-choice log-likelihoods."""
         self.use_head(task)
         prepared = self.prepared[task]
-        if self.task_file.model_type == "causal-lm":
+        if self.task_file.type.choices:
             spec = self.task_file.task(task)
             return batching.choice_scores(
                 self.model, prepared, self.settings.length_normalize or spec.length_normalize

@@ -1,4 +1,4 @@
-"""`--lambda auto`: pick λ on the validation split from a grid (Part A §A4).
+"""`--lambda auto`: pick λ on the validation split from a grid (docs/algorithms.md, Methods).
 
 Every method's result is linear in λ (λ multiplies the merged update, and truncation keeps a
 fraction of the energy, which scaling does not change), so the adapters are merged once with λ = 1

@@ -12,20 +12,25 @@ from loramerge_cli.evaluation.engine import EvalSettings
 
 @dataclass
 class EngineSource:
-    """What builds an `Evaluator`: the task spec, the experts (as given on the command line), settings."""
+    """What builds an `Evaluator`: the task spec, the experts, the settings."""
 
     tasks: Path
-    experts: list[str]
+    adapters: list  # the experts: sources (str), or loaded Adapters
     settings: EvalSettings
     base: str | None = None
     allow_pickle: bool = False
 
+    def loaded(self) -> list:
+        """The experts: loaded ones as given (the library API), sources read here."""
+        from loramerge_cli.search.problem import request_adapters
+
+        return request_adapters(self)
+
     def engine(self, device: str, adapters=None):
-        from loramerge_cli.adapters.peft_reader import load_adapters
         from loramerge_cli.evaluation.engine import Evaluator
         from loramerge_cli.evaluation.specs import load_task_file
 
-        adapters = adapters if adapters is not None else load_adapters(self.experts, self.allow_pickle)
+        adapters = adapters if adapters is not None else self.loaded()
         return Evaluator(load_task_file(self.tasks), adapters, replace(self.settings, device=device), base=self.base,
                          allow_pickle=self.allow_pickle)
 
@@ -55,11 +60,28 @@ class LambdaScorer:
     allow_base_mismatch: bool = False
 
     def __call__(self, device: str):
-        from loramerge_cli.adapters.peft_reader import load_adapters
         from loramerge_cli.evaluation.engine import merged_deltas, scale_deltas
         from loramerge_cli.merging.merge import merge
 
-        adapters = load_adapters(self.source.experts, self.source.allow_pickle)
+        adapters = self.source.loaded()
         engine = self.source.engine(device, adapters)
         unit = merged_deltas(merge(adapters, replace(self.config, lam=1.0), self.table, self.allow_base_mismatch))
         return lambda lams: [engine.evaluate(scale_deltas(unit, lam)) for lam in lams]
+
+
+def tuning_pool(adapters: list, config, table, tuning, allow_base_mismatch: bool = False):
+    """(pool or None, tune_lambda's keyword options) of a `plan.LambdaTuning`: its grid on the workers of
+    `tuning.backend` (search/backends.py), the experts scored on the workers' first device."""
+    from loramerge_cli.search.backends import Backend, open_pool
+
+    backend = tuning.backend or Backend()
+    options = {key: value for key, value in vars(tuning).items()
+               if key not in ("tasks", "backend") and value is not None}
+    if backend.devices:
+        options["device"] = backend.devices[0]
+    settings = EvalSettings(**{key: options[key] for key in ("val_limit", "device", "batch_size", "dtype", "threads")
+                               if key in options})
+    source = EngineSource(tuning.tasks, adapters, settings, tuning.base)
+    pool = open_pool(LambdaScorer(source, config, table, allow_base_mismatch), backend, settings.device,
+                     settings.threads)
+    return pool, options

@@ -1,4 +1,4 @@
-"""Which modules the NSC ratio is measured at (Part A §A6 targets).
+"""Which modules the NSC ratio is measured at (docs/algorithms.md, NSC targets).
 
 Default: the last ⌈L/4⌉ blocks that carry LoRA; in each, the attention's output projection if it has
 LoRA, else the block's last LoRA attention module in module order. Attention modules and their output

@@ -40,10 +40,19 @@ def cluster():
     yield ray
     import psutil  # installed with peft
 
-    started = psutil.Process().children(recursive=True)  # GCS, raylet, actors, agents
+    started = [process for process in psutil.Process().children(recursive=True) if _is_ray(process)]
     ray.shutdown()
     _, alive = psutil.wait_procs(started, timeout=30)
     assert not ray.is_initialized() and not alive, f"processes left behind: {alive}"
+
+
+def _is_ray(process) -> bool:
+    """A process of the Ray cluster (GCS, raylet, actors, agents), not e.g. multiprocessing's resource tracker."""
+    try:
+        name, command = process.name(), " ".join(process.cmdline())
+    except Exception:  # noqa: BLE001 - gone already
+        return False
+    return name in ("raylet", "gcs_server") or name.startswith("ray::") or "/site-packages/ray/" in command
 
 
 def trajectory(run_dir: Path) -> list[tuple]:

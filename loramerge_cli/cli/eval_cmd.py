@@ -29,7 +29,6 @@ EPILOG = examples_epilog(
     "loramerge eval --adapters adapters/rte adapters/mnli --tasks tasks.yaml --merged merged/ --split test",
     "loramerge eval --adapters a/ b/ --tasks tasks.yaml --merged ta=out/ta knots=out/knots --val-limit 256 "
     "--run-dir runs/eval --json > scores.json",
-    "loramerge eval --adapters a/ b/ --tasks tasks.yaml --merged ta=out/ta ties=out/ties --devices cuda:0,cuda:1",
 )
 
 

@@ -43,7 +43,7 @@ def cluster():
     started = [process for process in psutil.Process().children(recursive=True) if _is_ray(process)]
     ray.shutdown()
     _, alive = psutil.wait_procs(started, timeout=30)
-    assert not ray.is_initialized() and not alive, f"processes left behind: {alive}"
+    assert not ray.is_initialized() and not alive, f"processes left behind: {[p.cmdline() for p in alive]}"
 
 
 def _is_ray(process) -> bool:

@@ -81,7 +81,7 @@ def search_command(
         "[default: the last quarter of the blocks with LoRA]", show_default=False)] = None,
     target_modules: Annotated[str | None, typer.Option(
         "--target-modules", help="nsc: module names in those blocks (o_proj,out_proj), matched on whole path "
-        "components; v_proj is the paper's choice for decoder LMs (README, label-free table). [default: the "
+        "components (README, label-free table). [default: the value projection (v_proj, value), else the "
         "attention output projection, else the last LoRA attention module]",
         show_default=False)] = None,
     max_prune: Annotated[float, typer.Option("--max-prune", help="ρ: at most ⌊ρ·units·tasks⌋ pruned.")] = 0.2,

@@ -103,11 +103,11 @@ def _check_not_an_input(out: Path, adapters) -> None:
 
 def _tune_lambda(adapters, config, table, tasks: Path, eval_options: dict):
     try:
-        from loramerge_cli.evaluation.tuning import tune_lambda
+        from loramerge_cli.evaluation.tuning import search_lambda
     except ImportError:
         raise LoramergeError("--lambda auto needs the evaluation engine, which is not installed") from None
     options = {key: value for key, value in eval_options.items() if value is not None}
-    return tune_lambda(adapters, config, table, tasks, **options)
+    return search_lambda(adapters, config, table, tasks, **options)
 
 
 @command_errors
@@ -155,6 +155,9 @@ def merge_command(
     val_limit: Annotated[int | None, typer.Option("--val-limit", help="--lambda auto: examples per task.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="--lambda auto: torch device.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="--lambda auto: batch size.")] = None,
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", help="--lambda auto: token cap of tasks whose spec sets none. [default: the smaller of "
+        "the tokenizer's model_max_length and the model's max_position_embeddings]", show_default=False)] = None,
     allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help=ALLOW_BASE_MISMATCH_HELP)] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
     config: Annotated[Path | None, typer.Option(
@@ -172,6 +175,10 @@ def merge_command(
     weight_list = parse_float_list(weights, "--weights")
     if lam_value == "auto" and tasks is None:
         raise LoramergeError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
+    if lam_value == "auto":
+        from loramerge_cli.evaluation.data import check_task_file
+
+        check_task_file(tasks, ["validation"])  # the spec and its data, before any adapter or model loads
     from loramerge_cli import api
     from loramerge_cli.adapters.compat import check_compatible
     from loramerge_cli.adapters.writer import check_head, check_output_dir
@@ -193,11 +200,11 @@ def merge_command(
     resolve_config(merge_config, len(loaded), table)  # every parameter checked before any work
     extra = {}
     if lam_value == "auto":
-        best, grid = _tune_lambda(loaded, merge_config, table, tasks,
-                                  {"val_limit": val_limit, "device": device, "batch_size": batch_size, "base": base,
-                                   "allow_base_mismatch": allow_base_mismatch})
-        merge_config.lam = float(best)
-        extra["lambda_tuning"] = {"tasks": str(tasks), "best": float(best), "grid": grid}
+        search = _tune_lambda(loaded, merge_config, table, tasks,
+                              {"val_limit": val_limit, "device": device, "batch_size": batch_size, "base": base,
+                               "max_length": max_length, "allow_base_mismatch": allow_base_mismatch})
+        merge_config.lam = float(search.best)
+        extra["lambda_tuning"] = {"tasks": str(tasks), **search.describe()}
 
     console = human_console(quiet, json_output)
     module_count = len({path for adapter in loaded for path in adapter.modules})
@@ -207,11 +214,14 @@ def merge_command(
     api.write_merged_adapter(result, loaded, out, dtype=dtype, head=head, command=command_line(ctx), force=force,
                              table=table, base_model=base, extra_provenance=extra)
     report = _report(result, out)
+    if "lambda_tuning" in extra:
+        report["lambda_tuning"] = extra["lambda_tuning"]
+        report["warnings"] += extra["lambda_tuning"]["warnings"]
     if json_output:
         emit_json(report)
         return
     console.print(render.merge_table(report))
-    for warning in result.warnings:
+    for warning in report["warnings"]:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 

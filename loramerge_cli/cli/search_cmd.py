@@ -108,6 +108,9 @@ def search_command(
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Evaluation batch size; nsc: examples per task and step.")] = 16,
     eval_dtype: Annotated[str, typer.Option("--eval-dtype", help="Dtype of the evaluated model.")] = "float32",
+    max_length: Annotated[int | None, typer.Option(
+        "--max-length", help="Token cap of tasks whose spec sets none. [default: the smaller of the tokenizer's "
+        "model_max_length and the model's max_position_embeddings]", show_default=False)] = None,
     block_cache_mb: Annotated[float, typer.Option(
         "--block-cache-mb", help="MB of the unpruned merge's block outputs kept so that each candidate's "
         "forward pass starts at its first changed block (same scores; 0: off).")] = 1024,
@@ -151,6 +154,10 @@ def search_command(
 
             threads = max(1, (os.cpu_count() or 1) // workers)
     lam_value = _lambda_value(lam)
+    from loramerge_cli.evaluation.data import check_task_file
+
+    # the spec and its data, before any adapter or model loads
+    check_task_file(tasks, ["validation", "test"] if report_test else ["validation"])
     from loramerge_cli.evaluation.engine import EvalSettings
     from loramerge_cli.merging.merge import MergeConfig
     from loramerge_cli.search.enmp import EnmpSettings
@@ -165,7 +172,7 @@ def search_command(
                           scope=scope, knots_scaled=knots_scaled, seed=seed),
         tasks=tasks,
         eval=EvalSettings(val_limit=val_limit, device=device, dtype=eval_dtype, batch_size=batch_size,
-                          threads=threads, block_cache_mb=block_cache_mb),
+                          threads=threads, block_cache_mb=block_cache_mb, max_length=max_length),
         lambda_auto=lam_value == "auto",
         base=base,
         allow_base_mismatch=allow_base_mismatch,

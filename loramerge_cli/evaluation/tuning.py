@@ -68,13 +68,15 @@ class LambdaSearch:
     default: float
     records: list[dict]
     warnings: list[str] = field(default_factory=list)
+    max_length: dict[str, int] = field(default_factory=dict)  # text tasks: the token cap each used
 
     def describe(self) -> dict:
         """The JSON form written to the output's provenance and `--json`."""
         best = next(record for record in self.records if record["lambda"] == self.best)
         return {"best": self.best, "default": self.default,
                 "best_mean_normalized_accuracy": best["mean_normalized_accuracy"],
-                "grid": sorted(self.records, key=lambda record: record["lambda"]), "warnings": list(self.warnings)}
+                "grid": sorted(self.records, key=lambda record: record["lambda"]), "warnings": list(self.warnings),
+                "max_length": dict(self.max_length)}
 
 
 def tune_lambda(adapters: list, config, table, tasks_file, **options) -> tuple[float, list[dict]]:
@@ -128,7 +130,7 @@ def search_lambda(
         return records[-1]["mean_normalized_accuracy"]
 
     best, warnings = grid_search(mean_at, default_lambda, grid)
-    return LambdaSearch(best, default_lambda, records, warnings)
+    return LambdaSearch(best, default_lambda, records, warnings, dict(evaluator.max_lengths))
 
 
 def grid_search(

@@ -315,6 +315,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         "seed": settings.seed,
         "search": asdict(settings),
         "targets": problem.targets,
+        "max_length": dict(problem.engine.max_lengths),
         "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]},
         "task_losses": per_task,
         "warnings": warnings,

@@ -156,7 +156,8 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
         "best_mean_normalized_accuracy": fitness.reference + best.fitness,
         "fitness": best.fitness,
     }
-    provenance.update(experts_validation_accuracy=experts, lambda_tuning=tuning)
+    provenance.update(experts_validation_accuracy=experts, lambda_tuning=tuning,
+                      max_length=dict(problem.engine.max_lengths))
     if request.report_test:
         provenance["test"] = _test_report(request, lam, best_lambda, best.pruned)
     table = replace(table, scale=best.lam if request.enmp.addscale else None, merger=merger, provenance=provenance)
@@ -199,7 +200,7 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
             parallel.close()
     best_lambda = best.lam if best.lam is not None else lam
     provenance = _provenance(request, fitness, parallel, best, evaluations, history, started)
-    provenance.update(fitness="nsc", objective=request.nsc.objective)
+    provenance.update(fitness="nsc", objective=request.nsc.objective, max_length=dict(fitness.engine.max_lengths))
     provenance["validation"] = {
         "unpruned_loss": fitness.reference,
         "best_loss": fitness.reference * (1.0 - best.fitness / 100.0),

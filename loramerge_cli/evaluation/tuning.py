@@ -1,7 +1,8 @@
 """`--lambda auto`: pick λ on the validation split from a grid (docs: README, `--lambda auto`).
 
 The grid is absolute, not relative to the method's default: a coarse, roughly logarithmic grid from
-0.05 to 2.0 (plus the default λ), then round points between the best coarse point's neighbours (steps of 0.05 around 0.5). A best
+0.05 to 2.0 (plus the default λ), then round points between the neighbours of the two best coarse points (steps of 0.05 around 0.5:
+validation curves of real merges are bumpy, and a narrow peak can hide between two coarse points). A best
 point on an edge of the coarse grid extends it (down to 0.005, up to 8) and warns.
 
 Every method's result is linear in λ (λ multiplies the merged update, and truncation keeps a
@@ -25,6 +26,7 @@ COARSE_GRID = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2, 1.6, 2.0)  
 EDGE_FACTOR = 1.5  # an edge extends by this factor per step
 EDGE_LIMITS = (0.005, 8.0)  # … but not beyond these
 REFINE_INTERVALS = 8  # the refinement step is the first 1-2-5 step >= (gap between the neighbours) / 8
+REFINE_AROUND = 2  # the best coarse points refined around (validation curves can have two close peaks)
 
 
 def _rounded(value: float) -> float:
@@ -139,7 +141,7 @@ def grid_search(
     """(best λ, warnings): `mean_at(λ, stage)` scores one λ (higher is better, None: undefined), once per λ.
 
     Exactly `grid` when given; else the coarse grid, its edge extended while the best lies on it, then
-    refine_points between the best point's neighbours."""
+    refine_points between the neighbours of each of the REFINE_AROUND best points."""
     tried: dict[float, float | None] = {}
 
     def score(points, stage: str) -> None:
@@ -147,8 +149,9 @@ def grid_search(
             if lam not in tried:
                 tried[lam] = mean_at(lam, stage)
 
-    def best() -> float:
-        records = [{"lambda": lam, "mean_normalized_accuracy": mean} for lam, mean in tried.items()]
+    def best(among=None) -> float:
+        records = [{"lambda": lam, "mean_normalized_accuracy": mean} for lam, mean in tried.items()
+                   if among is None or lam in among]
         return best_lambda(records, default_lambda)
 
     if grid is not None:
@@ -161,9 +164,13 @@ def grid_search(
     score(coarse_grid(default_lambda), "coarse")
     warnings = _extend_edges(score, best)
     points = sorted(tried)
-    at = points.index(best())
-    if 0 < at < len(points) - 1:
-        score(refine_points(points[at - 1], points[at + 1]), "refine")
+    leaders = []
+    while len(leaders) < min(REFINE_AROUND, len(points)):
+        leaders.append(best([lam for lam in points if lam not in leaders]))
+    for leader in leaders:
+        at = points.index(leader)
+        if 0 < at < len(points) - 1:
+            score(refine_points(points[at - 1], points[at + 1]), "refine")
     return best(), warnings
 
 

@@ -169,3 +169,17 @@ def test_vit_experts_and_merged_folder_match_a_plain_peft_load(tmp_path):
         with engine.apply(merged_deltas(result)):
             assert torch.allclose(engine.scores(adapter.name), merged, atol=1e-5, rtol=0)
         assert engine.score_merged(result, [adapter.name])[adapter.name] == accuracy(merged, labels)
+
+
+def test_inspect_names_an_ambiguous_leaf_by_its_path_in_the_block(bert):
+    from loramerge_cli import api
+
+    _, _, _, adapters = bert
+    [summary, _] = api.inspect_adapters(adapters)["adapters"]
+    assert summary["targets"] == ["attention.output.dense", "key", "query", "value"]
+    every_dense = [f"bert.encoder.layer.{i}.{p}" for i in (0, 1)
+                   for p in ("attention.self.query", "attention.output.dense", "intermediate.dense", "output.dense")]
+    assert api.target_names(every_dense, ["query", "dense"]) == [
+        "attention.output.dense", "intermediate.dense", "output.dense", "query"]
+    assert api.target_names(["model.layers.0.self_attn.q_proj", "lm_head"], ["q_proj", "lm_head"]) == [
+        "lm_head", "q_proj"]

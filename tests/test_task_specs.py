@@ -236,3 +236,28 @@ def test_head_shape_mismatch_is_named(text_setting, tmp_path):
     with pytest.raises(LoramergeError) as caught:
         Evaluator(load_task_file(path), adapters, EvalSettings(threads=1))
     assert str(caught.value) == f"{path}: tasks[1].head: score.weight is 3×8 but the model's is 3×16"
+
+
+@pytest.mark.parametrize("command", [
+    ["eval"], ["merge", "--lambda", "auto", "--out", "{tmp}/merged"], ["search-mask", "--out", "{tmp}/mask.json"],
+])
+def test_spec_and_data_errors_come_before_any_adapter_model_or_torch_loads(tmp_path, command):
+    """The adapters and the base model do not even exist: the spec's data error must be the one reported,
+    by a process that never imported torch."""
+    import subprocess
+    import sys
+
+    rows = text_rows(6, seed=1, num_labels=2)
+    rows[4]["label"] = "maybe"
+    content = spec(tmp_path, rows=rows)
+    content["base_model"] = str(tmp_path / "no-such-base")
+    path = write_tasks_file(tmp_path / "tasks.yaml", content)
+    arguments = [part.format(tmp=tmp_path) for part in command] + [
+        "--adapters", f"rte={tmp_path / 'no-such-adapter'}", "--tasks", str(path)]
+    script = ("import sys, runpy\nsys.argv = ['loramerge'] + sys.argv[1:]\ntry:\n"
+              "    runpy.run_module('loramerge_cli', run_name='__main__')\nexcept SystemExit as exit:\n"
+              "    print('torch' in sys.modules, exit.code)\n")
+    finished = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True,
+                              env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert finished.stdout.split() == ["False", "1"], finished.stderr
+    assert f"{path}: tasks[0].label: unknown label name 'maybe'" in finished.stderr

@@ -122,7 +122,9 @@ def search_progress(console, generations: int):
 
     def on_event(kind: str, data: dict) -> None:
         if kind == "lambda":
-            console.print(f"λ tuned on validation: {data['lambda']:.4g}", highlight=False)
+            console.print(f"λ tuned on validation: {data['lambda']:.4g} ({data['points']} points)", highlight=False)
+            for warning in data["warnings"]:
+                console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
         elif kind == "start":
             console.print(
                 f"unpruned merge: {data['reference']:.2f} mean normalized accuracy (λ = {data['lambda']:.4g}); "

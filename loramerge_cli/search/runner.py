@@ -93,7 +93,7 @@ class WorkerBuilder:
 def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = lambda kind, data: None):
     """Returns (WeightTable, summary dict)."""
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
-    from loramerge_cli.evaluation.tuning import tune_lambda
+    from loramerge_cli.evaluation.tuning import search_lambda
     from loramerge_cli.search.fitness import AccuracyFitness, pruned_table
     from loramerge_cli.search.parallel import ParallelFitness
 
@@ -119,12 +119,12 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     lam = problem.settings.lam
     tuning = None
     if request.lambda_auto:
-        lam, grid = tune_lambda(problem.adapters, replace(request.merge, lam=None), None, request.tasks,
-                                evaluator=problem.engine, run_dir=run_dir,
-                                allow_base_mismatch=request.allow_base_mismatch)
-        tuning = {"best": lam, "grid": grid}
+        search = search_lambda(problem.adapters, replace(request.merge, lam=None), None, request.tasks,
+                               evaluator=problem.engine, run_dir=run_dir,
+                               allow_base_mismatch=request.allow_base_mismatch)
+        lam, tuning = search.best, search.describe()
         problem.settings = replace(problem.settings, lam=lam)
-        on_event("lambda", {"lambda": lam})
+        on_event("lambda", {"lambda": lam, "points": len(search.records), "warnings": search.warnings})
     experts = expert_scores(problem.engine, ScoreCache(run_dir))
     fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
     on_event("start", {"lambda": lam, "reference": fitness.reference, "experts": experts,

@@ -320,6 +320,16 @@ def test_causal_lm_choices_on_conv1d_adapters(tmp_path):
             scores = engine.scores(adapter.name)
         assert torch.allclose(scores, reference, atol=1e-4, rtol=0)
         assert engine.score_adapter(adapter, [adapter.name])[adapter.name] == accuracy(reference, examples.labels)
+    from loramerge_cli.adapters.writer import write_merged_adapter
+
+    result = merge(adapters, MergeConfig(merger="ta"))
+    folder = write_merged_adapter(result, adapters, tmp_path / "merged")
+    for adapter in adapters:  # the merged folder, loaded back by PEFT
+        examples = engine.examples[adapter.name]
+        merged = choice_log_likelihoods(base, folder, examples.inputs, CHOICES)
+        with engine.apply(merged_deltas(result)):
+            assert torch.allclose(engine.scores(adapter.name), merged, atol=1e-4, rtol=0)
+        assert engine.score_merged(result, [adapter.name])[adapter.name] == accuracy(merged, examples.labels)
     normalized = Evaluator(load_task_file(tasks_file), adapters, EvalSettings(threads=1, length_normalize=True))
     with normalized.apply(adapter_deltas(adapters[-1])):
         per_token = normalized.scores(adapters[-1].name)

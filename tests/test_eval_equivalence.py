@@ -1,6 +1,6 @@
 """`loramerge eval` = a plain transformers / PEFT forward on the same tokenization, for every task type and
-architecture family the tests build (BERT sentence pairs with segments, Llama, GPT-2 causal LM, ViT), on
-experts and on merged folders loaded back by PEFT."""
+architecture family the tests build, on experts and on merged folders loaded back by PEFT: BERT sentence
+pairs with segments and ViT here; Llama and GPT-2 (causal LM, Conv1D) in test_eval_engine.py."""
 
 from __future__ import annotations
 
@@ -8,14 +8,13 @@ import pytest
 import torch
 from eval_fixtures import (
     build_bert_classifier,
-    build_gpt2_lm,
     build_vit_classifier,
     save_peft_adapter,
     text_rows,
     write_jsonl,
     write_tasks_file,
 )
-from test_eval_engine import CHOICES, choice_log_likelihoods, peft_classifier_logits, tokenized
+from test_eval_engine import peft_classifier_logits, tokenized
 
 from loramerge_cli.adapters.peft_reader import load_adapters
 from loramerge_cli.adapters.writer import write_merged_adapter
@@ -104,31 +103,6 @@ def test_bert_merged_folder_matches_a_plain_peft_load(bert, tmp_path):
     for adapter in adapters:
         examples = engine.examples[adapter.name]
         reference = peft_classifier_logits(base, folder, tokenized(base, examples), head=engine.heads[adapter.name])
-        with engine.apply(merged_deltas(result)):
-            assert torch.allclose(engine.scores(adapter.name), reference, atol=1e-4, rtol=0)
-        assert scores[adapter.name] == accuracy(reference, examples.labels)
-
-
-def test_gpt2_choices_on_a_merged_folder_match_a_plain_peft_load(tmp_path):
-    base = build_gpt2_lm(tmp_path / "gpt2")
-    folders = {name: save_peft_adapter(base, tmp_path / name, ["c_attn", "c_proj"], "GPT2LMHeadModel", "CAUSAL_LM",
-                                       seed=seed, fan_in_fan_out=True) for name, seed in (("wiki", 1), ("code", 2))}
-    tasks = []
-    for name in folders:
-        rows = [{**row, "answer": ["yes", "no"][row["label"]]} for row in text_rows(8, seed=len(name), num_labels=2)]
-        tasks.append({"name": name, "data": {"validation": str(write_jsonl(tmp_path / f"{name}.jsonl", rows))},
-                      "prompt": "{premise} ? {hypothesis} :", "choices": CHOICES, "label": "answer",
-                      "labels": ["yes", "no"]})
-    tasks_file = write_tasks_file(tmp_path / "tasks.yaml", {"base_model": str(base), "model_type": "causal-lm",
-                                                            "tasks": tasks})
-    adapters = load_adapters([f"{name}={folder}" for name, folder in folders.items()])
-    engine = Evaluator(load_task_file(tasks_file), adapters, SETTINGS)
-    result = merge(adapters, MergeConfig(merger="ta"))
-    folder = write_merged_adapter(result, adapters, tmp_path / "merged")
-    scores = engine.score_merged(result)
-    for adapter in adapters:
-        examples = engine.examples[adapter.name]
-        reference = choice_log_likelihoods(base, folder, examples.inputs, CHOICES)
         with engine.apply(merged_deltas(result)):
             assert torch.allclose(engine.scores(adapter.name), reference, atol=1e-4, rtol=0)
         assert scores[adapter.name] == accuracy(reference, examples.labels)

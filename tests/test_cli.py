@@ -265,7 +265,8 @@ def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monk
     assert report["lambda_tuning"]["grid"] == provenance["lambda_tuning"]["grid"]
     shown = _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks",
                  tmp_path / "tasks.yaml", "--out", tmp_path / "m2"])
-    assert "λ auto" in shown.stdout and "0.3:99.0" in shown.stdout and "edge!" in shown.stderr + shown.stdout
+    output = shown.stderr + shown.stdout
+    assert "λ auto" in output and "0.3:99.0" in output and "edge!" in output
     assert provenance["lambda_tuning"]["grid"] == [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}]
 
 

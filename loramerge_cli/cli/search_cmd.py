@@ -154,6 +154,8 @@ def search_command(
 
             threads = max(1, (os.cpu_count() or 1) // workers)
     lam_value = _lambda_value(lam)
+    if not 0 <= block_cache_mb < float("inf"):  # checked again by run_search; here before the data is read
+        raise LoramergeError("--block-cache-mb must be a number >= 0")
     from loramerge_cli.evaluation.data import check_task_file
 
     # the spec and its data, before any adapter or model loads

@@ -244,6 +244,7 @@ def test_head_shape_mismatch_is_named(text_setting, tmp_path):
 def test_spec_and_data_errors_come_before_any_adapter_model_or_torch_loads(tmp_path, command):
     """The adapters and the base model do not even exist: the spec's data error must be the one reported,
     by a process that never imported torch."""
+    import os
     import subprocess
     import sys
 
@@ -258,6 +259,6 @@ def test_spec_and_data_errors_come_before_any_adapter_model_or_torch_loads(tmp_p
               "    runpy.run_module('loramerge_cli', run_name='__main__')\nexcept SystemExit as exit:\n"
               "    print('torch' in sys.modules, exit.code)\n")
     finished = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True,
-                              env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                              check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert finished.stdout.split() == ["False", "1"], finished.stderr
     assert f"{path}: tasks[0].label: unknown label name 'maybe'" in finished.stderr

@@ -92,8 +92,9 @@ def merge_table(report: dict) -> Table:
         table.add_row("truncation", f"largest relative error {report['max_truncation_error']:.3g}")
     tuning = report.get("lambda_tuning")
     if tuning:
-        table.add_row("λ auto", f"{tuning['best']:g} (validation mean normalized accuracy "
-                      f"{_score(tuning['best_mean_normalized_accuracy'])}; the method's default {tuning['default']:.3g})")
+        score = _score(tuning["best_mean_normalized_accuracy"])
+        table.add_row("λ auto", f"{tuning['best']:g} (validation mean normalized accuracy {score}; "
+                      f"the method's default {tuning['default']:.3g})")
         table.add_row("λ grid", " ".join(f"{r['lambda']:g}:{_score(r['mean_normalized_accuracy'], 1)}"
                                           for r in tuning["grid"]))
     return table

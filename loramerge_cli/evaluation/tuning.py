@@ -1,9 +1,10 @@
 """`--lambda auto`: pick λ on the validation split from a grid (docs: README, `--lambda auto`).
 
 The grid is absolute, not relative to the method's default: a coarse, roughly logarithmic grid from
-0.05 to 2.0 (plus the default λ), then round points between the neighbours of the two best coarse points (steps of 0.05 around 0.5:
-validation curves of real merges are bumpy, and a narrow peak can hide between two coarse points). A best
-point on an edge of the coarse grid extends it (down to 0.005, up to 8) and warns.
+0.05 to 2.0 (plus the default λ), then round points between the neighbours of the two best coarse
+points (steps of 0.05 around 0.5: validation curves of real merges are bumpy, and a narrow peak can
+hide between two coarse points). A best point on an edge of the coarse grid extends it (down to 0.005,
+up to 8) and warns.
 
 Every method's result is linear in λ (λ multiplies the merged update, and truncation keeps a
 fraction of the energy, which scaling does not change), so the adapters are merged once with λ = 1
@@ -158,8 +159,8 @@ def grid_search(
         score(list(grid), "given")
         chosen = best()
         if len(tried) > 1 and chosen in (min(grid), max(grid)):
-            return chosen, [f"λ auto: the best λ {chosen:g} is on the edge of the given grid "
-                            f"{min(grid):g} … {max(grid):g}; the optimum may lie beyond it"]
+            return chosen, [(f"λ auto: the best λ {chosen:g} is on the edge of the given grid "
+                             f"{min(grid):g} … {max(grid):g}; the optimum may lie beyond it")]
         return chosen, []
     score(coarse_grid(default_lambda), "coarse")
     warnings = _extend_edges(score, best)
@@ -184,10 +185,10 @@ def _extend_edges(score, best) -> list[str]:
         while best() == value:
             following = _rounded(value * EDGE_FACTOR ** direction)
             if (direction < 0 and following < limit) or (direction > 0 and following > limit):
-                return [f"λ auto: the best λ {value:g} is on the grid's edge even after extending it from "
-                        f"{edge:g} to {value:g}; the optimum may lie beyond (give --lambda explicitly)"]
+                return [(f"λ auto: the best λ {value:g} is on the grid's edge even after extending it from "
+                         f"{edge:g} to {value:g}; the optimum may lie beyond (give --lambda explicitly)")]
             score([following], "edge")
             value = following
-        return [f"λ auto: the best λ of the grid {low:g} … {high:g} was on its edge {edge:g}; the grid was "
-                f"extended to {value:g} and the best is now {best():g}"]
+        return [(f"λ auto: the best λ of the grid {low:g} … {high:g} was on its edge {edge:g}; the grid was "
+                 f"extended to {value:g} and the best is now {best():g}")]
     return []

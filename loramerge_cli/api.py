@@ -135,12 +135,31 @@ def _summary(adapter: Adapter) -> dict:
         "scales": _counts(round(m.scale, 8) for m in modules),
         "use_rslora": bool(adapter.config.get("use_rslora", False)),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules),
-        "targets": sorted({m.path.rsplit(".", 1)[-1] for m in modules}),
+        "targets": target_names([m.path for m in modules], adapter.config.get("target_modules")),
         "units": len(adapter.units),
         "heads": adapter.head_modules,
         "size_bytes": _size_bytes(adapter),
         "notes": _notes(adapter),
     }
+
+
+def target_names(paths: list[str], configured=None) -> list[str]:
+    """The targeted modules by leaf name (`q_proj`), or by their path inside the block where the leaf is
+    ambiguous: LoRA modules with that leaf sit at several places of a block, or the config's
+    target_modules names a longer suffix (BERT's `attention.output.dense`, not every `dense`)."""
+    from loramerge_cli.adapters.units import unit_of
+
+    inside = {}  # leaf -> in-block paths
+    for path in paths:
+        unit = unit_of(path)
+        relative = path[len(unit) + 1:] if unit else path
+        inside.setdefault(relative.rsplit(".", 1)[-1], set()).add(relative)
+    suffixes = [name for name in configured or [] if isinstance(configured, list) and "." in name]
+    names = set()
+    for leaf, relatives in inside.items():
+        longer = any(name.rsplit(".", 1)[-1] == leaf for name in suffixes)
+        names.update(relatives if len(relatives) > 1 or longer else {leaf})
+    return sorted(names)
 
 
 def _notes(adapter: Adapter) -> list[str]:

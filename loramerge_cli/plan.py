@@ -32,10 +32,12 @@ class LambdaTuning:
     device: str | None = None
     batch_size: int | None = None
     base: str | None = None
+    max_length: int | None = None
 
     def __post_init__(self) -> None:
         check_at_least(self.val_limit, 1, "--val-limit")
         check_at_least(self.batch_size, 1, "--batch-size")
+        check_at_least(self.max_length, 2, "--max-length")
 
 
 @dataclass
@@ -133,13 +135,13 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None) -> M
     """Tune λ if asked, then merge. `progress(path)` is called after each module."""
     settings, tuning = plan.settings, {}
     if plan.tuning is not None:
-        from loramerge_cli.evaluation.tuning import tune_lambda
+        from loramerge_cli.evaluation.tuning import search_lambda
 
         options = {key: value for key, value in vars(plan.tuning).items() if key != "tasks" and value is not None}
-        best, grid = tune_lambda(plan.adapters, _config_of(settings), plan.table, plan.tuning.tasks,
-                                 allow_base_mismatch=plan.allow_base_mismatch, **options)
-        settings = replace(settings, lam=float(best))
-        tuning = {"lambda_tuning": {"tasks": str(plan.tuning.tasks), "best": float(best), "grid": grid}}
+        search = search_lambda(plan.adapters, _config_of(settings), plan.table, plan.tuning.tasks,
+                               allow_base_mismatch=plan.allow_base_mismatch, **options)
+        settings = replace(settings, lam=float(search.best))
+        tuning = {"lambda_tuning": {"tasks": str(plan.tuning.tasks), **search.describe()}}
     result = merging.run_merge(plan.adapters, settings, plan.table, progress=progress)
     result.provenance.update(tuning)
     return result

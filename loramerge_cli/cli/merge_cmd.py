@@ -57,6 +57,9 @@ def merge_options() -> list:
         option("val_limit", int | None, None, help="--lambda auto: examples per task (>= 1)."),
         option("device", str | None, None, help="--lambda auto: torch device."),
         option("batch_size", int | None, None, help="--lambda auto: batch size."),
+        option("max_length", int | None, None, show_default=False, help="--lambda auto: token cap of tasks whose "
+               "spec sets none. [default: the smaller of the tokenizer's model_max_length and the model's "
+               "max_position_embeddings]"),
     ]
 
 
@@ -64,17 +67,21 @@ def merge_options() -> list:
 def merge_command(ctx: typer.Context, **flags) -> None:
     """Merge LoRA adapters into one adapter: weight table -> space -> method -> λ, written as exact LoRA
     factors (dense results truncated, with the error recorded). The math: docs/algorithms.md."""
-    from loramerge_cli import api
-    from loramerge_cli.cli import render
-
-    config = merge_config(flags)  # flag values are checked before anything is read
     check_at_least(flags["val_limit"], 1, "--val-limit")
     tuning = None
     if flags["lam"] == "auto":
         if flags["tasks"] is None:
             raise UsageError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
+        from loramerge_cli.evaluation.data import check_task_file
+
+        check_task_file(flags["tasks"], ["validation"])  # the spec and its data, before torch or adapters load
+    config = merge_config(flags)  # flag values are checked before anything is read
+    from loramerge_cli import api
+    from loramerge_cli.cli import render
+
+    if flags["lam"] == "auto":
         tuning = api.LambdaTuning(flags["tasks"], flags["val_limit"], flags["device"], flags["batch_size"],
-                                  flags["base"])
+                                  flags["base"], flags["max_length"])
     if flags["mask"] is not None and flags["indices"] is not None:
         raise UsageError("give --mask or --indices, not both")
     from loramerge_cli.adapters.writer import check_output_dir
@@ -95,13 +102,14 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     if flags["json_output"]:
         return emit_json(report)
     console.print(render.merge_table(report))
-    for warning in result.warnings:
+    for warning in report["warnings"]:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 
 
 def _report(result, out: Path) -> dict:
     from collections import Counter
 
+    tuning = result.provenance.get("lambda_tuning") or {}
     written = {path: module for path, module in result.modules.items() if module.rank > 0}
     errors = [m.truncation_error for m in written.values() if m.truncation_error is not None]
     ranks = Counter(module.rank for module in written.values())
@@ -115,7 +123,8 @@ def _report(result, out: Path) -> dict:
         "omitted": sorted(set(result.omitted) | (set(result.modules) - set(written))),
         "ranks": {str(rank): ranks[rank] for rank in sorted(ranks)},
         "max_truncation_error": max(errors) if errors else None,
-        "warnings": list(result.warnings),
+        "warnings": list(result.warnings) + list(tuning.get("warnings", [])),
+        **({"lambda_tuning": tuning} if tuning else {}),
     }
 
 

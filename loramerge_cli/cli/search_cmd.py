@@ -58,7 +58,8 @@ def search_options() -> list:
         option("target_blocks", str | None, None, show_default=False, help="nsc: blocks the ratio is measured in: "
                "indices (9,10,11) or unit prefixes. [default: the last quarter of the blocks with LoRA]"),
         option("target_modules", str | None, None, show_default=False, help="nsc: module names in those blocks "
-               "(o_proj,out_proj), matched on whole path components. [default: docs/algorithms.md, NSC]"),
+               "(o_proj,out_proj), matched on whole path components. [default: the value projection (v_proj, "
+               "value), else the attention output projection, else the last LoRA attention module]"),
         option("max_prune", float, 0.2, help="ρ: at most ⌊ρ·units·tasks⌋ pruned."),
         option("popsize", int, 16, help="CMA-ES population size."),
         option("generations", int, 60, help="CMA-ES generations."),
@@ -79,6 +80,8 @@ def search_options() -> list:
                "every process). [default: min(8, CPUs); CPUs / N with --workers N]"),
         option("batch_size", int, 16, help="Evaluation batch size; nsc: examples per task and step."),
         option("eval_dtype", choice(DTYPES), "float32", help="Dtype of the evaluated model."),
+        option("max_length", int | None, None, show_default=False, help="Token cap of tasks whose spec sets none. "
+               "[default: the smaller of the tokenizer's model_max_length and the model's max_position_embeddings]"),
         option("block_cache_mb", float, 1024, help="MB of the unpruned merge's block outputs kept so that each "
                "candidate's forward pass starts at its first changed block (same scores; 0: off)."),
         option("run_dir", Path | None, None, help="Checkpoints every generation (state, trajectory.jsonl, best "
@@ -141,7 +144,8 @@ def search_request(flags: dict, command: str):
     return SearchRequest(
         adapters=flags["adapters"], merge=merge_config(flags), tasks=flags["tasks"],
         eval=EvalSettings(val_limit=flags["val_limit"], device=flags["device"], dtype=flags["eval_dtype"],
-                          batch_size=flags["batch_size"], threads=threads, block_cache_mb=flags["block_cache_mb"]),
+                          batch_size=flags["batch_size"], threads=threads, block_cache_mb=flags["block_cache_mb"],
+                          max_length=flags["max_length"]),
         lambda_auto=flags["lam"] == "auto", base=flags["base"], allow_base_mismatch=flags["allow_base_mismatch"],
         allow_pickle=flags["allow_pickle"], strategy=flags["strategy"], fitness=flags["fitness"],
         enmp=EnmpSettings(**{name: flags[name] for name in ("max_prune", "popsize", "generations", "sigma0",

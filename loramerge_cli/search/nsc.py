@@ -79,11 +79,11 @@ def example_inputs(engine, task: str) -> list[dict[str, torch.Tensor]]:
 
 
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack single-example inputs: token tensors right-padded (ids with pad_id, masks with 0)."""
+    """Stack single-example inputs: token tensors right-padded (ids with pad_id, masks and segments with 0)."""
     out = {}
     for key in examples[0]:
         parts = [example[key] for example in examples]
-        if parts[0].dim() == 2 and key in ("input_ids", "attention_mask", "token_type_ids"):
+        if parts[0].dim() == 2:  # per-token inputs
             width = max(part.shape[1] for part in parts)
             fill = pad_id if key == "input_ids" else 0
             parts = [torch.nn.functional.pad(part, (0, width - part.shape[1]), value=fill) for part in parts]
@@ -311,6 +311,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         "seed": settings.seed,
         "search": asdict(settings),
         "targets": problem.targets,
+        "max_length": dict(problem.engine.max_lengths),
         "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]},
         "task_losses": per_task,
         "warnings": warnings,

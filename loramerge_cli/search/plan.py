@@ -60,6 +60,7 @@ def check_request(request: SearchRequest) -> Strategy:
     check_seed(request.enmp.seed)
     check_at_least(request.eval.val_limit, 1, "--val-limit")
     check_at_least(request.eval.batch_size, 1, "--batch-size")
+    check_at_least(request.eval.max_length, 2, "--max-length")
     if not 0 <= request.eval.block_cache_mb < math.inf:
         raise UsageError("--block-cache-mb must be a number >= 0")
     if request.resume and not strategy.resumable:
@@ -93,6 +94,9 @@ def check_splits(request: SearchRequest) -> None:
                 raise task_file.error(f"{task.where}.data", f"no {split!r} split{reason} (has: {', '.join(task.data)})")
             if not Path(task.data[split]).exists():
                 raise task_file.error(f"{task.where}.data.{split}", f"no such file {task.data[split]}{reason}")
+    from loramerge_cli.evaluation.data import check_data
+
+    check_data(task_file, needed)  # every row's inputs and labels, before any adapter or model loads
 
 
 def check_extras(request: SearchRequest, plot: Path | None) -> None:

@@ -46,24 +46,25 @@ class Scored:
 def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
     """Mean normalized validation accuracy over the unpruned merge (labels read)."""
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
-    from loramerge_cli.evaluation.tuning import tune_lambda
+    from loramerge_cli.evaluation.tuning import search_lambda
     from loramerge_cli.search.fitness import AccuracyFitness
 
     problem = build_problem(request)
     lam, tuning = problem.settings.lam, None
     if request.lambda_auto:
-        lam, grid = tune_lambda(problem.adapters, replace(request.merge, lam=None), None, request.tasks,
-                                evaluator=problem.engine, run_dir=run_dir,
-                                allow_base_mismatch=request.allow_base_mismatch)
-        tuning = {"best": lam, "grid": grid}
+        search = search_lambda(problem.adapters, replace(request.merge, lam=None), None, request.tasks,
+                               evaluator=problem.engine, run_dir=run_dir,
+                               allow_base_mismatch=request.allow_base_mismatch)
+        lam, tuning = search.best, search.describe()
         problem.settings = replace(problem.settings, lam=lam)
-        on_event("lambda", {"lambda": lam})
+        on_event("lambda", {"lambda": lam, "points": len(search.records), "warnings": search.warnings})
     experts = expert_scores(problem.engine, ScoreCache(run_dir))
     fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
     return Scored(
         fitness, {"lambda": lam, "reference": fitness.reference, "experts": experts},
         WorkerBuilder(request, lam, experts, fitness.reference),
-        {"experts_validation_accuracy": experts, "lambda_tuning": tuning},
+        {"experts_validation_accuracy": experts, "lambda_tuning": tuning,
+         "max_length": dict(problem.engine.max_lengths)},
         lambda best: {"unpruned_mean_normalized_accuracy": fitness.reference,
                       "best_mean_normalized_accuracy": fitness.reference + best.fitness, "fitness": best.fitness},
     )
@@ -79,7 +80,7 @@ def _label_free(request: SearchRequest, run_dir: Path | None, on_event) -> Score
         fitness, {"lambda": fitness.base_lambda, "reference_loss": fitness.reference, "objective": objective,
                   "targets": fitness.objective.targets if objective == "nsc" else []},
         NscWorkerBuilder(request, fitness.base_lambda, fitness.reference),
-        {"fitness": "nsc", "objective": objective},
+        {"fitness": "nsc", "objective": objective, "max_length": dict(fitness.engine.max_lengths)},
         lambda best: {"unpruned_loss": fitness.reference, "best_loss": fitness.reference * (1 - best.fitness / 100),
                       "fitness": best.fitness},
     )

@@ -101,7 +101,7 @@ def merge_config(flags: dict, **fixed):
     """The MergeConfig of the merger options in `flags` (None: not given); λ 'auto' is left to the caller."""
     from loramerge_cli.cli.common import parse_float_list, parse_lambda
     from loramerge_cli.errors import check_seed
-    from loramerge_cli.merging.merge import SETTINGS, MergeConfig
+    from loramerge_cli.merging.config import SETTINGS, MergeConfig
     from loramerge_cli.merging.registry import PARAMETERS
 
     check_seed(flags.get("seed", fixed.get("seed")))

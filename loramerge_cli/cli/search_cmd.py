@@ -101,11 +101,13 @@ def search_command(ctx: typer.Context, **flags) -> None:
     """Search a weight table: which (task, block) LoRA modules to drop before merging, scored on labelled
     validation data or label-free (ENMP: CMA-ES; greedy and random baselines on the same fitness and budget),
     or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
+    from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
+
+    plan = plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],
+                       plot=flags["plot"])
     from loramerge_cli import api
     from loramerge_cli.cli import render, render_nsc
 
-    plan = api.plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],
-                           plot=flags["plot"])
     console = human_console(flags["quiet"], flags["json_output"])
     if flags["strategy"] == "nsc":
         progress, summary = render_nsc.nsc_progress(console, flags["steps"]), render_nsc.nsc_summary
@@ -123,9 +125,9 @@ def search_command(ctx: typer.Context, **flags) -> None:
 def search_request(flags: dict, command: str):
     """The SearchRequest of the command line (flag values checked here, the rest by plan_search)."""
     from loramerge_cli.cli.common import parse_names
-    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.evaluation.settings import EvalSettings
     from loramerge_cli.search.enmp import EnmpSettings
-    from loramerge_cli.search.nsc import NscSettings
+    from loramerge_cli.search.nsc_settings import NscSettings
     from loramerge_cli.search.plan import SearchRequest
 
     devices, threads = flags["devices"], flags["threads"]

@@ -28,23 +28,8 @@ from loramerge_cli.evaluation.loading import (
     torch_dtype,
 )
 from loramerge_cli.evaluation.metrics import accuracy
+from loramerge_cli.evaluation.settings import EvalSettings  # noqa: F401  (imported from here too)
 from loramerge_cli.evaluation.specs import FROM_ADAPTER, NO_HEAD, TaskFile, match_adapters
-
-
-@dataclass
-class EvalSettings:
-    """How to evaluate. `val_limit` caps the validation split (overrides each task's `limit`)."""
-
-    split: str = "validation"
-    val_limit: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 16
-    threads: int | None = None  # torch CPU threads; None: min(8, CPU count). Fixed for determinism.
-    length_normalize: bool = False  # causal LM: divide a choice's log-likelihood by its token count
-    sample_seed: int = 0  # which examples a limit keeps
-    max_length: int | None = None  # token cap of tasks that set none; None: the model's (model_max_length)
-    block_cache_mb: float = 1024  # searches: reference block outputs kept to skip unchanged blocks (0: off)
 
 
 DEFAULT_MAX_LENGTH = 2048  # when neither the tokenizer nor the model config states a limit

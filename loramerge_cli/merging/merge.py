@@ -16,44 +16,16 @@ from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError, UsageError, check_seed
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import elementwise
+from loramerge_cli.merging.config import (  # noqa: F401  (MergeConfig is imported from here too)
+    DEFAULT_ENERGY,
+    DEFAULT_MERGER,
+    DEFAULT_SEED,
+    SETTINGS,
+    MergeConfig,
+)
 from loramerge_cli.merging.lowrank import LowRank, truncate_dense
 from loramerge_cli.merging.registry import PARAMETERS, PRESETS, Method, method_named
 from loramerge_cli.merging.spaces import SPACES, project
-
-
-@dataclass
-class MergeConfig:
-    """What to merge and how. `None` means: not given (the table's recorded value, else the preset's or the
-    method's default; see docs/algorithms.md, "Settings and precedence")."""
-
-    merger: str | None = None  # a preset (knots, core) or a method name; default ta
-    method: str | None = None
-    space: str | None = None
-    lam: float | None = None
-    weights: list[float] | None = None  # per adapter, in task order
-    density: float | None = None
-    drop_rate: float | None = None
-    scope: str | None = None
-    knots_scaled: bool | None = None
-    seed: int | None = None  # default 1
-    out_rank: int | None = None
-    energy: float | None = None  # default 0.9999
-    compute_dtype: torch.dtype = torch.float64
-    params: dict = field(default_factory=dict)  # method parameters without a field above, by name
-
-    def given(self) -> dict:
-        """The settings the caller chose (not None), by field name; `params` spread among them."""
-        chosen = {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
-        return {**chosen, **{name: value for name, value in self.params.items() if value is not None}}
-
-    def parameter(self, name: str):
-        """A method parameter's given value, or None."""
-        return getattr(self, name) if name in SETTINGS else self.params.get(name)
-
-
-SETTINGS = ("merger", "method", "space", "lam", "weights", "density", "drop_rate", "scope", "knots_scaled", "seed",
-            "out_rank", "energy")  # MergeConfig's fields that a weight table may record (lam as "lambda")
-DEFAULT_MERGER, DEFAULT_SEED, DEFAULT_ENERGY = "ta", 1, 0.9999
 
 
 @dataclass
@@ -162,7 +134,7 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
     return ResolvedMerge(
         merger=merger, method=method, space=space, lam=float(lam), weights=weights, params=params,
         knots_scaled=bool(knots_scaled), seed=seed, out_rank=config.out_rank, energy=energy,
-        compute_dtype=config.compute_dtype,
+        compute_dtype=torch.float64 if config.compute_dtype is None else config.compute_dtype,
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, check_seed
 from loramerge_cli.search.enmp import EnmpSettings
-from loramerge_cli.search.nsc import STATE_NAME, NscSettings
+from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
 from loramerge_cli.search.strategies import Strategy, strategy_named
 
 FITNESSES = ("accuracy", "nsc")
@@ -161,16 +161,17 @@ def _plain(data: dict) -> dict:
 
 def plan_search(request: SearchRequest, out: str | Path | None = None, force: bool = False,
                 plot: str | Path | None = None) -> SearchPlan:
-    """Check everything a search needs before any model loads; the run directory is prepared last."""
-    from loramerge_cli.adapters.writer import check_output_dir
-
+    """Check everything a search needs before any model loads (torch is imported only for the output check);
+    the run directory is prepared last."""
     strategy = check_request(request)
     if plot is not None and strategy.kind == "coefficients":
         raise UsageError("--plot draws search curves and masks; --strategy nsc has neither")
-    if out is not None:
-        check_output_dir(out, force)
     check_splits(request)
     check_extras(request, plot)
+    if out is not None:
+        from loramerge_cli.adapters.writer import check_output_dir
+
+        check_output_dir(out, force)
     prepare_run_dir(request)
     return SearchPlan(request, strategy, Path(out) if out is not None else None, force,
                       Path(plot) if plot is not None else None)

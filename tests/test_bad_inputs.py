@@ -120,7 +120,7 @@ CASES = {
     "unknown method": lambda t, g: (["--adapters", *g, "--merger", "average"], "unknown method"),
     "duplicate names": lambda t, g: (["--adapters", g[0], g[0]], "name=source"),
     "mask tasks differ": lambda t, g: (
-        ["--adapters", *g, *_mask(t, g, lambda d: d.update(tasks=["b", "a"]))], "tasks"),
+        ["--adapters", *g, *_mask(t, g, lambda d: d.update(tasks=["a", "z"]))], "tasks"),
     "mask units differ": lambda t, g: (
         ["--adapters", *g, *_mask(t, g, lambda d: d.update(units=["model.layers.0", "model.layers.1",
                                                                   "model.layers.7"]))], "units"),
@@ -187,7 +187,7 @@ def test_output_under_a_read_only_folder(good, tmp_path):
 
 def test_other_commands_follow_the_same_policy(good, tmp_path):
     _assert_one_line_error(invoke_cli(["inspect", str(tmp_path / "nope")]), "no such file")
-    mask = _mask(tmp_path, good, lambda d: d.update(tasks=["b", "a"]))
+    mask = _mask(tmp_path, good, lambda d: d.update(tasks=["a", "z"]))
     out = tmp_path / "pruned"
     _assert_one_line_error(invoke_cli(["apply-mask", "--adapters", *good, *mask, "--out", out]), "tasks")
     assert not out.exists()

@@ -18,6 +18,7 @@ from loramerge_cli.cli.common import (
     emit_json,
     examples_epilog,
     human_console,
+    result_console,
     load_config_defaults,
 )
 
@@ -53,6 +54,8 @@ def eval_command(
                                                    "log-likelihood by its token count.")] = False,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Folder caching expert and base scores "
                                                     "(keyed by adapter and data hashes).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="FILE.json", help="Also write the report "
+                                                "(as --json prints it) to this file.")] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
     config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP, is_eager=True,
                                                    callback=load_config_defaults)] = None,
@@ -63,6 +66,7 @@ def eval_command(
     """Score the base model, each expert on its own task, and each merged adapter on every task:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
     from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
+    from loramerge_cli.cli.progress import ProgressDisplay
     from loramerge_cli.evaluation.engine import EvalSettings
     from loramerge_cli.evaluation.report import eval_report
 
@@ -71,17 +75,30 @@ def eval_command(
     merged_adapters = [load_adapter(source, allow_pickle=allow_pickle) for source in merged or []]
     settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                             threads=threads, length_normalize=length_normalize)
-    with console.status("evaluating"):
+    if out is not None and (out.is_dir() or not out.absolute().parent.is_dir()):
+        raise typer.BadParameter(f"{out}: give a file in an existing folder", param_hint="'--out'")
+    with ProgressDisplay(quiet or json_output) as display:
         report = eval_report(tasks, experts, merged_adapters, settings, base=base, run_dir=run_dir,
-                             allow_pickle=allow_pickle)
+                             allow_pickle=allow_pickle, report=display)
+    if out is not None:
+        _write_report(report, out)
     if json_output:
         emit_json(report)
         return
     for title, key, mean_key in (("accuracy (%)", "accuracy", "mean_accuracy"),
                                  ("normalized accuracy (%)", "normalized_accuracy", "mean_normalized_accuracy")):
-        console.print(score_table(report, title, key, mean_key))
+        result_console().print(score_table(report, title, key, mean_key))
     for warning in report["warnings"]:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def _write_report(report: dict, out: Path) -> None:
+    """The JSON report, written atomically (a temporary sibling, then a rename)."""
+    import json
+
+    temporary = out.with_name(f".{out.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    temporary.replace(out)
 
 
 def _percent(value: float | None, scale: float) -> str:

@@ -16,11 +16,14 @@ from loramerge_cli.cli.common import (
     DEBUG_HELP,
     JSON_HELP,
     QUIET_HELP,
+    THREADS_HELP,
+    apply_threads,
     command_errors,
     command_line,
     emit_json,
     examples_epilog,
     human_console,
+    result_console,
     load_config_defaults,
     parse_float_list,
 )
@@ -60,7 +63,9 @@ def _table(adapters, mask: Path | None, indices: str | None):
     if mask is not None and indices is not None:
         raise typer.BadParameter("give --mask or --indices, not both", param_hint="'--mask'")
     if mask is not None:
-        table = api.load_table(mask)
+        from loramerge_cli.masks import align_table
+
+        table = align_table(api.load_table(mask), adapters)
         api.check_table(table, adapters, origin=str(mask))
         return table
     if indices is not None:
@@ -142,7 +147,8 @@ def merge_command(
         "--override", help="Let flags override the merger settings recorded in --mask.")] = False,
     out_rank: Annotated[int | None, typer.Option("--out-rank", help="Rank of truncated dense results.")] = None,
     energy: Annotated[float | None, typer.Option(
-        "--energy", help="Dense results: keep this fraction of Σσ². [default: 0.9999]", show_default=False)] = None,
+        "--energy", help="Dense results: keep this fraction of the update's energy (sum of squared singular values). "
+        "[default: 0.9999]", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
     dtype: Annotated[DtypeName | None, typer.Option(
         "--dtype", help="Dtype of the written weights. [default: the inputs']", show_default=False)] = None,
@@ -155,6 +161,15 @@ def merge_command(
     val_limit: Annotated[int | None, typer.Option("--val-limit", help="--lambda auto: examples per task.")] = None,
     device: Annotated[str | None, typer.Option("--device", help="--lambda auto: torch device.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="--lambda auto: batch size.")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help=THREADS_HELP, show_default=False)] = None,
+    push_to_hub: Annotated[str | None, typer.Option(
+        "--push-to-hub", metavar="OWNER/NAME", help="Upload the output folder to this Hub model repository.")] = None,
+    private: Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repository private.")] = False,
+    revision: Annotated[str | None, typer.Option(
+        "--revision", help="--push-to-hub: branch to upload to (created if needed). [default: main]",
+        show_default=False)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="--push-to-hub: list what would be uploaded, "
+                                          "upload nothing.")] = False,
     allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help=ALLOW_BASE_MISMATCH_HELP)] = False,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
     config: Annotated[Path | None, typer.Option(
@@ -163,8 +178,9 @@ def merge_command(
     quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
-    """Merge LoRA adapters into one adapter (Part A of the spec): weight table -> space -> method -> λ,
-    written as exact LoRA factors (dense results truncated, with the error recorded)."""
+    """Merge LoRA adapters into one adapter: weight table -> space -> method -> λ, written as exact LoRA
+    factors (dense results truncated, with the error recorded). The output folder holds a model card,
+    loramerge.yaml (rerun it with --config) and every task's head."""
     # Cheap checks first: nothing is loaded before the command line is known to be usable.
     if seed is not None and seed < 1:
         raise LoramergeError("--seed must be >= 1 (0 would mean a clock seed to CMA-ES)")
@@ -172,16 +188,28 @@ def merge_command(
     weight_list = parse_float_list(weights, "--weights")
     if lam_value == "auto" and tasks is None:
         raise LoramergeError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
+    from loramerge_cli.cli.publish import check_repo_id
+
+    check_repo_id(push_to_hub)
+    apply_threads(threads)
     from loramerge_cli import api
     from loramerge_cli.adapters.compat import check_compatible
-    from loramerge_cli.adapters.writer import check_head, check_output_dir
+    from loramerge_cli.adapters.writer import check_head, check_output_dir, default_head
     from loramerge_cli.cli import render
+    from loramerge_cli.cli.progress import ProgressDisplay
+    from loramerge_cli.cli.publish import push_folder
+    from loramerge_cli.cli.recipe import build_recipe
     from loramerge_cli.merging.merge import MergeConfig, resolve_config, run_merge
 
     check_output_dir(out, force)
     loaded = api.load_adapters(adapters, allow_pickle=allow_pickle)
     _check_not_an_input(out, loaded)
     check_head(loaded, head)
+    served = default_head(loaded, head)
+    if served != head:
+        human_console(quiet, json_output).print(
+            f"note: no --head: task {served!r}'s head goes into modules_to_save, so that the merge loads as "
+            f"{loaded[0].config.get('task_type')} (--head TASK picks another)", markup=False, highlight=False)
     table = _table(loaded, mask, indices)
     flags = {"merger": merger, "method": method, "space": space, "lam": lam_value, "weights": weight_list,
              "density": density, "drop_rate": drop_rate, "scope": scope, "knots_scaled": knots_scaled,
@@ -193,9 +221,11 @@ def merge_command(
     resolve_config(merge_config, len(loaded), table)  # every parameter checked before any work
     extra = {}
     if lam_value == "auto":
-        best, grid = _tune_lambda(loaded, merge_config, table, tasks,
-                                  {"val_limit": val_limit, "device": device, "batch_size": batch_size, "base": base,
-                                   "allow_base_mismatch": allow_base_mismatch})
+        with ProgressDisplay(quiet or json_output) as display:
+            best, grid = _tune_lambda(loaded, merge_config, table, tasks,
+                                      {"val_limit": val_limit, "device": device, "batch_size": batch_size,
+                                       "base": base, "threads": threads, "allow_base_mismatch": allow_base_mismatch,
+                                       "report": display})
         merge_config.lam = float(best)
         extra["lambda_tuning"] = {"tasks": str(tasks), "best": float(best), "grid": grid}
 
@@ -204,13 +234,22 @@ def merge_command(
     settings = resolve_config(merge_config, len(loaded), table)
     with render.module_progress(console, module_count) as advance:
         result = run_merge(loaded, settings, table, progress=advance)
+    recipe = build_recipe(ctx, loaded, out, {"lam": merge_config.lam if lam_value == "auto" else lam,
+                                             "mask": "mask.json" if table is not None else None})
     api.write_merged_adapter(result, loaded, out, dtype=dtype, head=head, command=command_line(ctx), force=force,
-                             table=table, base_model=base, extra_provenance=extra)
-    report = _report(result, out)
+                             table=table, base_model=base, extra_provenance=extra, recipe=recipe, repo_id=push_to_hub)
+    report = {**_report(result, out), **extra}
+    if push_to_hub is not None:
+        report["push"] = push_folder(out, push_to_hub, private=private, revision=revision, dry_run=dry_run)
     if json_output:
         emit_json(report)
         return
-    console.print(render.merge_table(report))
+    result_console().print(render.merge_table(report))
+    if "push" in report:
+        from loramerge_cli.cli.publish import push_lines
+
+        for line in push_lines(report["push"]):
+            result_console().print(line, markup=False, highlight=False)
     for warning in result.warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
 

@@ -8,6 +8,17 @@ from rich.table import Table
 from rich.text import Text
 
 HEAT = ("grey35", "blue", "cyan", "green", "yellow", "red")  # low -> high
+HEAT_TEXT = ("white", "white", "black", "black", "black", "white")  # readable on each background
+
+
+def heat_legend() -> Text:
+    """The heatmap's key: each colour and the share of the largest norm it stands for."""
+    legend = Text("colour = share of the largest norm: ")
+    for level, colour in enumerate(HEAT):
+        low, high = 100 * level // len(HEAT), 100 * (level + 1) // len(HEAT)
+        legend.append(f" {low}–{high}% ", style=f"{HEAT_TEXT[level]} on {colour}")
+        legend.append(" ")
+    return legend
 
 
 def _compact(counts: dict) -> str:
@@ -48,7 +59,8 @@ def _size(size: int) -> str:
 
 def norms_table(norms: dict, heatmap: bool = False) -> Table:
     """‖B̃A‖_F per (unit, task); with `heatmap`, cells coloured by their share of the largest value."""
-    table = Table(title="‖ΔW‖_F per unit and task", title_justify="left")
+    table = Table(title="‖ΔW‖_F per unit and task", title_justify="left",
+                  caption=heat_legend() if heatmap else None, caption_justify="left")
     table.add_column("unit")
     for task in norms["tasks"]:
         table.add_column(task, justify="right")
@@ -60,7 +72,7 @@ def norms_table(norms: dict, heatmap: bool = False) -> Table:
                 cells.append(Text("-", style="dim"))
             elif heatmap:
                 level = min(len(HEAT) - 1, int(value / largest * len(HEAT)))
-                cells.append(Text(f"{value:.3g}", style=f"bold white on {HEAT[level]}"))
+                cells.append(Text(f"{value:.3g}", style=f"{HEAT_TEXT[level]} on {HEAT[level]}"))
             else:
                 cells.append(Text(f"{value:.4g}"))
         table.add_row(unit, *cells)
@@ -86,6 +98,12 @@ def merge_table(report: dict) -> Table:
     parameters = ", ".join(f"{k}={v}" for k, v in shown.items())
     table.add_row("merger", f"{report['merger']} (method {report['method']}, space {report['space']})")
     table.add_row("parameters", parameters)
+    tuning = report.get("lambda_tuning")
+    if tuning:
+        grid = "  ".join(f"{r['lambda']:.3g}{'*' if r['lambda'] == tuning['best'] else ''}: "
+                         f"{r['mean_normalized_accuracy']:.1f}" for r in tuning["grid"]
+                         if r.get("mean_normalized_accuracy") is not None)
+        table.add_row("λ tuned", f"{tuning['best']:.4g} (mean normalized accuracy on validation per λ: {grid})")
     table.add_row("modules", f"{report['modules']} written, {len(report['omitted'])} omitted (every task pruned)")
     table.add_row("ranks", _compact(report["ranks"]))
     if report.get("max_truncation_error") is not None:
@@ -108,7 +126,14 @@ def module_progress(console, total: int, description: str = "merging"):
 
 
 def search_progress(console, generations: int):
-    """A callback for run_search: one line per generation (or greedy/random round) on the console."""
+    """A callback for run_search: one line per generation (or greedy/random round), with the time left,
+    on the console; on a live ProgressDisplay also a generations bar with ETA and the best so far."""
+    import time
+
+    from loramerge_cli.cli.progress import eta
+
+    live = getattr(console, "live", False)
+    clock = {"started": time.monotonic()}
 
     def on_event(kind: str, data: dict) -> None:
         if kind == "lambda":
@@ -117,12 +142,19 @@ def search_progress(console, generations: int):
             console.print(
                 f"unpruned merge: {data['reference']:.2f} mean normalized accuracy (λ = {data['lambda']:.4g}); "
                 f"{data['units']} units × {data['tasks']} tasks", highlight=False)
+            clock["started"] = time.monotonic()
+            if live:
+                console.start("generations", generations)
         elif kind == "generation":
+            done = data["generation"]
             console.print(
-                f"gen {data['generation']:>3}/{generations}  best {data['best_fitness']:+.3f}  "
+                f"gen {done:>3}/{generations}  best {data['best_fitness']:+.3f}  "
                 f"mean {data['mean_fitness']:+.3f}  sparsity {100 * data['mean_sparsity']:.1f}%  "
                 f"distinct {data['distinct_evaluated']}  cache hits {data['cache_hits']}  "
-                f"{data['seconds_per_evaluation']:.2f} s/eval", highlight=False)
+                f"{data['seconds_per_evaluation']:.2f} s/eval  eta {eta(clock['started'], done, generations)}",
+                highlight=False)
+            if live:
+                console.advance("generations", f"best {data['best_fitness']:+.3f}")
         elif kind == "round":
             console.print(f"round {data['round']:>3}  best {data['best_fitness']:+.3f}  "
                           f"distinct {data['distinct_evaluated']}", highlight=False)
@@ -132,11 +164,14 @@ def search_progress(console, generations: int):
 
 def mask_heatmap(table) -> Table:
     """Tasks × units: '█' kept, '·' pruned (real-valued weights shown as numbers)."""
-    grid = Table(title="kept █  pruned ·", title_justify="left", show_header=True, box=None, pad_edge=False)
+    grid = Table(title="weight table: █ kept  · pruned  ▒ scaled", title_justify="left", show_header=True, box=None,
+                 pad_edge=False)
     grid.add_column("task")
     grid.add_column("units " + (table.units[0] + " …" if table.units else ""), no_wrap=True)
     for task, row in zip(table.tasks, table.weights):
-        cells = "".join("█" if value == 1 else ("·" if value == 0 else "▒") for value in row)
+        cells = Text()
+        for value in row:
+            cells.append(*(("█", "green") if value == 1 else ("·", "bold red") if value == 0 else ("▒", "yellow")))
         grid.add_row(task, cells)
     return grid
 

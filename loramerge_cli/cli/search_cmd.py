@@ -20,7 +20,7 @@ from loramerge_cli.cli.common import (
     command_line,
     emit_json,
     examples_epilog,
-    human_console,
+    result_console,
     load_config_defaults,
     parse_float_list,
 )
@@ -61,7 +61,7 @@ def search_command(
     drop_rate: Annotated[float | None, typer.Option("--drop-rate", help="DARE drop rate.")] = None,
     scope: Annotated[Literal["module", "adapter"] | None, typer.Option("--scope", help="Trim scope.")] = None,
     knots_scaled: Annotated[bool | None, typer.Option(
-        "--knots-scaled/--no-knots-scaled", help="knots space: scale components by S.", show_default=False)] = None,
+        "--knots-scaled/--no-knots-scaled", help="knots space: scale the components by their singular values.", show_default=False)] = None,
     strategy: Annotated[Literal["enmp", "greedy", "random", "nsc"], typer.Option(
         "--strategy", help="enmp (CMA-ES), greedy (leave-one-out), random (best of N), nsc (learn one coefficient "
         "per task and module by gradient descent on unlabeled inputs).")] = "enmp",
@@ -84,11 +84,11 @@ def search_command(
         "components; v_proj is the paper's choice for decoder LMs (README, label-free table). [default: the "
         "attention output projection, else the last LoRA attention module]",
         show_default=False)] = None,
-    max_prune: Annotated[float, typer.Option("--max-prune", help="ρ: at most ⌊ρ·units·tasks⌋ pruned.")] = 0.2,
+    max_prune: Annotated[float, typer.Option("--max-prune", help="Largest fraction of the (task, block) units that may be pruned.")] = 0.2,
     popsize: Annotated[int, typer.Option("--popsize", help="CMA-ES population size.")] = 16,
     generations: Annotated[int, typer.Option("--generations", help="CMA-ES generations.")] = 60,
     sigma0: Annotated[float, typer.Option("--sigma0", help="CMA-ES initial step size.")] = 0.5,
-    threshold: Annotated[float, typer.Option("--threshold", help="θ: latent values above it prune.")] = 0.0,
+    threshold: Annotated[float, typer.Option("--threshold", help="CMA-ES: a unit is pruned when its search value is above this.")] = 0.0,
     addscale: Annotated[bool, typer.Option("--addscale", help="Also search λ (one extra gene).")] = False,
     budget: Annotated[int | None, typer.Option(
         "--budget", help="greedy/random: distinct evaluations. [default: popsize·generations]",
@@ -184,16 +184,18 @@ def search_command(
         devices=device_list,
         command=command_line(ctx),
     )
-    console = human_console(quiet, json_output)
     from loramerge_cli.cli import render, render_nsc
+    from loramerge_cli.cli.progress import ProgressDisplay
 
+    console = ProgressDisplay(quiet or json_output)  # progress and logs: stderr
     if strategy == "nsc":
-        progress, summary = render_nsc.nsc_progress(console, steps), render_nsc.nsc_summary
+        console.inner, summary = render_nsc.nsc_progress(console, steps), render_nsc.nsc_summary
     elif fitness == "nsc":
-        progress, summary = render_nsc.label_free_progress(console, generations), render_nsc.label_free_summary
+        console.inner, summary = render_nsc.label_free_progress(console, generations), render_nsc.label_free_summary
     else:
-        progress, summary = render.search_progress(console, generations), render.search_summary
-    table, provenance = run_search(request, progress)
+        console.inner, summary = render.search_progress(console, generations), render.search_summary
+    with console:
+        table, provenance = run_search(request, console)
     table.save(out)
     if run_dir is not None:
         table.save(Path(run_dir) / "best.json")
@@ -204,7 +206,7 @@ def search_command(
     if json_output:
         emit_json(table.to_json())
         return
-    console.print(summary(table, provenance))
+    result_console().print(summary(table, provenance))  # the result: stdout
 
 
 def _names(text: str | None) -> list[str] | None:

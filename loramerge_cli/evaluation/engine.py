@@ -40,7 +40,7 @@ class EvalSettings:
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 16
-    threads: int | None = None  # torch CPU threads; None: min(8, CPU count). Fixed for determinism.
+    threads: int | None = None  # torch CPU threads; None: OMP_NUM_THREADS, else min(8, CPUs). Fixed for determinism.
     length_normalize: bool = False  # causal LM: divide a choice's log-likelihood by its token count
     sample_seed: int = 0  # which examples a limit keeps
     max_length: int = 2048  # token cap when a task sets none (and the model allows more)
@@ -114,7 +114,9 @@ class Evaluator:
         self.settings = settings = settings or EvalSettings()
         if settings.batch_size < 1:
             raise LoramergeError("--batch-size must be >= 1")
-        torch.set_num_threads(settings.threads or min(8, os.cpu_count() or 1))
+        threads = settings.threads or (None if os.environ.get("OMP_NUM_THREADS") else min(8, os.cpu_count() or 1))
+        if threads:  # OMP_NUM_THREADS, when set, is the user's choice: only --threads overrides it
+            torch.set_num_threads(threads)
         self.experts = match_adapters(task_file, experts, allow_pickle)
         self.base = resolve_base(task_file, experts, base)
         self.device = torch_device(settings.device)

@@ -15,6 +15,7 @@ from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, merged_deltas, scale_deltas
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
 from loramerge_cli.evaluation.specs import load_task_file
+from loramerge_cli.events import stage
 
 GRID_STEPS = [step / 10 for step in range(1, 21)]  # 0.1 … 2.0, times the method's default λ
 
@@ -49,6 +50,7 @@ def tune_lambda(
     threads: int | None = None,
     allow_base_mismatch: bool = False,
     evaluator: Evaluator | None = None,
+    report=None,
 ) -> tuple[float, list[dict]]:
     """(chosen λ, one record per grid point: λ, accuracy and normalized accuracy per task, mean).
 
@@ -65,16 +67,19 @@ def tune_lambda(
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads)
         evaluator = Evaluator(load_task_file(tasks_file), adapters, settings, base=base)
-    experts = expert_scores(evaluator, ScoreCache(run_dir))
+    experts = expert_scores(evaluator, ScoreCache(run_dir), report)
     unit_deltas = merged_deltas(result)
     records = []
-    for lam in grid:
-        scores = evaluator.evaluate(scale_deltas(unit_deltas, lam))
-        normalized, _ = normalized_accuracy(scores, experts)
-        records.append({
-            "lambda": lam,
-            "accuracy": scores,
-            "normalized_accuracy": normalized,
-            "mean_normalized_accuracy": mean_defined(normalized),
-        })
+    with stage(report, "λ grid", len(grid)) as step:
+        for lam in grid:
+            scores = evaluator.evaluate(scale_deltas(unit_deltas, lam))
+            normalized, _ = normalized_accuracy(scores, experts)
+            records.append({
+                "lambda": lam,
+                "accuracy": scores,
+                "normalized_accuracy": normalized,
+                "mean_normalized_accuracy": mean_defined(normalized),
+            })
+            mean = records[-1]["mean_normalized_accuracy"]
+            step(f"λ {lam:.4g}: {'—' if mean is None else f'{mean:.2f}'}")
     return best_lambda(records, default_lambda), records

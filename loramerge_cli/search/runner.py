@@ -11,6 +11,7 @@ from typing import Callable
 
 from loramerge_cli import __version__
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.events import stage
 from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings
 from loramerge_cli.search.nsc import NscSettings
 
@@ -121,12 +122,14 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     if request.lambda_auto:
         lam, grid = tune_lambda(problem.adapters, replace(request.merge, lam=None), None, request.tasks,
                                 evaluator=problem.engine, run_dir=run_dir,
-                                allow_base_mismatch=request.allow_base_mismatch)
+                                allow_base_mismatch=request.allow_base_mismatch, report=on_event)
         tuning = {"best": lam, "grid": grid}
         problem.settings = replace(problem.settings, lam=lam)
         on_event("lambda", {"lambda": lam})
-    experts = expert_scores(problem.engine, ScoreCache(run_dir))
-    fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+    experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
+    with stage(on_event, "unpruned merge", 1) as step:
+        fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+        step(f"{fitness.reference:.2f}")
     on_event("start", {"lambda": lam, "reference": fitness.reference, "experts": experts,
                        "units": len(problem.template.units), "tasks": len(problem.adapters)})
     evaluate = fitness

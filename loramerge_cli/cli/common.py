@@ -158,10 +158,13 @@ def apply_threads(threads: int | None) -> None:
 
 
 def result_console():
-    """Rich console for a command's result (its tables): stdout, also under --quiet."""
+    """Rich console for a command's result (its tables): stdout, also under --quiet; text lines are not
+    wrapped when stdout is a file."""
+    import sys
+
     from rich.console import Console
 
-    return Console()
+    return Console(soft_wrap=not sys.stdout.isatty())
 
 
 def emit_json(data) -> None:

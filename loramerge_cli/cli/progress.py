@@ -74,6 +74,7 @@ class ProgressDisplay:
     def print(self, *objects, **options) -> None:
         if self.enabled:
             options.setdefault("highlight", False)
+            options.setdefault("soft_wrap", not self.live)  # plain lines stay one line each in a log file
             (self._progress.console if self._progress is not None else self.console).print(*objects, **options)
 
     def __call__(self, kind: str, data: dict) -> None:
@@ -90,8 +91,9 @@ class ProgressDisplay:
         stage = self.stages[name] = _Stage(total)
         if self._progress is not None:
             stage.task_id = self._progress.add_task(name, total=total, info="")
-        elif self.enabled:
-            self.console.print(f"{name}: {total if total is not None else '?'} steps", highlight=False)
+        elif self.enabled and total != 1:
+            self.console.print(f"{name}: {total if total is not None else '?'} steps", highlight=False,
+                               soft_wrap=True)
             stage.last_line = stage.started
 
     def advance(self, name: str, info: str = "") -> None:
@@ -107,7 +109,7 @@ class ProgressDisplay:
             left = eta(stage.started, stage.done, stage.total, now)
             self.console.print(f"{name}: {stage.done}{of}, {duration(now - stage.started)} elapsed"
                                + (f", eta {left}" if left and stage.done != stage.total else "")
-                               + (f"  {info}" if info else ""), highlight=False, markup=False)
+                               + (f"  {info}" if info else ""), highlight=False, markup=False, soft_wrap=True)
 
     def finish(self, name: str) -> None:
         stage = self.stages.pop(name, None)

@@ -164,8 +164,9 @@ def search_progress(console, generations: int):
 
 def mask_heatmap(table) -> Table:
     """Tasks × units: '█' kept, '·' pruned (real-valued weights shown as numbers)."""
-    grid = Table(title="weight table: █ kept  · pruned  ▒ scaled", title_justify="left", show_header=True, box=None,
-                 pad_edge=False)
+    scaled = any(value not in (0, 1) for row in table.weights for value in row)
+    grid = Table(title="█ kept  · pruned" + ("  ▒ scaled" if scaled else ""), title_justify="left",
+                 show_header=True, box=None, pad_edge=False)
     grid.add_column("task")
     grid.add_column("units " + (table.units[0] + " …" if table.units else ""), no_wrap=True)
     for task, row in zip(table.tasks, table.weights):

@@ -127,7 +127,7 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
         problem.settings = replace(problem.settings, lam=lam)
         on_event("lambda", {"lambda": lam})
     experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
-    with stage(on_event, "unpruned merge", 1) as step:
+    with stage(on_event, "scoring the unpruned merge", 1) as step:
         fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
         step(f"{fitness.reference:.2f}")
     on_event("start", {"lambda": lam, "reference": fitness.reference, "experts": experts,

@@ -257,3 +257,14 @@ def test_plots_are_readable(tmp_path):
     assert [label.get_text() for label in axis.get_xticklabels()] == [f"layers.{i}" for i in range(12)]
     assert [text.get_text() for text in axis.get_legend().get_texts()] == ["kept", "pruned"]
     assert "6 of 24 pruned" in axis.get_title()
+
+
+def test_use_snippets_compile():
+    from loramerge_cli.adapters.card import _use_snippet
+
+    for task_type in (None, "SEQ_CLS", "CAUSAL_LM"):
+        for base in (None, "org/base"):
+            lines = _use_snippet(task_type, base, "me/merged", None, False)
+            code = "\n".join(lines[lines.index("```python") + 1:lines.index("```")])
+            compile(code, "snippet", "exec")
+            assert "me/merged" in code

@@ -99,12 +99,13 @@ def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str |
     if auto and base:
         code += [f"from peft import {auto}", "", f"model = {auto}.from_pretrained({repo!r})"]
     else:
-        base_line = repr(base) if base else '"path/to/the/base/model"  # the base the inputs were trained on'
+        base_line, comment = (repr(base), "") if base else ('"path/to/the/base/model"',
+                                                             "  # the base the inputs were trained on")
         auto_model = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
                       "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
                       "QUESTION_ANS": "AutoModelForQuestionAnswering"}.get(task_type or "", "AutoModel")
         code += [f"from transformers import {auto_model}", "from peft import PeftModel", "",
-                 f"base = {auto_model}.from_pretrained({base_line})",
+                 f"base = {auto_model}.from_pretrained({base_line}){comment}",
                  f"model = PeftModel.from_pretrained(base, {repo!r})"]
     code.append("```")
     if head:
@@ -117,7 +118,7 @@ def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str |
 
 def _lambda_lines(tuning: dict | None, lam: float) -> list[str]:
     if not tuning:
-        return [f"- λ (factor on the merged update): {lam:.6g}, as given or the method's default"]
+        return [f"- λ (factor on the merged update): {lam:.6g}"]
     lines = [f"- λ tuned on the validation split: **{tuning['best']:.6g}** (largest mean normalized accuracy "
              "on the grid)", "",
              "| λ | mean normalized accuracy (%) |", "|---|---|"]

@@ -268,3 +268,27 @@ def test_use_snippets_compile():
             code = "\n".join(lines[lines.index("```python") + 1:lines.index("```")])
             compile(code, "snippet", "exec")
             assert "me/merged" in code
+
+
+def test_threads_only_when_asked(sources, tmp_path):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        _ok(["merge", "--adapters", *sources, "--out", tmp_path / "a", "--quiet"])
+        assert torch.get_num_threads() == 2  # no --threads: the environment's choice stands
+        _ok(["merge", "--adapters", *sources, "--out", tmp_path / "b", "--quiet", "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_push_failure_is_one_line_and_keeps_the_folder(sources, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    result = invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "m", "--push-to-hub", "me/merged"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: --push-to-hub me/merged: upload failed")
+    assert result.stderr.count("\n") == 1 and (tmp_path / "m" / "adapter_model.safetensors").is_file()

@@ -25,7 +25,7 @@ ALLOW_PICKLE_HELP = "DANGEROUS: also read pickle (.bin) weights; unpickling a fi
 ALLOW_BASE_MISMATCH_HELP = "DANGEROUS: merge adapters whose configs name different base models."
 JSON_HELP = "Machine-readable output on stdout (human output goes to stderr)."
 QUIET_HELP = "No progress or summary on stderr (errors are still printed)."
-THREADS_HELP = "Torch CPU threads. [default: torch's, or OMP_NUM_THREADS when set]"
+THREADS_HELP = "Torch CPU threads. [default: OMP_NUM_THREADS if set, else torch's]"
 DEBUG_HELP = "Show the full traceback of errors."
 CONFIG_HELP = ("YAML recipe: flag names to values, `adapters` as a map of task name to path (or to path, weight, "
                "density); paths relative to the file; flags on the command line win. Every output's "

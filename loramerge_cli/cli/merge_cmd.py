@@ -205,11 +205,6 @@ def merge_command(
     loaded = api.load_adapters(adapters, allow_pickle=allow_pickle)
     _check_not_an_input(out, loaded)
     check_head(loaded, head)
-    served = default_head(loaded, head)
-    if served != head:
-        human_console(quiet, json_output).print(
-            f"note: no --head: task {served!r}'s head goes into modules_to_save, so that the merge loads as "
-            f"{loaded[0].config.get('task_type')} (--head TASK picks another)", markup=False, highlight=False)
     table = _table(loaded, mask, indices)
     flags = {"merger": merger, "method": method, "space": space, "lam": lam_value, "weights": weight_list,
              "density": density, "drop_rate": drop_rate, "scope": scope, "knots_scaled": knots_scaled,
@@ -252,6 +247,10 @@ def merge_command(
             result_console().print(line, markup=False, highlight=False)
     for warning in result.warnings:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+    served = default_head(loaded, head)
+    if served != head:
+        console.print(f"note: no --head: task {served!r}'s head is in modules_to_save, so that the merge loads with "
+                      "AutoPeftModel (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)
 
 
 def _report(result, out: Path) -> dict:

@@ -92,8 +92,7 @@ class ProgressDisplay:
         if self._progress is not None:
             stage.task_id = self._progress.add_task(name, total=total, info="")
         elif self.enabled and total != 1:
-            self.console.print(f"{name}: {total if total is not None else '?'} steps", highlight=False,
-                               soft_wrap=True)
+            self.console.print(f"{name}: {total} steps" if total else f"{name} …", highlight=False, soft_wrap=True)
             stage.last_line = stage.started
 
     def advance(self, name: str, info: str = "") -> None:

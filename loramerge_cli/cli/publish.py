@@ -43,8 +43,9 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                    commit_message=message, repo_type="model")
-    except HfHubHTTPError as error:
-        raise LoramergeError(f"--push-to-hub {repo_id}: {str(error).splitlines()[0]}") from None
+    except (HfHubHTTPError, OSError) as error:  # OSError: offline, connection refused
+        raise LoramergeError(f"--push-to-hub {repo_id}: upload failed, {folder} is written but not uploaded "
+                             f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     report["url"] = getattr(commit, "commit_url", None) or str(commit)
     return report
 

@@ -66,16 +66,10 @@ def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dic
         value = resolved.pop(option.name, ctx.params.get(option.name))
         if value is None or value == option.default or (isinstance(value, (list, tuple)) and not value):
             continue
-        if isinstance(value, Path):
-            value = os.path.relpath(value.absolute(), Path(folder).absolute())
-        elif option.name == "base" and not os.path.isabs(value) and os.path.exists(value):
+        if isinstance(value, Path) or (option.name == "base" and (os.path.isabs(value) or os.path.exists(value))):
             value = os.path.relpath(os.path.abspath(value), Path(folder).absolute())
-        elif option.name == "base":
-            from loramerge_cli.adapters.card import portable_path
-
-            value = portable_path(value, folder)
         values[_flag(option)] = value
-    if isinstance(values.get("lambda"), (int, float)) or ("lambda" in values and values["lambda"] != "auto"):
+    if values.get("lambda") != "auto":  # λ is resolved: what only its tuning reads is not part of the recipe
         for name in TUNING_ONLY:
             values.pop(name.replace("_", "-"), None)
     weights = values.pop("weights", None)

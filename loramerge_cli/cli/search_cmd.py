@@ -103,7 +103,7 @@ def search_command(
     workers: Annotated[int | None, typer.Option("--workers", help="CPU worker processes.")] = None,
     threads: Annotated[int | None, typer.Option(
         "--threads", help="Torch threads per process (the same in every process). "
-        "[default: min(8, CPUs); CPUs / N with --workers N]",
+        "[default: OMP_NUM_THREADS if set, else min(8, CPUs); CPUs / N with --workers N]",
         show_default=False)] = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Evaluation batch size; nsc: examples per task and step.")] = 16,

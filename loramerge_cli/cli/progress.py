@@ -96,7 +96,9 @@ class ProgressDisplay:
             stage.last_line = stage.started
 
     def advance(self, name: str, info: str = "") -> None:
-        stage = self.stages.get(name) or self.stages.setdefault(name, _Stage(None))
+        if name not in self.stages:
+            self.start(name, None)
+        stage = self.stages[name]
         stage.done += 1
         if self._progress is not None and stage.task_id is not None:
             self._progress.update(stage.task_id, advance=1, info=info)

@@ -143,10 +143,10 @@ def search_progress(console, generations: int):
                 f"unpruned merge: {data['reference']:.2f} mean normalized accuracy (λ = {data['lambda']:.4g}); "
                 f"{data['units']} units × {data['tasks']} tasks", highlight=False)
             clock["started"] = time.monotonic()
-            if live:
-                console.start("generations", generations)
         elif kind == "generation":
             done = data["generation"]
+            if live and "generations" not in console.stages:  # started here: the label-free start differs
+                console.start("generations", generations)
             console.print(
                 f"gen {done:>3}/{generations}  best {data['best_fitness']:+.3f}  "
                 f"mean {data['mean_fitness']:+.3f}  sparsity {100 * data['mean_sparsity']:.1f}%  "

@@ -42,6 +42,8 @@ EPILOG = examples_epilog(
     "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/ --head a",
     "loramerge merge --adapters a/ b/ c/ --merger tsv --lambda auto --tasks tasks.yaml --out merged/",
     "loramerge merge --config merge.yaml --out merged/ --force",
+    "loramerge merge --config merged/loramerge.yaml --out again/          # rebuild a merge bit for bit",
+    "loramerge merge --adapters a/ b/ --merger ties --out merged/ --push-to-hub me/merged --private --dry-run",
 )
 
 

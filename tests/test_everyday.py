@@ -143,8 +143,8 @@ def test_apply_mask_recipe_rebuilds_bit_for_bit(folders, sources, tmp_path):
     _ok(["apply-mask", "--adapters", *sources, "--mask", mask, "--out", out, "--quiet"])
     _ok(["apply-mask", "--config", out / "loramerge.yaml", "--out", tmp_path / "again", "--quiet"])
     for name in "abc":
-        first, second = out / name / "adapter_model.safetensors", tmp_path / "again" / name / "adapter_model.safetensors"
-        assert _sha(first) == _sha(second)
+        weights = Path(name, "adapter_model.safetensors")
+        assert _sha(out / weights) == _sha(tmp_path / "again" / weights)
     for path in _text_files(out):
         assert str(tmp_path) not in path.read_text(), path
 

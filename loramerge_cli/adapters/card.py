@@ -80,7 +80,8 @@ def _source_label(adapter) -> str:
     source = adapter.source
     if source.kind == "hub" and source.repo_id:
         return f"[{source.repo_id}](https://huggingface.co/{source.repo_id})"
-    return f"local `{Path(source.weights_file).parent.name if source.kind == 'dir' else Path(source.weights_file).name}`"
+    weights = Path(source.weights_file)
+    return f"local `{weights.parent.name if source.kind == 'dir' else weights.name}`"
 
 
 def _papers(settings) -> list[str]:

@@ -362,7 +362,7 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
     _save_safetensors(tensors, folder / WEIGHTS_NAME)
     _write_json(
         {"format": "loramerge.provenance/v1", "version": __version__, "command": portable_command(command, folder),
-         "inputs": portable_inputs(_inputs([adapter]), folder), "output": {"dtype": str(out_dtype).removeprefix("torch."),
-                                                  "modules": len(paths)}},
+         "inputs": portable_inputs(_inputs([adapter]), folder),
+         "output": {"dtype": str(out_dtype).removeprefix("torch."), "modules": len(paths)}},
         folder / "loramerge.json",
     )

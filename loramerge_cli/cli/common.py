@@ -56,7 +56,8 @@ def spread_multi_values(args: list[str], options: tuple[str, ...] = MULTI_VALUE_
 
 # Metavars that say what to give (Typer's defaults read `<list[str]>`, `<path>`, `<str>`).
 METAVARS = {"adapters": "ADAPTER...", "merged": "ADAPTER...", "out": "PATH", "tasks": "TASKS.yaml",
-            "mask": "MASK.json", "config": "RECIPE.yaml", "lam": "λ|auto", "weights": "W1,W2,...", "indices": "[I,...]",
+            "mask": "MASK.json", "config": "RECIPE.yaml", "lam": "λ|auto", "weights": "W1,W2,...",
+            "indices": "[I,...]",
             "devices": "DEVICE,...", "target_blocks": "BLOCKS", "target_modules": "MODULES", "run_dir": "DIR",
             "plot": "DIR", "base": "MODEL", "head": "TASK"}
 

@@ -49,7 +49,8 @@ def eval_command(
     dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16, float16.")] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 16,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads (fixed, for "
-                                                   "reproducible numbers); default OMP_NUM_THREADS if set, else min(8, CPUs).")] = None,
+                                                   "reproducible numbers); default OMP_NUM_THREADS if set, else "
+                                                   "min(8, CPUs).")] = None,
     length_normalize: Annotated[bool, typer.Option("--length-normalize", help="Causal LM: divide each choice's "
                                                    "log-likelihood by its token count.")] = False,
     run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Folder caching expert and base scores "

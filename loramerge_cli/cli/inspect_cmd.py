@@ -37,7 +37,7 @@ def inspect_command(
         metavar="ADAPTER", help="Adapters: folders, .safetensors files or Hub ids (name=source to name them); "
         "or give them with --adapters.", show_default=False)] = None,
     adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help=ADAPTERS_HELP, show_default=False)] = None,
-    heatmap: Annotated[bool, typer.Option("--heatmap", help="Colour the norm grid as a heatmap (with a legend).")] = False,
+    heatmap: Annotated[bool, typer.Option("--heatmap", help="Colour the norm grid (with a legend).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP, show_default=False)] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
     config: Annotated[Optional[Path], typer.Option(

@@ -61,7 +61,8 @@ def search_command(
     drop_rate: Annotated[float | None, typer.Option("--drop-rate", help="DARE drop rate.")] = None,
     scope: Annotated[Literal["module", "adapter"] | None, typer.Option("--scope", help="Trim scope.")] = None,
     knots_scaled: Annotated[bool | None, typer.Option(
-        "--knots-scaled/--no-knots-scaled", help="knots space: scale the components by their singular values.", show_default=False)] = None,
+        "--knots-scaled/--no-knots-scaled", help="knots space: scale the components by their singular values.",
+        show_default=False)] = None,
     strategy: Annotated[Literal["enmp", "greedy", "random", "nsc"], typer.Option(
         "--strategy", help="enmp (CMA-ES), greedy (leave-one-out), random (best of N), nsc (learn one coefficient "
         "per task and module by gradient descent on unlabeled inputs).")] = "enmp",
@@ -84,11 +85,13 @@ def search_command(
         "components; v_proj is the paper's choice for decoder LMs (README, label-free table). [default: the "
         "attention output projection, else the last LoRA attention module]",
         show_default=False)] = None,
-    max_prune: Annotated[float, typer.Option("--max-prune", help="Largest fraction of the (task, block) units that may be pruned.")] = 0.2,
+    max_prune: Annotated[float, typer.Option(
+        "--max-prune", help="Largest fraction of the (task, block) units that may be pruned.")] = 0.2,
     popsize: Annotated[int, typer.Option("--popsize", help="CMA-ES population size.")] = 16,
     generations: Annotated[int, typer.Option("--generations", help="CMA-ES generations.")] = 60,
     sigma0: Annotated[float, typer.Option("--sigma0", help="CMA-ES initial step size.")] = 0.5,
-    threshold: Annotated[float, typer.Option("--threshold", help="CMA-ES: a unit is pruned when its search value is above this.")] = 0.0,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", help="CMA-ES: a unit is pruned when its search value is above this.")] = 0.0,
     addscale: Annotated[bool, typer.Option("--addscale", help="Also search λ (one extra gene).")] = False,
     budget: Annotated[int | None, typer.Option(
         "--budget", help="greedy/random: distinct evaluations. [default: popsize·generations]",

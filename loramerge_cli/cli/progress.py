@@ -45,9 +45,10 @@ class ProgressDisplay:
     """A reporter (callable `(kind, data)`) and a context manager; `print` writes above the live display."""
 
     def __init__(self, quiet: bool = False, inner=None, console: Console | None = None,
-                 interval: float = PLAIN_INTERVAL):
+                 interval: float = PLAIN_INTERVAL, terminal_only: tuple[str, ...] = ()):
         self.console = console or Console(stderr=True)
         self.enabled = not quiet
+        self.terminal_only = terminal_only  # stages drawn as a bar on a terminal, without plain lines in a log
         self.live = self.enabled and self.console.is_terminal
         self.inner = inner
         self.interval = interval
@@ -78,6 +79,8 @@ class ProgressDisplay:
             (self._progress.console if self._progress is not None else self.console).print(*objects, **options)
 
     def __call__(self, kind: str, data: dict) -> None:
+        if kind.startswith("stage_") and data["stage"] in self.terminal_only and not self.live:
+            return
         if kind == "stage_start":
             self.start(data["stage"], data.get("total"))
         elif kind == "stage_step":

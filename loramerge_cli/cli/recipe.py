@@ -17,7 +17,7 @@ RECIPE_NAME = "loramerge.yaml"
 NOT_RECORDED = {"out", "force", "json_output", "quiet", "debug", "config", "threads", "push_to_hub", "private",
                 "revision", "dry_run", "adapters", "indices", "mask"}
 # Parameters only --lambda auto reads: dropped once λ is resolved to a number.
-TUNING_ONLY = {"tasks", "val_limit", "device", "batch_size"}
+TUNING_ONLY = {"tasks", "val_limit", "device", "batch_size", "max_length"}
 SOURCE_KEYS = {"adapters", "merged", "base"}  # strings that may be local paths (else Hub ids)
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from rich.table import Table
 from rich.text import Text
 
@@ -98,31 +96,22 @@ def merge_table(report: dict) -> Table:
     parameters = ", ".join(f"{k}={v}" for k, v in shown.items())
     table.add_row("merger", f"{report['merger']} (method {report['method']}, space {report['space']})")
     table.add_row("parameters", parameters)
-    tuning = report.get("lambda_tuning")
-    if tuning:
-        grid = "  ".join(f"{r['lambda']:.3g}{'*' if r['lambda'] == tuning['best'] else ''}: "
-                         f"{r['mean_normalized_accuracy']:.1f}" for r in tuning["grid"]
-                         if r.get("mean_normalized_accuracy") is not None)
-        table.add_row("λ tuned", f"{tuning['best']:.4g} (mean normalized accuracy on validation per λ: {grid})")
     table.add_row("modules", f"{report['modules']} written, {len(report['omitted'])} omitted (every task pruned)")
     table.add_row("ranks", _compact(report["ranks"]))
     if report.get("max_truncation_error") is not None:
         table.add_row("truncation", f"largest relative error {report['max_truncation_error']:.3g}")
+    tuning = report.get("lambda_tuning")
+    if tuning:
+        score = _score(tuning["best_mean_normalized_accuracy"])
+        table.add_row("λ auto", f"{tuning['best']:g} (validation mean normalized accuracy {score}; "
+                      f"the method's default {tuning['default']:.3g})")
+        table.add_row("λ grid", " ".join(f"{r['lambda']:g}:{_score(r['mean_normalized_accuracy'], 1)}"
+                                          for r in tuning["grid"]))
     return table
 
 
-@contextmanager
-def module_progress(console, total: int, description: str = "merging"):
-    """A per-module progress bar on a terminal console (nothing when quiet or redirected); yields `advance(path)`."""
-    if console.quiet or not console.is_terminal:
-        yield lambda path: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda path: progress.update(task, advance=1, description=f"{description} {path}")
+def _score(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def search_progress(console, generations: int):
@@ -137,7 +126,9 @@ def search_progress(console, generations: int):
 
     def on_event(kind: str, data: dict) -> None:
         if kind == "lambda":
-            console.print(f"λ tuned on validation: {data['lambda']:.4g}", highlight=False)
+            console.print(f"λ tuned on validation: {data['lambda']:.4g} ({data['points']} points)", highlight=False)
+            for warning in data["warnings"]:
+                console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
         elif kind == "start":
             console.print(
                 f"unpruned merge: {data['reference']:.2f} mean normalized accuracy (λ = {data['lambda']:.4g}); "

@@ -1,21 +1,41 @@
-"""The mergers: each method declares its parameters once; the CLI, validation and model card read it.
+"""The mergers: each method declares its parameters once; the CLI options, `--help`, validation and the
+model card read it. How to add one: docs/contributing.md.
 
-Registering is explicit (this module's dicts), never an import side effect.
+Registering is explicit (this module's dicts), never an import side effect. This module does not import
+torch (`loramerge --help` builds its options from it): kernels are reached through the lazy modules below,
+inside the entries' lambdas.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
-from loramerge_cli.merging import elementwise, spectral
-from loramerge_cli.merging.lowrank import LowRank, sum_lowrank
+class LazyModule:
+    """A kernel module imported on first attribute use (after `loramerge --help` has answered)."""
+
+    def __init__(self, name: str):
+        self.module_name = name
+
+    def __getattr__(self, attribute: str):
+        return getattr(importlib.import_module(self.module_name), attribute)
+
+
+elementwise = LazyModule("loramerge_cli.merging.elementwise")
+spectral = LazyModule("loramerge_cli.merging.spectral")
+lowrank = LazyModule("loramerge_cli.merging.lowrank")
+
+
+SPACES = ("full", "knots", "core")  # where a method acts (docs/algorithms.md, "Spaces")
+DTYPES = ("float32", "float16", "bfloat16")  # dtypes of written weights and of evaluated models
 
 
 @dataclass(frozen=True)
 class Parameter:
+    """A method parameter: its type, bounds, help; each method using it gives its own default."""
+
     name: str
     help: str
     low: float | None = None  # bounds, `low_open`/`high_open` say whether they are excluded
@@ -23,6 +43,7 @@ class Parameter:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] = ()
+    type: type = float
 
     def check(self, value) -> str | None:
         """An error message, or None if `value` is allowed."""
@@ -32,7 +53,17 @@ class Parameter:
             return f"--{self.flag} must be {'>' if self.low_open else '>='} {self.low} (got {value})"
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
             return f"--{self.flag} must be {'<' if self.high_open else '<='} {self.high} (got {value})"
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            return f"--{self.flag} must be a number (got {value!r})"
         return None
+
+    def bounds(self) -> str:
+        """The allowed values, as help text shows them."""
+        if self.choices:
+            return "|".join(self.choices)
+        low = "" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        high = "" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{low}, {high}" if low or high else ""
 
     @property
     def flag(self) -> str:
@@ -40,17 +71,20 @@ class Parameter:
 
 
 PARAMETERS = {
-    "density": Parameter("density", "fraction of entries each task keeps when trimming", 0.0, 1.0, low_open=True),
-    "drop_rate": Parameter("drop_rate", "DARE: probability of dropping an entry", 0.0, 1.0, high_open=True),
-    "scope": Parameter("scope", "trim and elect per module, or over the whole adapter", choices=("module", "adapter")),
+    "density": Parameter("density", "Fraction of entries each task keeps when trimming.", 0.0, 1.0, low_open=True),
+    "drop_rate": Parameter("drop_rate", "Probability of dropping an entry (DARE).", 0.0, 1.0, high_open=True),
+    "scope": Parameter("scope", "Trim and elect per module, or over the whole adapter.", choices=("module", "adapter"),
+                       type=str),
 }
 
 
-def task_sum(tasks: list[torch.Tensor | LowRank]) -> torch.Tensor | LowRank:
-    """Σ_t X_t, kept factored when the inputs are."""
-    if all(isinstance(task, LowRank) for task in tasks):
-        return sum_lowrank(tasks)
-    return torch.stack([task.dense() if isinstance(task, LowRank) else task for task in tasks]).sum(dim=0)
+def task_sum(tasks):
+    """Σ_t X_t, kept factored when the inputs are (LowRank) and dense otherwise."""
+    if all(isinstance(task, lowrank.LowRank) for task in tasks):
+        return lowrank.sum_lowrank(tasks)
+    import torch
+
+    return torch.stack([task.dense() if isinstance(task, lowrank.LowRank) else task for task in tasks]).sum(dim=0)
 
 
 @dataclass(frozen=True)
@@ -108,7 +142,7 @@ METHODS: dict[str, Method] = {
     ),
     "tsv": Method(
         "tsv", "Task Singular Vectors: per-task SVDs, orthogonalised", "Gargiulo et al. 2025, Task Singular "
-        "Vectors (arXiv:2412.00081)", "1", merge=spectral.tsv,
+        "Vectors (arXiv:2412.00081)", "1", merge=lambda tasks: spectral.tsv(tasks),
     ),
     "iso_c": Method(
         "iso_c", "isotropic merge: the sum with a flattened spectrum", "Marczak et al. 2025, No Task Left "
@@ -153,5 +187,14 @@ def method_named(name: str) -> Method:
     return METHODS[key]
 
 
+def method_names() -> list[str]:
+    return sorted([*METHODS, *ALIASES])
+
+
 def merger_names() -> list[str]:
     return sorted([*METHODS, *ALIASES, *PRESETS])
+
+
+def methods_using(parameter: str) -> list[str]:
+    """The methods (and presets of them) a parameter applies to, for its help text."""
+    return [name for name, method in METHODS.items() if parameter in method.defaults]

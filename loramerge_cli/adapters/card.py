@@ -14,6 +14,7 @@ from pathlib import Path
 
 from loramerge_cli import __version__
 
+RECIPE_NAME = "loramerge.yaml"  # the recipe every output folder holds (cli/recipe.py)
 TAGS = ["loramerge", "merge", "lora"]
 # PEFT task type -> the AutoPeftModel class that loads it (with its base model) in one call.
 AUTO_CLASSES = {

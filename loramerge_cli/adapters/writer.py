@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from loramerge_cli import __version__
-from loramerge_cli.adapters.card import model_card, portable_command, portable_inputs, portable_path
+from loramerge_cli.adapters.card import RECIPE_NAME, model_card, portable_command, portable_inputs, portable_path
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.units import unit_sort_key
@@ -27,7 +27,6 @@ from loramerge_cli.merging.merge import MergeResult
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 HEAD_TASK_TYPES = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}  # PEFT task types that wrap a head module
-RECIPE_NAME = "loramerge.yaml"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -69,8 +69,11 @@ def eval_command(
 ) -> None:
     """Score the base model, each expert on its own task, and each merged adapter on every task:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
+    from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.data import check_task_file
 
+    if out is not None and (out.is_dir() or not out.absolute().parent.is_dir()):
+        raise UsageError(f"--out {out}: give a file in an existing folder")
     check_task_file(tasks, [split])  # the spec and its data, before any adapter or model loads
     import json
 
@@ -85,8 +88,6 @@ def eval_command(
     merged_adapters = [load_adapter(source, allow_pickle=allow_pickle) for source in merged or []]
     settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                             threads=threads, length_normalize=length_normalize, max_length=max_length)
-    if out is not None and (out.is_dir() or not out.absolute().parent.is_dir()):
-        raise typer.BadParameter(f"{out}: give a file in an existing folder", param_hint="'--out'")
     with ProgressDisplay(quiet or json_output) as display:
         report = eval_report(tasks, experts, merged_adapters, settings, base=base, run_dir=run_dir,
                              allow_pickle=allow_pickle, report=display)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-RECIPE_NAME = "loramerge.yaml"
+from loramerge_cli.adapters.card import RECIPE_NAME
 # Parameters that say where and how to report, not what to compute: never recorded.
 NOT_RECORDED = {"out", "force", "json_output", "quiet", "debug", "config", "threads", "push_to_hub", "private",
                 "revision", "dry_run", "adapters", "indices", "mask"}

@@ -72,9 +72,9 @@ def output_options(config: bool = True) -> list[inspect.Parameter]:
     ]
 
 
-def threads_option() -> inspect.Parameter:
+def threads_option(help: str = THREADS_HELP) -> inspect.Parameter:
     """--threads: torch's CPU threads in this process."""
-    return option("threads", int | None, None, min=1, show_default=False, help=THREADS_HELP)
+    return option("threads", int | None, None, min=1, show_default=False, help=help)
 
 
 def push_options() -> list[inspect.Parameter]:

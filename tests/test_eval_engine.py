@@ -397,3 +397,27 @@ def test_a_tensor_only_one_head_has_is_reset_for_the_other_tasks(text, tmp_path)
     engine.use_head("alpha")
     assert torch.equal(engine.parameters["model.norm.weight"], original)
     assert torch.equal(engine.parameters["score.weight"], adapters[0].heads["score.weight"])
+
+
+def test_max_length_comes_from_the_task_then_the_flag_then_the_model(text, tmp_path):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import yaml
+
+    from loramerge_cli.evaluation.engine import model_max_length
+
+    setting, adapters, engine = text
+    assert engine.max_lengths == {"alpha": 64, "beta": 64, "gamma": 64}  # tokenizer and config both say 64
+    content = yaml.safe_load(setting.tasks_file.read_text())
+    content["tasks"][0]["max_length"] = 5
+    tasks_file = write_tasks_file(tmp_path / "tasks.yaml", content)
+    capped = Evaluator(load_task_file(tasks_file), adapters, replace(SETTINGS, max_length=6))
+    assert capped.max_lengths == {"alpha": 5, "beta": 6, "gamma": 6}
+    for task, cap in capped.max_lengths.items():
+        assert max(batch.inputs["input_ids"].shape[1] for batch in capped.prepared[task].batches) == cap
+    assert capped.fingerprint("beta") != engine.fingerprint("beta")  # cached scores are not reused
+    tokenizer = SimpleNamespace(model_max_length=int(1e30))  # a tokenizer that states no limit
+    assert model_max_length(tokenizer, SimpleNamespace(max_position_embeddings=128)) == 128
+    assert model_max_length(SimpleNamespace(model_max_length=512), SimpleNamespace()) == 512
+    assert model_max_length(tokenizer, SimpleNamespace()) == 2048

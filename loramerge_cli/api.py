@@ -16,7 +16,15 @@ from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
 from loramerge_cli.adapters.units import sorted_units
 from loramerge_cli.adapters.writer import write_adapter
 from loramerge_cli.errors import UsageError
-from loramerge_cli.masks import WeightTable, check_table, from_pruned_indices, load_table, ones_table, parse_indices
+from loramerge_cli.masks import (
+    WeightTable,
+    align_table,
+    check_table,
+    from_pruned_indices,
+    load_table,
+    ones_table,
+    parse_indices,
+)
 from loramerge_cli.merging.merge import MergeConfig, MergeResult
 from loramerge_cli.plan import LambdaTuning, MergePlan, check_not_an_input, execute, plan_merge, write
 from loramerge_cli.pruning import apply_table
@@ -68,7 +76,7 @@ def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indice
     if mask is not None and indices is not None:
         raise UsageError("give --mask or --indices, not both")
     if mask is not None:
-        table = load_table(mask)
+        table = align_table(load_table(mask), adapters)  # matched by task name, not by order
         check_table(table, adapters, origin=str(mask))
         return table
     if indices is not None:

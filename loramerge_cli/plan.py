@@ -17,6 +17,7 @@ from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.writer import check_head, check_output_dir, write_merged_adapter
 from loramerge_cli.errors import LoramergeError, UsageError, check_at_least
+from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import merge as merging
 from loramerge_cli.merging.merge import SETTINGS, MergeConfig, MergeResult, ResolvedMerge, resolve_config
@@ -131,18 +132,27 @@ def plan_merge(
                      command, tuning, allow_base_mismatch)
 
 
-def execute(plan: MergePlan, progress: Callable[[str], None] | None = None) -> MergeResult:
-    """Tune λ if asked, then merge. `progress(path)` is called after each module."""
+def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
+            on_event: Reporter | None = None) -> MergeResult:
+    """Tune λ if asked, then merge. `progress(path)` is called after each module; `on_event` receives the
+    progress stages (loramerge_cli.events) of the λ grid and of the merge."""
     settings, tuning = plan.settings, {}
     if plan.tuning is not None:
         from loramerge_cli.evaluation.tuning import search_lambda
 
         options = {key: value for key, value in vars(plan.tuning).items() if key != "tasks" and value is not None}
         search = search_lambda(plan.adapters, _config_of(settings), plan.table, plan.tuning.tasks,
-                               allow_base_mismatch=plan.allow_base_mismatch, **options)
+                               allow_base_mismatch=plan.allow_base_mismatch, report=on_event, **options)
         settings = replace(settings, lam=float(search.best))
         tuning = {"lambda_tuning": {"tasks": str(plan.tuning.tasks), **search.describe()}}
-    result = merging.run_merge(plan.adapters, settings, plan.table, progress=progress)
+    modules = {path for adapter in plan.adapters for path in adapter.modules}
+    with stage(on_event, "merging", len(modules)) as step:
+        def advance(path: str) -> None:
+            step(path)
+            if progress is not None:
+                progress(path)
+
+        result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance)
     result.provenance.update(tuning)
     return result
 
@@ -157,11 +167,12 @@ def _config_of(settings: ResolvedMerge) -> MergeConfig:
                        params=extra, **named)
 
 
-def write(plan: MergePlan, result: MergeResult) -> Path:
-    """Write the merge where the plan says (the output guard runs again: the disk may have changed)."""
+def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_id: str | None = None) -> Path:
+    """Write the merge where the plan says (the output guard runs again: the disk may have changed).
+    `recipe` (YAML text) becomes loramerge.yaml; `repo_id` is the Hub id the model card's code loads."""
     if plan.out is None:
         raise UsageError("the plan has no output folder (give out= to plan_merge)")
     check_not_an_input(plan.out, plan.adapters)
     return write_merged_adapter(result, plan.adapters, plan.out, dtype=plan.dtype, head=plan.head,
                                 command=plan.command, force=plan.force, table=plan.table, base_model=plan.base,
-                                extra_provenance=result.provenance)
+                                extra_provenance=result.provenance, recipe=recipe, repo_id=repo_id)

@@ -48,7 +48,7 @@ def test_merge_writes_every_file_and_matches_the_library(folders, sources, tmp_p
     out = tmp_path / "merged"
     _ok(["merge", "--adapters", *sources, "--merger", "knots", "--out", out, "--head", "a", "--quiet"])
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "heads", "loramerge.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "heads", "loramerge.json", "loramerge.yaml"]
     assert sorted(p.name for p in (out / "heads").iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
     provenance = json.loads((out / "loramerge.json").read_text())
     assert provenance["command"].startswith("loramerge merge --adapters ")
@@ -121,7 +121,7 @@ def test_apply_mask_writes_the_masked_adapters(folders, sources, tmp_path):
     table.weights[2][0] = 0.25
     table.save(tmp_path / "mask.json")
     _ok(["apply-mask", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--out", tmp_path / "pruned"])
-    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["a", "b", "c"]
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["a", "b", "c", "loramerge.yaml", "mask.json"]
     for index, adapter in enumerate(adapters):
         written = load_adapter(str(tmp_path / "pruned" / adapter.name))
         expected = api.apply_table(adapter, table, index)
@@ -240,6 +240,7 @@ def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monk
     calls = []
 
     def fake_search(adapters, config, table, tasks_file, **options):
+        assert callable(options.pop("report"))  # progress goes to the display, never printed by the tuner
         calls.append((config.merger, str(tasks_file), options))
         return tuning.LambdaSearch(0.3, 1.0, [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}], ["edge!"])
 
@@ -250,6 +251,7 @@ def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monk
                   tmp_path / "tasks.yaml", "--val-limit", "8", "--out", tmp_path / "m", "--json"])
     assert calls == [("checked", str(tmp_path / "tasks.yaml"), ["validation"]),
                      ("tsv", str(tmp_path / "tasks.yaml"), {"val_limit": 8, "allow_base_mismatch": False})]
+    assert "lambda: 0.3" in (tmp_path / "m" / "loramerge.yaml").read_text()  # the recipe holds the tuned λ
     provenance = json.loads((tmp_path / "m" / "loramerge.json").read_text())
     assert provenance["parameters"]["lambda"] == 0.3
     report = json.loads(result.stdout)

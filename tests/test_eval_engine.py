@@ -54,7 +54,10 @@ def peft_classifier_logits(base, adapter_folder, inputs, head=None, model_class=
         state = dict(peft_model.base_model.model.named_parameters())
         with torch.no_grad():
             for key, tensor in head.items():
-                state[key].copy_(tensor)
+                module, name = key.rsplit(".", 1)
+                for target in (key, f"{module}.modules_to_save.default.{name}"):  # merges carry a head wrapper
+                    if target in state:
+                        state[target].copy_(tensor)
     with torch.no_grad():
         return torch.cat([peft_model(**item).logits.float() for item in inputs])
 

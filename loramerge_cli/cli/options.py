@@ -22,6 +22,7 @@ from loramerge_cli.cli.common import (
     DEBUG_HELP,
     JSON_HELP,
     QUIET_HELP,
+    THREADS_HELP,
     load_config_defaults,
 )
 
@@ -68,6 +69,23 @@ def output_options(config: bool = True) -> list[inspect.Parameter]:
         option("json_output", bool, False, "--json", help=JSON_HELP),
         option("quiet", bool, False, help=QUIET_HELP),
         option("debug", bool, False, help=DEBUG_HELP),
+    ]
+
+
+def threads_option(help: str = THREADS_HELP) -> inspect.Parameter:
+    """--threads: torch's CPU threads in this process."""
+    return option("threads", int | None, None, min=1, show_default=False, help=help)
+
+
+def push_options() -> list[inspect.Parameter]:
+    """--push-to-hub and how: --private, --revision, --dry-run."""
+    return [
+        option("push_to_hub", str | None, None, metavar="OWNER/NAME",
+               help="Upload the output folder to this Hub model repository."),
+        option("private", bool, False, help="--push-to-hub: create the repository private."),
+        option("revision", str | None, None, show_default=False,
+               help="--push-to-hub: branch to upload to (created if needed). [default: main]"),
+        option("dry_run", bool, False, help="--push-to-hub: list what would be uploaded, upload nothing."),
     ]
 
 

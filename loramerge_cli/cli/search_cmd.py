@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loramerge_cli.cli.common import command_errors, command_line, emit_json, examples_epilog, human_console
+from loramerge_cli.cli.common import command_errors, command_line, emit_json, examples_epilog, result_console
 from loramerge_cli.cli.options import (
     adapter_options,
     choice,
@@ -60,11 +60,11 @@ def search_options() -> list:
         option("target_modules", str | None, None, show_default=False, help="nsc: module names in those blocks "
                "(o_proj,out_proj), matched on whole path components. [default: the value projection (v_proj, "
                "value), else the attention output projection, else the last LoRA attention module]"),
-        option("max_prune", float, 0.2, help="ρ: at most ⌊ρ·units·tasks⌋ pruned."),
+        option("max_prune", float, 0.2, help="Largest fraction of the (task, block) units that may be pruned."),
         option("popsize", int, 16, help="CMA-ES population size."),
         option("generations", int, 60, help="CMA-ES generations."),
         option("sigma0", float, 0.5, help="CMA-ES initial step size."),
-        option("threshold", float, 0.0, help="θ: latent values above it prune."),
+        option("threshold", float, 0.0, help="CMA-ES: a unit is pruned when its search value is above this."),
         option("addscale", bool, False, help="Also search λ (one extra gene)."),
         option("budget", int | None, None, show_default=False,
                help="greedy/random: distinct evaluations. [default: popsize·generations]"),
@@ -77,7 +77,7 @@ def search_options() -> list:
                "(cuda:0,cuda:1)."),
         option("workers", int | None, None, help="CPU worker processes."),
         option("threads", int | None, None, show_default=False, help="Torch threads per process (the same in "
-               "every process). [default: min(8, CPUs); CPUs / N with --workers N]"),
+               "every process). [default: OMP_NUM_THREADS if set, else min(8, CPUs); CPUs / N with --workers N]"),
         option("batch_size", int, 16, help="Evaluation batch size; nsc: examples per task and step."),
         option("eval_dtype", choice(DTYPES), "float32", help="Dtype of the evaluated model."),
         option("max_length", int | None, None, show_default=False, help="Token cap of tasks whose spec sets none. "
@@ -107,19 +107,21 @@ def search_command(ctx: typer.Context, **flags) -> None:
                        plot=flags["plot"])
     from loramerge_cli import api
     from loramerge_cli.cli import render, render_nsc
+    from loramerge_cli.cli.progress import ProgressDisplay
 
-    console = human_console(flags["quiet"], flags["json_output"])
+    console = ProgressDisplay(flags["quiet"] or flags["json_output"])  # progress and logs: stderr
     if flags["strategy"] == "nsc":
-        progress, summary = render_nsc.nsc_progress(console, flags["steps"]), render_nsc.nsc_summary
+        console.inner, summary = render_nsc.nsc_progress(console, flags["steps"]), render_nsc.nsc_summary
     elif flags["fitness"] == "nsc":
-        progress = render_nsc.label_free_progress(console, flags["generations"])
+        console.inner = render_nsc.label_free_progress(console, flags["generations"])
         summary = render_nsc.label_free_summary
     else:
-        progress, summary = render.search_progress(console, flags["generations"]), render.search_summary
-    table, provenance = api.search(plan, progress)
+        console.inner, summary = render.search_progress(console, flags["generations"]), render.search_summary
+    with console:
+        table, provenance = api.search(plan, console)
     if flags["json_output"]:
         return emit_json(table.to_json())
-    console.print(summary(table, provenance))
+    result_console().print(summary(table, provenance))  # the result: stdout
 
 
 def search_request(flags: dict, command: str):

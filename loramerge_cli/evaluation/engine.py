@@ -112,7 +112,9 @@ class Evaluator:
             raise LoramergeError("--batch-size must be >= 1")
         if settings.max_length is not None and settings.max_length < 2:
             raise LoramergeError("--max-length must be >= 2")
-        torch.set_num_threads(settings.threads or min(8, os.cpu_count() or 1))
+        threads = settings.threads or (None if os.environ.get("OMP_NUM_THREADS") else min(8, os.cpu_count() or 1))
+        if threads:  # OMP_NUM_THREADS, when set, is the user's choice: only --threads overrides it
+            torch.set_num_threads(threads)
         self.experts = match_adapters(task_file, experts, allow_pickle)
         self.base = resolve_base(task_file, experts, base)
         self.device = torch_device(settings.device)

@@ -14,7 +14,7 @@ class EvalSettings:
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 16
-    threads: int | None = None  # torch CPU threads; None: min(8, CPU count). Fixed for determinism.
+    threads: int | None = None  # torch CPU threads; None: OMP_NUM_THREADS, else min(8, CPUs). Fixed for determinism.
     length_normalize: bool = False  # causal LM: divide a choice's log-likelihood by its token count
     sample_seed: int = 0  # which examples a limit keeps
     max_length: int | None = None  # token cap of tasks that set none; None: the model's (model_max_length)

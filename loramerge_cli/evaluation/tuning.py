@@ -22,6 +22,7 @@ from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, merged_deltas, scale_deltas
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
 from loramerge_cli.evaluation.specs import load_task_file
+from loramerge_cli.events import stage as progress_stage
 
 COARSE_GRID = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2, 1.6, 2.0)  # steps of ×1.33 … ×1.5
 EDGE_FACTOR = 1.5  # an edge extends by this factor per step
@@ -106,8 +107,10 @@ def search_lambda(
     threads: int | None = None,
     allow_base_mismatch: bool = False,
     evaluator: Evaluator | None = None,
+    report=None,
 ) -> LambdaSearch:
-    """Score the merge at every λ of the grid (the default one, or exactly `grid` when given) on `split`.
+    """Score the merge at every λ of the grid (the default one, or exactly `grid` when given) on `split`;
+    `report` receives progress stages (loramerge_cli.events).
 
     `evaluator`, if given, is reused (its split and settings win over the keyword arguments).
     """
@@ -121,7 +124,7 @@ def search_lambda(
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)
         evaluator = Evaluator(load_task_file(tasks_file), adapters, settings, base=base)
-    experts = expert_scores(evaluator, ScoreCache(run_dir))
+    experts = expert_scores(evaluator, ScoreCache(run_dir), report)
     unit_deltas = merged_deltas(result)
     records: list[dict] = []
 
@@ -130,9 +133,12 @@ def search_lambda(
         normalized, _ = normalized_accuracy(scores, experts)
         records.append({"lambda": lam, "stage": stage, "accuracy": scores, "normalized_accuracy": normalized,
                         "mean_normalized_accuracy": mean_defined(normalized)})
-        return records[-1]["mean_normalized_accuracy"]
+        mean = records[-1]["mean_normalized_accuracy"]
+        step(f"λ {lam:.4g}: {'—' if mean is None else f'{mean:.2f}'}")
+        return mean
 
-    best, warnings = grid_search(mean_at, default_lambda, grid)
+    with progress_stage(report, "λ grid", len(grid) if grid is not None else None) as step:
+        best, warnings = grid_search(mean_at, default_lambda, grid)
     return LambdaSearch(best, default_lambda, records, warnings, dict(evaluator.max_lengths))
 
 

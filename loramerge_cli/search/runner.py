@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from loramerge_cli import __version__
+from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
@@ -54,12 +55,14 @@ def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
     if request.lambda_auto:
         search = search_lambda(problem.adapters, replace(request.merge, lam=None), None, request.tasks,
                                evaluator=problem.engine, run_dir=run_dir,
-                               allow_base_mismatch=request.allow_base_mismatch)
+                               allow_base_mismatch=request.allow_base_mismatch, report=on_event)
         lam, tuning = search.best, search.describe()
         problem.settings = replace(problem.settings, lam=lam)
         on_event("lambda", {"lambda": lam, "points": len(search.records), "warnings": search.warnings})
-    experts = expert_scores(problem.engine, ScoreCache(run_dir))
-    fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+    experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
+    with stage(on_event, "scoring the unpruned merge", 1) as step:
+        fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+        step(f"{fitness.reference:.2f}")
     return Scored(
         fitness, {"lambda": lam, "reference": fitness.reference, "experts": experts},
         WorkerBuilder(request, lam, experts, fitness.reference),

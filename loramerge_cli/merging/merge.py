@@ -16,6 +16,7 @@ from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import elementwise
+from loramerge_cli.merging.full_space import FullSpaceJob, merge_full_space
 from loramerge_cli.merging.lowrank import LowRank, truncate_dense
 from loramerge_cli.merging.registry import PARAMETERS, PRESETS, Method, method_named
 from loramerge_cli.merging.spaces import SPACES, project
@@ -30,9 +31,14 @@ class MergeConfig:
     space: str | None = None
     lam: float | None = None
     weights: list[float] | None = None  # per adapter, in task order
-    density: float | None = None
+    density: float | list[float] | None = None  # one value, or one per adapter
     drop_rate: float | None = None
     scope: str | None = None
+    keep_rule: str | None = None
+    consensus: str | None = None
+    normalize: str | None = None
+    elect_on: str | None = None
+    dare_rescale: str | None = None
     knots_scaled: bool | None = None
     seed: int = 1
     out_rank: int | None = None
@@ -113,10 +119,21 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
         value = getattr(config, name)
         if value is None:
             value = preset_params.get(name, method.defaults[name])
-        problem = PARAMETERS[name].check(value)
+        if isinstance(value, (list, tuple)):
+            if name != "density" or len(value) != task_count:
+                raise LoramergeError(f"--{PARAMETERS[name].flag} takes one value, or one per adapter ({task_count})")
+            problem = next((p for p in map(PARAMETERS[name].check, value) if p), None)
+            value = [float(v) for v in value]
+        else:
+            problem = PARAMETERS[name].check(value)
         if problem:
             raise LoramergeError(problem)
         params[name] = value
+    if params.get("scope") == "adapter":
+        for name, plain in (("normalize", "count"), ("elect_on", "weighted")):
+            if params.get(name, plain) != plain:
+                raise LoramergeError(f"--{PARAMETERS[name].flag} {params[name]} needs --scope module "
+                                     "(with --scope adapter a task's weight may differ between modules)")
     for name in PARAMETERS:
         if name not in method.parameters and getattr(config, name) is not None:
             raise LoramergeError(f"--{PARAMETERS[name].flag} does not apply to method {method.name}")
@@ -189,28 +206,41 @@ def run_merge(
     if settings.method.elementwise and settings.params.get("scope") == "adapter":
         merged = _merge_adapter_scope(active, adapters, settings)
         for path, delta in merged.items():
-            result.modules[path] = _finish(path, delta, adapters, active[path], settings, result)
+            result.modules[path] = _finish(path, delta, adapters, active[path], settings)
             if progress is not None:
                 progress(path)
     else:
         for path, tasks in active.items():
             key = (path, tuple(tasks), settings.lam)
             if cache is None or key not in cache:
-                warnings_before = len(result.warnings)
-                delta = _merge_module(path, tasks, adapters, settings)
-                module = _finish(path, delta, adapters, tasks, settings, result)
-                entry = (module, result.warnings[warnings_before:])
+                module = _finish(path, _merge_module(path, tasks, adapters, settings), adapters, tasks, settings)
                 if cache is not None:
-                    cache[key] = entry
+                    cache[key] = module
             else:
-                entry = cache[key]
-                result.warnings.extend(entry[1])
-            result.modules[path] = entry[0]
+                module = cache[key]
+            result.modules[path] = module
             if progress is not None:
                 progress(path)
     for path in omitted if progress is not None else ():
         progress(path)
+    summary = lossy_summary(result.modules.values(), settings)
+    if summary:
+        result.warnings.append(summary)
     return result
+
+
+def lossy_summary(modules, settings: ResolvedMerge) -> str | None:
+    """One line about the dense results whose truncation lost more than the --energy target allows
+    (relative error > √(1 − energy)): how many, the worst error, and the --out-rank that is exact."""
+    limit = max((1.0 - settings.energy) ** 0.5, 1e-9)  # rounding is not a loss
+    lossy = [m for m in modules if m.truncation_error is not None and (m.capped or m.truncation_error > limit)]
+    if not lossy:
+        return None
+    worst = max(lossy, key=lambda m: m.truncation_error)
+    exact = max(min(m.lora_B.shape[0], m.lora_A.shape[1]) for m in lossy)
+    return (f"{len(lossy)} of {len(list(modules))} dense results keep less than {settings.energy:g} of their "
+            f"energy at rank ≤ {max(m.rank for m in lossy)} (worst relative error {worst.truncation_error:.3g}, "
+            f"{worst.path}); --out-rank {exact} makes them exact")
 
 
 def _retained_tasks(adapters, path, settings: ResolvedMerge, table) -> list[tuple[int, float]]:
@@ -242,9 +272,19 @@ def _dense_rows(projected, path, tasks, adapters, settings: ResolvedMerge) -> to
         if rows is None:
             rows = dense.new_empty(len(tasks), shape[0] * shape[1])
         if settings.method.uses_dare:
-            dense = elementwise.dare(dense, settings.params["drop_rate"], settings.seed, adapters[index].name, path)
+            dense = elementwise.dare(dense, settings.params["drop_rate"], settings.seed, adapters[index].name, path,
+                                     settings.params.get("dare_rescale", "inverse"))
         rows[row] = dense.reshape(-1)
     return rows
+
+
+def row_params(settings: ResolvedMerge, indices: list[int], weights: list[float]) -> dict:
+    """The method's parameters for rows of these tasks: per-adapter densities picked, weights attached."""
+    params = dict(settings.params)
+    if isinstance(params.get("density"), list):
+        params["density"] = [params["density"][index] for index in indices]
+    params["row_weights"] = torch.tensor(weights, dtype=settings.compute_dtype)
+    return params
 
 
 def _merge_module(path, tasks, adapters, settings: ResolvedMerge):
@@ -252,9 +292,33 @@ def _merge_module(path, tasks, adapters, settings: ResolvedMerge):
     method = settings.method
     if not method.elementwise:
         return projected.reconstruct(method.merge(projected.tasks))
+    params = row_params(settings, [index for index, _ in tasks], [weight for _, weight in tasks])
+    if settings.space == "full" and method.full_space is not None:
+        return _merge_full_space(path, tasks, adapters, settings, projected.tasks, params)
     shape = projected.tasks[0].shape
-    merged = method.combine(_dense_rows(projected, path, tasks, adapters, settings), None, settings.params)
+    merged = method.combine(_dense_rows(projected, path, tasks, adapters, settings), None, params)
     return projected.reconstruct(merged.reshape(shape))
+
+
+def _merge_full_space(path, tasks, adapters, settings: ResolvedMerge, factors: list[LowRank], params: dict):
+    """The chunked kernel (merging/full_space.py): the same result without (T × m·n) temporaries."""
+    drop_rate = params.get("drop_rate", 0.0) if settings.method.uses_dare else 0.0
+    keeps = [
+        elementwise.dare_keep_mask(factors[0].shape, drop_rate, settings.seed, adapters[index].name, path)
+        if drop_rate > 0.0 else None
+        for index, _ in tasks
+    ]
+    density = params.get("density")
+    job = FullSpaceJob(
+        kind=settings.method.full_space,
+        densities=None if density is None else elementwise.row_densities(density, len(tasks)),
+        keep_rule=params.get("keep_rule", "round"),
+        options=elementwise.TiesOptions(params.get("consensus", "mass"), params.get("normalize", "count"),
+                                        params.get("elect_on", "weighted")),
+        drop_rate=drop_rate,
+        dare_rescale=params.get("dare_rescale", "inverse"),
+    )
+    return merge_full_space(factors, keeps, [weight for _, weight in tasks], job)
 
 
 def _merge_adapter_scope(active, adapters, settings: ResolvedMerge) -> dict:
@@ -276,7 +340,7 @@ def _merge_adapter_scope(active, adapters, settings: ResolvedMerge) -> dict:
         blocks.append((path, block, present))
     X = torch.cat([block for _, block, _ in blocks], dim=1)
     present = torch.cat([mask for _, _, mask in blocks], dim=1)
-    merged_row = settings.method.combine(X, present, settings.params)
+    merged_row = settings.method.combine(X, present, row_params(settings, list(range(task_count)), settings.weights))
     out, start = {}, 0
     for path, block, _ in blocks:
         width = block.shape[1]
@@ -286,16 +350,11 @@ def _merge_adapter_scope(active, adapters, settings: ResolvedMerge) -> dict:
     return out
 
 
-def _finish(path, delta, adapters, tasks, settings: ResolvedMerge, result: MergeResult) -> MergedModule:
+def _finish(path, delta, adapters, tasks, settings: ResolvedMerge) -> MergedModule:
     """Scale by λ and turn the result into LoRA factors (exact, or truncated SVD for dense results)."""
     fan_in_fan_out = adapters[tasks[0][0]].modules[path].fan_in_fan_out
     total_rank = sum(adapters[index].modules[path].rank for index, _ in tasks)
     if isinstance(delta, LowRank):
         return MergedModule(path, delta.left * settings.lam, delta.right, fan_in_fan_out)
     factors, error, capped = truncate_dense(delta * settings.lam, settings.out_rank, settings.energy, total_rank)
-    if capped:
-        result.warnings.append(
-            f"{path}: keeping {settings.energy:g} of the energy needs more than Σ r_t = {total_rank} "
-            f"components; capped (relative error {error:.3g})"
-        )
     return MergedModule(path, factors.left, factors.right, fan_in_fan_out, error, capped)

@@ -43,7 +43,18 @@ PARAMETERS = {
     "density": Parameter("density", "fraction of entries each task keeps when trimming", 0.0, 1.0, low_open=True),
     "drop_rate": Parameter("drop_rate", "DARE: probability of dropping an entry", 0.0, 1.0, high_open=True),
     "scope": Parameter("scope", "trim and elect per module, or over the whole adapter", choices=("module", "adapter")),
+    "keep_rule": Parameter("keep_rule", "trim keeps max(1, round(D·density)) entries (round) or int(D·density) "
+                           "(floor: PEFT, mergekit)", choices=("round", "floor")),
+    "consensus": Parameter("consensus", "elect each sign by the sum of the values (mass) or of their signs "
+                           "(count: PEFT frequency, mergekit count)", choices=("mass", "count")),
+    "normalize": Parameter("normalize", "agreeing entries: mean (count), divided by the sum of the agreeing "
+                           "weights (weight: mergekit), or summed (none)", choices=("count", "weight", "none")),
+    "elect_on": Parameter("elect_on", "elect signs on the weighted updates, or on the unweighted ones (PEFT)",
+                          choices=("weighted", "unweighted")),
+    "dare_rescale": Parameter("dare_rescale", "DARE: divide kept entries by 1−p (inverse) or keep the L1 norm "
+                              "(l1: mergekit)", choices=("inverse", "l1")),
 }
+TIES_OPTIONS = {"keep_rule": "round", "consensus": "mass", "normalize": "count", "elect_on": "weighted"}
 
 
 def task_sum(tasks: list[torch.Tensor | LowRank]) -> torch.Tensor | LowRank:
@@ -66,6 +77,7 @@ class Method:
     elementwise: bool = False
     uses_dare: bool = False
     combine: Callable | None = None  # elementwise: (X, present, params) -> merged row
+    full_space: str | None = None  # elementwise: the chunked full-space kernel (full_space.FullSpaceJob.kind)
     merge: Callable | None = None  # spectral: (tasks) -> merged tensor
 
     @property
@@ -80,6 +92,14 @@ def _sum_rows(X, present, params):
     return X.sum(dim=0)
 
 
+def ties_options(params: dict) -> elementwise.TiesOptions:
+    return elementwise.TiesOptions(params["consensus"], params["normalize"], params["elect_on"])
+
+
+def _ties_rows(X, present, p):
+    return elementwise.ties(X, p["density"], present, p["keep_rule"], ties_options(p), p.get("row_weights"))
+
+
 TIES_PAPER = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
 DARE_PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE, arXiv:2311.03099)"
 METHODS: dict[str, Method] = {
@@ -89,22 +109,24 @@ METHODS: dict[str, Method] = {
     ),
     "ties": Method(
         "ties", "trim, elect sign, disjoint mean", TIES_PAPER, "1",
-        defaults={"density": 0.8, "scope": "module"}, elementwise=True,
-        combine=lambda X, present, p: elementwise.ties(X, p["density"], present),
+        defaults={"density": 0.8, "scope": "module", **TIES_OPTIONS}, elementwise=True,
+        combine=_ties_rows, full_space="ties",
     ),
     "magnitude": Method(
         "magnitude", "trim each task by magnitude, then sum", TIES_PAPER, "1/T",
-        defaults={"density": 0.8, "scope": "module"}, elementwise=True,
-        combine=lambda X, present, p: elementwise.magnitude_prune(X, p["density"], present),
+        defaults={"density": 0.8, "scope": "module", "keep_rule": "round"}, elementwise=True,
+        combine=lambda X, present, p: elementwise.magnitude_prune(X, p["density"], present, p["keep_rule"]),
+        full_space="magnitude",
     ),
     "dare": Method(
         "dare", "random drop and rescale, then sum", DARE_PAPER, "1/T",
-        defaults={"drop_rate": 0.1}, elementwise=True, uses_dare=True, combine=_sum_rows,
+        defaults={"drop_rate": 0.1, "dare_rescale": "inverse"}, elementwise=True, uses_dare=True,
+        combine=_sum_rows, full_space="sum",
     ),
     "dare_ties": Method(
         "dare_ties", "random drop and rescale, then TIES", DARE_PAPER, "1",
-        defaults={"drop_rate": 0.1, "density": 0.8, "scope": "module"}, elementwise=True, uses_dare=True,
-        combine=lambda X, present, p: elementwise.ties(X, p["density"], present),
+        defaults={"drop_rate": 0.1, "density": 0.8, "scope": "module", **TIES_OPTIONS, "dare_rescale": "inverse"},
+        elementwise=True, uses_dare=True, combine=_ties_rows, full_space="ties",
     ),
     "tsv": Method(
         "tsv", "Task Singular Vectors: per-task SVDs, orthogonalised", "Gargiulo et al. 2025, Task Singular "

@@ -115,18 +115,27 @@ def elect_signs(X: torch.Tensor, consensus: str = "mass") -> torch.Tensor:
 
 
 def disjoint_merge(
-    X: torch.Tensor, signs: torch.Tensor, normalize: str = "count", weights: torch.Tensor | None = None
+    X: torch.Tensor, signs: torch.Tensor, normalize: str = "count", weights: torch.Tensor | None = None,
+    voters: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Combine the entries agreeing with the elected sign: mean ("count"), divided by the sum of the
-    agreeing tasks' weights ("weight"; 1 where that is 0), or sum ("none"). 0 where none agrees."""
-    agree = X * signs > 0  # nonzero and of the elected sign
-    total = torch.where(agree, X, 0.0).sum(dim=0)
+    """Combine the entries agreeing with the elected sign (nonzero and of that sign; in `voters` if
+    given, else in X): mean ("count"), divided by the sum of the agreeing tasks' weights ("weight"; 1
+    where that is 0), or sum ("none"). 0 where none agrees.
+
+    Written with clamps and signs rather than boolean masks: several times faster on CPU."""
+    if voters is None:
+        magnitudes = (X * signs).clamp_(min=0.0)  # |x| where x agrees, 0 elsewhere
+        agree = torch.sign(magnitudes)
+        total = magnitudes.sum(dim=0) * signs
+    else:
+        agree = torch.sign((voters * signs).clamp_(min=0.0))
+        total = (X * agree).sum(dim=0)
     if normalize == "none":
         return total
     if normalize == "weight":
-        divisor = (agree * weights.to(X.dtype)[:, None]).sum(dim=0)
+        divisor = weights.to(X.dtype) @ agree
         return total / torch.where(divisor == 0, divisor.new_tensor(1.0), divisor)
-    return total / agree.sum(dim=0).clamp(min=1)
+    return total / agree.sum(dim=0).clamp_(min=1.0)
 
 
 def disjoint_mean(X: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
@@ -138,8 +147,10 @@ def elect_and_merge(
     trimmed: torch.Tensor, options: TiesOptions = TiesOptions(), weights: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Elect (on the weighted rows, or on rows divided by their weights) and merge disjointly."""
-    voters = trimmed if options.elect_on == "weighted" else trimmed / weights.to(trimmed.dtype)[:, None]
-    return disjoint_merge(trimmed, elect_signs(voters, options.consensus), options.normalize, weights)
+    if options.elect_on == "weighted":
+        return disjoint_merge(trimmed, elect_signs(trimmed, options.consensus), options.normalize, weights)
+    voters = trimmed / weights.to(trimmed.dtype)[:, None]
+    return disjoint_merge(trimmed, elect_signs(voters, options.consensus), options.normalize, weights, voters)
 
 
 def ties(

@@ -5,8 +5,10 @@ temporaries of that size (2.8 GB for six 4096×4096 Llama updates). Here a task'
 chunk by chunk from B̃_t[rows] @ A_t, so memory stays at one m×n result, one m×n scratch buffer and
 T small chunks, whatever T is:
 
-1. per task (only if needed): its whole DARE'd update once, for the trimming threshold (k-th largest
-   |x|, with the number of ties at the threshold to keep in flat order) and the L1 rescale factor;
+1. per task (only if needed), one chunked pass for the trimming threshold (the k-th largest |x|, and
+   how many ties at it to keep in flat order) and the L1 rescale factor. A strided sample of entries
+   brackets the threshold, so the pass keeps only the few entries inside the bracket and selects
+   among them (a missed bracket falls back to a selection over all entries: always exact);
 2. per chunk of rows: the T tasks' entries are rebuilt exactly as in step 1, trimmed with those
    thresholds, elected and merged. Entries whose elected sign is 0 wait for the scope's majority sign
    (known after the last chunk) and are filled in at the end.
@@ -24,7 +26,7 @@ from loramerge_cli.merging import elementwise
 from loramerge_cli.merging.elementwise import TiesOptions
 from loramerge_cli.merging.lowrank import LowRank
 
-CHUNK_ENTRIES = 1 << 19  # entries per task and chunk (4 MB in float64)
+CHUNK_ENTRIES = 1 << 16  # entries per task and chunk (512 kB in float64: the chunks stay in cache)
 
 
 @dataclass(frozen=True)
@@ -45,13 +47,67 @@ def _rows(total: int, width: int):
         yield start, min(total, start + step)
 
 
-def _chunk(task: LowRank, keep: torch.Tensor | None, factor: float | None, start: int, stop: int, job) -> torch.Tensor:
-    """Rows start:stop of the task's (DARE'd) update, computed as the generic path computes them."""
-    values = task.left[start:stop] @ task.right
-    if keep is None:
+def _kept(task: LowRank, keep: torch.Tensor | None, start: int, stop: int, out=None) -> torch.Tensor:
+    """Rows start:stop of the task's update with DARE's dropped entries zeroed, not yet rescaled
+    (rescaling by a positive factor does not change which entries trimming keeps)."""
+    values = torch.mm(task.left[start:stop], task.right, out=out)
+    return values if keep is None else values.mul_(keep[start:stop])
+
+
+def _rescaled(values: torch.Tensor, factor: float | None, job: FullSpaceJob) -> torch.Tensor:
+    if job.drop_rate == 0.0:
         return values
-    kept = values * keep[start:stop]
-    return kept * factor if job.dare_rescale == "l1" else kept / (1.0 - job.drop_rate)
+    return values * factor if job.dare_rescale == "l1" else values / (1.0 - job.drop_rate)
+
+
+def _bracket(task: LowRank, keep: torch.Tensor | None, k: int) -> tuple[float, float]:
+    """An interval of |x| that very likely holds the k-th largest, from a strided grid of ≤ 256×256
+    entries: ±(8σ + 64) sample ranks around the estimate. Only a guess: `_statistics` checks it."""
+    m, n = task.shape
+    rows, columns = torch.arange(0, m, max(1, m // 256)), torch.arange(0, n, max(1, n // 256))
+    sample = task.left[rows] @ task.right[:, columns]
+    if keep is not None:
+        sample = sample * keep[rows][:, columns]
+    sample = torch.sort(sample.abs().reshape(-1)).values
+    size = sample.numel()
+    below = (1.0 - k / (m * n)) * size  # sample entries expected below the threshold
+    margin = 8.0 * (size * 0.25) ** 0.5 + 64
+    low = sample[max(0, int(below - margin))]
+    high = sample[min(size - 1, int(below + margin))]
+    return float(low), float(high)
+
+
+def _statistics(task, keep, density: float, job: FullSpaceJob):
+    """(trim threshold, ties to keep) and the L1 rescale factor of one task, in one chunked pass that
+    keeps only the entries inside the sampled bracket (exact: a missed bracket falls back to a full
+    selection)."""
+    m, n = task.shape
+    k = elementwise.keep_count(m * n, density, job.keep_rule) if density < 1.0 else 0
+    wants_trim = density < 1.0 and k > 0
+    low, high = _bracket(task, keep, k) if wants_trim else (0.0, 0.0)
+    above, candidates, before, after = 0, [], 0.0, 0.0
+    for start, stop in _rows(m, n):
+        values = _kept(task, keep, start, stop)
+        if keep is not None and job.dare_rescale == "l1":
+            before += float((task.left[start:stop] @ task.right).abs().sum())
+            after += float(values.abs().sum())
+        if wants_trim:
+            magnitude = values.abs_()
+            above += int((magnitude > high).sum())
+            candidates.append(magnitude[(magnitude >= low) & (magnitude <= high)])
+    factor = before / after if before >= 1e-8 and after >= 1e-8 else 1.0
+    if density < 1.0 and k == 0:
+        return (float("inf"), 0), factor
+    if not wants_trim:
+        return None, factor
+    inside = torch.cat(candidates)
+    if not above < k <= above + inside.numel():  # the bracket missed: select over everything
+        magnitude = torch.cat([_kept(task, keep, start, stop).abs().reshape(-1) for start, stop in _rows(m, n)])
+        return elementwise.top_k_threshold(magnitude, k), factor
+    threshold = float(torch.kthvalue(inside, inside.numel() - (k - above) + 1).values)
+    strictly = above + int((inside > threshold).sum())
+    at = int((inside == threshold).sum())
+    return (threshold, None if strictly + at == k else k - strictly), factor
 
 
 def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], weights: list[float],
@@ -61,54 +117,45 @@ def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], wei
     dtype = tasks[0].left.dtype
     factors: list[float | None] = [None] * len(tasks)
     trims: list[tuple[float, int | None] | None] = [None] * len(tasks)
-    needs_l1 = job.dare_rescale == "l1"
     for index, (task, keep) in enumerate(zip(tasks, keeps)):
         density = job.densities[index] if job.densities is not None else 1.0
-        if keep is None and density >= 1.0:
-            continue
-        if keep is not None and needs_l1:
-            scratch = task.left.new_empty(m, n)
-            for start, stop in _rows(m, n):
-                scratch[start:stop] = task.left[start:stop] @ task.right
-            before = float(scratch.abs().sum())
-            scratch *= keep
-            after = float(scratch.abs().sum())
-            factors[index] = before / after if before >= 1e-8 and after >= 1e-8 else 1.0
-        if density < 1.0:
-            scratch = task.left.new_empty(m, n)
-            for start, stop in _rows(m, n):
-                scratch[start:stop] = _chunk(task, keep, factors[index], start, stop, job)
-            k = elementwise.keep_count(m * n, density, job.keep_rule)
-            trims[index] = elementwise.top_k_threshold(scratch.abs_(), k) if k > 0 else (float("inf"), 0)
-            del scratch
+        if density < 1.0 or (keep is not None and job.dare_rescale == "l1"):
+            trims[index], factors[index] = _statistics(task, keep, density, job)
     out = tasks[0].left.new_empty(m, n)
     seen = [0] * len(tasks)
     signs_total = 0.0
     undecided: list[tuple[torch.Tensor, torch.Tensor]] = []  # flat indices, their values if the fallback is −1
     weight_vector = torch.tensor(weights, dtype=dtype)
     for start, stop in _rows(m, n):
-        rows = []
+        X = tasks[0].left.new_empty(len(tasks), stop - start, n)
         for index, (task, keep) in enumerate(zip(tasks, keeps)):
-            values = _chunk(task, keep, factors[index], start, stop, job)
+            values = _kept(task, keep, start, stop, out=X[index])
             if trims[index] is not None:
                 threshold, needed = trims[index]
-                mask, seen[index] = elementwise.threshold_mask(values.abs(), threshold, needed, seen[index])
-                values = values * mask
-            rows.append(values.reshape(-1))
-        X = torch.stack(rows)
+                if needed is None:  # no tie to break at the threshold: 1.0 where |x| ≥ τ, 0.0 elsewhere
+                    values.mul_(values.abs().ge_(threshold))
+                else:
+                    mask, seen[index] = elementwise.threshold_mask(values.abs(), threshold, needed, seen[index])
+                    values.mul_(mask)
+            if job.drop_rate:
+                X[index] = _rescaled(values, factors[index], job)
+        X = X.reshape(len(tasks), -1)
         if job.kind != "ties":
             out[start:stop] = X.sum(dim=0).reshape(stop - start, n)
             continue
         options = job.options
-        voters = X if options.elect_on == "weighted" else X / weight_vector[:, None]
-        signs = elementwise.raw_signs(voters, options.consensus)
+        voters = None if options.elect_on == "weighted" else X / weight_vector[:, None]
+        signs = elementwise.raw_signs(X if voters is None else voters, options.consensus)
         signs_total += float(signs.sum())
         zero = (signs == 0).nonzero().reshape(-1)
-        merged = elementwise.disjoint_merge(X, torch.where(signs == 0, 1.0, signs), options.normalize, weight_vector)
+        if zero.numel():
+            signs[zero] = 1.0
+        merged = elementwise.disjoint_merge(X, signs, options.normalize, weight_vector, voters)
         if zero.numel():
             columns = X[:, zero]
             minus = elementwise.disjoint_merge(columns, columns.new_tensor(-1.0).expand(zero.numel()),
-                                               options.normalize, weight_vector)
+                                               options.normalize, weight_vector,
+                                               None if voters is None else voters[:, zero])
             undecided.append((zero + start * n, minus))
         out[start:stop] = merged.reshape(stop - start, n)
     if undecided and elementwise.fallback_sign(signs_total) < 0:

@@ -107,7 +107,7 @@ def truncate_dense(
 
     Rank = `out_rank` if given, else the smallest rank keeping `energy` of Σσ² capped at `max_rank`.
     Returns the factors, the relative Frobenius error and whether the cap bound. Small matrices use an
-    exact SVD; large ones a rank-(R + 16) randomized range finder with power iterations, from whose
+    exact SVD; large ones a rank-(R + 16) randomized range finder with 2 power iterations, from whose
     singular values the energy rule picks the rank (they never exceed the true ones, so the rank kept
     is never too small). The error is measured exactly either way.
     """
@@ -143,7 +143,7 @@ def truncate_dense(
     return factors, error, capped
 
 
-def _randomized_svd(X: torch.Tensor, width: int, generator: torch.Generator, power_iterations: int = 3):
+def _randomized_svd(X: torch.Tensor, width: int, generator: torch.Generator, power_iterations: int = 2):
     """Halko et al. randomized SVD: a range finder with orthonormalised power iterations, deterministic
     per seed (explicit generator). The sketch runs in float32 (it only has to find the subspace); the
     basis is then re-orthonormalised and X projected onto it in X's dtype, so U diag(S) Vᵀ is an exact

@@ -15,7 +15,7 @@ from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.masks import WeightTable, check_table
-from loramerge_cli.merging import elementwise
+from loramerge_cli.merging import elementwise, spectral
 from loramerge_cli.merging.full_space import FullSpaceJob, merge_full_space
 from loramerge_cli.merging.lowrank import LowRank, truncate_dense
 from loramerge_cli.merging.registry import PARAMETERS, PRESETS, Method, method_named
@@ -39,6 +39,13 @@ class MergeConfig:
     normalize: str | None = None
     elect_on: str | None = None
     dare_rescale: str | None = None
+    gamma: float | None = None
+    epsilon: float | None = None
+    rank_fraction: float | None = None
+    cart_scale: float | None = None
+    common_fraction: float | None = None
+    clusters: int | None = None
+    isotropize: bool | None = None  # isotropize the merged update, after any method in any space
     knots_scaled: bool | None = None
     seed: int = 1
     out_rank: int | None = None
@@ -61,6 +68,7 @@ class ResolvedMerge:
     out_rank: int | None
     energy: float
     compute_dtype: torch.dtype
+    isotropize: bool = False
 
     def describe(self) -> dict:
         return {
@@ -71,13 +79,17 @@ class ResolvedMerge:
             "weights": self.weights,
             **self.params,
             **({"knots_scaled": self.knots_scaled} if self.space == "knots" else {}),
-            **({"seed": self.seed} if self.method.uses_dare else {}),
+            **({"seed": self.seed} if self.method.uses_dare or self.method.name in SEEDED else {}),
+            **({"isotropize": True} if self.isotropize else {}),
             **({"out_rank": self.out_rank, "energy": self.energy} if self.is_dense else {}),
         }
 
     @property
     def is_dense(self) -> bool:
         return self.method.elementwise and self.space == "full"
+
+
+SEEDED = ("della", "lora_lego")  # randomized methods that do not use DARE's drop rate
 
 
 @dataclass
@@ -113,6 +125,9 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
     space = config.space or (preset.space if preset else "full")
     if space not in SPACES:
         raise LoramergeError(f"unknown space {space!r} (known: {', '.join(SPACES)})")
+    if space not in method.spaces:
+        raise LoramergeError(f"method {method.name} works in the {' and '.join(method.spaces)} space only "
+                             f"(it acts on the LoRA factors), not in {space}")
     preset_params = preset.parameters if preset and method.name == preset.method else {}
     params = {}
     for name in method.parameters:
@@ -158,7 +173,7 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
     return ResolvedMerge(
         merger=config.merger, method=method, space=space, lam=float(lam), weights=weights, params=params,
         knots_scaled=bool(knots_scaled), seed=config.seed, out_rank=config.out_rank, energy=config.energy,
-        compute_dtype=config.compute_dtype,
+        compute_dtype=config.compute_dtype, isotropize=bool(config.isotropize),
     )
 
 
@@ -278,21 +293,31 @@ def _dense_rows(projected, path, tasks, adapters, settings: ResolvedMerge) -> to
     return rows
 
 
-def row_params(settings: ResolvedMerge, indices: list[int], weights: list[float]) -> dict:
-    """The method's parameters for rows of these tasks: per-adapter densities picked, weights attached."""
+def row_params(settings: ResolvedMerge, indices: list[int], weights: list[float], adapters=None, path=None) -> dict:
+    """The method's parameters for rows of these tasks: per-adapter densities picked, weights attached,
+    and (module scope) the seeds of randomized methods, keyed like DARE's by (seed, task, module)."""
     params = dict(settings.params)
     if isinstance(params.get("density"), list):
         params["density"] = [params["density"][index] for index in indices]
     params["row_weights"] = torch.tensor(weights, dtype=settings.compute_dtype)
+    if path is not None:
+        params["row_seeds"] = [elementwise.dare_seed(settings.seed, adapters[index].name, path) for index in indices]
+        params["module_seed"] = elementwise.dare_seed(settings.seed, "", path)
     return params
 
 
 def _merge_module(path, tasks, adapters, settings: ResolvedMerge):
+    merged = _merge_module_raw(path, tasks, adapters, settings)
+    return spectral.isotropize(merged) if settings.isotropize else merged
+
+
+def _merge_module_raw(path, tasks, adapters, settings: ResolvedMerge):
     projected = _projected(path, tasks, adapters, settings)
     method = settings.method
+    params = row_params(settings, [index for index, _ in tasks], [weight for _, weight in tasks], adapters, path)
     if not method.elementwise:
-        return projected.reconstruct(method.merge(projected.tasks))
-    params = row_params(settings, [index for index, _ in tasks], [weight for _, weight in tasks])
+        merged = method.merge_with(projected.tasks, params) if method.merge_with else method.merge(projected.tasks)
+        return projected.reconstruct(merged)
     if settings.space == "full" and method.full_space is not None:
         return _merge_full_space(path, tasks, adapters, settings, projected.tasks, params)
     shape = projected.tasks[0].shape
@@ -345,7 +370,8 @@ def _merge_adapter_scope(active, adapters, settings: ResolvedMerge) -> dict:
     for path, block, _ in blocks:
         width = block.shape[1]
         shape = projections[path].tasks[0].shape
-        out[path] = projections[path].reconstruct(merged_row[start : start + width].reshape(shape))
+        merged = projections[path].reconstruct(merged_row[start : start + width].reshape(shape))
+        out[path] = spectral.isotropize(merged) if settings.isotropize else merged
         start += width
     return out
 

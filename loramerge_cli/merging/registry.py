@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from loramerge_cli.merging import elementwise, spectral
+from loramerge_cli.merging import elementwise, sparsify, spectral, subspace
 from loramerge_cli.merging.lowrank import LowRank, sum_lowrank
 
 
@@ -53,6 +53,16 @@ PARAMETERS = {
                           choices=("weighted", "unweighted")),
     "dare_rescale": Parameter("dare_rescale", "DARE: divide kept entries by 1−p (inverse) or keep the L1 norm "
                               "(l1: mergekit)", choices=("inverse", "l1")),
+    "gamma": Parameter("gamma", "breadcrumbs: fraction of the largest-magnitude entries dropped as outliers",
+                       0.0, 1.0, high_open=True),
+    "epsilon": Parameter("epsilon", "DELLA: spread of the keep probabilities around the density", 0.0, 1.0),
+    "rank_fraction": Parameter("rank_fraction", "CART: components per task, as a fraction of min(m, n)",
+                               0.0, 1.0, low_open=True),
+    "cart_scale": Parameter("cart_scale", "CART: factor on the sum of the low-rank residuals", 0.0),
+    "common_fraction": Parameter("common_fraction", "Iso-CTS: size of the common subspace, as a fraction "
+                                 "of min(m, n)", 0.0, 1.0),
+    "clusters": Parameter("clusters", "LoRA-LEGO: number of clusters = output rank (0: the largest task rank)",
+                          0.0),
 }
 TIES_OPTIONS = {"keep_rule": "round", "consensus": "mass", "normalize": "count", "elect_on": "weighted"}
 
@@ -79,6 +89,8 @@ class Method:
     combine: Callable | None = None  # elementwise: (X, present, params) -> merged row
     full_space: str | None = None  # elementwise: the chunked full-space kernel (full_space.FullSpaceJob.kind)
     merge: Callable | None = None  # spectral: (tasks) -> merged tensor
+    merge_with: Callable | None = None  # spectral with parameters: (tasks, params) -> merged tensor
+    spaces: tuple[str, ...] = ("full", "knots", "core")  # where the method makes sense
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -98,6 +110,20 @@ def ties_options(params: dict) -> elementwise.TiesOptions:
 
 def _ties_rows(X, present, p):
     return elementwise.ties(X, p["density"], present, p["keep_rule"], ties_options(p), p.get("row_weights"))
+
+
+def _breadcrumbs_rows(X, present, p):
+    return sparsify.breadcrumbs_trim(X, p["density"], p["gamma"], present, p["keep_rule"]).sum(dim=0)
+
+
+def _breadcrumbs_ties_rows(X, present, p):
+    trimmed = sparsify.breadcrumbs_trim(X, p["density"], p["gamma"], present, p["keep_rule"])
+    return elementwise.elect_and_merge(trimmed, ties_options(p), p.get("row_weights"))
+
+
+def _della_rows(X, present, p):
+    pruned = sparsify.della_prune(X, p["density"], p["epsilon"], p["row_seeds"])
+    return elementwise.elect_and_merge(pruned, ties_options(p), p.get("row_weights"))
 
 
 TIES_PAPER = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
@@ -142,6 +168,45 @@ METHODS: dict[str, Method] = {
         merge=lambda tasks: spectral.isotropize(spectral.tsv(tasks)),
     ),
 }
+BREADCRUMBS_PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
+METHODS.update({
+    "breadcrumbs": Method(
+        "breadcrumbs", "drop each task's outliers and smallest entries, then sum", BREADCRUMBS_PAPER, "1/T",
+        defaults={"density": 0.8, "gamma": 0.01, "scope": "module", "keep_rule": "round"}, elementwise=True,
+        combine=_breadcrumbs_rows,
+    ),
+    "breadcrumbs_ties": Method(
+        "breadcrumbs_ties", "breadcrumbs' band of magnitudes, then sign election and disjoint merge",
+        BREADCRUMBS_PAPER + " + " + TIES_PAPER, "1",
+        defaults={"density": 0.8, "gamma": 0.01, "scope": "module", **TIES_OPTIONS}, elementwise=True,
+        combine=_breadcrumbs_ties_rows,
+    ),
+    "della": Method(
+        "della", "drop by magnitude-ranked probabilities and rescale, then sign election and disjoint merge",
+        "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)", "1",
+        defaults={"density": 0.8, "epsilon": 0.1, "consensus": "mass", "normalize": "count", "elect_on": "weighted"},
+        elementwise=True, combine=_della_rows,
+    ),
+    "cart": Method(
+        "cart", "the mean plus each task's low-rank deviation from it", "Choi et al. 2024, Revisiting Weight "
+        "Averaging for Model Merging (CART, arXiv:2411.16139)", "1",
+        defaults={"rank_fraction": 0.04, "cart_scale": 0.1},
+        merge_with=lambda tasks, p: subspace.cart(tasks, p["rank_fraction"], p["cart_scale"]),
+    ),
+    "iso_cts": Method(
+        "iso_cts", "common and task-specific subspaces with a flattened spectrum", "Marczak et al. 2025, No Task "
+        "Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces (arXiv:2502.04959)", "1/T",
+        defaults={"common_fraction": 0.8},
+        merge_with=lambda tasks, p: subspace.iso_cts(tasks, p["common_fraction"]),
+    ),
+    "lora_lego": Method(
+        "lora_lego", "k-means over the tasks' rank-1 units, one averaged unit per cluster", "Zhao et al. 2025, "
+        "Merging LoRAs like Playing LEGO (arXiv:2409.16167)", "1",
+        defaults={"clusters": 0},
+        merge_with=lambda tasks, p: subspace.lora_lego(tasks, int(p["clusters"]) or None, 10, p["module_seed"]),
+        spaces=("full",),
+    ),
+})
 ALIASES = {"cat": "ta"}
 
 

@@ -26,13 +26,17 @@ from loramerge_cli.cli.common import (
 )
 from loramerge_cli.errors import LoramergeError
 
+# Method parameters added with issue 14 (MergeConfig fields; choices and bounds live in merging.registry.PARAMETERS).
+METHOD_OPTIONS = ("keep_rule", "consensus", "normalize", "elect_on", "dare_rescale", "gamma", "epsilon", "rank_fraction",
+                  "cart_scale", "common_fraction", "clusters", "isotropize")
 # Mirrors merging.registry.merger_names() (importing the registry imports torch); a test keeps them equal.
-MERGERS = ("cat", "core", "dare", "dare_ties", "iso_c", "knots", "magnitude", "ta", "ties", "tsv", "tsv_iso")
+MERGERS = ("breadcrumbs", "breadcrumbs_ties", "cart", "cat", "core", "dare", "dare_ties", "della", "iso_c", "iso_cts",
+           "knots", "lora_lego", "magnitude", "ta", "ties", "tsv", "tsv_iso")
 DtypeName = Literal["float32", "float16", "bfloat16"]
 # Settings a weight table may record in its `merger` field (as ResolvedMerge.describe() writes them);
 # the names are MergeConfig fields. Its "lambda" is handled apart (Part A §A2).
 RECORDED = ("merger", "method", "space", "density", "drop_rate", "scope", "knots_scaled", "seed", "weights",
-            "out_rank", "energy")
+            "out_rank", "energy", *METHOD_OPTIONS)
 EPILOG = examples_epilog(
     "loramerge merge --adapters a/ b/ c/ --merger knots --out merged/",
     "loramerge merge --adapters rte=org/rte mnli=org/mnli --merger ties --density 0.5 --lambda 1.2 --out merged/",
@@ -126,12 +130,44 @@ def merge_command(
     weights: Annotated[str | None, typer.Option(
         "--weights", help="Per-adapter weights w1,w2,... in task order, applied before the method. [default: 1]",
         show_default=False)] = None,
-    density: Annotated[float | None, typer.Option(
-        "--density", help="ties, magnitude, dare_ties: fraction of entries each task keeps when trimming.")] = None,
+    density: Annotated[str | None, typer.Option(
+        "--density", help="TIES family, DELLA: fraction of entries each task keeps; one value, or one per adapter "
+        "(d1,d2,...).", show_default=False)] = None,
     drop_rate: Annotated[float | None, typer.Option(
         "--drop-rate", help="dare, dare_ties: probability of dropping an entry.")] = None,
     scope: Annotated[Literal["module", "adapter"] | None, typer.Option(
         "--scope", help="Trim and elect per module, or over the whole adapter.")] = None,
+    keep_rule: Annotated[Literal["round", "floor"] | None, typer.Option(
+        "--keep-rule", help="Trim keeps max(1, round(D·density)) entries, or int(D·density) (floor: PEFT, mergekit).",
+        show_default=False)] = None,
+    consensus: Annotated[Literal["mass", "count"] | None, typer.Option(
+        "--consensus", help="Sign election by the sum of values (mass) or of signs (count: PEFT frequency, "
+        "mergekit count).", show_default=False)] = None,
+    normalize: Annotated[Literal["count", "weight", "none"] | None, typer.Option(
+        "--normalize", help="Agreeing entries: mean (count), ÷ sum of agreeing weights (weight: mergekit), or sum "
+        "(none).", show_default=False)] = None,
+    elect_on: Annotated[Literal["weighted", "unweighted"] | None, typer.Option(
+        "--elect-on", help="Elect signs on the weighted updates, or the unweighted ones (PEFT).",
+        show_default=False)] = None,
+    dare_rescale: Annotated[Literal["inverse", "l1"] | None, typer.Option(
+        "--dare-rescale", help="DARE: divide kept entries by 1-p (inverse), or keep the L1 norm (l1: mergekit).",
+        show_default=False)] = None,
+    gamma: Annotated[float | None, typer.Option(
+        "--gamma", help="breadcrumbs: fraction of largest-magnitude entries dropped as outliers.")] = None,
+    epsilon: Annotated[float | None, typer.Option(
+        "--epsilon", help="della: spread of the keep probabilities around the density.")] = None,
+    rank_fraction: Annotated[float | None, typer.Option(
+        "--rank-fraction", help="cart: components per task, as a fraction of min(m, n).")] = None,
+    cart_scale: Annotated[float | None, typer.Option(
+        "--cart-scale", help="cart: factor on the sum of the low-rank residuals.")] = None,
+    common_fraction: Annotated[float | None, typer.Option(
+        "--common-fraction", help="iso_cts: common subspace size, as a fraction of min(m, n).")] = None,
+    clusters: Annotated[int | None, typer.Option(
+        "--clusters", help="lora_lego: clusters = output rank. [default: the largest adapter rank]",
+        show_default=False)] = None,
+    isotropize: Annotated[bool | None, typer.Option(
+        "--isotropize/--no-isotropize", help="Flatten the spectrum of the merged update, after any method in any "
+        "space (CoreSpace's Iso step).", show_default=False)] = None,
     knots_scaled: Annotated[bool | None, typer.Option(
         "--knots-scaled/--no-knots-scaled", help="knots space: scale the components by their singular values.",
         show_default=False)] = None,
@@ -170,6 +206,7 @@ def merge_command(
         raise LoramergeError("--seed must be >= 1 (0 would mean a clock seed to CMA-ES)")
     lam_value = _lambda_value(lam)
     weight_list = parse_float_list(weights, "--weights")
+    density_list = parse_float_list(density, "--density")
     if lam_value == "auto" and tasks is None:
         raise LoramergeError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
     from loramerge_cli import api
@@ -184,8 +221,14 @@ def merge_command(
     check_head(loaded, head)
     table = _table(loaded, mask, indices)
     flags = {"merger": merger, "method": method, "space": space, "lam": lam_value, "weights": weight_list,
-             "density": density, "drop_rate": drop_rate, "scope": scope, "knots_scaled": knots_scaled,
+             "density": density_list[0] if density_list and len(density_list) == 1 else density_list,
+             "drop_rate": drop_rate, "scope": scope, "knots_scaled": knots_scaled,
              "seed": seed, "out_rank": out_rank, "energy": energy}
+    options = {"keep_rule": keep_rule, "consensus": consensus, "normalize": normalize, "elect_on": elect_on,
+               "dare_rescale": dare_rescale, "gamma": gamma, "epsilon": epsilon, "rank_fraction": rank_fraction,
+               "cart_scale": cart_scale, "common_fraction": common_fraction, "clusters": clusters,
+               "isotropize": isotropize}
+    flags.update(options)
     chosen = _combined_settings(flags, _recorded_settings(table), override)
     lam_value = chosen.pop("lam", None)
     merge_config = MergeConfig(**{"merger": "ta", **chosen, "lam": None if lam_value == "auto" else lam_value})

@@ -7,7 +7,8 @@ a weight table: a pruned (task, module) contributes no entries).
 Options shared by the TIES family (defaults: loramerge's rules; the other values reproduce PEFT and
 mergekit, see docs/differences.md):
 - `keep_rule`: "round" keeps max(1, ⌊D·κ + 0.5⌋) entries, "floor" keeps ⌊D·κ⌋ (PEFT, mergekit);
-- `consensus`: the sign is elected by "mass" (Σ_t x) or by "count" (Σ_t sign x);
+- `consensus`: the sign is elected by "mass" (Σ_t x; a tie takes the scope's majority sign) or by
+  "count" (Σ_t sign x; a tie takes +1);
 - `normalize`: the agreeing entries are averaged ("count"), divided by the sum of the agreeing tasks'
   weights ("weight", mergekit) or summed ("none");
 - `elect_on`: "weighted" tensors (loramerge, mergekit) or "unweighted" ones (PEFT).
@@ -109,9 +110,11 @@ def fallback_sign(signs_total: float) -> float:
 
 
 def elect_signs(X: torch.Tensor, consensus: str = "mass") -> torch.Tensor:
-    """σ_i = sign of the consensus; zeros take the sign of Σ_i σ_i over the scope, +1 if that is 0."""
+    """σ_i = sign of the consensus. Ties of the mass vote take the sign of Σ_i σ_i over the scope (+1 if
+    that is 0); ties of the count vote (even splits, frequent) take +1, as PEFT, mergekit and NSC do."""
     signs = raw_signs(X, consensus)
-    return torch.where(signs == 0, signs.new_tensor(fallback_sign(float(signs.sum()))), signs)
+    fallback = fallback_sign(float(signs.sum())) if consensus == "mass" else 1.0
+    return torch.where(signs == 0, signs.new_tensor(fallback), signs)
 
 
 def disjoint_merge(

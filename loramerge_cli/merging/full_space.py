@@ -158,7 +158,7 @@ def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], wei
                                                None if voters is None else voters[:, zero])
             undecided.append((zero + start * n, minus))
         out[start:stop] = merged.reshape(stop - start, n)
-    if undecided and elementwise.fallback_sign(signs_total) < 0:
+    if undecided and job.options.consensus == "mass" and elementwise.fallback_sign(signs_total) < 0:
         flat = out.view(-1)
         for positions, minus in undecided:
             flat[positions] = minus

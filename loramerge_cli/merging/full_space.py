@@ -113,19 +113,136 @@ def _statistics(task, keep, density: float, job: FullSpaceJob):
 def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], weights: list[float],
                      job: FullSpaceJob) -> torch.Tensor:
     """The merged dense m×n update of one module (before λ). `keeps`: DARE keep masks or None."""
+    merged = _single_pass(tasks, keeps, weights, job)
+    return merged if merged is not None else _two_passes(tasks, keeps, weights, job)
+
+
+class _Merger:
+    """Elects and merges (T × c) blocks of trimmed, rescaled entries, and settles the mass vote's ties
+    once the whole scope's majority sign is known."""
+
+    def __init__(self, job: FullSpaceJob, weights: list[float], dtype):
+        self.job, self.weights = job, torch.tensor(weights, dtype=dtype)
+        self.signs_total, self.undecided = 0.0, []  # flat indices, their values if the fallback is −1
+
+    def __call__(self, X: torch.Tensor, positions: torch.Tensor | None, offset: int = 0,
+                 skip: torch.Tensor | None = None) -> torch.Tensor:
+        """Merged columns of X; `positions` (flat indices; default offset + column) name them. Columns
+        in `skip` are provisional (merged again later): they neither vote for the fallback nor wait
+        for it."""
+        if self.job.kind != "ties":
+            return X.sum(dim=0)
+        options = self.job.options
+        voters = None if options.elect_on == "weighted" else X / self.weights[:, None]
+        signs = elementwise.raw_signs(X if voters is None else voters, options.consensus)
+        self.signs_total += float(signs.sum())
+        zero = (signs == 0).nonzero().reshape(-1)
+        if skip is not None and skip.numel():
+            self.signs_total -= float(signs[skip].sum())
+            if zero.numel():
+                provisional = torch.zeros_like(signs, dtype=torch.bool)
+                provisional[skip] = True
+                zero = zero[~provisional[zero]]
+        if zero.numel():
+            signs[zero] = 1.0
+        merged = elementwise.disjoint_merge(X, signs, options.normalize, self.weights, voters)
+        if zero.numel():
+            columns = X[:, zero]
+            minus = elementwise.disjoint_merge(columns, columns.new_tensor(-1.0).expand(zero.numel()),
+                                               options.normalize, self.weights,
+                                               None if voters is None else voters[:, zero])
+            self.undecided.append((zero + offset if positions is None else positions[zero], minus))
+        return merged
+
+    def settle(self, out: torch.Tensor) -> torch.Tensor:
+        if self.undecided and self.job.options.consensus == "mass" and elementwise.fallback_sign(self.signs_total) < 0:
+            flat = out.view(-1)
+            for positions, minus in self.undecided:
+                flat[positions] = minus
+        return out
+
+
+def _single_pass(tasks, keeps, weights, job: FullSpaceJob) -> torch.Tensor | None:
+    """One pass over the entries when every trimming threshold's sampled bracket holds: entries above
+    the bracket are kept, below it dropped, and the columns where some task has an entry inside it are
+    set aside (raw) until the exact thresholds are known. None when it does not apply or a bracket
+    missed (then `_two_passes` gives the result)."""
+    if job.kind == "sum" or job.dare_rescale == "l1" or job.densities is None:
+        return None
     m, n = tasks[0].shape
-    dtype = tasks[0].left.dtype
+    plans = []
+    for task, keep, density in zip(tasks, keeps, job.densities):
+        k = elementwise.keep_count(m * n, density, job.keep_rule) if density < 1.0 else 0
+        if density < 1.0 and k == 0:
+            return None
+        low, high = _bracket(task, keep, k) if k else (0.0, 0.0)
+        if k and low <= 0.0:  # the threshold may be 0: the bracket would hold every dropped entry
+            return None
+        plans.append((k, low, high) if k else None)
+    merger = _Merger(job, weights, tasks[0].left.dtype)
+    out = tasks[0].left.new_empty(m, n)
+    above = [0] * len(tasks)
+    set_aside, set_aside_at = [], []
+    for start, stop in _rows(m, n):
+        X = tasks[0].left.new_empty(len(tasks), stop - start, n)
+        sure, uncertain = [None] * len(tasks), None
+        for index, (task, keep) in enumerate(zip(tasks, keeps)):
+            values = _kept(task, keep, start, stop, out=X[index])
+            if plans[index] is not None:
+                _, low, high = plans[index]
+                magnitude = values.abs()
+                sure[index] = magnitude > high
+                above[index] += int(torch.count_nonzero(sure[index]))
+                inside = (magnitude >= low) & ~sure[index]
+                uncertain = inside if uncertain is None else uncertain.logical_or_(inside)
+        X = X.reshape(len(tasks), -1)
+        pending = uncertain.reshape(-1).nonzero().reshape(-1) if uncertain is not None else None
+        if pending is not None and pending.numel():
+            set_aside.append(X[:, pending].clone())
+            set_aside_at.append(pending + start * n)
+        for index in range(len(tasks)):
+            if sure[index] is not None:
+                X[index].mul_(sure[index].reshape(-1))
+            if job.drop_rate:
+                X[index] = _rescaled(X[index], None, job)
+        merged = merger(X, None, start * n, skip=pending)
+        out[start:stop] = merged.reshape(stop - start, n)
+    X = torch.cat(set_aside, dim=1) if set_aside else out.new_empty(len(tasks), 0)
+    positions = torch.cat(set_aside_at) if set_aside else torch.empty(0, dtype=torch.long)
+    for index, plan in enumerate(plans):
+        if plan is None:
+            continue
+        k, low, high = plan
+        magnitude = X[index].abs()
+        inside = magnitude[(magnitude >= low) & (magnitude <= high)]
+        if not above[index] < k <= above[index] + inside.numel():  # the bracket missed
+            return None
+        threshold = float(torch.kthvalue(inside, inside.numel() - (k - above[index]) + 1).values)
+        strictly = above[index] + int((inside > threshold).sum())
+        at = int((inside == threshold).sum())
+        needed = None if strictly + at == k else k - strictly
+        mask, _ = elementwise.threshold_mask(magnitude, threshold, needed, 0)
+        X[index].mul_(mask)
+    for index in range(len(tasks)):
+        if job.drop_rate:
+            X[index] = _rescaled(X[index], None, job)
+    if positions.numel():
+        out.view(-1)[positions] = merger(X, positions)
+    return merger.settle(out)
+
+
+def _two_passes(tasks, keeps, weights, job: FullSpaceJob) -> torch.Tensor:
+    """Thresholds (and L1 factors) first, one chunked pass per task, then one merging pass."""
+    m, n = tasks[0].shape
     factors: list[float | None] = [None] * len(tasks)
     trims: list[tuple[float, int | None] | None] = [None] * len(tasks)
     for index, (task, keep) in enumerate(zip(tasks, keeps)):
         density = job.densities[index] if job.densities is not None else 1.0
         if density < 1.0 or (keep is not None and job.dare_rescale == "l1"):
             trims[index], factors[index] = _statistics(task, keep, density, job)
+    merger = _Merger(job, weights, tasks[0].left.dtype)
     out = tasks[0].left.new_empty(m, n)
     seen = [0] * len(tasks)
-    signs_total = 0.0
-    undecided: list[tuple[torch.Tensor, torch.Tensor]] = []  # flat indices, their values if the fallback is −1
-    weight_vector = torch.tensor(weights, dtype=dtype)
     for start, stop in _rows(m, n):
         X = tasks[0].left.new_empty(len(tasks), stop - start, n)
         for index, (task, keep) in enumerate(zip(tasks, keeps)):
@@ -139,27 +256,5 @@ def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], wei
                     values.mul_(mask)
             if job.drop_rate:
                 X[index] = _rescaled(values, factors[index], job)
-        X = X.reshape(len(tasks), -1)
-        if job.kind != "ties":
-            out[start:stop] = X.sum(dim=0).reshape(stop - start, n)
-            continue
-        options = job.options
-        voters = None if options.elect_on == "weighted" else X / weight_vector[:, None]
-        signs = elementwise.raw_signs(X if voters is None else voters, options.consensus)
-        signs_total += float(signs.sum())
-        zero = (signs == 0).nonzero().reshape(-1)
-        if zero.numel():
-            signs[zero] = 1.0
-        merged = elementwise.disjoint_merge(X, signs, options.normalize, weight_vector, voters)
-        if zero.numel():
-            columns = X[:, zero]
-            minus = elementwise.disjoint_merge(columns, columns.new_tensor(-1.0).expand(zero.numel()),
-                                               options.normalize, weight_vector,
-                                               None if voters is None else voters[:, zero])
-            undecided.append((zero + start * n, minus))
-        out[start:stop] = merged.reshape(stop - start, n)
-    if undecided and job.options.consensus == "mass" and elementwise.fallback_sign(signs_total) < 0:
-        flat = out.view(-1)
-        for positions, minus in undecided:
-            flat[positions] = minus
-    return out
+        out[start:stop] = merger(X.reshape(len(tasks), -1), None, start * n).reshape(stop - start, n)
+    return merger.settle(out)

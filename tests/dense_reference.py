@@ -74,8 +74,8 @@ def trim_rows(X: torch.Tensor, density, present: torch.Tensor | None = None, rul
 def elect_merge_rows(trimmed: torch.Tensor, consensus="mass", normalize="count", elect_on="weighted",
                      weights=None) -> torch.Tensor:
     """Elect per column (Σ values or Σ signs, of the weighted rows or the rows divided by their weights;
-    mass 0 → majority of the elected signs, then +1; count 0 → +1), then combine the agreeing entries: mean, ÷ Σ agreeing
-    weights (1 if 0), or sum."""
+    mass 0 → majority of the elected signs, then +1; count 0 → +1), then combine the agreeing entries:
+    mean, ÷ Σ agreeing weights (1 if 0), or sum."""
     rows = trimmed.tolist()
     weights = list(weights) if weights is not None else [1.0] * len(rows)
     voters = rows if elect_on == "weighted" else [[x / w for x in row] for row, w in zip(rows, weights)]
@@ -86,7 +86,7 @@ def elect_merge_rows(trimmed: torch.Tensor, consensus="mass", normalize="count",
 
     votes = [sum(c) if consensus == "mass" else sum(sign(x) for x in c) for c in voter_columns]
     signs = [sign(v) for v in votes]
-    fallback = -1.0 if sum(signs) < 0 and consensus == "mass" else 1.0  # count: an even split takes +1
+    fallback = -1.0 if sum(signs) < 0 and consensus == "mass" else 1.0  # count: even splits take +1
     out = []
     for column, voter_column, elected in zip(columns, voter_columns, signs):
         elected = elected or fallback

@@ -27,8 +27,8 @@ from loramerge_cli.cli.common import (
 from loramerge_cli.errors import LoramergeError
 
 # Method parameters added with issue 14 (MergeConfig fields; choices and bounds live in merging.registry.PARAMETERS).
-METHOD_OPTIONS = ("keep_rule", "consensus", "normalize", "elect_on", "dare_rescale", "gamma", "epsilon", "rank_fraction",
-                  "cart_scale", "common_fraction", "clusters", "isotropize")
+METHOD_OPTIONS = ("keep_rule", "consensus", "normalize", "elect_on", "dare_rescale", "gamma", "epsilon",
+                  "rank_fraction", "cart_scale", "common_fraction", "clusters", "isotropize")
 # Mirrors merging.registry.merger_names() (importing the registry imports torch); a test keeps them equal.
 MERGERS = ("breadcrumbs", "breadcrumbs_ties", "cart", "cat", "core", "dare", "dare_ties", "della", "iso_c", "iso_cts",
            "knots", "lora_lego", "magnitude", "ta", "ties", "tsv", "tsv_iso")

@@ -100,14 +100,22 @@ def _statistics(task, keep, density: float, job: FullSpaceJob):
         return (float("inf"), 0), factor
     if not wants_trim:
         return None, factor
-    inside = torch.cat(candidates)
-    if not above < k <= above + inside.numel():  # the bracket missed: select over everything
+    trim = _threshold_in_bracket(above, torch.cat(candidates), k)
+    if trim is None:  # the bracket missed: select over everything
         magnitude = torch.cat([_kept(task, keep, start, stop).abs().reshape(-1) for start, stop in _rows(m, n)])
         return elementwise.top_k_threshold(magnitude, k), factor
+    return trim, factor
+
+
+def _threshold_in_bracket(above: int, inside: torch.Tensor, k: int) -> tuple[float, int | None] | None:
+    """(τ, ties to keep) of the k largest, from the count above the bracket and the magnitudes inside
+    it; None if the k-th largest is not inside."""
+    if not above < k <= above + inside.numel():
+        return None
     threshold = float(torch.kthvalue(inside, inside.numel() - (k - above) + 1).values)
     strictly = above + int((inside > threshold).sum())
     at = int((inside == threshold).sum())
-    return (threshold, None if strictly + at == k else k - strictly), factor
+    return threshold, None if strictly + at == k else k - strictly
 
 
 def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], weights: list[float],
@@ -214,14 +222,10 @@ def _single_pass(tasks, keeps, weights, job: FullSpaceJob) -> torch.Tensor | Non
             continue
         k, low, high = plan
         magnitude = X[index].abs()
-        inside = magnitude[(magnitude >= low) & (magnitude <= high)]
-        if not above[index] < k <= above[index] + inside.numel():  # the bracket missed
+        trim = _threshold_in_bracket(above[index], magnitude[(magnitude >= low) & (magnitude <= high)], k)
+        if trim is None:  # the bracket missed
             return None
-        threshold = float(torch.kthvalue(inside, inside.numel() - (k - above[index]) + 1).values)
-        strictly = above[index] + int((inside > threshold).sum())
-        at = int((inside == threshold).sum())
-        needed = None if strictly + at == k else k - strictly
-        mask, _ = elementwise.threshold_mask(magnitude, threshold, needed, 0)
+        mask, _ = elementwise.threshold_mask(magnitude, *trim, 0)
         X[index].mul_(mask)
     for index in range(len(tasks)):
         if job.drop_rate:

@@ -47,7 +47,8 @@ def iso_cts(tasks: list[Tensorish], common_fraction: float) -> LowRank:
     k = min(⌈ρ·p⌉, ε-rank), p = min(m, n)), plus per task the s = ⌊(p − k)/T⌋ leading directions of
     its update with the common left subspace projected out (singular values above 1e-6·σ_max of the
     sum; what the projection leaves of a covered task is rounding noise); both bases orthogonalised by
-    polar factors (over their ε-rank: with LoRA the subspaces overlap, see `partial_polar`); every direction gets the mean ε-rank singular value of Σ_t X_t."""
+    polar factors (over their ε-rank: with LoRA the subspaces overlap, see `partial_polar`); every
+    direction gets the mean ε-rank singular value of Σ_t X_t."""
     factored = [_factored(task) for task in tasks]
     m, n = factored[0].shape
     p = min(m, n)

@@ -114,8 +114,7 @@ def test_out_rank_randomized_truncation_is_near_optimal():
 
 
 @pytest.mark.parametrize("job", JOBS[:3] + JOBS[4:5], ids=range(4))
-def test_single_pass_and_two_passes_agree(job, monkeypatch):
-    """Brackets that hold (the one-pass path), and brackets that miss (the two-pass fallback)."""
+def test_a_missed_bracket_falls_back_to_a_full_selection(job, monkeypatch):
     monkeypatch.setattr(full_space, "CHUNK_ENTRIES", 13)
     tasks = integer_tasks(m=12, n=10, seed=5)
     weights = [1.0, -0.5, 2.0, 0.25]
@@ -127,14 +126,11 @@ def test_single_pass_and_two_passes_agree(job, monkeypatch):
     assert torch.allclose(merge_full_space(tasks, keeps, weights, job), expected, rtol=0, atol=1e-12)
 
 
-def test_single_pass_runs_on_continuous_data(monkeypatch):
-    calls = []
-    monkeypatch.setattr(full_space, "_two_passes", lambda *args: calls.append(args))
+def test_continuous_data_with_per_task_densities():
     generator = torch.Generator().manual_seed(9)
     tasks = [LowRank(torch.randn(300, 4, generator=generator, dtype=torch.float64),
                      torch.randn(4, 280, generator=generator, dtype=torch.float64)) for _ in range(3)]
     out = merge_full_space(tasks, [None] * 3, [1.0, 0.5, 2.0], FullSpaceJob("ties", [0.7, 0.4, 0.9]))
-    assert not calls
     X = torch.stack([t.dense().reshape(-1) for t in tasks])
     expected = elementwise.ties(X, [0.7, 0.4, 0.9], None, "round", TiesOptions(), torch.tensor([1.0, 0.5, 2.0]))
     assert torch.allclose(out.reshape(-1), expected, rtol=0, atol=1e-12)

@@ -2,8 +2,8 @@
 
 The generic path stacks every task's dense m×n update into one (T × m·n) matrix and keeps several
 temporaries of that size (2.8 GB for six 4096×4096 Llama updates). Here a task's update is formed
-chunk by chunk from B̃_t[rows] @ A_t, so memory stays at one m×n result, one m×n scratch buffer and
-T small chunks, whatever T is:
+chunk by chunk from B̃_t[rows] @ A_t, so memory stays at one m×n result and T small chunks, whatever
+T is:
 
 1. per task (only if needed), one chunked pass for the trimming threshold (the k-th largest |x|, and
    how many ties at it to keep in flat order) and the L1 rescale factor. A strided sample of entries
@@ -121,8 +121,7 @@ def _threshold_in_bracket(above: int, inside: torch.Tensor, k: int) -> tuple[flo
 def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], weights: list[float],
                      job: FullSpaceJob) -> torch.Tensor:
     """The merged dense m×n update of one module (before λ). `keeps`: DARE keep masks or None."""
-    merged = _single_pass(tasks, keeps, weights, job)
-    return merged if merged is not None else _two_passes(tasks, keeps, weights, job)
+    return _two_passes(tasks, keeps, weights, job)
 
 
 class _Merger:
@@ -133,11 +132,8 @@ class _Merger:
         self.job, self.weights = job, torch.tensor(weights, dtype=dtype)
         self.signs_total, self.undecided = 0.0, []  # flat indices, their values if the fallback is −1
 
-    def __call__(self, X: torch.Tensor, positions: torch.Tensor | None, offset: int = 0,
-                 skip: torch.Tensor | None = None) -> torch.Tensor:
-        """Merged columns of X; `positions` (flat indices; default offset + column) name them. Columns
-        in `skip` are provisional (merged again later): they neither vote for the fallback nor wait
-        for it."""
+    def __call__(self, X: torch.Tensor, offset: int) -> torch.Tensor:
+        """Merged columns of X, the entries at flat indices offset, offset + 1, …"""
         if self.job.kind != "ties":
             return X.sum(dim=0)
         options = self.job.options
@@ -145,12 +141,6 @@ class _Merger:
         signs = elementwise.raw_signs(X if voters is None else voters, options.consensus)
         self.signs_total += float(signs.sum())
         zero = (signs == 0).nonzero().reshape(-1)
-        if skip is not None and skip.numel():
-            self.signs_total -= float(signs[skip].sum())
-            if zero.numel():
-                provisional = torch.zeros_like(signs, dtype=torch.bool)
-                provisional[skip] = True
-                zero = zero[~provisional[zero]]
         if zero.numel():
             signs[zero] = 1.0
         merged = elementwise.disjoint_merge(X, signs, options.normalize, self.weights, voters)
@@ -159,7 +149,7 @@ class _Merger:
             minus = elementwise.disjoint_merge(columns, columns.new_tensor(-1.0).expand(zero.numel()),
                                                options.normalize, self.weights,
                                                None if voters is None else voters[:, zero])
-            self.undecided.append((zero + offset if positions is None else positions[zero], minus))
+            self.undecided.append((zero + offset, minus))
         return merged
 
     def settle(self, out: torch.Tensor) -> torch.Tensor:
@@ -168,71 +158,6 @@ class _Merger:
             for positions, minus in self.undecided:
                 flat[positions] = minus
         return out
-
-
-def _single_pass(tasks, keeps, weights, job: FullSpaceJob) -> torch.Tensor | None:
-    """One pass over the entries when every trimming threshold's sampled bracket holds: entries above
-    the bracket are kept, below it dropped, and the columns where some task has an entry inside it are
-    set aside (raw) until the exact thresholds are known. None when it does not apply or a bracket
-    missed (then `_two_passes` gives the result)."""
-    if job.kind == "sum" or job.dare_rescale == "l1" or job.densities is None:
-        return None
-    m, n = tasks[0].shape
-    plans = []
-    for task, keep, density in zip(tasks, keeps, job.densities):
-        k = elementwise.keep_count(m * n, density, job.keep_rule) if density < 1.0 else 0
-        if density < 1.0 and k == 0:
-            return None
-        low, high = _bracket(task, keep, k) if k else (0.0, 0.0)
-        if k and low <= 0.0:  # the threshold may be 0: the bracket would hold every dropped entry
-            return None
-        plans.append((k, low, high) if k else None)
-    merger = _Merger(job, weights, tasks[0].left.dtype)
-    out = tasks[0].left.new_empty(m, n)
-    above = [0] * len(tasks)
-    set_aside, set_aside_at = [], []
-    for start, stop in _rows(m, n):
-        X = tasks[0].left.new_empty(len(tasks), stop - start, n)
-        sure, uncertain = [None] * len(tasks), None
-        for index, (task, keep) in enumerate(zip(tasks, keeps)):
-            values = _kept(task, keep, start, stop, out=X[index])
-            if plans[index] is not None:
-                _, low, high = plans[index]
-                magnitude = values.abs()
-                sure[index] = magnitude > high
-                above[index] += int(torch.count_nonzero(sure[index]))
-                inside = (magnitude >= low) & ~sure[index]
-                uncertain = inside if uncertain is None else uncertain.logical_or_(inside)
-        X = X.reshape(len(tasks), -1)
-        pending = uncertain.reshape(-1).nonzero().reshape(-1) if uncertain is not None else None
-        if pending is not None and pending.numel():
-            set_aside.append(X[:, pending].clone())
-            set_aside_at.append(pending + start * n)
-        for index in range(len(tasks)):
-            if sure[index] is not None:
-                X[index].mul_(sure[index].reshape(-1))
-            if job.drop_rate:
-                X[index] = _rescaled(X[index], None, job)
-        merged = merger(X, None, start * n, skip=pending)
-        out[start:stop] = merged.reshape(stop - start, n)
-    X = torch.cat(set_aside, dim=1) if set_aside else out.new_empty(len(tasks), 0)
-    positions = torch.cat(set_aside_at) if set_aside else torch.empty(0, dtype=torch.long)
-    for index, plan in enumerate(plans):
-        if plan is None:
-            continue
-        k, low, high = plan
-        magnitude = X[index].abs()
-        trim = _threshold_in_bracket(above[index], magnitude[(magnitude >= low) & (magnitude <= high)], k)
-        if trim is None:  # the bracket missed
-            return None
-        mask, _ = elementwise.threshold_mask(magnitude, *trim, 0)
-        X[index].mul_(mask)
-    for index in range(len(tasks)):
-        if job.drop_rate:
-            X[index] = _rescaled(X[index], None, job)
-    if positions.numel():
-        out.view(-1)[positions] = merger(X, positions)
-    return merger.settle(out)
 
 
 def _two_passes(tasks, keeps, weights, job: FullSpaceJob) -> torch.Tensor:
@@ -260,5 +185,5 @@ def _two_passes(tasks, keeps, weights, job: FullSpaceJob) -> torch.Tensor:
                     values.mul_(mask)
             if job.drop_rate:
                 X[index] = _rescaled(values, factors[index], job)
-        out[start:stop] = merger(X.reshape(len(tasks), -1), None, start * n).reshape(stop - start, n)
+        out[start:stop] = merger(X.reshape(len(tasks), -1), start * n).reshape(stop - start, n)
     return merger.settle(out)

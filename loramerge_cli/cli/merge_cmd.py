@@ -255,7 +255,7 @@ def merge_command(
         return
     console.print(render.merge_table(report))
     for warning in result.warnings:
-        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 def _report(result, out: Path) -> dict:

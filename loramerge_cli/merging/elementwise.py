@@ -141,11 +141,6 @@ def disjoint_merge(
     return total / agree.sum(dim=0).clamp_(min=1.0)
 
 
-def disjoint_mean(X: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
-    """Mean over the tasks whose nonzero entry agrees with the elected sign (0 where none does)."""
-    return disjoint_merge(X, signs)
-
-
 def elect_and_merge(
     trimmed: torch.Tensor, options: TiesOptions = TiesOptions(), weights: torch.Tensor | None = None
 ) -> torch.Tensor:

@@ -118,12 +118,6 @@ def _threshold_in_bracket(above: int, inside: torch.Tensor, k: int) -> tuple[flo
     return threshold, None if strictly + at == k else k - strictly
 
 
-def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], weights: list[float],
-                     job: FullSpaceJob) -> torch.Tensor:
-    """The merged dense m×n update of one module (before λ). `keeps`: DARE keep masks or None."""
-    return _two_passes(tasks, keeps, weights, job)
-
-
 class _Merger:
     """Elects and merges (T × c) blocks of trimmed, rescaled entries, and settles the mass vote's ties
     once the whole scope's majority sign is known."""
@@ -153,15 +147,18 @@ class _Merger:
         return merged
 
     def settle(self, out: torch.Tensor) -> torch.Tensor:
-        if self.undecided and self.job.options.consensus == "mass" and elementwise.fallback_sign(self.signs_total) < 0:
+        mass_vote = self.job.options.consensus == "mass"
+        if self.undecided and mass_vote and elementwise.fallback_sign(self.signs_total) < 0:
             flat = out.view(-1)
             for positions, minus in self.undecided:
                 flat[positions] = minus
         return out
 
 
-def _two_passes(tasks, keeps, weights, job: FullSpaceJob) -> torch.Tensor:
-    """Thresholds (and L1 factors) first, one chunked pass per task, then one merging pass."""
+def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], weights: list[float],
+                     job: FullSpaceJob) -> torch.Tensor:
+    """The merged dense m×n update of one module (before λ). `keeps`: DARE keep masks or None.
+    Thresholds (and L1 factors) first, one chunked pass per task, then one merging pass."""
     m, n = tasks[0].shape
     factors: list[float | None] = [None] * len(tasks)
     trims: list[tuple[float, int | None] | None] = [None] * len(tasks)

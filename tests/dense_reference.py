@@ -1,8 +1,8 @@
-"""Plain dense float64 reference implementations of every merger (Part A), for tests and benchmarks.
+"""Plain dense float64 reference implementations of every merger (docs/algorithms.md), for tests and benchmarks.
 
 Written independently of `loramerge_cli.merging`: every update is a dense m×n matrix, every basis a
 dense SVD (of the m × T·n concatenation for KnOTS), trimming sorts, election and means loop over
-columns. Conventions shared with the library (Part A §A3): ε-rank = #σ > 1e-6·σ_max; each singular
+columns. Conventions shared with the library (docs/algorithms.md, Spaces): ε-rank = #σ > 1e-6·σ_max; each singular
 pair (u_i, v_i) is flipped so that the largest-magnitude entry of u_i is positive (lowest index on a
 tie); weights multiply B̃_t (hence ΔW_t) before anything else; DARE keeps an entry where a float32
 `torch.rand` draw from a CPU generator seeded by sha256(f"{seed}|{task}|{module}")[:8] (big-endian)

@@ -25,8 +25,8 @@ def test_options_reach_the_merge(sources, tmp_path):
     assert result.exit_code == 0, result.stderr
     written = load_adapter(str(tmp_path / "out"))
     expected = merge(load_adapters(sources), MergeConfig(
-        merger="ties", density=[0.4, 0.6, 0.8], consensus="count", normalize="weight", keep_rule="floor",
-        weights=[1.0, 0.5, 2.0], isotropize=True, out_rank=10))
+        merger="ties", density=[0.4, 0.6, 0.8], weights=[1.0, 0.5, 2.0], isotropize=True, out_rank=10,
+        params={"consensus": "count", "normalize": "weight", "keep_rule": "floor"}))
     for path, module in expected.modules.items():
         assert torch.allclose(written.modules[path].delta(torch.float64), module.lora_B @ module.lora_A,
                               rtol=1e-5, atol=1e-6), path
@@ -47,7 +47,13 @@ def test_lossy_dense_results_give_one_warning_line_unless_quiet(sources, tmp_pat
     (["--merger", "tsv", "--gamma", "0.1"], "does not apply"),
     (["--merger", "ties", "--density", "0.5,0.5"], "one per adapter"),
 ])
-def test_bad_options_exit_1_with_one_line(sources, tmp_path, flags, message):
+def test_bad_options_exit_2_with_one_line(sources, tmp_path, flags, message):
     result = invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "x", *flags])
-    assert result.exit_code == 1 and message in result.stderr + result.stdout
+    assert result.exit_code == 2 and message in result.stderr + result.stdout
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("command", ["merge", "search-mask"])
+def test_merge_and_search_mask_offer_the_new_options(command):
+    text = invoke_cli([command, "--help"]).stdout
+    assert all(flag in text for flag in ("--consensus", "--keep-rule", "--clusters", "--isotropize", "lora_lego"))

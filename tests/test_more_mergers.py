@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dense_reference as ref
 import pytest
+from factories import merge_config
 from test_merge_reference import CASES, DENSITY, DROP_RATE, LAMBDA, SEED, dense_updates, relative_difference
 
 from loramerge_cli.errors import LoramergeError
@@ -38,8 +39,8 @@ def run_both(case, method, space, params, isotropize=False, out_rank=None):
     base = {"density": DENSITY} if "density" in METHODS[method].defaults and "density" not in params else {}
     if METHODS[method].uses_dare:
         base["drop_rate"] = DROP_RATE
-    config = MergeConfig(merger=method, space=space, lam=LAMBDA, weights=weights, seed=SEED, out_rank=out_rank,
-                         isotropize=isotropize, **base, **params)
+    config = merge_config(merger=method, space=space, lam=LAMBDA, weights=weights, seed=SEED, out_rank=out_rank,
+                          isotropize=isotropize, **base, **params)
     result = merge(adapters, config, table)
     expected = ref.reference_merge(adapters, method, space, lam=LAMBDA, weights=weights, table=table, seed=SEED,
                                    isotropize_step=isotropize, **base, **params)
@@ -110,4 +111,4 @@ def test_della_is_seeded_and_order_independent():
 def test_bad_options_are_refused_before_any_work(flags, message):
     adapters, _, _ = CASES["mixed"]()
     with pytest.raises(LoramergeError, match=message):
-        merge(adapters, MergeConfig(**flags))
+        merge(adapters, merge_config(**flags))

@@ -1,5 +1,5 @@
 """Merge -> write -> `PeftModel.from_pretrained` round trips on tiny real models, a peer check against
-PEFT's own `add_weighted_adapter`, and DARE's order- and mask-independence (Part A §A1, §A4, §13.1)."""
+PEFT's own `add_weighted_adapter`, and DARE's order- and mask-independence (docs/algorithms.md, Inputs and Methods)."""
 
 from __future__ import annotations
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import attention_shapes, random_adapter
+from factories import attention_shapes, merge_config, random_adapter
 from test_merge_reference import dense_updates, relative_difference
 
 from loramerge_cli.merging import elementwise
-from loramerge_cli.merging.merge import MergeConfig, merge
+from loramerge_cli.merging.merge import merge
 
 merge_utils = pytest.importorskip("peft.utils.merge_utils")
 
@@ -33,7 +33,7 @@ def per_module(function):
 
 
 def ours(**flags):
-    return dense_updates(merge(adapters(), MergeConfig(weights=WEIGHTS, lam=1.0, out_rank=18, **flags)))
+    return dense_updates(merge(adapters(), merge_config(weights=WEIGHTS, lam=1.0, out_rank=18, **flags)))
 
 
 # ---------------------------------------------------------------- PEFT

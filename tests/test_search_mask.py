@@ -138,3 +138,21 @@ def test_plots_are_written(setting, tmp_path):
     paths = write_plots(table, provenance["history"], tmp_path / "plots")
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_api_search_takes_loaded_adapters_and_reads_them_once(setting, tmp_path, monkeypatch):
+    import loramerge_cli.adapters.peft_reader as reader
+    from loramerge_cli import api
+
+    adapters = api.load_adapters(setting.adapter_args())
+
+    def read_again(*args, **kwargs):
+        raise AssertionError("the adapters were read from disk a second time")
+
+    monkeypatch.setattr(reader, "load_adapters", read_again)
+    plan = api.plan_search(request(setting, adapters=adapters, report_test=True,
+                                   enmp=EnmpSettings(popsize=2, generations=1, max_prune=0.5, seed=3)),
+                           out=tmp_path / "mask.json")
+    table, provenance = api.search(plan)
+    assert load_table(tmp_path / "mask.json").weights == table.weights
+    assert provenance["test"]["best_mean_normalized_accuracy"] is not None

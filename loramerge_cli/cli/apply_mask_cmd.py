@@ -19,7 +19,7 @@ from loramerge_cli.cli.common import (
     examples_epilog,
     human_console,
 )
-from loramerge_cli.cli.merge_cmd import DtypeName, _table
+from loramerge_cli.cli.merge_cmd import DtypeName
 
 EPILOG = examples_epilog(
     "loramerge apply-mask --adapters a/ b/ c/ --mask mask.json --out pruned/",
@@ -56,7 +56,7 @@ def apply_mask_command(
         raise typer.BadParameter('give --mask FILE or --indices "[..]"', param_hint="'--mask'")
     check_output_dir(out, force)
     loaded = api.load_adapters(adapters, allow_pickle=allow_pickle)
-    table = _table(loaded, mask, indices)
+    table = api.weight_table(loaded, mask, indices)
     pruned = [api.apply_table(adapter, table, index) for index, adapter in enumerate(loaded)]
     if base is not None:
         pruned = [replace(a, config={**a.config, "base_model_name_or_path": base}) for a in pruned]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shlex
 import sys
 import traceback
@@ -15,7 +16,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
 
 MULTI_VALUE_OPTIONS = ("--adapters", "--merged")  # take several values after one flag
 
@@ -78,8 +79,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def command_errors(function):
-    """Error policy of every command: one line on stderr, exit 1 (130 after Ctrl-C); --debug adds
-    the traceback. Usage errors (typer.BadParameter, exit 2) pass through."""
+    """Error policy of every command: one line on stderr; exit 2 for usage errors (UsageError; Click's own
+    pass through), 1 for data errors, 130 after Ctrl-C; --debug adds the traceback of data errors."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -88,6 +89,8 @@ def command_errors(function):
             return function(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
+        except UsageError as error:
+            raise fail(f"error: {error}", 2) from None
         except LoramergeError as error:
             if debug:
                 traceback.print_exc()
@@ -151,7 +154,30 @@ def parse_float_list(text: str | None, flag: str) -> list[float] | None:
     try:
         return [float(part) for part in text.split(",")]
     except ValueError:
-        raise LoramergeError(f"{flag}: expected numbers separated by commas, got {text!r}") from None
+        raise UsageError(f"{flag}: expected numbers separated by commas, got {text!r}") from None
+
+
+def parse_lambda(text: str | None) -> float | str | None:
+    """--lambda: a finite number, 'auto', or None (not given)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise UsageError(f"--lambda: expected a finite number or 'auto', got {text!r}")
+    return value
+
+
+def parse_names(text: str | None, flag: str) -> list[str] | None:
+    """A comma-separated flag value as a list (None when not given)."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise UsageError(f"{flag}: give at least one name")
+    return names
 
 
 def examples_epilog(*lines: str) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -45,8 +45,11 @@ def eval_command(
     base: Annotated[Optional[str], typer.Option("--base", help="Base model folder or Hub id; overrides the "
                                                 "spec and the adapter configs.")] = None,
     device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16, float16.")] = "float32",
+    dtype: Annotated[Literal["float32", "bfloat16", "float16"], typer.Option("--dtype", help="Model dtype.")] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 16,
+    max_length: Annotated[Optional[int], typer.Option(
+        "--max-length", min=2, help="Token cap of tasks whose spec sets none. [default: the smaller of the "
+        "tokenizer's model_max_length and the model's max_position_embeddings]", show_default=False)] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads (fixed, for "
                                                    "reproducible numbers); default min(8, CPUs).")] = None,
     length_normalize: Annotated[bool, typer.Option("--length-normalize", help="Causal LM: divide each choice's "
@@ -62,6 +65,9 @@ def eval_command(
 ) -> None:
     """Score the base model, each expert on its own task, and each merged adapter on every task:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
+    from loramerge_cli.evaluation.data import check_task_file
+
+    check_task_file(tasks, [split])  # the spec and its data, before any adapter or model loads
     from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
     from loramerge_cli.evaluation.engine import EvalSettings
     from loramerge_cli.evaluation.report import eval_report
@@ -70,7 +76,7 @@ def eval_command(
     experts = load_adapters(adapters, allow_pickle=allow_pickle)
     merged_adapters = [load_adapter(source, allow_pickle=allow_pickle) for source in merged or []]
     settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
-                            threads=threads, length_normalize=length_normalize)
+                            threads=threads, length_normalize=length_normalize, max_length=max_length)
     with console.status("evaluating"):
         report = eval_report(tasks, experts, merged_adapters, settings, base=base, run_dir=run_dir,
                              allow_pickle=allow_pickle)

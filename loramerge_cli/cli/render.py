@@ -90,7 +90,18 @@ def merge_table(report: dict) -> Table:
     table.add_row("ranks", _compact(report["ranks"]))
     if report.get("max_truncation_error") is not None:
         table.add_row("truncation", f"largest relative error {report['max_truncation_error']:.3g}")
+    tuning = report.get("lambda_tuning")
+    if tuning:
+        score = _score(tuning["best_mean_normalized_accuracy"])
+        table.add_row("λ auto", f"{tuning['best']:g} (validation mean normalized accuracy {score}; "
+                      f"the method's default {tuning['default']:.3g})")
+        table.add_row("λ grid", " ".join(f"{r['lambda']:g}:{_score(r['mean_normalized_accuracy'], 1)}"
+                                          for r in tuning["grid"]))
     return table
+
+
+def _score(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 @contextmanager
@@ -112,7 +123,9 @@ def search_progress(console, generations: int):
 
     def on_event(kind: str, data: dict) -> None:
         if kind == "lambda":
-            console.print(f"λ tuned on validation: {data['lambda']:.4g}", highlight=False)
+            console.print(f"λ tuned on validation: {data['lambda']:.4g} ({data['points']} points)", highlight=False)
+            for warning in data["warnings"]:
+                console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
         elif kind == "start":
             console.print(
                 f"unpruned merge: {data['reference']:.2f} mean normalized accuracy (λ = {data['lambda']:.4g}); "

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from loramerge_cli.atomic import write_text
 from loramerge_cli.errors import LoramergeError
 
 CACHE_NAME = "scores.json"
@@ -35,10 +35,7 @@ class ScoreCache:
         self.scores.update(entries)
         if self.file is None:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.file.with_name(self.file.name + ".tmp")
-        temporary.write_text(json.dumps(self.scores, indent=1, sort_keys=True))
-        os.replace(temporary, self.file)
+        write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
 
 
 def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:

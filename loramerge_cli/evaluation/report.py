@@ -52,6 +52,7 @@ def eval_report(
         "split": engine.settings.split,
         "base_model": engine.base,
         "examples": {task: len(examples) for task, examples in engine.examples.items()},
+        "max_length": dict(engine.max_lengths),
         "rows": rows,
         "warnings": warnings,
     }

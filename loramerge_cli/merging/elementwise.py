@@ -1,4 +1,4 @@
-"""Elementwise kernels of the task-arithmetic family (see docs/algorithms): trim, elect, disjoint merge, DARE.
+"""Elementwise kernels of the task-arithmetic family (docs/algorithms.md, Methods): trim, elect, disjoint merge, DARE.
 
 Each takes a (T × D) matrix, one row per task (the flattened tensors of the scope), and an optional
 (T × D) boolean `present` marking which entries belong to the scope for that task (adapter scope with

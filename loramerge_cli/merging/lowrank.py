@@ -1,6 +1,6 @@
 """Low-rank algebra on factors: compact SVDs from thin QRs, sign conventions, polar factors, truncation.
 
-Nothing here forms an m×n product unless it is handed a dense matrix (Part A §A3, Part B §14.1).
+Nothing here forms an m×n product unless it is handed a dense matrix (docs/algorithms.md, Spaces).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-EPS_RANK = 1e-6  # ε-rank: singular values > EPS_RANK · σ_max count (Part A notation)
+EPS_RANK = 1e-6  # ε-rank: singular values > EPS_RANK · σ_max count (docs/algorithms.md, Notation)
 
 
 @dataclass

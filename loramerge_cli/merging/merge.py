@@ -13,44 +13,20 @@ import torch
 from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.units import unit_sort_key
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError, check_seed
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import elementwise, spectral
+from loramerge_cli.merging.config import (  # noqa: F401  (MergeConfig is imported from here too)
+    DEFAULT_ENERGY,
+    DEFAULT_MERGER,
+    DEFAULT_SEED,
+    SETTINGS,
+    MergeConfig,
+)
 from loramerge_cli.merging.full_space import FullSpaceJob, merge_full_space
 from loramerge_cli.merging.lowrank import LowRank, truncate_dense
 from loramerge_cli.merging.registry import PARAMETERS, PRESETS, Method, method_named
 from loramerge_cli.merging.spaces import SPACES, project
-
-
-@dataclass
-class MergeConfig:
-    """What to merge and how. `None` means: the preset's or the method's default."""
-
-    merger: str = "ta"  # a preset (knots, core) or a method name
-    method: str | None = None
-    space: str | None = None
-    lam: float | None = None
-    weights: list[float] | None = None  # per adapter, in task order
-    density: float | list[float] | None = None  # one value, or one per adapter
-    drop_rate: float | None = None
-    scope: str | None = None
-    keep_rule: str | None = None
-    consensus: str | None = None
-    normalize: str | None = None
-    elect_on: str | None = None
-    dare_rescale: str | None = None
-    gamma: float | None = None
-    epsilon: float | None = None
-    rank_fraction: float | None = None
-    cart_scale: float | None = None
-    common_fraction: float | None = None
-    clusters: int | None = None
-    isotropize: bool | None = None  # isotropize the merged update, after any method in any space
-    knots_scaled: bool | None = None
-    seed: int = 1
-    out_rank: int | None = None
-    energy: float = 0.9999
-    compute_dtype: torch.dtype = torch.float64
 
 
 @dataclass
@@ -112,68 +88,74 @@ class MergeResult:
     omitted: list[str]  # every task left these modules: ΔW = 0, not written
     settings: ResolvedMerge
     warnings: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)  # written to loramerge.json beside the settings (λ tuning)
 
 
 def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | None = None) -> ResolvedMerge:
     """Fill defaults (preset, then method) and validate every parameter."""
-    preset = PRESETS.get(config.merger)
-    method_name = config.method or (preset.method if preset else config.merger)
+    merger = config.merger or DEFAULT_MERGER
+    preset = PRESETS.get(merger)
+    method_name = config.method or (preset.method if preset else merger)
     try:
         method = method_named(method_name)
     except KeyError as error:
-        raise LoramergeError(str(error.args[0]) + "; presets: " + ", ".join(PRESETS)) from None
+        raise UsageError(str(error.args[0]) + "; presets: " + ", ".join(PRESETS)) from None
     space = config.space or (preset.space if preset else "full")
     if space not in SPACES:
-        raise LoramergeError(f"unknown space {space!r} (known: {', '.join(SPACES)})")
+        raise UsageError(f"unknown space {space!r} (known: {', '.join(SPACES)})")
     if space not in method.spaces:
-        raise LoramergeError(f"method {method.name} works in the {' and '.join(method.spaces)} space only "
-                             f"(it acts on the LoRA factors), not in {space}")
+        raise UsageError(f"method {method.name} works in the {' and '.join(method.spaces)} space only "
+                         f"(it acts on the LoRA factors), not in {space}")
     preset_params = preset.parameters if preset and method.name == preset.method else {}
     params = {}
     for name in method.parameters:
-        value = getattr(config, name)
+        value = config.parameter(name)
         if value is None:
             value = preset_params.get(name, method.defaults[name])
         if isinstance(value, (list, tuple)):
-            if name != "density" or len(value) != task_count:
-                raise LoramergeError(f"--{PARAMETERS[name].flag} takes one value, or one per adapter ({task_count})")
+            if not PARAMETERS[name].per_adapter or len(value) != task_count:
+                raise UsageError(f"--{PARAMETERS[name].flag} takes one value, or one per adapter ({task_count})")
             problem = next((p for p in map(PARAMETERS[name].check, value) if p), None)
             value = [float(v) for v in value]
         else:
             problem = PARAMETERS[name].check(value)
         if problem:
-            raise LoramergeError(problem)
+            raise UsageError(problem)
         params[name] = value
     if params.get("scope") == "adapter":
         for name, plain in (("normalize", "count"), ("elect_on", "weighted")):
             if params.get(name, plain) != plain:
-                raise LoramergeError(f"--{PARAMETERS[name].flag} {params[name]} needs --scope module "
-                                     "(with --scope adapter a task's weight may differ between modules)")
+                raise UsageError(f"--{PARAMETERS[name].flag} {params[name]} needs --scope module "
+                                 "(with --scope adapter a task's weight may differ between modules)")
     for name in PARAMETERS:
-        if name not in method.parameters and getattr(config, name) is not None:
-            raise LoramergeError(f"--{PARAMETERS[name].flag} does not apply to method {method.name}")
+        if name not in method.parameters and config.parameter(name) is not None:
+            raise UsageError(f"--{PARAMETERS[name].flag} does not apply to method {method.name}")
     knots_scaled = config.knots_scaled if config.knots_scaled is not None else preset_params.get("knots_scaled", False)
-    if config.seed < 1:
-        raise LoramergeError("--seed must be >= 1 (0 would mean a clock seed to CMA-ES)")
+    seed = DEFAULT_SEED if config.seed is None else config.seed
+    check_seed(seed)
     weights = list(config.weights) if config.weights is not None else [1.0] * task_count
     if len(weights) != task_count:
-        raise LoramergeError(f"--weights has {len(weights)} values for {task_count} adapters")
+        raise UsageError(f"--weights has {len(weights)} values for {task_count} adapters")
     if not all(w == w and abs(w) != float("inf") for w in weights):
-        raise LoramergeError("--weights must be finite numbers")
+        raise UsageError("--weights must be finite numbers")
     if config.lam is not None:
         lam = config.lam
     elif table is not None and table.scale is not None:
         lam = float(table.scale)
     else:
         lam = method.lambda_for(task_count)
+    if not (lam == lam and abs(lam) != float("inf")):
+        raise UsageError(f"--lambda must be a finite number (got {lam})")
     if config.out_rank is not None and config.out_rank < 1:
-        raise LoramergeError("--out-rank must be >= 1")
-    if not 0.0 < config.energy <= 1.0:
-        raise LoramergeError("--energy must be in (0, 1]")
+        raise UsageError("--out-rank must be >= 1")
+    energy = DEFAULT_ENERGY if config.energy is None else config.energy
+    if not 0.0 < energy <= 1.0:
+        raise UsageError("--energy must be in (0, 1]")
     return ResolvedMerge(
-        merger=config.merger, method=method, space=space, lam=float(lam), weights=weights, params=params,
-        knots_scaled=bool(knots_scaled), seed=config.seed, out_rank=config.out_rank, energy=config.energy,
-        compute_dtype=config.compute_dtype, isotropize=bool(config.isotropize),
+        merger=merger, method=method, space=space, lam=float(lam), weights=weights, params=params,
+        knots_scaled=bool(knots_scaled), seed=seed, out_rank=config.out_rank, energy=energy,
+        compute_dtype=torch.float64 if config.compute_dtype is None else config.compute_dtype,
+        isotropize=bool(config.isotropize),
     )
 
 
@@ -189,7 +171,8 @@ def merge(
     allow_base_mismatch: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> MergeResult:
-    """Merge the adapters module by module. See Part A §A2–§A4 for the exact semantics.
+    """Merge the adapters module by module with exactly `config` (a table's recorded settings are not read:
+    `api.merge` applies them). docs/algorithms.md, "The merge pipeline", gives the exact semantics.
 
     `progress(path)` is called after each module is done (the CLI's progress bar)."""
     config = config or MergeConfig()

@@ -164,7 +164,7 @@ def _config_of(settings: ResolvedMerge) -> MergeConfig:
     return MergeConfig(merger=settings.merger, method=settings.method.name, space=settings.space,
                        weights=settings.weights, knots_scaled=settings.knots_scaled, seed=settings.seed,
                        out_rank=settings.out_rank, energy=settings.energy, compute_dtype=settings.compute_dtype,
-                       params=extra, **named)
+                       isotropize=settings.isotropize or None, params=extra, **named)
 
 
 def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_id: str | None = None) -> Path:

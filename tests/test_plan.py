@@ -16,6 +16,7 @@ from factories import invoke_cli
 from loramerge_cli import api
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.merging.merge import MergeConfig
+from loramerge_cli.merging.registry import TIES_OPTIONS
 
 
 @pytest.fixture()
@@ -74,7 +75,7 @@ def test_plan_merge_checks_everything_first(sources, tmp_path):
     with pytest.raises(LoramergeError, match="--head"):
         api.plan_merge(adapters, head="zzz")
     plan = api.plan_merge(adapters, MergeConfig(merger="ties"), out=tmp_path / "o")
-    assert plan.settings.params == {"density": 0.8, "scope": "module"} and not (tmp_path / "o").exists()
+    assert plan.settings.params == {"density": 0.8, "scope": "module", **TIES_OPTIONS} and not (tmp_path / "o").exists()
     assert api.write(plan, api.execute(plan)) == tmp_path / "o"
 
 

@@ -61,8 +61,8 @@ def merge_options() -> list:
         option("energy", float | None, None, show_default=False,
                help="Dense results: keep this fraction of the update's energy (sum of squared singular values). "
                "[default: 0.9999]"),
-        option("seed", int | None, None, show_default=False, help="Seed of randomized methods (DARE), >= 1. "
-               "[default: 1]"),
+        option("seed", int | None, None, show_default=False, help="Seed of randomized methods (DARE, DELLA, "
+               "LoRA-LEGO), >= 1. [default: 1]"),
         option("head", str | None, None, help="Also write this task's head as modules_to_save, so a plain PEFT "
                "load serves it."),
         option("base", str | None, None, help="Base model id or path; overrides the configs'."),
@@ -144,7 +144,7 @@ def _print_report(report: dict, console, served: str | None, head: str | None) -
     for line in push_lines(report["push"]) if "push" in report else []:
         result_console().print(line, markup=False, highlight=False)
     for warning in report["warnings"]:
-        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     if served != head:
         console.print(f"note: no --head: task {served!r}'s head is in modules_to_save, so that the merge loads with "
                       "AutoPeftModel (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)

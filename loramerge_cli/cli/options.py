@@ -106,12 +106,15 @@ def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]
             "Per-adapter weights w1,w2,... in task order, applied before the method. [default: 1]")),
     ]
     for parameter in PARAMETERS.values():
-        kind = choice(parameter.choices) if parameter.choices else parameter.type
+        kind = choice(parameter.choices) if parameter.choices else str if parameter.per_adapter else parameter.type
         allowed = f" Allowed: {parameter.bounds()}." if parameter.bounds() and not parameter.choices else ""
         options.append(option(parameter.name, kind | None, None, help=(
             f"{parameter.help}{allowed} Methods: {', '.join(methods_using(parameter.name))}.")))
     options.append(option("knots_scaled", bool | None, None, "--knots-scaled/--no-knots-scaled", show_default=False,
                           help="knots space: scale the components by their singular values."))
+    options.append(option("isotropize", bool | None, None, "--isotropize/--no-isotropize", show_default=False,
+                          help="Flatten the spectrum of the merged update, after any method in any space "
+                          "(CoreSpace's Iso step)."))
     return options
 
 
@@ -124,7 +127,17 @@ def merge_config(flags: dict, **fixed):
 
     check_seed(flags.get("seed", fixed.get("seed")))
     lam = parse_lambda(flags.get("lam"))
-    named = {name: flags[name] for name in SETTINGS if name in flags and name not in ("lam", "weights")}
-    extra = {name: flags[name] for name in PARAMETERS if name not in SETTINGS}
+    given = {**flags, **{name: _per_adapter(flags[name], name) for name in PARAMETERS
+                         if PARAMETERS[name].per_adapter and name in flags}}
+    named = {name: given[name] for name in SETTINGS if name in given and name not in ("lam", "weights")}
+    extra = {name: given[name] for name in PARAMETERS if name not in SETTINGS}
     return MergeConfig(**named, lam=None if lam == "auto" else lam,
                        weights=parse_float_list(flags.get("weights"), "--weights"), params=extra, **fixed)
+
+
+def _per_adapter(text: str | None, name: str):
+    """A per-adapter option's value: one number, or a list of them (v1,v2,... in task order)."""
+    from loramerge_cli.cli.common import parse_float_list
+
+    values = parse_float_list(text, f"--{name.replace('_', '-')}")
+    return values[0] if values is not None and len(values) == 1 else values

@@ -16,10 +16,11 @@ class MergeConfig:
     space: str | None = None
     lam: float | None = None
     weights: list[float] | None = None  # per adapter, in task order
-    density: float | None = None
+    density: float | list[float] | None = None  # one value, or one per adapter
     drop_rate: float | None = None
     scope: str | None = None
     knots_scaled: bool | None = None
+    isotropize: bool | None = None  # flatten the merged update's spectrum, after any method in any space
     seed: int | None = None  # default 1
     out_rank: int | None = None
     energy: float | None = None  # default 0.9999
@@ -37,5 +38,5 @@ class MergeConfig:
 
 
 SETTINGS = ("merger", "method", "space", "lam", "weights", "density", "drop_rate", "scope", "knots_scaled", "seed",
-            "out_rank", "energy")  # MergeConfig's fields that a weight table may record (lam as "lambda")
+            "out_rank", "energy", "isotropize")  # MergeConfig's fields that a weight table may record (lam as "lambda")
 DEFAULT_MERGER, DEFAULT_SEED, DEFAULT_ENERGY = "ta", 1, 0.9999

@@ -7,7 +7,7 @@ ratio ω_k of every task k (its own A_k, its own inputs) for: the base (all coef
 λ = 1/T and at NSC's starting point 0.4, each expert alone (λ_k = 1, the rest 0), and, with `--table`,
 learned coefficients (a `search-mask --strategy nsc` output). Label-free: no label is read.
 
-    python -m examples.nsc_premise [--target-blocks 0,1,2,3] [--target-modules v_proj] [--table coeffs.json]
+    python -m examples.nsc_premise [--target-blocks 0,1,2,3] [--target-modules o_proj] [--table coeffs.json]
                                    [--json out.json]
 """
 
@@ -82,7 +82,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--target-blocks", help="comma-separated block indices (default: NSC's, the last quarter)")
-    parser.add_argument("--target-modules", help="comma-separated module names (default: NSC's, o_proj here)")
+    parser.add_argument("--target-modules", help="comma-separated module names (default: NSC's, v_proj here)")
     parser.add_argument("--table", type=Path, help="a coefficient table to measure too")
     parser.add_argument("--val-limit", type=int, default=256)
     parser.add_argument("--json", type=Path)

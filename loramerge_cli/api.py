@@ -16,7 +16,15 @@ from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
 from loramerge_cli.adapters.units import sorted_units
 from loramerge_cli.adapters.writer import write_adapter
 from loramerge_cli.errors import UsageError
-from loramerge_cli.masks import WeightTable, check_table, from_pruned_indices, load_table, ones_table, parse_indices
+from loramerge_cli.masks import (
+    WeightTable,
+    align_table,
+    check_table,
+    from_pruned_indices,
+    load_table,
+    ones_table,
+    parse_indices,
+)
 from loramerge_cli.merging.merge import MergeConfig, MergeResult
 from loramerge_cli.plan import LambdaTuning, MergePlan, check_not_an_input, execute, plan_merge, write
 from loramerge_cli.pruning import apply_table
@@ -68,7 +76,7 @@ def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indice
     if mask is not None and indices is not None:
         raise UsageError("give --mask or --indices, not both")
     if mask is not None:
-        table = load_table(mask)
+        table = align_table(load_table(mask), adapters)  # matched by task name, not by order
         check_table(table, adapters, origin=str(mask))
         return table
     if indices is not None:
@@ -135,12 +143,31 @@ def _summary(adapter: Adapter) -> dict:
         "scales": _counts(round(m.scale, 8) for m in modules),
         "use_rslora": bool(adapter.config.get("use_rslora", False)),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules),
-        "targets": sorted({m.path.rsplit(".", 1)[-1] for m in modules}),
+        "targets": target_names([m.path for m in modules], adapter.config.get("target_modules")),
         "units": len(adapter.units),
         "heads": adapter.head_modules,
         "size_bytes": _size_bytes(adapter),
         "notes": _notes(adapter),
     }
+
+
+def target_names(paths: list[str], configured=None) -> list[str]:
+    """The targeted modules by leaf name (`q_proj`), or by their path inside the block where the leaf is
+    ambiguous: LoRA modules with that leaf sit at several places of a block, or the config's
+    target_modules names a longer suffix (BERT's `attention.output.dense`, not every `dense`)."""
+    from loramerge_cli.adapters.units import unit_of
+
+    inside = {}  # leaf -> in-block paths
+    for path in paths:
+        unit = unit_of(path)
+        relative = path[len(unit) + 1:] if unit else path
+        inside.setdefault(relative.rsplit(".", 1)[-1], set()).add(relative)
+    suffixes = [name for name in configured or [] if isinstance(configured, list) and "." in name]
+    names = set()
+    for leaf, relatives in inside.items():
+        longer = any(name.rsplit(".", 1)[-1] == leaf for name in suffixes)
+        names.update(relatives if len(relatives) > 1 or longer else {leaf})
+    return sorted(names)
 
 
 def _notes(adapter: Adapter) -> list[str]:

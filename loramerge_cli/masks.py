@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field, replace
 from importlib import resources
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramerge_cli.adapters.model import Adapter
@@ -158,11 +158,25 @@ def mask_schema() -> dict:
     return json.loads(resources.files("loramerge_cli").joinpath("schemas/mask.schema.json").read_text())
 
 
+def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
+    """The table with its rows in the adapters' order when it names the same tasks in another order
+    (a table is matched to the adapters by task name)."""
+    names = [a.name for a in adapters]
+    if table.tasks == names or sorted(table.tasks) != sorted(names) or len(set(names)) != len(names):
+        return table
+    order = [table.tasks.index(name) for name in names]
+    merger = table.merger
+    if isinstance(merger, dict) and isinstance(merger.get("weights"), list) and len(merger["weights"]) == len(order):
+        merger = {**merger, "weights": [merger["weights"][i] for i in order]}
+    recorded = [table.adapters[i] for i in order] if len(table.adapters) == len(order) else table.adapters
+    return replace(table, tasks=names, weights=[table.weights[i] for i in order], adapters=recorded, merger=merger)
+
+
 def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask") -> None:
     """The table must name the same tasks, units and adapter weights (sha256) as the inputs."""
     names = [a.name for a in adapters]
     if table.tasks != names:
-        raise LoramergeError(f"{origin}: tasks {table.tasks} do not match the adapters {names} (same order)")
+        raise LoramergeError(f"{origin}: tasks {table.tasks} do not match the adapters {names}")
     if table.unit == "block":
         expected = units_of(adapters)
     else:

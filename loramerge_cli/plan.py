@@ -17,6 +17,7 @@ from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.writer import check_head, check_output_dir, write_merged_adapter
 from loramerge_cli.errors import LoramergeError, UsageError, check_at_least
+from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import merge as merging
 from loramerge_cli.merging.merge import SETTINGS, MergeConfig, MergeResult, ResolvedMerge, resolve_config
@@ -32,6 +33,7 @@ class LambdaTuning:
     device: str | None = None
     batch_size: int | None = None
     base: str | None = None
+    max_length: int | None = None
     dtype: str | None = None  # of the evaluated model
     threads: int | None = None
     backend: object | None = None  # search/backends.py Backend: where the grid is scored (None: here)
@@ -39,6 +41,9 @@ class LambdaTuning:
     def __post_init__(self) -> None:
         check_at_least(self.val_limit, 1, "--val-limit")
         check_at_least(self.batch_size, 1, "--batch-size")
+        check_at_least(self.max_length, 2, "--max-length")
+        if self.backend is not None:
+            self.backend.check()
 
 
 @dataclass
@@ -132,25 +137,29 @@ def plan_merge(
                      command, tuning, allow_base_mismatch)
 
 
-def execute(plan: MergePlan, progress: Callable[[str], None] | None = None) -> MergeResult:
-    """Tune λ if asked, then merge. `progress(path)` is called after each module."""
+def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
+            on_event: Reporter | None = None) -> MergeResult:
+    """Tune λ if asked, then merge. `progress(path)` is called after each module; `on_event` receives the
+    progress stages (loramerge_cli.events) of the λ grid and of the merge."""
     settings, tuning = plan.settings, {}
     if plan.tuning is not None:
-        from loramerge_cli.evaluation.tuning import tune_lambda
+        from loramerge_cli.evaluation.tuning import search_lambda
         from loramerge_cli.evaluation.workers import tuning_pool
 
         config = _config_of(settings)
-        pool, options = tuning_pool(plan.adapters, config, plan.table, plan.tuning, plan.allow_base_mismatch)
-        try:
-            best, grid = tune_lambda(plan.adapters, config, plan.table, plan.tuning.tasks,
-                                     allow_base_mismatch=plan.allow_base_mismatch, **options,
-                                     **({"pool": pool} if pool else {}))
-        finally:
-            if pool is not None:
-                pool.close()
-        settings = replace(settings, lam=float(best))
-        tuning = {"lambda_tuning": {"tasks": str(plan.tuning.tasks), "best": float(best), "grid": grid}}
-    result = merging.run_merge(plan.adapters, settings, plan.table, progress=progress)
+        with tuning_pool(plan.adapters, config, plan.table, plan.tuning, plan.allow_base_mismatch) as options:
+            search = search_lambda(plan.adapters, config, plan.table, plan.tuning.tasks,
+                                   allow_base_mismatch=plan.allow_base_mismatch, report=on_event, **options)
+        settings = replace(settings, lam=float(search.best))
+        tuning = {"lambda_tuning": {"tasks": str(plan.tuning.tasks), **search.describe()}}
+    modules = {path for adapter in plan.adapters for path in adapter.modules}
+    with stage(on_event, "merging", len(modules)) as step:
+        def advance(path: str) -> None:
+            step(path)
+            if progress is not None:
+                progress(path)
+
+        result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance)
     result.provenance.update(tuning)
     return result
 
@@ -162,14 +171,15 @@ def _config_of(settings: ResolvedMerge) -> MergeConfig:
     return MergeConfig(merger=settings.merger, method=settings.method.name, space=settings.space,
                        weights=settings.weights, knots_scaled=settings.knots_scaled, seed=settings.seed,
                        out_rank=settings.out_rank, energy=settings.energy, compute_dtype=settings.compute_dtype,
-                       params=extra, **named)
+                       isotropize=settings.isotropize or None, params=extra, **named)
 
 
-def write(plan: MergePlan, result: MergeResult) -> Path:
-    """Write the merge where the plan says (the output guard runs again: the disk may have changed)."""
+def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_id: str | None = None) -> Path:
+    """Write the merge where the plan says (the output guard runs again: the disk may have changed).
+    `recipe` (YAML text) becomes loramerge.yaml; `repo_id` is the Hub id the model card's code loads."""
     if plan.out is None:
         raise UsageError("the plan has no output folder (give out= to plan_merge)")
     check_not_an_input(plan.out, plan.adapters)
     return write_merged_adapter(result, plan.adapters, plan.out, dtype=plan.dtype, head=plan.head,
                                 command=plan.command, force=plan.force, table=plan.table, base_model=plan.base,
-                                extra_provenance=result.provenance)
+                                extra_provenance=result.provenance, recipe=recipe, repo_id=repo_id)

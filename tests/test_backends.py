@@ -179,3 +179,26 @@ def test_backend_flags_are_checked_before_any_work(setting, tmp_path):
     result = invoke_cli([*common, "--backend", "ray", "--strategy", "nsc", "--workers", "2"])
     assert result.exit_code == 2 and "--strategy nsc" in result.stderr
     assert not (tmp_path / "mask.json").exists()
+
+
+def test_the_plans_refuse_a_bad_backend_before_any_model_loads(setting, monkeypatch):
+    """The library API too: plan_search and LambdaTuning check the backend before anything is read."""
+    import importlib.util
+
+    from loramerge_cli.errors import LoramergeError, UsageError
+    from loramerge_cli.plan import LambdaTuning
+    from loramerge_cli.search.backends import Backend
+    from loramerge_cli.search.plan import plan_search
+
+    with pytest.raises(UsageError, match="--backend must be one of"):
+        plan_search(request(setting, backend="dask"))
+    with pytest.raises(UsageError, match="--ray-address needs --backend ray"):
+        plan_search(request(setting, ray_address="auto"))
+    with pytest.raises(UsageError, match="--strategy nsc trains on one device"):
+        plan_search(request(setting, strategy="nsc", devices=["cpu", "cpu"]))
+    with pytest.raises(UsageError, match="--ray-address needs --backend ray"):
+        LambdaTuning(setting.tasks_file, backend=Backend("process", None, "auto"))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "ray" else find_spec(name))
+    with pytest.raises(LoramergeError, match="needs Ray"):
+        plan_search(request(setting, backend="ray"))

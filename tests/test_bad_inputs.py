@@ -119,7 +119,7 @@ CASES = {
     "Inf weights": lambda t, g: (["--adapters", _folder(t, adapter=_inf_adapter()), g[1]], "Inf"),
     "duplicate names": lambda t, g: (["--adapters", g[0], g[0]], "name=source"),
     "mask tasks differ": lambda t, g: (
-        ["--adapters", *g, *_mask(t, g, lambda d: d.update(tasks=["b", "a"]))], "tasks"),
+        ["--adapters", *g, *_mask(t, g, lambda d: d.update(tasks=["a", "z"]))], "tasks"),
     "mask units differ": lambda t, g: (
         ["--adapters", *g, *_mask(t, g, lambda d: d.update(units=["model.layers.0", "model.layers.1",
                                                                   "model.layers.7"]))], "units"),
@@ -213,7 +213,7 @@ def test_output_under_a_read_only_folder(good, tmp_path):
 
 def test_other_commands_follow_the_same_policy(good, tmp_path):
     _assert_one_line_error(invoke_cli(["inspect", str(tmp_path / "nope")]), "no such file")
-    mask = _mask(tmp_path, good, lambda d: d.update(tasks=["b", "a"]))
+    mask = _mask(tmp_path, good, lambda d: d.update(tasks=["a", "z"]))
     out = tmp_path / "pruned"
     _assert_one_line_error(invoke_cli(["apply-mask", "--adapters", *good, *mask, "--out", out]), "tasks")
     assert not out.exists()

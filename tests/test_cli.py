@@ -48,7 +48,7 @@ def test_merge_writes_every_file_and_matches_the_library(folders, sources, tmp_p
     out = tmp_path / "merged"
     _ok(["merge", "--adapters", *sources, "--merger", "knots", "--out", out, "--head", "a", "--quiet"])
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "heads", "loramerge.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "heads", "loramerge.json", "loramerge.yaml"]
     assert sorted(p.name for p in (out / "heads").iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
     provenance = json.loads((out / "loramerge.json").read_text())
     assert provenance["command"].startswith("loramerge merge --adapters ")
@@ -121,7 +121,7 @@ def test_apply_mask_writes_the_masked_adapters(folders, sources, tmp_path):
     table.weights[2][0] = 0.25
     table.save(tmp_path / "mask.json")
     _ok(["apply-mask", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--out", tmp_path / "pruned"])
-    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["a", "b", "c"]
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["a", "b", "c", "loramerge.yaml", "mask.json"]
     for index, adapter in enumerate(adapters):
         written = load_adapter(str(tmp_path / "pruned" / adapter.name))
         expected = api.apply_table(adapter, table, index)
@@ -234,21 +234,33 @@ def test_search_mask_needs_tasks_and_a_valid_seed(sources, tmp_path):
 
 
 def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monkeypatch):
+    import loramerge_cli.evaluation.data as data
     import loramerge_cli.evaluation.tuning as tuning
 
     calls = []
 
-    def fake_tune(adapters, config, table, tasks_file, **options):
+    def fake_search(adapters, config, table, tasks_file, **options):
+        assert callable(options.pop("report"))  # progress goes to the display, never printed by the tuner
         calls.append((config.merger, str(tasks_file), options))
-        return 0.3, [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}]
+        return tuning.LambdaSearch(0.3, 1.0, [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}], ["edge!"])
 
-    monkeypatch.setattr(tuning, "tune_lambda", fake_tune)
+    monkeypatch.setattr(tuning, "search_lambda", fake_search)
+    monkeypatch.setattr(data, "check_task_file", lambda path, splits: calls.append(("checked", str(path), splits)))
     (tmp_path / "tasks.yaml").write_text("tasks: []\n")
-    _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks", tmp_path / "tasks.yaml",
-         "--val-limit", "8", "--out", tmp_path / "m"])
-    assert calls == [("tsv", str(tmp_path / "tasks.yaml"), {"val_limit": 8, "allow_base_mismatch": False})]
+    result = _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks",
+                  tmp_path / "tasks.yaml", "--val-limit", "8", "--out", tmp_path / "m", "--json"])
+    assert calls == [("checked", str(tmp_path / "tasks.yaml"), ["validation"]),
+                     ("tsv", str(tmp_path / "tasks.yaml"), {"val_limit": 8, "allow_base_mismatch": False})]
+    assert "lambda: 0.3" in (tmp_path / "m" / "loramerge.yaml").read_text()  # the recipe holds the tuned λ
     provenance = json.loads((tmp_path / "m" / "loramerge.json").read_text())
     assert provenance["parameters"]["lambda"] == 0.3
+    report = json.loads(result.stdout)
+    assert report["lambda_tuning"]["best"] == 0.3 and "edge!" in report["warnings"]
+    assert report["lambda_tuning"]["grid"] == provenance["lambda_tuning"]["grid"]
+    shown = _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks",
+                 tmp_path / "tasks.yaml", "--out", tmp_path / "m2"])
+    output = shown.stderr + shown.stdout
+    assert "λ auto" in output and "0.3:99.0" in output and "edge!" in output
     assert provenance["lambda_tuning"]["grid"] == [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}]
 
 

@@ -16,6 +16,7 @@ from factories import invoke_cli
 from loramerge_cli import api
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.merging.merge import MergeConfig
+from loramerge_cli.merging.registry import TIES_OPTIONS
 
 
 @pytest.fixture()
@@ -74,7 +75,7 @@ def test_plan_merge_checks_everything_first(sources, tmp_path):
     with pytest.raises(LoramergeError, match="--head"):
         api.plan_merge(adapters, head="zzz")
     plan = api.plan_merge(adapters, MergeConfig(merger="ties"), out=tmp_path / "o")
-    assert plan.settings.params == {"density": 0.8, "scope": "module"} and not (tmp_path / "o").exists()
+    assert plan.settings.params == {"density": 0.8, "scope": "module", **TIES_OPTIONS} and not (tmp_path / "o").exists()
     assert api.write(plan, api.execute(plan)) == tmp_path / "o"
 
 
@@ -235,3 +236,17 @@ def test_no_import_cycle_inside_search():
 
     for name in graph:
         visit(name, [])
+
+
+def test_search_refusals_do_not_import_torch(sources, tasks_file):
+    """A fresh process refuses a bad search before the heavy imports (torch alone takes seconds)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom loramerge_cli.cli.app import main\n"
+            f"sys.argv = ['loramerge', 'search-mask', '--adapters', *{sources!r}, '--tasks', {str(tasks_file)!r}, "
+            f"'--out', {str(tasks_file.with_name('m.json'))!r}, *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as exit:\n    print(exit.code, 'torch' in sys.modules)\n")
+    for flags, code_expected in ((["--report-test"], 1), (["--val-limit", "0"], 2), (["--lambda", "abc"], 2)):
+        result = subprocess.run([sys.executable, "-c", code, *flags], capture_output=True, text=True, check=True)
+        assert result.stdout.split() == [str(code_expected), "False"], (flags, result.stdout, result.stderr)

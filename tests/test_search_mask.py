@@ -1,6 +1,7 @@
 """search-mask end to end on a tiny real model: output table, merge --mask, resume, serial = parallel."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -138,6 +139,20 @@ def test_plots_are_written(setting, tmp_path):
     paths = write_plots(table, provenance["history"], tmp_path / "plots")
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_progress_on_stderr_summary_on_stdout(setting, tmp_path):
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ta",
+            "--lambda", "auto", "--popsize", "4", "--generations", "2", "--max-prune", "0.5", "--threads", "1"]
+    loud = invoke_cli([*args, "--out", str(tmp_path / "a.json"), "--plot", str(tmp_path / "plots")])
+    assert loud.exit_code == 0, loud.stderr
+    assert re.search(r"λ grid: \d+, \d+s elapsed", loud.stderr) and "experts: 3/3" in loud.stderr
+    assert "scoring the unpruned merge: 1/1" in loud.stderr
+    assert "gen   1/2" in loud.stderr and "eta" in loud.stderr
+    assert "pruned" in loud.stdout and "gen " not in loud.stdout
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["fitness.png", "mask.png"]
+    quiet = invoke_cli([*args, "--out", str(tmp_path / "b.json"), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and "pruned" in quiet.stdout
 
 
 def test_api_search_takes_loaded_adapters_and_reads_them_once(setting, tmp_path, monkeypatch):

@@ -30,7 +30,7 @@ def build_app() -> typer.Typer:
             "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/",
         ),
         no_args_is_help=True,
-        add_completion=False,
+        add_completion=True,
         pretty_exceptions_enable=False,
         rich_markup_mode=None,  # help texts hold literal brackets ("[i, ...]", "[default: ...]")
         context_settings={"help_option_names": ["-h", "--help"]},

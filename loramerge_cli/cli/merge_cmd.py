@@ -7,7 +7,15 @@ from typing import Literal
 
 import typer
 
-from loramerge_cli.cli.common import command_errors, command_line, emit_json, examples_epilog, human_console
+from loramerge_cli.cli.common import (
+    apply_threads,
+    command_errors,
+    command_line,
+    emit_json,
+    examples_epilog,
+    human_console,
+    result_console,
+)
 from loramerge_cli.cli.options import (
     adapter_options,
     choice,
@@ -15,9 +23,12 @@ from loramerge_cli.cli.options import (
     merger_options,
     option,
     output_options,
+    push_options,
+    resolve_backend,
+    scale_options,
+    threads_option,
     with_options,
 )
-from loramerge_cli.cli.scale_options import resolve_backend, scale_options
 from loramerge_cli.errors import UsageError, check_at_least
 from loramerge_cli.merging.registry import DTYPES
 
@@ -28,6 +39,8 @@ EPILOG = examples_epilog(
     "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/ --head a",
     "loramerge merge --adapters a/ b/ c/ --merger tsv --lambda auto --tasks tasks.yaml --out merged/",
     "loramerge merge --config merge.yaml --out merged/ --force",
+    "loramerge merge --config merged/loramerge.yaml --out again/          # rebuild a merge bit for bit",
+    "loramerge merge --adapters a/ b/ --merger ties --out merged/ --push-to-hub me/merged --private --dry-run",
 )
 MASK_HELP = "Weight table JSON (loramerge.mask/v1)."
 INDICES_HELP = 'Pruned flat indices "[i, ...]", i = unit·T + task (the ENMP reference\'s --mask).'
@@ -48,9 +61,10 @@ def merge_options() -> list:
                help="Dtype of the written weights. [default: the inputs']"),
         option("out_rank", int | None, None, help="Rank of truncated dense results."),
         option("energy", float | None, None, show_default=False,
-               help="Dense results: keep this fraction of Σσ². [default: 0.9999]"),
-        option("seed", int | None, None, show_default=False, help="Seed of randomized methods (DARE), >= 1. "
-               "[default: 1]"),
+               help="Dense results: keep this fraction of the update's energy (sum of squared singular values). "
+               "[default: 0.9999]"),
+        option("seed", int | None, None, show_default=False, help="Seed of randomized methods (DARE, DELLA, "
+               "LoRA-LEGO), >= 1. [default: 1]"),
         option("head", str | None, None, help="Also write this task's head as modules_to_save, so a plain PEFT "
                "load serves it."),
         option("base", str | None, None, help="Base model id or path; overrides the configs'."),
@@ -61,29 +75,44 @@ def merge_options() -> list:
         option("batch_size", int | None, None, help="--lambda auto: batch size."),
         option("eval_dtype", choice(DTYPES) | None, None, show_default=False,
                help="--lambda auto: dtype of the evaluated model. [default: float32]"),
+        option("max_length", int | None, None, show_default=False, help="--lambda auto: token cap of tasks whose "
+               "spec sets none. [default: the smaller of the tokenizer's model_max_length and the model's "
+               "max_position_embeddings]"),
+        threads_option(),
+        *push_options(),
     ]
 
 
 @command_errors
 def merge_command(ctx: typer.Context, **flags) -> None:
     """Merge LoRA adapters into one adapter: weight table -> space -> method -> λ, written as exact LoRA
-    factors (dense results truncated, with the error recorded). The math: docs/algorithms.md."""
-    from loramerge_cli import api
-    from loramerge_cli.cli import render
-
-    config = merge_config(flags)  # flag values are checked before anything is read
+    factors (dense results truncated, with the error recorded). The output folder holds a model card,
+    loramerge.yaml (rerun it with --config) and every task's head. The math: docs/algorithms.md."""
     check_at_least(flags["val_limit"], 1, "--val-limit")
     tuning = None
     if flags["lam"] == "auto":
         if flags["tasks"] is None:
             raise UsageError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
-        spread, threads = resolve_backend(flags["device"] or "cpu", flags["devices"], flags["workers"], None,
-                                          flags["backend"], flags["ray_address"])
+        spread, threads = resolve_backend(flags["device"] or "cpu", flags["devices"], flags["workers"],
+                                          flags["threads"], flags["backend"], flags["ray_address"])
+        from loramerge_cli.evaluation.data import check_task_file
+
+        check_task_file(flags["tasks"], ["validation"])  # the spec and its data, before torch or adapters load
+    config = merge_config(flags)  # flag values are checked before anything is read
+    from loramerge_cli.cli.publish import check_repo_id
+
+    check_repo_id(flags["push_to_hub"])
+    apply_threads(flags["threads"])
+    from loramerge_cli import api
+    from loramerge_cli.cli.progress import ProgressDisplay
+
+    if flags["lam"] == "auto":
         tuning = api.LambdaTuning(flags["tasks"], flags["val_limit"], flags["device"], flags["batch_size"],
-                                  flags["base"], flags["eval_dtype"], threads, spread)
+                                  flags["base"], flags["max_length"], dtype=flags["eval_dtype"], threads=threads,
+                                  backend=spread)
     if flags["mask"] is not None and flags["indices"] is not None:
         raise UsageError("give --mask or --indices, not both")
-    from loramerge_cli.adapters.writer import check_output_dir
+    from loramerge_cli.adapters.writer import check_output_dir, default_head
 
     check_output_dir(flags["out"], flags["force"])  # before loading anything
     adapters = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
@@ -92,22 +121,47 @@ def merge_command(ctx: typer.Context, **flags) -> None:
                           force=flags["force"], dtype=flags["dtype"], head=flags["head"], base=flags["base"],
                           command=command_line(ctx), tuning=tuning,
                           allow_base_mismatch=flags["allow_base_mismatch"])
-    console = human_console(flags["quiet"], flags["json_output"])
-    module_count = len({path for adapter in adapters for path in adapter.modules})
-    with render.module_progress(console, module_count) as advance:
-        result = api.execute(plan, progress=advance)
-    api.write(plan, result)
+    with ProgressDisplay(flags["quiet"] or flags["json_output"], terminal_only=("merging",)) as display:
+        result = api.execute(plan, on_event=display)  # λ grid and merge progress: stderr
+    api.write(plan, result, recipe=_recipe(ctx, plan, result), repo_id=flags["push_to_hub"])
     report = _report(result, flags["out"])
+    if flags["push_to_hub"] is not None:
+        from loramerge_cli.cli.publish import push_folder
+
+        report["push"] = push_folder(flags["out"], flags["push_to_hub"], private=flags["private"],
+                                     revision=flags["revision"], dry_run=flags["dry_run"])
     if flags["json_output"]:
         return emit_json(report)
-    console.print(render.merge_table(report))
-    for warning in result.warnings:
-        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+    _print_report(report, human_console(flags["quiet"]), default_head(adapters, flags["head"]), flags["head"])
+
+
+def _recipe(ctx: typer.Context, plan, result) -> str:
+    """loramerge.yaml of this merge: λ as used (tuned or given), the table as the folder's mask.json."""
+    from loramerge_cli.cli.recipe import build_recipe
+
+    lam = result.settings.lam if plan.tuning is not None else ctx.params.get("lam")
+    return build_recipe(ctx, plan.adapters, plan.out, {"lam": lam, "mask": "mask.json" if plan.table else None})
+
+
+def _print_report(report: dict, console, served: str | None, head: str | None) -> None:
+    """The result table and any upload on stdout; warnings and the default-head note on stderr."""
+    from loramerge_cli.cli import render
+    from loramerge_cli.cli.publish import push_lines
+
+    result_console().print(render.merge_table(report))
+    for line in push_lines(report["push"]) if "push" in report else []:
+        result_console().print(line, markup=False, highlight=False)
+    for warning in report["warnings"]:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    if served != head:
+        console.print(f"note: no --head: task {served!r}'s head is in modules_to_save, so that the merge loads with "
+                      "AutoPeftModel (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)
 
 
 def _report(result, out: Path) -> dict:
     from collections import Counter
 
+    tuning = result.provenance.get("lambda_tuning") or {}
     written = {path: module for path, module in result.modules.items() if module.rank > 0}
     errors = [m.truncation_error for m in written.values() if m.truncation_error is not None]
     ranks = Counter(module.rank for module in written.values())
@@ -121,7 +175,8 @@ def _report(result, out: Path) -> dict:
         "omitted": sorted(set(result.omitted) | (set(result.modules) - set(written))),
         "ranks": {str(rank): ranks[rank] for rank in sorted(ranks)},
         "max_truncation_error": max(errors) if errors else None,
-        "warnings": list(result.warnings),
+        "warnings": list(result.warnings) + list(tuning.get("warnings", [])),
+        **({"lambda_tuning": tuning} if tuning else {}),
     }
 
 

@@ -9,6 +9,7 @@ with its help, bounds and choices. A command is `def command(ctx, **flags)` with
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,8 +23,11 @@ from loramerge_cli.cli.common import (
     DEBUG_HELP,
     JSON_HELP,
     QUIET_HELP,
+    THREADS_HELP,
     load_config_defaults,
 )
+from loramerge_cli.errors import UsageError
+from loramerge_cli.search.backends import BACKENDS
 
 
 def option(name: str, annotation, default, *flags: str, **settings) -> inspect.Parameter:
@@ -71,6 +75,61 @@ def output_options(config: bool = True) -> list[inspect.Parameter]:
     ]
 
 
+def threads_option(help: str = THREADS_HELP) -> inspect.Parameter:
+    """--threads: torch's CPU threads in this process."""
+    return option("threads", int | None, None, min=1, show_default=False, help=help)
+
+
+def push_options() -> list[inspect.Parameter]:
+    """--push-to-hub and how: --private, --revision, --dry-run."""
+    return [
+        option("push_to_hub", str | None, None, metavar="OWNER/NAME",
+               help="Upload the output folder to this Hub model repository."),
+        option("private", bool, False, help="--push-to-hub: create the repository private."),
+        option("revision", str | None, None, show_default=False,
+               help="--push-to-hub: branch to upload to (created if needed). [default: main]"),
+        option("dry_run", bool, False, help="--push-to-hub: list what would be uploaded, upload nothing."),
+    ]
+
+
+def scale_options() -> list:
+    """--devices, --workers, --backend, --ray-address (the device itself is each command's --device)."""
+    return [
+        option("devices", str | None, None, help="Comma-separated devices, one worker each (cuda:0,cuda:1)."),
+        option("workers", int | None, None, help="Workers on --device (processes, or Ray actors with --backend "
+               "ray)."),
+        option("backend", choice(BACKENDS), "process", help="process: worker processes on this machine "
+               "(serial without --workers/--devices); ray: one Ray actor per device, on this machine or a cluster "
+               "(needs the ray extra; without --workers/--devices, one per GPU of the cluster with --device cuda, "
+               "else one per --threads CPUs)."),
+        option("ray_address", str | None, None, show_default=False, help="--backend ray: 'auto' (the cluster "
+               "`ray start` runs on this machine) or HOST:PORT. [default: a local Ray cluster for this run]"),
+    ]
+
+
+def resolve_backend(device: str, devices: str | None, workers: int | None, threads: int | None, backend: str,
+                    ray_address: str | None):
+    """(Backend, threads per worker): the devices of the workers, and the torch threads every process uses
+    (CPUs / workers with --workers; one per Ray CPU actor when the cluster decides the count)."""
+    from loramerge_cli.search.backends import Backend
+
+    if devices and workers:
+        raise UsageError("give --devices or --workers, not both")
+    Backend(backend, None, ray_address).check()
+    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
+    if devices is not None and not device_list:
+        raise UsageError("--devices: give at least one device")
+    if workers is not None:
+        if workers < 1:
+            raise UsageError("--workers must be >= 1")
+        device_list = [device] * workers
+        if threads is None:  # share the cores instead of oversubscribing them; every process uses the same count
+            threads = max(1, (os.cpu_count() or 1) // workers)
+    elif backend == "ray" and device_list is None and threads is None and not device.startswith("cuda"):
+        threads = 1  # one actor per CPU of the cluster
+    return Backend(backend, device_list, ray_address), threads
+
+
 def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]:
     """--merger, --method, --space, --lambda, --weights, every registered method parameter, --knots-scaled."""
     from loramerge_cli.merging.registry import PARAMETERS, PRESETS, SPACES, merger_names, method_names, methods_using
@@ -88,12 +147,15 @@ def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]
             "Per-adapter weights w1,w2,... in task order, applied before the method. [default: 1]")),
     ]
     for parameter in PARAMETERS.values():
-        kind = choice(parameter.choices) if parameter.choices else parameter.type
+        kind = choice(parameter.choices) if parameter.choices else str if parameter.per_adapter else parameter.type
         allowed = f" Allowed: {parameter.bounds()}." if parameter.bounds() and not parameter.choices else ""
         options.append(option(parameter.name, kind | None, None, help=(
             f"{parameter.help}{allowed} Methods: {', '.join(methods_using(parameter.name))}.")))
     options.append(option("knots_scaled", bool | None, None, "--knots-scaled/--no-knots-scaled", show_default=False,
                           help="knots space: scale the components by their singular values."))
+    options.append(option("isotropize", bool | None, None, "--isotropize/--no-isotropize", show_default=False,
+                          help="Flatten the spectrum of the merged update, after any method in any space "
+                          "(CoreSpace's Iso step)."))
     return options
 
 
@@ -101,12 +163,22 @@ def merge_config(flags: dict, **fixed):
     """The MergeConfig of the merger options in `flags` (None: not given); λ 'auto' is left to the caller."""
     from loramerge_cli.cli.common import parse_float_list, parse_lambda
     from loramerge_cli.errors import check_seed
-    from loramerge_cli.merging.merge import SETTINGS, MergeConfig
+    from loramerge_cli.merging.config import SETTINGS, MergeConfig
     from loramerge_cli.merging.registry import PARAMETERS
 
     check_seed(flags.get("seed", fixed.get("seed")))
     lam = parse_lambda(flags.get("lam"))
-    named = {name: flags[name] for name in SETTINGS if name in flags and name not in ("lam", "weights")}
-    extra = {name: flags[name] for name in PARAMETERS if name not in SETTINGS}
+    given = {**flags, **{name: _per_adapter(flags[name], name) for name in PARAMETERS
+                         if PARAMETERS[name].per_adapter and name in flags}}
+    named = {name: given[name] for name in SETTINGS if name in given and name not in ("lam", "weights")}
+    extra = {name: given[name] for name in PARAMETERS if name not in SETTINGS}
     return MergeConfig(**named, lam=None if lam == "auto" else lam,
                        weights=parse_float_list(flags.get("weights"), "--weights"), params=extra, **fixed)
+
+
+def _per_adapter(text: str | None, name: str):
+    """A per-adapter option's value: one number, or a list of them (v1,v2,... in task order)."""
+    from loramerge_cli.cli.common import parse_float_list
+
+    values = parse_float_list(text, f"--{name.replace('_', '-')}")
+    return values[0] if values is not None and len(values) == 1 else values

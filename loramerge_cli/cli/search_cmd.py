@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from loramerge_cli.cli.common import command_errors, command_line, emit_json, examples_epilog, human_console
+from loramerge_cli.cli.common import command_errors, command_line, emit_json, examples_epilog, result_console
 from loramerge_cli.cli.options import (
     adapter_options,
     choice,
@@ -15,10 +15,10 @@ from loramerge_cli.cli.options import (
     merger_options,
     option,
     output_options,
+    resolve_backend,
+    scale_options,
     with_options,
 )
-from loramerge_cli.cli.scale_options import resolve_backend, scale_options
-from loramerge_cli.errors import UsageError
 from loramerge_cli.merging.registry import DTYPES
 
 EPILOG = examples_epilog(
@@ -62,12 +62,13 @@ def search_options() -> list:
         option("target_blocks", str | None, None, show_default=False, help="nsc: blocks the ratio is measured in: "
                "indices (9,10,11) or unit prefixes. [default: the last quarter of the blocks with LoRA]"),
         option("target_modules", str | None, None, show_default=False, help="nsc: module names in those blocks "
-               "(o_proj,out_proj), matched on whole path components. [default: docs/algorithms.md, NSC]"),
-        option("max_prune", float, 0.2, help="ρ: at most ⌊ρ·units·tasks⌋ pruned."),
+               "(o_proj,out_proj), matched on whole path components. [default: the value projection (v_proj, "
+               "value), else the attention output projection, else the last LoRA attention module]"),
+        option("max_prune", float, 0.2, help="Largest fraction of the (task, block) units that may be pruned."),
         option("popsize", int, 16, help="CMA-ES population size."),
         option("generations", int, 60, help="CMA-ES generations."),
         option("sigma0", float, 0.5, help="CMA-ES initial step size."),
-        option("threshold", float, 0.0, help="θ: latent values above it prune."),
+        option("threshold", float, 0.0, help="CMA-ES: a unit is pruned when its search value is above this."),
         option("addscale", bool, False, help="Also search λ (one extra gene)."),
         option("budget", int | None, None, show_default=False,
                help="greedy/random: distinct evaluations. [default: popsize·generations]"),
@@ -79,9 +80,11 @@ def search_options() -> list:
                "--backend ray)."),
         *scale_options(),
         option("threads", int | None, None, show_default=False, help="Torch threads per process (the same in "
-               "every process). [default: min(8, CPUs); CPUs / N with --workers N]"),
+               "every process). [default: OMP_NUM_THREADS if set, else min(8, CPUs); CPUs / N with --workers N]"),
         option("batch_size", int, 16, help="Evaluation batch size; nsc: examples per task and step."),
         option("eval_dtype", choice(DTYPES), "float32", help="Dtype of the evaluated model."),
+        option("max_length", int | None, None, show_default=False, help="Token cap of tasks whose spec sets none. "
+               "[default: the smaller of the tokenizer's model_max_length and the model's max_position_embeddings]"),
         option("block_cache_mb", float, 1024, help="MB of the unpruned merge's block outputs kept so that each "
                "candidate's forward pass starts at its first changed block (same scores; 0: off)."),
         option("run_dir", Path | None, None, help="Checkpoints every generation (state, trajectory.jsonl, best "
@@ -101,43 +104,45 @@ def search_command(ctx: typer.Context, **flags) -> None:
     """Search a weight table: which (task, block) LoRA modules to drop before merging, scored on labelled
     validation data or label-free (ENMP: CMA-ES; greedy and random baselines on the same fitness and budget),
     or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
+    from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
+
+    plan = plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],
+                       plot=flags["plot"])
     from loramerge_cli import api
     from loramerge_cli.cli import render, render_nsc
+    from loramerge_cli.cli.progress import ProgressDisplay
 
-    plan = api.plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],
-                           plot=flags["plot"])
-    console = human_console(flags["quiet"], flags["json_output"])
+    console = ProgressDisplay(flags["quiet"] or flags["json_output"])  # progress and logs: stderr
     if flags["strategy"] == "nsc":
-        progress, summary = render_nsc.nsc_progress(console, flags["steps"]), render_nsc.nsc_summary
+        console.inner, summary = render_nsc.nsc_progress(console, flags["steps"]), render_nsc.nsc_summary
     elif flags["fitness"] == "nsc":
-        progress = render_nsc.label_free_progress(console, flags["generations"])
+        console.inner = render_nsc.label_free_progress(console, flags["generations"])
         summary = render_nsc.label_free_summary
     else:
-        progress, summary = render.search_progress(console, flags["generations"]), render.search_summary
-    table, provenance = api.search(plan, progress)
+        console.inner, summary = render.search_progress(console, flags["generations"]), render.search_summary
+    with console:
+        table, provenance = api.search(plan, console)
     if flags["json_output"]:
         return emit_json(table.to_json())
-    console.print(summary(table, provenance))
+    result_console().print(summary(table, provenance))  # the result: stdout
 
 
 def search_request(flags: dict, command: str):
     """The SearchRequest of the command line (flag values checked here, the rest by plan_search)."""
     from loramerge_cli.cli.common import parse_names
-    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.evaluation.settings import EvalSettings
     from loramerge_cli.search.enmp import EnmpSettings
-    from loramerge_cli.search.nsc import NscSettings
+    from loramerge_cli.search.nsc_settings import NscSettings
     from loramerge_cli.search.plan import SearchRequest
 
     spread, threads = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],
                                       flags["backend"], flags["ray_address"])
-    if flags["strategy"] == "nsc" and (spread.devices or spread.name == "ray"):
-        raise UsageError("--strategy nsc trains on one device (--device); --devices, --workers and --backend ray "
-                         "spread the candidates of enmp, greedy and random")
     seed = flags["seed"]
     return SearchRequest(
         adapters=flags["adapters"], merge=merge_config(flags), tasks=flags["tasks"],
         eval=EvalSettings(val_limit=flags["val_limit"], device=flags["device"], dtype=flags["eval_dtype"],
-                          batch_size=flags["batch_size"], threads=threads, block_cache_mb=flags["block_cache_mb"]),
+                          batch_size=flags["batch_size"], threads=threads, block_cache_mb=flags["block_cache_mb"],
+                          max_length=flags["max_length"]),
         lambda_auto=flags["lam"] == "auto", base=flags["base"], allow_base_mismatch=flags["allow_base_mismatch"],
         allow_pickle=flags["allow_pickle"], strategy=flags["strategy"], fitness=flags["fitness"],
         enmp=EnmpSettings(**{name: flags[name] for name in ("max_prune", "popsize", "generations", "sigma0",

@@ -42,16 +42,21 @@ def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:
     return hashlib.sha256(f"{kind}|{weights_sha256}|{fingerprint}".encode()).hexdigest()
 
 
-def expert_scores(engine, cache: ScoreCache) -> dict[str, float]:
-    """Each expert's accuracy on its own task, computed once per (weights, data, settings)."""
+def expert_scores(engine, cache: ScoreCache, report=None) -> dict[str, float]:
+    """Each expert's accuracy on its own task, computed once per (weights, data, settings); `report`
+    receives a progress stage (loramerge_cli.events)."""
+    from loramerge_cli.events import stage
+
     out, fresh = {}, {}
-    for task in engine.task_file.names:
-        adapter = engine.experts[task]
-        key = score_key("expert", adapter.source.sha256, engine.fingerprint(task))
-        value = cache.get(key)
-        if value is None:
-            value = fresh[key] = engine.score_adapter(adapter, [task])[task]
-        out[task] = value
+    with stage(report, "experts", len(engine.task_file.names)) as step:
+        for task in engine.task_file.names:
+            adapter = engine.experts[task]
+            key = score_key("expert", adapter.source.sha256, engine.fingerprint(task))
+            value = cache.get(key)
+            if value is None:
+                value = fresh[key] = engine.score_adapter(adapter, [task])[task]
+            out[task] = value
+            step(f"{task} {100 * value:.1f}%")
     if fresh:
         cache.put(fresh)
     return out

@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramerge_cli.evaluation.specs import TaskFile, TaskSpec
+from loramerge_cli.evaluation.specs import TaskFile, TaskSpec, load_task_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -36,6 +36,41 @@ def load_examples(
     task_file: TaskFile, task: TaskSpec, split: str, val_limit: int | None = None, seed: int = 0
 ) -> Examples:
     """Read one split of one task; every problem names the file and the field."""
+    rows, class_names, source = _split_rows(task_file, task, split)
+    limit = val_limit if split == "validation" and val_limit is not None else task.limit
+    selected = _subsample(len(rows), limit, seed)
+    rows = [rows[index] for index in selected]
+    inputs = [_input_of(row, source, task_file, task) for row in rows]
+    labels = None
+    if task.label is not None or source.is_dir():
+        labels = [_label_of(row, task_file, task, class_names) for row in rows]
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
+    digest.update(_content_hash(source).encode())
+    return Examples(task.name, split, inputs, labels, digest.hexdigest())
+
+
+def check_data(task_file: TaskFile, splits: list[str] | None = None) -> None:
+    """Read every row of every task's splits (all of them, or `splits` where the task has them) and check
+    its input columns and labels: the errors `load_examples` would raise, before any model loads."""
+    for task in task_file.tasks:
+        for split in splits or list(task.data):
+            rows, class_names, source = _split_rows(task_file, task, split)
+            for row in rows:
+                _input_of(row, source, task_file, task)
+                if task.label is not None or source.is_dir():
+                    _label_of(row, task_file, task, class_names)
+
+
+def check_task_file(path, splits: list[str] | None = None) -> TaskFile:
+    """Load and validate a task spec and read its data files (`check_data`): the cheap checks a command
+    runs before loading any adapter or model."""
+    task_file = load_task_file(path)
+    check_data(task_file, splits)
+    return task_file
+
+
+def _split_rows(task_file: TaskFile, task: TaskSpec, split: str) -> tuple[list[dict], list[str] | None, Path]:
     where = f"{task.where}.data"
     if split not in task.data:
         raise task_file.error(where, f"no {split!r} split (has: {', '.join(task.data)})")
@@ -49,17 +84,7 @@ def load_examples(
         raise task_file.error(where, f"no such file {source}")
     if not rows:
         raise task_file.error(where, f"split is empty ({source})")
-    limit = val_limit if split == "validation" and val_limit is not None else task.limit
-    selected = _subsample(len(rows), limit, seed)
-    rows = [rows[index] for index in selected]
-    inputs = [_input_of(row, source, task_file, task) for row in rows]
-    labels = None
-    if task.label is not None or source.is_dir():
-        labels = [_label_of(row, task_file, task, class_names) for row in rows]
-    digest = hashlib.sha256()
-    digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
-    digest.update(_content_hash(source).encode())
-    return Examples(task.name, split, inputs, labels, digest.hexdigest())
+    return rows, class_names, source
 
 
 def _subsample(count: int, limit: int | None, seed: int) -> list[int]:

@@ -191,8 +191,11 @@ def _masked_index(value, task: TaskSpec, path: Path) -> int:
 def _check_task(task: TaskSpec, task_file: TaskFile) -> None:
     """Cross-field rules the schema cannot say."""
     where = task.where
-    if task.labels and task.num_labels is not None and len(task.labels) != task.num_labels:
+    if task.labels and task.num_labels is not None and len(task.labels) > task.num_labels:
         raise task_file.error(f"{where}.labels", f"{len(task.labels)} names but num_labels is {task.num_labels}")
+    if task.labels and task.num_labels is not None and task_file.model_type != "causal-lm":
+        unnamed = range(len(task.labels), task.num_labels)  # a wider head: classes without a name are masked
+        task.masked_labels += [index for index in unnamed if index not in task.masked_labels]
     classes = task.class_count
     for value in task.masked_labels:
         if classes is not None and not 0 <= value < classes:

@@ -4,10 +4,11 @@ worker scores exactly as the serial loop does."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from loramerge_cli.evaluation.engine import EvalSettings
+from loramerge_cli.evaluation.settings import EvalSettings
 
 
 @dataclass
@@ -69,19 +70,20 @@ class LambdaScorer:
         return lambda lams: [engine.evaluate(scale_deltas(unit, lam)) for lam in lams]
 
 
+@contextmanager
 def tuning_pool(adapters: list, config, table, tuning, allow_base_mismatch: bool = False):
-    """(pool or None, tune_lambda's keyword options) of a `plan.LambdaTuning`: its grid on the workers of
-    `tuning.backend` (search/backends.py), the experts scored on the workers' first device."""
-    from loramerge_cli.search.backends import Backend, open_pool
+    """search_lambda's keyword options of a `plan.LambdaTuning`, with `pool` when its grid is scored on the
+    workers of `tuning.backend` (search/backends.py; the experts on the workers' first device); the workers
+    end on the way out."""
+    from loramerge_cli.search.backends import worker_pool
 
-    backend = tuning.backend or Backend()
     options = {key: value for key, value in vars(tuning).items()
                if key not in ("tasks", "backend") and value is not None}
-    if backend.devices:
-        options["device"] = backend.devices[0]
-    settings = EvalSettings(**{key: options[key] for key in ("val_limit", "device", "batch_size", "dtype", "threads")
-                               if key in options})
+    if tuning.backend is not None and tuning.backend.devices:
+        options["device"] = tuning.backend.devices[0]
+    settings = EvalSettings(**{key: options[key] for key in ("val_limit", "device", "batch_size", "dtype", "threads",
+                                                              "max_length") if key in options})
     source = EngineSource(tuning.tasks, adapters, settings, tuning.base)
-    pool = open_pool(LambdaScorer(source, config, table, allow_base_mismatch), backend, settings.device,
-                     settings.threads)
-    return pool, options
+    with worker_pool(LambdaScorer(source, config, table, allow_base_mismatch), tuning.backend, settings.device,
+                     settings.threads) as pool:
+        yield {**options, "pool": pool} if pool is not None else options

@@ -7,9 +7,10 @@ in item order, where each worker built `work = build(device)` once; `pool.close(
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
 
 BACKENDS = ("process", "ray")
 
@@ -24,10 +25,16 @@ class Backend:
     address: str | None = None  # ray: None (a local cluster), "auto" or HOST:PORT
 
     def check(self) -> None:
+        """The choice itself, before any model loads (Ray's presence included, not the cluster)."""
         if self.name not in BACKENDS:
-            raise LoramergeError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.name!r})")
+            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.name!r})")
         if self.address is not None and self.name != "ray":
-            raise LoramergeError("--ray-address needs --backend ray")
+            raise UsageError("--ray-address needs --backend ray")
+        if self.name == "ray":
+            import importlib.util
+
+            if importlib.util.find_spec("ray") is None:
+                raise LoramergeError('--backend ray needs Ray: pip install "loramerge[ray]"')
 
 
 def open_pool(build, backend: Backend, device: str = "cpu", threads: int | None = None):
@@ -44,3 +51,14 @@ def open_pool(build, backend: Backend, device: str = "cpu", threads: int | None 
         return ParallelFitness(build, backend.devices)
     return None
 
+
+
+@contextmanager
+def worker_pool(build, backend: Backend | None, device: str = "cpu", threads: int | None = None):
+    """`open_pool` as a context: yields the pool (or None) and ends its workers on the way out."""
+    pool = open_pool(build, backend, device, threads) if backend is not None else None
+    try:
+        yield pool
+    finally:
+        if pool is not None:
+            pool.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -20,42 +19,10 @@ import torch
 
 from loramerge_cli import __version__
 from loramerge_cli import atomic
-from loramerge_cli.errors import LoramergeError, UsageError, check_seed
+from loramerge_cli.errors import LoramergeError
+from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
 
-OBJECTIVES = ("nsc", "entropy")
-STATE_NAME = "nsc_state.safetensors"
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
-
-
-@dataclass
-class NscSettings:
-    """Defaults of docs/algorithms.md, NSC. `batch_size` examples per task and step."""
-
-    steps: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 16
-    init: float = 0.4
-    seed: int = 1
-    objective: str = "nsc"
-    target_blocks: list[str] | None = None
-    target_modules: list[str] | None = None
-    checkpoint_every: int = 10  # steps between run-directory checkpoints
-
-    def check(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
-        if self.steps < 1:
-            raise UsageError("--steps must be >= 1")
-        if not self.lr > 0:
-            raise UsageError("--lr must be > 0")
-        if not math.isfinite(self.init):
-            raise UsageError("--init must be a finite number")
-        if self.batch_size < 1:
-            raise UsageError("--batch-size must be >= 1")
-        check_seed(self.seed)
-        if self.checkpoint_every < 1:
-            raise UsageError("checkpoint interval must be >= 1 step")
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -79,11 +46,11 @@ def example_inputs(engine, task: str) -> list[dict[str, torch.Tensor]]:
 
 
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack single-example inputs: token tensors right-padded (ids with pad_id, masks with 0)."""
+    """Stack single-example inputs: token tensors right-padded (ids with pad_id, masks and segments with 0)."""
     out = {}
     for key in examples[0]:
         parts = [example[key] for example in examples]
-        if parts[0].dim() == 2 and key in ("input_ids", "attention_mask", "token_type_ids"):
+        if parts[0].dim() == 2:  # per-token inputs
             width = max(part.shape[1] for part in parts)
             fill = pad_id if key == "input_ids" else 0
             parts = [torch.nn.functional.pad(part, (0, width - part.shape[1]), value=fill) for part in parts]
@@ -311,6 +278,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         "seed": settings.seed,
         "search": asdict(settings),
         "targets": problem.targets,
+        "max_length": dict(problem.engine.max_lengths),
         "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]},
         "task_losses": per_task,
         "warnings": warnings,

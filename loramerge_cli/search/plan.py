@@ -11,8 +11,9 @@ from pathlib import Path
 
 from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, check_seed
+from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp import EnmpSettings
-from loramerge_cli.search.nsc import STATE_NAME, NscSettings
+from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
 from loramerge_cli.search.strategies import Strategy, strategy_named
 
 FITNESSES = ("accuracy", "nsc")
@@ -62,12 +63,17 @@ def check_request(request: SearchRequest) -> Strategy:
     check_seed(request.enmp.seed)
     check_at_least(request.eval.val_limit, 1, "--val-limit")
     check_at_least(request.eval.batch_size, 1, "--batch-size")
+    check_at_least(request.eval.max_length, 2, "--max-length")
     if not 0 <= request.eval.block_cache_mb < math.inf:
         raise UsageError("--block-cache-mb must be a number >= 0")
     if request.resume and not strategy.resumable:
         raise UsageError(f"--strategy {strategy.name} cannot resume a run; rerun it without --resume")
     if request.resume and request.run_dir is None:
         raise UsageError("--resume needs --run-dir")
+    Backend(request.backend, request.devices, request.ray_address).check()
+    if strategy.kind == "coefficients" and (request.devices or request.backend == "ray"):
+        raise UsageError(f"--strategy {strategy.name} trains on one device (--device); --devices, --workers and "
+                         "--backend ray spread the candidates of enmp, greedy and random")
     label_free = strategy.kind == "coefficients" or request.fitness == "nsc"
     if label_free:
         request.nsc.check()
@@ -95,6 +101,9 @@ def check_splits(request: SearchRequest) -> None:
                 raise task_file.error(f"{task.where}.data", f"no {split!r} split{reason} (has: {', '.join(task.data)})")
             if not Path(task.data[split]).exists():
                 raise task_file.error(f"{task.where}.data.{split}", f"no such file {task.data[split]}{reason}")
+    from loramerge_cli.evaluation.data import check_data
+
+    check_data(task_file, needed)  # every row's inputs and labels, before any adapter or model loads
 
 
 def check_extras(request: SearchRequest, plot: Path | None) -> None:
@@ -159,16 +168,17 @@ def _plain(data: dict) -> dict:
 
 def plan_search(request: SearchRequest, out: str | Path | None = None, force: bool = False,
                 plot: str | Path | None = None) -> SearchPlan:
-    """Check everything a search needs before any model loads; the run directory is prepared last."""
-    from loramerge_cli.adapters.writer import check_output_dir
-
+    """Check everything a search needs before any model loads (torch is imported only for the output check);
+    the run directory is prepared last."""
     strategy = check_request(request)
     if plot is not None and strategy.kind == "coefficients":
         raise UsageError("--plot draws search curves and masks; --strategy nsc has neither")
-    if out is not None:
-        check_output_dir(out, force)
     check_splits(request)
     check_extras(request, plot)
+    if out is not None:
+        from loramerge_cli.adapters.writer import check_output_dir
+
+        check_output_dir(out, force)
     prepare_run_dir(request)
     return SearchPlan(request, strategy, Path(out) if out is not None else None, force,
                       Path(plot) if plot is not None else None)

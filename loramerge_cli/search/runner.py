@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from loramerge_cli import __version__
+from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
@@ -51,16 +52,19 @@ def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
     problem = build_problem(request, _first_device(request))
     lam, tuning = problem.settings.lam, None
     if request.lambda_auto:
-        lam, grid = _tune_lambda(request, problem, run_dir)
-        tuning = {"best": lam, "grid": grid}
+        search = _search_lambda(request, problem, run_dir, on_event)
+        lam, tuning = search.best, search.describe()
         problem.settings = replace(problem.settings, lam=lam)
-        on_event("lambda", {"lambda": lam})
-    experts = expert_scores(problem.engine, ScoreCache(run_dir))
-    fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+        on_event("lambda", {"lambda": lam, "points": len(search.records), "warnings": search.warnings})
+    experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
+    with stage(on_event, "scoring the unpruned merge", 1) as step:
+        fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+        step(f"{fitness.reference:.2f}")
     return Scored(
         fitness, {"lambda": lam, "reference": fitness.reference, "experts": experts},
         WorkerBuilder(request, lam, experts, fitness.reference),
-        {"experts_validation_accuracy": experts, "lambda_tuning": tuning},
+        {"experts_validation_accuracy": experts, "lambda_tuning": tuning,
+         "max_length": dict(problem.engine.max_lengths)},
         lambda best: {"unpruned_mean_normalized_accuracy": fitness.reference,
                       "best_mean_normalized_accuracy": fitness.reference + best.fitness, "fitness": best.fitness},
     )
@@ -76,7 +80,7 @@ def _label_free(request: SearchRequest, run_dir: Path | None, on_event) -> Score
         fitness, {"lambda": fitness.base_lambda, "reference_loss": fitness.reference, "objective": objective,
                   "targets": fitness.objective.targets if objective == "nsc" else []},
         NscWorkerBuilder(request, fitness.base_lambda, fitness.reference),
-        {"fitness": "nsc", "objective": objective},
+        {"fitness": "nsc", "objective": objective, "max_length": dict(fitness.engine.max_lengths)},
         lambda best: {"unpruned_loss": fitness.reference, "best_loss": fitness.reference * (1 - best.fitness / 100),
                       "fitness": best.fitness},
     )
@@ -101,8 +105,6 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     fitness, template = scored.fitness, scored.fitness.template
     lam = fitness.base_lambda
     on_event("start", {**scored.start, "units": len(template.units), "tasks": len(fitness.adapters)})
-    parallel = _open_pool(scored.workers, request)
-    evaluate = parallel or fitness
 
     def on_progress(kind: str, data: dict) -> None:
         if run_dir is not None and "best_pruned" in data:  # the best table so far, every generation
@@ -110,11 +112,8 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
         on_event(kind, data)
 
     space = SearchSpace(len(template.units), len(fitness.adapters), lam, run_dir, request.resume)
-    try:
-        outcome = strategy.run(request, evaluate, space, on_progress)
-    finally:
-        if parallel is not None:
-            parallel.close()
+    with _worker_pool(scored.workers, request) as parallel:
+        outcome = strategy.run(request, parallel or fitness, space, on_progress)
     best = outcome.best
     best_lambda = best.lam if best.lam is not None else lam
     provenance = _provenance(request, fitness, parallel, outcome, started)
@@ -134,28 +133,24 @@ def _first_device(request: SearchRequest) -> str | None:
     return request.devices[0] if request.devices else None
 
 
-def _open_pool(build, request: SearchRequest):
-    """The search's workers (search/backends.py), or None for a serial search."""
-    from loramerge_cli.search.backends import Backend, open_pool
+def _worker_pool(build, request: SearchRequest):
+    """The search's workers (search/backends.py) as a context: yields None for a serial search."""
+    from loramerge_cli.search.backends import Backend, worker_pool
 
     backend = Backend(request.backend, request.devices, request.ray_address)
-    return open_pool(build, backend, request.eval.device, request.eval.threads)
+    return worker_pool(build, backend, request.eval.device, request.eval.threads)
 
 
-def _tune_lambda(request: SearchRequest, problem: Problem, run_dir: Path | None):
-    """--lambda auto before the search, its grid on the search's workers."""
-    from loramerge_cli.evaluation.tuning import tune_lambda
+def _search_lambda(request: SearchRequest, problem: Problem, run_dir: Path | None, on_event):
+    """--lambda auto before the search, each stage of its grid on the search's workers."""
+    from loramerge_cli.evaluation.tuning import search_lambda
     from loramerge_cli.evaluation.workers import EngineSource, LambdaScorer
 
     config = replace(request.merge, lam=None)
     source = EngineSource(request.tasks, request.adapters, request.eval, request.base, request.allow_pickle)
-    pool = _open_pool(LambdaScorer(source, config, None, request.allow_base_mismatch), request)
-    try:
-        return tune_lambda(problem.adapters, config, None, request.tasks, evaluator=problem.engine, run_dir=run_dir,
-                           allow_base_mismatch=request.allow_base_mismatch, pool=pool)
-    finally:
-        if pool is not None:
-            pool.close()
+    with _worker_pool(LambdaScorer(source, config, None, request.allow_base_mismatch), request) as pool:
+        return search_lambda(problem.adapters, config, None, request.tasks, evaluator=problem.engine, run_dir=run_dir,
+                             allow_base_mismatch=request.allow_base_mismatch, report=on_event, pool=pool)
 
 
 def _provenance(request, fitness, parallel, outcome, started) -> dict:

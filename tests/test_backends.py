@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -130,6 +131,56 @@ def test_a_driver_killed_with_sigkill_resumes(setting, cluster, tmp_path):
                                     devices=["cpu", "cpu"]))
     assert resumed.weights == serial.weights
     assert trajectory(tmp_path / "ray") == trajectory(tmp_path / "serial")
+
+
+def test_ctrl_c_on_ray_exits_130_and_the_search_resumes(setting, cluster, tmp_path):
+    """Ctrl-C (SIGINT to the command's process group) during a Ray search: exit 130 with one line, the run
+    directory keeps the finished generations, no actor outlives the command, and --resume ends with the
+    serial table and trajectory."""
+    def search_mask(run_dir: Path, *flags: str) -> list[str]:
+        return [sys.executable, "-m", "loramerge_cli", "search-mask", "--adapters", *setting.adapter_args(),
+                "--tasks", str(setting.tasks_file), "--merger", "ties", "--popsize", "6", "--generations", "8",
+                "--max-prune", "0.5", "--seed", "3", "--threads", "1", "--batch-size", "8", "--quiet",
+                "--run-dir", str(run_dir), "--out", str(run_dir / "mask.json"), *flags]
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    serial = subprocess.run(search_mask(tmp_path / "serial"), cwd=ROOT, env=environment, capture_output=True,
+                            text=True, timeout=300)
+    assert serial.returncode == 0, serial.stderr[-2000:]
+    run_dir = tmp_path / "ray"
+    on_ray = search_mask(run_dir, "--backend", "ray", "--workers", "2", "--ray-address",
+                         cluster.get_runtime_context().gcs_address)
+    driver = subprocess.Popen(on_ray, cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run_dir / "trajectory.jsonl").is_file() and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, stderr = driver.communicate(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, stderr[-2000:]
+    assert stderr.strip().splitlines()[-1].startswith("interrupted"), stderr[-2000:]
+    assert not (run_dir / "mask.json").exists()
+    assert 1 <= len(trajectory(run_dir)) < 8
+    assert _eventually(lambda: not ray_workers(cluster))  # the command's actors ended with it
+    resumed = subprocess.run([*on_ray, "--resume"], cwd=ROOT, env=environment, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    tables = [json.loads((folder / "mask.json").read_text()) for folder in (tmp_path / "serial", run_dir)]
+    assert tables[0]["weights"] == tables[1]["weights"]
+    assert trajectory(run_dir) == trajectory(tmp_path / "serial")
+
+
+def _eventually(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def merged_folders(setting, tmp_path) -> list[str]:

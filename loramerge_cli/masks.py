@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,10 +60,9 @@ class WeightTable:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        temporary.replace(path)
+        from loramerge_cli.outputs import atomic_write
+
+        atomic_write(path, json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def units_of(adapters: list[Adapter]) -> list[str]:
@@ -142,10 +142,11 @@ def _structure_problem(data) -> str | None:
     for row in data["weights"]:
         if not isinstance(row, list) or len(row) != len(data["units"]):
             return f"every row of 'weights' needs {len(data['units'])} numbers (one per unit)"
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in row):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
             return "'weights' holds a value that is not a finite number"
-    if "scale" in data and not isinstance(data["scale"], (int, float)):
-        return "'scale' must be a number"
+    scale = data.get("scale")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)):
+        return "'scale' must be a finite number"
     return None
 
 

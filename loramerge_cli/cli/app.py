@@ -68,8 +68,11 @@ _register_all()
 
 def main() -> None:
     """Console-script entry point."""
+    from loramerge_cli import interrupts
+
+    interrupts.install()
     try:
         app()
     except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write(interrupts.message() + "\n")
         raise SystemExit(130) from None

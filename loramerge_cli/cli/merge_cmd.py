@@ -25,6 +25,7 @@ from loramerge_cli.cli.common import (
     parse_float_list,
 )
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.outputs import input_files
 
 # Mirrors merging.registry.merger_names() (importing the registry imports torch); a test keeps them equal.
 MERGERS = ("cat", "core", "dare", "dare_ties", "iso_c", "knots", "magnitude", "ta", "ties", "tsv", "tsv_iso")
@@ -91,14 +92,6 @@ def _combined_settings(flags: dict, recorded: dict, override: bool) -> dict:
     if override and ("merger" in given or "method" in given):
         return given  # another method: the recorded parameters may not apply to it
     return {**recorded, **given}
-
-
-def _check_not_an_input(out: Path, adapters) -> None:
-    target = out.resolve()
-    for adapter in adapters:
-        folder = Path(adapter.source.weights_file).resolve().parent
-        if target == folder or target in folder.parents:
-            raise LoramergeError(f"--out {out} would overwrite the input adapter {adapter.name!r}")
 
 
 def _tune_lambda(adapters, config, table, tasks: Path, eval_options: dict):
@@ -174,13 +167,13 @@ def merge_command(
         raise LoramergeError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
     from loramerge_cli import api
     from loramerge_cli.adapters.compat import check_compatible
-    from loramerge_cli.adapters.writer import check_head, check_output_dir
+    from loramerge_cli.adapters.writer import adapter_files, check_head, check_output_dir
     from loramerge_cli.cli import render
     from loramerge_cli.merging.merge import MergeConfig, resolve_config, run_merge
 
-    check_output_dir(out, force)
+    check_output_dir(out, force, input_files(adapters, mask, tasks))
     loaded = api.load_adapters(adapters, allow_pickle=allow_pickle)
-    _check_not_an_input(out, loaded)
+    check_output_dir(out, force, adapter_files(loaded))
     check_head(loaded, head)
     table = _table(loaded, mask, indices)
     flags = {"merger": merger, "method": method, "space": space, "lam": lam_value, "weights": weight_list,

@@ -26,6 +26,7 @@ from loramerge_cli.cli.common import (
 )
 from loramerge_cli.cli.merge_cmd import MERGERS, _lambda_value
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.outputs import guard_output, input_files
 
 EPILOG = examples_epilog(
     "loramerge search-mask --adapters a/ b/ c/ --merger knots --tasks tasks.yaml --out mask.json",
@@ -46,9 +47,12 @@ EPILOG = examples_epilog(
 @command_errors
 def search_command(
     ctx: typer.Context,
-    adapters: Annotated[list[str], typer.Option("--adapters", help=ADAPTERS_HELP, show_default=False)],
-    tasks: Annotated[Path, typer.Option("--tasks", help="Task spec YAML with validation splits.", show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Weight table JSON to write.", show_default=False)],
+    adapters: Annotated[list[str] | None, typer.Option(
+        "--adapters", help=ADAPTERS_HELP + " Required unless --resume.", show_default=False)] = None,
+    tasks: Annotated[Path | None, typer.Option(
+        "--tasks", help="Task spec YAML with validation splits. Required unless --resume.", show_default=False)] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Weight table JSON to write. Required unless --resume.", show_default=False)] = None,
     merger: Annotated[str, typer.Option("--merger", help=f"Preset or method: {', '.join(MERGERS)}.")] = "ta",
     method: Annotated[str | None, typer.Option("--method", help="Override the preset's method.")] = None,
     space: Annotated[str | None, typer.Option("--space", help="Override the space: full, knots or core.")] = None,
@@ -114,8 +118,8 @@ def search_command(
     run_dir: Annotated[Path | None, typer.Option(
         "--run-dir", help="Checkpoints every generation (state, trajectory.jsonl, best table).")] = None,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Continue the search saved in --run-dir (its CMA-ES state is a pickle: resume only "
-        "run directories you made).")] = False,
+        "--resume", help="Continue the search saved in --run-dir with its saved settings (flags given must "
+        "equal them); refused if an input changed since. Nothing in a run dir is a pickle.")] = False,
     report_test: Annotated[bool, typer.Option(
         "--report-test", help="Also score the result on the test split.")] = False,
     plot: Annotated[Path | None, typer.Option(
@@ -133,12 +137,31 @@ def search_command(
     """Search a weight table: which (task, block) LoRA modules to drop before merging, scored on labelled
     validation data or label-free (ENMP: CMA-ES; greedy and random baselines on the same fitness and budget),
     or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
+    params = {name: value for name, value in locals().items() if name != "ctx"}
+    from click.core import ParameterSource
+
+    given = [name for name in params if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    if resume and run_dir is not None:
+        from loramerge_cli.search.rundir import resumed_flags
+
+        params = resumed_flags(run_dir, given, params) or params
+    _search(ctx, **params)
+
+
+def _search(ctx, adapters, tasks, out, merger, method, space, lam, weights, density, drop_rate, scope, knots_scaled,
+            strategy, fitness, objective, steps, lr, init, target_blocks, target_modules, max_prune, popsize,
+            generations, sigma0, threshold, addscale, budget, sparsity, seed, val_limit, device, devices, workers,
+            threads, batch_size, eval_dtype, block_cache_mb, run_dir, resume, report_test, plot, base, force,
+            allow_base_mismatch, allow_pickle, config, json_output, quiet, debug) -> None:
+    flags = {name: value for name, value in locals().items() if name != "ctx"}
+    for name, value in (("adapters", adapters), ("tasks", tasks), ("out", out)):
+        if not value:
+            raise typer.BadParameter("missing (needed unless --run-dir R --resume continues a saved search)",
+                                     param_hint=f"'--{name}'")
     if seed < 1:
         raise LoramergeError("--seed must be >= 1 (pycma reads 0 as 'seed from the clock')")
     if strategy == "nsc" and plot is not None:
         raise LoramergeError("--plot draws search curves and masks; --strategy nsc has neither")
-    if out.exists() and not force:
-        raise LoramergeError(f"{out} exists; pass --force to replace it")
     if devices and workers:
         raise LoramergeError("give --devices or --workers, not both")
     device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
@@ -155,6 +178,7 @@ def search_command(
     from loramerge_cli.merging.merge import MergeConfig
     from loramerge_cli.search.enmp import EnmpSettings
     from loramerge_cli.search.nsc import NscSettings
+    from loramerge_cli.search.rundir import input_paths, normal_flags, run_dir_files
     from loramerge_cli.search.runner import SearchRequest, run_search
 
     request = SearchRequest(
@@ -183,7 +207,13 @@ def search_command(
         report_test=report_test,
         devices=device_list,
         command=command_line(ctx),
+        flags=normal_flags(flags),
     )
+    try:
+        inputs = input_paths(request)
+    except LoramergeError:  # reported in its turn by the search's own checks
+        inputs = input_files(adapters, tasks)
+    guard_output(out, inputs=inputs + run_dir_files(run_dir), force=force, kind="file")
     console = human_console(quiet, json_output)
     from loramerge_cli.cli import render, render_nsc
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from loramerge_cli.errors import LoramergeError
@@ -24,9 +23,12 @@ class ScoreCache:
         self.scores: dict[str, float] = {}
         if self.file is not None and self.file.is_file():
             try:
-                self.scores = json.loads(self.file.read_text())
-            except (OSError, json.JSONDecodeError):
-                raise LoramergeError(f"{self.file}: unreadable score cache; delete it to start afresh") from None
+                self.scores = json.loads(self.file.read_bytes())
+            except (OSError, ValueError):
+                self.scores = None
+            if not isinstance(self.scores, dict) or not all(
+                    isinstance(value, (int, float)) for value in self.scores.values()):
+                raise LoramergeError(f"{self.file}: unreadable score cache; delete it to start afresh")
 
     def get(self, key: str) -> float | None:
         return self.scores.get(key)
@@ -35,10 +37,9 @@ class ScoreCache:
         self.scores.update(entries)
         if self.file is None:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.file.with_name(self.file.name + ".tmp")
-        temporary.write_text(json.dumps(self.scores, indent=1, sort_keys=True))
-        os.replace(temporary, self.file)
+        from loramerge_cli.outputs import atomic_write
+
+        atomic_write(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
 
 
 def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:

@@ -5,6 +5,8 @@ Everything is validated by `resolve_config` before the first tensor is touched.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -134,6 +136,8 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
         lam = float(table.scale)
     else:
         lam = method.lambda_for(task_count)
+    if not math.isfinite(lam):
+        raise LoramergeError(f"λ must be a finite number (got {lam})")
     if config.out_rank is not None and config.out_rank < 1:
         raise LoramergeError("--out-rank must be >= 1")
     if not 0.0 < config.energy <= 1.0:

@@ -191,7 +191,7 @@ def train(problem: NscProblem, settings: NscSettings, run_dir: Path | None = Non
     side_path = SidePath(engine.modules, problem.adapters, problem.paths, engine.device, engine.dtype, settings.init)
     optimizer = torch.optim.AdamW([side_path.coefficients], lr=settings.lr, weight_decay=settings.weight_decay)
     step, history = 0, []
-    if resume:
+    if resume and run_dir is not None and (run_dir / STATE_NAME).is_file():  # else: killed before a checkpoint
         step, history = _load_state(run_dir, side_path, optimizer)
     while step < settings.steps:
         started = time.perf_counter()
@@ -214,8 +214,6 @@ def train(problem: NscProblem, settings: NscSettings, run_dir: Path | None = Non
 def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[dict]) -> None:
     """Coefficients and AdamW moments as safetensors tensors, step, AdamW settings and history as JSON
     metadata, in one file replaced atomically: resuming reads no pickle."""
-    from safetensors.torch import save_file
-
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer_state = optimizer.state_dict()
     tensors = {"coefficients": side_path.coefficients.detach().cpu().contiguous()}
@@ -223,13 +221,12 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
         tensors[f"adamw.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     metadata = {"step": str(step), "param_groups": json.dumps(optimizer_state["param_groups"]),
                 "history": json.dumps(history)}
-    temporary = run_dir / (STATE_NAME + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    temporary.replace(run_dir / STATE_NAME)
-    lines = "".join(json.dumps(record) + "\n" for record in history)
-    trajectory = run_dir / "trajectory.jsonl.tmp"
-    trajectory.write_text(lines)
-    trajectory.replace(run_dir / "trajectory.jsonl")
+    from safetensors.torch import save
+
+    from loramerge_cli.outputs import atomic_write
+
+    atomic_write(run_dir / STATE_NAME, save(tensors, metadata=metadata))
+    atomic_write(run_dir / "trajectory.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
 def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[dict]]:

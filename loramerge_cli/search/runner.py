@@ -39,6 +39,7 @@ class SearchRequest:
     report_test: bool = False
     devices: list[str] | None = None  # one worker per entry; None: serial in this process
     command: str = ""
+    flags: dict | None = None  # the CLI's flags, saved in the run dir so that --resume alone can continue
 
 
 @dataclass
@@ -91,7 +92,18 @@ class WorkerBuilder:
 
 
 def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = lambda kind, data: None):
-    """Returns (WeightTable, summary dict)."""
+    """Returns (WeightTable, summary dict). The run directory, if any, is locked for the whole search."""
+    if request.run_dir is None:
+        return _run_search(request, on_event)
+    from loramerge_cli import interrupts
+    from loramerge_cli.search.rundir import RunDirLock
+
+    interrupts.set_hint(f"resume with: loramerge search-mask --run-dir {request.run_dir} --resume")
+    with RunDirLock(Path(request.run_dir)):
+        return _run_search(request, on_event)
+
+
+def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
     from loramerge_cli.evaluation.tuning import tune_lambda
     from loramerge_cli.search.fitness import AccuracyFitness, pruned_table
@@ -144,9 +156,12 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     try:
         best, evaluations, history = _run_strategy(request, evaluate, unit_count, task_count, lam, run_dir,
                                                    on_progress)
-    finally:
+    except BaseException:
         if parallel is not None:
-            parallel.close()
+            parallel.close(wait=False)  # an error or Ctrl-C: stop the workers now
+        raise
+    if parallel is not None:
+        parallel.close()
     table = pruned_table(problem.template, best.pruned)
     best_lambda = best.lam if best.lam is not None else lam
     merger = {**problem.settings.describe(), "lambda": best_lambda}
@@ -194,9 +209,12 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
     try:
         best, evaluations, history = _run_strategy(request, evaluate, len(template.units), len(fitness.adapters),
                                                     lam, run_dir, on_progress)
-    finally:
+    except BaseException:
         if parallel is not None:
-            parallel.close()
+            parallel.close(wait=False)  # an error or Ctrl-C: stop the workers now
+        raise
+    if parallel is not None:
+        parallel.close()
     best_lambda = best.lam if best.lam is not None else lam
     provenance = _provenance(request, fitness, parallel, best, evaluations, history, started)
     provenance.update(fitness="nsc", objective=request.nsc.objective)
@@ -262,34 +280,40 @@ def _run_strategy(request, evaluate, unit_count, task_count, lam, run_dir, on_ev
 
 
 def _check_run_dir(request: SearchRequest, run_dir: Path | None) -> None:
-    """The run directory remembers the resolved request; --resume refuses a different one."""
+    """The run directory remembers the resolved request and its inputs' sha256; --resume refuses a different
+    request or a changed input, and starts over when the killed run saved nothing yet."""
+    from loramerge_cli.search import rundir
+    from loramerge_cli.search.enmp import STATE_NAME as ENMP_STATE
+    from loramerge_cli.search.nsc import STATE_NAME as NSC_STATE
+
     if run_dir is None:
         if request.resume:
             raise LoramergeError("--resume needs --run-dir")
         return
+    eval_settings = {key: value for key, value in _plain(asdict(request.eval)).items()
+                     if key not in ("device", "threads", "block_cache_mb")}  # the same scores on any of them
     config = {
-        "adapters": request.adapters, "merge": _plain(asdict(request.merge)), "tasks": str(request.tasks),
-        "eval": _plain(asdict(request.eval)), "strategy": request.strategy, "enmp": asdict(request.enmp),
-        "lambda_auto": request.lambda_auto, "base": request.base, "budget": request.budget,
-        "sparsity": request.sparsity,
+        "adapters": [rundir.normal_adapter(a) for a in request.adapters], "merge": _plain(asdict(request.merge)),
+        "tasks": rundir.normal_path(request.tasks), "eval": eval_settings, "strategy": request.strategy,
+        "enmp": asdict(request.enmp), "lambda_auto": request.lambda_auto, "base": request.base,
+        "budget": request.budget, "sparsity": request.sparsity,
     }
     if request.strategy == "nsc" or request.fitness == "nsc":
         config.update(fitness=request.fitness, nsc=asdict(request.nsc))
-    path = run_dir / "config.json"
+    config = json.loads(json.dumps(config))
+    digests = rundir.input_digests(request)
+    saved = rundir.read_config(run_dir)
     if request.resume:
-        if not path.is_file():
-            raise LoramergeError(f"--resume: {run_dir} holds no search to resume")
-        saved = json.loads(path.read_text())
-        if saved != json.loads(json.dumps(config)):
-            changed = sorted(key for key in config if json.loads(json.dumps(config[key])) != saved.get(key))
-            raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
-        return
-    from loramerge_cli.search.nsc import STATE_NAME
-
-    if (run_dir / "state.pkl").exists() or (run_dir / STATE_NAME).exists():
+        rundir.refuse_pickle_state(run_dir)
+        if saved is not None:
+            if saved["settings"] != config:
+                changed = sorted(key for key in config if config[key] != saved["settings"].get(key))
+                raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
+            rundir.check_inputs(saved.get("inputs") or {}, digests)
+            return
+    elif any((run_dir / name).exists() for name in (ENMP_STATE, NSC_STATE, rundir.LEGACY_PICKLE)):
         raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config, indent=2) + "\n")
+    rundir.write_config(run_dir, config, request.flags, digests)
 
 
 def _plain(data: dict) -> dict:

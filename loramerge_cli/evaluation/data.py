@@ -44,7 +44,10 @@ def load_examples(
     if source.is_dir() and task_file.model_type == "image-classification":
         rows, class_names = _image_tree(source, task_file, task, where), None
     elif source.is_file():
-        rows, class_names = _read_rows(source, task_file, where), task.labels
+        try:
+            rows, class_names = _read_rows(source, task_file, where), task.labels
+        except UnicodeDecodeError as error:
+            raise task_file.error(where, f"{source} is not UTF-8 text (byte {error.start})") from None
     else:
         raise task_file.error(where, f"no such file {source}")
     if not rows:

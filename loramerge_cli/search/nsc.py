@@ -129,7 +129,7 @@ def label_free_task_file(task_file, adapters, objective: str):
 
 def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     """Load and check everything before the first step: adapters, tasks, model, targets, inputs."""
-    from loramerge_cli.adapters.compat import check_compatible
+    from loramerge_cli.adapters.compat import check_compatible, check_spec_base
     from loramerge_cli.adapters.peft_reader import load_adapters
     from loramerge_cli.evaluation.engine import Evaluator
     from loramerge_cli.evaluation.functional import freeze
@@ -147,6 +147,7 @@ def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     if missing:
         raise LoramergeError(f"{request.tasks}: no task for adapter(s) {', '.join(missing)}")
     eval_settings = replace(request.eval, batch_size=batch_size or request.eval.batch_size)
+    check_spec_base(task_file, adapters, request.allow_base_mismatch)
     engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)
     freeze(engine.model)
     paths = module_paths(adapters)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 
-_state = {"interrupted": False, "hint": None}
+_state = {"interrupted": False, "hint": None, "reported": False}
 
 
 def _handler(signum, frame) -> None:
@@ -36,7 +36,11 @@ def check() -> None:
 
 
 def reset() -> None:
-    _state.update(interrupted=False, hint=None)
+    _state.update(interrupted=False, hint=None, reported=False)
+
+
+def reported() -> bool:
+    return _state["reported"]
 
 
 def set_hint(text: str | None) -> None:
@@ -45,5 +49,7 @@ def set_hint(text: str | None) -> None:
 
 
 def message() -> str:
+    """The one line an interrupt is reported with (and the record that it was)."""
+    _state["reported"] = True
     hint = _state["hint"]
     return f"interrupted; {hint}" if hint else "interrupted; nothing was written"

@@ -61,14 +61,14 @@ class ParallelFitness:
         """The next result; a worker that died without a word (killed, out of memory) is one line."""
         deadline = time.monotonic() + timeout
         while True:
+            dead = [p for p in self.processes if p.exitcode is not None]
+            if dead:
+                self.close(wait=False)
+                raise LoramergeError(f"a search worker died (exit code {dead[0].exitcode})")
             try:
                 return self.results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             except queue_module.Empty:
                 pass
-            dead = [p for p in self.processes if p.exitcode is not None and p.exitcode != 0]
-            if dead:
-                self.close(wait=False)
-                raise LoramergeError(f"a search worker died (exit code {dead[0].exitcode})")
             if time.monotonic() >= deadline:
                 self.close(wait=False)
                 raise LoramergeError("a search worker stopped answering")

@@ -395,3 +395,295 @@ def test_a_worker_ignores_ctrl_c_and_a_dead_worker_is_one_line():
     finally:
         fitness.close(wait=False)
     assert not any(p.is_alive() for p in fitness.processes)
+
+
+# --- run directories: lock, no pickle, resume -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    from eval_fixtures import build_text_setting
+
+    return build_text_setting(tmp_path_factory.mktemp("hostile_search"))
+
+
+def search_request(setting, **changes):
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.runner import SearchRequest
+
+    base = SearchRequest(adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"), tasks=setting.tasks_file,
+                         eval=EvalSettings(threads=1, batch_size=8),
+                         enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3))
+    return replace(base, **changes)
+
+
+@pytest.fixture(scope="module")
+def plain(setting):
+    from loramerge_cli.search.runner import run_search
+
+    return run_search(search_request(setting))
+
+
+def test_a_locked_run_dir_is_refused_in_one_line(good, tmp_path):
+    from loramerge_cli.search.rundir import RunDirLock
+
+    with RunDirLock(tmp_path / "run"):
+        result = invoke_cli(["search-mask", "--adapters", *good, "--tasks", tmp_path / "tasks.yaml",
+                             "--run-dir", tmp_path / "run", "--out", tmp_path / "mask.json"])
+    one_line(result, "in use by another search")
+    with RunDirLock(tmp_path / "run"):  # released with the process (or the search) that held it
+        pass
+
+
+@pytest.mark.slow
+def test_a_planted_pickle_never_runs(setting, tmp_path):
+    from loramerge_cli.search.runner import run_search
+
+    run_dir, marker = tmp_path / "run", tmp_path / "pwned"
+    run_search(search_request(setting, run_dir=run_dir))
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    (run_dir / "state.pkl").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(LoramergeError, match="never read"):
+        run_search(search_request(setting, run_dir=run_dir, resume=True))
+    assert not marker.exists()
+    assert not list(run_dir.glob("*.pkl"))[1:]  # nothing of ours is a pickle: the planted file is the only one
+
+
+CORRUPT = {"truncated": lambda b: b[: len(b) // 2], "empty": lambda b: b"", "wrong type": lambda b: b"[1, 2]",
+           "random bytes": lambda b: os.urandom(300)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["state.json", "config.json", "scores.json"])
+@pytest.mark.parametrize("corruption", CORRUPT)
+def test_a_corrupt_run_dir_file_is_one_line(setting, tmp_path, name, corruption):
+    run_dir = tmp_path / "run"
+    result = _cli_search(setting, tmp_path, "--run-dir", run_dir)
+    assert result.exit_code == 0, result.stderr
+    path = run_dir / name
+    path.write_bytes(CORRUPT[corruption](path.read_bytes()))
+    one_line(_cli_search(setting, tmp_path, "--run-dir", run_dir, "--resume", "--force", "--quiet"), name)
+
+
+def _cli_search(setting, tmp_path, *extra, out="mask.json", generations="4"):
+    return invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                       "--merger", "ties", "--popsize", "6", "--generations", generations, "--max-prune", "0.5",
+                       "--seed", "3", "--threads", "1", "--batch-size", "8", "--out", tmp_path / out, *extra])
+
+
+def _kill_at_commit(monkeypatch, name: str, skip: int = 0):
+    """Make the (skip+1)-th atomic write of run-dir file `name` die between its temporary file and its rename,
+    as a SIGKILL there would."""
+    from loramerge_cli import outputs
+
+    real, seen = outputs._commit, []
+
+    def commit(temporary, path):
+        if Path(path).name == name:
+            seen.append(path)
+            if len(seen) == skip + 1:
+                raise KeyboardInterrupt
+        real(temporary, path)
+
+    monkeypatch.setattr(outputs, "_commit", commit)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,skip", [("config.json", 0), ("scores.json", 0), ("state.json", 0), ("state.json", 2),
+                                       ("trajectory.jsonl", 1), ("best.json", 1)])
+def test_killed_during_each_run_dir_write_resumes_to_the_same_table(setting, plain, tmp_path, monkeypatch, name,
+                                                                    skip):
+    from loramerge_cli.search.runner import run_search
+
+    run_dir = tmp_path / "run"
+    _kill_at_commit(monkeypatch, name, skip)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(search_request(setting, run_dir=run_dir))
+    monkeypatch.undo()
+    table, provenance = run_search(search_request(setting, run_dir=run_dir, resume=True))
+    assert table.weights == plain[0].weights
+    assert provenance["validation"] == plain[1]["validation"]
+    assert [r["best_fitness"] for r in provenance["history"]] == [r["best_fitness"] for r in plain[1]["history"]]
+
+
+@pytest.mark.slow
+def test_killed_before_the_first_checkpoint_starts_over(setting, plain, tmp_path):
+    from loramerge_cli.search.runner import run_search
+
+    def interrupt(kind, data):
+        if kind == "start":
+            raise KeyboardInterrupt
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_search(search_request(setting, run_dir=run_dir), interrupt)
+    assert (run_dir / "config.json").is_file() and not (run_dir / "state.json").exists()
+    table, _ = run_search(search_request(setting, run_dir=run_dir, resume=True))
+    assert table.weights == plain[0].weights
+
+
+def _copied_setting(setting, tmp_path):
+    """The setting's adapters and data copied, so that a test may change them."""
+    import yaml
+
+    adapters = {name: shutil.copytree(path, tmp_path / "adapters" / name) for name, path in setting.adapters.items()}
+    spec = yaml.safe_load(setting.tasks_file.read_text())
+    for task in spec["tasks"]:
+        for split, file in task["data"].items():
+            copy = tmp_path / "data" / task["name"] / Path(file).name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(file, copy)
+            task["data"][split] = str(copy)
+    tasks_file = tmp_path / "tasks.yaml"
+    tasks_file.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return replace(setting, adapters=adapters, tasks_file=tasks_file)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("changed", ["adapter", "data"])
+def test_resume_refuses_a_changed_input_naming_it(setting, tmp_path, changed):
+    from safetensors.torch import load_file, save_file
+
+    from loramerge_cli.search.runner import run_search
+
+    copied = _copied_setting(setting, tmp_path)
+    run_dir = tmp_path / "run"
+
+    def interrupt(kind, data):
+        if kind == "generation" and data["generation"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(search_request(copied, run_dir=run_dir), interrupt)
+    if changed == "adapter":
+        target = copied.adapters["beta"] / "adapter_model.safetensors"
+        tensors = load_file(str(target))
+        key = next(k for k in tensors if "lora_B" in k)
+        tensors[key] = tensors[key] + 0.01
+        save_file(tensors, str(target))
+    else:
+        target = tmp_path / "data" / "alpha" / "validation.jsonl"
+        target.write_text(target.read_text().replace('"label": 0', '"label": 2', 1))
+    with pytest.raises(LoramergeError, match="changed") as error:
+        run_search(search_request(copied, run_dir=run_dir, resume=True))
+    assert str(target.resolve()) in str(error.value)
+
+
+@pytest.mark.slow
+def test_resume_alone_continues_with_the_saved_flags(setting, tmp_path, monkeypatch):
+    from loramerge_cli.search import enmp
+
+    whole = _cli_search(setting, tmp_path, "--run-dir", tmp_path / "whole", out="whole.json")
+    assert whole.exit_code == 0, whole.stderr
+    real_step = enmp.EnmpSearch.step
+
+    def step(self):
+        if self.state.generation == 2:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(enmp.EnmpSearch, "step", step)
+    run_dir = tmp_path / "run"
+    interrupted = _cli_search(setting, tmp_path, "--run-dir", run_dir)
+    assert interrupted.exit_code == 130
+    assert f"loramerge search-mask --run-dir {run_dir} --resume" in interrupted.stderr
+    monkeypatch.undo()
+    different = invoke_cli(["search-mask", "--run-dir", run_dir, "--resume", "--popsize", "4"])
+    one_line(different, "--popsize is 4 but the saved run used 6")
+    monkeypatch.chdir(setting.tasks_file.parent)  # the same file, spelt relative: not a difference
+    resumed = invoke_cli(["search-mask", "--run-dir", run_dir, "--resume", "--tasks", setting.tasks_file.name])
+    assert resumed.exit_code == 0, resumed.stderr
+    table = json.loads((tmp_path / "mask.json").read_text())
+    assert table["weights"] == json.loads((tmp_path / "whole.json").read_text())["weights"]
+
+
+@pytest.mark.slow
+def test_search_out_into_a_missing_folder_is_created(setting, tmp_path):
+    result = _cli_search(setting, tmp_path, out="new/deeper/mask.json", generations="1")
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "new" / "deeper" / "mask.json").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_parallel_search_process_group(setting, tmp_path):
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loramerge_cli", "search-mask", "--adapters", *setting.adapter_args(), "--tasks",
+         str(setting.tasks_file), "--merger", "ties", "--popsize", "6", "--generations", "200", "--max-prune", "0.5",
+         "--workers", "2", "--threads", "1", "--batch-size", "8", "--run-dir", str(run_dir), "--out",
+         str(tmp_path / "mask.json"), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": REPO})
+    deadline = time.monotonic() + 240
+    while not (run_dir / "trajectory.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert (run_dir / "trajectory.jsonl").exists(), process.communicate()[1]
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode in (130, -signal.SIGINT), stderr
+    assert stderr.strip().splitlines()[-1] == (f"interrupted; resume with: loramerge search-mask --run-dir "
+                                               f"{run_dir} --resume"), stderr
+    assert not (tmp_path / "mask.json").exists()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        alive = subprocess.run(["ps", "-o", "pid,stat,cmd", "-g", str(process.pid)], capture_output=True, text=True)
+        assert all(" Z" in line for line in alive.stdout.splitlines()[1:]), alive.stdout
+
+
+# --- what the evaluation reads ------------------------------------------------------------------------------
+
+def _spec_with(setting, tmp_path, change):
+    import yaml
+
+    spec = yaml.safe_load(setting.tasks_file.read_text())
+    change(spec)
+    path = tmp_path / "tasks.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_non_utf8_data_is_one_line(setting, tmp_path):
+    from loramerge_cli.search.runner import build_problem
+
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes('{"premise": "caf\xe9", "hypothesis": "x", "label": 0}\n'.encode("latin-1"))
+    tasks = _spec_with(setting, tmp_path, lambda s: s["tasks"][0]["data"].update(validation=str(bad)))
+    with pytest.raises(LoramergeError, match="not UTF-8") as error:
+        build_problem(search_request(setting, tasks=tasks))
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_spec_base_other_than_the_adapters_is_refused_unless_allowed(setting, tmp_path):
+    from loramerge_cli.search.runner import build_problem
+
+    other = shutil.copytree(setting.base, tmp_path / "other_base")
+    tasks = _spec_with(setting, tmp_path, lambda s: s.update(base_model=str(other)))
+    with pytest.raises(LoramergeError, match="differs from the base"):
+        build_problem(search_request(setting, tasks=tasks))
+    assert build_problem(search_request(setting, tasks=tasks, allow_base_mismatch=True)).engine is not None
+
+
+@pytest.mark.slow
+def test_adapters_of_another_kind_than_the_tasks_are_refused(setting, tmp_path):
+    from loramerge_cli.search.runner import build_problem
+
+    copied = _copied_setting(setting, tmp_path)
+    config_file = copied.adapters["alpha"] / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "task_type": "CAUSAL_LM"}))
+    with pytest.raises(LoramergeError, match="trained for CAUSAL_LM"):
+        build_problem(search_request(copied))

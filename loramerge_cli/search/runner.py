@@ -312,6 +312,10 @@ def _check_run_dir(request: SearchRequest, run_dir: Path | None) -> None:
                 changed = sorted(key for key in config if config[key] != saved["settings"].get(key))
                 raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
             rundir.check_inputs(saved.get("inputs") or {}, digests)
+            if (run_dir / ENMP_STATE).is_file():
+                from loramerge_cli.search.enmp import read_state
+
+                read_state(run_dir / ENMP_STATE)  # a damaged state is one line before any work
             return
     elif any((run_dir / name).exists() for name in (ENMP_STATE, NSC_STATE, rundir.LEGACY_PICKLE)):
         raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")

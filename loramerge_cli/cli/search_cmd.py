@@ -138,9 +138,9 @@ def search_command(
     validation data or label-free (ENMP: CMA-ES; greedy and random baselines on the same fitness and budget),
     or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
     params = {name: value for name, value in locals().items() if name != "ctx"}
-    from click.core import ParameterSource
-
-    given = [name for name in params if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    sources = {name: ctx.get_parameter_source(name) for name in params}  # typer vendors click: compare names
+    given = [name for name, value in params.items()
+             if value is not None and sources[name] is not None and sources[name].name != "DEFAULT"]
     if resume and run_dir is not None:
         from loramerge_cli.search.rundir import resumed_flags
 

@@ -32,8 +32,7 @@ EPILOG = examples_epilog(
     "loramerge search-mask --adapters a/ b/ c/ --merger knots --tasks tasks.yaml --out mask.json",
     "loramerge search-mask --adapters a/ b/ c/ --merger ta --lambda auto --tasks tasks.yaml --popsize 8 "
     "--generations 15 --val-limit 256 --run-dir runs/ta --out mask.json",
-    "loramerge search-mask --adapters a/ b/ c/ --merger ta --tasks tasks.yaml --run-dir runs/ta --resume "
-    "--out mask.json",
+    "loramerge search-mask --run-dir runs/ta --resume",
     "loramerge search-mask --adapters a/ b/ c/ --merger ties --tasks tasks.yaml --strategy greedy --out greedy.json",
     "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/",
     "loramerge search-mask --adapters a/ b/ c/ --tasks inputs.yaml --strategy nsc --out coeffs.json",

@@ -145,7 +145,8 @@ def _structure_problem(data) -> str | None:
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
             return "'weights' holds a value that is not a finite number"
     scale = data.get("scale")
-    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
         return "'scale' must be a finite number"
     return None
 

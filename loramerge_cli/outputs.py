@@ -76,7 +76,7 @@ def input_files(adapter_args: Iterable[str] = (), *paths: str | Path | None) -> 
 
 def _check_replaceable(out: Path, target: Path, force: bool, kind: str) -> None:
     if target.is_symlink():
-        raise LoramergeError(f"--out {out} is a symbolic link; refusing to replace it (give its target or another name)")
+        raise LoramergeError(f"--out {out} is a symbolic link; refusing to replace it (give its target or a new name)")
     if kind == "folder" and not target.is_dir():
         raise LoramergeError(f"--out {out} exists and is not a folder; refusing to replace it, even with --force")
     if kind == "file" and not target.is_file():

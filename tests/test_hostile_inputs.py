@@ -687,3 +687,26 @@ def test_adapters_of_another_kind_than_the_tasks_are_refused(setting, tmp_path):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "task_type": "CAUSAL_LM"}))
     with pytest.raises(LoramergeError, match="trained for CAUSAL_LM"):
         build_problem(search_request(copied))
+
+
+@pytest.mark.slow
+def test_a_classification_task_on_a_causal_lm_head_is_refused(setting, tmp_path):
+    import transformers
+
+    from loramerge_cli.search.runner import build_problem
+
+    config = transformers.AutoConfig.from_pretrained(str(setting.base))
+    config.architectures = ["LlamaForCausalLM"]
+    transformers.LlamaForCausalLM(config).save_pretrained(str(tmp_path / "causal"))
+    for file in setting.base.iterdir():  # the tokenizer's files
+        if file.name != "config.json" and not file.name.startswith("model"):
+            shutil.copy(file, tmp_path / "causal")
+
+    def headless(spec):
+        spec["base_model"] = str(tmp_path / "causal")
+        for task in spec["tasks"]:
+            task["head"] = "none"
+
+    tasks = _spec_with(setting, tmp_path, headless)
+    with pytest.raises(LoramergeError, match="no trained classification head"):
+        build_problem(search_request(setting, tasks=tasks, allow_base_mismatch=True))

@@ -9,9 +9,9 @@ def main() -> None:
 
     interrupts.install()
     try:
-        from loramerge_cli.cli.app import main as run
+        from loramerge_cli.cli.app import app
 
-        run()
+        app()
     except KeyboardInterrupt:
         sys.stderr.write(interrupts.message() + "\n")
         raise SystemExit(130) from None

@@ -66,13 +66,4 @@ def _register_all() -> None:
 _register_all()
 
 
-def main() -> None:
-    """Console-script entry point."""
-    from loramerge_cli import interrupts
-
-    interrupts.install()
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write(interrupts.message() + "\n")
-        raise SystemExit(130) from None
+from loramerge_cli.cli import main  # noqa: E402, F401 - the console script, also importable from here

@@ -13,9 +13,27 @@ def main() -> None:
 
         app()
     except KeyboardInterrupt:
-        sys.stderr.write(interrupts.message() + "\n")
-        raise SystemExit(130) from None
+        _exit_interrupted()
     except SystemExit as exit:
-        if exit.code == 130 and not interrupts.reported():  # click ended it while parsing, without a word
-            sys.stderr.write(interrupts.message() + "\n")
+        if exit.code == 130:
+            _exit_interrupted()
         raise
+    sys.exit(0)
+
+
+def _exit_interrupted() -> None:
+    """Say so (unless the command did), then exit 130 at once: CPython turns an interrupt that passed through
+    some C-level code paths into death by SIGINT at shutdown, whatever the exit code asked for."""
+    import os
+    import sys
+
+    from loramerge_cli import interrupts
+
+    if not interrupts.reported():  # click ends an interrupt during parsing with 130 and no word
+        sys.stderr.write(interrupts.message() + "\n")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)

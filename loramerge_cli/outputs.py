@@ -214,6 +214,8 @@ def exchange(first: Path, second: Path) -> bool:
 def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write a file through a temporary sibling, flushed to disk, then renamed over `path`: a kill at
     any moment leaves the old file or the new one. A full disk or a missing permission is one line."""
+    from loramerge_cli import interrupts
+
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
     temporary = path.with_name(f"{_staging_prefix(path)}{os.getpid()}.tmp")
@@ -223,6 +225,7 @@ def atomic_write(path: str | Path, data: str | bytes) -> None:
             handle.write(payload)
             handle.flush()
             os.fsync(handle.fileno())
+        interrupts.check()  # a Ctrl-C some library swallowed: keep the previous file
         _commit(temporary, path)
     except OSError as error:
         temporary.unlink(missing_ok=True)

@@ -120,9 +120,8 @@ def resumed_flags(run_dir: Path, given: dict, values: dict) -> dict | None:
                                  f"{_shown(saved[name])}; drop the flag, or start a new run")
     merged = {**values, **{name: value for name, value in saved.items() if name in values and name not in
                            RUN_ONLY_FLAGS}}
-    for name in RUN_ONLY_FLAGS & set(values):
-        if name not in given and name in saved and name in ("out",):
-            merged[name] = saved[name]
+    if "out" not in given and saved.get("out"):  # where the table goes: the saved place unless given now
+        merged["out"] = saved["out"]
     for name in ("tasks", "out", "plot"):
         if isinstance(merged.get(name), str):
             merged[name] = Path(merged[name])

@@ -24,6 +24,7 @@ def main() -> None:
 def _exit_interrupted() -> None:
     """Say so (unless the command did), then exit 130 at once: CPython turns an interrupt that passed through
     some C-level code paths into death by SIGINT at shutdown, whatever the exit code asked for."""
+    import atexit
     import os
     import sys
 
@@ -31,6 +32,10 @@ def _exit_interrupted() -> None:
 
     if not interrupts.reported():  # click ends an interrupt during parsing with 130 and no word
         sys.stderr.write(interrupts.message() + "\n")
+    try:
+        atexit._run_exitfuncs()  # multiprocessing's cleanup: workers, queues' semaphores
+    except BaseException:  # noqa: BLE001 - exiting anyway
+        pass
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

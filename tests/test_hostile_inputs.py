@@ -322,8 +322,8 @@ def test_ctrl_c_inside_a_safetensors_read_is_not_a_corrupt_file(good, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-@pytest.mark.parametrize("delay", [0.4, 1.0, 2.0, 3.5])
-def test_ctrl_c_at_any_moment_is_exit_130_and_no_output(good, tmp_path, delay):
+@pytest.mark.parametrize("delay", [1.0, 2.0, 3.5])  # from the heavy imports on (a loaded machine may still be
+def test_ctrl_c_at_any_moment_is_exit_130_and_no_output(good, tmp_path, delay):  # in Python's own startup at 0.4 s)
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-m", "loramerge_cli", "merge", "--adapters", *good, "--out", out],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -40,11 +40,7 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
     cwd = Path.cwd().resolve()
     if resolved == cwd or resolved in cwd.parents or str(out) in ("", ".", ".."):
         raise LoramergeError(f"--out {out}: that is the working folder (or holds it); give a new folder's name")
-    for item in inputs:
-        path = Path(item).expanduser().resolve()
-        if resolved == path or resolved in path.parents or (path.is_dir() and path in resolved.parents):
-            what = "is" if resolved == path else "holds" if resolved in path.parents else "is inside"
-            raise LoramergeError(f"--out {out} {what} the input {item}; refusing to write over an input")
+    check_not_an_input(out, inputs)
     if os.path.lexists(target):
         _check_replaceable(out, target, force, kind)
     ancestor = target.parent
@@ -56,6 +52,16 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
         raise LoramergeError(f"--out {out}: cannot create it, {ancestor} is not writable")
     clean_debris(target)
     return out
+
+
+def check_not_an_input(out: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> None:
+    """`out` is not an input, does not hold one, and is not inside an input folder."""
+    resolved = Path(out).expanduser().resolve()
+    for item in inputs:
+        path = Path(item).expanduser().resolve()
+        if resolved == path or resolved in path.parents or (path.is_dir() and path in resolved.parents):
+            what = "is" if resolved == path else "holds" if resolved in path.parents else "is inside"
+            raise LoramergeError(f"{flag} {out} {what} the input {item}; refusing to write over an input")
 
 
 def input_files(adapter_args: Iterable[str] = (), *paths: str | Path | None) -> list[Path]:

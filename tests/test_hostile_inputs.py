@@ -98,6 +98,12 @@ def test_force_never_replaces_what_loramerge_did_not_write(good, tmp_path, kind,
         assert (out / "thesis.tex").read_text() == "precious"
 
 
+def test_search_plots_never_go_into_an_input(good, tmp_path):
+    result = invoke_cli(["search-mask", "--adapters", *good, "--tasks", tmp_path / "tasks.yaml", "--plot", good[0],
+                         "--out", tmp_path / "mask.json"])
+    one_line(result, "--plot")
+
+
 def test_search_out_onto_a_folder_is_refused_before_any_work(good, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()

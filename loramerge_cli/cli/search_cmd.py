@@ -26,7 +26,7 @@ from loramerge_cli.cli.common import (
 )
 from loramerge_cli.cli.merge_cmd import MERGERS, _lambda_value
 from loramerge_cli.errors import LoramergeError
-from loramerge_cli.outputs import guard_output, input_files
+from loramerge_cli.outputs import check_not_an_input, guard_output, input_files
 
 EPILOG = examples_epilog(
     "loramerge search-mask --adapters a/ b/ c/ --merger knots --tasks tasks.yaml --out mask.json",
@@ -213,6 +213,8 @@ def _search(ctx, adapters, tasks, out, merger, method, space, lam, weights, dens
     except LoramergeError:  # reported in its turn by the search's own checks
         inputs = input_files(adapters, tasks)
     guard_output(out, inputs=inputs + run_dir_files(run_dir), force=force, kind="file")
+    if plot is not None:
+        check_not_an_input(plot, inputs + input_files(adapters), "--plot")
     console = human_console(quiet, json_output)
     from loramerge_cli.cli import render, render_nsc
 

@@ -230,20 +230,28 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
     atomic_write(run_dir / "trajectory.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
-def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[dict]]:
+def read_state(path: Path) -> tuple[dict, int, list, list[dict]]:
+    """(tensors, step, AdamW param groups, history) of a saved NSC state; anything malformed is one line."""
     from safetensors import SafetensorError, safe_open
 
-    path = run_dir / STATE_NAME if run_dir is not None else None
-    if path is None or not path.is_file():
-        raise LoramergeError(f"--resume: no saved NSC state in {run_dir}")
     try:
         with safe_open(str(path), framework="pt") as state:
             tensors = {key: state.get_tensor(key) for key in state.keys()}
-            metadata = state.metadata()
+            metadata = state.metadata() or {}
         step, groups, history = int(metadata["step"]), json.loads(metadata["param_groups"]), \
             json.loads(metadata["history"])
+        if not isinstance(groups, list) or not isinstance(history, list):
+            raise ValueError("param_groups and history must be lists")
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as error:
         raise LoramergeError(f"--resume: {path} is not a readable NSC state ({error})") from None
+    return tensors, step, groups, history
+
+
+def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[dict]]:
+    path = run_dir / STATE_NAME if run_dir is not None else None
+    if path is None or not path.is_file():
+        raise LoramergeError(f"--resume: no saved NSC state in {run_dir}")
+    tensors, step, groups, history = read_state(path)
     coefficients = tensors.pop("coefficients", None)
     if coefficients is None or tuple(coefficients.shape) != tuple(side_path.coefficients.shape):
         raise LoramergeError(f"--resume: {path} holds coefficients of another shape")

@@ -316,6 +316,10 @@ def _check_run_dir(request: SearchRequest, run_dir: Path | None) -> None:
                 from loramerge_cli.search.enmp import read_state
 
                 read_state(run_dir / ENMP_STATE)  # a damaged state is one line before any work
+            if (run_dir / NSC_STATE).is_file():
+                from loramerge_cli.search.nsc import read_state as read_nsc_state
+
+                read_nsc_state(run_dir / NSC_STATE)
             return
     elif any((run_dir / name).exists() for name in (ENMP_STATE, NSC_STATE, rundir.LEGACY_PICKLE)):
         raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")

@@ -85,6 +85,12 @@ class ParallelFitness:
             values[index] = value
         return [values[index] for index in range(len(candidates))]
 
+    def __enter__(self) -> "ParallelFitness":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.close(wait=error_type is None)
+
     def close(self, wait: bool = True) -> None:
         """Stop the workers: politely (`wait`), else at once (after an error or an interrupt)."""
         if wait:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -155,15 +156,9 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
             pruned_table(problem.template, tuple(data["best_pruned"])).save(run_dir / "best.json")
         on_event(kind, data)
 
-    try:
+    with parallel or nullcontext():  # workers stopped at the end, at once after an error or Ctrl-C
         best, evaluations, history = _run_strategy(request, evaluate, unit_count, task_count, lam, run_dir,
                                                    on_progress)
-    except BaseException:
-        if parallel is not None:
-            parallel.close(wait=False)  # an error or Ctrl-C: stop the workers now
-        raise
-    if parallel is not None:
-        parallel.close()
     table = pruned_table(problem.template, best.pruned)
     best_lambda = best.lam if best.lam is not None else lam
     merger = {**problem.settings.describe(), "lambda": best_lambda}
@@ -208,15 +203,9 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
             pruned_table(template, tuple(data["best_pruned"])).save(run_dir / "best.json")
         on_event(kind, data)
 
-    try:
+    with parallel or nullcontext():
         best, evaluations, history = _run_strategy(request, evaluate, len(template.units), len(fitness.adapters),
                                                     lam, run_dir, on_progress)
-    except BaseException:
-        if parallel is not None:
-            parallel.close(wait=False)  # an error or Ctrl-C: stop the workers now
-        raise
-    if parallel is not None:
-        parallel.close()
     best_lambda = best.lam if best.lam is not None else lam
     provenance = _provenance(request, fitness, parallel, best, evaluations, history, started)
     provenance.update(fitness="nsc", objective=request.nsc.objective)

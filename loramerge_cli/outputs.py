@@ -1,6 +1,6 @@
 """Where loramerge may write, and how: the one guard every `--out` goes through, staging folders that
-replace an output atomically, leftover staging from killed runs cleaned up, atomic file writes, and the
-finiteness check every written tensor passes.
+replace an output atomically, leftover staging from killed runs cleaned up, and the finiteness check every
+written tensor passes (single files are replaced through loramerge_cli.atomic).
 
 Users' files are sacred: an output never resolves to an input or to a folder holding one, never replaces
 anything that is not a folder or file loramerge wrote, and `--force` swaps the old output for the new one in
@@ -23,6 +23,7 @@ from typing import Iterable
 from loramerge_cli.errors import LoramergeError
 
 MARKER = "loramerge.json"  # every adapter folder loramerge writes holds its provenance under this name
+FOLDER_EXTRAS = ("mask.json", "loramerge.yaml")  # beside the adapter folders of apply-mask's output
 RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths atomically
 AT_FDCWD = -100
 
@@ -97,8 +98,9 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str) -> None:
 
 
 def written_by_loramerge(folder: Path) -> bool:
-    """An empty folder, an adapter folder loramerge wrote, or a folder of such (apply-mask's output)."""
-    entries = list(folder.iterdir())
+    """An empty folder, an adapter folder loramerge wrote, or a folder of such (apply-mask's output, with its
+    mask.json and loramerge.yaml beside them)."""
+    entries = [entry for entry in folder.iterdir() if entry.name not in FOLDER_EXTRAS or not entry.is_file()]
     if (folder / MARKER).is_file() or not entries:
         return True
     return all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries)
@@ -213,36 +215,6 @@ def exchange(first: Path, second: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
         return False  # file system without RENAME_EXCHANGE
     raise OSError(code, os.strerror(code), str(second))
-
-
-# --- files ------------------------------------------------------------------------------------------
-
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write a file through a temporary sibling, flushed to disk, then renamed over `path`: a kill at
-    any moment leaves the old file or the new one. A full disk or a missing permission is one line."""
-    from loramerge_cli import interrupts
-
-    path = Path(path)
-    payload = data.encode() if isinstance(data, str) else data
-    temporary = path.with_name(f"{_staging_prefix(path)}{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temporary, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        interrupts.check()  # a Ctrl-C some library swallowed: keep the previous file
-        _commit(temporary, path)
-    except OSError as error:
-        temporary.unlink(missing_ok=True)
-        raise LoramergeError(f"{path}: cannot write it ({error.strerror or error})") from None
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def _commit(temporary: Path, path: Path) -> None:
-    os.replace(temporary, path)
 
 
 # --- tensors ----------------------------------------------------------------------------------------

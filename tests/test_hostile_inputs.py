@@ -62,13 +62,16 @@ def test_out_never_replaces_or_holds_an_input(good, command, target):
     assert digests(*good) == before and not (Path(good[0]) / "merged").exists()
 
 
-def test_search_out_never_replaces_an_input_config(good, tmp_path):
-    config = Path(good[0]) / "adapter_config.json"
-    before = config.read_bytes()
-    result = invoke_cli(["search-mask", "--adapters", *good, "--tasks", tmp_path / "tasks.yaml", "--out", config,
+@pytest.mark.parametrize("target", ["adapter config", "task spec"])
+def test_search_out_never_replaces_an_input(setting, target):
+    adapters = setting.adapter_args()
+    out = setting.tasks_file if target == "task spec" else \
+        Path(adapters[0].partition("=")[2] or adapters[0]) / "adapter_config.json"
+    before = out.read_bytes()
+    result = invoke_cli(["search-mask", "--adapters", *adapters, "--tasks", setting.tasks_file, "--out", out,
                          "--force"])
     one_line(result, "input")
-    assert config.read_bytes() == before
+    assert out.read_bytes() == before
 
 
 @pytest.mark.parametrize("kind", ["regular file", "fifo", "symlink", "foreign folder"])
@@ -98,17 +101,18 @@ def test_force_never_replaces_what_loramerge_did_not_write(good, tmp_path, kind,
         assert (out / "thesis.tex").read_text() == "precious"
 
 
-def test_search_plots_never_go_into_an_input(good, tmp_path):
-    result = invoke_cli(["search-mask", "--adapters", *good, "--tasks", tmp_path / "tasks.yaml", "--plot", good[0],
-                         "--out", tmp_path / "mask.json"])
+def test_search_plots_never_go_into_an_input(setting, tmp_path):
+    adapters = setting.adapter_args()
+    result = invoke_cli(["search-mask", "--adapters", *adapters, "--tasks", setting.tasks_file, "--plot",
+                         adapters[0].partition("=")[2], "--out", tmp_path / "mask.json"])
     one_line(result, "--plot")
 
 
-def test_search_out_onto_a_folder_is_refused_before_any_work(good, tmp_path):
+def test_search_out_onto_a_folder_is_refused_before_any_work(setting, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
-    result = invoke_cli(["search-mask", "--adapters", *good, "--tasks", tmp_path / "tasks.yaml", "--out", folder,
-                         "--force"])
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--out", folder, "--force"])
     one_line(result, "not a regular file")
 
 
@@ -121,11 +125,12 @@ def test_out_dot_and_the_working_folder(good, tmp_path, monkeypatch):
     assert list(work.iterdir()) == []
 
 
-def test_out_parents_are_checked_before_work(good, tmp_path):
+def test_out_parents_are_checked_before_work(good, setting, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    for command in (["merge"], ["search-mask", "--tasks", tmp_path / "tasks.yaml"]):
-        result = invoke_cli([*command, "--adapters", *good, "--out", blocker / "sub" / "out.json"])
+    for command in (["merge", "--adapters", *good],
+                    ["search-mask", "--tasks", setting.tasks_file, "--adapters", *setting.adapter_args()]):
+        result = invoke_cli([*command, "--out", blocker / "sub" / "out.json"])
         one_line(result, "not a folder")
 
 
@@ -245,11 +250,14 @@ NON_FINITE = {
 }
 
 
+FLAG_VALUES = {"lambda nan", "weights nan", "density nan", "drop rate nan"}  # usage errors: exit 2
+
+
 @pytest.mark.parametrize("case", NON_FINITE)
 def test_non_finite_output_is_never_written(case, good, tmp_path):
     args, word = NON_FINITE[case](tmp_path, good)
     out = tmp_path / "out"
-    one_line(invoke_cli(["merge", *args, "--out", out]), word)
+    one_line(invoke_cli(["merge", *args, "--out", out]), word, code=2 if case in FLAG_VALUES else 1)
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
@@ -257,7 +265,7 @@ def test_non_finite_output_is_never_written(case, good, tmp_path):
 def test_search_numbers_must_be_finite(good, tmp_path, flag):
     result = invoke_cli(["search-mask", "--adapters", *good, "--tasks", tmp_path / "tasks.yaml", flag, "nan",
                          "--out", tmp_path / "mask.json"])
-    one_line(result, flag)
+    one_line(result, flag, code=2)  # a flag value: usage, refused before the task spec is read
 
 
 # --- adapter configs, names, full disks -----------------------------------------------------------------
@@ -288,7 +296,7 @@ def test_a_source_through_dot_dot_is_named_by_its_folder(good):
 def test_full_disk_is_one_line(good, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from loramerge_cli import outputs
+    from loramerge_cli import atomic
     from loramerge_cli.masks import WeightTable
 
     def full(*args, **kwargs):
@@ -297,7 +305,7 @@ def test_full_disk_is_one_line(good, tmp_path, monkeypatch):
     monkeypatch.setattr(safetensors.torch, "save_file", full)
     one_line(invoke_cli(["merge", "--adapters", *good, "--out", tmp_path / "out"]), "no space left")
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(outputs, "_commit", full)
+    monkeypatch.setattr(atomic, "_commit", full)
     with pytest.raises(LoramergeError, match="No space left") as error:
         WeightTable(["a"], ["u"], [[1.0]]).save(tmp_path / "mask.json")
     assert "\n" not in str(error.value) and list(tmp_path.iterdir()) == []
@@ -342,8 +350,9 @@ def test_ctrl_c_at_any_moment_is_exit_130_and_no_output(good, tmp_path, delay): 
         assert process.returncode == 0 and (out / "adapter_model.safetensors").is_file()
         return
     assert process.returncode in (130, -signal.SIGINT), stderr  # -SIGINT: a shell shows 130 too
-    assert stderr.strip().splitlines()[-1].startswith("interrupted"), stderr
-    assert not out.exists() or (out / "loramerge.json").is_file()
+    completed = (out / "loramerge.json").is_file()  # the signal came as the process was ending
+    assert completed or stderr.strip().splitlines()[-1].startswith("interrupted"), stderr
+    assert not out.exists() or completed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 
@@ -431,13 +440,14 @@ def plain(setting):
     return run_search(search_request(setting))
 
 
-def test_a_locked_run_dir_is_refused_in_one_line(good, tmp_path):
+def test_a_locked_run_dir_is_refused_in_one_line(setting, tmp_path):
     from loramerge_cli.search.rundir import RunDirLock
 
     with RunDirLock(tmp_path / "run"):
-        result = invoke_cli(["search-mask", "--adapters", *good, "--tasks", tmp_path / "tasks.yaml",
+        result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                              "--run-dir", tmp_path / "run", "--out", tmp_path / "mask.json"])
-    one_line(result, "in use by another search")
+        one_line(result, "in use by another search")
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written into it
     with RunDirLock(tmp_path / "run"):  # released with the process (or the search) that held it
         pass
 
@@ -487,9 +497,9 @@ def _cli_search(setting, tmp_path, *extra, out="mask.json", generations="4"):
 def _kill_at_commit(monkeypatch, name: str, skip: int = 0):
     """Make the (skip+1)-th atomic write of run-dir file `name` die between its temporary file and its rename,
     as a SIGKILL there would."""
-    from loramerge_cli import outputs
+    from loramerge_cli import atomic
 
-    real, seen = outputs._commit, []
+    real, seen = atomic._commit, []
 
     def commit(temporary, path):
         if Path(path).name == name:
@@ -498,7 +508,7 @@ def _kill_at_commit(monkeypatch, name: str, skip: int = 0):
                 raise KeyboardInterrupt
         real(temporary, path)
 
-    monkeypatch.setattr(outputs, "_commit", commit)
+    monkeypatch.setattr(atomic, "_commit", commit)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from loramerge_cli.atomic import write_text
 from loramerge_cli.errors import LoramergeError
 
 CACHE_NAME = "scores.json"
@@ -37,25 +38,28 @@ class ScoreCache:
         self.scores.update(entries)
         if self.file is None:
             return
-        from loramerge_cli.outputs import atomic_write
-
-        atomic_write(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
+        write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
 
 
 def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:
     return hashlib.sha256(f"{kind}|{weights_sha256}|{fingerprint}".encode()).hexdigest()
 
 
-def expert_scores(engine, cache: ScoreCache) -> dict[str, float]:
-    """Each expert's accuracy on its own task, computed once per (weights, data, settings)."""
+def expert_scores(engine, cache: ScoreCache, report=None) -> dict[str, float]:
+    """Each expert's accuracy on its own task, computed once per (weights, data, settings); `report`
+    receives a progress stage (loramerge_cli.events)."""
+    from loramerge_cli.events import stage
+
     out, fresh = {}, {}
-    for task in engine.task_file.names:
-        adapter = engine.experts[task]
-        key = score_key("expert", adapter.source.sha256, engine.fingerprint(task))
-        value = cache.get(key)
-        if value is None:
-            value = fresh[key] = engine.score_adapter(adapter, [task])[task]
-        out[task] = value
+    with stage(report, "experts", len(engine.task_file.names)) as step:
+        for task in engine.task_file.names:
+            adapter = engine.experts[task]
+            key = score_key("expert", adapter.source.sha256, engine.fingerprint(task))
+            value = cache.get(key)
+            if value is None:
+                value = fresh[key] = engine.score_adapter(adapter, [task])[task]
+            out[task] = value
+            step(f"{task} {100 * value:.1f}%")
     if fresh:
         cache.put(fresh)
     return out

@@ -48,6 +48,12 @@ class RunDirLock:
     def __exit__(self, *exc) -> None:
         self.lock.release()
 
+    def check_free(self) -> None:
+        """Refuse now, in one line, a run dir another search holds (creates nothing)."""
+        if (self.run_dir / LOCK_NAME).exists():
+            with self:
+                pass
+
 
 # --- configuration ----------------------------------------------------------------------------------
 
@@ -68,10 +74,10 @@ def read_config(run_dir: Path) -> dict | None:
 
 
 def write_config(run_dir: Path, settings: dict, flags: dict | None, inputs: dict) -> None:
-    from loramerge_cli.outputs import atomic_write
+    from loramerge_cli.atomic import write_text
 
     data = {"format": CONFIG_FORMAT, "settings": settings, "flags": flags, "inputs": inputs}
-    atomic_write(run_dir / CONFIG_NAME, json.dumps(data, indent=2, default=str) + "\n")
+    write_text(run_dir / CONFIG_NAME, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def normal_path(value) -> str:
@@ -149,8 +155,10 @@ def input_paths(request) -> list[Path]:
     paths: list[Path] = []
     bases = set()
     for argument in request.adapters:
-        spec = split_name(argument).spec
-        files = resolve(spec, allow_pickle=request.allow_pickle)
+        if isinstance(argument, str):
+            files = resolve(split_name(argument).spec, allow_pickle=request.allow_pickle)
+        else:  # a loaded Adapter (the library API)
+            files = argument.source
         paths += [files.weights_file] + ([files.config_file] if files.config_file else [])
         if files.config_file:
             try:

@@ -1,80 +1,19 @@
-"""search-mask, end to end: load and check everything, score experts and the unpruned merge once,
-run a strategy (ENMP, greedy, random) on one fitness, and return the weight table with provenance."""
+"""search-mask, end to end: one driver for every fitness (labelled accuracy, label-free loss): build the
+fitness, run a strategy from the registry (search/strategies.py) on it, and return the weight table with
+provenance. The request is checked first (search/plan.py), before any model loads."""
 
 from __future__ import annotations
 
-import json
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from loramerge_cli import __version__
-from loramerge_cli.errors import LoramergeError
-from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings
-from loramerge_cli.search.nsc import NscSettings
-
-STRATEGIES = ("enmp", "greedy", "random", "nsc")
-FITNESSES = ("accuracy", "nsc")
-
-
-@dataclass
-class SearchRequest:
-    adapters: list[str]
-    merge: object  # MergeConfig; lam None = the merger's default
-    tasks: Path
-    eval: object  # EvalSettings
-    lambda_auto: bool = False
-    base: str | None = None
-    allow_base_mismatch: bool = False
-    allow_pickle: bool = False
-    strategy: str = "enmp"
-    enmp: EnmpSettings = field(default_factory=EnmpSettings)
-    fitness: str = "accuracy"  # or "nsc": label-free (Part A §A6), for enmp, greedy and random
-    nsc: NscSettings = field(default_factory=NscSettings)  # --strategy nsc, and --fitness nsc's objective
-    budget: int | None = None  # distinct evaluations for greedy/random; default popsize·generations
-    sparsity: float | None = None  # random: fraction of units pruned; default max_prune / 2
-    run_dir: Path | None = None
-    resume: bool = False
-    report_test: bool = False
-    devices: list[str] | None = None  # one worker per entry; None: serial in this process
-    command: str = ""
-    flags: dict | None = None  # the CLI's flags, saved in the run dir so that --resume alone can continue
-
-
-@dataclass
-class Problem:
-    """Everything a fitness needs, built identically in the parent and in every worker."""
-
-    adapters: list
-    settings: object  # ResolvedMerge at the base λ
-    template: object  # WeightTable (all ones)
-    engine: object  # Evaluator
-
-
-def build_problem(request: SearchRequest, device: str | None = None, lam: float | None = None) -> Problem:
-    from loramerge_cli.adapters.compat import check_base_kind, check_compatible, check_spec_base
-    from loramerge_cli.adapters.peft_reader import load_adapters
-    from loramerge_cli.evaluation.engine import Evaluator
-    from loramerge_cli.evaluation.specs import load_task_file
-    from loramerge_cli.masks import ones_table
-    from loramerge_cli.merging.merge import resolve_config
-
-    adapters = load_adapters(request.adapters, request.allow_pickle)
-    check_compatible(adapters, request.allow_base_mismatch)
-    merge_config = replace(request.merge, lam=lam if lam is not None else request.merge.lam)
-    settings = resolve_config(merge_config, len(adapters))
-    task_file = load_task_file(request.tasks)
-    eval_settings = replace(request.eval, device=device) if device else request.eval
-    check_spec_base(task_file, adapters, request.allow_base_mismatch)
-    engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)
-    check_base_kind(engine)
-    if engine.task_file.names != [a.name for a in adapters]:
-        missing = [a.name for a in adapters if a.name not in engine.task_file.names]
-        if missing:
-            raise LoramergeError(f"{request.tasks}: no task for adapter(s) {', '.join(missing)}")
-    return Problem(adapters, settings, ones_table(adapters), engine)
+from loramerge_cli.events import stage
+from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir
+from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
+from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
 
 @dataclass
@@ -94,8 +33,68 @@ class WorkerBuilder:
                                self.reference)
 
 
+@dataclass
+class Scored:
+    """A fitness ready for a strategy, and what the search records about it."""
+
+    fitness: object  # AccuracyFitness or NscFitness: adapters, template, unit_settings, base_lambda, reference
+    start: dict  # the "start" event's data
+    workers: Callable[[str], object]  # picklable: builds the same fitness on a device
+    provenance: dict  # recorded before the validation figures
+    validation: Callable[[object], dict]  # best Evaluation -> the provenance's "validation" figures
+
+
+def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
+    """Mean normalized validation accuracy over the unpruned merge (labels read)."""
+    from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+    from loramerge_cli.evaluation.tuning import search_lambda
+    from loramerge_cli.search.fitness import AccuracyFitness
+
+    problem = build_problem(request)
+    lam, tuning = problem.settings.lam, None
+    if request.lambda_auto:
+        search = search_lambda(problem.adapters, replace(request.merge, lam=None), None, request.tasks,
+                               evaluator=problem.engine, run_dir=run_dir,
+                               allow_base_mismatch=request.allow_base_mismatch, report=on_event)
+        lam, tuning = search.best, search.describe()
+        problem.settings = replace(problem.settings, lam=lam)
+        on_event("lambda", {"lambda": lam, "points": len(search.records), "warnings": search.warnings})
+    experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
+    with stage(on_event, "scoring the unpruned merge", 1) as step:
+        fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
+        step(f"{fitness.reference:.2f}")
+    return Scored(
+        fitness, {"lambda": lam, "reference": fitness.reference, "experts": experts},
+        WorkerBuilder(request, lam, experts, fitness.reference),
+        {"experts_validation_accuracy": experts, "lambda_tuning": tuning,
+         "max_length": dict(problem.engine.max_lengths)},
+        lambda best: {"unpruned_mean_normalized_accuracy": fitness.reference,
+                      "best_mean_normalized_accuracy": fitness.reference + best.fitness, "fitness": best.fitness},
+    )
+
+
+def _label_free(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
+    """% reduction of the label-free objective's loss over the unpruned merge (no labels read)."""
+    from loramerge_cli.search.nsc_fitness import NscWorkerBuilder, build_nsc_fitness
+
+    fitness = build_nsc_fitness(request)
+    objective = request.nsc.objective
+    return Scored(
+        fitness, {"lambda": fitness.base_lambda, "reference_loss": fitness.reference, "objective": objective,
+                  "targets": fitness.objective.targets if objective == "nsc" else []},
+        NscWorkerBuilder(request, fitness.base_lambda, fitness.reference),
+        {"fitness": "nsc", "objective": objective, "max_length": dict(fitness.engine.max_lengths)},
+        lambda best: {"unpruned_loss": fitness.reference, "best_loss": fitness.reference * (1 - best.fitness / 100),
+                      "fitness": best.fitness},
+    )
+
+
+FITNESSES: dict[str, Callable] = {"accuracy": _labelled, "nsc": _label_free}
+
+
 def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = lambda kind, data: None):
-    """Returns (WeightTable, summary dict). The run directory, if any, is locked for the whole search."""
+    """Returns (WeightTable, provenance). Checks the request first (plan_search) unless it was planned. The
+    run directory, if any, is locked for the whole search (one search per folder at a time)."""
     if request.run_dir is None:
         return _run_search(request, on_event)
     from loramerge_cli import interrupts
@@ -107,113 +106,41 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
 
 
 def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
-    from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
-    from loramerge_cli.evaluation.tuning import tune_lambda
-    from loramerge_cli.search.fitness import AccuracyFitness, pruned_table
+    from loramerge_cli.search.fitness import pruned_table
     from loramerge_cli.search.parallel import ParallelFitness
 
-    if request.strategy not in STRATEGIES:
-        raise LoramergeError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {request.strategy!r})")
-    if request.fitness not in FITNESSES:
-        raise LoramergeError(f"--fitness must be one of {', '.join(FITNESSES)} (got {request.fitness!r})")
-    if not 0 <= request.eval.block_cache_mb < float("inf"):
-        raise LoramergeError("--block-cache-mb must be a number >= 0")
+    strategy = check_request(request)
     run_dir = Path(request.run_dir) if request.run_dir else None
-    if request.strategy == "nsc":
+    prepare_run_dir(request)
+    if strategy.kind == "coefficients":
         from loramerge_cli.search.nsc import run_nsc
 
-        request.nsc.check()
-        _check_run_dir(request, run_dir)
         return run_nsc(request, on_event)
-    if request.fitness == "nsc":
-        return _run_label_free(request, run_dir, on_event)
-    request.enmp.check()
     started = time.perf_counter()
-    _check_run_dir(request, run_dir)
-    problem = build_problem(request)
-    lam = problem.settings.lam
-    tuning = None
-    if request.lambda_auto:
-        lam, grid = tune_lambda(problem.adapters, replace(request.merge, lam=None), None, request.tasks,
-                                evaluator=problem.engine, run_dir=run_dir,
-                                allow_base_mismatch=request.allow_base_mismatch)
-        tuning = {"best": lam, "grid": grid}
-        problem.settings = replace(problem.settings, lam=lam)
-        on_event("lambda", {"lambda": lam})
-    experts = expert_scores(problem.engine, ScoreCache(run_dir))
-    fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
-    on_event("start", {"lambda": lam, "reference": fitness.reference, "experts": experts,
-                       "units": len(problem.template.units), "tasks": len(problem.adapters)})
-    evaluate = fitness
-    parallel = None
+    scored = FITNESSES[request.fitness](request, run_dir, on_event)
+    fitness, template = scored.fitness, scored.fitness.template
+    lam = fitness.base_lambda
+    on_event("start", {**scored.start, "units": len(template.units), "tasks": len(fitness.adapters)})
+    evaluate, parallel = fitness, None
     if request.devices and len(request.devices) > 1:
-        parallel = ParallelFitness(WorkerBuilder(request, lam, experts, fitness.reference), request.devices)
-        evaluate = parallel
-    unit_count, task_count = len(problem.template.units), len(problem.adapters)
+        evaluate = parallel = ParallelFitness(scored.workers, request.devices)
 
     def on_progress(kind: str, data: dict) -> None:
         if run_dir is not None and "best_pruned" in data:  # the best table so far, every generation
-            pruned_table(problem.template, tuple(data["best_pruned"])).save(run_dir / "best.json")
-        on_event(kind, data)
-
-    with parallel or nullcontext():  # workers stopped at the end, at once after an error or Ctrl-C
-        best, evaluations, history = _run_strategy(request, evaluate, unit_count, task_count, lam, run_dir,
-                                                   on_progress)
-    table = pruned_table(problem.template, best.pruned)
-    best_lambda = best.lam if best.lam is not None else lam
-    merger = {**problem.settings.describe(), "lambda": best_lambda}
-    provenance = _provenance(request, fitness, parallel, best, evaluations, history, started)
-    provenance["validation"] = {
-        "unpruned_mean_normalized_accuracy": fitness.reference,
-        "best_mean_normalized_accuracy": fitness.reference + best.fitness,
-        "fitness": best.fitness,
-    }
-    provenance.update(experts_validation_accuracy=experts, lambda_tuning=tuning)
-    if request.report_test:
-        provenance["test"] = _test_report(request, lam, best_lambda, best.pruned)
-    table = replace(table, scale=best.lam if request.enmp.addscale else None, merger=merger, provenance=provenance)
-    return table, provenance
-
-
-def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
-    """ENMP (or greedy/random) with the label-free NSC fitness: no expert scores, no labels."""
-    from loramerge_cli.search.fitness import pruned_table
-    from loramerge_cli.search.nsc_fitness import NscWorkerBuilder, build_nsc_fitness
-    from loramerge_cli.search.parallel import ParallelFitness
-
-    if request.lambda_auto:
-        raise LoramergeError("--lambda auto tunes λ on labelled validation data; give a number with --fitness nsc")
-    request.enmp.check()
-    request.nsc.check()
-    started = time.perf_counter()
-    _check_run_dir(request, run_dir)
-    fitness = build_nsc_fitness(request)
-    lam = fitness.base_lambda
-    template = fitness.template
-    on_event("start", {"lambda": lam, "reference_loss": fitness.reference, "objective": request.nsc.objective,
-                       "targets": fitness.objective.targets if request.nsc.objective == "nsc" else [],
-                       "units": len(template.units), "tasks": len(fitness.adapters)})
-    evaluate, parallel = fitness, None
-    if request.devices and len(request.devices) > 1:
-        parallel = ParallelFitness(NscWorkerBuilder(request, lam, fitness.reference), request.devices)
-        evaluate = parallel
-
-    def on_progress(kind: str, data: dict) -> None:
-        if run_dir is not None and "best_pruned" in data:
             pruned_table(template, tuple(data["best_pruned"])).save(run_dir / "best.json")
         on_event(kind, data)
 
-    with parallel or nullcontext():
-        best, evaluations, history = _run_strategy(request, evaluate, len(template.units), len(fitness.adapters),
-                                                    lam, run_dir, on_progress)
+    space = SearchSpace(len(template.units), len(fitness.adapters), lam, run_dir, request.resume)
+    try:
+        outcome = strategy.run(request, evaluate, space, on_progress)
+    finally:
+        if parallel is not None:
+            parallel.close()
+    best = outcome.best
     best_lambda = best.lam if best.lam is not None else lam
-    provenance = _provenance(request, fitness, parallel, best, evaluations, history, started)
-    provenance.update(fitness="nsc", objective=request.nsc.objective)
-    provenance["validation"] = {
-        "unpruned_loss": fitness.reference,
-        "best_loss": fitness.reference * (1.0 - best.fitness / 100.0),
-        "fitness": best.fitness,
-    }
+    provenance = _provenance(request, fitness, parallel, outcome, started)
+    provenance.update(scored.provenance)
+    provenance["validation"] = scored.validation(best)
     if request.report_test:
         provenance["test"] = _test_report(request, lam, best_lambda, best.pruned)
     merger = {**fitness.unit_settings.describe(), "lambda": best_lambda}
@@ -222,102 +149,22 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
     return table, provenance
 
 
-def _provenance(request, fitness, parallel, best, evaluations, history, started) -> dict:
-    """What every search records about itself (the validation figures are added by the caller)."""
+def _provenance(request, fitness, parallel, outcome, started) -> dict:
+    """What every search records about itself (the fitness's own figures are added by the caller)."""
     return {
         "loramerge": __version__,
         "command": request.command,
         "strategy": request.strategy,
         "seed": request.enmp.seed,
         "search": asdict(request.enmp) if request.strategy == "enmp" else {
-            "budget": _budget(request), "sparsity": request.sparsity},
-        "evaluations": evaluations,
+            "budget": request.budget or request.enmp.popsize * request.enmp.generations,
+            "sparsity": request.sparsity},
+        "evaluations": outcome.evaluations,
         "forward_passes": fitness.forward_passes if parallel is None else None,
-        "pruned_flat_indices": list(best.pruned),
+        "pruned_flat_indices": list(outcome.best.pruned),
         "seconds": round(time.perf_counter() - started, 3),
-        "history": history,
+        "history": outcome.history,
     }
-
-
-def _budget(request: SearchRequest) -> int:
-    return request.budget or request.enmp.popsize * request.enmp.generations
-
-
-def _run_strategy(request, evaluate, unit_count, task_count, lam, run_dir, on_event):
-    from loramerge_cli.search.baselines import greedy_search, random_search
-    from loramerge_cli.search.decode import max_pruned
-
-    settings = request.enmp
-    k_max = max_pruned(settings.max_prune, unit_count, task_count)
-    if request.strategy == "enmp":
-        search = EnmpSearch(settings, unit_count, task_count, evaluate, base_lambda=lam, run_dir=run_dir,
-                            on_generation=lambda record: on_event("generation", record))
-        best = search.run(resume=request.resume)
-        return best, len(search.state.memo) - 1, search.state.history
-    flat = unit_count * task_count
-    history: list[dict] = []
-
-    def on_round(record):
-        history.append(record)
-        on_event("round", record)
-
-    if request.strategy == "greedy":
-        ledger = greedy_search(evaluate, flat, k_max, _budget(request), on_round)
-    else:
-        sparsity = request.sparsity if request.sparsity is not None else settings.max_prune / 2
-        count = max(1, min(flat, round(sparsity * flat)))
-        ledger = random_search(evaluate, flat, count, _budget(request), settings.seed, on_round)
-    return ledger.best(), len(ledger.memo) - 1, history
-
-
-def _check_run_dir(request: SearchRequest, run_dir: Path | None) -> None:
-    """The run directory remembers the resolved request and its inputs' sha256; --resume refuses a different
-    request or a changed input, and starts over when the killed run saved nothing yet."""
-    from loramerge_cli.search import rundir
-    from loramerge_cli.search.enmp import STATE_NAME as ENMP_STATE
-    from loramerge_cli.search.nsc import STATE_NAME as NSC_STATE
-
-    if run_dir is None:
-        if request.resume:
-            raise LoramergeError("--resume needs --run-dir")
-        return
-    eval_settings = {key: value for key, value in _plain(asdict(request.eval)).items()
-                     if key not in ("device", "threads", "block_cache_mb")}  # the same scores on any of them
-    config = {
-        "adapters": [rundir.normal_adapter(a) for a in request.adapters], "merge": _plain(asdict(request.merge)),
-        "tasks": rundir.normal_path(request.tasks), "eval": eval_settings, "strategy": request.strategy,
-        "enmp": asdict(request.enmp), "lambda_auto": request.lambda_auto, "base": request.base,
-        "budget": request.budget, "sparsity": request.sparsity,
-    }
-    if request.strategy == "nsc" or request.fitness == "nsc":
-        config.update(fitness=request.fitness, nsc=asdict(request.nsc))
-    config = json.loads(json.dumps(config))
-    digests = rundir.input_digests(request)
-    saved = rundir.read_config(run_dir)
-    if request.resume:
-        rundir.refuse_pickle_state(run_dir)
-        if saved is not None:
-            if saved["settings"] != config:
-                changed = sorted(key for key in config if config[key] != saved["settings"].get(key))
-                raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
-            rundir.check_inputs(saved.get("inputs") or {}, digests)
-            if (run_dir / ENMP_STATE).is_file():
-                from loramerge_cli.search.enmp import read_state
-
-                read_state(run_dir / ENMP_STATE)  # a damaged state is one line before any work
-            if (run_dir / NSC_STATE).is_file():
-                from loramerge_cli.search.nsc import read_state as read_nsc_state
-
-                read_nsc_state(run_dir / NSC_STATE)
-            return
-    elif any((run_dir / name).exists() for name in (ENMP_STATE, NSC_STATE, rundir.LEGACY_PICKLE)):
-        raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")
-    rundir.write_config(run_dir, config, request.flags, digests)
-
-
-def _plain(data: dict) -> dict:
-    return {key: (str(value) if not isinstance(value, (int, float, str, bool, list, type(None))) else value)
-            for key, value in data.items()}
 
 
 def _test_report(request: SearchRequest, lam: float, best_lambda: float, pruned: tuple[int, ...]) -> dict:

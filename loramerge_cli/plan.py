@@ -9,13 +9,14 @@ then its recorded λ). With `override` and another merger or method, the recorde
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from loramerge_cli import outputs
 from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
-from loramerge_cli.adapters.writer import check_head, check_output_dir, write_merged_adapter
+from loramerge_cli.adapters.writer import adapter_files, check_head, check_output_dir, write_merged_adapter
 from loramerge_cli.errors import LoramergeError, UsageError, check_at_least
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, check_table
@@ -87,12 +88,8 @@ def combined_settings(given: dict, recorded: dict, override: bool) -> dict:
 
 
 def check_not_an_input(out: str | Path, adapters: list[Adapter]) -> None:
-    """Refuse an output that resolves to an input adapter's folder or file, or to a folder holding one."""
-    target = Path(out).resolve()
-    for adapter in adapters:
-        weights = Path(adapter.source.weights_file).resolve()
-        if target == weights or target == weights.parent or target in weights.parents:
-            raise LoramergeError(f"--out {out} would overwrite the input adapter {adapter.name!r}")
+    """Refuse an output that is an input adapter's file or folder, holds one, or lies inside one."""
+    outputs.check_not_an_input(out, adapter_files(adapters))
 
 
 def plan_merge(
@@ -120,8 +117,7 @@ def plan_merge(
         if not Path(tuning.tasks).is_file():
             raise LoramergeError(f"{tuning.tasks}: task spec not found (--lambda auto tunes λ on it)")
     if out is not None:
-        check_output_dir(out, force)
-        check_not_an_input(out, adapters)
+        check_output_dir(out, force, adapter_files(adapters))
     check_head(adapters, head)
     if table is not None:
         check_table(table, adapters)
@@ -179,7 +175,6 @@ def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_
     `recipe` (YAML text) becomes loramerge.yaml; `repo_id` is the Hub id the model card's code loads."""
     if plan.out is None:
         raise UsageError("the plan has no output folder (give out= to plan_merge)")
-    check_not_an_input(plan.out, plan.adapters)
     return write_merged_adapter(result, plan.adapters, plan.out, dtype=plan.dtype, head=plan.head,
                                 command=plan.command, force=plan.force, table=plan.table, base_model=plan.base,
                                 extra_provenance=result.provenance, recipe=recipe, repo_id=repo_id)

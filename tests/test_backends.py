@@ -127,6 +127,7 @@ def test_a_driver_killed_with_sigkill_resumes(setting, cluster, tmp_path):
     driver = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert driver.returncode == -signal.SIGKILL, driver.stderr[-2000:]
     assert len(trajectory(tmp_path / "ray")) == 2
+    assert _eventually(lambda: not ray_workers(cluster))  # the killed driver's actors die with its job
     resumed, _ = run_search(request(setting, run_dir=tmp_path / "ray", resume=True, backend="ray",
                                     devices=["cpu", "cpu"]))
     assert resumed.weights == serial.weights

@@ -59,10 +59,11 @@ def apply_mask_command(
     from loramerge_cli import api
     from loramerge_cli.adapters.writer import check_output_dir
     from loramerge_cli.cli.recipe import build_recipe
+    from loramerge_cli.outputs import input_files
 
     if mask is None and indices is None:
         raise typer.BadParameter('give --mask FILE or --indices "[..]"', param_hint="'--mask'")
-    check_output_dir(out, force)
+    check_output_dir(out, force, input_files(adapters, mask))
     apply_threads(threads)
     loaded = api.load_adapters(adapters, allow_pickle=allow_pickle)
     table = api.weight_table(loaded, mask, indices)

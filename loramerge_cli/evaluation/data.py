@@ -79,7 +79,10 @@ def _split_rows(task_file: TaskFile, task: TaskSpec, split: str) -> tuple[list[d
     if source.is_dir() and task_file.type.images:
         rows, class_names = _image_tree(source, task_file, task, where), None
     elif source.is_file():
-        rows, class_names = _read_rows(source, task_file, where), task.labels
+        try:
+            rows, class_names = _read_rows(source, task_file, where), task.labels
+        except UnicodeDecodeError as error:
+            raise task_file.error(where, f"{source} is not UTF-8 text (byte {error.start})") from None
     else:
         raise task_file.error(where, f"no such file {source}")
     if not rows:

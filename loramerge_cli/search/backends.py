@@ -2,12 +2,13 @@
 machine (`process`, the default), or Ray actors on this machine or a cluster (`ray`).
 
 Every backend offers the same small interface: `pool(items)` returns `[work([item])[0] for item in items]`
-in item order, where each worker built `work = build(device)` once; `pool.close()` ends the workers.
+in item order, where each worker built `work = build(device)` once; `pool.close()` (or leaving `with pool:`)
+ends the workers.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 from loramerge_cli.errors import LoramergeError, UsageError
@@ -57,8 +58,5 @@ def open_pool(build, backend: Backend, device: str = "cpu", threads: int | None 
 def worker_pool(build, backend: Backend | None, device: str = "cpu", threads: int | None = None):
     """`open_pool` as a context: yields the pool (or None) and ends its workers on the way out."""
     pool = open_pool(build, backend, device, threads) if backend is not None else None
-    try:
+    with pool or nullcontext():  # stopped at the end; at once after an error or Ctrl-C
         yield pool
-    finally:
-        if pool is not None:
-            pool.close()

@@ -164,7 +164,14 @@ class RayPool:
         if not self.actors:
             raise LoramergeError(f"every Ray worker died (the last: {_first_line(error)})")
 
+    def __enter__(self) -> "RayPool":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Kill the actors (at once: the driver holds every state, an actor holds none worth waiting for)."""
         for actor in self.actors:
             self.ray.kill(actor)
         self.actors = []

@@ -111,8 +111,7 @@ def check_extras(request: SearchRequest, plot: Path | None) -> None:
     splits = [request.eval.split] + (["test"] if request.report_test else [])
     files = [str(task.data.get(split, "")) for task in task_file.tasks for split in splits]
     needed = [("matplotlib", "plot", "--plot")] if plot is not None else []
-    if task_file.type.images:
-        needed.append(("PIL", "image", f"{task_file.model_type} tasks"))
+    needed += [(module, extra, f"{task_file.model_type} tasks") for module, extra in task_file.type.extras]
     if any(name.endswith(".parquet") for name in files):
         needed.append(("pyarrow", "parquet", "parquet data"))
     for module, extra, reason in needed:

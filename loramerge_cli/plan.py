@@ -171,3 +171,44 @@ def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_
     return write_merged_adapter(result, plan.adapters, plan.out, dtype=plan.dtype, head=plan.head,
                                 command=plan.command, force=plan.force, table=plan.table, base_model=plan.base,
                                 extra_provenance=result.provenance, recipe=recipe, repo_id=repo_id)
+
+
+@dataclass
+class PrunePlan:
+    """apply-mask, checked: each adapter's row of `table` applied and written to `out/<name>/`."""
+
+    adapters: list[Adapter]
+    table: WeightTable
+    out: Path
+    force: bool = False
+    dtype: str | None = None
+    base: str | None = None  # written as each config's base_model_name_or_path
+    command: str | None = None
+
+
+def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, force: bool = False,
+               dtype: str | None = None, base: str | None = None, command: str | None = None) -> PrunePlan:
+    """Check the dtype, the output (never an input) and the table against the adapters, before any work."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    check_output_dir(out, force, adapter_files(adapters))
+    check_table(table, adapters)
+    return PrunePlan(adapters, table, Path(out), force, dtype, base, command)
+
+
+def prune(plan: PrunePlan) -> list[Adapter]:
+    """Each adapter with its row of the table applied (lora_B × weight, zero-weight modules removed)."""
+    from loramerge_cli.pruning import apply_table
+
+    pruned = [apply_table(adapter, plan.table, index) for index, adapter in enumerate(plan.adapters)]
+    if plan.base is not None:
+        pruned = [replace(a, config={**a.config, "base_model_name_or_path": plan.base}) for a in pruned]
+    return pruned
+
+
+def write_pruned(plan: PrunePlan, pruned: list[Adapter], recipe: str | None = None) -> Path:
+    """Write the pruned adapters where the plan says, the table as out/mask.json, `recipe` as loramerge.yaml."""
+    from loramerge_cli.adapters.writer import write_adapters
+
+    return write_adapters(pruned, plan.out, force=plan.force, command=plan.command, dtype=plan.dtype,
+                          table=plan.table, recipe=recipe)

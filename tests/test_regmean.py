@@ -124,7 +124,8 @@ def test_merge_regmean_end_to_end(setting, tmp_path):
         expected = regmean(tasks, grams[path], 0.9).dense()
         assert torch.allclose(module.delta().double(), expected, rtol=1e-4, atol=1e-6), path
     tuned = invoke_cli(["merge", "--adapters", *sources, "--merger", "regmean", "--tasks", setting.tasks_file,
-                        "--val-limit", "12", "--lambda", "auto", "--out", tmp_path / "tuned", "--json", "--threads", "1"])
+                        "--val-limit", "12", "--lambda", "auto", "--out", tmp_path / "tuned", "--json",
+                        "--threads", "1"])
     assert tuned.exit_code == 0, tuned.stderr
     provenance = json.loads((tmp_path / "tuned" / "loramerge.json").read_text())
     assert provenance["input_statistics"]["examples"] == {name: 12 for name in setting.adapters}

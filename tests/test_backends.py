@@ -201,8 +201,8 @@ def eval_json(setting, merged, *flags) -> dict:
     return json.loads(result.stdout)
 
 
-def lambda_tuning(setting, out: Path, *flags) -> dict:
-    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ta", "--lambda", "auto",
+def lambda_tuning(setting, out: Path, *flags, merger: str = "ta") -> dict:
+    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", merger, "--lambda", "auto",
                          "--tasks", str(setting.tasks_file), "--batch-size", "8", "--out", str(out), *flags])
     assert result.exit_code == 0, result.stderr
     return json.loads((out / "loramerge.json").read_text())["lambda_tuning"]
@@ -213,6 +213,10 @@ def test_eval_and_lambda_auto_on_worker_processes_equal_serial(setting, tmp_path
     flags = ["--workers", "2"]
     assert eval_json(setting, merged, *flags) == eval_json(setting, merged)
     assert lambda_tuning(setting, tmp_path / "spread", *flags) == lambda_tuning(setting, tmp_path / "serial")
+    # a data-reading method: the workers merge with the driver's input statistics
+    regmean = [lambda_tuning(setting, tmp_path / f"regmean-{name}", "--val-limit", "8", *extra, merger="regmean")
+               for name, extra in (("spread", flags), ("serial", []))]
+    assert regmean[0] == regmean[1]
 
 
 def test_eval_on_ray_actors_equals_serial(setting, cluster, tmp_path):

@@ -108,13 +108,15 @@ def search_lambda(
     allow_base_mismatch: bool = False,
     evaluator: Evaluator | None = None,
     report=None,
+    statistics: dict | None = None,
     pool=None,
 ) -> LambdaSearch:
     """Score the merge at every λ of the grid (the default one, or exactly `grid` when given) on `split`;
     `report` receives progress stages (loramerge_cli.events).
 
-    `evaluator`, if given, is reused (its split and settings win over the keyword arguments); `pool`, if
-    given, scores each stage's points on its workers (`LambdaScorer`, evaluation/workers.py).
+    `evaluator`, if given, is reused (its split and settings win over the keyword arguments). `statistics`:
+    the input Gram matrices of a data-reading method (RegMean). `pool`, if given, scores each stage's points
+    on its workers (`LambdaScorer`, evaluation/workers.py).
     """
     from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
     from loramerge_cli.merging.merge import merge, resolve_config
@@ -123,7 +125,8 @@ def search_lambda(
     if grid is not None and (not grid or not all(math.isfinite(value) for value in grid)):
         raise LoramergeError("the λ grid must hold at least one finite value")
     if pool is None:
-        unit_deltas = merged_deltas(merge(adapters, replace(config, lam=1.0), table, allow_base_mismatch))
+        unit_deltas = merged_deltas(merge(adapters, replace(config, lam=1.0), table, allow_base_mismatch,
+                                          statistics=statistics))
     if evaluator is None:
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)

@@ -59,6 +59,7 @@ class LambdaScorer:
     config: object  # MergeConfig
     table: object | None  # WeightTable or None
     allow_base_mismatch: bool = False
+    statistics: dict | None = None  # a data-reading method's input Gram matrices (RegMean)
 
     def __call__(self, device: str):
         from loramerge_cli.evaluation.engine import merged_deltas, scale_deltas
@@ -66,24 +67,20 @@ class LambdaScorer:
 
         adapters = self.source.loaded()
         engine = self.source.engine(device, adapters)
-        unit = merged_deltas(merge(adapters, replace(self.config, lam=1.0), self.table, self.allow_base_mismatch))
+        unit = merged_deltas(merge(adapters, replace(self.config, lam=1.0), self.table, self.allow_base_mismatch,
+                                   statistics=self.statistics))
         return lambda lams: [engine.evaluate(scale_deltas(unit, lam)) for lam in lams]
 
 
 @contextmanager
-def tuning_pool(adapters: list, config, table, tuning, allow_base_mismatch: bool = False):
-    """search_lambda's keyword options of a `plan.LambdaTuning`, with `pool` when its grid is scored on the
-    workers of `tuning.backend` (search/backends.py; the experts on the workers' first device); the workers
-    end on the way out."""
+def tuning_pool(adapters: list, config, table, tuning, allow_base_mismatch: bool = False, statistics=None):
+    """The workers of `tuning.backend` (search/backends.py) that score a `plan.TaskData`'s λ grid, or None
+    when it is scored here; they end on the way out."""
     from loramerge_cli.search.backends import worker_pool
 
-    options = {key: value for key, value in vars(tuning).items()
-               if key not in ("tasks", "backend") and value is not None}
-    if tuning.backend is not None and tuning.backend.devices:
-        options["device"] = tuning.backend.devices[0]
-    settings = EvalSettings(**{key: options[key] for key in ("val_limit", "device", "batch_size", "dtype", "threads",
-                                                              "max_length") if key in options})
+    options = tuning.options()
+    settings = EvalSettings(**{key: value for key, value in options.items() if key != "base"})
     source = EngineSource(tuning.tasks, adapters, settings, tuning.base)
-    with worker_pool(LambdaScorer(source, config, table, allow_base_mismatch), tuning.backend, settings.device,
-                     settings.threads) as pool:
-        yield {**options, "pool": pool} if pool is not None else options
+    with worker_pool(LambdaScorer(source, config, table, allow_base_mismatch, statistics), tuning.backend,
+                     settings.device, settings.threads) as pool:
+        yield pool

@@ -20,6 +20,7 @@ from eval_fixtures import build_text_setting  # noqa: E402
 from factories import invoke_cli  # noqa: E402
 from test_search_mask import request  # noqa: E402 - the same small search (ties, popsize 6, 4 generations)
 
+from loramerge_cli.search.enmp import EnmpSettings  # noqa: E402
 from loramerge_cli.search.runner import run_search  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -145,9 +146,8 @@ def test_ctrl_c_on_ray_exits_130_and_the_search_resumes(setting, cluster, tmp_pa
                 "--run-dir", str(run_dir), "--out", str(run_dir / "mask.json"), *flags]
 
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    serial = subprocess.run(search_mask(tmp_path / "serial"), cwd=ROOT, env=environment, capture_output=True,
-                            text=True, timeout=300)
-    assert serial.returncode == 0, serial.stderr[-2000:]
+    serial, _ = run_search(request(setting, run_dir=tmp_path / "serial",
+                                   enmp=EnmpSettings(popsize=6, generations=8, max_prune=0.5, seed=3)))
     run_dir = tmp_path / "ray"
     on_ray = search_mask(run_dir, "--backend", "ray", "--workers", "2", "--ray-address",
                          cluster.get_runtime_context().gcs_address)
@@ -170,8 +170,7 @@ def test_ctrl_c_on_ray_exits_130_and_the_search_resumes(setting, cluster, tmp_pa
     resumed = subprocess.run([*on_ray, "--resume"], cwd=ROOT, env=environment, capture_output=True, text=True,
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    tables = [json.loads((folder / "mask.json").read_text()) for folder in (tmp_path / "serial", run_dir)]
-    assert tables[0]["weights"] == tables[1]["weights"]
+    assert json.loads((run_dir / "mask.json").read_text())["weights"] == serial.weights
     assert trajectory(run_dir) == trajectory(tmp_path / "serial")
 
 

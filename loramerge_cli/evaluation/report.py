@@ -36,7 +36,7 @@ def eval_report(
     """Score the base model, each expert on its own task, and each merged adapter on every task.
 
     Expert and base scores are read from (and written to) the run directory's cache when given; `pool`, if
-    given, scores the merged adapters on its workers (`MergedScorer`, search/backends.py).
+    given, scores the merged adapters on its workers (`MergedScorer`, evaluation/workers.py).
     """
     task_file = load_task_file(tasks_file)
     engine = Evaluator(task_file, experts, settings, base=base, allow_pickle=allow_pickle)

@@ -66,7 +66,8 @@ def run(args) -> dict:
         cli(["merge", "--adapters", *adapters, "--merger", merger, "--out", folder, "--quiet"])
         merged.append(f"{merger}={folder}")
     report: dict = {"settings": vars(args) | {"example": str(args.example), "work": str(work)},
-                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none", "torch": torch.__version__, "steps": {}, "checks": {}}
+                    "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+                    "torch": torch.__version__, "steps": {}, "checks": {}}
     steps, checks = report["steps"], report["checks"]
 
     def record(name: str, device: str, seconds: float, peak: float, **extra) -> None:

@@ -62,9 +62,21 @@ def search_command(
     scope: Annotated[Literal["module", "adapter"] | None, typer.Option("--scope", help="Trim scope.")] = None,
     knots_scaled: Annotated[bool | None, typer.Option(
         "--knots-scaled/--no-knots-scaled", help="knots space: scale components by S.", show_default=False)] = None,
-    strategy: Annotated[Literal["enmp", "greedy", "random", "nsc"], typer.Option(
-        "--strategy", help="enmp (CMA-ES), greedy (leave-one-out), random (best of N), nsc (learn one coefficient "
-        "per task and module by gradient descent on unlabeled inputs).")] = "enmp",
+    strategy: Annotated[Literal["screened", "enmp", "greedy", "random", "nsc"], typer.Option(
+        "--strategy", help="screened (every single-unit pruning scored first, then CMA-ES from that prior, new "
+        "tables only, successive halving on validation subsets), enmp (the paper's CMA-ES), greedy "
+        "(leave-one-out), random (best of N), nsc (learn one coefficient per task and module by gradient descent "
+        "on unlabeled inputs).")] = "screened",
+    screen: Annotated[bool, typer.Option(
+        "--screen/--no-screen", help="screened: score every single-unit pruning first and start CMA-ES from it.")
+    ] = True,
+    redraws: Annotated[int, typer.Option(
+        "--redraws", help="screened: redraws of a candidate whose table was already scored (0: off).")] = 20,
+    fidelity: Annotated[bool, typer.Option(
+        "--halving/--no-halving", help="screened: score new tables on seeded validation subsets first "
+        "(successive halving); the result's fitness is always the full set's.")] = True,
+    eta: Annotated[int, typer.Option(
+        "--eta", help="screened: successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta².")] = 4,
     fitness: Annotated[Literal["accuracy", "nsc"], typer.Option(
         "--fitness", help="enmp/greedy/random: labelled validation accuracy, or nsc: % reduction of the label-free "
         "--objective loss (no labels read).")] = "accuracy",
@@ -91,7 +103,8 @@ def search_command(
     threshold: Annotated[float, typer.Option("--threshold", help="θ: latent values above it prune.")] = 0.0,
     addscale: Annotated[bool, typer.Option("--addscale", help="Also search λ (one extra gene).")] = False,
     budget: Annotated[int | None, typer.Option(
-        "--budget", help="greedy/random: distinct evaluations. [default: popsize·generations]",
+        "--budget", help="greedy/random: distinct evaluations [default: popsize·generations]; screened: stop "
+        "after this many distinct full-set evaluations.",
         show_default=False)] = None,
     sparsity: Annotated[float | None, typer.Option(
         "--sparsity", help="random: fraction of units pruned. [default: max-prune/2]", show_default=False)] = None,
@@ -156,6 +169,7 @@ def search_command(
     from loramerge_cli.search.enmp import EnmpSettings
     from loramerge_cli.search.nsc import NscSettings
     from loramerge_cli.search.runner import SearchRequest, run_search
+    from loramerge_cli.search.screened import ScreenedSettings
 
     request = SearchRequest(
         adapters=adapters,
@@ -173,6 +187,9 @@ def search_command(
         strategy=strategy,
         enmp=EnmpSettings(max_prune=max_prune, popsize=popsize, generations=generations, sigma0=sigma0,
                           threshold=threshold, seed=seed, addscale=addscale),
+        screened=ScreenedSettings(max_prune=max_prune, popsize=popsize, generations=generations, sigma0=sigma0,
+                                  threshold=threshold, seed=seed, screen=screen, redraws=redraws, fidelity=fidelity,
+                                  eta=eta, budget=budget),
         fitness=fitness,
         nsc=NscSettings(steps=steps, lr=lr, init=init, batch_size=batch_size, seed=seed, objective=objective,
                         target_blocks=_names(target_blocks), target_modules=_names(target_modules)),

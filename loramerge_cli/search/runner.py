@@ -13,8 +13,9 @@ from loramerge_cli import __version__
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings
 from loramerge_cli.search.nsc import NscSettings
+from loramerge_cli.search.screened import ScreenedSettings
 
-STRATEGIES = ("enmp", "greedy", "random", "nsc")
+STRATEGIES = ("screened", "enmp", "greedy", "random", "nsc")
 FITNESSES = ("accuracy", "nsc")
 
 
@@ -28,8 +29,9 @@ class SearchRequest:
     base: str | None = None
     allow_base_mismatch: bool = False
     allow_pickle: bool = False
-    strategy: str = "enmp"
+    strategy: str = "screened"
     enmp: EnmpSettings = field(default_factory=EnmpSettings)
+    screened: ScreenedSettings | None = None  # None: ENMP's budget flags, every part on
     fitness: str = "accuracy"  # or "nsc": label-free (Part A §A6), for enmp, greedy and random
     nsc: NscSettings = field(default_factory=NscSettings)  # --strategy nsc, and --fitness nsc's objective
     budget: int | None = None  # distinct evaluations for greedy/random; default popsize·generations
@@ -113,6 +115,10 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     if request.fitness == "nsc":
         return _run_label_free(request, run_dir, on_event)
     request.enmp.check()
+    if request.strategy == "screened":
+        from loramerge_cli.search.screened import screened_settings
+
+        screened_settings(request).check()
     started = time.perf_counter()
     _check_run_dir(request, run_dir)
     problem = build_problem(request)
@@ -131,7 +137,11 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
                        "units": len(problem.template.units), "tasks": len(problem.adapters)})
     evaluate = fitness
     parallel = None
-    if request.devices and len(request.devices) > 1:
+    if request.strategy == "screened":
+        from loramerge_cli.search.screened import screened_ladder
+
+        evaluate, parallel = screened_ladder(request, fitness, WorkerBuilder(request, lam, experts, fitness.reference))
+    elif request.devices and len(request.devices) > 1:
         parallel = ParallelFitness(WorkerBuilder(request, lam, experts, fitness.reference), request.devices)
         evaluate = parallel
     unit_count, task_count = len(problem.template.units), len(problem.adapters)
@@ -182,7 +192,11 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
                        "targets": fitness.objective.targets if request.nsc.objective == "nsc" else [],
                        "units": len(template.units), "tasks": len(fitness.adapters)})
     evaluate, parallel = fitness, None
-    if request.devices and len(request.devices) > 1:
+    if request.strategy == "screened":
+        from loramerge_cli.search.screened import screened_ladder
+
+        evaluate, parallel = screened_ladder(request, fitness, NscWorkerBuilder(request, lam, fitness.reference))
+    elif request.devices and len(request.devices) > 1:
         parallel = ParallelFitness(NscWorkerBuilder(request, lam, fitness.reference), request.devices)
         evaluate = parallel
 
@@ -215,14 +229,22 @@ def _run_label_free(request: SearchRequest, run_dir: Path | None, on_event):
 
 def _provenance(request, fitness, parallel, best, evaluations, history, started) -> dict:
     """What every search records about itself (the validation figures are added by the caller)."""
+    from loramerge_cli.search.fidelity import examples_per_evaluation
+    from loramerge_cli.search.screened import screened_settings
+
+    search = {"budget": _budget(request), "sparsity": request.sparsity}
+    if request.strategy in ("enmp", "screened"):
+        search = asdict(request.enmp if request.strategy == "enmp" else screened_settings(request))
+    spent = history[-1] if history and "forward_examples" in history[-1] else {}
     return {
         "loramerge": __version__,
         "command": request.command,
         "strategy": request.strategy,
         "seed": request.enmp.seed,
-        "search": asdict(request.enmp) if request.strategy == "enmp" else {
-            "budget": _budget(request), "sparsity": request.sparsity},
+        "search": search,
         "evaluations": evaluations,
+        "full_evaluations": evaluations,  # distinct tables scored on the full validation set
+        "forward_examples": spent.get("forward_examples", evaluations * examples_per_evaluation(fitness)),
         "forward_passes": fitness.forward_passes if parallel is None else None,
         "pruned_flat_indices": list(best.pruned),
         "seconds": round(time.perf_counter() - started, 3),
@@ -240,6 +262,12 @@ def _run_strategy(request, evaluate, unit_count, task_count, lam, run_dir, on_ev
 
     settings = request.enmp
     k_max = max_pruned(settings.max_prune, unit_count, task_count)
+    if request.strategy == "screened":
+        from loramerge_cli.search.screened import run_screened, screened_settings
+
+        best, spent = run_screened(screened_settings(request), evaluate, unit_count, task_count, run_dir,
+                                   request.resume, on_event)
+        return best, spent["full_evaluations"], spent["history"]
     if request.strategy == "enmp":
         search = EnmpSearch(settings, unit_count, task_count, evaluate, base_lambda=lam, run_dir=run_dir,
                             on_generation=lambda record: on_event("generation", record))
@@ -275,6 +303,10 @@ def _check_run_dir(request: SearchRequest, run_dir: Path | None) -> None:
     }
     if request.strategy == "nsc" or request.fitness == "nsc":
         config.update(fitness=request.fitness, nsc=asdict(request.nsc))
+    if request.strategy == "screened":
+        from loramerge_cli.search.screened import screened_settings
+
+        config["screened"] = asdict(screened_settings(request))
     path = run_dir / "config.json"
     if request.resume:
         if not path.is_file():

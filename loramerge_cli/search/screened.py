@@ -1,0 +1,367 @@
+"""Screened CMA-ES (`--strategy screened`, the default): the paper's ENMP search with three parts added,
+each of which can be switched off.
+
+* **screen** (step 0): every single-unit pruning is scored once; the scores set the CMA-ES mean per unit
+  (the units whose pruning helped most start above the threshold θ, the most harmful far below it), and
+  the "stacks" — the k best helpful singles pruned together, k = 2 … K_max — are scored too.
+  Off: the mean is the paper's x0 everywhere.
+* **redraw**: a candidate whose decoded table was already scored (or drawn earlier in the generation) is
+  drawn again, up to `redraws` times per slot, so a generation scores up to popsize new tables.
+* **fidelity** (successive halving): a batch of new tables is scored on the smallest seeded validation
+  subset, the best 1/η (and every table within `noise_examples` examples of the cut, one example being
+  100 / (T·n_r) points) go on to the next subset, and so on to the full validation set. Off: every table
+  is scored on the full set.
+
+CMA-ES ranks a generation by (the largest subset a table reached, its score there). Only full-set
+scores ever compete for the returned table, so its fitness is the full validation set's, and the
+unpruned merge (fitness 0) is in that memo from the start: the result is never worse than not pruning.
+The budget is counted twice: distinct full-set evaluations, and forward examples (each evaluation costs
+its subset's examples, summed over tasks). The whole state is written to the run directory after every
+step, so a killed run resumes to the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import NormalDist
+from typing import Callable
+
+import numpy as np
+
+from loramerge_cli.errors import LoramergeError
+from loramerge_cli.search.decode import decode_mask, max_pruned
+from loramerge_cli.search.enmp import Evaluation, SeededNormal, cma_options
+
+Candidate = tuple[tuple[int, ...], float | None]
+NAME = "screened"
+
+
+@dataclass
+class ScreenedSettings:
+    """Search budget (as ENMP's) and the three parts' switches and knobs."""
+
+    max_prune: float = 0.2
+    popsize: int = 16
+    generations: int = 60
+    sigma0: float = 0.5
+    threshold: float = 0.0
+    seed: int = 1
+    x0: float = -1.0  # the mean of every unit when the screen is off (the paper's)
+    screen: bool = True
+    redraws: int = 20  # per slot; 0: off
+    fidelity: bool = True
+    eta: int = 4  # successive halving: keep the best 1/η per rung; rung sizes n/η^k
+    rungs: int = 3  # subsets per search, the full set included
+    min_examples: int = 8  # per task: smaller subsets are left out
+    noise_examples: float = 1.0  # tables within this many examples of a rung's cut go on too
+    budget: int | None = None  # stop once this many distinct full-set evaluations are done (checked per step)
+
+    def check(self) -> None:
+        if self.seed < 1:
+            raise LoramergeError("--seed must be >= 1 (pycma reads 0 as 'seed from the clock')")
+        if not 0.0 < self.max_prune <= 1.0:
+            raise LoramergeError("--max-prune must be in (0, 1]")
+        if self.popsize < 2:
+            raise LoramergeError("--popsize must be >= 2")
+        if self.generations < 1:
+            raise LoramergeError("--generations must be >= 1")
+        if self.sigma0 <= 0:
+            raise LoramergeError("--sigma0 must be > 0")
+        if self.redraws < 0:
+            raise LoramergeError("--redraws must be >= 0")
+        if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0:
+            raise LoramergeError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0)")
+        if self.budget is not None and self.budget < 1:
+            raise LoramergeError("--budget must be >= 1")
+
+
+@dataclass
+class ScreenedState:
+    step: int  # steps completed: the screen (when on) is step 0, then one step per generation
+    strategy: object | None  # the CMA-ES, created after the screen
+    numpy_rng: tuple
+    scores: list[dict]  # per rung: candidate -> score (points over the unpruned merge on that subset)
+    full: dict  # candidate -> Evaluation on the full validation set (the unpruned merge included)
+    forward_examples: int = 0
+    history: list = field(default_factory=list)
+    prior: list | None = None  # the screen's score per unit (None: no screen)
+
+
+def prior_mean(order: list[int], gains: list[float], k_max: int, sigma: float, threshold: float) -> list[float]:
+    """CMA-ES mean per unit from the screen (`order`: units best first): the ≤ K_max best helpful units
+    are pruned with probability 0.8 per sample, the others with probability falling linearly in rank
+    from 0.3 to 0.02 (the paper's x0 = −1 at σ0 = 0.5)."""
+    helpful = [i for i in order[:k_max] if gains[i] > 0]
+    rest = [i for i in order if i not in set(helpful)]
+    normal = NormalDist()
+    mean = [0.0] * len(order)
+    for i in helpful:
+        mean[i] = threshold + sigma * normal.inv_cdf(0.8)
+    for rank, i in enumerate(rest):
+        probability = 0.3 - 0.28 * rank / max(1, len(rest) - 1)
+        mean[i] = threshold + sigma * normal.inv_cdf(probability)
+    return mean
+
+
+class ScreenedSearch:
+    """`ladder`: a `FidelityLadder` (its last rung the full validation set); `run_dir` (optional) holds
+    `state.pkl`, `trajectory.jsonl`."""
+
+    def __init__(self, settings: ScreenedSettings, unit_count: int, task_count: int, ladder,
+                 run_dir: Path | None = None, on_event: Callable[[str, dict], None] = lambda kind, data: None):
+        settings.check()
+        self.settings = settings
+        self.dimension = unit_count * task_count
+        self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
+        self.ladder = ladder
+        last = len(ladder.costs) - 1
+        self.levels = list(range(last + 1)) if settings.fidelity else [last]
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.on_event = on_event
+        self.state: ScreenedState | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+    def start(self, resume: bool = False) -> None:
+        if resume:
+            self.state = self._load_state()
+            return
+        np.random.seed(self.settings.seed)
+        empty: Candidate = ((), None)
+        scores = [{} for _ in self.ladder.costs]
+        for memo in scores:
+            memo[empty] = 0.0
+        self.state = ScreenedState(0, None, np.random.get_state(), scores, {empty: Evaluation((), None, 0.0, 0)})
+        self.state.forward_examples = sum(self.ladder.costs[rung] for rung in self.levels[:-1])  # subsets' references
+        if not self.settings.screen:
+            self.state.step = 1  # no step 0
+            self.state.strategy = self._new_strategy([self.settings.x0] * self.dimension)
+
+    def _new_strategy(self, mean: list[float]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import cma
+        options = cma_options(self.settings.popsize, self.settings.generations, self.settings.seed)
+        options["randn"] = SeededNormal(self.settings.seed)
+        return cma.CMAEvolutionStrategy(mean, self.settings.sigma0, options)
+
+    @property
+    def last_step(self) -> int:
+        return self.settings.generations
+
+    def done(self) -> bool:
+        budget = self.settings.budget
+        return self.state.step > self.last_step or (budget is not None and len(self.state.full) - 1 >= budget)
+
+    # -- loop --------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Evaluation:
+        if self.state is None:
+            self.start(resume)
+        while not self.done():
+            self.step()
+        return self.best()
+
+    def step(self) -> dict:
+        started = time.perf_counter()
+        state = self.state
+        np.random.set_state(state.numpy_rng)
+        before = (state.forward_examples, len(state.full))
+        if state.step == 0:
+            record = self._screen()
+        else:
+            record = self._generation()
+        state.numpy_rng = np.random.get_state()
+        best = self.best()
+        seconds = time.perf_counter() - started
+        record.update(
+            generation=state.step, best_fitness=best.fitness, best_pruned=list(best.pruned), best_lambda=None,
+            distinct_evaluated=len(state.full), full_evaluations=len(state.full) - 1,
+            new_full_evaluations=len(state.full) - before[1], forward_examples=state.forward_examples,
+            new_forward_examples=state.forward_examples - before[0], seconds=seconds,
+            seconds_per_evaluation=seconds / max(1, record["new_evaluations"]))
+        state.step += 1
+        state.history.append(record)
+        self._save_state()
+        self.on_event("generation", record)
+        return record
+
+    def _screen(self) -> dict:
+        """Step 0: every single-unit pruning, then the stacks of the best helpful singles; sets the prior."""
+        state = self.state
+        singles = [((i,), None) for i in range(self.dimension)] if self.k_max else []
+        counts = self._halve(singles)
+        reached = {i: self._reached(((i,), None)) for i in range(self.dimension)} if singles else {}
+        gains = [reached[i][1] if reached else 0.0 for i in range(self.dimension)]
+        # best first: the largest subset reached (the halving's verdict), then the score there
+        order = sorted(range(self.dimension), key=lambda i: (-reached[i][0], -gains[i], i) if reached else i)
+        helpful = [i for i in order[: self.k_max] if gains[i] > 0]
+        stacks = [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
+        more = self._halve([c for c in stacks if not self._scored(c)])
+        state.prior = gains
+        state.strategy = self._new_strategy(prior_mean(order, gains, self.k_max, self.settings.sigma0,
+                                                        self.settings.threshold))
+        fitnesses = [self._reached(c)[1] for c in singles + stacks]
+        return {"phase": "screen", "mean_fitness": float(np.mean(fitnesses)) if fitnesses else 0.0,
+                "mean_sparsity": float(np.mean([len(c[0]) for c in singles + stacks] or [0])) / self.dimension,
+                "new_evaluations": counts["evaluations"] + more["evaluations"],
+                "evaluations_per_rung": [a + b for a, b in zip(counts["per_rung"], more["per_rung"])],
+                "redraws": 0, "cache_hits": 0}
+
+    def _generation(self) -> dict:
+        """One CMA-ES generation: ask (redrawing already-scored tables), halve, tell."""
+        strategy = self.state.strategy
+        solutions = strategy.ask()
+        candidates: list[Candidate] = []
+        seen: set = set()
+        redraws = 0
+        for index, x in enumerate(solutions):
+            candidate = self.decode(x)
+            attempts = 0
+            while (candidate in seen or self._scored(candidate)) and attempts < self.settings.redraws:
+                x = strategy.ask(1)[0]
+                candidate = self.decode(x)
+                attempts += 1
+            redraws += attempts
+            solutions[index] = x
+            candidates.append(candidate)
+            seen.add(candidate)
+        fresh = [c for c in dict.fromkeys(candidates) if not self._scored(c)]
+        counts = self._halve(fresh)
+        reached = [self._reached(c) for c in candidates]
+        strategy.tell(solutions, [-(1000.0 * level + score) for level, score in reached])  # CMA-ES minimises
+        return {"phase": "cma", "mean_fitness": float(np.mean([score for _, score in reached])),
+                "mean_sparsity": float(np.mean([len(c[0]) for c in candidates])) / self.dimension,
+                "new_evaluations": counts["evaluations"], "evaluations_per_rung": counts["per_rung"],
+                "redraws": redraws, "cache_hits": len(candidates) - len(fresh)}
+
+    def decode(self, x) -> Candidate:
+        return decode_mask(np.asarray(x), self.k_max, self.settings.threshold), None
+
+    # -- successive halving ------------------------------------------------------------------------
+    def _scored(self, candidate: Candidate) -> bool:
+        return candidate in self.state.scores[self.levels[0]] or candidate in self.state.full
+
+    def _reached(self, candidate: Candidate) -> tuple[int, float]:
+        """(position of the largest rung scored, score there); the full set's position is the last."""
+        for position in range(len(self.levels) - 1, -1, -1):
+            score = self.state.scores[self.levels[position]].get(candidate)
+            if score is not None:
+                return position, score
+        raise KeyError(candidate)
+
+    def _halve(self, candidates: list[Candidate]) -> dict:
+        """Score new candidates rung by rung, the best 1/η (and ties within the noise) moving on."""
+        state, ladder = self.state, self.ladder
+        alive = list(dict.fromkeys(candidates))
+        per_rung = [0] * len(self.levels)
+        for position, rung in enumerate(self.levels):
+            memo = state.scores[rung]
+            fresh = [c for c in alive if c not in memo]
+            for candidate, value in zip(fresh, ladder([(rung, c) for c in fresh]) if fresh else []):
+                memo[candidate] = float(value)
+                state.forward_examples += ladder.costs[rung]
+                if position == len(self.levels) - 1:
+                    state.full[candidate] = Evaluation(candidate[0], None, float(value), len(state.full))
+            per_rung[position] = len(fresh)
+            if position == len(self.levels) - 1 or not alive:
+                break
+            ranked = sorted(alive, key=lambda c: (-memo[c], len(c[0]), c[0]))
+            keep = math.ceil(len(ranked) / self.settings.eta)
+            cut = memo[ranked[keep - 1]] - self.settings.noise_examples * ladder.one_example[rung]
+            alive = [c for c in ranked if memo[c] >= cut]
+        return {"evaluations": sum(per_rung), "per_rung": per_rung}
+
+    def best(self) -> Evaluation:
+        """Highest full-set fitness; ties: fewest pruned units, then earliest evaluated."""
+        return min(self.state.full.values(), key=lambda e: (-e.fitness, len(e.pruned), e.order))
+
+    # -- run directory -----------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        if self.run_dir is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        temporary = self.run_dir / "state.pkl.tmp"
+        temporary.write_bytes(pickle.dumps(self.state))
+        temporary.replace(self.run_dir / "state.pkl")
+        trajectory = self.run_dir / "trajectory.jsonl.tmp"
+        trajectory.write_text("".join(json.dumps(record) + "\n" for record in self.state.history))
+        trajectory.replace(self.run_dir / "trajectory.jsonl")
+
+    def _load_state(self) -> ScreenedState:
+        path = self.run_dir / "state.pkl" if self.run_dir else None
+        if path is None or not path.is_file():
+            raise LoramergeError(f"--resume: no saved search state in {self.run_dir}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import cma  # noqa: F401 - unpickling needs the class
+
+        state = pickle.loads(path.read_bytes())
+        if not isinstance(state, ScreenedState):
+            raise LoramergeError(f"--resume: {path} holds another strategy's search")
+        return state
+
+
+def run_screened(settings: ScreenedSettings, ladder, unit_count: int, task_count: int,
+                 run_dir: Path | None = None, resume: bool = False,
+                 on_event: Callable[[str, dict], None] = lambda kind, data: None) -> tuple[Evaluation, dict]:
+    """Runs (or resumes) a screened search; returns the best table's evaluation and the budget spent
+    (full-set evaluations, forward examples, the step records)."""
+    search = ScreenedSearch(settings, unit_count, task_count, ladder, run_dir, on_event)
+    best = search.run(resume=resume)
+    state = search.state
+    return best, {"full_evaluations": len(state.full) - 1, "forward_examples": state.forward_examples,
+                  "history": state.history, "rung_examples": list(ladder.costs), "prior": state.prior}
+
+
+# -- search-mask glue (the runner's request and worker processes) -----------------------------------
+def screened_settings(request) -> ScreenedSettings:
+    """The request's `screened` settings, or ENMP's budget flags with every part on."""
+    if request.enmp.addscale:
+        raise LoramergeError("--addscale searches λ with --strategy enmp only")
+    if request.screened is not None:
+        return request.screened
+    enmp = request.enmp
+    return ScreenedSettings(max_prune=enmp.max_prune, popsize=enmp.popsize, generations=enmp.generations,
+                            sigma0=enmp.sigma0, threshold=enmp.threshold, seed=enmp.seed, x0=enmp.x0,
+                            budget=request.budget)
+
+
+@dataclass
+class SingleRungBuilder:
+    """Picklable: a worker's fitness (built by `build`) as a one-rung ladder."""
+
+    build: Callable
+
+    def __call__(self, device: str):
+        from loramerge_cli.search.fidelity import single_rung
+
+        return single_rung(self.build(device))
+
+
+def screened_ladder(request, fitness, worker_builder):
+    """The ladder a screened search scores on (subsets of the validation set when `fitness` is labelled
+    accuracy and fidelity is on), and its worker processes (None: serial). Returns (ladder, parallel)."""
+    from loramerge_cli.search.fidelity import LadderWorkerBuilder, accuracy_ladder, rung_sizes, single_rung
+    from loramerge_cli.search.fitness import AccuracyFitness
+    from loramerge_cli.search.parallel import ParallelFitness
+
+    settings = screened_settings(request)
+    settings.check()
+    if settings.fidelity and isinstance(fitness, AccuracyFitness):
+        count = max(len(examples) for examples in fitness.engine.examples.values())
+        sizes = rung_sizes(count, settings.rungs, settings.eta, settings.min_examples)
+        ladder = accuracy_ladder(fitness, sizes, settings.seed)
+        builder = LadderWorkerBuilder(request, fitness.base_lambda, fitness.experts, ladder.references, sizes,
+                                      settings.seed)
+    else:
+        ladder, builder = single_rung(fitness), SingleRungBuilder(worker_builder)
+    parallel = None
+    if request.devices and len(request.devices) > 1:
+        parallel = ParallelFitness(builder, request.devices)
+        ladder.backend = parallel
+    return ladder, parallel

@@ -76,7 +76,7 @@ def search_command(
         "--halving/--no-halving", help="screened: score new tables on seeded validation subsets first "
         "(successive halving); the result's fitness is always the full set's.")] = True,
     eta: Annotated[int, typer.Option(
-        "--eta", help="screened: successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta².")] = 4,
+        "--eta", help="screened: successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta².")] = 3,
     fitness: Annotated[Literal["accuracy", "nsc"], typer.Option(
         "--fitness", help="enmp/greedy/random: labelled validation accuracy, or nsc: % reduction of the label-free "
         "--objective loss (no labels read).")] = "accuracy",

@@ -56,10 +56,10 @@ class ScreenedSettings:
     screen: bool = True
     redraws: int = 20  # per slot; 0: off
     fidelity: bool = True
-    eta: int = 4  # successive halving: keep the best 1/η per rung; rung sizes n/η^k
+    eta: int = 3  # successive halving: keep the best 1/η per rung; rung sizes n/η^k
     rungs: int = 3  # subsets per search, the full set included
-    min_examples: int = 8  # per task: smaller subsets are left out
-    noise_examples: float = 1.0  # tables within this many examples of a rung's cut go on too
+    min_examples: int = 24  # per task: smaller subsets are left out
+    noise_examples: float = 0.5  # tables within this many examples (100/(T·n_r) points each) of a cut go on too
     budget: int | None = None  # stop once this many distinct full-set evaluations are done (checked per step)
 
     def check(self) -> None:

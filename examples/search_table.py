@@ -1,0 +1,236 @@
+"""Mask-search strategies on the bundled example's text setting, with the budget counted in forward examples.
+
+For each merger (ta, ties, knots, core) at its tuned λ, on one validation fitness: the screened search
+(the default), paper ENMP, greedy leave-one-out and random masks, each over several seeds (greedy once:
+it is deterministic). Per run: validation fitness (points over the unpruned merge), test mean normalized
+accuracy, distinct full-set evaluations, forward examples (each evaluation costs its examples summed over
+tasks). Paper ENMP runs until it has spent as many forward examples as the screened search (at most
+`--generations`), random masks get as many forward examples and prune as many units as the screened
+search's table; greedy gets up to popsize × generations evaluations.
+`--ablations` adds the screened search with one part switched off each (screen, redraw, halving).
+
+    python -m examples.search_table [--seeds 1,2,3] [--mergers ta,ties] [--json out.json] [--plot curves.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+MERGERS = ("ta", "ties", "knots", "core")
+ABLATIONS = {"screened_no_screen": {"screen": False}, "screened_no_redraw": {"redraws": 0},
+             "screened_no_halving": {"fidelity": False}}
+
+
+def best_at(curve: list[tuple[int, float]], examples: int) -> float:
+    """Best validation fitness a search had reached within `examples` forward examples (0: the unpruned merge)."""
+    return max([fitness for spent, fitness in curve if spent <= examples], default=0.0)
+
+
+def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, strategies, ablations, log) -> dict:
+    from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+    from loramerge_cli.evaluation.tuning import tune_lambda
+    from loramerge_cli.masks import ones_table
+    from loramerge_cli.merging.merge import MergeConfig, resolve_config
+    from loramerge_cli.search.baselines import greedy_search, random_search
+    from loramerge_cli.search.decode import max_pruned
+    from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings
+    from loramerge_cli.search.fidelity import accuracy_ladder, examples_per_evaluation, rung_sizes, single_rung
+    from loramerge_cli.search.fitness import AccuracyFitness
+    from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings
+
+    started = time.perf_counter()
+    lam, _ = tune_lambda(adapters, MergeConfig(merger=merger), None, tasks_file, evaluator=validation)
+    settings = resolve_config(MergeConfig(merger=merger, lam=lam), len(adapters))
+    template = ones_table(adapters)
+    fitness = AccuracyFitness(adapters, settings, template, validation, expert_scores(validation, ScoreCache()))
+    test_fitness = AccuracyFitness(adapters, settings, template, test, expert_scores(test, ScoreCache()))
+    units, tasks = len(template.units), len(adapters)
+    cost = examples_per_evaluation(fitness)
+    k_max = max_pruned(budget["max_prune"], units, tasks)
+    row = {"merger": merger, "lambda": lam, "examples_per_evaluation": cost,
+           "unpruned": {"validation": fitness.reference, "test": test_fitness.reference}}
+    log(f"{merger}: λ {lam:.3g}, unpruned validation {fitness.reference:.2f} ({time.perf_counter() - started:.0f} s)")
+
+    def outcome(best, evaluations, examples, curve, seconds):
+        return {"fitness": best.fitness, "pruned": len(best.pruned), "evaluations": evaluations,
+                "forward_examples": examples, "test": test_fitness.score(best.pruned, None) - test_fitness.reference,
+                "seconds": seconds, "curve": curve}
+
+    def screened(seed, **changes):
+        clock = time.perf_counter()
+        search_settings = ScreenedSettings(popsize=budget["popsize"], generations=budget["screened_generations"],
+                                           max_prune=budget["max_prune"], seed=seed, **changes)
+        if search_settings.fidelity:
+            count = max(len(examples) for examples in validation.examples.values())
+            ladder = accuracy_ladder(fitness, rung_sizes(count, search_settings.rungs, search_settings.eta,
+                                                         search_settings.min_examples), seed)
+        else:
+            ladder = single_rung(fitness)
+        search = ScreenedSearch(search_settings, units, tasks, ladder)
+        best = search.run()
+        state = search.state
+        curve = [(record["forward_examples"], record["best_fitness"]) for record in state.history]
+        return outcome(best, len(state.full) - 1, state.forward_examples, curve, time.perf_counter() - clock)
+
+    runs = {key: [] for key in (*strategies, *ablations)}
+    for seed in seeds:
+        target = None
+        if "screened" in strategies:
+            runs["screened"].append(screened(seed))
+            target = runs["screened"][-1]["forward_examples"]
+        for key in ablations:
+            runs[key].append(screened(seed, **ABLATIONS[key]))
+        if "enmp" in strategies:  # up to the screened search's forward examples (equal cost), at most --generations
+            clock = time.perf_counter()
+            enmp = EnmpSearch(EnmpSettings(popsize=budget["popsize"], generations=budget["generations"], seed=seed,
+                                           max_prune=budget["max_prune"]), units, tasks, fitness, base_lambda=lam)
+            enmp.start()
+            while enmp.state.generation < budget["generations"] and (
+                    target is None or (len(enmp.state.memo) - 1) * cost < target):
+                enmp.step()
+            curve = [((record["distinct_evaluated"] - 1) * cost, record["best_fitness"])
+                     for record in enmp.state.history]
+            evaluations = len(enmp.state.memo) - 1
+            runs["enmp"].append(outcome(enmp.best(), evaluations, evaluations * cost, curve,
+                                        time.perf_counter() - clock))
+            runs["enmp"][-1]["at_screened_examples"] = best_at(curve, target) if target else None
+        if "random" in strategies and target:  # as many forward examples and pruned units as the screened search
+            clock = time.perf_counter()
+            count = max(1, runs["screened"][-1]["pruned"])
+            ledger = random_search(fitness, units * tasks, count, max(1, target // cost), seed)
+            runs["random"].append(outcome(ledger.best(), len(ledger.memo) - 1, (len(ledger.memo) - 1) * cost, [],
+                                          time.perf_counter() - clock))
+        log(f"{merger} seed {seed}: " + ", ".join(
+            f"{key} {runs[key][-1]['fitness']:+.2f} ({runs[key][-1]['evaluations']} full, "
+            f"{runs[key][-1]['forward_examples']} examples, {runs[key][-1]['seconds']:.0f} s)"
+            for key in runs if runs[key]))
+    if "greedy" in strategies:
+        clock = time.perf_counter()
+        curve: list = []
+        ledger = greedy_search(fitness, units * tasks, k_max, budget["popsize"] * budget["generations"],
+                               lambda record: curve.append(((record["distinct_evaluated"] - 1) * cost,
+                                                            record["best_fitness"])))
+        evaluations = len(ledger.memo) - 1
+        runs["greedy"].append(outcome(ledger.best(), evaluations, evaluations * cost, curve,
+                                      time.perf_counter() - clock))
+        log(f"{merger}: greedy {runs['greedy'][-1]['fitness']:+.2f} ({runs['greedy'][-1]['forward_examples']} "
+            f"examples)")
+    row["runs"] = runs
+    fields = ("fitness", "test", "pruned", "evaluations", "forward_examples", "seconds")
+    row["mean"] = {key: {name: statistics.mean(run[name] for run in values) for name in fields}
+                   for key, values in runs.items() if values}
+    return row
+
+
+def render(rows: list[dict], seeds, budget, keys, seconds):
+    from rich.table import Table
+
+    table = Table(title=f"Mask search on the text setting, mean over seeds {list(seeds)}: Δval / Δtest over the "
+                  f"unpruned merge (full-set evaluations; thousands of forward examples); popsize "
+                  f"{budget['popsize']}, ENMP {budget['generations']} generations, screened "
+                  f"{budget['screened_generations']}, {budget['val_limit']} validation examples per task; "
+                  f"{seconds:.0f} s", title_justify="left")
+    table.add_column("merger")
+    table.add_column("λ", justify="right")
+    table.add_column("unpruned val / test", justify="right")
+    for key in keys:
+        table.add_column(key.replace("_", " "), justify="right")
+    for row in rows:
+        cells = [row["merger"], f"{row['lambda']:.3g}",
+                 f"{row['unpruned']['validation']:.1f} / {row['unpruned']['test']:.1f}"]
+        for key in keys:
+            mean = row["mean"].get(key)
+            if mean is None:
+                cells.append("")
+                continue
+            cells.append(f"{mean['fitness']:+.2f} / {mean['test']:+.2f} ({mean['evaluations']:.0f}; "
+                         f"{mean['forward_examples'] / 1000:.0f}k)")
+        table.add_row(*cells)
+    return table
+
+
+def plot(rows: list[dict], keys, path: Path) -> None:
+    """Best validation fitness against forward examples, one panel per merger, each strategy's first seed."""
+    from loramerge_cli.search.plots import _pyplot
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
+    for axis, row in zip(axes[0], rows):
+        for key in keys:
+            curve = row["runs"][key][0]["curve"] if row["runs"].get(key) else []
+            if curve:
+                axis.step([0] + [spent for spent, _ in curve], [0.0] + [best for _, best in curve], where="post",
+                          label=key.replace("_", " "))
+        axis.set_title(f"{row['merger']} (λ {row['lambda']:.3g})")
+        axis.set_xlabel("forward examples")
+        axis.set_ylabel("best validation fitness (points)")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None):
+    import torch
+    from rich.console import Console
+
+    from examples.bundled.build import DEFAULT_OUT
+    from examples.main_job import bundled_setting
+    from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--mergers", default=",".join(MERGERS))
+    parser.add_argument("--popsize", type=int, default=16)
+    parser.add_argument("--generations", type=int, default=15, help="paper ENMP's generations (greedy and random "
+                        "get up to popsize × generations evaluations)")
+    parser.add_argument("--screened-generations", type=int, default=10)
+    parser.add_argument("--max-prune", type=float, default=0.2)
+    parser.add_argument("--val-limit", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--strategies", default="screened,enmp,greedy,random")
+    parser.add_argument("--ablations", default="", help=f"comma-separated: {', '.join(ABLATIONS)}")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--plot", type=Path, help="write a PNG of best validation fitness against forward examples")
+    args = parser.parse_args(argv)
+    strategies = [key for key in args.strategies.split(",") if key]
+    ablations = [key for key in args.ablations.split(",") if key]
+    unknown = [key for key in ablations if key not in ABLATIONS]
+    if unknown:
+        parser.error(f"--ablations: unknown {', '.join(unknown)}")
+    console = Console(stderr=True)
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    tasks_file, _, adapters = bundled_setting(args.out, console.log)
+    settings = EvalSettings(split="validation", val_limit=args.val_limit, threads=args.threads, batch_size=32)
+    validation = Evaluator(load_task_file(tasks_file), adapters, settings)
+    test = Evaluator(load_task_file(tasks_file), adapters, replace(settings, split="test", val_limit=None))
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+    budget = {"popsize": args.popsize, "generations": args.generations, "max_prune": args.max_prune,
+              "screened_generations": args.screened_generations, "val_limit": args.val_limit}
+    rows = []
+    for merger in args.mergers.split(","):
+        rows.append(run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, strategies, ablations,
+                               console.log))
+        if args.json:  # after every merger: a long run leaves its finished rows behind
+            args.json.write_text(json.dumps({"rows": rows, "budget": budget, "seeds": seeds,
+                                             "seconds": time.perf_counter() - started}, indent=1, default=str))
+    keys = [*strategies, *ablations]
+    Console(width=200).print(render(rows, seeds, budget, keys, time.perf_counter() - started))
+    if args.plot:
+        plot(rows, keys, args.plot)
+
+
+if __name__ == "__main__":
+    main()

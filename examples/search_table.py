@@ -47,7 +47,9 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
     from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings
 
     started = time.perf_counter()
-    lam, _ = tune_lambda(adapters, MergeConfig(merger=merger), None, tasks_file, evaluator=validation)
+    lam = budget["lambdas"].get(merger)
+    if lam is None:
+        lam, _ = tune_lambda(adapters, MergeConfig(merger=merger), None, tasks_file, evaluator=validation)
     settings = resolve_config(MergeConfig(merger=merger, lam=lam), len(adapters))
     template = ones_table(adapters)
     fitness = AccuracyFitness(adapters, settings, template, validation, expert_scores(validation, ScoreCache()))
@@ -59,10 +61,17 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
            "unpruned": {"validation": fitness.reference, "test": test_fitness.reference}}
     log(f"{merger}: λ {lam:.3g}, unpruned validation {fitness.reference:.2f} ({time.perf_counter() - started:.0f} s)")
 
-    def outcome(best, evaluations, examples, curve, seconds):
-        return {"fitness": best.fitness, "pruned": len(best.pruned), "evaluations": evaluations,
-                "forward_examples": examples, "test": test_fitness.score(best.pruned, None) - test_fitness.reference,
-                "seconds": seconds, "curve": curve}
+    def outcome(best, evaluations, examples, curve, seconds, key="", seed=None):
+        result = {"fitness": best.fitness, "pruned": len(best.pruned), "evaluations": evaluations,
+                  "forward_examples": examples,
+                  "test": test_fitness.score(best.pruned, None) - test_fitness.reference, "seconds": seconds,
+                  "curve": curve}
+        if budget.get("runs_jsonl"):  # every finished run at once: a long grid leaves its partial results
+            with open(budget["runs_jsonl"], "a") as handle:
+                handle.write(json.dumps({"merger": merger, "lambda": lam, "strategy": key, "seed": seed,
+                                         "unpruned": row["unpruned"], "pruned_units": list(best.pruned),
+                                         **result}) + "\n")
+        return result
 
     def screened(seed, **changes):
         clock = time.perf_counter()
@@ -78,9 +87,24 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
         best = search.run()
         state = search.state
         curve = [(record["forward_examples"], record["best_fitness"]) for record in state.history]
-        return outcome(best, len(state.full) - 1, state.forward_examples, curve, time.perf_counter() - clock)
+        key = next((name for name, switched in ABLATIONS.items() if switched == changes), "screened")
+        return outcome(best, len(state.full) - 1, state.forward_examples, curve, time.perf_counter() - clock, key,
+                       seed)
 
     runs = {key: [] for key in (*strategies, *ablations)}
+
+    def run_greedy():  # deterministic: once, after the first seed
+        clock = time.perf_counter()
+        curve: list = []
+        ledger = greedy_search(fitness, units * tasks, k_max, budget["popsize"] * budget["generations"],
+                               lambda record: curve.append(((record["distinct_evaluated"] - 1) * cost,
+                                                            record["best_fitness"])))
+        evaluations = len(ledger.memo) - 1
+        runs["greedy"].append(outcome(ledger.best(), evaluations, evaluations * cost, curve,
+                                      time.perf_counter() - clock, "greedy"))
+        log(f"{merger}: greedy {runs['greedy'][-1]['fitness']:+.2f} ({runs['greedy'][-1]['forward_examples']} "
+            f"examples)")
+
     for seed in seeds:
         target = None
         if "screened" in strategies:
@@ -100,29 +124,20 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
                      for record in enmp.state.history]
             evaluations = len(enmp.state.memo) - 1
             runs["enmp"].append(outcome(enmp.best(), evaluations, evaluations * cost, curve,
-                                        time.perf_counter() - clock))
+                                        time.perf_counter() - clock, "enmp", seed))
             runs["enmp"][-1]["at_screened_examples"] = best_at(curve, target) if target else None
         if "random" in strategies and target:  # as many forward examples and pruned units as the screened search
             clock = time.perf_counter()
             count = max(1, runs["screened"][-1]["pruned"])
             ledger = random_search(fitness, units * tasks, count, max(1, target // cost), seed)
             runs["random"].append(outcome(ledger.best(), len(ledger.memo) - 1, (len(ledger.memo) - 1) * cost, [],
-                                          time.perf_counter() - clock))
+                                          time.perf_counter() - clock, "random", seed))
         log(f"{merger} seed {seed}: " + ", ".join(
             f"{key} {runs[key][-1]['fitness']:+.2f} ({runs[key][-1]['evaluations']} full, "
             f"{runs[key][-1]['forward_examples']} examples, {runs[key][-1]['seconds']:.0f} s)"
             for key in runs if runs[key]))
-    if "greedy" in strategies:
-        clock = time.perf_counter()
-        curve: list = []
-        ledger = greedy_search(fitness, units * tasks, k_max, budget["popsize"] * budget["generations"],
-                               lambda record: curve.append(((record["distinct_evaluated"] - 1) * cost,
-                                                            record["best_fitness"])))
-        evaluations = len(ledger.memo) - 1
-        runs["greedy"].append(outcome(ledger.best(), evaluations, evaluations * cost, curve,
-                                      time.perf_counter() - clock))
-        log(f"{merger}: greedy {runs['greedy'][-1]['fitness']:+.2f} ({runs['greedy'][-1]['forward_examples']} "
-            f"examples)")
+        if seed == seeds[0] and "greedy" in strategies:
+            run_greedy()
     row["runs"] = runs
     fields = ("fitness", "test", "pruned", "evaluations", "forward_examples", "seconds")
     row["mean"] = {key: {name: statistics.mean(run[name] for run in values) for name in fields}
@@ -201,6 +216,8 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--strategies", default="screened,enmp,greedy,random")
     parser.add_argument("--ablations", default="", help=f"comma-separated: {', '.join(ABLATIONS)}")
+    parser.add_argument("--lambdas", default="", help="merger=λ,… : skip the λ tuning of these mergers")
+    parser.add_argument("--runs-jsonl", type=Path, help="append every finished run here as it ends")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, help="write a PNG of best validation fitness against forward examples")
     args = parser.parse_args(argv)
@@ -218,7 +235,10 @@ def main(argv=None):
     test = Evaluator(load_task_file(tasks_file), adapters, replace(settings, split="test", val_limit=None))
     seeds = [int(seed) for seed in args.seeds.split(",")]
     budget = {"popsize": args.popsize, "generations": args.generations, "max_prune": args.max_prune,
-              "screened_generations": args.screened_generations, "val_limit": args.val_limit}
+              "screened_generations": args.screened_generations, "val_limit": args.val_limit,
+              "lambdas": {name: float(value) for name, value in (item.split("=") for item in args.lambdas.split(",")
+                                                                 if item)},
+              "runs_jsonl": str(args.runs_jsonl) if args.runs_jsonl else None}
     rows = []
     for merger in args.mergers.split(","):
         rows.append(run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, strategies, ablations,

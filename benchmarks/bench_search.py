@@ -151,7 +151,7 @@ def screened_run(cached: CachedSearch, args) -> dict:
     search = ScreenedSearch(settings, len(cached.problem.template.units), len(cached.problem.adapters), ladder)
     best = search.run()
     examples = search.state.forward_examples
-    return {"best_fitness": best.fitness, "full_evaluations": len(search.state.full) - 1,
+    return {"best_fitness": best.fitness, "full_evaluations": len(search.state.memo) - 1,
             "forward_examples": examples, "examples_per_point": per_point(examples, best.fitness),
             "rung_examples": ladder.costs, "seconds": time.perf_counter() - started}
 

@@ -88,7 +88,7 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
         state = search.state
         curve = [(record["forward_examples"], record["best_fitness"]) for record in state.history]
         key = next((name for name, switched in ABLATIONS.items() if switched == changes), "screened")
-        return outcome(best, len(state.full) - 1, state.forward_examples, curve, time.perf_counter() - clock, key,
+        return outcome(best, len(state.memo) - 1, state.forward_examples, curve, time.perf_counter() - clock, key,
                        seed)
 
     runs = {key: [] for key in (*strategies, *ablations)}

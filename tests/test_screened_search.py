@@ -221,7 +221,7 @@ def test_default_strategy_against_brute_force(landscape_seed):
         search = ScreenedSearch(settings, UNITS, TASKS, ladder)
         best = search.run()
         assert best.fitness == scores[(best.pruned, None)]  # the full set's score
-        assert len(search.state.full) - 1 <= 100
+        assert len(search.state.memo) - 1 <= 100
         assert best.fitness > best_single
         reached += best.fitness >= optimum - one_example
     assert reached >= 2

@@ -22,9 +22,7 @@ step, so a killed run resumes to the same table.
 
 from __future__ import annotations
 
-import json
 import math
-import pickle
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -36,7 +34,7 @@ import numpy as np
 
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.search.decode import decode_mask, max_pruned
-from loramerge_cli.search.enmp import Evaluation, SeededNormal, cma_options
+from loramerge_cli.search.enmp import EnmpSearch, Evaluation, SeededNormal, cma_options
 
 Candidate = tuple[tuple[int, ...], float | None]
 NAME = "screened"
@@ -87,7 +85,7 @@ class ScreenedState:
     strategy: object | None  # the CMA-ES, created after the screen
     numpy_rng: tuple
     scores: list[dict]  # per rung: candidate -> score (points over the unpruned merge on that subset)
-    full: dict  # candidate -> Evaluation on the full validation set (the unpruned merge included)
+    memo: dict  # candidate -> Evaluation on the full validation set (the unpruned merge included)
     forward_examples: int = 0
     history: list = field(default_factory=list)
     prior: list | None = None  # the screen's score per unit (None: no screen)
@@ -156,7 +154,7 @@ class ScreenedSearch:
 
     def done(self) -> bool:
         budget = self.settings.budget
-        return self.state.step > self.last_step or (budget is not None and len(self.state.full) - 1 >= budget)
+        return self.state.step > self.last_step or (budget is not None and len(self.state.memo) - 1 >= budget)
 
     # -- loop --------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Evaluation:
@@ -170,7 +168,7 @@ class ScreenedSearch:
         started = time.perf_counter()
         state = self.state
         np.random.set_state(state.numpy_rng)
-        before = (state.forward_examples, len(state.full))
+        before = (state.forward_examples, len(state.memo))
         if state.step == 0:
             record = self._screen()
         else:
@@ -180,8 +178,8 @@ class ScreenedSearch:
         seconds = time.perf_counter() - started
         record.update(
             generation=state.step, best_fitness=best.fitness, best_pruned=list(best.pruned), best_lambda=None,
-            distinct_evaluated=len(state.full), full_evaluations=len(state.full) - 1,
-            new_full_evaluations=len(state.full) - before[1], forward_examples=state.forward_examples,
+            distinct_evaluated=len(state.memo), full_evaluations=len(state.memo) - 1,
+            new_full_evaluations=len(state.memo) - before[1], forward_examples=state.forward_examples,
             new_forward_examples=state.forward_examples - before[0], seconds=seconds,
             seconds_per_evaluation=seconds / max(1, record["new_evaluations"]))
         state.step += 1
@@ -244,7 +242,7 @@ class ScreenedSearch:
 
     # -- successive halving ------------------------------------------------------------------------
     def _scored(self, candidate: Candidate) -> bool:
-        return candidate in self.state.scores[self.levels[0]] or candidate in self.state.full
+        return candidate in self.state.scores[self.levels[0]] or candidate in self.state.memo
 
     def _reached(self, candidate: Candidate) -> tuple[int, float]:
         """(position of the largest rung scored, score there); the full set's position is the last."""
@@ -266,7 +264,7 @@ class ScreenedSearch:
                 memo[candidate] = float(value)
                 state.forward_examples += ladder.costs[rung]
                 if position == len(self.levels) - 1:
-                    state.full[candidate] = Evaluation(candidate[0], None, float(value), len(state.full))
+                    state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
             per_rung[position] = len(fresh)
             if position == len(self.levels) - 1 or not alive:
                 break
@@ -276,33 +274,15 @@ class ScreenedSearch:
             alive = [c for c in ranked if memo[c] >= cut]
         return {"evaluations": sum(per_rung), "per_rung": per_rung}
 
-    def best(self) -> Evaluation:
-        """Highest full-set fitness; ties: fewest pruned units, then earliest evaluated."""
-        return min(self.state.full.values(), key=lambda e: (-e.fitness, len(e.pruned), e.order))
-
-    # -- run directory -----------------------------------------------------------------------------
-    def _save_state(self) -> None:
-        if self.run_dir is None:
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        temporary = self.run_dir / "state.pkl.tmp"
-        temporary.write_bytes(pickle.dumps(self.state))
-        temporary.replace(self.run_dir / "state.pkl")
-        trajectory = self.run_dir / "trajectory.jsonl.tmp"
-        trajectory.write_text("".join(json.dumps(record) + "\n" for record in self.state.history))
-        trajectory.replace(self.run_dir / "trajectory.jsonl")
+    # the best rule (highest full-set fitness; ties: fewest pruned, then earliest) and the run directory's
+    # files (state.pkl, trajectory.jsonl, written atomically after every step) are ENMP's
+    best = EnmpSearch.best
+    _save_state = EnmpSearch._save_state
 
     def _load_state(self) -> ScreenedState:
-        path = self.run_dir / "state.pkl" if self.run_dir else None
-        if path is None or not path.is_file():
-            raise LoramergeError(f"--resume: no saved search state in {self.run_dir}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import cma  # noqa: F401 - unpickling needs the class
-
-        state = pickle.loads(path.read_bytes())
+        state = EnmpSearch._load_state(self)
         if not isinstance(state, ScreenedState):
-            raise LoramergeError(f"--resume: {path} holds another strategy's search")
+            raise LoramergeError(f"--resume: {self.run_dir} holds another strategy's search")
         return state
 
 
@@ -314,7 +294,7 @@ def run_screened(settings: ScreenedSettings, ladder, unit_count: int, task_count
     search = ScreenedSearch(settings, unit_count, task_count, ladder, run_dir, on_event)
     best = search.run(resume=resume)
     state = search.state
-    return best, {"full_evaluations": len(state.full) - 1, "forward_examples": state.forward_examples,
+    return best, {"full_evaluations": len(state.memo) - 1, "forward_examples": state.forward_examples,
                   "history": state.history, "rung_examples": list(ladder.costs), "prior": state.prior}
 
 

@@ -106,7 +106,7 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
             f"examples)")
 
     for seed in seeds:
-        target = None
+        target = budget.get("enmp_examples")  # when the screened search runs elsewhere
         if "screened" in strategies:
             runs["screened"].append(screened(seed))
             target = runs["screened"][-1]["forward_examples"]
@@ -217,6 +217,8 @@ def main(argv=None):
     parser.add_argument("--strategies", default="screened,enmp,greedy,random")
     parser.add_argument("--ablations", default="", help=f"comma-separated: {', '.join(ABLATIONS)}")
     parser.add_argument("--lambdas", default="", help="merger=λ,… : skip the λ tuning of these mergers")
+    parser.add_argument("--enmp-examples", type=int, help="without the screened search in this run: stop paper ENMP "
+                        "once it has spent this many forward examples")
     parser.add_argument("--runs-jsonl", type=Path, help="append every finished run here as it ends")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, help="write a PNG of best validation fitness against forward examples")
@@ -238,7 +240,7 @@ def main(argv=None):
               "screened_generations": args.screened_generations, "val_limit": args.val_limit,
               "lambdas": {name: float(value) for name, value in (item.split("=") for item in args.lambdas.split(",")
                                                                  if item)},
-              "runs_jsonl": str(args.runs_jsonl) if args.runs_jsonl else None}
+              "runs_jsonl": str(args.runs_jsonl) if args.runs_jsonl else None, "enmp_examples": args.enmp_examples}
     rows = []
     for merger in args.mergers.split(","):
         rows.append(run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, strategies, ablations,

@@ -15,6 +15,7 @@ search's table; greedy gets up to popsize × generations evaluations.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -181,9 +182,9 @@ def plot(rows: list[dict], keys, path: Path) -> None:
     for axis, row in zip(axes[0], rows):
         for key in keys:
             curve = row["runs"][key][0]["curve"] if row["runs"].get(key) else []
-            if curve:
-                axis.step([0] + [spent for spent, _ in curve], [0.0] + [best for _, best in curve], where="post",
-                          label=key.replace("_", " "))
+            if curve:  # best so far (a greedy round records its own best, which can fall)
+                bests = list(itertools.accumulate([0.0] + [best for _, best in curve], max))
+                axis.step([0] + [spent for spent, _ in curve], bests, where="post", label=key.replace("_", " "))
         axis.set_title(f"{row['merger']} (λ {row['lambda']:.3g})")
         axis.set_xlabel("forward examples")
         axis.set_ylabel("best validation fitness (points)")

@@ -34,7 +34,7 @@ import numpy as np
 
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.search.decode import decode_mask, max_pruned
-from loramerge_cli.search.enmp import EnmpSearch, Evaluation, SeededNormal, cma_options
+from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings, Evaluation, SeededNormal, cma_options
 
 Candidate = tuple[tuple[int, ...], float | None]
 NAME = "screened"
@@ -61,16 +61,8 @@ class ScreenedSettings:
     budget: int | None = None  # stop once this many distinct full-set evaluations are done (checked per step)
 
     def check(self) -> None:
-        if self.seed < 1:
-            raise LoramergeError("--seed must be >= 1 (pycma reads 0 as 'seed from the clock')")
-        if not 0.0 < self.max_prune <= 1.0:
-            raise LoramergeError("--max-prune must be in (0, 1]")
-        if self.popsize < 2:
-            raise LoramergeError("--popsize must be >= 2")
-        if self.generations < 1:
-            raise LoramergeError("--generations must be >= 1")
-        if self.sigma0 <= 0:
-            raise LoramergeError("--sigma0 must be > 0")
+        EnmpSettings(max_prune=self.max_prune, popsize=self.popsize, generations=self.generations,
+                     sigma0=self.sigma0, seed=self.seed).check()  # the budget flags ENMP shares
         if self.redraws < 0:
             raise LoramergeError("--redraws must be >= 0")
         if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0:

@@ -176,11 +176,39 @@ def loramerge_kept_masks(adapters, path, density):
     return elementwise.trim(rows, density) != 0
 
 
+# ---------------------------------------------------------------- the previous full-space path
+
+
+def legacy_randomized_svd(X, width, generator, power_iterations=6):
+    """loramerge ≤ 0.x before the chunked kernel: a float64 range finder with 6 power iterations."""
+    omega = torch.randn(X.shape[1], width, generator=generator, dtype=X.dtype).to(X.device)
+    Q, _ = torch.linalg.qr(X @ omega)
+    for _ in range(power_iterations):
+        Q, _ = torch.linalg.qr(X.T @ Q)
+        Q, _ = torch.linalg.qr(X @ Q)
+    U_small, S, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
+    return Q @ U_small, S, Vh
+
+
+def use_legacy_path() -> None:
+    """Route full-space elementwise merges through the previous path: the whole (T × m·n) matrix of
+    dense task updates with the generic kernels, and the float64 6-iteration range finder."""
+    import dataclasses
+
+    from loramerge_cli.merging import lowrank, registry
+
+    for name, method in registry.METHODS.items():
+        registry.METHODS[name] = dataclasses.replace(method, full_space=None)
+    lowrank._randomized_svd = legacy_randomized_svd
+
+
 # ---------------------------------------------------------------- workers (one subprocess each)
 
 
 def worker(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
+    if job.get("legacy"):
+        use_legacy_path()
     only = job.get("modules")
     adapters = build_adapters(job["blocks"], job["adapters"], job["rank"], job["seed"], only)
     baseline = rss_bytes()
@@ -259,6 +287,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dense-modules", default="model.layers.0.self_attn.k_proj",
                         help="comma-separated module paths for the dense comparison ('' to skip it)")
     parser.add_argument("--comparisons", default=",".join(COMPARISONS))
+    parser.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the previous full-space path (dense T × m·n rows, float64 6-iteration "
+                             "range finder) for the dense-output methods, and print the speed-up")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -271,7 +302,8 @@ def main(argv=None) -> None:
     print(f"{args.adapters} adapters, rank {args.rank}, {args.blocks} blocks × (q,o 4096×4096; k,v 1024×4096), "
           f"compute {args.compute_dtype}, {args.threads} threads")
     rows = []
-    print(f"{'method':<10} {'space':<6} {'blocks':>6} {'seconds':>9} {'s/block':>8} {'peak MB':>9} {'out ranks':>10}")
+    print(f"{'method':<10} {'space':<6} {'blocks':>6} {'seconds':>9} {'s/block':>8} {'peak MB':>9} {'out ranks':>10} "
+          f"{'previous s':>10} {'prev MB':>8} {'speed-up':>8}")
     for method in args.methods.split(","):
         for space in args.spaces.split(","):
             dense_output = space == "full" and method in ("ties", "magnitude", "dare", "dare_ties")
@@ -284,8 +316,16 @@ def main(argv=None) -> None:
                 continue
             ranks = result["ranks"]
             shown = f"{ranks[0]}" if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
+            previous = ""
+            if dense_output and args.legacy:
+                old = spawn({**common, "blocks": blocks, "kind": "merge", "method": method, "space": space,
+                             "params": default_params(method), "legacy": True})
+                rows[-1]["previous"] = old
+                if "error" not in old:
+                    previous = (f" {old['seconds']:10.2f} {old['peak_mb']:8.0f} "
+                                f"{old['seconds'] / result['seconds']:7.1f}×")
             print(f"{method:<10} {space:<6} {blocks:6d} {result['seconds']:9.2f} {result['seconds'] / blocks:8.2f} "
-                  f"{result['peak_mb']:9.0f} {shown:>10}")
+                  f"{result['peak_mb']:9.0f} {shown:>10}{previous}")
 
     comparisons = []
     modules = [m for m in args.dense_modules.split(",") if m]

@@ -1,13 +1,13 @@
 """Does the NSC premise hold on the bundled example? The null-space ratio at NSC's targets, per task.
 
-NSC (Part A §A6) assumes that fine-tuning compresses the null space of each adapter's down-projection A
+NSC (docs/algorithms.md, NSC) assumes that fine-tuning compresses the null space of each adapter's down-projection A
 (the task's expert sees a lower ratio than the base does) and that a lower ratio in the merged model
 means higher accuracy. This script measures, on the validation inputs of the text setting, the mean
 ratio ω_k of every task k (its own A_k, its own inputs) for: the base (all coefficients 0), `ta` at
 λ = 1/T and at NSC's starting point 0.4, each expert alone (λ_k = 1, the rest 0), and, with `--table`,
 learned coefficients (a `search-mask --strategy nsc` output). Label-free: no label is read.
 
-    python -m examples.nsc_premise [--target-blocks 0,1,2,3] [--target-modules v_proj] [--table coeffs.json]
+    python -m examples.nsc_premise [--target-blocks 0,1,2,3] [--target-modules o_proj] [--table coeffs.json]
                                    [--json out.json]
 """
 
@@ -82,7 +82,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--target-blocks", help="comma-separated block indices (default: NSC's, the last quarter)")
-    parser.add_argument("--target-modules", help="comma-separated module names (default: NSC's, o_proj here)")
+    parser.add_argument("--target-modules", help="comma-separated module names (default: NSC's, v_proj here)")
     parser.add_argument("--table", type=Path, help="a coefficient table to measure too")
     parser.add_argument("--val-limit", type=int, default=256)
     parser.add_argument("--json", type=Path)

@@ -6,7 +6,7 @@ scores the table it wrote as `merge --mask` would (merger `ta`; the table's scal
 on the validation and the test split. The label-free rows read no label; labels are read here only to
 score their results.
 
-    python -m examples.nsc_table [--setting text|image] [--seeds 1,2,3] [--rows nsc,nsc_v_proj,…] [--threads 1]
+    python -m examples.nsc_table [--setting text|image] [--seeds 1,2,3] [--rows nsc,nsc_o_proj,…] [--threads 1]
                                  [--json out.json]
 """
 
@@ -26,17 +26,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ENMP_FLAGS = ["--merger", "ta", "--popsize", "8", "--generations", "15", "--val-limit", "256"]
 ROWS = {  # key: (label, search-mask flags)
-    "nsc": ("NSC, defaults (o_proj in the last quarter of the blocks)", ["--strategy", "nsc"]),
-    "nsc_v_proj": ("NSC, --target-modules v_proj",
-                   ["--strategy", "nsc", "--target-modules", "v_proj"]),
-    "nsc_v_proj_llm": ("NSC, v_proj, the paper's LLM setting (--steps 500 --lr 3e-4 --batch-size 2)",
-                       ["--strategy", "nsc", "--target-modules", "v_proj", "--steps", "500", "--lr", "3e-4",
-                        "--batch-size", "2"]),
+    "nsc": ("NSC, defaults (v_proj in the last quarter of the blocks)", ["--strategy", "nsc"]),
+    "nsc_o_proj": ("NSC, --target-modules o_proj (the output projection)",
+                   ["--strategy", "nsc", "--target-modules", "o_proj"]),
+    "nsc_llm": ("NSC, the paper's LLM setting (--steps 500 --lr 3e-4 --batch-size 2)",
+                ["--strategy", "nsc", "--steps", "500", "--lr", "3e-4", "--batch-size", "2"]),
     "entropy": ("AdaMerging (--objective entropy)", ["--strategy", "nsc", "--objective", "entropy"]),
     "enmp": ("ta + ENMP, labelled (popsize 8 × 15)", ENMP_FLAGS),
-    "enmp_nsc": ("ta + ENMP --fitness nsc (no label read)", [*ENMP_FLAGS, "--fitness", "nsc"]),
-    "enmp_nsc_v_proj": ("ta + ENMP --fitness nsc --target-modules v_proj",
-                        [*ENMP_FLAGS, "--fitness", "nsc", "--target-modules", "v_proj"]),
+    "enmp_nsc": ("ta + ENMP --fitness nsc (no label read; v_proj)", [*ENMP_FLAGS, "--fitness", "nsc"]),
+    "enmp_nsc_o_proj": ("ta + ENMP --fitness nsc --target-modules o_proj",
+                        [*ENMP_FLAGS, "--fitness", "nsc", "--target-modules", "o_proj"]),
 }
 
 

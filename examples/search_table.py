@@ -27,7 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MERGERS = ("ta", "ties", "knots", "core")
 ABLATIONS = {"screened_no_screen": {"screen": False}, "screened_no_redraw": {"redraws": 0},
-             "screened_no_halving": {"fidelity": False}}
+             "screened_no_halving": {"halving": False}}
 
 
 def best_at(curve: list[tuple[int, float]], examples: int) -> float:
@@ -78,7 +78,7 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
         clock = time.perf_counter()
         search_settings = ScreenedSettings(popsize=budget["popsize"], generations=budget["screened_generations"],
                                            max_prune=budget["max_prune"], seed=seed, **changes)
-        if search_settings.fidelity:
+        if search_settings.halving:
             count = max(len(examples) for examples in validation.examples.values())
             ladder = accuracy_ladder(fitness, rung_sizes(count, search_settings.rungs, search_settings.eta,
                                                          search_settings.min_examples), seed)

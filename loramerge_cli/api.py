@@ -1,27 +1,99 @@
-"""The library API the CLI uses: load, inspect, merge, prune, write. Importing it imports torch."""
+"""The library API the CLI uses: load, inspect, plan, merge, prune, write. Importing it imports torch."""
 
 from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
+from typing import Callable
 
 import torch
 
+from loramerge_cli.adapters import writer
 from loramerge_cli.adapters.compat import compatibility_problems
 from loramerge_cli.adapters.model import Adapter, LoraModule
 from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
 from loramerge_cli.adapters.units import sorted_units
-from loramerge_cli.adapters.writer import write_adapter, write_adapters, write_merged_adapter
-from loramerge_cli.masks import WeightTable, check_table, from_pruned_indices, load_table, ones_table, parse_indices
-from loramerge_cli.merging.merge import MergeConfig, MergeResult, merge
+from loramerge_cli.adapters.writer import write_adapter
+from loramerge_cli.errors import UsageError
+from loramerge_cli.masks import (
+    WeightTable,
+    align_table,
+    check_table,
+    from_pruned_indices,
+    load_table,
+    ones_table,
+    parse_indices,
+)
+from loramerge_cli.merging.merge import MergeConfig, MergeResult
+from loramerge_cli.plan import LambdaTuning, MergePlan, check_not_an_input, execute, plan_merge, write
 from loramerge_cli.pruning import apply_table
+from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
-    "Adapter", "MergeConfig", "MergeResult", "WeightTable", "apply_table", "check_table", "from_pruned_indices",
-    "inspect_adapters", "load_adapter", "load_adapters", "load_table", "merge", "module_norm", "ones_table",
-    "parse_indices", "write_adapter", "write_adapters", "write_merged_adapter",
+    "Adapter", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult", "WeightTable", "apply_table",
+    "SearchPlan", "SearchRequest", "check_not_an_input", "check_table", "evaluate", "execute", "from_pruned_indices", "inspect_adapters", "load_adapter",
+    "load_adapters", "load_table", "merge", "module_norm", "ones_table", "parse_indices", "plan_merge", "plan_search", "search",
+    "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter",
 ]
 
+
+def merge(adapters: list[Adapter], config: MergeConfig | None = None, table: WeightTable | None = None,
+          progress: Callable[[str], None] | None = None, **options) -> MergeResult:
+    """The merge `loramerge merge` does: the table's recorded settings apply under `config`'s (a conflict needs
+    `override=True`), then defaults. `options` are `plan_merge`'s (override, allow_base_mismatch, tuning).
+    `merging.merge.merge` merges with exactly `config` instead."""
+    return execute(plan_merge(adapters, config, table, **options), progress)
+
+
+def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind, data: None):
+    """Run a planned search (`plan_search`); write its table to the plan's `out` (and the run directory's
+    best.json) and its plots. `plan.request.adapters` may be loaded Adapters. Returns (WeightTable, provenance)."""
+    from loramerge_cli.search.runner import run_search
+
+    table, provenance = run_search(plan.request, on_event)
+    if plan.out is not None:
+        table.save(plan.out)
+    if plan.request.run_dir is not None:
+        table.save(Path(plan.request.run_dir) / "best.json")
+    if plan.plot is not None:
+        from loramerge_cli.search.plots import write_plots
+
+        write_plots(table, provenance["history"], plan.plot)
+    return table, provenance
+
+
+def evaluate(tasks: str | Path, experts: list[Adapter], merged: list[Adapter] | None = None, settings=None, **options):
+    """`loramerge eval` on loaded adapters: the base, each expert on its task, each merge on every task."""
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.evaluation.report import eval_report
+
+    return eval_report(tasks, experts, list(merged or []), settings or EvalSettings(), **options)
+
+
+def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indices: str | None = None):
+    """The weight table of a --mask file or an --indices list (None for neither), checked against the adapters."""
+    if mask is not None and indices is not None:
+        raise UsageError("give --mask or --indices, not both")
+    if mask is not None:
+        table = align_table(load_table(mask), adapters)  # matched by task name, not by order
+        check_table(table, adapters, origin=str(mask))
+        return table
+    if indices is not None:
+        return from_pruned_indices(adapters, parse_indices(indices))
+    return None
+
+
+def write_merged_adapter(result: MergeResult, adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
+    """Write a merge result as a PEFT LoRA folder; never into an input adapter's folder (even with force)."""
+    check_not_an_input(out_dir, adapters)
+    return writer.write_merged_adapter(result, adapters, out_dir, **options)
+
+
+def write_adapters(adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
+    """Write each adapter to OUT/<name>/; never into an input adapter's folder (even with force)."""
+    check_not_an_input(out_dir, adapters)
+    return writer.write_adapters(adapters, out_dir, **options)
 
 def module_norm_squared(module: LoraModule) -> float:
     """‖B̃A‖_F² = trace((B̃ᵀB̃)(AAᵀ)), from the r×r Gram matrices: never forms B̃A."""
@@ -71,12 +143,31 @@ def _summary(adapter: Adapter) -> dict:
         "scales": _counts(round(m.scale, 8) for m in modules),
         "use_rslora": bool(adapter.config.get("use_rslora", False)),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules),
-        "targets": sorted({m.path.rsplit(".", 1)[-1] for m in modules}),
+        "targets": target_names([m.path for m in modules], adapter.config.get("target_modules")),
         "units": len(adapter.units),
         "heads": adapter.head_modules,
         "size_bytes": _size_bytes(adapter),
         "notes": _notes(adapter),
     }
+
+
+def target_names(paths: list[str], configured=None) -> list[str]:
+    """The targeted modules by leaf name (`q_proj`), or by their path inside the block where the leaf is
+    ambiguous: LoRA modules with that leaf sit at several places of a block, or the config's
+    target_modules names a longer suffix (BERT's `attention.output.dense`, not every `dense`)."""
+    from loramerge_cli.adapters.units import unit_of
+
+    inside = {}  # leaf -> in-block paths
+    for path in paths:
+        unit = unit_of(path)
+        relative = path[len(unit) + 1:] if unit else path
+        inside.setdefault(relative.rsplit(".", 1)[-1], set()).add(relative)
+    suffixes = [name for name in configured or [] if isinstance(configured, list) and "." in name]
+    names = set()
+    for leaf, relatives in inside.items():
+        longer = any(name.rsplit(".", 1)[-1] == leaf for name in suffixes)
+        names.update(relatives if len(relatives) > 1 or longer else {leaf})
+    return sorted(names)
 
 
 def _notes(adapter: Adapter) -> list[str]:

@@ -1,5 +1,21 @@
-"""Errors that reach the user as one line (exit code 1), never as a traceback."""
+"""Errors that reach the user as one line, never as a traceback: data errors exit 1, usage errors exit 2."""
 
 
 class LoramergeError(Exception):
-    """A user or data error: bad input, refused adapter, conflicting options."""
+    """A data error (exit 1): a refused adapter, a mask that does not fit, an unreadable file."""
+
+
+class UsageError(LoramergeError):
+    """A usage error (exit 2): a flag value or a combination of flags that cannot work, found before any work."""
+
+
+def check_seed(seed: int | None, flag: str = "--seed") -> None:
+    """The one seed rule: seeds are >= 1 (pycma reads 0 as 'seed from the clock')."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 1):
+        raise UsageError(f"{flag} must be an integer >= 1 (0 would mean a clock seed to CMA-ES)")
+
+
+def check_at_least(value, low: float, flag: str) -> None:
+    """`flag` must be a number >= low (None: not given)."""
+    if value is not None and not value >= low:
+        raise UsageError(f"{flag} must be >= {low:g} (got {value})")

@@ -1,4 +1,4 @@
-"""Weight tables (masks and coefficients, Part A §A2): JSON I/O, validation, lookup.
+"""Weight tables (masks and coefficients; docs/algorithms.md, "Weight tables"): JSON I/O, validation, lookup.
 
 `weights[t][u]` is task t's weight on unit u: 0 removes the task from every module of the unit
 ("prune, then align"), any other value multiplies its ΔW before the method.
@@ -7,11 +7,14 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
+from importlib import resources
 from pathlib import Path
 
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.units import sorted_units, unit_of
+from loramerge_cli.atomic import write_text
 from loramerge_cli.errors import LoramergeError
 
 FORMAT = "loramerge.mask/v1"
@@ -59,10 +62,7 @@ class WeightTable:
 
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file, then rename)."""
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.tmp")
-        temporary.write_text(json.dumps(self.to_json(), indent=2) + "\n")
-        temporary.replace(path)
+        write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def units_of(adapters: list[Adapter]) -> list[str]:
@@ -130,30 +130,53 @@ def load_table(path: str | Path) -> WeightTable:
 
 
 def _structure_problem(data) -> str | None:
+    """What is wrong with a parsed mask file: the shipped schema (schemas/mask.schema.json), then the rules
+    it cannot say (row lengths, finite numbers: JSON's Infinity and NaN parse as floats)."""
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import best_match
+
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         return f'not a loramerge mask (expected "format": "{FORMAT}")'
-    for key in ("tasks", "units", "weights"):
-        if not isinstance(data.get(key), list):
-            return f"field {key!r} is missing or not a list"
-    if data.get("unit", "block") not in ("block", "module"):
-        return "field 'unit' must be 'block' or 'module'"
+    error = best_match(Draft202012Validator(mask_schema()).iter_errors(data))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
+        return f"{where or 'mask'}: {error.message}"
     if len(data["weights"]) != len(data["tasks"]):
         return f"'weights' has {len(data['weights'])} rows for {len(data['tasks'])} tasks"
     for row in data["weights"]:
         if not isinstance(row, list) or len(row) != len(data["units"]):
             return f"every row of 'weights' needs {len(data['units'])} numbers (one per unit)"
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v == v for v in row):
+        if not all(math.isfinite(v) for v in row):
             return "'weights' holds a value that is not a finite number"
-    if "scale" in data and not isinstance(data["scale"], (int, float)):
-        return "'scale' must be a number"
+    if "scale" in data and not math.isfinite(data["scale"]):
+        return "'scale' must be a finite number"
     return None
+
+
+def mask_schema() -> dict:
+    """The weight-table JSON schema shipped with the package."""
+    return json.loads(resources.files("loramerge_cli").joinpath("schemas/mask.schema.json").read_text())
+
+
+def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
+    """The table with its rows in the adapters' order when it names the same tasks in another order
+    (a table is matched to the adapters by task name)."""
+    names = [a.name for a in adapters]
+    if table.tasks == names or sorted(table.tasks) != sorted(names) or len(set(names)) != len(names):
+        return table
+    order = [table.tasks.index(name) for name in names]
+    merger = table.merger
+    if isinstance(merger, dict) and isinstance(merger.get("weights"), list) and len(merger["weights"]) == len(order):
+        merger = {**merger, "weights": [merger["weights"][i] for i in order]}
+    recorded = [table.adapters[i] for i in order] if len(table.adapters) == len(order) else table.adapters
+    return replace(table, tasks=names, weights=[table.weights[i] for i in order], adapters=recorded, merger=merger)
 
 
 def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask") -> None:
     """The table must name the same tasks, units and adapter weights (sha256) as the inputs."""
     names = [a.name for a in adapters]
     if table.tasks != names:
-        raise LoramergeError(f"{origin}: tasks {table.tasks} do not match the adapters {names} (same order)")
+        raise LoramergeError(f"{origin}: tasks {table.tasks} do not match the adapters {names}")
     if table.unit == "block":
         expected = units_of(adapters)
     else:

@@ -49,3 +49,16 @@ def gpt2_task_dirs(tmp_path_factory):
         )
         for name, (seed, rank) in settings.items()
     }
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Three random adapters a, b, c (three blocks, heads) written as PEFT folders: {name: folder}."""
+    from factories import write_task_folders
+
+    return write_task_folders(tmp_path_factory.mktemp("adapters"))
+
+
+@pytest.fixture(scope="module")
+def sources(folders):
+    return [str(folders[name]) for name in "abc"]

@@ -16,8 +16,9 @@ WORDS = [f"w{i}" for i in range(40)]
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[EOS]"]
 
 
-def save_word_tokenizer(folder: Path) -> None:
-    """A whitespace word-level tokenizer with [CLS] a [SEP] b [SEP] pair template."""
+def save_word_tokenizer(folder: Path, segments: bool = False) -> None:
+    """A whitespace word-level tokenizer with [CLS] a [SEP] b [SEP] pair template; with `segments` it also
+    returns token_type_ids (1 on b [SEP]), as BERT's tokenizers do."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -25,11 +26,12 @@ def save_word_tokenizer(folder: Path) -> None:
     core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     core.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
     )
+    names = ["input_ids", "token_type_ids", "attention_mask"] if segments else ["input_ids", "attention_mask"]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        eos_token="[EOS]", model_max_length=64,
+        eos_token="[EOS]", model_max_length=64, model_input_names=names,
     )
     tokenizer.save_pretrained(str(folder))
 
@@ -51,6 +53,26 @@ def build_llama_classifier(folder: Path, num_labels: int = 3, seed: int = 0, lay
         model = LlamaForSequenceClassification(config).eval()
     model.save_pretrained(str(folder))
     save_word_tokenizer(folder)
+    return folder
+
+
+def build_bert_classifier(folder: Path, num_labels: int = 2, seed: int = 0) -> Path:
+    """A 2-block BERT sequence classifier (head `classifier`) whose segment embeddings are large, so that
+    token_type_ids change its predictions; its tokenizer returns token_type_ids."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=vocab_size(), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=64, type_vocab_size=2, num_labels=num_labels, pad_token_id=0,
+        initializer_range=0.3,  # predictions that vary with the input, not only the head's bias
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(config).eval()
+        with torch.no_grad():
+            model.bert.embeddings.token_type_embeddings.weight.normal_(0.0, 1.0)
+    model.save_pretrained(str(folder))
+    save_word_tokenizer(folder, segments=True)
     return folder
 
 

@@ -111,3 +111,11 @@ def invoke_cli(args):
     from loramerge_cli.cli.app import app
 
     return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def merge_config(**settings):
+    """A MergeConfig from flat keyword settings: MergeConfig's own fields, the other method parameters in `params`."""
+    from loramerge_cli.merging.config import SETTINGS, MergeConfig
+
+    fields = {name: value for name, value in settings.items() if name in SETTINGS or name == "compute_dtype"}
+    return MergeConfig(**fields, params={name: value for name, value in settings.items() if name not in fields})

@@ -117,23 +117,49 @@ CASES = {
          g[1]], "convolution"),
     "NaN weights": lambda t, g: (["--adapters", _folder(t, adapter=_nan_adapter()), g[1]], "NaN"),
     "Inf weights": lambda t, g: (["--adapters", _folder(t, adapter=_inf_adapter()), g[1]], "Inf"),
-    "unknown method": lambda t, g: (["--adapters", *g, "--merger", "average"], "unknown method"),
     "duplicate names": lambda t, g: (["--adapters", g[0], g[0]], "name=source"),
     "mask tasks differ": lambda t, g: (
-        ["--adapters", *g, *_mask(t, g, lambda d: d.update(tasks=["b", "a"]))], "tasks"),
+        ["--adapters", *g, *_mask(t, g, lambda d: d.update(tasks=["a", "z"]))], "tasks"),
     "mask units differ": lambda t, g: (
         ["--adapters", *g, *_mask(t, g, lambda d: d.update(units=["model.layers.0", "model.layers.1",
                                                                   "model.layers.7"]))], "units"),
     "mask hash differs": lambda t, g: (
         ["--adapters", *g, *_mask(t, g, lambda d: d["adapters"][1].update(sha256="0" * 64))], "sha256"),
     "indices out of range": lambda t, g: (["--adapters", *g, "--indices", "[99]"], "--indices"),
-    "seed 0": lambda t, g: (["--adapters", *g, "--merger", "dare", "--seed", "0"], "--seed"),
     "pickle without --allow-pickle": lambda t, g: (["--adapters", _pickle_only(t), g[1]], "--allow-pickle"),
-    "lambda auto without tasks": lambda t, g: (["--adapters", *g, "--lambda", "auto"], "--tasks"),
-    "lambda not a number": lambda t, g: (["--adapters", *g, "--lambda", "inf"], "--lambda"),
-    "bad weights": lambda t, g: (["--adapters", *g, "--weights", "1,x"], "--weights"),
     "head without a head": lambda t, g: (["--adapters", *g, "--head", "zzz"], "--head"),
 }
+
+
+# Usage errors (a flag value or combination that cannot work): exit 2, before anything is read. These cases
+# exited 1 before issue 12 (the bug: usage errors exited 2 or 1 depending on the flag).
+USAGE_CASES = {
+    "unknown method": lambda t, g: (["--adapters", *g, "--merger", "average"], "'average' is not one of"),
+    "seed 0": lambda t, g: (["--adapters", *g, "--merger", "dare", "--seed", "0"], "--seed"),
+    "lambda auto without tasks": lambda t, g: (["--adapters", *g, "--lambda", "auto"], "--tasks"),
+    "lambda not a number": lambda t, g: (["--adapters", *g, "--lambda", "inf"], "--lambda"),
+    "lambda abc": lambda t, g: (["--adapters", *g, "--lambda", "abc"], "--lambda"),
+    "bad weights": lambda t, g: (["--adapters", *g, "--weights", "1,x"], "--weights"),
+    "density out of bounds": lambda t, g: (["--adapters", *g, "--merger", "ties", "--density", "2"], "--density"),
+    "unknown space": lambda t, g: (["--adapters", *g, "--space", "diagonal"], "full"),
+    "mask and indices": lambda t, g: (["--adapters", *g, "--mask", "m.json", "--indices", "[1]"], "--indices"),
+    "val-limit 0": lambda t, g: (["--adapters", *g, "--lambda", "auto", "--tasks", str(t / "tasks.yaml"),
+                                  "--val-limit", "0"], "--val-limit"),
+    "val-limit -1": lambda t, g: (["--adapters", *g, "--lambda", "auto", "--tasks", str(t / "tasks.yaml"),
+                                   "--val-limit", "-1"], "--val-limit"),
+    "val-limit -1 without auto": lambda t, g: (["--adapters", *g, "--val-limit", "-1"], "--val-limit"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USAGE_CASES))
+def test_bad_usage_is_exit_2_and_no_output(case, good, tmp_path):
+    (tmp_path / "tasks.yaml").write_text("tasks: []\n")
+    args, word = USAGE_CASES[case](tmp_path, good)
+    out = tmp_path / "out"
+    result = invoke_cli(["merge", *args, "--out", out])
+    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)
+    assert word.lower() in result.stderr.lower() and "Traceback" not in result.stdout + result.stderr
+    _assert_nothing_written(tmp_path, out)
 
 
 def _assert_one_line_error(result, word: str):
@@ -187,7 +213,7 @@ def test_output_under_a_read_only_folder(good, tmp_path):
 
 def test_other_commands_follow_the_same_policy(good, tmp_path):
     _assert_one_line_error(invoke_cli(["inspect", str(tmp_path / "nope")]), "no such file")
-    mask = _mask(tmp_path, good, lambda d: d.update(tasks=["b", "a"]))
+    mask = _mask(tmp_path, good, lambda d: d.update(tasks=["a", "z"]))
     out = tmp_path / "pruned"
     _assert_one_line_error(invoke_cli(["apply-mask", "--adapters", *good, *mask, "--out", out]), "tasks")
     assert not out.exists()
@@ -230,7 +256,7 @@ def test_real_process_exit_codes_and_no_traceback(good, tmp_path):
     assert missing.returncode == 1 and missing.stderr.count("\n") == 1 and missing.stderr.startswith("error: ")
     seed = subprocess.run([*command, "merge", "--adapters", *good, "--seed", "0", "--out", str(tmp_path / "out")],
                           capture_output=True, text=True, env=env)
-    assert seed.returncode == 1 and "Traceback" not in seed.stderr and seed.stderr.count("\n") == 1
+    assert seed.returncode == 2 and "Traceback" not in seed.stderr and seed.stderr.count("\n") == 1
     usage = subprocess.run([*command, "merge", "--bogus"], capture_output=True, text=True, env=env)
     assert usage.returncode == 2
     assert not (tmp_path / "out").exists()

@@ -8,23 +8,13 @@ import sys
 
 import pytest
 import torch
-from factories import invoke_cli, random_adapter, write_peft_folder, write_task_folders
+from factories import invoke_cli, random_adapter, write_peft_folder
 
 from loramerge_cli import api
 from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
 from loramerge_cli.cli.common import spread_multi_values
 from loramerge_cli.masks import ones_table
 from loramerge_cli.merging.merge import MergeConfig, merge
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return write_task_folders(tmp_path_factory.mktemp("adapters"))
-
-
-@pytest.fixture(scope="module")
-def sources(folders):
-    return [str(folders[name]) for name in "abc"]
 
 
 def _deltas(folder) -> dict[str, torch.Tensor]:
@@ -58,7 +48,7 @@ def test_merge_writes_every_file_and_matches_the_library(folders, sources, tmp_p
     out = tmp_path / "merged"
     _ok(["merge", "--adapters", *sources, "--merger", "knots", "--out", out, "--head", "a", "--quiet"])
     assert sorted(p.name for p in out.iterdir()) == [
-        "README.md", "adapter_config.json", "adapter_model.safetensors", "heads", "loramerge.json"]
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "heads", "loramerge.json", "loramerge.yaml"]
     assert sorted(p.name for p in (out / "heads").iterdir()) == ["a.safetensors", "b.safetensors", "c.safetensors"]
     provenance = json.loads((out / "loramerge.json").read_text())
     assert provenance["command"].startswith("loramerge merge --adapters ")
@@ -131,7 +121,7 @@ def test_apply_mask_writes_the_masked_adapters(folders, sources, tmp_path):
     table.weights[2][0] = 0.25
     table.save(tmp_path / "mask.json")
     _ok(["apply-mask", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--out", tmp_path / "pruned"])
-    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["a", "b", "c"]
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == ["a", "b", "c", "loramerge.yaml", "mask.json"]
     for index, adapter in enumerate(adapters):
         written = load_adapter(str(tmp_path / "pruned" / adapter.name))
         expected = api.apply_table(adapter, table, index)
@@ -155,7 +145,7 @@ def test_mask_round_trip(sources, tmp_path):
     _ok(["merge", "--adapters", *sources, "--weights", "0.5,2,1", "--out", tmp_path / "weighted"])
     _ok(["merge", "--adapters", *sources, "--out", tmp_path / "plain"])
     masked, weighted, plain = (_deltas(tmp_path / name) for name in ("masked", "weighted", "plain"))
-    for path in masked:  # a module outside every block cannot be masked (Part A §A1)
+    for path in masked:  # a module outside every block cannot be masked (docs/algorithms.md, Inputs)
         expected = plain[path] if path == "pooler.dense" else weighted[path]
         assert torch.allclose(masked[path], expected, rtol=1e-6, atol=1e-7), path
     # a searched 0/1 table, saved and reloaded, equals the library merge; the flat-index form too
@@ -203,15 +193,17 @@ def test_force_replaces_output(sources, tmp_path):
     assert json.loads((out / "loramerge.json").read_text())["method"] == "tsv"
 
 
-def test_merger_names_match_the_registry():
-    """The CLI keeps its own copy of the names (the registry imports torch); it must not drift."""
+def test_merge_options_come_from_the_registry():
+    """--merger choices and one option per method parameter, generated from the (torch-free) registry."""
     import inspect
 
-    from loramerge_cli.cli.merge_cmd import MERGERS, merge_command
+    from loramerge_cli.cli.app import app  # noqa: F401  (registers the commands)
+    from loramerge_cli.cli.merge_cmd import merge_command
     from loramerge_cli.merging.registry import PARAMETERS, merger_names
 
-    assert list(MERGERS) == merger_names()
     assert set(PARAMETERS) <= set(inspect.signature(merge_command).parameters)
+    text = _ok(["merge", "--help"]).stdout
+    assert all(name in text for name in merger_names())
 
 
 @pytest.mark.parametrize("command", ["inspect", "merge", "apply-mask", "search-mask"])
@@ -233,30 +225,42 @@ def test_search_mask_needs_tasks_and_a_valid_seed(sources, tmp_path):
     assert missing.exit_code == 2 and "--tasks" in missing.stderr
     seed = invoke_cli(["search-mask", "--adapters", *sources, "--tasks", "tasks.yaml", "--seed", "0",
                        "--out", str(tmp_path / "mask.json")])
-    assert seed.exit_code == 1 and seed.stderr.startswith("error: --seed must be >= 1")
+    assert seed.exit_code == 2 and seed.stderr.startswith("error: --seed must be an integer >= 1")
     assert not (tmp_path / "mask.json").exists()
     cache = invoke_cli(["search-mask", "--adapters", *sources, "--tasks", "tasks.yaml", "--block-cache-mb", "-1",
                         "--out", str(tmp_path / "mask.json")])
-    assert cache.exit_code == 1 and cache.stderr.startswith("error: --block-cache-mb must be a number >= 0")
+    assert cache.exit_code == 2 and cache.stderr.startswith("error: --block-cache-mb must be a number >= 0")
     assert not (tmp_path / "mask.json").exists()
 
 
 def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monkeypatch):
+    import loramerge_cli.evaluation.data as data
     import loramerge_cli.evaluation.tuning as tuning
 
     calls = []
 
-    def fake_tune(adapters, config, table, tasks_file, **options):
+    def fake_search(adapters, config, table, tasks_file, **options):
+        assert callable(options.pop("report"))  # progress goes to the display, never printed by the tuner
         calls.append((config.merger, str(tasks_file), options))
-        return 0.3, [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}]
+        return tuning.LambdaSearch(0.3, 1.0, [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}], ["edge!"])
 
-    monkeypatch.setattr(tuning, "tune_lambda", fake_tune)
+    monkeypatch.setattr(tuning, "search_lambda", fake_search)
+    monkeypatch.setattr(data, "check_task_file", lambda path, splits: calls.append(("checked", str(path), splits)))
     (tmp_path / "tasks.yaml").write_text("tasks: []\n")
-    _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks", tmp_path / "tasks.yaml",
-         "--val-limit", "8", "--out", tmp_path / "m"])
-    assert calls == [("tsv", str(tmp_path / "tasks.yaml"), {"val_limit": 8, "allow_base_mismatch": False})]
+    result = _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks",
+                  tmp_path / "tasks.yaml", "--val-limit", "8", "--out", tmp_path / "m", "--json"])
+    assert calls == [("checked", str(tmp_path / "tasks.yaml"), ["validation"]),
+                     ("tsv", str(tmp_path / "tasks.yaml"), {"val_limit": 8, "allow_base_mismatch": False})]
+    assert "lambda: 0.3" in (tmp_path / "m" / "loramerge.yaml").read_text()  # the recipe holds the tuned λ
     provenance = json.loads((tmp_path / "m" / "loramerge.json").read_text())
     assert provenance["parameters"]["lambda"] == 0.3
+    report = json.loads(result.stdout)
+    assert report["lambda_tuning"]["best"] == 0.3 and "edge!" in report["warnings"]
+    assert report["lambda_tuning"]["grid"] == provenance["lambda_tuning"]["grid"]
+    shown = _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks",
+                 tmp_path / "tasks.yaml", "--out", tmp_path / "m2"])
+    output = shown.stderr + shown.stdout
+    assert "λ auto" in output and "0.3:99.0" in output and "edge!" in output
     assert provenance["lambda_tuning"]["grid"] == [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}]
 
 

@@ -1,4 +1,4 @@
-"""ENMP search core: decoding (Part B §8.2, §13.8), memo, best-mask rule, checkpoint and resume."""
+"""ENMP search core: decoding (docs/algorithms.md, ENMP), memo, best-mask rule, checkpoint and resume."""
 
 import math
 import os

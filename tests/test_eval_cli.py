@@ -70,13 +70,17 @@ def test_json_rows_match_the_engine(app, setting, tmp_path):
     assert again.exit_code == 0 and json.loads(again.stdout)["rows"] == report["rows"]
 
 
-def test_tables_for_people_on_stderr(app, setting):
-    outcome = run(app, ["eval", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
-                        "--split", "test", "--val-limit", "3", "--threads", "1"])
+def test_tables_on_stdout_progress_on_stderr(app, setting, tmp_path):
+    args = ["eval", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--split", "test",
+            "--val-limit", "3", "--threads", "1"]
+    outcome = run(app, [*args, "--out", str(tmp_path / "scores.json")])
     assert outcome.exit_code == 0, outcome.stderr
-    assert outcome.stdout == ""
-    assert "accuracy (%), test split" in outcome.stderr and "normalized accuracy (%)" in outcome.stderr
-    assert "alpha (12)" in outcome.stderr  # --val-limit does not cap the test split
+    assert "accuracy (%), test split" in outcome.stdout and "normalized accuracy (%)" in outcome.stdout
+    assert "alpha (12)" in outcome.stdout  # --val-limit does not cap the test split
+    assert "experts: 3/3" in outcome.stderr and "accuracy (%)" not in outcome.stderr  # progress, not results
+    assert json.loads((tmp_path / "scores.json").read_text())["tasks"] == ["alpha", "beta", "gamma"]
+    quiet = run(app, [*args, "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and "accuracy (%), test split" in quiet.stdout
 
 
 def test_errors_are_one_line(app, setting, tmp_path):
@@ -89,6 +93,9 @@ def test_errors_are_one_line(app, setting, tmp_path):
     assert outcome.exit_code == 1
     assert outcome.stderr.count("\n") == 1 and "tasks[1].name: no adapter named 'beta'" in outcome.stderr
     assert run(app, ["eval", "--adapters", "x"]).exit_code == 2  # usage: --tasks missing
+    for out in (tmp_path, tmp_path / "missing" / "scores.json"):  # refused before the spec or adapters are read
+        outcome = run(app, ["eval", "--adapters", "x", "--tasks", str(bad), "--out", str(out)])
+        assert outcome.exit_code == 2 and outcome.stderr == f"error: --out {out}: give a file in an existing folder\n"
 
 
 def test_help_ends_with_worked_examples(app):

@@ -20,7 +20,15 @@ from loramerge_cli.evaluation.cache import ScoreCache, base_scores, expert_score
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, adapter_deltas, merged_deltas, scale_deltas
 from loramerge_cli.evaluation.metrics import accuracy, mean_defined, normalized_accuracy
 from loramerge_cli.evaluation.specs import load_task_file
-from loramerge_cli.evaluation.tuning import best_lambda, default_grid, tune_lambda
+from loramerge_cli.evaluation.tuning import (
+    COARSE_GRID,
+    best_lambda,
+    coarse_grid,
+    grid_search,
+    refine_points,
+    search_lambda,
+    tune_lambda,
+)
 from loramerge_cli.merging.merge import MergeConfig, merge
 
 SETTINGS = EvalSettings(threads=1, batch_size=5)
@@ -46,7 +54,10 @@ def peft_classifier_logits(base, adapter_folder, inputs, head=None, model_class=
         state = dict(peft_model.base_model.model.named_parameters())
         with torch.no_grad():
             for key, tensor in head.items():
-                state[key].copy_(tensor)
+                module, name = key.rsplit(".", 1)
+                for target in (key, f"{module}.modules_to_save.default.{name}"):  # merges carry a head wrapper
+                    if target in state:
+                        state[target].copy_(tensor)
     with torch.no_grad():
         return torch.cat([peft_model(**item).logits.float() for item in inputs])
 
@@ -181,8 +192,58 @@ def test_best_lambda_breaks_ties_towards_the_default_then_the_smaller():
                ((0.2, 90.0), (0.4, 95.0), (0.8, 95.0), (1.2, 95.0), (1.6, None))]
     assert best_lambda(records, default_lambda=1.0) == 0.8
     assert best_lambda(records, default_lambda=0.6) == 0.4  # |0.4-0.6| = |0.8-0.6|: the smaller wins
-    assert default_grid(0.5)[0] == pytest.approx(0.05) and default_grid(0.5)[-1] == pytest.approx(1.0)
-    assert len(default_grid(1.0)) == 20
+
+
+def test_the_coarse_grid_is_absolute_and_holds_the_default():
+    assert coarse_grid(0.4) == list(COARSE_GRID) and COARSE_GRID[0] == 0.05 and COARSE_GRID[-1] == 2.0
+    assert coarse_grid(1.0) == sorted([*COARSE_GRID, 1.0])
+    assert coarse_grid(1 / 3) == sorted([*COARSE_GRID, 0.3333])
+    assert coarse_grid(0.01) == list(COARSE_GRID)  # outside: the edge extension reaches it if it is best
+    assert refine_points(0.3, 0.6) == [0.35, 0.4, 0.45, 0.5, 0.55]
+    assert refine_points(1.2, 2.0) == [1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9]
+
+
+@pytest.mark.parametrize("peak", [0.5, 0.23, 1.05, 1.45, 0.09])
+def test_grid_search_reaches_an_interior_optimum_to_a_fine_grid_step(peak):
+    stages = []
+
+    def mean_at(lam, stage):
+        stages.append(stage)
+        return -abs(lam - peak)
+
+    best, warnings = grid_search(mean_at, default_lambda=1.0)
+    assert abs(best - peak) <= 0.05 + 1e-9  # within one step of a 0.05 grid
+    assert warnings == [] and "refine" in stages and len(stages) <= 27
+
+
+@pytest.mark.parametrize("peak", [3.0, 0.02, 100.0, 1e-4])
+def test_grid_search_extends_an_edge_and_warns(peak):
+    tried = {}
+
+    def mean_at(lam, stage):
+        tried[lam] = stage
+        return -abs(lam - peak)
+
+    best, [warning] = grid_search(mean_at, default_lambda=0.25)
+    extreme = max(tried) if peak > 1 else min(tried)
+    assert tried[extreme] == "edge" and f"{extreme:g}" in warning
+    if 0.005 < peak < 8:  # reached: the best is interior again and refined
+        assert abs(best - peak) < 0.2 * peak and "refine" in tried.values() and "extended" in warning
+    else:  # the extension stops at its limit
+        assert best == extreme and "beyond" in warning and 0.005 <= extreme <= 8
+
+
+def test_grid_search_refines_around_the_second_best_coarse_point_too():
+    """The image setting's ties curve: coarse best at 0.2, a narrow higher peak at 0.5 between 0.4 and 0.6."""
+    curve = {0.2: 28.24, 0.3: 27.8, 0.4: 28.08, 0.5: 29.53, 0.6: 27.79}
+    best, _ = grid_search(lambda lam, stage: curve.get(lam, 20.0), default_lambda=1.0)
+    assert best == 0.5
+
+
+def test_a_given_grid_is_taken_as_is_and_its_edge_warns():
+    best, [warning] = grid_search(lambda lam, stage: lam, default_lambda=1.0, grid=[0.1, 0.2])
+    assert best == 0.2 and "edge of the given grid" in warning
+    assert grid_search(lambda lam, stage: -abs(lam - 0.2), 1.0, grid=[0.1, 0.2, 0.3]) == (0.2, [])
 
 
 def test_tune_lambda_scales_one_merge(text, tmp_path):
@@ -203,13 +264,18 @@ def test_tune_lambda_scales_one_merge(text, tmp_path):
 
 def test_tune_lambda_default_grid_builds_its_own_engine(text):
     setting, adapters, _ = text
-    chosen, records = tune_lambda(adapters, MergeConfig(merger="ta"), None, setting.tasks_file, val_limit=4,
-                                  batch_size=4, threads=1)
+    search = search_lambda(adapters, MergeConfig(merger="ta"), None, setting.tasks_file, val_limit=4,
+                           batch_size=4, threads=1)
     default = 1 / 3
-    assert [r["lambda"] for r in records] == pytest.approx([default * k / 10 for k in range(1, 21)])
-    best = max(r["mean_normalized_accuracy"] for r in records)
-    winners = [r["lambda"] for r in records if r["mean_normalized_accuracy"] == best]
-    assert chosen == min(winners, key=lambda lam: (abs(lam - default), lam))
+    tried = [r["lambda"] for r in search.records]
+    assert tried[:len(coarse_grid(default))] == coarse_grid(default)
+    assert {r["stage"] for r in search.records} <= {"coarse", "edge", "refine"}
+    best = max(r["mean_normalized_accuracy"] for r in search.records)
+    winners = [r["lambda"] for r in search.records if r["mean_normalized_accuracy"] == best]
+    assert search.best == min(winners, key=lambda lam: (abs(lam - default), lam))
+    described = search.describe()
+    assert described["best"] == search.best and described["best_mean_normalized_accuracy"] == best
+    assert [r["lambda"] for r in described["grid"]] == sorted(tried)
 
 
 def choice_log_likelihoods(base, adapter_folder, prompts, choices):
@@ -257,6 +323,16 @@ def test_causal_lm_choices_on_conv1d_adapters(tmp_path):
             scores = engine.scores(adapter.name)
         assert torch.allclose(scores, reference, atol=1e-4, rtol=0)
         assert engine.score_adapter(adapter, [adapter.name])[adapter.name] == accuracy(reference, examples.labels)
+    from loramerge_cli.adapters.writer import write_merged_adapter
+
+    result = merge(adapters, MergeConfig(merger="ta"))
+    folder = write_merged_adapter(result, adapters, tmp_path / "merged")
+    for adapter in adapters:  # the merged folder, loaded back by PEFT
+        examples = engine.examples[adapter.name]
+        merged = choice_log_likelihoods(base, folder, examples.inputs, CHOICES)
+        with engine.apply(merged_deltas(result)):
+            assert torch.allclose(engine.scores(adapter.name), merged, atol=1e-4, rtol=0)
+        assert engine.score_merged(result, [adapter.name])[adapter.name] == accuracy(merged, examples.labels)
     normalized = Evaluator(load_task_file(tasks_file), adapters, EvalSettings(threads=1, length_normalize=True))
     with normalized.apply(adapter_deltas(adapters[-1])):
         per_token = normalized.scores(adapters[-1].name)
@@ -321,3 +397,27 @@ def test_a_tensor_only_one_head_has_is_reset_for_the_other_tasks(text, tmp_path)
     engine.use_head("alpha")
     assert torch.equal(engine.parameters["model.norm.weight"], original)
     assert torch.equal(engine.parameters["score.weight"], adapters[0].heads["score.weight"])
+
+
+def test_max_length_comes_from_the_task_then_the_flag_then_the_model(text, tmp_path):
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    import yaml
+
+    from loramerge_cli.evaluation.engine import model_max_length
+
+    setting, adapters, engine = text
+    assert engine.max_lengths == {"alpha": 64, "beta": 64, "gamma": 64}  # tokenizer and config both say 64
+    content = yaml.safe_load(setting.tasks_file.read_text())
+    content["tasks"][0]["max_length"] = 5
+    tasks_file = write_tasks_file(tmp_path / "tasks.yaml", content)
+    capped = Evaluator(load_task_file(tasks_file), adapters, replace(SETTINGS, max_length=6))
+    assert capped.max_lengths == {"alpha": 5, "beta": 6, "gamma": 6}
+    for task, cap in capped.max_lengths.items():
+        assert max(batch.inputs["input_ids"].shape[1] for batch in capped.prepared[task].batches) == cap
+    assert capped.fingerprint("beta") != engine.fingerprint("beta")  # cached scores are not reused
+    tokenizer = SimpleNamespace(model_max_length=int(1e30))  # a tokenizer that states no limit
+    assert model_max_length(tokenizer, SimpleNamespace(max_position_embeddings=128)) == 128
+    assert model_max_length(SimpleNamespace(model_max_length=512), SimpleNamespace()) == 512
+    assert model_max_length(tokenizer, SimpleNamespace()) == 2048

@@ -180,15 +180,15 @@ def test_nsc_premise_measures_each_row_and_reads_a_coefficient_table(bundled, tm
                         unit="module", scale=1.0)
     table.save(tmp_path / "coeffs.json")
     result = nsc_premise.measure(setting, None, tmp_path / "coeffs.json", val_limit=8)
-    assert result["targets"] == [f"model.layers.{build.TINY.text.layers - 1}.self_attn.o_proj"]
+    assert result["targets"] == [f"model.layers.{build.TINY.text.layers - 1}.self_attn.v_proj"]
     rows = list(result["rows"].values())
     assert len(rows) == 5 and all(len(row) == len(language.TASKS) for row in rows)
     assert all(0.0 < value <= 1.0 for row in rows for value in row)
     assert rows[4] == rows[2]  # a table of 0.4 everywhere is ta at λ = 0.4, read through the table
     assert rows[0] != rows[2]  # the coefficients reach the measured inputs
-    at_v_proj = nsc_premise.measure(setting, None, None, val_limit=8, target_modules=["v_proj"])
-    assert at_v_proj["targets"] == [f"model.layers.{build.TINY.text.layers - 1}.self_attn.v_proj"]
-    assert list(at_v_proj["rows"].values())[0] != rows[0]  # measured at the other module
+    at_o_proj = nsc_premise.measure(setting, None, None, val_limit=8, target_modules=["o_proj"])
+    assert at_o_proj["targets"] == [f"model.layers.{build.TINY.text.layers - 1}.self_attn.o_proj"]
+    assert list(at_o_proj["rows"].values())[0] != rows[0]  # measured at the other module
 
 
 def test_block_replay_is_exact_on_the_vit(bundled):
@@ -225,11 +225,11 @@ def test_nsc_table_scores_a_command_s_table_as_the_command_reports_it(bundled, t
     scorers = {split: nsc_table.Scorer(adapters, tasks_file, split, 1) for split in ("validation", "test")}
     rows = nsc_table.baseline_rows(scorers, len(adapters))
     assert [row["key"] for row in rows] == ["ta", "ta_0.4"]
-    row = nsc_table.run_row("nsc_v_proj", arguments, tasks_file, scorers, [1], 1, tmp_path, lambda message: None)
+    row = nsc_table.run_row("nsc", arguments, tasks_file, scorers, [1], 1, tmp_path, lambda message: None)
     [run] = row["runs"]
     assert run["seconds"] > 0 and set(run["test_per_task"]) == set(language.TASKS)
     # the same command with --report-test scores its table on the test split itself: the two must agree
-    _, flags = nsc_table.ROWS["nsc_v_proj"]
+    _, flags = nsc_table.ROWS["nsc"]
     nsc_table.run_command([*flags, "--report-test"], arguments, tasks_file, 1, 1, tmp_path / "reported.json")
     reported = json.loads((tmp_path / "reported.json").read_text())["provenance"]["test"]
     assert run["test"] == pytest.approx(reported["coefficients_mean_normalized_accuracy"], abs=1e-9)

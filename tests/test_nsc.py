@@ -1,4 +1,4 @@
-"""NSC (Part A §A6): the null-space ratio (§9.7, §13.9, §13.10 item 6), the differentiable side path
+"""NSC (docs/algorithms.md, NSC): the null-space ratio (§9.7, §13.9, §13.10 item 6), the differentiable side path
 against the materialised merge, targets, training with resume, the entropy baseline and label-free ENMP."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def ratio(A, z) -> float:
 
 
 def reference_ratio(A, z, scale=1.0):
-    """The reference's formula (Part B §9.2): y from the *scaled* A, no clamp before the square root."""
+    """The reference code's formula (docs/differences.md): y from the *scaled* A, no clamp before the square root."""
     y = scale * (A @ z)
     gram_inverse = torch.linalg.inv(A @ A.T + 1e-8 * torch.eye(A.shape[0], dtype=A.dtype))
     return torch.sqrt(1 - (y @ gram_inverse @ y) / (z @ z + 1e-8))
@@ -176,10 +176,14 @@ def test_gradients_are_finite_with_alpha_not_r_and_under_bf16_autocast(problem):
 
 @pytest.mark.slow
 def test_default_targets_on_llama_and_vit(problem, tmp_path):
-    assert problem.targets == ["model.layers.1.self_attn.v_proj"]  # no o_proj LoRA: last attention LoRA
+    assert problem.targets == ["model.layers.1.self_attn.v_proj"]  # the value projection has LoRA
     named = list(problem.engine.model.named_modules())
     lora = problem.paths + ["model.layers.1.self_attn.o_proj"]
-    assert resolve_targets(named, lora) == ["model.layers.1.self_attn.o_proj"]
+    assert resolve_targets(named, lora) == ["model.layers.1.self_attn.v_proj"]  # before the output projection
+    no_value = [path for path in lora if not path.endswith("v_proj")]
+    assert resolve_targets(named, no_value) == ["model.layers.1.self_attn.o_proj"]  # then the output projection
+    only_query = [path for path in no_value if not path.endswith("o_proj")]
+    assert resolve_targets(named, only_query) == ["model.layers.1.self_attn.q_proj"]  # then the last LoRA one
     assert resolve_targets(named, lora, ["0", "1"], ["q_proj"]) == [
         "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     vit = build_vit_classifier(tmp_path / "vit")
@@ -187,7 +191,9 @@ def test_default_targets_on_llama_and_vit(problem, tmp_path):
 
     model = ViTForImageClassification.from_pretrained(str(vit))
     vit_lora = [name for name, _ in model.named_modules() if name.endswith(("q_proj", "v_proj", "o_proj", "fc1"))]
-    assert resolve_targets(list(model.named_modules()), vit_lora) == ["vit.layers.1.attention.o_proj"]
+    assert resolve_targets(list(model.named_modules()), vit_lora) == ["vit.layers.1.attention.v_proj"]
+    without_value = [name for name in vit_lora if not name.endswith("v_proj")]
+    assert resolve_targets(list(model.named_modules()), without_value) == ["vit.layers.1.attention.o_proj"]
 
 
 @pytest.mark.slow
@@ -237,7 +243,7 @@ def test_cli_learns_coefficients_from_inputs_only_and_merge_applies_them(setting
     assert any(abs(v - 0.4) > 1e-3 for row in table.weights for v in row)  # trained away from the init
     per_task = table.provenance["task_losses"]  # each task's objective at the start and learned, printed too
     assert per_task["tasks"] == table.tasks and per_task["start"] != per_task["end"]
-    assert "per task, start -> learned" in result.stderr
+    assert "per task, start -> learned" in result.stdout  # the summary is the result: stdout
     assert len(table.provenance["warnings"]) == sum(after > before for before, after in
                                                     zip(per_task["start"], per_task["end"]))
     merged = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--mask", out, "--out", tmp_path / "m"])
@@ -385,7 +391,7 @@ def test_vit_adapters_without_heads_train_on_images_alone(tmp_path):
                            eval=EvalSettings(threads=1), strategy="nsc",
                            nsc=NscSettings(steps=3, batch_size=4, lr=0.05))
     table, provenance = run_search(search)
-    assert provenance["targets"] == ["vit.layers.1.attention.o_proj"]  # the output projection has LoRA
+    assert provenance["targets"] == ["vit.layers.1.attention.v_proj"]  # the value projection has LoRA
     assert len(table.units) == 6 and any(abs(v - 0.4) > 1e-3 for row in table.weights for v in row)
     with pytest.raises(LoramergeError, match="no head"):
         run_search(replace(search, nsc=replace(search.nsc, objective="entropy")))
@@ -425,13 +431,14 @@ def test_cli_label_free_enmp(setting, tmp_path):
                          "--max-prune", "0.5", "--threads", "1", "--out", out])
     assert result.exit_code == 0, result.stderr
     printed = " ".join(result.stderr.split())  # rich wraps lines
-    assert "targets: model.layers.1.self_attn.v_proj" in printed and "validation nsc loss" in printed
+    assert "targets: model.layers.1.self_attn.v_proj" in printed  # progress: stderr
+    assert "validation nsc loss" in " ".join(result.stdout.split())  # the summary: stdout
     table = load_table(out)
     assert table.unit == "block" and table.provenance["fitness"] == "nsc"
     assert table.provenance["validation"]["fitness"] >= 0.0
     refused = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                           "--fitness", "nsc", "--lambda", "auto", "--out", tmp_path / "x.json"])
-    assert refused.exit_code == 1 and "--lambda auto" in refused.stderr
+    assert refused.exit_code == 2 and "--lambda auto" in refused.stderr  # a usage error (issue 12)
 
 
 @pytest.mark.slow

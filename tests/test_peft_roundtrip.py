@@ -1,5 +1,5 @@
 """Merge -> write -> `PeftModel.from_pretrained` round trips on tiny real models, a peer check against
-PEFT's own `add_weighted_adapter`, and DARE's order- and mask-independence (Part A §A1, §A4, §13.1)."""
+PEFT's own `add_weighted_adapter`, and DARE's order- and mask-independence (docs/algorithms.md, Inputs and Methods)."""
 
 from __future__ import annotations
 
@@ -67,15 +67,16 @@ def test_llama_merge_loads_in_peft_and_matches_hand_patched_weights(llama_task_d
 
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["use_rslora"] is False
-    assert not config.get("modules_to_save")
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]  # no --head: the first task's
     loaded = load_merged("llama", out)
     inputs = token_inputs()
     with torch.no_grad():
         logits = loaded(**inputs).logits
 
     deltas = reference_deltas(adapters, [1.0, 1.0], 0.5)
-    expected = patched_forward(BUILDERS["llama"](), deltas, inputs)
-    base = patched_forward(BUILDERS["llama"](), {}, inputs)
+    head = {"score.weight": adapters[0].heads["score.weight"]}
+    expected = patched_forward(BUILDERS["llama"](), deltas, inputs, head=head)
+    base = patched_forward(BUILDERS["llama"](), {}, inputs, head=head)
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
     assert (expected - base).abs().max() > 1e-2  # the merged update really changes the output
     for path, delta in deltas.items():  # and PEFT's own view of each module's update agrees

@@ -84,7 +84,7 @@ def test_parts_switch_off():
     on = ScreenedSearch(ScreenedSettings(popsize=6, generations=3, seed=3, max_prune=0.25), 4, 3, table_ladder(GAINS))
     on.run()
     full_only = table_ladder(GAINS)
-    off = ScreenedSearch(ScreenedSettings(popsize=6, generations=3, seed=3, max_prune=0.25, fidelity=False,
+    off = ScreenedSearch(ScreenedSettings(popsize=6, generations=3, seed=3, max_prune=0.25, halving=False,
                                           screen=False, redraws=0), 4, 3, full_only)
     off.run()
     assert not full_only.rungs[0].calls and not full_only.rungs[1].calls  # no subset scoring
@@ -96,7 +96,7 @@ def test_parts_switch_off():
 
 def test_redraw_scores_new_tables_only():
     ladder = table_ladder(GAINS)
-    search = ScreenedSearch(ScreenedSettings(popsize=6, generations=5, seed=4, max_prune=0.25, fidelity=False),
+    search = ScreenedSearch(ScreenedSettings(popsize=6, generations=5, seed=4, max_prune=0.25, halving=False),
                             4, 3, ladder)
     search.run()
     calls = ladder.rungs[-1].calls
@@ -136,7 +136,7 @@ def test_resume_after_sigkill(tmp_path):
         from test_screened_search import GAINS, table_ladder
         from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings
         def on_event(kind, record):
-            if record["generation"] == 3:
+            if kind == "generation" and record["generation"] == 3:
                 os.kill(os.getpid(), signal.SIGKILL)
         ScreenedSearch(ScreenedSettings(popsize=6, generations=6, seed=5, max_prune=0.25), 4, 3, table_ladder(GAINS),
                        run_dir={str(tmp_path)!r}, on_event=on_event).run()

@@ -1,6 +1,7 @@
 """search-mask end to end on a tiny real model: output table, merge --mask, resume, serial = parallel."""
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -13,7 +14,6 @@ from loramerge_cli.masks import load_table
 from loramerge_cli.merging.merge import MergeConfig
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.runner import SearchRequest, run_search
-from loramerge_cli.search.screened import ScreenedSettings
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def request(setting, **changes) -> SearchRequest:
         eval=EvalSettings(threads=1, batch_size=8),
         enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3),
         # the default strategy, scoring on subsets of 8 of the 24 validation examples per task first
-        screened=ScreenedSettings(popsize=6, generations=4, max_prune=0.5, seed=3, min_examples=8),
+        options={"min_examples": 8},
     )
     return replace(base, **changes)
 
@@ -149,3 +149,35 @@ def test_plots_are_written(setting, tmp_path):
     paths = write_plots(table, provenance["history"], tmp_path / "plots")
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_progress_on_stderr_summary_on_stdout(setting, tmp_path):
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ta",
+            "--lambda", "auto", "--popsize", "4", "--generations", "2", "--max-prune", "0.5", "--threads", "1"]
+    loud = invoke_cli([*args, "--out", str(tmp_path / "a.json"), "--plot", str(tmp_path / "plots")])
+    assert loud.exit_code == 0, loud.stderr
+    assert re.search(r"λ grid: \d+, \d+s elapsed", loud.stderr) and "experts: 3/3" in loud.stderr
+    assert "scoring the unpruned merge: 1/1" in loud.stderr
+    assert "gen   1/2" in loud.stderr and "eta" in loud.stderr
+    assert "pruned" in loud.stdout and "gen " not in loud.stdout
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["fitness.png", "mask.png"]
+    quiet = invoke_cli([*args, "--out", str(tmp_path / "b.json"), "--quiet"])
+    assert quiet.exit_code == 0 and quiet.stderr == "" and "pruned" in quiet.stdout
+
+
+def test_api_search_takes_loaded_adapters_and_reads_them_once(setting, tmp_path, monkeypatch):
+    import loramerge_cli.adapters.peft_reader as reader
+    from loramerge_cli import api
+
+    adapters = api.load_adapters(setting.adapter_args())
+
+    def read_again(*args, **kwargs):
+        raise AssertionError("the adapters were read from disk a second time")
+
+    monkeypatch.setattr(reader, "load_adapters", read_again)
+    plan = api.plan_search(request(setting, adapters=adapters, report_test=True,
+                                   enmp=EnmpSettings(popsize=2, generations=1, max_prune=0.5, seed=3)),
+                           out=tmp_path / "mask.json")
+    table, provenance = api.search(plan)
+    assert load_table(tmp_path / "mask.json").weights == table.weights
+    assert provenance["test"]["best_mean_normalized_accuracy"] is not None

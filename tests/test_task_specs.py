@@ -52,6 +52,32 @@ def test_valid_spec_loads_with_paths_relative_to_the_file(tmp_path):
     assert examples.labels == [row["label"] for row in rows if (row["premise"], row["hypothesis"]) in examples.inputs]
 
 
+def test_names_shorter_than_the_head_mask_the_unnamed_classes(tmp_path):
+    """A 2-class task on a 3-wide head: `labels` names classes 0 and 1, class 2 is masked."""
+    path = write_tasks_file(tmp_path / "tasks.yaml", spec(tmp_path, num_labels=3))
+    task = load_task_file(path).tasks[0]
+    assert task.class_count == 3 and task.masked_labels == [2]
+    both = load_task_file(write_tasks_file(tmp_path / "both.yaml", spec(tmp_path, num_labels=4, masked_labels=[3])))
+    assert both.tasks[0].masked_labels == [3, 2]
+
+
+def test_check_task_file_reads_every_row_of_the_named_splits(tmp_path):
+    from loramerge_cli.evaluation.data import check_task_file
+
+    rows = text_rows(10, seed=1, num_labels=2)
+    rows[7]["label"] = "maybe"
+    content = spec(tmp_path, rows=rows, limit=2)  # the limit would most likely skip row 7
+    content["tasks"][0]["data"]["test"] = str(write_jsonl(tmp_path / "test.jsonl", [{"premise": "w1"}]))
+    path = write_tasks_file(tmp_path / "tasks.yaml", content)
+    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.label: unknown label name 'maybe'"):
+        check_task_file(path, ["validation"])
+    rows[7]["label"] = 1
+    write_jsonl(tmp_path / "rte.jsonl", rows)
+    assert check_task_file(path, ["validation"]).names == ["rte"]
+    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.text: column 'hypothesis' not in"):
+        check_task_file(path, ["validation", "test"])
+
+
 @pytest.mark.parametrize(
     "mutate, field, words",
     [
@@ -61,7 +87,7 @@ def test_valid_spec_loads_with_paths_relative_to_the_file(tmp_path):
         (lambda s: s.update(model_type="regression"), "model_type", "is not one of"),
         (lambda s: s["tasks"][0].update(masked_labels=["maybe"]), "tasks[0].masked_labels", "unknown label name"),
         (lambda s: s["tasks"][0].update(masked_labels=[2]), "tasks[0].masked_labels", "out of range"),
-        (lambda s: s["tasks"][0].update(num_labels=3), "tasks[0].labels", "2 names but num_labels is 3"),
+        (lambda s: s["tasks"][0].update(num_labels=1), "tasks[0].labels", "2 names but num_labels is 1"),
         (lambda s: s["tasks"].append(copy.deepcopy(s["tasks"][0])), "tasks[1].name", "appears twice"),
         (lambda s: s["tasks"][0].update(head="heads/none.safetensors"), "tasks[0].head", "no such file"),
         (lambda s: s["tasks"][0].pop("text"), "tasks[0].text", "required field is missing"),
@@ -210,3 +236,29 @@ def test_head_shape_mismatch_is_named(text_setting, tmp_path):
     with pytest.raises(LoramergeError) as caught:
         Evaluator(load_task_file(path), adapters, EvalSettings(threads=1))
     assert str(caught.value) == f"{path}: tasks[1].head: score.weight is 3×8 but the model's is 3×16"
+
+
+@pytest.mark.parametrize("command", [
+    ["eval"], ["merge", "--lambda", "auto", "--out", "{tmp}/merged"], ["search-mask", "--out", "{tmp}/mask.json"],
+])
+def test_spec_and_data_errors_come_before_any_adapter_model_or_torch_loads(tmp_path, command):
+    """The adapters and the base model do not even exist: the spec's data error must be the one reported,
+    by a process that never imported torch."""
+    import os
+    import subprocess
+    import sys
+
+    rows = text_rows(6, seed=1, num_labels=2)
+    rows[4]["label"] = "maybe"
+    content = spec(tmp_path, rows=rows)
+    content["base_model"] = str(tmp_path / "no-such-base")
+    path = write_tasks_file(tmp_path / "tasks.yaml", content)
+    arguments = [part.format(tmp=tmp_path) for part in command] + [
+        "--adapters", f"rte={tmp_path / 'no-such-adapter'}", "--tasks", str(path)]
+    script = ("import sys, runpy\nsys.argv = ['loramerge'] + sys.argv[1:]\ntry:\n"
+              "    runpy.run_module('loramerge_cli', run_name='__main__')\nexcept SystemExit as exit:\n"
+              "    print('torch' in sys.modules, exit.code)\n")
+    finished = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True,
+                              check=False, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert finished.stdout.split() == ["False", "1"], finished.stderr
+    assert f"{path}: tasks[0].label: unknown label name 'maybe'" in finished.stderr

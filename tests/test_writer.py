@@ -53,11 +53,12 @@ def test_merged_folder_reads_back_as_the_merge(tmp_path):
     out = writer.write_merged_adapter(result, adapters, tmp_path / "merged", command="loramerge merge ...",
                                       table=table)
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "heads", "loramerge.json"]
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors", "heads", "loramerge.json",
+                     "mask.json"]
     assert sorted(p.name for p in (out / "heads").iterdir()) == ["a.safetensors", "c.safetensors"]
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["use_rslora"] is False
-    assert config["task_type"] is None  # SEQ_CLS without a written head would make PEFT expect one
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]  # the first task's head
     assert config["base_model_name_or_path"] == "tiny/base"
     block1 = [p for p in SHAPES if p.startswith("model.layers.1.")]
     assert sorted(config["target_modules"]) == sorted(set(SHAPES) - set(block1))
@@ -72,7 +73,7 @@ def test_merged_folder_reads_back_as_the_merge(tmp_path):
         assert back.modules[path].scale == 1.0
         expected = merged.lora_B @ merged.lora_A
         assert torch.allclose(back.modules[path].delta(), expected, rtol=1e-5, atol=1e-6)
-    assert back.heads == {}  # no --head: heads only in heads/
+    assert torch.equal(back.heads["score.weight"], adapters[0].heads["score.weight"])  # AutoPeftModel loads it
     head_a = load_file(str(out / "heads" / "a.safetensors"))
     assert torch.equal(head_a["score.weight"], adapters[0].heads["score.weight"])
     provenance = json.loads((out / "loramerge.json").read_text())
@@ -82,11 +83,12 @@ def test_merged_folder_reads_back_as_the_merge(tmp_path):
     assert provenance["output"]["omitted"] == block1
     assert [i["sha256"] for i in provenance["inputs"]] == [a.source.sha256 for a in adapters]
     assert provenance["command"] == "loramerge merge ..."
-    card = (out / "README.md").read_text()
-    front = card.split("---\n")[1]
-    assert 'base_model: "tiny/base"' in front and "library_name: peft" in front
-    assert "- loramerge" in front and "- merge" in front
-    assert "arXiv:2212.04089" in card and "loramerge merge ..." in card
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "tiny/base" and card.data.library_name == "peft"
+    assert {"loramerge", "merge"} <= set(card.data.tags)
+    assert "arXiv:2212.04089" in card.text and "units pruned before merging" in card.text
     assert _leftovers(tmp_path) == []
 
 

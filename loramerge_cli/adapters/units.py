@@ -1,4 +1,4 @@
-"""Units: the transformer block a LoRA module belongs to (Part A §A1)."""
+"""Units: the transformer block a LoRA module belongs to (docs/algorithms.md, Inputs)."""
 
 from __future__ import annotations
 

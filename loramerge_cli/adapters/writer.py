@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loramerge_cli import __version__
+from loramerge_cli.adapters.card import RECIPE_NAME, model_card, portable_command, portable_inputs, portable_path
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.units import unit_sort_key
@@ -172,6 +173,14 @@ def check_head(adapters: list[Adapter], head: str | None) -> Adapter | None:
     return by_name[head]
 
 
+def default_head(adapters: list[Adapter], head: str | None) -> str | None:
+    """--head, else (when the inputs' task type makes PEFT expect a head: SEQ_CLS, TOKEN_CLS, QUESTION_ANS)
+    the first task that has one, so that AutoPeftModelFor<Task> loads the merge."""
+    if head is not None or _common([a.config.get("task_type") for a in adapters]) not in HEAD_TASK_TYPES:
+        return head
+    return next((adapter.name for adapter in adapters if adapter.heads), None)
+
+
 def _merged_task_type(adapters: list[Adapter], head_adapter: Adapter | None) -> str | None:
     """The inputs' common task type, unless it makes PEFT expect a head that is not written:
     PeftModelForSequenceClassification and friends add `score`/`classifier` to modules_to_save
@@ -198,9 +207,13 @@ def write_merged_adapter(
     table=None,
     base_model: str | None = None,
     extra_provenance: dict | None = None,
+    recipe: str | None = None,
+    repo_id: str | None = None,
 ) -> Path:
-    """Write a merge result as a PEFT LoRA folder (design.md §4); returns the folder."""
+    """Write a merge result as a PEFT LoRA folder (design.md §4); returns the folder. `recipe` (YAML text)
+    becomes loramerge.yaml, embedded in the card; text files name local inputs relative to the folder."""
     out_dtype = output_dtype(adapters, dtype)
+    head = default_head(adapters, head)
     head_adapter = check_head(adapters, head)
     check_output_dir(out_dir, force)
     modules = {path: module for path, module in result.modules.items() if module.rank > 0}
@@ -225,12 +238,20 @@ def write_merged_adapter(
     )
     provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table, base)
     provenance.update(extra_provenance or {})
+    provenance = portable_provenance(provenance, out_dir)
+    task_type = config["task_type"]
     with staged_folder(out_dir, force) as staging:
         _write_json(config, staging / CONFIG_NAME)
         _save_safetensors(tensors, staging / WEIGHTS_NAME)
         _write_heads(adapters, staging / "heads")
         _write_json(provenance, staging / "loramerge.json")
-        (staging / "README.md").write_text(model_card(result, adapters, base, command, Path(out_dir).name))
+        if table is not None:
+            table.save(staging / "mask.json")
+        if recipe is not None:
+            (staging / RECIPE_NAME).write_text(recipe)
+        (staging / "README.md").write_text(model_card(
+            result, adapters, title=Path(out_dir).name, base=base, task_type=task_type, head=head, table=table,
+            recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id))
     return Path(out_dir)
 
 
@@ -244,6 +265,18 @@ def _write_heads(adapters: list[Adapter], folder: Path) -> None:
 
 def _inputs(adapters: list[Adapter]) -> list[dict]:
     return [{"name": a.name, **a.source.describe(), "base_model": a.base_model} for a in adapters]
+
+
+def portable_provenance(provenance: dict, folder: str | Path) -> dict:
+    """The command and local input paths relative to the output folder (no absolute paths are published)."""
+    out = {**provenance, "command": portable_command(provenance.get("command"), folder),
+           "inputs": portable_inputs(provenance["inputs"], folder)}
+    if out.get("base_model"):
+        out["base_model"] = portable_path(out["base_model"], folder)
+    tuning = out.get("lambda_tuning")
+    if isinstance(tuning, dict) and tuning.get("tasks"):
+        out["lambda_tuning"] = {**tuning, "tasks": portable_path(str(tuning["tasks"]), folder)}
+    return out
 
 
 def merge_provenance(result, adapters, modules, out_dtype, head, command, table, base) -> dict:
@@ -278,59 +311,6 @@ def merge_provenance(result, adapters, modules, out_dtype, head, command, table,
     }
 
 
-def _papers(settings) -> list[str]:
-    from loramerge_cli.merging.registry import PRESETS
-
-    papers = [settings.method.paper]
-    preset = PRESETS.get(settings.merger)
-    if preset is not None and preset.paper not in papers:
-        papers.insert(0, preset.paper)
-    return papers
-
-
-def model_card(result: MergeResult, adapters: list[Adapter], base: str | None, command: str | None, title: str) -> str:
-    """README.md with the YAML front matter the Hub reads, the method, its paper and the inputs."""
-    settings = result.settings
-    front = ["---"]
-    if base:
-        front.append(f"base_model: {json.dumps(base)}")
-    front += ["library_name: peft", "tags:", "- loramerge", "- merge", "- lora", "---", ""]
-    lines = [
-        f"# {title}",
-        "",
-        f"A LoRA adapter merged from {len(adapters)} adapters with loramerge {__version__}.",
-        "",
-        f"- Merger: `{settings.merger}` (method `{settings.method.name}`: {settings.method.summary}; "
-        f"space `{settings.space}`)",
-        *(f"- Paper: {paper}" for paper in _papers(settings)),
-        f"- Parameters: `{json.dumps(settings.describe())}`",
-        "",
-        "## Inputs",
-        "",
-        "| task | source | revision | sha256 |",
-        "|---|---|---|---|",
-        *(
-            f"| {a.name} | `{a.source.spec}` | {a.source.revision or '-'} | `{a.source.sha256}` |"
-            for a in adapters
-        ),
-        "",
-    ]
-    if command:
-        lines += ["## Command", "", "```", command, "```", ""]
-    lines += [
-        "## Use",
-        "",
-        "```python",
-        "from peft import PeftModel",
-        f"model = PeftModel.from_pretrained(base_model, {json.dumps(title)})",
-        "```",
-        "",
-        "Task heads of the inputs, if any, are in `heads/<task>.safetensors`; provenance in `loramerge.json`.",
-        "",
-    ]
-    return "\n".join(front + lines)
-
-
 def write_adapter(adapter: Adapter, out_dir: str | Path, force: bool = False, command: str | None = None,
                   dtype: str | torch.dtype | None = None) -> Path:
     """Write one plain adapter (raw B, its own scales) as a PEFT folder."""
@@ -340,13 +320,18 @@ def write_adapter(adapter: Adapter, out_dir: str | Path, force: bool = False, co
 
 
 def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = False, command: str | None = None,
-                   dtype: str | torch.dtype | None = None) -> Path:
-    """Write several plain adapters as `out_dir/<name>/`, all or nothing."""
+                   dtype: str | torch.dtype | None = None, table=None, recipe: str | None = None) -> Path:
+    """Write several plain adapters as `out_dir/<name>/`, all or nothing; `table` and `recipe` (YAML text)
+    go to out_dir/mask.json and out_dir/loramerge.yaml."""
     with staged_folder(out_dir, force) as staging:
         for adapter in adapters:
             folder = staging / adapter.name
             folder.mkdir()
             write_adapter_files(adapter, folder, command, dtype)
+        if table is not None:
+            table.save(staging / "mask.json")
+        if recipe is not None:
+            (staging / RECIPE_NAME).write_text(recipe)
     return Path(out_dir)
 
 
@@ -375,8 +360,8 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
     _write_json(config, folder / CONFIG_NAME)
     _save_safetensors(tensors, folder / WEIGHTS_NAME)
     _write_json(
-        {"format": "loramerge.provenance/v1", "version": __version__, "command": command,
-         "inputs": _inputs([adapter]), "output": {"dtype": str(out_dtype).removeprefix("torch."),
-                                                  "modules": len(paths)}},
+        {"format": "loramerge.provenance/v1", "version": __version__, "command": portable_command(command, folder),
+         "inputs": portable_inputs(_inputs([adapter]), folder),
+         "output": {"dtype": str(out_dtype).removeprefix("torch."), "modules": len(paths)}},
         folder / "loramerge.json",
     )

@@ -18,21 +18,26 @@ from loramerge_cli.cli.common import LoramergeGroup, examples_epilog
 
 OPTIONAL_COMMANDS = ("search_cmd", "eval_cmd")  # modules that may not exist yet
 
-app = typer.Typer(
-    name="loramerge",
-    cls=LoramergeGroup,
-    help="Merge LoRA adapters exactly, and find which modules to prune and how much of each to keep.",
-    epilog=examples_epilog(
-        "loramerge inspect a/ b/ c/",
-        "loramerge merge --adapters a/ b/ c/ --merger knots --out merged/",
-        "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/",
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help texts hold literal brackets ("[i, ...]", "[default: ...]")
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+def build_app() -> typer.Typer:
+    """The `loramerge` app; each command's options are generated from the registries as they are now."""
+    application = typer.Typer(
+        name="loramerge",
+        cls=LoramergeGroup,
+        help="Merge LoRA adapters exactly, and find which modules to prune and how much of each to keep.",
+        epilog=examples_epilog(
+            "loramerge inspect a/ b/ c/",
+            "loramerge merge --adapters a/ b/ c/ --merger knots --out merged/",
+            "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/",
+        ),
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,  # help texts hold literal brackets ("[i, ...]", "[default: ...]")
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    application.callback()(_root)
+    _register_all(application)
+    return application
 
 
 def _show_version(value: bool) -> None:
@@ -41,7 +46,6 @@ def _show_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.", is_eager=True,
                                           callback=_show_version)] = False,
@@ -49,9 +53,9 @@ def _root(
     """Merge LoRA adapters exactly, and find which modules to prune and how much of each to keep."""
 
 
-def _register_all() -> None:
+def _register_all(application: typer.Typer) -> None:
     for module in (inspect_cmd, merge_cmd, apply_mask_cmd):
-        module.register(app)
+        module.register(application)
     for name in OPTIONAL_COMMANDS:
         qualified = f"loramerge_cli.cli.{name}"
         try:
@@ -60,10 +64,10 @@ def _register_all() -> None:
             if error.name == qualified:  # not written yet; any other import error is a real bug
                 continue
             raise
-        module.register(app)
+        module.register(application)
 
 
-_register_all()
+app = build_app()
 
 
 def main() -> None:

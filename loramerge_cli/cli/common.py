@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import shlex
 import sys
 import traceback
@@ -15,7 +16,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
 
 MULTI_VALUE_OPTIONS = ("--adapters", "--merged")  # take several values after one flag
 
@@ -25,8 +26,11 @@ ALLOW_PICKLE_HELP = "DANGEROUS: also read pickle (.bin) weights; unpickling a fi
 ALLOW_BASE_MISMATCH_HELP = "DANGEROUS: merge adapters whose configs name different base models."
 JSON_HELP = "Machine-readable output on stdout (human output goes to stderr)."
 QUIET_HELP = "No progress or summary on stderr (errors are still printed)."
+THREADS_HELP = "Torch CPU threads. [default: OMP_NUM_THREADS if set, else torch's]"
 DEBUG_HELP = "Show the full traceback of errors."
-CONFIG_HELP = "YAML file of flag values (keys are flag names, with - or _); flags on the command line win."
+CONFIG_HELP = ("YAML recipe: flag names to values, `adapters` as a map of task name to path (or to path, weight, "
+               "density); paths relative to the file; flags on the command line win. Every output's "
+               "loramerge.yaml is one.")
 
 
 def spread_multi_values(args: list[str], options: tuple[str, ...] = MULTI_VALUE_OPTIONS) -> list[str]:
@@ -51,8 +55,46 @@ def spread_multi_values(args: list[str], options: tuple[str, ...] = MULTI_VALUE_
     return spread
 
 
+# Metavars that say what to give (Typer's defaults read `<list[str]>`, `<path>`, `<str>`).
+METAVARS = {"adapters": "ADAPTER...", "merged": "ADAPTER...", "out": "PATH", "tasks": "TASKS.yaml",
+            "mask": "MASK.json", "config": "RECIPE.yaml", "lam": "λ|auto", "weights": "W1,W2,...",
+            "indices": "[I,...]",
+            "devices": "DEVICE,...", "target_blocks": "BLOCKS", "target_modules": "MODULES", "run_dir": "DIR",
+            "plot": "DIR", "base": "MODEL", "head": "TASK"}
+
+
+def readable_metavars(command) -> None:
+    """Give every option without a metavar one from METAVARS, else from its type: N, X, a|b, or its name."""
+    import typing
+
+    for param in getattr(command, "params", ()):
+        if getattr(param, "param_type_name", None) == "argument" and param.metavar:
+            param.display_type_rich = lambda ctx: None  # the metavar says it all; no `<list[str]>` after it
+        if getattr(param, "param_type_name", None) != "option" or param.metavar or getattr(param, "is_flag", False):
+            continue
+        annotation = getattr(getattr(param, "type_descriptor", None), "annotation", None)
+        args = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(args) == 1 and typing.get_origin(annotation) is not typing.Literal:
+            annotation = args[0]
+        if param.name in METAVARS:
+            param.metavar = METAVARS[param.name]
+        elif typing.get_origin(annotation) is typing.Literal:
+            param.metavar = "|".join(str(choice) for choice in typing.get_args(annotation))
+        elif annotation is int:
+            param.metavar = "N"
+        elif annotation is float:
+            param.metavar = "X"
+        elif annotation is not None:
+            param.metavar = param.name.upper()
+
+
 class LoramergeGroup(TyperGroup):
-    """The top-level group: spreads multi-value options and remembers the command line."""
+    """The top-level group: spreads multi-value options, remembers the command line, readable metavars."""
+
+    def get_command(self, ctx, cmd_name):
+        command = super().get_command(ctx, cmd_name)
+        readable_metavars(command)
+        return command
 
     def main(self, args=None, prog_name=None, **extra):
         args = spread_multi_values(list(sys.argv[1:] if args is None else args))
@@ -78,8 +120,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 
 def command_errors(function):
-    """Error policy of every command: one line on stderr, exit 1 (130 after Ctrl-C); --debug adds
-    the traceback. Usage errors (typer.BadParameter, exit 2) pass through."""
+    """Error policy of every command: one line on stderr; exit 2 for usage errors (UsageError; Click's own
+    pass through), 1 for data errors, 130 after Ctrl-C; --debug adds the traceback of data errors."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -88,6 +130,8 @@ def command_errors(function):
             return function(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
+        except UsageError as error:
+            raise fail(f"error: {error}", 2) from None
         except LoramergeError as error:
             if debug:
                 traceback.print_exc()
@@ -107,6 +151,24 @@ def human_console(quiet: bool = False, json_output: bool = False, stdout: bool =
     from rich.console import Console
 
     return Console(stderr=not stdout, quiet=quiet or json_output)
+
+
+def apply_threads(threads: int | None) -> None:
+    """--threads: torch's CPU thread count; without it OMP_NUM_THREADS (or torch's default) stands."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def result_console():
+    """Rich console for a command's result (its tables): stdout, also under --quiet; text lines are not
+    wrapped when stdout is a file."""
+    import sys
+
+    from rich.console import Console
+
+    return Console(soft_wrap=not sys.stdout.isatty())
 
 
 def emit_json(data) -> None:
@@ -129,6 +191,9 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value} must map flag names to values")
+    from loramerge_cli.cli.recipe import expand_config
+
+    data = expand_config(data, Path(value), ctx.command)
     by_flag = {opt[2:]: option for option in ctx.command.params for opt in option.opts if opt.startswith("--")}
     defaults = {}
     for key, item in data.items():
@@ -151,7 +216,30 @@ def parse_float_list(text: str | None, flag: str) -> list[float] | None:
     try:
         return [float(part) for part in text.split(",")]
     except ValueError:
-        raise LoramergeError(f"{flag}: expected numbers separated by commas, got {text!r}") from None
+        raise UsageError(f"{flag}: expected numbers separated by commas, got {text!r}") from None
+
+
+def parse_lambda(text: str | None) -> float | str | None:
+    """--lambda: a finite number, 'auto', or None (not given)."""
+    if text is None or text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise UsageError(f"--lambda: expected a finite number or 'auto', got {text!r}")
+    return value
+
+
+def parse_names(text: str | None, flag: str) -> list[str] | None:
+    """A comma-separated flag value as a list (None when not given)."""
+    if text is None:
+        return None
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise UsageError(f"{flag}: give at least one name")
+    return names
 
 
 def examples_epilog(*lines: str) -> str:

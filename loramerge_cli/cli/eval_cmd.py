@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
 
 import typer
 
-from loramerge_cli.cli.common import (
-    ADAPTERS_HELP,
-    ALLOW_PICKLE_HELP,
-    CONFIG_HELP,
-    DEBUG_HELP,
-    JSON_HELP,
-    QUIET_HELP,
-    command_errors,
-    emit_json,
-    examples_epilog,
-    human_console,
-    load_config_defaults,
-)
+from loramerge_cli.cli.common import ADAPTERS_HELP, ALLOW_PICKLE_HELP, command_errors, emit_json, examples_epilog
+from loramerge_cli.cli.options import choice, option, output_options, threads_option, with_options
 
 EPILOG = examples_epilog(
     "loramerge eval --adapters rte=adapters/rte mnli=adapters/mnli --tasks tasks.yaml",
@@ -29,59 +17,72 @@ EPILOG = examples_epilog(
 )
 
 
+def eval_options() -> list:
+    """The experts, the task spec, the merges to score, and how to evaluate."""
+    return [
+        option("adapters", list[str], ..., show_default=False, help=ADAPTERS_HELP + " They are the experts; "
+               "each task of --tasks is matched to one by name."),
+        option("tasks", Path, ..., show_default=False, help="Task spec YAML (data, text columns, labels, heads)."),
+        option("merged", list[str] | None, None, help="Merged adapter folder(s) to score on every task, "
+               "optionally name=folder."),
+        option("split", str, "validation", help="Data split: validation or test (any split the spec names)."),
+        option("val_limit", int | None, None, min=1, help="Examples per task on the validation split (a seeded "
+               "subset); overrides `limit`."),
+        option("base", str | None, None, help="Base model folder or Hub id; overrides the spec and the adapter "
+               "configs."),
+        option("device", str, "cpu", help="Torch device: cpu, cuda, cuda:1, mps."),
+        option("dtype", choice(("float32", "bfloat16", "float16")), "float32", help="Model dtype."),
+        option("batch_size", int, 16, min=1, help="Sequences per forward pass."),
+        option("max_length", int | None, None, min=2, show_default=False, help="Token cap of tasks whose spec "
+               "sets none. [default: the smaller of the tokenizer's model_max_length and the model's "
+               "max_position_embeddings]"),
+        threads_option("Torch CPU threads (fixed, for reproducible numbers). [default: OMP_NUM_THREADS if set, "
+                       "else min(8, CPUs)]"),
+        option("length_normalize", bool, False, help="Causal LM: divide each choice's log-likelihood by its "
+               "token count."),
+        option("run_dir", Path | None, None, help="Folder caching expert and base scores (keyed by adapter and "
+               "data hashes)."),
+        option("out", Path | None, None, metavar="FILE.json", help="Also write the report (as --json prints it) "
+               "to this file."),
+        option("allow_pickle", bool, False, help=ALLOW_PICKLE_HELP),
+    ]
+
+
 @command_errors
-def eval_command(
-    adapters: Annotated[list[str], typer.Option("--adapters", help=ADAPTERS_HELP + " They are the experts; "
-                                                "each task of --tasks is matched to one by name.",
-                                                show_default=False)],
-    tasks: Annotated[Path, typer.Option("--tasks", help="Task spec YAML (data, text columns, labels, heads).",
-                                        show_default=False)],
-    merged: Annotated[Optional[list[str]], typer.Option("--merged", help="Merged adapter folder(s) to score on "
-                                                        "every task, optionally name=folder.")] = None,
-    split: Annotated[str, typer.Option("--split", help="Data split: validation or test (any split the spec "
-                                       "names).")] = "validation",
-    val_limit: Annotated[Optional[int], typer.Option("--val-limit", min=1, help="Examples per task on the "
-                                                     "validation split (a seeded subset); overrides `limit`.")] = None,
-    base: Annotated[Optional[str], typer.Option("--base", help="Base model folder or Hub id; overrides the "
-                                                "spec and the adapter configs.")] = None,
-    device: Annotated[str, typer.Option("--device", help="Torch device: cpu, cuda, cuda:1, mps.")] = "cpu",
-    dtype: Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16, float16.")] = "float32",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Sequences per forward pass.")] = 16,
-    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="Torch CPU threads (fixed, for "
-                                                   "reproducible numbers); default min(8, CPUs).")] = None,
-    length_normalize: Annotated[bool, typer.Option("--length-normalize", help="Causal LM: divide each choice's "
-                                                   "log-likelihood by its token count.")] = False,
-    run_dir: Annotated[Optional[Path], typer.Option("--run-dir", help="Folder caching expert and base scores "
-                                                    "(keyed by adapter and data hashes).")] = None,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
-    config: Annotated[Optional[Path], typer.Option("--config", help=CONFIG_HELP, is_eager=True,
-                                                   callback=load_config_defaults)] = None,
-    json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
-    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
-) -> None:
+def eval_command(ctx: typer.Context, **flags) -> None:
     """Score the base model, each expert on its own task, and each merged adapter on every task:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
-    from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
-    from loramerge_cli.evaluation.engine import EvalSettings
-    from loramerge_cli.evaluation.report import eval_report
+    from loramerge_cli.errors import UsageError
+    from loramerge_cli.evaluation.data import check_task_file
 
-    console = human_console(quiet, json_output)
-    experts = load_adapters(adapters, allow_pickle=allow_pickle)
-    merged_adapters = [load_adapter(source, allow_pickle=allow_pickle) for source in merged or []]
-    settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
-                            threads=threads, length_normalize=length_normalize)
-    with console.status("evaluating"):
-        report = eval_report(tasks, experts, merged_adapters, settings, base=base, run_dir=run_dir,
-                             allow_pickle=allow_pickle)
-    if json_output:
-        emit_json(report)
-        return
+    out = flags["out"]
+    if out is not None and (out.is_dir() or not out.absolute().parent.is_dir()):
+        raise UsageError(f"--out {out}: give a file in an existing folder")
+    check_task_file(flags["tasks"], [flags["split"]])  # the spec and its data, before any adapter or model loads
+    import json
+
+    from loramerge_cli import api
+    from loramerge_cli.atomic import write_text
+    from loramerge_cli.cli.common import human_console, result_console
+    from loramerge_cli.cli.progress import ProgressDisplay
+    from loramerge_cli.evaluation.settings import EvalSettings
+
+    experts = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
+    merged = [api.load_adapter(source, allow_pickle=flags["allow_pickle"]) for source in flags["merged"] or []]
+    settings = EvalSettings(**{name: flags[name] for name in ("split", "val_limit", "device", "dtype", "batch_size",
+                                                              "threads", "length_normalize", "max_length")})
+    with ProgressDisplay(flags["quiet"] or flags["json_output"]) as display:
+        report = api.evaluate(flags["tasks"], experts, merged, settings, base=flags["base"], run_dir=flags["run_dir"],
+                              allow_pickle=flags["allow_pickle"], report=display)
+    if out is not None:
+        write_text(out, json.dumps(report, indent=2, default=str) + "\n")
+    if flags["json_output"]:
+        return emit_json(report)
     for title, key, mean_key in (("accuracy (%)", "accuracy", "mean_accuracy"),
                                  ("normalized accuracy (%)", "normalized_accuracy", "mean_normalized_accuracy")):
-        console.print(score_table(report, title, key, mean_key))
+        result_console().print(score_table(report, title, key, mean_key))
     for warning in report["warnings"]:
-        console.print(f"[yellow]warning:[/] {warning}")
+        human_console(flags["quiet"], flags["json_output"]).print(f"[yellow]warning:[/] {warning}")
 
 
 def _percent(value: float | None, scale: float) -> str:
@@ -106,4 +107,4 @@ def score_table(report: dict, title: str, key: str, mean_key: str):
 
 
 def register(app: typer.Typer) -> None:
-    app.command("eval", epilog=EPILOG)(eval_command)
+    app.command("eval", epilog=EPILOG)(with_options(eval_options(), output_options())(eval_command))

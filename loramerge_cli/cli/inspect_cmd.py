@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
 from loramerge_cli.cli.common import (
+    ADAPTERS_HELP,
     ALLOW_PICKLE_HELP,
+    CONFIG_HELP,
     DEBUG_HELP,
     JSON_HELP,
     QUIET_HELP,
+    THREADS_HELP,
+    apply_threads,
     command_errors,
     emit_json,
     examples_epilog,
-    human_console,
+    result_console,
+    load_config_defaults,
 )
 
 EPILOG = examples_epilog(
     "loramerge inspect adapters/rte adapters/mnli adapters/qnli",
+    "loramerge inspect --adapters rte=adapters/rte mnli=adapters/mnli",
     "loramerge inspect rte=org/knots-rte@main ./mnli --heatmap",
     "loramerge inspect adapters/* --json > summary.json",
 )
@@ -26,24 +33,33 @@ EPILOG = examples_epilog(
 
 @command_errors
 def inspect_command(
-    sources: Annotated[list[str], typer.Argument(help="Adapters: folders, .safetensors files or Hub ids "
-                                                      "(name=source to name them).", show_default=False)],
-    heatmap: Annotated[bool, typer.Option("--heatmap", help="Colour the ‖ΔW‖_F grid as a heatmap.")] = False,
+    sources: Annotated[Optional[list[str]], typer.Argument(
+        metavar="ADAPTER", help="Adapters: folders, .safetensors files or Hub ids (name=source to name them); "
+        "or give them with --adapters.", show_default=False)] = None,
+    adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help=ADAPTERS_HELP, show_default=False)] = None,
+    heatmap: Annotated[bool, typer.Option("--heatmap", help="Colour the norm grid (with a legend).")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP, show_default=False)] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", help=CONFIG_HELP, is_eager=True, callback=load_config_defaults)] = None,
     json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
     debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
 ) -> None:
     """Summarise adapters: base model, type, ranks, alphas, targets, units, dtype, size, the per-(unit, task)
-    norm ‖B̃A‖_F (from the factors), pairwise compatibility and what a merge would refuse."""
+    norm of each update (Frobenius, from the factors), pairwise compatibility and what a merge would refuse."""
     from loramerge_cli import api
     from loramerge_cli.cli import render
 
-    summary = api.inspect_adapters(api.load_adapters(sources, allow_pickle=allow_pickle))
+    given = [*(sources or []), *(adapters or [])]
+    if not given:
+        raise typer.BadParameter("give the adapters to inspect (positional or --adapters)", param_hint="ADAPTER")
+    apply_threads(threads)
+    summary = api.inspect_adapters(api.load_adapters(given, allow_pickle=allow_pickle))
     if json_output:
         emit_json(summary)
         return
-    console = human_console(quiet, stdout=True)  # the tables are this command's product
+    console = result_console()  # the tables are this command's product
     console.print(render.adapters_table(summary))
     console.print(render.norms_table(summary["norms"], heatmap=heatmap))
     for line in render.compatibility_lines(summary):

@@ -2,222 +2,158 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 import typer
 
 from loramerge_cli.cli.common import (
-    ADAPTERS_HELP,
-    ALLOW_BASE_MISMATCH_HELP,
-    ALLOW_PICKLE_HELP,
-    CONFIG_HELP,
-    DEBUG_HELP,
-    JSON_HELP,
-    QUIET_HELP,
+    apply_threads,
     command_errors,
     command_line,
     emit_json,
     examples_epilog,
     human_console,
-    load_config_defaults,
-    parse_float_list,
+    result_console,
 )
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.cli.options import (
+    adapter_options,
+    choice,
+    merge_config,
+    merger_options,
+    option,
+    output_options,
+    push_options,
+    threads_option,
+    with_options,
+)
+from loramerge_cli.errors import UsageError, check_at_least
+from loramerge_cli.merging.registry import DTYPES
 
-# Mirrors merging.registry.merger_names() (importing the registry imports torch); a test keeps them equal.
-MERGERS = ("cat", "core", "dare", "dare_ties", "iso_c", "knots", "magnitude", "ta", "ties", "tsv", "tsv_iso")
 DtypeName = Literal["float32", "float16", "bfloat16"]
-# Settings a weight table may record in its `merger` field (as ResolvedMerge.describe() writes them);
-# the names are MergeConfig fields. Its "lambda" is handled apart (Part A §A2).
-RECORDED = ("merger", "method", "space", "density", "drop_rate", "scope", "knots_scaled", "seed", "weights",
-            "out_rank", "energy")
 EPILOG = examples_epilog(
     "loramerge merge --adapters a/ b/ c/ --merger knots --out merged/",
     "loramerge merge --adapters rte=org/rte mnli=org/mnli --merger ties --density 0.5 --lambda 1.2 --out merged/",
     "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/ --head a",
     "loramerge merge --adapters a/ b/ c/ --merger tsv --lambda auto --tasks tasks.yaml --out merged/",
     "loramerge merge --config merge.yaml --out merged/ --force",
+    "loramerge merge --config merged/loramerge.yaml --out again/          # rebuild a merge bit for bit",
+    "loramerge merge --adapters a/ b/ --merger ties --out merged/ --push-to-hub me/merged --private --dry-run",
 )
+MASK_HELP = "Weight table JSON (loramerge.mask/v1)."
+INDICES_HELP = 'Pruned flat indices "[i, ...]", i = unit·T + task (the ENMP reference\'s --mask).'
 
 
-def _lambda_value(text: str | None) -> float | str | None:
-    if text is None or text == "auto":
-        return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value):
-        raise LoramergeError(f"--lambda: expected a finite number or 'auto', got {text!r}")
-    return value
+def table_options() -> list:
+    return [option("mask", Path | None, None, help=MASK_HELP), option("indices", str | None, None, help=INDICES_HELP)]
 
 
-def _table(adapters, mask: Path | None, indices: str | None):
-    from loramerge_cli import api
-
-    if mask is not None and indices is not None:
-        raise typer.BadParameter("give --mask or --indices, not both", param_hint="'--mask'")
-    if mask is not None:
-        table = api.load_table(mask)
-        api.check_table(table, adapters, origin=str(mask))
-        return table
-    if indices is not None:
-        return api.from_pruned_indices(adapters, api.parse_indices(indices))
-    return None
-
-
-def _recorded_settings(table) -> dict:
-    """The merger settings a weight table was searched with, by MergeConfig field."""
-    merger = table.merger if table is not None and isinstance(table.merger, dict) else {}
-    recorded = {field: merger[field] for field in RECORDED if merger.get(field) is not None}
-    if table is not None and table.scale is None and merger.get("lambda") is not None:
-        recorded["lam"] = float(merger["lambda"])  # Part A §A2: the table's scale, when present, wins
-    return recorded
-
-
-def _combined_settings(flags: dict, recorded: dict, override: bool) -> dict:
-    """The user's flags over the table's recorded settings; a conflict needs --override (--lambda never
-    conflicts: it always wins, Part A §A2)."""
-    given = {field: value for field, value in flags.items() if value is not None}
-    conflicts = [field for field in given if field != "lam" and field in recorded and given[field] != recorded[field]]
-    if conflicts and not override:
-        field = conflicts[0]
-        raise LoramergeError(
-            f"--{field.replace('_', '-')} {given[field]} conflicts with the mask's recorded "
-            f"{field} {recorded[field]}; pass --override to use yours"
-        )
-    if override and ("merger" in given or "method" in given):
-        return given  # another method: the recorded parameters may not apply to it
-    return {**recorded, **given}
-
-
-def _check_not_an_input(out: Path, adapters) -> None:
-    target = out.resolve()
-    for adapter in adapters:
-        folder = Path(adapter.source.weights_file).resolve().parent
-        if target == folder or target in folder.parents:
-            raise LoramergeError(f"--out {out} would overwrite the input adapter {adapter.name!r}")
-
-
-def _tune_lambda(adapters, config, table, tasks: Path, eval_options: dict):
-    try:
-        from loramerge_cli.evaluation.tuning import tune_lambda
-    except ImportError:
-        raise LoramergeError("--lambda auto needs the evaluation engine, which is not installed") from None
-    options = {key: value for key, value in eval_options.items() if value is not None}
-    return tune_lambda(adapters, config, table, tasks, **options)
+def merge_options() -> list:
+    """The options of `merge` after the merger's: table, output, dense results, --lambda auto."""
+    return [
+        *table_options(),
+        option("override", bool, False, help="Let flags override the merger settings recorded in --mask."),
+        option("out", Path, ..., help="Output folder (a PEFT adapter).", show_default=False),
+        option("force", bool, False, help="Replace --out if it exists."),
+        option("dtype", choice(DTYPES) | None, None, show_default=False,
+               help="Dtype of the written weights. [default: the inputs']"),
+        option("out_rank", int | None, None, help="Rank of truncated dense results."),
+        option("energy", float | None, None, show_default=False,
+               help="Dense results: keep this fraction of the update's energy (sum of squared singular values). "
+               "[default: 0.9999]"),
+        option("seed", int | None, None, show_default=False, help="Seed of randomized methods (DARE, DELLA, "
+               "LoRA-LEGO), >= 1. [default: 1]"),
+        option("head", str | None, None, help="Also write this task's head as modules_to_save, so a plain PEFT "
+               "load serves it."),
+        option("base", str | None, None, help="Base model id or path; overrides the configs'."),
+        option("tasks", Path | None, None, help="Task spec YAML (for --lambda auto)."),
+        option("val_limit", int | None, None, help="--lambda auto: examples per task (>= 1)."),
+        option("device", str | None, None, help="--lambda auto: torch device."),
+        option("batch_size", int | None, None, help="--lambda auto: batch size."),
+        option("max_length", int | None, None, show_default=False, help="--lambda auto: token cap of tasks whose "
+               "spec sets none. [default: the smaller of the tokenizer's model_max_length and the model's "
+               "max_position_embeddings]"),
+        threads_option(),
+        *push_options(),
+    ]
 
 
 @command_errors
-def merge_command(
-    ctx: typer.Context,
-    adapters: Annotated[list[str], typer.Option("--adapters", help=ADAPTERS_HELP, show_default=False)],
-    out: Annotated[Path, typer.Option("--out", help="Output folder (a PEFT adapter).", show_default=False)],
-    merger: Annotated[str | None, typer.Option(
-        "--merger", help=f"Preset or method: {', '.join(MERGERS)}. [default: ta]", show_default=False)] = None,
-    method: Annotated[str | None, typer.Option("--method", help="Override the preset's method.")] = None,
-    space: Annotated[str | None, typer.Option(
-        "--space", help="Override the space the method acts in: full, knots or core.")] = None,
-    lam: Annotated[str | None, typer.Option(
-        "--lambda", help="λ, the factor on the merged update: a number, or 'auto' (tuned on --tasks). "
-        "[default: the table's scale, else the method's]", show_default=False)] = None,
-    weights: Annotated[str | None, typer.Option(
-        "--weights", help="Per-adapter weights w1,w2,... in task order, applied before the method. [default: 1]",
-        show_default=False)] = None,
-    density: Annotated[float | None, typer.Option(
-        "--density", help="ties, magnitude, dare_ties: fraction of entries each task keeps when trimming.")] = None,
-    drop_rate: Annotated[float | None, typer.Option(
-        "--drop-rate", help="dare, dare_ties: probability of dropping an entry.")] = None,
-    scope: Annotated[Literal["module", "adapter"] | None, typer.Option(
-        "--scope", help="Trim and elect per module, or over the whole adapter.")] = None,
-    knots_scaled: Annotated[bool | None, typer.Option(
-        "--knots-scaled/--no-knots-scaled", help="knots space: scale the components by their singular values.",
-        show_default=False)] = None,
-    mask: Annotated[Path | None, typer.Option("--mask", help="Weight table JSON (loramerge.mask/v1).")] = None,
-    indices: Annotated[str | None, typer.Option(
-        "--indices", help='Pruned flat indices "[i, ...]", i = unit·T + task (the ENMP reference\'s --mask).')] = None,
-    override: Annotated[bool, typer.Option(
-        "--override", help="Let flags override the merger settings recorded in --mask.")] = False,
-    out_rank: Annotated[int | None, typer.Option("--out-rank", help="Rank of truncated dense results.")] = None,
-    energy: Annotated[float | None, typer.Option(
-        "--energy", help="Dense results: keep this fraction of Σσ². [default: 0.9999]", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace --out if it exists.")] = False,
-    dtype: Annotated[DtypeName | None, typer.Option(
-        "--dtype", help="Dtype of the written weights. [default: the inputs']", show_default=False)] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Seed of randomized methods (DARE), >= 1. [default: 1]",
-                                             show_default=False)] = None,
-    head: Annotated[str | None, typer.Option(
-        "--head", help="Also write this task's head as modules_to_save, so a plain PEFT load serves it.")] = None,
-    base: Annotated[str | None, typer.Option("--base", help="Base model id or path; overrides the configs'.")] = None,
-    tasks: Annotated[Path | None, typer.Option("--tasks", help="Task spec YAML (for --lambda auto).")] = None,
-    val_limit: Annotated[int | None, typer.Option("--val-limit", help="--lambda auto: examples per task.")] = None,
-    device: Annotated[str | None, typer.Option("--device", help="--lambda auto: torch device.")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="--lambda auto: batch size.")] = None,
-    allow_base_mismatch: Annotated[bool, typer.Option("--allow-base-mismatch", help=ALLOW_BASE_MISMATCH_HELP)] = False,
-    allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,
-    config: Annotated[Path | None, typer.Option(
-        "--config", help=CONFIG_HELP, is_eager=True, callback=load_config_defaults)] = None,
-    json_output: Annotated[bool, typer.Option("--json", help=JSON_HELP)] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help=QUIET_HELP)] = False,
-    debug: Annotated[bool, typer.Option("--debug", help=DEBUG_HELP)] = False,
-) -> None:
-    """Merge LoRA adapters into one adapter (Part A of the spec): weight table -> space -> method -> λ,
-    written as exact LoRA factors (dense results truncated, with the error recorded)."""
-    # Cheap checks first: nothing is loaded before the command line is known to be usable.
-    if seed is not None and seed < 1:
-        raise LoramergeError("--seed must be >= 1 (0 would mean a clock seed to CMA-ES)")
-    lam_value = _lambda_value(lam)
-    weight_list = parse_float_list(weights, "--weights")
-    if lam_value == "auto" and tasks is None:
-        raise LoramergeError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
+def merge_command(ctx: typer.Context, **flags) -> None:
+    """Merge LoRA adapters into one adapter: weight table -> space -> method -> λ, written as exact LoRA
+    factors (dense results truncated, with the error recorded). The output folder holds a model card,
+    loramerge.yaml (rerun it with --config) and every task's head. The math: docs/algorithms.md."""
+    check_at_least(flags["val_limit"], 1, "--val-limit")
+    tuning = None
+    if flags["lam"] == "auto":
+        if flags["tasks"] is None:
+            raise UsageError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
+        from loramerge_cli.evaluation.data import check_task_file
+
+        check_task_file(flags["tasks"], ["validation"])  # the spec and its data, before torch or adapters load
+    config = merge_config(flags)  # flag values are checked before anything is read
+    from loramerge_cli.cli.publish import check_repo_id
+
+    check_repo_id(flags["push_to_hub"])
+    apply_threads(flags["threads"])
     from loramerge_cli import api
-    from loramerge_cli.adapters.compat import check_compatible
-    from loramerge_cli.adapters.writer import check_head, check_output_dir
+    from loramerge_cli.cli.progress import ProgressDisplay
+
+    if flags["lam"] == "auto":
+        tuning = api.LambdaTuning(flags["tasks"], flags["val_limit"], flags["device"], flags["batch_size"],
+                                  flags["base"], flags["max_length"])
+    if flags["mask"] is not None and flags["indices"] is not None:
+        raise UsageError("give --mask or --indices, not both")
+    from loramerge_cli.adapters.writer import check_output_dir, default_head
+
+    check_output_dir(flags["out"], flags["force"])  # before loading anything
+    adapters = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
+    table = api.weight_table(adapters, flags["mask"], flags["indices"])
+    plan = api.plan_merge(adapters, config, table, override=flags["override"], out=flags["out"],
+                          force=flags["force"], dtype=flags["dtype"], head=flags["head"], base=flags["base"],
+                          command=command_line(ctx), tuning=tuning,
+                          allow_base_mismatch=flags["allow_base_mismatch"])
+    with ProgressDisplay(flags["quiet"] or flags["json_output"], terminal_only=("merging",)) as display:
+        result = api.execute(plan, on_event=display)  # λ grid and merge progress: stderr
+    api.write(plan, result, recipe=_recipe(ctx, plan, result), repo_id=flags["push_to_hub"])
+    report = _report(result, flags["out"])
+    if flags["push_to_hub"] is not None:
+        from loramerge_cli.cli.publish import push_folder
+
+        report["push"] = push_folder(flags["out"], flags["push_to_hub"], private=flags["private"],
+                                     revision=flags["revision"], dry_run=flags["dry_run"])
+    if flags["json_output"]:
+        return emit_json(report)
+    _print_report(report, human_console(flags["quiet"]), default_head(adapters, flags["head"]), flags["head"])
+
+
+def _recipe(ctx: typer.Context, plan, result) -> str:
+    """loramerge.yaml of this merge: λ as used (tuned or given), the table as the folder's mask.json."""
+    from loramerge_cli.cli.recipe import build_recipe
+
+    lam = result.settings.lam if plan.tuning is not None else ctx.params.get("lam")
+    return build_recipe(ctx, plan.adapters, plan.out, {"lam": lam, "mask": "mask.json" if plan.table else None})
+
+
+def _print_report(report: dict, console, served: str | None, head: str | None) -> None:
+    """The result table and any upload on stdout; warnings and the default-head note on stderr."""
     from loramerge_cli.cli import render
-    from loramerge_cli.merging.merge import MergeConfig, resolve_config, run_merge
+    from loramerge_cli.cli.publish import push_lines
 
-    check_output_dir(out, force)
-    loaded = api.load_adapters(adapters, allow_pickle=allow_pickle)
-    _check_not_an_input(out, loaded)
-    check_head(loaded, head)
-    table = _table(loaded, mask, indices)
-    flags = {"merger": merger, "method": method, "space": space, "lam": lam_value, "weights": weight_list,
-             "density": density, "drop_rate": drop_rate, "scope": scope, "knots_scaled": knots_scaled,
-             "seed": seed, "out_rank": out_rank, "energy": energy}
-    chosen = _combined_settings(flags, _recorded_settings(table), override)
-    lam_value = chosen.pop("lam", None)
-    merge_config = MergeConfig(**{"merger": "ta", **chosen, "lam": None if lam_value == "auto" else lam_value})
-    check_compatible(loaded, allow_base_mismatch)
-    resolve_config(merge_config, len(loaded), table)  # every parameter checked before any work
-    extra = {}
-    if lam_value == "auto":
-        best, grid = _tune_lambda(loaded, merge_config, table, tasks,
-                                  {"val_limit": val_limit, "device": device, "batch_size": batch_size, "base": base,
-                                   "allow_base_mismatch": allow_base_mismatch})
-        merge_config.lam = float(best)
-        extra["lambda_tuning"] = {"tasks": str(tasks), "best": float(best), "grid": grid}
-
-    console = human_console(quiet, json_output)
-    module_count = len({path for adapter in loaded for path in adapter.modules})
-    settings = resolve_config(merge_config, len(loaded), table)
-    with render.module_progress(console, module_count) as advance:
-        result = run_merge(loaded, settings, table, progress=advance)
-    api.write_merged_adapter(result, loaded, out, dtype=dtype, head=head, command=command_line(ctx), force=force,
-                             table=table, base_model=base, extra_provenance=extra)
-    report = _report(result, out)
-    if json_output:
-        emit_json(report)
-        return
-    console.print(render.merge_table(report))
-    for warning in result.warnings:
-        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+    result_console().print(render.merge_table(report))
+    for line in push_lines(report["push"]) if "push" in report else []:
+        result_console().print(line, markup=False, highlight=False)
+    for warning in report["warnings"]:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    if served != head:
+        console.print(f"note: no --head: task {served!r}'s head is in modules_to_save, so that the merge loads with "
+                      "AutoPeftModel (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)
 
 
 def _report(result, out: Path) -> dict:
     from collections import Counter
 
+    tuning = result.provenance.get("lambda_tuning") or {}
     written = {path: module for path, module in result.modules.items() if module.rank > 0}
     errors = [m.truncation_error for m in written.values() if m.truncation_error is not None]
     ranks = Counter(module.rank for module in written.values())
@@ -231,9 +167,12 @@ def _report(result, out: Path) -> dict:
         "omitted": sorted(set(result.omitted) | (set(result.modules) - set(written))),
         "ranks": {str(rank): ranks[rank] for rank in sorted(ranks)},
         "max_truncation_error": max(errors) if errors else None,
-        "warnings": list(result.warnings),
+        "warnings": list(result.warnings) + list(tuning.get("warnings", [])),
+        **({"lambda_tuning": tuning} if tuning else {}),
     }
 
 
 def register(app: typer.Typer) -> None:
-    app.command("merge", epilog=EPILOG)(merge_command)
+    """Add `merge`, its options generated from the method registry as it is now."""
+    command = with_options(adapter_options(), merger_options(), merge_options(), output_options())(merge_command)
+    app.command("merge", epilog=EPILOG)(command)

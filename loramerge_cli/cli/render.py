@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from rich.table import Table
 from rich.text import Text
 
 HEAT = ("grey35", "blue", "cyan", "green", "yellow", "red")  # low -> high
+HEAT_TEXT = ("white", "white", "black", "black", "black", "white")  # readable on each background
+
+
+def heat_legend() -> Text:
+    """The heatmap's key: each colour and the share of the largest norm it stands for."""
+    legend = Text("colour = share of the largest norm: ")
+    for level, colour in enumerate(HEAT):
+        low, high = 100 * level // len(HEAT), 100 * (level + 1) // len(HEAT)
+        legend.append(f" {low}–{high}% ", style=f"{HEAT_TEXT[level]} on {colour}")
+        legend.append(" ")
+    return legend
 
 
 def _compact(counts: dict) -> str:
@@ -48,7 +57,8 @@ def _size(size: int) -> str:
 
 def norms_table(norms: dict, heatmap: bool = False) -> Table:
     """‖B̃A‖_F per (unit, task); with `heatmap`, cells coloured by their share of the largest value."""
-    table = Table(title="‖ΔW‖_F per unit and task", title_justify="left")
+    table = Table(title="‖ΔW‖_F per unit and task", title_justify="left",
+                  caption=heat_legend() if heatmap else None, caption_justify="left")
     table.add_column("unit")
     for task in norms["tasks"]:
         table.add_column(task, justify="right")
@@ -60,7 +70,7 @@ def norms_table(norms: dict, heatmap: bool = False) -> Table:
                 cells.append(Text("-", style="dim"))
             elif heatmap:
                 level = min(len(HEAT) - 1, int(value / largest * len(HEAT)))
-                cells.append(Text(f"{value:.3g}", style=f"bold white on {HEAT[level]}"))
+                cells.append(Text(f"{value:.3g}", style=f"{HEAT_TEXT[level]} on {HEAT[level]}"))
             else:
                 cells.append(Text(f"{value:.4g}"))
         table.add_row(unit, *cells)
@@ -90,41 +100,58 @@ def merge_table(report: dict) -> Table:
     table.add_row("ranks", _compact(report["ranks"]))
     if report.get("max_truncation_error") is not None:
         table.add_row("truncation", f"largest relative error {report['max_truncation_error']:.3g}")
+    tuning = report.get("lambda_tuning")
+    if tuning:
+        score = _score(tuning["best_mean_normalized_accuracy"])
+        table.add_row("λ auto", f"{tuning['best']:g} (validation mean normalized accuracy {score}; "
+                      f"the method's default {tuning['default']:.3g})")
+        table.add_row("λ grid", " ".join(f"{r['lambda']:g}:{_score(r['mean_normalized_accuracy'], 1)}"
+                                          for r in tuning["grid"]))
     return table
 
 
-@contextmanager
-def module_progress(console, total: int, description: str = "merging"):
-    """A per-module progress bar on a terminal console (nothing when quiet or redirected); yields `advance(path)`."""
-    if console.quiet or not console.is_terminal:
-        yield lambda path: None
-        return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(description, total=total)
-        yield lambda path: progress.update(task, advance=1, description=f"{description} {path}")
+def _score(value: float | None, digits: int = 2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
 
 
 def search_progress(console, generations: int):
-    """A callback for run_search: one line per generation (or greedy/random round) on the console."""
+    """A callback for run_search: one line per generation (or greedy/random round), with the time left,
+    on the console; on a live ProgressDisplay also a generations bar with ETA and the best so far."""
+    import time
+
+    from loramerge_cli.cli.progress import eta
+
+    live = getattr(console, "live", False)
+    clock = {"started": time.monotonic()}
 
     def on_event(kind: str, data: dict) -> None:
         if kind == "lambda":
-            console.print(f"λ tuned on validation: {data['lambda']:.4g}", highlight=False)
+            console.print(f"λ tuned on validation: {data['lambda']:.4g} ({data['points']} points)", highlight=False)
+            for warning in data["warnings"]:
+                console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
         elif kind == "start":
             console.print(
                 f"unpruned merge: {data['reference']:.2f} mean normalized accuracy (λ = {data['lambda']:.4g}); "
                 f"{data['units']} units × {data['tasks']} tasks", highlight=False)
+            clock["started"] = time.monotonic()
         elif kind == "generation":
+            done = data["generation"]
+            if live and "generations" not in console.stages:  # started here: the label-free start differs
+                console.start("generations", generations)
             console.print(
-                f"gen {data['generation']:>3}/{generations}  best {data['best_fitness']:+.3f}  "
+                f"gen {done:>3}/{generations}  best {data['best_fitness']:+.3f}  "
                 f"mean {data['mean_fitness']:+.3f}  sparsity {100 * data['mean_sparsity']:.1f}%  "
                 f"distinct {data['distinct_evaluated']}  cache hits {data['cache_hits']}  "
-                f"{data['seconds_per_evaluation']:.2f} s/eval"
+                f"{data['seconds_per_evaluation']:.2f} s/eval  eta {eta(clock['started'], done, generations)}"
                 + (f"  forward examples {data['forward_examples']}" if "forward_examples" in data else ""),
                 highlight=False)
+            if live:
+                console.advance("generations", f"best {data['best_fitness']:+.3f}")
+        elif kind == "screen":
+            console.print(
+                f"screen: {data['new_evaluations']} tables scored ({data['full_evaluations']} on the full set), "
+                f"best {data['best_fitness']:+.3f}  forward examples {data['forward_examples']}", highlight=False)
+            clock["started"] = time.monotonic()  # the generations' ETA starts after the screen
         elif kind == "round":
             console.print(f"round {data['round']:>3}  best {data['best_fitness']:+.3f}  "
                           f"distinct {data['distinct_evaluated']}", highlight=False)
@@ -134,11 +161,15 @@ def search_progress(console, generations: int):
 
 def mask_heatmap(table) -> Table:
     """Tasks × units: '█' kept, '·' pruned (real-valued weights shown as numbers)."""
-    grid = Table(title="kept █  pruned ·", title_justify="left", show_header=True, box=None, pad_edge=False)
+    scaled = any(value not in (0, 1) for row in table.weights for value in row)
+    grid = Table(title="█ kept  · pruned" + ("  ▒ scaled" if scaled else ""), title_justify="left",
+                 show_header=True, box=None, pad_edge=False)
     grid.add_column("task")
     grid.add_column("units " + (table.units[0] + " …" if table.units else ""), no_wrap=True)
     for task, row in zip(table.tasks, table.weights):
-        cells = "".join("█" if value == 1 else ("·" if value == 0 else "▒") for value in row)
+        cells = Text()
+        for value in row:
+            cells.append(*(("█", "green") if value == 1 else ("·", "bold red") if value == 0 else ("▒", "yellow")))
         grid.add_row(task, cells)
     return grid
 

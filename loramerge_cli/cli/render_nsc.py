@@ -6,16 +6,29 @@ from rich.text import Text
 
 
 def nsc_progress(console, steps: int, every: int = 10):
-    """A callback for run_search --strategy nsc: the resolved targets, then a line every `every` steps."""
+    """A callback for run_search --strategy nsc: the resolved targets, then a line every `every` steps with
+    the time left; on a live ProgressDisplay also a steps bar with ETA and the loss."""
+    import time
+
+    from loramerge_cli.cli.progress import eta
+
+    live = getattr(console, "live", False)
+    clock = {"started": time.monotonic()}
 
     def on_event(kind: str, data: dict) -> None:
         if kind == "nsc_start":
             targets = ", ".join(data["targets"]) or "(none: the entropy objective reads the heads' predictions)"
             console.print(f"{data['objective']} objective over {data['modules']} modules × {data['tasks']} tasks; "
                           f"targets: {targets}", highlight=False)
-        elif kind == "step" and (data["step"] % every == 0 or data["step"] in (1, steps)):
-            console.print(f"step {data['step']:>4}/{steps}  loss {data['loss']:.5f}  {data['seconds']:.2f} s/step",
-                          highlight=False)
+            clock["started"] = time.monotonic()
+            if live:
+                console.start("NSC steps", steps)
+        elif kind == "step":
+            if live:
+                console.advance("NSC steps", f"loss {data['loss']:.5f}")
+            if data["step"] % every == 0 or data["step"] in (1, steps):
+                console.print(f"step {data['step']:>4}/{steps}  loss {data['loss']:.5f}  {data['seconds']:.2f} s/step"
+                              f"  eta {eta(clock['started'], data['step'], steps)}", highlight=False)
 
     return on_event
 

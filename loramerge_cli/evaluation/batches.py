@@ -36,14 +36,33 @@ def _chunks(order: list[int], size: int) -> list[list[int]]:
     return [order[start : start + size] for start in range(0, len(order), size)]
 
 
-def _padded(sequences: list[list[int]], pad_id: int, device) -> dict[str, torch.Tensor]:
-    width = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+def forward_inputs(model) -> frozenset[str]:
+    """The keyword arguments the model's forward names (a tokenizer's or processor's other outputs
+    are dropped: `token_type_ids` reaches BERT, never Llama)."""
+    import inspect
+
+    parameters = inspect.signature(model.forward).parameters.values()
+    return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def _encoding(encoded, accepted: frozenset[str]) -> dict[str, list[int]]:
+    """A tokenizer's per-token outputs that the model takes (the attention mask is rebuilt when padding)."""
+    return {key: list(values) for key, values in encoded.items()
+            if key == "input_ids" or (key in accepted and key != "attention_mask")}
+
+
+def _padded(sequences: list[dict[str, list[int]]], pad_id: int, device) -> dict[str, torch.Tensor]:
+    """Right-padded token tensors: `input_ids` with `pad_id`, every other per-token input with 0."""
+    width = max(len(sequence["input_ids"]) for sequence in sequences)
+    out = {key: torch.full((len(sequences), width), pad_id if key == "input_ids" else 0, dtype=torch.long)
+           for key in sequences[0]}
     attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, ids in enumerate(sequences):
-        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, : len(ids)] = 1
-    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+    for row, sequence in enumerate(sequences):
+        for key, values in sequence.items():
+            out[key][row, : len(values)] = torch.tensor(values, dtype=torch.long)
+        attention_mask[row, : len(sequence["input_ids"])] = 1
+    out["attention_mask"] = attention_mask
+    return {key: tensor.to(device) for key, tensor in out.items()}
 
 
 def _longest_first(lengths: list[int]) -> list[int]:
@@ -51,36 +70,43 @@ def _longest_first(lengths: list[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
 
 
-def prepare_text(inputs: list[tuple], tokenizer, pad_id: int, batch_size: int, max_length: int, device) -> PreparedTask:
-    """Single texts or text pairs, tokenised with the tokenizer's own (pair) template."""
-    encoded = [tokenizer(*texts, truncation=True, max_length=max_length)["input_ids"] for texts in inputs]
+def prepare_text(
+    inputs: list[tuple], tokenizer, pad_id: int, batch_size: int, max_length: int, device,
+    accepted: frozenset[str] = frozenset(),
+) -> PreparedTask:
+    """Single texts or text pairs, tokenised with the tokenizer's own (pair) template; every per-token
+    output the model's forward `accepted` (token_type_ids for BERT) goes with the ids."""
+    encoded = [_encoding(tokenizer(*texts, truncation=True, max_length=max_length), accepted) for texts in inputs]
     batches = []
-    for chunk in _chunks(_longest_first([len(ids) for ids in encoded]), batch_size):
+    for chunk in _chunks(_longest_first([len(e["input_ids"]) for e in encoded]), batch_size):
         batches.append(Batch(torch.tensor(chunk), _padded([encoded[i] for i in chunk], pad_id, device)))
     return PreparedTask(len(inputs), batches)
 
 
 def prepare_choices(
-    prompts: list[str], choices: list[str], tokenizer, pad_id: int, batch_size: int, max_length: int, device
+    prompts: list[str], choices: list[str], tokenizer, pad_id: int, batch_size: int, max_length: int, device,
+    accepted: frozenset[str] = frozenset(),
 ) -> PreparedTask:
-    """One sequence per (example, choice): prompt tokens, then the choice's tokens (left-truncated)."""
-    choice_ids = [tokenizer(choice, add_special_tokens=False)["input_ids"] for choice in choices]
-    for choice, ids in zip(choices, choice_ids):
-        if not ids:
+    """One sequence per (example, choice): prompt tokens, then the choice's tokens (left-truncated);
+    the tokenizer's other per-token outputs the model `accepted` are concatenated the same way."""
+    choice_encodings = [_encoding(tokenizer(choice, add_special_tokens=False), accepted) for choice in choices]
+    for choice, encoding in zip(choices, choice_encodings):
+        if not encoding["input_ids"]:
             raise LoramergeError(f"choice {choice!r} has no tokens")
-        if len(ids) >= max_length:
+        if len(encoding["input_ids"]) >= max_length:
             raise LoramergeError(f"choice {choice!r} is longer than max_length {max_length}")
     sequences, lengths = [], []
     for prompt in prompts:
-        context = tokenizer(prompt)["input_ids"]
-        for ids in choice_ids:
-            sequences.append((context + ids)[-max_length:])
-            lengths.append(len(ids))
+        context = _encoding(tokenizer(prompt), accepted)
+        for encoding in choice_encodings:
+            keys = [key for key in context if key in encoding]
+            sequences.append({key: (context[key] + encoding[key])[-max_length:] for key in keys})
+            lengths.append(len(encoding["input_ids"]))
     batches = []
-    for chunk in _chunks(_longest_first([len(ids) for ids in sequences]), batch_size):
+    for chunk in _chunks(_longest_first([len(s["input_ids"]) for s in sequences]), batch_size):
         rows, positions, targets, owners = [], [], [], []
         for row, pair in enumerate(chunk):
-            ids, tail = sequences[pair], lengths[pair]
+            ids, tail = sequences[pair]["input_ids"], lengths[pair]
             for position in range(len(ids) - tail, len(ids)):
                 rows.append(row)
                 positions.append(position)
@@ -109,12 +135,20 @@ def open_image(value):
         raise LoramergeError(f"{where}: cannot read image ({error})") from None
 
 
-def prepare_images(images: list, processor, batch_size: int, device, dtype: torch.dtype) -> PreparedTask:
-    """Images decoded and preprocessed once, in file order."""
+def prepare_images(
+    images: list, processor, batch_size: int, device, dtype: torch.dtype, accepted: frozenset[str] = frozenset(),
+) -> PreparedTask:
+    """Images decoded and preprocessed once, in file order; every processor output the model's forward
+    `accepted` is kept (`pixel_values` always), floating-point ones in the model's dtype."""
     batches = []
     for chunk in _chunks(list(range(len(images))), batch_size):
-        pixels = processor(images=[open_image(images[i]) for i in chunk], return_tensors="pt")["pixel_values"]
-        batches.append(Batch(torch.tensor(chunk), {"pixel_values": pixels.to(device=device, dtype=dtype)}))
+        processed = processor(images=[open_image(images[i]) for i in chunk], return_tensors="pt")
+        inputs = {}
+        for key, value in processed.items():
+            if key == "pixel_values" or (key in accepted and isinstance(value, torch.Tensor)):
+                value = value.to(device=device, dtype=dtype) if value.is_floating_point() else value.to(device)
+                inputs[key] = value
+        batches.append(Batch(torch.tensor(chunk), inputs))
     return PreparedTask(len(images), batches)
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
+from loramerge_cli.atomic import write_text
 from loramerge_cli.errors import LoramergeError
 
 CACHE_NAME = "scores.json"
@@ -35,26 +35,28 @@ class ScoreCache:
         self.scores.update(entries)
         if self.file is None:
             return
-        self.file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.file.with_name(self.file.name + ".tmp")
-        temporary.write_text(json.dumps(self.scores, indent=1, sort_keys=True))
-        os.replace(temporary, self.file)
+        write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
 
 
 def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:
     return hashlib.sha256(f"{kind}|{weights_sha256}|{fingerprint}".encode()).hexdigest()
 
 
-def expert_scores(engine, cache: ScoreCache) -> dict[str, float]:
-    """Each expert's accuracy on its own task, computed once per (weights, data, settings)."""
+def expert_scores(engine, cache: ScoreCache, report=None) -> dict[str, float]:
+    """Each expert's accuracy on its own task, computed once per (weights, data, settings); `report`
+    receives a progress stage (loramerge_cli.events)."""
+    from loramerge_cli.events import stage
+
     out, fresh = {}, {}
-    for task in engine.task_file.names:
-        adapter = engine.experts[task]
-        key = score_key("expert", adapter.source.sha256, engine.fingerprint(task))
-        value = cache.get(key)
-        if value is None:
-            value = fresh[key] = engine.score_adapter(adapter, [task])[task]
-        out[task] = value
+    with stage(report, "experts", len(engine.task_file.names)) as step:
+        for task in engine.task_file.names:
+            adapter = engine.experts[task]
+            key = score_key("expert", adapter.source.sha256, engine.fingerprint(task))
+            value = cache.get(key)
+            if value is None:
+                value = fresh[key] = engine.score_adapter(adapter, [task])[task]
+            out[task] = value
+            step(f"{task} {100 * value:.1f}%")
     if fresh:
         cache.put(fresh)
     return out

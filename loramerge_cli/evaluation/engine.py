@@ -28,23 +28,19 @@ from loramerge_cli.evaluation.loading import (
     torch_dtype,
 )
 from loramerge_cli.evaluation.metrics import accuracy
+from loramerge_cli.evaluation.settings import EvalSettings  # noqa: F401  (imported from here too)
 from loramerge_cli.evaluation.specs import FROM_ADAPTER, NO_HEAD, TaskFile, match_adapters
 
 
-@dataclass
-class EvalSettings:
-    """How to evaluate. `val_limit` caps the validation split (overrides each task's `limit`)."""
+DEFAULT_MAX_LENGTH = 2048  # when neither the tokenizer nor the model config states a limit
 
-    split: str = "validation"
-    val_limit: int | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 16
-    threads: int | None = None  # torch CPU threads; None: min(8, CPU count). Fixed for determinism.
-    length_normalize: bool = False  # causal LM: divide a choice's log-likelihood by its token count
-    sample_seed: int = 0  # which examples a limit keeps
-    max_length: int = 2048  # token cap when a task sets none (and the model allows more)
-    block_cache_mb: float = 1024  # searches: reference block outputs kept to skip unchanged blocks (0: off)
+
+def model_max_length(tokenizer, config) -> int:
+    """The smaller of the tokenizer's model_max_length and the model's max_position_embeddings, those
+    that are sane (a tokenizer that states none reports about 1e30); 2048 when neither is."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(limit) for limit in limits if isinstance(limit, (int, float)) and 0 < limit < 10**7]
+    return min(limits) if limits else DEFAULT_MAX_LENGTH
 
 
 @dataclass
@@ -114,7 +110,11 @@ class Evaluator:
         self.settings = settings = settings or EvalSettings()
         if settings.batch_size < 1:
             raise LoramergeError("--batch-size must be >= 1")
-        torch.set_num_threads(settings.threads or min(8, os.cpu_count() or 1))
+        if settings.max_length is not None and settings.max_length < 2:
+            raise LoramergeError("--max-length must be >= 2")
+        threads = settings.threads or (None if os.environ.get("OMP_NUM_THREADS") else min(8, os.cpu_count() or 1))
+        if threads:  # OMP_NUM_THREADS, when set, is the user's choice: only --threads overrides it
+            torch.set_num_threads(threads)
         self.experts = match_adapters(task_file, experts, allow_pickle)
         self.base = resolve_base(task_file, experts, base)
         self.device = torch_device(settings.device)
@@ -137,6 +137,7 @@ class Evaluator:
         self.base_weights: dict[str, torch.Tensor] = {}  # W0 of every LoRA-targeted weight
         for adapter in experts:
             self._check_targets(adapter_deltas(adapter), adapter.name)
+        self.max_lengths: dict[str, int] = {}  # text tasks: the token cap each one uses
         self.prepared = self._prepare(load_preprocessor(self.base, task_file.model_type))
         self._identity = base_identity(self.base, self.model)
 
@@ -144,7 +145,7 @@ class Evaluator:
 
     def _num_labels(self) -> int | None:
         """The class count every classification task agrees on (spec or head rows), if any says it."""
-        if self.task_file.model_type == "causal-lm":
+        if not self.task_file.type.classifier:
             return None
         counts = {}
         for task in self.task_file.tasks:
@@ -162,7 +163,7 @@ class Evaluator:
         return next(iter(counts), None)
 
     def _check_label_range(self) -> None:
-        if self.task_file.model_type == "causal-lm":
+        if not self.task_file.type.classifier:
             return
         classes = int(self.model.config.num_labels)
         for task in self.task_file.tasks:
@@ -195,34 +196,27 @@ class Evaluator:
                 self.base_weights[path] = weight.detach().clone()
 
     def _prepare(self, preprocessor) -> dict[str, batching.PreparedTask]:
-        settings, model_type = self.settings, self.task_file.model_type
+        settings, task_type = self.settings, self.task_file.type
+        accepted = batching.forward_inputs(self.model)
         prepared = {}
         for task in self.task_file.tasks:
             examples = self.examples[task.name]
-            if model_type == "image-classification":
+            if task_type.images:
                 prepared[task.name] = batching.prepare_images(
-                    examples.inputs, preprocessor, settings.batch_size, self.device, self.dtype
+                    examples.inputs, preprocessor, settings.batch_size, self.device, self.dtype, accepted
                 )
                 continue
             pad_id = self.model.config.pad_token_id
             if pad_id is None:
                 pad_id = self.model.config.pad_token_id = preprocessor.pad_token_id
-            max_length = task.max_length or self._max_length(preprocessor)
-            if model_type == "causal-lm":
-                prepared[task.name] = batching.prepare_choices(
-                    examples.inputs, task.choices, preprocessor, pad_id, settings.batch_size, max_length, self.device
-                )
-            else:
-                prepared[task.name] = batching.prepare_text(
-                    examples.inputs, preprocessor, pad_id, settings.batch_size, max_length, self.device
-                )
+            max_length = task.max_length or settings.max_length or model_max_length(preprocessor, self.model.config)
+            self.max_lengths[task.name] = max_length
+            prepare = batching.prepare_choices if task_type.choices else batching.prepare_text
+            arguments = (examples.inputs, task.choices) if task_type.choices else (examples.inputs,)
+            prepared[task.name] = prepare(
+                *arguments, preprocessor, pad_id, settings.batch_size, max_length, self.device, accepted
+            )
         return prepared
-
-    def _max_length(self, tokenizer) -> int:
-        limits = [self.settings.max_length, getattr(self.model.config, "max_position_embeddings", None)]
-        if tokenizer.model_max_length and tokenizer.model_max_length < 10**9:
-            limits.append(tokenizer.model_max_length)
-        return min(limit for limit in limits if limit)
 
     # --- patching ------------------------------------------------------------------------------
 
@@ -258,7 +252,7 @@ class Evaluator:
         """Raw per-example scores of the current weights: logits, or per-choice log-likelihoods."""
         self.use_head(task)
         prepared = self.prepared[task]
-        if self.task_file.model_type == "causal-lm":
+        if self.task_file.type.choices:
             spec = self.task_file.task(task)
             return batching.choice_scores(
                 self.model, prepared, self.settings.length_normalize or spec.length_normalize
@@ -313,6 +307,6 @@ class Evaluator:
             "data": self.examples[task].fingerprint,
             "head": head,
             "length_normalize": self.settings.length_normalize,
-            "max_length": self.settings.max_length,
+            "max_length": self.max_lengths.get(task),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

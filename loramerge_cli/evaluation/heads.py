@@ -35,7 +35,7 @@ def task_head(task_file: TaskFile, task: TaskSpec, adapter) -> dict[str, torch.T
     if task.head == NO_HEAD:
         return {}
     if task.head == FROM_ADAPTER:
-        if not adapter.heads and task_file.model_type != "causal-lm":
+        if not adapter.heads and task_file.type.classifier:
             raise task_file.error(
                 f"{task.where}.head",
                 f"adapter {adapter.name!r} carries no head (modules_to_save); give a .safetensors file or 'none'",

@@ -10,12 +10,8 @@ from pathlib import Path
 import torch
 
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.evaluation.task_types import TASK_TYPES
 
-MODEL_CLASSES = {
-    "sequence-classification": "AutoModelForSequenceClassification",
-    "causal-lm": "AutoModelForCausalLM",
-    "image-classification": "AutoModelForImageClassification",
-}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -62,18 +58,19 @@ def load_base(base: str, model_type: str, device: torch.device, dtype: torch.dty
     """The base model in eval mode on `device`, with a `num_labels`-way head for classifiers."""
     import transformers
 
-    model_class = getattr(transformers, MODEL_CLASSES[model_type])
+    class_name = TASK_TYPES[model_type].model_class
+    model_class = getattr(transformers, class_name)
     kwargs: dict = {"dtype": dtype}
     try:
         with quiet_transformers():
-            if num_labels is not None and model_type != "causal-lm":
+            if num_labels is not None and TASK_TYPES[model_type].classifier:
                 config = transformers.AutoConfig.from_pretrained(base)
                 if getattr(config, "num_labels", None) != num_labels:
                     kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
             model = model_class.from_pretrained(base, **kwargs)
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LoramergeError(f"{base}: cannot load the base model as {MODEL_CLASSES[model_type]} ({first})") from None
+        raise LoramergeError(f"{base}: cannot load the base model as {class_name} ({first})") from None
     return model.to(device).eval()
 
 
@@ -83,7 +80,7 @@ def load_preprocessor(base: str, model_type: str):
 
     try:
         with quiet_transformers():
-            if model_type == "image-classification":
+            if TASK_TYPES[model_type].images:
                 return transformers.AutoImageProcessor.from_pretrained(base)
             tokenizer = transformers.AutoTokenizer.from_pretrained(base)
     except (OSError, ValueError, KeyError) as error:

@@ -1,4 +1,4 @@
-"""Accuracy and normalized accuracy (Part A §A7)."""
+"""Accuracy and normalized accuracy (docs/algorithms.md, Normalized accuracy)."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from loramerge_cli.evaluation.cache import ScoreCache, base_scores, expert_score
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
 from loramerge_cli.evaluation.specs import load_task_file
+from loramerge_cli.events import stage
 
 
 def score_row(name: str, kind: str, accuracy: dict[str, float], experts: dict[str, float], warnings: list[str]) -> dict:
@@ -29,6 +30,7 @@ def eval_report(
     base: str | None = None,
     run_dir=None,
     allow_pickle: bool = False,
+    report=None,
 ) -> dict:
     """Score the base model, each expert on its own task, and each merged adapter on every task.
 
@@ -37,21 +39,30 @@ def eval_report(
     task_file = load_task_file(tasks_file)
     engine = Evaluator(task_file, experts, settings, base=base, allow_pickle=allow_pickle)
     cache = ScoreCache(run_dir)
-    expert_accuracy = expert_scores(engine, cache)
+    expert_accuracy = expert_scores(engine, cache, report)
+    with stage(report, "base model", 1) as step:
+        base_accuracy = base_scores(engine, cache)
+        step()
     warnings: list[str] = []
     rows = [
-        score_row("base", "base", base_scores(engine, cache), expert_accuracy, warnings),
+        score_row("base", "base", base_accuracy, expert_accuracy, warnings),
         score_row("experts", "experts", expert_accuracy, expert_accuracy, warnings),
     ]
-    for adapter in merged or []:
-        row = score_row(adapter.name, "merged", engine.score_adapter(adapter), expert_accuracy, warnings)
-        row["source"] = adapter.source.spec
-        rows.append(row)
+    with stage(report, "merged × tasks", len(merged or []) * len(task_file.names)) as step:
+        for adapter in merged or []:
+            accuracy = {}
+            for task in task_file.names:
+                accuracy.update(engine.score_adapter(adapter, [task]))
+                step(f"{adapter.name} / {task} {100 * accuracy[task]:.1f}%")
+            row = score_row(adapter.name, "merged", accuracy, expert_accuracy, warnings)
+            row["source"] = adapter.source.spec
+            rows.append(row)
     return {
         "tasks": task_file.names,
         "split": engine.settings.split,
         "base_model": engine.base,
         "examples": {task: len(examples) for task, examples in engine.examples.items()},
+        "max_length": dict(engine.max_lengths),
         "rows": rows,
         "warnings": warnings,
     }

@@ -11,8 +11,9 @@ from importlib import resources
 from pathlib import Path
 
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.evaluation.task_types import DEFAULT as DEFAULT_TASK_TYPE
+from loramerge_cli.evaluation.task_types import TASK_TYPES, TaskType
 
-MODEL_TYPES = ("sequence-classification", "causal-lm", "image-classification")
 FROM_ADAPTER = "from-adapter"
 NO_HEAD = "none"
 
@@ -74,6 +75,10 @@ class TaskFile:
         raise LoramergeError(f"{self.path}: no task named {name!r}")
 
     @property
+    def type(self) -> TaskType:
+        return TASK_TYPES[self.model_type]
+
+    @property
     def names(self) -> list[str]:
         return [task.name for task in self.tasks]
 
@@ -100,7 +105,7 @@ def load_task_file(path: str | Path) -> TaskFile:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise LoramergeError(f"{path}: not valid YAML{at}") from None
     _validate(document, path)
-    model_type = document.get("model_type", MODEL_TYPES[0])
+    model_type = document.get("model_type", DEFAULT_TASK_TYPE)
     folder = path.parent
     tasks = [_task_from(entry, index, folder, path) for index, entry in enumerate(document["tasks"])]
     names = [task.name for task in tasks]
@@ -186,16 +191,19 @@ def _masked_index(value, task: TaskSpec, path: Path) -> int:
 def _check_task(task: TaskSpec, task_file: TaskFile) -> None:
     """Cross-field rules the schema cannot say."""
     where = task.where
-    if task.labels and task.num_labels is not None and len(task.labels) != task.num_labels:
+    if task.labels and task.num_labels is not None and len(task.labels) > task.num_labels:
         raise task_file.error(f"{where}.labels", f"{len(task.labels)} names but num_labels is {task.num_labels}")
+    if task.labels and task.num_labels is not None and task_file.model_type != "causal-lm":
+        unnamed = range(len(task.labels), task.num_labels)  # a wider head: classes without a name are masked
+        task.masked_labels += [index for index in unnamed if index not in task.masked_labels]
     classes = task.class_count
     for value in task.masked_labels:
         if classes is not None and not 0 <= value < classes:
             raise task_file.error(f"{where}.masked_labels", f"label {value} is out of range 0..{classes - 1}")
-    if task_file.model_type == "causal-lm":
+    if task_file.type.choices:
         if task.labels and len(task.labels) != len(task.choices):
             raise task_file.error(f"{where}.labels", f"{len(task.labels)} names for {len(task.choices)} choices")
-    elif task_file.model_type == "image-classification":
+    elif task_file.type.images:
         if task.choices or task.prompt:
             raise task_file.error(f"{where}.choices", "only causal-lm tasks have prompts and choices")
     else:

@@ -1,4 +1,10 @@
-"""`--lambda auto`: pick λ on the validation split from a grid (Part A §A4).
+"""`--lambda auto`: pick λ on the validation split from a grid (docs/algorithms.md, Methods).
+
+The grid is absolute, not relative to the method's default: a coarse, roughly logarithmic grid from
+0.05 to 2.0 (plus the default λ), then round points between the neighbours of the two best coarse
+points (steps of 0.05 around 0.5: validation curves of real merges are bumpy, and a narrow peak can
+hide between two coarse points). A best point on an edge of the coarse grid extends it (down to 0.005,
+up to 8) and warns.
 
 Every method's result is linear in λ (λ multiplies the merged update, and truncation keeps a
 fraction of the energy, which scaling does not change), so the adapters are merged once with λ = 1
@@ -8,19 +14,45 @@ and each grid point only rescales the merged factors.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
+from typing import Callable
 
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, merged_deltas, scale_deltas
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
 from loramerge_cli.evaluation.specs import load_task_file
+from loramerge_cli.events import stage as progress_stage
 
-GRID_STEPS = [step / 10 for step in range(1, 21)]  # 0.1 … 2.0, times the method's default λ
+COARSE_GRID = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2, 1.6, 2.0)  # steps of ×1.33 … ×1.5
+EDGE_FACTOR = 1.5  # an edge extends by this factor per step
+EDGE_LIMITS = (0.005, 8.0)  # … but not beyond these
+REFINE_INTERVALS = 8  # the refinement step is the first 1-2-5 step >= (gap between the neighbours) / 8
+REFINE_AROUND = 2  # the best coarse points refined around (validation curves can have two close peaks)
 
 
-def default_grid(default_lambda: float) -> list[float]:
-    return [float(f"{step * default_lambda:.12g}") for step in GRID_STEPS]  # 0.3, not 0.30000000000000004
+def _rounded(value: float) -> float:
+    return float(f"{value:.4g}")  # 0.3, not 0.30000000000000004
+
+
+def coarse_grid(default_lambda: float | None = None) -> list[float]:
+    """The coarse grid, with the method's default λ added when it lies inside it."""
+    points = set(COARSE_GRID)
+    if default_lambda is not None and COARSE_GRID[0] <= default_lambda <= COARSE_GRID[-1]:
+        points.add(_rounded(default_lambda))
+    return sorted(points)
+
+
+def refine_points(low: float, high: float) -> list[float]:
+    """Points strictly between `low` and `high` on round multiples of a 1-2-5 step, at most 7 of them
+    (0.3 … 0.6 gives 0.35, 0.4, …, 0.55)."""
+    width = high - low
+    exponent = math.floor(math.log10(width / (REFINE_INTERVALS * 5)))
+    step = next(factor * 10.0 ** exponent for factor in (1, 2, 5, 10, 20, 50)
+                if factor * 10.0 ** exponent >= width / REFINE_INTERVALS)
+    first = math.floor(low / step) + 1
+    points = [_rounded(index * step) for index in range(first, math.ceil(high / step))]
+    return [point for point in points if low < point < high]
 
 
 def best_lambda(records: list[dict], default_lambda: float) -> float:
@@ -32,7 +64,32 @@ def best_lambda(records: list[dict], default_lambda: float) -> float:
     return min(records, key=rank)["lambda"]
 
 
-def tune_lambda(
+@dataclass
+class LambdaSearch:
+    """What `--lambda auto` tried and chose: one record per λ (stage coarse, edge, refine or given)."""
+
+    best: float
+    default: float
+    records: list[dict]
+    warnings: list[str] = field(default_factory=list)
+    max_length: dict[str, int] = field(default_factory=dict)  # text tasks: the token cap each used
+
+    def describe(self) -> dict:
+        """The JSON form written to the output's provenance and `--json`."""
+        best = next(record for record in self.records if record["lambda"] == self.best)
+        return {"best": self.best, "default": self.default,
+                "best_mean_normalized_accuracy": best["mean_normalized_accuracy"],
+                "grid": sorted(self.records, key=lambda record: record["lambda"]), "warnings": list(self.warnings),
+                "max_length": dict(self.max_length)}
+
+
+def tune_lambda(adapters: list, config, table, tasks_file, **options) -> tuple[float, list[dict]]:
+    """(chosen λ, one record per λ tried: λ, stage, accuracy and normalized accuracy per task, mean)."""
+    search = search_lambda(adapters, config, table, tasks_file, **options)
+    return search.best, search.records
+
+
+def search_lambda(
     adapters: list,
     config,
     table,
@@ -42,6 +99,7 @@ def tune_lambda(
     val_limit: int | None = None,
     device: str = "cpu",
     batch_size: int = 16,
+    max_length: int | None = None,
     run_dir=None,
     grid: list[float] | None = None,
     base: str | None = None,
@@ -49,32 +107,94 @@ def tune_lambda(
     threads: int | None = None,
     allow_base_mismatch: bool = False,
     evaluator: Evaluator | None = None,
-) -> tuple[float, list[dict]]:
-    """(chosen λ, one record per grid point: λ, accuracy and normalized accuracy per task, mean).
+    report=None,
+) -> LambdaSearch:
+    """Score the merge at every λ of the grid (the default one, or exactly `grid` when given) on `split`;
+    `report` receives progress stages (loramerge_cli.events).
 
     `evaluator`, if given, is reused (its split and settings win over the keyword arguments).
     """
     from loramerge_cli.merging.merge import merge, resolve_config
 
     default_lambda = resolve_config(replace(config, lam=None), len(adapters)).lam
-    grid = list(grid) if grid is not None else default_grid(default_lambda)
-    if not grid or not all(math.isfinite(value) for value in grid):
+    if grid is not None and (not grid or not all(math.isfinite(value) for value in grid)):
         raise LoramergeError("the λ grid must hold at least one finite value")
     result = merge(adapters, replace(config, lam=1.0), table, allow_base_mismatch)
     if evaluator is None:
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
-                                threads=threads)
+                                threads=threads, max_length=max_length)
         evaluator = Evaluator(load_task_file(tasks_file), adapters, settings, base=base)
-    experts = expert_scores(evaluator, ScoreCache(run_dir))
+    experts = expert_scores(evaluator, ScoreCache(run_dir), report)
     unit_deltas = merged_deltas(result)
-    records = []
-    for lam in grid:
+    records: list[dict] = []
+
+    def mean_at(lam: float, stage: str) -> float | None:
         scores = evaluator.evaluate(scale_deltas(unit_deltas, lam))
         normalized, _ = normalized_accuracy(scores, experts)
-        records.append({
-            "lambda": lam,
-            "accuracy": scores,
-            "normalized_accuracy": normalized,
-            "mean_normalized_accuracy": mean_defined(normalized),
-        })
-    return best_lambda(records, default_lambda), records
+        records.append({"lambda": lam, "stage": stage, "accuracy": scores, "normalized_accuracy": normalized,
+                        "mean_normalized_accuracy": mean_defined(normalized)})
+        mean = records[-1]["mean_normalized_accuracy"]
+        step(f"λ {lam:.4g}: {'—' if mean is None else f'{mean:.2f}'}")
+        return mean
+
+    with progress_stage(report, "λ grid", len(grid) if grid is not None else None) as step:
+        best, warnings = grid_search(mean_at, default_lambda, grid)
+    return LambdaSearch(best, default_lambda, records, warnings, dict(evaluator.max_lengths))
+
+
+def grid_search(
+    mean_at: Callable[[float, str], float | None], default_lambda: float, grid: list[float] | None = None
+) -> tuple[float, list[str]]:
+    """(best λ, warnings): `mean_at(λ, stage)` scores one λ (higher is better, None: undefined), once per λ.
+
+    Exactly `grid` when given; else the coarse grid, its edge extended while the best lies on it, then
+    refine_points between the neighbours of each of the REFINE_AROUND best points."""
+    tried: dict[float, float | None] = {}
+
+    def score(points, stage: str) -> None:
+        for lam in points:
+            if lam not in tried:
+                tried[lam] = mean_at(lam, stage)
+
+    def best(among=None) -> float:
+        records = [{"lambda": lam, "mean_normalized_accuracy": mean} for lam, mean in tried.items()
+                   if among is None or lam in among]
+        return best_lambda(records, default_lambda)
+
+    if grid is not None:
+        score(list(grid), "given")
+        chosen = best()
+        if len(tried) > 1 and chosen in (min(grid), max(grid)):
+            return chosen, [(f"λ auto: the best λ {chosen:g} is on the edge of the given grid "
+                             f"{min(grid):g} … {max(grid):g}; the optimum may lie beyond it")]
+        return chosen, []
+    score(coarse_grid(default_lambda), "coarse")
+    warnings = _extend_edges(score, best)
+    points = sorted(tried)
+    leaders = []
+    while len(leaders) < min(REFINE_AROUND, len(points)):
+        leaders.append(best([lam for lam in points if lam not in leaders]))
+    for leader in leaders:
+        at = points.index(leader)
+        if 0 < at < len(points) - 1:
+            score(refine_points(points[at - 1], points[at + 1]), "refine")
+    return best(), warnings
+
+
+def _extend_edges(score, best) -> list[str]:
+    """While the best λ is the smallest (largest) tried, try λ / 1.5 (× 1.5), within EDGE_LIMITS."""
+    low, high = COARSE_GRID[0], COARSE_GRID[-1]
+    for direction, edge, limit in ((-1, low, EDGE_LIMITS[0]), (1, high, EDGE_LIMITS[1])):
+        if best() != edge:
+            continue
+        value = edge
+        while best() == value:
+            following = _rounded(value * EDGE_FACTOR ** direction)
+            if (direction < 0 and following < limit) or (direction > 0 and following > limit):
+                return [(f"λ auto: the best λ {value:g} is on the grid's edge even after extending it from "
+                         f"{edge:g} to {value:g}; the optimum may lie beyond (give --lambda explicitly)")]
+            score([following], "edge")
+            value = following
+        return [(f"λ auto: the best λ of the grid {low:g} … {high:g} was on its edge {edge:g}; the grid was "
+                 f"extended to {value:g} and the best is now {best():g}")]
+    return []

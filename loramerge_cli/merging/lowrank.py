@@ -1,6 +1,6 @@
 """Low-rank algebra on factors: compact SVDs from thin QRs, sign conventions, polar factors, truncation.
 
-Nothing here forms an m×n product unless it is handed a dense matrix (Part A §A3, Part B §14.1).
+Nothing here forms an m×n product unless it is handed a dense matrix (docs/algorithms.md, Spaces).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-EPS_RANK = 1e-6  # ε-rank: singular values > EPS_RANK · σ_max count (Part A notation)
+EPS_RANK = 1e-6  # ε-rank: singular values > EPS_RANK · σ_max count (docs/algorithms.md, Notation)
 
 
 @dataclass
@@ -107,8 +107,9 @@ def truncate_dense(
 
     Rank = `out_rank` if given, else the smallest rank keeping `energy` of Σσ² capped at `max_rank`.
     Returns the factors, the relative Frobenius error and whether the cap bound. Small matrices use an
-    exact SVD; large ones a randomized range finder with power iterations (the error is measured
-    exactly either way).
+    exact SVD; large ones a rank-(R + 16) randomized range finder with 2 power iterations, from whose
+    singular values the energy rule picks the rank (they never exceed the true ones, so the rank kept
+    is never too small). The error is measured exactly either way.
     """
     m, n = X.shape
     full = min(m, n)
@@ -142,12 +143,19 @@ def truncate_dense(
     return factors, error, capped
 
 
-def _randomized_svd(X: torch.Tensor, width: int, generator: torch.Generator, power_iterations: int = 6):
-    """Halko et al. randomized SVD with orthonormalised power iterations (deterministic per seed)."""
-    omega = torch.randn(X.shape[1], width, generator=generator, dtype=X.dtype).to(X.device)
-    Q, _ = torch.linalg.qr(X @ omega)
+def _randomized_svd(X: torch.Tensor, width: int, generator: torch.Generator, power_iterations: int = 2):
+    """Halko et al. randomized SVD: a range finder with orthonormalised power iterations, deterministic
+    per seed (explicit generator). The sketch runs in float32 (it only has to find the subspace); the
+    basis is then re-orthonormalised and X projected onto it in X's dtype, so U diag(S) Vᵀ is an exact
+    orthogonal projection of X and ‖X‖² − Σ S² its exact squared error."""
+    sketch_dtype = torch.float32 if X.dtype == torch.float64 else X.dtype
+    X_sketch = X.to(sketch_dtype)
+    omega = torch.randn(X.shape[1], width, generator=generator, dtype=sketch_dtype).to(X.device)
+    Q, _ = torch.linalg.qr(X_sketch @ omega)
     for _ in range(power_iterations):
-        Q, _ = torch.linalg.qr(X.T @ Q)
-        Q, _ = torch.linalg.qr(X @ Q)
+        Q, _ = torch.linalg.qr(X_sketch.T @ Q)
+        Q, _ = torch.linalg.qr(X_sketch @ Q)
+    del X_sketch
+    Q, _ = torch.linalg.qr(Q.to(X.dtype))
     U_small, S, Vh = torch.linalg.svd(Q.T @ X, full_matrices=False)
     return Q @ U_small, S, Vh

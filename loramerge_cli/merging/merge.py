@@ -13,31 +13,20 @@ import torch
 from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.units import unit_sort_key
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError, check_seed
 from loramerge_cli.masks import WeightTable, check_table
-from loramerge_cli.merging import elementwise
+from loramerge_cli.merging import elementwise, spectral
+from loramerge_cli.merging.config import (  # noqa: F401  (MergeConfig is imported from here too)
+    DEFAULT_ENERGY,
+    DEFAULT_MERGER,
+    DEFAULT_SEED,
+    SETTINGS,
+    MergeConfig,
+)
+from loramerge_cli.merging.full_space import FullSpaceJob, merge_full_space
 from loramerge_cli.merging.lowrank import LowRank, truncate_dense
 from loramerge_cli.merging.registry import PARAMETERS, PRESETS, Method, method_named
 from loramerge_cli.merging.spaces import SPACES, project
-
-
-@dataclass
-class MergeConfig:
-    """What to merge and how. `None` means: the preset's or the method's default."""
-
-    merger: str = "ta"  # a preset (knots, core) or a method name
-    method: str | None = None
-    space: str | None = None
-    lam: float | None = None
-    weights: list[float] | None = None  # per adapter, in task order
-    density: float | None = None
-    drop_rate: float | None = None
-    scope: str | None = None
-    knots_scaled: bool | None = None
-    seed: int = 1
-    out_rank: int | None = None
-    energy: float = 0.9999
-    compute_dtype: torch.dtype = torch.float64
 
 
 @dataclass
@@ -55,6 +44,7 @@ class ResolvedMerge:
     out_rank: int | None
     energy: float
     compute_dtype: torch.dtype
+    isotropize: bool = False
 
     def describe(self) -> dict:
         return {
@@ -65,13 +55,17 @@ class ResolvedMerge:
             "weights": self.weights,
             **self.params,
             **({"knots_scaled": self.knots_scaled} if self.space == "knots" else {}),
-            **({"seed": self.seed} if self.method.uses_dare else {}),
+            **({"seed": self.seed} if self.method.uses_dare or self.method.name in SEEDED else {}),
+            **({"isotropize": True} if self.isotropize else {}),
             **({"out_rank": self.out_rank, "energy": self.energy} if self.is_dense else {}),
         }
 
     @property
     def is_dense(self) -> bool:
         return self.method.elementwise and self.space == "full"
+
+
+SEEDED = ("della", "lora_lego")  # randomized methods that do not use DARE's drop rate
 
 
 @dataclass
@@ -94,54 +88,74 @@ class MergeResult:
     omitted: list[str]  # every task left these modules: ΔW = 0, not written
     settings: ResolvedMerge
     warnings: list[str] = field(default_factory=list)
+    provenance: dict = field(default_factory=dict)  # written to loramerge.json beside the settings (λ tuning)
 
 
 def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | None = None) -> ResolvedMerge:
     """Fill defaults (preset, then method) and validate every parameter."""
-    preset = PRESETS.get(config.merger)
-    method_name = config.method or (preset.method if preset else config.merger)
+    merger = config.merger or DEFAULT_MERGER
+    preset = PRESETS.get(merger)
+    method_name = config.method or (preset.method if preset else merger)
     try:
         method = method_named(method_name)
     except KeyError as error:
-        raise LoramergeError(str(error.args[0]) + "; presets: " + ", ".join(PRESETS)) from None
+        raise UsageError(str(error.args[0]) + "; presets: " + ", ".join(PRESETS)) from None
     space = config.space or (preset.space if preset else "full")
     if space not in SPACES:
-        raise LoramergeError(f"unknown space {space!r} (known: {', '.join(SPACES)})")
+        raise UsageError(f"unknown space {space!r} (known: {', '.join(SPACES)})")
+    if space not in method.spaces:
+        raise UsageError(f"method {method.name} works in the {' and '.join(method.spaces)} space only "
+                         f"(it acts on the LoRA factors), not in {space}")
     preset_params = preset.parameters if preset and method.name == preset.method else {}
     params = {}
     for name in method.parameters:
-        value = getattr(config, name)
+        value = config.parameter(name)
         if value is None:
             value = preset_params.get(name, method.defaults[name])
-        problem = PARAMETERS[name].check(value)
+        if isinstance(value, (list, tuple)):
+            if not PARAMETERS[name].per_adapter or len(value) != task_count:
+                raise UsageError(f"--{PARAMETERS[name].flag} takes one value, or one per adapter ({task_count})")
+            problem = next((p for p in map(PARAMETERS[name].check, value) if p), None)
+            value = [float(v) for v in value]
+        else:
+            problem = PARAMETERS[name].check(value)
         if problem:
-            raise LoramergeError(problem)
+            raise UsageError(problem)
         params[name] = value
+    if params.get("scope") == "adapter":
+        for name, plain in (("normalize", "count"), ("elect_on", "weighted")):
+            if params.get(name, plain) != plain:
+                raise UsageError(f"--{PARAMETERS[name].flag} {params[name]} needs --scope module "
+                                 "(with --scope adapter a task's weight may differ between modules)")
     for name in PARAMETERS:
-        if name not in method.parameters and getattr(config, name) is not None:
-            raise LoramergeError(f"--{PARAMETERS[name].flag} does not apply to method {method.name}")
+        if name not in method.parameters and config.parameter(name) is not None:
+            raise UsageError(f"--{PARAMETERS[name].flag} does not apply to method {method.name}")
     knots_scaled = config.knots_scaled if config.knots_scaled is not None else preset_params.get("knots_scaled", False)
-    if config.seed < 1:
-        raise LoramergeError("--seed must be >= 1 (0 would mean a clock seed to CMA-ES)")
+    seed = DEFAULT_SEED if config.seed is None else config.seed
+    check_seed(seed)
     weights = list(config.weights) if config.weights is not None else [1.0] * task_count
     if len(weights) != task_count:
-        raise LoramergeError(f"--weights has {len(weights)} values for {task_count} adapters")
+        raise UsageError(f"--weights has {len(weights)} values for {task_count} adapters")
     if not all(w == w and abs(w) != float("inf") for w in weights):
-        raise LoramergeError("--weights must be finite numbers")
+        raise UsageError("--weights must be finite numbers")
     if config.lam is not None:
         lam = config.lam
     elif table is not None and table.scale is not None:
         lam = float(table.scale)
     else:
         lam = method.lambda_for(task_count)
+    if not (lam == lam and abs(lam) != float("inf")):
+        raise UsageError(f"--lambda must be a finite number (got {lam})")
     if config.out_rank is not None and config.out_rank < 1:
-        raise LoramergeError("--out-rank must be >= 1")
-    if not 0.0 < config.energy <= 1.0:
-        raise LoramergeError("--energy must be in (0, 1]")
+        raise UsageError("--out-rank must be >= 1")
+    energy = DEFAULT_ENERGY if config.energy is None else config.energy
+    if not 0.0 < energy <= 1.0:
+        raise UsageError("--energy must be in (0, 1]")
     return ResolvedMerge(
-        merger=config.merger, method=method, space=space, lam=float(lam), weights=weights, params=params,
-        knots_scaled=bool(knots_scaled), seed=config.seed, out_rank=config.out_rank, energy=config.energy,
-        compute_dtype=config.compute_dtype,
+        merger=merger, method=method, space=space, lam=float(lam), weights=weights, params=params,
+        knots_scaled=bool(knots_scaled), seed=seed, out_rank=config.out_rank, energy=energy,
+        compute_dtype=torch.float64 if config.compute_dtype is None else config.compute_dtype,
+        isotropize=bool(config.isotropize),
     )
 
 
@@ -157,7 +171,8 @@ def merge(
     allow_base_mismatch: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> MergeResult:
-    """Merge the adapters module by module. See Part A §A2–§A4 for the exact semantics.
+    """Merge the adapters module by module with exactly `config` (a table's recorded settings are not read:
+    `api.merge` applies them). docs/algorithms.md, "The merge pipeline", gives the exact semantics.
 
     `progress(path)` is called after each module is done (the CLI's progress bar)."""
     config = config or MergeConfig()
@@ -189,28 +204,41 @@ def run_merge(
     if settings.method.elementwise and settings.params.get("scope") == "adapter":
         merged = _merge_adapter_scope(active, adapters, settings)
         for path, delta in merged.items():
-            result.modules[path] = _finish(path, delta, adapters, active[path], settings, result)
+            result.modules[path] = _finish(path, delta, adapters, active[path], settings)
             if progress is not None:
                 progress(path)
     else:
         for path, tasks in active.items():
             key = (path, tuple(tasks), settings.lam)
             if cache is None or key not in cache:
-                warnings_before = len(result.warnings)
-                delta = _merge_module(path, tasks, adapters, settings)
-                module = _finish(path, delta, adapters, tasks, settings, result)
-                entry = (module, result.warnings[warnings_before:])
+                module = _finish(path, _merge_module(path, tasks, adapters, settings), adapters, tasks, settings)
                 if cache is not None:
-                    cache[key] = entry
+                    cache[key] = module
             else:
-                entry = cache[key]
-                result.warnings.extend(entry[1])
-            result.modules[path] = entry[0]
+                module = cache[key]
+            result.modules[path] = module
             if progress is not None:
                 progress(path)
     for path in omitted if progress is not None else ():
         progress(path)
+    summary = lossy_summary(result.modules.values(), settings)
+    if summary:
+        result.warnings.append(summary)
     return result
+
+
+def lossy_summary(modules, settings: ResolvedMerge) -> str | None:
+    """One line about the dense results whose truncation lost more than the --energy target allows
+    (relative error > √(1 − energy)): how many, the worst error, and the --out-rank that is exact."""
+    limit = max((1.0 - settings.energy) ** 0.5, 1e-9)  # rounding is not a loss
+    lossy = [m for m in modules if m.truncation_error is not None and (m.capped or m.truncation_error > limit)]
+    if not lossy:
+        return None
+    worst = max(lossy, key=lambda m: m.truncation_error)
+    exact = max(min(m.lora_B.shape[0], m.lora_A.shape[1]) for m in lossy)
+    return (f"{len(lossy)} of {len(list(modules))} dense results keep less than {settings.energy:g} of their "
+            f"energy at rank ≤ {max(m.rank for m in lossy)} (worst relative error {worst.truncation_error:.3g}, "
+            f"{worst.path}); --out-rank {exact} makes them exact")
 
 
 def _retained_tasks(adapters, path, settings: ResolvedMerge, table) -> list[tuple[int, float]]:
@@ -242,19 +270,63 @@ def _dense_rows(projected, path, tasks, adapters, settings: ResolvedMerge) -> to
         if rows is None:
             rows = dense.new_empty(len(tasks), shape[0] * shape[1])
         if settings.method.uses_dare:
-            dense = elementwise.dare(dense, settings.params["drop_rate"], settings.seed, adapters[index].name, path)
+            dense = elementwise.dare(dense, settings.params["drop_rate"], settings.seed, adapters[index].name, path,
+                                     settings.params.get("dare_rescale", "inverse"))
         rows[row] = dense.reshape(-1)
     return rows
 
 
+def row_params(settings: ResolvedMerge, indices: list[int], weights: list[float], adapters=None, path=None) -> dict:
+    """The method's parameters for rows of these tasks: per-adapter densities picked, weights attached,
+    and (module scope) the seeds of randomized methods, keyed like DARE's by (seed, task, module)."""
+    params = dict(settings.params)
+    if isinstance(params.get("density"), list):
+        params["density"] = [params["density"][index] for index in indices]
+    params["row_weights"] = torch.tensor(weights, dtype=settings.compute_dtype)
+    if path is not None:
+        params["row_seeds"] = [elementwise.dare_seed(settings.seed, adapters[index].name, path) for index in indices]
+        params["module_seed"] = elementwise.dare_seed(settings.seed, "", path)
+    return params
+
+
 def _merge_module(path, tasks, adapters, settings: ResolvedMerge):
+    merged = _merge_module_raw(path, tasks, adapters, settings)
+    return spectral.isotropize(merged) if settings.isotropize else merged
+
+
+def _merge_module_raw(path, tasks, adapters, settings: ResolvedMerge):
     projected = _projected(path, tasks, adapters, settings)
     method = settings.method
+    params = row_params(settings, [index for index, _ in tasks], [weight for _, weight in tasks], adapters, path)
     if not method.elementwise:
-        return projected.reconstruct(method.merge(projected.tasks))
+        merged = method.merge_with(projected.tasks, params) if method.merge_with else method.merge(projected.tasks)
+        return projected.reconstruct(merged)
+    if settings.space == "full" and method.full_space is not None:
+        return _merge_full_space(path, tasks, adapters, settings, projected.tasks, params)
     shape = projected.tasks[0].shape
-    merged = method.combine(_dense_rows(projected, path, tasks, adapters, settings), None, settings.params)
+    merged = method.combine(_dense_rows(projected, path, tasks, adapters, settings), None, params)
     return projected.reconstruct(merged.reshape(shape))
+
+
+def _merge_full_space(path, tasks, adapters, settings: ResolvedMerge, factors: list[LowRank], params: dict):
+    """The chunked kernel (merging/full_space.py): the same result without (T × m·n) temporaries."""
+    drop_rate = params.get("drop_rate", 0.0) if settings.method.uses_dare else 0.0
+    keeps = [
+        elementwise.dare_keep_mask(factors[0].shape, drop_rate, settings.seed, adapters[index].name, path)
+        if drop_rate > 0.0 else None
+        for index, _ in tasks
+    ]
+    density = params.get("density")
+    job = FullSpaceJob(
+        kind=settings.method.full_space,
+        densities=None if density is None else elementwise.row_densities(density, len(tasks)),
+        keep_rule=params.get("keep_rule", "round"),
+        options=elementwise.TiesOptions(params.get("consensus", "mass"), params.get("normalize", "count"),
+                                        params.get("elect_on", "weighted")),
+        drop_rate=drop_rate,
+        dare_rescale=params.get("dare_rescale", "inverse"),
+    )
+    return merge_full_space(factors, keeps, [weight for _, weight in tasks], job)
 
 
 def _merge_adapter_scope(active, adapters, settings: ResolvedMerge) -> dict:
@@ -276,26 +348,22 @@ def _merge_adapter_scope(active, adapters, settings: ResolvedMerge) -> dict:
         blocks.append((path, block, present))
     X = torch.cat([block for _, block, _ in blocks], dim=1)
     present = torch.cat([mask for _, _, mask in blocks], dim=1)
-    merged_row = settings.method.combine(X, present, settings.params)
+    merged_row = settings.method.combine(X, present, row_params(settings, list(range(task_count)), settings.weights))
     out, start = {}, 0
     for path, block, _ in blocks:
         width = block.shape[1]
         shape = projections[path].tasks[0].shape
-        out[path] = projections[path].reconstruct(merged_row[start : start + width].reshape(shape))
+        merged = projections[path].reconstruct(merged_row[start : start + width].reshape(shape))
+        out[path] = spectral.isotropize(merged) if settings.isotropize else merged
         start += width
     return out
 
 
-def _finish(path, delta, adapters, tasks, settings: ResolvedMerge, result: MergeResult) -> MergedModule:
+def _finish(path, delta, adapters, tasks, settings: ResolvedMerge) -> MergedModule:
     """Scale by λ and turn the result into LoRA factors (exact, or truncated SVD for dense results)."""
     fan_in_fan_out = adapters[tasks[0][0]].modules[path].fan_in_fan_out
     total_rank = sum(adapters[index].modules[path].rank for index, _ in tasks)
     if isinstance(delta, LowRank):
         return MergedModule(path, delta.left * settings.lam, delta.right, fan_in_fan_out)
     factors, error, capped = truncate_dense(delta * settings.lam, settings.out_rank, settings.energy, total_rank)
-    if capped:
-        result.warnings.append(
-            f"{path}: keeping {settings.energy:g} of the energy needs more than Σ r_t = {total_rank} "
-            f"components; capped (relative error {error:.3g})"
-        )
     return MergedModule(path, factors.left, factors.right, fan_in_fan_out, error, capped)

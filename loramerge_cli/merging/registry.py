@@ -1,21 +1,43 @@
-"""The mergers: each method declares its parameters once; the CLI, validation and model card read it.
+"""The mergers: each method declares its parameters once; the CLI options, `--help`, validation and the
+model card read it. How to add one: docs/contributing.md.
 
-Registering is explicit (this module's dicts), never an import side effect.
+Registering is explicit (this module's dicts), never an import side effect. This module does not import
+torch (`loramerge --help` builds its options from it): kernels are reached through the lazy modules below,
+inside the entries' lambdas.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
 
-from loramerge_cli.merging import elementwise, spectral
-from loramerge_cli.merging.lowrank import LowRank, sum_lowrank
+class LazyModule:
+    """A kernel module imported on first attribute use (after `loramerge --help` has answered)."""
+
+    def __init__(self, name: str):
+        self.module_name = name
+
+    def __getattr__(self, attribute: str):
+        return getattr(importlib.import_module(self.module_name), attribute)
+
+
+elementwise = LazyModule("loramerge_cli.merging.elementwise")
+spectral = LazyModule("loramerge_cli.merging.spectral")
+lowrank = LazyModule("loramerge_cli.merging.lowrank")
+sparsify = LazyModule("loramerge_cli.merging.sparsify")
+subspace = LazyModule("loramerge_cli.merging.subspace")
+
+
+SPACES = ("full", "knots", "core")  # where a method acts (docs/algorithms.md, "Spaces")
+DTYPES = ("float32", "float16", "bfloat16")  # dtypes of written weights and of evaluated models
 
 
 @dataclass(frozen=True)
 class Parameter:
+    """A method parameter: its type, bounds, help; each method using it gives its own default."""
+
     name: str
     help: str
     low: float | None = None  # bounds, `low_open`/`high_open` say whether they are excluded
@@ -23,6 +45,8 @@ class Parameter:
     low_open: bool = False
     high_open: bool = False
     choices: tuple[str, ...] = ()
+    type: type = float
+    per_adapter: bool = False  # also takes one value per adapter (a list; on the command line v1,v2,...)
 
     def check(self, value) -> str | None:
         """An error message, or None if `value` is allowed."""
@@ -32,7 +56,17 @@ class Parameter:
             return f"--{self.flag} must be {'>' if self.low_open else '>='} {self.low} (got {value})"
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
             return f"--{self.flag} must be {'<' if self.high_open else '<='} {self.high} (got {value})"
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+            return f"--{self.flag} must be a number (got {value!r})"
         return None
+
+    def bounds(self) -> str:
+        """The allowed values, as help text shows them."""
+        if self.choices:
+            return "|".join(self.choices)
+        low = "" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        high = "" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{low}, {high}" if low or high else ""
 
     @property
     def flag(self) -> str:
@@ -40,17 +74,43 @@ class Parameter:
 
 
 PARAMETERS = {
-    "density": Parameter("density", "fraction of entries each task keeps when trimming", 0.0, 1.0, low_open=True),
-    "drop_rate": Parameter("drop_rate", "DARE: probability of dropping an entry", 0.0, 1.0, high_open=True),
-    "scope": Parameter("scope", "trim and elect per module, or over the whole adapter", choices=("module", "adapter")),
+    "density": Parameter("density", "Fraction of entries each task keeps when trimming; one value, or one per "
+                         "adapter (d1,d2,...).", 0.0, 1.0, low_open=True, per_adapter=True),
+    "drop_rate": Parameter("drop_rate", "Probability of dropping an entry (DARE).", 0.0, 1.0, high_open=True),
+    "scope": Parameter("scope", "Trim and elect per module, or over the whole adapter.", choices=("module", "adapter"),
+                       type=str),
+    "keep_rule": Parameter("keep_rule", "Trim keeps max(1, round(D·density)) entries (round) or int(D·density) "
+                           "(floor: PEFT, mergekit).", choices=("round", "floor"), type=str),
+    "consensus": Parameter("consensus", "Elect each sign by the sum of the values (mass) or of their signs "
+                           "(count: PEFT frequency, mergekit count).", choices=("mass", "count"), type=str),
+    "normalize": Parameter("normalize", "Agreeing entries: mean (count), divided by the sum of the agreeing "
+                           "weights (weight: mergekit), or summed (none).", choices=("count", "weight", "none"),
+                           type=str),
+    "elect_on": Parameter("elect_on", "Elect signs on the weighted updates, or on the unweighted ones (PEFT).",
+                          choices=("weighted", "unweighted"), type=str),
+    "dare_rescale": Parameter("dare_rescale", "DARE: divide kept entries by 1−p (inverse) or keep the L1 norm "
+                              "(l1: mergekit).", choices=("inverse", "l1"), type=str),
+    "gamma": Parameter("gamma", "Breadcrumbs: fraction of the largest-magnitude entries dropped as outliers.",
+                       0.0, 1.0, high_open=True),
+    "epsilon": Parameter("epsilon", "DELLA: spread of the keep probabilities around the density.", 0.0, 1.0),
+    "rank_fraction": Parameter("rank_fraction", "CART: components per task, as a fraction of min(m, n).",
+                               0.0, 1.0, low_open=True),
+    "cart_scale": Parameter("cart_scale", "CART: factor on the sum of the low-rank residuals.", 0.0),
+    "common_fraction": Parameter("common_fraction", "Iso-CTS: size of the common subspace, as a fraction "
+                                 "of min(m, n).", 0.0, 1.0),
+    "clusters": Parameter("clusters", "LoRA-LEGO: number of clusters = output rank (0: the largest task rank).",
+                          0, type=int),
 }
+TIES_OPTIONS = {"keep_rule": "round", "consensus": "mass", "normalize": "count", "elect_on": "weighted"}
 
 
-def task_sum(tasks: list[torch.Tensor | LowRank]) -> torch.Tensor | LowRank:
-    """Σ_t X_t, kept factored when the inputs are."""
-    if all(isinstance(task, LowRank) for task in tasks):
-        return sum_lowrank(tasks)
-    return torch.stack([task.dense() if isinstance(task, LowRank) else task for task in tasks]).sum(dim=0)
+def task_sum(tasks):
+    """Σ_t X_t, kept factored when the inputs are (LowRank) and dense otherwise."""
+    if all(isinstance(task, lowrank.LowRank) for task in tasks):
+        return lowrank.sum_lowrank(tasks)
+    import torch
+
+    return torch.stack([task.dense() if isinstance(task, lowrank.LowRank) else task for task in tasks]).sum(dim=0)
 
 
 @dataclass(frozen=True)
@@ -66,7 +126,10 @@ class Method:
     elementwise: bool = False
     uses_dare: bool = False
     combine: Callable | None = None  # elementwise: (X, present, params) -> merged row
+    full_space: str | None = None  # elementwise: the chunked full-space kernel (full_space.FullSpaceJob.kind)
     merge: Callable | None = None  # spectral: (tasks) -> merged tensor
+    merge_with: Callable | None = None  # spectral with parameters: (tasks, params) -> merged tensor
+    spaces: tuple[str, ...] = SPACES  # the spaces where the method makes sense
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -80,6 +143,28 @@ def _sum_rows(X, present, params):
     return X.sum(dim=0)
 
 
+def ties_options(params: dict) -> elementwise.TiesOptions:
+    return elementwise.TiesOptions(params["consensus"], params["normalize"], params["elect_on"])
+
+
+def _ties_rows(X, present, p):
+    return elementwise.ties(X, p["density"], present, p["keep_rule"], ties_options(p), p.get("row_weights"))
+
+
+def _breadcrumbs_rows(X, present, p):
+    return sparsify.breadcrumbs_trim(X, p["density"], p["gamma"], present, p["keep_rule"]).sum(dim=0)
+
+
+def _breadcrumbs_ties_rows(X, present, p):
+    trimmed = sparsify.breadcrumbs_trim(X, p["density"], p["gamma"], present, p["keep_rule"])
+    return elementwise.elect_and_merge(trimmed, ties_options(p), p.get("row_weights"))
+
+
+def _della_rows(X, present, p):
+    pruned = sparsify.della_prune(X, p["density"], p["epsilon"], p["row_seeds"])
+    return elementwise.elect_and_merge(pruned, ties_options(p), p.get("row_weights"))
+
+
 TIES_PAPER = "Yadav et al. 2023, TIES-Merging (arXiv:2306.01708)"
 DARE_PAPER = "Yu et al. 2024, Language Models are Super Mario (DARE, arXiv:2311.03099)"
 METHODS: dict[str, Method] = {
@@ -89,26 +174,28 @@ METHODS: dict[str, Method] = {
     ),
     "ties": Method(
         "ties", "trim, elect sign, disjoint mean", TIES_PAPER, "1",
-        defaults={"density": 0.8, "scope": "module"}, elementwise=True,
-        combine=lambda X, present, p: elementwise.ties(X, p["density"], present),
+        defaults={"density": 0.8, "scope": "module", **TIES_OPTIONS}, elementwise=True,
+        combine=_ties_rows, full_space="ties",
     ),
     "magnitude": Method(
         "magnitude", "trim each task by magnitude, then sum", TIES_PAPER, "1/T",
-        defaults={"density": 0.8, "scope": "module"}, elementwise=True,
-        combine=lambda X, present, p: elementwise.magnitude_prune(X, p["density"], present),
+        defaults={"density": 0.8, "scope": "module", "keep_rule": "round"}, elementwise=True,
+        combine=lambda X, present, p: elementwise.magnitude_prune(X, p["density"], present, p["keep_rule"]),
+        full_space="magnitude",
     ),
     "dare": Method(
         "dare", "random drop and rescale, then sum", DARE_PAPER, "1/T",
-        defaults={"drop_rate": 0.1}, elementwise=True, uses_dare=True, combine=_sum_rows,
+        defaults={"drop_rate": 0.1, "dare_rescale": "inverse"}, elementwise=True, uses_dare=True,
+        combine=_sum_rows, full_space="sum",
     ),
     "dare_ties": Method(
         "dare_ties", "random drop and rescale, then TIES", DARE_PAPER, "1",
-        defaults={"drop_rate": 0.1, "density": 0.8, "scope": "module"}, elementwise=True, uses_dare=True,
-        combine=lambda X, present, p: elementwise.ties(X, p["density"], present),
+        defaults={"drop_rate": 0.1, "density": 0.8, "scope": "module", **TIES_OPTIONS, "dare_rescale": "inverse"},
+        elementwise=True, uses_dare=True, combine=_ties_rows, full_space="ties",
     ),
     "tsv": Method(
         "tsv", "Task Singular Vectors: per-task SVDs, orthogonalised", "Gargiulo et al. 2025, Task Singular "
-        "Vectors (arXiv:2412.00081)", "1", merge=spectral.tsv,
+        "Vectors (arXiv:2412.00081)", "1", merge=lambda tasks: spectral.tsv(tasks),
     ),
     "iso_c": Method(
         "iso_c", "isotropic merge: the sum with a flattened spectrum", "Marczak et al. 2025, No Task Left "
@@ -120,6 +207,45 @@ METHODS: dict[str, Method] = {
         merge=lambda tasks: spectral.isotropize(spectral.tsv(tasks)),
     ),
 }
+BREADCRUMBS_PAPER = "Davari & Belilovsky 2024, Model Breadcrumbs (arXiv:2312.06795)"
+METHODS.update({
+    "breadcrumbs": Method(
+        "breadcrumbs", "drop each task's outliers and smallest entries, then sum", BREADCRUMBS_PAPER, "1/T",
+        defaults={"density": 0.8, "gamma": 0.01, "scope": "module", "keep_rule": "round"}, elementwise=True,
+        combine=_breadcrumbs_rows,
+    ),
+    "breadcrumbs_ties": Method(
+        "breadcrumbs_ties", "breadcrumbs' band of magnitudes, then sign election and disjoint merge",
+        BREADCRUMBS_PAPER + " + " + TIES_PAPER, "1",
+        defaults={"density": 0.8, "gamma": 0.01, "scope": "module", **TIES_OPTIONS}, elementwise=True,
+        combine=_breadcrumbs_ties_rows,
+    ),
+    "della": Method(
+        "della", "drop by magnitude-ranked probabilities and rescale, then sign election and disjoint merge",
+        "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)", "1",
+        defaults={"density": 0.8, "epsilon": 0.1, "consensus": "mass", "normalize": "count", "elect_on": "weighted"},
+        elementwise=True, combine=_della_rows,
+    ),
+    "cart": Method(
+        "cart", "the mean plus each task's low-rank deviation from it", "Choi et al. 2024, Revisiting Weight "
+        "Averaging for Model Merging (CART, arXiv:2411.16139)", "1",
+        defaults={"rank_fraction": 0.04, "cart_scale": 0.1},
+        merge_with=lambda tasks, p: subspace.cart(tasks, p["rank_fraction"], p["cart_scale"]),
+    ),
+    "iso_cts": Method(
+        "iso_cts", "common and task-specific subspaces with a flattened spectrum", "Marczak et al. 2025, No Task "
+        "Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces (arXiv:2502.04959)", "1/T",
+        defaults={"common_fraction": 0.8},
+        merge_with=lambda tasks, p: subspace.iso_cts(tasks, p["common_fraction"]),
+    ),
+    "lora_lego": Method(
+        "lora_lego", "k-means over the tasks' rank-1 units, one averaged unit per cluster", "Zhao et al. 2025, "
+        "Merging LoRAs like Playing LEGO (arXiv:2409.16167)", "1",
+        defaults={"clusters": 0},
+        merge_with=lambda tasks, p: subspace.lora_lego(tasks, int(p["clusters"]) or None, 10, p["module_seed"]),
+        spaces=("full",),
+    ),
+})
 ALIASES = {"cat": "ta"}
 
 
@@ -153,5 +279,14 @@ def method_named(name: str) -> Method:
     return METHODS[key]
 
 
+def method_names() -> list[str]:
+    return sorted([*METHODS, *ALIASES])
+
+
 def merger_names() -> list[str]:
     return sorted([*METHODS, *ALIASES, *PRESETS])
+
+
+def methods_using(parameter: str) -> list[str]:
+    """The methods (and presets of them) a parameter applies to, for its help text."""
+    return [name for name, method in METHODS.items() if parameter in method.defaults]

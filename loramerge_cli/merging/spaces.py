@@ -1,4 +1,4 @@
-"""Merge spaces (Part A §A3): where a method acts, and how its result goes back to a weight update.
+"""Merge spaces (docs/algorithms.md, Spaces): where a method acts, and how its result goes back to a weight update.
 
 `full`: the dense ΔW_t (kept factored until a method needs entries). `knots`: the V_t blocks of the
 joint SVD of [ΔW_0 | … | ΔW_{T−1}]. `core`: M_t = U_Bᵀ B̃_t A_t V_A. All bases come from thin QRs of
@@ -13,8 +13,8 @@ from typing import Callable
 import torch
 
 from loramerge_cli.merging.lowrank import LowRank, from_svd, compact_svd
+from loramerge_cli.merging.registry import SPACES
 
-SPACES = ("full", "knots", "core")
 Tensorish = torch.Tensor | LowRank
 
 

@@ -1,4 +1,4 @@
-"""Spectral kernels (Part A §A4): Task Singular Vectors and isotropization, exact on factors."""
+"""Spectral kernels (docs/algorithms.md, Methods): Task Singular Vectors and isotropization, exact on factors."""
 
 from __future__ import annotations
 

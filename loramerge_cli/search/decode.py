@@ -1,4 +1,4 @@
-"""ENMP's latent → mask decoding (Part A §A5, Part B §8.2)."""
+"""ENMP's latent → mask decoding (docs/algorithms.md, ENMP)."""
 
 from __future__ import annotations
 

@@ -11,13 +11,15 @@ import json
 import pickle
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli import atomic
+from loramerge_cli.errors import LoramergeError, UsageError, check_seed
 from loramerge_cli.search.decode import decode_mask, decode_scale, max_pruned
 
 Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or None)
@@ -25,7 +27,7 @@ Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or 
 
 @dataclass
 class EnmpSettings:
-    """Part A §A5 defaults (the paper's)."""
+    """The paper's defaults (docs/algorithms.md, ENMP)."""
 
     max_prune: float = 0.2
     popsize: int = 16
@@ -37,16 +39,28 @@ class EnmpSettings:
     x0: float = -1.0
 
     def check(self) -> None:
-        if self.seed < 1:
-            raise LoramergeError("--seed must be >= 1 (pycma reads 0 as 'seed from the clock')")
+        check_seed(self.seed)
         if not 0.0 < self.max_prune <= 1.0:
-            raise LoramergeError("--max-prune must be in (0, 1]")
+            raise UsageError("--max-prune must be in (0, 1]")
         if self.popsize < 2:
-            raise LoramergeError("--popsize must be >= 2")
+            raise UsageError("--popsize must be >= 2")
         if self.generations < 1:
-            raise LoramergeError("--generations must be >= 1")
+            raise UsageError("--generations must be >= 1")
         if self.sigma0 <= 0:
-            raise LoramergeError("--sigma0 must be > 0")
+            raise UsageError("--sigma0 must be > 0")
+
+
+@contextmanager
+def _search_numpy_state(state) -> Iterator[None]:
+    """pycma draws from (and reseeds) numpy's global generator: run it on the search's own saved state,
+    then give the caller's state back untouched."""
+    callers = np.random.get_state()
+    np.random.set_state(state.numpy_rng)
+    try:
+        yield
+    finally:
+        state.numpy_rng = np.random.get_state()
+        np.random.set_state(callers)
 
 
 class Fitness(Protocol):
@@ -139,11 +153,11 @@ class EnmpSearch:
         if resume:
             self.state = self._load_state()
             return
-        np.random.seed(self.settings.seed)
-        strategy = new_strategy(self.settings, self.dimension)
         empty = ((), self._default_lambda())
         memo = {empty: Evaluation((), empty[1], 0.0, 0)}  # the unpruned merge is the reference: fitness 0
-        self.state = SearchState(0, strategy, np.random.get_state(), memo, [])
+        self.state = SearchState(0, None, np.random.RandomState(self.settings.seed).get_state(), memo, [])
+        with _search_numpy_state(self.state):
+            self.state.strategy = new_strategy(self.settings, self.dimension)
 
     def _default_lambda(self) -> float | None:
         return decode_scale(0.0, self.base_lambda) if self.settings.addscale else None
@@ -165,16 +179,16 @@ class EnmpSearch:
         """One generation: ask, evaluate the masks not in the memo, tell, checkpoint."""
         state = self.state
         started = time.perf_counter()
-        np.random.set_state(state.numpy_rng)
-        solutions = state.strategy.ask()
+        with _search_numpy_state(state):
+            solutions = state.strategy.ask()
         candidates = [self.decode(x) for x in solutions]
         fresh = list(dict.fromkeys(c for c in candidates if c not in state.memo))
         values = self.fitness(fresh) if fresh else []
         for candidate, value in zip(fresh, values):
             state.memo[candidate] = Evaluation(candidate[0], candidate[1], float(value), len(state.memo))
         fitnesses = [state.memo[c].fitness for c in candidates]
-        state.strategy.tell(solutions, [-f for f in fitnesses])  # CMA-ES minimises
-        state.numpy_rng = np.random.get_state()
+        with _search_numpy_state(state):
+            state.strategy.tell(solutions, [-f for f in fitnesses])  # CMA-ES minimises
         state.generation += 1
         best = self.best()
         record = {
@@ -203,14 +217,8 @@ class EnmpSearch:
     def _save_state(self) -> None:
         if self.run_dir is None:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        temporary = self.run_dir / "state.pkl.tmp"
-        temporary.write_bytes(pickle.dumps(self.state))
-        temporary.replace(self.run_dir / "state.pkl")
-        lines = "".join(_json_line(record) for record in self.state.history)
-        trajectory = self.run_dir / "trajectory.jsonl.tmp"
-        trajectory.write_text(lines)
-        trajectory.replace(self.run_dir / "trajectory.jsonl")
+        atomic.write_bytes(self.run_dir / "state.pkl", pickle.dumps(self.state))
+        atomic.write_text(self.run_dir / "trajectory.jsonl", "".join(_json_line(r) for r in self.state.history))
 
     def _load_state(self) -> SearchState:
         path = self.run_dir / "state.pkl" if self.run_dir else None

@@ -117,7 +117,7 @@ class LadderWorkerBuilder:
 
     def __call__(self, device: str) -> FidelityLadder:
         from loramerge_cli.search.fitness import AccuracyFitness
-        from loramerge_cli.search.runner import build_problem
+        from loramerge_cli.search.problem import build_problem
 
         problem = build_problem(self.request, device, self.lam)
         full = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, self.experts,

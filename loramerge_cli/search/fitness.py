@@ -1,5 +1,5 @@
 """Fitness of a pruning table: mean normalized validation accuracy of the pruned merge, in points
-over the unpruned merge (Part A §A5). Merged modules are cached per (module, retained tasks), and each
+over the unpruned merge (docs/algorithms.md, ENMP). Merged modules are cached per (module, retained tasks), and each
 candidate's forward pass starts at its first changed block (`BlockReplay`)."""
 
 from __future__ import annotations
@@ -23,32 +23,40 @@ def pruned_table(template: WeightTable, pruned: tuple[int, ...]) -> WeightTable:
     return replace(template, weights=weights)
 
 
-class AccuracyFitness:
-    """Scores candidates (pruned indices, λ or None for the merger's λ) with one evaluation engine."""
+class CandidateMerges:
+    """Merges candidates (pruned indices, λ or None for the merger's λ): once at λ = 1, with merged modules
+    cached per retained task set, then scaled. The base of every fitness."""
 
-    def __init__(
-        self, adapters, settings: ResolvedMerge, template: WeightTable, engine: Evaluator, experts: dict,
-        reference: float | None = None,
-    ):
+    def __init__(self, adapters, settings: ResolvedMerge, template: WeightTable, engine: Evaluator):
         self.adapters = adapters
         self.unit_settings = replace(settings, lam=1.0)  # merge once at λ = 1, scale the factors
         self.base_lambda = settings.lam
         self.template = template
         self.engine = engine
-        self.experts = experts
         self.cache: dict | None = {} if settings.params.get("scope", "module") == "module" else None
         self.forward_passes = 0
+
+    def candidate_deltas(self, pruned: tuple[int, ...], lam: float | None) -> dict:
+        """The merged updates of one candidate, at λ (the merger's when None)."""
+        result = run_merge(self.adapters, self.unit_settings, pruned_table(self.template, pruned), cache=self.cache)
+        return merged_deltas(result, self.base_lambda if lam is None else lam)
+
+
+class AccuracyFitness(CandidateMerges):
+    """Scores candidates with one evaluation engine: mean normalized accuracy over the unpruned merge."""
+
+    def __init__(
+        self, adapters, settings: ResolvedMerge, template: WeightTable, engine: Evaluator, experts: dict,
+        reference: float | None = None,
+    ):
+        super().__init__(adapters, settings, template, engine)
+        self.experts = experts
         self.replay = BlockReplay(engine, module_paths(adapters), engine.settings.block_cache_mb)
         if reference is None:  # scored here; a worker is handed it and records the replay on first use
             self.reference = self._mean(self._record_reference())
             self.forward_passes += 1
         else:
             self.reference = reference
-
-    def candidate_deltas(self, pruned: tuple[int, ...], lam: float | None) -> dict:
-        """The merged updates of one candidate, at λ (the merger's when None)."""
-        result = run_merge(self.adapters, self.unit_settings, pruned_table(self.template, pruned), cache=self.cache)
-        return merged_deltas(result, self.base_lambda if lam is None else lam)
 
     def _record_reference(self) -> dict[str, float]:
         return self.replay.record(self.candidate_deltas((), None))

@@ -1,5 +1,5 @@
 """NSC: learn one merge coefficient per (task, LoRA module) by AdamW on a label-free objective
-(Part A §A6), through the low-rank side path on one copy of the base model.
+(docs/algorithms.md, NSC), through the low-rank side path on one copy of the base model.
 
 Only inputs are read. Batches are drawn per task in a seeded order that depends on nothing but
 (seed, task, epoch), so a run checkpointed every few steps and resumed equals an uninterrupted one.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,43 +18,11 @@ from typing import Callable
 import torch
 
 from loramerge_cli import __version__
+from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
 
-OBJECTIVES = ("nsc", "entropy")
-STATE_NAME = "nsc_state.safetensors"
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
-
-
-@dataclass
-class NscSettings:
-    """Part A §A6 defaults. `batch_size` examples per task and step."""
-
-    steps: int = 100
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_size: int = 16
-    init: float = 0.4
-    seed: int = 1
-    objective: str = "nsc"
-    target_blocks: list[str] | None = None
-    target_modules: list[str] | None = None
-    checkpoint_every: int = 10  # steps between run-directory checkpoints
-
-    def check(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise LoramergeError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
-        if self.steps < 1:
-            raise LoramergeError("--steps must be >= 1")
-        if not self.lr > 0:
-            raise LoramergeError("--lr must be > 0")
-        if not math.isfinite(self.init):
-            raise LoramergeError("--init must be a finite number")
-        if self.batch_size < 1:
-            raise LoramergeError("--batch-size must be >= 1")
-        if self.seed < 1:
-            raise LoramergeError("--seed must be >= 1")
-        if self.checkpoint_every < 1:
-            raise LoramergeError("checkpoint interval must be >= 1 step")
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -68,7 +35,7 @@ def example_inputs(engine, task: str) -> list[dict[str, torch.Tensor]]:
     by_example: dict[int, dict] = {}
     for batch in prepared.batches:
         index = int(batch.indices[0])
-        if engine.task_file.model_type == "causal-lm":
+        if engine.task_file.type.choices:
             if index % prepared.choices:
                 continue
             cut = int(batch.positions.min())
@@ -79,11 +46,11 @@ def example_inputs(engine, task: str) -> list[dict[str, torch.Tensor]]:
 
 
 def collate(examples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Stack single-example inputs: token tensors right-padded (ids with pad_id, masks with 0)."""
+    """Stack single-example inputs: token tensors right-padded (ids with pad_id, masks and segments with 0)."""
     out = {}
     for key in examples[0]:
         parts = [example[key] for example in examples]
-        if parts[0].dim() == 2 and key in ("input_ids", "attention_mask", "token_type_ids"):
+        if parts[0].dim() == 2:  # per-token inputs
             width = max(part.shape[1] for part in parts)
             fill = pad_id if key == "input_ids" else 0
             parts = [torch.nn.functional.pad(part, (0, width - part.shape[1]), value=fill) for part in parts]
@@ -130,16 +97,16 @@ def label_free_task_file(task_file, adapters, objective: str):
 def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     """Load and check everything before the first step: adapters, tasks, model, targets, inputs."""
     from loramerge_cli.adapters.compat import check_compatible
-    from loramerge_cli.adapters.peft_reader import load_adapters
     from loramerge_cli.evaluation.engine import Evaluator
     from loramerge_cli.evaluation.functional import freeze
     from loramerge_cli.evaluation.specs import load_task_file
     from loramerge_cli.merging.merge import module_paths
     from loramerge_cli.search.nsc_objectives import EntropyObjective, NullSpaceObjective
     from loramerge_cli.search.nsc_targets import resolve_targets
+    from loramerge_cli.search.problem import request_adapters
 
     settings: NscSettings = request.nsc
-    adapters = load_adapters(request.adapters, request.allow_pickle)
+    adapters = request_adapters(request)
     check_compatible(adapters, request.allow_base_mismatch)
     task_file = label_free_task_file(load_task_file(request.tasks), adapters, settings.objective)
     names = [a.name for a in adapters]
@@ -223,13 +190,9 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
         tensors[f"adamw.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     metadata = {"step": str(step), "param_groups": json.dumps(optimizer_state["param_groups"]),
                 "history": json.dumps(history)}
-    temporary = run_dir / (STATE_NAME + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    temporary.replace(run_dir / STATE_NAME)
-    lines = "".join(json.dumps(record) + "\n" for record in history)
-    trajectory = run_dir / "trajectory.jsonl.tmp"
-    trajectory.write_text(lines)
-    trajectory.replace(run_dir / "trajectory.jsonl")
+    with atomic.replacing(run_dir / STATE_NAME) as temporary:
+        save_file(tensors, str(temporary), metadata=metadata)
+    atomic.write_text(run_dir / "trajectory.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
 def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[dict]]:
@@ -315,6 +278,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         "seed": settings.seed,
         "search": asdict(settings),
         "targets": problem.targets,
+        "max_length": dict(problem.engine.max_lengths),
         "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]},
         "task_losses": per_task,
         "warnings": warnings,
@@ -336,7 +300,7 @@ def report_on_test(request, table) -> dict:
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
     from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
     from loramerge_cli.merging.merge import MergeConfig, resolve_config, run_merge
-    from loramerge_cli.search.runner import build_problem
+    from loramerge_cli.search.problem import build_problem
 
     test_request = replace(request, eval=replace(request.eval, split="test", val_limit=None),
                            merge=MergeConfig(merger="ta"))

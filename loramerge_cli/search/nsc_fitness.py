@@ -1,4 +1,4 @@
-"""Label-free ENMP fitness (Part A §A6, `--fitness nsc`): the relative reduction, in percent, of the
+"""Label-free ENMP fitness (docs/algorithms.md, NSC, `--fitness nsc`): the relative reduction, in percent, of the
 NSC loss of the pruned merge against the unpruned merge. No labels are read.
 
 A candidate is merged exactly as the accuracy fitness merges it (its 0/1 table, the merger, λ; merged
@@ -12,31 +12,23 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from loramerge_cli.evaluation.engine import merged_deltas
-from loramerge_cli.merging.merge import run_merge
-from loramerge_cli.search.fitness import pruned_table
+from loramerge_cli.search.fitness import CandidateMerges
 from loramerge_cli.search.nsc_objectives import loss_over_batches
 
 
-class NscFitness:
+class NscFitness(CandidateMerges):
     """Scores candidates (pruned flat indices, λ or None) like `AccuracyFitness`, without labels."""
 
     def __init__(self, adapters, settings, template, engine, objective, reference: float | None = None):
-        self.adapters = adapters
-        self.unit_settings = replace(settings, lam=1.0)  # merge once at λ = 1, scale the factors
-        self.base_lambda = settings.lam
-        self.template = template
-        self.engine = engine
+        super().__init__(adapters, settings, template, engine)
         self.objective = objective
-        self.cache: dict | None = {} if settings.params.get("scope", "module") == "module" else None
-        self.forward_passes = 0
         self.reference = self.loss((), None) if reference is None else reference
 
     def loss(self, pruned: tuple[int, ...], lam: float | None) -> float:
         """The objective's loss of one candidate on every task's validation inputs (token-weighted)."""
-        result = run_merge(self.adapters, self.unit_settings, pruned_table(self.template, pruned), cache=self.cache)
+        deltas = self.candidate_deltas(pruned, lam)
         self.forward_passes += 1
-        with self.engine.apply(merged_deltas(result, self.base_lambda if lam is None else lam)), torch.no_grad():
+        with self.engine.apply(deltas), torch.no_grad():
             task_losses = [
                 loss_over_batches(self.objective, self.engine, index, adapter.name,
                                   (batch.inputs for batch in self.engine.prepared[adapter.name].batches))

@@ -1,4 +1,4 @@
-"""Label-free objectives of merge coefficients: the NSC null-space ratio (Part A §A6) and the
+"""Label-free objectives of merge coefficients: the NSC null-space ratio (docs/algorithms.md, NSC) and the
 AdaMerging baseline (mean prediction entropy). Pure tensor functions first, then the objectives.
 
 An objective gives, per task and batch, statistics (`sums`, `counts`) that `loss` turns into the task's
@@ -82,7 +82,7 @@ class NullSpaceObjective:
             for path in targets:
                 module = adapter.modules.get(path)
                 if module is not None:
-                    A = module.lora_A.to(device=device, dtype=torch.float32)  # unscaled (Part B §9.2 quirk)
+                    A = module.lora_A.to(device=device, dtype=torch.float32)  # unscaled (the reference's quirk: docs/differences.md)
                     own[path] = (A, inverse_gram(module.lora_A).to(device))
             if not own:
                 raise LoramergeError(f"NSC: adapter {adapter.name!r} has none of the targeted modules {targets}")
@@ -116,7 +116,7 @@ class EntropyObjective:
     name = "entropy"
 
     def __init__(self, task_file):
-        if task_file.model_type == "causal-lm":
+        if not task_file.type.classifier:
             raise LoramergeError("--objective entropy needs classification tasks (model_type causal-lm has none)")
         self.masked = {task.name: list(task.masked_labels) for task in task_file.tasks}
 

@@ -1,9 +1,11 @@
-"""Which modules the NSC ratio is measured at (Part A §A6 targets).
+"""Which modules the NSC ratio is measured at (docs/algorithms.md, NSC targets).
 
-Default: the last ⌈L/4⌉ blocks that carry LoRA; in each, the attention's output projection if it has
-LoRA, else the block's last LoRA attention module in module order. Attention modules and their output
-projection are found from the model's structure (a submodule whose class name says Attention; its last
-weight matrix in module order), never from hard-coded module names.
+Default: the last ⌈L/4⌉ blocks that carry LoRA; in each, the attention's value projection if it has
+LoRA (`v_proj`, `value`: where the paper's code measures on LLMs, and the better choice on both bundled
+settings, docs/differences.md), else its output projection if that has LoRA, else the block's last LoRA
+attention module in module order. Attention modules and their output projection are found from the
+model's structure (a submodule whose class name says Attention; its last weight matrix in module order);
+only the value projection is known by name.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from loramerge_cli.adapters.units import sorted_units, unit_of
 from loramerge_cli.errors import LoramergeError
 
 HINT = "choose them with --target-blocks and --target-modules"
+VALUE_PROJECTIONS = ("v_proj", "value")  # leaf names of the attention's value projection
 
 
 def resolve_targets(
@@ -60,7 +63,8 @@ def _chosen_blocks(units: list[str], blocks: list[str] | None) -> list[str]:
 
 
 def _default_targets(unit: str, model_modules: list[tuple[str, object]], lora: set[str]) -> list[str]:
-    """The block's attention output projection if it has LoRA, else its last LoRA attention module."""
+    """The block's value projection if it has LoRA, else its attention output projection if that has LoRA,
+    else its last LoRA attention module."""
     attention_roots: list[str] = []
     matrices: list[str] = []
     for name, module in model_modules:
@@ -75,6 +79,9 @@ def _default_targets(unit: str, model_modules: list[tuple[str, object]], lora: s
             matrices.append(name)
     if not matrices:
         return []
+    values = [name for name in matrices if name in lora and name.rsplit(".", 1)[-1] in VALUE_PROJECTIONS]
+    if values:
+        return values[-1:]
     if matrices[-1] in lora:
         return [matrices[-1]]
     with_lora = [name for name in matrices if name in lora]

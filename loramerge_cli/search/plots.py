@@ -1,10 +1,12 @@
-"""PNG plots of a search (the `plot` extra): the fitness curve and the weight-table heatmap."""
+"""PNG plots of a search (the `plot` extra): the fitness curve and the kept/pruned grid."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from loramerge_cli.errors import LoramergeError
+
+KEPT, PRUNED = "#4c9f70", "#d1495b"  # green kept, red pruned: distinct also in greyscale
 
 
 def _pyplot():
@@ -18,32 +20,85 @@ def _pyplot():
     return plt
 
 
+def search_title(table) -> str:
+    """'ta, λ 0.4, seed 1': what the search merged with, for plot titles."""
+    merger = table.merger if isinstance(table.merger, dict) else {}
+    seed = (table.provenance or {}).get("seed", merger.get("seed"))
+    parts = [str(merger.get("merger") or "?")]
+    lam = table.scale if table.scale is not None else merger.get("lambda")
+    if lam is not None:
+        parts.append(f"λ {float(lam):.3g}")
+    if seed is not None:
+        parts.append(f"seed {seed}")
+    return ", ".join(parts)
+
+
+def fitness_figure(history: list[dict], title: str):
+    """Best and mean fitness per generation (or round): integer ticks, markers, the unpruned merge at zero."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axis = plt.subplots(figsize=(6, 3.5))
+    kind = "generation" if history and "generation" in history[0] else "round"
+    steps = [record.get(kind) for record in history]
+    axis.axhline(0.0, color="grey", linewidth=1, linestyle="--", label="unpruned merge")
+    axis.plot(steps, [record["best_fitness"] for record in history], marker="o", markersize=4, label="best so far")
+    if history and "mean_fitness" in history[0]:
+        axis.plot(steps, [record["mean_fitness"] for record in history], marker=".", alpha=0.7,
+                  label="population mean")
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axis.set_xlabel(kind)
+    axis.set_ylabel("fitness (points over the unpruned merge)")
+    axis.set_title(f"search fitness ({title})", fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def mask_figure(table, title: str):
+    """Tasks × units as a two-colour grid (kept / pruned), every unit labelled; real weights as numbers."""
+    plt = _pyplot()
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    tasks, units = len(table.tasks), len(table.units)
+    figure, axis = plt.subplots(figsize=(max(4.5, 0.32 * units + 2.5), 0.45 * tasks + 2.2))
+    kept = [[1 if value != 0 else 0 for value in row] for row in table.weights]
+    axis.imshow(kept, aspect="auto", cmap=ListedColormap([PRUNED, KEPT]), vmin=0, vmax=1, interpolation="nearest")
+    for task, row in enumerate(table.weights):
+        for unit, value in enumerate(row):
+            if value not in (0, 1):
+                axis.text(unit, task, f"{value:.2g}", ha="center", va="center", fontsize=6, color="white")
+    axis.set_yticks(range(tasks), table.tasks)
+    axis.set_xticks(range(units), [_short(name) for name in table.units], rotation=90, fontsize=7)
+    axis.set_xticks([x - 0.5 for x in range(1, units)], minor=True)
+    axis.set_yticks([y - 0.5 for y in range(1, tasks)], minor=True)
+    axis.grid(which="minor", color="white", linewidth=1)
+    axis.tick_params(which="minor", length=0)
+    axis.set_xlabel(table.unit)
+    pruned = table.pruned_count()
+    axis.set_title(f"weight table: {pruned} of {tasks * units} pruned ({title})", fontsize=10)
+    axis.legend(handles=[Patch(color=KEPT, label="kept"), Patch(color=PRUNED, label="pruned")],
+                loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
+    figure.tight_layout()
+    return figure
+
+
+def _short(unit: str) -> str:
+    """'model.layers.11' -> 'layers.11': the last two path components label a unit well enough."""
+    return ".".join(unit.split(".")[-2:])
+
+
 def write_plots(table, history: list[dict], folder: str | Path) -> list[Path]:
-    """fitness.png (best and mean fitness per generation or round) and mask.png; returns the paths."""
+    """fitness.png and mask.png in `folder`; returns the paths."""
     plt = _pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    title = search_title(table)
     written = []
-    figure, axis = plt.subplots(figsize=(6, 3.5))
-    steps = [record.get("generation", record.get("round")) for record in history]
-    axis.plot(steps, [record["best_fitness"] for record in history], label="best")
-    if history and "mean_fitness" in history[0]:
-        axis.plot(steps, [record["mean_fitness"] for record in history], label="mean", alpha=0.7)
-    axis.set_xlabel("generation")
-    axis.set_ylabel("fitness (points over the unpruned merge)")
-    axis.legend()
-    figure.tight_layout()
-    written.append(folder / "fitness.png")
-    figure.savefig(written[-1], dpi=120)
-    plt.close(figure)
-    figure, axis = plt.subplots(figsize=(max(4, 0.25 * len(table.units) + 2), 0.4 * len(table.tasks) + 1.5))
-    image = axis.imshow(table.weights, aspect="auto", cmap="viridis", interpolation="nearest")
-    axis.set_yticks(range(len(table.tasks)), table.tasks)
-    axis.set_xlabel(f"unit (0 = {table.units[0]})" if table.units else "unit")
-    axis.set_title("weight table (1 kept, 0 pruned)")
-    figure.colorbar(image, ax=axis)
-    figure.tight_layout()
-    written.append(folder / "mask.png")
-    figure.savefig(written[-1], dpi=120)
-    plt.close(figure)
+    for name, figure in (("fitness.png", fitness_figure(history, title)), ("mask.png", mask_figure(table, title))):
+        written.append(folder / name)
+        figure.savefig(written[-1], dpi=110)
+        plt.close(figure)
     return written

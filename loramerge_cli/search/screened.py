@@ -7,7 +7,7 @@ each of which can be switched off.
   Off: the mean is the paper's x0 everywhere.
 * **redraw**: a candidate whose decoded table was already scored (or drawn earlier in the generation) is
   drawn again, up to `redraws` times per slot, so a generation scores up to popsize new tables.
-* **fidelity** (successive halving): a batch of new tables is scored on the smallest seeded validation
+* **halving** (successive halving): a batch of new tables is scored on the smallest seeded validation
   subset, the best 1/η (and every table within `noise_examples` examples of the cut, one example being
   100 / (T·n_r) points) go on to the next subset, and so on to the full validation set. Off: every table
   is scored on the full set.
@@ -25,16 +25,24 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable
 
 import numpy as np
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.events import stage
 from loramerge_cli.search.decode import decode_mask, max_pruned
-from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings, Evaluation, SeededNormal, cma_options
+from loramerge_cli.search.enmp import (
+    EnmpSearch,
+    EnmpSettings,
+    Evaluation,
+    SeededNormal,
+    _search_numpy_state,
+    cma_options,
+)
 
 Candidate = tuple[tuple[int, ...], float | None]
 NAME = "screened"
@@ -53,7 +61,7 @@ class ScreenedSettings:
     x0: float = -1.0  # the mean of every unit when the screen is off (the paper's)
     screen: bool = True
     redraws: int = 20  # per slot; 0: off
-    fidelity: bool = True
+    halving: bool = True
     eta: int = 3  # successive halving: keep the best 1/η per rung; rung sizes n/η^k
     rungs: int = 3  # subsets per search, the full set included
     min_examples: int = 24  # per task: smaller subsets are left out
@@ -64,11 +72,11 @@ class ScreenedSettings:
         EnmpSettings(max_prune=self.max_prune, popsize=self.popsize, generations=self.generations,
                      sigma0=self.sigma0, seed=self.seed).check()  # the budget flags ENMP shares
         if self.redraws < 0:
-            raise LoramergeError("--redraws must be >= 0")
+            raise UsageError("--redraws must be >= 0")
         if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0:
-            raise LoramergeError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0)")
+            raise UsageError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0)")
         if self.budget is not None and self.budget < 1:
-            raise LoramergeError("--budget must be >= 1")
+            raise UsageError("--budget must be >= 1")
 
 
 @dataclass
@@ -111,7 +119,7 @@ class ScreenedSearch:
         self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
         self.ladder = ladder
         last = len(ladder.costs) - 1
-        self.levels = list(range(last + 1)) if settings.fidelity else [last]
+        self.levels = list(range(last + 1)) if settings.halving else [last]
         self.run_dir = Path(run_dir) if run_dir else None
         self.on_event = on_event
         self.state: ScreenedState | None = None
@@ -121,12 +129,12 @@ class ScreenedSearch:
         if resume:
             self.state = self._load_state()
             return
-        np.random.seed(self.settings.seed)
         empty: Candidate = ((), None)
         scores = [{} for _ in self.ladder.costs]
         for memo in scores:
             memo[empty] = 0.0
-        self.state = ScreenedState(0, None, np.random.get_state(), scores, {empty: Evaluation((), None, 0.0, 0)})
+        self.state = ScreenedState(0, None, np.random.RandomState(self.settings.seed).get_state(), scores,
+                                   {empty: Evaluation((), None, 0.0, 0)})
         self.state.forward_examples = sum(self.ladder.costs[rung] for rung in self.levels[:-1])  # subsets' references
         if not self.settings.screen:
             self.state.step = 1  # no step 0
@@ -138,7 +146,8 @@ class ScreenedSearch:
             import cma
         options = cma_options(self.settings.popsize, self.settings.generations, self.settings.seed)
         options["randn"] = SeededNormal(self.settings.seed)
-        return cma.CMAEvolutionStrategy(mean, self.settings.sigma0, options)
+        with _search_numpy_state(self.state):
+            return cma.CMAEvolutionStrategy(mean, self.settings.sigma0, options)
 
     @property
     def last_step(self) -> int:
@@ -159,13 +168,8 @@ class ScreenedSearch:
     def step(self) -> dict:
         started = time.perf_counter()
         state = self.state
-        np.random.set_state(state.numpy_rng)
         before = (state.forward_examples, len(state.memo))
-        if state.step == 0:
-            record = self._screen()
-        else:
-            record = self._generation()
-        state.numpy_rng = np.random.get_state()
+        record = self._screen() if state.step == 0 else self._generation()
         best = self.best()
         seconds = time.perf_counter() - started
         record.update(
@@ -177,21 +181,22 @@ class ScreenedSearch:
         state.step += 1
         state.history.append(record)
         self._save_state()
-        self.on_event("generation", record)
+        self.on_event("screen" if record["phase"] == "screen" else "generation", record)
         return record
 
     def _screen(self) -> dict:
         """Step 0: every single-unit pruning, then the stacks of the best helpful singles; sets the prior."""
         state = self.state
         singles = [((i,), None) for i in range(self.dimension)] if self.k_max else []
-        counts = self._halve(singles)
-        reached = {i: self._reached(((i,), None)) for i in range(self.dimension)} if singles else {}
-        gains = [reached[i][1] if reached else 0.0 for i in range(self.dimension)]
-        # best first: the largest subset reached (the halving's verdict), then the score there
-        order = sorted(range(self.dimension), key=lambda i: (-reached[i][0], -gains[i], i) if reached else i)
-        helpful = [i for i in order[: self.k_max] if gains[i] > 0]
-        stacks = [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
-        more = self._halve([c for c in stacks if not self._scored(c)])
+        with stage(self.on_event, "screening single-unit prunings", None) as progress:
+            counts = self._halve(singles, progress)
+            reached = {i: self._reached(((i,), None)) for i in range(self.dimension)} if singles else {}
+            gains = [reached[i][1] if reached else 0.0 for i in range(self.dimension)]
+            # best first: the largest subset reached (the halving's verdict), then the score there
+            order = sorted(range(self.dimension), key=lambda i: (-reached[i][0], -gains[i], i) if reached else i)
+            helpful = [i for i in order[: self.k_max] if gains[i] > 0]
+            stacks = [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
+            more = self._halve([c for c in stacks if not self._scored(c)], progress)
         state.prior = gains
         state.strategy = self._new_strategy(prior_mean(order, gains, self.k_max, self.settings.sigma0,
                                                         self.settings.threshold))
@@ -205,25 +210,27 @@ class ScreenedSearch:
     def _generation(self) -> dict:
         """One CMA-ES generation: ask (redrawing already-scored tables), halve, tell."""
         strategy = self.state.strategy
-        solutions = strategy.ask()
         candidates: list[Candidate] = []
         seen: set = set()
         redraws = 0
-        for index, x in enumerate(solutions):
-            candidate = self.decode(x)
-            attempts = 0
-            while (candidate in seen or self._scored(candidate)) and attempts < self.settings.redraws:
-                x = strategy.ask(1)[0]
+        with _search_numpy_state(self.state):
+            solutions = strategy.ask()
+            for index, x in enumerate(solutions):
                 candidate = self.decode(x)
-                attempts += 1
-            redraws += attempts
-            solutions[index] = x
-            candidates.append(candidate)
-            seen.add(candidate)
+                attempts = 0
+                while (candidate in seen or self._scored(candidate)) and attempts < self.settings.redraws:
+                    x = strategy.ask(1)[0]
+                    candidate = self.decode(x)
+                    attempts += 1
+                redraws += attempts
+                solutions[index] = x
+                candidates.append(candidate)
+                seen.add(candidate)
         fresh = [c for c in dict.fromkeys(candidates) if not self._scored(c)]
         counts = self._halve(fresh)
         reached = [self._reached(c) for c in candidates]
-        strategy.tell(solutions, [-(1000.0 * level + score) for level, score in reached])  # CMA-ES minimises
+        with _search_numpy_state(self.state):  # CMA-ES minimises
+            strategy.tell(solutions, [-(1000.0 * level + score) for level, score in reached])
         return {"phase": "cma", "mean_fitness": float(np.mean([score for _, score in reached])),
                 "mean_sparsity": float(np.mean([len(c[0]) for c in candidates])) / self.dimension,
                 "new_evaluations": counts["evaluations"], "evaluations_per_rung": counts["per_rung"],
@@ -244,19 +251,25 @@ class ScreenedSearch:
                 return position, score
         raise KeyError(candidate)
 
-    def _halve(self, candidates: list[Candidate]) -> dict:
-        """Score new candidates rung by rung, the best 1/η (and ties within the noise) moving on."""
+    def _halve(self, candidates: list[Candidate], progress: Callable[[str], None] | None = None) -> dict:
+        """Score new candidates rung by rung, the best 1/η (and ties within the noise) moving on; `progress`
+        (a stage's step) is called once per evaluation."""
         state, ladder = self.state, self.ladder
         alive = list(dict.fromkeys(candidates))
         per_rung = [0] * len(self.levels)
         for position, rung in enumerate(self.levels):
             memo = state.scores[rung]
             fresh = [c for c in alive if c not in memo]
-            for candidate, value in zip(fresh, ladder([(rung, c) for c in fresh]) if fresh else []):
-                memo[candidate] = float(value)
-                state.forward_examples += ladder.costs[rung]
-                if position == len(self.levels) - 1:
-                    state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
+            chunk = self.settings.popsize if progress else max(1, len(fresh))  # progress every popsize tables
+            for start in range(0, len(fresh), chunk):
+                batch = fresh[start:start + chunk]
+                for candidate, value in zip(batch, ladder([(rung, c) for c in batch])):
+                    memo[candidate] = float(value)
+                    state.forward_examples += ladder.costs[rung]
+                    if position == len(self.levels) - 1:
+                        state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
+                    if progress:
+                        progress(f"{ladder.costs[rung]} examples")
             per_rung[position] = len(fresh)
             if position == len(self.levels) - 1 or not alive:
                 break
@@ -278,11 +291,15 @@ class ScreenedSearch:
         return state
 
 
-def run_screened(settings: ScreenedSettings, ladder, unit_count: int, task_count: int,
+def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_count: int,
                  run_dir: Path | None = None, resume: bool = False,
                  on_event: Callable[[str, dict], None] = lambda kind, data: None) -> tuple[Evaluation, dict]:
-    """Runs (or resumes) a screened search; returns the best table's evaluation and the budget spent
-    (full-set evaluations, forward examples, the step records)."""
+    """Runs (or resumes) a screened search on `fitness` (a `FidelityLadder`, or a plain fitness: the full set
+    only); returns the best table's evaluation and the budget spent (full-set evaluations, forward examples,
+    the step records)."""
+    from loramerge_cli.search.fidelity import FidelityLadder, single_rung
+
+    ladder = fitness if isinstance(fitness, FidelityLadder) else single_rung(fitness)
     search = ScreenedSearch(settings, unit_count, task_count, ladder, run_dir, on_event)
     best = search.run(resume=resume)
     state = search.state
@@ -290,17 +307,19 @@ def run_screened(settings: ScreenedSettings, ladder, unit_count: int, task_count
                   "history": state.history, "rung_examples": list(ladder.costs), "prior": state.prior}
 
 
-# -- search-mask glue (the runner's request and worker processes) -----------------------------------
+# -- search-mask glue (the strategy registry's entry and worker processes) --------------------------
 def screened_settings(request) -> ScreenedSettings:
-    """The request's `screened` settings, or ENMP's budget flags with every part on."""
+    """ENMP's budget flags (and --budget) with the strategy's own options (`request.options`) on top."""
     if request.enmp.addscale:
-        raise LoramergeError("--addscale searches λ with --strategy enmp only")
-    if request.screened is not None:
-        return request.screened
+        raise UsageError("--addscale searches λ with --strategy enmp only")
     enmp = request.enmp
-    return ScreenedSettings(max_prune=enmp.max_prune, popsize=enmp.popsize, generations=enmp.generations,
-                            sigma0=enmp.sigma0, threshold=enmp.threshold, seed=enmp.seed, x0=enmp.x0,
-                            budget=request.budget)
+    shared = dict(max_prune=enmp.max_prune, popsize=enmp.popsize, generations=enmp.generations, sigma0=enmp.sigma0,
+                  threshold=enmp.threshold, seed=enmp.seed, x0=enmp.x0, budget=request.budget)
+    known = {f.name for f in fields(ScreenedSettings)}
+    unknown = sorted(set(request.options) - known)
+    if unknown:
+        raise UsageError(f"--strategy screened has no setting {', '.join(unknown)}")
+    return ScreenedSettings(**{**shared, **request.options})
 
 
 @dataclass
@@ -315,25 +334,17 @@ class SingleRungBuilder:
         return single_rung(self.build(device))
 
 
-def screened_ladder(request, fitness, worker_builder):
+def screened_ladder(request, fitness, workers):
     """The ladder a screened search scores on (subsets of the validation set when `fitness` is labelled
-    accuracy and fidelity is on), and its worker processes (None: serial). Returns (ladder, parallel)."""
+    accuracy and halving is on), and the picklable builder of the same ladder in a worker process."""
     from loramerge_cli.search.fidelity import LadderWorkerBuilder, accuracy_ladder, rung_sizes, single_rung
     from loramerge_cli.search.fitness import AccuracyFitness
-    from loramerge_cli.search.parallel import ParallelFitness
 
     settings = screened_settings(request)
-    settings.check()
-    if settings.fidelity and isinstance(fitness, AccuracyFitness):
+    if settings.halving and isinstance(fitness, AccuracyFitness):
         count = max(len(examples) for examples in fitness.engine.examples.values())
         sizes = rung_sizes(count, settings.rungs, settings.eta, settings.min_examples)
         ladder = accuracy_ladder(fitness, sizes, settings.seed)
-        builder = LadderWorkerBuilder(request, fitness.base_lambda, fitness.experts, ladder.references, sizes,
-                                      settings.seed)
-    else:
-        ladder, builder = single_rung(fitness), SingleRungBuilder(worker_builder)
-    parallel = None
-    if request.devices and len(request.devices) > 1:
-        parallel = ParallelFitness(builder, request.devices)
-        ladder.backend = parallel
-    return ladder, parallel
+        return ladder, LadderWorkerBuilder(request, fitness.base_lambda, fitness.experts, ladder.references, sizes,
+                                           settings.seed)
+    return single_rung(fitness), SingleRungBuilder(workers)

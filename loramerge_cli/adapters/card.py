@@ -1,0 +1,208 @@
+"""The model card (README.md) of a merged adapter, built with huggingface_hub's ModelCard, and the
+helpers that keep every written text file free of absolute local paths.
+
+The Hub reads the card's metadata: `base_model` must be a Hub id, so a local base is left out (with a
+note). Inputs are named by task, file name and sha256, never by where they lay on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import statistics
+from pathlib import Path
+
+from loramerge_cli import __version__
+
+RECIPE_NAME = "loramerge.yaml"  # the recipe every output folder holds (cli/recipe.py)
+TAGS = ["loramerge", "merge", "lora"]
+# PEFT task type -> the AutoPeftModel class that loads it (with its base model) in one call.
+AUTO_CLASSES = {
+    "CAUSAL_LM": "AutoPeftModelForCausalLM",
+    "SEQ_CLS": "AutoPeftModelForSequenceClassification",
+    "SEQ_2_SEQ_LM": "AutoPeftModelForSeq2SeqLM",
+    "TOKEN_CLS": "AutoPeftModelForTokenClassification",
+    "QUESTION_ANS": "AutoPeftModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoPeftModelForFeatureExtraction",
+}
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A repository id the Hub accepts (org/name or a legacy name) that is not a local path."""
+    if not name or name.startswith((".", "/", "~")) or os.path.exists(name):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_base_model(*candidates: str | None) -> str | None:
+    """The first candidate that is a Hub id (the card's `base_model`), else None."""
+    return next((name for name in candidates if is_hub_id(name)), None)
+
+
+def portable_path(path: str, folder: str | Path) -> str:
+    """An absolute local path rewritten relative to `folder`; anything else unchanged."""
+    if not os.path.isabs(path):
+        return path
+    return os.path.relpath(path, Path(folder).absolute())
+
+
+def portable_source(spec: str, folder: str | Path) -> str:
+    """An adapter source as written in the outputs: a Hub id as is, a local path relative to `folder`."""
+    return spec if is_hub_id(spec.removeprefix("hf://").split("@", 1)[0]) else portable_path(spec, folder)
+
+
+def portable_command(command: str | None, folder: str | Path) -> str | None:
+    """The command line with every absolute path (also in name=path and --flag=path) relative to `folder`."""
+    if command is None:
+        return None
+    tokens = []
+    for token in shlex.split(command):
+        head, sep, tail = token.partition("=")
+        if sep and os.path.isabs(tail):
+            token = head + sep + portable_path(tail, folder)
+        tokens.append(portable_path(token, folder))
+    return shlex.join(tokens)
+
+
+def portable_inputs(inputs: list[dict], folder: str | Path) -> list[dict]:
+    """Provenance input records with their sources made portable (see portable_source)."""
+    return [{**record, "source": portable_source(str(record["source"]), folder),
+             **({"base_model": portable_path(record["base_model"], folder)} if record.get("base_model") else {})}
+            for record in inputs]
+
+
+def _source_label(adapter) -> str:
+    source = adapter.source
+    if source.kind == "hub" and source.repo_id:
+        return f"[{source.repo_id}](https://huggingface.co/{source.repo_id})"
+    weights = Path(source.weights_file)
+    return f"local `{weights.parent.name if source.kind == 'dir' else weights.name}`"
+
+
+def _papers(settings) -> list[str]:
+    from loramerge_cli.merging.registry import PRESETS
+
+    papers = [settings.method.paper]
+    preset = PRESETS.get(settings.merger)
+    if preset is not None and preset.paper not in papers:
+        papers.insert(0, preset.paper)
+    return papers
+
+
+def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str | None, has_heads: bool) -> list[str]:
+    auto = AUTO_CLASSES.get(task_type or "")
+    code = ["```python"]
+    if auto and base:
+        code += [f"from peft import {auto}", "", f"model = {auto}.from_pretrained({repo!r})"]
+    else:
+        base_line, comment = (repr(base), "") if base else ('"path/to/the/base/model"',
+                                                             "  # the base the inputs were trained on")
+        auto_model = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                      "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+                      "QUESTION_ANS": "AutoModelForQuestionAnswering"}.get(task_type or "", "AutoModel")
+        code += [f"from transformers import {auto_model}", "from peft import PeftModel", "",
+                 f"base = {auto_model}.from_pretrained({base_line}){comment}",
+                 f"model = PeftModel.from_pretrained(base, {repo!r})"]
+    code.append("```")
+    if head:
+        code += ["", f"The task head in `modules_to_save` is task `{head}`'s; rebuild with `--head TASK` to serve "
+                 "another."]
+    if has_heads:
+        code += ["", "The heads of all input tasks are in `heads/<task>.safetensors`."]
+    return code
+
+
+def _lambda_lines(tuning: dict | None, lam: float) -> list[str]:
+    if not tuning:
+        return [f"- λ (factor on the merged update): {lam:.6g}"]
+    lines = [f"- λ tuned on the validation split: **{tuning['best']:.6g}** (largest mean normalized accuracy "
+             "on the grid)", "",
+             "| λ | mean normalized accuracy (%) |", "|---|---|"]
+    for record in tuning["grid"]:
+        mark = " ←" if record["lambda"] == tuning["best"] else ""
+        mean = record.get("mean_normalized_accuracy")
+        lines.append(f"| {record['lambda']:.6g}{mark} | {'—' if mean is None else f'{mean:.2f}'} |")
+    best = next((r for r in tuning["grid"] if r["lambda"] == tuning["best"]), None)
+    if best and best.get("normalized_accuracy"):
+        lines += ["", "Scores at the chosen λ (normalized accuracy, 100 · merged / expert): " + ", ".join(
+            f"{task} {value:.2f}" for task, value in best["normalized_accuracy"].items() if value is not None)]
+    return lines
+
+
+def _table_lines(table) -> list[str]:
+    if table is None:
+        return []
+    cells = len(table.tasks) * len(table.units)
+    lines = ["## Weight table", "",
+             f"{table.pruned_count()} of {cells} (task, {table.unit}) units pruned before merging."]
+    if table.pruned_count():
+        lines += ["", "| task | pruned | units |", "|---|---|---|"]
+        for task, row in zip(table.tasks, table.weights):
+            pruned = [unit for unit, value in zip(table.units, row) if value == 0]
+            lines.append(f"| {task} | {len(pruned)} | {', '.join(f'`{u}`' for u in pruned) or '—'} |")
+    scaled = [value for row in table.weights for value in row if value not in (0, 1)]
+    if scaled:
+        lines += ["", f"{len(scaled)} units carry a coefficient other than 0 or 1: min {min(scaled):.4g}, "
+                  f"median {statistics.median(scaled):.4g}, max {max(scaled):.4g}."]
+    if table.scale is not None:
+        lines += ["", f"The table sets λ = {table.scale:.6g}."]
+    lines += ["", "The table is `mask.json` in this folder.", ""]
+    return lines
+
+
+def _truncation_lines(result) -> list[str]:
+    errors = [m.truncation_error for m in result.modules.values() if m.rank > 0 and m.truncation_error is not None]
+    if not errors:
+        return ["- Exact: the merged update is written as LoRA factors without truncation."]
+    capped = sum(1 for m in result.modules.values() if m.capped)
+    return [f"- Truncated: {len(errors)} dense modules written at reduced rank; relative Frobenius error "
+            f"median {statistics.median(errors):.3g}, largest {max(errors):.3g}"
+            + (f" ({capped} capped at the summed input rank)" if capped else "")]
+
+
+def model_card(result, adapters, *, title: str, base: str | None, task_type: str | None = None,
+               head: str | None = None, table=None, recipe: str | None = None, tuning: dict | None = None,
+               repo_id: str | None = None) -> str:
+    """README.md of a merged adapter: Hub metadata, method, inputs, table, λ, truncation, recipe, use."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    settings = result.settings
+    hub_base = hub_base_model(base)
+    data = ModelCardData(base_model=hub_base, library_name="peft", tags=list(TAGS))
+    base_line = (f"Base model: [{hub_base}](https://huggingface.co/{hub_base})." if hub_base else
+                 "Base model: a local model, not a Hub id, so the card's metadata names none; set `base_model` "
+                 "before publishing if it is on the Hub." if base else "Base model: not recorded by the inputs.")
+    shown = {k: v for k, v in settings.describe().items() if k not in ("merger", "method", "space", "lambda")}
+    lines = [
+        f"# {title}", "",
+        f"A LoRA adapter merged from {len(adapters)} adapters ({', '.join(a.name for a in adapters)}) with "
+        f"[loramerge](https://pypi.org/project/loramerge/) {__version__}.", "",
+        base_line, "",
+        "## Method", "",
+        f"- Merger `{settings.merger}`: method `{settings.method.name}` ({settings.method.summary}) in the "
+        f"`{settings.space}` space",
+        *(f"- Paper: {paper}" for paper in _papers(settings)),
+        f"- Parameters: {', '.join(f'{k}={v}' for k, v in shown.items())}",
+        *_lambda_lines(tuning, settings.lam),
+        *_truncation_lines(result), "",
+        "## Inputs", "",
+        "| task | source | revision | sha256 |", "|---|---|---|---|",
+        *(f"| {a.name} | {_source_label(a)} | {a.source.revision or '—'} | `{a.source.sha256}` |" for a in adapters),
+        "",
+        *_table_lines(table),
+    ]
+    if recipe:
+        lines += ["## Recipe", "", "`loramerge.yaml` (adapter paths relative to this folder) rebuilds this adapter "
+                  "bit for bit:", "", "```yaml", recipe.rstrip("\n"), "```", "",
+                  "```bash", "loramerge merge --config loramerge.yaml --out rebuilt/", "```", ""]
+    lines += ["## Use", "", *_use_snippet(task_type, hub_base, repo_id or title, head,
+                                          any(a.heads for a in adapters)),
+              "", "Provenance (settings, input hashes, per-module truncation) is in `loramerge.json`.", ""]
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    return str(card)

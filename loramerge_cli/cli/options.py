@@ -1,0 +1,143 @@
+"""Options declared once, as data, and commands whose signatures are built from them.
+
+The merge settings (--merger, --space, each method parameter) are generated from the method registry
+(merging/registry.py, torch-free), so a method added there appears in `merge --help` and `search-mask --help`
+with its help, bounds and choices. A command is `def command(ctx, **flags)` with the signature that
+`signature(...)` makes, so its body only parses, plans, executes and renders.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+
+from loramerge_cli.cli.common import (
+    ADAPTERS_HELP,
+    ALLOW_BASE_MISMATCH_HELP,
+    ALLOW_PICKLE_HELP,
+    CONFIG_HELP,
+    DEBUG_HELP,
+    JSON_HELP,
+    QUIET_HELP,
+    THREADS_HELP,
+    load_config_defaults,
+)
+
+
+def option(name: str, annotation, default, *flags: str, **settings) -> inspect.Parameter:
+    """One command-line option as a keyword parameter (Typer reads the Annotated metadata)."""
+    flags = flags or (f"--{name.replace('_', '-')}",)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, typer.Option(*flags, **settings)])
+
+
+def choice(names):
+    """The type of an option whose value must be one of `names` (Click exits 2 listing them)."""
+    return Literal[tuple(names)]
+
+
+def signature(*groups: list[inspect.Parameter]) -> inspect.Signature:
+    """The signature of a command taking the Typer context and every option of `groups`, in order."""
+    context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+    return inspect.Signature([context, *(parameter for group in groups for parameter in group)])
+
+
+def with_options(*groups: list[inspect.Parameter]):
+    """Decorator: give a `(ctx, **flags)` command the signature of `groups` (call it last, outermost)."""
+    def decorate(function):
+        function.__signature__ = signature(*groups)
+        return function
+
+    return decorate
+
+
+def adapter_options(with_base_mismatch: bool = True) -> list[inspect.Parameter]:
+    options = [option("adapters", list[str], ..., help=ADAPTERS_HELP, show_default=False),
+               option("allow_pickle", bool, False, help=ALLOW_PICKLE_HELP)]
+    if with_base_mismatch:
+        options.append(option("allow_base_mismatch", bool, False, help=ALLOW_BASE_MISMATCH_HELP))
+    return options
+
+
+def output_options(config: bool = True) -> list[inspect.Parameter]:
+    """--config, --json, --quiet, --debug: how a command talks."""
+    options = [option("config", Path | None, None, is_eager=True, callback=load_config_defaults, help=CONFIG_HELP)]
+    return (options if config else []) + [
+        option("json_output", bool, False, "--json", help=JSON_HELP),
+        option("quiet", bool, False, help=QUIET_HELP),
+        option("debug", bool, False, help=DEBUG_HELP),
+    ]
+
+
+def threads_option(help: str = THREADS_HELP) -> inspect.Parameter:
+    """--threads: torch's CPU threads in this process."""
+    return option("threads", int | None, None, min=1, show_default=False, help=help)
+
+
+def push_options() -> list[inspect.Parameter]:
+    """--push-to-hub and how: --private, --revision, --dry-run."""
+    return [
+        option("push_to_hub", str | None, None, metavar="OWNER/NAME",
+               help="Upload the output folder to this Hub model repository."),
+        option("private", bool, False, help="--push-to-hub: create the repository private."),
+        option("revision", str | None, None, show_default=False,
+               help="--push-to-hub: branch to upload to (created if needed). [default: main]"),
+        option("dry_run", bool, False, help="--push-to-hub: list what would be uploaded, upload nothing."),
+    ]
+
+
+def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]:
+    """--merger, --method, --space, --lambda, --weights, every registered method parameter, --knots-scaled."""
+    from loramerge_cli.merging.registry import PARAMETERS, PRESETS, SPACES, merger_names, method_names, methods_using
+
+    shown = default_merger or "ta"
+    options = [
+        option("merger", choice(merger_names()) | None, default_merger, show_default=False, help=(
+            f"Preset ({', '.join(PRESETS)}) or method; its parameters are the defaults. [default: {shown}]")),
+        option("method", choice(method_names()) | None, None, help="Override the preset's method."),
+        option("space", choice(SPACES) | None, None, help="Override the space the method acts in."),
+        option("lam", str | None, None, "--lambda", show_default=False, help=(
+            "λ, the factor on the merged update: a number, or 'auto' (tuned on --tasks). "
+            "[default: the table's scale, else the method's]")),
+        option("weights", str | None, None, show_default=False, help=(
+            "Per-adapter weights w1,w2,... in task order, applied before the method. [default: 1]")),
+    ]
+    for parameter in PARAMETERS.values():
+        kind = choice(parameter.choices) if parameter.choices else str if parameter.per_adapter else parameter.type
+        allowed = f" Allowed: {parameter.bounds()}." if parameter.bounds() and not parameter.choices else ""
+        options.append(option(parameter.name, kind | None, None, help=(
+            f"{parameter.help}{allowed} Methods: {', '.join(methods_using(parameter.name))}.")))
+    options.append(option("knots_scaled", bool | None, None, "--knots-scaled/--no-knots-scaled", show_default=False,
+                          help="knots space: scale the components by their singular values."))
+    options.append(option("isotropize", bool | None, None, "--isotropize/--no-isotropize", show_default=False,
+                          help="Flatten the spectrum of the merged update, after any method in any space "
+                          "(CoreSpace's Iso step)."))
+    return options
+
+
+def merge_config(flags: dict, **fixed):
+    """The MergeConfig of the merger options in `flags` (None: not given); λ 'auto' is left to the caller."""
+    from loramerge_cli.cli.common import parse_float_list, parse_lambda
+    from loramerge_cli.errors import check_seed
+    from loramerge_cli.merging.config import SETTINGS, MergeConfig
+    from loramerge_cli.merging.registry import PARAMETERS
+
+    check_seed(flags.get("seed", fixed.get("seed")))
+    lam = parse_lambda(flags.get("lam"))
+    given = {**flags, **{name: _per_adapter(flags[name], name) for name in PARAMETERS
+                         if PARAMETERS[name].per_adapter and name in flags}}
+    named = {name: given[name] for name in SETTINGS if name in given and name not in ("lam", "weights")}
+    extra = {name: given[name] for name in PARAMETERS if name not in SETTINGS}
+    return MergeConfig(**named, lam=None if lam == "auto" else lam,
+                       weights=parse_float_list(flags.get("weights"), "--weights"), params=extra, **fixed)
+
+
+def _per_adapter(text: str | None, name: str):
+    """A per-adapter option's value: one number, or a list of them (v1,v2,... in task order)."""
+    from loramerge_cli.cli.common import parse_float_list
+
+    values = parse_float_list(text, f"--{name.replace('_', '-')}")
+    return values[0] if values is not None and len(values) == 1 else values

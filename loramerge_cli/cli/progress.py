@@ -1,0 +1,124 @@
+"""Progress on stderr: a rich display with ETA on a terminal, periodic plain lines otherwise, nothing
+under --quiet. It draws the stage events of loramerge_cli.events; other events go to `inner` (a command's
+own renderer of search generations or NSC steps)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+PLAIN_INTERVAL = 10.0  # seconds between plain progress lines of one stage
+
+
+def duration(seconds: float) -> str:
+    """12s, 3m05s, 1h02m."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def eta(started: float, done: int, total: int | None, now: float | None = None) -> str | None:
+    """Time left at the mean pace so far ('?' before the first step, None without a total)."""
+    if not total:
+        return None
+    if done <= 0:
+        return "?"
+    elapsed = (now if now is not None else time.monotonic()) - started
+    return duration(elapsed / done * max(0, total - done))
+
+
+@dataclass
+class _Stage:
+    total: int | None
+    started: float = field(default_factory=time.monotonic)
+    done: int = 0
+    last_line: float = 0.0
+    task_id: object = None
+
+
+class ProgressDisplay:
+    """A reporter (callable `(kind, data)`) and a context manager; `print` writes above the live display."""
+
+    def __init__(self, quiet: bool = False, inner=None, console: Console | None = None,
+                 interval: float = PLAIN_INTERVAL, terminal_only: tuple[str, ...] = ()):
+        self.console = console or Console(stderr=True)
+        self.enabled = not quiet
+        self.terminal_only = terminal_only  # stages drawn as a bar on a terminal, without plain lines in a log
+        self.live = self.enabled and self.console.is_terminal
+        self.inner = inner
+        self.interval = interval
+        self.stages: dict[str, _Stage] = {}
+        self._progress = None
+
+    def __enter__(self) -> ProgressDisplay:
+        if self.live:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                console=self.console, transient=True)
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+    def print(self, *objects, **options) -> None:
+        if self.enabled:
+            options.setdefault("highlight", False)
+            options.setdefault("soft_wrap", not self.live)  # plain lines stay one line each in a log file
+            (self._progress.console if self._progress is not None else self.console).print(*objects, **options)
+
+    def __call__(self, kind: str, data: dict) -> None:
+        if kind.startswith("stage_") and data["stage"] in self.terminal_only and not self.live:
+            return
+        if kind == "stage_start":
+            self.start(data["stage"], data.get("total"))
+        elif kind == "stage_step":
+            self.advance(data["stage"], data.get("info", ""))
+        elif kind == "stage_end":
+            self.finish(data["stage"])
+        elif self.inner is not None:
+            self.inner(kind, data)
+
+    def start(self, name: str, total: int | None) -> None:
+        stage = self.stages[name] = _Stage(total)
+        if self._progress is not None:
+            stage.task_id = self._progress.add_task(name, total=total, info="")
+        elif self.enabled and total != 1:
+            self.console.print(f"{name}: {total} steps" if total else f"{name} …", highlight=False, soft_wrap=True)
+            stage.last_line = stage.started
+
+    def advance(self, name: str, info: str = "") -> None:
+        if name not in self.stages:
+            self.start(name, None)
+        stage = self.stages[name]
+        stage.done += 1
+        if self._progress is not None and stage.task_id is not None:
+            self._progress.update(stage.task_id, advance=1, info=info)
+            return
+        now = time.monotonic()
+        if self.enabled and (now - stage.last_line >= self.interval or stage.done == stage.total):
+            stage.last_line = now
+            of = f"/{stage.total}" if stage.total else ""
+            left = eta(stage.started, stage.done, stage.total, now)
+            self.console.print(f"{name}: {stage.done}{of}, {duration(now - stage.started)} elapsed"
+                               + (f", eta {left}" if left and stage.done != stage.total else "")
+                               + (f"  {info}" if info else ""), highlight=False, markup=False, soft_wrap=True)
+
+    def finish(self, name: str) -> None:
+        stage = self.stages.pop(name, None)
+        if stage is not None and self._progress is not None and stage.task_id is not None:
+            self._progress.remove_task(stage.task_id)
+        elif stage is not None and self.enabled and stage.total is None and stage.done:  # its size is known now
+            self.console.print(f"{name}: {stage.done}, {duration(time.monotonic() - stage.started)} elapsed",
+                               highlight=False, markup=False, soft_wrap=True)

@@ -1,0 +1,151 @@
+"""Recipes: the loramerge.yaml every output folder holds, and the --config files every command reads.
+
+A recipe is a map of flag names to values, plus `adapters` as a map of task name to source (or to
+`{path, weight, density}`). Paths in it are relative to the file, so `loramerge merge --config
+merged/loramerge.yaml --out again/` rebuilds `merged/` bit for bit from wherever it is run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from loramerge_cli.adapters.card import RECIPE_NAME
+# Parameters that say where and how to report, not what to compute: never recorded.
+NOT_RECORDED = {"out", "force", "json_output", "quiet", "debug", "config", "threads", "push_to_hub", "private",
+                "revision", "dry_run", "adapters", "indices", "mask"}
+# Parameters only --lambda auto reads: dropped once λ is resolved to a number.
+TUNING_ONLY = {"tasks", "val_limit", "device", "batch_size", "max_length"}
+SOURCE_KEYS = {"adapters", "merged", "base"}  # strings that may be local paths (else Hub ids)
+
+
+def _flag(option) -> str:
+    return next((opt[2:] for opt in option.opts if opt.startswith("--")), option.name)
+
+
+def is_option(parameter) -> bool:
+    return getattr(parameter, "param_type_name", None) == "option"
+
+
+def is_path(parameter) -> bool:
+    """Whether a Typer parameter is annotated as a pathlib.Path (then a config file's value is relative to it)."""
+    import typing
+
+    annotation = getattr(getattr(parameter, "type_descriptor", None), "annotation", None)
+    if annotation is None:  # typer before 0.25: a click ParamType
+        return type(getattr(parameter, "type", None)).__name__ == "Path"
+    return annotation is Path or Path in typing.get_args(annotation)
+
+
+def adapter_source(adapter, folder: str | Path) -> str:
+    """How the recipe in `folder` names an adapter: a Hub id pinned to its commit, or a relative path."""
+    from loramerge_cli.adapters.card import is_hub_id
+
+    source = adapter.source
+    if source.kind == "hub" and source.repo_id:
+        return f"{source.repo_id}@{source.revision}" if source.revision else source.repo_id
+    if is_hub_id(source.spec):
+        return source.spec
+    return os.path.relpath(os.path.abspath(os.path.expanduser(source.spec)), Path(folder).absolute())
+
+
+def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dict | None = None) -> str:
+    """The resolved recipe of the command `ctx` ran, for a file in `folder`: the adapters by name, then every
+    flag that was given a value (`resolved` overrides them, e.g. the tuned λ; None drops a key)."""
+    import yaml
+
+    from loramerge_cli import __version__
+
+    resolved = dict(resolved or {})
+    values = {}
+    for option in ctx.command.params:
+        if not is_option(option) or option.name in NOT_RECORDED:
+            continue
+        value = resolved.pop(option.name, ctx.params.get(option.name))
+        if value is None or value == option.default or (isinstance(value, (list, tuple)) and not value):
+            continue
+        if isinstance(value, Path) or (option.name == "base" and (os.path.isabs(value) or os.path.exists(value))):
+            value = os.path.relpath(os.path.abspath(value), Path(folder).absolute())
+        values[_flag(option)] = value
+    if values.get("lambda") != "auto":  # λ is resolved: what only its tuning reads is not part of the recipe
+        for name in TUNING_ONLY:
+            values.pop(name.replace("_", "-"), None)
+    weights = values.pop("weights", None)
+    weight_list = [float(w) for w in str(weights).split(",")] if weights is not None else None
+    sources = {}
+    for index, adapter in enumerate(adapters):
+        source = adapter_source(adapter, folder)
+        sources[adapter.name] = {"path": source, "weight": weight_list[index]} if weight_list else source
+    recipe = {"adapters": sources, **{key: value for key, value in resolved.items() if value is not None}, **values}
+    header = (f"# loramerge {__version__} recipe ({ctx.info_name}); paths are relative to this file.\n"
+              f"# Rebuild: loramerge {ctx.info_name} --config {RECIPE_NAME} --out DIR\n")
+    return header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+
+
+def _local(value: str, folder: Path) -> str:
+    """A source written in a config file: a path relative to the file if it names one there, else as is."""
+    name, sep, spec = value.partition("=")
+    if not sep or not name or "/" in name:
+        name, sep, spec = "", "", value
+    if os.path.isabs(spec) or spec.startswith("~"):
+        return value
+    candidate = folder / spec
+    if candidate.exists() or spec.startswith(("./", "../")):
+        spec = str(candidate)
+    return f"{name}{sep}{spec}"
+
+
+def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
+    """`{name: source | {path, weight, density}}` -> (["name=source", ...], extra flag values)."""
+    sources, weights, densities = [], [], []
+    for name, entry in value.items():
+        if isinstance(entry, dict):
+            unknown = set(entry) - {"path", "source", "weight", "density"}
+            if unknown or not (entry.get("path") or entry.get("source")):
+                raise typer.BadParameter(f"{origin}: adapter {name!r} needs `path` (and optionally weight, density); "
+                                         f"unknown keys: {sorted(unknown)}")
+            sources.append(f"{name}={entry.get('path') or entry.get('source')}")
+            weights.append(entry.get("weight"))
+            densities.append(entry.get("density"))
+        else:
+            sources.append(f"{name}={entry}")
+            weights.append(None)
+            densities.append(None)
+    extra = {}
+    if any(weight is not None for weight in weights):
+        extra["weights"] = ",".join(str(1.0 if weight is None else float(weight)) for weight in weights)
+    given = {float(density) for density in densities if density is not None}
+    if len(given) > 1 or (given and None in densities):
+        raise typer.BadParameter(f"{origin}: per-adapter density must be the same for every adapter (the "
+                                 "mergers trim all tasks at one density)")
+    if given:
+        extra["density"] = given.pop()
+    return sources, extra
+
+
+def expand_config(data: dict, path: Path, command) -> dict:
+    """A --config mapping with its `adapters` map spread into flags and its paths made relative to the file."""
+    folder = path.parent
+    options = {option.name: option for option in command.params}
+    data = {str(key): value for key, value in data.items()}
+    if isinstance(data.get("adapters"), dict):
+        sources, extra = _adapter_map(data["adapters"], str(path))
+        for flag, value in extra.items():
+            if flag in data or flag.replace("-", "_") in data:
+                raise typer.BadParameter(f"{path}: give {flag} per adapter or as a flag, not both")
+            if flag in options:  # a command that does not merge (inspect, eval) reads only the sources
+                data[flag] = value
+        data["adapters"] = sources
+    expanded = {}
+    for key, value in data.items():
+        option = options.get(key.replace("-", "_")) or next(
+            (o for o in command.params if f"--{key}" in getattr(o, "opts", ())), None)
+        if option is not None and is_path(option) and isinstance(value, str):
+            value = str(folder / value) if not os.path.isabs(value) else value
+        elif option is not None and option.name in SOURCE_KEYS:
+            value = [_local(str(v), folder) for v in value] if isinstance(value, list) else _local(str(value), folder)
+        expanded[key] = value
+    return expanded
+

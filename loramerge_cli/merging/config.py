@@ -1,0 +1,42 @@
+"""MergeConfig: what to merge and how, as the caller gives it (torch-free, so flags are checked before torch
+is imported). `merge.resolve_config` turns it into the values a merge uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class MergeConfig:
+    """What to merge and how. `None` means: not given (the table's recorded value, else the preset's or the
+    method's default; see docs/algorithms.md, "Settings and precedence")."""
+
+    merger: str | None = None  # a preset (knots, core) or a method name; default ta
+    method: str | None = None
+    space: str | None = None
+    lam: float | None = None
+    weights: list[float] | None = None  # per adapter, in task order
+    density: float | list[float] | None = None  # one value, or one per adapter
+    drop_rate: float | None = None
+    scope: str | None = None
+    knots_scaled: bool | None = None
+    isotropize: bool | None = None  # flatten the merged update's spectrum, after any method in any space
+    seed: int | None = None  # default 1
+    out_rank: int | None = None
+    energy: float | None = None  # default 0.9999
+    compute_dtype: object = None  # a torch dtype; None: float64
+    params: dict = field(default_factory=dict)  # method parameters without a field above, by name
+
+    def given(self) -> dict:
+        """The settings the caller chose (not None), by field name; `params` spread among them."""
+        chosen = {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
+        return {**chosen, **{name: value for name, value in self.params.items() if value is not None}}
+
+    def parameter(self, name: str):
+        """A method parameter's given value, or None."""
+        return getattr(self, name) if name in SETTINGS else self.params.get(name)
+
+
+SETTINGS = ("merger", "method", "space", "lam", "weights", "density", "drop_rate", "scope", "knots_scaled", "seed",
+            "out_rank", "energy", "isotropize")  # MergeConfig's fields that a weight table may record (lam as "lambda")
+DEFAULT_MERGER, DEFAULT_SEED, DEFAULT_ENERGY = "ta", 1, 0.9999

@@ -1,0 +1,186 @@
+"""Full-space elementwise merges (TIES family, DARE) straight from the LoRA factors, in row chunks.
+
+The generic path stacks every task's dense m×n update into one (T × m·n) matrix and keeps several
+temporaries of that size (2.8 GB for six 4096×4096 Llama updates). Here a task's update is formed
+chunk by chunk from B̃_t[rows] @ A_t, so memory stays at one m×n result and T small chunks, whatever
+T is:
+
+1. per task (only if needed), one chunked pass for the trimming threshold (the k-th largest |x|, and
+   how many ties at it to keep in flat order) and the L1 rescale factor. A strided sample of entries
+   brackets the threshold, so the pass keeps only the few entries inside the bracket and selects
+   among them (a missed bracket falls back to a selection over all entries: always exact);
+2. per chunk of rows: the T tasks' entries are rebuilt exactly as in step 1, trimmed with those
+   thresholds, elected and merged. Entries whose elected sign is 0 wait for the scope's majority sign
+   (known after the last chunk) and are filled in at the end.
+
+Every entry is computed by the same operations as in `elementwise`, so the two paths agree to rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from loramerge_cli.merging import elementwise
+from loramerge_cli.merging.elementwise import TiesOptions
+from loramerge_cli.merging.lowrank import LowRank
+
+CHUNK_ENTRIES = 1 << 16  # entries per task and chunk (512 kB in float64: the chunks stay in cache)
+
+
+@dataclass(frozen=True)
+class FullSpaceJob:
+    """One module's full-space elementwise merge. `kind`: "sum" (dare), "magnitude" or "ties"."""
+
+    kind: str
+    densities: list[float] | None = None  # per task; None: no trimming
+    keep_rule: str = "round"
+    options: TiesOptions = TiesOptions()
+    drop_rate: float = 0.0
+    dare_rescale: str = "inverse"
+
+
+def _rows(total: int, width: int):
+    step = max(1, CHUNK_ENTRIES // max(1, width))
+    for start in range(0, total, step):
+        yield start, min(total, start + step)
+
+
+def _kept(task: LowRank, keep: torch.Tensor | None, start: int, stop: int, out=None) -> torch.Tensor:
+    """Rows start:stop of the task's update with DARE's dropped entries zeroed, not yet rescaled
+    (rescaling by a positive factor does not change which entries trimming keeps)."""
+    values = torch.mm(task.left[start:stop], task.right, out=out)
+    return values if keep is None else values.mul_(keep[start:stop])
+
+
+def _rescaled(values: torch.Tensor, factor: float | None, job: FullSpaceJob) -> torch.Tensor:
+    if job.drop_rate == 0.0:
+        return values
+    return values * factor if job.dare_rescale == "l1" else values / (1.0 - job.drop_rate)
+
+
+def _bracket(task: LowRank, keep: torch.Tensor | None, k: int) -> tuple[float, float]:
+    """An interval of |x| that very likely holds the k-th largest, from a strided grid of ≤ 256×256
+    entries: ±(8σ + 64) sample ranks around the estimate. Only a guess: `_statistics` checks it."""
+    m, n = task.shape
+    rows, columns = torch.arange(0, m, max(1, m // 256)), torch.arange(0, n, max(1, n // 256))
+    sample = task.left[rows] @ task.right[:, columns]
+    if keep is not None:
+        sample = sample * keep[rows][:, columns]
+    sample = torch.sort(sample.abs().reshape(-1)).values
+    size = sample.numel()
+    below = (1.0 - k / (m * n)) * size  # sample entries expected below the threshold
+    margin = 8.0 * (size * 0.25) ** 0.5 + 64
+    low = sample[max(0, int(below - margin))]
+    high = sample[min(size - 1, int(below + margin))]
+    return float(low), float(high)
+
+
+def _statistics(task, keep, density: float, job: FullSpaceJob):
+    """(trim threshold, ties to keep) and the L1 rescale factor of one task, in one chunked pass that
+    keeps only the entries inside the sampled bracket (exact: a missed bracket falls back to a full
+    selection)."""
+    m, n = task.shape
+    k = elementwise.keep_count(m * n, density, job.keep_rule) if density < 1.0 else 0
+    wants_trim = density < 1.0 and k > 0
+    low, high = _bracket(task, keep, k) if wants_trim else (0.0, 0.0)
+    above, candidates, before, after = 0, [], 0.0, 0.0
+    for start, stop in _rows(m, n):
+        values = _kept(task, keep, start, stop)
+        if keep is not None and job.dare_rescale == "l1":
+            before += float((task.left[start:stop] @ task.right).abs().sum())
+            after += float(values.abs().sum())
+        if wants_trim:
+            magnitude = values.abs_()
+            above += int((magnitude > high).sum())
+            candidates.append(magnitude[(magnitude >= low) & (magnitude <= high)])
+    factor = before / after if before >= 1e-8 and after >= 1e-8 else 1.0
+    if density < 1.0 and k == 0:
+        return (float("inf"), 0), factor
+    if not wants_trim:
+        return None, factor
+    trim = _threshold_in_bracket(above, torch.cat(candidates), k)
+    if trim is None:  # the bracket missed: select over everything
+        magnitude = torch.cat([_kept(task, keep, start, stop).abs().reshape(-1) for start, stop in _rows(m, n)])
+        return elementwise.top_k_threshold(magnitude, k), factor
+    return trim, factor
+
+
+def _threshold_in_bracket(above: int, inside: torch.Tensor, k: int) -> tuple[float, int | None] | None:
+    """(τ, ties to keep) of the k largest, from the count above the bracket and the magnitudes inside
+    it; None if the k-th largest is not inside."""
+    if not above < k <= above + inside.numel():
+        return None
+    threshold = float(torch.kthvalue(inside, inside.numel() - (k - above) + 1).values)
+    strictly = above + int((inside > threshold).sum())
+    at = int((inside == threshold).sum())
+    return threshold, None if strictly + at == k else k - strictly
+
+
+class _Merger:
+    """Elects and merges (T × c) blocks of trimmed, rescaled entries, and settles the mass vote's ties
+    once the whole scope's majority sign is known."""
+
+    def __init__(self, job: FullSpaceJob, weights: list[float], dtype):
+        self.job, self.weights = job, torch.tensor(weights, dtype=dtype)
+        self.signs_total, self.undecided = 0.0, []  # flat indices, their values if the fallback is −1
+
+    def __call__(self, X: torch.Tensor, offset: int) -> torch.Tensor:
+        """Merged columns of X, the entries at flat indices offset, offset + 1, …"""
+        if self.job.kind != "ties":
+            return X.sum(dim=0)
+        options = self.job.options
+        voters = None if options.elect_on == "weighted" else X / self.weights[:, None]
+        signs = elementwise.raw_signs(X if voters is None else voters, options.consensus)
+        self.signs_total += float(signs.sum())
+        zero = (signs == 0).nonzero().reshape(-1)
+        if zero.numel():
+            signs[zero] = 1.0
+        merged = elementwise.disjoint_merge(X, signs, options.normalize, self.weights, voters)
+        if zero.numel():
+            columns = X[:, zero]
+            minus = elementwise.disjoint_merge(columns, columns.new_tensor(-1.0).expand(zero.numel()),
+                                               options.normalize, self.weights,
+                                               None if voters is None else voters[:, zero])
+            self.undecided.append((zero + offset, minus))
+        return merged
+
+    def settle(self, out: torch.Tensor) -> torch.Tensor:
+        mass_vote = self.job.options.consensus == "mass"
+        if self.undecided and mass_vote and elementwise.fallback_sign(self.signs_total) < 0:
+            flat = out.view(-1)
+            for positions, minus in self.undecided:
+                flat[positions] = minus
+        return out
+
+
+def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], weights: list[float],
+                     job: FullSpaceJob) -> torch.Tensor:
+    """The merged dense m×n update of one module (before λ). `keeps`: DARE keep masks or None.
+    Thresholds (and L1 factors) first, one chunked pass per task, then one merging pass."""
+    m, n = tasks[0].shape
+    factors: list[float | None] = [None] * len(tasks)
+    trims: list[tuple[float, int | None] | None] = [None] * len(tasks)
+    for index, (task, keep) in enumerate(zip(tasks, keeps)):
+        density = job.densities[index] if job.densities is not None else 1.0
+        if density < 1.0 or (keep is not None and job.dare_rescale == "l1"):
+            trims[index], factors[index] = _statistics(task, keep, density, job)
+    merger = _Merger(job, weights, tasks[0].left.dtype)
+    out = tasks[0].left.new_empty(m, n)
+    seen = [0] * len(tasks)
+    for start, stop in _rows(m, n):
+        X = tasks[0].left.new_empty(len(tasks), stop - start, n)
+        for index, (task, keep) in enumerate(zip(tasks, keeps)):
+            values = _kept(task, keep, start, stop, out=X[index])
+            if trims[index] is not None:
+                threshold, needed = trims[index]
+                if needed is None:  # no tie to break at the threshold: 1.0 where |x| ≥ τ, 0.0 elsewhere
+                    values.mul_(values.abs().ge_(threshold))
+                else:
+                    mask, seen[index] = elementwise.threshold_mask(values.abs(), threshold, needed, seen[index])
+                    values.mul_(mask)
+            if job.drop_rate:
+                X[index] = _rescaled(values, factors[index], job)
+        out[start:stop] = merger(X.reshape(len(tasks), -1), start * n).reshape(stop - start, n)
+    return merger.settle(out)

@@ -1,0 +1,77 @@
+"""Sparsifiers beyond magnitude trimming (see docs/differences.md for the reference conventions).
+
+- Breadcrumbs (Davari & Belilovsky 2024): per task row, drop the γ·D largest |x| (outliers) and keep
+  the next κ·D; everything else is zeroed.
+- DELLA MagPrune (Deep et al. 2024): per task row, rank the entries by |x| (0 = smallest; ties: lower
+  flat index first); entry i is kept with probability q_i = κ − ε/2 + ε·rank_i/(D−1) and, if kept,
+  divided by q_i, so that E[out] = x. The uniform draws come from the DARE generator of (seed, task,
+  module), so a merge is reproducible and independent of order.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from loramerge_cli.merging import elementwise
+
+
+def outlier_count(size: int, gamma: float, rule: str = "round") -> int:
+    """Entries removed as outliers: ⌊D·γ + 0.5⌋ ("round") or int(D·γ) ("floor"); 0 when γ = 0."""
+    if gamma <= 0.0:
+        return 0
+    return int(size * gamma) if rule == "floor" else int(size * gamma + 0.5)
+
+
+def breadcrumbs_trim(X: torch.Tensor, density, gamma: float, present: torch.Tensor | None = None,
+                     rule: str = "round") -> torch.Tensor:
+    """Keep, per row, the entries ranked γ·D … γ·D + κ·D − 1 by |x| descending (ties: lower index first)."""
+    densities = elementwise.row_densities(density, X.shape[0])
+    out = torch.zeros_like(X)
+    for row, row_density in enumerate(densities):
+        magnitude = X[row].abs()
+        if present is not None:
+            magnitude = torch.where(present[row], magnitude, magnitude.new_tensor(-1.0))
+            size = int(present[row].sum())
+        else:
+            size = X.shape[1]
+        if size == 0:
+            continue
+        top = min(size, outlier_count(size, gamma, rule))
+        last = min(size, top + elementwise.keep_count(size, row_density, rule))
+        if last == top:
+            continue
+        keep = elementwise.top_k_mask(magnitude, last)
+        if top > 0:
+            keep &= ~elementwise.top_k_mask(magnitude, top)
+        out[row] = X[row] * keep
+    return out
+
+
+def magnitude_ranks(magnitude: torch.Tensor) -> torch.Tensor:
+    """rank_i: position of entry i when sorted by |x| ascending, the lower flat index first on ties."""
+    order = torch.sort(magnitude, stable=True).indices
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(order.numel(), device=order.device)
+    return ranks
+
+
+def della_keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """q_i = κ − ε/2 + ε·rank_i/(D−1) (κ when D = 1)."""
+    size = magnitude.numel()
+    if size == 1:
+        return magnitude.new_full((1,), density)
+    ranks = magnitude_ranks(magnitude).to(magnitude.dtype)
+    return density - epsilon / 2 + epsilon * ranks / (size - 1)
+
+
+def della_prune(X: torch.Tensor, density, epsilon: float, row_seeds: list[int]) -> torch.Tensor:
+    """MagPrune each row: keep entry i with probability q_i (draw < q_i), rescale kept entries by 1/q_i."""
+    densities = elementwise.row_densities(density, X.shape[0])
+    out = torch.zeros_like(X)
+    for row, (row_density, seed) in enumerate(zip(densities, row_seeds)):
+        probabilities = della_keep_probabilities(X[row].abs(), row_density, epsilon)
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        draws = torch.rand(X.shape[1], generator=generator, dtype=torch.float32).to(X.device)
+        keep = draws.to(X.dtype) < probabilities
+        out[row] = torch.where(keep, X[row] / probabilities, 0.0)
+    return out

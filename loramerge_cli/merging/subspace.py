@@ -1,0 +1,113 @@
+"""Spectral mergers built from per-task subspaces, exact on factors: CART, Iso-CTS, LoRA-LEGO.
+
+Every SVD here is of a factored matrix (thin QRs + a small middle SVD, `lowrank.compact_svd`), with
+the ε-rank and sign conventions of the other spectral methods.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from loramerge_cli.merging.lowrank import EPS_RANK, LowRank, compact_svd, sum_lowrank
+
+Tensorish = torch.Tensor | LowRank
+
+
+def _factored(task: Tensorish) -> LowRank:
+    if isinstance(task, LowRank):
+        return task
+    return LowRank(task, torch.eye(task.shape[1], dtype=task.dtype, device=task.device))
+
+
+def _scaled(task: LowRank, factor: float) -> LowRank:
+    return LowRank(task.left * factor, task.right)
+
+
+def _top(task: LowRank, k: int) -> LowRank:
+    """The best rank-k approximation (the k leading ε-rank components)."""
+    svd = compact_svd(task)
+    k = min(k, svd.S.numel())
+    return LowRank(svd.U[:, :k] * svd.S[:k], svd.V[:, :k].T)
+
+
+def cart(tasks: list[Tensorish], rank_fraction: float, scale: float) -> LowRank:
+    """CART (Choi et al.): θ̄ + c·Σ_t lowrank_k(X_t − θ̄), θ̄ = mean_t X_t, k = ⌈ρ·min(m, n)⌉."""
+    factored = [_factored(task) for task in tasks]
+    m, n = factored[0].shape
+    k = math.ceil(rank_fraction * min(m, n))
+    mean = _scaled(sum_lowrank(factored), 1.0 / len(factored))
+    centred = [_top(sum_lowrank([task, _scaled(mean, -1.0)]), k) for task in factored]
+    return sum_lowrank([mean, _scaled(sum_lowrank(centred), scale)])
+
+
+def iso_cts(tasks: list[Tensorish], common_fraction: float) -> LowRank:
+    """Iso-CTS (Marczak et al.): the k leading singular directions of Σ_t X_t (the common subspace,
+    k = min(⌈ρ·p⌉, ε-rank), p = min(m, n)), plus per task the s = ⌊(p − k)/T⌋ leading directions of
+    its update with the common left subspace projected out (singular values above 1e-6·σ_max of the
+    sum; what the projection leaves of a covered task is rounding noise); both bases orthogonalised by
+    polar factors (over their ε-rank: with LoRA the subspaces overlap, see `partial_polar`); every
+    direction gets the mean ε-rank singular value of Σ_t X_t."""
+    factored = [_factored(task) for task in tasks]
+    m, n = factored[0].shape
+    p = min(m, n)
+    total = compact_svd(sum_lowrank(factored))
+    if total.S.numel() == 0:
+        return LowRank(total.U, total.V.T)
+    k = min(math.ceil(common_fraction * p), total.S.numel())
+    U_common, V_common = total.U[:, :k], total.V[:, :k]
+    share = (p - k) // len(factored)
+    lefts, rights = [U_common], [V_common]
+    for task in factored:
+        residual = LowRank(task.left - U_common @ (U_common.T @ task.left), task.right)
+        svd = compact_svd(residual)
+        s = min(share, int((svd.S > EPS_RANK * total.S[0]).sum()))  # rounding noise is not a direction
+        lefts.append(svd.U[:, :s])
+        rights.append(svd.V[:, :s])
+    U_hat, V_hat = torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
+    return LowRank(partial_polar(U_hat) * total.S.mean(), partial_polar(V_hat).T)
+
+
+def partial_polar(M: torch.Tensor) -> torch.Tensor:
+    """P_q Q_qᵀ over the ε-rank singular triplets of M = P Σ Qᵀ: the polar factor, made unique when
+    the columns are dependent (low-rank updates: the common and task subspaces overlap)."""
+    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
+    q = int((S > EPS_RANK * S[0]).sum()) if S.numel() and S[0] > 0 else 0
+    return P[:, :q] @ Qh[:q]
+
+
+def lora_lego(tasks: list[LowRank], clusters: int | None, iterations: int, seed: int) -> LowRank:
+    """LoRA-LEGO (Zhao et al.): cluster the rank-1 units (b_i, a_i) of every task by k-means on
+    [a/‖a‖; b/‖b‖] (K = `clusters`, default the largest task rank; Lloyd iterations from K distinct
+    units drawn by a seeded permutation; an emptied cluster keeps its centroid; ties go to the lower
+    cluster index); each cluster's mean unit, each factor rescaled by (mean ∞-norm of its members)
+    / (∞-norm of the mean), contributes b̄ āᵀ; the sum is scaled by √K_default / √K."""
+    lefts = torch.cat([task.left for task in tasks], dim=1).T  # units × m: b_i
+    rights = torch.cat([task.right for task in tasks], dim=0)  # units × n: a_i
+    units = rights.shape[0]
+    default = max(task.right.shape[0] for task in tasks)
+    K = min(clusters or default, units)
+    features = torch.cat([rights / rights.norm(dim=1, keepdim=True).clamp(min=1e-30),
+                          lefts / lefts.norm(dim=1, keepdim=True).clamp(min=1e-30)], dim=1)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    centroids = features[torch.randperm(units, generator=generator)[:K].to(features.device)].clone()
+    labels = torch.zeros(units, dtype=torch.long, device=features.device)
+    for _ in range(iterations):
+        labels = torch.cdist(features, centroids).argmin(dim=1)
+        for cluster in range(K):
+            members = labels == cluster
+            if members.any():
+                centroids[cluster] = features[members].mean(dim=0)
+    b_bars, a_bars = [], []
+    for cluster in range(K):
+        members = labels == cluster
+        if not members.any():
+            continue
+        b_bar, a_bar = lefts[members].mean(dim=0), rights[members].mean(dim=0)
+        b_bar = b_bar * (lefts[members].abs().amax(dim=1).mean() / b_bar.abs().max().clamp(min=1e-30))
+        a_bar = a_bar * (rights[members].abs().amax(dim=1).mean() / a_bar.abs().max().clamp(min=1e-30))
+        b_bars.append(b_bar)
+        a_bars.append(a_bar)
+    factor = math.sqrt(default) / math.sqrt(K)
+    return LowRank(torch.stack(b_bars, dim=1) * factor, torch.stack(a_bars))

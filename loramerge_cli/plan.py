@@ -1,0 +1,178 @@
+"""Plan, then execute: `plan_merge` checks everything a merge needs before any tensor is touched, `execute`
+merges, `write` writes. `loramerge merge` and `api.merge` both go through here, so they agree.
+
+Settings precedence (docs/algorithms.md, "Settings and precedence"): the caller's settings over the weight
+table's recorded ones over the preset's over the method's defaults. A caller's setting that differs from a
+recorded one is refused unless `override`; λ never conflicts (the caller's wins, then the table's `scale`,
+then its recorded λ). With `override` and another merger or method, the recorded parameters are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+from loramerge_cli.adapters.compat import check_compatible
+from loramerge_cli.adapters.model import Adapter
+from loramerge_cli.adapters.writer import check_head, check_output_dir, write_merged_adapter
+from loramerge_cli.errors import LoramergeError, UsageError, check_at_least
+from loramerge_cli.events import Reporter, stage
+from loramerge_cli.masks import WeightTable, check_table
+from loramerge_cli.merging import merge as merging
+from loramerge_cli.merging.merge import SETTINGS, MergeConfig, MergeResult, ResolvedMerge, resolve_config
+from loramerge_cli.merging.registry import DTYPES
+
+
+@dataclass
+class LambdaTuning:
+    """`--lambda auto`: λ tuned on the validation split of `tasks` before the merge."""
+
+    tasks: Path
+    val_limit: int | None = None
+    device: str | None = None
+    batch_size: int | None = None
+    base: str | None = None
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        check_at_least(self.val_limit, 1, "--val-limit")
+        check_at_least(self.batch_size, 1, "--batch-size")
+        check_at_least(self.max_length, 2, "--max-length")
+
+
+@dataclass
+class MergePlan:
+    """A merge that has passed every check: `execute` cannot fail on its inputs, `write` not on its target."""
+
+    adapters: list[Adapter]
+    settings: ResolvedMerge  # every value the merge uses (λ is replaced when it is tuned)
+    table: WeightTable | None = None
+    out: Path | None = None
+    force: bool = False
+    dtype: str | None = None
+    head: str | None = None
+    base: str | None = None
+    command: str | None = None
+    tuning: LambdaTuning | None = None
+    allow_base_mismatch: bool = False
+
+
+def recorded_settings(table: WeightTable | None) -> dict:
+    """The merger settings a weight table was searched with, by MergeConfig field."""
+    merger = table.merger if table is not None and isinstance(table.merger, dict) else {}
+    recorded = {name: merger[name] for name in SETTINGS if name != "lam" and merger.get(name) is not None}
+    if table is not None and table.scale is None and merger.get("lambda") is not None:
+        recorded["lam"] = float(merger["lambda"])  # the table's scale, when present, wins
+    return recorded
+
+
+def combined_settings(given: dict, recorded: dict, override: bool) -> dict:
+    """The caller's settings over the table's recorded ones (see the module docstring)."""
+    conflicts = [name for name in given if name != "lam" and name in recorded and given[name] != recorded[name]]
+    if conflicts and not override:
+        name = conflicts[0]
+        raise LoramergeError(
+            f"--{name.replace('_', '-')} {given[name]} conflicts with the mask's recorded "
+            f"{name} {recorded[name]}; pass --override to use yours"
+        )
+    if override and ("merger" in given or "method" in given):
+        return given  # another method: the recorded parameters may not apply to it
+    return {**recorded, **given}
+
+
+def check_not_an_input(out: str | Path, adapters: list[Adapter]) -> None:
+    """Refuse an output that resolves to an input adapter's folder or file, or to a folder holding one."""
+    target = Path(out).resolve()
+    for adapter in adapters:
+        weights = Path(adapter.source.weights_file).resolve()
+        if target == weights or target == weights.parent or target in weights.parents:
+            raise LoramergeError(f"--out {out} would overwrite the input adapter {adapter.name!r}")
+
+
+def plan_merge(
+    adapters: list[Adapter],
+    config: MergeConfig | None = None,
+    table: WeightTable | None = None,
+    *,
+    override: bool = False,
+    out: str | Path | None = None,
+    force: bool = False,
+    dtype: str | None = None,
+    head: str | None = None,
+    base: str | None = None,
+    command: str | None = None,
+    tuning: LambdaTuning | None = None,
+    allow_base_mismatch: bool = False,
+) -> MergePlan:
+    """Check everything, in the order a user fixes things: flags, output, inputs, table, settings."""
+    config = config or MergeConfig()
+    if not adapters:
+        raise UsageError("no adapters to merge")
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if tuning is not None:
+        if not Path(tuning.tasks).is_file():
+            raise LoramergeError(f"{tuning.tasks}: task spec not found (--lambda auto tunes λ on it)")
+    if out is not None:
+        check_output_dir(out, force)
+        check_not_an_input(out, adapters)
+    check_head(adapters, head)
+    if table is not None:
+        check_table(table, adapters)
+    chosen = combined_settings(config.given(), recorded_settings(table), override)
+    if tuning is not None:
+        chosen.pop("lam", None)  # λ is tuned: neither a recorded λ nor the table's scale is used
+    params = {name: value for name, value in chosen.items() if name not in SETTINGS}
+    fields = {name: value for name, value in chosen.items() if name in SETTINGS}
+    combined = replace(MergeConfig(**fields, params=params), compute_dtype=config.compute_dtype)
+    check_compatible(adapters, allow_base_mismatch)
+    settings = resolve_config(combined, len(adapters), None if tuning else table)
+    return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head, base,
+                     command, tuning, allow_base_mismatch)
+
+
+def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
+            on_event: Reporter | None = None) -> MergeResult:
+    """Tune λ if asked, then merge. `progress(path)` is called after each module; `on_event` receives the
+    progress stages (loramerge_cli.events) of the λ grid and of the merge."""
+    settings, tuning = plan.settings, {}
+    if plan.tuning is not None:
+        from loramerge_cli.evaluation.tuning import search_lambda
+
+        options = {key: value for key, value in vars(plan.tuning).items() if key != "tasks" and value is not None}
+        search = search_lambda(plan.adapters, _config_of(settings), plan.table, plan.tuning.tasks,
+                               allow_base_mismatch=plan.allow_base_mismatch, report=on_event, **options)
+        settings = replace(settings, lam=float(search.best))
+        tuning = {"lambda_tuning": {"tasks": str(plan.tuning.tasks), **search.describe()}}
+    modules = {path for adapter in plan.adapters for path in adapter.modules}
+    with stage(on_event, "merging", len(modules)) as step:
+        def advance(path: str) -> None:
+            step(path)
+            if progress is not None:
+                progress(path)
+
+        result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance)
+    result.provenance.update(tuning)
+    return result
+
+
+def _config_of(settings: ResolvedMerge) -> MergeConfig:
+    """The MergeConfig that resolves to `settings` with λ left to its default (what the λ tuner takes)."""
+    named = {name: value for name, value in settings.params.items() if name in SETTINGS}
+    extra = {name: value for name, value in settings.params.items() if name not in SETTINGS}
+    return MergeConfig(merger=settings.merger, method=settings.method.name, space=settings.space,
+                       weights=settings.weights, knots_scaled=settings.knots_scaled, seed=settings.seed,
+                       out_rank=settings.out_rank, energy=settings.energy, compute_dtype=settings.compute_dtype,
+                       isotropize=settings.isotropize or None, params=extra, **named)
+
+
+def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_id: str | None = None) -> Path:
+    """Write the merge where the plan says (the output guard runs again: the disk may have changed).
+    `recipe` (YAML text) becomes loramerge.yaml; `repo_id` is the Hub id the model card's code loads."""
+    if plan.out is None:
+        raise UsageError("the plan has no output folder (give out= to plan_merge)")
+    check_not_an_input(plan.out, plan.adapters)
+    return write_merged_adapter(result, plan.adapters, plan.out, dtype=plan.dtype, head=plan.head,
+                                command=plan.command, force=plan.force, table=plan.table, base_model=plan.base,
+                                extra_provenance=result.provenance, recipe=recipe, repo_id=repo_id)

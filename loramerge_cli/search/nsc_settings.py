@@ -1,0 +1,42 @@
+"""NSC's settings (torch-free: a search request is checked before torch is imported)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from loramerge_cli.errors import UsageError, check_seed
+
+OBJECTIVES = ("nsc", "entropy")
+STATE_NAME = "nsc_state.safetensors"
+
+
+@dataclass
+class NscSettings:
+    """Defaults of docs/algorithms.md, NSC. `batch_size` examples per task and step."""
+
+    steps: int = 100
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    init: float = 0.4
+    seed: int = 1
+    objective: str = "nsc"
+    target_blocks: list[str] | None = None
+    target_modules: list[str] | None = None
+    checkpoint_every: int = 10  # steps between run-directory checkpoints
+
+    def check(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
+        if self.steps < 1:
+            raise UsageError("--steps must be >= 1")
+        if not self.lr > 0:
+            raise UsageError("--lr must be > 0")
+        if not math.isfinite(self.init):
+            raise UsageError("--init must be a finite number")
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
+        check_seed(self.seed)
+        if self.checkpoint_every < 1:
+            raise UsageError("checkpoint interval must be >= 1 step")

@@ -1,0 +1,180 @@
+"""Plan a search before any work: `plan_search` checks the strategy, the fitness, every setting, the output's
+folder, the run directory and --resume, the splits the search will read and the extras it will import, and
+refuses a bad request in one line before a model loads. `runner.run_search` then does the work."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loramerge_cli import atomic
+from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, check_seed
+from loramerge_cli.search.enmp import EnmpSettings
+from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
+from loramerge_cli.search.strategies import DEFAULT_STRATEGY, Strategy, strategy_named
+
+FITNESSES = ("accuracy", "nsc")
+
+
+@dataclass
+class SearchRequest:
+    adapters: list  # sources (str), or loaded Adapters (the library API: nothing is read twice)
+    merge: object  # MergeConfig; lam None = the merger's default
+    tasks: Path
+    eval: object  # EvalSettings
+    lambda_auto: bool = False
+    base: str | None = None
+    allow_base_mismatch: bool = False
+    allow_pickle: bool = False
+    strategy: str = DEFAULT_STRATEGY
+    enmp: EnmpSettings = field(default_factory=EnmpSettings)  # the CMA-ES budget, shared by the mask strategies
+    options: dict = field(default_factory=dict)  # the strategy's own settings (its `parameters`), by name
+    fitness: str = "accuracy"  # or "nsc": label-free (docs/algorithms.md, "NSC"), for the mask strategies
+    nsc: NscSettings = field(default_factory=NscSettings)  # --strategy nsc, and --fitness nsc's objective
+    budget: int | None = None  # distinct evaluations for greedy/random; default popsize·generations
+    sparsity: float | None = None  # random: fraction of units pruned; default max_prune / 2
+    run_dir: Path | None = None
+    resume: bool = False
+    report_test: bool = False
+    devices: list[str] | None = None  # one worker per entry; None: serial in this process
+    command: str = ""
+
+
+@dataclass
+class SearchPlan:
+    """A checked search: `api.search(plan)` runs it and writes `out` (and `plot`) when given."""
+
+    request: SearchRequest
+    strategy: Strategy
+    out: Path | None = None
+    force: bool = False
+    plot: Path | None = None
+
+
+def check_request(request: SearchRequest) -> Strategy:
+    """Every setting of the request, without reading a file; returns the strategy."""
+    strategy = strategy_named(request.strategy)
+    if request.fitness not in FITNESSES:
+        raise UsageError(f"--fitness must be one of {', '.join(FITNESSES)} (got {request.fitness!r})")
+    check_seed(request.enmp.seed)
+    check_at_least(request.eval.val_limit, 1, "--val-limit")
+    check_at_least(request.eval.batch_size, 1, "--batch-size")
+    check_at_least(request.eval.max_length, 2, "--max-length")
+    if not 0 <= request.eval.block_cache_mb < math.inf:
+        raise UsageError("--block-cache-mb must be a number >= 0")
+    if request.resume and not strategy.resumable:
+        raise UsageError(f"--strategy {strategy.name} cannot resume a run; rerun it without --resume")
+    if request.resume and request.run_dir is None:
+        raise UsageError("--resume needs --run-dir")
+    label_free = strategy.kind == "coefficients" or request.fitness == "nsc"
+    if label_free:
+        request.nsc.check()
+        if request.lambda_auto:
+            raise UsageError("--lambda auto tunes λ on labelled validation data; give a number with a label-free "
+                             "search")
+    if strategy.kind == "mask":
+        request.enmp.check()
+        check_at_least(request.budget, 1, "--budget")
+        if request.sparsity is not None and not 0 < request.sparsity <= 1:
+            raise UsageError("--sparsity must be in (0, 1]")
+    if strategy.check is not None:
+        strategy.check(request)
+    return strategy
+
+
+def check_splits(request: SearchRequest) -> None:
+    """The task spec names a task for every adapter and the splits the search reads (test: --report-test)."""
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    task_file = load_task_file(request.tasks)
+    needed = [request.eval.split] + (["test"] if request.report_test else [])
+    for task in task_file.tasks:
+        for split in needed:
+            reason = " (--report-test scores it)" if split == "test" else ""
+            if split not in task.data:
+                raise task_file.error(f"{task.where}.data", f"no {split!r} split{reason} (has: {', '.join(task.data)})")
+            if not Path(task.data[split]).exists():
+                raise task_file.error(f"{task.where}.data.{split}", f"no such file {task.data[split]}{reason}")
+    from loramerge_cli.evaluation.data import check_data
+
+    check_data(task_file, needed)  # every row's inputs and labels, before any adapter or model loads
+
+
+def check_extras(request: SearchRequest, plot: Path | None) -> None:
+    """The optional libraries the search will import, imported now rather than after the work: matplotlib
+    for --plot, pillow for image tasks, pyarrow for parquet data."""
+    import importlib
+
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    task_file = load_task_file(request.tasks)
+    splits = [request.eval.split] + (["test"] if request.report_test else [])
+    files = [str(task.data.get(split, "")) for task in task_file.tasks for split in splits]
+    needed = [("matplotlib", "plot", "--plot")] if plot is not None else []
+    if task_file.type.images:
+        needed.append(("PIL", "image", f"{task_file.model_type} tasks"))
+    if any(name.endswith(".parquet") for name in files):
+        needed.append(("pyarrow", "parquet", "parquet data"))
+    for module, extra, reason in needed:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise LoramergeError(f"{reason} needs {module}: pip install 'loramerge[{extra}]'") from None
+
+
+def prepare_run_dir(request: SearchRequest) -> None:
+    """The run directory remembers the resolved request; --resume refuses a different one."""
+    if request.run_dir is None:
+        return
+    run_dir = Path(request.run_dir)
+    config = run_config(request)
+    path = run_dir / "config.json"
+    if request.resume:
+        if not path.is_file():
+            raise LoramergeError(f"--resume: {run_dir} holds no search to resume")
+        saved = json.loads(path.read_text())
+        if saved != json.loads(json.dumps(config)):
+            changed = sorted(key for key in config if json.loads(json.dumps(config[key])) != saved.get(key))
+            raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
+        return
+    if (run_dir / "state.pkl").exists() or (run_dir / STATE_NAME).exists():
+        raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")
+    atomic.write_text(path, json.dumps(config, indent=2) + "\n")
+
+
+def run_config(request: SearchRequest) -> dict:
+    """The settings a resumed run must share with the saved one."""
+    config = {
+        "adapters": [getattr(a, "source", None) and a.source.spec or a for a in request.adapters],
+        "merge": _plain(asdict(request.merge)), "tasks": str(request.tasks), "eval": _plain(asdict(request.eval)),
+        "strategy": request.strategy, "enmp": asdict(request.enmp), "lambda_auto": request.lambda_auto,
+        "base": request.base, "budget": request.budget, "sparsity": request.sparsity, "options": request.options,
+    }
+    if request.strategy == "nsc" or request.fitness == "nsc":
+        config.update(fitness=request.fitness, nsc=asdict(request.nsc))
+    return config
+
+
+def _plain(data: dict) -> dict:
+    return {key: (str(value) if not isinstance(value, (int, float, str, bool, list, type(None))) else value)
+            for key, value in data.items()}
+
+
+def plan_search(request: SearchRequest, out: str | Path | None = None, force: bool = False,
+                plot: str | Path | None = None) -> SearchPlan:
+    """Check everything a search needs before any model loads (torch is imported only for the output check);
+    the run directory is prepared last."""
+    strategy = check_request(request)
+    if plot is not None and strategy.kind == "coefficients":
+        raise UsageError("--plot draws search curves and masks; --strategy nsc has neither")
+    check_splits(request)
+    check_extras(request, plot)
+    if out is not None:
+        from loramerge_cli.adapters.writer import check_output_dir
+
+        check_output_dir(out, force)
+    prepare_run_dir(request)
+    return SearchPlan(request, strategy, Path(out) if out is not None else None, force,
+                      Path(plot) if plot is not None else None)

@@ -1,0 +1,51 @@
+"""The labelled search problem: adapters, the resolved merge, the all-ones table and the evaluation engine,
+built identically in the parent and in every worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from loramerge_cli.errors import LoramergeError
+
+
+def request_adapters(request) -> list:
+    """The request's adapters: loaded ones as given (the library API), sources read once here."""
+    from loramerge_cli.adapters.model import Adapter
+    from loramerge_cli.adapters.peft_reader import load_adapters
+
+    if all(isinstance(adapter, Adapter) for adapter in request.adapters):
+        return list(request.adapters)
+    return load_adapters(request.adapters, request.allow_pickle)
+
+
+@dataclass
+class Problem:
+    """Everything a fitness needs, built identically in the parent and in every worker."""
+
+    adapters: list
+    settings: object  # ResolvedMerge at the base λ
+    template: object  # WeightTable (all ones)
+    engine: object  # Evaluator
+
+
+def build_problem(request: SearchRequest, device: str | None = None, lam: float | None = None) -> Problem:
+    from loramerge_cli.adapters.compat import check_compatible
+    from loramerge_cli.evaluation.engine import Evaluator
+    from loramerge_cli.evaluation.specs import load_task_file
+    from loramerge_cli.masks import ones_table
+    from loramerge_cli.merging.merge import resolve_config
+
+    adapters = request_adapters(request)
+    check_compatible(adapters, request.allow_base_mismatch)
+    merge_config = replace(request.merge, lam=lam if lam is not None else request.merge.lam)
+    settings = resolve_config(merge_config, len(adapters))
+    task_file = load_task_file(request.tasks)
+    eval_settings = replace(request.eval, device=device) if device else request.eval
+    engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)
+    if engine.task_file.names != [a.name for a in adapters]:
+        missing = [a.name for a in adapters if a.name not in engine.task_file.names]
+        if missing:
+            raise LoramergeError(f"{request.tasks}: no task for adapter(s) {', '.join(missing)}")
+    return Problem(adapters, settings, ones_table(adapters), engine)
+
+

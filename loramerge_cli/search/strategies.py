@@ -1,0 +1,159 @@
+"""The search strategies: the one place to add one (docs/contributing.md, "Adding a search strategy").
+
+A mask strategy gets the fitness (a batch of candidates -> fitness values), the search space and an event
+callback, and returns its best evaluation, how many distinct candidates it scored, and its history. It says
+whether it can resume a run directory; one that cannot is refused with --resume (never silently restarted).
+`nsc` is a coefficient strategy: it learns real weights by gradient descent (search/nsc.py), not masks.
+A strategy declares its own settings as `Parameter`s: search-mask's options are generated from them, and
+the request carries their values in `request.options`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from loramerge_cli.errors import UsageError
+
+
+@dataclass
+class SearchSpace:
+    """What a mask strategy searches: the flat index i = u·T + t over units × tasks, and where to keep state."""
+
+    unit_count: int
+    task_count: int
+    base_lambda: float
+    run_dir: Path | None = None
+    resume: bool = False
+
+
+@dataclass
+class Outcome:
+    best: object  # enmp.Evaluation
+    evaluations: int  # distinct candidates scored (the unpruned reference not counted)
+    history: list[dict]
+    forward_examples: int | None = None  # examples run through the model (None: evaluations × the set's size)
+    settings: dict | None = None  # the resolved settings the provenance records (None: ENMP's or the budget)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A strategy's own setting: the `request.options` key, and the search-mask option made from it."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    flags: tuple[str, ...] = ()  # the option's flags; default --name (a bool: --name/--no-name)
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    help: str
+    resumable: bool
+    run: Callable | None  # (request, fitness, SearchSpace, on_event) -> Outcome; None for `nsc`
+    kind: str = "mask"  # "mask" (0/1 tables scored by a fitness) or "coefficients" (nsc)
+    parameters: tuple[Parameter, ...] = ()
+    check: Callable | None = None  # (request) -> None: its settings, before any work
+    scoring: Callable | None = None  # (request, fitness, workers) -> (what `run` gets as its fitness, the
+    # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
+
+
+def _budget(request) -> int:
+    return request.budget or request.enmp.popsize * request.enmp.generations
+
+
+def _run_enmp(request, fitness, space: SearchSpace, on_event) -> Outcome:
+    from loramerge_cli.search.enmp import EnmpSearch
+
+    search = EnmpSearch(request.enmp, space.unit_count, space.task_count, fitness, base_lambda=space.base_lambda,
+                        run_dir=space.run_dir, on_generation=lambda record: on_event("generation", record))
+    best = search.run(resume=space.resume)
+    return Outcome(best, len(search.state.memo) - 1, search.state.history)
+
+
+def _rounds(on_event) -> tuple[list[dict], Callable[[dict], None]]:
+    history: list[dict] = []
+
+    def on_round(record: dict) -> None:
+        history.append(record)
+        on_event("round", record)
+
+    return history, on_round
+
+
+def _run_greedy(request, fitness, space: SearchSpace, on_event) -> Outcome:
+    from loramerge_cli.search.baselines import greedy_search
+    from loramerge_cli.search.decode import max_pruned
+
+    history, on_round = _rounds(on_event)
+    k_max = max_pruned(request.enmp.max_prune, space.unit_count, space.task_count)
+    ledger = greedy_search(fitness, space.unit_count * space.task_count, k_max, _budget(request), on_round)
+    return Outcome(ledger.best(), len(ledger.memo) - 1, history)
+
+
+def _run_random(request, fitness, space: SearchSpace, on_event) -> Outcome:
+    from loramerge_cli.search.baselines import random_search
+
+    history, on_round = _rounds(on_event)
+    flat = space.unit_count * space.task_count
+    sparsity = request.sparsity if request.sparsity is not None else request.enmp.max_prune / 2
+    count = max(1, min(flat, round(sparsity * flat)))
+    ledger = random_search(fitness, flat, count, _budget(request), request.enmp.seed, on_round)
+    return Outcome(ledger.best(), len(ledger.memo) - 1, history)
+
+
+def _run_screened(request, fitness, space: SearchSpace, on_event) -> Outcome:
+    from dataclasses import asdict
+
+    from loramerge_cli.search.screened import run_screened, screened_settings
+
+    settings = screened_settings(request)
+    best, spent = run_screened(settings, fitness, space.unit_count, space.task_count, space.run_dir, space.resume,
+                               on_event)
+    return Outcome(best, spent["full_evaluations"], spent["history"], spent["forward_examples"], asdict(settings))
+
+
+def _check_screened(request) -> None:
+    from loramerge_cli.search.screened import screened_settings
+
+    screened_settings(request).check()
+
+
+def _screened_scoring(request, fitness, workers):
+    from loramerge_cli.search.screened import screened_ladder
+
+    return screened_ladder(request, fitness, workers)
+
+
+SCREENED = Strategy(
+    "screened", "the default: every single-unit pruning scored first and CMA-ES started from it, new tables only, "
+    "scored on seeded validation subsets first (successive halving)", True, _run_screened,
+    parameters=(
+        Parameter("screen", bool, True, "score every single-unit pruning first and start CMA-ES from it."),
+        Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off)."),
+        Parameter("halving", bool, True, "score new tables on seeded validation subsets first (successive "
+                  "halving); the result's fitness is always the full set's."),
+        Parameter("eta", int, 3, "successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta²."),
+    ),
+    check=_check_screened, scoring=_screened_scoring)
+
+DEFAULT_STRATEGY = SCREENED.name
+
+STRATEGIES: dict[str, Strategy] = {
+    "screened": SCREENED,
+    "enmp": Strategy("enmp", "CMA-ES over the binary table (ENMP)", True, _run_enmp),
+    "greedy": Strategy("greedy", "leave-one-out: prune the unit that helps most, while it helps", False,
+                       _run_greedy),
+    "random": Strategy("random", "best of N random masks of a fixed sparsity", False, _run_random),
+    "nsc": Strategy("nsc", "learn one coefficient per task and module by gradient descent on unlabeled inputs",
+                    True, None, kind="coefficients"),
+}
+
+
+def strategy_named(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise UsageError(f"--strategy must be one of {', '.join(STRATEGIES)} (got {name!r})")
+    return STRATEGIES[name]

@@ -1,16 +1,18 @@
 """Screened CMA-ES (`--strategy screened`, the default): the paper's ENMP search with three parts added,
 each of which can be switched off.
 
-* **screen** (step 0): every single-unit pruning is scored once; the scores set the CMA-ES mean per unit
-  (the units whose pruning helped most start above the threshold θ, the most harmful far below it), and
-  the "stacks" — the k best helpful singles pruned together, k = 2 … K_max — are scored too.
-  Off: the mean is the paper's x0 everywhere.
+* **screen** (step 0): every single-unit pruning is scored once on the full validation set; the scores set
+  the CMA-ES mean per unit (the units whose pruning helped most start above the threshold θ, the most
+  harmful far below it), and the "stacks" — the k best helpful singles pruned together, k = 2 … K_max —
+  are scored too. Off: the mean is the paper's x0 everywhere.
 * **redraw**: a candidate whose decoded table was already scored (or drawn earlier in the generation) is
   drawn again, up to `redraws` times per slot, so a generation scores up to popsize new tables.
-* **halving** (successive halving): a batch of new tables is scored on the smallest seeded validation
-  subset, the best 1/η (and every table within `noise_examples` examples of the cut, one example being
-  100 / (T·n_r) points) go on to the next subset, and so on to the full validation set. Off: every table
-  is scored on the full set.
+* **halving** (successive halving, inside each CMA-ES generation): the generation's new tables are scored
+  on the smallest seeded validation subset, the best 1/η go on to the next subset, and so on to the full
+  validation set. The cut is noise-aware: every table within a margin of the last one kept goes on too,
+  the margin being the larger of `noise_examples` examples (one example is 100 / (T·n_r) points) and
+  `noise_z` times the root-mean-square gap between a subset's and the full set's scores of the tables
+  scored on both so far. Off: every table is scored on the full set.
 
 CMA-ES ranks a generation by (the largest subset a table reached, its score there). Only full-set
 scores ever compete for the returned table, so its fitness is the full validation set's, and the
@@ -65,7 +67,8 @@ class ScreenedSettings:
     eta: int = 3  # successive halving: keep the best 1/η per rung; rung sizes n/η^k
     rungs: int = 3  # subsets per search, the full set included
     min_examples: int = 24  # per task: smaller subsets are left out
-    noise_examples: float = 0.5  # tables within this many examples (100/(T·n_r) points each) of a cut go on too
+    noise_examples: float = 1.0  # the cut's smallest margin, in examples (100/(T·n_r) points each)
+    noise_z: float = 1.0  # the cut's margin in root-mean-square subset-to-full-set gaps, once measured
     budget: int | None = None  # stop once this many distinct full-set evaluations are done (checked per step)
 
     def check(self) -> None:
@@ -73,8 +76,9 @@ class ScreenedSettings:
                      sigma0=self.sigma0, seed=self.seed).check()  # the budget flags ENMP shares
         if self.redraws < 0:
             raise UsageError("--redraws must be >= 0")
-        if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0:
-            raise UsageError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0)")
+        if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0 \
+                or self.noise_z < 0:
+            raise UsageError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0, noise_z >= 0)")
         if self.budget is not None and self.budget < 1:
             raise UsageError("--budget must be >= 1")
 
@@ -185,22 +189,22 @@ class ScreenedSearch:
         return record
 
     def _screen(self) -> dict:
-        """Step 0: every single-unit pruning, then the stacks of the best helpful singles; sets the prior."""
+        """Step 0, on the full set: every single-unit pruning, then the stacks of the best helpful singles;
+        sets the prior."""
         state = self.state
+        full = self.levels[-1:]
         singles = [((i,), None) for i in range(self.dimension)] if self.k_max else []
-        with stage(self.on_event, "screening single-unit prunings", None) as progress:
-            counts = self._halve(singles, progress)
-            reached = {i: self._reached(((i,), None)) for i in range(self.dimension)} if singles else {}
-            gains = [reached[i][1] if reached else 0.0 for i in range(self.dimension)]
-            # best first: the largest subset reached (the halving's verdict), then the score there
-            order = sorted(range(self.dimension), key=lambda i: (-reached[i][0], -gains[i], i) if reached else i)
-            helpful = [i for i in order[: self.k_max] if gains[i] > 0]
-            stacks = [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
-            more = self._halve([c for c in stacks if not self._scored(c)], progress)
+        with stage(self.on_event, "screening single-unit prunings", len(singles)) as progress:
+            counts = self._halve(singles, progress, full)
+        gains = [state.memo[((i,), None)].fitness if singles else 0.0 for i in range(self.dimension)]
+        order = sorted(range(self.dimension), key=lambda i: (-gains[i], i))  # best first
+        helpful = [i for i in order[: self.k_max] if gains[i] > 0]
+        stacks = [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
+        more = self._halve([c for c in stacks if not self._scored(c)], None, full)
         state.prior = gains
         state.strategy = self._new_strategy(prior_mean(order, gains, self.k_max, self.settings.sigma0,
                                                         self.settings.threshold))
-        fitnesses = [self._reached(c)[1] for c in singles + stacks]
+        fitnesses = [state.memo[c].fitness for c in singles + stacks]
         return {"phase": "screen", "mean_fitness": float(np.mean(fitnesses)) if fitnesses else 0.0,
                 "mean_sparsity": float(np.mean([len(c[0]) for c in singles + stacks] or [0])) / self.dimension,
                 "new_evaluations": counts["evaluations"] + more["evaluations"],
@@ -231,7 +235,10 @@ class ScreenedSearch:
         reached = [self._reached(c) for c in candidates]
         with _search_numpy_state(self.state):  # CMA-ES minimises
             strategy.tell(solutions, [-(1000.0 * level + score) for level, score in reached])
-        return {"phase": "cma", "mean_fitness": float(np.mean([score for _, score in reached])),
+        if self.settings.redraws and len(fresh) < len(candidates):  # stalled: redraws found no new table
+            strategy.sigma *= 2.0
+        scored = [score for level, score in reached if level >= 0]
+        return {"phase": "cma", "mean_fitness": float(np.mean(scored)) if scored else 0.0,
                 "mean_sparsity": float(np.mean([len(c[0]) for c in candidates])) / self.dimension,
                 "new_evaluations": counts["evaluations"], "evaluations_per_rung": counts["per_rung"],
                 "redraws": redraws, "cache_hits": len(candidates) - len(fresh)}
@@ -249,35 +256,48 @@ class ScreenedSearch:
             score = self.state.scores[self.levels[position]].get(candidate)
             if score is not None:
                 return position, score
-        raise KeyError(candidate)
+        return -1, 0.0  # not scored: --budget ran out first (ranked below every scored table)
 
-    def _halve(self, candidates: list[Candidate], progress: Callable[[str], None] | None = None) -> dict:
-        """Score new candidates rung by rung, the best 1/η (and ties within the noise) moving on; `progress`
-        (a stage's step) is called once per evaluation."""
+    def _halve(self, candidates: list[Candidate], progress: Callable[[str], None] | None = None,
+               levels: list[int] | None = None) -> dict:
+        """Score new candidates rung by rung (`levels`, default every rung), the best 1/η and those within
+        the noise margin of the cut moving on; `progress` (a stage's step) is called once per evaluation."""
         state, ladder = self.state, self.ladder
+        levels = self.levels if levels is None else levels
         alive = list(dict.fromkeys(candidates))
         per_rung = [0] * len(self.levels)
-        for position, rung in enumerate(self.levels):
+        for position, rung in enumerate(levels):
             memo = state.scores[rung]
             fresh = [c for c in alive if c not in memo]
+            if rung == self.levels[-1] and self.settings.budget is not None:  # the best first, within --budget
+                fresh = fresh[:max(0, self.settings.budget - (len(state.memo) - 1))]
             chunk = self.settings.popsize if progress else max(1, len(fresh))  # progress every popsize tables
             for start in range(0, len(fresh), chunk):
                 batch = fresh[start:start + chunk]
                 for candidate, value in zip(batch, ladder([(rung, c) for c in batch])):
                     memo[candidate] = float(value)
                     state.forward_examples += ladder.costs[rung]
-                    if position == len(self.levels) - 1:
+                    if rung == self.levels[-1]:
                         state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
                     if progress:
                         progress(f"{ladder.costs[rung]} examples")
-            per_rung[position] = len(fresh)
-            if position == len(self.levels) - 1 or not alive:
+            per_rung[self.levels.index(rung)] = len(fresh)
+            if position == len(levels) - 1 or not alive:
                 break
             ranked = sorted(alive, key=lambda c: (-memo[c], len(c[0]), c[0]))
             keep = math.ceil(len(ranked) / self.settings.eta)
-            cut = memo[ranked[keep - 1]] - self.settings.noise_examples * ladder.one_example[rung]
+            cut = memo[ranked[keep - 1]] - self.margin(rung)
             alive = [c for c in ranked if memo[c] >= cut]
         return {"evaluations": sum(per_rung), "per_rung": per_rung}
+
+    def margin(self, rung: int) -> float:
+        """The noise allowance of a cut at `rung`, in points: `noise_examples` examples, or `noise_z` times the
+        root-mean-square gap between this rung's and the full set's scores of the tables scored on both
+        (the unpruned merge left out: 0 on every rung by construction), whichever is larger."""
+        subset, full = self.state.scores[rung], self.state.scores[self.levels[-1]]
+        gaps = [full[c] - value for c, value in subset.items() if c in full and c[0]]
+        measured = math.sqrt(sum(g * g for g in gaps) / len(gaps)) if len(gaps) >= 3 else 0.0
+        return max(self.settings.noise_examples * self.ladder.one_example[rung], self.settings.noise_z * measured)
 
     # the best rule (highest full-set fitness; ties: fewest pruned, then earliest) and the run directory's
     # files (state.pkl, trajectory.jsonl, written atomically after every step) are ENMP's

@@ -139,15 +139,12 @@ def per_point(examples: int, gained: float) -> float | None:
 def screened_run(cached: CachedSearch, args) -> dict:
     """The default strategy (screened CMA-ES with successive halving) on the same fitness, popsize, generations
     and seed: its budget in forward examples and full-set evaluations, and examples per point gained."""
-    from loramerge_cli.search.fidelity import accuracy_ladder, rung_sizes
-    from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings
+    from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings, fitness_ladder
 
     settings = ScreenedSettings(popsize=args.popsize, generations=args.generations, seed=args.seed,
                                 sigma0=args.sigma0, max_prune=args.max_prune)
-    count = max(len(examples) for examples in cached.fitness.engine.examples.values())
     started = time.perf_counter()
-    ladder = accuracy_ladder(cached.fitness, rung_sizes(count, settings.rungs, settings.eta, settings.min_examples),
-                             args.seed)
+    ladder = fitness_ladder(settings, cached.fitness)
     search = ScreenedSearch(settings, len(cached.problem.template.units), len(cached.problem.adapters), ladder)
     best = search.run()
     examples = search.state.forward_examples

@@ -30,9 +30,32 @@ ABLATIONS = {"screened_no_screen": {"screen": False}, "screened_no_redraw": {"re
              "screened_no_halving": {"halving": False}}
 
 
+class SharedScores:
+    """The full-set fitness with one score memo shared by every strategy and seed of a merger: it saves wall
+    time only (the same table scores the same); each strategy still counts its own evaluations and examples."""
+
+    def __init__(self, fitness):
+        self.fitness = fitness
+        self.scores: dict = {}
+
+    def __getattr__(self, name):
+        return getattr(self.fitness, name)
+
+    def __call__(self, candidates):
+        missing = [c for c in dict.fromkeys(candidates) if c not in self.scores]
+        for candidate, value in zip(missing, self.fitness(missing) if missing else []):
+            self.scores[candidate] = value
+        return [self.scores[c] for c in candidates]
+
+
 def best_at(curve: list[tuple[int, float]], examples: int) -> float:
     """Best validation fitness a search had reached within `examples` forward examples (0: the unpruned merge)."""
     return max([fitness for spent, fitness in curve if spent <= examples], default=0.0)
+
+
+def examples_to_reach(curve: list[tuple[int, float]], fitness: float) -> int | None:
+    """Forward examples a search had spent when its best validation fitness first reached `fitness`."""
+    return next((spent for spent, best in curve if best >= fitness), None)
 
 
 def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, strategies, ablations, log) -> dict:
@@ -43,9 +66,9 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
     from loramerge_cli.search.baselines import greedy_search, random_search
     from loramerge_cli.search.decode import max_pruned
     from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings
-    from loramerge_cli.search.fidelity import accuracy_ladder, examples_per_evaluation, rung_sizes, single_rung
+    from loramerge_cli.search.fidelity import examples_per_evaluation
     from loramerge_cli.search.fitness import AccuracyFitness
-    from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings
+    from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings, fitness_ladder
 
     started = time.perf_counter()
     lam = budget["lambdas"].get(merger)
@@ -53,7 +76,8 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
         lam, _ = tune_lambda(adapters, MergeConfig(merger=merger), None, tasks_file, evaluator=validation)
     settings = resolve_config(MergeConfig(merger=merger, lam=lam), len(adapters))
     template = ones_table(adapters)
-    fitness = AccuracyFitness(adapters, settings, template, validation, expert_scores(validation, ScoreCache()))
+    fitness = SharedScores(AccuracyFitness(adapters, settings, template, validation,
+                                           expert_scores(validation, ScoreCache())))
     test_fitness = AccuracyFitness(adapters, settings, template, test, expert_scores(test, ScoreCache()))
     units, tasks = len(template.units), len(adapters)
     cost = examples_per_evaluation(fitness)
@@ -78,13 +102,7 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
         clock = time.perf_counter()
         search_settings = ScreenedSettings(popsize=budget["popsize"], generations=budget["screened_generations"],
                                            max_prune=budget["max_prune"], seed=seed, **changes)
-        if search_settings.halving:
-            count = max(len(examples) for examples in validation.examples.values())
-            ladder = accuracy_ladder(fitness, rung_sizes(count, search_settings.rungs, search_settings.eta,
-                                                         search_settings.min_examples), seed)
-        else:
-            ladder = single_rung(fitness)
-        search = ScreenedSearch(search_settings, units, tasks, ladder)
+        search = ScreenedSearch(search_settings, units, tasks, fitness_ladder(search_settings, fitness))
         best = search.run()
         state = search.state
         curve = [(record["forward_examples"], record["best_fitness"]) for record in state.history]
@@ -139,6 +157,15 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
             for key in runs if runs[key]))
         if seed == seeds[0] and "greedy" in strategies:
             run_greedy()
+    greedy_examples = runs["greedy"][0]["forward_examples"] if runs.get("greedy") else None
+    for values in runs.values():
+        for run in values:
+            if greedy_examples and run["curve"]:
+                run["at_half_greedy"] = best_at(run["curve"], greedy_examples // 2)
+    full_set = runs.get("screened_no_halving") or []
+    for halved, full in zip(runs.get("screened") or [], full_set):  # the same seed, halving on and off
+        per_task = 100.0 * tasks / cost  # one example in every task, in points (≈ 100 / n)
+        full["examples_to_halving_fitness"] = examples_to_reach(full["curve"], halved["fitness"] - per_task)
     row["runs"] = runs
     fields = ("fitness", "test", "pruned", "evaluations", "forward_examples", "seconds")
     row["mean"] = {key: {name: statistics.mean(run[name] for run in values) for name in fields}
@@ -211,7 +238,7 @@ def main(argv=None):
     parser.add_argument("--popsize", type=int, default=16)
     parser.add_argument("--generations", type=int, default=15, help="paper ENMP's generations (greedy and random "
                         "get up to popsize × generations evaluations)")
-    parser.add_argument("--screened-generations", type=int, default=10)
+    parser.add_argument("--screened-generations", type=int, default=8)
     parser.add_argument("--max-prune", type=float, default=0.2)
     parser.add_argument("--val-limit", type=int, default=256)
     parser.add_argument("--threads", type=int, default=1)

@@ -64,6 +64,7 @@ class FidelityLadder:
     costs: list[int]
     one_example: list[float]
     backend: Callable[[list[RungItem]], list[float]] | None = None
+    sizes: list[int] | None = None  # examples per task of each rung, as `accuracy_ladder` was given them
 
     def __call__(self, items: list[RungItem]) -> list[float]:
         if self.backend is not None:
@@ -101,7 +102,7 @@ def accuracy_ladder(full, sizes: list[int], seed: int, references: list[float] |
         rungs.append(rung)
     rungs.append(full)
     costs = [examples_per_evaluation(rung) for rung in rungs]
-    return FidelityLadder(rungs, costs, [100.0 / cost for cost in costs])
+    return FidelityLadder(rungs, costs, [100.0 / cost for cost in costs], sizes=list(sizes))
 
 
 @dataclass

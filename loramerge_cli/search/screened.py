@@ -9,10 +9,9 @@ each of which can be switched off.
   drawn again, up to `redraws` times per slot, so a generation scores up to popsize new tables.
 * **halving** (successive halving, inside each CMA-ES generation): the generation's new tables are scored
   on the smallest seeded validation subset, the best 1/η go on to the next subset, and so on to the full
-  validation set. The cut is noise-aware: every table within a margin of the last one kept goes on too,
-  the margin being the larger of `noise_examples` examples (one example is 100 / (T·n_r) points) and
-  `noise_z` times the root-mean-square gap between a subset's and the full set's scores of the tables
-  scored on both so far. Off: every table is scored on the full set.
+  validation set. The cut accounts for the noise: every table within `noise_examples` examples of the last
+  one kept goes on too (one example is 100 / (T·n_r) points on a subset of n_r examples per task).
+  Off: every table is scored on the full set.
 
 CMA-ES ranks a generation by (the largest subset a table reached, its score there). Only full-set
 scores ever compete for the returned table, so its fitness is the full validation set's, and the
@@ -67,8 +66,7 @@ class ScreenedSettings:
     eta: int = 3  # successive halving: keep the best 1/η per rung; rung sizes n/η^k
     rungs: int = 3  # subsets per search, the full set included
     min_examples: int = 24  # per task: smaller subsets are left out
-    noise_examples: float = 1.0  # the cut's smallest margin, in examples (100/(T·n_r) points each)
-    noise_z: float = 1.0  # the cut's margin in root-mean-square subset-to-full-set gaps, once measured
+    noise_examples: float = 1.0  # tables within this many examples (100/(T·n_r) points each) of a cut go on too
     budget: int | None = None  # stop once this many distinct full-set evaluations are done (checked per step)
 
     def check(self) -> None:
@@ -76,9 +74,8 @@ class ScreenedSettings:
                      sigma0=self.sigma0, seed=self.seed).check()  # the budget flags ENMP shares
         if self.redraws < 0:
             raise UsageError("--redraws must be >= 0")
-        if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0 \
-                or self.noise_z < 0:
-            raise UsageError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0, noise_z >= 0)")
+        if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0:
+            raise UsageError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0)")
         if self.budget is not None and self.budget < 1:
             raise UsageError("--budget must be >= 1")
 
@@ -286,18 +283,9 @@ class ScreenedSearch:
                 break
             ranked = sorted(alive, key=lambda c: (-memo[c], len(c[0]), c[0]))
             keep = math.ceil(len(ranked) / self.settings.eta)
-            cut = memo[ranked[keep - 1]] - self.margin(rung)
+            cut = memo[ranked[keep - 1]] - self.settings.noise_examples * ladder.one_example[rung]
             alive = [c for c in ranked if memo[c] >= cut]
         return {"evaluations": sum(per_rung), "per_rung": per_rung}
-
-    def margin(self, rung: int) -> float:
-        """The noise allowance of a cut at `rung`, in points: `noise_examples` examples, or `noise_z` times the
-        root-mean-square gap between this rung's and the full set's scores of the tables scored on both
-        (the unpruned merge left out: 0 on every rung by construction), whichever is larger."""
-        subset, full = self.state.scores[rung], self.state.scores[self.levels[-1]]
-        gaps = [full[c] - value for c, value in subset.items() if c in full and c[0]]
-        measured = math.sqrt(sum(g * g for g in gaps) / len(gaps)) if len(gaps) >= 3 else 0.0
-        return max(self.settings.noise_examples * self.ladder.one_example[rung], self.settings.noise_z * measured)
 
     # the best rule (highest full-set fitness; ties: fewest pruned, then earliest) and the run directory's
     # files (state.pkl, trajectory.jsonl, written atomically after every step) are ENMP's
@@ -354,17 +342,27 @@ class SingleRungBuilder:
         return single_rung(self.build(device))
 
 
+def fitness_ladder(settings: ScreenedSettings, fitness):
+    """The ladder a screened search scores on: seeded subsets of the validation set, then all of it, when
+    `fitness` is labelled accuracy (it has an evaluation engine's examples) and halving is on; else the full
+    set only."""
+    from loramerge_cli.search.fidelity import accuracy_ladder, rung_sizes, single_rung
+
+    examples = getattr(getattr(fitness, "engine", None), "examples", None)
+    if not settings.halving or not examples or not hasattr(fitness, "experts"):
+        return single_rung(fitness)
+    count = max(len(value) for value in examples.values())
+    return accuracy_ladder(fitness, rung_sizes(count, settings.rungs, settings.eta, settings.min_examples),
+                           settings.seed)
+
+
 def screened_ladder(request, fitness, workers):
-    """The ladder a screened search scores on (subsets of the validation set when `fitness` is labelled
-    accuracy and halving is on), and the picklable builder of the same ladder in a worker process."""
-    from loramerge_cli.search.fidelity import LadderWorkerBuilder, accuracy_ladder, rung_sizes, single_rung
-    from loramerge_cli.search.fitness import AccuracyFitness
+    """The ladder of `fitness_ladder`, and the picklable builder of the same ladder in a worker process."""
+    from loramerge_cli.search.fidelity import LadderWorkerBuilder
 
     settings = screened_settings(request)
-    if settings.halving and isinstance(fitness, AccuracyFitness):
-        count = max(len(examples) for examples in fitness.engine.examples.values())
-        sizes = rung_sizes(count, settings.rungs, settings.eta, settings.min_examples)
-        ladder = accuracy_ladder(fitness, sizes, settings.seed)
-        return ladder, LadderWorkerBuilder(request, fitness.base_lambda, fitness.experts, ladder.references, sizes,
-                                           settings.seed)
-    return single_rung(fitness), SingleRungBuilder(workers)
+    ladder = fitness_ladder(settings, fitness)
+    if ladder.sizes is None:
+        return ladder, SingleRungBuilder(workers)
+    return ladder, LadderWorkerBuilder(request, fitness.base_lambda, fitness.experts, ladder.references,
+                                       ladder.sizes, settings.seed)

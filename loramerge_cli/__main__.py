@@ -1,3 +1,3 @@
-from loramerge_cli.cli.app import main
+from loramerge_cli.cli import main
 
 main()

@@ -26,15 +26,27 @@ from loramerge_cli.masks import (
     parse_indices,
 )
 from loramerge_cli.merging.merge import MergeConfig, MergeResult
-from loramerge_cli.plan import LambdaTuning, MergePlan, check_not_an_input, execute, plan_merge, write
+from loramerge_cli.plan import (
+    LambdaTuning,
+    MergePlan,
+    PrunePlan,
+    check_not_an_input,
+    execute,
+    plan_merge,
+    plan_prune,
+    prune,
+    write,
+    write_pruned,
+)
 from loramerge_cli.pruning import apply_table
 from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
-    "Adapter", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult", "WeightTable", "apply_table",
-    "SearchPlan", "SearchRequest", "check_not_an_input", "check_table", "evaluate", "execute", "from_pruned_indices", "inspect_adapters", "load_adapter",
-    "load_adapters", "load_table", "merge", "module_norm", "ones_table", "parse_indices", "plan_merge", "plan_search", "search",
-    "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter",
+    "Adapter", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult", "PrunePlan", "SearchPlan",
+    "SearchRequest", "WeightTable", "apply_table", "check_not_an_input", "check_table", "evaluate", "execute",
+    "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table", "merge",
+    "module_norm", "ones_table", "parse_indices", "plan_merge", "plan_prune", "plan_search", "prune", "search",
+    "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter", "write_pruned",
 ]
 
 
@@ -86,13 +98,11 @@ def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indice
 
 def write_merged_adapter(result: MergeResult, adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
     """Write a merge result as a PEFT LoRA folder; never into an input adapter's folder (even with force)."""
-    check_not_an_input(out_dir, adapters)
     return writer.write_merged_adapter(result, adapters, out_dir, **options)
 
 
 def write_adapters(adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
     """Write each adapter to OUT/<name>/; never into an input adapter's folder (even with force)."""
-    check_not_an_input(out_dir, adapters)
     return writer.write_adapters(adapters, out_dir, **options)
 
 def module_norm_squared(module: LoraModule) -> float:

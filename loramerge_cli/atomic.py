@@ -1,4 +1,6 @@
-"""The one way loramerge replaces a file: write a temporary sibling, then rename it over the target."""
+"""The one way loramerge replaces a file: write a temporary sibling, flush it to disk, then rename it over
+the target. A kill at any moment leaves the old file or the new one; a full disk or a missing permission is
+one line; a Ctrl-C that some library swallowed keeps the old file (loramerge_cli.interrupts)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,32 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from loramerge_cli.errors import LoramergeError
+
+
+def temporary_sibling(path: Path) -> Path:
+    """Where `path`'s next version is written first (outputs.clean_debris removes those of dead processes)."""
+    return path.with_name(f".{path.name}.loramerge-{os.getpid()}.tmp")
+
 
 @contextmanager
 def replacing(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success it atomically replaces `path`, on failure it is removed."""
+    """Yield a temporary path beside `path`; on success it is synced and atomically replaces `path`, on
+    failure it is removed."""
+    from loramerge_cli import interrupts
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # created with the user's umask, like `path`
+    temporary = temporary_sibling(path)  # created with the user's umask, like `path`
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
-        os.replace(temporary, path)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        interrupts.check()  # a Ctrl-C some library swallowed: keep the previous file
+        _commit(temporary, path)
+    except OSError as error:
+        temporary.unlink(missing_ok=True)
+        raise LoramergeError(f"{path}: cannot write it ({error.strerror or error})") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -24,11 +42,14 @@ def replacing(path: str | Path) -> Iterator[Path]:
 
 def write_text(path: str | Path, text: str) -> None:
     """Replace `path` with `text`, atomically."""
-    with replacing(path) as temporary:
-        temporary.write_text(text)
+    write_bytes(path, text.encode())
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
     """Replace `path` with `data`, atomically."""
     with replacing(path) as temporary:
         temporary.write_bytes(data)
+
+
+def _commit(temporary: Path, path: Path) -> None:
+    os.replace(temporary, path)

@@ -146,9 +146,11 @@ def _structure_problem(data) -> str | None:
     for row in data["weights"]:
         if not isinstance(row, list) or len(row) != len(data["units"]):
             return f"every row of 'weights' needs {len(data['units'])} numbers (one per unit)"
-        if not all(math.isfinite(v) for v in row):
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
             return "'weights' holds a value that is not a finite number"
-    if "scale" in data and not math.isfinite(data["scale"]):
+    scale = data.get("scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale)):
         return "'scale' must be a finite number"
     return None
 

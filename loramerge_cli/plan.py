@@ -9,13 +9,14 @@ then its recorded λ). With `override` and another merger or method, the recorde
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from loramerge_cli import outputs
 from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
-from loramerge_cli.adapters.writer import check_head, check_output_dir, write_merged_adapter
+from loramerge_cli.adapters.writer import adapter_files, check_head, check_output_dir, write_merged_adapter
 from loramerge_cli.errors import LoramergeError, UsageError, check_at_least
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, check_table
@@ -82,12 +83,8 @@ def combined_settings(given: dict, recorded: dict, override: bool) -> dict:
 
 
 def check_not_an_input(out: str | Path, adapters: list[Adapter]) -> None:
-    """Refuse an output that resolves to an input adapter's folder or file, or to a folder holding one."""
-    target = Path(out).resolve()
-    for adapter in adapters:
-        weights = Path(adapter.source.weights_file).resolve()
-        if target == weights or target == weights.parent or target in weights.parents:
-            raise LoramergeError(f"--out {out} would overwrite the input adapter {adapter.name!r}")
+    """Refuse an output that is an input adapter's file or folder, holds one, or lies inside one."""
+    outputs.check_not_an_input(out, adapter_files(adapters))
 
 
 def plan_merge(
@@ -115,8 +112,7 @@ def plan_merge(
         if not Path(tuning.tasks).is_file():
             raise LoramergeError(f"{tuning.tasks}: task spec not found (--lambda auto tunes λ on it)")
     if out is not None:
-        check_output_dir(out, force)
-        check_not_an_input(out, adapters)
+        check_output_dir(out, force, adapter_files(adapters))
     check_head(adapters, head)
     if table is not None:
         check_table(table, adapters)
@@ -172,7 +168,47 @@ def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_
     `recipe` (YAML text) becomes loramerge.yaml; `repo_id` is the Hub id the model card's code loads."""
     if plan.out is None:
         raise UsageError("the plan has no output folder (give out= to plan_merge)")
-    check_not_an_input(plan.out, plan.adapters)
     return write_merged_adapter(result, plan.adapters, plan.out, dtype=plan.dtype, head=plan.head,
                                 command=plan.command, force=plan.force, table=plan.table, base_model=plan.base,
                                 extra_provenance=result.provenance, recipe=recipe, repo_id=repo_id)
+
+
+@dataclass
+class PrunePlan:
+    """apply-mask, checked: each adapter's row of `table` applied and written to `out/<name>/`."""
+
+    adapters: list[Adapter]
+    table: WeightTable
+    out: Path
+    force: bool = False
+    dtype: str | None = None
+    base: str | None = None  # written as each config's base_model_name_or_path
+    command: str | None = None
+
+
+def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, force: bool = False,
+               dtype: str | None = None, base: str | None = None, command: str | None = None) -> PrunePlan:
+    """Check the dtype, the output (never an input) and the table against the adapters, before any work."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    check_output_dir(out, force, adapter_files(adapters))
+    check_table(table, adapters)
+    return PrunePlan(adapters, table, Path(out), force, dtype, base, command)
+
+
+def prune(plan: PrunePlan) -> list[Adapter]:
+    """Each adapter with its row of the table applied (lora_B × weight, zero-weight modules removed)."""
+    from loramerge_cli.pruning import apply_table
+
+    pruned = [apply_table(adapter, plan.table, index) for index, adapter in enumerate(plan.adapters)]
+    if plan.base is not None:
+        pruned = [replace(a, config={**a.config, "base_model_name_or_path": plan.base}) for a in pruned]
+    return pruned
+
+
+def write_pruned(plan: PrunePlan, pruned: list[Adapter], recipe: str | None = None) -> Path:
+    """Write the pruned adapters where the plan says, the table as out/mask.json, `recipe` as loramerge.yaml."""
+    from loramerge_cli.adapters.writer import write_adapters
+
+    return write_adapters(pruned, plan.out, force=plan.force, command=plan.command, dtype=plan.dtype,
+                          table=plan.table, recipe=recipe)

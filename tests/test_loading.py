@@ -1,4 +1,5 @@
-"""Reading real PEFT adapters (docs/algorithms.md, Inputs): paths, scales, patterns, key variants, heads, Conv1D, refusals.
+"""Reading real PEFT adapters (docs/algorithms.md, Inputs): paths, scales, patterns, key variants, heads,
+Conv1D, refusals.
 
 Every adapter here is made by PEFT itself (`get_peft_model(...).save_pretrained`) on a tiny model
 built in-process; the live PEFT model is the oracle for scales, ranks and ΔW.

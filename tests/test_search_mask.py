@@ -51,7 +51,7 @@ def test_cli_writes_a_table_that_merge_consumes(setting, tmp_path):
     assert provenance["validation"]["fitness"] >= 0.0  # never worse than not pruning
     assert table.pruned_count() == len(provenance["pruned_flat_indices"])
     assert table.merger["method"] == "ties" and table.merger["lambda"] == 1.0
-    for name in ("config.json", "state.pkl", "trajectory.jsonl", "best.json", "scores.json"):
+    for name in ("config.json", "screened_state.json", "trajectory.jsonl", "best.json", "scores.json"):
         assert (tmp_path / "run" / name).is_file()
     lines = [json.loads(line) for line in (tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()]
     assert len(lines) == 4  # the default (screened) search: the screen, then 3 generations

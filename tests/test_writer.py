@@ -138,6 +138,7 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkey
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
+    (out / "loramerge.json").write_text("{}")  # a folder loramerge wrote: --force may replace it
     with pytest.raises(LoramergeError, match="already exists"):
         writer.write_merged_adapter(result, adapters, out)
     assert (out / "keep.txt").read_text() == "old"

@@ -32,3 +32,59 @@ def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise LoramergeError(problems[0] + more)
+
+
+def _same_base(first: str, second: str) -> bool:
+    """Equal ids, or local paths naming the same folder."""
+    from pathlib import Path
+
+    if first == second:
+        return True
+    a, b = Path(first).expanduser(), Path(second).expanduser()
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def check_spec_base(task_file, adapters: list[Adapter], allow_base_mismatch: bool = False) -> None:
+    """A task spec's base_model must be the base the adapters record (unless --allow-base-mismatch):
+    adapters scored on another base give meaningless accuracies."""
+    spec_base = getattr(task_file, "base_model", None)
+    if not spec_base or allow_base_mismatch:
+        return
+    for adapter in adapters:
+        if adapter.base_model and not _same_base(str(spec_base), str(adapter.base_model)):
+            raise LoramergeError(
+                f"{task_file.path}: base_model {spec_base} differs from the base adapter {adapter.name!r} was "
+                f"trained on ({adapter.base_model}); --allow-base-mismatch overrides"
+            )
+
+
+# PEFT task types that say which model kind an adapter was trained for
+TASK_TYPE_KINDS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
+
+
+def check_base_kind(engine) -> None:
+    """The model kind the tasks are scored with must fit the adapters and the base: a causal-LM adapter is
+    not a classifier (and the other way round), and a classification task scored with the base's own head
+    needs a base that has a trained one (a causal LM loaded as a classifier gets a random head)."""
+    task_file = engine.task_file
+    kind = "classification" if task_file.type.classifier else "causal-lm"
+    for task in task_file.tasks:
+        adapter = engine.experts[task.name]
+        trained_for = TASK_TYPE_KINDS.get(str(adapter.config.get("task_type") or "").upper())
+        if trained_for and trained_for != kind:
+            raise LoramergeError(
+                f"{task_file.path}: model_type {task_file.model_type}, but adapter {adapter.name!r} was trained "
+                f"for {adapter.config['task_type']}"
+            )
+    if kind != "classification":
+        return
+    architectures = getattr(engine.model.config, "architectures", None) or []
+    trained_head = any(name.endswith(("ForSequenceClassification", "ForImageClassification"))
+                       for name in architectures)
+    headless = [task.name for task in task_file.tasks if not engine.heads.get(task.name)]
+    if architectures and headless and not trained_head:
+        raise LoramergeError(
+            f"{engine.base}: a {architectures[0]} has no trained classification head, and task {headless[0]} "
+            "scores with the base's head: its accuracy would be chance; give the task a head (from-adapter or a "
+            "file) or a classifier base"
+        )

@@ -92,6 +92,45 @@ def check_supported(config: dict, spec: str) -> None:
             raise LoramergeError(f"{spec}: {what} ({field_name}) is not supported; it cannot be merged exactly")
     if config.get("bias", "none") not in ("none", None):
         raise LoramergeError(f"{spec}: trained biases (bias={config['bias']!r}) are not supported")
+    check_field_types(config, spec)
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _names(value) -> bool:
+    return value is None or isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(item, str) for item in value))
+
+
+# adapter_config.json fields loramerge reads: (check, what it must be). Absent is fine; present must fit.
+FIELD_TYPES = {
+    "r": (_positive_int, "a positive integer"),
+    "lora_alpha": (_finite_number, "a finite number"),
+    "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(map(_positive_int, v.values()))),
+                     "an object of positive integers"),
+    "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(map(_finite_number, v.values()))),
+                      "an object of finite numbers"),
+    "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),
+    "target_modules": (_names, "a name or a list of names"),
+    "modules_to_save": (lambda v: v is None or (isinstance(v, list) and all(isinstance(i, str) for i in v)),
+                        "a list of names"),
+    "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string"),
+    "task_type": (lambda v: v is None or isinstance(v, str), "a string"),
+}
+
+
+def check_field_types(config: dict, spec: str) -> None:
+    """Every config field loramerge reads has the type PEFT gives it, else one line naming the field."""
+    for name, (fits, what) in FIELD_TYPES.items():
+        if name in config and not fits(config[name]):
+            raise LoramergeError(f"{spec}: adapter_config.json: {name} must be {what} (got {json.dumps(config[name])})")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

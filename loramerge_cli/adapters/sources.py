@@ -42,7 +42,10 @@ def split_name(argument: str) -> NamedSource:
 
 def default_name(spec: str) -> str:
     """The last path component, or a Hub id's repository name, without revision or suffix."""
-    spec = spec.removeprefix("hf://").split("@", 1)[0] if not os.path.exists(spec) else spec
+    if os.path.exists(spec):  # a/sub/.. is the folder a, whatever the spelling
+        spec = os.path.abspath(os.path.expanduser(spec))
+    else:
+        spec = spec.removeprefix("hf://").split("@", 1)[0]
     name = Path(spec.rstrip("/\\")).name
     return name.removesuffix(".safetensors") if name.endswith(".safetensors") else name
 

@@ -7,11 +7,7 @@ failure never leaves a half-written output and `force` replaces an existing one 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,6 +19,7 @@ from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.merging.merge import MergeResult
+from loramerge_cli.outputs import check_finite, guard_output, staged_folder
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -42,64 +39,17 @@ def output_dtype(adapters: list[Adapter], requested: str | torch.dtype | None = 
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
-def check_output_dir(out_dir: str | Path, force: bool = False) -> Path:
-    """Fail early: the output must not exist (unless `force`) and its parent must be writable."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise LoramergeError(f"{out_dir}: already exists; pass --force to replace it")
-    ancestor = out_dir.absolute().parent
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise LoramergeError(f"{out_dir}: cannot create it, {ancestor} is not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LoramergeError(f"{out_dir}: cannot create it, {ancestor} is not writable")
-    return out_dir
+def check_output_dir(out_dir: str | Path, force: bool = False, inputs=()) -> Path:
+    """Fail early: see outputs.guard_output (not an input, replaceable only with `force` when loramerge
+    wrote it, a writable ancestor)."""
+    return guard_output(out_dir, inputs=inputs, force=force, kind="folder")
 
 
-@contextmanager
-def staged_folder(out_dir: str | Path, force: bool = False):
-    """Yield a temporary sibling folder; on success it replaces `out_dir`, on failure it is removed."""
-    out_dir = check_output_dir(out_dir, force)
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    except OSError as error:
-        raise LoramergeError(f"{out_dir}: cannot create the output folder ({error.strerror or error})") from None
-    try:
-        yield staging
-        _apply_umask(staging)
-        _replace(staging, out_dir, force)
-    except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise LoramergeError(f"{out_dir}: cannot write the output ({error.strerror or error})") from None
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _apply_umask(folder: Path) -> None:
-    """mkdtemp and safetensors create private (0700/0600) entries; give them the usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.rglob("*"):
-        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
-
-
-def _replace(staging: Path, out_dir: Path, force: bool) -> None:
-    if not (out_dir.exists() or out_dir.is_symlink()):
-        staging.rename(out_dir)
-        return
-    if not force:
-        raise LoramergeError(f"{out_dir}: already exists; pass --force to replace it")
-    retired = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    out_dir.rename(retired)
-    staging.rename(out_dir)
-    if retired.is_dir() and not retired.is_symlink():
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        retired.unlink()
+def adapter_files(adapters: list[Adapter]) -> list[str]:
+    """The files the adapters were read from, and the folder of each adapter read as a folder (local or a
+    Hub snapshot): an output must never replace or hold one, nor lie inside such a folder."""
+    files = [path for a in adapters for path in (a.source.weights_file, a.source.config_file) if path]
+    return files + [str(Path(a.source.weights_file).parent) for a in adapters if a.source.kind in ("dir", "hub")]
 
 
 def lora_config(
@@ -154,6 +104,7 @@ def _number(value: float) -> int | float:
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     from safetensors.torch import save_file
 
+    check_finite(tensors)
     save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
@@ -215,7 +166,7 @@ def write_merged_adapter(
     out_dtype = output_dtype(adapters, dtype)
     head = default_head(adapters, head)
     head_adapter = check_head(adapters, head)
-    check_output_dir(out_dir, force)
+    check_output_dir(out_dir, force, adapter_files(adapters))
     modules = {path: module for path, module in result.modules.items() if module.rank > 0}
     if not modules:
         raise LoramergeError("the merge is empty: every module was pruned or merged to zero; nothing to write")
@@ -240,7 +191,7 @@ def write_merged_adapter(
     provenance.update(extra_provenance or {})
     provenance = portable_provenance(provenance, out_dir)
     task_type = config["task_type"]
-    with staged_folder(out_dir, force) as staging:
+    with staged_folder(out_dir, force, adapter_files(adapters)) as staging:
         _write_json(config, staging / CONFIG_NAME)
         _save_safetensors(tensors, staging / WEIGHTS_NAME)
         _write_heads(adapters, staging / "heads")
@@ -314,7 +265,7 @@ def merge_provenance(result, adapters, modules, out_dtype, head, command, table,
 def write_adapter(adapter: Adapter, out_dir: str | Path, force: bool = False, command: str | None = None,
                   dtype: str | torch.dtype | None = None) -> Path:
     """Write one plain adapter (raw B, its own scales) as a PEFT folder."""
-    with staged_folder(out_dir, force) as staging:
+    with staged_folder(out_dir, force, adapter_files([adapter])) as staging:
         write_adapter_files(adapter, staging, command, dtype)
     return Path(out_dir)
 
@@ -323,7 +274,7 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
                    dtype: str | torch.dtype | None = None, table=None, recipe: str | None = None) -> Path:
     """Write several plain adapters as `out_dir/<name>/`, all or nothing; `table` and `recipe` (YAML text)
     go to out_dir/mask.json and out_dir/loramerge.yaml."""
-    with staged_folder(out_dir, force) as staging:
+    with staged_folder(out_dir, force, adapter_files(adapters)) as staging:
         for adapter in adapters:
             folder = staging / adapter.name
             folder.mkdir()

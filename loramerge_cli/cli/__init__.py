@@ -1,0 +1,44 @@
+"""The command-line interface. `main` is the console script: it records Ctrl-C before importing anything
+heavy, so an interrupt at any moment, even during the first imports, is one line and exit 130."""
+
+
+def main() -> None:
+    import sys
+
+    from loramerge_cli import interrupts
+
+    interrupts.install()
+    try:
+        from loramerge_cli.cli.app import app
+
+        app()
+    except KeyboardInterrupt:
+        _exit_interrupted()
+    except SystemExit as exit:
+        if exit.code == 130:
+            _exit_interrupted()
+        raise
+    sys.exit(0)
+
+
+def _exit_interrupted() -> None:
+    """Say so (unless the command did), then exit 130 at once: CPython turns an interrupt that passed through
+    some C-level code paths into death by SIGINT at shutdown, whatever the exit code asked for."""
+    import atexit
+    import os
+    import sys
+
+    from loramerge_cli import interrupts
+
+    if not interrupts.reported():  # click ends an interrupt during parsing with 130 and no word
+        sys.stderr.write(interrupts.message() + "\n")
+    try:
+        atexit._run_exitfuncs()  # multiprocessing's cleanup: workers, queues' semaphores
+    except BaseException:  # noqa: BLE001 - exiting anyway
+        pass
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(130)

@@ -70,10 +70,4 @@ def _register_all(application: typer.Typer) -> None:
 app = build_app()
 
 
-def main() -> None:
-    """Console-script entry point."""
-    try:
-        app()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        raise SystemExit(130) from None
+from loramerge_cli.cli import main  # noqa: E402, F401 - the console script, also importable from here

@@ -125,23 +125,29 @@ def command_errors(function):
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
+        from loramerge_cli import interrupts
+
         debug = bool(kwargs.get("debug"))
+        interrupts.install()
         try:
-            return function(*args, **kwargs)
+            result = function(*args, **kwargs)
         except (typer.Exit, typer.Abort, typer.BadParameter):
             raise
         except UsageError as error:
             raise fail(f"error: {error}", 2) from None
-        except LoramergeError as error:
-            if debug:
-                traceback.print_exc()
-            raise fail(f"error: {error}") from None
         except KeyboardInterrupt:
-            raise fail("interrupted", 130) from None
+            raise fail(interrupts.message(), 130) from None
         except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
+            if interrupts.interrupted():  # a Ctrl-C a library turned into another error: not a data problem
+                raise fail(interrupts.message(), 130) from None
             if debug:
                 traceback.print_exc()
+            if isinstance(error, LoramergeError):
+                raise fail(f"error: {error}") from None
             raise fail(f"internal error: {type(error).__name__}: {error} (rerun with --debug)") from None
+        if interrupts.interrupted():  # swallowed by a library, and the work finished anyway
+            raise fail(interrupts.message(), 130)
+        return result
 
     return wrapper
 

@@ -105,8 +105,10 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     if flags["mask"] is not None and flags["indices"] is not None:
         raise UsageError("give --mask or --indices, not both")
     from loramerge_cli.adapters.writer import check_output_dir, default_head
+    from loramerge_cli.outputs import input_files
 
-    check_output_dir(flags["out"], flags["force"])  # before loading anything
+    check_output_dir(flags["out"], flags["force"],  # before loading anything
+                     input_files(flags["adapters"], flags["mask"], flags["tasks"]))
     adapters = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
     table = api.weight_table(adapters, flags["mask"], flags["indices"])
     plan = api.plan_merge(adapters, config, table, override=flags["override"], out=flags["out"],

@@ -54,8 +54,11 @@ def with_options(*groups: list[inspect.Parameter]):
     return decorate
 
 
-def adapter_options(with_base_mismatch: bool = True) -> list[inspect.Parameter]:
-    options = [option("adapters", list[str], ..., help=ADAPTERS_HELP, show_default=False),
+def adapter_options(with_base_mismatch: bool = True, required: str | None = None) -> list[inspect.Parameter]:
+    """--adapters (required; `required` names when it is not, and makes it optional) and how they load."""
+    adapters = option("adapters", list[str], ..., help=ADAPTERS_HELP, show_default=False) if required is None else \
+        option("adapters", list[str] | None, None, help=f"{ADAPTERS_HELP} Required {required}.", show_default=False)
+    options = [adapters,
                option("allow_pickle", bool, False, help=ALLOW_PICKLE_HELP)]
     if with_base_mismatch:
         options.append(option("allow_base_mismatch", bool, False, help=ALLOW_BASE_MISMATCH_HELP))

@@ -24,8 +24,7 @@ EPILOG = examples_epilog(
     "loramerge search-mask --adapters a/ b/ c/ --merger knots --tasks tasks.yaml --out mask.json",
     "loramerge search-mask --adapters a/ b/ c/ --merger ta --lambda auto --tasks tasks.yaml --popsize 8 "
     "--generations 15 --val-limit 256 --run-dir runs/ta --out mask.json",
-    "loramerge search-mask --adapters a/ b/ c/ --merger ta --tasks tasks.yaml --run-dir runs/ta --resume "
-    "--out mask.json",
+    "loramerge search-mask --run-dir runs/ta --resume",
     "loramerge search-mask --adapters a/ b/ c/ --merger ties --tasks tasks.yaml --strategy greedy --out greedy.json",
     "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/",
     "loramerge search-mask --adapters a/ b/ c/ --tasks inputs.yaml --strategy nsc --out coeffs.json",
@@ -36,6 +35,7 @@ EPILOG = examples_epilog(
 )
 
 
+RESUME_ONLY = "unless --run-dir DIR --resume continues a saved search"
 
 
 def search_options() -> list:
@@ -45,8 +45,10 @@ def search_options() -> list:
     strategies = "; ".join(f"{name}: {strategy.help}" for name, strategy in STRATEGIES.items())
     resumable = " and ".join(name for name, strategy in STRATEGIES.items() if strategy.resumable)
     return [
-        option("tasks", Path, ..., help="Task spec YAML with validation splits.", show_default=False),
-        option("out", Path, ..., help="Weight table JSON to write.", show_default=False),
+        option("tasks", Path | None, None, help=f"Task spec YAML with validation splits. Required {RESUME_ONLY}.",
+               show_default=False),
+        option("out", Path | None, None, help=f"Weight table JSON to write. Required {RESUME_ONLY}.",
+               show_default=False),
         option("strategy", choice(STRATEGIES), DEFAULT_STRATEGY, help=f"{strategies}."),
         option("fitness", choice(("accuracy", "nsc")), "accuracy", help="Mask strategies: labelled validation "
                "accuracy, or nsc: % reduction of the label-free --objective loss (no labels read)."),
@@ -89,8 +91,9 @@ def search_options() -> list:
                "candidate's forward pass starts at its first changed block (same scores; 0: off)."),
         option("run_dir", Path | None, None, help="Checkpoints every generation (state, trajectory.jsonl, best "
                "table)."),
-        option("resume", bool, False, help=f"Continue the search saved in --run-dir ({resumable}; the CMA-ES "
-               "state is a pickle: resume only run directories you made)."),
+        option("resume", bool, False, help=f"Continue the search saved in --run-dir ({resumable}) with its saved "
+               "settings (flags given must equal them); refused if an input changed since. Nothing in a run dir is "
+               "a pickle."),
         option("report_test", bool, False, help="Also score the result on the test split."),
         option("plot", Path | None, None, help="Write fitness.png and mask.png to this folder (needs the plot "
                "extra)."),
@@ -128,6 +131,7 @@ def search_command(ctx: typer.Context, **flags) -> None:
     or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
     from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
 
+    flags = resumed_flags(ctx, flags)
     plan = plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],
                        plot=flags["plot"])
     from loramerge_cli import api
@@ -149,6 +153,22 @@ def search_command(ctx: typer.Context, **flags) -> None:
     result_console().print(summary(table, provenance))  # the result: stdout
 
 
+def resumed_flags(ctx: typer.Context, flags: dict) -> dict:
+    """With --run-dir and --resume, the saved run's flags under the ones given now (which must equal them,
+    bar where the table goes and how the search runs); then --adapters, --tasks and --out must be known."""
+    if flags["resume"] and flags["run_dir"] is not None:
+        from loramerge_cli.search.rundir import resumed_flags as saved_flags
+
+        sources = {name: ctx.get_parameter_source(name) for name in flags}  # typer vendors click: compare names
+        given = [name for name, value in flags.items()
+                 if value is not None and sources[name] is not None and sources[name].name != "DEFAULT"]
+        flags = saved_flags(flags["run_dir"], given, flags) or flags
+    for name in ("adapters", "tasks", "out"):
+        if not flags[name]:
+            raise typer.BadParameter(f"missing (needed {RESUME_ONLY})", param_hint=f"'--{name}'")
+    return flags
+
+
 def search_request(flags: dict, command: str):
     """The SearchRequest of the command line (flag values checked here, the rest by plan_search)."""
     from loramerge_cli.cli.common import parse_names
@@ -156,6 +176,7 @@ def search_request(flags: dict, command: str):
     from loramerge_cli.search.enmp import EnmpSettings
     from loramerge_cli.search.nsc_settings import NscSettings
     from loramerge_cli.search.plan import SearchRequest
+    from loramerge_cli.search.rundir import normal_flags
 
     devices, threads = flags["devices"], flags["threads"]
     if devices and flags["workers"]:
@@ -185,11 +206,12 @@ def search_request(flags: dict, command: str):
                         target_blocks=parse_names(flags["target_blocks"], "--target-blocks"),
                         target_modules=parse_names(flags["target_modules"], "--target-modules")),
         budget=flags["budget"], sparsity=flags["sparsity"], run_dir=flags["run_dir"], resume=flags["resume"],
-        report_test=flags["report_test"], devices=device_list, command=command,
+        report_test=flags["report_test"], devices=device_list, command=command, flags=normal_flags(flags),
     )
 
 
 def register(app: typer.Typer) -> None:
     """Add `search-mask`, its merger options generated from the method registry as it is now."""
-    command = with_options(adapter_options(), merger_options("ta"), search_options(), output_options())
+    command = with_options(adapter_options(required=RESUME_ONLY), merger_options("ta"), search_options(),
+                           output_options())
     app.command("search-mask", epilog=EPILOG)(command(search_command))

@@ -24,9 +24,12 @@ class ScoreCache:
         self.scores: dict[str, float] = {}
         if self.file is not None and self.file.is_file():
             try:
-                self.scores = json.loads(self.file.read_text())
-            except (OSError, json.JSONDecodeError):
-                raise LoramergeError(f"{self.file}: unreadable score cache; delete it to start afresh") from None
+                self.scores = json.loads(self.file.read_bytes())
+            except (OSError, ValueError):
+                self.scores = None
+            if not isinstance(self.scores, dict) or not all(
+                    isinstance(value, (int, float)) for value in self.scores.values()):
+                raise LoramergeError(f"{self.file}: unreadable score cache; delete it to start afresh")
 
     def get(self, key: str) -> float | None:
         return self.scores.get(key)

@@ -114,6 +114,7 @@ def search_lambda(
 
     `evaluator`, if given, is reused (its split and settings win over the keyword arguments).
     """
+    from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
     from loramerge_cli.merging.merge import merge, resolve_config
 
     default_lambda = resolve_config(replace(config, lam=None), len(adapters)).lam
@@ -123,7 +124,10 @@ def search_lambda(
     if evaluator is None:
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)
-        evaluator = Evaluator(load_task_file(tasks_file), adapters, settings, base=base)
+        task_file = load_task_file(tasks_file)
+        check_spec_base(task_file, adapters, allow_base_mismatch)
+        evaluator = Evaluator(task_file, adapters, settings, base=base)
+        check_base_kind(evaluator)
     experts = expert_scores(evaluator, ScoreCache(run_dir), report)
     unit_deltas = merged_deltas(result)
     records: list[dict] = []

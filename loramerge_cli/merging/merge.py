@@ -5,6 +5,8 @@ Everything is validated by `resolve_config` before the first tensor is touched.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -144,7 +146,7 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
         lam = float(table.scale)
     else:
         lam = method.lambda_for(task_count)
-    if not (lam == lam and abs(lam) != float("inf")):
+    if not math.isfinite(lam):
         raise UsageError(f"--lambda must be a finite number (got {lam})")
     if config.out_rank is not None and config.out_rank < 1:
         raise UsageError("--out-rank must be >= 1")

@@ -52,6 +52,8 @@ class Parameter:
         """An error message, or None if `value` is allowed."""
         if self.choices:
             return None if value in self.choices else f"--{self.flag} must be one of {', '.join(self.choices)}"
+        if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
+            return f"--{self.flag} must be a finite number (got {value})"
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return f"--{self.flag} must be {'>' if self.low_open else '>='} {self.low} (got {value})"
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):

@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 
 from loramerge_cli.merging.lowrank import LowRank, from_svd, compact_svd
-from loramerge_cli.merging.registry import SPACES
+from loramerge_cli.merging.registry import SPACES  # noqa: F401  (imported from here)
 
 Tensorish = torch.Tensor | LowRank
 

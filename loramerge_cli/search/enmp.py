@@ -8,7 +8,7 @@ written to the run directory after every generation, so `resume` continues a kil
 from __future__ import annotations
 
 import json
-import pickle
+import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -46,8 +46,12 @@ class EnmpSettings:
             raise UsageError("--popsize must be >= 2")
         if self.generations < 1:
             raise UsageError("--generations must be >= 1")
-        if self.sigma0 <= 0:
-            raise UsageError("--sigma0 must be > 0")
+        if not (math.isfinite(self.sigma0) and self.sigma0 > 0):
+            raise UsageError(f"--sigma0 must be a finite number > 0 (got {self.sigma0})")
+        if not math.isfinite(self.threshold):
+            raise UsageError(f"--threshold must be a finite number (got {self.threshold})")
+        if not math.isfinite(self.x0):
+            raise UsageError("x0 must be a finite number")
 
 
 @contextmanager
@@ -79,14 +83,14 @@ class Evaluation:
 @dataclass
 class SearchState:
     generation: int  # generations completed
-    strategy: object  # the pickled-with-state CMAEvolutionStrategy
+    strategy: object  # CMAEvolutionStrategy (never saved: rebuilt by replay on resume)
     numpy_rng: tuple  # numpy's global RNG state (pycma samples through numpy)
     memo: dict = field(default_factory=dict)  # (pruned, λ) -> Evaluation
     history: list = field(default_factory=list)  # one dict per generation
 
 
 class SeededNormal:
-    """A picklable randn(λ, N) for pycma, drawing from its own numpy Generator."""
+    """A randn(λ, N) for pycma, drawing from its own numpy Generator."""
 
     def __init__(self, seed: int):
         self.generator = np.random.Generator(np.random.PCG64(seed))
@@ -125,7 +129,7 @@ def new_strategy(settings: EnmpSettings, dimension: int):
 
 
 class EnmpSearch:
-    """Runs the search; `run_dir` (optional) holds `state.pkl`, `trajectory.jsonl`, `best.json`."""
+    """Runs the search; `run_dir` (optional) holds `state.json`, `trajectory.jsonl`, `best.json`."""
 
     def __init__(
         self,
@@ -215,20 +219,63 @@ class EnmpSearch:
 
     # -- run directory -----------------------------------------------------------------------------
     def _save_state(self) -> None:
+        """The memo and history as JSON (no pickle); the CMA-ES state is rebuilt from them on resume."""
         if self.run_dir is None:
             return
-        atomic.write_bytes(self.run_dir / "state.pkl", pickle.dumps(self.state))
+        memo = [[list(e.pruned), e.lam, e.fitness, e.order] for e in self.state.memo.values()]
+        state = {"format": STATE_FORMAT, "generation": self.state.generation, "memo": memo,
+                 "history": self.state.history}
+        atomic.write_text(self.run_dir / STATE_NAME, json.dumps(state) + "\n")
         atomic.write_text(self.run_dir / "trajectory.jsonl", "".join(_json_line(r) for r in self.state.history))
 
     def _load_state(self) -> SearchState:
-        path = self.run_dir / "state.pkl" if self.run_dir else None
+        """Replay the seeded search against the saved memo: every generation asks the same points, finds their
+        fitness in the memo and tells it, so the strategy ends exactly where the killed run left it. A run dir
+        without a state (killed before the first generation ended) starts over."""
+        path = self.run_dir / STATE_NAME if self.run_dir else None
         if path is None or not path.is_file():
-            raise LoramergeError(f"--resume: no saved search state in {self.run_dir}")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import cma  # noqa: F401 - unpickling needs the class
+            self.start()
+            return self.state
+        generation, memo, history = read_state(path)
+        self.start()
+        self.state.memo.update(memo)
+        state = self.state
+        for _ in range(generation):
+            with _search_numpy_state(state):
+                solutions = state.strategy.ask()
+            candidates = [self.decode(x) for x in solutions]
+            missing = [c for c in candidates if c not in state.memo]
+            if missing:
+                raise LoramergeError(f"--resume: {path} does not match this search (generation "
+                                     f"{state.generation + 1} asks for a table it never scored); start a new run")
+            with _search_numpy_state(state):
+                state.strategy.tell(solutions, [-state.memo[c].fitness for c in candidates])
+            state.generation += 1
+        state.history = history
+        return state
 
-        return pickle.loads(path.read_bytes())
+
+STATE_NAME = "state.json"
+STATE_FORMAT = "loramerge.enmp-state/v1"
+
+
+def read_state(path: Path) -> tuple[int, dict, list]:
+    """(generations done, memo, history) from a state file; anything malformed is one line."""
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise ValueError(f'not a search state (expected "format": "{STATE_FORMAT}")')
+        generation, history = data["generation"], data["history"]
+        if not isinstance(generation, int) or generation < 0 or not isinstance(history, list):
+            raise ValueError("bad generation or history")
+        memo = {}
+        for pruned, lam, fitness, order in data["memo"]:
+            key = (tuple(int(i) for i in pruned), None if lam is None else float(lam))
+            memo[key] = Evaluation(key[0], key[1], float(fitness), int(order))
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LoramergeError(f"--resume: {path} is not a readable search state ({error}); "
+                             "delete the run folder to start over") from None
+    return generation, memo, history
 
 
 def _json_line(record: dict) -> str:

@@ -40,7 +40,7 @@ def subset_engine(engine, size: int, seed: int):
         view.examples[name] = replace(
             examples, inputs=[examples.inputs[i] for i in keep],
             labels=None if examples.labels is None else [examples.labels[i] for i in keep], fingerprint=digest)
-    view.prepared = view._prepare(load_preprocessor(engine.base, engine.task_file.model_type))
+    view.prepared = view._prepare(load_preprocessor(engine.base, engine.task_file.type))
     return view
 
 

@@ -96,7 +96,7 @@ def label_free_task_file(task_file, adapters, objective: str):
 
 def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     """Load and check everything before the first step: adapters, tasks, model, targets, inputs."""
-    from loramerge_cli.adapters.compat import check_compatible
+    from loramerge_cli.adapters.compat import check_compatible, check_spec_base
     from loramerge_cli.evaluation.engine import Evaluator
     from loramerge_cli.evaluation.functional import freeze
     from loramerge_cli.evaluation.specs import load_task_file
@@ -114,6 +114,7 @@ def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     if missing:
         raise LoramergeError(f"{request.tasks}: no task for adapter(s) {', '.join(missing)}")
     eval_settings = replace(request.eval, batch_size=batch_size or request.eval.batch_size)
+    check_spec_base(task_file, adapters, request.allow_base_mismatch)
     engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)
     freeze(engine.model)
     paths = module_paths(adapters)
@@ -158,7 +159,7 @@ def train(problem: NscProblem, settings: NscSettings, run_dir: Path | None = Non
     side_path = SidePath(engine.modules, problem.adapters, problem.paths, engine.device, engine.dtype, settings.init)
     optimizer = torch.optim.AdamW([side_path.coefficients], lr=settings.lr, weight_decay=settings.weight_decay)
     step, history = 0, []
-    if resume:
+    if resume and run_dir is not None and (run_dir / STATE_NAME).is_file():  # else: killed before a checkpoint
         step, history = _load_state(run_dir, side_path, optimizer)
     while step < settings.steps:
         started = time.perf_counter()
@@ -195,20 +196,28 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
     atomic.write_text(run_dir / "trajectory.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
-def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[dict]]:
+def read_state(path: Path) -> tuple[dict, int, list, list[dict]]:
+    """(tensors, step, AdamW param groups, history) of a saved NSC state; anything malformed is one line."""
     from safetensors import SafetensorError, safe_open
 
-    path = run_dir / STATE_NAME if run_dir is not None else None
-    if path is None or not path.is_file():
-        raise LoramergeError(f"--resume: no saved NSC state in {run_dir}")
     try:
         with safe_open(str(path), framework="pt") as state:
             tensors = {key: state.get_tensor(key) for key in state.keys()}
-            metadata = state.metadata()
+            metadata = state.metadata() or {}
         step, groups, history = int(metadata["step"]), json.loads(metadata["param_groups"]), \
             json.loads(metadata["history"])
+        if not isinstance(groups, list) or not isinstance(history, list):
+            raise ValueError("param_groups and history must be lists")
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as error:
         raise LoramergeError(f"--resume: {path} is not a readable NSC state ({error})") from None
+    return tensors, step, groups, history
+
+
+def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[dict]]:
+    path = run_dir / STATE_NAME if run_dir is not None else None
+    if path is None or not path.is_file():
+        raise LoramergeError(f"--resume: no saved NSC state in {run_dir}")
+    tensors, step, groups, history = read_state(path)
     coefficients = tensors.pop("coefficients", None)
     if coefficients is None or tuple(coefficients.shape) != tuple(side_path.coefficients.shape):
         raise LoramergeError(f"--resume: {path} holds coefficients of another shape")

@@ -82,7 +82,8 @@ class NullSpaceObjective:
             for path in targets:
                 module = adapter.modules.get(path)
                 if module is not None:
-                    A = module.lora_A.to(device=device, dtype=torch.float32)  # unscaled (the reference's quirk: docs/differences.md)
+                    # unscaled (the reference's quirk: docs/differences.md)
+                    A = module.lora_A.to(device=device, dtype=torch.float32)
                     own[path] = (A, inverse_gram(module.lora_A).to(device))
             if not own:
                 raise LoramergeError(f"NSC: adapter {adapter.name!r} has none of the targeted modules {targets}")

@@ -4,13 +4,19 @@ out dynamically and the results put back in candidate order, so a run equals a s
 from __future__ import annotations
 
 import multiprocessing
+import os
 import queue as queue_module
+import time
 
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.search.lifetime import become_worker, sigint_blocked
 
 
-def _worker(build, device: str, tasks, results) -> None:
-    """Build a fitness on `device` (via the picklable `build(device)`), then serve candidates."""
+def _worker(build, device: str, tasks, results, parent_pid: int | None = None) -> None:
+    """Build a fitness on `device` (via the picklable `build(device)`), then serve candidates; the worker
+    ignores Ctrl-C (the parent ends it) and dies with its parent."""
+    if parent_pid is not None:
+        become_worker(parent_pid)
     try:
         fitness = build(device)
     except BaseException as error:  # noqa: BLE001 - reported to the parent as one line
@@ -36,23 +42,36 @@ class ParallelFitness:
         context = multiprocessing.get_context("spawn")
         self.tasks, self.results = context.Queue(), context.Queue()
         self.processes = [
-            context.Process(target=_worker, args=(build, device, self.tasks, self.results), daemon=True)
+            context.Process(target=_worker, args=(build, device, self.tasks, self.results, os.getpid()), daemon=True)
             for device in devices
         ]
-        for process in self.processes:
-            process.start()
-        for _ in devices:
-            status, payload = self._next(start_timeout)
-            if status == -1:
-                self.close()
-                raise LoramergeError(payload)
+        try:
+            with sigint_blocked():
+                for process in self.processes:
+                    process.start()
+            for _ in devices:
+                status, payload = self._next(start_timeout)
+                if status == -1:
+                    raise LoramergeError(payload)
+        except BaseException:
+            self.close(wait=False)
+            raise
 
     def _next(self, timeout: float):
-        try:
-            return self.results.get(timeout=timeout)
-        except queue_module.Empty:
-            self.close()
-            raise LoramergeError("a search worker stopped answering") from None
+        """The next result; a worker that died without a word (killed, out of memory) is one line."""
+        deadline = time.monotonic() + timeout
+        while True:
+            dead = [p for p in self.processes if p.exitcode is not None]
+            if dead:
+                self.close(wait=False)
+                raise LoramergeError(f"a search worker died (exit code {dead[0].exitcode})")
+            try:
+                return self.results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
+            except queue_module.Empty:
+                pass
+            if time.monotonic() >= deadline:
+                self.close(wait=False)
+                raise LoramergeError("a search worker stopped answering")
 
     def __call__(self, candidates: list) -> list[float]:
         for index, candidate in enumerate(candidates):
@@ -61,15 +80,29 @@ class ParallelFitness:
         while len(values) < len(candidates):
             index, value = self._next(3600.0)
             if index == -1:
-                self.close()
+                self.close(wait=False)
                 raise LoramergeError(value)
             values[index] = value
         return [values[index] for index in range(len(candidates))]
 
-    def close(self) -> None:
-        for _ in self.processes:
-            self.tasks.put(None)
+    def __enter__(self) -> "ParallelFitness":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.close(wait=error_type is None)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers: politely (`wait`), else at once (after an error or an interrupt)."""
+        if wait:
+            for _ in self.processes:
+                self.tasks.put(None)
         for process in self.processes:
-            process.join(timeout=10)
+            if process.pid is None:
+                continue
+            process.join(timeout=10 if wait else 0)
             if process.is_alive():
                 process.terminate()
+                process.join(timeout=5)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)

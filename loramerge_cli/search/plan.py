@@ -9,10 +9,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, check_seed
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
+from loramerge_cli.search.rundir import input_paths
 from loramerge_cli.search.strategies import DEFAULT_STRATEGY, Strategy, strategy_named
 
 FITNESSES = ("accuracy", "nsc")
@@ -40,6 +40,7 @@ class SearchRequest:
     report_test: bool = False
     devices: list[str] | None = None  # one worker per entry; None: serial in this process
     command: str = ""
+    flags: dict | None = None  # the CLI's flags, saved in the run dir so that --resume alone can continue
 
 
 @dataclass
@@ -113,8 +114,7 @@ def check_extras(request: SearchRequest, plot: Path | None) -> None:
     splits = [request.eval.split] + (["test"] if request.report_test else [])
     files = [str(task.data.get(split, "")) for task in task_file.tasks for split in splits]
     needed = [("matplotlib", "plot", "--plot")] if plot is not None else []
-    if task_file.type.images:
-        needed.append(("PIL", "image", f"{task_file.model_type} tasks"))
+    needed += [(module, extra, f"{task_file.model_type} tasks") for module, extra in task_file.type.extras]
     if any(name.endswith(".parquet") for name in files):
         needed.append(("pyarrow", "parquet", "parquet data"))
     for module, extra, reason in needed:
@@ -124,31 +124,61 @@ def check_extras(request: SearchRequest, plot: Path | None) -> None:
             raise LoramergeError(f"{reason} needs {module}: pip install 'loramerge[{extra}]'") from None
 
 
-def prepare_run_dir(request: SearchRequest) -> None:
-    """The run directory remembers the resolved request; --resume refuses a different one."""
+def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
+    """The run directory remembers the resolved request, its flags and its inputs' sha256; --resume refuses a
+    different request or a changed input (one line naming it), a damaged state or an old pickle, and starts
+    over when the killed run saved no state yet. Nothing in a run directory is ever unpickled. `write`:
+    record this run's configuration (the runner does, holding the run dir's lock)."""
     if request.run_dir is None:
         return
+    from loramerge_cli.search import rundir
+    from loramerge_cli.search.enmp import STATE_NAME as ENMP_STATE
+    from loramerge_cli.search.enmp import read_state
+    from loramerge_cli.search.screened import STATE_NAME as SCREENED_STATE
+    from loramerge_cli.search.screened import read_state as read_screened_state
+
     run_dir = Path(request.run_dir)
-    config = run_config(request)
-    path = run_dir / "config.json"
+    config = json.loads(json.dumps(run_config(request)))
+    digests = rundir.input_digests(request)
+    saved = rundir.read_config(run_dir)
     if request.resume:
-        if not path.is_file():
+        rundir.refuse_pickle_state(run_dir)
+        if saved is None and (not run_dir.is_dir() or any(not p.name.startswith(".") for p in run_dir.iterdir())):
             raise LoramergeError(f"--resume: {run_dir} holds no search to resume")
-        saved = json.loads(path.read_text())
-        if saved != json.loads(json.dumps(config)):
-            changed = sorted(key for key in config if json.loads(json.dumps(config[key])) != saved.get(key))
+        if saved is None:  # killed before its configuration was saved (only hidden files): start over
+            if write:
+                rundir.write_config(run_dir, config, request.flags, digests)
+            return
+        if saved["settings"] != config:
+            changed = sorted(key for key in config if config[key] != saved["settings"].get(key))
             raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
+        rundir.check_inputs(saved.get("inputs") or {}, digests)
+        if (run_dir / ENMP_STATE).is_file():
+            read_state(run_dir / ENMP_STATE)  # a damaged state is one line before any work
+        if (run_dir / SCREENED_STATE).is_file():
+            read_screened_state(run_dir / SCREENED_STATE)
+        if (run_dir / STATE_NAME).is_file():
+            from loramerge_cli.search.nsc import read_state as read_nsc_state
+
+            read_nsc_state(run_dir / STATE_NAME)
         return
-    if (run_dir / "state.pkl").exists() or (run_dir / STATE_NAME).exists():
+    if any((run_dir / name).exists() for name in (ENMP_STATE, SCREENED_STATE, STATE_NAME, rundir.LEGACY_PICKLE)):
         raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")
-    atomic.write_text(path, json.dumps(config, indent=2) + "\n")
+    if write:
+        rundir.write_config(run_dir, config, request.flags, digests)
 
 
 def run_config(request: SearchRequest) -> dict:
-    """The settings a resumed run must share with the saved one."""
+    """The settings a resumed run must share with the saved one (not the device, threads or block cache:
+    they give the same scores)."""
+    from loramerge_cli.search.rundir import normal_adapter, normal_path
+
+    eval_settings = {key: value for key, value in _plain(asdict(request.eval)).items()
+                     if key not in ("device", "threads", "block_cache_mb")}
     config = {
-        "adapters": [getattr(a, "source", None) and a.source.spec or a for a in request.adapters],
-        "merge": _plain(asdict(request.merge)), "tasks": str(request.tasks), "eval": _plain(asdict(request.eval)),
+        "adapters": [normal_adapter(a if isinstance(a, str) else f"{a.name}={a.source.spec}")
+                     for a in request.adapters],
+        "merge": _plain(asdict(request.merge)), "tasks": normal_path(request.tasks), "eval": eval_settings,
         "strategy": request.strategy, "enmp": asdict(request.enmp), "lambda_auto": request.lambda_auto,
         "base": request.base, "budget": request.budget, "sparsity": request.sparsity, "options": request.options,
     }
@@ -171,10 +201,20 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
         raise UsageError("--plot draws search curves and masks; --strategy nsc has neither")
     check_splits(request)
     check_extras(request, plot)
+    inputs = input_paths(request)
     if out is not None:
-        from loramerge_cli.adapters.writer import check_output_dir
+        from loramerge_cli.outputs import guard_output
+        from loramerge_cli.search.rundir import run_dir_files
 
-        check_output_dir(out, force)
-    prepare_run_dir(request)
+        guard_output(out, inputs=inputs + run_dir_files(request.run_dir), force=force, kind="file")
+    if plot is not None:
+        from loramerge_cli.outputs import check_not_an_input
+
+        check_not_an_input(plot, inputs, "--plot")
+    if request.run_dir is not None:
+        from loramerge_cli.search.rundir import RunDirLock
+
+        RunDirLock(Path(request.run_dir)).check_free()
+    prepare_run_dir(request, write=False)
     return SearchPlan(request, strategy, Path(out) if out is not None else None, force,
                       Path(plot) if plot is not None else None)

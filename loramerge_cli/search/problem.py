@@ -28,8 +28,9 @@ class Problem:
     engine: object  # Evaluator
 
 
-def build_problem(request: SearchRequest, device: str | None = None, lam: float | None = None) -> Problem:
-    from loramerge_cli.adapters.compat import check_compatible
+def build_problem(request, device: str | None = None, lam: float | None = None) -> Problem:
+    """The Problem of a SearchRequest, its evaluator on `device` (default: the request's) at λ `lam`."""
+    from loramerge_cli.adapters.compat import check_base_kind, check_compatible, check_spec_base
     from loramerge_cli.evaluation.engine import Evaluator
     from loramerge_cli.evaluation.specs import load_task_file
     from loramerge_cli.masks import ones_table
@@ -41,7 +42,9 @@ def build_problem(request: SearchRequest, device: str | None = None, lam: float 
     settings = resolve_config(merge_config, len(adapters))
     task_file = load_task_file(request.tasks)
     eval_settings = replace(request.eval, device=device) if device else request.eval
+    check_spec_base(task_file, adapters, request.allow_base_mismatch)
     engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)
+    check_base_kind(engine)
     if engine.task_file.names != [a.name for a in adapters]:
         missing = [a.name for a in adapters if a.name not in engine.task_file.names]
         if missing:

@@ -93,7 +93,19 @@ FITNESSES: dict[str, Callable] = {"accuracy": _labelled, "nsc": _label_free}
 
 
 def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = lambda kind, data: None):
-    """Returns (WeightTable, provenance). Checks the request first (plan_search) unless it was planned."""
+    """Returns (WeightTable, provenance). Checks the request first (plan_search) unless it was planned. The
+    run directory, if any, is locked for the whole search (one search per folder at a time)."""
+    if request.run_dir is None:
+        return _run_search(request, on_event)
+    from loramerge_cli import interrupts
+    from loramerge_cli.search.rundir import RunDirLock
+
+    interrupts.set_hint(f"resume with: loramerge search-mask --run-dir {request.run_dir} --resume")
+    with RunDirLock(Path(request.run_dir)):
+        return _run_search(request, on_event)
+
+
+def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     from loramerge_cli.search.fitness import pruned_table
     from loramerge_cli.search.parallel import ParallelFitness
 
@@ -165,11 +177,6 @@ def _provenance(request, fitness, parallel, outcome, started) -> dict:
         "seconds": round(time.perf_counter() - started, 3),
         "history": outcome.history,
     }
-
-
-def _plain(data: dict) -> dict:
-    return {key: (str(value) if not isinstance(value, (int, float, str, bool, list, type(None))) else value)
-            for key, value in data.items()}
 
 
 def _test_report(request: SearchRequest, lam: float, best_lambda: float, pruned: tuple[int, ...]) -> dict:

@@ -23,16 +23,18 @@ step, so a killed run resumes to the same table.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable
 
 import numpy as np
 
+from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.events import stage
 from loramerge_cli.search.decode import decode_mask, max_pruned
@@ -110,7 +112,7 @@ def prior_mean(order: list[int], gains: list[float], k_max: int, sigma: float, t
 
 class ScreenedSearch:
     """`ladder`: a `FidelityLadder` (its last rung the full validation set); `run_dir` (optional) holds
-    `state.pkl`, `trajectory.jsonl`."""
+    `screened_state.json` and `trajectory.jsonl`."""
 
     def __init__(self, settings: ScreenedSettings, unit_count: int, task_count: int, ladder,
                  run_dir: Path | None = None, on_event: Callable[[str, dict], None] = lambda kind, data: None):
@@ -287,16 +289,78 @@ class ScreenedSearch:
             alive = [c for c in ranked if memo[c] >= cut]
         return {"evaluations": sum(per_rung), "per_rung": per_rung}
 
-    # the best rule (highest full-set fitness; ties: fewest pruned, then earliest) and the run directory's
-    # files (state.pkl, trajectory.jsonl, written atomically after every step) are ENMP's
+    # the best rule (highest full-set fitness; ties: fewest pruned, then earliest) is ENMP's
     best = EnmpSearch.best
-    _save_state = EnmpSearch._save_state
+
+    # -- run directory -----------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        """Every score on every rung, in the order scored, as JSON (no pickle): the rest is rebuilt by replay."""
+        if self.run_dir is None:
+            return
+        state = self.state
+        scores = [[[list(candidate[0]), value] for candidate, value in memo.items() if candidate[0]]
+                  for memo in state.scores]
+        atomic.write_text(self.run_dir / STATE_NAME, json.dumps(
+            {"format": STATE_FORMAT, "step": state.step, "scores": scores, "history": state.history}) + "\n")
+        atomic.write_text(self.run_dir / "trajectory.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
 
     def _load_state(self) -> ScreenedState:
-        state = EnmpSearch._load_state(self)
-        if not isinstance(state, ScreenedState):
-            raise LoramergeError(f"--resume: {self.run_dir} holds another strategy's search")
-        return state
+        """Replay the seeded search on the saved scores: every step draws the same tables, reads their scores
+        instead of evaluating them and tells CMA-ES the same ranking, so the search ends exactly where the
+        killed run left it (its counts of evaluations and forward examples included). A run dir without a
+        state (killed before the screen ended) starts over."""
+        path = self.run_dir / STATE_NAME if self.run_dir else None
+        if path is None or not path.is_file():
+            self.start()
+            return self.state
+        step, scores, history = read_state(path)
+        ladder, run_dir, on_event = self.ladder, self.run_dir, self.on_event
+        self.ladder = replace(ladder, backend=SavedScores(scores, path))
+        self.run_dir, self.on_event = None, lambda kind, data: None
+        try:
+            self.start()
+            while self.state.step < step:
+                self.step()
+        finally:
+            self.ladder, self.run_dir, self.on_event = ladder, run_dir, on_event
+        self.state.history = history
+        return self.state
+
+
+STATE_NAME = "screened_state.json"
+STATE_FORMAT = "loramerge.screened-state/v1"
+
+
+@dataclass
+class SavedScores:
+    """A ladder backend that answers from a saved state's scores (a resumed search's replay)."""
+
+    scores: list[dict]
+    path: Path
+
+    def __call__(self, items):
+        try:
+            return [self.scores[rung][candidate] for rung, candidate in items]
+        except (KeyError, IndexError):
+            raise LoramergeError(f"--resume: {self.path} does not match this search (its replay asks for a table "
+                                 "it never scored); start a new run") from None
+
+
+def read_state(path: Path) -> tuple[int, list[dict], list]:
+    """(steps done, scores per rung, history) from a state file; anything malformed is one line."""
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise ValueError(f'not a screened search state (expected "format": "{STATE_FORMAT}")')
+        step, history = data["step"], data["history"]
+        if not isinstance(step, int) or step < 0 or not isinstance(history, list):
+            raise ValueError("bad step or history")
+        scores = [{(tuple(int(i) for i in pruned), None): float(value) for pruned, value in rung}
+                  for rung in data["scores"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LoramergeError(f"--resume: {path} is not a readable search state ({error}); "
+                             "delete the run folder to start over") from None
+    return step, scores, history
 
 
 def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_count: int,

@@ -1,0 +1,233 @@
+"""Where loramerge may write, and how: the one guard every `--out` goes through, staging folders that
+replace an output atomically, leftover staging from killed runs cleaned up, and the finiteness check every
+written tensor passes (single files are replaced through loramerge_cli.atomic).
+
+Users' files are sacred: an output never resolves to an input or to a folder holding one, never replaces
+anything that is not a folder or file loramerge wrote, and `--force` swaps the old output for the new one in
+one rename, so the old or the new adapter is under `--out` at every instant. No torch import at module level
+(the CLI imports this before deciding to load anything).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterable
+
+from loramerge_cli.errors import LoramergeError
+
+MARKER = "loramerge.json"  # every adapter folder loramerge writes holds its provenance under this name
+FOLDER_EXTRAS = ("mask.json", "loramerge.yaml")  # beside the adapter folders of apply-mask's output
+RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths atomically
+AT_FDCWD = -100
+
+
+def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: bool = False,
+                 kind: str = "folder") -> Path:
+    """Fail before any work unless `out` may be written: not an input, not a folder holding one, not the
+    working folder; an existing one only with `force`, and only when loramerge wrote it (a `kind` "folder"
+    holding loramerge.json, or one folder of such per task; a "file" that is a loramerge JSON). Anything
+    else (a regular file where a folder goes, a device, a symlink) is refused even with `force`. Its nearest
+    existing ancestor must be a writable folder."""
+    out = Path(out)
+    target = Path(os.path.abspath(out.expanduser()))
+    resolved = out.expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or str(out) in ("", ".", ".."):
+        raise LoramergeError(f"--out {out}: that is the working folder (or holds it); give a new folder's name")
+    check_not_an_input(out, inputs)
+    if os.path.lexists(target):
+        _check_replaceable(out, target, force, kind)
+    ancestor = target.parent
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise LoramergeError(f"--out {out}: cannot create it, {ancestor} is not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise LoramergeError(f"--out {out}: cannot create it, {ancestor} is not writable")
+    clean_debris(target)
+    return out
+
+
+def check_not_an_input(out: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> None:
+    """`out` is not an input, does not hold one, and is not inside an input folder."""
+    resolved = Path(out).expanduser().resolve()
+    for item in inputs:
+        path = Path(item).expanduser().resolve()
+        if resolved == path or resolved in path.parents or (path.is_dir() and path in resolved.parents):
+            what = "is" if resolved == path else "holds" if resolved in path.parents else "is inside"
+            raise LoramergeError(f"{flag} {out} {what} the input {item}; refusing to write over an input")
+
+
+def input_files(adapter_args: Iterable[str] = (), *paths: str | Path | None) -> list[Path]:
+    """The local files and folders a command reads (adapter sources as given, a mask, a task spec and its
+    data), found without loading anything: what guard_output protects."""
+    from loramerge_cli.adapters.sources import CONFIG_NAME, split_name
+
+    found = []
+    for argument in adapter_args:
+        path = Path(split_name(argument).spec).expanduser()
+        if path.exists():
+            found.append(path)
+            if path.is_file() and (path.parent / CONFIG_NAME).is_file():
+                found.append(path.parent / CONFIG_NAME)
+    found += [Path(path) for path in paths if path is not None and Path(path).exists()]
+    return found
+
+
+def _check_replaceable(out: Path, target: Path, force: bool, kind: str) -> None:
+    if target.is_symlink():
+        raise LoramergeError(f"--out {out} is a symbolic link; refusing to replace it (give its target or a new name)")
+    if kind == "folder" and not target.is_dir():
+        raise LoramergeError(f"--out {out} exists and is not a folder; refusing to replace it, even with --force")
+    if kind == "file" and not target.is_file():
+        raise LoramergeError(f"--out {out} exists and is not a regular file; refusing to replace it, even with --force")
+    if not force:
+        raise LoramergeError(f"--out {out} already exists; pass --force to replace it")
+    if kind == "folder" and not written_by_loramerge(target):
+        raise LoramergeError(f"--out {out} is a folder loramerge did not write (no {MARKER}); refusing to replace "
+                             "it, even with --force")
+    if kind == "file" and not _is_loramerge_json(target):
+        raise LoramergeError(f"--out {out} is not a file loramerge wrote; refusing to replace it, even with --force")
+
+
+def written_by_loramerge(folder: Path) -> bool:
+    """An empty folder, an adapter folder loramerge wrote, or a folder of such (apply-mask's output, with its
+    mask.json and loramerge.yaml beside them)."""
+    entries = [entry for entry in folder.iterdir() if entry.name not in FOLDER_EXTRAS or not entry.is_file()]
+    if (folder / MARKER).is_file() or not entries:
+        return True
+    return all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries)
+
+
+def _is_loramerge_json(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("loramerge.")
+
+
+# --- staging ----------------------------------------------------------------------------------------
+
+def _staging_prefix(target: Path) -> str:
+    return f".{target.name}.loramerge-"
+
+
+def clean_debris(target: str | Path) -> None:
+    """Remove staging folders of `target` left by killed runs (their process is gone); a crash between the
+    two renames of the fallback replacement left the old output aside: put it back."""
+    target = Path(os.path.abspath(target))
+    parent = target.parent
+    if not parent.is_dir():
+        return
+    prefix = _staging_prefix(target)
+    for entry in parent.glob(prefix + "*"):
+        pid_text, _, rest = entry.name[len(prefix):].partition(".")
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        if rest == "old" and not os.path.lexists(target):
+            os.rename(entry, target)
+        elif entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextmanager
+def staged_folder(out_dir: str | Path, force: bool = False, inputs: Iterable[str | Path] = ()):
+    """Yield a hidden sibling folder to write into; on success it takes `out_dir`'s place in one rename (an
+    existing output is swapped out atomically), on any failure or interrupt it is removed."""
+    from loramerge_cli import interrupts
+
+    out_dir = guard_output(out_dir, inputs=inputs, force=force, kind="folder")
+    target = Path(os.path.abspath(out_dir))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.", suffix=".tmp",
+                                        dir=target.parent))
+    except OSError as error:
+        raise LoramergeError(f"{out_dir}: cannot create the output folder ({error.strerror or error})") from None
+    try:
+        yield staging
+        _apply_umask(staging)
+        interrupts.check()  # a Ctrl-C some library swallowed: write nothing
+        _replace(staging, target, force)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LoramergeError(f"{out_dir}: cannot write the output ({error.strerror or error})") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _apply_umask(folder: Path) -> None:
+    """mkdtemp and safetensors create private (0700/0600) entries; give them the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
+def _replace(staging: Path, target: Path, force: bool) -> None:
+    if not os.path.lexists(target):
+        staging.rename(target)
+        return
+    if not force:
+        raise LoramergeError(f"{target}: already exists; pass --force to replace it")
+    if exchange(staging, target):
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old output
+        return
+    retired = target.with_name(f"{_staging_prefix(target)}{os.getpid()}.old")
+    os.rename(target, retired)  # a crash here: the next run puts `retired` back (clean_debris)
+    os.rename(staging, target)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+def exchange(first: Path, second: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM):
+        return False  # file system without RENAME_EXCHANGE
+    raise OSError(code, os.strerror(code), str(second))
+
+
+# --- tensors ----------------------------------------------------------------------------------------
+
+def check_finite(tensors: dict, dtype=None) -> None:
+    """Every floating tensor finite (after conversion to the dtype it is written in), else one line naming
+    the module: nothing non-finite is ever written."""
+    import torch
+
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            name = key.removeprefix("base_model.model.")
+            module = name.rsplit(".", 2)[0] if ".lora_" in name else name.rsplit(".", 1)[0]
+            overflow = f" (beyond the range of {str(tensor.dtype).removeprefix('torch.')}?)" \
+                if tensor.dtype in (torch.float16, torch.bfloat16) else ""
+            raise LoramergeError(f"module {module}: {name} has NaN or Inf values{overflow}; nothing written")

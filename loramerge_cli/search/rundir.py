@@ -1,0 +1,213 @@
+"""The run directory of a search: one search at a time (a lock), the settings it was started with, and
+the sha256 of every input it reads, so `--resume` continues that search or refuses in one line.
+
+Files (all written atomically; none is a pickle): `config.json` (settings, the command's flags, input
+digests), the strategy's state (`state.json`, `screened_state.json` or `nsc_state.safetensors`),
+`trajectory.jsonl`, `best.json`,
+`scores.json`, and `.lock` (held while a search runs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loramerge_cli.errors import LoramergeError
+
+CONFIG_NAME = "config.json"
+CONFIG_FORMAT = "loramerge.run/v1"
+LOCK_NAME = ".lock"
+LEGACY_PICKLE = "state.pkl"
+# Flags that say how a search runs or where its table goes, not what it searches: --resume may change them.
+RUN_ONLY_FLAGS = {"out", "force", "json_output", "quiet", "debug", "plot", "resume", "config", "run_dir", "devices",
+                  "workers", "threads", "device", "block_cache_mb", "report_test"}
+
+
+class RunDirLock:
+    """An exclusive, non-blocking lock on `run_dir/.lock` for as long as a search uses the folder; the
+    operating system drops it when the process dies, so a killed run never leaves a stale lock."""
+
+    def __init__(self, run_dir: Path):
+        from filelock import FileLock
+
+        self.run_dir = run_dir
+        self.lock = FileLock(str(run_dir / LOCK_NAME), timeout=0)
+
+    def __enter__(self):
+        from filelock import Timeout
+
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock.acquire()
+        except Timeout:
+            raise LoramergeError(f"--run-dir {self.run_dir} is in use by another search; wait for it to end "
+                                 "or give another --run-dir") from None
+        except OSError as error:
+            raise LoramergeError(f"--run-dir {self.run_dir}: cannot use it ({error.strerror or error})") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.lock.release()
+
+    def check_free(self) -> None:
+        """Refuse now, in one line, a run dir another search holds (creates nothing)."""
+        if (self.run_dir / LOCK_NAME).exists():
+            with self:
+                pass
+
+
+# --- configuration ----------------------------------------------------------------------------------
+
+def read_config(run_dir: Path) -> dict | None:
+    """The saved configuration, None when there is none; a damaged one is one line."""
+    path = run_dir / CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("format") != CONFIG_FORMAT or not isinstance(
+                data.get("settings"), dict):
+            raise ValueError(f'expected a JSON object with "format": "{CONFIG_FORMAT}"')
+    except (OSError, ValueError) as error:
+        raise LoramergeError(f"{path}: not a readable run configuration ({error}); delete the run folder to "
+                             "start over") from None
+    return data
+
+
+def write_config(run_dir: Path, settings: dict, flags: dict | None, inputs: dict) -> None:
+    from loramerge_cli.atomic import write_text
+
+    data = {"format": CONFIG_FORMAT, "settings": settings, "flags": flags, "inputs": inputs}
+    write_text(run_dir / CONFIG_NAME, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def normal_path(value) -> str:
+    """A path as an absolute one (symlinks followed), so relative and absolute spellings compare equal."""
+    return str(Path(value).expanduser().resolve())
+
+
+def normal_adapter(argument: str) -> str:
+    """`[name=]source` with a local source made absolute; Hub ids unchanged."""
+    from loramerge_cli.adapters.sources import split_name
+
+    named = split_name(argument)
+    if not Path(named.spec).expanduser().exists():
+        return argument
+    path = normal_path(named.spec)
+    return f"{named.name}={path}" if named.name else path
+
+
+def normal_flags(flags: dict) -> dict:
+    """The command's flag values in the form they are saved and compared in."""
+    out = {}
+    for name, value in flags.items():
+        if name == "adapters" and value is not None:
+            value = [normal_adapter(str(v)) for v in value]
+        elif isinstance(value, Path) or (name in ("tasks", "out", "plot", "run_dir", "config") and value):
+            value = normal_path(value)
+        out[name] = value
+    return out
+
+
+def resumed_flags(run_dir: Path, given: dict, values: dict) -> dict | None:
+    """The flags of a resumed search: the saved ones, with the run-only flags given now. A setting given
+    now must equal the saved one (after normalising paths); a difference names the flag and both values.
+    None when the run dir holds no saved search (the caller starts one)."""
+    config = read_config(run_dir)
+    saved = config.get("flags") if config else None
+    if not isinstance(saved, dict):
+        return None
+    now = normal_flags({name: values[name] for name in given})
+    for name in given:
+        if name in RUN_ONLY_FLAGS or name not in saved:
+            continue
+        if now[name] != saved[name]:
+            flag = "--" + ("lambda" if name == "lam" else "json" if name == "json_output" else name.replace("_", "-"))
+            raise LoramergeError(f"--resume: {flag} is {_shown(now[name])} but the saved run used "
+                                 f"{_shown(saved[name])}; drop the flag, or start a new run")
+    merged = {**values, **{name: value for name, value in saved.items() if name in values and name not in
+                           RUN_ONLY_FLAGS}}
+    if "out" not in given and saved.get("out"):  # where the table goes: the saved place unless given now
+        merged["out"] = saved["out"]
+    for name in ("tasks", "out", "plot"):
+        if isinstance(merged.get(name), str):
+            merged[name] = Path(merged[name])
+    return merged
+
+
+def _shown(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [path] if path.is_file() else []
+
+
+def input_paths(request) -> list[Path]:
+    """Every local file the search reads: adapter weights and configs, the task spec, its data and head
+    files, and a local base model's files."""
+    from loramerge_cli.adapters.sources import resolve, split_name
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    paths: list[Path] = []
+    bases = set()
+    for argument in request.adapters:
+        if isinstance(argument, str):
+            files = resolve(split_name(argument).spec, allow_pickle=request.allow_pickle)
+        else:  # a loaded Adapter (the library API)
+            files = argument.source
+        paths += [files.weights_file] + ([files.config_file] if files.config_file else [])
+        if files.config_file:
+            try:
+                bases.add(json.loads(Path(files.config_file).read_text()).get("base_model_name_or_path"))
+            except (OSError, ValueError, AttributeError):
+                pass  # the loader reports it
+    task_file = load_task_file(request.tasks)
+    paths.append(Path(request.tasks))
+    for task in task_file.tasks:
+        for data in task.data.values():
+            paths += _files(Path(data))
+        if task.head and Path(task.head).is_file():
+            paths.append(Path(task.head))
+    base = request.base or task_file.base_model or (bases.pop() if len(bases) == 1 else None)
+    if base and Path(base).expanduser().is_dir():
+        paths += _files(Path(base).expanduser())
+    return paths
+
+
+def input_digests(request) -> dict[str, str]:
+    """{absolute path: sha256} of every input (input_paths)."""
+    from loramerge_cli.adapters.sources import sha256_file
+
+    return {normal_path(path): sha256_file(Path(path)) for path in dict.fromkeys(input_paths(request))}
+
+
+def check_inputs(saved: dict, current: dict) -> None:
+    """Refuse to resume when an input changed, was removed, or a new one appeared, naming the file."""
+    for path, digest in saved.items():
+        if current.get(path) != digest:
+            state = "is gone" if path not in current else "changed (its sha256 differs)"
+            raise LoramergeError(f"--resume: {path} {state} since the run started; the saved scores are for "
+                                 "the old inputs: start a new run (another --run-dir)")
+    for path in current:
+        if path not in saved:
+            raise LoramergeError(f"--resume: {path} is a new input since the run started; start a new run")
+
+
+def run_dir_files(run_dir: Path | None) -> list[Path]:
+    """The run directory's own state files (an --out must not replace them)."""
+    if run_dir is None:
+        return []
+    return [Path(run_dir) / name for name in (CONFIG_NAME, "state.json", "screened_state.json",
+                                             "nsc_state.safetensors", "scores.json", "trajectory.jsonl",
+                                             LEGACY_PICKLE)]
+
+
+def refuse_pickle_state(run_dir: Path) -> None:
+    if (run_dir / LEGACY_PICKLE).exists():
+        raise LoramergeError(f"--resume: {run_dir / LEGACY_PICKLE} is a pickle from an older loramerge; it is never "
+                             "read (unpickling can run code): start a new run")

@@ -27,7 +27,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable
@@ -48,20 +48,13 @@ from loramerge_cli.search.enmp import (
 )
 
 Candidate = tuple[tuple[int, ...], float | None]
-NAME = "screened"
 
 
 @dataclass
-class ScreenedSettings:
-    """Search budget (as ENMP's) and the three parts' switches and knobs."""
+class ScreenedSettings(EnmpSettings):
+    """ENMP's search budget (its x0: the mean of every unit when the screen is off) and the three parts'
+    switches and knobs; `addscale` stays ENMP's."""
 
-    max_prune: float = 0.2
-    popsize: int = 16
-    generations: int = 60
-    sigma0: float = 0.5
-    threshold: float = 0.0
-    seed: int = 1
-    x0: float = -1.0  # the mean of every unit when the screen is off (the paper's)
     screen: bool = True
     redraws: int = 20  # per slot; 0: off
     halving: bool = True
@@ -69,11 +62,12 @@ class ScreenedSettings:
     rungs: int = 3  # subsets per search, the full set included
     min_examples: int = 24  # per task: smaller subsets are left out
     noise_examples: float = 1.0  # tables within this many examples (100/(T·n_r) points each) of a cut go on too
-    budget: int | None = None  # stop once this many distinct full-set evaluations are done (checked per step)
+    budget: int | None = None  # stop once this many distinct full-set evaluations are done
 
     def check(self) -> None:
-        EnmpSettings(max_prune=self.max_prune, popsize=self.popsize, generations=self.generations,
-                     sigma0=self.sigma0, seed=self.seed).check()  # the budget flags ENMP shares
+        super().check()
+        if self.addscale:
+            raise UsageError("--addscale searches λ with --strategy enmp only")
         if self.redraws < 0:
             raise UsageError("--redraws must be >= 0")
         if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0:
@@ -382,16 +376,11 @@ def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_coun
 # -- search-mask glue (the strategy registry's entry and worker processes) --------------------------
 def screened_settings(request) -> ScreenedSettings:
     """ENMP's budget flags (and --budget) with the strategy's own options (`request.options`) on top."""
-    if request.enmp.addscale:
-        raise UsageError("--addscale searches λ with --strategy enmp only")
-    enmp = request.enmp
-    shared = dict(max_prune=enmp.max_prune, popsize=enmp.popsize, generations=enmp.generations, sigma0=enmp.sigma0,
-                  threshold=enmp.threshold, seed=enmp.seed, x0=enmp.x0, budget=request.budget)
     known = {f.name for f in fields(ScreenedSettings)}
     unknown = sorted(set(request.options) - known)
     if unknown:
         raise UsageError(f"--strategy screened has no setting {', '.join(unknown)}")
-    return ScreenedSettings(**{**shared, **request.options})
+    return ScreenedSettings(**{**asdict(request.enmp), "budget": request.budget, **request.options})
 
 
 @dataclass

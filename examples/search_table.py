@@ -14,18 +14,15 @@ search's table; greedy gets up to popsize × generations evaluations.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import statistics
 import time
-from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-MERGERS = ("ta", "ties", "knots", "core")
 ABLATIONS = {"screened_no_screen": {"screen": False}, "screened_no_redraw": {"redraws": 0},
              "screened_no_halving": {"halving": False}}
 
@@ -223,32 +220,20 @@ def plot(rows: list[dict], keys, path: Path) -> None:
 
 
 def main(argv=None):
-    import torch
     from rich.console import Console
 
-    from examples.bundled.build import DEFAULT_OUT
-    from examples.main_job import bundled_setting
-    from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
-    from loramerge_cli.evaluation.specs import load_task_file
+    from examples.enmp_table import table_parser, text_evaluators
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--mergers", default=",".join(MERGERS))
-    parser.add_argument("--popsize", type=int, default=16)
+    parser = table_parser(__doc__.splitlines()[0], threads=1)
     parser.add_argument("--generations", type=int, default=15, help="paper ENMP's generations (greedy and random "
                         "get up to popsize × generations evaluations)")
     parser.add_argument("--screened-generations", type=int, default=8)
-    parser.add_argument("--max-prune", type=float, default=0.2)
-    parser.add_argument("--val-limit", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--strategies", default="screened,enmp,greedy,random")
     parser.add_argument("--ablations", default="", help=f"comma-separated: {', '.join(ABLATIONS)}")
     parser.add_argument("--lambdas", default="", help="merger=λ,… : skip the λ tuning of these mergers")
     parser.add_argument("--enmp-examples", type=int, help="without the screened search in this run: stop paper ENMP "
                         "once it has spent this many forward examples")
     parser.add_argument("--runs-jsonl", type=Path, help="append every finished run here as it ends")
-    parser.add_argument("--json", type=Path)
     parser.add_argument("--plot", type=Path, help="write a PNG of best validation fitness against forward examples")
     args = parser.parse_args(argv)
     strategies = [key for key in args.strategies.split(",") if key]
@@ -257,12 +242,8 @@ def main(argv=None):
     if unknown:
         parser.error(f"--ablations: unknown {', '.join(unknown)}")
     console = Console(stderr=True)
-    torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    tasks_file, _, adapters = bundled_setting(args.out, console.log)
-    settings = EvalSettings(split="validation", val_limit=args.val_limit, threads=args.threads, batch_size=32)
-    validation = Evaluator(load_task_file(tasks_file), adapters, settings)
-    test = Evaluator(load_task_file(tasks_file), adapters, replace(settings, split="test", val_limit=None))
+    tasks_file, adapters, validation, test = text_evaluators(args, console.log)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     budget = {"popsize": args.popsize, "generations": args.generations, "max_prune": args.max_prune,
               "screened_generations": args.screened_generations, "val_limit": args.val_limit,

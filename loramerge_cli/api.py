@@ -30,6 +30,7 @@ from loramerge_cli.plan import (
     LambdaTuning,
     MergePlan,
     PrunePlan,
+    TaskData,
     check_not_an_input,
     execute,
     plan_merge,
@@ -43,10 +44,10 @@ from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
     "Adapter", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult", "PrunePlan", "SearchPlan",
-    "SearchRequest", "WeightTable", "apply_table", "check_not_an_input", "check_table", "evaluate", "execute",
-    "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table", "merge",
-    "module_norm", "ones_table", "parse_indices", "plan_merge", "plan_prune", "plan_search", "prune", "search",
-    "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter", "write_pruned",
+    "SearchRequest", "TaskData", "WeightTable", "apply_table", "check_not_an_input", "check_table", "evaluate",
+    "execute", "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table",
+    "merge", "module_norm", "ones_table", "parse_indices", "plan_merge", "plan_prune", "plan_search", "prune",
+    "search", "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter", "write_pruned",
 ]
 
 

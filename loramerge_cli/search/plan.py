@@ -57,6 +57,12 @@ class SearchPlan:
 def check_request(request: SearchRequest) -> Strategy:
     """Every setting of the request, without reading a file; returns the strategy."""
     strategy = strategy_named(request.strategy)
+    from loramerge_cli.merging.registry import METHODS
+
+    method = METHODS.get(request.merge.method or request.merge.merger or "")
+    if method is not None and method.needs_inputs:
+        raise UsageError(f"search-mask does not search {method.name} merges yet (it reads each task's inputs); "
+                         "merge with it after the search: loramerge merge --mask TABLE --tasks FILE")
     if request.fitness not in FITNESSES:
         raise UsageError(f"--fitness must be one of {', '.join(FITNESSES)} (got {request.fitness!r})")
     check_seed(request.enmp.seed)

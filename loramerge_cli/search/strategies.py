@@ -129,13 +129,15 @@ def _screened_scoring(request, fitness, workers):
 
 
 SCREENED = Strategy(
-    "screened", "the default: every single-unit pruning scored first and CMA-ES started from it, new tables only, "
-    "scored on seeded validation subsets first (successive halving)", True, _run_screened,
+    "screened", "the default: every single-unit pruning scored on the full validation set and CMA-ES started "
+    "from it, new tables only, each generation's scored on seeded validation subsets first (successive halving)",
+    True, _run_screened,
     parameters=(
-        Parameter("screen", bool, True, "score every single-unit pruning first and start CMA-ES from it."),
+        Parameter("screen", bool, True, "score every single-unit pruning first (full validation set) and start "
+                  "CMA-ES from it."),
         Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off)."),
-        Parameter("halving", bool, True, "score new tables on seeded validation subsets first (successive "
-                  "halving); the result's fitness is always the full set's."),
+        Parameter("halving", bool, True, "score each generation's new tables on seeded validation subsets first "
+                  "(successive halving); the result's fitness is always the full set's."),
         Parameter("eta", int, 3, "successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta²."),
     ),
     check=_check_screened, scoring=_screened_scoring)

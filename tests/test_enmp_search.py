@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from factories import run_or_stop
 
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.search.decode import decode_mask, decode_scale, max_pruned
@@ -83,12 +84,7 @@ def test_same_seed_same_result_and_resume(tmp_path):
     def run(run_dir=None, stop_after=None, resume=False):
         fitness, _ = counting_fitness({1, 4, 7})
         search = EnmpSearch(EnmpSettings(popsize=8, generations=8, seed=11), 3, 3, fitness, run_dir=run_dir)
-        if stop_after is None:
-            return search.run(resume=resume), search
-        search.start()
-        for _ in range(stop_after):
-            search.step()
-        return None, search
+        return run_or_stop(search, stop_after, resume)
 
     best, plain = run()
     run(tmp_path, stop_after=3)

@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+from factories import run_or_stop
 
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.search.decode import max_pruned
@@ -108,14 +109,8 @@ def test_redraw_scores_new_tables_only():
 
 def test_same_seed_same_result_and_resume(tmp_path):
     def run(run_dir=None, stop_after=None, resume=False):
-        search = ScreenedSearch(ScreenedSettings(popsize=6, generations=5, seed=11, max_prune=0.25), 4, 3,
-                                table_ladder(GAINS), run_dir=run_dir)
-        if stop_after is None:
-            return search.run(resume=resume), search
-        search.start()
-        for _ in range(stop_after):
-            search.step()
-        return None, search
+        return run_or_stop(ScreenedSearch(ScreenedSettings(popsize=6, generations=5, seed=11, max_prune=0.25), 4, 3,
+                                          table_ladder(GAINS), run_dir=run_dir), stop_after, resume)
 
     best, plain = run()
     again, _ = run()

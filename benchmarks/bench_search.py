@@ -1,6 +1,7 @@
 """Search benchmark (issue 5): seconds per ENMP generation on the bundled example's text setting, loramerge as
 is against a naive loop without its caches, as a ratio in one run, and the share of candidates that needed a
-forward pass.
+forward pass; then (issue 11) forward examples per point of validation fitness gained, for paper ENMP and
+for the screened search (the default strategy) at the same popsize, generations and seed.
 
 Run by hand (never from the tests):
 
@@ -130,6 +131,28 @@ def fitness_memo_keys(generations: list[dict]) -> list:
     return list(dict.fromkeys([((), None)] + [c for record in generations for c in record["candidates"]]))
 
 
+def per_point(examples: int, gained: float) -> float | None:
+    """Forward examples spent per point of validation fitness gained (None when nothing was gained)."""
+    return examples / gained if gained > 0 else None
+
+
+def screened_run(cached: CachedSearch, args) -> dict:
+    """The default strategy (screened CMA-ES with successive halving) on the same fitness, popsize, generations
+    and seed: its budget in forward examples and full-set evaluations, and examples per point gained."""
+    from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings, fitness_ladder
+
+    settings = ScreenedSettings(popsize=args.popsize, generations=args.generations, seed=args.seed,
+                                sigma0=args.sigma0, max_prune=args.max_prune)
+    started = time.perf_counter()
+    ladder = fitness_ladder(settings, cached.fitness)
+    search = ScreenedSearch(settings, len(cached.problem.template.units), len(cached.problem.adapters), ladder)
+    best = search.run()
+    examples = search.state.forward_examples
+    return {"best_fitness": best.fitness, "full_evaluations": len(search.state.memo) - 1,
+            "forward_examples": examples, "examples_per_point": per_point(examples, best.fitness),
+            "rung_examples": ladder.costs, "seconds": time.perf_counter() - started}
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     request = make_request(args)
@@ -151,7 +174,14 @@ def run(args) -> dict:
     requested = sum(len(run_merge(problem.adapters, fitness.unit_settings, pruned_table(problem.template, pruned),
                                   cache=fitness.cache).modules)
                     for pruned, _ in fitness_memo_keys(generations))  # every one a cache hit by now
+    from loramerge_cli.search.fidelity import examples_per_evaluation
+
+    cost = examples_per_evaluation(fitness)
+    best_fitness = generations[-1]["best_fitness"]
     return {
+        "enmp_budget": {"full_evaluations": forward, "forward_examples": forward * cost,
+                        "best_fitness": best_fitness, "examples_per_point": per_point(forward * cost, best_fitness)},
+        "screened": screened_run(cached, args) if args.screened else None,
         "settings": {"setting": str(request.tasks), "merger": args.merger, "lambda": problem.settings.lam,
                      "units": len(problem.template.units), "tasks": len(problem.adapters),
                      "enmp": vars(request.enmp), "threads": args.threads, "val_limit": args.val_limit,
@@ -231,6 +261,14 @@ def render(report: dict) -> None:
         f"whole budget (setup + {len(report['generations'])} generations): cached "
         f"{cached['setup_seconds'] + cached['seconds_per_generation'] * len(report['generations']):.0f} s, naive "
         f"≈{naive['estimated_total_seconds']:.0f} s + data loading")
+    for name, spent in (("paper ENMP", report["enmp_budget"]), ("screened (default)", report["screened"])):
+        if spent is None:
+            continue
+        ratio = spent["examples_per_point"]
+        console.print(
+            f"{name}: best validation fitness {spent['best_fitness']:+.2f} after {spent['full_evaluations']} "
+            f"full-set evaluations, {spent['forward_examples']} forward examples: "
+            + (f"{ratio:.0f} forward examples per point gained" if ratio else "no point gained"))
     checks = [report["experts_match"], report["reference_match"], not report["mismatches"]]
     console.print("fitness check: " + ("every replayed candidate, the experts and the unpruned merge score exactly "
                                         "as in the cached run" if all(checks) else "[red]MISMATCH[/red]"))
@@ -259,6 +297,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--block-cache-mb", type=float, default=1024,
                         help="cached side: block outputs kept for replay (default 1024; 0: off)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, both sides (default 1)")
+    parser.add_argument("--no-screened", dest="screened", action="store_false",
+                        help="skip the screened search (the default strategy) on the same budget")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--backend", choices=["naive", "ray"], default="naive",
                         help="naive: against the naive loop (default); ray: serial against 1 and 2 Ray CPU actors "

@@ -95,33 +95,48 @@ def render(rows: list[dict], seeds, budget, seconds):
     return table
 
 
-def main(argv=None):
-    import torch
-    from rich.console import Console
-
+def table_parser(description: str, threads: int) -> argparse.ArgumentParser:
+    """The options every search table on the bundled text setting shares."""
     from examples.bundled.build import DEFAULT_OUT
-    from examples.main_job import bundled_setting
-    from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
-    from loramerge_cli.evaluation.specs import load_task_file
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--mergers", default=",".join(MERGERS))
     parser.add_argument("--popsize", type=int, default=16)
-    parser.add_argument("--generations", type=int, default=15)
     parser.add_argument("--max-prune", type=float, default=0.2)
     parser.add_argument("--val-limit", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=threads)
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args(argv)
-    console = Console(stderr=True)
+    return parser
+
+
+def text_evaluators(args, log):
+    """The bundled text setting (built if needed): its task spec, adapters, and validation (first
+    --val-limit examples per task) and test evaluators."""
+    import torch
+
+    from examples.main_job import bundled_setting
+    from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
+    from loramerge_cli.evaluation.specs import load_task_file
+
     torch.set_num_threads(args.threads)
-    started = time.perf_counter()
-    tasks_file, _, adapters = bundled_setting(args.out, console.log)
+    tasks_file, _, adapters = bundled_setting(args.out, log)
     settings = EvalSettings(split="validation", val_limit=args.val_limit, threads=args.threads, batch_size=32)
     validation = Evaluator(load_task_file(tasks_file), adapters, settings)
     test = Evaluator(load_task_file(tasks_file), adapters, replace(settings, split="test", val_limit=None))
+    return tasks_file, adapters, validation, test
+
+
+def main(argv=None):
+    from rich.console import Console
+
+    parser = table_parser(__doc__.splitlines()[0], threads=2)
+    parser.add_argument("--generations", type=int, default=15)
+    args = parser.parse_args(argv)
+    console = Console(stderr=True)
+    started = time.perf_counter()
+    tasks_file, adapters, validation, test = text_evaluators(args, console.log)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     budget = {"popsize": args.popsize, "generations": args.generations, "max_prune": args.max_prune,
               "val_limit": args.val_limit}

@@ -85,7 +85,7 @@ def run_setting(setting: Path, merged_root: Path, mergers, enmp: bool, log) -> d
         started = time.perf_counter()
         request = SearchRequest(
             adapters=arguments, merge=MergeConfig(merger=ENMP_BUDGET["merger"]), tasks=tasks_file,
-            eval=validation_settings, lambda_auto=True,
+            eval=validation_settings, lambda_auto=True, strategy="enmp",  # the README's recorded paper ENMP row
             enmp=EnmpSettings(popsize=ENMP_BUDGET["popsize"], generations=ENMP_BUDGET["generations"], seed=1),
         )
         table, provenance = run_search(request)

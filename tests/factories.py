@@ -119,3 +119,14 @@ def merge_config(**settings):
 
     fields = {name: value for name, value in settings.items() if name in SETTINGS or name == "compute_dtype"}
     return MergeConfig(**fields, params={name: value for name, value in settings.items() if name not in fields})
+
+
+def run_or_stop(search, stop_after: int | None = None, resume: bool = False):
+    """(best, search): a search run to its end (or resumed), or (None, search) started and stopped after
+    `stop_after` steps, as a killed run would be."""
+    if stop_after is None:
+        return search.run(resume=resume), search
+    search.start()
+    for _ in range(stop_after):
+        search.step()
+    return None, search

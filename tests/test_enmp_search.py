@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from factories import run_or_stop
 
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.search.decode import decode_mask, decode_scale, max_pruned
@@ -83,12 +84,7 @@ def test_same_seed_same_result_and_resume(tmp_path):
     def run(run_dir=None, stop_after=None, resume=False):
         fitness, _ = counting_fitness({1, 4, 7})
         search = EnmpSearch(EnmpSettings(popsize=8, generations=8, seed=11), 3, 3, fitness, run_dir=run_dir)
-        if stop_after is None:
-            return search.run(resume=resume), search
-        search.start()
-        for _ in range(stop_after):
-            search.step()
-        return None, search
+        return run_or_stop(search, stop_after, resume)
 
     best, plain = run()
     run(tmp_path, stop_after=3)
@@ -126,3 +122,26 @@ def test_resume_after_sigkill(tmp_path):
 def test_seed_zero_refused():
     with pytest.raises(LoramergeError, match="seed"):
         EnmpSearch(EnmpSettings(seed=0), 2, 2, lambda c: [0.0] * len(c))
+
+
+def test_paper_enmp_draws_are_pinned():
+    """`--strategy enmp` stays the paper's: one seed's decoded masks, generation by generation (x0 = −1, σ0 = 0.5)."""
+    fitness, _ = counting_fitness({2, 9})
+    search = EnmpSearch(EnmpSettings(popsize=8, generations=3, seed=1), 8, 4, fitness)
+    drawn = []
+    decode = search.decode
+    search.decode = lambda x: drawn.append(decode(x)[0]) or decode(x)
+    search.run()
+    assert drawn == [
+        (30,), (1,), (), (28,), (), (23,), (9,), (),
+        (), (), (), (), (), (), (9,), (6,),
+        (3, 5), (9, 27), (9, 18), (9,), (5, 9, 20), (8, 9), (9,), (9,),
+    ]
+    fitness, _ = counting_fitness({2, 9})
+    search = EnmpSearch(EnmpSettings(popsize=6, generations=3, seed=7, x0=0.0), 4, 3, fitness)
+    drawn = []
+    decode = search.decode
+    search.decode = lambda x: drawn.append(decode(x)[0]) or decode(x)
+    search.run()
+    assert drawn == [(7, 10), (3, 11), (0, 10), (1, 8), (1, 10), (6, 7), (0, 10), (7, 10), (7, 9), (0, 1), (3, 7),
+                     (0, 1), (7, 9), (7, 9), (2, 7), (7, 9), (1, 10), (9, 10)]

@@ -477,15 +477,16 @@ CORRUPT = {"truncated": lambda b: b[: len(b) // 2], "empty": lambda b: b"", "wro
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["state.json", "config.json", "scores.json"])
+@pytest.mark.parametrize("name", ["screened_state.json", "state.json", "config.json", "scores.json"])
 @pytest.mark.parametrize("corruption", CORRUPT)
 def test_a_corrupt_run_dir_file_is_one_line(setting, tmp_path, name, corruption):
     run_dir = tmp_path / "run"
-    result = _cli_search(setting, tmp_path, "--run-dir", run_dir)
+    strategy = ["--strategy", "enmp"] if name == "state.json" else []  # ENMP's state; the default's is screened's
+    result = _cli_search(setting, tmp_path, "--run-dir", run_dir, *strategy)
     assert result.exit_code == 0, result.stderr
     path = run_dir / name
     path.write_bytes(CORRUPT[corruption](path.read_bytes()))
-    one_line(_cli_search(setting, tmp_path, "--run-dir", run_dir, "--resume", "--force", "--quiet"), name)
+    one_line(_cli_search(setting, tmp_path, "--run-dir", run_dir, "--resume", "--force", "--quiet", *strategy), name)
 
 
 def _cli_search(setting, tmp_path, *extra, out="mask.json", generations="4"):
@@ -512,7 +513,8 @@ def _kill_at_commit(monkeypatch, name: str, skip: int = 0):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,skip", [("config.json", 0), ("scores.json", 0), ("state.json", 0), ("state.json", 2),
+@pytest.mark.parametrize("name,skip", [("config.json", 0), ("scores.json", 0), ("screened_state.json", 0),
+                                       ("screened_state.json", 2),
                                        ("trajectory.jsonl", 1), ("best.json", 1)])
 def test_killed_during_each_run_dir_write_resumes_to_the_same_table(setting, plain, tmp_path, monkeypatch, name,
                                                                     skip):
@@ -540,7 +542,7 @@ def test_killed_before_the_first_checkpoint_starts_over(setting, plain, tmp_path
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
         run_search(search_request(setting, run_dir=run_dir), interrupt)
-    assert (run_dir / "config.json").is_file() and not (run_dir / "state.json").exists()
+    assert (run_dir / "config.json").is_file() and not (run_dir / "screened_state.json").exists()
     table, _ = run_search(search_request(setting, run_dir=run_dir, resume=True))
     assert table.weights == plain[0].weights
 
@@ -594,18 +596,18 @@ def test_resume_refuses_a_changed_input_naming_it(setting, tmp_path, changed):
 
 @pytest.mark.slow
 def test_resume_alone_continues_with_the_saved_flags(setting, tmp_path, monkeypatch):
-    from loramerge_cli.search import enmp
+    from loramerge_cli.search import screened
 
     whole = _cli_search(setting, tmp_path, "--run-dir", tmp_path / "whole", out="whole.json")
     assert whole.exit_code == 0, whole.stderr
-    real_step = enmp.EnmpSearch.step
+    real_step = screened.ScreenedSearch.step  # the default strategy's
 
     def step(self):
-        if self.state.generation == 2:
+        if self.state.step == 2:
             raise KeyboardInterrupt
         return real_step(self)
 
-    monkeypatch.setattr(enmp.EnmpSearch, "step", step)
+    monkeypatch.setattr(screened.ScreenedSearch, "step", step)
     run_dir = tmp_path / "run"
     interrupted = _cli_search(setting, tmp_path, "--run-dir", run_dir)
     assert interrupted.exit_code == 130

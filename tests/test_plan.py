@@ -194,7 +194,7 @@ def test_a_search_leaves_the_callers_random_state_alone(tmp_path):
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
     request = SearchRequest(adapters=[], merge=None, tasks=None, eval=None, budget=20,
                             enmp=EnmpSettings(popsize=6, generations=3, max_prune=0.5, seed=2))
-    for name in ("enmp", "greedy", "random"):
+    for name in ("screened", "enmp", "greedy", "random"):
         outcome = STRATEGIES[name].run(request, fitness, SearchSpace(4, 2, 1.0, tmp_path / name), lambda k, d: None)
         assert outcome.best.fitness > 0
     assert random.getstate() == before[0]

@@ -30,6 +30,8 @@ def request(setting, **changes) -> SearchRequest:
         tasks=setting.tasks_file,
         eval=EvalSettings(threads=1, batch_size=8),
         enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3),
+        # the default strategy, scoring on subsets of 8 of the 24 validation examples per task first
+        options={"min_examples": 8},
     )
     return replace(base, **changes)
 
@@ -49,9 +51,14 @@ def test_cli_writes_a_table_that_merge_consumes(setting, tmp_path):
     assert provenance["validation"]["fitness"] >= 0.0  # never worse than not pruning
     assert table.pruned_count() == len(provenance["pruned_flat_indices"])
     assert table.merger["method"] == "ties" and table.merger["lambda"] == 1.0
-    for name in ("config.json", "state.json", "trajectory.jsonl", "best.json", "scores.json"):
+    for name in ("config.json", "screened_state.json", "trajectory.jsonl", "best.json", "scores.json"):
         assert (tmp_path / "run" / name).is_file()
-    assert len((tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()) == 3
+    lines = [json.loads(line) for line in (tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()]
+    assert len(lines) == 4  # the default (screened) search: the screen, then 3 generations
+    assert all({"full_evaluations", "forward_examples"} <= set(line) for line in lines)
+    assert provenance["strategy"] == "screened"
+    assert provenance["forward_examples"] == lines[-1]["forward_examples"] > 0
+    assert provenance["full_evaluations"] == lines[-1]["full_evaluations"] == provenance["evaluations"]
     merged = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--mask", str(mask),
                          "--out", str(tmp_path / "merged")])
     assert merged.exit_code == 0, merged.stderr
@@ -72,16 +79,17 @@ def test_fitness_of_best_table_is_reproduced_by_the_merge(setting):
     assert fitness([(pruned, None)])[0] == provenance["validation"]["fitness"]
 
 
-def test_interrupted_run_resumes_to_the_same_table(setting, tmp_path):
-    plain, plain_provenance = run_search(request(setting))
+@pytest.mark.parametrize("strategy", ["screened", "enmp"])
+def test_interrupted_run_resumes_to_the_same_table(setting, tmp_path, strategy):
+    plain, plain_provenance = run_search(request(setting, strategy=strategy))
 
     def interrupt(kind, data):
         if kind == "generation" and data["generation"] == 2:
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_search(request(setting, run_dir=tmp_path), on_event=interrupt)
-    resumed, provenance = run_search(request(setting, run_dir=tmp_path, resume=True))
+        run_search(request(setting, run_dir=tmp_path, strategy=strategy), on_event=interrupt)
+    resumed, provenance = run_search(request(setting, run_dir=tmp_path, resume=True, strategy=strategy))
     assert resumed.weights == plain.weights
     assert provenance["validation"] == plain_provenance["validation"]
     best = [r["best_fitness"] for r in provenance["history"]]
@@ -98,11 +106,13 @@ def test_resume_refuses_changed_settings(setting, tmp_path):
         run_search(request(setting, run_dir=tmp_path))
 
 
-def test_parallel_workers_equal_serial(setting):
-    serial, serial_provenance = run_search(request(setting))
-    parallel, provenance = run_search(request(setting, devices=["cpu", "cpu"]))
+@pytest.mark.parametrize("strategy", ["screened", "enmp"])
+def test_parallel_workers_equal_serial(setting, strategy):
+    serial, serial_provenance = run_search(request(setting, strategy=strategy))
+    parallel, provenance = run_search(request(setting, devices=["cpu", "cpu"], strategy=strategy))
     assert parallel.weights == serial.weights
     assert provenance["validation"] == serial_provenance["validation"]
+    assert provenance["forward_examples"] == serial_provenance["forward_examples"]
 
 
 @pytest.mark.parametrize("strategy", ["greedy", "random"])

@@ -142,10 +142,16 @@ def search_progress(console, generations: int):
                 f"gen {done:>3}/{generations}  best {data['best_fitness']:+.3f}  "
                 f"mean {data['mean_fitness']:+.3f}  sparsity {100 * data['mean_sparsity']:.1f}%  "
                 f"distinct {data['distinct_evaluated']}  cache hits {data['cache_hits']}  "
-                f"{data['seconds_per_evaluation']:.2f} s/eval  eta {eta(clock['started'], done, generations)}",
+                f"{data['seconds_per_evaluation']:.2f} s/eval  eta {eta(clock['started'], done, generations)}"
+                + (f"  forward examples {data['forward_examples']}" if "forward_examples" in data else ""),
                 highlight=False)
             if live:
                 console.advance("generations", f"best {data['best_fitness']:+.3f}")
+        elif kind == "screen":
+            console.print(
+                f"screen: {data['new_evaluations']} tables scored ({data['full_evaluations']} on the full set), "
+                f"best {data['best_fitness']:+.3f}  forward examples {data['forward_examples']}", highlight=False)
+            clock["started"] = time.monotonic()  # the generations' ETA starts after the screen
         elif kind == "round":
             console.print(f"round {data['round']:>3}  best {data['best_fitness']:+.3f}  "
                           f"distinct {data['distinct_evaluated']}", highlight=False)
@@ -176,7 +182,8 @@ def search_summary(table, provenance: dict):
         f"pruned {table.pruned_count()} of {len(table.tasks) * len(table.units)} units; "
         f"validation mean normalized accuracy {validation['unpruned_mean_normalized_accuracy']:.2f} -> "
         f"{validation['best_mean_normalized_accuracy']:.2f} ({validation['fitness']:+.2f}); "
-        f"{provenance['evaluations']} evaluations in {provenance['seconds']:.1f} s"
+        f"{provenance['evaluations']} full-set evaluations, {provenance.get('forward_examples', 0)} forward "
+        f"examples in {provenance['seconds']:.1f} s"
     )
     parts = [mask_heatmap(table), lines]
     test = provenance.get("test")

@@ -44,15 +44,16 @@ RESUME_ONLY = "unless --run-dir DIR --resume continues a saved search"
 
 def search_options() -> list:
     """Strategy, fitness, budgets, evaluation and run-directory options (after the merger's)."""
-    from loramerge_cli.search.strategies import STRATEGIES
+    from loramerge_cli.search.strategies import DEFAULT_STRATEGY, STRATEGIES
 
     strategies = "; ".join(f"{name}: {strategy.help}" for name, strategy in STRATEGIES.items())
+    resumable = " and ".join(name for name, strategy in STRATEGIES.items() if strategy.resumable)
     return [
         option("tasks", Path | None, None, help=f"Task spec YAML with validation splits. Required {RESUME_ONLY}.",
                show_default=False),
         option("out", Path | None, None, help=f"Weight table JSON to write. Required {RESUME_ONLY}.",
                show_default=False),
-        option("strategy", choice(STRATEGIES), "enmp", help=f"{strategies}."),
+        option("strategy", choice(STRATEGIES), DEFAULT_STRATEGY, help=f"{strategies}."),
         option("fitness", choice(("accuracy", "nsc")), "accuracy", help="Mask strategies: labelled validation "
                "accuracy, or nsc: % reduction of the label-free --objective loss (no labels read)."),
         option("objective", choice(("nsc", "entropy")), "nsc", help="Label-free loss: nsc (null-space ratio at "
@@ -67,13 +68,15 @@ def search_options() -> list:
                "(o_proj,out_proj), matched on whole path components. [default: the value projection (v_proj, "
                "value), else the attention output projection, else the last LoRA attention module]"),
         option("max_prune", float, 0.2, help="Largest fraction of the (task, block) units that may be pruned."),
+        *strategy_options(),
         option("popsize", int, 16, help="CMA-ES population size."),
         option("generations", int, 60, help="CMA-ES generations."),
         option("sigma0", float, 0.5, help="CMA-ES initial step size."),
         option("threshold", float, 0.0, help="CMA-ES: a unit is pruned when its search value is above this."),
         option("addscale", bool, False, help="Also search λ (one extra gene)."),
         option("budget", int | None, None, show_default=False,
-               help="greedy/random: distinct evaluations. [default: popsize·generations]"),
+               help="greedy/random: distinct evaluations [default: popsize·generations]; screened: stop after "
+               "this many distinct full-set evaluations."),
         option("sparsity", float | None, None, show_default=False,
                help="random: fraction of units pruned. [default: max-prune/2]"),
         option("seed", int, 1, help="Seed (>= 1) of CMA-ES, random masks, NSC batches and DARE."),
@@ -91,8 +94,9 @@ def search_options() -> list:
                "candidate's forward pass starts at its first changed block (same scores; 0: off)."),
         option("run_dir", Path | None, None, help="Checkpoints every generation (state, trajectory.jsonl, best "
                "table)."),
-        option("resume", bool, False, help="Continue the search saved in --run-dir with its saved settings (flags "
-               "given must equal them); refused if an input changed since. Nothing in a run dir is a pickle."),
+        option("resume", bool, False, help=f"Continue the search saved in --run-dir ({resumable}) with its saved "
+               "settings (flags given must equal them); refused if an input changed since. Nothing in a run dir is "
+               "a pickle."),
         option("report_test", bool, False, help="Also score the result on the test split."),
         option("plot", Path | None, None, help="Write fitness.png and mask.png to this folder (needs the plot "
                "extra)."),
@@ -101,10 +105,32 @@ def search_options() -> list:
     ]
 
 
+def strategy_options() -> list:
+    """Each strategy's own settings (its registered `parameters`), as options named after them."""
+    from loramerge_cli.search.strategies import STRATEGIES
+
+    options = []
+    for strategy in STRATEGIES.values():
+        for parameter in strategy.parameters:
+            flags = parameter.flags or ((f"--{parameter.name}/--no-{parameter.name}",) if parameter.type is bool
+                                        else ())
+            options.append(option(parameter.name, parameter.type, parameter.default, *flags,
+                                  help=f"{strategy.name}: {parameter.help}"))
+    return options
+
+
+def strategy_settings(flags: dict, strategy: str) -> dict:
+    """The chosen strategy's own settings from the command line (`SearchRequest.options`)."""
+    from loramerge_cli.search.strategies import strategy_named
+
+    return {parameter.name: flags[parameter.name] for parameter in strategy_named(strategy).parameters}
+
+
 @command_errors
 def search_command(ctx: typer.Context, **flags) -> None:
     """Search a weight table: which (task, block) LoRA modules to drop before merging, scored on labelled
-    validation data or label-free (ENMP: CMA-ES; greedy and random baselines on the same fitness and budget),
+    validation data or label-free (screened: single-unit screen, then CMA-ES scoring on validation subsets
+    first; ENMP: the paper's CMA-ES; greedy and random baselines on the same fitness and budget),
     or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
     from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
 
@@ -165,6 +191,7 @@ def search_request(flags: dict, command: str):
                           max_length=flags["max_length"]),
         lambda_auto=flags["lam"] == "auto", base=flags["base"], allow_base_mismatch=flags["allow_base_mismatch"],
         allow_pickle=flags["allow_pickle"], strategy=flags["strategy"], fitness=flags["fitness"],
+        options=strategy_settings(flags, flags["strategy"]),
         enmp=EnmpSettings(**{name: flags[name] for name in ("max_prune", "popsize", "generations", "sigma0",
                                                             "threshold", "addscale")}, seed=seed),
         nsc=NscSettings(steps=flags["steps"], lr=flags["lr"], init=flags["init"], batch_size=flags["batch_size"],

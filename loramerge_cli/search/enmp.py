@@ -99,18 +99,12 @@ class SeededNormal:
         return self.generator.standard_normal(shape)
 
 
-def new_strategy(settings: EnmpSettings, dimension: int):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import cma
-    x0 = [settings.x0] * dimension
-    if settings.addscale:
-        x0[-1] = 0.0
-    options = {
-        "maxiter": settings.generations,
-        "popsize": settings.popsize,
-        "seed": settings.seed,
-        "randn": SeededNormal(settings.seed),
+def cma_options(popsize: int, generations: int, seed: int) -> dict:
+    """pycma options of a search: seeded, silent, and never stopping on its own."""
+    return {
+        "maxiter": generations,
+        "popsize": popsize,
+        "seed": seed,
         "verbose": -9,
         "verb_log": 0,
         "verb_disp": 0,
@@ -120,6 +114,17 @@ def new_strategy(settings: EnmpSettings, dimension: int):
         "tolstagnation": 10**9,
         "tolflatfitness": 10**9,
     }
+
+
+def new_strategy(settings: EnmpSettings, dimension: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import cma
+    x0 = [settings.x0] * dimension
+    if settings.addscale:
+        x0[-1] = 0.0
+    options = cma_options(settings.popsize, settings.generations, settings.seed)
+    options["randn"] = SeededNormal(settings.seed)
     return cma.CMAEvolutionStrategy(x0, settings.sigma0, options)
 
 

@@ -14,7 +14,7 @@ from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
 from loramerge_cli.search.rundir import input_paths
-from loramerge_cli.search.strategies import Strategy, strategy_named
+from loramerge_cli.search.strategies import DEFAULT_STRATEGY, Strategy, strategy_named
 
 FITNESSES = ("accuracy", "nsc")
 
@@ -29,8 +29,9 @@ class SearchRequest:
     base: str | None = None
     allow_base_mismatch: bool = False
     allow_pickle: bool = False
-    strategy: str = "enmp"
-    enmp: EnmpSettings = field(default_factory=EnmpSettings)
+    strategy: str = DEFAULT_STRATEGY
+    enmp: EnmpSettings = field(default_factory=EnmpSettings)  # the CMA-ES budget, shared by the mask strategies
+    options: dict = field(default_factory=dict)  # the strategy's own settings (its `parameters`), by name
     fitness: str = "accuracy"  # or "nsc": label-free (docs/algorithms.md, "NSC"), for the mask strategies
     nsc: NscSettings = field(default_factory=NscSettings)  # --strategy nsc, and --fitness nsc's objective
     budget: int | None = None  # distinct evaluations for greedy/random; default popsize·generations
@@ -92,6 +93,8 @@ def check_request(request: SearchRequest) -> Strategy:
         check_at_least(request.budget, 1, "--budget")
         if request.sparsity is not None and not 0 < request.sparsity <= 1:
             raise UsageError("--sparsity must be in (0, 1]")
+    if strategy.check is not None:
+        strategy.check(request)
     return strategy
 
 
@@ -144,6 +147,8 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
     from loramerge_cli.search import rundir
     from loramerge_cli.search.enmp import STATE_NAME as ENMP_STATE
     from loramerge_cli.search.enmp import read_state
+    from loramerge_cli.search.screened import STATE_NAME as SCREENED_STATE
+    from loramerge_cli.search.screened import read_state as read_screened_state
 
     run_dir = Path(request.run_dir)
     config = json.loads(json.dumps(run_config(request)))
@@ -163,12 +168,14 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
         rundir.check_inputs(saved.get("inputs") or {}, digests)
         if (run_dir / ENMP_STATE).is_file():
             read_state(run_dir / ENMP_STATE)  # a damaged state is one line before any work
+        if (run_dir / SCREENED_STATE).is_file():
+            read_screened_state(run_dir / SCREENED_STATE)
         if (run_dir / STATE_NAME).is_file():
             from loramerge_cli.search.nsc import read_state as read_nsc_state
 
             read_nsc_state(run_dir / STATE_NAME)
         return
-    if any((run_dir / name).exists() for name in (ENMP_STATE, STATE_NAME, rundir.LEGACY_PICKLE)):
+    if any((run_dir / name).exists() for name in (ENMP_STATE, SCREENED_STATE, STATE_NAME, rundir.LEGACY_PICKLE)):
         raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")
     if write:
         rundir.write_config(run_dir, config, request.flags, digests)
@@ -186,7 +193,7 @@ def run_config(request: SearchRequest) -> dict:
                      for a in request.adapters],
         "merge": _plain(asdict(request.merge)), "tasks": normal_path(request.tasks), "eval": eval_settings,
         "strategy": request.strategy, "enmp": asdict(request.enmp), "lambda_auto": request.lambda_auto,
-        "base": request.base, "budget": request.budget, "sparsity": request.sparsity,
+        "base": request.base, "budget": request.budget, "sparsity": request.sparsity, "options": request.options,
     }
     if request.strategy == "nsc" or request.fitness == "nsc":
         config.update(fitness=request.fitness, nsc=asdict(request.nsc))

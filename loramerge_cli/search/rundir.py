@@ -2,7 +2,8 @@
 the sha256 of every input it reads, so `--resume` continues that search or refuses in one line.
 
 Files (all written atomically; none is a pickle): `config.json` (settings, the command's flags, input
-digests), the strategy's state (`state.json` or `nsc_state.safetensors`), `trajectory.jsonl`, `best.json`,
+digests), the strategy's state (`state.json`, `screened_state.json` or `nsc_state.safetensors`),
+`trajectory.jsonl`, `best.json`,
 `scores.json`, and `.lock` (held while a search runs).
 """
 
@@ -201,8 +202,9 @@ def run_dir_files(run_dir: Path | None) -> list[Path]:
     """The run directory's own state files (an --out must not replace them)."""
     if run_dir is None:
         return []
-    return [Path(run_dir) / name for name in (CONFIG_NAME, "state.json", "nsc_state.safetensors", "scores.json",
-                                             "trajectory.jsonl", LEGACY_PICKLE)]
+    return [Path(run_dir) / name for name in (CONFIG_NAME, "state.json", "screened_state.json",
+                                             "nsc_state.safetensors", "scores.json", "trajectory.jsonl",
+                                             LEGACY_PICKLE)]
 
 
 def refuse_pickle_state(run_dir: Path) -> None:

@@ -124,8 +124,13 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
         on_event(kind, data)
 
     space = SearchSpace(len(template.units), len(fitness.adapters), lam, run_dir, request.resume)
-    with _worker_pool(scored.workers, request) as parallel:
-        outcome = strategy.run(request, parallel or fitness, space, on_progress)
+    evaluate, workers = fitness, scored.workers
+    if strategy.scoring is not None:  # e.g. the screened search's validation subsets
+        evaluate, workers = strategy.scoring(request, fitness, workers)
+    with _worker_pool(workers, request) as parallel:
+        if parallel is not None:
+            evaluate = parallel if strategy.scoring is None else replace(evaluate, backend=parallel)
+        outcome = strategy.run(request, evaluate, space, on_progress)
     best = outcome.best
     best_lambda = best.lam if best.lam is not None else lam
     provenance = _provenance(request, fitness, parallel, outcome, started)
@@ -166,16 +171,25 @@ def _search_lambda(request: SearchRequest, problem: Problem, run_dir: Path | Non
 
 
 def _provenance(request, fitness, parallel, outcome, started) -> dict:
-    """What every search records about itself (the fitness's own figures are added by the caller)."""
+    """What every search records about itself (the fitness's own figures are added by the caller); the budget
+    both as distinct full-set evaluations and as forward examples (examples run through the model)."""
+    from loramerge_cli.search.fidelity import examples_per_evaluation
+
+    search = outcome.settings
+    if search is None:
+        search = asdict(request.enmp) if request.strategy == "enmp" else {
+            "budget": request.budget or request.enmp.popsize * request.enmp.generations,
+            "sparsity": request.sparsity}
+    forward = outcome.forward_examples
     return {
         "loramerge": __version__,
         "command": request.command,
         "strategy": request.strategy,
         "seed": request.enmp.seed,
-        "search": asdict(request.enmp) if request.strategy == "enmp" else {
-            "budget": request.budget or request.enmp.popsize * request.enmp.generations,
-            "sparsity": request.sparsity},
+        "search": search,
         "evaluations": outcome.evaluations,
+        "full_evaluations": outcome.evaluations,
+        "forward_examples": forward if forward is not None else outcome.evaluations * examples_per_evaluation(fitness),
         "forward_passes": fitness.forward_passes if parallel is None else None,
         "pruned_flat_indices": list(outcome.best.pruned),
         "seconds": round(time.perf_counter() - started, 3),

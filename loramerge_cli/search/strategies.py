@@ -4,6 +4,8 @@ A mask strategy gets the fitness (a batch of candidates -> fitness values), the 
 callback, and returns its best evaluation, how many distinct candidates it scored, and its history. It says
 whether it can resume a run directory; one that cannot is refused with --resume (never silently restarted).
 `nsc` is a coefficient strategy: it learns real weights by gradient descent (search/nsc.py), not masks.
+A strategy declares its own settings as `Parameter`s: search-mask's options are generated from them, and
+the request carries their values in `request.options`.
 """
 
 from __future__ import annotations
@@ -31,6 +33,19 @@ class Outcome:
     best: object  # enmp.Evaluation
     evaluations: int  # distinct candidates scored (the unpruned reference not counted)
     history: list[dict]
+    forward_examples: int | None = None  # examples run through the model (None: evaluations × the set's size)
+    settings: dict | None = None  # the resolved settings the provenance records (None: ENMP's or the budget)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A strategy's own setting: the `request.options` key, and the search-mask option made from it."""
+
+    name: str
+    type: type
+    default: object
+    help: str
+    flags: tuple[str, ...] = ()  # the option's flags; default --name (a bool: --name/--no-name)
 
 
 @dataclass(frozen=True)
@@ -40,6 +55,10 @@ class Strategy:
     resumable: bool
     run: Callable | None  # (request, fitness, SearchSpace, on_event) -> Outcome; None for `nsc`
     kind: str = "mask"  # "mask" (0/1 tables scored by a fitness) or "coefficients" (nsc)
+    parameters: tuple[Parameter, ...] = ()
+    check: Callable | None = None  # (request) -> None: its settings, before any work
+    scoring: Callable | None = None  # (request, fitness, workers) -> (what `run` gets as its fitness, the
+    # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
 
 
 def _budget(request) -> int:
@@ -86,7 +105,47 @@ def _run_random(request, fitness, space: SearchSpace, on_event) -> Outcome:
     return Outcome(ledger.best(), len(ledger.memo) - 1, history)
 
 
+def _run_screened(request, fitness, space: SearchSpace, on_event) -> Outcome:
+    from dataclasses import asdict
+
+    from loramerge_cli.search.screened import run_screened, screened_settings
+
+    settings = screened_settings(request)
+    best, spent = run_screened(settings, fitness, space.unit_count, space.task_count, space.run_dir, space.resume,
+                               on_event)
+    return Outcome(best, spent["full_evaluations"], spent["history"], spent["forward_examples"], asdict(settings))
+
+
+def _check_screened(request) -> None:
+    from loramerge_cli.search.screened import screened_settings
+
+    screened_settings(request).check()
+
+
+def _screened_scoring(request, fitness, workers):
+    from loramerge_cli.search.screened import screened_ladder
+
+    return screened_ladder(request, fitness, workers)
+
+
+SCREENED = Strategy(
+    "screened", "the default: every single-unit pruning scored on the full validation set and CMA-ES started "
+    "from it, new tables only, each generation's scored on seeded validation subsets first (successive halving)",
+    True, _run_screened,
+    parameters=(
+        Parameter("screen", bool, True, "score every single-unit pruning first (full validation set) and start "
+                  "CMA-ES from it."),
+        Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off)."),
+        Parameter("halving", bool, True, "score each generation's new tables on seeded validation subsets first "
+                  "(successive halving); the result's fitness is always the full set's."),
+        Parameter("eta", int, 3, "successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta²."),
+    ),
+    check=_check_screened, scoring=_screened_scoring)
+
+DEFAULT_STRATEGY = SCREENED.name
+
 STRATEGIES: dict[str, Strategy] = {
+    "screened": SCREENED,
     "enmp": Strategy("enmp", "CMA-ES over the binary table (ENMP)", True, _run_enmp),
     "greedy": Strategy("greedy", "leave-one-out: prune the unit that helps most, while it helps", False,
                        _run_greedy),

@@ -1,0 +1,421 @@
+"""Screened CMA-ES (`--strategy screened`, the default): the paper's ENMP search with three parts added,
+each of which can be switched off.
+
+* **screen** (step 0): every single-unit pruning is scored once on the full validation set; the scores set
+  the CMA-ES mean per unit (the units whose pruning helped most start above the threshold θ, the most
+  harmful far below it), and the "stacks" — the k best helpful singles pruned together, k = 2 … K_max —
+  are scored too. Off: the mean is the paper's x0 everywhere.
+* **redraw**: a candidate whose decoded table was already scored (or drawn earlier in the generation) is
+  drawn again, up to `redraws` times per slot, so a generation scores up to popsize new tables.
+* **halving** (successive halving, inside each CMA-ES generation): the generation's new tables are scored
+  on the smallest seeded validation subset, the best 1/η go on to the next subset, and so on to the full
+  validation set. The cut accounts for the noise: every table within `noise_examples` examples of the last
+  one kept goes on too (one example is 100 / (T·n_r) points on a subset of n_r examples per task).
+  Off: every table is scored on the full set.
+
+CMA-ES ranks a generation by (the largest subset a table reached, its score there). Only full-set
+scores ever compete for the returned table, so its fitness is the full validation set's, and the
+unpruned merge (fitness 0) is in that memo from the start: the result is never worse than not pruning.
+The budget is counted twice: distinct full-set evaluations, and forward examples (each evaluation costs
+its subset's examples, summed over tasks). The whole state is written to the run directory after every
+step, so a killed run resumes to the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from statistics import NormalDist
+from typing import Callable
+
+import numpy as np
+
+from loramerge_cli import atomic
+from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.events import stage
+from loramerge_cli.search.decode import decode_mask, max_pruned
+from loramerge_cli.search.enmp import (
+    EnmpSearch,
+    EnmpSettings,
+    Evaluation,
+    SeededNormal,
+    _search_numpy_state,
+    cma_options,
+)
+
+Candidate = tuple[tuple[int, ...], float | None]
+
+
+@dataclass
+class ScreenedSettings(EnmpSettings):
+    """ENMP's search budget (its x0: the mean of every unit when the screen is off) and the three parts'
+    switches and knobs; `addscale` stays ENMP's."""
+
+    screen: bool = True
+    redraws: int = 20  # per slot; 0: off
+    halving: bool = True
+    eta: int = 3  # successive halving: keep the best 1/η per rung; rung sizes n/η^k
+    rungs: int = 3  # subsets per search, the full set included
+    min_examples: int = 24  # per task: smaller subsets are left out
+    noise_examples: float = 1.0  # tables within this many examples (100/(T·n_r) points each) of a cut go on too
+    budget: int | None = None  # stop once this many distinct full-set evaluations are done
+
+    def check(self) -> None:
+        super().check()
+        if self.addscale:
+            raise UsageError("--addscale searches λ with --strategy enmp only")
+        if self.redraws < 0:
+            raise UsageError("--redraws must be >= 0")
+        if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0:
+            raise UsageError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0)")
+        if self.budget is not None and self.budget < 1:
+            raise UsageError("--budget must be >= 1")
+
+
+@dataclass
+class ScreenedState:
+    step: int  # steps completed: the screen (when on) is step 0, then one step per generation
+    strategy: object | None  # the CMA-ES, created after the screen
+    numpy_rng: tuple
+    scores: list[dict]  # per rung: candidate -> score (points over the unpruned merge on that subset)
+    memo: dict  # candidate -> Evaluation on the full validation set (the unpruned merge included)
+    forward_examples: int = 0
+    history: list = field(default_factory=list)
+    prior: list | None = None  # the screen's score per unit (None: no screen)
+
+
+def prior_mean(order: list[int], gains: list[float], k_max: int, sigma: float, threshold: float) -> list[float]:
+    """CMA-ES mean per unit from the screen (`order`: units best first): the ≤ K_max best helpful units
+    are pruned with probability 0.8 per sample, the others with probability falling linearly in rank
+    from 0.3 to 0.02 (the paper's x0 = −1 at σ0 = 0.5)."""
+    helpful = [i for i in order[:k_max] if gains[i] > 0]
+    rest = [i for i in order if i not in set(helpful)]
+    normal = NormalDist()
+    mean = [0.0] * len(order)
+    for i in helpful:
+        mean[i] = threshold + sigma * normal.inv_cdf(0.8)
+    for rank, i in enumerate(rest):
+        probability = 0.3 - 0.28 * rank / max(1, len(rest) - 1)
+        mean[i] = threshold + sigma * normal.inv_cdf(probability)
+    return mean
+
+
+class ScreenedSearch:
+    """`ladder`: a `FidelityLadder` (its last rung the full validation set); `run_dir` (optional) holds
+    `screened_state.json` and `trajectory.jsonl`."""
+
+    def __init__(self, settings: ScreenedSettings, unit_count: int, task_count: int, ladder,
+                 run_dir: Path | None = None, on_event: Callable[[str, dict], None] = lambda kind, data: None):
+        settings.check()
+        self.settings = settings
+        self.dimension = unit_count * task_count
+        self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
+        self.ladder = ladder
+        last = len(ladder.costs) - 1
+        self.levels = list(range(last + 1)) if settings.halving else [last]
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.on_event = on_event
+        self.state: ScreenedState | None = None
+
+    # -- state -------------------------------------------------------------------------------------
+    def start(self, resume: bool = False) -> None:
+        if resume:
+            self.state = self._load_state()
+            return
+        empty: Candidate = ((), None)
+        scores = [{} for _ in self.ladder.costs]
+        for memo in scores:
+            memo[empty] = 0.0
+        self.state = ScreenedState(0, None, np.random.RandomState(self.settings.seed).get_state(), scores,
+                                   {empty: Evaluation((), None, 0.0, 0)})
+        self.state.forward_examples = sum(self.ladder.costs[rung] for rung in self.levels[:-1])  # subsets' references
+        if not self.settings.screen:
+            self.state.step = 1  # no step 0
+            self.state.strategy = self._new_strategy([self.settings.x0] * self.dimension)
+
+    def _new_strategy(self, mean: list[float]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import cma
+        options = cma_options(self.settings.popsize, self.settings.generations, self.settings.seed)
+        options["randn"] = SeededNormal(self.settings.seed)
+        with _search_numpy_state(self.state):
+            return cma.CMAEvolutionStrategy(mean, self.settings.sigma0, options)
+
+    @property
+    def last_step(self) -> int:
+        return self.settings.generations
+
+    def done(self) -> bool:
+        budget = self.settings.budget
+        return self.state.step > self.last_step or (budget is not None and len(self.state.memo) - 1 >= budget)
+
+    # -- loop --------------------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> Evaluation:
+        if self.state is None:
+            self.start(resume)
+        while not self.done():
+            self.step()
+        return self.best()
+
+    def step(self) -> dict:
+        started = time.perf_counter()
+        state = self.state
+        before = (state.forward_examples, len(state.memo))
+        record = self._screen() if state.step == 0 else self._generation()
+        best = self.best()
+        seconds = time.perf_counter() - started
+        record.update(
+            generation=state.step, best_fitness=best.fitness, best_pruned=list(best.pruned), best_lambda=None,
+            distinct_evaluated=len(state.memo), full_evaluations=len(state.memo) - 1,
+            new_full_evaluations=len(state.memo) - before[1], forward_examples=state.forward_examples,
+            new_forward_examples=state.forward_examples - before[0], seconds=seconds,
+            seconds_per_evaluation=seconds / max(1, record["new_evaluations"]))
+        state.step += 1
+        state.history.append(record)
+        self._save_state()
+        self.on_event("screen" if record["phase"] == "screen" else "generation", record)
+        return record
+
+    def _screen(self) -> dict:
+        """Step 0, on the full set: every single-unit pruning, then the stacks of the best helpful singles;
+        sets the prior."""
+        state = self.state
+        full = self.levels[-1:]
+        singles = [((i,), None) for i in range(self.dimension)] if self.k_max else []
+        with stage(self.on_event, "screening single-unit prunings", len(singles)) as progress:
+            counts = self._halve(singles, progress, full)
+        gains = [state.memo[((i,), None)].fitness if singles else 0.0 for i in range(self.dimension)]
+        order = sorted(range(self.dimension), key=lambda i: (-gains[i], i))  # best first
+        helpful = [i for i in order[: self.k_max] if gains[i] > 0]
+        stacks = [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
+        more = self._halve([c for c in stacks if not self._scored(c)], None, full)
+        state.prior = gains
+        state.strategy = self._new_strategy(prior_mean(order, gains, self.k_max, self.settings.sigma0,
+                                                        self.settings.threshold))
+        fitnesses = [state.memo[c].fitness for c in singles + stacks]
+        return {"phase": "screen", "mean_fitness": float(np.mean(fitnesses)) if fitnesses else 0.0,
+                "mean_sparsity": float(np.mean([len(c[0]) for c in singles + stacks] or [0])) / self.dimension,
+                "new_evaluations": counts["evaluations"] + more["evaluations"],
+                "evaluations_per_rung": [a + b for a, b in zip(counts["per_rung"], more["per_rung"])],
+                "redraws": 0, "cache_hits": 0}
+
+    def _generation(self) -> dict:
+        """One CMA-ES generation: ask (redrawing already-scored tables), halve, tell."""
+        strategy = self.state.strategy
+        candidates: list[Candidate] = []
+        seen: set = set()
+        redraws = 0
+        with _search_numpy_state(self.state):
+            solutions = strategy.ask()
+            for index, x in enumerate(solutions):
+                candidate = self.decode(x)
+                attempts = 0
+                while (candidate in seen or self._scored(candidate)) and attempts < self.settings.redraws:
+                    x = strategy.ask(1)[0]
+                    candidate = self.decode(x)
+                    attempts += 1
+                redraws += attempts
+                solutions[index] = x
+                candidates.append(candidate)
+                seen.add(candidate)
+        fresh = [c for c in dict.fromkeys(candidates) if not self._scored(c)]
+        counts = self._halve(fresh)
+        reached = [self._reached(c) for c in candidates]
+        with _search_numpy_state(self.state):  # CMA-ES minimises
+            strategy.tell(solutions, [-(1000.0 * level + score) for level, score in reached])
+        if self.settings.redraws and len(fresh) < len(candidates):  # stalled: redraws found no new table
+            strategy.sigma *= 2.0
+        scored = [score for level, score in reached if level >= 0]
+        return {"phase": "cma", "mean_fitness": float(np.mean(scored)) if scored else 0.0,
+                "mean_sparsity": float(np.mean([len(c[0]) for c in candidates])) / self.dimension,
+                "new_evaluations": counts["evaluations"], "evaluations_per_rung": counts["per_rung"],
+                "redraws": redraws, "cache_hits": len(candidates) - len(fresh)}
+
+    def decode(self, x) -> Candidate:
+        return decode_mask(np.asarray(x), self.k_max, self.settings.threshold), None
+
+    # -- successive halving ------------------------------------------------------------------------
+    def _scored(self, candidate: Candidate) -> bool:
+        return candidate in self.state.scores[self.levels[0]] or candidate in self.state.memo
+
+    def _reached(self, candidate: Candidate) -> tuple[int, float]:
+        """(position of the largest rung scored, score there); the full set's position is the last."""
+        for position in range(len(self.levels) - 1, -1, -1):
+            score = self.state.scores[self.levels[position]].get(candidate)
+            if score is not None:
+                return position, score
+        return -1, 0.0  # not scored: --budget ran out first (ranked below every scored table)
+
+    def _halve(self, candidates: list[Candidate], progress: Callable[[str], None] | None = None,
+               levels: list[int] | None = None) -> dict:
+        """Score new candidates rung by rung (`levels`, default every rung), the best 1/η and those within
+        the noise margin of the cut moving on; `progress` (a stage's step) is called once per evaluation."""
+        state, ladder = self.state, self.ladder
+        levels = self.levels if levels is None else levels
+        alive = list(dict.fromkeys(candidates))
+        per_rung = [0] * len(self.levels)
+        for position, rung in enumerate(levels):
+            memo = state.scores[rung]
+            fresh = [c for c in alive if c not in memo]
+            if rung == self.levels[-1] and self.settings.budget is not None:  # the best first, within --budget
+                fresh = fresh[:max(0, self.settings.budget - (len(state.memo) - 1))]
+            chunk = self.settings.popsize if progress else max(1, len(fresh))  # progress every popsize tables
+            for start in range(0, len(fresh), chunk):
+                batch = fresh[start:start + chunk]
+                for candidate, value in zip(batch, ladder([(rung, c) for c in batch])):
+                    memo[candidate] = float(value)
+                    state.forward_examples += ladder.costs[rung]
+                    if rung == self.levels[-1]:
+                        state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
+                    if progress:
+                        progress(f"{ladder.costs[rung]} examples")
+            per_rung[self.levels.index(rung)] = len(fresh)
+            if position == len(levels) - 1 or not alive:
+                break
+            ranked = sorted(alive, key=lambda c: (-memo[c], len(c[0]), c[0]))
+            keep = math.ceil(len(ranked) / self.settings.eta)
+            cut = memo[ranked[keep - 1]] - self.settings.noise_examples * ladder.one_example[rung]
+            alive = [c for c in ranked if memo[c] >= cut]
+        return {"evaluations": sum(per_rung), "per_rung": per_rung}
+
+    # the best rule (highest full-set fitness; ties: fewest pruned, then earliest) is ENMP's
+    best = EnmpSearch.best
+
+    # -- run directory -----------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        """Every score on every rung, in the order scored, as JSON (no pickle): the rest is rebuilt by replay."""
+        if self.run_dir is None:
+            return
+        state = self.state
+        scores = [[[list(candidate[0]), value] for candidate, value in memo.items() if candidate[0]]
+                  for memo in state.scores]
+        atomic.write_text(self.run_dir / STATE_NAME, json.dumps(
+            {"format": STATE_FORMAT, "step": state.step, "scores": scores, "history": state.history}) + "\n")
+        atomic.write_text(self.run_dir / "trajectory.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+
+    def _load_state(self) -> ScreenedState:
+        """Replay the seeded search on the saved scores: every step draws the same tables, reads their scores
+        instead of evaluating them and tells CMA-ES the same ranking, so the search ends exactly where the
+        killed run left it (its counts of evaluations and forward examples included). A run dir without a
+        state (killed before the screen ended) starts over."""
+        path = self.run_dir / STATE_NAME if self.run_dir else None
+        if path is None or not path.is_file():
+            self.start()
+            return self.state
+        step, scores, history = read_state(path)
+        ladder, run_dir, on_event = self.ladder, self.run_dir, self.on_event
+        self.ladder = replace(ladder, backend=SavedScores(scores, path))
+        self.run_dir, self.on_event = None, lambda kind, data: None
+        try:
+            self.start()
+            while self.state.step < step:
+                self.step()
+        finally:
+            self.ladder, self.run_dir, self.on_event = ladder, run_dir, on_event
+        self.state.history = history
+        return self.state
+
+
+STATE_NAME = "screened_state.json"
+STATE_FORMAT = "loramerge.screened-state/v1"
+
+
+@dataclass
+class SavedScores:
+    """A ladder backend that answers from a saved state's scores (a resumed search's replay)."""
+
+    scores: list[dict]
+    path: Path
+
+    def __call__(self, items):
+        try:
+            return [self.scores[rung][candidate] for rung, candidate in items]
+        except (KeyError, IndexError):
+            raise LoramergeError(f"--resume: {self.path} does not match this search (its replay asks for a table "
+                                 "it never scored); start a new run") from None
+
+
+def read_state(path: Path) -> tuple[int, list[dict], list]:
+    """(steps done, scores per rung, history) from a state file; anything malformed is one line."""
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
+            raise ValueError(f'not a screened search state (expected "format": "{STATE_FORMAT}")')
+        step, history = data["step"], data["history"]
+        if not isinstance(step, int) or step < 0 or not isinstance(history, list):
+            raise ValueError("bad step or history")
+        scores = [{(tuple(int(i) for i in pruned), None): float(value) for pruned, value in rung}
+                  for rung in data["scores"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LoramergeError(f"--resume: {path} is not a readable search state ({error}); "
+                             "delete the run folder to start over") from None
+    return step, scores, history
+
+
+def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_count: int,
+                 run_dir: Path | None = None, resume: bool = False,
+                 on_event: Callable[[str, dict], None] = lambda kind, data: None) -> tuple[Evaluation, dict]:
+    """Runs (or resumes) a screened search on `fitness` (a `FidelityLadder`, or a plain fitness: the full set
+    only); returns the best table's evaluation and the budget spent (full-set evaluations, forward examples,
+    the step records)."""
+    from loramerge_cli.search.fidelity import FidelityLadder, single_rung
+
+    ladder = fitness if isinstance(fitness, FidelityLadder) else single_rung(fitness)
+    search = ScreenedSearch(settings, unit_count, task_count, ladder, run_dir, on_event)
+    best = search.run(resume=resume)
+    state = search.state
+    return best, {"full_evaluations": len(state.memo) - 1, "forward_examples": state.forward_examples,
+                  "history": state.history, "rung_examples": list(ladder.costs), "prior": state.prior}
+
+
+# -- search-mask glue (the strategy registry's entry and worker processes) --------------------------
+def screened_settings(request) -> ScreenedSettings:
+    """ENMP's budget flags (and --budget) with the strategy's own options (`request.options`) on top."""
+    known = {f.name for f in fields(ScreenedSettings)}
+    unknown = sorted(set(request.options) - known)
+    if unknown:
+        raise UsageError(f"--strategy screened has no setting {', '.join(unknown)}")
+    return ScreenedSettings(**{**asdict(request.enmp), "budget": request.budget, **request.options})
+
+
+@dataclass
+class SingleRungBuilder:
+    """Picklable: a worker's fitness (built by `build`) as a one-rung ladder."""
+
+    build: Callable
+
+    def __call__(self, device: str):
+        from loramerge_cli.search.fidelity import single_rung
+
+        return single_rung(self.build(device))
+
+
+def fitness_ladder(settings: ScreenedSettings, fitness):
+    """The ladder a screened search scores on: seeded subsets of the validation set, then all of it, when
+    `fitness` is labelled accuracy (it has an evaluation engine's examples) and halving is on; else the full
+    set only."""
+    from loramerge_cli.search.fidelity import accuracy_ladder, rung_sizes, single_rung
+
+    examples = getattr(getattr(fitness, "engine", None), "examples", None)
+    if not settings.halving or not examples or not hasattr(fitness, "experts"):
+        return single_rung(fitness)
+    count = max(len(value) for value in examples.values())
+    return accuracy_ladder(fitness, rung_sizes(count, settings.rungs, settings.eta, settings.min_examples),
+                           settings.seed)
+
+
+def screened_ladder(request, fitness, workers):
+    """The ladder of `fitness_ladder`, and the picklable builder of the same ladder in a worker process."""
+    from loramerge_cli.search.fidelity import LadderWorkerBuilder
+
+    settings = screened_settings(request)
+    ladder = fitness_ladder(settings, fitness)
+    if ladder.sizes is None:
+        return ladder, SingleRungBuilder(workers)
+    return ladder, LadderWorkerBuilder(request, fitness.base_lambda, fitness.experts, ladder.references,
+                                       ladder.sizes, settings.seed)

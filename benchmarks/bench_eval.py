@@ -111,7 +111,7 @@ class NaiveEvaluator:
         self.num_labels = int(engine.model.config.num_labels)
 
     def _fresh_base(self):
-        return load_base(self.engine.base, self.engine.task_file.model_type, self.engine.device, self.engine.dtype,
+        return load_base(self.engine.base, self.engine.task_file.type, self.engine.device, self.engine.dtype,
                          self.num_labels)
 
     def _task_accuracy(self, model, task: str, head: dict) -> float:

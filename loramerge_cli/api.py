@@ -26,16 +26,28 @@ from loramerge_cli.masks import (
     parse_indices,
 )
 from loramerge_cli.merging.merge import MergeConfig, MergeResult
-from loramerge_cli.plan import LambdaTuning, MergePlan, check_not_an_input, execute, plan_merge, write
+from loramerge_cli.plan import (
+    LambdaTuning,
+    MergePlan,
+    PrunePlan,
+    TaskData,
+    check_not_an_input,
+    execute,
+    plan_merge,
+    plan_prune,
+    prune,
+    write,
+    write_pruned,
+)
 from loramerge_cli.pruning import apply_table
 from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
-    "Adapter", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult", "WeightTable", "apply_table",
-    "SearchPlan", "SearchRequest", "check_not_an_input", "check_table", "evaluate", "execute",
-    "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table", "merge",
-    "module_norm", "ones_table", "parse_indices", "plan_merge", "plan_search", "search", "weight_table",
-    "write", "write_adapter", "write_adapters", "write_merged_adapter",
+    "Adapter", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult", "PrunePlan", "SearchPlan",
+    "SearchRequest", "TaskData", "WeightTable", "apply_table", "check_not_an_input", "check_table", "evaluate",
+    "execute", "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table",
+    "merge", "module_norm", "ones_table", "parse_indices", "plan_merge", "plan_prune", "plan_search", "prune",
+    "search", "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter", "write_pruned",
 ]
 
 

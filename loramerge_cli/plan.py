@@ -26,8 +26,9 @@ from loramerge_cli.merging.registry import DTYPES
 
 
 @dataclass
-class LambdaTuning:
-    """`--lambda auto`: λ tuned on the validation split of `tasks` before the merge."""
+class TaskData:
+    """The task spec a merge reads data from (its validation split): to tune λ (`--lambda auto`), and for
+    methods that read the tasks' inputs (RegMean), with the evaluation options."""
 
     tasks: Path
     val_limit: int | None = None
@@ -40,6 +41,24 @@ class LambdaTuning:
         check_at_least(self.val_limit, 1, "--val-limit")
         check_at_least(self.batch_size, 1, "--batch-size")
         check_at_least(self.max_length, 2, "--max-length")
+
+    def evaluator(self, adapters: list[Adapter], allow_base_mismatch: bool = False, threads: int | None = None):
+        """An Evaluator of the adapters on the validation split (the spec's base checked against theirs)."""
+        from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
+        from loramerge_cli.evaluation.engine import Evaluator
+        from loramerge_cli.evaluation.settings import EvalSettings
+        from loramerge_cli.evaluation.specs import load_task_file
+
+        options = {name: getattr(self, name) for name in ("val_limit", "device", "batch_size", "max_length")
+                   if getattr(self, name) is not None}
+        task_file = load_task_file(self.tasks)
+        check_spec_base(task_file, adapters, allow_base_mismatch)
+        engine = Evaluator(task_file, adapters, EvalSettings(threads=threads, **options), base=self.base)
+        check_base_kind(engine)
+        return engine
+
+
+LambdaTuning = TaskData  # `--lambda auto`'s data (the name api users know)
 
 
 @dataclass
@@ -55,8 +74,9 @@ class MergePlan:
     head: str | None = None
     base: str | None = None
     command: str | None = None
-    tuning: LambdaTuning | None = None
+    tuning: TaskData | None = None  # λ is tuned on this data
     allow_base_mismatch: bool = False
+    data: TaskData | None = None  # the tasks' data the method reads (RegMean), else None
 
 
 def recorded_settings(table: WeightTable | None) -> dict:
@@ -99,18 +119,21 @@ def plan_merge(
     head: str | None = None,
     base: str | None = None,
     command: str | None = None,
-    tuning: LambdaTuning | None = None,
+    tuning: TaskData | None = None,
     allow_base_mismatch: bool = False,
+    data: TaskData | None = None,
 ) -> MergePlan:
-    """Check everything, in the order a user fixes things: flags, output, inputs, table, settings."""
+    """Check everything, in the order a user fixes things: flags, output, inputs, table, settings.
+    `tuning`: tune λ on that data; `data`: the task spec a data-reading method (RegMean) reads (default:
+    `tuning`'s)."""
     config = config or MergeConfig()
     if not adapters:
         raise UsageError("no adapters to merge")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    if tuning is not None:
-        if not Path(tuning.tasks).is_file():
-            raise LoramergeError(f"{tuning.tasks}: task spec not found (--lambda auto tunes λ on it)")
+    data = data or tuning
+    if data is not None and not Path(data.tasks).is_file():
+        raise LoramergeError(f"{data.tasks}: task spec not found (--tasks)")
     if out is not None:
         check_output_dir(out, force, adapter_files(adapters))
     check_head(adapters, head)
@@ -124,23 +147,36 @@ def plan_merge(
     combined = replace(MergeConfig(**fields, params=params), compute_dtype=config.compute_dtype)
     check_compatible(adapters, allow_base_mismatch)
     settings = resolve_config(combined, len(adapters), None if tuning else table)
+    if settings.method.needs_inputs and data is None:
+        raise UsageError(f"method {settings.method.name} reads each task's inputs: give the task spec (--tasks FILE)")
+    if settings.method.needs_inputs and tuning is not None and tuning != data:
+        raise UsageError(f"method {settings.method.name} and --lambda auto read the same task data: give one")
     return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head, base,
-                     command, tuning, allow_base_mismatch)
+                     command, tuning, allow_base_mismatch, data if settings.method.needs_inputs else None)
 
 
 def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
             on_event: Reporter | None = None) -> MergeResult:
-    """Tune λ if asked, then merge. `progress(path)` is called after each module; `on_event` receives the
-    progress stages (loramerge_cli.events) of the λ grid and of the merge."""
-    settings, tuning = plan.settings, {}
+    """Read the tasks' inputs if the method needs them, tune λ if asked, then merge. `progress(path)` is
+    called after each module; `on_event` receives the progress stages (loramerge_cli.events)."""
+    settings, tuning, statistics, engine = plan.settings, {}, None, None
+    if plan.data is not None:
+        from loramerge_cli.evaluation.grams import collect_grams
+
+        engine = plan.data.evaluator(plan.adapters, plan.allow_base_mismatch)
+        statistics = collect_grams(engine, plan.adapters, merging.module_paths(plan.adapters), on_event)
+        tuning["input_statistics"] = {"tasks": str(plan.data.tasks), "split": engine.settings.split,
+                                      "examples": {name: len(e) for name, e in engine.examples.items()}}
     if plan.tuning is not None:
         from loramerge_cli.evaluation.tuning import search_lambda
 
         options = {key: value for key, value in vars(plan.tuning).items() if key != "tasks" and value is not None}
+        if engine is not None:  # RegMean's data and settings are the tuner's: one model load
+            options = {"evaluator": engine, "statistics": statistics}
         search = search_lambda(plan.adapters, _config_of(settings), plan.table, plan.tuning.tasks,
                                allow_base_mismatch=plan.allow_base_mismatch, report=on_event, **options)
         settings = replace(settings, lam=float(search.best))
-        tuning = {"lambda_tuning": {"tasks": str(plan.tuning.tasks), **search.describe()}}
+        tuning["lambda_tuning"] = {"tasks": str(plan.tuning.tasks), **search.describe()}
     modules = {path for adapter in plan.adapters for path in adapter.modules}
     with stage(on_event, "merging", len(modules)) as step:
         def advance(path: str) -> None:
@@ -148,7 +184,7 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
             if progress is not None:
                 progress(path)
 
-        result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance)
+        result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance, statistics=statistics)
     result.provenance.update(tuning)
     return result
 
@@ -171,3 +207,44 @@ def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_
     return write_merged_adapter(result, plan.adapters, plan.out, dtype=plan.dtype, head=plan.head,
                                 command=plan.command, force=plan.force, table=plan.table, base_model=plan.base,
                                 extra_provenance=result.provenance, recipe=recipe, repo_id=repo_id)
+
+
+@dataclass
+class PrunePlan:
+    """apply-mask, checked: each adapter's row of `table` applied and written to `out/<name>/`."""
+
+    adapters: list[Adapter]
+    table: WeightTable
+    out: Path
+    force: bool = False
+    dtype: str | None = None
+    base: str | None = None  # written as each config's base_model_name_or_path
+    command: str | None = None
+
+
+def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, force: bool = False,
+               dtype: str | None = None, base: str | None = None, command: str | None = None) -> PrunePlan:
+    """Check the dtype, the output (never an input) and the table against the adapters, before any work."""
+    if dtype is not None and dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    check_output_dir(out, force, adapter_files(adapters))
+    check_table(table, adapters)
+    return PrunePlan(adapters, table, Path(out), force, dtype, base, command)
+
+
+def prune(plan: PrunePlan) -> list[Adapter]:
+    """Each adapter with its row of the table applied (lora_B × weight, zero-weight modules removed)."""
+    from loramerge_cli.pruning import apply_table
+
+    pruned = [apply_table(adapter, plan.table, index) for index, adapter in enumerate(plan.adapters)]
+    if plan.base is not None:
+        pruned = [replace(a, config={**a.config, "base_model_name_or_path": plan.base}) for a in pruned]
+    return pruned
+
+
+def write_pruned(plan: PrunePlan, pruned: list[Adapter], recipe: str | None = None) -> Path:
+    """Write the pruned adapters where the plan says, the table as out/mask.json, `recipe` as loramerge.yaml."""
+    from loramerge_cli.adapters.writer import write_adapters
+
+    return write_adapters(pruned, plan.out, force=plan.force, command=plan.command, dtype=plan.dtype,
+                          table=plan.table, recipe=recipe)

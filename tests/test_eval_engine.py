@@ -405,7 +405,7 @@ def test_max_length_comes_from_the_task_then_the_flag_then_the_model(text, tmp_p
 
     import yaml
 
-    from loramerge_cli.evaluation.engine import model_max_length
+    from loramerge_cli.evaluation.task_types.base import model_max_length
 
     setting, adapters, engine = text
     assert engine.max_lengths == {"alpha": 64, "beta": 64, "gamma": 64}  # tokenizer and config both say 64
@@ -421,3 +421,35 @@ def test_max_length_comes_from_the_task_then_the_flag_then_the_model(text, tmp_p
     assert model_max_length(tokenizer, SimpleNamespace(max_position_embeddings=128)) == 128
     assert model_max_length(SimpleNamespace(model_max_length=512), SimpleNamespace()) == 512
     assert model_max_length(tokenizer, SimpleNamespace()) == 2048
+
+
+def test_a_task_type_is_one_class_in_the_registry(text, tmp_path, monkeypatch):
+    """A toy type (classify on the first text column only) registered in TASK_TYPES alone: the spec accepts
+    it and the engine reads, batches and scores with it, as the built-in type does on that column."""
+    import json
+    from importlib import resources
+
+    import yaml
+
+    from loramerge_cli.evaluation.task_types import TASK_TYPES
+    from loramerge_cli.evaluation.task_types.sequence_classification import SequenceClassification
+
+    shipped = json.loads(resources.files("loramerge_cli").joinpath("schemas/tasks.schema.json").read_text())
+    assert shipped["properties"]["model_type"]["enum"] == list(TASK_TYPES)  # the file lists the built-ins
+
+    class FirstColumn(SequenceClassification):
+        name = "first-column-classification"
+
+        def read_input(self, row, source, task_file, task):
+            return (str(row[task.text[0]]),)
+
+    setting, adapters, _ = text
+    content = yaml.safe_load(setting.tasks_file.read_text())
+    with pytest.raises(LoramergeError, match="model_type"):
+        load_task_file(write_tasks_file(tmp_path / "toy.yaml", {**content, "model_type": FirstColumn.name}))
+    monkeypatch.setitem(TASK_TYPES, FirstColumn.name, FirstColumn())
+    toy = Evaluator(load_task_file(tmp_path / "toy.yaml"), adapters, SETTINGS)
+    premise_only = {**content, "tasks": [{**task, "text": ["premise"]} for task in content["tasks"]]}
+    plain = Evaluator(load_task_file(write_tasks_file(tmp_path / "plain.yaml", premise_only)), adapters, SETTINGS)
+    assert toy.examples["alpha"].inputs == plain.examples["alpha"].inputs
+    assert toy.score_adapter(adapters[0]) == plain.score_adapter(adapters[0])

@@ -66,6 +66,30 @@ def test_api_merge_with_a_table_equals_merge_mask(sources, tmp_path):
         api.merge(adapters, MergeConfig(density=0.5), api.load_table(mask))
 
 
+def test_api_prune_equals_apply_mask(sources, tmp_path):
+    """plan_prune / prune / write_pruned write the same folders as `loramerge apply-mask`, and refuse an
+    output inside an input before any work."""
+    adapters = api.load_adapters(sources)
+    mask = _recorded_table(adapters, tmp_path)
+    result = invoke_cli(["apply-mask", "--adapters", *sources, "--mask", mask, "--out", tmp_path / "cli", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    plan = api.plan_prune(adapters, api.load_table(mask), tmp_path / "lib", dtype="float32")
+    api.write_pruned(plan, api.prune(plan))
+    removed = 0
+    for adapter in adapters:
+        cli, lib = _deltas(tmp_path / "cli" / adapter.name), _deltas(tmp_path / "lib" / adapter.name)
+        assert cli.keys() == lib.keys()
+        removed += len(adapter.modules) - len(cli)
+        for path in cli:
+            assert torch.equal(cli[path], lib[path]), path
+    assert removed > 0  # the two pruned units are gone
+    inside = adapters[0].source.weights_file.rsplit("/", 1)[0] + "/pruned"
+    with pytest.raises(LoramergeError, match="input"):
+        api.plan_prune(adapters, api.load_table(mask), inside)
+    with pytest.raises(UsageError, match="--dtype"):
+        api.plan_prune(adapters, api.load_table(mask), tmp_path / "x", dtype="fp16")
+
+
 def test_plan_merge_checks_everything_first(sources, tmp_path):
     adapters = api.load_adapters(sources)
     with pytest.raises(UsageError, match="--dtype"):

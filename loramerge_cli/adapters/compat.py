@@ -67,7 +67,7 @@ def check_base_kind(engine) -> None:
     not a classifier (and the other way round), and a classification task scored with the base's own head
     needs a base that has a trained one (a causal LM loaded as a classifier gets a random head)."""
     task_file = engine.task_file
-    kind = "causal-lm" if task_file.model_type == "causal-lm" else "classification"
+    kind = "classification" if task_file.type.classifier else "causal-lm"
     for task in task_file.tasks:
         adapter = engine.experts[task.name]
         trained_for = TASK_TYPE_KINDS.get(str(adapter.config.get("task_type") or "").upper())

@@ -46,8 +46,10 @@ def check_output_dir(out_dir: str | Path, force: bool = False, inputs=()) -> Pat
 
 
 def adapter_files(adapters: list[Adapter]) -> list[str]:
-    """The files the adapters were read from: an output must never replace or hold one."""
-    return [path for a in adapters for path in (a.source.weights_file, a.source.config_file) if path]
+    """The files the adapters were read from, and the folder of each adapter read as a folder (local or a
+    Hub snapshot): an output must never replace or hold one, nor lie inside such a folder."""
+    files = [path for a in adapters for path in (a.source.weights_file, a.source.config_file) if path]
+    return files + [str(Path(a.source.weights_file).parent) for a in adapters if a.source.kind in ("dir", "hub")]
 
 
 def lora_config(

@@ -36,6 +36,7 @@ EPILOG = examples_epilog(
     "loramerge merge --adapters rte=org/rte mnli=org/mnli --merger ties --density 0.5 --lambda 1.2 --out merged/",
     "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/ --head a",
     "loramerge merge --adapters a/ b/ c/ --merger tsv --lambda auto --tasks tasks.yaml --out merged/",
+    "loramerge merge --adapters a/ b/ c/ --merger regmean --tasks tasks.yaml --val-limit 256 --out merged/",
     "loramerge merge --config merge.yaml --out merged/ --force",
     "loramerge merge --config merged/loramerge.yaml --out again/          # rebuild a merge bit for bit",
     "loramerge merge --adapters a/ b/ --merger ties --out merged/ --push-to-hub me/merged --private --dry-run",
@@ -66,12 +67,13 @@ def merge_options() -> list:
         option("head", str | None, None, help="Also write this task's head as modules_to_save, so a plain PEFT "
                "load serves it."),
         option("base", str | None, None, help="Base model id or path; overrides the configs'."),
-        option("tasks", Path | None, None, help="Task spec YAML (for --lambda auto)."),
-        option("val_limit", int | None, None, help="--lambda auto: examples per task (>= 1)."),
-        option("device", str | None, None, help="--lambda auto: torch device."),
-        option("batch_size", int | None, None, help="--lambda auto: batch size."),
-        option("max_length", int | None, None, show_default=False, help="--lambda auto: token cap of tasks whose "
-               "spec sets none. [default: the smaller of the tokenizer's model_max_length and the model's "
+        option("tasks", Path | None, None, help="Task spec YAML: its validation split tunes --lambda auto and "
+               "gives the inputs of data-reading methods (regmean)."),
+        option("val_limit", int | None, None, help="--lambda auto, regmean: examples per task (>= 1)."),
+        option("device", str | None, None, help="--lambda auto, regmean: torch device."),
+        option("batch_size", int | None, None, help="--lambda auto, regmean: batch size."),
+        option("max_length", int | None, None, show_default=False, help="--lambda auto, regmean: token cap of tasks "
+               "whose spec sets none. [default: the smaller of the tokenizer's model_max_length and the model's "
                "max_position_embeddings]"),
         threads_option(),
         *push_options(),
@@ -84,10 +86,9 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     factors (dense results truncated, with the error recorded). The output folder holds a model card,
     loramerge.yaml (rerun it with --config) and every task's head. The math: docs/algorithms.md."""
     check_at_least(flags["val_limit"], 1, "--val-limit")
-    tuning = None
-    if flags["lam"] == "auto":
-        if flags["tasks"] is None:
-            raise UsageError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
+    if flags["lam"] == "auto" and flags["tasks"] is None:
+        raise UsageError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
+    if flags["tasks"] is not None:
         from loramerge_cli.evaluation.data import check_task_file
 
         check_task_file(flags["tasks"], ["validation"])  # the spec and its data, before torch or adapters load
@@ -99,9 +100,8 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli import api
     from loramerge_cli.cli.progress import ProgressDisplay
 
-    if flags["lam"] == "auto":
-        tuning = api.LambdaTuning(flags["tasks"], flags["val_limit"], flags["device"], flags["batch_size"],
-                                  flags["base"], flags["max_length"])
+    data = None if flags["tasks"] is None else api.TaskData(
+        flags["tasks"], flags["val_limit"], flags["device"], flags["batch_size"], flags["base"], flags["max_length"])
     if flags["mask"] is not None and flags["indices"] is not None:
         raise UsageError("give --mask or --indices, not both")
     from loramerge_cli.adapters.writer import check_output_dir, default_head
@@ -113,8 +113,8 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     table = api.weight_table(adapters, flags["mask"], flags["indices"])
     plan = api.plan_merge(adapters, config, table, override=flags["override"], out=flags["out"],
                           force=flags["force"], dtype=flags["dtype"], head=flags["head"], base=flags["base"],
-                          command=command_line(ctx), tuning=tuning,
-                          allow_base_mismatch=flags["allow_base_mismatch"])
+                          command=command_line(ctx), tuning=data if flags["lam"] == "auto" else None,
+                          data=data, allow_base_mismatch=flags["allow_base_mismatch"])
     with ProgressDisplay(flags["quiet"] or flags["json_output"], terminal_only=("merging",)) as display:
         result = api.execute(plan, on_event=display)  # λ grid and merge progress: stderr
     api.write(plan, result, recipe=_recipe(ctx, plan, result), repo_id=flags["push_to_hub"])

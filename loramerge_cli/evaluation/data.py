@@ -14,9 +14,6 @@ from pathlib import Path
 
 from loramerge_cli.evaluation.specs import TaskFile, TaskSpec, load_task_file
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
-
-
 @dataclass
 class Examples:
     """One task's split, ready for the engine. `inputs` depends on the model type:
@@ -40,7 +37,7 @@ def load_examples(
     limit = val_limit if split == "validation" and val_limit is not None else task.limit
     selected = _subsample(len(rows), limit, seed)
     rows = [rows[index] for index in selected]
-    inputs = [_input_of(row, source, task_file, task) for row in rows]
+    inputs = [task_file.type.read_input(row, source, task_file, task) for row in rows]
     labels = None
     if task.label is not None or source.is_dir():
         labels = [_label_of(row, task_file, task, class_names) for row in rows]
@@ -57,7 +54,7 @@ def check_data(task_file: TaskFile, splits: list[str] | None = None) -> None:
         for split in splits or list(task.data):
             rows, class_names, source = _split_rows(task_file, task, split)
             for row in rows:
-                _input_of(row, source, task_file, task)
+                task_file.type.read_input(row, source, task_file, task)
                 if task.label is not None or source.is_dir():
                     _label_of(row, task_file, task, class_names)
 
@@ -76,8 +73,9 @@ def _split_rows(task_file: TaskFile, task: TaskSpec, split: str) -> tuple[list[d
         raise task_file.error(where, f"no {split!r} split (has: {', '.join(task.data)})")
     source = Path(task.data[split])
     where = f"{where}.{split}"
-    if source.is_dir() and task_file.type.images:
-        rows, class_names = _image_tree(source, task_file, task, where), None
+    folder_rows = task_file.type.folder_rows(source, task_file, task, where) if source.is_dir() else None
+    if folder_rows is not None:
+        rows, class_names = folder_rows, None
     elif source.is_file():
         try:
             rows, class_names = _read_rows(source, task_file, where), task.labels
@@ -127,45 +125,6 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
 
 
-def _image_tree(folder: Path, task_file: TaskFile, task: TaskSpec, where: str) -> list[dict]:
-    """`folder/class_name/*.png` -> rows {image: path, label: class_name}, sorted by class then file."""
-    classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
-    if not classes:
-        raise task_file.error(where, f"{folder} has no class folders (expected {folder}/class_name/*.png)")
-    names = task.labels or classes
-    rows = []
-    for class_name in classes:
-        if class_name not in names:
-            raise task_file.error(f"{task.where}.labels", f"unknown label name {class_name!r} (folder in {folder})")
-        files = sorted(p for p in (folder / class_name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        rows.extend({task.image or "image": str(p), task.label or "label": names.index(class_name)} for p in files)
-    return rows
-
-
-def _input_of(row: dict, source: Path, task_file: TaskFile, task: TaskSpec):
-    if task_file.type.choices:
-        try:
-            return task.prompt.format(**row)
-        except KeyError as error:
-            raise task_file.error(f"{task.where}.prompt", f"column {error.args[0]!r} not in {source}") from None
-        except (IndexError, ValueError) as error:
-            raise task_file.error(f"{task.where}.prompt", f"bad format string ({error})") from None
-    if task_file.type.images:
-        column = task.image or "image"
-        if column not in row:
-            raise task_file.error(f"{task.where}.image", f"column {column!r} not in {source}")
-        value = row[column]
-        if isinstance(value, dict):  # Hugging Face datasets' image struct
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, str) and not Path(value).is_absolute():
-            value = str(source.parent / value) if source.is_file() else value
-        return value
-    missing = [column for column in task.text if column not in row]
-    if missing:
-        raise task_file.error(f"{task.where}.text", f"column {missing[0]!r} not in {source}")
-    return tuple(str(row[column]) for column in task.text)
-
-
 def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] | None) -> int:
     where = f"{task.where}.label"
     column = task.label or "label"
@@ -173,7 +132,7 @@ def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] |
         raise task_file.error(where, f"column {column!r} missing in a row of {task.data}")
     value = row[column]
     if isinstance(value, str):
-        names = names or task.labels or (task.choices if task_file.type.choices else None)
+        names = names or task_file.type.label_names(task)
         if names and value in names:
             return names.index(value)
         if value.strip().lstrip("-").isdigit():

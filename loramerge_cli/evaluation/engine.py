@@ -32,17 +32,6 @@ from loramerge_cli.evaluation.settings import EvalSettings  # noqa: F401  (impor
 from loramerge_cli.evaluation.specs import FROM_ADAPTER, NO_HEAD, TaskFile, match_adapters
 
 
-DEFAULT_MAX_LENGTH = 2048  # when neither the tokenizer nor the model config states a limit
-
-
-def model_max_length(tokenizer, config) -> int:
-    """The smaller of the tokenizer's model_max_length and the model's max_position_embeddings, those
-    that are sane (a tokenizer that states none reports about 1e30); 2048 when neither is."""
-    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
-    limits = [int(limit) for limit in limits if isinstance(limit, (int, float)) and 0 < limit < 10**7]
-    return min(limits) if limits else DEFAULT_MAX_LENGTH
-
-
 @dataclass
 class Delta:
     """A low-rank update ΔW = left @ right in (d_out, d_in) orientation; Conv1D weights get ΔWᵀ."""
@@ -124,7 +113,7 @@ class Evaluator:
             for task in task_file.tasks
         }
         self.heads = {task.name: task_head(task_file, task, self.experts[task.name]) for task in task_file.tasks}
-        self.model = load_base(self.base, task_file.model_type, self.device, self.dtype, self._num_labels())
+        self.model = load_base(self.base, task_file.type, self.device, self.dtype, self._num_labels())
         self.modules = dict(self.model.named_modules())
         self.parameters = dict(self.model.named_parameters())
         for task in task_file.tasks:
@@ -138,7 +127,7 @@ class Evaluator:
         for adapter in experts:
             self._check_targets(adapter_deltas(adapter), adapter.name)
         self.max_lengths: dict[str, int] = {}  # text tasks: the token cap each one uses
-        self.prepared = self._prepare(load_preprocessor(self.base, task_file.model_type))
+        self.prepared = self._prepare(load_preprocessor(self.base, task_file.type))
         self._identity = base_identity(self.base, self.model)
 
     # --- setup ---------------------------------------------------------------------------------
@@ -196,26 +185,15 @@ class Evaluator:
                 self.base_weights[path] = weight.detach().clone()
 
     def _prepare(self, preprocessor) -> dict[str, batching.PreparedTask]:
-        settings, task_type = self.settings, self.task_file.type
+        """Every task's batches, built once by its task type; text types record their token cap."""
         accepted = batching.forward_inputs(self.model)
         prepared = {}
         for task in self.task_file.tasks:
-            examples = self.examples[task.name]
-            if task_type.images:
-                prepared[task.name] = batching.prepare_images(
-                    examples.inputs, preprocessor, settings.batch_size, self.device, self.dtype, accepted
-                )
-                continue
-            pad_id = self.model.config.pad_token_id
-            if pad_id is None:
-                pad_id = self.model.config.pad_token_id = preprocessor.pad_token_id
-            max_length = task.max_length or settings.max_length or model_max_length(preprocessor, self.model.config)
-            self.max_lengths[task.name] = max_length
-            prepare = batching.prepare_choices if task_type.choices else batching.prepare_text
-            arguments = (examples.inputs, task.choices) if task_type.choices else (examples.inputs,)
-            prepared[task.name] = prepare(
-                *arguments, preprocessor, pad_id, settings.batch_size, max_length, self.device, accepted
-            )
+            prepared[task.name], max_length = self.task_file.type.prepare(
+                self.examples[task.name].inputs, task, preprocessor, self.model, self.settings, self.device,
+                self.dtype, accepted)
+            if max_length is not None:
+                self.max_lengths[task.name] = max_length
         return prepared
 
     # --- patching ------------------------------------------------------------------------------
@@ -251,13 +229,7 @@ class Evaluator:
     def scores(self, task: str) -> torch.Tensor:
         """Raw per-example scores of the current weights: logits, or per-choice log-likelihoods."""
         self.use_head(task)
-        prepared = self.prepared[task]
-        if self.task_file.type.choices:
-            spec = self.task_file.task(task)
-            return batching.choice_scores(
-                self.model, prepared, self.settings.length_normalize or spec.length_normalize
-            )
-        return batching.classifier_scores(self.model, prepared)
+        return self.task_file.type.scores(self.model, self.prepared[task], self.task_file.task(task), self.settings)
 
     def accuracy(self, task: str) -> float:
         spec = self.task_file.task(task)

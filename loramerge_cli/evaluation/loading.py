@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from loramerge_cli.errors import LoramergeError
-from loramerge_cli.evaluation.task_types import TASK_TYPES
+from loramerge_cli.evaluation.task_types import TaskType
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -54,16 +54,16 @@ def quiet_transformers():
             logging.enable_progress_bar()
 
 
-def load_base(base: str, model_type: str, device: torch.device, dtype: torch.dtype, num_labels: int | None):
+def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch.dtype, num_labels: int | None):
     """The base model in eval mode on `device`, with a `num_labels`-way head for classifiers."""
     import transformers
 
-    class_name = TASK_TYPES[model_type].model_class
+    class_name = task_type.model_class
     model_class = getattr(transformers, class_name)
     kwargs: dict = {"dtype": dtype}
     try:
         with quiet_transformers():
-            if num_labels is not None and TASK_TYPES[model_type].classifier:
+            if num_labels is not None and task_type.classifier:
                 config = transformers.AutoConfig.from_pretrained(base)
                 if getattr(config, "num_labels", None) != num_labels:
                     kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
@@ -74,15 +74,16 @@ def load_base(base: str, model_type: str, device: torch.device, dtype: torch.dty
     return model.to(device).eval()
 
 
-def load_preprocessor(base: str, model_type: str):
-    """The tokenizer (text models, with a pad token) or the image processor."""
+def load_preprocessor(base: str, task_type: TaskType):
+    """The task type's preprocessor: a tokenizer (given a pad token when it has none) or an image processor."""
     import transformers
 
     try:
         with quiet_transformers():
-            if TASK_TYPES[model_type].images:
-                return transformers.AutoImageProcessor.from_pretrained(base)
-            tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+            preprocessor = getattr(transformers, task_type.preprocessor_class).from_pretrained(base)
+            if task_type.preprocessor_class != "AutoTokenizer":
+                return preprocessor
+            tokenizer = preprocessor
     except (OSError, ValueError, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LoramergeError(f"{base}: cannot load its tokenizer or image processor ({first})") from None

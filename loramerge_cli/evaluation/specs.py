@@ -87,8 +87,12 @@ class TaskFile:
 
 
 def schema() -> dict:
+    """The shipped tasks.schema.json, its model_type enum the registered task types (a type added in
+    TASK_TYPES is accepted without editing the file; a test keeps the file's list equal to the built-ins)."""
     text = resources.files("loramerge_cli").joinpath("schemas/tasks.schema.json").read_text()
-    return json.loads(text)
+    document = json.loads(text)
+    document["properties"]["model_type"]["enum"] = list(TASK_TYPES)
+    return document
 
 
 def load_task_file(path: str | Path) -> TaskFile:
@@ -193,24 +197,14 @@ def _check_task(task: TaskSpec, task_file: TaskFile) -> None:
     where = task.where
     if task.labels and task.num_labels is not None and len(task.labels) > task.num_labels:
         raise task_file.error(f"{where}.labels", f"{len(task.labels)} names but num_labels is {task.num_labels}")
-    if task.labels and task.num_labels is not None and task_file.model_type != "causal-lm":
+    if task.labels and task.num_labels is not None and task_file.type.classifier:
         unnamed = range(len(task.labels), task.num_labels)  # a wider head: classes without a name are masked
         task.masked_labels += [index for index in unnamed if index not in task.masked_labels]
     classes = task.class_count
     for value in task.masked_labels:
         if classes is not None and not 0 <= value < classes:
             raise task_file.error(f"{where}.masked_labels", f"label {value} is out of range 0..{classes - 1}")
-    if task_file.type.choices:
-        if task.labels and len(task.labels) != len(task.choices):
-            raise task_file.error(f"{where}.labels", f"{len(task.labels)} names for {len(task.choices)} choices")
-    elif task_file.type.images:
-        if task.choices or task.prompt:
-            raise task_file.error(f"{where}.choices", "only causal-lm tasks have prompts and choices")
-    else:
-        if not task.text:
-            raise task_file.error(f"{where}.text", "required field is missing (the input column(s))")
-        if task.choices or task.prompt:
-            raise task_file.error(f"{where}.choices", "only causal-lm tasks have prompts and choices")
+    task_file.type.check_task(task, task_file)
     if task.head not in (FROM_ADAPTER, NO_HEAD) and not Path(task.head).is_file():
         raise task_file.error(f"{where}.head", f"no such file {task.head}")
 

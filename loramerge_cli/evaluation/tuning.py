@@ -108,11 +108,13 @@ def search_lambda(
     allow_base_mismatch: bool = False,
     evaluator: Evaluator | None = None,
     report=None,
+    statistics: dict | None = None,
 ) -> LambdaSearch:
     """Score the merge at every λ of the grid (the default one, or exactly `grid` when given) on `split`;
     `report` receives progress stages (loramerge_cli.events).
 
-    `evaluator`, if given, is reused (its split and settings win over the keyword arguments).
+    `evaluator`, if given, is reused (its split and settings win over the keyword arguments). `statistics`:
+    the input Gram matrices of a data-reading method (RegMean).
     """
     from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
     from loramerge_cli.merging.merge import merge, resolve_config
@@ -120,7 +122,7 @@ def search_lambda(
     default_lambda = resolve_config(replace(config, lam=None), len(adapters)).lam
     if grid is not None and (not grid or not all(math.isfinite(value) for value in grid)):
         raise LoramergeError("the λ grid must hold at least one finite value")
-    result = merge(adapters, replace(config, lam=1.0), table, allow_base_mismatch)
+    result = merge(adapters, replace(config, lam=1.0), table, allow_base_mismatch, statistics=statistics)
     if evaluator is None:
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)

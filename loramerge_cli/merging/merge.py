@@ -172,11 +172,13 @@ def merge(
     table: WeightTable | None = None,
     allow_base_mismatch: bool = False,
     progress: Callable[[str], None] | None = None,
+    statistics: dict | None = None,
 ) -> MergeResult:
     """Merge the adapters module by module with exactly `config` (a table's recorded settings are not read:
     `api.merge` applies them). docs/algorithms.md, "The merge pipeline", gives the exact semantics.
 
-    `progress(path)` is called after each module is done (the CLI's progress bar)."""
+    `progress(path)` is called after each module is done (the CLI's progress bar). `statistics`: the input
+    Gram matrices of methods that read the tasks' data (RegMean; evaluation.grams.collect_grams)."""
     config = config or MergeConfig()
     if not adapters:
         raise LoramergeError("no adapters to merge")
@@ -184,7 +186,7 @@ def merge(
     if table is not None:
         check_table(table, adapters)
     settings = resolve_config(config, len(adapters), table)
-    return run_merge(adapters, settings, table, progress)
+    return run_merge(adapters, settings, table, progress, statistics=statistics)
 
 
 def run_merge(
@@ -193,6 +195,7 @@ def run_merge(
     table: WeightTable | None = None,
     progress: Callable[[str], None] | None = None,
     cache: dict | None = None,
+    statistics: dict | None = None,
 ) -> MergeResult:
     """The merge proper, on validated inputs.
 
@@ -213,7 +216,8 @@ def run_merge(
         for path, tasks in active.items():
             key = (path, tuple(tasks), settings.lam)
             if cache is None or key not in cache:
-                module = _finish(path, _merge_module(path, tasks, adapters, settings), adapters, tasks, settings)
+                merged = _merge_module(path, tasks, adapters, settings, statistics)
+                module = _finish(path, merged, adapters, tasks, settings)
                 if cache is not None:
                     cache[key] = module
             else:
@@ -291,15 +295,19 @@ def row_params(settings: ResolvedMerge, indices: list[int], weights: list[float]
     return params
 
 
-def _merge_module(path, tasks, adapters, settings: ResolvedMerge):
-    merged = _merge_module_raw(path, tasks, adapters, settings)
+def _merge_module(path, tasks, adapters, settings: ResolvedMerge, statistics: dict | None = None):
+    merged = _merge_module_raw(path, tasks, adapters, settings, statistics)
     return spectral.isotropize(merged) if settings.isotropize else merged
 
 
-def _merge_module_raw(path, tasks, adapters, settings: ResolvedMerge):
+def _merge_module_raw(path, tasks, adapters, settings: ResolvedMerge, statistics: dict | None = None):
     projected = _projected(path, tasks, adapters, settings)
     method = settings.method
     params = row_params(settings, [index for index, _ in tasks], [weight for _, weight in tasks], adapters, path)
+    if method.needs_inputs:
+        if statistics is None or path not in statistics:
+            raise LoramergeError(f"method {method.name} reads each task's inputs: give the task spec (--tasks)")
+        params["grams"] = [statistics[path][index] for index, _ in tasks]
     if not method.elementwise:
         merged = method.merge_with(projected.tasks, params) if method.merge_with else method.merge(projected.tasks)
         return projected.reconstruct(merged)

@@ -28,6 +28,7 @@ spectral = LazyModule("loramerge_cli.merging.spectral")
 lowrank = LazyModule("loramerge_cli.merging.lowrank")
 sparsify = LazyModule("loramerge_cli.merging.sparsify")
 subspace = LazyModule("loramerge_cli.merging.subspace")
+regmean = LazyModule("loramerge_cli.merging.regmean")
 
 
 SPACES = ("full", "knots", "core")  # where a method acts (docs/algorithms.md, "Spaces")
@@ -100,6 +101,8 @@ PARAMETERS = {
     "cart_scale": Parameter("cart_scale", "CART: factor on the sum of the low-rank residuals.", 0.0),
     "common_fraction": Parameter("common_fraction", "Iso-CTS: size of the common subspace, as a fraction "
                                  "of min(m, n).", 0.0, 1.0),
+    "off_diagonal": Parameter("off_diagonal", "RegMean: factor on the off-diagonal entries of the input Gram "
+                              "matrices (the paper's α; 1: plain least squares).", 0.0, 1.0),
     "clusters": Parameter("clusters", "LoRA-LEGO: number of clusters = output rank (0: the largest task rank).",
                           0, type=int),
 }
@@ -132,6 +135,7 @@ class Method:
     merge: Callable | None = None  # spectral: (tasks) -> merged tensor
     merge_with: Callable | None = None  # spectral with parameters: (tasks, params) -> merged tensor
     spaces: tuple[str, ...] = SPACES  # the spaces where the method makes sense
+    needs_inputs: bool = False  # merge_with's params hold "grams": each task's input Gram matrix of the module
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -246,6 +250,13 @@ METHODS.update({
         defaults={"clusters": 0},
         merge_with=lambda tasks, p: subspace.lora_lego(tasks, int(p["clusters"]) or None, 10, p["module_seed"]),
         spaces=("full",),
+    ),
+    "regmean": Method(
+        "regmean", "the least-squares fit of every task's outputs on its own inputs (reads the tasks' data)",
+        "Jin et al. 2023, Dataless Knowledge Fusion by Merging Weights of Language Models (RegMean, "
+        "arXiv:2212.09849)", "1", defaults={"off_diagonal": 0.9},
+        merge_with=lambda tasks, p: regmean.regmean(tasks, p["grams"], p["off_diagonal"]),
+        spaces=("full",), needs_inputs=True,
     ),
 })
 ALIASES = {"cat": "ta"}

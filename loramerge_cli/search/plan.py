@@ -56,6 +56,12 @@ class SearchPlan:
 def check_request(request: SearchRequest) -> Strategy:
     """Every setting of the request, without reading a file; returns the strategy."""
     strategy = strategy_named(request.strategy)
+    from loramerge_cli.merging.registry import METHODS
+
+    method = METHODS.get(request.merge.method or request.merge.merger or "")
+    if method is not None and method.needs_inputs:
+        raise UsageError(f"search-mask does not search {method.name} merges yet (it reads each task's inputs); "
+                         "merge with it after the search: loramerge merge --mask TABLE --tasks FILE")
     if request.fitness not in FITNESSES:
         raise UsageError(f"--fitness must be one of {', '.join(FITNESSES)} (got {request.fitness!r})")
     check_seed(request.enmp.seed)
@@ -111,8 +117,7 @@ def check_extras(request: SearchRequest, plot: Path | None) -> None:
     splits = [request.eval.split] + (["test"] if request.report_test else [])
     files = [str(task.data.get(split, "")) for task in task_file.tasks for split in splits]
     needed = [("matplotlib", "plot", "--plot")] if plot is not None else []
-    if task_file.type.images:
-        needed.append(("PIL", "image", f"{task_file.model_type} tasks"))
+    needed += [(module, extra, f"{task_file.model_type} tasks") for module, extra in task_file.type.extras]
     if any(name.endswith(".parquet") for name in files):
         needed.append(("pyarrow", "parquet", "parquet data"))
     for module, extra, reason in needed:

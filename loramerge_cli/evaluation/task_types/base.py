@@ -1,0 +1,64 @@
+"""What every task type provides (subclass TaskType, override what differs), and the text helpers the
+tokenised types share."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TaskType:
+    """One `model_type`: its base model class, its data rules, its batching and its scoring."""
+
+    name: str = ""  # the spec's model_type
+    model_class: str = ""  # the transformers Auto class of the base model
+    preprocessor_class: str = "AutoTokenizer"  # the transformers Auto class that prepares its inputs
+    classifier: bool = True  # predicts a class with a head (num_labels, heads, the entropy objective)
+    choices: bool = False  # scored by the log-likelihood of each choice after a prompt (no class head)
+    extras: tuple[tuple[str, str], ...] = ()  # (module, pip extra) it imports: checked before any work
+
+    def check_task(self, task, task_file) -> None:
+        """Cross-field rules of one task spec entry that the schema cannot say (raise task_file.error)."""
+        if task.choices or task.prompt:
+            raise task_file.error(f"{task.where}.choices", "only causal-lm tasks have prompts and choices")
+
+    def folder_rows(self, folder: Path, task_file, task, where: str) -> list[dict] | None:
+        """Rows of a split given as a folder, or None when this type reads files only."""
+        return None
+
+    def read_input(self, row: dict, source: Path, task_file, task):
+        """The model input of one data row (what `prepare` receives), or task_file.error naming the field."""
+        raise NotImplementedError
+
+    def label_names(self, task) -> list[str] | None:
+        """Names a label column may use instead of indices."""
+        return task.labels
+
+    def prepare(self, inputs: list, task, preprocessor, model, settings, device, dtype, accepted: frozenset[str]):
+        """(PreparedTask, token cap or None): the task's inputs as device batches, built once."""
+        raise NotImplementedError
+
+    def scores(self, model, prepared, task, settings):
+        """(examples × classes or choices) scores of the current weights, in example order."""
+        from loramerge_cli.evaluation.batches import classifier_scores
+
+        return classifier_scores(model, prepared)
+
+
+DEFAULT_MAX_LENGTH = 2048  # when neither the tokenizer nor the model config states a limit
+
+
+def model_max_length(tokenizer, config) -> int:
+    """The smaller of the tokenizer's model_max_length and the model's max_position_embeddings, those
+    that are sane (a tokenizer that states none reports about 1e30); 2048 when neither is."""
+    limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
+    limits = [int(limit) for limit in limits if isinstance(limit, (int, float)) and 0 < limit < 10**7]
+    return min(limits) if limits else DEFAULT_MAX_LENGTH
+
+
+def text_setup(task, preprocessor, model, settings) -> tuple[int, int]:
+    """(pad id, token cap) of a tokenised task: the model's pad id (else the tokenizer's, recorded on the
+    model), and the task's max_length, else --max-length, else the tokenizer's and the model's limit."""
+    pad_id = model.config.pad_token_id
+    if pad_id is None:
+        pad_id = model.config.pad_token_id = preprocessor.pad_token_id
+    return pad_id, task.max_length or settings.max_length or model_max_length(preprocessor, model.config)

@@ -1,0 +1,43 @@
+"""`causal-lm`: a prompt per row and a fixed list of choices; the prediction is the choice whose tokens
+the model finds most likely after the prompt (summed log-probabilities, optionally per token)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loramerge_cli.evaluation.task_types.base import TaskType, text_setup
+
+
+class CausalLM(TaskType):
+    name = "causal-lm"
+    model_class = "AutoModelForCausalLM"
+    classifier = False
+    choices = True
+
+    def check_task(self, task, task_file) -> None:
+        if task.labels and len(task.labels) != len(task.choices):
+            raise task_file.error(f"{task.where}.labels", f"{len(task.labels)} names for {len(task.choices)} choices")
+
+    def read_input(self, row: dict, source: Path, task_file, task) -> str:
+        try:
+            return task.prompt.format(**row)
+        except KeyError as error:
+            raise task_file.error(f"{task.where}.prompt", f"column {error.args[0]!r} not in {source}") from None
+        except (IndexError, ValueError) as error:
+            raise task_file.error(f"{task.where}.prompt", f"bad format string ({error})") from None
+
+    def label_names(self, task) -> list[str] | None:
+        return task.labels or task.choices
+
+    def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):
+        from loramerge_cli.evaluation.batches import prepare_choices
+
+        pad_id, max_length = text_setup(task, preprocessor, model, settings)
+        prepared = prepare_choices(inputs, task.choices, preprocessor, pad_id, settings.batch_size, max_length,
+                                   device, accepted)
+        return prepared, max_length
+
+    def scores(self, model, prepared, task, settings):
+        from loramerge_cli.evaluation.batches import choice_scores
+
+        return choice_scores(model, prepared, settings.length_normalize or task.length_normalize)

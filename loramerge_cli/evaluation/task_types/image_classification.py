@@ -1,0 +1,47 @@
+"""`image-classification`: an image per row (a path, bytes, or a datasets image struct), or a split given
+as a folder tree `split/class_name/*.png`; a class head on the base."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from loramerge_cli.evaluation.task_types.base import TaskType
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+
+class ImageClassification(TaskType):
+    name = "image-classification"
+    model_class = "AutoModelForImageClassification"
+    preprocessor_class = "AutoImageProcessor"
+    extras = (("PIL", "image"),)
+
+    def folder_rows(self, folder: Path, task_file, task, where: str) -> list[dict]:
+        """`folder/class_name/*.png` -> rows {image: path, label: index}, sorted by class then file."""
+        classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+        if not classes:
+            raise task_file.error(where, f"{folder} has no class folders (expected {folder}/class_name/*.png)")
+        names = task.labels or classes
+        rows = []
+        for class_name in classes:
+            if class_name not in names:
+                raise task_file.error(f"{task.where}.labels", f"unknown label name {class_name!r} (folder in {folder})")
+            files = sorted(p for p in (folder / class_name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            rows.extend({task.image or "image": str(p), task.label or "label": names.index(class_name)} for p in files)
+        return rows
+
+    def read_input(self, row: dict, source: Path, task_file, task):
+        column = task.image or "image"
+        if column not in row:
+            raise task_file.error(f"{task.where}.image", f"column {column!r} not in {source}")
+        value = row[column]
+        if isinstance(value, dict):  # Hugging Face datasets' image struct
+            value = value.get("bytes") or value.get("path")
+        if isinstance(value, str) and not Path(value).is_absolute():
+            value = str(source.parent / value) if source.is_file() else value
+        return value
+
+    def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):
+        from loramerge_cli.evaluation.batches import prepare_images
+
+        return prepare_images(inputs, preprocessor, settings.batch_size, device, dtype, accepted), None

@@ -78,11 +78,16 @@ def run_command(flags: list[str], arguments: list[str], tasks_file: Path, seed: 
     return time.perf_counter() - started
 
 
+def row_flags(key: str, task_count: int) -> list[str]:
+    """A row's search-mask flags, `TA_LAMBDA` replaced by 1/T."""
+    return [repr(1 / task_count) if flag == TA_LAMBDA else flag for flag in ROWS[key][1]]
+
+
 def run_row(key: str, arguments, tasks_file, scorers, seeds, threads, workdir: Path, log) -> dict:
     from loramerge_cli.masks import load_table
 
-    label, flags = ROWS[key]
-    flags = [repr(1 / len(scorers["test"].adapters)) if flag == TA_LAMBDA else flag for flag in flags]
+    label = ROWS[key][0]
+    flags = row_flags(key, len(scorers["test"].adapters))
     runs = []
     for seed in seeds:
         out = workdir / f"{key}-{seed}.json"

@@ -24,11 +24,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+TA_LAMBDA = "{ta_lambda}"  # in a row's flags: replaced by 1/T, ta's default λ
 ENMP_FLAGS = ["--merger", "ta", "--popsize", "8", "--generations", "15", "--val-limit", "256"]
 ROWS = {  # key: (label, search-mask flags)
     "nsc": ("NSC, defaults (v_proj in the last quarter of the blocks)", ["--strategy", "nsc"]),
     "nsc_o_proj": ("NSC, --target-modules o_proj (the output projection)",
                    ["--strategy", "nsc", "--target-modules", "o_proj"]),
+    "nsc_q_proj": ("NSC, --target-modules q_proj (the query projection)",
+                   ["--strategy", "nsc", "--target-modules", "q_proj"]),
+    "nsc_init_ta": ("NSC, --init 1/T (ta's default λ)", ["--strategy", "nsc", "--init", TA_LAMBDA]),
     "nsc_llm": ("NSC, the paper's LLM setting (--steps 500 --lr 3e-4 --batch-size 2)",
                 ["--strategy", "nsc", "--steps", "500", "--lr", "3e-4", "--batch-size", "2"]),
     "entropy": ("AdaMerging (--objective entropy)", ["--strategy", "nsc", "--objective", "entropy"]),
@@ -74,10 +78,16 @@ def run_command(flags: list[str], arguments: list[str], tasks_file: Path, seed: 
     return time.perf_counter() - started
 
 
+def row_flags(key: str, task_count: int) -> list[str]:
+    """A row's search-mask flags, `TA_LAMBDA` replaced by 1/T."""
+    return [repr(1 / task_count) if flag == TA_LAMBDA else flag for flag in ROWS[key][1]]
+
+
 def run_row(key: str, arguments, tasks_file, scorers, seeds, threads, workdir: Path, log) -> dict:
     from loramerge_cli.masks import load_table
 
-    label, flags = ROWS[key]
+    label = ROWS[key][0]
+    flags = row_flags(key, len(scorers["test"].adapters))
     runs = []
     for seed in seeds:
         out = workdir / f"{key}-{seed}.json"

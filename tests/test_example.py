@@ -236,3 +236,5 @@ def test_nsc_table_scores_a_command_s_table_as_the_command_reports_it(bundled, t
     assert rows[0]["runs"][0]["test"] == pytest.approx(reported["ta_default_mean_normalized_accuracy"], abs=1e-9)
     rendered = nsc_table.render(rows + [row], "text", list(language.TASKS), [1], 1.0)
     assert rendered.row_count == 3
+    assert nsc_table.row_flags("nsc_init_ta", 4)[-2:] == ["--init", "0.25"]  # ta's default λ, 1/T
+    assert nsc_table.row_flags("nsc_init_ta", 3)[-1] == repr(1 / 3)

@@ -207,6 +207,23 @@ def test_targets_that_match_nothing_are_an_error_not_a_zero_loss(problem):
         resolve_targets(named, problem.paths, ["9", "10", "11"])
 
 
+def test_a_target_no_coefficient_reaches_is_one_line_before_any_step(setting, problem, tmp_path):
+    """Block 0's value projection reads the embeddings: its ratio is a constant. NSC used to stop at its first step
+    with an internal autograd error, and label-free ENMP would have averaged a constant into every candidate."""
+    assert problem.targets == ["model.layers.1.self_attn.v_proj"]  # block 0's LoRA reaches block 1: no error
+    both = replace(request(setting).nsc, target_blocks=["0", "1"])
+    message = "no merge coefficient reaches the input of model.layers.0.self_attn.v_proj \\(no LoRA"
+    for batch_size in (1, None):  # --strategy nsc, --fitness nsc
+        with pytest.raises(LoramergeError, match=message):
+            build_nsc_problem(request(setting, nsc=both), batch_size=batch_size)
+    message = message.replace(" \\(", " (")
+    out = tmp_path / "coeffs.json"
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--strategy", "nsc", "--target-blocks", "0", "--threads", "1", "--out", out])
+    assert result.exit_code == 1 and message in result.stderr and "internal error" not in result.stderr
+    assert not out.exists()
+
+
 # --- training, output, resume ------------------------------------------------------------------------
 
 def test_batch_order_is_seeded_and_covers_each_epoch():

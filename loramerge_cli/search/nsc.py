@@ -124,9 +124,27 @@ def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
         targets = resolve_targets(list(engine.model.named_modules()), paths, settings.target_blocks,
                                   settings.target_modules)
         objective = NullSpaceObjective(adapters, engine.modules, targets, engine.device)
+        check_targets_move(engine, adapters, paths, targets, names[0])
     examples = {name: example_inputs(engine, name) for name in names} if batch_size == 1 else {}
     pad_id = getattr(engine.model.config, "pad_token_id", None)  # image models have none
     return NscProblem(adapters, engine, paths, targets, objective, examples, 0 if pad_id is None else pad_id)
+
+
+def check_targets_move(engine, adapters, paths: list[str], targets: list[str], task: str) -> None:
+    """An error naming every target whose input no merge coefficient reaches (no LoRA module runs before it,
+    as for the first LoRA block's projections): its ratio is a constant, so it could neither be lowered nor
+    score a candidate. Found by one forward of one batch of `task`, up to the last target."""
+    from loramerge_cli.evaluation.functional import InputRecorder, SidePath
+
+    side_path = SidePath(engine.modules, adapters, paths, engine.device, engine.dtype)
+    inputs = engine.prepared[task].batches[0].inputs
+    with torch.enable_grad(), side_path.installed():
+        recorded = InputRecorder(engine.modules, targets, stop=True).run(engine.model, inputs)
+    fixed = [path for path in targets if not recorded[path].requires_grad]
+    if fixed:
+        raise LoramergeError(f"NSC: no merge coefficient reaches the input of {', '.join(fixed)} (no LoRA module "
+                             f"runs before it), so its ratio cannot change; choose later blocks or other modules "
+                             f"with --target-blocks and --target-modules")
 
 
 # --- training ---------------------------------------------------------------------------------------

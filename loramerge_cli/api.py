@@ -44,7 +44,8 @@ from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
     "Adapter", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult", "PrunePlan", "SearchPlan",
-    "SearchRequest", "TaskData", "WeightTable", "apply_table", "check_not_an_input", "check_table", "evaluate",
+    "SearchRequest", "TaskData", "WeightTable", "apply_table", "check_not_an_input", "check_table",
+    "check_table_flags", "evaluate",
     "execute", "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table",
     "merge", "module_norm", "ones_table", "parse_indices", "plan_merge", "plan_prune", "plan_search", "prune",
     "search", "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter", "write_pruned",
@@ -84,10 +85,17 @@ def evaluate(tasks: str | Path, experts: list[Adapter], merged: list[Adapter] | 
     return eval_report(tasks, experts, list(merged or []), settings or EvalSettings(), **options)
 
 
-def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indices: str | None = None):
-    """The weight table of a --mask file or an --indices list (None for neither), checked against the adapters."""
+def check_table_flags(mask: str | Path | None, indices: str | None) -> None:
+    """--mask or --indices (not both), an --indices list well formed: usage, before anything is read."""
     if mask is not None and indices is not None:
         raise UsageError("give --mask or --indices, not both")
+    if indices is not None:
+        parse_indices(indices)
+
+
+def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indices: str | None = None):
+    """The weight table of a --mask file or an --indices list (None for neither), checked against the adapters."""
+    check_table_flags(mask, indices)
     if mask is not None:
         table = align_table(load_table(mask), adapters)  # matched by task name, not by order
         check_table(table, adapters, origin=str(mask))

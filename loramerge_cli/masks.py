@@ -15,7 +15,7 @@ from pathlib import Path
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.units import sorted_units, unit_of
 from loramerge_cli.atomic import write_text
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
 
 FORMAT = "loramerge.mask/v1"
 
@@ -96,12 +96,13 @@ def from_pruned_indices(adapters: list[Adapter], indices: list[int]) -> WeightTa
 
 
 def parse_indices(text: str) -> list[int]:
+    """--indices as a list of flat (task, unit) indices; a malformed value is a usage error."""
     try:
         values = json.loads(text)
     except json.JSONDecodeError:
-        raise LoramergeError(f"--indices: expected a JSON list of integers like \"[3, 17]\", got {text!r}") from None
-    if not isinstance(values, list):
-        raise LoramergeError("--indices: expected a JSON list of integers")
+        values = None
+    if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+        raise UsageError(f"--indices: expected a JSON list of integers like \"[3, 17]\", got {text!r}")
     return values
 
 

@@ -24,6 +24,7 @@ from loramerge_cli.errors import LoramergeError
 
 MARKER = "loramerge.json"  # every adapter folder loramerge writes holds its provenance under this name
 FOLDER_EXTRAS = ("mask.json", "loramerge.yaml")  # beside the adapter folders of apply-mask's output
+REPLACEABLE_FORMATS = ("loramerge.mask/", "loramerge.eval/")  # single files an --out may replace (--force)
 RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths atomically
 AT_FDCWD = -100
 
@@ -32,9 +33,9 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
                  kind: str = "folder") -> Path:
     """Fail before any work unless `out` may be written: not an input, not a folder holding one, not the
     working folder; an existing one only with `force`, and only when loramerge wrote it (a `kind` "folder"
-    holding loramerge.json, or one folder of such per task; a "file" that is a loramerge JSON). Anything
-    else (a regular file where a folder goes, a device, a symlink) is refused even with `force`. Its nearest
-    existing ancestor must be a writable folder."""
+    holding loramerge.json, or apply-mask's folder of such; a "file" that is a weight table or an eval
+    report). Anything else (a regular file where a folder goes, a device, a symlink) is refused even with
+    `force`. Its nearest existing ancestor must be a writable folder."""
     out = Path(out)
     target = Path(os.path.abspath(out.expanduser()))
     resolved = out.expanduser().resolve()
@@ -93,25 +94,30 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str) -> None:
     if kind == "folder" and not written_by_loramerge(target):
         raise LoramergeError(f"--out {out} is a folder loramerge did not write (no {MARKER}); refusing to replace "
                              "it, even with --force")
-    if kind == "file" and not _is_loramerge_json(target):
-        raise LoramergeError(f"--out {out} is not a file loramerge wrote; refusing to replace it, even with --force")
+    if kind == "file" and not _is_loramerge_output(target):
+        raise LoramergeError(f"--out {out} is not a weight table or report loramerge wrote; refusing to replace it, "
+                             "even with --force")
 
 
 def written_by_loramerge(folder: Path) -> bool:
-    """An empty folder, an adapter folder loramerge wrote, or a folder of such (apply-mask's output, with its
-    mask.json and loramerge.yaml beside them)."""
-    entries = [entry for entry in folder.iterdir() if entry.name not in FOLDER_EXTRAS or not entry.is_file()]
-    if (folder / MARKER).is_file() or not entries:
+    """An empty folder, an adapter folder loramerge wrote, or apply-mask's output: adapter folders loramerge
+    wrote with the table's mask.json (and loramerge.yaml) beside them. A user's folder that merely holds
+    merges (no mask.json) is not one."""
+    if (folder / MARKER).is_file() or not any(folder.iterdir()):
         return True
+    if not (folder / "mask.json").is_file():
+        return False
+    entries = [entry for entry in folder.iterdir() if entry.name not in FOLDER_EXTRAS or not entry.is_file()]
     return all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries)
 
 
-def _is_loramerge_json(path: Path) -> bool:
+def _is_loramerge_output(path: Path) -> bool:
+    """A JSON file of one of REPLACEABLE_FORMATS (never a merge's provenance, a run's state or config)."""
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and str(data.get("format", "")).startswith("loramerge.")
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(REPLACEABLE_FORMATS)
 
 
 # --- staging ----------------------------------------------------------------------------------------

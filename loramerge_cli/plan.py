@@ -107,13 +107,28 @@ def combined_settings(given: dict, recorded: dict, override: bool) -> dict:
     conflicts = [name for name in given if name != "lam" and name in recorded and given[name] != recorded[name]]
     if conflicts and not override:
         name = conflicts[0]
-        raise LoramergeError(
+        raise UsageError(
             f"--{name.replace('_', '-')} {given[name]} conflicts with the mask's recorded "
             f"{name} {recorded[name]}; pass --override to use yours"
         )
     if override and ("merger" in given or "method" in given):
         return given  # another method: the recorded parameters may not apply to it
     return {**recorded, **given}
+
+
+def task_inputs(adapters: list[Adapter], *specs: TaskData | None) -> list[Path]:
+    """The files and folders the task specs read (never an output), each spec checked to have a task for
+    every adapter (λ tuned or inputs read on some tasks only is refused, as search-mask does)."""
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    paths: list[Path] = []
+    for spec in dict.fromkeys(spec.tasks for spec in specs if spec is not None):
+        if not Path(spec).is_file():
+            raise LoramergeError(f"{spec}: task spec not found (--tasks)")
+        task_file = load_task_file(spec)
+        task_file.check_covers([adapter.name for adapter in adapters])
+        paths += task_file.inputs()
+    return paths
 
 
 def check_not_an_input(out: str | Path, adapters: list[Adapter]) -> None:
@@ -146,10 +161,9 @@ def plan_merge(
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     data = data or tuning
-    if data is not None and not Path(data.tasks).is_file():
-        raise LoramergeError(f"{data.tasks}: task spec not found (--tasks)")
+    spec_inputs = task_inputs(adapters, data, tuning)
     if out is not None:
-        check_output_dir(out, force, adapter_files(adapters))
+        check_output_dir(out, force, adapter_files(adapters) + spec_inputs)
     check_head(adapters, head)
     if table is not None:
         check_table(table, adapters)
@@ -223,6 +237,7 @@ def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_
     `recipe` (YAML text) becomes loramerge.yaml; `repo_id` is the Hub id the model card's code loads."""
     if plan.out is None:
         raise UsageError("the plan has no output folder (give out= to plan_merge)")
+    outputs.check_not_an_input(plan.out, task_inputs(plan.adapters, plan.data, plan.tuning))
     return write_merged_adapter(result, plan.adapters, plan.out, dtype=plan.dtype, head=plan.head,
                                 command=plan.command, force=plan.force, table=plan.table, base_model=plan.base,
                                 extra_provenance=result.provenance, recipe=recipe, repo_id=repo_id)

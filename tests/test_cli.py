@@ -179,7 +179,7 @@ def test_mask_reuses_recorded_settings_and_refuses_conflicts(sources, tmp_path):
     assert parameters["density"] == 0.6 and parameters["space"] == "knots" and parameters["lambda"] == 1.5
     conflict = invoke_cli(["merge", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--density", "0.9",
                            "--out", tmp_path / "c"])
-    assert conflict.exit_code == 1 and "--override" in conflict.stderr and not (tmp_path / "c").exists()
+    assert conflict.exit_code == 2 and "--override" in conflict.stderr and not (tmp_path / "c").exists()
     _ok(["merge", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--density", "0.9", "--override",
          "--lambda", "0.5", "--out", tmp_path / "o"])
     parameters = json.loads((tmp_path / "o" / "loramerge.json").read_text())["parameters"]

@@ -192,7 +192,8 @@ def enumerable_landscape(seed):
     flat = UNITS * TASKS
     gains = generator.normal(-1.0, 1.5, flat)
     pairs = {pair: generator.normal(0.0, 1.5) for pair in itertools.combinations(range(flat), 2)}
-    return lambda pruned: float(sum(gains[i] for i in pruned) + sum(pairs[p] for p in itertools.combinations(pruned, 2)))
+    return lambda pruned: float(sum(gains[i] for i in pruned)
+                                + sum(pairs[p] for p in itertools.combinations(pruned, 2)))
 
 
 @pytest.mark.parametrize("landscape_seed", [0, 1, 2])

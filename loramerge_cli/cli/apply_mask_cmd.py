@@ -47,6 +47,7 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
 
     if flags["mask"] is None and flags["indices"] is None:
         raise typer.BadParameter('give --mask FILE or --indices "[..]"', param_hint="'--mask'")
+    api.check_table_flags(flags["mask"], flags["indices"])
     out = flags["out"]
     check_output_dir(out, flags["force"], input_files(flags["adapters"], flags["mask"]))  # before loading
     apply_threads(flags["threads"])

@@ -52,7 +52,8 @@ def eval_options() -> list:
         option("run_dir", Path | None, None, help="Folder caching expert and base scores (keyed by adapter and "
                "data hashes)."),
         option("out", Path | None, None, metavar="FILE.json", help="Also write the report (as --json prints it) "
-               "to this file."),
+               "to this file (never over an input; an existing report only with --force)."),
+        option("force", bool, False, help="Replace an existing --out report."),
         option("allow_pickle", bool, False, help=ALLOW_PICKLE_HELP),
     ]
 
@@ -63,13 +64,18 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.data import check_task_file
+    from loramerge_cli.outputs import guard_output, input_files
 
     out = flags["out"]
     if out is not None and (out.is_dir() or not out.absolute().parent.is_dir()):
         raise UsageError(f"--out {out}: give a file in an existing folder")
     spread, flags["threads"] = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],
                                                flags["backend"], flags["ray_address"])
-    check_task_file(flags["tasks"], [flags["split"]])  # the spec and its data, before any adapter or model loads
+    task_file = check_task_file(flags["tasks"], [flags["split"]])  # before any adapter or model loads
+    if out is not None:
+        cache = [Path(flags["run_dir"]) / "scores.json"] if flags["run_dir"] else []
+        inputs = input_files([*flags["adapters"], *(flags["merged"] or [])], *task_file.inputs(), *cache)
+        guard_output(out, inputs=inputs, force=flags["force"], kind="file")
     import json
     from dataclasses import replace
 

@@ -95,10 +95,12 @@ def merge_command(ctx: typer.Context, **flags) -> None:
         raise UsageError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
     spread, threads = resolve_backend(flags["device"] or "cpu", flags["devices"], flags["workers"], flags["threads"],
                                       flags["backend"], flags["ray_address"])
+    spec_inputs = []
     if flags["tasks"] is not None:
         from loramerge_cli.evaluation.data import check_task_file
 
-        check_task_file(flags["tasks"], ["validation"])  # the spec and its data, before torch or adapters load
+        # the spec and its data, before torch or adapters load
+        spec_inputs = check_task_file(flags["tasks"], ["validation"]).inputs()
     config = merge_config(flags)  # flag values are checked before anything is read
     from loramerge_cli.cli.publish import check_repo_id
 
@@ -110,13 +112,12 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     data = None if flags["tasks"] is None else api.TaskData(
         flags["tasks"], flags["val_limit"], flags["device"], flags["batch_size"], flags["base"], flags["max_length"],
         dtype=flags["eval_dtype"], threads=threads, backend=spread)
-    if flags["mask"] is not None and flags["indices"] is not None:
-        raise UsageError("give --mask or --indices, not both")
+    api.check_table_flags(flags["mask"], flags["indices"])  # the range of --indices once the adapters are read
     from loramerge_cli.adapters.writer import check_output_dir, default_head
     from loramerge_cli.outputs import input_files
 
     check_output_dir(flags["out"], flags["force"],  # before loading anything
-                     input_files(flags["adapters"], flags["mask"], flags["tasks"]))
+                     input_files(flags["adapters"], flags["mask"], *spec_inputs))
     adapters = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
     table = api.weight_table(adapters, flags["mask"], flags["indices"])
     plan = api.plan_merge(adapters, config, table, override=flags["override"], out=flags["out"],
@@ -142,7 +143,8 @@ def _recipe(ctx: typer.Context, plan, result) -> str:
     from loramerge_cli.cli.recipe import build_recipe
 
     lam = result.settings.lam if plan.tuning is not None else ctx.params.get("lam")
-    return build_recipe(ctx, plan.adapters, plan.out, {"lam": lam, "mask": "mask.json" if plan.table else None})
+    return build_recipe(ctx, plan.adapters, plan.out, {"lam": lam, "mask": "mask.json" if plan.table else None},
+                        reads_data=plan.data is not None)
 
 
 def _print_report(report: dict, console, served: str | None, head: str | None) -> None:
@@ -156,8 +158,8 @@ def _print_report(report: dict, console, served: str | None, head: str | None) -
     for warning in report["warnings"]:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     if served != head:
-        console.print(f"note: no --head: task {served!r}'s head is in modules_to_save, so that the merge loads with "
-                      "AutoPeftModel (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)
+        console.print(f"note: no --head: the head of task {served!r} is in modules_to_save, so that the merge loads "
+                      "with AutoPeftModel (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)
 
 
 def _report(result, out: Path) -> dict:

@@ -51,9 +51,12 @@ def adapter_source(adapter, folder: str | Path) -> str:
     return os.path.relpath(os.path.abspath(os.path.expanduser(source.spec)), Path(folder).absolute())
 
 
-def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dict | None = None) -> str:
+def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dict | None = None,
+                 reads_data: bool = False) -> str:
     """The resolved recipe of the command `ctx` ran, for a file in `folder`: the adapters by name, then every
-    flag that was given a value (`resolved` overrides them, e.g. the tuned λ; None drops a key)."""
+    flag that was given a value (`resolved` overrides them, e.g. the tuned λ; None drops a key). The task
+    data's flags stay when the method reads the tasks' inputs (`reads_data`: RegMean), else only with
+    --lambda auto."""
     import yaml
 
     from loramerge_cli import __version__
@@ -69,7 +72,7 @@ def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dic
         if isinstance(value, Path) or (option.name == "base" and (os.path.isabs(value) or os.path.exists(value))):
             value = os.path.relpath(os.path.abspath(value), Path(folder).absolute())
         values[_flag(option)] = value
-    if values.get("lambda") != "auto":  # λ is resolved: what only its tuning reads is not part of the recipe
+    if values.get("lambda") != "auto" and not reads_data:  # λ is resolved: what only its tuning reads goes
         for name in TUNING_ONLY:
             values.pop(name.replace("_", "-"), None)
     weights = values.pop("weights", None)

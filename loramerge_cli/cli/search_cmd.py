@@ -165,7 +165,12 @@ def resumed_flags(ctx: typer.Context, flags: dict) -> dict:
         sources = {name: ctx.get_parameter_source(name) for name in flags}  # typer vendors click: compare names
         given = [name for name, value in flags.items()
                  if value is not None and sources[name] is not None and sources[name].name != "DEFAULT"]
-        flags = saved_flags(flags["run_dir"], given, flags) or flags
+        saved = saved_flags(flags["run_dir"], given, flags)
+        if saved is None and not flags["adapters"]:
+            from loramerge_cli.errors import LoramergeError
+
+            raise LoramergeError(f"--resume: {flags['run_dir']} holds no search to resume")
+        flags = saved or flags
     for name in ("adapters", "tasks", "out"):
         if not flags[name]:
             raise typer.BadParameter(f"missing (needed {RESUME_ONLY})", param_hint=f"'--{name}'")

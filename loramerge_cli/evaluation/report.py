@@ -22,6 +22,9 @@ def score_row(name: str, kind: str, accuracy: dict[str, float], experts: dict[st
     }
 
 
+REPORT_FORMAT = "loramerge.eval/v1"
+
+
 def eval_report(
     tasks_file,
     experts: list,
@@ -64,6 +67,7 @@ def eval_report(
             row["source"] = adapter.source.spec
             rows.append(row)
     return {
+        "format": REPORT_FORMAT,
         "tasks": task_file.names,
         "split": engine.settings.split,
         "base_model": engine.base,

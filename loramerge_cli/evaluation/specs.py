@@ -85,6 +85,22 @@ class TaskFile:
     def error(self, where: str, message: str) -> LoramergeError:
         return LoramergeError(f"{self.path}: {where}: {message}")
 
+    def inputs(self, adapters: bool = True) -> list[Path]:
+        """The local files and folders this spec reads, as it names them: itself, each split's data (a file
+        or a folder), head files and (`adapters`) `adapter:` sources. An output must never go over or into one."""
+        named = [self.path]
+        for task in self.tasks:
+            named += [Path(data) for data in task.data.values()]
+            named += [Path(task.head)] if task.head not in (FROM_ADAPTER, NO_HEAD) else []
+            named += [Path(task.adapter)] if adapters and task.adapter and not task.adapter.startswith("hf://") else []
+        return [path for path in dict.fromkeys(named) if path.exists()]
+
+    def check_covers(self, names: list[str]) -> None:
+        """Every adapter has a task of its name (one line naming those without)."""
+        missing = [name for name in names if name not in self.names]
+        if missing:
+            raise LoramergeError(f"{self.path}: no task for adapter(s) {', '.join(missing)}")
+
 
 def schema() -> dict:
     """The shipped tasks.schema.json, its model_type enum the registered task types (a type added in

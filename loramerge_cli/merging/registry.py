@@ -67,9 +67,13 @@ class Parameter:
         """The allowed values, as help text shows them."""
         if self.choices:
             return "|".join(self.choices)
-        low = "" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
-        high = "" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
-        return f"{low}, {high}" if low or high else ""
+        if self.low is None and self.high is None:
+            return ""
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        if self.low is None:
+            return f"{'<' if self.high_open else '<='} {self.high:g}"
+        return f"{'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
     @property
     def flag(self) -> str:

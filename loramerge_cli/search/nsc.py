@@ -110,9 +110,7 @@ def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     check_compatible(adapters, request.allow_base_mismatch)
     task_file = label_free_task_file(load_task_file(request.tasks), adapters, settings.objective)
     names = [a.name for a in adapters]
-    missing = [name for name in names if name not in task_file.names]
-    if missing:
-        raise LoramergeError(f"{request.tasks}: no task for adapter(s) {', '.join(missing)}")
+    task_file.check_covers(names)
     eval_settings = replace(request.eval, batch_size=batch_size or request.eval.batch_size)
     check_spec_base(task_file, adapters, request.allow_base_mismatch)
     engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)

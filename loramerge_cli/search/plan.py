@@ -13,7 +13,7 @@ from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, che
 from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
-from loramerge_cli.search.rundir import input_paths
+from loramerge_cli.search.rundir import protected_paths
 from loramerge_cli.search.strategies import DEFAULT_STRATEGY, Strategy, strategy_named
 
 FITNESSES = ("accuracy", "nsc")
@@ -205,6 +205,15 @@ def _plain(data: dict) -> dict:
             for key, value in data.items()}
 
 
+def check_base_given(base: str | None) -> None:
+    """--base names a local folder or a Hub id: a path that does not exist is neither (one line now, not after
+    the run directory and the adapters)."""
+    from loramerge_cli.adapters.card import is_hub_id
+
+    if base is not None and not Path(base).expanduser().is_dir() and not is_hub_id(base):
+        raise LoramergeError(f"--base {base}: no such folder, and not a Hugging Face Hub id")
+
+
 def plan_search(request: SearchRequest, out: str | Path | None = None, force: bool = False,
                 plot: str | Path | None = None) -> SearchPlan:
     """Check everything a search needs before any model loads (torch is imported only for the output check);
@@ -214,7 +223,8 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
         raise UsageError("--plot draws search curves and masks; --strategy nsc has neither")
     check_splits(request)
     check_extras(request, plot)
-    inputs = input_paths(request)
+    check_base_given(request.base)
+    inputs = protected_paths(request)
     if out is not None:
         from loramerge_cli.outputs import guard_output
         from loramerge_cli.search.rundir import run_dir_files
@@ -224,9 +234,16 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
         from loramerge_cli.outputs import check_not_an_input
 
         check_not_an_input(plot, inputs, "--plot")
+        if Path(plot).exists() and not Path(plot).is_dir():
+            raise LoramergeError(f"--plot {plot} exists and is not a folder; give a folder for fitness.png and "
+                                 "mask.png")
     if request.run_dir is not None:
+        from loramerge_cli.outputs import check_not_an_input
         from loramerge_cli.search.rundir import RunDirLock
 
+        check_not_an_input(request.run_dir, inputs, "--run-dir")
+        if out is not None:
+            check_not_an_input(request.run_dir, [out], "--run-dir")
         RunDirLock(Path(request.run_dir)).check_free()
     prepare_run_dir(request, write=False)
     return SearchPlan(request, strategy, Path(out) if out is not None else None, force,

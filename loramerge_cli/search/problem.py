@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from loramerge_cli.errors import LoramergeError
 
 
 def request_adapters(request) -> list:
@@ -42,13 +41,10 @@ def build_problem(request, device: str | None = None, lam: float | None = None) 
     settings = resolve_config(merge_config, len(adapters))
     task_file = load_task_file(request.tasks)
     eval_settings = replace(request.eval, device=device) if device else request.eval
+    task_file.check_covers([a.name for a in adapters])
     check_spec_base(task_file, adapters, request.allow_base_mismatch)
     engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)
     check_base_kind(engine)
-    if engine.task_file.names != [a.name for a in adapters]:
-        missing = [a.name for a in adapters if a.name not in engine.task_file.names]
-        if missing:
-            raise LoramergeError(f"{request.tasks}: no task for adapter(s) {', '.join(missing)}")
     return Problem(adapters, settings, ones_table(adapters), engine)
 
 

@@ -10,6 +10,7 @@ digests), the strategy's state (`state.json`, `screened_state.json` or `nsc_stat
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from loramerge_cli.errors import LoramergeError
@@ -18,6 +19,8 @@ CONFIG_NAME = "config.json"
 CONFIG_FORMAT = "loramerge.run/v1"
 LOCK_NAME = ".lock"
 LEGACY_PICKLE = "state.pkl"
+STATE_NAMES = ("state.json", "screened_state.json", "nsc_state.safetensors", "trajectory.jsonl", "best.json",
+               LEGACY_PICKLE)  # what a search saves as it goes (forget_refused_run never removes a run with one)
 # Flags that say how a search runs or where its table goes, not what it searches: --resume may change them.
 RUN_ONLY_FLAGS = {"out", "force", "json_output", "quiet", "debug", "plot", "resume", "config", "run_dir", "devices",
                   "workers", "threads", "device", "block_cache_mb", "report_test", "backend", "ray_address"}
@@ -54,6 +57,20 @@ class RunDirLock:
         if (self.run_dir / LOCK_NAME).exists():
             with self:
                 pass
+
+
+def forget_refused_run(run_dir: Path, before: set[str] | None) -> None:
+    """After a search was refused before it saved any state, remove what it wrote (the folder if it made it,
+    else its config.json and .lock): a refused run leaves nothing to resume. `before`: the folder's entries
+    when the command started (None: it did not exist). A run with saved state is never touched."""
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in STATE_NAMES):
+        return
+    if before is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        return
+    for name in (CONFIG_NAME, LOCK_NAME):
+        if name not in before:
+            (run_dir / name).unlink(missing_ok=True)
 
 
 # --- configuration ----------------------------------------------------------------------------------
@@ -150,33 +167,45 @@ def _files(path: Path) -> list[Path]:
 def input_paths(request) -> list[Path]:
     """Every local file the search reads: adapter weights and configs, the task spec, its data and head
     files, and a local base model's files."""
+    return _inputs(request)[0]
+
+
+def protected_paths(request) -> list[Path]:
+    """input_paths and the folders they were named by: adapter folders, data folders, a local base model's
+    folder. No output of the search (--out, --plot, --run-dir) may go over, hold or lie inside one."""
+    files, folders = _inputs(request)
+    return files + folders
+
+
+def _inputs(request) -> tuple[list[Path], list[Path]]:
     from loramerge_cli.adapters.sources import resolve, split_name
     from loramerge_cli.evaluation.specs import load_task_file
 
-    paths: list[Path] = []
+    files: list[Path] = []
+    folders: list[Path] = []
     bases = set()
     for argument in request.adapters:
         if isinstance(argument, str):
-            files = resolve(split_name(argument).spec, allow_pickle=request.allow_pickle)
+            source = resolve(split_name(argument).spec, allow_pickle=request.allow_pickle)
         else:  # a loaded Adapter (the library API)
-            files = argument.source
-        paths += [files.weights_file] + ([files.config_file] if files.config_file else [])
-        if files.config_file:
+            source = argument.source
+        files += [Path(source.weights_file)] + ([Path(source.config_file)] if source.config_file else [])
+        if source.kind in ("dir", "hub"):
+            folders.append(Path(source.weights_file).parent)
+        if source.config_file:
             try:
-                bases.add(json.loads(Path(files.config_file).read_text()).get("base_model_name_or_path"))
+                bases.add(json.loads(Path(source.config_file).read_text()).get("base_model_name_or_path"))
             except (OSError, ValueError, AttributeError):
                 pass  # the loader reports it
     task_file = load_task_file(request.tasks)
-    paths.append(Path(request.tasks))
-    for task in task_file.tasks:
-        for data in task.data.values():
-            paths += _files(Path(data))
-        if task.head and Path(task.head).is_file():
-            paths.append(Path(task.head))
+    for item in task_file.inputs(adapters=False):  # a task's `adapter:` is one of --adapters (checked later)
+        files += _files(item)
+    folders += [item for item in task_file.inputs() if item.is_dir()]
     base = request.base or task_file.base_model or (bases.pop() if len(bases) == 1 else None)
     if base and Path(base).expanduser().is_dir():
-        paths += _files(Path(base).expanduser())
-    return paths
+        files += _files(Path(base).expanduser())
+        folders.append(Path(base).expanduser())
+    return list(dict.fromkeys(files)), list(dict.fromkeys(folders))
 
 
 def input_digests(request) -> dict[str, str]:
@@ -202,9 +231,7 @@ def run_dir_files(run_dir: Path | None) -> list[Path]:
     """The run directory's own state files (an --out must not replace them)."""
     if run_dir is None:
         return []
-    return [Path(run_dir) / name for name in (CONFIG_NAME, "state.json", "screened_state.json",
-                                             "nsc_state.safetensors", "scores.json", "trajectory.jsonl",
-                                             LEGACY_PICKLE)]
+    return [Path(run_dir) / name for name in (CONFIG_NAME, "scores.json", *STATE_NAMES)]
 
 
 def refuse_pickle_state(run_dir: Path) -> None:

@@ -10,8 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 from loramerge_cli import __version__
+from loramerge_cli.errors import LoramergeError
 from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir
+from loramerge_cli.search.rundir import forget_refused_run
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
@@ -98,8 +100,14 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     from loramerge_cli.search.rundir import RunDirLock
 
     interrupts.set_hint(f"resume with: loramerge search-mask --run-dir {request.run_dir} --resume")
-    with RunDirLock(Path(request.run_dir)):
-        return _run_search(request, on_event)
+    run_dir = Path(request.run_dir)
+    before = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
+    try:
+        with RunDirLock(run_dir):
+            return _run_search(request, on_event)
+    except LoramergeError:
+        forget_refused_run(run_dir, before)
+        raise
 
 
 def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):

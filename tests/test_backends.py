@@ -147,7 +147,7 @@ def test_ctrl_c_on_ray_exits_130_and_the_search_resumes(setting, cluster, tmp_pa
                 "--run-dir", str(run_dir), "--out", str(run_dir / "mask.json"), *flags]
 
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    serial, _ = run_search(request(setting, run_dir=tmp_path / "serial",
+    serial, _ = run_search(request(setting, run_dir=tmp_path / "serial", options={},  # the CLI's defaults
                                    enmp=EnmpSettings(popsize=6, generations=8, max_prune=0.5, seed=3)))
     run_dir = tmp_path / "ray"
     on_ray = search_mask(run_dir, "--backend", "ray", "--workers", "2", "--ray-address",

@@ -242,8 +242,8 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
         from loramerge_cli.search.rundir import RunDirLock
 
         check_not_an_input(request.run_dir, inputs, "--run-dir")
-        if out is not None:
-            check_not_an_input(request.run_dir, [out], "--run-dir")
+        if out is not None and Path(out).expanduser().resolve() == Path(request.run_dir).expanduser().resolve():
+            raise UsageError("--out and --run-dir name the same path; the table goes in a file, the run in a folder")
         RunDirLock(Path(request.run_dir)).check_free()
     prepare_run_dir(request, write=False)
     return SearchPlan(request, strategy, Path(out) if out is not None else None, force,

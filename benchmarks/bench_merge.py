@@ -1,6 +1,6 @@
 """Merge benchmark: every method × space on Llama-3-8B attention shapes, and versus the papers' dense code.
 
-The second part compares loramerge with the dense formulation of the reference code (algorithms.md §14.1)
+The second part compares loramerge with the dense formulation of the reference code (docs/differences.md)
 on a subset of modules.
 
 Run by hand (never from the tests):

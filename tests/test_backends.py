@@ -64,10 +64,17 @@ def trajectory(run_dir: Path) -> list[tuple]:
 
 
 def ray_workers(ray) -> list:
+    """Handles of loramerge's live actors on the cluster (one that dies between listing and lookup is gone)."""
     from loramerge_cli.search.ray_backend import ACTOR_PREFIX
 
-    return [ray.get_actor(entry["name"], namespace=entry["namespace"])
-            for entry in ray.util.list_named_actors(all_namespaces=True) if entry["name"].startswith(ACTOR_PREFIX)]
+    handles = []
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith(ACTOR_PREFIX):
+            try:
+                handles.append(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+            except ValueError:  # died after the listing
+                continue
+    return handles
 
 
 def test_ray_search_equals_serial(setting, cluster, tmp_path):

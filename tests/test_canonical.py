@@ -1,4 +1,4 @@
-"""loramerge's canonical values (algorithms.md §13.10 items 1–5 and 7), at full precision."""
+"""loramerge's canonical values (the spec's worked examples; docs/algorithms.md), at full precision."""
 
 from __future__ import annotations
 

@@ -245,8 +245,13 @@ def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monk
         return tuning.LambdaSearch(0.3, 1.0, [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}], ["edge!"])
 
     monkeypatch.setattr(tuning, "search_lambda", fake_search)
-    monkeypatch.setattr(data, "check_task_file", lambda path, splits: calls.append(("checked", str(path), splits)))
-    (tmp_path / "tasks.yaml").write_text("tasks: []\n")
+    def checked(path, splits):
+        calls.append(("checked", str(path), splits))
+        return data.load_task_file(path)
+
+    monkeypatch.setattr(data, "check_task_file", checked)
+    (tmp_path / "tasks.yaml").write_text("model_type: sequence-classification\ntasks:\n" + "".join(
+        f"- {{name: {name}, text: s, label: y, data: {{validation: {name}.jsonl}}}}\n" for name in ("a", "b", "c")))
     result = _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks",
                   tmp_path / "tasks.yaml", "--val-limit", "8", "--out", tmp_path / "m", "--json"])
     assert calls == [("checked", str(tmp_path / "tasks.yaml"), ["validation"]),

@@ -1,4 +1,4 @@
-"""Elementwise and spectral kernels: the invariants of algorithms.md §13.2–§13.5 (docs/algorithms.md, Methods)."""
+"""Elementwise and spectral kernels: the invariants of docs/algorithms.md, Methods."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Every method × space × scope of merge() against the dense float64 references (tests/dense_reference.py).
 
-Relative difference = max over modules of ‖Δ_fast − Δ_ref‖_F / ‖Δ_ref‖_F (algorithms.md §13), at 1e-8.
+Relative difference = max over modules of ‖Δ_fast − Δ_ref‖_F / ‖Δ_ref‖_F (docs/algorithms.md), at 1e-8.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""NSC (docs/algorithms.md, NSC): the null-space ratio (§9.7, §13.9, §13.10 item 6), the differentiable side path
+"""NSC (docs/algorithms.md, NSC): the null-space ratio (its worked example 1/√3), the differentiable side path
 against the materialised merge, targets, training with resume, the entropy baseline and label-free ENMP."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def reference_ratio(A, z, scale=1.0):
 # --- the ratio ---------------------------------------------------------------------------------------
 
 def test_canonical_value_and_row_space_invariance():
-    assert abs(ratio([[1, 0, 0], [0, 1, 0]], [1, 1, 1]) - 0.5773502691896258) < 1e-10  # §13.10 item 6
+    assert abs(ratio([[1, 0, 0], [0, 1, 0]], [1, 1, 1]) - 0.5773502691896258) < 1e-10  # one direction of three outside the row space: 1/√3
     assert abs(ratio([[1, 1, 0], [0, 2, 0]], [1, 1, 1]) - 0.5773502691896258) < 1e-10
 
 
@@ -73,7 +73,7 @@ def test_the_reference_goes_nan_with_alpha_not_r_and_ours_does_not():
     generator = torch.Generator().manual_seed(2)
     A = torch.randn(16, 64, generator=generator, dtype=F64)
     z = torch.randn(64, generator=generator, dtype=F64)
-    assert math.isnan(float(reference_ratio(A, z, scale=3.0)))  # s = α/r = 3: s²·P > 1 (§9.2 quirk)
+    assert math.isnan(float(reference_ratio(A, z, scale=3.0)))  # s = α/r = 3: s²·P > 1 (the reference code scales A)
     assert 0.8 < ratio(A, z) < 0.95
     assert abs(float(reference_ratio(A, z)) - ratio(A, z)) < 1e-6  # α = r: both agree
 
@@ -139,7 +139,7 @@ def test_side_path_equals_the_materialised_merge(problem):
 
 @pytest.mark.slow
 def test_constant_coefficients_on_conv1d_match_a_materialised_weight(gpt2_task_dirs):
-    """§13.9 item 2 on GPT-2 Conv1D (fan_in_fan_out): all λ = c gives W0 + c Σ s_k B_k A_k."""
+    """On GPT-2 Conv1D (fan_in_fan_out): all λ = c gives W0 + c Σ s_k B_k A_k."""
     from tiny_models import patched_forward, tiny_gpt2, token_inputs
 
     from loramerge_cli.adapters.peft_reader import load_adapters

@@ -1,4 +1,4 @@
-"""Merge spaces (algorithms.md §13.1, §13.4–§13.7): exact bases from factors, and space equivalences."""
+"""Merge spaces (docs/algorithms.md, Spaces): exact bases from factors, and space equivalences."""
 
 from __future__ import annotations
 

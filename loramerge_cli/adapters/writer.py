@@ -161,7 +161,7 @@ def write_merged_adapter(
     recipe: str | None = None,
     repo_id: str | None = None,
 ) -> Path:
-    """Write a merge result as a PEFT LoRA folder (design.md §4); returns the folder. `recipe` (YAML text)
+    """Write a merge result as a PEFT LoRA folder; returns the folder. `recipe` (YAML text)
     becomes loramerge.yaml, embedded in the card; text files name local inputs relative to the folder."""
     out_dtype = output_dtype(adapters, dtype)
     head = default_head(adapters, head)

@@ -1,4 +1,4 @@
-"""The evaluation engine (design §6): one base model, candidates patched into its weights in place.
+"""The evaluation engine: one base model, candidates patched into its weights in place.
 
 Only LoRA-targeted weights keep a copy of W0. A candidate is applied as W ← W0 + ΔW (ΔW = B̃ A,
 transposed for Conv1D) and W0 is copied back afterwards, bit for bit. Task heads are swapped per task.

@@ -1,4 +1,4 @@
-"""The differentiable mode of the engine (design §6): a low-rank side path on the base model.
+"""The differentiable mode of the engine: a low-rank side path on the base model.
 
 Every LoRA-targeted module computes W0 x + Σ_k λ_k B̃_k (A_k x) through a forward hook, with one
 trainable coefficient λ_k per (task, module); no weight is materialised and the base stays frozen.

@@ -1,4 +1,4 @@
-"""Task spec YAML (design §4): load, validate against the JSON Schema, match tasks to adapters.
+"""Task spec YAML (docs/tasks.md): load, validate against the JSON Schema, match tasks to adapters.
 
 Every problem is one line naming the file and the field (`tasks.yaml: tasks[1].data: ...`).
 """

@@ -261,10 +261,9 @@ STATE_FORMAT = "loramerge.enmp-state/v1"
 
 def read_state(path: Path) -> tuple[int, dict, list]:
     """(generations done, memo, history) from a state file; anything malformed is one line."""
-    try:
-        data = json.loads(path.read_bytes())
-        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-            raise ValueError(f'not a search state (expected "format": "{STATE_FORMAT}")')
+    from loramerge_cli.search.rundir import read_json_file
+
+    def parse(data: dict) -> tuple[int, dict, list]:
         generation, history = data["generation"], data["history"]
         if not isinstance(generation, int) or generation < 0 or not isinstance(history, list):
             raise ValueError("bad generation or history")
@@ -272,10 +271,9 @@ def read_state(path: Path) -> tuple[int, dict, list]:
         for pruned, lam, fitness, order in data["memo"]:
             key = (tuple(int(i) for i in pruned), None if lam is None else float(lam))
             memo[key] = Evaluation(key[0], key[1], float(fitness), int(order))
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise LoramergeError(f"--resume: {path} is not a readable search state ({error}); "
-                             "delete the run folder to start over") from None
-    return generation, memo, history
+        return generation, memo, history
+
+    return read_json_file(path, STATE_FORMAT, "search state", parse)
 
 
 def _json_line(record: dict) -> str:

@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from loramerge_cli.errors import LoramergeError
 
+T = TypeVar("T")
 CONFIG_NAME = "config.json"
 CONFIG_FORMAT = "loramerge.run/v1"
 LOCK_NAME = ".lock"
@@ -80,15 +82,24 @@ def read_config(run_dir: Path) -> dict | None:
     path = run_dir / CONFIG_NAME
     if not path.is_file():
         return None
+    def parse(data: dict) -> dict:
+        if not isinstance(data.get("settings"), dict):
+            raise ValueError('no "settings" object')
+        return data
+
+    return read_json_file(path, CONFIG_FORMAT, "run configuration", parse)
+
+
+def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict], T]) -> T:
+    """`parse` of a run directory's JSON file whose "format" is `expected`; anything malformed is one line."""
     try:
         data = json.loads(path.read_bytes())
-        if not isinstance(data, dict) or data.get("format") != CONFIG_FORMAT or not isinstance(
-                data.get("settings"), dict):
-            raise ValueError(f'expected a JSON object with "format": "{CONFIG_FORMAT}"')
-    except (OSError, ValueError) as error:
-        raise LoramergeError(f"{path}: not a readable run configuration ({error}); delete the run folder to "
-                             "start over") from None
-    return data
+        if not isinstance(data, dict) or data.get("format") != expected:
+            raise ValueError(f'expected a JSON object with "format": "{expected}"')
+        return parse(data)
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise LoramergeError(f"{path}: not a readable {what} ({error}); give another --run-dir to start "
+                             "over") from None
 
 
 def write_config(run_dir: Path, settings: dict, flags: dict | None, inputs: dict) -> None:

@@ -342,19 +342,17 @@ class SavedScores:
 
 def read_state(path: Path) -> tuple[int, list[dict], list]:
     """(steps done, scores per rung, history) from a state file; anything malformed is one line."""
-    try:
-        data = json.loads(path.read_bytes())
-        if not isinstance(data, dict) or data.get("format") != STATE_FORMAT:
-            raise ValueError(f'not a screened search state (expected "format": "{STATE_FORMAT}")')
+    from loramerge_cli.search.rundir import read_json_file
+
+    def parse(data: dict) -> tuple[int, list[dict], list]:
         step, history = data["step"], data["history"]
         if not isinstance(step, int) or step < 0 or not isinstance(history, list):
             raise ValueError("bad step or history")
         scores = [{(tuple(int(i) for i in pruned), None): float(value) for pruned, value in rung}
                   for rung in data["scores"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise LoramergeError(f"--resume: {path} is not a readable search state ({error}); "
-                             "delete the run folder to start over") from None
-    return step, scores, history
+        return step, scores, history
+
+    return read_json_file(path, STATE_FORMAT, "screened search state", parse)
 
 
 def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_count: int,

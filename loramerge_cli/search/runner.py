@@ -13,8 +13,8 @@ from loramerge_cli import __version__
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir
-from loramerge_cli.search.rundir import forget_refused_run
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
+from loramerge_cli.search.rundir import forget_refused_run
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
 

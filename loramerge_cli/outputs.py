@@ -38,10 +38,7 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
     `force`. Its nearest existing ancestor must be a writable folder."""
     out = Path(out)
     target = Path(os.path.abspath(out.expanduser()))
-    resolved = out.expanduser().resolve()
-    cwd = Path.cwd().resolve()
-    if resolved == cwd or resolved in cwd.parents or str(out) in ("", ".", ".."):
-        raise LoramergeError(f"--out {out}: that is the working folder (or holds it); give a new folder's name")
+    check_not_working_folder(out)
     check_not_an_input(out, inputs)
     if os.path.lexists(target):
         _check_replaceable(out, target, force, kind)
@@ -54,6 +51,14 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
         raise LoramergeError(f"--out {out}: cannot create it, {ancestor} is not writable")
     clean_debris(target)
     return out
+
+
+def check_not_working_folder(out: str | Path, flag: str = "--out") -> None:
+    """`out` is not the working folder nor a folder holding it."""
+    resolved = Path(out).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents or str(out) in ("", ".", ".."):
+        raise LoramergeError(f"{flag} {out}: that is the working folder (or holds it); give a new folder's name")
 
 
 def check_not_an_input(out: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> None:
@@ -80,6 +85,50 @@ def input_files(adapter_args: Iterable[str] = (), *paths: str | Path | None) -> 
                 found.append(path.parent / CONFIG_NAME)
     found += [Path(path) for path in paths if path is not None and Path(path).exists()]
     return found
+
+
+def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
+                allow_pickle: bool = False) -> tuple[list[Path], list[Path]]:
+    """(files, folders) a command that evaluates reads, found without loading a model: adapter weights and
+    configs (`adapters`: arguments or loaded Adapters) and the folders they were read from; the task spec,
+    its data and head files and data folders; a local base model's files and folder (`base`, else the spec's
+    base_model, else the adapters' one base). Files are what a resume hashes; both are what no output may
+    go over or into."""
+    from loramerge_cli.adapters.sources import resolve, split_name
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    files: list[Path] = []
+    folders: list[Path] = []
+    bases = set()
+    for argument in adapters:
+        if isinstance(argument, str):
+            source = resolve(split_name(argument).spec, allow_pickle=allow_pickle)
+        else:  # a loaded Adapter (the library API)
+            source = argument.source
+        files += [Path(source.weights_file)] + ([Path(source.config_file)] if source.config_file else [])
+        if source.kind in ("dir", "hub"):
+            folders.append(Path(source.weights_file).parent)
+        if source.config_file:
+            try:
+                bases.add(json.loads(Path(source.config_file).read_text()).get("base_model_name_or_path"))
+            except (OSError, ValueError, AttributeError):
+                pass  # the loader reports it
+    task_file = load_task_file(tasks) if tasks is not None else None
+    if task_file is not None:
+        for item in task_file.inputs(adapters=False):  # a task's `adapter:` is one of the adapters
+            files += _files(item)
+        folders += [item for item in task_file.inputs() if item.is_dir()]
+    base = base or (task_file.base_model if task_file else None) or (bases.pop() if len(bases) == 1 else None)
+    if base and Path(base).expanduser().is_dir():
+        files += _files(Path(base).expanduser())
+        folders.append(Path(base).expanduser())
+    return list(dict.fromkeys(files)), list(dict.fromkeys(folders))
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [path] if path.is_file() else []
 
 
 def _check_replaceable(out: Path, target: Path, force: bool, kind: str) -> None:

@@ -41,7 +41,7 @@ def reference_ratio(A, z, scale=1.0):
 # --- the ratio ---------------------------------------------------------------------------------------
 
 def test_canonical_value_and_row_space_invariance():
-    assert abs(ratio([[1, 0, 0], [0, 1, 0]], [1, 1, 1]) - 0.5773502691896258) < 1e-10  # one direction of three outside the row space: 1/√3
+    assert abs(ratio([[1, 0, 0], [0, 1, 0]], [1, 1, 1]) - 0.5773502691896258) < 1e-10  # 1/√3
     assert abs(ratio([[1, 1, 0], [0, 2, 0]], [1, 1, 1]) - 0.5773502691896258) < 1e-10
 
 

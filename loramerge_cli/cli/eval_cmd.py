@@ -64,18 +64,22 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.data import check_task_file
-    from loramerge_cli.outputs import guard_output, input_files
+    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output, read_inputs
 
     out = flags["out"]
     if out is not None and (out.is_dir() or not out.absolute().parent.is_dir()):
         raise UsageError(f"--out {out}: give a file in an existing folder")
     spread, flags["threads"] = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],
                                                flags["backend"], flags["ray_address"])
-    task_file = check_task_file(flags["tasks"], [flags["split"]])  # before any adapter or model loads
+    check_task_file(flags["tasks"], [flags["split"]])  # before any adapter or model loads
+    files, folders = read_inputs([*flags["adapters"], *(flags["merged"] or [])], flags["tasks"], flags["base"],
+                                 flags["allow_pickle"])
+    if flags["run_dir"] is not None:  # the score cache: written too
+        check_not_working_folder(flags["run_dir"], "--run-dir")
+        check_not_an_input(flags["run_dir"], files + folders, "--run-dir")
     if out is not None:
         cache = [Path(flags["run_dir"]) / "scores.json"] if flags["run_dir"] else []
-        inputs = input_files([*flags["adapters"], *(flags["merged"] or [])], *task_file.inputs(), *cache)
-        guard_output(out, inputs=inputs, force=flags["force"], kind="file")
+        guard_output(out, inputs=files + folders + cache, force=flags["force"], kind="file")
     import json
     from dataclasses import replace
 

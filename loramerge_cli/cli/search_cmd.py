@@ -119,6 +119,20 @@ def strategy_options() -> list:
     return options
 
 
+def check_strategy_flags(ctx: typer.Context, strategy: str) -> None:
+    """A setting of another strategy given on the command line is a usage error (it would be ignored)."""
+    from loramerge_cli.errors import UsageError
+    from loramerge_cli.search.strategies import STRATEGIES
+
+    own = {parameter.name for parameter in STRATEGIES[strategy].parameters}
+    for other in STRATEGIES.values():
+        for parameter in other.parameters:
+            source = ctx.get_parameter_source(parameter.name)
+            if parameter.name not in own and source is not None and source.name != "DEFAULT":
+                raise UsageError(f"--{parameter.name.replace('_', '-')} is a setting of --strategy {other.name}, "
+                                 f"not of {strategy}")
+
+
 def strategy_settings(flags: dict, strategy: str) -> dict:
     """The chosen strategy's own settings from the command line (`SearchRequest.options`)."""
     from loramerge_cli.search.strategies import strategy_named
@@ -135,6 +149,7 @@ def search_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
 
     flags = resumed_flags(ctx, flags)
+    check_strategy_flags(ctx, flags["strategy"])
     plan = plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],
                        plot=flags["plot"])
     from loramerge_cli import api

@@ -57,6 +57,9 @@ def quiet_transformers():
 def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch.dtype, num_labels: int | None):
     """The base model in eval mode on `device`, with a `num_labels`-way head for classifiers."""
     import transformers
+    from safetensors import SafetensorError
+
+    from loramerge_cli import interrupts
 
     class_name = task_type.model_class
     model_class = getattr(transformers, class_name)
@@ -68,7 +71,8 @@ def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch
                 if getattr(config, "num_labels", None) != num_labels:
                     kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
             model = model_class.from_pretrained(base, **kwargs)
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # e.g. truncated weights
+        interrupts.check()  # a Ctrl-C that a library turned into an error stays a Ctrl-C
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LoramergeError(f"{base}: cannot load the base model as {class_name} ({first})") from None
     return model.to(device).eval()

@@ -26,7 +26,7 @@ class Backend:
     address: str | None = None  # ray: None (a local cluster), "auto" or HOST:PORT
 
     def check(self) -> None:
-        """The choice itself, before any model loads (Ray's presence included, not the cluster)."""
+        """The choice itself, before any model loads: Ray's presence, and that a cluster answers at `address`."""
         if self.name not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.name!r})")
         if self.address is not None and self.name != "ray":
@@ -36,6 +36,10 @@ class Backend:
 
             if importlib.util.find_spec("ray") is None:
                 raise LoramergeError('--backend ray needs Ray: pip install "loramerge[ray]"')
+            if self.address is not None:
+                from loramerge_cli.search.ray_backend import probe
+
+                probe(self.address)
 
 
 def open_pool(build, backend: Backend, device: str = "cpu", threads: int | None = None):

@@ -13,7 +13,7 @@ from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, che
 from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
-from loramerge_cli.search.rundir import protected_paths
+from loramerge_cli.search.rundir import STATE_NAMES, protected_paths
 from loramerge_cli.search.strategies import DEFAULT_STRATEGY, Strategy, strategy_named
 
 FITNESSES = ("accuracy", "nsc")
@@ -214,6 +214,50 @@ def check_base_given(base: str | None) -> None:
         raise LoramergeError(f"--base {base}: no such folder, and not a Hugging Face Hub id")
 
 
+def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[Path]) -> None:
+    """--out (a file), --plot (a folder for PLOT_NAMES) and --run-dir (a folder): none over, holding or inside
+    an input, the working folder, or each other; nothing of the user's replaced (--force: only what
+    loramerge wrote)."""
+    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output
+    from loramerge_cli.search.plots import PLOT_NAMES
+    from loramerge_cli.search.rundir import run_dir_files
+
+    run_files = run_dir_files(request.run_dir)
+    if out is not None:
+        guard_output(out, inputs=inputs + run_files, force=force, kind="file")
+    if plot is not None:
+        plot = Path(plot)
+        check_not_working_folder(plot, "--plot")
+        check_not_an_input(plot, inputs + run_files, "--plot")
+        if plot.exists() and not plot.is_dir():
+            raise LoramergeError(f"--plot {plot} exists and is not a folder; give a folder for "
+                                 f"{' and '.join(PLOT_NAMES)}")
+        pictures = [plot / name for name in PLOT_NAMES]
+        if out is not None and any(_same(out, path) for path in (plot, *pictures)):
+            raise UsageError(f"--out {out} is where --plot draws; give the table another name")
+        existing = [picture for picture in pictures if picture.exists()]
+        if existing and not force:
+            raise LoramergeError(f"--plot {plot} already holds {existing[0].name}; pass --force to replace it")
+    if request.run_dir is not None:
+        run_dir = Path(request.run_dir)
+        check_not_working_folder(run_dir, "--run-dir")
+        check_not_an_input(run_dir, inputs, "--run-dir")
+        if out is not None and _same(out, run_dir):
+            raise UsageError("--out and --run-dir name the same path; the table goes in a file, the run in a folder")
+        if not request.resume and run_dir.is_dir() and not (run_dir / "config.json").exists():
+            foreign = [name for name in STATE_NAMES if (run_dir / name).exists()]
+            if foreign:
+                raise LoramergeError(f"--run-dir {run_dir} holds {foreign[0]}, which no search of loramerge wrote "
+                                     "there; give a new folder")
+        from loramerge_cli.search.rundir import RunDirLock
+
+        RunDirLock(run_dir).check_free()
+
+
+def _same(first, second) -> bool:
+    return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
+
+
 def plan_search(request: SearchRequest, out: str | Path | None = None, force: bool = False,
                 plot: str | Path | None = None) -> SearchPlan:
     """Check everything a search needs before any model loads (torch is imported only for the output check);
@@ -224,27 +268,11 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
     check_splits(request)
     check_extras(request, plot)
     check_base_given(request.base)
-    inputs = protected_paths(request)
-    if out is not None:
-        from loramerge_cli.outputs import guard_output
-        from loramerge_cli.search.rundir import run_dir_files
+    check_outputs(request, out, force, plot, protected_paths(request))
+    if request.fitness == "nsc" or strategy.kind == "coefficients":
+        from loramerge_cli.search.nsc_targets import check_target_blocks
 
-        guard_output(out, inputs=inputs + run_dir_files(request.run_dir), force=force, kind="file")
-    if plot is not None:
-        from loramerge_cli.outputs import check_not_an_input
-
-        check_not_an_input(plot, inputs, "--plot")
-        if Path(plot).exists() and not Path(plot).is_dir():
-            raise LoramergeError(f"--plot {plot} exists and is not a folder; give a folder for fitness.png and "
-                                 "mask.png")
-    if request.run_dir is not None:
-        from loramerge_cli.outputs import check_not_an_input
-        from loramerge_cli.search.rundir import RunDirLock
-
-        check_not_an_input(request.run_dir, inputs, "--run-dir")
-        if out is not None and Path(out).expanduser().resolve() == Path(request.run_dir).expanduser().resolve():
-            raise UsageError("--out and --run-dir name the same path; the table goes in a file, the run in a folder")
-        RunDirLock(Path(request.run_dir)).check_free()
+        check_target_blocks(request)
     prepare_run_dir(request, write=False)
     return SearchPlan(request, strategy, Path(out) if out is not None else None, force,
                       Path(plot) if plot is not None else None)

@@ -90,14 +90,18 @@ def _short(unit: str) -> str:
     return ".".join(unit.split(".")[-2:])
 
 
+PLOT_NAMES = ("fitness.png", "mask.png")
+
+
 def write_plots(table, history: list[dict], folder: str | Path) -> list[Path]:
-    """fitness.png and mask.png in `folder`; returns the paths."""
+    """fitness.png and mask.png (PLOT_NAMES) in `folder`; returns the paths."""
     plt = _pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     title = search_title(table)
     written = []
-    for name, figure in (("fitness.png", fitness_figure(history, title)), ("mask.png", mask_figure(table, title))):
+    figures = (fitness_figure(history, title), mask_figure(table, title))
+    for name, figure in zip(PLOT_NAMES, figures):
         written.append(folder / name)
         figure.savefig(written[-1], dpi=110)
         plt.close(figure)

@@ -43,6 +43,25 @@ def connect(address: str | None = None):
     return ray
 
 
+def probe(address: str, timeout: float = 5.0) -> None:
+    """Refuse, in seconds and before any model loads, a cluster address nothing answers at: "auto" with no
+    cluster started on this machine, or a HOST:PORT that accepts no connection (ray.init would retry for
+    minutes). Ray client addresses (ray://) are left to ray.init."""
+    import socket
+
+    if address.startswith("ray://"):
+        return
+    import_ray()
+    from ray._private.services import canonicalize_bootstrap_address
+
+    try:
+        resolved = canonicalize_bootstrap_address(address) or address
+        host, _, port = resolved.rpartition(":")
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except (ConnectionError, OSError, ValueError) as error:
+        raise LoramergeError(f"cannot connect to the Ray cluster at {address} ({_first_line(error)})") from None
+
+
 def slots(device: str, threads: int | None, address: str | None = None) -> list[str]:
     """One device per actor when none is given: every GPU of the cluster for a cuda device, else one actor
     per `threads` CPUs."""

@@ -169,12 +169,6 @@ def _shown(value) -> str:
 
 # --- inputs -----------------------------------------------------------------------------------------
 
-def _files(path: Path) -> list[Path]:
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    return [path] if path.is_file() else []
-
-
 def input_paths(request) -> list[Path]:
     """Every local file the search reads: adapter weights and configs, the task spec, its data and head
     files, and a local base model's files."""
@@ -189,34 +183,9 @@ def protected_paths(request) -> list[Path]:
 
 
 def _inputs(request) -> tuple[list[Path], list[Path]]:
-    from loramerge_cli.adapters.sources import resolve, split_name
-    from loramerge_cli.evaluation.specs import load_task_file
+    from loramerge_cli.outputs import read_inputs
 
-    files: list[Path] = []
-    folders: list[Path] = []
-    bases = set()
-    for argument in request.adapters:
-        if isinstance(argument, str):
-            source = resolve(split_name(argument).spec, allow_pickle=request.allow_pickle)
-        else:  # a loaded Adapter (the library API)
-            source = argument.source
-        files += [Path(source.weights_file)] + ([Path(source.config_file)] if source.config_file else [])
-        if source.kind in ("dir", "hub"):
-            folders.append(Path(source.weights_file).parent)
-        if source.config_file:
-            try:
-                bases.add(json.loads(Path(source.config_file).read_text()).get("base_model_name_or_path"))
-            except (OSError, ValueError, AttributeError):
-                pass  # the loader reports it
-    task_file = load_task_file(request.tasks)
-    for item in task_file.inputs(adapters=False):  # a task's `adapter:` is one of --adapters (checked later)
-        files += _files(item)
-    folders += [item for item in task_file.inputs() if item.is_dir()]
-    base = request.base or task_file.base_model or (bases.pop() if len(bases) == 1 else None)
-    if base and Path(base).expanduser().is_dir():
-        files += _files(Path(base).expanduser())
-        folders.append(Path(base).expanduser())
-    return list(dict.fromkeys(files)), list(dict.fromkeys(folders))
+    return read_inputs(request.adapters, request.tasks, request.base, request.allow_pickle)
 
 
 def input_digests(request) -> dict[str, str]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Callable
 
 from loramerge_cli import __version__
-from loramerge_cli.errors import LoramergeError
 from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
@@ -105,7 +104,7 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     try:
         with RunDirLock(run_dir):
             return _run_search(request, on_event)
-    except LoramergeError:
+    except Exception:  # refused, or failed, before saving any state (Ctrl-C keeps the run dir: it resumes)
         forget_refused_run(run_dir, before)
         raise
 

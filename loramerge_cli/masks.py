@@ -96,13 +96,14 @@ def from_pruned_indices(adapters: list[Adapter], indices: list[int]) -> WeightTa
 
 
 def parse_indices(text: str) -> list[int]:
-    """--indices as a list of flat (task, unit) indices; a malformed value is a usage error."""
+    """--indices as a list of flat (task, unit) indices; a malformed value (or a negative index) is a usage
+    error, an index past the adapters' units a data error (found once they are read)."""
     try:
         values = json.loads(text)
     except json.JSONDecodeError:
         values = None
-    if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        raise UsageError(f"--indices: expected a JSON list of integers like \"[3, 17]\", got {text!r}")
+    if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
+        raise UsageError(f"--indices: expected a JSON list of integers >= 0 like \"[3, 17]\", got {text!r}")
     return values
 
 

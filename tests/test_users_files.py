@@ -175,7 +175,7 @@ def test_resume_of_a_run_dir_that_holds_no_search_is_one_line(tmp_path):
 
 def test_malformed_indices_are_a_usage_error_before_anything_is_read(setting, tmp_path):
     for command in (["merge", "--out", tmp_path / "m"], ["apply-mask", "--out", tmp_path / "p"]):
-        for value in ("abc", "[1, 2.5]", '{"a": 1}'):
+        for value in ("abc", "[1, 2.5]", '{"a": 1}', "[-1]"):
             result = invoke_cli([*command[:1], "--adapters", *setting.adapter_args(), "--indices", value,
                                  *command[1:]])
             assert result.exit_code == 2 and "--indices" in result.stderr, (command, value, result.stderr)

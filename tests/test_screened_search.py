@@ -145,7 +145,7 @@ def test_greedy_phase_stops_when_no_addition_helps_and_switches_off():
     assert off.state.greedy is None
     budget = ScreenedSearch(ScreenedSettings(popsize=6, generations=2, seed=2, max_prune=0.5, budget=16), 4, 3,
                             table_ladder(gains, bonus))
-    budget.run()  # the screen's 12 singles and 3 stacks, then one greedy table: --budget holds mid-round
+    budget.run()  # the screen's 12 singles (no stacks before the greedy phase), then 4 of its first round
     assert len(budget.state.memo) - 1 == 16 and budget.state.history[-1]["phase"] == "greedy"
 
 

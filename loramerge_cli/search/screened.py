@@ -68,7 +68,7 @@ class ScreenedSettings(EnmpSettings):
     min_examples: int = 24  # per task: smaller subsets are left out
     noise_examples: float = 1.0  # tables within this many examples (100/(T·n_r) points each) of a cut go on too
     budget: int | None = None  # stop once this many distinct full-set evaluations are done
-    greedy_pool: int = 10  # after the screen: greedy over the this many best single units (0: off)
+    greedy_pool: int = 8  # after the screen: greedy over this many best single units (0: off)
 
     def check(self) -> None:
         super().check()
@@ -216,12 +216,14 @@ class ScreenedSearch:
                  for i in range(self.dimension)]
         order = sorted(range(self.dimension), key=lambda i: (-gains[i], i))  # best first
         helpful = [i for i in order[: self.k_max] if gains[i] > 0]
-        stacks = [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
+        greedy = self.settings.greedy_pool > 1 and self.k_max > 1 and bool(helpful)
+        # the stacks, unless the greedy phase follows (it scores the first, and adds units by their full-set gain)
+        stacks = [] if greedy else [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
         more = self._halve([c for c in stacks if not self._scored(c)], None, full)
         state.prior = gains
-        pool = order[: self.settings.greedy_pool]
-        if self.k_max > 1 and len(pool) > 1 and gains[order[0]] > 0:  # greedy's first round is the screen
-            state.greedy = {"pool": pool, "table": [order[0]], "fitness": gains[order[0]], "done": False}
+        if greedy:  # greedy's first round is the screen
+            state.greedy = {"pool": order[: self.settings.greedy_pool], "table": [order[0]],
+                            "fitness": gains[order[0]], "done": False}
         else:
             self._start_cma()
         fitnesses = [state.memo[c].fitness for c in singles + stacks if c in state.memo]
@@ -232,11 +234,15 @@ class ScreenedSearch:
                 "redraws": 0, "cache_hits": 0}
 
     def _start_cma(self) -> None:
-        """CMA-ES from the screen's prior; after the greedy phase, its table's units are the helpful ones."""
+        """CMA-ES from the screen's prior; after the greedy phase, the helpful units are its table's, then the
+        best helpful singles up to K_max."""
         state = self.state
         gains = state.prior
         order = sorted(range(self.dimension), key=lambda i: (-gains[i], i))
-        helpful = list(state.greedy["table"]) if state.greedy else None
+        helpful = None
+        if state.greedy:  # its table first, then the best helpful singles, up to K_max
+            table = list(state.greedy["table"])
+            helpful = table + [i for i in order if gains[i] > 0 and i not in table][: max(0, self.k_max - len(table))]
         state.strategy = self._new_strategy(prior_mean(order, gains, self.k_max, self.settings.sigma0,
                                                        self.settings.threshold, helpful))
 

@@ -136,7 +136,7 @@ SCREENED = Strategy(
     parameters=(
         Parameter("screen", bool, True, "score every single-unit pruning first (full validation set) and start "
                   "CMA-ES from it."),
-        Parameter("greedy_pool", int, 10, "after the screen, greedy leave-one-out over this many best single "
+        Parameter("greedy_pool", int, 8, "after the screen, greedy leave-one-out over this many best single "
                   "units (full validation set), CMA-ES started from its table (0: off)."),
         Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off)."),
         Parameter("halving", bool, True, "score each generation's new tables on seeded validation subsets first "

@@ -1,15 +1,15 @@
-"""Screened CMA-ES (`--strategy screened`, the default): the paper's ENMP search with three parts added,
+"""Screened CMA-ES (`--strategy screened`, the default): the paper's ENMP search with four parts added,
 each of which can be switched off.
 
 * **screen** (step 0): every single-unit pruning is scored once on the full validation set; the scores set
   the CMA-ES mean per unit (the units whose pruning helped most start above the threshold θ, the most
-  harmful far below it), and the "stacks" — the k best helpful singles pruned together, k = 2 … K_max —
-  are scored too. Off: the mean is the paper's x0 everywhere.
+  harmful far below it). Without the greedy phase the "stacks" — the k best helpful singles pruned
+  together, k = 2 … K_max — are scored too. Off: the mean is the paper's x0 everywhere.
 * **greedy** (after the screen, on the full set): greedy leave-one-out restricted to the `greedy_pool`
   best single units — each round scores the current table plus each remaining pool unit and keeps the best,
   while it improves and the ρ cap allows (greedy's own first round is the screen). CMA-ES then starts
-  around the table it found (its units above θ, the rest in screen order below). Off (`greedy_pool` 0):
-  CMA-ES starts right after the screen.
+  around the table it found (its units, then the best helpful singles, above θ; the rest in screen order
+  below). Off (`greedy_pool` 0): CMA-ES starts right after the screen.
 * **redraw**: a candidate whose decoded table was already scored (or drawn earlier in the generation) is
   drawn again, up to `redraws` times per slot, so a generation scores up to popsize new tables.
 * **halving** (successive halving, inside each CMA-ES generation): the generation's new tables are scored

@@ -67,6 +67,22 @@ def test_cli_writes_a_table_that_merge_consumes(setting, tmp_path):
     assert json.dumps(recorded).count("ties") >= 1
 
 
+def test_cli_greedy_pool_switches_the_greedy_phase(setting, tmp_path):
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+            "ties", "--popsize", "6", "--generations", "2", "--max-prune", "0.5", "--threads", "1"]
+    phases = {}
+    for pool in ("0", "3"):
+        result = invoke_cli([*args, "--greedy-pool", pool, "--out", str(tmp_path / f"{pool}.json"),
+                             "--run-dir", str(tmp_path / pool)])
+        assert result.exit_code == 0, result.stderr
+        lines = (tmp_path / pool / "trajectory.jsonl").read_text().splitlines()
+        phases[pool] = [json.loads(line)["phase"] for line in lines]
+        assert load_table(tmp_path / f"{pool}.json").provenance["search"]["greedy_pool"] == int(pool)
+    assert phases["0"] == ["screen", "cma", "cma"]
+    assert phases["3"][:2] == ["screen", "greedy"] and phases["3"][-2:] == ["cma", "cma"]
+    assert "greedy round 1:" in result.stderr
+
+
 def test_fitness_of_best_table_is_reproduced_by_the_merge(setting):
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
     from loramerge_cli.search.fitness import AccuracyFitness

@@ -7,7 +7,8 @@ accuracy, distinct full-set evaluations, forward examples (each evaluation costs
 tasks). Paper ENMP runs until it has spent as many forward examples as the screened search (at most
 `--generations`), random masks get as many forward examples and prune as many units as the screened
 search's table; greedy gets up to popsize × generations evaluations.
-`--ablations` adds the screened search with one part switched off each (screen, redraw, halving).
+`--ablations` adds the screened search with one part switched off each (screen, greedy phase, redraw,
+halving).
 
     python -m examples.search_table [--seeds 1,2,3] [--mergers ta,ties] [--json out.json] [--plot curves.png]
 """
@@ -23,8 +24,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-ABLATIONS = {"screened_no_screen": {"screen": False}, "screened_no_redraw": {"redraws": 0},
-             "screened_no_halving": {"halving": False}}
+ABLATIONS = {"screened_no_screen": {"screen": False}, "screened_no_greedy": {"greedy_pool": 0},
+             "screened_no_redraw": {"redraws": 0}, "screened_no_halving": {"halving": False}}
 
 
 class SharedScores:

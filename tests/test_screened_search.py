@@ -73,7 +73,9 @@ def test_finds_the_stack_of_helpful_units_and_counts_its_budget():
     best = search.run()
     assert best.pruned == (1, 3, 7)  # the three best gains (K_max = 3)
     history = search.state.history
-    assert [record["phase"] for record in history] == ["screen"] + ["cma"] * 4
+    assert [record["phase"] for record in history] == ["screen", "greedy", "greedy"] + ["cma"] * 4
+    assert [record["greedy_table"] for record in history[1:3]] == [[1, 3], [1, 3, 7]]
+    assert [record["cma_generation"] for record in history[3:]] == [1, 2, 3, 4]
     for record in history:
         assert {"full_evaluations", "forward_examples"} <= set(record)
     spent = sum(ladder.costs[r] * len(set(rung.calls)) for r, rung in enumerate(ladder.rungs))
@@ -93,6 +95,73 @@ def test_parts_switch_off():
     assert on.state.history[0]["phase"] == "screen"
     assert sum(record["redraws"] for record in off.state.history) == 0
     assert sum(record["redraws"] for record in on.state.history) > 0
+
+
+def test_greedy_phase_picks_what_full_greedy_picks():
+    """Greedy restricted to the pool of the best single units picks full greedy's table when full greedy's
+    units are in the pool, for a fraction of full greedy's evaluations, and CMA-ES starts from it."""
+    from loramerge_cli.search.baselines import greedy_search
+
+    # 5 units × 4 tasks, K_max 4: the single gains rank 7, 2, 11, 4, 15, … ; pair bonuses make greedy's
+    # second pick the third-best single (11) and keep the fourth-best (4) out of its table
+    gains = [-0.5, -0.2, 0.9, -0.8, 0.6, -1.0, -0.3, 1.2, -0.1, -0.6, -0.4, 0.7, -0.9, -0.7, -0.05, 0.3,
+             -1.1, -0.15, -0.25, -0.35]
+    bonus = {(7, 11): 0.5, (2, 7): -0.3, (4, 7): -0.9, (4, 11): -0.9, (4, 15): -0.9, (2, 4): -0.9}
+    full = TableRung(gains, 0.0, bonus)
+    ledger = greedy_search(full, 20, 4, 1000)
+    greedy_table = ledger.best().pruned
+    assert greedy_table == (2, 7, 11, 15) and len(ledger.memo) - 1 == 20 + 19 + 18 + 17
+    ladder = table_ladder(gains, bonus)
+    search = ScreenedSearch(ScreenedSettings(popsize=6, generations=3, seed=1, max_prune=0.2, greedy_pool=6), 5, 4,
+                            ladder)
+    best = search.run()
+    assert tuple(sorted(search.state.greedy["table"])) == greedy_table
+    assert search.state.greedy["table"] == [7, 11, 2, 15]  # in the order added, as full greedy adds them
+    assert best.fitness >= full.exact(greedy_table)
+    rounds = [record for record in search.state.history if record["phase"] == "greedy"]
+    assert [r["new_evaluations"] + r["cache_hits"] for r in rounds] == [5, 4, 3]  # pool 6: 5 + 4 + 3
+    assert all(record["evaluations_per_rung"][:2] == [0, 0] for record in rounds)  # the full set only
+    mean = search.state.strategy.x0  # CMA-ES starts at its table
+    assert all(mean[i] > 0 for i in greedy_table) and sum(m > 0 for m in mean) == 4
+
+    small = ScreenedSearch(ScreenedSettings(popsize=6, generations=3, seed=1, max_prune=0.2, greedy_pool=3), 5, 4,
+                           table_ladder(gains, bonus))
+    small.run()
+    assert small.state.greedy["table"] == [7, 11, 2]  # the pool used up: 15 is not in it
+
+
+def test_greedy_phase_stops_when_no_addition_helps_and_switches_off():
+    gains = [0.5, -1.0, 0.4, -2.0, -0.1, -0.3] * 2  # 4 units × 3 tasks
+    bonus = {(0, 2): -1.0, (0, 6): -1.0, (0, 8): -1.0}  # after unit 0 nothing helps
+    search = ScreenedSearch(ScreenedSettings(popsize=6, generations=2, seed=2, max_prune=0.5), 4, 3,
+                            table_ladder(gains, bonus))
+    search.run()
+    phases = [record["phase"] for record in search.state.history]
+    assert phases == ["screen", "greedy", "cma", "cma"] and search.state.greedy["table"] == [0]
+    off = ScreenedSearch(ScreenedSettings(popsize=6, generations=2, seed=2, max_prune=0.5, greedy_pool=0), 4, 3,
+                         table_ladder(gains, bonus))
+    off.run()
+    assert [record["phase"] for record in off.state.history] == ["screen", "cma", "cma"]
+    assert off.state.greedy is None
+    budget = ScreenedSearch(ScreenedSettings(popsize=6, generations=2, seed=2, max_prune=0.5, budget=16), 4, 3,
+                            table_ladder(gains, bonus))
+    budget.run()  # the screen's 12 singles (no stacks before the greedy phase), then 4 of its first round
+    assert len(budget.state.memo) - 1 == 16 and budget.state.history[-1]["phase"] == "greedy"
+
+
+def test_resume_inside_the_greedy_phase(tmp_path):
+    def run(run_dir=None, stop_after=None, resume=False):
+        return run_or_stop(ScreenedSearch(ScreenedSettings(popsize=6, generations=3, seed=7, max_prune=0.25), 4, 3,
+                                          table_ladder(GAINS), run_dir=run_dir), stop_after, resume)
+
+    best, plain = run()
+    assert [record["phase"] for record in plain.state.history][:3] == ["screen", "greedy", "greedy"]
+    run(tmp_path, stop_after=2)  # the screen and the first greedy round
+    resumed, search = run(tmp_path, resume=True)
+    assert (resumed.pruned, resumed.fitness) == (best.pruned, best.fitness)
+    assert search.state.history == [dict(r, seconds=s["seconds"], seconds_per_evaluation=s["seconds_per_evaluation"])
+                                    for r, s in zip(plain.state.history, search.state.history)]
+    assert search.state.forward_examples == plain.state.forward_examples
 
 
 def test_redraw_scores_new_tables_only():
@@ -120,7 +189,7 @@ def test_same_seed_same_result_and_resume(tmp_path):
     assert (resumed.pruned, resumed.fitness) == (best.pruned, best.fitness)
     assert [r["best_fitness"] for r in search.state.history] == [r["best_fitness"] for r in plain.state.history]
     assert search.state.forward_examples == plain.state.forward_examples
-    assert len((tmp_path / "trajectory.jsonl").read_text().splitlines()) == 6
+    assert len((tmp_path / "trajectory.jsonl").read_text().splitlines()) == 8  # screen, 2 greedy rounds, 5 generations
 
 
 def test_resume_after_sigkill(tmp_path):
@@ -145,7 +214,7 @@ def test_resume_after_sigkill(tmp_path):
     best = resumed.run(resume=True)
     plain = ScreenedSearch(settings, 4, 3, table_ladder(GAINS)).run()
     assert (best.pruned, best.fitness) == (plain.pruned, plain.fitness)
-    assert len(resumed.state.history) == 7
+    assert len(resumed.state.history) == 9
 
 
 def test_settings_are_checked():

@@ -54,7 +54,8 @@ def test_cli_writes_a_table_that_merge_consumes(setting, tmp_path):
     for name in ("config.json", "screened_state.json", "trajectory.jsonl", "best.json", "scores.json"):
         assert (tmp_path / "run" / name).is_file()
     lines = [json.loads(line) for line in (tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()]
-    assert len(lines) == 4  # the default (screened) search: the screen, then 3 generations
+    phases = [line["phase"] for line in lines]  # the default (screened) search: the screen, the greedy phase's
+    assert phases == ["screen"] + ["greedy"] * (len(lines) - 4) + ["cma"] * 3  # rounds, then 3 generations
     assert all({"full_evaluations", "forward_examples"} <= set(line) for line in lines)
     assert provenance["strategy"] == "screened"
     assert provenance["forward_examples"] == lines[-1]["forward_examples"] > 0
@@ -64,6 +65,22 @@ def test_cli_writes_a_table_that_merge_consumes(setting, tmp_path):
     assert merged.exit_code == 0, merged.stderr
     recorded = json.loads((tmp_path / "merged" / "loramerge.json").read_text())
     assert json.dumps(recorded).count("ties") >= 1
+
+
+def test_cli_greedy_pool_switches_the_greedy_phase(setting, tmp_path):
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+            "ties", "--popsize", "6", "--generations", "2", "--max-prune", "0.5", "--threads", "1"]
+    phases = {}
+    for pool in ("0", "3"):
+        result = invoke_cli([*args, "--greedy-pool", pool, "--out", str(tmp_path / f"{pool}.json"),
+                             "--run-dir", str(tmp_path / pool)])
+        assert result.exit_code == 0, result.stderr
+        lines = (tmp_path / pool / "trajectory.jsonl").read_text().splitlines()
+        phases[pool] = [json.loads(line)["phase"] for line in lines]
+        assert load_table(tmp_path / f"{pool}.json").provenance["search"]["greedy_pool"] == int(pool)
+    assert phases["0"] == ["screen", "cma", "cma"]
+    assert phases["3"][:2] == ["screen", "greedy"] and phases["3"][-2:] == ["cma", "cma"]
+    assert "greedy round 1:" in result.stderr
 
 
 def test_fitness_of_best_table_is_reproduced_by_the_merge(setting):
@@ -84,12 +101,14 @@ def test_interrupted_run_resumes_to_the_same_table(setting, tmp_path, strategy):
     plain, plain_provenance = run_search(request(setting, strategy=strategy))
 
     def interrupt(kind, data):
-        if kind == "generation" and data["generation"] == 2:
+        if kind in ("generation", "greedy") and data["generation"] == 2:  # the screened search's step 2
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_search(request(setting, run_dir=tmp_path, strategy=strategy), on_event=interrupt)
     resumed, provenance = run_search(request(setting, run_dir=tmp_path, resume=True, strategy=strategy))
+    if strategy == "screened":  # interrupted inside its greedy phase
+        assert [r["phase"] for r in plain_provenance["history"][:3]] == ["screen", "greedy", "greedy"]
     assert resumed.weights == plain.weights
     assert provenance["validation"] == plain_provenance["validation"]
     best = [r["best_fitness"] for r in provenance["history"]]

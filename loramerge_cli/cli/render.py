@@ -135,7 +135,7 @@ def search_progress(console, generations: int):
                 f"{data['units']} units × {data['tasks']} tasks", highlight=False)
             clock["started"] = time.monotonic()
         elif kind == "generation":
-            done = data["generation"]
+            done = data.get("cma_generation", data["generation"])  # the screened search's steps include others
             if live and "generations" not in console.stages:  # started here: the label-free start differs
                 console.start("generations", generations)
             console.print(
@@ -152,6 +152,11 @@ def search_progress(console, generations: int):
                 f"screen: {data['new_evaluations']} tables scored ({data['full_evaluations']} on the full set), "
                 f"best {data['best_fitness']:+.3f}  forward examples {data['forward_examples']}", highlight=False)
             clock["started"] = time.monotonic()  # the generations' ETA starts after the screen
+        elif kind == "greedy":
+            console.print(f"greedy round {data['round']}: {data['new_evaluations']} tables scored, table "
+                          f"{data['greedy_table']} {data['greedy_fitness']:+.3f}  best {data['best_fitness']:+.3f}  "
+                          f"forward examples {data['forward_examples']}", highlight=False)
+            clock["started"] = time.monotonic()
         elif kind == "round":
             console.print(f"round {data['round']:>3}  best {data['best_fitness']:+.3f}  "
                           f"distinct {data['distinct_evaluated']}", highlight=False)

@@ -1,10 +1,15 @@
-"""Screened CMA-ES (`--strategy screened`, the default): the paper's ENMP search with three parts added,
+"""Screened CMA-ES (`--strategy screened`, the default): the paper's ENMP search with four parts added,
 each of which can be switched off.
 
 * **screen** (step 0): every single-unit pruning is scored once on the full validation set; the scores set
   the CMA-ES mean per unit (the units whose pruning helped most start above the threshold θ, the most
-  harmful far below it), and the "stacks" — the k best helpful singles pruned together, k = 2 … K_max —
-  are scored too. Off: the mean is the paper's x0 everywhere.
+  harmful far below it). Without the greedy phase the "stacks" — the k best helpful singles pruned
+  together, k = 2 … K_max — are scored too. Off: the mean is the paper's x0 everywhere.
+* **greedy** (after the screen, on the full set): greedy leave-one-out restricted to the `greedy_pool`
+  best single units — each round scores the current table plus each remaining pool unit and keeps the best,
+  while it improves and the ρ cap allows (greedy's own first round is the screen). CMA-ES then starts
+  around the table it found (its units, then the best helpful singles, above θ; the rest in screen order
+  below). Off (`greedy_pool` 0): CMA-ES starts right after the screen.
 * **redraw**: a candidate whose decoded table was already scored (or drawn earlier in the generation) is
   drawn again, up to `redraws` times per slot, so a generation scores up to popsize new tables.
 * **halving** (successive halving, inside each CMA-ES generation): the generation's new tables are scored
@@ -63,6 +68,7 @@ class ScreenedSettings(EnmpSettings):
     min_examples: int = 24  # per task: smaller subsets are left out
     noise_examples: float = 1.0  # tables within this many examples (100/(T·n_r) points each) of a cut go on too
     budget: int | None = None  # stop once this many distinct full-set evaluations are done
+    greedy_pool: int = 8  # after the screen: greedy over this many best single units (0: off)
 
     def check(self) -> None:
         super().check()
@@ -74,6 +80,8 @@ class ScreenedSettings(EnmpSettings):
             raise UsageError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0)")
         if self.budget is not None and self.budget < 1:
             raise UsageError("--budget must be >= 1")
+        if self.greedy_pool < 0:
+            raise UsageError("--greedy-pool must be >= 0")
 
 
 @dataclass
@@ -86,13 +94,17 @@ class ScreenedState:
     forward_examples: int = 0
     history: list = field(default_factory=list)
     prior: list | None = None  # the screen's score per unit (None: no screen)
+    greedy: dict | None = None  # the greedy phase: pool, table (units in the order added), fitness, done
+    greedy_steps: int = 0  # steps the greedy phase took (they are not CMA-ES generations)
 
 
-def prior_mean(order: list[int], gains: list[float], k_max: int, sigma: float, threshold: float) -> list[float]:
+def prior_mean(order: list[int], gains: list[float], k_max: int, sigma: float, threshold: float,
+               helpful: list[int] | None = None) -> list[float]:
     """CMA-ES mean per unit from the screen (`order`: units best first): the ≤ K_max best helpful units
-    are pruned with probability 0.8 per sample, the others with probability falling linearly in rank
-    from 0.3 to 0.02 (the paper's x0 = −1 at σ0 = 0.5)."""
-    helpful = [i for i in order[:k_max] if gains[i] > 0]
+    (or the given `helpful` ones: the greedy phase's table) are pruned with probability 0.8 per sample, the
+    others with probability falling linearly in rank from 0.3 to 0.02 (the paper's x0 = −1 at σ0 = 0.5)."""
+    if helpful is None:
+        helpful = [i for i in order[:k_max] if gains[i] > 0]
     rest = [i for i in order if i not in set(helpful)]
     normal = NormalDist()
     mean = [0.0] * len(order)
@@ -152,7 +164,8 @@ class ScreenedSearch:
 
     def done(self) -> bool:
         budget = self.settings.budget
-        return self.state.step > self.last_step or (budget is not None and len(self.state.memo) - 1 >= budget)
+        return (self.state.step - self.state.greedy_steps > self.last_step
+                or (budget is not None and len(self.state.memo) - 1 >= budget))
 
     # -- loop --------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Evaluation:
@@ -166,7 +179,13 @@ class ScreenedSearch:
         started = time.perf_counter()
         state = self.state
         before = (state.forward_examples, len(state.memo))
-        record = self._screen() if state.step == 0 else self._generation()
+        if state.step == 0:
+            record = self._screen()
+        elif state.greedy is not None and not state.greedy["done"]:
+            record = self._greedy_round()
+            state.greedy_steps += 1
+        else:
+            record = self._generation()
         best = self.best()
         seconds = time.perf_counter() - started
         record.update(
@@ -175,10 +194,14 @@ class ScreenedSearch:
             new_full_evaluations=len(state.memo) - before[1], forward_examples=state.forward_examples,
             new_forward_examples=state.forward_examples - before[0], seconds=seconds,
             seconds_per_evaluation=seconds / max(1, record["new_evaluations"]))
+        if record["phase"] == "cma":
+            record["cma_generation"] = state.step - state.greedy_steps
+        elif record["phase"] == "greedy":
+            record["round"] = state.greedy_steps
         state.step += 1
         state.history.append(record)
         self._save_state()
-        self.on_event("screen" if record["phase"] == "screen" else "generation", record)
+        self.on_event({"screen": "screen", "greedy": "greedy"}.get(record["phase"], "generation"), record)
         return record
 
     def _screen(self) -> dict:
@@ -189,20 +212,67 @@ class ScreenedSearch:
         singles = [((i,), None) for i in range(self.dimension)] if self.k_max else []
         with stage(self.on_event, "screening single-unit prunings", len(singles)) as progress:
             counts = self._halve(singles, progress, full)
-        gains = [state.memo[((i,), None)].fitness if singles else 0.0 for i in range(self.dimension)]
+        gains = [state.memo[((i,), None)].fitness if ((i,), None) in state.memo else 0.0  # (--budget ran out)
+                 for i in range(self.dimension)]
         order = sorted(range(self.dimension), key=lambda i: (-gains[i], i))  # best first
         helpful = [i for i in order[: self.k_max] if gains[i] > 0]
-        stacks = [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
+        greedy = self.settings.greedy_pool > 1 and self.k_max > 1 and bool(helpful)
+        # the stacks, unless the greedy phase follows (it scores the first, and adds units by their full-set gain)
+        stacks = [] if greedy else [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
         more = self._halve([c for c in stacks if not self._scored(c)], None, full)
         state.prior = gains
-        state.strategy = self._new_strategy(prior_mean(order, gains, self.k_max, self.settings.sigma0,
-                                                        self.settings.threshold))
-        fitnesses = [state.memo[c].fitness for c in singles + stacks]
+        if greedy:  # greedy's first round is the screen
+            state.greedy = {"pool": order[: self.settings.greedy_pool], "table": [order[0]],
+                            "fitness": gains[order[0]], "done": False}
+        else:
+            self._start_cma()
+        fitnesses = [state.memo[c].fitness for c in singles + stacks if c in state.memo]
         return {"phase": "screen", "mean_fitness": float(np.mean(fitnesses)) if fitnesses else 0.0,
                 "mean_sparsity": float(np.mean([len(c[0]) for c in singles + stacks] or [0])) / self.dimension,
                 "new_evaluations": counts["evaluations"] + more["evaluations"],
                 "evaluations_per_rung": [a + b for a, b in zip(counts["per_rung"], more["per_rung"])],
                 "redraws": 0, "cache_hits": 0}
+
+    def _start_cma(self) -> None:
+        """CMA-ES from the screen's prior; after the greedy phase, the helpful units are its table's, then the
+        best helpful singles up to K_max."""
+        state = self.state
+        gains = state.prior
+        order = sorted(range(self.dimension), key=lambda i: (-gains[i], i))
+        helpful = None
+        if state.greedy:  # its table first, then the best helpful singles, up to K_max
+            table = list(state.greedy["table"])
+            helpful = table + [i for i in order if gains[i] > 0 and i not in table][: max(0, self.k_max - len(table))]
+        state.strategy = self._new_strategy(prior_mean(order, gains, self.k_max, self.settings.sigma0,
+                                                       self.settings.threshold, helpful))
+
+    def _greedy_round(self) -> dict:
+        """One round of the greedy phase on the full set: the current table plus each pool unit not in it;
+        the best addition is kept if it improves the table (ties: earlier in the pool). The phase ends when
+        none improves, at the ρ cap or when the pool is used up; CMA-ES then starts around its table."""
+        state, greedy = self.state, self.state.greedy
+        table = greedy["table"]
+        units = [i for i in greedy["pool"] if i not in table]
+        options = [(tuple(sorted(table + [i])), None) for i in units]
+        fresh = [c for c in options if c not in state.memo]
+        counts = self._halve(fresh, None, self.levels[-1:])
+        scored = [(state.memo[c].fitness, -position, i) for position, (c, i) in enumerate(zip(options, units))
+                  if c in state.memo]  # all of them, unless --budget ran out
+        fitness, _, unit = max(scored, default=(0.0, 0, None))
+        if unit is not None and fitness > greedy["fitness"]:
+            greedy["table"], greedy["fitness"] = table + [unit], fitness
+        else:
+            greedy["done"] = True
+        if len(greedy["table"]) >= min(self.k_max, len(greedy["pool"])):
+            greedy["done"] = True
+        if greedy["done"]:
+            self._start_cma()
+        values = [value for value, _, _ in scored]
+        return {"phase": "greedy", "mean_fitness": float(np.mean(values)) if values else 0.0,
+                "mean_sparsity": float(np.mean([len(c[0]) for c in options] or [0])) / self.dimension,
+                "new_evaluations": counts["evaluations"], "evaluations_per_rung": counts["per_rung"],
+                "greedy_table": sorted(greedy["table"]), "greedy_fitness": greedy["fitness"],
+                "redraws": 0, "cache_hits": len(options) - len(fresh)}
 
     def _generation(self) -> dict:
         """One CMA-ES generation: ask (redrawing already-scored tables), halve, tell."""

@@ -129,12 +129,15 @@ def _screened_scoring(request, fitness, workers):
 
 
 SCREENED = Strategy(
-    "screened", "the default: every single-unit pruning scored on the full validation set and CMA-ES started "
-    "from it, new tables only, each generation's scored on seeded validation subsets first (successive halving)",
+    "screened", "the default: every single-unit pruning scored on the full validation set, greedy over the best "
+    "of them, CMA-ES started from its table, new tables only, each generation's scored on seeded validation "
+    "subsets first (successive halving)",
     True, _run_screened,
     parameters=(
         Parameter("screen", bool, True, "score every single-unit pruning first (full validation set) and start "
                   "CMA-ES from it."),
+        Parameter("greedy_pool", int, 8, "after the screen, greedy leave-one-out over this many best single "
+                  "units (full validation set), CMA-ES started from its table (0: off)."),
         Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off)."),
         Parameter("halving", bool, True, "score each generation's new tables on seeded validation subsets first "
                   "(successive halving); the result's fitness is always the full set's."),

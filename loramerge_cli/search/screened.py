@@ -275,12 +275,16 @@ class ScreenedSearch:
                 "redraws": 0, "cache_hits": len(options) - len(fresh)}
 
     def _generation(self) -> dict:
-        """One CMA-ES generation: ask (redrawing already-scored tables), halve, tell."""
+        """One CMA-ES generation: ask (redrawing already-scored tables), halve, tell. A redrawn solution can
+        replace an injected one (the start table): cma's warning that it was never told is expected here."""
+        from cma.evolution_strategy import InjectionWarning
+
         strategy = self.state.strategy
         candidates: list[Candidate] = []
         seen: set = set()
         redraws = 0
-        with _search_numpy_state(self.state):
+        with _search_numpy_state(self.state), warnings.catch_warnings():
+            warnings.simplefilter("ignore", InjectionWarning)
             solutions = strategy.ask()
             for index, x in enumerate(solutions):
                 candidate = self.decode(x)
@@ -296,7 +300,8 @@ class ScreenedSearch:
         fresh = [c for c in dict.fromkeys(candidates) if not self._scored(c)]
         counts = self._halve(fresh)
         reached = [self._reached(c) for c in candidates]
-        with _search_numpy_state(self.state):  # CMA-ES minimises
+        with _search_numpy_state(self.state), warnings.catch_warnings():  # CMA-ES minimises
+            warnings.simplefilter("ignore", InjectionWarning)
             strategy.tell(solutions, [-(1000.0 * level + score) for level, score in reached])
         if self.settings.redraws and len(fresh) < len(candidates):  # stalled: redraws found no new table
             strategy.sigma *= 2.0

@@ -48,34 +48,14 @@ def resolve_targets(
 def check_target_blocks(request) -> None:
     """--target-blocks against the adapters' LoRA blocks, read from their safetensors headers before any model
     loads (a pickled adapter is checked when it loads)."""
+    from loramerge_cli.adapters.sources import header_module_paths
+
     if not request.nsc.target_blocks:
         return
-    paths: set[str] = set()
-    for argument in request.adapters:
-        names = _header_names(argument, request.allow_pickle)
-        if names is None:
-            return
-        paths |= {name.removeprefix("base_model.model.").split(".lora_A")[0] for name in names if ".lora_A" in name}
-    units = sorted_units(unit_of(path) for path in paths if unit_of(path) is not None)
+    paths = header_module_paths(request.adapters, request.allow_pickle)
+    units = sorted_units(unit_of(path) for path in paths or () if unit_of(path) is not None)
     if units:
         _chosen_blocks(units, request.nsc.target_blocks)
-
-
-def _header_names(argument, allow_pickle: bool) -> list[str] | None:
-    """Tensor names in an adapter's safetensors header (None: not a safetensors file, or unreadable)."""
-    import json
-    import struct
-
-    from loramerge_cli.adapters.sources import resolve, split_name
-
-    source = resolve(split_name(argument).spec, allow_pickle) if isinstance(argument, str) else argument.source
-    try:
-        with open(source.weights_file, "rb") as file:
-            (length,) = struct.unpack("<Q", file.read(8))
-            header = json.loads(file.read(length)) if length < 1 << 28 else None
-    except (OSError, ValueError, struct.error):
-        return None
-    return [name for name in header if name != "__metadata__"] if isinstance(header, dict) else None
 
 
 def _ends_with(path: str, suffix: str) -> bool:

@@ -254,6 +254,21 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         RunDirLock(run_dir).check_free()
 
 
+def check_prunable(request: SearchRequest) -> None:
+    """--max-prune lets at least one (block, task) unit of these adapters be pruned (blocks read from the
+    adapters' safetensors headers; a pickled adapter is not checked here)."""
+    from loramerge_cli.adapters.sources import header_module_paths
+    from loramerge_cli.adapters.units import unit_of
+    from loramerge_cli.search.decode import max_pruned
+
+    paths = header_module_paths(request.adapters, request.allow_pickle)
+    blocks = {unit_of(path) for path in paths or ()} - {None}
+    units = len(blocks) * len(request.adapters)
+    if blocks and max_pruned(request.enmp.max_prune, len(blocks), len(request.adapters)) < 1:
+        raise LoramergeError(f"--max-prune {request.enmp.max_prune:g}: none of the {units} (block, task) units may "
+                             f"be pruned (⌊ρ·{units}⌋ = 0); give at least {1 / units:.3g}")
+
+
 def _same(first, second) -> bool:
     return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
 
@@ -269,6 +284,8 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
     check_extras(request, plot)
     check_base_given(request.base)
     check_outputs(request, out, force, plot, protected_paths(request))
+    if strategy.kind == "mask":
+        check_prunable(request)
     if request.fitness == "nsc" or strategy.kind == "coefficients":
         from loramerge_cli.search.nsc_targets import check_target_blocks
 

@@ -140,7 +140,7 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
         outcome = strategy.run(request, evaluate, space, on_progress)
     best = outcome.best
     best_lambda = best.lam if best.lam is not None else lam
-    provenance = _provenance(request, fitness, parallel, outcome, started)
+    provenance = _provenance(request, fitness, outcome, started)
     provenance.update(scored.provenance)
     provenance["validation"] = scored.validation(best)
     if request.report_test:
@@ -177,7 +177,7 @@ def _search_lambda(request: SearchRequest, problem: Problem, run_dir: Path | Non
                              allow_base_mismatch=request.allow_base_mismatch, report=on_event, pool=pool)
 
 
-def _provenance(request, fitness, parallel, outcome, started) -> dict:
+def _provenance(request, fitness, outcome, started) -> dict:
     """What every search records about itself (the fitness's own figures are added by the caller); the budget
     both as distinct full-set evaluations and as forward examples (examples run through the model)."""
     from loramerge_cli.search.fidelity import examples_per_evaluation
@@ -197,7 +197,8 @@ def _provenance(request, fitness, parallel, outcome, started) -> dict:
         "evaluations": outcome.evaluations,
         "full_evaluations": outcome.evaluations,
         "forward_examples": forward if forward is not None else outcome.evaluations * examples_per_evaluation(fitness),
-        "forward_passes": fitness.forward_passes if parallel is None else None,
+        # forward passes over the validation set(s), the whole run's (a resumed run's too, workers' included)
+        "forward_passes": outcome.forward_passes if outcome.forward_passes is not None else outcome.evaluations + 1,
         "pruned_flat_indices": list(outcome.best.pruned),
         "seconds": round(time.perf_counter() - started, 3),
         "history": outcome.history,

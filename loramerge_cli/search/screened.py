@@ -126,6 +126,8 @@ class ScreenedSearch:
         self.settings = settings
         self.dimension = unit_count * task_count
         self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
+        # the tables the ρ cap allows, the empty one included (once all are scored there is nothing to search)
+        self.feasible = sum(math.comb(self.dimension, k) for k in range(self.k_max + 1))
         self.ladder = ladder
         last = len(ladder.costs) - 1
         self.levels = list(range(last + 1)) if settings.halving else [last]
@@ -165,7 +167,15 @@ class ScreenedSearch:
     def done(self) -> bool:
         budget = self.settings.budget
         return (self.state.step - self.state.greedy_steps > self.last_step
-                or (budget is not None and len(self.state.memo) - 1 >= budget))
+                or (budget is not None and len(self.state.memo) - 1 >= budget)
+                or (self.state.step > 0 and self._all_scored()))
+
+    def _all_scored(self, drawn=()) -> bool:
+        """Every table the ρ cap allows is scored (or `drawn` this generation): redraws cannot find a new one."""
+        if self.feasible > 1 << 20:  # far more tables than any search scores
+            return False
+        known = set(self.state.scores[self.levels[0]]) | set(self.state.memo) | set(drawn)
+        return len(known) >= self.feasible
 
     # -- loop --------------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> Evaluation:
@@ -289,7 +299,8 @@ class ScreenedSearch:
             for index, x in enumerate(solutions):
                 candidate = self.decode(x)
                 attempts = 0
-                while (candidate in seen or self._scored(candidate)) and attempts < self.settings.redraws:
+                while ((candidate in seen or self._scored(candidate)) and attempts < self.settings.redraws
+                       and not self._all_scored(seen)):
                     x = strategy.ask(1)[0]
                     candidate = self.decode(x)
                     attempts += 1
@@ -393,6 +404,7 @@ class ScreenedSearch:
         finally:
             self.ladder, self.run_dir, self.on_event = ladder, run_dir, on_event
         self.state.history = history
+        self._save_state()  # both files again: a kill between their two writes left the trajectory one step short
         return self.state
 
 
@@ -442,8 +454,10 @@ def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_coun
     search = ScreenedSearch(settings, unit_count, task_count, ladder, run_dir, on_event)
     best = search.run(resume=resume)
     state = search.state
+    ran = sum(sum(record.get("evaluations_per_rung", [])) for record in state.history)
     return best, {"full_evaluations": len(state.memo) - 1, "forward_examples": state.forward_examples,
-                  "history": state.history, "rung_examples": list(ladder.costs), "prior": state.prior}
+                  "history": state.history, "rung_examples": list(ladder.costs), "prior": state.prior,
+                  "forward_passes": ran + len(search.levels)}  # every rung's evaluations and its reference
 
 
 # -- search-mask glue (the strategy registry's entry and worker processes) --------------------------

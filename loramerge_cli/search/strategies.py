@@ -35,6 +35,7 @@ class Outcome:
     history: list[dict]
     forward_examples: int | None = None  # examples run through the model (None: evaluations × the set's size)
     settings: dict | None = None  # the resolved settings the provenance records (None: ENMP's or the budget)
+    forward_passes: int | None = None  # evaluations run, references included (None: each distinct table once)
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def _run_screened(request, fitness, space: SearchSpace, on_event) -> Outcome:
     settings = screened_settings(request)
     best, spent = run_screened(settings, fitness, space.unit_count, space.task_count, space.run_dir, space.resume,
                                on_event)
-    return Outcome(best, spent["full_evaluations"], spent["history"], spent["forward_examples"], asdict(settings))
+    return Outcome(best, spent["full_evaluations"], spent["history"], spent["forward_examples"], asdict(settings),
+                   spent["forward_passes"])
 
 
 def _check_screened(request) -> None:
@@ -136,11 +138,12 @@ SCREENED = Strategy(
     parameters=(
         Parameter("screen", bool, True, "score every single-unit pruning first (full validation set) and start "
                   "CMA-ES from it."),
-        Parameter("greedy_pool", int, 8, "after the screen, greedy leave-one-out over this many best single "
-                  "units (full validation set), CMA-ES started from its table (0: off)."),
+        Parameter("greedy_pool", int, 8, "after the screen (--screen), greedy leave-one-out over this many best "
+                  "single units (full validation set), CMA-ES started from its table (0 or 1: off)."),
         Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off)."),
         Parameter("halving", bool, True, "score each generation's new tables on seeded validation subsets first "
-                  "(successive halving); the result's fitness is always the full set's."),
+                  "(successive halving; labelled --fitness accuracy only); the result's fitness is always the "
+                  "full set's."),
         Parameter("eta", int, 3, "successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta²."),
     ),
     check=_check_screened, scoring=_screened_scoring)

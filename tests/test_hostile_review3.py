@@ -165,3 +165,15 @@ def test_resumed_provenance_forward_passes_equals_the_uninterrupted_runs(setting
     assert resumed["full_evaluations"] == plain["full_evaluations"]
     assert resumed["forward_examples"] == plain["forward_examples"]
     assert resumed["forward_passes"] == plain["forward_passes"]
+
+
+@pytest.mark.parametrize("flags", [["--no-screen", "--greedy-pool", "5"], ["--no-halving", "--eta", "7"]])
+def test_a_setting_whose_switch_is_off_is_a_usage_error(tmp_path, flags):
+    """`--no-screen --greedy-pool 5` and `--no-halving --eta 7` ran without the greedy phase or the halving
+    while the provenance recorded the values given (noticed by the review, no test then): exit 2 now."""
+    setting = build_text_setting(tmp_path / "setting")
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
+                         setting.tasks_file, "--popsize", "2", "--generations", "1", "--val-limit", "4",
+                         "--threads", "1", "--quiet", *flags, "--out", tmp_path / "m.json"])
+    assert result.exit_code == 2 and "does nothing" in result.stderr, result.stderr
+    assert not (tmp_path / "m.json").exists()

@@ -119,18 +119,24 @@ def strategy_options() -> list:
     return options
 
 
-def check_strategy_flags(ctx: typer.Context, strategy: str) -> None:
-    """A setting of another strategy given on the command line is a usage error (it would be ignored)."""
+def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
+    """A strategy setting given on the command line that would be ignored is a usage error: one of another
+    strategy, or one whose `needs` switch is off (`--no-screen --greedy-pool 4`)."""
     from loramerge_cli.errors import UsageError
     from loramerge_cli.search.strategies import STRATEGIES
 
+    strategy = flags["strategy"]
     own = {parameter.name for parameter in STRATEGIES[strategy].parameters}
     for other in STRATEGIES.values():
         for parameter in other.parameters:
             source = ctx.get_parameter_source(parameter.name)
-            if parameter.name not in own and source is not None and source.name != "DEFAULT":
-                raise UsageError(f"--{parameter.name.replace('_', '-')} is a setting of --strategy {other.name}, "
-                                 f"not of {strategy}")
+            if source is None or source.name == "DEFAULT":
+                continue
+            flag = f"--{parameter.name.replace('_', '-')}"
+            if parameter.name not in own:
+                raise UsageError(f"{flag} is a setting of --strategy {other.name}, not of {strategy}")
+            if parameter.needs is not None and not flags[parameter.needs]:
+                raise UsageError(f"{flag} does nothing with --no-{parameter.needs.replace('_', '-')}")
 
 
 def strategy_settings(flags: dict, strategy: str) -> dict:
@@ -149,7 +155,7 @@ def search_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
 
     flags = resumed_flags(ctx, flags)
-    check_strategy_flags(ctx, flags["strategy"])
+    check_strategy_flags(ctx, flags)
     plan = plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],
                        plot=flags["plot"])
     from loramerge_cli import api

@@ -13,7 +13,7 @@ from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, che
 from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
-from loramerge_cli.search.rundir import STATE_NAMES, protected_paths
+from loramerge_cli.search.rundir import CONFIG_NAME, STATE_NAMES, RunDirLock, protected_paths, run_dir_files
 from loramerge_cli.search.strategies import DEFAULT_STRATEGY, Strategy, strategy_named
 
 FITNESSES = ("accuracy", "nsc")
@@ -220,7 +220,6 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
     loramerge wrote)."""
     from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output
     from loramerge_cli.search.plots import PLOT_NAMES
-    from loramerge_cli.search.rundir import run_dir_files
 
     run_files = run_dir_files(request.run_dir)
     if out is not None:
@@ -244,13 +243,11 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         check_not_an_input(run_dir, inputs, "--run-dir")
         if out is not None and _same(out, run_dir):
             raise UsageError("--out and --run-dir name the same path; the table goes in a file, the run in a folder")
-        if not request.resume and run_dir.is_dir() and not (run_dir / "config.json").exists():
+        if not request.resume and run_dir.is_dir() and not (run_dir / CONFIG_NAME).exists():
             foreign = [name for name in STATE_NAMES if (run_dir / name).exists()]
             if foreign:
                 raise LoramergeError(f"--run-dir {run_dir} holds {foreign[0]}, which no search of loramerge wrote "
                                      "there; give a new folder")
-        from loramerge_cli.search.rundir import RunDirLock
-
         RunDirLock(run_dir).check_free()
 
 

@@ -32,6 +32,7 @@ from loramerge_cli.plan import (
     PrunePlan,
     TaskData,
     check_not_an_input,
+    check_recorded,
     execute,
     plan_merge,
     plan_prune,
@@ -99,6 +100,7 @@ def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indice
     if mask is not None:
         table = align_table(load_table(mask), adapters)  # matched by task name, not by order
         check_table(table, adapters, origin=str(mask))
+        check_recorded(table, len(adapters), origin=str(mask))
         return table
     if indices is not None:
         return from_pruned_indices(adapters, parse_indices(indices))

@@ -168,10 +168,14 @@ def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
     names = [a.name for a in adapters]
     if table.tasks == names or sorted(table.tasks) != sorted(names) or len(set(names)) != len(names):
         return table
+    from loramerge_cli.merging.registry import PARAMETERS
+
     order = [table.tasks.index(name) for name in names]
+    per_adapter = {"weights"} | {name for name, parameter in PARAMETERS.items() if parameter.per_adapter}
     merger = table.merger
-    if isinstance(merger, dict) and isinstance(merger.get("weights"), list) and len(merger["weights"]) == len(order):
-        merger = {**merger, "weights": [merger["weights"][i] for i in order]}
+    if isinstance(merger, dict):  # recorded per-adapter values follow their tasks
+        merger = {key: [value[i] for i in order] if key in per_adapter and isinstance(value, list)
+                  and len(value) == len(order) else value for key, value in merger.items()}
     recorded = [table.adapters[i] for i in order] if len(table.adapters) == len(order) else table.adapters
     return replace(table, tasks=names, weights=[table.weights[i] for i in order], adapters=recorded, merger=merger)
 

@@ -20,28 +20,28 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable
 
+from loramerge_cli.adapters.card import RECIPE_NAME
 from loramerge_cli.errors import LoramergeError
 
 MARKER = "loramerge.json"  # every adapter folder loramerge writes holds its provenance under this name
 FOLDER_EXTRAS = ("mask.json", "loramerge.yaml")  # beside the adapter folders of apply-mask's output
-REPLACEABLE_FORMATS = ("loramerge.mask/", "loramerge.eval/")  # single files an --out may replace (--force)
 RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths atomically
 AT_FDCWD = -100
 
 
 def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: bool = False,
-                 kind: str = "folder") -> Path:
+                 kind: str = "folder", formats: tuple[str, ...] = ("loramerge.mask/",)) -> Path:
     """Fail before any work unless `out` may be written: not an input, not a folder holding one, not the
     working folder; an existing one only with `force`, and only when loramerge wrote it (a `kind` "folder"
-    holding loramerge.json, or apply-mask's folder of such; a "file" that is a weight table or an eval
-    report). Anything else (a regular file where a folder goes, a device, a symlink) is refused even with
+    holding loramerge.json, or apply-mask's folder of such; a "file" of one of the writer's `formats`, not
+    inside such a folder). Anything else (a regular file where a folder goes, a device, a symlink) is refused even with
     `force`. Its nearest existing ancestor must be a writable folder."""
     out = Path(out)
     target = Path(os.path.abspath(out.expanduser()))
     check_not_working_folder(out)
     check_not_an_input(out, inputs)
     if os.path.lexists(target):
-        _check_replaceable(out, target, force, kind)
+        _check_replaceable(out, target, force, kind, formats)
     ancestor = target.parent
     while not os.path.lexists(ancestor):
         ancestor = ancestor.parent
@@ -131,7 +131,7 @@ def _files(path: Path) -> list[Path]:
     return [path] if path.is_file() else []
 
 
-def _check_replaceable(out: Path, target: Path, force: bool, kind: str) -> None:
+def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats: tuple[str, ...]) -> None:
     if target.is_symlink():
         raise LoramergeError(f"--out {out} is a symbolic link; refusing to replace it (give its target or a new name)")
     if kind == "folder" and not target.is_dir():
@@ -143,9 +143,14 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str) -> None:
     if kind == "folder" and not written_by_loramerge(target):
         raise LoramergeError(f"--out {out} is a folder loramerge did not write (no {MARKER}); refusing to replace "
                              "it, even with --force")
-    if kind == "file" and not _is_loramerge_output(target):
-        raise LoramergeError(f"--out {out} is not a weight table or report loramerge wrote; refusing to replace it, "
-                             "even with --force")
+    if kind == "file" and not _is_loramerge_output(target, formats):
+        kinds = [name.split(".", 1)[-1].split("/")[0] for name in formats]
+        what = " or ".join({"mask": "weight table", "eval": "eval report"}.get(kind, kind) for kind in kinds)
+        raise LoramergeError(f"--out {out} is not a {what} loramerge wrote; refusing to replace it, even with "
+                             "--force")
+    if kind == "file" and any((target.parent / name).is_file() for name in (MARKER, RECIPE_NAME)):
+        raise LoramergeError(f"--out {out} is part of the output loramerge wrote in {out.parent} (its recipe "
+                             "reads it); refusing to replace it, even with --force")
 
 
 def written_by_loramerge(folder: Path) -> bool:
@@ -160,13 +165,13 @@ def written_by_loramerge(folder: Path) -> bool:
     return all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries)
 
 
-def _is_loramerge_output(path: Path) -> bool:
-    """A JSON file of one of REPLACEABLE_FORMATS (never a merge's provenance, a run's state or config)."""
+def _is_loramerge_output(path: Path, formats: tuple[str, ...]) -> bool:
+    """A JSON file whose "format" starts with one of `formats` (never a merge's provenance, a run's state)."""
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and str(data.get("format", "")).startswith(REPLACEABLE_FORMATS)
+    return isinstance(data, dict) and str(data.get("format", "")).startswith(formats)
 
 
 # --- staging ----------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ then its recorded λ). With `override` and another merger or method, the recorde
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -98,8 +99,29 @@ def recorded_settings(table: WeightTable | None) -> dict:
     merger = table.merger if table is not None and isinstance(table.merger, dict) else {}
     recorded = {name: merger[name] for name in SETTINGS if name != "lam" and merger.get(name) is not None}
     if table is not None and table.scale is None and merger.get("lambda") is not None:
-        recorded["lam"] = float(merger["lambda"])  # the table's scale, when present, wins
+        recorded["lam"] = merger["lambda"]  # the table's scale, when present, wins
     return recorded
+
+
+def check_recorded(table: WeightTable | None, adapter_count: int, origin: str = "mask") -> None:
+    """The table's recorded merger settings can be used: a bad one is the table's fault (a data error naming
+    it), not a flag's."""
+    recorded = recorded_settings(table)
+    problem = None
+    lam = recorded.get("lam")
+    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam)):
+        problem = f"lambda must be a finite number (got {lam!r})"
+    for name in ("knots_scaled", "isotropize"):
+        if name in recorded and not isinstance(recorded[name], bool):
+            problem = f"{name} must be true or false (got {recorded[name]!r})"
+    if problem is None and recorded:
+        fields = {name: value for name, value in recorded.items() if name in SETTINGS}
+        try:
+            resolve_config(MergeConfig(**fields), adapter_count)
+        except (UsageError, TypeError, ValueError) as error:
+            problem = str(error).removeprefix("--")
+    if problem is not None:
+        raise LoramergeError(f"{origin}: its recorded merger settings cannot be used: {problem}")
 
 
 def combined_settings(given: dict, recorded: dict, override: bool) -> dict:
@@ -168,6 +190,7 @@ def plan_merge(
     check_head(adapters, head)
     if table is not None:
         check_table(table, adapters)
+        check_recorded(table, len(adapters))
     chosen = combined_settings(config.given(), recorded_settings(table), override)
     if tuning is not None:
         chosen.pop("lam", None)  # λ is tuned: neither a recorded λ nor the table's scale is used

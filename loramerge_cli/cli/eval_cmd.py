@@ -64,6 +64,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.data import check_task_file
+    from loramerge_cli.evaluation import REPORT_FORMAT
     from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output, read_inputs
 
     out = flags["out"]
@@ -79,7 +80,8 @@ def eval_command(ctx: typer.Context, **flags) -> None:
         check_not_an_input(flags["run_dir"], files + folders, "--run-dir")
     if out is not None:
         cache = [Path(flags["run_dir"]) / "scores.json"] if flags["run_dir"] else []
-        guard_output(out, inputs=files + folders + cache, force=flags["force"], kind="file")
+        guard_output(out, inputs=files + folders + cache, force=flags["force"], kind="file",
+                     formats=(REPORT_FORMAT,))
     import json
     from dataclasses import replace
 
@@ -93,6 +95,10 @@ def eval_command(ctx: typer.Context, **flags) -> None:
 
     experts = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
     merged = [api.load_adapter(source, allow_pickle=flags["allow_pickle"]) for source in flags["merged"] or []]
+    names = [adapter.name for adapter in merged]
+    if len(set(names)) < len(names) or {"base", "experts"} & set(names):
+        raise UsageError(f"--merged: two merges named alike, or one named base or experts ({', '.join(names)}); "
+                         "name each with name=folder")
     settings = EvalSettings(**{name: flags[name] for name in ("split", "val_limit", "device", "dtype", "batch_size",
                                                               "threads", "length_normalize", "max_length")})
     if spread.devices:  # the driver scores the experts and the base on the workers' first device

@@ -110,8 +110,11 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
                 raise typer.BadParameter(f"{origin}: adapter {name!r} needs `path` (and optionally weight, density); "
                                          f"unknown keys: {sorted(unknown)}")
             sources.append(f"{name}={entry.get('path') or entry.get('source')}")
-            weights.append(entry.get("weight"))
-            densities.append(entry.get("density"))
+            for key, values in (("weight", weights), ("density", densities)):
+                number = entry.get(key)
+                if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
+                    raise typer.BadParameter(f"{origin}: adapter {name!r}: {key} must be a number (got {number!r})")
+                values.append(number)
         else:
             sources.append(f"{name}={entry}")
             weights.append(None)
@@ -119,12 +122,11 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
     extra = {}
     if any(weight is not None for weight in weights):
         extra["weights"] = ",".join(str(1.0 if weight is None else float(weight)) for weight in weights)
-    given = {float(density) for density in densities if density is not None}
-    if len(given) > 1 or (given and None in densities):
-        raise typer.BadParameter(f"{origin}: per-adapter density must be the same for every adapter (the "
-                                 "mergers trim all tasks at one density)")
-    if given:
-        extra["density"] = given.pop()
+    given = [density for density in densities if density is not None]
+    if given and len(given) < len(densities):
+        raise typer.BadParameter(f"{origin}: give a density for every adapter or for none")
+    if given:  # as --density d1,d2,… (one value when they are all equal)
+        extra["density"] = str(float(given[0])) if len(set(given)) == 1 else ",".join(str(float(d)) for d in given)
     return sources, extra
 
 

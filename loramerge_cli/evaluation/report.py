@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loramerge_cli.evaluation import REPORT_FORMAT
 from loramerge_cli.evaluation.cache import ScoreCache, base_scores, expert_scores
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
@@ -21,8 +22,6 @@ def score_row(name: str, kind: str, accuracy: dict[str, float], experts: dict[st
         "mean_normalized_accuracy": mean_defined(normalized),
     }
 
-
-REPORT_FORMAT = "loramerge.eval/v1"
 
 
 def eval_report(

@@ -144,10 +144,8 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
         raise LoramergeError(f"--out {out} is a folder loramerge did not write (no {MARKER}); refusing to replace "
                              "it, even with --force")
     if kind == "file" and not _is_loramerge_output(target, formats):
-        kinds = [name.split(".", 1)[-1].split("/")[0] for name in formats]
-        what = " or ".join({"mask": "weight table", "eval": "eval report"}.get(kind, kind) for kind in kinds)
-        raise LoramergeError(f"--out {out} is not a {what} loramerge wrote; refusing to replace it, even with "
-                             "--force")
+        raise LoramergeError(f"--out {out} is not a file of what this command writes ({', '.join(formats)}); "
+                             "refusing to replace it, even with --force")
     if kind == "file" and any((target.parent / name).is_file() for name in (MARKER, RECIPE_NAME)):
         raise LoramergeError(f"--out {out} is part of the output loramerge wrote in {out.parent} (its recipe "
                              "reads it); refusing to replace it, even with --force")

@@ -94,11 +94,10 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli.search.backends import worker_pool
 
     experts = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
-    merged = [api.load_adapter(source, allow_pickle=flags["allow_pickle"]) for source in flags["merged"] or []]
-    names = [adapter.name for adapter in merged]
-    if len(set(names)) < len(names) or {"base", "experts"} & set(names):
-        raise UsageError(f"--merged: two merges named alike, or one named base or experts ({', '.join(names)}); "
-                         "name each with name=folder")
+    merged = api.load_adapters(flags["merged"] or [], allow_pickle=flags["allow_pickle"])  # names unique
+    if {"base", "experts"} & {adapter.name for adapter in merged}:
+        raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
+                         "name=folder")
     settings = EvalSettings(**{name: flags[name] for name in ("split", "val_limit", "device", "dtype", "batch_size",
                                                               "threads", "length_normalize", "max_length")})
     if spread.devices:  # the driver scores the experts and the base on the workers' first device

@@ -175,7 +175,7 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
 
             read_nsc_state(run_dir / STATE_NAME)
         return
-    if any((run_dir / name).exists() for name in (ENMP_STATE, SCREENED_STATE, STATE_NAME, rundir.LEGACY_PICKLE)):
+    if any((run_dir / name).exists() for name in rundir.STRATEGY_STATES):
         raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")
     if write:
         rundir.write_config(run_dir, config, request.flags, digests)

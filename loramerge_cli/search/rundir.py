@@ -21,8 +21,9 @@ CONFIG_NAME = "config.json"
 CONFIG_FORMAT = "loramerge.run/v1"
 LOCK_NAME = ".lock"
 LEGACY_PICKLE = "state.pkl"
-STATE_NAMES = ("state.json", "screened_state.json", "nsc_state.safetensors", "trajectory.jsonl", "best.json",
-               LEGACY_PICKLE)  # what a search saves as it goes (forget_refused_run never removes a run with one)
+STRATEGY_STATES = ("state.json", "screened_state.json", "nsc_state.safetensors", LEGACY_PICKLE)  # enmp, screened,
+# nsc, and the old pickle (refused): a run dir holding one holds a search
+STATE_NAMES = (*STRATEGY_STATES, "trajectory.jsonl", "best.json")  # what a search saves as it goes
 # Flags that say how a search runs or where its table goes, not what it searches: --resume may change them.
 RUN_ONLY_FLAGS = {"out", "force", "json_output", "quiet", "debug", "plot", "resume", "config", "run_dir", "devices",
                   "workers", "threads", "device", "block_cache_mb", "report_test", "backend", "ray_address"}

@@ -25,7 +25,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ABLATIONS = {"screened_no_screen": {"screen": False}, "screened_no_greedy": {"greedy_pool": 0},
-             "screened_no_redraw": {"redraws": 0}, "screened_no_halving": {"halving": False}}
+             "screened_no_redraw": {"redraws": 0}, "screened_no_halving": {"halving": False},
+             "screened_halve_screen": {"halve_screen": True}, "screened_halve_all": {"halve_screen": True, "halve_greedy": True}}
 
 
 class SharedScores:

@@ -5,6 +5,11 @@ The subsets are prefixes of one seeded permutation per task, so each rung's exam
 smaller rungs'. A rung's fitness is measured against the unpruned merge on the same examples, with the
 experts' full-set accuracies as the normaliser, so every rung estimates the same quantity; only the
 full set's score is ever reported as a table's fitness.
+
+On labelled accuracy (`NestedLadder`) the rungs are scored slice by slice: slice r is rung r's examples
+less rung r−1's. A table promoted from rung r−1 to rung r is scored on slice r only, and its rung-r
+accuracy counts the correct examples of both (accuracy is a mean over examples, so this is exactly the
+score of rung r's examples at once). A promotion costs the new examples only.
 """
 
 from __future__ import annotations
@@ -27,19 +32,28 @@ def rung_sizes(count: int, rungs: int, eta: int, min_examples: int) -> list[int]
     return sorted({size for size in sizes if size >= min_examples or size == count})
 
 
-def subset_engine(engine, size: int, seed: int):
-    """A view of `engine` (same model, weights and heads) that scores only `size` seeded examples per task."""
+def seeded_orders(engine, seed: int) -> dict[str, list[int]]:
+    """One seeded permutation of each task's validation examples (the rungs are its prefixes)."""
+    return {name: [int(i) for i in np.random.Generator(np.random.PCG64([seed, position])).permutation(len(examples))]
+            for position, (name, examples) in enumerate(engine.examples.items())}
+
+
+def subset_engine(engine, keep: dict[str, list[int]]):
+    """A view of `engine` (same model, weights and heads) that scores only the examples `keep[task]` (a task
+    with none is left out)."""
     from loramerge_cli.evaluation.loading import load_preprocessor
 
     view = copy.copy(engine)
     view.examples = {}
-    for position, (name, examples) in enumerate(engine.examples.items()):
-        order = np.random.Generator(np.random.PCG64([seed, position])).permutation(len(examples))
-        keep = sorted(int(index) for index in order[:size])
-        digest = hashlib.sha256(f"{examples.fingerprint}:{keep}".encode()).hexdigest()
+    for name, examples in engine.examples.items():
+        indices = sorted(keep.get(name, ()))
+        if not indices:
+            continue
+        digest = hashlib.sha256(f"{examples.fingerprint}:{indices}".encode()).hexdigest()
         view.examples[name] = replace(
-            examples, inputs=[examples.inputs[i] for i in keep],
-            labels=None if examples.labels is None else [examples.labels[i] for i in keep], fingerprint=digest)
+            examples, inputs=[examples.inputs[i] for i in indices],
+            labels=None if examples.labels is None else [examples.labels[i] for i in indices], fingerprint=digest)
+    view.task_file = replace(engine.task_file, tasks=[t for t in engine.task_file.tasks if t.name in view.examples])
     view.prepared = view._prepare(load_preprocessor(engine.base, engine.task_file.type))
     return view
 
@@ -51,29 +65,35 @@ def examples_per_evaluation(fitness) -> int:
     return sum(len(value) for value in examples.values())
 
 
+FULL = -1  # a part of the validation set: all of it, scored by the full-set fitness itself
+
+
 @dataclass
 class FidelityLadder:
-    """Fitnesses of increasing fidelity; called on (rung, candidate) items.
+    """Fitnesses of increasing fidelity; called on (rung, candidate) items, or (rung, candidate, rung scored
+    before) for a promotion (scored on the whole rung all the same: its rungs are independent fitnesses).
 
     `costs[r]`: forward examples one evaluation at rung r costs; `one_example[r]`: the points one example
-    moves a rung's fitness, about 100 / (T·n_r). `backend`, when set (worker processes),
-    evaluates the items instead of the local rungs.
+    moves a rung's fitness, about 100 / (T·n_r).
     """
 
     rungs: list  # Fitness per rung, the last on the full validation set
     costs: list[int]
     one_example: list[float]
     backend: Callable[[list[RungItem]], list[float]] | None = None
-    sizes: list[int] | None = None  # examples per task of each rung, as `accuracy_ladder` was given them
+    sizes: list[int] | None = None
 
-    def __call__(self, items: list[RungItem]) -> list[float]:
-        if self.backend is not None:
-            return self.backend(items)
-        return [self.rungs[rung]([candidate])[0] for rung, candidate in items]
+    incremental = False  # a promotion costs the whole rung
 
     @property
-    def references(self) -> list[float]:
-        return [fitness.reference for fitness in self.rungs]
+    def reference_examples(self) -> int:
+        """Forward examples spent scoring the unpruned merge on the subsets."""
+        return sum(self.costs[:-1])
+
+    def __call__(self, items: list) -> list[float]:
+        if self.backend is not None:
+            return self.backend([item[:2] for item in items])
+        return [self.rungs[rung]([candidate])[0] for rung, candidate, *_ in items]
 
     @property
     def forward_passes(self) -> int:
@@ -86,41 +106,130 @@ def single_rung(fitness) -> FidelityLadder:
     return FidelityLadder([fitness], [cost], [100.0 / cost if cost else 0.0])
 
 
-def accuracy_ladder(full, sizes: list[int], seed: int, references: list[float] | None = None) -> FidelityLadder:
-    """An `AccuracyFitness` per subset size (ascending; the last size is the full set, `full` itself).
+@dataclass
+class SliceScorer:
+    """Scores (part, candidate) items: a slice's {task: accuracy}, or for `FULL` the full-set fitness (points
+    over the unpruned merge). What a worker process serves."""
 
-    `references` (a worker's): each rung's unpruned score, so the worker does not rescore it."""
+    slices: list  # AccuracyFitness per slice, in rung order
+    full: object  # the full-set fitness
+
+    def __call__(self, items: list) -> list:
+        return [self.full([candidate])[0] if part == FULL else self.slices[part].task_scores(*candidate)
+                for part, candidate in items]
+
+
+def slice_scorer(full, sizes: list[int], seed: int, score_references: bool = True) -> SliceScorer:
+    """The slices of rungs `sizes` (examples per task, ascending, the last all of them) of `full`'s validation
+    set. `score_references` off (a worker): the unpruned merge is recorded on first use, not scored."""
     from loramerge_cli.search.fitness import AccuracyFitness
 
     settings = replace(full.unit_settings, lam=full.base_lambda)
-    rungs = []
-    for index, size in enumerate(sizes[:-1]):
-        engine = subset_engine(full.engine, size, seed)
-        rung = AccuracyFitness(full.adapters, settings, full.template, engine, full.experts,
-                               None if references is None else references[index])
-        rung.cache = full.cache  # merged modules do not depend on the examples
-        rungs.append(rung)
-    rungs.append(full)
-    costs = [examples_per_evaluation(rung) for rung in rungs]
-    return FidelityLadder(rungs, costs, [100.0 / cost for cost in costs], sizes=list(sizes))
+    orders = seeded_orders(full.engine, seed)
+    slices = []
+    for index, size in enumerate(sizes):
+        start = sizes[index - 1] if index else 0
+        engine = subset_engine(full.engine, {name: order[start:size] for name, order in orders.items()})
+        part = AccuracyFitness(full.adapters, settings, full.template, engine, full.experts,
+                               None if score_references else 0.0)
+        part.cache = full.cache  # merged modules do not depend on the examples
+        slices.append(part)
+    return SliceScorer(slices, full)
+
+
+@dataclass
+class NestedLadder:
+    """Rungs on nested seeded prefixes, scored slice by slice (the module docstring); `backend`, when set
+    (worker processes), scores the parts instead of `scorer`."""
+
+    scorer: SliceScorer
+    sizes: list[int]
+    backend: Callable[[list], list] | None = None
+
+    incremental = True  # a promotion costs its new slice only
+
+    @property
+    def reference_examples(self) -> int:
+        """Forward examples spent scoring the unpruned merge on the slices (all of them: each is recorded)."""
+        return self.costs[-1]
+
+    def __post_init__(self) -> None:
+        full = self.scorer.full
+        self.tasks = list(full.engine.examples)
+        self.counts = [{name: len(examples) for name, examples in part.engine.examples.items()}
+                       for part in self.scorer.slices]
+        self.costs = list(np.cumsum([sum(counts.values()) for counts in self.counts]).tolist())
+        self.one_example = [100.0 / cost for cost in self.costs]
+        references = [part.reference_scores for part in self.scorer.slices]
+        self.references = [self._mean(references, rung) for rung in range(len(self.sizes) - 1)] + [full.reference]
+        self.parts: dict = {}  # candidate -> [{task: accuracy} per slice scored]
+
+    def _mean(self, parts: list[dict], rung: int) -> float:
+        """Mean normalized accuracy over slices 0..rung: each task's correct examples over its examples."""
+        from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
+
+        correct, total = dict.fromkeys(self.tasks, 0), dict.fromkeys(self.tasks, 0)
+        for index in range(rung + 1):
+            for task, accuracy in parts[index].items():
+                count = self.counts[index][task]
+                correct[task] += round(accuracy * count)
+                total[task] += count
+        scores = {task: correct[task] / total[task] for task in self.tasks if total[task]}
+        return mean_defined(normalized_accuracy(scores, self.scorer.full.experts)[0]) or 0.0
+
+    def __call__(self, items: list) -> list[float]:
+        """Scores of (rung, candidate[, rung scored before in this halving]) items: a candidate new to the full
+        set is scored by the full-set fitness; any other on the slices it has not been scored on."""
+        work, plan = [], []
+        for rung, candidate, *before in items:
+            if rung == len(self.sizes) - 1 and not before:
+                parts = [FULL]
+            else:
+                first = before[0] + 1 if before else 0
+                if first and len(self.parts.get(candidate, ())) != first:
+                    raise RuntimeError(f"promotion of {candidate} to rung {rung}: rung {first - 1} was not scored")
+                parts = list(range(first, rung + 1))
+            plan.append((rung, candidate, parts))
+            work.extend((part, candidate) for part in parts)
+        results = iter((self.backend or self.scorer)(work))
+        values = []
+        for rung, candidate, parts in plan:
+            if parts == [FULL]:
+                values.append(float(next(results)))
+                continue
+            scored = self.parts.setdefault(candidate, [])
+            if not parts[0]:
+                scored.clear()
+            scored.extend(next(results) for _ in parts)
+            values.append(self._mean(scored, rung) - self.references[rung])
+        return values
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(part.forward_passes for part in self.scorer.slices) + self.scorer.full.forward_passes
+
+
+def accuracy_ladder(full, sizes: list[int], seed: int) -> NestedLadder:
+    """The nested rungs `sizes` (examples per task, ascending; the last the full set, `full` itself)."""
+    return NestedLadder(slice_scorer(full, sizes, seed), list(sizes))
 
 
 @dataclass
 class LadderWorkerBuilder:
-    """Picklable: builds a worker's ladder on its device (the same subsets as the parent's)."""
+    """Picklable: builds a worker's slice scorer on its device (the same slices as the parent's)."""
 
     request: object  # SearchRequest
     lam: float
     experts: dict
-    references: list[float]
+    reference: float  # the unpruned merge's full-set fitness
     sizes: list[int]
     seed: int
 
-    def __call__(self, device: str) -> FidelityLadder:
+    def __call__(self, device: str) -> SliceScorer:
         from loramerge_cli.search.fitness import AccuracyFitness
         from loramerge_cli.search.problem import build_problem
 
         problem = build_problem(self.request, device, self.lam)
         full = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, self.experts,
-                               self.references[-1])
-        return accuracy_ladder(full, self.sizes, self.seed, self.references[:-1])
+                               self.reference)
+        return slice_scorer(full, self.sizes, self.seed, score_references=False)

@@ -52,8 +52,10 @@ class AccuracyFitness(CandidateMerges):
         super().__init__(adapters, settings, template, engine)
         self.experts = experts
         self.replay = BlockReplay(engine, module_paths(adapters), engine.settings.block_cache_mb)
+        self.reference_scores: dict[str, float] | None = None  # {task: accuracy} of the unpruned merge
         if reference is None:  # scored here; a worker is handed it and records the replay on first use
-            self.reference = self._mean(self._record_reference())
+            self.reference_scores = self._record_reference()
+            self.reference = self._mean(self.reference_scores)
             self.forward_passes += 1
         else:
             self.reference = reference
@@ -65,12 +67,16 @@ class AccuracyFitness(CandidateMerges):
         normalized, _ = normalized_accuracy(scores, self.experts)
         return mean_defined(normalized) or 0.0
 
-    def score(self, pruned: tuple[int, ...], lam: float | None) -> float:
-        """Mean normalized accuracy (points) of one candidate."""
+    def task_scores(self, pruned: tuple[int, ...], lam: float | None) -> dict[str, float]:
+        """{task: accuracy} of one candidate."""
         if self.replay.enabled and not self.replay.recorded:  # a worker: record the reference once
             self._record_reference()
         self.forward_passes += 1
-        return self._mean(self.replay.evaluate(self.candidate_deltas(pruned, lam)))
+        return self.replay.evaluate(self.candidate_deltas(pruned, lam))
+
+    def score(self, pruned: tuple[int, ...], lam: float | None) -> float:
+        """Mean normalized accuracy (points) of one candidate."""
+        return self._mean(self.task_scores(pruned, lam))
 
     def __call__(self, candidates: list[tuple[tuple[int, ...], float | None]]) -> list[float]:
         return [self.score(pruned, lam) - self.reference for pruned, lam in candidates]

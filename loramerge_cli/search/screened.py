@@ -32,7 +32,7 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable
@@ -69,6 +69,8 @@ class ScreenedSettings(EnmpSettings):
     noise_examples: float = 1.0  # tables within this many examples (100/(T·n_r) points each) of a cut go on too
     budget: int | None = None  # stop once this many distinct full-set evaluations are done
     greedy_pool: int = 8  # after the screen: greedy over this many best single units (0: off)
+    halve_screen: bool = False  # successive halving in the screen too (its singles), not only the generations
+    halve_greedy: bool = False  # ... and in the greedy phase's rounds
 
     def check(self) -> None:
         super().check()
@@ -146,7 +148,8 @@ class ScreenedSearch:
             memo[empty] = 0.0
         self.state = ScreenedState(0, None, np.random.RandomState(self.settings.seed).get_state(), scores,
                                    {empty: Evaluation((), None, 0.0, 0)})
-        self.state.forward_examples = sum(self.ladder.costs[rung] for rung in self.levels[:-1])  # subsets' references
+        if len(self.levels) > 1:  # the unpruned merge on the subsets (on the full set it is the baseline)
+            self.state.forward_examples = self.ladder.reference_examples
         if not self.settings.screen:
             self.state.step = 1  # no step 0
             self.state.strategy = self._new_strategy([self.settings.x0] * self.dimension)
@@ -221,12 +224,11 @@ class ScreenedSearch:
         full = self.levels[-1:]
         singles = [((i,), None) for i in range(self.dimension)] if self.k_max else []
         with stage(self.on_event, "screening single-unit prunings", len(singles)) as progress:
-            counts = self._halve(singles, progress, full)
-        gains = [state.memo[((i,), None)].fitness if ((i,), None) in state.memo else 0.0  # (--budget ran out)
-                 for i in range(self.dimension)]
-        order = sorted(range(self.dimension), key=lambda i: (-gains[i], i))  # best first
+            counts = self._halve(singles, progress, None if self.settings.halve_screen else full)
+        gains, order = self._screen_order()
         helpful = [i for i in order[: self.k_max] if gains[i] > 0]
-        greedy = self.settings.greedy_pool > 1 and self.k_max > 1 and bool(helpful)
+        greedy = (self.settings.greedy_pool > 1 and self.k_max > 1 and bool(helpful)
+                  and ((order[0],), None) in state.memo)  # its start is a full-set score
         # the stacks, unless the greedy phase follows (it scores the first, and adds units by their full-set gain)
         stacks = [] if greedy else [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
         more = self._halve([c for c in stacks if not self._scored(c)], None, full)
@@ -243,12 +245,18 @@ class ScreenedSearch:
                 "evaluations_per_rung": [a + b for a, b in zip(counts["per_rung"], more["per_rung"])],
                 "redraws": 0, "cache_hits": 0}
 
+    def _screen_order(self) -> tuple[list[float], list[int]]:
+        """Each single's gain (its score on the largest rung it reached; 0 if --budget ran out first) and the
+        units best first: those scored on more examples first, then by gain, then by index."""
+        reached = [self._reached(((i,), None)) for i in range(self.dimension)]
+        gains = [score for _, score in reached]
+        return gains, sorted(range(self.dimension), key=lambda i: (-reached[i][0], -gains[i], i))
+
     def _start_cma(self) -> None:
         """CMA-ES from the screen's prior; after the greedy phase, the helpful units are its table's, then the
         best helpful singles up to K_max."""
         state = self.state
-        gains = state.prior
-        order = sorted(range(self.dimension), key=lambda i: (-gains[i], i))
+        gains, order = self._screen_order()
         helpful = None
         if state.greedy:  # its table first, then the best helpful singles, up to K_max
             table = list(state.greedy["table"])
@@ -265,7 +273,7 @@ class ScreenedSearch:
         units = [i for i in greedy["pool"] if i not in table]
         options = [(tuple(sorted(table + [i])), None) for i in units]
         fresh = [c for c in options if c not in state.memo]
-        counts = self._halve(fresh, None, self.levels[-1:])
+        counts = self._halve(fresh, None, None if self.settings.halve_greedy else self.levels[-1:])
         scored = [(state.memo[c].fitness, -position, i) for position, (c, i) in enumerate(zip(options, units))
                   if c in state.memo]  # all of them, unless --budget ran out
         fitness, _, unit = max(scored, default=(0.0, 0, None))
@@ -345,6 +353,7 @@ class ScreenedSearch:
         levels = self.levels if levels is None else levels
         alive = list(dict.fromkeys(candidates))
         per_rung = [0] * len(self.levels)
+        before: dict = {}  # candidate -> the rung it was scored on in this call (a promotion's start)
         for position, rung in enumerate(levels):
             memo = state.scores[rung]
             fresh = [c for c in alive if c not in memo]
@@ -353,13 +362,17 @@ class ScreenedSearch:
             chunk = self.settings.popsize if progress else max(1, len(fresh))  # progress every popsize tables
             for start in range(0, len(fresh), chunk):
                 batch = fresh[start:start + chunk]
-                for candidate, value in zip(batch, ladder([(rung, c) for c in batch])):
+                items = [(rung, c, before[c]) if c in before else (rung, c) for c in batch]
+                for candidate, value in zip(batch, ladder(items)):
                     memo[candidate] = float(value)
-                    state.forward_examples += ladder.costs[rung]
+                    promoted = ladder.incremental and candidate in before
+                    cost = ladder.costs[rung] - (ladder.costs[before[candidate]] if promoted else 0)
+                    before[candidate] = rung
+                    state.forward_examples += cost
                     if rung == self.levels[-1]:
                         state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
                     if progress:
-                        progress(f"{ladder.costs[rung]} examples")
+                        progress(f"{cost} examples")
             per_rung[self.levels.index(rung)] = len(fresh)
             if position == len(levels) - 1 or not alive:
                 break
@@ -395,7 +408,8 @@ class ScreenedSearch:
             return self.state
         step, scores, history = read_state(path)
         ladder, run_dir, on_event = self.ladder, self.run_dir, self.on_event
-        self.ladder = replace(ladder, backend=SavedScores(scores, path))
+        self.ladder = SavedScores(scores, path, ladder.costs, ladder.one_example, ladder.incremental,
+                                  ladder.reference_examples)
         self.run_dir, self.on_event = None, lambda kind, data: None
         try:
             self.start()
@@ -414,14 +428,19 @@ STATE_FORMAT = "loramerge.screened-state/v1"
 
 @dataclass
 class SavedScores:
-    """A ladder backend that answers from a saved state's scores (a resumed search's replay)."""
+    """A ladder that answers from a saved state's scores (a resumed search's replay), with the costs of the
+    ladder it stands in for."""
 
     scores: list[dict]
     path: Path
+    costs: list[int]
+    one_example: list[float]
+    incremental: bool
+    reference_examples: int
 
     def __call__(self, items):
         try:
-            return [self.scores[rung][candidate] for rung, candidate in items]
+            return [self.scores[rung][candidate] for rung, candidate, *_ in items]
         except (KeyError, IndexError):
             raise LoramergeError(f"--resume: {self.path} does not match this search (its replay asks for a table "
                                  "it never scored); start a new run") from None
@@ -448,9 +467,9 @@ def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_coun
     """Runs (or resumes) a screened search on `fitness` (a `FidelityLadder`, or a plain fitness: the full set
     only); returns the best table's evaluation and the budget spent (full-set evaluations, forward examples,
     the step records)."""
-    from loramerge_cli.search.fidelity import FidelityLadder, single_rung
+    from loramerge_cli.search.fidelity import FidelityLadder, NestedLadder, single_rung
 
-    ladder = fitness if isinstance(fitness, FidelityLadder) else single_rung(fitness)
+    ladder = fitness if isinstance(fitness, (FidelityLadder, NestedLadder)) else single_rung(fitness)
     search = ScreenedSearch(settings, unit_count, task_count, ladder, run_dir, on_event)
     best = search.run(resume=resume)
     state = search.state
@@ -491,9 +510,9 @@ def fitness_ladder(settings: ScreenedSettings, fitness):
     examples = getattr(getattr(fitness, "engine", None), "examples", None)
     if not settings.halving or not examples or not hasattr(fitness, "experts"):
         return single_rung(fitness)
-    count = max(len(value) for value in examples.values())
-    return accuracy_ladder(fitness, rung_sizes(count, settings.rungs, settings.eta, settings.min_examples),
-                           settings.seed)
+    sizes = rung_sizes(max(len(value) for value in examples.values()), settings.rungs, settings.eta,
+                       settings.min_examples)
+    return accuracy_ladder(fitness, sizes, settings.seed) if len(sizes) > 1 else single_rung(fitness)
 
 
 def screened_ladder(request, fitness, workers):
@@ -504,5 +523,5 @@ def screened_ladder(request, fitness, workers):
     ladder = fitness_ladder(settings, fitness)
     if ladder.sizes is None:
         return ladder, SingleRungBuilder(workers)
-    return ladder, LadderWorkerBuilder(request, fitness.base_lambda, fitness.experts, ladder.references,
+    return ladder, LadderWorkerBuilder(request, fitness.base_lambda, fitness.experts, fitness.reference,
                                        ladder.sizes, settings.seed)

@@ -26,7 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ABLATIONS = {"screened_no_screen": {"screen": False}, "screened_no_greedy": {"greedy_pool": 0},
              "screened_no_redraw": {"redraws": 0}, "screened_no_halving": {"halving": False},
-             "screened_halve_screen": {"halve_screen": True}, "screened_halve_all": {"halve_screen": True, "halve_greedy": True}}
+             "screened_screen_rungs_2": {"screen_rungs": 2}, "screened_screen_rungs_3": {"screen_rungs": 3}}
 
 
 class SharedScores:

@@ -167,7 +167,8 @@ def test_resumed_provenance_forward_passes_equals_the_uninterrupted_runs(setting
     assert resumed["forward_passes"] == plain["forward_passes"]
 
 
-@pytest.mark.parametrize("flags", [["--no-screen", "--greedy-pool", "5"], ["--no-halving", "--eta", "7"]])
+@pytest.mark.parametrize("flags", [["--no-screen", "--greedy-pool", "5"], ["--no-halving", "--eta", "7"],
+                                   ["--no-halving", "--screen-rungs", "2"], ["--no-screen", "--screen-rungs", "3"]])
 def test_a_setting_whose_switch_is_off_is_a_usage_error(tmp_path, flags):
     """`--no-screen --greedy-pool 5` and `--no-halving --eta 7` ran without the greedy phase or the halving
     while the provenance recorded the values given (noticed by the review, no test then): exit 2 now."""

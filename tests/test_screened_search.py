@@ -12,7 +12,7 @@ import textwrap
 import pytest
 from factories import run_or_stop
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.search.decode import max_pruned
 from loramerge_cli.search.fidelity import FidelityLadder, rung_sizes
 from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings, prior_mean
@@ -252,6 +252,24 @@ class ExampleRung:
                 exact += generator.normal(0.0, 1.5 * (EXAMPLES / self.count) ** 0.5 - 1.5)
             values.append(one * round(exact / one))
         return values
+
+
+@pytest.mark.parametrize("screen_rungs", [2, 3])
+def test_a_halved_screen_scores_the_singles_on_the_subsets_first(screen_rungs):
+    """The singles are halved over the last `screen_rungs` rungs: only the best go on to the full set, the
+    greedy phase starts from the best full-set single, and the search still finds the best stack."""
+    ladder = table_ladder(GAINS)
+    settings = ScreenedSettings(popsize=6, generations=4, seed=1, max_prune=0.25, screen_rungs=screen_rungs)
+    search = ScreenedSearch(settings, 4, 3, ladder)
+    best = search.run()
+    assert best.pruned == (1, 3, 7)
+    screen = search.state.history[0]
+    per_rung = screen["evaluations_per_rung"]
+    assert per_rung[:3 - screen_rungs] == [0] * (3 - screen_rungs) and per_rung[3 - screen_rungs] == 12
+    assert 0 < per_rung[2] < 12  # only the best singles reach the full set
+    assert search.state.history[1]["phase"] == "greedy"
+    with pytest.raises(UsageError):
+        ScreenedSettings(screen_rungs=0).check()
 
 
 def enumerable_landscape(seed):

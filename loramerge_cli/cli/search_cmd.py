@@ -135,8 +135,9 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
             flag = f"--{parameter.name.replace('_', '-')}"
             if parameter.name not in own:
                 raise UsageError(f"{flag} is a setting of --strategy {other.name}, not of {strategy}")
-            if parameter.needs is not None and not flags[parameter.needs]:
-                raise UsageError(f"{flag} does nothing with --no-{parameter.needs.replace('_', '-')}")
+            for switch in parameter.needs:
+                if not flags[switch]:
+                    raise UsageError(f"{flag} does nothing with --no-{switch.replace('_', '-')}")
 
 
 def strategy_settings(flags: dict, strategy: str) -> dict:

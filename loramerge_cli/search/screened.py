@@ -4,7 +4,8 @@ each of which can be switched off.
 * **screen** (step 0): every single-unit pruning is scored once on the full validation set; the scores set
   the CMA-ES mean per unit (the units whose pruning helped most start above the threshold θ, the most
   harmful far below it). Without the greedy phase the "stacks" — the k best helpful singles pruned
-  together, k = 2 … K_max — are scored too. Off: the mean is the paper's x0 everywhere.
+  together, k = 2 … K_max — are scored too. Off: the mean is the paper's x0 everywhere. With
+  `screen_rungs` > 1 the singles are halved over that many rungs first (cheaper, a less exact start).
 * **greedy** (after the screen, on the full set): greedy leave-one-out restricted to the `greedy_pool`
   best single units — each round scores the current table plus each remaining pool unit and keeps the best,
   while it improves and the ρ cap allows (greedy's own first round is the screen). CMA-ES then starts
@@ -15,7 +16,8 @@ each of which can be switched off.
 * **halving** (successive halving, inside each CMA-ES generation): the generation's new tables are scored
   on the smallest seeded validation subset, the best 1/η go on to the next subset, and so on to the full
   validation set. The cut accounts for the noise: every table within `noise_examples` examples of the last
-  one kept goes on too (one example is 100 / (T·n_r) points on a subset of n_r examples per task).
+  one kept goes on too (one example is 100 / (T·n_r) points on a subset of n_r examples per task). On a
+  `NestedLadder` a promotion is scored, and counted, on the rung's new examples only.
   Off: every table is scored on the full set.
 
 CMA-ES ranks a generation by (the largest subset a table reached, its score there). Only full-set
@@ -69,8 +71,7 @@ class ScreenedSettings(EnmpSettings):
     noise_examples: float = 1.0  # tables within this many examples (100/(T·n_r) points each) of a cut go on too
     budget: int | None = None  # stop once this many distinct full-set evaluations are done
     greedy_pool: int = 8  # after the screen: greedy over this many best single units (0: off)
-    halve_screen: bool = False  # successive halving in the screen too (its singles), not only the generations
-    halve_greedy: bool = False  # ... and in the greedy phase's rounds
+    screen_rungs: int = 1  # the screen's singles are halved over the last this many rungs (1: the full set only)
 
     def check(self) -> None:
         super().check()
@@ -84,6 +85,8 @@ class ScreenedSettings(EnmpSettings):
             raise UsageError("--budget must be >= 1")
         if self.greedy_pool < 0:
             raise UsageError("--greedy-pool must be >= 0")
+        if self.screen_rungs < 1:
+            raise UsageError("--screen-rungs must be >= 1")
 
 
 @dataclass
@@ -224,7 +227,7 @@ class ScreenedSearch:
         full = self.levels[-1:]
         singles = [((i,), None) for i in range(self.dimension)] if self.k_max else []
         with stage(self.on_event, "screening single-unit prunings", len(singles)) as progress:
-            counts = self._halve(singles, progress, None if self.settings.halve_screen else full)
+            counts = self._halve(singles, progress, self.levels[-max(1, self.settings.screen_rungs):])
         gains, order = self._screen_order()
         helpful = [i for i in order[: self.k_max] if gains[i] > 0]
         greedy = (self.settings.greedy_pool > 1 and self.k_max > 1 and bool(helpful)
@@ -273,7 +276,7 @@ class ScreenedSearch:
         units = [i for i in greedy["pool"] if i not in table]
         options = [(tuple(sorted(table + [i])), None) for i in units]
         fresh = [c for c in options if c not in state.memo]
-        counts = self._halve(fresh, None, None if self.settings.halve_greedy else self.levels[-1:])
+        counts = self._halve(fresh, None, self.levels[-1:])
         scored = [(state.memo[c].fitness, -position, i) for position, (c, i) in enumerate(zip(options, units))
                   if c in state.memo]  # all of them, unless --budget ran out
         fitness, _, unit = max(scored, default=(0.0, 0, None))

@@ -47,7 +47,7 @@ class Parameter:
     default: object
     help: str
     flags: tuple[str, ...] = ()  # the option's flags; default --name (a bool: --name/--no-name)
-    needs: str | None = None  # a bool parameter of the same strategy without which this one does nothing
+    needs: tuple[str, ...] = ()  # bool parameters of the same strategy without which this one does nothing
 
 
 @dataclass(frozen=True)
@@ -141,13 +141,16 @@ SCREENED = Strategy(
                   "CMA-ES from it."),
         Parameter("greedy_pool", int, 8, "after the screen (--screen), greedy leave-one-out over this many best "
                   "single units (full validation set), CMA-ES started from its table (0 or 1: off).",
-                  needs="screen"),
+                  needs=("screen",)),
         Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off)."),
         Parameter("halving", bool, True, "score each generation's new tables on seeded validation subsets first "
                   "(successive halving; labelled --fitness accuracy only); the result's fitness is always the "
                   "full set's."),
         Parameter("eta", int, 3, "successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta².",
-                  needs="halving"),
+                  needs=("halving",)),
+        Parameter("screen_rungs", int, 1, "score the screen's single units on this many of the halving's rungs, "
+                  "the full set last (1: the full set only; 2: from n/eta; 3: from n/eta²): cheaper, a less "
+                  "exact start.", needs=("screen", "halving")),
     ),
     check=_check_screened, scoring=_screened_scoring)
 

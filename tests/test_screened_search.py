@@ -270,6 +270,8 @@ def test_a_halved_screen_scores_the_singles_on_the_subsets_first(screen_rungs):
     assert search.state.history[1]["phase"] == "greedy"
     with pytest.raises(UsageError):
         ScreenedSettings(screen_rungs=0).check()
+    with pytest.raises(UsageError):
+        ScreenedSettings(screen_rungs=4).check()
 
 
 def enumerable_landscape(seed):

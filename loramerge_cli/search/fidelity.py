@@ -6,10 +6,13 @@ smaller rungs'. A rung's fitness is measured against the unpruned merge on the s
 experts' full-set accuracies as the normaliser, so every rung estimates the same quantity; only the
 full set's score is ever reported as a table's fitness.
 
-On labelled accuracy (`NestedLadder`) the rungs are scored slice by slice: slice r is rung r's examples
-less rung r−1's. A table promoted from rung r−1 to rung r is scored on slice r only, and its rung-r
-accuracy counts the correct examples of both (accuracy is a mean over examples, so this is exactly the
-score of rung r's examples at once). A promotion costs the new examples only.
+On labelled accuracy (`NestedLadder`) the subsets are scored slice by slice: slice r is rung r's examples
+less rung r−1's. A table promoted from rung r−1 to a subset rung r is scored on slice r only, and its
+rung-r accuracy counts the correct examples of both slices (accuracy is a mean over examples). That is the
+score of rung r's examples at once up to the batches the examples share (a model's outputs for one
+example can depend, in the last bits, on its batch-mates; in half precision by more). The full set is
+never assembled from slices: a table reaching it is scored by the full-set fitness itself, so every
+full-set score is exactly what scoring the table on the validation set gives.
 """
 
 from __future__ import annotations
@@ -83,12 +86,15 @@ class FidelityLadder:
     backend: Callable[[list[RungItem]], list[float]] | None = None
     sizes: list[int] | None = None
 
-    incremental = False  # a promotion costs the whole rung
+    def work(self, rung: int, before: int | None = None) -> tuple[int, int]:
+        """(forward examples, forward passes) of scoring a table on `rung`, promoted from rung `before`
+        (None: new): the whole rung, one pass."""
+        return self.costs[rung], 1
 
     @property
-    def reference_examples(self) -> int:
-        """Forward examples spent scoring the unpruned merge on the subsets."""
-        return sum(self.costs[:-1])
+    def reference_work(self) -> tuple[int, int]:
+        """(forward examples, forward passes) spent scoring the unpruned merge on the subsets."""
+        return sum(self.costs[:-1]), len(self.costs) - 1
 
     def __call__(self, items: list) -> list[float]:
         if self.backend is not None:
@@ -120,14 +126,15 @@ class SliceScorer:
 
 
 def slice_scorer(full, sizes: list[int], seed: int, score_references: bool = True) -> SliceScorer:
-    """The slices of rungs `sizes` (examples per task, ascending, the last all of them) of `full`'s validation
-    set. `score_references` off (a worker): the unpruned merge is recorded on first use, not scored."""
+    """The slices of the subset rungs of `sizes` (examples per task, ascending, the last all of them: `full`
+    itself) of `full`'s validation set. `score_references` off (a worker): the unpruned merge is recorded on
+    first use, not scored."""
     from loramerge_cli.search.fitness import AccuracyFitness
 
     settings = replace(full.unit_settings, lam=full.base_lambda)
     orders = seeded_orders(full.engine, seed)
     slices = []
-    for index, size in enumerate(sizes):
+    for index, size in enumerate(sizes[:-1]):
         start = sizes[index - 1] if index else 0
         engine = subset_engine(full.engine, {name: order[start:size] for name, order in orders.items()})
         part = AccuracyFitness(full.adapters, settings, full.template, engine, full.experts,
@@ -146,12 +153,20 @@ class NestedLadder:
     sizes: list[int]
     backend: Callable[[list], list] | None = None
 
-    incremental = True  # a promotion costs its new slice only
+    def work(self, rung: int, before: int | None = None) -> tuple[int, int]:
+        """(forward examples, forward passes) of scoring a table on `rung`, promoted from rung `before`
+        (None: new): a promotion to a subset runs the new slices only; the full set is the full fitness."""
+        last = len(self.sizes) - 1
+        if rung == last:
+            return self.costs[last], 1
+        if before is None:
+            return self.costs[rung], rung + 1
+        return self.costs[rung] - self.costs[before], rung - before
 
     @property
-    def reference_examples(self) -> int:
-        """Forward examples spent scoring the unpruned merge on the slices (all of them: each is recorded)."""
-        return self.costs[-1]
+    def reference_work(self) -> tuple[int, int]:
+        """(forward examples, forward passes) spent scoring the unpruned merge on the subsets' slices."""
+        return self.costs[-2], len(self.sizes) - 1
 
     def __post_init__(self) -> None:
         full = self.scorer.full
@@ -159,9 +174,10 @@ class NestedLadder:
         self.counts = [{name: len(examples) for name, examples in part.engine.examples.items()}
                        for part in self.scorer.slices]
         self.costs = list(np.cumsum([sum(counts.values()) for counts in self.counts]).tolist())
+        self.costs.append(sum(len(examples) for examples in full.engine.examples.values()))
         self.one_example = [100.0 / cost for cost in self.costs]
         references = [part.reference_scores for part in self.scorer.slices]
-        self.references = [self._mean(references, rung) for rung in range(len(self.sizes) - 1)] + [full.reference]
+        self.references = [self._mean(references, rung) for rung in range(len(self.scorer.slices))] + [full.reference]
         self.parts: dict = {}  # candidate -> [{task: accuracy} per slice scored]
 
     def _mean(self, parts: list[dict], rung: int) -> float:
@@ -178,11 +194,11 @@ class NestedLadder:
         return mean_defined(normalized_accuracy(scores, self.scorer.full.experts)[0]) or 0.0
 
     def __call__(self, items: list) -> list[float]:
-        """Scores of (rung, candidate[, rung scored before in this halving]) items: a candidate new to the full
-        set is scored by the full-set fitness; any other on the slices it has not been scored on."""
+        """Scores of (rung, candidate[, rung scored before in this halving]) items: on the full set by the
+        full-set fitness; on a subset from the slices, running only those the candidate has not run."""
         work, plan = [], []
         for rung, candidate, *before in items:
-            if rung == len(self.sizes) - 1 and not before:
+            if rung == len(self.sizes) - 1:
                 parts = [FULL]
             else:
                 first = before[0] + 1 if before else 0

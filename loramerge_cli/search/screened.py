@@ -34,6 +34,7 @@ import json
 import math
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from statistics import NormalDist
@@ -85,8 +86,8 @@ class ScreenedSettings(EnmpSettings):
             raise UsageError("--budget must be >= 1")
         if self.greedy_pool < 0:
             raise UsageError("--greedy-pool must be >= 0")
-        if self.screen_rungs < 1:
-            raise UsageError("--screen-rungs must be >= 1")
+        if not 1 <= self.screen_rungs <= self.rungs:
+            raise UsageError(f"--screen-rungs must be from 1 to {self.rungs} (the subsets and the full set)")
 
 
 @dataclass
@@ -97,6 +98,7 @@ class ScreenedState:
     scores: list[dict]  # per rung: candidate -> score (points over the unpruned merge on that subset)
     memo: dict  # candidate -> Evaluation on the full validation set (the unpruned merge included)
     forward_examples: int = 0
+    forward_passes: int = 0  # evaluations run (a promotion: one per new slice), the subsets' references included
     history: list = field(default_factory=list)
     prior: list | None = None  # the screen's score per unit (None: no screen)
     greedy: dict | None = None  # the greedy phase: pool, table (units in the order added), fitness, done
@@ -152,7 +154,7 @@ class ScreenedSearch:
         self.state = ScreenedState(0, None, np.random.RandomState(self.settings.seed).get_state(), scores,
                                    {empty: Evaluation((), None, 0.0, 0)})
         if len(self.levels) > 1:  # the unpruned merge on the subsets (on the full set it is the baseline)
-            self.state.forward_examples = self.ladder.reference_examples
+            self.state.forward_examples, self.state.forward_passes = self.ladder.reference_work
         if not self.settings.screen:
             self.state.step = 1  # no step 0
             self.state.strategy = self._new_strategy([self.settings.x0] * self.dimension)
@@ -180,7 +182,7 @@ class ScreenedSearch:
         """Every table the ρ cap allows is scored (or `drawn` this generation): redraws cannot find a new one."""
         if self.feasible > 1 << 20:  # far more tables than any search scores
             return False
-        known = set(self.state.scores[self.levels[0]]) | set(self.state.memo) | set(drawn)
+        known = set(drawn).union(*(self.state.scores[rung] for rung in self.levels))
         return len(known) >= self.feasible
 
     # -- loop --------------------------------------------------------------------------------------
@@ -226,12 +228,12 @@ class ScreenedSearch:
         state = self.state
         full = self.levels[-1:]
         singles = [((i,), None) for i in range(self.dimension)] if self.k_max else []
-        with stage(self.on_event, "screening single-unit prunings", len(singles)) as progress:
-            counts = self._halve(singles, progress, self.levels[-max(1, self.settings.screen_rungs):])
+        counts = self._halve(singles, "screening single-unit prunings",
+                             self.levels[-max(1, self.settings.screen_rungs):])
         gains, order = self._screen_order()
         helpful = [i for i in order[: self.k_max] if gains[i] > 0]
-        greedy = (self.settings.greedy_pool > 1 and self.k_max > 1 and bool(helpful)
-                  and ((order[0],), None) in state.memo)  # its start is a full-set score
+        start = state.memo.get(((order[0],), None)) if order else None  # greedy's start: a full-set gain > 0
+        greedy = (self.settings.greedy_pool > 1 and self.k_max > 1 and start is not None and start.fitness > 0)
         # the stacks, unless the greedy phase follows (it scores the first, and adds units by their full-set gain)
         stacks = [] if greedy else [(tuple(sorted(helpful[:k])), None) for k in range(2, len(helpful) + 1)]
         more = self._halve([c for c in stacks if not self._scored(c)], None, full)
@@ -338,7 +340,8 @@ class ScreenedSearch:
 
     # -- successive halving ------------------------------------------------------------------------
     def _scored(self, candidate: Candidate) -> bool:
-        return candidate in self.state.scores[self.levels[0]] or candidate in self.state.memo
+        """Scored on some rung (a table is never scored twice: CMA-ES ranks it by the largest rung it reached)."""
+        return any(candidate in self.state.scores[rung] for rung in self.levels)
 
     def _reached(self, candidate: Candidate) -> tuple[int, float]:
         """(position of the largest rung scored, score there); the full set's position is the last."""
@@ -348,10 +351,11 @@ class ScreenedSearch:
                 return position, score
         return -1, 0.0  # not scored: --budget ran out first (ranked below every scored table)
 
-    def _halve(self, candidates: list[Candidate], progress: Callable[[str], None] | None = None,
+    def _halve(self, candidates: list[Candidate], stage_name: str | None = None,
                levels: list[int] | None = None) -> dict:
         """Score new candidates rung by rung (`levels`, default every rung), the best 1/η and those within
-        the noise margin of the cut moving on; `progress` (a stage's step) is called once per evaluation."""
+        the noise margin of the cut moving on; with `stage_name`, each rung is a progress stage of one step
+        per evaluation."""
         state, ladder = self.state, self.ladder
         levels = self.levels if levels is None else levels
         alive = list(dict.fromkeys(candidates))
@@ -362,20 +366,23 @@ class ScreenedSearch:
             fresh = [c for c in alive if c not in memo]
             if rung == self.levels[-1] and self.settings.budget is not None:  # the best first, within --budget
                 fresh = fresh[:max(0, self.settings.budget - (len(state.memo) - 1))]
-            chunk = self.settings.popsize if progress else max(1, len(fresh))  # progress every popsize tables
-            for start in range(0, len(fresh), chunk):
-                batch = fresh[start:start + chunk]
-                items = [(rung, c, before[c]) if c in before else (rung, c) for c in batch]
-                for candidate, value in zip(batch, ladder(items)):
-                    memo[candidate] = float(value)
-                    promoted = ladder.incremental and candidate in before
-                    cost = ladder.costs[rung] - (ladder.costs[before[candidate]] if promoted else 0)
-                    before[candidate] = rung
-                    state.forward_examples += cost
-                    if rung == self.levels[-1]:
-                        state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
-                    if progress:
-                        progress(f"{cost} examples")
+            name = stage_name and (stage_name if len(levels) == 1
+                                   else f"{stage_name}, subset {position + 1} of {len(levels)}")
+            chunk = self.settings.popsize if name else max(1, len(fresh))  # progress every popsize tables
+            with stage(self.on_event, name, len(fresh)) if name else nullcontext() as progress:
+                for start in range(0, len(fresh), chunk):
+                    batch = fresh[start:start + chunk]
+                    items = [(rung, c, before[c]) if c in before else (rung, c) for c in batch]
+                    for candidate, value in zip(batch, ladder(items)):
+                        memo[candidate] = float(value)
+                        examples, passes = ladder.work(rung, before.get(candidate))
+                        before[candidate] = rung
+                        state.forward_examples += examples
+                        state.forward_passes += passes
+                        if rung == self.levels[-1]:
+                            state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
+                        if progress:
+                            progress(f"{examples} examples")
             per_rung[self.levels.index(rung)] = len(fresh)
             if position == len(levels) - 1 or not alive:
                 break
@@ -411,8 +418,8 @@ class ScreenedSearch:
             return self.state
         step, scores, history = read_state(path)
         ladder, run_dir, on_event = self.ladder, self.run_dir, self.on_event
-        self.ladder = SavedScores(scores, path, ladder.costs, ladder.one_example, ladder.incremental,
-                                  ladder.reference_examples)
+        self.ladder = SavedScores(scores, path, ladder.costs, ladder.one_example, ladder.work,
+                                  ladder.reference_work)
         self.run_dir, self.on_event = None, lambda kind, data: None
         try:
             self.start()
@@ -438,8 +445,8 @@ class SavedScores:
     path: Path
     costs: list[int]
     one_example: list[float]
-    incremental: bool
-    reference_examples: int
+    work: Callable[..., tuple[int, int]]  # the ladder's: (forward examples, passes) of one evaluation
+    reference_work: tuple[int, int]
 
     def __call__(self, items):
         try:
@@ -476,10 +483,9 @@ def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_coun
     search = ScreenedSearch(settings, unit_count, task_count, ladder, run_dir, on_event)
     best = search.run(resume=resume)
     state = search.state
-    ran = sum(sum(record.get("evaluations_per_rung", [])) for record in state.history)
     return best, {"full_evaluations": len(state.memo) - 1, "forward_examples": state.forward_examples,
                   "history": state.history, "rung_examples": list(ladder.costs), "prior": state.prior,
-                  "forward_passes": ran + len(search.levels)}  # every rung's evaluations and its reference
+                  "forward_passes": state.forward_passes + 1}  # every evaluation run, the full set's reference
 
 
 # -- search-mask glue (the strategy registry's entry and worker processes) --------------------------

@@ -120,9 +120,15 @@ def _run_screened(request, fitness, space: SearchSpace, on_event) -> Outcome:
 
 
 def _check_screened(request) -> None:
-    from loramerge_cli.search.screened import screened_settings
+    from loramerge_cli.search.screened import ScreenedSettings, screened_settings
 
-    screened_settings(request).check()
+    settings = screened_settings(request)
+    settings.check()
+    if request.fitness != "accuracy":  # successive halving needs labelled accuracy: its settings would do nothing
+        for name in ("eta", "screen_rungs"):
+            if getattr(settings, name) != getattr(ScreenedSettings(), name):
+                raise UsageError(f"--{name.replace('_', '-')} does nothing with --fitness {request.fitness} "
+                                 "(successive halving scores labelled accuracy only)")
 
 
 def _screened_scoring(request, fitness, workers):

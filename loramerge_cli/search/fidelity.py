@@ -101,10 +101,6 @@ class FidelityLadder:
             return self.backend([item[:2] for item in items])
         return [self.rungs[rung]([candidate])[0] for rung, candidate, *_ in items]
 
-    @property
-    def forward_passes(self) -> int:
-        return sum(getattr(fitness, "forward_passes", 0) for fitness in self.rungs)
-
 
 def single_rung(fitness) -> FidelityLadder:
     """The full validation set only (multi-fidelity off, or a fitness without subsets)."""
@@ -222,6 +218,7 @@ class NestedLadder:
 
     @property
     def forward_passes(self) -> int:
+        """Evaluations this process ran (references included; not a worker's)."""
         return sum(part.forward_passes for part in self.scorer.slices) + self.scorer.full.forward_passes
 
 

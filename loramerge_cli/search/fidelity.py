@@ -84,7 +84,6 @@ class FidelityLadder:
     costs: list[int]
     one_example: list[float]
     backend: Callable[[list[RungItem]], list[float]] | None = None
-    sizes: list[int] | None = None
 
     def work(self, rung: int, before: int | None = None) -> tuple[int, int]:
         """(forward examples, forward passes) of scoring a table on `rung`, promoted from rung `before`

@@ -526,11 +526,11 @@ def fitness_ladder(settings: ScreenedSettings, fitness):
 
 def screened_ladder(request, fitness, workers):
     """The ladder of `fitness_ladder`, and the picklable builder of the same ladder in a worker process."""
-    from loramerge_cli.search.fidelity import LadderWorkerBuilder
+    from loramerge_cli.search.fidelity import LadderWorkerBuilder, NestedLadder
 
     settings = screened_settings(request)
     ladder = fitness_ladder(settings, fitness)
-    if ladder.sizes is None:
+    if not isinstance(ladder, NestedLadder):  # the full set only
         return ladder, SingleRungBuilder(workers)
     return ladder, LadderWorkerBuilder(request, fitness.base_lambda, fitness.experts, fitness.reference,
                                        ladder.sizes, settings.seed)

@@ -149,7 +149,8 @@ def search_progress(console, generations: int):
                 console.advance("generations", f"best {data['best_fitness']:+.3f}")
         elif kind == "screen":
             console.print(
-                f"screen: {data['new_evaluations']} tables scored ({data['full_evaluations']} on the full set), "
+                f"screen: {data.get('new_tables', data['new_evaluations'])} tables scored "
+                f"({data['full_evaluations']} on the full set), "
                 f"best {data['best_fitness']:+.3f}  forward examples {data['forward_examples']}", highlight=False)
             clock["started"] = time.monotonic()  # the generations' ETA starts after the screen
         elif kind == "greedy":

@@ -120,8 +120,8 @@ def strategy_options() -> list:
 
 
 def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
-    """A strategy setting given on the command line that would be ignored is a usage error: one of another
-    strategy, or one whose `needs` switch is off (`--no-screen --greedy-pool 4`)."""
+    """A setting of another strategy given on the command line is a usage error (one whose `needs` switch is
+    off, `--no-screen --greedy-pool 4`, is refused by the strategy's own check, for the library too)."""
     from loramerge_cli.errors import UsageError
     from loramerge_cli.search.strategies import STRATEGIES
 
@@ -135,9 +135,6 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
             flag = f"--{parameter.name.replace('_', '-')}"
             if parameter.name not in own:
                 raise UsageError(f"{flag} is a setting of --strategy {other.name}, not of {strategy}")
-            for switch in parameter.needs:
-                if not flags[switch]:
-                    raise UsageError(f"{flag} does nothing with --no-{switch.replace('_', '-')}")
 
 
 def strategy_settings(flags: dict, strategy: str) -> dict:

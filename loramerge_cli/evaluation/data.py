@@ -47,9 +47,11 @@ def load_examples(
     return Examples(task.name, split, inputs, labels, digest.hexdigest())
 
 
-def check_data(task_file: TaskFile, splits: list[str] | None = None) -> None:
+def check_data(task_file: TaskFile, splits: list[str] | None = None) -> dict[tuple[str, str], int]:
     """Read every row of every task's splits (all of them, or `splits` where the task has them) and check
-    its input columns and labels: the errors `load_examples` would raise, before any model loads."""
+    its input columns and labels: the errors `load_examples` would raise, before any model loads. Returns
+    the rows of each (task, split)."""
+    counts = {}
     for task in task_file.tasks:
         for split in splits or list(task.data):
             rows, class_names, source = _split_rows(task_file, task, split)
@@ -57,6 +59,8 @@ def check_data(task_file: TaskFile, splits: list[str] | None = None) -> None:
                 task_file.type.read_input(row, source, task_file, task)
                 if task.label is not None or source.is_dir():
                     _label_of(row, task_file, task, class_names)
+            counts[task.name, split] = len(rows)
+    return counts
 
 
 def check_task_file(path, splits: list[str] | None = None) -> TaskFile:

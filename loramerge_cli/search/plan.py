@@ -113,7 +113,14 @@ def check_splits(request: SearchRequest) -> None:
                 raise task_file.error(f"{task.where}.data.{split}", f"no such file {task.data[split]}{reason}")
     from loramerge_cli.evaluation.data import check_data
 
-    check_data(task_file, needed)  # every row's inputs and labels, before any adapter or model loads
+    rows = check_data(task_file, needed)  # every row's inputs and labels, before any adapter or model loads
+    strategy = strategy_named(request.strategy)
+    if strategy.check_data is not None:  # what the strategy needs of the data (the examples it will score)
+        split = request.eval.split
+        limits = {task.name: request.eval.val_limit if split == "validation" and request.eval.val_limit is not None
+                  else task.limit for task in task_file.tasks}
+        strategy.check_data(request, {name: min(count, limits[name] or count)
+                                      for (name, read), count in rows.items() if read == split})
 
 
 def check_extras(request: SearchRequest, plot: Path | None) -> None:

@@ -24,8 +24,8 @@ CMA-ES ranks a generation by (the largest subset a table reached, its score ther
 scores ever compete for the returned table, so its fitness is the full validation set's, and the
 unpruned merge (fitness 0) is in that memo from the start: the result is never worse than not pruning.
 The budget is counted twice: distinct full-set evaluations, and forward examples (each evaluation costs
-its subset's examples, summed over tasks). The whole state is written to the run directory after every
-step, so a killed run resumes to the same table.
+the examples it runs, summed over tasks: a promotion to the larger subset only the new ones). The whole
+state is written to the run directory after every step, so a killed run resumes to the same table.
 """
 
 from __future__ import annotations
@@ -138,6 +138,10 @@ class ScreenedSearch:
         self.ladder = ladder
         last = len(ladder.costs) - 1
         self.levels = list(range(last + 1)) if settings.halving else [last]
+        if settings.screen and settings.screen_rungs > len(self.levels):
+            raise LoramergeError(f"--screen-rungs {settings.screen_rungs}: this validation set gives "
+                                 f"{len(self.levels)} rung(s) (subsets under {settings.min_examples} examples per "
+                                 f"task are left out); use at most {len(self.levels)}")
         self.run_dir = Path(run_dir) if run_dir else None
         self.on_event = on_event
         self.state: ScreenedState | None = None
@@ -247,6 +251,7 @@ class ScreenedSearch:
         return {"phase": "screen", "mean_fitness": float(np.mean(fitnesses)) if fitnesses else 0.0,
                 "mean_sparsity": float(np.mean([len(c[0]) for c in singles + stacks] or [0])) / self.dimension,
                 "new_evaluations": counts["evaluations"] + more["evaluations"],
+                "new_tables": counts["tables"] + more["tables"],
                 "evaluations_per_rung": [a + b for a, b in zip(counts["per_rung"], more["per_rung"])],
                 "redraws": 0, "cache_hits": 0}
 
@@ -361,13 +366,14 @@ class ScreenedSearch:
         alive = list(dict.fromkeys(candidates))
         per_rung = [0] * len(self.levels)
         before: dict = {}  # candidate -> the rung it was scored on in this call (a promotion's start)
+        tables = 0  # distinct tables scored (a promotion is not another)
         for position, rung in enumerate(levels):
             memo = state.scores[rung]
             fresh = [c for c in alive if c not in memo]
             if rung == self.levels[-1] and self.settings.budget is not None:  # the best first, within --budget
                 fresh = fresh[:max(0, self.settings.budget - (len(state.memo) - 1))]
-            name = stage_name and (stage_name if len(levels) == 1
-                                   else f"{stage_name}, subset {position + 1} of {len(levels)}")
+            name = stage_name and (stage_name if len(levels) == 1 else f"{stage_name}, " + (
+                "full set" if rung == self.levels[-1] else f"subset of {ladder.costs[rung]} examples"))
             chunk = self.settings.popsize if name else max(1, len(fresh))  # progress every popsize tables
             with stage(self.on_event, name, len(fresh)) if name else nullcontext() as progress:
                 for start in range(0, len(fresh), chunk):
@@ -384,13 +390,14 @@ class ScreenedSearch:
                         if progress:
                             progress(f"{examples} examples")
             per_rung[self.levels.index(rung)] = len(fresh)
+            tables += len(fresh) if position == 0 else 0
             if position == len(levels) - 1 or not alive:
                 break
             ranked = sorted(alive, key=lambda c: (-memo[c], len(c[0]), c[0]))
             keep = math.ceil(len(ranked) / self.settings.eta)
             cut = memo[ranked[keep - 1]] - self.settings.noise_examples * ladder.one_example[rung]
             alive = [c for c in ranked if memo[c] >= cut]
-        return {"evaluations": sum(per_rung), "per_rung": per_rung}
+        return {"evaluations": sum(per_rung), "per_rung": per_rung, "tables": tables}
 
     # the best rule (highest full-set fitness; ties: fewest pruned, then earliest) is ENMP's
     best = EnmpSearch.best

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from loramerge_cli.errors import UsageError
+from loramerge_cli.errors import LoramergeError, UsageError
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Strategy:
     kind: str = "mask"  # "mask" (0/1 tables scored by a fitness) or "coefficients" (nsc)
     parameters: tuple[Parameter, ...] = ()
     check: Callable | None = None  # (request) -> None: its settings, before any work
+    check_data: Callable | None = None  # (request, {task: examples it scores}) -> None, before any model loads
     scoring: Callable | None = None  # (request, fitness, workers) -> (what `run` gets as its fitness, the
     # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
 
@@ -124,11 +125,33 @@ def _check_screened(request) -> None:
 
     settings = screened_settings(request)
     settings.check()
+    defaults = ScreenedSettings()
+    for parameter in SCREENED.parameters:  # the library refuses what the command line does (`needs`)
+        changed = getattr(settings, parameter.name) != getattr(defaults, parameter.name)
+        for switch in parameter.needs:
+            if changed and not getattr(settings, switch):
+                raise UsageError(f"--{parameter.name.replace('_', '-')} does nothing with "
+                                 f"--no-{switch.replace('_', '-')}")
     if request.fitness != "accuracy":  # successive halving needs labelled accuracy: its settings would do nothing
         for name in ("eta", "screen_rungs"):
-            if getattr(settings, name) != getattr(ScreenedSettings(), name):
+            if getattr(settings, name) != getattr(defaults, name):
                 raise UsageError(f"--{name.replace('_', '-')} does nothing with --fitness {request.fitness} "
                                  "(successive halving scores labelled accuracy only)")
+
+
+def _check_screened_data(request, examples: dict[str, int]) -> None:
+    """`--screen-rungs` asks for no more rungs than the validation set gives (small subsets are left out)."""
+    from loramerge_cli.search.fidelity import rung_sizes
+    from loramerge_cli.search.screened import screened_settings
+
+    settings = screened_settings(request)
+    if request.fitness != "accuracy" or not settings.halving or not settings.screen or not examples:
+        return
+    rungs = len(rung_sizes(max(examples.values()), settings.rungs, settings.eta, settings.min_examples))
+    if settings.screen_rungs > rungs:
+        raise LoramergeError(f"--screen-rungs {settings.screen_rungs}: {max(examples.values())} validation examples "
+                             f"per task give {rungs} rung(s) (subsets under {settings.min_examples} examples are left "
+                             f"out); use at most {rungs}")
 
 
 def _screened_scoring(request, fitness, workers):
@@ -158,7 +181,7 @@ SCREENED = Strategy(
                   "the full set last (1: the full set only; 2: from n/eta; 3: from n/eta²): cheaper, a less "
                   "exact start.", needs=("screen", "halving")),
     ),
-    check=_check_screened, scoring=_screened_scoring)
+    check=_check_screened, check_data=_check_screened_data, scoring=_screened_scoring)
 
 DEFAULT_STRATEGY = SCREENED.name
 

@@ -14,7 +14,7 @@ from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
 from loramerge_cli.search.rundir import CONFIG_NAME, STATE_NAMES, RunDirLock, protected_paths, run_dir_files
-from loramerge_cli.search.strategies import DEFAULT_STRATEGY, Strategy, strategy_named
+from loramerge_cli.search.strategies import DEFAULT_STRATEGY, Strategy, check_needs, strategy_named
 
 FITNESSES = ("accuracy", "nsc")
 
@@ -93,6 +93,7 @@ def check_request(request: SearchRequest) -> Strategy:
         check_at_least(request.budget, 1, "--budget")
         if request.sparsity is not None and not 0 < request.sparsity <= 1:
             raise UsageError("--sparsity must be in (0, 1]")
+    check_needs(strategy, request.options)
     if strategy.check is not None:
         strategy.check(request)
     return strategy

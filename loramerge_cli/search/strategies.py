@@ -64,6 +64,16 @@ class Strategy:
     # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
 
 
+def check_needs(strategy: Strategy, options: dict) -> None:
+    """A setting changed from its default while a switch it `needs` is off does nothing: a usage error."""
+    value = {parameter.name: options.get(parameter.name, parameter.default) for parameter in strategy.parameters}
+    for parameter in strategy.parameters:
+        for switch in parameter.needs:
+            if value[parameter.name] != parameter.default and not value[switch]:
+                raise UsageError(f"--{parameter.name.replace('_', '-')} does nothing with "
+                                 f"--no-{switch.replace('_', '-')}")
+
+
 def _budget(request) -> int:
     return request.budget or request.enmp.popsize * request.enmp.generations
 
@@ -126,12 +136,6 @@ def _check_screened(request) -> None:
     settings = screened_settings(request)
     settings.check()
     defaults = ScreenedSettings()
-    for parameter in SCREENED.parameters:  # the library refuses what the command line does (`needs`)
-        changed = getattr(settings, parameter.name) != getattr(defaults, parameter.name)
-        for switch in parameter.needs:
-            if changed and not getattr(settings, switch):
-                raise UsageError(f"--{parameter.name.replace('_', '-')} does nothing with "
-                                 f"--no-{switch.replace('_', '-')}")
     if request.fitness != "accuracy":  # successive halving needs labelled accuracy: its settings would do nothing
         for name in ("eta", "screen_rungs"):
             if getattr(settings, name) != getattr(defaults, name):

@@ -373,7 +373,7 @@ class ScreenedSearch:
             if rung == self.levels[-1] and self.settings.budget is not None:  # the best first, within --budget
                 fresh = fresh[:max(0, self.settings.budget - (len(state.memo) - 1))]
             name = stage_name and (stage_name if len(levels) == 1 else f"{stage_name}, " + (
-                "full set" if rung == self.levels[-1] else f"subset of {ladder.costs[rung]} examples"))
+                "full set" if rung == self.levels[-1] else f"subset ({ladder.costs[rung]} examples per table)"))
             chunk = self.settings.popsize if name else max(1, len(fresh))  # progress every popsize tables
             with stage(self.on_event, name, len(fresh)) if name else nullcontext() as progress:
                 for start in range(0, len(fresh), chunk):

@@ -177,7 +177,7 @@ class NestedLadder:
 
     def _mean(self, parts: list[dict], rung: int) -> float:
         """Mean normalized accuracy over slices 0..rung: each task's correct examples over its examples."""
-        from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
+        from loramerge_cli.search.fitness import mean_normalized
 
         correct, total = dict.fromkeys(self.tasks, 0), dict.fromkeys(self.tasks, 0)
         for index in range(rung + 1):
@@ -186,7 +186,7 @@ class NestedLadder:
                 correct[task] += round(accuracy * count)
                 total[task] += count
         scores = {task: correct[task] / total[task] for task in self.tasks if total[task]}
-        return mean_defined(normalized_accuracy(scores, self.scorer.full.experts)[0]) or 0.0
+        return mean_normalized(scores, self.scorer.full.experts)
 
     def __call__(self, items: list) -> list[float]:
         """Scores of (rung, candidate[, rung scored before in this halving]) items: on the full set by the

@@ -13,6 +13,11 @@ from loramerge_cli.masks import WeightTable
 from loramerge_cli.merging.merge import ResolvedMerge, module_paths, run_merge
 
 
+def mean_normalized(scores: dict[str, float], experts: dict[str, float]) -> float:
+    """Mean normalized accuracy (points) of {task: accuracy}; 0 if no task's is defined."""
+    return mean_defined(normalized_accuracy(scores, experts)[0]) or 0.0
+
+
 def pruned_table(template: WeightTable, pruned: tuple[int, ...]) -> WeightTable:
     """A 0/1 table with the flat indices i = u·T + t of `pruned` set to 0."""
     task_count = len(template.tasks)
@@ -64,8 +69,7 @@ class AccuracyFitness(CandidateMerges):
         return self.replay.record(self.candidate_deltas((), None))
 
     def _mean(self, scores: dict[str, float]) -> float:
-        normalized, _ = normalized_accuracy(scores, self.experts)
-        return mean_defined(normalized) or 0.0
+        return mean_normalized(scores, self.experts)
 
     def task_scores(self, pruned: tuple[int, ...], lam: float | None) -> dict[str, float]:
         """{task: accuracy} of one candidate."""

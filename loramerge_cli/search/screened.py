@@ -89,6 +89,12 @@ class ScreenedSettings(EnmpSettings):
         if not 1 <= self.screen_rungs <= self.rungs:
             raise UsageError(f"--screen-rungs must be from 1 to {self.rungs} (the subsets and the full set)")
 
+    def rung_sizes(self, count: int) -> list[int]:
+        """Examples per task of each halving rung on `count` validation examples per task (the last: all)."""
+        from loramerge_cli.search.fidelity import rung_sizes
+
+        return rung_sizes(count, self.rungs, self.eta, self.min_examples)
+
 
 @dataclass
 class ScreenedState:
@@ -521,13 +527,12 @@ def fitness_ladder(settings: ScreenedSettings, fitness):
     """The ladder a screened search scores on: seeded subsets of the validation set, then all of it, when
     `fitness` is labelled accuracy (it has an evaluation engine's examples) and halving is on; else the full
     set only."""
-    from loramerge_cli.search.fidelity import accuracy_ladder, rung_sizes, single_rung
+    from loramerge_cli.search.fidelity import accuracy_ladder, single_rung
 
     examples = getattr(getattr(fitness, "engine", None), "examples", None)
     if not settings.halving or not examples or not hasattr(fitness, "experts"):
         return single_rung(fitness)
-    sizes = rung_sizes(max(len(value) for value in examples.values()), settings.rungs, settings.eta,
-                       settings.min_examples)
+    sizes = settings.rung_sizes(max(len(value) for value in examples.values()))
     return accuracy_ladder(fitness, sizes, settings.seed) if len(sizes) > 1 else single_rung(fitness)
 
 

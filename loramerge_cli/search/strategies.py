@@ -145,13 +145,12 @@ def _check_screened(request) -> None:
 
 def _check_screened_data(request, examples: dict[str, int]) -> None:
     """`--screen-rungs` asks for no more rungs than the validation set gives (small subsets are left out)."""
-    from loramerge_cli.search.fidelity import rung_sizes
     from loramerge_cli.search.screened import screened_settings
 
     settings = screened_settings(request)
     if request.fitness != "accuracy" or not settings.halving or not settings.screen or not examples:
         return
-    rungs = len(rung_sizes(max(examples.values()), settings.rungs, settings.eta, settings.min_examples))
+    rungs = len(settings.rung_sizes(max(examples.values())))
     if settings.screen_rungs > rungs:
         raise LoramergeError(f"--screen-rungs {settings.screen_rungs}: {max(examples.values())} validation examples "
                              f"per task give {rungs} rung(s) (subsets under {settings.min_examples} examples are left "

@@ -238,3 +238,36 @@ def test_nsc_table_scores_a_command_s_table_as_the_command_reports_it(bundled, t
     assert rendered.row_count == 3
     assert nsc_table.row_flags("nsc_init_ta", 4)[-2:] == ["--init", "0.25"]  # ta's default λ, 1/T
     assert nsc_table.row_flags("nsc_init_ta", 3)[-1] == repr(1 / 3)
+
+
+def test_subset_ranking_measures_the_search_s_own_fitness(bundled):
+    import numpy as np
+
+    from examples import subset_ranking
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+    from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
+    from loramerge_cli.evaluation.specs import load_task_file
+    from loramerge_cli.masks import ones_table
+    from loramerge_cli.merging.merge import MergeConfig, resolve_config
+    from loramerge_cli.search.fitness import AccuracyFitness
+
+    setting = bundled / "text"
+    adapters = load_adapters([f"{t}={setting / 'adapters' / t}" for t in TEXT_TASKS])
+    engine = Evaluator(load_task_file(setting / "tasks.yaml"), adapters, EvalSettings(threads=1, batch_size=8))
+    experts = expert_scores(engine, ScoreCache())
+    fitness = AccuracyFitness(adapters, resolve_config(MergeConfig(merger="ta"), len(adapters)), ones_table(adapters),
+                              engine, experts)
+    reference = subset_ranking.example_outputs(engine, fitness.candidate_deltas((), None))
+    for table in [(0,), (1, 2, 5)]:
+        outputs = subset_ranking.example_outputs(engine, fitness.candidate_deltas(table, None))
+        expected = fitness.score(table, None) - fitness.reference
+        assert subset_ranking.subset_fitness(outputs, reference, experts, "accuracy") == pytest.approx(expected)
+        every = {task: np.arange(len(values["accuracy"]))[::-1] for task, values in outputs.items()}
+        assert subset_ranking.subset_fitness(outputs, reference, experts, "accuracy", every) == pytest.approx(expected)
+        for values in outputs.values():
+            assert np.all((values["probability"] > 0) & (values["probability"] <= 1))
+            assert np.array_equal(values["accuracy"] == 1, values["margin"] > 0)  # right exactly when ahead
+    groups = subset_ranking.table_groups({(unit,): float(-unit) for unit in range(20)}, 20)
+    assert [len(tables) for tables in groups.values()] == [20, 40, 40]
+    assert all(set(range(4)) <= set(table) for table in groups["best 4 singles + 2"])

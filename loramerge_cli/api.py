@@ -41,10 +41,14 @@ from loramerge_cli.plan import (
     write_pruned,
 )
 from loramerge_cli.pruning import apply_table
+from loramerge_cli.evaluation.settings import EvalSettings
+from loramerge_cli.search.enmp import EnmpSettings
+from loramerge_cli.search.nsc_settings import NscSettings
 from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
-    "Adapter", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult", "PrunePlan", "SearchPlan",
+    "Adapter", "EnmpSettings", "EvalSettings", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult",
+    "NscSettings", "PrunePlan", "SearchPlan",
     "SearchRequest", "TaskData", "WeightTable", "apply_table", "check_not_an_input", "check_table",
     "check_table_flags", "evaluate",
     "execute", "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table",
@@ -64,13 +68,14 @@ def merge(adapters: list[Adapter], config: MergeConfig | None = None, table: Wei
 def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind, data: None):
     """Run a planned search (`plan_search`); write its table to the plan's `out` (and the run directory's
     best.json) and its plots. `plan.request.adapters` may be loaded Adapters. Returns (WeightTable, provenance)."""
+    from loramerge_cli.outputs import write_result
     from loramerge_cli.search.runner import run_search
 
     table, provenance = run_search(plan.request, on_event)
-    if plan.out is not None:
-        table.save(plan.out)
     if plan.request.run_dir is not None:
         table.save(Path(plan.request.run_dir) / "best.json")
+    if plan.out is not None:  # what appeared there during the search is not replaced
+        write_result(plan.out, table.text(), plan.force)
     if plan.plot is not None:
         from loramerge_cli.search.plots import write_plots
 

@@ -53,3 +53,32 @@ def write_bytes(path: str | Path, data: bytes) -> None:
 
 def _commit(temporary: Path, path: Path) -> None:
     os.replace(temporary, path)
+
+
+def write_new(path: str | Path, text: str) -> None:
+    """Create `path` with `text`, atomically, only where nothing is: FileExistsError if something is there,
+    even if it appeared a moment ago (the finished file is linked into place, never renamed over it)."""
+    from loramerge_cli import interrupts
+
+    path = Path(path)
+    temporary = temporary_sibling(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_bytes(text.encode())
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        interrupts.check()
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            raise
+        except OSError:  # a file system without hard links: check, then rename (a far smaller window)
+            if os.path.lexists(path):
+                raise FileExistsError(path) from None
+            _commit(temporary, path)
+    except FileExistsError:
+        raise
+    except OSError as error:
+        raise LoramergeError(f"{path}: cannot write it ({error.strerror or error})") from None
+    finally:
+        temporary.unlink(missing_ok=True)

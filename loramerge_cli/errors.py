@@ -1,5 +1,7 @@
 """Errors that reach the user as one line, never as a traceback: data errors exit 1, usage errors exit 2."""
 
+import math
+
 
 class LoramergeError(Exception):
     """A data error (exit 1): a refused adapter, a mask that does not fit, an unreadable file."""
@@ -13,6 +15,22 @@ def check_seed(seed: int | None, flag: str = "--seed") -> None:
     """The one seed rule: seeds are >= 1 (pycma reads 0 as 'seed from the clock')."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 1):
         raise UsageError(f"{flag} must be an integer >= 1 (0 would mean a clock seed to CMA-ES)")
+
+
+def is_finite_number(value) -> bool:
+    """An int or float (not a bool) that is finite; an int too large for a float is not."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def check_integer(value, low: int, flag: str) -> None:
+    """`flag` must be an integer >= low (None: not given)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+        raise UsageError(f"{flag} must be an integer >= {low} (got {value!r})")
 
 
 def check_at_least(value, low: float, flag: str) -> None:

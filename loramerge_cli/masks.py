@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.units import sorted_units, unit_of
 from loramerge_cli.atomic import write_text
-from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.errors import LoramergeError, UsageError, is_finite_number
 
 FORMAT = "loramerge.mask/v1"
 
@@ -60,9 +59,13 @@ class WeightTable:
             out["provenance"] = self.provenance
         return out
 
+    def text(self) -> str:
+        """The table file's text."""
+        return json.dumps(self.to_json(), indent=2) + "\n"
+
     def save(self, path: str | Path) -> None:
         """Write atomically (temporary file, then rename)."""
-        write_text(path, json.dumps(self.to_json(), indent=2) + "\n")
+        write_text(path, self.text())
 
 
 def units_of(adapters: list[Adapter]) -> list[str]:
@@ -148,11 +151,10 @@ def _structure_problem(data) -> str | None:
     for row in data["weights"]:
         if not isinstance(row, list) or len(row) != len(data["units"]):
             return f"every row of 'weights' needs {len(data['units'])} numbers (one per unit)"
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in row):
+        if not all(is_finite_number(v) for v in row):
             return "'weights' holds a value that is not a finite number"
     scale = data.get("scale")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
-                              or not math.isfinite(scale)):
+    if scale is not None and not is_finite_number(scale):
         return "'scale' must be a finite number"
     return None
 
@@ -181,7 +183,11 @@ def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
 
 
 def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask") -> None:
-    """The table must name the same tasks, units and adapter weights (sha256) as the inputs."""
+    """The table must be well formed (one finite weight per task and unit) and name the same tasks, units and
+    adapter weights (sha256) as the inputs."""
+    problem = _structure_problem(table.to_json())  # a table built in code is checked as a file is
+    if problem is not None:
+        raise LoramergeError(f"{origin}: {problem}")
     names = [a.name for a in adapters]
     if table.tasks != names:
         raise LoramergeError(f"{origin}: tasks {table.tasks} do not match the adapters {names}")

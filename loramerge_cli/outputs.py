@@ -149,6 +149,48 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
     if kind == "file" and any((target.parent / name).is_file() for name in (MARKER, RECIPE_NAME)):
         raise LoramergeError(f"--out {out} is part of the output loramerge wrote in {out.parent} (its recipe "
                              "reads it); refusing to replace it, even with --force")
+    if kind == "file" and in_run_dir(target):
+        raise LoramergeError(f"--out {out} is part of the search run directory {out.parent} (--resume reads it); "
+                             "refusing to replace it, even with --force")
+
+
+def write_result(out: str | Path, text: str, force: bool, formats: tuple[str, ...] = ("loramerge.mask/",)) -> None:
+    """Write a command's result file when the work is done. What appeared at `out` while the command ran is
+    never replaced: without `force` the file is created only where nothing is; with it, what is there now must
+    still be what `guard_output` allows. Refused, the result is kept beside it and the error names that file."""
+    from loramerge_cli import atomic
+
+    out = Path(out)
+    target = Path(os.path.abspath(out.expanduser()))
+    try:
+        if force and os.path.lexists(target):
+            _check_replaceable(out, target, force, "file", formats)
+            atomic.write_text(target, text)
+        else:
+            atomic.write_new(target, text)
+        return
+    except FileExistsError:
+        reason = "appeared while the command ran"
+    except LoramergeError as error:
+        if not os.path.lexists(target) or "refusing to replace" not in str(error):
+            raise
+        reason = "changed while the command ran"
+    kept = target.with_name(f"{target.stem}.loramerge-{os.getpid()}{target.suffix}")
+    atomic.write_new(kept, text)
+    raise LoramergeError(f"--out {out} {reason}; it was not replaced, the result is in {kept}")
+
+
+def in_run_dir(path: Path) -> bool:
+    """`path` sits in a search's run directory: beside a search's config.json or a strategy's state."""
+    from loramerge_cli.search.rundir import CONFIG_FORMAT, CONFIG_NAME, STRATEGY_STATES
+
+    folder = path.parent
+    if any((folder / name).exists() for name in STRATEGY_STATES):
+        return True
+    try:
+        return json.loads((folder / CONFIG_NAME).read_bytes()).get("format") == CONFIG_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def written_by_loramerge(folder: Path) -> bool:

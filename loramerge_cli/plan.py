@@ -9,7 +9,6 @@ then its recorded λ). With `override` and another merger or method, the recorde
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -18,7 +17,7 @@ from loramerge_cli import outputs
 from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.writer import adapter_files, check_head, check_output_dir, write_merged_adapter
-from loramerge_cli.errors import LoramergeError, UsageError, check_at_least
+from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, is_finite_number
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import merge as merging
@@ -109,7 +108,7 @@ def check_recorded(table: WeightTable | None, adapter_count: int, origin: str = 
     recorded = recorded_settings(table)
     problem = None
     lam = recorded.get("lam")
-    if lam is not None and (isinstance(lam, bool) or not isinstance(lam, (int, float)) or not math.isfinite(lam)):
+    if lam is not None and not is_finite_number(lam):
         problem = f"lambda must be a finite number (got {lam!r})"
     for name in ("knots_scaled", "isotropize"):
         if name in recorded and not isinstance(recorded[name], bool):
@@ -118,7 +117,7 @@ def check_recorded(table: WeightTable | None, adapter_count: int, origin: str = 
         fields = {name: value for name, value in recorded.items() if name in SETTINGS}
         try:
             resolve_config(MergeConfig(**fields), adapter_count)
-        except (UsageError, TypeError, ValueError) as error:
+        except (UsageError, TypeError, ValueError, OverflowError) as error:
             problem = str(error).removeprefix("--")
     if problem is not None:
         raise LoramergeError(f"{origin}: its recorded merger settings cannot be used: {problem}")

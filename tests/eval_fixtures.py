@@ -162,7 +162,8 @@ class TextSetting:
 def build_text_setting(
     root: Path, task_names=("alpha", "beta", "gamma"), rows: int = 24, layers: int = 2
 ) -> TextSetting:
-    """Three NLI-like tasks on a tiny Llama classifier; `gamma` never uses class 1 (masked)."""
+    """Three NLI-like tasks on a tiny Llama classifier; `gamma` masks class 1 (its random labels include 1: those
+    rows always count as wrong)."""
     base = build_llama_classifier(root / "base", layers=layers)
     adapters, tasks = {}, []
     for index, name in enumerate(task_names):

@@ -346,7 +346,7 @@ def test_ctrl_c_at_any_moment_is_exit_130_and_no_output(good, tmp_path, delay): 
     finished_before = process.poll() is not None
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
-    if finished_before:  # the machine was faster than the delay: then it must have succeeded whole
+    if finished_before or process.returncode == 0:  # it ended before the signal came: then it succeeded whole
         assert process.returncode == 0 and (out / "adapter_model.safetensors").is_file()
         return
     assert process.returncode in (130, -signal.SIGINT), stderr  # -SIGINT: a shell shows 130 too
@@ -647,7 +647,7 @@ def test_ctrl_c_to_a_parallel_search_process_group(setting, tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode in (130, -signal.SIGINT), stderr
     assert stderr.strip().splitlines()[-1] == (f"interrupted; resume with: loramerge search-mask --run-dir "
-                                               f"{run_dir} --resume"), stderr
+                                               f"{run_dir} --resume --threads 1 --workers 2"), stderr  # as it ran
     assert not (tmp_path / "mask.json").exists()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:

@@ -222,8 +222,9 @@ def test_nsc_target_blocks_are_checked_before_the_model_loads(setting, tmp_path,
         raise AssertionError("the base model was loaded before --target-blocks was checked")
 
     monkeypatch.setattr(engine, "load_base", no_model)
-    result = _search(setting, "--strategy", "nsc", "--target-blocks", "99", "--steps", "1",
-                     "--out", tmp_path / "c.json")
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
+                         setting.tasks_file, "--val-limit", "4", "--threads", "1", "--quiet", "--strategy", "nsc",
+                         "--target-blocks", "99", "--steps", "1", "--out", tmp_path / "c.json"])
     _one_line_error(result)
     assert "--target-blocks" in result.stderr
 

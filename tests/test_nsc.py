@@ -99,6 +99,8 @@ def request(setting, **changes) -> SearchRequest:
         eval=EvalSettings(threads=1, batch_size=8), strategy="nsc",
         nsc=NscSettings(steps=6, batch_size=8, lr=0.05, checkpoint_every=2),
     )
+    if changes.get("strategy", "nsc") != "nsc":  # the label-free ENMP fitness reads no training setting
+        changes.setdefault("nsc", NscSettings(batch_size=8, checkpoint_every=2))
     return replace(base, **changes)
 
 

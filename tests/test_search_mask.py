@@ -33,6 +33,8 @@ def request(setting, **changes) -> SearchRequest:
         # the default strategy, scoring on subsets of 8 of the 24 validation examples per task first
         options={"min_examples": 8},
     )
+    if changes.get("strategy", "screened") != "screened":  # the options are the screened search's
+        changes.setdefault("options", {})
     return replace(base, **changes)
 
 

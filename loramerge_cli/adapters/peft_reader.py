@@ -14,7 +14,7 @@ import torch
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule
 from loramerge_cli.adapters.sources import default_name, resolve, sha256_file, split_name
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, is_finite_number
 
 # Config fields that change what a LoRA module computes; loramerge refuses them by name.
 REFUSED_FIELDS = {
@@ -100,7 +100,7 @@ def _positive_int(value) -> bool:
 
 
 def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_finite_number(value)
 
 
 def _names(value) -> bool:

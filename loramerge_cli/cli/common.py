@@ -24,7 +24,8 @@ MULTI_VALUE_OPTIONS = ("--adapters", "--merged")  # take several values after on
 ADAPTERS_HELP = "Adapters in task order: folders, .safetensors files or Hub ids, each optionally name=source."
 ALLOW_PICKLE_HELP = "DANGEROUS: also read pickle (.bin) weights; unpickling a file can run code."
 ALLOW_BASE_MISMATCH_HELP = "DANGEROUS: merge adapters whose configs name different base models."
-JSON_HELP = "Machine-readable output on stdout (human output goes to stderr)."
+JSON_HELP = ("Machine-readable output on stdout, and nothing else printed: no tables, progress or notes (warnings "
+             "are in the JSON; errors still go to stderr).")
 QUIET_HELP = "No progress or summary on stderr (errors are still printed)."
 THREADS_HELP = "Torch CPU threads. [default: OMP_NUM_THREADS if set, else torch's]"
 DEBUG_HELP = "Show the full traceback of errors."
@@ -168,13 +169,14 @@ def apply_threads(threads: int | None) -> None:
 
 
 def result_console():
-    """Rich console for a command's result (its tables): stdout, also under --quiet; text lines are not
-    wrapped when stdout is a file."""
+    """Rich console for a command's result (its tables): stdout, also under --quiet; when stdout is a file or a
+    pipe, text lines are not wrapped and tables are as wide as their contents (no name cut to `majority_k…`)."""
     import sys
 
     from rich.console import Console
 
-    return Console(soft_wrap=not sys.stdout.isatty())
+    terminal = sys.stdout.isatty()
+    return Console(soft_wrap=not terminal, width=None if terminal else 1000)
 
 
 def emit_json(data) -> None:

@@ -63,8 +63,9 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     """Score the base model, each expert on its own task, and each merged adapter on every task:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
     from loramerge_cli.errors import UsageError
-    from loramerge_cli.evaluation.data import check_task_file
     from loramerge_cli.evaluation import REPORT_FORMAT
+    from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
+    from loramerge_cli.evaluation.data import check_task_file
     from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output, read_inputs
 
     out = flags["out"]
@@ -78,6 +79,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     if flags["run_dir"] is not None:  # the score cache: written too
         check_not_working_folder(flags["run_dir"], "--run-dir")
         check_not_an_input(flags["run_dir"], files + folders, "--run-dir")
+        read_cache(Path(flags["run_dir"]) / CACHE_NAME)
     if out is not None:
         cache = [Path(flags["run_dir"]) / "scores.json"] if flags["run_dir"] else []
         guard_output(out, inputs=files + folders + cache, force=flags["force"], kind="file",
@@ -86,18 +88,15 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     from dataclasses import replace
 
     from loramerge_cli import api
-    from loramerge_cli.atomic import write_text
     from loramerge_cli.cli.common import human_console, result_console
     from loramerge_cli.cli.progress import ProgressDisplay
     from loramerge_cli.evaluation.settings import EvalSettings
     from loramerge_cli.evaluation.workers import EngineSource, MergedScorer
+    from loramerge_cli.outputs import write_result
     from loramerge_cli.search.backends import worker_pool
 
     experts = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
     merged = api.load_adapters(flags["merged"] or [], allow_pickle=flags["allow_pickle"])  # names unique
-    if {"base", "experts"} & {adapter.name for adapter in merged}:
-        raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
-                         "name=folder")
     settings = EvalSettings(**{name: flags[name] for name in ("split", "val_limit", "device", "dtype", "batch_size",
                                                               "threads", "length_normalize", "max_length")})
     if spread.devices:  # the driver scores the experts and the base on the workers' first device
@@ -108,8 +107,8 @@ def eval_command(ctx: typer.Context, **flags) -> None:
           ProgressDisplay(flags["quiet"] or flags["json_output"]) as display):
         report = api.evaluate(flags["tasks"], experts, merged, settings, base=flags["base"], run_dir=flags["run_dir"],
                               allow_pickle=flags["allow_pickle"], report=display, pool=pool)
-    if out is not None:
-        write_text(out, json.dumps(report, indent=2, default=str) + "\n")
+    if out is not None:  # what appeared there during the work is not replaced
+        write_result(out, json.dumps(report, indent=2, default=str) + "\n", flags["force"], (REPORT_FORMAT,))
     if flags["json_output"]:
         return emit_json(report)
     for title, key, mean_key in (("accuracy (%)", "accuracy", "mean_accuracy"),

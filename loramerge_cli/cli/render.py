@@ -136,13 +136,17 @@ def search_progress(console, generations: int):
             clock["started"] = time.monotonic()
         elif kind == "generation":
             done = data.get("cma_generation", data["generation"])  # the screened search's steps include others
+            if clock.get("before") is None:  # generations done before this process (a resumed run) took no time here
+                clock["before"] = done - 1
+            before = clock["before"]
+            left = eta(clock["started"], done - before, generations - before)
             if live and "generations" not in console.stages:  # started here: the label-free start differs
                 console.start("generations", generations)
             console.print(
                 f"gen {done:>3}/{generations}  best {data['best_fitness']:+.3f}  "
                 f"mean {data['mean_fitness']:+.3f}  sparsity {100 * data['mean_sparsity']:.1f}%  "
                 f"distinct {data['distinct_evaluated']}  cache hits {data['cache_hits']}  "
-                f"{data['seconds_per_evaluation']:.2f} s/eval  eta {eta(clock['started'], done, generations)}"
+                f"{data['seconds_per_evaluation']:.2f} s/eval  eta {left}"
                 + (f"  forward examples {data['forward_examples']}" if "forward_examples" in data else ""),
                 highlight=False)
             if live:

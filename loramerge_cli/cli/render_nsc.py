@@ -55,8 +55,8 @@ def nsc_summary(table, provenance: dict):
     from rich.console import Group
     from rich.table import Table
 
-    grid = Table(title="learned coefficients (rows: tasks)", title_justify="left")
-    grid.add_column("module")
+    grid = Table(title="learned coefficients (rows: modules, columns: tasks)", title_justify="left")
+    grid.add_column("module", no_wrap=True)
     for task in table.tasks:
         grid.add_column(task, justify="right")
     for column, unit in enumerate(table.units):

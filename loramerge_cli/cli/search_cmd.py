@@ -17,6 +17,7 @@ from loramerge_cli.cli.options import (
     output_options,
     resolve_backend,
     scale_options,
+    threads_option,
     with_options,
 )
 from loramerge_cli.merging.registry import DTYPES
@@ -84,8 +85,8 @@ def search_options() -> list:
         option("device", str, "cpu", help="Torch device of the search (and of each worker of --workers or "
                "--backend ray)."),
         *scale_options(),
-        option("threads", int | None, None, show_default=False, help="Torch threads per process (the same in "
-               "every process). [default: OMP_NUM_THREADS if set, else min(8, CPUs); CPUs / N with --workers N]"),
+        threads_option("Torch threads per process (the same in every process). [default: OMP_NUM_THREADS if set, "
+                       "else min(8, CPUs); CPUs / N with --workers N]"),
         option("batch_size", int, 16, help="Evaluation batch size; nsc: examples per task and step."),
         option("eval_dtype", choice(DTYPES), "float32", help="Dtype of the evaluated model."),
         option("max_length", int | None, None, show_default=False, help="Token cap of tasks whose spec sets none. "
@@ -178,7 +179,11 @@ def search_command(ctx: typer.Context, **flags) -> None:
 def resumed_flags(ctx: typer.Context, flags: dict) -> dict:
     """With --run-dir and --resume, the saved run's flags under the ones given now (which must equal them,
     bar where the table goes and how the search runs); then --adapters, --tasks and --out must be known."""
-    if flags["resume"] and flags["run_dir"] is not None:
+    if flags["resume"] and flags["run_dir"] is None:
+        from loramerge_cli.errors import UsageError
+
+        raise UsageError("--resume needs --run-dir (the folder of the search to continue)")
+    if flags["resume"]:
         from loramerge_cli.search.rundir import resumed_flags as saved_flags
 
         sources = {name: ctx.get_parameter_source(name) for name in flags}  # typer vendors click: compare names

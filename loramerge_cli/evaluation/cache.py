@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from loramerge_cli.atomic import write_text
@@ -21,15 +22,7 @@ class ScoreCache:
 
     def __init__(self, run_dir: str | Path | None = None):
         self.file = Path(run_dir) / CACHE_NAME if run_dir is not None else None
-        self.scores: dict[str, float] = {}
-        if self.file is not None and self.file.is_file():
-            try:
-                self.scores = json.loads(self.file.read_bytes())
-            except (OSError, ValueError):
-                self.scores = None
-            if not isinstance(self.scores, dict) or not all(
-                    isinstance(value, (int, float)) for value in self.scores.values()):
-                raise LoramergeError(f"{self.file}: unreadable score cache; delete it to start afresh")
+        self.scores: dict[str, float] = read_cache(self.file) if self.file is not None else {}
 
     def get(self, key: str) -> float | None:
         return self.scores.get(key)
@@ -39,6 +32,26 @@ class ScoreCache:
         if self.file is None:
             return
         write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
+
+
+def read_cache(file: Path) -> dict[str, float]:
+    """A score cache's scores ({} when there is none); a file that is not one (a user's scores.json, an eval
+    report) is refused in one line and never written."""
+    if not file.is_file():
+        if os.path.lexists(file):
+            raise LoramergeError(f"{file} is not a file; give --run-dir a folder of its own")
+        return {}
+    try:
+        scores = json.loads(file.read_bytes())
+    except (OSError, ValueError):
+        scores = None
+    if not isinstance(scores, dict) or not all(
+            isinstance(key, str) and len(key) == 64 and set(key) <= set("0123456789abcdef")
+            and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+            for key, value in scores.items()):
+        raise LoramergeError(f"{file} is not a score cache loramerge wrote (it is never written over); give "
+                             "--run-dir a folder of its own")
+    return scores
 
 
 def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:

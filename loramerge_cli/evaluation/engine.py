@@ -209,8 +209,12 @@ class Evaluator:
                     weight, original = self.modules[path].weight, self.base_weights[path]
                     touched.append(path)
                     compute = torch.promote_types(weight.dtype, torch.float32)
-                    patched = original.to(compute) + delta.dense(self.device, compute)
-                    weight.copy_(patched.to(weight.dtype))
+                    patched = (original.to(compute) + delta.dense(self.device, compute)).to(weight.dtype)
+                    if not bool(torch.isfinite(patched).all()):  # scores of such a model would mean nothing
+                        raise LoramergeError(f"module {path}: the evaluated weight has NaN or Inf values in "
+                                             f"{str(weight.dtype).removeprefix('torch.')} (an update beyond its range? "
+                                             "a smaller λ or another dtype)")
+                    weight.copy_(patched)
             yield
         finally:
             with torch.no_grad():

@@ -40,6 +40,8 @@ def eval_report(
     Expert and base scores are read from (and written to) the run directory's cache when given; `pool`, if
     given, scores the merged adapters on its workers (`MergedScorer`, evaluation/workers.py).
     """
+    settings = settings or EvalSettings()
+    check_request(tasks_file, experts, merged or [], settings, run_dir)
     task_file = load_task_file(tasks_file)
     engine = Evaluator(task_file, experts, settings, base=base, allow_pickle=allow_pickle)
     cache = ScoreCache(run_dir)
@@ -75,6 +77,30 @@ def eval_report(
         "rows": rows,
         "warnings": warnings,
     }
+
+
+def check_request(tasks_file, experts: list, merged: list, settings: EvalSettings, run_dir) -> None:
+    """What `eval` refuses before any model loads: settings out of range, a merge named as a report row, a run
+    directory that is (or holds, or sits in) an input or holds a file that is not a score cache."""
+    from pathlib import Path
+
+    from loramerge_cli.errors import UsageError
+    from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
+    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder
+
+    settings.check()
+    if {"base", "experts"} & {adapter.name for adapter in merged}:
+        raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
+                         "name=folder")
+    if run_dir is None:
+        return
+    inputs = [Path(tasks_file)]
+    for adapter in [*experts, *merged]:
+        weights = Path(adapter.source.weights_file)
+        inputs.append(weights.parent if adapter.source.kind == "dir" else weights)
+    check_not_working_folder(run_dir, "--run-dir")
+    check_not_an_input(run_dir, inputs, "--run-dir")
+    read_cache(Path(run_dir) / CACHE_NAME)
 
 
 def _score_each_task(engine: Evaluator, adapter, tasks: list[str], step) -> dict[str, float]:

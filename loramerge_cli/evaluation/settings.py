@@ -19,3 +19,17 @@ class EvalSettings:
     sample_seed: int = 0  # which examples a limit keeps
     max_length: int | None = None  # token cap of tasks that set none; None: the model's (model_max_length)
     block_cache_mb: float = 1024  # searches: reference block outputs kept to skip unchanged blocks (0: off)
+
+    def check(self) -> None:
+        """Every setting in range (a usage error naming the flag), before any file is read."""
+        import math
+
+        from loramerge_cli.errors import UsageError, check_integer
+        from loramerge_cli.merging.registry import DTYPES
+
+        for name, low in (("val_limit", 1), ("batch_size", 1), ("threads", 1), ("max_length", 2)):
+            check_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
+        if self.dtype not in (*DTYPES, "float64"):
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+        if not isinstance(self.block_cache_mb, (int, float)) or not 0 <= self.block_cache_mb < math.inf:
+            raise UsageError("--block-cache-mb must be a number >= 0")

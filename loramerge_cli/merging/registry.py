@@ -12,6 +12,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
+from loramerge_cli.errors import is_finite_number
+
 
 class LazyModule:
     """A kernel module imported on first attribute use (after `loramerge --help` has answered)."""
@@ -53,8 +55,8 @@ class Parameter:
         """An error message, or None if `value` is allowed."""
         if self.choices:
             return None if value in self.choices else f"--{self.flag} must be one of {', '.join(self.choices)}"
-        if not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
-            return f"--{self.flag} must be a finite number (got {value})"
+        if not is_finite_number(value):
+            return f"--{self.flag} must be a finite number (got {value!r})"
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return f"--{self.flag} must be {'>' if self.low_open else '>='} {self.low} (got {value})"
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from loramerge_cli import atomic
-from loramerge_cli.errors import LoramergeError, UsageError, check_seed
+from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed
 from loramerge_cli.search.decode import decode_mask, decode_scale, max_pruned
 
 Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or None)
@@ -42,10 +42,8 @@ class EnmpSettings:
         check_seed(self.seed)
         if not 0.0 < self.max_prune <= 1.0:
             raise UsageError("--max-prune must be in (0, 1]")
-        if self.popsize < 2:
-            raise UsageError("--popsize must be >= 2")
-        if self.generations < 1:
-            raise UsageError("--generations must be >= 1")
+        check_integer(self.popsize, 2, "--popsize")
+        check_integer(self.generations, 1, "--generations")
         if not (math.isfinite(self.sigma0) and self.sigma0 > 0):
             raise UsageError(f"--sigma0 must be a finite number > 0 (got {self.sigma0})")
         if not math.isfinite(self.threshold):

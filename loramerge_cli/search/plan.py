@@ -5,16 +5,22 @@ refuses a bad request in one line before a model loads. `runner.run_search` then
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, check_seed
+from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed
 from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
 from loramerge_cli.search.rundir import CONFIG_NAME, STATE_NAMES, RunDirLock, protected_paths, run_dir_files
-from loramerge_cli.search.strategies import DEFAULT_STRATEGY, Strategy, check_needs, strategy_named
+from loramerge_cli.search.strategies import (
+    DEFAULT_STRATEGY,
+    Strategy,
+    check_needs,
+    check_options,
+    check_unused,
+    strategy_named,
+)
 
 FITNESSES = ("accuracy", "nsc")
 
@@ -69,11 +75,7 @@ def check_request(request: SearchRequest) -> Strategy:
     if request.fitness not in FITNESSES:
         raise UsageError(f"--fitness must be one of {', '.join(FITNESSES)} (got {request.fitness!r})")
     check_seed(request.enmp.seed)
-    check_at_least(request.eval.val_limit, 1, "--val-limit")
-    check_at_least(request.eval.batch_size, 1, "--batch-size")
-    check_at_least(request.eval.max_length, 2, "--max-length")
-    if not 0 <= request.eval.block_cache_mb < math.inf:
-        raise UsageError("--block-cache-mb must be a number >= 0")
+    request.eval.check()
     if request.resume and not strategy.resumable:
         raise UsageError(f"--strategy {strategy.name} cannot resume a run; rerun it without --resume")
     if request.resume and request.run_dir is None:
@@ -90,9 +92,12 @@ def check_request(request: SearchRequest) -> Strategy:
                              "search")
     if strategy.kind == "mask":
         request.enmp.check()
-        check_at_least(request.budget, 1, "--budget")
-        if request.sparsity is not None and not 0 < request.sparsity <= 1:
-            raise UsageError("--sparsity must be in (0, 1]")
+        check_integer(request.budget, 1, "--budget")
+        if request.sparsity is not None and not 0 < request.sparsity <= request.enmp.max_prune:
+            raise UsageError(f"--sparsity must be in (0, --max-prune {request.enmp.max_prune:g}] (got "
+                             f"{request.sparsity:g})")
+    check_unused(strategy, request)
+    check_options(strategy, request.options)
     check_needs(strategy, request.options)
     if strategy.check is not None:
         strategy.check(request)
@@ -183,8 +188,10 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
 
             read_nsc_state(run_dir / STATE_NAME)
         return
-    if any((run_dir / name).exists() for name in rundir.STRATEGY_STATES):
-        raise LoramergeError(f"{run_dir} already holds a search; pass --resume to continue it, or another --run-dir")
+    held = [name for name in rundir.STATE_NAMES if (run_dir / name).exists()]
+    if held:  # a search's state, or a finished one's table (greedy and random save only best.json)
+        raise LoramergeError(f"{run_dir} already holds a search ({held[0]}); pass --resume to continue it, or "
+                             "another --run-dir")
     if write:
         rundir.write_config(run_dir, config, request.flags, digests)
 
@@ -226,6 +233,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
     """--out (a file), --plot (a folder for PLOT_NAMES) and --run-dir (a folder): none over, holding or inside
     an input, the working folder, or each other; nothing of the user's replaced (--force: only what
     loramerge wrote)."""
+    from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
     from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output
     from loramerge_cli.search.plots import PLOT_NAMES
 
@@ -257,6 +265,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
                 raise LoramergeError(f"--run-dir {run_dir} holds {foreign[0]}, which no search of loramerge wrote "
                                      "there; give a new folder")
         RunDirLock(run_dir).check_free()
+        read_cache(run_dir / CACHE_NAME)  # a scores.json loramerge did not write is refused, not written into
 
 
 def check_prunable(request: SearchRequest) -> None:

@@ -88,6 +88,21 @@ def _label_free(request: SearchRequest, run_dir: Path | None, on_event) -> Score
 
 
 FITNESSES: dict[str, Callable] = {"accuracy": _labelled, "nsc": _label_free}
+# How the run ran (not saved with it): the resume command repeats those given, with their defaults here.
+HINTED_FLAGS = {"threads": None, "device": "cpu", "devices": None, "workers": None, "backend": "process",
+                "ray_address": None, "block_cache_mb": 1024}
+
+
+def resume_command(request: SearchRequest) -> str:
+    """The command that resumes this run as it ran (its threads, devices and backend; not saved in the run)."""
+    import shlex
+
+    words = ["loramerge", "search-mask", "--run-dir", str(request.run_dir), "--resume"]
+    flags = request.flags or {}
+    for name, default in HINTED_FLAGS.items():
+        if flags.get(name) not in (None, default):
+            words += [f"--{name.replace('_', '-')}", str(flags[name])]
+    return shlex.join(words)
 
 
 def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = lambda kind, data: None):
@@ -98,7 +113,7 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     from loramerge_cli import interrupts
     from loramerge_cli.search.rundir import RunDirLock
 
-    interrupts.set_hint(f"resume with: loramerge search-mask --run-dir {request.run_dir} --resume")
+    interrupts.set_hint(f"resume with: {resume_command(request)}")
     run_dir = Path(request.run_dir)
     before = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
     try:

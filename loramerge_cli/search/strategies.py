@@ -48,6 +48,7 @@ class Parameter:
     help: str
     flags: tuple[str, ...] = ()  # the option's flags; default --name (a bool: --name/--no-name)
     needs: tuple[str, ...] = ()  # bool parameters of the same strategy without which this one does nothing
+    off: tuple = ()  # values that switch this setting off: allowed whatever its `needs` are
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,24 @@ class Strategy:
     check_data: Callable | None = None  # (request, {task: examples it scores}) -> None, before any model loads
     scoring: Callable | None = None  # (request, fitness, workers) -> (what `run` gets as its fitness, the
     # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
+    uses: frozenset[str] = frozenset()  # the SHARED_SETTINGS it reads (the others are refused if changed)
+
+
+def check_options(strategy: Strategy, options: dict) -> None:
+    """`options` holds the strategy's own settings, each of its declared type (a float setting takes an int; a bool
+    is no number). Other names only where the strategy's `check` reads them (the screened search's library-only
+    settings: rungs, min_examples, noise_examples)."""
+    own = {parameter.name: parameter for parameter in strategy.parameters}
+    for name, value in options.items():
+        parameter = own.get(name)
+        if parameter is None and strategy.check is None:
+            raise UsageError(f"--strategy {strategy.name} has no setting {name}"
+                             + (f" (it has: {', '.join(own)})" if own else ""))
+        if parameter is None:
+            continue
+        accepted = (int, float) if parameter.type is float else parameter.type
+        if isinstance(value, bool) != (parameter.type is bool) or not isinstance(value, accepted):
+            raise UsageError(f"--{name.replace('_', '-')} must be {parameter.type.__name__} (got {value!r})")
 
 
 def check_needs(strategy: Strategy, options: dict) -> None:
@@ -69,9 +88,30 @@ def check_needs(strategy: Strategy, options: dict) -> None:
     value = {parameter.name: options.get(parameter.name, parameter.default) for parameter in strategy.parameters}
     for parameter in strategy.parameters:
         for switch in parameter.needs:
-            if value[parameter.name] != parameter.default and not value[switch]:
+            if value[parameter.name] not in (parameter.default, *parameter.off) and not value[switch]:
                 raise UsageError(f"--{parameter.name.replace('_', '-')} does nothing with "
                                  f"--no-{switch.replace('_', '-')}")
+
+
+# Settings several strategies share, by the request field that holds them (the others are the request's own).
+SHARED_SETTINGS = {"enmp": ("max_prune", "popsize", "generations", "sigma0", "threshold", "addscale"),
+                   "nsc": ("steps", "lr", "init", "objective"), None: ("budget", "sparsity")}
+NSC_OBJECTIVE = frozenset({"objective"})  # what a label-free --fitness nsc reads of NSC's settings
+
+
+def check_unused(strategy: Strategy, request) -> None:
+    """A shared setting changed from its default that the strategy (and its fitness) never reads does nothing:
+    a usage error, as the CLI's other strategies' options are."""
+    from dataclasses import fields
+
+    uses = strategy.uses | (NSC_OBJECTIVE if request.fitness == "nsc" else frozenset())
+    for holder, names in SHARED_SETTINGS.items():
+        given = getattr(request, holder) if holder else request
+        defaults = {f.name: f.default for f in fields(given)}
+        for name in names:
+            if name not in uses and getattr(given, name) != defaults[name]:
+                raise UsageError(f"--{name.replace('_', '-')} does nothing with --strategy {strategy.name}"
+                                 + (f" --fitness {request.fitness}" if request.fitness != "accuracy" else ""))
 
 
 def _budget(request) -> int:
@@ -109,11 +149,12 @@ def _run_greedy(request, fitness, space: SearchSpace, on_event) -> Outcome:
 
 def _run_random(request, fitness, space: SearchSpace, on_event) -> Outcome:
     from loramerge_cli.search.baselines import random_search
+    from loramerge_cli.search.decode import max_pruned
 
     history, on_round = _rounds(on_event)
     flat = space.unit_count * space.task_count
     sparsity = request.sparsity if request.sparsity is not None else request.enmp.max_prune / 2
-    count = max(1, min(flat, round(sparsity * flat)))
+    count = max(1, min(max_pruned(request.enmp.max_prune, space.unit_count, space.task_count), round(sparsity * flat)))
     ledger = random_search(fitness, flat, count, _budget(request), request.enmp.seed, on_round)
     return Outcome(ledger.best(), len(ledger.memo) - 1, history)
 
@@ -173,7 +214,7 @@ SCREENED = Strategy(
                   "CMA-ES from it."),
         Parameter("greedy_pool", int, 8, "after the screen (--screen), greedy leave-one-out over this many best "
                   "single units (full validation set), CMA-ES started from its table (0 or 1: off).",
-                  needs=("screen",)),
+                  needs=("screen",), off=(0, 1)),
         Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off)."),
         Parameter("halving", bool, True, "score each generation's new tables on seeded validation subsets first "
                   "(successive halving; labelled --fitness accuracy only); the result's fitness is always the "
@@ -184,18 +225,23 @@ SCREENED = Strategy(
                   "the full set last (1: the full set only; 2: from n/eta; 3: from n/eta²): cheaper, a less "
                   "exact start.", needs=("screen", "halving")),
     ),
-    check=_check_screened, check_data=_check_screened_data, scoring=_screened_scoring)
+    check=_check_screened, check_data=_check_screened_data, scoring=_screened_scoring,
+    uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale", "budget"}))
+# (screened reads addscale only to refuse it with its own message)
 
 DEFAULT_STRATEGY = SCREENED.name
 
 STRATEGIES: dict[str, Strategy] = {
     "screened": SCREENED,
-    "enmp": Strategy("enmp", "CMA-ES over the binary table (ENMP)", True, _run_enmp),
+    "enmp": Strategy("enmp", "CMA-ES over the binary table (ENMP)", True, _run_enmp,
+                     uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale"})),
     "greedy": Strategy("greedy", "leave-one-out: prune the unit that helps most, while it helps", False,
-                       _run_greedy),
-    "random": Strategy("random", "best of N random masks of a fixed sparsity", False, _run_random),
+                       _run_greedy, uses=frozenset({"max_prune", "popsize", "generations", "budget"})),  # popsize ×
+    # generations: the budget when --budget is not given
+    "random": Strategy("random", "best of N random masks of a fixed sparsity", False, _run_random,
+                       uses=frozenset({"max_prune", "popsize", "generations", "budget", "sparsity"})),
     "nsc": Strategy("nsc", "learn one coefficient per task and module by gradient descent on unlabeled inputs",
-                    True, None, kind="coefficients"),
+                    True, None, kind="coefficients", uses=frozenset({"steps", "lr", "init", "objective"})),
 }
 
 

@@ -258,6 +258,7 @@ def staged_folder(out_dir: str | Path, force: bool = False, inputs: Iterable[str
 
     out_dir = guard_output(out_dir, inputs=inputs, force=force, kind="folder")
     target = Path(os.path.abspath(out_dir))
+    made = [parent for parent in target.parents if not os.path.lexists(parent)]  # removed again on failure
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.", suffix=".tmp",
@@ -270,11 +271,21 @@ def staged_folder(out_dir: str | Path, force: bool = False, inputs: Iterable[str
         interrupts.check()  # a Ctrl-C some library swallowed: write nothing
         _replace(staging, target, force)
     except OSError as error:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_staging(staging, made)
         raise LoramergeError(f"{out_dir}: cannot write the output ({error.strerror or error})") from None
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_staging(staging, made)
         raise
+
+
+def _remove_staging(staging: Path, made: list[Path]) -> None:
+    """A failed output leaves nothing: its staging folder, and the parent folders made for it while still empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    for folder in made:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _apply_umask(folder: Path) -> None:

@@ -188,7 +188,8 @@ def test_push_to_hub_dry_run_lists_the_files(sources, tmp_path):
     human = _ok(["merge", "--adapters", *sources, "--out", tmp_path / "h", "--push-to-hub", "me/merged",
                  "--dry-run"])
     assert "would upload to me/merged" in human.stdout and "adapter_model.safetensors" in human.stdout
-    assert 'from_pretrained("me/merged")' in (tmp_path / "h" / "README.md").read_text().replace("'", '"')
+    card = (tmp_path / "h" / "README.md").read_text().replace("'", '"')
+    assert 'from_pretrained("me/merged", num_labels=3)' in card  # the tiny heads' 3 classes
     bad = invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "x", "--push-to-hub", "/not/a/repo"])
     assert bad.exit_code == 1 and "owner/name" in bad.stderr and not (tmp_path / "x").exists()
 
@@ -263,10 +264,11 @@ def test_use_snippets_compile():
 
     for task_type in (None, "SEQ_CLS", "CAUSAL_LM"):
         for base in (None, "org/base"):
-            lines = _use_snippet(task_type, base, "me/merged", None, False)
+            lines = _use_snippet(task_type, base, "me/merged", None, False, num_labels=4)
             code = "\n".join(lines[lines.index("```python") + 1:lines.index("```")])
             compile(code, "snippet", "exec")
             assert "me/merged" in code
+            assert ("num_labels=4" in code) == (task_type == "SEQ_CLS")  # the head's classes, for classifiers
 
 
 def test_threads_only_when_asked(sources, tmp_path):
@@ -291,3 +293,20 @@ def test_push_failure_is_one_line_and_keeps_the_folder(sources, tmp_path, monkey
     result = invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "m", "--push-to-hub", "me/merged"])
     assert result.exit_code == 1 and result.stderr.startswith("error: --push-to-hub me/merged: upload failed")
     assert result.stderr.count("\n") == 1 and (tmp_path / "m" / "adapter_model.safetensors").is_file()
+
+
+def test_the_use_snippet_names_the_head_s_classes():
+    """The bundled text heads have 4 classes and the base config names none: `AutoPeftModel…from_pretrained`
+    as the card showed it failed with a size mismatch (4 × 64 against the default 2 × 64)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from loramerge_cli.adapters.card import head_classes
+
+    adapters = [SimpleNamespace(name="a", heads={"score.weight": torch.zeros(4, 8)}),
+                SimpleNamespace(name="b", heads={"classifier.dense.weight": torch.zeros(8, 8),
+                                                 "classifier.out_proj.weight": torch.zeros(3, 8)})]
+    assert head_classes(adapters, "a") == 4
+    assert head_classes(adapters, "b") is None  # two matrices: which is the output is not known
+    assert head_classes(adapters, None) is None and head_classes(adapters, "c") is None

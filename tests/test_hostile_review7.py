@@ -301,3 +301,22 @@ def test_the_eta_after_a_resume_counts_only_this_process_s_generations(monkeypat
     now["t"] = 110.0  # the resumed process's first generation took 10 s
     on_event("generation", {**record, "generation": 22})
     assert "eta 1m20s" in console.file.getvalue(), console.file.getvalue()
+
+
+def test_a_failed_output_leaves_no_folder_it_made(tmp_path):
+    """`merge --out intr/m0.3` interrupted by Ctrl-C said "nothing was written" and left an empty `intr/`: the
+    parent folders made for the output stay behind when the output does not."""
+    from loramerge_cli.outputs import staged_folder
+
+    out = tmp_path / "intr" / "deeper" / "m"
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(out) as staging:
+            (staging / "adapter_model.safetensors").write_bytes(b"partial")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        with staged_folder(kept / "new" / "m"):
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == [kept] and list(kept.iterdir()) == []

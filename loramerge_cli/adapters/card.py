@@ -95,11 +95,22 @@ def _papers(settings) -> list[str]:
     return papers
 
 
-def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str | None, has_heads: bool) -> list[str]:
+def head_classes(adapters, head: str | None) -> int | None:
+    """The classes of task `head`'s head (rows of its one 2-D weight), None when unknown or not one matrix."""
+    adapter = next((a for a in adapters if a.name == head), None)
+    matrices = [value for key, value in (adapter.heads if adapter else {}).items()
+                if key.endswith("weight") and value.dim() == 2]
+    return int(matrices[0].shape[0]) if len(matrices) == 1 else None
+
+
+def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str | None, has_heads: bool,
+                 num_labels: int | None = None) -> list[str]:
     auto = AUTO_CLASSES.get(task_type or "")
+    # a classifier head wider or narrower than the base config's default (2) loads only with its class count
+    labels = f", num_labels={num_labels}" if num_labels and task_type in ("SEQ_CLS", "TOKEN_CLS") else ""
     code = ["```python"]
     if auto and base:
-        code += [f"from peft import {auto}", "", f"model = {auto}.from_pretrained({repo!r})"]
+        code += [f"from peft import {auto}", "", f"model = {auto}.from_pretrained({repo!r}{labels})"]
     else:
         base_line, comment = (repr(base), "") if base else ('"path/to/the/base/model"',
                                                              "  # the base the inputs were trained on")
@@ -107,7 +118,7 @@ def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str |
                       "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
                       "QUESTION_ANS": "AutoModelForQuestionAnswering"}.get(task_type or "", "AutoModel")
         code += [f"from transformers import {auto_model}", "from peft import PeftModel", "",
-                 f"base = {auto_model}.from_pretrained({base_line}){comment}",
+                 f"base = {auto_model}.from_pretrained({base_line}{labels}){comment}",
                  f"model = PeftModel.from_pretrained(base, {repo!r})"]
     code.append("```")
     if head:
@@ -202,7 +213,7 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
                   "bit for bit:", "", "```yaml", recipe.rstrip("\n"), "```", "",
                   "```bash", "loramerge merge --config loramerge.yaml --out rebuilt/", "```", ""]
     lines += ["## Use", "", *_use_snippet(task_type, hub_base, repo_id or title, head,
-                                          any(a.heads for a in adapters)),
+                                          any(a.heads for a in adapters), head_classes(adapters, head)),
               "", "Provenance (settings, input hashes, per-module truncation) is in `loramerge.json`.", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)

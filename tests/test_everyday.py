@@ -286,13 +286,30 @@ def test_threads_only_when_asked(sources, tmp_path):
 
 
 def test_push_failure_is_one_line_and_keeps_the_folder(sources, tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Cannot reach https://huggingface.co: connection refused")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # online, but the Hub does not answer
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
+    result = invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "m", "--push-to-hub", "me/merged"])
+    assert result.exit_code == 1 and result.stderr.startswith("error: --push-to-hub me/merged: upload failed")
+    assert result.stderr.count("\n") == 1 and (tmp_path / "m" / "adapter_model.safetensors").is_file()
+
+
+def test_push_in_offline_mode_is_refused_before_any_work(sources, tmp_path, monkeypatch):
+    """With HF_HUB_OFFLINE=1, `merge --push-to-hub` merged and wrote the folder, then failed to upload: the offline
+    mode is known before any work. `--dry-run` (which uploads nothing) still runs."""
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     result = invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "m", "--push-to-hub", "me/merged"])
-    assert result.exit_code == 1 and result.stderr.startswith("error: --push-to-hub me/merged: upload failed")
-    assert result.stderr.count("\n") == 1 and (tmp_path / "m" / "adapter_model.safetensors").is_file()
+    assert result.exit_code == 1 and "offline mode" in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "m").exists()
+    _ok(["merge", "--adapters", *sources, "--out", tmp_path / "d", "--push-to-hub", "me/merged", "--dry-run",
+         "--quiet"])
 
 
 def test_the_use_snippet_names_the_head_s_classes():

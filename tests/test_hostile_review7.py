@@ -320,3 +320,13 @@ def test_a_failed_output_leaves_no_folder_it_made(tmp_path):
         with staged_folder(kept / "new" / "m"):
             raise KeyboardInterrupt
     assert list(tmp_path.iterdir()) == [kept] and list(kept.iterdir()) == []
+
+
+def test_ray_errors_name_loramerge_s_flag():
+    """`--backend ray --ray-address auto` with no cluster: "…Please specify the one to connect to by setting
+    '--address' flag…", Ray's own CLI flag; loramerge's is --ray-address."""
+    from loramerge_cli.search.ray_backend import _first_line
+
+    message = _first_line(ConnectionError("Found multiple active Ray instances. Please specify the one to connect "
+                                          "to by setting '--address' flag or `RAY_ADDRESS`\nmore"))
+    assert "--ray-address" in message and "'--address'" not in message and "more" not in message

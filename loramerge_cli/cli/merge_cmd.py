@@ -104,7 +104,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     config = merge_config(flags)  # flag values are checked before anything is read
     from loramerge_cli.cli.publish import check_repo_id
 
-    check_repo_id(flags["push_to_hub"])
+    check_repo_id(flags["push_to_hub"], flags["dry_run"])
     apply_threads(flags["threads"])
     from loramerge_cli import api
     from loramerge_cli.cli.progress import ProgressDisplay

@@ -7,14 +7,19 @@ from pathlib import Path
 from loramerge_cli.errors import LoramergeError
 
 
-def check_repo_id(repo_id: str | None) -> None:
-    """Fail before any work when --push-to-hub names no valid repository id."""
+def check_repo_id(repo_id: str | None, dry_run: bool = False) -> None:
+    """Fail before any work when --push-to-hub names no valid repository id, or cannot upload (offline mode)."""
     if repo_id is None:
         return
     from loramerge_cli.adapters.card import is_hub_id
 
     if "/" not in repo_id or not is_hub_id(repo_id):
         raise LoramergeError(f"--push-to-hub {repo_id}: expected a Hub repository id, owner/name")
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE and not dry_run:
+        raise LoramergeError(f"--push-to-hub {repo_id}: the Hub is in offline mode (HF_HUB_OFFLINE), so nothing can "
+                             "be uploaded; unset it, or add --dry-run to list the files")
 
 
 def folder_files(folder: str | Path) -> list[str]:

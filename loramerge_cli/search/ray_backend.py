@@ -197,5 +197,7 @@ class RayPool:
 
 
 def _first_line(error) -> str:
+    """Ray's first line, in loramerge's words (Ray names its own CLI's `--address`, here `--ray-address`)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
+    return (lines[0] if lines else type(error).__name__).replace("'--address'", "--ray-address").replace(
+        "--address", "--ray-address")

@@ -198,6 +198,10 @@ def plan_merge(
     combined = replace(MergeConfig(**fields, params=params), compute_dtype=config.compute_dtype)
     check_compatible(adapters, allow_base_mismatch)
     settings = resolve_config(combined, len(adapters), None if tuning else table)
+    truncation = [name for name in ("out_rank", "energy") if name in config.given()]
+    if truncation and not settings.is_dense:  # the caller's own flags; a table's recorded ones may not apply
+        raise UsageError(f"--{truncation[0].replace('_', '-')} truncates dense merges (elementwise methods in the full "
+                         f"space); {settings.method.name} in the {settings.space} space is exact in the LoRA factors")
     if settings.method.needs_inputs and data is None:
         raise UsageError(f"method {settings.method.name} reads each task's inputs: give the task spec (--tasks FILE)")
     if settings.method.needs_inputs and tuning is not None and tuning != data:

@@ -330,3 +330,15 @@ def test_ray_errors_name_loramerge_s_flag():
     message = _first_line(ConnectionError("Found multiple active Ray instances. Please specify the one to connect "
                                           "to by setting '--address' flag or `RAY_ADDRESS`\nmore"))
     assert "--ray-address" in message and "'--address'" not in message and "more" not in message
+
+
+def test_truncation_flags_on_an_exact_merge_are_a_usage_error(setting, tmp_path):
+    """`merge --merger ta --energy 0.9 --out-rank 4` exited 0 and wrote rank-28 factors: ta is exact in the LoRA
+    factors and never truncates, so the flags did nothing (as `--density` with ta, which is refused)."""
+    for flags in (["--out-rank", "4"], ["--energy", "0.9"]):
+        result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ta", *flags,
+                             "--out", tmp_path / "m"])
+        assert result.exit_code == 2 and "truncates dense merges" in result.stderr, result.stderr
+    dense = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ties", "--out-rank", "4",
+                        "--out", tmp_path / "ties", "--quiet"])
+    assert dense.exit_code == 0, dense.stderr

@@ -342,3 +342,14 @@ def test_truncation_flags_on_an_exact_merge_are_a_usage_error(setting, tmp_path)
     dense = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ties", "--out-rank", "4",
                         "--out", tmp_path / "ties", "--quiet"])
     assert dense.exit_code == 0, dense.stderr
+
+
+def test_an_unreadable_config_is_one_line_and_exit_1(tmp_path):
+    """`merge --config nope.yaml`: Click's usage block and "Invalid value for '--config': cannot read nope.yaml"
+    with exit 2, while a missing --tasks or --mask file is one line and exit 1 (bad input, not bad usage)."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("merger: [ta\n")
+    for config, words in ((tmp_path / "nope.yaml", "cannot read it"), (broken, "is not valid YAML")):
+        result = invoke_cli(["merge", "--config", config, "--out", tmp_path / "m"])
+        assert result.exit_code == 1 and words in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1

@@ -192,10 +192,10 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
 
     try:
         data = yaml.safe_load(Path(value).read_text())
-    except OSError as error:
-        raise typer.BadParameter(f"cannot read {value}: {error.strerror or error}") from None
+    except OSError as error:  # a file that cannot be read is bad input (exit 1), as a missing --tasks or --mask
+        raise fail(f"error: --config {value}: cannot read it ({error.strerror or error})") from None
     except yaml.YAMLError as error:
-        raise typer.BadParameter(f"{value} is not valid YAML ({one_line(error)})") from None
+        raise fail(f"error: --config {value} is not valid YAML ({one_line(error)})") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value} must map flag names to values")

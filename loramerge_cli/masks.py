@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -182,10 +183,31 @@ def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
     return replace(table, tasks=names, weights=[table.weights[i] for i in order], adapters=recorded, merger=merger)
 
 
+def _weights_problem(table: WeightTable) -> str | None:
+    """What is wrong with a table's weights and scale (rows per task, one finite number per unit), or None."""
+
+    def finite(value) -> bool:
+        try:
+            return not isinstance(value, (str, bytes)) and math.isfinite(float(value))
+        except (TypeError, ValueError, OverflowError):
+            return False
+
+    if len(table.weights) != len(table.tasks):
+        return f"'weights' has {len(table.weights)} rows for {len(table.tasks)} tasks"
+    for row in table.weights:
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__len__") or len(row) != len(table.units):
+            return f"every row of 'weights' needs {len(table.units)} numbers (one per unit)"
+        if not all(finite(value) for value in row):
+            return "'weights' holds a value that is not a finite number"
+    if table.scale is not None and not finite(table.scale):
+        return "'scale' must be a finite number"
+    return None
+
+
 def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask") -> None:
     """The table must be well formed (one finite weight per task and unit) and name the same tasks, units and
     adapter weights (sha256) as the inputs."""
-    problem = _structure_problem(table.to_json())  # a table built in code is checked as a file is
+    problem = _weights_problem(table)  # a table built in code: any real numbers, in any sequences
     if problem is not None:
         raise LoramergeError(f"{origin}: {problem}")
     names = [a.name for a in adapters]

@@ -175,20 +175,27 @@ def write_result(out: str | Path, text: str, force: bool, formats: tuple[str, ..
         if not os.path.lexists(target) or "refusing to replace" not in str(error):
             raise
         reason = "changed while the command ran"
-    kept = target.with_name(f"{target.stem}.loramerge-{os.getpid()}{target.suffix}")
-    atomic.write_new(kept, text)
+    for attempt in range(1, 1000):  # a free name beside it (a pid repeats across runs in containers)
+        kept = target.with_name(f"{target.stem}.loramerge-{os.getpid()}-{attempt}{target.suffix}")
+        try:
+            atomic.write_new(kept, text)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise LoramergeError(f"--out {out} {reason}; it was not replaced, and no free name beside it was found")
     raise LoramergeError(f"--out {out} {reason}; it was not replaced, the result is in {kept}")
 
 
 def in_run_dir(path: Path) -> bool:
-    """`path` sits in a search's run directory: beside a search's config.json or a strategy's state."""
-    from loramerge_cli.search.rundir import CONFIG_FORMAT, CONFIG_NAME, STRATEGY_STATES
+    """`path` is one of the files a search's run directory keeps (its state, trajectory, best table, score cache)
+    in a folder holding a search's config.json."""
+    from loramerge_cli.search.rundir import CONFIG_FORMAT, CONFIG_NAME, run_dir_files
 
-    folder = path.parent
-    if any((folder / name).exists() for name in STRATEGY_STATES):
-        return True
+    if path.name not in {file.name for file in run_dir_files(path.parent)}:
+        return False
     try:
-        return json.loads((folder / CONFIG_NAME).read_bytes()).get("format") == CONFIG_FORMAT
+        return json.loads((path.parent / CONFIG_NAME).read_bytes()).get("format") == CONFIG_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

@@ -353,3 +353,133 @@ def test_an_unreadable_config_is_one_line_and_exit_1(tmp_path):
         result = invoke_cli(["merge", "--config", config, "--out", tmp_path / "m"])
         assert result.exit_code == 1 and words in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1
+
+
+# --- a review of the fixes above ------------------------------------------------------------------------------
+
+def test_a_run_saved_with_a_setting_its_strategy_never_reads_still_resumes(setting, tmp_path):
+    """An ENMP run started before the unused-settings check, with `--budget 50` (which ENMP never read): its
+    `--resume` was refused ("--budget does nothing with --strategy enmp") and no flag could change that, since a
+    resume must keep the saved settings. A saved run resumes as it was saved."""
+    import json as json_module
+
+    from loramerge_cli.search import rundir
+    from loramerge_cli.search.plan import run_config
+
+    saved = _request(setting, strategy="enmp", budget=50, run_dir=tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    rundir.write_config(tmp_path / "run", json_module.loads(json_module.dumps(run_config(saved))), {},
+                        rundir.input_digests(saved))
+    plan_search(replace(saved, resume=True))  # no error
+    with pytest.raises(UsageError, match="--budget does nothing"):
+        plan_search(replace(saved, run_dir=tmp_path / "new"))
+
+
+def test_the_kept_result_finds_a_free_name(setting, tmp_path, monkeypatch):
+    """The result kept beside an --out that appeared was named by the pid alone; pids repeat across runs (in a
+    container the command is often pid 1), and a leftover of that name gave "internal error: FileExistsError" and
+    lost the finished table."""
+    import os
+
+    from loramerge_cli.search import runner
+
+    out = tmp_path / "o.json"
+    leftover = tmp_path / f"o.loramerge-{os.getpid()}-1.json"
+    leftover.write_text("an earlier run's kept table")
+    run_search = runner.run_search
+
+    def user_writes_meanwhile(request, on_event):
+        result = run_search(request, on_event)
+        out.write_text("{}")
+        return result
+
+    monkeypatch.setattr(runner, "run_search", user_writes_meanwhile)
+    with pytest.raises(LoramergeError, match="the result is in") as error:
+        api.search(plan_search(_request(setting, strategy="enmp"), out=out))
+    kept = Path(str(error.value).rsplit(" ", 1)[1])
+    assert kept != leftover and api.load_table(kept).tasks == ["alpha", "beta", "gamma"]
+    assert leftover.read_text() == "an earlier run's kept table"
+
+
+def test_only_a_run_directory_s_own_files_are_protected_under_force(setting, tmp_path):
+    """A folder holding any `state.json` counted as a run directory, so `--out proj/mask.json --force` was refused;
+    in a real run directory `eval --out R/report.json --force` could not replace its own report, and a search
+    with `--run-dir R --out R/mask.json --force` said the file "changed while the command ran". Only the files
+    a run directory keeps (its config, state, trajectory, best table, score cache) are protected."""
+    from loramerge_cli.evaluation import REPORT_FORMAT
+    from loramerge_cli.outputs import guard_output
+
+    adapters = api.load_adapters(setting.adapter_args())
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "state.json").write_text('{"step": 3}')
+    api.ones_table(adapters).save(project / "mask.json")
+    guard_output(project / "mask.json", force=True, kind="file")  # no error
+    run = tmp_path / "run"
+    first = invoke_cli(_search(setting, "--strategy", "enmp", "--run-dir", run, "--out", run / "mask.json"))
+    assert first.exit_code == 0, first.stderr
+    (run / "report.json").write_text(json.dumps({"format": REPORT_FORMAT}))
+    guard_output(run / "report.json", force=True, kind="file", formats=(REPORT_FORMAT,))  # no error
+    again = invoke_cli(_search(setting, "--strategy", "enmp", "--run-dir", tmp_path / "run2", "--out",
+                               run / "mask.json", "--force"))
+    assert again.exit_code == 0, again.stderr
+    with pytest.raises(LoramergeError, match="part of the search run directory"):
+        guard_output(run / "best.json", force=True, kind="file")
+
+
+def test_tables_built_with_numpy_or_tuples_are_accepted(setting):
+    """`api.merge(adapters, table=…)` with weights of numpy float32 or int64, an ndarray, or tuple rows: refused
+    ("not a finite number", "is not of type 'array'") by the new structure check; they merged before."""
+    import numpy as np
+
+    adapters = api.load_adapters(setting.adapter_args())
+    ones = api.ones_table(adapters)
+    shape = (len(ones.tasks), len(ones.units))
+    for weights in ([[np.float32(1)] * shape[1]] * shape[0],
+                    [[np.int64(1)] * shape[1]] * shape[0], np.ones(shape), [tuple([1.0] * shape[1])] * shape[0]):
+        api.check_table(replace(ones, weights=weights), adapters)
+        assert api.merge(adapters, MergeConfig(merger="ta"), replace(ones, weights=weights)) is not None
+
+
+def test_eval_refuses_a_merge_named_base_before_its_workers_load(setting, tmp_path, monkeypatch):
+    """`eval --merged base=… m=… --workers 2`: the worker processes loaded the model (3.7 s here, N copies of the
+    base on GPUs) before the usage error, which came from the library's check inside the evaluation."""
+    from loramerge_cli.search import backends
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("the workers started before the names were checked")
+
+    monkeypatch.setattr(backends, "worker_pool", no_pool)
+    folder = setting.adapters["alpha"]
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--merged", f"base={folder}", f"m={folder}", "--workers", "2", "--threads", "1"])
+    assert result.exit_code == 2 and "name rows of the report" in result.stderr, result.stderr
+
+
+def test_the_nsc_eta_after_a_resume_counts_only_this_process_s_steps(monkeypatch):
+    """Resumed at step 460 of 3000: "step 470/3000 … eta 0s" with 2,500 steps left."""
+    import io
+
+    from rich.console import Console
+
+    from loramerge_cli.cli.render_nsc import nsc_progress
+
+    now = {"t": 100.0}
+    monkeypatch.setattr("time.monotonic", lambda: now["t"])
+    console = Console(file=io.StringIO(), width=200)
+    on_event = nsc_progress(console, 3000)
+    for step in range(461, 471):
+        now["t"] += 1.0
+        on_event("step", {"step": step, "loss": 0.5, "seconds": 1.0})
+    assert "step  470/3000" in console.file.getvalue() and "eta 42m10s" in console.file.getvalue()
+
+
+def test_a_finished_greedy_run_dir_does_not_suggest_resume(setting, tmp_path):
+    """Rerun in a finished greedy run dir: "already holds a search (best.json); pass --resume to continue it",
+    then with --resume: "--strategy greedy cannot resume a run"."""
+    run = tmp_path / "g"
+    assert invoke_cli(_search(setting, "--strategy", "greedy", "--budget", "2", "--run-dir", run, "--out",
+                              tmp_path / "a.json")).exit_code == 0
+    again = invoke_cli(_search(setting, "--strategy", "greedy", "--budget", "2", "--run-dir", run, "--out",
+                               tmp_path / "b.json"))
+    assert again.exit_code == 1 and "cannot be resumed" in again.stderr and "--resume" not in again.stderr

@@ -141,7 +141,7 @@ def search_progress(console, generations: int):
             before = clock["before"]
             left = eta(clock["started"], done - before, generations - before)
             if live and "generations" not in console.stages:  # started here: the label-free start differs
-                console.start("generations", generations)
+                console.start("generations", generations - before)  # those this process runs
             console.print(
                 f"gen {done:>3}/{generations}  best {data['best_fitness']:+.3f}  "
                 f"mean {data['mean_fitness']:+.3f}  sparsity {100 * data['mean_sparsity']:.1f}%  "

@@ -21,14 +21,17 @@ def nsc_progress(console, steps: int, every: int = 10):
             console.print(f"{data['objective']} objective over {data['modules']} modules × {data['tasks']} tasks; "
                           f"targets: {targets}", highlight=False)
             clock["started"] = time.monotonic()
-            if live:
-                console.start("NSC steps", steps)
         elif kind == "step":
+            if clock.get("before") is None:  # steps done before this process (a resumed run) took no time here
+                clock["before"] = data["step"] - 1
+                if live:
+                    console.start("NSC steps", steps - clock["before"])
+            before = clock["before"]
             if live:
                 console.advance("NSC steps", f"loss {data['loss']:.5f}")
             if data["step"] % every == 0 or data["step"] in (1, steps):
                 console.print(f"step {data['step']:>4}/{steps}  loss {data['loss']:.5f}  {data['seconds']:.2f} s/step"
-                              f"  eta {eta(clock['started'], data['step'], steps)}", highlight=False)
+                              f"  eta {eta(clock['started'], data['step'] - before, steps - before)}", highlight=False)
 
     return on_event
 

@@ -96,7 +96,8 @@ def check_request(request: SearchRequest) -> Strategy:
         if request.sparsity is not None and not 0 < request.sparsity <= request.enmp.max_prune:
             raise UsageError(f"--sparsity must be in (0, --max-prune {request.enmp.max_prune:g}] (got "
                              f"{request.sparsity:g})")
-    check_unused(strategy, request)
+    if not request.resume:  # a saved run's settings stand as they were saved (this check came later)
+        check_unused(strategy, request)
     check_options(strategy, request.options)
     check_needs(strategy, request.options)
     if strategy.check is not None:
@@ -190,8 +191,10 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
         return
     held = [name for name in rundir.STATE_NAMES if (run_dir / name).exists()]
     if held:  # a search's state, or a finished one's table (greedy and random save only best.json)
-        raise LoramergeError(f"{run_dir} already holds a search ({held[0]}); pass --resume to continue it, or "
-                             "another --run-dir")
+        resumable = held[0] in rundir.STRATEGY_STATES
+        raise LoramergeError(f"{run_dir} already holds a search ({held[0]}); "
+                             + ("pass --resume to continue it, or give another --run-dir" if resumable else
+                                "it cannot be resumed (a finished greedy or random search): give another --run-dir"))
     if write:
         rundir.write_config(run_dir, config, request.flags, digests)
 

@@ -46,6 +46,23 @@ def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _search_while_the_user_writes(setting, monkeypatch, out: Path, text: str) -> Path:
+    """A search whose --out the user writes `text` to as the search ends; returns where the result was kept."""
+    from loramerge_cli.search import runner
+
+    run_search = runner.run_search
+
+    def user_writes_meanwhile(request, on_event):
+        result = run_search(request, on_event)
+        out.write_text(text)
+        return result
+
+    monkeypatch.setattr(runner, "run_search", user_writes_meanwhile)
+    with pytest.raises(LoramergeError, match="appeared while the command ran.*the result is in") as error:
+        api.search(plan_search(_request(setting, strategy="enmp"), out=out))
+    return Path(str(error.value).rsplit(" ", 1)[1])
+
+
 # --- users' files -------------------------------------------------------------------------------------------
 
 def test_a_finished_greedy_run_dir_is_not_taken_over_by_the_next_search(setting, tmp_path):
@@ -103,22 +120,9 @@ def test_a_file_that_appears_at_out_during_a_search_is_not_replaced(setting, tmp
     """`search-mask --out race.json &`, then `echo "my precious notes" > race.json` while it runs: exit 0 and
     the notes were gone (the table was renamed over them; `merge` re-checks its --out, `search-mask` and `eval`
     did not). The file should be kept, and the finished table not lost either."""
-    from loramerge_cli.search import runner
-
     out = tmp_path / "race.json"
-    run_search = runner.run_search
-
-    def user_writes_meanwhile(request, on_event):
-        result = run_search(request, on_event)
-        out.write_text("my precious notes")
-        return result
-
-    monkeypatch.setattr(runner, "run_search", user_writes_meanwhile)
-    plan = plan_search(_request(setting, strategy="enmp"), out=out)
-    with pytest.raises(LoramergeError, match="appeared while the command ran.*the result is in") as error:
-        api.search(plan)
+    kept = _search_while_the_user_writes(setting, monkeypatch, out, "my precious notes")
     assert out.read_text() == "my precious notes"
-    kept = Path(str(error.value).rsplit(" ", 1)[1])
     assert kept.parent == tmp_path and api.load_table(kept).tasks == ["alpha", "beta", "gamma"]
 
 
@@ -381,22 +385,9 @@ def test_the_kept_result_finds_a_free_name(setting, tmp_path, monkeypatch):
     lost the finished table."""
     import os
 
-    from loramerge_cli.search import runner
-
-    out = tmp_path / "o.json"
     leftover = tmp_path / f"o.loramerge-{os.getpid()}-1.json"
     leftover.write_text("an earlier run's kept table")
-    run_search = runner.run_search
-
-    def user_writes_meanwhile(request, on_event):
-        result = run_search(request, on_event)
-        out.write_text("{}")
-        return result
-
-    monkeypatch.setattr(runner, "run_search", user_writes_meanwhile)
-    with pytest.raises(LoramergeError, match="the result is in") as error:
-        api.search(plan_search(_request(setting, strategy="enmp"), out=out))
-    kept = Path(str(error.value).rsplit(" ", 1)[1])
+    kept = _search_while_the_user_writes(setting, monkeypatch, tmp_path / "o.json", "{}")
     assert kept != leftover and api.load_table(kept).tasks == ["alpha", "beta", "gamma"]
     assert leftover.read_text() == "an earlier run's kept table"
 

@@ -201,15 +201,19 @@ def in_run_dir(path: Path) -> bool:
 
 
 def written_by_loramerge(folder: Path) -> bool:
-    """An empty folder, an adapter folder loramerge wrote, or apply-mask's output: adapter folders loramerge
-    wrote with the table's mask.json (and loramerge.yaml) beside them. A user's folder that merely holds
-    merges (no mask.json) is not one."""
+    """An empty folder, an adapter folder loramerge wrote, or apply-mask's output: one adapter folder loramerge
+    wrote per task of the loramerge table `mask.json` beside them (and loramerge.yaml), nothing else. A user's
+    folder that holds merges, or merges and a mask, is not one."""
     if (folder / MARKER).is_file() or not any(folder.iterdir()):
         return True
-    if not (folder / "mask.json").is_file():
+    try:
+        table = json.loads((folder / "mask.json").read_bytes())
+        tasks = set(table["tasks"]) if str(table.get("format", "")).startswith("loramerge.mask/") else None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return False
     entries = [entry for entry in folder.iterdir() if entry.name not in FOLDER_EXTRAS or not entry.is_file()]
-    return all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries)
+    return (tasks is not None and {entry.name for entry in entries} == tasks
+            and all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries))
 
 
 def _is_loramerge_output(path: Path, formats: tuple[str, ...]) -> bool:

@@ -198,6 +198,9 @@ def plan_merge(
     combined = replace(MergeConfig(**fields, params=params), compute_dtype=config.compute_dtype)
     check_compatible(adapters, allow_base_mismatch)
     settings = resolve_config(combined, len(adapters), None if tuning else table)
+    if "seed" in config.given() and "seed" not in settings.describe():
+        raise UsageError(f"--seed does nothing with {settings.method.name}: only randomized methods (DARE, DELLA, "
+                         "LoRA-LEGO) draw")
     truncation = [name for name in ("out_rank", "energy") if name in config.given()]
     if truncation and not settings.is_dense:  # the caller's own flags; a table's recorded ones may not apply
         raise UsageError(f"--{truncation[0].replace('_', '-')} truncates dense merges (elementwise methods in the full "

@@ -474,3 +474,94 @@ def test_a_finished_greedy_run_dir_does_not_suggest_resume(setting, tmp_path):
     again = invoke_cli(_search(setting, "--strategy", "greedy", "--budget", "2", "--run-dir", run, "--out",
                                tmp_path / "b.json"))
     assert again.exit_code == 1 and "cannot be resumed" in again.stderr and "--resume" not in again.stderr
+
+
+# --- a review of merge, apply-mask and the library's merge API -------------------------------------------------
+
+def test_force_keeps_a_user_s_folder_that_merely_holds_a_mask(setting, tmp_path):
+    """`apply-mask … --out results --force` on a folder holding the user's own `mask.json` (any content) and
+    notes, or `merge … --out exp --force` on a folder holding two merges and the mask they used: both exited 0
+    and replaced the folder (any file named mask.json made it look like apply-mask's output). It is apply-mask's
+    output only when mask.json is a loramerge table and the folders are one loramerge adapter per its tasks."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "mask.json").write_text('{"my": "notes"}')
+    (results / "loramerge.yaml").write_text("# my notes\n")
+    applied = invoke_cli(["apply-mask", "--adapters", *setting.adapter_args(), "--indices", "[0]", "--out", results,
+                          "--force"])
+    assert applied.exit_code == 1 and (results / "mask.json").read_text() == '{"my": "notes"}'
+    experiment = tmp_path / "exp"
+    experiment.mkdir()
+    adapters = api.load_adapters(setting.adapter_args())
+    api.ones_table(adapters).save(experiment / "mask.json")
+    for name in ("m1", "m2"):
+        made = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--mask", experiment / "mask.json",
+                           "--out", experiment / name, "--quiet"])
+        assert made.exit_code == 0, made.stderr
+    merged = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ties", "--out", experiment,
+                         "--force"])
+    assert merged.exit_code == 1 and (experiment / "m1").is_dir() and (experiment / "m2").is_dir()
+    own = tmp_path / "applied"
+    assert invoke_cli(["apply-mask", "--adapters", *setting.adapter_args(), "--indices", "[0]", "--out", own,
+                       "--quiet"]).exit_code == 0
+    again = invoke_cli(["apply-mask", "--adapters", *setting.adapter_args(), "--indices", "[1]", "--out", own,
+                        "--force", "--quiet"])
+    assert again.exit_code == 0, again.stderr  # apply-mask's own output is still replaceable
+
+
+def test_a_config_without_lora_alpha_gets_peft_s_default(tmp_path):
+    """An adapter_config.json without `lora_alpha` was read with α = r (scale 1), while PEFT builds the module
+    with its default lora_alpha = 8: loramerge merged a different ΔW from the one PEFT runs."""
+    import dataclasses
+    import shutil
+
+    from peft import LoraConfig
+    from tiny_models import save_lora
+
+    from loramerge_cli.adapters.peft_reader import PEFT_DEFAULT_ALPHA, PEFT_DEFAULT_R
+
+    defaults = {field.name: field.default for field in dataclasses.fields(LoraConfig)}
+    assert (PEFT_DEFAULT_R, PEFT_DEFAULT_ALPHA) == (defaults["r"], defaults["lora_alpha"])
+    folder = save_lora("llama", tmp_path / "rte", 11, r=4, lora_alpha=8.0, target_modules=["q_proj"],
+                       task_type="SEQ_CLS")
+    bare = tmp_path / "no_alpha"
+    shutil.copytree(folder, bare)
+    config = json.loads((bare / "adapter_config.json").read_text())
+    del config["lora_alpha"]
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+    assert {module.scale for module in api.load_adapter(str(bare)).modules.values()} == {8 / 4}
+
+
+@pytest.mark.parametrize("config, message", [
+    (MergeConfig(merger="knots", knots_scaled="false"), "--knots-scaled must be true or false"),
+    (MergeConfig(merger="ta", isotropize="false"), "--isotropize must be true or false"),
+    (MergeConfig(merger="ties", params={"densty": 0.5}), "no merger has a parameter 'densty'"),
+    (MergeConfig(merger="lora_lego", params={"clusters": 1.5}), "--clusters must be an integer"),
+    (MergeConfig(merger="ta", compute_dtype="float16"), "compute_dtype must be a torch dtype"),
+    (MergeConfig(merger="ta", lam="auto"), "--lambda must be a finite number"),
+    (MergeConfig(merger="della", params={"density": 0.1, "epsilon": 0.9}), "DELLA's keep probabilities"),
+])
+def test_the_library_s_merge_refuses_what_the_cli_refuses(setting, config, message):
+    """`api.merge` read "false" as true, ignored a misspelt parameter, truncated 1.5 clusters to 1, and failed
+    inside torch on a dtype name or on λ = "auto"; DELLA took a density/epsilon pair whose keep probabilities
+    leave [0, 1] (entries that can never be kept, and a rescaling that is no longer unbiased)."""
+    with pytest.raises(UsageError, match=message):
+        api.merge(api.load_adapters(setting.adapter_args()), config)
+
+
+def test_merge_refuses_flags_nothing_reads(setting, tmp_path):
+    """`merge --merger ta --val-limit 5` (or --batch-size, --eval-dtype, --max-length, --workers, --tasks) and
+    `merge --merger ta --seed 5` exited 0: only --lambda auto and regmean read the tasks, only randomized
+    methods draw."""
+    for flags in (["--val-limit", "5"], ["--tasks", setting.tasks_file], ["--workers", "2"], ["--seed", "5"]):
+        result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ta", *flags,
+                             "--out", tmp_path / "m"])
+        assert result.exit_code == 2 and "does nothing" in result.stderr, (flags, result.stderr)
+        assert not (tmp_path / "m").exists()
+
+
+def test_lambda_0_is_an_empty_merge(setting, tmp_path):
+    """`merge --lambda 0` wrote an all-zero adapter with exit 0, while `--weights 0,0,0` is refused with "the
+    merge is empty … nothing to write"."""
+    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--lambda", "0", "--out", tmp_path / "m"])
+    assert result.exit_code == 1 and "the merge is empty" in result.stderr and not (tmp_path / "m").exists()

@@ -127,3 +127,16 @@ def test_a_local_folder_wins_over_a_hub_id_of_the_same_spelling(hub_cache, llama
     assert adapter.source.kind == "dir"
     assert adapter.source.repo_id is None
     assert_same_weights(adapter, llama_task_dirs["mnli"])
+
+
+def test_no_output_inside_a_hub_input_s_cached_repository(hub_cache, llama_task_dirs):
+    """`merge --adapters org/name … --out <cache>/models--org--name/blobs/x` (or refs/x) exited 0: the merge
+    was written among the blobs that hold the input's bytes, and `scan_cache_dir` then failed on the cache.
+    Only the snapshot folder was protected; the whole cached repository is the input's."""
+    from factories import invoke_cli
+
+    for inside in ("blobs", "refs", "."):
+        out = hub_cache / inside / "merged"
+        result = invoke_cli(["merge", "--adapters", "org/name", f"mnli={llama_task_dirs['mnli']}", "--out", out])
+        assert result.exit_code == 1 and "refusing to write over an input" in result.stderr, result.stderr
+        assert not out.exists()

@@ -95,6 +95,9 @@ def check_supported(config: dict, spec: str) -> None:
     check_field_types(config, spec)
 
 
+PEFT_DEFAULT_R = PEFT_DEFAULT_ALPHA = 8  # peft.LoraConfig's r and lora_alpha defaults (a test keeps them in step)
+
+
 def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
@@ -213,13 +216,15 @@ def _make_module(path: str, pair: dict[str, torch.Tensor], config: dict, spec: s
     for factor, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         if not torch.isfinite(tensor).all():
             raise LoramergeError(f"{spec}: module {path} {factor} has NaN or Inf values")
-    config_rank = _pattern_value(config, "rank_pattern", path, config.get("r"))
+    # a config that leaves r or lora_alpha out gets PEFT's defaults, as PeftModel.from_pretrained does
+    config_rank = _pattern_value(config, "rank_pattern", path, config.get("r", PEFT_DEFAULT_R if config else None))
     if config and config_rank is not None and int(config_rank) != rank:
         raise LoramergeError(
             f"{spec}: config and weights disagree: module {path} has rank {rank} in the weights "
             f"but r={config_rank} in the config"
         )
-    alpha = float(_pattern_value(config, "alpha_pattern", path, config.get("lora_alpha", rank)))
+    alpha = float(_pattern_value(config, "alpha_pattern", path,
+                                 config.get("lora_alpha", PEFT_DEFAULT_ALPHA) if config else rank))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return LoraModule(path, lora_A, lora_B, scale, alpha, bool(config.get("fan_in_fan_out", False)))
 

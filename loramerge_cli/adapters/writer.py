@@ -49,7 +49,12 @@ def adapter_files(adapters: list[Adapter]) -> list[str]:
     """The files the adapters were read from, and the folder of each adapter read as a folder (local or a
     Hub snapshot): an output must never replace or hold one, nor lie inside such a folder."""
     files = [path for a in adapters for path in (a.source.weights_file, a.source.config_file) if path]
-    return files + [str(Path(a.source.weights_file).parent) for a in adapters if a.source.kind in ("dir", "hub")]
+    folders = [str(Path(a.source.weights_file).parent) for a in adapters if a.source.kind in ("dir", "hub")]
+    for adapter in adapters:  # a Hub input's whole cached repository: its blobs hold the bytes, its refs name them
+        if adapter.source.kind == "hub":
+            folders += [str(folder) for folder in Path(adapter.source.weights_file).parents
+                        if folder.name.startswith("models--")][:1]
+    return files + folders
 
 
 def lora_config(
@@ -168,8 +173,9 @@ def write_merged_adapter(
     head_adapter = check_head(adapters, head)
     check_output_dir(out_dir, force, adapter_files(adapters))
     modules = {path: module for path, module in result.modules.items() if module.rank > 0}
-    if not modules:
-        raise LoramergeError("the merge is empty: every module was pruned or merged to zero; nothing to write")
+    if not modules or result.settings.lam == 0:  # λ = 0 scales every module to zero
+        raise LoramergeError("the merge is empty: every module was pruned or merged to zero"
+                             + (" (λ = 0)" if modules else "") + "; nothing to write")
     base = base_model or _common([a.base_model for a in adapters])
     tensors = {}
     for path, module in modules.items():

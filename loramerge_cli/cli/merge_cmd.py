@@ -124,6 +124,14 @@ def merge_command(ctx: typer.Context, **flags) -> None:
                           force=flags["force"], dtype=flags["dtype"], head=flags["head"], base=flags["base"],
                           command=command_line(ctx), tuning=data if flags["lam"] == "auto" else None,
                           data=data, allow_base_mismatch=flags["allow_base_mismatch"])
+    if plan.tuning is None and plan.data is None:  # nothing reads the tasks: their flags would do nothing
+        from loramerge_cli.cli.recipe import TUNING_ONLY
+
+        idle = sorted(name for name in (*TUNING_ONLY, "devices", "workers", "ray_address") if flags[name] is not None)
+        if idle or flags["backend"] != "process":
+            flag = f"--{(idle or ['backend'])[0].replace('_', '-')}"
+            raise UsageError(f"{flag} does nothing here: it serves --lambda auto and the mergers that read the tasks' "
+                             "inputs (regmean)")
     with ProgressDisplay(flags["quiet"] or flags["json_output"], terminal_only=("merging",)) as display:
         result = api.execute(plan, on_event=display)  # λ grid and merge progress: stderr
     api.write(plan, result, recipe=_recipe(ctx, plan, result), repo_id=flags["push_to_hub"])

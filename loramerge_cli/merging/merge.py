@@ -15,7 +15,7 @@ import torch
 from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.units import unit_sort_key
-from loramerge_cli.errors import LoramergeError, UsageError, check_seed
+from loramerge_cli.errors import LoramergeError, UsageError, check_seed, is_finite_number
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import elementwise, spectral
 from loramerge_cli.merging.config import (  # noqa: F401  (MergeConfig is imported from here too)
@@ -93,8 +93,26 @@ class MergeResult:
     provenance: dict = field(default_factory=dict)  # written to loramerge.json beside the settings (λ tuning)
 
 
+def _check_types(config: MergeConfig) -> None:
+    """What the command line's parsing guarantees, for a MergeConfig built in code: switches are bools, λ a
+    number, every parameter one some method declares, the compute dtype a torch dtype."""
+    for name in ("knots_scaled", "isotropize"):
+        value = getattr(config, name)
+        if value is not None and not isinstance(value, bool):
+            raise UsageError(f"--{name.replace('_', '-')} must be true or false (got {value!r})")
+    if config.lam is not None and not is_finite_number(config.lam):
+        raise UsageError(f"--lambda must be a finite number (got {config.lam!r}; 'auto' is merge --lambda auto's: "
+                         "plan_merge(..., tuning=TaskData(...)))")
+    unknown = sorted(name for name in config.params if name not in PARAMETERS)
+    if unknown:
+        raise UsageError(f"no merger has a parameter {unknown[0]!r} (known: {', '.join(PARAMETERS)})")
+    if config.compute_dtype is not None and not isinstance(config.compute_dtype, torch.dtype):
+        raise UsageError(f"compute_dtype must be a torch dtype (got {config.compute_dtype!r})")
+
+
 def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | None = None) -> ResolvedMerge:
     """Fill defaults (preset, then method) and validate every parameter."""
+    _check_types(config)
     merger = config.merger or DEFAULT_MERGER
     preset = PRESETS.get(merger)
     method_name = config.method or (preset.method if preset else merger)
@@ -124,6 +142,12 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
         if problem:
             raise UsageError(problem)
         params[name] = value
+    if "epsilon" in params:  # DELLA keeps entry i with probability κ − ε/2 + ε·rank_i/(D−1): within [0, 1]
+        for density in params["density"] if isinstance(params["density"], list) else [params["density"]]:
+            if params["epsilon"] / 2 > min(density, 1 - density) + 1e-12:
+                raise UsageError(f"--epsilon {params['epsilon']:g} with --density {density:g}: DELLA's keep "
+                                 f"probabilities κ ± ε/2 leave [0, 1]; use --epsilon <= "
+                                 f"{2 * min(density, 1 - density):g}")
     if params.get("scope") == "adapter":
         for name, plain in (("normalize", "count"), ("elect_on", "weighted")):
             if params.get(name, plain) != plain:

@@ -57,6 +57,8 @@ class Parameter:
             return None if value in self.choices else f"--{self.flag} must be one of {', '.join(self.choices)}"
         if not is_finite_number(value):
             return f"--{self.flag} must be a finite number (got {value!r})"
+        if self.type is int and not isinstance(value, int):
+            return f"--{self.flag} must be an integer (got {value!r})"
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return f"--{self.flag} must be {'>' if self.low_open else '>='} {self.low} (got {value})"
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):

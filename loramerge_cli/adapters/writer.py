@@ -305,15 +305,19 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
     for key, tensor in adapter.heads.items():
         tensors[f"{PEFT_PREFIX}{key}"] = tensor
     paths = sorted(adapter.modules, key=unit_sort_key)
-    if adapter.config:
+    if {"r", "lora_alpha"} <= set(adapter.config):
         config = {**adapter.config, "target_modules": paths}
-    else:  # a bare .safetensors file: its scales were α = r
-        config = lora_config(
+    else:  # a bare .safetensors file (its scales were α = r), or a config built without r or lora_alpha:
+        # they are written from the modules, since PEFT would read their absence as its defaults (8)
+        kept = {key: value for key, value in adapter.config.items()
+                if key not in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules")}
+        config = {**kept, **lora_config(
             {path: adapter.modules[path].rank for path in paths},
             {path: adapter.modules[path].alpha for path in paths},
             fan_in_fan_out=all(m.fan_in_fan_out for m in adapter.modules.values()),
-            base_model=None, task_type=None, modules_to_save=adapter.head_modules or None,
-        )
+            base_model=adapter.config.get("base_model_name_or_path"), task_type=adapter.config.get("task_type"),
+            modules_to_save=adapter.config.get("modules_to_save") or adapter.head_modules or None,
+        )}
     _write_json(config, folder / CONFIG_NAME)
     _save_safetensors(tensors, folder / WEIGHTS_NAME)
     _write_json(

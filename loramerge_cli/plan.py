@@ -17,7 +17,7 @@ from loramerge_cli import outputs
 from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.writer import adapter_files, check_head, check_output_dir, write_merged_adapter
-from loramerge_cli.errors import LoramergeError, UsageError, check_at_least, is_finite_number
+from loramerge_cli.errors import LoramergeError, UsageError, check_integer, is_finite_number
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import merge as merging
@@ -41,9 +41,9 @@ class TaskData:
     backend: object | None = None  # search/backends.py Backend: where the grid is scored (None: here)
 
     def __post_init__(self) -> None:
-        check_at_least(self.val_limit, 1, "--val-limit")
-        check_at_least(self.batch_size, 1, "--batch-size")
-        check_at_least(self.max_length, 2, "--max-length")
+        check_integer(self.val_limit, 1, "--val-limit")
+        check_integer(self.batch_size, 1, "--batch-size")
+        check_integer(self.max_length, 2, "--max-length")
         if self.backend is not None:
             self.backend.check()
 

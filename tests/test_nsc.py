@@ -201,8 +201,10 @@ def test_default_targets_on_llama_and_vit(problem, tmp_path):
 @pytest.mark.slow
 def test_targets_that_match_nothing_are_an_error_not_a_zero_loss(problem):
     named = list(problem.engine.model.named_modules())
-    with pytest.raises(LoramergeError, match="no targeted module"):
+    with pytest.raises(LoramergeError, match="'out_proj' names no LoRA module of blocks"):
         resolve_targets(named, problem.paths, None, ["out_proj"])
+    with pytest.raises(LoramergeError, match="'o_prj' names no LoRA module"):  # a typo beside a good name
+        resolve_targets(named, problem.paths, None, ["v_proj", "o_prj"])
     with pytest.raises(LoramergeError, match="no targeted module"):
         resolve_targets(named, ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.up_proj"])
     with pytest.raises(LoramergeError, match="no block with LoRA"):

@@ -100,7 +100,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     merged = api.load_adapters(flags["merged"] or [], allow_pickle=flags["allow_pickle"])  # names unique
     settings = EvalSettings(**{name: flags[name] for name in ("split", "val_limit", "device", "dtype", "batch_size",
                                                               "threads", "length_normalize", "max_length")})
-    check_request(flags["tasks"], experts, merged, settings, flags["run_dir"])  # before the workers load models
+    check_request(flags["tasks"], experts, merged, settings, flags["run_dir"], flags["base"])  # before any model
     if spread.devices:  # the driver scores the experts and the base on the workers' first device
         settings = replace(settings, device=spread.devices[0])
     scorer = MergedScorer(EngineSource(flags["tasks"], flags["adapters"], settings, flags["base"],

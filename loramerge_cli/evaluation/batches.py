@@ -130,7 +130,7 @@ def open_image(value):
         source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
         with Image.open(source) as image:
             return image.convert("RGB")
-    except (OSError, ValueError) as error:
+    except Exception as error:  # noqa: BLE001 - PIL raises many kinds for a bad file
         where = "image bytes" if isinstance(value, (bytes, bytearray)) else str(value)
         raise LoramergeError(f"{where}: cannot read image ({error})") from None
 

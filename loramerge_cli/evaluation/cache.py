@@ -54,6 +54,12 @@ def read_cache(file: Path) -> dict[str, float]:
     return scores
 
 
+def adapter_identity(adapter) -> str:
+    """sha256 of what fixes an adapter's outputs: its weights file and its config (α, r, patterns)."""
+    config = json.dumps(adapter.config, sort_keys=True, default=str)
+    return hashlib.sha256(f"{adapter.source.sha256}|{config}".encode()).hexdigest()
+
+
 def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:
     return hashlib.sha256(f"{kind}|{weights_sha256}|{fingerprint}".encode()).hexdigest()
 
@@ -67,7 +73,7 @@ def expert_scores(engine, cache: ScoreCache, report=None) -> dict[str, float]:
     with stage(report, "experts", len(engine.task_file.names)) as step:
         for task in engine.task_file.names:
             adapter = engine.experts[task]
-            key = score_key("expert", adapter.source.sha256, engine.fingerprint(task))
+            key = score_key("expert", adapter_identity(adapter), engine.fingerprint(task))
             value = cache.get(key)
             if value is None:
                 value = fresh[key] = engine.score_adapter(adapter, [task])[task]

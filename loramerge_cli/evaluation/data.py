@@ -44,6 +44,9 @@ def load_examples(
     digest = hashlib.sha256()
     digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
     digest.update(_content_hash(source).encode())
+    for value in inputs:  # files a listing names (images): their content, not only the listing's
+        if isinstance(value, (str, Path)) and Path(value).is_file():
+            digest.update(hashlib.sha256(Path(value).read_bytes()).digest())
     return Examples(task.name, split, inputs, labels, digest.hexdigest())
 
 
@@ -105,7 +108,7 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -117,7 +120,7 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
             rows.append(row)
         return rows
     if suffix == ".csv":
-        with open(path, newline="") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a BOM (Excel) is no part of a name
             return list(csv.DictReader(handle))
     if suffix == ".parquet":
         try:
@@ -139,14 +142,16 @@ def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] |
         names = names or task_file.type.label_names(task)
         if names and value in names:
             return names.index(value)
-        if value.strip().lstrip("-").isdigit():
+        if value.strip().lstrip("-").isascii() and value.strip().lstrip("-").isdigit():
             value = int(value)
         else:
             known = f" (labels: {', '.join(names)})" if names else ""
             raise task_file.error(where, f"unknown label name {value!r}{known}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool):  # BoolQ-style answers: false, true are classes 0, 1
+        value = int(value)
+    if not isinstance(value, int):
         raise task_file.error(where, f"label {value!r} is neither an index nor a name")
     classes = task.class_count
     if value < 0 or (classes is not None and value >= classes):

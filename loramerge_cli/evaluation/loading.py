@@ -99,14 +99,17 @@ def load_preprocessor(base: str, task_type: TaskType):
 
 
 def base_identity(base: str, model) -> str:
-    """A cheap fingerprint of the base weights: config, and each weight file's name, size and mtime."""
+    """A cheap fingerprint of the base: its config, each weight file's name, size and mtime, and the content of
+    every other file of the folder (tokenizer, preprocessor: they change the inputs)."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     folder = Path(base)
     if folder.is_dir():
-        for file in sorted(folder.iterdir()):
+        for file in sorted(path for path in folder.iterdir() if path.is_file()):
             if file.suffix in (".safetensors", ".bin", ".pt", ".pth"):
                 stat = file.stat()
                 digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            else:
+                digest.update(file.name.encode() + b":" + hashlib.sha256(file.read_bytes()).digest())
     else:
         digest.update(f"{base}@{getattr(model.config, '_commit_hash', None)}".encode())
     return digest.hexdigest()

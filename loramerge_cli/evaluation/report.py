@@ -41,7 +41,7 @@ def eval_report(
     given, scores the merged adapters on its workers (`MergedScorer`, evaluation/workers.py).
     """
     settings = settings or EvalSettings()
-    check_request(tasks_file, experts, merged or [], settings, run_dir)
+    check_request(tasks_file, experts, merged or [], settings, run_dir, base)
     task_file = load_task_file(tasks_file)
     engine = Evaluator(task_file, experts, settings, base=base, allow_pickle=allow_pickle)
     cache = ScoreCache(run_dir)
@@ -79,27 +79,27 @@ def eval_report(
     }
 
 
-def check_request(tasks_file, experts: list, merged: list, settings: EvalSettings, run_dir) -> None:
+def check_request(tasks_file, experts: list, merged: list, settings: EvalSettings, run_dir,
+                  base: str | None = None) -> None:
     """What `eval` refuses before any model loads: settings out of range, a merge named as a report row, a run
     directory that is (or holds, or sits in) an input or holds a file that is not a score cache."""
     from pathlib import Path
 
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
-    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder
+    from loramerge_cli.evaluation.data import check_task_file
+    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, read_inputs
 
     settings.check()
     if {"base", "experts"} & {adapter.name for adapter in merged}:
         raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
                          "name=folder")
+    check_task_file(tasks_file, [settings.split])  # every row, not only those --val-limit keeps (as the CLI)
     if run_dir is None:
         return
-    inputs = [Path(tasks_file)]
-    for adapter in [*experts, *merged]:
-        weights = Path(adapter.source.weights_file)
-        inputs.append(weights.parent if adapter.source.kind == "dir" else weights)
+    files, folders = read_inputs([*experts, *merged], tasks_file, base)
     check_not_working_folder(run_dir, "--run-dir")
-    check_not_an_input(run_dir, inputs, "--run-dir")
+    check_not_an_input(run_dir, [Path(tasks_file), *files, *folders], "--run-dir")
     read_cache(Path(run_dir) / CACHE_NAME)
 
 

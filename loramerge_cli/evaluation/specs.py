@@ -218,8 +218,9 @@ def _check_task(task: TaskSpec, task_file: TaskFile) -> None:
         task.masked_labels += [index for index in unnamed if index not in task.masked_labels]
     classes = task.class_count
     for value in task.masked_labels:
-        if classes is not None and not 0 <= value < classes:
-            raise task_file.error(f"{where}.masked_labels", f"label {value} is out of range 0..{classes - 1}")
+        if value < 0 or (classes is not None and value >= classes):
+            upper = f"0..{classes - 1}" if classes is not None else ">= 0"
+            raise task_file.error(f"{where}.masked_labels", f"label {value} is out of range {upper}")
     task_file.type.check_task(task, task_file)
     if task.head not in (FROM_ADAPTER, NO_HEAD) and not Path(task.head).is_file():
         raise task_file.error(f"{where}.head", f"no such file {task.head}")

@@ -31,6 +31,7 @@ def resolve_targets(
     if not units:
         raise LoramergeError(f"NSC: no LoRA module lies in a transformer block; {HINT}")
     chosen = _chosen_blocks(units, blocks)
+    _check_modules(lora, chosen, modules)
     order = [name for name, _ in model_modules]
     targets = []
     for unit in chosen:
@@ -46,16 +47,26 @@ def resolve_targets(
 
 
 def check_target_blocks(request) -> None:
-    """--target-blocks against the adapters' LoRA blocks, read from their safetensors headers before any model
-    loads (a pickled adapter is checked when it loads)."""
+    """--target-blocks and --target-modules against the adapters' LoRA modules, read from their safetensors
+    headers before any model loads (a pickled adapter is checked when it loads)."""
     from loramerge_cli.adapters.sources import header_module_paths
 
-    if not request.nsc.target_blocks:
+    if not request.nsc.target_blocks and not request.nsc.target_modules:
         return
     paths = header_module_paths(request.adapters, request.allow_pickle)
     units = sorted_units(unit_of(path) for path in paths or () if unit_of(path) is not None)
     if units:
-        _chosen_blocks(units, request.nsc.target_blocks)
+        _check_modules(paths, _chosen_blocks(units, request.nsc.target_blocks), request.nsc.target_modules)
+
+
+def _check_modules(lora_paths, chosen: list[str], modules: list[str] | None) -> None:
+    """Every --target-modules entry names a LoRA module of the chosen blocks (a typo is not silently dropped)."""
+    in_blocks = [path for path in lora_paths if unit_of(path) in chosen]
+    for entry in modules or ():
+        if not any(_ends_with(path, entry) for path in in_blocks):
+            leaves = sorted({path.rsplit(".", 1)[-1] for path in in_blocks})
+            raise LoramergeError(f"--target-modules: {entry!r} names no LoRA module of blocks {', '.join(chosen)} "
+                                 f"(their LoRA modules end in: {', '.join(leaves)}); {HINT}")
 
 
 def _ends_with(path: str, suffix: str) -> bool:

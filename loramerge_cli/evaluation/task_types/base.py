@@ -61,4 +61,12 @@ def text_setup(task, preprocessor, model, settings) -> tuple[int, int]:
     pad_id = model.config.pad_token_id
     if pad_id is None:
         pad_id = model.config.pad_token_id = preprocessor.pad_token_id
-    return pad_id, task.max_length or settings.max_length or model_max_length(preprocessor, model.config)
+    cap = task.max_length or settings.max_length or model_max_length(preprocessor, model.config)
+    special = getattr(preprocessor, "num_special_tokens_to_add", None)
+    specials = special(pair=len(task.text or ()) > 1) if special else 0
+    if cap <= specials:  # the tokenizer would not truncate at all (it only warns)
+        from loramerge_cli.errors import LoramergeError
+
+        raise LoramergeError(f"task {task.name}: max_length {cap} leaves no room for text (the tokenizer adds "
+                             f"{specials} special tokens); give at least {specials + 1}")
+    return pad_id, cap

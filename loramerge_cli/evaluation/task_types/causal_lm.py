@@ -23,7 +23,7 @@ class CausalLM(TaskType):
             return task.prompt.format(**row)
         except KeyError as error:
             raise task_file.error(f"{task.where}.prompt", f"column {error.args[0]!r} not in {source}") from None
-        except (IndexError, ValueError) as error:
+        except (IndexError, ValueError, AttributeError, TypeError) as error:
             raise task_file.error(f"{task.where}.prompt", f"bad format string ({error})") from None
 
     def label_names(self, task) -> list[str] | None:

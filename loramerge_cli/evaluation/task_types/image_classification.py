@@ -18,7 +18,8 @@ class ImageClassification(TaskType):
 
     def folder_rows(self, folder: Path, task_file, task, where: str) -> list[dict]:
         """`folder/class_name/*.png` -> rows {image: path, label: index}, sorted by class then file."""
-        classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir())
+        # hidden folders (.ipynb_checkpoints, .git) are no classes: one would shift every label
+        classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
         if not classes:
             raise task_file.error(where, f"{folder} has no class folders (expected {folder}/class_name/*.png)")
         names = task.labels or classes
@@ -39,6 +40,23 @@ class ImageClassification(TaskType):
             value = value.get("bytes") or value.get("path")
         if isinstance(value, str) and not Path(value).is_absolute():
             value = str(source.parent / value) if source.is_file() else value
+        if isinstance(value, (bytes, bytearray)):
+            return value
+        if not isinstance(value, str):
+            raise task_file.error(f"{task.where}.image", f"column {column!r} holds {value!r} in a row of {source}: "
+                                  "expected an image path or bytes")
+        if not Path(value).is_file():
+            raise task_file.error(f"{task.where}.image", f"no such image file {value} (a row of {source})")
+        try:  # the header only: a file that is no image is found before any model loads
+            from PIL import Image
+
+            with Image.open(value) as image:
+                image.size
+        except ImportError:
+            pass  # the missing pillow is reported by the extras check, in one line
+        except Exception as error:  # noqa: BLE001 - PIL raises many kinds for a bad file
+            raise task_file.error(f"{task.where}.image", f"{value}: not an image PIL can read "
+                                  f"({type(error).__name__})") from None
         return value
 
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):

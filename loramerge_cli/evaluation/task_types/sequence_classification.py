@@ -20,6 +20,10 @@ class SequenceClassification(TaskType):
         missing = [column for column in task.text if column not in row]
         if missing:
             raise task_file.error(f"{task.where}.text", f"column {missing[0]!r} not in {source}")
+        for column in task.text:  # a null or a list would be scored as the words "None" or "['…']"
+            if not isinstance(row[column], (str, int, float)) or isinstance(row[column], bool):
+                raise task_file.error(f"{task.where}.text", f"column {column!r} holds {row[column]!r} in a row of "
+                                      f"{source}: expected text")
         return tuple(str(row[column]) for column in task.text)
 
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):

@@ -15,7 +15,7 @@ from pathlib import Path
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.units import sorted_units, unit_of
 from loramerge_cli.atomic import write_text
-from loramerge_cli.errors import LoramergeError, UsageError, is_finite_number
+from loramerge_cli.errors import LoramergeError, UsageError
 
 FORMAT = "loramerge.mask/v1"
 
@@ -147,17 +147,7 @@ def _structure_problem(data) -> str | None:
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
         return f"{where or 'mask'}: {error.message}"
-    if len(data["weights"]) != len(data["tasks"]):
-        return f"'weights' has {len(data['weights'])} rows for {len(data['tasks'])} tasks"
-    for row in data["weights"]:
-        if not isinstance(row, list) or len(row) != len(data["units"]):
-            return f"every row of 'weights' needs {len(data['units'])} numbers (one per unit)"
-        if not all(is_finite_number(v) for v in row):
-            return "'weights' holds a value that is not a finite number"
-    scale = data.get("scale")
-    if scale is not None and not is_finite_number(scale):
-        return "'scale' must be a finite number"
-    return None
+    return _weights_problem(data["weights"], len(data["tasks"]), len(data["units"]), data.get("scale"))
 
 
 def mask_schema() -> dict:
@@ -183,23 +173,24 @@ def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
     return replace(table, tasks=names, weights=[table.weights[i] for i in order], adapters=recorded, merger=merger)
 
 
-def _weights_problem(table: WeightTable) -> str | None:
-    """What is wrong with a table's weights and scale (rows per task, one finite number per unit), or None."""
+def _weights_problem(weights, task_count: int, unit_count: int, scale) -> str | None:
+    """What is wrong with a table's weights and scale (a row per task, one finite real per unit, in any
+    sequence: a file's lists, or numpy values built in code), or None."""
 
     def finite(value) -> bool:
         try:
-            return not isinstance(value, (str, bytes)) and math.isfinite(float(value))
+            return not isinstance(value, (str, bytes, bool)) and math.isfinite(float(value))
         except (TypeError, ValueError, OverflowError):
             return False
 
-    if len(table.weights) != len(table.tasks):
-        return f"'weights' has {len(table.weights)} rows for {len(table.tasks)} tasks"
-    for row in table.weights:
-        if isinstance(row, (str, bytes)) or not hasattr(row, "__len__") or len(row) != len(table.units):
-            return f"every row of 'weights' needs {len(table.units)} numbers (one per unit)"
+    if len(weights) != task_count:
+        return f"'weights' has {len(weights)} rows for {task_count} tasks"
+    for row in weights:
+        if isinstance(row, (str, bytes)) or not hasattr(row, "__len__") or len(row) != unit_count:
+            return f"every row of 'weights' needs {unit_count} numbers (one per unit)"
         if not all(finite(value) for value in row):
             return "'weights' holds a value that is not a finite number"
-    if table.scale is not None and not finite(table.scale):
+    if scale is not None and not finite(scale):
         return "'scale' must be a finite number"
     return None
 
@@ -207,7 +198,7 @@ def _weights_problem(table: WeightTable) -> str | None:
 def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask") -> None:
     """The table must be well formed (one finite weight per task and unit) and name the same tasks, units and
     adapter weights (sha256) as the inputs."""
-    problem = _weights_problem(table)  # a table built in code: any real numbers, in any sequences
+    problem = _weights_problem(table.weights, len(table.tasks), len(table.units), table.scale)  # built in code too
     if problem is not None:
         raise LoramergeError(f"{origin}: {problem}")
     names = [a.name for a in adapters]

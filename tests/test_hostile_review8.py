@@ -217,3 +217,29 @@ def test_a_target_module_typo_is_refused_before_any_model_loads(setting, tmp_pat
                              "--strategy", "nsc", "--target-modules", modules, "--threads", "1", "--out",
                              tmp_path / "c.json"])
         assert result.exit_code == 1 and "names no LoRA module" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("flags", [["--strategy", "nsc", "--steps", "2"],
+                                   ["--strategy", "random", "--fitness", "nsc", "--budget", "2"]])
+def test_a_label_free_search_reads_no_label(setting, tmp_path, flags):
+    """`search-mask --strategy nsc` (or `--fitness nsc`, "no labels read") on GLUE-test-style data whose label
+    column holds -1: refused, "label -1 is out of range 0..2"; a missing label column: "column 'label' missing in
+    a row of {'validation': …, 'test': …}" (the splits, not the file)."""
+    import yaml
+
+    content = yaml.safe_load(Path(setting.tasks_file).read_text())
+    for task in content["tasks"]:
+        rows = [json.loads(line) for line in Path(task["data"]["validation"]).read_text().splitlines()]
+        task["data"]["validation"] = str(write_jsonl(tmp_path / f"{task['name']}.jsonl",
+                                                     [{**row, "label": -1} for row in rows]))
+    spec = write_tasks_file(tmp_path / "tasks.yaml", content)
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", spec, "--threads", "1",
+                         "--val-limit", "8", *flags, "--out", tmp_path / "t.json"])
+    assert result.exit_code == 0, result.stderr
+    labelled = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", spec, "--threads", "1"])
+    assert labelled.exit_code == 1 and "label -1 is out of range" in labelled.stderr  # accuracy needs them
+    rows = [{"premise": "w1", "hypothesis": "w2"}]
+    content["tasks"][0]["data"]["validation"] = str(write_jsonl(tmp_path / "unlabelled.jsonl", rows))
+    missing = write_tasks_file(tmp_path / "missing.yaml", content)
+    with pytest.raises(LoramergeError, match=r"column 'label' missing in a row of .*unlabelled\.jsonl"):
+        check_task_file(missing, ["validation"])

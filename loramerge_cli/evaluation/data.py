@@ -40,7 +40,7 @@ def load_examples(
     inputs = [task_file.type.read_input(row, source, task_file, task) for row in rows]
     labels = None
     if task.label is not None or source.is_dir():
-        labels = [_label_of(row, task_file, task, class_names) for row in rows]
+        labels = [_label_of(row, task_file, task, class_names, source) for row in rows]
     digest = hashlib.sha256()
     digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
     digest.update(_content_hash(source).encode())
@@ -61,7 +61,7 @@ def check_data(task_file: TaskFile, splits: list[str] | None = None) -> dict[tup
             for row in rows:
                 task_file.type.read_input(row, source, task_file, task)
                 if task.label is not None or source.is_dir():
-                    _label_of(row, task_file, task, class_names)
+                    _label_of(row, task_file, task, class_names, source)
             counts[task.name, split] = len(rows)
     return counts
 
@@ -132,11 +132,11 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
 
 
-def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] | None) -> int:
+def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] | None, source: Path) -> int:
     where = f"{task.where}.label"
     column = task.label or "label"
     if column not in row:
-        raise task_file.error(where, f"column {column!r} missing in a row of {task.data}")
+        raise task_file.error(where, f"column {column!r} missing in a row of {source}")
     value = row[column]
     if isinstance(value, str):
         names = names or task_file.type.label_names(task)

@@ -83,15 +83,22 @@ class NscProblem:
 
 
 def label_free_task_file(task_file, adapters, objective: str):
-    """The NSC objective needs no head: tasks whose adapter carries none run with the base's head."""
+    """The task spec as a label-free search reads it: no labels (an unlabelled split, GLUE's `-1`, is fine), and
+    for the NSC objective, which needs no head, tasks whose adapter carries none run with the base's head."""
     from loramerge_cli.evaluation.specs import FROM_ADAPTER, NO_HEAD
 
+    task_file = without_labels(task_file)
     if objective != "nsc":
         return task_file
     headless = {adapter.name for adapter in adapters if not adapter.heads}
     tasks = [replace(task, head=NO_HEAD) if task.head == FROM_ADAPTER and task.name in headless else task
              for task in task_file.tasks]
     return replace(task_file, tasks=tasks)
+
+
+def without_labels(task_file):
+    """The task spec with no label column read (folder trees still name their classes)."""
+    return replace(task_file, tasks=[replace(task, label=None) for task in task_file.tasks])
 
 
 def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:

@@ -120,7 +120,14 @@ def check_splits(request: SearchRequest) -> None:
                 raise task_file.error(f"{task.where}.data.{split}", f"no such file {task.data[split]}{reason}")
     from loramerge_cli.evaluation.data import check_data
 
-    rows = check_data(task_file, needed)  # every row's inputs and labels, before any adapter or model loads
+    label_free = request.fitness == "nsc" or strategy_named(request.strategy).kind == "coefficients"
+    if label_free:  # the search reads no label (unlabelled or GLUE-test data is fine); --report-test's split does
+        from loramerge_cli.search.nsc import without_labels
+
+        rows = check_data(without_labels(task_file), [request.eval.split])
+        rows.update(check_data(task_file, needed[1:]) if needed[1:] else {})
+    else:
+        rows = check_data(task_file, needed)  # every row's inputs and labels, before any adapter or model loads
     strategy = strategy_named(request.strategy)
     if strategy.check_data is not None:  # what the strategy needs of the data (the examples it will score)
         split = request.eval.split

@@ -243,3 +243,19 @@ def test_a_label_free_search_reads_no_label(setting, tmp_path, flags):
     missing = write_tasks_file(tmp_path / "missing.yaml", content)
     with pytest.raises(LoramergeError, match=r"column 'label' missing in a row of .*unlabelled\.jsonl"):
         check_task_file(missing, ["validation"])
+
+
+def test_the_data_fingerprint_follows_the_images_a_listing_names(tmp_path):
+    """A jsonl of image paths under `eval --run-dir`: the images swapped for others, the cache still served the
+    experts' old scores (0.86 where a fresh run gives 0.02): the fingerprint hashed the listing only."""
+    import os
+
+    from PIL import Image
+
+    spec = _image_spec(tmp_path, rows=[{"image": "images/cat/0.png", "label": 1}])
+    task_file = load_task_file(spec)
+    before = load_examples(task_file, task_file.tasks[0], "validation").fingerprint
+    image = tmp_path / "images" / "cat" / "0.png"
+    Image.new("RGB", (8, 8), (0, 255, 0)).save(image)
+    os.utime(image, ns=(1, 1))  # another time than the first write's
+    assert load_examples(task_file, task_file.tasks[0], "validation").fingerprint != before

@@ -64,9 +64,9 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation import REPORT_FORMAT
-    from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
     from loramerge_cli.evaluation.data import check_task_file
-    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output, read_inputs
+    from loramerge_cli.evaluation.report import check_request, check_run_dir
+    from loramerge_cli.outputs import guard_output, read_inputs
 
     out = flags["out"]
     if out is not None and (out.is_dir() or not out.absolute().parent.is_dir()):
@@ -77,9 +77,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     files, folders = read_inputs([*flags["adapters"], *(flags["merged"] or [])], flags["tasks"], flags["base"],
                                  flags["allow_pickle"])
     if flags["run_dir"] is not None:  # the score cache: written too
-        check_not_working_folder(flags["run_dir"], "--run-dir")
-        check_not_an_input(flags["run_dir"], files + folders, "--run-dir")
-        read_cache(Path(flags["run_dir"]) / CACHE_NAME)
+        check_run_dir(flags["run_dir"], files + folders)
     if out is not None:
         cache = [Path(flags["run_dir"]) / "scores.json"] if flags["run_dir"] else []
         guard_output(out, inputs=files + folders + cache, force=flags["force"], kind="file",
@@ -90,7 +88,6 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli import api
     from loramerge_cli.cli.common import human_console, result_console
     from loramerge_cli.cli.progress import ProgressDisplay
-    from loramerge_cli.evaluation.report import check_request
     from loramerge_cli.evaluation.settings import EvalSettings
     from loramerge_cli.evaluation.workers import EngineSource, MergedScorer
     from loramerge_cli.outputs import write_result
@@ -100,7 +97,8 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     merged = api.load_adapters(flags["merged"] or [], allow_pickle=flags["allow_pickle"])  # names unique
     settings = EvalSettings(**{name: flags[name] for name in ("split", "val_limit", "device", "dtype", "batch_size",
                                                               "threads", "length_normalize", "max_length")})
-    check_request(flags["tasks"], experts, merged, settings, flags["run_dir"], flags["base"])  # before any model
+    check_request(flags["tasks"], experts, merged, settings, flags["run_dir"], flags["base"],  # before any model
+                  rows=False)  # read above
     if spread.devices:  # the driver scores the experts and the base on the workers' first device
         settings = replace(settings, device=spread.devices[0])
     scorer = MergedScorer(EngineSource(flags["tasks"], flags["adapters"], settings, flags["base"],
@@ -108,7 +106,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     with (worker_pool(scorer, spread if len(merged) > 1 else None, flags["device"], settings.threads) as pool,
           ProgressDisplay(flags["quiet"] or flags["json_output"]) as display):
         report = api.evaluate(flags["tasks"], experts, merged, settings, base=flags["base"], run_dir=flags["run_dir"],
-                              allow_pickle=flags["allow_pickle"], report=display, pool=pool)
+                              allow_pickle=flags["allow_pickle"], report=display, pool=pool, checked=True)
     if out is not None:  # what appeared there during the work is not replaced
         write_result(out, json.dumps(report, indent=2, default=str) + "\n", flags["force"], (REPORT_FORMAT,))
     if flags["json_output"]:

@@ -44,9 +44,10 @@ def load_examples(
     digest = hashlib.sha256()
     digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
     digest.update(_content_hash(source).encode())
-    for value in inputs:  # files a listing names (images): their content, not only the listing's
+    for value in inputs:  # files a listing names (images): each one's size and mtime, not only the listing
         if isinstance(value, (str, Path)) and Path(value).is_file():
-            digest.update(hashlib.sha256(Path(value).read_bytes()).digest())
+            stat = Path(value).stat()
+            digest.update(f"{value}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return Examples(task.name, split, inputs, labels, digest.hexdigest())
 
 

@@ -34,14 +34,17 @@ def eval_report(
     allow_pickle: bool = False,
     report=None,
     pool=None,
+    checked: bool = False,
 ) -> dict:
     """Score the base model, each expert on its own task, and each merged adapter on every task.
 
     Expert and base scores are read from (and written to) the run directory's cache when given; `pool`, if
-    given, scores the merged adapters on its workers (`MergedScorer`, evaluation/workers.py).
+    given, scores the merged adapters on its workers (`MergedScorer`, evaluation/workers.py). `checked`: the
+    caller ran `check_request` already (the command line, before its workers start).
     """
     settings = settings or EvalSettings()
-    check_request(tasks_file, experts, merged or [], settings, run_dir, base)
+    if not checked:
+        check_request(tasks_file, experts, merged or [], settings, run_dir, base)
     task_file = load_task_file(tasks_file)
     engine = Evaluator(task_file, experts, settings, base=base, allow_pickle=allow_pickle)
     cache = ScoreCache(run_dir)
@@ -80,26 +83,35 @@ def eval_report(
 
 
 def check_request(tasks_file, experts: list, merged: list, settings: EvalSettings, run_dir,
-                  base: str | None = None) -> None:
-    """What `eval` refuses before any model loads: settings out of range, a merge named as a report row, a run
+                  base: str | None = None, rows: bool = True) -> None:
+    """What `eval` refuses before any model loads: settings out of range, a merge named as a report row, a bad
+    data row (`rows`: read them all, not only those --val-limit keeps; off when the caller has), a run
     directory that is (or holds, or sits in) an input or holds a file that is not a score cache."""
-    from pathlib import Path
-
     from loramerge_cli.errors import UsageError
-    from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
     from loramerge_cli.evaluation.data import check_task_file
-    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, read_inputs
+    from loramerge_cli.outputs import read_inputs
 
     settings.check()
     if {"base", "experts"} & {adapter.name for adapter in merged}:
         raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
                          "name=folder")
-    check_task_file(tasks_file, [settings.split])  # every row, not only those --val-limit keeps (as the CLI)
-    if run_dir is None:
-        return
-    files, folders = read_inputs([*experts, *merged], tasks_file, base)
+    if rows:
+        check_task_file(tasks_file, [settings.split])
+    if run_dir is not None:
+        files, folders = read_inputs([*experts, *merged], tasks_file, base)
+        check_run_dir(run_dir, files + folders)
+
+
+def check_run_dir(run_dir, inputs: list) -> None:
+    """`eval --run-dir`: not the working folder, not over, holding or inside an input, and any scores.json
+    in it a score cache loramerge wrote."""
+    from pathlib import Path
+
+    from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
+    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder
+
     check_not_working_folder(run_dir, "--run-dir")
-    check_not_an_input(run_dir, [Path(tasks_file), *files, *folders], "--run-dir")
+    check_not_an_input(run_dir, inputs, "--run-dir")
     read_cache(Path(run_dir) / CACHE_NAME)
 
 

@@ -64,8 +64,8 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation import REPORT_FORMAT
+    from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
-    from loramerge_cli.evaluation.report import check_request, check_run_dir
     from loramerge_cli.outputs import guard_output, read_inputs
 
     out = flags["out"]
@@ -88,6 +88,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli import api
     from loramerge_cli.cli.common import human_console, result_console
     from loramerge_cli.cli.progress import ProgressDisplay
+    from loramerge_cli.evaluation.report import check_request
     from loramerge_cli.evaluation.settings import EvalSettings
     from loramerge_cli.evaluation.workers import EngineSource, MergedScorer
     from loramerge_cli.outputs import write_result

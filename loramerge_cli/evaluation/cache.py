@@ -54,6 +54,16 @@ def read_cache(file: Path) -> dict[str, float]:
     return scores
 
 
+def check_run_dir(run_dir, inputs: list) -> None:
+    """`eval --run-dir`: not the working folder, not over, holding or inside an input, and any scores.json
+    in it a score cache loramerge wrote."""
+    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder
+
+    check_not_working_folder(run_dir, "--run-dir")
+    check_not_an_input(run_dir, inputs, "--run-dir")
+    read_cache(Path(run_dir) / CACHE_NAME)
+
+
 def adapter_identity(adapter) -> str:
     """sha256 of what fixes an adapter's outputs: its weights file and its config (α, r, patterns)."""
     config = json.dumps(adapter.config, sort_keys=True, default=str)

@@ -88,6 +88,7 @@ def check_request(tasks_file, experts: list, merged: list, settings: EvalSetting
     data row (`rows`: read them all, not only those --val-limit keeps; off when the caller has), a run
     directory that is (or holds, or sits in) an input or holds a file that is not a score cache."""
     from loramerge_cli.errors import UsageError
+    from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
     from loramerge_cli.outputs import read_inputs
 
@@ -100,19 +101,6 @@ def check_request(tasks_file, experts: list, merged: list, settings: EvalSetting
     if run_dir is not None:
         files, folders = read_inputs([*experts, *merged], tasks_file, base)
         check_run_dir(run_dir, files + folders)
-
-
-def check_run_dir(run_dir, inputs: list) -> None:
-    """`eval --run-dir`: not the working folder, not over, holding or inside an input, and any scores.json
-    in it a score cache loramerge wrote."""
-    from pathlib import Path
-
-    from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
-    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder
-
-    check_not_working_folder(run_dir, "--run-dir")
-    check_not_an_input(run_dir, inputs, "--run-dir")
-    read_cache(Path(run_dir) / CACHE_NAME)
 
 
 def _score_each_task(engine: Evaluator, adapter, tasks: list[str], step) -> dict[str, float]:

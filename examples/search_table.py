@@ -68,6 +68,7 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
     from loramerge_cli.search.fidelity import examples_per_evaluation
     from loramerge_cli.search.fitness import AccuracyFitness
     from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings, fitness_ladder
+    from loramerge_cli.search.surrogate import SurrogateSearch, SurrogateSettings
 
     started = time.perf_counter()
     lam = budget["lambdas"].get(merger)
@@ -130,6 +131,14 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
             target = runs["screened"][-1]["forward_examples"]
         for key in ablations:
             runs[key].append(screened(seed, **ABLATIONS[key]))
+        if "surrogate" in strategies:  # its default budget, 3·U·T distinct full-set evaluations
+            clock = time.perf_counter()
+            search = SurrogateSearch(SurrogateSettings(max_prune=budget["max_prune"], seed=seed), units, tasks,
+                                     fitness)
+            best = search.run()
+            curve = [(record["forward_examples"], record["best_fitness"]) for record in search.state.history]
+            runs["surrogate"].append(outcome(best, len(search.state.memo) - 1, search.state.forward_examples, curve,
+                                             time.perf_counter() - clock, "surrogate", seed))
         if "enmp" in strategies:  # up to the screened search's forward examples (equal cost), at most --generations
             clock = time.perf_counter()
             enmp = EnmpSearch(EnmpSettings(popsize=budget["popsize"], generations=budget["generations"], seed=seed,

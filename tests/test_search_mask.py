@@ -35,6 +35,9 @@ def request(setting, **changes) -> SearchRequest:
     )
     if changes.get("strategy", "screened") != "screened":  # the options are the screened search's
         changes.setdefault("options", {})
+    if changes.get("strategy") == "surrogate":  # no CMA-ES: its budget is distinct evaluations
+        changes.setdefault("enmp", EnmpSettings(max_prune=0.5, seed=3))
+        changes.setdefault("budget", 12)
     return replace(base, **changes)
 
 
@@ -85,6 +88,28 @@ def test_cli_greedy_pool_switches_the_greedy_phase(setting, tmp_path):
     assert "greedy round 1:" in result.stderr
 
 
+def test_cli_surrogate_search_writes_its_trajectory_and_resumes(setting, tmp_path):
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+            "ties", "--strategy", "surrogate", "--budget", "10", "--max-prune", "0.5", "--threads", "1",
+            "--run-dir", str(tmp_path / "run")]
+    result = invoke_cli([*args, "--out", str(tmp_path / "mask.json")])
+    assert result.exit_code == 0, result.stderr
+    assert "screen: 6 tables scored" in result.stderr and "table   10/10" in result.stderr
+    table = load_table(tmp_path / "mask.json")
+    lines = [json.loads(line) for line in (tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()]
+    assert [line["phase"] for line in lines] == ["screen"] + ["proposal"] * 4
+    assert table.provenance["strategy"] == "surrogate" and table.provenance["search"]["noise"] == 0.5
+    assert table.provenance["forward_examples"] == lines[-1]["forward_examples"] == 10 * lines[0]["forward_examples"] // 6
+    assert table.provenance["validation"]["fitness"] == max([0.0] + [s for line in lines for s in line["scores"]])
+    again = invoke_cli([*args, "--resume", "--out", str(tmp_path / "again.json")])  # a finished run: its table
+    assert again.exit_code == 0, again.stderr
+    assert load_table(tmp_path / "again.json").weights == table.weights
+    (tmp_path / "run" / "surrogate_state.json").write_text("{")
+    damaged = invoke_cli([*args, "--resume", "--out", str(tmp_path / "damaged.json")])
+    assert damaged.exit_code == 1 and "surrogate_state.json" in damaged.stderr
+    assert not (tmp_path / "damaged.json").exists()
+
+
 def test_fitness_of_best_table_is_reproduced_by_the_merge(setting):
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
     from loramerge_cli.search.fitness import AccuracyFitness
@@ -98,12 +123,12 @@ def test_fitness_of_best_table_is_reproduced_by_the_merge(setting):
     assert fitness([(pruned, None)])[0] == provenance["validation"]["fitness"]
 
 
-@pytest.mark.parametrize("strategy", ["screened", "enmp"])
+@pytest.mark.parametrize("strategy", ["screened", "enmp", "surrogate"])
 def test_interrupted_run_resumes_to_the_same_table(setting, tmp_path, strategy):
     plain, plain_provenance = run_search(request(setting, strategy=strategy))
 
     def interrupt(kind, data):
-        if kind in ("generation", "greedy") and data["generation"] == 2:  # the screened search's step 2
+        if kind in ("generation", "greedy", "proposal") and data["generation"] == 2:  # the screened search's step 2
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -127,7 +152,7 @@ def test_resume_refuses_changed_settings(setting, tmp_path):
         run_search(request(setting, run_dir=tmp_path))
 
 
-@pytest.mark.parametrize("strategy", ["screened", "enmp"])
+@pytest.mark.parametrize("strategy", ["screened", "enmp", "surrogate"])
 def test_parallel_workers_equal_serial(setting, strategy):
     serial, serial_provenance = run_search(request(setting, strategy=strategy))
     parallel, provenance = run_search(request(setting, devices=["cpu", "cpu"], strategy=strategy))

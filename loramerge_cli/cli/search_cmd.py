@@ -77,7 +77,8 @@ def search_options() -> list:
         option("addscale", bool, False, help="Also search λ (one extra gene)."),
         option("budget", int | None, None, show_default=False,
                help="greedy/random: distinct evaluations [default: popsize·generations]; screened: stop after "
-               "this many distinct full-set evaluations."),
+               "this many distinct full-set evaluations; surrogate: distinct full-set evaluations, the screen "
+               "included [default: 3·units·tasks]."),
         option("sparsity", float | None, None, show_default=False,
                help="random: fraction of units pruned. [default: max-prune/2]"),
         option("seed", int, 1, help="Seed (>= 1) of CMA-ES, random masks, NSC batches and DARE."),
@@ -149,7 +150,8 @@ def strategy_settings(flags: dict, strategy: str) -> dict:
 def search_command(ctx: typer.Context, **flags) -> None:
     """Search a weight table: which (task, block) LoRA modules to drop before merging, scored on labelled
     validation data or label-free (screened: single-unit screen, then CMA-ES scoring on validation subsets
-    first; ENMP: the paper's CMA-ES; greedy and random baselines on the same fitness and budget),
+    first; surrogate: the same screen, then Thompson sampling on a Bayesian model of unit and pair effects;
+    ENMP: the paper's CMA-ES; greedy and random baselines on the same fitness and budget),
     or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
     from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
 

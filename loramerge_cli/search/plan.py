@@ -170,6 +170,8 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
     from loramerge_cli.search.enmp import read_state
     from loramerge_cli.search.screened import STATE_NAME as SCREENED_STATE
     from loramerge_cli.search.screened import read_state as read_screened_state
+    from loramerge_cli.search.surrogate import STATE_NAME as SURROGATE_STATE
+    from loramerge_cli.search.surrogate import read_state as read_surrogate_state
 
     run_dir = Path(request.run_dir)
     config = json.loads(json.dumps(run_config(request)))
@@ -191,6 +193,8 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
             read_state(run_dir / ENMP_STATE)  # a damaged state is one line before any work
         if (run_dir / SCREENED_STATE).is_file():
             read_screened_state(run_dir / SCREENED_STATE)
+        if (run_dir / SURROGATE_STATE).is_file():
+            read_surrogate_state(run_dir / SURROGATE_STATE)
         if (run_dir / STATE_NAME).is_file():
             from loramerge_cli.search.nsc import read_state as read_nsc_state
 

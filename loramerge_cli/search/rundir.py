@@ -2,7 +2,8 @@
 the sha256 of every input it reads, so `--resume` continues that search or refuses in one line.
 
 Files (all written atomically; none is a pickle): `config.json` (settings, the command's flags, input
-digests), the strategy's state (`state.json`, `screened_state.json` or `nsc_state.safetensors`),
+digests), the strategy's state (`state.json`, `screened_state.json`, `surrogate_state.json` or
+`nsc_state.safetensors`),
 `trajectory.jsonl`, `best.json`,
 `scores.json`, and `.lock` (held while a search runs).
 """
@@ -21,8 +22,9 @@ CONFIG_NAME = "config.json"
 CONFIG_FORMAT = "loramerge.run/v1"
 LOCK_NAME = ".lock"
 LEGACY_PICKLE = "state.pkl"
-STRATEGY_STATES = ("state.json", "screened_state.json", "nsc_state.safetensors", LEGACY_PICKLE)  # enmp, screened,
-# nsc, and the old pickle (refused): a run dir holding one holds a search
+STRATEGY_STATES = ("state.json", "screened_state.json", "surrogate_state.json", "nsc_state.safetensors",
+                   LEGACY_PICKLE)  # enmp, screened, surrogate, nsc, and the old pickle (refused): a run dir holding
+# one holds a search
 STATE_NAMES = (*STRATEGY_STATES, "trajectory.jsonl", "best.json")  # what a search saves as it goes
 # Flags that say how a search runs or where its table goes, not what it searches: --resume may change them.
 RUN_ONLY_FLAGS = {"out", "force", "json_output", "quiet", "debug", "plot", "resume", "config", "run_dir", "devices",

@@ -229,10 +229,53 @@ SCREENED = Strategy(
     uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale", "budget"}))
 # (screened reads addscale only to refuse it with its own message)
 
+
+
+def _run_surrogate(request, fitness, space: SearchSpace, on_event) -> Outcome:
+    from dataclasses import asdict
+
+    from loramerge_cli.search.surrogate import run_surrogate, surrogate_settings
+
+    settings = surrogate_settings(request)
+    best, spent = run_surrogate(settings, fitness, space.unit_count, space.task_count, space.run_dir, space.resume,
+                                on_event)
+    return Outcome(best, spent["full_evaluations"], spent["history"], spent["forward_examples"], asdict(settings))
+
+
+def _check_surrogate(request) -> None:
+    from loramerge_cli.search.surrogate import surrogate_settings
+
+    surrogate_settings(request).check()
+
+
+def _surrogate_scoring(request, fitness, workers):
+    from loramerge_cli.search.fidelity import examples_per_evaluation
+    from loramerge_cli.search.surrogate import CountedFitness
+
+    return CountedFitness(fitness, examples_per_evaluation(fitness)), workers
+
+
+SURROGATE = Strategy(
+    "surrogate", "every single-unit pruning scored, then Thompson sampling on a Bayesian model of the fitness "
+    "over units and unit pairs: each new table is the best of one posterior draw, never one already scored",
+    True, _run_surrogate,
+    parameters=(
+        Parameter("proposals", int, 1, "tables proposed per step and scored together (by the workers, if "
+                  "several): more is faster on many devices, each proposal knowing less."),
+        Parameter("prior_single", float, 1.0, "prior standard deviation of one unit's effect on the fitness "
+                  "(points)."),
+        Parameter("prior_pair", float, 0.2, "prior standard deviation of the interaction of two pruned units "
+                  "(points)."),
+        Parameter("noise", float, 0.5, "what the model leaves unexplained (points; one validation example is "
+                  "100/(tasks·examples) points)."),
+    ),
+    check=_check_surrogate, scoring=_surrogate_scoring, uses=frozenset({"max_prune", "budget"}))
+
 DEFAULT_STRATEGY = SCREENED.name
 
 STRATEGIES: dict[str, Strategy] = {
     "screened": SCREENED,
+    "surrogate": SURROGATE,
     "enmp": Strategy("enmp", "CMA-ES over the binary table (ENMP)", True, _run_enmp,
                      uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale"})),
     "greedy": Strategy("greedy", "leave-one-out: prune the unit that helps most, while it helps", False,

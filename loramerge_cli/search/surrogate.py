@@ -1,0 +1,369 @@
+"""Surrogate search (`--strategy surrogate`): Bayesian optimisation of the pruning table on a pairwise model.
+
+Every evaluation of a table costs a pass over the validation set, so the search spends them where a model
+of the fitness says they are worth most (docs/algorithms.md, "Surrogate search"):
+
+* **screen** (step 0): every single-unit pruning, scored once on the full validation set (with the unpruned
+  merge, fitness 0, they are the model's first observations);
+* **model**: the fitness of a table S (a set of pruned flat units) is modelled as
+  f(S) = Σ_{i∈S} w_i + Σ_{i<j∈S} v_ij + noise, with independent Gaussian priors w_i ~ N(0, a²),
+  v_ij ~ N(0, b²) and noise N(0, σ²) (a Bayesian linear regression on the units and their pairs, as in
+  BOCS, Baptista & Poloczek 2018): pruning a unit can help only together with another one, which the
+  screen alone cannot see and which greedy pays a full round to find;
+* **proposals** (every later step): Thompson sampling. One draw of (w, v) from the posterior (by pathwise
+  conditioning: a prior draw corrected by the observations, in the observations' dual space, so the cost
+  grows with the tables scored, not with the U² pairs), then the table that maximises the drawn function
+  under the ρ cap (local search: add, remove or swap one unit, from the empty table, the best scored
+  table and seeded random ones), never one already scored. `proposals` draws per step give as many distinct
+  tables, scored together (by the workers, when there are several).
+
+The search is deterministic given the seed and the scores: step k draws from a generator seeded by
+(seed, k), so a killed run resumes from its saved scores to the same table, and `--workers N` equals serial.
+The unpruned merge is in the memo from the start: the result is never worse than not pruning. The budget is
+counted in distinct full-set evaluations (default 3·U·T: the screen and twice as many proposals) and in
+forward examples (each evaluation runs the whole validation set).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from loramerge_cli import atomic
+from loramerge_cli.errors import LoramergeError, UsageError, is_finite_number
+from loramerge_cli.search.decode import max_pruned
+from loramerge_cli.search.enmp import Evaluation
+
+Candidate = tuple[tuple[int, ...], float | None]
+STATE_NAME = "surrogate_state.json"
+STATE_FORMAT = "loramerge.surrogate-state/v1"
+
+
+@dataclass
+class SurrogateSettings:
+    """The ρ cap, the seed, the budget and the model's priors (fitness points: 100/(T·n) per example)."""
+
+    max_prune: float = 0.2
+    seed: int = 0
+    budget: int | None = None  # distinct full-set evaluations, the screen included (None: 3·U·T)
+    proposals: int = 1  # tables proposed (and scored together) per step
+    prior_single: float = 1.0  # a: prior standard deviation of one unit's effect, in points
+    prior_pair: float = 0.2  # b: of one pair's interaction
+    noise: float = 0.5  # σ: what the model leaves unexplained, in points
+    restarts: int = 8  # local-search starts per proposal
+
+    def check(self) -> None:
+        if not 0 < self.max_prune <= 1:
+            raise UsageError(f"--max-prune must be in (0, 1] (got {self.max_prune})")
+        if self.budget is not None and self.budget < 1:
+            raise UsageError(f"--budget must be at least 1 (got {self.budget})")
+        if self.proposals < 1:
+            raise UsageError(f"--proposals must be at least 1 (got {self.proposals})")
+        if self.restarts < 1:
+            raise UsageError(f"--restarts must be at least 1 (got {self.restarts})")
+        for name in ("prior_single", "prior_pair", "noise"):
+            value = getattr(self, name)
+            if not is_finite_number(value) or value <= 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be a finite number above 0 (got {value})")
+
+
+@dataclass
+class PairwiseModel:
+    """One posterior draw of the pairwise model: f(S) = Σ_{i∈S} w_i + ½ Σ_{i,j∈S} V_ij (V symmetric, zero
+    diagonal)."""
+
+    single: np.ndarray  # (U,)
+    pair: np.ndarray  # (U, U)
+
+    def value(self, members: np.ndarray) -> float:
+        """f of the table whose pruned units are `members` (a 0/1 vector)."""
+        return float(self.single @ members + 0.5 * members @ self.pair @ members)
+
+
+def _indicator(pruned: tuple[int, ...], size: int) -> np.ndarray:
+    members = np.zeros(size)
+    members[list(pruned)] = 1.0
+    return members
+
+
+def posterior_draw(tables: np.ndarray, values: np.ndarray, settings: SurrogateSettings,
+                   rng: np.random.Generator) -> PairwiseModel:
+    """A draw from the posterior of (w, V) given scored `tables` (n × U, 0/1) and their `values`, by pathwise
+    conditioning: θ = θ₀ + Σ_prior Φᵀ (K + σ²I)⁻¹ (y − Φθ₀ − ε), with θ₀ and ε prior and noise draws and
+    K = Φ Σ_prior Φᵀ, here a² s + b² s(s−1)/2 for tables sharing s units."""
+    count, size = tables.shape
+    a2, b2, s2 = settings.prior_single ** 2, settings.prior_pair ** 2, settings.noise ** 2
+    single = rng.normal(0.0, settings.prior_single, size)
+    upper = np.triu(rng.normal(0.0, settings.prior_pair, (size, size)), 1)
+    pair = upper + upper.T
+    noise = rng.normal(0.0, settings.noise, count)
+    shared = tables @ tables.T
+    kernel = a2 * shared + b2 * shared * (shared - 1) / 2
+    prior_values = tables @ single + 0.5 * np.einsum("ni,ij,nj->n", tables, pair, tables)
+    factor = np.linalg.cholesky(kernel + s2 * np.eye(count))
+    weights = np.linalg.solve(factor.T, np.linalg.solve(factor, values - prior_values - noise))
+    correction = (tables * weights[:, None]).T @ tables  # Σ_n α_n x_n x_nᵀ
+    np.fill_diagonal(correction, 0.0)
+    return PairwiseModel(single + a2 * (tables.T @ weights), pair + b2 * correction)
+
+
+def local_maximum(model: PairwiseModel, start: np.ndarray, k_max: int) -> np.ndarray:
+    """Hill-climb `model` from `start` by the best of: add a unit (while fewer than k_max), remove one, swap one
+    in for one out; stops where no move gains."""
+    members = start.copy()
+    for _ in range(4 * len(members) + 4 * k_max):
+        gain = model.single + model.pair @ members  # adding j (not in S) gains gain[j]; removing i loses gain[i]
+        inside = members > 0
+        moves = []
+        if inside.sum() < k_max and (~inside).any():
+            j = int(np.argmax(np.where(inside, -np.inf, gain)))
+            moves.append((gain[j], (j,), ()))
+        if inside.any():
+            i = int(np.argmax(np.where(inside, -gain, -np.inf)))
+            moves.append((-gain[i], (), (i,)))
+            if (~inside).any():
+                swap = gain[None, :] - gain[:, None] - model.pair
+                swap[~inside, :] = -np.inf
+                swap[:, inside] = -np.inf
+                i, j = np.unravel_index(int(np.argmax(swap)), swap.shape)
+                moves.append((swap[i, j], (int(j),), (int(i),)))
+        best_gain, added, removed = max(moves, key=lambda move: move[0], default=(0.0, (), ()))
+        if best_gain <= 1e-12:
+            break
+        members[list(added)] = 1.0
+        members[list(removed)] = 0.0
+    return members
+
+
+@dataclass
+class SurrogateState:
+    step: int  # steps completed: the screen is step 0
+    memo: dict  # candidate -> Evaluation on the full validation set (the unpruned merge included)
+    forward_examples: int = 0
+    history: list = field(default_factory=list)
+
+
+class SurrogateSearch:
+    """`fitness`: a batch of candidates -> full-set fitness values; `run_dir` (optional) holds
+    `surrogate_state.json` and `trajectory.jsonl`."""
+
+    def __init__(self, settings: SurrogateSettings, unit_count: int, task_count: int, fitness,
+                 run_dir: Path | None = None, on_event: Callable[[str, dict], None] = lambda kind, data: None):
+        settings.check()
+        self.settings = settings
+        self.dimension = unit_count * task_count
+        self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
+        self.feasible = sum(math.comb(self.dimension, k) for k in range(self.k_max + 1))
+        self.budget = settings.budget if settings.budget is not None else 3 * self.dimension
+        self.fitness = fitness
+        self.cost = _examples_per_evaluation(fitness)
+        self.run_dir = Path(run_dir) if run_dir else None
+        self.on_event = on_event
+        self.state: SurrogateState | None = None
+
+    def start(self, resume: bool = False) -> None:
+        self.state = SurrogateState(0, {((), None): Evaluation((), None, 0.0, 0)})
+        if resume:
+            self._load_state()
+
+    def done(self) -> bool:
+        scored = len(self.state.memo) - 1
+        return scored >= self.budget or len(self.state.memo) >= self.feasible
+
+    def run(self, resume: bool = False) -> Evaluation:
+        if self.state is None:
+            self.start(resume)
+        while not self.done():
+            self.step()
+        return self.best()
+
+    def best(self) -> Evaluation:
+        """Highest full-set fitness; ties: fewest pruned, then earliest (ENMP's rule)."""
+        return min(self.state.memo.values(), key=lambda e: (-e.fitness, len(e.pruned), e.order))
+
+    def step(self) -> dict:
+        started = time.perf_counter()
+        state = self.state
+        room = self.budget - (len(state.memo) - 1)
+        if state.step == 0:
+            phase = "screen"
+            tables = [(i,) for i in range(self.dimension)][:room] if self.k_max else []
+        else:
+            phase = "proposal"
+            tables = self.propose(min(self.settings.proposals, room), state.step)
+        candidates = [(table, None) for table in tables]
+        for candidate, value in zip(candidates, self.fitness(candidates) if candidates else []):
+            state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
+        state.forward_examples += self.cost * len(candidates)
+        best = self.best()
+        seconds = time.perf_counter() - started
+        record = {"phase": phase, "generation": state.step, "new_evaluations": len(candidates),
+                  "tables": [list(table) for table in tables],
+                  "scores": [state.memo[candidate].fitness for candidate in candidates], "best_fitness": best.fitness,
+                  "best_pruned": list(best.pruned), "best_lambda": None, "distinct_evaluated": len(state.memo),
+                  "full_evaluations": len(state.memo) - 1, "new_full_evaluations": len(candidates),
+                  "budget": self.budget, "forward_examples": state.forward_examples,
+                  "new_forward_examples": self.cost * len(candidates), "seconds": seconds,
+                  "seconds_per_evaluation": seconds / max(1, len(candidates))}
+        state.step += 1
+        state.history.append(record)
+        self._save_state()
+        self.on_event(phase, record)
+        return record
+
+    def propose(self, count: int, step: int) -> list[tuple[int, ...]]:
+        """`count` distinct unscored tables, one Thompson draw each (seeded by the seed and the step)."""
+        rng = np.random.default_rng([self.settings.seed, step])
+        evaluations = list(self.state.memo.values())
+        tables = np.stack([_indicator(e.pruned, self.dimension) for e in evaluations])
+        values = np.array([e.fitness for e in evaluations])
+        taken = {e.pruned for e in evaluations}
+        proposals: list[tuple[int, ...]] = []
+        while len(proposals) < count and len(taken) < self.feasible:
+            model = posterior_draw(tables, values, self.settings, rng)
+            table = self._acquire(model, rng, taken)
+            proposals.append(table)
+            taken.add(table)
+        return proposals
+
+    def _acquire(self, model: PairwiseModel, rng: np.random.Generator, taken: set) -> tuple[int, ...]:
+        """The unscored local maximum of highest drawn value (hill-climbs from the empty table, the best scored
+        one and seeded random ones); if every one is scored, the best unscored table one move from them; if
+        those are all scored too, a seeded random unscored table."""
+        starts = [np.zeros(self.dimension), _indicator(self.best().pruned, self.dimension)]
+        for _ in range(self.settings.restarts - 1):
+            size = int(rng.integers(1, self.k_max + 1))
+            starts.append(_indicator(tuple(rng.choice(self.dimension, size, replace=False)), self.dimension))
+        peaks: dict[tuple[int, ...], tuple[float, np.ndarray]] = {}
+        for start in starts:
+            peak = local_maximum(model, start, self.k_max)
+            peaks.setdefault(_table(peak), (model.value(peak), peak))
+        options = {table: value for table, (value, _) in peaks.items() if table and table not in taken}
+        if not options:
+            for value, peak in peaks.values():
+                for gain, table in _moves(model, peak, self.k_max):
+                    if table and table not in taken:
+                        options[table] = value + gain
+                        break
+        if options:
+            return max(options, key=lambda table: (options[table], [-i for i in table]))
+        while True:
+            size = int(rng.integers(1, self.k_max + 1))
+            table = tuple(sorted(int(i) for i in rng.choice(self.dimension, size, replace=False)))
+            if table not in taken:
+                return table
+
+    # -- run directory -----------------------------------------------------------------------------
+    def _save_state(self) -> None:
+        """Every full-set score in the order scored, as JSON: the proposals are rebuilt from them and the seed."""
+        if self.run_dir is None:
+            return
+        state = self.state
+        scores = [[list(e.pruned), e.fitness] for e in state.memo.values() if e.pruned]
+        atomic.write_text(self.run_dir / STATE_NAME, json.dumps(
+            {"format": STATE_FORMAT, "step": state.step, "forward_examples": state.forward_examples,
+             "scores": scores, "history": state.history}) + "\n")
+        atomic.write_text(self.run_dir / "trajectory.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+
+    def _load_state(self) -> None:
+        """The saved scores, in their order (so the model and every later draw are the killed run's); a run
+        dir without a state (killed during the screen) starts over."""
+        path = self.run_dir / STATE_NAME if self.run_dir else None
+        if path is None or not path.is_file():
+            return
+        step, forward_examples, scores, history = read_state(path)
+        for pruned, value in scores:
+            if len(pruned) > self.k_max or any(i >= self.dimension for i in pruned):
+                raise LoramergeError(f"--resume: {path} does not match this search (a table outside its units or "
+                                     "ρ cap); start a new run")
+            self.state.memo[(pruned, None)] = Evaluation(pruned, None, value, len(self.state.memo))
+        self.state.step, self.state.forward_examples, self.state.history = step, forward_examples, history
+        self._save_state()  # both files again: a kill between their two writes left the trajectory one step short
+
+
+def _table(members: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(i) for i in np.flatnonzero(members))
+
+
+def _moves(model: PairwiseModel, members: np.ndarray, k_max: int):
+    """(gain in drawn value, table) of every table one add, remove or swap from `members` (within the ρ cap),
+    best first."""
+    gain = model.single + model.pair @ members
+    inside, outside = np.flatnonzero(members), np.flatnonzero(members == 0)
+    gains = [-gain[inside]]
+    moves = [((), (int(i),)) for i in inside]
+    if len(inside) < k_max:
+        gains.append(gain[outside])
+        moves += [((int(j),), ()) for j in outside]
+    swap = gain[None, outside] - gain[inside, None] - model.pair[np.ix_(inside, outside)]
+    gains.append(swap.ravel())
+    moves += [((int(j),), (int(i),)) for i in inside for j in outside]
+    flat = np.concatenate(gains)
+    current = set(inside.tolist())
+    for index in np.argsort(-flat, kind="stable"):
+        added, removed = moves[index]
+        yield float(flat[index]), tuple(sorted((current - set(removed)) | set(added)))
+
+
+@dataclass
+class CountedFitness:
+    """A full-set fitness with the forward examples one evaluation costs (known before any worker scores it);
+    `backend` (the workers, when there are several) scores in its place."""
+
+    fitness: Callable
+    examples: int
+    backend: Callable | None = None
+
+    def __call__(self, candidates):
+        return (self.backend or self.fitness)(candidates)
+
+
+def _examples_per_evaluation(fitness) -> int:
+    from loramerge_cli.search.fidelity import examples_per_evaluation
+
+    examples = getattr(fitness, "examples", None)
+    return examples if isinstance(examples, int) else examples_per_evaluation(fitness)
+
+
+def read_state(path: Path) -> tuple[int, int, list, list]:
+    """(steps done, forward examples, [(pruned, fitness)] in order, history); anything malformed is one line."""
+    from loramerge_cli.search.rundir import read_json_file
+
+    def parse(data: dict) -> tuple[int, int, list, list]:
+        step, examples, history = data["step"], data["forward_examples"], data["history"]
+        if not isinstance(step, int) or step < 0 or not isinstance(examples, int) or not isinstance(history, list):
+            raise ValueError("bad step, forward examples or history")
+        scores = [(tuple(sorted(int(i) for i in pruned)), float(value)) for pruned, value in data["scores"]]
+        if any(not math.isfinite(value) for _, value in scores):
+            raise ValueError("a score is not finite")
+        return step, examples, scores, history
+
+    return read_json_file(path, STATE_FORMAT, "surrogate search state", parse)
+
+
+def run_surrogate(settings: SurrogateSettings, fitness, unit_count: int, task_count: int,
+                  run_dir: Path | None = None, resume: bool = False,
+                  on_event: Callable[[str, dict], None] = lambda kind, data: None) -> tuple[Evaluation, dict]:
+    """Runs (or resumes) a surrogate search; returns the best table's evaluation and the budget spent."""
+    search = SurrogateSearch(settings, unit_count, task_count, fitness, run_dir, on_event)
+    best = search.run(resume=resume)
+    state = search.state
+    return best, {"full_evaluations": len(state.memo) - 1, "forward_examples": state.forward_examples,
+                  "history": state.history}
+
+
+def surrogate_settings(request) -> SurrogateSettings:
+    """--max-prune, --seed and --budget with the strategy's own options (`request.options`) on top."""
+    known = {f.name for f in fields(SurrogateSettings)}
+    unknown = sorted(set(request.options) - known)
+    if unknown:
+        raise UsageError(f"--strategy surrogate has no setting {', '.join(unknown)}")
+    return SurrogateSettings(max_prune=request.enmp.max_prune, seed=request.enmp.seed, budget=request.budget,
+                             **request.options)
+

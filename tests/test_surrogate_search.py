@@ -1,0 +1,217 @@
+"""The surrogate search: its model against exact arithmetic, its search against brute force on an enumerable
+setting, and ENMP's guarantees (never worse than unpruned, ρ cap, resume after SIGKILL, seeded; workers =
+serial on a real model: test_search_mask.py)."""
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from factories import invoke_cli, run_or_stop
+from test_screened_search import EXAMPLES, RHO, TASKS, UNITS, enumerable_landscape
+
+from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.search.decode import max_pruned
+from loramerge_cli.search.surrogate import (
+    PairwiseModel,
+    SurrogateSearch,
+    SurrogateSettings,
+    local_maximum,
+    posterior_draw,
+)
+
+
+class Landscape:
+    """A full-set fitness from a table function, rounded to whole examples of `EXAMPLES` per task."""
+
+    def __init__(self, function, examples=EXAMPLES):
+        self.function, self.one_example = function, 100.0 / (TASKS * examples)
+        self.calls: list = []
+
+    def __call__(self, candidates):
+        self.calls.extend(candidates)
+        return [round(self.function(pruned) / self.one_example) * self.one_example for pruned, _ in candidates]
+
+
+def pairwise(seed, flat, mean=-1.0):
+    generator = np.random.Generator(np.random.PCG64(seed))
+    gains = generator.normal(mean, 1.5, flat)
+    pairs = {pair: generator.normal(0.0, 1.5) for pair in itertools.combinations(range(flat), 2)}
+    return lambda pruned: float(sum(gains[i] for i in pruned) + sum(pairs[p] for p in itertools.combinations(pruned,
+                                                                                                          2)))
+
+
+def indicators(tables, size):
+    matrix = np.zeros((len(tables), size))
+    for row, table in enumerate(tables):
+        matrix[row, list(table)] = 1.0
+    return matrix
+
+
+def test_posterior_draw_fits_what_it_observed_and_keeps_the_prior_elsewhere():
+    size = 7
+    function = pairwise(4, size)
+    observed = [t for k in range(3) for t in itertools.combinations(range(size), k)]
+    values = np.array([function(t) for t in observed])
+    settings = SurrogateSettings(prior_single=3.0, prior_pair=3.0, noise=1e-3)
+    draws = [posterior_draw(indicators(observed, size), values, settings, np.random.default_rng(seed))
+             for seed in range(3)]
+    for draw in draws:  # every table of ≤ 2 units determines the pairwise function exactly
+        fitted = [draw.value(row) for row in indicators(observed, size)]
+        assert np.allclose(fitted, values, atol=0.02)
+        assert np.allclose(np.diag(draw.pair), 0.0)
+        assert np.allclose(draw.pair, draw.pair.T)
+        larger = indicators([(0, 1, 2, 3)], size)[0]  # and so every larger table (the model is exact here)
+        assert draw.value(larger) == pytest.approx(function((0, 1, 2, 3)), abs=0.1)
+    unseen = [posterior_draw(indicators([()], size), np.zeros(1), settings, np.random.default_rng(seed))
+              for seed in range(200)]  # nothing observed but the empty table: the prior, a² per unit
+    assert np.std([draw.single[0] for draw in unseen]) == pytest.approx(3.0, rel=0.2)
+
+
+def test_local_maximum_is_the_best_table_within_the_cap_on_small_cases():
+    generator = np.random.default_rng(0)
+    size, k_max = 8, 3
+    for _ in range(20):
+        upper = np.triu(generator.normal(0, 1, (size, size)), 1)
+        model = PairwiseModel(generator.normal(0, 1, size), upper + upper.T)
+        peak = local_maximum(model, np.zeros(size), k_max)
+        assert peak.sum() <= k_max
+        for moved in itertools.chain(range(size), itertools.permutations(range(size), 2)):  # no move gains
+            candidate = peak.copy()
+            if isinstance(moved, int):
+                candidate[moved] = 1 - candidate[moved]
+            else:
+                if not (candidate[moved[0]] == 1 and candidate[moved[1]] == 0):
+                    continue
+                candidate[moved[0]], candidate[moved[1]] = 0, 1
+            if candidate.sum() <= k_max:
+                assert model.value(candidate) <= model.value(peak) + 1e-9
+
+
+@pytest.mark.parametrize("landscape_seed", [0, 1, 2])
+def test_surrogate_against_brute_force(landscape_seed):
+    fitness = Landscape(enumerable_landscape(landscape_seed))
+    k_max = max_pruned(RHO, UNITS, TASKS)
+    tables = [(pruned, None) for k in range(k_max + 1) for pruned in itertools.combinations(range(UNITS * TASKS), k)]
+    assert len(tables) == 172
+    scores = dict(zip(tables, fitness(tables)))
+    optimum = max(scores.values())
+    best_single = max(value for (pruned, _), value in scores.items() if len(pruned) == 1)
+    assert optimum > best_single + fitness.one_example  # the optimum prunes two units together
+    reached = 0
+    for seed in (1, 2, 3):
+        search = SurrogateSearch(SurrogateSettings(seed=seed, max_prune=RHO, budget=100), UNITS, TASKS,
+                                 Landscape(enumerable_landscape(landscape_seed)))
+        best = search.run()
+        assert best.fitness == scores[(best.pruned, None)]
+        assert len(search.state.memo) - 1 <= 100
+        assert best.fitness > best_single
+        reached += best.fitness >= optimum - fitness.one_example
+    assert reached >= 2
+
+
+def test_never_worse_than_not_pruning_and_within_the_cap():
+    fitness = Landscape(lambda pruned: -1.0 - len(pruned))
+    search = SurrogateSearch(SurrogateSettings(seed=2, max_prune=0.25, budget=30), 4, 3, fitness)
+    best = search.run()
+    assert best.pruned == () and best.fitness == 0.0
+    assert all(len(pruned) <= 3 for pruned, _ in fitness.calls)
+    assert len(set(fitness.calls)) == len(fitness.calls) == 30  # no table scored twice
+
+
+def test_stops_when_every_table_is_scored():
+    fitness = Landscape(lambda pruned: float(len(pruned)))
+    search = SurrogateSearch(SurrogateSettings(seed=1, max_prune=0.5, budget=1000), 2, 2, fitness)
+    best = search.run()  # 4 units, at most 2 pruned: 1 + 4 + 6 tables
+    assert len(search.state.memo) == 11 and len(fitness.calls) == 10
+    assert len(best.pruned) == 2
+
+
+def test_proposals_per_step_are_distinct_and_counted():
+    fitness = Landscape(enumerable_landscape(0))
+    search = SurrogateSearch(SurrogateSettings(seed=3, max_prune=RHO, budget=40, proposals=4), UNITS, TASKS,
+                             fitness)
+    search.run()
+    assert len(set(fitness.calls)) == len(fitness.calls) == 40
+    steps = search.state.history
+    assert [r["new_evaluations"] for r in steps] == [18, 4, 4, 4, 4, 4, 2]
+    assert steps[-1]["forward_examples"] == 0 and steps[-1]["full_evaluations"] == 40  # no engine: no examples
+
+
+def test_same_seed_same_result_and_resume(tmp_path):
+    def run(run_dir=None, stop_after=None, resume=False, seed=11):
+        return run_or_stop(SurrogateSearch(SurrogateSettings(seed=seed, max_prune=RHO, budget=40), UNITS, TASKS,
+                                           Landscape(enumerable_landscape(1)), run_dir=run_dir), stop_after, resume)
+
+    best, plain = run()
+    again, search = run()
+    assert [r["tables"] for r in search.state.history] == [r["tables"] for r in plain.state.history]
+    other, search = run(seed=12)
+    assert [r["tables"] for r in search.state.history] != [r["tables"] for r in plain.state.history]
+    run(tmp_path, stop_after=5)
+    resumed, search = run(tmp_path, resume=True)
+    assert (resumed.pruned, resumed.fitness) == (best.pruned, best.fitness)
+    def steps(history):
+        return [(r["tables"], r["best_fitness"], r["full_evaluations"]) for r in history]
+
+    assert steps(search.state.history) == steps(plain.state.history)
+    assert len((tmp_path / "trajectory.jsonl").read_text().splitlines()) == 1 + 40 - UNITS * TASKS
+
+
+def test_resume_after_sigkill(tmp_path):
+    script = textwrap.dedent(
+        f"""
+        import os, signal, sys
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_surrogate_search import Landscape
+        from test_screened_search import enumerable_landscape, RHO, UNITS, TASKS
+        from loramerge_cli.search.surrogate import SurrogateSearch, SurrogateSettings
+        def on_event(kind, record):
+            if kind == "proposal" and record["generation"] == 6:
+                os.kill(os.getpid(), signal.SIGKILL)
+        SurrogateSearch(SurrogateSettings(seed=5, max_prune=RHO, budget=30), UNITS, TASKS,
+                        Landscape(enumerable_landscape(2)), run_dir={str(tmp_path)!r}, on_event=on_event).run()
+        """
+    )
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()
+    settings = SurrogateSettings(seed=5, max_prune=RHO, budget=30)
+    fitness = Landscape(enumerable_landscape(2))
+    resumed = SurrogateSearch(settings, UNITS, TASKS, fitness, run_dir=tmp_path)
+    best = resumed.run(resume=True)
+    plain = SurrogateSearch(settings, UNITS, TASKS, Landscape(enumerable_landscape(2)))
+    assert (best.pruned, best.fitness) == (plain.run().pruned, plain.best().fitness)
+    assert len(fitness.calls) == 30 - UNITS * TASKS - 6  # only the proposals after the kill are scored
+    assert [r["tables"] for r in resumed.state.history] == [r["tables"] for r in plain.state.history]
+
+
+def test_a_foreign_state_is_refused(tmp_path):
+    (tmp_path / "surrogate_state.json").write_text('{"format": "loramerge.surrogate-state/v1", "step": 1, '
+                                                   '"forward_examples": 0, "scores": [[[99], 1.0]], "history": []}')
+    search = SurrogateSearch(SurrogateSettings(seed=1, max_prune=RHO), UNITS, TASKS, Landscape(lambda p: 0.0),
+                             run_dir=tmp_path)
+    with pytest.raises(LoramergeError, match="does not match"):
+        search.run(resume=True)
+
+
+@pytest.mark.parametrize("change", [{"noise": 0.0}, {"prior_pair": float("nan")}, {"proposals": 0},
+                                    {"budget": 0}, {"prior_single": -1.0}])
+def test_settings_are_checked(change):
+    with pytest.raises(UsageError):
+        SurrogateSettings(**change).check()
+
+
+def test_cli_refuses_bad_surrogate_options_before_any_work(tmp_path):
+    base = ["search-mask", "--adapters", str(tmp_path / "a"), str(tmp_path / "b"), "--merger", "ta", "--tasks",
+            str(tmp_path / "tasks.yaml"), "--out", str(tmp_path / "mask.json")]
+    result = invoke_cli([*base, "--strategy", "surrogate", "--noise", "0"])
+    assert result.exit_code == 2 and "--noise" in result.output
+    result = invoke_cli([*base, "--strategy", "enmp", "--prior-pair", "0.5"])
+    assert result.exit_code == 2 and "surrogate" in result.output
+    result = invoke_cli([*base, "--strategy", "surrogate", "--popsize", "8"])
+    assert result.exit_code == 2 and "--popsize does nothing" in result.output
+    assert not (tmp_path / "mask.json").exists()

@@ -1,7 +1,8 @@
 """Search benchmark (issue 5): seconds per ENMP generation on the bundled example's text setting, loramerge as
 is against a naive loop without its caches, as a ratio in one run, and the share of candidates that needed a
-forward pass; then (issue 11) forward examples per point of validation fitness gained, for paper ENMP and
-for the screened search (the default strategy) at the same popsize, generations and seed.
+forward pass; then (issue 11) forward examples per point of validation fitness gained, for paper ENMP,
+for the screened search at the same popsize, generations and seed, and for the surrogate search (the default
+strategy) at its default budget (3·units·tasks full-set evaluations).
 
 Run by hand (never from the tests):
 
@@ -137,7 +138,7 @@ def per_point(examples: int, gained: float) -> float | None:
 
 
 def screened_run(cached: CachedSearch, args) -> dict:
-    """The default strategy (screened CMA-ES with successive halving) on the same fitness, popsize, generations
+    """The screened search (CMA-ES with successive halving) on the same fitness, popsize, generations
     and seed: its budget in forward examples and full-set evaluations, and examples per point gained."""
     from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings, fitness_ladder
 
@@ -151,6 +152,20 @@ def screened_run(cached: CachedSearch, args) -> dict:
     return {"best_fitness": best.fitness, "full_evaluations": len(search.state.memo) - 1,
             "forward_examples": examples, "examples_per_point": per_point(examples, best.fitness),
             "rung_examples": ladder.costs, "seconds": time.perf_counter() - started}
+
+
+def surrogate_run(cached: CachedSearch, args) -> dict:
+    """The default strategy (the surrogate search) on the same fitness and seed, at its default budget."""
+    from loramerge_cli.search.surrogate import SurrogateSearch, SurrogateSettings
+
+    started = time.perf_counter()
+    search = SurrogateSearch(SurrogateSettings(seed=args.seed, max_prune=args.max_prune),
+                             len(cached.problem.template.units), len(cached.problem.adapters), cached.fitness)
+    best = search.run()
+    examples = search.state.forward_examples
+    return {"best_fitness": best.fitness, "full_evaluations": len(search.state.memo) - 1,
+            "forward_examples": examples, "examples_per_point": per_point(examples, best.fitness),
+            "seconds": time.perf_counter() - started}
 
 
 def run(args) -> dict:
@@ -182,6 +197,7 @@ def run(args) -> dict:
         "enmp_budget": {"full_evaluations": forward, "forward_examples": forward * cost,
                         "best_fitness": best_fitness, "examples_per_point": per_point(forward * cost, best_fitness)},
         "screened": screened_run(cached, args) if args.screened else None,
+        "surrogate": surrogate_run(cached, args) if args.surrogate else None,
         "settings": {"setting": str(request.tasks), "merger": args.merger, "lambda": problem.settings.lam,
                      "units": len(problem.template.units), "tasks": len(problem.adapters),
                      "enmp": vars(request.enmp), "threads": args.threads, "val_limit": args.val_limit,
@@ -261,7 +277,8 @@ def render(report: dict) -> None:
         f"whole budget (setup + {len(report['generations'])} generations): cached "
         f"{cached['setup_seconds'] + cached['seconds_per_generation'] * len(report['generations']):.0f} s, naive "
         f"≈{naive['estimated_total_seconds']:.0f} s + data loading")
-    for name, spent in (("paper ENMP", report["enmp_budget"]), ("screened (default)", report["screened"])):
+    for name, spent in (("paper ENMP", report["enmp_budget"]), ("screened", report["screened"]),
+                        ("surrogate (default)", report.get("surrogate"))):
         if spent is None:
             continue
         ratio = spent["examples_per_point"]
@@ -298,7 +315,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="cached side: block outputs kept for replay (default 1024; 0: off)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, both sides (default 1)")
     parser.add_argument("--no-screened", dest="screened", action="store_false",
-                        help="skip the screened search (the default strategy) on the same budget")
+                        help="skip the screened search on the same budget")
+    parser.add_argument("--no-surrogate", dest="surrogate", action="store_false",
+                        help="skip the surrogate search (the default strategy) at its default budget")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--backend", choices=["naive", "ray"], default="naive",
                         help="naive: against the naive loop (default); ray: serial against 1 and 2 Ray CPU actors "

@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TA_LAMBDA = "{ta_lambda}"  # in a row's flags: replaced by 1/T, ta's default λ
-ENMP_FLAGS = ["--merger", "ta", "--popsize", "8", "--generations", "15", "--val-limit", "256"]
+ENMP_FLAGS = ["--merger", "ta", "--strategy", "enmp", "--popsize", "8", "--generations", "15", "--val-limit", "256"]
 ROWS = {  # key: (label, search-mask flags)
     "nsc": ("NSC, defaults (v_proj in the last quarter of the blocks)", ["--strategy", "nsc"]),
     "nsc_o_proj": ("NSC, --target-modules o_proj (the output projection)",

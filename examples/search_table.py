@@ -1,9 +1,9 @@
 """Mask-search strategies on the bundled example's text setting, with the budget counted in forward examples.
 
-For each merger (ta, ties, knots, core) at its tuned λ, on one validation fitness: the screened search
-(the default), paper ENMP, greedy leave-one-out and random masks, each over several seeds (greedy once:
-it is deterministic). Per run: validation fitness (points over the unpruned merge), test mean normalized
-accuracy, distinct full-set evaluations, forward examples (each evaluation costs its examples summed over
+For each merger (ta, ties, knots, core) at its tuned λ, on one validation fitness: the surrogate search (the
+default, at its default budget of 3·U·T full-set evaluations), the screened search, paper ENMP, greedy
+leave-one-out and random masks, each over several seeds (greedy once: it is deterministic). Per run:
+validation fitness (points over the unpruned merge), test mean normalized accuracy, distinct full-set evaluations, forward examples (each evaluation costs its examples summed over
 tasks). Paper ENMP runs until it has spent as many forward examples as the screened search (at most
 `--generations`), random masks get as many forward examples and prune as many units as the screened
 search's table; greedy gets up to popsize × generations evaluations.
@@ -239,7 +239,7 @@ def main(argv=None):
     parser.add_argument("--generations", type=int, default=15, help="paper ENMP's generations (greedy and random "
                         "get up to popsize × generations evaluations)")
     parser.add_argument("--screened-generations", type=int, default=8)
-    parser.add_argument("--strategies", default="screened,enmp,greedy,random")
+    parser.add_argument("--strategies", default="surrogate,screened,enmp,greedy,random")
     parser.add_argument("--ablations", default="", help=f"comma-separated: {', '.join(ABLATIONS)}")
     parser.add_argument("--lambdas", default="", help="merger=λ,… : skip the λ tuning of these mergers")
     parser.add_argument("--enmp-examples", type=int, help="without the screened search in this run: stop paper ENMP "

@@ -120,7 +120,8 @@ def die(kind, data):
     if kind in ("generation", "greedy") and data["generation"] == 2:  # a step (a greedy round too)
         os.kill(os.getpid(), signal.SIGKILL)
 
-run_search(SearchRequest(adapters={adapters!r}, merge=MergeConfig(merger="ties"), tasks=Path({tasks!r}),
+run_search(SearchRequest(strategy="screened",
+                         adapters={adapters!r}, merge=MergeConfig(merger="ties"), tasks=Path({tasks!r}),
                          eval=EvalSettings(threads=1, batch_size=8),
                          enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3),
                          options={{"min_examples": 8}},  # as test_search_mask.request
@@ -148,7 +149,8 @@ def test_ctrl_c_on_ray_exits_130_and_the_search_resumes(setting, cluster, tmp_pa
     directory keeps the finished generations, no actor outlives the command, and --resume ends with the
     serial table and trajectory."""
     def search_mask(run_dir: Path, *flags: str) -> list[str]:
-        return [sys.executable, "-m", "loramerge_cli", "search-mask", "--adapters", *setting.adapter_args(),
+        return [sys.executable, "-m", "loramerge_cli", "search-mask", "--strategy", "screened",
+                                                       "--adapters", *setting.adapter_args(),
                 "--tasks", str(setting.tasks_file), "--merger", "ties", "--popsize", "6", "--generations", "8",
                 "--max-prune", "0.5", "--seed", "3", "--threads", "1", "--batch-size", "8", "--quiet",
                 "--run-dir", str(run_dir), "--out", str(run_dir / "mask.json"), *flags]
@@ -233,7 +235,8 @@ def test_eval_on_ray_actors_equals_serial(setting, cluster, tmp_path):
 
 
 def test_backend_flags_are_checked_before_any_work(setting, tmp_path):
-    common = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
+    common = ["search-mask", "--strategy", "screened",
+              "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
               "--out", str(tmp_path / "mask.json")]
     result = invoke_cli([*common, "--ray-address", "auto"])
     assert result.exit_code == 2 and "--ray-address needs --backend ray" in result.stderr

@@ -29,7 +29,7 @@ def setting(tmp_path_factory):
 
 
 def request(setting, device="cpu", **changes) -> SearchRequest:
-    base = SearchRequest(
+    base = SearchRequest(strategy="screened",
         adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"), tasks=setting.tasks_file,
         eval=EvalSettings(threads=1, batch_size=8, device=device),
         enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3),

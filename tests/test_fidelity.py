@@ -23,7 +23,8 @@ def full_fitness(tmp_path_factory):
     from loramerge_cli.search.runner import SearchRequest
 
     setting = build_text_setting(tmp_path_factory.mktemp("fidelity"))
-    request = SearchRequest(adapters=setting.adapter_args(), merge=MergeConfig(merger="ta", lam=0.9),
+    request = SearchRequest(strategy="screened",
+                            adapters=setting.adapter_args(), merge=MergeConfig(merger="ta", lam=0.9),
                             tasks=setting.tasks_file, eval=EvalSettings(threads=1, batch_size=5))
     problem = build_problem(request)
     experts = expert_scores(problem.engine, ScoreCache())

@@ -68,7 +68,8 @@ def test_search_out_never_replaces_an_input(setting, target):
     out = setting.tasks_file if target == "task spec" else \
         Path(adapters[0].partition("=")[2] or adapters[0]) / "adapter_config.json"
     before = out.read_bytes()
-    result = invoke_cli(["search-mask", "--adapters", *adapters, "--tasks", setting.tasks_file, "--out", out,
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *adapters, "--tasks", setting.tasks_file, "--out", out,
                          "--force"])
     one_line(result, "input")
     assert out.read_bytes() == before
@@ -103,7 +104,8 @@ def test_force_never_replaces_what_loramerge_did_not_write(good, tmp_path, kind,
 
 def test_search_plots_never_go_into_an_input(setting, tmp_path):
     adapters = setting.adapter_args()
-    result = invoke_cli(["search-mask", "--adapters", *adapters, "--tasks", setting.tasks_file, "--plot",
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *adapters, "--tasks", setting.tasks_file, "--plot",
                          adapters[0].partition("=")[2], "--out", tmp_path / "mask.json"])
     one_line(result, "--plot")
 
@@ -111,7 +113,8 @@ def test_search_plots_never_go_into_an_input(setting, tmp_path):
 def test_search_out_onto_a_folder_is_refused_before_any_work(setting, tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
-    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                          "--out", folder, "--force"])
     one_line(result, "not a regular file")
 
@@ -129,7 +132,8 @@ def test_out_parents_are_checked_before_work(good, setting, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     for command in (["merge", "--adapters", *good],
-                    ["search-mask", "--tasks", setting.tasks_file, "--adapters", *setting.adapter_args()]):
+                    ["search-mask", "--strategy", "screened",
+                     "--tasks", setting.tasks_file, "--adapters", *setting.adapter_args()]):
         result = invoke_cli([*command, "--out", blocker / "sub" / "out.json"])
         one_line(result, "not a folder")
 
@@ -263,7 +267,8 @@ def test_non_finite_output_is_never_written(case, good, tmp_path):
 
 @pytest.mark.parametrize("flag", ["--threshold", "--sigma0"])
 def test_search_numbers_must_be_finite(good, tmp_path, flag):
-    result = invoke_cli(["search-mask", "--adapters", *good, "--tasks", tmp_path / "tasks.yaml", flag, "nan",
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *good, "--tasks", tmp_path / "tasks.yaml", flag, "nan",
                          "--out", tmp_path / "mask.json"])
     one_line(result, flag, code=2)  # a flag value: usage, refused before the task spec is read
 
@@ -427,7 +432,8 @@ def search_request(setting, **changes):
     from loramerge_cli.search.enmp import EnmpSettings
     from loramerge_cli.search.runner import SearchRequest
 
-    base = SearchRequest(adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"), tasks=setting.tasks_file,
+    base = SearchRequest(strategy="screened",
+                         adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"), tasks=setting.tasks_file,
                          eval=EvalSettings(threads=1, batch_size=8),
                          enmp=EnmpSettings(popsize=6, generations=4, max_prune=0.5, seed=3))
     return replace(base, **changes)
@@ -444,7 +450,8 @@ def test_a_locked_run_dir_is_refused_in_one_line(setting, tmp_path):
     from loramerge_cli.search.rundir import RunDirLock
 
     with RunDirLock(tmp_path / "run"):
-        result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+        result = invoke_cli(["search-mask", "--strategy", "screened",
+                             "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                              "--run-dir", tmp_path / "run", "--out", tmp_path / "mask.json"])
         one_line(result, "in use by another search")
         assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written into it
@@ -490,7 +497,8 @@ def test_a_corrupt_run_dir_file_is_one_line(setting, tmp_path, name, corruption)
 
 
 def _cli_search(setting, tmp_path, *extra, out="mask.json", generations="4"):
-    return invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+    return invoke_cli(["search-mask", "--strategy", "screened",
+                       "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                        "--merger", "ties", "--popsize", "6", "--generations", generations, "--max-prune", "0.5",
                        "--seed", "3", "--threads", "1", "--batch-size", "8", "--out", tmp_path / out, *extra])
 
@@ -613,10 +621,12 @@ def test_resume_alone_continues_with_the_saved_flags(setting, tmp_path, monkeypa
     assert interrupted.exit_code == 130
     assert f"loramerge search-mask --run-dir {run_dir} --resume" in interrupted.stderr
     monkeypatch.undo()
-    different = invoke_cli(["search-mask", "--run-dir", run_dir, "--resume", "--popsize", "4"])
+    different = invoke_cli(["search-mask", "--strategy", "screened",
+                            "--run-dir", run_dir, "--resume", "--popsize", "4"])
     one_line(different, "--popsize is 4 but the saved run used 6")
     monkeypatch.chdir(setting.tasks_file.parent)  # the same file, spelt relative: not a difference
-    resumed = invoke_cli(["search-mask", "--run-dir", run_dir, "--resume", "--tasks", setting.tasks_file.name])
+    resumed = invoke_cli(["search-mask", "--strategy", "screened",
+                          "--run-dir", run_dir, "--resume", "--tasks", setting.tasks_file.name])
     assert resumed.exit_code == 0, resumed.stderr
     table = json.loads((tmp_path / "mask.json").read_text())
     assert table["weights"] == json.loads((tmp_path / "whole.json").read_text())["weights"]
@@ -633,7 +643,8 @@ def test_search_out_into_a_missing_folder_is_created(setting, tmp_path):
 def test_ctrl_c_to_a_parallel_search_process_group(setting, tmp_path):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
-        [sys.executable, "-m", "loramerge_cli", "search-mask", "--adapters", *setting.adapter_args(), "--tasks",
+        [sys.executable, "-m", "loramerge_cli", "search-mask", "--strategy", "screened",
+                                                "--adapters", *setting.adapter_args(), "--tasks",
          str(setting.tasks_file), "--merger", "ties", "--popsize", "6", "--generations", "200", "--max-prune", "0.5",
          "--workers", "2", "--threads", "1", "--batch-size", "8", "--run-dir", str(run_dir), "--out",
          str(tmp_path / "mask.json"), "--quiet"],

@@ -26,7 +26,8 @@ def setting(tmp_path_factory):
 
 
 def _search(setting, *extra):
-    return invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
+    return invoke_cli(["search-mask", "--strategy", "screened",
+                       "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
                        setting.tasks_file, "--popsize", "2", "--generations", "1", "--val-limit", "4",
                        "--threads", "1", "--quiet", *extra])
 
@@ -184,7 +185,8 @@ def test_ray_address_without_a_cluster_is_refused_before_the_model_loads(setting
     experts and the unpruned merge were scored (progress shown), and only then `cannot connect to the Ray cluster
     at auto`. CHANGELOG: the backend is checked before any model loads; the connection should be tried then."""
     pytest.importorskip("ray")
-    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
                          setting.tasks_file, "--popsize", "2", "--generations", "1", "--val-limit", "4",
                          "--threads", "1", "--backend", "ray", "--ray-address", "auto", "--out", tmp_path / "m.json"])
     assert result.exit_code == 1 and "cannot connect" in result.stderr, result.stderr
@@ -196,7 +198,8 @@ def test_an_unreachable_ray_address_is_one_line_not_a_hang(setting, tmp_path):
     minutes, printing Ray's "Failed to connect to GCS" warnings every few seconds, until Ctrl-C. It should be
     one line, exit 1, in seconds."""
     pytest.importorskip("ray")
-    command = [sys.executable, "-m", "loramerge_cli", "search-mask", "--adapters", *setting.adapter_args(),
+    command = [sys.executable, "-m", "loramerge_cli", "search-mask", "--strategy", "screened",
+                                                      "--adapters", *setting.adapter_args(),
                "--merger", "ta", "--tasks", str(setting.tasks_file), "--popsize", "2", "--generations", "1",
                "--val-limit", "4", "--threads", "1", "--quiet", "--backend", "ray", "--ray-address", "127.0.0.1:1",
                "--out", str(tmp_path / "m.json")]
@@ -235,7 +238,8 @@ def test_quiet_screened_search_prints_no_library_warnings(setting, tmp_path):
     """`search-mask ... --popsize 4 --generations 4 --quiet` (the default screened strategy) printed cma's
     8-line `InjectionWarning: orphanated injected solution ... This could be a bug in the calling order` to
     stderr (the redraws call ask(1) one at a time). README: --quiet leaves only errors and the result."""
-    command = [sys.executable, "-m", "loramerge_cli", "search-mask", "--adapters", *setting.adapter_args(),
+    command = [sys.executable, "-m", "loramerge_cli", "search-mask", "--strategy", "screened",
+                                                      "--adapters", *setting.adapter_args(),
                "--merger", "ta", "--tasks", str(setting.tasks_file), "--popsize", "4", "--generations", "4",
                "--val-limit", "8", "--threads", "1", "--quiet", "--out", str(tmp_path / "m.json")]
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}

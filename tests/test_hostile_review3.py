@@ -97,7 +97,8 @@ def test_max_prune_that_allows_no_unit_is_refused(tmp_path):
     unit count is known (before the experts and the screen)."""
     setting = build_text_setting(tmp_path / "setting")
     out = tmp_path / "mask.json"
-    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
                          setting.tasks_file, "--popsize", "4", "--generations", "2", "--val-limit", "8",
                          "--threads", "1", "--quiet", "--max-prune", "0.1", "--out", out])
     assert result.exit_code in (1, 2), (result.exit_code, result.stdout)
@@ -116,7 +117,7 @@ def setting(tmp_path_factory):
 def _request(setting, **changes):
     from loramerge_cli.search.runner import SearchRequest
 
-    base = SearchRequest(
+    base = SearchRequest(strategy="screened",
         adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"), tasks=setting.tasks_file,
         eval=EvalSettings(threads=1, batch_size=8),
         enmp=EnmpSettings(popsize=6, generations=3, max_prune=0.5, seed=3),
@@ -173,7 +174,8 @@ def test_a_setting_whose_switch_is_off_is_a_usage_error(tmp_path, flags):
     """`--no-screen --greedy-pool 5` and `--no-halving --eta 7` ran without the greedy phase or the halving
     while the provenance recorded the values given (noticed by the review, no test then): exit 2 now."""
     setting = build_text_setting(tmp_path / "setting")
-    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
                          setting.tasks_file, "--popsize", "2", "--generations", "1", "--val-limit", "4",
                          "--threads", "1", "--quiet", *flags, "--out", tmp_path / "m.json"])
     assert result.exit_code == 2 and "does nothing" in result.stderr, result.stderr

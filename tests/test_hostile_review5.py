@@ -29,7 +29,8 @@ def _full_fitness(setting, **eval_settings):
     from loramerge_cli.search.problem import build_problem
     from loramerge_cli.search.runner import SearchRequest
 
-    request = SearchRequest(adapters=setting.adapter_args(), merge=MergeConfig(merger="ta", lam=0.9),
+    request = SearchRequest(strategy="screened",
+                            adapters=setting.adapter_args(), merge=MergeConfig(merger="ta", lam=0.9),
                             tasks=setting.tasks_file, eval=EvalSettings(threads=1, **eval_settings))
     problem = build_problem(request)
     experts = expert_scores(problem.engine, ScoreCache())
@@ -89,7 +90,7 @@ def test_provenance_forward_passes_counts_every_pass_the_slices_ran(setting, mon
         return ladders[-1]
 
     monkeypatch.setattr(fidelity, "accuracy_ladder", spy)
-    request = SearchRequest(adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"),
+    request = SearchRequest(strategy="screened", adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"),
                             tasks=setting.tasks_file, eval=EvalSettings(threads=1, batch_size=8),
                             enmp=EnmpSettings(popsize=6, generations=3, max_prune=0.5, seed=3),
                             options={"min_examples": 3, "screen_rungs": 2})
@@ -155,7 +156,8 @@ def test_screen_rungs_with_label_free_fitness_is_a_usage_error(setting, tmp_path
     it is a usage error"; with a label-free fitness the halving is off. It should be exit 2, one line
     (`--eta` shares the gap)."""
     out = tmp_path / "mask.json"
-    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                          "--merger", "ties", "--popsize", "4", "--generations", "1", "--max-prune", "0.5",
                          "--threads", "1", "--fitness", "nsc", "--screen-rungs", "3", "--out", out])
     recorded = json.loads(out.read_text())["provenance"]["search"].get("screen_rungs") if out.is_file() else None

@@ -27,7 +27,8 @@ def setting80(tmp_path_factory):
 
 
 def _search_args(setting, out, *extra):
-    return ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--merger", "ties",
+    return ["search-mask", "--strategy", "screened",
+            "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--merger", "ties",
             "--popsize", "4", "--generations", "2", "--max-prune", "0.5", "--threads", "1", "--seed", "3",
             "--out", out, "--force", *extra]
 
@@ -87,7 +88,7 @@ def test_screen_rungs_beyond_the_rungs_the_validation_set_has_is_not_silent(sett
 
 
 def test_the_python_api_refuses_screen_rungs_with_halving_off(setting80, tmp_path):
-    """`api.plan_search(api.SearchRequest(..., options={"screen_rungs": 3, "halving": False}))` and
+    """`api.plan_search(api.SearchRequest(strategy="screened", ..., options={"screen_rungs": 3, "halving": False}))` and
     `api.search(plan)`: accepted, the screen runs on the full set only and the provenance records
     `screen_rungs: 3` beside `halving: false`. The same settings on the command line (`--screen-rungs 3
     --no-halving`) are a usage error (exit 2, "does nothing with --no-halving"), and the README says the
@@ -96,7 +97,8 @@ def test_the_python_api_refuses_screen_rungs_with_halving_off(setting80, tmp_pat
     the same UsageError."""
     from loramerge_cli import api
 
-    request = api.SearchRequest(adapters=setting80.adapter_args(), merge=MergeConfig(merger="ties"),
+    request = api.SearchRequest(strategy="screened",
+                                adapters=setting80.adapter_args(), merge=MergeConfig(merger="ties"),
                                 tasks=setting80.tasks_file, eval=EvalSettings(threads=1),
                                 enmp=EnmpSettings(popsize=4, generations=1, max_prune=0.5, seed=3),
                                 options={"screen_rungs": 3, "halving": False})

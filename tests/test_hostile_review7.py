@@ -30,14 +30,15 @@ def setting(tmp_path_factory):
 
 
 def _search(setting, *extra):
-    return ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--merger", "ties",
+    return ["search-mask", "--strategy", "screened",
+            "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--merger", "ties",
             "--popsize", "4", "--generations", "2", "--max-prune", "0.5", "--threads", "1", "--seed", "3", *extra]
 
 
 def _request(setting, **changes) -> SearchRequest:
     if changes.get("strategy") == "nsc":  # it reads none of the mask strategies' settings
         changes.setdefault("enmp", EnmpSettings())
-    return replace(SearchRequest(adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"),
+    return replace(SearchRequest(strategy="screened", adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"),
                                  tasks=setting.tasks_file, eval=EvalSettings(threads=1, batch_size=8),
                                  enmp=EnmpSettings(popsize=4, generations=2, max_prune=0.5, seed=3)), **changes)
 
@@ -283,7 +284,7 @@ def test_the_resume_hint_repeats_how_the_run_ran(setting, tmp_path):
 def test_resume_without_a_run_dir_names_the_missing_flag(tmp_path):
     """`search-mask --resume` alone: "Invalid value for '--adapters': missing (needed unless --run-dir DIR
     --resume continues a saved search)", which blames a flag a resume need not give."""
-    result = invoke_cli(["search-mask", "--resume", "--out", tmp_path / "m.json"])
+    result = invoke_cli(["search-mask", "--strategy", "screened", "--resume", "--out", tmp_path / "m.json"])
     assert result.exit_code == 2 and "--resume needs --run-dir" in result.stderr
 
 

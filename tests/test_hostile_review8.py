@@ -233,7 +233,8 @@ def test_a_label_free_search_reads_no_label(setting, tmp_path, flags):
         task["data"]["validation"] = str(write_jsonl(tmp_path / f"{task['name']}.jsonl",
                                                      [{**row, "label": -1} for row in rows]))
     spec = write_tasks_file(tmp_path / "tasks.yaml", content)
-    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", spec, "--threads", "1",
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *setting.adapter_args(), "--tasks", spec, "--threads", "1",
                          "--val-limit", "8", *flags, "--out", tmp_path / "t.json"])
     assert result.exit_code == 0, result.stderr
     labelled = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", spec, "--threads", "1"])

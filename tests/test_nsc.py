@@ -447,7 +447,8 @@ def test_causal_lm_tasks_read_the_prompt_only(tmp_path):
 @pytest.mark.slow
 def test_cli_label_free_enmp(setting, tmp_path):
     out = tmp_path / "mask.json"
-    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                          "--merger", "ta", "--fitness", "nsc", "--popsize", "4", "--generations", "2",
                          "--max-prune", "0.5", "--threads", "1", "--out", out])
     assert result.exit_code == 0, result.stderr
@@ -457,7 +458,8 @@ def test_cli_label_free_enmp(setting, tmp_path):
     table = load_table(out)
     assert table.unit == "block" and table.provenance["fitness"] == "nsc"
     assert table.provenance["validation"]["fitness"] >= 0.0
-    refused = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+    refused = invoke_cli(["search-mask", "--strategy", "screened",
+                          "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                           "--fitness", "nsc", "--lambda", "auto", "--out", tmp_path / "x.json"])
     assert refused.exit_code == 2 and "--lambda auto" in refused.stderr  # a usage error (issue 12)
 

@@ -134,7 +134,7 @@ def test_a_mask_with_infinite_weights_is_refused(sources, tmp_path):
 
 def _refused(args, code, word):
     started = time.perf_counter()
-    result = invoke_cli(["search-mask", *args])
+    result = invoke_cli(["search-mask", "--strategy", "screened", *args])
     elapsed = time.perf_counter() - started
     assert result.exit_code == code, (result.exit_code, result.stderr)
     assert word in result.stderr and "Traceback" not in result.stderr, result.stderr
@@ -192,7 +192,7 @@ def test_a_search_leaves_the_callers_random_state_alone(tmp_path):
 
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     before = (random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state().clone())
-    request = SearchRequest(adapters=[], merge=None, tasks=None, eval=None, budget=20,
+    request = SearchRequest(strategy="screened", adapters=[], merge=None, tasks=None, eval=None, budget=20,
                             enmp=EnmpSettings(popsize=6, generations=3, max_prune=0.5, seed=2))
     for name in ("screened", "enmp", "greedy", "random"):
         outcome = STRATEGIES[name].run(request, fitness, SearchSpace(4, 2, 1.0, tmp_path / name), lambda k, d: None)

@@ -130,6 +130,7 @@ def test_merge_regmean_end_to_end(setting, tmp_path):
     provenance = json.loads((tmp_path / "tuned" / "loramerge.json").read_text())
     assert provenance["input_statistics"]["examples"] == {name: 12 for name in setting.adapters}
     assert provenance["lambda_tuning"]["best"] > 0
-    invalid = invoke_cli(["search-mask", "--adapters", *sources, "--merger", "regmean", "--tasks",
+    invalid = invoke_cli(["search-mask", "--strategy", "screened",
+                          "--adapters", *sources, "--merger", "regmean", "--tasks",
                           setting.tasks_file, "--out", tmp_path / "mask.json"])
     assert invalid.exit_code == 2 and "regmean" in invalid.stderr

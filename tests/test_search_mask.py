@@ -24,7 +24,7 @@ def setting(tmp_path_factory):
 
 
 def request(setting, **changes) -> SearchRequest:
-    base = SearchRequest(
+    base = SearchRequest(strategy="screened",
         adapters=setting.adapter_args(),
         merge=MergeConfig(merger="ties"),
         tasks=setting.tasks_file,
@@ -44,7 +44,8 @@ def request(setting, **changes) -> SearchRequest:
 def test_cli_writes_a_table_that_merge_consumes(setting, tmp_path):
     mask = tmp_path / "mask.json"
     result = invoke_cli([
-        "search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ties",
+        "search-mask", "--strategy", "screened",
+        "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ties",
         "--popsize", "6", "--generations", "3", "--max-prune", "0.5", "--threads", "1", "--out", str(mask),
         "--run-dir", str(tmp_path / "run"), "--json",
     ])
@@ -73,7 +74,8 @@ def test_cli_writes_a_table_that_merge_consumes(setting, tmp_path):
 
 
 def test_cli_greedy_pool_switches_the_greedy_phase(setting, tmp_path):
-    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+    args = ["search-mask", "--strategy", "screened",
+            "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
             "ties", "--popsize", "6", "--generations", "2", "--max-prune", "0.5", "--threads", "1"]
     phases = {}
     for pool in ("0", "3"):
@@ -99,8 +101,10 @@ def test_cli_surrogate_search_writes_its_trajectory_and_resumes(setting, tmp_pat
     lines = [json.loads(line) for line in (tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()]
     assert [line["phase"] for line in lines] == ["screen"] + ["proposal"] * 4
     assert table.provenance["strategy"] == "surrogate" and table.provenance["search"]["noise"] == 0.5
-    assert table.provenance["forward_examples"] == lines[-1]["forward_examples"] == 10 * lines[0]["forward_examples"] // 6
-    assert table.provenance["validation"]["fitness"] == max([0.0] + [s for line in lines for s in line["scores"]])
+    per_table = lines[0]["forward_examples"] // 6
+    assert table.provenance["forward_examples"] == lines[-1]["forward_examples"] == 10 * per_table
+    scores = [score for line in lines for score in line["scores"]]
+    assert table.provenance["validation"]["fitness"] == max([0.0, *scores])
     again = invoke_cli([*args, "--resume", "--out", str(tmp_path / "again.json")])  # a finished run: its table
     assert again.exit_code == 0, again.stderr
     assert load_table(tmp_path / "again.json").weights == table.weights
@@ -198,7 +202,8 @@ def test_plots_are_written(setting, tmp_path):
 
 
 def test_cli_progress_on_stderr_summary_on_stdout(setting, tmp_path):
-    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ta",
+    args = ["search-mask", "--strategy", "screened",
+            "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ta",
             "--lambda", "auto", "--popsize", "4", "--generations", "2", "--max-prune", "0.5", "--threads", "1"]
     loud = invoke_cli([*args, "--out", str(tmp_path / "a.json"), "--plot", str(tmp_path / "plots")])
     assert loud.exit_code == 0, loud.stderr

@@ -239,7 +239,8 @@ def test_head_shape_mismatch_is_named(text_setting, tmp_path):
 
 
 @pytest.mark.parametrize("command", [
-    ["eval"], ["merge", "--lambda", "auto", "--out", "{tmp}/merged"], ["search-mask", "--out", "{tmp}/mask.json"],
+    ["eval"], ["merge", "--lambda", "auto", "--out", "{tmp}/merged"], ["search-mask", "--strategy", "screened",
+                                                                       "--out", "{tmp}/mask.json"],
 ])
 def test_spec_and_data_errors_come_before_any_adapter_model_or_torch_loads(tmp_path, command):
     """The adapters and the base model do not even exist: the spec's data error must be the one reported,

@@ -72,7 +72,7 @@ def test_run_dir_inside_an_input_adapter_is_refused_before_writing(setting, tmp_
     shutil.copytree(setting.adapters["alpha"], adapter)
     before = sorted(p.name for p in adapter.iterdir())
     adapters = [f"alpha={adapter}" if arg.startswith("alpha=") else arg for arg in setting.adapter_args()]
-    result = invoke_cli(["search-mask", "--adapters", *adapters, "--merger", "ta", "--tasks",
+    result = invoke_cli(["search-mask", "--strategy", "screened", "--adapters", *adapters, "--merger", "ta", "--tasks",
                          setting.tasks_file, "--popsize", "2", "--generations", "1", "--val-limit", "2",
                          "--threads", "1", "--quiet", "--run-dir", adapter, "--out", tmp_path / "mask.json"])
     assert sorted(p.name for p in adapter.iterdir()) == before
@@ -83,7 +83,8 @@ def test_a_refused_search_leaves_no_run_dir_behind(setting, tmp_path):
     """A bad --base (a missing local folder) was found only when the model loaded, after the run dir's
     config.json and .lock had been written."""
     run_dir = tmp_path / "run"
-    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
+    result = invoke_cli(["search-mask", "--strategy", "screened",
+                         "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
                          setting.tasks_file, "--popsize", "2", "--generations", "1", "--val-limit", "2",
                          "--threads", "1", "--quiet", "--base", tmp_path / "no_such_base", "--run-dir", run_dir,
                          "--out", tmp_path / "mask.json"])
@@ -137,7 +138,8 @@ def test_eval_out_never_overwrites_the_task_spec_or_a_users_file(setting, tmp_pa
 
 
 def _search(setting, tmp_path, *extra):
-    return invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
+    return invoke_cli(["search-mask", "--strategy", "screened",
+                       "--adapters", *setting.adapter_args(), "--merger", "ta", "--tasks",
                        setting.tasks_file, "--popsize", "2", "--generations", "1", "--val-limit", "2",
                        "--threads", "1", "--quiet", *extra])
 
@@ -168,7 +170,7 @@ def test_plot_onto_an_existing_file_is_refused_before_the_search(setting, tmp_pa
 
 def test_resume_of_a_run_dir_that_holds_no_search_is_one_line(tmp_path):
     """`search-mask --run-dir NEW --resume` (nothing else) said '--adapters missing' (exit 2)."""
-    result = invoke_cli(["search-mask", "--run-dir", tmp_path / "never_ran", "--resume"])
+    result = invoke_cli(["search-mask", "--strategy", "screened", "--run-dir", tmp_path / "never_ran", "--resume"])
     assert result.exit_code == 1 and "holds no search to resume" in result.stderr
     assert not (tmp_path / "never_ran").exists()
 

@@ -149,9 +149,9 @@ def strategy_settings(flags: dict, strategy: str) -> dict:
 @command_errors
 def search_command(ctx: typer.Context, **flags) -> None:
     """Search a weight table: which (task, block) LoRA modules to drop before merging, scored on labelled
-    validation data or label-free (screened: single-unit screen, then CMA-ES scoring on validation subsets
-    first; surrogate: the same screen, then Thompson sampling on a Bayesian model of unit and pair effects;
-    ENMP: the paper's CMA-ES; greedy and random baselines on the same fitness and budget),
+    validation data or label-free (surrogate, the default: single-unit screen, then Thompson sampling on a
+    Bayesian model of unit and pair effects; screened: the same screen, then CMA-ES scoring on validation
+    subsets first; ENMP: the paper's CMA-ES; greedy and random baselines on the same fitness and budget),
     or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
     from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
 

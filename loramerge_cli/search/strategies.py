@@ -205,7 +205,7 @@ def _screened_scoring(request, fitness, workers):
 
 
 SCREENED = Strategy(
-    "screened", "the default: every single-unit pruning scored on the full validation set, greedy over the best "
+    "screened", "every single-unit pruning scored on the full validation set, greedy over the best "
     "of them, CMA-ES started from its table, new tables only, each generation's scored on seeded validation "
     "subsets first (successive halving)",
     True, _run_screened,
@@ -256,8 +256,8 @@ def _surrogate_scoring(request, fitness, workers):
 
 
 SURROGATE = Strategy(
-    "surrogate", "every single-unit pruning scored, then Thompson sampling on a Bayesian model of the fitness "
-    "over units and unit pairs: each new table is the best of one posterior draw, never one already scored",
+    "surrogate", "the default: every single-unit pruning scored, then Thompson sampling on a Bayesian model of the "
+    "fitness over units and unit pairs: each new table is the best of one posterior draw, never one already scored",
     True, _run_surrogate,
     parameters=(
         Parameter("proposals", int, 1, "tables proposed per step and scored together (by the workers, if "
@@ -271,7 +271,7 @@ SURROGATE = Strategy(
     ),
     check=_check_surrogate, scoring=_surrogate_scoring, uses=frozenset({"max_prune", "budget"}))
 
-DEFAULT_STRATEGY = SCREENED.name
+DEFAULT_STRATEGY = SURROGATE.name
 
 STRATEGIES: dict[str, Strategy] = {
     "screened": SCREENED,

@@ -1,13 +1,13 @@
 """Mask-search strategies on the bundled example's text setting, with the budget counted in forward examples.
 
 For each merger (ta, ties, knots, core) at its tuned λ, on one validation fitness: the surrogate search (the
-default, at its default budget of 3·U·T full-set evaluations), the screened search, paper ENMP, greedy leave-
-one-out and random masks, each over several seeds (greedy once: it is deterministic). Per run: validation
-fitness (points over the unpruned merge), test mean normalized accuracy, distinct full-set evaluations,
-forward examples (each evaluation costs its examples summed over tasks). Paper ENMP runs until it has spent as
-many forward examples as the screened search (at most `--generations`), random masks get as many forward
-examples and prune as many units as the screened search's table; greedy gets up to popsize × generations
-evaluations.
+default, at its default budget of 3·U·T full-set evaluations), the screened search, paper ENMP, greedy
+leave-one-out and random masks, each over several seeds (greedy once: it is deterministic). Per run:
+validation fitness (points over the unpruned merge), test mean normalized accuracy, distinct full-set
+evaluations, forward examples (each evaluation costs its examples summed over tasks). Paper ENMP runs until it
+has spent as many forward examples as the screened search (at most `--generations`), random masks get as many
+forward examples and prune as many units as the screened search's table; greedy gets up to popsize ×
+generations evaluations.
 `--ablations` adds the screened search with one part switched off each (screen, greedy phase, redraw,
 halving).
 

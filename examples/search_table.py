@@ -126,13 +126,13 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
             f"examples)")
 
     for seed in seeds:
-        target = budget.get("enmp_examples")  # when the screened search runs elsewhere
+        target = budget.get("enmp_examples")  # when the default search runs elsewhere
         if "screened" in strategies:
             runs["screened"].append(screened(seed))
             target = runs["screened"][-1]["forward_examples"]
         for key in ablations:
             runs[key].append(screened(seed, **ABLATIONS[key]))
-        if "surrogate" in strategies:  # its default budget, 3·U·T distinct full-set evaluations
+        if "surrogate" in strategies:  # the default, at its default budget: 3·U·T distinct full-set evaluations
             clock = time.perf_counter()
             search = SurrogateSearch(SurrogateSettings(max_prune=budget["max_prune"], seed=seed), units, tasks,
                                      fitness)
@@ -140,7 +140,9 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
             curve = [(record["forward_examples"], record["best_fitness"]) for record in search.state.history]
             runs["surrogate"].append(outcome(best, len(search.state.memo) - 1, search.state.forward_examples, curve,
                                              time.perf_counter() - clock, "surrogate", seed))
-        if "enmp" in strategies:  # up to the screened search's forward examples (equal cost), at most --generations
+            target = runs["surrogate"][-1]["forward_examples"]  # the default's: ENMP and random get as many
+        reference = runs.get("surrogate") or runs.get("screened")  # the default search's run (else the screened one's)
+        if "enmp" in strategies:  # up to the default search's forward examples (equal cost), at most --generations
             clock = time.perf_counter()
             enmp = EnmpSearch(EnmpSettings(popsize=budget["popsize"], generations=budget["generations"], seed=seed,
                                            max_prune=budget["max_prune"]), units, tasks, fitness, base_lambda=lam)
@@ -153,10 +155,10 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
             evaluations = len(enmp.state.memo) - 1
             runs["enmp"].append(outcome(enmp.best(), evaluations, evaluations * cost, curve,
                                         time.perf_counter() - clock, "enmp", seed))
-            runs["enmp"][-1]["at_screened_examples"] = best_at(curve, target) if target else None
-        if "random" in strategies and target:  # as many forward examples and pruned units as the screened search
-            clock = time.perf_counter()
-            count = max(1, runs["screened"][-1]["pruned"])
+            runs["enmp"][-1]["at_default_examples"] = best_at(curve, target) if target else None
+        if "random" in strategies and target and reference:  # as many forward examples and pruned units as the
+            clock = time.perf_counter()  # default search
+            count = max(1, reference[-1]["pruned"])
             ledger = random_search(fitness, units * tasks, count, max(1, target // cost), seed)
             runs["random"].append(outcome(ledger.best(), len(ledger.memo) - 1, (len(ledger.memo) - 1) * cost, [],
                                           time.perf_counter() - clock, "random", seed))

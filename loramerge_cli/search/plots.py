@@ -40,6 +40,11 @@ def fitness_figure(history: list[dict], title: str):
 
     figure, axis = plt.subplots(figsize=(6, 3.5))
     kind = "generation" if history and "generation" in history[0] else "round"
+    if history and "scores" in history[0]:  # the surrogate search: against evaluations, every table's score too
+        kind = "full_evaluations"
+        spent = [(record["full_evaluations"] - len(record["scores"]) + 1 + index, score)
+                 for record in history for index, score in enumerate(record["scores"])]
+        axis.scatter([x for x, _ in spent], [y for _, y in spent], s=6, alpha=0.5, color="grey", label="each table")
     steps = [record.get(kind) for record in history]
     axis.axhline(0.0, color="grey", linewidth=1, linestyle="--", label="unpruned merge")
     axis.plot(steps, [record["best_fitness"] for record in history], marker="o", markersize=4, label="best so far")
@@ -47,7 +52,7 @@ def fitness_figure(history: list[dict], title: str):
         axis.plot(steps, [record["mean_fitness"] for record in history], marker=".", alpha=0.7,
                   label="population mean")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axis.set_xlabel(kind)
+    axis.set_xlabel(kind.replace("_", " ").replace("full evaluations", "full-set evaluations"))
     axis.set_ylabel("fitness (points over the unpruned merge)")
     axis.set_title(f"search fitness ({title})", fontsize=10)
     axis.grid(alpha=0.3)

@@ -1,4 +1,4 @@
-"""The screened search (the default strategy): against brute force on an enumerable setting, and ENMP's
+"""The screened search: against brute force on an enumerable setting, and ENMP's
 guarantees (never worse than unpruned, ρ cap, resume after SIGKILL, seeded; workers = serial and the
 subsets on a real model: test_search_mask.py)."""
 
@@ -286,7 +286,7 @@ def enumerable_landscape(seed):
 
 
 @pytest.mark.parametrize("landscape_seed", [0, 1, 2])
-def test_default_strategy_against_brute_force(landscape_seed):
+def test_screened_search_against_brute_force(landscape_seed):
     landscape = enumerable_landscape(landscape_seed)
     sizes = rung_sizes(EXAMPLES, 3, 3, 8)
     assert sizes == [16, 48]

@@ -89,6 +89,24 @@ def test_ray_search_equals_serial(setting, cluster, tmp_path):
     assert not ray_workers(cluster)  # the actors are gone with the search
 
 
+def test_ray_surrogate_search_equals_serial(setting, cluster, tmp_path):
+    """The surrogate search proposing 3 tables per step, scored by two actors: the same tables as serial."""
+    def surrogate(**changes):
+        return request(setting, strategy="surrogate", options={"proposals": 3}, **changes)
+
+    serial, _ = run_search(surrogate(run_dir=tmp_path / "serial"))
+    spread, provenance = run_search(surrogate(run_dir=tmp_path / "ray", backend="ray", devices=["cpu", "cpu"]))
+    assert spread.weights == serial.weights
+
+    def steps(run_dir):
+        return [(r["tables"], r["scores"], r["forward_examples"])
+                for r in map(json.loads, (run_dir / "trajectory.jsonl").read_text().splitlines())]
+
+    assert steps(tmp_path / "ray") == steps(tmp_path / "serial")
+    assert [len(tables) for tables, _, _ in steps(tmp_path / "ray")] == [6, 3, 3]
+    assert not ray_workers(cluster)
+
+
 def test_a_killed_actor_is_replaced_by_the_others(setting, cluster, tmp_path, caplog):
     serial, _ = run_search(request(setting, run_dir=tmp_path / "serial"))
     killed = []

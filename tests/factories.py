@@ -130,3 +130,18 @@ def run_or_stop(search, stop_after: int | None = None, resume: bool = False):
     for _ in range(stop_after):
         search.step()
     return None, search
+
+
+def run_until_killed(script: str) -> None:
+    """Run `script` (indented lines that end with the process sending itself SIGKILL) in a fresh interpreter
+    with the tests folder importable; asserts it died of that signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    prelude = f"import os, signal, sys\nsys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+    process = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(script)], capture_output=True,
+                             env={**os.environ, "PYTHONHASHSEED": "0"})
+    assert process.returncode == -signal.SIGKILL, process.stderr.decode()

@@ -3,14 +3,9 @@ guarantees (never worse than unpruned, ρ cap, resume after SIGKILL, seeded; wor
 subsets on a real model: test_search_mask.py)."""
 
 import itertools
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
-from factories import run_or_stop
+from factories import run_or_stop, run_until_killed
 
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.search.decode import max_pruned
@@ -193,10 +188,7 @@ def test_same_seed_same_result_and_resume(tmp_path):
 
 
 def test_resume_after_sigkill(tmp_path):
-    script = textwrap.dedent(
-        f"""
-        import os, signal, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+    run_until_killed(f"""
         from test_screened_search import GAINS, table_ladder
         from loramerge_cli.search.screened import ScreenedSearch, ScreenedSettings
         def on_event(kind, record):
@@ -204,11 +196,7 @@ def test_resume_after_sigkill(tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
         ScreenedSearch(ScreenedSettings(popsize=6, generations=6, seed=5, max_prune=0.25), 4, 3, table_ladder(GAINS),
                        run_dir={str(tmp_path)!r}, on_event=on_event).run()
-        """
-    )
-    process = subprocess.run([sys.executable, "-c", script], capture_output=True, env={**os.environ,
-                                                                                         "PYTHONHASHSEED": "0"})
-    assert process.returncode == -signal.SIGKILL, process.stderr.decode()
+        """)
     settings = ScreenedSettings(popsize=6, generations=6, seed=5, max_prune=0.25)
     resumed = ScreenedSearch(settings, 4, 3, table_ladder(GAINS), run_dir=tmp_path)
     best = resumed.run(resume=True)

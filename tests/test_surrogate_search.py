@@ -3,15 +3,10 @@ setting, and ENMP's guarantees (never worse than unpruned, ρ cap, resume after 
 serial on a real model: test_search_mask.py)."""
 
 import itertools
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import numpy as np
 import pytest
-from factories import invoke_cli, run_or_stop
+from factories import invoke_cli, run_or_stop, run_until_killed
 from test_screened_search import EXAMPLES, RHO, TASKS, UNITS, enumerable_landscape
 
 from loramerge_cli.errors import LoramergeError, UsageError
@@ -163,10 +158,7 @@ def test_same_seed_same_result_and_resume(tmp_path):
 
 
 def test_resume_after_sigkill(tmp_path):
-    script = textwrap.dedent(
-        f"""
-        import os, signal, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
+    run_until_killed(f"""
         from test_surrogate_search import Landscape
         from test_screened_search import enumerable_landscape, RHO, UNITS, TASKS
         from loramerge_cli.search.surrogate import SurrogateSearch, SurrogateSettings
@@ -175,10 +167,7 @@ def test_resume_after_sigkill(tmp_path):
                 os.kill(os.getpid(), signal.SIGKILL)
         SurrogateSearch(SurrogateSettings(seed=5, max_prune=RHO, budget=30), UNITS, TASKS,
                         Landscape(enumerable_landscape(2)), run_dir={str(tmp_path)!r}, on_event=on_event).run()
-        """
-    )
-    process = subprocess.run([sys.executable, "-c", script], capture_output=True)
-    assert process.returncode == -signal.SIGKILL, process.stderr.decode()
+        """)
     settings = SurrogateSettings(seed=5, max_prune=RHO, budget=30)
     fitness = Landscape(enumerable_landscape(2))
     resumed = SurrogateSearch(settings, UNITS, TASKS, fitness, run_dir=tmp_path)

@@ -13,6 +13,11 @@ def max_pruned(ratio: float, unit_count: int, task_count: int) -> int:
     return int(math.floor(Decimal(str(ratio)) * unit_count * task_count))
 
 
+def feasible_tables(flat_size: int, k_max: int) -> int:
+    """Tables the ρ cap allows (at most k_max of flat_size units pruned), the empty one included."""
+    return sum(math.comb(flat_size, k) for k in range(k_max + 1))
+
+
 def decode_mask(z: np.ndarray, k_max: int, threshold: float = 0.0) -> tuple[int, ...]:
     """Flat indices pruned: among the k_max largest z (ties: lower index first), those with z > θ.
 

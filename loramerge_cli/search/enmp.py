@@ -253,6 +253,22 @@ class EnmpSearch:
         return state
 
 
+
+class SteppedSearch:
+    """A search run step by step (`start`, `step`, `done` are its own) from a fresh or a resumed state; its best
+    is ENMP's rule over `state.memo`."""
+
+    state = None
+
+    def run(self, resume: bool = False) -> Evaluation:
+        if self.state is None:
+            self.start(resume)
+        while not self.done():
+            self.step()
+        return self.best()
+
+    best = EnmpSearch.best
+
 STATE_NAME = "state.json"
 STATE_FORMAT = "loramerge.enmp-state/v1"
 

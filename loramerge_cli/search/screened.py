@@ -45,12 +45,12 @@ import numpy as np
 from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.events import stage
-from loramerge_cli.search.decode import decode_mask, max_pruned
+from loramerge_cli.search.decode import decode_mask, feasible_tables, max_pruned
 from loramerge_cli.search.enmp import (
-    EnmpSearch,
     EnmpSettings,
     Evaluation,
     SeededNormal,
+    SteppedSearch,
     _search_numpy_state,
     cma_options,
 )
@@ -129,7 +129,7 @@ def prior_mean(order: list[int], gains: list[float], k_max: int, sigma: float, t
     return mean
 
 
-class ScreenedSearch:
+class ScreenedSearch(SteppedSearch):
     """`ladder`: a `FidelityLadder` (its last rung the full validation set); `run_dir` (optional) holds
     `screened_state.json` and `trajectory.jsonl`."""
 
@@ -139,8 +139,7 @@ class ScreenedSearch:
         self.settings = settings
         self.dimension = unit_count * task_count
         self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
-        # the tables the ρ cap allows, the empty one included (once all are scored there is nothing to search)
-        self.feasible = sum(math.comb(self.dimension, k) for k in range(self.k_max + 1))
+        self.feasible = feasible_tables(self.dimension, self.k_max)  # all scored: nothing left to search
         self.ladder = ladder
         last = len(ladder.costs) - 1
         self.levels = list(range(last + 1)) if settings.halving else [last]
@@ -196,13 +195,6 @@ class ScreenedSearch:
         return len(known) >= self.feasible
 
     # -- loop --------------------------------------------------------------------------------------
-    def run(self, resume: bool = False) -> Evaluation:
-        if self.state is None:
-            self.start(resume)
-        while not self.done():
-            self.step()
-        return self.best()
-
     def step(self) -> dict:
         started = time.perf_counter()
         state = self.state
@@ -404,9 +396,6 @@ class ScreenedSearch:
             cut = memo[ranked[keep - 1]] - self.settings.noise_examples * ladder.one_example[rung]
             alive = [c for c in ranked if memo[c] >= cut]
         return {"evaluations": sum(per_rung), "per_rung": per_rung, "tables": tables}
-
-    # the best rule (highest full-set fitness; ties: fewest pruned, then earliest) is ENMP's
-    best = EnmpSearch.best
 
     # -- run directory -----------------------------------------------------------------------------
     def _save_state(self) -> None:

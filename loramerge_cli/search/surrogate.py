@@ -37,8 +37,8 @@ import numpy as np
 
 from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, UsageError, is_finite_number
-from loramerge_cli.search.decode import max_pruned
-from loramerge_cli.search.enmp import Evaluation
+from loramerge_cli.search.decode import feasible_tables, max_pruned
+from loramerge_cli.search.enmp import Evaluation, SteppedSearch
 
 Candidate = tuple[tuple[int, ...], float | None]
 STATE_NAME = "surrogate_state.json"
@@ -149,19 +149,18 @@ class SurrogateState:
     history: list = field(default_factory=list)
 
 
-class SurrogateSearch:
+class SurrogateSearch(SteppedSearch):
     """`fitness`: a batch of candidates -> full-set fitness values; `run_dir` (optional) holds
     `surrogate_state.json` and `trajectory.jsonl`."""
 
     def __init__(self, settings: SurrogateSettings, unit_count: int, task_count: int, fitness,
                  run_dir: Path | None = None, on_event: Callable[[str, dict], None] = lambda kind, data: None):
         settings.check()
-        self.settings = settings
+        self.settings, self.fitness = settings, fitness
         self.dimension = unit_count * task_count
         self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
-        self.feasible = sum(math.comb(self.dimension, k) for k in range(self.k_max + 1))
+        self.feasible = feasible_tables(self.dimension, self.k_max)
         self.budget = settings.budget if settings.budget is not None else 3 * self.dimension
-        self.fitness = fitness
         self.cost = _examples_per_evaluation(fitness)
         self.run_dir = Path(run_dir) if run_dir else None
         self.on_event = on_event
@@ -175,17 +174,6 @@ class SurrogateSearch:
     def done(self) -> bool:
         scored = len(self.state.memo) - 1
         return scored >= self.budget or len(self.state.memo) >= self.feasible
-
-    def run(self, resume: bool = False) -> Evaluation:
-        if self.state is None:
-            self.start(resume)
-        while not self.done():
-            self.step()
-        return self.best()
-
-    def best(self) -> Evaluation:
-        """Highest full-set fitness; ties: fewest pruned, then earliest (ENMP's rule)."""
-        return min(self.state.memo.values(), key=lambda e: (-e.fitness, len(e.pruned), e.order))
 
     def step(self) -> dict:
         started = time.perf_counter()

@@ -224,6 +224,7 @@ def plot(rows: list[dict], keys, path: Path) -> None:
                 bests = list(itertools.accumulate([0.0] + [best for _, best in curve], max))
                 axis.step([0] + [spent for spent, _ in curve], bests, where="post", label=key.replace("_", " "))
         axis.set_title(f"{row['merger']} (λ {row['lambda']:.3g})")
+        axis.xaxis.set_major_formatter(lambda value, _: f"{value / 1000:.0f}k")
         axis.set_xlabel("forward examples")
         axis.set_ylabel("best validation fitness (points)")
         axis.grid(alpha=0.3)

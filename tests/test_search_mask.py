@@ -96,7 +96,7 @@ def test_cli_surrogate_search_writes_its_trajectory_and_resumes(setting, tmp_pat
             "--run-dir", str(tmp_path / "run")]
     result = invoke_cli([*args, "--out", str(tmp_path / "mask.json"), "--plot", str(tmp_path / "plots")])
     assert result.exit_code == 0, result.stderr
-    assert "screen: 6 tables scored" in result.stderr and "table   10/10" in result.stderr
+    assert "screen    6/10  best" in result.stderr and "table    10/10  [" in result.stderr
     assert (tmp_path / "plots" / "fitness.png").stat().st_size > 0
     table = load_table(tmp_path / "mask.json")
     lines = [json.loads(line) for line in (tmp_path / "run" / "trajectory.jsonl").read_text().splitlines()]

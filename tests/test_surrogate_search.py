@@ -133,7 +133,7 @@ def test_proposals_per_step_are_distinct_and_counted():
     search.run()
     assert len(set(fitness.calls)) == len(fitness.calls) == 40
     steps = search.state.history
-    assert [r["new_evaluations"] for r in steps] == [18, 4, 4, 4, 4, 4, 2]
+    assert [r["new_evaluations"] for r in steps] == [8, 8, 2, 4, 4, 4, 4, 4, 2]  # the screen in steps of 8
     assert steps[-1]["forward_examples"] == 0 and steps[-1]["full_evaluations"] == 40  # no engine: no examples
 
 
@@ -154,7 +154,7 @@ def test_same_seed_same_result_and_resume(tmp_path):
         return [(r["tables"], r["best_fitness"], r["full_evaluations"]) for r in history]
 
     assert steps(search.state.history) == steps(plain.state.history)
-    assert len((tmp_path / "trajectory.jsonl").read_text().splitlines()) == 1 + 40 - UNITS * TASKS
+    assert len((tmp_path / "trajectory.jsonl").read_text().splitlines()) == 3 + 40 - UNITS * TASKS
 
 
 def test_resume_after_sigkill(tmp_path):
@@ -174,13 +174,14 @@ def test_resume_after_sigkill(tmp_path):
     best = resumed.run(resume=True)
     plain = SurrogateSearch(settings, UNITS, TASKS, Landscape(enumerable_landscape(2)))
     assert (best.pruned, best.fitness) == (plain.run().pruned, plain.best().fitness)
-    assert len(fitness.calls) == 30 - UNITS * TASKS - 6  # only the proposals after the kill are scored
+    assert len(fitness.calls) == 30 - UNITS * TASKS - 4  # the proposals after the kill only (steps 3 to 6 ran)
     assert [r["tables"] for r in resumed.state.history] == [r["tables"] for r in plain.state.history]
 
 
 def test_a_foreign_state_is_refused(tmp_path):
     (tmp_path / "surrogate_state.json").write_text('{"format": "loramerge.surrogate-state/v1", "step": 1, '
-                                                   '"forward_examples": 0, "scores": [[[99], 1.0]], "history": []}')
+                                                   '"forward_examples": 0, "scores": [[[99], 1.0]], '
+                                                   '"history": [{"phase": "screen", "new_evaluations": 1}]}')
     search = SurrogateSearch(SurrogateSettings(seed=1, max_prune=RHO), UNITS, TASKS, Landscape(lambda p: 0.0),
                              run_dir=tmp_path)
     with pytest.raises(LoramergeError, match="does not match"):
@@ -188,7 +189,8 @@ def test_a_foreign_state_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("change", [{"noise": 0.0}, {"prior_pair": float("nan")}, {"proposals": 0},
-                                    {"budget": 0}, {"prior_single": -1.0}])
+                                    {"budget": 0}, {"prior_single": -1.0}, {"noise": 1e-170}, {"noise": 1e155},
+                                    {"prior_single": 1e10}, {"proposals": 1.5}])
 def test_settings_are_checked(change):
     with pytest.raises(UsageError):
         SurrogateSettings(**change).check()
@@ -204,3 +206,79 @@ def test_cli_refuses_bad_surrogate_options_before_any_work(tmp_path):
     result = invoke_cli([*base, "--strategy", "surrogate", "--popsize", "8"])
     assert result.exit_code == 2 and "--popsize does nothing" in result.output
     assert not (tmp_path / "mask.json").exists()
+
+
+def test_a_killed_screen_keeps_what_it_scored(tmp_path):
+    class Interrupted(Landscape):
+        def __call__(self, candidates):
+            if len(self.calls) >= 16:
+                raise KeyboardInterrupt
+            return super().__call__(candidates)
+
+    settings = SurrogateSettings(seed=1, max_prune=RHO, budget=24)
+    with pytest.raises(KeyboardInterrupt):
+        SurrogateSearch(settings, UNITS, TASKS, Interrupted(enumerable_landscape(0)), run_dir=tmp_path).run()
+    fitness = Landscape(enumerable_landscape(0))
+    best = SurrogateSearch(settings, UNITS, TASKS, fitness, run_dir=tmp_path).run(resume=True)
+    assert fitness.calls[:2] == [((16,), None), ((17,), None)]  # the screen's first 16 were kept
+    plain = SurrogateSearch(settings, UNITS, TASKS, Landscape(enumerable_landscape(0)))
+    assert best == plain.run()
+
+
+STATE = {"format": "loramerge.surrogate-state/v1", "step": 1, "forward_examples": 0,
+         "history": [{"phase": "screen", "new_evaluations": 2}]}
+
+
+@pytest.mark.parametrize("scores", [[[[-1], 5.0], [[1], 0.0]], [[[], 40.0], [[1], 0.0]], [[[1], 1.0], [[1], 2.0]],
+                                    [[[1.7], 1.0], [[2], 0.0]], [["12", 1.0], [[2], 0.0]], [[[3, 3], 1.0], [[2], 0.0]],
+                                    [[[2, 1], 1.0], [[3], 0.0]], [[[1], True], [[2], 0.0]],
+                                    [[[1], float("nan")], [[2], 0.0]], [[[1], 1.0]]])
+def test_a_damaged_state_is_one_line(tmp_path, scores):
+    import json
+
+    from loramerge_cli.search.surrogate import read_state
+
+    (tmp_path / "surrogate_state.json").write_text(json.dumps({**STATE, "scores": scores}))
+    with pytest.raises(LoramergeError, match="not a readable surrogate search state"):
+        read_state(tmp_path / "surrogate_state.json")
+
+
+@pytest.mark.parametrize("change", [{"step": 0}, {"step": 5}, {"forward_examples": -5}, {"history": [1, 2]}])
+def test_a_state_whose_counts_disagree_is_one_line(tmp_path, change):
+    import json
+
+    from loramerge_cli.search.surrogate import read_state
+
+    (tmp_path / "surrogate_state.json").write_text(json.dumps({**STATE, "scores": [[[1], 1.0], [[2], 0.5]],
+                                                               **change}))
+    with pytest.raises(LoramergeError, match="not a readable surrogate search state"):
+        read_state(tmp_path / "surrogate_state.json")
+
+
+def test_a_budget_below_the_screen_is_refused():
+    with pytest.raises(LoramergeError, match="less than the screen's 18"):
+        SurrogateSearch(SurrogateSettings(seed=1, max_prune=RHO, budget=5), UNITS, TASKS, Landscape(lambda p: 0.0))
+
+
+def test_the_progress_total_is_what_the_space_allows():
+    search = SurrogateSearch(SurrogateSettings(seed=1, max_prune=0.5, budget=1000), 2, 2, Landscape(len))
+    record = search.step() if search.start() is None else None
+    assert record["total"] == 10 and record["budget"] == 1000
+
+
+@pytest.mark.parametrize("options", [{"seed": 5}, {"max_prune": 0.1}, {"budget": 3}, {"restarts": "3"},
+                                     {"restarts": 2.5}, {"restarts": True}])
+def test_the_library_refuses_what_the_cli_cannot_express(options):
+    from dataclasses import replace
+
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.plan import SearchRequest
+    from loramerge_cli.search.surrogate import surrogate_settings
+
+    request = replace(SearchRequest(adapters=["a", "b"], merge=MergeConfig(merger="ta"), tasks="t.yaml",
+                                    eval=EvalSettings(), strategy="surrogate", enmp=EnmpSettings(seed=1)),
+                      options=options)
+    with pytest.raises(UsageError):
+        surrogate_settings(request).check()

@@ -162,20 +162,21 @@ def search_progress(console, generations: int):
                           f"{data['greedy_table']} {data['greedy_fitness']:+.3f}  best {data['best_fitness']:+.3f}  "
                           f"forward examples {data['forward_examples']}", highlight=False)
             clock["started"] = time.monotonic()
-        elif kind == "proposal":  # the surrogate search: its budget is distinct evaluations
-            done, total = data["full_evaluations"], data["budget"]
-            if clock.get("before") is None:  # evaluations done before this process (the screen, a resumed run's)
+        elif kind == "proposal" or (kind == "screen" and "total" in data):  # the surrogate search: its budget
+            done, total = data["full_evaluations"], data["total"]  # is distinct evaluations
+            if clock.get("before") is None:  # evaluations done before this process (a resumed run's)
                 clock["before"] = done - data["new_evaluations"]
             before = clock["before"]
-            if live and "proposals" not in console.stages:
-                console.start("proposals", total - before)
-            console.print(f"table {done:>4}/{total}  "
-                          + "".join(f"{table} {score:+.3f}  " for table, score in zip(data["tables"], data["scores"]))
+            if live and "evaluations" not in console.stages:
+                console.start("evaluations", total - before)
+            tables = "".join(f"{table} {score:+.3f}  " for table, score in zip(data["tables"], data["scores"]))
+            console.print(f"{'screen' if kind == 'screen' else 'table '} {done:>4}/{total}  "
+                          + (tables if kind == "proposal" else "")
                           + f"best {data['best_fitness']:+.3f}  {data['seconds_per_evaluation']:.2f} s/eval  "
                           f"eta {eta(clock['started'], done - before, total - before)}  "
                           f"forward examples {data['forward_examples']}", highlight=False)
             for _ in range(data["new_evaluations"]) if live else ():
-                console.advance("proposals", f"best {data['best_fitness']:+.3f}")
+                console.advance("evaluations", f"best {data['best_fitness']:+.3f}")
         elif kind == "round":
             console.print(f"round {data['round']:>3}  best {data['best_fitness']:+.3f}  "
                           f"distinct {data['distinct_evaluated']}", highlight=False)

@@ -27,22 +27,24 @@ forward examples (each evaluation runs the whole validation set).
 from __future__ import annotations
 
 import json
-import math
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from loramerge_cli import atomic
-from loramerge_cli.errors import LoramergeError, UsageError, is_finite_number
+from loramerge_cli.errors import LoramergeError, UsageError, check_integer, is_finite_number
 from loramerge_cli.search.decode import feasible_tables, max_pruned
 from loramerge_cli.search.enmp import Evaluation, SteppedSearch
 
 Candidate = tuple[tuple[int, ...], float | None]
 STATE_NAME = "surrogate_state.json"
 STATE_FORMAT = "loramerge.surrogate-state/v1"
+PRIOR_RANGE = (1e-4, 1e4)  # the priors' and the noise's standard deviations, in fitness points
+SCREEN_CHUNK = 8  # single-unit tables per screen step: a killed screen keeps what it scored
+OWN_OPTIONS = ("proposals", "prior_single", "prior_pair", "noise", "restarts")  # request.options it reads
 
 
 @dataclass
@@ -59,18 +61,16 @@ class SurrogateSettings:
     restarts: int = 8  # local-search starts per proposal
 
     def check(self) -> None:
-        if not 0 < self.max_prune <= 1:
+        if not is_finite_number(self.max_prune) or not 0 < self.max_prune <= 1:
             raise UsageError(f"--max-prune must be in (0, 1] (got {self.max_prune})")
-        if self.budget is not None and self.budget < 1:
-            raise UsageError(f"--budget must be at least 1 (got {self.budget})")
-        if self.proposals < 1:
-            raise UsageError(f"--proposals must be at least 1 (got {self.proposals})")
-        if self.restarts < 1:
-            raise UsageError(f"--restarts must be at least 1 (got {self.restarts})")
-        for name in ("prior_single", "prior_pair", "noise"):
-            value = getattr(self, name)
-            if not is_finite_number(value) or value <= 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be a finite number above 0 (got {value})")
+        check_integer(self.budget, 1, "--budget")
+        check_integer(self.proposals, 1, "--proposals")
+        check_integer(self.restarts, 1, "restarts")
+        for name in ("prior_single", "prior_pair", "noise"):  # in points: far outside this range the model's
+            value = getattr(self, name)  # linear algebra fails (a kernel of 1e20, or of 1e-20 beside 1)
+            if not is_finite_number(value) or not PRIOR_RANGE[0] <= value <= PRIOR_RANGE[1]:
+                raise UsageError(f"--{name.replace('_', '-')} must be a number in [{PRIOR_RANGE[0]:g}, "
+                                 f"{PRIOR_RANGE[1]:g}] (fitness points; got {value})")
 
 
 @dataclass
@@ -92,61 +92,91 @@ def _indicator(pruned: tuple[int, ...], size: int) -> np.ndarray:
     return members
 
 
+@dataclass
+class Posterior:
+    """What every posterior draw of one step shares: the scored tables (n × U, 0/1), their values and
+    (K + σ²I)⁻¹, with K = Φ Σ_prior Φᵀ, here a² s + b² s(s−1)/2 for two tables sharing s units."""
+
+    tables: np.ndarray
+    values: np.ndarray
+    inverse: np.ndarray
+    settings: SurrogateSettings
+
+    @classmethod
+    def fit(cls, tables: np.ndarray, values: np.ndarray, settings: SurrogateSettings) -> "Posterior":
+        a2, b2, s2 = settings.prior_single ** 2, settings.prior_pair ** 2, settings.noise ** 2
+        compact = tables.astype(np.float32)  # unit counts: exact in float32, twice as fast
+        shared = (compact @ compact.T).astype(np.float64)
+        kernel = a2 * shared + b2 * shared * (shared - 1) / 2 + s2 * np.eye(len(tables))
+        inverse_factor = np.linalg.inv(np.linalg.cholesky(kernel))
+        return cls(tables, values, inverse_factor.T @ inverse_factor, settings)
+
+    def draw(self, rng: np.random.Generator) -> PairwiseModel:
+        """A draw from the posterior of (w, V) by pathwise conditioning: θ = θ₀ + Σ_prior Φᵀ (K + σ²I)⁻¹
+        (y − Φθ₀ − ε), with θ₀ and ε prior and noise draws."""
+        tables, settings = self.tables, self.settings
+        count, size = tables.shape
+        single = rng.normal(0.0, settings.prior_single, size)
+        upper = np.triu(rng.normal(0.0, settings.prior_pair, (size, size)), 1)
+        pair = upper + upper.T
+        noise = rng.normal(0.0, settings.noise, count)
+        members = [np.flatnonzero(row) for row in tables]  # tables prune few units: work on their indices
+        prior_values = np.array([single[units].sum() + 0.5 * pair[np.ix_(units, units)].sum() for units in members])
+        weights = self.inverse @ (self.values - prior_values - noise)
+        correction = np.zeros((size, size))  # Σ_n α_n x_n x_nᵀ
+        for units, weight in zip(members, weights):
+            correction[np.ix_(units, units)] += weight
+        np.fill_diagonal(correction, 0.0)
+        return PairwiseModel(single + settings.prior_single ** 2 * (tables.T @ weights),
+                             pair + settings.prior_pair ** 2 * correction)
+
+
 def posterior_draw(tables: np.ndarray, values: np.ndarray, settings: SurrogateSettings,
                    rng: np.random.Generator) -> PairwiseModel:
-    """A draw from the posterior of (w, V) given scored `tables` (n × U, 0/1) and their `values`, by pathwise
-    conditioning: θ = θ₀ + Σ_prior Φᵀ (K + σ²I)⁻¹ (y − Φθ₀ − ε), with θ₀ and ε prior and noise draws and
-    K = Φ Σ_prior Φᵀ, here a² s + b² s(s−1)/2 for tables sharing s units."""
-    count, size = tables.shape
-    a2, b2, s2 = settings.prior_single ** 2, settings.prior_pair ** 2, settings.noise ** 2
-    single = rng.normal(0.0, settings.prior_single, size)
-    upper = np.triu(rng.normal(0.0, settings.prior_pair, (size, size)), 1)
-    pair = upper + upper.T
-    noise = rng.normal(0.0, settings.noise, count)
-    shared = tables @ tables.T
-    kernel = a2 * shared + b2 * shared * (shared - 1) / 2
-    prior_values = tables @ single + 0.5 * np.einsum("ni,ij,nj->n", tables, pair, tables)
-    factor = np.linalg.cholesky(kernel + s2 * np.eye(count))
-    weights = np.linalg.solve(factor.T, np.linalg.solve(factor, values - prior_values - noise))
-    correction = (tables * weights[:, None]).T @ tables  # Σ_n α_n x_n x_nᵀ
-    np.fill_diagonal(correction, 0.0)
-    return PairwiseModel(single + a2 * (tables.T @ weights), pair + b2 * correction)
+    """One posterior draw given scored `tables` and their `values`."""
+    return Posterior.fit(tables, values, settings).draw(rng)
 
 
 def local_maximum(model: PairwiseModel, start: np.ndarray, k_max: int) -> np.ndarray:
     """Hill-climb `model` from `start` by the best of: add a unit (while fewer than k_max), remove one, swap one
-    in for one out; stops where no move gains."""
+    in for one out (ties: that order, then lower indices); stops where no move gains. With g = w + V x, adding
+    j gains g_j, removing i loses g_i, swapping i for j gains g_j − g_i − V_ij; g is updated per move."""
     members = start.copy()
+    gain = model.single + model.pair @ members
     for _ in range(4 * len(members) + 4 * k_max):
-        gain = model.single + model.pair @ members  # adding j (not in S) gains gain[j]; removing i loses gain[i]
-        inside = members > 0
-        moves = []
-        if inside.sum() < k_max and (~inside).any():
-            j = int(np.argmax(np.where(inside, -np.inf, gain)))
-            moves.append((gain[j], (j,), ()))
-        if inside.any():
-            i = int(np.argmax(np.where(inside, -gain, -np.inf)))
-            moves.append((-gain[i], (), (i,)))
-            if (~inside).any():
-                swap = gain[None, :] - gain[:, None] - model.pair
-                swap[~inside, :] = -np.inf
-                swap[:, inside] = -np.inf
-                i, j = np.unravel_index(int(np.argmax(swap)), swap.shape)
-                moves.append((swap[i, j], (int(j),), (int(i),)))
-        best_gain, added, removed = max(moves, key=lambda move: move[0], default=(0.0, (), ()))
-        if best_gain <= 1e-12:
+        inside, outside = np.flatnonzero(members), np.flatnonzero(members == 0)
+        best, added, removed = 1e-12, None, None
+        if len(inside) < k_max and len(outside):
+            j = outside[int(np.argmax(gain[outside]))]
+            if gain[j] > best:
+                best, added, removed = gain[j], j, None
+        if len(inside):
+            i = inside[int(np.argmin(gain[inside]))]
+            if -gain[i] > best:
+                best, added, removed = -gain[i], None, i
+            if len(outside):
+                swap = gain[outside][None, :] - gain[inside][:, None] - model.pair[np.ix_(inside, outside)]
+                row, column = np.unravel_index(int(np.argmax(swap)), swap.shape)
+                if swap[row, column] > best:
+                    best, added, removed = swap[row, column], outside[column], inside[row]
+        if added is None and removed is None:
             break
-        members[list(added)] = 1.0
-        members[list(removed)] = 0.0
+        if added is not None:
+            members[added] = 1.0
+            gain += model.pair[:, added]
+        if removed is not None:
+            members[removed] = 0.0
+            gain -= model.pair[:, removed]
     return members
 
 
 @dataclass
 class SurrogateState:
-    step: int  # steps completed: the screen is step 0
+    step: int  # steps completed: the screen's first, SCREEN_CHUNK single-unit tables each
     memo: dict  # candidate -> Evaluation on the full validation set (the unpruned merge included)
     forward_examples: int = 0
     history: list = field(default_factory=list)
+    screen_steps: int = 0  # steps of the screen done
 
 
 class SurrogateSearch(SteppedSearch):
@@ -161,6 +191,10 @@ class SurrogateSearch(SteppedSearch):
         self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
         self.feasible = feasible_tables(self.dimension, self.k_max)
         self.budget = settings.budget if settings.budget is not None else 3 * self.dimension
+        if self.k_max and self.budget < self.dimension:
+            raise LoramergeError(f"--budget {self.budget} is less than the screen's {self.dimension} single-unit "
+                                 f"tables (units × tasks): give at least {self.dimension}")
+        self.total = min(self.budget, self.feasible - 1)  # evaluations the search will run
         self.cost = _examples_per_evaluation(fitness)
         self.run_dir = Path(run_dir) if run_dir else None
         self.on_event = on_event
@@ -179,12 +213,14 @@ class SurrogateSearch(SteppedSearch):
         started = time.perf_counter()
         state = self.state
         room = self.budget - (len(state.memo) - 1)
-        if state.step == 0:
+        screen = [(i,) for i in range(self.dimension) if ((i,), None) not in state.memo] if self.k_max else []
+        if screen:
             phase = "screen"
-            tables = [(i,) for i in range(self.dimension)][:room] if self.k_max else []
-        else:
+            tables = screen[:min(max(SCREEN_CHUNK, self.settings.proposals), room)]
+            state.screen_steps += 1
+        else:  # proposal k (from 1) draws from a generator seeded by (seed, k)
             phase = "proposal"
-            tables = self.propose(min(self.settings.proposals, room), state.step)
+            tables = self.propose(min(self.settings.proposals, room), state.step - state.screen_steps + 1)
         candidates = [(table, None) for table in tables]
         for candidate, value in zip(candidates, self.fitness(candidates) if candidates else []):
             state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
@@ -196,7 +232,7 @@ class SurrogateSearch(SteppedSearch):
                   "scores": [state.memo[candidate].fitness for candidate in candidates], "best_fitness": best.fitness,
                   "best_pruned": list(best.pruned), "best_lambda": None, "distinct_evaluated": len(state.memo),
                   "full_evaluations": len(state.memo) - 1, "new_full_evaluations": len(candidates),
-                  "budget": self.budget, "forward_examples": state.forward_examples,
+                  "budget": self.budget, "total": self.total, "forward_examples": state.forward_examples,
                   "new_forward_examples": self.cost * len(candidates), "seconds": seconds,
                   "seconds_per_evaluation": seconds / max(1, len(candidates))}
         state.step += 1
@@ -212,10 +248,10 @@ class SurrogateSearch(SteppedSearch):
         tables = np.stack([_indicator(e.pruned, self.dimension) for e in evaluations])
         values = np.array([e.fitness for e in evaluations])
         taken = {e.pruned for e in evaluations}
+        posterior = Posterior.fit(tables, values, self.settings)
         proposals: list[tuple[int, ...]] = []
         while len(proposals) < count and len(taken) < self.feasible:
-            model = posterior_draw(tables, values, self.settings, rng)
-            table = self._acquire(model, rng, taken)
+            table = self._acquire(posterior.draw(rng), rng, taken)
             proposals.append(table)
             taken.add(table)
         return proposals
@@ -267,11 +303,15 @@ class SurrogateSearch(SteppedSearch):
             return
         step, forward_examples, scores, history = read_state(path)
         for pruned, value in scores:
-            if len(pruned) > self.k_max or any(i >= self.dimension for i in pruned):
+            if len(pruned) > self.k_max or pruned[-1] >= self.dimension:
                 raise LoramergeError(f"--resume: {path} does not match this search (a table outside its units or "
                                      "ρ cap); start a new run")
             self.state.memo[(pruned, None)] = Evaluation(pruned, None, value, len(self.state.memo))
+        if self.cost and forward_examples != self.cost * len(scores):
+            raise LoramergeError(f"--resume: {path} does not match this search (its forward examples are not "
+                                 f"{self.cost} per table scored); start a new run")
         self.state.step, self.state.forward_examples, self.state.history = step, forward_examples, history
+        self.state.screen_steps = sum(record.get("phase") == "screen" for record in history)
         self._save_state()  # both files again: a kill between their two writes left the trajectory one step short
 
 
@@ -325,11 +365,24 @@ def read_state(path: Path) -> tuple[int, int, list, list]:
 
     def parse(data: dict) -> tuple[int, int, list, list]:
         step, examples, history = data["step"], data["forward_examples"], data["history"]
-        if not isinstance(step, int) or step < 0 or not isinstance(examples, int) or not isinstance(history, list):
-            raise ValueError("bad step, forward examples or history")
-        scores = [(tuple(sorted(int(i) for i in pruned)), float(value)) for pruned, value in data["scores"]]
-        if any(not math.isfinite(value) for _, value in scores):
-            raise ValueError("a score is not finite")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError("bad step")
+        if isinstance(examples, bool) or not isinstance(examples, int) or examples < 0:
+            raise ValueError("bad forward examples")
+        if not isinstance(history, list) or len(history) != step or not all(isinstance(r, dict) for r in history):
+            raise ValueError("the history is not one record per step")
+        scores = []
+        for pruned, value in data["scores"]:
+            if (not isinstance(pruned, list) or not pruned or not is_finite_number(value)
+                    or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in pruned)
+                    or sorted(set(pruned)) != pruned):
+                raise ValueError("a table is not a sorted list of distinct unit indices with a finite score")
+            scores.append((tuple(pruned), float(value)))
+        if len({pruned for pruned, _ in scores}) != len(scores):
+            raise ValueError("a table is scored twice")
+        counts = [record.get("new_evaluations") for record in history]
+        if any(isinstance(c, bool) or not isinstance(c, int) for c in counts) or sum(counts) != len(scores):
+            raise ValueError("the history does not count the scores")
         return step, examples, scores, history
 
     return read_json_file(path, STATE_FORMAT, "surrogate search state", parse)
@@ -348,10 +401,9 @@ def run_surrogate(settings: SurrogateSettings, fitness, unit_count: int, task_co
 
 def surrogate_settings(request) -> SurrogateSettings:
     """--max-prune, --seed and --budget with the strategy's own options (`request.options`) on top."""
-    known = {f.name for f in fields(SurrogateSettings)}
-    unknown = sorted(set(request.options) - known)
+    unknown = sorted(set(request.options) - set(OWN_OPTIONS))
     if unknown:
-        raise UsageError(f"--strategy surrogate has no setting {', '.join(unknown)}")
+        raise UsageError(f"--strategy surrogate has no setting {', '.join(unknown)} (it has: {', '.join(OWN_OPTIONS)}; "
+                         "--max-prune, --seed and --budget are the request's own)")
     return SurrogateSettings(max_prune=request.enmp.max_prune, seed=request.enmp.seed, budget=request.budget,
                              **request.options)
-

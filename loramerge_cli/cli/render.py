@@ -151,7 +151,7 @@ def search_progress(console, generations: int):
                 highlight=False)
             if live:
                 console.advance("generations", f"best {data['best_fitness']:+.3f}")
-        elif kind == "screen":
+        elif kind == "screen" and "total" not in data:  # the screened search (the surrogate one: below)
             console.print(
                 f"screen: {data.get('new_tables', data['new_evaluations'])} tables scored "
                 f"({data['full_evaluations']} on the full set), "

@@ -24,8 +24,10 @@ from loramerge_cli.merging.registry import DTYPES
 
 EPILOG = examples_epilog(
     "loramerge search-mask --adapters a/ b/ c/ --merger knots --tasks tasks.yaml --out mask.json",
-    "loramerge search-mask --adapters a/ b/ c/ --merger ta --lambda auto --tasks tasks.yaml --popsize 8 "
-    "--generations 15 --val-limit 256 --run-dir runs/ta --out mask.json",
+    "loramerge search-mask --adapters a/ b/ c/ --merger ta --lambda auto --tasks tasks.yaml --budget 64 "
+    "--val-limit 256 --run-dir runs/ta --out mask.json",
+    "loramerge search-mask --adapters a/ b/ c/ --merger ta --tasks tasks.yaml --strategy enmp --popsize 8 "
+    "--generations 15 --out enmp.json",
     "loramerge search-mask --run-dir runs/ta --resume",
     "loramerge search-mask --adapters a/ b/ c/ --merger ties --tasks tasks.yaml --strategy greedy --out greedy.json",
     "loramerge merge --adapters a/ b/ c/ --mask mask.json --out merged/",
@@ -81,7 +83,7 @@ def search_options() -> list:
                "included [default: 3·units·tasks]."),
         option("sparsity", float | None, None, show_default=False,
                help="random: fraction of units pruned. [default: max-prune/2]"),
-        option("seed", int, 1, help="Seed (>= 1) of CMA-ES, random masks, NSC batches and DARE."),
+        option("seed", int, 1, help="Seed (>= 1): surrogate draws, CMA-ES, random masks, NSC batches, DARE."),
         option("val_limit", int | None, None, help="Validation examples per task (>= 1)."),
         option("device", str, "cpu", help="Torch device of the search (and of each worker of --workers or "
                "--backend ray)."),

@@ -266,8 +266,9 @@ SURROGATE = Strategy(
                   "(points)."),
         Parameter("prior_pair", float, 0.2, "prior standard deviation of the interaction of two pruned units "
                   "(points)."),
-        Parameter("noise", float, 0.5, "what the model leaves unexplained (points; one validation example is "
-                  "100/(tasks·examples) points)."),
+        Parameter("noise", float, 0.5, "what the model leaves unexplained, in fitness points (accuracy: one "
+                  "validation example is 100/(tasks·examples) points; with --fitness nsc scale the priors and the "
+                  "noise to its much smaller range)."),
     ),
     check=_check_surrogate, scoring=_surrogate_scoring, uses=frozenset({"max_prune", "budget"}))
 

@@ -3,21 +3,21 @@
 Every evaluation of a table costs a pass over the validation set, so the search spends them where a model
 of the fitness says they are worth most (docs/algorithms.md, "Surrogate search"):
 
-* **screen** (step 0): every single-unit pruning, scored once on the full validation set (with the unpruned
-  merge, fitness 0, they are the model's first observations);
+* **screen** (the first steps, SCREEN_CHUNK tables each, each saved): every single-unit pruning, scored once
+  on the full validation set (with the unpruned merge, fitness 0, they are the model's first observations);
 * **model**: the fitness of a table S (a set of pruned flat units) is modelled as
   f(S) = Σ_{i∈S} w_i + Σ_{i<j∈S} v_ij + noise, with independent Gaussian priors w_i ~ N(0, a²),
   v_ij ~ N(0, b²) and noise N(0, σ²) (a Bayesian linear regression on the units and their pairs, as in
   BOCS, Baptista & Poloczek 2018): pruning a unit can help only together with another one, which the
   screen alone cannot see and which greedy pays a full round to find;
 * **proposals** (every later step): Thompson sampling. One draw of (w, v) from the posterior (by pathwise
-  conditioning: a prior draw corrected by the observations, in the observations' dual space, so the cost
-  grows with the tables scored, not with the U² pairs), then the table that maximises the drawn function
+  conditioning: a prior draw corrected by the observations, in the observations' dual space, so no
+  (U·T)² × (U·T)² system is ever solved), then the table that maximises the drawn function
   under the ρ cap (local search: add, remove or swap one unit, from the empty table, the best scored
   table and seeded random ones), never one already scored. `proposals` draws per step give as many distinct
   tables, scored together (by the workers, when there are several).
 
-The search is deterministic given the seed and the scores: step k draws from a generator seeded by
+The search is deterministic given the seed and the scores: proposal step k draws from a generator seeded by
 (seed, k), so a killed run resumes from its saved scores to the same table, and `--workers N` equals serial.
 The unpruned merge is in the memo from the start: the result is never worse than not pruning. The budget is
 counted in distinct full-set evaluations (default 3·U·T: the screen and twice as many proposals) and in

@@ -282,3 +282,16 @@ def test_the_library_refuses_what_the_cli_cannot_express(options):
                       options=options)
     with pytest.raises(UsageError):
         surrogate_settings(request).check()
+
+
+def test_a_non_finite_fitness_stops_the_search_and_keeps_the_state_readable(tmp_path):
+    from loramerge_cli.search.surrogate import read_state
+
+    def fitness(candidates):
+        return [float("nan") if pruned == (12,) else -1.0 for pruned, _ in candidates]
+
+    search = SurrogateSearch(SurrogateSettings(seed=1, max_prune=RHO), UNITS, TASKS, fitness, run_dir=tmp_path)
+    with pytest.raises(LoramergeError, match=r"table \[12\] is nan"):
+        search.run()
+    step, _, scores, _ = read_state(tmp_path / "surrogate_state.json")  # the first chunk of the screen, saved
+    assert step == 1 and len(scores) == 8

@@ -222,8 +222,13 @@ class SurrogateSearch(SteppedSearch):
             phase = "proposal"
             tables = self.propose(min(self.settings.proposals, room), state.step - state.screen_steps + 1)
         candidates = [(table, None) for table in tables]
-        for candidate, value in zip(candidates, self.fitness(candidates) if candidates else []):
-            state.memo[candidate] = Evaluation(candidate[0], None, float(value), len(state.memo))
+        values = [float(value) for value in (self.fitness(candidates) if candidates else [])]
+        for candidate, value in zip(candidates, values):  # a NaN would poison the model and the saved state
+            if not np.isfinite(value):
+                raise LoramergeError(f"the fitness of table {list(candidate[0])} is {value}: the search cannot "
+                                     "model it (check the evaluation dtype and the data)")
+        for candidate, value in zip(candidates, values):
+            state.memo[candidate] = Evaluation(candidate[0], None, value, len(state.memo))
         state.forward_examples += self.cost * len(candidates)
         best = self.best()
         seconds = time.perf_counter() - started

@@ -61,14 +61,16 @@ def check_not_working_folder(out: str | Path, flag: str = "--out") -> None:
         raise LoramergeError(f"{flag} {out}: that is the working folder (or holds it); give a new folder's name")
 
 
-def check_not_an_input(out: str | Path, inputs: Iterable[str | Path], flag: str = "--out") -> None:
-    """`out` is not an input, does not hold one, and is not inside an input folder."""
+def check_not_an_input(out: str | Path, inputs: Iterable[str | Path], flag: str = "--out", role: str = "input") -> None:
+    """`out` is not an input (or another file it must not replace: `role` names them), does not hold one, and
+    is not inside an input folder."""
     resolved = Path(out).expanduser().resolve()
     for item in inputs:
         path = Path(item).expanduser().resolve()
         if resolved == path or resolved in path.parents or (path.is_dir() and path in resolved.parents):
             what = "is" if resolved == path else "holds" if resolved in path.parents else "is inside"
-            raise LoramergeError(f"{flag} {out} {what} the input {item}; refusing to write over an input")
+            article = "an" if role[0] in "aeiou" else "a"
+            raise LoramergeError(f"{flag} {out} {what} the {role} {item}; refusing to write over {article} {role}")
 
 
 def input_files(adapter_args: Iterable[str] = (), *paths: str | Path | None) -> list[Path]:

@@ -44,6 +44,20 @@ def test_spread_multi_values():
     assert spread_multi_values(["merge", "--adapters", "a", "--", "b"]) == ["merge", "--adapters", "a", "--", "b"]
 
 
+@pytest.mark.parametrize("args, says", [
+    (["search-mask", "--strategy", "bogus"], "'bogus' is not one of"),
+    (["merge", "--bogus"], "No such option: --bogus"),
+    (["bogus"], "No such command 'bogus'"),
+    (["--bogus"], "No such option: --bogus"),
+    (["search-mask", "--budget", "x"], "Invalid value for '--budget'"),
+])
+def test_click_s_usage_errors_are_one_line_and_exit_2(args, says):
+    result = invoke_cli(args)
+    assert result.exit_code == 2 and says in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith("error: ")
+    assert "Value error" not in result.stderr
+
+
 def test_merge_writes_every_file_and_matches_the_library(folders, sources, tmp_path):
     out = tmp_path / "merged"
     _ok(["merge", "--adapters", *sources, "--merger", "knots", "--out", out, "--head", "a", "--quiet"])

@@ -95,6 +95,15 @@ def test_force_does_not_replace_a_run_directory_s_best_table(setting, tmp_path):
     assert _digest(best) == before
 
 
+def test_out_onto_this_run_s_own_file_is_named_as_such(setting, tmp_path):
+    """`--run-dir r --out r/best.json` was refused as "the input r/best.json": it is the run's own file."""
+    run_dir = tmp_path / "r"
+    for name in ("best.json", "surrogate_state.json"):
+        result = invoke_cli(_search(setting, "--run-dir", run_dir, "--out", run_dir / name))
+        assert result.exit_code == 1 and "the run-directory file" in result.stderr, result.stderr
+        assert "input" not in result.stderr and not run_dir.exists()
+
+
 def test_a_user_s_scores_json_in_the_run_dir_is_refused_before_any_model_loads(setting, tmp_path):
     """`mkdir results; echo '{"first_kind": 0.91}' > results/scores.json; search-mask … --run-dir results`: exit
     0, and the user's file gained four hash keys (the score cache wrote into it); `eval --run-dir` on a folder

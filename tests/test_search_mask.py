@@ -115,6 +115,26 @@ def test_cli_surrogate_search_writes_its_trajectory_and_resumes(setting, tmp_pat
     assert not (tmp_path / "damaged.json").exists()
 
 
+def test_a_surrogate_state_from_another_search_is_refused_before_any_model_loads(setting, tmp_path, monkeypatch):
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+            "ties", "--strategy", "surrogate", "--budget", "10", "--max-prune", "0.5", "--threads", "1",
+            "--run-dir", str(tmp_path / "run")]
+    assert invoke_cli([*args, "--out", str(tmp_path / "mask.json")]).exit_code == 0
+    state_path = tmp_path / "run" / "surrogate_state.json"
+    saved = json.loads(state_path.read_text())
+    units = len(saved["history"][0]["tables"])  # the screen's first step scores every single unit here
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built")
+
+    monkeypatch.setattr("loramerge_cli.search.runner.build_problem", no_model)
+    for table in ([units], list(range(units // 2 + 1))):  # a unit this search lacks; more than the ρ cap allows
+        state_path.write_text(json.dumps({**saved, "scores": [[table, 1.0], *saved["scores"][1:]]}))
+        result = invoke_cli([*args, "--resume", "--out", str(tmp_path / "again.json")])
+        assert result.exit_code == 1 and "does not match this search" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "again.json").exists()
+
+
 def test_fitness_of_best_table_is_reproduced_by_the_merge(setting):
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
     from loramerge_cli.search.fitness import AccuracyFitness

@@ -5,6 +5,7 @@ Nothing here imports torch: `loramerge --help` must answer in well under a secon
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -101,6 +102,32 @@ class LoramergeGroup(TyperGroup):
         args = spread_multi_values(list(sys.argv[1:] if args is None else args))
         extra.setdefault("obj", {"argv": list(args)})
         return super().main(args=args, prog_name=prog_name or "loramerge", **extra)
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        with usage_errors_in_one_line():  # the group's own options and an unknown command
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx):
+        with usage_errors_in_one_line():  # a command's options, parsed here
+            return super().invoke(ctx)
+
+
+@contextlib.contextmanager
+def usage_errors_in_one_line():
+    """Click's usage errors (unknown option, bad choice, missing value) as one line and exit 2, like ours."""
+    try:
+        from typer._click.exceptions import UsageError as ClickUsageError  # Typer >= 0.24 carries its own Click
+    except ImportError:
+        from click.exceptions import UsageError as ClickUsageError
+
+    try:
+        yield
+    except ClickUsageError as error:
+        message = error.format_message().replace("Value error, ", "")
+        path = error.ctx.command_path if error.ctx is not None else "loramerge"
+        sys.stderr.write(one_line(f"error: {message} (see '{path} -h')") + "\n")
+        sys.stderr.flush()
+        raise typer.Exit(2) from None
 
 
 def command_line(ctx: typer.Context) -> str:

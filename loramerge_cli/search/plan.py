@@ -194,7 +194,7 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
         if (run_dir / SCREENED_STATE).is_file():
             read_screened_state(run_dir / SCREENED_STATE)
         if (run_dir / SURROGATE_STATE).is_file():
-            read_surrogate_state(run_dir / SURROGATE_STATE)
+            read_surrogate_state(run_dir / SURROGATE_STATE, unit_space(request))
         if (run_dir / STATE_NAME).is_file():
             from loramerge_cli.search.nsc import read_state as read_nsc_state
 
@@ -253,11 +253,13 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
 
     run_files = run_dir_files(request.run_dir)
     if out is not None:
-        guard_output(out, inputs=inputs + run_files, force=force, kind="file")
+        check_not_an_input(out, run_files, role="run-directory file")
+        guard_output(out, inputs=inputs, force=force, kind="file")
     if plot is not None:
         plot = Path(plot)
         check_not_working_folder(plot, "--plot")
-        check_not_an_input(plot, inputs + run_files, "--plot")
+        check_not_an_input(plot, inputs, "--plot")
+        check_not_an_input(plot, run_files, "--plot", role="run-directory file")
         if plot.exists() and not plot.is_dir():
             raise LoramergeError(f"--plot {plot} exists and is not a folder; give a folder for "
                                  f"{' and '.join(PLOT_NAMES)}")
@@ -282,17 +284,25 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         read_cache(run_dir / CACHE_NAME)  # a scores.json loramerge did not write is refused, not written into
 
 
-def check_prunable(request: SearchRequest) -> None:
-    """--max-prune lets at least one (block, task) unit of these adapters be pruned (blocks read from the
-    adapters' safetensors headers; a pickled adapter is not checked here)."""
+def unit_space(request: SearchRequest) -> tuple[int, int] | None:
+    """(units × tasks, the most units --max-prune lets a table prune), with blocks read from the adapters'
+    safetensors headers; None where they cannot tell (a pickled adapter)."""
     from loramerge_cli.adapters.sources import header_module_paths
     from loramerge_cli.adapters.units import unit_of
     from loramerge_cli.search.decode import max_pruned
 
     paths = header_module_paths(request.adapters, request.allow_pickle)
     blocks = {unit_of(path) for path in paths or ()} - {None}
-    units = len(blocks) * len(request.adapters)
-    if blocks and max_pruned(request.enmp.max_prune, len(blocks), len(request.adapters)) < 1:
+    if not blocks:
+        return None
+    return len(blocks) * len(request.adapters), max_pruned(request.enmp.max_prune, len(blocks), len(request.adapters))
+
+
+def check_prunable(request: SearchRequest) -> None:
+    """--max-prune lets at least one (block, task) unit of these adapters be pruned."""
+    space = unit_space(request)
+    if space is not None and space[1] < 1:
+        units = space[0]
         raise LoramergeError(f"--max-prune {request.enmp.max_prune:g}: none of the {units} (block, task) units may "
                              f"be pruned (⌊ρ·{units}⌋ = 0); give at least {1 / units:.3g}")
 

@@ -306,11 +306,8 @@ class SurrogateSearch(SteppedSearch):
         path = self.run_dir / STATE_NAME if self.run_dir else None
         if path is None or not path.is_file():
             return
-        step, forward_examples, scores, history = read_state(path)
+        step, forward_examples, scores, history = read_state(path, (self.dimension, self.k_max))
         for pruned, value in scores:
-            if len(pruned) > self.k_max or pruned[-1] >= self.dimension:
-                raise LoramergeError(f"--resume: {path} does not match this search (a table outside its units or "
-                                     "ρ cap); start a new run")
             self.state.memo[(pruned, None)] = Evaluation(pruned, None, value, len(self.state.memo))
         if self.cost and forward_examples != self.cost * len(scores):
             raise LoramergeError(f"--resume: {path} does not match this search (its forward examples are not "
@@ -364,8 +361,9 @@ def _examples_per_evaluation(fitness) -> int:
     return examples if isinstance(examples, int) else examples_per_evaluation(fitness)
 
 
-def read_state(path: Path) -> tuple[int, int, list, list]:
-    """(steps done, forward examples, [(pruned, fitness)] in order, history); anything malformed is one line."""
+def read_state(path: Path, space: tuple[int, int] | None = None) -> tuple[int, int, list, list]:
+    """(steps done, forward examples, [(pruned, fitness)] in order, history); anything malformed is one line, and
+    so is a table outside `space` (units × tasks, the ρ cap's most units pruned) where it is given."""
     from loramerge_cli.search.rundir import read_json_file
 
     def parse(data: dict) -> tuple[int, int, list, list]:
@@ -390,7 +388,11 @@ def read_state(path: Path) -> tuple[int, int, list, list]:
             raise ValueError("the history does not count the scores")
         return step, examples, scores, history
 
-    return read_json_file(path, STATE_FORMAT, "surrogate search state", parse)
+    state = read_json_file(path, STATE_FORMAT, "surrogate search state", parse)
+    if space is not None and any(len(pruned) > space[1] or pruned[-1] >= space[0] for pruned, _ in state[2]):
+        raise LoramergeError(f"--resume: {path} does not match this search (a table outside its {space[0]} units "
+                             f"or beyond its ρ cap of {space[1]}); start a new run")
+    return state
 
 
 def run_surrogate(settings: SurrogateSettings, fitness, unit_count: int, task_count: int,

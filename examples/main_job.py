@@ -1,7 +1,8 @@
 """The main job on the bundled example: build it once (cached), tune λ and merge with every merger,
-evaluate on the test split, run one ENMP search with the example's recorded budget, print one table.
+evaluate on the test split, run one mask search with the default strategy (surrogate) and one paper ENMP
+search with the example's recorded budget, print one table.
 
-    python -m examples.main_job [--out examples/.cache/bundled] [--json results.json]
+    python -m examples.main_job [--out examples/.cache/bundled] [--json results.json] [--no-search]
 
 Everything goes through loramerge's library API, in one process, so the models are loaded once.
 """
@@ -18,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait 
 
 MERGERS = ("ta", "ties", "dare_ties", "tsv", "iso_c", "tsv_iso", "knots", "core")
 ENMP_BUDGET = {"merger": "ta", "popsize": 8, "generations": 15, "val_limit": 256}  # the recorded budget
+SEARCHES = (("surrogate", "the default strategy"), ("enmp", "paper ENMP"))  # each: merger ta, λ auto, seed 1
 THREADS = 2
 
 
@@ -40,8 +42,8 @@ def bundled_setting(out: Path, log, setting: str = "text") -> tuple[Path, list[s
     return tasks_file, arguments, api.load_adapters(arguments)
 
 
-def run_setting(setting: Path, merged_root: Path, mergers, enmp: bool, log) -> dict:
-    """Rows (base, experts, each merger at its tuned λ, ENMP) of mean normalized test accuracy."""
+def run_setting(setting: Path, merged_root: Path, mergers, search: bool, log) -> dict:
+    """Rows (base, experts, each merger at its tuned λ, the searches) of mean normalized test accuracy."""
     from dataclasses import replace
 
     from loramerge_cli import api
@@ -81,23 +83,26 @@ def run_setting(setting: Path, merged_root: Path, mergers, enmp: bool, log) -> d
                                  command=f"python -m examples.main_job ({merger}, λ auto)")
         add_row(merger, test.score_merged(result), lam, time.perf_counter() - started)
         log(f"{setting.name}: {merger} λ={lam:.3g} mean normalized test accuracy {rows[-1]['mean_normalized']:.1f}")
-    if enmp:
+    for strategy, what in SEARCHES if search else ():
         started = time.perf_counter()
         request = SearchRequest(
             adapters=arguments, merge=MergeConfig(merger=ENMP_BUDGET["merger"]), tasks=tasks_file,
-            eval=validation_settings, lambda_auto=True, strategy="enmp",  # the README's recorded paper ENMP row
-            enmp=EnmpSettings(popsize=ENMP_BUDGET["popsize"], generations=ENMP_BUDGET["generations"], seed=1),
+            eval=validation_settings, lambda_auto=True, strategy=strategy,
+            enmp=EnmpSettings(popsize=ENMP_BUDGET["popsize"], generations=ENMP_BUDGET["generations"], seed=1)
+            if strategy == "enmp" else EnmpSettings(seed=1),  # the surrogate: its default budget, 3 · units · tasks
         )
         table, provenance = run_search(request)
-        table.save(merged_root / "enmp_mask.json")
+        table.save(merged_root / f"{strategy}_mask.json")
         lam = table.merger["lambda"]
         result = merge(adapters, MergeConfig(merger=ENMP_BUDGET["merger"], lam=lam), table)
-        api.write_merged_adapter(result, adapters, merged_root / "enmp", force=True, table=table,
-                                 command="python -m examples.main_job (ENMP)")
-        note = (f"{table.pruned_count()} of {len(table.tasks) * len(table.units)} units pruned, "
+        api.write_merged_adapter(result, adapters, merged_root / strategy, force=True, table=table,
+                                 command=f"python -m examples.main_job ({what})")
+        note = (f"{what}: {table.pruned_count()} of {len(table.tasks) * len(table.units)} units pruned, "
                 f"{provenance['evaluations']} evaluations")
-        add_row(f"{ENMP_BUDGET['merger']} + ENMP", test.score_merged(result), lam, time.perf_counter() - started, note)
-        log(f"{setting.name}: ENMP {note}, mean normalized test accuracy {rows[-1]['mean_normalized']:.1f}")
+        add_row(f"{ENMP_BUDGET['merger']} + {strategy}", test.score_merged(result), lam, time.perf_counter() - started,
+                note)
+        log(f"{setting.name}: {strategy} search, {note}, mean normalized test accuracy "
+            f"{rows[-1]['mean_normalized']:.1f}")
     return {"tasks": list(experts), "rows": rows}
 
 
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundled example folder (built if needed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--no-enmp", action="store_true", help="skip the ENMP search")
+    parser.add_argument("--no-search", action="store_true", help="skip the mask searches")
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     torch.set_num_threads(THREADS)
@@ -142,9 +147,9 @@ def main(argv: list[str] | None = None) -> dict:
         display.finish("bundled example (a fresh build takes 3–4 min on 2 cores)")
     built = round(time.perf_counter() - started, 1)
     results = {"settings": {}}
-    for setting, enmp in (("text", not args.no_enmp), ("image", False)):
-        results["settings"][setting] = run_setting(args.out / setting, args.out / "merged" / setting, MERGERS, enmp,
-                                                   console.log)
+    for setting, search in (("text", not args.no_search), ("image", False)):
+        results["settings"][setting] = run_setting(args.out / setting, args.out / "merged" / setting, MERGERS,
+                                                   search, console.log)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["build_seconds"] = built
     Console(width=140).print(render(results))

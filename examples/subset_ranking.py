@@ -12,7 +12,11 @@ subset ranks them against their full-set fitness:
   count every example's change, not only those that flip: the probability of the label, its log, and the
   margin of the label's score over the best other class;
 - per group, subset size and score, over 20 subset seeds: Spearman ρ with the full-set fitness, how often
-  the best table is in the subset's best third, and the full-set points lost by keeping only that third.
+  the best table is in the subset's best third, and the full-set points lost by keeping only that third;
+- per merger, over all its tables, what a subset would have to see: how many examples change correctness
+  in a table against the unpruned merge, its net gain in examples, the share of examples that change in
+  some table, and how many of those changes lie in the half of the examples nearest the unpruned merge's
+  decision boundary (smallest margin), the one cheap rule that could pick them in advance.
 
     python -m examples.subset_ranking [--mergers ta,ties,knots,core] [--lambdas ta=0.275,...] [--threads 2]
 """
@@ -77,6 +81,23 @@ def table_groups(full_fitness: dict, units: int, seed: int = 0) -> dict[str, lis
             "best 4 singles + 2": sorted(neighbours)}
 
 
+def changes(merger: str, outputs: dict, reference: dict) -> dict:
+    """Per table, the examples whose correctness differs from the unpruned merge's (all tasks together)."""
+    import numpy as np
+
+    def joined(values, score):
+        return np.concatenate([values[task][score] for task in sorted(values)])
+
+    right = joined(reference, "accuracy")
+    changed = np.stack([joined(values, "accuracy") != right for values in outputs.values()])
+    gains = np.array([joined(values, "accuracy").sum() - right.sum() for values in outputs.values()])
+    near = np.argsort(np.abs(joined(reference, "margin")), kind="stable")[: len(right) // 2]
+    return {"merger": merger, "group": "changes", "tables": len(outputs), "examples": len(right),
+            "changed_per_table": float(changed.sum(1).mean()), "net_gain_per_table": float(gains.mean()),
+            "ever_changed": float(changed.any(0).mean()),
+            "changes_near_boundary": float(changed[:, near].sum() / max(1, changed.sum()))}
+
+
 def measure(merger: str, lam: float, adapters, validation, sizes, subset_seeds: int, log) -> list[dict]:
     import numpy as np
     from scipy.stats import spearmanr
@@ -105,7 +126,7 @@ def measure(merger: str, lam: float, adapters, validation, sizes, subset_seeds: 
     groups = table_groups(singles, dimension)
     truth = {table: full(table) for tables in groups.values() for table in tables}
     log(f"{merger}: {len(outputs)} tables scored in {time.perf_counter() - started:.0f} s")
-    rows = []
+    rows = [changes(merger, outputs, reference)]
     for group, tables in groups.items():
         target = np.array([truth[table] for table in tables])
         kept = math.ceil(len(tables) / 3)
@@ -145,10 +166,18 @@ def main(argv=None):
     for merger in args.mergers.split(","):
         rows += measure(merger, lambdas[merger], adapters, validation, sizes, args.subset_seeds, console.log)
     table = Table("merger", "tables", "examples per task", "score", "Spearman ρ", "best kept", "points lost")
+    seen = Table("merger", "tables", "examples", "changed per table", "net gain per table", "ever changed",
+                 "changes in the smallest-margin half")
     for row in rows:
+        if row["group"] == "changes":
+            seen.add_row(row["merger"], str(row["tables"]), str(row["examples"]), f"{row['changed_per_table']:.1f}",
+                         f"{row['net_gain_per_table']:+.1f}", f"{row['ever_changed']:.0%}",
+                         f"{row['changes_near_boundary']:.0%}")
+            continue
         table.add_row(row["merger"], row["group"], str(row["examples"]), row["score"], f"{row['rho']:.2f}",
                       f"{row['best_kept']:.2f}", f"{row['points_lost']:.2f}")
     Console(width=160).print(table)
+    Console(width=160).print(seen)
     if args.json:
         import json
 

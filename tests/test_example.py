@@ -271,3 +271,18 @@ def test_subset_ranking_measures_the_search_s_own_fitness(bundled):
     groups = subset_ranking.table_groups({(unit,): float(-unit) for unit in range(20)}, 20)
     assert [len(tables) for tables in groups.values()] == [20, 40, 40]
     assert all(set(range(4)) <= set(table) for table in groups["best 4 singles + 2"])
+
+
+def test_subset_ranking_counts_the_examples_a_table_changes():
+    import numpy as np
+
+    from examples import subset_ranking
+
+    def outputs(right, margin=(0.0, 0.0, 0.0, 0.0)):
+        return {"a": {"accuracy": np.array(right, float), "margin": np.array(margin)}}
+
+    reference = outputs([1, 0, 1, 0], [0.1, -3.0, 2.0, -0.2])
+    tables = {(0,): outputs([1, 1, 1, 0]), (1,): outputs([0, 0, 1, 1])}  # one change (+1); two (net 0)
+    row = subset_ranking.changes("ta", tables, reference)
+    assert (row["changed_per_table"], row["net_gain_per_table"], row["ever_changed"]) == (1.5, 0.5, 0.75)
+    assert row["changes_near_boundary"] == pytest.approx(2 / 3)  # examples 0 and 3 have the smallest |margin|

@@ -58,6 +58,11 @@ def test_click_s_usage_errors_are_one_line_and_exit_2(args, says):
     assert "Value error" not in result.stderr
 
 
+def test_loramerge_alone_still_prints_the_help():
+    result = invoke_cli([])
+    assert "Usage: loramerge" in result.output and "search-mask" in result.output and "error:" not in result.output
+
+
 def test_merge_writes_every_file_and_matches_the_library(folders, sources, tmp_path):
     out = tmp_path / "merged"
     _ok(["merge", "--adapters", *sources, "--merger", "knots", "--out", out, "--head", "a", "--quiet"])

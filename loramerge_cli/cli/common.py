@@ -115,14 +115,16 @@ class LoramergeGroup(TyperGroup):
 @contextlib.contextmanager
 def usage_errors_in_one_line():
     """Click's usage errors (unknown option, bad choice, missing value) as one line and exit 2, like ours."""
-    try:
-        from typer._click.exceptions import UsageError as ClickUsageError  # Typer >= 0.24 carries its own Click
+    try:  # Typer >= 0.24 carries its own Click
+        from typer._click import exceptions as click_exceptions
     except ImportError:
-        from click.exceptions import UsageError as ClickUsageError
+        from click import exceptions as click_exceptions
 
     try:
         yield
-    except ClickUsageError as error:
+    except getattr(click_exceptions, "NoArgsIsHelpError", ()):  # `loramerge` alone: the help, as Click prints it
+        raise
+    except click_exceptions.UsageError as error:
         message = error.format_message().replace("Value error, ", "")
         path = error.ctx.command_path if error.ctx is not None else "loramerge"
         sys.stderr.write(one_line(f"error: {message} (see '{path} -h')") + "\n")

@@ -267,8 +267,8 @@ SURROGATE = Strategy(
         Parameter("prior_pair", float, 0.2, "prior standard deviation of the interaction of two pruned units "
                   "(points)."),
         Parameter("noise", float, 0.5, "what the model leaves unexplained, in fitness points (accuracy: one "
-                  "validation example is 100/(tasks·examples) points; with --fitness nsc scale the priors and the "
-                  "noise to its much smaller range)."),
+                  "validation example is 100/(tasks·examples) points; --fitness nsc scores about 20× smaller on the "
+                  "bundled example: scale all three alike, --prior-single 0.05 --prior-pair 0.01 --noise 0.025)."),
     ),
     check=_check_surrogate, scoring=_surrogate_scoring, uses=frozenset({"max_prune", "budget"}))
 

@@ -50,6 +50,7 @@ def test_spread_multi_values():
     (["bogus"], "No such command 'bogus'"),
     (["--bogus"], "No such option: --bogus"),
     (["search-mask", "--budget", "x"], "Invalid value for '--budget'"),
+    (["merge", "--lambda"], "'--lambda' requires an argument. (see 'loramerge merge -h')"),
 ])
 def test_click_s_usage_errors_are_one_line_and_exit_2(args, says):
     result = invoke_cli(args)

@@ -108,12 +108,15 @@ class LoramergeGroup(TyperGroup):
             return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx):
-        with usage_errors_in_one_line():  # a command's options, parsed here
+        def command():  # an error Click raises without its context (a missing value) is the subcommand's
+            return " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
+
+        with usage_errors_in_one_line(command):  # a command's options, parsed here
             return super().invoke(ctx)
 
 
 @contextlib.contextmanager
-def usage_errors_in_one_line():
+def usage_errors_in_one_line(command=lambda: "loramerge"):
     """Click's usage errors (unknown option, bad choice, missing value) as one line and exit 2, like ours."""
     try:  # Typer >= 0.24 carries its own Click
         from typer._click import exceptions as click_exceptions
@@ -126,7 +129,7 @@ def usage_errors_in_one_line():
         raise
     except click_exceptions.UsageError as error:
         message = error.format_message().replace("Value error, ", "")
-        path = error.ctx.command_path if error.ctx is not None else "loramerge"
+        path = error.ctx.command_path if error.ctx is not None else command()
         sys.stderr.write(one_line(f"error: {message} (see '{path} -h')") + "\n")
         sys.stderr.flush()
         raise typer.Exit(2) from None

@@ -165,6 +165,15 @@ def test_eval_run_dir_never_writes_into_an_input_adapter(setting, tmp_path):
     _one_line_error(result)
 
 
+def test_eval_out_onto_its_run_dir_s_score_cache_is_named_as_such(setting, tmp_path):
+    (tmp_path / "er").mkdir()
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--val-limit",
+                         "2", "--threads", "1", "--quiet", "--run-dir", tmp_path / "er", "--out",
+                         tmp_path / "er" / "scores.json"])
+    _one_line_error(result)
+    assert "the run-directory file" in result.stderr and "input" not in result.stderr
+
+
 # --- refusals: one line, before the work, nothing left behind --------------------------------------------
 
 def test_a_corrupt_base_model_is_one_line_and_leaves_no_run_dir(setting, tmp_path):

@@ -98,7 +98,7 @@ def test_force_does_not_replace_a_run_directory_s_best_table(setting, tmp_path):
 def test_out_onto_this_run_s_own_file_is_named_as_such(setting, tmp_path):
     """`--run-dir r --out r/best.json` was refused as "the input r/best.json": it is the run's own file."""
     run_dir = tmp_path / "r"
-    for name in ("best.json", "surrogate_state.json"):
+    for name in ("best.json", "surrogate_state.json", ".lock"):
         result = invoke_cli(_search(setting, "--run-dir", run_dir, "--out", run_dir / name))
         assert result.exit_code == 1 and "the run-directory file" in result.stderr, result.stderr
         assert "input" not in result.stderr and not run_dir.exists()

@@ -66,7 +66,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli.evaluation import REPORT_FORMAT
     from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
-    from loramerge_cli.outputs import guard_output, read_inputs
+    from loramerge_cli.outputs import check_not_an_input, guard_output, read_inputs
 
     out = flags["out"]
     if out is not None and (out.is_dir() or not out.absolute().parent.is_dir()):
@@ -79,9 +79,9 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     if flags["run_dir"] is not None:  # the score cache: written too
         check_run_dir(flags["run_dir"], files + folders)
     if out is not None:
-        cache = [Path(flags["run_dir"]) / "scores.json"] if flags["run_dir"] else []
-        guard_output(out, inputs=files + folders + cache, force=flags["force"], kind="file",
-                     formats=(REPORT_FORMAT,))
+        if flags["run_dir"]:
+            check_not_an_input(out, [Path(flags["run_dir"]) / "scores.json"], role="run-directory file")
+        guard_output(out, inputs=files + folders, force=flags["force"], kind="file", formats=(REPORT_FORMAT,))
     import json
     from dataclasses import replace
 

@@ -214,7 +214,7 @@ def run_dir_files(run_dir: Path | None) -> list[Path]:
     """The run directory's own state files (an --out must not replace them)."""
     if run_dir is None:
         return []
-    return [Path(run_dir) / name for name in (CONFIG_NAME, "scores.json", *STATE_NAMES)]
+    return [Path(run_dir) / name for name in (CONFIG_NAME, LOCK_NAME, "scores.json", *STATE_NAMES)]
 
 
 def refuse_pickle_state(run_dir: Path) -> None:

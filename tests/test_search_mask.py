@@ -128,11 +128,32 @@ def test_a_surrogate_state_from_another_search_is_refused_before_any_model_loads
         raise AssertionError("a model was built")
 
     monkeypatch.setattr("loramerge_cli.search.runner.build_problem", no_model)
-    for table in ([units], list(range(units // 2 + 1))):  # a unit this search lacks; more than the ρ cap allows
-        state_path.write_text(json.dumps({**saved, "scores": [[table, 1.0], *saved["scores"][1:]]}))
+    history = [*saved["history"][:-1], {**saved["history"][-1], "new_evaluations":
+                                         saved["history"][-1]["new_evaluations"] + 1}]
+    edits = [{"scores": [[[units], 1.0], *saved["scores"][1:]]},  # a unit this search lacks
+             {"scores": [[list(range(units // 2 + 1)), 1.0], *saved["scores"][1:]]},  # beyond the ρ cap
+             {"scores": [*saved["scores"], [[0, 1, 2], 1.0]], "history": history}]  # 11 tables, --budget 10
+    for edit in edits:
+        state_path.write_text(json.dumps({**saved, **edit}))
         result = invoke_cli([*args, "--resume", "--out", str(tmp_path / "again.json")])
         assert result.exit_code == 1 and "does not match this search" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "again.json").exists()
+    assert "more than its --budget 10" in result.stderr
+
+
+def test_a_screened_state_from_another_search_is_refused_before_any_model_loads(setting, tmp_path, monkeypatch):
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+            "ties", "--strategy", "screened", "--popsize", "4", "--generations", "1", "--max-prune", "0.5",
+            "--threads", "1", "--run-dir", str(tmp_path / "run")]
+    assert invoke_cli([*args, "--out", str(tmp_path / "mask.json")]).exit_code == 0
+    state_path = tmp_path / "run" / "screened_state.json"
+    saved = json.loads(state_path.read_text())
+    monkeypatch.setattr("loramerge_cli.search.runner.build_problem", lambda *a, **k: pytest.fail("a model was built"))
+    rungs = [[[[0, 99], 1.0], *saved["scores"][0]], *saved["scores"][1:]]  # unit 99: this search has 6
+    state_path.write_text(json.dumps({**saved, "scores": rungs}))
+    result = invoke_cli([*args, "--resume", "--out", str(tmp_path / "again.json")])
+    assert result.exit_code == 1 and "does not match this search" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "again.json").exists()
 
 
 def test_fitness_of_best_table_is_reproduced_by_the_merge(setting):

@@ -171,6 +171,7 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
     from loramerge_cli.search.screened import STATE_NAME as SCREENED_STATE
     from loramerge_cli.search.screened import read_state as read_screened_state
     from loramerge_cli.search.surrogate import STATE_NAME as SURROGATE_STATE
+    from loramerge_cli.search.surrogate import default_budget
     from loramerge_cli.search.surrogate import read_state as read_surrogate_state
 
     run_dir = Path(request.run_dir)
@@ -191,10 +192,12 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
         rundir.check_inputs(saved.get("inputs") or {}, digests)
         if (run_dir / ENMP_STATE).is_file():
             read_state(run_dir / ENMP_STATE)  # a damaged state is one line before any work
+        space = unit_space(request)
         if (run_dir / SCREENED_STATE).is_file():
-            read_screened_state(run_dir / SCREENED_STATE)
+            read_screened_state(run_dir / SCREENED_STATE, space)
         if (run_dir / SURROGATE_STATE).is_file():
-            read_surrogate_state(run_dir / SURROGATE_STATE, unit_space(request))
+            budget = request.budget if request.budget is not None or space is None else default_budget(space[0])
+            read_surrogate_state(run_dir / SURROGATE_STATE, space, budget)
         if (run_dir / STATE_NAME).is_file():
             from loramerge_cli.search.nsc import read_state as read_nsc_state
 

@@ -210,6 +210,14 @@ def check_inputs(saved: dict, current: dict) -> None:
             raise LoramergeError(f"--resume: {path} is a new input since the run started; start a new run")
 
 
+def check_state_units(path: Path, tables, space: tuple[int, int] | None) -> None:
+    """A saved state's tables lie within this search: unit indices below units × tasks, at most the ρ cap's
+    units pruned (`space`; None where the adapters cannot tell before loading)."""
+    if space is not None and any(len(t) > space[1] or (t and (min(t) < 0 or max(t) >= space[0])) for t in tables):
+        raise LoramergeError(f"--resume: {path} does not match this search (a table outside its {space[0]} units "
+                             f"or beyond its ρ cap of {space[1]}); start a new run")
+
+
 def run_dir_files(run_dir: Path | None) -> list[Path]:
     """The run directory's own state files (an --out must not replace them)."""
     if run_dir is None:

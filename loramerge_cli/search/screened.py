@@ -458,9 +458,10 @@ class SavedScores:
                                  "it never scored); start a new run") from None
 
 
-def read_state(path: Path) -> tuple[int, list[dict], list]:
-    """(steps done, scores per rung, history) from a state file; anything malformed is one line."""
-    from loramerge_cli.search.rundir import read_json_file
+def read_state(path: Path, space: tuple[int, int] | None = None) -> tuple[int, list[dict], list]:
+    """(steps done, scores per rung, history) from a state file; anything malformed is one line, and so is a
+    table outside `space` (units × tasks, the ρ cap's most units pruned) where it is given."""
+    from loramerge_cli.search.rundir import check_state_units, read_json_file
 
     def parse(data: dict) -> tuple[int, list[dict], list]:
         step, history = data["step"], data["history"]
@@ -470,7 +471,9 @@ def read_state(path: Path) -> tuple[int, list[dict], list]:
                   for rung in data["scores"]]
         return step, scores, history
 
-    return read_json_file(path, STATE_FORMAT, "screened search state", parse)
+    state = read_json_file(path, STATE_FORMAT, "screened search state", parse)
+    check_state_units(path, [pruned for rung in state[1] for pruned, _ in rung], space)
+    return state
 
 
 def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_count: int,

@@ -86,6 +86,12 @@ class PairwiseModel:
         return float(self.single @ members + 0.5 * members @ self.pair @ members)
 
 
+def default_budget(dimension: int) -> int:
+    """Distinct full-set evaluations when --budget is not given: the screen of `dimension` (units × tasks)
+    single-unit tables, then twice as many proposals."""
+    return 3 * dimension
+
+
 def _indicator(pruned: tuple[int, ...], size: int) -> np.ndarray:
     members = np.zeros(size)
     members[list(pruned)] = 1.0
@@ -190,7 +196,7 @@ class SurrogateSearch(SteppedSearch):
         self.dimension = unit_count * task_count
         self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
         self.feasible = feasible_tables(self.dimension, self.k_max)
-        self.budget = settings.budget if settings.budget is not None else 3 * self.dimension
+        self.budget = settings.budget if settings.budget is not None else default_budget(self.dimension)
         if self.k_max and self.budget < self.dimension:
             raise LoramergeError(f"--budget {self.budget} is less than the screen's {self.dimension} single-unit "
                                  f"tables (units × tasks): give at least {self.dimension}")
@@ -306,7 +312,7 @@ class SurrogateSearch(SteppedSearch):
         path = self.run_dir / STATE_NAME if self.run_dir else None
         if path is None or not path.is_file():
             return
-        step, forward_examples, scores, history = read_state(path, (self.dimension, self.k_max))
+        step, forward_examples, scores, history = read_state(path, (self.dimension, self.k_max), self.budget)
         for pruned, value in scores:
             self.state.memo[(pruned, None)] = Evaluation(pruned, None, value, len(self.state.memo))
         if self.cost and forward_examples != self.cost * len(scores):
@@ -361,10 +367,12 @@ def _examples_per_evaluation(fitness) -> int:
     return examples if isinstance(examples, int) else examples_per_evaluation(fitness)
 
 
-def read_state(path: Path, space: tuple[int, int] | None = None) -> tuple[int, int, list, list]:
+def read_state(path: Path, space: tuple[int, int] | None = None,
+               budget: int | None = None) -> tuple[int, int, list, list]:
     """(steps done, forward examples, [(pruned, fitness)] in order, history); anything malformed is one line, and
-    so is a table outside `space` (units × tasks, the ρ cap's most units pruned) where it is given."""
-    from loramerge_cli.search.rundir import read_json_file
+    so is a table outside `space` (units × tasks, the ρ cap's most units pruned) or more tables than `budget`,
+    where they are given."""
+    from loramerge_cli.search.rundir import check_state_units, read_json_file
 
     def parse(data: dict) -> tuple[int, int, list, list]:
         step, examples, history = data["step"], data["forward_examples"], data["history"]
@@ -389,9 +397,10 @@ def read_state(path: Path, space: tuple[int, int] | None = None) -> tuple[int, i
         return step, examples, scores, history
 
     state = read_json_file(path, STATE_FORMAT, "surrogate search state", parse)
-    if space is not None and any(len(pruned) > space[1] or pruned[-1] >= space[0] for pruned, _ in state[2]):
-        raise LoramergeError(f"--resume: {path} does not match this search (a table outside its {space[0]} units "
-                             f"or beyond its ρ cap of {space[1]}); start a new run")
+    check_state_units(path, [pruned for pruned, _ in state[2]], space)
+    if budget is not None and len(state[2]) > budget:
+        raise LoramergeError(f"--resume: {path} does not match this search ({len(state[2])} tables scored, more "
+                             f"than its --budget {budget}); start a new run")
     return state
 
 

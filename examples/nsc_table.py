@@ -26,6 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 TA_LAMBDA = "{ta_lambda}"  # in a row's flags: replaced by 1/T, ta's default λ
 ENMP_FLAGS = ["--merger", "ta", "--strategy", "enmp", "--popsize", "8", "--generations", "15", "--val-limit", "256"]
+SURROGATE_FLAGS = ["--merger", "ta", "--val-limit", "256"]  # its default budget: 3 · units · tasks evaluations
+NSC_PRIORS = ["--prior-single", "0.05", "--prior-pair", "0.01", "--noise", "0.025"]  # the --noise help's advice
 ROWS = {  # key: (label, search-mask flags)
     "nsc": ("NSC, defaults (v_proj in the last quarter of the blocks)", ["--strategy", "nsc"]),
     "nsc_o_proj": ("NSC, --target-modules o_proj (the output projection)",
@@ -40,6 +42,11 @@ ROWS = {  # key: (label, search-mask flags)
     "enmp_nsc": ("ta + ENMP --fitness nsc (no label read; v_proj)", [*ENMP_FLAGS, "--fitness", "nsc"]),
     "enmp_nsc_o_proj": ("ta + ENMP --fitness nsc --target-modules o_proj",
                         [*ENMP_FLAGS, "--fitness", "nsc", "--target-modules", "o_proj"]),
+    "surrogate": ("ta + surrogate (the default strategy), labelled", SURROGATE_FLAGS),
+    "surrogate_nsc": ("ta + surrogate --fitness nsc, its default priors (in accuracy points)",
+                      [*SURROGATE_FLAGS, "--fitness", "nsc"]),
+    "surrogate_nsc_priors": ("ta + surrogate --fitness nsc --prior-single 0.05 --prior-pair 0.01 --noise 0.025",
+                             [*SURROGATE_FLAGS, "--fitness", "nsc", *NSC_PRIORS]),
 }
 
 
@@ -126,7 +133,8 @@ def render(rows: list[dict], setting: str, tasks: list[str], seeds, seconds: flo
         per_task = " ".join(f"{statistics.mean(run['test_per_task'][task] for run in runs):.1f}" for task in tasks)
         delta = f"{statistics.mean(test) - reference:+.2f}" if reference is not None and row["key"] != "ta" else ""
         wall = f"{statistics.mean(run['seconds'] for run in runs):.0f} s" if runs[0]["seconds"] is not None else ""
-        pruned = f"{statistics.mean(run['pruned'] for run in runs):.1f}" if row["key"].startswith("enmp") else ""
+        searched = row["key"].startswith(("enmp", "surrogate"))  # a mask search: how many units it pruned
+        pruned = f"{statistics.mean(run['pruned'] for run in runs):.1f}" if searched else ""
         table.add_row(row["label"], f"{statistics.mean(run['validation'] for run in runs):.2f}",
                       f"{statistics.mean(test):.2f}{spread}", delta, per_task, pruned, wall)
     return table

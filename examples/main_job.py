@@ -125,16 +125,28 @@ def render(results: dict):
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torch
-    from rich.console import Console
+    from examples.bundled.build import DEFAULT_OUT
+    from loramerge_cli.errors import LoramergeError
 
-    from examples.bundled.build import DEFAULT_OUT, FULL, build, stamp, up_to_date
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundled example folder (built if needed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-search", action="store_true", help="skip the mask searches")
     args = parser.parse_args(argv)
+    if args.json is not None and (args.json.is_dir() or not args.json.resolve().parent.is_dir()):
+        parser.error(f"--json {args.json}: give a file in an existing folder")  # before the job, not after it
+    try:
+        return run_job(args)
+    except LoramergeError as error:  # a bad --out: one line, as loramerge's commands say it
+        raise SystemExit(f"error: {error}") from None
+
+
+def run_job(args) -> dict:
+    import torch
+    from rich.console import Console
+
+    from examples.bundled.build import FULL, build, stamp, up_to_date
+
     console = Console(stderr=True)
     torch.set_num_threads(THREADS)
     started = time.perf_counter()

@@ -157,11 +157,17 @@ def main(argv=None):
     parser.add_argument("--sizes", default="29,86", help="subset sizes, examples per task")
     parser.add_argument("--subset-seeds", type=int, default=20)
     args = parser.parse_args(argv)
+    try:  # every argument checked before any model loads
+        lambdas = {**LAMBDAS, **{name: float(value) for name, value in (item.split("=") for item in
+                                                                        args.lambdas.split(",") if item)}}
+        sizes = [int(size) for size in args.sizes.split(",")]
+    except ValueError:
+        parser.error("--lambdas takes merger=λ,… and --sizes whole numbers of examples, comma-separated")
+    unknown = [merger for merger in args.mergers.split(",") if merger not in lambdas]
+    if unknown or min(sizes) < 1:
+        parser.error(f"no λ for {', '.join(unknown)} (give --lambdas)" if unknown else "--sizes must be >= 1")
     console = Console(stderr=True)
     _, adapters, validation, _ = text_evaluators(args, console.log)
-    lambdas = {**LAMBDAS, **{name: float(value) for name, value in (item.split("=") for item in args.lambdas.split(",")
-                                                                   if item)}}
-    sizes = [int(size) for size in args.sizes.split(",")]
     rows = []
     for merger in args.mergers.split(","):
         rows += measure(merger, lambdas[merger], adapters, validation, sizes, args.subset_seeds, console.log)

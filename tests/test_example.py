@@ -286,3 +286,15 @@ def test_subset_ranking_counts_the_examples_a_table_changes():
     row = subset_ranking.changes("ta", tables, reference)
     assert (row["changed_per_table"], row["net_gain_per_table"], row["ever_changed"]) == (1.5, 0.5, 0.75)
     assert row["changes_near_boundary"] == pytest.approx(2 / 3)  # examples 0 and 3 have the smallest |margin|
+
+
+@pytest.mark.parametrize("script, args", [("main_job", ["--json", "/nonexistent-folder/results.json"]),
+                                          ("subset_ranking", ["--mergers", "nope"]),
+                                          ("subset_ranking", ["--sizes", "abc"])])
+def test_example_scripts_refuse_bad_arguments_before_any_work(script, args, capsys):
+    import importlib
+
+    module = importlib.import_module(f"examples.{script}")
+    with pytest.raises(SystemExit) as stopped:
+        module.main(args)
+    assert stopped.value.code == 2 and "error:" in capsys.readouterr().err

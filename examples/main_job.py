@@ -76,6 +76,7 @@ def run_setting(setting: Path, merged_root: Path, mergers, search: bool, log) ->
     add_row("experts", experts)
     for merger in mergers:
         started = time.perf_counter()
+        log(f"{setting.name}: {merger}: choosing λ on the validation split, then merging and testing …")
         lam, _ = tune_lambda(adapters, MergeConfig(merger=merger), None, tasks_file, evaluator=validation,
                              run_dir=merged_root / "scores")
         result = merge(adapters, MergeConfig(merger=merger, lam=lam))
@@ -91,7 +92,8 @@ def run_setting(setting: Path, merged_root: Path, mergers, search: bool, log) ->
             enmp=EnmpSettings(popsize=ENMP_BUDGET["popsize"], generations=ENMP_BUDGET["generations"], seed=1)
             if strategy == "enmp" else EnmpSettings(seed=1),  # the surrogate: its default budget, 3 · units · tasks
         )
-        table, provenance = run_search(request)
+        log(f"{setting.name}: {strategy} search ({what}) on {ENMP_BUDGET['merger']}, λ auto …")
+        table, provenance = run_search(request, improvements(log, f"{setting.name}: {strategy}"))
         table.save(merged_root / f"{strategy}_mask.json")
         lam = table.merger["lambda"]
         result = merge(adapters, MergeConfig(merger=ENMP_BUDGET["merger"], lam=lam), table)
@@ -106,10 +108,28 @@ def run_setting(setting: Path, merged_root: Path, mergers, search: bool, log) ->
     return {"tasks": list(experts), "rows": rows}
 
 
+def improvements(log, prefix: str):
+    """A run_search callback that logs the chosen λ and each new best table (not every step)."""
+    best = {"fitness": 0.0}
+
+    def on_event(kind: str, data: dict) -> None:
+        if kind == "lambda":
+            log(f"{prefix}: λ = {data['lambda']:.3g}; searching …")
+        elif "best_fitness" in data and round(data["best_fitness"], 2) > best["fitness"]:  # as logged
+            best["fitness"] = round(data["best_fitness"], 2)
+            evaluations = data.get("full_evaluations", data.get("distinct_evaluated", 1) - 1)
+            log(f"{prefix}: best so far {data['best_fitness']:+.2f} points over the unpruned merge, table "
+                f"{data.get('best_pruned', '')}, after {evaluations} evaluations")
+
+    return on_event
+
+
 def render(results: dict):
     from rich.table import Table
 
-    table = Table(title="bundled example: test accuracy (%) and mean normalized accuracy", title_justify="left")
+    order = "; ".join(f"{setting}: {', '.join(data['tasks'])}" for setting, data in results["settings"].items())
+    table = Table(title=f"bundled example: test accuracy (%) per task ({order}) and mean normalized accuracy; "
+                  "seconds include choosing λ", title_justify="left")
     for column in ("setting", "method", "λ", "tasks (acc %)", "mean norm. acc", "seconds"):
         table.add_column(column, justify="left" if column in ("setting", "method", "tasks (acc %)") else "right")
     for setting, data in results["settings"].items():
@@ -147,7 +167,7 @@ def run_job(args) -> dict:
 
     from examples.bundled.build import FULL, build, stamp, up_to_date
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, log_path=False, soft_wrap=True)  # one unwrapped line per message
     torch.set_num_threads(THREADS)
     started = time.perf_counter()
     from loramerge_cli.cli.progress import ProgressDisplay
@@ -165,8 +185,8 @@ def run_job(args) -> dict:
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["build_seconds"] = built
     Console(width=140).print(render(results))
-    Console().print(f"wall time {results['seconds']:.0f} s: the job {results['seconds'] - built:.0f} s, the build "
-                    f"{built:.0f} s ({'cached' if cached else 'built'} in {args.out})")
+    Console(soft_wrap=True).print(f"wall time {results['seconds']:.0f} s: the job {results['seconds'] - built:.0f} s, "
+                                  f"the build {built:.0f} s ({'cached' if cached else 'built'} in {args.out})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
     return results

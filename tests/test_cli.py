@@ -59,6 +59,14 @@ def test_click_s_usage_errors_are_one_line_and_exit_2(args, says):
     assert "Value error" not in result.stderr
 
 
+@pytest.mark.parametrize("help_flag", ["--help", "-h"])
+def test_help_comes_before_a_broken_recipe(tmp_path, help_flag):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("bad: [")
+    result = invoke_cli(["merge", "--config", recipe, help_flag])
+    assert result.exit_code == 0 and "Usage: loramerge merge" in result.output, result.output
+
+
 def test_loramerge_alone_still_prints_the_help():
     result = invoke_cli([])
     assert "Usage: loramerge" in result.output and "search-mask" in result.output and "error:" not in result.output

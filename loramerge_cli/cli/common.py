@@ -217,8 +217,11 @@ def emit_json(data) -> None:
 
 
 def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
-    """--config callback (eager): the YAML's values become the command's defaults (Click's default_map)."""
-    if not value or ctx.resilient_parsing:
+    """--config callback (eager): the YAML's values become the command's defaults (Click's default_map). With
+    --help anywhere on the line, the help comes first, whatever the recipe holds."""
+    root = ctx.find_root()
+    argv = root.obj.get("argv", ()) if isinstance(root.obj, dict) else ()
+    if not value or ctx.resilient_parsing or any(name in argv for name in ctx.help_option_names):
         return value
     import yaml
 

@@ -141,16 +141,21 @@ def test_a_surrogate_state_from_another_search_is_refused_before_any_model_loads
     assert "more than its --budget 10" in result.stderr
 
 
-def test_a_screened_state_from_another_search_is_refused_before_any_model_loads(setting, tmp_path, monkeypatch):
+@pytest.mark.parametrize("strategy", ["screened", "enmp"])
+def test_a_saved_state_from_another_search_is_refused_before_any_model_loads(setting, tmp_path, monkeypatch,
+                                                                               strategy):
     args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
-            "ties", "--strategy", "screened", "--popsize", "4", "--generations", "1", "--max-prune", "0.5",
+            "ties", "--strategy", strategy, "--popsize", "4", "--generations", "1", "--max-prune", "0.5",
             "--threads", "1", "--run-dir", str(tmp_path / "run")]
     assert invoke_cli([*args, "--out", str(tmp_path / "mask.json")]).exit_code == 0
-    state_path = tmp_path / "run" / "screened_state.json"
+    state_path = tmp_path / "run" / ("screened_state.json" if strategy == "screened" else "state.json")
     saved = json.loads(state_path.read_text())
     monkeypatch.setattr("loramerge_cli.search.runner.build_problem", lambda *a, **k: pytest.fail("a model was built"))
-    rungs = [[[[0, 99], 1.0], *saved["scores"][0]], *saved["scores"][1:]]  # unit 99: this search has 6
-    state_path.write_text(json.dumps({**saved, "scores": rungs}))
+    if strategy == "screened":  # unit 99: this search has 6
+        edit = {"scores": [[[[0, 99], 1.0], *saved["scores"][0]], *saved["scores"][1:]]}
+    else:  # a table with a high score would have been the result
+        edit = {"memo": [*saved["memo"], [[0, 99], None, 50.0, len(saved["memo"])]]}
+    state_path.write_text(json.dumps({**saved, **edit}))
     result = invoke_cli([*args, "--resume", "--out", str(tmp_path / "again.json")])
     assert result.exit_code == 1 and "does not match this search" in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "again.json").exists()

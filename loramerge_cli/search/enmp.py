@@ -234,7 +234,7 @@ class EnmpSearch:
         if path is None or not path.is_file():
             self.start()
             return self.state
-        generation, memo, history = read_state(path)
+        generation, memo, history = read_state(path, (self.unit_count * self.task_count, self.k_max))
         self.start()
         self.state.memo.update(memo)
         state = self.state
@@ -273,9 +273,10 @@ STATE_NAME = "state.json"
 STATE_FORMAT = "loramerge.enmp-state/v1"
 
 
-def read_state(path: Path) -> tuple[int, dict, list]:
-    """(generations done, memo, history) from a state file; anything malformed is one line."""
-    from loramerge_cli.search.rundir import read_json_file
+def read_state(path: Path, space: tuple[int, int] | None = None) -> tuple[int, dict, list]:
+    """(generations done, memo, history) from a state file; anything malformed is one line, and so is a table
+    outside `space` (units × tasks, the ρ cap's most units pruned) where it is given."""
+    from loramerge_cli.search.rundir import check_state_units, read_json_file
 
     def parse(data: dict) -> tuple[int, dict, list]:
         generation, history = data["generation"], data["history"]
@@ -287,7 +288,9 @@ def read_state(path: Path) -> tuple[int, dict, list]:
             memo[key] = Evaluation(key[0], key[1], float(fitness), int(order))
         return generation, memo, history
 
-    return read_json_file(path, STATE_FORMAT, "search state", parse)
+    state = read_json_file(path, STATE_FORMAT, "search state", parse)
+    check_state_units(path, [pruned for pruned, _ in state[1]], space)
+    return state
 
 
 def _json_line(record: dict) -> str:

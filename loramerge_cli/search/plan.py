@@ -190,9 +190,9 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
             changed = sorted(key for key in config if config[key] != saved["settings"].get(key))
             raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
         rundir.check_inputs(saved.get("inputs") or {}, digests)
+        space = unit_space(request)  # a damaged state, or one of another search, is one line before any work
         if (run_dir / ENMP_STATE).is_file():
-            read_state(run_dir / ENMP_STATE)  # a damaged state is one line before any work
-        space = unit_space(request)
+            read_state(run_dir / ENMP_STATE, space)
         if (run_dir / SCREENED_STATE).is_file():
             read_screened_state(run_dir / SCREENED_STATE, space)
         if (run_dir / SURROGATE_STATE).is_file():

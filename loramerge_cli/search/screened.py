@@ -418,7 +418,7 @@ class ScreenedSearch(SteppedSearch):
         if path is None or not path.is_file():
             self.start()
             return self.state
-        step, scores, history = read_state(path)
+        step, scores, history = read_state(path, (self.dimension, self.k_max))
         ladder, run_dir, on_event = self.ladder, self.run_dir, self.on_event
         self.ladder = SavedScores(scores, path, ladder.costs, ladder.one_example, ladder.work,
                                   ladder.reference_work)

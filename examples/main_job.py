@@ -188,7 +188,9 @@ def run_job(args) -> dict:
     Console(soft_wrap=True).print(f"wall time {results['seconds']:.0f} s: the job {results['seconds'] - built:.0f} s, "
                                   f"the build {built:.0f} s ({'cached' if cached else 'built'} in {args.out})")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
+        from loramerge_cli import atomic
+
+        atomic.write_text(args.json, json.dumps(results, indent=1, default=str))  # never a half-written file
     return results
 
 

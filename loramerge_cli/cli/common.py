@@ -130,16 +130,18 @@ def usage_errors_in_one_line(command=lambda: "loramerge"):
     except click_exceptions.UsageError as error:
         message = error.format_message().replace("Value error, ", "")
         path = error.ctx.command_path if error.ctx is not None else command()
-        sys.stderr.write(one_line(f"error: {message} (see '{path} -h')") + "\n")
-        sys.stderr.flush()
-        raise typer.Exit(2) from None
+        raise fail(f"error: {message} (see '{path} -h')", 2) from None
+
+
+def given_arguments(ctx: typer.Context) -> list[str]:
+    """The command line's arguments as the user gave them (after spreading)."""
+    root = ctx.find_root()
+    return list(root.obj.get("argv", ())) if isinstance(root.obj, dict) else sys.argv[1:]
 
 
 def command_line(ctx: typer.Context) -> str:
     """The command as the user ran it (after spreading), for provenance and model cards."""
-    root = ctx.find_root()
-    argv = root.obj.get("argv") if isinstance(root.obj, dict) else sys.argv[1:]
-    return shlex.join(["loramerge", *argv])
+    return shlex.join(["loramerge", *given_arguments(ctx)])
 
 
 def one_line(text: str) -> str:
@@ -219,9 +221,7 @@ def emit_json(data) -> None:
 def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     """--config callback (eager): the YAML's values become the command's defaults (Click's default_map). With
     --help anywhere on the line, the help comes first, whatever the recipe holds."""
-    root = ctx.find_root()
-    argv = root.obj.get("argv", ()) if isinstance(root.obj, dict) else ()
-    if not value or ctx.resilient_parsing or any(name in argv for name in ctx.help_option_names):
+    if not value or ctx.resilient_parsing or any(name in given_arguments(ctx) for name in ctx.help_option_names):
         return value
     import yaml
 

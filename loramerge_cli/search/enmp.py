@@ -253,7 +253,6 @@ class EnmpSearch:
         return state
 
 
-
 class SteppedSearch:
     """A search run step by step (`start`, `step`, `done` are its own) from a fresh or a resumed state; its best
     is ENMP's rule over `state.memo`."""
@@ -268,6 +267,7 @@ class SteppedSearch:
         return self.best()
 
     best = EnmpSearch.best
+
 
 STATE_NAME = "state.json"
 STATE_FORMAT = "loramerge.enmp-state/v1"

@@ -230,7 +230,6 @@ SCREENED = Strategy(
 # (screened reads addscale only to refuse it with its own message)
 
 
-
 def _run_surrogate(request, fitness, space: SearchSpace, on_event) -> Outcome:
     from dataclasses import asdict
 

@@ -739,3 +739,32 @@ def test_a_classification_task_on_a_causal_lm_head_is_refused(setting, tmp_path)
     tasks = _spec_with(setting, tmp_path, headless)
     with pytest.raises(LoramergeError, match="no trained classification head"):
         build_problem(search_request(setting, tasks=tasks, allow_base_mismatch=True))
+
+
+# --- standard output: a reader that went away, a full device ------------------------------------------------
+
+def _loramerge_into(stdout, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loramerge_cli", *args], stdout=stdout, stderr=subprocess.PIPE,
+                          text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+
+
+@pytest.mark.parametrize("args", [("--version",), ("inspect",), ("inspect", "--json")])
+def test_a_closed_pipe_on_stdout_is_quiet_exit_141(good, args):
+    """`loramerge inspect | head -1`: the reader went away, as `yes | head` (141 = 128 + SIGPIPE), no word."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe is EPIPE from the first byte
+    try:
+        process = _loramerge_into(write_end, *args, *(good if args[0] == "inspect" else ()))
+    finally:
+        os.close(write_end)
+    assert process.returncode == 141, process.stderr
+    assert process.stderr == ""
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [("--version",), ("inspect",), ("inspect", "--json")])
+def test_a_full_stdout_is_one_line_and_exit_1(good, args):
+    with open("/dev/full", "w") as full:
+        process = _loramerge_into(full, *args, *(good if args[0] == "inspect" else ()))
+    assert process.returncode == 1, process.stderr
+    assert process.stderr == "error: cannot write to standard output: No space left on device\n"

@@ -6,17 +6,14 @@ command bodies, so `loramerge --help` answers fast.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from typing import Annotated
 
 import typer
 
 from loramerge_cli import __version__
-from loramerge_cli.cli import apply_mask_cmd, inspect_cmd, merge_cmd
-from loramerge_cli.cli.common import LoramergeGroup, examples_epilog
+from loramerge_cli.cli import apply_mask_cmd, eval_cmd, inspect_cmd, merge_cmd, search_cmd
+from loramerge_cli.cli.common import LoramergeGroup, examples_epilog, write_stdout
 
-OPTIONAL_COMMANDS = ("search_cmd", "eval_cmd")  # modules that may not exist yet
 
 def build_app() -> typer.Typer:
     """The `loramerge` app; each command's options are generated from the registries as they are now."""
@@ -42,7 +39,7 @@ def build_app() -> typer.Typer:
 
 def _show_version(value: bool) -> None:
     if value:
-        sys.stdout.write(f"loramerge {__version__}\n")
+        write_stdout(f"loramerge {__version__}\n")
         raise typer.Exit()
 
 
@@ -54,16 +51,7 @@ def _root(
 
 
 def _register_all(application: typer.Typer) -> None:
-    for module in (inspect_cmd, merge_cmd, apply_mask_cmd):
-        module.register(application)
-    for name in OPTIONAL_COMMANDS:
-        qualified = f"loramerge_cli.cli.{name}"
-        try:
-            module = importlib.import_module(qualified)
-        except ImportError as error:
-            if error.name == qualified:  # not written yet; any other import error is a real bug
-                continue
-            raise
+    for module in (inspect_cmd, merge_cmd, apply_mask_cmd, search_cmd, eval_cmd):
         module.register(application)
 
 

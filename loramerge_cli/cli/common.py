@@ -202,20 +202,59 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+class StandardOutput:
+    """sys.stdout for a command's product. A reader that went away (`| head`) ends the command quietly with 141,
+    as a Unix tool killed by SIGPIPE; any other failure to write (a full disk) is one line and exit 1."""
+
+    encoding = property(lambda self: getattr(sys.stdout, "encoding", "utf-8"))
+
+    def write(self, text: str) -> int:
+        with self._failures():
+            return sys.stdout.write(text)
+
+    def flush(self) -> None:
+        with self._failures():
+            sys.stdout.flush()
+
+    def isatty(self) -> bool:
+        return sys.stdout.isatty()
+
+    def fileno(self) -> int:
+        return sys.stdout.fileno()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _failures():
+        try:
+            yield
+        except BrokenPipeError:
+            import os
+
+            with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes it at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
+        except OSError as error:
+            raise fail(f"error: cannot write to standard output: {error.strerror or error}") from None
+
+
+def write_stdout(text: str) -> None:
+    """Write `text` to stdout now (the failures as StandardOutput says)."""
+    output = StandardOutput()
+    output.write(text)
+    output.flush()
+
+
 def result_console():
     """Rich console for a command's result (its tables): stdout, also under --quiet; when stdout is a file or a
     pipe, text lines are not wrapped and tables are as wide as their contents (no name cut to `majority_k…`)."""
-    import sys
-
     from rich.console import Console
 
     terminal = sys.stdout.isatty()
-    return Console(soft_wrap=not terminal, width=None if terminal else 1000)
+    return Console(file=StandardOutput(), soft_wrap=not terminal, width=None if terminal else 1000)
 
 
 def emit_json(data) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    sys.stdout.flush()
+    write_stdout(json.dumps(data, indent=2, default=str) + "\n")
 
 
 def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):

@@ -748,7 +748,7 @@ def _loramerge_into(stdout, *args: str) -> subprocess.CompletedProcess:
                           text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
 
 
-@pytest.mark.parametrize("args", [("--version",), ("inspect",), ("inspect", "--json")])
+@pytest.mark.parametrize("args", [("--version",), ("-h",), ("merge", "-h"), ("inspect",), ("inspect", "--json")])
 def test_a_closed_pipe_on_stdout_is_quiet_exit_141(good, args):
     """`loramerge inspect | head -1`: the reader went away, as `yes | head` (141 = 128 + SIGPIPE), no word."""
     read_end, write_end = os.pipe()
@@ -762,7 +762,7 @@ def test_a_closed_pipe_on_stdout_is_quiet_exit_141(good, args):
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
-@pytest.mark.parametrize("args", [("--version",), ("inspect",), ("inspect", "--json")])
+@pytest.mark.parametrize("args", [("--version",), ("-h",), ("merge", "-h"), ("inspect",), ("inspect", "--json")])
 def test_a_full_stdout_is_one_line_and_exit_1(good, args):
     with open("/dev/full", "w") as full:
         process = _loramerge_into(full, *args, *(good if args[0] == "inspect" else ()))

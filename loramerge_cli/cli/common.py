@@ -104,14 +104,15 @@ class LoramergeGroup(TyperGroup):
         return super().main(args=args, prog_name=prog_name or "loramerge", **extra)
 
     def make_context(self, info_name, args, parent=None, **extra):
-        with usage_errors_in_one_line():  # the group's own options and an unknown command
+        with usage_errors_in_one_line(), stdout_failures():  # the group's own options (its help), a bad command
             return super().make_context(info_name, args, parent, **extra)
 
     def invoke(self, ctx):
         def command():  # an error Click raises without its context (a missing value) is the subcommand's
             return " ".join(filter(None, (ctx.command_path, ctx.invoked_subcommand)))
 
-        with usage_errors_in_one_line(command):  # a command's options, parsed here
+        # A command's options are parsed here, its help printed; its body turns every error into one line.
+        with usage_errors_in_one_line(command), stdout_failures():
             return super().invoke(ctx)
 
 
@@ -202,18 +203,33 @@ def apply_threads(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+@contextlib.contextmanager
+def stdout_failures():
+    """Failures to write stdout. A reader that went away (`| head`) ends the command quietly with 141, as a Unix
+    tool killed by SIGPIPE; any other (a full disk) is one line and exit 1."""
+    try:
+        yield
+    except BrokenPipeError:
+        import os
+
+        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(141) from None
+    except OSError as error:
+        raise fail(f"error: cannot write to standard output: {error.strerror or error}") from None
+
+
 class StandardOutput:
-    """sys.stdout for a command's product. A reader that went away (`| head`) ends the command quietly with 141,
-    as a Unix tool killed by SIGPIPE; any other failure to write (a full disk) is one line and exit 1."""
+    """sys.stdout for a command's product, its failures as `stdout_failures` says."""
 
     encoding = property(lambda self: getattr(sys.stdout, "encoding", "utf-8"))
 
     def write(self, text: str) -> int:
-        with self._failures():
+        with stdout_failures():
             return sys.stdout.write(text)
 
     def flush(self) -> None:
-        with self._failures():
+        with stdout_failures():
             sys.stdout.flush()
 
     def isatty(self) -> bool:
@@ -221,20 +237,6 @@ class StandardOutput:
 
     def fileno(self) -> int:
         return sys.stdout.fileno()
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _failures():
-        try:
-            yield
-        except BrokenPipeError:
-            import os
-
-            with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes it at exit
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(141) from None
-        except OSError as error:
-            raise fail(f"error: cannot write to standard output: {error.strerror or error}") from None
 
 
 def write_stdout(text: str) -> None:

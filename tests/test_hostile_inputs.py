@@ -768,3 +768,18 @@ def test_a_full_stdout_is_one_line_and_exit_1(good, args):
         process = _loramerge_into(full, *args, *(good if args[0] == "inspect" else ()))
     assert process.returncode == 1, process.stderr
     assert process.stderr == "error: cannot write to standard output: No space left on device\n"
+
+
+@pytest.mark.parametrize("command,flag", [
+    ("merge", "--out"), ("merge", "--mask"), ("merge", "--tasks"), ("merge", "--config"),
+    ("search-mask", "--run-dir"), ("search-mask", "--plot"), ("eval", "--out"),
+])
+def test_an_empty_path_is_a_usage_error_not_the_working_folder(good, tmp_path, command, flag):
+    """`--out "$OUT"` with OUT unset: the flag named, exit 2 (it read as `.`, the working folder)."""
+    given = {"merge": ["--out", tmp_path / "m"], "search-mask": ["--tasks", tmp_path / "t.yaml", "--out",
+                                                                  tmp_path / "m.json"],
+             "eval": ["--tasks", tmp_path / "t.yaml"]}[command]
+    arguments = [a for pair in zip(given[::2], given[1::2]) if pair[0] != flag for a in pair]
+    result = invoke_cli([command, "--adapters", *good, *arguments, flag, ""])
+    one_line(result, f"'{flag}': the path is empty", 2)
+    assert not (tmp_path / "m").exists()

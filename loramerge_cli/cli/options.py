@@ -33,8 +33,18 @@ from loramerge_cli.search.backends import BACKENDS
 def option(name: str, annotation, default, *flags: str, **settings) -> inspect.Parameter:
     """One command-line option as a keyword parameter (Typer reads the Annotated metadata)."""
     flags = flags or (f"--{name.replace('_', '-')}",)
+    if annotation in (Path, Path | None):
+        settings.setdefault("parser", path_value)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, typer.Option(*flags, **settings)])
+
+
+def path_value(value) -> Path:
+    """A path option's value; an empty one (`--out "$OUT"` with OUT unset) is a usage error, not the working
+    folder."""
+    if not str(value).strip():
+        raise typer.BadParameter("the path is empty")
+    return Path(value)
 
 
 def choice(names):

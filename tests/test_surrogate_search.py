@@ -13,6 +13,7 @@ from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.search.decode import max_pruned
 from loramerge_cli.search.surrogate import (
     PairwiseModel,
+    Posterior,
     SurrogateSearch,
     SurrogateSettings,
     local_maximum,
@@ -53,7 +54,7 @@ def test_posterior_draw_fits_what_it_observed_and_keeps_the_prior_elsewhere():
     observed = [t for k in range(3) for t in itertools.combinations(range(size), k)]
     values = np.array([function(t) for t in observed])
     settings = SurrogateSettings(prior_single=3.0, prior_pair=3.0, noise=1e-3)
-    draws = [posterior_draw(indicators(observed, size), values, settings, np.random.default_rng(seed))
+    draws = [posterior_draw(indicators(observed, size), values, settings, 1, np.random.default_rng(seed))
              for seed in range(3)]
     for draw in draws:  # every table of ≤ 2 units determines the pairwise function exactly
         fitted = [draw.value(row) for row in indicators(observed, size)]
@@ -62,9 +63,36 @@ def test_posterior_draw_fits_what_it_observed_and_keeps_the_prior_elsewhere():
         assert np.allclose(draw.pair, draw.pair.T)
         larger = indicators([(0, 1, 2, 3)], size)[0]  # and so every larger table (the model is exact here)
         assert draw.value(larger) == pytest.approx(function((0, 1, 2, 3)), abs=0.1)
-    unseen = [posterior_draw(indicators([()], size), np.zeros(1), settings, np.random.default_rng(seed))
+    unseen = [posterior_draw(indicators([()], size), np.zeros(1), settings, 1, np.random.default_rng(seed))
               for seed in range(200)]  # nothing observed but the empty table: the prior, a² per unit
     assert np.std([draw.single[0] for draw in unseen]) == pytest.approx(3.0, rel=0.2)
+
+
+def test_the_kernel_is_the_feature_covariance_with_wider_pairs_within_a_unit():
+    """K = Φ Σ Φᵀ, built explicitly from one feature per entry and per pair (b·r within a unit: i // T equal), against
+    the counting formula the search uses; and prior draws have those standard deviations."""
+    units, tasks, size = 3, 4, 12
+    settings = SurrogateSettings(prior_single=1.5, prior_pair=0.5, same_unit_ratio=3.0, noise=0.1)
+    generator = np.random.default_rng(0)
+    tables = [tuple(sorted(generator.choice(size, int(generator.integers(0, 7)), replace=False))) for _ in range(40)]
+    pairs = list(itertools.combinations(range(size), 2))
+    features = np.array([[1.0 * (i in t) for i in range(size)] + [1.0 * (i in t and j in t) for i, j in pairs]
+                         for t in tables])
+    variances = [1.5 ** 2] * size + [(0.5 * (3.0 if i // tasks == j // tasks else 1.0)) ** 2 for i, j in pairs]
+    expected = features @ np.diag(variances) @ features.T + 0.1 ** 2 * np.eye(len(tables))
+    posterior = Posterior.fit(indicators(tables, size), np.zeros(len(tables)), settings, tasks)
+    assert np.allclose(np.linalg.inv(posterior.inverse), expected)
+    empty = Posterior.fit(indicators([()], size), np.zeros(1), settings, tasks)
+    draws = [empty.draw(np.random.default_rng(seed)).pair for seed in range(400)]
+    assert np.std([d[0, 1] for d in draws]) == pytest.approx(1.5, rel=0.15)  # entries 0 and 1: unit 0, r·b
+    assert np.std([d[0, 4] for d in draws]) == pytest.approx(0.5, rel=0.15)  # units 0 and 1: b
+    assert units * tasks == size
+
+
+@pytest.mark.parametrize("ratio", [-1.0, float("nan"), 101.0])
+def test_same_unit_ratio_is_checked(ratio):
+    with pytest.raises(UsageError, match="--same-unit-ratio"):
+        SurrogateSettings(same_unit_ratio=ratio).check()
 
 
 def test_local_maximum_is_the_best_table_within_the_cap_on_small_cases():

@@ -7,9 +7,11 @@ of the fitness says they are worth most (docs/algorithms.md, "Surrogate search")
   on the full validation set (with the unpruned merge, fitness 0, they are the model's first observations);
 * **model**: the fitness of a table S (a set of pruned flat units) is modelled as
   f(S) = Σ_{i∈S} w_i + Σ_{i<j∈S} v_ij + noise, with independent Gaussian priors w_i ~ N(0, a²),
-  v_ij ~ N(0, b²) and noise N(0, σ²) (a Bayesian linear regression on the units and their pairs, as in
+  v_ij ~ N(0, b_ij²) and noise N(0, σ²) (a Bayesian linear regression on the units and their pairs, as in
   BOCS, Baptista & Poloczek 2018): pruning a unit can help only together with another one, which the
-  screen alone cannot see and which greedy pays a full round to find;
+  screen alone cannot see and which greedy pays a full round to find. b_ij = b, or r·b for two tasks'
+  entries of one unit (the merge couples the tasks of a module: TIES elects signs across them, KnOTS and
+  CoreSpace share one basis);
 * **proposals** (every later step): Thompson sampling. One draw of (w, v) from the posterior (by pathwise
   conditioning: a prior draw corrected by the observations, in the observations' dual space, so no
   (U·T)² × (U·T)² system is ever solved), then the table that maximises the drawn function
@@ -44,7 +46,7 @@ STATE_NAME = "surrogate_state.json"
 STATE_FORMAT = "loramerge.surrogate-state/v1"
 PRIOR_RANGE = (1e-4, 1e4)  # the priors' and the noise's standard deviations, in fitness points
 SCREEN_CHUNK = 8  # single-unit tables per screen step: a killed screen keeps what it scored
-OWN_OPTIONS = ("proposals", "prior_single", "prior_pair", "noise", "restarts")  # request.options it reads
+OWN_OPTIONS = ("proposals", "prior_single", "prior_pair", "same_unit_ratio", "noise", "restarts")  # options it reads
 
 
 @dataclass
@@ -57,6 +59,7 @@ class SurrogateSettings:
     proposals: int = 1  # tables proposed (and scored together) per step
     prior_single: float = 1.0  # a: prior standard deviation of one unit's effect, in points
     prior_pair: float = 0.2  # b: of one pair's interaction
+    same_unit_ratio: float = 2.0  # r: a pair of one unit's entries (two tasks, one block) has r·b
     noise: float = 0.5  # σ: what the model leaves unexplained, in points
     restarts: int = 8  # local-search starts per proposal
 
@@ -66,6 +69,8 @@ class SurrogateSettings:
         check_integer(self.budget, 1, "--budget")
         check_integer(self.proposals, 1, "--proposals")
         check_integer(self.restarts, 1, "restarts")
+        if not is_finite_number(self.same_unit_ratio) or not 0 <= self.same_unit_ratio <= 100:
+            raise UsageError(f"--same-unit-ratio must be a number in [0, 100] (got {self.same_unit_ratio})")
         for name in ("prior_single", "prior_pair", "noise"):  # in points: far outside this range the model's
             value = getattr(self, name)  # linear algebra fails (a kernel of 1e20, or of 1e-20 beside 1)
             if not is_finite_number(value) or not PRIOR_RANGE[0] <= value <= PRIOR_RANGE[1]:
@@ -98,24 +103,41 @@ def _indicator(pruned: tuple[int, ...], size: int) -> np.ndarray:
     return members
 
 
+def pair_prior_std(size: int, task_count: int, settings: SurrogateSettings) -> np.ndarray:
+    """b_ij for every pair of flat entries (i = u·T + t): r·b within one unit, b across units, 0 on the diagonal."""
+    unit = np.arange(size) // task_count
+    std = np.where(unit[:, None] == unit[None, :], settings.same_unit_ratio * settings.prior_pair, settings.prior_pair)
+    np.fill_diagonal(std, 0.0)
+    return std
+
+
 @dataclass
 class Posterior:
-    """What every posterior draw of one step shares: the scored tables (n × U, 0/1), their values and
-    (K + σ²I)⁻¹, with K = Φ Σ_prior Φᵀ, here a² s + b² s(s−1)/2 for two tables sharing s units."""
+    """What every posterior draw of one step shares: the scored tables (n × U·T, 0/1), their values and
+    (K + σ²I)⁻¹, with K = Φ Σ_prior Φᵀ: for two tables sharing s entries, c_u of them in unit u,
+    a² s + b² (s(s−1)/2 − p) + r²b² p, where p = Σ_u c_u(c_u−1)/2 counts the shared pairs within one unit."""
 
     tables: np.ndarray
     values: np.ndarray
     inverse: np.ndarray
     settings: SurrogateSettings
+    pair_std: np.ndarray  # b_ij
 
     @classmethod
-    def fit(cls, tables: np.ndarray, values: np.ndarray, settings: SurrogateSettings) -> "Posterior":
+    def fit(cls, tables: np.ndarray, values: np.ndarray, settings: SurrogateSettings,
+            task_count: int) -> "Posterior":
         a2, b2, s2 = settings.prior_single ** 2, settings.prior_pair ** 2, settings.noise ** 2
-        compact = tables.astype(np.float32)  # unit counts: exact in float32, twice as fast
+        compact = tables.astype(np.float32)  # entry counts: exact in float32, twice as fast
         shared = (compact @ compact.T).astype(np.float64)
-        kernel = a2 * shared + b2 * shared * (shared - 1) / 2 + s2 * np.eye(len(tables))
+        by_unit = compact.reshape(len(tables), -1, task_count)
+        within = np.einsum("aut,but->abu", by_unit, by_unit).astype(np.float64)
+        same_unit_pairs = (within * (within - 1) / 2).sum(axis=2)
+        pairs = shared * (shared - 1) / 2
+        kernel = (a2 * shared + b2 * (pairs - same_unit_pairs) + (settings.same_unit_ratio ** 2) * b2 * same_unit_pairs
+                  + s2 * np.eye(len(tables)))
         inverse_factor = np.linalg.inv(np.linalg.cholesky(kernel))
-        return cls(tables, values, inverse_factor.T @ inverse_factor, settings)
+        return cls(tables, values, inverse_factor.T @ inverse_factor, settings,
+                   pair_prior_std(tables.shape[1], task_count, settings))
 
     def draw(self, rng: np.random.Generator) -> PairwiseModel:
         """A draw from the posterior of (w, V) by pathwise conditioning: θ = θ₀ + Σ_prior Φᵀ (K + σ²I)⁻¹
@@ -123,7 +145,7 @@ class Posterior:
         tables, settings = self.tables, self.settings
         count, size = tables.shape
         single = rng.normal(0.0, settings.prior_single, size)
-        upper = np.triu(rng.normal(0.0, settings.prior_pair, (size, size)), 1)
+        upper = np.triu(rng.normal(0.0, 1.0, (size, size)), 1) * self.pair_std
         pair = upper + upper.T
         noise = rng.normal(0.0, settings.noise, count)
         members = [np.flatnonzero(row) for row in tables]  # tables prune few units: work on their indices
@@ -134,13 +156,13 @@ class Posterior:
             correction[np.ix_(units, units)] += weight
         np.fill_diagonal(correction, 0.0)
         return PairwiseModel(single + settings.prior_single ** 2 * (tables.T @ weights),
-                             pair + settings.prior_pair ** 2 * correction)
+                             pair + self.pair_std ** 2 * correction)
 
 
-def posterior_draw(tables: np.ndarray, values: np.ndarray, settings: SurrogateSettings,
+def posterior_draw(tables: np.ndarray, values: np.ndarray, settings: SurrogateSettings, task_count: int,
                    rng: np.random.Generator) -> PairwiseModel:
-    """One posterior draw given scored `tables` and their `values`."""
-    return Posterior.fit(tables, values, settings).draw(rng)
+    """One posterior draw given scored `tables` (entries u·T + t of `task_count` tasks) and their `values`."""
+    return Posterior.fit(tables, values, settings, task_count).draw(rng)
 
 
 def local_maximum(model: PairwiseModel, start: np.ndarray, k_max: int) -> np.ndarray:
@@ -193,7 +215,7 @@ class SurrogateSearch(SteppedSearch):
                  run_dir: Path | None = None, on_event: Callable[[str, dict], None] = lambda kind, data: None):
         settings.check()
         self.settings, self.fitness = settings, fitness
-        self.dimension = unit_count * task_count
+        self.dimension, self.task_count = unit_count * task_count, task_count
         self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
         self.feasible = feasible_tables(self.dimension, self.k_max)
         self.budget = settings.budget if settings.budget is not None else default_budget(self.dimension)
@@ -259,7 +281,7 @@ class SurrogateSearch(SteppedSearch):
         tables = np.stack([_indicator(e.pruned, self.dimension) for e in evaluations])
         values = np.array([e.fitness for e in evaluations])
         taken = {e.pruned for e in evaluations}
-        posterior = Posterior.fit(tables, values, self.settings)
+        posterior = Posterior.fit(tables, values, self.settings, self.task_count)
         proposals: list[tuple[int, ...]] = []
         while len(proposals) < count and len(taken) < self.feasible:
             table = self._acquire(posterior.draw(rng), rng, taken)

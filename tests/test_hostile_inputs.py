@@ -783,3 +783,71 @@ def test_an_empty_path_is_a_usage_error_not_the_working_folder(good, tmp_path, c
     result = invoke_cli([command, "--adapters", *good, *arguments, flag, ""])
     one_line(result, f"'{flag}': the path is empty", 2)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_closed_stdout_is_one_line_and_exit_1(good):
+    """`loramerge inspect a b >&-`: Python starts with no sys.stdout."""
+    process = subprocess.run([sys.executable, "-m", "loramerge_cli", "inspect", *good], stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120,
+                             preexec_fn=lambda: os.close(1))
+    assert process.returncode == 1, process.stderr
+    assert process.stderr == "error: cannot write to standard output: it is closed\n"
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_stderr_that_cannot_be_written_changes_no_output_and_no_exit_code(good, tmp_path):
+    """Progress, notes and the error line are for people: a full or closed stderr drops them, nothing else."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    command = [sys.executable, "-m", "loramerge_cli"]
+    with open("/dev/full", "w") as full:
+        usage = subprocess.run([*command, "inspect", "--bogus"], stderr=full, env=env, timeout=120)
+        merged = subprocess.run([*command, "merge", "--adapters", *good, "--merger", "ties", "--out", tmp_path / "m"],
+                                stdout=subprocess.DEVNULL, stderr=full, env=env, timeout=120)
+    closed = subprocess.run([*command, "merge", "--adapters", str(tmp_path / "missing"), "--out", tmp_path / "n"],
+                            env=env, timeout=120, preexec_fn=lambda: os.close(2))
+    assert (usage.returncode, merged.returncode, closed.returncode) == (2, 0, 1)
+    assert (tmp_path / "m" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_merge_warnings_come_before_a_stdout_that_fails(good, tmp_path):
+    with open("/dev/full", "w") as full:
+        process = _loramerge_into(full, "merge", "--adapters", *good, "--merger", "ties", "--out", str(tmp_path / "m"))
+    assert process.returncode == 1
+    assert "note: no --head" in process.stderr
+    assert process.stderr.endswith("error: cannot write to standard output: No space left on device\n")
+
+
+@pytest.mark.parametrize("line,flag", [
+    ('out: ""', "--out"), ("out: ' '", "--out"), ("run_dir: ''", "--run-dir"), ("out: 2024-01-01", "--out"),
+    ("out: 0", "--out"), ("tasks: 3", "--tasks"), ("base: ''", "--base"),
+])
+def test_a_recipe_path_that_is_empty_or_not_text_is_a_usage_error(good, tmp_path, line, flag):
+    """Before: an empty path became the recipe's own folder (a previous merge there was replaced with
+    --force); a date became a traceback."""
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    recipe = folder / "r.yaml"
+    recipe.write_text(f"adapters:\n  a: {good[0]}\n  b: {good[1]}\n{line}\n")
+    command = "search-mask" if flag in ("--run-dir", "--tasks") else "merge"
+    extra = ["--tasks", tmp_path / "t.yaml", "--out", tmp_path / "m.json"] if flag == "--run-dir" else []
+    extra += ["--out", tmp_path / "m.json"] if flag == "--tasks" else []
+    extra += ["--out", tmp_path / "m"] if flag == "--base" else []
+    result = invoke_cli([command, "--config", recipe, *extra, "--force"])
+    one_line(result, f"'{flag}'", 2)
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "r.yaml"]
+
+
+@pytest.mark.parametrize("args", [["inspect", ""], ["inspect", "--adapters", " "],
+                                  ["merge", "--adapters", "", "--out", "o"],
+                                  ["eval", "--adapters", "a", "--merged", "", "--tasks", "t.yaml"]])
+def test_an_empty_adapter_source_is_a_usage_error(args):
+    result = invoke_cli(args)
+    one_line(result, "the source is empty", 2)
+
+
+def test_a_recipe_adapter_with_an_empty_source_is_a_usage_error(good, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"adapters:\n  a: ''\n  b: {good[1]}\nout: m\n")
+    one_line(invoke_cli(["merge", "--config", recipe]), "adapter 'a' has an empty source", 2)

@@ -279,3 +279,14 @@ def test_api_search_takes_loaded_adapters_and_reads_them_once(setting, tmp_path,
     table, provenance = api.search(plan)
     assert load_table(tmp_path / "mask.json").weights == table.weights
     assert provenance["test"]["best_mean_normalized_accuracy"] is not None
+
+
+def test_setting_changes_name_each_changed_leaf_and_a_setting_an_earlier_run_lacks():
+    from loramerge_cli.search.plan import setting_changes
+
+    now = {"merger": "ta", "options": {"noise": 0.3, "same_unit_ratio": 2.0, "prior_pair": 0.2}, "seed": 1}
+    saved = {"merger": "ties", "options": {"noise": 0.5, "prior_pair": 0.2}, "seed": 1}
+    assert setting_changes(now, saved) == [
+        "merger: 'ta' now, 'ties' saved", "options.noise: 0.3 now, 0.5 saved",
+        "options.same_unit_ratio: 2.0 now, not in the saved run (made by an earlier loramerge)"]
+    assert setting_changes(now, now) == []

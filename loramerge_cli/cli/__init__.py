@@ -31,7 +31,10 @@ def _exit_interrupted() -> None:
     from loramerge_cli import interrupts
 
     if not interrupts.reported():  # click ends an interrupt during parsing with 130 and no word
-        sys.stderr.write(interrupts.message() + "\n")
+        try:
+            sys.stderr.write(interrupts.message() + "\n")
+        except (AttributeError, OSError, ValueError):  # stderr closed or gone: the exit code says it
+            pass
     try:
         atexit._run_exitfuncs()  # multiprocessing's cleanup: workers, queues' semaphores
     except BaseException:  # noqa: BLE001 - exiting anyway

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import math
+import os
 import shlex
 import sys
 import traceback
@@ -134,6 +135,25 @@ def usage_errors_in_one_line(command=lambda: "loramerge"):
         raise fail(f"error: {message} (see '{path} -h')", 2) from None
 
 
+def path_value(value) -> Path:
+    """A path option's value. An empty one (`--out "$OUT"` with OUT unset) is a usage error, not the working
+    folder, and so is a recipe's value that YAML did not read as text (`out: 2024-01-01` is a date)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise typer.BadParameter(f"{value!r} is not a path (quote it in the recipe)")
+    if not str(value).strip():
+        raise typer.BadParameter("the path is empty")
+    return Path(value)
+
+
+def source_value(value) -> str:
+    """An adapter or base model source (a path or a Hub id): empty is a usage error, not the working folder."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise typer.BadParameter(f"{value!r} is not a path or Hub id (quote it in the recipe)")
+    if not str(value).strip():
+        raise typer.BadParameter("the source is empty")
+    return str(value)
+
+
 def given_arguments(ctx: typer.Context) -> list[str]:
     """The command line's arguments as the user gave them (after spreading)."""
     root = ctx.find_root()
@@ -150,8 +170,8 @@ def one_line(text: str) -> str:
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
-    sys.stderr.write(one_line(message) + "\n")
-    sys.stderr.flush()
+    """Say `message` in one line on stderr (if stderr can be written: the exit code says it anyway)."""
+    StandardError().write(one_line(message) + "\n")
     return typer.Exit(code)
 
 
@@ -188,11 +208,11 @@ def command_errors(function):
     return wrapper
 
 
-def human_console(quiet: bool = False, json_output: bool = False, stdout: bool = False):
-    """Rich console for people, on stderr unless it is the command's product; silent under --quiet or --json."""
+def human_console(quiet: bool = False, json_output: bool = False):
+    """Rich console for people (notes, warnings) on stderr; silent under --quiet or --json."""
     from rich.console import Console
 
-    return Console(stderr=not stdout, quiet=quiet or json_output)
+    return Console(file=StandardError(), quiet=quiet or json_output)
 
 
 def apply_threads(threads: int | None) -> None:
@@ -220,23 +240,65 @@ def stdout_failures():
 
 
 class StandardOutput:
-    """sys.stdout for a command's product, its failures as `stdout_failures` says."""
+    """sys.stdout for a command's product, its failures as `stdout_failures` says (a closed one, `>&-`: one line
+    and exit 1)."""
 
-    encoding = property(lambda self: getattr(sys.stdout, "encoding", "utf-8"))
+    encoding = property(lambda self: getattr(sys.stdout, "encoding", None) or "utf-8")
 
     def write(self, text: str) -> int:
         with stdout_failures():
-            return sys.stdout.write(text)
+            return self._stream().write(text)
 
     def flush(self) -> None:
         with stdout_failures():
-            sys.stdout.flush()
+            self._stream().flush()
 
     def isatty(self) -> bool:
-        return sys.stdout.isatty()
+        return sys.stdout is not None and sys.stdout.isatty()
 
     def fileno(self) -> int:
-        return sys.stdout.fileno()
+        return self._stream().fileno()
+
+    @staticmethod
+    def _stream():
+        if sys.stdout is None:
+            raise fail("error: cannot write to standard output: it is closed")
+        return sys.stdout
+
+
+class StandardError:
+    """sys.stderr for what people watch (progress, notes, warnings, the error line). A stderr that cannot be
+    written (closed, full, its reader gone) is dropped from then on, and the work goes on: its outputs and
+    exit code do not depend on being watched."""
+
+    encoding = property(lambda self: getattr(sys.stderr, "encoding", None) or "utf-8")
+
+    def __init__(self):
+        self.lost = False
+
+    def write(self, text: str) -> int:
+        self._attempt(lambda stream: (stream.write(text), stream.flush()))
+        return len(text)
+
+    def flush(self) -> None:
+        self._attempt(lambda stream: stream.flush())
+
+    def isatty(self) -> bool:
+        try:
+            return sys.stderr.isatty()
+        except (AttributeError, OSError, ValueError):
+            return False
+
+    def fileno(self) -> int:
+        return sys.stderr.fileno()
+
+    def _attempt(self, action) -> None:
+        if self.lost:
+            return
+        try:
+            action(sys.stderr)
+        except (AttributeError, OSError, ValueError):  # None (closed at start), EPIPE, ENOSPC, closed file
+            self.lost = True
 
 
 def write_stdout(text: str) -> None:
@@ -251,8 +313,9 @@ def result_console():
     pipe, text lines are not wrapped and tables are as wide as their contents (no name cut to `majority_k…`)."""
     from rich.console import Console
 
-    terminal = sys.stdout.isatty()
-    return Console(file=StandardOutput(), soft_wrap=not terminal, width=None if terminal else 1000)
+    output = StandardOutput()
+    terminal = output.isatty()
+    return Console(file=output, soft_wrap=not terminal, width=None if terminal else 1000)
 
 
 def emit_json(data) -> None:

@@ -112,11 +112,11 @@ def eval_command(ctx: typer.Context, **flags) -> None:
         write_result(out, json.dumps(report, indent=2, default=str) + "\n", flags["force"], (REPORT_FORMAT,))
     if flags["json_output"]:
         return emit_json(report)
+    for warning in report["warnings"]:  # first: a stdout that fails must not lose them
+        human_console(flags["quiet"], flags["json_output"]).print(f"[yellow]warning:[/] {warning}")
     for title, key, mean_key in (("accuracy (%)", "accuracy", "mean_accuracy"),
                                  ("normalized accuracy (%)", "normalized_accuracy", "mean_normalized_accuracy")):
         result_console().print(score_table(report, title, key, mean_key))
-    for warning in report["warnings"]:
-        human_console(flags["quiet"], flags["json_output"]).print(f"[yellow]warning:[/] {warning}")
 
 
 def _percent(value: float | None, scale: float) -> str:

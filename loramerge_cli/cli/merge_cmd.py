@@ -156,18 +156,19 @@ def _recipe(ctx: typer.Context, plan, result) -> str:
 
 
 def _print_report(report: dict, console, served: str | None, head: str | None) -> None:
-    """The result table and any upload on stdout; warnings and the default-head note on stderr."""
+    """Warnings and the default-head note on stderr (first: a stdout that fails must not lose them), then the
+    result table and any upload on stdout."""
     from loramerge_cli.cli import render
     from loramerge_cli.cli.publish import push_lines
 
-    result_console().print(render.merge_table(report))
-    for line in push_lines(report["push"]) if "push" in report else []:
-        result_console().print(line, markup=False, highlight=False)
     for warning in report["warnings"]:
         console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     if served != head:
         console.print(f"note: no --head: the head of task {served!r} is in modules_to_save, so that the merge loads "
                       "with AutoPeftModel (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)
+    result_console().print(render.merge_table(report))
+    for line in push_lines(report["push"]) if "push" in report else []:
+        result_console().print(line, markup=False, highlight=False)
 
 
 def _report(result, out: Path) -> dict:

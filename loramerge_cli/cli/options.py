@@ -25,7 +25,10 @@ from loramerge_cli.cli.common import (
     QUIET_HELP,
     THREADS_HELP,
     load_config_defaults,
+    path_value,
+    source_value,
 )
+from loramerge_cli.cli.recipe import SOURCE_KEYS
 from loramerge_cli.errors import UsageError
 from loramerge_cli.search.backends import BACKENDS
 
@@ -35,16 +38,10 @@ def option(name: str, annotation, default, *flags: str, **settings) -> inspect.P
     flags = flags or (f"--{name.replace('_', '-')}",)
     if annotation in (Path, Path | None):
         settings.setdefault("parser", path_value)
+    elif name in SOURCE_KEYS:
+        settings.setdefault("parser", source_value)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, typer.Option(*flags, **settings)])
-
-
-def path_value(value) -> Path:
-    """A path option's value; an empty one (`--out "$OUT"` with OUT unset) is a usage error, not the working
-    folder."""
-    if not str(value).strip():
-        raise typer.BadParameter("the path is empty")
-    return Path(value)
 
 
 def choice(names):

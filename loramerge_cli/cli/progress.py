@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 from rich.console import Console
 
+from loramerge_cli.cli.common import StandardError
+
 PLAIN_INTERVAL = 10.0  # seconds between plain progress lines of one stage
 
 
@@ -46,7 +48,7 @@ class ProgressDisplay:
 
     def __init__(self, quiet: bool = False, inner=None, console: Console | None = None,
                  interval: float = PLAIN_INTERVAL, terminal_only: tuple[str, ...] = ()):
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(file=StandardError())
         self.enabled = not quiet
         self.terminal_only = terminal_only  # stages drawn as a bar on a terminal, without plain lines in a log
         self.live = self.enabled and self.console.is_terminal

@@ -92,7 +92,7 @@ def _local(value: str, folder: Path) -> str:
     name, sep, spec = value.partition("=")
     if not sep or not name or "/" in name:
         name, sep, spec = "", "", value
-    if os.path.isabs(spec) or spec.startswith("~"):
+    if os.path.isabs(spec) or spec.startswith("~") or not spec.strip():  # an empty source is refused as given
         return value
     candidate = folder / spec
     if candidate.exists() or spec.startswith(("./", "../")):
@@ -116,6 +116,8 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
                     raise typer.BadParameter(f"{origin}: adapter {name!r}: {key} must be a number (got {number!r})")
                 values.append(number)
         else:
+            if entry is None or not str(entry).strip():
+                raise typer.BadParameter(f"{origin}: adapter {name!r} has an empty source")
             sources.append(f"{name}={entry}")
             weights.append(None)
             densities.append(None)
@@ -147,7 +149,7 @@ def expand_config(data: dict, path: Path, command) -> dict:
     for key, value in data.items():
         option = options.get(key.replace("-", "_")) or next(
             (o for o in command.params if f"--{key}" in getattr(o, "opts", ())), None)
-        if option is not None and is_path(option) and isinstance(value, str):
+        if option is not None and is_path(option) and isinstance(value, str) and value.strip():  # "": refused
             value = str(folder / value) if not os.path.isabs(value) else value
         elif option is not None and option.name in SOURCE_KEYS:
             value = [_local(str(v), folder) for v in value] if isinstance(value, list) else _local(str(value), folder)

@@ -187,8 +187,8 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
                 rundir.write_config(run_dir, config, request.flags, digests)
             return
         if saved["settings"] != config:
-            changed = sorted(key for key in config if config[key] != saved["settings"].get(key))
-            raise LoramergeError(f"--resume: the settings differ from the saved run's ({', '.join(changed)})")
+            raise LoramergeError(f"--resume: the settings differ from the saved run's "
+                                 f"({'; '.join(setting_changes(config, saved['settings']))})")
         rundir.check_inputs(saved.get("inputs") or {}, digests)
         space = unit_space(request)  # a damaged state, or one of another search, is one line before any work
         if (run_dir / ENMP_STATE).is_file():
@@ -285,6 +285,21 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
                                      "there; give a new folder")
         RunDirLock(run_dir).check_free()
         read_cache(run_dir / CACHE_NAME)  # a scores.json loramerge did not write is refused, not written into
+
+
+def setting_changes(now: dict, saved: dict, prefix: str = "") -> list[str]:
+    """What differs between two run configurations, one entry per leaf: `options.noise: 0.3 now, 0.5 saved`; a
+    setting the saved run lacks was added by a later loramerge (its run cannot be resumed by this one)."""
+    changes = []
+    for key in sorted(set(now) | set(saved)):
+        name, here, there = f"{prefix}{key}", now.get(key), saved.get(key)
+        if isinstance(here, dict) and isinstance(there, dict):
+            changes += setting_changes(here, there, f"{name}.")
+        elif key not in saved:
+            changes.append(f"{name}: {here!r} now, not in the saved run (made by an earlier loramerge)")
+        elif here != there:
+            changes.append(f"{name}: {here!r} now, {there!r} saved")
+    return changes
 
 
 def unit_space(request: SearchRequest) -> tuple[int, int] | None:

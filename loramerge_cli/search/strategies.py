@@ -266,7 +266,7 @@ SURROGATE = Strategy(
         Parameter("prior_pair", float, 0.2, "prior standard deviation of the interaction of two pruned units "
                   "(points)."),
         Parameter("same_unit_ratio", float, 2.0, "the interaction of two tasks' entries of one unit (one block) has "
-                  "this times --prior-pair: the merge couples a module's tasks (1: no difference)."),
+                  "this times --prior-pair, 0 to 100: the merge couples a module's tasks (1: no difference)."),
         Parameter("noise", float, 0.5, "what the model leaves unexplained, in fitness points (accuracy: one "
                   "validation example is 100/(tasks·examples) points; --fitness nsc scores about 20× smaller on the "
                   "bundled example: scale all three alike, --prior-single 0.05 --prior-pair 0.01 --noise 0.025)."),

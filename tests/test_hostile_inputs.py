@@ -851,3 +851,20 @@ def test_a_recipe_adapter_with_an_empty_source_is_a_usage_error(good, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"adapters:\n  a: ''\n  b: {good[1]}\nout: m\n")
     one_line(invoke_cli(["merge", "--config", recipe]), "adapter 'a' has an empty source", 2)
+
+
+def test_a_search_whose_stderr_reader_went_away_still_writes_its_table(setting, tmp_path):
+    """`search-mask … 2>&1 | head -1`-like: the progress has nowhere to go; the search ends as usual (it stopped
+    at its first progress line with exit 1 and no table)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        process = subprocess.run(
+            [sys.executable, "-m", "loramerge_cli", "search-mask", "--adapters", *setting.adapter_args(), "--tasks",
+             str(setting.tasks_file), "--merger", "ties", "--budget", "12", "--max-prune", "0.5", "--threads", "1",
+             "--batch-size", "8", "--out", str(tmp_path / "mask.json")],
+            stdout=subprocess.DEVNULL, stderr=write_end, env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+    finally:
+        os.close(write_end)
+    assert process.returncode == 0
+    assert json.loads((tmp_path / "mask.json").read_text())["provenance"]["strategy"] == "surrogate"

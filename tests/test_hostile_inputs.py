@@ -868,3 +868,37 @@ def test_a_search_whose_stderr_reader_went_away_still_writes_its_table(setting, 
         os.close(write_end)
     assert process.returncode == 0
     assert json.loads((tmp_path / "mask.json").read_text())["provenance"]["strategy"] == "surrogate"
+
+
+def test_a_merge_in_a_terminal_finishes_with_its_live_progress(good, tmp_path):
+    """On a terminal the progress is live: rich then stands in for sys.stderr, and the console's own writes must
+    not go through that stand-in (they did: a loop, and the merge never ended, Ctrl-C included)."""
+    import pty
+    import threading
+
+    main, terminal = pty.openpty()
+    seen = []
+
+    def drain():
+        while True:
+            try:
+                chunk = os.read(main, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            seen.append(chunk)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        process = subprocess.run([sys.executable, "-m", "loramerge_cli", "merge", "--adapters", *good, "--out",
+                                  str(tmp_path / "m"), "--threads", "1"], stdin=terminal, stdout=terminal,
+                                 stderr=terminal, env={**os.environ, "PYTHONPATH": REPO}, timeout=120)
+    finally:
+        os.close(terminal)
+        reader.join(timeout=10)
+        os.close(main)
+    assert process.returncode == 0, b"".join(seen)[-2000:]
+    assert (tmp_path / "m" / "adapter_model.safetensors").is_file()
+    assert b"merged into" in b"".join(seen)

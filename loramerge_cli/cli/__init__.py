@@ -42,6 +42,6 @@ def _exit_interrupted() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (OSError, ValueError):
+        except (AttributeError, OSError, ValueError):  # None: closed when Python started
             pass
     os._exit(130)

@@ -196,8 +196,8 @@ def command_errors(function):
         except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
             if interrupts.interrupted():  # a Ctrl-C a library turned into another error: not a data problem
                 raise fail(interrupts.message(), 130) from None
-            if debug:
-                traceback.print_exc()
+            if debug:  # to stderr as it can be: never onto stdout (Python's fallback when stderr is closed)
+                traceback.print_exc(file=StandardError())
             if isinstance(error, LoramergeError):
                 raise fail(f"error: {error}") from None
             raise fail(f"internal error: {type(error).__name__}: {error} (rerun with --debug)") from None
@@ -254,16 +254,24 @@ class StandardOutput:
             self._stream().flush()
 
     def isatty(self) -> bool:
-        return sys.stdout is not None and sys.stdout.isatty()
+        stream = _unproxied(sys.stdout)
+        return stream is not None and stream.isatty()
 
     def fileno(self) -> int:
         return self._stream().fileno()
 
     @staticmethod
     def _stream():
-        if sys.stdout is None:
+        stream = _unproxied(sys.stdout)
+        if stream is None:
             raise fail("error: cannot write to standard output: it is closed")
-        return sys.stdout
+        return stream
+
+
+def _unproxied(stream):
+    """The real stream behind rich's live display, which stands in for sys.stdout and sys.stderr while it runs
+    and prints what they receive into its console (which writes here: through the proxy, a loop)."""
+    return getattr(stream, "rich_proxied_file", stream)
 
 
 class StandardError:
@@ -285,18 +293,18 @@ class StandardError:
 
     def isatty(self) -> bool:
         try:
-            return sys.stderr.isatty()
+            return _unproxied(sys.stderr).isatty()
         except (AttributeError, OSError, ValueError):
             return False
 
     def fileno(self) -> int:
-        return sys.stderr.fileno()
+        return _unproxied(sys.stderr).fileno()
 
     def _attempt(self, action) -> None:
         if self.lost:
             return
         try:
-            action(sys.stderr)
+            action(_unproxied(sys.stderr))
         except (AttributeError, OSError, ValueError):  # None (closed at start), EPIPE, ENOSPC, closed file
             self.lost = True
 

@@ -902,3 +902,39 @@ def test_a_merge_in_a_terminal_finishes_with_its_live_progress(good, tmp_path):
     assert process.returncode == 0, b"".join(seen)[-2000:]
     assert (tmp_path / "m" / "adapter_model.safetensors").is_file()
     assert b"merged into" in b"".join(seen)
+
+
+@pytest.mark.parametrize("closed", [1, 2])
+def test_ctrl_c_with_a_closed_stream_is_still_exit_130(good, tmp_path, closed):
+    """`merge … 2>&-` (or `>&-`) and Ctrl-C: the exit code says it (it was 1: flushing the missing stream)."""
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "loramerge_cli", "merge", "--adapters", *good, "--out", out],
+                               stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": REPO},
+                               stdout=subprocess.DEVNULL if closed == 2 else None,
+                               stderr=subprocess.DEVNULL if closed == 1 else None,
+                               preexec_fn=lambda: os.close(closed))
+    time.sleep(1.0)  # in the heavy imports, or the merge's first steps
+    finished_before = process.poll() is not None
+    process.send_signal(signal.SIGINT)
+    process.wait(timeout=120)
+    if finished_before or (out / "loramerge.json").is_file():  # it ended before the signal: then whole
+        return
+    assert process.returncode in (130, -signal.SIGINT)
+    assert not out.exists()
+
+
+def test_debug_tracebacks_never_go_to_stdout_nor_change_the_exit_code(tmp_path):
+    """`--debug --json 2>&-`: Python prints a traceback to stdout when stderr is missing; and a stderr whose
+    reader went away made the exit code 141 (the traceback's write was taken for stdout's)."""
+    args = [sys.executable, "-m", "loramerge_cli", "merge", "--adapters", str(tmp_path / "missing"), "--out",
+            str(tmp_path / "m"), "--debug", "--json"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    closed = subprocess.run(args, stdout=subprocess.PIPE, env=env, timeout=120, preexec_fn=lambda: os.close(2))
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        broken = subprocess.run(args, stdout=subprocess.PIPE, stderr=write_end, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert (closed.returncode, closed.stdout) == (1, b"")
+    assert (broken.returncode, broken.stdout) == (1, b"")

@@ -35,7 +35,7 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
     working folder; an existing one only with `force`, and only when loramerge wrote it (a `kind` "folder"
     holding loramerge.json, or apply-mask's folder of such; a "file" of one of the writer's `formats`, not
     inside such a folder). Anything else (a regular file where a folder goes, a device, a symlink) is refused even with
-    `force`. Its nearest existing ancestor must be a writable folder."""
+    `force`. Its nearest existing ancestor must be a writable folder. Returns `out` with `~` expanded."""
     out = Path(out)
     target = Path(os.path.abspath(out.expanduser()))
     check_not_working_folder(out)
@@ -50,7 +50,7 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise LoramergeError(f"--out {out}: cannot create it, {ancestor} is not writable")
     clean_debris(target)
-    return out
+    return out.expanduser()  # what was checked is what is written (`~/x` given quoted: the home's x, not ./~/x)
 
 
 def check_not_working_folder(out: str | Path, flag: str = "--out") -> None:

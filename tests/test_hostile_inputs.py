@@ -938,3 +938,21 @@ def test_debug_tracebacks_never_go_to_stdout_nor_change_the_exit_code(tmp_path):
         os.close(write_end)
     assert (closed.returncode, closed.stdout) == (1, b"")
     assert (broken.returncode, broken.stdout) == (1, b"")
+
+
+@pytest.mark.parametrize("command", ["merge", "apply-mask"])
+def test_a_quoted_tilde_in_out_is_the_home_folder_for_the_check_and_the_write(good, tmp_path, monkeypatch, command):
+    """`--out '~/mo' --force`: the check looked at $HOME/mo and the writer replaced ./~/mo, a folder of the
+    user's that --force must never replace."""
+    home = tmp_path / "home"
+    home.mkdir()
+    mine = tmp_path / "work" / "~" / "mo"
+    mine.mkdir(parents=True)
+    (mine / "user.txt").write_text("precious\n")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "work")
+    extra = ["--indices", "[0]"] if command == "apply-mask" else []
+    result = invoke_cli([command, "--adapters", *good, "--out", "~/mo", "--force", *extra])
+    assert result.exit_code == 0, result.stderr
+    assert (mine / "user.txt").read_text() == "precious\n" and sorted(mine.iterdir()) == [mine / "user.txt"]
+    assert (home / "mo").is_dir()

@@ -150,7 +150,7 @@ def expand_config(data: dict, path: Path, command) -> dict:
         option = options.get(key.replace("-", "_")) or next(
             (o for o in command.params if f"--{key}" in getattr(o, "opts", ())), None)
         if option is not None and is_path(option) and isinstance(value, str) and value.strip():  # "": refused
-            value = str(folder / value) if not os.path.isabs(value) else value
+            value = str(folder / value) if not os.path.isabs(value) and not value.startswith("~") else value
         elif option is not None and option.name in SOURCE_KEYS:
             value = [_local(str(v), folder) for v in value] if isinstance(value, list) else _local(str(value), folder)
         expanded[key] = value

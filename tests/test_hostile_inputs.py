@@ -818,11 +818,14 @@ def test_merge_warnings_come_before_a_stdout_that_fails(good, tmp_path):
     assert process.stderr.endswith("error: cannot write to standard output: No space left on device\n")
 
 
-@pytest.mark.parametrize("line,flag", [
-    ('out: ""', "--out"), ("out: ' '", "--out"), ("run_dir: ''", "--run-dir"), ("out: 2024-01-01", "--out"),
-    ("out: 0", "--out"), ("tasks: 3", "--tasks"), ("base: ''", "--base"),
+@pytest.mark.parametrize("line,flag,word", [
+    ('out: ""', "--out", "'--out': the path is empty"), ("out: ' '", "--out", "'--out': the path is empty"),
+    ("run_dir: ''", "--run-dir", "'--run-dir': the path is empty"), ("out: 2024-01-01", "--out", "is not a path"),
+    ("out: 0", "--out", "is not a path"), ("tasks: 3", "--tasks", "is not a path"),
+    ("out: [a, b]", "--out", "a list is not a path"), ("base: ''", "--base", "base: the source is empty"),
+    ("base: 5", "--base", "base: 5 is not a path or Hub id"),
 ])
-def test_a_recipe_path_that_is_empty_or_not_text_is_a_usage_error(good, tmp_path, line, flag):
+def test_a_recipe_path_that_is_empty_or_not_text_is_a_usage_error(good, tmp_path, line, flag, word):
     """Before: an empty path became the recipe's own folder (a previous merge there was replaced with
     --force); a date became a traceback."""
     folder = tmp_path / "recipes"
@@ -835,22 +838,30 @@ def test_a_recipe_path_that_is_empty_or_not_text_is_a_usage_error(good, tmp_path
     extra += ["--out", tmp_path / "m.json"] if flag == "--tasks" else []
     extra += ["--out", tmp_path / "m"] if flag == "--base" else []
     result = invoke_cli([command, "--config", recipe, *extra, "--force"])
-    one_line(result, f"'{flag}'", 2)
+    one_line(result, word, 2)
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt", "r.yaml"]
 
 
 @pytest.mark.parametrize("args", [["inspect", ""], ["inspect", "--adapters", " "],
-                                  ["merge", "--adapters", "", "--out", "o"],
+                                  ["merge", "--adapters", "", "--out", "o"], ["inspect", "first="],
                                   ["eval", "--adapters", "a", "--merged", "", "--tasks", "t.yaml"]])
 def test_an_empty_adapter_source_is_a_usage_error(args):
     result = invoke_cli(args)
     one_line(result, "the source is empty", 2)
 
 
-def test_a_recipe_adapter_with_an_empty_source_is_a_usage_error(good, tmp_path):
+@pytest.mark.parametrize("adapters,word", [
+    ("{a: '', b: B}", "adapter 'a': the source is empty"), ("{a: null, b: B}", "adapter 'a': None is not a path"),
+    ("{a: 5, b: B}", "adapter 'a': 5 is not a path"),
+    ("{a: {path: ''}, b: B}", "adapter 'a': path: the source is empty"), ("[B, null]", "adapters: None is not a path"),
+])
+def test_a_recipe_adapter_without_a_source_is_a_usage_error(good, tmp_path, adapters, word):
+    """Before: `null` and numbers became the text "None" or "5" (a base model named "None" written into the
+    merged adapter's config), and an empty source the recipe's folder."""
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"adapters:\n  a: ''\n  b: {good[1]}\nout: m\n")
-    one_line(invoke_cli(["merge", "--config", recipe]), "adapter 'a' has an empty source", 2)
+    recipe.write_text(f"adapters: {adapters.replace('B', good[1])}\nout: m\n")
+    one_line(invoke_cli(["merge", "--config", recipe]), word, 2)
+    assert not (tmp_path / "m").exists()
 
 
 def test_a_search_whose_stderr_reader_went_away_still_writes_its_table(setting, tmp_path):

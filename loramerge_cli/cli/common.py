@@ -142,6 +142,8 @@ def path_value(value) -> Path:
         raise typer.BadParameter(f"{value!r} is not a path (quote it in the recipe)")
     if not str(value).strip():
         raise typer.BadParameter("the path is empty")
+    if "\x00" in str(value):
+        raise typer.BadParameter("the path holds a NUL character")
     return Path(value)
 
 
@@ -149,9 +151,17 @@ def source_value(value) -> str:
     """An adapter or base model source (a path or a Hub id): empty is a usage error, not the working folder."""
     if not isinstance(value, (str, os.PathLike)):
         raise typer.BadParameter(f"{value!r} is not a path or Hub id (quote it in the recipe)")
-    if not str(value).strip():
+    from loramerge_cli.adapters.sources import NAME
+
+    text = str(value)
+    if not text.strip():
         raise typer.BadParameter("the source is empty")
-    return str(value)
+    if "\x00" in text:
+        raise typer.BadParameter("the source holds a NUL character")
+    name, sep, rest = text.partition("=")
+    if sep and NAME.match(name) and not rest.strip() and not os.path.exists(text):  # `a=$UNSET`
+        raise typer.BadParameter(f"the source is empty (after {name}=)")
+    return text
 
 
 def given_arguments(ctx: typer.Context) -> list[str]:

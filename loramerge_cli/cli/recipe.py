@@ -106,18 +106,19 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
     for name, entry in value.items():
         if isinstance(entry, dict):
             unknown = set(entry) - {"path", "source", "weight", "density"}
-            if unknown or not (entry.get("path") or entry.get("source")):
-                raise typer.BadParameter(f"{origin}: adapter {name!r} needs `path` (and optionally weight, density); "
-                                         f"unknown keys: {sorted(unknown)}")
-            sources.append(f"{name}={entry.get('path') or entry.get('source')}")
+            if unknown:
+                raise typer.BadParameter(f"{origin}: adapter {name!r}: unknown keys {sorted(unknown)} (it takes path, "
+                                         "weight, density)")
+            source = entry["path"] if "path" in entry else entry.get("source")
+            _check_source(source, f"{origin}: adapter {name!r}: path")
+            sources.append(f"{name}={source}")
             for key, values in (("weight", weights), ("density", densities)):
                 number = entry.get(key)
                 if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
                     raise typer.BadParameter(f"{origin}: adapter {name!r}: {key} must be a number (got {number!r})")
                 values.append(number)
         else:
-            if entry is None or not str(entry).strip():
-                raise typer.BadParameter(f"{origin}: adapter {name!r} has an empty source")
+            _check_source(entry, f"{origin}: adapter {name!r}")
             sources.append(f"{name}={entry}")
             weights.append(None)
             densities.append(None)
@@ -130,6 +131,15 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
     if given:  # as --density d1,d2,… (one value when they are all equal)
         extra["density"] = str(float(given[0])) if len(set(given)) == 1 else ",".join(str(float(d)) for d in given)
     return sources, extra
+
+
+def _check_source(value, where: str) -> None:
+    """A recipe's adapter or base source is text that names something (YAML reads `5`, `null` and dates as other
+    things; str() of them would name a file "None")."""
+    if not isinstance(value, str):
+        raise typer.BadParameter(f"{where}: {value!r} is not a path or Hub id (quote it)")
+    if not value.strip():
+        raise typer.BadParameter(f"{where}: the source is empty")
 
 
 def expand_config(data: dict, path: Path, command) -> dict:
@@ -149,10 +159,14 @@ def expand_config(data: dict, path: Path, command) -> dict:
     for key, value in data.items():
         option = options.get(key.replace("-", "_")) or next(
             (o for o in command.params if f"--{key}" in getattr(o, "opts", ())), None)
+        if option is not None and is_path(option) and isinstance(value, list):
+            raise typer.BadParameter(f"{path}: {key}: a list is not a path")
         if option is not None and is_path(option) and isinstance(value, str) and value.strip():  # "": refused
             value = str(folder / value) if not os.path.isabs(value) and not value.startswith("~") else value
-        elif option is not None and option.name in SOURCE_KEYS:
-            value = [_local(str(v), folder) for v in value] if isinstance(value, list) else _local(str(value), folder)
+        elif option is not None and option.name in SOURCE_KEYS and value is not None:  # null: not given
+            for source in value if isinstance(value, list) else [value]:
+                _check_source(source, f"{path}: {key}")
+            value = [_local(v, folder) for v in value] if isinstance(value, list) else _local(value, folder)
         expanded[key] = value
     return expanded
 

@@ -282,11 +282,43 @@ def test_api_search_takes_loaded_adapters_and_reads_them_once(setting, tmp_path,
 
 
 def test_setting_changes_name_each_changed_leaf_and_a_setting_an_earlier_run_lacks():
-    from loramerge_cli.search.plan import setting_changes
+    from loramerge_cli.search.plan import setting_changes, with_settings_added_since
 
     now = {"merger": "ta", "options": {"noise": 0.3, "same_unit_ratio": 2.0, "prior_pair": 0.2}, "seed": 1}
-    saved = {"merger": "ties", "options": {"noise": 0.5, "prior_pair": 0.2}, "seed": 1}
+    saved = {"merger": "ties", "options": {"noise": 0.5, "prior_pair": 0.2}, "seed": 1, "gone": 3}
     assert setting_changes(now, saved) == [
-        "merger: 'ta' now, 'ties' saved", "options.noise: 0.3 now, 0.5 saved",
-        "options.same_unit_ratio: 2.0 now, not in the saved run (made by an earlier loramerge)"]
+        "gone: not a setting now, 3 saved", "merger: 'ta' now, 'ties' saved", "--noise: 0.3 now, 0.5 saved",
+        "--same-unit-ratio: 2.0 now, not in the saved run"]
     assert setting_changes(now, now) == []
+    options = {"proposals": 1, "prior_single": 1.0, "prior_pair": 0.2, "noise": 0.5}  # every option then
+    before = {"strategy": "surrogate", "options": options}  # saved by the CLI before --same-unit-ratio: it was 1
+    assert with_settings_added_since(before)["options"] == {**options, "same_unit_ratio": 1.0}
+    assert with_settings_added_since({**before, "strategy": "enmp"}) == {**before, "strategy": "enmp"}
+    library = {"strategy": "surrogate", "options": {"noise": 0.5}}  # the library saves what was given
+    assert with_settings_added_since(library) == library
+
+
+def test_a_surrogate_run_saved_before_same_unit_ratio_resumes_with_ratio_1_only(setting, tmp_path):
+    """Such a run used the model of ratio 1: it resumes with --same-unit-ratio 1 (to the same table as an
+    uninterrupted run of ratio 1) and is refused, naming the flag, without it; several changed flags are
+    all named."""
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+            "ties", "--budget", "10", "--max-prune", "0.5", "--threads", "1"]
+    plain = invoke_cli([*args, "--same-unit-ratio", "1", "--out", str(tmp_path / "plain.json")])
+    assert plain.exit_code == 0, plain.stderr
+    assert invoke_cli([*args, "--same-unit-ratio", "1", "--run-dir", str(tmp_path / "run"),
+                       "--out", str(tmp_path / "first.json")]).exit_code == 0
+    config_path = tmp_path / "run" / "config.json"  # as a run before the setting saved it
+    config = json.loads(config_path.read_text())
+    del config["settings"]["options"]["same_unit_ratio"]
+    del config["flags"]["same_unit_ratio"]
+    config_path.write_text(json.dumps(config))
+    resume = ["search-mask", "--run-dir", str(tmp_path / "run"), "--resume", "--threads", "1"]
+    refused = invoke_cli([*resume, "--out", str(tmp_path / "refused.json")])
+    assert refused.exit_code == 1 and "--same-unit-ratio: 2.0 now, 1.0 saved" in refused.stderr, refused.stderr
+    resumed = invoke_cli([*resume, "--same-unit-ratio", "1", "--out", str(tmp_path / "resumed.json")])
+    assert resumed.exit_code == 0, resumed.stderr
+    assert load_table(tmp_path / "resumed.json").weights == load_table(tmp_path / "plain.json").weights
+    two = invoke_cli([*resume, "--same-unit-ratio", "1", "--budget", "12", "--lambda", "0.3", "--out",
+                      str(tmp_path / "two.json")])
+    assert two.exit_code == 1 and "--budget is 12" in two.stderr and "--lambda is 0.3" in two.stderr, two.stderr

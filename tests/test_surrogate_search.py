@@ -323,3 +323,13 @@ def test_a_non_finite_fitness_stops_the_search_and_keeps_the_state_readable(tmp_
         search.run()
     step, _, scores, _ = read_state(tmp_path / "surrogate_state.json")  # the first chunk of the screen, saved
     assert step == 1 and len(scores) == 8
+
+
+def test_priors_far_apart_fit_with_jitter_instead_of_failing():
+    """a² = 1e8 beside σ² = 1e-8 (all within the allowed ranges) made the kernel indefinite in rounding."""
+    settings = SurrogateSettings(prior_single=1e4, prior_pair=1e-4, same_unit_ratio=0.0, noise=1e-4)
+    generator = np.random.default_rng(1)
+    tables = [tuple(sorted(generator.choice(12, 2, replace=False))) for _ in range(60)] + [(0,), (1,), (0,)]
+    draw = posterior_draw(indicators(tables, 12), generator.normal(0, 1, len(tables)), settings, 4,
+                          np.random.default_rng(0))
+    assert np.isfinite(draw.single).all() and np.isfinite(draw.pair).all()

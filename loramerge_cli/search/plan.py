@@ -186,9 +186,10 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
             if write:
                 rundir.write_config(run_dir, config, request.flags, digests)
             return
-        if saved["settings"] != config:
+        saved_settings = with_settings_added_since(saved["settings"])
+        if saved_settings != config:
             raise LoramergeError(f"--resume: the settings differ from the saved run's "
-                                 f"({'; '.join(setting_changes(config, saved['settings']))})")
+                                 f"({'; '.join(setting_changes(config, saved_settings))})")
         rundir.check_inputs(saved.get("inputs") or {}, digests)
         space = unit_space(request)  # a damaged state, or one of another search, is one line before any work
         if (run_dir / ENMP_STATE).is_file():
@@ -287,16 +288,42 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         read_cache(run_dir / CACHE_NAME)  # a scores.json loramerge did not write is refused, not written into
 
 
+# Strategy options added after runs were saved, with the value that reproduces such a run.
+ADDED_SETTINGS = {("surrogate", "same_unit_ratio"): 1.0}
+
+
+def with_settings_added_since(settings: dict) -> dict:
+    """A saved run configuration with the options it predates set as that run used them (so that a run saved
+    before `--same-unit-ratio` resumes with `--same-unit-ratio 1`, and only with it). The command line saves
+    every option of its strategy: a run that has all of them but the new one predates it (the library saves
+    the options given, and the defaults stand for the others)."""
+    from loramerge_cli.search.strategies import STRATEGIES
+
+    options = settings.get("options") if isinstance(settings, dict) else None
+    strategy = STRATEGIES.get(settings.get("strategy")) if isinstance(options, dict) else None
+    if strategy is None:
+        return settings
+    declared = {parameter.name for parameter in strategy.parameters}
+    added = {name: value for (owner, name), value in ADDED_SETTINGS.items()
+             if owner == strategy.name and name not in options and declared - {name} <= set(options)}
+    return {**settings, "options": {**options, **added}} if added else settings
+
+
 def setting_changes(now: dict, saved: dict, prefix: str = "") -> list[str]:
-    """What differs between two run configurations, one entry per leaf: `options.noise: 0.3 now, 0.5 saved`; a
-    setting the saved run lacks was added by a later loramerge (its run cannot be resumed by this one)."""
+    """What differs between two run configurations, one entry per leaf, a strategy option by its flag
+    (`--noise: 0.3 now, 0.5 saved`), any other by its place in the configuration (`eval.val_limit: …`)."""
+    from loramerge_cli.search.rundir import flag_name
+
     changes = []
     for key in sorted(set(now) | set(saved)):
-        name, here, there = f"{prefix}{key}", now.get(key), saved.get(key)
+        name = flag_name(key) if prefix == "options." else f"{prefix}{key}"
+        here, there = now.get(key), saved.get(key)
         if isinstance(here, dict) and isinstance(there, dict):
             changes += setting_changes(here, there, f"{name}.")
         elif key not in saved:
-            changes.append(f"{name}: {here!r} now, not in the saved run (made by an earlier loramerge)")
+            changes.append(f"{name}: {here!r} now, not in the saved run")
+        elif key not in now:
+            changes.append(f"{name}: not a setting now, {there!r} saved")
         elif here != there:
             changes.append(f"{name}: {here!r} now, {there!r} saved")
     return changes

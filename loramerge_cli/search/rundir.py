@@ -149,13 +149,12 @@ def resumed_flags(run_dir: Path, given: dict, values: dict) -> dict | None:
     if not isinstance(saved, dict):
         return None
     now = normal_flags({name: values[name] for name in given})
-    for name in given:
-        if name in RUN_ONLY_FLAGS or name not in saved:
-            continue
-        if now[name] != saved[name]:
-            flag = "--" + ("lambda" if name == "lam" else "json" if name == "json_output" else name.replace("_", "-"))
-            raise LoramergeError(f"--resume: {flag} is {_shown(now[name])} but the saved run used "
-                                 f"{_shown(saved[name])}; drop the flag, or start a new run")
+    changed = [name for name in given if name not in RUN_ONLY_FLAGS and name in saved and now[name] != saved[name]]
+    if changed:
+        differences = "; ".join(f"{flag_name(name)} is {_shown(now[name])} but the saved run used {_shown(saved[name])}"
+                                for name in changed)
+        raise LoramergeError(f"--resume: {differences}; drop {'the flag' if len(changed) == 1 else 'these flags'}, "
+                             "or start a new run")
     merged = {**values, **{name: value for name, value in saved.items() if name in values and name not in
                            RUN_ONLY_FLAGS}}
     if "out" not in given and saved.get("out"):  # where the table goes: the saved place unless given now
@@ -164,6 +163,11 @@ def resumed_flags(run_dir: Path, given: dict, values: dict) -> dict | None:
         if isinstance(merged.get(name), str):
             merged[name] = Path(merged[name])
     return merged
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a setting's name."""
+    return "--" + ("lambda" if name == "lam" else "json" if name == "json_output" else name.replace("_", "-"))
 
 
 def _shown(value) -> str:

@@ -103,6 +103,19 @@ def _indicator(pruned: tuple[int, ...], size: int) -> np.ndarray:
     return members
 
 
+def _cholesky(kernel: np.ndarray) -> np.ndarray:
+    """The Cholesky factor of K + σ²I; where rounding makes it indefinite (priors far apart: a² = 1e8 beside
+    σ² = 1e-8), with the least jitter on the diagonal that works (deterministic: resumes stay exact)."""
+    jitter = 0.0
+    for _ in range(12):
+        try:
+            return np.linalg.cholesky(kernel + jitter * np.eye(len(kernel)))
+        except np.linalg.LinAlgError:
+            jitter = max(jitter * 10, 1e-12 * float(np.mean(np.diag(kernel))))
+    raise LoramergeError("the surrogate's model cannot be fitted at these priors (its kernel is not positive "
+                         "definite): give a larger --noise")
+
+
 def pair_prior_std(size: int, task_count: int, settings: SurrogateSettings) -> np.ndarray:
     """b_ij for every pair of flat entries (i = u·T + t): r·b within one unit, b across units, 0 on the diagonal."""
     unit = np.arange(size) // task_count
@@ -135,7 +148,7 @@ class Posterior:
         pairs = shared * (shared - 1) / 2
         kernel = (a2 * shared + b2 * (pairs - same_unit_pairs) + (settings.same_unit_ratio ** 2) * b2 * same_unit_pairs
                   + s2 * np.eye(len(tables)))
-        inverse_factor = np.linalg.inv(np.linalg.cholesky(kernel))
+        inverse_factor = np.linalg.inv(_cholesky(kernel))
         return cls(tables, values, inverse_factor.T @ inverse_factor, settings,
                    pair_prior_std(tables.shape[1], task_count, settings))
 

@@ -967,3 +967,38 @@ def test_a_quoted_tilde_in_out_is_the_home_folder_for_the_check_and_the_write(go
     assert result.exit_code == 0, result.stderr
     assert (mine / "user.txt").read_text() == "precious\n" and sorted(mine.iterdir()) == [mine / "user.txt"]
     assert (home / "mo").is_dir()
+
+
+def test_a_quoted_tilde_is_the_home_in_every_path_flag(good, tmp_path, monkeypatch):
+    """`~` given quoted or from a recipe is expanded once at parsing, for every path flag (it was for --out
+    only: --run-dir and --plot went to ./~, --mask, --tasks, --config and --base were not found)."""
+    import typer
+
+    from loramerge_cli.cli.common import path_value, source_value
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    assert path_value("~/runs/a") == home / "runs" / "a" and source_value("~/base") == str(home / "base")
+    with pytest.raises(typer.BadParameter, match="no such user"):
+        path_value("~nosuchuser_zz_loramerge/x")
+    (home / "r.yaml").write_text(f"adapters:\n  a: {good[0]}\n  b: {good[1]}\nout: ~/merged\n")
+    result = invoke_cli(["merge", "--config", "~/r.yaml", "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    assert (home / "merged" / "adapter_model.safetensors").is_file() and not (tmp_path / "~").exists()
+    assert one_line(invoke_cli(["merge", "--adapters", *good, "--out", "~nosuchuser_zz_loramerge/x"]),
+                    "no such user", 2) is None
+
+
+@pytest.mark.parametrize("recipe,word", [
+    ("base: [a, b]", "base: a list is not a path or Hub id"), ("adapters: {null: A, b: B}", "None is not a task name"),
+    ("adapters: {'a=b': A, b: B}", "'a=b' is not a task name"), ("adapters: null", "Missing option '--adapters'"),
+])
+def test_recipe_sources_that_no_command_line_gives_are_usage_errors(good, tmp_path, recipe, word):
+    path = tmp_path / "r.yaml"
+    body = recipe.replace("A", good[0]).replace("B", good[1])
+    adapters = "" if recipe.startswith("adapters") else f"adapters: {{a: {good[0]}, b: {good[1]}}}\n"
+    path.write_text(f"{adapters}{body}\nout: {tmp_path / 'm'}\n")
+    one_line(invoke_cli(["merge", "--config", path]), word, 2)
+    assert not (tmp_path / "m").exists()

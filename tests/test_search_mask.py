@@ -322,3 +322,26 @@ def test_a_surrogate_run_saved_before_same_unit_ratio_resumes_with_ratio_1_only(
     two = invoke_cli([*resume, "--same-unit-ratio", "1", "--budget", "12", "--lambda", "0.3", "--out",
                       str(tmp_path / "two.json")])
     assert two.exit_code == 1 and "--budget is 12" in two.stderr and "--lambda is 0.3" in two.stderr, two.stderr
+
+
+@pytest.mark.parametrize("edit,word", [
+    (lambda c: c["flags"].update(tasks=5), "the saved flag tasks is 5"),
+    (lambda c: c["flags"].update(adapters=[1, 2]), "the saved flag adapters is [1, 2]"),
+    (lambda c: c["flags"].update(strategy="nope"), "--strategy must be one of"),
+    (lambda c: c["settings"].update(strategy=[]), "the settings differ"),
+])
+def test_a_hand_edited_run_config_is_one_line_on_resume(setting, tmp_path, edit, word):
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+            "ties", "--budget", "8", "--max-prune", "0.5", "--threads", "1", "--lambda", "0.275"]
+    assert invoke_cli([*args, "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path / "a.json")]).exit_code == 0
+    same = invoke_cli(["search-mask", "--run-dir", str(tmp_path / "run"), "--resume", "--lambda", "0.2750",
+                       "--out", str(tmp_path / "b.json")])  # the same number written another way
+    assert same.exit_code == 0, same.stderr
+    path = tmp_path / "run" / "config.json"
+    config = json.loads(path.read_text())
+    edit(config)
+    path.write_text(json.dumps(config))
+    result = invoke_cli(["search-mask", "--run-dir", str(tmp_path / "run"), "--resume", "--out",
+                         str(tmp_path / "c.json")])
+    assert result.exit_code in (1, 2) and word in result.stderr, result.stderr
+    assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr

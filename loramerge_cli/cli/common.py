@@ -136,32 +136,47 @@ def usage_errors_in_one_line(command=lambda: "loramerge"):
 
 
 def path_value(value) -> Path:
-    """A path option's value. An empty one (`--out "$OUT"` with OUT unset) is a usage error, not the working
-    folder, and so is a recipe's value that YAML did not read as text (`out: 2024-01-01` is a date)."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise typer.BadParameter(f"{value!r} is not a path (quote it in the recipe)")
-    if not str(value).strip():
-        raise typer.BadParameter("the path is empty")
-    if "\x00" in str(value):
-        raise typer.BadParameter("the path holds a NUL character")
-    return Path(value)
+    """A path option's value, `~` expanded (given quoted, or from a recipe: the check and the write must see one
+    path). An empty one (`--out "$OUT"` with OUT unset) is a usage error, not the working folder, and so is a
+    recipe's value that YAML did not read as text (`out: 2024-01-01` is a date)."""
+    return Path(_expanded(_text(value, "path"), "path"))
 
 
 def source_value(value) -> str:
-    """An adapter or base model source (a path or a Hub id): empty is a usage error, not the working folder."""
-    if not isinstance(value, (str, os.PathLike)):
-        raise typer.BadParameter(f"{value!r} is not a path or Hub id (quote it in the recipe)")
+    """A base model source (a path or a Hub id), `~` expanded; empty is a usage error, not the working folder."""
+    return _expanded(_text(value, "source"), "source")
+
+
+def adapter_source_value(value) -> str:
+    """An adapter source, `name=source` or a source (`~` is the loader's to expand); `name=` alone (`a=$UNSET`)
+    is empty too."""
     from loramerge_cli.adapters.sources import NAME
 
-    text = str(value)
-    if not text.strip():
-        raise typer.BadParameter("the source is empty")
-    if "\x00" in text:
-        raise typer.BadParameter("the source holds a NUL character")
+    text = _text(value, "source")
     name, sep, rest = text.partition("=")
-    if sep and NAME.match(name) and not rest.strip() and not os.path.exists(text):  # `a=$UNSET`
+    if sep and NAME.match(name) and not rest.strip() and not os.path.exists(text):
         raise typer.BadParameter(f"the source is empty (after {name}=)")
     return text
+
+
+def _text(value, what: str) -> str:
+    if not isinstance(value, (str, os.PathLike)):
+        raise typer.BadParameter(f"{value!r} is not a {what} (quote it in the recipe)")
+    text = str(value)
+    if not text.strip():
+        raise typer.BadParameter(f"the {what} is empty")
+    if "\x00" in text:
+        raise typer.BadParameter(f"the {what} holds a NUL character")
+    return text
+
+
+def _expanded(text: str, what: str) -> str:
+    if not text.startswith("~"):
+        return text
+    try:
+        return str(Path(text).expanduser())
+    except RuntimeError:  # ~user of no such user, or no home at all
+        raise typer.BadParameter(f"{text}: cannot expand {text.split('/', 1)[0]} (no such user or home)") from None
 
 
 def given_arguments(ctx: typer.Context) -> list[str]:
@@ -210,7 +225,8 @@ def command_errors(function):
                 traceback.print_exc(file=StandardError())
             if isinstance(error, LoramergeError):
                 raise fail(f"error: {error}") from None
-            raise fail(f"internal error: {type(error).__name__}: {error} (rerun with --debug)") from None
+            hint = "" if debug else " (rerun with --debug)"
+            raise fail(f"internal error: {type(error).__name__}: {error}{hint}") from None
         if interrupts.interrupted():  # swallowed by a library, and the work finished anyway
             raise fail(interrupts.message(), 130)
         return result
@@ -366,6 +382,8 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
         option = by_flag.get(flag)
         if option is None or option.name in ("config", "help"):
             raise typer.BadParameter(f"{value}: unknown key {key!r} (keys are this command's flag names)")
+        if item is None:  # `key: null`: not given
+            continue
         if getattr(option, "multiple", False):
             item = [str(v) for v in item] if isinstance(item, list) else [str(item)]
         elif isinstance(item, list):

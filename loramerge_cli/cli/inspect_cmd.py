@@ -21,8 +21,8 @@ from loramerge_cli.cli.common import (
     examples_epilog,
     result_console,
     load_config_defaults,
+    adapter_source_value,
     path_value,
-    source_value,
 )
 
 EPILOG = examples_epilog(
@@ -37,9 +37,9 @@ EPILOG = examples_epilog(
 def inspect_command(
     sources: Annotated[Optional[list[str]], typer.Argument(
         metavar="ADAPTER", help="Adapters: folders, .safetensors files or Hub ids (name=source to name them); "
-        "or give them with --adapters.", show_default=False, parser=source_value)] = None,
+        "or give them with --adapters.", show_default=False, parser=adapter_source_value)] = None,
     adapters: Annotated[Optional[list[str]], typer.Option("--adapters", help=ADAPTERS_HELP, show_default=False,
-                                                          parser=source_value)] = None,
+                                                          parser=adapter_source_value)] = None,
     heatmap: Annotated[bool, typer.Option("--heatmap", help="Colour the norm grid (with a legend).")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help=THREADS_HELP, show_default=False)] = None,
     allow_pickle: Annotated[bool, typer.Option("--allow-pickle", help=ALLOW_PICKLE_HELP)] = False,

@@ -25,6 +25,7 @@ from loramerge_cli.cli.common import (
     QUIET_HELP,
     THREADS_HELP,
     load_config_defaults,
+    adapter_source_value,
     path_value,
     source_value,
 )
@@ -39,7 +40,7 @@ def option(name: str, annotation, default, *flags: str, **settings) -> inspect.P
     if annotation in (Path, Path | None):
         settings.setdefault("parser", path_value)
     elif name in SOURCE_KEYS:
-        settings.setdefault("parser", source_value)
+        settings.setdefault("parser", source_value if name == "base" else adapter_source_value)
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, typer.Option(*flags, **settings)])
 

@@ -102,8 +102,12 @@ def _local(value: str, folder: Path) -> str:
 
 def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
     """`{name: source | {path, weight, density}}` -> (["name=source", ...], extra flag values)."""
+    from loramerge_cli.adapters.sources import NAME
+
     sources, weights, densities = [], [], []
     for name, entry in value.items():
+        if not isinstance(name, str) or not NAME.match(name):
+            raise typer.BadParameter(f"{origin}: {name!r} is not a task name (letters, digits, _ . -)")
         if isinstance(entry, dict):
             unknown = set(entry) - {"path", "source", "weight", "density"}
             if unknown:
@@ -164,6 +168,8 @@ def expand_config(data: dict, path: Path, command) -> dict:
         if option is not None and is_path(option) and isinstance(value, str) and value.strip():  # "": refused
             value = str(folder / value) if not os.path.isabs(value) and not value.startswith("~") else value
         elif option is not None and option.name in SOURCE_KEYS and value is not None:  # null: not given
+            if isinstance(value, list) and not getattr(option, "multiple", False):
+                raise typer.BadParameter(f"{path}: {key}: a list is not a path or Hub id")
             for source in value if isinstance(value, list) else [value]:
                 _check_source(source, f"{path}: {key}")
             value = [_local(v, folder) for v in value] if isinstance(value, list) else _local(value, folder)

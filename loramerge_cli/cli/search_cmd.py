@@ -127,10 +127,10 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
     """A setting of another strategy given on the command line is a usage error (one whose `needs` switch is
     off, `--no-screen --greedy-pool 4`, is refused by the strategy's own check, for the library too)."""
     from loramerge_cli.errors import UsageError
-    from loramerge_cli.search.strategies import STRATEGIES
+    from loramerge_cli.search.strategies import STRATEGIES, strategy_named
 
     strategy = flags["strategy"]
-    own = {parameter.name for parameter in STRATEGIES[strategy].parameters}
+    own = {parameter.name for parameter in strategy_named(strategy).parameters}  # a resumed run's: checked
     for other in STRATEGIES.values():
         for parameter in other.parameters:
             source = ctx.get_parameter_source(parameter.name)

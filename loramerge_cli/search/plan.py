@@ -300,7 +300,8 @@ def with_settings_added_since(settings: dict) -> dict:
     from loramerge_cli.search.strategies import STRATEGIES
 
     options = settings.get("options") if isinstance(settings, dict) else None
-    strategy = STRATEGIES.get(settings.get("strategy")) if isinstance(options, dict) else None
+    name = settings.get("strategy") if isinstance(options, dict) else None
+    strategy = STRATEGIES.get(name) if isinstance(name, str) else None
     if strategy is None:
         return settings
     declared = {parameter.name for parameter in strategy.parameters}

@@ -100,7 +100,7 @@ def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict],
         if not isinstance(data, dict) or data.get("format") != expected:
             raise ValueError(f'expected a JSON object with "format": "{expected}"')
         return parse(data)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
         raise LoramergeError(f"{path}: not a readable {what} ({error}); give another --run-dir to start "
                              "over") from None
 
@@ -148,8 +148,10 @@ def resumed_flags(run_dir: Path, given: dict, values: dict) -> dict | None:
     saved = config.get("flags") if config else None
     if not isinstance(saved, dict):
         return None
+    _check_saved_flags(run_dir / CONFIG_NAME, saved)
     now = normal_flags({name: values[name] for name in given})
-    changed = [name for name in given if name not in RUN_ONLY_FLAGS and name in saved and now[name] != saved[name]]
+    changed = [name for name in given if name not in RUN_ONLY_FLAGS and name in saved
+               and not _same_value(now[name], saved[name])]
     if changed:
         differences = "; ".join(f"{flag_name(name)} is {_shown(now[name])} but the saved run used {_shown(saved[name])}"
                                 for name in changed)
@@ -163,6 +165,29 @@ def resumed_flags(run_dir: Path, given: dict, values: dict) -> dict | None:
         if isinstance(merged.get(name), str):
             merged[name] = Path(merged[name])
     return merged
+
+
+def _check_saved_flags(path: Path, saved: dict) -> None:
+    """The saved flags are what a command line gives: text, numbers, booleans, lists of text (a hand-edited
+    file is one line here, not an error deep in the search)."""
+    for name, value in saved.items():
+        scalar = value is None or isinstance(value, (str, int, float, bool))
+        listed = isinstance(value, list) and all(isinstance(item, str) for item in value)
+        fits = (value is None or isinstance(value, str) if name in ("tasks", "out", "plot", "base", "strategy")
+                else value is None or listed if name in ("adapters", "merged") else scalar or listed)
+        if not fits:
+            raise LoramergeError(f"--resume: {path}: the saved flag {name} is {value!r}, which no command line gives; "
+                                 "give another --run-dir to start over")
+
+
+def _same_value(now, saved) -> bool:
+    """Equal, or the same number written two ways (`--lambda 0.2750` and the saved `0.275`)."""
+    if now == saved:
+        return True
+    try:
+        return isinstance(now, str) and isinstance(saved, str) and float(now) == float(saved)
+    except ValueError:
+        return False
 
 
 def flag_name(name: str) -> str:

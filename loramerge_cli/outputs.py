@@ -160,7 +160,7 @@ def write_result(out: str | Path, text: str, force: bool, formats: tuple[str, ..
     """Write a command's result file when the work is done. What appeared at `out` while the command ran is
     never replaced: without `force` the file is created only where nothing is; with it, what is there now must
     still be what `guard_output` allows. Refused, the result is kept beside it and the error names that file."""
-    from loramerge_cli import atomic
+    from loramerge_cli import atomic, interrupts
 
     out = Path(out)
     target = Path(os.path.abspath(out.expanduser()))
@@ -170,6 +170,7 @@ def write_result(out: str | Path, text: str, force: bool, formats: tuple[str, ..
             atomic.write_text(target, text)
         else:
             atomic.write_new(target, text)
+        interrupts.set_hint(f"{out} was written whole before it")  # a Ctrl-C while the result is printed
         return
     except FileExistsError:
         reason = "appeared while the command ran"
@@ -283,6 +284,7 @@ def staged_folder(out_dir: str | Path, force: bool = False, inputs: Iterable[str
         _apply_umask(staging)
         interrupts.check()  # a Ctrl-C some library swallowed: write nothing
         _replace(staging, target, force)
+        interrupts.set_hint(f"{out_dir} was written whole before it")  # a Ctrl-C while the result is printed
     except OSError as error:
         _remove_staging(staging, made)
         raise LoramergeError(f"{out_dir}: cannot write the output ({error.strerror or error})") from None

@@ -1002,3 +1002,16 @@ def test_recipe_sources_that_no_command_line_gives_are_usage_errors(good, tmp_pa
     path.write_text(f"{adapters}{body}\nout: {tmp_path / 'm'}\n")
     one_line(invoke_cli(["merge", "--config", path]), word, 2)
     assert not (tmp_path / "m").exists()
+
+
+def test_ctrl_c_after_the_output_is_written_says_so(good, tmp_path):
+    """A Ctrl-C while the result is printed said "interrupted; nothing was written" beside a complete output."""
+    from loramerge_cli import interrupts
+    from loramerge_cli.outputs import staged_folder
+
+    interrupts.set_hint(None)
+    with staged_folder(tmp_path / "m") as staging:
+        (staging / "adapter_model.safetensors").write_bytes(b"whole")
+    assert interrupts.message() == f"interrupted; {tmp_path / 'm'} was written whole before it"
+    interrupts.set_hint(None)
+    assert interrupts.message() == "interrupted; nothing was written"

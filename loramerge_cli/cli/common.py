@@ -209,6 +209,7 @@ def command_errors(function):
         from loramerge_cli import interrupts
 
         debug = bool(kwargs.get("debug"))
+        interrupts.set_hint(None)  # a command run in-process after another: not the other's hint
         interrupts.install()
         try:
             result = function(*args, **kwargs)

@@ -257,10 +257,8 @@ def stdout_failures():
     try:
         yield
     except BrokenPipeError:
-        import os
-
-        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes stdout at exit
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        with contextlib.suppress(AttributeError, OSError, ValueError):  # no second error when Python flushes stdout
+            os.dup2(os.open(os.devnull, os.O_WRONLY), _unproxied(sys.stdout).fileno())  # at exit
         raise typer.Exit(141) from None
     except OSError as error:
         raise fail(f"error: cannot write to standard output: {error.strerror or error}") from None

@@ -305,8 +305,8 @@ def with_settings_added_since(settings: dict) -> dict:
     if strategy is None:
         return settings
     declared = {parameter.name for parameter in strategy.parameters}
-    added = {name: value for (owner, name), value in ADDED_SETTINGS.items()
-             if owner == strategy.name and name not in options and declared - {name} <= set(options)}
+    added = {option: value for (owner, option), value in ADDED_SETTINGS.items()
+             if owner == strategy.name and option not in options and declared - {option} <= set(options)}
     return {**settings, "options": {**options, **added}} if added else settings
 
 

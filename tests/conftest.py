@@ -14,6 +14,13 @@ torch.set_num_threads(1)
 LLAMA_TARGETS = ["q_proj", "v_proj"]
 
 
+@pytest.fixture(autouse=True)
+def _empty_working_folder(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty folder of its own, so no output given as a relative path (or written by a
+    test that fails) lands in the repository."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def pytest_configure(config):
     # peft 0.21 calls a transformers 5 method that transformers deprecates; nothing loramerge can change.
     config.addinivalue_line("filterwarnings", "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")

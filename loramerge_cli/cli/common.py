@@ -91,6 +91,9 @@ def readable_metavars(command) -> None:
             param.metavar = param.name.upper()
 
 
+HELP_FLAGS = {"-h", "--help"}
+
+
 class LoramergeGroup(TyperGroup):
     """The top-level group: spreads multi-value options, remembers the command line, readable metavars."""
 
@@ -102,6 +105,9 @@ class LoramergeGroup(TyperGroup):
     def main(self, args=None, prog_name=None, **extra):
         args = spread_multi_values(list(sys.argv[1:] if args is None else args))
         extra.setdefault("obj", {"argv": list(args)})
+        if _unproxied(sys.stdout) is None and HELP_FLAGS & set(args[: args.index("--") if "--" in args else None]):
+            StandardError().write("error: cannot write to standard output: it is closed\n")  # rich drops the help
+            sys.exit(1)
         return super().main(args=args, prog_name=prog_name or "loramerge", **extra)
 
     def make_context(self, info_name, args, parent=None, **extra):
@@ -360,6 +366,8 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     --help anywhere on the line, the help comes first, whatever the recipe holds."""
     if not value or ctx.resilient_parsing or any(name in given_arguments(ctx) for name in ctx.help_option_names):
         return value
+    if sum(arg == "--config" or arg.startswith("--config=") for arg in given_arguments(ctx)) > 1:
+        raise typer.BadParameter("given twice: a run reads one recipe")
     import yaml
 
     try:

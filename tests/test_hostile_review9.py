@@ -4,12 +4,19 @@ docstring says what the user did, what happened and what should happen."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from eval_fixtures import build_text_setting, write_jsonl, write_tasks_file
 from factories import invoke_cli
 from test_hostile_inputs import REPO, one_line
+
+from loramerge_cli.errors import LoramergeError
+from loramerge_cli.evaluation.data import check_task_file, load_examples
+from loramerge_cli.evaluation.specs import load_task_file
 
 
 def test_config_given_twice_is_a_usage_error(tmp_path):
@@ -30,3 +37,152 @@ def test_help_on_a_closed_stdout_says_so(args):
     process = subprocess.run([sys.executable, "-m", "loramerge_cli", *args], stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": REPO}, timeout=120, preexec_fn=lambda: os.close(1))
     assert (process.returncode, process.stderr) == (1, "error: cannot write to standard output: it is closed\n")
+
+
+# --- eval and task specs -------------------------------------------------------------------------------------
+
+def _spec(tmp_path, task: dict, model_type: str = "sequence-classification", name: str = "tasks.yaml", **top):
+    return write_tasks_file(tmp_path / name, {**top, "model_type": model_type, "tasks": [task]})
+
+
+def _pair_task(data: Path, **settings) -> dict:
+    return {"name": "nli", "data": {"validation": str(data)}, "text": ["premise", "hypothesis"], "label": "label",
+            "num_labels": 3, **settings}
+
+
+def test_a_long_causal_lm_prompt_is_text_not_a_file_name(tmp_path):
+    """A BoolQ-style task whose passage is 100 words: `eval`, `merge --lambda auto` and `search-mask` ended in
+    "internal error: OSError: [Errno 36] File name too long" (every prompt was tried as an image path for the
+    data's fingerprint)."""
+    passage = " ".join(f"w{i % 40}" for i in range(100))
+    rows = [{"passage": passage, "question": "w1", "answer": index % 2} for index in range(4)]
+    spec = _spec(tmp_path, {"name": "yn", "data": {"validation": str(write_jsonl(tmp_path / "v.jsonl", rows))},
+                            "prompt": "{passage} {question}", "choices": [" no", " yes"], "label": "answer"},
+                 model_type="causal-lm")
+    task_file = check_task_file(spec, ["validation"])
+    examples = load_examples(task_file, task_file.tasks[0], "validation")
+    assert examples.inputs[0] == f"{passage} w1" and examples.labels == [0, 1, 0, 1]
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    return build_text_setting(tmp_path_factory.mktemp("review9"), rows=6)
+
+
+def test_a_token_cap_past_the_model_s_positions_is_one_line(setting, tmp_path):
+    """`eval --max-length 300` on a model with 64 positions: "internal error: RuntimeError: The size of tensor a
+    (103) must match …" (BERT) or "IndexError: index out of range in self" (GPT-2); a spec's
+    `max_length: 10**30` gave "internal error: OverflowError"."""
+    from transformers import AutoConfig
+
+    positions = AutoConfig.from_pretrained(str(setting.base)).max_position_embeddings
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--threads", "1",
+                         "--max-length", str(positions + 1)])
+    one_line(result, f"--max-length {positions + 1} is more than the model's {positions} positions", 1)
+    data = setting.root / "data" / "alpha" / "validation.jsonl"
+    spec = _spec(tmp_path, _pair_task(data, max_length=10**30), base_model=str(setting.base))
+    one_line(invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", spec]), "max_length", 1)
+    one_line(invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", spec, "--max-length", 2**25]),
+             "--max-length", 2)
+
+
+def test_malformed_data_rows_are_one_line(tmp_path):
+    """A label of 5,000 digits ("internal error: ValueError: Exceeds the limit") and a row nested 100,000 deep
+    ("internal error: RecursionError") were internal errors."""
+    for line in ('{"premise": "a", "hypothesis": "b", "label": ' + "9" * 5000 + "}", "[" * 100000):
+        (tmp_path / "v.jsonl").write_text(line + "\n")
+        with pytest.raises(LoramergeError, match=r"v\.jsonl line 1 is not JSON"):
+            check_task_file(_spec(tmp_path, _pair_task(tmp_path / "v.jsonl")))
+
+
+@pytest.mark.parametrize("text,message", [
+    ("premise,premise,hypothesis,label\na,b,c,0\n", "column 'premise' appears twice in the header"),
+    ("premise,hypothesis,label\na,b,0,extra\n", "line 2 has 4 fields; the header names 3"),
+])
+def test_a_csv_that_would_drop_a_value_is_refused(tmp_path, text, message):
+    """A header naming a column twice used its last column; a row with a field past the header was read
+    without it. Both exited 0."""
+    (tmp_path / "v.csv").write_text(text)
+    with pytest.raises(LoramergeError, match=message):
+        check_task_file(_spec(tmp_path, _pair_task(tmp_path / "v.csv")))
+
+
+def test_csv_fields_and_labels_read_as_json_s_would(tmp_path):
+    """A CSV field over 131,072 characters (a long passage) was "internal error: field larger than field limit";
+    labels `1.0` and `True`/`False` (as pandas writes them) were "unknown label name", where JSONL reads
+    them."""
+    long = " ".join(["w1"] * 50000)
+    (tmp_path / "v.csv").write_text(f"premise,hypothesis,label\n{long},b,1.0\na,b,True\na,b,False\na,b,2\n")
+    task_file = check_task_file(_spec(tmp_path, _pair_task(tmp_path / "v.csv")))
+    examples = load_examples(task_file, task_file.tasks[0], "validation")
+    assert examples.labels == [1, 1, 0, 2] and examples.inputs[0] == (long, "b")
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"# caf\xe9\nmodel_type: sequence-classification\n", "not UTF-8 text"),
+    (b"tasks:\n  - name: a\n    name: b\n    data: {validation: v.jsonl}\n", "key 'name' appears twice"),
+])
+def test_a_spec_that_is_not_utf8_or_repeats_a_key_is_one_line(tmp_path, content, message):
+    """A latin-1 byte in tasks.yaml was "internal error: UnicodeDecodeError"; a task with two `name:` keys
+    silently took the last one."""
+    (tmp_path / "tasks.yaml").write_bytes(content)
+    with pytest.raises(LoramergeError, match=message):
+        load_task_file(tmp_path / "tasks.yaml")
+
+
+@pytest.mark.parametrize("content,message", [(b"out: caf\xe9\n", "not UTF-8 text"),
+                                             (b"out: a\nout: b\n", "key 'out' appears twice")])
+def test_a_recipe_that_is_not_utf8_or_repeats_a_key_is_one_line(tmp_path, content, message):
+    (tmp_path / "r.yaml").write_bytes(content)
+    one_line(invoke_cli(["merge", "--config", tmp_path / "r.yaml"]), message, 1)
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"num_labels": 2**21, "labels": ["a", "b"]}, "num_labels: 2097152 is greater than the maximum"),
+    ({"masked_labels": [0, 1, 2]}, "every one of the 3 classes is masked"),
+])
+def test_impossible_class_settings_are_refused(tmp_path, settings, message):
+    """`num_labels: 10**12` beside two names built a list of every masked class (MemoryError; here 2**21, over the
+    limit of 2**20, so that the test fails without a memory error); masking every
+    class always predicted class 0 (exit 0)."""
+    write_jsonl(tmp_path / "v.jsonl", [{"premise": "a", "hypothesis": "b", "label": 0}])
+    with pytest.raises(LoramergeError, match=message):
+        load_task_file(_spec(tmp_path, _pair_task(tmp_path / "v.jsonl", **settings)))
+
+
+def test_two_equal_choices_are_refused(tmp_path):
+    """`choices: [" yes", " yes"]`: label 1 could never be predicted (exit 0)."""
+    write_jsonl(tmp_path / "v.jsonl", [{"q": "a", "answer": 0}])
+    task = {"name": "yn", "data": {"validation": "v.jsonl"}, "prompt": "{q}", "choices": [" yes", " yes"],
+            "label": "answer"}
+    with pytest.raises(LoramergeError, match="choices: .* has non-unique elements"):
+        load_task_file(_spec(tmp_path, task, model_type="causal-lm"))
+
+
+def test_a_relative_base_model_is_taken_from_the_spec_s_folder(setting, tmp_path):
+    """`base_model: ../models/base` in specs/tasks.yaml was looked up from the working folder (its data paths
+    from the spec's folder): run from elsewhere, it failed after the adapters loaded, or loaded another model."""
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    shutil.copytree(setting.base, tmp_path / "models" / "base")
+    data = write_jsonl(specs / "v.jsonl", [{"premise": "w1", "hypothesis": "w2", "label": 0}])
+    spec = _spec(specs, _pair_task(data), base_model="../models/base")
+    assert load_task_file(spec).base_model == str(specs / "../models/base")
+    hub = _spec(specs, _pair_task(data), name="hub.yaml", base_model="org/name")
+    assert load_task_file(hub).base_model == "org/name"
+    result = invoke_cli(["eval", "--adapters", f"nli={setting.adapters['alpha']}", "--tasks", spec, "--json"])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_a_truncated_image_is_found_before_any_model_loads(tmp_path):
+    """Half a PNG passed the check before the model loaded (only its header was read) and failed after it."""
+    from PIL import Image
+
+    for name in ("cat", "dog"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.new("RGB", (32, 32), (255, 0, 0)).save(tmp_path / "images" / name / "0.png")
+    whole = (tmp_path / "images" / "dog" / "0.png").read_bytes()
+    (tmp_path / "images" / "dog" / "0.png").write_bytes(whole[: len(whole) // 2])
+    spec = _spec(tmp_path, {"name": "pets", "data": {"validation": "images"}}, model_type="image-classification")
+    with pytest.raises(LoramergeError, match=r"dog/0\.png: not an image PIL can read"):
+        check_task_file(spec, ["validation"])

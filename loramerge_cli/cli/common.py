@@ -370,12 +370,16 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
         raise typer.BadParameter("given twice: a run reads one recipe")
     import yaml
 
+    from loramerge_cli.yaml_documents import load_yaml
+
     try:
-        data = yaml.safe_load(Path(value).read_text())
+        data = load_yaml(Path(value).read_text(encoding="utf-8"))
     except OSError as error:  # a file that cannot be read is bad input (exit 1), as a missing --tasks or --mask
         raise fail(f"error: --config {value}: cannot read it ({error.strerror or error})") from None
-    except yaml.YAMLError as error:
-        raise fail(f"error: --config {value} is not valid YAML ({one_line(error)})") from None
+    except UnicodeDecodeError as error:
+        raise fail(f"error: --config {value} is not UTF-8 text (byte {error.start})") from None
+    except (yaml.YAMLError, RecursionError) as error:
+        raise fail(f"error: --config {value} is not valid YAML ({one_line(error) or 'nested too deep'})") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value} must map flag names to values")

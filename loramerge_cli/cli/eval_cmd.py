@@ -9,6 +9,7 @@ import typer
 from loramerge_cli.cli.common import ADAPTERS_HELP, ALLOW_PICKLE_HELP, command_errors, emit_json, examples_epilog
 from loramerge_cli.cli.options import (
     choice,
+    max_length_option,
     option,
     output_options,
     resolve_backend,
@@ -42,9 +43,7 @@ def eval_options() -> list:
         *scale_options(),
         option("dtype", choice(("float32", "bfloat16", "float16")), "float32", help="Model dtype."),
         option("batch_size", int, 16, min=1, help="Sequences per forward pass."),
-        option("max_length", int | None, None, min=2, show_default=False, help="Token cap of tasks whose spec "
-               "sets none. [default: the smaller of the tokenizer's model_max_length and the model's "
-               "max_position_embeddings]"),
+        max_length_option(),
         threads_option("Torch CPU threads (fixed, for reproducible numbers). [default: OMP_NUM_THREADS if set, "
                        "else min(8, CPUs)]"),
         option("length_normalize", bool, False, help="Causal LM: divide each choice's log-likelihood by its "

@@ -19,6 +19,7 @@ from loramerge_cli.cli.common import (
 from loramerge_cli.cli.options import (
     adapter_options,
     choice,
+    max_length_option,
     merge_config,
     merger_options,
     option,
@@ -77,9 +78,7 @@ def merge_options() -> list:
         option("batch_size", int | None, None, help="--lambda auto, regmean: batch size."),
         option("eval_dtype", choice(DTYPES) | None, None, show_default=False,
                help="--lambda auto: dtype of the evaluated model. [default: float32]"),
-        option("max_length", int | None, None, show_default=False, help="--lambda auto, regmean: token cap of tasks "
-               "whose spec sets none. [default: the smaller of the tokenizer's model_max_length and the model's "
-               "max_position_embeddings]"),
+        max_length_option("--lambda auto, regmean: "),
         threads_option(),
         *push_options(),
     ]

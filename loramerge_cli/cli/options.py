@@ -91,6 +91,16 @@ def threads_option(help: str = THREADS_HELP) -> inspect.Parameter:
     return option("threads", int | None, None, min=1, show_default=False, help=help)
 
 
+MAX_TOKENS = 2**24  # the largest token cap accepted (by --max-length and a task's max_length)
+
+
+def max_length_option(used_by: str = "") -> inspect.Parameter:
+    """--max-length: the token cap of tasks whose spec sets none."""
+    return option("max_length", int | None, None, min=2, max=MAX_TOKENS, show_default=False,
+                  help=f"{used_by}Token cap of tasks whose spec sets none. [default: the smaller of the tokenizer's "
+                       "model_max_length and the model's max_position_embeddings]")
+
+
 def push_options() -> list[inspect.Parameter]:
     """--push-to-hub and how: --private, --revision, --dry-run."""
     return [

@@ -11,6 +11,7 @@ from loramerge_cli.cli.common import command_errors, command_line, emit_json, ex
 from loramerge_cli.cli.options import (
     adapter_options,
     choice,
+    max_length_option,
     merge_config,
     merger_options,
     option,
@@ -92,8 +93,7 @@ def search_options() -> list:
                        "else min(8, CPUs); CPUs / N with --workers N]"),
         option("batch_size", int, 16, help="Evaluation batch size; nsc: examples per task and step."),
         option("eval_dtype", choice(DTYPES), "float32", help="Dtype of the evaluated model."),
-        option("max_length", int | None, None, show_default=False, help="Token cap of tasks whose spec sets none. "
-               "[default: the smaller of the tokenizer's model_max_length and the model's max_position_embeddings]"),
+        max_length_option(),
         option("block_cache_mb", float, 1024, help="MB of the unpruned merge's block outputs kept so that each "
                "candidate's forward pass starts at its first changed block (same scores; 0: off)."),
         option("run_dir", Path | None, None, help="Checkpoints every generation (state, trajectory.jsonl, best "

@@ -44,8 +44,8 @@ def load_examples(
     digest = hashlib.sha256()
     digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
     digest.update(_content_hash(source).encode())
-    for value in inputs:  # files a listing names (images): each one's size and mtime, not only the listing
-        if isinstance(value, (str, Path)) and Path(value).is_file():
+    for value in inputs if task_file.type.inputs_name_files else ():  # files a listing names (images): each
+        if isinstance(value, (str, Path)) and Path(value).is_file():  # one's size and mtime, not only the listing
             stat = Path(value).stat()
             digest.update(f"{value}:{stat.st_size}:{stat.st_mtime_ns}".encode())
     return Examples(task.name, split, inputs, labels, digest.hexdigest())
@@ -114,15 +114,15 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError:
-                raise task_file.error(where, f"{path} line {number} is not JSON") from None
+            except (ValueError, RecursionError) as error:  # not JSON; a number of over 4,300 digits; deep nesting
+                reason = "" if isinstance(error, json.JSONDecodeError) else f" ({_first_line(error)})"
+                raise task_file.error(where, f"{path} line {number} is not JSON{reason}") from None
             if not isinstance(row, dict):
                 raise task_file.error(where, f"{path} line {number} is not a JSON object")
             rows.append(row)
         return rows
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8-sig") as handle:  # a BOM (Excel) is no part of a name
-            return list(csv.DictReader(handle))
+        return _read_csv(path, task_file, where)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as parquet
@@ -131,6 +131,48 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
             raise task_file.error(where, f"{path}: reading parquet needs pyarrow ({hint})") from None
         return parquet.read_table(str(path)).to_pylist()
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
+
+
+def _read_csv(path: Path, task_file: TaskFile, where: str) -> list[dict]:
+    """Rows of a CSV file by its header; a repeated column name or a row longer than the header is an error
+    (either would silently score some other column). Fields may be any length (a long passage)."""
+    limit = csv.field_size_limit(2**31 - 1)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:  # a BOM (Excel) is no part of a name
+            reader = csv.DictReader(handle)
+            header = reader.fieldnames or []
+            repeated = [name for index, name in enumerate(header) if name in header[:index]]
+            if repeated:
+                raise task_file.error(where, f"{path}: column {repeated[0]!r} appears twice in the header")
+            rows = []
+            for row in reader:
+                if None in row:  # DictReader's key for the fields past the header
+                    raise task_file.error(where, f"{path} line {reader.line_num} has {len(header) + len(row[None])} "
+                                                 f"fields; the header names {len(header)}")
+                rows.append(row)
+            return rows
+    except csv.Error as error:
+        raise task_file.error(where, f"{path} is not readable CSV ({error})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _label_from_text(text: str):
+    """A CSV cell as the value JSON would have given: "2" and "2.0" are 2, "True"/"False" (as pandas writes
+    booleans) are 1/0; anything else stays text (a name to look up)."""
+    word = text.strip()
+    if word.lower() in ("true", "false"):
+        return int(word.lower() == "true")
+    try:
+        number = float(word) if word.isascii() else None
+    except ValueError:
+        return text
+    return int(number) if number is not None and number.is_integer() else text
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] | None, source: Path) -> int:
@@ -143,9 +185,8 @@ def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] |
         names = names or task_file.type.label_names(task)
         if names and value in names:
             return names.index(value)
-        if value.strip().lstrip("-").isascii() and value.strip().lstrip("-").isdigit():
-            value = int(value)
-        else:
+        value = _label_from_text(value)
+        if isinstance(value, str):
             known = f" (labels: {', '.join(names)})" if names else ""
             raise task_file.error(where, f"unknown label name {value!r}{known}")
     if isinstance(value, float) and value.is_integer():

@@ -115,15 +115,19 @@ def load_task_file(path: str | Path) -> TaskFile:
     """Read and validate a tasks.yaml; relative data and head paths are taken from its folder."""
     import yaml
 
+    from loramerge_cli.yaml_documents import load_yaml, yaml_problem
+
     path = Path(path)
     try:
-        document = yaml.safe_load(path.read_text())
+        document = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise LoramergeError(f"{path}: cannot read task spec ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise LoramergeError(f"{path}: not UTF-8 text (byte {error.start})") from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise LoramergeError(f"{path}: not valid YAML{at}") from None
+        raise LoramergeError(f"{path}: not valid YAML{yaml_problem(error)}") from None
+    except RecursionError:
+        raise LoramergeError(f"{path}: not valid YAML (nested too deep)") from None
     _validate(document, path)
     model_type = document.get("model_type", DEFAULT_TASK_TYPE)
     folder = path.parent
@@ -132,7 +136,7 @@ def load_task_file(path: str | Path) -> TaskFile:
     for index, name in enumerate(names):
         if name in names[:index]:
             raise LoramergeError(f"{path}: tasks[{index}].name: task {name!r} appears twice")
-    task_file = TaskFile(path, model_type, tasks, document.get("base_model"))
+    task_file = TaskFile(path, model_type, tasks, _base_model(document.get("base_model"), folder))
     for task in tasks:
         _check_task(task, task_file)
     return task_file
@@ -195,6 +199,15 @@ def _task_from(entry: dict, index: int, folder: Path, path: Path) -> TaskSpec:
     return task
 
 
+def _base_model(name: str | None, folder: Path) -> str | None:
+    """`base_model` as a path from the spec's folder, as its data paths, where that folder holds it (or it
+    starts with ./ or ../); else as given (a Hub id, or an absolute path)."""
+    if name is None or name.startswith("hf://"):
+        return name
+    local = _resolve(folder, name)
+    return str(local) if local.exists() or name.startswith(("./", "../")) else name
+
+
 def _resolve(folder: Path, file: str) -> Path:
     candidate = Path(file).expanduser()
     return candidate if candidate.is_absolute() else (folder / candidate)
@@ -221,6 +234,8 @@ def _check_task(task: TaskSpec, task_file: TaskFile) -> None:
         if value < 0 or (classes is not None and value >= classes):
             upper = f"0..{classes - 1}" if classes is not None else ">= 0"
             raise task_file.error(f"{where}.masked_labels", f"label {value} is out of range {upper}")
+    if classes is not None and len(set(task.masked_labels)) >= classes:  # every prediction would be class 0
+        raise task_file.error(f"{where}.masked_labels", f"every one of the {classes} classes is masked")
     task_file.type.check_task(task, task_file)
     if task.head not in (FROM_ADAPTER, NO_HEAD) and not Path(task.head).is_file():
         raise task_file.error(f"{where}.head", f"no such file {task.head}")

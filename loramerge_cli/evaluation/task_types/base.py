@@ -15,6 +15,7 @@ class TaskType:
     classifier: bool = True  # predicts a class with a head (num_labels, heads, the entropy objective)
     choices: bool = False  # scored by the log-likelihood of each choice after a prompt (no class head)
     extras: tuple[tuple[str, str], ...] = ()  # (module, pip extra) it imports: checked before any work
+    inputs_name_files: bool = False  # an input given as text is a file's path (its size and mtime are data)
 
     def check_task(self, task, task_file) -> None:
         """Cross-field rules of one task spec entry that the schema cannot say (raise task_file.error)."""
@@ -61,12 +62,17 @@ def text_setup(task, preprocessor, model, settings) -> tuple[int, int]:
     pad_id = model.config.pad_token_id
     if pad_id is None:
         pad_id = model.config.pad_token_id = preprocessor.pad_token_id
+    from loramerge_cli.errors import LoramergeError
+
     cap = task.max_length or settings.max_length or model_max_length(preprocessor, model.config)
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and 0 < positions < cap:  # longer inputs index past the position table
+        given = "its max_length" if task.max_length else "--max-length"
+        raise LoramergeError(f"task {task.name}: {given} {cap} is more than the model's {positions} positions "
+                             f"(max_position_embeddings); give at most {positions}")
     special = getattr(preprocessor, "num_special_tokens_to_add", None)
     specials = special(pair=len(task.text or ()) > 1) if special else 0
     if cap <= specials:  # the tokenizer would not truncate at all (it only warns)
-        from loramerge_cli.errors import LoramergeError
-
         raise LoramergeError(f"task {task.name}: max_length {cap} leaves no room for text (the tokenizer adds "
                              f"{specials} special tokens); give at least {specials + 1}")
     return pad_id, cap

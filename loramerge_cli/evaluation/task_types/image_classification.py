@@ -15,6 +15,7 @@ class ImageClassification(TaskType):
     model_class = "AutoModelForImageClassification"
     preprocessor_class = "AutoImageProcessor"
     extras = (("PIL", "image"),)
+    inputs_name_files = True
 
     def folder_rows(self, folder: Path, task_file, task, where: str) -> list[dict]:
         """`folder/class_name/*.png` -> rows {image: path, label: index}, sorted by class then file."""
@@ -47,11 +48,11 @@ class ImageClassification(TaskType):
                                   "expected an image path or bytes")
         if not Path(value).is_file():
             raise task_file.error(f"{task.where}.image", f"no such image file {value} (a row of {source})")
-        try:  # the header only: a file that is no image is found before any model loads
-            from PIL import Image
+        try:  # its structure, not its pixels: a file that is no image, or is cut short, is found before any model
+            from PIL import Image  # loads
 
             with Image.open(value) as image:
-                image.size
+                image.verify()
         except ImportError:
             pass  # the missing pillow is reported by the extras check, in one line
         except Exception as error:  # noqa: BLE001 - PIL raises many kinds for a bad file

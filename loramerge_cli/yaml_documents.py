@@ -1,0 +1,33 @@
+"""YAML as the recipes and task specs read it: YAML's safe subset, and a key given twice in one mapping is an
+error (PyYAML keeps the last one without a word)."""
+
+from __future__ import annotations
+
+import yaml
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader whose mappings refuse a repeated key."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool, type(None))) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
+                seen.add(key if isinstance(key, (str, int, float, bool, type(None))) else id(key_node))
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str):
+    """The document in `text` (safe types only), refusing a key given twice."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def yaml_problem(error: yaml.YAMLError) -> str:
+    """' at line N: what is wrong' (or less, where PyYAML knows less) for a one-line message."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None)
+    return (f" at line {mark.line + 1}" if mark is not None else "") + (f": {problem}" if problem else "")

@@ -186,3 +186,22 @@ def test_a_truncated_image_is_found_before_any_model_loads(tmp_path):
     spec = _spec(tmp_path, {"name": "pets", "data": {"validation": "images"}}, model_type="image-classification")
     with pytest.raises(LoramergeError, match=r"dog/0\.png: not an image PIL can read"):
         check_task_file(spec, ["validation"])
+
+
+# --- merge --------------------------------------------------------------------------------------------------
+
+def test_a_merged_update_past_float32_is_refused(folders, tmp_path):
+    """Factors of ±1e20 are finite but their product is not: `merge --merger ta` wrote the adapter (exit 0) and
+    PEFT's forward on it gave NaN logits; `inspect` showed ‖ΔW‖ = 9.2e41."""
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(folders["a"], big)
+    weights = big / "adapter_model.safetensors"
+    save_file({key: value * 1e20 if ".lora_" in key else value for key, value in load_file(weights).items()},
+              weights)
+    result = invoke_cli(["merge", "--adapters", big, folders["b"], "--merger", "ta", "--out", tmp_path / "m"])
+    one_line(result, "beyond the range of float32; nothing written", 1)
+    assert not (tmp_path / "m").exists()
+    assert invoke_cli(["merge", "--adapters", folders["a"], folders["b"], "--merger", "ta", "--out",
+                       tmp_path / "fine"]).exit_code == 0

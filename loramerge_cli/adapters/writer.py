@@ -102,6 +102,21 @@ def lora_config(
     }
 
 
+def check_updates_in_range(modules: dict, dtype: torch.dtype) -> None:
+    """Each merged module's update B·A (scale 1) within `dtype`'s range, else one line naming the module:
+    finite factors can multiply past it (PEFT would then compute Inf and NaN). ‖B‖·‖A‖ bounds every entry,
+    so the exact product (in float64, a slice of rows at a time) is needed only where the bound is past it."""
+    limit = torch.finfo(dtype).max
+    for path, module in modules.items():
+        B, A = module.lora_B.double(), module.lora_A.double()
+        if float(torch.linalg.matrix_norm(B)) * float(torch.linalg.matrix_norm(A)) <= limit:
+            continue
+        largest = max(float((rows @ A).abs().max()) for rows in B.split(1024))
+        if not largest <= limit:
+            raise LoramergeError(f"module {path}: the merged update B·A reaches {largest:.3g}, beyond the range of "
+                                 f"{str(dtype).removeprefix('torch.')}; nothing written")
+
+
 def _number(value: float) -> int | float:
     return int(value) if float(value).is_integer() else float(value)
 
@@ -176,6 +191,7 @@ def write_merged_adapter(
     if not modules or result.settings.lam == 0:  # λ = 0 scales every module to zero
         raise LoramergeError("the merge is empty: every module was pruned or merged to zero"
                              + (" (λ = 0)" if modules else "") + "; nothing to write")
+    check_updates_in_range(modules, out_dtype)
     base = base_model or _common([a.base_model for a in adapters])
     tensors = {}
     for path, module in modules.items():

@@ -205,3 +205,21 @@ def test_a_merged_update_past_float32_is_refused(folders, tmp_path):
     assert not (tmp_path / "m").exists()
     assert invoke_cli(["merge", "--adapters", folders["a"], folders["b"], "--merger", "ta", "--out",
                        tmp_path / "fine"]).exit_code == 0
+
+
+def test_adapters_naming_one_module_two_ways_are_refused(llama_task_dirs, tmp_path):
+    """One adapter trained on the bare LlamaModel (keys `layers.0…`), one on the classifier (`model.layers.0…`):
+    `inspect` said "compatible", and `merge` wrote both names as targets; PEFT matches targets by suffix, so it
+    loaded only half of the modules, without a word."""
+    from safetensors.torch import load_file, save_file
+
+    bare = tmp_path / "bare"
+    shutil.copytree(llama_task_dirs["mnli"], bare)
+    weights = bare / "adapter_model.safetensors"
+    save_file({key.replace("base_model.model.model.", "base_model.model."): value
+               for key, value in load_file(weights).items()}, weights)
+    result = invoke_cli(["merge", "--adapters", llama_task_dirs["rte"], bare, "--merger", "ta", "--out", tmp_path / "m"])
+    one_line(result, "module model.layers.0.self_attn.q_proj in rte is layers.0.self_attn.q_proj in bare", 1)
+    assert not (tmp_path / "m").exists()
+    inspected = invoke_cli(["inspect", llama_task_dirs["rte"], bare])
+    assert inspected.exit_code == 0 and "merge would refuse: module model.layers.0" in inspected.stdout

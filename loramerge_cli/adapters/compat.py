@@ -24,6 +24,13 @@ def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = 
                 )
             elif seen[2] != module.fan_in_fan_out:
                 problems.append(f"module {path}: fan_in_fan_out differs between {seen[0]} and {adapter.name}")
+    for path, (owner, _, _) in shapes.items():  # PEFT matches targets by suffix: both names would target one
+        parts = path.split(".")  # module, and the longer name's weights would not load (without a word)
+        for start in range(1, len(parts)):
+            suffix = ".".join(parts[start:])
+            if suffix in shapes and shapes[suffix][0] != owner:
+                problems.append(f"module {path} in {owner} is {suffix} in {shapes[suffix][0]}: the adapters name "
+                                "their modules from different model classes (one with a prefix)")
     return problems
 
 

@@ -218,8 +218,35 @@ def test_adapters_naming_one_module_two_ways_are_refused(llama_task_dirs, tmp_pa
     weights = bare / "adapter_model.safetensors"
     save_file({key.replace("base_model.model.model.", "base_model.model."): value
                for key, value in load_file(weights).items()}, weights)
-    result = invoke_cli(["merge", "--adapters", llama_task_dirs["rte"], bare, "--merger", "ta", "--out", tmp_path / "m"])
+    result = invoke_cli(["merge", "--adapters", llama_task_dirs["rte"], bare, "--merger", "ta",
+                         "--out", tmp_path / "m"])
     one_line(result, "module model.layers.0.self_attn.q_proj in rte is layers.0.self_attn.q_proj in bare", 1)
     assert not (tmp_path / "m").exists()
     inspected = invoke_cli(["inspect", llama_task_dirs["rte"], bare])
     assert inspected.exit_code == 0 and "merge would refuse: module model.layers.0" in inspected.stdout
+
+
+def test_an_image_classifier_merge_loads_as_its_card_says(tmp_path):
+    """A merge of two ViT classifier adapters (PEFT task type null, `classifier` in modules_to_save): the card's
+    snippet loaded the base with AutoModel, which PEFT then refused (no `vit.` prefix), and without --head the
+    classifier was left out without a word (the base's untrained one served)."""
+    import re
+
+    import torch
+    from eval_fixtures import build_vit_classifier, save_peft_adapter
+    from safetensors.torch import load_file
+
+    base = build_vit_classifier(tmp_path / "vit")
+    folders = [save_peft_adapter(base, tmp_path / name, ["q_proj", "v_proj"], "AutoModelForImageClassification",
+                                 None, seed=seed, head_modules=["classifier"]) for name, seed in (("i1", 5), ("i2", 6))]
+    result = invoke_cli(["merge", "--adapters", *folders, "--merger", "ties", "--out", tmp_path / "merged"])
+    assert result.exit_code == 0 and "note: no --head: the head of task 'i1'" in result.stderr, result.stderr
+    card = (tmp_path / "merged" / "README.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "AutoModelForImageClassification.from_pretrained" in snippet
+    namespace = {}
+    snippet = snippet.replace('"path/to/the/base/model"', repr(str(base)))
+    exec(snippet.replace("'merged'", repr(str(tmp_path / "merged"))), namespace)
+    served = namespace["model"].base_model.model.classifier.modules_to_save["default"].weight
+    head = load_file(folders[0] / "adapter_model.safetensors")["base_model.model.classifier.weight"]
+    assert torch.equal(served, head)

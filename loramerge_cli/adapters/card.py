@@ -7,6 +7,7 @@ note). Inputs are named by task, file name and sha256, never by where they lay o
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import statistics
@@ -103,20 +104,57 @@ def head_classes(adapters, head: str | None) -> int | None:
     return int(matrices[0].shape[0]) if len(matrices) == 1 else None
 
 
+TASK_TYPE_MODEL_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
+                           "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
+                           "QUESTION_ANS": "AutoModelForQuestionAnswering"}
+# the transformers Auto class of a base whose config names its architecture (a PEFT task type names none for
+# image classifiers): the class PEFT's module names were saved from
+ARCHITECTURE_MODEL_CLASSES = (("ForImageClassification", "AutoModelForImageClassification"),
+                              ("ForSequenceClassification", "AutoModelForSequenceClassification"),
+                              ("ForTokenClassification", "AutoModelForTokenClassification"),
+                              ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
+                              ("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
+                              ("ForMaskedLM", "AutoModelForMaskedLM"))
+CLASSIFIER_MODEL_CLASSES = {"AutoModelForSequenceClassification", "AutoModelForTokenClassification",
+                            "AutoModelForImageClassification"}
+
+
+def base_model_class(task_type: str | None, base: str | None) -> str:
+    """The Auto class to load the base with: the task type's, else the one the base's config.json names (a
+    local folder, or the Hub cache: nothing is downloaded), else AutoModel."""
+    if task_type in TASK_TYPE_MODEL_CLASSES:
+        return TASK_TYPE_MODEL_CLASSES[task_type]
+    config = Path(base).expanduser() / "config.json" if base else None
+    if base and not config.is_file():
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(base, "config.json")
+        except ValueError:  # not a Hub id
+            cached = None
+        config = Path(cached) if isinstance(cached, str) else None
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or [] if config else []
+    except (OSError, ValueError, AttributeError):
+        architectures = []
+    for suffix, model_class in ARCHITECTURE_MODEL_CLASSES:
+        if architectures and str(architectures[0]).endswith(suffix):
+            return model_class
+    return "AutoModel"
+
+
 def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str | None, has_heads: bool,
-                 num_labels: int | None = None) -> list[str]:
+                 num_labels: int | None = None, model_class: str = "AutoModel") -> list[str]:
     auto = AUTO_CLASSES.get(task_type or "")
     # a classifier head wider or narrower than the base config's default (2) loads only with its class count
-    labels = f", num_labels={num_labels}" if num_labels and task_type in ("SEQ_CLS", "TOKEN_CLS") else ""
+    labels = f", num_labels={num_labels}" if num_labels and model_class in CLASSIFIER_MODEL_CLASSES else ""
     code = ["```python"]
     if auto and base:
         code += [f"from peft import {auto}", "", f"model = {auto}.from_pretrained({repo!r}{labels})"]
     else:
         base_line, comment = (repr(base), "") if base else ('"path/to/the/base/model"',
                                                              "  # the base the inputs were trained on")
-        auto_model = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
-                      "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM", "TOKEN_CLS": "AutoModelForTokenClassification",
-                      "QUESTION_ANS": "AutoModelForQuestionAnswering"}.get(task_type or "", "AutoModel")
+        auto_model = model_class
         code += [f"from transformers import {auto_model}", "from peft import PeftModel", "",
                  f"base = {auto_model}.from_pretrained({base_line}{labels}){comment}",
                  f"model = PeftModel.from_pretrained(base, {repo!r})"]
@@ -213,7 +251,8 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
                   "bit for bit:", "", "```yaml", recipe.rstrip("\n"), "```", "",
                   "```bash", "loramerge merge --config loramerge.yaml --out rebuilt/", "```", ""]
     lines += ["## Use", "", *_use_snippet(task_type, hub_base, repo_id or title, head,
-                                          any(a.heads for a in adapters), head_classes(adapters, head)),
+                                          any(a.heads for a in adapters), head_classes(adapters, head),
+                                          base_model_class(task_type, base)),
               "", "Provenance (settings, input hashes, per-module truncation) is in `loramerge.json`.", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)

@@ -145,9 +145,11 @@ def check_head(adapters: list[Adapter], head: str | None) -> Adapter | None:
 
 
 def default_head(adapters: list[Adapter], head: str | None) -> str | None:
-    """--head, else (when the inputs' task type makes PEFT expect a head: SEQ_CLS, TOKEN_CLS, QUESTION_ANS)
-    the first task that has one, so that AutoPeftModelFor<Task> loads the merge."""
-    if head is not None or _common([a.config.get("task_type") for a in adapters]) not in HEAD_TASK_TYPES:
+    """--head, else the first task that has one when the inputs' task type makes PEFT expect a head (SEQ_CLS,
+    TOKEN_CLS, QUESTION_ANS: so that AutoPeftModelFor<Task> loads the merge) or names none (an image
+    classifier's: PEFT has no task type for it, and without a head the merge would serve the base's)."""
+    task_types = {a.config.get("task_type") or None for a in adapters}
+    if head is not None or not (task_types == {None} or _common(list(task_types)) in HEAD_TASK_TYPES):
         return head
     return next((adapter.name for adapter in adapters if adapter.heads), None)
 

@@ -140,3 +140,21 @@ def test_no_output_inside_a_hub_input_s_cached_repository(hub_cache, llama_task_
         result = invoke_cli(["merge", "--adapters", "org/name", f"mnli={llama_task_dirs['mnli']}", "--out", out])
         assert result.exit_code == 1 and "refusing to write over an input" in result.stderr, result.stderr
         assert not out.exists()
+
+
+@pytest.mark.parametrize("spec", ["org/name@..", "org/name@v2/../main", "org/name@.hidden", "org/name@main.lock"])
+def test_a_revision_git_would_refuse_is_one_line(hub_cache, spec):
+    """`org/name@..` read the cache's `refs/..` folder: "cannot download from the Hub: [Errno 21] Is a
+    directory"."""
+    with pytest.raises(LoramergeError, match=r"is not a revision \(a branch, a tag or a commit\)$"):
+        load_adapter(spec)
+
+
+def test_an_empty_local_folder_named_like_a_hub_id_says_how_to_ask_for_the_hub(hub_cache, tmp_path, monkeypatch):
+    """An empty folder `org/name` in the working folder hides the Hub id: the error said only "folder has no
+    adapter_model.safetensors"."""
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoramergeError, match="for the Hub id, write hf://org/name"):
+        load_adapter("org/name")
+    assert load_adapter("hf://org/name").source.kind == "hub"

@@ -64,7 +64,12 @@ def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:
         return _resolve_hub(spec.removeprefix("hf://"), spec, allow_pickle)
     path = Path(spec).expanduser()
     if path.is_dir():
-        return _resolve_dir(path, allow_pickle)
+        try:
+            return _resolve_dir(path, allow_pickle)
+        except LoramergeError as error:  # a local folder wins over a Hub id of the same name: say how to ask
+            if HUB_ID.match(spec) and not spec.startswith((".", "/")):  # for the Hub's
+                raise LoramergeError(f"{error} (a local folder; for the Hub id, write hf://{spec})") from None
+            raise
     if path.is_file():
         return _resolve_file(path, allow_pickle)
     if HUB_ID.match(spec) and not spec.startswith((".", "/")):
@@ -107,6 +112,9 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     if not match:
         raise LoramergeError(f"{spec}: not a Hub id (expected org/name[@revision])")
     repo_id, revision = match["repo"], match["rev"]
+    if revision is not None and any(part.startswith(".") or part.endswith(".lock") or not part
+                                    for part in revision.split("/")):  # as git refuses such ref names
+        raise LoramergeError(f"{spec}: {revision!r} is not a revision (a branch, a tag or a commit)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,

@@ -250,3 +250,17 @@ def test_an_image_classifier_merge_loads_as_its_card_says(tmp_path):
     served = namespace["model"].base_model.model.classifier.modules_to_save["default"].weight
     head = load_file(folders[0] / "adapter_model.safetensors")["base_model.model.classifier.weight"]
     assert torch.equal(served, head)
+
+
+def test_a_class_count_that_differs_from_the_head_is_named_before_the_base_loads(setting, tmp_path, monkeypatch):
+    """`labels: [entailment, neutral]` without `num_labels` on a 3-row head: after the base loaded, "head:
+    score.weight is 3×16 but the model's is 2×16", the 2 from the spec, not from the model."""
+    from loramerge_cli.evaluation import engine
+
+    monkeypatch.setattr(engine, "load_base", lambda *args, **kwargs: pytest.fail("the base loaded"))
+    data = write_jsonl(tmp_path / "v.jsonl", [{"premise": "w1", "hypothesis": "w2", "label": 1}])
+    task = {"name": "alpha", "data": {"validation": str(data)}, "text": ["premise", "hypothesis"],
+            "labels": ["entailment", "neutral"]}
+    spec = _spec(tmp_path, task, base_model=str(setting.base))
+    result = invoke_cli(["eval", "--adapters", f"alpha={setting.adapters['alpha']}", "--tasks", spec])
+    one_line(result, "tasks[0].num_labels: the spec gives 2 classes but the task's head has 3 rows; set num_labels: 3")

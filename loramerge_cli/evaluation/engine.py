@@ -140,8 +140,12 @@ class Evaluator:
         for task in self.task_file.tasks:
             count = task.class_count
             weights = [t for key, t in self.heads[task.name].items() if key.endswith("weight") and t.dim() == 2]
-            if count is None and len(weights) == 1:
-                count = int(weights[0].shape[0])
+            rows = int(weights[0].shape[0]) if len(weights) == 1 else None
+            if count is not None and rows is not None and count != rows:  # before the base loads with `count`
+                hint = f"; set num_labels: {rows} (classes past the names are masked)" if task.labels else ""
+                raise self.task_file.error(f"{task.where}.num_labels", f"the spec gives {count} classes but the "
+                                           f"task's head has {rows} rows{hint}")
+            count = rows if count is None else count
             if count is not None:
                 counts.setdefault(count, task.name)
         if len(counts) > 1:

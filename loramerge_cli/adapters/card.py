@@ -144,8 +144,9 @@ def base_model_class(task_type: str | None, base: str | None) -> str:
 
 
 def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str | None, has_heads: bool,
-                 num_labels: int | None = None, model_class: str = "AutoModel") -> list[str]:
+                 num_labels: int | None = None, model_class: str | None = None) -> list[str]:
     auto = AUTO_CLASSES.get(task_type or "")
+    model_class = model_class or TASK_TYPE_MODEL_CLASSES.get(task_type or "", "AutoModel")
     # a classifier head wider or narrower than the base config's default (2) loads only with its class count
     labels = f", num_labels={num_labels}" if num_labels and model_class in CLASSIFIER_MODEL_CLASSES else ""
     code = ["```python"]
@@ -154,9 +155,8 @@ def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str |
     else:
         base_line, comment = (repr(base), "") if base else ('"path/to/the/base/model"',
                                                              "  # the base the inputs were trained on")
-        auto_model = model_class
-        code += [f"from transformers import {auto_model}", "from peft import PeftModel", "",
-                 f"base = {auto_model}.from_pretrained({base_line}{labels}){comment}",
+        code += [f"from transformers import {model_class}", "from peft import PeftModel", "",
+                 f"base = {model_class}.from_pretrained({base_line}{labels}){comment}",
                  f"model = PeftModel.from_pretrained(base, {repo!r})"]
     code.append("```")
     if head:

@@ -109,6 +109,8 @@ def check_updates_in_range(modules: dict, dtype: torch.dtype) -> None:
     limit = torch.finfo(dtype).max
     for path, module in modules.items():
         B, A = module.lora_B.double(), module.lora_A.double()
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            continue  # non-finite factors: check_finite names them as it writes
         if float(torch.linalg.matrix_norm(B)) * float(torch.linalg.matrix_norm(A)) <= limit:
             continue
         largest = max(float((rows @ A).abs().max()) for rows in B.split(1024))

@@ -7,6 +7,10 @@ class LoramergeError(Exception):
     """A data error (exit 1): a refused adapter, a mask that does not fit, an unreadable file."""
 
 
+class WorkerLost(LoramergeError):
+    """A worker process or machine that died or stopped answering (exit 1): a run directory can go on."""
+
+
 class UsageError(LoramergeError):
     """A usage error (exit 2): a flag value or a combination of flags that cannot work, found before any work."""
 

@@ -48,6 +48,12 @@ def set_hint(text: str | None) -> None:
     _state["hint"] = text
 
 
+def resume_hint() -> str | None:
+    """The hint when it says how to resume (a search with a run directory), else None."""
+    hint = _state["hint"]
+    return hint if hint and hint.startswith("resume with") else None
+
+
 def message() -> str:
     """The one line an interrupt is reported with (and the record that it was)."""
     _state["reported"] = True

@@ -210,7 +210,10 @@ def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask
         expected = sorted({path for a in adapters for path in a.modules})
     missing = [u for u in table.units if u not in expected]
     if missing or (table.unit == "block" and table.units != expected):
-        extra = f"unknown units {missing[:3]}" if missing else f"units differ from the adapters' {len(expected)}"
+        absent = [u for u in expected if u not in table.units]
+        count = f"{len(table.units)} of the adapters' {len(expected)} units"
+        extra = (f"unknown units {missing[:3]}" if missing else f"lists {count} (missing: {absent[:3]})" if absent
+                 else f"lists the adapters' {len(expected)} units in another order (theirs: {expected[:3]}…)")
         raise LoramergeError(f"{origin}: {extra}")
     for recorded, adapter in zip(table.adapters, adapters):
         digest = recorded.get("sha256") if isinstance(recorded, dict) else None

@@ -264,3 +264,100 @@ def test_a_class_count_that_differs_from_the_head_is_named_before_the_base_loads
     spec = _spec(tmp_path, task, base_model=str(setting.base))
     result = invoke_cli(["eval", "--adapters", f"alpha={setting.adapters['alpha']}", "--tasks", spec])
     one_line(result, "tasks[0].num_labels: the spec gives 2 classes but the task's head has 3 rows; set num_labels: 3")
+
+
+# --- search-mask ------------------------------------------------------------------------------------------
+
+def test_a_surrogate_budget_below_its_screen_is_a_usage_error_before_any_work(setting, tmp_path, monkeypatch):
+    """`search-mask --lambda auto --budget 10` on 24 units × tasks: the experts were scored, the λ grid run and
+    the unpruned merge scored before "error: --budget 10 is less than the screen's 24 …", exit 1."""
+    from loramerge_cli.evaluation import engine
+
+    monkeypatch.setattr(engine, "load_base", lambda *args, **kwargs: pytest.fail("the base loaded"))
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--lambda", "auto", "--budget", "5", "--out", tmp_path / "m.json"])
+    one_line(result, "--budget 5 is less than the screen's 6 single-unit tables", 2)
+
+
+@pytest.mark.parametrize("flags,message", [(["--lr", "inf"], "--lr must be > 0 and at most 1000 (got inf)"),
+                                           (["--lr", "1e38"], "--lr must be > 0 and at most 1000"),
+                                           (["--init", "1e30"], "--init must be a number from -1000 to 1000")])
+def test_nsc_settings_past_any_sane_range_are_usage_errors(setting, tmp_path, flags, message):
+    """`--lr inf` (or `--init 1e30`) trained until every activation was NaN, then said "a batch has no
+    non-padding token"; `--lr 1e38` was "internal error: RuntimeError" inside AdamW."""
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--strategy", "nsc", "--steps", "2", *flags, "--out", tmp_path / "c.json"])
+    one_line(result, message, 2)
+
+
+def test_a_nan_in_a_saved_nsc_state_is_named(tmp_path):
+    """A NaN in `nsc_state.safetensors`'s coefficients resumed into "a batch has no non-padding token"."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loramerge_cli.search.nsc import read_state
+
+    path = tmp_path / "nsc_state.safetensors"
+    save_file({"coefficients": torch.tensor([[0.4, float("nan")]])}, str(path),
+              metadata={"step": "3", "param_groups": "[]", "history": "[]"})
+    with pytest.raises(LoramergeError, match="not a readable NSC state \\(coefficients holds NaN or Inf\\)"):
+        read_state(path)
+
+
+@pytest.mark.parametrize("score", ["NaN", "Infinity", '"1"'])
+def test_a_saved_enmp_score_that_is_no_finite_number_is_named(tmp_path, score):
+    """A NaN or a string score in ENMP's state.json: "does not match this search (generation 2 asks for a table
+    it never scored)", or accepted."""
+    from loramerge_cli.search.enmp import STATE_FORMAT, read_state
+
+    path = tmp_path / "state.json"
+    path.write_text(f'{{"format": "{STATE_FORMAT}", "generation": 1, "history": [], '
+                    f'"memo": [[[], null, 0.0, 0], [[1], null, {score}, 1]]}}')
+    with pytest.raises(LoramergeError, match="not a readable search state .*not a finite number"):
+        read_state(path)
+
+
+def test_a_lost_worker_says_how_to_resume(capsys):
+    """`--workers 2 --run-dir R`, a worker killed: "error: a search worker died (exit code -9)", while --resume
+    would go on from what was scored (the Ctrl-C message says so)."""
+    from loramerge_cli import interrupts
+    from loramerge_cli.cli.common import command_errors
+    from loramerge_cli.errors import WorkerLost
+
+    @command_errors
+    def search(debug=False):
+        interrupts.set_hint("resume with: loramerge search-mask --run-dir R --resume")
+        raise WorkerLost("a search worker died (exit code -9)")
+
+    with pytest.raises(Exception) as raised:
+        search()
+    interrupts.set_hint(None)
+    assert raised.value.exit_code == 1
+    assert capsys.readouterr().err == ("error: a search worker died (exit code -9); the run dir keeps what was scored: "
+                                       "resume with: loramerge search-mask --run-dir R --resume\n")
+
+
+def test_a_table_s_units_in_another_order_or_fewer_are_named_so(llama_task_dirs):
+    """A mask whose `units` were only reordered (blocks 0 and 1 swapped) said "units differ from the adapters'
+    2", which reads as if the units themselves were wrong."""
+    from loramerge_cli.api import load_adapters
+    from loramerge_cli.masks import WeightTable, check_table
+
+    adapters = load_adapters([f"{name}={path}" for name, path in llama_task_dirs.items()])
+    units = ["model.layers.0", "model.layers.1"]
+    for listed, message in ((units[::-1], "lists the adapters' 2 units in another order"),
+                            (units[:1], "lists 1 of the adapters' 2 units \\(missing: \\['model.layers.1'\\]\\)")):
+        table = WeightTable(list(llama_task_dirs), listed, [[1.0] * len(listed) for _ in llama_task_dirs])
+        with pytest.raises(LoramergeError, match=message):
+            check_table(table, adapters)
+
+
+def test_a_run_dir_that_is_a_file_is_named_so(tmp_path):
+    """`--run-dir notes.txt`: "cannot use it (File exists)"."""
+    from loramerge_cli.search.rundir import RunDirLock
+
+    (tmp_path / "notes.txt").write_text("mine\n")
+    with pytest.raises(LoramergeError, match="cannot use it \\(a file, not a folder\\)"):
+        with RunDirLock(tmp_path / "notes.txt"):
+            pass
+    assert (tmp_path / "notes.txt").read_text() == "mine\n"

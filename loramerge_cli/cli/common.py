@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
-from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.errors import LoramergeError, UsageError, WorkerLost
 
 MULTI_VALUE_OPTIONS = ("--adapters", "--merged")  # take several values after one flag
 
@@ -231,7 +231,9 @@ def command_errors(function):
             if debug:  # to stderr as it can be: never onto stdout (Python's fallback when stderr is closed)
                 traceback.print_exc(file=StandardError())
             if isinstance(error, LoramergeError):
-                raise fail(f"error: {error}") from None
+                resume = interrupts.resume_hint() if isinstance(error, WorkerLost) else None
+                raise fail(f"error: {error}" + (f"; the run dir keeps what was scored: {resume}" if resume else "")) \
+                    from None
             hint = "" if debug else " (rerun with --debug)"
             raise fail(f"internal error: {type(error).__name__}: {error}{hint}") from None
         if interrupts.interrupted():  # swallowed by a library, and the work finished anyway

@@ -19,7 +19,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from loramerge_cli import atomic
-from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed
+from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed, is_finite_number
 from loramerge_cli.search.decode import decode_mask, decode_scale, max_pruned
 
 Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or None)
@@ -284,6 +284,8 @@ def read_state(path: Path, space: tuple[int, int] | None = None) -> tuple[int, d
             raise ValueError("bad generation or history")
         memo = {}
         for pruned, lam, fitness, order in data["memo"]:
+            if not is_finite_number(fitness):
+                raise ValueError(f"a table's score is {fitness!r}, not a finite number")
             key = (tuple(int(i) for i in pruned), None if lam is None else float(lam))
             memo[key] = Evaluation(key[0], key[1], float(fitness), int(order))
         return generation, memo, history

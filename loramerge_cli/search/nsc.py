@@ -231,6 +231,10 @@ def read_state(path: Path) -> tuple[dict, int, list, list[dict]]:
             json.loads(metadata["history"])
         if not isinstance(groups, list) or not isinstance(history, list):
             raise ValueError("param_groups and history must be lists")
+        damaged = [key for key, tensor in tensors.items()
+                   if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if damaged:
+            raise ValueError(f"{damaged[0]} holds NaN or Inf")
     except (OSError, KeyError, ValueError, TypeError, SafetensorError) as error:
         raise LoramergeError(f"--resume: {path} is not a readable NSC state ({error})") from None
     return tensors, step, groups, history

@@ -98,6 +98,9 @@ class NullSpaceObjective:
         for path, (A, gram_inverse) in self.factors[task_index].items():
             rows = token_rows(recorded[path], mask, path)
             norms = torch.linalg.vector_norm(rows.detach().float(), dim=-1)
+            if not bool(torch.isfinite(norms).all()):  # else they would fail the norm test, and read as padding
+                raise LoramergeError(f"NSC: the activations at {path} are not finite (coefficients grew past the "
+                                     "model's range: give a smaller --lr or --init)")
             rows = rows[norms >= MIN_NORM]
             sums.append(null_space_ratio(rows, A, gram_inverse).sum())
             counts.append(rows.shape[0])

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from loramerge_cli.errors import UsageError, check_seed
 
 OBJECTIVES = ("nsc", "entropy")
+LARGEST = 1e3  # the largest --lr and |--init|: coefficients of the merge's scale (about 1/T), not overflow
 STATE_NAME = "nsc_state.safetensors"
 
 
@@ -31,10 +31,10 @@ class NscSettings:
             raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
         if self.steps < 1:
             raise UsageError("--steps must be >= 1")
-        if not self.lr > 0:
-            raise UsageError("--lr must be > 0")
-        if not math.isfinite(self.init):
-            raise UsageError("--init must be a finite number")
+        if not 0 < self.lr <= LARGEST:
+            raise UsageError(f"--lr must be > 0 and at most {LARGEST:g} (got {self.lr:g})")
+        if not -LARGEST <= self.init <= LARGEST:
+            raise UsageError(f"--init must be a number from {-LARGEST:g} to {LARGEST:g} (got {self.init:g})")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
         check_seed(self.seed)

@@ -8,7 +8,7 @@ import os
 import queue as queue_module
 import time
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, WorkerLost
 from loramerge_cli.search.lifetime import become_worker, sigint_blocked
 
 
@@ -64,14 +64,14 @@ class ParallelFitness:
             dead = [p for p in self.processes if p.exitcode is not None]
             if dead:
                 self.close(wait=False)
-                raise LoramergeError(f"a search worker died (exit code {dead[0].exitcode})")
+                raise WorkerLost(f"a search worker died (exit code {dead[0].exitcode})")
             try:
                 return self.results.get(timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             except queue_module.Empty:
                 pass
             if time.monotonic() >= deadline:
                 self.close(wait=False)
-                raise LoramergeError("a search worker stopped answering")
+                raise WorkerLost("a search worker stopped answering")
 
     def __call__(self, candidates: list) -> list[float]:
         for index, candidate in enumerate(candidates):

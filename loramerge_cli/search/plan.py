@@ -77,7 +77,8 @@ def check_request(request: SearchRequest) -> Strategy:
     check_seed(request.enmp.seed)
     request.eval.check()
     if request.resume and not strategy.resumable:
-        raise UsageError(f"--strategy {strategy.name} cannot resume a run; rerun it without --resume")
+        raise UsageError(f"--strategy {strategy.name} cannot resume a run; rerun it without --resume, with a "
+                         "--run-dir that holds no search")
     if request.resume and request.run_dir is None:
         raise UsageError("--resume needs --run-dir")
     Backend(request.backend, request.devices, request.ray_address).check()
@@ -344,13 +345,16 @@ def unit_space(request: SearchRequest) -> tuple[int, int] | None:
     return len(blocks) * len(request.adapters), max_pruned(request.enmp.max_prune, len(blocks), len(request.adapters))
 
 
-def check_prunable(request: SearchRequest) -> None:
-    """--max-prune lets at least one (block, task) unit of these adapters be pruned."""
+def check_prunable(request: SearchRequest, strategy: Strategy) -> None:
+    """--max-prune lets at least one (block, task) unit of these adapters be pruned, and the strategy has what it
+    needs of their space (the surrogate: a budget that holds its screen)."""
     space = unit_space(request)
     if space is not None and space[1] < 1:
         units = space[0]
         raise LoramergeError(f"--max-prune {request.enmp.max_prune:g}: none of the {units} (block, task) units may "
                              f"be pruned (⌊ρ·{units}⌋ = 0); give at least {1 / units:.3g}")
+    if space is not None and strategy.check_space is not None:
+        strategy.check_space(request, *space)
 
 
 def _same(first, second) -> bool:
@@ -369,7 +373,7 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
     check_base_given(request.base)
     check_outputs(request, out, force, plot, protected_paths(request))
     if strategy.kind == "mask":
-        check_prunable(request)
+        check_prunable(request, strategy)
     if request.fitness == "nsc" or strategy.kind == "coefficients":
         from loramerge_cli.search.nsc_targets import check_target_blocks
 

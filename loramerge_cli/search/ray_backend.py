@@ -14,7 +14,7 @@ import os
 import uuid
 from collections import deque
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, WorkerLost
 
 LOGGER = logging.getLogger(__name__)
 ACTOR_PREFIX = "loramerge-worker-"
@@ -178,10 +178,10 @@ class RayPool:
         self.actors.remove(actor)
         self.lost += 1
         self.ray.kill(actor)
-        LOGGER.warning("a Ray worker on %s died (%s); its candidates go to the %d left", self.devices[actor],
-                       _first_line(error), len(self.actors))
         if not self.actors:
-            raise LoramergeError(f"every Ray worker died (the last: {_first_line(error)})")
+            raise WorkerLost(f"every Ray worker died (the last: {_first_line(error)})")
+        LOGGER.warning("a Ray worker on %s died (%s); the %d left take its candidates", self.devices[actor],
+                       _first_line(error), len(self.actors))
 
     def __enter__(self) -> "RayPool":
         return self

@@ -51,7 +51,8 @@ class RunDirLock:
             raise LoramergeError(f"--run-dir {self.run_dir} is in use by another search; wait for it to end "
                                  "or give another --run-dir") from None
         except OSError as error:
-            raise LoramergeError(f"--run-dir {self.run_dir}: cannot use it ({error.strerror or error})") from None
+            reason = "a file, not a folder" if self.run_dir.is_file() else error.strerror or error
+            raise LoramergeError(f"--run-dir {self.run_dir}: cannot use it ({reason})") from None
         return self
 
     def __exit__(self, *exc) -> None:

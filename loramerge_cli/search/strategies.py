@@ -61,6 +61,8 @@ class Strategy:
     parameters: tuple[Parameter, ...] = ()
     check: Callable | None = None  # (request) -> None: its settings, before any work
     check_data: Callable | None = None  # (request, {task: examples it scores}) -> None, before any model loads
+    check_space: Callable | None = None  # (request, units × tasks, most units a table prunes) -> None: what it
+    # needs of the search space, read from the adapters' headers before any model loads
     scoring: Callable | None = None  # (request, fitness, workers) -> (what `run` gets as its fitness, the
     # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
     uses: frozenset[str] = frozenset()  # the SHARED_SETTINGS it reads (the others are refused if changed)
@@ -247,6 +249,12 @@ def _check_surrogate(request) -> None:
     surrogate_settings(request).check()
 
 
+def _check_surrogate_space(request, dimension: int, k_max: int) -> None:
+    if k_max and request.budget is not None and request.budget < dimension:
+        raise UsageError(f"--budget {request.budget} is less than the screen's {dimension} single-unit tables "
+                         f"(units × tasks): give at least {dimension}")
+
+
 def _surrogate_scoring(request, fitness, workers):
     from loramerge_cli.search.fidelity import examples_per_evaluation
     from loramerge_cli.search.surrogate import CountedFitness
@@ -271,7 +279,8 @@ SURROGATE = Strategy(
                   "validation example is 100/(tasks·examples) points; --fitness nsc scores about 20× smaller on the "
                   "bundled example: scale all three alike, --prior-single 0.05 --prior-pair 0.01 --noise 0.025)."),
     ),
-    check=_check_surrogate, scoring=_surrogate_scoring, uses=frozenset({"max_prune", "budget"}))
+    check=_check_surrogate, check_space=_check_surrogate_space, scoring=_surrogate_scoring,
+    uses=frozenset({"max_prune", "budget"}))
 
 DEFAULT_STRATEGY = SURROGATE.name
 

@@ -289,7 +289,7 @@ def test_cli_init_sets_the_starting_coefficients_and_rejects_nan(setting, tmp_pa
     assert present and all(abs(v - 0.25) < 1e-6 for v in present)  # one step of lr 1e-9 barely moves them
     assert table.provenance["search"]["init"] == 0.25
     bad = invoke_cli([*common, "--init", "nan", "--out", tmp_path / "bad.json"])
-    assert bad.exit_code != 0 and "--init must be a finite number" in bad.stderr
+    assert bad.exit_code == 2 and "--init must be a number from -1000 to 1000 (got nan)" in bad.stderr, bad.stderr
     assert not (tmp_path / "bad.json").exists()
 
 

@@ -36,7 +36,7 @@ def connect(address: str | None = None):
     ray = import_ray()
     if not ray.is_initialized():
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
         except (ConnectionError, ValueError, RuntimeError) as error:
             where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
             raise LoramergeError(f"cannot connect to {where} ({_first_line(error)})") from None

@@ -91,6 +91,7 @@ class MergePlan:
     tuning: TaskData | None = None  # λ is tuned on this data
     allow_base_mismatch: bool = False
     data: TaskData | None = None  # the tasks' data the method reads (RegMean), else None
+    table_lambda: float | None = None  # the λ a weight table sets (or records): tried beside λ auto's grid
 
 
 def recorded_settings(table: WeightTable | None) -> dict:
@@ -191,8 +192,9 @@ def plan_merge(
         check_table(table, adapters)
         check_recorded(table, len(adapters))
     chosen = combined_settings(config.given(), recorded_settings(table), override)
+    table_lambda = chosen.get("lam", table.scale if table is not None else None)
     if tuning is not None:
-        chosen.pop("lam", None)  # λ is tuned: neither a recorded λ nor the table's scale is used
+        chosen.pop("lam", None)  # λ is tuned: a recorded λ or the table's scale is one more point of the grid
     params = {name: value for name, value in chosen.items() if name not in SETTINGS}
     fields = {name: value for name, value in chosen.items() if name in SETTINGS}
     combined = replace(MergeConfig(**fields, params=params), compute_dtype=config.compute_dtype)
@@ -210,7 +212,8 @@ def plan_merge(
     if settings.method.needs_inputs and tuning is not None and tuning != data:
         raise UsageError(f"method {settings.method.name} and --lambda auto read the same task data: give one")
     return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head, base,
-                     command, tuning, allow_base_mismatch, data if settings.method.needs_inputs else None)
+                     command, tuning, allow_base_mismatch, data if settings.method.needs_inputs else None,
+                     float(table_lambda) if tuning is not None and table_lambda is not None else None)
 
 
 def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
@@ -237,6 +240,7 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
                          statistics) as pool:
             search = search_lambda(plan.adapters, config, plan.table, plan.tuning.tasks,
                                    allow_base_mismatch=plan.allow_base_mismatch, report=on_event, **options,
+                                   **({"also": (plan.table_lambda,)} if plan.table_lambda is not None else {}),
                                    **({"pool": pool} if pool is not None else {}))
         settings = replace(settings, lam=float(search.best))
         tuning["lambda_tuning"] = {"tasks": str(plan.tuning.tasks), **search.describe()}

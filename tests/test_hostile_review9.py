@@ -361,3 +361,21 @@ def test_a_run_dir_that_is_a_file_is_named_so(tmp_path):
         with RunDirLock(tmp_path / "notes.txt"):
             pass
     assert (tmp_path / "notes.txt").read_text() == "mine\n"
+
+
+def test_lambda_auto_with_a_table_also_tries_the_table_s_lambda(setting, tmp_path):
+    """`merge --mask coeffs.json --lambda auto`: the grid never tried the λ the table sets (4.5 here), which
+    `merge --mask` uses without --lambda: "auto" could not be compared with the untuned merge, and could be
+    worse than it on validation."""
+    import json
+
+    from loramerge_cli.masks import WeightTable
+
+    units = ["model.layers.0", "model.layers.1"]
+    WeightTable(list(setting.adapters), units, [[1.0, 1.0] for _ in setting.adapters], scale=4.5).save(
+        tmp_path / "t.json")
+    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--mask", tmp_path / "t.json", "--lambda",
+                         "auto", "--tasks", setting.tasks_file, "--threads", "1", "--out", tmp_path / "m"])
+    assert result.exit_code == 0, result.stderr
+    grid = json.loads((tmp_path / "m" / "loramerge.json").read_text())["lambda_tuning"]["grid"]
+    assert [record["stage"] for record in grid if record["lambda"] == 4.5] == ["table"]

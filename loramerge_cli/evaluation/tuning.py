@@ -110,13 +110,15 @@ def search_lambda(
     report=None,
     statistics: dict | None = None,
     pool=None,
+    also: tuple[float, ...] = (),
 ) -> LambdaSearch:
     """Score the merge at every λ of the grid (the default one, or exactly `grid` when given) on `split`;
     `report` receives progress stages (loramerge_cli.events).
 
     `evaluator`, if given, is reused (its split and settings win over the keyword arguments). `statistics`:
     the input Gram matrices of a data-reading method (RegMean). `pool`, if given, scores each stage's points
-    on its workers (`LambdaScorer`, evaluation/workers.py).
+    on its workers (`LambdaScorer`, evaluation/workers.py). `also`: λs tried beside the default grid (a weight
+    table's own λ, which the merge uses without --lambda auto: so the choice is never worse on validation).
     """
     from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
     from loramerge_cli.merging.merge import merge, resolve_config
@@ -152,19 +154,20 @@ def search_lambda(
 
     with progress_stage(report, "λ grid", len(grid) if grid is not None else None) as step:
         best, warnings = grid_search(lambda lam, stage: means_at([lam], stage)[0], default_lambda, grid,
-                                     means_at=means_at)
+                                     means_at=means_at, also=also)
     return LambdaSearch(best, default_lambda, records, warnings, dict(evaluator.max_lengths))
 
 
 def grid_search(
     mean_at: Callable[[float, str], float | None], default_lambda: float, grid: list[float] | None = None,
-    means_at: Callable[[list[float], str], list[float | None]] | None = None,
+    means_at: Callable[[list[float], str], list[float | None]] | None = None, also: tuple[float, ...] = (),
 ) -> tuple[float, list[str]]:
     """(best λ, warnings): `mean_at(λ, stage)` scores one λ (higher is better, None: undefined), once per λ;
     `means_at(λs, stage)`, if given, scores each stage's new points at once (on a backend's workers).
 
     Exactly `grid` when given; else the coarse grid, its edge extended while the best lies on it, then
-    refine_points between the neighbours of each of the REFINE_AROUND best points."""
+    refine_points between the neighbours of each of the REFINE_AROUND best points; `also` with the coarse grid
+    (stage "table")."""
     tried: dict[float, float | None] = {}
 
     def score(points, stage: str) -> None:
@@ -186,6 +189,7 @@ def grid_search(
                              f"{min(grid):g} … {max(grid):g}; the optimum may lie beyond it")]
         return chosen, []
     score(coarse_grid(default_lambda), "coarse")
+    score([_rounded(lam) for lam in also], "table")
     warnings = _extend_edges(score, best)
     points = sorted(tried)
     leaders = []

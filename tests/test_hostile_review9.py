@@ -379,3 +379,57 @@ def test_lambda_auto_with_a_table_also_tries_the_table_s_lambda(setting, tmp_pat
     assert result.exit_code == 0, result.stderr
     grid = json.loads((tmp_path / "m" / "loramerge.json").read_text())["lambda_tuning"]["grid"]
     assert [record["stage"] for record in grid if record["lambda"] == 4.5] == ["table"]
+
+
+# --- PEFT adapter variants ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_whose_init_changed_the_base_is_refused(tmp_path, init):
+    """A PiSSA or OLoRA adapter (saved without PEFT's conversion) was read as ΔW = s·B·A, while PEFT subtracts
+    the initial B·A from the base: for an untrained PiSSA adapter PEFT's update is 4e-9 and loramerge's was 0.05
+    (80 % of the largest base weight); `merge` wrote it without a word."""
+    from tiny_models import save_lora
+
+    from loramerge_cli.api import load_adapters
+
+    folder = save_lora("llama", tmp_path / init, 1, r=4, lora_alpha=4, target_modules=["q_proj"],
+                       init_lora_weights=init)
+    with pytest.raises(LoramergeError, match=f"init_lora_weights='{init}' changes the base model"):
+        load_adapters([str(folder)])
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+def test_a_causal_lm_merge_that_leaves_trained_modules_out_says_so(tmp_path):
+    """Two CAUSAL_LM adapters with a trained `lm_head` in modules_to_save: the merged adapter served the base's
+    lm_head (its weights only in heads/), exit 0 and not a word."""
+    import json
+
+    from eval_fixtures import build_gpt2_lm, save_peft_adapter
+
+    base = build_gpt2_lm(tmp_path / "gpt2")
+    folders = [save_peft_adapter(base, tmp_path / name, ["c_attn"], "GPT2LMHeadModel", "CAUSAL_LM", seed=seed,
+                                 head_modules=["lm_head"], fan_in_fan_out=True) for name, seed in (("a", 1), ("b", 2))]
+    result = invoke_cli(["merge", "--adapters", *folders, "--merger", "ta", "--out", tmp_path / "m", "--json"])
+    assert result.exit_code == 0, result.stderr
+    [warning] = [w for w in json.loads(result.stdout)["warnings"] if "modules_to_save" in w]
+    assert warning.startswith("the inputs' modules_to_save weights (lm_head) are not in the merged adapter")
+    kept = invoke_cli(["merge", "--adapters", *folders, "--merger", "ta", "--out", tmp_path / "k", "--head", "a",
+                       "--json"])
+    assert not [w for w in json.loads(kept.stdout)["warnings"] if "modules_to_save" in w]
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_a_bare_file_with_trained_biases_is_refused(tmp_path, bias):
+    """A bias="lora_only" (or "all") adapter's .safetensors given alone: its `…q_proj.base_layer.bias` tensors
+    (and for "all" every bias) were read as task heads, and the merge wrote modules_to_save entries that
+    PeftModel.from_pretrained could not load (KeyError); the same adapter as a folder was refused."""
+    from tiny_models import save_lora
+
+    from loramerge_cli.api import load_adapters
+
+    folder = save_lora("vit", tmp_path / "a", 1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias=bias)
+    shutil.copy(folder / "adapter_model.safetensors", tmp_path / "bare.safetensors")
+    with pytest.raises(LoramergeError, match="trained biases"):
+        load_adapters([str(folder)])
+    with pytest.raises(LoramergeError, match="trained biases"):
+        load_adapters([str(tmp_path / "bare.safetensors")])

@@ -32,6 +32,8 @@ REFUSED_FIELDS = {
     "arrow_config": "Arrow routing",
     "megatron_config": "Megatron parallel LoRA",
 }
+# init_lora_weights values whose initialisation subtracts the initial B·A from the base weight (PEFT's LoraLayer)
+BASE_CHANGING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 LORA_KEY = re.compile(r"^(?P<path>.+?)\.lora_(?P<factor>A|B)(?:\.(?P<adapter>[^.]+))?\.(?P<param>weight|bias)$")
 OTHER_LORA_KEY = re.compile(r"\.(lora_embedding_[AB]|lora_magnitude_vector|lora_[A-Z]\w*|trainable_tokens_\w+)\b")
 PEFT_PREFIX = "base_model.model."
@@ -92,6 +94,11 @@ def check_supported(config: dict, spec: str) -> None:
             raise LoramergeError(f"{spec}: {what} ({field_name}) is not supported; it cannot be merged exactly")
     if config.get("bias", "none") not in ("none", None):
         raise LoramergeError(f"{spec}: trained biases (bias={config['bias']!r}) are not supported")
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(BASE_CHANGING_INITS):
+        raise LoramergeError(f"{spec}: init_lora_weights={init!r} changes the base model (PEFT subtracts the initial "
+                             "B·A from it), so B·A is not this adapter's update; save it converted to plain LoRA "
+                             "(PEFT's save_pretrained(..., path_initial_model_for_weight_conversion=...))")
     check_field_types(config, spec)
 
 
@@ -176,6 +183,8 @@ def parse_state_dict(
             raise LoramergeError(f"{spec}: {what} ({key}) is not supported")
         match = LORA_KEY.match(bare)
         if match is None:
+            if bare.endswith(".base_layer.bias"):  # a LoRA-wrapped module's own bias: bias="lora_only" or "all"
+                raise LoramergeError(f"{spec}: trained biases ({key}: bias='lora_only' or 'all') are not supported")
             heads[_head_key(bare)] = tensor
             continue
         if match["param"] == "bias":
@@ -190,6 +199,11 @@ def parse_state_dict(
         raise LoramergeError(f"{spec}: the file holds several adapters ({', '.join(sorted(adapter_names))})")
     if not factors:
         raise LoramergeError(f"{spec}: no LoRA weights (lora_A / lora_B) in the file")
+    lone_biases = sorted(key for key in heads if key.endswith(".bias") and key.removesuffix(".bias") + ".weight"
+                         not in heads)
+    if lone_biases:  # a head is a whole module (weight and bias); biases alone are bias="all"'s
+        raise LoramergeError(f"{spec}: {lone_biases[0]} is a bias without its module's weight: trained biases "
+                             "(bias='all') are not supported")
     modules = {path: _make_module(path, pair, config, spec) for path, pair in sorted(factors.items())}
     return modules, heads
 

@@ -135,6 +135,13 @@ def merge_command(ctx: typer.Context, **flags) -> None:
         result = api.execute(plan, on_event=display)  # λ grid and merge progress: stderr
     api.write(plan, result, recipe=_recipe(ctx, plan, result), repo_id=flags["push_to_hub"])
     report = _report(result, flags["out"])
+    served = default_head(adapters, flags["head"])
+    if served is None and any(adapter.heads for adapter in adapters):  # an LM's trained lm_head or embeddings
+        modules = sorted({key.rsplit(".", 1)[0] for adapter in adapters for key in adapter.heads})
+        report["warnings"].append(
+            f"the inputs' modules_to_save weights ({', '.join(modules[:3])}{', …' if len(modules) > 3 else ''}) are "
+            "not in the merged adapter, which serves the base's; each task's are in heads/<task>.safetensors, and "
+            "--head TASK puts one task's in modules_to_save")
     if flags["push_to_hub"] is not None:
         from loramerge_cli.cli.publish import push_folder
 
@@ -142,7 +149,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
                                      revision=flags["revision"], dry_run=flags["dry_run"])
     if flags["json_output"]:
         return emit_json(report)
-    _print_report(report, human_console(flags["quiet"]), default_head(adapters, flags["head"]), flags["head"])
+    _print_report(report, human_console(flags["quiet"]), served, flags["head"])
 
 
 def _recipe(ctx: typer.Context, plan, result) -> str:

@@ -433,3 +433,39 @@ def test_a_bare_file_with_trained_biases_is_refused(tmp_path, bias):
         load_adapters([str(folder)])
     with pytest.raises(LoramergeError, match="trained biases"):
         load_adapters([str(tmp_path / "bare.safetensors")])
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
+def test_the_evaluator_orients_a_conv1d_update_by_the_module_not_the_config(tmp_path):
+    """A GPT-2 adapter whose config says fan_in_fan_out false (PEFT saves the last value it set when the targets mix
+    Conv1D and Linear; a bare file has no config): the evaluator added ΔW instead of ΔWᵀ to the square
+    `attn.c_proj` (off by 0.6 on an update of 0.5), while PEFT orients by the module's type; and such an adapter
+    beside a folder of the same modules was refused ("fan_in_fan_out differs")."""
+    import json
+
+    import torch
+    from eval_fixtures import build_gpt2_lm, save_peft_adapter
+    from peft import PeftModel
+    from transformers import GPT2LMHeadModel
+
+    from loramerge_cli.api import load_adapters
+    from loramerge_cli.evaluation.engine import Evaluator, adapter_deltas
+
+    base = build_gpt2_lm(tmp_path / "gpt2")
+    folder = save_peft_adapter(base, tmp_path / "t", ["attn.c_proj"], "GPT2LMHeadModel", "CAUSAL_LM", seed=1,
+                               fan_in_fan_out=True)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": False}))
+    write_jsonl(tmp_path / "v.jsonl", [{"q": "w1 w2", "answer": 0}, {"q": "w3", "answer": 1}])
+    spec = _spec(tmp_path, {"name": "t", "data": {"validation": "v.jsonl"}, "prompt": "{q}",
+                            "choices": [" w1", " w2"], "label": "answer"}, model_type="causal-lm", base_model=str(base))
+    [adapter] = load_adapters([f"t={folder}"])
+    engine = Evaluator(load_task_file(spec), [adapter])
+    path = "transformer.h.0.attn.c_proj"
+    with torch.no_grad(), engine.apply(adapter_deltas(adapter)):
+        evaluated = engine.modules[path].weight.clone()
+    reference = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(base)), str(folder)).merge_and_unload()
+    assert torch.allclose(evaluated, reference.get_submodule(path).weight, atol=1e-6)
+    other = save_peft_adapter(base, tmp_path / "o", ["attn.c_proj"], "GPT2LMHeadModel", "CAUSAL_LM", seed=2,
+                              fan_in_fan_out=True)
+    assert invoke_cli(["merge", "--adapters", folder, other, "--out", tmp_path / "m"]).exit_code == 0

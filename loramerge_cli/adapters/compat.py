@@ -13,18 +13,16 @@ def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = 
     if len(bases) > 1 and not allow_base_mismatch:
         listed = ", ".join(f"{a.name}: {a.base_model}" for a in adapters if a.base_model)
         problems.append(f"adapters come from different base models ({listed}); --allow-base-mismatch overrides")
-    shapes: dict[str, tuple[str, tuple[int, int], bool]] = {}
-    for adapter in adapters:
+    shapes: dict[str, tuple[str, tuple[int, int]]] = {}  # (fan_in_fan_out need not agree: PEFT orients each
+    for adapter in adapters:  # module by its type, whatever a config says)
         for path, module in adapter.modules.items():
-            seen = shapes.setdefault(path, (adapter.name, module.shape, module.fan_in_fan_out))
+            seen = shapes.setdefault(path, (adapter.name, module.shape))
             if seen[1] != module.shape:
                 problems.append(
                     f"module {path} is {seen[1][0]}×{seen[1][1]} in {seen[0]} but "
                     f"{module.shape[0]}×{module.shape[1]} in {adapter.name}"
                 )
-            elif seen[2] != module.fan_in_fan_out:
-                problems.append(f"module {path}: fan_in_fan_out differs between {seen[0]} and {adapter.name}")
-    for path, (owner, _, _) in shapes.items():  # PEFT matches targets by suffix: both names would target one
+    for path, (owner, _) in shapes.items():  # PEFT matches targets by suffix: both names would target one
         parts = path.split(".")  # module, and the longer name's weights would not load (without a word)
         for start in range(1, len(parts)):
             suffix = ".".join(parts[start:])

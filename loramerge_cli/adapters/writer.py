@@ -208,7 +208,9 @@ def write_merged_adapter(
     config = lora_config(
         ranks,
         {path: float(rank) for path, rank in ranks.items()},  # lora_alpha = r: every scale is 1
-        fan_in_fan_out=all(module.fan_in_fan_out for module in modules.values()),
+        # PEFT orients each module by its type (Conv1D or not) and warns when this flag disagrees: an input
+        # read from a bare file says False for GPT-2's Conv1D, so any module saying True speaks for them
+        fan_in_fan_out=any(module.fan_in_fan_out for module in modules.values()),
         base_model=base,
         task_type=_merged_task_type(adapters, head_adapter),
         modules_to_save=head_adapter.head_modules if head_adapter is not None else None,

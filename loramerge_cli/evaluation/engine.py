@@ -34,31 +34,31 @@ from loramerge_cli.evaluation.specs import FROM_ADAPTER, NO_HEAD, TaskFile, matc
 
 @dataclass
 class Delta:
-    """A low-rank update ΔW = left @ right in (d_out, d_in) orientation; Conv1D weights get ΔWᵀ."""
+    """A low-rank update ΔW = left @ right in (d_out, d_in) orientation. The evaluator gives a Conv1D weight
+    ΔWᵀ: the base module's type decides, as in PEFT (an adapter config's fan_in_fan_out can be wrong when it
+    targets both Conv1D and Linear modules, or absent in a bare file)."""
 
     left: torch.Tensor  # d_out × k, every scale folded in
     right: torch.Tensor  # k × d_in
-    fan_in_fan_out: bool = False
 
     def dense(self, device, dtype=torch.float32) -> torch.Tensor:
-        update = self.left.to(device=device, dtype=dtype) @ self.right.to(device=device, dtype=dtype)
-        return update.T if self.fan_in_fan_out else update
+        return self.left.to(device=device, dtype=dtype) @ self.right.to(device=device, dtype=dtype)
 
     def scaled(self, factor: float) -> "Delta":
-        return Delta(self.left * factor, self.right, self.fan_in_fan_out)
+        return Delta(self.left * factor, self.right)
 
 
 def adapter_deltas(adapter) -> dict[str, Delta]:
     """An Adapter's updates, with the LoRA scale folded into the left factor."""
     return {
-        path: Delta(*module.factors(torch.float32), module.fan_in_fan_out) for path, module in adapter.modules.items()
+        path: Delta(*module.factors(torch.float32)) for path, module in adapter.modules.items()
     }
 
 
 def merged_deltas(result, factor: float = 1.0) -> dict[str, Delta]:
     """A MergeResult's updates (λ already folded in), optionally scaled again by `factor`."""
     return {
-        path: Delta(module.lora_B.to(torch.float32) * factor, module.lora_A.to(torch.float32), module.fan_in_fan_out)
+        path: Delta(module.lora_B.to(torch.float32) * factor, module.lora_A.to(torch.float32))
         for path, module in result.modules.items()
     }
 
@@ -178,7 +178,7 @@ class Evaluator:
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
                 raise LoramergeError(f"{owner}: module {path} is not a weight matrix of the base model {self.base}")
             expected = (delta.left.shape[0], delta.right.shape[1])
-            if delta.fan_in_fan_out:
+            if self._transposed(path):
                 expected = expected[::-1]
             if tuple(weight.shape) != expected:
                 raise LoramergeError(
@@ -187,6 +187,12 @@ class Evaluator:
                 )
             if path not in self.base_weights:
                 self.base_weights[path] = weight.detach().clone()
+
+    def _transposed(self, path: str) -> bool:
+        """The module stores its weight (d_in, d_out): transformers' Conv1D (GPT-2), as PEFT decides."""
+        from transformers.pytorch_utils import Conv1D
+
+        return isinstance(self.modules.get(path), Conv1D)
 
     def _prepare(self, preprocessor) -> dict[str, batching.PreparedTask]:
         """Every task's batches, built once by its task type; text types record their token cap."""
@@ -213,7 +219,8 @@ class Evaluator:
                     weight, original = self.modules[path].weight, self.base_weights[path]
                     touched.append(path)
                     compute = torch.promote_types(weight.dtype, torch.float32)
-                    patched = (original.to(compute) + delta.dense(self.device, compute)).to(weight.dtype)
+                    update = delta.dense(self.device, compute)
+                    patched = (original.to(compute) + (update.T if self._transposed(path) else update)).to(weight.dtype)
                     if not bool(torch.isfinite(patched).all()):  # scores of such a model would mean nothing
                         raise LoramergeError(f"module {path}: the evaluated weight has NaN or Inf values in "
                                              f"{str(weight.dtype).removeprefix('torch.')} (an update beyond its range? "

@@ -49,11 +49,8 @@ def same_delta(a, b) -> bool:
     """True when two `Delta`s (or None, no update) give the same weight bit for bit."""
     if a is None or b is None:
         return a is b
-    return (
-        a.fan_in_fan_out == b.fan_in_fan_out
-        and a.left.shape == b.left.shape and a.right.shape == b.right.shape
-        and torch.equal(a.left, b.left) and torch.equal(a.right, b.right)
-    )
+    return (a.left.shape == b.left.shape and a.right.shape == b.right.shape
+            and torch.equal(a.left, b.left) and torch.equal(a.right, b.right))
 
 
 def _mapped(output, function):

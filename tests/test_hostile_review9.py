@@ -469,3 +469,34 @@ def test_the_evaluator_orients_a_conv1d_update_by_the_module_not_the_config(tmp_
     other = save_peft_adapter(base, tmp_path / "o", ["attn.c_proj"], "GPT2LMHeadModel", "CAUSAL_LM", seed=2,
                               fan_in_fan_out=True)
     assert invoke_cli(["merge", "--adapters", folder, other, "--out", tmp_path / "m"]).exit_code == 0
+
+
+@pytest.mark.filterwarnings("ignore:Model has `tie_word_embeddings=True`")
+def test_lora_on_a_tied_lm_head_leaves_the_embeddings_alone(tmp_path):
+    """LoRA on GPT-2's lm_head, whose weight is wte's: the evaluator wrote W0 + ΔW into the shared tensor, so the
+    input embeddings changed too; its logits differed from PEFT's by 10.6, against an adapter effect of 3.1."""
+    import torch
+    from eval_fixtures import build_gpt2_lm
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import GPT2LMHeadModel
+
+    from loramerge_cli.api import load_adapters
+    from loramerge_cli.evaluation.engine import Evaluator, adapter_deltas
+
+    base = build_gpt2_lm(tmp_path / "gpt2")
+    model = get_peft_model(GPT2LMHeadModel.from_pretrained(str(base)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights=False))
+    folder = tmp_path / "t"
+    model.save_pretrained(str(folder), save_embedding_layers=False)
+    write_jsonl(tmp_path / "v.jsonl", [{"q": "w1 w2", "answer": 0}])
+    spec = _spec(tmp_path, {"name": "t", "data": {"validation": "v.jsonl"}, "prompt": "{q}",
+                            "choices": [" w1", " w2"], "label": "answer"}, model_type="causal-lm", base_model=str(base))
+    [adapter] = load_adapters([f"t={folder}"])
+    engine = Evaluator(load_task_file(spec), [adapter])
+    ids = torch.tensor([[5, 9, 12, 7, 30]])
+    reference = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(str(base)), str(folder)).eval()
+    with torch.no_grad(), engine.apply(adapter_deltas(adapter)):
+        assert torch.allclose(engine.model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+    with torch.no_grad():
+        embeddings = GPT2LMHeadModel.from_pretrained(str(base)).transformer.wte.weight
+        assert torch.equal(engine.model.transformer.wte.weight, embeddings)

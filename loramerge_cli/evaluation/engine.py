@@ -186,7 +186,13 @@ class Evaluator:
                     f"{weight.shape[0]}×{weight.shape[1]}"
                 )
             if path not in self.base_weights:
+                if self._shared(weight):  # a tied lm_head: PEFT's LoRA adds to its output, the embeddings stay
+                    module.weight = weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=False)
                 self.base_weights[path] = weight.detach().clone()
+
+    def _shared(self, weight: torch.Tensor) -> bool:
+        """The tensor is also another parameter of the model (tied weights, such as GPT-2's lm_head and wte)."""
+        return sum(parameter is weight for _, parameter in self.model.named_parameters(remove_duplicate=False)) > 1
 
     def _transposed(self, path: str) -> bool:
         """The module stores its weight (d_in, d_out): transformers' Conv1D (GPT-2), as PEFT decides."""

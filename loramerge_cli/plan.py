@@ -133,8 +133,8 @@ def combined_settings(given: dict, recorded: dict, override: bool) -> dict:
             f"--{name.replace('_', '-')} {given[name]} conflicts with the mask's recorded "
             f"{name} {recorded[name]}; pass --override to use yours"
         )
-    if override and ("merger" in given or "method" in given):
-        return given  # another method: the recorded parameters may not apply to it
+    if override and any(name in given and given[name] != recorded.get(name) for name in ("merger", "method")):
+        return given  # another merger or method: the recorded parameters may not apply to it
     return {**recorded, **given}
 
 

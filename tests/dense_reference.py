@@ -137,24 +137,20 @@ def dare(X: torch.Tensor, drop_rate: float, seed: int, task: str, module: str) -
     return torch.where(dare_mask(X.shape, drop_rate, seed, task, module), X / (1.0 - drop_rate), 0.0)
 
 
-def polar(M: torch.Tensor) -> torch.Tensor:
-    P, _, Qh = torch.linalg.svd(M, full_matrices=False)
-    return P @ Qh
-
-
 def tsv(tasks: list[torch.Tensor]) -> torch.Tensor:
-    """Per-task dense SVDs, k_t = ε-rank (or min(⌊min(m,n)/T⌋, ε-rank) when Σ exceeds min(m,n))."""
+    """Per-task dense SVDs, k_t = ε-rank (or min(max(1, ⌊min(m,n)/T⌋), ε-rank) when Σ exceeds min(m,n)); polar
+    factors over the ε-rank triplets."""
     m, n = tasks[0].shape
     svds = [dense_svd(X) for X in tasks]
     ranks = [S.numel() for _, S, _ in svds]
     if sum(ranks) > min(m, n):
-        ranks = [min(min(m, n) // len(tasks), r) for r in ranks]
+        ranks = [min(max(1, min(m, n) // len(tasks)), r) for r in ranks]
     U_hat = torch.cat([U[:, :k] for (U, _, _), k in zip(svds, ranks)], dim=1)
     S_hat = torch.cat([S[:k] for (_, S, _), k in zip(svds, ranks)])
     V_hat = torch.cat([V[:, :k] for (_, _, V), k in zip(svds, ranks)], dim=1)
     if U_hat.shape[1] == 0:
         return torch.zeros(m, n, dtype=tasks[0].dtype)
-    return polar(U_hat) @ torch.diag(S_hat) @ polar(V_hat).T
+    return partial_polar(U_hat) @ torch.diag(S_hat) @ partial_polar(V_hat).T
 
 
 def isotropize(X: torch.Tensor) -> torch.Tensor:

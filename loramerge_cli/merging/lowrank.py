@@ -95,9 +95,12 @@ def compact_svd(X: torch.Tensor | LowRank) -> CompactSVD:
 
 
 def polar(M: torch.Tensor) -> torch.Tensor:
-    """Orthogonal polar factor P Qᵀ of M = P Σ Qᵀ: the nearest matrix with orthonormal columns."""
-    P, _, Qh = torch.linalg.svd(M, full_matrices=False)
-    return P @ Qh
+    """Polar factor P_q Q_qᵀ of M = P Σ Qᵀ over its ε-rank q singular triplets: for independent columns the
+    nearest matrix with orthonormal columns (P Qᵀ); for dependent ones (tasks whose LoRA factors overlap or are
+    shared) the nearest partial isometry, unique where P Qᵀ would hold whatever directions LAPACK returns."""
+    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
+    q = epsilon_rank(S)
+    return P[:, :q] @ Qh[:q]
 
 
 def truncate_dense(

@@ -10,14 +10,15 @@ from loramerge_cli.merging.lowrank import LowRank, compact_svd, polar
 def tsv(tasks: list[torch.Tensor | LowRank]) -> LowRank:
     """Task Singular Vectors: per-task SVDs, stacked, orthogonalised by polar factors.
 
-    k_t = ε-rank(X_t) when Σ_t ε-rank ≤ min(m, n), else min(⌊min(m, n)/T⌋, ε-rank(X_t)).
-    Result: polar(Û) diag(ŝ) polar(V̂)ᵀ, returned as factors.
+    k_t = ε-rank(X_t) when Σ_t ε-rank ≤ min(m, n), else min(max(1, ⌊min(m, n)/T⌋), ε-rank(X_t)) (every task
+    keeps a direction, even in a space of fewer dimensions than tasks). Result: polar(Û) diag(ŝ) polar(V̂)ᵀ over
+    the ε-rank triplets (`lowrank.polar`: unique when the tasks' directions overlap), returned as factors.
     """
     m, n = tasks[0].shape
     svds = [compact_svd(task) for task in tasks]
     ranks = [svd.S.numel() for svd in svds]
     if sum(ranks) > min(m, n):
-        share = min(m, n) // len(tasks)
+        share = max(1, min(m, n) // len(tasks))
         ranks = [min(share, rank) for rank in ranks]
     U_hat = torch.cat([svd.U[:, :k] for svd, k in zip(svds, ranks)], dim=1)
     S_hat = torch.cat([svd.S[:k] for svd, k in zip(svds, ranks)])

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from loramerge_cli.merging.lowrank import EPS_RANK, LowRank, compact_svd, sum_lowrank
+from loramerge_cli.merging.lowrank import EPS_RANK, LowRank, compact_svd, polar, sum_lowrank
 
 Tensorish = torch.Tensor | LowRank
 
@@ -47,7 +47,7 @@ def iso_cts(tasks: list[Tensorish], common_fraction: float) -> LowRank:
     k = min(⌈ρ·p⌉, ε-rank), p = min(m, n)), plus per task the s = ⌊(p − k)/T⌋ leading directions of
     its update with the common left subspace projected out (singular values above 1e-6·σ_max of the
     sum; what the projection leaves of a covered task is rounding noise); both bases orthogonalised by
-    polar factors (over their ε-rank: with LoRA the subspaces overlap, see `partial_polar`); every
+    polar factors (over their ε-rank: with LoRA the subspaces overlap, see `lowrank.polar`); every
     direction gets the mean ε-rank singular value of Σ_t X_t."""
     factored = [_factored(task) for task in tasks]
     m, n = factored[0].shape
@@ -66,15 +66,7 @@ def iso_cts(tasks: list[Tensorish], common_fraction: float) -> LowRank:
         lefts.append(svd.U[:, :s])
         rights.append(svd.V[:, :s])
     U_hat, V_hat = torch.cat(lefts, dim=1), torch.cat(rights, dim=1)
-    return LowRank(partial_polar(U_hat) * total.S.mean(), partial_polar(V_hat).T)
-
-
-def partial_polar(M: torch.Tensor) -> torch.Tensor:
-    """P_q Q_qᵀ over the ε-rank singular triplets of M = P Σ Qᵀ: the polar factor, made unique when
-    the columns are dependent (low-rank updates: the common and task subspaces overlap)."""
-    P, S, Qh = torch.linalg.svd(M, full_matrices=False)
-    q = int((S > EPS_RANK * S[0]).sum()) if S.numel() and S[0] > 0 else 0
-    return P[:, :q] @ Qh[:q]
+    return LowRank(polar(U_hat) * total.S.mean(), polar(V_hat).T)
 
 
 def lora_lego(tasks: list[LowRank], clusters: int | None, iterations: int, seed: int) -> LowRank:

@@ -163,7 +163,7 @@ def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]
         option("space", choice(SPACES) | None, None, help="Override the space the method acts in."),
         option("lam", str | None, None, "--lambda", show_default=False, help=(
             "λ, the factor on the merged update: a number, or 'auto' (tuned on --tasks). "
-            "[default: the table's scale, else the method's]")),
+            "[default: a --mask table's scale, else the λ it recorded, else the method's]")),
         option("weights", str | None, None, show_default=False, help=(
             "Per-adapter weights w1,w2,... in task order, applied before the method. [default: 1]")),
     ]

@@ -90,7 +90,7 @@ PARAMETERS = {
     "drop_rate": Parameter("drop_rate", "Probability of dropping an entry (DARE).", 0.0, 1.0, high_open=True),
     "scope": Parameter("scope", "Trim and elect per module, or over the whole adapter.", choices=("module", "adapter"),
                        type=str),
-    "keep_rule": Parameter("keep_rule", "Trim keeps max(1, round(D·density)) entries (round) or int(D·density) "
+    "keep_rule": Parameter("keep_rule", "Trim keeps max(1, ⌊D·density + 0.5⌋) entries (round) or int(D·density) "
                            "(floor: PEFT, mergekit).", choices=("round", "floor"), type=str),
     "consensus": Parameter("consensus", "Elect each sign by the sum of the values (mass) or of their signs "
                            "(count: PEFT frequency, mergekit count).", choices=("mass", "count"), type=str),
@@ -103,7 +103,8 @@ PARAMETERS = {
                               "(l1: mergekit).", choices=("inverse", "l1"), type=str),
     "gamma": Parameter("gamma", "Breadcrumbs: fraction of the largest-magnitude entries dropped as outliers.",
                        0.0, 1.0, high_open=True),
-    "epsilon": Parameter("epsilon", "DELLA: spread of the keep probabilities around the density.", 0.0, 1.0),
+    "epsilon": Parameter("epsilon", "DELLA: spread of the keep probabilities, density − ε/2 … density + ε/2 (at "
+                         "most 2·min(density, 1 − density)).", 0.0, 1.0),
     "rank_fraction": Parameter("rank_fraction", "CART: components per task, as a fraction of min(m, n).",
                                0.0, 1.0, low_open=True),
     "cart_scale": Parameter("cart_scale", "CART: factor on the sum of the low-rank residuals.", 0.0),

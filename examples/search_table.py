@@ -213,11 +213,11 @@ def render(rows: list[dict], seeds, budget, keys, seconds):
 
 def plot(rows: list[dict], keys, path: Path) -> None:
     """Best validation fitness against forward examples, one panel per merger, each strategy's first seed."""
-    from loramerge_cli.search.plots import _pyplot
+    from loramerge_cli.search.plots import new_figure
 
-    plt = _pyplot()
-    figure, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.4), squeeze=False)
-    for axis, row in zip(axes[0], rows):
+    figure, axes = new_figure((4.2 * len(rows), 3.4), columns=len(rows))
+    axes = list(axes) if len(rows) > 1 else [axes]
+    for axis, row in zip(axes, rows):
         for key in keys:
             curve = row["runs"][key][0]["curve"] if row["runs"].get(key) else []
             if curve:  # best so far (a greedy round records its own best, which can fall)
@@ -228,10 +228,9 @@ def plot(rows: list[dict], keys, path: Path) -> None:
         axis.set_xlabel("forward examples")
         axis.set_ylabel("best validation fitness (points)")
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def main(argv=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from pathlib import Path
@@ -57,6 +58,21 @@ __all__ = [
 ]
 
 
+def _keeps_torch_threads(function):
+    """The call leaves torch's CPU thread count as the caller had it (the evaluator fixes it while it scores:
+    CPU reductions, and so the scores, depend on it)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        threads = torch.get_num_threads()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper
+
+
+@_keeps_torch_threads
 def merge(adapters: list[Adapter], config: MergeConfig | None = None, table: WeightTable | None = None,
           progress: Callable[[str], None] | None = None, **options) -> MergeResult:
     """The merge `loramerge merge` does: the table's recorded settings apply under `config`'s (a conflict needs
@@ -65,6 +81,7 @@ def merge(adapters: list[Adapter], config: MergeConfig | None = None, table: Wei
     return execute(plan_merge(adapters, config, table, **options), progress)
 
 
+@_keeps_torch_threads
 def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind, data: None):
     """Run a planned search (`plan_search`); write its table to the plan's `out` (and the run directory's
     best.json) and its plots. `plan.request.adapters` may be loaded Adapters. Returns (WeightTable, provenance)."""
@@ -83,6 +100,7 @@ def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind
     return table, provenance
 
 
+@_keeps_torch_threads
 def evaluate(tasks: str | Path, experts: list[Adapter], merged: list[Adapter] | None = None, settings=None, **options):
     """`loramerge eval` on loaded adapters: the base, each expert on its task, each merge on every task."""
     from loramerge_cli.evaluation.engine import EvalSettings

@@ -537,3 +537,52 @@ def test_override_with_the_recorded_merger_keeps_the_other_recorded_settings():
     recorded = {"merger": "ties", "density": 0.5, "lam": 0.7}
     assert combined_settings({"merger": "ties"}, recorded, override=True) == recorded
     assert combined_settings({"merger": "ta"}, recorded, override=True) == {"merger": "ta"}
+
+
+# --- the library ----------------------------------------------------------------------------------------------
+
+def test_the_score_cache_follows_an_adapter_changed_in_memory(setting, tmp_path):
+    """`api.evaluate(run_dir=…)` on an expert changed by `apply_table` (its source file unchanged) returned the
+    cached score of the file's weights (beta 0.1667 where a fresh evaluation gives 0.25)."""
+    from loramerge_cli import api
+
+    adapters = api.load_adapters(setting.adapter_args())
+    settings = api.EvalSettings(val_limit=6, threads=1)
+    table = api.ones_table(adapters)
+    table.weights[1] = [-1.0] * len(table.units)  # beta's update negated
+    changed = [adapters[0], api.apply_table(adapters[1], table, 1), adapters[2]]
+
+    def experts(report):
+        return next(row["accuracy"] for row in report["rows"] if row["name"] == "experts")
+
+    api.evaluate(setting.tasks_file, adapters, [], settings, run_dir=tmp_path / "rd")
+    cached = api.evaluate(setting.tasks_file, changed, [], settings, run_dir=tmp_path / "rd")
+    assert experts(cached) == experts(api.evaluate(setting.tasks_file, changed, [], settings))
+
+
+def test_plots_leave_the_caller_s_matplotlib_backend_and_threads_alone(setting, tmp_path):
+    """`api.search(plan)` with a plot folder switched the caller's matplotlib backend to Agg (a notebook's
+    inline backend lost); `api.evaluate` left torch at min(8, CPUs) threads after the caller had set 1."""
+    import matplotlib
+    import torch
+
+    from loramerge_cli import api
+    from loramerge_cli.masks import WeightTable
+    from loramerge_cli.search.plots import write_plots
+
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        table = WeightTable(["a", "b"], ["model.layers.0", "model.layers.1"], [[1, 0], [1, 1]])
+        write_plots(table, [{"generation": 1, "best_fitness": 1.0, "mean_fitness": 0.5}], tmp_path / "plots")
+        assert matplotlib.get_backend() == "pdf" and (tmp_path / "plots" / "mask.png").is_file()
+    finally:
+        matplotlib.use(before)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        api.evaluate(setting.tasks_file, api.load_adapters(setting.adapter_args()), [],
+                     api.EvalSettings(val_limit=2, threads=2))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -65,9 +65,21 @@ def check_run_dir(run_dir, inputs: list) -> None:
 
 
 def adapter_identity(adapter) -> str:
-    """sha256 of what fixes an adapter's outputs: its weights file and its config (α, r, patterns)."""
-    config = json.dumps(adapter.config, sort_keys=True, default=str)
-    return hashlib.sha256(f"{adapter.source.sha256}|{config}".encode()).hexdigest()
+    """sha256 of what fixes an adapter's outputs: its LoRA factors and scales, its heads and its config, hashed
+    from the tensors themselves (an adapter changed in memory, by apply_table or prune, keeps its source file)."""
+    import torch
+
+    digest = hashlib.sha256(json.dumps(adapter.config, sort_keys=True, default=str).encode())
+    tensors = [(f"{path}|{module.scale!r}", (module.lora_A, module.lora_B))
+               for path, module in sorted(adapter.modules.items())]
+    tensors += [(f"head|{key}", (tensor,)) for key, tensor in sorted(adapter.heads.items())]
+    for name, parts in tensors:
+        digest.update(name.encode())
+        for tensor in parts:
+            flat = tensor.detach().to("cpu").contiguous()
+            digest.update(f"|{flat.dtype}|{tuple(flat.shape)}|".encode())
+            digest.update(flat.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:

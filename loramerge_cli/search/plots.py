@@ -9,15 +9,15 @@ from loramerge_cli.errors import LoramergeError
 KEPT, PRUNED = "#4c9f70", "#d1495b"  # green kept, red pruned: distinct also in greyscale
 
 
-def _pyplot():
+def new_figure(figsize: tuple[float, float], columns: int = 1):
+    """(figure, axes) drawn without pyplot: the caller's matplotlib backend (a notebook's) is left as it is, and
+    nothing is kept in pyplot's list of open figures."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         raise LoramergeError("--plot needs matplotlib: pip install 'loramerge[plot]'") from None
-    return plt
+    figure = Figure(figsize=figsize)
+    return figure, figure.subplots(1, columns, squeeze=False)[0] if columns > 1 else figure.subplots()
 
 
 def search_title(table) -> str:
@@ -35,10 +35,9 @@ def search_title(table) -> str:
 
 def fitness_figure(history: list[dict], title: str):
     """Best and mean fitness per generation (or round): integer ticks, markers, the unpruned merge at zero."""
-    plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure, axis = new_figure((6, 3.5))
     kind = "generation" if history and "generation" in history[0] else "round"
     if history and "scores" in history[0]:  # the surrogate search: against evaluations, every table's score too
         kind = "full_evaluations"
@@ -63,12 +62,11 @@ def fitness_figure(history: list[dict], title: str):
 
 def mask_figure(table, title: str):
     """Tasks × units as a two-colour grid (kept / pruned), every unit labelled; real weights as numbers."""
-    plt = _pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
 
     tasks, units = len(table.tasks), len(table.units)
-    figure, axis = plt.subplots(figsize=(max(4.5, 0.32 * units + 2.5), 0.45 * tasks + 2.2))
+    figure, axis = new_figure((max(4.5, 0.32 * units + 2.5), 0.45 * tasks + 2.2))
     kept = [[1 if value != 0 else 0 for value in row] for row in table.weights]
     axis.imshow(kept, aspect="auto", cmap=ListedColormap([PRUNED, KEPT]), vmin=0, vmax=1, interpolation="nearest")
     for task, row in enumerate(table.weights):
@@ -100,7 +98,6 @@ PLOT_NAMES = ("fitness.png", "mask.png")
 
 def write_plots(table, history: list[dict], folder: str | Path) -> list[Path]:
     """fitness.png and mask.png (PLOT_NAMES) in `folder`; returns the paths."""
-    plt = _pyplot()
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     title = search_title(table)
@@ -109,5 +106,4 @@ def write_plots(table, history: list[dict], folder: str | Path) -> list[Path]:
     for name, figure in zip(PLOT_NAMES, figures):
         written.append(folder / name)
         figure.savefig(written[-1], dpi=110)
-        plt.close(figure)
     return written

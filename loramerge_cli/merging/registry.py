@@ -90,8 +90,8 @@ PARAMETERS = {
     "drop_rate": Parameter("drop_rate", "Probability of dropping an entry (DARE).", 0.0, 1.0, high_open=True),
     "scope": Parameter("scope", "Trim and elect per module, or over the whole adapter.", choices=("module", "adapter"),
                        type=str),
-    "keep_rule": Parameter("keep_rule", "Trim keeps max(1, D·density rounded half up) entries (round) or int(D·density) "
-                           "(floor: PEFT, mergekit).", choices=("round", "floor"), type=str),
+    "keep_rule": Parameter("keep_rule", "Trim keeps max(1, D·density rounded half up) entries (round) or "
+                           "int(D·density) (floor: PEFT, mergekit).", choices=("round", "floor"), type=str),
     "consensus": Parameter("consensus", "Elect each sign by the sum of the values (mass) or of their signs "
                            "(count: PEFT frequency, mergekit count).", choices=("mass", "count"), type=str),
     "normalize": Parameter("normalize", "Agreeing entries: mean (count), divided by the sum of the agreeing "

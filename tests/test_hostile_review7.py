@@ -547,7 +547,7 @@ def test_a_config_without_lora_alpha_gets_peft_s_default(tmp_path):
     (MergeConfig(merger="ta", isotropize="false"), "--isotropize must be true or false"),
     (MergeConfig(merger="ties", params={"densty": 0.5}), "no merger has a parameter 'densty'"),
     (MergeConfig(merger="lora_lego", params={"clusters": 1.5}), "--clusters must be an integer"),
-    (MergeConfig(merger="ta", compute_dtype="float16"), "compute_dtype must be a torch dtype"),
+    (MergeConfig(merger="ta", compute_dtype="float16"), "compute_dtype must be torch.float32 or torch.float64"),
     (MergeConfig(merger="ta", lam="auto"), "--lambda must be a finite number"),
     (MergeConfig(merger="della", params={"density": 0.1, "epsilon": 0.9}), "DELLA's keep probabilities"),
 ])

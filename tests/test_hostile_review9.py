@@ -586,3 +586,26 @@ def test_plots_leave_the_caller_s_matplotlib_backend_and_threads_alone(setting, 
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_library_inputs_of_the_wrong_kind_are_one_line(llama_task_dirs):
+    """`NscSettings(target_blocks="11")` measured block 1 (a string read one character at a time);
+    `MergeConfig(compute_dtype=torch.int64)` merged with a relative error of 0.95; `load_adapters([Path(…)])` was
+    an AttributeError; `plan_search` with no adapters ended in a ZeroDivisionError inside the search."""
+    from pathlib import Path
+
+    import torch
+
+    from loramerge_cli import api
+    from loramerge_cli.errors import UsageError
+
+    for settings in (api.NscSettings(target_blocks="11"), api.NscSettings(target_modules="v_proj")):
+        with pytest.raises(UsageError, match="must be a list of names"):
+            settings.check()
+    adapters = api.load_adapters([Path(path) for path in llama_task_dirs.values()])
+    assert [adapter.name for adapter in adapters] == list(llama_task_dirs)
+    for dtype in (torch.int64, torch.float16):
+        with pytest.raises(UsageError, match="compute_dtype must be torch.float32 or torch.float64"):
+            api.merge(adapters, api.MergeConfig(merger="ties", compute_dtype=dtype))
+    with pytest.raises(UsageError, match="no adapters to search"):
+        api.plan_search(api.SearchRequest([], api.MergeConfig(), Path("t.yaml"), api.EvalSettings()))

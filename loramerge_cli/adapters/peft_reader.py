@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -61,8 +62,10 @@ def load_adapter(argument: str, allow_pickle: bool = False, name: str | None = N
 
 
 def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adapter]:
-    """Load every source, in task order; names must be unique."""
-    adapters = [load_adapter(argument, allow_pickle) for argument in arguments]
+    """Load every source (text, or a path), in task order; names must be unique."""
+    if isinstance(arguments, (str, os.PathLike)):  # one source, not a sequence of characters
+        arguments = [arguments]
+    adapters = [load_adapter(os.fspath(argument), allow_pickle) for argument in arguments]
     seen: dict[str, str] = {}
     for adapter in adapters:
         if adapter.name in seen:

@@ -106,8 +106,8 @@ def _check_types(config: MergeConfig) -> None:
     unknown = sorted(name for name in config.params if name not in PARAMETERS)
     if unknown:
         raise UsageError(f"no merger has a parameter {unknown[0]!r} (known: {', '.join(PARAMETERS)})")
-    if config.compute_dtype is not None and not isinstance(config.compute_dtype, torch.dtype):
-        raise UsageError(f"compute_dtype must be a torch dtype (got {config.compute_dtype!r})")
+    if config.compute_dtype not in (None, torch.float32, torch.float64):  # SVD and QR need a float type the CPU
+        raise UsageError(f"compute_dtype must be torch.float32 or torch.float64 (got {config.compute_dtype!r})")
 
 
 def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | None = None) -> ResolvedMerge:

@@ -27,6 +27,10 @@ class NscSettings:
     checkpoint_every: int = 10  # steps between run-directory checkpoints
 
     def check(self) -> None:
+        for name in ("target_blocks", "target_modules"):  # a string would be read one character at a time
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not all(isinstance(item, str) for item in value)):
+                raise UsageError(f"{name} must be a list of names (got {value!r})")
         if self.objective not in OBJECTIVES:
             raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
         if self.steps < 1:

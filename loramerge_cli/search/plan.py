@@ -66,6 +66,8 @@ class SearchPlan:
 def check_request(request: SearchRequest) -> Strategy:
     """Every setting of the request, without reading a file; returns the strategy."""
     strategy = strategy_named(request.strategy)
+    if not request.adapters:
+        raise UsageError("no adapters to search")
     from loramerge_cli.merging.registry import METHODS
 
     method = METHODS.get(request.merge.method or request.merge.merger or "")

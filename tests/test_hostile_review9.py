@@ -609,3 +609,51 @@ def test_library_inputs_of_the_wrong_kind_are_one_line(llama_task_dirs):
             api.merge(adapters, api.MergeConfig(merger="ties", compute_dtype=dtype))
     with pytest.raises(UsageError, match="no adapters to search"):
         api.plan_search(api.SearchRequest([], api.MergeConfig(), Path("t.yaml"), api.EvalSettings()))
+
+
+# --- recipes and apply-mask -----------------------------------------------------------------------------------
+
+def test_a_relative_base_is_written_absolute(folders, tmp_path):
+    """`merge --base setting/base`: the adapter config said "setting/base", which loads only from the folder the
+    command ran in (PEFT then tried the Hub), and the recipe's rebuild wrote "/…/out/../setting/base"."""
+    import json
+    import os
+
+    os.mkdir("basedir")  # in the test's own working folder
+    result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], "--base", "basedir", "--out",
+                         tmp_path / "m"])
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((tmp_path / "m" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.abspath("basedir")
+    again = invoke_cli(["merge", "--config", tmp_path / "m" / "loramerge.yaml", "--out", tmp_path / "again"])
+    assert again.exit_code == 0, again.stderr
+    assert (tmp_path / "again" / "adapter_config.json").read_bytes() == (tmp_path / "m" / "adapter_config.json"
+                                                                         ).read_bytes()
+
+
+@pytest.mark.parametrize("folder", ["é", "-x", ".hidden", "a l"])
+def test_a_folder_name_that_cannot_be_a_task_name_is_refused_at_load(folders, tmp_path, folder):
+    """An adapter in a folder `é` (or `-x`, `a l`): `merge` wrote an output whose recipe its rebuild refused
+    ("'é' is not a task name")."""
+    from loramerge_cli.api import load_adapters
+
+    shutil.copytree(folders["a"], tmp_path / folder)
+    with pytest.raises(LoramergeError, match="cannot be a task name .*name it, NAME="):
+        load_adapters([str(tmp_path / folder)])
+    assert load_adapters([f"fine={tmp_path / folder}"])[0].name == "fine"
+
+
+def test_apply_mask_says_the_lambda_the_pruned_adapters_cannot_carry(folders, tmp_path):
+    """An NSC table (scale 1) through apply-mask, then `merge --merger ta` of the pruned adapters: λ 1/3 instead of
+    the table's 1 (a relative difference of 0.67 from `merge --mask`), without a word."""
+    from loramerge_cli import api
+
+    adapters = api.load_adapters([folders[name] for name in ("a", "b", "c")])
+    table = api.ones_table(adapters)
+    table.scale = 1.0
+    table.save(tmp_path / "t.json")
+    result = invoke_cli(["apply-mask", "--adapters", *[folders[name] for name in ("a", "b", "c")], "--mask",
+                         tmp_path / "t.json", "--out", tmp_path / "p"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: the table sets λ = 1, which the pruned adapters do not carry: merge them with --lambda 1" in \
+        result.stderr

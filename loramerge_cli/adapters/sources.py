@@ -47,7 +47,11 @@ def default_name(spec: str) -> str:
     else:
         spec = spec.removeprefix("hf://").split("@", 1)[0]
     name = Path(spec.rstrip("/\\")).name
-    return name.removesuffix(".safetensors") if name.endswith(".safetensors") else name
+    name = name.removesuffix(".safetensors") if name.endswith(".safetensors") else name
+    if not NAME.match(name):  # the name goes into recipes and tables, which a rebuild reads back
+        raise LoramergeError(f"{spec}: {name!r} cannot be a task name (an ASCII letter, digit or _ first, then "
+                             f"letters, digits, _ . -): name it, NAME={spec}")
+    return name
 
 
 def sha256_file(path: Path) -> str:

@@ -12,6 +12,7 @@ from loramerge_cli.cli.common import (
     command_line,
     emit_json,
     examples_epilog,
+    human_console,
     result_console,
 )
 from loramerge_cli.cli.merge_cmd import table_options
@@ -58,11 +59,26 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     api.write_pruned(plan, pruned, recipe=build_recipe(ctx, loaded, out, {"mask": "mask.json"}))
     report = {"out": str(out), "adapters": [
         {"name": a.name, "folder": str(out / a.name), "modules": len(a.modules),
-         "removed": len(original.modules) - len(a.modules)} for a, original in zip(pruned, loaded)]}
+         "removed": len(original.modules) - len(a.modules)} for a, original in zip(pruned, loaded)],
+        "warnings": _lambda_warning(plan.table)}
     if flags["json_output"]:
         return emit_json(report)
+    for warning in report["warnings"]:
+        human_console(flags["quiet"]).print(f"warning: {warning}", style="yellow", markup=False, highlight=False,
+                                            soft_wrap=True)
     for row in report["adapters"]:
         result_console().print(f"{row['folder']}: {row['modules']} modules kept, {row['removed']} removed")
+
+
+def _lambda_warning(table) -> list[str]:
+    """The λ a table sets or records, which pruned adapters cannot carry: a merge of them must be told."""
+    from loramerge_cli.plan import recorded_settings
+
+    lam = table.scale if table.scale is not None else recorded_settings(table).get("lam")
+    if lam is None:
+        return []
+    return [f"the table sets λ = {float(lam):g}, which the pruned adapters do not carry: merge them with "
+            f"--lambda {float(lam):g} to get what merge --mask gives"]
 
 
 def register(app: typer.Typer) -> None:

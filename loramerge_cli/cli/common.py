@@ -149,8 +149,10 @@ def path_value(value) -> Path:
 
 
 def source_value(value) -> str:
-    """A base model source (a path or a Hub id), `~` expanded; empty is a usage error, not the working folder."""
-    return _expanded(_text(value, "source"), "source")
+    """A base model source (a path or a Hub id), `~` expanded; empty is a usage error, not the working folder. A
+    local folder is made absolute: it is written into adapter configs, which load from anywhere."""
+    source = _expanded(_text(value, "source"), "source")
+    return os.path.abspath(source) if os.path.isdir(source) else source
 
 
 def adapter_source_value(value) -> str:

@@ -107,7 +107,8 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
     sources, weights, densities = [], [], []
     for name, entry in value.items():
         if not isinstance(name, str) or not NAME.match(name):
-            raise typer.BadParameter(f"{origin}: {name!r} is not a task name (letters, digits, _ . -)")
+            raise typer.BadParameter(f"{origin}: {name!r} is not a task name (an ASCII letter, digit or _ first, "
+                                     "then letters, digits, _ . -)")
         if isinstance(entry, dict):
             unknown = set(entry) - {"path", "source", "weight", "density"}
             if unknown:

@@ -657,3 +657,22 @@ def test_apply_mask_says_the_lambda_the_pruned_adapters_cannot_carry(folders, tm
     assert result.exit_code == 0, result.stderr
     assert "warning: the table sets λ = 1, which the pruned adapters do not carry: merge them with --lambda 1" in \
         result.stderr
+
+
+def test_a_recipe_run_on_changed_inputs_says_it_is_no_rebuild(folders, tmp_path):
+    """`merge --config out/loramerge.yaml` after one input's weights were replaced: exit 0, other weights, not a
+    word, although out/loramerge.json beside the recipe records every input's sha256."""
+    import json
+
+    inputs = tmp_path / "inputs"
+    for name in ("a", "b"):
+        shutil.copytree(folders[name], inputs / name)
+    assert invoke_cli(["merge", "--adapters", inputs / "a", inputs / "b", "--out", tmp_path / "m"]).exit_code == 0
+    same = invoke_cli(["merge", "--config", tmp_path / "m" / "loramerge.yaml", "--out", tmp_path / "same", "--json"])
+    assert same.exit_code == 0 and not [w for w in json.loads(same.stdout)["warnings"] if "not a rebuild" in w]
+    shutil.rmtree(inputs / "b")
+    shutil.copytree(folders["c"], inputs / "b")
+    changed = invoke_cli(["merge", "--config", tmp_path / "m" / "loramerge.yaml", "--out", tmp_path / "x", "--json"])
+    assert changed.exit_code == 0, changed.stderr
+    [warning] = [w for w in json.loads(changed.stdout)["warnings"] if "not a rebuild" in w]
+    assert warning.startswith("adapter 'b' is not the one")

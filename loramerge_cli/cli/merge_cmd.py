@@ -142,6 +142,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
             f"the inputs' modules_to_save weights ({', '.join(modules[:3])}{', …' if len(modules) > 3 else ''}) are "
             "not in the merged adapter, which serves the base's; each task's are in heads/<task>.safetensors, and "
             "--head TASK puts one task's in modules_to_save")
+    report["warnings"] += _changed_recipe_inputs(flags["config"], adapters)
     if flags["push_to_hub"] is not None:
         from loramerge_cli.cli.publish import push_folder
 
@@ -150,6 +151,21 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     if flags["json_output"]:
         return emit_json(report)
     _print_report(report, human_console(flags["quiet"]), served, flags["head"])
+
+
+def _changed_recipe_inputs(config: Path | None, adapters) -> list[str]:
+    """An output's recipe rebuilds it only from the same inputs: those whose sha256 differs from the one the
+    output's loramerge.json (beside the recipe) records."""
+    import json
+
+    try:
+        inputs = json.loads((Path(config).parent / "loramerge.json").read_text())["inputs"] if config else []
+        recorded = {item["name"]: item["sha256"] for item in inputs}
+    except (OSError, ValueError, KeyError, TypeError):  # no output beside the recipe: nothing to compare
+        return []
+    return [f"adapter {adapter.name!r} is not the one {config} was written for (sha256 {adapter.source.sha256[:12]}… "
+            f"where its loramerge.json records {recorded[adapter.name][:12]}…): this is not a rebuild"
+            for adapter in adapters if recorded.get(adapter.name, adapter.source.sha256) != adapter.source.sha256]
 
 
 def _recipe(ctx: typer.Context, plan, result) -> str:

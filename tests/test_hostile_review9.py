@@ -676,3 +676,15 @@ def test_a_recipe_run_on_changed_inputs_says_it_is_no_rebuild(folders, tmp_path)
     assert changed.exit_code == 0, changed.stderr
     [warning] = [w for w in json.loads(changed.stdout)["warnings"] if "not a rebuild" in w]
     assert warning.startswith("adapter 'b' is not the one")
+
+
+def test_inspect_reads_the_inputs_of_any_output_s_recipe(folders, tmp_path):
+    """`inspect --config OUT/loramerge.yaml` refused every merge recipe ("unknown key 'merger'"), while its help
+    says every output's loramerge.yaml is a recipe."""
+    assert invoke_cli(["merge", "--adapters", folders["a"], folders["b"], "--merger", "ties", "--out",
+                       tmp_path / "m"]).exit_code == 0
+    import json
+
+    result = invoke_cli(["inspect", "--config", tmp_path / "m" / "loramerge.yaml", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert [adapter["name"] for adapter in json.loads(result.stdout)["adapters"]] == ["a", "b"]

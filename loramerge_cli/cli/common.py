@@ -395,6 +395,8 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     for key, item in data.items():
         flag = str(key).replace("_", "-")
         option = by_flag.get(flag)
+        if option is None and ctx.info_name == "inspect":  # another command's recipe: inspect its inputs
+            continue
         if option is None or option.name in ("config", "help"):
             raise typer.BadParameter(f"{value}: unknown key {key!r} (keys are this command's flag names)")
         if item is None:  # `key: null`: not given

@@ -115,6 +115,11 @@ class Evaluator:
         self.heads = {task.name: task_head(task_file, task, self.experts[task.name]) for task in task_file.tasks}
         self.model = load_base(self.base, task_file.type, self.device, self.dtype, self._num_labels())
         self.modules = dict(self.model.named_modules())
+        from transformers.pytorch_utils import Conv1D
+
+        # modules storing their weight (d_in, d_out), transformers' Conv1D (GPT-2): their update is ΔWᵀ, by the
+        # module's type, as PEFT decides
+        self.transposed = {path for path, module in self.modules.items() if isinstance(module, Conv1D)}
         self.parameters = dict(self.model.named_parameters())
         for task in task_file.tasks:
             check_head(task_file, task, self.heads[task.name], self.parameters)
@@ -178,7 +183,7 @@ class Evaluator:
             if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
                 raise LoramergeError(f"{owner}: module {path} is not a weight matrix of the base model {self.base}")
             expected = (delta.left.shape[0], delta.right.shape[1])
-            if self._transposed(path):
+            if path in self.transposed:
                 expected = expected[::-1]
             if tuple(weight.shape) != expected:
                 raise LoramergeError(
@@ -193,12 +198,6 @@ class Evaluator:
     def _shared(self, weight: torch.Tensor) -> bool:
         """The tensor is also another parameter of the model (tied weights, such as GPT-2's lm_head and wte)."""
         return sum(parameter is weight for _, parameter in self.model.named_parameters(remove_duplicate=False)) > 1
-
-    def _transposed(self, path: str) -> bool:
-        """The module stores its weight (d_in, d_out): transformers' Conv1D (GPT-2), as PEFT decides."""
-        from transformers.pytorch_utils import Conv1D
-
-        return isinstance(self.modules.get(path), Conv1D)
 
     def _prepare(self, preprocessor) -> dict[str, batching.PreparedTask]:
         """Every task's batches, built once by its task type; text types record their token cap."""
@@ -226,7 +225,8 @@ class Evaluator:
                     touched.append(path)
                     compute = torch.promote_types(weight.dtype, torch.float32)
                     update = delta.dense(self.device, compute)
-                    patched = (original.to(compute) + (update.T if self._transposed(path) else update)).to(weight.dtype)
+                    update = update.T if path in self.transposed else update
+                    patched = (original.to(compute) + update).to(weight.dtype)
                     if not bool(torch.isfinite(patched).all()):  # scores of such a model would mean nothing
                         raise LoramergeError(f"module {path}: the evaluated weight has NaN or Inf values in "
                                              f"{str(weight.dtype).removeprefix('torch.')} (an update beyond its range? "

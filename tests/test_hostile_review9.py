@@ -688,3 +688,18 @@ def test_inspect_reads_the_inputs_of_any_output_s_recipe(folders, tmp_path):
     result = invoke_cli(["inspect", "--config", tmp_path / "m" / "loramerge.yaml", "--json"])
     assert result.exit_code == 0, result.stderr
     assert [adapter["name"] for adapter in json.loads(result.stdout)["adapters"]] == ["a", "b"]
+
+
+def test_the_card_says_when_the_merge_did_not_use_the_table_s_lambda(folders, tmp_path):
+    """`merge --mask nsc.json --lambda 0.5`: the card said both "λ: 0.5" and "The table sets λ = 1." without
+    saying which one the merge used."""
+    from loramerge_cli import api
+
+    sources = [folders[name] for name in ("a", "b", "c")]
+    table = api.ones_table(api.load_adapters(sources))
+    table.scale = 1.0
+    table.save(tmp_path / "t.json")
+    result = invoke_cli(["merge", "--adapters", *sources, "--mask", tmp_path / "t.json", "--lambda", "0.5",
+                         "--out", tmp_path / "m"])
+    assert result.exit_code == 0, result.stderr
+    assert "The table sets λ = 1; this merge used λ = 0.5 instead." in (tmp_path / "m" / "README.md").read_text()

@@ -184,7 +184,7 @@ def _lambda_lines(tuning: dict | None, lam: float) -> list[str]:
     return lines
 
 
-def _table_lines(table) -> list[str]:
+def _table_lines(table, lam: float) -> list[str]:
     if table is None:
         return []
     cells = len(table.tasks) * len(table.units)
@@ -200,7 +200,8 @@ def _table_lines(table) -> list[str]:
         lines += ["", f"{len(scaled)} units carry a coefficient other than 0 or 1: min {min(scaled):.4g}, "
                   f"median {statistics.median(scaled):.4g}, max {max(scaled):.4g}."]
     if table.scale is not None:
-        lines += ["", f"The table sets λ = {table.scale:.6g}."]
+        used = "" if float(table.scale) == float(lam) else f"; this merge used λ = {lam:.6g} instead"
+        lines += ["", f"The table sets λ = {table.scale:.6g}{used}."]
     lines += ["", "The table is `mask.json` in this folder.", ""]
     return lines
 
@@ -244,7 +245,7 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
         "| task | source | revision | sha256 |", "|---|---|---|---|",
         *(f"| {a.name} | {_source_label(a)} | {a.source.revision or '—'} | `{a.source.sha256}` |" for a in adapters),
         "",
-        *_table_lines(table),
+        *_table_lines(table, settings.lam),
     ]
     if recipe:
         lines += ["## Recipe", "", "`loramerge.yaml` (adapter paths relative to this folder) rebuilds this adapter "

@@ -96,7 +96,7 @@ def merge_table(report: dict) -> Table:
     parameters = ", ".join(f"{k}={v}" for k, v in shown.items())
     table.add_row("merger", f"{report['merger']} (method {report['method']}, space {report['space']})")
     table.add_row("parameters", parameters)
-    table.add_row("modules", f"{report['modules']} written, {len(report['omitted'])} omitted (every task pruned)")
+    table.add_row("modules", f"{report['modules']} written, {len(report['omitted'])} omitted (pruned in every task)")
     table.add_row("ranks", _compact(report["ranks"]))
     if report.get("max_truncation_error") is not None:
         table.add_row("truncation", f"largest relative error {report['max_truncation_error']:.3g}")

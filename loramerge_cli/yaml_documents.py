@@ -10,14 +10,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader whose mappings refuse a repeated key."""
 
     def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = set()
-            for key_node, _ in node.value:
-                key = self.construct_object(key_node, deep=True)
-                if isinstance(key, (str, int, float, bool, type(None))) and key in seen:
+        seen = set()
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if isinstance(key_node, yaml.ScalarNode):  # keys as written: `a` and `'a'` are one key
+                key = self.construct_object(key_node)
+                if key in seen:
                     raise yaml.constructor.ConstructorError(
                         None, None, f"key {key!r} appears twice in one mapping", key_node.start_mark)
-                seen.add(key if isinstance(key, (str, int, float, bool, type(None))) else id(key_node))
+                seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
 

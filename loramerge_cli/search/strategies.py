@@ -250,9 +250,9 @@ def _check_surrogate(request) -> None:
 
 
 def _check_surrogate_space(request, dimension: int, k_max: int) -> None:
-    if k_max and request.budget is not None and request.budget < dimension:
-        raise UsageError(f"--budget {request.budget} is less than the screen's {dimension} single-unit tables "
-                         f"(units × tasks): give at least {dimension}")
+    from loramerge_cli.search.surrogate import check_budget
+
+    check_budget(request.budget, dimension, k_max)
 
 
 def _surrogate_scoring(request, fitness, workers):

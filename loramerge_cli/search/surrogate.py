@@ -91,6 +91,14 @@ class PairwiseModel:
         return float(self.single @ members + 0.5 * members @ self.pair @ members)
 
 
+def check_budget(budget: int | None, dimension: int, k_max: int) -> None:
+    """A budget holds the screen: every single-unit table of the `dimension` (units × tasks), where any may be
+    pruned (`k_max` > 0). Checked when the search is planned (from the adapters' headers) and when it starts."""
+    if k_max and budget is not None and budget < dimension:
+        raise UsageError(f"--budget {budget} is less than the screen's {dimension} single-unit tables (units × "
+                         f"tasks): give at least {dimension}")
+
+
 def default_budget(dimension: int) -> int:
     """Distinct full-set evaluations when --budget is not given: the screen of `dimension` (units × tasks)
     single-unit tables, then twice as many proposals."""
@@ -232,9 +240,7 @@ class SurrogateSearch(SteppedSearch):
         self.k_max = max_pruned(settings.max_prune, unit_count, task_count)
         self.feasible = feasible_tables(self.dimension, self.k_max)
         self.budget = settings.budget if settings.budget is not None else default_budget(self.dimension)
-        if self.k_max and self.budget < self.dimension:
-            raise LoramergeError(f"--budget {self.budget} is less than the screen's {self.dimension} single-unit "
-                                 f"tables (units × tasks): give at least {self.dimension}")
+        check_budget(self.budget, self.dimension, self.k_max)
         self.total = min(self.budget, self.feasible - 1)  # evaluations the search will run
         self.cost = _examples_per_evaluation(fitness)
         self.run_dir = Path(run_dir) if run_dir else None

@@ -11,7 +11,7 @@ from __future__ import annotations
 import signal
 import threading
 
-_state = {"interrupted": False, "hint": None, "reported": False}
+_state = {"interrupted": False, "hint": None, "resumable": False, "reported": False}
 
 
 def _handler(signum, frame) -> None:
@@ -36,22 +36,21 @@ def check() -> None:
 
 
 def reset() -> None:
-    _state.update(interrupted=False, hint=None, reported=False)
+    _state.update(interrupted=False, hint=None, resumable=False, reported=False)
 
 
 def reported() -> bool:
     return _state["reported"]
 
 
-def set_hint(text: str | None) -> None:
-    """What the 'interrupted' message adds (how to resume)."""
-    _state["hint"] = text
+def set_hint(text: str | None, resumable: bool = False) -> None:
+    """What the 'interrupted' message adds: what was written, or (`resumable`) how to resume the work."""
+    _state.update(hint=text, resumable=resumable)
 
 
 def resume_hint() -> str | None:
     """The hint when it says how to resume (a search with a run directory), else None."""
-    hint = _state["hint"]
-    return hint if hint and hint.startswith("resume with") else None
+    return _state["hint"] if _state["resumable"] else None
 
 
 def message() -> str:

@@ -326,7 +326,7 @@ def test_a_lost_worker_says_how_to_resume(capsys):
 
     @command_errors
     def search(debug=False):
-        interrupts.set_hint("resume with: loramerge search-mask --run-dir R --resume")
+        interrupts.set_hint("resume with: loramerge search-mask --run-dir R --resume", resumable=True)
         raise WorkerLost("a search worker died (exit code -9)")
 
     with pytest.raises(Exception) as raised:

@@ -113,7 +113,7 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     from loramerge_cli import interrupts
     from loramerge_cli.search.rundir import RunDirLock
 
-    interrupts.set_hint(f"resume with: {resume_command(request)}")
+    interrupts.set_hint(f"resume with: {resume_command(request)}", resumable=True)
     run_dir = Path(request.run_dir)
     before = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
     try:

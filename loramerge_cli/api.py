@@ -168,7 +168,8 @@ def norm_grid(adapters: list[Adapter]) -> dict:
 
 
 def _size_bytes(adapter: Adapter) -> int:
-    tensors = [t for m in adapter.modules.values() for t in (m.lora_A, m.lora_B)] + list(adapter.heads.values())
+    tensors = [t for m in adapter.modules.values() for t in (m.lora_A, m.lora_B)]
+    tensors += [*adapter.heads.values(), *adapter.base_copies.values()]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -216,9 +217,13 @@ def target_names(paths: list[str], configured=None) -> list[str]:
 
 def _notes(adapter: Adapter) -> list[str]:
     """What a user should know before merging this adapter."""
+    notes = []
     if adapter.source.config_file is None:
-        return ["no adapter_config.json beside the weights: read with lora_alpha = r (scale 1)"]
-    return []
+        notes.append("no adapter_config.json beside the weights: read with lora_alpha = r (scale 1)")
+    if adapter.base_copies:
+        layers = ", ".join(sorted(key.removesuffix(".base_layer.weight") for key in adapter.base_copies))
+        notes.append(f"carries the base weights of {layers} (PEFT's save_embedding_layers); merges keep them")
+    return notes
 
 
 def _counts(values) -> dict:

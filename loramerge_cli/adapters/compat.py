@@ -29,7 +29,21 @@ def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = 
             if suffix in shapes and shapes[suffix][0] != owner:
                 problems.append(f"module {path} in {owner} is {suffix} in {shapes[suffix][0]}: the adapters name "
                                 "their modules from different model classes (one with a prefix)")
+    copies: dict[str, Adapter] = {}
+    for adapter in adapters:  # one merged adapter holds one copy of each base weight PEFT saved beside the factors
+        for key, tensor in adapter.base_copies.items():
+            first = copies.setdefault(key, adapter)
+            if first is not adapter and not _equal(first.base_copies[key], tensor):
+                problems.append(f"{key} differs between {first.name} and {adapter.name}: the adapters were saved with "
+                                "different base weights for that module (PEFT's save_embedding_layers: a resized "
+                                "vocabulary?), and one merged adapter can carry only one")
     return problems
+
+
+def _equal(first, second) -> bool:
+    import torch
+
+    return first.shape == second.shape and torch.equal(first.to(second.dtype), second)
 
 
 def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False) -> None:

@@ -75,6 +75,9 @@ class Adapter:
     config: dict
     modules: dict[str, LoraModule]
     heads: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save tensors by key
+    # base weights PEFT saved beside the factors (save_embedding_layers, for lm_head / embedding targets), by
+    # key (`lm_head.base_layer.weight`): the base's own unless its vocabulary was resized
+    base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def base_model(self) -> str | None:

@@ -48,7 +48,7 @@ def load_adapter(argument: str, allow_pickle: bool = False, name: str | None = N
     config = read_config(files.config_file) if files.config_file else {}
     check_supported(config, named.spec)
     tensors = read_tensors(files.weights_file)
-    modules, heads = parse_state_dict(tensors, config, named.spec)
+    modules, heads, base_copies = parse_state_dict(tensors, config, named.spec)
     source = AdapterSource(
         spec=named.spec,
         kind=files.kind,
@@ -58,7 +58,7 @@ def load_adapter(argument: str, allow_pickle: bool = False, name: str | None = N
         repo_id=files.repo_id,
         revision=files.revision,
     )
-    return Adapter(adapter_name, source, config, modules, heads)
+    return Adapter(adapter_name, source, config, modules, heads, base_copies)
 
 
 def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adapter]:
@@ -167,10 +167,12 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def parse_state_dict(
     tensors: dict[str, torch.Tensor], config: dict, spec: str
-) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor]]:
-    """Split PEFT keys into LoRA modules (by module path) and head tensors (modules_to_save)."""
+) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Split PEFT keys into LoRA modules (by module path), head tensors (modules_to_save) and copies of
+    LoRA-wrapped modules' base weights (`lm_head.base_layer.weight`: PEFT's save_embedding_layers)."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     heads: dict[str, torch.Tensor] = {}
+    base_copies: dict[str, torch.Tensor] = {}
     adapter_names: set[str] = set()
     for key, tensor in tensors.items():
         bare = key.removeprefix(PEFT_PREFIX)
@@ -188,6 +190,9 @@ def parse_state_dict(
         if match is None:
             if bare.endswith(".base_layer.bias"):  # a LoRA-wrapped module's own bias: bias="lora_only" or "all"
                 raise LoramergeError(f"{spec}: trained biases ({key}: bias='lora_only' or 'all') are not supported")
+            if bare.endswith(".base_layer.weight"):  # the base weight of a LoRA-wrapped embedding or lm_head
+                base_copies[bare] = tensor
+                continue
             heads[_head_key(bare)] = tensor
             continue
         if match["param"] == "bias":
@@ -208,7 +213,7 @@ def parse_state_dict(
         raise LoramergeError(f"{spec}: {lone_biases[0]} is a bias without its module's weight: trained biases "
                              "(bias='all') are not supported")
     modules = {path: _make_module(path, pair, config, spec) for path, pair in sorted(factors.items())}
-    return modules, heads
+    return modules, heads, base_copies
 
 
 def _head_key(bare: str) -> str:

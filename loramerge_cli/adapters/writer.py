@@ -204,6 +204,7 @@ def write_merged_adapter(
     if head_adapter is not None:
         for key, tensor in head_adapter.heads.items():
             tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype)
+    tensors.update(base_copy_tensors(adapters, modules))  # in their own dtype: PEFT copies them into the base
     ranks = {path: module.rank for path, module in modules.items()}
     config = lora_config(
         ranks,
@@ -232,6 +233,17 @@ def write_merged_adapter(
             result, adapters, title=Path(out_dir).name, base=base, task_type=task_type, head=head, table=table,
             recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id))
     return Path(out_dir)
+
+
+def base_copy_tensors(adapters: list[Adapter], modules: dict) -> dict:
+    """The base weights PEFT saved beside the inputs' factors (lm_head or embedding targets), for the modules
+    written (PEFT loads them into the wrapped module's base layer); the inputs agree on them (compat)."""
+    tensors = {}
+    for adapter in adapters:
+        for key, tensor in adapter.base_copies.items():
+            if key.removesuffix(".base_layer.weight") in modules:
+                tensors[f"{PEFT_PREFIX}{key}"] = tensor
+    return tensors
 
 
 def _write_heads(adapters: list[Adapter], folder: Path) -> None:
@@ -326,6 +338,7 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.lora_B.to(out_dtype)
     for key, tensor in adapter.heads.items():
         tensors[f"{PEFT_PREFIX}{key}"] = tensor
+    tensors.update(base_copy_tensors([adapter], adapter.modules))
     paths = sorted(adapter.modules, key=unit_sort_key)
     if {"r", "lora_alpha"} <= set(adapter.config):
         config = {**adapter.config, "target_modules": paths}

@@ -128,6 +128,8 @@ class Evaluator:
             key: self.parameters[key].detach().clone() for head in self.heads.values() for key in head
         }
         self._check_label_range()
+        for adapter in experts:
+            self._check_base_copies(adapter)
         self.base_weights: dict[str, torch.Tensor] = {}  # W0 of every LoRA-targeted weight
         for adapter in experts:
             self._check_targets(adapter_deltas(adapter), adapter.name)
@@ -174,6 +176,21 @@ class Evaluator:
                     raise self.task_file.error(
                         f"{task.where}.masked_labels", f"label {masked} is out of range 0..{classes - 1}"
                     )
+
+    def _check_base_copies(self, adapter) -> None:
+        """The base weights PEFT saved beside an adapter's factors (lm_head or embedding targets) must be the base
+        model's: others (a resized vocabulary) belong to another base, which the scores would not describe."""
+        for key, copy in adapter.base_copies.items():
+            name = key.replace(".base_layer.", ".")
+            try:
+                weight = self.model.get_parameter(name)
+            except AttributeError:
+                raise LoramergeError(f"adapter {adapter.name!r}: {key} names no weight of the base model "
+                                     f"{self.base}") from None
+            if tuple(copy.shape) != tuple(weight.shape) or not torch.equal(copy.to(weight), weight.detach()):
+                raise LoramergeError(f"adapter {adapter.name!r} carries its own {name} (saved as {key}), not the one "
+                                     f"of the base model {self.base} (a resized vocabulary?): evaluate it with the "
+                                     "base it was saved from")
 
     def _check_targets(self, deltas: dict[str, Delta], owner: str) -> None:
         """Every updated module must be a 2-d weight of the base model of the right shape."""

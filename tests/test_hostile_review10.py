@@ -91,3 +91,18 @@ def test_different_saved_base_weights_are_refused(tmp_path):
         {"name": "b", "data": {"validation": "v.jsonl"}, "prompt": "{q}", "choices": [" w1", " w2"],
          "label": "answer"}]})
     one_line(invoke_cli(["eval", "--tasks", spec, "--adapters", b]), "carries its own lm_head.weight")
+
+
+def test_a_token_cap_without_room_for_text_is_refused_before_the_base_loads(tmp_path):
+    """`eval --max-length 3` on a tokenizer that adds 3 special tokens: refused, but only after the base model's
+    weights had loaded (minutes for a large model). It needs the tokenizer and the config alone: refused first
+    (here the weights are truncated, so a check after loading would report them instead)."""
+    from eval_fixtures import build_text_setting
+
+    setting = build_text_setting(tmp_path / "s")
+    weights = setting.base / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    args = ["eval", "--tasks", setting.tasks_file, "--adapters", *setting.adapters.values()]
+    one_line(invoke_cli([*args, "--max-length", "3"]), "max_length 3 leaves no room for text")
+    one_line(invoke_cli([*args, "--max-length", "4096"]), "more than the model's")
+    one_line(invoke_cli(args), "cannot load the base model")

@@ -23,6 +23,7 @@ from loramerge_cli.evaluation.heads import check_head, task_head
 from loramerge_cli.evaluation.loading import (
     base_identity,
     load_base,
+    load_base_config,
     load_preprocessor,
     torch_device,
     torch_dtype,
@@ -30,6 +31,7 @@ from loramerge_cli.evaluation.loading import (
 from loramerge_cli.evaluation.metrics import accuracy
 from loramerge_cli.evaluation.settings import EvalSettings  # noqa: F401  (imported from here too)
 from loramerge_cli.evaluation.specs import FROM_ADAPTER, NO_HEAD, TaskFile, match_adapters
+from loramerge_cli.evaluation.task_types.base import token_cap
 
 
 @dataclass
@@ -113,7 +115,10 @@ class Evaluator:
             for task in task_file.tasks
         }
         self.heads = {task.name: task_head(task_file, task, self.experts[task.name]) for task in task_file.tasks}
-        self.model = load_base(self.base, task_file.type, self.device, self.dtype, self._num_labels())
+        num_labels = self._num_labels()
+        preprocessor = load_preprocessor(self.base, task_file.type)
+        self._check_token_caps(preprocessor)  # before the weights load: a wrong cap is a one-line error at once
+        self.model = load_base(self.base, task_file.type, self.device, self.dtype, num_labels)
         self.modules = dict(self.model.named_modules())
         from transformers.pytorch_utils import Conv1D
 
@@ -134,7 +139,7 @@ class Evaluator:
         for adapter in experts:
             self._check_targets(adapter_deltas(adapter), adapter.name)
         self.max_lengths: dict[str, int] = {}  # text tasks: the token cap each one uses
-        self.prepared = self._prepare(load_preprocessor(self.base, task_file.type))
+        self.prepared = self._prepare(preprocessor)
         self._identity = base_identity(self.base, self.model)
 
     # --- setup ---------------------------------------------------------------------------------
@@ -176,6 +181,15 @@ class Evaluator:
                     raise self.task_file.error(
                         f"{task.where}.masked_labels", f"label {masked} is out of range 0..{classes - 1}"
                     )
+
+    def _check_token_caps(self, preprocessor) -> None:
+        """Each tokenised task's token cap against the model's positions and the tokenizer's special tokens,
+        from the base's config alone."""
+        if self.task_file.type.preprocessor_class != "AutoTokenizer":
+            return
+        config = load_base_config(self.base)
+        for task in self.task_file.tasks:
+            token_cap(task, preprocessor, config, self.settings)
 
     def _check_base_copies(self, adapter) -> None:
         """The base weights PEFT saved beside an adapter's factors (lm_head or embedding targets) must be the base

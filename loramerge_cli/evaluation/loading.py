@@ -54,6 +54,18 @@ def quiet_transformers():
             logging.enable_progress_bar()
 
 
+def load_base_config(base: str):
+    """The base model's config (no weights)."""
+    import transformers
+
+    try:
+        with quiet_transformers():
+            return transformers.AutoConfig.from_pretrained(base)
+    except (OSError, ValueError, KeyError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoramergeError(f"{base}: cannot read the base model's config ({first})") from None
+
+
 def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch.dtype, num_labels: int | None):
     """The base model in eval mode on `device`, with a `num_labels`-way head for classifiers."""
     import transformers
@@ -67,8 +79,7 @@ def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch
     try:
         with quiet_transformers():
             if num_labels is not None and task_type.classifier:
-                config = transformers.AutoConfig.from_pretrained(base)
-                if getattr(config, "num_labels", None) != num_labels:
+                if getattr(load_base_config(base), "num_labels", None) != num_labels:
                     kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
             model = model_class.from_pretrained(base, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # e.g. truncated weights

@@ -58,21 +58,28 @@ def model_max_length(tokenizer, config) -> int:
 
 def text_setup(task, preprocessor, model, settings) -> tuple[int, int]:
     """(pad id, token cap) of a tokenised task: the model's pad id (else the tokenizer's, recorded on the
-    model), and the task's max_length, else --max-length, else the tokenizer's and the model's limit."""
+    model), and the task's token cap (token_cap)."""
     pad_id = model.config.pad_token_id
     if pad_id is None:
         pad_id = model.config.pad_token_id = preprocessor.pad_token_id
+    return pad_id, token_cap(task, preprocessor, model.config, settings)
+
+
+def token_cap(task, tokenizer, config, settings) -> int:
+    """The task's max_length, else --max-length, else the tokenizer's and the model's limit; refused when the
+    model has fewer positions or the tokenizer's special tokens leave no room for text. Needs the model's
+    config, not its weights: the engine calls it before the base loads."""
     from loramerge_cli.errors import LoramergeError
 
-    cap = task.max_length or settings.max_length or model_max_length(preprocessor, model.config)
-    positions = getattr(model.config, "max_position_embeddings", None)
+    cap = task.max_length or settings.max_length or model_max_length(tokenizer, config)
+    positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and 0 < positions < cap:  # longer inputs index past the position table
         given = "its max_length" if task.max_length else "--max-length"
         raise LoramergeError(f"task {task.name}: {given} {cap} is more than the model's {positions} positions "
                              f"(max_position_embeddings); give at most {positions}")
-    special = getattr(preprocessor, "num_special_tokens_to_add", None)
+    special = getattr(tokenizer, "num_special_tokens_to_add", None)
     specials = special(pair=len(task.text or ()) > 1) if special else 0
     if cap <= specials:  # the tokenizer would not truncate at all (it only warns)
         raise LoramergeError(f"task {task.name}: max_length {cap} leaves no room for text (the tokenizer adds "
                              f"{specials} special tokens); give at least {specials + 1}")
-    return pad_id, cap
+    return cap

@@ -82,3 +82,15 @@ def write_new(path: str | Path, text: str) -> None:
         raise LoramergeError(f"{path}: cannot write it ({error.strerror or error})") from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its I/O failures (a full disk) raised as OSError, as any other write's: the
+    callers report those in one line."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:  # "Error while serializing: I/O error: No space left on device (os error 28)"
+        raise OSError(str(error).split("I/O error: ")[-1].split(" (os error")[0]) from None

@@ -11,6 +11,10 @@ class WorkerLost(LoramergeError):
     """A worker process or machine that died or stopped answering (exit 1): a run directory can go on."""
 
 
+class NonFiniteError(LoramergeError):
+    """A model whose weights or outputs hold NaN or Inf in the evaluation's dtype (exit 1): its scores mean nothing."""
+
+
 class UsageError(LoramergeError):
     """A usage error (exit 2): a flag value or a combination of flags that cannot work, found before any work."""
 

@@ -1,28 +1,62 @@
-"""Ctrl-C, told apart from everything else.
+"""Ctrl-C (SIGINT) and SIGTERM (`timeout`, a CI job cancelled, `docker stop`), told apart from everything else.
 
-The CLI's SIGINT handler records that an interrupt arrived before raising KeyboardInterrupt. Libraries
-sometimes turn that KeyboardInterrupt into another error (safetensors reports a "corrupt" file) or swallow
-it (a bare `except` during an import); the record lets the CLI still answer "interrupted" with exit 130,
-and lets writers refuse to commit an output after it (`check`).
+The CLI's handler records that a signal arrived before raising KeyboardInterrupt. Libraries sometimes turn
+that KeyboardInterrupt into another error (safetensors reports a "corrupt" file) or swallow it (a bare
+`except` during an import); the record lets the CLI still answer "interrupted" with exit 130 (SIGTERM:
+"terminated", 143), and lets writers refuse to commit an output after it (`check`). Cleanup runs `shielded`:
+a second Ctrl-C cannot cut it short.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+from contextlib import contextmanager
 
-_state = {"interrupted": False, "hint": None, "resumable": False, "reported": False}
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_state = {"interrupted": False, "hint": None, "resumable": False, "reported": False, "signal": signal.SIGINT,
+          "shielded": 0}
 
 
 def _handler(signum, frame) -> None:
-    _state["interrupted"] = True
-    raise KeyboardInterrupt
+    if not _state["interrupted"]:
+        _state.update(interrupted=True, signal=signum)
+    if not _state["shielded"]:  # (Python runs handlers in the main thread, whichever thread the signal reached)
+        raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
 
 
 def install() -> None:
     """Record interrupts from now on (main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _handler)
+    if _main_thread():
+        for number in SIGNALS:
+            signal.signal(number, _handler)
+
+
+def uninstall() -> None:
+    """Signals kill the process again, as they do any program (for its last moments, once its work is done)."""
+    if _main_thread():
+        for number in SIGNALS:
+            signal.signal(number, signal.SIG_DFL)
+
+
+@contextmanager
+def shielded():
+    """While the block runs (removing a half-written output, on the way out of a failure or an interrupt), a
+    SIGINT or SIGTERM is recorded, not raised: the way out goes on, and still ends as an interrupt."""
+    _state["shielded"] += 1
+    try:
+        yield
+    finally:
+        _state["shielded"] -= 1
+
+
+def exit_code() -> int:
+    """128 + the signal's number, as a shell reports a process it killed: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + int(_state["signal"])
 
 
 def interrupted() -> bool:
@@ -36,7 +70,7 @@ def check() -> None:
 
 
 def reset() -> None:
-    _state.update(interrupted=False, hint=None, resumable=False, reported=False)
+    _state.update(interrupted=False, hint=None, resumable=False, reported=False, signal=signal.SIGINT, shielded=0)
 
 
 def reported() -> bool:
@@ -57,4 +91,5 @@ def message() -> str:
     """The one line an interrupt is reported with (and the record that it was)."""
     _state["reported"] = True
     hint = _state["hint"]
-    return f"interrupted; {hint}" if hint else "interrupted; nothing was written"
+    word = "terminated" if _state["signal"] == signal.SIGTERM else "interrupted"
+    return f"{word}; {hint}" if hint else f"{word}; nothing was written"

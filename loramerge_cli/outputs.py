@@ -42,15 +42,21 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
     check_not_an_input(out, inputs)
     if os.path.lexists(target):
         _check_replaceable(out, target, force, kind, formats)
-    ancestor = target.parent
+    check_creatable(target.parent, f"--out {out}: cannot create it")
+    clean_debris(target)
+    return out.expanduser()  # what was checked is what is written (`~/x` given quoted: the home's x, not ./~/x)
+
+
+def check_creatable(folder: str | Path, what: str) -> None:
+    """`folder` is a writable folder, or can be made as one: its nearest existing ancestor is a writable folder
+    (else `what`, then why, in one line)."""
+    ancestor = Path(os.path.abspath(Path(folder).expanduser()))
     while not os.path.lexists(ancestor):
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise LoramergeError(f"--out {out}: cannot create it, {ancestor} is not a folder")
+        raise LoramergeError(f"{what}, {ancestor} is not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise LoramergeError(f"--out {out}: cannot create it, {ancestor} is not writable")
-    clean_debris(target)
-    return out.expanduser()  # what was checked is what is written (`~/x` given quoted: the home's x, not ./~/x)
+        raise LoramergeError(f"{what}, {ancestor} is not writable")
 
 
 def check_not_working_folder(out: str | Path, flag: str = "--out") -> None:
@@ -294,13 +300,17 @@ def staged_folder(out_dir: str | Path, force: bool = False, inputs: Iterable[str
 
 
 def _remove_staging(staging: Path, made: list[Path]) -> None:
-    """A failed output leaves nothing: its staging folder, and the parent folders made for it while still empty."""
-    shutil.rmtree(staging, ignore_errors=True)
-    for folder in made:  # deepest first
-        try:
-            folder.rmdir()
-        except OSError:
-            break
+    """A failed output leaves nothing: its staging folder, and the parent folders made for it while still empty
+    (a second Ctrl-C waits until they are gone)."""
+    from loramerge_cli import interrupts
+
+    with interrupts.shielded():
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _apply_umask(folder: Path) -> None:

@@ -11,12 +11,17 @@ from loramerge_cli.masks import WeightTable
 def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapter:
     """Task `task_index`'s row applied to `adapter`: lora_B × weight, zero-weight modules removed.
 
-    Scales and the config are kept, so the written adapter computes weight · ΔW per module.
+    Scales and the config are kept, so the written adapter computes weight · ΔW per module. The product is
+    kept in float64 (in float16 a lora_B × 2 can overflow, in bfloat16 it would be rounded twice): the writer
+    rounds it once, to the output's dtype.
     """
     modules = {}
     for path, module in adapter.modules.items():
         weight = table.weight(task_index, path)
         if weight == 0.0:
             continue
-        modules[path] = module if weight == 1.0 else replace(module, lora_B=module.lora_B * weight)
+        if weight != 1.0:
+            lora_B = module.lora_B.double() * weight
+            module = replace(module, lora_B=lora_B)
+        modules[path] = module
     return replace(adapter, modules=modules)

@@ -70,6 +70,7 @@ def test_saved_embedding_layers_are_base_weights_not_heads(tmp_path):
          "label": "answer"} for name in ("a", "b")]})
     result = invoke_cli(["eval", "--tasks", spec, "--adapters", a, b, "--merged", out, "--json"])
     assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dtype"] == "float32"  # the report says which dtype its accuracies are of
 
 
 @pytest.mark.filterwarnings(TIED)
@@ -106,3 +107,272 @@ def test_a_token_cap_without_room_for_text_is_refused_before_the_base_loads(tmp_
     one_line(invoke_cli([*args, "--max-length", "3"]), "max_length 3 leaves no room for text")
     one_line(invoke_cli([*args, "--max-length", "4096"]), "more than the model's")
     one_line(invoke_cli(args), "cannot load the base model")
+
+
+# --- dtypes ---------------------------------------------------------------------------------------------------
+
+def _scaled_copies(setting, root, factor: float) -> dict:
+    """The setting's adapters with lora_B × factor (every weight W0 + ΔW still finite in float16)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folders = {}
+    for name, folder in setting.adapters.items():
+        copy = shutil.copytree(folder, root / name)
+        tensors = load_file(str(copy / "adapter_model.safetensors"))
+        save_file({key: value * factor if "lora_B" in key else value for key, value in tensors.items()},
+                  str(copy / "adapter_model.safetensors"))
+        folders[name] = copy
+    return folders
+
+
+def test_non_finite_outputs_are_refused_not_scored(tmp_path):
+    """`eval --dtype float16` on adapters whose activations overflow float16 (weights finite): every logit was
+    NaN, argmax read NaN as the largest, and eval reported each task's share of label 0 as its accuracy, exit 0
+    and no warning (search-mask optimised those numbers). Refused in one line naming the task and dtype."""
+    from eval_fixtures import build_text_setting
+
+    setting = build_text_setting(tmp_path / "s", rows=16)
+    hot = _scaled_copies(setting, tmp_path, 6000.0)
+    result = invoke_cli(["eval", "--tasks", setting.tasks_file, "--adapters",
+                         *[f"{name}={folder}" for name, folder in hot.items()], "--dtype", "float16"])
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith("error: task alpha: the model's outputs are NaN or Inf on 16 "
+                                                     "of 16 examples in float16")
+
+
+def test_lambda_auto_skips_the_points_that_overflow(tmp_path):
+    """`--lambda auto --eval-dtype float16`: one λ of the grid whose merged model overflowed float16 stopped the
+    whole merge, with advice ("a smaller λ") the user cannot follow under auto. Such λs are now skipped with a
+    warning (and recorded as such); when every λ overflows, one line says so."""
+    from eval_fixtures import build_text_setting
+
+    from loramerge_cli.api import load_adapters
+    from loramerge_cli.errors import NonFiniteError
+    from loramerge_cli.evaluation.tuning import search_lambda
+    from loramerge_cli.merging.merge import MergeConfig
+
+    setting = build_text_setting(tmp_path / "s", rows=16)
+    adapters = load_adapters([f"{name}={folder}" for name, folder in
+                              _scaled_copies(setting, tmp_path, 1000.0).items()])
+    options = {"dtype": "float16", "threads": 1}
+    search = search_lambda(adapters, MergeConfig(merger="ta"), None, setting.tasks_file, grid=[0.3, 1.0, 8.0],
+                           **options)
+    skipped = [record["lambda"] for record in search.records if record.get("non_finite")]
+    assert skipped == [8.0] and search.best in (0.3, 1.0)
+    assert any("1 of 3 λs gave NaN or Inf" in warning for warning in search.warnings)
+    with pytest.raises(NonFiniteError, match="every λ tried gave NaN or Inf"):
+        search_lambda(adapters, MergeConfig(merger="ta"), None, setting.tasks_file, grid=[8.0, 16.0], **options)
+
+
+def test_apply_mask_rounds_once_and_writes_heads_in_the_output_dtype(tmp_path):
+    """`apply-mask --dtype float32` of a bfloat16 adapter with a weight of 0.37: lora_B × 0.37 was computed in
+    bfloat16 and then cast (relative error 3.4e-3 instead of float32's 6e-8), and the head stayed bfloat16 while
+    loramerge.json said float32."""
+    import torch
+    from eval_fixtures import build_text_setting
+    from safetensors.torch import load_file, save_file
+
+    from loramerge_cli.masks import WeightTable
+
+    setting = build_text_setting(tmp_path / "s", rows=4)
+    folders = _scaled_copies(setting, tmp_path, 1.0)
+    weights_file = folders["alpha"] / "adapter_model.safetensors"
+    save_file({key: value.to(torch.bfloat16) for key, value in load_file(str(weights_file)).items()},
+              str(weights_file))
+    inputs = load_file(str(weights_file))
+    units = sorted({key.split(".layers.")[1].split(".")[0] for key in inputs if "lora_B" in key})
+    table = WeightTable(list(folders), [f"model.layers.{unit}" for unit in units],
+                        [[0.37] * len(units) for _ in folders])
+    table.save(tmp_path / "mask.json")
+    out = tmp_path / "pruned"
+    assert invoke_cli(["apply-mask", "--adapters", *[f"{n}={f}" for n, f in folders.items()],
+                       "--mask", tmp_path / "mask.json", "--out", out, "--dtype", "float32"]).exit_code == 0
+    written = load_file(str(out / "alpha" / "adapter_model.safetensors"))
+    assert {tensor.dtype for tensor in written.values()} == {torch.float32}
+    for key, tensor in inputs.items():
+        if "lora_B" in key:
+            expected = (tensor.double() * 0.37).float()
+            assert torch.equal(written[key], expected), key
+
+
+def test_float16_merges_keep_the_magnitude_out_of_one_factor(tmp_path):
+    """Two rank-1 adapters with B = 100, A = ±100 (|ΔW| ≤ 1e4, which float16 holds): `merge --merger ties
+    --dtype float16` was refused ("lora_B … NaN or Inf"), since the merge put all of S in B (U·S, Vᵀ). The
+    factors are now balanced by a power of two (B·A exact) and the float16 ΔW equals the float64 merge's to
+    float16's rounding."""
+    import torch
+    from factories import random_adapter, write_peft_folder
+    from safetensors.torch import load_file
+
+    shapes = {"model.layers.0.self_attn.q_proj": (64, 64)}
+    folders = []
+    for index, sign in enumerate((1.0, -1.0)):
+        adapter = random_adapter("ab"[index], shapes, rank=1, alpha=1.0, seed=index, dtype=torch.float32)
+        module = next(iter(adapter.modules.values()))
+        module.lora_B = torch.full((64, 1), 100.0)
+        module.lora_A = torch.full((1, 64), 100.0) * torch.tensor([1.0] * 32 + [sign] * 32)
+        folders.append(write_peft_folder(tmp_path / "ab"[index], adapter))
+    for merger in ("ties", "ta"):
+        out16, out32 = tmp_path / f"{merger}16", tmp_path / f"{merger}32"
+        for out, dtype in ((out16, "float16"), (out32, "float32")):
+            result = invoke_cli(["merge", "--adapters", *folders, "--merger", merger, "--dtype", dtype, "--out", out])
+            assert result.exit_code == 0, result.stderr
+
+        def delta(folder):
+            tensors = load_file(str(folder / "adapter_model.safetensors"))
+            key = "base_model.model.model.layers.0.self_attn.q_proj.lora_{}.weight"
+            return tensors[key.format("B")].double() @ tensors[key.format("A")].double()
+
+        reference = delta(out32)
+        assert float((delta(out16) - reference).abs().max()) <= 2e-3 * float(reference.abs().max())
+
+
+# --- terminals, pipelines and CI jobs -------------------------------------------------------------------------
+
+def test_sigterm_ends_a_search_as_ctrl_c_does(tmp_path):
+    """SIGTERM (what `timeout`, a cancelled CI job and `docker stop` send) killed loramerge without a word: a
+    merge left its half-written staging folder, a parallel search leaked semaphores. It is now handled as Ctrl-C
+    is: one line, exit 143, nothing half-written, the run dir resumable, the workers gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from eval_fixtures import build_text_setting
+    from test_hostile_inputs import REPO
+
+    setting = build_text_setting(tmp_path / "s")
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loramerge_cli", "search-mask", "--strategy", "enmp", "--adapters",
+         *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ties", "--popsize", "6",
+         "--generations", "200", "--max-prune", "0.5", "--workers", "2", "--threads", "1", "--run-dir", str(run_dir),
+         "--out", str(tmp_path / "mask.json"), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": REPO})
+    deadline = time.monotonic() + 240
+    while not (run_dir / "trajectory.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert (run_dir / "trajectory.jsonl").exists(), process.communicate()[1]
+    os.killpg(process.pid, signal.SIGTERM)  # a job runner's cancel: the whole group
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    assert stderr.strip().splitlines()[-1] == (f"terminated; resume with: loramerge search-mask --run-dir {run_dir} "
+                                               "--resume --threads 1 --workers 2"), stderr
+    assert "leaked" not in stderr and not (tmp_path / "mask.json").exists()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("workers outlived the search")
+
+
+def test_a_second_signal_waits_for_the_cleanup():
+    """Ctrl-C pressed twice: the second interrupt cut the removal of the half-written output short (a staging
+    folder with loramerge.json stayed behind, in 3 of 10 tries) and printed a traceback from an exit handler.
+    Cleanup now holds the signals back and records them: the way out goes on, and ends as an interrupt."""
+    import os
+    import signal
+    import time
+
+    from loramerge_cli import interrupts
+
+    interrupts.install()
+    finished = False
+    try:
+        with interrupts.shielded():
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.2)  # the handlers run meanwhile, in this thread
+            finished = True
+        assert finished and interrupts.interrupted() and interrupts.exit_code() == 130
+    finally:
+        interrupts.reset()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def test_a_full_disk_while_writing_weights_is_one_line(tmp_path, monkeypatch):
+    """A disk that filled while safetensors wrote the merged weights: "internal error: SafetensorError: Error while
+    serializing: I/O error: No space left on device (os error 28) (rerun with --debug)". Now the same line as any
+    other full disk, and nothing left behind."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    folders = write_task_folders_for(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    result = invoke_cli(["merge", "--adapters", *folders, "--out", tmp_path / "out" / "m"])
+    one_line(result, f"{tmp_path / 'out' / 'm'}: cannot write the output (No space left on device)")
+    assert not (tmp_path / "out").exists()
+
+
+def write_task_folders_for(tmp_path) -> list[str]:
+    from factories import write_task_folders
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    return [str(folders["a"]), str(folders["b"])]
+
+
+def test_eval_run_dir_and_out_are_checked_before_any_work(tmp_path):
+    """`eval --run-dir FILE` scored everything, then failed with "internal error: NotADirectoryError" (and the
+    scores were lost); `eval --out new/report.json` was refused though every other command makes the folders
+    above its output; `--val-limit` with `--split test` was ignored without a word."""
+    from eval_fixtures import build_text_setting
+
+    setting = build_text_setting(tmp_path / "s", rows=4)
+    args = ["eval", "--tasks", setting.tasks_file, "--adapters", *setting.adapter_args()]
+    (tmp_path / "afile").write_text("x")
+    for run_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        one_line(invoke_cli([*args, "--run-dir", run_dir]), f"--run-dir {run_dir}: cannot write scores there, "
+                 f"{tmp_path / 'afile'} is not a folder")
+    one_line(invoke_cli([*args, "--split", "test", "--val-limit", "2"]), "--val-limit does nothing with --split "
+             "test", 2)
+    report = tmp_path / "new" / "deeper" / "report.json"
+    assert invoke_cli([*args, "--out", report]).exit_code == 0 and json.loads(report.read_text())["rows"]
+
+
+def test_the_interrupt_hint_offers_resume_only_when_the_run_dir_can_resume(tmp_path, monkeypatch):
+    """Ctrl-C before the search had written its run dir's config said "resume with: loramerge search-mask
+    --run-dir R --resume", which then failed ("R holds no search to resume"). The hint now appears once the run
+    dir holds what --resume reads."""
+    from eval_fixtures import build_text_setting
+
+    from loramerge_cli import interrupts
+    from loramerge_cli.search import runner
+    from test_hostile_inputs import search_request
+
+    setting = build_text_setting(tmp_path / "s", rows=4)
+
+    def interrupted(request, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "prepare_run_dir", interrupted)
+    interrupts.reset()
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_search(search_request(setting, run_dir=tmp_path / "run"))
+    assert interrupts.resume_hint() is None and interrupts.message() == "interrupted; nothing was written"
+    interrupts.reset()
+
+
+def test_long_lists_of_choices_are_named_in_the_help_not_in_the_metavar():
+    """`merge --help` at 40 columns: --merger's and --method's metavars were one 142-column line
+    (`breadcrumbs|breadcrumbs_ties|…`). They read NAME, the choices listed in the (wrapped) help."""
+    from typer.testing import CliRunner
+
+    from loramerge_cli.cli.app import app
+
+    result = CliRunner().invoke(app, ["merge", "--help"], env={"COLUMNS": "60"})
+    assert result.exit_code == 0
+    assert "--merger NAME" in result.stdout and "--method NAME" in result.stdout
+    assert "breadcrumbs|" not in result.stdout and "tsv_iso." in result.stdout  # listed in the help text

@@ -7,12 +7,13 @@ failure never leaves a half-written output and `force` replaces an existing one 
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from loramerge_cli import __version__
+from loramerge_cli import __version__, atomic
 from loramerge_cli.adapters.card import RECIPE_NAME, model_card, portable_command, portable_inputs, portable_path
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
@@ -102,6 +103,18 @@ def lora_config(
     }
 
 
+def balanced_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dtype):
+    """(B, A) in `dtype`. In float16 (largest 65504, subnormal below 6e-5) B is divided and A multiplied by one
+    power of two that brings their largest entries together: B·A is unchanged (exact in binary), and a merge
+    that puts every magnitude in B (λ, S of an SVD) neither overflows nor loses digits to subnormals."""
+    if dtype == torch.float16:
+        largest_B, largest_A = float(lora_B.abs().max()), float(lora_A.abs().max())
+        if largest_B > 0 and largest_A > 0 and math.isfinite(largest_B) and math.isfinite(largest_A):
+            shift = round(math.log2(largest_B / largest_A) / 2)
+            lora_B, lora_A = lora_B.double() * 2.0 ** -shift, lora_A.double() * 2.0 ** shift
+    return lora_B.to(dtype), lora_A.to(dtype)
+
+
 def check_updates_in_range(modules: dict, dtype: torch.dtype) -> None:
     """Each merged module's update B·A (scale 1) within `dtype`'s range, else one line naming the module:
     finite factors can multiply past it (PEFT would then compute Inf and NaN). ‖B‖·‖A‖ bounds every entry,
@@ -124,10 +137,8 @@ def _number(value: float) -> int | float:
 
 
 def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     check_finite(tensors)
-    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(path), metadata={"format": "pt"})
+    atomic.save_safetensors({key: tensor.contiguous() for key, tensor in tensors.items()}, path, {"format": "pt"})
 
 
 def _write_json(data: dict, path: Path) -> None:
@@ -199,8 +210,9 @@ def write_merged_adapter(
     base = base_model or _common([a.base_model for a in adapters])
     tensors = {}
     for path, module in modules.items():
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = module.lora_A.to(out_dtype)
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.lora_B.to(out_dtype)
+        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype)
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
     if head_adapter is not None:
         for key, tensor in head_adapter.heads.items():
             tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype)
@@ -334,10 +346,11 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
     out_dtype = output_dtype([adapter], dtype)
     tensors = {}
     for path, module in adapter.modules.items():
-        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = module.lora_A.to(out_dtype)
-        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.lora_B.to(out_dtype)
-    for key, tensor in adapter.heads.items():
-        tensors[f"{PEFT_PREFIX}{key}"] = tensor
+        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype)
+        tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
+        tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
+    for key, tensor in adapter.heads.items():  # in the output's dtype, as a merge writes them
+        tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype)
     tensors.update(base_copy_tensors([adapter], adapter.modules))
     paths = sorted(adapter.modules, key=unit_sort_key)
     if {"r", "lora_alpha"} <= set(adapter.config):

@@ -210,7 +210,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def command_errors(function):
     """Error policy of every command: one line on stderr; exit 2 for usage errors (UsageError; Click's own
-    pass through), 1 for data errors, 130 after Ctrl-C; --debug adds the traceback of data errors."""
+    pass through), 1 for data errors, 130 after Ctrl-C (143 after SIGTERM); --debug adds the traceback of data
+    errors."""
 
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
@@ -226,10 +227,10 @@ def command_errors(function):
         except UsageError as error:
             raise fail(f"error: {error}", 2) from None
         except KeyboardInterrupt:
-            raise fail(interrupts.message(), 130) from None
+            raise fail(interrupts.message(), interrupts.exit_code()) from None
         except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
             if interrupts.interrupted():  # a Ctrl-C a library turned into another error: not a data problem
-                raise fail(interrupts.message(), 130) from None
+                raise fail(interrupts.message(), interrupts.exit_code()) from None
             if debug:  # to stderr as it can be: never onto stdout (Python's fallback when stderr is closed)
                 traceback.print_exc(file=StandardError())
             if isinstance(error, LoramergeError):
@@ -239,7 +240,7 @@ def command_errors(function):
             hint = "" if debug else " (rerun with --debug)"
             raise fail(f"internal error: {type(error).__name__}: {error}{hint}") from None
         if interrupts.interrupted():  # swallowed by a library, and the work finished anyway
-            raise fail(interrupts.message(), 130)
+            raise fail(interrupts.message(), interrupts.exit_code())
         return result
 
     return wrapper

@@ -41,8 +41,25 @@ def option(name: str, annotation, default, *flags: str, **settings) -> inspect.P
         settings.setdefault("parser", path_value)
     elif name in SOURCE_KEYS:
         settings.setdefault("parser", source_value if name == "base" else adapter_source_value)
+    names = _choices(annotation)
+    if len("|".join(names)) > LONGEST_CHOICE_METAVAR:  # a 140-column metavar: no terminal wraps it well
+        settings.setdefault("metavar", "NAME")
+        text, marker, shown = (settings.get("help") or "").partition(" [default:")
+        settings["help"] = f"{text} One of: {', '.join(names)}.{marker}{shown}".strip()
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, typer.Option(*flags, **settings)])
+
+
+LONGEST_CHOICE_METAVAR = 40  # longer lists of choices go into the help text, behind the metavar NAME
+
+
+def _choices(annotation) -> tuple[str, ...]:
+    """The names a `choice` annotation (or `choice | None`) allows; () for any other annotation."""
+    import typing
+
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    return next((names for member in typing.get_args(annotation) if (names := _choices(member))), ())
 
 
 def choice(names):

@@ -55,12 +55,13 @@ def read_cache(file: Path) -> dict[str, float]:
 
 
 def check_run_dir(run_dir, inputs: list) -> None:
-    """`eval --run-dir`: not the working folder, not over, holding or inside an input, and any scores.json
-    in it a score cache loramerge wrote."""
-    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder
+    """`eval --run-dir`: not the working folder, not over, holding or inside an input, a folder it can write
+    (or make), and any scores.json in it a score cache loramerge wrote."""
+    from loramerge_cli.outputs import check_creatable, check_not_an_input, check_not_working_folder
 
     check_not_working_folder(run_dir, "--run-dir")
     check_not_an_input(run_dir, inputs, "--run-dir")
+    check_creatable(run_dir, f"--run-dir {run_dir}: cannot write scores there")
     read_cache(Path(run_dir) / CACHE_NAME)
 
 

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from loramerge_cli.adapters.sources import sha256_file
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, NonFiniteError
 from loramerge_cli.evaluation import batches as batching
 from loramerge_cli.evaluation.data import Examples, load_examples
 from loramerge_cli.evaluation.heads import check_head, task_head
@@ -259,7 +259,7 @@ class Evaluator:
                     update = update.T if path in self.transposed else update
                     patched = (original.to(compute) + update).to(weight.dtype)
                     if not bool(torch.isfinite(patched).all()):  # scores of such a model would mean nothing
-                        raise LoramergeError(f"module {path}: the evaluated weight has NaN or Inf values in "
+                        raise NonFiniteError(f"module {path}: the evaluated weight has NaN or Inf values in "
                                              f"{str(weight.dtype).removeprefix('torch.')} (an update beyond its range? "
                                              "a smaller λ or another dtype)")
                     weight.copy_(patched)
@@ -281,7 +281,13 @@ class Evaluator:
     def scores(self, task: str) -> torch.Tensor:
         """Raw per-example scores of the current weights: logits, or per-choice log-likelihoods."""
         self.use_head(task)
-        return self.task_file.type.scores(self.model, self.prepared[task], self.task_file.task(task), self.settings)
+        scores = self.task_file.type.scores(self.model, self.prepared[task], self.task_file.task(task), self.settings)
+        if not bool(torch.isfinite(scores).all()):  # argmax would read NaN as the largest: class 0 everywhere
+            rows = int((~torch.isfinite(scores)).any(dim=-1).sum())
+            raise NonFiniteError(f"task {task}: the model's outputs are NaN or Inf on {rows} of {len(scores)} examples "
+                                 f"in {str(self.dtype).removeprefix('torch.')} (activations beyond its range?): "
+                                 "evaluate in float32 (--dtype / --eval-dtype)")
+        return scores
 
     def accuracy(self, task: str) -> float:
         spec = self.task_file.task(task)

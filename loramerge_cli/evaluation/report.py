@@ -77,6 +77,7 @@ def eval_report(
         "base_model": engine.base,
         "examples": {task: len(examples) for task, examples in engine.examples.items()},
         "max_length": dict(engine.max_lengths),
+        "dtype": engine.settings.dtype,  # the model's: accuracies in float16 can differ from float32's
         "rows": rows,
         "warnings": warnings,
     }

@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, NonFiniteError
 from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, merged_deltas, scale_deltas
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
@@ -73,6 +73,7 @@ class LambdaSearch:
     records: list[dict]
     warnings: list[str] = field(default_factory=list)
     max_length: dict[str, int] = field(default_factory=dict)  # text tasks: the token cap each used
+    dtype: str | None = None  # the evaluation's
 
     def describe(self) -> dict:
         """The JSON form written to the output's provenance and `--json`."""
@@ -80,7 +81,7 @@ class LambdaSearch:
         return {"best": self.best, "default": self.default,
                 "best_mean_normalized_accuracy": best["mean_normalized_accuracy"],
                 "grid": sorted(self.records, key=lambda record: record["lambda"]), "warnings": list(self.warnings),
-                "max_length": dict(self.max_length)}
+                "max_length": dict(self.max_length), "dtype": self.dtype}
 
 
 def tune_lambda(adapters: list, config, table, tasks_file, **options) -> tuple[float, list[dict]]:
@@ -139,12 +140,20 @@ def search_lambda(
     experts = expert_scores(evaluator, ScoreCache(run_dir), report)
     records: list[dict] = []
 
+    non_finite: list[str] = []  # the first λ whose merged model gave NaN or Inf, and why
+
     def means_at(lams: list[float], stage: str) -> list[float | None]:
         if pool is not None:
             all_scores = pool(lams)
         else:
-            all_scores = [evaluator.evaluate(scale_deltas(unit_deltas, lam)) for lam in lams]
+            all_scores = [finite_scores(evaluator, scale_deltas(unit_deltas, lam)) for lam in lams]
         for lam, scores in zip(lams, all_scores):
+            if isinstance(scores, str):  # NaN or Inf at this λ: no score, the grid goes on
+                non_finite.append(f"λ {lam:g}: {scores}")
+                records.append({"lambda": lam, "stage": stage, "accuracy": {}, "normalized_accuracy": {},
+                                "mean_normalized_accuracy": None, "non_finite": scores})
+                step(f"λ {lam:.4g}: NaN or Inf")
+                continue
             normalized, _ = normalized_accuracy(scores, experts)
             mean = mean_defined(normalized)
             records.append({"lambda": lam, "stage": stage, "accuracy": scores, "normalized_accuracy": normalized,
@@ -155,7 +164,22 @@ def search_lambda(
     with progress_stage(report, "λ grid", len(grid) if grid is not None else None) as step:
         best, warnings = grid_search(lambda lam, stage: means_at([lam], stage)[0], default_lambda, grid,
                                      means_at=means_at, also=also)
-    return LambdaSearch(best, default_lambda, records, warnings, dict(evaluator.max_lengths))
+    if non_finite:
+        if len(non_finite) == len(records):
+            raise NonFiniteError(f"λ auto: every λ tried gave NaN or Inf ({non_finite[0]})")
+        warnings.append(f"λ auto: {len(non_finite)} of {len(records)} λs gave NaN or Inf and were not scored "
+                        f"({non_finite[0]})")
+    return LambdaSearch(best, default_lambda, records, warnings, dict(evaluator.max_lengths),
+                        evaluator.settings.dtype)
+
+
+def finite_scores(evaluator: Evaluator, deltas) -> dict[str, float] | str:
+    """{task: accuracy} of `deltas`, or why their model is NaN or Inf in the evaluation's dtype (a λ too large
+    for float16): one point of a grid, which the grid skips."""
+    try:
+        return evaluator.evaluate(deltas)
+    except NonFiniteError as error:
+        return str(error)
 
 
 def grid_search(

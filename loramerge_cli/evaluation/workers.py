@@ -63,13 +63,14 @@ class LambdaScorer:
 
     def __call__(self, device: str):
         from loramerge_cli.evaluation.engine import merged_deltas, scale_deltas
+        from loramerge_cli.evaluation.tuning import finite_scores
         from loramerge_cli.merging.merge import merge
 
         adapters = self.source.loaded()
         engine = self.source.engine(device, adapters)
         unit = merged_deltas(merge(adapters, replace(self.config, lam=1.0), self.table, self.allow_base_mismatch,
                                    statistics=self.statistics))
-        return lambda lams: [engine.evaluate(scale_deltas(unit, lam)) for lam in lams]
+        return lambda lams: [finite_scores(engine, scale_deltas(unit, lam)) for lam in lams]
 
 
 @contextmanager

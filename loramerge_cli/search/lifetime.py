@@ -2,8 +2,9 @@
 
 A worker asks the kernel to kill it when its parent dies (Linux PR_SET_PDEATHSIG), and also watches its
 parent's pid from a thread (every system), so a parent killed with SIGKILL leaves no worker holding memory
-and its caller's pipes. SIGINT (Ctrl-C reaches the whole process group) is ignored by workers: the parent
-alone handles it and ends them, so the interrupt is never reported as a worker failure.
+and its caller's pipes. SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (a job cancelled, sent to
+the group) are ignored by workers: the parent alone handles them and ends them, so the interrupt is never
+reported as a worker failure.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ POLL_SECONDS = 0.5
 
 
 @contextmanager
-def sigint_blocked():
-    """Block SIGINT while starting workers: a spawned child inherits the blocked mask through exec, so it
-    cannot die of a Ctrl-C before `become_worker` ignores it; the parent gets the pending signal afterwards."""
+def signals_blocked():
+    """Block SIGINT and SIGTERM while starting workers: a spawned child inherits the blocked mask through exec,
+    so it cannot die of one before `become_worker` ignores it; the parent gets the pending signal afterwards."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:
@@ -34,10 +35,11 @@ def sigint_blocked():
 
 
 def become_worker(parent_pid: int) -> None:
-    """Call first thing in a worker: ignore SIGINT, die with the parent."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """Call first thing in a worker: ignore SIGINT and SIGTERM, die with the parent."""
+    for number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(number, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

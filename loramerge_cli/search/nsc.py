@@ -205,8 +205,6 @@ def train(problem: NscProblem, settings: NscSettings, run_dir: Path | None = Non
 def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[dict]) -> None:
     """Coefficients and AdamW moments as safetensors tensors, step, AdamW settings and history as JSON
     metadata, in one file replaced atomically: resuming reads no pickle."""
-    from safetensors.torch import save_file
-
     run_dir.mkdir(parents=True, exist_ok=True)
     optimizer_state = optimizer.state_dict()
     tensors = {"coefficients": side_path.coefficients.detach().cpu().contiguous()}
@@ -215,7 +213,7 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
     metadata = {"step": str(step), "param_groups": json.dumps(optimizer_state["param_groups"]),
                 "history": json.dumps(history)}
     with atomic.replacing(run_dir / STATE_NAME) as temporary:
-        save_file(tensors, str(temporary), metadata=metadata)
+        atomic.save_safetensors(tensors, temporary, metadata)
     atomic.write_text(run_dir / "trajectory.jsonl", "".join(json.dumps(record) + "\n" for record in history))
 
 
@@ -315,6 +313,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         "search": asdict(settings),
         "targets": problem.targets,
         "max_length": dict(problem.engine.max_lengths),
+        "eval_dtype": problem.engine.settings.dtype,
         "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]},
         "task_losses": per_task,
         "warnings": warnings,

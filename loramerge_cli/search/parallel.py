@@ -9,7 +9,7 @@ import queue as queue_module
 import time
 
 from loramerge_cli.errors import LoramergeError, WorkerLost
-from loramerge_cli.search.lifetime import become_worker, sigint_blocked
+from loramerge_cli.search.lifetime import become_worker, signals_blocked
 
 
 def _worker(build, device: str, tasks, results, parent_pid: int | None = None) -> None:
@@ -46,7 +46,7 @@ class ParallelFitness:
             for device in devices
         ]
         try:
-            with sigint_blocked():
+            with signals_blocked():
                 for process in self.processes:
                     process.start()
             for _ in devices:

@@ -65,7 +65,7 @@ def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
         fitness, {"lambda": lam, "reference": fitness.reference, "experts": experts},
         WorkerBuilder(request, lam, experts, fitness.reference),
         {"experts_validation_accuracy": experts, "lambda_tuning": tuning,
-         "max_length": dict(problem.engine.max_lengths)},
+         "max_length": dict(problem.engine.max_lengths), "eval_dtype": problem.engine.settings.dtype},
         lambda best: {"unpruned_mean_normalized_accuracy": fitness.reference,
                       "best_mean_normalized_accuracy": fitness.reference + best.fitness, "fitness": best.fitness},
     )
@@ -81,7 +81,8 @@ def _label_free(request: SearchRequest, run_dir: Path | None, on_event) -> Score
         fitness, {"lambda": fitness.base_lambda, "reference_loss": fitness.reference, "objective": objective,
                   "targets": fitness.objective.targets if objective == "nsc" else []},
         NscWorkerBuilder(request, fitness.base_lambda, fitness.reference),
-        {"fitness": "nsc", "objective": objective, "max_length": dict(fitness.engine.max_lengths)},
+        {"fitness": "nsc", "objective": objective, "max_length": dict(fitness.engine.max_lengths),
+         "eval_dtype": fitness.engine.settings.dtype},
         lambda best: {"unpruned_loss": fitness.reference, "best_loss": fitness.reference * (1 - best.fitness / 100),
                       "fitness": best.fitness},
     )
@@ -110,10 +111,8 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     run directory, if any, is locked for the whole search (one search per folder at a time)."""
     if request.run_dir is None:
         return _run_search(request, on_event)
-    from loramerge_cli import interrupts
     from loramerge_cli.search.rundir import RunDirLock
 
-    interrupts.set_hint(f"resume with: {resume_command(request)}", resumable=True)
     run_dir = Path(request.run_dir)
     before = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
     try:
@@ -130,6 +129,10 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     strategy = check_request(request)
     run_dir = Path(request.run_dir) if request.run_dir else None
     prepare_run_dir(request)
+    if run_dir is not None:  # from now on the run dir holds what --resume reads (before: rerun the command)
+        from loramerge_cli import interrupts
+
+        interrupts.set_hint(f"resume with: {resume_command(request)}", resumable=True)
     if strategy.kind == "coefficients":
         from loramerge_cli.search.nsc import run_nsc
 

@@ -22,7 +22,7 @@ from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import merge as merging
 from loramerge_cli.merging.merge import SETTINGS, MergeConfig, MergeResult, ResolvedMerge, resolve_config
-from loramerge_cli.merging.registry import DTYPES
+from loramerge_cli.merging.registry import DTYPES, PARAMETERS
 
 
 @dataclass
@@ -95,9 +95,11 @@ class MergePlan:
 
 
 def recorded_settings(table: WeightTable | None) -> dict:
-    """The merger settings a weight table was searched with, by MergeConfig field."""
+    """The merger settings a weight table was searched with: MergeConfig's fields and every registered method
+    parameter it records (`keep_rule`, `gamma`, …), by name."""
     merger = table.merger if table is not None and isinstance(table.merger, dict) else {}
-    recorded = {name: merger[name] for name in SETTINGS if name != "lam" and merger.get(name) is not None}
+    names = dict.fromkeys([*SETTINGS, *PARAMETERS])
+    recorded = {name: merger[name] for name in names if name != "lam" and merger.get(name) is not None}
     if table is not None and table.scale is None and merger.get("lambda") is not None:
         recorded["lam"] = merger["lambda"]  # the table's scale, when present, wins
     return recorded
@@ -116,8 +118,9 @@ def check_recorded(table: WeightTable | None, adapter_count: int, origin: str = 
             problem = f"{name} must be true or false (got {recorded[name]!r})"
     if problem is None and recorded:
         fields = {name: value for name, value in recorded.items() if name in SETTINGS}
+        params = {name: value for name, value in recorded.items() if name not in SETTINGS}
         try:
-            resolve_config(MergeConfig(**fields), adapter_count)
+            resolve_config(MergeConfig(**fields, params=params), adapter_count)
         except (UsageError, TypeError, ValueError, OverflowError) as error:
             problem = str(error).removeprefix("--")
     if problem is not None:

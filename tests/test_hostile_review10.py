@@ -327,7 +327,7 @@ def write_task_folders_for(tmp_path) -> list[str]:
 def test_eval_run_dir_and_out_are_checked_before_any_work(tmp_path):
     """`eval --run-dir FILE` scored everything, then failed with "internal error: NotADirectoryError" (and the
     scores were lost); `eval --out new/report.json` was refused though every other command makes the folders
-    above its output; `--val-limit` with `--split test` was ignored without a word."""
+    above its output."""
     from eval_fixtures import build_text_setting
 
     setting = build_text_setting(tmp_path / "s", rows=4)
@@ -336,8 +336,6 @@ def test_eval_run_dir_and_out_are_checked_before_any_work(tmp_path):
     for run_dir in (tmp_path / "afile", tmp_path / "afile" / "sub"):
         one_line(invoke_cli([*args, "--run-dir", run_dir]), f"--run-dir {run_dir}: cannot write scores there, "
                  f"{tmp_path / 'afile'} is not a folder")
-    one_line(invoke_cli([*args, "--split", "test", "--val-limit", "2"]), "--val-limit does nothing with --split "
-             "test", 2)
     report = tmp_path / "new" / "deeper" / "report.json"
     assert invoke_cli([*args, "--out", report]).exit_code == 0 and json.loads(report.read_text())["rows"]
 
@@ -376,3 +374,33 @@ def test_long_lists_of_choices_are_named_in_the_help_not_in_the_metavar():
     assert result.exit_code == 0
     assert "--merger NAME" in result.stdout and "--method NAME" in result.stdout
     assert "breadcrumbs|" not in result.stdout and "tsv_iso." in result.stdout  # listed in the help text
+
+
+# --- registries -----------------------------------------------------------------------------------------------
+
+def test_merge_mask_uses_every_recorded_method_parameter(tmp_path):
+    """A table searched with `--merger ties --keep-rule floor --consensus count` records both, but `merge --mask`
+    read back only density, drop_rate and scope: it merged with round and mass without a word (and a conflicting
+    `--consensus mass` was not refused). Every registered parameter is now read back, as density is."""
+    import hashlib
+
+    from loramerge_cli.masks import WeightTable
+
+    folders = write_task_folders_for(tmp_path)
+    weights_of = lambda out: hashlib.sha256((out / "adapter_model.safetensors").read_bytes()).hexdigest()  # noqa: E731
+    settings = ["--density", "0.335", "--keep-rule", "floor", "--consensus", "count", "--lambda", "1"]
+    assert invoke_cli(["merge", "--adapters", *folders, "--merger", "ties", *settings, "--out",
+                       tmp_path / "explicit"]).exit_code == 0
+    assert invoke_cli(["merge", "--adapters", *folders, "--merger", "ties", "--density", "0.335", "--lambda", "1",
+                       "--out", tmp_path / "defaults"]).exit_code == 0
+    assert weights_of(tmp_path / "explicit") != weights_of(tmp_path / "defaults")  # so the test can fail
+    units = sorted({f"model.layers.{index}" for index in range(3)})
+    WeightTable(["a", "b"], units, [[1.0] * len(units)] * 2, merger={
+        "merger": "ties", "method": "ties", "space": "full", "lambda": 1.0, "density": 0.335, "scope": "module",
+        "keep_rule": "floor", "consensus": "count", "normalize": "count", "elect_on": "weighted"},
+    ).save(tmp_path / "mask.json")
+    result = invoke_cli(["merge", "--adapters", *folders, "--mask", tmp_path / "mask.json", "--out", tmp_path / "m"])
+    assert result.exit_code == 0, result.stderr
+    assert weights_of(tmp_path / "m") == weights_of(tmp_path / "explicit")
+    one_line(invoke_cli(["merge", "--adapters", *folders, "--mask", tmp_path / "mask.json", "--consensus", "mass",
+                         "--out", tmp_path / "m2"]), "--consensus mass conflicts with the mask's recorded consensus", 2)

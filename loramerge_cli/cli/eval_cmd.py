@@ -70,9 +70,6 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     out = flags["out"]
     if out is not None and out.is_dir():
         raise UsageError(f"--out {out} is a folder: give a file (missing folders above it are made)")
-    if flags["val_limit"] is not None and flags["split"] != "validation":
-        raise UsageError(f"--val-limit does nothing with --split {flags['split']} (it subsets the validation split; "
-                         "a spec's `limit` subsets any)")
     spread, flags["threads"] = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],
                                                flags["backend"], flags["ray_address"])
     check_task_file(flags["tasks"], [flags["split"]])  # before any adapter or model loads

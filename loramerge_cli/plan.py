@@ -22,7 +22,7 @@ from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import merge as merging
 from loramerge_cli.merging.merge import SETTINGS, MergeConfig, MergeResult, ResolvedMerge, resolve_config
-from loramerge_cli.merging.registry import DTYPES, PARAMETERS
+from loramerge_cli.merging.registry import DTYPES, PARAMETERS, randomized_methods
 
 
 @dataclass
@@ -203,9 +203,9 @@ def plan_merge(
     combined = replace(MergeConfig(**fields, params=params), compute_dtype=config.compute_dtype)
     check_compatible(adapters, allow_base_mismatch)
     settings = resolve_config(combined, len(adapters), None if tuning else table)
-    if "seed" in config.given() and "seed" not in settings.describe():
-        raise UsageError(f"--seed does nothing with {settings.method.name}: only randomized methods (DARE, DELLA, "
-                         "LoRA-LEGO) draw")
+    if "seed" in config.given() and not settings.method.randomized:
+        raise UsageError(f"--seed does nothing with {settings.method.name}: only randomized methods "
+                         f"({', '.join(randomized_methods())}) draw")
     truncation = [name for name in ("out_rank", "energy") if name in config.given()]
     if truncation and not settings.is_dense:  # the caller's own flags; a table's recorded ones may not apply
         raise UsageError(f"--{truncation[0].replace('_', '-')} truncates dense merges (elementwise methods in the full "

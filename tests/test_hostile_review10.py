@@ -404,3 +404,38 @@ def test_merge_mask_uses_every_recorded_method_parameter(tmp_path):
     assert weights_of(tmp_path / "m") == weights_of(tmp_path / "explicit")
     one_line(invoke_cli(["merge", "--adapters", *folders, "--mask", tmp_path / "mask.json", "--consensus", "mass",
                          "--out", tmp_path / "m2"]), "--consensus mass conflicts with the mask's recorded consensus", 2)
+
+
+def test_settings_a_strategy_never_reads_are_refused(tmp_path):
+    """`search-mask --strategy greedy --target-blocks 1` ran (exit 0) though only NSC's objective reads the
+    targets; the library accepted any option name for the strategies with a check of their own (`options={"k": 2}`
+    for surrogate, or `{"popsize": 4}` for screened, which then overrode --popsize)."""
+    from eval_fixtures import build_text_setting
+
+    from loramerge_cli.errors import UsageError
+    from loramerge_cli.search.plan import check_request
+    from test_hostile_inputs import search_request
+
+    setting = build_text_setting(tmp_path / "s", rows=4)
+    one_line(invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--strategy", "greedy", "--target-blocks", "1", "--out", tmp_path / "m.json"]),
+             "--target-blocks does nothing with --strategy greedy", 2)
+    from loramerge_cli.search.enmp import EnmpSettings
+
+    for strategy, options in (("surrogate", {"k": 2}), ("screened", {"popsize": 4}), ("screened", {"k": 2})):
+        with pytest.raises(UsageError, match=f"--strategy {strategy} has no setting {next(iter(options))}"):
+            check_request(search_request(setting, strategy=strategy, options=options, enmp=EnmpSettings()))
+    check_request(search_request(setting, strategy="screened", options={"rungs": 2}))  # library-only: allowed
+
+
+def test_a_merge_setting_given_twice_in_the_library_is_refused():
+    """`MergeConfig(density=0.5, params={"density": 0.3})` merged with 0.3 without a word (params won), and the
+    seed's refusal named its randomized methods by hand; both come from one place now."""
+    from loramerge_cli.errors import UsageError
+    from loramerge_cli.merging.config import MergeConfig
+    from loramerge_cli.merging.registry import METHODS, randomized_methods
+
+    with pytest.raises(UsageError, match="density is given twice"):
+        MergeConfig(density=0.5, params={"density": 0.3})
+    assert MergeConfig(params={"density": 0.3}).density == 0.3
+    assert randomized_methods() == [name for name in METHODS if name in ("dare", "dare_ties", "della", "lora_lego")]

@@ -302,14 +302,13 @@ def test_the_library_refuses_what_the_cli_cannot_express(options):
     from loramerge_cli.evaluation.engine import EvalSettings
     from loramerge_cli.merging.merge import MergeConfig
     from loramerge_cli.search.enmp import EnmpSettings
-    from loramerge_cli.search.plan import SearchRequest
-    from loramerge_cli.search.surrogate import surrogate_settings
+    from loramerge_cli.search.plan import SearchRequest, check_request
 
     request = replace(SearchRequest(adapters=["a", "b"], merge=MergeConfig(merger="ta"), tasks="t.yaml",
                                     eval=EvalSettings(), strategy="surrogate", enmp=EnmpSettings(seed=1)),
                       options=options)
     with pytest.raises(UsageError):
-        surrogate_settings(request).check()
+        check_request(request)
 
 
 def test_a_non_finite_fitness_stops_the_search_and_keeps_the_state_readable(tmp_path):

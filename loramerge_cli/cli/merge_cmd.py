@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import typer
 
@@ -31,9 +30,8 @@ from loramerge_cli.cli.options import (
     with_options,
 )
 from loramerge_cli.errors import UsageError, check_at_least
-from loramerge_cli.merging.registry import DTYPES
+from loramerge_cli.merging.registry import DTYPES, randomized_methods
 
-DtypeName = Literal["float32", "float16", "bfloat16"]
 EPILOG = examples_epilog(
     "loramerge merge --adapters a/ b/ c/ --merger knots --out merged/",
     "loramerge merge --adapters rte=org/rte mnli=org/mnli --merger ties --density 0.5 --lambda 1.2 --out merged/",
@@ -65,8 +63,8 @@ def merge_options() -> list:
         option("energy", float | None, None, show_default=False,
                help="Dense results: keep this fraction of the update's energy (sum of squared singular values). "
                "[default: 0.9999]"),
-        option("seed", int | None, None, show_default=False, help="Seed of randomized methods (DARE, DELLA, "
-               "LoRA-LEGO), >= 1. [default: 1]"),
+        option("seed", int | None, None, show_default=False, help="Seed of randomized methods "
+               f"({', '.join(randomized_methods())}), >= 1. [default: 1]"),
         option("head", str | None, None, help="Also write this task's head as modules_to_save, so a plain PEFT "
                "load serves it."),
         option("base", str | None, None, help="Base model id or path; overrides the configs'."),

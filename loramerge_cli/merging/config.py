@@ -27,6 +27,19 @@ class MergeConfig:
     compute_dtype: object = None  # a torch dtype; None: float64
     params: dict = field(default_factory=dict)  # method parameters without a field above, by name
 
+    def __post_init__(self) -> None:
+        """A setting with a field may come in `params` too (every method parameter can be given there): it moves
+        to its field, and the same setting given both ways with two values is refused."""
+        from loramerge_cli.errors import UsageError
+
+        moved = {name: value for name, value in self.params.items() if name in SETTINGS and value is not None}
+        for name, value in moved.items():
+            if getattr(self, name) is not None and getattr(self, name) != value:
+                raise UsageError(f"{name} is given twice: {getattr(self, name)!r}, and {value!r} in params")
+            setattr(self, name, value)
+        if moved:
+            self.params = {name: value for name, value in self.params.items() if name not in SETTINGS}
+
     def given(self) -> dict:
         """The settings the caller chose (not None), by field name; `params` spread among them."""
         chosen = {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}

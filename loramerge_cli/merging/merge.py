@@ -40,7 +40,7 @@ class ResolvedMerge:
     space: str
     lam: float
     weights: list[float]
-    params: dict  # density, drop_rate, scope as the method declares them
+    params: dict  # every parameter the method declares, resolved (given, recorded or its default)
     knots_scaled: bool
     seed: int
     out_rank: int | None
@@ -57,7 +57,7 @@ class ResolvedMerge:
             "weights": self.weights,
             **self.params,
             **({"knots_scaled": self.knots_scaled} if self.space == "knots" else {}),
-            **({"seed": self.seed} if self.method.uses_dare or self.method.name in SEEDED else {}),
+            **({"seed": self.seed} if self.method.randomized else {}),
             **({"isotropize": True} if self.isotropize else {}),
             **({"out_rank": self.out_rank, "energy": self.energy} if self.is_dense else {}),
         }
@@ -65,9 +65,6 @@ class ResolvedMerge:
     @property
     def is_dense(self) -> bool:
         return self.method.elementwise and self.space == "full"
-
-
-SEEDED = ("della", "lora_lego")  # randomized methods that do not use DARE's drop rate
 
 
 @dataclass

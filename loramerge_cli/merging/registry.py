@@ -63,8 +63,6 @@ class Parameter:
             return f"--{self.flag} must be {'>' if self.low_open else '>='} {self.low} (got {value})"
         if self.high is not None and (value > self.high or (self.high_open and value == self.high)):
             return f"--{self.flag} must be {'<' if self.high_open else '<='} {self.high} (got {value})"
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
-            return f"--{self.flag} must be a number (got {value!r})"
         return None
 
     def bounds(self) -> str:
@@ -145,10 +143,16 @@ class Method:
     merge_with: Callable | None = None  # spectral with parameters: (tasks, params) -> merged tensor
     spaces: tuple[str, ...] = SPACES  # the spaces where the method makes sense
     needs_inputs: bool = False  # merge_with's params hold "grams": each task's input Gram matrix of the module
+    draws: bool = False  # draws random numbers besides DARE's drop (`--seed` applies): DELLA, LoRA-LEGO
 
     @property
     def parameters(self) -> tuple[str, ...]:
         return tuple(self.defaults)
+
+    @property
+    def randomized(self) -> bool:
+        """Its result depends on `--seed`."""
+        return self.uses_dare or self.draws
 
     def lambda_for(self, task_count: int) -> float:
         return 1.0 / task_count if self.default_lambda == "1/T" else float(self.default_lambda)
@@ -239,7 +243,7 @@ METHODS.update({
         "della", "drop by magnitude-ranked probabilities and rescale, then sign election and disjoint merge",
         "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)", "1",
         defaults={"density": 0.8, "epsilon": 0.1, "consensus": "mass", "normalize": "count", "elect_on": "weighted"},
-        elementwise=True, combine=_della_rows,
+        elementwise=True, combine=_della_rows, draws=True,
     ),
     "cart": Method(
         "cart", "the mean plus each task's low-rank deviation from it", "Choi et al. 2024, Revisiting Weight "
@@ -258,7 +262,7 @@ METHODS.update({
         "Merging LoRAs like Playing LEGO (arXiv:2409.16167)", "1",
         defaults={"clusters": 0},
         merge_with=lambda tasks, p: subspace.lora_lego(tasks, int(p["clusters"]) or None, 10, p["module_seed"]),
-        spaces=("full",),
+        spaces=("full",), draws=True,
     ),
     "regmean": Method(
         "regmean", "the least-squares fit of every task's outputs on its own inputs (reads the tasks' data)",
@@ -309,6 +313,11 @@ def merger_names() -> list[str]:
     return sorted([*METHODS, *ALIASES, *PRESETS])
 
 
+def randomized_methods() -> list[str]:
+    """The methods whose result depends on the seed."""
+    return [name for name, method in METHODS.items() if method.randomized]
+
+
 def methods_using(parameter: str) -> list[str]:
-    """The methods (and presets of them) a parameter applies to, for its help text."""
+    """The methods a parameter applies to, for its help text."""
     return [name for name, method in METHODS.items() if parameter in method.defaults]

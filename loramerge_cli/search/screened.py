@@ -35,7 +35,7 @@ import math
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 from typing import Callable
@@ -495,11 +495,8 @@ def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_coun
 
 # -- search-mask glue (the strategy registry's entry and worker processes) --------------------------
 def screened_settings(request) -> ScreenedSettings:
-    """ENMP's budget flags (and --budget) with the strategy's own options (`request.options`) on top."""
-    known = {f.name for f in fields(ScreenedSettings)}
-    unknown = sorted(set(request.options) - known)
-    if unknown:
-        raise UsageError(f"--strategy screened has no setting {', '.join(unknown)}")
+    """ENMP's budget flags (and --budget) with the strategy's own options (`request.options`, their names checked
+    by strategies.check_options) on top."""
     return ScreenedSettings(**{**asdict(request.enmp), "budget": request.budget, **request.options})
 
 

@@ -66,18 +66,19 @@ class Strategy:
     scoring: Callable | None = None  # (request, fitness, workers) -> (what `run` gets as its fitness, the
     # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
     uses: frozenset[str] = frozenset()  # the SHARED_SETTINGS it reads (the others are refused if changed)
+    library_options: tuple[str, ...] = ()  # `request.options` names it reads besides its parameters, with no flag
 
 
 def check_options(strategy: Strategy, options: dict) -> None:
     """`options` holds the strategy's own settings, each of its declared type (a float setting takes an int; a bool
-    is no number). Other names only where the strategy's `check` reads them (the screened search's library-only
-    settings: rungs, min_examples, noise_examples)."""
+    is no number), and its `library_options` (checked by its `check`); any other name is refused."""
     own = {parameter.name: parameter for parameter in strategy.parameters}
     for name, value in options.items():
         parameter = own.get(name)
-        if parameter is None and strategy.check is None:
+        if parameter is None and name not in strategy.library_options:
+            known = [*own, *strategy.library_options]
             raise UsageError(f"--strategy {strategy.name} has no setting {name}"
-                             + (f" (it has: {', '.join(own)})" if own else ""))
+                             + (f" (it has: {', '.join(known)})" if known else ""))
         if parameter is None:
             continue
         accepted = (int, float) if parameter.type is float else parameter.type
@@ -97,8 +98,9 @@ def check_needs(strategy: Strategy, options: dict) -> None:
 
 # Settings several strategies share, by the request field that holds them (the others are the request's own).
 SHARED_SETTINGS = {"enmp": ("max_prune", "popsize", "generations", "sigma0", "threshold", "addscale"),
-                   "nsc": ("steps", "lr", "init", "objective"), None: ("budget", "sparsity")}
-NSC_OBJECTIVE = frozenset({"objective"})  # what a label-free --fitness nsc reads of NSC's settings
+                   "nsc": ("steps", "lr", "init", "objective", "target_blocks", "target_modules"),
+                   None: ("budget", "sparsity")}
+NSC_OBJECTIVE = frozenset({"objective", "target_blocks", "target_modules"})  # what --fitness nsc reads of NSC's
 
 
 def check_unused(strategy: Strategy, request) -> None:
@@ -228,7 +230,8 @@ SCREENED = Strategy(
                   "exact start.", needs=("screen", "halving")),
     ),
     check=_check_screened, check_data=_check_screened_data, scoring=_screened_scoring,
-    uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale", "budget"}))
+    uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale", "budget"}),
+    library_options=("rungs", "min_examples", "noise_examples"))
 # (screened reads addscale only to refuse it with its own message)
 
 
@@ -280,7 +283,7 @@ SURROGATE = Strategy(
                   "bundled example: scale all three alike, --prior-single 0.05 --prior-pair 0.01 --noise 0.025)."),
     ),
     check=_check_surrogate, check_space=_check_surrogate_space, scoring=_surrogate_scoring,
-    uses=frozenset({"max_prune", "budget"}))
+    uses=frozenset({"max_prune", "budget"}), library_options=("restarts",))
 
 DEFAULT_STRATEGY = SURROGATE.name
 
@@ -295,7 +298,8 @@ STRATEGIES: dict[str, Strategy] = {
     "random": Strategy("random", "best of N random masks of a fixed sparsity", False, _run_random,
                        uses=frozenset({"max_prune", "popsize", "generations", "budget", "sparsity"})),
     "nsc": Strategy("nsc", "learn one coefficient per task and module by gradient descent on unlabeled inputs",
-                    True, None, kind="coefficients", uses=frozenset({"steps", "lr", "init", "objective"})),
+                    True, None, kind="coefficients",
+                    uses=frozenset({"steps", "lr", "init", "objective", "target_blocks", "target_modules"})),
 }
 
 

@@ -46,7 +46,6 @@ STATE_NAME = "surrogate_state.json"
 STATE_FORMAT = "loramerge.surrogate-state/v1"
 PRIOR_RANGE = (1e-4, 1e4)  # the priors' and the noise's standard deviations, in fitness points
 SCREEN_CHUNK = 8  # single-unit tables per screen step: a killed screen keeps what it scored
-OWN_OPTIONS = ("proposals", "prior_single", "prior_pair", "same_unit_ratio", "noise", "restarts")  # options it reads
 
 
 @dataclass
@@ -457,10 +456,7 @@ def run_surrogate(settings: SurrogateSettings, fitness, unit_count: int, task_co
 
 
 def surrogate_settings(request) -> SurrogateSettings:
-    """--max-prune, --seed and --budget with the strategy's own options (`request.options`) on top."""
-    unknown = sorted(set(request.options) - set(OWN_OPTIONS))
-    if unknown:
-        raise UsageError(f"--strategy surrogate has no setting {', '.join(unknown)} (it has: {', '.join(OWN_OPTIONS)}; "
-                         "--max-prune, --seed and --budget are the request's own)")
+    """--max-prune, --seed and --budget with the strategy's own options (`request.options`, their names checked by
+    strategies.check_options) on top."""
     return SurrogateSettings(max_prune=request.enmp.max_prune, seed=request.enmp.seed, budget=request.budget,
                              **request.options)

@@ -51,12 +51,12 @@ def inspect_command(
 ) -> None:
     """Summarise adapters: base model, type, ranks, alphas, targets, units, dtype, size, the per-(unit, task)
     norm of each update (Frobenius, from the factors), pairwise compatibility and what a merge would refuse."""
+    given = [*(sources or []), *(adapters or [])]
+    if not given:  # before the heavy imports: a usage error is instant
+        raise typer.BadParameter("give the adapters to inspect (positional or --adapters)", param_hint="ADAPTER")
     from loramerge_cli import api
     from loramerge_cli.cli import render
 
-    given = [*(sources or []), *(adapters or [])]
-    if not given:
-        raise typer.BadParameter("give the adapters to inspect (positional or --adapters)", param_hint="ADAPTER")
     apply_threads(threads)
     summary = api.inspect_adapters(api.load_adapters(given, allow_pickle=allow_pickle))
     if json_output:

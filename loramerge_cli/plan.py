@@ -271,7 +271,8 @@ def _config_of(settings: ResolvedMerge) -> MergeConfig:
 
 def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_id: str | None = None) -> Path:
     """Write the merge where the plan says (the output guard runs again: the disk may have changed).
-    `recipe` (YAML text) becomes loramerge.yaml; `repo_id` is the Hub id the model card's code loads."""
+    `recipe` (YAML text) becomes loramerge.yaml; `repo_id` is the Hub id the model card's code loads
+    (`owner/name@branch` for a branch)."""
     if plan.out is None:
         raise UsageError("the plan has no output folder (give out= to plan_merge)")
     outputs.check_not_an_input(plan.out, task_inputs(plan.adapters, plan.data, plan.tuning))

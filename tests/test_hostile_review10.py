@@ -439,3 +439,81 @@ def test_a_merge_setting_given_twice_in_the_library_is_refused():
         MergeConfig(density=0.5, params={"density": 0.3})
     assert MergeConfig(params={"density": 0.3}).density == 0.3
     assert randomized_methods() == [name for name in METHODS if name in ("dare", "dare_ties", "della", "lora_lego")]
+
+
+# --- publishing -----------------------------------------------------------------------------------------------
+
+def test_push_options_and_repository_ids(tmp_path, monkeypatch):
+    """`--dry-run` (or --private, --revision) without --push-to-hub merged and replaced the output without a word;
+    a folder named like the repository in the working folder made `--push-to-hub me/merged` "not a repository id"
+    (so a rerun failed); `--base org/base@main` was written whole into adapter_config.json, which PEFT cannot
+    load."""
+    folders = write_task_folders_for(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    one_line(invoke_cli(["merge", "--adapters", *folders, "--out", "m", "--dry-run"]),
+             "--dry-run does nothing without --push-to-hub", 2)
+    one_line(invoke_cli(["merge", "--adapters", *folders, "--out", "m", "--revision", "dev"]),
+             "--revision does nothing without --push-to-hub", 2)
+    assert not (tmp_path / "m").exists()
+    (tmp_path / "me" / "merged").mkdir(parents=True)
+    result = invoke_cli(["merge", "--adapters", *folders, "--out", "out", "--push-to-hub", "me/merged", "--dry-run"])
+    assert result.exit_code == 0, result.stderr
+    one_line(invoke_cli(["merge", "--adapters", *folders, "--out", "o2", "--push-to-hub", "me/m@dev", "--dry-run"]),
+             "the branch goes in --revision")
+    one_line(invoke_cli(["merge", "--adapters", *folders, "--out", "o3", "--base", "org/base@main"]),
+             "a base model is a folder or a Hub id without @revision", 2)
+
+
+def test_the_card_names_the_pushed_branch_and_a_hub_base_whatever_the_working_folder(tmp_path, monkeypatch):
+    """The card's snippet loaded `main` though the merge was pushed to `--revision dev`; its `base_model` vanished
+    when the working folder held a folder named like the base's Hub id; the inputs' base revision was dropped
+    (PEFT then loaded the base's default branch), and inputs trained on two revisions merged without a word."""
+    import json
+
+    from factories import random_adapter, write_peft_folder
+
+    from loramerge_cli.adapters.card import hub_base_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "base").mkdir(parents=True)
+    assert hub_base_model("org/base") == "org/base" and hub_base_model("./org/base") is None
+    import torch
+    from factories import attention_shapes
+
+    folders = []
+    for index, revision in enumerate(("abc123", "abc123")):
+        adapter = random_adapter("xy"[index], attention_shapes(), seed=index, dtype=torch.float32,
+                                 base_model="org/base")
+        folders.append(str(write_peft_folder(tmp_path / "xy"[index], adapter, {"revision": revision})))
+    result = invoke_cli(["merge", "--adapters", *folders, "--out", "pushed", "--push-to-hub", "me/pushed",
+                         "--revision", "dev", "--dry-run"])
+    assert result.exit_code == 0, result.stderr
+    card = (tmp_path / "pushed" / "README.md").read_text()
+    assert "base_model: org/base" in card and "revision='dev'" in card and card.count("# pushed") == 1
+    assert json.loads((tmp_path / "pushed" / "adapter_config.json").read_text())["revision"] == "abc123"
+    other = json.loads((tmp_path / "y" / "adapter_config.json").read_text())
+    (tmp_path / "y" / "adapter_config.json").write_text(json.dumps({**other, "revision": "def456"}))
+    one_line(invoke_cli(["merge", "--adapters", *folders, "--out", "mixed"]), "different revisions of their base")
+
+
+def test_publishing_warns_about_local_paths_and_reports_a_failed_upload_in_one_line(tmp_path):
+    """A push whose files named the user's folders (adapter_config.json's base, ../../home/alice/… in the recipe)
+    gave no hint; an unreachable endpoint ended in "internal error: ConnectError" (httpx's error is no OSError)."""
+    import os
+    import subprocess
+    import sys
+
+    from test_hostile_inputs import REPO
+
+    folders = write_task_folders_for(tmp_path)
+    env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
+    env.update(PYTHONPATH=REPO, HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_" + "x" * 34, HF_HOME=str(tmp_path))
+    process = subprocess.run([sys.executable, "-m", "loramerge_cli", "merge", "--adapters", *folders, "--base",
+                              str(tmp_path / "inputs"), "--out", str(tmp_path / "m"), "--push-to-hub", "me/m"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert process.returncode == 1, process.stderr
+    lines = process.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: --push-to-hub me/m: upload failed, ") and "Traceback" not in process.stderr
+    assert any("the base model is a local path" in line for line in lines)
+    assert any("local path(s) outside the folder" in line for line in lines)
+    assert (tmp_path / "m" / "adapter_model.safetensors").is_file()  # written, not uploaded

@@ -30,7 +30,13 @@ AUTO_CLASSES = {
 
 def is_hub_id(name: str | None) -> bool:
     """A repository id the Hub accepts (org/name or a legacy name) that is not a local path."""
-    if not name or name.startswith((".", "/", "~")) or os.path.exists(name):
+    return is_repo_id(name) and not os.path.exists(name)
+
+
+def is_repo_id(name: str | None) -> bool:
+    """Spelled as a repository id the Hub accepts (org/name or a legacy name), whatever the working folder holds:
+    not an absolute, relative (./, ../) or home (~) path."""
+    if not name or name.startswith((".", "/", "~")):
         return False
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -42,8 +48,9 @@ def is_hub_id(name: str | None) -> bool:
 
 
 def hub_base_model(*candidates: str | None) -> str | None:
-    """The first candidate that is a Hub id (the card's `base_model`), else None."""
-    return next((name for name in candidates if is_hub_id(name)), None)
+    """The first candidate spelled as a Hub id (the card's `base_model`), else None: the same card whatever the
+    working folder holds (the base is read from the inputs' configs, as PEFT will read it)."""
+    return next((name for name in candidates if is_repo_id(name)), None)
 
 
 def portable_path(path: str, folder: str | Path) -> str:
@@ -144,20 +151,21 @@ def base_model_class(task_type: str | None, base: str | None) -> str:
 
 
 def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str | None, has_heads: bool,
-                 num_labels: int | None = None, model_class: str | None = None) -> list[str]:
+                 num_labels: int | None = None, model_class: str | None = None, revision: str = "") -> list[str]:
     auto = AUTO_CLASSES.get(task_type or "")
     model_class = model_class or TASK_TYPE_MODEL_CLASSES.get(task_type or "", "AutoModel")
     # a classifier head wider or narrower than the base config's default (2) loads only with its class count
     labels = f", num_labels={num_labels}" if num_labels and model_class in CLASSIFIER_MODEL_CLASSES else ""
+    branch = f", revision={revision!r}" if revision else ""  # the branch it was pushed to
     code = ["```python"]
     if auto and base:
-        code += [f"from peft import {auto}", "", f"model = {auto}.from_pretrained({repo!r}{labels})"]
+        code += [f"from peft import {auto}", "", f"model = {auto}.from_pretrained({repo!r}{branch}{labels})"]
     else:
         base_line, comment = (repr(base), "") if base else ('"path/to/the/base/model"',
                                                              "  # the base the inputs were trained on")
         code += [f"from transformers import {model_class}", "from peft import PeftModel", "",
                  f"base = {model_class}.from_pretrained({base_line}{labels}){comment}",
-                 f"model = PeftModel.from_pretrained(base, {repo!r})"]
+                 f"model = PeftModel.from_pretrained(base, {repo!r}{branch})"]
     code.append("```")
     if head:
         code += ["", f"The task head in `modules_to_save` is task `{head}`'s; rebuild with `--head TASK` to serve "
@@ -219,9 +227,12 @@ def _truncation_lines(result) -> list[str]:
 def model_card(result, adapters, *, title: str, base: str | None, task_type: str | None = None,
                head: str | None = None, table=None, recipe: str | None = None, tuning: dict | None = None,
                repo_id: str | None = None) -> str:
-    """README.md of a merged adapter: Hub metadata, method, inputs, table, λ, truncation, recipe, use."""
+    """README.md of a merged adapter: Hub metadata, method, inputs, table, λ, truncation, recipe, use. `repo_id`:
+    the repository it is pushed to (`owner/name@branch` for a branch), which its title and code name."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    repo, _, revision = (repo_id or "").partition("@")
+    title = repo.rsplit("/", 1)[-1] if repo else title
     settings = result.settings
     hub_base = hub_base_model(base)
     data = ModelCardData(base_model=hub_base, library_name="peft", tags=list(TAGS))
@@ -251,9 +262,9 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
         lines += ["## Recipe", "", "`loramerge.yaml` (adapter paths relative to this folder) rebuilds this adapter "
                   "bit for bit:", "", "```yaml", recipe.rstrip("\n"), "```", "",
                   "```bash", "loramerge merge --config loramerge.yaml --out rebuilt/", "```", ""]
-    lines += ["## Use", "", *_use_snippet(task_type, hub_base, repo_id or title, head,
+    lines += ["## Use", "", *_use_snippet(task_type, hub_base, repo or title, head,
                                           any(a.heads for a in adapters), head_classes(adapters, head),
-                                          base_model_class(task_type, base)),
+                                          base_model_class(task_type, base), revision),
               "", "Provenance (settings, input hashes, per-module truncation) is in `loramerge.json`.", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)

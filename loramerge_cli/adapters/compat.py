@@ -13,6 +13,11 @@ def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = 
     if len(bases) > 1 and not allow_base_mismatch:
         listed = ", ".join(f"{a.name}: {a.base_model}" for a in adapters if a.base_model)
         problems.append(f"adapters come from different base models ({listed}); --allow-base-mismatch overrides")
+    revisions = {a.config.get("revision") for a in adapters if a.config.get("revision")}
+    if len(revisions) > 1 and not allow_base_mismatch:  # another commit of the base is another base
+        listed = ", ".join(f"{a.name}: {a.config['revision']}" for a in adapters if a.config.get("revision"))
+        problems.append(f"adapters come from different revisions of their base model ({listed}); "
+                        "--allow-base-mismatch overrides")
     shapes: dict[str, tuple[str, tuple[int, int]]] = {}  # (fan_in_fan_out need not agree: PEFT orients each
     for adapter in adapters:  # module by its type, whatever a config says)
         for path, module in adapter.modules.items():

@@ -66,6 +66,7 @@ def lora_config(
     base_model: str | None,
     task_type: str | None,
     modules_to_save: list[str] | None,
+    revision: str | None = None,
 ) -> dict:
     """The adapter_config.json PEFT writes for LoRA, with exact module paths as targets.
 
@@ -80,7 +81,7 @@ def lora_config(
         "peft_type": "LORA",
         "task_type": task_type,
         "base_model_name_or_path": base_model,
-        "revision": None,
+        "revision": revision,  # the base model's (PEFT loads that commit or branch of base_model_name_or_path)
         "r": r,
         "lora_alpha": _number(lora_alpha),
         "target_modules": paths,
@@ -227,6 +228,7 @@ def write_merged_adapter(
         base_model=base,
         task_type=_merged_task_type(adapters, head_adapter),
         modules_to_save=head_adapter.head_modules if head_adapter is not None else None,
+        revision=None if base_model else _common([a.config.get("revision") for a in adapters]),
     )
     provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table, base)
     provenance.update(extra_provenance or {})

@@ -152,7 +152,11 @@ def source_value(value) -> str:
     """A base model source (a path or a Hub id), `~` expanded; empty is a usage error, not the working folder. A
     local folder is made absolute: it is written into adapter configs, which load from anywhere."""
     source = _expanded(_text(value, "source"), "source")
-    return os.path.abspath(source) if os.path.isdir(source) else source
+    if os.path.isdir(source):
+        return os.path.abspath(source)
+    if "@" in source and not os.path.exists(source):  # written as base_model_name_or_path, which PEFT reads whole
+        raise typer.BadParameter(f"{source}: a base model is a folder or a Hub id without @revision")
+    return source
 
 
 def adapter_source_value(value) -> str:

@@ -101,7 +101,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     config = merge_config(flags)  # flag values are checked before anything is read
     from loramerge_cli.cli.publish import check_repo_id
 
-    check_repo_id(flags["push_to_hub"], flags["dry_run"])
+    check_repo_id(flags["push_to_hub"], flags["dry_run"], flags["private"], flags["revision"])
     apply_threads(flags["threads"])
     from loramerge_cli import api
     from loramerge_cli.cli.progress import ProgressDisplay
@@ -131,7 +131,8 @@ def merge_command(ctx: typer.Context, **flags) -> None:
                              "inputs (regmean)")
     with ProgressDisplay(flags["quiet"] or flags["json_output"], terminal_only=("merging",)) as display:
         result = api.execute(plan, on_event=display)  # λ grid and merge progress: stderr
-    api.write(plan, result, recipe=_recipe(ctx, plan, result), repo_id=flags["push_to_hub"])
+    pushed_to = flags["push_to_hub"] and flags["push_to_hub"] + (f"@{flags['revision']}" if flags["revision"] else "")
+    api.write(plan, result, recipe=_recipe(ctx, plan, result), repo_id=pushed_to)
     report = _report(result, flags["out"])
     served = default_head(adapters, flags["head"])
     if served is None and any(adapter.heads for adapter in adapters):  # an LM's trained lm_head or embeddings
@@ -142,8 +143,14 @@ def merge_command(ctx: typer.Context, **flags) -> None:
             "--head TASK puts one task's in modules_to_save")
     report["warnings"] += _changed_recipe_inputs(flags["config"], adapters)
     if flags["push_to_hub"] is not None:
-        from loramerge_cli.cli.publish import push_folder
+        from loramerge_cli.cli.publish import local_paths_warnings, push_folder
 
+        publishing = local_paths_warnings(flags["out"])
+        if flags["json_output"]:
+            report["warnings"] += publishing
+        console = human_console(flags["quiet"], flags["json_output"])
+        for warning in publishing:  # before the upload: one that fails ends the command before the report
+            console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
         report["push"] = push_folder(flags["out"], flags["push_to_hub"], private=flags["private"],
                                      revision=flags["revision"], dry_run=flags["dry_run"])
     if flags["json_output"]:

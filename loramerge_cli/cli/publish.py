@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
 
 
-def check_repo_id(repo_id: str | None, dry_run: bool = False) -> None:
-    """Fail before any work when --push-to-hub names no valid repository id, or cannot upload (offline mode)."""
+def check_repo_id(repo_id: str | None, dry_run: bool = False, private: bool = False,
+                  revision: str | None = None) -> None:
+    """Fail before any work when --push-to-hub names no valid repository id, or cannot upload (offline mode), or
+    how to push is given without it."""
     if repo_id is None:
+        given = [flag for flag, value in (("--dry-run", dry_run), ("--private", private), ("--revision", revision))
+                 if value not in (False, None)]
+        if given:
+            raise UsageError(f"{given[0]} does nothing without --push-to-hub")
         return
-    from loramerge_cli.adapters.card import is_hub_id
+    from loramerge_cli.adapters.card import is_repo_id
 
-    if "/" not in repo_id or not is_hub_id(repo_id):
-        raise LoramergeError(f"--push-to-hub {repo_id}: expected a Hub repository id, owner/name")
+    if "/" not in repo_id or not is_repo_id(repo_id):  # a folder of that name here does not matter
+        hint = " (the branch goes in --revision)" if "@" in repo_id else ""
+        raise LoramergeError(f"--push-to-hub {repo_id}: expected a Hub repository id, owner/name{hint}")
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE and not dry_run:
@@ -28,6 +36,44 @@ def folder_files(folder: str | Path) -> list[str]:
     return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*") if path.is_file())
 
 
+LOCAL_PATH = re.compile(r"""(?<![\w.:/-])(?:/(?:[\w.-]+/)*[\w.-]+|(?:\.\./)+[\w.-]+(?:/[\w.-]+)*)""")
+TEXT_FILES = ("adapter_config.json", "loramerge.json", "loramerge.yaml", "mask.json", "README.md")
+
+
+def local_paths_warnings(folder: str | Path) -> list[str]:
+    """What an upload would publish of this machine: paths in the folder's text files that lie outside it (an
+    absolute path, or ../…: they show the folder layout, often a user name), and a base model that is a local
+    path (the pushed adapter then loads only here). Warnings: a recipe names its inputs by path on purpose."""
+    import json
+
+    folder = Path(folder)
+    warnings = []
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError):
+        base = None
+    from loramerge_cli.adapters.card import is_repo_id
+
+    if base and not is_repo_id(base):
+        warnings.append(f"the base model is a local path ({base}): the pushed adapter_config.json names it, so "
+                        "the adapter loads only where that path exists; --base OWNER/NAME names its Hub id")
+    found: dict[str, list[str]] = {}
+    for name in TEXT_FILES:
+        try:
+            text = (folder / name).read_text()
+        except OSError:
+            continue
+        for path in dict.fromkeys(LOCAL_PATH.findall(text)):
+            if path.startswith("../") or (path.count("/") > 1 and not path.startswith("//")):
+                found.setdefault(path, []).append(name)
+    if found:
+        first = next(iter(found))
+        warnings.append(f"the files to upload name {len(found)} local path(s) outside the folder, e.g. {first} (in "
+                        f"{', '.join(found[first])}): they show this machine's folder layout; --dry-run lists the "
+                        "files")
+    return warnings
+
+
 def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revision: str | None = None,
                 dry_run: bool = False, message: str = "Upload merged adapter (loramerge)") -> dict:
     """Create the repository if needed and upload the folder in one commit; with `dry_run`, only list the files.
@@ -39,7 +85,6 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
     if dry_run:
         return report
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     try:
@@ -48,7 +93,7 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
                                    commit_message=message, repo_type="model")
-    except (HfHubHTTPError, OSError) as error:  # OSError: offline, connection refused
+    except Exception as error:  # noqa: BLE001 - HTTP errors, offline, an unreachable endpoint (httpx's own errors)
         raise LoramergeError(f"--push-to-hub {repo_id}: upload failed, {folder} is written but not uploaded "
                              f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     report["url"] = getattr(commit, "commit_url", None) or str(commit)

@@ -140,9 +140,16 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
         raise LoramergeError(f"{spec}: gated repository; log in with `hf auth login`") from None
     except RepositoryNotFoundError:
         raise LoramergeError(f"{spec}: repository not found on the Hub (or private)") from None
-    except OSError as error:  # network errors and friends
-        raise LoramergeError(f"{spec}: cannot download from the Hub: {error}") from None
-    files = _resolve_dir(folder, allow_pickle, kind="hub")
+    except Exception as error:  # noqa: BLE001 - network errors and friends (httpx's are no OSErrors)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LoramergeError(f"{spec}: cannot download from the Hub: {first}") from None
+    try:
+        files = _resolve_dir(folder, allow_pickle, kind="hub")
+    except LoramergeError as error:  # named by the spec, not by the cache's snapshot folder
+        reason = str(error).removeprefix(f"{folder}: ").removeprefix("folder ")
+        pickle = "" if allow_pickle or "has no" not in reason else \
+            "; a repository with adapter_model.bin only needs --allow-pickle"
+        raise LoramergeError(f"{spec}: its snapshot {folder.name[:12]} {reason}{pickle}") from None
     files.repo_id, files.revision = repo_id, folder.name
     return files
 

@@ -332,3 +332,28 @@ def test_priors_far_apart_fit_with_jitter_instead_of_failing():
     draw = posterior_draw(indicators(tables, 12), generator.normal(0, 1, len(tables)), settings, 4,
                           np.random.default_rng(0))
     assert np.isfinite(draw.single).all() and np.isfinite(draw.pair).all()
+
+
+def test_the_posterior_mean_is_the_draws_average_and_exploitation_proposes_its_maximum():
+    """`--exploit-every K`: every K-th proposal maximises the posterior mean (the draw's formula without the prior
+    draw and the noise). Checked against the average of many draws, and that the exploiting step proposes the
+    mean's best unscored local maximum while the others stay Thompson draws (identical to --exploit-every 0)."""
+    size = 6
+    function = pairwise(7, size)
+    observed = [(), (0,), (1,), (2,), (0, 1), (3, 4)]
+    values = np.array([function(t) for t in observed])
+    settings = SurrogateSettings(max_prune=0.5)
+    posterior = Posterior.fit(indicators(observed, size), values, settings, 2)
+    draws = [posterior.draw(np.random.default_rng(seed)) for seed in range(4000)]
+    mean = posterior.mean()
+    assert np.allclose(np.mean([draw.single for draw in draws], axis=0), mean.single, atol=0.06)
+    assert np.allclose(np.mean([draw.pair for draw in draws], axis=0), mean.pair, atol=0.04)
+
+    def first_proposals(every):
+        search = SurrogateSearch(SurrogateSettings(seed=3, max_prune=0.5, budget=24, exploit_every=every), UNITS,
+                                 TASKS, Landscape(pairwise(5, UNITS * TASKS)))
+        search.run()
+        return [record["tables"][0] for record in search.state.history if record["phase"] == "proposal"]
+
+    draws_only, exploiting = first_proposals(0), first_proposals(4)
+    assert exploiting[:3] == draws_only[:3] and exploiting[3] != draws_only[3]  # proposal 4 is the mean's

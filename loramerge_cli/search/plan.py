@@ -292,7 +292,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
 
 
 # Strategy options added after runs were saved, with the value that reproduces such a run.
-ADDED_SETTINGS = {("surrogate", "same_unit_ratio"): 1.0}
+ADDED_SETTINGS = {("surrogate", "same_unit_ratio"): 1.0, ("surrogate", "exploit_every"): 0}
 
 
 def with_settings_added_since(settings: dict) -> dict:
@@ -308,9 +308,11 @@ def with_settings_added_since(settings: dict) -> dict:
     if strategy is None:
         return settings
     declared = {parameter.name for parameter in strategy.parameters}
-    added = {option: value for (owner, option), value in ADDED_SETTINGS.items()
-             if owner == strategy.name and option not in options and declared - {option} <= set(options)}
-    return {**settings, "options": {**options, **added}} if added else settings
+    missing = declared - set(options)
+    added_since = {option: value for (owner, option), value in ADDED_SETTINGS.items() if owner == strategy.name}
+    if not missing or not missing <= set(added_since):  # the library's saved options: the defaults stand
+        return settings
+    return {**settings, "options": {**options, **{option: added_since[option] for option in missing}}}
 
 
 def setting_changes(now: dict, saved: dict, prefix: str = "") -> list[str]:

@@ -61,6 +61,7 @@ class SurrogateSettings:
     same_unit_ratio: float = 2.0  # r: a pair of one unit's entries (two tasks, one block) has r·b
     noise: float = 0.5  # σ: what the model leaves unexplained, in points
     restarts: int = 8  # local-search starts per proposal
+    exploit_every: int = 0  # proposal k maximises the posterior mean when k is a multiple of this (0: never)
 
     def check(self) -> None:
         if not is_finite_number(self.max_prune) or not 0 < self.max_prune <= 1:
@@ -68,6 +69,7 @@ class SurrogateSettings:
         check_integer(self.budget, 1, "--budget")
         check_integer(self.proposals, 1, "--proposals")
         check_integer(self.restarts, 1, "restarts")
+        check_integer(self.exploit_every, 0, "--exploit-every")
         if not is_finite_number(self.same_unit_ratio) or not 0 <= self.same_unit_ratio <= 100:
             raise UsageError(f"--same-unit-ratio must be a number in [0, 100] (got {self.same_unit_ratio})")
         for name in ("prior_single", "prior_pair", "noise"):  # in points: far outside this range the model's
@@ -170,12 +172,20 @@ class Posterior:
         noise = rng.normal(0.0, settings.noise, count)
         members = [np.flatnonzero(row) for row in tables]  # tables prune few units: work on their indices
         prior_values = np.array([single[units].sum() + 0.5 * pair[np.ix_(units, units)].sum() for units in members])
-        weights = self.inverse @ (self.values - prior_values - noise)
-        correction = np.zeros((size, size))  # Σ_n α_n x_n x_nᵀ
-        for units, weight in zip(members, weights):
+        return self._conditioned(single, pair, self.inverse @ (self.values - prior_values - noise))
+
+    def mean(self) -> PairwiseModel:
+        """The posterior mean of (w, V): Σ_prior Φᵀ (K + σ²I)⁻¹ y (a draw with θ₀ = 0 and ε = 0)."""
+        size = self.tables.shape[1]
+        return self._conditioned(np.zeros(size), np.zeros((size, size)), self.inverse @ self.values)
+
+    def _conditioned(self, single: np.ndarray, pair: np.ndarray, weights: np.ndarray) -> PairwiseModel:
+        """(single, pair) + Σ_prior Φᵀ `weights`: the observations' correction of a prior draw."""
+        correction = np.zeros(pair.shape)  # Σ_n α_n x_n x_nᵀ
+        for units, weight in zip((np.flatnonzero(row) for row in self.tables), weights):
             correction[np.ix_(units, units)] += weight
         np.fill_diagonal(correction, 0.0)
-        return PairwiseModel(single + settings.prior_single ** 2 * (tables.T @ weights),
+        return PairwiseModel(single + self.settings.prior_single ** 2 * (self.tables.T @ weights),
                              pair + self.pair_std ** 2 * correction)
 
 
@@ -293,7 +303,8 @@ class SurrogateSearch(SteppedSearch):
         return record
 
     def propose(self, count: int, step: int) -> list[tuple[int, ...]]:
-        """`count` distinct unscored tables, one Thompson draw each (seeded by the seed and the step)."""
+        """`count` distinct unscored tables, one Thompson draw each (seeded by the seed and the step); every
+        `exploit_every`-th step, the first is the maximiser of the posterior mean instead (exploitation)."""
         rng = np.random.default_rng([self.settings.seed, step])
         evaluations = list(self.state.memo.values())
         tables = np.stack([_indicator(e.pruned, self.dimension) for e in evaluations])
@@ -301,8 +312,10 @@ class SurrogateSearch(SteppedSearch):
         taken = {e.pruned for e in evaluations}
         posterior = Posterior.fit(tables, values, self.settings, self.task_count)
         proposals: list[tuple[int, ...]] = []
+        every = self.settings.exploit_every
         while len(proposals) < count and len(taken) < self.feasible:
-            table = self._acquire(posterior.draw(rng), rng, taken)
+            exploit = every and step % every == 0 and not proposals
+            table = self._acquire(posterior.mean() if exploit else posterior.draw(rng), rng, taken)
             proposals.append(table)
             taken.add(table)
         return proposals

@@ -292,7 +292,9 @@ def test_setting_changes_name_each_changed_leaf_and_a_setting_an_earlier_run_lac
     assert setting_changes(now, now) == []
     options = {"proposals": 1, "prior_single": 1.0, "prior_pair": 0.2, "noise": 0.5}  # every option then
     before = {"strategy": "surrogate", "options": options}  # saved by the CLI before --same-unit-ratio: it was 1
-    assert with_settings_added_since(before)["options"] == {**options, "same_unit_ratio": 1.0}
+    assert with_settings_added_since(before)["options"] == {**options, "same_unit_ratio": 1.0, "exploit_every": 0}
+    later = {"strategy": "surrogate", "options": {**options, "same_unit_ratio": 2.0}}  # before --exploit-every
+    assert with_settings_added_since(later)["options"] == {**options, "same_unit_ratio": 2.0, "exploit_every": 0}
     assert with_settings_added_since({**before, "strategy": "enmp"}) == {**before, "strategy": "enmp"}
     library = {"strategy": "surrogate", "options": {"noise": 0.5}}  # the library saves what was given
     assert with_settings_added_since(library) == library

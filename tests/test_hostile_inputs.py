@@ -640,7 +640,11 @@ def test_search_out_into_a_missing_folder_is_created(setting, tmp_path):
 
 
 @pytest.mark.slow
-def test_ctrl_c_to_a_parallel_search_process_group(setting, tmp_path):
+@pytest.mark.parametrize("signal_number, codes, word", [
+    (signal.SIGINT, (130, -signal.SIGINT), "interrupted"),  # Ctrl-C in a terminal: the whole foreground group
+    (signal.SIGTERM, (143,), "terminated"),  # a cancelled CI job, `timeout`, `docker stop`: handled as Ctrl-C is
+])
+def test_ctrl_c_to_a_parallel_search_process_group(setting, tmp_path, signal_number, codes, word):
     run_dir = tmp_path / "run"
     process = subprocess.Popen(
         [sys.executable, "-m", "loramerge_cli", "search-mask", "--strategy", "screened",
@@ -654,12 +658,12 @@ def test_ctrl_c_to_a_parallel_search_process_group(setting, tmp_path):
     while not (run_dir / "trajectory.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
     assert (run_dir / "trajectory.jsonl").exists(), process.communicate()[1]
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole foreground group
+    os.killpg(process.pid, signal_number)
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode in (130, -signal.SIGINT), stderr
-    assert stderr.strip().splitlines()[-1] == (f"interrupted; resume with: loramerge search-mask --run-dir "
+    assert process.returncode in codes, stderr
+    assert stderr.strip().splitlines()[-1] == (f"{word}; resume with: loramerge search-mask --run-dir "
                                                f"{run_dir} --resume --threads 1 --workers 2"), stderr  # as it ran
-    assert not (tmp_path / "mask.json").exists()
+    assert not (tmp_path / "mask.json").exists() and "leaked" not in stderr
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:

@@ -29,11 +29,20 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def install() -> None:
-    """Record interrupts from now on (main thread only; elsewhere a no-op)."""
+def install() -> dict:
+    """Record interrupts from now on (main thread only; elsewhere a no-op); returns the handlers it replaced."""
+    previous = {}
     if _main_thread():
         for number in SIGNALS:
-            signal.signal(number, _handler)
+            previous[number] = signal.signal(number, _handler)
+    return previous
+
+
+def restore(previous: dict) -> None:
+    """Put back the handlers `install` replaced (a command run in-process leaves its caller's in place)."""
+    if _main_thread():
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 def uninstall() -> None:

@@ -474,3 +474,88 @@ def test_publishing_warns_about_local_paths_and_reports_a_failed_upload_in_one_l
     assert any("the base model is a local path" in line for line in lines)
     assert any("local path(s) outside the folder" in line for line in lines)
     assert (tmp_path / "m" / "adapter_model.safetensors").is_file()  # written, not uploaded
+
+
+# --- a review of the fixes above ------------------------------------------------------------------------------
+
+@pytest.mark.filterwarnings(TIED)
+def test_a_base_copy_rounded_to_bfloat16_is_the_same_base(tmp_path):
+    """An adapter trained on the base loaded in bfloat16 saves its lm_head copy in bfloat16: `merge a e` passed
+    and wrote the rounded copy (it replaces the float32 lm_head when PEFT loads it), `merge e a` was refused,
+    and `eval` refused e ("a resized vocabulary?"). Either order merges now, writing the float32 copy; eval
+    accepts the rounded copy, and checks a merged folder's copy as it does an expert's."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base, (a, e) = _lm_head_adapters(tmp_path)
+    key = "base_model.model.lm_head.base_layer.weight"
+    tensors = load_file(str(e / "adapter_model.safetensors"))
+    tensors[key] = tensors[key].to(torch.bfloat16)
+    save_file(tensors, str(e / "adapter_model.safetensors"))
+    for order, out in (((a, e), tmp_path / "ae"), ((e, a), tmp_path / "ea")):
+        assert invoke_cli(["merge", "--adapters", *order, "--out", out]).exit_code == 0
+        assert load_file(str(out / "adapter_model.safetensors"))[key].dtype == torch.float32
+    write_jsonl(tmp_path / "v.jsonl", [{"q": "w1 w2", "answer": 0}])
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "causal-lm", "base_model": str(base), "tasks": [
+        {"name": name, "data": {"validation": "v.jsonl"}, "prompt": "{q}", "choices": [" w1", " w2"],
+         "label": "answer"} for name in ("a", "b")]})
+    assert invoke_cli(["eval", "--tasks", spec, "--adapters", a, e]).exit_code == 0
+    bad = tmp_path / "bad"
+    assert invoke_cli(["merge", "--adapters", a, e, "--out", bad]).exit_code == 0
+    tensors = load_file(str(bad / "adapter_model.safetensors"))
+    tensors[key] = torch.full_like(tensors[key], 5.0)
+    save_file(tensors, str(bad / "adapter_model.safetensors"))
+    result = invoke_cli(["eval", "--tasks", spec, "--adapters", a, e, "--merged", bad])
+    assert result.exit_code == 1 and "carries its own lm_head.weight" in result.stderr.splitlines()[-1]
+
+
+def test_targets_do_nothing_with_the_entropy_objective(tmp_path):
+    """`--objective entropy --target-blocks 0` ran (exit 0): entropy measures no targets."""
+    from eval_fixtures import build_text_setting
+
+    setting = build_text_setting(tmp_path / "s", rows=4)
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--objective",
+            "entropy", "--target-blocks", "0", "--out", tmp_path / "m.json"]
+    one_line(invoke_cli([*args, "--strategy", "nsc"]), "--target-blocks does nothing with --strategy nsc "
+             "--objective entropy", 2)
+    one_line(invoke_cli([*args, "--strategy", "greedy", "--fitness", "nsc"]), "--target-blocks does nothing with "
+             "--strategy greedy --fitness nsc --objective entropy", 2)
+
+
+def test_a_pinned_base_revision_beside_the_default_branch_is_a_mismatch(tmp_path):
+    """One input trained on base revision abc123, another on the default branch: merged without a word, the
+    output pinned to abc123. And `--base` naming the inputs' own base dropped their revision."""
+    import json
+
+    import torch
+    from factories import attention_shapes, random_adapter, write_peft_folder
+
+    folders = []
+    for index, revision in enumerate(("abc123", None, "abc123")):
+        adapter = random_adapter("xyz"[index], attention_shapes(), seed=index, dtype=torch.float32,
+                                 base_model="org/base")
+        folders.append(str(write_peft_folder(tmp_path / "xyz"[index], adapter, {"revision": revision})))
+    one_line(invoke_cli(["merge", "--adapters", folders[0], folders[1], "--out", tmp_path / "m"]),
+             "different revisions of their base model (x: abc123, y: the default branch)")
+    out = tmp_path / "same"
+    result = invoke_cli(["merge", "--adapters", folders[0], folders[2], "--base", "org/base", "--out", out])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads((out / "adapter_config.json").read_text())["revision"] == "abc123"
+
+
+def test_an_in_process_command_leaves_the_callers_signal_handlers(tmp_path):
+    """A notebook or service running commands in-process had its SIGINT and SIGTERM handlers replaced for good:
+    a later SIGTERM raised KeyboardInterrupt in it."""
+    import signal
+
+    def mine(signum, frame):
+        pass
+
+    previous = {number: signal.signal(number, mine) for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert invoke_cli(["merge", "--adapters", *write_task_folders_for(tmp_path), "--out", tmp_path / "m"]
+                          ).exit_code == 0
+        assert signal.getsignal(signal.SIGINT) is mine and signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)

@@ -169,5 +169,6 @@ def test_a_snapshot_without_weights_is_named_by_its_spec(hub_cache, llama_task_d
     set_ref(hub_cache, "partial", "3" * 40)
     with pytest.raises(LoramergeError) as caught:
         load_adapter("org/name@partial")
-    assert str(caught.value) == ("org/name@partial: its snapshot 333333333333 has no adapter_model.safetensors; a "
-                                 "repository with adapter_model.bin only needs --allow-pickle")
+    assert str(caught.value) == ("org/name@partial: in its snapshot 333333333333: folder has no "
+                                 "adapter_model.safetensors; a repository with adapter_model.bin only needs "
+                                 "--allow-pickle")

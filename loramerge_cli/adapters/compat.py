@@ -13,9 +13,10 @@ def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = 
     if len(bases) > 1 and not allow_base_mismatch:
         listed = ", ".join(f"{a.name}: {a.base_model}" for a in adapters if a.base_model)
         problems.append(f"adapters come from different base models ({listed}); --allow-base-mismatch overrides")
-    revisions = {a.config.get("revision") for a in adapters if a.config.get("revision")}
-    if len(revisions) > 1 and not allow_base_mismatch:  # another commit of the base is another base
-        listed = ", ".join(f"{a.name}: {a.config['revision']}" for a in adapters if a.config.get("revision"))
+    revisions = {a.config.get("revision") or None for a in adapters}
+    if len(revisions) > 1 and not allow_base_mismatch:  # another commit of the base is another base (no
+        # revision: the default branch, which need not be the pinned one)
+        listed = ", ".join(f"{a.name}: {a.config.get('revision') or 'the default branch'}" for a in adapters)
         problems.append(f"adapters come from different revisions of their base model ({listed}); "
                         "--allow-base-mismatch overrides")
     shapes: dict[str, tuple[str, tuple[int, int]]] = {}  # (fan_in_fan_out need not agree: PEFT orients each
@@ -46,9 +47,11 @@ def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = 
 
 
 def _equal(first, second) -> bool:
+    """The same weights, one perhaps rounded to a narrower dtype (a copy saved from a bfloat16-loaded base)."""
     import torch
 
-    return first.shape == second.shape and torch.equal(first.to(second.dtype), second)
+    return first.shape == second.shape and (torch.equal(first.to(second.dtype), second)
+                                            or torch.equal(second.to(first.dtype), first))
 
 
 def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False) -> None:

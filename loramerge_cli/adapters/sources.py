@@ -146,10 +146,10 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     try:
         files = _resolve_dir(folder, allow_pickle, kind="hub")
     except LoramergeError as error:  # named by the spec, not by the cache's snapshot folder
-        reason = str(error).removeprefix(f"{folder}: ").removeprefix("folder ")
+        reason = str(error).removeprefix(f"{folder}: ")
         pickle = "" if allow_pickle or "has no" not in reason else \
             "; a repository with adapter_model.bin only needs --allow-pickle"
-        raise LoramergeError(f"{spec}: its snapshot {folder.name[:12]} {reason}{pickle}") from None
+        raise LoramergeError(f"{spec}: in its snapshot {folder.name[:12]}: {reason}{pickle}") from None
     files.repo_id, files.revision = repo_id, folder.name
     return files
 

@@ -228,7 +228,9 @@ def write_merged_adapter(
         base_model=base,
         task_type=_merged_task_type(adapters, head_adapter),
         modules_to_save=head_adapter.head_modules if head_adapter is not None else None,
-        revision=None if base_model else _common([a.config.get("revision") for a in adapters]),
+        # the inputs' base revision, unless --base names another base
+        revision=_common([a.config.get("revision") for a in adapters])
+        if base == _common([a.base_model for a in adapters]) else None,
     )
     provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table, base)
     provenance.update(extra_provenance or {})
@@ -255,8 +257,10 @@ def base_copy_tensors(adapters: list[Adapter], modules: dict) -> dict:
     tensors = {}
     for adapter in adapters:
         for key, tensor in adapter.base_copies.items():
-            if key.removesuffix(".base_layer.weight") in modules:
-                tensors[f"{PEFT_PREFIX}{key}"] = tensor
+            name = f"{PEFT_PREFIX}{key}"
+            if key.removesuffix(".base_layer.weight") in modules and (
+                    name not in tensors or torch.finfo(tensor.dtype).eps < torch.finfo(tensors[name].dtype).eps):
+                tensors[name] = tensor  # the most precise of the copies (others may be rounded to bfloat16)
     return tensors
 
 

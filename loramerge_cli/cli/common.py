@@ -223,31 +223,41 @@ def command_errors(function):
 
         debug = bool(kwargs.get("debug"))
         interrupts.set_hint(None)  # a command run in-process after another: not the other's hint
-        interrupts.install()
+        previous = interrupts.install()  # the caller's handlers come back afterwards (in-process runs)
         try:
-            result = function(*args, **kwargs)
-        except (typer.Exit, typer.Abort, typer.BadParameter):
-            raise
-        except UsageError as error:
-            raise fail(f"error: {error}", 2) from None
-        except KeyboardInterrupt:
-            raise fail(interrupts.message(), interrupts.exit_code()) from None
-        except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
-            if interrupts.interrupted():  # a Ctrl-C a library turned into another error: not a data problem
-                raise fail(interrupts.message(), interrupts.exit_code()) from None
-            if debug:  # to stderr as it can be: never onto stdout (Python's fallback when stderr is closed)
-                traceback.print_exc(file=StandardError())
-            if isinstance(error, LoramergeError):
-                resume = interrupts.resume_hint() if isinstance(error, WorkerLost) else None
-                raise fail(f"error: {error}" + (f"; the run dir keeps what was scored: {resume}" if resume else "")) \
-                    from None
-            hint = "" if debug else " (rerun with --debug)"
-            raise fail(f"internal error: {type(error).__name__}: {error}{hint}") from None
-        if interrupts.interrupted():  # swallowed by a library, and the work finished anyway
-            raise fail(interrupts.message(), interrupts.exit_code())
-        return result
+            return _run(function, args, kwargs, debug)
+        finally:
+            interrupts.restore(previous)
 
     return wrapper
+
+
+def _run(function, args, kwargs, debug: bool):
+    """`function` under the error policy of `command_errors`."""
+    from loramerge_cli import interrupts
+
+    try:
+        result = function(*args, **kwargs)
+    except (typer.Exit, typer.Abort, typer.BadParameter):
+        raise
+    except UsageError as error:
+        raise fail(f"error: {error}", 2) from None
+    except KeyboardInterrupt:
+        raise fail(interrupts.message(), interrupts.exit_code()) from None
+    except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
+        if interrupts.interrupted():  # a Ctrl-C a library turned into another error: not a data problem
+            raise fail(interrupts.message(), interrupts.exit_code()) from None
+        if debug:  # to stderr as it can be: never onto stdout (Python's fallback when stderr is closed)
+            traceback.print_exc(file=StandardError())
+        if isinstance(error, LoramergeError):
+            resume = interrupts.resume_hint() if isinstance(error, WorkerLost) else None
+            raise fail(f"error: {error}" + (f"; the run dir keeps what was scored: {resume}" if resume else "")) \
+                from None
+        hint = "" if debug else " (rerun with --debug)"
+        raise fail(f"internal error: {type(error).__name__}: {error}{hint}") from None
+    if interrupts.interrupted():  # swallowed by a library, and the work finished anyway
+        raise fail(interrupts.message(), interrupts.exit_code())
+    return result
 
 
 def human_console(quiet: bool = False, json_output: bool = False):

@@ -133,6 +133,7 @@ class Evaluator:
             key: self.parameters[key].detach().clone() for head in self.heads.values() for key in head
         }
         self._check_label_range()
+        self.checked_copies: set[tuple[str, str]] = set()
         for adapter in experts:
             self._check_base_copies(adapter)
         self.base_weights: dict[str, torch.Tensor] = {}  # W0 of every LoRA-targeted weight
@@ -201,7 +202,10 @@ class Evaluator:
             except AttributeError:
                 raise LoramergeError(f"adapter {adapter.name!r}: {key} names no weight of the base model "
                                      f"{self.base}") from None
-            if tuple(copy.shape) != tuple(weight.shape) or not torch.equal(copy.to(weight), weight.detach()):
+            same = tuple(copy.shape) == tuple(weight.shape) and (
+                torch.equal(copy.to(weight), weight.detach())
+                or torch.equal(weight.detach().to(copy.dtype), copy.to(weight.device)))  # a copy rounded to bf16
+            if not same:
                 raise LoramergeError(f"adapter {adapter.name!r} carries its own {name} (saved as {key}), not the one "
                                      f"of the base model {self.base} (a resized vocabulary?): evaluate it with the "
                                      "base it was saved from")
@@ -310,6 +314,10 @@ class Evaluator:
         return scores
 
     def score_adapter(self, adapter, tasks: list[str] | None = None) -> dict[str, float]:
+        """{task: accuracy} of an adapter (an expert or a merged folder) as PEFT loads it."""
+        if adapter.base_copies and (adapter.name, adapter.source.sha256) not in self.checked_copies:
+            self._check_base_copies(adapter)  # a merged folder's copy is PEFT's lm_head: it must be the base's
+            self.checked_copies.add((adapter.name, adapter.source.sha256))
         return self.evaluate(adapter_deltas(adapter), tasks)
 
     def score_merged(self, result, tasks: list[str] | None = None, factor: float = 1.0) -> dict[str, float]:

@@ -100,7 +100,8 @@ def check_needs(strategy: Strategy, options: dict) -> None:
 SHARED_SETTINGS = {"enmp": ("max_prune", "popsize", "generations", "sigma0", "threshold", "addscale"),
                    "nsc": ("steps", "lr", "init", "objective", "target_blocks", "target_modules"),
                    None: ("budget", "sparsity")}
-NSC_OBJECTIVE = frozenset({"objective", "target_blocks", "target_modules"})  # what --fitness nsc reads of NSC's
+TARGETS = frozenset({"target_blocks", "target_modules"})  # read by the nsc objective only (not by entropy)
+NSC_OBJECTIVE = frozenset({"objective"}) | TARGETS  # what --fitness nsc reads of NSC's settings
 
 
 def check_unused(strategy: Strategy, request) -> None:
@@ -109,13 +110,18 @@ def check_unused(strategy: Strategy, request) -> None:
     from dataclasses import fields
 
     uses = strategy.uses | (NSC_OBJECTIVE if request.fitness == "nsc" else frozenset())
+    if request.nsc.objective != "nsc":  # the entropy objective measures no targets
+        uses -= TARGETS
     for holder, names in SHARED_SETTINGS.items():
         given = getattr(request, holder) if holder else request
         defaults = {f.name: f.default for f in fields(given)}
         for name in names:
             if name not in uses and getattr(given, name) != defaults[name]:
+                entropy = name in TARGETS and request.nsc.objective != "nsc"
+                objective = f" --objective {request.nsc.objective}" if entropy else ""
                 raise UsageError(f"--{name.replace('_', '-')} does nothing with --strategy {strategy.name}"
-                                 + (f" --fitness {request.fitness}" if request.fitness != "accuracy" else ""))
+                                 + (f" --fitness {request.fitness}" if request.fitness != "accuracy" else "")
+                                 + objective)
 
 
 def _budget(request) -> int:
@@ -281,9 +287,10 @@ SURROGATE = Strategy(
         Parameter("noise", float, 0.5, "what the model leaves unexplained, in fitness points (accuracy: one "
                   "validation example is 100/(tasks·examples) points; --fitness nsc scores about 20× smaller on the "
                   "bundled example: scale all three alike, --prior-single 0.05 --prior-pair 0.01 --noise 0.025)."),
-        Parameter("exploit_every", int, 0, "every this many proposals, the table that maximises the model's "
-                  "posterior mean instead of a posterior draw (0: draws only; 4 finds higher validation scores "
-                  "that held up worse on the bundled example's test split)."),
+        Parameter("exploit_every", int, 0, "every this many proposal steps, the table that maximises the model's "
+                  "posterior mean instead of a posterior draw (the step's first, with --proposals N; 0: draws "
+                  "only; 4 finds higher validation scores that held up worse on the bundled example's test "
+                  "split)."),
     ),
     check=_check_surrogate, check_space=_check_surrogate_space, scoring=_surrogate_scoring,
     uses=frozenset({"max_prune", "budget"}), library_options=("restarts",))

@@ -295,6 +295,8 @@ def test_eval_run_dir_and_out_are_checked_before_any_work(tmp_path):
                  f"{tmp_path / 'afile'} is not a folder")
     report = tmp_path / "new" / "deeper" / "report.json"
     assert invoke_cli([*args, "--out", report]).exit_code == 0 and json.loads(report.read_text())["rows"]
+    one_line(invoke_cli([*args, "--out", f"{tmp_path}/reports/"]), "names a folder: give a file", 2)  # not a file
+    assert not (tmp_path / "reports").exists()  # named `reports`, the slash dropped
 
 
 def test_the_interrupt_hint_offers_resume_only_when_the_run_dir_can_resume(tmp_path, monkeypatch):

@@ -148,6 +148,15 @@ def path_value(value) -> Path:
     return Path(_expanded(_text(value, "path"), "path"))
 
 
+def file_path_value(value) -> Path:
+    """A path option that names a file: as `path_value`, and a trailing slash (a folder, which Path would drop)
+    is a usage error."""
+    text = _text(value, "path")
+    if text.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{text} names a folder: give a file")
+    return path_value(text)
+
+
 def source_value(value) -> str:
     """A base model source (a path or a Hub id), `~` expanded; empty is a usage error, not the working folder. A
     local folder is made absolute: it is written into adapter configs, which load from anywhere."""

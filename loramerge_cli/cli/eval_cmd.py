@@ -6,7 +6,14 @@ from pathlib import Path
 
 import typer
 
-from loramerge_cli.cli.common import ADAPTERS_HELP, ALLOW_PICKLE_HELP, command_errors, emit_json, examples_epilog
+from loramerge_cli.cli.common import (
+    ADAPTERS_HELP,
+    ALLOW_PICKLE_HELP,
+    command_errors,
+    emit_json,
+    examples_epilog,
+    file_path_value,
+)
 from loramerge_cli.cli.options import (
     choice,
     max_length_option,
@@ -50,7 +57,8 @@ def eval_options() -> list:
                "token count."),
         option("run_dir", Path | None, None, help="Folder caching expert and base scores (keyed by adapter and "
                "data hashes)."),
-        option("out", Path | None, None, metavar="FILE.json", help="Also write the report (as --json prints it) "
+        option("out", Path | None, None, metavar="FILE.json", parser=file_path_value,
+               help="Also write the report (as --json prints it) "
                "to this file (never over an input; an existing report only with --force)."),
         option("force", bool, False, help="Replace an existing --out report."),
         option("allow_pickle", bool, False, help=ALLOW_PICKLE_HELP),

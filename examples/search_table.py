@@ -134,7 +134,8 @@ def run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, st
             runs[key].append(screened(seed, **ABLATIONS[key]))
         if "surrogate" in strategies:  # the default, at its default budget: 3·U·T distinct full-set evaluations
             clock = time.perf_counter()
-            search = SurrogateSearch(SurrogateSettings(max_prune=budget["max_prune"], seed=seed), units, tasks,
+            search = SurrogateSearch(SurrogateSettings(max_prune=budget["max_prune"], seed=seed,
+                                                       exploit_every=budget["exploit_every"]), units, tasks,
                                      fitness)
             best = search.run()
             curve = [(record["forward_examples"], record["best_fitness"]) for record in search.state.history]
@@ -245,6 +246,7 @@ def main(argv=None):
     parser.add_argument("--strategies", default="surrogate,screened,enmp,greedy,random")
     parser.add_argument("--ablations", default="", help=f"comma-separated: {', '.join(ABLATIONS)}")
     parser.add_argument("--lambdas", default="", help="merger=λ,… : skip the λ tuning of these mergers")
+    parser.add_argument("--exploit-every", type=int, default=0, help="the surrogate search's --exploit-every")
     parser.add_argument("--enmp-examples", type=int, help="without the screened search in this run: stop paper ENMP "
                         "once it has spent this many forward examples")
     parser.add_argument("--runs-jsonl", type=Path, help="append every finished run here as it ends")
@@ -263,7 +265,8 @@ def main(argv=None):
               "screened_generations": args.screened_generations, "val_limit": args.val_limit,
               "lambdas": {name: float(value) for name, value in (item.split("=") for item in args.lambdas.split(",")
                                                                  if item)},
-              "runs_jsonl": str(args.runs_jsonl) if args.runs_jsonl else None, "enmp_examples": args.enmp_examples}
+              "runs_jsonl": str(args.runs_jsonl) if args.runs_jsonl else None, "enmp_examples": args.enmp_examples,
+              "exploit_every": args.exploit_every}
     rows = []
     for merger in args.mergers.split(","):
         rows.append(run_merger(merger, adapters, tasks_file, validation, test, seeds, budget, strategies, ablations,

@@ -21,7 +21,7 @@ from loramerge_cli.cli.options import (
     threads_option,
     with_options,
 )
-from loramerge_cli.merging.registry import DTYPES
+from loramerge_cli.merging.registry import DTYPES, randomized_methods
 
 EPILOG = examples_epilog(
     "loramerge search-mask --adapters a/ b/ c/ --merger knots --tasks tasks.yaml --out mask.json",
@@ -84,7 +84,8 @@ def search_options() -> list:
                "included [default: 3·units·tasks]."),
         option("sparsity", float | None, None, show_default=False,
                help="random: fraction of units pruned. [default: max-prune/2]"),
-        option("seed", int, 1, help="Seed (>= 1): surrogate draws, CMA-ES, random masks, NSC batches, DARE."),
+        option("seed", int, 1, help="Seed (>= 1): surrogate draws, CMA-ES, random masks, NSC batches, randomized "
+               f"merge methods ({', '.join(randomized_methods())})."),
         option("val_limit", int | None, None, help="Validation examples per task (>= 1)."),
         option("device", str, "cpu", help="Torch device of the search (and of each worker of --workers or "
                "--backend ray)."),

@@ -561,3 +561,24 @@ def test_an_in_process_command_leaves_the_callers_signal_handlers(tmp_path):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+
+
+def test_search_mask_help_after_a_strategy_lists_its_options_only():
+    """`search-mask --strategy greedy -h` printed every strategy's options (81 of them; 703 lines at 40 columns),
+    prefixed by their strategy. After `--strategy NAME` the help lists the options NAME reads; without it, all."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from loramerge_cli.cli.app import app
+
+    def listed(*args) -> set[str]:  # the options the help lists (not the examples below them)
+        return set(re.findall(r"^\s+(--[\w-]+)", CliRunner().invoke(app, ["search-mask", *args]).stdout, re.M))
+
+    greedy = listed("--strategy", "greedy", "-h")
+    assert {"--popsize", "--budget", "--merger"} <= greedy
+    assert not {"--greedy-pool", "--prior-single", "--steps", "--sigma0"} & greedy
+    nsc = listed("--strategy=nsc", "--help")
+    assert {"--steps", "--target-blocks"} <= nsc and not {"--max-prune", "--popsize"} & nsc
+    every = listed("-h")  # and the hidden options come back
+    assert {"--greedy-pool", "--prior-single", "--steps", "--popsize"} <= every

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 from loramerge_cli.cli.common import command_errors, command_line, emit_json, examples_epilog, result_console
 from loramerge_cli.cli.options import (
@@ -57,7 +58,8 @@ def search_options() -> list:
                show_default=False),
         option("out", Path | None, None, help=f"Weight table JSON to write. Required {RESUME_ONLY}.",
                show_default=False),
-        option("strategy", choice(STRATEGIES), DEFAULT_STRATEGY, help=f"{strategies}."),
+        option("strategy", choice(STRATEGIES), DEFAULT_STRATEGY, help=f"{strategies}. `--strategy NAME -h` lists "
+               "the options NAME reads only."),
         option("fitness", choice(("accuracy", "nsc")), "accuracy", help="Mask strategies: labelled validation "
                "accuracy, or nsc: % reduction of the label-free --objective loss (no labels read)."),
         option("objective", choice(("nsc", "entropy")), "nsc", help="Label-free loss: nsc (null-space ratio at "
@@ -238,8 +240,52 @@ def search_request(flags: dict, command: str):
     )
 
 
+def foreign_options(strategy: str) -> set[str]:
+    """The options of other strategies that `strategy` never reads (its help leaves them out): their own settings
+    and the shared ones it does not use (a mask strategy reads the label-free objective's, for --fitness nsc)."""
+    from loramerge_cli.search.strategies import NSC_OBJECTIVE, STRATEGIES
+
+    owners: dict[str, set[str]] = {}
+    for candidate in STRATEGIES.values():
+        names = {p.name for p in candidate.parameters} | set(candidate.uses)
+        names |= NSC_OBJECTIVE if candidate.kind == "mask" else set()
+        for name in names:
+            owners.setdefault(name, set()).add(candidate.name)
+    return {name for name, owned_by in owners.items() if strategy not in owned_by}
+
+
+def _strategy_in(args: list[str]) -> str | None:
+    """The value of `--strategy` in raw arguments, if one is given."""
+    for index, arg in enumerate(args):
+        if arg == "--strategy" and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith("--strategy="):
+            return arg.partition("=")[2]
+    return None
+
+
+class SearchMaskCommand(TyperCommand):
+    """search-mask, whose `--help` after `--strategy NAME` lists only the options NAME reads."""
+
+    def parse_args(self, ctx, args):
+        from loramerge_cli.search.strategies import STRATEGIES
+
+        strategy = _strategy_in(args)
+        if strategy not in STRATEGIES or not {"-h", "--help"} & set(args):
+            return super().parse_args(ctx, args)
+        foreign = foreign_options(strategy)
+        hidden = [param for param in self.params if not getattr(param, "hidden", True) and param.name in foreign]
+        for param in hidden:
+            param.hidden = True
+        try:
+            return super().parse_args(ctx, args)  # --help is eager: it prints (and exits) in here
+        finally:
+            for param in hidden:
+                param.hidden = False
+
+
 def register(app: typer.Typer) -> None:
     """Add `search-mask`, its merger options generated from the method registry as it is now."""
     command = with_options(adapter_options(required=RESUME_ONLY), merger_options("ta"), search_options(),
                            output_options())
-    app.command("search-mask", epilog=EPILOG)(command(search_command))
+    app.command("search-mask", epilog=EPILOG, cls=SearchMaskCommand)(command(search_command))

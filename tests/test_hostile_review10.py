@@ -564,7 +564,7 @@ def test_an_in_process_command_leaves_the_callers_signal_handlers(tmp_path):
 
 
 def test_search_mask_help_after_a_strategy_lists_its_options_only():
-    """`search-mask --strategy greedy -h` printed every strategy's options (81 of them; 703 lines at 40 columns),
+    """`search-mask --strategy greedy -h` printed every strategy's options (80 of them; 703 lines at 40 columns),
     prefixed by their strategy. After `--strategy NAME` the help lists the options NAME reads; without it, all."""
     import re
 

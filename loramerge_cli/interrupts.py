@@ -45,13 +45,6 @@ def restore(previous: dict) -> None:
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
-def uninstall() -> None:
-    """Signals kill the process again, as they do any program (for its last moments, once its work is done)."""
-    if _main_thread():
-        for number in SIGNALS:
-            signal.signal(number, signal.SIG_DFL)
-
-
 @contextmanager
 def shielded():
     """While the block runs (removing a half-written output, on the way out of a failure or an interrupt), a

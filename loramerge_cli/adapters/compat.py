@@ -39,17 +39,19 @@ def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = 
     for adapter in adapters:  # one merged adapter holds one copy of each base weight PEFT saved beside the factors
         for key, tensor in adapter.base_copies.items():
             first = copies.setdefault(key, adapter)
-            if first is not adapter and not _equal(first.base_copies[key], tensor):
+            if first is not adapter and not same_weights(first.base_copies[key], tensor):
                 problems.append(f"{key} differs between {first.name} and {adapter.name}: the adapters were saved with "
                                 "different base weights for that module (PEFT's save_embedding_layers: a resized "
                                 "vocabulary?), and one merged adapter can carry only one")
     return problems
 
 
-def _equal(first, second) -> bool:
-    """The same weights, one perhaps rounded to a narrower dtype (a copy saved from a bfloat16-loaded base)."""
+def same_weights(first, second) -> bool:
+    """The same weights, one perhaps rounded to a narrower dtype (a copy saved from a bfloat16-loaded base), on
+    `second`'s device."""
     import torch
 
+    first = first.to(second.device)
     return first.shape == second.shape and (torch.equal(first.to(second.dtype), second)
                                             or torch.equal(second.to(first.dtype), first))
 

@@ -208,7 +208,8 @@ def write_merged_adapter(
         raise LoramergeError("the merge is empty: every module was pruned or merged to zero"
                              + (" (λ = 0)" if modules else "") + "; nothing to write")
     check_updates_in_range(modules, out_dtype)
-    base = base_model or _common([a.base_model for a in adapters])
+    inputs_base = _common([a.base_model for a in adapters])
+    base = base_model or inputs_base
     tensors = {}
     for path, module in modules.items():
         lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype)
@@ -229,8 +230,7 @@ def write_merged_adapter(
         task_type=_merged_task_type(adapters, head_adapter),
         modules_to_save=head_adapter.head_modules if head_adapter is not None else None,
         # the inputs' base revision, unless --base names another base
-        revision=_common([a.config.get("revision") for a in adapters])
-        if base == _common([a.base_model for a in adapters]) else None,
+        revision=_common([a.config.get("revision") for a in adapters]) if base == inputs_base else None,
     )
     provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table, base)
     provenance.update(extra_provenance or {})

@@ -26,6 +26,7 @@ def main() -> None:
 def _finish() -> None:
     """The command is done and has said so: a signal from now on (while Python and torch shut down) ends the
     process as it would any program, not with a traceback from an exit handler and exit 0."""
+    import signal
     import sys
 
     from loramerge_cli import interrupts
@@ -35,7 +36,7 @@ def _finish() -> None:
             stream.flush()
         except (AttributeError, OSError, ValueError):
             pass
-    interrupts.uninstall()
+    interrupts.restore(dict.fromkeys(interrupts.SIGNALS, signal.SIG_DFL))
 
 
 def _exit_interrupted() -> None:

@@ -133,7 +133,7 @@ class Evaluator:
             key: self.parameters[key].detach().clone() for head in self.heads.values() for key in head
         }
         self._check_label_range()
-        self.checked_copies: set[tuple[str, str]] = set()
+        self.checked_copies: set[tuple[str, str]] = set()  # adapters whose base-weight copies were checked
         for adapter in experts:
             self._check_base_copies(adapter)
         self.base_weights: dict[str, torch.Tensor] = {}  # W0 of every LoRA-targeted weight
@@ -194,7 +194,13 @@ class Evaluator:
 
     def _check_base_copies(self, adapter) -> None:
         """The base weights PEFT saved beside an adapter's factors (lm_head or embedding targets) must be the base
-        model's: others (a resized vocabulary) belong to another base, which the scores would not describe."""
+        model's: others (a resized vocabulary) belong to another base, which the scores would not describe. Once
+        per adapter (they are as large as the vocabulary)."""
+        from loramerge_cli.adapters.compat import same_weights
+
+        identity = (adapter.name, adapter.source.sha256)
+        if identity in self.checked_copies:
+            return
         for key, copy in adapter.base_copies.items():
             name = key.replace(".base_layer.", ".")
             try:
@@ -202,13 +208,11 @@ class Evaluator:
             except AttributeError:
                 raise LoramergeError(f"adapter {adapter.name!r}: {key} names no weight of the base model "
                                      f"{self.base}") from None
-            same = tuple(copy.shape) == tuple(weight.shape) and (
-                torch.equal(copy.to(weight), weight.detach())
-                or torch.equal(weight.detach().to(copy.dtype), copy.to(weight.device)))  # a copy rounded to bf16
-            if not same:
+            if not same_weights(copy, weight.detach()):  # equal, or rounded to bfloat16
                 raise LoramergeError(f"adapter {adapter.name!r} carries its own {name} (saved as {key}), not the one "
                                      f"of the base model {self.base} (a resized vocabulary?): evaluate it with the "
                                      "base it was saved from")
+        self.checked_copies.add(identity)
 
     def _check_targets(self, deltas: dict[str, Delta], owner: str) -> None:
         """Every updated module must be a 2-d weight of the base model of the right shape."""
@@ -315,9 +319,7 @@ class Evaluator:
 
     def score_adapter(self, adapter, tasks: list[str] | None = None) -> dict[str, float]:
         """{task: accuracy} of an adapter (an expert or a merged folder) as PEFT loads it."""
-        if adapter.base_copies and (adapter.name, adapter.source.sha256) not in self.checked_copies:
-            self._check_base_copies(adapter)  # a merged folder's copy is PEFT's lm_head: it must be the base's
-            self.checked_copies.add((adapter.name, adapter.source.sha256))
+        self._check_base_copies(adapter)  # a merged folder's copy is PEFT's lm_head: it must be the base's
         return self.evaluate(adapter_deltas(adapter), tasks)
 
     def score_merged(self, result, tasks: list[str] | None = None, factor: float = 1.0) -> dict[str, float]:

@@ -140,7 +140,7 @@ def search_lambda(
     experts = expert_scores(evaluator, ScoreCache(run_dir), report)
     records: list[dict] = []
 
-    non_finite: list[str] = []  # the first λ whose merged model gave NaN or Inf, and why
+    non_finite: list[str] = []  # each λ whose merged model gave NaN or Inf, and why
 
     def means_at(lams: list[float], stage: str) -> list[float | None]:
         if pool is not None:

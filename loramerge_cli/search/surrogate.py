@@ -144,6 +144,7 @@ class Posterior:
     inverse: np.ndarray
     settings: SurrogateSettings
     pair_std: np.ndarray  # b_ij
+    members: list[np.ndarray]  # each table's pruned entries (tables prune few: draws work on these indices)
 
     @classmethod
     def fit(cls, tables: np.ndarray, values: np.ndarray, settings: SurrogateSettings,
@@ -159,7 +160,7 @@ class Posterior:
                   + s2 * np.eye(len(tables)))
         inverse_factor = np.linalg.inv(_cholesky(kernel))
         return cls(tables, values, inverse_factor.T @ inverse_factor, settings,
-                   pair_prior_std(tables.shape[1], task_count, settings))
+                   pair_prior_std(tables.shape[1], task_count, settings), [np.flatnonzero(row) for row in tables])
 
     def draw(self, rng: np.random.Generator) -> PairwiseModel:
         """A draw from the posterior of (w, V) by pathwise conditioning: θ = θ₀ + Σ_prior Φᵀ (K + σ²I)⁻¹
@@ -170,8 +171,8 @@ class Posterior:
         upper = np.triu(rng.normal(0.0, 1.0, (size, size)), 1) * self.pair_std
         pair = upper + upper.T
         noise = rng.normal(0.0, settings.noise, count)
-        members = [np.flatnonzero(row) for row in tables]  # tables prune few units: work on their indices
-        prior_values = np.array([single[units].sum() + 0.5 * pair[np.ix_(units, units)].sum() for units in members])
+        prior_values = np.array([single[units].sum() + 0.5 * pair[np.ix_(units, units)].sum()
+                                 for units in self.members])
         return self._conditioned(single, pair, self.inverse @ (self.values - prior_values - noise))
 
     def mean(self) -> PairwiseModel:
@@ -182,7 +183,7 @@ class Posterior:
     def _conditioned(self, single: np.ndarray, pair: np.ndarray, weights: np.ndarray) -> PairwiseModel:
         """(single, pair) + Σ_prior Φᵀ `weights`: the observations' correction of a prior draw."""
         correction = np.zeros(pair.shape)  # Σ_n α_n x_n x_nᵀ
-        for units, weight in zip((np.flatnonzero(row) for row in self.tables), weights):
+        for units, weight in zip(self.members, weights):
             correction[np.ix_(units, units)] += weight
         np.fill_diagonal(correction, 0.0)
         return PairwiseModel(single + self.settings.prior_single ** 2 * (self.tables.T @ weights),

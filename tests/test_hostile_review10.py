@@ -92,6 +92,9 @@ def test_different_saved_base_weights_are_refused(tmp_path):
         {"name": "b", "data": {"validation": "v.jsonl"}, "prompt": "{q}", "choices": [" w1", " w2"],
          "label": "answer"}]})
     one_line(invoke_cli(["eval", "--tasks", spec, "--adapters", b]), "carries its own lm_head.weight")
+    tensors["base_model.model.lm_head.base_layer.weight"][0, 0] = float("nan")  # a damaged copy: refused on reading
+    save_file(tensors, str(weights))
+    one_line(invoke_cli(["inspect", b]), "lm_head.base_layer.weight has NaN or Inf values")
 
 
 def test_a_token_cap_without_room_for_text_is_refused_before_the_base_loads(tmp_path):

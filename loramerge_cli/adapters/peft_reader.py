@@ -191,6 +191,8 @@ def parse_state_dict(
             if bare.endswith(".base_layer.bias"):  # a LoRA-wrapped module's own bias: bias="lora_only" or "all"
                 raise LoramergeError(f"{spec}: trained biases ({key}: bias='lora_only' or 'all') are not supported")
             if bare.endswith(".base_layer.weight"):  # the base weight of a LoRA-wrapped embedding or lm_head
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise LoramergeError(f"{spec}: {key} has NaN or Inf values")
                 base_copies[bare] = tensor
                 continue
             heads[_head_key(bare)] = tensor

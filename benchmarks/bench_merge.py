@@ -29,12 +29,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule  # noqa: E402
-from loramerge_cli.merging import elementwise  # noqa: E402
+from loramerge_cli.merging import elementwise, registry  # noqa: E402
 from loramerge_cli.merging.merge import MergeConfig, merge  # noqa: E402
 from loramerge_cli.merging.spaces import knots_basis  # noqa: E402
 
 LLAMA_ATTENTION = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096)}
-METHODS = ("ta", "ties", "magnitude", "dare", "dare_ties", "tsv", "iso_c", "tsv_iso")
+METHODS = ("ta", "ties", "magnitude", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "tsv", "iso_c", "tsv_iso")
 SPACES = ("full", "knots", "core")
 # loramerge mergers compared with the papers' dense formulation: (label, method, space, parameters)
 COMPARISONS = {
@@ -261,7 +261,7 @@ def spawn(job: dict) -> dict:
 
 def default_params(method: str) -> dict:
     params = {}
-    if method in ("ties", "magnitude", "dare_ties"):
+    if method in ("ties", "magnitude", "dare_ties", "breadcrumbs", "breadcrumbs_ties"):
         params["density"] = 0.8
     if method in ("dare", "dare_ties"):
         params["drop_rate"] = 0.1
@@ -306,7 +306,7 @@ def main(argv=None) -> None:
           f"{'previous s':>10} {'prev MB':>8} {'speed-up':>8}")
     for method in args.methods.split(","):
         for space in args.spaces.split(","):
-            dense_output = space == "full" and method in ("ties", "magnitude", "dare", "dare_ties")
+            dense_output = space == "full" and registry.METHODS[method].elementwise
             blocks = min(args.blocks, args.dense_output_blocks) if dense_output else args.blocks
             result = spawn({**common, "blocks": blocks, "kind": "merge", "method": method, "space": space,
                             "params": default_params(method)})
@@ -334,7 +334,7 @@ def main(argv=None) -> None:
         print(f"{'merger':<11} {'ours s':>8} {'dense s':>8} {'speed-up':>9} {'ours MB':>8} {'dense MB':>9} "
               f"{'rel diff':>9} {'flipped':>8}")
         scratch = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench_merge_{os.getpid()}.safetensors"
-        for label in args.comparisons.split(","):
+        for label in [label for label in args.comparisons.split(",") if label]:
             method, space, params = COMPARISONS[label]
             job = {**common, "modules": modules, "save": str(scratch)}
             ours = spawn({**job, "kind": "merge", "method": method, "space": space, "params": params})

@@ -16,7 +16,14 @@ from typing import Callable
 from loramerge_cli import outputs
 from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
-from loramerge_cli.adapters.writer import adapter_files, check_head, check_output_dir, write_merged_adapter
+from loramerge_cli.adapters.writer import (
+    adapter_files,
+    as_written,
+    check_head,
+    check_output_dir,
+    output_dtype,
+    write_merged_adapter,
+)
 from loramerge_cli.errors import LoramergeError, UsageError, check_integer, is_finite_number
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, check_table
@@ -222,7 +229,9 @@ def plan_merge(
 def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
             on_event: Reporter | None = None) -> MergeResult:
     """Read the tasks' inputs if the method needs them, tune λ if asked, then merge. `progress(path)` is
-    called after each module; `on_event` receives the progress stages (loramerge_cli.events)."""
+    called after each module; `on_event` receives the progress stages (loramerge_cli.events). Each merged
+    module is kept as it will be written (the output dtype, checked against its range as it is finished),
+    so a merge holds one module in float64 at a time."""
     settings, tuning, statistics, engine = plan.settings, {}, None, None
     if plan.data is not None:
         from loramerge_cli.evaluation.grams import collect_grams
@@ -254,7 +263,9 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
             if progress is not None:
                 progress(path)
 
-        result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance, statistics=statistics)
+        out_dtype = output_dtype(plan.adapters, plan.dtype)
+        result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance, statistics=statistics,
+                                   finish=lambda module: as_written(module, out_dtype))
     result.provenance.update(tuning)
     return result
 

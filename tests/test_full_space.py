@@ -7,7 +7,7 @@ import dense_reference as ref
 import pytest
 import torch
 
-from loramerge_cli.merging import elementwise, full_space
+from loramerge_cli.merging import elementwise, full_space, sparsify
 from loramerge_cli.merging.elementwise import TiesOptions
 from loramerge_cli.merging.full_space import FullSpaceJob, merge_full_space
 from loramerge_cli.merging.lowrank import LowRank, truncate_dense
@@ -33,6 +33,10 @@ def generic(tasks, keeps, weights, job: FullSpaceJob):
     X = torch.stack(rows)
     densities = job.densities or [1.0] * len(tasks)
     w = torch.tensor(weights, dtype=torch.float64)
+    if job.outliers is not None:  # Breadcrumbs: its band of magnitudes, then a sum or an election
+        X = sparsify.breadcrumbs_trim(X, densities, job.outliers, None, job.keep_rule)
+        merged = elementwise.elect_and_merge(X, job.options, w) if job.kind == "ties" else X.sum(dim=0)
+        return merged.reshape(tasks[0].shape)
     if job.kind == "ties":
         out = elementwise.ties(X, densities, None, job.keep_rule, job.options, w)
     elif job.kind == "magnitude":
@@ -49,6 +53,12 @@ JOBS = [
     FullSpaceJob("ties", None, options=TiesOptions("count", "count", "weighted"), drop_rate=0.4),
     FullSpaceJob("magnitude", [0.35] * 4, "floor"),
     FullSpaceJob("sum", None, drop_rate=0.25),
+    FullSpaceJob("sum", [0.5, 0.3, 0.7, 0.45], outliers=0.1),  # breadcrumbs
+    FullSpaceJob("sum", [0.6] * 4, "floor", outliers=0.05),
+    FullSpaceJob("sum", None, outliers=0.2),  # outliers dropped, everything else kept
+    FullSpaceJob("sum", [0.01] * 4, "floor", outliers=0.3),  # a band of nothing
+    FullSpaceJob("ties", [0.5, 0.3, 0.7, 0.45], outliers=0.1),  # breadcrumbs_ties
+    FullSpaceJob("ties", [0.8] * 4, "round", TiesOptions("count", "weight", "unweighted"), outliers=0.02),
 ]
 
 
@@ -113,7 +123,7 @@ def test_out_rank_randomized_truncation_is_near_optimal():
     assert error <= 1.01 * float(singular[10:].norm() / singular.norm())
 
 
-@pytest.mark.parametrize("job", JOBS[:3] + JOBS[4:5], ids=range(4))
+@pytest.mark.parametrize("job", JOBS[:3] + JOBS[4:5] + JOBS[6:7] + JOBS[10:11], ids=range(6))
 def test_a_missed_bracket_falls_back_to_a_full_selection(job, monkeypatch):
     monkeypatch.setattr(full_space, "CHUNK_ENTRIES", 13)
     tasks = integer_tasks(m=12, n=10, seed=5)
@@ -134,3 +144,20 @@ def test_continuous_data_with_per_task_densities():
     X = torch.stack([t.dense().reshape(-1) for t in tasks])
     expected = elementwise.ties(X, [0.7, 0.4, 0.9], None, "round", TiesOptions(), torch.tensor([1.0, 0.5, 2.0]))
     assert torch.allclose(out.reshape(-1), expected, rtol=0, atol=1e-12)
+
+
+def test_breadcrumbs_takes_the_chunked_kernel_with_the_generic_result():
+    """Breadcrumbs and breadcrumbs_ties (space full) run on the chunked kernel, which on continuous data gives
+    the generic (T × D) path's result (tests/test_more_mergers.py checks the merges against dense references)."""
+    from loramerge_cli.merging.registry import METHODS
+
+    generator = torch.Generator().manual_seed(4)
+    tasks = [LowRank(torch.randn(200, 4, generator=generator, dtype=torch.float64),
+                     torch.randn(4, 150, generator=generator, dtype=torch.float64)) for _ in range(3)]
+    X = torch.stack([t.dense().reshape(-1) for t in tasks])
+    for kind, merger in (("sum", "breadcrumbs"), ("ties", "breadcrumbs_ties")):
+        assert METHODS[merger].full_space == kind
+        out = merge_full_space(tasks, [None] * 3, [1.0] * 3, FullSpaceJob(kind, [0.6] * 3, outliers=0.05))
+        trimmed = sparsify.breadcrumbs_trim(X, 0.6, 0.05)
+        expected = elementwise.elect_and_merge(trimmed, TiesOptions()) if kind == "ties" else trimmed.sum(dim=0)
+        assert torch.allclose(out.reshape(-1), expected, rtol=0, atol=1e-12)

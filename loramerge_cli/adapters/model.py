@@ -93,5 +93,15 @@ class Adapter:
 
     @property
     def head_modules(self) -> list[str]:
-        """Module names of the heads (`score`, `classifier`), from their parameter keys."""
-        return sorted({key.rsplit(".", 1)[0] for key in self.heads})
+        """Module names of the heads as `modules_to_save` names them: the config's names that hold head
+        tensors (a head of several layers, RoBERTa's `classifier`, is one name: PEFT cannot load its layers
+        listed one by one), and the module of every tensor no such name holds."""
+        owners = {key.rsplit(".", 1)[0] for key in self.heads}
+        listed = [name for name in self.config.get("modules_to_save") or [] if isinstance(name, str) and name]
+
+        def holds(name: str, owner: str) -> bool:  # PEFT matches a name against the end of a module's path
+            return f".{owner}.".find(f".{name}.") >= 0
+
+        names = {name for name in listed if any(holds(name, owner) for owner in owners)}
+        names |= {owner for owner in owners if not any(holds(name, owner) for name in names)}
+        return sorted(names)

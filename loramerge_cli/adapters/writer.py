@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -114,6 +115,16 @@ def balanced_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dt
             shift = round(math.log2(largest_B / largest_A) / 2)
             lora_B, lora_A = lora_B.double() * 2.0 ** -shift, lora_A.double() * 2.0 ** shift
     return lora_B.to(dtype), lora_A.to(dtype)
+
+
+def as_written(module, dtype: torch.dtype):
+    """A merged module with its factors as the writer writes them in `dtype` (balanced), its update B·A
+    checked against `dtype`'s range first."""
+    if module.rank == 0:
+        return module
+    check_updates_in_range({module.path: module}, dtype)
+    lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, dtype)
+    return replace(module, lora_B=lora_B, lora_A=lora_A)
 
 
 def check_updates_in_range(modules: dict, dtype: torch.dtype) -> None:

@@ -6,6 +6,7 @@ of each choice's tokens after the prompt (optionally divided by the choice's tok
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,18 @@ def prepare_images(
                 inputs[key] = value
         batches.append(Batch(torch.tensor(chunk), inputs))
     return PreparedTask(len(images), batches)
+
+
+@contextmanager
+def model_inputs_of(task: str):
+    """A ValueError the model's forward raises is about the task's inputs (transformers checks them: T5's
+    classifier wants an end-of-sequence token in every example): one line naming the task, not an internal
+    error."""
+    try:
+        yield
+    except ValueError as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise LoramergeError(f"task {task}: the model refuses its inputs: {reason}") from error
 
 
 def classifier_scores(model, task: PreparedTask) -> torch.Tensor:

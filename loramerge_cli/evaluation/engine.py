@@ -289,7 +289,9 @@ class Evaluator:
     def scores(self, task: str) -> torch.Tensor:
         """Raw per-example scores of the current weights: logits, or per-choice log-likelihoods."""
         self.use_head(task)
-        scores = self.task_file.type.scores(self.model, self.prepared[task], self.task_file.task(task), self.settings)
+        with batching.model_inputs_of(task):
+            scores = self.task_file.type.scores(self.model, self.prepared[task], self.task_file.task(task),
+                                                self.settings)
         if not bool(torch.isfinite(scores).all()):  # argmax would read NaN as the largest: class 0 everywhere
             rows = int((~torch.isfinite(scores)).any(dim=-1).sum())
             raise NonFiniteError(f"task {task}: the model's outputs are NaN or Inf on {rows} of {len(scores)} examples "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.evaluation.batches import model_inputs_of
 
 
 def collect_grams(engine, adapters: list, paths: list[str], report=None) -> dict[str, list[torch.Tensor | None]]:
@@ -44,7 +45,7 @@ def _task_grams(engine, task: str, deltas: dict, paths: list[str]) -> dict[str, 
     handles = [engine.modules[path].register_forward_pre_hook(hook(path)) for path in paths]
     try:
         engine.use_head(task)
-        with engine.apply(deltas), torch.inference_mode():
+        with engine.apply(deltas), torch.inference_mode(), model_inputs_of(task):
             for batch in engine.prepared[task].batches:
                 mask_of_batch[0] = batch.inputs.get("attention_mask")
                 engine.model(**batch.inputs)

@@ -39,6 +39,7 @@ class FullSpaceJob:
     options: TiesOptions = TiesOptions()
     drop_rate: float = 0.0
     dare_rescale: str = "inverse"
+    outliers: float | None = None  # Breadcrumbs' γ: the largest γ·D entries are dropped too
 
 
 def _rows(total: int, width: int):
@@ -77,34 +78,50 @@ def _bracket(task: LowRank, keep: torch.Tensor | None, k: int) -> tuple[float, f
     return float(low), float(high)
 
 
-def _statistics(task, keep, density: float, job: FullSpaceJob):
-    """(trim threshold, ties to keep) and the L1 rescale factor of one task, in one chunked pass that
-    keeps only the entries inside the sampled bracket (exact: a missed bracket falls back to a full
-    selection)."""
+def _statistics(task, keep, counts: list[int | None], job: FullSpaceJob):
+    """Per count k of `counts`, the (threshold, ties to keep) of the k largest |x| of one task (None for
+    None: no selection, everything kept; (inf, 0) for 0: nothing kept), and the L1 rescale factor, in one
+    chunked pass that keeps only the entries inside each sampled bracket (exact: a missed bracket falls
+    back to a full selection)."""
     m, n = task.shape
-    k = elementwise.keep_count(m * n, density, job.keep_rule) if density < 1.0 else 0
-    wants_trim = density < 1.0 and k > 0
-    low, high = _bracket(task, keep, k) if wants_trim else (0.0, 0.0)
-    above, candidates, before, after = 0, [], 0.0, 0.0
+    wanted = [k for k in counts if k]
+    brackets = {k: _bracket(task, keep, k) for k in wanted}
+    above, candidates = dict.fromkeys(wanted, 0), {k: [] for k in wanted}
+    before, after = 0.0, 0.0
     for start, stop in _rows(m, n):
         values = _kept(task, keep, start, stop)
         if keep is not None and job.dare_rescale == "l1":
             before += float((task.left[start:stop] @ task.right).abs().sum())
             after += float(values.abs().sum())
-        if wants_trim:
+        if wanted:
             magnitude = values.abs_()
-            above += int((magnitude > high).sum())
-            candidates.append(magnitude[(magnitude >= low) & (magnitude <= high)])
+            for k, (low, high) in brackets.items():
+                above[k] += int((magnitude > high).sum())
+                candidates[k].append(magnitude[(magnitude >= low) & (magnitude <= high)])
     factor = before / after if before >= 1e-8 and after >= 1e-8 else 1.0
-    if density < 1.0 and k == 0:
-        return (float("inf"), 0), factor
-    if not wants_trim:
-        return None, factor
-    trim = _threshold_in_bracket(above, torch.cat(candidates), k)
-    if trim is None:  # the bracket missed: select over everything
-        magnitude = torch.cat([_kept(task, keep, start, stop).abs().reshape(-1) for start, stop in _rows(m, n)])
-        return elementwise.top_k_threshold(magnitude, k), factor
-    return trim, factor
+    trims = []
+    for k in counts:
+        if k is None or k == 0:
+            trims.append(None if k is None else (float("inf"), 0))
+            continue
+        trim = _threshold_in_bracket(above[k], torch.cat(candidates[k]), k)
+        if trim is None:  # the bracket missed: select over everything
+            magnitude = torch.cat([_kept(task, keep, start, stop).abs().reshape(-1) for start, stop in _rows(m, n)])
+            trim = elementwise.top_k_threshold(magnitude, k)
+        trims.append(trim)
+    return trims, factor
+
+
+def _selection_counts(size: int, density: float, outliers: float | None, rule: str) -> tuple[int | None, int | None]:
+    """(kept, outliers): how many of the largest |x| trimming keeps before the outliers go (None: all), and how
+    many of the largest are then dropped as outliers (None: none; Breadcrumbs' γ)."""
+    from loramerge_cli.merging.sparsify import outlier_count
+
+    top = min(size, outlier_count(size, outliers, rule)) if outliers else 0
+    if density >= 1.0 and not top:
+        return None, None
+    last = min(size, top + elementwise.keep_count(size, density, rule))
+    return (None if last == size else last), (top or None)
 
 
 def _threshold_in_bracket(above: int, inside: torch.Tensor, k: int) -> tuple[float, int | None] | None:
@@ -161,25 +178,29 @@ def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], wei
     Thresholds (and L1 factors) first, one chunked pass per task, then one merging pass."""
     m, n = tasks[0].shape
     factors: list[float | None] = [None] * len(tasks)
-    trims: list[tuple[float, int | None] | None] = [None] * len(tasks)
+    trims: list[list] = [[None, None]] * len(tasks)  # per task: (kept, outliers) thresholds, None: no selection
     for index, (task, keep) in enumerate(zip(tasks, keeps)):
         density = job.densities[index] if job.densities is not None else 1.0
-        if density < 1.0 or (keep is not None and job.dare_rescale == "l1"):
-            trims[index], factors[index] = _statistics(task, keep, density, job)
+        counts = _selection_counts(m * n, density, job.outliers, job.keep_rule)
+        if counts != (None, None) or (keep is not None and job.dare_rescale == "l1"):
+            trims[index], factors[index] = _statistics(task, keep, list(counts), job)
     merger = _Merger(job, weights, tasks[0].left.dtype)
     out = tasks[0].left.new_empty(m, n)
-    seen = [0] * len(tasks)
+    seen = [[0, 0] for _ in tasks]
     for start, stop in _rows(m, n):
         X = tasks[0].left.new_empty(len(tasks), stop - start, n)
         for index, (task, keep) in enumerate(zip(tasks, keeps)):
             values = _kept(task, keep, start, stop, out=X[index])
-            if trims[index] is not None:
-                threshold, needed = trims[index]
-                if needed is None:  # no tie to break at the threshold: 1.0 where |x| ≥ τ, 0.0 elsewhere
-                    values.mul_(values.abs().ge_(threshold))
-                else:
-                    mask, seen[index] = elementwise.threshold_mask(values.abs(), threshold, needed, seen[index])
-                    values.mul_(mask)
+            kept, outliers = trims[index]
+            if kept is not None or outliers is not None:
+                magnitude = values.abs()
+                mask = torch.ones_like(magnitude, dtype=torch.bool) if kept is None else None
+                if kept is not None:
+                    mask, seen[index][0] = elementwise.threshold_mask(magnitude, *kept, seen[index][0])
+                if outliers is not None:
+                    top, seen[index][1] = elementwise.threshold_mask(magnitude, *outliers, seen[index][1])
+                    mask &= ~top
+                values.mul_(mask)
             if job.drop_rate:
                 X[index] = _rescaled(values, factors[index], job)
         out[start:stop] = merger(X.reshape(len(tasks), -1), start * n).reshape(stop - start, n)

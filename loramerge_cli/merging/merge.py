@@ -217,11 +217,14 @@ def run_merge(
     progress: Callable[[str], None] | None = None,
     cache: dict | None = None,
     statistics: dict | None = None,
+    finish: Callable[[MergedModule], MergedModule] | None = None,
 ) -> MergeResult:
     """The merge proper, on validated inputs.
 
     `cache` (optional, scope `module` only) maps (module path, retained (task, weight) pairs, λ) to the
-    finished module, so a search that changes a few units re-merges only those modules.
+    finished module, so a search that changes a few units re-merges only those modules. `finish`
+    (optional) is applied to each module as it is finished, and the result keeps what it returns (the
+    writer's dtype: a merge then holds one module in float64 at a time).
     """
     retained = {path: _retained_tasks(adapters, path, settings, table) for path in module_paths(adapters)}
     active = {path: tasks for path, tasks in retained.items() if tasks}
@@ -229,8 +232,9 @@ def run_merge(
     result = MergeResult({}, omitted, settings)
     if settings.method.elementwise and settings.params.get("scope") == "adapter":
         merged = _merge_adapter_scope(active, adapters, settings)
-        for path, delta in merged.items():
-            result.modules[path] = _finish(path, delta, adapters, active[path], settings)
+        for path in list(merged):  # popped: each dense update is freed once finished
+            module = _finish(path, merged.pop(path), adapters, active[path], settings)
+            result.modules[path] = module if finish is None else finish(module)
             if progress is not None:
                 progress(path)
     else:
@@ -243,7 +247,7 @@ def run_merge(
                     cache[key] = module
             else:
                 module = cache[key]
-            result.modules[path] = module
+            result.modules[path] = module if finish is None else finish(module)
             if progress is not None:
                 progress(path)
     for path in omitted if progress is not None else ():
@@ -356,6 +360,7 @@ def _merge_full_space(path, tasks, adapters, settings: ResolvedMerge, factors: l
                                         params.get("elect_on", "weighted")),
         drop_rate=drop_rate,
         dare_rescale=params.get("dare_rescale", "inverse"),
+        outliers=params.get("gamma"),
     )
     return merge_full_space(factors, keeps, [weight for _, weight in tasks], job)
 
@@ -396,5 +401,8 @@ def _finish(path, delta, adapters, tasks, settings: ResolvedMerge) -> MergedModu
     total_rank = sum(adapters[index].modules[path].rank for index, _ in tasks)
     if isinstance(delta, LowRank):
         return MergedModule(path, delta.left * settings.lam, delta.right, fan_in_fan_out)
-    factors, error, capped = truncate_dense(delta * settings.lam, settings.out_rank, settings.energy, total_rank)
-    return MergedModule(path, factors.left, factors.right, fan_in_fan_out, error, capped)
+    if settings.lam == 0:
+        delta = delta.new_zeros(1, 1).expand(delta.shape)  # the update is 0 (rank 0), without an m×n copy
+    # λ scales the factors, not the dense update (an m×n copy: 470 MB for one 8B MLP projection)
+    factors, error, capped = truncate_dense(delta, settings.out_rank, settings.energy, total_rank)
+    return MergedModule(path, factors.left * settings.lam, factors.right, fan_in_fan_out, error, capped)

@@ -231,13 +231,13 @@ METHODS.update({
     "breadcrumbs": Method(
         "breadcrumbs", "drop each task's outliers and smallest entries, then sum", BREADCRUMBS_PAPER, "1/T",
         defaults={"density": 0.8, "gamma": 0.01, "scope": "module", "keep_rule": "round"}, elementwise=True,
-        combine=_breadcrumbs_rows,
+        combine=_breadcrumbs_rows, full_space="sum",
     ),
     "breadcrumbs_ties": Method(
         "breadcrumbs_ties", "breadcrumbs' band of magnitudes, then sign election and disjoint merge",
         BREADCRUMBS_PAPER + " + " + TIES_PAPER, "1",
         defaults={"density": 0.8, "gamma": 0.01, "scope": "module", **TIES_OPTIONS}, elementwise=True,
-        combine=_breadcrumbs_ties_rows,
+        combine=_breadcrumbs_ties_rows, full_space="ties",
     ),
     "della": Method(
         "della", "drop by magnitude-ranked probabilities and rescale, then sign election and disjoint merge",

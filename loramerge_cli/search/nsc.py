@@ -139,11 +139,12 @@ def check_targets_move(engine, adapters, paths: list[str], targets: list[str], t
     """An error naming every target whose input no merge coefficient reaches (no LoRA module runs before it,
     as for the first LoRA block's projections): its ratio is a constant, so it could neither be lowered nor
     score a candidate. Found by one forward of one batch of `task`, up to the last target."""
+    from loramerge_cli.evaluation.batches import model_inputs_of
     from loramerge_cli.evaluation.functional import InputRecorder, SidePath
 
     side_path = SidePath(engine.modules, adapters, paths, engine.device, engine.dtype)
     inputs = engine.prepared[task].batches[0].inputs
-    with torch.enable_grad(), side_path.installed():
+    with torch.enable_grad(), side_path.installed(), model_inputs_of(task):
         recorded = InputRecorder(engine.modules, targets, stop=True).run(engine.model, inputs)
     fixed = [path for path in targets if not recorded[path].requires_grad]
     if fixed:

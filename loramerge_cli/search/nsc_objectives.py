@@ -61,9 +61,12 @@ def token_rows(z: torch.Tensor, token_mask: torch.Tensor | None, path: str) -> t
 def loss_over_batches(objective, engine, task_index: int, task: str, batches) -> float:
     """One task's loss over several batches of inputs: the statistics summed, then the objective's `loss`
     (exact, token-weighted; not a mean of batch means)."""
+    from loramerge_cli.evaluation.batches import model_inputs_of
+
     sums, counts = 0.0, 0.0
     for inputs in batches:
-        batch_sums, batch_counts = objective.statistics(engine, task_index, task, inputs)
+        with model_inputs_of(task):
+            batch_sums, batch_counts = objective.statistics(engine, task_index, task, inputs)
         sums, counts = sums + batch_sums.double(), counts + batch_counts
     return float(objective.loss(sums, counts))
 

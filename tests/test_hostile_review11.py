@@ -1,0 +1,136 @@
+"""Defects found by this round's reviews (architectures the other tests do not build, merging memory and speed),
+each with a test that fails without its fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from factories import random_adapter
+from tiny_models import HIDDEN, NUM_LABELS, VOCAB, peft_lora, save_lora, seeded
+
+from loramerge_cli import api
+from loramerge_cli.adapters.model import Adapter
+from loramerge_cli.merging.lowrank import LowRank, thin_svd, truncate_dense
+
+
+def tiny_roberta(seed: int = 0):
+    """A 2-block RobertaForSequenceClassification: its head `classifier` has two layers (dense, out_proj)."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
+                           intermediate_size=32, max_position_embeddings=40, num_labels=NUM_LABELS, pad_token_id=0,
+                           type_vocab_size=1)
+    with seeded(seed):
+        return RobertaForSequenceClassification(config).eval()
+
+
+def test_a_head_of_several_layers_is_written_as_the_inputs_name_it(tmp_path):
+    """RoBERTa's `classifier` (dense + out_proj) was written as modules_to_save ["classifier.dense",
+    "classifier.out_proj"], which PEFT cannot load (KeyError). The config's own name is written now."""
+    from peft import PeftModel
+
+    folders = []
+    for seed, name in ((1, "a"), (2, "b")):
+        model = peft_lora(tiny_roberta(), seed, task_type="SEQ_CLS", r=2, target_modules=["query", "value"],
+                          modules_to_save=["classifier"])
+        model.save_pretrained(str(tmp_path / name))
+        folders.append(f"{name}={tmp_path / name}")
+    adapters = api.load_adapters(folders)
+    assert adapters[0].head_modules == ["classifier"]
+    out = api.write_merged_adapter(api.merge(adapters, api.MergeConfig(merger="ta")), adapters, tmp_path / "merged",
+                                   head="a")
+    loaded = PeftModel.from_pretrained(tiny_roberta(), str(out)).eval()  # raised KeyError before
+    head = {name: parameter for name, parameter in loaded.named_parameters() if "modules_to_save" in name}
+    assert head and all(torch.equal(parameter, adapters[0].heads[name.replace("base_model.model.", "").replace(
+        ".modules_to_save.default", "")].to(parameter.dtype)) for name, parameter in head.items())
+
+
+def adapter_with_heads(keys: list[str], listed: list[str] | None) -> Adapter:
+    adapter = random_adapter("a", {"model.layers.0.q_proj": (4, 4)})
+    adapter.config["modules_to_save"] = listed
+    adapter.heads = {key: torch.zeros(1) for key in keys}
+    return adapter
+
+
+@pytest.mark.parametrize("keys, listed, expected", [
+    (["classifier.dense.weight", "classifier.out_proj.bias"], ["classifier", "score"], ["classifier"]),
+    (["classifier.dense.weight", "classifier.out_proj.bias"], None, ["classifier.dense", "classifier.out_proj"]),
+    (["score.weight"], ["classifier", "score"], ["score"]),
+    (["model.head.fc.weight", "extra.weight"], ["head"], ["extra", "head"]),
+    (["classifier.weight"], ["fier"], ["classifier"]),  # a name matches whole path components only
+])
+def test_head_modules_are_the_configured_names_that_hold_the_heads(keys, listed, expected):
+    assert adapter_with_heads(keys, listed).head_modules == expected
+
+
+@pytest.mark.parametrize("shape", [(6, 40), (40, 6), (9, 9)])
+def test_thin_svd_of_a_wide_matrix_is_that_of_its_transpose(shape):
+    X = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    U, S, Vh = thin_svd(X)
+    assert U.shape == (shape[0], min(shape)) and Vh.shape == (min(shape), shape[1])
+    assert torch.allclose(U @ torch.diag(S) @ Vh, X, atol=1e-12)
+    assert torch.allclose(U.T @ U, torch.eye(min(shape), dtype=X.dtype), atol=1e-12)
+    assert torch.allclose(S, torch.linalg.svdvals(X), atol=1e-12)
+
+
+def test_lambda_scales_the_truncated_factors_of_a_dense_result():
+    """λ is applied to the factors after the truncation (no scaled m×n copy): the same update, error and rank."""
+    from loramerge_cli.merging import merge as merging
+
+    generator = torch.Generator().manual_seed(5)
+    tasks = [LowRank(torch.randn(30, 3, generator=generator, dtype=torch.float64),
+                     torch.randn(3, 20, generator=generator, dtype=torch.float64)) for _ in range(2)]
+    dense = sum(task.dense() for task in tasks)
+    adapters = [random_adapter("a", {"m": (30, 20)})]
+    for lam in (0.3, -2.0, 0.0):
+        settings = merging.resolve_config(merging.MergeConfig(merger="ties", lam=lam, energy=0.9), 1)
+        module = merging._finish("m", dense, adapters, [(0, 1.0)], settings)
+        factors, error, _ = truncate_dense(dense * lam, None, 0.9, 3)
+        assert module.rank == factors.left.shape[1]
+        assert error == 0.0 or module.truncation_error == pytest.approx(error)
+        assert torch.allclose(module.lora_B @ module.lora_A, factors.left @ factors.right, atol=1e-10)
+
+
+def test_a_planned_merge_keeps_each_module_as_it_is_written(tmp_path):
+    """execute() kept every module's factors in float64 until the write (11 GB for an 8B rank-64 set held at
+    once): each is now cast to the output dtype as it is finished, and the folder holds exactly those tensors."""
+    from safetensors.torch import load_file
+
+    folders = [f"{name}={save_lora('llama', tmp_path / name, seed, r=2, target_modules=['q_proj', 'v_proj'])}"
+               for seed, name in ((1, "a"), (2, "b"))]
+    adapters = api.load_adapters(folders)
+    for dtype in ("bfloat16", "float16"):
+        plan = api.plan_merge(adapters, api.MergeConfig(merger="ties"), out=tmp_path / f"merged_{dtype}", dtype=dtype)
+        result = api.execute(plan)
+        assert {module.lora_B.dtype for module in result.modules.values()} == {getattr(torch, dtype)}
+        written = load_file(str(api.write(plan, result) / "adapter_model.safetensors"))
+        for path, module in result.modules.items():
+            assert torch.equal(written[f"base_model.model.{path}.lora_B.weight"], module.lora_B)
+            assert torch.equal(written[f"base_model.model.{path}.lora_A.weight"], module.lora_A)
+
+
+def test_inputs_the_model_refuses_are_one_line_naming_the_task(tmp_path):
+    """T5's classifier raises ValueError on an example without its end-of-sequence token: that was reported as
+    an internal error; it is the task's inputs, one line, exit 1."""
+    from eval_fixtures import SPECIAL, save_peft_adapter, save_word_tokenizer, text_rows, vocab_size, write_jsonl
+    from eval_fixtures import write_tasks_file
+    from factories import invoke_cli
+    from transformers import T5Config, T5ForSequenceClassification
+
+    config = T5Config(vocab_size=vocab_size(), d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2, num_labels=3,
+                      pad_token_id=0, eos_token_id=SPECIAL.index("[EOS]"), decoder_start_token_id=0)
+    with seeded(0):
+        T5ForSequenceClassification(config).eval().save_pretrained(str(tmp_path / "base"))
+    save_word_tokenizer(tmp_path / "base")  # its template adds no [EOS]
+    save_peft_adapter(tmp_path / "base", tmp_path / "a", ["q", "v"], "T5ForSequenceClassification", "SEQ_CLS", 1,
+                      head_modules=["classification_head"])
+    data = write_jsonl(tmp_path / "validation.jsonl", text_rows(4, seed=1))
+    tasks = write_tasks_file(tmp_path / "tasks.yaml", {
+        "base_model": str(tmp_path / "base"), "model_type": "sequence-classification",
+        "tasks": [{"name": "a", "data": {"validation": str(data)}, "text": ["premise", "hypothesis"], "label": "label",
+                   "num_labels": 3, "head": "from-adapter"}]})
+    outcome = invoke_cli(["eval", "--adapters", f"a={tmp_path / 'a'}", "--tasks", tasks, "--split", "validation",
+                          "--quiet"])
+    assert outcome.exit_code == 1, outcome.stderr
+    assert outcome.stderr.strip().splitlines() == ["error: task a: the model refuses its inputs: Each example "
+                                                     "must contain at least one <eos> token."]

@@ -260,6 +260,22 @@ def clean_debris(target: str | Path) -> None:
             entry.unlink(missing_ok=True)
 
 
+def clean_temporaries(folder: Path) -> None:
+    """Remove the temporary files (atomic.temporary_sibling) and staging folders that killed processes left in
+    `folder` (a search's run dir, once its lock is held)."""
+    for entry in folder.iterdir():
+        head, marker, rest = entry.name.partition(".loramerge-")
+        pid_text = rest.partition(".")[0]
+        if not (head.startswith(".") and marker and entry.name.endswith(".tmp") and pid_text.isdigit()):
+            continue
+        if _alive(int(pid_text)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -323,18 +339,34 @@ def _apply_umask(folder: Path) -> None:
 
 
 def _replace(staging: Path, target: Path, force: bool) -> None:
+    """Put `staging` at `target`. What is at `target` now is checked again (a folder can appear there while
+    the output is written), and what a swap took out is checked once more: a user's folder is put back."""
     if not os.path.lexists(target):
         staging.rename(target)
         return
-    if not force:
-        raise LoramergeError(f"{target}: already exists; pass --force to replace it")
+    _check_replaceable(target, target, force, "folder", ())
     if exchange(staging, target):
+        if not _replaceable(staging):  # changed between the check and the swap: put it back
+            exchange(staging, target)
+            raise _changed(target)
         shutil.rmtree(staging, ignore_errors=True)  # now holds the old output
         return
     retired = target.with_name(f"{_staging_prefix(target)}{os.getpid()}.old")
     os.rename(target, retired)  # a crash here: the next run puts `retired` back (clean_debris)
+    if not _replaceable(retired):
+        os.rename(retired, target)
+        raise _changed(target)
     os.rename(staging, target)
     shutil.rmtree(retired, ignore_errors=True)
+
+
+def _replaceable(folder: Path) -> bool:
+    return folder.is_dir() and not folder.is_symlink() and written_by_loramerge(folder)
+
+
+def _changed(target: Path) -> LoramergeError:
+    return LoramergeError(f"--out {target} changed while the output was written and is now something loramerge "
+                          "did not write; left as it is, nothing written")
 
 
 def exchange(first: Path, second: Path) -> bool:

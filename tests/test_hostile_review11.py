@@ -3,6 +3,8 @@ each with a test that fails without its fix."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from factories import random_adapter
@@ -134,3 +136,70 @@ def test_inputs_the_model_refuses_are_one_line_naming_the_task(tmp_path):
     assert outcome.exit_code == 1, outcome.stderr
     assert outcome.stderr.strip().splitlines() == ["error: task a: the model refuses its inputs: Each example "
                                                      "must contain at least one <eos> token."]
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["exchange", "rename"])
+@pytest.mark.parametrize("before", ["absent", "a loramerge output"])
+def test_a_folder_that_appears_at_out_during_the_write_survives_force(tmp_path, monkeypatch, swap, before):
+    """`--force` checked --out when the write started only: a user's folder made there while the merge ran was
+    swapped out and deleted. It is checked again, and put back if it changed between the check and the swap."""
+    from loramerge_cli import outputs
+    from loramerge_cli.errors import LoramergeError
+
+    if not swap:
+        monkeypatch.setattr(outputs, "exchange", lambda first, second: False)
+    target = tmp_path / "merged"
+    if before != "absent":
+        with outputs.staged_folder(target) as staging:
+            (staging / outputs.MARKER).write_text("{}")
+
+    def users_folder():
+        if target.exists():
+            import shutil
+
+            shutil.rmtree(target)
+        (target / "mywork").mkdir(parents=True)
+        (target / "mywork" / "notes.txt").write_text("precious")
+
+    with pytest.raises(LoramergeError, match="did not write"):
+        with outputs.staged_folder(target, force=True) as staging:
+            (staging / outputs.MARKER).write_text("{}")
+            users_folder()
+    assert (target / "mywork" / "notes.txt").read_text() == "precious"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]  # no staging left
+
+    real_check = outputs._check_replaceable  # the folder appears after the last check, before the swap
+    monkeypatch.setattr(outputs, "_check_replaceable", lambda *args: users_folder())
+    (target / "mywork" / "notes.txt").unlink()
+    (target / "mywork").rmdir()
+    (target / outputs.MARKER).write_text("{}")
+    with pytest.raises(LoramergeError, match="changed while the output was written"):
+        with outputs.staged_folder(target, force=True) as staging:
+            (staging / outputs.MARKER).write_text("{}")
+    monkeypatch.setattr(outputs, "_check_replaceable", real_check)
+    assert (target / "mywork" / "notes.txt").read_text() == "precious"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]
+
+
+def test_a_killed_runs_temporary_files_leave_the_run_dir_when_it_is_next_used(tmp_path):
+    """SIGKILL while a run-dir file was rewritten left `.scores.json.loramerge-PID.tmp` for good (a resume or a
+    fresh run kept it); the next search that takes the run dir's lock removes those of dead processes."""
+    import subprocess
+    import sys
+
+    from loramerge_cli.search.rundir import RunDirLock
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    left = [run_dir / f".scores.json.loramerge-{pid}.tmp", run_dir / f".config.json.loramerge-{pid}.tmp"]
+    for path in left:
+        path.write_text("{")
+    mine = run_dir / f".best.json.loramerge-{os.getpid()}.tmp"  # a live process's: kept
+    kept = [run_dir / "scores.json", run_dir / "notes.loramerge-1.tmp", mine]
+    for path in kept:
+        path.write_text("{}")
+    with RunDirLock(run_dir):
+        assert not any(path.exists() for path in left)
+        assert all(path.exists() for path in kept)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.outputs import clean_temporaries
 
 T = TypeVar("T")
 CONFIG_NAME = "config.json"
@@ -47,6 +48,7 @@ class RunDirLock:
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.lock.acquire()
+            clean_temporaries(self.run_dir)  # a killed run's half-written files (the lock says it is gone)
         except Timeout:
             raise LoramergeError(f"--run-dir {self.run_dir} is in use by another search; wait for it to end "
                                  "or give another --run-dir") from None

@@ -203,3 +203,16 @@ def test_a_killed_runs_temporary_files_leave_the_run_dir_when_it_is_next_used(tm
     with RunDirLock(run_dir):
         assert not any(path.exists() for path in left)
         assert all(path.exists() for path in kept)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_della_ranks_by_bit_pattern_equal_a_stable_float_sort(dtype):
+    magnitude = torch.randn(5000, generator=torch.Generator().manual_seed(2), dtype=torch.float64).abs().to(dtype)
+    magnitude[::7], magnitude[::11], magnitude[5] = magnitude[3], 0.0, float("1e-310")  # ties, zeros, a subnormal
+    order = torch.sort(magnitude, stable=True).indices
+    expected = torch.empty_like(order)
+    expected[order] = torch.arange(order.numel())
+    from loramerge_cli.merging.sparsify import magnitude_ranks
+
+    assert torch.equal(magnitude_ranks(magnitude), expected)
+    assert torch.equal(magnitude_ranks(magnitude[::3]), magnitude_ranks(magnitude[::3].clone()))  # a strided view

@@ -216,3 +216,31 @@ def test_della_ranks_by_bit_pattern_equal_a_stable_float_sort(dtype):
 
     assert torch.equal(magnitude_ranks(magnitude), expected)
     assert torch.equal(magnitude_ranks(magnitude[::3]), magnitude_ranks(magnitude[::3].clone()))  # a strided view
+
+
+def test_a_searchs_merged_module_cache_is_bounded_and_changes_no_score():
+    """The cache of merged modules a search keeps grew without bound (every distinct pruning of a block; on an 8B
+    model gigabytes): it now keeps the most recently used within a budget, in float32, and the updates the
+    candidates are scored with are bit for bit those of the unbounded float64 cache."""
+    from loramerge_cli.masks import WeightTable
+    from loramerge_cli.merging import merge as merging
+    from loramerge_cli.search.fitness import CandidateMerges, MergedModuleCache
+
+    shapes = {f"model.layers.{block}.self_attn.{name}": (12, 10) for block in range(4) for name in ("q_proj", "v_proj")}
+    adapters = [random_adapter(name, shapes, seed=seed) for seed, name in enumerate("abc")]
+    units = [f"model.layers.{block}" for block in range(4)]
+    template = WeightTable(list("abc"), units, [[1.0] * 4 for _ in range(3)])
+    candidates = [(), (0,), (1, 5), (0,), (11,), (2, 3, 7), (1, 5), (), (4,)] * 2
+    for merger in ("ties", "ta"):
+        settings = merging.resolve_config(merging.MergeConfig(merger=merger), 3, template)
+        bounded, unbounded = CandidateMerges(adapters, settings, template, None), \
+            CandidateMerges(adapters, settings, template, None)
+        bounded.cache, unbounded.cache = MergedModuleCache(budget_mb=3000 / 2**20), {}
+        for pruned in candidates:
+            fast, slow = bounded.candidate_deltas(pruned, None), unbounded.candidate_deltas(pruned, None)
+            assert fast.keys() == slow.keys()
+            assert all(torch.equal(fast[path].left, slow[path].left) and torch.equal(fast[path].right, slow[path].right)
+                       for path in fast)
+            assert bounded.cache.size <= 3000 or len(bounded.cache) == 1
+        assert len(bounded.cache) < len(unbounded.cache)
+        assert {module.lora_B.dtype for module in bounded.cache.values()} == {torch.float32}

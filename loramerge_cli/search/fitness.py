@@ -4,7 +4,10 @@ candidate's forward pass starts at its first changed block (`BlockReplay`)."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import replace
+
+import torch
 
 from loramerge_cli.evaluation.engine import Evaluator, merged_deltas
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
@@ -28,6 +31,39 @@ def pruned_table(template: WeightTable, pruned: tuple[int, ...]) -> WeightTable:
     return replace(template, weights=weights)
 
 
+MERGE_CACHE_MB = 2048  # merged modules a search keeps for the next candidates (per process)
+
+
+class MergedModuleCache(OrderedDict):
+    """Merged modules by (path, retained tasks, λ) for run_merge, within `budget_mb`: the least recently used
+    go first, and each is kept in float32, what scoring reads (merged_deltas casts to it before anything
+    else, so the scores are those of the float64 result). Unbounded, a search on an 8B model would keep
+    gigabytes: every distinct pruning of a block is 7 merged modules."""
+
+    def __init__(self, budget_mb: float = MERGE_CACHE_MB):
+        super().__init__()
+        self.budget = budget_mb * 2**20
+        self.size = 0
+
+    def __getitem__(self, key):
+        self.move_to_end(key)
+        return super().__getitem__(key)
+
+    def __setitem__(self, key, module) -> None:
+        module = replace(module, lora_B=module.lora_B.to(torch.float32), lora_A=module.lora_A.to(torch.float32))
+        if key in self:
+            self.size -= _bytes(super().__getitem__(key))
+        super().__setitem__(key, module)
+        self.size += _bytes(module)
+        while self.size > self.budget and len(self) > 1:
+            _, dropped = self.popitem(last=False)
+            self.size -= _bytes(dropped)
+
+
+def _bytes(module) -> int:
+    return module.lora_B.nbytes + module.lora_A.nbytes
+
+
 class CandidateMerges:
     """Merges candidates (pruned indices, λ or None for the merger's λ): once at λ = 1, with merged modules
     cached per retained task set, then scaled. The base of every fitness."""
@@ -38,7 +74,7 @@ class CandidateMerges:
         self.base_lambda = settings.lam
         self.template = template
         self.engine = engine
-        self.cache: dict | None = {} if settings.params.get("scope", "module") == "module" else None
+        self.cache = MergedModuleCache() if settings.params.get("scope", "module") == "module" else None
         self.forward_passes = 0
 
     def candidate_deltas(self, pruned: tuple[int, ...], lam: float | None) -> dict:

@@ -262,7 +262,7 @@ def clean_debris(target: str | Path) -> None:
 
 def clean_temporaries(folder: Path) -> None:
     """Remove the temporary files (atomic.temporary_sibling) and staging folders that killed processes left in
-    `folder` (a search's run dir, once its lock is held)."""
+    `folder` (a search's run dir, once its lock is held); best effort: what cannot be removed stays."""
     for entry in folder.iterdir():
         head, marker, rest = entry.name.partition(".loramerge-")
         pid_text = rest.partition(".")[0]
@@ -270,16 +270,19 @@ def clean_temporaries(folder: Path) -> None:
             continue
         if _alive(int(pid_text)):
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError:
+            continue
 
 
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # a number past any pid (a name not ours): no process
         return False
     except PermissionError:
         return True
@@ -307,6 +310,10 @@ def staged_folder(out_dir: str | Path, force: bool = False, inputs: Iterable[str
         interrupts.check()  # a Ctrl-C some library swallowed: write nothing
         _replace(staging, target, force)
         interrupts.set_hint(f"{out_dir} was written whole before it")  # a Ctrl-C while the result is printed
+    except FolderKept as error:  # the user's folder is kept where the error says, maybe at `staging`
+        if error.kept != staging:
+            _remove_staging(staging, made)
+        raise
     except OSError as error:
         _remove_staging(staging, made)
         raise LoramergeError(f"{out_dir}: cannot write the output ({error.strerror or error})") from None
@@ -347,26 +354,48 @@ def _replace(staging: Path, target: Path, force: bool) -> None:
     _check_replaceable(target, target, force, "folder", ())
     if exchange(staging, target):
         if not _replaceable(staging):  # changed between the check and the swap: put it back
-            exchange(staging, target)
-            raise _changed(target)
+            _put_back(staging, target, swapped=True)
         shutil.rmtree(staging, ignore_errors=True)  # now holds the old output
         return
     retired = target.with_name(f"{_staging_prefix(target)}{os.getpid()}.old")
     os.rename(target, retired)  # a crash here: the next run puts `retired` back (clean_debris)
     if not _replaceable(retired):
-        os.rename(retired, target)
-        raise _changed(target)
+        _put_back(retired, target, swapped=False)
     os.rename(staging, target)
     shutil.rmtree(retired, ignore_errors=True)
 
 
+class FolderKept(LoramergeError):
+    """A user's folder that a swap took out of --out could not be put back: it is kept at `kept`, never removed."""
+
+    def __init__(self, message: str, kept: Path):
+        super().__init__(message)
+        self.kept = kept
+
+
+def _put_back(held: Path, target: Path, swapped: bool) -> None:
+    """Return a user's folder that a swap or a rename took out of `target` (now at `held`), and stop. Where that
+    fails (`target` moved again), it goes beside `target` under a name no cleanup removes."""
+    message = (f"--out {target} changed while the output was written and is now something loramerge did not "
+               "write; left as it is, nothing written")
+    try:
+        if swapped and exchange(held, target):  # `held` holds the new output again: removed as staging
+            raise LoramergeError(message)
+        if not swapped and not os.path.lexists(target):
+            os.rename(held, target)
+            raise LoramergeError(message)
+    except OSError:
+        pass
+    aside = target.with_name(f"{target.name}.yours-{os.getpid()}")
+    try:
+        os.rename(held, aside)
+    except OSError:
+        aside = held
+    raise FolderKept(message.replace("left as it is", f"it is kept at {aside}"), aside)
+
+
 def _replaceable(folder: Path) -> bool:
     return folder.is_dir() and not folder.is_symlink() and written_by_loramerge(folder)
-
-
-def _changed(target: Path) -> LoramergeError:
-    return LoramergeError(f"--out {target} changed while the output was written and is now something loramerge "
-                          "did not write; left as it is, nothing written")
 
 
 def exchange(first: Path, second: Path) -> bool:

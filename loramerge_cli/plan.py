@@ -229,9 +229,9 @@ def plan_merge(
 def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
             on_event: Reporter | None = None) -> MergeResult:
     """Read the tasks' inputs if the method needs them, tune λ if asked, then merge. `progress(path)` is
-    called after each module; `on_event` receives the progress stages (loramerge_cli.events). Each merged
-    module is kept as it will be written (the output dtype, checked against its range as it is finished),
-    so a merge holds one module in float64 at a time."""
+    called after each module; `on_event` receives the progress stages (loramerge_cli.events). A plan with an
+    output keeps each merged module as it will be written (the output dtype, checked against its range as it
+    is finished), so the merge holds one module in float64 at a time; without one, the float64 factors."""
     settings, tuning, statistics, engine = plan.settings, {}, None, None
     if plan.data is not None:
         from loramerge_cli.evaluation.grams import collect_grams
@@ -264,8 +264,9 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
                 progress(path)
 
         out_dtype = output_dtype(plan.adapters, plan.dtype)
+        finish = (lambda module: as_written(module, out_dtype)) if plan.out is not None else None
         result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance, statistics=statistics,
-                                   finish=lambda module: as_written(module, out_dtype))
+                                   finish=finish)
     result.provenance.update(tuning)
     return result
 

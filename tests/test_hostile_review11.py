@@ -244,3 +244,71 @@ def test_a_searchs_merged_module_cache_is_bounded_and_changes_no_score():
             assert bounded.cache.size <= 3000 or len(bounded.cache) == 1
         assert len(bounded.cache) < len(unbounded.cache)
         assert {module.lora_B.dtype for module in bounded.cache.values()} == {torch.float32}
+
+
+def test_the_library_merge_without_an_output_keeps_float64_factors(tmp_path):
+    """Only a plan that writes keeps its modules in the output dtype: api.merge (no output) returns the float64
+    factors, which a later write in another dtype rounds once, from them."""
+    folders = [f"{name}={save_lora('llama', tmp_path / name, seed, r=2, target_modules=['q_proj'])}"
+               for seed, name in ((1, "a"), (2, "b"))]
+    adapters = api.load_adapters(folders)
+    for adapter in adapters:
+        for module in adapter.modules.values():
+            module.lora_A, module.lora_B = module.lora_A.to(torch.bfloat16), module.lora_B.to(torch.bfloat16)
+    result = api.merge(adapters, api.MergeConfig(merger="ties", lam=3e4))
+    assert {module.lora_B.dtype for module in result.modules.values()} == {torch.float64}
+
+
+def test_a_users_folder_a_swap_took_out_is_kept_when_it_cannot_go_back(tmp_path, monkeypatch):
+    """The swap back of a user's folder can fail (--out moved again): the folder is then kept beside --out under
+    a name no cleanup removes, and the error says where; it was deleted with the staging folder."""
+    from loramerge_cli import outputs
+    from loramerge_cli.errors import LoramergeError
+
+    target = tmp_path / "merged"
+    with outputs.staged_folder(target) as staging:
+        (staging / outputs.MARKER).write_text("{}")
+    real_exchange, calls = outputs.exchange, []
+
+    def exchange_once(first, second):
+        calls.append(first)
+        if len(calls) > 1:
+            raise OSError(2, "No such file or directory", str(second))
+        return real_exchange(first, second)
+
+    monkeypatch.setattr(outputs, "exchange", exchange_once)
+    monkeypatch.setattr(outputs, "_check_replaceable", lambda *args: None)  # it changes after the last check
+    with pytest.raises(LoramergeError, match="it is kept at .*merged.yours-"):
+        with outputs.staged_folder(target, force=True) as staging:
+            (staging / outputs.MARKER).write_text("{}")
+            (target / outputs.MARKER).unlink()
+            (target / "notes.txt").write_text("precious")
+    kept = [path for path in tmp_path.iterdir() if path.name.startswith("merged.yours-")]
+    assert len(kept) == 1 and (kept[0] / "notes.txt").read_text() == "precious"
+    assert (target / outputs.MARKER).is_file()  # the new output took --out
+    outputs.clean_debris(target)  # the next run's cleanup leaves it alone
+    assert (kept[0] / "notes.txt").read_text() == "precious"
+
+
+def test_run_dir_cleanup_is_best_effort(tmp_path, monkeypatch):
+    """A pid past any process's (OverflowError in os.kill) or an entry that cannot be removed does not stop a
+    search from taking its run dir."""
+    from loramerge_cli import outputs
+    from loramerge_cli.search.rundir import RunDirLock
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / ".x.loramerge-99999999999999999999.tmp").write_text("{")
+    (run_dir / ".y.loramerge-99999999999999999998.tmp").write_text("{")
+    real_unlink = type(run_dir).unlink
+
+    def unlink(path, missing_ok=False):
+        if path.name.startswith(".y."):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(type(run_dir), "unlink", unlink)
+    with RunDirLock(run_dir):
+        assert sorted(path.name for path in run_dir.iterdir() if path.name.endswith(".tmp")) == [
+            ".y.loramerge-99999999999999999998.tmp"]
+    del outputs

@@ -136,7 +136,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     report = _report(result, flags["out"])
     served = default_head(adapters, flags["head"])
     if served is None and any(adapter.heads for adapter in adapters):  # an LM's trained lm_head or embeddings
-        modules = sorted({key.rsplit(".", 1)[0] for adapter in adapters for key in adapter.heads})
+        modules = sorted({name for adapter in adapters for name in adapter.head_modules})
         report["warnings"].append(
             f"the inputs' modules_to_save weights ({', '.join(modules[:3])}{', …' if len(modules) > 3 else ''}) are "
             "not in the merged adapter, which serves the base's; each task's are in heads/<task>.safetensors, and "

@@ -20,6 +20,7 @@ import torch
 from loramerge_cli import __version__
 from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.evaluation.batches import model_inputs_of
 from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
 
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
@@ -139,7 +140,6 @@ def check_targets_move(engine, adapters, paths: list[str], targets: list[str], t
     """An error naming every target whose input no merge coefficient reaches (no LoRA module runs before it,
     as for the first LoRA block's projections): its ratio is a constant, so it could neither be lowered nor
     score a candidate. Found by one forward of one batch of `task`, up to the last target."""
-    from loramerge_cli.evaluation.batches import model_inputs_of
     from loramerge_cli.evaluation.functional import InputRecorder, SidePath
 
     side_path = SidePath(engine.modules, adapters, paths, engine.device, engine.dtype)
@@ -165,7 +165,8 @@ def train_step(problem: NscProblem, side_path, settings: NscSettings, step: int)
             examples = problem.examples[adapter.name]
             chosen = batch_indices(settings.seed, adapter.name, len(examples), settings.batch_size, step)
             inputs = collate([examples[i] for i in chosen], problem.pad_id)
-            sums, counts = problem.objective.statistics(problem.engine, index, adapter.name, inputs)
+            with model_inputs_of(adapter.name):
+                sums, counts = problem.objective.statistics(problem.engine, index, adapter.name, inputs)
             loss = problem.objective.loss(sums, counts)
             if not torch.isfinite(loss):
                 raise LoramergeError(f"NSC: the {problem.objective.name} loss of task {adapter.name} is not finite")

@@ -210,9 +210,9 @@ def in_run_dir(path: Path) -> bool:
 
 
 def written_by_loramerge(folder: Path) -> bool:
-    """An empty folder, an adapter folder loramerge wrote, or apply-mask's output: one adapter folder loramerge
-    wrote per task of the loramerge table `mask.json` beside them (and loramerge.yaml), nothing else. A user's
-    folder that holds merges, or merges and a mask, is not one."""
+    """An empty folder, an adapter folder loramerge wrote, or apply-mask's output: adapter folders loramerge
+    wrote, one per task of the loramerge table `mask.json` beside them (a task the table prunes entirely has
+    none), and loramerge.yaml, nothing else. A user's folder that holds merges, or merges and a mask, is not one."""
     if (folder / MARKER).is_file() or not any(folder.iterdir()):
         return True
     try:
@@ -221,7 +221,7 @@ def written_by_loramerge(folder: Path) -> bool:
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return False
     entries = [entry for entry in folder.iterdir() if entry.name not in FOLDER_EXTRAS or not entry.is_file()]
-    return (tasks is not None and {entry.name for entry in entries} == tasks
+    return (tasks is not None and entries and {entry.name for entry in entries} <= tasks
             and all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries))
 
 

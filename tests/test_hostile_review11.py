@@ -312,3 +312,46 @@ def test_run_dir_cleanup_is_best_effort(tmp_path, monkeypatch):
         assert sorted(path.name for path in run_dir.iterdir() if path.name.endswith(".tmp")) == [
             ".y.loramerge-99999999999999999998.tmp"]
     del outputs
+
+
+def test_apply_mask_writes_the_others_when_a_table_prunes_a_whole_adapter(tmp_path):
+    """A search may prune one task in every block (the bundled settings' tables do at --max-prune 0.5):
+    apply-mask refused the search's own table and wrote nothing. The other adapters are written, the pruned one
+    is named in a warning, and a --force rerun recognises the folder as its own."""
+    import json
+
+    from factories import attention_shapes, invoke_cli, write_peft_folder
+
+    from loramerge_cli.masks import WeightTable
+
+    sources = []
+    for seed, name in enumerate("abc"):
+        adapter = random_adapter(name, attention_shapes(blocks=2, m=12, n=10), seed=seed, dtype=torch.float32)
+        sources.append(f"{name}={write_peft_folder(tmp_path / name, adapter)}")
+    units = ["model.layers.0", "model.layers.1"]
+    WeightTable(list("abc"), units, [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]).save(tmp_path / "mask.json")
+    command = ["apply-mask", "--adapters", *sources, "--mask", tmp_path / "mask.json", "--out", tmp_path / "pruned"]
+    outcome = invoke_cli([*command, "--json"])
+    assert outcome.exit_code == 0, outcome.stderr
+    report = json.loads(outcome.stdout)
+    assert [row["folder"] is None for row in report["adapters"]] == [False, False, True]
+    assert any("every module of 'c'" in warning for warning in report["warnings"])
+    assert sorted(path.name for path in (tmp_path / "pruned").iterdir()) == ["a", "b", "loramerge.yaml", "mask.json"]
+    assert invoke_cli([*command, "--force"]).exit_code == 0
+    WeightTable(list("abc"), units, [[0.0, 0.0]] * 3).save(tmp_path / "none.json")
+    outcome = invoke_cli(["apply-mask", "--adapters", *sources, "--mask", tmp_path / "none.json", "--out",
+                          tmp_path / "none"])
+    assert outcome.exit_code == 1 and "nothing to write" in outcome.stderr and not (tmp_path / "none").exists()
+
+
+def test_nsc_reads_a_module_input_flattened_over_batch_and_tokens():
+    """OPT flattens batch and tokens before fc1 and fc2 ((batch·tokens, n)): NSC refused those targets ("does not
+    line up with the attention mask"); the rows are the mask's tokens in order."""
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.search.nsc_objectives import token_rows
+
+    z = torch.arange(2 * 3 * 4, dtype=torch.float32).reshape(2, 3, 4)
+    mask = torch.tensor([[True, True, False], [True, False, False]])
+    assert torch.equal(token_rows(z.reshape(6, 4), mask, "fc1"), token_rows(z, mask, "fc1"))
+    with pytest.raises(LoramergeError, match="does not line up"):
+        token_rows(z.reshape(3, 8), mask, "fc1")

@@ -342,9 +342,15 @@ def write_adapter(adapter: Adapter, out_dir: str | Path, force: bool = False, co
 def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = False, command: str | None = None,
                    dtype: str | torch.dtype | None = None, table=None, recipe: str | None = None) -> Path:
     """Write several plain adapters as `out_dir/<name>/`, all or nothing; `table` and `recipe` (YAML text)
-    go to out_dir/mask.json and out_dir/loramerge.yaml."""
+    go to out_dir/mask.json and out_dir/loramerge.yaml. An adapter with no module left (its table row prunes
+    everything) has no folder: PEFT cannot load a LoRA adapter without modules, and a merge of the others is the
+    merge without it."""
+    if not any(adapter.modules for adapter in adapters):
+        raise LoramergeError("every adapter has no modules left; nothing to write")
     with staged_folder(out_dir, force, adapter_files(adapters)) as staging:
         for adapter in adapters:
+            if not adapter.modules:
+                continue
             folder = staging / adapter.name
             folder.mkdir()
             write_adapter_files(adapter, folder, command, dtype)

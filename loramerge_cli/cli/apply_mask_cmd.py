@@ -58,16 +58,20 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     pruned = api.prune(plan)
     api.write_pruned(plan, pruned, recipe=build_recipe(ctx, loaded, out, {"mask": "mask.json"}))
     report = {"out": str(out), "adapters": [
-        {"name": a.name, "folder": str(out / a.name), "modules": len(a.modules),
+        {"name": a.name, "folder": str(out / a.name) if a.modules else None, "modules": len(a.modules),
          "removed": len(original.modules) - len(a.modules)} for a, original in zip(pruned, loaded)],
-        "warnings": _lambda_warning(plan.table)}
+        "warnings": _lambda_warning(plan.table) + [
+            f"the table prunes every module of {a.name!r}: no folder is written for it (PEFT loads no LoRA "
+            "adapter without modules); a merge of the others is the merge without it, as merge --mask gives"
+            for a in pruned if not a.modules]}
     if flags["json_output"]:
         return emit_json(report)
     for warning in report["warnings"]:
         human_console(flags["quiet"]).print(f"warning: {warning}", style="yellow", markup=False, highlight=False,
                                             soft_wrap=True)
     for row in report["adapters"]:
-        result_console().print(f"{row['folder']}: {row['modules']} modules kept, {row['removed']} removed")
+        shown = row["folder"] or f"{row['name']} (not written)"
+        result_console().print(f"{shown}: {row['modules']} modules kept, {row['removed']} removed")
 
 
 def _lambda_warning(table) -> list[str]:

@@ -11,6 +11,7 @@ import torch
 
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.functional import InputRecorder
+from loramerge_cli.search.nsc_targets import HINT
 
 MIN_NORM = 1e-12  # rows with ‖z‖ below this carry no direction and are skipped
 
@@ -50,9 +51,12 @@ def prediction_entropy(logits: torch.Tensor, masked_labels: list[int] = ()) -> t
 
 
 def token_rows(z: torch.Tensor, token_mask: torch.Tensor | None, path: str) -> torch.Tensor:
-    """The rows of a module input (…, n) that are real tokens (padding dropped)."""
+    """The rows of a module input (…, n) that are real tokens (padding dropped). A model that flattens batch and
+    tokens before a module (OPT's fc1 and fc2: (batch·tokens, n)) gives one row per token, in the mask's order."""
     if token_mask is None:
         return z.reshape(-1, z.shape[-1])
+    if z.dim() == 2 and z.shape[0] == token_mask.numel():
+        return z[token_mask.reshape(-1)]
     if tuple(token_mask.shape) != tuple(z.shape[:-1]):
         raise LoramergeError(f"NSC: the input of {path} ({tuple(z.shape)}) does not line up with the attention mask")
     return z[token_mask]
@@ -89,7 +93,8 @@ class NullSpaceObjective:
                     A = module.lora_A.to(device=device, dtype=torch.float32)
                     own[path] = (A, inverse_gram(module.lora_A).to(device))
             if not own:
-                raise LoramergeError(f"NSC: adapter {adapter.name!r} has none of the targeted modules {targets}")
+                raise LoramergeError(f"NSC: adapter {adapter.name!r} has none of the targeted modules {targets}; "
+                                     f"{HINT}")
             self.factors.append(own)
 
     def statistics(self, engine, task_index: int, task: str, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:

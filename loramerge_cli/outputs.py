@@ -221,7 +221,7 @@ def written_by_loramerge(folder: Path) -> bool:
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return False
     entries = [entry for entry in folder.iterdir() if entry.name not in FOLDER_EXTRAS or not entry.is_file()]
-    return (tasks is not None and entries and {entry.name for entry in entries} <= tasks
+    return (tasks is not None and bool(entries) and {entry.name for entry in entries} <= tasks
             and all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries))
 
 

@@ -25,6 +25,7 @@ import torch
 from loramerge_cli.merging import elementwise
 from loramerge_cli.merging.elementwise import TiesOptions
 from loramerge_cli.merging.lowrank import LowRank
+from loramerge_cli.merging.sparsify import outlier_count
 
 CHUNK_ENTRIES = 1 << 16  # entries per task and chunk (512 kB in float64: the chunks stay in cache)
 
@@ -115,8 +116,6 @@ def _statistics(task, keep, counts: list[int | None], job: FullSpaceJob):
 def _selection_counts(size: int, density: float, outliers: float | None, rule: str) -> tuple[int | None, int | None]:
     """(kept, outliers): how many of the largest |x| trimming keeps before the outliers go (None: all), and how
     many of the largest are then dropped as outliers (None: none; Breadcrumbs' γ)."""
-    from loramerge_cli.merging.sparsify import outlier_count
-
     top = min(size, outlier_count(size, outliers, rule)) if outliers else 0
     if density >= 1.0 and not top:
         return None, None

@@ -355,3 +355,17 @@ def test_nsc_reads_a_module_input_flattened_over_batch_and_tokens():
     assert torch.equal(token_rows(z.reshape(6, 4), mask, "fc1"), token_rows(z, mask, "fc1"))
     with pytest.raises(LoramergeError, match="does not line up"):
         token_rows(z.reshape(3, 8), mask, "fc1")
+
+
+def test_an_encoder_decoders_blocks_are_in_the_order_they_run():
+    """T5's units sorted by name put the decoder first: the flat --indices order and NSC's default "last quarter
+    of the blocks" (an encoder block) followed that. Encoder blocks come first now; other orders are unchanged."""
+    from loramerge_cli.adapters.units import sorted_units
+
+    t5 = ["decoder.block.1", "encoder.block.10", "decoder.block.0", "encoder.block.2"]
+    assert sorted_units(t5) == ["encoder.block.2", "encoder.block.10", "decoder.block.0", "decoder.block.1"]
+    bart = ["model.decoder.layers.0", "model.encoder.layers.0"]
+    assert sorted_units(bart) == ["model.encoder.layers.0", "model.decoder.layers.0"]
+    towers = ["vision_model.encoder.layers.1", "text_model.encoder.layers.0", "model.layers.10", "model.layers.9"]
+    assert sorted_units(towers) == ["model.layers.9", "model.layers.10", "text_model.encoder.layers.0",
+                                    "vision_model.encoder.layers.1"]

@@ -16,9 +16,13 @@ def unit_of(module_path: str) -> str | None:
     return None
 
 
+RUN_ORDER = {"encoder": 0, "decoder": 1}  # an encoder-decoder's towers, in the order its forward runs them
+
+
 def unit_sort_key(unit: str) -> tuple:
-    """Natural order: `layers.2` before `layers.10`, towers grouped by their prefix."""
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in unit.split("."))
+    """Natural order: `layers.2` before `layers.10`, towers grouped by their prefix, an encoder's blocks
+    before its decoder's (the order they run: T5's `encoder.block.N`, BART's `model.encoder.layers.N`)."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, RUN_ORDER.get(p, 2), p) for p in unit.split("."))
 
 
 def sorted_units(units) -> list[str]:

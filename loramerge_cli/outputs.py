@@ -25,6 +25,7 @@ from loramerge_cli.errors import LoramergeError
 
 MARKER = "loramerge.json"  # every adapter folder loramerge writes holds its provenance under this name
 FOLDER_EXTRAS = ("mask.json", "loramerge.yaml")  # beside the adapter folders of apply-mask's output
+HEADS_FOLDER = "heads"  # each task's head beside a merge; in apply-mask's output, those of tasks pruned entirely
 RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths atomically
 AT_FDCWD = -100
 
@@ -212,7 +213,8 @@ def in_run_dir(path: Path) -> bool:
 def written_by_loramerge(folder: Path) -> bool:
     """An empty folder, an adapter folder loramerge wrote, or apply-mask's output: adapter folders loramerge
     wrote, one per task of the loramerge table `mask.json` beside them (a task the table prunes entirely has
-    none), and loramerge.yaml, nothing else. A user's folder that holds merges, or merges and a mask, is not one."""
+    none, its head is in heads/<task>.safetensors), and loramerge.yaml, nothing else. A user's folder that holds
+    merges, or merges and a mask, is not one."""
     if (folder / MARKER).is_file() or not any(folder.iterdir()):
         return True
     try:
@@ -220,9 +222,21 @@ def written_by_loramerge(folder: Path) -> bool:
         tasks = set(table["tasks"]) if str(table.get("format", "")).startswith("loramerge.mask/") else None
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return False
+    if tasks is None:
+        return False
     entries = [entry for entry in folder.iterdir() if entry.name not in FOLDER_EXTRAS or not entry.is_file()]
-    return (tasks is not None and bool(entries) and {entry.name for entry in entries} <= tasks
-            and all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries))
+    heads = [entry for entry in entries if entry.name == HEADS_FOLDER and entry.name not in tasks]
+    entries = [entry for entry in entries if entry not in heads]
+    return (bool(entries) and {entry.name for entry in entries} <= tasks
+            and all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries)
+            and all(_pruned_heads(entry, tasks - {e.name for e in entries}) for entry in heads))
+
+
+def _pruned_heads(folder: Path, pruned: set[str]) -> bool:
+    """apply-mask's heads/: a safetensors file per task it pruned entirely, nothing else."""
+    return folder.is_dir() and not folder.is_symlink() and all(
+        entry.is_file() and not entry.is_symlink() and entry.suffix == ".safetensors" and entry.stem in pruned
+        for entry in folder.iterdir())
 
 
 def _is_loramerge_output(path: Path, formats: tuple[str, ...]) -> bool:

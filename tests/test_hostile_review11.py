@@ -321,12 +321,15 @@ def test_apply_mask_writes_the_others_when_a_table_prunes_a_whole_adapter(tmp_pa
     import json
 
     from factories import attention_shapes, invoke_cli, write_peft_folder
+    from safetensors.torch import load_file
 
     from loramerge_cli.masks import WeightTable
 
     sources = []
     for seed, name in enumerate("abc"):
         adapter = random_adapter(name, attention_shapes(blocks=2, m=12, n=10), seed=seed, dtype=torch.float32)
+        adapter.heads = {"score.weight": torch.full((3, 12), float(seed))}
+        adapter.config["task_type"] = "SEQ_CLS"
         sources.append(f"{name}={write_peft_folder(tmp_path / name, adapter)}")
     units = ["model.layers.0", "model.layers.1"]
     WeightTable(list("abc"), units, [[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]).save(tmp_path / "mask.json")
@@ -335,9 +338,14 @@ def test_apply_mask_writes_the_others_when_a_table_prunes_a_whole_adapter(tmp_pa
     assert outcome.exit_code == 0, outcome.stderr
     report = json.loads(outcome.stdout)
     assert [row["folder"] is None for row in report["adapters"]] == [False, False, True]
-    assert any("every module of 'c'" in warning for warning in report["warnings"])
-    assert sorted(path.name for path in (tmp_path / "pruned").iterdir()) == ["a", "b", "loramerge.yaml", "mask.json"]
+    assert any("every module of 'c'" in warning and "its task head is in" in warning and "all 3 tasks" in warning
+               for warning in report["warnings"])
+    assert sorted(path.name for path in (tmp_path / "pruned").iterdir()) == ["a", "b", "heads", "loramerge.yaml",
+                                                                           "mask.json"]
+    assert list(load_file(str(tmp_path / "pruned" / "heads" / "c.safetensors"))) == ["score.weight"]
     assert invoke_cli([*command, "--force"]).exit_code == 0
+    (tmp_path / "pruned" / "heads" / "notes.txt").write_text("mine")  # not apply-mask's any more
+    assert invoke_cli([*command, "--force"]).exit_code == 1
     WeightTable(list("abc"), units, [[0.0, 0.0]] * 3).save(tmp_path / "none.json")
     outcome = invoke_cli(["apply-mask", "--adapters", *sources, "--mask", tmp_path / "none.json", "--out",
                           tmp_path / "none"])
@@ -369,3 +377,25 @@ def test_an_encoder_decoders_blocks_are_in_the_order_they_run():
     towers = ["vision_model.encoder.layers.1", "text_model.encoder.layers.0", "model.layers.10", "model.layers.9"]
     assert sorted_units(towers) == ["model.layers.9", "model.layers.10", "text_model.encoder.layers.0",
                                     "vision_model.encoder.layers.1"]
+
+
+def test_nsc_defaults_to_the_decoders_self_attention_not_its_cross_attention():
+    """With encoder blocks first, NSC's default blocks (the last quarter) are decoder blocks, whose last value
+    projection is the cross-attention's: its input is the encoder's output, the same in every block. The
+    default is the block's first attention, the self-attention."""
+    from transformers import BartConfig, BartForSequenceClassification, T5Config, T5ForSequenceClassification
+
+    from loramerge_cli.search.nsc_targets import resolve_targets
+
+    bart = BartForSequenceClassification(BartConfig(
+        vocab_size=VOCAB, d_model=16, encoder_layers=4, decoder_layers=4, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32))
+    named = list(bart.named_modules())
+    lora = [name for name, _ in named if name.rsplit(".", 1)[-1] in ("q_proj", "v_proj")]
+    assert resolve_targets(named, lora) == [f"model.decoder.layers.{block}.self_attn.v_proj" for block in (2, 3)]
+    t5 = T5ForSequenceClassification(T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=4,
+                                              num_decoder_layers=4, num_heads=2))
+    named = list(t5.named_modules())
+    lora = [name for name, _ in named if name.rsplit(".", 1)[-1] in ("q", "v")]
+    assert resolve_targets(named, lora) == [f"transformer.decoder.block.{block}.layer.0.SelfAttention.v"
+                                            for block in (2, 3)]

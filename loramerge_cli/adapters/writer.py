@@ -21,7 +21,7 @@ from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.merging.merge import MergeResult
-from loramerge_cli.outputs import check_finite, guard_output, staged_folder
+from loramerge_cli.outputs import HEADS_FOLDER, check_finite, guard_output, staged_folder
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -250,7 +250,7 @@ def write_merged_adapter(
     with staged_folder(out_dir, force, adapter_files(adapters)) as staging:
         _write_json(config, staging / CONFIG_NAME)
         _save_safetensors(tensors, staging / WEIGHTS_NAME)
-        _write_heads(adapters, staging / "heads")
+        _write_heads(adapters, staging / HEADS_FOLDER)
         _write_json(provenance, staging / "loramerge.json")
         if table is not None:
             table.save(staging / "mask.json")
@@ -343,11 +343,15 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
                    dtype: str | torch.dtype | None = None, table=None, recipe: str | None = None) -> Path:
     """Write several plain adapters as `out_dir/<name>/`, all or nothing; `table` and `recipe` (YAML text)
     go to out_dir/mask.json and out_dir/loramerge.yaml. An adapter with no module left (its table row prunes
-    everything) has no folder: PEFT cannot load a LoRA adapter without modules, and a merge of the others is the
-    merge without it."""
+    everything) has no folder, since PEFT loads no LoRA adapter without modules; its task head, if any, goes to
+    out_dir/heads/<name>.safetensors, as a merge keeps each task's."""
     if not any(adapter.modules for adapter in adapters):
         raise LoramergeError("every adapter has no modules left; nothing to write")
+    headless = [adapter for adapter in adapters if not adapter.modules and adapter.heads]
+    if headless and any(adapter.name == HEADS_FOLDER and adapter.modules for adapter in adapters):
+        raise LoramergeError(f"task {HEADS_FOLDER!r} would share its folder with the pruned tasks' heads; rename it")
     with staged_folder(out_dir, force, adapter_files(adapters)) as staging:
+        _write_heads(headless, staging / HEADS_FOLDER)
         for adapter in adapters:
             if not adapter.modules:
                 continue

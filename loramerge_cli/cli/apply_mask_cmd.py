@@ -60,10 +60,8 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     report = {"out": str(out), "adapters": [
         {"name": a.name, "folder": str(out / a.name) if a.modules else None, "modules": len(a.modules),
          "removed": len(original.modules) - len(a.modules)} for a, original in zip(pruned, loaded)],
-        "warnings": _lambda_warning(plan.table) + [
-            f"the table prunes every module of {a.name!r}: no folder is written for it (PEFT loads no LoRA "
-            "adapter without modules); a merge of the others is the merge without it, as merge --mask gives"
-            for a in pruned if not a.modules]}
+        "warnings": _lambda_warning(plan.table) + [_pruned_entirely(a, out, len(pruned)) for a in pruned
+                                                   if not a.modules]}
     if flags["json_output"]:
         return emit_json(report)
     for warning in report["warnings"]:
@@ -72,6 +70,14 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     for row in report["adapters"]:
         shown = row["folder"] or f"{row['name']} (not written)"
         result_console().print(f"{shown}: {row['modules']} modules kept, {row['removed']} removed")
+
+
+def _pruned_entirely(adapter, out, task_count: int) -> str:
+    """What a task the table prunes entirely gets (no folder), and how to merge the others as merge --mask does."""
+    head = f"; its task head is in {out / 'heads' / (adapter.name + '.safetensors')}" if adapter.heads else ""
+    return (f"the table prunes every module of {adapter.name!r}: no folder is written for it (PEFT loads no LoRA "
+            f"adapter without modules){head}. A merge of the others gives merge --mask's result at merge --mask's "
+            f"λ: a default λ of 1/T counts all {task_count} tasks there, so pass it (--lambda)")
 
 
 def _lambda_warning(table) -> list[str]:

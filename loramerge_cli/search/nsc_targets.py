@@ -88,7 +88,9 @@ def _chosen_blocks(units: list[str], blocks: list[str] | None) -> list[str]:
 
 def _default_targets(unit: str, model_modules: list[tuple[str, object]], lora: set[str]) -> list[str]:
     """The block's value projection if it has LoRA, else its attention output projection if that has LoRA,
-    else its last LoRA attention module."""
+    else its last LoRA attention module; of its first attention, the self-attention (an encoder-decoder's
+    decoder block has a cross-attention after it, whose value projection reads the encoder's output, the same
+    in every block)."""
     attention_roots: list[str] = []
     matrices: list[str] = []
     for name, module in model_modules:
@@ -101,6 +103,7 @@ def _default_targets(unit: str, model_modules: list[tuple[str, object]], lora: s
         weight = getattr(module, "weight", None)
         if inside and weight is not None and getattr(weight, "dim", lambda: 0)() == 2:
             matrices.append(name)
+    matrices = [name for name in matrices if attention_roots and name.startswith(attention_roots[0] + ".")]
     if not matrices:
         return []
     values = [name for name in matrices if name in lora and name.rsplit(".", 1)[-1] in VALUE_PROJECTIONS]

@@ -192,13 +192,12 @@ def merge_full_space(tasks: list[LowRank], keeps: list[torch.Tensor | None], wei
             values = _kept(task, keep, start, stop, out=X[index])
             kept, outliers = trims[index]
             if kept is not None or outliers is not None:
-                magnitude = values.abs()
-                mask = torch.ones_like(magnitude, dtype=torch.bool) if kept is None else None
+                magnitude, mask = values.abs(), None
                 if kept is not None:
                     mask, seen[index][0] = elementwise.threshold_mask(magnitude, *kept, seen[index][0])
                 if outliers is not None:
                     top, seen[index][1] = elementwise.threshold_mask(magnitude, *outliers, seen[index][1])
-                    mask &= ~top
+                    mask = ~top if mask is None else mask.logical_and_(~top)
                 values.mul_(mask)
             if job.drop_rate:
                 X[index] = _rescaled(values, factors[index], job)

@@ -34,7 +34,8 @@ from loramerge_cli.merging.merge import MergeConfig, merge  # noqa: E402
 from loramerge_cli.merging.spaces import knots_basis  # noqa: E402
 
 LLAMA_ATTENTION = {"q_proj": (4096, 4096), "k_proj": (1024, 4096), "v_proj": (1024, 4096), "o_proj": (4096, 4096)}
-METHODS = ("ta", "ties", "magnitude", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "tsv", "iso_c", "tsv_iso")
+METHODS = ("ta", "ties", "magnitude", "dare", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "tsv", "iso_c",
+           "tsv_iso")
 SPACES = ("full", "knots", "core")
 # loramerge mergers compared with the papers' dense formulation: (label, method, space, parameters)
 COMPARISONS = {

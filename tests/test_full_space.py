@@ -161,3 +161,28 @@ def test_breadcrumbs_takes_the_chunked_kernel_with_the_generic_result():
         trimmed = sparsify.breadcrumbs_trim(X, 0.6, 0.05)
         expected = elementwise.elect_and_merge(trimmed, TiesOptions()) if kind == "ties" else trimmed.sum(dim=0)
         assert torch.allclose(out.reshape(-1), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 19])
+@pytest.mark.parametrize("integer", [True, False])
+def test_della_on_the_chunked_kernel_equals_the_generic_prune(chunk, integer, monkeypatch):
+    """MagPrune's ranks (ties by flat index across chunks, on integer data), draws and rescale on the chunked
+    kernel give the generic (T × D) path's DELLA, per-task densities and the elections' options included."""
+    from loramerge_cli.merging.registry import METHODS
+
+    assert METHODS["della"].full_space == "ties"
+    monkeypatch.setattr(full_space, "CHUNK_ENTRIES", chunk)
+    generator = torch.Generator().manual_seed(6)
+    tasks = integer_tasks(seed=3) if integer else [
+        LowRank(torch.randn(30, 3, generator=generator, dtype=torch.float64),
+                torch.randn(3, 17, generator=generator, dtype=torch.float64)) for _ in range(4)]
+    weights, densities, seeds = [1.0, -0.5, 2.0, 0.25], [0.8, 0.5, 0.6, 0.7], (11, 12, 13, 14)
+    tasks = [LowRank(t.left * w, t.right) for t, w in zip(tasks, weights)]
+    X = torch.stack([t.dense().reshape(-1) for t in tasks])
+    for options in (TiesOptions(), TiesOptions("count", "none", "unweighted")):
+        job = FullSpaceJob("ties", densities, options=options, magprune=0.3, seeds=seeds)
+        fast = merge_full_space(tasks, [None] * 4, weights, job)
+        pruned = sparsify.della_prune(X, densities, 0.3, list(seeds))
+        expected = elementwise.elect_and_merge(pruned, options, torch.tensor(weights, dtype=torch.float64))
+        assert torch.allclose(fast.reshape(-1), expected, rtol=0, atol=1e-12)  # a row's product rounds alike
+        assert torch.equal(pruned, ref.della_rows(X, densities, 0.3, list(seeds)))

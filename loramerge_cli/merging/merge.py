@@ -361,6 +361,8 @@ def _merge_full_space(path, tasks, adapters, settings: ResolvedMerge, factors: l
         drop_rate=drop_rate,
         dare_rescale=params.get("dare_rescale", "inverse"),
         outliers=params.get("gamma"),
+        magprune=params.get("epsilon"),
+        seeds=tuple(params["row_seeds"]),
     )
     return merge_full_space(factors, keeps, [weight for _, weight in tasks], job)
 

@@ -243,7 +243,7 @@ METHODS.update({
         "della", "drop by magnitude-ranked probabilities and rescale, then sign election and disjoint merge",
         "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)", "1",
         defaults={"density": 0.8, "epsilon": 0.1, "consensus": "mass", "normalize": "count", "elect_on": "weighted"},
-        elementwise=True, combine=_della_rows, draws=True,
+        elementwise=True, combine=_della_rows, draws=True, full_space="ties",
     ),
     "cart": Method(
         "cart", "the mean plus each task's low-rank deviation from it", "Choi et al. 2024, Revisiting Weight "

@@ -58,13 +58,22 @@ def magnitude_ranks(magnitude: torch.Tensor) -> torch.Tensor:
     return ranks
 
 
-def della_keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
-    """q_i = κ − ε/2 + ε·rank_i/(D−1) (κ when D = 1)."""
-    size = magnitude.numel()
+def della_probabilities(ranks: torch.Tensor, size: int, density: float, epsilon: float) -> torch.Tensor:
+    """q_i = κ − ε/2 + ε·rank_i/(D−1) of ranks among `size` entries (κ when D = 1), in the ranks' dtype."""
     if size == 1:
-        return magnitude.new_full((1,), density)
-    ranks = magnitude_ranks(magnitude).to(magnitude.dtype)
+        return torch.full_like(ranks, density)
     return density - epsilon / 2 + epsilon * ranks / (size - 1)
+
+
+def della_keep_probabilities(magnitude: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """q_i of every entry of one row of magnitudes."""
+    return della_probabilities(magnitude_ranks(magnitude).to(magnitude.dtype), magnitude.numel(), density, epsilon)
+
+
+def della_draws(size: int, seed: int, device) -> torch.Tensor:
+    """The row's uniform draws (float32, from the DARE generator's seed of its task and module)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.rand(size, generator=generator, dtype=torch.float32).to(device)
 
 
 def della_prune(X: torch.Tensor, density, epsilon: float, row_seeds: list[int]) -> torch.Tensor:
@@ -73,8 +82,6 @@ def della_prune(X: torch.Tensor, density, epsilon: float, row_seeds: list[int]) 
     out = torch.zeros_like(X)
     for row, (row_density, seed) in enumerate(zip(densities, row_seeds)):
         probabilities = della_keep_probabilities(X[row].abs(), row_density, epsilon)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        draws = torch.rand(X.shape[1], generator=generator, dtype=torch.float32).to(X.device)
-        keep = draws.to(X.dtype) < probabilities
+        keep = della_draws(X.shape[1], seed, X.device).to(X.dtype) < probabilities
         out[row] = torch.where(keep, X[row] / probabilities, 0.0)
     return out

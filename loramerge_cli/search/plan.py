@@ -361,6 +361,14 @@ def check_prunable(request: SearchRequest, strategy: Strategy) -> None:
         strategy.check_space(request, *space)
 
 
+def check_merge_settings(request: SearchRequest) -> None:
+    """The merger's settings, resolved as the search will (parameter bounds, weights per adapter, λ, space):
+    refused here, not after the adapters load. Imports torch, so it follows the torch-free checks."""
+    from loramerge_cli.merging.merge import resolve_config
+
+    resolve_config(request.merge, len(request.adapters))
+
+
 def _same(first, second) -> bool:
     return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
 
@@ -376,6 +384,7 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
     check_extras(request, plot)
     check_base_given(request.base)
     check_outputs(request, out, force, plot, protected_paths(request))
+    check_merge_settings(request)
     if strategy.kind == "mask":
         check_prunable(request, strategy)
     if request.fitness == "nsc" or strategy.kind == "coefficients":

@@ -430,9 +430,9 @@ def exchange(first: Path, second: Path) -> bool:
 
 # --- tensors ----------------------------------------------------------------------------------------
 
-def check_finite(tensors: dict, dtype=None) -> None:
-    """Every floating tensor finite (after conversion to the dtype it is written in), else one line naming
-    the module: nothing non-finite is ever written."""
+def check_finite(tensors: dict) -> None:
+    """Every floating tensor finite, in the dtype it is written in, else one line naming the module: nothing
+    non-finite is ever written."""
     import torch
 
     for key, tensor in tensors.items():

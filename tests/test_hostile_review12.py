@@ -4,11 +4,17 @@ the code before its fix."""
 from __future__ import annotations
 
 import pytest
-from test_hostile_review7 import _request, setting  # noqa: F401  (the fixture)
+from eval_fixtures import build_text_setting
+from test_hostile_review7 import _request
 
 from loramerge_cli.errors import UsageError
 from loramerge_cli.merging.config import MergeConfig
 from loramerge_cli.search.plan import plan_search
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    return build_text_setting(tmp_path_factory.mktemp("review12"))
 
 
 @pytest.mark.parametrize("merge, message", [
@@ -24,3 +30,50 @@ def test_plan_search_refuses_merger_settings_before_the_adapters_load(setting, m
     adapters (the command line's flags were checked there too)."""
     with pytest.raises(UsageError, match=message):
         plan_search(_request(setting, merge=merge))
+
+
+def test_each_resumable_strategy_names_its_state_file_once_in_the_registry():
+    """The run directory's guards (a run dir holding a search, an --out over a state file) and --resume's
+    check of a saved state come from the strategies' registry entries; rundir.py and plan.py listed the four
+    files and branched on each strategy by hand."""
+    from loramerge_cli.search import enmp, nsc_settings, rundir, screened, strategies, surrogate
+
+    states = {"enmp": enmp, "screened": screened, "surrogate": surrogate, "nsc": nsc_settings}
+    for name, strategy in strategies.STRATEGIES.items():
+        assert (strategy.state_file is not None) == strategy.resumable == (strategy.check_state is not None), name
+        if strategy.resumable:
+            assert strategy.state_file == states[name].STATE_NAME, name  # the module writes what the guards read
+            assert strategy.state_file in rundir.STRATEGY_STATES
+
+
+def test_a_new_strategys_state_is_guarded_and_checked_without_other_edits(setting, tmp_path, monkeypatch):
+    """A strategy registered with a state file: a run dir holding it is refused without --resume, and with
+    --resume its `check_state` runs before any model loads."""
+    from dataclasses import replace as replaced
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.search import rundir, strategies
+
+    seen = []
+
+    def check_state(request, path, space):
+        seen.append(path.name)
+        raise LoramergeError(f"{path}: not mine")
+
+    toy = replaced(strategies.STRATEGIES["enmp"], name="toy", state_file="toy_state.json", check_state=check_state)
+    monkeypatch.setitem(strategies.STRATEGIES, "toy", toy)
+    # rundir lists the registry's state files at import: a strategy registered in strategies.py is among them
+    monkeypatch.setattr(rundir, "STRATEGY_STATES", (*rundir.STRATEGY_STATES, "toy_state.json"))
+    monkeypatch.setattr(rundir, "STATE_NAMES", (*rundir.STATE_NAMES, "toy_state.json"))
+    run_dir = tmp_path / "run"
+    request = _request(setting, strategy="toy", run_dir=run_dir)
+    plan_search(request)
+    from loramerge_cli.search.plan import prepare_run_dir
+
+    prepare_run_dir(request)  # the configuration, as the runner writes it
+    (run_dir / "toy_state.json").write_text("{}")
+    with pytest.raises(LoramergeError, match="already holds a search"):
+        plan_search(request)
+    with pytest.raises(LoramergeError, match="not mine"):
+        plan_search(_request(setting, strategy="toy", run_dir=run_dir, resume=True))
+    assert seen == ["toy_state.json"]

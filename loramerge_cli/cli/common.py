@@ -145,7 +145,7 @@ def path_value(value) -> Path:
     """A path option's value, `~` expanded (given quoted, or from a recipe: the check and the write must see one
     path). An empty one (`--out "$OUT"` with OUT unset) is a usage error, not the working folder, and so is a
     recipe's value that YAML did not read as text (`out: 2024-01-01` is a date)."""
-    return Path(_expanded(_text(value, "path"), "path"))
+    return Path(_expanded(_text(value, "path")))
 
 
 def file_path_value(value) -> Path:
@@ -160,7 +160,7 @@ def file_path_value(value) -> Path:
 def source_value(value) -> str:
     """A base model source (a path or a Hub id), `~` expanded; empty is a usage error, not the working folder. A
     local folder is made absolute: it is written into adapter configs, which load from anywhere."""
-    source = _expanded(_text(value, "source"), "source")
+    source = _expanded(_text(value, "source"))
     if os.path.isdir(source):
         return os.path.abspath(source)
     if "@" in source and not os.path.exists(source):  # written as base_model_name_or_path, which PEFT reads whole
@@ -191,7 +191,7 @@ def _text(value, what: str) -> str:
     return text
 
 
-def _expanded(text: str, what: str) -> str:
+def _expanded(text: str) -> str:
     if not text.startswith("~"):
         return text
     try:

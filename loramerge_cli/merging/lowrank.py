@@ -38,9 +38,6 @@ class CompactSVD:
     S: torch.Tensor  # q
     V: torch.Tensor  # n×q
 
-    def as_lowrank(self) -> LowRank:
-        return LowRank(self.U * self.S, self.V.T)
-
 
 def sum_lowrank(terms: list[LowRank]) -> LowRank:
     """Σ terms, exactly, by concatenating the factors."""

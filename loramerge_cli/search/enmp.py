@@ -7,7 +7,6 @@ written to the run directory after every generation, so `resume` continues a kil
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -18,9 +17,9 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed, is_finite_number
 from loramerge_cli.search.decode import decode_mask, decode_scale, max_pruned
+from loramerge_cli.search.state_io import write_progress
 
 Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or None)
 
@@ -223,8 +222,7 @@ class EnmpSearch:
         memo = [[list(e.pruned), e.lam, e.fitness, e.order] for e in self.state.memo.values()]
         state = {"format": STATE_FORMAT, "generation": self.state.generation, "memo": memo,
                  "history": self.state.history}
-        atomic.write_text(self.run_dir / STATE_NAME, json.dumps(state) + "\n")
-        atomic.write_text(self.run_dir / "trajectory.jsonl", "".join(_json_line(r) for r in self.state.history))
+        write_progress(self.run_dir, STATE_NAME, state, self.state.history)
 
     def _load_state(self) -> SearchState:
         """Replay the seeded search against the saved memo: every generation asks the same points, finds their
@@ -276,7 +274,7 @@ STATE_FORMAT = "loramerge.enmp-state/v1"
 def read_state(path: Path, space: tuple[int, int] | None = None) -> tuple[int, dict, list]:
     """(generations done, memo, history) from a state file; anything malformed is one line, and so is a table
     outside `space` (units × tasks, the ρ cap's most units pruned) where it is given."""
-    from loramerge_cli.search.rundir import check_state_units, read_json_file
+    from loramerge_cli.search.state_io import check_state_units, read_json_file
 
     def parse(data: dict) -> tuple[int, dict, list]:
         generation, history = data["generation"], data["history"]
@@ -293,8 +291,4 @@ def read_state(path: Path, space: tuple[int, int] | None = None) -> tuple[int, d
     state = read_json_file(path, STATE_FORMAT, "search state", parse)
     check_state_units(path, [pruned for pruned, _ in state[1]], space)
     return state
-
-
-def _json_line(record: dict) -> str:
-    return json.dumps(record) + "\n"
 

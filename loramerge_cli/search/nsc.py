@@ -22,6 +22,7 @@ from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.batches import model_inputs_of
 from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
+from loramerge_cli.search.state_io import write_progress
 
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
 
@@ -216,7 +217,7 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
                 "history": json.dumps(history)}
     with atomic.replacing(run_dir / STATE_NAME) as temporary:
         atomic.save_safetensors(tensors, temporary, metadata)
-    atomic.write_text(run_dir / "trajectory.jsonl", "".join(json.dumps(record) + "\n" for record in history))
+    write_progress(run_dir, None, None, history)
 
 
 def read_state(path: Path) -> tuple[dict, int, list, list[dict]]:

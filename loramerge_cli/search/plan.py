@@ -11,7 +11,7 @@ from pathlib import Path
 from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed
 from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp import EnmpSettings
-from loramerge_cli.search.nsc_settings import STATE_NAME, NscSettings
+from loramerge_cli.search.nsc_settings import NscSettings
 from loramerge_cli.search.rundir import CONFIG_NAME, STATE_NAMES, RunDirLock, protected_paths, run_dir_files
 from loramerge_cli.search.strategies import (
     DEFAULT_STRATEGY,
@@ -169,13 +169,7 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
     if request.run_dir is None:
         return
     from loramerge_cli.search import rundir
-    from loramerge_cli.search.enmp import STATE_NAME as ENMP_STATE
-    from loramerge_cli.search.enmp import read_state
-    from loramerge_cli.search.screened import STATE_NAME as SCREENED_STATE
-    from loramerge_cli.search.screened import read_state as read_screened_state
-    from loramerge_cli.search.surrogate import STATE_NAME as SURROGATE_STATE
-    from loramerge_cli.search.surrogate import default_budget
-    from loramerge_cli.search.surrogate import read_state as read_surrogate_state
+    from loramerge_cli.search.strategies import STRATEGIES
 
     run_dir = Path(request.run_dir)
     config = json.loads(json.dumps(run_config(request)))
@@ -195,17 +189,9 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
                                  f"({'; '.join(setting_changes(config, saved_settings))})")
         rundir.check_inputs(saved.get("inputs") or {}, digests)
         space = unit_space(request)  # a damaged state, or one of another search, is one line before any work
-        if (run_dir / ENMP_STATE).is_file():
-            read_state(run_dir / ENMP_STATE, space)
-        if (run_dir / SCREENED_STATE).is_file():
-            read_screened_state(run_dir / SCREENED_STATE, space)
-        if (run_dir / SURROGATE_STATE).is_file():
-            budget = request.budget if request.budget is not None or space is None else default_budget(space[0])
-            read_surrogate_state(run_dir / SURROGATE_STATE, space, budget)
-        if (run_dir / STATE_NAME).is_file():
-            from loramerge_cli.search.nsc import read_state as read_nsc_state
-
-            read_nsc_state(run_dir / STATE_NAME)
+        for strategy in STRATEGIES.values():
+            if strategy.state_file and (run_dir / strategy.state_file).is_file():
+                strategy.check_state(request, run_dir / strategy.state_file, space)
         return
     held = [name for name in rundir.STATE_NAMES if (run_dir / name).exists()]
     if held:  # a search's state, or a finished one's table (greedy and random save only best.json)

@@ -2,10 +2,8 @@
 the sha256 of every input it reads, so `--resume` continues that search or refuses in one line.
 
 Files (all written atomically; none is a pickle): `config.json` (settings, the command's flags, input
-digests), the strategy's state (`state.json`, `screened_state.json`, `surrogate_state.json` or
-`nsc_state.safetensors`),
-`trajectory.jsonl`, `best.json`,
-`scores.json`, and `.lock` (held while a search runs).
+digests), the strategy's state (the file its registry entry names: `surrogate_state.json`, `state.json` for
+enmp, …), `trajectory.jsonl`, `best.json`, `scores.json`, and `.lock` (held while a search runs).
 """
 
 from __future__ import annotations
@@ -13,20 +11,20 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Callable, TypeVar
 
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.outputs import clean_temporaries
+from loramerge_cli.search.state_io import TRAJECTORY_NAME, read_json_file
+from loramerge_cli.search.strategies import STRATEGIES
 
-T = TypeVar("T")
 CONFIG_NAME = "config.json"
 CONFIG_FORMAT = "loramerge.run/v1"
 LOCK_NAME = ".lock"
 LEGACY_PICKLE = "state.pkl"
-STRATEGY_STATES = ("state.json", "screened_state.json", "surrogate_state.json", "nsc_state.safetensors",
-                   LEGACY_PICKLE)  # enmp, screened, surrogate, nsc, and the old pickle (refused): a run dir holding
+STRATEGY_STATES = (*(strategy.state_file for strategy in STRATEGIES.values() if strategy.state_file),
+                   LEGACY_PICKLE)  # each resumable strategy's state, and the old pickle (refused): a run dir holding
 # one holds a search
-STATE_NAMES = (*STRATEGY_STATES, "trajectory.jsonl", "best.json")  # what a search saves as it goes
+STATE_NAMES = (*STRATEGY_STATES, TRAJECTORY_NAME, "best.json")  # what a search saves as it goes
 # Flags that say how a search runs or where its table goes, not what it searches: --resume may change them.
 RUN_ONLY_FLAGS = {"out", "force", "json_output", "quiet", "debug", "plot", "resume", "config", "run_dir", "devices",
                   "workers", "threads", "device", "block_cache_mb", "report_test", "backend", "ray_address"}
@@ -94,18 +92,6 @@ def read_config(run_dir: Path) -> dict | None:
         return data
 
     return read_json_file(path, CONFIG_FORMAT, "run configuration", parse)
-
-
-def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict], T]) -> T:
-    """`parse` of a run directory's JSON file whose "format" is `expected`; anything malformed is one line."""
-    try:
-        data = json.loads(path.read_bytes())
-        if not isinstance(data, dict) or data.get("format") != expected:
-            raise ValueError(f'expected a JSON object with "format": "{expected}"')
-        return parse(data)
-    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
-        raise LoramergeError(f"{path}: not a readable {what} ({error}); give another --run-dir to start "
-                             "over") from None
 
 
 def write_config(run_dir: Path, settings: dict, flags: dict | None, inputs: dict) -> None:
@@ -240,14 +226,6 @@ def check_inputs(saved: dict, current: dict) -> None:
     for path in current:
         if path not in saved:
             raise LoramergeError(f"--resume: {path} is a new input since the run started; start a new run")
-
-
-def check_state_units(path: Path, tables, space: tuple[int, int] | None) -> None:
-    """A saved state's tables lie within this search: unit indices below units × tasks, at most the ρ cap's
-    units pruned (`space`; None where the adapters cannot tell before loading)."""
-    if space is not None and any(len(t) > space[1] or (t and (min(t) < 0 or max(t) >= space[0])) for t in tables):
-        raise LoramergeError(f"--resume: {path} does not match this search (a table outside its {space[0]} units "
-                             f"or beyond its ρ cap of {space[1]}); start a new run")
 
 
 def run_dir_files(run_dir: Path | None) -> list[Path]:

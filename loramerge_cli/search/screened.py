@@ -30,7 +30,6 @@ state is written to the run directory after every step, so a killed run resumes 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 import warnings
@@ -42,7 +41,6 @@ from typing import Callable
 
 import numpy as np
 
-from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.events import stage
 from loramerge_cli.search.decode import decode_mask, feasible_tables, max_pruned
@@ -54,6 +52,7 @@ from loramerge_cli.search.enmp import (
     _search_numpy_state,
     cma_options,
 )
+from loramerge_cli.search.state_io import write_progress
 
 Candidate = tuple[tuple[int, ...], float | None]
 
@@ -405,9 +404,8 @@ class ScreenedSearch(SteppedSearch):
         state = self.state
         scores = [[[list(candidate[0]), value] for candidate, value in memo.items() if candidate[0]]
                   for memo in state.scores]
-        atomic.write_text(self.run_dir / STATE_NAME, json.dumps(
-            {"format": STATE_FORMAT, "step": state.step, "scores": scores, "history": state.history}) + "\n")
-        atomic.write_text(self.run_dir / "trajectory.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+        write_progress(self.run_dir, STATE_NAME, {"format": STATE_FORMAT, "step": state.step, "scores": scores,
+                                                  "history": state.history}, state.history)
 
     def _load_state(self) -> ScreenedState:
         """Replay the seeded search on the saved scores: every step draws the same tables, reads their scores
@@ -461,7 +459,7 @@ class SavedScores:
 def read_state(path: Path, space: tuple[int, int] | None = None) -> tuple[int, list[dict], list]:
     """(steps done, scores per rung, history) from a state file; anything malformed is one line, and so is a
     table outside `space` (units × tasks, the ρ cap's most units pruned) where it is given."""
-    from loramerge_cli.search.rundir import check_state_units, read_json_file
+    from loramerge_cli.search.state_io import check_state_units, read_json_file
 
     def parse(data: dict) -> tuple[int, list[dict], list]:
         step, history = data["step"], data["history"]

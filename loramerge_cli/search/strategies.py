@@ -67,6 +67,9 @@ class Strategy:
     # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
     uses: frozenset[str] = frozenset()  # the SHARED_SETTINGS it reads (the others are refused if changed)
     library_options: tuple[str, ...] = ()  # `request.options` names it reads besides its parameters, with no flag
+    state_file: str | None = None  # where a resumable strategy keeps its state in the run dir (search/rundir.py)
+    check_state: Callable | None = None  # (request, path of its state, (units × tasks, ρ cap's units) or None) ->
+    # None: a saved state is readable and one of this search (one line otherwise), before any model loads
 
 
 def check_options(strategy: Strategy, options: dict) -> None:
@@ -126,6 +129,12 @@ def check_unused(strategy: Strategy, request) -> None:
 
 def _budget(request) -> int:
     return request.budget or request.enmp.popsize * request.enmp.generations
+
+
+def _check_enmp_state(request, path: Path, space) -> None:
+    from loramerge_cli.search.enmp import read_state
+
+    read_state(path, space)
 
 
 def _run_enmp(request, fitness, space: SearchSpace, on_event) -> Outcome:
@@ -208,6 +217,12 @@ def _check_screened_data(request, examples: dict[str, int]) -> None:
                              f"out); use at most {rungs}")
 
 
+def _check_screened_state(request, path: Path, space) -> None:
+    from loramerge_cli.search.screened import read_state
+
+    read_state(path, space)
+
+
 def _screened_scoring(request, fitness, workers):
     from loramerge_cli.search.screened import screened_ladder
 
@@ -237,7 +252,8 @@ SCREENED = Strategy(
     ),
     check=_check_screened, check_data=_check_screened_data, scoring=_screened_scoring,
     uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale", "budget"}),
-    library_options=("rungs", "min_examples", "noise_examples"))
+    library_options=("rungs", "min_examples", "noise_examples"), state_file="screened_state.json",
+    check_state=_check_screened_state)
 # (screened reads addscale only to refuse it with its own message)
 
 
@@ -262,6 +278,19 @@ def _check_surrogate_space(request, dimension: int, k_max: int) -> None:
     from loramerge_cli.search.surrogate import check_budget
 
     check_budget(request.budget, dimension, k_max)
+
+
+def _check_surrogate_state(request, path: Path, space) -> None:
+    from loramerge_cli.search.surrogate import default_budget, read_state
+
+    budget = request.budget if request.budget is not None or space is None else default_budget(space[0])
+    read_state(path, space, budget)
+
+
+def _check_nsc_state(request, path: Path, space) -> None:
+    from loramerge_cli.search.nsc import read_state
+
+    read_state(path)
 
 
 def _surrogate_scoring(request, fitness, workers):
@@ -293,7 +322,8 @@ SURROGATE = Strategy(
                   "split)."),
     ),
     check=_check_surrogate, check_space=_check_surrogate_space, scoring=_surrogate_scoring,
-    uses=frozenset({"max_prune", "budget"}), library_options=("restarts",))
+    uses=frozenset({"max_prune", "budget"}), library_options=("restarts",), state_file="surrogate_state.json",
+    check_state=_check_surrogate_state)
 
 DEFAULT_STRATEGY = SURROGATE.name
 
@@ -301,7 +331,8 @@ STRATEGIES: dict[str, Strategy] = {
     "screened": SCREENED,
     "surrogate": SURROGATE,
     "enmp": Strategy("enmp", "CMA-ES over the binary table (ENMP)", True, _run_enmp,
-                     uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale"})),
+                     uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale"}),
+                     state_file="state.json", check_state=_check_enmp_state),
     "greedy": Strategy("greedy", "leave-one-out: prune the unit that helps most, while it helps", False,
                        _run_greedy, uses=frozenset({"max_prune", "popsize", "generations", "budget"})),  # popsize ×
     # generations: the budget when --budget is not given
@@ -309,7 +340,8 @@ STRATEGIES: dict[str, Strategy] = {
                        uses=frozenset({"max_prune", "popsize", "generations", "budget", "sparsity"})),
     "nsc": Strategy("nsc", "learn one coefficient per task and module by gradient descent on unlabeled inputs",
                     True, None, kind="coefficients",
-                    uses=frozenset({"steps", "lr", "init", "objective", "target_blocks", "target_modules"})),
+                    uses=frozenset({"steps", "lr", "init", "objective", "target_blocks", "target_modules"}),
+                    state_file="nsc_state.safetensors", check_state=_check_nsc_state),
 }
 
 

@@ -28,7 +28,6 @@ forward examples (each evaluation runs the whole validation set).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,10 +35,10 @@ from typing import Callable
 
 import numpy as np
 
-from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, UsageError, check_integer, is_finite_number
 from loramerge_cli.search.decode import feasible_tables, max_pruned
 from loramerge_cli.search.enmp import Evaluation, SteppedSearch
+from loramerge_cli.search.state_io import write_progress
 
 Candidate = tuple[tuple[int, ...], float | None]
 STATE_NAME = "surrogate_state.json"
@@ -355,10 +354,9 @@ class SurrogateSearch(SteppedSearch):
             return
         state = self.state
         scores = [[list(e.pruned), e.fitness] for e in state.memo.values() if e.pruned]
-        atomic.write_text(self.run_dir / STATE_NAME, json.dumps(
-            {"format": STATE_FORMAT, "step": state.step, "forward_examples": state.forward_examples,
-             "scores": scores, "history": state.history}) + "\n")
-        atomic.write_text(self.run_dir / "trajectory.jsonl", "".join(json.dumps(r) + "\n" for r in state.history))
+        write_progress(self.run_dir, STATE_NAME, {"format": STATE_FORMAT, "step": state.step, "forward_examples":
+                                                  state.forward_examples, "scores": scores, "history": state.history},
+                       state.history)
 
     def _load_state(self) -> None:
         """The saved scores, in their order (so the model and every later draw are the killed run's); a run
@@ -426,7 +424,7 @@ def read_state(path: Path, space: tuple[int, int] | None = None,
     """(steps done, forward examples, [(pruned, fitness)] in order, history); anything malformed is one line, and
     so is a table outside `space` (units × tasks, the ρ cap's most units pruned) or more tables than `budget`,
     where they are given."""
-    from loramerge_cli.search.rundir import check_state_units, read_json_file
+    from loramerge_cli.search.state_io import check_state_units, read_json_file
 
     def parse(data: dict) -> tuple[int, int, list, list]:
         step, examples, history = data["step"], data["forward_examples"], data["history"]

@@ -1,0 +1,43 @@
+"""Reading and writing a search's state files in its run directory (JSON, atomically; nothing is pickled).
+The strategies' modules use these; `search/rundir.py` manages the folder itself."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, TypeVar
+
+from loramerge_cli.errors import LoramergeError
+
+T = TypeVar("T")
+TRAJECTORY_NAME = "trajectory.jsonl"
+
+
+def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict], T]) -> T:
+    """`parse` of a run directory's JSON file whose "format" is `expected`; anything malformed is one line."""
+    try:
+        data = json.loads(path.read_bytes())
+        if not isinstance(data, dict) or data.get("format") != expected:
+            raise ValueError(f'expected a JSON object with "format": "{expected}"')
+        return parse(data)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as error:
+        raise LoramergeError(f"{path}: not a readable {what} ({error}); give another --run-dir to start "
+                             "over") from None
+
+
+def write_progress(run_dir: Path, state_name: str | None, state: dict | None, history: list[dict]) -> None:
+    """A strategy's JSON state (none: it wrote its own) and `trajectory.jsonl`, one line per record, each
+    atomically, the state first (a resume rewrites the trajectory from it)."""
+    from loramerge_cli.atomic import write_text
+
+    if state_name is not None:
+        write_text(run_dir / state_name, json.dumps(state) + "\n")
+    write_text(run_dir / TRAJECTORY_NAME, "".join(json.dumps(record) + "\n" for record in history))
+
+
+def check_state_units(path: Path, tables, space: tuple[int, int] | None) -> None:
+    """A saved state's tables lie within this search: unit indices below units × tasks, at most the ρ cap's
+    units pruned (`space`; None where the adapters cannot tell before loading)."""
+    if space is not None and any(len(t) > space[1] or (t and (min(t) < 0 or max(t) >= space[0])) for t in tables):
+        raise LoramergeError(f"--resume: {path} does not match this search (a table outside its {space[0]} units "
+                             f"or beyond its ρ cap of {space[1]}); start a new run")

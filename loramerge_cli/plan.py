@@ -65,18 +65,14 @@ class TaskData:
 
     def evaluator(self, adapters: list[Adapter], allow_base_mismatch: bool = False, threads: int | None = None):
         """An Evaluator of the adapters on the validation split (the spec's base checked against theirs)."""
-        from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
-        from loramerge_cli.evaluation.engine import Evaluator
+        from loramerge_cli.evaluation.engine import checked_evaluator
         from loramerge_cli.evaluation.settings import EvalSettings
         from loramerge_cli.evaluation.specs import load_task_file
 
         options = {name: value for name, value in self.options().items() if name not in ("base", "threads")}
         threads = threads if threads is not None else self.threads
-        task_file = load_task_file(self.tasks)
-        check_spec_base(task_file, adapters, allow_base_mismatch)
-        engine = Evaluator(task_file, adapters, EvalSettings(threads=threads, **options), base=self.base)
-        check_base_kind(engine)
-        return engine
+        return checked_evaluator(load_task_file(self.tasks), adapters, EvalSettings(threads=threads, **options),
+                                 self.base, allow_base_mismatch)
 
 
 LambdaTuning = TaskData  # `--lambda auto`'s data (the name api users know)

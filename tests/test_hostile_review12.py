@@ -77,3 +77,21 @@ def test_a_new_strategys_state_is_guarded_and_checked_without_other_edits(settin
     with pytest.raises(LoramergeError, match="not mine"):
         plan_search(_request(setting, strategy="toy", run_dir=run_dir, resume=True))
     assert seen == ["toy_state.json"]
+
+
+def test_nsc_refuses_adapters_of_another_kind_than_the_tasks(setting, tmp_path):
+    """The label-free search built its engine without the model-kind check that every other evaluation runs
+    (`checked_evaluator` is now the one place): a causal-LM adapter scored as a classifier went on."""
+    import json
+
+    from test_hostile_inputs import _copied_setting, search_request
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.search.nsc import build_nsc_problem
+
+    copied = _copied_setting(setting, tmp_path)
+    name = next(iter(copied.adapters))
+    config_file = copied.adapters[name] / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "task_type": "CAUSAL_LM"}))
+    with pytest.raises(LoramergeError, match="trained for CAUSAL_LM"):
+        build_nsc_problem(search_request(copied, strategy="nsc"))

@@ -352,3 +352,15 @@ class Evaluator:
             "max_length": self.max_lengths.get(task),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def checked_evaluator(task_file: TaskFile, adapters: list, settings: EvalSettings, base: str | None = None,
+                      allow_base_mismatch: bool = False, allow_pickle: bool = False) -> Evaluator:
+    """An Evaluator of the adapters, the spec's base checked against theirs before the model loads, and the
+    model kind against the adapters and the base after (adapters/compat.py)."""
+    from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
+
+    check_spec_base(task_file, adapters, allow_base_mismatch)
+    engine = Evaluator(task_file, adapters, settings, base=base, allow_pickle=allow_pickle)
+    check_base_kind(engine)
+    return engine

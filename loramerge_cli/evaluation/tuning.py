@@ -19,7 +19,7 @@ from typing import Callable
 
 from loramerge_cli.errors import LoramergeError, NonFiniteError
 from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
-from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, merged_deltas, scale_deltas
+from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, checked_evaluator, merged_deltas, scale_deltas
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
 from loramerge_cli.evaluation.specs import load_task_file
 from loramerge_cli.events import stage as progress_stage
@@ -121,7 +121,6 @@ def search_lambda(
     on its workers (`LambdaScorer`, evaluation/workers.py). `also`: λs tried beside the default grid (a weight
     table's own λ, which the merge uses without --lambda auto: so the choice is never worse on validation).
     """
-    from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
     from loramerge_cli.merging.merge import merge, resolve_config
 
     default_lambda = resolve_config(replace(config, lam=None), len(adapters)).lam
@@ -133,10 +132,7 @@ def search_lambda(
     if evaluator is None:
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)
-        task_file = load_task_file(tasks_file)
-        check_spec_base(task_file, adapters, allow_base_mismatch)
-        evaluator = Evaluator(task_file, adapters, settings, base=base)
-        check_base_kind(evaluator)
+        evaluator = checked_evaluator(load_task_file(tasks_file), adapters, settings, base, allow_base_mismatch)
     experts = expert_scores(evaluator, ScoreCache(run_dir), report)
     records: list[dict] = []
 

@@ -105,8 +105,8 @@ def without_labels(task_file):
 
 def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     """Load and check everything before the first step: adapters, tasks, model, targets, inputs."""
-    from loramerge_cli.adapters.compat import check_compatible, check_spec_base
-    from loramerge_cli.evaluation.engine import Evaluator
+    from loramerge_cli.adapters.compat import check_compatible
+    from loramerge_cli.evaluation.engine import checked_evaluator
     from loramerge_cli.evaluation.functional import freeze
     from loramerge_cli.evaluation.specs import load_task_file
     from loramerge_cli.merging.merge import module_paths
@@ -121,8 +121,8 @@ def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     names = [a.name for a in adapters]
     task_file.check_covers(names)
     eval_settings = replace(request.eval, batch_size=batch_size or request.eval.batch_size)
-    check_spec_base(task_file, adapters, request.allow_base_mismatch)
-    engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)
+    engine = checked_evaluator(task_file, adapters, eval_settings, request.base, request.allow_base_mismatch,
+                               request.allow_pickle)
     freeze(engine.model)
     paths = module_paths(adapters)
     if settings.objective == "entropy":

@@ -29,8 +29,8 @@ class Problem:
 
 def build_problem(request, device: str | None = None, lam: float | None = None) -> Problem:
     """The Problem of a SearchRequest, its evaluator on `device` (default: the request's) at λ `lam`."""
-    from loramerge_cli.adapters.compat import check_base_kind, check_compatible, check_spec_base
-    from loramerge_cli.evaluation.engine import Evaluator
+    from loramerge_cli.adapters.compat import check_compatible
+    from loramerge_cli.evaluation.engine import checked_evaluator
     from loramerge_cli.evaluation.specs import load_task_file
     from loramerge_cli.masks import ones_table
     from loramerge_cli.merging.merge import resolve_config
@@ -42,9 +42,8 @@ def build_problem(request, device: str | None = None, lam: float | None = None) 
     task_file = load_task_file(request.tasks)
     eval_settings = replace(request.eval, device=device) if device else request.eval
     task_file.check_covers([a.name for a in adapters])
-    check_spec_base(task_file, adapters, request.allow_base_mismatch)
-    engine = Evaluator(task_file, adapters, eval_settings, base=request.base, allow_pickle=request.allow_pickle)
-    check_base_kind(engine)
+    engine = checked_evaluator(task_file, adapters, eval_settings, request.base, request.allow_base_mismatch,
+                               request.allow_pickle)
     return Problem(adapters, settings, ones_table(adapters), engine)
 
 

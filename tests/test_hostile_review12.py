@@ -95,3 +95,72 @@ def test_nsc_refuses_adapters_of_another_kind_than_the_tasks(setting, tmp_path):
     config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "task_type": "CAUSAL_LM"}))
     with pytest.raises(LoramergeError, match="trained for CAUSAL_LM"):
         build_nsc_problem(search_request(copied, strategy="nsc"))
+
+
+def test_a_cuda_index_beyond_the_machines_devices_is_one_line(monkeypatch):
+    """`--device cuda:3` on a one-GPU machine loaded the weights, then ended with an internal error (CUDA's
+    'invalid device ordinal'); it is refused where the device is read, before the model loads."""
+    import torch
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.loading import torch_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert torch_device("cuda:0") == torch.device("cuda:0") and torch_device("cuda") == torch.device("cuda")
+    with pytest.raises(LoramergeError, match=r"--device cuda:3: this machine has 1 CUDA device \(cuda:0\)$"):
+        torch_device("cuda:3")
+
+
+def test_a_base_model_that_does_not_fit_the_device_is_one_line(monkeypatch, tmp_path):
+    """Out of memory while moving the base model to the device is one line naming it, not an internal error."""
+    import torch
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation import loading
+
+    class Model:
+        def to(self, device):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    class Loader:
+        @staticmethod
+        def from_pretrained(base, **kwargs):
+            return Model()
+
+    import transformers
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", Loader)
+    task_type = type("T", (), {"model_class": "AutoModelForCausalLM", "classifier": False})()
+    with pytest.raises(LoramergeError, match="base model in bfloat16 does not fit in cpu's memory"):
+        loading.load_base(str(tmp_path), task_type, torch.device("cpu"), torch.bfloat16, None)
+
+
+def test_report_test_loads_its_model_after_the_searchs_is_gone(setting, monkeypatch):
+    """--report-test built a second engine (the base model again, on the device) while the search's own was
+    still referenced: twice the device memory at the end of a long search. The search's model is collected
+    first now, for the mask strategies and for NSC."""
+    import weakref
+
+    from loramerge_cli.search import nsc, problem, runner
+    from loramerge_cli.search.nsc_settings import NscSettings
+
+    models = []
+
+    def tracking(build):
+        def wrapper(request, *args, **kwargs):
+            if request.eval.split == "test":
+                assert models and all(model() is None for model in models), "the search's model is still alive"
+            built = build(request, *args, **kwargs)
+            models.append(weakref.ref(built.engine.model))
+            return built
+        return wrapper
+
+    monkeypatch.setattr(runner, "build_problem", tracking(runner.build_problem))
+    monkeypatch.setattr(problem, "build_problem", tracking(problem.build_problem))
+    monkeypatch.setattr(nsc, "build_nsc_problem", tracking(nsc.build_nsc_problem))
+    _, provenance = runner.run_search(_request(setting, strategy="random", budget=3, report_test=True))
+    assert "test" in provenance and len(models) == 2
+    models.clear()
+    _, provenance = runner.run_search(_request(setting, strategy="nsc", nsc=NscSettings(steps=2), report_test=True))
+    assert "test" in provenance and len(models) == 2

@@ -162,3 +162,20 @@ def test_gpt2_causal_lm_choice_scores_are_identical_with_replay(tmp_path):
                 replayed = engine.scores(task)
         assert torch.equal(full, replayed)
     assert replay.evaluate(deltas) == engine.evaluate(deltas) and replay.verified
+
+
+def test_replay_that_switches_itself_off_lets_its_recorded_outputs_go(setting, monkeypatch):
+    """When the first replayed candidate's scores differ from a full forward, replay is switched off for the
+    run; the recorded block outputs (up to --block-cache-mb, on the device) were kept all the same."""
+    fitness = fitness_for(setting)
+    replay, engine = fitness.replay, fitness.engine
+    full = engine.evaluate
+
+    def evaluate(deltas, around_task=None):
+        scores = full(deltas, around_task=around_task) if around_task else full(deltas)
+        return {task: value + 1.0 for task, value in scores.items()} if around_task else scores
+
+    monkeypatch.setattr(engine, "evaluate", evaluate)
+    deltas = fitness.candidate_deltas((len(fitness.adapters) * 3,), None)
+    assert replay.outputs and replay.evaluate(deltas) == full(deltas)
+    assert not replay.enabled and replay.outputs == {}

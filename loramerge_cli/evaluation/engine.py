@@ -364,3 +364,13 @@ def checked_evaluator(task_file: TaskFile, adapters: list, settings: EvalSetting
     engine = Evaluator(task_file, adapters, settings, base=base, allow_pickle=allow_pickle)
     check_base_kind(engine)
     return engine
+
+
+def release_device_memory() -> None:
+    """Collect the models and caches dropped so far and give CUDA's cached blocks back: a search's test report
+    loads the base model again, which must not need room for two."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -28,6 +28,11 @@ def torch_device(name: str) -> torch.device:
         raise LoramergeError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoramergeError(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        shown = "cuda:0" if count == 1 else f"cuda:0 … cuda:{count - 1}"
+        raise LoramergeError(f"--device {name}: this machine has {count} CUDA device{'s' if count != 1 else ''}"
+                             + (f" ({shown})" if count else ""))
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise LoramergeError(f"--device {name}: MPS is not available on this machine")
     return device
@@ -86,7 +91,12 @@ def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch
         interrupts.check()  # a Ctrl-C that a library turned into an error stays a Ctrl-C
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LoramergeError(f"{base}: cannot load the base model as {class_name} ({first})") from None
-    return model.to(device).eval()
+    try:
+        return model.to(device).eval()
+    except torch.OutOfMemoryError:
+        raise LoramergeError(f"{base}: the base model in {str(dtype).removeprefix('torch.')} does not fit in "
+                             f"{device}'s memory; free the device, evaluate in a smaller dtype, or give another "
+                             "--device") from None
 
 
 def load_preprocessor(base: str, task_type: TaskType):

@@ -177,7 +177,7 @@ class BlockReplay:
             full = self.engine.evaluate(deltas)
             if full != scores:
                 LOGGER.warning("replaying unchanged blocks changed the scores on this model; running every block")
-                self.enabled = False
+                self.enabled, self.outputs = False, {}  # the recorded outputs (up to the budget) go too
                 return full
             self.verified = True
         return scores

@@ -328,7 +328,11 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         adapters=[{"source": a.source.spec, "sha256": a.source.sha256} for a in problem.adapters], scale=1.0,
         provenance=provenance,
     )
-    if request.report_test:
+    if request.report_test:  # the training engine (its model on the device) goes before the test one loads
+        from loramerge_cli.evaluation.engine import release_device_memory
+
+        del problem, side_path
+        release_device_memory()
         provenance["test"] = report_on_test(request, table)
     return table, provenance
 

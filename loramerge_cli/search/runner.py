@@ -161,9 +161,13 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     provenance = _provenance(request, fitness, outcome, started)
     provenance.update(scored.provenance)
     provenance["validation"] = scored.validation(best)
-    if request.report_test:
-        provenance["test"] = _test_report(request, lam, best_lambda, best.pruned)
     merger = {**fitness.unit_settings.describe(), "lambda": best_lambda}
+    if request.report_test:  # the validation engine (its model on the device) goes before the test one loads
+        from loramerge_cli.evaluation.engine import release_device_memory
+
+        del scored, fitness, evaluate, on_progress
+        release_device_memory()
+        provenance["test"] = _test_report(request, lam, best_lambda, best.pruned)
     table = replace(pruned_table(template, best.pruned), scale=best.lam if request.enmp.addscale else None,
                     merger=merger, provenance=provenance)
     return table, provenance

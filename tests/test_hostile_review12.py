@@ -164,3 +164,28 @@ def test_report_test_loads_its_model_after_the_searchs_is_gone(setting, monkeypa
     models.clear()
     _, provenance = runner.run_search(_request(setting, strategy="nsc", nsc=NscSettings(steps=2), report_test=True))
     assert "test" in provenance and len(models) == 2
+
+
+def test_resume_keeps_the_kind_of_device(setting, tmp_path):
+    """A run started on the CPU resumed on a GPU mixed the saved scores with new ones that differ in their last
+    digits (the CUDA tests allow one example): --resume refuses another kind of device (another GPU of the same
+    kind, other threads or workers are fine), and a run dir saved before the kind was recorded resumes."""
+    import json
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.settings import EvalSettings
+    from loramerge_cli.search.plan import prepare_run_dir
+
+    run_dir = tmp_path / "run"
+    prepare_run_dir(_request(setting, run_dir=run_dir))
+    (run_dir / "screened_state.json").write_text("{}")  # what resume would read next (not reached when refused)
+    gpu = EvalSettings(threads=1, batch_size=8, device="cuda:1")
+    with pytest.raises(LoramergeError, match="device_kind: 'cuda' now, 'cpu' saved"):
+        prepare_run_dir(_request(setting, run_dir=run_dir, resume=True, eval=gpu), write=False)
+    with pytest.raises(LoramergeError, match="device_kind: 'cpu\\+cuda' now"):
+        prepare_run_dir(_request(setting, run_dir=run_dir, resume=True, devices=["cpu", "cuda:0"]), write=False)
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["settings"]["device_kind"]
+    (run_dir / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LoramergeError, match="not a readable screened search state"):  # past the settings
+        prepare_run_dir(_request(setting, run_dir=run_dir, resume=True), write=False)

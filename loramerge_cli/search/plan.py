@@ -184,6 +184,8 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
                 rundir.write_config(run_dir, config, request.flags, digests)
             return
         saved_settings = with_settings_added_since(saved["settings"])
+        if isinstance(saved_settings, dict):  # a run saved before the device kind was recorded: as it runs now
+            saved_settings = {"device_kind": config["device_kind"], **saved_settings}
         if saved_settings != config:
             raise LoramergeError(f"--resume: the settings differ from the saved run's "
                                  f"({'; '.join(setting_changes(config, saved_settings))})")
@@ -204,8 +206,8 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
 
 
 def run_config(request: SearchRequest) -> dict:
-    """The settings a resumed run must share with the saved one (not the device, threads or block cache:
-    they give the same scores)."""
+    """The settings a resumed run must share with the saved one (not the device, threads or block cache,
+    which give the same scores; the kind of device, which does not)."""
     from loramerge_cli.search.rundir import normal_adapter, normal_path
 
     eval_settings = {key: value for key, value in _plain(asdict(request.eval)).items()
@@ -219,7 +221,15 @@ def run_config(request: SearchRequest) -> dict:
     }
     if request.strategy == "nsc" or request.fitness == "nsc":
         config.update(fitness=request.fitness, nsc=asdict(request.nsc))
+    config["device_kind"] = device_kind(request)
     return config
+
+
+def device_kind(request: SearchRequest) -> str:
+    """The kind of device that scores (cpu, cuda, mps; several: joined by +): scores agree across devices of
+    one kind, and differ in their last digits from another's, so a resumed run keeps the kind."""
+    devices = request.devices or [request.eval.device or "cpu"]
+    return "+".join(sorted({str(device).split(":", 1)[0] for device in devices}))
 
 
 def _plain(data: dict) -> dict:

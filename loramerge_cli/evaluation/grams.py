@@ -27,19 +27,26 @@ def collect_grams(engine, adapters: list, paths: list[str], report=None) -> dict
 
 
 def _task_grams(engine, task: str, deltas: dict, paths: list[str]) -> dict[str, torch.Tensor]:
+    """Each module's XᵀX is computed where the model runs (float64), once per distinct input of a batch (a
+    block's query, key and value projections read one tensor), and summed on the CPU."""
     sums = {path: None for path in paths}
     counts = dict.fromkeys(paths, 0)
     mask_of_batch: list[torch.Tensor | None] = [None]
+    batch_grams: dict = {}  # this batch's (input tensor, its Gram and rows), by the input's identity
 
     def hook(path):
         def record(module, inputs):
             x = inputs[0].detach()
-            mask = mask_of_batch[0]
-            if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
-                x = x[mask.bool()]
-            x = x.reshape(-1, x.shape[-1]).to(torch.float64).cpu()
-            sums[path] = x.T @ x if sums[path] is None else sums[path].addmm_(x.T, x)
-            counts[path] += x.shape[0]
+            seen = batch_grams.get(id(inputs[0]))
+            if seen is None or seen[0] is not inputs[0]:
+                mask = mask_of_batch[0]
+                if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
+                    x = x[mask.bool()]
+                x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+                seen = batch_grams[id(inputs[0])] = (inputs[0], (x.T @ x).cpu(), x.shape[0])
+            _, gram, rows = seen
+            sums[path] = gram.clone() if sums[path] is None else sums[path].add_(gram)
+            counts[path] += rows
         return record
 
     handles = [engine.modules[path].register_forward_pre_hook(hook(path)) for path in paths]
@@ -49,6 +56,7 @@ def _task_grams(engine, task: str, deltas: dict, paths: list[str]) -> dict[str, 
             for batch in engine.prepared[task].batches:
                 mask_of_batch[0] = batch.inputs.get("attention_mask")
                 engine.model(**batch.inputs)
+                batch_grams.clear()
     finally:
         for handle in handles:
             handle.remove()

@@ -139,17 +139,9 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
         if problem:
             raise UsageError(problem)
         params[name] = value
-    if "epsilon" in params:  # DELLA keeps entry i with probability κ − ε/2 + ε·rank_i/(D−1): within [0, 1]
-        for density in params["density"] if isinstance(params["density"], list) else [params["density"]]:
-            if params["epsilon"] / 2 > min(density, 1 - density) + 1e-12:
-                raise UsageError(f"--epsilon {params['epsilon']:g} with --density {density:g}: DELLA's keep "
-                                 f"probabilities κ ± ε/2 leave [0, 1]; use --epsilon <= "
-                                 f"{2 * min(density, 1 - density):g}")
-    if params.get("scope") == "adapter":
-        for name, plain in (("normalize", "count"), ("elect_on", "weighted")):
-            if params.get(name, plain) != plain:
-                raise UsageError(f"--{PARAMETERS[name].flag} {params[name]} needs --scope module "
-                                 "(with --scope adapter a task's weight may differ between modules)")
+    problem = method.check(params) if method.check is not None else None
+    if problem:
+        raise UsageError(problem)
     for name in PARAMETERS:
         if name not in method.parameters and config.parameter(name) is not None:
             raise UsageError(f"--{PARAMETERS[name].flag} does not apply to method {method.name}")

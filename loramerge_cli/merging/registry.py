@@ -144,6 +144,7 @@ class Method:
     spaces: tuple[str, ...] = SPACES  # the spaces where the method makes sense
     needs_inputs: bool = False  # merge_with's params hold "grams": each task's input Gram matrix of the module
     draws: bool = False  # draws random numbers besides DARE's drop (`--seed` applies): DELLA, LoRA-LEGO
+    check: Callable | None = None  # (resolved params) -> what is wrong with them together, or None
 
     @property
     def parameters(self) -> tuple[str, ...]:
@@ -156,6 +157,28 @@ class Method:
 
     def lambda_for(self, task_count: int) -> float:
         return 1.0 / task_count if self.default_lambda == "1/T" else float(self.default_lambda)
+
+
+def _check_elected_scope(params: dict) -> str | None:
+    """With scope `adapter` a task's weight may differ between modules: its votes and its share of the
+    disjoint mean must then be the plain ones."""
+    if params.get("scope") != "adapter":
+        return None
+    for name, plain in (("normalize", "count"), ("elect_on", "weighted")):
+        if params.get(name, plain) != plain:
+            return (f"--{PARAMETERS[name].flag} {params[name]} needs --scope module "
+                    "(with --scope adapter a task's weight may differ between modules)")
+    return None
+
+
+def _check_della(params: dict) -> str | None:
+    """DELLA keeps entry i with probability κ − ε/2 + ε·rank_i/(D−1): within [0, 1] for every density."""
+    epsilon = params["epsilon"]
+    for density in params["density"] if isinstance(params["density"], list) else [params["density"]]:
+        if epsilon / 2 > min(density, 1 - density) + 1e-12:
+            return (f"--epsilon {epsilon:g} with --density {density:g}: DELLA's keep probabilities κ ± ε/2 leave "
+                    f"[0, 1]; use --epsilon <= {2 * min(density, 1 - density):g}")
+    return None
 
 
 def _sum_rows(X, present, params):
@@ -194,7 +217,7 @@ METHODS: dict[str, Method] = {
     "ties": Method(
         "ties", "trim, elect sign, disjoint mean", TIES_PAPER, "1",
         defaults={"density": 0.8, "scope": "module", **TIES_OPTIONS}, elementwise=True,
-        combine=_ties_rows, full_space="ties",
+        combine=_ties_rows, full_space="ties", check=_check_elected_scope,
     ),
     "magnitude": Method(
         "magnitude", "trim each task by magnitude, then sum", TIES_PAPER, "1/T",
@@ -210,7 +233,7 @@ METHODS: dict[str, Method] = {
     "dare_ties": Method(
         "dare_ties", "random drop and rescale, then TIES", DARE_PAPER, "1",
         defaults={"drop_rate": 0.1, "density": 0.8, "scope": "module", **TIES_OPTIONS, "dare_rescale": "inverse"},
-        elementwise=True, uses_dare=True, combine=_ties_rows, full_space="ties",
+        elementwise=True, uses_dare=True, combine=_ties_rows, full_space="ties", check=_check_elected_scope,
     ),
     "tsv": Method(
         "tsv", "Task Singular Vectors: per-task SVDs, orthogonalised", "Gargiulo et al. 2025, Task Singular "
@@ -237,13 +260,13 @@ METHODS.update({
         "breadcrumbs_ties", "breadcrumbs' band of magnitudes, then sign election and disjoint merge",
         BREADCRUMBS_PAPER + " + " + TIES_PAPER, "1",
         defaults={"density": 0.8, "gamma": 0.01, "scope": "module", **TIES_OPTIONS}, elementwise=True,
-        combine=_breadcrumbs_ties_rows, full_space="ties",
+        combine=_breadcrumbs_ties_rows, full_space="ties", check=_check_elected_scope,
     ),
     "della": Method(
         "della", "drop by magnitude-ranked probabilities and rescale, then sign election and disjoint merge",
         "Deep et al. 2024, DELLA-Merging (arXiv:2406.11617)", "1",
         defaults={"density": 0.8, "epsilon": 0.1, "consensus": "mass", "normalize": "count", "elect_on": "weighted"},
-        elementwise=True, combine=_della_rows, draws=True, full_space="ties",
+        elementwise=True, combine=_della_rows, draws=True, full_space="ties", check=_check_della,
     ),
     "cart": Method(
         "cart", "the mean plus each task's low-rank deviation from it", "Choi et al. 2024, Revisiting Weight "

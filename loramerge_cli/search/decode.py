@@ -23,8 +23,9 @@ def decode_mask(z: np.ndarray, k_max: int, threshold: float = 0.0) -> tuple[int,
 
     Returned in ascending index order; flat index i = u·T + t.
     """
-    order = sorted(range(len(z)), key=lambda i: (-float(z[i]), i))[:k_max]
-    return tuple(sorted(i for i in order if float(z[i]) > threshold))
+    z = np.asarray(z, dtype=float)
+    order = np.argsort(-z, kind="stable")[:k_max]  # stable: equal values keep the lower index first
+    return tuple(sorted(int(i) for i in order if z[i] > threshold))
 
 
 def decode_scale(gene: float, base_lambda: float) -> float:

@@ -1,0 +1,152 @@
+"""The surrogate search's own bookkeeping (everything but scoring tables) at a real model's size, with a synthetic
+fitness: its kernel grown by each new table's rows, against the same search rebuilding the kernel at each step
+from every scored table as it did before (one n × n × U array of counts), with the same tables proposed.
+
+Run by hand (never from the tests):
+
+    .venv/bin/python benchmarks/bench_search_overhead.py --threads 1 --sizes 8x4,32x8 --json overhead.json
+    .venv/bin/python benchmarks/bench_search_overhead.py --threads 1 --sizes 224x8 --proposals 8 --no-rebuild
+
+A size is blocks x tasks (224 x 8: Llama-3-8B's 32 layers × 7 projections as blocks, 8 adapters). The screen
+scores every single-unit table first (U·T of them), then `--proposals` tables are proposed (default: the
+default budget's 2·U·T). Seconds exclude the fitness; each run is a subprocess, and its peak MB the peak
+resident memory (ru_maxrss, numpy's import included: about 40 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from loramerge_cli.search import surrogate  # noqa: E402
+from loramerge_cli.search.surrogate import Posterior, SurrogateSettings, _cholesky, run_surrogate  # noqa: E402
+
+
+class PairwiseFitness:
+    """f(S) = Σ w_i + ½ Σ V_ij over the pruned entries, plus a small deterministic wobble; timed."""
+
+    def __init__(self, size: int, seed: int):
+        generator = np.random.default_rng(seed)
+        self.single = generator.normal(0, 1, size)
+        upper = np.triu(generator.normal(0, 0.3, (size, size)), 1)
+        self.pair, self.seconds = upper + upper.T, 0.0
+
+    def __call__(self, candidates):
+        started = time.perf_counter()
+        values = []
+        for pruned, _ in candidates:
+            index = list(pruned)
+            values.append(float(self.single[index].sum() + 0.5 * self.pair[np.ix_(index, index)].sum()
+                                + 0.1 * np.sin(sum(index))))
+        self.seconds += time.perf_counter() - started
+        return values
+
+
+def kernel_at_once(tables: np.ndarray, task_count: int, settings: SurrogateSettings) -> np.ndarray:
+    """K + σ²I from every scored table, as the search built it before (n × n × U counts at once)."""
+    a2, b2, s2 = settings.prior_single ** 2, settings.prior_pair ** 2, settings.noise ** 2
+    compact = tables.astype(np.float32)
+    shared = (compact @ compact.T).astype(np.float64)
+    by_unit = compact.reshape(len(tables), -1, task_count)
+    within = np.einsum("aut,but->abu", by_unit, by_unit).astype(np.float64)
+    same_unit_pairs = (within * (within - 1) / 2).sum(axis=2)
+    pairs = shared * (shared - 1) / 2
+    return (a2 * shared + b2 * (pairs - same_unit_pairs) + (settings.same_unit_ratio ** 2) * b2 * same_unit_pairs
+            + s2 * np.eye(len(tables)))
+
+
+def posterior_rebuilt(scored, values):
+    """Posterior.of with the kernel rebuilt from scratch (the grown one is ignored)."""
+    kernel = kernel_at_once(scored.tables, scored.task_count, scored.settings)
+    inverse_factor = np.linalg.inv(_cholesky(kernel))
+    return Posterior(scored.tables, values, inverse_factor.T @ inverse_factor, scored.settings,
+                     surrogate.pair_prior_std(scored.dimension, scored.task_count, scored.settings),
+                     scored.members[:scored.count])
+
+
+def run(units: int, tasks: int, proposals: int, seed: int, rebuild: bool) -> dict:
+    fitness = PairwiseFitness(units * tasks, seed)
+    settings = SurrogateSettings(seed=seed, budget=units * tasks + proposals)
+    if rebuild:
+        Posterior.of = staticmethod(posterior_rebuilt)
+    started = time.perf_counter()
+    _, spent = run_surrogate(settings, fitness, units, tasks)
+    seconds = time.perf_counter() - started - fitness.seconds
+    proposal_seconds = [r["seconds"] for r in spent["history"] if r["phase"] == "proposal"]
+    return {"seconds": seconds, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "tables": [r["tables"] for r in spent["history"]],
+            "last_proposal_seconds": proposal_seconds[-1] if proposal_seconds else None}
+
+
+def spawn(job: dict) -> dict:
+    """One run in a fresh process (its own peak memory); an error (out of memory) is reported, not raised."""
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    if done.returncode:
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
+    return json.loads(done.stdout)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="8x4,32x8", help="blocks x tasks, comma-separated")
+    parser.add_argument("--proposals", type=int, help="tables proposed after the screen (default: 2·U·T)")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (set before numpy starts them)")
+    parser.add_argument("--rebuild", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the search rebuilding its kernel every step")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(args.threads)
+    except ImportError:
+        pass
+    if args.worker:
+        print(json.dumps(run(**json.loads(args.worker))))
+        return
+    rows = []
+    print(f"{'size':>8} {'proposals':>9} {'grown s':>9} {'MB':>7} {'last step s':>11} {'rebuilt s':>10} {'MB':>7} "
+          f"{'ratio':>6}")
+    for size in args.sizes.split(","):
+        units, tasks = (int(part) for part in size.split("x"))
+        proposals = args.proposals if args.proposals is not None else 2 * units * tasks
+        job = {"units": units, "tasks": tasks, "proposals": proposals, "seed": args.seed}
+        grown = spawn({**job, "rebuild": False})
+        row = {**job, "grown": grown}
+        if "error" in grown:
+            print(f"{size:>8} error: {grown['error']}")
+            rows.append(row)
+            continue
+        line = (f"{size:>8} {proposals:9d} {grown['seconds']:9.2f} {grown['peak_mb']:7.0f} "
+                f"{grown['last_proposal_seconds'] or 0:11.3f}")
+        if args.rebuild:
+            rebuilt = row["rebuilt"] = spawn({**job, "rebuild": True})
+            if "error" in rebuilt:
+                line += f" error: {rebuilt['error']}"
+            elif rebuilt["tables"] != grown["tables"]:
+                raise SystemExit(f"{size}: the two searches proposed different tables")
+            else:
+                line += (f" {rebuilt['seconds']:10.2f} {rebuilt['peak_mb']:7.0f} "
+                         f"{rebuilt['seconds'] / grown['seconds']:5.1f}×")
+        print(line, flush=True)
+        rows.append(row)
+    if args.json:
+        for row in rows:
+            for side in ("grown", "rebuilt"):
+                row.get(side, {}).pop("tables", None)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,10 +24,14 @@ class StackedFactors:
     scaled_B: torch.Tensor
     A: torch.Tensor
 
+    def __post_init__(self) -> None:  # on the factors' device once: no copy nor sync at every forward
+        self._tasks = torch.tensor(self.tasks, device=self.A.device)
+        self._repeats = torch.tensor(self.ranks, device=self.A.device)
+
     def expand(self, coefficients: torch.Tensor) -> torch.Tensor:
         """Per-rank gains g (R,): each present task's coefficient repeated r_k times."""
-        picked = coefficients[self.tasks]
-        return torch.repeat_interleave(picked, torch.tensor(self.ranks, device=picked.device))
+        picked = coefficients[self._tasks]
+        return torch.repeat_interleave(picked, self._repeats, output_size=self.A.shape[0])
 
 
 def stack_factors(adapters, path: str, device, dtype) -> StackedFactors:

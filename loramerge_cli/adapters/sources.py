@@ -55,11 +55,15 @@ def default_name(spec: str) -> str:
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
+    return read_into(hashlib.sha256(), path).hexdigest()
+
+
+def read_into(digest, path: Path):
+    """`digest` updated with the file's bytes, read 1 MB at a time; returns it."""
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
-    return digest.hexdigest()
+    return digest
 
 
 def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:

@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from loramerge_cli.adapters.sources import read_into
 from loramerge_cli.evaluation.specs import TaskFile, TaskSpec, load_task_file
 
 @dataclass
@@ -208,7 +209,5 @@ def _content_hash(source: Path) -> str:
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
     for file in files:
         digest.update(str(file.relative_to(source) if file != source else "").encode())
-        with open(file, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        read_into(digest, file)
     return digest.hexdigest()

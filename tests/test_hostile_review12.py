@@ -298,3 +298,24 @@ def test_decoding_a_latent_sorts_as_before():
         threshold = float(generator.choice([0.0, -0.5, 0.3]))
         order = sorted(range(size), key=lambda i: (-float(z[i]), i))[:k]
         assert decode_mask(z, k, threshold) == tuple(sorted(i for i in order if float(z[i]) > threshold))
+
+
+def test_eval_prints_a_warning_as_written(setting, monkeypatch):
+    """`eval` printed its warnings through rich markup: a task name or path with brackets was eaten or made rich
+    raise (MarkupError: an internal error after the whole evaluation). Every command prints them as written."""
+    from factories import invoke_cli
+
+    from loramerge_cli import api
+
+    evaluate = api.evaluate
+
+    def with_warning(*args, **kwargs):
+        report = evaluate(*args, **kwargs)
+        report["warnings"].append("task [/]x[bold]: its expert scores 0")
+        return report
+
+    monkeypatch.setattr(api, "evaluate", with_warning)
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
+                         "--threads", "1", "--val-limit", "4"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: task [/]x[bold]: its expert scores 0" in result.stderr

@@ -13,6 +13,7 @@ from loramerge_cli.cli.common import (
     emit_json,
     examples_epilog,
     human_console,
+    print_warnings,
     result_console,
 )
 from loramerge_cli.cli.merge_cmd import table_options
@@ -64,9 +65,7 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
                                                    if not a.modules]}
     if flags["json_output"]:
         return emit_json(report)
-    for warning in report["warnings"]:
-        human_console(flags["quiet"]).print(f"warning: {warning}", style="yellow", markup=False, highlight=False,
-                                            soft_wrap=True)
+    print_warnings(human_console(flags["quiet"]), report["warnings"])
     for row in report["adapters"]:
         shown = row["folder"] or f"{row['name']} (not written)"
         result_console().print(f"{shown}: {row['modules']} modules kept, {row['removed']} removed")

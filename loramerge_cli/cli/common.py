@@ -276,6 +276,12 @@ def human_console(quiet: bool = False, json_output: bool = False):
     return Console(file=StandardError(), quiet=quiet or json_output)
 
 
+def print_warnings(console, warnings) -> None:
+    """Each warning on a line of its own, in yellow, as written (no markup: a path or a list may hold brackets)."""
+    for warning in warnings:
+        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
 def apply_threads(threads: int | None) -> None:
     """--threads: torch's CPU thread count; without it OMP_NUM_THREADS (or torch's default) stands."""
     if threads is not None:

@@ -93,7 +93,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     from dataclasses import replace
 
     from loramerge_cli import api
-    from loramerge_cli.cli.common import human_console, result_console
+    from loramerge_cli.cli.common import human_console, print_warnings, result_console
     from loramerge_cli.cli.progress import ProgressDisplay
     from loramerge_cli.evaluation.report import check_request
     from loramerge_cli.evaluation.settings import EvalSettings
@@ -119,8 +119,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
         write_result(out, json.dumps(report, indent=2, default=str) + "\n", flags["force"], (REPORT_FORMAT,))
     if flags["json_output"]:
         return emit_json(report)
-    for warning in report["warnings"]:  # first: a stdout that fails must not lose them
-        human_console(flags["quiet"], flags["json_output"]).print(f"[yellow]warning:[/] {warning}")
+    print_warnings(human_console(flags["quiet"]), report["warnings"])  # first: a stdout that fails must not lose them
     for title, key, mean_key in (("accuracy (%)", "accuracy", "mean_accuracy"),
                                  ("normalized accuracy (%)", "normalized_accuracy", "mean_normalized_accuracy")):
         result_console().print(score_table(report, title, key, mean_key))

@@ -13,6 +13,7 @@ from loramerge_cli.cli.common import (
     emit_json,
     examples_epilog,
     human_console,
+    print_warnings,
     result_console,
 )
 from loramerge_cli.cli.options import (
@@ -149,8 +150,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
         if flags["json_output"]:
             report["warnings"] += publishing
         console = human_console(flags["quiet"], flags["json_output"])
-        for warning in publishing:  # before the upload: one that fails ends the command before the report
-            console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+        print_warnings(console, publishing)  # before the upload: one that fails ends the command before the report
         report["push"] = push_folder(flags["out"], flags["push_to_hub"], private=flags["private"],
                                      revision=flags["revision"], dry_run=flags["dry_run"])
     if flags["json_output"]:
@@ -188,8 +188,7 @@ def _print_report(report: dict, console, served: str | None, head: str | None) -
     from loramerge_cli.cli import render
     from loramerge_cli.cli.publish import push_lines
 
-    for warning in report["warnings"]:
-        console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    print_warnings(console, report["warnings"])
     if served != head:
         console.print(f"note: no --head: the head of task {served!r} is in modules_to_save, so that the merge loads "
                       "with AutoPeftModel (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)

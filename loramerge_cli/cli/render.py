@@ -119,6 +119,7 @@ def search_progress(console, generations: int):
     on the console; on a live ProgressDisplay also a generations bar with ETA and the best so far."""
     import time
 
+    from loramerge_cli.cli.common import print_warnings
     from loramerge_cli.cli.progress import eta
 
     live = getattr(console, "live", False)
@@ -127,8 +128,7 @@ def search_progress(console, generations: int):
     def on_event(kind: str, data: dict) -> None:
         if kind == "lambda":
             console.print(f"λ tuned on validation: {data['lambda']:.4g} ({data['points']} points)", highlight=False)
-            for warning in data["warnings"]:
-                console.print(f"warning: {warning}", style="yellow", markup=False, highlight=False)
+            print_warnings(console, data["warnings"])
         elif kind == "start":
             console.print(
                 f"unpruned merge: {data['reference']:.2f} mean normalized accuracy (λ = {data['lambda']:.4g}); "

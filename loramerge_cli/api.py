@@ -17,6 +17,7 @@ from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
 from loramerge_cli.adapters.units import sorted_units
 from loramerge_cli.adapters.writer import write_adapter
 from loramerge_cli.errors import UsageError
+from loramerge_cli.hub import local_paths_warnings, push_folder
 from loramerge_cli.masks import (
     WeightTable,
     align_table,
@@ -49,12 +50,11 @@ from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
     "Adapter", "EnmpSettings", "EvalSettings", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult",
-    "NscSettings", "PrunePlan", "SearchPlan",
-    "SearchRequest", "TaskData", "WeightTable", "apply_table", "check_not_an_input", "check_table",
-    "check_table_flags", "evaluate",
-    "execute", "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table",
-    "merge", "module_norm", "ones_table", "parse_indices", "plan_merge", "plan_prune", "plan_search", "prune",
-    "search", "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter", "write_pruned",
+    "NscSettings", "PrunePlan", "SearchPlan", "SearchRequest", "TaskData", "WeightTable", "apply_table",
+    "check_not_an_input", "check_table", "check_table_flags", "evaluate", "execute", "from_pruned_indices",
+    "inspect_adapters", "load_adapter", "load_adapters", "load_table", "local_paths_warnings", "merge", "module_norm",
+    "ones_table", "parse_indices", "plan_merge", "plan_prune", "plan_search", "prune", "push_folder", "search",
+    "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter", "write_pruned",
 ]
 
 

@@ -100,7 +100,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
         # the spec and its data, before torch or adapters load
         spec_inputs = check_task_file(flags["tasks"], ["validation"]).inputs()
     config = merge_config(flags)  # flag values are checked before anything is read
-    from loramerge_cli.cli.publish import check_repo_id
+    from loramerge_cli.hub import check_repo_id
 
     check_repo_id(flags["push_to_hub"], flags["dry_run"], flags["private"], flags["revision"])
     apply_threads(flags["threads"])
@@ -144,7 +144,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
             "--head TASK puts one task's in modules_to_save")
     report["warnings"] += _changed_recipe_inputs(flags["config"], adapters)
     if flags["push_to_hub"] is not None:
-        from loramerge_cli.cli.publish import local_paths_warnings, push_folder
+        from loramerge_cli.hub import local_paths_warnings, push_folder
 
         publishing = local_paths_warnings(flags["out"])
         if flags["json_output"]:
@@ -186,7 +186,7 @@ def _print_report(report: dict, console, served: str | None, head: str | None) -
     """Warnings and the default-head note on stderr (first: a stdout that fails must not lose them), then the
     result table and any upload on stdout."""
     from loramerge_cli.cli import render
-    from loramerge_cli.cli.publish import push_lines
+    from loramerge_cli.cli.render import push_lines
 
     print_warnings(console, report["warnings"])
     if served != head:

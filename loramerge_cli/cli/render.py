@@ -216,3 +216,10 @@ def search_summary(table, provenance: dict):
         parts.append(Text(f"test mean normalized accuracy {test['unpruned_mean_normalized_accuracy']:.2f} -> "
                           f"{test['best_mean_normalized_accuracy']:.2f}"))
     return Group(*parts)
+
+
+def push_lines(report: dict) -> list[str]:
+    """What a push did (or, dry, would do), for people."""
+    where = f"{report['repo_id']} (revision {report['revision']}{', private' if report['private'] else ''})"
+    head = f"would upload to {where}:" if report["dry_run"] else f"uploaded to {where}: {report['url']}"
+    return [head, *(f"  {name}" for name in report["files"])]

@@ -1,4 +1,5 @@
-"""--push-to-hub: upload an output folder to a Hub model repository with huggingface_hub."""
+"""Publishing an output folder to a Hub model repository with huggingface_hub (`merge --push-to-hub`,
+`api.push_folder`): the checks before any work, what an upload would reveal of this machine, the upload."""
 
 from __future__ import annotations
 
@@ -98,10 +99,3 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                              f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     report["url"] = getattr(commit, "commit_url", None) or str(commit)
     return report
-
-
-def push_lines(report: dict) -> list[str]:
-    """What a push did (or, dry, would do), for people."""
-    where = f"{report['repo_id']} (revision {report['revision']}{', private' if report['private'] else ''})"
-    head = f"would upload to {where}:" if report["dry_run"] else f"uploaded to {where}: {report['url']}"
-    return [head, *(f"  {name}" for name in report["files"])]

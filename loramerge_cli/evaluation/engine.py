@@ -99,10 +99,7 @@ class Evaluator:
     ):
         self.task_file = task_file
         self.settings = settings = settings or EvalSettings()
-        if settings.batch_size < 1:
-            raise LoramergeError("--batch-size must be >= 1")
-        if settings.max_length is not None and settings.max_length < 2:
-            raise LoramergeError("--max-length must be >= 2")
+        settings.check()
         threads = settings.threads or (None if os.environ.get("OMP_NUM_THREADS") else min(8, os.cpu_count() or 1))
         if threads:  # OMP_NUM_THREADS, when set, is the user's choice: only --threads overrides it
             torch.set_num_threads(threads)

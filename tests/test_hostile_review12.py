@@ -329,3 +329,33 @@ def test_a_gpu_actor_reserves_the_cpus_its_merges_use():
     assert actor_resources("cuda", 4) == {"num_gpus": 1, "num_cpus": 4}
     assert actor_resources("cuda:1", None) == {"num_gpus": 1, "num_cpus": 1}
     assert actor_resources("cpu", 3) == {"num_gpus": 0, "num_cpus": 3}
+
+
+def test_eval_checks_the_spec_base_and_the_model_kind(setting, tmp_path):
+    """`eval` built its engine without the checks every other evaluation runs: a causal-LM adapter was scored
+    as a classifier, and a spec naming another base scored the experts on it, both without a word."""
+    import json
+    import shutil
+
+    import yaml
+    from factories import invoke_cli
+    from test_hostile_inputs import _copied_setting
+
+    copied = _copied_setting(setting, tmp_path / "kind")
+    name = next(iter(copied.adapters))
+    config_file = copied.adapters[name] / "adapter_config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "task_type": "CAUSAL_LM"}))
+    result = invoke_cli(["eval", "--adapters", *copied.adapter_args(), "--tasks", str(copied.tasks_file),
+                         "--threads", "1", "--val-limit", "4"])
+    assert result.exit_code == 1 and "trained for CAUSAL_LM" in result.stderr, result.stderr
+
+    other = shutil.copytree(setting.base, tmp_path / "other_base")
+    spec = yaml.safe_load(setting.tasks_file.read_text())
+    spec["base_model"] = str(other)
+    tasks = tmp_path / "other.yaml"
+    tasks.write_text(yaml.safe_dump(spec))
+    arguments = ["eval", "--adapters", *setting.adapter_args(), "--tasks", str(tasks), "--threads", "1",
+                 "--val-limit", "4"]
+    result = invoke_cli(arguments)
+    assert result.exit_code == 1 and "differs from the base" in result.stderr, result.stderr
+    assert invoke_cli([*arguments, "--allow-base-mismatch"]).exit_code == 0

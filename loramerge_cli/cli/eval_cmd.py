@@ -62,6 +62,8 @@ def eval_options() -> list:
                "to this file (never over an input; an existing report only with --force)."),
         option("force", bool, False, help="Replace an existing --out report."),
         option("allow_pickle", bool, False, help=ALLOW_PICKLE_HELP),
+        option("allow_base_mismatch", bool, False, help="DANGEROUS: score adapters with a task spec whose "
+               "base_model is not the base they were trained on."),
     ]
 
 
@@ -114,7 +116,8 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     with (worker_pool(scorer, spread if len(merged) > 1 else None, flags["device"], settings.threads) as pool,
           ProgressDisplay(flags["quiet"] or flags["json_output"]) as display):
         report = api.evaluate(flags["tasks"], experts, merged, settings, base=flags["base"], run_dir=flags["run_dir"],
-                              allow_pickle=flags["allow_pickle"], report=display, pool=pool, checked=True)
+                              allow_pickle=flags["allow_pickle"], report=display, pool=pool, checked=True,
+                              allow_base_mismatch=flags["allow_base_mismatch"])
     if out is not None:  # what appeared there during the work is not replaced
         write_result(out, json.dumps(report, indent=2, default=str) + "\n", flags["force"], (REPORT_FORMAT,))
     if flags["json_output"]:

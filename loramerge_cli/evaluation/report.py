@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from loramerge_cli.evaluation import REPORT_FORMAT
 from loramerge_cli.evaluation.cache import ScoreCache, base_scores, expert_scores
-from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
+from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, checked_evaluator
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
 from loramerge_cli.evaluation.specs import load_task_file
 from loramerge_cli.events import stage
@@ -35,18 +35,20 @@ def eval_report(
     report=None,
     pool=None,
     checked: bool = False,
+    allow_base_mismatch: bool = False,
 ) -> dict:
     """Score the base model, each expert on its own task, and each merged adapter on every task.
 
     Expert and base scores are read from (and written to) the run directory's cache when given; `pool`, if
     given, scores the merged adapters on its workers (`MergedScorer`, evaluation/workers.py). `checked`: the
-    caller ran `check_request` already (the command line, before its workers start).
+    caller ran `check_request` already (the command line, before its workers start). The spec's base must be
+    the experts' (`allow_base_mismatch` overrides), and the model kind theirs.
     """
     settings = settings or EvalSettings()
     if not checked:
         check_request(tasks_file, experts, merged or [], settings, run_dir, base)
     task_file = load_task_file(tasks_file)
-    engine = Evaluator(task_file, experts, settings, base=base, allow_pickle=allow_pickle)
+    engine = checked_evaluator(task_file, experts, settings, base, allow_base_mismatch, allow_pickle)
     cache = ScoreCache(run_dir)
     expert_accuracy = expert_scores(engine, cache, report)
     with stage(report, "base model", 1) as step:

@@ -43,18 +43,20 @@ from loramerge_cli.plan import (
     write_pruned,
 )
 from loramerge_cli.pruning import apply_table
+from loramerge_cli.evaluation.report import EvalPlan, execute_eval, plan_eval
 from loramerge_cli.evaluation.settings import EvalSettings
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import NscSettings
 from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
-    "Adapter", "EnmpSettings", "EvalSettings", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult",
+    "Adapter", "EnmpSettings", "EvalPlan", "EvalSettings", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult",
     "NscSettings", "PrunePlan", "SearchPlan", "SearchRequest", "TaskData", "WeightTable", "apply_table",
-    "check_not_an_input", "check_table", "check_table_flags", "evaluate", "execute", "from_pruned_indices",
-    "inspect_adapters", "load_adapter", "load_adapters", "load_table", "local_paths_warnings", "merge", "module_norm",
-    "ones_table", "parse_indices", "plan_merge", "plan_prune", "plan_search", "prune", "push_folder", "search",
-    "weight_table", "write", "write_adapter", "write_adapters", "write_merged_adapter", "write_pruned",
+    "check_not_an_input", "check_table", "check_table_flags", "evaluate", "execute", "execute_eval",
+    "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table", "local_paths_warnings",
+    "merge", "module_norm", "ones_table", "parse_indices", "plan_eval", "plan_merge", "plan_prune", "plan_search",
+    "prune", "push_folder", "search", "weight_table", "write", "write_adapter", "write_adapters",
+    "write_merged_adapter", "write_pruned",
 ]
 
 

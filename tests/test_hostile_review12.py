@@ -305,16 +305,16 @@ def test_eval_prints_a_warning_as_written(setting, monkeypatch):
     raise (MarkupError: an internal error after the whole evaluation). Every command prints them as written."""
     from factories import invoke_cli
 
-    from loramerge_cli import api
+    from loramerge_cli.evaluation import report as reports
 
-    evaluate = api.evaluate
+    evaluate = reports.eval_report
 
     def with_warning(*args, **kwargs):
         report = evaluate(*args, **kwargs)
         report["warnings"].append("task [/]x[bold]: its expert scores 0")
         return report
 
-    monkeypatch.setattr(api, "evaluate", with_warning)
+    monkeypatch.setattr(reports, "eval_report", with_warning)
     result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
                          "--threads", "1", "--val-limit", "4"])
     assert result.exit_code == 0, result.stderr

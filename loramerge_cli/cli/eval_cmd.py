@@ -71,55 +71,21 @@ def eval_options() -> list:
 def eval_command(ctx: typer.Context, **flags) -> None:
     """Score the base model, each expert on its own task, and each merged adapter on every task:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
-    from loramerge_cli.errors import UsageError
-    from loramerge_cli.evaluation import REPORT_FORMAT
-    from loramerge_cli.evaluation.cache import check_run_dir
-    from loramerge_cli.evaluation.data import check_task_file
-    from loramerge_cli.outputs import check_not_an_input, guard_output, read_inputs
-
-    out = flags["out"]
-    if out is not None and out.is_dir():
-        raise UsageError(f"--out {out} is a folder: give a file (missing folders above it are made)")
-    spread, flags["threads"] = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],
-                                               flags["backend"], flags["ray_address"])
-    check_task_file(flags["tasks"], [flags["split"]])  # before any adapter or model loads
-    files, folders = read_inputs([*flags["adapters"], *(flags["merged"] or [])], flags["tasks"], flags["base"],
-                                 flags["allow_pickle"])
-    if flags["run_dir"] is not None:  # the score cache: written too
-        check_run_dir(flags["run_dir"], files + folders)
-    if out is not None:
-        if flags["run_dir"]:
-            check_not_an_input(out, [Path(flags["run_dir"]) / "scores.json"], role="run-directory file")
-        guard_output(out, inputs=files + folders, force=flags["force"], kind="file", formats=(REPORT_FORMAT,))
-    import json
-    from dataclasses import replace
-
-    from loramerge_cli import api
     from loramerge_cli.cli.common import human_console, print_warnings, result_console
     from loramerge_cli.cli.progress import ProgressDisplay
-    from loramerge_cli.evaluation.report import check_request
+    from loramerge_cli.evaluation.report import execute_eval, plan_eval
     from loramerge_cli.evaluation.settings import EvalSettings
-    from loramerge_cli.evaluation.workers import EngineSource, MergedScorer
-    from loramerge_cli.outputs import write_result
-    from loramerge_cli.search.backends import worker_pool
 
-    experts = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
-    merged = api.load_adapters(flags["merged"] or [], allow_pickle=flags["allow_pickle"])  # names unique
+    backend, flags["threads"] = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],
+                                                flags["backend"], flags["ray_address"])
     settings = EvalSettings(**{name: flags[name] for name in ("split", "val_limit", "device", "dtype", "batch_size",
                                                               "threads", "length_normalize", "max_length")})
-    check_request(flags["tasks"], experts, merged, settings, flags["run_dir"], flags["base"],  # before any model
-                  rows=False)  # read above
-    if spread.devices:  # the driver scores the experts and the base on the workers' first device
-        settings = replace(settings, device=spread.devices[0])
-    scorer = MergedScorer(EngineSource(flags["tasks"], flags["adapters"], settings, flags["base"],
-                                       flags["allow_pickle"]))
-    with (worker_pool(scorer, spread if len(merged) > 1 else None, flags["device"], settings.threads) as pool,
-          ProgressDisplay(flags["quiet"] or flags["json_output"]) as display):
-        report = api.evaluate(flags["tasks"], experts, merged, settings, base=flags["base"], run_dir=flags["run_dir"],
-                              allow_pickle=flags["allow_pickle"], report=display, pool=pool, checked=True,
-                              allow_base_mismatch=flags["allow_base_mismatch"])
-    if out is not None:  # what appeared there during the work is not replaced
-        write_result(out, json.dumps(report, indent=2, default=str) + "\n", flags["force"], (REPORT_FORMAT,))
+    plan = plan_eval(flags["tasks"], flags["adapters"], flags["merged"], settings, base=flags["base"],
+                     run_dir=flags["run_dir"], out=flags["out"], force=flags["force"],
+                     allow_pickle=flags["allow_pickle"], allow_base_mismatch=flags["allow_base_mismatch"],
+                     backend=backend)
+    with ProgressDisplay(flags["quiet"] or flags["json_output"]) as display:
+        report = execute_eval(plan, display)
     if flags["json_output"]:
         return emit_json(report)
     print_warnings(human_console(flags["quiet"]), report["warnings"])  # first: a stdout that fails must not lose them

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from loramerge_cli.evaluation import REPORT_FORMAT
@@ -134,7 +134,6 @@ class EvalPlan:
     allow_pickle: bool = False
     allow_base_mismatch: bool = False
     backend: object | None = None
-    flags: dict = field(default_factory=dict)
 
 
 def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settings: EvalSettings | None = None, *,

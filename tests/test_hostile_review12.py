@@ -321,16 +321,6 @@ def test_eval_prints_a_warning_as_written(setting, monkeypatch):
     assert "warning: task [/]x[bold]: its expert scores 0" in result.stderr
 
 
-def test_a_gpu_actor_reserves_the_cpus_its_merges_use():
-    """A Ray GPU actor reserved one CPU whatever --threads said, and Ray sets an actor's OMP_NUM_THREADS to its
-    CPUs: every candidate's merge (on the CPU, in float64) then ran on one thread beside the GPU."""
-    from loramerge_cli.search.ray_backend import actor_resources
-
-    assert actor_resources("cuda", 4) == {"num_gpus": 1, "num_cpus": 4}
-    assert actor_resources("cuda:1", None) == {"num_gpus": 1, "num_cpus": 1}
-    assert actor_resources("cpu", 3) == {"num_gpus": 0, "num_cpus": 3}
-
-
 def test_eval_checks_the_spec_base_and_the_model_kind(setting, tmp_path):
     """`eval` built its engine without the checks every other evaluation runs: a causal-LM adapter was scored
     as a classifier, and a spec naming another base scored the experts on it, both without a word."""

@@ -76,9 +76,10 @@ def slots(device: str, threads: int | None, address: str | None = None) -> list[
 
 
 def actor_resources(device: str, threads: int | None) -> dict:
-    """What one actor reserves: a whole GPU and `threads` CPUs (1 by default: Ray sets an actor's
-    OMP_NUM_THREADS to its CPUs, and a GPU actor still merges each candidate on its CPUs), or `threads` CPUs."""
-    return {"num_gpus": 1 if device.startswith("cuda") else 0, "num_cpus": threads or 1}
+    """What one actor reserves: a whole GPU (and one CPU), or `threads` CPUs."""
+    if device.startswith("cuda"):
+        return {"num_gpus": 1, "num_cpus": 1}
+    return {"num_gpus": 0, "num_cpus": threads or 1}
 
 
 class Worker:

@@ -46,7 +46,7 @@ def test_each_resumable_strategy_names_its_state_file_once_in_the_registry():
         assert (strategy.state_file is not None) == strategy.resumable == (strategy.check_state is not None), name
         if strategy.resumable:
             assert strategy.state_file == states[name].STATE_NAME, name  # the module writes what the guards read
-            assert strategy.state_file in rundir.STRATEGY_STATES
+            assert strategy.state_file in rundir.strategy_states()
 
 
 def test_a_new_strategys_state_is_guarded_and_checked_without_other_edits(setting, tmp_path, monkeypatch):
@@ -64,10 +64,8 @@ def test_a_new_strategys_state_is_guarded_and_checked_without_other_edits(settin
         raise LoramergeError(f"{path}: not mine")
 
     toy = replaced(strategies.STRATEGIES["enmp"], name="toy", state_file="toy_state.json", check_state=check_state)
-    monkeypatch.setitem(strategies.STRATEGIES, "toy", toy)
-    # rundir lists the registry's state files at import: a strategy registered in strategies.py is among them
-    monkeypatch.setattr(rundir, "STRATEGY_STATES", (*rundir.STRATEGY_STATES, "toy_state.json"))
-    monkeypatch.setattr(rundir, "STATE_NAMES", (*rundir.STATE_NAMES, "toy_state.json"))
+    monkeypatch.setitem(strategies.STRATEGIES, "toy", toy)  # registered as any strategy is: nothing else patched
+    assert tmp_path / "run" / "toy_state.json" in rundir.run_dir_files(tmp_path / "run")  # never an --out
     run_dir = tmp_path / "run"
     request = _request(setting, strategy="toy", run_dir=run_dir)
     plan_search(request)
@@ -124,7 +122,7 @@ def test_a_base_model_that_does_not_fit_the_device_is_one_line(monkeypatch, tmp_
 
     class Model:
         def to(self, device):
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     class Loader:
         @staticmethod

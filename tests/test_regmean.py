@@ -134,3 +134,31 @@ def test_merge_regmean_end_to_end(setting, tmp_path):
                           "--adapters", *sources, "--merger", "regmean", "--tasks",
                           setting.tasks_file, "--out", tmp_path / "mask.json"])
     assert invalid.exit_code == 2 and "regmean" in invalid.stderr
+
+
+def test_grams_keep_no_layer_input_alive(setting):
+    """Each distinct input's XᵀX is computed once (a block's q, k and v read one tensor); a first version kept
+    every layer's input (and its Gram) until the batch ended: on an 8B model, gigabytes of device memory. At the
+    model's last LoRA module only what its layer is computing with is alive (that module's input and the
+    layer's attention input, which the residual still holds): 2, where the first version kept 4 here."""
+    import weakref
+
+    from loramerge_cli.evaluation import grams as grams_module
+    from loramerge_cli.merging.merge import module_paths
+
+    adapters = api.load_adapters(setting.adapter_args())
+    engine = api.TaskData(setting.tasks_file, batch_size=5).evaluator(adapters, threads=1)
+    paths = module_paths(adapters)
+    seen, alive = [], []
+    def remember(module, inputs):
+        seen.append(weakref.ref(inputs[0]))
+
+    handles = [engine.modules[path].register_forward_pre_hook(remember) for path in paths]
+    last = engine.modules[paths[-1]]
+    handles.append(last.register_forward_hook(lambda *args: alive.append(sum(ref() is not None for ref in seen))))
+    try:
+        grams_module.collect_grams(engine, adapters[:1], paths)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert alive and max(alive) <= 2, alive

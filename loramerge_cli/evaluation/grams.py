@@ -27,23 +27,26 @@ def collect_grams(engine, adapters: list, paths: list[str], report=None) -> dict
 
 
 def _task_grams(engine, task: str, deltas: dict, paths: list[str]) -> dict[str, torch.Tensor]:
-    """Each module's XᵀX is computed where the model runs (float64), once per distinct input of a batch (a
-    block's query, key and value projections read one tensor), and summed on the CPU."""
+    """Each module's XᵀX is computed where the model runs (float64), once per input tensor (a block's query, key
+    and value projections read one, one after the other), and summed on the CPU. Only the last input's Gram is
+    kept, with a weak reference to the input: no activation lives longer than the model keeps it."""
+    import weakref
+
     sums = {path: None for path in paths}
     counts = dict.fromkeys(paths, 0)
     mask_of_batch: list[torch.Tensor | None] = [None]
-    batch_grams: dict = {}  # this batch's (input tensor, its Gram and rows), by the input's identity
+    last: list = [None]  # (weak reference to the input, its Gram, its rows)
 
     def hook(path):
         def record(module, inputs):
             x = inputs[0].detach()
-            seen = batch_grams.get(id(inputs[0]))
-            if seen is None or seen[0] is not inputs[0]:
+            seen = last[0]
+            if seen is None or seen[0]() is not inputs[0]:
                 mask = mask_of_batch[0]
                 if mask is not None and x.dim() == 3 and tuple(mask.shape) == tuple(x.shape[:2]):
                     x = x[mask.bool()]
                 x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-                seen = batch_grams[id(inputs[0])] = (inputs[0], (x.T @ x).cpu(), x.shape[0])
+                seen = last[0] = (weakref.ref(inputs[0]), (x.T @ x).cpu(), x.shape[0])
             _, gram, rows = seen
             sums[path] = gram.clone() if sums[path] is None else sums[path].add_(gram)
             counts[path] += rows
@@ -56,8 +59,8 @@ def _task_grams(engine, task: str, deltas: dict, paths: list[str]) -> dict[str, 
             for batch in engine.prepared[task].batches:
                 mask_of_batch[0] = batch.inputs.get("attention_mask")
                 engine.model(**batch.inputs)
-                batch_grams.clear()
     finally:
+        last[0] = None
         for handle in handles:
             handle.remove()
     missing = [path for path in paths if not counts[path]]

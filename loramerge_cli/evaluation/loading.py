@@ -93,7 +93,7 @@ def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch
         raise LoramergeError(f"{base}: cannot load the base model as {class_name} ({first})") from None
     try:
         return model.to(device).eval()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError from torch 2.5; this name since 1.13)
         raise LoramergeError(f"{base}: the base model in {str(dtype).removeprefix('torch.')} does not fit in "
                              f"{device}'s memory; free the device, evaluate in a smaller dtype, or give another "
                              "--device") from None

@@ -12,7 +12,7 @@ from loramerge_cli.errors import LoramergeError, UsageError, check_integer, chec
 from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import NscSettings
-from loramerge_cli.search.rundir import CONFIG_NAME, STATE_NAMES, RunDirLock, protected_paths, run_dir_files
+from loramerge_cli.search.rundir import CONFIG_NAME, RunDirLock, protected_paths, run_dir_files, state_names
 from loramerge_cli.search.strategies import (
     DEFAULT_STRATEGY,
     Strategy,
@@ -195,9 +195,9 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
             if strategy.state_file and (run_dir / strategy.state_file).is_file():
                 strategy.check_state(request, run_dir / strategy.state_file, space)
         return
-    held = [name for name in rundir.STATE_NAMES if (run_dir / name).exists()]
+    held = [name for name in state_names() if (run_dir / name).exists()]
     if held:  # a search's state, or a finished one's table (greedy and random save only best.json)
-        resumable = held[0] in rundir.STRATEGY_STATES
+        resumable = held[0] in rundir.strategy_states()
         raise LoramergeError(f"{run_dir} already holds a search ({held[0]}); "
                              + ("pass --resume to continue it, or give another --run-dir" if resumable else
                                 "it cannot be resumed (a finished greedy or random search): give another --run-dir"))
@@ -279,7 +279,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         if out is not None and _same(out, run_dir):
             raise UsageError("--out and --run-dir name the same path; the table goes in a file, the run in a folder")
         if not request.resume and run_dir.is_dir() and not (run_dir / CONFIG_NAME).exists():
-            foreign = [name for name in STATE_NAMES if (run_dir / name).exists()]
+            foreign = [name for name in state_names() if (run_dir / name).exists()]
             if foreign:
                 raise LoramergeError(f"--run-dir {run_dir} holds {foreign[0]}, which no search of loramerge wrote "
                                      "there; give a new folder")

@@ -21,10 +21,17 @@ CONFIG_NAME = "config.json"
 CONFIG_FORMAT = "loramerge.run/v1"
 LOCK_NAME = ".lock"
 LEGACY_PICKLE = "state.pkl"
-STRATEGY_STATES = (*(strategy.state_file for strategy in STRATEGIES.values() if strategy.state_file),
-                   LEGACY_PICKLE)  # each resumable strategy's state, and the old pickle (refused): a run dir holding
-# one holds a search
-STATE_NAMES = (*STRATEGY_STATES, TRAJECTORY_NAME, "best.json")  # what a search saves as it goes
+
+
+def strategy_states() -> tuple[str, ...]:
+    """Each registered strategy's state file, and the old pickle (refused): a run dir holding one holds a search."""
+    return (*(strategy.state_file for strategy in STRATEGIES.values() if strategy.state_file), LEGACY_PICKLE)
+
+
+def state_names() -> tuple[str, ...]:
+    """What a search saves as it goes."""
+    return (*strategy_states(), TRAJECTORY_NAME, "best.json")
+
 # Flags that say how a search runs or where its table goes, not what it searches: --resume may change them.
 RUN_ONLY_FLAGS = {"out", "force", "json_output", "quiet", "debug", "plot", "resume", "config", "run_dir", "devices",
                   "workers", "threads", "device", "block_cache_mb", "report_test", "backend", "ray_address"}
@@ -69,7 +76,7 @@ def forget_refused_run(run_dir: Path, before: set[str] | None) -> None:
     """After a search was refused before it saved any state, remove what it wrote (the folder if it made it,
     else its config.json and .lock): a refused run leaves nothing to resume. `before`: the folder's entries
     when the command started (None: it did not exist). A run with saved state is never touched."""
-    if not run_dir.is_dir() or any((run_dir / name).exists() for name in STATE_NAMES):
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in state_names()):
         return
     if before is None:
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -232,7 +239,7 @@ def run_dir_files(run_dir: Path | None) -> list[Path]:
     """The run directory's own state files (an --out must not replace them)."""
     if run_dir is None:
         return []
-    return [Path(run_dir) / name for name in (CONFIG_NAME, LOCK_NAME, "scores.json", *STATE_NAMES)]
+    return [Path(run_dir) / name for name in (CONFIG_NAME, LOCK_NAME, "scores.json", *state_names())]
 
 
 def refuse_pickle_state(run_dir: Path) -> None:

@@ -87,29 +87,28 @@ def check_spec_base(task_file, adapters: list[Adapter], allow_base_mismatch: boo
             )
 
 
-# PEFT task types that say which model kind an adapter was trained for
-TASK_TYPE_KINDS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
-
-
 def check_base_kind(engine) -> None:
-    """The model kind the tasks are scored with must fit the adapters and the base: a causal-LM adapter is
-    not a classifier (and the other way round), and a classification task scored with the base's own head
-    needs a base that has a trained one (a causal LM loaded as a classifier gets a random head)."""
+    """The model kind the tasks are scored with must fit the adapters and the base: an adapter whose PEFT
+    `task_type` belongs to another task type (a causal-LM adapter scored as a classifier, or the other way
+    round) is refused, and a classification task scored with the base's own head needs a base that has a
+    trained one (a causal LM loaded as a classifier gets a random head). The task types declare both."""
+    from loramerge_cli.evaluation.task_types import TASK_TYPES
+
     task_file = engine.task_file
-    kind = "classification" if task_file.type.classifier else "causal-lm"
+    task_type = task_file.type
+    known = {name for other in TASK_TYPES.values() for name in other.peft_task_types}
     for task in task_file.tasks:
         adapter = engine.experts[task.name]
-        trained_for = TASK_TYPE_KINDS.get(str(adapter.config.get("task_type") or "").upper())
-        if trained_for and trained_for != kind:
+        recorded = str(adapter.config.get("task_type") or "").upper()
+        if recorded in known and recorded not in task_type.peft_task_types:
             raise LoramergeError(
                 f"{task_file.path}: model_type {task_file.model_type}, but adapter {adapter.name!r} was trained "
                 f"for {adapter.config['task_type']}"
             )
-    if kind != "classification":
+    if not task_type.classifier:
         return
     architectures = getattr(engine.model.config, "architectures", None) or []
-    trained_head = any(name.endswith(("ForSequenceClassification", "ForImageClassification"))
-                       for name in architectures)
+    trained_head = bool(task_type.trained_head) and any(name.endswith(task_type.trained_head) for name in architectures)
     headless = [task.name for task in task_file.tasks if not engine.heads.get(task.name)]
     if architectures and headless and not trained_head:
         raise LoramergeError(

@@ -16,6 +16,8 @@ class TaskType:
     choices: bool = False  # scored by the log-likelihood of each choice after a prompt (no class head)
     extras: tuple[tuple[str, str], ...] = ()  # (module, pip extra) it imports: checked before any work
     inputs_name_files: bool = False  # an input given as text is a file's path (its size and mtime are data)
+    peft_task_types: tuple[str, ...] = ()  # PEFT `task_type`s of adapters trained for this kind of model
+    trained_head: str | None = None  # classifiers: a base architecture ending so has a trained head
 
     def check_task(self, task, task_file) -> None:
         """Cross-field rules of one task spec entry that the schema cannot say (raise task_file.error)."""

@@ -11,6 +11,7 @@ from loramerge_cli.evaluation.task_types.base import TaskType, text_setup
 class CausalLM(TaskType):
     name = "causal-lm"
     model_class = "AutoModelForCausalLM"
+    peft_task_types = ("CAUSAL_LM",)
     classifier = False
     choices = True
 

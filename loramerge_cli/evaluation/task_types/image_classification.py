@@ -13,6 +13,8 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 class ImageClassification(TaskType):
     name = "image-classification"
     model_class = "AutoModelForImageClassification"
+    peft_task_types = ("SEQ_CLS",)
+    trained_head = "ForImageClassification"
     preprocessor_class = "AutoImageProcessor"
     extras = (("PIL", "image"),)
     inputs_name_files = True

@@ -10,6 +10,8 @@ from loramerge_cli.evaluation.task_types.base import TaskType, text_setup
 class SequenceClassification(TaskType):
     name = "sequence-classification"
     model_class = "AutoModelForSequenceClassification"
+    peft_task_types = ("SEQ_CLS",)
+    trained_head = "ForSequenceClassification"
 
     def check_task(self, task, task_file) -> None:
         if not task.text:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +43,7 @@ def bundled_setting(out: Path, log, setting: str = "text") -> tuple[Path, list[s
     return tasks_file, arguments, api.load_adapters(arguments)
 
 
-def run_setting(setting: Path, merged_root: Path, mergers, search: bool, log) -> dict:
+def run_setting(setting: Path, merged_root: Path, mergers, search: bool, log, threads: int = THREADS) -> dict:
     """Rows (base, experts, each merger at its tuned λ, the searches) of mean normalized test accuracy."""
     from dataclasses import replace
 
@@ -59,7 +60,7 @@ def run_setting(setting: Path, merged_root: Path, mergers, search: bool, log) ->
     tasks_file = setting / "tasks.yaml"
     arguments = adapter_args(setting, tasks_file)
     adapters = api.load_adapters(arguments)
-    validation_settings = EvalSettings(split="validation", val_limit=ENMP_BUDGET["val_limit"], threads=THREADS,
+    validation_settings = EvalSettings(split="validation", val_limit=ENMP_BUDGET["val_limit"], threads=threads,
                                        batch_size=32)
     validation = Evaluator(load_task_file(tasks_file), adapters, validation_settings)
     test = Evaluator(load_task_file(tasks_file), adapters, replace(validation_settings, split="test", val_limit=None))
@@ -152,13 +153,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundled example folder (built if needed)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--no-search", action="store_true", help="skip the mask searches")
+    parser.add_argument("--threads", type=int, default=THREADS, help=f"torch CPU threads (default {THREADS}, as the "
+                        "README's table was measured; another count can move a figure in its last digit)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error("--threads must be >= 1")
     if args.json is not None and (args.json.is_dir() or not args.json.resolve().parent.is_dir()):
         parser.error(f"--json {args.json}: give a file in an existing folder")  # before the job, not after it
     try:
         return run_job(args)
     except LoramergeError as error:  # a bad --out: one line, as loramerge's commands say it
         raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:  # Ctrl-C: one line and 130, as loramerge's commands (the build's cache stays)
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 def run_job(args) -> dict:
@@ -168,7 +176,7 @@ def run_job(args) -> dict:
     from examples.bundled.build import FULL, build, stamp, up_to_date
 
     console = Console(stderr=True, log_path=False, soft_wrap=True)  # one unwrapped line per message
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(args.threads)
     started = time.perf_counter()
     from loramerge_cli.cli.progress import ProgressDisplay
 
@@ -181,7 +189,7 @@ def run_job(args) -> dict:
     results = {"settings": {}}
     for setting, search in (("text", not args.no_search), ("image", False)):
         results["settings"][setting] = run_setting(args.out / setting, args.out / "merged" / setting, MERGERS,
-                                                   search, console.log)
+                                                   search, console.log, args.threads)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["build_seconds"] = built
     Console(width=140).print(render(results))

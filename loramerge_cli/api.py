@@ -43,7 +43,7 @@ from loramerge_cli.plan import (
     write_pruned,
 )
 from loramerge_cli.pruning import apply_table
-from loramerge_cli.evaluation.report import EvalPlan, execute_eval, plan_eval
+from loramerge_cli.evaluation.eval_plan import EvalPlan, execute_eval, plan_eval
 from loramerge_cli.evaluation.settings import EvalSettings
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.nsc_settings import NscSettings

@@ -347,3 +347,14 @@ def test_eval_checks_the_spec_base_and_the_model_kind(setting, tmp_path):
     result = invoke_cli(arguments)
     assert result.exit_code == 1 and "differs from the base" in result.stderr, result.stderr
     assert invoke_cli([*arguments, "--allow-base-mismatch"]).exit_code == 0
+
+
+def test_eval_says_a_validation_limit_does_not_cap_another_split(setting):
+    """`eval --split test --val-limit 8` scored all the test examples without a word (a newcomer's trial). It
+    stays allowed (a --config file may set --val-limit for every command), with a warning."""
+    from factories import invoke_cli
+
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
+                         "--split", "test", "--val-limit", "8", "--threads", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: --val-limit limits the validation split only: the test split was scored in full" in result.stderr

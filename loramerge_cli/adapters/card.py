@@ -243,7 +243,7 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
     lines = [
         f"# {title}", "",
         f"A LoRA adapter merged from {len(adapters)} adapters ({', '.join(a.name for a in adapters)}) with "
-        f"[loramerge](https://pypi.org/project/loramerge/) {__version__}.", "",
+        f"loramerge {__version__}.", "",
         base_line, "",
         "## Method", "",
         f"- Merger `{settings.merger}`: method `{settings.method.name}` ({settings.method.summary}) in the "

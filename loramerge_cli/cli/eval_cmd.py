@@ -73,7 +73,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
     from loramerge_cli.cli.common import human_console, print_warnings, result_console
     from loramerge_cli.cli.progress import ProgressDisplay
-    from loramerge_cli.evaluation.report import execute_eval, plan_eval
+    from loramerge_cli.evaluation.eval_plan import execute_eval, plan_eval
     from loramerge_cli.evaluation.settings import EvalSettings
 
     backend, flags["threads"] = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],

@@ -99,8 +99,8 @@ def search_options() -> list:
         max_length_option(),
         option("block_cache_mb", float, 1024, help="MB of the unpruned merge's block outputs kept so that each "
                "candidate's forward pass starts at its first changed block (same scores; 0: off)."),
-        option("run_dir", Path | None, None, help="Checkpoints every generation (state, trajectory.jsonl, best "
-               "table)."),
+        option("run_dir", Path | None, None, help="Checkpoints after every step or generation (state, "
+               "trajectory.jsonl, best table)."),
         option("resume", bool, False, help=f"Continue the search saved in --run-dir ({resumable}) with its saved "
                "settings (flags given must equal them); refused if an input changed since. Nothing in a run dir is "
                "a pickle."),

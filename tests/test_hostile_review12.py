@@ -358,3 +358,16 @@ def test_eval_says_a_validation_limit_does_not_cap_another_split(setting):
                          "--split", "test", "--val-limit", "8", "--threads", "1"])
     assert result.exit_code == 0, result.stderr
     assert "warning: --val-limit limits the validation split only: the test split was scored in full" in result.stderr
+
+
+def test_a_mistyped_relative_path_says_no_local_folder_either(tmp_path, monkeypatch):
+    """`loramerge inspect adaptors/rte` (a typo of adapters/rte) said only that the Hub id was not in the cache
+    and the Hub could not be reached: a newcomer looked for a network problem."""
+    from factories import invoke_cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    result = invoke_cli(["inspect", "adaptors/rte"])
+    assert result.exit_code == 1
+    assert "adaptors/rte: no such local file or folder, and as a Hub id:" in result.stderr, result.stderr

@@ -132,18 +132,20 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     )
 
     patterns = [CONFIG_NAME, SAFETENSORS_NAME] + ([PICKLE_NAME] if allow_pickle else [])
+    # a mistyped relative path reads as a Hub id (adaptors/rte): say that no such local path exists either
+    local = "no such local file or folder, and as a Hub id: " if "@" not in spec and "/" in spec else ""
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
         raise LoramergeError(
-            f"{spec}: not in the local Hugging Face cache and the Hub cannot be reached (offline?)"
+            f"{spec}: {local}not in the local Hugging Face cache and the Hub cannot be reached (offline?)"
         ) from None
     except RevisionNotFoundError:
         raise LoramergeError(f"{spec}: revision {revision!r} not found on the Hub") from None
     except GatedRepoError:
         raise LoramergeError(f"{spec}: gated repository; log in with `hf auth login`") from None
     except RepositoryNotFoundError:
-        raise LoramergeError(f"{spec}: repository not found on the Hub (or private)") from None
+        raise LoramergeError(f"{spec}: {local}repository not found on the Hub (or private)") from None
     except Exception as error:  # noqa: BLE001 - network errors and friends (httpx's are no OSErrors)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise LoramergeError(f"{spec}: cannot download from the Hub: {first}") from None

@@ -171,6 +171,9 @@ def test_a_relative_base_model_is_taken_from_the_spec_s_folder(setting, tmp_path
     hub = _spec(specs, _pair_task(data), name="hub.yaml", base_model="org/name")
     assert load_task_file(hub).base_model == "org/name"
     result = invoke_cli(["eval", "--adapters", f"nli={setting.adapters['alpha']}", "--tasks", spec, "--json"])
+    assert result.exit_code == 1 and "differs from the base adapter 'nli' was trained on" in result.stderr  # a copy
+    result = invoke_cli(["eval", "--adapters", f"nli={setting.adapters['alpha']}", "--tasks", spec, "--json",
+                         "--allow-base-mismatch"])
     assert result.exit_code == 0, result.stderr
 
 

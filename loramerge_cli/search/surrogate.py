@@ -135,8 +135,8 @@ def pair_prior_std(size: int, task_count: int, settings: SurrogateSettings) -> n
 class ScoredTables:
     """The tables scored so far (0/1 rows over U·T entries), each one's pruned entries, and the kernel
     K + σ²I over them, grown by the new tables' rows as they come: O(n·U·T) per table, not the O(n²·U) of a
-    rebuild every step (16 GB at n = 1,800 on 224 blocks × 8 tasks). For two tables sharing s entries, c_u of
-    them in unit u, K = a² s + b² (s(s−1)/2 − p) + r²b² p, where p = Σ_u c_u(c_u−1)/2 counts the shared pairs
+    rebuild every step (about 17 GB at n = 1,800 on 224 blocks × 8 tasks). For two tables sharing s entries,
+    c_u of them in unit u, K = a² s + b² (s(s−1)/2 − p) + r²b² p, where p = Σ_u c_u(c_u−1)/2 counts the shared pairs
     within one unit; the counts are exact integers, so K is the same to the bit however it is grown."""
 
     GROWTH_CHUNK = 16  # tables added per block of new rows (n × 16 × U counts at a time)

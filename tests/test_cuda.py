@@ -101,6 +101,21 @@ def test_worker_processes_on_cuda_devices_equal_a_serial_cuda_search(setting):
     assert spread.weights == serial.weights
 
 
+def test_a_parked_engine_frees_the_device_and_scores_the_same_after(setting):
+    adapters = load_adapters(setting.adapter_args())
+    engine = Evaluator(load_task_file(setting.tasks_file), adapters,
+                       EvalSettings(threads=1, batch_size=8, device="cuda:0"))
+    before = engine.score_adapter(adapters[0])
+    held = torch.cuda.memory_allocated()
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    with engine.parked():
+        assert next(engine.model.parameters()).device.type == "cpu"
+        assert torch.cuda.memory_allocated() <= held - weights
+    assert next(engine.model.parameters()).device.type == "cuda"
+    assert all(copy.device.type == "cuda" for copy in engine.base_weights.values())
+    assert engine.score_adapter(adapters[0]) == before
+
+
 def test_ray_gpu_actors_equal_a_serial_cuda_search(setting):
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"

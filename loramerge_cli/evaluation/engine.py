@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -137,6 +138,7 @@ class Evaluator:
         for adapter in experts:
             self._check_targets(adapter_deltas(adapter), adapter.name)
         self.max_lengths: dict[str, int] = {}  # text tasks: the token cap each one uses
+        self.device_caches: weakref.WeakSet = weakref.WeakSet()  # what keeps outputs on the device (BlockReplay)
         self.prepared = self._prepare(preprocessor)
         self._identity = base_identity(self.base, self.model)
 
@@ -280,6 +282,31 @@ class Evaluator:
             for key, default in self.head_defaults.items():
                 parameter = self.parameters[key]
                 parameter.copy_(head[key].to(parameter.dtype) if key in head else default)
+
+    @contextmanager
+    def parked(self) -> Iterator[None]:
+        """The model and the copies of its base weights and heads wait in host memory while other processes use
+        the device (a search's workers, one of them on this device); they are back on it after, the same bits,
+        and recorded block outputs (`device_caches`) are dropped. Scoring while parked fails (the inputs stay
+        on the device). On the CPU nothing moves."""
+        if self.device.type == "cpu":
+            yield
+            return
+        for cache in list(self.device_caches):  # recorded again on the next use
+            cache.forget()
+        self._place(torch.device("cpu"))
+        release_device_memory()
+        try:
+            yield
+        finally:
+            self._place(self.device)
+
+    def _place(self, device: torch.device) -> None:
+        """The model and its weight copies on `device` (in place: views of this engine share them)."""
+        self.model.to(device)
+        for copies in (self.base_weights, self.head_defaults):
+            for key, tensor in copies.items():
+                copies[key] = tensor.to(device)
 
     # --- scoring -------------------------------------------------------------------------------
 

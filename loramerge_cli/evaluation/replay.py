@@ -108,6 +108,7 @@ class BlockReplay:
         self.verified = False
         self.replayed_blocks = 0  # blocks replayed instead of run, summed over candidates
         self.full_blocks = 0  # blocks run, summed over candidates
+        engine.device_caches.add(self)  # dropped while the engine is parked (Evaluator.parked)
 
     @property
     def recorded(self) -> bool:
@@ -150,6 +151,10 @@ class BlockReplay:
                         if (index + 1) % stride == 0 and per_task}
         self.enabled = bool(self.outputs)
         return scores
+
+    def forget(self) -> None:
+        """Drop the recorded outputs (device memory): the next candidate records the reference again."""
+        self.reference, self.outputs = None, {}
 
     def first_changed(self, deltas: dict) -> int:
         """Index of the first block whose modules differ from the reference (0 if one outside the blocks does)."""

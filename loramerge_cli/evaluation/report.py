@@ -62,6 +62,7 @@ def eval_report(
     merged = merged or []
     with stage(report, "merged × tasks", len(merged) * len(task_file.names)) as step:
         if pool is not None and merged:
+            pool.reside(engine)  # the workers score the merges: this engine waits in host memory
             merged_accuracy = pool([adapter.source.spec for adapter in merged])
         else:
             merged_accuracy = [_score_each_task(engine, adapter, task_file.names, step) for adapter in merged]

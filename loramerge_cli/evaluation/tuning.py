@@ -112,6 +112,7 @@ def search_lambda(
     statistics: dict | None = None,
     pool=None,
     also: tuple[float, ...] = (),
+    experts: dict[str, float] | None = None,
 ) -> LambdaSearch:
     """Score the merge at every λ of the grid (the default one, or exactly `grid` when given) on `split`;
     `report` receives progress stages (loramerge_cli.events).
@@ -120,6 +121,7 @@ def search_lambda(
     the input Gram matrices of a data-reading method (RegMean). `pool`, if given, scores each stage's points
     on its workers (`LambdaScorer`, evaluation/workers.py). `also`: λs tried beside the default grid (a weight
     table's own λ, which the merge uses without --lambda auto: so the choice is never worse on validation).
+    `experts`: each expert's accuracy on its task, when already scored (else scored here, by `evaluator`).
     """
     from loramerge_cli.merging.merge import merge, resolve_config
 
@@ -133,7 +135,10 @@ def search_lambda(
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)
         evaluator = checked_evaluator(load_task_file(tasks_file), adapters, settings, base, allow_base_mismatch)
-    experts = expert_scores(evaluator, ScoreCache(run_dir), report)
+    if experts is None:
+        experts = expert_scores(evaluator, ScoreCache(run_dir), report)
+    if pool is not None:  # the grid's workers: this process scores nothing more
+        pool.reside(evaluator)
     records: list[dict] = []
 
     non_finite: list[str] = []  # each λ whose merged model gave NaN or Inf, and why

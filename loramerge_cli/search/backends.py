@@ -3,12 +3,14 @@ machine (`process`, the default), or Ray actors on this machine or a cluster (`r
 
 Every backend offers the same small interface: `pool(items)` returns `[work([item])[0] for item in items]`
 in item order, where each worker built `work = build(device)` once; `pool.close()` (or leaving `with pool:`)
-ends the workers.
+ends the workers. `worker_pool` starts them at the first call, and `pool.reside(engine)` parks an engine of
+this process in host memory for as long as they run: a search's driver scores the experts and the unpruned
+merge on the workers' first device, and no device holds two models.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 from loramerge_cli.errors import LoramergeError, UsageError
@@ -24,6 +26,11 @@ class Backend:
     name: str = "process"
     devices: list[str] | None = None
     address: str | None = None  # ray: None (a local cluster), "auto" or HOST:PORT
+
+    @property
+    def spreads(self) -> bool:
+        """Whether the work goes to workers (Ray actors, or more than one worker process), not this process."""
+        return self.name == "ray" or bool(self.devices and len(self.devices) > 1)
 
     def check(self) -> None:
         """The choice itself, before any model loads: Ray's presence, and that a cluster answers at `address`."""
@@ -50,7 +57,7 @@ def open_pool(build, backend: Backend, device: str = "cpu", threads: int | None 
 
         devices = backend.devices or slots(device, threads, backend.address)
         return RayPool(build, devices, backend.address, threads)
-    if backend.devices and len(backend.devices) > 1:
+    if backend.spreads:
         from loramerge_cli.search.parallel import ParallelFitness
 
         return ParallelFitness(build, backend.devices)
@@ -58,9 +65,58 @@ def open_pool(build, backend: Backend, device: str = "cpu", threads: int | None 
 
 
 
+class LazyPool:
+    """A backend's workers, started at the first call; the engines of this process given to `reside` wait in
+    host memory from then until the workers end (`Evaluator.parked`)."""
+
+    def __init__(self, build, backend: Backend, device: str, threads: int | None):
+        self.start = lambda: open_pool(build, backend, device, threads)
+        self.workers = None
+        self.residents: list = []
+        self.parking = ExitStack()
+
+    def reside(self, engine) -> None:
+        """Park `engine` while the workers run (at once if they already do)."""
+        if any(engine is resident for resident in self.residents):
+            return
+        self.residents.append(engine)
+        if self.workers is not None:
+            self.parking.enter_context(engine.parked())
+
+    def __call__(self, items: list) -> list:
+        if self.workers is None:
+            try:
+                for engine in self.residents:
+                    self.parking.enter_context(engine.parked())
+                self.workers = self.start()
+            except BaseException:
+                self.parking.close()
+                raise
+        return self.workers(items)
+
+    def __enter__(self) -> "LazyPool":
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        with self.parking:  # the engines come back after the workers have ended
+            if self.workers is not None:
+                self.workers.__exit__(error_type, error, traceback)
+
+    def close(self) -> None:
+        self.__exit__(None, None, None)
+
+
 @contextmanager
 def worker_pool(build, backend: Backend | None, device: str = "cpu", threads: int | None = None):
-    """`open_pool` as a context: yields the pool (or None) and ends its workers on the way out."""
-    pool = open_pool(build, backend, device, threads) if backend is not None else None
-    with pool or nullcontext():  # stopped at the end; at once after an error or Ctrl-C
+    """The backend's workers as a context: yields a `LazyPool`, or None when the work stays in this process
+    (the choice is checked here, before any work); the workers end on the way out, at once after an error or
+    Ctrl-C."""
+    if backend is None:
+        yield None
+        return
+    backend.check()
+    if not backend.spreads:
+        yield None
+        return
+    with LazyPool(build, backend, device, threads) as pool:
         yield pool

@@ -52,12 +52,12 @@ def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
 
     problem = build_problem(request, _first_device(request))
     lam, tuning = problem.settings.lam, None
+    experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
     if request.lambda_auto:
-        search = _search_lambda(request, problem, run_dir, on_event)
+        search = _search_lambda(request, problem, experts, run_dir, on_event)
         lam, tuning = search.best, search.describe()
         problem.settings = replace(problem.settings, lam=lam)
         on_event("lambda", {"lambda": lam, "points": len(search.records), "warnings": search.warnings})
-    experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
     with stage(on_event, "scoring the unpruned merge", 1) as step:
         fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
         step(f"{fitness.reference:.2f}")
@@ -154,6 +154,7 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
         evaluate, workers = strategy.scoring(request, fitness, workers)
     with _worker_pool(workers, request) as parallel:
         if parallel is not None:
+            parallel.reside(fitness.engine)  # one model on the workers' first device
             evaluate = parallel if strategy.scoring is None else replace(evaluate, backend=parallel)
         outcome = strategy.run(request, evaluate, space, on_progress)
     best = outcome.best
@@ -187,16 +188,18 @@ def _worker_pool(build, request: SearchRequest):
     return worker_pool(build, backend, request.eval.device, request.eval.threads)
 
 
-def _search_lambda(request: SearchRequest, problem: Problem, run_dir: Path | None, on_event):
+def _search_lambda(request: SearchRequest, problem: Problem, experts: dict, run_dir: Path | None, on_event):
     """--lambda auto before the search, each stage of its grid on the search's workers."""
     from loramerge_cli.evaluation.tuning import search_lambda
     from loramerge_cli.evaluation.workers import EngineSource, LambdaScorer
 
     config = replace(request.merge, lam=None)
     source = EngineSource(request.tasks, request.adapters, request.eval, request.base, request.allow_pickle)
-    with _worker_pool(LambdaScorer(source, config, None, request.allow_base_mismatch), request) as pool:
+    scorer = LambdaScorer(source, config, None, request.allow_base_mismatch)
+    with _worker_pool(scorer, request) as pool:
         return search_lambda(problem.adapters, config, None, request.tasks, evaluator=problem.engine, run_dir=run_dir,
-                             allow_base_mismatch=request.allow_base_mismatch, report=on_event, pool=pool)
+                             allow_base_mismatch=request.allow_base_mismatch, report=on_event, pool=pool,
+                             experts=experts)
 
 
 def _provenance(request, fitness, outcome, started) -> dict:

@@ -95,7 +95,7 @@ def test_eval_and_merge_lambda_auto_park_the_driver_while_their_workers_run(sett
                         "--workers", "2", "--out", str(merged)])
     assert tuned.exit_code == 0, tuned.stderr
     assert events == ["park", "start", "stop", "back"]
-    scored = invoke_cli(["eval", *common, "--tasks", str(setting.tasks_file), "--merged", f"one={merged}", f"two={merged}",
-                         "--workers", "2", "--json"])
+    scored = invoke_cli(["eval", *common, "--tasks", str(setting.tasks_file), "--merged", f"one={merged}",
+                         f"two={merged}", "--workers", "2", "--json"])
     assert scored.exit_code == 0, scored.stderr
     assert events == ["park", "start", "stop", "back"] * 2

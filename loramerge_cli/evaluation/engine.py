@@ -287,8 +287,8 @@ class Evaluator:
     def parked(self) -> Iterator[None]:
         """The model and the copies of its base weights and heads wait in host memory while other processes use
         the device (a search's workers, one of them on this device); they are back on it after, the same bits,
-        and recorded block outputs (`device_caches`) are dropped. Scoring while parked fails (the inputs stay
-        on the device). On the CPU nothing moves."""
+        and recorded block outputs (`device_caches`) are dropped (after Ctrl-C they stay on the host). Scoring
+        while parked fails (the inputs stay on the device). On the CPU nothing moves."""
         if self.device.type == "cpu":
             yield
             return
@@ -298,8 +298,12 @@ class Evaluator:
         release_device_memory()
         try:
             yield
-        finally:
+        except KeyboardInterrupt:  # on the way out: no copy back to hold up exit 130
+            raise
+        except BaseException:
             self._place(self.device)
+            raise
+        self._place(self.device)
 
     def _place(self, device: torch.device) -> None:
         """The model and its weight copies on `device` (in place: views of this engine share them)."""

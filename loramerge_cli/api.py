@@ -45,7 +45,7 @@ from loramerge_cli.plan import (
 from loramerge_cli.pruning import apply_table
 from loramerge_cli.evaluation.eval_plan import EvalPlan, execute_eval, plan_eval
 from loramerge_cli.evaluation.settings import EvalSettings
-from loramerge_cli.search.enmp import EnmpSettings
+from loramerge_cli.search.enmp_settings import EnmpSettings
 from loramerge_cli.search.nsc_settings import NscSettings
 from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 

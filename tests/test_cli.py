@@ -234,6 +234,42 @@ def test_merge_options_come_from_the_registry():
     assert all(name in text for name in merger_names())
 
 
+def test_evaluation_and_search_options_take_the_settings_dataclasses_defaults():
+    """The command line and the library start from the same numbers: each option of a settings field has the
+    field's default, and the fields one flag feeds (--seed, --batch-size) agree across the dataclasses."""
+    import dataclasses
+    import inspect
+    import typing
+
+    from loramerge_cli.cli.app import app  # noqa: F401  (registers the commands)
+    from loramerge_cli.cli.eval_cmd import eval_command
+    from loramerge_cli.cli.search_cmd import search_command
+    from loramerge_cli.evaluation.settings import EvalSettings
+    from loramerge_cli.search.enmp_settings import EnmpSettings
+    from loramerge_cli.search.nsc_settings import NscSettings
+
+    def defaults(settings) -> dict:
+        return {field.name: field.default for field in dataclasses.fields(settings)}
+
+    def flag_defaults(command) -> dict:
+        return {name: parameter.default for name, parameter in inspect.signature(command).parameters.items()}
+
+    search, evaluation = flag_defaults(search_command), flag_defaults(eval_command)
+    shown = {"eval_dtype": "dtype"}  # flag -> EvalSettings field, where the names differ
+    checked = 0
+    for settings, flags in ((EvalSettings, search), (EvalSettings, evaluation), (EnmpSettings, search),
+                            (NscSettings, search)):
+        fields = defaults(settings)
+        for flag, value in flags.items():
+            field = shown.get(flag, flag) if settings is EvalSettings else flag
+            if field in fields and flag not in ("threads", "max_length", "target_blocks", "target_modules"):
+                assert value == fields[field], (settings.__name__, flag)
+                checked += 1
+    assert checked >= 20
+    assert NscSettings.seed == EnmpSettings.seed and NscSettings.batch_size == EvalSettings.batch_size
+    assert typing.get_type_hints(EnmpSettings)["popsize"] is int
+
+
 @pytest.mark.parametrize("command", ["inspect", "merge", "apply-mask", "search-mask"])
 def test_help_ends_with_examples(command):
     result = _ok([command, "--help"])

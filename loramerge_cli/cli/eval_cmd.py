@@ -21,6 +21,7 @@ from loramerge_cli.cli.options import (
     output_options,
     resolve_backend,
     scale_options,
+    setting_option,
     threads_option,
     with_options,
 )
@@ -35,25 +36,28 @@ EPILOG = examples_epilog(
 
 def eval_options() -> list:
     """The experts, the task spec, the merges to score, and how to evaluate."""
+    from loramerge_cli.evaluation.settings import EvalSettings
+    from loramerge_cli.merging.registry import DTYPES
+
     return [
         option("adapters", list[str], ..., show_default=False, help=ADAPTERS_HELP + " They are the experts; "
                "each task of --tasks is matched to one by name."),
         option("tasks", Path, ..., show_default=False, help="Task spec YAML (data, text columns, labels, heads)."),
         option("merged", list[str] | None, None, help="Merged adapter folder(s) to score on every task, "
                "optionally name=folder."),
-        option("split", str, "validation", help="Data split: validation or test (any split the spec names)."),
-        option("val_limit", int | None, None, min=1, help="Examples per task on the validation split (a seeded "
+        setting_option(EvalSettings, "split", help="Data split: validation or test (any split the spec names)."),
+        setting_option(EvalSettings, "val_limit", min=1, help="Examples per task on the validation split (a seeded "
                "subset); overrides `limit`."),
         option("base", str | None, None, help="Base model folder or Hub id; overrides the spec and the adapter "
                "configs."),
-        option("device", str, "cpu", help="Torch device: cpu, cuda, cuda:1, mps."),
+        setting_option(EvalSettings, "device", help="Torch device: cpu, cuda, cuda:1, mps."),
         *scale_options(),
-        option("dtype", choice(("float32", "bfloat16", "float16")), "float32", help="Model dtype."),
-        option("batch_size", int, 16, min=1, help="Sequences per forward pass."),
+        setting_option(EvalSettings, "dtype", annotation=choice(DTYPES), help="Model dtype."),
+        setting_option(EvalSettings, "batch_size", min=1, help="Sequences per forward pass."),
         max_length_option(),
         threads_option("Torch CPU threads (fixed, for reproducible numbers). [default: OMP_NUM_THREADS if set, "
                        "else min(8, CPUs)]"),
-        option("length_normalize", bool, False, help="Causal LM: divide each choice's log-likelihood by its "
+        setting_option(EvalSettings, "length_normalize", help="Causal LM: divide each choice's log-likelihood by its "
                "token count."),
         option("run_dir", Path | None, None, help="Folder caching expert and base scores (keyed by adapter and "
                "data hashes)."),

@@ -50,6 +50,18 @@ def option(name: str, annotation, default, *flags: str, **settings) -> inspect.P
                              annotation=Annotated[annotation, typer.Option(*flags, **settings)])
 
 
+def setting_option(settings, field: str, *flags: str, name: str | None = None, annotation=None,
+                   **options) -> inspect.Parameter:
+    """The option of a settings dataclass's field (named after it unless `name`): its default, and its type
+    unless `annotation` (a `choice`), are the field's, so the command line and the library cannot differ."""
+    import dataclasses
+    import typing
+
+    default = next(item.default for item in dataclasses.fields(settings) if item.name == field)
+    annotation = annotation if annotation is not None else typing.get_type_hints(settings)[field]
+    return option(name or field, annotation, default, *flags, **options)
+
+
 LONGEST_CHOICE_METAVAR = 40  # longer lists of choices go into the help text, behind the metavar NAME
 
 

@@ -19,6 +19,7 @@ from loramerge_cli.cli.options import (
     output_options,
     resolve_backend,
     scale_options,
+    setting_option,
     threads_option,
     with_options,
 )
@@ -49,6 +50,9 @@ RESUME_ONLY = "unless --run-dir DIR --resume continues a saved search"
 
 def search_options() -> list:
     """Strategy, fitness, budgets, evaluation and run-directory options (after the merger's)."""
+    from loramerge_cli.evaluation.settings import EvalSettings
+    from loramerge_cli.search.enmp_settings import EnmpSettings
+    from loramerge_cli.search.nsc_settings import OBJECTIVES, NscSettings
     from loramerge_cli.search.strategies import DEFAULT_STRATEGY, STRATEGIES
 
     strategies = "; ".join(f"{name}: {strategy.help}" for name, strategy in STRATEGIES.items())
@@ -62,43 +66,47 @@ def search_options() -> list:
                "the options NAME reads only."),
         option("fitness", choice(("accuracy", "nsc")), "accuracy", help="Mask strategies: labelled validation "
                "accuracy, or nsc: % reduction of the label-free --objective loss (no labels read)."),
-        option("objective", choice(("nsc", "entropy")), "nsc", help="Label-free loss: nsc (null-space ratio at "
-               "the targets) or entropy (AdaMerging: mean prediction entropy; classification tasks)."),
-        option("steps", int, 100, help="nsc: AdamW steps."),
-        option("lr", float, 1e-3, help="nsc: AdamW learning rate (weight decay 0.01)."),
-        option("init", float, 0.4, help="nsc: starting value of every coefficient (the paper's 0.4; 1/T starts "
-               "from ta's default λ)."),
+        setting_option(NscSettings, "objective", annotation=choice(OBJECTIVES), help="Label-free loss: nsc "
+                       "(null-space ratio at the targets) or entropy (AdaMerging: mean prediction entropy; "
+                       "classification tasks)."),
+        setting_option(NscSettings, "steps", help="nsc: AdamW steps."),
+        setting_option(NscSettings, "lr", help="nsc: AdamW learning rate (weight decay 0.01)."),
+        setting_option(NscSettings, "init", help="nsc: starting value of every coefficient (the paper's 0.4; 1/T "
+                       "starts from ta's default λ)."),
         option("target_blocks", str | None, None, show_default=False, help="nsc: blocks the ratio is measured in: "
                "indices (9,10,11) or unit prefixes. [default: the last quarter of the blocks with LoRA]"),
         option("target_modules", str | None, None, show_default=False, help="nsc: module names in those blocks "
                "(o_proj,out_proj), matched on whole path components. [default: the value projection (v_proj, "
                "value), else the attention output projection, else the last LoRA attention module]"),
-        option("max_prune", float, 0.2, help="Largest fraction of the (task, block) units that may be pruned."),
+        setting_option(EnmpSettings, "max_prune", help="Largest fraction of the (task, block) units that may be "
+                       "pruned."),
         *strategy_options(),
-        option("popsize", int, 16, help="CMA-ES population size."),
-        option("generations", int, 60, help="CMA-ES generations."),
-        option("sigma0", float, 0.5, help="CMA-ES initial step size."),
-        option("threshold", float, 0.0, help="CMA-ES: a unit is pruned when its search value is above this."),
-        option("addscale", bool, False, help="Also search λ (one extra gene)."),
+        setting_option(EnmpSettings, "popsize", help="CMA-ES population size."),
+        setting_option(EnmpSettings, "generations", help="CMA-ES generations."),
+        setting_option(EnmpSettings, "sigma0", help="CMA-ES initial step size."),
+        setting_option(EnmpSettings, "threshold", help="CMA-ES: a unit is pruned when its search value is above "
+                       "this."),
+        setting_option(EnmpSettings, "addscale", help="Also search λ (one extra gene)."),
         option("budget", int | None, None, show_default=False,
                help="greedy/random: distinct evaluations [default: popsize·generations]; screened: stop after "
                "this many distinct full-set evaluations; surrogate: distinct full-set evaluations, the screen "
                "included [default: 3·units·tasks]."),
         option("sparsity", float | None, None, show_default=False,
                help="random: fraction of units pruned. [default: max-prune/2]"),
-        option("seed", int, 1, help="Seed (>= 1): surrogate draws, CMA-ES, random masks, NSC batches, randomized "
-               f"merge methods ({', '.join(randomized_methods())})."),
-        option("val_limit", int | None, None, help="Validation examples per task (>= 1)."),
-        option("device", str, "cpu", help="Torch device of the search (and of each worker of --workers or "
-               "--backend ray)."),
+        setting_option(EnmpSettings, "seed", help="Seed (>= 1): surrogate draws, CMA-ES, random masks, NSC "
+                       f"batches, randomized merge methods ({', '.join(randomized_methods())})."),
+        setting_option(EvalSettings, "val_limit", help="Validation examples per task (>= 1)."),
+        setting_option(EvalSettings, "device", help="Torch device of the search (and of each worker of --workers "
+                       "or --backend ray)."),
         *scale_options(),
         threads_option("Torch threads per process (the same in every process). [default: OMP_NUM_THREADS if set, "
                        "else min(8, CPUs); CPUs / N with --workers N]"),
-        option("batch_size", int, 16, help="Evaluation batch size; nsc: examples per task and step."),
-        option("eval_dtype", choice(DTYPES), "float32", help="Dtype of the evaluated model."),
+        setting_option(EvalSettings, "batch_size", help="Evaluation batch size; nsc: examples per task and step."),
+        setting_option(EvalSettings, "dtype", name="eval_dtype", annotation=choice(DTYPES),
+                       help="Dtype of the evaluated model."),
         max_length_option(),
-        option("block_cache_mb", float, 1024, help="MB of the unpruned merge's block outputs kept so that each "
-               "candidate's forward pass starts at its first changed block (same scores; 0: off)."),
+        setting_option(EvalSettings, "block_cache_mb", help="MB of the unpruned merge's block outputs kept so that "
+                       "each candidate's forward pass starts at its first changed block (same scores; 0: off)."),
         option("run_dir", Path | None, None, help="Checkpoints after every step or generation (state, "
                "trajectory.jsonl, best table)."),
         option("resume", bool, False, help=f"Continue the search saved in --run-dir ({resumable}) with its saved "
@@ -210,9 +218,11 @@ def resumed_flags(ctx: typer.Context, flags: dict) -> dict:
 
 def search_request(flags: dict, command: str):
     """The SearchRequest of the command line (flag values checked here, the rest by plan_search)."""
+    from dataclasses import fields
+
     from loramerge_cli.cli.common import parse_names
     from loramerge_cli.evaluation.settings import EvalSettings
-    from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.enmp_settings import EnmpSettings
     from loramerge_cli.search.nsc_settings import NscSettings
     from loramerge_cli.search.plan import SearchRequest
     from loramerge_cli.search.rundir import normal_flags
@@ -228,8 +238,7 @@ def search_request(flags: dict, command: str):
         lambda_auto=flags["lam"] == "auto", base=flags["base"], allow_base_mismatch=flags["allow_base_mismatch"],
         allow_pickle=flags["allow_pickle"], strategy=flags["strategy"], fitness=flags["fitness"],
         options=strategy_settings(flags, flags["strategy"]),
-        enmp=EnmpSettings(**{name: flags[name] for name in ("max_prune", "popsize", "generations", "sigma0",
-                                                            "threshold", "addscale")}, seed=seed),
+        enmp=EnmpSettings(**{field.name: flags[field.name] for field in fields(EnmpSettings) if field.name in flags}),
         nsc=NscSettings(steps=flags["steps"], lr=flags["lr"], init=flags["init"], batch_size=flags["batch_size"],
                         seed=seed, objective=flags["objective"],
                         target_blocks=parse_names(flags["target_blocks"], "--target-blocks"),

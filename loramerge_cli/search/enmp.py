@@ -7,7 +7,6 @@ written to the run directory after every generation, so `resume` continues a kil
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from contextlib import contextmanager
@@ -17,38 +16,12 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed, is_finite_number
+from loramerge_cli.errors import LoramergeError, is_finite_number
 from loramerge_cli.search.decode import decode_mask, decode_scale, max_pruned
+from loramerge_cli.search.enmp_settings import EnmpSettings  # noqa: F401  (imported from here too)
 from loramerge_cli.search.state_io import write_progress
 
 Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or None)
-
-
-@dataclass
-class EnmpSettings:
-    """The paper's defaults (docs/algorithms.md, ENMP)."""
-
-    max_prune: float = 0.2
-    popsize: int = 16
-    generations: int = 60
-    sigma0: float = 0.5
-    threshold: float = 0.0
-    seed: int = 1
-    addscale: bool = False
-    x0: float = -1.0
-
-    def check(self) -> None:
-        check_seed(self.seed)
-        if not 0.0 < self.max_prune <= 1.0:
-            raise UsageError("--max-prune must be in (0, 1]")
-        check_integer(self.popsize, 2, "--popsize")
-        check_integer(self.generations, 1, "--generations")
-        if not (math.isfinite(self.sigma0) and self.sigma0 > 0):
-            raise UsageError(f"--sigma0 must be a finite number > 0 (got {self.sigma0})")
-        if not math.isfinite(self.threshold):
-            raise UsageError(f"--threshold must be a finite number (got {self.threshold})")
-        if not math.isfinite(self.x0):
-            raise UsageError("x0 must be a finite number")
 
 
 @contextmanager

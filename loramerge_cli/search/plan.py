@@ -10,7 +10,7 @@ from pathlib import Path
 
 from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed
 from loramerge_cli.search.backends import Backend
-from loramerge_cli.search.enmp import EnmpSettings
+from loramerge_cli.search.enmp_settings import EnmpSettings
 from loramerge_cli.search.nsc_settings import NscSettings
 from loramerge_cli.search.rundir import CONFIG_NAME, RunDirLock, protected_paths, run_dir_files, state_names
 from loramerge_cli.search.strategies import (

@@ -202,6 +202,68 @@ def test_ctrl_c_on_ray_exits_130_and_the_search_resumes(setting, cluster, tmp_pa
     assert trajectory(run_dir) == trajectory(tmp_path / "serial")
 
 
+def test_ctrl_c_while_ray_starts_its_local_cluster_leaves_no_process(setting, tmp_path):
+    """Ctrl-C while `--backend ray` (no --ray-address) is still inside ray.init: Ray had not yet recorded the
+    processes it started, so ray.shutdown at exit stopped none; the raylet died with the driver (SIGKILL) and its
+    dashboard and runtime-env agents waited about 60 s on the dead GCS. Now every process of the cluster ends
+    within seconds of the command."""
+    import psutil
+
+    run_dir = tmp_path / "ray"
+    command = [sys.executable, "-m", "loramerge_cli", "search-mask", "--strategy", "screened",
+               "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ties",
+               "--popsize", "6", "--generations", "8", "--max-prune", "0.5", "--seed", "3", "--threads", "1",
+               "--batch-size", "8", "--quiet", "--run-dir", str(run_dir), "--out", str(run_dir / "mask.json"),
+               "--backend", "ray", "--workers", "2"]
+    driver = subprocess.Popen(command, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    started: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while driver.poll() is None and time.monotonic() < deadline:  # until the raylet has started an agent
+            try:
+                started = [p for p in psutil.Process(driver.pid).children(recursive=True) if _is_ray(p)]
+            except psutil.Error:
+                break
+            if any(_is_agent(p) for p in started):
+                break
+            time.sleep(0.02)
+        assert any(_is_agent(p) for p in started), "no Ray agent started"
+        os.killpg(driver.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, stderr = driver.communicate(timeout=60)
+        assert driver.returncode == 130, stderr[-2000:]
+        started = [p for p in started if p.is_running()] + [p for p in _session(driver.pid) if p not in started]
+        _, alive = psutil.wait_procs(started, timeout=15)
+        assert not alive, f"processes left behind: {[p.name() for p in alive]}"
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        for process in _session(driver.pid):  # (before the fix: the agents, for a minute)
+            process.kill()
+
+
+def _is_agent(process) -> bool:
+    try:
+        command = " ".join(process.cmdline())
+    except Exception:  # noqa: BLE001 - gone already
+        return False
+    return "dashboard/agent.py" in command or "runtime_env/agent/main.py" in command or "Agent" in command
+
+
+def _session(session: int) -> list:
+    """The live processes of a session (the command's, started with start_new_session)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == session and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
 def _eventually(condition, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():

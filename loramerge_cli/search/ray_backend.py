@@ -13,7 +13,9 @@ import logging
 import os
 import uuid
 from collections import deque
+from contextlib import nullcontext
 
+from loramerge_cli import interrupts
 from loramerge_cli.errors import LoramergeError, WorkerLost
 
 LOGGER = logging.getLogger(__name__)
@@ -35,11 +37,18 @@ def connect(address: str | None = None):
     joins the one `ray start` runs here, HOST:PORT a remote one. Ray shuts it down when the process ends."""
     ray = import_ray()
     if not ray.is_initialized():
-        try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
-        except (ConnectionError, ValueError, RuntimeError) as error:
-            where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
-            raise LoramergeError(f"cannot connect to {where} ({_first_line(error)})") from None
+        # Starting a local cluster runs shielded: interrupted inside ray.init, Ray has not yet recorded the
+        # processes it started, so ray.shutdown (at exit) could not stop them; the raylet then dies with us
+        # (SIGKILL) and its agents wait about a minute on the dead GCS before they exit. Ctrl-C takes effect
+        # once ray.init returns.
+        with interrupts.shielded() if address is None else nullcontext():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR)
+            except (ConnectionError, ValueError, RuntimeError) as error:
+                where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
+                raise LoramergeError(f"cannot connect to {where} ({_first_line(error)})") from None
+        interrupts.check()
     return ray
 
 

@@ -208,10 +208,9 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
 def run_config(request: SearchRequest) -> dict:
     """The settings a resumed run must share with the saved one (not the device, threads or block cache,
     which give the same scores; the kind of device, which does not)."""
-    from loramerge_cli.search.rundir import normal_adapter, normal_path
+    from loramerge_cli.search.rundir import HOW_IT_RUNS, normal_adapter, normal_path
 
-    eval_settings = {key: value for key, value in _plain(asdict(request.eval)).items()
-                     if key not in ("device", "threads", "block_cache_mb")}
+    eval_settings = {key: value for key, value in _plain(asdict(request.eval)).items() if key not in HOW_IT_RUNS}
     config = {
         "adapters": [normal_adapter(a if isinstance(a, str) else f"{a.name}={a.source.spec}")
                      for a in request.adapters],

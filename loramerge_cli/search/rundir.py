@@ -13,7 +13,9 @@ import shutil
 from pathlib import Path
 
 from loramerge_cli.errors import LoramergeError
+from loramerge_cli.evaluation.settings import EvalSettings
 from loramerge_cli.outputs import clean_temporaries
+from loramerge_cli.search.backends import BACKENDS
 from loramerge_cli.search.state_io import TRAJECTORY_NAME, read_json_file
 from loramerge_cli.search.strategies import STRATEGIES
 
@@ -32,9 +34,13 @@ def state_names() -> tuple[str, ...]:
     """What a search saves as it goes."""
     return (*strategy_states(), TRAJECTORY_NAME, "best.json")
 
+# Flags that say where and how fast a search runs, with their defaults: the same scores on any of them (bar the
+# kind of device, saved apart), so they are not saved with the run; its resume command repeats those given.
+HOW_IT_RUNS = {"threads": None, "device": EvalSettings.device, "devices": None, "workers": None,
+               "backend": BACKENDS[0], "ray_address": None, "block_cache_mb": EvalSettings.block_cache_mb}
 # Flags that say how a search runs or where its table goes, not what it searches: --resume may change them.
-RUN_ONLY_FLAGS = {"out", "force", "json_output", "quiet", "debug", "plot", "resume", "config", "run_dir", "devices",
-                  "workers", "threads", "device", "block_cache_mb", "report_test", "backend", "ray_address"}
+RUN_ONLY_FLAGS = {"out", "force", "json_output", "quiet", "debug", "plot", "resume", "config", "run_dir",
+                  "report_test", *HOW_IT_RUNS}
 
 
 class RunDirLock:

@@ -89,18 +89,17 @@ def _label_free(request: SearchRequest, run_dir: Path | None, on_event) -> Score
 
 
 FITNESSES: dict[str, Callable] = {"accuracy": _labelled, "nsc": _label_free}
-# How the run ran (not saved with it): the resume command repeats those given, with their defaults here.
-HINTED_FLAGS = {"threads": None, "device": "cpu", "devices": None, "workers": None, "backend": "process",
-                "ray_address": None, "block_cache_mb": 1024}
 
 
 def resume_command(request: SearchRequest) -> str:
     """The command that resumes this run as it ran (its threads, devices and backend; not saved in the run)."""
     import shlex
 
+    from loramerge_cli.search.rundir import HOW_IT_RUNS
+
     words = ["loramerge", "search-mask", "--run-dir", str(request.run_dir), "--resume"]
     flags = request.flags or {}
-    for name, default in HINTED_FLAGS.items():
+    for name, default in HOW_IT_RUNS.items():
         if flags.get(name) not in (None, default):
             words += [f"--{name.replace('_', '-')}", str(flags[name])]
     return shlex.join(words)

@@ -453,3 +453,27 @@ def test_a_task_type_is_one_class_in_the_registry(text, tmp_path, monkeypatch):
     plain = Evaluator(load_task_file(write_tasks_file(tmp_path / "plain.yaml", premise_only)), adapters, SETTINGS)
     assert toy.examples["alpha"].inputs == plain.examples["alpha"].inputs
     assert toy.score_adapter(adapters[0]) == plain.score_adapter(adapters[0])
+
+
+def test_a_task_type_brings_its_own_metric(text, monkeypatch):
+    """A type's `metric` is what every score reports: here the label among the two best classes."""
+    from loramerge_cli.evaluation.task_types import TASK_TYPES
+    from loramerge_cli.evaluation.task_types.sequence_classification import SequenceClassification
+
+    class TopTwo(SequenceClassification):
+        def metric(self, scores, labels, task):
+            best = scores.topk(2, dim=-1).indices
+            return float((best == torch.tensor(labels)[:, None]).any(dim=-1).double().mean())
+
+    setting, adapters, _ = text
+    task_file = load_task_file(setting.tasks_file)
+    plain = Evaluator(task_file, adapters, SETTINGS)
+    accuracy = plain.score_adapter(adapters[0])
+    monkeypatch.setitem(TASK_TYPES, task_file.type.name, TopTwo())
+    top_two = Evaluator(load_task_file(setting.tasks_file), adapters, SETTINGS)
+    scores = top_two.score_adapter(adapters[0])
+    with top_two.apply(adapter_deltas(adapters[0])):
+        expected = {task: TopTwo().metric(top_two.scores(task), top_two.examples[task].labels, None)
+                    for task in top_two.task_file.names}
+    assert scores == expected and all(scores[task] >= accuracy[task] for task in scores)
+    assert scores != accuracy  # the metric differs on this data

@@ -29,7 +29,6 @@ from loramerge_cli.evaluation.loading import (
     torch_device,
     torch_dtype,
 )
-from loramerge_cli.evaluation.metrics import accuracy
 from loramerge_cli.evaluation.settings import EvalSettings  # noqa: F401  (imported from here too)
 from loramerge_cli.evaluation.specs import FROM_ADAPTER, NO_HEAD, TaskFile, match_adapters
 from loramerge_cli.evaluation.task_types.base import token_cap
@@ -332,7 +331,7 @@ class Evaluator:
         labels = self.examples[task].labels
         if labels is None:
             raise self.task_file.error(f"{spec.where}.label", "required field is missing (accuracy needs labels)")
-        return accuracy(self.scores(task), labels, spec.masked_labels)
+        return self.task_file.type.metric(self.scores(task), labels, spec)
 
     def evaluate(
         self, deltas: dict[str, Delta] | None = None, tasks: list[str] | None = None,

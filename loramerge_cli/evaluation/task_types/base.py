@@ -46,6 +46,14 @@ class TaskType:
 
         return classifier_scores(model, prepared)
 
+    def metric(self, scores, labels: list[int], task) -> float:
+        """The task's score in [0, 1] from `scores` (higher is better), reported as its accuracy: the fraction of
+        examples whose best class or choice (masked classes left out) is the label. Another metric must stay a
+        mean over examples: the searches' validation subsets add up their examples' scores."""
+        from loramerge_cli.evaluation.metrics import accuracy
+
+        return accuracy(scores, labels, task.masked_labels)
+
 
 DEFAULT_MAX_LENGTH = 2048  # when neither the tokenizer nor the model config states a limit
 

@@ -53,6 +53,7 @@ class TaskData:
         check_integer(self.max_length, 2, "--max-length")
         if self.backend is not None:
             self.backend.check()
+            self.threads = self.backend.threads_each(self.device or "cpu", self.threads)
 
     def options(self) -> dict:
         """The evaluation options given (search_lambda's keywords); with workers, the driver uses the first

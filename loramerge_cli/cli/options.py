@@ -9,7 +9,6 @@ with its help, bounds and choices. A command is `def command(ctx, **flags)` with
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -160,7 +159,7 @@ def scale_options() -> list:
 def resolve_backend(device: str, devices: str | None, workers: int | None, threads: int | None, backend: str,
                     ray_address: str | None):
     """(Backend, threads per worker): the devices of the workers, and the torch threads every process uses
-    (CPUs / workers with --workers; one per Ray CPU actor when the cluster decides the count)."""
+    (`Backend.threads_each`)."""
     from loramerge_cli.search.backends import Backend
 
     if devices and workers:
@@ -173,11 +172,8 @@ def resolve_backend(device: str, devices: str | None, workers: int | None, threa
         if workers < 1:
             raise UsageError("--workers must be >= 1")
         device_list = [device] * workers
-        if threads is None:  # share the cores instead of oversubscribing them; every process uses the same count
-            threads = max(1, (os.cpu_count() or 1) // workers)
-    elif backend == "ray" and device_list is None and threads is None and not device.startswith("cuda"):
-        threads = 1  # one actor per CPU of the cluster
-    return Backend(backend, device_list, ray_address), threads
+    spread = Backend(backend, device_list, ray_address)
+    return spread, spread.threads_each(device, threads)
 
 
 def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]:

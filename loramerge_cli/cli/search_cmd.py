@@ -100,7 +100,7 @@ def search_options() -> list:
                        "or --backend ray)."),
         *scale_options(),
         threads_option("Torch threads per process (the same in every process). [default: OMP_NUM_THREADS if set, "
-                       "else min(8, CPUs); CPUs / N with --workers N]"),
+                       "else min(8, CPUs); CPUs / N with N workers (--workers or --devices)]"),
         setting_option(EvalSettings, "batch_size", help="Evaluation batch size; nsc: examples per task and step."),
         setting_option(EvalSettings, "dtype", name="eval_dtype", annotation=choice(DTYPES),
                        help="Dtype of the evaluated model."),

@@ -10,6 +10,7 @@ merge on the workers' first device, and no device holds two models.
 
 from __future__ import annotations
 
+import os
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
@@ -31,6 +32,18 @@ class Backend:
     def spreads(self) -> bool:
         """Whether the work goes to workers (Ray actors, or more than one worker process), not this process."""
         return self.name == "ray" or bool(self.devices and len(self.devices) > 1)
+
+    def threads_each(self, device: str, threads: int | None) -> int | None:
+        """Torch threads for every process of the run (the same count everywhere): `threads` when given; with
+        a worker per listed device, this machine's CPUs shared among them (not each taking min(8, CPUs)); with
+        Ray choosing the actors on CPUs, one each (one actor per CPU); else None, the engine's default."""
+        if threads is not None or not self.spreads:
+            return threads
+        if self.devices:
+            return max(1, (os.cpu_count() or 1) // len(self.devices))
+        if self.name == "ray" and not self.devices and not device.startswith("cuda"):
+            return 1
+        return None
 
     def check(self) -> None:
         """The choice itself, before any model loads: Ray's presence, and that a cluster answers at `address`."""

@@ -5,7 +5,7 @@ refuses a bad request in one line before a model loads. `runner.run_search` then
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed
@@ -368,11 +368,21 @@ def _same(first, second) -> bool:
     return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
 
 
+def with_shared_threads(request: SearchRequest) -> SearchRequest:
+    """The request with the torch threads of its processes decided where workers run (`Backend.threads_each`:
+    this machine's CPUs shared among them)."""
+    threads = Backend(request.backend, request.devices, request.ray_address).threads_each(request.eval.device,
+                                                                                        request.eval.threads)
+    return request if threads == request.eval.threads else replace(request, eval=replace(request.eval,
+                                                                                         threads=threads))
+
+
 def plan_search(request: SearchRequest, out: str | Path | None = None, force: bool = False,
                 plot: str | Path | None = None) -> SearchPlan:
     """Check everything a search needs before any model loads (torch is imported only for the output check);
     the run directory is prepared last."""
     strategy = check_request(request)
+    request = with_shared_threads(request)
     if plot is not None and strategy.kind == "coefficients":
         raise UsageError("--plot draws search curves and masks; --strategy nsc has neither")
     check_splits(request)

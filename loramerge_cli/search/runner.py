@@ -11,7 +11,7 @@ from typing import Callable
 
 from loramerge_cli import __version__
 from loramerge_cli.events import stage
-from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir
+from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir, with_shared_threads
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
 from loramerge_cli.search.rundir import forget_refused_run
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
@@ -126,6 +126,7 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     from loramerge_cli.search.fitness import pruned_table
 
     strategy = check_request(request)
+    request = with_shared_threads(request)
     run_dir = Path(request.run_dir) if request.run_dir else None
     prepare_run_dir(request)
     if run_dir is not None:  # from now on the run dir holds what --resume reads (before: rerun the command)

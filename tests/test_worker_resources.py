@@ -1,6 +1,8 @@
-"""A search spread over workers keeps one model per device: the driver's engine (which scored the experts and
-the unpruned merge on the workers' first device) waits in host memory while the workers run. On the CPU
-parking moves nothing; tests/test_cuda.py checks the device memory itself where a GPU is present."""
+"""What workers take from the machine. One model per device: the driver's engine (which scored the experts and
+the unpruned merge on the workers' first device) waits in host memory while the workers run (on the CPU
+parking moves nothing; tests/test_cuda.py checks the device memory itself where a GPU is present). The CPUs
+shared: every process of a spread run uses the same torch thread count, the machine's CPUs over the workers,
+in the library as on the command line."""
 
 from contextlib import contextmanager
 from dataclasses import replace
@@ -99,3 +101,30 @@ def test_eval_and_merge_lambda_auto_park_the_driver_while_their_workers_run(sett
                          f"two={merged}", "--workers", "2", "--json"])
     assert scored.exit_code == 0, scored.stderr
     assert events == ["park", "start", "stop", "back"] * 2
+
+
+def test_workers_share_the_cpus_in_the_library_as_on_the_command_line(setting, monkeypatch):
+    """Before, only --workers N shared them: --devices cpu,cpu and every library call let each worker take
+    min(8, CPUs) threads (four workers on 8 CPUs: 32 threads)."""
+    import os
+
+    from loramerge_cli import api
+    from loramerge_cli.cli.options import resolve_backend
+    from loramerge_cli.plan import TaskData
+    from loramerge_cli.search.backends import Backend
+    from loramerge_cli.search.plan import plan_search
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    settings = EvalSettings(batch_size=8)
+    assert plan_search(request(setting, eval=settings, devices=["cpu"] * 4)).request.eval.threads == 2
+    assert plan_search(request(setting, eval=settings)).request.eval.threads is None  # serial: the engine's own
+    given = request(setting, eval=replace(settings, threads=3), devices=["cpu"] * 4)
+    assert plan_search(given).request.eval.threads == 3
+    assert plan_search(request(setting, eval=settings, backend="ray")).request.eval.threads == 1  # one per Ray CPU
+    assert TaskData(setting.tasks_file, backend=Backend("process", ["cpu"] * 2)).threads == 4
+    evaluation = api.plan_eval(setting.tasks_file, setting.adapter_args(), settings=settings,
+                               backend=Backend("process", ["cpu"] * 2))
+    assert evaluation.settings.threads == 4
+    assert resolve_backend("cpu", "cpu,cpu", None, None, "process", None)[1] == 4  # --devices, as --workers 2
+    assert resolve_backend("cpu", None, 2, None, "process", None)[1] == 4
+    assert resolve_backend("cpu", None, None, None, "process", None)[1] is None

@@ -115,10 +115,19 @@ def load_table(path: str | Path) -> WeightTable:
     """Read and structurally validate a weight-table JSON file."""
     path = Path(path)
     try:
-        data = json.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError:
         raise LoramergeError(f"{path}: mask file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError) as error:
+        raise LoramergeError(f"{path}: not a readable JSON mask ({error})") from None
+    return table_from_text(text, path)
+
+
+def table_from_text(text: str, path: str | Path) -> WeightTable:
+    """The weight table of a table file's text (`path`: where it was read, for errors), validated."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
         raise LoramergeError(f"{path}: not a readable JSON mask ({error})") from None
     problem = _structure_problem(data)
     if problem:

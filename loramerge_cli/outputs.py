@@ -163,6 +163,14 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
                              "refusing to replace it, even with --force")
 
 
+def holds(path: str | Path, text: str) -> bool:
+    """Whether `path` is a file whose content is `text` (writing it again would change nothing)."""
+    try:
+        return Path(path).is_file() and Path(path).read_text() == text
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def write_result(out: str | Path, text: str, force: bool, formats: tuple[str, ...] = ("loramerge.mask/",)) -> None:
     """Write a command's result file when the work is done. What appeared at `out` while the command ran is
     never replaced: without `force` the file is created only where nothing is; with it, what is there now must

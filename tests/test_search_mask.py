@@ -115,6 +115,41 @@ def test_cli_surrogate_search_writes_its_trajectory_and_resumes(setting, tmp_pat
     assert not (tmp_path / "damaged.json").exists()
 
 
+def test_resuming_a_finished_run_gives_its_table_without_searching_again(setting, tmp_path, monkeypatch):
+    """A pipeline that reruns `--resume` after the run finished: exit 0 and the same table, no model loaded; a
+    new --out gets it too. Not when --report-test asks for figures the table lacks, nor when best.json is no
+    longer the table the run wrote (then the search resumes from its state, to the same table)."""
+    out = tmp_path / "mask.json"
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+            "ties", "--strategy", "surrogate", "--budget", "8", "--max-prune", "0.5", "--threads", "1",
+            "--run-dir", str(tmp_path / "run")]
+    assert invoke_cli([*args, "--out", str(out)]).exit_code == 0
+    written, stamp = out.read_text(), out.stat().st_mtime_ns
+    assert (tmp_path / "run" / "finished.json").is_file()
+    resume = ["search-mask", "--run-dir", str(tmp_path / "run"), "--resume", "--threads", "1"]
+    with monkeypatch.context() as patch:
+        patch.setattr("loramerge_cli.search.runner.build_problem", lambda *a, **k: pytest.fail("a model was built"))
+        again = invoke_cli(resume)
+        assert again.exit_code == 0 and "had already finished" in again.stderr, again.stderr
+        assert out.read_text() == written and out.stat().st_mtime_ns == stamp  # left as it was
+        elsewhere = invoke_cli([*resume, "--out", str(tmp_path / "copy.json"), "--json"])
+        assert elsewhere.exit_code == 0 and (tmp_path / "copy.json").read_text() == written
+        assert json.loads(elsewhere.stdout) == json.loads(written)
+        changed = invoke_cli([*resume, "--merger", "ta"])  # still the saved run's settings only
+        assert changed.exit_code == 1 and "--merger" in changed.stderr
+    out.write_text(written.replace('"weights"', '"weights" ', 1))  # the user's own file now
+    refused = invoke_cli(resume)
+    assert refused.exit_code == 1 and "already exists" in refused.stderr
+    tested = invoke_cli([*resume, "--report-test", "--out", str(tmp_path / "tested.json")])  # searches again
+    assert tested.exit_code == 0, tested.stderr
+    table = load_table(tmp_path / "tested.json")
+    assert "test" in table.provenance and table.weights == json.loads(written)["weights"]
+    (tmp_path / "run" / "best.json").write_text(written)  # another table than the one finished.json names
+    resumed = invoke_cli([*resume, "--out", str(tmp_path / "resumed.json")])
+    assert resumed.exit_code == 0 and "had already finished" not in resumed.stderr
+    assert load_table(tmp_path / "resumed.json").weights == json.loads(written)["weights"]
+
+
 def test_a_surrogate_state_from_another_search_is_refused_before_any_model_loads(setting, tmp_path, monkeypatch):
     args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
             "ties", "--strategy", "surrogate", "--budget", "10", "--max-prune", "0.5", "--threads", "1",

@@ -184,6 +184,9 @@ def search_command(ctx: typer.Context, **flags) -> None:
         summary = render_nsc.label_free_summary
     else:
         console.inner, summary = render.search_progress(console, flags["generations"]), render.search_summary
+    if plan.finished is not None:  # nothing to search: the finished run's table, to --out if not there yet
+        console.print(f"the search in {flags['run_dir']} had already finished: nothing to resume; its table:",
+                      highlight=False)
     with console:
         table, provenance = api.search(plan, console)
     if flags["json_output"]:

@@ -61,6 +61,7 @@ class SearchPlan:
     out: Path | None = None
     force: bool = False
     plot: Path | None = None
+    finished: str | None = None  # --resume of a run that finished: its table's text (nothing is searched again)
 
 
 def check_request(request: SearchRequest) -> Strategy:
@@ -245,18 +246,20 @@ def check_base_given(base: str | None) -> None:
         raise LoramergeError(f"--base {base}: no such folder, and not a Hugging Face Hub id")
 
 
-def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[Path]) -> None:
+def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[Path],
+                  finished: str | None = None) -> None:
     """--out (a file), --plot (a folder for PLOT_NAMES) and --run-dir (a folder): none over, holding or inside
     an input, the working folder, or each other; nothing of the user's replaced (--force: only what
-    loramerge wrote)."""
+    loramerge wrote). An --out that already holds a finished run's table (`finished`) is left as it is."""
     from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
-    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output
+    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output, holds
     from loramerge_cli.search.plots import PLOT_NAMES
 
     run_files = run_dir_files(request.run_dir)
     if out is not None:
         check_not_an_input(out, run_files, role="run-directory file")
-        guard_output(out, inputs=inputs, force=force, kind="file")
+        if finished is None or not holds(out, finished):
+            guard_output(out, inputs=inputs, force=force, kind="file")
     if plot is not None:
         plot = Path(plot)
         check_not_working_folder(plot, "--plot")
@@ -368,6 +371,19 @@ def _same(first, second) -> bool:
     return Path(first).expanduser().resolve() == Path(second).expanduser().resolve()
 
 
+def finished_run(request: SearchRequest) -> str | None:
+    """With --resume, the table of a run that finished (rundir.finished_table), unless --report-test now asks
+    for test figures it does not hold."""
+    from loramerge_cli.search.rundir import finished_table
+
+    if not request.resume or request.run_dir is None:
+        return None
+    text = finished_table(Path(request.run_dir))
+    if text is not None and request.report_test and "test" not in (json.loads(text).get("provenance") or {}):
+        return None
+    return text
+
+
 def with_shared_threads(request: SearchRequest) -> SearchRequest:
     """The request with the torch threads of its processes decided where workers run (`Backend.threads_each`:
     this machine's CPUs shared among them)."""
@@ -388,7 +404,8 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
     check_splits(request)
     check_extras(request, plot)
     check_base_given(request.base)
-    check_outputs(request, out, force, plot, protected_paths(request))
+    finished = finished_run(request)
+    check_outputs(request, out, force, plot, protected_paths(request), finished)
     check_merge_settings(request)
     if strategy.kind == "mask":
         check_prunable(request, strategy)
@@ -396,6 +413,6 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
         from loramerge_cli.search.nsc_targets import check_target_blocks
 
         check_target_blocks(request)
-    prepare_run_dir(request, write=False)
+    prepare_run_dir(request, write=False)  # --resume: the same settings and inputs, finished or not
     return SearchPlan(request, strategy, Path(out) if out is not None else None, force,
-                      Path(plot) if plot is not None else None)
+                      Path(plot) if plot is not None else None, finished)

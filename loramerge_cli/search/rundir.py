@@ -32,7 +32,37 @@ def strategy_states() -> tuple[str, ...]:
 
 def state_names() -> tuple[str, ...]:
     """What a search saves as it goes."""
-    return (*strategy_states(), TRAJECTORY_NAME, "best.json")
+    return (*strategy_states(), TRAJECTORY_NAME, BEST_NAME, FINISHED_NAME)
+
+
+BEST_NAME = "best.json"  # the best table so far; the finished run's table, provenance and all
+FINISHED_NAME = "finished.json"  # written last: the run is over, and best.json is its table
+FINISHED_FORMAT = "loramerge.finished/v1"
+
+
+def record_finished(run_dir: Path, table_text: str) -> None:
+    """Mark the run over, once its table is written (best.json holds `table_text`): --resume gives it back."""
+    import hashlib
+
+    from loramerge_cli.atomic import write_text
+
+    digest = hashlib.sha256(table_text.encode()).hexdigest()
+    write_text(Path(run_dir) / FINISHED_NAME, json.dumps({"format": FINISHED_FORMAT, "best_sha256": digest}) + "\n")
+
+
+def finished_table(run_dir: Path) -> str | None:
+    """The table of a run that finished (best.json's text, when it is still the one the run wrote); None for a
+    run still to finish, or whose files do not agree (it is then resumed as any other, to the same table)."""
+    import hashlib
+
+    try:
+        marker = json.loads((Path(run_dir) / FINISHED_NAME).read_text())
+        text = (Path(run_dir) / BEST_NAME).read_text()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != FINISHED_FORMAT:
+        return None
+    return text if marker.get("best_sha256") == hashlib.sha256(text.encode()).hexdigest() else None
 
 # Flags that say where and how fast a search runs, with their defaults: the same scores on any of them (bar the
 # kind of device, saved apart), so they are not saved with the run; its resume command repeats those given.

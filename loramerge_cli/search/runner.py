@@ -13,7 +13,7 @@ from loramerge_cli import __version__
 from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir, with_shared_threads
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
-from loramerge_cli.search.rundir import forget_refused_run
+from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
 
@@ -145,7 +145,7 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
 
     def on_progress(kind: str, data: dict) -> None:
         if run_dir is not None and "best_pruned" in data:  # the best table so far, every generation
-            pruned_table(template, tuple(data["best_pruned"])).save(run_dir / "best.json")
+            pruned_table(template, tuple(data["best_pruned"])).save(run_dir / BEST_NAME)
         on_event(kind, data)
 
     space = SearchSpace(len(template.units), len(fitness.adapters), lam, run_dir, request.resume)

@@ -108,12 +108,12 @@ def test_a_parked_engine_frees_the_device_and_scores_the_same_after(setting):
     before = engine.score_adapter(adapters[0])
     held = torch.cuda.memory_allocated()
     weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
-    with engine.parked():
-        assert next(engine.model.parameters()).device.type == "cpu"
-        assert torch.cuda.memory_allocated() <= held - weights
-    assert next(engine.model.parameters()).device.type == "cuda"
+    engine.park()
+    assert next(engine._model.parameters()).device.type == "cpu"
+    assert torch.cuda.memory_allocated() <= held - weights
+    assert engine.score_adapter(adapters[0]) == before  # back on the device at its next use
+    assert next(engine._model.parameters()).device.type == "cuda"
     assert all(copy.device.type == "cuda" for copy in engine.base_weights.values())
-    assert engine.score_adapter(adapters[0]) == before
 
 
 def test_ray_gpu_actors_equal_a_serial_cuda_search(setting):

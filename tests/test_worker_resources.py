@@ -4,14 +4,15 @@ parking moves nothing; tests/test_cuda.py checks the device memory itself where 
 shared: every process of a spread run uses the same torch thread count, the machine's CPUs over the workers,
 in the library as on the command line."""
 
-from contextlib import contextmanager
 from dataclasses import replace
 
 import pytest
+import torch
 
 from eval_fixtures import build_text_setting
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
 from loramerge_cli.merging.merge import MergeConfig
+from loramerge_cli.search.backends import Backend, LazyPool
 from loramerge_cli.search.enmp import EnmpSettings
 from loramerge_cli.search.parallel import ParallelFitness
 from loramerge_cli.search.runner import SearchRequest, run_search
@@ -33,16 +34,19 @@ def request(setting, **changes) -> SearchRequest:
 
 @pytest.fixture
 def events(monkeypatch):
-    """What happened, in order: the driver's engine parked / back, workers started / stopped."""
+    """What happened, in order: the driver's engine parked / back on its device, workers started / stopped."""
     happened = []
-    parked = Evaluator.parked
+    park, ready = Evaluator.park, Evaluator._ready
 
-    @contextmanager
-    def recording_parked(self):
+    def parking(self):
         happened.append("park")
-        with parked(self):
-            yield
-        happened.append("back")
+        self._placement["test_parked"] = True  # (on the CPU nothing moves)
+        park(self)
+
+    def readying(self):
+        if self._placement.pop("test_parked", False):  # the first use after parking
+            happened.append("back")
+        ready(self)
 
     def started(self, *args, **kwargs):
         happened.append("start")
@@ -54,7 +58,8 @@ def events(monkeypatch):
         return stop(self, *args, **kwargs)
 
     start, stop = ParallelFitness.__init__, ParallelFitness.close
-    monkeypatch.setattr(Evaluator, "parked", recording_parked)
+    monkeypatch.setattr(Evaluator, "park", parking)
+    monkeypatch.setattr(Evaluator, "_ready", readying)
     monkeypatch.setattr(ParallelFitness, "__init__", started)
     monkeypatch.setattr(ParallelFitness, "close", stopped)
     return happened
@@ -64,7 +69,8 @@ def test_the_driver_parks_its_engine_for_as_long_as_workers_run(setting, events)
     serial, _ = run_search(request(setting, lambda_auto=True))
     assert events == []  # nothing spread, nothing parked
     spread, _ = run_search(request(setting, lambda_auto=True, devices=["cpu", "cpu"]))
-    assert events == ["park", "start", "stop", "back"] * 2  # the λ grid's workers, then the search's
+    # the λ grid's workers; the driver scores the unpruned merge at the chosen λ; the search's workers
+    assert events == ["park", "start", "stop", "back", "park", "start", "stop"]
     assert spread.weights == serial.weights and spread.merger == serial.merger
 
 
@@ -96,11 +102,11 @@ def test_eval_and_merge_lambda_auto_park_the_driver_while_their_workers_run(sett
     tuned = invoke_cli(["merge", *common, "--merger", "ta", "--lambda", "auto", "--tasks", str(setting.tasks_file),
                         "--workers", "2", "--out", str(merged)])
     assert tuned.exit_code == 0, tuned.stderr
-    assert events == ["park", "start", "stop", "back"]
+    assert events == ["park", "start", "stop"]
     scored = invoke_cli(["eval", *common, "--tasks", str(setting.tasks_file), "--merged", f"one={merged}",
                          f"two={merged}", "--workers", "2", "--json"])
     assert scored.exit_code == 0, scored.stderr
-    assert events == ["park", "start", "stop", "back"] * 2
+    assert events == ["park", "start", "stop"] * 2
 
 
 def test_workers_share_the_cpus_in_the_library_as_on_the_command_line(setting, monkeypatch):
@@ -111,7 +117,6 @@ def test_workers_share_the_cpus_in_the_library_as_on_the_command_line(setting, m
     from loramerge_cli import api
     from loramerge_cli.cli.options import resolve_backend
     from loramerge_cli.plan import TaskData
-    from loramerge_cli.search.backends import Backend
     from loramerge_cli.search.plan import plan_search
 
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
@@ -122,9 +127,83 @@ def test_workers_share_the_cpus_in_the_library_as_on_the_command_line(setting, m
     assert plan_search(given).request.eval.threads == 3
     assert plan_search(request(setting, eval=settings, backend="ray")).request.eval.threads == 1  # one per Ray CPU
     assert TaskData(setting.tasks_file, backend=Backend("process", ["cpu"] * 2)).threads == 4
-    evaluation = api.plan_eval(setting.tasks_file, setting.adapter_args(), settings=settings,
-                               backend=Backend("process", ["cpu"] * 2))
-    assert evaluation.settings.threads == 4
+    adapters = setting.adapter_args()
+    spread_eval = [api.plan_eval(setting.tasks_file, adapters, merged, settings=settings,
+                                 backend=Backend("process", ["cpu"] * 2)) for merged in (adapters[:2], adapters[:1])]
+    assert [plan.settings.threads for plan in spread_eval] == [4, None]  # one merge: scored here, no workers
     assert resolve_backend("cpu", "cpu,cpu", None, None, "process", None)[1] == 4  # --devices, as --workers 2
     assert resolve_backend("cpu", None, 2, None, "process", None)[1] == 4
     assert resolve_backend("cpu", None, None, None, "process", None)[1] is None
+
+
+class RecordingEngine:
+    """Evaluator's parking on a device other than the CPU ("meta" here), recording each move."""
+
+    park, _ready = Evaluator.park, Evaluator._ready
+
+    def __init__(self, out_of_memory: int = 0):
+        self.device, self.device_caches, self._placement, self.moves = torch.device("meta"), [], {"parked": False}, []
+        self.out_of_memory = out_of_memory  # moves back that fail first (workers still giving memory back)
+
+    def _place(self, device):
+        if device.type == "meta" and self.out_of_memory:
+            self.out_of_memory -= 1
+            raise torch.cuda.OutOfMemoryError("the last worker has not ended yet")
+        self.moves.append(device.type)
+
+
+class FakeWorkers:
+    def __call__(self, items):
+        return list(items)
+
+    def __exit__(self, *exc):
+        pass
+
+
+def lazy_pool() -> LazyPool:
+    pool = LazyPool(None, Backend("process", ["cpu", "cpu"]), "cpu", 1)
+    pool.open_workers = FakeWorkers
+    return pool
+
+
+def test_a_parked_engine_comes_back_at_its_next_use_and_never_on_the_way_out(monkeypatch):
+    """Ctrl-C while workers run (or start) exits 130 without copying a model back to its device; a finished
+    pool leaves the engine on the host until it scores again; a move back out of memory waits for the workers
+    that shared the device to give it back (Ray ends its actors without waiting)."""
+    engine = RecordingEngine()
+    with pytest.raises(KeyboardInterrupt), lazy_pool() as pool:
+        pool.reside(engine)
+        assert engine.moves == [] and pool([1, 2]) == [1, 2] and engine.moves == ["cpu"]
+        raise KeyboardInterrupt
+    assert engine.moves == ["cpu"]
+    starting = RecordingEngine()
+    with pytest.raises(KeyboardInterrupt), lazy_pool() as pool:
+        pool.open_workers = lambda: (_ for _ in ()).throw(KeyboardInterrupt)
+        pool.reside(starting)
+        pool([1])
+    assert starting.moves == ["cpu"]
+    monkeypatch.setattr("time.sleep", lambda seconds: None)
+    finished = RecordingEngine(out_of_memory=2)
+    with lazy_pool() as pool:
+        pool.reside(finished)
+        pool.start()
+    assert finished.moves == ["cpu"]
+    finished._ready()
+    finished._ready()  # once back, nothing moves
+    assert finished.moves == ["cpu", "meta"] and not finished._placement["parked"]
+
+
+def test_ray_actors_of_a_named_cluster_reserve_no_share_of_this_machines_cpus(monkeypatch):
+    """A 64-CPU driver gave each actor of a remote cluster 32 threads (and made it reserve 32 CPUs there)."""
+    import os
+
+    from loramerge_cli.cli.options import resolve_backend
+    from loramerge_cli.search.ray_backend import actor_resources
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    remote = Backend("ray", ["cpu", "cpu"], "10.0.0.5:6379")  # --devices cpu,cpu or --workers 2
+    assert remote.threads_each("cpu", None) is None and actor_resources("cpu", None)["num_cpus"] == 1
+    assert remote.threads_each("cpu", 4) == 4  # as given
+    assert resolve_backend("cpu", "cpu,cpu", None, None, "ray", None)[1] == 32  # a local cluster: this machine
+    assert Backend("ray", None, "auto").threads_each("cpu", None) == 1  # one actor per CPU of the cluster
+    assert Backend("ray", None, "auto").threads_each("cuda", None) is None

@@ -80,8 +80,8 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli.evaluation.eval_plan import execute_eval, plan_eval
     from loramerge_cli.evaluation.settings import EvalSettings
 
-    backend, flags["threads"] = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],
-                                                flags["backend"], flags["ray_address"])
+    backend, _ = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],
+                                 flags["backend"], flags["ray_address"])  # the threads: plan_eval decides
     settings = EvalSettings(**{name: flags[name] for name in ("split", "val_limit", "device", "dtype", "batch_size",
                                                               "threads", "length_normalize", "max_length")})
     plan = plan_eval(flags["tasks"], flags["adapters"], flags["merged"], settings, base=flags["base"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import weakref
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -115,7 +116,8 @@ class Evaluator:
         num_labels = self._num_labels()
         preprocessor = load_preprocessor(self.base, task_file.type)
         self._check_token_caps(preprocessor)  # before the weights load: a wrong cap is a one-line error at once
-        self.model = load_base(self.base, task_file.type, self.device, self.dtype, num_labels)
+        self._placement = {"parked": False}  # shared with this engine's views (copies), as the model is
+        self._model = load_base(self.base, task_file.type, self.device, self.dtype, num_labels)
         self.modules = dict(self.model.named_modules())
         from transformers.pytorch_utils import Conv1D
 
@@ -254,6 +256,7 @@ class Evaluator:
     def apply(self, deltas: dict[str, Delta]) -> Iterator[None]:
         """Within the block the model computes W0 + ΔW for every module in `deltas`; W0 after it."""
         self._check_targets(deltas, "candidate")
+        self._ready()
         touched = []
         try:
             with torch.no_grad():
@@ -276,37 +279,52 @@ class Evaluator:
                     self.modules[path].weight.copy_(self.base_weights[path])
 
     def use_head(self, task: str) -> None:
+        self._ready()
         head = self.heads[task]
         with torch.no_grad():
             for key, default in self.head_defaults.items():
                 parameter = self.parameters[key]
                 parameter.copy_(head[key].to(parameter.dtype) if key in head else default)
 
-    @contextmanager
-    def parked(self) -> Iterator[None]:
-        """The model and the copies of its base weights and heads wait in host memory while other processes use
-        the device (a search's workers, one of them on this device); they are back on it after, the same bits,
-        and recorded block outputs (`device_caches`) are dropped (after Ctrl-C they stay on the host). Scoring
-        while parked fails (the inputs stay on the device). On the CPU nothing moves."""
-        if self.device.type == "cpu":
-            yield
+    @property
+    def model(self) -> torch.nn.Module:
+        """The base model, back on the device first if it was parked (`park`)."""
+        self._ready()
+        return self._model
+
+    def park(self) -> None:
+        """Move the model and the copies of its base weights and heads to host memory while other processes use
+        the device (a search's workers, one of them on this device), and drop recorded block outputs
+        (`device_caches`). They come back at the engine's next use (not on the way out of a run, nor after
+        Ctrl-C). On the CPU nothing moves."""
+        if self.device.type == "cpu" or self._placement["parked"]:
             return
         for cache in list(self.device_caches):  # recorded again on the next use
             cache.forget()
+        self._placement["parked"] = True  # first: a move cut short is completed by the next use
         self._place(torch.device("cpu"))
         release_device_memory()
-        try:
-            yield
-        except KeyboardInterrupt:  # on the way out: no copy back to hold up exit 130
-            raise
-        except BaseException:
-            self._place(self.device)
-            raise
-        self._place(self.device)
+
+    def _ready(self) -> None:
+        """A parked engine back on its device. The workers that shared it may still be giving its memory back
+        (Ray ends its actors without waiting): out of memory, it waits for them, up to a minute."""
+        if not self._placement["parked"]:
+            return
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self._place(self.device)
+                break
+            except torch.cuda.OutOfMemoryError:
+                release_device_memory()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
+        self._placement["parked"] = False
 
     def _place(self, device: torch.device) -> None:
         """The model and its weight copies on `device` (in place: views of this engine share them)."""
-        self.model.to(device)
+        self._model.to(device)
         for copies in (self.base_weights, self.head_defaults):
             for key, tensor in copies.items():
                 copies[key] = tensor.to(device)

@@ -46,7 +46,8 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
         raise UsageError(f"--out {out} is a folder: give a file (missing folders above it are made)")
     if backend is not None:
         backend.check()
-        settings = replace(settings, threads=backend.threads_each(settings.device, settings.threads))
+        if len(merged or []) > 1:  # the merges are spread (one merge is scored here)
+            settings = replace(settings, threads=backend.threads_each(settings.device, settings.threads))
     check_task_file(tasks, [settings.split])
     files, folders = read_inputs([*experts, *(merged or [])], tasks, base, allow_pickle)
     if run_dir is not None:  # the score cache: written too

@@ -108,7 +108,7 @@ class BlockReplay:
         self.verified = False
         self.replayed_blocks = 0  # blocks replayed instead of run, summed over candidates
         self.full_blocks = 0  # blocks run, summed over candidates
-        engine.device_caches.add(self)  # dropped while the engine is parked (Evaluator.parked)
+        engine.device_caches.add(self)  # dropped when the engine is parked (Evaluator.park)
 
     @property
     def recorded(self) -> bool:

@@ -4,14 +4,14 @@ machine (`process`, the default), or Ray actors on this machine or a cluster (`r
 Every backend offers the same small interface: `pool(items)` returns `[work([item])[0] for item in items]`
 in item order, where each worker built `work = build(device)` once; `pool.close()` (or leaving `with pool:`)
 ends the workers. `worker_pool` starts them at the first call, and `pool.reside(engine)` parks an engine of
-this process in host memory for as long as they run: a search's driver scores the experts and the unpruned
-merge on the workers' first device, and no device holds two models.
+this process in host memory when they start: a search's driver scores the experts and the unpruned merge on
+the workers' first device, and no device holds two models.
 """
 
 from __future__ import annotations
 
 import os
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from loramerge_cli.errors import LoramergeError, UsageError
@@ -35,14 +35,16 @@ class Backend:
 
     def threads_each(self, device: str, threads: int | None) -> int | None:
         """Torch threads for every process of the run (the same count everywhere): `threads` when given; with
-        a worker per listed device, this machine's CPUs shared among them (not each taking min(8, CPUs)); with
-        Ray choosing the actors on CPUs, one each (one actor per CPU); else None, the engine's default."""
+        a worker per listed device on this machine (worker processes, or a local Ray cluster), its CPUs shared
+        among them (not each taking min(8, CPUs)); with Ray choosing the actors on CPUs, one each (one actor
+        per CPU); else None, each process's default. An actor of a cluster named by `address` reserves what
+        it uses, on a node whose CPUs this machine cannot count: none are shared out from here."""
         if threads is not None or not self.spreads:
             return threads
-        if self.devices:
+        if self.name == "ray" and not self.devices:
+            return None if device.startswith("cuda") else 1
+        if self.devices and (self.name == "process" or self.address is None):
             return max(1, (os.cpu_count() or 1) // len(self.devices))
-        if self.name == "ray" and not self.devices and not device.startswith("cuda"):
-            return 1
         return None
 
     def check(self) -> None:
@@ -79,41 +81,36 @@ def open_pool(build, backend: Backend, device: str = "cpu", threads: int | None 
 
 
 class LazyPool:
-    """A backend's workers, started at the first call; the engines of this process given to `reside` wait in
-    host memory from then until the workers end (`Evaluator.parked`)."""
+    """A backend's workers, started at the first call (or `start`); the engines of this process given to
+    `reside` are parked in host memory when they start (`Evaluator.park`: back at their next use)."""
 
     def __init__(self, build, backend: Backend, device: str, threads: int | None):
-        self.start = lambda: open_pool(build, backend, device, threads)
+        self.open_workers = lambda: open_pool(build, backend, device, threads)
         self.workers = None
         self.residents: list = []
-        self.parking = ExitStack()
 
     def reside(self, engine) -> None:
         """Park `engine` while the workers run (at once if they already do)."""
-        if any(engine is resident for resident in self.residents):
-            return
         self.residents.append(engine)
         if self.workers is not None:
-            self.parking.enter_context(engine.parked())
+            engine.park()
+
+    def start(self) -> None:
+        if self.workers is None:
+            for engine in self.residents:
+                engine.park()
+            self.workers = self.open_workers()
 
     def __call__(self, items: list) -> list:
-        if self.workers is None:
-            try:
-                for engine in self.residents:
-                    self.parking.enter_context(engine.parked())
-                self.workers = self.start()
-            except BaseException:
-                self.parking.close()
-                raise
+        self.start()
         return self.workers(items)
 
     def __enter__(self) -> "LazyPool":
         return self
 
     def __exit__(self, error_type, error, traceback) -> None:
-        with self.parking:  # the engines come back after the workers have ended
-            if self.workers is not None:
-                self.workers.__exit__(error_type, error, traceback)
+        if self.workers is not None:
+            self.workers.__exit__(error_type, error, traceback)
 
     def close(self) -> None:
         self.__exit__(None, None, None)

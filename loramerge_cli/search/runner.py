@@ -155,6 +155,7 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     with _worker_pool(workers, request) as parallel:
         if parallel is not None:
             parallel.reside(fitness.engine)  # one model on the workers' first device
+            parallel.start()  # before the first step: its time is the search's
             evaluate = parallel if strategy.scoring is None else replace(evaluate, backend=parallel)
         outcome = strategy.run(request, evaluate, space, on_progress)
     best = outcome.best

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eval_fixtures import build_text_setting
+from factories import invoke_cli
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
 from loramerge_cli.merging.merge import MergeConfig
 from loramerge_cli.search.backends import Backend, LazyPool
@@ -95,8 +96,6 @@ def test_a_forgotten_replay_records_the_reference_again_and_scores_the_same(sett
 
 
 def test_eval_and_merge_lambda_auto_park_the_driver_while_their_workers_run(setting, tmp_path, events):
-    from factories import invoke_cli
-
     merged = tmp_path / "merged"
     common = ["--adapters", *setting.adapter_args(), "--threads", "1", "--batch-size", "8"]
     tuned = invoke_cli(["merge", *common, "--merger", "ta", "--lambda", "auto", "--tasks", str(setting.tasks_file),
@@ -207,3 +206,19 @@ def test_ray_actors_of_a_named_cluster_reserve_no_share_of_this_machines_cpus(mo
     assert resolve_backend("cpu", "cpu,cpu", None, None, "ray", None)[1] == 32  # a local cluster: this machine
     assert Backend("ray", None, "auto").threads_each("cpu", None) == 1  # one actor per CPU of the cluster
     assert Backend("ray", None, "auto").threads_each("cuda", None) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_ray_gpu_run_from_a_machine_without_cuda_is_one_line_before_any_work(setting, tmp_path, monkeypatch):
+    """The driver scores on the workers' kind of device: from a CPU-only head node it failed after loading the
+    adapters and data, saying only that CUDA is not available."""
+    monkeypatch.setattr("loramerge_cli.search.runner.build_problem", lambda *a, **k: pytest.fail("a model was built"))
+    common = ["--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--device", "cuda",
+              "--backend", "ray", "--threads", "1"]
+    for command in (["search-mask", *common, "--out", str(tmp_path / "mask.json")],
+                    ["eval", *common, "--merged", *setting.adapter_args()[:2]],
+                    ["merge", *common, "--lambda", "auto", "--out", str(tmp_path / "merged")]):
+        result = invoke_cli(command)
+        assert result.exit_code == 1 and "this machine has no CUDA GPU" in result.stderr, result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "mask.json").exists() and not (tmp_path / "merged").exists()

@@ -48,6 +48,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
         backend.check()
         if len(merged or []) > 1:  # the merges are spread (one merge is scored here)
             settings = replace(settings, threads=backend.threads_each(settings.device, settings.threads))
+        backend.check_driver(settings.device)
     check_task_file(tasks, [settings.split])
     files, folders = read_inputs([*experts, *(merged or [])], tasks, base, allow_pickle)
     if run_dir is not None:  # the score cache: written too

@@ -47,6 +47,19 @@ class Backend:
             return max(1, (os.cpu_count() or 1) // len(self.devices))
         return None
 
+    def check_driver(self, device: str) -> None:
+        """This process scores on the workers' kind of device too (the experts and the unpruned merge: the
+        reference of every worker's score), so a Ray run on GPUs needs one here; said before any work."""
+        if self.name != "ray" or not device.startswith("cuda"):
+            return
+        import torch
+
+        if not torch.cuda.is_available():
+            raise LoramergeError(f"--device {device} --backend ray: loramerge scores the experts and the unpruned "
+                                 "merge itself, on the workers' kind of device, and this machine has no CUDA GPU; "
+                                 "run it on a GPU node of the cluster (with --ray-address auto, or through "
+                                 "`ray job submit`)")
+
     def check(self) -> None:
         """The choice itself, before any model loads: Ray's presence, and that a cluster answers at `address`."""
         if self.name not in BACKENDS:

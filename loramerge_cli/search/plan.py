@@ -407,6 +407,7 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
     finished = finished_run(request)
     check_outputs(request, out, force, plot, protected_paths(request), finished)
     check_merge_settings(request)
+    Backend(request.backend, request.devices, request.ray_address).check_driver(request.eval.device)
     if strategy.kind == "mask":
         check_prunable(request, strategy)
     if request.fitness == "nsc" or strategy.kind == "coefficients":

@@ -85,13 +85,13 @@ def merge(adapters: list[Adapter], config: MergeConfig | None = None, table: Wei
 
 @_keeps_torch_threads
 def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind, data: None):
-    """Run a planned search (`plan_search`); write its table to the plan's `out` (and the run directory's
-    best.json, then its finished.json) and its plots. `plan.request.adapters` may be loaded Adapters. A plan
-    resuming a run that finished (`plan.finished`) searches nothing: its table is the run's. Returns
-    (WeightTable, provenance)."""
+    """Run a planned search (`plan_search`); write its table to the plan's `out` (the run directory holds it
+    already, as best.json, marked by finished.json) and its plots. `plan.request.adapters` may be loaded
+    Adapters. A plan resuming a run that finished (`plan.finished`) searches nothing: its table is the run's.
+    Returns (WeightTable, provenance)."""
     from loramerge_cli.masks import table_from_text
     from loramerge_cli.outputs import holds, write_result
-    from loramerge_cli.search.rundir import BEST_NAME, record_finished
+    from loramerge_cli.search.rundir import BEST_NAME
 
     if plan.finished is not None:  # --resume of a run that finished: its table, searched once
         table = table_from_text(plan.finished, Path(plan.request.run_dir) / BEST_NAME)
@@ -101,16 +101,12 @@ def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind
 
         table, provenance = run_search(plan.request, on_event)
     text = plan.finished if plan.finished is not None else table.text()
-    if plan.request.run_dir is not None and plan.finished is None:
-        table.save(Path(plan.request.run_dir) / BEST_NAME)
     if plan.out is not None and not holds(plan.out, text):  # what appeared there during the search is not replaced
         write_result(plan.out, text, plan.force)
-    if plan.request.run_dir is not None and plan.finished is None:
-        record_finished(Path(plan.request.run_dir), text)
     if plan.plot is not None:
         from loramerge_cli.search.plots import write_plots
 
-        write_plots(table, provenance["history"], plan.plot)
+        write_plots(table, provenance["history"], plan.plot, keep_existing=plan.finished is not None)
     return table, provenance
 
 

@@ -50,6 +50,7 @@ class Backend:
     def check_driver(self, device: str) -> None:
         """This process scores on the workers' kind of device too (the experts and the unpruned merge: the
         reference of every worker's score), so a Ray run on GPUs needs one here; said before any work."""
+        device = (self.devices or [device])[0]  # the driver's: the first worker's (runner._first_device)
         if self.name != "ray" or not device.startswith("cuda"):
             return
         import torch

@@ -64,8 +64,9 @@ class SearchPlan:
     finished: str | None = None  # --resume of a run that finished: its table's text (nothing is searched again)
 
 
-def check_request(request: SearchRequest) -> Strategy:
-    """Every setting of the request, without reading a file; returns the strategy."""
+def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
+    """Every setting of the request, without reading a file; returns the strategy. `finished`: --resume gives
+    back the table of a run that finished (any strategy's, those that cannot resume included)."""
     strategy = strategy_named(request.strategy)
     if not request.adapters:
         raise UsageError("no adapters to search")
@@ -79,7 +80,7 @@ def check_request(request: SearchRequest) -> Strategy:
         raise UsageError(f"--fitness must be one of {', '.join(FITNESSES)} (got {request.fitness!r})")
     check_seed(request.enmp.seed)
     request.eval.check()
-    if request.resume and not strategy.resumable:
+    if request.resume and not strategy.resumable and not finished:
         raise UsageError(f"--strategy {strategy.name} cannot resume a run; rerun it without --resume, with a "
                          "--run-dir that holds no search")
     if request.resume and request.run_dir is None:
@@ -162,11 +163,12 @@ def check_extras(request: SearchRequest, plot: Path | None) -> None:
             raise LoramergeError(f"{reason} needs {module}: pip install 'loramerge[{extra}]'") from None
 
 
-def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
+def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool = False) -> None:
     """The run directory remembers the resolved request, its flags and its inputs' sha256; --resume refuses a
     different request or a changed input (one line naming it), a damaged state or an old pickle, and starts
     over when the killed run saved no state yet. Nothing in a run directory is ever unpickled. `write`:
-    record this run's configuration (the runner does, holding the run dir's lock)."""
+    record this run's configuration (the runner does, holding the run dir's lock). `finished`: the run is over
+    and only its table is given back, on any kind of device."""
     if request.run_dir is None:
         return
     from loramerge_cli.search import rundir
@@ -185,8 +187,8 @@ def prepare_run_dir(request: SearchRequest, write: bool = True) -> None:
                 rundir.write_config(run_dir, config, request.flags, digests)
             return
         saved_settings = with_settings_added_since(saved["settings"])
-        if isinstance(saved_settings, dict):  # a run saved before the device kind was recorded: as it runs now
-            saved_settings = {"device_kind": config["device_kind"], **saved_settings}
+        if isinstance(saved_settings, dict) and (finished or "device_kind" not in saved_settings):
+            saved_settings = {**saved_settings, "device_kind": config["device_kind"]}  # (before: as it runs now)
         if saved_settings != config:
             raise LoramergeError(f"--resume: the settings differ from the saved run's "
                                  f"({'; '.join(setting_changes(config, saved_settings))})")
@@ -272,7 +274,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         if out is not None and any(_same(out, path) for path in (plot, *pictures)):
             raise UsageError(f"--out {out} is where --plot draws; give the table another name")
         existing = [picture for picture in pictures if picture.exists()]
-        if existing and not force:
+        if existing and not force and finished is None:  # a finished run's pictures are left as they are
             raise LoramergeError(f"--plot {plot} already holds {existing[0].name}; pass --force to replace it")
     if request.run_dir is not None:
         run_dir = Path(request.run_dir)
@@ -397,23 +399,24 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
                 plot: str | Path | None = None) -> SearchPlan:
     """Check everything a search needs before any model loads (torch is imported only for the output check);
     the run directory is prepared last."""
-    strategy = check_request(request)
+    finished = finished_run(request)
+    strategy = check_request(request, finished is not None)
     request = with_shared_threads(request)
     if plot is not None and strategy.kind == "coefficients":
         raise UsageError("--plot draws search curves and masks; --strategy nsc has neither")
     check_splits(request)
     check_extras(request, plot)
     check_base_given(request.base)
-    finished = finished_run(request)
     check_outputs(request, out, force, plot, protected_paths(request), finished)
     check_merge_settings(request)
-    Backend(request.backend, request.devices, request.ray_address).check_driver(request.eval.device)
+    if finished is None:  # (a finished run's table is given back on any machine)
+        Backend(request.backend, request.devices, request.ray_address).check_driver(request.eval.device)
     if strategy.kind == "mask":
         check_prunable(request, strategy)
     if request.fitness == "nsc" or strategy.kind == "coefficients":
         from loramerge_cli.search.nsc_targets import check_target_blocks
 
         check_target_blocks(request)
-    prepare_run_dir(request, write=False)  # --resume: the same settings and inputs, finished or not
+    prepare_run_dir(request, write=False, finished=finished is not None)  # the same settings and inputs
     return SearchPlan(request, strategy, Path(out) if out is not None else None, force,
                       Path(plot) if plot is not None else None, finished)

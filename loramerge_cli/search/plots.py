@@ -96,14 +96,15 @@ def _short(unit: str) -> str:
 PLOT_NAMES = ("fitness.png", "mask.png")
 
 
-def write_plots(table, history: list[dict], folder: str | Path) -> list[Path]:
-    """fitness.png and mask.png (PLOT_NAMES) in `folder`; returns the paths."""
+def write_plots(table, history: list[dict], folder: str | Path, keep_existing: bool = False) -> list[Path]:
+    """fitness.png and mask.png (PLOT_NAMES) in `folder`; returns the paths. `keep_existing`: a picture already
+    there is left as it is (a finished run resumed again: its pictures were drawn then)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     title = search_title(table)
-    written = []
-    figures = (fitness_figure(history, title), mask_figure(table, title))
-    for name, figure in zip(PLOT_NAMES, figures):
-        written.append(folder / name)
-        figure.savefig(written[-1], dpi=110)
-    return written
+    drawers = (lambda: fitness_figure(history, title), lambda: mask_figure(table, title))
+    paths = [folder / name for name in PLOT_NAMES]
+    for path, draw in zip(paths, drawers):
+        if not (keep_existing and path.exists()):
+            draw().savefig(path, dpi=110)
+    return paths

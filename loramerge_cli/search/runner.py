@@ -13,7 +13,8 @@ from loramerge_cli import __version__
 from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir, with_shared_threads
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
-from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run
+from loramerge_cli.atomic import write_text
+from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run, record_finished
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
 
@@ -107,7 +108,8 @@ def resume_command(request: SearchRequest) -> str:
 
 def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = lambda kind, data: None):
     """Returns (WeightTable, provenance). Checks the request first (plan_search) unless it was planned. The
-    run directory, if any, is locked for the whole search (one search per folder at a time)."""
+    run directory, if any, is locked for the whole search (one search per folder at a time); it ends holding
+    the table (best.json) and, written last, finished.json."""
     if request.run_dir is None:
         return _run_search(request, on_event)
     from loramerge_cli.search.rundir import RunDirLock
@@ -116,7 +118,11 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     before = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
     try:
         with RunDirLock(run_dir):
-            return _run_search(request, on_event)
+            table, provenance = _run_search(request, on_event)
+            text = table.text()  # the run's table, then the mark that it finished (still holding the lock)
+            write_text(run_dir / BEST_NAME, text)
+            record_finished(run_dir, text)
+            return table, provenance
     except Exception:  # refused, or failed, before saving any state (Ctrl-C keeps the run dir: it resumes)
         forget_refused_run(run_dir, before)
         raise

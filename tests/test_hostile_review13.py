@@ -1,0 +1,126 @@
+"""A hostile review of this round's finished-run resume and Ray driver check: each test failed before its fix."""
+
+import json
+
+import pytest
+import torch
+
+from eval_fixtures import build_text_setting
+from factories import invoke_cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    return build_text_setting(tmp_path_factory.mktemp("review14"))
+
+
+def _args(setting, run_dir, *extra, strategy="surrogate"):
+    budget = ["--budget", "8"] if strategy in ("surrogate", "greedy", "random") else []
+    return ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger",
+            "ties", "--strategy", strategy, *budget, "--max-prune", "0.5", "--threads", "1",
+            "--run-dir", str(run_dir), *extra]
+
+
+def test_a_run_killed_before_its_out_is_written_gives_its_table_on_the_rerun(setting, tmp_path, monkeypatch):
+    """best.json and finished.json are written (holding the lock) before --out: a kill in between leaves a
+    finished run whose rerun writes --out without searching. (--out came before finished.json: the rerun searched
+    again and was refused, '--out ... already exists'.)"""
+    run_dir, out = tmp_path / "run", tmp_path / "mask.json"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("loramerge_cli.outputs.write_result", killed)
+        first = invoke_cli(_args(setting, run_dir, "--out", str(out)))
+    assert first.exit_code == 130 and not out.exists() and (run_dir / "finished.json").is_file()
+    monkeypatch.setattr("loramerge_cli.search.runner.build_problem", lambda *a, **k: pytest.fail("a model was built"))
+    again = invoke_cli(["search-mask", "--run-dir", str(run_dir), "--resume", "--threads", "1"])
+    assert again.exit_code == 0 and "had already finished" in again.stderr, again.stderr
+    assert json.loads(out.read_text())["weights"] == json.loads((run_dir / "best.json").read_text())["weights"]
+
+
+@pytest.mark.parametrize("strategy", ["surrogate", "screened", "enmp"])
+def test_an_interrupted_report_test_resume_leaves_the_run_finished(setting, tmp_path, monkeypatch, strategy):
+    """`--resume --report-test` on a finished run without test figures searches again; Ctrl-C during it leaves
+    the run finished, as it was."""
+    run_dir, out = tmp_path / "run", tmp_path / "mask.json"
+    small = [] if strategy == "surrogate" else ["--popsize", "4", "--generations", "2"]
+    assert invoke_cli(_args(setting, run_dir, "--out", str(out), *small, strategy=strategy)).exit_code == 0
+    resume = ["search-mask", "--run-dir", str(run_dir), "--resume", "--threads", "1"]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr("loramerge_cli.search.runner._test_report", killed)
+        cut = invoke_cli([*resume, "--report-test", "--out", str(tmp_path / "tested.json")])
+    assert cut.exit_code == 130
+    again = invoke_cli(resume)  # the pipeline's plain rerun
+    assert again.exit_code == 0 and "had already finished" in again.stderr, again.stderr
+
+
+def test_a_rerun_with_the_same_plot_leaves_the_pictures(setting, tmp_path):
+    """--out that holds the table is left as it is; --plot that holds the run's pictures was refused."""
+    run_dir, out, plots = tmp_path / "run", tmp_path / "mask.json", tmp_path / "plots"
+    pytest.importorskip("matplotlib")
+    assert invoke_cli(_args(setting, run_dir, "--out", str(out), "--plot", str(plots))).exit_code == 0
+    again = invoke_cli(["search-mask", "--run-dir", str(run_dir), "--resume", "--threads", "1", "--plot",
+                        str(plots)])
+    assert again.exit_code == 0, again.stderr
+
+
+@pytest.mark.parametrize("strategy", ["greedy", "random"])
+def test_a_finished_greedy_or_random_run_gives_its_table_on_resume(setting, tmp_path, strategy):
+    """They write finished.json too, but --resume was a usage error (exit 2) that said 'rerun it without
+    --resume', and without --resume the run dir is refused: no rerun of a finished run passed."""
+    run_dir, out = tmp_path / "run", tmp_path / "mask.json"
+    assert invoke_cli(_args(setting, run_dir, "--out", str(out), strategy=strategy)).exit_code == 0
+    assert (run_dir / "finished.json").is_file()
+    again = invoke_cli(["search-mask", "--run-dir", str(run_dir), "--resume", "--threads", "1"])
+    assert again.exit_code == 0 and "had already finished" in again.stderr, again.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_finished_ray_gpu_runs_table_comes_back_on_a_machine_without_cuda(setting, tmp_path):
+    """A finished `--device cuda --backend ray` run needs no GPU to give its table back, but check_driver
+    refused the resume command the run prints (`--device cuda --backend ray`), and a plain --resume on a CPU
+    machine for the run's kind of device."""
+    run_dir = tmp_path / "run"
+    assert invoke_cli(_args(setting, run_dir, "--out", str(tmp_path / "mask.json"))).exit_code == 0
+    config = json.loads((run_dir / "config.json").read_text())
+    config["settings"]["device_kind"] = "cuda"  # as the GPU run saved it
+    (run_dir / "config.json").write_text(json.dumps(config))
+    resume = ["search-mask", "--run-dir", str(run_dir), "--resume", "--threads", "1", "--device", "cuda"]
+    assert invoke_cli(resume).exit_code == 0
+    ray = invoke_cli([*resume, "--backend", "ray"])
+    assert ray.exit_code == 0, ray.stderr
+    plain = invoke_cli(resume[:-2])
+    assert plain.exit_code == 0, plain.stderr
+
+
+def test_a_resume_while_the_run_writes_its_table_is_refused_as_in_use(setting, tmp_path, monkeypatch):
+    """run_search released the run dir's lock before best.json and finished.json were written: a `--resume` in
+    that window was not refused as 'in use', searched again, and the two runs' finished.json and best.json
+    disagreed: the next rerun was refused."""
+    run_dir, out = tmp_path / "run", tmp_path / "mask.json"
+    from loramerge_cli.search import runner
+
+    real = runner.record_finished
+    seen = {}
+
+    def racing(path, text):
+        if not seen:
+            seen["nested"] = invoke_cli(["search-mask", "--run-dir", str(run_dir), "--resume", "--threads", "1",
+                                         "--out", str(tmp_path / "other.json")])
+        real(path, text)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "record_finished", racing)
+        assert invoke_cli(_args(setting, run_dir, "--out", str(out))).exit_code == 0
+    nested = seen["nested"]
+    assert nested.exit_code == 1 and "in use by another search" in nested.stderr, nested.stderr
+    after = invoke_cli(["search-mask", "--run-dir", str(run_dir), "--resume", "--threads", "1"])
+    assert after.exit_code == 0, after.stderr

@@ -215,6 +215,9 @@ def plan_merge(
     if truncation and not settings.is_dense:  # the caller's own flags; a table's recorded ones may not apply
         raise UsageError(f"--{truncation[0].replace('_', '-')} truncates dense merges (elementwise methods in the full "
                          f"space); {settings.method.name} in the {settings.space} space is exact in the LoRA factors")
+    if truncation and settings.isotropize:
+        raise UsageError(f"--{truncation[0].replace('_', '-')} does not apply with --isotropize: the isotropized "
+                         "update is written exactly (every direction above 1e-6·σ_max, up to min(m, n) of them)")
     if settings.method.needs_inputs and data is None:
         raise UsageError(f"method {settings.method.name} reads each task's inputs: give the task spec (--tasks FILE)")
     if settings.method.needs_inputs and tuning is not None and tuning != data:

@@ -124,3 +124,16 @@ def test_a_resume_while_the_run_writes_its_table_is_refused_as_in_use(setting, t
     assert nested.exit_code == 1 and "in use by another search" in nested.stderr, nested.stderr
     after = invoke_cli(["search-mask", "--run-dir", str(run_dir), "--resume", "--threads", "1"])
     assert after.exit_code == 0, after.stderr
+
+
+def test_out_rank_or_energy_with_isotropize_is_refused_not_ignored(sources, tmp_path):
+    """An isotropized dense merge (ties in the full space) is written exactly, at up to min(m, n) directions:
+    --out-rank 2 was accepted and ignored (the docs said dense results are truncated)."""
+    for flag in (["--out-rank", "2"], ["--energy", "0.9"]):
+        result = invoke_cli(["merge", "--adapters", *sources, "--merger", "ties", "--isotropize", *flag,
+                             "--out", str(tmp_path / "merged")])
+        assert result.exit_code == 2 and "does not apply with --isotropize" in result.stderr, result.stderr
+    assert not (tmp_path / "merged").exists()
+    plain = invoke_cli(["merge", "--adapters", *sources, "--merger", "ties", "--out-rank", "2", "--out",
+                        str(tmp_path / "merged")])
+    assert plain.exit_code == 0, plain.stderr

@@ -1,5 +1,5 @@
-"""Screened CMA-ES (`--strategy screened`, the default): the paper's ENMP search with four parts added,
-each of which can be switched off.
+"""Screened CMA-ES (`--strategy screened`; the default strategy is `surrogate`): the paper's ENMP search with
+four parts added, each of which can be switched off.
 
 * **screen** (step 0): every single-unit pruning is scored once on the full validation set; the scores set
   the CMA-ES mean per unit (the units whose pruning helped most start above the threshold θ, the most

@@ -54,7 +54,9 @@ class TaskData:
         if self.backend is not None:
             self.backend.check()
             self.threads = self.backend.threads_each(self.device or "cpu", self.threads)
-            self.backend.check_driver(self.device or "cpu")
+        from loramerge_cli.search.backends import Backend
+
+        (self.backend or Backend()).check_devices(self.device or "cpu")
 
     def options(self) -> dict:
         """The evaluation options given (search_lambda's keywords); with workers, the driver uses the first

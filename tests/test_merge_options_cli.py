@@ -20,12 +20,12 @@ def sources(tmp_path_factory):
 def test_options_reach_the_merge(sources, tmp_path):
     args = ["merge", "--adapters", *sources, "--out", tmp_path / "out", "--merger", "ties", "--density",
             "0.4,0.6,0.8", "--consensus", "count", "--normalize", "weight", "--keep-rule", "floor",
-            "--weights", "1,0.5,2", "--isotropize", "--out-rank", "10"]
+            "--weights", "1,0.5,2", "--isotropize"]  # (isotropized: written exactly, no --out-rank)
     result = invoke_cli(args)
     assert result.exit_code == 0, result.stderr
     written = load_adapter(str(tmp_path / "out"))
     expected = merge(load_adapters(sources), MergeConfig(
-        merger="ties", density=[0.4, 0.6, 0.8], weights=[1.0, 0.5, 2.0], isotropize=True, out_rank=10,
+        merger="ties", density=[0.4, 0.6, 0.8], weights=[1.0, 0.5, 2.0], isotropize=True,
         params={"consensus": "count", "normalize": "weight", "keep_rule": "floor"}))
     for path, module in expected.modules.items():
         assert torch.allclose(written.modules[path].delta(torch.float64), module.lora_B @ module.lora_A,

@@ -222,3 +222,18 @@ def test_a_ray_gpu_run_from_a_machine_without_cuda_is_one_line_before_any_work(s
         assert result.exit_code == 1 and "this machine has no CUDA GPU" in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "mask.json").exists() and not (tmp_path / "merged").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_a_device_this_machine_lacks_is_one_line_before_any_work(setting, tmp_path, monkeypatch):
+    """--devices cpu,cuda:0 (or --device cuda:1) without CUDA: a worker failed to start only after the driver had
+    loaded the adapters, the data and its model and scored the experts; serial runs failed at the model load."""
+    monkeypatch.setattr("loramerge_cli.search.runner.build_problem", lambda *a, **k: pytest.fail("a model was built"))
+    common = ["--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--threads", "1"]
+    for where in (["--devices", "cpu,cuda:0"], ["--device", "cuda:1"]):
+        for command in (["search-mask", *common, *where, "--out", str(tmp_path / "mask.json")],
+                        ["eval", *common, *where, "--merged", *setting.adapter_args()[:2]],
+                        ["merge", *common, *where, "--lambda", "auto", "--out", str(tmp_path / "merged")]):
+            result = invoke_cli(command)
+            assert result.exit_code == 1 and "CUDA is not available" in result.stderr, (command, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1

@@ -38,6 +38,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
     from loramerge_cli.outputs import check_not_an_input, guard_output, read_inputs
+    from loramerge_cli.search.backends import Backend
 
     settings = settings or EvalSettings()
     settings.check()
@@ -48,7 +49,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
         backend.check()
         if len(merged or []) > 1:  # the merges are spread (one merge is scored here)
             settings = replace(settings, threads=backend.threads_each(settings.device, settings.threads))
-        backend.check_driver(settings.device)
+    (backend or Backend()).check_devices(settings.device)
     check_task_file(tasks, [settings.split])
     files, folders = read_inputs([*experts, *(merged or [])], tasks, base, allow_pickle)
     if run_dir is not None:  # the score cache: written too

@@ -47,19 +47,27 @@ class Backend:
             return max(1, (os.cpu_count() or 1) // len(self.devices))
         return None
 
-    def check_driver(self, device: str) -> None:
-        """This process scores on the workers' kind of device too (the experts and the unpruned merge: the
-        reference of every worker's score), so a Ray run on GPUs needs one here; said before any work."""
-        device = (self.devices or [device])[0]  # the driver's: the first worker's (runner._first_device)
-        if self.name != "ray" or not device.startswith("cuda"):
-            return
-        import torch
+    def check_devices(self, device: str) -> None:
+        """The devices this machine must have, said before any work: every worker's when they are processes
+        here (or this process's own when none spreads), and with Ray the first worker's kind, on which this
+        process scores the experts and the unpruned merge (the reference of every worker's score)."""
+        if self.name == "ray":
+            device = (self.devices or [device])[0]
+            if not device.startswith("cuda"):
+                return
+            import torch
 
-        if not torch.cuda.is_available():
-            raise LoramergeError(f"--device {device} --backend ray: loramerge scores the experts and the unpruned "
-                                 "merge itself, on the workers' kind of device, and this machine has no CUDA GPU; "
-                                 "run it on a GPU node of the cluster (with --ray-address auto, or through "
-                                 "`ray job submit`)")
+            if not torch.cuda.is_available():
+                raise LoramergeError(f"--device {device} --backend ray: loramerge scores the experts and the "
+                                     "unpruned merge itself, on the workers' kind of device, and this machine has "
+                                     "no CUDA GPU; run it on a GPU node of the cluster (with --ray-address auto, "
+                                     "or through `ray job submit`)")
+            return
+        from loramerge_cli.evaluation.loading import torch_device
+
+        for local in dict.fromkeys(self.devices or [device]):
+            if local != "cpu":  # (the CPU is always there: no torch import for it)
+                torch_device(local)
 
     def check(self) -> None:
         """The choice itself, before any model loads: Ray's presence, and that a cluster answers at `address`."""

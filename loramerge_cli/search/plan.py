@@ -410,7 +410,7 @@ def plan_search(request: SearchRequest, out: str | Path | None = None, force: bo
     check_outputs(request, out, force, plot, protected_paths(request), finished)
     check_merge_settings(request)
     if finished is None:  # (a finished run's table is given back on any machine)
-        Backend(request.backend, request.devices, request.ray_address).check_driver(request.eval.device)
+        Backend(request.backend, request.devices, request.ray_address).check_devices(request.eval.device)
     if strategy.kind == "mask":
         check_prunable(request, strategy)
     if request.fitness == "nsc" or strategy.kind == "coefficients":

@@ -78,7 +78,8 @@ def merge_options() -> list:
         option("eval_dtype", choice(DTYPES) | None, None, show_default=False,
                help="--lambda auto: dtype of the evaluated model. [default: float32]"),
         max_length_option("--lambda auto, regmean: "),
-        threads_option(),
+        threads_option("Torch CPU threads. [default: OMP_NUM_THREADS if set, else torch's; CPUs / N with N workers "
+                       "scoring the --lambda auto grid]"),
         *push_options(),
     ]
 

@@ -161,7 +161,9 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     with _worker_pool(workers, request) as parallel:
         if parallel is not None:
             parallel.reside(fitness.engine)  # one model on the workers' first device
-            parallel.start()  # before the first step: its time is the search's
+            with stage(on_event, "starting the workers", 1) as step:  # before the first step (its time)
+                parallel.start()
+                step()
             evaluate = parallel if strategy.scoring is None else replace(evaluate, backend=parallel)
         outcome = strategy.run(request, evaluate, space, on_progress)
     best = outcome.best

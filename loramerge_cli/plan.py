@@ -54,6 +54,9 @@ class TaskData:
         if self.backend is not None:
             self.backend.check()
             self.threads = self.backend.threads_each(self.device or "cpu", self.threads)
+
+    def check_devices(self) -> None:
+        """The devices it evaluates on exist here (`Backend.check_devices`): planned once the data is used."""
         from loramerge_cli.search.backends import Backend
 
         (self.backend or Backend()).check_devices(self.device or "cpu")
@@ -224,6 +227,9 @@ def plan_merge(
         raise UsageError(f"method {settings.method.name} reads each task's inputs: give the task spec (--tasks FILE)")
     if settings.method.needs_inputs and tuning is not None and tuning != data:
         raise UsageError(f"method {settings.method.name} and --lambda auto read the same task data: give one")
+    for used in (tuning, data if settings.method.needs_inputs else None):
+        if used is not None:
+            used.check_devices()
     return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head, base,
                      command, tuning, allow_base_mismatch, data if settings.method.needs_inputs else None,
                      float(table_lambda) if tuning is not None and table_lambda is not None else None)

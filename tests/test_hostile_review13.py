@@ -1,12 +1,15 @@
 """A hostile review of this round's finished-run resume and Ray driver check: each test failed before its fix."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from eval_fixtures import build_text_setting
-from factories import invoke_cli
+from factories import invoke_cli, write_task_folders
 
 pytestmark = pytest.mark.slow
 
@@ -137,3 +140,44 @@ def test_out_rank_or_energy_with_isotropize_is_refused_not_ignored(sources, tmp_
     plain = invoke_cli(["merge", "--adapters", *sources, "--merger", "ties", "--out-rank", "2", "--out",
                         str(tmp_path / "merged")])
     assert plain.exit_code == 0, plain.stderr
+
+
+def test_a_ray_drivers_own_device_is_checked_before_any_work(setting, tmp_path, monkeypatch):
+    """--backend ray: the driver scores on --device / --devices[0] here; a non-cuda device was not checked."""
+    monkeypatch.setattr("loramerge_cli.search.runner.build_problem", lambda *a, **k: pytest.fail("a model was built"))
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
+                         "--threads", "1", "--backend", "ray", "--workers", "1", "--device", "mps",
+                         "--out", str(tmp_path / "m.json")])
+    assert result.exit_code == 1 and "MPS is not available" in result.stderr, result.stderr
+
+
+def test_merge_device_with_nothing_reading_tasks_is_still_a_usage_error(setting, tmp_path):
+    """The device of task data nothing reads is a usage error (exit 2), not a missing device."""
+    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
+                         "--device", "cuda:0", "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and "does nothing here" in result.stderr, result.stderr
+
+
+def test_eval_spec_errors_come_before_torch_with_a_device(tmp_path):
+    """plan_eval's spec and input checks are torch-free: the device check (which imports torch) comes last."""
+    script = ("import sys, runpy\nsys.argv = ['loramerge'] + sys.argv[1:]\ntry:\n"
+              "    runpy.run_module('loramerge_cli', run_name='__main__')\nexcept SystemExit as exit:\n"
+              "    print('torch' in sys.modules, exit.code)\n")
+    args = ["eval", "--adapters", f"a={tmp_path / 'none'}", "--tasks", str(tmp_path / "missing.yaml"),
+            "--device", "cuda:0"]
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.stdout.split() == ["False", "1"] and "missing.yaml" in done.stderr, done.stderr
+
+
+def test_a_recipe_written_before_the_refusal_still_rebuilds(tmp_path):
+    """Before, `isotropize: true` with `out-rank: 10` was accepted (and ignored) and written into loramerge.yaml:
+    such a recipe rebuilds, the truncation dropped with a warning."""
+    write_task_folders(tmp_path / "adapters", head=False)
+    recipe = tmp_path / "old" / "loramerge.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text("adapters:\n" + "".join(f"  {n}: ../adapters/{n}\n" for n in "abc")
+                      + "merger: ties\nisotropize: true\nout-rank: 10\n")
+    result = invoke_cli(["merge", "--config", str(recipe), "--out", str(tmp_path / "rebuilt")])
+    assert result.exit_code == 0 and "the recipe's out-rank dropped" in result.stderr, result.stderr
+    assert "out-rank" not in (tmp_path / "rebuilt" / "loramerge.yaml").read_text()

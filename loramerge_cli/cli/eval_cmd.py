@@ -56,7 +56,7 @@ def eval_options() -> list:
         setting_option(EvalSettings, "batch_size", min=1, help="Sequences per forward pass."),
         max_length_option(),
         threads_option("Torch CPU threads (fixed, for reproducible numbers). [default: OMP_NUM_THREADS if set, "
-                       "else min(8, CPUs); CPUs / N with N workers scoring the merges]"),
+                       "else min(8, CPUs); CPUs / N with N workers on this machine scoring the merges]"),
         setting_option(EvalSettings, "length_normalize", help="Causal LM: divide each choice's log-likelihood by its "
                "token count."),
         option("run_dir", Path | None, None, help="Folder caching expert and base scores (keyed by adapter and "

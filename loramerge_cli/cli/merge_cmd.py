@@ -79,9 +79,22 @@ def merge_options() -> list:
                help="--lambda auto: dtype of the evaluated model. [default: float32]"),
         max_length_option("--lambda auto, regmean: "),
         threads_option("Torch CPU threads. [default: OMP_NUM_THREADS if set, else torch's; CPUs / N with N workers "
-                       "scoring the --lambda auto grid]"),
+                       "on this machine scoring the --lambda auto grid]"),
         *push_options(),
     ]
+
+
+def _truncation_a_recipe_gave_with_isotropize(ctx: typer.Context, flags: dict) -> list[str]:
+    """A recipe written before --out-rank/--energy were refused with --isotropize may hold them (they did
+    nothing): dropped, with a warning; typed on the command line they are refused by the plan."""
+    if not flags["isotropize"]:
+        return []
+    given = [name for name in ("out_rank", "energy") if flags[name] is not None
+             and getattr(ctx.get_parameter_source(name), "name", "") == "DEFAULT_MAP"]
+    for name in given:
+        flags[name] = ctx.params[name] = None  # (the new recipe records what ran)
+    return [f"the recipe's {', '.join(name.replace('_', '-') for name in given)} dropped: with --isotropize the "
+            "update is written exactly (they did nothing)"] if given else []
 
 
 @command_errors
@@ -100,6 +113,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
 
         # the spec and its data, before torch or adapters load
         spec_inputs = check_task_file(flags["tasks"], ["validation"]).inputs()
+    dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags)
     config = merge_config(flags)  # flag values are checked before anything is read
     from loramerge_cli.hub import check_repo_id
 
@@ -143,7 +157,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
             f"the inputs' modules_to_save weights ({', '.join(modules[:3])}{', …' if len(modules) > 3 else ''}) are "
             "not in the merged adapter, which serves the base's; each task's are in heads/<task>.safetensors, and "
             "--head TASK puts one task's in modules_to_save")
-    report["warnings"] += _changed_recipe_inputs(flags["config"], adapters)
+    report["warnings"] += _changed_recipe_inputs(flags["config"], adapters) + dropped
     if flags["push_to_hub"] is not None:
         from loramerge_cli.hub import local_paths_warnings, push_folder
 

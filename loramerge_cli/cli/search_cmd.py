@@ -100,7 +100,8 @@ def search_options() -> list:
                        "or --backend ray)."),
         *scale_options(),
         threads_option("Torch threads per process (the same in every process). [default: OMP_NUM_THREADS if set, "
-                       "else min(8, CPUs); CPUs / N with N workers (--workers or --devices)]"),
+                       "else min(8, CPUs); CPUs / N with N workers on this machine (--workers, --devices); 1 "
+                       "in each Ray CPU actor the cluster counts]"),
         setting_option(EvalSettings, "batch_size", help="Evaluation batch size; nsc: examples per task and step."),
         setting_option(EvalSettings, "dtype", name="eval_dtype", annotation=choice(DTYPES),
                        help="Dtype of the evaluated model."),

@@ -49,7 +49,6 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
         backend.check()
         if len(merged or []) > 1:  # the merges are spread (one merge is scored here)
             settings = replace(settings, threads=backend.threads_each(settings.device, settings.threads))
-    (backend or Backend()).check_devices(settings.device)
     check_task_file(tasks, [settings.split])
     files, folders = read_inputs([*experts, *(merged or [])], tasks, base, allow_pickle)
     if run_dir is not None:  # the score cache: written too
@@ -58,6 +57,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
         if run_dir is not None:
             check_not_an_input(out, [Path(run_dir) / "scores.json"], role="run-directory file")
         guard_output(out, inputs=files + folders, force=force, kind="file", formats=(REPORT_FORMAT,))
+    (backend or Backend()).check_devices(settings.device)  # last: it imports torch for a device other than cpu
     return EvalPlan(Path(tasks), list(experts), list(merged or []), settings, base,
                     Path(run_dir) if run_dir is not None else None, out, force, allow_pickle, allow_base_mismatch,
                     backend)

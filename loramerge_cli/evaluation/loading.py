@@ -21,20 +21,21 @@ def torch_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def torch_device(name: str) -> torch.device:
+def torch_device(name: str, flag: str = "--device") -> torch.device:
+    """The torch device `name` (given by `flag`), present on this machine, or one line saying why not."""
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise LoramergeError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+        raise LoramergeError(f"{flag} {name!r} is not a device (cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise LoramergeError(f"--device {name}: CUDA is not available on this machine")
+        raise LoramergeError(f"{flag} {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         count = torch.cuda.device_count()
         shown = "cuda:0" if count == 1 else f"cuda:0 … cuda:{count - 1}"
-        raise LoramergeError(f"--device {name}: this machine has {count} CUDA device{'s' if count != 1 else ''}"
+        raise LoramergeError(f"{flag} {name}: this machine has {count} CUDA device{'s' if count != 1 else ''}"
                              + (f" ({shown})" if count else ""))
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise LoramergeError(f"--device {name}: MPS is not available on this machine")
+        raise LoramergeError(f"{flag} {name}: MPS is not available on this machine")
     return device
 
 

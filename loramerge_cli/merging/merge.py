@@ -59,7 +59,7 @@ class ResolvedMerge:
             **({"knots_scaled": self.knots_scaled} if self.space == "knots" else {}),
             **({"seed": self.seed} if self.method.randomized else {}),
             **({"isotropize": True} if self.isotropize else {}),
-            **({"out_rank": self.out_rank, "energy": self.energy} if self.is_dense else {}),
+            **({"out_rank": self.out_rank, "energy": self.energy} if self.is_dense and not self.isotropize else {}),
         }
 
     @property

@@ -51,23 +51,25 @@ class Backend:
         """The devices this machine must have, said before any work: every worker's when they are processes
         here (or this process's own when none spreads), and with Ray the first worker's kind, on which this
         process scores the experts and the unpruned merge (the reference of every worker's score)."""
-        if self.name == "ray":
-            device = (self.devices or [device])[0]
-            if not device.startswith("cuda"):
-                return
-            import torch
-
-            if not torch.cuda.is_available():
-                raise LoramergeError(f"--device {device} --backend ray: loramerge scores the experts and the "
-                                     "unpruned merge itself, on the workers' kind of device, and this machine has "
-                                     "no CUDA GPU; run it on a GPU node of the cluster (with --ray-address auto, "
-                                     "or through `ray job submit`)")
-            return
         from loramerge_cli.evaluation.loading import torch_device
 
-        for local in dict.fromkeys(self.devices or [device]):
+        flag = "--devices" if self.devices else "--device"
+        if self.name == "ray":  # this process: the first worker's device, as given
+            first = (self.devices or [device])[0]
+            if first.startswith("cuda"):
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise LoramergeError(f"{flag} {first} --backend ray: loramerge scores the experts and the "
+                                         "unpruned merge itself, on the workers' kind of device, and this machine "
+                                         "has no CUDA GPU; run it on a GPU node of the cluster (with --ray-address "
+                                         "auto, or through `ray job submit`)")
+            local_devices = [first]
+        else:
+            local_devices = list(dict.fromkeys(self.devices or [device]))
+        for local in local_devices:
             if local != "cpu":  # (the CPU is always there: no torch import for it)
-                torch_device(local)
+                torch_device(local, flag)
 
     def check(self) -> None:
         """The choice itself, before any model loads: Ray's presence, and that a cluster answers at `address`."""

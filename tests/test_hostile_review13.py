@@ -181,3 +181,22 @@ def test_a_recipe_written_before_the_refusal_still_rebuilds(tmp_path):
     result = invoke_cli(["merge", "--config", str(recipe), "--out", str(tmp_path / "rebuilt")])
     assert result.exit_code == 0 and "the recipe's out-rank dropped" in result.stderr, result.stderr
     assert "out-rank" not in (tmp_path / "rebuilt" / "loramerge.yaml").read_text()
+
+
+def test_a_full_disk_at_the_end_of_a_search_is_one_line_and_the_run_resumes(setting, tmp_path, monkeypatch):
+    """The machine's storage errors were reported as 'internal error: OSError …'; the search is kept."""
+    import errno
+
+    run_dir, out = tmp_path / "run", tmp_path / "mask.json"
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("loramerge_cli.search.runner.record_finished", full)
+        failed = invoke_cli(_args(setting, run_dir, "--out", str(out), "--quiet"))
+    assert failed.exit_code == 1 and len(failed.stderr.strip().splitlines()) == 1, failed.stderr
+    assert "No space left on device" in failed.stderr and "--resume" in failed.stderr
+    assert "internal error" not in failed.stderr and not out.exists()
+    resumed = invoke_cli(["search-mask", "--run-dir", str(run_dir), "--resume", "--threads", "1"])
+    assert resumed.exit_code == 0 and out.is_file(), resumed.stderr

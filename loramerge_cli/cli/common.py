@@ -6,6 +6,7 @@ Nothing here imports torch: `loramerge --help` must answer in well under a secon
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -241,6 +242,10 @@ def command_errors(function):
     return wrapper
 
 
+# A full disk, a quota, a read-only or forbidden folder, a failing device: one line, not an internal error.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
 def _run(function, args, kwargs, debug: bool):
     """`function` under the error policy of `command_errors`."""
     from loramerge_cli import interrupts
@@ -258,6 +263,11 @@ def _run(function, args, kwargs, debug: bool):
             raise fail(interrupts.message(), interrupts.exit_code()) from None
         if debug:  # to stderr as it can be: never onto stdout (Python's fallback when stderr is closed)
             traceback.print_exc(file=StandardError())
+        if isinstance(error, OSError) and error.errno in STORAGE_ERRORS:  # the machine's, not loramerge's
+            resume = interrupts.resume_hint()
+            where = f": {error.filename}" if error.filename else ""
+            raise fail(f"error: cannot write{where} ({error.strerror})"
+                       + (f"; the run dir keeps what was scored: {resume}" if resume else "")) from None
         if isinstance(error, LoramergeError):
             resume = interrupts.resume_hint() if isinstance(error, WorkerLost) else None
             raise fail(f"error: {error}" + (f"; the run dir keeps what was scored: {resume}" if resume else "")) \

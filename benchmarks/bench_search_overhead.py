@@ -66,10 +66,11 @@ def kernel_at_once(tables: np.ndarray, task_count: int, settings: SurrogateSetti
 
 
 def posterior_rebuilt(scored, values):
-    """Posterior.of with the kernel rebuilt from scratch (the grown one is ignored)."""
+    """Posterior.of as the search computed it before: the kernel rebuilt and factored anew (O(n³)) at every
+    step (the grown kernel and factor are ignored)."""
     kernel = kernel_at_once(scored.tables, scored.task_count, scored.settings)
     inverse_factor = np.linalg.inv(_cholesky(kernel))
-    return Posterior(scored.tables, values, inverse_factor.T @ inverse_factor, scored.settings,
+    return Posterior(scored.tables, values, (inverse_factor, np.zeros((0, len(kernel)))), scored.settings,
                      surrogate.pair_prior_std(scored.dimension, scored.task_count, scored.settings),
                      scored.members[:scored.count])
 
@@ -88,9 +89,40 @@ def run(units: int, tasks: int, proposals: int, seed: int, rebuild: bool) -> dic
             "last_proposal_seconds": proposal_seconds[-1] if proposal_seconds else None}
 
 
+def step_at(units: int, tasks: int, tables: int, table_size: int, seed: int) -> dict:
+    """One proposal step's linear algebra with `tables` scored (the screen, then random tables of `table_size`
+    pruned entries): the search's factor, grown by the step's one new table, against a new factorisation
+    (Cholesky factor, its inverse, (K + σ²I)⁻¹ = L⁻ᵀ L⁻¹: what each step computed before). Both solve
+    the same system; the seconds exclude growing the kernel."""
+    size = units * tasks
+    generator = np.random.default_rng(seed)
+    chosen = [(), *[(i,) for i in range(size)]]
+    chosen += [tuple(sorted(generator.choice(size, table_size, replace=False).tolist()))
+               for _ in range(tables - len(chosen))]
+    settings = SurrogateSettings(seed=seed)
+    scored = surrogate.ScoredTables(size, tasks, settings, capacity=len(chosen))
+    scored.add(chosen[:-1])
+    scored.inverse_factor()  # where the search's previous step left it
+    scored.add(chosen[-1:])
+    values = generator.normal(0, 1, len(chosen))
+    started = time.perf_counter()
+    grown = Posterior.of(scored, values).solve(values)
+    grown_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    inverse_factor = np.linalg.inv(_cholesky(np.array(scored.kernel)))
+    refactored = (inverse_factor.T @ inverse_factor) @ values
+    refactored_seconds = time.perf_counter() - started
+    if not np.allclose(grown, refactored, rtol=1e-6, atol=1e-9):
+        raise SystemExit(f"{units}x{tasks} at {tables} tables: the two solves differ")
+    return {"tables": len(chosen), "grown_seconds": grown_seconds, "refactored_seconds": refactored_seconds,
+            "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def spawn(job: dict) -> dict:
     """One run in a fresh process (its own peak memory); an error (out of memory) is reported, not raised."""
-    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True)
+    threads = job.pop("threads")
+    done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job), "--threads", str(threads)],
+                          capture_output=True, text=True)
     if done.returncode:
         return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
     return json.loads(done.stdout)
@@ -104,6 +136,11 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (set before numpy starts them)")
     parser.add_argument("--rebuild", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the search rebuilding its kernel every step")
+    parser.add_argument("--step-at", help="instead of searching: time one proposal step's linear algebra with "
+                        "this many tables scored, comma-separated (e.g. 1800,3600,5376: a 224 x 8 search's default "
+                        "budget ends at 5,376)")
+    parser.add_argument("--table-size", type=int, default=40, help="pruned entries of each table after the screen "
+                        "(with --step-at)")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -113,8 +150,11 @@ def main(argv=None) -> None:
     except ImportError:
         pass
     if args.worker:
-        print(json.dumps(run(**json.loads(args.worker))))
+        job = json.loads(args.worker)
+        print(json.dumps(step_at(**job) if "table_size" in job else run(**job)))
         return
+    if args.step_at:
+        return time_steps(args)
     rows = []
     print(f"{'size':>8} {'proposals':>9} {'grown s':>9} {'MB':>7} {'last step s':>11} {'rebuilt s':>10} {'MB':>7} "
           f"{'ratio':>6}")
@@ -122,7 +162,7 @@ def main(argv=None) -> None:
         units, tasks = (int(part) for part in size.split("x"))
         proposals = args.proposals if args.proposals is not None else 2 * units * tasks
         job = {"units": units, "tasks": tasks, "proposals": proposals, "seed": args.seed}
-        grown = spawn({**job, "rebuild": False})
+        grown = spawn({**job, "rebuild": False, "threads": args.threads})
         row = {**job, "grown": grown}
         if "error" in grown:
             print(f"{size:>8} error: {grown['error']}")
@@ -131,7 +171,7 @@ def main(argv=None) -> None:
         line = (f"{size:>8} {proposals:9d} {grown['seconds']:9.2f} {grown['peak_mb']:7.0f} "
                 f"{grown['last_proposal_seconds'] or 0:11.3f}")
         if args.rebuild:
-            rebuilt = row["rebuilt"] = spawn({**job, "rebuild": True})
+            rebuilt = row["rebuilt"] = spawn({**job, "rebuild": True, "threads": args.threads})
             if "error" in rebuilt:
                 line += f" error: {rebuilt['error']}"
             elif rebuilt["tables"] != grown["tables"]:
@@ -145,6 +185,25 @@ def main(argv=None) -> None:
         for row in rows:
             for side in ("grown", "rebuilt"):
                 row.get(side, {}).pop("tables", None)
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+
+
+def time_steps(args) -> None:
+    """--step-at: one row per size and number of tables scored."""
+    rows = []
+    print(f"{'size':>8} {'tables':>7} {'grown s':>9} {'refactored s':>13} {'ratio':>7} {'peak MB':>8}")
+    for size in args.sizes.split(","):
+        units, tasks = (int(part) for part in size.split("x"))
+        for tables in (int(count) for count in args.step_at.split(",")):
+            row = spawn({"units": units, "tasks": tasks, "tables": tables, "table_size": args.table_size,
+                         "seed": args.seed, "threads": args.threads})
+            rows.append({"units": units, "tasks": tasks, **row})
+            if "error" in row:
+                print(f"{size:>8} {tables:7d} error: {row['error']}", flush=True)
+                continue
+            print(f"{size:>8} {row['tables']:7d} {row['grown_seconds']:9.3f} {row['refactored_seconds']:13.2f} "
+                  f"{row['refactored_seconds'] / row['grown_seconds']:6.0f}× {row['peak_mb']:8.0f}", flush=True)
+    if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
 
 

@@ -45,6 +45,7 @@ STATE_NAME = "surrogate_state.json"
 STATE_FORMAT = "loramerge.surrogate-state/v1"
 PRIOR_RANGE = (1e-4, 1e4)  # the priors' and the noise's standard deviations, in fitness points
 SCREEN_CHUNK = 8  # single-unit tables per screen step: a killed screen keeps what it scored
+SWAP_ROWS = 16  # rows of swap gains computed together by the hill-climb
 
 
 @dataclass
@@ -85,10 +86,17 @@ class PairwiseModel:
 
     single: np.ndarray  # (U,)
     pair: np.ndarray  # (U, U)
+    _row_bounds: tuple[np.ndarray, float] | None = field(default=None, init=False, repr=False)
 
     def value(self, members: np.ndarray) -> float:
         """f of the table whose pruned units are `members` (a 0/1 vector)."""
         return float(self.single @ members + 0.5 * members @ self.pair @ members)
+
+    def row_bounds(self) -> tuple[np.ndarray, float]:
+        """(max_j −V_ij for each i, max |V_ij|): what bounds a swap's gain (computed once per draw)."""
+        if self._row_bounds is None:
+            self._row_bounds = (-self.pair.min(axis=1), float(np.abs(self.pair).max(initial=0.0)))
+        return self._row_bounds
 
 
 def check_budget(budget: int | None, dimension: int, k_max: int) -> None:
@@ -140,12 +148,16 @@ class ScoredTables:
     within one unit; the counts are exact integers, so K is the same to the bit however it is grown."""
 
     GROWTH_CHUNK = 16  # tables added per block of new rows (n × 16 × U counts at a time)
+    FACTOR_BLOCK = 64  # rows of L⁻¹ kept together (a last, partial block is recomputed at each step)
 
-    def __init__(self, dimension: int, task_count: int, settings: SurrogateSettings):
+    def __init__(self, dimension: int, task_count: int, settings: SurrogateSettings, capacity: int | None = None):
         self.dimension, self.task_count, self.settings = dimension, task_count, settings
+        self.capacity = capacity  # most tables it will hold (the budget and the unpruned merge), if known
         self.count = 0
         self._tables = np.zeros((0, dimension))
         self._kernel = np.zeros((0, 0))
+        self._inverse_factor = np.zeros((0, 0))  # its first `factored` rows: L⁻¹ where K + σ²I = L Lᵀ
+        self.factored = 0
         self.members: list[np.ndarray] = []  # each table's pruned entries (tables prune few: draws work on these)
 
     @property
@@ -162,11 +174,13 @@ class ScoredTables:
 
     def _add(self, tables: list[tuple[int, ...]]) -> None:
         old, new = self.count, self.count + len(tables)
-        if new > len(self._kernel):  # room for twice as many: amortised O(n²) copies in all
-            capacity = max(new, 2 * len(self._kernel), 64)
-            kernel, rows = np.zeros((capacity, capacity)), np.zeros((capacity, self.dimension))
+        if new > len(self._kernel):  # room for twice as many (at most the capacity): amortised O(n²) copies
+            capacity = max(new, min(max(2 * len(self._kernel), 64), self.capacity or np.inf))
+            kernel, rows, factor = (np.zeros((capacity, capacity)), np.zeros((capacity, self.dimension)),
+                                    np.zeros((capacity, capacity)))
             kernel[:old, :old], rows[:old] = self._kernel[:old, :old], self._tables[:old]
-            self._kernel, self._tables = kernel, rows
+            factor[:self.factored, :self.factored] = self._inverse_factor[:self.factored, :self.factored]
+            self._kernel, self._tables, self._inverse_factor = kernel, rows, factor
         for row, pruned in enumerate(tables):
             self._tables[old + row] = _indicator(pruned, self.dimension)
             self.members.append(np.flatnonzero(self._tables[old + row]))
@@ -185,15 +199,37 @@ class ScoredTables:
         self._kernel[old:new, :new] = block.T
         self.count = new
 
+    def inverse_factor(self) -> tuple[np.ndarray, np.ndarray]:
+        """L⁻¹ (lower triangular, K + σ²I = L Lᵀ) as (its first rows, in whole FACTOR_BLOCKs, kept and grown;
+        the remaining rows, over every column). A block of rows costs O(n²·block): a step O(n²), not the O(n³)
+        of a new factorisation. The blocks are fixed by row index, never by the steps that added the tables,
+        so a resumed search computes the same factor to the bit."""
+        block = self.FACTOR_BLOCK
+        while self.factored + block <= self.count:
+            start, stop = self.factored, self.factored + block
+            self._inverse_factor[start:stop, :stop] = self._factor_rows(start, stop)
+            self.factored = stop
+        kept = self._inverse_factor[:self.factored, :self.factored]
+        return kept, self._factor_rows(self.factored, self.count)
+
+    def _factor_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows start:stop of L⁻¹ from its rows above: with L₂₁ = K₂₁ L₁₁⁻ᵀ and L₂₂ the Cholesky factor of
+        K₂₂ − L₂₁ L₂₁ᵀ, they are [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]."""
+        above = self._inverse_factor[:start, :start]
+        kernel = self._kernel
+        lower_left = kernel[start:stop, :start] @ above.T
+        diagonal_inverse = np.linalg.inv(_cholesky(kernel[start:stop, start:stop] - lower_left @ lower_left.T))
+        return np.hstack([-diagonal_inverse @ (lower_left @ above), diagonal_inverse])
+
 
 @dataclass
 class Posterior:
     """What every posterior draw of one step shares: the scored tables (n × U·T, 0/1), their values and
-    (K + σ²I)⁻¹ (ScoredTables)."""
+    L⁻¹ for K + σ²I = L Lᵀ, in two parts (ScoredTables.inverse_factor)."""
 
     tables: np.ndarray
     values: np.ndarray
-    inverse: np.ndarray
+    inverse_factor: tuple[np.ndarray, np.ndarray]
     settings: SurrogateSettings
     pair_std: np.ndarray  # b_ij
     members: list[np.ndarray]  # each table's pruned entries
@@ -208,9 +244,17 @@ class Posterior:
 
     @classmethod
     def of(cls, scored: ScoredTables, values: np.ndarray) -> "Posterior":
-        inverse_factor = np.linalg.inv(_cholesky(np.array(scored.kernel)))
-        return cls(scored.tables, values, inverse_factor.T @ inverse_factor, scored.settings,
+        return cls(scored.tables, values, scored.inverse_factor(), scored.settings,
                    pair_prior_std(scored.dimension, scored.task_count, scored.settings), scored.members[:scored.count])
+
+    def solve(self, right: np.ndarray) -> np.ndarray:
+        """(K + σ²I)⁻¹ `right` = L⁻ᵀ (L⁻¹ `right`): two products with L⁻¹, O(n²) for a vector."""
+        kept, rest = self.inverse_factor
+        head = len(kept)
+        inner = np.concatenate([kept @ right[:head], rest @ right])
+        outer = rest.T @ inner[head:]
+        outer[:head] += kept.T @ inner[:head]
+        return outer
 
     def draw(self, rng: np.random.Generator) -> PairwiseModel:
         """A draw from the posterior of (w, V) by pathwise conditioning: θ = θ₀ + Σ_prior Φᵀ (K + σ²I)⁻¹
@@ -223,12 +267,12 @@ class Posterior:
         noise = rng.normal(0.0, settings.noise, count)
         prior_values = np.array([single[units].sum() + 0.5 * pair[np.ix_(units, units)].sum()
                                  for units in self.members])
-        return self._conditioned(single, pair, self.inverse @ (self.values - prior_values - noise))
+        return self._conditioned(single, pair, self.solve(self.values - prior_values - noise))
 
     def mean(self) -> PairwiseModel:
         """The posterior mean of (w, V): Σ_prior Φᵀ (K + σ²I)⁻¹ y (a draw with θ₀ = 0 and ε = 0)."""
         size = self.tables.shape[1]
-        return self._conditioned(np.zeros(size), np.zeros((size, size)), self.inverse @ self.values)
+        return self._conditioned(np.zeros(size), np.zeros((size, size)), self.solve(self.values))
 
     def _conditioned(self, single: np.ndarray, pair: np.ndarray, weights: np.ndarray) -> PairwiseModel:
         """(single, pair) + Σ_prior Φᵀ `weights`: the observations' correction of a prior draw."""
@@ -264,11 +308,9 @@ def local_maximum(model: PairwiseModel, start: np.ndarray, k_max: int) -> np.nda
             if -gain[i] > best:
                 best, added, removed = -gain[i], None, i
             if len(outside):
-                swap = gain[None, :] - gain[inside][:, None] - model.pair[inside]  # whole rows: no gather
-                swap[:, inside] = -np.inf  # only tables out of `members` are swapped in (same order, same ties)
-                row, column = np.unravel_index(int(np.argmax(swap)), swap.shape)
-                if swap[row, column] > best:
-                    best, added, removed = swap[row, column], column, inside[row]
+                swap = _best_swap(model, gain, inside, outside, best)
+                if swap is not None:
+                    best, added, removed = swap
         if added is None and removed is None:
             break
         if added is not None:
@@ -278,6 +320,36 @@ def local_maximum(model: PairwiseModel, start: np.ndarray, k_max: int) -> np.nda
             members[removed] = 0.0
             gain -= model.pair[:, removed]
     return members
+
+
+def _best_swap(model: PairwiseModel, gain: np.ndarray, inside: np.ndarray, outside: np.ndarray,
+               floor: float) -> tuple[float, int, int] | None:
+    """(gain, added, removed) of the best swap whose gain g_j − g_i − V_ij exceeds `floor` (ties: the first
+    removed entry in index order, then the first added), or None. Exact, without the whole |inside| × U·T
+    table of gains: a row i can hold at most max g_outside − g_i + max_j(−V_ij), so rows are computed in the
+    order of that bound (in chunks) until the best gain found exceeds every bound left."""
+    row_bound, pair_bound = model.row_bounds()
+    inside_gain = gain[inside]
+    bounds = float(gain[outside].max()) - inside_gain + row_bound[inside]
+    slack = 1e-9 * (1.0 + float(np.abs(gain).max()) + pair_bound)  # far above the rounding of two subtractions
+    rows = np.flatnonzero(bounds + slack > floor)
+    rows = rows[np.argsort(-bounds[rows], kind="stable")]
+    found: list[tuple[float, int, int]] = []  # (gain, row, column) of each computed row's best
+    top = -np.inf
+    for start in range(0, len(rows), SWAP_ROWS):
+        chunk = rows[start:start + SWAP_ROWS]
+        if bounds[chunk[0]] + slack < top:
+            break
+        gains = gain[None, :] - inside_gain[chunk][:, None] - model.pair[inside[chunk]]
+        gains[:, inside] = -np.inf  # only tables out of `members` are swapped in
+        columns = np.argmax(gains, axis=1)
+        values = gains[np.arange(len(chunk)), columns]
+        found += zip(values.tolist(), chunk.tolist(), columns.tolist())
+        top = max(top, float(values.max()))
+    if not found or top <= floor:
+        return None
+    value, row, column = min(found, key=lambda item: (-item[0], item[1], item[2]))
+    return value, int(column), int(inside[row])
 
 
 @dataclass
@@ -310,7 +382,7 @@ class SurrogateSearch(SteppedSearch):
 
     def start(self, resume: bool = False) -> None:
         self.state = SurrogateState(0, {((), None): Evaluation((), None, 0.0, 0)})
-        self.scored = ScoredTables(self.dimension, self.task_count, self.settings)
+        self.scored = ScoredTables(self.dimension, self.task_count, self.settings, self.budget + 1)
         if resume:
             self._load_state()
 

@@ -54,6 +54,19 @@ def default_name(spec: str) -> str:
     return name
 
 
+def source_names(adapters: list) -> list[str]:
+    """The task name of each adapter: a loaded Adapter's, or what a source argument (`name=source` or a plain
+    source) will be named, without reading it."""
+    names = []
+    for adapter in adapters:
+        if isinstance(adapter, str):
+            named = split_name(adapter)
+            names.append(named.name or default_name(named.spec))
+        else:
+            names.append(adapter.name)
+    return names
+
+
 def sha256_file(path: Path) -> str:
     return read_into(hashlib.sha256(), path).hexdigest()
 

@@ -61,7 +61,7 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     report = {"out": str(out), "adapters": [
         {"name": a.name, "folder": str(out / a.name) if a.modules else None, "modules": len(a.modules),
          "removed": len(original.modules) - len(a.modules)} for a, original in zip(pruned, loaded)],
-        "warnings": _lambda_warning(plan.table) + [_pruned_entirely(a, out, len(pruned)) for a in pruned
+        "warnings": _lambda_warning(plan.table, len(loaded)) + [_pruned_entirely(a, out, len(pruned)) for a in pruned
                                                    if not a.modules]}
     if flags["json_output"]:
         return emit_json(report)
@@ -79,15 +79,46 @@ def _pruned_entirely(adapter, out, task_count: int) -> str:
             f"λ: a default λ of 1/T counts all {task_count} tasks there, so pass it (--lambda)")
 
 
-def _lambda_warning(table) -> list[str]:
-    """The λ a table sets or records, which pruned adapters cannot carry: a merge of them must be told."""
+def _lambda_warning(table, task_count: int) -> list[str]:
+    """The merge a table was searched with (its merger, λ and the settings that differ from the merger's
+    defaults), which pruned adapters cannot carry: a merge of them must be told, flag by flag."""
     from loramerge_cli.plan import recorded_settings
 
-    lam = table.scale if table.scale is not None else recorded_settings(table).get("lam")
-    if lam is None:
+    recorded = recorded_settings(table)
+    lam = table.scale if table.scale is not None else recorded.get("lam")
+    if lam is None and "merger" not in recorded:
         return []
-    return [f"the table sets λ = {float(lam):g}, which the pruned adapters do not carry: merge them with "
-            f"--lambda {float(lam):g} to get what merge --mask gives"]
+    flags = _merge_flags({**recorded, **({"lam": lam} if lam is not None else {})}, task_count)
+    return [f"the table was searched with `merge {flags}`, which the pruned adapters do not carry: merge them "
+            "with those flags to get what merge --mask gives"]
+
+
+def _merge_flags(recorded: dict, task_count: int) -> str:
+    """`--merger M --lambda λ` and a flag for each recorded setting that M's defaults do not give."""
+    from loramerge_cli.merging.config import SETTINGS, MergeConfig
+    from loramerge_cli.merging.merge import resolve_config
+
+    def resolved(settings: dict) -> dict:
+        fields = {name: value for name, value in settings.items() if name in SETTINGS}
+        params = {name: value for name, value in settings.items() if name not in SETTINGS}
+        return resolve_config(MergeConfig(**fields, params=params), task_count).describe()
+
+    given = resolved(recorded)
+    defaults = resolved({"merger": recorded["merger"]} if "merger" in recorded else {})
+    parts = [f"--merger {given['merger']}"]
+    for name, value in given.items():
+        if name == "merger" or (name != "lambda" and defaults.get(name) == value):
+            continue
+        if name == "lambda" and "lam" not in recorded:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, (list, tuple)):
+            parts.append(f"{flag} {','.join(f'{v:g}' for v in value)}")
+        else:
+            parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+    return " ".join(parts)
 
 
 def register(app: typer.Typer) -> None:

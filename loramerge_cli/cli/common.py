@@ -29,12 +29,13 @@ ALLOW_PICKLE_HELP = "DANGEROUS: also read pickle (.bin) weights; unpickling a fi
 ALLOW_BASE_MISMATCH_HELP = "DANGEROUS: merge adapters whose configs name different base models."
 JSON_HELP = ("Machine-readable output on stdout, and nothing else printed: no tables, progress or notes (warnings "
              "are in the JSON; errors still go to stderr).")
-QUIET_HELP = "No progress or summary on stderr (errors are still printed)."
+QUIET_HELP = ("No progress, notes, warnings or summary on stderr (errors are still printed; warnings stay in "
+              "--json and in an output's loramerge.json).")
 THREADS_HELP = "Torch CPU threads. [default: OMP_NUM_THREADS if set, else torch's]"
 DEBUG_HELP = "Show the full traceback of errors."
 CONFIG_HELP = ("YAML recipe: flag names to values, `adapters` as a map of task name to path (or to path, weight, "
                "density); paths relative to the file; flags on the command line win. Every output's "
-               "loramerge.yaml is one.")
+               "loramerge.yaml is one (another command's settings in it are noted and not used).")
 
 
 def spread_multi_values(args: list[str], options: tuple[str, ...] = MULTI_VALUE_OPTIONS) -> list[str]:
@@ -431,14 +432,16 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
 
     data = expand_config(data, Path(value), ctx.command)
     by_flag = {opt[2:]: option for option in ctx.command.params for opt in option.opts if opt.startswith("--")}
-    defaults = {}
+    defaults, ignored = {}, []
     for key, item in data.items():
         flag = str(key).replace("_", "-")
         option = by_flag.get(flag)
-        if option is None and ctx.info_name == "inspect":  # another command's recipe: inspect its inputs
+        if option is None and flag in _other_commands_flags(ctx):  # another command's recipe: what applies here
+            ignored.append(flag)
             continue
         if option is None or option.name in ("config", "help"):
-            raise typer.BadParameter(f"{value}: unknown key {key!r} (keys are this command's flag names)")
+            raise typer.BadParameter(f"{value}: unknown key {key!r} (keys are the flag names of loramerge's "
+                                     "commands)")
         if item is None:  # `key: null`: not given
             continue
         if getattr(option, "multiple", False):
@@ -447,7 +450,19 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
             item = ",".join(str(v) for v in item)
         defaults[option.name] = item
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    arguments = given_arguments(ctx)
+    if ignored and not {"--quiet", "-q", "--json"} & set(arguments):
+        human_console().print(f"note: --config {value}: {ctx.info_name} has no {', '.join(ignored)} (another "
+                              "command's settings): not used", markup=False, highlight=False, soft_wrap=True)
     return value
+
+
+def _other_commands_flags(ctx: typer.Context) -> set[str]:
+    """The long flags of loramerge's other commands: a recipe another command wrote holds some."""
+    group = ctx.parent.command if ctx.parent is not None else None
+    commands = getattr(group, "commands", {}).values()
+    return {opt[2:] for command in commands if command is not ctx.command for option in command.params
+            for opt in getattr(option, "opts", ()) if opt.startswith("--")}
 
 
 def parse_float_list(text: str | None, flag: str) -> list[float] | None:

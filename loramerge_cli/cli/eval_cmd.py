@@ -46,13 +46,15 @@ def eval_options() -> list:
         option("merged", list[str] | None, None, help="Merged adapter folder(s) to score on every task, "
                "optionally name=folder."),
         setting_option(EvalSettings, "split", help="Data split: validation or test (any split the spec names)."),
-        setting_option(EvalSettings, "val_limit", min=1, help="Examples per task on the validation split (a seeded "
-               "subset); overrides `limit`."),
+        setting_option(EvalSettings, "val_limit", min=1, show_default=False, help="Examples per task on the "
+               "validation split (a seeded subset); overrides `limit`. [default: each task's `limit`, else all]"),
         option("base", str | None, None, help="Base model folder or Hub id; overrides the spec and the adapter "
                "configs."),
         setting_option(EvalSettings, "device", help="Torch device: cpu, cuda, cuda:1, mps."),
         *scale_options(),
-        setting_option(EvalSettings, "dtype", annotation=choice(DTYPES), help="Model dtype."),
+        setting_option(EvalSettings, "dtype", "--dtype", "--eval-dtype", annotation=choice(DTYPES),
+                       help="Dtype of the evaluated models (--eval-dtype, as merge and search-mask name it, is the "
+                       "same flag)."),
         setting_option(EvalSettings, "batch_size", min=1, help="Sequences per forward pass."),
         max_length_option(),
         threads_option("Torch CPU threads (fixed, for reproducible numbers). [default: OMP_NUM_THREADS if set, "

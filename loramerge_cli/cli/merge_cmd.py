@@ -31,6 +31,7 @@ from loramerge_cli.cli.options import (
     with_options,
 )
 from loramerge_cli.errors import UsageError, check_at_least
+from loramerge_cli.evaluation.settings import EvalSettings
 from loramerge_cli.merging.registry import DTYPES, randomized_methods
 
 EPILOG = examples_epilog(
@@ -59,10 +60,13 @@ def merge_options() -> list:
         option("out", Path, ..., help="Output folder (a PEFT adapter).", show_default=False),
         option("force", bool, False, help="Replace --out if it exists."),
         option("dtype", choice(DTYPES) | None, None, show_default=False,
-               help="Dtype of the written weights. [default: the inputs']"),
-        option("out_rank", int | None, None, help="Rank of truncated dense results."),
+               help="Dtype of the written weights (--eval-dtype: of the model --lambda auto evaluates). "
+               "[default: the inputs']"),
+        option("out_rank", int | None, None, show_default=False, help="Dense results (elementwise methods in the "
+               "full space): write this rank. [default: the least rank keeping --energy]"),
         option("energy", float | None, None, show_default=False,
-               help="Dense results: keep this fraction of the update's energy (sum of squared singular values). "
+               help="Dense results: keep this fraction of the update's energy (sum of squared singular values), "
+               "at a rank of at most the adapters' ranks summed: a warning says what that leaves out. "
                "[default: 0.9999]"),
         option("seed", int | None, None, show_default=False, help="Seed of randomized methods "
                f"({', '.join(randomized_methods())}), >= 1. [default: 1]"),
@@ -71,10 +75,12 @@ def merge_options() -> list:
         option("base", str | None, None, help="Base model id or path; overrides the configs'."),
         option("tasks", Path | None, None, help="Task spec YAML: its validation split tunes --lambda auto and "
                "gives the inputs of data-reading methods (regmean)."),
-        option("val_limit", int | None, None, help="--lambda auto, regmean: examples per task (>= 1)."),
+        option("val_limit", int | None, None, show_default=False, help="--lambda auto, regmean: examples per task "
+               "(>= 1). [default: each task's `limit` in --tasks, else all]"),
         option("device", str | None, None, help="--lambda auto, regmean: torch device."),
         *scale_options(),
-        option("batch_size", int | None, None, help="--lambda auto, regmean: batch size."),
+        option("batch_size", int | None, None, show_default=False,
+               help=f"--lambda auto, regmean: batch size. [default: {EvalSettings.batch_size}]"),
         option("eval_dtype", choice(DTYPES) | None, None, show_default=False,
                help="--lambda auto: dtype of the evaluated model. [default: float32]"),
         max_length_option("--lambda auto, regmean: "),

@@ -178,7 +178,15 @@ def resolve_backend(device: str, devices: str | None, workers: int | None, threa
 
 def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]:
     """--merger, --method, --space, --lambda, --weights, every registered method parameter, --knots-scaled."""
-    from loramerge_cli.merging.registry import PARAMETERS, PRESETS, SPACES, merger_names, method_names, methods_using
+    from loramerge_cli.merging.registry import (
+        PARAMETERS,
+        PRESETS,
+        SPACES,
+        defaults_text,
+        lambda_defaults_text,
+        merger_names,
+        method_names,
+    )
 
     shown = default_merger or "ta"
     options = [
@@ -188,15 +196,16 @@ def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]
         option("space", choice(SPACES) | None, None, help="Override the space the method acts in."),
         option("lam", str | None, None, "--lambda", show_default=False, help=(
             "λ, the factor on the merged update: a number, or 'auto' (tuned on --tasks). "
-            "[default: a --mask table's scale, else the λ it recorded, else the method's]")),
+            f"[default: a --mask table's scale, else the λ it recorded, else the method's: "
+            f"{lambda_defaults_text()}; T = the number of adapters]")),
         option("weights", str | None, None, show_default=False, help=(
             "Per-adapter weights w1,w2,... in task order, applied before the method. [default: 1]")),
     ]
     for parameter in PARAMETERS.values():
         kind = choice(parameter.choices) if parameter.choices else str if parameter.per_adapter else parameter.type
         allowed = f" Allowed: {parameter.bounds()}." if parameter.bounds() and not parameter.choices else ""
-        options.append(option(parameter.name, kind | None, None, help=(
-            f"{parameter.help}{allowed} Methods: {', '.join(methods_using(parameter.name))}.")))
+        options.append(option(parameter.name, kind | None, None, show_default=False, help=(
+            f"{parameter.help}{allowed} [default: {defaults_text(parameter.name)}]")))
     options.append(option("knots_scaled", bool | None, None, "--knots-scaled/--no-knots-scaled", show_default=False,
                           help="knots space: scale the components by their singular values."))
     options.append(option("isotropize", bool | None, None, "--isotropize/--no-isotropize", show_default=False,

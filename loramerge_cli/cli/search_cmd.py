@@ -95,7 +95,8 @@ def search_options() -> list:
                help="random: fraction of units pruned. [default: max-prune/2]"),
         setting_option(EnmpSettings, "seed", help="Seed (>= 1): surrogate draws, CMA-ES, random masks, NSC "
                        f"batches, randomized merge methods ({', '.join(randomized_methods())})."),
-        setting_option(EvalSettings, "val_limit", help="Validation examples per task (>= 1)."),
+        setting_option(EvalSettings, "val_limit", show_default=False, help="Validation examples per task (>= 1). "
+                       "[default: each task's `limit` in --tasks, else all]"),
         setting_option(EvalSettings, "device", help="Torch device of the search (and of each worker of --workers "
                        "or --backend ray)."),
         *scale_options(),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramerge_cli.adapters.sources import read_into
+from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.specs import TaskFile, TaskSpec, load_task_file
 
 @dataclass
@@ -60,10 +61,14 @@ def check_data(task_file: TaskFile, splits: list[str] | None = None) -> dict[tup
     for task in task_file.tasks:
         for split in splits or list(task.data):
             rows, class_names, source = _split_rows(task_file, task, split)
-            for row in rows:
-                task_file.type.read_input(row, source, task_file, task)
-                if task.label is not None or source.is_dir():
-                    _label_of(row, task_file, task, class_names, source)
+            for number, row in enumerate(rows, start=1):
+                try:
+                    task_file.type.read_input(row, source, task_file, task)
+                    if task.label is not None or source.is_dir():
+                        _label_of(row, task_file, task, class_names, source)
+                except LoramergeError as error:  # which row of which file: data sets have thousands
+                    where = f"row {number}" if str(source) in str(error) else f"row {number} of {source}"
+                    raise LoramergeError(f"{error} ({where})") from None
             counts[task.name, split] = len(rows)
     return counts
 

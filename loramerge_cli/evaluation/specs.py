@@ -96,10 +96,14 @@ class TaskFile:
         return [path for path in dict.fromkeys(named) if path.exists()]
 
     def check_covers(self, names: list[str]) -> None:
-        """Every adapter has a task of its name (one line naming those without)."""
+        """Every adapter has a task of its name, and every task an adapter (one line naming the first gap)."""
         missing = [name for name in names if name not in self.names]
         if missing:
             raise LoramergeError(f"{self.path}: no task for adapter(s) {', '.join(missing)}")
+        for task in self.tasks:
+            if task.name not in names:
+                raise self.error(f"{task.where}.name", f"no adapter named {task.name!r} (adapters: "
+                                 f"{', '.join(names) or 'none given'}): the spec names one task per adapter given")
 
 
 def schema() -> dict:

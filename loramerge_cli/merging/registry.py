@@ -344,3 +344,27 @@ def randomized_methods() -> list[str]:
 def methods_using(parameter: str) -> list[str]:
     """The methods a parameter applies to, for its help text."""
     return [name for name, method in METHODS.items() if parameter in method.defaults]
+
+
+def defaults_text(parameter: str) -> str:
+    """Each default of a parameter and the methods and presets that have it, for its help text:
+    "0.2 (ties, magnitude), 0.9 (knots)"."""
+    by_value: dict[str, list[str]] = {}
+    for name in methods_using(parameter):
+        by_value.setdefault(_shown(METHODS[name].defaults[parameter]), []).append(name)
+    for name, preset in PRESETS.items():
+        if parameter in preset.parameters:
+            by_value.setdefault(_shown(preset.parameters[parameter]), []).append(name)
+    return ", ".join(f"{value} ({', '.join(names)})" for value, names in by_value.items())
+
+
+def lambda_defaults_text() -> str:
+    """The default λ of each method, grouped: "1/T (ta, …), 1 (ties, …)"."""
+    by_value: dict[str, list[str]] = {}
+    for name, method in METHODS.items():
+        by_value.setdefault(method.default_lambda, []).append(name)
+    return ", ".join(f"{value} ({', '.join(names)})" for value, names in by_value.items())
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

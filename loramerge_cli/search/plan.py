@@ -114,7 +114,10 @@ def check_splits(request: SearchRequest) -> None:
     """The task spec names a task for every adapter and the splits the search reads (test: --report-test)."""
     from loramerge_cli.evaluation.specs import load_task_file
 
+    from loramerge_cli.adapters.sources import source_names
+
     task_file = load_task_file(request.tasks)
+    task_file.check_covers(source_names(request.adapters))
     needed = [request.eval.split] + (["test"] if request.report_test else [])
     for task in task_file.tasks:
         for split in needed:

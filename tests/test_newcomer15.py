@@ -1,0 +1,132 @@
+"""A newcomer's trial of the README and docs: each test failed before its fix."""
+
+import json
+import shlex
+
+import pytest
+from safetensors.torch import load_file
+
+from eval_fixtures import build_text_setting, write_jsonl, write_tasks_file
+from factories import invoke_cli, write_task_folders
+from loramerge_cli import api
+from loramerge_cli.errors import LoramergeError
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    return build_text_setting(tmp_path_factory.mktemp("newcomer15"))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return write_task_folders(tmp_path_factory.mktemp("newcomer15_folders"))
+
+
+def _merge_recipe(setting, path):
+    adapters = "".join(f"  {name}: {folder}\n" for name, folder in setting.adapters.items())
+    path.write_text(f"adapters:\n{adapters}merger: ties\ndensity: 0.5\n")
+    return path
+
+
+@pytest.mark.slow
+def test_eval_reads_a_merge_recipe_and_says_what_it_does_not_use(setting, tmp_path):
+    """`eval --config recipe.yaml` with the README's own recipe: exit 2, "unknown key 'merger'", although the
+    help says every command takes a recipe."""
+    recipe = _merge_recipe(setting, tmp_path / "recipe.yaml")
+    args = ["eval", "--config", recipe, "--tasks", setting.tasks_file, "--val-limit", "4", "--threads", "1"]
+    result = invoke_cli(args)
+    assert result.exit_code == 0, result.stderr
+    assert "note: --config" in result.stderr and "eval has no merger, density" in result.stderr
+    quiet = invoke_cli([*args, "--quiet"])
+    assert quiet.exit_code == 0 and "note" not in quiet.stderr
+
+
+def test_a_recipe_key_no_command_has_is_refused_by_every_command(tmp_path, folders):
+    """`inspect --config` skipped any key, even a typo, in silence."""
+    (tmp_path / "bad.yaml").write_text(f"adapters:\n  a: {folders['a']}\nbogus: 3\n")
+    for command in ("inspect", "merge", "eval"):
+        result = invoke_cli([command, "--config", tmp_path / "bad.yaml"])
+        assert result.exit_code == 2 and "unknown key 'bogus'" in result.stderr, (command, result.stderr)
+
+
+def test_apply_mask_names_every_flag_that_reproduces_merge_mask(folders, tmp_path):
+    """A ties table searched at density 0.5 and λ 0.7: apply-mask said only "merge them with --lambda 0.7",
+    which merges with ta (0.23 off on a knots table). The flags it names now give merge --mask's weights."""
+    adapters = api.load_adapters([str(folders[name]) for name in "abc"])
+    table = api.ones_table(adapters)
+    table.weights[1][0] = 0.0
+    table.weights[0][2] = 0.0
+    table.merger = {"merger": "ties", "method": "ties", "space": "full", "lambda": 0.7, "density": 0.5}
+    table.save(tmp_path / "t.json")
+    sources = [str(folders[name]) for name in "abc"]
+    pruned = invoke_cli(["apply-mask", "--adapters", *sources, "--mask", tmp_path / "t.json", "--out",
+                         tmp_path / "p"])
+    assert pruned.exit_code == 0, pruned.stderr
+    [line] = [line for line in pruned.stderr.splitlines() if "searched with" in line]
+    flags = shlex.split(line.split("`merge ")[1].split("`")[0])
+    assert flags == ["--merger", "ties", "--lambda", "0.7", "--density", "0.5"]
+    direct = invoke_cli(["merge", "--adapters", *sources, "--mask", tmp_path / "t.json", "--out", tmp_path / "m",
+                         "--out-rank", "64"])
+    again = invoke_cli(["merge", "--adapters", *[f"{n}={tmp_path / 'p' / n}" for n in "abc"], *flags, "--out",
+                        tmp_path / "again", "--out-rank", "64"])
+    assert direct.exit_code == 0 and again.exit_code == 0, direct.stderr + again.stderr
+    expected = load_file(tmp_path / "m" / "adapter_model.safetensors")
+    written = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    for key in {k.removesuffix(".lora_A.weight") for k in expected if k.endswith(".lora_A.weight")}:
+        delta = expected[f"{key}.lora_B.weight"] @ expected[f"{key}.lora_A.weight"]
+        other = written[f"{key}.lora_B.weight"] @ written[f"{key}.lora_A.weight"]
+        assert (delta - other).abs().max() < 1e-5, key
+
+
+def test_merge_help_gives_each_method_s_default():
+    """--density, --drop-rate, --gamma … showed no default at all; --lambda said "else the method's"."""
+    result = invoke_cli(["merge", "--help"])
+    text = " ".join(result.stdout.split())
+    assert "[default: 0.8 (ties, magnitude, dare_ties, breadcrumbs, breadcrumbs_ties, della), 0.9 (knots)]" in text
+    assert "[default: 0.1 (dare, dare_ties)]" in text
+    assert "the method's: 1/T (ta," in text and "T = the number of adapters" in text
+    assert "at a rank of at most the adapters' ranks summed" in text
+
+
+def test_eval_refuses_length_normalize_on_tasks_without_choices(setting):
+    """Accepted in silence on a sequence-classification spec (it only changes causal-LM choice scores)."""
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--length-normalize"])
+    assert result.exit_code == 2 and "have no choices" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_takes_eval_dtype_as_merge_and_search_mask_do(setting):
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--eval-dtype", "float64"])
+    assert result.exit_code == 2 and "'float64' is not one of" in result.stderr  # the flag exists: its choices
+
+
+def test_a_bad_data_row_names_its_row_and_file(setting, tmp_path):
+    """A label of 7 in row 6 of 10,000 said only `tasks[0].label: label 7 is out of range 0..2`."""
+    rows = [{"premise": "w1", "hypothesis": "w2", "label": 0} for _ in range(8)]
+    rows[5]["label"] = 7
+    data = write_jsonl(tmp_path / "val.jsonl", rows)
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {
+        "base_model": str(setting.base), "model_type": "sequence-classification",
+        "tasks": [{"name": name, "data": {"validation": str(data)}, "text": ["premise", "hypothesis"],
+                   "label": "label", "num_labels": 3} for name in setting.adapters]})
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", spec])
+    assert result.exit_code == 1, result.stderr
+    assert "label 7 is out of range 0..2 (row 6 of " in result.stderr and "val.jsonl)" in result.stderr
+
+
+def test_the_library_plans_refuse_a_spec_with_a_task_no_adapter_has(setting, tmp_path):
+    """api.plan_search and api.plan_eval accepted a spec of three tasks for two adapters; only the search (after
+    loading the adapters) refused it, which README's "plan: every check" does not allow."""
+    two = setting.adapter_args()[:2]
+    with pytest.raises(LoramergeError, match="no adapter named 'gamma'"):
+        api.plan_eval(setting.tasks_file, two)
+    request = api.SearchRequest(adapters=two, merge=api.MergeConfig(merger="ta"), tasks=setting.tasks_file,
+                                eval=api.EvalSettings(threads=1))
+    with pytest.raises(LoramergeError, match="no adapter named 'gamma'"):
+        api.plan_search(request, out=tmp_path / "mask.json")
+    assert not (tmp_path / "mask.json").exists()
+    result = invoke_cli(["search-mask", "--adapters", *two, "--tasks", setting.tasks_file, "--out",
+                         tmp_path / "mask.json"])
+    assert result.exit_code == 1 and "no adapter named 'gamma'" in result.stderr
+    assert json.dumps(sorted(setting.adapters)) == '["alpha", "beta", "gamma"]'

@@ -104,7 +104,7 @@ def parse_indices(text: str) -> list[int]:
     error, an index past the adapters' units a data error (found once they are read)."""
     try:
         values = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, an integer of over 4,300 digits, nesting too deep
         values = None
     if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
         raise UsageError(f"--indices: expected a JSON list of integers >= 0 like \"[3, 17]\", got {text!r}")
@@ -127,8 +127,8 @@ def table_from_text(text: str, path: str | Path) -> WeightTable:
     """The weight table of a table file's text (`path`: where it was read, for errors), validated."""
     try:
         data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise LoramergeError(f"{path}: not a readable JSON mask ({error})") from None
+    except (ValueError, RecursionError) as error:  # not JSON, a number of over 4,300 digits, nesting too deep
+        raise LoramergeError(f"{path}: not a readable JSON mask ({str(error) or 'nested too deep'})") from None
     problem = _structure_problem(data)
     if problem:
         raise LoramergeError(f"{path}: {problem}")

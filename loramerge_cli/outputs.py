@@ -25,6 +25,8 @@ from loramerge_cli.errors import LoramergeError
 
 MARKER = "loramerge.json"  # every adapter folder loramerge writes holds its provenance under this name
 FOLDER_EXTRAS = ("mask.json", "loramerge.yaml")  # beside the adapter folders of apply-mask's output
+ADAPTER_FOLDER_FILES = ("adapter_config.json", "adapter_model.safetensors", MARKER, "mask.json", "loramerge.yaml",
+                        "README.md")  # the files of an adapter folder loramerge writes (and heads/)
 HEADS_FOLDER = "heads"  # each task's head beside a merge; in apply-mask's output, those of tasks pruned entirely
 RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths atomically
 AT_FDCWD = -100
@@ -150,6 +152,16 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
     if not force:
         raise LoramergeError(f"--out {out} already exists; pass --force to replace it")
     if kind == "folder" and not written_by_loramerge(target):
+        tasks = _task_folders(target)
+        foreign = foreign_entries(target) + [entry for folder in tasks
+                                             for entry in foreign_entries(folder, f"{target.name}/{folder.name}")]
+        if tasks and not (target / MARKER).exists():  # apply-mask's output: its task folders, table, recipe, heads
+            known = {folder.name for folder in tasks} | set(FOLDER_EXTRAS) | {HEADS_FOLDER}
+            foreign += [f"{target.name}/{entry.name}" for entry in sorted(target.iterdir()) if entry.name not in known]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise LoramergeError(f"--out {out} holds what loramerge did not write there ({shown}): --force would "
+                                 "delete it; refusing to replace it (move those out, or give another --out)")
         raise LoramergeError(f"--out {out} is a folder loramerge did not write (no {MARKER}); refusing to replace "
                              "it, even with --force")
     if kind == "file" and not _is_loramerge_output(target, formats):
@@ -224,7 +236,7 @@ def written_by_loramerge(folder: Path) -> bool:
     none, its head is in heads/<task>.safetensors), and loramerge.yaml, nothing else. A user's folder that holds
     merges, or merges and a mask, is not one."""
     if (folder / MARKER).is_file() or not any(folder.iterdir()):
-        return True
+        return not foreign_entries(folder)
     try:
         table = json.loads((folder / "mask.json").read_bytes())
         tasks = set(table["tasks"]) if str(table.get("format", "")).startswith("loramerge.mask/") else None
@@ -236,8 +248,32 @@ def written_by_loramerge(folder: Path) -> bool:
     heads = [entry for entry in entries if entry.name == HEADS_FOLDER and entry.name not in tasks]
     entries = [entry for entry in entries if entry not in heads]
     return (bool(entries) and {entry.name for entry in entries} <= tasks
-            and all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file() for entry in entries)
+            and all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file()
+                    and not foreign_entries(entry) for entry in entries)
             and all(_pruned_heads(entry, tasks - {e.name for e in entries}) for entry in heads))
+
+
+def foreign_entries(folder: Path, shown_as: str | None = None) -> list[str]:
+    """What an adapter folder loramerge wrote (holding loramerge.json: a merge, or one of apply-mask's) holds
+    that loramerge does not write there, such as a search's run dir or a user's notes: replacing the folder
+    would delete it. [] for a folder without loramerge.json."""
+    if not (folder / MARKER).is_file():
+        return []
+    foreign = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in ADAPTER_FOLDER_FILES and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.name == HEADS_FOLDER and entry.is_dir() and not entry.is_symlink() and all(
+                item.is_file() and not item.is_symlink() and item.suffix == ".safetensors" for item in entry.iterdir()):
+            continue
+        foreign.append(f"{shown_as or folder.name}/{entry.name}" + ("/" if entry.is_dir() else ""))
+    return foreign
+
+
+def _task_folders(folder: Path) -> list[Path]:
+    """The adapter folders inside apply-mask's output (each with loramerge.json)."""
+    return [entry for entry in sorted(folder.iterdir()) if entry.is_dir() and not entry.is_symlink()
+            and (entry / MARKER).is_file()]
 
 
 def _pruned_heads(folder: Path, pruned: set[str]) -> bool:

@@ -146,9 +146,26 @@ def combined_settings(given: dict, recorded: dict, override: bool) -> dict:
             f"--{name.replace('_', '-')} {given[name]} conflicts with the mask's recorded "
             f"{name} {recorded[name]}; pass --override to use yours"
         )
-    if override and any(name in given and given[name] != recorded.get(name) for name in ("merger", "method")):
+    given_method, recorded_method = _method_named(given), _method_named(recorded)
+    other_method = given_method is not None and recorded_method is not None and given_method != recorded_method
+    if other_method and not override:  # --merger tsv beside a recorded method ties (a table written by hand)
+        name = "method" if "method" in given else "merger"
+        raise UsageError(f"--{name} {given[name]} (method {given_method}) conflicts with the mask's recorded method "
+                         f"{recorded_method}; pass --override to use yours")
+    if override and (other_method or any(name in given and given[name] != recorded.get(name)
+                                         for name in ("merger", "method"))):
         return given  # another merger or method: the recorded parameters may not apply to it
     return {**recorded, **given}
+
+
+def _method_named(settings: dict) -> str | None:
+    """The method settings name: their `method`, else their merger's (a preset's method, or the merger)."""
+    from loramerge_cli.merging.registry import PRESETS
+
+    if settings.get("method"):
+        return settings["method"]
+    merger = settings.get("merger")
+    return (PRESETS[merger].method if merger in PRESETS else merger) if merger else None
 
 
 def task_inputs(adapters: list[Adapter], *specs: TaskData | None) -> list[Path]:

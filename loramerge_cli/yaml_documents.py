@@ -20,6 +20,14 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 seen.add(key)
         return super().construct_mapping(node, deep=deep)
 
+    def construct_object(self, node, deep=False):
+        """A value PyYAML cannot build (a 13th month, an integer of over 4,300 digits) is a YAML error at its
+        line, as a syntax error is, not a ValueError out of the parser."""
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError) as error:
+            raise yaml.constructor.ConstructorError(None, None, str(error), node.start_mark) from None
+
 
 def load_yaml(text: str):
     """The document in `text` (safe types only), refusing a key given twice."""

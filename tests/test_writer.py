@@ -137,11 +137,11 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkey
     result = merge(adapters, MergeConfig())
     out = tmp_path / "out"
     out.mkdir()
-    (out / "keep.txt").write_text("old")
+    (out / "README.md").write_text("old")  # what a merge writes
     (out / "loramerge.json").write_text("{}")  # a folder loramerge wrote: --force may replace it
     with pytest.raises(LoramergeError, match="already exists"):
         writer.write_merged_adapter(result, adapters, out)
-    assert (out / "keep.txt").read_text() == "old"
+    assert (out / "README.md").read_text() == "old"
 
     def broken(tensors, path):
         raise OSError(28, "No space left on device")
@@ -149,13 +149,13 @@ def test_existing_output_needs_force_and_failures_leave_nothing(tmp_path, monkey
     monkeypatch.setattr(writer, "_save_safetensors", broken)
     with pytest.raises(LoramergeError, match="No space left"):
         writer.write_merged_adapter(result, adapters, out, force=True)
-    assert (out / "keep.txt").read_text() == "old"  # replaced only once the new folder is complete
+    assert (out / "README.md").read_text() == "old"  # replaced only once the new folder is complete
     with pytest.raises(LoramergeError):
         writer.write_merged_adapter(result, adapters, tmp_path / "new")
     assert not (tmp_path / "new").exists()
     monkeypatch.undo()
     writer.write_merged_adapter(result, adapters, out, force=True)
-    assert not (out / "keep.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    assert (out / "README.md").read_text() != "old" and (out / "adapter_model.safetensors").is_file()
     assert _leftovers(tmp_path) == []
 
 

@@ -80,8 +80,9 @@ def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adap
 def read_config(path: Path) -> dict:
     try:
         config = json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LoramergeError(f"{path}: not a readable JSON adapter config ({error})") from None
+    except (OSError, ValueError, RecursionError) as error:  # a number of over 4,300 digits, nesting too deep
+        raise LoramergeError(f"{path}: not a readable JSON adapter config ({str(error) or 'nested too deep'})") \
+            from None
     if not isinstance(config, dict):
         raise LoramergeError(f"{path}: adapter config is not a JSON object")
     return config
@@ -215,7 +216,37 @@ def parse_state_dict(
         raise LoramergeError(f"{spec}: {lone_biases[0]} is a bias without its module's weight: trained biases "
                              "(bias='all') are not supported")
     modules = {path: _make_module(path, pair, config, spec) for path, pair in sorted(factors.items())}
+    _check_targeted(list(modules), config, spec)
     return modules, heads, base_copies
+
+
+def _check_targeted(paths: list[str], config: dict, spec: str) -> None:
+    """Every module with LoRA weights is one PEFT wraps under the config (target_modules as names or a regex,
+    exclude_modules, layers_to_transform: PEFT's own rule decides): PEFT leaves the others' weights unloaded,
+    so merging them would not merge what the adapter does."""
+    targets = config.get("target_modules") if config else None
+    if not targets or "all-linear" in ([targets] if isinstance(targets, str) else targets):
+        return
+    from types import SimpleNamespace
+
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    view = SimpleNamespace(target_modules=targets, exclude_modules=config.get("exclude_modules"),
+                           modules_to_save=config.get("modules_to_save"), target_parameters=None,
+                           layers_to_transform=config.get("layers_to_transform"),
+                           layers_pattern=config.get("layers_pattern"))
+    for path in paths:
+        try:
+            targeted = check_target_module_exists(view, path)
+        except (re.error, TypeError, ValueError) as error:
+            raise LoramergeError(f"{spec}: adapter config: target_modules {targets!r} cannot be matched "
+                                 f"({_first_line(error)})") from None
+        if not targeted:
+            fields = [name for name in ("exclude_modules", "layers_to_transform", "layers_pattern")
+                      if config.get(name) not in (None, [], "")]
+            raise LoramergeError(f"{spec}: module {path} has LoRA weights, but the config's target_modules"
+                                 f"{''.join(f', {name}' for name in fields)} leave it out: PEFT would not load "
+                                 "them (fix adapter_config.json to the modules the file holds)")
 
 
 def _head_key(bare: str) -> str:

@@ -415,7 +415,7 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
         raise typer.BadParameter("given twice: a run reads one recipe")
     import yaml
 
-    from loramerge_cli.yaml_documents import load_yaml
+    from loramerge_cli.yaml_documents import load_yaml, yaml_problem
 
     try:
         data = load_yaml(Path(value).read_text(encoding="utf-8"))
@@ -424,7 +424,9 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     except UnicodeDecodeError as error:
         raise fail(f"error: --config {value} is not UTF-8 text (byte {error.start})") from None
     except (yaml.YAMLError, RecursionError) as error:
-        raise fail(f"error: --config {value} is not valid YAML ({one_line(error) or 'nested too deep'})") from None
+        where = (yaml_problem(error) if isinstance(error, yaml.YAMLError) else "") or \
+            f" ({one_line(error) or 'nested too deep'})"
+        raise fail(f"error: --config {value} is not valid YAML{where}") from None
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value} must map flag names to values")

@@ -364,6 +364,13 @@ class Evaluator:
                     scores[task] = self.accuracy(task)
         return scores
 
+    def check_adapter(self, adapter) -> None:
+        """What scoring `adapter` checks first, checked now and naming it: its modules are weights of this
+        base model, of their shapes, and its copies of base weights are the base's (`eval` checks its merged
+        folders so before it scores the experts)."""
+        self._check_base_copies(adapter)
+        self._check_targets(adapter_deltas(adapter), f"--merged {adapter.source.spec}")
+
     def score_adapter(self, adapter, tasks: list[str] | None = None) -> dict[str, float]:
         """{task: accuracy} of an adapter (an expert or a merged folder) as PEFT loads it."""
         self._check_base_copies(adapter)  # a merged folder's copy is PEFT's lm_head: it must be the base's

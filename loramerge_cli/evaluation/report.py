@@ -49,6 +49,8 @@ def eval_report(
         check_request(tasks_file, experts, merged or [], settings, run_dir, base)
     task_file = load_task_file(tasks_file)
     engine = checked_evaluator(task_file, experts, settings, base, allow_base_mismatch, allow_pickle)
+    for adapter in merged or []:  # a merge of another model is refused before any scoring, naming it
+        engine.check_adapter(adapter)
     cache = ScoreCache(run_dir)
     expert_accuracy = expert_scores(engine, cache, report)
     with stage(report, "base model", 1) as step:

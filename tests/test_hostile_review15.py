@@ -1,0 +1,132 @@
+"""A hostile user's review of files and inputs: each test failed before its fix."""
+
+import json
+import shutil
+
+import pytest
+
+from eval_fixtures import build_text_setting
+from factories import invoke_cli, write_task_folders
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    return write_task_folders(tmp_path_factory.mktemp("review15"))
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    return build_text_setting(tmp_path_factory.mktemp("review15_setting"))
+
+
+def _sources(folders):
+    return [str(folders[name]) for name in "ab"]
+
+
+def test_force_never_deletes_what_loramerge_did_not_write_in_its_output(folders, tmp_path):
+    """`merge --force` replaced a merge folder whole: a finished search run inside it (search/), the user's notes
+    and an eval report were deleted without a word; apply-mask --force did the same inside OUT/<task>/."""
+    out = tmp_path / "merged"
+    assert invoke_cli(["merge", "--adapters", *_sources(folders), "--out", out]).exit_code == 0
+    (out / "search").mkdir()
+    (out / "search" / "best.json").write_text("{}")
+    (out / "NOTES.md").write_text("mine")
+    again = invoke_cli(["merge", "--adapters", *_sources(folders), "--merger", "ties", "--out", out, "--force"])
+    assert again.exit_code == 1 and "merged/NOTES.md, merged/search/" in again.stderr
+    assert again.stderr.count("\n") == 1 and (out / "NOTES.md").read_text() == "mine"
+    shutil.rmtree(out / "search")
+    (out / "NOTES.md").unlink()
+    assert invoke_cli(["merge", "--adapters", *_sources(folders), "--merger", "ties", "--out", out,
+                       "--force"]).exit_code == 0  # what loramerge wrote alone is replaced
+    pruned = tmp_path / "pruned"
+    assert invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out",
+                       pruned]).exit_code == 0
+    (pruned / "a" / "extra_checkpoint.pt").write_text("mine")
+    refused = invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[1]", "--out", pruned,
+                          "--force"])
+    assert refused.exit_code == 1 and "pruned/a/extra_checkpoint.pt" in refused.stderr
+    assert (pruned / "a" / "extra_checkpoint.pt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("line", ["revision: 2024-13-01", "seed: 1" + "0" * 5000])
+def test_a_recipe_value_yaml_cannot_build_is_one_line(folders, tmp_path, line):
+    """An impossible date or a 5,001-digit integer in a recipe: a 40-line traceback (ValueError out of PyYAML),
+    in every command."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"adapters:\n  a: {folders['a']}\n  b: {folders['b']}\n{line}\n")
+    for command in ("merge", "inspect"):
+        result = invoke_cli([command, "--config", recipe, "--out", tmp_path / "o"] if command == "merge"
+                            else [command, "--config", recipe])
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1, (command, result.stderr)
+        assert "is not valid YAML at line 4" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_task_spec_value_yaml_cannot_build_is_one_line(setting, tmp_path):
+    text = setting.tasks_file.read_text().replace("num_labels: 3", "num_labels: 3\n  limit: 2024-13-45", 1)
+    (tmp_path / "tasks.yaml").write_text(text.replace("data/", f"{setting.root}/data/"))
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", tmp_path / "tasks.yaml"])
+    assert result.exit_code == 1 and "not valid YAML at line" in result.stderr and "internal" not in result.stderr
+
+
+def test_numbers_json_cannot_convert_are_one_line_data_errors(folders, tmp_path):
+    """A 5,001-digit number in a mask or in adapter_config.json: `internal error: ValueError: Exceeds the limit
+    (4300 digits)` (rerun with --debug), and the file unnamed."""
+    from loramerge_cli import api
+
+    table = api.ones_table(api.load_adapters(_sources(folders))).to_json()
+    text = json.dumps(table).replace("1.0", "1" * 5001, 1)
+    (tmp_path / "mask.json").write_text(text)
+    result = invoke_cli(["merge", "--adapters", *_sources(folders), "--mask", tmp_path / "mask.json", "--out",
+                         tmp_path / "o"])
+    assert result.exit_code == 1 and "mask.json: not a readable JSON mask" in result.stderr
+    shutil.copytree(folders["a"], tmp_path / "a")
+    config = (tmp_path / "a" / "adapter_config.json").read_text()
+    (tmp_path / "a" / "adapter_config.json").write_text(config.replace('"r": 2', '"r": ' + "2" * 5001))
+    for command in (["inspect", tmp_path / "a"], ["merge", "--adapters", tmp_path / "a", folders["b"], "--out",
+                                                  tmp_path / "o"]):
+        result = invoke_cli(command)
+        assert result.exit_code == 1 and "not a readable JSON adapter config" in result.stderr, result.stderr
+
+
+def test_eval_refuses_a_merged_folder_of_another_model_before_scoring(setting, folders):
+    """`eval --merged` of an adapter for another model failed only after the experts and the base were scored,
+    naming "candidate" instead of the folder."""
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--merged",
+                         folders["a"]])
+    assert result.exit_code == 1 and f"--merged {folders['a']}: module" in result.stderr
+    assert "experts" not in result.stderr and "base model:" not in result.stderr
+
+
+@pytest.mark.parametrize("change", [{"target_modules": ".*q_proj"}, {"layers_to_transform": [0]},
+                                    {"exclude_modules": ["model.layers.1.self_attn.v_proj"]}])
+def test_weights_peft_would_not_load_are_refused(folders, tmp_path, change):
+    """A config whose target_modules (a regex), layers_to_transform or exclude_modules leave out modules whose
+    weights are in the file: PEFT does not load them, loramerge merged them (1.2 relative error against PEFT)."""
+    shutil.copytree(folders["a"], tmp_path / "a")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    if "target_modules" not in change:
+        config["target_modules"] = ["q_proj", "v_proj"]
+    config.update(change)
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    result = invoke_cli(["merge", "--adapters", tmp_path / "a", folders["b"], "--out", tmp_path / "o"])
+    assert result.exit_code == 1 and "PEFT would not load them" in result.stderr, result.stderr
+    assert not (tmp_path / "o").exists()
+    config.update({"target_modules": "all-linear", "layers_to_transform": None, "exclude_modules": None})
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(config))
+    assert invoke_cli(["inspect", tmp_path / "a"]).exit_code == 0
+
+
+def test_a_merger_beside_a_recorded_method_is_a_conflict(folders, tmp_path):
+    """A hand-written table recording `{"method": "ties"}` and no merger: --merger tsv was ignored in silence (the
+    summary said "tsv (method ties)" and ties ran)."""
+    from loramerge_cli import api
+
+    table = api.ones_table(api.load_adapters(_sources(folders))).to_json()
+    table["merger"] = {"method": "ties", "density": 0.5}
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    args = ["merge", "--adapters", *_sources(folders), "--mask", tmp_path / "t.json"]
+    result = invoke_cli([*args, "--merger", "tsv", "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and "--merger tsv (method tsv) conflicts with the mask's recorded method ties" in \
+        result.stderr
+    assert invoke_cli([*args, "--merger", "tsv", "--override", "--out", tmp_path / "o"]).exit_code == 0
+    assert invoke_cli([*args, "--merger", "ties", "--out", tmp_path / "o2"]).exit_code == 0

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from loramerge_cli import outputs
-from loramerge_cli.adapters.compat import check_compatible
+from loramerge_cli.adapters.compat import check_compatible, configless_warnings
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.writer import (
     adapter_files,
@@ -233,6 +233,9 @@ def plan_merge(
     if "seed" in config.given() and not settings.method.randomized:
         raise UsageError(f"--seed does nothing with {settings.method.name}: only randomized methods "
                          f"({', '.join(randomized_methods())}) draw")
+    if "knots_scaled" in config.given() and settings.space != "knots":
+        raise UsageError(f"--knots-scaled scales the knots space's components; {settings.method.name} runs in the "
+                         f"{settings.space} space")
     truncation = [name for name in ("out_rank", "energy") if name in config.given()]
     if truncation and not settings.is_dense:  # the caller's own flags; a table's recorded ones may not apply
         raise UsageError(f"--{truncation[0].replace('_', '-')} truncates dense merges (elementwise methods in the full "
@@ -294,6 +297,7 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
         result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance, statistics=statistics,
                                    finish=finish)
     result.provenance.update(tuning)
+    result.warnings[:0] = configless_warnings(plan.adapters)
     return result
 
 

@@ -130,3 +130,35 @@ def test_a_merger_beside_a_recorded_method_is_a_conflict(folders, tmp_path):
         result.stderr
     assert invoke_cli([*args, "--merger", "tsv", "--override", "--out", tmp_path / "o"]).exit_code == 0
     assert invoke_cli([*args, "--merger", "ties", "--out", tmp_path / "o2"]).exit_code == 0
+
+
+def test_a_recipe_s_yaml_boolean_is_no_number(folders, tmp_path):
+    """`seed: true` in a recipe became seed 1 (Python's True), while `--seed true` exits 2."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"adapters:\n  a: {folders['a']}\n  b: {folders['b']}\nmerger: dare\nseed: true\n")
+    result = invoke_cli(["merge", "--config", recipe, "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and "--seed" in result.stderr and not (tmp_path / "o").exists()
+
+
+def test_flags_that_would_do_nothing_are_refused(setting, folders, tmp_path):
+    """`eval --split test --val-limit 4` scored every test example without a word; `--knots-scaled` outside the
+    knots space was accepted and ignored."""
+    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--split",
+                         "test", "--val-limit", "4"])
+    assert result.exit_code == 2 and "--val-limit limits the validation split only" in result.stderr
+    result = invoke_cli(["merge", "--adapters", *_sources(folders), "--knots-scaled", "--space", "full", "--out",
+                         tmp_path / "o"])
+    assert result.exit_code == 2 and "--knots-scaled" in result.stderr and not (tmp_path / "o").exists()
+    assert invoke_cli(["merge", "--adapters", *_sources(folders), "--merger", "knots", "--knots-scaled", "--out",
+                       tmp_path / "k"]).exit_code == 0
+
+
+def test_a_bare_safetensors_file_read_with_alpha_r_is_said_where_it_is_merged(folders, tmp_path):
+    """Only `inspect` said a file without its config is read with lora_alpha = r; merge and eval said nothing,
+    though the update is off by α/r."""
+    shutil.copy(folders["a"] / "adapter_model.safetensors", tmp_path / "a.safetensors")
+    result = invoke_cli(["merge", "--adapters", tmp_path / "a.safetensors", folders["b"], "--out", tmp_path / "o"])
+    assert result.exit_code == 0, result.stderr
+    assert "warning: adapter 'a' (" in result.stderr and "read with lora_alpha = r" in result.stderr
+    provenance = json.loads((tmp_path / "o" / "loramerge.json").read_text())
+    assert any("read with lora_alpha = r" in warning for warning in provenance["warnings"])

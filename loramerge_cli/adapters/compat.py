@@ -116,3 +116,11 @@ def check_base_kind(engine) -> None:
             "scores with the base's head: its accuracy would be chance; give the task a head (from-adapter or a "
             "file) or a classifier base"
         )
+
+
+def configless_warnings(adapters: list[Adapter]) -> list[str]:
+    """One line per adapter read from a bare .safetensors file: without its config, each module's scale is
+    α/r = 1, which is the trained one only if it was trained with lora_alpha = r."""
+    return [f"adapter {adapter.name!r} ({adapter.source.spec}) has no adapter_config.json beside it: read with "
+            "lora_alpha = r (scale 1); if it was trained with another lora_alpha, put its config beside the file"
+            for adapter in adapters if adapter.source.config_file is None]

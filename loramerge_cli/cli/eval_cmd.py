@@ -82,6 +82,13 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli.evaluation.eval_plan import execute_eval, plan_eval
     from loramerge_cli.evaluation.settings import EvalSettings
 
+    from loramerge_cli.cli.common import given_arguments
+    from loramerge_cli.errors import UsageError
+
+    given = given_arguments(ctx)
+    if flags["split"] != "validation" and any(arg.split("=")[0] == "--val-limit" for arg in given):
+        raise UsageError(f"--val-limit limits the validation split only, not --split {flags['split']} (a task's "
+                         "`limit` caps any split)")  # given in a recipe: a warning (the recipe is for all splits)
     backend, _ = resolve_backend(flags["device"], flags["devices"], flags["workers"], flags["threads"],
                                  flags["backend"], flags["ray_address"])  # the threads: plan_eval decides
     settings = EvalSettings(**{name: flags[name] for name in ("split", "val_limit", "device", "dtype", "batch_size",

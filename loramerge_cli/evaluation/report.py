@@ -56,7 +56,9 @@ def eval_report(
     with stage(report, "base model", 1) as step:
         base_accuracy = base_scores(engine, cache)
         step()
-    warnings: list[str] = []
+    from loramerge_cli.adapters.compat import configless_warnings
+
+    warnings: list[str] = configless_warnings([*experts, *(merged or [])])
     rows = [
         score_row("base", "base", base_accuracy, expert_accuracy, warnings),
         score_row("experts", "experts", expert_accuracy, expert_accuracy, warnings),

@@ -162,3 +162,21 @@ def test_a_bare_safetensors_file_read_with_alpha_r_is_said_where_it_is_merged(fo
     assert "warning: adapter 'a' (" in result.stderr and "read with lora_alpha = r" in result.stderr
     provenance = json.loads((tmp_path / "o" / "loramerge.json").read_text())
     assert any("read with lora_alpha = r" in warning for warning in provenance["warnings"])
+
+
+def test_an_adapter_path_that_is_no_regular_file_says_what_it_is(folders, tmp_path):
+    """A FIFO or a folder named adapter_model.safetensors: "folder has no adapter_model.safetensors (found
+    adapter_model.safetensors: pass the file itself)"; a link to /dev/zero: "no such file or folder"."""
+    import os
+
+    for name, make in (("fifo", os.mkfifo), ("dir", os.mkdir)):
+        folder = tmp_path / name
+        folder.mkdir()
+        shutil.copy(folders["a"] / "adapter_config.json", folder)
+        make(folder / "adapter_model.safetensors")
+        result = invoke_cli(["inspect", folder])
+        kind = "FIFO" if name == "fifo" else "folder"
+        assert result.exit_code == 1 and f"not a regular file (a {kind})" in result.stderr, result.stderr
+    (tmp_path / "zero.safetensors").symlink_to("/dev/zero")
+    result = invoke_cli(["inspect", tmp_path / "zero.safetensors"])
+    assert result.exit_code == 1 and "(a character device)" in result.stderr, result.stderr

@@ -95,7 +95,24 @@ def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:
         return _resolve_file(path, allow_pickle)
     if HUB_ID.match(spec) and not spec.startswith((".", "/")):
         return _resolve_hub(spec, spec, allow_pickle)
+    if os.path.lexists(path):
+        raise LoramergeError(f"{spec}: not a regular file or a folder (a {_kind_of(path)})")
     raise LoramergeError(f"{spec}: no such file or folder (a Hub id looks like org/name[@revision])")
+
+
+def _kind_of(path: Path) -> str:
+    """What a path that is no regular file or folder is, for an error."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return "dangling symbolic link"
+    for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "folder")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def _resolve_dir(path: Path, allow_pickle: bool, kind: str = "dir") -> LocalFiles:
@@ -109,6 +126,8 @@ def _resolve_dir(path: Path, allow_pickle: bool, kind: str = "dir") -> LocalFile
                     f"{path}: only {PICKLE_NAME} (a pickle file) found; pass --allow-pickle if you trust it"
                 )
             weights = pickle
+        elif os.path.lexists(weights):  # a folder, a FIFO, a device, a dangling link under that name
+            raise LoramergeError(f"{weights}: not a regular file (a {_kind_of(weights)})")
         else:
             candidates = sorted(p.name for p in path.glob("*.safetensors"))
             hint = f" (found {', '.join(candidates)}: pass the file itself)" if candidates else ""

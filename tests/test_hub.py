@@ -111,6 +111,15 @@ def test_missing_repo_or_revision_is_a_one_line_error(hub_cache, spec):
     assert "\n" not in str(error.value)
 
 
+def test_a_revision_missing_offline_says_offline_and_what_the_cache_holds(hub_cache):
+    """It said "the Hub cannot be reached (offline?)" under HF_HUB_OFFLINE=1, naming no cached revision."""
+    with pytest.raises(LoramergeError) as error:
+        load_adapter("org/name@v9")
+    message = str(error.value)
+    assert "HF_HUB_OFFLINE is set" in message and "offline?" not in message
+    assert f"the cache holds org/name at {MAIN_COMMIT[:12]}, {V2_COMMIT[:12]}, main" in message
+
+
 def test_snapshot_without_config_is_refused(hub_cache):
     (hub_cache / "snapshots" / V2_COMMIT / "adapter_config.json").unlink()
 

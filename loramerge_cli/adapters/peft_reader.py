@@ -144,7 +144,9 @@ def check_field_types(config: dict, spec: str) -> None:
     """Every config field loramerge reads has the type PEFT gives it, else one line naming the field."""
     for name, (fits, what) in FIELD_TYPES.items():
         if name in config and not fits(config[name]):
-            raise LoramergeError(f"{spec}: adapter_config.json: {name} must be {what} (got {json.dumps(config[name])})")
+            shown = json.dumps(config[name])
+            shown = shown if len(shown) <= 60 else f"{shown[:40]}… ({len(shown)} characters)"
+            raise LoramergeError(f"{spec}: adapter_config.json: {name} must be {what} (got {shown})")
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

@@ -100,6 +100,18 @@ def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:
     raise LoramergeError(f"{spec}: no such file or folder (a Hub id looks like org/name[@revision])")
 
 
+def _cached_revisions(repo_id: str) -> list[str]:
+    """The branch names and commits (12 digits) of a model repository in the local Hugging Face cache."""
+    from huggingface_hub import scan_cache_dir
+
+    try:
+        cache = scan_cache_dir()
+    except Exception:  # noqa: BLE001 - no cache folder, or one that cannot be read: nothing to list
+        return []
+    return sorted({name for repo in cache.repos if repo.repo_id == repo_id and repo.repo_type == "model"
+                   for revision in repo.revisions for name in (*revision.refs, revision.commit_hash[:12])})
+
+
 def _kind_of(path: Path) -> str:
     """What a path that is no regular file or folder is, for an error."""
     import stat
@@ -169,9 +181,13 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     try:
         folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError:
-        raise LoramergeError(
-            f"{spec}: {local}not in the local Hugging Face cache and the Hub cannot be reached (offline?)"
-        ) from None
+        from huggingface_hub import constants
+
+        why = (" (HF_HUB_OFFLINE is set: the Hub is not asked)" if constants.HF_HUB_OFFLINE
+               else " and the Hub cannot be reached (offline?)")
+        cached = _cached_revisions(repo_id)
+        held = f"; the cache holds {repo_id} at {', '.join(cached)}" if cached else ""
+        raise LoramergeError(f"{spec}: {local}not in the local Hugging Face cache{why}{held}") from None
     except RevisionNotFoundError:
         raise LoramergeError(f"{spec}: revision {revision!r} not found on the Hub") from None
     except GatedRepoError:

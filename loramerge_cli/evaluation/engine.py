@@ -339,9 +339,11 @@ class Evaluator:
                                                 self.settings)
         if not bool(torch.isfinite(scores).all()):  # argmax would read NaN as the largest: class 0 everywhere
             rows = int((~torch.isfinite(scores)).any(dim=-1).sum())
+            advice = ("evaluate in float32 (--dtype / --eval-dtype)" if self.dtype != torch.float32 else
+                      "the weights make activations overflow even in float32 (a λ or a table weight too large?)")
             raise NonFiniteError(f"task {task}: the model's outputs are NaN or Inf on {rows} of {len(scores)} examples "
                                  f"in {str(self.dtype).removeprefix('torch.')} (activations beyond its range?): "
-                                 "evaluate in float32 (--dtype / --eval-dtype)")
+                                 f"{advice}")
         return scores
 
     def accuracy(self, task: str) -> float:

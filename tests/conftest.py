@@ -67,6 +67,14 @@ def folders(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def text_setting(tmp_path_factory):
+    """Three NLI-like tasks on a tiny Llama classifier: base, adapters, data and tasks.yaml (eval_fixtures)."""
+    from eval_fixtures import build_text_setting
+
+    return build_text_setting(tmp_path_factory.mktemp("text_setting"))
+
+
+@pytest.fixture(scope="module")
 def sources(folders):
     return [str(folders[name]) for name in "abc"]
 

@@ -5,18 +5,7 @@ import shutil
 
 import pytest
 
-from eval_fixtures import build_text_setting
-from factories import invoke_cli, write_task_folders
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return write_task_folders(tmp_path_factory.mktemp("review15"))
-
-
-@pytest.fixture(scope="module")
-def setting(tmp_path_factory):
-    return build_text_setting(tmp_path_factory.mktemp("review15_setting"))
+from factories import invoke_cli
 
 
 def _sources(folders):
@@ -61,10 +50,10 @@ def test_a_recipe_value_yaml_cannot_build_is_one_line(folders, tmp_path, line):
         assert "is not valid YAML at line 4" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_a_task_spec_value_yaml_cannot_build_is_one_line(setting, tmp_path):
-    text = setting.tasks_file.read_text().replace("num_labels: 3", "num_labels: 3\n  limit: 2024-13-45", 1)
-    (tmp_path / "tasks.yaml").write_text(text.replace("data/", f"{setting.root}/data/"))
-    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", tmp_path / "tasks.yaml"])
+def test_a_task_spec_value_yaml_cannot_build_is_one_line(text_setting, tmp_path):
+    text = text_setting.tasks_file.read_text().replace("num_labels: 3", "num_labels: 3\n  limit: 2024-13-45", 1)
+    (tmp_path / "tasks.yaml").write_text(text.replace("data/", f"{text_setting.root}/data/"))
+    result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", tmp_path / "tasks.yaml"])
     assert result.exit_code == 1 and "not valid YAML at line" in result.stderr and "internal" not in result.stderr
 
 
@@ -88,11 +77,11 @@ def test_numbers_json_cannot_convert_are_one_line_data_errors(folders, tmp_path)
         assert result.exit_code == 1 and "not a readable JSON adapter config" in result.stderr, result.stderr
 
 
-def test_eval_refuses_a_merged_folder_of_another_model_before_scoring(setting, folders):
+def test_eval_refuses_a_merged_folder_of_another_model_before_scoring(text_setting, folders):
     """`eval --merged` of an adapter for another model failed only after the experts and the base were scored,
     naming "candidate" instead of the folder."""
-    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--merged",
-                         folders["a"]])
+    result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file,
+                         "--merged", folders["a"]])
     assert result.exit_code == 1 and f"--merged {folders['a']}: module" in result.stderr
     assert "experts" not in result.stderr and "base model:" not in result.stderr
 
@@ -140,11 +129,11 @@ def test_a_recipe_s_yaml_boolean_is_no_number(folders, tmp_path):
     assert result.exit_code == 2 and "--seed" in result.stderr and not (tmp_path / "o").exists()
 
 
-def test_flags_that_would_do_nothing_are_refused(setting, folders, tmp_path):
+def test_flags_that_would_do_nothing_are_refused(text_setting, folders, tmp_path):
     """`eval --split test --val-limit 4` scored every test example without a word; `--knots-scaled` outside the
     knots space was accepted and ignored."""
-    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--split",
-                         "test", "--val-limit", "4"])
+    result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file,
+                         "--split", "test", "--val-limit", "4"])
     assert result.exit_code == 2 and "--val-limit limits the validation split only" in result.stderr
     result = invoke_cli(["merge", "--adapters", *_sources(folders), "--knots-scaled", "--space", "full", "--out",
                          tmp_path / "o"])

@@ -6,34 +6,24 @@ import shlex
 import pytest
 from safetensors.torch import load_file
 
-from eval_fixtures import build_text_setting, write_jsonl, write_tasks_file
-from factories import invoke_cli, write_task_folders
+from eval_fixtures import write_jsonl, write_tasks_file
+from factories import invoke_cli
 from loramerge_cli import api
 from loramerge_cli.errors import LoramergeError
 
 
-@pytest.fixture(scope="module")
-def setting(tmp_path_factory):
-    return build_text_setting(tmp_path_factory.mktemp("newcomer15"))
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return write_task_folders(tmp_path_factory.mktemp("newcomer15_folders"))
-
-
-def _merge_recipe(setting, path):
-    adapters = "".join(f"  {name}: {folder}\n" for name, folder in setting.adapters.items())
+def _merge_recipe(text_setting, path):
+    adapters = "".join(f"  {name}: {folder}\n" for name, folder in text_setting.adapters.items())
     path.write_text(f"adapters:\n{adapters}merger: ties\ndensity: 0.5\n")
     return path
 
 
 @pytest.mark.slow
-def test_eval_reads_a_merge_recipe_and_says_what_it_does_not_use(setting, tmp_path):
+def test_eval_reads_a_merge_recipe_and_says_what_it_does_not_use(text_setting, tmp_path):
     """`eval --config recipe.yaml` with the README's own recipe: exit 2, "unknown key 'merger'", although the
     help says every command takes a recipe."""
-    recipe = _merge_recipe(setting, tmp_path / "recipe.yaml")
-    args = ["eval", "--config", recipe, "--tasks", setting.tasks_file, "--val-limit", "4", "--threads", "1"]
+    recipe = _merge_recipe(text_setting, tmp_path / "recipe.yaml")
+    args = ["eval", "--config", recipe, "--tasks", text_setting.tasks_file, "--val-limit", "4", "--threads", "1"]
     result = invoke_cli(args)
     assert result.exit_code == 0, result.stderr
     assert "note: --config" in result.stderr and "eval has no merger, density" in result.stderr
@@ -88,45 +78,45 @@ def test_merge_help_gives_each_method_s_default():
     assert "at a rank of at most the adapters' ranks summed" in text
 
 
-def test_eval_refuses_length_normalize_on_tasks_without_choices(setting):
+def test_eval_refuses_length_normalize_on_tasks_without_choices(text_setting):
     """Accepted in silence on a sequence-classification spec (it only changes causal-LM choice scores)."""
-    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+    result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file,
                          "--length-normalize"])
     assert result.exit_code == 2 and "have no choices" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_eval_takes_eval_dtype_as_merge_and_search_mask_do(setting):
-    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+def test_eval_takes_eval_dtype_as_merge_and_search_mask_do(text_setting):
+    result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file,
                          "--eval-dtype", "float64"])
     assert result.exit_code == 2 and "'float64' is not one of" in result.stderr  # the flag exists: its choices
 
 
-def test_a_bad_data_row_names_its_row_and_file(setting, tmp_path):
+def test_a_bad_data_row_names_its_row_and_file(text_setting, tmp_path):
     """A label of 7 in row 6 of 10,000 said only `tasks[0].label: label 7 is out of range 0..2`."""
     rows = [{"premise": "w1", "hypothesis": "w2", "label": 0} for _ in range(8)]
     rows[5]["label"] = 7
     data = write_jsonl(tmp_path / "val.jsonl", rows)
     spec = write_tasks_file(tmp_path / "tasks.yaml", {
-        "base_model": str(setting.base), "model_type": "sequence-classification",
+        "base_model": str(text_setting.base), "model_type": "sequence-classification",
         "tasks": [{"name": name, "data": {"validation": str(data)}, "text": ["premise", "hypothesis"],
-                   "label": "label", "num_labels": 3} for name in setting.adapters]})
-    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", spec])
+                   "label": "label", "num_labels": 3} for name in text_setting.adapters]})
+    result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", spec])
     assert result.exit_code == 1, result.stderr
     assert "label 7 is out of range 0..2 (row 6 of " in result.stderr and "val.jsonl)" in result.stderr
 
 
-def test_the_library_plans_refuse_a_spec_with_a_task_no_adapter_has(setting, tmp_path):
+def test_the_library_plans_refuse_a_spec_with_a_task_no_adapter_has(text_setting, tmp_path):
     """api.plan_search and api.plan_eval accepted a spec of three tasks for two adapters; only the search (after
     loading the adapters) refused it, which README's "plan: every check" does not allow."""
-    two = setting.adapter_args()[:2]
+    two = text_setting.adapter_args()[:2]
     with pytest.raises(LoramergeError, match="no adapter named 'gamma'"):
-        api.plan_eval(setting.tasks_file, two)
-    request = api.SearchRequest(adapters=two, merge=api.MergeConfig(merger="ta"), tasks=setting.tasks_file,
+        api.plan_eval(text_setting.tasks_file, two)
+    request = api.SearchRequest(adapters=two, merge=api.MergeConfig(merger="ta"), tasks=text_setting.tasks_file,
                                 eval=api.EvalSettings(threads=1))
     with pytest.raises(LoramergeError, match="no adapter named 'gamma'"):
         api.plan_search(request, out=tmp_path / "mask.json")
     assert not (tmp_path / "mask.json").exists()
-    result = invoke_cli(["search-mask", "--adapters", *two, "--tasks", setting.tasks_file, "--out",
+    result = invoke_cli(["search-mask", "--adapters", *two, "--tasks", text_setting.tasks_file, "--out",
                          tmp_path / "mask.json"])
     assert result.exit_code == 1 and "no adapter named 'gamma'" in result.stderr
-    assert json.dumps(sorted(setting.adapters)) == '["alpha", "beta", "gamma"]'
+    assert json.dumps(sorted(text_setting.adapters)) == '["alpha", "beta", "gamma"]'

@@ -387,35 +387,31 @@ def test_the_inverse_factor_grown_step_by_step_is_the_one_computed_at_once_and_i
 
 
 def _local_maximum_full_table(model, start, k_max):
-    """The hill-climb as it was: every swap's gain in one |inside| × U·T table, np.argmax over it (row-major:
-    the first removed entry, then the first added, on ties)."""
+    """The hill-climb as it was, from scratch at every move: g = w + V x anew, every move's gain listed (adds,
+    then removes, then every swap in one |inside| × U·T table, row-major), the first of the largest taken while
+    it gains more than 1e-12."""
     members = start.copy()
-    gain = model.single + model.pair @ members
     while True:
+        gain = model.single + model.pair @ members
         inside, outside = np.flatnonzero(members), np.flatnonzero(members == 0)
-        best, added, removed = 1e-12, None, None
+        moves = []  # (gain, added, removed), in the order the climb prefers on ties
         if len(inside) < k_max and len(outside):
-            j = outside[int(np.argmax(gain[outside]))]
-            if gain[j] > best:
-                best, added, removed = gain[j], j, None
+            moves.append((gain[outside].max(), outside[int(np.argmax(gain[outside]))], None))
         if len(inside):
-            i = inside[int(np.argmin(gain[inside]))]
-            if -gain[i] > best:
-                best, added, removed = -gain[i], None, i
-            if len(outside):
-                swap = gain[None, :] - gain[inside][:, None] - model.pair[inside]
-                swap[:, inside] = -np.inf
-                row, column = np.unravel_index(int(np.argmax(swap)), swap.shape)
-                if swap[row, column] > best:
-                    best, added, removed = swap[row, column], column, inside[row]
-        if added is None and removed is None:
+            moves.append((-gain[inside].min(), None, inside[int(np.argmin(gain[inside]))]))
+        if len(inside) and len(outside):
+            table = gain[None, :] - gain[inside][:, None] - model.pair[inside]
+            table[:, inside] = -np.inf
+            row, column = np.unravel_index(int(np.argmax(table)), table.shape)
+            moves.append((table[row, column], column, inside[row]))
+        best = max((move for move in moves if move[0] > 1e-12), key=lambda move: move[0], default=None)
+        if best is None:
             return members
+        _, added, removed = best
         if added is not None:
             members[added] = 1.0
-            gain += model.pair[:, added]
         if removed is not None:
             members[removed] = 0.0
-            gain -= model.pair[:, removed]
 
 
 @pytest.mark.parametrize("swap_rows", [1, 3, 16])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from loramerge_cli.adapters.model import Adapter
+from loramerge_cli.errors import LoramergeError
 from loramerge_cli.masks import WeightTable
 
 
@@ -22,6 +23,10 @@ def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapte
             continue
         if weight != 1.0:
             lora_B = module.lora_B.double() * weight
+            if not bool(lora_B.to(module.lora_B.dtype).isfinite().all()):
+                raise LoramergeError(f"the table's weight {weight:g} for task {adapter.name!r} at {path} makes its "
+                                     f"lora_B overflow {str(module.lora_B.dtype).removeprefix('torch.')}; nothing "
+                                     "written")
             module = replace(module, lora_B=lora_B)
         modules[path] = module
     return replace(adapter, modules=modules)

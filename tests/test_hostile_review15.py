@@ -169,3 +169,16 @@ def test_an_adapter_path_that_is_no_regular_file_says_what_it_is(folders, tmp_pa
     (tmp_path / "zero.safetensors").symlink_to("/dev/zero")
     result = invoke_cli(["inspect", tmp_path / "zero.safetensors"])
     assert result.exit_code == 1 and "(a character device)" in result.stderr, result.stderr
+
+
+def test_a_table_weight_that_overflows_the_factors_names_the_table(folders, tmp_path):
+    """A weight of 1e300 through apply-mask: "module …: lora_B has NaN or Inf values", the table unnamed."""
+    from loramerge_cli import api
+
+    table = api.ones_table(api.load_adapters(_sources(folders))).to_json()
+    table["weights"][0][0] = 1e300
+    (tmp_path / "t.json").write_text(json.dumps(table))
+    result = invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--mask", tmp_path / "t.json", "--out",
+                         tmp_path / "p"])
+    assert result.exit_code == 1 and "the table's weight 1e+300 for task 'a'" in result.stderr, result.stderr
+    assert not (tmp_path / "p").exists()

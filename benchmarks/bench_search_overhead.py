@@ -69,8 +69,7 @@ def posterior_rebuilt(scored, values):
     """Posterior.of as the search computed it before: the kernel rebuilt and factored anew (O(n³)) at every
     step (the grown kernel and factor are ignored)."""
     kernel = kernel_at_once(scored.tables, scored.task_count, scored.settings)
-    inverse_factor = np.linalg.inv(_cholesky(kernel))
-    return Posterior(scored.tables, values, (inverse_factor, np.zeros((0, len(kernel)))), scored.settings,
+    return Posterior(scored.tables, values, (_cholesky(kernel), np.zeros((0, len(kernel)))), scored.settings,
                      surrogate.pair_prior_std(scored.dimension, scored.task_count, scored.settings),
                      scored.members[:scored.count])
 
@@ -102,7 +101,7 @@ def step_at(units: int, tasks: int, tables: int, table_size: int, seed: int) -> 
     settings = SurrogateSettings(seed=seed)
     scored = surrogate.ScoredTables(size, tasks, settings, capacity=len(chosen))
     scored.add(chosen[:-1])
-    scored.inverse_factor()  # where the search's previous step left it
+    scored.factor()  # where the search's previous step left it
     scored.add(chosen[-1:])
     values = generator.normal(0, 1, len(chosen))
     started = time.perf_counter()

@@ -26,7 +26,8 @@ from loramerge_cli.errors import LoramergeError
 MARKER = "loramerge.json"  # every adapter folder loramerge writes holds its provenance under this name
 FOLDER_EXTRAS = ("mask.json", "loramerge.yaml")  # beside the adapter folders of apply-mask's output
 ADAPTER_FOLDER_FILES = ("adapter_config.json", "adapter_model.safetensors", MARKER, "mask.json", "loramerge.yaml",
-                        "README.md")  # the files of an adapter folder loramerge writes (and heads/)
+                        "README.md")  # the files of a merge's folder (and heads/)
+TASK_FOLDER_FILES = ("adapter_config.json", "adapter_model.safetensors", MARKER)  # apply-mask's folder of a task
 HEADS_FOLDER = "heads"  # each task's head beside a merge; in apply-mask's output, those of tasks pruned entirely
 RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths atomically
 AT_FDCWD = -100
@@ -45,6 +46,9 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
     check_not_an_input(out, inputs)
     if os.path.lexists(target):
         _check_replaceable(out, target, force, kind, formats)
+    elif kind == "file" and target.name in ADAPTER_FOLDER_FILES and (target.parent / MARKER).is_file():
+        raise LoramergeError(f"--out {out} takes the name of a file of the merge output {out.parent}, whose "
+                             "rebuild or --force would replace it: write it elsewhere (or under another name)")
     check_creatable(target.parent, f"--out {out}: cannot create it")
     clean_debris(target)
     return out.expanduser()  # what was checked is what is written (`~/x` given quoted: the home's x, not ./~/x)
@@ -153,8 +157,9 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
         raise LoramergeError(f"--out {out} already exists; pass --force to replace it")
     if kind == "folder" and not written_by_loramerge(target):
         tasks = _task_folders(target)
-        foreign = foreign_entries(target) + [entry for folder in tasks
-                                             for entry in foreign_entries(folder, f"{target.name}/{folder.name}")]
+        foreign = foreign_entries(target) + [
+            entry for folder in tasks for entry in foreign_entries(folder, f"{target.name}/{folder.name}",
+                                                                   TASK_FOLDER_FILES)]
         if tasks and not (target / MARKER).exists():  # apply-mask's output: its task folders, table, recipe, heads
             known = {folder.name for folder in tasks} | set(FOLDER_EXTRAS) | {HEADS_FOLDER}
             foreign += [f"{target.name}/{entry.name}" for entry in sorted(target.iterdir()) if entry.name not in known]
@@ -249,25 +254,34 @@ def written_by_loramerge(folder: Path) -> bool:
     entries = [entry for entry in entries if entry not in heads]
     return (bool(entries) and {entry.name for entry in entries} <= tasks
             and all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file()
-                    and not foreign_entries(entry) for entry in entries)
+                    and not foreign_entries(entry, files=TASK_FOLDER_FILES) for entry in entries)
             and all(_pruned_heads(entry, tasks - {e.name for e in entries}) for entry in heads))
 
 
-def foreign_entries(folder: Path, shown_as: str | None = None) -> list[str]:
-    """What an adapter folder loramerge wrote (holding loramerge.json: a merge, or one of apply-mask's) holds
-    that loramerge does not write there, such as a search's run dir or a user's notes: replacing the folder
-    would delete it. [] for a folder without loramerge.json."""
+def foreign_entries(folder: Path, shown_as: str | None = None,
+                    files: tuple[str, ...] = ADAPTER_FOLDER_FILES) -> list[str]:
+    """What an adapter folder loramerge wrote (holding loramerge.json: a merge, or one of apply-mask's, whose
+    `files` are fewer) holds that loramerge does not write there, such as a search's run dir, a user's notes
+    or a head of no input task: replacing the folder would delete it. [] for a folder without loramerge.json."""
     if not (folder / MARKER).is_file():
         return []
+    tasks = _input_names(folder / MARKER)
     foreign = []
     for entry in sorted(folder.iterdir()):
-        if entry.name in ADAPTER_FOLDER_FILES and entry.is_file() and not entry.is_symlink():
+        if entry.name in files and entry.is_file() and not entry.is_symlink():
             continue
-        if entry.name == HEADS_FOLDER and entry.is_dir() and not entry.is_symlink() and all(
-                item.is_file() and not item.is_symlink() and item.suffix == ".safetensors" for item in entry.iterdir()):
-            continue
+        if entry.name == HEADS_FOLDER and _pruned_heads(entry, tasks):
+            continue  # a merge's heads/: one file per input task
         foreign.append(f"{shown_as or folder.name}/{entry.name}" + ("/" if entry.is_dir() else ""))
     return foreign
+
+
+def _input_names(provenance: Path) -> set[str]:
+    """The task names of the inputs a loramerge.json records (none if it cannot be read)."""
+    try:
+        return {str(record["name"]) for record in json.loads(provenance.read_bytes())["inputs"]}
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):
+        return set()
 
 
 def _task_folders(folder: Path) -> list[Path]:
@@ -277,7 +291,8 @@ def _task_folders(folder: Path) -> list[Path]:
 
 
 def _pruned_heads(folder: Path, pruned: set[str]) -> bool:
-    """apply-mask's heads/: a safetensors file per task it pruned entirely, nothing else."""
+    """A heads/ folder of these tasks: a safetensors file per task (apply-mask's: each one it pruned entirely;
+    a merge's: its inputs'), nothing else."""
     return folder.is_dir() and not folder.is_symlink() and all(
         entry.is_file() and not entry.is_symlink() and entry.suffix == ".safetensors" and entry.stem in pruned
         for entry in folder.iterdir())

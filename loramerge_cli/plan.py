@@ -233,7 +233,7 @@ def plan_merge(
     if "seed" in config.given() and not settings.method.randomized:
         raise UsageError(f"--seed does nothing with {settings.method.name}: only randomized methods "
                          f"({', '.join(randomized_methods())}) draw")
-    if "knots_scaled" in config.given() and settings.space != "knots":
+    if config.given().get("knots_scaled") and settings.space != "knots":  # false there is the default anyway
         raise UsageError(f"--knots-scaled scales the knots space's components; {settings.method.name} runs in the "
                          f"{settings.space} space")
     truncation = [name for name in ("out_rank", "energy") if name in config.given()]

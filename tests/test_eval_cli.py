@@ -72,11 +72,11 @@ def test_json_rows_match_the_engine(app, setting, tmp_path):
 
 def test_tables_on_stdout_progress_on_stderr(app, setting, tmp_path):
     args = ["eval", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--split", "test",
-            "--val-limit", "3", "--threads", "1"]
+            "--threads", "1"]
     outcome = run(app, [*args, "--out", str(tmp_path / "scores.json")])
     assert outcome.exit_code == 0, outcome.stderr
     assert "accuracy (%), test split" in outcome.stdout and "normalized accuracy (%)" in outcome.stdout
-    assert "alpha (12)" in outcome.stdout  # --val-limit does not cap the test split
+    assert "alpha (12)" in outcome.stdout
     assert "experts: 3/3" in outcome.stderr and "accuracy (%)" not in outcome.stderr  # progress, not results
     assert json.loads((tmp_path / "scores.json").read_text())["tasks"] == ["alpha", "beta", "gamma"]
     quiet = run(app, [*args, "--quiet"])

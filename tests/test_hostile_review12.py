@@ -351,15 +351,19 @@ def test_eval_checks_the_spec_base_and_the_model_kind(setting, tmp_path):
     assert invoke_cli([*arguments, "--allow-base-mismatch"]).exit_code == 0
 
 
-def test_eval_says_a_validation_limit_does_not_cap_another_split(setting):
-    """`eval --split test --val-limit 8` scored all the test examples without a word (a newcomer's trial). It
-    stays allowed (a --config file may set --val-limit for every command), with a warning."""
+def test_eval_says_a_validation_limit_does_not_cap_another_split(setting, tmp_path):
+    """`eval --split test --val-limit 8` scored all the test examples without a word (a newcomer's trial). From a
+    --config file (which may set --val-limit for every command) it is allowed, with a warning; on the command
+    line it is refused, as flags that would do nothing are."""
     from factories import invoke_cli
 
-    result = invoke_cli(["eval", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file),
-                         "--split", "test", "--val-limit", "8", "--threads", "1"])
+    arguments = ["eval", "--adapters", *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--split", "test",
+                 "--threads", "1"]
+    (tmp_path / "recipe.yaml").write_text("val_limit: 8\n")
+    result = invoke_cli([*arguments, "--config", tmp_path / "recipe.yaml"])
     assert result.exit_code == 0, result.stderr
     assert "warning: --val-limit limits the validation split only: the test split was scored in full" in result.stderr
+    assert invoke_cli([*arguments, "--val-limit", "8"]).exit_code == 2
 
 
 def test_a_mistyped_relative_path_says_no_local_folder_either(tmp_path, monkeypatch):

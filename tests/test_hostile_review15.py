@@ -182,3 +182,40 @@ def test_a_table_weight_that_overflows_the_factors_names_the_table(folders, tmp_
                          tmp_path / "p"])
     assert result.exit_code == 1 and "the table's weight 1e+300 for task 'a'" in result.stderr, result.stderr
     assert not (tmp_path / "p").exists()
+
+
+def test_force_keeps_what_only_looks_like_loramerge_s_files(folders, tmp_path):
+    """A second review: `search-mask --out M/mask.json` wrote a table into a merge folder, which `merge --force`
+    then deleted as its own; any *.safetensors in a merge's heads/ was taken for a head; files placed in
+    apply-mask's task folders under a merge's names were deleted."""
+    out = tmp_path / "merged"
+    assert invoke_cli(["merge", "--adapters", *_sources(folders), "--out", out]).exit_code == 0
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.outputs import guard_output
+
+    with pytest.raises(LoramergeError, match="takes the name of a file of the merge output"):
+        guard_output(out / "mask.json", kind="file")
+    guard_output(out / "scores.json", kind="file")  # another name: kept by --force, which refuses then
+    (out / "heads" / "my_own_head.safetensors").write_text("mine")
+    again = invoke_cli(["merge", "--adapters", *_sources(folders), "--out", out, "--force"])
+    assert again.exit_code == 1 and "merged/heads/" in again.stderr
+    assert (out / "heads" / "my_own_head.safetensors").read_text() == "mine"
+    pruned = tmp_path / "pruned"
+    assert invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out",
+                       pruned]).exit_code == 0
+    (pruned / "a" / "README.md").write_text("mine")
+    refused = invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[1]", "--out", pruned,
+                          "--force"])
+    assert refused.exit_code == 1 and "pruned/a/README.md" in refused.stderr
+
+
+def test_a_special_file_named_like_a_hub_id_is_this_path_not_the_hub(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "adapters").mkdir()
+    os.mkfifo(tmp_path / "adapters" / "pipe")
+    (tmp_path / "adapters" / "rte").symlink_to(tmp_path / "gone")
+    for spec, kind in (("adapters/pipe", "FIFO"), ("adapters/rte", "dangling symbolic link")):
+        result = invoke_cli(["inspect", spec])
+        assert result.exit_code == 1 and f"{spec}: not a regular file or a folder (a {kind})" in result.stderr

@@ -658,8 +658,8 @@ def test_apply_mask_says_the_lambda_the_pruned_adapters_cannot_carry(folders, tm
     result = invoke_cli(["apply-mask", "--adapters", *[folders[name] for name in ("a", "b", "c")], "--mask",
                          tmp_path / "t.json", "--out", tmp_path / "p"])
     assert result.exit_code == 0, result.stderr
-    assert "warning: the table was searched with `merge --merger ta --lambda 1`, which the pruned adapters do not " \
-        "carry" in result.stderr
+    assert "warning: the table sets λ = 1, which the pruned adapters do not carry: merge them with --lambda 1" in \
+        result.stderr
 
 
 def test_a_recipe_run_on_changed_inputs_says_it_is_no_rebuild(folders, tmp_path):

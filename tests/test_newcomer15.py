@@ -120,3 +120,33 @@ def test_the_library_plans_refuse_a_spec_with_a_task_no_adapter_has(text_setting
                          tmp_path / "mask.json"])
     assert result.exit_code == 1 and "no adapter named 'gamma'" in result.stderr
     assert json.dumps(sorted(text_setting.adapters)) == '["alpha", "beta", "gamma"]'
+
+
+def test_apply_mask_flags_hold_when_a_task_is_pruned_entirely(text_setting, tmp_path):
+    """A second review: with the first task pruned entirely, the printed `--weights` and `--density` lists kept
+    four values for three adapters (refused), the default λ was left out (1/3 instead of merge --mask's 1/4),
+    and λ = 1/3 printed as 0.333333."""
+    sources = text_setting.adapter_args()
+    adapters = api.load_adapters(sources)
+    table = api.ones_table(adapters)
+    table.weights[0] = [0.0] * len(table.weights[0])
+    table.merger = {"merger": "ties", "lambda": 1 / 3, "weights": [0.5, 1.5, 2.0], "density": [0.2, 0.4, 0.6]}
+    table.save(tmp_path / "t.json")
+    pruned = invoke_cli(["apply-mask", "--adapters", *sources, "--mask", tmp_path / "t.json", "--out", tmp_path / "p"])
+    assert pruned.exit_code == 0, pruned.stderr
+    [line] = [line for line in pruned.stderr.splitlines() if "searched with" in line]
+    flags = shlex.split(line.split("`merge ")[1].split("`")[0])
+    assert flags == ["--merger", "ties", "--lambda", "0.3333333333333333", "--weights", "1.5,2", "--density",
+                     "0.4,0.6"]
+    direct = invoke_cli(["merge", "--adapters", *sources, "--mask", tmp_path / "t.json", "--out", tmp_path / "m",
+                         "--out-rank", "64"])
+    again = invoke_cli(["merge", "--adapters", *[f"{n}={tmp_path / 'p' / n}" for n in ("beta", "gamma")], *flags,
+                        "--out",
+                        tmp_path / "again", "--out-rank", "64"])
+    assert direct.exit_code == 0 and again.exit_code == 0, direct.stderr + again.stderr
+    expected = load_file(tmp_path / "m" / "adapter_model.safetensors")
+    written = load_file(tmp_path / "again" / "adapter_model.safetensors")
+    for key in {k.removesuffix(".lora_A.weight") for k in expected if k.endswith(".lora_A.weight")}:
+        delta = expected[f"{key}.lora_B.weight"] @ expected[f"{key}.lora_A.weight"]
+        other = written[f"{key}.lora_B.weight"] @ written[f"{key}.lora_A.weight"]
+        assert (delta - other).abs().max() < 1e-5, key

@@ -59,8 +59,8 @@ def source_names(adapters: list) -> list[str]:
     source) will be named, without reading it."""
     names = []
     for adapter in adapters:
-        if isinstance(adapter, str):
-            named = split_name(adapter)
+        if isinstance(adapter, (str, os.PathLike)):
+            named = split_name(os.fspath(adapter))
             names.append(named.name or default_name(named.spec))
         else:
             names.append(adapter.name)
@@ -93,19 +93,20 @@ def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:
             raise
     if path.is_file():
         return _resolve_file(path, allow_pickle)
+    if os.path.lexists(path):  # here, a FIFO or a dangling link named like a Hub id is still this path
+        raise LoramergeError(f"{spec}: not a regular file or a folder (a {_kind_of(path)})")
     if HUB_ID.match(spec) and not spec.startswith((".", "/")):
         return _resolve_hub(spec, spec, allow_pickle)
-    if os.path.lexists(path):
-        raise LoramergeError(f"{spec}: not a regular file or a folder (a {_kind_of(path)})")
     raise LoramergeError(f"{spec}: no such file or folder (a Hub id looks like org/name[@revision])")
 
 
 def _cached_revisions(repo_id: str) -> list[str]:
     """The branch names and commits (12 digits) of a model repository in the local Hugging Face cache."""
-    from huggingface_hub import scan_cache_dir
+    from huggingface_hub import constants, scan_cache_dir
 
     try:
-        cache = scan_cache_dir()
+        cache = scan_cache_dir(constants.HF_HUB_CACHE)  # the cache snapshot_download reads (its default is bound
+        # when its module is first imported)
     except Exception:  # noqa: BLE001 - no cache folder, or one that cannot be read: nothing to list
         return []
     return sorted({name for repo in cache.repos if repo.repo_id == repo_id and repo.repo_type == "model"

@@ -61,8 +61,8 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     report = {"out": str(out), "adapters": [
         {"name": a.name, "folder": str(out / a.name) if a.modules else None, "modules": len(a.modules),
          "removed": len(original.modules) - len(a.modules)} for a, original in zip(pruned, loaded)],
-        "warnings": _lambda_warning(plan.table, len(loaded)) + [_pruned_entirely(a, out, len(pruned)) for a in pruned
-                                                   if not a.modules]}
+        "warnings": _lambda_warning(plan.table, [bool(a.modules) for a in pruned])
+        + [_pruned_entirely(a, out, len(pruned)) for a in pruned if not a.modules]}
     if flags["json_output"]:
         return emit_json(report)
     print_warnings(human_console(flags["quiet"]), report["warnings"])
@@ -79,46 +79,54 @@ def _pruned_entirely(adapter, out, task_count: int) -> str:
             f"λ: a default λ of 1/T counts all {task_count} tasks there, so pass it (--lambda)")
 
 
-def _lambda_warning(table, task_count: int) -> list[str]:
+def _lambda_warning(table, kept: list[bool]) -> list[str]:
     """The merge a table was searched with (its merger, λ and the settings that differ from the merger's
-    defaults), which pruned adapters cannot carry: a merge of them must be told, flag by flag."""
+    defaults, per-adapter lists cut to the adapters written: `kept`), which pruned adapters cannot carry: a merge
+    of them must be told, flag by flag. A table that records no merger (only λ) says λ."""
     from loramerge_cli.plan import recorded_settings
 
     recorded = recorded_settings(table)
     lam = table.scale if table.scale is not None else recorded.get("lam")
-    if lam is None and "merger" not in recorded:
-        return []
-    flags = _merge_flags({**recorded, **({"lam": lam} if lam is not None else {})}, task_count)
+    if "merger" not in recorded:
+        if lam is None:
+            return []
+        return [f"the table sets λ = {_number(lam)}, which the pruned adapters do not carry: merge them with "
+                f"--lambda {_number(lam)} (and the merger you choose) to get what merge --mask gives"]
+    flags = _merge_flags({**recorded, **({"lam": lam} if lam is not None else {})}, kept)
     return [f"the table was searched with `merge {flags}`, which the pruned adapters do not carry: merge them "
             "with those flags to get what merge --mask gives"]
 
 
-def _merge_flags(recorded: dict, task_count: int) -> str:
-    """`--merger M --lambda λ` and a flag for each recorded setting that M's defaults do not give."""
+def _merge_flags(recorded: dict, kept: list[bool]) -> str:
+    """`--merger M --lambda λ` (the λ merge --mask uses: with T counting every task) and a flag for each
+    recorded setting that M's defaults do not give, per-adapter lists cut to the adapters `kept`."""
     from loramerge_cli.merging.config import SETTINGS, MergeConfig
     from loramerge_cli.merging.merge import resolve_config
 
     def resolved(settings: dict) -> dict:
         fields = {name: value for name, value in settings.items() if name in SETTINGS}
         params = {name: value for name, value in settings.items() if name not in SETTINGS}
-        return resolve_config(MergeConfig(**fields, params=params), task_count).describe()
+        return resolve_config(MergeConfig(**fields, params=params), len(kept)).describe()
 
     given = resolved(recorded)
-    defaults = resolved({"merger": recorded["merger"]} if "merger" in recorded else {})
+    defaults = resolved({"merger": recorded["merger"]})
     parts = [f"--merger {given['merger']}"]
     for name, value in given.items():
         if name == "merger" or (name != "lambda" and defaults.get(name) == value):
-            continue
-        if name == "lambda" and "lam" not in recorded:
             continue
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             parts.append(flag if value else f"--no-{name.replace('_', '-')}")
         elif isinstance(value, (list, tuple)):
-            parts.append(f"{flag} {','.join(f'{v:g}' for v in value)}")
+            parts.append(f"{flag} {','.join(_number(v) for v, keep in zip(value, kept) if keep)}")
         else:
-            parts.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+            parts.append(f"{flag} {_number(value)}")
     return " ".join(parts)
+
+
+def _number(value) -> str:
+    """A flag's value as it reads back to the same number (0.3333333333333333, not 0.333333)."""
+    return repr(float(value)).removesuffix(".0") if isinstance(value, float) else str(value)
 
 
 def register(app: typer.Typer) -> None:

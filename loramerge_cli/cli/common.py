@@ -433,7 +433,7 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     from loramerge_cli.cli.recipe import expand_config
 
     data = expand_config(data, Path(value), ctx.command)
-    by_flag = {opt[2:]: option for option in ctx.command.params for opt in option.opts if opt.startswith("--")}
+    by_flag = {_recipe_key(option): option for option in ctx.command.params if _recipe_key(option)}
     defaults, ignored = {}, []
     for key, item in data.items():
         flag = str(key).replace("_", "-")
@@ -461,12 +461,18 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     return value
 
 
+def _recipe_key(option) -> str | None:
+    """An option's key in a recipe: its first long flag without dashes (another spelling, such as eval's
+    --dtype beside --eval-dtype, is the command line's only: in a recipe `dtype` is what merge writes)."""
+    return next((opt[2:] for opt in getattr(option, "opts", ()) if opt.startswith("--")), None)
+
+
 def _other_commands_flags(ctx: typer.Context) -> set[str]:
-    """The long flags of loramerge's other commands: a recipe another command wrote holds some."""
+    """The recipe keys of loramerge's other commands: a recipe another command wrote holds some."""
     group = ctx.parent.command if ctx.parent is not None else None
     commands = getattr(group, "commands", {}).values()
-    return {opt[2:] for command in commands if command is not ctx.command for option in command.params
-            for opt in getattr(option, "opts", ()) if opt.startswith("--")}
+    return {key for command in commands if command is not ctx.command for option in command.params
+            if (key := _recipe_key(option))}
 
 
 def parse_float_list(text: str | None, flag: str) -> list[float] | None:

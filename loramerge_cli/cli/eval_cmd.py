@@ -52,9 +52,9 @@ def eval_options() -> list:
                "configs."),
         setting_option(EvalSettings, "device", help="Torch device: cpu, cuda, cuda:1, mps."),
         *scale_options(),
-        setting_option(EvalSettings, "dtype", "--dtype", "--eval-dtype", annotation=choice(DTYPES),
-                       help="Dtype of the evaluated models (--eval-dtype, as merge and search-mask name it, is the "
-                       "same flag)."),
+        setting_option(EvalSettings, "dtype", "--eval-dtype", "--dtype", annotation=choice(DTYPES),
+                       help="Dtype of the evaluated models, as merge and search-mask name it (--dtype is the same "
+                       "flag; in a recipe, `dtype` is a merge's written dtype, not this)."),
         setting_option(EvalSettings, "batch_size", min=1, help="Sequences per forward pass."),
         max_length_option(),
         threads_option("Torch CPU threads (fixed, for reproducible numbers). [default: OMP_NUM_THREADS if set, "

@@ -157,8 +157,7 @@ def expand_config(data: dict, path: Path, command) -> dict:
         for flag, value in extra.items():
             if flag in data or flag.replace("-", "_") in data:
                 raise typer.BadParameter(f"{path}: give {flag} per adapter or as a flag, not both")
-            if flag in options:  # a command that does not merge (inspect, eval) reads only the sources
-                data[flag] = value
+            data[flag] = value  # a command that does not merge (inspect, eval) notes them as not used
         data["adapters"] = sources
     expanded = {}
     for key, value in data.items():

@@ -119,17 +119,34 @@ def _indicator(pruned: tuple[int, ...], size: int) -> np.ndarray:
     return members
 
 
-def _cholesky(kernel: np.ndarray) -> np.ndarray:
-    """The Cholesky factor of K + σ²I; where rounding makes it indefinite (priors far apart: a² = 1e8 beside
-    σ² = 1e-8), with the least jitter on the diagonal that works (deterministic: resumes stay exact)."""
+def _cholesky(kernel: np.ndarray, scale: float | None = None) -> np.ndarray:
+    """The Cholesky factor of `kernel` (K + σ²I, or a block's Schur complement); where rounding makes it
+    indefinite (priors far apart: a² = 1e8 beside σ² = 1e-8), with the least jitter on the diagonal that
+    works, in steps of 10 from 1e-12 × `scale` (default: the mean of its diagonal; a block passes its
+    kernel's, as its own diagonal may be rounding noise). Deterministic: resumes stay exact."""
     jitter = 0.0
+    scale = float(np.mean(np.diag(kernel))) if scale is None else scale
     for _ in range(12):
         try:
             return np.linalg.cholesky(kernel + jitter * np.eye(len(kernel)))
         except np.linalg.LinAlgError:
-            jitter = max(jitter * 10, 1e-12 * float(np.mean(np.diag(kernel))))
+            jitter = max(jitter * 10, 1e-12 * scale)
     raise LoramergeError("the surrogate's model cannot be fitted at these priors (its kernel is not positive "
                          "definite): give a larger --noise")
+
+
+def _solve_lower(lower: np.ndarray, right: np.ndarray, transpose: bool = False) -> np.ndarray:
+    """lower⁻¹ `right` (or lower⁻ᵀ `right`) for a lower triangular `lower`: O(n²) per column (torch's
+    triangular solve; numpy has none)."""
+    import torch
+
+    if not len(lower):
+        return right.copy()
+    matrix = torch.from_numpy(np.ascontiguousarray(lower.T if transpose else lower))
+    column = right.ndim == 1
+    values = torch.from_numpy(np.ascontiguousarray(right[:, None] if column else right))
+    solved = torch.linalg.solve_triangular(matrix, values, upper=transpose).numpy()
+    return solved[:, 0] if column else solved
 
 
 def pair_prior_std(size: int, task_count: int, settings: SurrogateSettings) -> np.ndarray:
@@ -148,7 +165,7 @@ class ScoredTables:
     within one unit; the counts are exact integers, so K is the same to the bit however it is grown."""
 
     GROWTH_CHUNK = 16  # tables added per block of new rows (n × 16 × U counts at a time)
-    FACTOR_BLOCK = 64  # rows of L⁻¹ kept together (a last, partial block is recomputed at each step)
+    FACTOR_BLOCK = 64  # rows of L kept together (a last, partial block is recomputed at each step)
 
     def __init__(self, dimension: int, task_count: int, settings: SurrogateSettings, capacity: int | None = None):
         self.dimension, self.task_count, self.settings = dimension, task_count, settings
@@ -156,7 +173,7 @@ class ScoredTables:
         self.count = 0
         self._tables = np.zeros((0, dimension))
         self._kernel = np.zeros((0, 0))
-        self._inverse_factor = np.zeros((0, 0))  # its first `factored` rows: L⁻¹ where K + σ²I = L Lᵀ
+        self._factor = np.zeros((0, 0))  # its first `factored` rows: L where K + σ²I = L Lᵀ
         self.factored = 0
         self.members: list[np.ndarray] = []  # each table's pruned entries (tables prune few: draws work on these)
 
@@ -179,8 +196,8 @@ class ScoredTables:
             kernel, rows, factor = (np.zeros((capacity, capacity)), np.zeros((capacity, self.dimension)),
                                     np.zeros((capacity, capacity)))
             kernel[:old, :old], rows[:old] = self._kernel[:old, :old], self._tables[:old]
-            factor[:self.factored, :self.factored] = self._inverse_factor[:self.factored, :self.factored]
-            self._kernel, self._tables, self._inverse_factor = kernel, rows, factor
+            factor[:self.factored, :self.factored] = self._factor[:self.factored, :self.factored]
+            self._kernel, self._tables, self._factor = kernel, rows, factor
         for row, pruned in enumerate(tables):
             self._tables[old + row] = _indicator(pruned, self.dimension)
             self.members.append(np.flatnonzero(self._tables[old + row]))
@@ -199,37 +216,36 @@ class ScoredTables:
         self._kernel[old:new, :new] = block.T
         self.count = new
 
-    def inverse_factor(self) -> tuple[np.ndarray, np.ndarray]:
-        """L⁻¹ (lower triangular, K + σ²I = L Lᵀ) as (its first rows, in whole FACTOR_BLOCKs, kept and grown;
-        the remaining rows, over every column). A block of rows costs O(n²·block): a step O(n²), not the O(n³)
-        of a new factorisation. The blocks are fixed by row index, never by the steps that added the tables,
-        so a resumed search computes the same factor to the bit."""
+    def factor(self) -> tuple[np.ndarray, np.ndarray]:
+        """L, the Cholesky factor of K + σ²I = L Lᵀ, as (its first rows, in whole FACTOR_BLOCKs, kept and grown;
+        the remaining rows, over every column). A block of rows costs O(n²·block) (the blocked Cholesky
+        algorithm): a step O(n²), not the O(n³) of a new factorisation. The blocks are fixed by row index,
+        never by the steps that added the tables, so a resumed search computes the same factor to the bit."""
         block = self.FACTOR_BLOCK
         while self.factored + block <= self.count:
             start, stop = self.factored, self.factored + block
-            self._inverse_factor[start:stop, :stop] = self._factor_rows(start, stop)
+            self._factor[start:stop, :stop] = self._factor_rows(start, stop)
             self.factored = stop
-        kept = self._inverse_factor[:self.factored, :self.factored]
-        return kept, self._factor_rows(self.factored, self.count)
+        return self._factor[:self.factored, :self.factored], self._factor_rows(self.factored, self.count)
 
     def _factor_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows start:stop of L⁻¹ from its rows above: with L₂₁ = K₂₁ L₁₁⁻ᵀ and L₂₂ the Cholesky factor of
-        K₂₂ − L₂₁ L₂₁ᵀ, they are [−L₂₂⁻¹ L₂₁ L₁₁⁻¹, L₂₂⁻¹]."""
-        above = self._inverse_factor[:start, :start]
+        """Rows start:stop of L from its rows above: L₂₁ = K₂₁ L₁₁⁻ᵀ, and L₂₂ the Cholesky factor of
+        K₂₂ − L₂₁ L₂₁ᵀ."""
         kernel = self._kernel
-        lower_left = kernel[start:stop, :start] @ above.T
-        diagonal_inverse = np.linalg.inv(_cholesky(kernel[start:stop, start:stop] - lower_left @ lower_left.T))
-        return np.hstack([-diagonal_inverse @ (lower_left @ above), diagonal_inverse])
+        lower_left = _solve_lower(self._factor[:start, :start], kernel[:start, start:stop]).T
+        scale = float(np.mean(np.diag(kernel)[:stop])) if stop else 1.0
+        diagonal = _cholesky(kernel[start:stop, start:stop] - lower_left @ lower_left.T, scale)
+        return np.hstack([lower_left, diagonal])
 
 
 @dataclass
 class Posterior:
     """What every posterior draw of one step shares: the scored tables (n × U·T, 0/1), their values and
-    L⁻¹ for K + σ²I = L Lᵀ, in two parts (ScoredTables.inverse_factor)."""
+    L for K + σ²I = L Lᵀ, in two parts (ScoredTables.factor)."""
 
     tables: np.ndarray
     values: np.ndarray
-    inverse_factor: tuple[np.ndarray, np.ndarray]
+    factor: tuple[np.ndarray, np.ndarray]
     settings: SurrogateSettings
     pair_std: np.ndarray  # b_ij
     members: list[np.ndarray]  # each table's pruned entries
@@ -244,17 +260,20 @@ class Posterior:
 
     @classmethod
     def of(cls, scored: ScoredTables, values: np.ndarray) -> "Posterior":
-        return cls(scored.tables, values, scored.inverse_factor(), scored.settings,
+        return cls(scored.tables, values, scored.factor(), scored.settings,
                    pair_prior_std(scored.dimension, scored.task_count, scored.settings), scored.members[:scored.count])
 
     def solve(self, right: np.ndarray) -> np.ndarray:
-        """(K + σ²I)⁻¹ `right` = L⁻ᵀ (L⁻¹ `right`): two products with L⁻¹, O(n²) for a vector."""
-        kept, rest = self.inverse_factor
+        """(K + σ²I)⁻¹ `right` = L⁻ᵀ (L⁻¹ `right`): a forward and a back substitution through the two parts of
+        L, O(n²) for a vector."""
+        kept, rest = self.factor
         head = len(kept)
-        inner = np.concatenate([kept @ right[:head], rest @ right])
-        outer = rest.T @ inner[head:]
-        outer[:head] += kept.T @ inner[:head]
-        return outer
+        rest_left, rest_right = rest[:, :head], rest[:, head:]
+        inner_head = _solve_lower(kept, right[:head])
+        inner_rest = _solve_lower(rest_right, right[head:] - rest_left @ inner_head)
+        outer_rest = _solve_lower(rest_right, inner_rest, transpose=True)
+        outer_head = _solve_lower(kept, inner_head - rest_left.T @ outer_rest, transpose=True)
+        return np.concatenate([outer_head, outer_rest])
 
     def draw(self, rng: np.random.Generator) -> PairwiseModel:
         """A draw from the posterior of (w, V) by pathwise conditioning: θ = θ₀ + Σ_prior Φᵀ (K + σ²I)⁻¹

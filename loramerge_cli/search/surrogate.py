@@ -86,7 +86,7 @@ class PairwiseModel:
 
     single: np.ndarray  # (U,)
     pair: np.ndarray  # (U, U)
-    _row_bounds: tuple[np.ndarray, float] | None = field(default=None, init=False, repr=False)
+    _row_bounds: tuple[np.ndarray, float] | None = field(default=None, init=False, repr=False, compare=False)
 
     def value(self, members: np.ndarray) -> float:
         """f of the table whose pruned units are `members` (a 0/1 vector)."""

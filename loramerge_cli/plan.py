@@ -213,6 +213,7 @@ def plan_merge(
         raise UsageError("no adapters to merge")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    check_base(base)
     data = data or tuning
     spec_inputs = task_inputs(adapters, data, tuning)
     if out is not None:
@@ -336,11 +337,22 @@ class PrunePlan:
     command: str | None = None
 
 
+def check_base(base: str | None) -> None:
+    """--base spelled as a local path (/, ./, ../, ~) names a folder that exists: it is written into the output's
+    configs and card, where a typo would send every load to a missing model."""
+    from loramerge_cli.adapters.card import is_repo_id
+
+    if base is not None and not is_repo_id(base) and not Path(base).expanduser().is_dir():
+        raise LoramergeError(f"--base {base}: no such folder (a Hub id looks like org/name)")
+
+
 def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, force: bool = False,
                dtype: str | None = None, base: str | None = None, command: str | None = None) -> PrunePlan:
-    """Check the dtype, the output (never an input) and the table against the adapters, before any work."""
+    """Check the dtype, the base, the output (never an input) and the table against the adapters, before any
+    work."""
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    check_base(base)
     check_output_dir(out, force, adapter_files(adapters))
     check_table(table, adapters)
     return PrunePlan(adapters, table, Path(out), force, dtype, base, command)

@@ -219,3 +219,27 @@ def test_a_special_file_named_like_a_hub_id_is_this_path_not_the_hub(tmp_path, m
     for spec, kind in (("adapters/pipe", "FIFO"), ("adapters/rte", "dangling symbolic link")):
         result = invoke_cli(["inspect", spec])
         assert result.exit_code == 1 and f"{spec}: not a regular file or a folder (a {kind})" in result.stderr
+
+
+def test_a_local_base_that_does_not_exist_is_refused(folders, tmp_path):
+    """`--base /nonexistent` was written into adapter_config.json and the card (`base: ../../../nonexistent`)."""
+    for command in (["merge", "--adapters", *_sources(folders), "--out", tmp_path / "o"],
+                    ["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out", tmp_path / "o"]):
+        result = invoke_cli([*command, "--base", tmp_path / "nonexistent"])
+        assert result.exit_code == 1 and "no such folder" in result.stderr and not (tmp_path / "o").exists()
+    assert invoke_cli(["merge", "--adapters", *_sources(folders), "--out", tmp_path / "hub", "--base",
+                       "org/base-model"]).exit_code == 0
+
+
+def test_a_merge_whose_outputs_overflow_is_named(text_setting, tmp_path):
+    """NaN or Inf outputs named the task only, not the --merged folder that caused them."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "huge"
+    shutil.copytree(text_setting.adapters["alpha"], folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    save_file({key: tensor.double() * 1e300 if "lora_B" in key else tensor for key, tensor in tensors.items()},
+              folder / "adapter_model.safetensors")  # finite in float64, beyond the model's float32
+    result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file,
+                         "--merged", folder, "--threads", "1"])
+    assert result.exit_code == 1 and f"--merged {folder}: " in result.stderr, result.stderr

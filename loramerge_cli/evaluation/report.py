@@ -113,8 +113,13 @@ def check_request(tasks_file, experts: list, merged: list, settings: EvalSetting
 
 def _score_each_task(engine: Evaluator, adapter, tasks: list[str], step) -> dict[str, float]:
     """{task: accuracy} of one merged adapter, a progress step per task."""
+    from loramerge_cli.errors import NonFiniteError
+
     accuracy: dict[str, float] = {}
     for task in tasks:
-        accuracy.update(engine.score_adapter(adapter, [task]))
+        try:
+            accuracy.update(engine.score_adapter(adapter, [task]))
+        except NonFiniteError as error:  # which merge made the outputs overflow
+            raise NonFiniteError(f"--merged {adapter.source.spec}: {error}") from None
         step(f"{adapter.name} / {task} {100 * accuracy[task]:.1f}%")
     return accuracy

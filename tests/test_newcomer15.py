@@ -102,7 +102,7 @@ def test_a_bad_data_row_names_its_row_and_file(text_setting, tmp_path):
                    "label": "label", "num_labels": 3} for name in text_setting.adapters]})
     result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", spec])
     assert result.exit_code == 1, result.stderr
-    assert "label 7 is out of range 0..2 (row 6 of " in result.stderr and "val.jsonl)" in result.stderr
+    assert "label 7 is out of range 0..2 (line 6 of " in result.stderr and "val.jsonl)" in result.stderr
 
 
 def test_the_library_plans_refuse_a_spec_with_a_task_no_adapter_has(text_setting, tmp_path):
@@ -150,3 +150,16 @@ def test_apply_mask_flags_hold_when_a_task_is_pruned_entirely(text_setting, tmp_
         delta = expected[f"{key}.lora_B.weight"] @ expected[f"{key}.lora_A.weight"]
         other = written[f"{key}.lora_B.weight"] @ written[f"{key}.lora_A.weight"]
         assert (delta - other).abs().max() < 1e-5, key
+
+
+def test_a_bad_row_after_blank_lines_is_named_by_its_file_line(text_setting, tmp_path):
+    """A second review: "row 4" named the fourth row of a JSON Lines file whose blank lines put it on line 6,
+    while a syntax error there is named by its line."""
+    rows = [json.dumps({"premise": "w1", "hypothesis": "w2", "label": label}) for label in (0, 1, 2, 9)]
+    (tmp_path / "val.jsonl").write_text("\n\n" + "\n".join(rows) + "\n")
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {
+        "base_model": str(text_setting.base), "model_type": "sequence-classification",
+        "tasks": [{"name": name, "data": {"validation": str(tmp_path / "val.jsonl")}, "text": ["premise", "hypothesis"],
+                   "label": "label", "num_labels": 3} for name in text_setting.adapters]})
+    result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", spec])
+    assert result.exit_code == 1 and "label 9 is out of range 0..2 (line 6 of " in result.stderr, result.stderr

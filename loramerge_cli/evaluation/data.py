@@ -67,7 +67,9 @@ def check_data(task_file: TaskFile, splits: list[str] | None = None) -> dict[tup
                     if task.label is not None or source.is_dir():
                         _label_of(row, task_file, task, class_names, source)
                 except LoramergeError as error:  # which row of which file: data sets have thousands
-                    where = f"row {number}" if str(source) in str(error) else f"row {number} of {source}"
+                    line = getattr(row, "line", None)
+                    position = f"line {line}" if line is not None else f"row {number}"
+                    where = position if str(source) in str(error) else f"{position} of {source}"
                     raise LoramergeError(f"{error} ({where})") from None
             counts[task.name, split] = len(rows)
     return counts
@@ -125,7 +127,7 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
                 raise task_file.error(where, f"{path} line {number} is not JSON{reason}") from None
             if not isinstance(row, dict):
                 raise task_file.error(where, f"{path} line {number} is not a JSON object")
-            rows.append(row)
+            rows.append(_Row(row, line=number))
         return rows
     if suffix == ".csv":
         return _read_csv(path, task_file, where)
@@ -137,6 +139,15 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
             raise task_file.error(where, f"{path}: reading parquet needs pyarrow ({hint})") from None
         return parquet.read_table(str(path)).to_pylist()
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
+
+
+class _Row(dict):
+    """A data row and the file line it ends on (for errors: a JSON Lines file may hold blank lines, a CSV field
+    several lines)."""
+
+    def __init__(self, values: dict, line: int):
+        super().__init__(values)
+        self.line = line
 
 
 def _read_csv(path: Path, task_file: TaskFile, where: str) -> list[dict]:
@@ -155,7 +166,7 @@ def _read_csv(path: Path, task_file: TaskFile, where: str) -> list[dict]:
                 if None in row:  # DictReader's key for the fields past the header
                     raise task_file.error(where, f"{path} line {reader.line_num} has {len(header) + len(row[None])} "
                                                  f"fields; the header names {len(header)}")
-                rows.append(row)
+                rows.append(_Row(row, line=reader.line_num))
             return rows
     except csv.Error as error:
         raise task_file.error(where, f"{path} is not readable CSV ({error})") from None

@@ -27,14 +27,19 @@ def test_force_never_deletes_what_loramerge_did_not_write_in_its_output(folders,
     (out / "NOTES.md").unlink()
     assert invoke_cli(["merge", "--adapters", *_sources(folders), "--merger", "ties", "--out", out,
                        "--force"]).exit_code == 0  # what loramerge wrote alone is replaced
+    _apply_mask_force_keeps(folders, tmp_path, "extra_checkpoint.pt")
+
+
+def _apply_mask_force_keeps(folders, tmp_path, name: str) -> None:
+    """apply-mask --force over its own output refuses, naming it, a file `name` put into a task's folder."""
     pruned = tmp_path / "pruned"
     assert invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out",
                        pruned]).exit_code == 0
-    (pruned / "a" / "extra_checkpoint.pt").write_text("mine")
+    (pruned / "a" / name).write_text("mine")
     refused = invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[1]", "--out", pruned,
                           "--force"])
-    assert refused.exit_code == 1 and "pruned/a/extra_checkpoint.pt" in refused.stderr
-    assert (pruned / "a" / "extra_checkpoint.pt").read_text() == "mine"
+    assert refused.exit_code == 1 and f"pruned/a/{name}" in refused.stderr
+    assert (pruned / "a" / name).read_text() == "mine"
 
 
 @pytest.mark.parametrize("line", ["revision: 2024-13-01", "seed: 1" + "0" * 5000])
@@ -200,13 +205,7 @@ def test_force_keeps_what_only_looks_like_loramerge_s_files(folders, tmp_path):
     again = invoke_cli(["merge", "--adapters", *_sources(folders), "--out", out, "--force"])
     assert again.exit_code == 1 and "merged/heads/" in again.stderr
     assert (out / "heads" / "my_own_head.safetensors").read_text() == "mine"
-    pruned = tmp_path / "pruned"
-    assert invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out",
-                       pruned]).exit_code == 0
-    (pruned / "a" / "README.md").write_text("mine")
-    refused = invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[1]", "--out", pruned,
-                          "--force"])
-    assert refused.exit_code == 1 and "pruned/a/README.md" in refused.stderr
+    _apply_mask_force_keeps(folders, tmp_path, "README.md")
 
 
 def test_a_special_file_named_like_a_hub_id_is_this_path_not_the_hub(tmp_path, monkeypatch):

@@ -163,3 +163,24 @@ def test_a_bad_row_after_blank_lines_is_named_by_its_file_line(text_setting, tmp
                    "label": "label", "num_labels": 3} for name in text_setting.adapters]})
     result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", spec])
     assert result.exit_code == 1 and "label 9 is out of range 0..2 (line 6 of " in result.stderr, result.stderr
+
+
+def test_the_recorded_command_names_its_paths_from_the_output_folder(folders, tmp_path, monkeypatch):
+    """apply-mask's OUT/<task>/loramerge.json recorded `--mask mask.json --out pruned/` as typed (relative to the
+    folder it ran in), so the command could not be run from the folder; absolute paths were made relative."""
+    import os
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    adapters = api.load_adapters([str(folders[name]) for name in "abc"])
+    api.ones_table(adapters).save(tmp_path / "mask.json")
+    for name in "abc":
+        shutil.copytree(folders[name], tmp_path / name)
+    assert invoke_cli(["apply-mask", "--adapters", "a", "b", "c", "--mask", "mask.json", "--out",
+                       "pruned"]).exit_code == 0
+    folder = tmp_path / "pruned" / "a"
+    command = shlex.split(json.loads((folder / "loramerge.json").read_text())["command"])
+    values = {flag: command[index + 1] for index, flag in enumerate(command) if flag in ("--mask", "--out")}
+    assert os.path.samefile(folder / values["--mask"], tmp_path / "mask.json")
+    assert os.path.samefile(folder / values["--out"], tmp_path / "pruned")
+    assert os.path.samefile(folder / command[command.index("--adapters") + 1], tmp_path / "a")

@@ -55,7 +55,8 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     apply_threads(flags["threads"])
     loaded = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
     plan = api.plan_prune(loaded, api.weight_table(loaded, flags["mask"], flags["indices"]), out,
-                          force=flags["force"], dtype=flags["dtype"], base=flags["base"], command=command_line(ctx))
+                          force=flags["force"], dtype=flags["dtype"], base=flags["base"],
+                          command=command_line(ctx, local_paths=True))
     pruned = api.prune(plan)
     api.write_pruned(plan, pruned, recipe=build_recipe(ctx, loaded, out, {"mask": "mask.json"}))
     report = {"out": str(out), "adapters": [

@@ -208,9 +208,44 @@ def given_arguments(ctx: typer.Context) -> list[str]:
     return list(root.obj.get("argv", ())) if isinstance(root.obj, dict) else sys.argv[1:]
 
 
-def command_line(ctx: typer.Context) -> str:
-    """The command as the user ran it (after spreading), for provenance and model cards."""
-    return shlex.join(["loramerge", *given_arguments(ctx)])
+def command_line(ctx: typer.Context, local_paths: bool = False) -> str:
+    """The command as the user ran it (after spreading), for provenance and model cards. With `local_paths`,
+    every local path a path option or a source names is made absolute: an output folder's writer then names
+    each relative to the folder (adapters/card.py portable_command), so the recorded command runs from there."""
+    arguments = given_arguments(ctx)
+    return shlex.join(["loramerge", *(_absolute_paths(ctx, arguments) if local_paths else arguments)])
+
+
+def _absolute_paths(ctx: typer.Context, arguments: list[str]) -> list[str]:
+    """`arguments` with the values of path options (--out, --mask, --tasks, …) absolute, and those of source
+    options (--adapters, --base: a local path, name=path, or a Hub id) absolute where they name a local path."""
+    from loramerge_cli.cli.recipe import SOURCE_KEYS, is_path
+
+    options = {opt: option for option in ctx.command.params for opt in getattr(option, "opts", ())
+               if opt.startswith("--")}
+
+    def absolute(value: str, option) -> str:
+        if option is None or os.path.isabs(value):
+            return value
+        if option.name in SOURCE_KEYS:
+            head, sep, tail = value.partition("=")
+            if sep and tail and not os.path.exists(value) and os.path.exists(os.path.expanduser(tail)):
+                return f"{head}={os.path.abspath(os.path.expanduser(tail))}"
+            local = os.path.expanduser(value)
+            return os.path.abspath(local) if os.path.exists(local) else value
+        return os.path.abspath(os.path.expanduser(value)) if is_path(option) else value
+
+    resolved, current = [], None
+    for token in arguments:
+        if token.startswith("--"):
+            flag, sep, inline = token.partition("=")
+            current = options.get(flag)
+            resolved.append(f"{flag}={absolute(inline, current)}" if sep else token)
+            if sep or getattr(current, "is_flag", False):
+                current = None  # no values follow
+            continue
+        resolved.append(absolute(token, current))
+    return resolved
 
 
 def one_line(text: str) -> str:

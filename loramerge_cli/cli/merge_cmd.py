@@ -141,7 +141,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     table = api.weight_table(adapters, flags["mask"], flags["indices"])
     plan = api.plan_merge(adapters, config, table, override=flags["override"], out=flags["out"],
                           force=flags["force"], dtype=flags["dtype"], head=flags["head"], base=flags["base"],
-                          command=command_line(ctx), tuning=data if flags["lam"] == "auto" else None,
+                          command=command_line(ctx, local_paths=True), tuning=data if flags["lam"] == "auto" else None,
                           data=data, allow_base_mismatch=flags["allow_base_mismatch"])
     if plan.tuning is None and plan.data is None:  # nothing reads the tasks: their flags would do nothing
         from loramerge_cli.cli.recipe import TUNING_ONLY

@@ -33,6 +33,7 @@ from loramerge_cli.plan import (
     MergePlan,
     PrunePlan,
     TaskData,
+    base_warnings,
     check_not_an_input,
     check_recorded,
     execute,
@@ -52,7 +53,7 @@ from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 __all__ = [
     "Adapter", "EnmpSettings", "EvalPlan", "EvalSettings", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult",
     "NscSettings", "PrunePlan", "SearchPlan", "SearchRequest", "TaskData", "WeightTable", "apply_table",
-    "check_not_an_input", "check_table", "check_table_flags", "evaluate", "execute", "execute_eval",
+    "base_warnings", "check_not_an_input", "check_table", "check_table_flags", "evaluate", "execute", "execute_eval",
     "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table", "local_paths_warnings",
     "merge", "module_norm", "ones_table", "parse_indices", "plan_eval", "plan_merge", "plan_prune", "plan_search",
     "prune", "push_folder", "search", "weight_table", "write", "write_adapter", "write_adapters",

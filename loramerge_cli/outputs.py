@@ -28,6 +28,7 @@ FOLDER_EXTRAS = ("mask.json", "loramerge.yaml")  # beside the adapter folders of
 ADAPTER_FOLDER_FILES = ("adapter_config.json", "adapter_model.safetensors", MARKER, "mask.json", "loramerge.yaml",
                         "README.md")  # the files of a merge's folder (and heads/)
 TASK_FOLDER_FILES = ("adapter_config.json", "adapter_model.safetensors", MARKER)  # apply-mask's folder of a task
+SYSTEM_FILES = (".DS_Store", "Thumbs.db", "desktop.ini")  # what a file browser leaves in any folder it shows
 HEADS_FOLDER = "heads"  # each task's head beside a merge; in apply-mask's output, those of tasks pruned entirely
 RENAME_EXCHANGE = 2  # linux/fs.h: renameat2 swaps the two paths atomically
 AT_FDCWD = -100
@@ -46,7 +47,8 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
     check_not_an_input(out, inputs)
     if os.path.lexists(target):
         _check_replaceable(out, target, force, kind, formats)
-    elif kind == "file" and target.name in ADAPTER_FOLDER_FILES and (target.parent / MARKER).is_file():
+    elif kind == "file" and (target.parent / MARKER).is_file() and target.name in (
+            ADAPTER_FOLDER_FILES if _is_merge_folder(target.parent) else TASK_FOLDER_FILES):
         raise LoramergeError(f"--out {out} takes the name of a file of the merge output {out.parent}, whose "
                              "rebuild or --force would replace it: write it elsewhere (or under another name)")
     check_creatable(target.parent, f"--out {out}: cannot create it")
@@ -161,12 +163,15 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
             entry for folder in tasks for entry in foreign_entries(folder, f"{target.name}/{folder.name}",
                                                                    TASK_FOLDER_FILES)]
         if tasks and not (target / MARKER).exists():  # apply-mask's output: its task folders, table, recipe, heads
-            known = {folder.name for folder in tasks} | set(FOLDER_EXTRAS) | {HEADS_FOLDER}
+            known = {folder.name for folder in tasks} | set(FOLDER_EXTRAS) | {HEADS_FOLDER} | set(SYSTEM_FILES)
             foreign += [f"{target.name}/{entry.name}" for entry in sorted(target.iterdir()) if entry.name not in known]
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise LoramergeError(f"--out {out} holds what loramerge did not write there ({shown}): --force would "
                                  "delete it; refusing to replace it (move those out, or give another --out)")
+        if tasks and not (target / "mask.json").is_file():
+            raise LoramergeError(f"--out {out} holds adapter folders but no mask.json, so it cannot be told from a "
+                                 "folder of your adapters; refusing to replace it, even with --force")
         raise LoramergeError(f"--out {out} is a folder loramerge did not write (no {MARKER}); refusing to replace "
                              "it, even with --force")
     if kind == "file" and not _is_loramerge_output(target, formats):
@@ -242,19 +247,21 @@ def written_by_loramerge(folder: Path) -> bool:
     merges, or merges and a mask, is not one."""
     if (folder / MARKER).is_file() or not any(folder.iterdir()):
         return not foreign_entries(folder)
-    try:
+    try:  # the table tells apply-mask's output from a user's folder of adapters loramerge wrote one by one
         table = json.loads((folder / "mask.json").read_bytes())
         tasks = set(table["tasks"]) if str(table.get("format", "")).startswith("loramerge.mask/") else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
         return False
     if tasks is None:
         return False
-    entries = [entry for entry in folder.iterdir() if entry.name not in FOLDER_EXTRAS or not entry.is_file()]
+    entries = [entry for entry in folder.iterdir() if entry.name not in (*FOLDER_EXTRAS, *SYSTEM_FILES)
+               or not entry.is_file()]
     heads = [entry for entry in entries if entry.name == HEADS_FOLDER and entry.name not in tasks]
     entries = [entry for entry in entries if entry not in heads]
     return (bool(entries) and {entry.name for entry in entries} <= tasks
             and all(entry.is_dir() and not entry.is_symlink() and (entry / MARKER).is_file()
-                    and not foreign_entries(entry, files=TASK_FOLDER_FILES) for entry in entries)
+                    and not _is_merge_folder(entry) and not foreign_entries(entry, files=TASK_FOLDER_FILES)
+                    for entry in entries)
             and all(_pruned_heads(entry, tasks - {e.name for e in entries}) for entry in heads))
 
 
@@ -268,12 +275,21 @@ def foreign_entries(folder: Path, shown_as: str | None = None,
     tasks = _input_names(folder / MARKER)
     foreign = []
     for entry in sorted(folder.iterdir()):
-        if entry.name in files and entry.is_file() and not entry.is_symlink():
+        if entry.name in (*files, *SYSTEM_FILES) and entry.is_file() and not entry.is_symlink():
             continue
         if entry.name == HEADS_FOLDER and _pruned_heads(entry, tasks):
             continue  # a merge's heads/: one file per input task
         foreign.append(f"{shown_as or folder.name}/{entry.name}" + ("/" if entry.is_dir() else ""))
     return foreign
+
+
+def _is_merge_folder(folder: Path) -> bool:
+    """A folder loramerge wrote a merge into (its loramerge.json records merge settings), not one of apply-mask's
+    task folders."""
+    try:
+        return "parameters" in json.loads((folder / MARKER).read_bytes())
+    except (OSError, ValueError, TypeError, RecursionError):
+        return False
 
 
 def _input_names(provenance: Path) -> set[str]:

@@ -9,6 +9,7 @@ then its recorded λ). With `override` and another merger or method, the recorde
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -213,7 +214,6 @@ def plan_merge(
         raise UsageError("no adapters to merge")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    check_base(base)
     data = data or tuning
     spec_inputs = task_inputs(adapters, data, tuning)
     if out is not None:
@@ -298,7 +298,7 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
         result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance, statistics=statistics,
                                    finish=finish)
     result.provenance.update(tuning)
-    result.warnings[:0] = configless_warnings(plan.adapters)
+    result.warnings[:0] = configless_warnings(plan.adapters) + base_warnings(plan.base)
     return result
 
 
@@ -337,22 +337,24 @@ class PrunePlan:
     command: str | None = None
 
 
-def check_base(base: str | None) -> None:
-    """--base spelled as a local path (/, ./, ../, ~) names a folder that exists: it is written into the output's
-    configs and card, where a typo would send every load to a missing model."""
+def base_warnings(base) -> list[str]:
+    """--base spelled as a local path (/, ./, ../, ~) that names no folder here: written as given (it may be the
+    path on the machine that loads the output), with a warning, as a typo would send every load to a missing
+    model."""
     from loramerge_cli.adapters.card import is_repo_id
 
+    base = None if base is None else os.fspath(base)
     if base is not None and not is_repo_id(base) and not Path(base).expanduser().is_dir():
-        raise LoramergeError(f"--base {base}: no such folder (a Hub id looks like org/name)")
+        return [f"--base {base}: no such folder here; written into the configs as given (a Hub id looks like "
+                "org/name)"]
+    return []
 
 
 def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, force: bool = False,
                dtype: str | None = None, base: str | None = None, command: str | None = None) -> PrunePlan:
-    """Check the dtype, the base, the output (never an input) and the table against the adapters, before any
-    work."""
+    """Check the dtype, the output (never an input) and the table against the adapters, before any work."""
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    check_base(base)
     check_output_dir(out, force, adapter_files(adapters))
     check_table(table, adapters)
     return PrunePlan(adapters, table, Path(out), force, dtype, base, command)

@@ -220,14 +220,16 @@ def test_a_special_file_named_like_a_hub_id_is_this_path_not_the_hub(tmp_path, m
         assert result.exit_code == 1 and f"{spec}: not a regular file or a folder (a {kind})" in result.stderr
 
 
-def test_a_local_base_that_does_not_exist_is_refused(folders, tmp_path):
-    """`--base /nonexistent` was written into adapter_config.json and the card (`base: ../../../nonexistent`)."""
+def test_a_local_base_that_does_not_exist_is_said(folders, tmp_path):
+    """`--base /nonexistent` was written into adapter_config.json and the card without a word; it may be the path on
+    the machine that loads the output, so it is written, with a warning."""
     for command in (["merge", "--adapters", *_sources(folders), "--out", tmp_path / "o"],
-                    ["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out", tmp_path / "o"]):
+                    ["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out", tmp_path / "p"]):
         result = invoke_cli([*command, "--base", tmp_path / "nonexistent"])
-        assert result.exit_code == 1 and "no such folder" in result.stderr and not (tmp_path / "o").exists()
-    assert invoke_cli(["merge", "--adapters", *_sources(folders), "--out", tmp_path / "hub", "--base",
-                       "org/base-model"]).exit_code == 0
+        assert result.exit_code == 0 and "no such folder here; written into the configs as given" in result.stderr
+    result = invoke_cli(["merge", "--adapters", *_sources(folders), "--out", tmp_path / "hub", "--base",
+                         "org/base-model"])
+    assert result.exit_code == 0 and "no such folder" not in result.stderr
 
 
 def test_a_merge_whose_outputs_overflow_is_named(text_setting, tmp_path):
@@ -242,3 +244,34 @@ def test_a_merge_whose_outputs_overflow_is_named(text_setting, tmp_path):
     result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file,
                          "--merged", folder, "--threads", "1"])
     assert result.exit_code == 1 and f"--merged {folder}: " in result.stderr, result.stderr
+
+
+def test_a_third_review_s_false_refusals_and_messages(folders, tmp_path, monkeypatch):
+    """A merge folder a file browser opened (.DS_Store) could not be replaced with --force, and api.write_adapters'
+    output without a table was refused for having no loramerge.json (it has, in each folder); a new mask.json
+    inside apply-mask's task folder was refused for a reason that does not hold there;
+    `plan_merge(base=Path(...))` raised AttributeError; a cluster path as --base was refused."""
+    from pathlib import Path
+
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.outputs import guard_output
+
+    out = tmp_path / "merged"
+    assert invoke_cli(["merge", "--adapters", *_sources(folders), "--out", out]).exit_code == 0
+    (out / ".DS_Store").write_text("finder")
+    assert invoke_cli(["merge", "--adapters", *_sources(folders), "--out", out, "--force"]).exit_code == 0
+    adapters = api.load_adapters(_sources(folders))
+    api.write_adapters(adapters, tmp_path / "plain", force=True)
+    with pytest.raises(LoramergeError, match="holds adapter folders but no mask.json"):  # said "no loramerge.json"
+        api.write_adapters(adapters, tmp_path / "plain", force=True)  # as a folder of one's own adapters would be
+    assert invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out",
+                       tmp_path / "pruned"]).exit_code == 0
+    guard_output(tmp_path / "pruned" / "a" / "mask.json", kind="file")  # --force of pruned/ would refuse, not delete
+    plan = api.plan_merge(adapters, base=Path("/mnt/cluster/llama"), out=tmp_path / "based")
+    result = api.execute(plan)
+    assert any("--base /mnt/cluster/llama: no such folder here" in warning for warning in result.warnings)
+    (tmp_path / "r.yaml").write_text("dtype: bfloat16\n")
+    monkeypatch.chdir(tmp_path)
+    noted = invoke_cli(["inspect", "--config", tmp_path / "r.yaml", *_sources(folders)])
+    assert noted.exit_code == 0 and "inspect does not use dtype" in noted.stderr

@@ -117,7 +117,7 @@ def test_a_revision_missing_offline_says_offline_and_what_the_cache_holds(hub_ca
         load_adapter("org/name@v9")
     message = str(error.value)
     assert "HF_HUB_OFFLINE is set" in message and "offline?" not in message
-    assert f"the cache holds org/name at {MAIN_COMMIT[:12]}, {V2_COMMIT[:12]}, main" in message
+    assert f"the cache holds org/name at {MAIN_COMMIT}, {V2_COMMIT}, main" in message
 
 
 def test_snapshot_without_config_is_refused(hub_cache):

@@ -26,7 +26,7 @@ def test_eval_reads_a_merge_recipe_and_says_what_it_does_not_use(text_setting, t
     args = ["eval", "--config", recipe, "--tasks", text_setting.tasks_file, "--val-limit", "4", "--threads", "1"]
     result = invoke_cli(args)
     assert result.exit_code == 0, result.stderr
-    assert "note: --config" in result.stderr and "eval has no merger, density" in result.stderr
+    assert "note: --config" in result.stderr and "eval does not use merger, density" in result.stderr
     quiet = invoke_cli([*args, "--quiet"])
     assert quiet.exit_code == 0 and "note" not in quiet.stderr
 

@@ -101,7 +101,8 @@ def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:
 
 
 def _cached_revisions(repo_id: str) -> list[str]:
-    """The branch names and commits (12 digits) of a model repository in the local Hugging Face cache."""
+    """The branch names and commits (whole: snapshot_download takes no shorter one) of a model repository in the
+    local Hugging Face cache."""
     from huggingface_hub import constants, scan_cache_dir
 
     try:
@@ -110,7 +111,7 @@ def _cached_revisions(repo_id: str) -> list[str]:
     except Exception:  # noqa: BLE001 - no cache folder, or one that cannot be read: nothing to list
         return []
     return sorted({name for repo in cache.repos if repo.repo_id == repo_id and repo.repo_type == "model"
-                   for revision in repo.revisions for name in (*revision.refs, revision.commit_hash[:12])})
+                   for revision in repo.revisions for name in (*revision.refs, revision.commit_hash)})
 
 
 def _kind_of(path: Path) -> str:

@@ -62,7 +62,7 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     report = {"out": str(out), "adapters": [
         {"name": a.name, "folder": str(out / a.name) if a.modules else None, "modules": len(a.modules),
          "removed": len(original.modules) - len(a.modules)} for a, original in zip(pruned, loaded)],
-        "warnings": _lambda_warning(plan.table, [bool(a.modules) for a in pruned])
+        "warnings": api.base_warnings(plan.base) + _lambda_warning(plan.table, [bool(a.modules) for a in pruned])
         + [_pruned_entirely(a, out, len(pruned)) for a in pruned if not a.modules]}
     if flags["json_output"]:
         return emit_json(report)

@@ -469,10 +469,16 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
 
     data = expand_config(data, Path(value), ctx.command)
     by_flag = {_recipe_key(option): option for option in ctx.command.params if _recipe_key(option)}
+    spelled = {opt[2:]: _recipe_key(option) for option in ctx.command.params for opt in getattr(option, "opts", ())
+               if opt.startswith("--") and opt[2:] != _recipe_key(option)}  # eval's dtype: eval-dtype
     defaults, ignored = {}, []
     for key, item in data.items():
         flag = str(key).replace("_", "-")
         option = by_flag.get(flag)
+        if option is None and flag in spelled:
+            ignored.append(f"{flag} (a merge's written dtype; this command reads {spelled[flag]})"
+                           if flag == "dtype" else f"{flag} (write {spelled[flag]})")
+            continue
         if option is None and flag in _other_commands_flags(ctx):  # another command's recipe: what applies here
             ignored.append(flag)
             continue
@@ -491,8 +497,8 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
     arguments = given_arguments(ctx)
     if ignored and not {"--quiet", "-q", "--json"} & set(arguments):
-        human_console().print(f"note: --config {value}: {ctx.info_name} has no {', '.join(ignored)} (another "
-                              "command's settings): not used", markup=False, highlight=False, soft_wrap=True)
+        human_console().print(f"note: --config {value}: {ctx.info_name} does not use {', '.join(ignored)} (another "
+                              "command's settings)", markup=False, highlight=False, soft_wrap=True)
     return value
 
 

@@ -275,3 +275,11 @@ def test_a_third_review_s_false_refusals_and_messages(folders, tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     noted = invoke_cli(["inspect", "--config", tmp_path / "r.yaml", *_sources(folders)])
     assert noted.exit_code == 0 and "inspect does not use dtype" in noted.stderr
+
+
+def test_a_yaml_boolean_for_a_name_says_to_quote_it(folders, tmp_path):
+    """`head: yes` in a recipe said "--head true: no adapter of that name" (YAML 1.1 reads yes as true)."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"adapters:\n  a: {folders['a']}\n  'yes': {folders['b']}\nhead: yes\n")
+    result = invoke_cli(["merge", "--config", recipe, "--out", tmp_path / "o"])
+    assert result.exit_code == 2 and "head: YAML reads this as true" in result.stderr and "quote it" in result.stderr

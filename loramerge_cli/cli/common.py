@@ -487,8 +487,9 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
                                      "commands)")
         if item is None:  # `key: null`: not given
             continue
-        if isinstance(item, bool) and not getattr(option, "is_flag", False):
-            item = str(item).lower()  # YAML's `seed: true` is no number (Python's True would pass for 1)
+        if isinstance(item, bool) and not getattr(option, "is_flag", False):  # Python's True would pass for 1
+            raise typer.BadParameter(f"{value}: {key}: YAML reads this as {str(item).lower()} (yes, no, on, off "
+                                     f"too), which is no value for --{flag}: quote it if it is a name")
         if getattr(option, "multiple", False):
             item = [str(v) for v in item] if isinstance(item, list) else [str(item)]
         elif isinstance(item, list):

@@ -77,13 +77,11 @@ def eval_options() -> list:
 def eval_command(ctx: typer.Context, **flags) -> None:
     """Score the base model, each expert on its own task, and each merged adapter on every task:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
-    from loramerge_cli.cli.common import human_console, print_warnings, result_console
+    from loramerge_cli.cli.common import given_arguments, human_console, print_warnings, result_console
     from loramerge_cli.cli.progress import ProgressDisplay
+    from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.eval_plan import execute_eval, plan_eval
     from loramerge_cli.evaluation.settings import EvalSettings
-
-    from loramerge_cli.cli.common import given_arguments
-    from loramerge_cli.errors import UsageError
 
     given = given_arguments(ctx)
     if flags["split"] != "validation" and any(arg.split("=")[0] == "--val-limit" for arg in given):

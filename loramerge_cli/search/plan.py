@@ -112,9 +112,8 @@ def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
 
 def check_splits(request: SearchRequest) -> None:
     """The task spec names a task for every adapter and the splits the search reads (test: --report-test)."""
-    from loramerge_cli.evaluation.specs import load_task_file
-
     from loramerge_cli.adapters.sources import source_names
+    from loramerge_cli.evaluation.specs import load_task_file
 
     task_file = load_task_file(request.tasks)
     task_file.check_covers(source_names(request.adapters))

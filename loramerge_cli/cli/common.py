@@ -471,7 +471,7 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     by_flag = {_recipe_key(option): option for option in ctx.command.params if _recipe_key(option)}
     spelled = {opt[2:]: _recipe_key(option) for option in ctx.command.params for opt in getattr(option, "opts", ())
                if opt.startswith("--") and opt[2:] != _recipe_key(option)}  # eval's dtype: eval-dtype
-    defaults, ignored = {}, []
+    defaults, ignored, others = {}, [], _other_commands_flags(ctx)
     for key, item in data.items():
         flag = str(key).replace("_", "-")
         option = by_flag.get(flag)
@@ -479,7 +479,7 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
             ignored.append(f"{flag} (a merge's written dtype; this command reads {spelled[flag]})"
                            if flag == "dtype" else f"{flag} (write {spelled[flag]})")
             continue
-        if option is None and flag in _other_commands_flags(ctx):  # another command's recipe: what applies here
+        if option is None and flag in others:  # another command's recipe: what applies here
             ignored.append(flag)
             continue
         if option is None or option.name in ("config", "help"):

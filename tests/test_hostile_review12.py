@@ -228,7 +228,7 @@ def test_the_kernel_grown_as_tables_are_scored_equals_its_definition():
     at_once.add(tables)
     assert np.array_equal(grown.kernel, at_once.kernel)
     assert np.allclose(grown.kernel, _kernel_by_pairs(tables, task_count, settings), rtol=0, atol=1e-12)
-    assert [m.tolist() for m in grown.members] == [list(t) for t in tables]
+    assert [tuple(np.flatnonzero(row).tolist()) for row in grown.tables] == tables
 
 
 def _local_maximum_by_enumeration(model, start, k_max):

@@ -175,7 +175,6 @@ class ScoredTables:
         self._kernel = np.zeros((0, 0))
         self._factor = np.zeros((0, 0))  # its first `factored` rows: L where K + σ²I = L Lᵀ
         self.factored = 0
-        self.members: list[np.ndarray] = []  # each table's pruned entries (tables prune few: draws work on these)
 
     @property
     def tables(self) -> np.ndarray:
@@ -200,7 +199,6 @@ class ScoredTables:
             self._kernel, self._tables, self._factor = kernel, rows, factor
         for row, pruned in enumerate(tables):
             self._tables[old + row] = _indicator(pruned, self.dimension)
-            self.members.append(np.flatnonzero(self._tables[old + row]))
         a2, b2, s2 = self.settings.prior_single ** 2, self.settings.prior_pair ** 2, self.settings.noise ** 2
         every, fresh = self._tables[:new], self._tables[old:new]
         shared = every @ fresh.T  # (new × added) exact counts
@@ -248,7 +246,10 @@ class Posterior:
     factor: tuple[np.ndarray, np.ndarray]
     settings: SurrogateSettings
     pair_std: np.ndarray  # b_ij
-    members: list[np.ndarray]  # each table's pruned entries
+    paired: np.ndarray = field(init=False, repr=False)  # which tables prune two entries or more (have pairs)
+
+    def __post_init__(self):
+        self.paired = np.flatnonzero(self.tables.sum(axis=1) >= 2)
 
     @classmethod
     def fit(cls, tables: np.ndarray, values: np.ndarray, settings: SurrogateSettings,
@@ -261,7 +262,7 @@ class Posterior:
     @classmethod
     def of(cls, scored: ScoredTables, values: np.ndarray) -> "Posterior":
         return cls(scored.tables, values, scored.factor(), scored.settings,
-                   pair_prior_std(scored.dimension, scored.task_count, scored.settings), scored.members[:scored.count])
+                   pair_prior_std(scored.dimension, scored.task_count, scored.settings))
 
     def solve(self, right: np.ndarray) -> np.ndarray:
         """(K + σ²I)⁻¹ `right` = L⁻ᵀ (L⁻¹ `right`): a forward and a back substitution through the two parts of
@@ -284,8 +285,12 @@ class Posterior:
         upper = np.triu(rng.normal(0.0, 1.0, (size, size)), 1) * self.pair_std
         pair = upper + upper.T
         noise = rng.normal(0.0, settings.noise, count)
-        prior_values = np.array([single[units].sum() + 0.5 * pair[np.ix_(units, units)].sum()
-                                 for units in self.members])
+        # Φθ₀, each table's prior value x·w + Σ_{i<j} x_i V_ij x_j: its pairs' part from products of the 0/1 rows
+        # of the tables with pairs (not the screen's), faster than gathering each table's k² pairs at a real
+        # model's size, where tables prune hundreds of entries
+        paired = self.paired
+        prior_values = tables @ single
+        prior_values[paired] += np.einsum("nd,nd->n", tables[paired] @ upper, tables[paired])
         return self._conditioned(single, pair, self.solve(self.values - prior_values - noise))
 
     def mean(self) -> PairwiseModel:
@@ -295,9 +300,8 @@ class Posterior:
 
     def _conditioned(self, single: np.ndarray, pair: np.ndarray, weights: np.ndarray) -> PairwiseModel:
         """(single, pair) + Σ_prior Φᵀ `weights`: the observations' correction of a prior draw."""
-        correction = np.zeros(pair.shape)  # Σ_n α_n x_n x_nᵀ
-        for units, weight in zip(self.members, weights):
-            correction[np.ix_(units, units)] += weight
+        paired = self.paired  # (a table of one entry adds to the diagonal only, which V does not have)
+        correction = (self.tables[paired] * weights[paired, None]).T @ self.tables[paired]  # Σ_n α_n x_n x_nᵀ
         np.fill_diagonal(correction, 0.0)
         return PairwiseModel(single + self.settings.prior_single ** 2 * (self.tables.T @ weights),
                              pair + self.pair_std ** 2 * correction)

@@ -36,7 +36,6 @@ from loramerge_cli.plan import (
     base_warnings,
     check_not_an_input,
     check_recorded,
-    execute,
     plan_merge,
     plan_prune,
     prune,
@@ -44,7 +43,9 @@ from loramerge_cli.plan import (
     write_pruned,
 )
 from loramerge_cli.pruning import apply_table
-from loramerge_cli.evaluation.eval_plan import EvalPlan, execute_eval, plan_eval
+from loramerge_cli import plan as merge_plan
+from loramerge_cli.evaluation import eval_plan
+from loramerge_cli.evaluation.eval_plan import EvalPlan, plan_eval
 from loramerge_cli.evaluation.settings import EvalSettings
 from loramerge_cli.search.enmp_settings import EnmpSettings
 from loramerge_cli.search.nsc_settings import NscSettings
@@ -75,13 +76,17 @@ def _keeps_torch_threads(function):
     return wrapper
 
 
+execute = _keeps_torch_threads(merge_plan.execute)
+execute_eval = _keeps_torch_threads(eval_plan.execute_eval)
+
+
 @_keeps_torch_threads
 def merge(adapters: list[Adapter], config: MergeConfig | None = None, table: WeightTable | None = None,
           progress: Callable[[str], None] | None = None, **options) -> MergeResult:
     """The merge `loramerge merge` does: the table's recorded settings apply under `config`'s (a conflict needs
     `override=True`), then defaults. `options` are `plan_merge`'s (override, allow_base_mismatch, tuning).
     `merging.merge.merge` merges with exactly `config` instead."""
-    return execute(plan_merge(adapters, config, table, **options), progress)
+    return merge_plan.execute(plan_merge(adapters, config, table, **options), progress)
 
 
 @_keeps_torch_threads

@@ -87,7 +87,8 @@ def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch
             if num_labels is not None and task_type.classifier:
                 if getattr(load_base_config(base), "num_labels", None) != num_labels:
                     kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
-            model = model_class.from_pretrained(base, **kwargs)
+            with torch.random.fork_rng(devices=[]):  # a new head is initialised from torch's global generator:
+                model = model_class.from_pretrained(base, **kwargs)  # the caller's random state is left as it was
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # e.g. truncated weights
         interrupts.check()  # a Ctrl-C that a library turned into an error stays a Ctrl-C
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

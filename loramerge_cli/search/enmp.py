@@ -95,7 +95,8 @@ def new_strategy(settings: EnmpSettings, dimension: int):
         x0[-1] = 0.0
     options = cma_options(settings.popsize, settings.generations, settings.seed)
     options["randn"] = SeededNormal(settings.seed)
-    return cma.CMAEvolutionStrategy(x0, settings.sigma0, options)
+    with warnings.catch_warnings():  # its constructor adds a global warnings filter: taken back on the way out
+        return cma.CMAEvolutionStrategy(x0, settings.sigma0, options)
 
 
 class EnmpSearch:

@@ -173,7 +173,7 @@ class ScreenedSearch(SteppedSearch):
             import cma
         options = cma_options(self.settings.popsize, self.settings.generations, self.settings.seed)
         options["randn"] = SeededNormal(self.settings.seed)
-        with _search_numpy_state(self.state):
+        with _search_numpy_state(self.state), warnings.catch_warnings():  # (cma's constructor adds a global filter)
             return cma.CMAEvolutionStrategy(mean, self.settings.sigma0, options)
 
     @property

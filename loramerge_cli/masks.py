@@ -30,6 +30,7 @@ class WeightTable:
     scale: float | None = None
     merger: dict | None = None
     provenance: dict = field(default_factory=dict)
+    origin: str | None = field(default=None, compare=False, repr=False)  # the file it was read from (not written)
 
     def __post_init__(self) -> None:
         self._columns = {name: index for index, name in enumerate(self.units)}  # weight() is on the search's hot path
@@ -141,6 +142,7 @@ def table_from_text(text: str, path: str | Path) -> WeightTable:
         scale=data.get("scale"),
         merger=data.get("merger"),
         provenance=data.get("provenance", {}),
+        origin=str(path),
     )
 
 

@@ -23,11 +23,12 @@ from loramerge_cli.adapters.writer import (
     check_head,
     check_output_dir,
     output_dtype,
+    table_files,
     write_merged_adapter,
 )
 from loramerge_cli.errors import LoramergeError, UsageError, check_integer, is_finite_number
 from loramerge_cli.events import Reporter, stage
-from loramerge_cli.masks import WeightTable, check_table
+from loramerge_cli.masks import WeightTable, align_table, check_table
 from loramerge_cli.merging import merge as merging
 from loramerge_cli.merging.merge import SETTINGS, MergeConfig, MergeResult, ResolvedMerge, resolve_config
 from loramerge_cli.merging.registry import DTYPES, PARAMETERS, randomized_methods
@@ -217,11 +218,12 @@ def plan_merge(
     data = data or tuning
     spec_inputs = task_inputs(adapters, data, tuning)
     if out is not None:
-        check_output_dir(out, force, adapter_files(adapters) + spec_inputs)
+        check_output_dir(out, force, adapter_files(adapters) + spec_inputs + table_files(table))
     check_head(adapters, head)
-    if table is not None:
-        check_table(table, adapters)
-        check_recorded(table, len(adapters))
+    if table is not None:  # matched to the adapters by task name, as merge --mask does; errors name its file
+        table = align_table(table, adapters)
+        check_table(table, adapters, origin=table.origin or "mask")
+        check_recorded(table, len(adapters), origin=table.origin or "mask")
     chosen = combined_settings(config.given(), recorded_settings(table), override)
     table_lambda = chosen.get("lam", table.scale if table is not None else None)
     if tuning is not None:
@@ -355,8 +357,9 @@ def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, 
     """Check the dtype, the output (never an input) and the table against the adapters, before any work."""
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    check_output_dir(out, force, adapter_files(adapters))
-    check_table(table, adapters)
+    check_output_dir(out, force, adapter_files(adapters) + table_files(table))
+    table = align_table(table, adapters)
+    check_table(table, adapters, origin=table.origin or "mask")
     return PrunePlan(adapters, table, Path(out), force, dtype, base, command)
 
 

@@ -61,3 +61,44 @@ def test_an_enmp_search_leaves_the_warnings_filters_alone(text_setting):
     filters = list(warnings.filters)
     api.search(api.plan_search(request))
     assert list(warnings.filters) == filters
+
+
+def _saved_table(adapters, path):
+    table = api.ones_table(adapters)
+    table.weights[0][0] = 0.0  # task a pruned in the first unit
+    table.weights[2][1] = 0.5
+    table.save(path)
+    return path
+
+
+def test_plan_merge_matches_a_loaded_table_to_the_adapters_by_name_as_merge_mask_does(folders, tmp_path):
+    """The README's `plan_merge(adapters, config, api.load_table(...))` refused adapters given in another order
+    than the table's tasks, which `merge --mask` (and `api.weight_table`) match by name."""
+    ordered = api.load_adapters([f"{name}={folders[name]}" for name in "abc"])
+    reordered = api.load_adapters([f"{name}={folders[name]}" for name in "cab"])
+    path = _saved_table(ordered, tmp_path / "mask.json")
+    expected = api.merge(ordered, MergeConfig(merger="ties"), api.load_table(path))
+    merged = api.merge(reordered, MergeConfig(merger="ties"), api.load_table(path))
+    assert merged.modules.keys() == expected.modules.keys()
+    for module_path, module in expected.modules.items():
+        other = merged.modules[module_path]
+        assert torch.allclose(module.lora_B @ module.lora_A, other.lora_B @ other.lora_A, rtol=0, atol=1e-12)
+
+
+def test_a_loaded_tables_errors_name_its_file_and_its_folder_is_an_input(folders, tmp_path):
+    """Table errors said `mask:` where the command line names the file, and an output folder holding the table
+    being applied was written over with force=True (merge --mask refuses it)."""
+    from loramerge_cli.errors import LoramergeError
+
+    adapters = api.load_adapters([f"{name}={folders[name]}" for name in "abc"])
+    path = _saved_table(adapters, tmp_path / "run" / "mask.json")
+    other = api.load_adapters([f"{name}={folders[name]}" for name in "ab"])
+    with pytest.raises(LoramergeError, match=f"^{path}: tasks"):
+        api.plan_merge(other, MergeConfig(), api.load_table(path))
+    for write in (lambda: api.plan_merge(adapters, MergeConfig(), api.load_table(path), out=path.parent, force=True),
+                  lambda: api.write_merged_adapter(api.merge(adapters), adapters, path.parent, force=True,
+                                                   table=api.load_table(path)),
+                  lambda: api.plan_prune(adapters, api.load_table(path), path.parent, force=True)):
+        with pytest.raises(LoramergeError, match="holds the input .*mask.json"):
+            write()
+    assert path.read_text() == api.load_table(path).text()

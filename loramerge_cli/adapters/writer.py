@@ -193,6 +193,11 @@ def _common(values: list):
     return distinct.pop() if len(distinct) == 1 else None
 
 
+def table_files(table) -> list[Path]:
+    """The file a weight table was read from (an input, like the adapters' files), if it was read from one."""
+    return [Path(table.origin)] if table is not None and table.origin else []
+
+
 def write_merged_adapter(
     result: MergeResult,
     adapters: list[Adapter],
@@ -213,7 +218,7 @@ def write_merged_adapter(
     out_dtype = output_dtype(adapters, dtype)
     head = default_head(adapters, head)
     head_adapter = check_head(adapters, head)
-    check_output_dir(out_dir, force, adapter_files(adapters))
+    check_output_dir(out_dir, force, adapter_files(adapters) + table_files(table))
     modules = {path: module for path, module in result.modules.items() if module.rank > 0}
     if not modules or result.settings.lam == 0:  # λ = 0 scales every module to zero
         raise LoramergeError("the merge is empty: every module was pruned or merged to zero"
@@ -247,7 +252,7 @@ def write_merged_adapter(
     provenance.update(extra_provenance or {})
     provenance = portable_provenance(provenance, out_dir)
     task_type = config["task_type"]
-    with staged_folder(out_dir, force, adapter_files(adapters)) as staging:
+    with staged_folder(out_dir, force, adapter_files(adapters) + table_files(table)) as staging:
         _write_json(config, staging / CONFIG_NAME)
         _save_safetensors(tensors, staging / WEIGHTS_NAME)
         _write_heads(adapters, staging / HEADS_FOLDER)
@@ -350,7 +355,7 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
     headless = [adapter for adapter in adapters if not adapter.modules and adapter.heads]
     if headless and any(adapter.name == HEADS_FOLDER and adapter.modules for adapter in adapters):
         raise LoramergeError(f"task {HEADS_FOLDER!r} would share its folder with the pruned tasks' heads; rename it")
-    with staged_folder(out_dir, force, adapter_files(adapters)) as staging:
+    with staged_folder(out_dir, force, adapter_files(adapters) + table_files(table)) as staging:
         _write_heads(headless, staging / HEADS_FOLDER)
         for adapter in adapters:
             if not adapter.modules:

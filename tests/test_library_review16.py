@@ -102,3 +102,38 @@ def test_a_loaded_tables_errors_name_its_file_and_its_folder_is_an_input(folders
         with pytest.raises(LoramergeError, match="holds the input .*mask.json"):
             write()
     assert path.read_text() == api.load_table(path).text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["enmp", "surrogate"])
+def test_a_run_dir_resumes_across_the_command_line_and_the_library(text_setting, tmp_path, strategy):
+    """The same search, started by one and resumed by the other, was refused both ways: the command line saves
+    every method parameter (None) and every strategy option, and hands --seed to the merge; the library does
+    neither."""
+    from factories import invoke_cli
+
+    adapters = api.load_adapters(_adapter_args(text_setting))
+    flags = {"enmp": ["--popsize", "4", "--generations", "2"], "surrogate": ["--budget", "20"]}[strategy]
+    options = {"enmp": {"enmp": EnmpSettings(seed=3, popsize=4, generations=2, max_prune=0.5)},
+               "surrogate": {"enmp": EnmpSettings(seed=3, max_prune=0.5), "budget": 20}}[strategy]
+
+    def request(run_dir, resume):
+        return api.SearchRequest(adapters=adapters, merge=MergeConfig(merger="ta"), tasks=text_setting.tasks_file,
+                                 eval=EvalSettings(val_limit=4, threads=1), strategy=strategy, run_dir=run_dir,
+                                 resume=resume, **options)
+
+    def command(run_dir, *more):
+        return ["search-mask", "--adapters", *_adapter_args(text_setting), "--tasks", text_setting.tasks_file,
+                "--merger", "ta", "--strategy", strategy, *flags, "--max-prune", "0.5", "--val-limit", "4",
+                "--threads", "1", "--seed", "3", "--run-dir", run_dir, *more]
+
+    by_library = tmp_path / "library"
+    table, _ = api.search(api.plan_search(request(by_library, False)))
+    resumed = invoke_cli(command(by_library, "--resume", "--out", tmp_path / "resumed.json"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert api.load_table(tmp_path / "resumed.json").weights == table.weights
+    by_command = tmp_path / "command"
+    started = invoke_cli(command(by_command, "--out", tmp_path / "started.json"))
+    assert started.exit_code == 0, started.stderr
+    plan = api.plan_search(request(by_command, True))
+    assert plan.finished is not None

@@ -191,9 +191,9 @@ def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool =
         saved_settings = with_settings_added_since(saved["settings"])
         if isinstance(saved_settings, dict) and (finished or "device_kind" not in saved_settings):
             saved_settings = {**saved_settings, "device_kind": config["device_kind"]}  # (before: as it runs now)
-        if saved_settings != config:
+        if comparable(saved_settings) != comparable(config):
             raise LoramergeError(f"--resume: the settings differ from the saved run's "
-                                 f"({'; '.join(setting_changes(config, saved_settings))})")
+                                 f"({'; '.join(setting_changes(comparable(config), comparable(saved_settings)))})")
         rundir.check_inputs(saved.get("inputs") or {}, digests)
         space = unit_space(request)  # a damaged state, or one of another search, is one line before any work
         for strategy in STRATEGIES.values():
@@ -237,7 +237,7 @@ def device_kind(request: SearchRequest) -> str:
 
 
 def _plain(data: dict) -> dict:
-    return {key: (str(value) if not isinstance(value, (int, float, str, bool, list, type(None))) else value)
+    return {key: (str(value) if not isinstance(value, (int, float, str, bool, list, dict, type(None))) else value)
             for key, value in data.items()}
 
 
@@ -315,6 +315,43 @@ def with_settings_added_since(settings: dict) -> dict:
     if not missing or not missing <= set(added_since):  # the library's saved options: the defaults stand
         return settings
     return {**settings, "options": {**options, **{option: added_since[option] for option in missing}}}
+
+
+def comparable(settings: dict) -> dict:
+    """A run configuration as the search acts on it, so that a run started by the command line resumes from the
+    library and back: strategy options not given take their defaults (the command line saves every one), method
+    parameters not given (None) are left out, and the merge's seed is its default when not given and left out
+    for methods that draw nothing (the command line hands --seed to the merge as well)."""
+    from loramerge_cli.merging.config import DEFAULT_MERGER, DEFAULT_SEED
+    from loramerge_cli.merging.registry import randomized_methods
+    from loramerge_cli.search.strategies import STRATEGIES
+
+    import ast
+
+    if not isinstance(settings, dict):
+        return settings
+    out = dict(settings)
+    strategy = STRATEGIES.get(out.get("strategy")) if isinstance(out.get("strategy"), str) else None
+    if strategy is not None and isinstance(out.get("options"), dict):
+        out["options"] = {**{p.name: p.default for p in strategy.parameters}, **out["options"]}
+    merge = out.get("merge")
+    if isinstance(merge, dict):
+        merge = dict(merge)
+        params = merge.get("params")
+        if isinstance(params, str):  # saved before params were kept as a mapping: its repr
+            try:
+                params = ast.literal_eval(params)
+            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                pass
+        if isinstance(params, dict):
+            merge["params"] = {name: value for name, value in params.items() if value is not None}
+        method = merge.get("method") or merge.get("merger") or DEFAULT_MERGER
+        if method in randomized_methods():
+            merge["seed"] = DEFAULT_SEED if merge.get("seed") is None else merge["seed"]
+        else:
+            merge.pop("seed", None)
+        out["merge"] = merge
+    return out
 
 
 def setting_changes(now: dict, saved: dict, prefix: str = "") -> list[str]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from loramerge_cli.adapters.model import Adapter
+from loramerge_cli.adapters.model import Adapter, content_sha256
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.masks import WeightTable
 
@@ -29,4 +29,8 @@ def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapte
                                      "written")
             module = replace(module, lora_B=lora_B)
         modules[path] = module
-    return replace(adapter, modules=modules)
+    pruned = replace(adapter, modules=modules)
+    if modules.keys() == adapter.modules.keys() and all(modules[path] is adapter.modules[path] for path in modules):
+        return pruned  # the row keeps every module as it is
+    return replace(pruned, source=replace(adapter.source, sha256=content_sha256(pruned),
+                                          modified="a weight table applied in memory (sha256: of its tensors)"))

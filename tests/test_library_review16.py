@@ -137,3 +137,30 @@ def test_a_run_dir_resumes_across_the_command_line_and_the_library(text_setting,
     assert started.exit_code == 0, started.stderr
     plan = api.plan_search(request(by_command, True))
     assert plan.finished is not None
+
+
+def test_adapters_pruned_in_memory_are_not_taken_for_their_files(folders, tmp_path):
+    """`api.prune` kept each adapter's source sha256 (its file's): a table searched on the pruned adapters passed
+    as one of the unpruned ones, and a merge of them recorded the files, unmodified."""
+    from loramerge_cli.errors import LoramergeError
+
+    adapters = api.load_adapters([f"{name}={folders[name]}" for name in "abc"])
+    table = api.ones_table(adapters)
+    table.weights[0][0] = 0.0
+    pruned = api.prune(api.plan_prune(adapters, table, tmp_path / "unused"))
+    assert pruned[0].source.sha256 != adapters[0].source.sha256 and pruned[0].source.modified
+    assert pruned[1].source == adapters[1].source  # a row of ones changes nothing
+    with pytest.raises(LoramergeError, match="differs from the one the table was made for"):
+        api.plan_merge(adapters, MergeConfig(), api.ones_table(pruned))
+    from loramerge_cli.search.plan import run_config  # what --resume compares: a run of the pruned ones differs
+
+    recorded = [run_config(api.SearchRequest(adapters=chosen, merge=MergeConfig(), tasks=tmp_path / "tasks.yaml",
+                                             eval=EvalSettings()))["adapters"]
+                for chosen in (adapters, pruned)]
+    assert recorded[0][1:] == recorded[1][1:] and recorded[0][0] != recorded[1][0]
+    folder = api.write_merged_adapter(api.merge(pruned), pruned, tmp_path / "merged")
+    import json
+
+    inputs = json.loads((folder / "loramerge.json").read_text())["inputs"]
+    assert "weight table applied" in inputs[0]["modified"] and "modified" not in inputs[1]
+    assert "with a weight table applied" in (folder / "README.md").read_text()

@@ -87,10 +87,11 @@ def portable_inputs(inputs: list[dict], folder: str | Path) -> list[dict]:
 
 def _source_label(adapter) -> str:
     source = adapter.source
+    changed = ", with a weight table applied" if source.modified else ""
     if source.kind == "hub" and source.repo_id:
-        return f"[{source.repo_id}](https://huggingface.co/{source.repo_id})"
+        return f"[{source.repo_id}](https://huggingface.co/{source.repo_id}){changed}"
     weights = Path(source.weights_file)
-    return f"local `{weights.parent.name if source.kind == 'dir' else weights.name}`"
+    return f"local `{weights.parent.name if source.kind == 'dir' else weights.name}`{changed}"
 
 
 def _papers(settings) -> list[str]:

@@ -57,12 +57,17 @@ class AdapterSource:
     sha256: str
     repo_id: str | None = None
     revision: str | None = None  # resolved commit for Hub sources
+    # how the adapter was changed in memory since it was read (a weight table applied); `sha256` is then that of
+    # its tensors (content_sha256), not of the file, so that nothing takes it for the file's weights
+    modified: str | None = None
 
     def describe(self) -> dict:
         out = {"source": self.spec, "kind": self.kind, "sha256": self.sha256}
         if self.repo_id:
             out["repo_id"] = self.repo_id
             out["revision"] = self.revision
+        if self.modified:
+            out["modified"] = self.modified
         return out
 
 
@@ -105,3 +110,22 @@ class Adapter:
         names = {name for name in listed if any(holds(name, owner) for owner in owners)}
         names |= {owner for owner in owners if not any(holds(name, owner) for name in names)}
         return sorted(names)
+
+
+def content_sha256(adapter: Adapter) -> str:
+    """sha256 of what fixes an adapter's outputs: its LoRA factors and scales, its heads and its config, hashed
+    from the tensors themselves (an adapter changed in memory keeps its source file)."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(adapter.config, sort_keys=True, default=str).encode())
+    tensors = [(f"{path}|{module.scale!r}", (module.lora_A, module.lora_B))
+               for path, module in sorted(adapter.modules.items())]
+    tensors += [(f"head|{key}", (tensor,)) for key, tensor in sorted(adapter.heads.items())]
+    for name, parts in tensors:
+        digest.update(name.encode())
+        for tensor in parts:
+            flat = tensor.detach().to("cpu").contiguous()
+            digest.update(f"|{flat.dtype}|{tuple(flat.shape)}|".encode())
+            digest.update(flat.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

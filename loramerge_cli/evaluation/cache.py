@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from loramerge_cli.adapters.model import content_sha256
 from loramerge_cli.atomic import write_text
 from loramerge_cli.errors import LoramergeError
 
@@ -65,24 +66,6 @@ def check_run_dir(run_dir, inputs: list) -> None:
     read_cache(Path(run_dir) / CACHE_NAME)
 
 
-def adapter_identity(adapter) -> str:
-    """sha256 of what fixes an adapter's outputs: its LoRA factors and scales, its heads and its config, hashed
-    from the tensors themselves (an adapter changed in memory, by apply_table or prune, keeps its source file)."""
-    import torch
-
-    digest = hashlib.sha256(json.dumps(adapter.config, sort_keys=True, default=str).encode())
-    tensors = [(f"{path}|{module.scale!r}", (module.lora_A, module.lora_B))
-               for path, module in sorted(adapter.modules.items())]
-    tensors += [(f"head|{key}", (tensor,)) for key, tensor in sorted(adapter.heads.items())]
-    for name, parts in tensors:
-        digest.update(name.encode())
-        for tensor in parts:
-            flat = tensor.detach().to("cpu").contiguous()
-            digest.update(f"|{flat.dtype}|{tuple(flat.shape)}|".encode())
-            digest.update(flat.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:
     return hashlib.sha256(f"{kind}|{weights_sha256}|{fingerprint}".encode()).hexdigest()
 
@@ -96,7 +79,7 @@ def expert_scores(engine, cache: ScoreCache, report=None) -> dict[str, float]:
     with stage(report, "experts", len(engine.task_file.names)) as step:
         for task in engine.task_file.names:
             adapter = engine.experts[task]
-            key = score_key("expert", adapter_identity(adapter), engine.fingerprint(task))
+            key = score_key("expert", content_sha256(adapter), engine.fingerprint(task))
             value = cache.get(key)
             if value is None:
                 value = fresh[key] = engine.score_adapter(adapter, [task])[task]

@@ -213,12 +213,11 @@ def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool =
 def run_config(request: SearchRequest) -> dict:
     """The settings a resumed run must share with the saved one (not the device, threads or block cache,
     which give the same scores; the kind of device, which does not)."""
-    from loramerge_cli.search.rundir import HOW_IT_RUNS, normal_adapter, normal_path
+    from loramerge_cli.search.rundir import HOW_IT_RUNS, normal_path
 
     eval_settings = {key: value for key, value in _plain(asdict(request.eval)).items() if key not in HOW_IT_RUNS}
     config = {
-        "adapters": [normal_adapter(a if isinstance(a, str) else f"{a.name}={a.source.spec}")
-                     for a in request.adapters],
+        "adapters": [_run_adapter(a) for a in request.adapters],
         "merge": _plain(asdict(request.merge)), "tasks": normal_path(request.tasks), "eval": eval_settings,
         "strategy": request.strategy, "enmp": asdict(request.enmp), "lambda_auto": request.lambda_auto,
         "base": request.base, "budget": request.budget, "sparsity": request.sparsity, "options": request.options,
@@ -227,6 +226,17 @@ def run_config(request: SearchRequest) -> dict:
         config.update(fitness=request.fitness, nsc=asdict(request.nsc))
     config["device_kind"] = device_kind(request)
     return config
+
+
+def _run_adapter(adapter) -> str:
+    """An adapter as a run directory records it: `name=source` (local paths absolute), and for a loaded adapter
+    changed in memory (a weight table applied), the sha256 of its tensors: not the file's weights."""
+    from loramerge_cli.search.rundir import normal_adapter
+
+    if isinstance(adapter, str):
+        return normal_adapter(adapter)
+    named = normal_adapter(f"{adapter.name}={adapter.source.spec}")
+    return f"{named} (modified in memory, sha256 {adapter.source.sha256})" if adapter.source.modified else named
 
 
 def device_kind(request: SearchRequest) -> str:

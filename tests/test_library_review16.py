@@ -164,3 +164,30 @@ def test_adapters_pruned_in_memory_are_not_taken_for_their_files(folders, tmp_pa
     inputs = json.loads((folder / "loramerge.json").read_text())["inputs"]
     assert "weight table applied" in inputs[0]["modified"] and "modified" not in inputs[1]
     assert "with a weight table applied" in (folder / "README.md").read_text()
+
+
+@pytest.mark.slow
+def test_eval_refuses_a_merge_made_for_another_base_before_the_model_loads(text_setting, tmp_path, monkeypatch):
+    """A merged adapter recording another base was scored on the spec's base (or refused only after the base
+    model loaded, when its modules did not fit)."""
+    import json
+    import shutil
+
+    from factories import invoke_cli
+    from loramerge_cli.evaluation import engine
+
+    name, folder = next(iter(text_setting.adapters.items()))
+    other = shutil.copytree(folder, tmp_path / "other")
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/other-model"}))
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the base model loaded")
+
+    monkeypatch.setattr(engine, "load_base", no_model)
+    args = ["eval", "--adapters", *_adapter_args(text_setting), "--tasks", text_setting.tasks_file, "--merged",
+            other, "--val-limit", "4", "--threads", "1"]
+    result = invoke_cli(args)
+    assert result.exit_code == 1, result.stderr
+    assert f"--merged {other}: made for the base org/other-model" in result.stderr
+    assert "--allow-base-mismatch overrides" in result.stderr

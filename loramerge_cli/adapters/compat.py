@@ -124,3 +124,15 @@ def configless_warnings(adapters: list[Adapter]) -> list[str]:
     return [f"adapter {adapter.name!r} ({adapter.source.spec}) has no adapter_config.json beside it: read with "
             "lora_alpha = r (scale 1); if it was trained with another lora_alpha, put its config beside the file"
             for adapter in adapters if adapter.source.config_file is None]
+
+
+def check_merged_base(task_file, experts: list[Adapter], merged: list[Adapter], allow_base_mismatch: bool = False):
+    """Each merged adapter must record the base the tasks are scored on (the spec's, else the experts'), unless
+    --allow-base-mismatch: a merge of another model is refused before the model loads, naming it."""
+    reference = getattr(task_file, "base_model", None) or next((a.base_model for a in experts if a.base_model), None)
+    if not reference or allow_base_mismatch:
+        return
+    for adapter in merged:
+        if adapter.base_model and not _same_base(str(reference), str(adapter.base_model)):
+            raise LoramergeError(f"--merged {adapter.source.spec}: made for the base {adapter.base_model}, not "
+                                 f"{reference}, which these tasks are scored on; --allow-base-mismatch overrides")

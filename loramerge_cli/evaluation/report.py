@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from loramerge_cli.adapters.compat import check_merged_base
 from loramerge_cli.evaluation import REPORT_FORMAT
 from loramerge_cli.evaluation.cache import ScoreCache, base_scores, expert_scores
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, checked_evaluator
@@ -48,6 +49,7 @@ def eval_report(
     if not checked:
         check_request(tasks_file, experts, merged or [], settings, run_dir, base)
     task_file = load_task_file(tasks_file)
+    check_merged_base(task_file, experts, merged or [], allow_base_mismatch)  # before the model loads
     engine = checked_evaluator(task_file, experts, settings, base, allow_base_mismatch, allow_pickle)
     for adapter in merged or []:  # a merge of another model is refused before any scoring, naming it
         engine.check_adapter(adapter)

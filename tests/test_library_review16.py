@@ -191,3 +191,14 @@ def test_eval_refuses_a_merge_made_for_another_base_before_the_model_loads(text_
     assert result.exit_code == 1, result.stderr
     assert f"--merged {other}: made for the base org/other-model" in result.stderr
     assert "--allow-base-mismatch overrides" in result.stderr
+
+
+def test_evaluate_names_an_adapter_without_a_task_as_eval_does(text_setting):
+    """api.evaluate said `tasks[0].name: no adapter named …` where `eval` and plan_eval say which adapter has no
+    task."""
+    from loramerge_cli.errors import LoramergeError
+
+    arguments = _adapter_args(text_setting)
+    renamed = ["stray=" + arguments[0].split("=", 1)[1], *arguments[1:]]
+    with pytest.raises(LoramergeError, match="no task for adapter.s. stray$"):
+        api.evaluate(text_setting.tasks_file, api.load_adapters(renamed), [], EvalSettings(val_limit=4, threads=1))

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from loramerge_cli.adapters.card import RECIPE_NAME
 from loramerge_cli.errors import LoramergeError
@@ -397,8 +397,8 @@ def staged_folder(out_dir: str | Path, force: bool = False, inputs: Iterable[str
         yield staging
         _apply_umask(staging)
         interrupts.check()  # a Ctrl-C some library swallowed: write nothing
-        _replace(staging, target, force)
-        interrupts.set_hint(f"{out_dir} was written whole before it")  # a Ctrl-C while the result is printed
+        # from the moment the output is in place, a Ctrl-C (while the old one is removed, or the result printed)
+        _replace(staging, target, force, lambda: interrupts.set_hint(f"{out_dir} was written whole before it"))
     except FolderKept as error:  # the user's folder is kept where the error says, maybe at `staging`
         if error.kept != staging:
             _remove_staging(staging, made)
@@ -434,24 +434,31 @@ def _apply_umask(folder: Path) -> None:
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def _replace(staging: Path, target: Path, force: bool) -> None:
-    """Put `staging` at `target`. What is at `target` now is checked again (a folder can appear there while
-    the output is written), and what a swap took out is checked once more: a user's folder is put back."""
+def _replace(staging: Path, target: Path, force: bool, committed: Callable[[], None]) -> None:
+    """Put `staging` at `target`, then call `committed`. What is at `target` now is checked again (a folder can
+    appear there while the output is written), and what a swap took out is checked once more: a user's folder is
+    put back. The old output is removed after `committed`, shielded: a Ctrl-C then says the output was written."""
+    from loramerge_cli import interrupts
+
     if not os.path.lexists(target):
         staging.rename(target)
+        committed()
         return
     _check_replaceable(target, target, force, "folder", ())
     if exchange(staging, target):
         if not _replaceable(staging):  # changed between the check and the swap: put it back
             _put_back(staging, target, swapped=True)
-        shutil.rmtree(staging, ignore_errors=True)  # now holds the old output
-        return
-    retired = target.with_name(f"{_staging_prefix(target)}{os.getpid()}.old")
-    os.rename(target, retired)  # a crash here: the next run puts `retired` back (clean_debris)
-    if not _replaceable(retired):
-        _put_back(retired, target, swapped=False)
-    os.rename(staging, target)
-    shutil.rmtree(retired, ignore_errors=True)
+        old = staging  # now holds the old output
+    else:
+        old = target.with_name(f"{_staging_prefix(target)}{os.getpid()}.old")
+        os.rename(target, old)  # a crash here: the next run puts `old` back (clean_debris)
+        if not _replaceable(old):
+            _put_back(old, target, swapped=False)
+        os.rename(staging, target)
+    committed()
+    with interrupts.shielded():
+        shutil.rmtree(old, ignore_errors=True)
+    interrupts.check()
 
 
 class FolderKept(LoramergeError):

@@ -1,10 +1,13 @@
 """The command-line interface. `main` is the console script: it records Ctrl-C (and SIGTERM) before importing
-anything heavy, so an interrupt at any moment, even during the first imports, is one line and exit 130 (143)."""
+anything heavy, so an interrupt at any moment, even during the first imports or while the process ends, is one
+line and exit 130 (143)."""
 
 
 def main() -> None:
-    import sys
+    import signal
 
+    for number in (signal.SIGINT, signal.SIGTERM):  # until the handler below is in place (its imports: ms)
+        signal.signal(number, _exit_before_work)
     from loramerge_cli import interrupts
 
     interrupts.install()
@@ -17,52 +20,89 @@ def main() -> None:
     except SystemExit as exit:
         if exit.code in (130, 143):
             _exit_interrupted()
-        _finish()
-        raise
-    _finish()
-    sys.exit(0)
+        _finish(exit.code)
+    _finish(0)
 
 
-def _finish() -> None:
-    """The command is done and has said so: a signal from now on (while Python and torch shut down) ends the
-    process as it would any program, not with a traceback from an exit handler and exit 0."""
-    import signal
-    import sys
-
+def _finish(code) -> None:
+    """The command is done and has said so: from now on a signal ends the process at once with 130 (143), not
+    with a traceback from an exit handler and exit 0. It then ends without Python's finalization, during which
+    CPython puts the default handlers back (a Ctrl-C there killed the process by the signal, without an exit
+    code), after doing what that finalization does for loramerge: threads joined, exit functions run, streams
+    flushed. `code`: SystemExit's (None: 0; a message: printed, 1)."""
     from loramerge_cli import interrupts
+
+    if isinstance(code, str):
+        _write_error(code)
+    _flush()
+    interrupts.restore(dict.fromkeys(interrupts.SIGNALS, _exit_at_once))
+    _leave(0 if code is None else code if isinstance(code, int) else 1, join_threads=True)
+
+
+def _leave(code: int, join_threads: bool = False) -> None:
+    """Exit with `code`: non-daemon threads joined (`join_threads`: as Python does; not on an interrupt), exit
+    functions run (multiprocessing's cleanup: workers, queues' semaphores; Ray's shutdown), streams flushed,
+    then os._exit."""
+    import atexit
+    import os
+    import threading
+
+    for thread in threading.enumerate() if join_threads else ():
+        if thread is not threading.main_thread() and not thread.daemon:
+            thread.join()
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # noqa: BLE001 - exiting anyway
+        pass
+    _flush()
+    os._exit(code)
+
+
+def _flush() -> None:
+    import sys
 
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except (AttributeError, OSError, ValueError):
+        except (AttributeError, OSError, ValueError):  # None: closed when Python started
             pass
-    interrupts.restore(dict.fromkeys(interrupts.SIGNALS, signal.SIG_DFL))
+
+
+def _write_error(text: str) -> None:
+    import sys
+
+    try:
+        sys.stderr.write(text + "\n")
+    except (AttributeError, OSError, ValueError):  # stderr closed or gone: the exit code says it
+        pass
+
+
+def _exit_at_once(number, frame) -> None:
+    """Exit 128 + the signal's number now, saying nothing more (the command has reported)."""
+    import os
+
+    _flush()
+    os._exit(128 + number)
+
+
+def _exit_before_work(number, frame) -> None:
+    """An interrupt before loramerge's own handler is installed: one line, and 130 (143)."""
+    import os
+    import signal
+
+    os.write(2, (b"terminated" if number == signal.SIGTERM else b"interrupted") + b"; nothing was written\n")
+    os._exit(128 + number)
 
 
 def _exit_interrupted() -> None:
     """Say so (unless the command did), then exit 130 (SIGTERM: 143) at once: CPython turns an interrupt that
     passed through some C-level code paths into death by SIGINT at shutdown, whatever the exit code asked for."""
-    import atexit
-    import os
     import signal
-    import sys
 
     from loramerge_cli import interrupts
 
     for number in interrupts.SIGNALS:  # leaving anyway: a second Ctrl-C must not cut the cleanup short
         signal.signal(number, signal.SIG_IGN)
     if not interrupts.reported():  # click ends an interrupt during parsing with 130 and no word
-        try:
-            sys.stderr.write(interrupts.message() + "\n")
-        except (AttributeError, OSError, ValueError):  # stderr closed or gone: the exit code says it
-            pass
-    try:
-        atexit._run_exitfuncs()  # multiprocessing's cleanup: workers, queues' semaphores
-    except BaseException:  # noqa: BLE001 - exiting anyway
-        pass
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, OSError, ValueError):  # None: closed when Python started
-            pass
-    os._exit(interrupts.exit_code())
+        _write_error(interrupts.message())
+    _leave(interrupts.exit_code())

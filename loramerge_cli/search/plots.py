@@ -97,14 +97,29 @@ PLOT_NAMES = ("fitness.png", "mask.png")
 
 
 def write_plots(table, history: list[dict], folder: str | Path, keep_existing: bool = False) -> list[Path]:
-    """fitness.png and mask.png (PLOT_NAMES) in `folder`; returns the paths. `keep_existing`: a picture already
-    there is left as it is (a finished run resumed again: its pictures were drawn then)."""
+    """fitness.png and mask.png (PLOT_NAMES) in `folder`, each written whole or not at all; returns the paths.
+    `keep_existing`: a complete picture already there is left as it is (a finished run resumed again: its
+    pictures were drawn then)."""
+    from loramerge_cli.atomic import replacing
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     title = search_title(table)
     drawers = (lambda: fitness_figure(history, title), lambda: mask_figure(table, title))
     paths = [folder / name for name in PLOT_NAMES]
     for path, draw in zip(paths, drawers):
-        if not (keep_existing and path.exists()):
-            draw().savefig(path, dpi=110)
+        if not (keep_existing and _whole_png(path)):
+            with replacing(path) as temporary:
+                draw().savefig(temporary, dpi=110, format="png")
     return paths
+
+
+def _whole_png(path: Path) -> bool:
+    """A PNG file from its signature to its closing IEND chunk (one cut short by an older version is not)."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+            handle.seek(max(0, path.stat().st_size - 12))
+            return start == b"\x89PNG\r\n\x1a\n" and handle.read(12)[4:8] == b"IEND"
+    except OSError:
+        return False

@@ -1,0 +1,109 @@
+"""An interrupt fuzzer's findings (SIGINT, SIGTERM and SIGKILL at random moments): each test failed before its fix."""
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from factories import write_task_folders
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+
+
+def _run_driver(tmp_path: Path, body: str) -> subprocess.CompletedProcess:
+    """`body` run as a script that ends by running the console script's main() (a real process: its exit code
+    and the signal handlers are what a shell or a CI runner sees)."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import atexit, builtins, os, signal, sys\n{body}\nfrom loramerge_cli.cli import main\nmain()\n")
+    environment = {**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, env=environment, timeout=300)
+
+
+def test_a_ctrl_c_while_the_process_ends_exits_130_not_killed_by_the_signal(tmp_path):
+    """After the command had printed its result, a Ctrl-C while Python and torch shut down killed the process by
+    SIGINT (return code −2 for subprocess and CI runners, nothing said): its handlers were reset to the default."""
+    folder = write_task_folders(tmp_path / "inputs", names=("a",))["a"]
+    done = _run_driver(tmp_path, "atexit.register(lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+                                 f"sys.argv = ['loramerge', 'inspect', '--adapters', {str(folder)!r}]")
+    assert done.returncode == 130, (done.returncode, done.stderr[-500:])
+    assert "Traceback" not in done.stderr and done.stdout  # the result was printed before
+
+
+def test_a_ctrl_c_before_loramerge_installed_its_handler_is_one_line_and_130(tmp_path):
+    """A Ctrl-C while `main` imported its interrupt handling (the first milliseconds) gave a KeyboardInterrupt
+    traceback and return code 1 or −2."""
+    body = """real_import = builtins.__import__
+def interrupting_import(name, *args, **kwargs):
+    if name == "loramerge_cli" and "interrupts" in (args[2] if len(args) > 2 else kwargs.get("fromlist")) or ():
+        builtins.__import__ = real_import
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = interrupting_import
+sys.argv = ['loramerge', '--help']"""
+    done = _run_driver(tmp_path, body)
+    assert done.returncode == 130, (done.returncode, done.stderr[-500:])
+    assert done.stderr == "interrupted; nothing was written\n"
+
+
+def test_a_ctrl_c_while_merge_force_removes_the_old_output_says_the_new_one_was_written(tmp_path, monkeypatch):
+    """`merge --force` swapped the new output in, then removed the old one unshielded, and set its "written"
+    hint only after: a Ctrl-C during the removal said "nothing was written" beside the new output."""
+    from loramerge_cli import interrupts, outputs
+
+    out = tmp_path / "merged"
+    with outputs.staged_folder(out) as staging:
+        (staging / "adapter_model.safetensors").write_bytes(b"old")
+        (staging / "loramerge.json").write_text("{}")
+    removing = outputs.shutil.rmtree
+
+    def interrupted_removal(path, *args, **kwargs):  # the Ctrl-C arrives while the old output is removed
+        interrupts._handler(signal.SIGINT, None)
+        removing(path, *args, **kwargs)
+
+    monkeypatch.setattr(outputs.shutil, "rmtree", interrupted_removal)
+    interrupts.reset()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with outputs.staged_folder(out, force=True) as staging:
+                (staging / "adapter_model.safetensors").write_bytes(b"new")
+                (staging / "loramerge.json").write_text("{}")
+        assert interrupts.message() == f"interrupted; {out} was written whole before it"
+    finally:
+        interrupts.reset()
+    assert (out / "adapter_model.safetensors").read_bytes() == b"new"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["merged"]  # the old one removed all the same
+
+
+def _table():
+    from loramerge_cli.masks import WeightTable
+
+    return WeightTable(tasks=["a", "b"], units=["model.layers.0", "model.layers.1"], weights=[[1.0, 0.0], [1.0, 1.0]])
+
+
+def test_search_plots_are_written_whole_and_a_broken_one_is_drawn_again(tmp_path, monkeypatch):
+    """`--plot` saved each picture straight into place: a kill while saving left a 0-byte fitness.png, which a
+    `--resume` of the finished run kept for good."""
+    import matplotlib.figure
+
+    from loramerge_cli.search.plots import write_plots
+
+    history = [{"generation": 0, "best_fitness": 1.0, "mean_fitness": 0.5}]
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    (folder / "fitness.png").write_bytes(b"")  # cut short by a kill
+    paths = write_plots(_table(), history, folder, keep_existing=True)
+    assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in paths)
+    saving = matplotlib.figure.Figure.savefig
+
+    def interrupted_save(self, target, *args, **kwargs):  # killed halfway through the file
+        Path(target).write_bytes(b"\x89PNG\r\n\x1a\n half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        write_plots(_table(), history, tmp_path / "new")
+    assert list((tmp_path / "new").iterdir()) == []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saving)

@@ -91,11 +91,8 @@ def draw_gathered(posterior: Posterior, rng: np.random.Generator):
     """Posterior.draw as the search computed it before: each table's prior value and its share of the correction
     gathered from its k² pairs (np.ix_), table by table, instead of products of the dense 0/1 rows."""
     tables, settings = posterior.tables, posterior.settings
-    count, size = tables.shape
-    single = rng.normal(0.0, settings.prior_single, size)
-    upper = np.triu(rng.normal(0.0, 1.0, (size, size)), 1) * posterior.pair_std
+    single, upper, noise = posterior.prior_draw(rng)
     pair = upper + upper.T
-    noise = rng.normal(0.0, settings.noise, count)
     members = [np.flatnonzero(row) for row in tables]
     prior_values = np.array([single[units].sum() + 0.5 * pair[np.ix_(units, units)].sum() for units in members])
     weights = posterior.solve(posterior.values - prior_values - noise)

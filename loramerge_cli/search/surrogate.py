@@ -276,15 +276,20 @@ class Posterior:
         outer_head = _solve_lower(kept, inner_head - rest_left.T @ outer_rest, transpose=True)
         return np.concatenate([outer_head, outer_rest])
 
+    def prior_draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """θ₀ and ε, the draws `draw` conditions: w ~ N(0, a²) per entry, V's upper triangle ~ N(0, b_ij²), and
+        one noise value per scored table."""
+        count, size = self.tables.shape
+        single = rng.normal(0.0, self.settings.prior_single, size)
+        upper = np.triu(rng.normal(0.0, 1.0, (size, size)), 1) * self.pair_std
+        return single, upper, rng.normal(0.0, self.settings.noise, count)
+
     def draw(self, rng: np.random.Generator) -> PairwiseModel:
         """A draw from the posterior of (w, V) by pathwise conditioning: θ = θ₀ + Σ_prior Φᵀ (K + σ²I)⁻¹
         (y − Φθ₀ − ε), with θ₀ and ε prior and noise draws."""
-        tables, settings = self.tables, self.settings
-        count, size = tables.shape
-        single = rng.normal(0.0, settings.prior_single, size)
-        upper = np.triu(rng.normal(0.0, 1.0, (size, size)), 1) * self.pair_std
+        tables = self.tables
+        single, upper, noise = self.prior_draw(rng)
         pair = upper + upper.T
-        noise = rng.normal(0.0, settings.noise, count)
         # Φθ₀, each table's prior value x·w + Σ_{i<j} x_i V_ij x_j: its pairs' part from products of the 0/1 rows
         # of the tables with pairs (not the screen's), faster than gathering each table's k² pairs at a real
         # model's size, where tables prune hundreds of entries

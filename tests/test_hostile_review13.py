@@ -160,14 +160,14 @@ def test_merge_device_with_nothing_reading_tasks_is_still_a_usage_error(setting,
 
 def test_eval_spec_errors_come_before_torch_with_a_device(tmp_path):
     """plan_eval's spec and input checks are torch-free: the device check (which imports torch) comes last."""
-    script = ("import sys, runpy\nsys.argv = ['loramerge'] + sys.argv[1:]\ntry:\n"
-              "    runpy.run_module('loramerge_cli', run_name='__main__')\nexcept SystemExit as exit:\n"
-              "    print('torch' in sys.modules, exit.code)\n")
+    script = ("import atexit, runpy, sys\nsys.argv = ['loramerge'] + sys.argv[1:]\n"  # (the command ends the process)
+              "atexit.register(lambda: print('torch' in sys.modules))\n"
+              "runpy.run_module('loramerge_cli', run_name='__main__')\n")
     args = ["eval", "--adapters", f"a={tmp_path / 'none'}", "--tasks", str(tmp_path / "missing.yaml"),
             "--device", "cuda:0"]
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.stdout.split() == ["False", "1"] and "missing.yaml" in done.stderr, done.stderr
+    assert (done.returncode, done.stdout.split()) == (1, ["False"]) and "missing.yaml" in done.stderr, done.stderr
 
 
 def test_a_recipe_written_before_the_refusal_still_rebuilds(tmp_path):

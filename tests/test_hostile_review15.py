@@ -85,8 +85,11 @@ def test_numbers_json_cannot_convert_are_one_line_data_errors(folders, tmp_path)
 def test_eval_refuses_a_merged_folder_of_another_model_before_scoring(text_setting, folders):
     """`eval --merged` of an adapter for another model failed only after the experts and the base were scored,
     naming "candidate" instead of the folder."""
-    result = invoke_cli(["eval", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file,
-                         "--merged", folders["a"]])
+    args = ["eval", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file, "--merged",
+            folders["a"]]
+    result = invoke_cli(args)  # its config names another base: refused before the model loads
+    assert result.exit_code == 1 and f"--merged {folders['a']}: made for the base" in result.stderr
+    result = invoke_cli([*args, "--allow-base-mismatch"])  # and its modules do not fit this one's
     assert result.exit_code == 1 and f"--merged {folders['a']}: module" in result.stderr
     assert "experts" not in result.stderr and "base model:" not in result.stderr
 

@@ -11,7 +11,6 @@ import json
 import os
 from pathlib import Path
 
-from loramerge_cli.adapters.model import content_sha256
 from loramerge_cli.atomic import write_text
 from loramerge_cli.errors import LoramergeError
 
@@ -73,6 +72,7 @@ def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:
 def expert_scores(engine, cache: ScoreCache, report=None) -> dict[str, float]:
     """Each expert's accuracy on its own task, computed once per (weights, data, settings); `report`
     receives a progress stage (loramerge_cli.events)."""
+    from loramerge_cli.adapters.model import content_sha256
     from loramerge_cli.events import stage
 
     out, fresh = {}, {}

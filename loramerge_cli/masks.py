@@ -81,7 +81,7 @@ def ones_table(adapters: list[Adapter]) -> WeightTable:
         tasks=[a.name for a in adapters],
         units=units,
         weights=[[1.0] * len(units) for _ in adapters],
-        adapters=[{"source": a.source.spec, "sha256": a.source.sha256} for a in adapters],
+        adapters=[{"source": a.source.spec, "sha256": a.source.identity} for a in adapters],
     )
 
 
@@ -228,7 +228,7 @@ def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask
         raise LoramergeError(f"{origin}: {extra}")
     for recorded, adapter in zip(table.adapters, adapters):
         digest = recorded.get("sha256") if isinstance(recorded, dict) else None
-        if digest and digest != adapter.source.sha256:
+        if digest and digest != adapter.source.identity:
             raise LoramergeError(
                 f"{origin}: adapter {adapter.name!r} differs from the one the table was made for (sha256 mismatch)"
             )

@@ -32,5 +32,5 @@ def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapte
     pruned = replace(adapter, modules=modules)
     if modules.keys() == adapter.modules.keys() and all(modules[path] is adapter.modules[path] for path in modules):
         return pruned  # the row keeps every module as it is
-    return replace(pruned, source=replace(adapter.source, sha256=content_sha256(pruned),
-                                          modified="a weight table applied in memory (sha256: of its tensors)"))
+    return replace(pruned, source=replace(adapter.source, modified="a weight table applied in memory",
+                                          modified_sha256=content_sha256(pruned)))

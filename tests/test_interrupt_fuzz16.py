@@ -107,3 +107,37 @@ def test_search_plots_are_written_whole_and_a_broken_one_is_drawn_again(tmp_path
         write_plots(_table(), history, tmp_path / "new")
     assert list((tmp_path / "new").iterdir()) == []
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", saving)
+
+
+@pytest.mark.slow
+def test_two_ctrl_c_to_a_search_with_workers_end_it(text_setting, tmp_path):
+    """A second Ctrl-C while a `--workers 2` search stopped its workers (they ignore SIGTERM; the parent sent it
+    and waited 5 s per worker) left them alive, and the exit then waited on them for ever, ignoring every signal."""
+    import time
+
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "loramerge_cli", "search-mask", "--adapters", *text_setting.adapter_args(), "--tasks",
+         str(text_setting.tasks_file), "--merger", "ta", "--strategy", "enmp", "--popsize", "6", "--generations",
+         "200", "--max-prune", "0.5", "--workers", "2", "--threads", "1", "--run-dir", str(run_dir), "--out",
+         str(tmp_path / "mask.json"), "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1"})
+    deadline = time.monotonic() + 240
+    while not (run_dir / "trajectory.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert (run_dir / "trajectory.jsonl").exists(), process.communicate()[1]
+    os.killpg(process.pid, signal.SIGINT)
+    time.sleep(0.3)
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+    except ProcessLookupError:  # it had already ended
+        pass
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail("the search did not end after two Ctrl-C")
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1].startswith("interrupted; resume with:"), stderr

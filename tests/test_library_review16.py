@@ -148,7 +148,8 @@ def test_adapters_pruned_in_memory_are_not_taken_for_their_files(folders, tmp_pa
     table = api.ones_table(adapters)
     table.weights[0][0] = 0.0
     pruned = api.prune(api.plan_prune(adapters, table, tmp_path / "unused"))
-    assert pruned[0].source.sha256 != adapters[0].source.sha256 and pruned[0].source.modified
+    assert pruned[0].source.identity != adapters[0].source.identity and pruned[0].source.modified
+    assert pruned[0].source.sha256 == adapters[0].source.sha256  # the file read, as provenance records it
     assert pruned[1].source == adapters[1].source  # a row of ones changes nothing
     with pytest.raises(LoramergeError, match="differs from the one the table was made for"):
         api.plan_merge(adapters, MergeConfig(), api.ones_table(pruned))
@@ -163,6 +164,11 @@ def test_adapters_pruned_in_memory_are_not_taken_for_their_files(folders, tmp_pa
 
     inputs = json.loads((folder / "loramerge.json").read_text())["inputs"]
     assert "weight table applied" in inputs[0]["modified"] and "modified" not in inputs[1]
+    assert inputs[0]["sha256"] == adapters[0].source.sha256
+    assert inputs[0]["modified_sha256"] == pruned[0].source.identity
+    written = api.write_pruned(api.plan_prune(adapters, table, tmp_path / "pruned"), pruned)  # apply-mask's folders
+    recorded = json.loads((written / "a" / "loramerge.json").read_text())["inputs"][0]
+    assert recorded["sha256"] == adapters[0].source.sha256  # the input file it read
     assert "with a weight table applied" in (folder / "README.md").read_text()
 
 
@@ -191,6 +197,11 @@ def test_eval_refuses_a_merge_made_for_another_base_before_the_model_loads(text_
     assert result.exit_code == 1, result.stderr
     assert f"--merged {other}: made for the base org/other-model" in result.stderr
     assert "--allow-base-mismatch overrides" in result.stderr
+    monkeypatch.undo()  # a merge written for the base --base names is scored on it
+    copy = shutil.copytree(text_setting.base, tmp_path / "base copy")
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": str(copy)}))
+    result = invoke_cli([*args, "--base", copy])
+    assert result.exit_code == 0, result.stderr
 
 
 def test_evaluate_names_an_adapter_without_a_task_as_eval_does(text_setting):

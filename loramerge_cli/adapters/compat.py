@@ -126,13 +126,15 @@ def configless_warnings(adapters: list[Adapter]) -> list[str]:
             for adapter in adapters if adapter.source.config_file is None]
 
 
-def check_merged_base(task_file, experts: list[Adapter], merged: list[Adapter], allow_base_mismatch: bool = False):
-    """Each merged adapter must record the base the tasks are scored on (the spec's, else the experts'), unless
-    --allow-base-mismatch: a merge of another model is refused before the model loads, naming it."""
-    reference = getattr(task_file, "base_model", None) or next((a.base_model for a in experts if a.base_model), None)
-    if not reference or allow_base_mismatch:
+def check_merged_base(task_file, experts: list[Adapter], merged: list[Adapter], base: str | None = None,
+                      allow_base_mismatch: bool = False) -> None:
+    """Each merged adapter must record a base these tasks are scored with: the spec's, one the experts record, or
+    `base` (--base), unless --allow-base-mismatch. A merge of another model is refused before the model loads."""
+    known = [str(b) for b in (getattr(task_file, "base_model", None), *(a.base_model for a in experts), base) if b]
+    if not known or allow_base_mismatch:
         return
     for adapter in merged:
-        if adapter.base_model and not _same_base(str(reference), str(adapter.base_model)):
+        if adapter.base_model and not any(_same_base(name, str(adapter.base_model)) for name in known):
             raise LoramergeError(f"--merged {adapter.source.spec}: made for the base {adapter.base_model}, not "
-                                 f"{reference}, which these tasks are scored on; --allow-base-mismatch overrides")
+                                 f"{known[0] if base is None else base}, which these tasks are scored on; "
+                                 "--allow-base-mismatch overrides")

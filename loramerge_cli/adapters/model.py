@@ -57,17 +57,24 @@ class AdapterSource:
     sha256: str
     repo_id: str | None = None
     revision: str | None = None  # resolved commit for Hub sources
-    # how the adapter was changed in memory since it was read (a weight table applied); `sha256` is then that of
-    # its tensors (content_sha256), not of the file, so that nothing takes it for the file's weights
+    # how the adapter was changed in memory since it was read (a weight table applied), and the sha256 of its
+    # tensors then (content_sha256): what tables, run directories and caches identify it by, not the file's
     modified: str | None = None
+    modified_sha256: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """The sha256 that identifies these weights: the file's, or the tensors' once changed in memory."""
+        return self.modified_sha256 or self.sha256
 
     def describe(self) -> dict:
+        """For provenance: the file read (its sha256) and, if so, how it was changed in memory."""
         out = {"source": self.spec, "kind": self.kind, "sha256": self.sha256}
         if self.repo_id:
             out["repo_id"] = self.repo_id
             out["revision"] = self.revision
         if self.modified:
-            out["modified"] = self.modified
+            out.update(modified=self.modified, modified_sha256=self.modified_sha256)
         return out
 
 

@@ -45,11 +45,15 @@ def _leave(code: int, join_threads: bool = False) -> None:
     then os._exit."""
     import atexit
     import os
+    import sys
     import threading
 
     for thread in threading.enumerate() if join_threads else ():
         if thread is not threading.main_thread() and not thread.daemon:
             thread.join()
+    if not join_threads and "multiprocessing" in sys.modules:  # an interrupt: no worker left for an exit function
+        for child in sys.modules["multiprocessing"].active_children():  # to wait on (workers ignore SIGTERM)
+            child.kill()
     try:
         atexit._run_exitfuncs()
     except BaseException:  # noqa: BLE001 - exiting anyway

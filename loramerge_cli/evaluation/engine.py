@@ -198,7 +198,7 @@ class Evaluator:
         per adapter (they are as large as the vocabulary)."""
         from loramerge_cli.adapters.compat import same_weights
 
-        identity = (adapter.name, adapter.source.sha256)
+        identity = (adapter.name, adapter.source.identity)
         if identity in self.checked_copies:
             return
         for key, copy in adapter.base_copies.items():
@@ -390,7 +390,7 @@ class Evaluator:
         """Everything that fixes a task's score apart from the candidate: base, data, head, settings."""
         spec = self.task_file.task(task)
         if spec.head == FROM_ADAPTER:
-            head = self.experts[task].source.sha256
+            head = self.experts[task].source.identity
         elif spec.head == NO_HEAD:
             head = NO_HEAD
         else:

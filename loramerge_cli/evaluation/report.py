@@ -50,7 +50,7 @@ def eval_report(
         check_request(tasks_file, experts, merged or [], settings, run_dir, base)
     task_file = load_task_file(tasks_file)
     task_file.check_covers([adapter.name for adapter in experts])  # as plan_eval (and so `eval`) says it
-    check_merged_base(task_file, experts, merged or [], allow_base_mismatch)  # before the model loads
+    check_merged_base(task_file, experts, merged or [], base, allow_base_mismatch)  # before the model loads
     engine = checked_evaluator(task_file, experts, settings, base, allow_base_mismatch, allow_pickle)
     for adapter in merged or []:  # a merge of another model is refused before any scoring, naming it
         engine.check_adapter(adapter)

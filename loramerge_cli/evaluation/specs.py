@@ -258,7 +258,7 @@ def match_adapters(task_file: TaskFile, adapters: list, allow_pickle: bool = Fal
             raise task_file.error(f"{task.where}.name", f"no adapter named {task.name!r} (adapters: {known})")
         if task.adapter:
             digest = sha256_file(resolve(task.adapter, allow_pickle=allow_pickle).weights_file)
-            if digest != adapter.source.sha256:
+            if digest != adapter.source.identity:
                 raise task_file.error(
                     f"{task.where}.adapter",
                     f"{task.adapter} is not the same weights as adapter {adapter.name!r} ({adapter.source.spec})",

@@ -325,7 +325,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
     }
     table = WeightTable(
         tasks=[a.name for a in problem.adapters], units=problem.paths, weights=side_path.table_rows(), unit="module",
-        adapters=[{"source": a.source.spec, "sha256": a.source.sha256} for a in problem.adapters], scale=1.0,
+        adapters=[{"source": a.source.spec, "sha256": a.source.identity} for a in problem.adapters], scale=1.0,
         provenance=provenance,
     )
     if request.report_test:  # the training engine (its model on the device) goes before the test one loads

@@ -92,17 +92,18 @@ class ParallelFitness:
         self.close(wait=error_type is None)
 
     def close(self, wait: bool = True) -> None:
-        """Stop the workers: politely (`wait`), else at once (after an error or an interrupt)."""
-        if wait:
-            for _ in self.processes:
-                self.tasks.put(None)
-        for process in self.processes:
-            if process.pid is None:
-                continue
-            process.join(timeout=10 if wait else 0)
-            if process.is_alive():
-                process.terminate()
-                process.join(timeout=5)
-            if process.is_alive():
-                process.kill()
-                process.join(timeout=5)
+        """Stop the workers: politely (`wait`), else at once (after an error or an interrupt), by SIGKILL (they
+        ignore SIGTERM, which is the parent's to handle); shielded, so a second Ctrl-C cannot leave one behind."""
+        from loramerge_cli import interrupts
+
+        with interrupts.shielded():
+            if wait:
+                for _ in self.processes:
+                    self.tasks.put(None)
+            for process in self.processes:
+                if process.pid is None:
+                    continue
+                process.join(timeout=10 if wait else 0)
+                if process.is_alive():
+                    process.kill()
+                    process.join(timeout=5)

@@ -236,7 +236,7 @@ def _run_adapter(adapter) -> str:
     if isinstance(adapter, str):
         return normal_adapter(adapter)
     named = normal_adapter(f"{adapter.name}={adapter.source.spec}")
-    return f"{named} (modified in memory, sha256 {adapter.source.sha256})" if adapter.source.modified else named
+    return f"{named} (modified in memory, sha256 {adapter.source.identity})" if adapter.source.modified else named
 
 
 def device_kind(request: SearchRequest) -> str:

@@ -129,6 +129,8 @@ def test_a_run_dir_resumes_across_the_command_line_and_the_library(text_setting,
 
     by_library = tmp_path / "library"
     table, _ = api.search(api.plan_search(request(by_library, False)))
+    alone = invoke_cli(["search-mask", "--run-dir", by_library, "--resume"])  # the library saves no flags
+    assert alone.exit_code == 1 and "started from the library" in alone.stderr, alone.stderr
     resumed = invoke_cli(command(by_library, "--resume", "--out", tmp_path / "resumed.json"))
     assert resumed.exit_code == 0, resumed.stderr
     assert api.load_table(tmp_path / "resumed.json").weights == table.weights

@@ -212,7 +212,11 @@ def resumed_flags(ctx: typer.Context, flags: dict) -> dict:
         saved = saved_flags(flags["run_dir"], given, flags)
         if saved is None and not flags["adapters"]:
             from loramerge_cli.errors import LoramergeError
+            from loramerge_cli.search.rundir import read_config
 
+            if read_config(Path(flags["run_dir"])) is not None:  # a search the library started: no flags saved
+                raise LoramergeError(f"--resume: {flags['run_dir']} holds a search started from the library, which "
+                                     "saves no command-line flags: give its settings as flags with --resume")
             raise LoramergeError(f"--resume: {flags['run_dir']} holds no search to resume")
         flags = saved or flags
     for name in ("adapters", "tasks", "out"):

@@ -24,19 +24,29 @@ def main() -> None:
     _finish(0)
 
 
+_LATE_SIGNAL: list[int] = []  # a signal that arrived after the command finished, while the process ends
+
+
 def _finish(code) -> None:
-    """The command is done and has said so: from now on a signal ends the process at once with 130 (143), not
-    with a traceback from an exit handler and exit 0. It then ends without Python's finalization, during which
-    CPython puts the default handlers back (a Ctrl-C there killed the process by the signal, without an exit
-    code), after doing what that finalization does for loramerge: threads joined, exit functions run, streams
-    flushed. `code`: SystemExit's (None: 0; a message: printed, 1)."""
+    """The command is done and has said so. It ends without Python's finalization, during which CPython puts
+    the default handlers back (a Ctrl-C there killed the process by the signal, without an exit code), after
+    doing what that finalization does for loramerge: threads joined, exit functions run (Ray's shutdown, the
+    workers' cleanup), streams flushed. A signal meanwhile lets them finish and makes the exit code 130 (143); a
+    second one ends the process at once. `code`: SystemExit's (None: 0; a message: printed, 1)."""
     from loramerge_cli import interrupts
 
     if isinstance(code, str):
         _write_error(code)
     _flush()
-    interrupts.restore(dict.fromkeys(interrupts.SIGNALS, _exit_at_once))
+    interrupts.restore(dict.fromkeys(interrupts.SIGNALS, _late_signal))
     _leave(0 if code is None else code if isinstance(code, int) else 1, join_threads=True)
+
+
+def _late_signal(number, frame) -> None:
+    """After the command finished: the first signal is noted (the exit code says it), a second one exits now."""
+    if _LATE_SIGNAL:
+        _exit_at_once(number, frame)
+    _LATE_SIGNAL.append(number)
 
 
 def _leave(code: int, join_threads: bool = False) -> None:
@@ -59,7 +69,7 @@ def _leave(code: int, join_threads: bool = False) -> None:
     except BaseException:  # noqa: BLE001 - exiting anyway
         pass
     _flush()
-    os._exit(code)
+    os._exit(128 + _LATE_SIGNAL[0] if _LATE_SIGNAL else code)
 
 
 def _flush() -> None:

@@ -141,3 +141,69 @@ def test_two_ctrl_c_to_a_search_with_workers_end_it(text_setting, tmp_path):
         pytest.fail("the search did not end after two Ctrl-C")
     assert process.returncode == 130, stderr
     assert stderr.strip().splitlines()[-1].startswith("interrupted; resume with:"), stderr
+
+
+def test_ctrl_c_with_more_candidates_queued_than_a_pipe_holds_still_exits(tmp_path):
+    """Workers killed with a batch's unsent candidates (over 64 KB) still in the parent's queue: the exit waited
+    for ever on the queue's feeder thread, with SIGINT and SIGTERM ignored."""
+    (tmp_path / "slow_fitness.py").write_text(
+        "import time\n\nclass Build:\n    def __call__(self, device):\n"
+        "        def fitness(candidates):\n            time.sleep(0.5)\n            return [0.0 for _ in candidates]\n"
+        "        return fitness\n")
+    body = """import threading
+from slow_fitness import Build
+from loramerge_cli import interrupts
+import loramerge_cli.cli as cli
+from loramerge_cli.search.parallel import ParallelFitness
+
+if __name__ == "__main__":  # (the spawned workers import this file)
+    interrupts.install()
+    try:
+        with ParallelFitness(Build(), ["cpu", "cpu"]) as pool:
+            threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+            pool([tuple(range(k, k + 40)) for k in range(3000)])
+    except KeyboardInterrupt:
+        cli._exit_interrupted()
+    sys.exit(3)"""
+    driver = tmp_path / "driver.py"
+    driver.write_text(f"import os, signal, sys\n{body}\n")
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPOSITORY), str(tmp_path)])}  # (the workers too)
+    try:
+        done = subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, env=environment,
+                              timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the interrupted process waited for ever on its queue")
+    assert done.returncode == 130, done.stderr[-500:]
+
+
+def test_a_merge_of_adapters_changed_in_memory_is_no_rebuild_of_their_files(folders, tmp_path):
+    """`merge --config` of a recipe beside a merge of adapters pruned in memory compared the files' sha256 only,
+    and took a merge of the unpruned files for a rebuild of it."""
+    from factories import invoke_cli
+    from loramerge_cli import api
+
+    adapters = api.load_adapters([f"{name}={folders[name]}" for name in "ab"])
+    pruned = api.prune(api.plan_prune(adapters, api.weight_table(adapters, indices="[0]"), tmp_path / "unused"))
+    plan = api.plan_merge(pruned, api.MergeConfig(merger="ta"), out=tmp_path / "merged")
+    recipe = f"adapters: [a={folders['a']}, b={folders['b']}]\nmerger: ta\n"
+    api.write(plan, api.execute(plan), recipe=recipe)
+    result = invoke_cli(["merge", "--config", tmp_path / "merged" / "loramerge.yaml", "--out", tmp_path / "again"])
+    assert result.exit_code == 0 and "adapter 'a' is not the one" in result.stderr, result.stderr
+    assert "adapter 'b'" not in result.stderr
+
+
+def test_a_ctrl_c_as_the_command_finishes_exits_130(tmp_path):
+    """A Ctrl-C while `main` flushed the result, before its end-of-run handler was in place, raised through it:
+    a chained KeyboardInterrupt traceback and death by SIGINT."""
+    folder = write_task_folders(tmp_path / "inputs", names=("a",))["a"]
+    body = f"""import loramerge_cli.cli as cli
+flush = cli._flush
+calls = []
+def interrupted_flush():
+    if not calls:
+        calls.append(os.kill(os.getpid(), signal.SIGINT))
+    flush()
+cli._flush = interrupted_flush
+sys.argv = ['loramerge', 'inspect', '--adapters', {str(folder)!r}]"""
+    done = _run_driver(tmp_path, body)
+    assert done.returncode == 130 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-500:])

@@ -11,6 +11,7 @@ def main() -> None:
     from loramerge_cli import interrupts
 
     interrupts.install()
+    code = 0
     try:
         from loramerge_cli.cli.app import app
 
@@ -20,8 +21,11 @@ def main() -> None:
     except SystemExit as exit:
         if exit.code in (130, 143):
             _exit_interrupted()
-        _finish(exit.code)
-    _finish(0)
+        code = exit.code
+    try:
+        _finish(code)
+    except KeyboardInterrupt:  # before _finish put its own handler in place
+        _exit_interrupted()
 
 
 _LATE_SIGNAL: list[int] = []  # a signal that arrived after the command finished, while the process ends
@@ -35,10 +39,10 @@ def _finish(code) -> None:
     second one ends the process at once. `code`: SystemExit's (None: 0; a message: printed, 1)."""
     from loramerge_cli import interrupts
 
+    interrupts.restore(dict.fromkeys(interrupts.SIGNALS, _late_signal))
     if isinstance(code, str):
         _write_error(code)
     _flush()
-    interrupts.restore(dict.fromkeys(interrupts.SIGNALS, _late_signal))
     _leave(0 if code is None else code if isinstance(code, int) else 1, join_threads=True)
 
 

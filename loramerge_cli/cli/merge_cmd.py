@@ -186,12 +186,13 @@ def _changed_recipe_inputs(config: Path | None, adapters) -> list[str]:
 
     try:
         inputs = json.loads((Path(config).parent / "loramerge.json").read_text())["inputs"] if config else []
-        recorded = {item["name"]: item["sha256"] for item in inputs}
-    except (OSError, ValueError, KeyError, TypeError):  # no output beside the recipe: nothing to compare
+        # an input changed in memory (a weight table applied) is identified by its tensors: never its file's
+        recorded = {item["name"]: item.get("modified_sha256") or item["sha256"] for item in inputs}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no output beside the recipe: no comparison
         return []
-    return [f"adapter {adapter.name!r} is not the one {config} was written for (sha256 {adapter.source.sha256[:12]}… "
+    return [f"adapter {adapter.name!r} is not the one {config} was written for (sha256 {adapter.source.identity[:12]}… "
             f"where its loramerge.json records {recorded[adapter.name][:12]}…): this is not a rebuild"
-            for adapter in adapters if recorded.get(adapter.name, adapter.source.sha256) != adapter.source.sha256]
+            for adapter in adapters if recorded.get(adapter.name, adapter.source.identity) != adapter.source.identity]
 
 
 def _recipe(ctx: typer.Context, plan, result) -> str:

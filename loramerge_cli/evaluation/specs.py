@@ -261,7 +261,8 @@ def match_adapters(task_file: TaskFile, adapters: list, allow_pickle: bool = Fal
             if digest != adapter.source.identity:
                 raise task_file.error(
                     f"{task.where}.adapter",
-                    f"{task.adapter} is not the same weights as adapter {adapter.name!r} ({adapter.source.spec})",
+                    f"{task.adapter} is not the same weights as adapter {adapter.name!r} ({adapter.source.spec}"
+                    + (f", {adapter.source.modified})" if adapter.source.modified else ")"),
                 )
         matched[task.name] = adapter
     return matched

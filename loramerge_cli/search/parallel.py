@@ -100,6 +100,9 @@ class ParallelFitness:
             if wait:
                 for _ in self.processes:
                     self.tasks.put(None)
+            else:  # items no worker will read may fill the pipe: the exit must not wait to send them
+                self.tasks.cancel_join_thread()
+                self.results.cancel_join_thread()
             for process in self.processes:
                 if process.pid is None:
                     continue

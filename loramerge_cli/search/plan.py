@@ -332,11 +332,11 @@ def comparable(settings: dict) -> dict:
     library and back: strategy options not given take their defaults (the command line saves every one), method
     parameters not given (None) are left out, and the merge's seed is its default when not given and left out
     for methods that draw nothing (the command line hands --seed to the merge as well)."""
+    import ast
+
     from loramerge_cli.merging.config import DEFAULT_MERGER, DEFAULT_SEED
     from loramerge_cli.merging.registry import randomized_methods
     from loramerge_cli.search.strategies import STRATEGIES
-
-    import ast
 
     if not isinstance(settings, dict):
         return settings

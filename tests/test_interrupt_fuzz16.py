@@ -192,18 +192,21 @@ def test_a_merge_of_adapters_changed_in_memory_is_no_rebuild_of_their_files(fold
     assert "adapter 'b'" not in result.stderr
 
 
-def test_a_ctrl_c_as_the_command_finishes_exits_130(tmp_path):
+@pytest.mark.parametrize("moment, when", [  # the end-of-run handler in place, or about to be
+    ("cli._flush", "True"), ("interrupts.restore", "cli._late_signal in args[0].values()")])
+def test_a_ctrl_c_as_the_command_finishes_exits_130(tmp_path, moment, when):
     """A Ctrl-C while `main` flushed the result, before its end-of-run handler was in place, raised through it:
     a chained KeyboardInterrupt traceback and death by SIGINT."""
     folder = write_task_folders(tmp_path / "inputs", names=("a",))["a"]
     body = f"""import loramerge_cli.cli as cli
-flush = cli._flush
+from loramerge_cli import interrupts
+original = {moment}
 calls = []
-def interrupted_flush():
-    if not calls:
+def interrupted(*args):
+    if not calls and {when}:
         calls.append(os.kill(os.getpid(), signal.SIGINT))
-    flush()
-cli._flush = interrupted_flush
+    return original(*args)
+{moment} = interrupted
 sys.argv = ['loramerge', 'inspect', '--adapters', {str(folder)!r}]"""
     done = _run_driver(tmp_path, body)
     assert done.returncode == 130 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-500:])

@@ -210,3 +210,20 @@ def interrupted(*args):
 sys.argv = ['loramerge', 'inspect', '--adapters', {str(folder)!r}]"""
     done = _run_driver(tmp_path, body)
     assert done.returncode == 130 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-500:])
+
+
+def test_a_plot_folder_holding_a_folder_named_like_a_picture_is_refused_before_the_search(text_setting, tmp_path,
+                                                                                            monkeypatch):
+    """`--plot P --force` with a folder P/fitness.png searched to the end and only then failed to draw."""
+    from factories import invoke_cli
+    from loramerge_cli.search import runner
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the search ran")
+
+    monkeypatch.setattr(runner, "run_search", no_search)
+    (tmp_path / "plots" / "fitness.png").mkdir(parents=True)
+    result = invoke_cli(["search-mask", "--adapters", *text_setting.adapter_args(), "--tasks",
+                         text_setting.tasks_file, "--out", tmp_path / "mask.json", "--plot", tmp_path / "plots",
+                         "--force"])
+    assert result.exit_code == 1 and "fitness.png there is not a file" in result.stderr, result.stderr

@@ -283,6 +283,9 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
             raise LoramergeError(f"--plot {plot} exists and is not a folder; give a folder for "
                                  f"{' and '.join(PLOT_NAMES)}")
         pictures = [plot / name for name in PLOT_NAMES]
+        odd = [picture for picture in pictures if picture.exists() and not picture.is_file()]
+        if odd:  # (a folder of that name: the pictures would fail only after the search)
+            raise LoramergeError(f"--plot {plot}: {odd[0].name} there is not a file; give another --plot folder")
         if out is not None and any(_same(out, path) for path in (plot, *pictures)):
             raise UsageError(f"--out {out} is where --plot draws; give the table another name")
         existing = [picture for picture in pictures if picture.exists()]

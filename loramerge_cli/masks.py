@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 
-from loramerge_cli.adapters.model import Adapter
+from loramerge_cli.adapters.model import Adapter, content_sha256
 from loramerge_cli.adapters.units import sorted_units, unit_of
 from loramerge_cli.atomic import write_text
 from loramerge_cli.errors import LoramergeError, UsageError
@@ -81,8 +81,15 @@ def ones_table(adapters: list[Adapter]) -> WeightTable:
         tasks=[a.name for a in adapters],
         units=units,
         weights=[[1.0] * len(units) for _ in adapters],
-        adapters=[{"source": a.source.spec, "sha256": a.source.identity} for a in adapters],
+        adapters=adapter_records(adapters),
     )
+
+
+def adapter_records(adapters: list[Adapter]) -> list[dict]:
+    """What a table records of its adapters: the sha256 that identifies each (its file's, or its tensors' once
+    changed in memory) and the sha256 of its tensors, which a copy written by apply-mask or a merge keeps."""
+    return [{"source": a.source.spec, "sha256": a.source.identity, "content_sha256": content_sha256(a)}
+            for a in adapters]
 
 
 def from_pruned_indices(adapters: list[Adapter], indices: list[int]) -> WeightTable:
@@ -228,7 +235,9 @@ def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask
         raise LoramergeError(f"{origin}: {extra}")
     for recorded, adapter in zip(table.adapters, adapters):
         digest = recorded.get("sha256") if isinstance(recorded, dict) else None
-        if digest and digest != adapter.source.identity:
+        # a copy of the adapter (apply-mask's, of adapters pruned in memory too) has the same tensors
+        contents = {digest, recorded.get("content_sha256")} if isinstance(recorded, dict) else set()
+        if digest and digest != adapter.source.identity and content_sha256(adapter) not in contents:
             raise LoramergeError(
                 f"{origin}: adapter {adapter.name!r} differs from the one the table was made for (sha256 mismatch)"
             )

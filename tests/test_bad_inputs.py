@@ -124,7 +124,8 @@ CASES = {
         ["--adapters", *g, *_mask(t, g, lambda d: d.update(units=["model.layers.0", "model.layers.1",
                                                                   "model.layers.7"]))], "units"),
     "mask hash differs": lambda t, g: (
-        ["--adapters", *g, *_mask(t, g, lambda d: d["adapters"][1].update(sha256="0" * 64))], "sha256"),
+        ["--adapters", *g, *_mask(t, g, lambda d: d["adapters"][1].update(sha256="0" * 64, content_sha256="0" * 64))],
+        "sha256"),
     "indices out of range": lambda t, g: (["--adapters", *g, "--indices", "[99]"], "--indices"),
     "pickle without --allow-pickle": lambda t, g: (["--adapters", _pickle_only(t), g[1]], "--allow-pickle"),
     "head without a head": lambda t, g: (["--adapters", *g, "--head", "zzz"], "--head"),

@@ -120,14 +120,16 @@ class Adapter:
 
 
 def content_sha256(adapter: Adapter) -> str:
-    """sha256 of what fixes an adapter's outputs: its LoRA factors and scales, its heads and its config, hashed
-    from the tensors themselves (an adapter changed in memory keeps its source file)."""
+    """sha256 of what fixes an adapter's outputs, from the tensors themselves: each module's path, scale,
+    orientation and factors, and the heads (the config's other settings are refused on reading or only name
+    things: the writer lists target modules in full). lora_B is hashed in lora_A's dtype, as the writer stores
+    it by default, so an adapter pruned in memory (lora_B × weight, kept in float64) hashes as its written copy
+    (float16 copies are rebalanced: they do not)."""
     import hashlib
-    import json
 
-    digest = hashlib.sha256(json.dumps(adapter.config, sort_keys=True, default=str).encode())
-    tensors = [(f"{path}|{module.scale!r}", (module.lora_A, module.lora_B))
-               for path, module in sorted(adapter.modules.items())]
+    digest = hashlib.sha256(b"loramerge.content/v2")
+    tensors = [(f"{path}|{m.scale!r}|{m.fan_in_fan_out}", (m.lora_A, m.lora_B.to(m.lora_A.dtype)))
+               for path, m in sorted(adapter.modules.items())]
     tensors += [(f"head|{key}", (tensor,)) for key, tensor in sorted(adapter.heads.items())]
     for name, parts in tensors:
         digest.update(name.encode())

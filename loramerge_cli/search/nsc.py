@@ -296,7 +296,7 @@ def raised_tasks(problem: NscProblem, side_path, settings: NscSettings) -> tuple
 
 def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: None):
     """search-mask --strategy nsc: returns (WeightTable, provenance)."""
-    from loramerge_cli.masks import WeightTable
+    from loramerge_cli.masks import WeightTable, adapter_records
 
     settings: NscSettings = request.nsc
     settings.check()
@@ -325,7 +325,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
     }
     table = WeightTable(
         tasks=[a.name for a in problem.adapters], units=problem.paths, weights=side_path.table_rows(), unit="module",
-        adapters=[{"source": a.source.spec, "sha256": a.source.identity} for a in problem.adapters], scale=1.0,
+        adapters=adapter_records(problem.adapters), scale=1.0,
         provenance=provenance,
     )
     if request.report_test:  # the training engine (its model on the device) goes before the test one loads

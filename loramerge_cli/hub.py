@@ -79,10 +79,17 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                 dry_run: bool = False, message: str = "Upload merged adapter (loramerge)") -> dict:
     """Create the repository if needed and upload the folder in one commit; with `dry_run`, only list the files.
 
-    Returns {repo_id, revision, private, files, dry_run, url}.
+    Returns {repo_id, revision, private, files, dry_run, url}. The repository id and the folder are checked first,
+    for a dry run too: a folder that does not exist or holds no file is an error, never an empty listing.
     """
+    check_repo_id(repo_id, dry_run, private, revision)
+    if not Path(folder).is_dir():
+        raise LoramergeError(f"{folder}: not a folder, so there is nothing to upload")
+    files = folder_files(folder)
+    if not files:
+        raise LoramergeError(f"{folder}: the folder holds no files, so there is nothing to upload")
     report = {"repo_id": repo_id, "revision": revision or "main", "private": private,
-              "files": folder_files(folder), "dry_run": dry_run, "url": None}
+              "files": files, "dry_run": dry_run, "url": None}
     if dry_run:
         return report
     from huggingface_hub import HfApi

@@ -93,6 +93,10 @@ def merge_table(report: dict) -> Table:
     table.add_column("what")
     table.add_column("value")
     shown = {k: v for k, v in report["parameters"].items() if k not in ("merger", "method", "space")}
+    if shown.get("out_rank") is not None:  # a fixed rank: the energy target does not apply
+        shown.pop("energy", None)
+    elif "out_rank" in shown:
+        shown.pop("out_rank")
     parameters = ", ".join(f"{k}={v}" for k, v in shown.items())
     table.add_row("merger", f"{report['merger']} (method {report['method']}, space {report['space']})")
     table.add_row("parameters", parameters)
@@ -209,6 +213,8 @@ def search_summary(table, provenance: dict):
         f"{validation['best_mean_normalized_accuracy']:.2f} ({validation['fitness']:+.2f}); "
         f"{provenance['evaluations']} full-set evaluations, {provenance.get('forward_examples', 0)} forward "
         f"examples in {provenance['seconds']:.1f} s"
+        + ("; that is every table the --max-prune cap allows, so no budget could buy more"
+           if provenance.get("every_allowed_table_scored") else "")
     )
     parts = [mask_heatmap(table), lines]
     test = provenance.get("test")

@@ -131,8 +131,9 @@ def strategy_options() -> list:
         for parameter in strategy.parameters:
             flags = parameter.flags or ((f"--{parameter.name}/--no-{parameter.name}",) if parameter.type is bool
                                         else ())
+            allowed = f" Allowed: {parameter.bounds()}." if parameter.bounds() else ""
             options.append(option(parameter.name, parameter.type, parameter.default, *flags,
-                                  help=f"{strategy.name}: {parameter.help}"))
+                                  help=f"{strategy.name}: {parameter.help}{allowed}"))
     return options
 
 

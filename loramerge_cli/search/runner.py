@@ -169,6 +169,10 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     best = outcome.best
     best_lambda = best.lam if best.lam is not None else lam
     provenance = _provenance(request, fitness, outcome, started)
+    # whether the search scored every table the ρ cap allows (a larger budget buys nothing; with λ searched
+    # too, tables are without number)
+    provenance["every_allowed_table_scored"] = not request.enmp.addscale and outcome.evaluations >= allowed_tables(
+        space.unit_count * space.task_count, request.enmp.max_prune)
     provenance.update(scored.provenance)
     provenance["validation"] = scored.validation(best)
     merger = {**fitness.unit_settings.describe(), "lambda": best_lambda}
@@ -209,6 +213,13 @@ def _search_lambda(request: SearchRequest, problem: Problem, experts: dict, run_
         return search_lambda(problem.adapters, config, None, request.tasks, evaluator=problem.engine, run_dir=run_dir,
                              allow_base_mismatch=request.allow_base_mismatch, report=on_event, pool=pool,
                              experts=experts)
+
+
+def allowed_tables(flat_size: int, max_prune: float) -> int:
+    """The pruned tables (the unpruned one left out) that the --max-prune cap allows over `flat_size` units."""
+    from loramerge_cli.search.decode import feasible_tables, max_pruned
+
+    return feasible_tables(flat_size, max_pruned(max_prune, flat_size, 1)) - 1
 
 
 def _provenance(request, fitness, outcome, started) -> dict:

@@ -52,6 +52,7 @@ from loramerge_cli.search.enmp import (
     _search_numpy_state,
     cma_options,
 )
+from loramerge_cli.search.parameters import SCREENED_PARAMETERS, check_declared
 from loramerge_cli.search.state_io import write_progress
 
 Candidate = tuple[tuple[int, ...], float | None]
@@ -77,15 +78,12 @@ class ScreenedSettings(EnmpSettings):
         super().check()
         if self.addscale:
             raise UsageError("--addscale searches λ with --strategy enmp only")
-        if self.redraws < 0:
-            raise UsageError("--redraws must be >= 0")
-        if self.eta < 2 or self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0:
-            raise UsageError("--eta must be >= 2 (and rungs >= 1, min_examples >= 1, noise_examples >= 0)")
+        check_declared(self, SCREENED_PARAMETERS)
+        if self.rungs < 1 or self.min_examples < 1 or self.noise_examples < 0:
+            raise UsageError("rungs, min_examples must be >= 1 and noise_examples >= 0")
         if self.budget is not None and self.budget < 1:
             raise UsageError("--budget must be >= 1")
-        if self.greedy_pool < 0:
-            raise UsageError("--greedy-pool must be >= 0")
-        if not 1 <= self.screen_rungs <= self.rungs:
+        if self.screen_rungs > self.rungs:
             raise UsageError(f"--screen-rungs must be from 1 to {self.rungs} (the subsets and the full set)")
 
     def rung_sizes(self, count: int) -> list[int]:

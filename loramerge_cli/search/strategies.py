@@ -4,8 +4,9 @@ A mask strategy gets the fitness (a batch of candidates -> fitness values), the 
 callback, and returns its best evaluation, how many distinct candidates it scored, and its history. It says
 whether it can resume a run directory; one that cannot is refused with --resume (never silently restarted).
 `nsc` is a coefficient strategy: it learns real weights by gradient descent (search/nsc.py), not masks.
-A strategy declares its own settings as `Parameter`s: search-mask's options are generated from them, and
-the request carries their values in `request.options`.
+A strategy declares its own settings as `Parameter`s (search/parameters.py: type, default, range):
+search-mask's options are generated from them, the range is checked before any work, and the request
+carries their values in `request.options`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.search.parameters import SCREENED_PARAMETERS, SURROGATE_PARAMETERS, Parameter
 
 
 @dataclass
@@ -39,19 +41,6 @@ class Outcome:
 
 
 @dataclass(frozen=True)
-class Parameter:
-    """A strategy's own setting: the `request.options` key, and the search-mask option made from it."""
-
-    name: str
-    type: type
-    default: object
-    help: str
-    flags: tuple[str, ...] = ()  # the option's flags; default --name (a bool: --name/--no-name)
-    needs: tuple[str, ...] = ()  # bool parameters of the same strategy without which this one does nothing
-    off: tuple = ()  # values that switch this setting off: allowed whatever its `needs` are
-
-
-@dataclass(frozen=True)
 class Strategy:
     name: str
     help: str
@@ -73,8 +62,8 @@ class Strategy:
 
 
 def check_options(strategy: Strategy, options: dict) -> None:
-    """`options` holds the strategy's own settings, each of its declared type (a float setting takes an int; a bool
-    is no number), and its `library_options` (checked by its `check`); any other name is refused."""
+    """`options` holds the strategy's own settings, each of its declared type and range, and its
+    `library_options` (checked by its `check`); any other name is refused."""
     own = {parameter.name: parameter for parameter in strategy.parameters}
     for name, value in options.items():
         parameter = own.get(name)
@@ -82,11 +71,8 @@ def check_options(strategy: Strategy, options: dict) -> None:
             known = [*own, *strategy.library_options]
             raise UsageError(f"--strategy {strategy.name} has no setting {name}"
                              + (f" (it has: {', '.join(known)})" if known else ""))
-        if parameter is None:
-            continue
-        accepted = (int, float) if parameter.type is float else parameter.type
-        if isinstance(value, bool) != (parameter.type is bool) or not isinstance(value, accepted):
-            raise UsageError(f"--{name.replace('_', '-')} must be {parameter.type.__name__} (got {value!r})")
+        if parameter is not None:
+            parameter.check(value)
 
 
 def check_needs(strategy: Strategy, options: dict) -> None:
@@ -234,22 +220,7 @@ SCREENED = Strategy(
     "of them, CMA-ES started from its table, new tables only, each generation's scored on seeded validation "
     "subsets first (successive halving)",
     True, _run_screened,
-    parameters=(
-        Parameter("screen", bool, True, "score every single-unit pruning first (full validation set) and start "
-                  "CMA-ES from it."),
-        Parameter("greedy_pool", int, 8, "after the screen (--screen), greedy leave-one-out over this many best "
-                  "single units (full validation set), CMA-ES started from its table (0 or 1: off).",
-                  needs=("screen",), off=(0, 1)),
-        Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off)."),
-        Parameter("halving", bool, True, "score each generation's new tables on seeded validation subsets first "
-                  "(successive halving; labelled --fitness accuracy only); the result's fitness is always the "
-                  "full set's."),
-        Parameter("eta", int, 3, "successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta².",
-                  needs=("halving",)),
-        Parameter("screen_rungs", int, 1, "score the screen's single units on this many of the halving's rungs, "
-                  "the full set last (1: the full set only; 2: from n/eta; 3: from n/eta²): cheaper, a less "
-                  "exact start.", needs=("screen", "halving")),
-    ),
+    parameters=SCREENED_PARAMETERS,
     check=_check_screened, check_data=_check_screened_data, scoring=_screened_scoring,
     uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale", "budget"}),
     library_options=("rungs", "min_examples", "noise_examples"), state_file="screened_state.json",
@@ -304,23 +275,7 @@ SURROGATE = Strategy(
     "surrogate", "the default: every single-unit pruning scored, then Thompson sampling on a Bayesian model of the "
     "fitness over units and unit pairs: each new table is the best of one posterior draw, never one already scored",
     True, _run_surrogate,
-    parameters=(
-        Parameter("proposals", int, 1, "tables proposed per step and scored together (by the workers, if "
-                  "several): more is faster on many devices, each proposal knowing less."),
-        Parameter("prior_single", float, 1.0, "prior standard deviation of one unit's effect on the fitness "
-                  "(points)."),
-        Parameter("prior_pair", float, 0.2, "prior standard deviation of the interaction of two pruned units "
-                  "(points)."),
-        Parameter("same_unit_ratio", float, 2.0, "the interaction of two tasks' entries of one unit (one block) has "
-                  "this times --prior-pair, 0 to 100: the merge couples a module's tasks (1: no difference)."),
-        Parameter("noise", float, 0.5, "what the model leaves unexplained, in fitness points (accuracy: one "
-                  "validation example is 100/(tasks·examples) points; --fitness nsc scores about 20× smaller on the "
-                  "bundled example: scale all three alike, --prior-single 0.05 --prior-pair 0.01 --noise 0.025)."),
-        Parameter("exploit_every", int, 0, "every this many proposal steps, the table that maximises the model's "
-                  "posterior mean instead of a posterior draw (the step's first, with --proposals N; 0: draws "
-                  "only; 4 finds higher validation scores that held up worse on the bundled example's test "
-                  "split)."),
-    ),
+    parameters=SURROGATE_PARAMETERS,
     check=_check_surrogate, check_space=_check_surrogate_space, scoring=_surrogate_scoring,
     uses=frozenset({"max_prune", "budget"}), library_options=("restarts",), state_file="surrogate_state.json",
     check_state=_check_surrogate_state)

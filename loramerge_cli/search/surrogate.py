@@ -38,12 +38,12 @@ import numpy as np
 from loramerge_cli.errors import LoramergeError, UsageError, check_integer, is_finite_number
 from loramerge_cli.search.decode import feasible_tables, max_pruned
 from loramerge_cli.search.enmp import Evaluation, SteppedSearch
+from loramerge_cli.search.parameters import SURROGATE_PARAMETERS, check_declared
 from loramerge_cli.search.state_io import write_progress
 
 Candidate = tuple[tuple[int, ...], float | None]
 STATE_NAME = "surrogate_state.json"
 STATE_FORMAT = "loramerge.surrogate-state/v1"
-PRIOR_RANGE = (1e-4, 1e4)  # the priors' and the noise's standard deviations, in fitness points
 SCREEN_CHUNK = 8  # single-unit tables per screen step: a killed screen keeps what it scored
 SWAP_ROWS = 16  # rows of swap gains computed together by the hill-climb
 
@@ -67,16 +67,8 @@ class SurrogateSettings:
         if not is_finite_number(self.max_prune) or not 0 < self.max_prune <= 1:
             raise UsageError(f"--max-prune must be in (0, 1] (got {self.max_prune})")
         check_integer(self.budget, 1, "--budget")
-        check_integer(self.proposals, 1, "--proposals")
         check_integer(self.restarts, 1, "restarts")
-        check_integer(self.exploit_every, 0, "--exploit-every")
-        if not is_finite_number(self.same_unit_ratio) or not 0 <= self.same_unit_ratio <= 100:
-            raise UsageError(f"--same-unit-ratio must be a number in [0, 100] (got {self.same_unit_ratio})")
-        for name in ("prior_single", "prior_pair", "noise"):  # in points: far outside this range the model's
-            value = getattr(self, name)  # linear algebra fails (a kernel of 1e20, or of 1e-20 beside 1)
-            if not is_finite_number(value) or not PRIOR_RANGE[0] <= value <= PRIOR_RANGE[1]:
-                raise UsageError(f"--{name.replace('_', '-')} must be a number in [{PRIOR_RANGE[0]:g}, "
-                                 f"{PRIOR_RANGE[1]:g}] (fitness points; got {value})")
+        check_declared(self, SURROGATE_PARAMETERS)
 
 
 @dataclass

@@ -263,7 +263,7 @@ def test_a_class_count_that_differs_from_the_head_is_named_before_the_base_loads
     monkeypatch.setattr(engine, "load_base", lambda *args, **kwargs: pytest.fail("the base loaded"))
     data = write_jsonl(tmp_path / "v.jsonl", [{"premise": "w1", "hypothesis": "w2", "label": 1}])
     task = {"name": "alpha", "data": {"validation": str(data)}, "text": ["premise", "hypothesis"],
-            "labels": ["entailment", "neutral"]}
+            "label": "label", "labels": ["entailment", "neutral"]}
     spec = _spec(tmp_path, task, base_model=str(setting.base))
     result = invoke_cli(["eval", "--adapters", f"alpha={setting.adapters['alpha']}", "--tasks", spec])
     one_line(result, "tasks[0].num_labels: the spec gives 2 classes but the task's head has 3 rows; set num_labels: 3")

@@ -2,10 +2,11 @@
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
-
 from factories import invoke_cli
+
 from loramerge_cli import api
 from loramerge_cli.errors import LoramergeError
 
@@ -117,3 +118,116 @@ def test_the_merge_summary_shows_the_truncation_setting_that_applies():
     assert "out_rank=32" in shown(out_rank=32, energy=0.9999) and "energy" not in shown(out_rank=32, energy=0.9999)
     assert "energy=0.9999" in shown(out_rank=None, energy=0.9999) and "out_rank" not in shown(out_rank=None,
                                                                                               energy=0.9999)
+
+
+def test_loramerge_json_names_inputs_given_relative_to_the_working_folder_from_the_output(folders, tmp_path,
+                                                                                         monkeypatch):
+    """Adapters given by a relative path were recorded in loramerge.json as given (relative to the working
+    folder, not the output: `../tiny/...` from another folder pointed nowhere), and a two-part one (`ad/a`) was
+    taken for a Hub id in the recipe too. Both now name the folder relative to the output, as the docs say."""
+    import os
+    import shutil
+
+    for name in "ab":
+        shutil.copytree(folders[name], tmp_path / "ad" / name)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path)
+    result = invoke_cli(["merge", "--adapters", "ad/a", "ad/b", "--merger", "ta", "--out", "work/m1"])
+    assert result.exit_code == 0, result.stderr
+    out = tmp_path / "work" / "m1"
+    sources = [item["source"] for item in json.loads((out / "loramerge.json").read_text())["inputs"]]
+    assert sources == ["../../ad/a", "../../ad/b"]
+    assert "a: ../../ad/a" in (out / "loramerge.yaml").read_text()
+    monkeypatch.chdir(tmp_path / "work")  # a rebuild from another folder, into a deeper one
+    again = invoke_cli(["merge", "--config", "m1/loramerge.yaml", "--out", "deeper/m2"])
+    assert again.exit_code == 0, again.stderr
+    rebuilt = tmp_path / "work" / "deeper" / "m2"
+    for item in json.loads((rebuilt / "loramerge.json").read_text())["inputs"]:
+        assert os.path.isdir(rebuilt / item["source"]) and item["source"].startswith("../../../ad/")
+
+
+def _spec_variant(text_setting, tmp_path, change) -> Path:
+    import yaml
+
+    content = yaml.safe_load(text_setting.tasks_file.read_text())
+    change(content)
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text(yaml.safe_dump(content, sort_keys=False))
+    return spec
+
+
+def test_a_labelled_command_refuses_a_spec_without_labels_before_anything_loads(text_setting, tmp_path):
+    """A sequence-classification task with no `label` passed every check and failed after the base model loaded
+    (about 5 s on the tiny example): eval, merge --lambda auto and a labelled search all score accuracy.
+    NSC reads no label and still takes it."""
+    from loramerge_cli.api import EvalSettings, NscSettings
+
+    spec = _spec_variant(text_setting, tmp_path, lambda content: content["tasks"][0].pop("label"))
+    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.label: required field is missing"):
+        api.plan_eval(spec, text_setting.adapter_args(), [], EvalSettings(threads=1))
+    search = api.SearchRequest(adapters=text_setting.adapter_args(), merge=api.MergeConfig(merger="ta"), tasks=spec,
+                               eval=EvalSettings(threads=1))
+    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.label: required field is missing"):
+        api.plan_search(search)
+    api.plan_search(replace(search, strategy="nsc", nsc=NscSettings(steps=1)))
+    merged = invoke_cli(["merge", "--adapters", *text_setting.adapter_args(), "--merger", "ta", "--lambda", "auto",
+                         "--tasks", spec, "--out", tmp_path / "m"])
+    assert merged.exit_code == 1 and "tasks[0].label: required field is missing" in merged.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_integer_field_written_as_a_whole_float_is_taken_as_an_integer(text_setting, tmp_path):
+    """`num_labels: 3.0` (or `max_length: 8.0`) passed the schema (JSON Schema counts 3.0 as an integer) and
+    failed after the model loaded: "internal error: TypeError: 'float' object cannot be interpreted as an
+    integer"."""
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    def floats(content):
+        content["tasks"][0].update(num_labels=3.0, max_length=8.0, limit=4.0)
+
+    task = load_task_file(_spec_variant(text_setting, tmp_path, floats)).tasks[0]
+    assert (task.num_labels, task.max_length, task.limit) == (3, 8, 4)
+    assert all(type(value) is int for value in (task.num_labels, task.max_length, task.limit))
+
+
+def test_base_overrides_the_spec_s_base_model(text_setting, tmp_path):
+    """With `base_model` in the spec, `--base` (a copy of the base) was refused as 'differs from the base the
+    adapters were trained on' while the same --base was taken from a spec without `base_model`: --base
+    overrides the spec's base, as its help says."""
+    import shutil
+
+    copy = shutil.copytree(text_setting.base, tmp_path / "base_copy")  # the spec names the copy, the adapters
+    spec = _spec_variant(text_setting, tmp_path, lambda content: content.update(base_model=str(copy)))  # the original
+    args = ["eval", "--adapters", *text_setting.adapter_args(), "--tasks", spec, "--threads", "1", "--val-limit", "4"]
+    assert "--allow-base-mismatch overrides" in invoke_cli(args).stderr  # (without --base: refused, as before)
+    result = invoke_cli([*args, "--base", copy])
+    assert result.exit_code == 0, result.stderr
+
+
+def test_image_folders_without_labels_share_one_class_numbering_across_splits(tmp_path):
+    """Without `labels`, each split numbered its own class folders: a validation split without class 5 made
+    folder '6' class 5 there and class 6 in the test split, and the scores were silently wrong."""
+    from PIL import Image
+
+    from loramerge_cli.evaluation.data import load_examples
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    for split, classes in (("validation", "01346"), ("test", "01245")):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / split / name / "x.png")
+    import yaml
+
+    task = {"name": "digits", "data": {"validation": "validation", "test": "test"}}
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text(yaml.safe_dump({"model_type": "image-classification", "tasks": [task]}))
+    task_file = load_task_file(spec)
+    numbering = {}
+    for split in ("validation", "test"):
+        examples = load_examples(task_file, task_file.tasks[0], split)
+        for path, label in zip(examples.inputs, examples.labels):
+            assert numbering.setdefault(Path(path).parent.name, label) == label
+    assert numbering == {name: index for index, name in enumerate("0123456")}
+    spec.write_text(yaml.safe_dump({"model_type": "image-classification", "tasks": [{**task, "num_labels": 10}]}))
+    with pytest.raises(LoramergeError, match="the 7 class folders of the task's splits .* num_labels is 10"):
+        load_examples(load_task_file(spec), load_task_file(spec).tasks[0], "validation")

@@ -65,6 +65,11 @@ def portable_source(spec: str, folder: str | Path) -> str:
     return spec if is_hub_id(spec.removeprefix("hf://").split("@", 1)[0]) else portable_path(spec, folder)
 
 
+def local_source(path: str, folder: str | Path) -> str:
+    """A local path (absolute, or relative to the working folder) relative to `folder`."""
+    return os.path.relpath(os.path.abspath(os.path.expanduser(path)), Path(folder).absolute())
+
+
 def portable_command(command: str | None, folder: str | Path) -> str | None:
     """The command line with every absolute path (also in name=path and --flag=path) relative to `folder`."""
     if command is None:
@@ -79,8 +84,11 @@ def portable_command(command: str | None, folder: str | Path) -> str | None:
 
 
 def portable_inputs(inputs: list[dict], folder: str | Path) -> list[dict]:
-    """Provenance input records with their sources made portable (see portable_source)."""
-    return [{**record, "source": portable_source(str(record["source"]), folder),
+    """Provenance input records with their sources made portable: a local file or folder (`kind`) relative to
+    `folder`, also when given relative to the working folder (`org/name` is then a local path, not a Hub id);
+    else as portable_source."""
+    return [{**record, "source": local_source(str(record["source"]), folder) if record.get("kind") in ("dir", "file")
+             else portable_source(str(record["source"]), folder),
              **({"base_model": portable_path(record["base_model"], folder)} if record.get("base_model") else {})}
             for record in inputs]
 

@@ -41,14 +41,14 @@ def is_path(parameter) -> bool:
 
 def adapter_source(adapter, folder: str | Path) -> str:
     """How the recipe in `folder` names an adapter: a Hub id pinned to its commit, or a relative path."""
-    from loramerge_cli.adapters.card import is_hub_id
+    from loramerge_cli.adapters.card import is_hub_id, local_source
 
     source = adapter.source
     if source.kind == "hub" and source.repo_id:
         return f"{source.repo_id}@{source.revision}" if source.revision else source.repo_id
-    if is_hub_id(source.spec):
+    if source.kind == "hub" or (source.kind not in ("dir", "file") and is_hub_id(source.spec)):
         return source.spec
-    return os.path.relpath(os.path.abspath(os.path.expanduser(source.spec)), Path(folder).absolute())
+    return local_source(source.spec, folder)  # a local `org/name` too (it is read as a path where it exists)
 
 
 def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dict | None = None,

@@ -71,8 +71,8 @@ def search_options() -> list:
                        "classification tasks)."),
         setting_option(NscSettings, "steps", help="nsc: AdamW steps."),
         setting_option(NscSettings, "lr", help="nsc: AdamW learning rate (weight decay 0.01)."),
-        setting_option(NscSettings, "init", help="nsc: starting value of every coefficient (the paper's 0.4; 1/T "
-                       "starts from ta's default λ)."),
+        setting_option(NscSettings, "init", help="nsc: starting value of every coefficient, a number (the paper's "
+                       "0.4; ta's default λ is 1/T, so 0.25 for 4 tasks)."),
         option("target_blocks", str | None, None, show_default=False, help="nsc: blocks the ratio is measured in: "
                "indices (9,10,11) or unit prefixes. [default: the last quarter of the blocks with LoRA]"),
         option("target_modules", str | None, None, show_default=False, help="nsc: module names in those blocks "

@@ -53,10 +53,11 @@ def load_examples(
     return Examples(task.name, split, inputs, labels, digest.hexdigest())
 
 
-def check_data(task_file: TaskFile, splits: list[str] | None = None) -> dict[tuple[str, str], int]:
+def check_data(task_file: TaskFile, splits: list[str] | None = None, labelled: bool = True
+               ) -> dict[tuple[str, str], int]:
     """Read every row of every task's splits (all of them, or `splits` where the task has them) and check
-    its input columns and labels: the errors `load_examples` would raise, before any model loads. Returns
-    the rows of each (task, split)."""
+    its input columns and labels: the errors `load_examples` would raise, before any model loads; `labelled`:
+    every split must have labels (accuracy is scored on it). Returns the rows of each (task, split)."""
     counts = {}
     for task in task_file.tasks:
         for split in splits or list(task.data):
@@ -71,6 +72,9 @@ def check_data(task_file: TaskFile, splits: list[str] | None = None) -> dict[tup
                     position = f"line {line}" if line is not None else f"row {number}"
                     where = position if str(source) in str(error) else f"{position} of {source}"
                     raise LoramergeError(f"{error} ({where})") from None
+            if labelled and task.label is None and not source.is_dir():
+                hint = "; the rows have a 'label' column: add `label: label`" if "label" in rows[0] else ""
+                raise task_file.error(f"{task.where}.label", f"required field is missing (accuracy needs labels{hint})")
             counts[task.name, split] = len(rows)
     return counts
 

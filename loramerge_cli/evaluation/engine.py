@@ -410,11 +410,13 @@ class Evaluator:
 
 def checked_evaluator(task_file: TaskFile, adapters: list, settings: EvalSettings, base: str | None = None,
                       allow_base_mismatch: bool = False, allow_pickle: bool = False) -> Evaluator:
-    """An Evaluator of the adapters, the spec's base checked against theirs before the model loads, and the
-    model kind against the adapters and the base after (adapters/compat.py)."""
+    """An Evaluator of the adapters, the spec's base checked against theirs before the model loads (unless
+    `base`, --base, overrides it), and the model kind against the adapters and the base after
+    (adapters/compat.py)."""
     from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
 
-    check_spec_base(task_file, adapters, allow_base_mismatch)
+    if base is None:
+        check_spec_base(task_file, adapters, allow_base_mismatch)
     engine = Evaluator(task_file, adapters, settings, base=base, allow_pickle=allow_pickle)
     check_base_kind(engine)
     return engine

@@ -186,13 +186,13 @@ def _task_from(entry: dict, index: int, folder: Path, path: Path) -> TaskSpec:
         image=entry.get("image"),
         label=entry.get("label"),
         labels=entry.get("labels"),
-        num_labels=entry.get("num_labels"),
+        num_labels=_whole(entry.get("num_labels")),
         head=entry.get("head", FROM_ADAPTER),
         prompt=entry.get("prompt"),
         choices=entry.get("choices"),
         length_normalize=bool(entry.get("length_normalize", False)),
-        max_length=entry.get("max_length"),
-        limit=entry.get("limit"),
+        max_length=_whole(entry.get("max_length")),
+        limit=_whole(entry.get("limit")),
         adapter=entry.get("adapter"),
     )
     if task.head not in (FROM_ADAPTER, NO_HEAD):
@@ -222,7 +222,12 @@ def _masked_index(value, task: TaskSpec, path: Path) -> int:
         if not task.labels or value not in task.labels:
             raise LoramergeError(f"{path}: {task.where}.masked_labels: unknown label name {value!r}")
         return task.labels.index(value)
-    return value
+    return _whole(value)
+
+
+def _whole(value):
+    """An integer field's value as an int: the schema's `integer` takes 4.0 (JSON Schema counts it as one)."""
+    return int(value) if isinstance(value, float) else value
 
 
 def _check_task(task: TaskSpec, task_file: TaskFile) -> None:

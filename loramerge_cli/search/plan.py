@@ -131,7 +131,7 @@ def check_splits(request: SearchRequest) -> None:
     if label_free:  # the search reads no label (unlabelled or GLUE-test data is fine); --report-test's split does
         from loramerge_cli.search.nsc import without_labels
 
-        rows = check_data(without_labels(task_file), [request.eval.split])
+        rows = check_data(without_labels(task_file), [request.eval.split], labelled=False)
         rows.update(check_data(task_file, needed[1:]) if needed[1:] else {})
     else:
         rows = check_data(task_file, needed)  # every row's inputs and labels, before any adapter or model loads

@@ -10,6 +10,12 @@ from loramerge_cli.evaluation.task_types.base import TaskType
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 
+def class_folders(folder: Path) -> set[str]:
+    """The class folders of a split (hidden ones, .ipynb_checkpoints or .git, are no classes: one would shift
+    every label)."""
+    return {entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
+
+
 class ImageClassification(TaskType):
     name = "image-classification"
     model_class = "AutoModelForImageClassification"
@@ -20,12 +26,21 @@ class ImageClassification(TaskType):
     inputs_name_files = True
 
     def folder_rows(self, folder: Path, task_file, task, where: str) -> list[dict]:
-        """`folder/class_name/*.png` -> rows {image: path, label: index}, sorted by class then file."""
-        # hidden folders (.ipynb_checkpoints, .git) are no classes: one would shift every label
-        classes = sorted(entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+        """`folder/class_name/*.png` -> rows {image: path, label: index}, sorted by class then file. Without
+        `labels`, the classes are the class folders of all the task's folder splits, in sorted order: one
+        numbering for every split, even where a split lacks a class."""
+        classes = sorted(class_folders(folder))
         if not classes:
             raise task_file.error(where, f"{folder} has no class folders (expected {folder}/class_name/*.png)")
-        names = task.labels or classes
+        names = task.labels
+        if not names:
+            splits = [Path(path) for path in task.data.values() if Path(path).is_dir()]
+            names = sorted(set().union(*(class_folders(split) for split in splits)))
+            if task.num_labels is not None and len(names) != task.num_labels:
+                raise task_file.error(
+                    f"{task.where}.labels", f"without labels, the classes are the {len(names)} class folders of "
+                    f"the task's splits in sorted order, but num_labels is {task.num_labels}: name the classes in "
+                    "labels, in the head's order")
         rows = []
         for class_name in classes:
             if class_name not in names:

@@ -227,12 +227,15 @@ def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask
     else:
         expected = sorted({path for a in adapters for path in a.modules})
     missing = [u for u in table.units if u not in expected]
-    if missing or (table.unit == "block" and table.units != expected):
+    # a module table lists every module, in any order (a module left out would keep weight 1 unsaid)
+    if missing or (table.units != expected if table.unit == "block" else set(table.units) != set(expected)):
         absent = [u for u in expected if u not in table.units]
         count = f"{len(table.units)} of the adapters' {len(expected)} units"
         extra = (f"unknown units {missing[:3]}" if missing else f"lists {count} (missing: {absent[:3]})" if absent
                  else f"lists the adapters' {len(expected)} units in another order (theirs: {expected[:3]}…)")
         raise LoramergeError(f"{origin}: {extra}")
+    if table.adapters and len(table.adapters) != len(table.tasks):  # (a table written by hand may name none)
+        raise LoramergeError(f"{origin}: lists {len(table.adapters)} adapters for its {len(table.tasks)} tasks")
     for recorded, adapter in zip(table.adapters, adapters):
         digest = recorded.get("sha256") if isinstance(recorded, dict) else None
         # a copy of the adapter (apply-mask's, of adapters pruned in memory too) has the same tensors

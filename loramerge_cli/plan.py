@@ -122,6 +122,10 @@ def check_recorded(table: WeightTable | None, adapter_count: int, origin: str = 
     it), not a flag's."""
     recorded = recorded_settings(table)
     problem = None
+    merger = table.merger if table is not None and isinstance(table.merger, dict) else {}
+    unknown = [name for name in merger if name not in {*SETTINGS, *PARAMETERS, "lambda"} or name == "lam"]
+    if unknown:  # a typo (`densty`) would merge at the default, silently
+        problem = f"unknown setting {unknown[0]!r}"
     lam = recorded.get("lam")
     if lam is not None and not is_finite_number(lam):
         problem = f"lambda must be a finite number (got {lam!r})"
@@ -358,6 +362,12 @@ def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, 
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     check_output_dir(out, force, adapter_files(adapters) + table_files(table))
+    from loramerge_cli.adapters.card import RECIPE_NAME
+
+    clashing = [a.name for a in adapters if a.name in ("mask.json", RECIPE_NAME)]
+    if clashing:  # each task's folder sits beside the table and the recipe
+        raise UsageError(f"task name {clashing[0]!r} is the name of a file apply-mask writes beside the task "
+                         "folders; name the adapter otherwise (name=source)")
     table = align_table(table, adapters)
     check_table(table, adapters, origin=table.origin or "mask")
     return PrunePlan(adapters, table, Path(out), force, dtype, base, command)

@@ -231,3 +231,111 @@ def test_image_folders_without_labels_share_one_class_numbering_across_splits(tm
     spec.write_text(yaml.safe_dump({"model_type": "image-classification", "tasks": [{**task, "num_labels": 10}]}))
     with pytest.raises(LoramergeError, match="the 7 class folders of the task's splits .* num_labels is 10"):
         load_examples(load_task_file(spec), load_task_file(spec).tasks[0], "validation")
+
+
+# --- inputs (a hostile review of inspect, merge and apply-mask) -----------------------------------------------
+
+def _variant(folder, tmp_path, name, change) -> Path:
+    """A copy of an adapter folder with its tensors changed by `change(tensors)`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = shutil.copytree(folder, tmp_path / name)
+    tensors = load_file(copy / "adapter_model.safetensors")
+    change(tensors)
+    save_file(tensors, copy / "adapter_model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+def _one_line(result, words: str, code: int = 1) -> None:
+    assert result.exit_code == code, (result.exit_code, result.stderr)
+    assert result.stderr.count("\n") == 1 and "internal error" not in result.stderr, result.stderr
+    assert words in result.stderr, result.stderr
+
+
+def test_a_non_finite_head_or_a_float8_factor_is_refused_when_the_adapter_is_read(folders, tmp_path):
+    """A NaN in an adapter's head passed `inspect` ("merge would refuse: nothing") and `merge --lambda auto`
+    failed after scoring with "outputs are NaN … a λ too large?"; a float8 factor crashed every command
+    ("internal error: NotImplementedError: isfinite not implemented for Float8_e4m3fn")."""
+    import torch
+
+    def nan_head(tensors):
+        key = next(key for key in tensors if key.endswith("score.weight"))
+        tensors[key][0, 0] = float("nan")
+
+    def float8(tensors):
+        key = next(key for key in tensors if key.endswith("lora_A.weight"))
+        tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+
+    head = _variant(folders["a"], tmp_path, "head", nan_head)
+    _one_line(invoke_cli(["inspect", head, folders["b"]]), "score.weight has NaN or Inf values")
+    _one_line(invoke_cli(["inspect", _variant(folders["a"], tmp_path, "f8", float8), folders["b"]]),
+              "is float8_e4m3fn, which is not supported")
+
+
+def test_apply_mask_warns_about_a_bare_file_and_refuses_a_copy_that_overflows_its_dtype(folders, tmp_path):
+    """apply-mask read a bare .safetensors with lora_alpha = r without the warning merge gives, and wrote float16
+    copies whose update scale·B·A is beyond float16's range (merge refuses the same input)."""
+    import shutil
+
+    bare = tmp_path / "bare.safetensors"
+    shutil.copy(folders["a"] / "adapter_model.safetensors", bare)
+    result = invoke_cli(["apply-mask", "--adapters", f"a={bare}", folders["b"], "--indices", "[0]", "--out",
+                         tmp_path / "pruned", "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert any("lora_alpha = r" in line for line in json.loads(result.stdout)["warnings"])
+
+    def huge(tensors):
+        for key in tensors:
+            if "lora_" in key:
+                tensors[key] *= 3e3
+
+    big = _variant(folders["a"], tmp_path, "big", huge)
+    refused = invoke_cli(["apply-mask", "--adapters", big, folders["b"], "--indices", "[0]", "--out",
+                          tmp_path / "pruned16", "--dtype", "float16"])
+    _one_line(refused, "beyond the range of float16")
+    assert not (tmp_path / "pruned16").exists()
+
+
+def test_hand_edited_tables_are_checked_for_what_they_leave_out(folders, tmp_path):
+    """A table's `merger` with a misspelt setting (`densty`) merged at the default density; a module table that
+    left out modules kept them at weight 1; an `adapters` list shorter than the tasks skipped the hash check."""
+    adapters = api.load_adapters([f"{name}={folder}" for name, folder in folders.items()])
+    table = replace(api.ones_table(adapters), merger={"merger": "ties", "densty": 0.3})
+    with pytest.raises(LoramergeError, match="unknown setting 'densty'"):
+        api.plan_merge(adapters, api.MergeConfig(), table)
+    paths = sorted({path for adapter in adapters for path in adapter.modules})
+    partial = api.WeightTable([a.name for a in adapters], paths[1:], [[1.0] * (len(paths) - 1)] * 3, unit="module")
+    with pytest.raises(LoramergeError, match="missing"):
+        api.check_table(partial, adapters)
+    api.check_table(replace(partial, units=paths[::-1], weights=[[1.0] * len(paths)] * 3), adapters)
+    short = replace(api.ones_table(adapters), adapters=api.ones_table(adapters).adapters[:2])
+    with pytest.raises(LoramergeError, match="lists 2 adapters for its 3 tasks"):
+        api.check_table(short, adapters)
+
+
+def test_apply_mask_refuses_a_task_named_like_its_own_files(folders, tmp_path):
+    """A task named `mask.json` or `loramerge.yaml` failed at write time, naming a staging folder."""
+    for name in ("mask.json", "loramerge.yaml"):
+        result = invoke_cli(["apply-mask", "--adapters", f"{name}={folders['a']}", folders["b"], "--indices", "[0]",
+                             "--out", tmp_path / "pruned"])
+        _one_line(result, f"task name {name!r} is the name of a file apply-mask writes", code=2)
+
+
+def test_bases_named_by_equivalent_paths_are_one_base(folders, tmp_path):
+    """`…/base/` or `…/./base` in one adapter's config and `…/base` in another's: "adapters come from different
+    base models", passable only with --allow-base-mismatch (which also switches off the real checks)."""
+    import shutil
+
+    (tmp_path / "base").mkdir()
+    named = {}
+    for name, spelling in (("a", str(tmp_path / "base")), ("b", str(tmp_path / "." / "base") + "/")):
+        named[name] = shutil.copytree(folders[name], tmp_path / name)
+        config = json.loads((named[name] / "adapter_config.json").read_text())
+        config["base_model_name_or_path"] = spelling
+        (named[name] / "adapter_config.json").write_text(json.dumps(config))
+    result = invoke_cli(["merge", "--adapters", named["a"], named["b"], "--merger", "ta", "--out", tmp_path / "m"])
+    assert result.exit_code == 0, result.stderr
+    written = json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert written  # one of the spellings, not dropped

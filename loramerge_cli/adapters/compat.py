@@ -9,8 +9,8 @@ from loramerge_cli.errors import LoramergeError
 def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = False) -> list[str]:
     """Every reason a merge of these adapters would be refused (empty if none)."""
     problems = []
-    bases = {a.base_model for a in adapters if a.base_model}
-    if len(bases) > 1 and not allow_base_mismatch:
+    bases = [a.base_model for a in adapters if a.base_model]  # `…/base/` and `…/./base` name one folder
+    if any(not same_base(str(bases[0]), str(other)) for other in bases[1:]) and not allow_base_mismatch:
         listed = ", ".join(f"{a.name}: {a.base_model}" for a in adapters if a.base_model)
         problems.append(f"adapters come from different base models ({listed}); --allow-base-mismatch overrides")
     revisions = {a.config.get("revision") or None for a in adapters}
@@ -63,7 +63,7 @@ def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False)
         raise LoramergeError(problems[0] + more)
 
 
-def _same_base(first: str, second: str) -> bool:
+def same_base(first: str, second: str) -> bool:
     """Equal ids, or local paths naming the same folder."""
     from pathlib import Path
 
@@ -80,7 +80,7 @@ def check_spec_base(task_file, adapters: list[Adapter], allow_base_mismatch: boo
     if not spec_base or allow_base_mismatch:
         return
     for adapter in adapters:
-        if adapter.base_model and not _same_base(str(spec_base), str(adapter.base_model)):
+        if adapter.base_model and not same_base(str(spec_base), str(adapter.base_model)):
             raise LoramergeError(
                 f"{task_file.path}: base_model {spec_base} differs from the base adapter {adapter.name!r} was "
                 f"trained on ({adapter.base_model}); --allow-base-mismatch overrides"
@@ -134,7 +134,7 @@ def check_merged_base(task_file, experts: list[Adapter], merged: list[Adapter], 
     if not known or allow_base_mismatch:
         return
     for adapter in merged:
-        if adapter.base_model and not any(_same_base(name, str(adapter.base_model)) for name in known):
+        if adapter.base_model and not any(same_base(name, str(adapter.base_model)) for name in known):
             raise LoramergeError(f"--merged {adapter.source.spec}: made for the base {adapter.base_model}, not "
                                  f"{known[0] if base is None else base}, which these tasks are scored on; "
                                  "--allow-base-mismatch overrides")

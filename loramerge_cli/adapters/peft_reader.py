@@ -194,10 +194,12 @@ def parse_state_dict(
             if bare.endswith(".base_layer.bias"):  # a LoRA-wrapped module's own bias: bias="lora_only" or "all"
                 raise LoramergeError(f"{spec}: trained biases ({key}: bias='lora_only' or 'all') are not supported")
             if bare.endswith(".base_layer.weight"):  # the base weight of a LoRA-wrapped embedding or lm_head
-                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                    raise LoramergeError(f"{spec}: {key} has NaN or Inf values")
+                if tensor.is_floating_point():
+                    _check_float_values(tensor, f"{spec}: {key}")
                 base_copies[bare] = tensor
                 continue
+            if tensor.is_floating_point():
+                _check_float_values(tensor, f"{spec}: head {key}")
             heads[_head_key(bare)] = tensor
             continue
         if match["param"] == "bias":
@@ -220,6 +222,18 @@ def parse_state_dict(
     modules = {path: _make_module(path, pair, config, spec) for path, pair in sorted(factors.items())}
     _check_targeted(list(modules), config, spec)
     return modules, heads, base_copies
+
+
+READ_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # float8 & co.: no arithmetic on CPU
+
+
+def _check_float_values(tensor: torch.Tensor, what: str) -> None:
+    """A floating-point tensor of a dtype loramerge computes with, every value finite: one line naming it."""
+    if tensor.dtype not in READ_DTYPES:
+        raise LoramergeError(f"{what} is {str(tensor.dtype).removeprefix('torch.')}, which is not supported (float16, "
+                             "bfloat16, float32 or float64: convert the file)")
+    if not torch.isfinite(tensor).all():
+        raise LoramergeError(f"{what} has NaN or Inf values")
 
 
 def _check_targeted(paths: list[str], config: dict, spec: str) -> None:
@@ -261,6 +275,9 @@ def _make_module(path: str, pair: dict[str, torch.Tensor], config: dict, spec: s
         missing = "lora_B" if "A" in pair else "lora_A"
         raise LoramergeError(f"{spec}: module {path} has no {missing} weight")
     lora_A, lora_B = pair["A"], pair["B"]
+    if lora_A.dim() < 2 or lora_B.dim() < 2:
+        raise LoramergeError(f"{spec}: module {path}: a {min(lora_A.dim(), lora_B.dim())}-d LoRA factor is not a "
+                             "matrix")
     if lora_A.dim() != 2 or lora_B.dim() != 2:
         raise LoramergeError(f"{spec}: convolution LoRA ({path}, {lora_A.dim()}-d factors) is not supported")
     rank = lora_A.shape[0]
@@ -271,8 +288,7 @@ def _make_module(path: str, pair: dict[str, torch.Tensor], config: dict, spec: s
     if not lora_A.is_floating_point() or not lora_B.is_floating_point():
         raise LoramergeError(f"{spec}: module {path} has non-floating-point LoRA weights")
     for factor, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
-        if not torch.isfinite(tensor).all():
-            raise LoramergeError(f"{spec}: module {path} {factor} has NaN or Inf values")
+        _check_float_values(tensor, f"{spec}: module {path} {factor}")
     # a config that leaves r or lora_alpha out gets PEFT's defaults, as PeftModel.from_pretrained does
     config_rank = _pattern_value(config, "rank_pattern", path, config.get("r", PEFT_DEFAULT_R if config else None))
     if config and config_rank is not None and int(config_rank) != rank:

@@ -16,6 +16,7 @@ import torch
 
 from loramerge_cli import __version__, atomic
 from loramerge_cli.adapters.card import RECIPE_NAME, model_card, portable_command, portable_inputs, portable_path
+from loramerge_cli.adapters.compat import same_base
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.units import unit_sort_key
@@ -127,20 +128,22 @@ def as_written(module, dtype: torch.dtype):
     return replace(module, lora_B=lora_B, lora_A=lora_A)
 
 
-def check_updates_in_range(modules: dict, dtype: torch.dtype) -> None:
-    """Each merged module's update B·A (scale 1) within `dtype`'s range, else one line naming the module:
-    finite factors can multiply past it (PEFT would then compute Inf and NaN). ‖B‖·‖A‖ bounds every entry,
-    so the exact product (in float64, a slice of rows at a time) is needed only where the bound is past it."""
+def check_updates_in_range(modules: dict, dtype: torch.dtype, owner: str = "") -> None:
+    """Each module's update (scale)·B·A (a merged module's scale is 1) within `dtype`'s range, else one line
+    naming the module (and `owner`, the adapter of a plain copy): finite factors can multiply past it (PEFT
+    would then compute Inf and NaN). ‖B‖·‖A‖ bounds every entry, so the exact product (in float64, a slice of
+    rows at a time) is needed only where the bound is past it."""
     limit = torch.finfo(dtype).max
     for path, module in modules.items():
-        B, A = module.lora_B.double(), module.lora_A.double()
+        B, A = module.lora_B.double() * getattr(module, "scale", 1.0), module.lora_A.double()
         if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
             continue  # non-finite factors: check_finite names them as it writes
         if float(torch.linalg.matrix_norm(B)) * float(torch.linalg.matrix_norm(A)) <= limit:
             continue
         largest = max(float((rows @ A).abs().max()) for rows in B.split(1024))
         if not largest <= limit:
-            raise LoramergeError(f"module {path}: the merged update B·A reaches {largest:.3g}, beyond the range of "
+            what = f"{owner}module {path}: the update scale·B·A" if owner else f"module {path}: the merged update B·A"
+            raise LoramergeError(f"{what} reaches {largest:.3g}, beyond the range of "
                                  f"{str(dtype).removeprefix('torch.')}; nothing written")
 
 
@@ -224,7 +227,8 @@ def write_merged_adapter(
         raise LoramergeError("the merge is empty: every module was pruned or merged to zero"
                              + (" (λ = 0)" if modules else "") + "; nothing to write")
     check_updates_in_range(modules, out_dtype)
-    inputs_base = _common([a.base_model for a in adapters])
+    bases = [a.base_model for a in adapters if a.base_model]  # (`…/base/` and `…/base` are one base)
+    inputs_base = bases[0] if bases and all(same_base(bases[0], other) for other in bases) else None
     base = base_model or inputs_base
     tensors = {}
     for path, module in modules.items():
@@ -376,6 +380,7 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
     if not adapter.modules:
         raise LoramergeError(f"adapter {adapter.name!r} has no modules left; nothing to write")
     out_dtype = output_dtype([adapter], dtype)
+    check_updates_in_range(adapter.modules, out_dtype, owner=f"adapter {adapter.name!r}: ")
     tensors = {}
     for path, module in adapter.modules.items():
         lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype)

@@ -43,6 +43,7 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     """Write one pruned copy of each adapter: lora_B multiplied by the table's weight, zero-weight modules
     removed, scales and config kept."""
     from loramerge_cli import api
+    from loramerge_cli.adapters.compat import configless_warnings
     from loramerge_cli.adapters.writer import check_output_dir
     from loramerge_cli.cli.recipe import build_recipe
     from loramerge_cli.outputs import input_files
@@ -62,7 +63,8 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
     report = {"out": str(out), "adapters": [
         {"name": a.name, "folder": str(out / a.name) if a.modules else None, "modules": len(a.modules),
          "removed": len(original.modules) - len(a.modules)} for a, original in zip(pruned, loaded)],
-        "warnings": api.base_warnings(plan.base) + _lambda_warning(plan.table, [bool(a.modules) for a in pruned])
+        "warnings": configless_warnings(loaded) + api.base_warnings(plan.base)
+        + _lambda_warning(plan.table, [bool(a.modules) for a in pruned])
         + [_pruned_entirely(a, out, len(pruned)) for a in pruned if not a.modules]}
     if flags["json_output"]:
         return emit_json(report)

@@ -12,6 +12,8 @@ class UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be set again here
+                continue
             if isinstance(key_node, yaml.ScalarNode):  # keys as written: `a` and `'a'` are one key
                 key = self.construct_object(key_node)
                 if key in seen:

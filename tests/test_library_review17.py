@@ -339,3 +339,43 @@ def test_bases_named_by_equivalent_paths_are_one_base(folders, tmp_path):
     assert result.exit_code == 0, result.stderr
     written = json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert written  # one of the spellings, not dropped
+
+
+# --- task specs (a hostile review of eval, specs and NSC) -------------------------------------------------------
+
+def test_spec_files_take_yaml_merge_keys_and_refuse_a_json_key_given_twice(tmp_path):
+    """`<<: *defaults` was refused with the parser's "could not determine a constructor for the tag
+    'tag:yaml.org,2002:merge'"; a JSON Lines row with `"label": 1, "label": 2` was read silently (the last wins),
+    where YAML and CSV refuse a repeated key."""
+    from loramerge_cli.evaluation.data import check_data
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    (tmp_path / "v.jsonl").write_text('{"text": "a b", "label": 1}\n')
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text("model_type: sequence-classification\n"
+                    "tasks:\n"
+                    "  - &first {name: one, data: {validation: v.jsonl}, text: text, label: label, num_labels: 3}\n"
+                    "  - <<: *first\n"
+                    "    name: two\n")
+    task_file = load_task_file(spec)
+    assert [task.name for task in task_file.tasks] == ["one", "two"] and task_file.tasks[1].num_labels == 3
+    check_data(task_file)
+    (tmp_path / "v.jsonl").write_text('{"text": "a b", "label": 1, "label": 2}\n')
+    with pytest.raises(LoramergeError, match="v.jsonl line 1: key 'label' appears twice"):
+        check_data(task_file)
+
+
+def test_a_missing_base_folder_and_two_adapters_of_one_name_are_named_as_such(text_setting, tmp_path):
+    """`eval --base /nonexist` said "cannot load its tokenizer … Repo id must use alphanumeric chars" after the
+    adapters were read; two adapters named `a` were reported as "no task for adapter(s) a, a"."""
+    from loramerge_cli.api import EvalSettings
+
+    with pytest.raises(LoramergeError, match="--base /nonexist: no such folder"):
+        api.plan_eval(text_setting.tasks_file, text_setting.adapter_args(), [], EvalSettings(threads=1),
+                      base="/nonexist")
+    merge = invoke_cli(["merge", "--adapters", *text_setting.adapter_args(), "--merger", "ta", "--lambda", "auto",
+                        "--tasks", text_setting.tasks_file, "--base", "/nonexist", "--out", tmp_path / "m"])
+    _one_line(merge, "--base /nonexist: no such folder")
+    folder = text_setting.adapter_args()[0].split("=", 1)[1]
+    with pytest.raises(LoramergeError, match="two adapters are named 'a'"):
+        api.plan_eval(text_setting.tasks_file, [f"a={folder}", f"a={folder}"], [], EvalSettings(threads=1))

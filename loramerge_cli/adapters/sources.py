@@ -67,6 +67,15 @@ def source_names(adapters: list) -> list[str]:
     return names
 
 
+def check_base_given(base: str | None) -> None:
+    """--base names a local folder or a Hub id: a path that does not exist is neither (one line before any work,
+    not a tokenizer's error once the adapters are read)."""
+    from loramerge_cli.adapters.card import is_hub_id
+
+    if base is not None and not Path(base).expanduser().is_dir() and not is_hub_id(base):
+        raise LoramergeError(f"--base {base}: no such folder, and not a Hugging Face Hub id")
+
+
 def sha256_file(path: Path) -> str:
     return read_into(hashlib.sha256(), path).hexdigest()
 

@@ -125,7 +125,9 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_unique_keys)
+            except _RepeatedKey as error:  # json keeps the last value without a word; YAML and CSV refuse it
+                raise task_file.error(where, f"{path} line {number}: key {error.args[0]!r} appears twice") from None
             except (ValueError, RecursionError) as error:  # not JSON; a number of over 4,300 digits; deep nesting
                 reason = "" if isinstance(error, json.JSONDecodeError) else f" ({_first_line(error)})"
                 raise task_file.error(where, f"{path} line {number} is not JSON{reason}") from None
@@ -143,6 +145,18 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
             raise task_file.error(where, f"{path}: reading parquet needs pyarrow ({hint})") from None
         return parquet.read_table(str(path)).to_pylist()
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
+
+
+class _RepeatedKey(Exception):
+    """A JSON object gives one key twice."""
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen = set()
+        raise _RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
+    return row
 
 
 class _Row(dict):

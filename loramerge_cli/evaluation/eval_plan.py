@@ -34,7 +34,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     """Every check `eval` makes before an adapter or the model loads: the settings, every data row, the inputs,
     the run directory (a score cache) and the report's file (never over an input; an existing report only with
     `force`)."""
-    from loramerge_cli.adapters.sources import source_names
+    from loramerge_cli.adapters.sources import check_base_given, source_names
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
@@ -50,6 +50,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
         backend.check()
         if len(merged or []) > 1:  # the merges are spread (one merge is scored here)
             settings = replace(settings, threads=backend.threads_each(settings.device, settings.threads))
+    check_base_given(base)
     task_file = check_task_file(tasks, [settings.split])
     task_file.check_covers(source_names(experts))
     if settings.length_normalize and not task_file.type.choices:

@@ -96,7 +96,11 @@ class TaskFile:
         return [path for path in dict.fromkeys(named) if path.exists()]
 
     def check_covers(self, names: list[str]) -> None:
-        """Every adapter has a task of its name, and every task an adapter (one line naming the first gap)."""
+        """Every adapter has a task of its name, and every task an adapter (one line naming the first gap); two
+        adapters of one name are named as such first."""
+        twice = next((name for index, name in enumerate(names) if name in names[:index]), None)
+        if twice is not None:
+            raise LoramergeError(f"two adapters are named {twice!r}; name them with name=source")
         missing = [name for name in names if name not in self.names]
         if missing:
             raise LoramergeError(f"{self.path}: no task for adapter(s) {', '.join(missing)}")

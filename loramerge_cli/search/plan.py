@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from loramerge_cli.adapters.sources import check_base_given
 from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed
 from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp_settings import EnmpSettings
@@ -249,15 +250,6 @@ def device_kind(request: SearchRequest) -> str:
 def _plain(data: dict) -> dict:
     return {key: (str(value) if not isinstance(value, (int, float, str, bool, list, dict, type(None))) else value)
             for key, value in data.items()}
-
-
-def check_base_given(base: str | None) -> None:
-    """--base names a local folder or a Hub id: a path that does not exist is neither (one line now, not after
-    the run directory and the adapters)."""
-    from loramerge_cli.adapters.card import is_hub_id
-
-    if base is not None and not Path(base).expanduser().is_dir() and not is_hub_id(base):
-        raise LoramergeError(f"--base {base}: no such folder, and not a Hugging Face Hub id")
 
 
 def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[Path],

@@ -379,3 +379,27 @@ def test_a_missing_base_folder_and_two_adapters_of_one_name_are_named_as_such(te
     folder = text_setting.adapter_args()[0].split("=", 1)[1]
     with pytest.raises(LoramergeError, match="two adapters are named 'a'"):
         api.plan_eval(text_setting.tasks_file, [f"a={folder}", f"a={folder}"], [], EvalSettings(threads=1))
+
+
+@pytest.mark.parametrize("model_type, field, value", [
+    (None, "image", "picture"),  # an image spec without its model_type: the default reads text
+    ("sequence-classification", "length_normalize", True),
+    ("sequence-classification", "prompt", "{text}"),
+    ("image-classification", "max_length", 8),
+])
+def test_a_field_the_model_type_does_not_read_is_refused(tmp_path, model_type, field, value):
+    """`image:`, `length_normalize:` and an image task's `max_length` were accepted and ignored; a `prompt` on a
+    sequence-classification task was reported as `choices`; an image spec without model_type said only
+    "tasks[0].text: required field is missing"."""
+    import yaml
+
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    (tmp_path / "v.jsonl").write_text('{"text": "a b", "label": 1}\n')
+    task = {"name": "one", "data": {"validation": "v.jsonl"}, "label": "label", field: value}
+    if model_type != "image-classification" and field != "image":
+        task["text"] = "text"
+    spec = tmp_path / "tasks.yaml"
+    spec.write_text(yaml.safe_dump({**({"model_type": model_type} if model_type else {}), "tasks": [task]}))
+    with pytest.raises(LoramergeError, match=rf"tasks\[0\]\.{field}: model_type is .* do not read '{field}'"):
+        load_task_file(spec)

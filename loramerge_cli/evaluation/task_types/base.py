@@ -6,6 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
+INPUT_FIELDS = ("text", "image", "prompt", "choices", "length_normalize", "max_length")  # type-specific fields
+
+
 class TaskType:
     """One `model_type`: its base model class, its data rules, its batching and its scoring."""
 
@@ -18,11 +21,15 @@ class TaskType:
     inputs_name_files: bool = False  # an input given as text is a file's path (its size and mtime are data)
     peft_task_types: tuple[str, ...] = ()  # PEFT `task_type`s of adapters trained for this kind of model
     trained_head: str | None = None  # classifiers: a base architecture ending so has a trained head
+    reads: frozenset[str] = frozenset()  # the input fields of a spec entry (INPUT_FIELDS) this type reads
 
     def check_task(self, task, task_file) -> None:
-        """Cross-field rules of one task spec entry that the schema cannot say (raise task_file.error)."""
-        if task.choices or task.prompt:
-            raise task_file.error(f"{task.where}.choices", "only causal-lm tasks have prompts and choices")
+        """Cross-field rules of one task spec entry that the schema cannot say (raise task_file.error). Here: an
+        input field of another type is refused (it would be ignored without a word)."""
+        for name in INPUT_FIELDS:
+            if getattr(task, name) and name not in self.reads:
+                raise task_file.error(f"{task.where}.{name}", f"model_type is {self.name}, whose tasks do not read "
+                                      f"{name!r}; is the spec's model_type right?")
 
     def folder_rows(self, folder: Path, task_file, task, where: str) -> list[dict] | None:
         """Rows of a split given as a folder, or None when this type reads files only."""

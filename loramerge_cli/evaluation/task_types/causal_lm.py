@@ -14,8 +14,10 @@ class CausalLM(TaskType):
     peft_task_types = ("CAUSAL_LM",)
     classifier = False
     choices = True
+    reads = frozenset({"prompt", "choices", "length_normalize", "max_length"})
 
     def check_task(self, task, task_file) -> None:
+        super().check_task(task, task_file)
         if task.labels and len(task.labels) != len(task.choices):
             raise task_file.error(f"{task.where}.labels", f"{len(task.labels)} names for {len(task.choices)} choices")
 

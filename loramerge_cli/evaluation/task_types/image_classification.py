@@ -24,6 +24,7 @@ class ImageClassification(TaskType):
     preprocessor_class = "AutoImageProcessor"
     extras = (("PIL", "image"),)
     inputs_name_files = True
+    reads = frozenset({"image"})
 
     def folder_rows(self, folder: Path, task_file, task, where: str) -> list[dict]:
         """`folder/class_name/*.png` -> rows {image: path, label: index}, sorted by class then file. Without

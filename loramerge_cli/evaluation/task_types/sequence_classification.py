@@ -12,11 +12,12 @@ class SequenceClassification(TaskType):
     model_class = "AutoModelForSequenceClassification"
     peft_task_types = ("SEQ_CLS",)
     trained_head = "ForSequenceClassification"
+    reads = frozenset({"text", "max_length"})
 
     def check_task(self, task, task_file) -> None:
+        super().check_task(task, task_file)
         if not task.text:
             raise task_file.error(f"{task.where}.text", "required field is missing (the input column(s))")
-        super().check_task(task, task_file)
 
     def read_input(self, row: dict, source: Path, task_file, task) -> tuple[str, ...]:
         missing = [column for column in task.text if column not in row]

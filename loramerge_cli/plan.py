@@ -257,6 +257,11 @@ def plan_merge(
     for used in (tuning, data if settings.method.needs_inputs else None):
         if used is not None:
             used.check_devices()
+    empty = ("λ = 0" if tuning is None and settings.lam == 0 else
+             "every weight of the table is 0" if table is not None and not any(map(any, table.weights)) else
+             "every --weights value is 0" if settings.weights and not any(settings.weights) else None)
+    if out is not None and empty:  # known now: the writer would refuse it after the merge
+        raise LoramergeError(f"the merge is empty ({empty}): nothing to write")
     return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head, base,
                      command, tuning, allow_base_mismatch, data if settings.method.needs_inputs else None,
                      float(table_lambda) if tuning is not None and table_lambda is not None else None)

@@ -403,3 +403,25 @@ def test_a_field_the_model_type_does_not_read_is_refused(tmp_path, model_type, f
     spec.write_text(yaml.safe_dump({**({"model_type": model_type} if model_type else {}), "tasks": [task]}))
     with pytest.raises(LoramergeError, match=rf"tasks\[0\]\.{field}: model_type is .* do not read '{field}'"):
         load_task_file(spec)
+
+
+def test_a_recipe_cannot_ask_to_replace_an_output(folders, tmp_path):
+    """A recipe holding `force: true` replaced an existing output without --force being typed (the README: an
+    output is replaced only with --force)."""
+    (tmp_path / "r.yaml").write_text(f"adapters: {{a: {folders['a']}, b: {folders['b']}}}\nmerger: ta\nforce: true\n")
+    result = invoke_cli(["merge", "--config", tmp_path / "r.yaml", "--out", tmp_path / "m"])
+    assert result.exit_code == 2 and "force is given on the command line only" in result.stderr, result.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_empty_merge_known_from_its_settings_is_refused_before_merging(folders, tmp_path):
+    """An all-zero table, `--lambda 0` or all `--weights` 0 merged every module, then "the merge is empty"; the
+    plan (before any merge) refuses them now."""
+    adapters = api.load_adapters([f"{name}={folder}" for name, folder in folders.items()])
+    zeros = replace(api.ones_table(adapters), weights=[[0.0] * len(api.ones_table(adapters).units)] * 3)
+    for config, table, why in ((api.MergeConfig(lam=0.0), None, "λ = 0"),
+                               (api.MergeConfig(), zeros, "every weight of the table is 0"),
+                               (api.MergeConfig(weights=[0.0, 0.0, 0.0]), None, "every --weights value is 0")):
+        with pytest.raises(LoramergeError, match=f"the merge is empty \\({why}\\)"):
+            api.plan_merge(adapters, config, table, out=tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -425,3 +425,18 @@ def test_an_empty_merge_known_from_its_settings_is_refused_before_merging(folder
         with pytest.raises(LoramergeError, match=f"the merge is empty \\({why}\\)"):
             api.plan_merge(adapters, config, table, out=tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_a_head_file_that_is_not_safetensors_and_a_missing_adapter_path_are_spec_errors(text_setting, tmp_path):
+    """`head: notes.txt` and `adapter: ./gone` in a task failed once the adapters (or the base) had loaded."""
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    (tmp_path / "notes.txt").write_text("not a head")
+    bad_head = _spec_variant(text_setting, tmp_path, lambda c: c["tasks"][0].update(head=str(tmp_path / "notes.txt")))
+    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.head: .*notes.txt is not a .safetensors file"):
+        load_task_file(bad_head)
+    gone = _spec_variant(text_setting, tmp_path, lambda c: c["tasks"][0].update(adapter="./gone"))
+    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.adapter: no such file or folder ./gone"):
+        load_task_file(gone)
+    hub = _spec_variant(text_setting, tmp_path, lambda c: c["tasks"][0].update(adapter="org/name@main"))
+    load_task_file(hub)  # a Hub id is resolved when the adapters are matched

@@ -219,25 +219,31 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     return files
 
 
-def header_module_paths(arguments, allow_pickle: bool = False) -> set[str] | None:
-    """The LoRA module paths of adapter sources (arguments or loaded Adapters), read from their safetensors
-    headers without loading a tensor; None when one is not a readable safetensors file (its loader reports it)."""
+def safetensors_header(path) -> dict | None:
+    """The JSON header of a safetensors file (tensor names, dtypes, shapes), read without a tensor; None when the
+    file is not one."""
     import json
     import struct
 
+    try:
+        with open(path, "rb") as file:
+            (length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(length)) if length < 1 << 28 else None
+    except (OSError, ValueError, struct.error, RecursionError):
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def header_module_paths(arguments, allow_pickle: bool = False) -> set[str] | None:
+    """The LoRA module paths of adapter sources (arguments or loaded Adapters), read from their safetensors
+    headers without loading a tensor; None when one is not a readable safetensors file (its loader reports it)."""
     paths: set[str] = set()
     for argument in arguments:
         if not isinstance(argument, str):
             paths |= set(argument.modules)
             continue
-        source = resolve(split_name(argument).spec, allow_pickle)
-        try:
-            with open(source.weights_file, "rb") as file:
-                (length,) = struct.unpack("<Q", file.read(8))
-                header = json.loads(file.read(length)) if length < 1 << 28 else None
-        except (OSError, ValueError, struct.error):
-            return None
-        if not isinstance(header, dict):
+        header = safetensors_header(resolve(split_name(argument).spec, allow_pickle).weights_file)
+        if header is None:
             return None
         paths |= {name.removeprefix("base_model.model.").split(".lora_A")[0] for name in header if ".lora_A" in name}
     return paths

@@ -252,6 +252,14 @@ def _check_task(task: TaskSpec, task_file: TaskFile) -> None:
     task_file.type.check_task(task, task_file)
     if task.head not in (FROM_ADAPTER, NO_HEAD) and not Path(task.head).is_file():
         raise task_file.error(f"{where}.head", f"no such file {task.head}")
+    from loramerge_cli.adapters.card import is_hub_id
+    from loramerge_cli.adapters.sources import safetensors_header
+
+    if task.head not in (FROM_ADAPTER, NO_HEAD) and safetensors_header(task.head) is None:
+        raise task_file.error(f"{where}.head", f"{task.head} is not a .safetensors file")
+    local = task.adapter and not task.adapter.startswith("hf://") and not is_hub_id(task.adapter.split("@", 1)[0])
+    if local and not Path(task.adapter).expanduser().exists():  # (one that exists is resolved from the spec)
+        raise task_file.error(f"{where}.adapter", f"no such file or folder {task.adapter}")
 
 
 def match_adapters(task_file: TaskFile, adapters: list, allow_pickle: bool = False) -> dict:

@@ -226,6 +226,10 @@ def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask
         expected = units_of(adapters)
     else:
         expected = sorted({path for a in adapters for path in a.modules})
+    seen: set[str] = set()
+    twice = next((u for u in table.units if u in seen or seen.add(u)), None)
+    if twice is not None:  # (a file's schema says so; a table built in code too)
+        raise LoramergeError(f"{origin}: lists unit {twice} twice")
     missing = [u for u in table.units if u not in expected]
     # a module table lists every module, in any order (a module left out would keep weight 1 unsaid)
     if missing or (table.units != expected if table.unit == "block" else set(table.units) != set(expected)):

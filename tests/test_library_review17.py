@@ -13,9 +13,14 @@ from loramerge_cli.errors import LoramergeError
 
 def test_a_table_made_on_adapters_pruned_in_memory_fits_their_written_copies(folders, tmp_path):
     """A table recorded the sha256 of the pruned tensors (lora_B × weight in float64, the full config) and the
-    copies apply-mask writes (lora_B in their dtype, target_modules listed in full) hashed otherwise: `merge
-    --mask` refused the very adapters the table was searched on, once written. The originals stay refused."""
+    copies apply-mask writes (lora_B in their dtype, target_modules listed in full, heads in the factors' dtype)
+    hashed otherwise: `merge --mask` refused the very adapters the table was searched on, once written. The
+    originals stay refused. (Adapter c's head is bfloat16 beside float32 factors, as PEFT's autocast leaves
+    them on a bfloat16 base.)"""
+    import torch
+
     adapters = api.load_adapters([f"{name}={folder}" for name, folder in folders.items()])
+    adapters[2] = replace(adapters[2], heads={key: head.to(torch.bfloat16) for key, head in adapters[2].heads.items()})
     weights = [[1.0] * len(api.ones_table(adapters).units) for _ in adapters]
     weights[0][1], weights[1][0] = 0.0, 0.37  # a pruned unit and a fractional weight
     table = replace(api.ones_table(adapters), weights=weights)
@@ -323,14 +328,19 @@ def test_apply_mask_refuses_a_task_named_like_its_own_files(folders, tmp_path):
         _one_line(result, f"task name {name!r} is the name of a file apply-mask writes", code=2)
 
 
-def test_bases_named_by_equivalent_paths_are_one_base(folders, tmp_path):
+@pytest.mark.parametrize("exists", [True, False])
+def test_bases_named_by_equivalent_paths_are_one_base(folders, tmp_path, exists):
     """`…/base/` or `…/./base` in one adapter's config and `…/base` in another's: "adapters come from different
-    base models", passable only with --allow-base-mismatch (which also switches off the real checks)."""
+    base models", passable only with --allow-base-mismatch (which also switches off the real checks), also for
+    paths of the machine the adapters were trained on."""
     import shutil
 
-    (tmp_path / "base").mkdir()
+    root = str(tmp_path) if exists else "/cluster/models"
+    if exists:
+        (tmp_path / "base").mkdir()
+    spellings = {"a": f"{root}/base", "b": f"{root}/./base/"}
     named = {}
-    for name, spelling in (("a", str(tmp_path / "base")), ("b", str(tmp_path / "." / "base") + "/")):
+    for name, spelling in spellings.items():
         named[name] = shutil.copytree(folders[name], tmp_path / name)
         config = json.loads((named[name] / "adapter_config.json").read_text())
         config["base_model_name_or_path"] = spelling
@@ -338,7 +348,29 @@ def test_bases_named_by_equivalent_paths_are_one_base(folders, tmp_path):
     result = invoke_cli(["merge", "--adapters", named["a"], named["b"], "--merger", "ta", "--out", tmp_path / "m"])
     assert result.exit_code == 0, result.stderr
     written = json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert written  # one of the spellings, not dropped
+    assert written in spellings.values()  # one of the spellings, not dropped
+
+
+def test_a_module_table_that_lists_a_module_twice_is_refused(folders):
+    """A table built in code with a module twice passed the 'every module' check; one weight was ignored."""
+    adapters = api.load_adapters([f"{name}={folder}" for name, folder in folders.items()])
+    paths = sorted({path for adapter in adapters for path in adapter.modules})
+    table = api.WeightTable([a.name for a in adapters], paths + paths[:1], [[1.0] * len(paths) + [0.0]] * 3,
+                            unit="module")
+    with pytest.raises(LoramergeError, match="twice"):
+        api.check_table(table, adapters)
+
+
+def test_merge_with_regmean_reads_a_spec_without_labels(text_setting, tmp_path):
+    """RegMean reads the tasks' inputs, never a label: `merge --merger regmean --tasks` refused a label-free spec
+    once labelled commands checked for labels (the library took it)."""
+    spec = _spec_variant(text_setting, tmp_path, lambda c: [task.pop("label") for task in c["tasks"]])
+    result = invoke_cli(["merge", "--adapters", *text_setting.adapter_args(), "--merger", "regmean", "--tasks", spec,
+                         "--threads", "1", "--val-limit", "4", "--out", tmp_path / "m"])
+    assert result.exit_code == 0, result.stderr
+    auto = invoke_cli(["merge", "--adapters", *text_setting.adapter_args(), "--merger", "ta", "--lambda", "auto",
+                       "--tasks", spec, "--out", tmp_path / "m2"])
+    assert auto.exit_code == 1 and "accuracy needs labels" in auto.stderr
 
 
 # --- task specs (a hostile review of eval, specs and NSC) -------------------------------------------------------

@@ -64,10 +64,12 @@ def check_compatible(adapters: list[Adapter], allow_base_mismatch: bool = False)
 
 
 def same_base(first: str, second: str) -> bool:
-    """Equal ids, or local paths naming the same folder."""
+    """Equal ids, or local paths naming the same folder (on this machine, or spelled alike: `…/base/` and
+    `…/./base` are `…/base` on the machine an adapter was trained on too)."""
+    import os
     from pathlib import Path
 
-    if first == second:
+    if first == second or os.path.normpath(first) == os.path.normpath(second):
         return True
     a, b = Path(first).expanduser(), Path(second).expanduser()
     return a.exists() and b.exists() and a.resolve() == b.resolve()

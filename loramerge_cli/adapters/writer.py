@@ -386,8 +386,9 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
         lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype)
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
-    for key, tensor in adapter.heads.items():  # in the output's dtype, as a merge writes them
-        tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype)
+    for key, tensor in adapter.heads.items():  # in their own dtype (a copy changes no head), --dtype's if given
+        tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype) if dtype is not None and tensor.is_floating_point() \
+            else tensor
     tensors.update(base_copy_tensors([adapter], adapter.modules))
     paths = sorted(adapter.modules, key=unit_sort_key)
     if {"r", "lora_alpha"} <= set(adapter.config):

@@ -121,7 +121,8 @@ def merge_command(ctx: typer.Context, **flags) -> None:
         check_base_given(flags["base"])
 
         # the spec and its data, before torch or adapters load
-        spec_inputs = check_task_file(flags["tasks"], ["validation"]).inputs()
+        # (labels only for --lambda auto: RegMean reads the inputs alone)
+        spec_inputs = check_task_file(flags["tasks"], ["validation"], labelled=flags["lam"] == "auto").inputs()
     dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags)
     config = merge_config(flags)  # flag values are checked before anything is read
     from loramerge_cli.hub import check_repo_id

@@ -79,11 +79,12 @@ def check_data(task_file: TaskFile, splits: list[str] | None = None, labelled: b
     return counts
 
 
-def check_task_file(path, splits: list[str] | None = None) -> TaskFile:
-    """Load and validate a task spec and read its data files (`check_data`): the cheap checks a command
-    runs before loading any adapter or model."""
+def check_task_file(path, splits: list[str] | None = None, labelled: bool = True) -> TaskFile:
+    """Load and validate a task spec and read its data files (`check_data`; `labelled`: the command scores
+    accuracy, so every split needs labels): the cheap checks a command runs before loading any adapter or
+    model."""
     task_file = load_task_file(path)
-    check_data(task_file, splits)
+    check_data(task_file, splits, labelled)
     return task_file
 
 

@@ -309,7 +309,7 @@ def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monk
         return tuning.LambdaSearch(0.3, 1.0, [{"lambda": 0.3, "mean_normalized_accuracy": 99.0}], ["edge!"])
 
     monkeypatch.setattr(tuning, "search_lambda", fake_search)
-    def checked(path, splits):
+    def checked(path, splits, labelled=True):
         calls.append(("checked", str(path), splits))
         return data.load_task_file(path)
 

@@ -348,7 +348,7 @@ def test_bases_named_by_equivalent_paths_are_one_base(folders, tmp_path, exists)
     result = invoke_cli(["merge", "--adapters", named["a"], named["b"], "--merger", "ta", "--out", tmp_path / "m"])
     assert result.exit_code == 0, result.stderr
     written = json.loads((tmp_path / "m" / "adapter_config.json").read_text())["base_model_name_or_path"]
-    assert written in spellings.values()  # one of the spellings, not dropped
+    assert written == f"{root}/base"  # the plain spelling, whatever the adapters' order
 
 
 def test_a_module_table_that_lists_a_module_twice_is_refused(folders):
@@ -392,8 +392,10 @@ def test_spec_files_take_yaml_merge_keys_and_refuse_a_json_key_given_twice(tmp_p
     task_file = load_task_file(spec)
     assert [task.name for task in task_file.tasks] == ["one", "two"] and task_file.tasks[1].num_labels == 3
     check_data(task_file)
+    (tmp_path / "v.jsonl").write_text('{"text": "a b", "label": 1, "meta": {"x": 1, "x": 2}}\n')
+    check_data(task_file)  # a nested object no task reads may repeat its keys
     (tmp_path / "v.jsonl").write_text('{"text": "a b", "label": 1, "label": 2}\n')
-    with pytest.raises(LoramergeError, match="v.jsonl line 1: key 'label' appears twice"):
+    with pytest.raises(LoramergeError, match="v.jsonl line 1: column 'label' appears twice"):
         check_data(task_file)
 
 
@@ -409,8 +411,14 @@ def test_a_missing_base_folder_and_two_adapters_of_one_name_are_named_as_such(te
                         "--tasks", text_setting.tasks_file, "--base", "/nonexist", "--out", tmp_path / "m"])
     _one_line(merge, "--base /nonexist: no such folder")
     folder = text_setting.adapter_args()[0].split("=", 1)[1]
-    with pytest.raises(LoramergeError, match="two adapters are named 'a'"):
+    with pytest.raises(LoramergeError, match="two adapters are named 'a' .*, .*; name them"):
         api.plan_eval(text_setting.tasks_file, [f"a={folder}", f"a={folder}"], [], EvalSettings(threads=1))
+    adapters = api.load_adapters(text_setting.adapter_args())  # the library, from loaded adapters: when the base
+    with pytest.raises(LoramergeError, match="--base /nonexist: no such folder"):  # is chosen, not the tokenizer
+        api.evaluate(text_setting.tasks_file, adapters, [], EvalSettings(threads=1, val_limit=4), base="/nonexist")
+    gone = _spec_variant(text_setting, tmp_path, lambda c: c.update(base_model="/nonexist/base"))
+    with pytest.raises(LoramergeError, match=r"tasks.yaml: base_model: /nonexist/base: no such folder"):
+        api.evaluate(gone, adapters, [], EvalSettings(threads=1, val_limit=4), allow_base_mismatch=True)
 
 
 @pytest.mark.parametrize("model_type, field, value", [
@@ -444,6 +452,9 @@ def test_a_recipe_cannot_ask_to_replace_an_output(folders, tmp_path):
     result = invoke_cli(["merge", "--config", tmp_path / "r.yaml", "--out", tmp_path / "m"])
     assert result.exit_code == 2 and "force is given on the command line only" in result.stderr, result.stderr
     assert not (tmp_path / "m").exists()
+    for value in ("false", "null"):  # asks for nothing
+        (tmp_path / "r.yaml").write_text(f"adapters: {{a: {folders['a']}}}\nmerger: ta\nforce: {value}\n")
+        assert invoke_cli(["merge", "--config", tmp_path / "r.yaml", "--out", tmp_path / value]).exit_code == 0
 
 
 def test_an_empty_merge_known_from_its_settings_is_refused_before_merging(folders, tmp_path):
@@ -465,10 +476,11 @@ def test_a_head_file_that_is_not_safetensors_and_a_missing_adapter_path_are_spec
 
     (tmp_path / "notes.txt").write_text("not a head")
     bad_head = _spec_variant(text_setting, tmp_path, lambda c: c["tasks"][0].update(head=str(tmp_path / "notes.txt")))
-    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.head: .*notes.txt is not a .safetensors file"):
+    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.head: .*notes.txt is not a readable safetensors file"):
         load_task_file(bad_head)
-    gone = _spec_variant(text_setting, tmp_path, lambda c: c["tasks"][0].update(adapter="./gone"))
-    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.adapter: no such file or folder ./gone"):
-        load_task_file(gone)
+    for missing in ("./gone", "gone.safetensors"):  # (the loader reads a Hub id as org/name only)
+        gone = _spec_variant(text_setting, tmp_path, lambda c: c["tasks"][0].update(adapter=missing))
+        with pytest.raises(LoramergeError, match=rf"tasks\[0\]\.adapter: no such file or folder {missing}"):
+            load_task_file(gone)
     hub = _spec_variant(text_setting, tmp_path, lambda c: c["tasks"][0].update(adapter="org/name@main"))
     load_task_file(hub)  # a Hub id is resolved when the adapters are matched

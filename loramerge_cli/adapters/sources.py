@@ -56,14 +56,19 @@ def default_name(spec: str) -> str:
 
 def source_names(adapters: list) -> list[str]:
     """The task name of each adapter: a loaded Adapter's, or what a source argument (`name=source` or a plain
-    source) will be named, without reading it."""
-    names = []
+    source) will be named, without reading it; two of one name are refused."""
+    names, specs = [], {}
     for adapter in adapters:
         if isinstance(adapter, (str, os.PathLike)):
             named = split_name(os.fspath(adapter))
-            names.append(named.name or default_name(named.spec))
+            name, spec = named.name or default_name(named.spec), named.spec
         else:
-            names.append(adapter.name)
+            name, spec = adapter.name, adapter.source.spec
+        if name in specs:  # as load_adapters says it, before any is read
+            raise LoramergeError(f"two adapters are named {name!r} ({specs[name]}, {spec}); name them with "
+                                 "name=source")
+        specs[name] = spec
+        names.append(name)
     return names
 
 

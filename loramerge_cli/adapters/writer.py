@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
@@ -227,8 +228,10 @@ def write_merged_adapter(
         raise LoramergeError("the merge is empty: every module was pruned or merged to zero"
                              + (" (λ = 0)" if modules else "") + "; nothing to write")
     check_updates_in_range(modules, out_dtype)
-    bases = [a.base_model for a in adapters if a.base_model]  # (`…/base/` and `…/base` are one base)
-    inputs_base = bases[0] if bases and all(same_base(bases[0], other) for other in bases) else None
+    bases = [a.base_model for a in adapters if a.base_model]  # (`…/base/` and `…/base` are one base: written
+    # in its plain spelling, whatever the adapters' order)
+    inputs_base = None if not bases or not all(same_base(bases[0], other) for other in bases) else \
+        bases[0] if len(set(bases)) == 1 else os.path.normpath(bases[0])
     base = base_model or inputs_base
     tensors = {}
     for path, module in modules.items():

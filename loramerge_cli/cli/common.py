@@ -485,11 +485,11 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
         if option is None or option.name in ("config", "help"):
             raise typer.BadParameter(f"{value}: unknown key {key!r} (keys are the flag names of loramerge's "
                                      "commands)")
+        if item is None or (option.name == "force" and item is False):  # `key: null`: not given
+            continue
         if option.name == "force":  # replacing an output is asked for where it is done, not kept in a file
             raise typer.BadParameter(f"{value}: force is given on the command line only (--force), never in a "
                                      "recipe")
-        if item is None:  # `key: null`: not given
-            continue
         if isinstance(item, bool) and not getattr(option, "is_flag", False):  # Python's True would pass for 1
             raise typer.BadParameter(f"{value}: {key}: YAML reads this as {str(item).lower()} (yes, no, on, off "
                                      f"too), which is no value for --{flag}: quote it if it is a name")

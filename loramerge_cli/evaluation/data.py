@@ -126,14 +126,15 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, object_pairs_hook=_unique_keys)
-            except _RepeatedKey as error:  # json keeps the last value without a word; YAML and CSV refuse it
-                raise task_file.error(where, f"{path} line {number}: key {error.args[0]!r} appears twice") from None
+                row = json.loads(line, object_pairs_hook=_Pairs)
             except (ValueError, RecursionError) as error:  # not JSON; a number of over 4,300 digits; deep nesting
                 reason = "" if isinstance(error, json.JSONDecodeError) else f" ({_first_line(error)})"
                 raise task_file.error(where, f"{path} line {number} is not JSON{reason}") from None
             if not isinstance(row, dict):
                 raise task_file.error(where, f"{path} line {number} is not a JSON object")
+            if row.twice is not None:  # a column given twice: json keeps the last value without a word (YAML and
+                # CSV refuse it); nested objects, which no task reads, may repeat theirs
+                raise task_file.error(where, f"{path} line {number}: column {row.twice!r} appears twice")
             rows.append(_Row(row, line=number))
         return rows
     if suffix == ".csv":
@@ -148,16 +149,13 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
 
 
-class _RepeatedKey(Exception):
-    """A JSON object gives one key twice."""
+class _Pairs(dict):
+    """A JSON object, and the first key it gives twice (None if none)."""
 
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    row = dict(pairs)
-    if len(row) != len(pairs):
-        seen = set()
-        raise _RepeatedKey(next(key for key, _ in pairs if key in seen or seen.add(key)))
-    return row
+    def __init__(self, pairs: list[tuple[str, object]]):
+        super().__init__(pairs)
+        seen: set[str] = set()
+        self.twice = next((key for key, _ in pairs if key in seen or seen.add(key)), None)
 
 
 class _Row(dict):

@@ -13,6 +13,7 @@ import time
 import weakref
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -71,14 +72,29 @@ def scale_deltas(deltas: dict[str, Delta], factor: float) -> dict[str, Delta]:
 
 
 def resolve_base(task_file: TaskFile, adapters, base: str | None) -> str:
-    """--base, else the spec's base_model, else the one base every adapter names."""
+    """--base, else the spec's base_model, else the one base every adapter names; one that is neither a folder
+    here nor a Hub id is named as such (not as a tokenizer's error)."""
+    from loramerge_cli.adapters.card import is_hub_id
+    from loramerge_cli.adapters.sources import check_base_given
+
+    def findable(name: str) -> bool:
+        return Path(name).expanduser().is_dir() or is_hub_id(name)
+
     if base:
+        check_base_given(base)
         return base
     if task_file.base_model:
+        if not findable(task_file.base_model):
+            raise task_file.error("base_model", f"{task_file.base_model}: no such folder, and not a Hugging Face Hub "
+                                  "id (--base overrides it)")
         return task_file.base_model
     named = {adapter.base_model for adapter in adapters if adapter.base_model}
     if len(named) == 1:
-        return named.pop()
+        name = named.pop()
+        if not findable(name):
+            raise LoramergeError(f"the adapters' base model {name}: no such folder here, and not a Hugging Face Hub "
+                                 "id (use --base)")
+        return name
     if not named:
         raise LoramergeError(f"{task_file.path}: base_model: not given, and no adapter names its base (use --base)")
     raise LoramergeError(f"{task_file.path}: base_model: not given, and the adapters name several bases (use --base)")

@@ -6,6 +6,7 @@ Every problem is one line naming the file and the field (`tasks.yaml: tasks[1].d
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -96,11 +97,7 @@ class TaskFile:
         return [path for path in dict.fromkeys(named) if path.exists()]
 
     def check_covers(self, names: list[str]) -> None:
-        """Every adapter has a task of its name, and every task an adapter (one line naming the first gap); two
-        adapters of one name are named as such first."""
-        twice = next((name for index, name in enumerate(names) if name in names[:index]), None)
-        if twice is not None:
-            raise LoramergeError(f"two adapters are named {twice!r}; name them with name=source")
+        """Every adapter has a task of its name, and every task an adapter (one line naming the first gap)."""
         missing = [name for name in names if name not in self.names]
         if missing:
             raise LoramergeError(f"{self.path}: no task for adapter(s) {', '.join(missing)}")
@@ -252,14 +249,16 @@ def _check_task(task: TaskSpec, task_file: TaskFile) -> None:
     task_file.type.check_task(task, task_file)
     if task.head not in (FROM_ADAPTER, NO_HEAD) and not Path(task.head).is_file():
         raise task_file.error(f"{where}.head", f"no such file {task.head}")
-    from loramerge_cli.adapters.card import is_hub_id
-    from loramerge_cli.adapters.sources import safetensors_header
+    from loramerge_cli.adapters.sources import HUB_ID, safetensors_header
 
     if task.head not in (FROM_ADAPTER, NO_HEAD) and safetensors_header(task.head) is None:
-        raise task_file.error(f"{where}.head", f"{task.head} is not a .safetensors file")
-    local = task.adapter and not task.adapter.startswith("hf://") and not is_hub_id(task.adapter.split("@", 1)[0])
-    if local and not Path(task.adapter).expanduser().exists():  # (one that exists is resolved from the spec)
-        raise task_file.error(f"{where}.adapter", f"no such file or folder {task.adapter}")
+        raise task_file.error(f"{where}.head", f"{task.head} is not a readable safetensors file")
+    # a source the loader would read as neither a local path nor a Hub id (its rule: org/name[@revision])
+    hub = task.adapter and (task.adapter.startswith("hf://") or (HUB_ID.match(task.adapter)
+                                                                  and not task.adapter.startswith((".", "/"))))
+    if task.adapter and not hub and not os.path.lexists(Path(task.adapter).expanduser()):
+        raise task_file.error(f"{where}.adapter", f"no such file or folder {task.adapter} (a Hub id looks like "
+                              "org/name[@revision])")
 
 
 def match_adapters(task_file: TaskFile, adapters: list, allow_pickle: bool = False) -> dict:

@@ -46,6 +46,19 @@ def restore(previous: dict) -> None:
 
 
 @contextmanager
+def handlers_kept():
+    """The SIGINT and SIGTERM handlers in place before the block are put back after it (a library that installs
+    its own, as ray.init does for SIGTERM, would end the process without the one line and 143)."""
+    before = {number: signal.getsignal(number) for number in SIGNALS} if _main_thread() else {}
+    try:
+        yield
+    finally:
+        for number, handler in before.items():  # (always set: a C extension may have changed the OS-level
+            if handler is not None:  # handler behind Python's back, which getsignal would not show)
+                signal.signal(number, handler)
+
+
+@contextmanager
 def shielded():
     """While the block runs (removing a half-written output, on the way out of a failure or an interrupt), a
     SIGINT or SIGTERM is recorded, not raised: the way out goes on, and still ends as an interrupt."""

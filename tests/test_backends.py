@@ -348,3 +348,34 @@ def test_the_plans_refuse_a_bad_backend_before_any_model_loads(setting, monkeypa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "ray" else find_spec(name))
     with pytest.raises(LoramergeError, match="needs Ray"):
         plan_search(request(setting, backend="ray"))
+
+
+def test_a_ray_run_starts_its_own_cluster_and_ends_on_sigterm_with_143(setting, tmp_path):
+    """With RAY_ADDRESS naming a dead cluster (or an earlier `ray start` on the machine), `--backend ray` without
+    --ray-address joined it: retried for minutes after the model had loaded, deaf to Ctrl-C and SIGTERM. And a
+    SIGTERM during a Ray run ended it by Ray's handler (exit 134 or 15 and a crash dump), not with the resume
+    line and 143. The run now starts a cluster of its own and keeps loramerge's handlers."""
+    import psutil
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "loramerge_cli", "search-mask", "--strategy", "enmp", "--adapters",
+               *setting.adapter_args(), "--tasks", str(setting.tasks_file), "--merger", "ties", "--popsize", "4",
+               "--generations", "500", "--max-prune", "0.5", "--threads", "1", "--backend", "ray", "--workers", "2",
+               "--run-dir", str(run_dir), "--out", str(tmp_path / "t.json"), "--quiet"]
+    environment = {**os.environ, "RAY_ADDRESS": "127.0.0.1:1", "HF_HUB_OFFLINE": "1"}
+    driver = subprocess.Popen(command, cwd=ROOT, env=environment, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
+    try:
+        started = _eventually(lambda: (run_dir / "trajectory.jsonl").is_file() or driver.poll() is not None, 240)
+        assert started and driver.poll() is None, driver.stderr.read() if driver.poll() is not None else "no step"
+        family = [driver.pid, *(child.pid for child in psutil.Process(driver.pid).children(recursive=True))]
+        os.killpg(driver.pid, signal.SIGTERM)  # as `timeout` or a cancelled CI job does
+        code = driver.wait(120)
+        stderr = driver.stderr.read()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert code == 143 and stderr.startswith("terminated; resume with:"), (code, stderr[-2000:])
+    assert not (tmp_path / "t.json").exists()
+    assert _eventually(lambda: not [pid for pid in family if psutil.pid_exists(pid)
+                                    and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], 60)

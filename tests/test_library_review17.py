@@ -484,3 +484,18 @@ def test_a_head_file_that_is_not_safetensors_and_a_missing_adapter_path_are_spec
             load_task_file(gone)
     hub = _spec_variant(text_setting, tmp_path, lambda c: c["tasks"][0].update(adapter="org/name@main"))
     load_task_file(hub)  # a Hub id is resolved when the adapters are matched
+
+
+def test_worker_and_device_flags_that_cannot_work_are_usage_errors(text_setting, tmp_path):
+    """`--workers 100000` started a process per worker (load 19 on 2 cores, nothing printed for a minute);
+    `--devices cpu,,cpu` dropped the empty entry silently; `--device foo` exited 1 (a data error) where a flag
+    value that cannot work exits 2."""
+    import os
+
+    base = ["search-mask", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file, "--out",
+            tmp_path / "t.json"]
+    for extra, words in ((["--workers", str((os.cpu_count() or 1) + 1)], "worker processes beyond them"),
+                         (["--devices", "cpu,,cpu"], "an empty entry"),
+                         (["--device", "foo"], "'foo' is not a device")):
+        result = invoke_cli([*base, *extra])
+        assert result.exit_code == 2 and words in result.stderr, (extra, result.exit_code, result.stderr)

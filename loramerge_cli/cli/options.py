@@ -9,6 +9,7 @@ with its help, bounds and choices. A command is `def command(ctx, **flags)` with
 from __future__ import annotations
 
 import inspect
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -165,12 +166,18 @@ def resolve_backend(device: str, devices: str | None, workers: int | None, threa
     if devices and workers:
         raise UsageError("give --devices or --workers, not both")
     Backend(backend, None, ray_address).check()
-    device_list = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
-    if devices is not None and not device_list:
+    device_list = [d.strip() for d in devices.split(",")] if devices else None
+    if devices is not None and not any(device_list or ()):
         raise UsageError("--devices: give at least one device")
+    if device_list is not None and not all(device_list):
+        raise UsageError(f"--devices {devices}: an empty entry (one device per worker, separated by commas)")
     if workers is not None:
         if workers < 1:
             raise UsageError("--workers must be >= 1")
+        cpus = os.cpu_count() or 1
+        if backend == "process" and (device or "cpu") == "cpu" and workers > cpus:
+            raise UsageError(f"--workers {workers}: this machine has {cpus} CPUs, and worker processes beyond them "
+                             "only compete for them (each also holds a model)")
         device_list = [device] * workers
     spread = Backend(backend, device_list, ray_address)
     return spread, spread.threads_each(device, threads)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.evaluation.task_types import TaskType
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -26,7 +26,7 @@ def torch_device(name: str, flag: str = "--device") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise LoramergeError(f"{flag} {name!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+        raise UsageError(f"{flag} {name!r} is not a device (cpu, cuda, cuda:1, mps)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise LoramergeError(f"{flag} {name}: CUDA is not available on this machine")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

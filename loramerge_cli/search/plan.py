@@ -89,7 +89,8 @@ def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
     Backend(request.backend, request.devices, request.ray_address).check()
     if strategy.kind == "coefficients" and (request.devices or request.backend == "ray"):
         raise UsageError(f"--strategy {strategy.name} trains on one device (--device); --devices, --workers and "
-                         "--backend ray spread the candidates of enmp, greedy and random")
+                         "--backend ray spread the tables a mask search scores (eval's merges, --lambda auto's "
+                         "grid)")
     label_free = strategy.kind == "coefficients" or request.fitness == "nsc"
     if label_free:
         request.nsc.check()

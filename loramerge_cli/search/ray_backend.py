@@ -33,17 +33,19 @@ def import_ray():
 
 
 def connect(address: str | None = None):
-    """Ray, initialised once per process: `address` None starts a local cluster on this machine, "auto"
-    joins the one `ray start` runs here, HOST:PORT a remote one. Ray shuts it down when the process ends."""
+    """Ray, initialised once per process: `address` None starts a new local cluster on this machine (never one
+    that RAY_ADDRESS or an earlier `ray start` names: Ray's own default would join those), "auto" joins the one
+    `ray start` runs here (or RAY_ADDRESS's), HOST:PORT a remote one. Ray shuts it down when the process ends.
+    loramerge's SIGINT and SIGTERM handlers stay in place (ray.init installs its own)."""
     ray = import_ray()
     if not ray.is_initialized():
         # Starting a local cluster runs shielded: interrupted inside ray.init, Ray has not yet recorded the
         # processes it started, so ray.shutdown (at exit) could not stop them; the raylet then dies with us
         # (SIGKILL) and its agents wait about a minute on the dead GCS before they exit. Ctrl-C takes effect
         # once ray.init returns.
-        with interrupts.shielded() if address is None else nullcontext():
+        with interrupts.shielded() if address is None else nullcontext(), interrupts.handlers_kept():
             try:
-                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                          logging_level=logging.ERROR)
             except (ConnectionError, ValueError, RuntimeError) as error:
                 where = f"the Ray cluster at {address}" if address else "a local Ray cluster"

@@ -18,9 +18,14 @@ _state = {"interrupted": False, "hint": None, "resumable": False, "reported": Fa
           "shielded": 0}
 
 
-def _handler(signum, frame) -> None:
+def record(signum: int) -> None:
+    """Note that a signal arrived (the first one decides the exit code), where a library's handler caught it."""
     if not _state["interrupted"]:
         _state.update(interrupted=True, signal=signum)
+
+
+def _handler(signum, frame) -> None:
+    record(signum)
     if not _state["shielded"]:  # (Python runs handlers in the main thread, whichever thread the signal reached)
         raise KeyboardInterrupt
 

@@ -494,8 +494,13 @@ def test_worker_and_device_flags_that_cannot_work_are_usage_errors(text_setting,
 
     base = ["search-mask", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file, "--out",
             tmp_path / "t.json"]
-    for extra, words in ((["--workers", str((os.cpu_count() or 1) + 1)], "worker processes beyond them"),
+    more = len(os.sched_getaffinity(0)) + 1  # the CPUs this process may use, plus one
+    for extra, words in ((["--workers", str(more)], "workers beyond them only compete"),
+                         (["--device", "cpu:0", "--workers", str(more)], "workers beyond them only compete"),
+                         (["--devices", ",".join(["cpu"] * more)], "workers beyond them only compete"),
                          (["--devices", "cpu,,cpu"], "an empty entry"),
                          (["--device", "foo"], "'foo' is not a device")):
         result = invoke_cli([*base, *extra])
         assert result.exit_code == 2 and words in result.stderr, (extra, result.exit_code, result.stderr)
+    cuda = invoke_cli([*base, "--device", "cuda", "--workers", "2"])  # named by the flag given (not --devices)
+    assert cuda.exit_code == 1 and "--device cuda: CUDA is not available" in cuda.stderr, cuda.stderr

@@ -174,11 +174,13 @@ def resolve_backend(device: str, devices: str | None, workers: int | None, threa
     if workers is not None:
         if workers < 1:
             raise UsageError("--workers must be >= 1")
-        cpus = os.cpu_count() or 1
-        if backend == "process" and (device or "cpu") == "cpu" and workers > cpus:
-            raise UsageError(f"--workers {workers}: this machine has {cpus} CPUs, and worker processes beyond them "
-                             "only compete for them (each also holds a model)")
         device_list = [device] * workers
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    on_cpu = [name for name in device_list or () if (name or "cpu").split(":")[0] == "cpu"]
+    if backend == "process" and len(on_cpu) > cpus:
+        flag = f"--workers {workers}" if workers is not None else f"--devices {devices}"
+        raise UsageError(f"{flag}: {len(on_cpu)} worker processes on the CPU, and this process may use {cpus} CPUs; "
+                         "workers beyond them only compete for them (each also holds a model)")
     spread = Backend(backend, device_list, ray_address)
     return spread, spread.threads_each(device, threads)
 

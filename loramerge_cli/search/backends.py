@@ -53,7 +53,7 @@ class Backend:
         process scores the experts and the unpruned merge (the reference of every worker's score)."""
         from loramerge_cli.evaluation.loading import torch_device
 
-        flag = "--devices" if self.devices else "--device"
+        flag = "--devices" if self.devices and set(self.devices) != {device} else "--device"  # (--workers: --device)
         if self.name == "ray":  # this process: the first worker's device, as given
             first = (self.devices or [device])[0]
             if first.startswith("cuda"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import uuid
 from collections import deque
 from contextlib import nullcontext
@@ -43,10 +44,21 @@ def connect(address: str | None = None):
         # processes it started, so ray.shutdown (at exit) could not stop them; the raylet then dies with us
         # (SIGKILL) and its agents wait about a minute on the dead GCS before they exit. Ctrl-C takes effect
         # once ray.init returns.
+        # ray.init also replaces the SIGTERM handler twice: in Python (its handler calls sys.exit(15)) and, as
+        # the driver connects, in C++ (absl's failure handler: a crash dump, then death by the signal). The
+        # first is read back as the SIGTERM it is; the second is switched off for this process's Ray
+        # (RAY_DISABLE_FAILURE_SIGNAL_HANDLER, unless the environment sets it); loramerge's handlers are put
+        # back once it returns.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         with interrupts.shielded() if address is None else nullcontext(), interrupts.handlers_kept():
             try:
                 ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                          logging_level=logging.ERROR)
+            except SystemExit as exit:  # Ray's SIGTERM handler, during ray.init
+                if exit.code != signal.SIGTERM:
+                    raise
+                interrupts.record(signal.SIGTERM)
+                raise KeyboardInterrupt from None
             except (ConnectionError, ValueError, RuntimeError) as error:
                 where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
                 raise LoramergeError(f"cannot connect to {where} ({_first_line(error)})") from None

@@ -14,7 +14,7 @@ import os
 import signal
 import uuid
 from collections import deque
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 from loramerge_cli import interrupts
 from loramerge_cli.errors import LoramergeError, WorkerLost
@@ -26,8 +26,13 @@ FORWARDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")  #
 
 
 def import_ray():
+    """Ray, imported with its C++ failure-signal handler switched off for this process (unless the environment
+    says otherwise): absl's handler takes SIGTERM from loramerge's while the driver connects, and ends the run
+    with a crash dump instead of 143 and the resume line. Ray reads the switch when it is first imported; its
+    worker processes, started later, keep their handlers."""
     try:
-        import ray
+        with _environment(RAY_DISABLE_FAILURE_SIGNAL_HANDLER="1"):
+            import ray
     except ImportError:
         raise LoramergeError('--backend ray needs Ray: pip install "loramerge[ray]"') from None
     return ray
@@ -44,12 +49,9 @@ def connect(address: str | None = None):
         # processes it started, so ray.shutdown (at exit) could not stop them; the raylet then dies with us
         # (SIGKILL) and its agents wait about a minute on the dead GCS before they exit. Ctrl-C takes effect
         # once ray.init returns.
-        # ray.init also replaces the SIGTERM handler twice: in Python (its handler calls sys.exit(15)) and, as
-        # the driver connects, in C++ (absl's failure handler: a crash dump, then death by the signal). The
-        # first is read back as the SIGTERM it is; the second is switched off for this process's Ray
-        # (RAY_DISABLE_FAILURE_SIGNAL_HANDLER, unless the environment sets it); loramerge's handlers are put
-        # back once it returns.
-        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+        # ray.init also replaces the SIGTERM handler: in Python (its handler calls sys.exit(15), read back here
+        # as the SIGTERM it is) and, as the driver connects, in C++ (switched off by import_ray); loramerge's
+        # handlers are put back once it returns.
         with interrupts.shielded() if address is None else nullcontext(), interrupts.handlers_kept():
             try:
                 ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
@@ -64,6 +66,18 @@ def connect(address: str | None = None):
                 raise LoramergeError(f"cannot connect to {where} ({_first_line(error)})") from None
         interrupts.check()
     return ray
+
+
+@contextmanager
+def _environment(**defaults: str):
+    """Environment variables set while the block runs, where the environment does not set them already."""
+    added = [name for name in defaults if name not in os.environ]
+    os.environ.update({name: defaults[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def probe(address: str, timeout: float = 5.0) -> None:

@@ -234,8 +234,16 @@ def test_image_folders_without_labels_share_one_class_numbering_across_splits(tm
             assert numbering.setdefault(Path(path).parent.name, label) == label
     assert numbering == {name: index for index, name in enumerate("0123456")}
     spec.write_text(yaml.safe_dump({"model_type": "image-classification", "tasks": [{**task, "num_labels": 10}]}))
-    with pytest.raises(LoramergeError, match="the 7 class folders of the task's splits .* num_labels is 10"):
-        load_examples(load_task_file(spec), load_task_file(spec).tasks[0], "validation")
+    examples = load_examples(load_task_file(spec), load_task_file(spec).tasks[0], "test")  # folders 0 … 6 of a
+    assert {Path(path).parent.name: label for path, label in zip(examples.inputs, examples.labels)} == {  # 10-wide
+        name: int(name) for name in "01245"}  # head: named by their indices, which they keep
+    for name in "01245":
+        (tmp_path / "test" / name).rename(tmp_path / "test" / f"c{name}")
+    (tmp_path / "validation").rename(tmp_path / "elsewhere")
+    spec.write_text(yaml.safe_dump({"model_type": "image-classification",
+                                    "tasks": [{**task, "data": {"test": "test"}, "num_labels": 10}]}))
+    with pytest.raises(LoramergeError, match="the 5 class folders of the task's splits .* num_labels is 10"):
+        load_examples(load_task_file(spec), load_task_file(spec).tasks[0], "test")
 
 
 # --- inputs (a hostile review of inspect, merge and apply-mask) -----------------------------------------------
@@ -494,10 +502,10 @@ def test_worker_and_device_flags_that_cannot_work_are_usage_errors(text_setting,
 
     base = ["search-mask", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file, "--out",
             tmp_path / "t.json"]
-    more = len(os.sched_getaffinity(0)) + 1  # the CPUs this process may use, plus one
-    for extra, words in ((["--workers", str(more)], "workers beyond them only compete"),
-                         (["--device", "cpu:0", "--workers", str(more)], "workers beyond them only compete"),
-                         (["--devices", ",".join(["cpu"] * more)], "workers beyond them only compete"),
+    more = 4 * len(os.sched_getaffinity(0)) + 1  # four per CPU this process may use, plus one
+    for extra, words in ((["--workers", str(more)], "workers beyond the CPUs only compete"),
+                         (["--device", "cpu:0", "--workers", str(more)], "workers beyond the CPUs only compete"),
+                         (["--devices", ",".join(["cpu"] * more)], "workers beyond the CPUs only compete"),
                          (["--devices", "cpu,,cpu"], "an empty entry"),
                          (["--device", "foo"], "'foo' is not a device")):
         result = invoke_cli([*base, *extra])

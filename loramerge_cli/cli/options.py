@@ -157,6 +157,9 @@ def scale_options() -> list:
     ]
 
 
+CPU_OVERSUBSCRIPTION = 4  # the most CPU worker processes per CPU this process may use
+
+
 def resolve_backend(device: str, devices: str | None, workers: int | None, threads: int | None, backend: str,
                     ray_address: str | None):
     """(Backend, threads per worker): the devices of the workers, and the torch threads every process uses
@@ -177,10 +180,11 @@ def resolve_backend(device: str, devices: str | None, workers: int | None, threa
         device_list = [device] * workers
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     on_cpu = [name for name in device_list or () if (name or "cpu").split(":")[0] == "cpu"]
-    if backend == "process" and len(on_cpu) > cpus:
+    if backend == "process" and len(on_cpu) > CPU_OVERSUBSCRIPTION * cpus:  # (a few more than the CPUs: allowed)
         flag = f"--workers {workers}" if workers is not None else f"--devices {devices}"
-        raise UsageError(f"{flag}: {len(on_cpu)} worker processes on the CPU, and this process may use {cpus} CPUs; "
-                         "workers beyond them only compete for them (each also holds a model)")
+        raise UsageError(f"{flag}: {len(on_cpu)} worker processes on the CPU, where this process may use {cpus} CPUs "
+                         f"(at most {CPU_OVERSUBSCRIPTION * cpus} workers: each holds a model, and workers beyond the "
+                         "CPUs only compete for them)")
     spread = Backend(backend, device_list, ray_address)
     return spread, spread.threads_each(device, threads)
 

@@ -16,6 +16,13 @@ def class_folders(folder: Path) -> set[str]:
     return {entry.name for entry in folder.iterdir() if entry.is_dir() and not entry.name.startswith(".")}
 
 
+def _index_names(names: list[str], count: int) -> bool:
+    """Class folders named by their indices (`0`, `1`, … below `count`), whose sorted order is their numeric
+    order (no `10` sorted before `2`)."""
+    return all(name.isdecimal() and str(int(name)) == name and int(name) < count for name in names) and \
+        sorted(names) == sorted(names, key=int)
+
+
 class ImageClassification(TaskType):
     name = "image-classification"
     model_class = "AutoModelForImageClassification"
@@ -29,7 +36,8 @@ class ImageClassification(TaskType):
     def folder_rows(self, folder: Path, task_file, task, where: str) -> list[dict]:
         """`folder/class_name/*.png` -> rows {image: path, label: index}, sorted by class then file. Without
         `labels`, the classes are the class folders of all the task's folder splits, in sorted order: one
-        numbering for every split, even where a split lacks a class."""
+        numbering for every split, even where a split lacks a class; folders named by index (`0` … `8`) with a
+        `num_labels` (10) above their count keep their indices."""
         classes = sorted(class_folders(folder))
         if not classes:
             raise task_file.error(where, f"{folder} has no class folders (expected {folder}/class_name/*.png)")
@@ -37,6 +45,9 @@ class ImageClassification(TaskType):
         if not names:
             splits = [Path(path) for path in task.data.values() if Path(path).is_dir()]
             names = sorted(set().union(*(class_folders(split) for split in splits)))
+            if task.num_labels is not None and len(names) < task.num_labels and _index_names(names, task.num_labels):
+                names = [str(index) for index in range(task.num_labels)]  # folders 0 … 8 of a 10-wide head: the
+                # folder names are the class indices (their sorted order agrees), whatever class no split holds
             if task.num_labels is not None and len(names) != task.num_labels:
                 raise task_file.error(
                     f"{task.where}.labels", f"without labels, the classes are the {len(names)} class folders of "

@@ -17,6 +17,7 @@ from typing import Callable
 from loramerge_cli import outputs
 from loramerge_cli.adapters.compat import check_compatible, configless_warnings
 from loramerge_cli.adapters.model import Adapter
+from loramerge_cli.adapters.sources import check_base_given
 from loramerge_cli.adapters.writer import (
     adapter_files,
     as_written,
@@ -53,6 +54,7 @@ class TaskData:
         check_integer(self.val_limit, 1, "--val-limit")
         check_integer(self.batch_size, 1, "--batch-size")
         check_integer(self.max_length, 2, "--max-length")
+        check_base_given(self.base)  # the model loads from it: a folder that is not there is said now
         if self.backend is not None:
             self.backend.check()
             self.threads = self.backend.threads_each(self.device or "cpu", self.threads)

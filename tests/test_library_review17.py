@@ -418,6 +418,8 @@ def test_a_missing_base_folder_and_two_adapters_of_one_name_are_named_as_such(te
     merge = invoke_cli(["merge", "--adapters", *text_setting.adapter_args(), "--merger", "ta", "--lambda", "auto",
                         "--tasks", text_setting.tasks_file, "--base", "/nonexist", "--out", tmp_path / "m"])
     _one_line(merge, "--base /nonexist: no such folder")
+    with pytest.raises(LoramergeError, match="--base /nonexist: no such folder"):  # the library's merge, planned
+        api.TaskData(text_setting.tasks_file, base="/nonexist")
     folder = text_setting.adapter_args()[0].split("=", 1)[1]
     with pytest.raises(LoramergeError, match="two adapters are named 'a' .*, .*; name them"):
         api.plan_eval(text_setting.tasks_file, [f"a={folder}", f"a={folder}"], [], EvalSettings(threads=1))

@@ -114,11 +114,8 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     spread, threads = resolve_backend(flags["device"] or "cpu", flags["devices"], flags["workers"], flags["threads"],
                                       flags["backend"], flags["ray_address"])
     spec_inputs = []
-    if flags["tasks"] is not None:  # the model loads from --base (a name only, without --tasks)
-        from loramerge_cli.adapters.sources import check_base_given
+    if flags["tasks"] is not None:
         from loramerge_cli.evaluation.data import check_task_file
-
-        check_base_given(flags["base"])
 
         # the spec and its data, before torch or adapters load
         # (labels only for --lambda auto: RegMean reads the inputs alone)

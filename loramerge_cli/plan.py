@@ -180,13 +180,16 @@ def task_inputs(adapters: list[Adapter], *specs: TaskData | None) -> list[Path]:
     """The files and folders read with the task specs (their data, a local base model; never an output),
     each spec checked to have a task for every adapter (λ tuned or inputs read on some tasks only is refused,
     as search-mask does)."""
+    from loramerge_cli.evaluation.model_fit import check_model_fit
     from loramerge_cli.evaluation.specs import load_task_file
 
     paths: list[Path] = []
     for spec in {spec.tasks: spec for spec in specs if spec is not None}.values():
         if not Path(spec.tasks).is_file():
             raise LoramergeError(f"{spec.tasks}: task spec not found (--tasks)")
-        load_task_file(spec.tasks).check_covers([adapter.name for adapter in adapters])
+        task_file = load_task_file(spec.tasks)
+        task_file.check_covers([adapter.name for adapter in adapters])
+        check_model_fit(task_file, adapters, spec.base, spec.max_length)
         files, folders = outputs.read_inputs(adapters, spec.tasks, spec.base)
         paths += files + folders
     return paths

@@ -135,13 +135,13 @@ CLASSIFIER_MODEL_CLASSES = {"AutoModelForSequenceClassification", "AutoModelForT
                             "AutoModelForImageClassification"}
 
 
-def base_model_class(task_type: str | None, base: str | None) -> str:
-    """The Auto class to load the base with: the task type's, else the one the base's config.json names (a
-    local folder, or the Hub cache: nothing is downloaded), else AutoModel."""
-    if task_type in TASK_TYPE_MODEL_CLASSES:
-        return TASK_TYPE_MODEL_CLASSES[task_type]
-    config = Path(base).expanduser() / "config.json" if base else None
-    if base and not config.is_file():
+def base_config(base: str | None) -> dict:
+    """The base model's config.json (a local folder, or the Hub cache: nothing is downloaded); {} when it is
+    not here or not readable."""
+    if not base:
+        return {}
+    config = Path(base).expanduser() / "config.json"
+    if not config.is_file():
         from huggingface_hub import try_to_load_from_cache
 
         try:
@@ -150,8 +150,19 @@ def base_model_class(task_type: str | None, base: str | None) -> str:
             cached = None
         config = Path(cached) if isinstance(cached, str) else None
     try:
-        architectures = json.loads(config.read_text()).get("architectures") or [] if config else []
-    except (OSError, ValueError, AttributeError):
+        loaded = json.loads(config.read_text()) if config else {}
+    except (OSError, ValueError):
+        return {}
+    return loaded if isinstance(loaded, dict) else {}
+
+
+def base_model_class(task_type: str | None, base: str | None) -> str:
+    """The Auto class to load the base with: the task type's, else the one the base's config.json names
+    (base_config), else AutoModel."""
+    if task_type in TASK_TYPE_MODEL_CLASSES:
+        return TASK_TYPE_MODEL_CLASSES[task_type]
+    architectures = base_config(base).get("architectures") or []
+    if not isinstance(architectures, list):
         architectures = []
     for suffix, model_class in ARCHITECTURE_MODEL_CLASSES:
         if architectures and str(architectures[0]).endswith(suffix):

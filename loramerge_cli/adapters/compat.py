@@ -94,19 +94,13 @@ def check_base_kind(engine) -> None:
     `task_type` belongs to another task type (a causal-LM adapter scored as a classifier, or the other way
     round) is refused, and a classification task scored with the base's own head needs a base that has a
     trained one (a causal LM loaded as a classifier gets a random head). The task types declare both."""
-    from loramerge_cli.evaluation.task_types import TASK_TYPES
+    from loramerge_cli.evaluation.model_fit import check_task_type
 
     task_file = engine.task_file
     task_type = task_file.type
-    known = {name for other in TASK_TYPES.values() for name in other.peft_task_types}
     for task in task_file.tasks:
         adapter = engine.experts[task.name]
-        recorded = str(adapter.config.get("task_type") or "").upper()
-        if recorded in known and recorded not in task_type.peft_task_types:
-            raise LoramergeError(
-                f"{task_file.path}: model_type {task_file.model_type}, but adapter {adapter.name!r} was trained "
-                f"for {adapter.config['task_type']}"
-            )
+        check_task_type(task_file, adapter.name, adapter.config)
     if not task_type.classifier:
         return
     architectures = getattr(engine.model.config, "architectures", None) or []

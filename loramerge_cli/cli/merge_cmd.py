@@ -116,10 +116,13 @@ def merge_command(ctx: typer.Context, **flags) -> None:
     spec_inputs = []
     if flags["tasks"] is not None:
         from loramerge_cli.evaluation.data import check_task_file
+        from loramerge_cli.evaluation.model_fit import check_model_fit
 
         # the spec and its data, before torch or adapters load
         # (labels only for --lambda auto: RegMean reads the inputs alone)
-        spec_inputs = check_task_file(flags["tasks"], ["validation"], labelled=flags["lam"] == "auto").inputs()
+        task_file = check_task_file(flags["tasks"], ["validation"], labelled=flags["lam"] == "auto")
+        check_model_fit(task_file, flags["adapters"], flags["base"], flags["max_length"], flags["allow_pickle"])
+        spec_inputs = task_file.inputs()
     dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags)
     config = merge_config(flags)  # flag values are checked before anything is read
     from loramerge_cli.hub import check_repo_id

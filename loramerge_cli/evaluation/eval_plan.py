@@ -38,6 +38,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
+    from loramerge_cli.evaluation.model_fit import check_model_fit
     from loramerge_cli.outputs import check_not_an_input, guard_output, read_inputs
     from loramerge_cli.search.backends import Backend
 
@@ -57,6 +58,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
         raise UsageError(f"--length-normalize divides a choice's log-likelihood by its length: the tasks of {tasks} "
                          f"(model_type {task_file.model_type}) have no choices")
     files, folders = read_inputs([*experts, *(merged or [])], tasks, base, allow_pickle)
+    check_model_fit(task_file, [*experts, *(merged or [])], base, settings.max_length, allow_pickle)
     if run_dir is not None:  # the score cache: written too
         check_run_dir(run_dir, files + folders)
     if out is not None:

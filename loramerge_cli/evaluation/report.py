@@ -101,6 +101,7 @@ def check_request(tasks_file, experts: list, merged: list, settings: EvalSetting
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
+    from loramerge_cli.evaluation.model_fit import check_model_fit
     from loramerge_cli.outputs import read_inputs
 
     settings.check()
@@ -108,7 +109,7 @@ def check_request(tasks_file, experts: list, merged: list, settings: EvalSetting
         raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
                          "name=folder")
     if rows:
-        check_task_file(tasks_file, [settings.split])
+        check_model_fit(check_task_file(tasks_file, [settings.split]), [*experts, *merged], base, settings.max_length)
     if run_dir is not None:
         files, folders = read_inputs([*experts, *merged], tasks_file, base)
         check_run_dir(run_dir, files + folders)

@@ -115,6 +115,7 @@ def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
 def check_splits(request: SearchRequest) -> None:
     """The task spec names a task for every adapter and the splits the search reads (test: --report-test)."""
     from loramerge_cli.adapters.sources import source_names
+    from loramerge_cli.evaluation.model_fit import check_model_fit
     from loramerge_cli.evaluation.specs import load_task_file
 
     task_file = load_task_file(request.tasks)
@@ -137,6 +138,7 @@ def check_splits(request: SearchRequest) -> None:
         rows.update(check_data(task_file, needed[1:]) if needed[1:] else {})
     else:
         rows = check_data(task_file, needed)  # every row's inputs and labels, before any adapter or model loads
+    check_model_fit(task_file, request.adapters, request.base, request.eval.max_length, request.allow_pickle)
     strategy = strategy_named(request.strategy)
     if strategy.check_data is not None:  # what the strategy needs of the data (the examples it will score)
         split = request.eval.split

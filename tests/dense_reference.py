@@ -145,6 +145,9 @@ def tsv(tasks: list[torch.Tensor]) -> torch.Tensor:
     ranks = [S.numel() for _, S, _ in svds]
     if sum(ranks) > min(m, n):
         ranks = [min(max(1, min(m, n) // len(tasks)), r) for r in ranks]
+        for t, (_, S, _) in enumerate(svds):  # a cut never splits singular values tied to within ε
+            while 0 < ranks[t] < S.numel() and S[ranks[t]] >= S[ranks[t] - 1] * (1 - EPS):
+                ranks[t] += 1
     U_hat = torch.cat([U[:, :k] for (U, _, _), k in zip(svds, ranks)], dim=1)
     S_hat = torch.cat([S[:k] for (_, S, _), k in zip(svds, ranks)])
     V_hat = torch.cat([V[:, :k] for (_, _, V), k in zip(svds, ranks)], dim=1)
@@ -296,10 +299,13 @@ def dare_l1(X: torch.Tensor, drop_rate: float, seed: int, task: str, module: str
 
 
 def retained(adapters, path, weights, table) -> list[tuple[int, float]]:
-    """(task index, weight) for the tasks that keep a nonzero weight on this module."""
+    """(task index, weight) for the tasks that keep a nonzero weight and a nonzero update on this module."""
     out = []
     for t, adapter in enumerate(adapters):
         if path not in adapter.modules:
+            continue
+        module = adapter.modules[path]
+        if module.scale == 0 or not (module.lora_A.any() and module.lora_B.any()):
             continue
         w = weights[t] * (table.weight(t, path) if table is not None else 1.0)
         if w != 0.0:

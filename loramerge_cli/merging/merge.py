@@ -265,10 +265,16 @@ def lossy_summary(modules, settings: ResolvedMerge) -> str | None:
 
 
 def _retained_tasks(adapters, path, settings: ResolvedMerge, table) -> list[tuple[int, float]]:
-    """(task index, weight) of every task that stays in this module (weight ≠ 0)."""
+    """(task index, weight) of every task that stays in this module: weight ≠ 0 and an update that is not zero
+    (lora_A or lora_B all zeros: a pruned copy, an untrained module). A zero update leaves as a weight 0 does,
+    bases included: in the knots space its V_t block would be rounding noise that TIES counts as votes and TSV
+    as directions, and in the core space its A_t would turn the basis."""
     tasks = []
     for index, adapter in enumerate(adapters):
         if path not in adapter.modules:
+            continue
+        module = adapter.modules[path]
+        if module.scale == 0 or not (module.lora_A.any() and module.lora_B.any()):
             continue
         weight = settings.weights[index] * (table.weight(index, path) if table is not None else 1.0)
         if weight != 0.0:

@@ -137,6 +137,13 @@ def dare(X: torch.Tensor, drop_rate: float, seed: int, task: str, module: str) -
     return torch.where(dare_mask(X.shape, drop_rate, seed, task, module), X / (1.0 - drop_rate), 0.0)
 
 
+def past_ties(S: torch.Tensor, k: int) -> int:
+    """A cut after the k-th singular value, moved past the values tied with it to within ε (relative)."""
+    while 0 < k < S.numel() and S[k] >= S[k - 1] * (1 - EPS):
+        k += 1
+    return k
+
+
 def tsv(tasks: list[torch.Tensor]) -> torch.Tensor:
     """Per-task dense SVDs, k_t = ε-rank (or min(max(1, ⌊min(m,n)/T⌋), ε-rank) when Σ exceeds min(m,n)); polar
     factors over the ε-rank triplets."""
@@ -144,10 +151,7 @@ def tsv(tasks: list[torch.Tensor]) -> torch.Tensor:
     svds = [dense_svd(X) for X in tasks]
     ranks = [S.numel() for _, S, _ in svds]
     if sum(ranks) > min(m, n):
-        ranks = [min(max(1, min(m, n) // len(tasks)), r) for r in ranks]
-        for t, (_, S, _) in enumerate(svds):  # a cut never splits singular values tied to within ε
-            while 0 < ranks[t] < S.numel() and S[ranks[t]] >= S[ranks[t] - 1] * (1 - EPS):
-                ranks[t] += 1
+        ranks = [past_ties(S, min(max(1, min(m, n) // len(tasks)), r)) for (_, S, _), r in zip(svds, ranks)]
     U_hat = torch.cat([U[:, :k] for (U, _, _), k in zip(svds, ranks)], dim=1)
     S_hat = torch.cat([S[:k] for (_, S, _), k in zip(svds, ranks)])
     V_hat = torch.cat([V[:, :k] for (_, _, V), k in zip(svds, ranks)], dim=1)
@@ -165,6 +169,7 @@ def isotropize(X: torch.Tensor) -> torch.Tensor:
 
 def best_rank(X: torch.Tensor, k: int) -> torch.Tensor:
     U, S, V = dense_svd(X)
+    k = past_ties(S, min(k, S.numel()))
     return U[:, :k] @ torch.diag(S[:k]) @ V[:, :k].T
 
 
@@ -180,11 +185,11 @@ def iso_cts(tasks: list[torch.Tensor], common_fraction: float) -> torch.Tensor:
     if S.numel() == 0:
         return torch.zeros_like(total)
     p = min(total.shape)
-    k = min(math.ceil(common_fraction * p), S.numel())
+    k = past_ties(S, min(math.ceil(common_fraction * p), S.numel()))
     lefts, rights = [U[:, :k]], [V[:, :k]]
     for X in tasks:
         U_t, S_t, V_t = dense_svd(X - U[:, :k] @ (U[:, :k].T @ X))
-        s = min((p - k) // len(tasks), int((S_t > EPS * S[0]).sum()))
+        s = past_ties(S_t, min((p - k) // len(tasks), int((S_t > EPS * S[0]).sum())))
         lefts.append(U_t[:, :s])
         rights.append(V_t[:, :s])
     return S.mean() * partial_polar(torch.cat(lefts, dim=1)) @ partial_polar(torch.cat(rights, dim=1)).T

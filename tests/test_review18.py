@@ -146,3 +146,36 @@ def test_tsv_depends_on_the_updates_only_not_on_how_their_factors_are_written():
         assert torch.allclose(merged(seed)[1], written, rtol=0, atol=1e-12)
     reference = reference_merge(adapters, "tsv", "knots")[PATH]
     assert torch.allclose(written, reference, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("merger,options", [("cart", {"rank_fraction": 0.1, "cart_scale": 0.4}),
+                                            ("iso_cts", {"common_fraction": 0.3})])
+def test_cart_and_iso_cts_cut_no_tied_singular_values(merger, options):
+    """CART keeps k leading directions of each X_t − mean, Iso-CTS k of Σ_t X_t: with tasks of orthonormal
+    factors on orthogonal subspaces those singular values tie, and the cut kept whichever the SVD of the
+    factors returned (the merge moved with a rotation Q of the factors, (B Q)(Qᵀ A)). Tied values are kept
+    together now."""
+    import torch
+
+    from dense_reference import reference_merge
+
+    generator = torch.Generator().manual_seed(11)
+    left, _ = torch.linalg.qr(torch.randn(12, 9, generator=generator, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(12, 9, generator=generator, dtype=torch.float64))
+    config = api.MergeConfig(merger=merger, lam=1.0, params=options)
+
+    def merged(rotation_seed):
+        adapters = []
+        for index, name in enumerate("abc"):
+            B, A = left[:, 3 * index:3 * index + 3], right[:, 3 * index:3 * index + 3].T
+            if rotation_seed is not None:
+                rotation = torch.Generator().manual_seed(rotation_seed + index)
+                Q, _ = torch.linalg.qr(torch.randn(3, 3, generator=rotation, dtype=torch.float64))
+                B, A = B @ Q, Q.T @ A
+            adapters.append(_one_module_adapter(name, B.contiguous(), A.contiguous()))
+        return adapters, _update(api.merge(adapters, config))
+
+    adapters, written = merged(None)
+    for seed in range(4):
+        assert torch.allclose(merged(seed)[1], written, rtol=0, atol=1e-12)
+    assert torch.allclose(written, reference_merge(adapters, merger, **options)[PATH], rtol=0, atol=1e-10)

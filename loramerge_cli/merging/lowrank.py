@@ -64,6 +64,17 @@ def epsilon_rank(S: torch.Tensor) -> int:
     return int((S > EPS_RANK * S[0]).sum())
 
 
+def past_ties(S: torch.Tensor, k: int) -> int:
+    """How many of the leading singular values `S` (descending) a cut after the k-th keeps: k, raised while
+    the next value equals the k-th to within EPS_RANK (relative). A cut through tied values would keep
+    whichever of their directions the SVD happened to return, so the result would depend on how the factors
+    were written. (In the unscaled knots space they tie often: a direction of ΔW_t that no other task's
+    update shares has singular value 1 in V_t.)"""
+    while 0 < k < S.numel() and S[k] >= S[k - 1] * (1 - EPS_RANK):
+        k += 1
+    return k
+
+
 def from_svd(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor) -> CompactSVD:
     rank = epsilon_rank(S)
     U, V = canonical_signs(U[:, :rank], V[:, :rank])

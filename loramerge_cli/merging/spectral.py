@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from loramerge_cli.merging.lowrank import EPS_RANK, LowRank, compact_svd, polar
+from loramerge_cli.merging.lowrank import LowRank, compact_svd, past_ties, polar
 
 
 def tsv(tasks: list[torch.Tensor | LowRank]) -> LowRank:
@@ -12,7 +12,7 @@ def tsv(tasks: list[torch.Tensor | LowRank]) -> LowRank:
 
     k_t = ε-rank(X_t) when Σ_t ε-rank ≤ min(m, n), else min(max(1, ⌊min(m, n)/T⌋), ε-rank(X_t)) (every task
     keeps a direction, even in a space of fewer dimensions than tasks), raised past singular values tied with
-    the last one kept (`_past_ties`). Result: polar(Û) diag(ŝ) polar(V̂)ᵀ over
+    the last one kept (`lowrank.past_ties`). Result: polar(Û) diag(ŝ) polar(V̂)ᵀ over
     the ε-rank triplets (`lowrank.polar`: unique when the tasks' directions overlap), returned as factors.
     """
     m, n = tasks[0].shape
@@ -20,22 +20,13 @@ def tsv(tasks: list[torch.Tensor | LowRank]) -> LowRank:
     ranks = [svd.S.numel() for svd in svds]
     if sum(ranks) > min(m, n):
         share = max(1, min(m, n) // len(tasks))
-        ranks = [_past_ties(svd.S, min(share, rank)) for svd, rank in zip(svds, ranks)]
+        ranks = [past_ties(svd.S, min(share, rank)) for svd, rank in zip(svds, ranks)]
     U_hat = torch.cat([svd.U[:, :k] for svd, k in zip(svds, ranks)], dim=1)
     S_hat = torch.cat([svd.S[:k] for svd, k in zip(svds, ranks)])
     V_hat = torch.cat([svd.V[:, :k] for svd, k in zip(svds, ranks)], dim=1)
     if U_hat.shape[1] == 0:
         return LowRank(U_hat, V_hat.T)
     return LowRank(polar(U_hat) * S_hat, polar(V_hat).T)
-
-
-def _past_ties(S: torch.Tensor, k: int) -> int:
-    """k, raised while the next singular value equals the k-th to within EPS_RANK (relative): a cut through
-    tied values would keep whichever of their directions the SVD happened to return. (In the unscaled knots
-    space they tie often: a direction of ΔW_t that no other task's update shares has singular value 1 in V_t.)"""
-    while 0 < k < S.numel() and S[k] >= S[k - 1] * (1 - EPS_RANK):
-        k += 1
-    return k
 
 
 def isotropize(X: torch.Tensor | LowRank) -> LowRank:

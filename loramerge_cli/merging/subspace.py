@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from loramerge_cli.merging.lowrank import EPS_RANK, LowRank, compact_svd, polar, sum_lowrank
+from loramerge_cli.merging.lowrank import EPS_RANK, LowRank, compact_svd, past_ties, polar, sum_lowrank
 
 Tensorish = torch.Tensor | LowRank
 
@@ -26,9 +26,10 @@ def _scaled(task: LowRank, factor: float) -> LowRank:
 
 
 def _top(task: LowRank, k: int) -> LowRank:
-    """The best rank-k approximation (the k leading ε-rank components)."""
+    """The best rank-k approximation (the k leading ε-rank components; values tied with the k-th kept too:
+    `lowrank.past_ties`)."""
     svd = compact_svd(task)
-    k = min(k, svd.S.numel())
+    k = past_ties(svd.S, min(k, svd.S.numel()))
     return LowRank(svd.U[:, :k] * svd.S[:k], svd.V[:, :k].T)
 
 
@@ -46,7 +47,8 @@ def iso_cts(tasks: list[Tensorish], common_fraction: float) -> LowRank:
     """Iso-CTS (Marczak et al.): the k leading singular directions of Σ_t X_t (the common subspace,
     k = min(⌈ρ·p⌉, ε-rank), p = min(m, n)), plus per task the s = ⌊(p − k)/T⌋ leading directions of
     its update with the common left subspace projected out (singular values above 1e-6·σ_max of the
-    sum; what the projection leaves of a covered task is rounding noise); both bases orthogonalised by
+    sum; what the projection leaves of a covered task is rounding noise); neither cut splits tied singular
+    values (`lowrank.past_ties`); both bases orthogonalised by
     polar factors (over their ε-rank: with LoRA the subspaces overlap, see `lowrank.polar`); every
     direction gets the mean ε-rank singular value of Σ_t X_t."""
     factored = [_factored(task) for task in tasks]
@@ -55,14 +57,14 @@ def iso_cts(tasks: list[Tensorish], common_fraction: float) -> LowRank:
     total = compact_svd(sum_lowrank(factored))
     if total.S.numel() == 0:
         return LowRank(total.U, total.V.T)
-    k = min(math.ceil(common_fraction * p), total.S.numel())
+    k = past_ties(total.S, min(math.ceil(common_fraction * p), total.S.numel()))
     U_common, V_common = total.U[:, :k], total.V[:, :k]
     share = (p - k) // len(factored)
     lefts, rights = [U_common], [V_common]
     for task in factored:
         residual = LowRank(task.left - U_common @ (U_common.T @ task.left), task.right)
         svd = compact_svd(residual)
-        s = min(share, int((svd.S > EPS_RANK * total.S[0]).sum()))  # rounding noise is not a direction
+        s = past_ties(svd.S, min(share, int((svd.S > EPS_RANK * total.S[0]).sum())))  # noise: no direction
         lefts.append(svd.U[:, :s])
         rights.append(svd.V[:, :s])
     U_hat, V_hat = torch.cat(lefts, dim=1), torch.cat(rights, dim=1)

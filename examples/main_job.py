@@ -27,7 +27,7 @@ THREADS = 2
 def adapter_args(setting: Path, tasks_file: Path) -> list[str]:
     import yaml
 
-    names = [task["name"] for task in yaml.safe_load(tasks_file.read_text())["tasks"]]
+    names = [task["name"] for task in yaml.safe_load(tasks_file.read_text(encoding="utf-8"))["tasks"]]
     return [f"{name}={setting / 'adapters' / name}" for name in names]
 
 

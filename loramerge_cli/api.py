@@ -16,7 +16,7 @@ from loramerge_cli.adapters.model import Adapter, LoraModule
 from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
 from loramerge_cli.adapters.units import sorted_units
 from loramerge_cli.adapters.writer import write_adapter
-from loramerge_cli.errors import UsageError
+from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.hub import local_paths_warnings, push_folder
 from loramerge_cli.masks import (
     WeightTable,
@@ -260,5 +260,21 @@ def inspect_adapters(adapters: list[Adapter]) -> dict:
         "units": sorted_units(unit for adapter in adapters for unit in adapter.units),
         "norms": norm_grid(adapters),
         "pairs": pairs,
-        "merge_refusals": compatibility_problems(adapters) if len(adapters) > 1 else [],
+        "merge_refusals": (compatibility_problems(adapters) if len(adapters) > 1 else []) + _overflows(adapters),
     }
+
+
+def _overflows(adapters: list[Adapter]) -> list[str]:
+    """The first module of each adapter whose own update scale·B·A is past its dtype's range (finite factors
+    can multiply past it): a merge or apply-mask refuses it as it writes (writer.check_updates_in_range)."""
+    from loramerge_cli.adapters.writer import check_updates_in_range
+
+    problems = []
+    for adapter in adapters:
+        for path, module in adapter.modules.items():
+            try:
+                check_updates_in_range({path: module}, module.lora_B.dtype, owner=f"adapter {adapter.name!r}: ")
+            except LoramergeError as error:
+                problems.append(str(error).removesuffix("; nothing written"))
+                break
+    return problems

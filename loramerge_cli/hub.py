@@ -50,7 +50,7 @@ def local_paths_warnings(folder: str | Path) -> list[str]:
     folder = Path(folder)
     warnings = []
     try:
-        base = json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
     except (OSError, ValueError):
         base = None
     from loramerge_cli.adapters.card import is_repo_id
@@ -61,7 +61,7 @@ def local_paths_warnings(folder: str | Path) -> list[str]:
     found: dict[str, list[str]] = {}
     for name in TEXT_FILES:
         try:
-            text = (folder / name).read_text()
+            text = (folder / name).read_text(encoding="utf-8")
         except OSError:
             continue
         for path in dict.fromkeys(LOCAL_PATH.findall(text)):

@@ -123,7 +123,7 @@ def load_table(path: str | Path) -> WeightTable:
     """Read and structurally validate a weight-table JSON file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise LoramergeError(f"{path}: mask file not found") from None
     except (OSError, UnicodeDecodeError) as error:
@@ -170,7 +170,7 @@ def _structure_problem(data) -> str | None:
 
 def mask_schema() -> dict:
     """The weight-table JSON schema shipped with the package."""
-    return json.loads(resources.files("loramerge_cli").joinpath("schemas/mask.schema.json").read_text())
+    return json.loads(resources.files("loramerge_cli").joinpath("schemas/mask.schema.json").read_text(encoding="utf-8"))
 
 
 def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:

@@ -41,6 +41,11 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
     holding loramerge.json, or apply-mask's folder of such; a "file" of one of the writer's `formats`, not
     inside such a folder). Anything else (a regular file where a folder goes, a device, a symlink) is refused even with
     `force`. Its nearest existing ancestor must be a writable folder. Returns `out` with `~` expanded."""
+    if str(out) == "-":  # the Unix spelling of standard output: a folder or file named '-' would surprise
+        from loramerge_cli.errors import UsageError
+
+        raise UsageError("--out -: the output is a file or folder, never standard output (--json prints the "
+                         "summary there); give a path (./- names one called '-')")
     out = Path(out)
     target = Path(os.path.abspath(out.expanduser()))
     check_not_working_folder(out)
@@ -127,7 +132,7 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
             folders.append(Path(source.weights_file).parent)
         if source.config_file:
             try:
-                bases.add(json.loads(Path(source.config_file).read_text()).get("base_model_name_or_path"))
+                bases.add(json.loads(Path(source.config_file).read_text(encoding="utf-8")).get("base_model_name_or_path"))
             except (OSError, ValueError, AttributeError):
                 pass  # the loader reports it
     task_file = load_task_file(tasks) if tasks is not None else None
@@ -188,7 +193,7 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
 def holds(path: str | Path, text: str) -> bool:
     """Whether `path` is a file whose content is `text` (writing it again would change nothing)."""
     try:
-        return Path(path).is_file() and Path(path).read_text() == text
+        return Path(path).is_file() and Path(path).read_text(encoding="utf-8") == text
     except (OSError, UnicodeDecodeError):
         return False
 

@@ -1,5 +1,7 @@
 """Review of session 18: each test failed before its fix."""
 
+from pathlib import Path
+
 import pytest
 from factories import invoke_cli
 from test_hostile_inputs import one_line
@@ -179,3 +181,122 @@ def test_cart_and_iso_cts_cut_no_tied_singular_values(merger, options):
     for seed in range(4):
         assert torch.allclose(merged(seed)[1], written, rtol=0, atol=1e-12)
     assert torch.allclose(written, reference_merge(adapters, merger, **options)[PATH], rtol=0, atol=1e-10)
+
+
+def _unscorable_spec(setting, tmp_path, tasks) -> Path:
+    """The setting's spec with `tasks` validated on rows whose label is a masked class: their experts score 0."""
+    import json
+
+    import yaml
+
+    content = yaml.safe_load(setting.tasks_file.read_text())
+    for task in content["tasks"]:
+        if task["name"] in tasks:
+            rows = [json.loads(line) for line in Path(task["data"]["validation"]).read_text().splitlines()]
+            masked = tmp_path / f"{task['name']}_masked.jsonl"
+            masked.write_text("".join(json.dumps({**row, "label": 1}) + "\n" for row in rows))
+            task["data"]["validation"], task["masked_labels"] = str(masked), [1]
+    spec = tmp_path / "unscorable.yaml"
+    spec.write_text(yaml.safe_dump(content))
+    return spec
+
+
+def test_lambda_and_table_choices_name_the_tasks_they_cannot_score(setting, tmp_path):
+    """`merge --lambda auto` and `search-mask` on tasks whose expert scores 0 left those tasks out of the mean
+    without a word (`eval` warned), and with every expert at 0 the search ran on a fitness of 0.00 everywhere
+    and λ auto kept the default after scoring the whole grid. Now: a warning per such task (in the --json
+    output and the table's provenance), and one line, exit 1, when no task can be scored."""
+    import json
+
+    spec = _unscorable_spec(setting, tmp_path, {"alpha"})
+    adapters = setting.adapter_args()
+    tuned = invoke_cli(["merge", "--adapters", *adapters, "--tasks", spec, "--lambda", "auto", "--threads", "1",
+                        "--out", tmp_path / "merged", "--json"])
+    assert tuned.exit_code == 0, tuned.stderr
+    assert any("task alpha: the expert scores 0" in line for line in json.loads(tuned.stdout)["warnings"])
+    searched = invoke_cli(["search-mask", "--adapters", *adapters, "--tasks", spec, "--strategy", "random",
+                           "--budget", "2", "--threads", "1", "--out", tmp_path / "table.json"])
+    assert searched.exit_code == 0, searched.stderr
+    assert "task alpha: the expert scores 0" in searched.stderr
+    provenance = json.loads((tmp_path / "table.json").read_text())["provenance"]
+    assert provenance["warnings"] == ["task alpha: the expert scores 0 on its examples, so its normalized accuracy "
+                                      "is undefined: the table is chosen on the other tasks"]
+    (tmp_path / "all").mkdir()
+    nothing = _unscorable_spec(setting, tmp_path / "all", {"alpha", "beta", "gamma"})
+    for command in (["search-mask", "--strategy", "random", "--budget", "2", "--out", tmp_path / "t2.json"],
+                    ["merge", "--lambda", "auto", "--out", tmp_path / "m2"]):
+        refused = invoke_cli([*command, "--adapters", *adapters, "--tasks", nothing, "--threads", "1"])
+        assert refused.exit_code == 1 and "every expert scores 0" in refused.stderr, refused.stderr
+        assert not (tmp_path / "t2.json").exists() and not (tmp_path / "m2").exists()
+
+
+def test_an_ascii_locale_or_stdout_neither_breaks_writing_nor_fails_a_finished_job(setting, tmp_path):
+    """Under a locale whose encoding is ASCII (LC_ALL=C with Python's UTF-8 mode and locale coercion off, or a
+    Latin-1 / cp1252 system), `merge` failed writing the model card ('ascii' codec can't encode 'λ') and
+    `merge --mask` reading the bundled table schema; files are read and written as UTF-8 now. With an ASCII
+    stdout (PYTHONIOENCODING=ascii), a finished command exited 1 printing its summary: the characters are
+    escaped now (`inspect`'s ‖ΔW‖ here)."""
+    import os
+    import subprocess
+    import sys
+
+    adapters = setting.adapter_args()
+    environment = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+
+    def run(*args, env):
+        return subprocess.run([sys.executable, "-m", "loramerge_cli", *map(str, args)], capture_output=True,
+                              text=True, encoding="utf-8", errors="replace", env=env, check=False)
+
+    merged = run("merge", "--adapters", *adapters, "--merger", "ties", "--out", tmp_path / "merged", env=environment)
+    assert merged.returncode == 0, merged.stderr
+    assert "λ" in (tmp_path / "merged" / "README.md").read_text(encoding="utf-8")
+    table = api.ones_table(api.load_adapters(adapters))
+    table.save(tmp_path / "table.json")
+    masked = run("merge", "--adapters", *adapters, "--mask", tmp_path / "table.json", "--out", tmp_path / "masked",
+                 env=environment)
+    assert masked.returncode == 0, masked.stderr
+    ascii_stdout = run("inspect", *setting.adapters.values(), env={**os.environ, "PYTHONIOENCODING": "ascii"})
+    assert ascii_stdout.returncode == 0 and "\\u2016" in ascii_stdout.stdout, ascii_stdout.stderr  # ‖ΔW‖
+
+
+def test_inspect_names_an_update_that_overflows_as_a_merge_refusal(setting, tmp_path):
+    """Factors of 3e38 are finite, their product is not: `inspect` said "merge would refuse: nothing" and the
+    merge then refused (a CI gate on `merge_refusals == []` let it through)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    big = tmp_path / "big"
+    shutil.copytree(setting.adapters["alpha"], big)
+    tensors = load_file(str(big / "adapter_model.safetensors"))
+    first = sorted(key for key in tensors if "lora_A" in key)[0]
+    tensors[first].fill_(3e38)
+    tensors[first.replace("lora_A", "lora_B")].fill_(3e38)
+    save_file(tensors, str(big / "adapter_model.safetensors"))
+    inspected = invoke_cli(["inspect", f"alpha={big}", f"beta={setting.adapters['beta']}", "--json"])
+    assert inspected.exit_code == 0, inspected.stderr
+    refusals = json.loads(inspected.stdout)["merge_refusals"]
+    assert len(refusals) == 1 and "adapter 'alpha'" in refusals[0] and "beyond the range of float32" in refusals[0]
+    merged = invoke_cli(["merge", "--adapters", f"alpha={big}", f"beta={setting.adapters['beta']}", "--out",
+                         tmp_path / "merged"])
+    assert merged.exit_code == 1 and "beyond the range of float32" in merged.stderr
+    clean = invoke_cli(["inspect", *setting.adapters.values(), "--json"])
+    assert json.loads(clean.stdout)["merge_refusals"] == []
+
+
+def test_out_dash_is_refused_rather_than_a_file_named_dash(setting, tmp_path, monkeypatch):
+    """`--out -` (stdout to a Unix user) wrote a folder or file named '-' in the working folder."""
+    monkeypatch.chdir(tmp_path)
+    for command in (["merge", "--adapters", *setting.adapter_args()],
+                    ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file],
+                    ["eval", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file]):
+        one_line(invoke_cli([*command, "--out", "-"]), "never standard output", code=2)
+    assert not (tmp_path / "-").exists()
+
+
+def test_a_merge_that_scores_as_its_expert_is_exactly_100():
+    """100 · a / e gave 99.99999999999999 where the merge scored as the expert (a = e = 1/3)."""
+    from loramerge_cli.evaluation.metrics import normalized_accuracy
+
+    assert normalized_accuracy({"t": 1 / 3, "u": 0.7}, {"t": 1 / 3, "u": 0.7})[0] == {"t": 100.0, "u": 100.0}

@@ -58,7 +58,7 @@ def stamp(scale: Scale) -> str:
 
 def up_to_date(out: Path, key: str) -> bool:
     record = out / "build.json"
-    return record.is_file() and json.loads(record.read_text()).get("stamp") == key
+    return record.is_file() and json.loads(record.read_text(encoding="utf-8")).get("stamp") == key
 
 
 def build(out: Path, scale: Scale = FULL, force: bool = False, log=lambda message: None) -> dict:
@@ -70,7 +70,7 @@ def build(out: Path, scale: Scale = FULL, force: bool = False, log=lambda messag
     key = stamp(scale)  # before building: the code that runs is the code stamped
     if not force and up_to_date(out, key):
         log(f"{out} is up to date")
-        return json.loads((out / "build.json").read_text())
+        return json.loads((out / "build.json").read_text(encoding="utf-8"))
     _clear(out)
     out.mkdir(parents=True)
     (out / MARKER).touch()

@@ -21,7 +21,7 @@ def lora_updates(adapter: Path) -> tuple[dict[str, torch.Tensor], dict[str, torc
     """(ΔW = s·B@A per module path, head tensors by parameter name) of a PEFT LoRA folder."""
     from safetensors.torch import load_file
 
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
     tensors = load_file(str(adapter / "adapter_model.safetensors"))
     deltas, heads = {}, {}
     for key, tensor in tensors.items():
@@ -72,7 +72,7 @@ def load_setting(folder: Path) -> dict:
     import yaml
     from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
 
-    spec = yaml.safe_load((folder / "tasks.yaml").read_text())
+    spec = yaml.safe_load((folder / "tasks.yaml").read_text(encoding="utf-8"))
     base = spec["base_model"]
     image = spec["model_type"] == "image-classification"
     tasks = {}
@@ -84,7 +84,7 @@ def load_setting(folder: Path) -> dict:
             if image:
                 batches[split] = _image_batches(base, path, task["labels"])
             else:
-                rows = [json.loads(line) for line in path.read_text().splitlines()][: task.get("limit")]
+                rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()][: task.get("limit")]
                 batches[split] = _text_batches(base, rows, task["text"], task["label"])
         tasks[task["name"]] = {"deltas": deltas, "head": head, "batches": batches}
     num_labels = spec["tasks"][0]["num_labels"]

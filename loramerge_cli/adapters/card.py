@@ -150,7 +150,7 @@ def base_config(base: str | None) -> dict:
             cached = None
         config = Path(cached) if isinstance(cached, str) else None
     try:
-        loaded = json.loads(config.read_text()) if config else {}
+        loaded = json.loads(config.read_text(encoding="utf-8")) if config else {}
     except (OSError, ValueError):
         return {}
     return loaded if isinstance(loaded, dict) else {}

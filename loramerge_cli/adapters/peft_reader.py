@@ -79,7 +79,7 @@ def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adap
 
 def read_config(path: Path) -> dict:
     try:
-        config = json.loads(Path(path).read_text())
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as error:  # a number of over 4,300 digits, nesting too deep
         raise LoramergeError(f"{path}: not a readable JSON adapter config ({str(error) or 'nested too deep'})") \
             from None

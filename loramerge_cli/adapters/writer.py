@@ -158,7 +158,7 @@ def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _write_json(data: dict, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def check_head(adapters: list[Adapter], head: str | None) -> Adapter | None:
@@ -267,10 +267,10 @@ def write_merged_adapter(
         if table is not None:
             table.save(staging / "mask.json")
         if recipe is not None:
-            (staging / RECIPE_NAME).write_text(recipe)
+            (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8")
         (staging / "README.md").write_text(model_card(
             result, adapters, title=Path(out_dir).name, base=base, task_type=task_type, head=head, table=table,
-            recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id))
+            recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id), encoding="utf-8")
     return Path(out_dir)
 
 
@@ -373,7 +373,7 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
         if table is not None:
             table.save(staging / "mask.json")
         if recipe is not None:
-            (staging / RECIPE_NAME).write_text(recipe)
+            (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8")
     return Path(out_dir)
 
 

@@ -358,7 +358,12 @@ class StandardOutput:
 
     def write(self, text: str) -> int:
         with stdout_failures():
-            return self._stream().write(text)
+            stream = self._stream()
+            try:
+                return stream.write(text)
+            except UnicodeEncodeError:  # an ASCII or Latin-1 stdout (PYTHONIOENCODING): what it cannot show is
+                encoding = getattr(stream, "encoding", None) or "ascii"  # escaped, as Python's stderr does
+                return stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
 
     def flush(self) -> None:
         with stdout_failures():

@@ -189,7 +189,8 @@ def _changed_recipe_inputs(config: Path | None, adapters) -> list[str]:
     import json
 
     try:
-        inputs = json.loads((Path(config).parent / "loramerge.json").read_text())["inputs"] if config else []
+        recipe_record = Path(config).parent / "loramerge.json" if config else None
+        inputs = json.loads(recipe_record.read_text(encoding="utf-8"))["inputs"] if recipe_record else []
         # an input changed in memory (a weight table applied) is identified by its tensors: never its file's
         recorded = {item["name"]: item.get("modified_sha256") or item["sha256"] for item in inputs}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no output beside the recipe: no comparison

@@ -137,6 +137,7 @@ def search_progress(console, generations: int):
             console.print(
                 f"unpruned merge: {data['reference']:.2f} mean normalized accuracy (λ = {data['lambda']:.4g}); "
                 f"{data['units']} units × {data['tasks']} tasks", highlight=False)
+            print_warnings(console, data.get("warnings", []))
             clock["started"] = time.monotonic()
         elif kind == "generation":
             done = data.get("cma_generation", data["generation"])  # the screened search's steps include others

@@ -25,8 +25,23 @@ def normalized_accuracy(
             out[task] = None
             warnings.append(f"task {task}: the expert scores 0, so its normalized accuracy is undefined")
         else:
-            out[task] = 100.0 * value / expert
+            out[task] = 100.0 * (value / expert)  # exactly 100 where the merge scores as the expert
     return out, warnings
+
+
+def check_experts(experts: dict[str, float], chosen: str) -> list[str]:
+    """What a choice made on mean normalized accuracy (`chosen`: "λ", "the table") rests on: one warning per
+    task whose expert scores 0 (its normalized accuracy is undefined, so the mean leaves it out); an error when
+    every expert does (the mean is undefined everywhere: there would be nothing to choose on)."""
+    from loramerge_cli.errors import LoramergeError
+
+    zero = [task for task, value in experts.items() if not value]
+    if zero and len(zero) == len(experts):
+        raise LoramergeError(f"every expert scores 0 on its own task's examples ({', '.join(zero)}), so normalized "
+                             f"accuracy is undefined and {chosen} cannot be chosen on it: score more examples "
+                             "(--val-limit, a task's limit) or check the tasks' labels and heads")
+    return [f"task {task}: the expert scores 0 on its examples, so its normalized accuracy is undefined: {chosen} "
+            "is chosen on the other tasks" for task in zero]
 
 
 def mean_defined(values: dict[str, float | None]) -> float | None:

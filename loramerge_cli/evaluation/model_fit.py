@@ -47,7 +47,7 @@ def check_model_fit(task_file: TaskFile, adapters, base: str | None = None, max_
             named = split_name(argument)
             config_file = resolve(named.spec, allow_pickle=allow_pickle).config_file
             try:
-                config = json.loads(Path(config_file).read_text()) if config_file else {}
+                config = json.loads(Path(config_file).read_text(encoding="utf-8")) if config_file else {}
             except (OSError, ValueError):
                 continue  # the loader reports it
             name = named.name or default_name(named.spec)

@@ -110,7 +110,7 @@ class TaskFile:
 def schema() -> dict:
     """The shipped tasks.schema.json, its model_type enum the registered task types (a type added in
     TASK_TYPES is accepted without editing the file; a test keeps the file's list equal to the built-ins)."""
-    text = resources.files("loramerge_cli").joinpath("schemas/tasks.schema.json").read_text()
+    text = resources.files("loramerge_cli").joinpath("schemas/tasks.schema.json").read_text(encoding="utf-8")
     document = json.loads(text)
     document["properties"]["model_type"]["enum"] = list(TASK_TYPES)
     return document

@@ -20,7 +20,7 @@ from typing import Callable
 from loramerge_cli.errors import LoramergeError, NonFiniteError
 from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, checked_evaluator, merged_deltas, scale_deltas
-from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
+from loramerge_cli.evaluation.metrics import check_experts, mean_defined, normalized_accuracy
 from loramerge_cli.evaluation.specs import load_task_file
 from loramerge_cli.events import stage as progress_stage
 
@@ -135,8 +135,10 @@ def search_lambda(
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)
         evaluator = checked_evaluator(load_task_file(tasks_file), adapters, settings, base, allow_base_mismatch)
-    if experts is None:
+    expert_warnings = []
+    if experts is None:  # (a caller that scored them checked them: check_experts)
         experts = expert_scores(evaluator, ScoreCache(run_dir), report)
+        expert_warnings = check_experts(experts, "λ")
     if pool is not None:  # the grid's workers: this process scores nothing more
         pool.reside(evaluator)
     records: list[dict] = []
@@ -165,6 +167,7 @@ def search_lambda(
     with progress_stage(report, "λ grid", len(grid) if grid is not None else None) as step:
         best, warnings = grid_search(lambda lam, stage: means_at([lam], stage)[0], default_lambda, grid,
                                      means_at=means_at, also=also)
+    warnings = expert_warnings + warnings
     if non_finite:
         if len(non_finite) == len(records):
             raise NonFiniteError(f"λ auto: every λ tried gave NaN or Inf ({non_finite[0]})")

@@ -56,8 +56,8 @@ def finished_table(run_dir: Path) -> str | None:
     import hashlib
 
     try:
-        marker = json.loads((Path(run_dir) / FINISHED_NAME).read_text())
-        text = (Path(run_dir) / BEST_NAME).read_text()
+        marker = json.loads((Path(run_dir) / FINISHED_NAME).read_text(encoding="utf-8"))
+        text = (Path(run_dir) / BEST_NAME).read_text(encoding="utf-8")
     except (OSError, ValueError):
         return None
     if not isinstance(marker, dict) or marker.get("format") != FINISHED_FORMAT:

@@ -49,11 +49,13 @@ class Scored:
 def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
     """Mean normalized validation accuracy over the unpruned merge (labels read)."""
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
+    from loramerge_cli.evaluation.metrics import check_experts
     from loramerge_cli.search.fitness import AccuracyFitness
 
     problem = build_problem(request, _first_device(request))
     lam, tuning = problem.settings.lam, None
     experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
+    warnings = check_experts(experts, "λ and the table" if request.lambda_auto else "the table")
     if request.lambda_auto:
         search = _search_lambda(request, problem, experts, run_dir, on_event)
         lam, tuning = search.best, search.describe()
@@ -63,10 +65,11 @@ def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
         fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
         step(f"{fitness.reference:.2f}")
     return Scored(
-        fitness, {"lambda": lam, "reference": fitness.reference, "experts": experts},
+        fitness, {"lambda": lam, "reference": fitness.reference, "experts": experts, "warnings": warnings},
         WorkerBuilder(request, lam, experts, fitness.reference),
         {"experts_validation_accuracy": experts, "lambda_tuning": tuning,
-         "max_length": dict(problem.engine.max_lengths), "eval_dtype": problem.engine.settings.dtype},
+         "max_length": dict(problem.engine.max_lengths), "eval_dtype": problem.engine.settings.dtype,
+         **({"warnings": warnings} if warnings else {})},
         lambda best: {"unpruned_mean_normalized_accuracy": fitness.reference,
                       "best_mean_normalized_accuracy": fitness.reference + best.fitness, "fitness": best.fitness},
     )

@@ -300,3 +300,21 @@ def test_a_merge_that_scores_as_its_expert_is_exactly_100():
     from loramerge_cli.evaluation.metrics import normalized_accuracy
 
     assert normalized_accuracy({"t": 1 / 3, "u": 0.7}, {"t": 1 / 3, "u": 0.7})[0] == {"t": 100.0, "u": 100.0}
+
+
+def test_every_json_document_names_its_layout(setting, tmp_path):
+    """Only `eval` (and search-mask's table) named its --json layout; inspect, merge and apply-mask had no format
+    key and no documentation (docs/json.md now)."""
+    import json
+
+    adapters = setting.adapter_args()
+    table = tmp_path / "table.json"
+    api.ones_table(api.load_adapters(adapters)).save(table)
+    for command, kind in ((["inspect", *adapters], "inspect"),
+                          (["merge", "--adapters", *adapters, "--out", tmp_path / "merged"], "merge"),
+                          (["apply-mask", "--adapters", *adapters, "--mask", table, "--out", tmp_path / "pruned"],
+                           "apply-mask")):
+        result = invoke_cli([*command, "--json"])
+        assert result.exit_code == 0, result.stderr
+        assert next(iter(json.loads(result.stdout).items())) == ("format", f"loramerge.{kind}/v1")
+        assert f"loramerge.{kind}/v1" in (Path(__file__).parent.parent / "docs" / "json.md").read_text()

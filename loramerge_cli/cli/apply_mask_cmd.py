@@ -67,7 +67,7 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
         + _lambda_warning(plan.table, [bool(a.modules) for a in pruned])
         + [_pruned_entirely(a, out, len(pruned)) for a in pruned if not a.modules]}
     if flags["json_output"]:
-        return emit_json(report)
+        return emit_json(report, "apply-mask")
     print_warnings(human_console(flags["quiet"]), report["warnings"])
     for row in report["adapters"]:
         shown = row["folder"] or f"{row['name']} (not written)"

@@ -442,7 +442,11 @@ def result_console():
     return Console(file=output, soft_wrap=not terminal, width=None if terminal else 1000)
 
 
-def emit_json(data) -> None:
+def emit_json(data: dict, kind: str | None = None) -> None:
+    """A command's --json document on stdout; `kind` names its layout first, as "format":
+    "loramerge.<kind>/v1" (docs/json.md: eval's report and search-mask's table carry their own)."""
+    if kind is not None:
+        data = {"format": f"loramerge.{kind}/v1", **data}
     write_stdout(json.dumps(data, indent=2, default=str) + "\n")
 
 

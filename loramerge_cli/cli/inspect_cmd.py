@@ -60,7 +60,7 @@ def inspect_command(
     apply_threads(threads)
     summary = api.inspect_adapters(api.load_adapters(given, allow_pickle=allow_pickle))
     if json_output:
-        emit_json(summary)
+        emit_json(summary, "inspect")
         return
     console = result_console()  # the tables are this command's product
     console.print(render.adapters_table(summary))

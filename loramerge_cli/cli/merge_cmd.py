@@ -179,7 +179,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
         report["push"] = push_folder(flags["out"], flags["push_to_hub"], private=flags["private"],
                                      revision=flags["revision"], dry_run=flags["dry_run"])
     if flags["json_output"]:
-        return emit_json(report)
+        return emit_json(report, "merge")
     _print_report(report, human_console(flags["quiet"]), served, flags["head"])
 
 

@@ -118,8 +118,8 @@ def score_table(report: dict, title: str, key: str, mean_key: str):
     table = Table(title=f"{title}, {split} split")
     table.add_column("")
     for task in report["tasks"]:
-        table.add_column(f"{task} ({sizes[task]})", justify="right")
-    table.add_column("average", justify="right", style="bold")
+        table.add_column(f"{task} ({sizes[task]})", justify="right", overflow="fold")  # a narrow terminal wraps
+    table.add_column("average", justify="right", style="bold", overflow="fold")
     for row in report["rows"]:
         cells = [_percent(row[key].get(task), scale) for task in report["tasks"]]
         table.add_row(row["name"], *cells, _percent(row[mean_key], scale))

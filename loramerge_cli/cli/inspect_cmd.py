@@ -19,6 +19,7 @@ from loramerge_cli.cli.common import (
     command_errors,
     emit_json,
     examples_epilog,
+    human_console,
     result_console,
     load_config_defaults,
     adapter_source_value,
@@ -64,7 +65,11 @@ def inspect_command(
         return
     console = result_console()  # the tables are this command's product
     console.print(render.adapters_table(summary))
-    console.print(render.norms_table(summary["norms"], heatmap=heatmap))
+    coloured = heatmap and console.color_system is not None  # a pipe, a file, NO_COLOR, TERM=dumb: no colours
+    console.print(render.norms_table(summary["norms"], heatmap=coloured))
+    if heatmap and not coloured:
+        human_console(quiet).print("note: --heatmap needs colours, and this output has none (a pipe or file, NO_COLOR, "
+                              "TERM=dumb): the plain table", highlight=False)
     for line in render.compatibility_lines(summary):
         console.print(line)
 

@@ -19,10 +19,14 @@ class UsageError(LoramergeError):
     """A usage error (exit 2): a flag value or a combination of flags that cannot work, found before any work."""
 
 
+MAX_SEED = 2**32 - 1  # numpy's and so pycma's largest seed
+
+
 def check_seed(seed: int | None, flag: str = "--seed") -> None:
-    """The one seed rule: seeds are >= 1 (pycma reads 0 as 'seed from the clock')."""
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 1):
-        raise UsageError(f"{flag} must be an integer >= 1 (0 would mean a clock seed to CMA-ES)")
+    """The one seed rule, for every strategy and merge: an integer in 1 … 2^32 − 1 (pycma reads 0 as 'seed
+    from the clock'; numpy, under CMA-ES, takes no larger one)."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 1 <= seed <= MAX_SEED):
+        raise UsageError(f"{flag} must be an integer from 1 to {MAX_SEED} (0 would mean a clock seed to CMA-ES)")
 
 
 def is_finite_number(value) -> bool:

@@ -71,6 +71,12 @@ def check_creatable(folder: str | Path, what: str) -> None:
         raise LoramergeError(f"{what}, {ancestor} is not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise LoramergeError(f"{what}, {ancestor} is not writable")
+    try:  # permissions are not all (root, an immutable folder, some network mounts): a file is made and removed
+        handle, probe = tempfile.mkstemp(dir=ancestor, prefix=".loramerge-probe-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise LoramergeError(f"{what}, {ancestor} is not writable ({error.strerror or error})") from None
 
 
 def check_not_working_folder(out: str | Path, flag: str = "--out") -> None:

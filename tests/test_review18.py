@@ -318,3 +318,88 @@ def test_every_json_document_names_its_layout(setting, tmp_path):
         assert result.exit_code == 0, result.stderr
         assert next(iter(json.loads(result.stdout).items())) == ("format", f"loramerge.{kind}/v1")
         assert f"loramerge.{kind}/v1" in (Path(__file__).parent.parent / "docs" / "json.md").read_text()
+
+
+def test_plot_and_run_dir_that_cannot_be_written_are_refused_before_the_search(setting, tmp_path, monkeypatch):
+    """`--plot afile/sub` (under a file) ran the whole search, wrote --out, then failed with an internal
+    NotADirectoryError; a --plot folder or a resumed --run-dir that cannot be written failed after the search
+    or after the models loaded. All three are one line before any work now."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("not a folder")
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--strategy",
+            "random", "--budget", "2", "--threads", "1", "--out", tmp_path / "table.json"]
+    one_line(invoke_cli([*args, "--plot", "afile/sub"]), "--plot afile/sub: cannot write the plots there")
+    assert not (tmp_path / "table.json").exists()
+    from loramerge_cli import outputs
+
+    writable = outputs.tempfile.mkstemp
+
+    def unwritable(*args, dir=None, **kwargs):  # (root writes anywhere: as an immutable folder would)
+        if Path(dir).name == "blocked":
+            raise PermissionError(1, "Operation not permitted")
+        return writable(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", unwritable)
+    (tmp_path / "blocked").mkdir()
+    one_line(invoke_cli([*args, "--plot", "blocked"]), "blocked is not writable (Operation not permitted)")
+    one_line(invoke_cli([*args, "--run-dir", "blocked"]), "--run-dir blocked: cannot write in it")
+    assert not (tmp_path / "table.json").exists()
+
+
+def test_a_seed_numpy_cannot_take_is_a_usage_error_for_every_strategy(setting, tmp_path):
+    """`--seed 4294967296` passed the checks and, for enmp and screened, failed after the models loaded
+    ("internal error: Seed must be between 0 and 2**32 - 1"); surrogate and random took it. One rule now."""
+    for strategy in ("enmp", "screened", "surrogate", "random"):
+        one_line(invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                             "--strategy", strategy, "--seed", str(2**32), "--out", tmp_path / "t.json"]),
+                 "--seed must be an integer from 1 to 4294967295", code=2)
+
+
+def test_a_search_that_cannot_resume_does_not_say_resume_with(setting, tmp_path, monkeypatch):
+    """Greedy and random stopped with "interrupted; resume with: loramerge search-mask --run-dir … --resume",
+    a command then refused ("--strategy greedy cannot resume a run")."""
+    from dataclasses import replace
+
+    from test_hostile_inputs import search_request
+
+    from loramerge_cli import interrupts
+    from loramerge_cli.search import runner
+    from loramerge_cli.search.enmp_settings import EnmpSettings
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(runner.FITNESSES, "accuracy", stopped)  # stopped once the run dir holds the run
+    for strategy, resumable in (("greedy", False), ("random", False), ("surrogate", True)):
+        interrupts.reset()
+        with pytest.raises(KeyboardInterrupt):
+            runner.run_search(replace(search_request(setting), strategy=strategy, run_dir=tmp_path / strategy,
+                                      enmp=EnmpSettings(max_prune=0.5, seed=3)))
+        assert (interrupts.resume_hint() is not None) == resumable
+        assert ("resume with" in interrupts.message()) == resumable
+        assert resumable or "keeps no state to resume: rerun the command" in interrupts.message()
+    interrupts.reset()
+
+
+def test_a_state_copied_from_another_run_directory_is_refused(setting, tmp_path):
+    """A `ties` search's surrogate_state.json copied into an interrupted `ta` run: the resume went on from it and
+    wrote a table recording the ties run's units and its +4.69 as the ta merge's (its ta score was below the
+    unpruned merge's). States carry their run's id now."""
+    import shutil
+
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--threads", "1",
+            "--budget", "12"]
+    for merger in ("ta", "ties"):
+        done = invoke_cli([*args, "--merger", merger, "--run-dir", tmp_path / merger, "--out",
+                           tmp_path / f"{merger}.json"])
+        assert done.exit_code == 0, done.stderr
+    for name in ("finished.json", "best.json"):  # the ta run as if stopped before its end
+        (tmp_path / "ta" / name).unlink()
+    resumed = invoke_cli(["search-mask", "--run-dir", tmp_path / "ta", "--resume", "--threads", "1", "--out",
+                          tmp_path / "again.json"])
+    assert resumed.exit_code == 0, resumed.stderr  # its own state resumes
+    for name in ("finished.json", "best.json"):
+        (tmp_path / "ta" / name).unlink()
+    shutil.copy(tmp_path / "ties" / "surrogate_state.json", tmp_path / "ta" / "surrogate_state.json")
+    one_line(invoke_cli(["search-mask", "--run-dir", tmp_path / "ta", "--resume", "--threads", "1", "--out",
+                         tmp_path / "swapped.json"]), "was saved by another search")

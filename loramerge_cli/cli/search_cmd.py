@@ -93,7 +93,7 @@ def search_options() -> list:
                "included [default: 3·units·tasks]."),
         option("sparsity", float | None, None, show_default=False,
                help="random: fraction of units pruned. [default: max-prune/2]"),
-        setting_option(EnmpSettings, "seed", help="Seed (>= 1): surrogate draws, CMA-ES, random masks, NSC "
+        setting_option(EnmpSettings, "seed", help="Seed (1 … 2^32 − 1): surrogate draws, CMA-ES, random masks, NSC "
                        f"batches, randomized merge methods ({', '.join(randomized_methods())})."),
         setting_option(EvalSettings, "val_limit", show_default=False, help="Validation examples per task (>= 1). "
                        "[default: each task's `limit` in --tasks, else all]"),

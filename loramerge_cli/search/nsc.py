@@ -22,7 +22,7 @@ from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.batches import model_inputs_of
 from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
-from loramerge_cli.search.state_io import write_progress
+from loramerge_cli.search.state_io import run_id, write_progress
 
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
 
@@ -214,7 +214,7 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
     for key, value in optimizer_state["state"].get(0, {}).items():
         tensors[f"adamw.{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
     metadata = {"step": str(step), "param_groups": json.dumps(optimizer_state["param_groups"]),
-                "history": json.dumps(history)}
+                "history": json.dumps(history), "run_id": run_id(run_dir) or ""}
     with atomic.replacing(run_dir / STATE_NAME) as temporary:
         atomic.save_safetensors(tensors, temporary, metadata)
     write_progress(run_dir, None, None, history)

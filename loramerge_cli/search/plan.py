@@ -82,8 +82,8 @@ def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
     check_seed(request.enmp.seed)
     request.eval.check()
     if request.resume and not strategy.resumable and not finished:
-        raise UsageError(f"--strategy {strategy.name} cannot resume a run; rerun it without --resume, with a "
-                         "--run-dir that holds no search")
+        raise UsageError(f"--strategy {strategy.name} cannot resume a run (it keeps no state); rerun its command "
+                         "without --resume to start it over")
     if request.resume and request.run_dir is None:
         raise UsageError("--resume needs --run-dir")
     Backend(request.backend, request.devices, request.ray_address).check()
@@ -178,6 +178,7 @@ def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool =
     if request.run_dir is None:
         return
     from loramerge_cli.search import rundir
+    from loramerge_cli.search.state_io import check_state_run
     from loramerge_cli.search.strategies import STRATEGIES
 
     run_dir = Path(request.run_dir)
@@ -202,7 +203,8 @@ def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool =
         space = unit_space(request)  # a damaged state, or one of another search, is one line before any work
         for strategy in STRATEGIES.values():
             if strategy.state_file and (run_dir / strategy.state_file).is_file():
-                strategy.check_state(request, run_dir / strategy.state_file, space)
+                strategy.check_state(request, run_dir / strategy.state_file, space)  # (a damaged one: said first)
+                check_state_run(run_dir / strategy.state_file, saved.get("run_id"))
         return
     held = [name for name in state_names() if (run_dir / name).exists()]
     if held:  # a search's state, or a finished one's table (greedy and random save only best.json)
@@ -261,7 +263,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
     an input, the working folder, or each other; nothing of the user's replaced (--force: only what
     loramerge wrote). An --out that already holds a finished run's table (`finished`) is left as it is."""
     from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
-    from loramerge_cli.outputs import check_not_an_input, check_not_working_folder, guard_output, holds
+    from loramerge_cli.outputs import check_creatable, check_not_an_input, check_not_working_folder, guard_output, holds
     from loramerge_cli.search.plots import PLOT_NAMES
 
     run_files = run_dir_files(request.run_dir)
@@ -286,6 +288,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         existing = [picture for picture in pictures if picture.exists()]
         if existing and not force and finished is None:  # a finished run's pictures are left as they are
             raise LoramergeError(f"--plot {plot} already holds {existing[0].name}; pass --force to replace it")
+        check_creatable(plot, f"--plot {plot}: cannot write the plots there")  # not after the search
     if request.run_dir is not None:
         run_dir = Path(request.run_dir)
         check_not_working_folder(run_dir, "--run-dir")
@@ -298,6 +301,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
                 raise LoramergeError(f"--run-dir {run_dir} holds {foreign[0]}, which no search of loramerge wrote "
                                      "there; give a new folder")
         RunDirLock(run_dir).check_free()
+        check_creatable(run_dir, f"--run-dir {run_dir}: cannot write in it")  # a resume too, before any work
         read_cache(run_dir / CACHE_NAME)  # a scores.json loramerge did not write is refused, not written into
 
 

@@ -16,10 +16,9 @@ from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.settings import EvalSettings
 from loramerge_cli.outputs import clean_temporaries
 from loramerge_cli.search.backends import BACKENDS
-from loramerge_cli.search.state_io import TRAJECTORY_NAME, read_json_file
+from loramerge_cli.search.state_io import CONFIG_NAME, TRAJECTORY_NAME, read_json_file, run_id
 from loramerge_cli.search.strategies import STRATEGIES
 
-CONFIG_NAME = "config.json"
 CONFIG_FORMAT = "loramerge.run/v1"
 LOCK_NAME = ".lock"
 LEGACY_PICKLE = "state.pkl"
@@ -138,9 +137,14 @@ def read_config(run_dir: Path) -> dict | None:
 
 
 def write_config(run_dir: Path, settings: dict, flags: dict | None, inputs: dict) -> None:
+    """config.json: the run's settings, flags and inputs' sha256, and its id (kept if it has one), with which
+    every state it saves is marked."""
+    import uuid
+
     from loramerge_cli.atomic import write_text
 
-    data = {"format": CONFIG_FORMAT, "settings": settings, "flags": flags, "inputs": inputs}
+    data = {"format": CONFIG_FORMAT, "settings": settings, "flags": flags, "inputs": inputs,
+            "run_id": run_id(run_dir) or uuid.uuid4().hex}
     write_text(run_dir / CONFIG_NAME, json.dumps(data, indent=2, default=str) + "\n")
 
 

@@ -141,7 +141,11 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     if run_dir is not None:  # from now on the run dir holds what --resume reads (before: rerun the command)
         from loramerge_cli import interrupts
 
-        interrupts.set_hint(f"resume with: {resume_command(request)}", resumable=True)
+        if strategy.resumable:
+            interrupts.set_hint(f"resume with: {resume_command(request)}", resumable=True)
+        else:  # (--resume would be refused)
+            interrupts.set_hint(f"--strategy {strategy.name} keeps no state to resume: rerun the command to start "
+                                "it over")
     if strategy.kind == "coefficients":
         from loramerge_cli.search.nsc import run_nsc
 

@@ -11,6 +11,16 @@ from loramerge_cli.errors import LoramergeError
 
 T = TypeVar("T")
 TRAJECTORY_NAME = "trajectory.jsonl"
+CONFIG_NAME = "config.json"  # the run's configuration (search/rundir.py), with its run_id
+
+
+def run_id(run_dir: Path) -> str | None:
+    """The id config.json gives this run directory's search (None: none, or a run saved before ids)."""
+    try:
+        value = json.loads((Path(run_dir) / CONFIG_NAME).read_bytes()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict], T]) -> T:
@@ -26,12 +36,12 @@ def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict],
 
 
 def write_progress(run_dir: Path, state_name: str | None, state: dict | None, history: list[dict]) -> None:
-    """A strategy's JSON state (none: it wrote its own) and `trajectory.jsonl`, one line per record, each
-    atomically, the state first (a resume rewrites the trajectory from it)."""
+    """A strategy's JSON state (none: it wrote its own), marked with the run's id, and `trajectory.jsonl`, one
+    line per record, each atomically, the state first (a resume rewrites the trajectory from it)."""
     from loramerge_cli.atomic import write_text
 
-    if state_name is not None:
-        write_text(run_dir / state_name, json.dumps(state) + "\n")
+    if state_name is not None:  # marked with its run's id: a state copied into another run dir is refused
+        write_text(run_dir / state_name, json.dumps({**state, "run_id": run_id(run_dir)}) + "\n")
     write_text(run_dir / TRAJECTORY_NAME, "".join(json.dumps(record) + "\n" for record in history))
 
 
@@ -41,3 +51,26 @@ def check_state_units(path: Path, tables, space: tuple[int, int] | None) -> None
     if space is not None and any(len(t) > space[1] or (t and (min(t) < 0 or max(t) >= space[0])) for t in tables):
         raise LoramergeError(f"--resume: {path} does not match this search (a table outside its {space[0]} units "
                              f"or beyond its ρ cap of {space[1]}); start a new run")
+
+
+def state_run_id(path: Path) -> str | None:
+    """The run id a saved state was marked with (JSON, or a safetensors file's metadata); None if none."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as state:
+                value = (state.metadata() or {}).get("run_id")
+        else:
+            value = json.loads(path.read_bytes()).get("run_id")
+    except Exception:  # noqa: BLE001 - a damaged state is reported by its strategy's own check
+        return None
+    return value if isinstance(value, str) else None
+
+
+def check_state_run(path: Path, saved_run_id: str | None) -> None:
+    """A state saved by this run directory's search, not one copied from another run: its run id is the one
+    config.json records (runs saved before ids carry none and are not checked)."""
+    if saved_run_id is not None and state_run_id(path) != saved_run_id:
+        raise LoramergeError(f"--resume: {path} was saved by another search than the one {path.parent / CONFIG_NAME} "
+                             "describes (copied from another run directory?); start a new run")

@@ -403,3 +403,27 @@ def test_a_state_copied_from_another_run_directory_is_refused(setting, tmp_path)
     shutil.copy(tmp_path / "ties" / "surrogate_state.json", tmp_path / "ta" / "surrogate_state.json")
     one_line(invoke_cli(["search-mask", "--run-dir", tmp_path / "ta", "--resume", "--threads", "1", "--out",
                          tmp_path / "swapped.json"]), "was saved by another search")
+
+
+def test_a_resumed_search_s_table_names_the_command_that_started_it(setting, tmp_path, monkeypatch):
+    """A resumed run's table recorded only `search-mask --run-dir R --resume` as its command: what was searched
+    (adapters, tasks, merger, strategy settings) was not in the table. It records the starting command, and the
+    resuming one beside it."""
+    import json
+
+    from loramerge_cli.search import runner
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setitem(runner.FITNESSES, "accuracy", stopped)
+        first = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                            "--budget", "12", "--threads", "1", "--run-dir", tmp_path / "run", "--out",
+                            tmp_path / "table.json"])
+    assert first.exit_code == 130, first.stderr
+    resumed = invoke_cli(["search-mask", "--run-dir", tmp_path / "run", "--resume", "--threads", "1"])
+    assert resumed.exit_code == 0, resumed.stderr
+    provenance = json.loads((tmp_path / "table.json").read_text())["provenance"]
+    assert "--adapters" in provenance["command"] and "--budget 12" in provenance["command"]
+    assert "--resume" in provenance["resumed_with"] and "--adapters" not in provenance["resumed_with"]

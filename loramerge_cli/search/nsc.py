@@ -297,6 +297,7 @@ def raised_tasks(problem: NscProblem, side_path, settings: NscSettings) -> tuple
 def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: None):
     """search-mask --strategy nsc: returns (WeightTable, provenance)."""
     from loramerge_cli.masks import WeightTable, adapter_records
+    from loramerge_cli.search.rundir import started_command
 
     settings: NscSettings = request.nsc
     settings.check()
@@ -309,7 +310,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
     per_task, warnings = raised_tasks(problem, side_path, settings)
     provenance = {
         "loramerge": __version__,
-        "command": request.command,
+        **started_command(request),
         "strategy": "nsc",
         "objective": settings.objective,
         "seed": settings.seed,

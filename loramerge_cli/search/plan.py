@@ -191,7 +191,7 @@ def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool =
             raise LoramergeError(f"--resume: {run_dir} holds no search to resume")
         if saved is None:  # killed before its configuration was saved (only hidden files): start over
             if write:
-                rundir.write_config(run_dir, config, request.flags, digests)
+                rundir.write_config(run_dir, config, request.flags, digests, request.command)
             return
         saved_settings = with_settings_added_since(saved["settings"])
         if isinstance(saved_settings, dict) and (finished or "device_kind" not in saved_settings):
@@ -213,7 +213,7 @@ def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool =
                              + ("pass --resume to continue it, or give another --run-dir" if resumable else
                                 "it cannot be resumed (a finished greedy or random search): give another --run-dir"))
     if write:
-        rundir.write_config(run_dir, config, request.flags, digests)
+        rundir.write_config(run_dir, config, request.flags, digests, request.command)
 
 
 def run_config(request: SearchRequest) -> dict:

@@ -136,16 +136,26 @@ def read_config(run_dir: Path) -> dict | None:
     return read_json_file(path, CONFIG_FORMAT, "run configuration", parse)
 
 
-def write_config(run_dir: Path, settings: dict, flags: dict | None, inputs: dict) -> None:
-    """config.json: the run's settings, flags and inputs' sha256, and its id (kept if it has one), with which
-    every state it saves is marked."""
+def write_config(run_dir: Path, settings: dict, flags: dict | None, inputs: dict, command: str = "") -> None:
+    """config.json: the run's settings, flags, inputs' sha256 and command line (what its table's provenance
+    names after a resume), and its id (kept if it has one), with which every state it saves is marked."""
     import uuid
 
     from loramerge_cli.atomic import write_text
 
-    data = {"format": CONFIG_FORMAT, "settings": settings, "flags": flags, "inputs": inputs,
+    data = {"format": CONFIG_FORMAT, "settings": settings, "flags": flags, "inputs": inputs, "command": command,
             "run_id": run_id(run_dir) or uuid.uuid4().hex}
     write_text(run_dir / CONFIG_NAME, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def started_command(request) -> dict:
+    """{"command": the command line that started the search}, and for a resumed one the command that resumed
+    it ("resumed_with"): `--run-dir R --resume` alone would not say what was searched."""
+    saved = read_config(Path(request.run_dir)) if request.resume and request.run_dir is not None else None
+    first = (saved or {}).get("command")
+    if not first or first == request.command:
+        return {"command": request.command}
+    return {"command": first, "resumed_with": request.command}
 
 
 def normal_path(value) -> str:

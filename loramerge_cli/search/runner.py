@@ -14,7 +14,7 @@ from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir, with_shared_threads
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
 from loramerge_cli.atomic import write_text
-from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run, record_finished
+from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run, record_finished, started_command
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
 
@@ -242,7 +242,7 @@ def _provenance(request, fitness, outcome, started) -> dict:
     forward = outcome.forward_examples
     return {
         "loramerge": __version__,
-        "command": request.command,
+        **started_command(request),
         "strategy": request.strategy,
         "seed": request.enmp.seed,
         "search": search,

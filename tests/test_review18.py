@@ -427,3 +427,24 @@ def test_a_resumed_search_s_table_names_the_command_that_started_it(setting, tmp
     provenance = json.loads((tmp_path / "table.json").read_text())["provenance"]
     assert "--adapters" in provenance["command"] and "--budget 12" in provenance["command"]
     assert "--resume" in provenance["resumed_with"] and "--adapters" not in provenance["resumed_with"]
+
+
+def test_matplotlib_s_warnings_about_its_config_folder_do_not_reach_a_quiet_run(setting, tmp_path):
+    """With a HOME matplotlib cannot write in (read-only in CI), `search-mask --plot --quiet` printed matplotlib's
+    "mkdir -p failed …" and "Matplotlib created a temporary cache directory …" on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    environment = {key: value for key, value in os.environ.items() if key not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME",
+                                                                                  "XDG_CACHE_HOME")}
+    finished = subprocess.run(
+        [sys.executable, "-m", "loramerge_cli", "search-mask", "--adapters", *setting.adapter_args(), "--tasks",
+         str(setting.tasks_file), "--strategy", "random", "--budget", "2", "--threads", "1", "--quiet", "--out",
+         str(tmp_path / "table.json"), "--plot", str(tmp_path / "plots")],
+        capture_output=True, text=True, env={**environment, "HOME": str(home)}, check=False)
+    assert finished.returncode == 0, finished.stderr
+    assert "matplotlib" not in finished.stderr.lower(), finished.stderr
+    assert (tmp_path / "plots" / "fitness.png").is_file()

@@ -164,7 +164,12 @@ def check_extras(request: SearchRequest, plot: Path | None) -> None:
         needed.append(("pyarrow", "parquet", "parquet data"))
     for module, extra, reason in needed:
         try:
-            importlib.import_module(module)
+            if module == "matplotlib":
+                from loramerge_cli.search.plots import import_matplotlib
+
+                import_matplotlib()
+            else:
+                importlib.import_module(module)
         except ImportError:
             raise LoramergeError(f"{reason} needs {module}: pip install 'loramerge[{extra}]'") from None
 

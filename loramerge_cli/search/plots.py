@@ -9,10 +9,26 @@ from loramerge_cli.errors import LoramergeError
 KEPT, PRUNED = "#4c9f70", "#d1495b"  # green kept, red pruned: distinct also in greyscale
 
 
+def import_matplotlib() -> None:
+    """Import matplotlib with its import-time warnings held back (a read-only HOME: "mkdir -p failed …",
+    "Matplotlib created a temporary cache directory …"), which --quiet and --json runs would otherwise print;
+    its logger's level is given back. ImportError as it comes."""
+    import logging
+
+    logger = logging.getLogger("matplotlib")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import matplotlib  # noqa: F401
+    finally:
+        logger.setLevel(level)
+
+
 def new_figure(figsize: tuple[float, float], columns: int = 1):
     """(figure, axes) drawn without pyplot: the caller's matplotlib backend (a notebook's) is left as it is, and
     nothing is kept in pyplot's list of open figures."""
     try:
+        import_matplotlib()
         from matplotlib.figure import Figure
     except ImportError:
         raise LoramergeError("--plot needs matplotlib: pip install 'loramerge[plot]'") from None

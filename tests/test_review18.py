@@ -448,3 +448,18 @@ def test_matplotlib_s_warnings_about_its_config_folder_do_not_reach_a_quiet_run(
     assert finished.returncode == 0, finished.stderr
     assert "matplotlib" not in finished.stderr.lower(), finished.stderr
     assert (tmp_path / "plots" / "fitness.png").is_file()
+
+
+def test_a_file_that_cannot_be_written_is_not_called_standard_output(tmp_path):
+    """`--install-completion` with a HOME it cannot write in said "cannot write to standard output: Read-only
+    file system" (stdout was fine): the file is named now."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home-is-a-file"
+    home.write_text("")
+    finished = subprocess.run([sys.executable, "-m", "loramerge_cli", "--install-completion"], capture_output=True,
+                              text=True, env={**os.environ, "HOME": str(home), "SHELL": "/bin/bash"}, check=False)
+    assert finished.returncode == 1 and "standard output" not in finished.stderr, finished.stderr
+    assert finished.stderr.startswith(f"error: {home}") and finished.stderr.count("\n") == 1, finished.stderr

@@ -347,6 +347,8 @@ def stdout_failures():
             os.dup2(os.open(os.devnull, os.O_WRONLY), _unproxied(sys.stdout).fileno())  # at exit
         raise typer.Exit(141) from None
     except OSError as error:
+        if error.filename is not None:  # a file named (--install-completion's script in a read-only HOME)
+            raise fail(f"error: {error.filename}: {error.strerror or error}") from None
         raise fail(f"error: cannot write to standard output: {error.strerror or error}") from None
 
 

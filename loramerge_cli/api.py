@@ -239,6 +239,9 @@ def _notes(adapter: Adapter) -> list[str]:
     if adapter.base_copies:
         layers = ", ".join(sorted(key.removesuffix(".base_layer.weight") for key in adapter.base_copies))
         notes.append(f"carries the base weights of {layers} (PEFT's save_embedding_layers); merges keep them")
+    overflow = _overflow(adapter)
+    if overflow is not None:
+        notes.append(overflow)
     return notes
 
 
@@ -260,21 +263,21 @@ def inspect_adapters(adapters: list[Adapter]) -> dict:
         "units": sorted_units(unit for adapter in adapters for unit in adapter.units),
         "norms": norm_grid(adapters),
         "pairs": pairs,
-        "merge_refusals": (compatibility_problems(adapters) if len(adapters) > 1 else []) + _overflows(adapters),
+        "merge_refusals": compatibility_problems(adapters) if len(adapters) > 1 else [],
     }
 
 
-def _overflows(adapters: list[Adapter]) -> list[str]:
-    """The first module of each adapter whose own update scale·B·A is past its dtype's range (finite factors
-    can multiply past it): a merge or apply-mask refuses it as it writes (writer.check_updates_in_range)."""
+def _overflow(adapter: Adapter) -> str | None:
+    """A note on the first module whose own update scale·B·A is past the adapter's dtype's range (finite factors
+    can multiply past it): apply-mask's copies are refused, and a merge unless λ and the weights bring the
+    merged update back in range (writer.check_updates_in_range)."""
     from loramerge_cli.adapters.writer import check_updates_in_range
 
-    problems = []
-    for adapter in adapters:
-        for path, module in adapter.modules.items():
-            try:
-                check_updates_in_range({path: module}, module.lora_B.dtype, owner=f"adapter {adapter.name!r}: ")
-            except LoramergeError as error:
-                problems.append(str(error).removesuffix("; nothing written"))
-                break
-    return problems
+    for path, module in adapter.modules.items():
+        try:
+            check_updates_in_range({path: module}, module.lora_B.dtype)
+        except LoramergeError as error:
+            reached = str(error).removesuffix("; nothing written").split(" B·A ", 1)[-1]
+            return (f"module {path}: its update scale·B·A {reached}: apply-mask's copies are refused, and a merge "
+                    "unless λ and the weights bring the merged update back in range")
+    return None

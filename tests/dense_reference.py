@@ -139,7 +139,10 @@ def dare(X: torch.Tensor, drop_rate: float, seed: int, task: str, module: str) -
 
 def past_ties(S: torch.Tensor, k: int) -> int:
     """A cut after the k-th singular value, moved past the values tied with it to within ε (relative)."""
-    while 0 < k < S.numel() and S[k] >= S[k - 1] * (1 - EPS):
+    if not 0 < k < S.numel():
+        return k
+    floor = S[k - 1] * (1 - EPS)  # within ε of the k-th value itself
+    while k < S.numel() and S[k] >= floor:
         k += 1
     return k
 

@@ -259,9 +259,9 @@ def test_an_ascii_locale_or_stdout_neither_breaks_writing_nor_fails_a_finished_j
     assert ascii_stdout.returncode == 0 and "\\u2016" in ascii_stdout.stdout, ascii_stdout.stderr  # ‖ΔW‖
 
 
-def test_inspect_names_an_update_that_overflows_as_a_merge_refusal(setting, tmp_path):
-    """Factors of 3e38 are finite, their product is not: `inspect` said "merge would refuse: nothing" and the
-    merge then refused (a CI gate on `merge_refusals == []` let it through)."""
+def test_inspect_notes_an_update_that_overflows(setting, tmp_path):
+    """Factors of 3e38 are finite, their product is not: `inspect` said nothing of it and the merge then
+    refused. It is a note on the adapter (not a merge refusal: a small λ can bring a merge back in range)."""
     import json
     import shutil
 
@@ -276,13 +276,13 @@ def test_inspect_names_an_update_that_overflows_as_a_merge_refusal(setting, tmp_
     save_file(tensors, str(big / "adapter_model.safetensors"))
     inspected = invoke_cli(["inspect", f"alpha={big}", f"beta={setting.adapters['beta']}", "--json"])
     assert inspected.exit_code == 0, inspected.stderr
-    refusals = json.loads(inspected.stdout)["merge_refusals"]
-    assert len(refusals) == 1 and "adapter 'alpha'" in refusals[0] and "beyond the range of float32" in refusals[0]
+    summary = json.loads(inspected.stdout)
+    notes = summary["adapters"][0]["notes"]
+    assert len(notes) == 1 and "beyond the range of float32: apply-mask's copies are refused" in notes[0]
+    assert summary["merge_refusals"] == [] and summary["adapters"][1]["notes"] == []
     merged = invoke_cli(["merge", "--adapters", f"alpha={big}", f"beta={setting.adapters['beta']}", "--out",
                          tmp_path / "merged"])
     assert merged.exit_code == 1 and "beyond the range of float32" in merged.stderr
-    clean = invoke_cli(["inspect", *setting.adapters.values(), "--json"])
-    assert json.loads(clean.stdout)["merge_refusals"] == []
 
 
 def test_out_dash_is_refused_rather_than_a_file_named_dash(setting, tmp_path, monkeypatch):
@@ -463,3 +463,87 @@ def test_a_file_that_cannot_be_written_is_not_called_standard_output(tmp_path):
                               text=True, env={**os.environ, "HOME": str(home), "SHELL": "/bin/bash"}, check=False)
     assert finished.returncode == 1 and "standard output" not in finished.stderr, finished.stderr
     assert finished.stderr.startswith(f"error: {home}") and finished.stderr.count("\n") == 1, finished.stderr
+
+
+def test_a_position_limit_is_read_only_where_the_config_names_one(setting, tmp_path):
+    """The plans read `n_positions` as the position limit of any config: a T5 base (relative positions; its
+    n_positions is no limit) was refused `--max-length 32` that the engine accepts. It is read where
+    transformers maps max_position_embeddings to it (GPT-2 and kin)."""
+    import json
+    import re
+
+    from loramerge_cli.evaluation.model_fit import check_model_fit
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    task_file = load_task_file(setting.tasks_file)
+    for model_type, refused in (("t5", False), ("gpt2", True)):
+        base = tmp_path / model_type
+        base.mkdir()
+        (base / "config.json").write_text(json.dumps({"model_type": model_type, "n_positions": 16}))
+        if refused:
+            with pytest.raises(LoramergeError, match=re.escape(f"16 positions (n_positions of {base})")):
+                check_model_fit(task_file, setting.adapter_args(), str(base), 32)
+        else:
+            check_model_fit(task_file, setting.adapter_args(), str(base), 32)
+
+
+def test_a_finished_table_copied_from_another_run_is_refused(setting, tmp_path):
+    """`best.json` and `finished.json` of a finished `ties` run copied into a `ta` run directory: `--resume` gave
+    back the ties table as the ta search's. finished.json carries the run's id too now."""
+    import shutil
+
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--threads", "1",
+            "--strategy", "random", "--budget", "2"]
+    for merger in ("ta", "ties"):
+        done = invoke_cli([*args, "--merger", merger, "--run-dir", tmp_path / merger, "--out",
+                           tmp_path / f"{merger}.json"])
+        assert done.exit_code == 0, done.stderr
+    again = invoke_cli([*args, "--run-dir", tmp_path / "ta", "--resume", "--out", tmp_path / "again.json"])
+    assert again.exit_code == 0, again.stderr
+    for name in ("best.json", "finished.json"):
+        shutil.copy(tmp_path / "ties" / name, tmp_path / "ta" / name)
+    one_line(invoke_cli([*args, "--run-dir", tmp_path / "ta", "--resume", "--out", tmp_path / "swapped.json"]),
+             "finished.json was written by another search")
+
+
+def test_a_finished_run_s_plots_folder_need_not_be_writable(setting, tmp_path, monkeypatch):
+    """Resuming a finished run draws nothing: a read-only --plot folder holding its pictures was refused once
+    folders were probed (it was not before)."""
+    from loramerge_cli import outputs
+
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--threads", "1",
+            "--strategy", "random", "--budget", "2", "--run-dir", tmp_path / "run", "--plot", tmp_path / "plots"]
+    done = invoke_cli([*args, "--out", tmp_path / "table.json"])
+    assert done.exit_code == 0, done.stderr
+    writable = outputs.tempfile.mkstemp
+
+    def unwritable(*args, dir=None, **kwargs):
+        if Path(dir).name == "plots":
+            raise PermissionError(1, "Operation not permitted")
+        return writable(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(outputs.tempfile, "mkstemp", unwritable)
+    again = invoke_cli([*args, "--resume", "--out", tmp_path / "again.json"])
+    assert again.exit_code == 0, again.stderr
+
+
+def test_a_tie_is_within_epsilon_of_the_kth_value_not_a_chain_of_near_ties():
+    """past_ties compared each value with the one before it, so a slowly decaying spectrum (steps of 0.9e-6)
+    carried the cut along all of it."""
+    import torch
+
+    from loramerge_cli.merging.lowrank import past_ties
+
+    decaying = torch.tensor([1 - index * 0.9e-6 for index in range(50)] + [0.5], dtype=torch.float64)
+    assert past_ties(decaying, 1) == 2
+    assert past_ties(torch.tensor([3.0, 1.0, 1.0, 1.0, 0.5], dtype=torch.float64), 2) == 4
+    assert past_ties(torch.tensor([3.0, 1.0], dtype=torch.float64), 2) == 2
+
+
+def test_plot_and_run_dir_dash_are_refused(setting, tmp_path, monkeypatch):
+    """`--plot -` and `--run-dir -` made a folder named '-' (`--out -` is refused)."""
+    monkeypatch.chdir(tmp_path)
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--out", "t.json"]
+    one_line(invoke_cli([*args, "--plot", "-"]), "--plot -: give a folder's path", code=2)
+    one_line(invoke_cli([*args, "--run-dir", "-"]), "--run-dir -: give a folder's path", code=2)
+    assert not (tmp_path / "-").exists()

@@ -9,7 +9,16 @@ from pathlib import Path
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.specs import TaskFile
 
-POSITION_KEYS = ("max_position_embeddings", "n_positions")  # n_positions: GPT-2's name for it
+# The config.json key of the position table's length where transformers' config class maps
+# max_position_embeddings to another name (its attribute_map, transformers 5). Elsewhere a key such as T5's
+# n_positions is no limit (relative positions): only max_position_embeddings is read. The engine checks the
+# loaded config again (task_types/base.py, token_cap).
+POSITION_ALIASES = {
+    **dict.fromkeys(("codegen", "ctrl", "decision_transformer", "gpt-sw3", "gpt2", "gpt_bigcode", "gptj",
+                     "imagegpt", "openai-gpt"), "n_positions"),
+    "bailing_hybrid": "model_max_length", "kimi_linear": "model_max_length", "dbrx": "max_seq_len",
+    "rwkv": "context_length",
+}
 
 
 def check_task_type(task_file: TaskFile, name: str, config: dict) -> None:
@@ -24,12 +33,12 @@ def check_task_type(task_file: TaskFile, name: str, config: dict) -> None:
                              f"for {config['task_type']}")
 
 
-def model_positions(config: dict) -> int | None:
-    """The position table's length a config.json states, if it states one."""
-    for key in POSITION_KEYS:
-        value = config.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
+def model_positions(config: dict) -> tuple[str, int] | None:
+    """(key, length) of the position table a config.json states (POSITION_ALIASES), if it states one."""
+    key = POSITION_ALIASES.get(str(config.get("model_type")), "max_position_embeddings")
+    value = config.get(key)
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return key, value
     return None
 
 
@@ -60,10 +69,10 @@ def check_model_fit(task_file: TaskFile, adapters, base: str | None = None, max_
     base = base or task_file.base_model or (bases.pop() if len(bases) == 1 else None)
     capped = [task for task in task_file.tasks if "max_length" in task_file.type.reads and
               (task.max_length or max_length)]
-    positions = model_positions(base_config(str(base))) if capped and base else None
-    for task in capped if positions else ():
-        cap = task.max_length or max_length
+    stated = model_positions(base_config(str(base))) if capped and base else None
+    for task in capped if stated else ():
+        (key, positions), cap = stated, task.max_length or max_length
         if cap > positions:  # longer inputs would index past the position table
             given = "its max_length" if task.max_length else "--max-length"
             raise LoramergeError(f"task {task.name}: {given} {cap} is more than the model's {positions} positions "
-                                 f"(max_position_embeddings of {base}); give at most {positions}")
+                                 f"({key} of {base}); give at most {positions}")

@@ -65,12 +65,16 @@ def epsilon_rank(S: torch.Tensor) -> int:
 
 
 def past_ties(S: torch.Tensor, k: int) -> int:
-    """How many of the leading singular values `S` (descending) a cut after the k-th keeps: k, raised while
-    the next value equals the k-th to within EPS_RANK (relative). A cut through tied values would keep
+    """How many of the leading singular values `S` (descending) a cut after the k-th keeps: k, raised past
+    every next value equal to the k-th to within EPS_RANK (relative to the k-th: no chain along a slowly
+    decaying spectrum). A cut through tied values would keep
     whichever of their directions the SVD happened to return, so the result would depend on how the factors
     were written. (In the unscaled knots space they tie often: a direction of ΔW_t that no other task's
     update shares has singular value 1 in V_t.)"""
-    while 0 < k < S.numel() and S[k] >= S[k - 1] * (1 - EPS_RANK):
+    if not 0 < k < S.numel():
+        return k
+    floor = S[k - 1] * (1 - EPS_RANK)
+    while k < S.numel() and S[k] >= floor:
         k += 1
     return k
 

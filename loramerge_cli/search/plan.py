@@ -276,6 +276,9 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         check_not_an_input(out, run_files, role="run-directory file")
         if finished is None or not holds(out, finished):
             guard_output(out, inputs=inputs, force=force, kind="file")
+    for flag, path in (("--plot", plot), ("--run-dir", request.run_dir)):
+        if path is not None and str(path) == "-":  # the Unix spelling of standard output, not a folder
+            raise UsageError(f"{flag} -: give a folder's path (./- names one called '-')")
     if plot is not None:
         plot = Path(plot)
         check_not_working_folder(plot, "--plot")
@@ -293,7 +296,8 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         existing = [picture for picture in pictures if picture.exists()]
         if existing and not force and finished is None:  # a finished run's pictures are left as they are
             raise LoramergeError(f"--plot {plot} already holds {existing[0].name}; pass --force to replace it")
-        check_creatable(plot, f"--plot {plot}: cannot write the plots there")  # not after the search
+        if finished is None or not existing:  # (a finished run's pictures are not drawn again)
+            check_creatable(plot, f"--plot {plot}: cannot write the plots there")  # not after the search
     if request.run_dir is not None:
         run_dir = Path(request.run_dir)
         check_not_working_folder(run_dir, "--run-dir")

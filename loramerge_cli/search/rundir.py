@@ -46,12 +46,14 @@ def record_finished(run_dir: Path, table_text: str) -> None:
     from loramerge_cli.atomic import write_text
 
     digest = hashlib.sha256(table_text.encode()).hexdigest()
-    write_text(Path(run_dir) / FINISHED_NAME, json.dumps({"format": FINISHED_FORMAT, "best_sha256": digest}) + "\n")
+    write_text(Path(run_dir) / FINISHED_NAME, json.dumps({"format": FINISHED_FORMAT, "best_sha256": digest,
+                                                          "run_id": run_id(run_dir)}) + "\n")
 
 
 def finished_table(run_dir: Path) -> str | None:
     """The table of a run that finished (best.json's text, when it is still the one the run wrote); None for a
-    run still to finish, or whose files do not agree (it is then resumed as any other, to the same table)."""
+    run still to finish, or whose files do not agree (it is then resumed as any other, to the same table). A
+    finished.json of another run (its run_id) is refused."""
     import hashlib
 
     try:
@@ -61,6 +63,11 @@ def finished_table(run_dir: Path) -> str | None:
         return None
     if not isinstance(marker, dict) or marker.get("format") != FINISHED_FORMAT:
         return None
+    saved = run_id(run_dir)
+    if saved is not None and marker.get("run_id") != saved:  # a finished table copied in from another run
+        raise LoramergeError(f"--resume: {Path(run_dir) / FINISHED_NAME} was written by another search than the "
+                             f"one {Path(run_dir) / CONFIG_NAME} describes (copied from another run directory?); "
+                             "start a new run")
     return text if marker.get("best_sha256") == hashlib.sha256(text.encode()).hexdigest() else None
 
 # Flags that say where and how fast a search runs, with their defaults: the same scores on any of them (bar the

@@ -289,7 +289,7 @@ def test_search_mask_needs_tasks_and_a_valid_seed(sources, tmp_path):
     assert missing.exit_code == 2 and "--tasks" in missing.stderr
     seed = invoke_cli(["search-mask", "--adapters", *sources, "--tasks", "tasks.yaml", "--seed", "0",
                        "--out", str(tmp_path / "mask.json")])
-    assert seed.exit_code == 2 and seed.stderr.startswith("error: --seed must be an integer >= 1")
+    assert seed.exit_code == 2 and seed.stderr.startswith("error: --seed must be an integer from 1 to 4294967295")
     assert not (tmp_path / "mask.json").exists()
     cache = invoke_cli(["search-mask", "--adapters", *sources, "--tasks", "tasks.yaml", "--block-cache-mb", "-1",
                         "--out", str(tmp_path / "mask.json")])

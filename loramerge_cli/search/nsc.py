@@ -22,7 +22,7 @@ from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.batches import model_inputs_of
 from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
-from loramerge_cli.search.state_io import run_id, write_progress
+from loramerge_cli.search.state_io import run_id, started_command, write_progress
 
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
 
@@ -297,7 +297,6 @@ def raised_tasks(problem: NscProblem, side_path, settings: NscSettings) -> tuple
 def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: None):
     """search-mask --strategy nsc: returns (WeightTable, provenance)."""
     from loramerge_cli.masks import WeightTable, adapter_records
-    from loramerge_cli.search.rundir import started_command
 
     settings: NscSettings = request.nsc
     settings.check()

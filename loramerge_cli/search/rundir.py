@@ -155,16 +155,6 @@ def write_config(run_dir: Path, settings: dict, flags: dict | None, inputs: dict
     write_text(run_dir / CONFIG_NAME, json.dumps(data, indent=2, default=str) + "\n")
 
 
-def started_command(request) -> dict:
-    """{"command": the command line that started the search}, and for a resumed one the command that resumed
-    it ("resumed_with"): `--run-dir R --resume` alone would not say what was searched."""
-    saved = read_config(Path(request.run_dir)) if request.resume and request.run_dir is not None else None
-    first = (saved or {}).get("command")
-    if not first or first == request.command:
-        return {"command": request.command}
-    return {"command": first, "resumed_with": request.command}
-
-
 def normal_path(value) -> str:
     """A path as an absolute one (symlinks followed), so relative and absolute spellings compare equal."""
     return str(Path(value).expanduser().resolve())

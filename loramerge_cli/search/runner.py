@@ -14,7 +14,8 @@ from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir, with_shared_threads
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
 from loramerge_cli.atomic import write_text
-from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run, record_finished, started_command
+from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run, record_finished
+from loramerge_cli.search.state_io import started_command
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
 

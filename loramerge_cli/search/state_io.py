@@ -14,13 +14,28 @@ TRAJECTORY_NAME = "trajectory.jsonl"
 CONFIG_NAME = "config.json"  # the run's configuration (search/rundir.py), with its run_id
 
 
-def run_id(run_dir: Path) -> str | None:
-    """The id config.json gives this run directory's search (None: none, or a run saved before ids)."""
+def _config_string(run_dir: Path, key: str) -> str | None:
+    """A string config.json records (None: not there, not a string, or no readable config.json)."""
     try:
-        value = json.loads((Path(run_dir) / CONFIG_NAME).read_bytes()).get("run_id")
+        value = json.loads((Path(run_dir) / CONFIG_NAME).read_bytes()).get(key)
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
+
+
+def run_id(run_dir: Path) -> str | None:
+    """The id config.json gives this run directory's search (None: none, or a run saved before ids)."""
+    return _config_string(run_dir, "run_id")
+
+
+def started_command(request) -> dict:
+    """{"command": the command line that started the search}, and for a resumed one the command that resumed
+    it ("resumed_with"): `--run-dir R --resume` alone would not say what was searched."""
+    resumed = request.resume and request.run_dir is not None
+    first = _config_string(request.run_dir, "command") if resumed else None
+    if not first or first == request.command:
+        return {"command": request.command}
+    return {"command": first, "resumed_with": request.command}
 
 
 def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict], T]) -> T:

@@ -547,3 +547,71 @@ def test_plot_and_run_dir_dash_are_refused(setting, tmp_path, monkeypatch):
     one_line(invoke_cli([*args, "--plot", "-"]), "--plot -: give a folder's path", code=2)
     one_line(invoke_cli([*args, "--run-dir", "-"]), "--run-dir -: give a folder's path", code=2)
     assert not (tmp_path / "-").exists()
+
+
+def test_an_output_s_copy_of_its_table_names_no_absolute_path(setting, tmp_path):
+    """`merge --mask` and `apply-mask` copied the table verbatim into the output (mask.json, loramerge.json's
+    weight_table): the adapters' absolute sources and the search's command line with absolute paths were
+    uploaded by --push-to-hub, where loramerge.json's own records are relative to the folder."""
+    import json
+    import os
+
+    adapters = [str(folder.resolve()) for folder in setting.adapters.values()]
+    table = tmp_path / "table.json"
+    searched = invoke_cli(["search-mask", "--adapters", *[f"{n}={a}" for n, a in zip(setting.adapters, adapters)],
+                           "--tasks", setting.tasks_file.resolve(), "--strategy", "random", "--budget", "2",
+                           "--threads", "1", "--out", table.resolve()])
+    assert searched.exit_code == 0, searched.stderr
+    named = [f"{n}={a}" for n, a in zip(setting.adapters, adapters)]
+    merged = invoke_cli(["merge", "--adapters", *named, "--mask", table, "--out", tmp_path / "merged"])
+    pruned = invoke_cli(["apply-mask", "--adapters", *named, "--mask", table, "--out", tmp_path / "pruned"])
+    assert merged.exit_code == 0 and pruned.exit_code == 0, merged.stderr + pruned.stderr
+    for written in (tmp_path / "merged" / "mask.json", tmp_path / "merged" / "loramerge.json",
+                    tmp_path / "pruned" / "mask.json"):
+        assert str(setting.root.resolve()) not in written.read_text(), written
+    copy = json.loads((tmp_path / "merged" / "mask.json").read_text())
+    assert copy["adapters"][0]["source"] == os.path.relpath(adapters[0], tmp_path / "merged")
+    assert json.loads(table.read_text())["adapters"][0]["source"] == adapters[0]  # the user's own file: as it was
+
+
+def test_heads_files_take_the_dtype_asked_for(setting, tmp_path):
+    """`merge --dtype bfloat16` wrote the factors and the served head in bfloat16 and every heads/<task>.safetensors
+    in float32 (the CHANGELOG promised the output's dtype); without --dtype they keep their own."""
+    import torch
+    from safetensors.torch import load_file
+
+    for dtype, expected in (("bfloat16", torch.bfloat16), (None, torch.float32)):
+        out = tmp_path / f"merged_{dtype}"
+        result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--out", out]
+                            + (["--dtype", dtype] if dtype else []))
+        assert result.exit_code == 0, result.stderr
+        for heads in (out / "heads").glob("*.safetensors"):
+            assert {tensor.dtype for tensor in load_file(str(heads)).values()} == {expected}, heads
+
+
+def test_the_model_card_says_exact_names_its_pipeline_and_a_disagreement_on_the_base(setting, tmp_path):
+    """The card said "Truncated: 8 dense modules written at reduced rank" for factorisations exact to 6e-15, had
+    no pipeline_tag (the Hub infers one from the base's architecture: a classifier on a causal-LM base reads
+    text-generation), printed `out_rank=None`, and said "Base model: not recorded by the inputs" for inputs that
+    name two different bases."""
+    import json
+    import shutil
+
+    out = tmp_path / "exact"
+    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ties", "--out-rank", "64",
+                         "--out", out])
+    assert result.exit_code == 0, result.stderr
+    card = (out / "README.md").read_text()
+    assert "Truncated" not in card and "- Exact:" in card and "pipeline_tag: text-classification" in card
+    lossy = tmp_path / "lossy"
+    lossy_merge = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ties", "--out", lossy])
+    assert lossy_merge.exit_code == 0, lossy_merge.stderr
+    assert "=None" not in (lossy / "README.md").read_text()
+    other = tmp_path / "other_base"
+    shutil.copytree(setting.adapters["beta"], other)
+    config = json.loads((other / "adapter_config.json").read_text())
+    (other / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/elsewhere/base"}))
+    mixed = invoke_cli(["merge", "--adapters", f"alpha={setting.adapters['alpha']}", f"beta={other}",
+                        "--allow-base-mismatch", "--out", tmp_path / "mixed"])
+    assert mixed.exit_code == 0, mixed.stderr
+    assert "the inputs name 2 different bases" in (tmp_path / "mixed" / "README.md").read_text()

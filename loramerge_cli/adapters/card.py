@@ -131,6 +131,13 @@ ARCHITECTURE_MODEL_CLASSES = (("ForImageClassification", "AutoModelForImageClass
                               ("ForQuestionAnswering", "AutoModelForQuestionAnswering"),
                               ("ForCausalLM", "AutoModelForCausalLM"), ("LMHeadModel", "AutoModelForCausalLM"),
                               ("ForMaskedLM", "AutoModelForMaskedLM"))
+# the Hub's pipeline_tag of a model loaded with each Auto class (the card's metadata; the Hub would otherwise
+# infer it from the base's architecture: a classifier merged on a causal-LM base would read text-generation)
+PIPELINE_TAGS = {"AutoModelForSequenceClassification": "text-classification",
+                 "AutoModelForImageClassification": "image-classification", "AutoModelForCausalLM": "text-generation",
+                 "AutoModelForTokenClassification": "token-classification",
+                 "AutoModelForQuestionAnswering": "question-answering", "AutoModelForSeq2SeqLM": "text2text-generation",
+                 "AutoModelForMaskedLM": "fill-mask"}
 CLASSIFIER_MODEL_CLASSES = {"AutoModelForSequenceClassification", "AutoModelForTokenClassification",
                             "AutoModelForImageClassification"}
 
@@ -234,13 +241,19 @@ def _table_lines(table, lam: float) -> list[str]:
     return lines
 
 
+ROUNDING = 1e-9  # a dense result factorised with a smaller relative error than this is exact to rounding
+
+
 def _truncation_lines(result) -> list[str]:
-    errors = [m.truncation_error for m in result.modules.values() if m.rank > 0 and m.truncation_error is not None]
-    if not errors:
-        return ["- Exact: the merged update is written as LoRA factors without truncation."]
-    capped = sum(1 for m in result.modules.values() if m.capped)
-    return [f"- Truncated: {len(errors)} dense modules written at reduced rank; relative Frobenius error "
-            f"median {statistics.median(errors):.3g}, largest {max(errors):.3g}"
+    """Exact, or how many dense results lost more than rounding when factorised (and how much)."""
+    factorised = [m for m in result.modules.values() if m.rank > 0 and m.truncation_error is not None]
+    lossy = [m.truncation_error for m in factorised if m.truncation_error > ROUNDING]
+    if not lossy:
+        return ["- Exact: the merged update is written as LoRA factors without truncation"
+                + (f" ({len(factorised)} dense results factorised exactly, to rounding)." if factorised else ".")]
+    capped = sum(1 for m in factorised if m.capped)
+    return [f"- Truncated: {len(lossy)} of {len(factorised)} dense modules written at reduced rank; relative "
+            f"Frobenius error median {statistics.median(lossy):.3g}, largest {max(lossy):.3g}"
             + (f" ({capped} capped at the summed input rank)" if capped else "")]
 
 
@@ -255,11 +268,18 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
     title = repo.rsplit("/", 1)[-1] if repo else title
     settings = result.settings
     hub_base = hub_base_model(base)
-    data = ModelCardData(base_model=hub_base, library_name="peft", tags=list(TAGS))
+    model_class = base_model_class(task_type, base)
+    data = ModelCardData(base_model=hub_base, library_name="peft", tags=list(TAGS),
+                         pipeline_tag=PIPELINE_TAGS.get(model_class))
+    named = {adapter.base_model for adapter in adapters if adapter.base_model}
     base_line = (f"Base model: [{hub_base}](https://huggingface.co/{hub_base})." if hub_base else
                  "Base model: a local model, not a Hub id, so the card's metadata names none; set `base_model` "
-                 "before publishing if it is on the Hub." if base else "Base model: not recorded by the inputs.")
-    shown = {k: v for k, v in settings.describe().items() if k not in ("merger", "method", "space", "lambda")}
+                 "before publishing if it is on the Hub." if base else
+                 f"Base model: the inputs name {len(named)} different bases (merged with --allow-base-mismatch; "
+                 "`loramerge.json` lists them), so the card names none." if len(named) > 1 else
+                 "Base model: not recorded by the inputs.")
+    shown = {k: v for k, v in settings.describe().items()
+             if k not in ("merger", "method", "space", "lambda") and v is not None}
     lines = [
         f"# {title}", "",
         f"A LoRA adapter merged from {len(adapters)} adapters ({', '.join(a.name for a in adapters)}) with "
@@ -284,7 +304,7 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
                   "```bash", "loramerge merge --config loramerge.yaml --out rebuilt/", "```", ""]
     lines += ["## Use", "", *_use_snippet(task_type, hub_base, repo or title, head,
                                           any(a.heads for a in adapters), head_classes(adapters, head),
-                                          base_model_class(task_type, base), revision),
+                                          model_class, revision),
               "", "Provenance (settings, input hashes, per-module truncation) is in `loramerge.json`.", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)

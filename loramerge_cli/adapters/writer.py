@@ -16,7 +16,14 @@ from pathlib import Path
 import torch
 
 from loramerge_cli import __version__, atomic
-from loramerge_cli.adapters.card import RECIPE_NAME, model_card, portable_command, portable_inputs, portable_path
+from loramerge_cli.adapters.card import (
+    RECIPE_NAME,
+    model_card,
+    portable_command,
+    portable_inputs,
+    portable_path,
+    portable_source,
+)
 from loramerge_cli.adapters.compat import same_base
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
@@ -255,14 +262,16 @@ def write_merged_adapter(
         # the inputs' base revision, unless --base names another base
         revision=_common([a.config.get("revision") for a in adapters]) if base == inputs_base else None,
     )
+    inputs = adapter_files(adapters) + table_files(table)
+    table = portable_table(table, out_dir)  # (as the folder holds it)
     provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table, base)
     provenance.update(extra_provenance or {})
     provenance = portable_provenance(provenance, out_dir)
     task_type = config["task_type"]
-    with staged_folder(out_dir, force, adapter_files(adapters) + table_files(table)) as staging:
+    with staged_folder(out_dir, force, inputs) as staging:
         _write_json(config, staging / CONFIG_NAME)
         _save_safetensors(tensors, staging / WEIGHTS_NAME)
-        _write_heads(adapters, staging / HEADS_FOLDER)
+        _write_heads(adapters, staging / HEADS_FOLDER, out_dtype if dtype is not None else None)
         _write_json(provenance, staging / "loramerge.json")
         if table is not None:
             table.save(staging / "mask.json")
@@ -287,16 +296,35 @@ def base_copy_tensors(adapters: list[Adapter], modules: dict) -> dict:
     return tensors
 
 
-def _write_heads(adapters: list[Adapter], folder: Path) -> None:
+def _write_heads(adapters: list[Adapter], folder: Path, dtype: torch.dtype | None = None) -> None:
+    """Each task's head as folder/<task>.safetensors: in its own dtype, or `dtype` (--dtype) when given."""
     with_heads = [adapter for adapter in adapters if adapter.heads]
     if with_heads:
         folder.mkdir()
     for adapter in with_heads:
-        _save_safetensors(dict(adapter.heads), folder / f"{adapter.name}.safetensors")
+        heads = {key: tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+                 for key, tensor in adapter.heads.items()}
+        _save_safetensors(heads, folder / f"{adapter.name}.safetensors")
 
 
 def _inputs(adapters: list[Adapter]) -> list[dict]:
     return [{"name": a.name, **a.source.describe(), "base_model": a.base_model} for a in adapters]
+
+
+def portable_table(table, folder: str | Path):
+    """A weight table as an output folder holds it (mask.json, loramerge.json's weight_table): its adapters'
+    sources and its provenance's command lines relative to `folder`, as the outputs' own records are."""
+    from dataclasses import replace
+
+    if table is None:
+        return None
+    adapters = [{**record, "source": portable_source(str(record["source"]), folder)} if "source" in record else record
+                for record in table.adapters]
+    provenance = dict(table.provenance or {})
+    for key in ("command", "resumed_with"):
+        if isinstance(provenance.get(key), str):
+            provenance[key] = portable_command(provenance[key], folder)
+    return replace(table, adapters=adapters, provenance=provenance)
 
 
 def portable_provenance(provenance: dict, folder: str | Path) -> dict:
@@ -362,8 +390,10 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
     headless = [adapter for adapter in adapters if not adapter.modules and adapter.heads]
     if headless and any(adapter.name == HEADS_FOLDER and adapter.modules for adapter in adapters):
         raise LoramergeError(f"task {HEADS_FOLDER!r} would share its folder with the pruned tasks' heads; rename it")
-    with staged_folder(out_dir, force, adapter_files(adapters) + table_files(table)) as staging:
-        _write_heads(headless, staging / HEADS_FOLDER)
+    inputs = adapter_files(adapters) + table_files(table)
+    table = portable_table(table, out_dir)  # (as the folder holds it)
+    with staged_folder(out_dir, force, inputs) as staging:
+        _write_heads(headless, staging / HEADS_FOLDER, output_dtype(headless, dtype) if dtype is not None else None)
         for adapter in adapters:
             if not adapter.modules:
                 continue

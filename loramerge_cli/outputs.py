@@ -185,6 +185,12 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
                                  "folder of your adapters; refusing to replace it, even with --force")
         raise LoramergeError(f"--out {out} is a folder loramerge did not write (no {MARKER}); refusing to replace "
                              "it, even with --force")
+    edited = edited_files(target) if kind == "folder" else []
+    if edited:
+        shown = ", ".join(edited[:5]) + (f" and {len(edited) - 5} more" if len(edited) > 5 else "")
+        raise LoramergeError(f"--out {out}: {shown} changed since loramerge wrote it (the sha256 its loramerge.json "
+                             "records differs): --force would lose the edit; move it out (or delete it), or give "
+                             "another --out")
     if kind == "file" and not _is_loramerge_output(target, formats):
         raise LoramergeError(f"--out {out} is not a file of what this command writes ({', '.join(formats)}); "
                              "refusing to replace it, even with --force")
@@ -194,6 +200,25 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
     if kind == "file" and in_run_dir(target):
         raise LoramergeError(f"--out {out} is part of the search run directory {out.parent} (--resume reads it); "
                              "refusing to replace it, even with --force")
+
+
+def edited_files(folder: Path) -> list[str]:
+    """Files of an output folder (and of its task folders) whose sha256 differs from the one their folder's
+    loramerge.json recorded when loramerge wrote them (a hand-edited model card); outputs written before
+    loramerge.json recorded its files have none."""
+    from loramerge_cli.adapters.sources import sha256_file
+
+    edited = []
+    for marker in [folder / MARKER, *(child / MARKER for child in sorted(folder.iterdir()) if child.is_dir())]:
+        try:
+            recorded = json.loads(marker.read_bytes()).get("files")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue
+        for name, digest in (recorded.items() if isinstance(recorded, dict) else ()):
+            path = marker.parent / name
+            if isinstance(name, str) and path.is_file() and sha256_file(path) != digest:
+                edited.append(path.relative_to(folder.parent).as_posix())
+    return edited
 
 
 def holds(path: str | Path, text: str) -> bool:

@@ -615,3 +615,28 @@ def test_the_model_card_says_exact_names_its_pipeline_and_a_disagreement_on_the_
                         "--allow-base-mismatch", "--out", tmp_path / "mixed"])
     assert mixed.exit_code == 0, mixed.stderr
     assert "the inputs name 2 different bases" in (tmp_path / "mixed" / "README.md").read_text()
+
+
+def test_force_does_not_replace_a_file_edited_since_loramerge_wrote_it(setting, tmp_path):
+    """A hand-written section added to a merge's model card (or an edited adapter_config.json of apply-mask's
+    task folder) was dropped without a word by `--force`: only the folder's file names were checked.
+    loramerge.json records the sha256 of what the command wrote; an edited file is refused."""
+    import json
+
+    args = ["merge", "--adapters", *setting.adapter_args(), "--out", tmp_path / "merged"]
+    assert invoke_cli(args).exit_code == 0
+    assert "README.md" in json.loads((tmp_path / "merged" / "loramerge.json").read_text())["files"]
+    again = invoke_cli([*args, "--merger", "ties", "--force"])  # untouched: replaced
+    assert again.exit_code == 0, again.stderr
+    with (tmp_path / "merged" / "README.md").open("a") as card:
+        card.write("\n## Intended use\nWritten by hand.\n")
+    one_line(invoke_cli([*args, "--force"]), "merged/README.md changed since loramerge wrote it")
+    assert "Written by hand." in (tmp_path / "merged" / "README.md").read_text()
+
+    table = tmp_path / "table.json"
+    api.ones_table(api.load_adapters(setting.adapter_args())).save(table)
+    pruned = ["apply-mask", "--adapters", *setting.adapter_args(), "--mask", table, "--out", tmp_path / "pruned"]
+    assert invoke_cli(pruned).exit_code == 0
+    config = tmp_path / "pruned" / "alpha" / "adapter_config.json"
+    config.write_text(config.read_text().replace('"lora_dropout": 0.0', '"lora_dropout": 0.1'))
+    one_line(invoke_cli([*pruned, "--force"]), "pruned/alpha/adapter_config.json changed since loramerge wrote it")

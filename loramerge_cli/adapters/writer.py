@@ -30,7 +30,7 @@ from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.merging.merge import MergeResult
-from loramerge_cli.outputs import HEADS_FOLDER, check_finite, guard_output, staged_folder
+from loramerge_cli.outputs import HEADS_FOLDER, MARKER, check_finite, guard_output, staged_folder
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -272,7 +272,6 @@ def write_merged_adapter(
         _write_json(config, staging / CONFIG_NAME)
         _save_safetensors(tensors, staging / WEIGHTS_NAME)
         _write_heads(adapters, staging / HEADS_FOLDER, out_dtype if dtype is not None else None)
-        _write_json(provenance, staging / "loramerge.json")
         if table is not None:
             table.save(staging / "mask.json")
         if recipe is not None:
@@ -280,7 +279,17 @@ def write_merged_adapter(
         (staging / "README.md").write_text(model_card(
             result, adapters, title=Path(out_dir).name, base=base, task_type=task_type, head=head, table=table,
             recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id), encoding="utf-8")
+        _write_json({**provenance, "files": file_digests(staging)}, staging / MARKER)  # last: it records the rest
     return Path(out_dir)
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """{path relative to `folder`: sha256} of every file a command wrote there but loramerge.json itself: a
+    later --force refuses to replace a file edited since (outputs.edited_files)."""
+    from loramerge_cli.adapters.sources import sha256_file
+
+    return {path.relative_to(folder).as_posix(): sha256_file(path)
+            for path in sorted(folder.rglob("*")) if path.is_file() and path.relative_to(folder) != Path(MARKER)}
 
 
 def base_copy_tensors(adapters: list[Adapter], modules: dict) -> dict:
@@ -442,6 +451,7 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
     _write_json(
         {"format": "loramerge.provenance/v1", "version": __version__, "command": portable_command(command, folder),
          "inputs": portable_inputs(_inputs([adapter]), folder),
-         "output": {"dtype": str(out_dtype).removeprefix("torch."), "modules": len(paths)}},
-        folder / "loramerge.json",
+         "output": {"dtype": str(out_dtype).removeprefix("torch."), "modules": len(paths)},
+         "files": file_digests(folder)},
+        folder / MARKER,
     )

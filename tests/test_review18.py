@@ -572,6 +572,15 @@ def test_an_output_s_copy_of_its_table_names_no_absolute_path(setting, tmp_path)
     copy = json.loads((tmp_path / "merged" / "mask.json").read_text())
     assert copy["adapters"][0]["source"] == os.path.relpath(adapters[0], tmp_path / "merged")
     assert json.loads(table.read_text())["adapters"][0]["source"] == adapters[0]  # the user's own file: as it was
+    relative = tmp_path / "relative.json"  # a search given relative paths, in another working folder
+    data = json.loads(table.read_text())
+    data["adapters"] = [{**record, "source": f"adapters/{task}"} for task, record in zip(data["tasks"],
+                                                                                         data["adapters"])]
+    relative.write_text(json.dumps(data))
+    again = invoke_cli(["merge", "--adapters", *named, "--mask", relative, "--out", tmp_path / "sub" / "merged"])
+    assert again.exit_code == 0, again.stderr
+    copy = json.loads((tmp_path / "sub" / "merged" / "mask.json").read_text())
+    assert copy["adapters"][0]["source"] == os.path.relpath(adapters[0], tmp_path / "sub" / "merged")
 
 
 def test_heads_files_take_the_dtype_asked_for(setting, tmp_path):

@@ -263,7 +263,7 @@ def write_merged_adapter(
         revision=_common([a.config.get("revision") for a in adapters]) if base == inputs_base else None,
     )
     inputs = adapter_files(adapters) + table_files(table)
-    table = portable_table(table, out_dir)  # (as the folder holds it)
+    table = portable_table(table, out_dir, adapters)  # (as the folder holds it)
     provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table, base)
     provenance.update(extra_provenance or {})
     provenance = portable_provenance(provenance, out_dir)
@@ -320,20 +320,23 @@ def _inputs(adapters: list[Adapter]) -> list[dict]:
     return [{"name": a.name, **a.source.describe(), "base_model": a.base_model} for a in adapters]
 
 
-def portable_table(table, folder: str | Path):
-    """A weight table as an output folder holds it (mask.json, loramerge.json's weight_table): its adapters'
-    sources and its provenance's command lines relative to `folder`, as the outputs' own records are."""
+def portable_table(table, folder: str | Path, adapters: list[Adapter]):
+    """A weight table as an output folder holds it (mask.json, loramerge.json's weight_table): each task's source
+    is the one this output's own records give its adapter (relative to `folder`, whatever folder the search
+    ran in), and the absolute paths of the search's command lines are made relative to `folder` (those it was
+    given relative stay relative to where it ran)."""
     from dataclasses import replace
 
     if table is None:
         return None
-    adapters = [{**record, "source": portable_source(str(record["source"]), folder)} if "source" in record else record
-                for record in table.adapters]
+    sources = {record["name"]: record["source"] for record in portable_inputs(_inputs(adapters), folder)}
+    records = [{**record, "source": sources.get(task, portable_source(str(record.get("source", "")), folder))}
+               for task, record in zip(table.tasks, table.adapters)]
     provenance = dict(table.provenance or {})
     for key in ("command", "resumed_with"):
         if isinstance(provenance.get(key), str):
             provenance[key] = portable_command(provenance[key], folder)
-    return replace(table, adapters=adapters, provenance=provenance)
+    return replace(table, adapters=records, provenance=provenance)
 
 
 def portable_provenance(provenance: dict, folder: str | Path) -> dict:
@@ -400,7 +403,7 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
     if headless and any(adapter.name == HEADS_FOLDER and adapter.modules for adapter in adapters):
         raise LoramergeError(f"task {HEADS_FOLDER!r} would share its folder with the pruned tasks' heads; rename it")
     inputs = adapter_files(adapters) + table_files(table)
-    table = portable_table(table, out_dir)  # (as the folder holds it)
+    table = portable_table(table, out_dir, adapters)  # (as the folder holds it)
     with staged_folder(out_dir, force, inputs) as staging:
         _write_heads(headless, staging / HEADS_FOLDER, output_dtype(headless, dtype) if dtype is not None else None)
         for adapter in adapters:

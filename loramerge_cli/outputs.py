@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -188,9 +190,9 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
     edited = edited_files(target) if kind == "folder" else []
     if edited:
         shown = ", ".join(edited[:5]) + (f" and {len(edited) - 5} more" if len(edited) > 5 else "")
-        raise LoramergeError(f"--out {out}: {shown} changed since loramerge wrote it (the sha256 its loramerge.json "
-                             "records differs): --force would lose the edit; move it out (or delete it), or give "
-                             "another --out")
+        raise LoramergeError(f"--out {out}: {shown} changed or added since loramerge wrote the folder (its "
+                             "loramerge.json records what it wrote, by sha256): --force would lose that; move it "
+                             "out (or delete it), or give another --out")
     if kind == "file" and not _is_loramerge_output(target, formats):
         raise LoramergeError(f"--out {out} is not a file of what this command writes ({', '.join(formats)}); "
                              "refusing to replace it, even with --force")
@@ -202,21 +204,46 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
                              "refusing to replace it, even with --force")
 
 
-def edited_files(folder: Path) -> list[str]:
-    """Files of an output folder (and of its task folders) whose sha256 differs from the one their folder's
-    loramerge.json recorded when loramerge wrote them (a hand-edited model card); outputs written before
-    loramerge.json recorded its files have none."""
+TEXT_SUFFIXES = (".md", ".json", ".yaml")  # hashed with CRLF read as LF: a checkout with autocrlf edits nothing
+UNRECORDED = (MARKER, RECIPE_NAME)  # loramerge's own record, and the recipe: edited to be run, run to be rewritten
+
+
+def output_digest(path: Path) -> str:
+    """The sha256 loramerge.json records for a file it wrote (text files with their line ends as LF)."""
+    stat = path.stat()
+    return _digest(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, mtime_ns: int, size: int) -> str:  # one read per file and version, however many checks
     from loramerge_cli.adapters.sources import sha256_file
 
+    if Path(path).suffix in TEXT_SUFFIXES:
+        return hashlib.sha256(Path(path).read_bytes().replace(b"\r\n", b"\n")).hexdigest()
+    return sha256_file(Path(path))
+
+
+def edited_files(folder: Path) -> list[str]:
+    """Files of an output folder (and of its task folders) changed since loramerge wrote them there: a sha256
+    other than the one the folder's loramerge.json records (a hand-edited model card), or a file it does not
+    list (put there since). Outputs written before loramerge.json recorded its files are not checked; the
+    recipe (loramerge.yaml: edited to be rebuilt) and loramerge.json itself are not recorded."""
     edited = []
     for marker in [folder / MARKER, *(child / MARKER for child in sorted(folder.iterdir()) if child.is_dir())]:
         try:
             recorded = json.loads(marker.read_bytes()).get("files")
         except (OSError, ValueError, AttributeError, RecursionError):
             continue
-        for name, digest in (recorded.items() if isinstance(recorded, dict) else ()):
-            path = marker.parent / name
-            if isinstance(name, str) and path.is_file() and sha256_file(path) != digest:
+        if not isinstance(recorded, dict):
+            continue
+        base = marker.parent
+        for path in sorted(base.rglob("*")):
+            name = path.relative_to(base).as_posix()
+            if not path.is_file() or path.is_symlink() or name in UNRECORDED or path.name in SYSTEM_FILES:
+                continue
+            if base != folder and name not in recorded:
+                continue  # (apply-mask's task folders: their own files only)
+            if recorded.get(name) != output_digest(path):
                 edited.append(path.relative_to(folder.parent).as_posix())
     return edited
 

@@ -639,7 +639,7 @@ def test_force_does_not_replace_a_file_edited_since_loramerge_wrote_it(setting, 
     assert again.exit_code == 0, again.stderr
     with (tmp_path / "merged" / "README.md").open("a") as card:
         card.write("\n## Intended use\nWritten by hand.\n")
-    one_line(invoke_cli([*args, "--force"]), "merged/README.md changed since loramerge wrote it")
+    one_line(invoke_cli([*args, "--force"]), "merged/README.md changed or added since loramerge wrote")
     assert "Written by hand." in (tmp_path / "merged" / "README.md").read_text()
 
     table = tmp_path / "table.json"
@@ -648,4 +648,33 @@ def test_force_does_not_replace_a_file_edited_since_loramerge_wrote_it(setting, 
     assert invoke_cli(pruned).exit_code == 0
     config = tmp_path / "pruned" / "alpha" / "adapter_config.json"
     config.write_text(config.read_text().replace('"lora_dropout": 0.0', '"lora_dropout": 0.1'))
-    one_line(invoke_cli([*pruned, "--force"]), "pruned/alpha/adapter_config.json changed since loramerge wrote it")
+    one_line(invoke_cli([*pruned, "--force"]), "pruned/alpha/adapter_config.json changed or added since")
+
+
+
+def test_the_force_guard_lets_a_recipe_be_rebuilt_and_reads_line_ends_as_text(setting, tmp_path):
+    """The guard's review: editing an output's own loramerge.yaml and rebuilding it in place (the documented
+    way to change a merge) was refused as an edit; a checkout with CRLF line ends (git's autocrlf) read as an
+    edit of every text file; a mask.json put into a merge folder that had none was deleted by --force; a table
+    whose provenance command is no shell line (an unclosed quote) failed `merge --mask` with an internal error."""
+    import json
+
+    out = tmp_path / "merged"
+    assert invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "ties", "--out", out]).exit_code == 0
+    recipe = out / "loramerge.yaml"
+    recipe.write_text(recipe.read_text().replace("merger: ties", "merger: ta"))
+    rebuilt = invoke_cli(["merge", "--config", recipe, "--out", out, "--force"])
+    assert rebuilt.exit_code == 0, rebuilt.stderr
+    assert "merger: ta" in recipe.read_text()
+    for name in ("README.md", "adapter_config.json"):
+        (out / name).write_bytes((out / name).read_bytes().replace(b"\n", b"\r\n"))
+    again = invoke_cli(["merge", "--config", recipe, "--out", out, "--force"])
+    assert again.exit_code == 0, again.stderr
+    table = json.loads(api.ones_table(api.load_adapters(setting.adapter_args())).text())
+    (out / "mask.json").write_text(json.dumps(table))
+    one_line(invoke_cli(["merge", "--config", recipe, "--out", out, "--force"]), "merged/mask.json changed or added")
+    table["provenance"] = {"command": "python make_table.py --note \"it's mine"}
+    (tmp_path / "odd.json").write_text(json.dumps(table))
+    masked = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--mask", tmp_path / "odd.json", "--out",
+                         tmp_path / "masked"])
+    assert masked.exit_code == 0, masked.stderr

@@ -71,11 +71,16 @@ def local_source(path: str, folder: str | Path) -> str:
 
 
 def portable_command(command: str | None, folder: str | Path) -> str | None:
-    """The command line with every absolute path (also in name=path and --flag=path) relative to `folder`."""
+    """The command line with every absolute path (also in name=path and --flag=path) relative to `folder`; one
+    that is not a shell line (a hand-written table's: an unclosed quote) as it is."""
     if command is None:
         return None
+    try:
+        split = shlex.split(command)
+    except ValueError:
+        return command
     tokens = []
-    for token in shlex.split(command):
+    for token in split:
         head, sep, tail = token.partition("=")
         if sep and os.path.isabs(tail):
             token = head + sep + portable_path(tail, folder)
@@ -251,7 +256,7 @@ def _truncation_lines(result) -> list[str]:
     if not lossy:
         return ["- Exact: the merged update is written as LoRA factors without truncation"
                 + (f" ({len(factorised)} dense results factorised exactly, to rounding)." if factorised else ".")]
-    capped = sum(1 for m in factorised if m.capped)
+    capped = sum(1 for m in factorised if m.capped and m.truncation_error > ROUNDING)
     return [f"- Truncated: {len(lossy)} of {len(factorised)} dense modules written at reduced rank; relative "
             f"Frobenius error median {statistics.median(lossy):.3g}, largest {max(lossy):.3g}"
             + (f" ({capped} capped at the summed input rank)" if capped else "")]

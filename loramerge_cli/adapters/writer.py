@@ -30,7 +30,15 @@ from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.merging.merge import MergeResult
-from loramerge_cli.outputs import HEADS_FOLDER, MARKER, check_finite, guard_output, staged_folder
+from loramerge_cli.outputs import (
+    HEADS_FOLDER,
+    MARKER,
+    UNRECORDED,
+    check_finite,
+    guard_output,
+    output_digest,
+    staged_folder,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -284,12 +292,10 @@ def write_merged_adapter(
 
 
 def file_digests(folder: Path) -> dict[str, str]:
-    """{path relative to `folder`: sha256} of every file a command wrote there but loramerge.json itself: a
-    later --force refuses to replace a file edited since (outputs.edited_files)."""
-    from loramerge_cli.adapters.sources import sha256_file
-
-    return {path.relative_to(folder).as_posix(): sha256_file(path)
-            for path in sorted(folder.rglob("*")) if path.is_file() and path.relative_to(folder) != Path(MARKER)}
+    """{path relative to `folder`: sha256} of every file a command wrote there but loramerge.json and the recipe
+    (outputs.UNRECORDED): a later --force refuses to replace a file edited since (outputs.edited_files)."""
+    return {path.relative_to(folder).as_posix(): output_digest(path) for path in sorted(folder.rglob("*"))
+            if path.is_file() and path.relative_to(folder).as_posix() not in UNRECORDED}
 
 
 def base_copy_tensors(adapters: list[Adapter], modules: dict) -> dict:

@@ -22,7 +22,7 @@ from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.batches import model_inputs_of
 from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
-from loramerge_cli.search.state_io import run_id, started_command, write_progress
+from loramerge_cli.search.state_io import RunClock, run_id, started_command, write_progress
 
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
 
@@ -300,12 +300,17 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
 
     settings: NscSettings = request.nsc
     settings.check()
-    started = time.perf_counter()
     run_dir = Path(request.run_dir) if request.run_dir else None
+    clock = RunClock(run_dir, request.resume)
     problem = build_nsc_problem(request)
     on_event("nsc_start", {"objective": settings.objective, "targets": problem.targets,
                            "modules": len(problem.paths), "tasks": len(problem.adapters)})
-    side_path, history = train(problem, settings, run_dir, request.resume, on_event)
+
+    def on_step(kind: str, data: dict) -> None:
+        clock.tick()
+        on_event(kind, data)
+
+    side_path, history = train(problem, settings, run_dir, request.resume, on_step)
     per_task, warnings = raised_tasks(problem, side_path, settings)
     provenance = {
         "loramerge": __version__,
@@ -320,7 +325,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         "loss": {"first": history[0]["loss"], "last": history[-1]["loss"]},
         "task_losses": per_task,
         "warnings": warnings,
-        "seconds": round(time.perf_counter() - started, 3),
+        **clock.provenance(),
         "history": history,
     }
     table = WeightTable(

@@ -3,7 +3,8 @@ the sha256 of every input it reads, so `--resume` continues that search or refus
 
 Files (all written atomically; none is a pickle): `config.json` (settings, the command's flags, input
 digests), the strategy's state (the file its registry entry names: `surrogate_state.json`, `state.json` for
-enmp, …), `trajectory.jsonl`, `best.json`, `scores.json`, and `.lock` (held while a search runs).
+enmp, …), `trajectory.jsonl`, `elapsed.json` (the seconds spent so far), `best.json`, `scores.json`, and
+`.lock` (held while a search runs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.settings import EvalSettings
 from loramerge_cli.outputs import clean_temporaries
 from loramerge_cli.search.backends import BACKENDS
-from loramerge_cli.search.state_io import CONFIG_NAME, TRAJECTORY_NAME, read_json_file, run_id
+from loramerge_cli.search.state_io import CONFIG_NAME, ELAPSED_NAME, TRAJECTORY_NAME, read_json_file, run_id
 from loramerge_cli.search.strategies import STRATEGIES
 
 CONFIG_FORMAT = "loramerge.run/v1"
@@ -31,7 +32,7 @@ def strategy_states() -> tuple[str, ...]:
 
 def state_names() -> tuple[str, ...]:
     """What a search saves as it goes."""
-    return (*strategy_states(), TRAJECTORY_NAME, BEST_NAME, FINISHED_NAME)
+    return (*strategy_states(), TRAJECTORY_NAME, BEST_NAME, FINISHED_NAME, ELAPSED_NAME)
 
 
 BEST_NAME = "best.json"  # the best table so far; the finished run's table, provenance and all

@@ -4,7 +4,6 @@ provenance. The request is checked first (search/plan.py), before any model load
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -15,7 +14,7 @@ from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
 from loramerge_cli.atomic import write_text
 from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run, record_finished
-from loramerge_cli.search.state_io import started_command
+from loramerge_cli.search.state_io import RunClock, started_command
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
 
@@ -151,7 +150,7 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
         from loramerge_cli.search.nsc import run_nsc
 
         return run_nsc(request, on_event)
-    started = time.perf_counter()
+    clock = RunClock(run_dir, request.resume)
     scored = FITNESSES[request.fitness](request, run_dir, on_event)
     fitness, template = scored.fitness, scored.fitness.template
     lam = fitness.base_lambda
@@ -160,6 +159,7 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     def on_progress(kind: str, data: dict) -> None:
         if run_dir is not None and "best_pruned" in data:  # the best table so far, every generation
             pruned_table(template, tuple(data["best_pruned"])).save(run_dir / BEST_NAME)
+        clock.tick()
         on_event(kind, data)
 
     space = SearchSpace(len(template.units), len(fitness.adapters), lam, run_dir, request.resume)
@@ -176,7 +176,7 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
         outcome = strategy.run(request, evaluate, space, on_progress)
     best = outcome.best
     best_lambda = best.lam if best.lam is not None else lam
-    provenance = _provenance(request, fitness, outcome, started)
+    provenance = _provenance(request, fitness, outcome, clock)
     # whether the search scored every table the ρ cap allows (a larger budget buys nothing; with λ searched
     # too, tables are without number)
     provenance["every_allowed_table_scored"] = not request.enmp.addscale and outcome.evaluations >= allowed_tables(
@@ -230,7 +230,7 @@ def allowed_tables(flat_size: int, max_prune: float) -> int:
     return feasible_tables(flat_size, max_pruned(max_prune, flat_size, 1)) - 1
 
 
-def _provenance(request, fitness, outcome, started) -> dict:
+def _provenance(request, fitness, outcome, clock: RunClock) -> dict:
     """What every search records about itself (the fitness's own figures are added by the caller); the budget
     both as distinct full-set evaluations and as forward examples (examples run through the model)."""
     from loramerge_cli.search.fidelity import examples_per_evaluation
@@ -253,7 +253,7 @@ def _provenance(request, fitness, outcome, started) -> dict:
         # forward passes over the validation set(s), the whole run's (a resumed run's too, workers' included)
         "forward_passes": outcome.forward_passes if outcome.forward_passes is not None else outcome.evaluations + 1,
         "pruned_flat_indices": list(outcome.best.pruned),
-        "seconds": round(time.perf_counter() - started, 3),
+        **clock.provenance(),
         "history": outcome.history,
     }
 

@@ -4,6 +4,7 @@ The strategies' modules use these; `search/rundir.py` manages the folder itself.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -12,6 +13,8 @@ from loramerge_cli.errors import LoramergeError
 T = TypeVar("T")
 TRAJECTORY_NAME = "trajectory.jsonl"
 CONFIG_NAME = "config.json"  # the run's configuration (search/rundir.py), with its run_id
+ELAPSED_NAME = "elapsed.json"  # the seconds the run's processes have spent on it so far
+ELAPSED_FORMAT = "loramerge.elapsed/v1"
 
 
 def _config_string(run_dir: Path, key: str) -> str | None:
@@ -36,6 +39,41 @@ def started_command(request) -> dict:
     if not first or first == request.command:
         return {"command": request.command}
     return {"command": first, "resumed_with": request.command}
+
+
+class RunClock:
+    """The seconds a search has run over every process that ran it: those before a --resume (elapsed.json,
+    saved at each step by `tick`, so a killed process loses at most its last step's) and this one's."""
+
+    def __init__(self, run_dir: Path | None, resume: bool):
+        self.run_dir, self.started, self.before = run_dir, time.perf_counter(), 0.0
+        self.run_id = run_id(run_dir) if run_dir is not None else None
+        if run_dir is not None and resume:
+            try:
+                data = json.loads((Path(run_dir) / ELAPSED_NAME).read_bytes())
+                if data.get("format") == ELAPSED_FORMAT and data.get("run_id") == self.run_id:
+                    self.before = max(0.0, float(data["seconds"]))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                pass  # none saved (a run from before this file), or unreadable: this process's seconds only
+
+    def this_process(self) -> float:
+        return time.perf_counter() - self.started
+
+    def seconds(self) -> float:
+        return self.before + self.this_process()
+
+    def tick(self) -> None:
+        """Save the seconds so far in the run directory (atomically; nothing without one)."""
+        if self.run_dir is not None:
+            from loramerge_cli.atomic import write_text
+
+            write_text(Path(self.run_dir) / ELAPSED_NAME, json.dumps(
+                {"format": ELAPSED_FORMAT, "seconds": round(self.seconds(), 3), "run_id": self.run_id}) + "\n")
+
+    def provenance(self) -> dict:
+        """"seconds": the whole run's; "seconds_this_process" where a resume split it."""
+        total = {"seconds": round(self.seconds(), 3)}
+        return total if self.before == 0 else {**total, "seconds_this_process": round(self.this_process(), 3)}
 
 
 def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict], T]) -> T:

@@ -99,6 +99,10 @@ def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind
     from loramerge_cli.outputs import holds, write_result
     from loramerge_cli.search.rundir import BEST_NAME
 
+    if plan.out is not None and plan.finished is None:  # (a plan searched twice: its table is there now)
+        from loramerge_cli.outputs import guard_output
+
+        guard_output(plan.out, force=plan.force, kind="file")
     if plan.finished is not None:  # --resume of a run that finished: its table, searched once
         table = table_from_text(plan.finished, Path(plan.request.run_dir) / BEST_NAME)
         provenance = table.provenance
@@ -122,7 +126,14 @@ def evaluate(tasks: str | Path, experts: list[Adapter], merged: list[Adapter] | 
     from loramerge_cli.evaluation.engine import EvalSettings
     from loramerge_cli.evaluation.report import eval_report
 
-    return eval_report(tasks, experts, list(merged or []), settings or EvalSettings(), **options)
+    merged = list(merged or [])
+    merge_plan.check_loaded(experts)
+    if merged:
+        merge_plan.check_loaded(merged)
+    settings = settings or EvalSettings()
+    if not isinstance(settings, EvalSettings):
+        raise UsageError(f"settings must be an EvalSettings (got {settings!r})")
+    return eval_report(tasks, experts, merged, settings, **options)
 
 
 def check_table_flags(mask: str | Path | None, indices: str | None) -> None:

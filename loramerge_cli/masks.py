@@ -33,7 +33,9 @@ class WeightTable:
     origin: str | None = field(default=None, compare=False, repr=False)  # the file it was read from (not written)
 
     def __post_init__(self) -> None:
-        self._columns = {name: index for index, name in enumerate(self.units)}  # weight() is on the search's hot path
+        # weight() is on the search's hot path (units that are no list are refused by check_table)
+        units = self.units if isinstance(self.units, (list, tuple)) else []
+        self._columns = {name: index for index, name in enumerate(units)}
 
     def weight(self, task_index: int, module_path: str) -> float:
         """The weight of task `task_index` on a module; modules outside the table's units get 1."""
@@ -165,7 +167,7 @@ def _structure_problem(data) -> str | None:
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
         return f"{where or 'mask'}: {error.message}"
-    return _weights_problem(data["weights"], len(data["tasks"]), len(data["units"]), data.get("scale"))
+    return weights_problem(data["weights"], len(data["tasks"]), len(data["units"]), data.get("scale"))
 
 
 def mask_schema() -> dict:
@@ -191,7 +193,7 @@ def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
     return replace(table, tasks=names, weights=[table.weights[i] for i in order], adapters=recorded, merger=merger)
 
 
-def _weights_problem(weights, task_count: int, unit_count: int, scale) -> str | None:
+def weights_problem(weights, task_count: int, unit_count: int, scale) -> str | None:
     """What is wrong with a table's weights and scale (a row per task, one finite real per unit, in any
     sequence: a file's lists, or numpy values built in code), or None."""
 
@@ -201,6 +203,8 @@ def _weights_problem(weights, task_count: int, unit_count: int, scale) -> str | 
         except (TypeError, ValueError, OverflowError):
             return False
 
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__"):
+        return "'weights' must be a list of rows, one per task"
     if len(weights) != task_count:
         return f"'weights' has {len(weights)} rows for {task_count} tasks"
     for row in weights:
@@ -213,10 +217,26 @@ def _weights_problem(weights, task_count: int, unit_count: int, scale) -> str | 
     return None
 
 
+def structure_problem(table: WeightTable) -> str | None:
+    """What is wrong with the types of a table built in code (a file's are its schema's), or None."""
+    for name in ("tasks", "units"):
+        value = getattr(table, name)
+        if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+            return f"'{name}' must be a list of names"
+    if not isinstance(table.adapters, (list, tuple)) or not all(isinstance(item, dict) for item in table.adapters):
+        return "'adapters' must be a list of objects ({'source': …, 'sha256': …})"
+    if not isinstance(table.provenance, dict) or not isinstance(table.merger, (dict, type(None))):
+        return "'provenance' and 'merger' must be objects"
+    if table.unit not in ("block", "module"):
+        return f"'unit' must be 'block' or 'module' (got {table.unit!r})"
+    return None
+
+
 def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask") -> None:
     """The table must be well formed (one finite weight per task and unit) and name the same tasks, units and
     adapter weights (sha256) as the inputs."""
-    problem = _weights_problem(table.weights, len(table.tasks), len(table.units), table.scale)  # built in code too
+    problem = structure_problem(table) or weights_problem(table.weights, len(table.tasks), len(table.units),
+                                                          table.scale)  # (built in code too)
     if problem is not None:
         raise LoramergeError(f"{origin}: {problem}")
     names = [a.name for a in adapters]

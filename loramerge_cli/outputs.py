@@ -43,6 +43,10 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), force: b
     holding loramerge.json, or apply-mask's folder of such; a "file" of one of the writer's `formats`, not
     inside such a folder). Anything else (a regular file where a folder goes, a device, a symlink) is refused even with
     `force`. Its nearest existing ancestor must be a writable folder. Returns `out` with `~` expanded."""
+    if not isinstance(out, (str, os.PathLike)):  # (a library caller's)
+        from loramerge_cli.errors import UsageError
+
+        raise UsageError(f"--out must be a path (got {out!r})")
     if str(out) == "-":  # the Unix spelling of standard output: a folder or file named '-' would surprise
         from loramerge_cli.errors import UsageError
 

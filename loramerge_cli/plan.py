@@ -22,12 +22,13 @@ from loramerge_cli.adapters.writer import (
     adapter_files,
     as_written,
     check_head,
+    check_task_folder_names,
     check_output_dir,
     output_dtype,
     table_files,
     write_merged_adapter,
 )
-from loramerge_cli.errors import LoramergeError, UsageError, check_integer, is_finite_number
+from loramerge_cli.errors import LoramergeError, UsageError, is_finite_number
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, align_table, check_table
 from loramerge_cli.merging import merge as merging
@@ -51,9 +52,10 @@ class TaskData:
     backend: object | None = None  # search/backends.py Backend: where the grid is scored (None: here)
 
     def __post_init__(self) -> None:
-        check_integer(self.val_limit, 1, "--val-limit")
-        check_integer(self.batch_size, 1, "--batch-size")
-        check_integer(self.max_length, 2, "--max-length")
+        from loramerge_cli.evaluation.settings import EvalSettings
+
+        EvalSettings(val_limit=self.val_limit, batch_size=self.batch_size or EvalSettings.batch_size,
+                     max_length=self.max_length, dtype=self.dtype or EvalSettings.dtype, threads=self.threads).check()
         check_base_given(self.base)  # the model loads from it: a folder that is not there is said now
         if self.backend is not None:
             self.backend.check()
@@ -200,6 +202,20 @@ def check_not_an_input(out: str | Path, adapters: list[Adapter]) -> None:
     outputs.check_not_an_input(out, adapter_files(adapters))
 
 
+def check_loaded(adapters) -> None:
+    """A non-empty list of loaded adapters (`load_adapters` turns sources into them)."""
+    if not isinstance(adapters, (list, tuple)) or not adapters:
+        raise UsageError(f"give a non-empty list of loaded adapters (api.load_adapters), not {adapters!r}")
+    if not all(isinstance(adapter, Adapter) for adapter in adapters):
+        wrong = next(adapter for adapter in adapters if not isinstance(adapter, Adapter))
+        raise UsageError(f"{wrong!r} is not a loaded adapter: load sources with api.load_adapters first")
+
+
+def check_table_type(table) -> None:
+    if table is not None and not isinstance(table, WeightTable):
+        raise UsageError(f"table must be a WeightTable (api.load_table reads a file), not {table!r}")
+
+
 def plan_merge(
     adapters: list[Adapter],
     config: MergeConfig | None = None,
@@ -220,8 +236,15 @@ def plan_merge(
     `tuning`: tune λ on that data; `data`: the task spec a data-reading method (RegMean) reads (default:
     `tuning`'s)."""
     config = config or MergeConfig()
-    if not adapters:
-        raise UsageError("no adapters to merge")
+    check_loaded(adapters)
+    check_table_type(table)
+    if not isinstance(config, MergeConfig):
+        raise UsageError(f"config must be a MergeConfig (got {config!r})")
+    if tuning is not None and "lam" in config.given():
+        raise UsageError(f"λ is given ({config.lam}) and tuned (tuning=): give one (tuning= is --lambda auto)")
+    for name, value in (("base", base), ("head", head), ("command", command)):
+        if value is not None and not isinstance(value, str):
+            raise UsageError(f"{name} must be a string (got {value!r})")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     data = data or tuning
@@ -369,15 +392,14 @@ def base_warnings(base) -> list[str]:
 def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, force: bool = False,
                dtype: str | None = None, base: str | None = None, command: str | None = None) -> PrunePlan:
     """Check the dtype, the output (never an input) and the table against the adapters, before any work."""
+    check_loaded(adapters)
+    if not isinstance(table, WeightTable):
+        check_table_type(table)
+        raise UsageError("apply-mask needs a table (api.load_table, api.weight_table)")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     check_output_dir(out, force, adapter_files(adapters) + table_files(table))
-    from loramerge_cli.adapters.card import RECIPE_NAME
-
-    clashing = [a.name for a in adapters if a.name in ("mask.json", RECIPE_NAME)]
-    if clashing:  # each task's folder sits beside the table and the recipe
-        raise UsageError(f"task name {clashing[0]!r} is the name of a file apply-mask writes beside the task "
-                         "folders; name the adapter otherwise (name=source)")
+    check_task_folder_names(adapters)  # each task's folder sits beside the table and the recipe
     table = align_table(table, adapters)
     check_table(table, adapters, origin=table.origin or "mask")
     return PrunePlan(adapters, table, Path(out), force, dtype, base, command)

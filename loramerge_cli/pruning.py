@@ -14,8 +14,23 @@ def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapte
 
     Scales and the config are kept, so the written adapter computes weight · ΔW per module. The product is
     kept in float64 (in float16 a lora_B × 2 can overflow, in bfloat16 it would be rounded twice): the writer
-    rounds it once, to the output's dtype.
+    rounds it once, to the output's dtype. The row must be the adapter's (the table's task of that name:
+    `masks.align_table` orders a table's rows as the adapters are).
     """
+    from loramerge_cli.masks import structure_problem, weights_problem
+
+    problem = structure_problem(table)
+    if problem is not None:
+        raise LoramergeError(f"the table: {problem}")
+    rows = len(table.tasks)
+    if isinstance(task_index, bool) or not isinstance(task_index, int) or not 0 <= task_index < rows:
+        raise LoramergeError(f"task index {task_index!r} is not a row of the table (0 to {rows - 1})")
+    if table.tasks[task_index] != adapter.name:
+        raise LoramergeError(f"the table's row {task_index} is task {table.tasks[task_index]!r}, not adapter "
+                             f"{adapter.name!r}")
+    problem = weights_problem(table.weights, rows, len(table.units), table.scale)
+    if problem is not None:
+        raise LoramergeError(f"the table: {problem}")
     modules = {}
     for path, module in adapter.modules.items():
         weight = table.weight(task_index, path)

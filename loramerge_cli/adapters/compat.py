@@ -8,7 +8,9 @@ from loramerge_cli.errors import LoramergeError
 
 def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = False) -> list[str]:
     """Every reason a merge of these adapters would be refused (empty if none)."""
-    problems = []
+    from loramerge_cli.adapters.sources import name_problems
+
+    problems = name_problems([a.name for a in adapters])  # (adapters built or renamed in code)
     bases = [a.base_model for a in adapters if a.base_model]  # `…/base/` and `…/./base` name one folder
     if any(not same_base(str(bases[0]), str(other)) for other in bases[1:]) and not allow_base_mismatch:
         listed = ", ".join(f"{a.name}: {a.base_model}" for a in adapters if a.base_model)

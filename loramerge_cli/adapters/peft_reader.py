@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule
-from loramerge_cli.adapters.sources import default_name, resolve, sha256_file, split_name
+from loramerge_cli.adapters.sources import check_names, default_name, resolve, sha256_file, split_name
 from loramerge_cli.errors import LoramergeError, is_finite_number
 
 # Config fields that change what a LoRA module computes; loramerge refuses them by name.
@@ -43,6 +43,8 @@ PEFT_PREFIX = "base_model.model."
 def load_adapter(argument: str, allow_pickle: bool = False, name: str | None = None) -> Adapter:
     """Resolve and read one adapter given as `[name=]source`."""
     named = split_name(argument)
+    if name is not None:  # (as a name=source argument is)
+        check_names([name])
     files = resolve(named.spec, allow_pickle=allow_pickle)
     adapter_name = name or named.name or default_name(named.spec)
     config = read_config(files.config_file) if files.config_file else {}
@@ -65,6 +67,10 @@ def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adap
     """Load every source (text, or a path), in task order; names must be unique."""
     if isinstance(arguments, (str, os.PathLike)):  # one source, not a sequence of characters
         arguments = [arguments]
+    if not isinstance(arguments, (list, tuple)) or not all(isinstance(a, (str, os.PathLike)) for a in arguments):
+        from loramerge_cli.errors import UsageError
+
+        raise UsageError(f"give the adapters' sources (paths, name=path or Hub ids) as a list, not {arguments!r}")
     adapters = [load_adapter(os.fspath(argument), allow_pickle) for argument in arguments]
     seen: dict[str, str] = {}
     for adapter in adapters:

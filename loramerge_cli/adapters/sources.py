@@ -17,6 +17,29 @@ HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+)
 NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*$")
 
 
+NAME_RULE = "an ASCII letter, digit or _ first, then letters, digits, _ . -"
+
+
+def name_problems(names: list, what: str = "adapter") -> list[str]:
+    """Why these task names cannot name tasks (empty if they can): each a string of NAME's form (it becomes a
+    folder or file name in outputs, and goes into recipes and tables), no two alike."""
+    problems, seen = [], set()
+    for name in names:
+        if not isinstance(name, str) or not NAME.match(name):
+            problems.append(f"{name!r} cannot be a task name ({NAME_RULE})")
+        elif name in seen:
+            problems.append(f"two {what}s are named {name!r}; name them apart")
+        seen.add(name if isinstance(name, str) else None)
+    return problems
+
+
+def check_names(names: list, what: str = "adapter") -> None:
+    """One line for the first of `name_problems`."""
+    problems = name_problems(names, what)
+    if problems:
+        raise LoramergeError(problems[0])
+
+
 @dataclass
 class NamedSource:
     name: str | None  # given with name=source, else derived later
@@ -49,8 +72,7 @@ def default_name(spec: str) -> str:
     name = Path(spec.rstrip("/\\")).name
     name = name.removesuffix(".safetensors") if name.endswith(".safetensors") else name
     if not NAME.match(name):  # the name goes into recipes and tables, which a rebuild reads back
-        raise LoramergeError(f"{spec}: {name!r} cannot be a task name (an ASCII letter, digit or _ first, then "
-                             f"letters, digits, _ . -): name it, NAME={spec}")
+        raise LoramergeError(f"{spec}: {name!r} cannot be a task name ({NAME_RULE}): name it, NAME={spec}")
     return name
 
 

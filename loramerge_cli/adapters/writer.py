@@ -27,6 +27,7 @@ from loramerge_cli.adapters.card import (
 from loramerge_cli.adapters.compat import same_base
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
+from loramerge_cli.adapters.sources import check_names
 from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.merging.merge import MergeResult
@@ -234,6 +235,11 @@ def write_merged_adapter(
 ) -> Path:
     """Write a merge result as a PEFT LoRA folder; returns the folder. `recipe` (YAML text)
     becomes loramerge.yaml, embedded in the card; text files name local inputs relative to the folder."""
+    check_names([adapter.name for adapter in adapters])  # each task's head is written as heads/<name>.safetensors
+    if result.tasks is not None and result.tasks != [adapter.name for adapter in adapters]:
+        raise LoramergeError(f"the merge result is of the tasks {', '.join(result.tasks)}, not of the adapters given "
+                             f"({', '.join(adapter.name for adapter in adapters)}): write it with the adapters it "
+                             "merged, in their order")
     out_dtype = output_dtype(adapters, dtype)
     head = default_head(adapters, head)
     head_adapter = check_head(adapters, head)
@@ -403,11 +409,10 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
     go to out_dir/mask.json and out_dir/loramerge.yaml. An adapter with no module left (its table row prunes
     everything) has no folder, since PEFT loads no LoRA adapter without modules; its task head, if any, goes to
     out_dir/heads/<name>.safetensors, as a merge keeps each task's."""
+    check_task_folder_names(adapters)
     if not any(adapter.modules for adapter in adapters):
         raise LoramergeError("every adapter has no modules left; nothing to write")
     headless = [adapter for adapter in adapters if not adapter.modules and adapter.heads]
-    if headless and any(adapter.name == HEADS_FOLDER and adapter.modules for adapter in adapters):
-        raise LoramergeError(f"task {HEADS_FOLDER!r} would share its folder with the pruned tasks' heads; rename it")
     inputs = adapter_files(adapters) + table_files(table)
     table = portable_table(table, out_dir, adapters)  # (as the folder holds it)
     with staged_folder(out_dir, force, inputs) as staging:
@@ -423,6 +428,21 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
         if recipe is not None:
             (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8")
     return Path(out_dir)
+
+
+def check_task_folder_names(adapters: list[Adapter]) -> None:
+    """Each adapter's name can name its folder in `write_adapters`' output: a task name, none twice, and not a
+    file written beside the task folders (the table, the recipe, loramerge's record) nor, when a task is pruned
+    entirely, the folder of its head."""
+    check_names([adapter.name for adapter in adapters])
+    headless = any(not adapter.modules and adapter.heads for adapter in adapters)
+    for adapter in adapters:
+        if adapter.name in ("mask.json", RECIPE_NAME, MARKER):
+            raise LoramergeError(f"task name {adapter.name!r} is the name of a file written beside the task folders; "
+                                 "name the adapter otherwise (name=source)")
+        if adapter.name == HEADS_FOLDER and adapter.modules and headless:
+            raise LoramergeError(f"task {HEADS_FOLDER!r} would share its folder with the pruned tasks' heads; "
+                                 "rename it")
 
 
 def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = None,

@@ -28,6 +28,13 @@ class EvalPlan:
     backend: object | None = None
 
 
+def as_sources(arguments) -> list:
+    """Sources as a list (one source given alone is not a sequence of characters)."""
+    import os
+
+    return [arguments] if isinstance(arguments, (str, os.PathLike)) else list(arguments)
+
+
 def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settings: EvalSettings | None = None, *,
               base: str | None = None, run_dir=None, out=None, force: bool = False, allow_pickle: bool = False,
               allow_base_mismatch: bool = False, backend=None) -> EvalPlan:
@@ -42,6 +49,9 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     from loramerge_cli.outputs import check_not_an_input, guard_output, read_inputs
     from loramerge_cli.search.backends import Backend
 
+    from loramerge_cli.evaluation.report import check_row_names, check_settings_fit
+
+    experts, merged = as_sources(experts), as_sources(merged or [])
     settings = settings or EvalSettings()
     settings.check()
     out = Path(out) if out is not None else None
@@ -54,9 +64,8 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     check_base_given(base)
     task_file = check_task_file(tasks, [settings.split])
     task_file.check_covers(source_names(experts))
-    if settings.length_normalize and not task_file.type.choices:
-        raise UsageError(f"--length-normalize divides a choice's log-likelihood by its length: the tasks of {tasks} "
-                         f"(model_type {task_file.model_type}) have no choices")
+    check_row_names(source_names(merged))
+    check_settings_fit(settings, task_file, tasks)
     files, folders = read_inputs([*experts, *(merged or [])], tasks, base, allow_pickle)
     check_model_fit(task_file, [*experts, *(merged or [])], base, settings.max_length, allow_pickle)
     if run_dir is not None:  # the score cache: written too

@@ -50,6 +50,7 @@ def eval_report(
         check_request(tasks_file, experts, merged or [], settings, run_dir, base)
     task_file = load_task_file(tasks_file)
     task_file.check_covers([adapter.name for adapter in experts])  # as plan_eval (and so `eval`) says it
+    check_settings_fit(settings, task_file, tasks_file)
     check_merged_base(task_file, experts, merged or [], base, allow_base_mismatch)  # before the model loads
     engine = checked_evaluator(task_file, experts, settings, base, allow_base_mismatch, allow_pickle)
     for adapter in merged or []:  # a merge of another model is refused before any scoring, naming it
@@ -93,21 +94,40 @@ def eval_report(
     }
 
 
+def check_row_names(merged_names: list[str]) -> None:
+    """Each merge names its own row of the report: no two alike, and neither 'base' nor 'experts'."""
+    from loramerge_cli.adapters.sources import check_names
+    from loramerge_cli.errors import UsageError
+
+    check_names(merged_names, "merge")
+    if {"base", "experts"} & set(merged_names):
+        raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
+                         "name=folder")
+
+
+def check_settings_fit(settings: EvalSettings, task_file, tasks) -> None:
+    """Settings that the tasks' type must allow: --length-normalize needs choices."""
+    from loramerge_cli.errors import UsageError
+
+    if settings.length_normalize and not task_file.type.choices:
+        raise UsageError(f"--length-normalize divides a choice's log-likelihood by its length: the tasks of {tasks} "
+                         f"(model_type {task_file.model_type}) have no choices")
+
+
 def check_request(tasks_file, experts: list, merged: list, settings: EvalSettings, run_dir,
                   base: str | None = None, rows: bool = True) -> None:
     """What `eval` refuses before any model loads: settings out of range, a merge named as a report row, a bad
     data row (`rows`: read them all, not only those --val-limit keeps; off when the caller has), a run
     directory that is (or holds, or sits in) an input or holds a file that is not a score cache."""
-    from loramerge_cli.errors import UsageError
+    from loramerge_cli.adapters.sources import check_names
     from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
     from loramerge_cli.evaluation.model_fit import check_model_fit
     from loramerge_cli.outputs import read_inputs
 
     settings.check()
-    if {"base", "experts"} & {adapter.name for adapter in merged}:
-        raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
-                         "name=folder")
+    check_names([adapter.name for adapter in experts])
+    check_row_names([adapter.name for adapter in merged])
     if rows:
         check_model_fit(check_task_file(tasks_file, [settings.split]), [*experts, *merged], base, settings.max_length)
     if run_dir is not None:

@@ -29,6 +29,9 @@ class EvalSettings:
 
         for name, low in (("val_limit", 1), ("batch_size", 1), ("threads", 1), ("max_length", 2)):
             check_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
+        check_integer(self.sample_seed, 0, "sample_seed")
+        if not isinstance(self.length_normalize, bool):
+            raise UsageError(f"--length-normalize must be true or false (got {self.length_normalize!r})")
         if self.dtype not in (*DTYPES, "float64"):
             raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
         if not isinstance(self.block_cache_mb, (int, float)) or not 0 <= self.block_cache_mb < math.inf:

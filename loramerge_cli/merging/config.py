@@ -32,6 +32,8 @@ class MergeConfig:
         to its field, and the same setting given both ways with two values is refused."""
         from loramerge_cli.errors import UsageError
 
+        if not isinstance(self.params, dict):
+            raise UsageError(f"params must be a dict of method parameters by name (got {self.params!r})")
         moved = {name: value for name, value in self.params.items() if name in SETTINGS and value is not None}
         for name, value in moved.items():
             if getattr(self, name) is not None and getattr(self, name) != value:

@@ -88,6 +88,17 @@ class MergeResult:
     settings: ResolvedMerge
     warnings: list[str] = field(default_factory=list)
     provenance: dict = field(default_factory=dict)  # written to loramerge.json beside the settings (λ tuning)
+    tasks: list[str] | None = None  # the merged adapters' names, in order (None: a result built in code)
+
+
+def _finite_real(value) -> bool:
+    """A finite real number of any kind (int, float, a numpy scalar), not a bool."""
+    import numbers
+
+    try:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _check_types(config: MergeConfig) -> None:
@@ -97,6 +108,17 @@ def _check_types(config: MergeConfig) -> None:
         value = getattr(config, name)
         if value is not None and not isinstance(value, bool):
             raise UsageError(f"--{name.replace('_', '-')} must be true or false (got {value!r})")
+    for name in ("merger", "method", "space"):
+        if getattr(config, name) is not None and not isinstance(getattr(config, name), str):
+            raise UsageError(f"--{name} must be a name (got {getattr(config, name)!r})")
+    weights = config.weights
+    if weights is not None and (isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__")
+                                or not all(_finite_real(w) for w in weights)):
+        raise UsageError(f"--weights must be a list of finite numbers, one per adapter (got {weights!r})")
+    if config.out_rank is not None and (isinstance(config.out_rank, bool) or not isinstance(config.out_rank, int)):
+        raise UsageError(f"--out-rank must be a whole number (got {config.out_rank!r})")
+    if config.energy is not None and not _finite_real(config.energy):
+        raise UsageError(f"--energy must be a number in (0, 1] (got {config.energy!r})")
     if config.lam is not None and not is_finite_number(config.lam):
         raise UsageError(f"--lambda must be a finite number (got {config.lam!r}; 'auto' is merge --lambda auto's: "
                          "plan_merge(..., tuning=TaskData(...)))")
@@ -148,7 +170,7 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
     knots_scaled = config.knots_scaled if config.knots_scaled is not None else preset_params.get("knots_scaled", False)
     seed = DEFAULT_SEED if config.seed is None else config.seed
     check_seed(seed)
-    weights = list(config.weights) if config.weights is not None else [1.0] * task_count
+    weights = [float(w) for w in config.weights] if config.weights is not None else [1.0] * task_count
     if len(weights) != task_count:
         raise UsageError(f"--weights has {len(weights)} values for {task_count} adapters")
     if not all(w == w and abs(w) != float("inf") for w in weights):
@@ -221,7 +243,7 @@ def run_merge(
     retained = {path: _retained_tasks(adapters, path, settings, table) for path in module_paths(adapters)}
     active = {path: tasks for path, tasks in retained.items() if tasks}
     omitted = [path for path, tasks in retained.items() if not tasks]
-    result = MergeResult({}, omitted, settings)
+    result = MergeResult({}, omitted, settings, tasks=[adapter.name for adapter in adapters])
     if settings.method.elementwise and settings.params.get("scope") == "adapter":
         merged = _merge_adapter_scope(active, adapters, settings)
         for path in list(merged):  # popped: each dense update is freed once finished

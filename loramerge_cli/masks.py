@@ -177,7 +177,11 @@ def mask_schema() -> dict:
 
 def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
     """The table with its rows in the adapters' order when it names the same tasks in another order
-    (a table is matched to the adapters by task name)."""
+    (a table is matched to the adapters by task name). A malformed table is refused."""
+    problem = structure_problem(table) or weights_problem(table.weights, len(table.tasks), len(table.units),
+                                                          table.scale)
+    if problem is not None:
+        raise LoramergeError(f"{table.origin or 'mask'}: {problem}")
     names = [a.name for a in adapters]
     if table.tasks == names or sorted(table.tasks) != sorted(names) or len(set(names)) != len(names):
         return table

@@ -43,3 +43,187 @@ def test_a_resumed_search_s_seconds_count_the_processes_before_the_resume(settin
     assert provenance["seconds"] >= provenance["seconds_this_process"] + 1.0
     _, fresh = run_search(surrogate_request(setting, run_dir=tmp_path / "fresh"))
     assert "seconds_this_process" not in fresh and fresh["seconds"] < provenance["seconds"]
+
+
+# --- the library, as a hostile caller uses it (each refused in one line, before any work) -------------------------
+
+def loaded(setting):
+    from loramerge_cli import api
+
+    return api.load_adapters(setting.adapter_args())
+
+
+def test_an_adapter_name_cannot_lead_outside_the_output(setting, tmp_path):
+    """`load_adapter(name="../../x")` (or an adapter renamed in code) wrote its folder, or the merge's head file,
+    outside the output folder: into an input adapter's folder, or anywhere."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
+
+    source = str(setting.adapters["alpha"])
+    with pytest.raises(LoramergeError, match="cannot be a task name"):
+        api.load_adapter(source, name="../alpha/injected")
+    first, second, third = loaded(setting)
+    escaping = replace(first, name="../../escaped")
+    with pytest.raises(LoramergeError, match="cannot be a task name"):
+        api.merge([escaping, second])
+    with pytest.raises(LoramergeError, match="cannot be a task name"):
+        api.write_merged_adapter(api.merge([first, second]), [escaping, second], tmp_path / "merged")
+    with pytest.raises(LoramergeError, match="cannot be a task name"):
+        api.write_adapters([escaping, second], tmp_path / "out" / "pruned")
+    for name in ("loramerge.json", "mask.json", "loramerge.yaml"):
+        with pytest.raises(LoramergeError, match="beside the task folders"):
+            api.write_adapters([replace(first, name=name), second], tmp_path / "pruned")
+    assert not any(tmp_path.rglob("*")) and not (setting.root / "escaped").exists()
+    assert not (setting.root / "escaped.safetensors").exists()
+
+
+def test_the_library_refuses_two_adapters_of_one_name_as_the_command_does(setting, tmp_path):
+    """`api.merge([a, a])` merged one adapter twice and wrote it twice into loramerge.json and heads/."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
+
+    first = loaded(setting)[0]
+    with pytest.raises(LoramergeError, match="two adapters are named 'alpha'"):
+        api.merge([first, first])
+    with pytest.raises(LoramergeError, match="two adapters are named 'alpha'"):
+        api.plan_merge([first, first], out=tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_a_merge_result_is_written_with_the_adapters_it_merged(setting, tmp_path):
+    """A result of three adapters written with two of them recorded two inputs beside three weights."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
+
+    adapters = loaded(setting)
+    result = api.merge(adapters)
+    with pytest.raises(LoramergeError, match="not of the adapters given"):
+        api.write_merged_adapter(result, adapters[:2], tmp_path / "merged")
+    with pytest.raises(LoramergeError, match="not of the adapters given"):
+        api.write_merged_adapter(result, adapters[::-1], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    api.write_merged_adapter(result, adapters, tmp_path / "merged")
+
+
+def test_apply_table_takes_only_the_adapter_s_own_row(setting):
+    """apply_table(adapter, table, -1) applied the last task's row, 5 raised a bare IndexError, another task's
+    row was applied without a word, and a NaN weight was reported as an overflow."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
+
+    adapters = loaded(setting)
+    table = api.ones_table(adapters)
+    for index, words in ((-1, "not a row"), (5, "not a row"), (True, "not a row"), (1, "is task 'beta', not")):
+        with pytest.raises(LoramergeError, match=words):
+            api.apply_table(adapters[0], table, index)
+    table.weights[0][0] = float("nan")
+    with pytest.raises(LoramergeError, match="not a finite number"):
+        api.apply_table(adapters[0], table, 0)
+    table.weights[0][0] = 1.0
+    assert api.apply_table(adapters[1], table, 1).modules.keys() == adapters[1].modules.keys()
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"weights": "111"}, "--weights must be a list"), ({"weights": [10**400, 1, 1]}, "--weights must be a list"),
+    ({"weights": 1.0}, "--weights must be a list"), ({"out_rank": "3"}, "--out-rank must be a whole number"),
+    ({"energy": "0.5"}, "--energy must be a number"), ({"merger": 3}, "--merger must be a name"),
+])
+def test_settings_of_the_wrong_type_are_one_line(setting, change, words):
+    """MergeConfig(weights="11") failed deep in the merge (TypeError: bad operand type for abs()); an int too
+    large for a float with an OverflowError; out_rank="3" with a TypeError."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match=words):
+        api.plan_merge(loaded(setting), api.MergeConfig(**{"merger": "ta", **change}))
+
+
+def test_the_library_s_other_arguments_of_the_wrong_kind_are_one_line(setting, tmp_path):
+    """Paths where loaded adapters go, a dict where a table or settings go, a number where a path goes: each was
+    an AttributeError or TypeError from deep inside."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError, UsageError
+    from loramerge_cli.masks import WeightTable
+
+    adapters = loaded(setting)
+    cases = [
+        (lambda: api.merge(setting.adapter_args()), "not a loaded adapter"),
+        (lambda: api.merge([]), "non-empty list"),
+        (lambda: api.plan_merge(adapters, "ties"), "must be a MergeConfig"),
+        (lambda: api.plan_merge(adapters, api.MergeConfig(params=["density"])), "params must be a dict"),
+        (lambda: api.plan_merge(adapters, table={"weights": []}), "must be a WeightTable"),
+        (lambda: api.plan_merge(adapters, out=5), "--out must be a path"),
+        (lambda: api.plan_merge(adapters, base=1), "base must be a string"),
+        (lambda: api.load_adapters(5), "as a list"),
+        (lambda: api.load_adapters(None), "as a list"),
+        (lambda: api.write_merged_adapter(api.merge(adapters), adapters, 5), "--out must be a path"),
+        (lambda: api.evaluate(setting.tasks_file, adapters, settings={"threads": 1}), "must be an EvalSettings"),
+        (lambda: api.evaluate(setting.tasks_file, setting.adapter_args()), "not a loaded adapter"),
+        (lambda: api.plan_eval(setting.tasks_file, setting.adapter_args(), settings=api.EvalSettings(sample_seed=-1)),
+         "sample_seed must be an integer >= 0"),
+        (lambda: api.plan_eval(setting.tasks_file, setting.adapter_args(),
+                               settings=api.EvalSettings(length_normalize="no")), "--length-normalize must be"),
+        (lambda: api.plan_prune(adapters, None, tmp_path / "pruned"), "needs a table"),
+    ]
+    table = api.ones_table(adapters)
+    for field, value in (("provenance", "zz"), ("adapters", [1, 2, 3]), ("tasks", None), ("weights", None),
+                         ("unit", "layer")):
+        broken = WeightTable(**{**{name: getattr(table, name) for name in ("tasks", "units", "weights", "unit",
+                                                                           "adapters", "provenance")}, field: value})
+        cases.append((lambda broken=broken: api.plan_merge(adapters, table=broken), "must be|must be a list"))
+    for call, words in cases:
+        with pytest.raises((UsageError, LoramergeError), match=words):
+            call()
+    assert not any(tmp_path.iterdir())
+
+
+def test_task_data_is_checked_when_planned_not_when_the_merge_runs(setting, tmp_path):
+    """TaskData(threads=0), dtype="int8" planned, and failed at execute; a λ given with tuning= was dropped for the
+    tuned one without a word."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import UsageError
+
+    adapters = loaded(setting)
+    for options, words in (({"threads": 0}, "--threads must be an integer >= 1"),
+                           ({"dtype": "int8"}, "--dtype must be one of")):
+        with pytest.raises(UsageError, match=words):
+            api.TaskData(setting.tasks_file, **options)
+    with pytest.raises(UsageError, match="give one"):
+        api.plan_merge(adapters, api.MergeConfig(lam=2.0), tuning=api.TaskData(setting.tasks_file, threads=1))
+
+
+def test_eval_s_plan_and_the_library_refuse_two_merges_of_one_name(setting, tmp_path):
+    """plan_eval with two merges named alike planned (execute_eval refused them); api.evaluate scored them into
+    two rows of one name, and scored --length-normalize on a classifier's tasks, which plan_eval refuses; a
+    single source given as a string was read character by character."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError, UsageError
+
+    adapters = loaded(setting)
+    merged = tmp_path / "merged"
+    api.write_merged_adapter(api.merge(adapters), adapters, merged)
+    with pytest.raises(LoramergeError, match="are named 'm'"):
+        api.plan_eval(setting.tasks_file, setting.adapter_args(), [f"m={merged}", f"m={merged}"])
+    with pytest.raises(UsageError, match="name rows of the report"):
+        api.plan_eval(setting.tasks_file, setting.adapter_args(), [f"experts={merged}"])
+    merge = api.load_adapter(str(merged), name="m")
+    with pytest.raises(LoramergeError, match="two merges are named 'm'"):
+        api.evaluate(setting.tasks_file, adapters, [merge, merge], api.EvalSettings(threads=1))
+    with pytest.raises(UsageError, match="have no choices"):
+        api.evaluate(setting.tasks_file, adapters, settings=api.EvalSettings(threads=1, length_normalize=True))
+    plan = api.plan_eval(setting.tasks_file, setting.adapter_args(), str(merged))
+    assert plan.merged == [str(merged)]
+
+
+def test_a_search_plan_run_twice_is_refused_before_it_searches_again(setting, tmp_path):
+    """api.search(plan) called again redid the whole search, then kept its table beside the first one's, saying
+    --out "appeared while the command ran"."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
+
+    plan = api.plan_search(replace(surrogate_request(setting), strategy="greedy", budget=3), out=tmp_path / "t.json")
+    api.search(plan)
+    events = []
+    with pytest.raises(LoramergeError, match="already exists"):
+        api.search(plan, on_event=lambda kind, data: events.append(kind))
+    assert events == [] and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]

@@ -227,3 +227,16 @@ def test_a_search_plan_run_twice_is_refused_before_it_searches_again(setting, tm
     with pytest.raises(LoramergeError, match="already exists"):
         api.search(plan, on_event=lambda kind, data: events.append(kind))
     assert events == [] and sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+
+@pytest.mark.parametrize("strategy, flag", [("surrogate", ["--popsize", "16"]), ("greedy", ["--sigma0", "0.5"]),
+                                            ("enmp", ["--sparsity", "0.5"])])
+def test_a_shared_setting_the_strategy_never_reads_is_refused_at_its_default_value_too(setting, tmp_path, strategy,
+                                                                                        flag):
+    """`--strategy surrogate --popsize 17` was refused, `--popsize 16` (the default) accepted without a word."""
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--strategy", strategy, *flag, "--out", tmp_path / "t.json"])
+    one_line(result, f"{flag[0]} does nothing with --strategy {strategy}", code=2)

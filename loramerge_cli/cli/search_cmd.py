@@ -138,10 +138,11 @@ def strategy_options() -> list:
 
 
 def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
-    """A setting of another strategy given on the command line is a usage error (one whose `needs` switch is
-    off, `--no-screen --greedy-pool 4`, is refused by the strategy's own check, for the library too)."""
+    """A setting of another strategy given on the command line is a usage error, and so is a shared one the
+    strategy never reads (one whose `needs` switch is off, `--no-screen --greedy-pool 4`, is refused by the
+    strategy's own check, for the library too)."""
     from loramerge_cli.errors import UsageError
-    from loramerge_cli.search.strategies import STRATEGIES, strategy_named
+    from loramerge_cli.search.strategies import SHARED_SETTINGS, STRATEGIES, strategy_named
 
     strategy = flags["strategy"]
     own = {parameter.name for parameter in strategy_named(strategy).parameters}  # a resumed run's: checked
@@ -153,6 +154,11 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
             flag = f"--{parameter.name.replace('_', '-')}"
             if parameter.name not in own:
                 raise UsageError(f"{flag} is a setting of --strategy {other.name}, not of {strategy}")
+    shared = {name for names in SHARED_SETTINGS.values() for name in names}
+    for name in sorted(shared & foreign_options(strategy)):  # given, even at its default value (the library,
+        source = ctx.get_parameter_source(name)  # which cannot tell, refuses one changed from its default)
+        if source is not None and source.name != "DEFAULT":
+            raise UsageError(f"--{name.replace('_', '-')} does nothing with --strategy {strategy}")
 
 
 def strategy_settings(flags: dict, strategy: str) -> dict:

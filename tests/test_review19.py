@@ -240,3 +240,19 @@ def test_a_shared_setting_the_strategy_never_reads_is_refused_at_its_default_val
     result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
                          "--strategy", strategy, *flag, "--out", tmp_path / "t.json"])
     one_line(result, f"{flag[0]} does nothing with --strategy {strategy}", code=2)
+
+
+def test_the_library_caps_cpu_worker_processes_as_the_command_does(setting, tmp_path):
+    """`--workers 1000` was refused by the command line only: a SearchRequest with devices=["cpu"] * 1000 started
+    a thousand processes, each loading the model."""
+    import os
+
+    from loramerge_cli import api
+    from loramerge_cli.errors import UsageError
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with pytest.raises(UsageError, match="worker processes on the CPU"):
+        api.plan_search(replace(surrogate_request(setting), devices=["cpu"] * (4 * cpus + 1)), out=tmp_path / "t.json")
+    with pytest.raises(UsageError, match="a list of device names"):
+        api.plan_search(replace(surrogate_request(setting), devices="cpu,cpu"), out=tmp_path / "t.json")
+    assert not any(tmp_path.iterdir())

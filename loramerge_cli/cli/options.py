@@ -9,7 +9,6 @@ with its help, bounds and choices. A command is `def command(ctx, **flags)` with
 from __future__ import annotations
 
 import inspect
-import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -157,7 +156,6 @@ def scale_options() -> list:
     ]
 
 
-CPU_OVERSUBSCRIPTION = 4  # the most CPU worker processes per CPU this process may use
 
 
 def resolve_backend(device: str, devices: str | None, workers: int | None, threads: int | None, backend: str,
@@ -178,14 +176,8 @@ def resolve_backend(device: str, devices: str | None, workers: int | None, threa
         if workers < 1:
             raise UsageError("--workers must be >= 1")
         device_list = [device] * workers
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    on_cpu = [name for name in device_list or () if (name or "cpu").split(":")[0] == "cpu"]
-    if backend == "process" and len(on_cpu) > CPU_OVERSUBSCRIPTION * cpus:  # (a few more than the CPUs: allowed)
-        flag = f"--workers {workers}" if workers is not None else f"--devices {devices}"
-        raise UsageError(f"{flag}: {len(on_cpu)} worker processes on the CPU, where this process may use {cpus} CPUs "
-                         f"(at most {CPU_OVERSUBSCRIPTION * cpus} workers: each holds a model, and workers beyond the "
-                         "CPUs only compete for them)")
     spread = Backend(backend, device_list, ray_address)
+    spread.check_worker_count(f"--workers {workers}" if workers is not None else f"--devices {devices}")
     return spread, spread.threads_each(device, threads)
 
 

@@ -28,6 +28,26 @@ class EvalPlan:
     backend: object | None = None
 
 
+def check_row_names(merged_names: list[str]) -> None:
+    """Each merge names its own row of the report: no two alike, and neither 'base' nor 'experts'."""
+    from loramerge_cli.adapters.sources import check_names
+    from loramerge_cli.errors import UsageError
+
+    check_names(merged_names, "merge")
+    if {"base", "experts"} & set(merged_names):
+        raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
+                         "name=folder")
+
+
+def check_settings_fit(settings: EvalSettings, task_file, tasks) -> None:
+    """Settings that the tasks' type must allow: --length-normalize needs choices."""
+    from loramerge_cli.errors import UsageError
+
+    if settings.length_normalize and not task_file.type.choices:
+        raise UsageError(f"--length-normalize divides a choice's log-likelihood by its length: the tasks of {tasks} "
+                         f"(model_type {task_file.model_type}) have no choices")
+
+
 def as_sources(arguments) -> list:
     """Sources as a list (one source given alone is not a sequence of characters)."""
     import os
@@ -48,8 +68,6 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     from loramerge_cli.evaluation.model_fit import check_model_fit
     from loramerge_cli.outputs import check_not_an_input, guard_output, read_inputs
     from loramerge_cli.search.backends import Backend
-
-    from loramerge_cli.evaluation.report import check_row_names, check_settings_fit
 
     experts, merged = as_sources(experts), as_sources(merged or [])
     settings = settings or EvalSettings()

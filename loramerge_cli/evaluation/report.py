@@ -8,6 +8,7 @@ from loramerge_cli.evaluation.cache import ScoreCache, base_scores, expert_score
 from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, checked_evaluator
 from loramerge_cli.evaluation.metrics import mean_defined, normalized_accuracy
 from loramerge_cli.evaluation.specs import load_task_file
+from loramerge_cli.evaluation.eval_plan import check_row_names, check_settings_fit
 from loramerge_cli.events import stage
 
 
@@ -50,7 +51,7 @@ def eval_report(
         check_request(tasks_file, experts, merged or [], settings, run_dir, base)
     task_file = load_task_file(tasks_file)
     task_file.check_covers([adapter.name for adapter in experts])  # as plan_eval (and so `eval`) says it
-    check_settings_fit(settings, task_file, tasks_file)
+    check_settings_fit(settings, task_file, tasks_file)  # (eval_plan's, torch-free)
     check_merged_base(task_file, experts, merged or [], base, allow_base_mismatch)  # before the model loads
     engine = checked_evaluator(task_file, experts, settings, base, allow_base_mismatch, allow_pickle)
     for adapter in merged or []:  # a merge of another model is refused before any scoring, naming it
@@ -92,26 +93,6 @@ def eval_report(
         "rows": rows,
         "warnings": warnings,
     }
-
-
-def check_row_names(merged_names: list[str]) -> None:
-    """Each merge names its own row of the report: no two alike, and neither 'base' nor 'experts'."""
-    from loramerge_cli.adapters.sources import check_names
-    from loramerge_cli.errors import UsageError
-
-    check_names(merged_names, "merge")
-    if {"base", "experts"} & set(merged_names):
-        raise UsageError("--merged: 'base' and 'experts' name rows of the report already; name the merge with "
-                         "name=folder")
-
-
-def check_settings_fit(settings: EvalSettings, task_file, tasks) -> None:
-    """Settings that the tasks' type must allow: --length-normalize needs choices."""
-    from loramerge_cli.errors import UsageError
-
-    if settings.length_normalize and not task_file.type.choices:
-        raise UsageError(f"--length-normalize divides a choice's log-likelihood by its length: the tasks of {tasks} "
-                         f"(model_type {task_file.model_type}) have no choices")
 
 
 def check_request(tasks_file, experts: list, merged: list, settings: EvalSettings, run_dir,

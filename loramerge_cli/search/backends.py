@@ -19,6 +19,9 @@ from loramerge_cli.errors import LoramergeError, UsageError
 BACKENDS = ("process", "ray")
 
 
+CPU_OVERSUBSCRIPTION = 4  # the most CPU worker processes per CPU this process may use
+
+
 @dataclass
 class Backend:
     """How to spread work. `devices`: one worker each (None: serial for `process`; for `ray`, one actor per
@@ -71,10 +74,24 @@ class Backend:
             if local != "cpu":  # (the CPU is always there: no torch import for it)
                 torch_device(local, flag)
 
+    def check_worker_count(self, flag: str = "devices") -> None:
+        """Worker processes on the CPU: at most CPU_OVERSUBSCRIPTION per CPU this process may use."""
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        on_cpu = [name for name in self.devices or () if (name or "cpu").split(":")[0] == "cpu"]
+        if self.name == "process" and len(on_cpu) > CPU_OVERSUBSCRIPTION * cpus:  # (a few more than the CPUs: fine)
+            raise UsageError(f"{flag}: {len(on_cpu)} worker processes on the CPU, where this process may use {cpus} "
+                             f"CPUs (at most {CPU_OVERSUBSCRIPTION * cpus} workers: each holds a model, and workers "
+                             "beyond the CPUs only compete for them)")
+
     def check(self) -> None:
-        """The choice itself, before any model loads: Ray's presence, and that a cluster answers at `address`."""
+        """The choice itself, before any model loads: Ray's presence, that a cluster answers at `address`, and
+        no more worker processes than the CPUs can run."""
         if self.name not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.name!r})")
+        if self.devices is not None and (not isinstance(self.devices, (list, tuple))
+                                         or not all(isinstance(d, str) and d for d in self.devices)):
+            raise UsageError(f"devices must be a list of device names (got {self.devices!r})")
+        self.check_worker_count()
         if self.address is not None and self.name != "ray":
             raise UsageError("--ray-address needs --backend ray")
         if self.name == "ray":

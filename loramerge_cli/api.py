@@ -111,6 +111,11 @@ def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind
 
         table, provenance = run_search(plan.request, on_event)
     text = plan.finished if plan.finished is not None else table.text()
+    if plan.out is not None:  # the file names its adapters, and the absolute paths of its commands, relative to
+        from loramerge_cli.adapters.writer import table_file  # its folder, as an output folder's records do
+
+        table = table_file(table, plan.out)
+        provenance, text = table.provenance, table.text()
     if plan.out is not None and not holds(plan.out, text):  # what appeared there during the search is not replaced
         write_result(plan.out, text, plan.force)
     if plan.plot is not None:

@@ -240,10 +240,10 @@ def plan_merge(
     check_table_type(table)
     if not isinstance(config, MergeConfig):
         raise UsageError(f"config must be a MergeConfig (got {config!r})")
-    if tuning is not None and "lam" in config.given():
+    if tuning is not None and config.lam not in (None, "auto"):
         raise UsageError(f"λ is given ({config.lam}) and tuned (tuning=): give one (tuning= is --lambda auto)")
-    for name, value in (("base", base), ("head", head), ("command", command)):
-        if value is not None and not isinstance(value, str):
+    for name, value, kinds in (("base", base, (str, os.PathLike)), ("head", head, str), ("command", command, str)):
+        if value is not None and not isinstance(value, kinds):
             raise UsageError(f"{name} must be a string (got {value!r})")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")

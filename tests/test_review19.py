@@ -256,3 +256,101 @@ def test_the_library_caps_cpu_worker_processes_as_the_command_does(setting, tmp_
     with pytest.raises(UsageError, match="a list of device names"):
         api.plan_search(replace(surrogate_request(setting), devices="cpu,cpu"), out=tmp_path / "t.json")
     assert not any(tmp_path.iterdir())
+
+
+# --- recipes and the records of outputs (a hostile user of reproducibility) -------------------------------------
+
+def recipe_with_weights(setting, path):
+    import yaml
+
+    adapters = {name: {"path": str(setting.adapters[name]), "weight": weight, "density": density}
+                for name, weight, density in (("alpha", 0.5, 0.3), ("beta", 2, 0.6), ("gamma", "1e-1", 0.9))}
+    path.write_text(yaml.safe_dump({"adapters": adapters, "merger": "ties", "lambda": 0.7}))
+    return path
+
+
+def test_a_recipe_s_per_adapter_values_follow_the_adapters_by_name(setting, tmp_path):
+    """`merge --config r.yaml --adapters beta=… alpha=… gamma=…` gave alpha beta's weight and density (the
+    recipe's values were handed out by position), and other adapters inherited them without a word; a weight
+    spelled `1e-1` (text to YAML 1.1) was refused."""
+    import yaml
+
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    recipe = recipe_with_weights(setting, tmp_path / "r.yaml")
+    plain = invoke_cli(["merge", "--config", recipe, "--out", tmp_path / "plain"])
+    assert plain.exit_code == 0, plain.stderr
+    order = ("beta", "gamma", "alpha")
+    swapped = invoke_cli(["merge", "--config", recipe, "--adapters", *(f"{n}={setting.adapters[n]}" for n in order),
+                          "--out", tmp_path / "swapped"])
+    assert swapped.exit_code == 0, swapped.stderr
+    written = yaml.safe_load((tmp_path / "swapped" / "loramerge.yaml").read_text())
+    assert {name: entry["weight"] for name, entry in written["adapters"].items()} == \
+        {"beta": 2.0, "gamma": 0.1, "alpha": 0.5}
+    assert written["density"] in ("0.6,0.9,0.3", [0.6, 0.9, 0.3])
+    others = invoke_cli(["merge", "--config", recipe, "--adapters", f"a={setting.adapters['alpha']}",
+                         f"b={setting.adapters['beta']}", f"c={setting.adapters['gamma']}", "--out", tmp_path / "o"])
+    one_line(others, "give --weights for these", code=2)
+    assert not (tmp_path / "o").exists()
+
+
+def test_merged_folders_and_search_tables_name_their_inputs_relative_to_themselves(setting, tmp_path, monkeypatch):
+    """A search's --out table named its adapters relative to the working folder (or absolute after a resume), and
+    a merge's lambda_tuning.tasks and RegMean's input_statistics.tasks named the task spec as given: relative to
+    where the command ran, or an absolute path of this machine."""
+    import json
+    import os
+    import shutil
+
+    from factories import invoke_cli
+
+    shutil.copytree(setting.root, tmp_path / "inputs")
+    monkeypatch.chdir(tmp_path)
+    adapters = [f"{name}=inputs/adapters/{name}" for name in setting.adapters]
+    common = ["--adapters", *adapters, "--tasks", "inputs/tasks.yaml", "--threads", "1", "--val-limit", "8"]
+    searched = invoke_cli(["search-mask", *common, "--strategy", "greedy", "--budget", "2", "--max-prune", "0.5",
+                           "--out", "out/deeper/table.json", "--run-dir", "run"])
+    assert searched.exit_code == 0, searched.stderr
+    table = json.loads((tmp_path / "out" / "deeper" / "table.json").read_text())
+    assert [a["source"] for a in table["adapters"]] == [f"../../inputs/adapters/{n}" for n in setting.adapters]
+    again = invoke_cli(["search-mask", "--run-dir", "run", "--resume", "--out", "out/deeper/table.json"])
+    assert again.exit_code == 0, again.stderr  # a finished run's table, left as it is
+    tuned = invoke_cli(["merge", *common, "--lambda", "auto", "--out", "out/tuned"])
+    assert tuned.exit_code == 0, tuned.stderr
+    record = json.loads((tmp_path / "out" / "tuned" / "loramerge.json").read_text())
+    assert record["lambda_tuning"]["tasks"] == "../../inputs/tasks.yaml"
+    absolute = ["--tasks", str(tmp_path / "inputs" / "tasks.yaml")]
+    regmean = invoke_cli(["merge", *common[:-6], *absolute, "--threads", "1", "--merger", "regmean",
+                          "--out", "out/regmean"])
+    assert regmean.exit_code == 0, regmean.stderr
+    statistics = json.loads((tmp_path / "out" / "regmean" / "loramerge.json").read_text())["input_statistics"]
+    assert statistics["tasks"] == "../../inputs/tasks.yaml" and not os.path.isabs(statistics["tasks"])
+
+
+def test_a_search_recipe_merges_and_a_recipe_s_indices_may_be_a_yaml_list(setting, tmp_path):
+    """`merge --config search.yaml` stopped on "--seed does nothing with ties" (the search's seed, a flag nobody
+    typed); `indices: [1, 2]` in a recipe was refused as "expected a JSON list"; `x y=path` said "no such file"."""
+    import yaml
+
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    adapters = {name: str(path) for name, path in setting.adapters.items()}
+    search = tmp_path / "search.yaml"
+    search.write_text(yaml.safe_dump({"adapters": adapters, "merger": "ties", "budget": 3, "seed": 5}))
+    merged = invoke_cli(["merge", "--config", search, "--out", tmp_path / "merged"])
+    assert merged.exit_code == 0 and "the recipe's seed dropped: ties draws nothing" in merged.stderr, merged.stderr
+    assert "seed" not in (tmp_path / "merged" / "loramerge.yaml").read_text()
+    drawn = invoke_cli(["merge", "--config", search, "--merger", "dare", "--out", tmp_path / "dare"])
+    assert drawn.exit_code == 0 and "seed: 5" in (tmp_path / "dare" / "loramerge.yaml").read_text()
+    listed = tmp_path / "listed.yaml"
+    listed.write_text(yaml.safe_dump({"adapters": adapters, "indices": [1, 2]}))
+    by_list = invoke_cli(["merge", "--config", listed, "--out", tmp_path / "listed"])
+    assert by_list.exit_code == 0, by_list.stderr
+    by_flag = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--indices", "[1, 2]", "--out",
+                          tmp_path / "flag"])
+    assert by_flag.exit_code == 0, by_flag.stderr
+    name = "adapter_model.safetensors"
+    assert (tmp_path / "listed" / name).read_bytes() == (tmp_path / "flag" / name).read_bytes()
+    one_line(invoke_cli(["inspect", f"x y={setting.adapters['alpha']}"]), "'x y' cannot be a task name")

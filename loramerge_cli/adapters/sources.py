@@ -133,6 +133,9 @@ def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:
         raise LoramergeError(f"{spec}: not a regular file or a folder (a {_kind_of(path)})")
     if HUB_ID.match(spec) and not spec.startswith((".", "/")):
         return _resolve_hub(spec, spec, allow_pickle)
+    head, sep, tail = spec.partition("=")
+    if sep and head and tail and os.path.exists(os.path.expanduser(tail)):  # NAME=source, with NAME no task name
+        raise LoramergeError(f"{spec}: {head!r} cannot be a task name ({NAME_RULE})")
     raise LoramergeError(f"{spec}: no such file or folder (a Hub id looks like org/name[@revision])")
 
 

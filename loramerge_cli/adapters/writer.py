@@ -18,6 +18,7 @@ import torch
 from loramerge_cli import __version__, atomic
 from loramerge_cli.adapters.card import (
     RECIPE_NAME,
+    local_source,
     model_card,
     portable_command,
     portable_inputs,
@@ -29,7 +30,7 @@ from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.sources import check_names
 from loramerge_cli.adapters.units import unit_sort_key
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.merging.merge import MergeResult
 from loramerge_cli.outputs import (
     HEADS_FOLDER,
@@ -351,15 +352,39 @@ def portable_table(table, folder: str | Path, adapters: list[Adapter]):
     return replace(table, adapters=records, provenance=provenance)
 
 
+def table_file(table, out: str | Path):
+    """A search's table as its --out file holds it: each adapter source given as a local path relative to the
+    working folder, relative to the file's folder instead (so that it names the adapter from there, wherever
+    the search ran); an absolute path or a Hub id as given."""
+    from dataclasses import replace
+
+    folder = Path(os.path.abspath(Path(out).expanduser())).parent
+
+    def named_from_the_file(spec: str) -> str:
+        local = spec and not os.path.isabs(os.path.expanduser(spec)) and os.path.exists(os.path.expanduser(spec))
+        return local_source(spec, folder) if local else spec
+
+    return replace(table, adapters=[{**record, "source": named_from_the_file(str(record.get("source", "")))}
+                                    for record in table.adapters])
+
+
+def table_file_text(text: str, out: str | Path) -> str:
+    """The text of `table_file` of a table's text (a finished run's best.json)."""
+    from loramerge_cli.masks import table_from_text
+
+    return table_file(table_from_text(text, Path(out)), out).text()
+
+
 def portable_provenance(provenance: dict, folder: str | Path) -> dict:
     """The command and local input paths relative to the output folder (no absolute paths are published)."""
     out = {**provenance, "command": portable_command(provenance.get("command"), folder),
            "inputs": portable_inputs(provenance["inputs"], folder)}
     if out.get("base_model"):
         out["base_model"] = portable_path(out["base_model"], folder)
-    tuning = out.get("lambda_tuning")
-    if isinstance(tuning, dict) and tuning.get("tasks"):
-        out["lambda_tuning"] = {**tuning, "tasks": portable_path(str(tuning["tasks"]), folder)}
+    for key in ("lambda_tuning", "input_statistics"):  # the task spec read: a local file (as given: relative to
+        read = out.get(key)  # the working folder, or absolute) relative to the folder
+        if isinstance(read, dict) and read.get("tasks"):
+            out[key] = {**read, "tasks": local_source(str(read["tasks"]), folder)}
     return out
 
 
@@ -437,9 +462,9 @@ def check_task_folder_names(adapters: list[Adapter]) -> None:
     check_names([adapter.name for adapter in adapters])
     headless = any(not adapter.modules and adapter.heads for adapter in adapters)
     for adapter in adapters:
-        if adapter.name in ("mask.json", RECIPE_NAME, MARKER):
-            raise LoramergeError(f"task name {adapter.name!r} is the name of a file written beside the task folders; "
-                                 "name the adapter otherwise (name=source)")
+        if adapter.name in ("mask.json", RECIPE_NAME, MARKER):  # (a name given with name=source: usage)
+            raise UsageError(f"task name {adapter.name!r} is the name of a file apply-mask writes beside the task "
+                                 "folders; name the adapter otherwise (name=source)")
         if adapter.name == HEADS_FOLDER and adapter.modules and headless:
             raise LoramergeError(f"task {HEADS_FOLDER!r} would share its folder with the pruned tasks' heads; "
                                  "rename it")

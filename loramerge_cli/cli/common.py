@@ -478,7 +478,7 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
         raise typer.BadParameter(f"{value} must map flag names to values")
     from loramerge_cli.cli.recipe import expand_config
 
-    data = expand_config(data, Path(value), ctx.command)
+    data = expand_config(data, Path(value), ctx.command, ctx.meta)
     by_flag = {_recipe_key(option): option for option in ctx.command.params if _recipe_key(option)}
     spelled = {opt[2:]: _recipe_key(option) for option in ctx.command.params for opt in getattr(option, "opts", ())
                if opt.startswith("--") and opt[2:] != _recipe_key(option)}  # eval's dtype: eval-dtype
@@ -506,6 +506,8 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
                                      f"too), which is no value for --{flag}: quote it if it is a name")
         if getattr(option, "multiple", False):
             item = [str(v) for v in item] if isinstance(item, list) else [str(item)]
+        elif isinstance(item, list) and option.name == "indices":  # --indices takes a JSON list
+            item = json.dumps(item)
         elif isinstance(item, list):
             item = ",".join(str(v) for v in item)
         defaults[option.name] = item

@@ -30,6 +30,7 @@ from loramerge_cli.cli.options import (
     threads_option,
     with_options,
 )
+from loramerge_cli.cli.recipe import per_adapter_values
 from loramerge_cli.errors import UsageError, check_at_least
 from loramerge_cli.evaluation.settings import EvalSettings
 from loramerge_cli.merging.registry import DTYPES, randomized_methods
@@ -103,11 +104,28 @@ def _truncation_a_recipe_gave_with_isotropize(ctx: typer.Context, flags: dict) -
             "update is written exactly (they did nothing)"] if given else []
 
 
+def _seed_a_recipe_gave_to_an_exact_merger(ctx: typer.Context, flags: dict) -> list[str]:
+    """A recipe's seed (a search recipe's is the search's) with a method that draws nothing: dropped, with a
+    warning; typed on the command line it is refused by the plan."""
+    if flags["seed"] is None or getattr(ctx.get_parameter_source("seed"), "name", "") != "DEFAULT_MAP":
+        return []
+    from loramerge_cli.merging.config import DEFAULT_MERGER
+    from loramerge_cli.merging.registry import PRESETS
+
+    merger = flags["merger"] or DEFAULT_MERGER
+    method = flags["method"] or (PRESETS[merger].method if merger in PRESETS else merger)
+    if method in randomized_methods():
+        return []
+    flags["seed"] = ctx.params["seed"] = None
+    return [f"the recipe's seed dropped: {method} draws nothing"]
+
+
 @command_errors
 def merge_command(ctx: typer.Context, **flags) -> None:
     """Merge LoRA adapters into one adapter: weight table -> space -> method -> λ, written as exact LoRA
     factors (dense results truncated, with the error recorded). The output folder holds a model card,
     loramerge.yaml (rerun it with --config) and every task's head. The math: docs/algorithms.md."""
+    per_adapter_values(ctx, flags)
     check_at_least(flags["val_limit"], 1, "--val-limit")
     if flags["lam"] == "auto" and flags["tasks"] is None:
         raise UsageError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
@@ -123,7 +141,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
         task_file = check_task_file(flags["tasks"], ["validation"], labelled=flags["lam"] == "auto")
         check_model_fit(task_file, flags["adapters"], flags["base"], flags["max_length"], flags["allow_pickle"])
         spec_inputs = task_file.inputs()
-    dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags)
+    dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags) + _seed_a_recipe_gave_to_an_exact_merger(ctx, flags)
     config = merge_config(flags)  # flag values are checked before anything is read
     from loramerge_cli.hub import check_repo_id
 

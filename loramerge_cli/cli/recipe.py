@@ -118,10 +118,7 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
             _check_source(source, f"{origin}: adapter {name!r}: path")
             sources.append(f"{name}={source}")
             for key, values in (("weight", weights), ("density", densities)):
-                number = entry.get(key)
-                if number is not None and (isinstance(number, bool) or not isinstance(number, (int, float))):
-                    raise typer.BadParameter(f"{origin}: adapter {name!r}: {key} must be a number (got {number!r})")
-                values.append(number)
+                values.append(_number(entry.get(key), f"{origin}: adapter {name!r}: {key}"))
         else:
             _check_source(entry, f"{origin}: adapter {name!r}")
             sources.append(f"{name}={entry}")
@@ -138,6 +135,41 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
     return sources, extra
 
 
+def per_adapter_values(ctx: typer.Context, flags: dict) -> None:
+    """The recipe's per-adapter `weight` and `density` follow the adapters by name when --adapters on the command
+    line lists them in another order; for other adapters they are refused (not handed out by position)."""
+    given = ctx.meta.get(PER_ADAPTER) or {}
+    source = ctx.get_parameter_source("adapters")
+    if not given or source is None or source.name == "DEFAULT_MAP" or not flags.get("adapters"):
+        return
+    from loramerge_cli.adapters.sources import source_names
+
+    names = source_names(flags["adapters"])
+    for flag, by_name in given.items():
+        if getattr(ctx.get_parameter_source(flag), "name", "") != "DEFAULT_MAP":
+            continue  # given on the command line: it wins
+        if sorted(names) != sorted(by_name):
+            raise typer.BadParameter(f"the recipe gives a {flag.rstrip('s')} per adapter for {', '.join(by_name)}, "
+                                     f"and --adapters names {', '.join(names)}: give --{flag} for these",
+                                     param_hint="'--config'")
+        flags[flag] = ctx.params[flag] = ",".join(by_name[name] for name in names)
+
+
+def _number(value, where: str) -> float | None:
+    """A recipe's number: YAML's, or text that spells one (YAML 1.1 reads `1e-1`, with no dot, as text)."""
+    import math
+
+    if value is None:
+        return None
+    try:
+        number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+    except ValueError:
+        number = None
+    if number is None or not math.isfinite(number):
+        raise typer.BadParameter(f"{where} must be a number (got {value!r})")
+    return number
+
+
 def _check_source(value, where: str) -> None:
     """A recipe's adapter or base source is text that names something (YAML reads `5`, `null` and dates as other
     things; str() of them would name a file "None")."""
@@ -147,13 +179,21 @@ def _check_source(value, where: str) -> None:
         raise typer.BadParameter(f"{where}: the source is empty")
 
 
-def expand_config(data: dict, path: Path, command) -> dict:
-    """A --config mapping with its `adapters` map spread into flags and its paths made relative to the file."""
+PER_ADAPTER = "recipe_per_adapter"  # ctx.meta: {flag: {task: value}} of the recipe's adapters map
+
+
+def expand_config(data: dict, path: Path, command, meta: dict | None = None) -> dict:
+    """A --config mapping with its `adapters` map spread into flags and its paths made relative to the file;
+    the map's per-adapter values, by task name, go to `meta` (see `per_adapter_values`)."""
     folder = path.parent
     options = {option.name: option for option in command.params}
     data = {str(key): value for key, value in data.items()}
     if isinstance(data.get("adapters"), dict):
         sources, extra = _adapter_map(data["adapters"], str(path))
+        if meta is not None:
+            names = [source.partition("=")[0] for source in sources]
+            meta[PER_ADAPTER] = {flag: dict(zip(names, value.split(","))) for flag, value in extra.items()
+                                 if "," in value}  # (one density for all applies to any adapters)
         for flag, value in extra.items():
             if flag in data or flag.replace("-", "_") in data:
                 raise typer.BadParameter(f"{path}: give {flag} per adapter or as a flag, not both")

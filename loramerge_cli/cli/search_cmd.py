@@ -23,6 +23,7 @@ from loramerge_cli.cli.options import (
     threads_option,
     with_options,
 )
+from loramerge_cli.cli.recipe import per_adapter_values
 from loramerge_cli.merging.registry import DTYPES, randomized_methods
 
 EPILOG = examples_epilog(
@@ -177,6 +178,7 @@ def search_command(ctx: typer.Context, **flags) -> None:
     or learn real coefficients per (task, module) from unlabeled inputs (NSC; merge --mask applies them)."""
     from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
 
+    per_adapter_values(ctx, flags)
     flags = resumed_flags(ctx, flags)
     check_strategy_flags(ctx, flags)
     plan = plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],

@@ -274,6 +274,10 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
     run_files = run_dir_files(request.run_dir)
     if out is not None:
         check_not_an_input(out, run_files, role="run-directory file")
+        if finished is not None and not holds(out, finished):  # as the file holds it (its sources relative to it)
+            from loramerge_cli.adapters.writer import table_file_text
+
+            finished = table_file_text(finished, out)
         if finished is None or not holds(out, finished):
             guard_output(out, inputs=inputs, force=force, kind="file")
     for flag, path in (("--plot", plot), ("--run-dir", request.run_dir)):

@@ -349,13 +349,15 @@ def portable_table(table, folder: str | Path, adapters: list[Adapter]):
     for key in ("command", "resumed_with"):
         if isinstance(provenance.get(key), str):
             provenance[key] = portable_command(provenance[key], folder)
+    if isinstance(provenance.get("data"), dict) and isinstance(provenance["data"].get("tasks"), str):
+        provenance["data"] = {**provenance["data"], "tasks": portable_path(provenance["data"]["tasks"], folder)}
     return replace(table, adapters=records, provenance=provenance)
 
 
 def table_file(table, out: str | Path):
-    """A search's table as its --out file holds it: each adapter source given as a local path relative to the
-    working folder, relative to the file's folder instead (so that it names the adapter from there, wherever
-    the search ran); an absolute path or a Hub id as given."""
+    """A search's table as its --out file holds it: each adapter source (and the task spec it read) given as a
+    local path relative to the working folder, relative to the file's folder instead (so that it names the
+    adapter from there, wherever the search ran); an absolute path or a Hub id as given."""
     from dataclasses import replace
 
     folder = Path(os.path.abspath(Path(out).expanduser())).parent
@@ -364,8 +366,11 @@ def table_file(table, out: str | Path):
         local = spec and not os.path.isabs(os.path.expanduser(spec)) and os.path.exists(os.path.expanduser(spec))
         return local_source(spec, folder) if local else spec
 
+    provenance = dict(table.provenance or {})
+    if isinstance(provenance.get("data"), dict) and isinstance(provenance["data"].get("tasks"), str):
+        provenance["data"] = {**provenance["data"], "tasks": named_from_the_file(provenance["data"]["tasks"])}
     return replace(table, adapters=[{**record, "source": named_from_the_file(str(record.get("source", "")))}
-                                    for record in table.adapters])
+                                    for record in table.adapters], provenance=provenance)
 
 
 def table_file_text(text: str, out: str | Path) -> str:

@@ -22,7 +22,7 @@ from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError
 from loramerge_cli.evaluation.batches import model_inputs_of
 from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
-from loramerge_cli.search.state_io import RunClock, run_id, started_command, write_progress
+from loramerge_cli.search.state_io import RunClock, run_id, searched_data, started_command, write_progress
 
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
 
@@ -315,6 +315,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
     provenance = {
         "loramerge": __version__,
         **started_command(request),
+        **searched_data(request),
         "strategy": "nsc",
         "objective": settings.objective,
         "seed": settings.seed,

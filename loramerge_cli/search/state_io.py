@@ -76,6 +76,14 @@ class RunClock:
         return total if self.before == 0 else {**total, "seconds_this_process": round(self.this_process(), 3)}
 
 
+def searched_data(request) -> dict:
+    """{"data": the task spec and which of its examples the search scored}: a table searched from a recipe
+    (`--config`) records what it read, not only the recipe's name."""
+    settings = request.eval
+    return {"data": {"tasks": str(request.tasks), "split": settings.split, "val_limit": settings.val_limit,
+                     "sample_seed": settings.sample_seed}}
+
+
 def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict], T]) -> T:
     """`parse` of a run directory's JSON file whose "format" is `expected`; anything malformed is one line."""
     try:

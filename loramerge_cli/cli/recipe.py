@@ -193,7 +193,7 @@ def expand_config(data: dict, path: Path, command, meta: dict | None = None) -> 
         if meta is not None:
             names = [source.partition("=")[0] for source in sources]
             meta[PER_ADAPTER] = {flag: dict(zip(names, value.split(","))) for flag, value in extra.items()
-                                 if "," in value}  # (one density for all applies to any adapters)
+                                 if flag == "weights" or "," in value}  # (one density for all: any adapters)
         for flag, value in extra.items():
             if flag in data or flag.replace("-", "_") in data:
                 raise typer.BadParameter(f"{path}: give {flag} per adapter or as a flag, not both")

@@ -230,9 +230,10 @@ def _digest(path: str, mtime_ns: int, size: int) -> str:  # one read per file an
 def edited_files(folder: Path) -> list[str]:
     """Files of an output folder (and of its task folders) changed since loramerge wrote them there: a sha256
     other than the one the folder's loramerge.json records (a hand-edited model card), or a file it does not
-    list (put there since). Outputs written before loramerge.json recorded its files are not checked; the
-    recipe (loramerge.yaml: edited to be rebuilt) and loramerge.json itself are not recorded."""
-    edited = []
+    list (put there since); apply-mask's table and heads beside its task folders, as the task folders' records
+    give them. Outputs written before loramerge.json recorded its files are not checked; the recipe
+    (loramerge.yaml: edited to be rebuilt) and loramerge.json itself are not recorded."""
+    edited = [] if (folder / MARKER).exists() else _edited_beside(folder)
     for marker in [folder / MARKER, *(child / MARKER for child in sorted(folder.iterdir()) if child.is_dir())]:
         try:
             recorded = json.loads(marker.read_bytes()).get("files")
@@ -249,6 +250,31 @@ def edited_files(folder: Path) -> list[str]:
                 continue  # (apply-mask's task folders: their own files only)
             if recorded.get(name) != output_digest(path):
                 edited.append(path.relative_to(folder.parent).as_posix())
+    return edited
+
+
+def _edited_beside(folder: Path) -> list[str]:
+    """apply-mask's output: its files beside the task folders that differ from what the task folders' records
+    say was written there (`beside_files`; outputs written before those records are not checked)."""
+    task_folders = [child for child in sorted(folder.iterdir()) if child.is_dir() and (child / MARKER).is_file()]
+    recorded = None
+    for child in task_folders:
+        try:
+            recorded = json.loads((child / MARKER).read_bytes()).get("beside_files")
+        except (OSError, ValueError, AttributeError, RecursionError):
+            continue
+        if isinstance(recorded, dict):
+            break
+    if not isinstance(recorded, dict):
+        return []
+    edited = []
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        if any(child == path or child in path.parents for child in task_folders):
+            continue
+        if path.is_file() and not path.is_symlink() and name not in UNRECORDED and path.name not in SYSTEM_FILES \
+                and recorded.get(name) != output_digest(path):
+            edited.append(path.relative_to(folder.parent).as_posix())
     return edited
 
 

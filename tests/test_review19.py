@@ -356,3 +356,33 @@ def test_a_search_recipe_merges_and_a_recipe_s_indices_may_be_a_yaml_list(settin
     name = "adapter_model.safetensors"
     assert (tmp_path / "listed" / name).read_bytes() == (tmp_path / "flag" / name).read_bytes()
     one_line(invoke_cli(["inspect", f"x y={setting.adapters['alpha']}"]), "'x y' cannot be a task name")
+
+
+def test_force_refuses_an_apply_mask_output_whose_table_or_heads_were_edited(setting, tmp_path):
+    """--force checked apply-mask's task folders against their records, not the table and heads beside them: a
+    hand-edited mask.json, or a head replaced in heads/, was deleted without a word."""
+    import json
+
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    out = tmp_path / "pruned"
+    command = ["apply-mask", "--adapters", *setting.adapter_args(), "--indices", "[0, 3]", "--out", out]
+    assert invoke_cli(command).exit_code == 0
+    heads = sorted(path.relative_to(out).as_posix() for path in (out / "heads").iterdir())
+    assert heads == ["heads/alpha.safetensors"]
+    record = json.loads((out / "beta" / "loramerge.json").read_text())
+    assert sorted(record["beside_files"]) == ["heads/alpha.safetensors", "mask.json"]
+    assert invoke_cli([*command, "--force"]).exit_code == 0  # as written: replaced
+    table = out / "mask.json"
+    original = table.read_text()
+    table.write_text(original + "\n")  # (a note of the user's, say)
+    one_line(invoke_cli([*command, "--force"]), "pruned/mask.json changed or added since")
+    table.write_text(original)
+    head = out / "heads" / "alpha.safetensors"
+    saved = head.read_bytes()
+    head.write_bytes(saved[:-1] + bytes([saved[-1] ^ 1]))
+    one_line(invoke_cli([*command, "--force"]), "pruned/heads/alpha.safetensors changed or added since")
+    head.write_bytes(saved)
+    (out / "loramerge.yaml").write_text((out / "loramerge.yaml").read_text() + "# edited\n")  # (a recipe: rebuilt)
+    assert invoke_cli([*command, "--force"]).exit_code == 0

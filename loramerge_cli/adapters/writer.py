@@ -447,16 +447,17 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
     table = portable_table(table, out_dir, adapters)  # (as the folder holds it)
     with staged_folder(out_dir, force, inputs) as staging:
         _write_heads(headless, staging / HEADS_FOLDER, output_dtype(headless, dtype) if dtype is not None else None)
+        if table is not None:
+            table.save(staging / "mask.json")
+        if recipe is not None:
+            (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8")
+        beside = file_digests(staging)  # the table and the heads, recorded in every task folder's loramerge.json
         for adapter in adapters:
             if not adapter.modules:
                 continue
             folder = staging / adapter.name
             folder.mkdir()
-            write_adapter_files(adapter, folder, command, dtype)
-        if table is not None:
-            table.save(staging / "mask.json")
-        if recipe is not None:
-            (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8")
+            write_adapter_files(adapter, folder, command, dtype, beside)
     return Path(out_dir)
 
 
@@ -476,8 +477,9 @@ def check_task_folder_names(adapters: list[Adapter]) -> None:
 
 
 def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = None,
-                        dtype: str | torch.dtype | None = None) -> None:
-    """adapter_config.json (the input's, targets narrowed to the modules present), weights, provenance."""
+                        dtype: str | torch.dtype | None = None, beside: dict[str, str] | None = None) -> None:
+    """adapter_config.json (the input's, targets narrowed to the modules present), weights, provenance; `beside`:
+    the files written beside the folder ({path relative to its parent: sha256}), recorded with its own."""
     if not adapter.modules:
         raise LoramergeError(f"adapter {adapter.name!r} has no modules left; nothing to write")
     out_dtype = output_dtype([adapter], dtype)
@@ -511,6 +513,6 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
         {"format": "loramerge.provenance/v1", "version": __version__, "command": portable_command(command, folder),
          "inputs": portable_inputs(_inputs([adapter]), folder),
          "output": {"dtype": str(out_dtype).removeprefix("torch."), "modules": len(paths)},
-         "files": file_digests(folder)},
+         "files": file_digests(folder), **({"beside_files": beside} if beside is not None else {})},
         folder / MARKER,
     )

@@ -316,6 +316,10 @@ def test_merged_folders_and_search_tables_name_their_inputs_relative_to_themselv
     assert [a["source"] for a in table["adapters"]] == [f"../../inputs/adapters/{n}" for n in setting.adapters]
     assert table["provenance"]["data"] == {"tasks": "../../inputs/tasks.yaml", "split": "validation", "val_limit": 8,
                                            "sample_seed": 0}
+    copied = invoke_cli(["merge", "--adapters", *adapters, "--mask", "out/deeper/table.json", "--out", "out/m"])
+    assert copied.exit_code == 0, copied.stderr  # the copy in the output names the spec relative to itself
+    assert json.loads((tmp_path / "out" / "m" / "mask.json").read_text())["provenance"]["data"]["tasks"] == \
+        "../../inputs/tasks.yaml"
     again = invoke_cli(["search-mask", "--run-dir", "run", "--resume", "--out", "out/deeper/table.json"])
     assert again.exit_code == 0, again.stderr  # a finished run's table, left as it is
     tuned = invoke_cli(["merge", *common, "--lambda", "auto", "--out", "out/tuned"])

@@ -349,8 +349,12 @@ def portable_table(table, folder: str | Path, adapters: list[Adapter]):
     for key in ("command", "resumed_with"):
         if isinstance(provenance.get(key), str):
             provenance[key] = portable_command(provenance[key], folder)
-    if isinstance(provenance.get("data"), dict) and isinstance(provenance["data"].get("tasks"), str):
-        provenance["data"] = {**provenance["data"], "tasks": portable_path(provenance["data"]["tasks"], folder)}
+    data = provenance.get("data")
+    if isinstance(data, dict) and isinstance(data.get("tasks"), str):  # relative to the table file it was read from
+        tasks = data["tasks"]
+        if table.origin and not os.path.isabs(os.path.expanduser(tasks)):
+            tasks = os.path.join(os.path.dirname(os.path.abspath(table.origin)), tasks)
+        provenance["data"] = {**data, "tasks": portable_path(tasks, folder)}
     return replace(table, adapters=records, provenance=provenance)
 
 

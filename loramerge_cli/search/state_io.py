@@ -15,6 +15,7 @@ TRAJECTORY_NAME = "trajectory.jsonl"
 CONFIG_NAME = "config.json"  # the run's configuration (search/rundir.py), with its run_id
 ELAPSED_NAME = "elapsed.json"  # the seconds the run's processes have spent on it so far
 ELAPSED_FORMAT = "loramerge.elapsed/v1"
+SAVE_EVERY_SECONDS = 1.0
 
 
 def _config_string(run_dir: Path, key: str) -> str | None:
@@ -43,10 +44,11 @@ def started_command(request) -> dict:
 
 class RunClock:
     """The seconds a search has run over every process that ran it: those before a --resume (elapsed.json,
-    saved at each step by `tick`, so a killed process loses at most its last step's) and this one's."""
+    saved as it goes by `tick`, so a killed process loses at most its last second or step) and this one's."""
 
     def __init__(self, run_dir: Path | None, resume: bool):
         self.run_dir, self.started, self.before = run_dir, time.perf_counter(), 0.0
+        self.saved_at = -float("inf")
         self.run_id = run_id(run_dir) if run_dir is not None else None
         if run_dir is not None and resume:
             try:
@@ -63,8 +65,11 @@ class RunClock:
         return self.before + self.this_process()
 
     def tick(self) -> None:
-        """Save the seconds so far in the run directory (atomically; nothing without one)."""
-        if self.run_dir is not None:
+        """Save the seconds so far in the run directory (atomically, at most once a second: a step of NSC takes
+        milliseconds; nothing without one)."""
+        now = time.perf_counter()
+        if self.run_dir is not None and now - self.saved_at >= SAVE_EVERY_SECONDS:
+            self.saved_at = now
             from loramerge_cli.atomic import write_text
 
             write_text(Path(self.run_dir) / ELAPSED_NAME, json.dumps(

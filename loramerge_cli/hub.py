@@ -9,6 +9,15 @@ from pathlib import Path
 from loramerge_cli.errors import LoramergeError, UsageError
 
 
+def is_revision(revision: str) -> bool:
+    """A branch name git and the Hub take: letters, digits, - _ . /; no '..', no '//', no leading or trailing '/'
+    or '.', no '.lock' ending."""
+    import re
+
+    return (bool(re.fullmatch(r"[\w.\-/]+", revision)) and ".." not in revision and "//" not in revision
+            and not revision.startswith(("/", ".", "-")) and not revision.endswith(("/", ".", ".lock")))
+
+
 def check_repo_id(repo_id: str | None, dry_run: bool = False, private: bool = False,
                   revision: str | None = None) -> None:
     """Fail before any work when --push-to-hub names no valid repository id, or cannot upload (offline mode), or
@@ -24,6 +33,9 @@ def check_repo_id(repo_id: str | None, dry_run: bool = False, private: bool = Fa
     if "/" not in repo_id or not is_repo_id(repo_id):  # a folder of that name here does not matter
         hint = " (the branch goes in --revision)" if "@" in repo_id else ""
         raise LoramergeError(f"--push-to-hub {repo_id}: expected a Hub repository id, owner/name{hint}")
+    if revision is not None and not is_revision(revision):
+        raise LoramergeError(f"--revision {revision!r}: not a branch name the Hub takes (letters, digits, - _ . /, "
+                             "no '..', no space)")
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE and not dry_run:

@@ -290,7 +290,8 @@ def plan_merge(
              "every --weights value is 0" if settings.weights and not any(settings.weights) else None)
     if out is not None and empty:  # known now: the writer would refuse it after the merge
         raise LoramergeError(f"the merge is empty ({empty}): nothing to write")
-    return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head, base,
+    return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head,
+                     written_base(base),
                      command, tuning, allow_base_mismatch, data if settings.method.needs_inputs else None,
                      float(table_lambda) if tuning is not None and table_lambda is not None else None)
 
@@ -376,6 +377,14 @@ class PrunePlan:
     command: str | None = None
 
 
+def written_base(base):
+    """--base as the configs record it: a Hub id without the `hf://` a source may carry (PEFT and transformers
+    read `org/name`)."""
+    if isinstance(base, str) and base.startswith("hf://"):
+        return base.removeprefix("hf://")
+    return base
+
+
 def base_warnings(base) -> list[str]:
     """--base spelled as a local path (/, ./, ../, ~) that names no folder here: written as given (it may be the
     path on the machine that loads the output), with a warning, as a typo would send every load to a missing
@@ -402,7 +411,7 @@ def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, 
     check_task_folder_names(adapters)  # each task's folder sits beside the table and the recipe
     table = align_table(table, adapters)
     check_table(table, adapters, origin=table.origin or "mask")
-    return PrunePlan(adapters, table, Path(out), force, dtype, base, command)
+    return PrunePlan(adapters, table, Path(out), force, dtype, written_base(base), command)
 
 
 def prune(plan: PrunePlan) -> list[Adapter]:

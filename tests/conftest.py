@@ -11,6 +11,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+from hub_cache import hub_cache  # noqa: E402,F401  (the fixture, for every test module)
+
 LLAMA_TARGETS = ["q_proj", "v_proj"]
 
 

@@ -390,3 +390,65 @@ def test_force_refuses_an_apply_mask_output_whose_table_or_heads_were_edited(set
     head.write_bytes(saved)
     (out / "loramerge.yaml").write_text((out / "loramerge.yaml").read_text() + "# edited\n")  # (a recipe: rebuilt)
     assert invoke_cli([*command, "--force"]).exit_code == 0
+
+
+# --- the Hub path, offline, on a real cache layout (tests/test_hub.py's) --------------------------------------------
+
+from hub_cache import MAIN_COMMIT, V2_COMMIT, add_snapshot, set_ref  # noqa: E402
+
+
+def test_a_snapshot_s_broken_files_are_named_by_the_spec_and_without_a_wrong_hint(hub_cache, llama_task_dirs):
+    """A snapshot without adapter_config.json (weights there) was told "a repository with adapter_model.bin only
+    needs --allow-pickle"; a dangling config link "has no adapter_config.json"; a dangling weights link named
+    the cache's snapshot path."""
+    from loramerge_cli.adapters.peft_reader import load_adapter
+    from loramerge_cli.errors import LoramergeError
+
+    (hub_cache / "snapshots" / V2_COMMIT / "adapter_config.json").unlink()
+    with pytest.raises(LoramergeError) as caught:
+        load_adapter("org/name@v2")
+    assert "no adapter_config.json" in str(caught.value) and "allow-pickle" not in str(caught.value)
+    config = hub_cache / "snapshots" / MAIN_COMMIT / "adapter_config.json"
+    config.resolve().unlink()  # the blob: the snapshot's link now dangles
+    with pytest.raises(LoramergeError) as caught:
+        load_adapter("org/name")
+    assert str(caught.value) == (f"org/name: in its snapshot {MAIN_COMMIT[:12]}: adapter_config.json: not a regular "
+                                 "file (a dangling symbolic link)")
+    add_snapshot(hub_cache, "4" * 40, llama_task_dirs["rte"], symlinks=True)
+    set_ref(hub_cache, "broken", "4" * 40)
+    (hub_cache / "snapshots" / ("4" * 40) / "adapter_model.safetensors").resolve().unlink()
+    with pytest.raises(LoramergeError) as caught:
+        load_adapter("org/name@broken")
+    assert str(hub_cache) not in str(caught.value), caught.value
+    assert str(caught.value).startswith("org/name@broken: in its snapshot 444444444444: adapter_model.safetensors:")
+
+
+def test_a_base_spelled_hf_colon_and_a_hub_adapter_s_foreign_base_are_recorded_as_written(hub_cache, llama_task_dirs,
+                                                                                          tmp_path):
+    """`--base hf://org/base` was written into the configs with its hf:// (which PEFT cannot load); a Hub adapter
+    whose config names its author's /home/alice/… was recorded as ../../../home/alice/… (a path of this machine,
+    changing with --out's depth); `--revision "dev branch"` was accepted until the push."""
+    import json
+
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    for commit in (MAIN_COMMIT, V2_COMMIT):
+        config = hub_cache / "snapshots" / commit / "adapter_config.json"
+        data = json.loads(config.read_text())
+        config.unlink()  # (a blob link, or a plain file: replaced by a plain file)
+        config.write_text(json.dumps({**data, "base_model_name_or_path": "/home/alice/models/llama"}))
+    out = tmp_path / "deep" / "merged"
+    merged = invoke_cli(["merge", "--adapters", "org/name", "v2=org/name@v2", "--out", out])
+    assert merged.exit_code == 0, merged.stderr
+    record = json.loads((out / "loramerge.json").read_text())
+    assert record["base_model"] == "/home/alice/models/llama"
+    assert {item["base_model"] for item in record["inputs"]} == {"/home/alice/models/llama"}
+    based = invoke_cli(["merge", "--adapters", "org/name", "v2=org/name@v2", "--base", "hf://org/base", "--out",
+                        tmp_path / "based"])
+    assert based.exit_code == 0, based.stderr
+    assert json.loads((tmp_path / "based" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        "org/base"
+    one_line(invoke_cli(["merge", "--adapters", "org/name", "v2=org/name@v2", "--out", tmp_path / "pushed",
+                         "--push-to-hub", "me/merged", "--dry-run", "--revision", "dev branch"]), "--revision")
+    assert not (tmp_path / "pushed").exists()

@@ -60,6 +60,12 @@ def portable_path(path: str, folder: str | Path) -> str:
     return os.path.relpath(path, Path(folder).absolute())
 
 
+def portable_base(path: str, folder: str | Path) -> str:
+    """A base model path as outputs record it: relative to `folder` when it is a folder here; else as written (a
+    Hub id, or the path on another machine: a Hub adapter's author's, a --base of the machine that loads it)."""
+    return portable_path(path, folder) if os.path.isdir(os.path.expanduser(path)) else path
+
+
 def portable_source(spec: str, folder: str | Path) -> str:
     """An adapter source as written in the outputs: a Hub id as is, a local path relative to `folder`."""
     return spec if is_hub_id(spec.removeprefix("hf://").split("@", 1)[0]) else portable_path(spec, folder)
@@ -94,7 +100,7 @@ def portable_inputs(inputs: list[dict], folder: str | Path) -> list[dict]:
     else as portable_source."""
     return [{**record, "source": local_source(str(record["source"]), folder) if record.get("kind") in ("dir", "file")
              else portable_source(str(record["source"]), folder),
-             **({"base_model": portable_path(record["base_model"], folder)} if record.get("base_model") else {})}
+             **({"base_model": portable_base(record["base_model"], folder)} if record.get("base_model") else {})}
             for record in inputs]
 
 

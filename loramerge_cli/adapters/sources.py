@@ -186,6 +186,8 @@ def _resolve_dir(path: Path, allow_pickle: bool, kind: str = "dir") -> LocalFile
             hint = f" (found {', '.join(candidates)}: pass the file itself)" if candidates else ""
             raise LoramergeError(f"{path}: folder has no {SAFETENSORS_NAME}{hint}")
     if not config.is_file():
+        if os.path.lexists(config):  # a folder, a dangling link under that name
+            raise LoramergeError(f"{config}: not a regular file (a {_kind_of(config)})")
         raise LoramergeError(f"{path}: folder has no {CONFIG_NAME}")
     return LocalFiles(kind, weights, config)
 
@@ -241,8 +243,8 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     try:
         files = _resolve_dir(folder, allow_pickle, kind="hub")
     except LoramergeError as error:  # named by the spec, not by the cache's snapshot folder
-        reason = str(error).removeprefix(f"{folder}: ")
-        pickle = "" if allow_pickle or "has no" not in reason else \
+        reason = str(error).removeprefix(f"{folder}: ").removeprefix(f"{folder}{os.sep}")
+        pickle = "" if allow_pickle or f"has no {SAFETENSORS_NAME}" not in reason else \
             "; a repository with adapter_model.bin only needs --allow-pickle"
         raise LoramergeError(f"{spec}: in its snapshot {folder.name[:12]}: {reason}{pickle}") from None
     files.repo_id, files.revision = repo_id, folder.name

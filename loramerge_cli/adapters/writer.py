@@ -20,6 +20,7 @@ from loramerge_cli.adapters.card import (
     RECIPE_NAME,
     local_source,
     model_card,
+    portable_base,
     portable_command,
     portable_inputs,
     portable_path,
@@ -389,7 +390,7 @@ def portable_provenance(provenance: dict, folder: str | Path) -> dict:
     out = {**provenance, "command": portable_command(provenance.get("command"), folder),
            "inputs": portable_inputs(provenance["inputs"], folder)}
     if out.get("base_model"):
-        out["base_model"] = portable_path(out["base_model"], folder)
+        out["base_model"] = portable_base(out["base_model"], folder)
     for key in ("lambda_tuning", "input_statistics"):  # the task spec read: a local file (as given: relative to
         read = out.get(key)  # the working folder, or absolute) relative to the folder
         if isinstance(read, dict) and read.get("tasks"):

@@ -452,3 +452,114 @@ def test_a_base_spelled_hf_colon_and_a_hub_adapter_s_foreign_base_are_recorded_a
     one_line(invoke_cli(["merge", "--adapters", "org/name", "v2=org/name@v2", "--out", tmp_path / "pushed",
                          "--push-to-hub", "me/merged", "--dry-run", "--revision", "dev branch"]), "--revision")
     assert not (tmp_path / "pushed").exists()
+
+
+# --- evaluation data a hostile user gives (each refused in one line, or read as the user meant) ---------------------
+
+def bare_tokenizer(folder) -> None:
+    """The word tokenizer with no special tokens around a text (as GPT-2's, Qwen's: no BOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from eval_fixtures import SPECIAL, WORDS
+
+    vocab = {token: index for index, token in enumerate(SPECIAL + WORDS + [" yes", " no", "yes", "no"])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]",
+                            model_max_length=64).save_pretrained(str(folder))
+
+
+def test_an_input_with_no_tokens_is_refused_not_scored_from_a_pad_position(tmp_path):
+    """With a tokenizer that adds no BOS, an empty causal-LM prompt had its first choice token scored from the
+    logits at position −1 (the padded row's end), and an empty text was classified from a pad position."""
+    from eval_fixtures import build_gpt2_lm, build_llama_classifier, save_peft_adapter, write_jsonl, write_tasks_file
+
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    cases = (("causal-lm", build_gpt2_lm, ["c_attn"], "GPT2LMHeadModel", "CAUSAL_LM",
+              {"prompt": "{q}", "choices": [" yes", " no"], "label": "answer"}, {"answer": 0}, "an empty prompt"),
+             ("sequence-classification", build_llama_classifier, ["q_proj"], "LlamaForSequenceClassification",
+              "SEQ_CLS", {"text": ["q"], "label": "label", "num_labels": 3}, {"label": 0}, "an empty text"))
+    for model_type, build, targets, model_class, peft_type, fields, label, words in cases:
+        root = tmp_path / model_type
+        base = build(root / "base")
+        bare_tokenizer(base)
+        adapter = save_peft_adapter(base, root / "a", targets, model_class, peft_type, seed=1,
+                                    fan_in_fan_out=model_type == "causal-lm")
+        rows = [{"q": "w1 w2", **label}, {"q": "", **label}]
+        tasks = write_tasks_file(root / "tasks.yaml", {"base_model": str(base), "model_type": model_type, "tasks": [
+            {"name": "a", "data": {"validation": str(write_jsonl(root / "v.jsonl", rows))}, **fields}]})
+        with pytest.raises(LoramergeError, match=f"task a: 1 example\\(s\\) have no tokens \\({words}"):
+            Evaluator(load_task_file(tasks), load_adapters([f"a={adapter}"]), EvalSettings(threads=1))
+
+
+def test_odd_rows_are_read_as_meant_or_refused_before_any_model_loads(tmp_path):
+    """A JSONL string holding U+2028 (valid JSON) was refused as "not JSON"; NaN read as the word "nan"; a causal-LM
+    prompt filled a null or a list in as "None" or "['…']", and {q.upper} with a method's address; num_labels and
+    head in a causal-LM spec did nothing without a word."""
+    import json
+
+    from eval_fixtures import write_tasks_file
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.data import check_task_file
+
+    def spec(name, rows, **fields):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        task = {"name": "t", "data": {"validation": str(data)}, **fields}
+        model_type = "causal-lm" if "prompt" in fields else "sequence-classification"
+        return write_tasks_file(tmp_path / f"{name}.yaml", {"model_type": model_type, "tasks": [task]})
+
+    text = {"text": ["q"], "label": "label", "num_labels": 2}
+    spec_file = spec("sep", [{"q": "w1\u2028w2", "label": 0}, {"q": "w3\u0085", "label": 1}], **text)
+    assert check_task_file(spec_file, ["validation"]).tasks[0].name == "t"
+    nan = tmp_path / "nan.jsonl"
+    nan.write_text('{"q": NaN, "label": 0}\n')
+    with pytest.raises(LoramergeError, match="holds nan .*expected text"):
+        check_task_file(write_tasks_file(tmp_path / "nan.yaml", {"model_type": "sequence-classification", "tasks": [
+            {"name": "t", "data": {"validation": str(nan)}, **text}]}), ["validation"])
+    lm = {"prompt": "{q} ?", "choices": [" yes", " no"], "label": "answer"}
+    for value in (None, ["w1"], {"x": 1}):
+        with pytest.raises(LoramergeError, match="prompt: column 'q' holds .*expected text"):
+            check_task_file(spec("lm", [{"q": value, "answer": 0}], **lm), ["validation"])
+    with pytest.raises(LoramergeError, match="bad format string"):
+        check_task_file(spec("method", [{"q": "w1", "answer": 0}], **{**lm, "prompt": "{q.upper}"}), ["validation"])
+    for extra in ({"num_labels": 2}, {"head": "none"}):
+        with pytest.raises(LoramergeError, match=f"it reads no '{next(iter(extra))}'"):
+            check_task_file(spec("extra", [{"q": "w1", "answer": 0}], **lm, **extra), ["validation"])
+
+
+def test_image_folders_read_every_image_kind_and_skip_hidden_files_and_short_files_are_refused_early(tmp_path):
+    """.tif, .tiff and .jpe files were left out of a class folder without a word, a Mac's ._x.png stopped the run,
+    and a GIF cut short passed the check (PIL's verify) to fail once the model had loaded."""
+    from PIL import Image
+
+    from eval_fixtures import write_jsonl, write_tasks_file
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.data import check_task_file
+
+    split = tmp_path / "validation"
+    for index, (name, suffix) in enumerate((("a", ".png"), ("a", ".tif"), ("b", ".tiff"), ("b", ".jpe"))):
+        (split / name).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8), (index * 40, 0, 0)).save(split / name / f"{index}{suffix}",
+                                                          format="JPEG" if suffix == ".jpe" else None)
+    (split / "a" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    task = {"name": "t", "data": {"validation": str(split)}, "num_labels": 2}
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "image-classification", "tasks": [task]})
+    from loramerge_cli.evaluation.data import load_examples
+
+    task_file = check_task_file(spec, ["validation"])
+    assert len(load_examples(task_file, task_file.tasks[0], "validation").inputs) == 4
+    Image.new("RGB", (8, 8)).save(tmp_path / "short.gif")
+    (tmp_path / "short.gif").write_bytes((tmp_path / "short.gif").read_bytes()[:-20])
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"image": str(tmp_path / "short.gif"), "label": 0}])
+    spec = write_tasks_file(tmp_path / "short.yaml", {"model_type": "image-classification", "tasks": [
+        {"name": "t", "data": {"validation": str(rows)}, "num_labels": 2}]})
+    with pytest.raises(LoramergeError, match="short.gif: not an image PIL can read"):
+        check_task_file(spec, ["validation"])

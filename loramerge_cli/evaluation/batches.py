@@ -71,6 +71,15 @@ def _longest_first(lengths: list[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
 
 
+def _refuse_empty(lengths: list[int], what: str, why: str) -> None:
+    """An example whose input has no tokens at all (empty text, and a tokenizer that adds none) is refused."""
+    empty = [index for index, length in enumerate(lengths) if length == 0]
+    if empty:
+        raise LoramergeError(f"{len(empty)} example(s) have no tokens (an empty {what}, and the tokenizer adds no "
+                             f"special token), so {why}: give them {what}, or leave them out (the first: example "
+                             f"{empty[0] + 1} of those scored)")
+
+
 def prepare_text(
     inputs: list[tuple], tokenizer, pad_id: int, batch_size: int, max_length: int, device,
     accepted: frozenset[str] = frozenset(),
@@ -78,6 +87,7 @@ def prepare_text(
     """Single texts or text pairs, tokenised with the tokenizer's own (pair) template; every per-token
     output the model's forward `accepted` (token_type_ids for BERT) goes with the ids."""
     encoded = [_encoding(tokenizer(*texts, truncation=True, max_length=max_length), accepted) for texts in inputs]
+    _refuse_empty([len(e["input_ids"]) for e in encoded], "text", "the model would classify a pad token")
     batches = []
     for chunk in _chunks(_longest_first([len(e["input_ids"]) for e in encoded]), batch_size):
         batches.append(Batch(torch.tensor(chunk), _padded([encoded[i] for i in chunk], pad_id, device)))
@@ -95,10 +105,13 @@ def prepare_choices(
         if not encoding["input_ids"]:
             raise LoramergeError(f"choice {choice!r} has no tokens")
         if len(encoding["input_ids"]) >= max_length:
-            raise LoramergeError(f"choice {choice!r} is longer than max_length {max_length}")
+            raise LoramergeError(f"choice {choice!r} has {len(encoding['input_ids'])} tokens: max_length {max_length} "
+                                 "leaves no token of the prompt before it")
+    contexts = [_encoding(tokenizer(prompt), accepted) for prompt in prompts]
+    _refuse_empty([len(context["input_ids"]) for context in contexts], "prompt",
+                  "a choice's first token would be scored with no context")
     sequences, lengths = [], []
-    for prompt in prompts:
-        context = _encoding(tokenizer(prompt), accepted)
+    for context in contexts:
         for encoding in choice_encodings:
             keys = [key for key in context if key in encoding]
             sequences.append({key: (context[key] + encoding[key])[-max_length:] for key in keys})
@@ -143,7 +156,16 @@ def prepare_images(
     `accepted` is kept (`pixel_values` always), floating-point ones in the model's dtype."""
     batches = []
     for chunk in _chunks(list(range(len(images))), batch_size):
-        processed = processor(images=[open_image(images[i]) for i in chunk], return_tensors="pt")
+        decoded = [open_image(images[i]) for i in chunk]
+        try:
+            processed = processor(images=decoded, return_tensors="pt")
+        except ValueError:  # images of several sizes that the processor leaves as they are
+            sizes = sorted({image.size for image in decoded})
+            if len(sizes) < 2:
+                raise
+            raise LoramergeError(f"the images differ in size ({', '.join(f'{w}×{h}' for w, h in sizes[:3])}) and the "
+                                 "base's image processor does not resize them (do_resize false): give images of one "
+                                 "size") from None
         inputs = {}
         for key, value in processed.items():
             if key == "pixel_values" or (key in accepted and isinstance(value, torch.Tensor)):

@@ -3,6 +3,7 @@ tokenised types share."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 
@@ -71,6 +72,32 @@ def model_max_length(tokenizer, config) -> int:
     limits = [getattr(config, "max_position_embeddings", None), getattr(tokenizer, "model_max_length", None)]
     limits = [int(limit) for limit in limits if isinstance(limit, (int, float)) and 0 < limit < 10**7]
     return min(limits) if limits else DEFAULT_MAX_LENGTH
+
+
+def text_value(row: dict, column: str, field: str, source, task, task_file) -> str:
+    """A row's column as text: a string or a finite number; a null, a list, an object, a bool, NaN or
+    Infinity would be scored as the words "None", "['…']", "nan" (refused, naming the spec's `field`)."""
+    import math
+
+    value = row[column]
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool) or (
+            isinstance(value, float) and not math.isfinite(value)):
+        raise task_file.error(f"{task.where}.{field}", f"column {column!r} holds {value!r} in a row of {source}: "
+                              "expected text")
+    return str(value)
+
+
+@contextlib.contextmanager
+def named_task(task):
+    """A refusal while a task's inputs are prepared names the task."""
+    from loramerge_cli.errors import LoramergeError
+
+    try:
+        yield
+    except LoramergeError as error:
+        if str(error).startswith(f"task {task.name}:"):
+            raise
+        raise LoramergeError(f"task {task.name}: {error}") from None
 
 
 def text_setup(task, preprocessor, model, settings) -> tuple[int, int]:

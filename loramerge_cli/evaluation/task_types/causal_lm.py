@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loramerge_cli.evaluation.task_types.base import TaskType, text_setup
+from loramerge_cli.evaluation.task_types.base import TaskType, named_task, text_setup, text_value
 
 
 class CausalLM(TaskType):
@@ -17,11 +17,29 @@ class CausalLM(TaskType):
     reads = frozenset({"prompt", "choices", "length_normalize", "max_length"})
 
     def check_task(self, task, task_file) -> None:
+        from loramerge_cli.evaluation.specs import FROM_ADAPTER
+
         super().check_task(task, task_file)
+        for name, given in (("num_labels", task.num_labels is not None), ("head", task.head != FROM_ADAPTER)):
+            if given:  # a choice task has no class head: it would be ignored without a word
+                raise task_file.error(f"{task.where}.{name}", f"model_type is {self.name}, scored by its choices: "
+                                      f"it reads no {name!r}")
         if task.labels and len(task.labels) != len(task.choices):
             raise task_file.error(f"{task.where}.labels", f"{len(task.labels)} names for {len(task.choices)} choices")
 
     def read_input(self, row: dict, source: Path, task_file, task) -> str:
+        import string
+
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(task.prompt) if name is not None}
+        except ValueError as error:
+            raise task_file.error(f"{task.where}.prompt", f"bad format string ({error})") from None
+        plain = {name for name in fields if name.isidentifier()}
+        if fields - plain:  # {q.upper} would write a method's repr (its address changes from run to run)
+            raise task_file.error(f"{task.where}.prompt", f"bad format string ({{{sorted(fields - plain)[0]}}}: a "
+                                  "field names a column, as {question})")
+        row = {**row, **{name: text_value(row, name, "prompt", source, task, task_file) for name in plain
+                         if name in row}}
         try:
             return task.prompt.format(**row)
         except KeyError as error:
@@ -36,8 +54,9 @@ class CausalLM(TaskType):
         from loramerge_cli.evaluation.batches import prepare_choices
 
         pad_id, max_length = text_setup(task, preprocessor, model, settings)
-        prepared = prepare_choices(inputs, task.choices, preprocessor, pad_id, settings.batch_size, max_length,
-                                   device, accepted)
+        with named_task(task):
+            prepared = prepare_choices(inputs, task.choices, preprocessor, pad_id, settings.batch_size, max_length,
+                                       device, accepted)
         return prepared, max_length
 
     def scores(self, model, prepared, task, settings):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loramerge_cli.evaluation.task_types.base import TaskType
+from loramerge_cli.evaluation.task_types.base import TaskType, named_task
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".jpe", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 
 def class_folders(folder: Path) -> set[str]:
@@ -57,7 +57,8 @@ class ImageClassification(TaskType):
         for class_name in classes:
             if class_name not in names:
                 raise task_file.error(f"{task.where}.labels", f"unknown label name {class_name!r} (folder in {folder})")
-            files = sorted(p for p in (folder / class_name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in (folder / class_name).iterdir()  # (not ._x.png: a Mac's resource fork)
+                           if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
             rows.extend({task.image or "image": str(p), task.label or "label": names.index(class_name)} for p in files)
         return rows
 
@@ -77,11 +78,11 @@ class ImageClassification(TaskType):
                                   "expected an image path or bytes")
         if not Path(value).is_file():
             raise task_file.error(f"{task.where}.image", f"no such image file {value} (a row of {source})")
-        try:  # its structure, not its pixels: a file that is no image, or is cut short, is found before any model
-            from PIL import Image  # loads
+        try:  # decoded: a file that is no image, or is cut short (verify misses a short GIF or BMP), is found
+            from PIL import Image  # before any model loads
 
             with Image.open(value) as image:
-                image.verify()
+                image.load()
         except ImportError:
             pass  # the missing pillow is reported by the extras check, in one line
         except Exception as error:  # noqa: BLE001 - PIL raises many kinds for a bad file
@@ -92,4 +93,5 @@ class ImageClassification(TaskType):
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):
         from loramerge_cli.evaluation.batches import prepare_images
 
-        return prepare_images(inputs, preprocessor, settings.batch_size, device, dtype, accepted), None
+        with named_task(task):
+            return prepare_images(inputs, preprocessor, settings.batch_size, device, dtype, accepted), None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loramerge_cli.evaluation.task_types.base import TaskType, text_setup
+from loramerge_cli.evaluation.task_types.base import TaskType, named_task, text_setup, text_value
 
 
 class SequenceClassification(TaskType):
@@ -23,15 +23,12 @@ class SequenceClassification(TaskType):
         missing = [column for column in task.text if column not in row]
         if missing:
             raise task_file.error(f"{task.where}.text", f"column {missing[0]!r} not in {source}")
-        for column in task.text:  # a null or a list would be scored as the words "None" or "['…']"
-            if not isinstance(row[column], (str, int, float)) or isinstance(row[column], bool):
-                raise task_file.error(f"{task.where}.text", f"column {column!r} holds {row[column]!r} in a row of "
-                                      f"{source}: expected text")
-        return tuple(str(row[column]) for column in task.text)
+        return tuple(text_value(row, column, "text", source, task, task_file) for column in task.text)
 
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):
         from loramerge_cli.evaluation.batches import prepare_text
 
         pad_id, max_length = text_setup(task, preprocessor, model, settings)
-        return prepare_text(inputs, preprocessor, pad_id, settings.batch_size, max_length, device, accepted), \
-            max_length
+        with named_task(task):
+            return prepare_text(inputs, preprocessor, pad_id, settings.batch_size, max_length, device, accepted), \
+                max_length

@@ -563,3 +563,33 @@ def test_image_folders_read_every_image_kind_and_skip_hidden_files_and_short_fil
         {"name": "t", "data": {"validation": str(rows)}, "num_labels": 2}]})
     with pytest.raises(LoramergeError, match="short.gif: not an image PIL can read"):
         check_task_file(spec, ["validation"])
+
+
+def test_a_choice_without_tokens_or_room_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """A causal-LM choice with no tokens, or with as many as max_length, was refused only once the base model had
+    loaded, in a line that named no task."""
+    from eval_fixtures import build_gpt2_lm, save_peft_adapter, write_jsonl, write_tasks_file
+
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation import engine
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    base = build_gpt2_lm(tmp_path / "base")
+    folder = save_peft_adapter(base, tmp_path / "a", ["c_attn"], "GPT2LMHeadModel", "CAUSAL_LM", seed=1,
+                               fan_in_fan_out=True)
+    adapter = load_adapters([f"a={folder}"])
+    rows = str(write_jsonl(tmp_path / "v.jsonl", [{"q": "w1", "answer": 0}]))
+
+    def never(*args, **kwargs):
+        raise AssertionError("the base model loaded")
+
+    monkeypatch.setattr(engine, "load_base", never)
+    for choices, extra, words in (([" yes", "  "], {}, "task a: choice '  ' has no tokens"),
+                                  ([" yes", "w1 w2 w3"], {"max_length": 3}, "task a: choice 'w1 w2 w3' has 3 tokens")):
+        task = {"name": "a", "data": {"validation": rows}, "prompt": "{q}", "choices": choices, "label": "answer",
+                **extra}
+        tasks = write_tasks_file(tmp_path / "tasks.yaml", {"base_model": str(base), "model_type": "causal-lm",
+                                                           "tasks": [task]})
+        with pytest.raises(LoramergeError, match=words):
+            engine.Evaluator(load_task_file(tasks), adapter, engine.EvalSettings(threads=1))

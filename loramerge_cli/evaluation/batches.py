@@ -94,19 +94,26 @@ def prepare_text(
     return PreparedTask(len(inputs), batches)
 
 
+def encode_choices(choices: list[str], tokenizer, max_length: int, accepted: frozenset[str] = frozenset()) -> list:
+    """Each choice's tokens (no special tokens); a choice with none, or with no room left for the prompt under
+    `max_length`, is refused (the engine asks before the model loads)."""
+    encodings = [_encoding(tokenizer(choice, add_special_tokens=False), accepted) for choice in choices]
+    for choice, encoding in zip(choices, encodings):
+        if not encoding["input_ids"]:
+            raise LoramergeError(f"choice {choice!r} has no tokens")
+        if len(encoding["input_ids"]) >= max_length:
+            raise LoramergeError(f"choice {choice!r} has {len(encoding['input_ids'])} tokens: max_length {max_length} "
+                                 "leaves no token of the prompt before it")
+    return encodings
+
+
 def prepare_choices(
     prompts: list[str], choices: list[str], tokenizer, pad_id: int, batch_size: int, max_length: int, device,
     accepted: frozenset[str] = frozenset(),
 ) -> PreparedTask:
     """One sequence per (example, choice): prompt tokens, then the choice's tokens (left-truncated);
     the tokenizer's other per-token outputs the model `accepted` are concatenated the same way."""
-    choice_encodings = [_encoding(tokenizer(choice, add_special_tokens=False), accepted) for choice in choices]
-    for choice, encoding in zip(choices, choice_encodings):
-        if not encoding["input_ids"]:
-            raise LoramergeError(f"choice {choice!r} has no tokens")
-        if len(encoding["input_ids"]) >= max_length:
-            raise LoramergeError(f"choice {choice!r} has {len(encoding['input_ids'])} tokens: max_length {max_length} "
-                                 "leaves no token of the prompt before it")
+    choice_encodings = encode_choices(choices, tokenizer, max_length, accepted)
     contexts = [_encoding(tokenizer(prompt), accepted) for prompt in prompts]
     _refuse_empty([len(context["input_ids"]) for context in contexts], "prompt",
                   "a choice's first token would be scored with no context")

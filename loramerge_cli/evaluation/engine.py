@@ -200,13 +200,19 @@ class Evaluator:
                     )
 
     def _check_token_caps(self, preprocessor) -> None:
-        """Each tokenised task's token cap against the model's positions and the tokenizer's special tokens,
-        from the base's config alone."""
+        """Each tokenised task's token cap against the model's positions and the tokenizer's special tokens, and
+        its choices' tokens, from the base's config alone."""
         if self.task_file.type.preprocessor_class != "AutoTokenizer":
             return
+        from loramerge_cli.evaluation.batches import encode_choices
+        from loramerge_cli.evaluation.task_types.base import named_task
+
         config = load_base_config(self.base)
         for task in self.task_file.tasks:
-            token_cap(task, preprocessor, config, self.settings)
+            cap = token_cap(task, preprocessor, config, self.settings)
+            if self.task_file.type.choices:  # each choice's tokens, before the weights load
+                with named_task(task):
+                    encode_choices(task.choices, preprocessor, cap)
 
     def _check_base_copies(self, adapter) -> None:
         """The base weights PEFT saved beside an adapter's factors (lm_head or embedding targets) must be the base

@@ -532,6 +532,11 @@ def test_odd_rows_are_read_as_meant_or_refused_before_any_model_loads(tmp_path):
     for extra in ({"num_labels": 2}, {"head": "none"}):
         with pytest.raises(LoramergeError, match=f"it reads no '{next(iter(extra))}'"):
             check_task_file(spec("extra", [{"q": "w1", "answer": 0}], **lm, **extra), ["validation"])
+    image = write_tasks_file(tmp_path / "image.yaml", {"model_type": "image-classification", "tasks": [
+        {"name": "t", "data": {"validation": str(nan)}, "text": ["q"], "num_labels": 2}]})
+    with pytest.raises(LoramergeError, match=r"tasks\[0\]\.text: model_type is image-classification, whose tasks do "
+                                             "not read 'text'"):  # (it printed the whole entry as JSON schema text)
+        check_task_file(image, ["validation"])
 
 
 def test_image_folders_read_every_image_kind_and_skip_hidden_files_and_short_files_are_refused_early(tmp_path):

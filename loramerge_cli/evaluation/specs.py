@@ -165,6 +165,12 @@ def _validate(document, path: Path) -> None:
         allowed = error.schema.get("properties", {})
         unknown = sorted(key for key in error.instance if key not in allowed)
         message = f"unknown field {unknown[0]!r}" if unknown else error.message
+    elif error.validator == "not" and isinstance(error.validator_value, dict) and \
+            error.validator_value.get("required"):  # a field this model type does not read
+        field = error.validator_value["required"][0]
+        location = f"{location}.{field}" if location else field
+        message = (f"model_type is {document.get('model_type')}, whose tasks do not read {field!r}; is the spec's "
+                   "model_type right?")
     else:
         message = error.message
     raise LoramergeError(f"{path}: {location or '(top level)'}: {message}")

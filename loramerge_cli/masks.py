@@ -178,8 +178,7 @@ def mask_schema() -> dict:
 def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
     """The table with its rows in the adapters' order when it names the same tasks in another order
     (a table is matched to the adapters by task name). A malformed table is refused."""
-    problem = structure_problem(table) or weights_problem(table.weights, len(table.tasks), len(table.units),
-                                                          table.scale)
+    problem = table_problem(table)
     if problem is not None:
         raise LoramergeError(f"{table.origin or 'mask'}: {problem}")
     names = [a.name for a in adapters]
@@ -236,11 +235,15 @@ def structure_problem(table: WeightTable) -> str | None:
     return None
 
 
+def table_problem(table: WeightTable) -> str | None:
+    """What is wrong with a table in itself (its fields' types, its weights and scale), or None."""
+    return structure_problem(table) or weights_problem(table.weights, len(table.tasks), len(table.units), table.scale)
+
+
 def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask") -> None:
     """The table must be well formed (one finite weight per task and unit) and name the same tasks, units and
     adapter weights (sha256) as the inputs."""
-    problem = structure_problem(table) or weights_problem(table.weights, len(table.tasks), len(table.units),
-                                                          table.scale)  # (built in code too)
+    problem = table_problem(table)  # (built in code too)
     if problem is not None:
         raise LoramergeError(f"{origin}: {problem}")
     names = [a.name for a in adapters]

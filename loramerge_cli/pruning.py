@@ -17,9 +17,9 @@ def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapte
     rounds it once, to the output's dtype. The row must be the adapter's (the table's task of that name:
     `masks.align_table` orders a table's rows as the adapters are).
     """
-    from loramerge_cli.masks import structure_problem, weights_problem
+    from loramerge_cli.masks import table_problem
 
-    problem = structure_problem(table)
+    problem = table_problem(table)
     if problem is not None:
         raise LoramergeError(f"the table: {problem}")
     rows = len(table.tasks)
@@ -28,9 +28,6 @@ def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapte
     if table.tasks[task_index] != adapter.name:
         raise LoramergeError(f"the table's row {task_index} is task {table.tasks[task_index]!r}, not adapter "
                              f"{adapter.name!r}")
-    problem = weights_problem(table.weights, rows, len(table.units), table.scale)
-    if problem is not None:
-        raise LoramergeError(f"the table: {problem}")
     modules = {}
     for path, module in adapter.modules.items():
         weight = table.weight(task_index, path)

@@ -22,8 +22,8 @@ from loramerge_cli.adapters.writer import (
     adapter_files,
     as_written,
     check_head,
-    check_task_folder_names,
     check_output_dir,
+    check_task_folder_names,
     output_dtype,
     table_files,
     write_merged_adapter,
@@ -403,8 +403,7 @@ def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, 
     """Check the dtype, the output (never an input) and the table against the adapters, before any work."""
     check_loaded(adapters)
     if not isinstance(table, WeightTable):
-        check_table_type(table)
-        raise UsageError("apply-mask needs a table (api.load_table, api.weight_table)")
+        raise UsageError(f"apply-mask needs a WeightTable (api.load_table, api.weight_table), not {table!r}")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     check_output_dir(out, force, adapter_files(adapters) + table_files(table))

@@ -163,7 +163,7 @@ def test_the_library_s_other_arguments_of_the_wrong_kind_are_one_line(setting, t
          "sample_seed must be an integer >= 0"),
         (lambda: api.plan_eval(setting.tasks_file, setting.adapter_args(),
                                settings=api.EvalSettings(length_normalize="no")), "--length-normalize must be"),
-        (lambda: api.plan_prune(adapters, None, tmp_path / "pruned"), "needs a table"),
+        (lambda: api.plan_prune(adapters, None, tmp_path / "pruned"), "needs a WeightTable"),
     ]
     table = api.ones_table(adapters)
     for field, value in (("provenance", "zz"), ("adapters", [1, 2, 3]), ("tasks", None), ("weights", None),

@@ -173,8 +173,6 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
     weights = [float(w) for w in config.weights] if config.weights is not None else [1.0] * task_count
     if len(weights) != task_count:
         raise UsageError(f"--weights has {len(weights)} values for {task_count} adapters")
-    if not all(w == w and abs(w) != float("inf") for w in weights):
-        raise UsageError("--weights must be finite numbers")
     if config.lam is not None:
         lam = config.lam
     elif table is not None and table.scale is not None:

@@ -475,7 +475,7 @@ def check_task_folder_names(adapters: list[Adapter]) -> None:
     for adapter in adapters:
         if adapter.name in ("mask.json", RECIPE_NAME, MARKER):  # (a name given with name=source: usage)
             raise UsageError(f"task name {adapter.name!r} is the name of a file apply-mask writes beside the task "
-                                 "folders; name the adapter otherwise (name=source)")
+                             "folders; name the adapter otherwise (name=source)")
         if adapter.name == HEADS_FOLDER and adapter.modules and headless:
             raise LoramergeError(f"task {HEADS_FOLDER!r} would share its folder with the pruned tasks' heads; "
                                  "rename it")

@@ -381,8 +381,14 @@ def test_a_ray_run_starts_its_own_cluster_and_ends_on_sigterm_with_143(setting, 
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    last = log.read_text().strip().splitlines()[-1]
-    assert code == 143 and last.startswith("terminated; resume with:"), (code, log.read_text()[-2000:])
+    text = log.read_text()
+    last = text.strip().splitlines()[-1]
+    # The one exception the README (Scale) states: the group's SIGTERM also stops the cluster the driver is
+    # registering with, and Ray's driver ends with 1 (it failed to register with the raylet, or after a minute
+    # without the GCS); `--resume` works as after any interrupt.
+    registering = when == "cluster starting" and code == 1 and any(
+        line in text for line in ("Failed to register worker", "Failed to connect to GCS"))
+    assert (code == 143 and last.startswith("terminated; resume with:")) or registering, (code, text[-2000:])
     assert not (tmp_path / "t.json").exists()
     assert _eventually(lambda: not [pid for pid in family if psutil.pid_exists(pid)
                                     and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], 60)

@@ -530,7 +530,8 @@ def _apply_umask(folder: Path) -> None:
 def _replace(staging: Path, target: Path, force: bool, committed: Callable[[], None]) -> None:
     """Put `staging` at `target`, then call `committed`. What is at `target` now is checked again (a folder can
     appear there while the output is written), and what a swap took out is checked once more: a user's folder is
-    put back. The old output is removed after `committed`, shielded: a Ctrl-C then says the output was written."""
+    put back. The swap, `committed` and the old output's removal run shielded: a Ctrl-C among them says the
+    output was written."""
     from loramerge_cli import interrupts
 
     if not os.path.lexists(target):
@@ -538,18 +539,18 @@ def _replace(staging: Path, target: Path, force: bool, committed: Callable[[], N
         committed()
         return
     _check_replaceable(target, target, force, "folder", ())
-    if exchange(staging, target):
-        if not _replaceable(staging):  # changed between the check and the swap: put it back
-            _put_back(staging, target, swapped=True)
-        old = staging  # now holds the old output
-    else:
-        old = target.with_name(f"{_staging_prefix(target)}{os.getpid()}.old")
-        os.rename(target, old)  # a crash here: the next run puts `old` back (clean_debris)
-        if not _replaceable(old):
-            _put_back(old, target, swapped=False)
-        os.rename(staging, target)
-    committed()
-    with interrupts.shielded():
+    with interrupts.shielded():  # from the swap until `committed` says so, a Ctrl-C must not be taken for
+        if exchange(staging, target):  # "nothing was written" (the cleanup would remove the old output)
+            if not _replaceable(staging):  # changed between the check and the swap: put it back
+                _put_back(staging, target, swapped=True)
+            old = staging  # now holds the old output
+        else:
+            old = target.with_name(f"{_staging_prefix(target)}{os.getpid()}.old")
+            os.rename(target, old)  # a crash here: the next run puts `old` back (clean_debris)
+            if not _replaceable(old):
+                _put_back(old, target, swapped=False)
+            os.rename(staging, target)
+        committed()
         shutil.rmtree(old, ignore_errors=True)
     interrupts.check()
 

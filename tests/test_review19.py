@@ -598,3 +598,31 @@ def test_a_choice_without_tokens_or_room_is_refused_before_the_model_loads(tmp_p
                                                            "tasks": [task]})
         with pytest.raises(LoramergeError, match=words):
             engine.Evaluator(load_task_file(tasks), adapter, engine.EvalSettings(threads=1))
+
+
+def test_a_ctrl_c_during_the_swap_says_the_output_was_written(setting, tmp_path, monkeypatch):
+    """`apply-mask --force` (merge --force too) interrupted between the swap of the new output into place and the
+    record that it was in place said "interrupted; nothing was written" while the new output stood at --out,
+    and its cleanup removed the old one: the swap runs shielded, the Ctrl-C then says the output was written."""
+    import os
+    import signal
+
+    from factories import invoke_cli
+
+    from loramerge_cli import outputs
+
+    out = tmp_path / "pruned"
+    command = ["apply-mask", "--adapters", *setting.adapter_args(), "--indices", "[0]", "--out", out]
+    assert invoke_cli(command).exit_code == 0
+    replaceable = outputs._replaceable
+
+    def interrupted_while_checked(folder):
+        os.kill(os.getpid(), signal.SIGINT)  # as the user's Ctrl-C, right after the swap
+        return replaceable(folder)
+
+    monkeypatch.setattr(outputs, "_replaceable", interrupted_while_checked)
+    again = invoke_cli([*command[:-4], "--indices", "[1]", "--out", out, "--force"])
+    assert again.exit_code == 130, again.stderr
+    assert "was written whole" in again.stderr and "nothing was written" not in again.stderr, again.stderr
+    assert json.loads((out / "mask.json").read_text())["weights"][1][0] == 0  # the new table (task 1 pruned)
+    assert not [path for path in tmp_path.iterdir() if ".loramerge-" in path.name]

@@ -609,7 +609,7 @@ def test_a_ctrl_c_during_the_swap_says_the_output_was_written(setting, tmp_path,
 
     from factories import invoke_cli
 
-    from loramerge_cli import outputs
+    from loramerge_cli import interrupts, outputs
 
     out = tmp_path / "pruned"
     command = ["apply-mask", "--adapters", *setting.adapter_args(), "--indices", "[0]", "--out", out]
@@ -621,7 +621,10 @@ def test_a_ctrl_c_during_the_swap_says_the_output_was_written(setting, tmp_path,
         return replaceable(folder)
 
     monkeypatch.setattr(outputs, "_replaceable", interrupted_while_checked)
-    again = invoke_cli([*command[:-4], "--indices", "[1]", "--out", out, "--force"])
+    try:
+        again = invoke_cli([*command[:-4], "--indices", "[1]", "--out", out, "--force"])
+    finally:
+        interrupts.reset()  # (in this process: the next test's library calls would see the Ctrl-C)
     assert again.exit_code == 130, again.stderr
     assert "was written whole" in again.stderr and "nothing was written" not in again.stderr, again.stderr
     assert json.loads((out / "mask.json").read_text())["weights"][1][0] == 0  # the new table (task 1 pruned)

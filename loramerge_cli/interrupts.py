@@ -84,8 +84,9 @@ def interrupted() -> bool:
 
 
 def check() -> None:
-    """Raise KeyboardInterrupt if a Ctrl-C arrived, even one a library swallowed."""
-    if _state["interrupted"]:
+    """Raise KeyboardInterrupt if a Ctrl-C arrived, even one a library swallowed; not once it was reported (the
+    command it ended is over: a library call after it, in the same process, starts afresh)."""
+    if _state["interrupted"] and not _state["reported"]:
         raise KeyboardInterrupt
 
 

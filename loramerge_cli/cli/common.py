@@ -268,6 +268,8 @@ def command_errors(function):
         from loramerge_cli import interrupts
 
         debug = bool(kwargs.get("debug"))
+        if interrupts.reported():  # a command run in-process after one an interrupt ended: not its record
+            interrupts.reset()
         interrupts.set_hint(None)  # a command run in-process after another: not the other's hint
         previous = interrupts.install()  # the caller's handlers come back afterwards (in-process runs)
         try:

@@ -302,12 +302,13 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
     called after each module; `on_event` receives the progress stages (loramerge_cli.events). A plan with an
     output keeps each merged module as it will be written (the output dtype, checked against its range as it
     is finished), so the merge holds one module in float64 at a time; without one, the float64 factors."""
-    settings, tuning, statistics, engine = plan.settings, {}, None, None
+    settings, tuning, statistics, engine, data_warnings = plan.settings, {}, None, None, []
     if plan.data is not None:
         from loramerge_cli.evaluation.grams import collect_grams
 
         engine = plan.data.evaluator(plan.adapters, plan.allow_base_mismatch)
         statistics = collect_grams(engine, plan.adapters, merging.module_paths(plan.adapters), on_event)
+        data_warnings = engine.cap_warnings()
         tuning["input_statistics"] = {"tasks": str(plan.data.tasks), "split": engine.settings.split,
                                       "examples": {name: len(e) for name, e in engine.examples.items()}}
     if plan.tuning is not None:
@@ -338,7 +339,7 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
         result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance, statistics=statistics,
                                    finish=finish)
     result.provenance.update(tuning)
-    result.warnings[:0] = configless_warnings(plan.adapters) + base_warnings(plan.base)
+    result.warnings[:0] = configless_warnings(plan.adapters) + base_warnings(plan.base) + data_warnings
     return result
 
 

@@ -26,19 +26,27 @@ class Examples:
     inputs: list
     labels: list[int] | None
     fingerprint: str  # sha256 of the data files, the selection and the task's settings
+    rows: int | None = None  # the split's rows before the cap
+    limit: int | None = None  # the cap asked for (`--val-limit` on the validation split, else the task's `limit`)
+    limit_name: str = "limit"  # what set the cap, as the user wrote it
 
     def __len__(self) -> int:
         return len(self.inputs)
+
+    def above_cap(self) -> bool:
+        """The cap is above the split's rows: every row is used (the record names the cap, not the count)."""
+        return self.limit is not None and self.rows is not None and self.limit > self.rows
 
 
 def load_examples(
     task_file: TaskFile, task: TaskSpec, split: str, val_limit: int | None = None, seed: int = 0
 ) -> Examples:
     """Read one split of one task; every problem names the file and the field."""
-    rows, class_names, source = _split_rows(task_file, task, split)
-    limit = val_limit if split == "validation" and val_limit is not None else task.limit
-    selected = _subsample(len(rows), limit, seed)
-    rows = [rows[index] for index in selected]
+    rows_read, class_names, source = _split_rows(task_file, task, split)
+    by_val_limit = split == "validation" and val_limit is not None
+    limit = val_limit if by_val_limit else task.limit
+    selected = _subsample(len(rows_read), limit, seed)
+    rows = [rows_read[index] for index in selected]
     inputs = [task_file.type.read_input(row, source, task_file, task) for row in rows]
     labels = None
     if task.label is not None or source.is_dir():
@@ -50,7 +58,8 @@ def load_examples(
         if isinstance(value, (str, Path)) and Path(value).is_file():  # one's size and mtime, not only the listing
             stat = Path(value).stat()
             digest.update(f"{value}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-    return Examples(task.name, split, inputs, labels, digest.hexdigest())
+    return Examples(task.name, split, inputs, labels, digest.hexdigest(), len(rows_read), limit,
+                    "--val-limit" if by_val_limit else "limit")
 
 
 def check_data(task_file: TaskFile, splits: list[str] | None = None, labelled: bool = True

@@ -408,6 +408,16 @@ class Evaluator:
 
     # --- identity, for caches ------------------------------------------------------------------
 
+    def cap_warnings(self) -> list[str]:
+        """The caps (`--val-limit`, or a task's `limit`) above a split's rows, one line each: all rows are used."""
+        above: dict[tuple[str, int], list[Examples]] = {}
+        for examples in self.examples.values():
+            if examples.above_cap():
+                above.setdefault((examples.limit_name, examples.limit), []).append(examples)
+        return [f"{name} {limit} is above the {self.settings.split} rows of "
+                f"{', '.join(f'{e.task} ({e.rows})' for e in tasks)}: every row is used"
+                for (name, limit), tasks in above.items()]
+
     def fingerprint(self, task: str) -> str:
         """Everything that fixes a task's score apart from the candidate: base, data, head, settings."""
         spec = self.task_file.task(task)

@@ -131,14 +131,15 @@ def search_lambda(
     if pool is None:
         unit_deltas = merged_deltas(merge(adapters, replace(config, lam=1.0), table, allow_base_mismatch,
                                           statistics=statistics))
-    if evaluator is None:
+    expert_warnings = []
+    if evaluator is None:  # (a caller that built it says its caps)
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)
         evaluator = checked_evaluator(load_task_file(tasks_file), adapters, settings, base, allow_base_mismatch)
-    expert_warnings = []
+        expert_warnings = evaluator.cap_warnings()
     if experts is None:  # (a caller that scored them checked them: check_experts)
         experts = expert_scores(evaluator, ScoreCache(run_dir), report)
-        expert_warnings = check_experts(experts, "λ")
+        expert_warnings += check_experts(experts, "λ")
     if pool is not None:  # the grid's workers: this process scores nothing more
         pool.reside(evaluator)
     records: list[dict] = []

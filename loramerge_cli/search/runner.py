@@ -55,7 +55,8 @@ def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
     problem = build_problem(request, _first_device(request))
     lam, tuning = problem.settings.lam, None
     experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
-    warnings = check_experts(experts, "λ and the table" if request.lambda_auto else "the table")
+    warnings = problem.engine.cap_warnings() + check_experts(experts, "λ and the table" if request.lambda_auto
+                                                             else "the table")
     if request.lambda_auto:
         search = _search_lambda(request, problem, experts, run_dir, on_event)
         lam, tuning = search.best, search.describe()
@@ -86,7 +87,8 @@ def _label_free(request: SearchRequest, run_dir: Path | None, on_event) -> Score
                   "targets": fitness.objective.targets if objective == "nsc" else []},
         NscWorkerBuilder(request, fitness.base_lambda, fitness.reference),
         {"fitness": "nsc", "objective": objective, "max_length": dict(fitness.engine.max_lengths),
-         "eval_dtype": fitness.engine.settings.dtype},
+         "eval_dtype": fitness.engine.settings.dtype,
+         **({"warnings": warnings} if (warnings := fitness.engine.cap_warnings()) else {})},
         lambda best: {"unpruned_loss": fitness.reference, "best_loss": fitness.reference * (1 - best.fitness / 100),
                       "fitness": best.fitness},
     )

@@ -271,13 +271,7 @@ def plan_merge(
     if config.given().get("knots_scaled") and settings.space != "knots":  # false there is the default anyway
         raise UsageError(f"--knots-scaled scales the knots space's components; {settings.method.name} runs in the "
                          f"{settings.space} space")
-    truncation = [name for name in ("out_rank", "energy") if name in config.given()]
-    if truncation and not settings.is_dense:  # the caller's own flags; a table's recorded ones may not apply
-        raise UsageError(f"--{truncation[0].replace('_', '-')} truncates dense merges (elementwise methods in the full "
-                         f"space); {settings.method.name} in the {settings.space} space is exact in the LoRA factors")
-    if truncation and settings.isotropize:
-        raise UsageError(f"--{truncation[0].replace('_', '-')} does not apply with --isotropize: the isotropized "
-                         "update is written exactly (every direction above 1e-6·σ_max, up to min(m, n) of them)")
+    merging.check_truncation(config, settings)  # the caller's own flags; a table's recorded ones may not apply
     if settings.method.needs_inputs and data is None:
         raise UsageError(f"method {settings.method.name} reads each task's inputs: give the task spec (--tasks FILE)")
     if settings.method.needs_inputs and tuning is not None and tuning != data:

@@ -195,8 +195,8 @@ def grid_search(
     `means_at(λs, stage)`, if given, scores each stage's new points at once (on a backend's workers).
 
     Exactly `grid` when given; else the coarse grid, its edge extended while the best lies on it, then
-    refine_points between the neighbours of each of the REFINE_AROUND best points; `also` with the coarse grid
-    (stage "table")."""
+    refine_points between the neighbours of each of the REFINE_AROUND best points (an end point: between it and
+    its one neighbour); `also` with the coarse grid (stage "table"). The warning, if any, names the final best."""
     tried: dict[float, float | None] = {}
 
     def score(points, stage: str) -> None:
@@ -219,31 +219,38 @@ def grid_search(
         return chosen, []
     score(coarse_grid(default_lambda), "coarse")
     score([_rounded(lam) for lam in also], "table")
-    warnings = _extend_edges(score, best)
+    extended = _extend_edges(score, best)
     points = sorted(tried)
     leaders = []
     while len(leaders) < min(REFINE_AROUND, len(points)):
         leaders.append(best([lam for lam in points if lam not in leaders]))
-    between = [(points.index(leader) - 1, points.index(leader) + 1) for leader in leaders]
-    score([lam for low, high in between if low >= 0 and high < len(points)
-           for lam in refine_points(points[low], points[high])], "refine")
-    return best(), warnings
+    around = [(points[max(index - 1, 0)], points[min(index + 1, len(points) - 1)])  # an end point: toward its
+              for index in map(points.index, leaders)]  # one neighbour
+    score([lam for low, high in around if low < high for lam in refine_points(low, high)], "refine")
+    chosen = best()
+    if extended is None:
+        return chosen, []
+    edge, reached, at_limit = extended
+    if at_limit:
+        return chosen, [(f"λ auto: the grid was extended from its edge {edge:g} as far as it goes, {reached:g}, and "
+                         f"the best λ, {chosen:g}, is still at that end; the optimum may lie beyond (give --lambda "
+                         "explicitly)")]
+    return chosen, [(f"λ auto: the best λ of the grid {COARSE_GRID[0]:g} … {COARSE_GRID[-1]:g} was on its edge "
+                     f"{edge:g}; the grid was extended to {reached:g} and the best is now {chosen:g}")]
 
 
-def _extend_edges(score, best) -> list[str]:
-    """While the best λ is the smallest (largest) tried, try λ / 1.5 (× 1.5), within EDGE_LIMITS."""
+def _extend_edges(score, best) -> tuple[float, float, bool] | None:
+    """While the best λ is the smallest (largest) tried, try λ / 1.5 (× 1.5), the last step ending on
+    EDGE_LIMITS. Returns (the edge, the farthest λ tried, whether the best is still that farthest λ), or None
+    when the best was inside the coarse grid."""
     low, high = COARSE_GRID[0], COARSE_GRID[-1]
     for direction, edge, limit in ((-1, low, EDGE_LIMITS[0]), (1, high, EDGE_LIMITS[1])):
         if best() != edge:
             continue
         value = edge
-        while best() == value:
+        while best() == value and value != limit:
             following = _rounded(value * EDGE_FACTOR ** direction)
-            if (direction < 0 and following < limit) or (direction > 0 and following > limit):
-                return [(f"λ auto: the best λ {value:g} is on the grid's edge even after extending it from "
-                         f"{edge:g} to {value:g}; the optimum may lie beyond (give --lambda explicitly)")]
-            score([following], "edge")
-            value = following
-        return [(f"λ auto: the best λ of the grid {low:g} … {high:g} was on its edge {edge:g}; the grid was "
-                 f"extended to {value:g} and the best is now {best():g}")]
-    return []
+            value = max(following, limit) if direction < 0 else min(following, limit)
+            score([value], "edge")
+        return edge, value, best() == value
+    return None

@@ -219,7 +219,19 @@ def merge(
     if table is not None:
         check_table(table, adapters)
     settings = resolve_config(config, len(adapters), table)
+    check_truncation(config, settings)
     return run_merge(adapters, settings, table, progress, statistics=statistics)
+
+
+def check_truncation(config: MergeConfig, settings: ResolvedMerge) -> None:
+    """`out_rank` / `energy` given where nothing is truncated are refused (they would be ignored)."""
+    truncation = [name for name in ("out_rank", "energy") if name in config.given()]
+    if truncation and not settings.is_dense:
+        raise UsageError(f"--{truncation[0].replace('_', '-')} truncates dense merges (elementwise methods in the full "
+                         f"space); {settings.method.name} in the {settings.space} space is exact in the LoRA factors")
+    if truncation and settings.isotropize:
+        raise UsageError(f"--{truncation[0].replace('_', '-')} does not apply with --isotropize: the isotropized "
+                         "update is written exactly (every direction above 1e-6·σ_max, up to min(m, n) of them)")
 
 
 def run_merge(

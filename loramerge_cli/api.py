@@ -253,7 +253,7 @@ def _notes(adapter: Adapter) -> list[str]:
     if adapter.source.config_file is None:
         notes.append("no adapter_config.json beside the weights: read with lora_alpha = r (scale 1)")
     if adapter.base_copies:
-        layers = ", ".join(sorted(key.removesuffix(".base_layer.weight") for key in adapter.base_copies))
+        layers = ", ".join(sorted({key.rsplit(".", 1)[0] for key in adapter.base_copies}))
         notes.append(f"carries the base weights of {layers} (PEFT's save_embedding_layers); merges keep them")
     overflow = _overflow(adapter)
     if overflow is not None:

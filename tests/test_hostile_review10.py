@@ -85,7 +85,8 @@ def test_different_saved_base_weights_are_refused(tmp_path):
     tensors = load_file(str(weights))
     tensors["base_model.model.lm_head.base_layer.weight"] = tensors["base_model.model.lm_head.base_layer.weight"] + 1
     save_file(tensors, str(weights))
-    one_line(invoke_cli(["merge", "--adapters", a, b, "--out", tmp_path / "m"]), "lm_head.base_layer.weight differs")
+    one_line(invoke_cli(["merge", "--adapters", a, b, "--out", tmp_path / "m"]),
+             "the saved base weight lm_head.weight differs")
     assert not (tmp_path / "m").exists()
     write_jsonl(tmp_path / "v.jsonl", [{"q": "w1 w2", "answer": 0}])
     spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "causal-lm", "base_model": str(base), "tasks": [

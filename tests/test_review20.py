@@ -1,5 +1,7 @@
 """Review of session 20: each test failed before its fix."""
 
+import json
+
 import pytest
 
 from loramerge_cli.evaluation.engine import EvalSettings
@@ -67,3 +69,131 @@ def test_the_merge_function_refuses_a_truncation_it_would_ignore(setting):
     with pytest.raises(UsageError, match="--energy truncates dense merges"):
         merge(adapters, MergeConfig(merger="tsv", energy=0.9))
     assert merge(adapters, MergeConfig(merger="ties", out_rank=2)).modules  # a dense merge: truncated
+
+
+# --- PEFT's saved embedding layers (save_embedding_layers) --------------------------------------------------------
+
+def _llama_lm(folder, vocab=64):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+                     ).save_pretrained(str(folder))
+    return folder
+
+
+def _lm_adapter(model, folder, targets, seed, **save):
+    import warnings
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                  **({"task_type": "CAUSAL_LM"} if "resized" in str(folder) else {})))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model.save_pretrained(str(folder), **save)
+    return folder
+
+
+def test_unwrapped_embedding_layers_peft_saved_are_base_weights_not_heads(tmp_path):
+    """b saved with `save_embedding_layers=True` holds `lm_head.weight` and `model.embed_tokens.weight` (not
+    LoRA-wrapped there): they were read as b's task heads, and `merge a b` wrote `modules_to_save: [lm_head,
+    model.embed_tokens]`, so PEFT wrapped lm_head as a saved copy and a's LoRA on lm_head had no effect (exit 0,
+    merged ΔW of lm_head 0). They are base weights PEFT loads over the base's: carried as such."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from factories import invoke_cli
+
+    base = _llama_lm(tmp_path / "base")
+    load = lambda: LlamaForCausalLM.from_pretrained(str(base)).eval()  # noqa: E731
+    a = _lm_adapter(load(), tmp_path / "a", ["q_proj", "lm_head"], 1)
+    b = _lm_adapter(load(), tmp_path / "b", ["q_proj"], 2, save_embedding_layers=True)
+    report = json.loads(invoke_cli(["inspect", a, b, "--json"]).stdout)
+    assert [summary["heads"] for summary in report["adapters"]] == [[], []]
+    out = tmp_path / "m"
+    assert invoke_cli(["merge", "--adapters", a, b, "--merger", "ta", "--lambda", "1", "--out", out]).exit_code == 0
+    assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] is None
+    written = load_file(str(out / "adapter_model.safetensors"))
+    assert {"base_model.model.lm_head.base_layer.weight", "base_model.model.model.embed_tokens.weight"} <= set(written)
+    base_head = load().lm_head.weight.detach().double()
+
+    def lm_head_update(folder):
+        return PeftModel.from_pretrained(load(), str(folder)).merge_and_unload().lm_head.weight.detach().double() \
+            - base_head
+
+    assert lm_head_update(a).abs().max() > 0.1
+    assert torch.allclose(lm_head_update(out), lm_head_update(a), atol=1e-6)
+
+
+def test_a_resized_vocabulary_s_embeddings_stay_in_the_merge(tmp_path):
+    """A CAUSAL_LM adapter trained on a base resized from 64 to 72 tokens: PEFT saves both embedding matrices
+    (`save_embedding_layers="auto"`). The merge dropped them, with a warning calling them modules_to_save
+    weights, and the merged model's logits on the resized base differed from the adapter's by 16.5 (on a
+    scale of 16.6). They are written as PEFT saved them: the merge of the one adapter is the adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    from factories import invoke_cli
+
+    base = _llama_lm(tmp_path / "base")
+
+    def resized():
+        model = LlamaForCausalLM.from_pretrained(str(base)).eval()
+        model.resize_token_embeddings(72, mean_resizing=False)
+        generator = torch.Generator().manual_seed(5)
+        with torch.no_grad():  # the new tokens' rows, as training left them
+            model.model.embed_tokens.weight[64:] = torch.randn(8, 32, generator=generator)
+            model.lm_head.weight[64:] = torch.randn(8, 32, generator=generator)
+        return model
+
+    adapter = _lm_adapter(resized(), tmp_path / "resized", ["q_proj", "v_proj"], 3)
+    out = tmp_path / "m"
+    result = invoke_cli(["merge", "--adapters", adapter, "--merger", "ta", "--lambda", "1", "--out", out])
+    assert result.exit_code == 0 and "modules_to_save" not in result.stderr
+    ids = torch.tensor([[1, 5, 66, 70, 9]])
+
+    def logits(folder):
+        fresh = LlamaForCausalLM.from_pretrained(str(base)).eval()
+        fresh.resize_token_embeddings(72, mean_resizing=False)  # the new rows come from the adapter's copy
+        with torch.no_grad():
+            return PeftModel.from_pretrained(fresh, str(folder)).eval()(input_ids=ids).logits
+
+    assert torch.allclose(logits(out), logits(adapter), atol=1e-5)
+
+
+def test_a_head_is_written_in_its_own_dtype_without_dtype(setting, tmp_path):
+    """Float16 factors and a float32 head: the head inside the merged adapter_model.safetensors was rounded to
+    float16 (heads/<task>.safetensors and apply-mask kept it whole). Only --dtype converts it."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from factories import invoke_cli
+
+    adapter = tmp_path / "half"
+    import shutil
+
+    shutil.copytree(setting.adapters["alpha"], adapter)
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    save_file({key: value.half() if "lora_" in key else value for key, value in tensors.items()},
+              str(adapter / "adapter_model.safetensors"))
+    head = {key: value for key, value in tensors.items() if "lora_" not in key}
+    assert head and all(value.dtype == torch.float32 for value in head.values())
+    for extra, dtype in (([], torch.float32), (["--dtype", "float16"], torch.float16)):
+        out = tmp_path / f"m{len(extra)}"
+        assert invoke_cli(["merge", "--adapters", f"alpha={adapter}", "--lambda", "1", "--out", out, *extra]
+                          ).exit_code == 0
+        written = load_file(str(out / "adapter_model.safetensors"))
+        assert all(torch.equal(written[key], value.to(dtype)) and written[key].dtype == dtype
+                   for key, value in head.items())

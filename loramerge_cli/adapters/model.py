@@ -87,8 +87,8 @@ class Adapter:
     config: dict
     modules: dict[str, LoraModule]
     heads: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save tensors by key
-    # base weights PEFT saved beside the factors (save_embedding_layers, for lm_head / embedding targets), by
-    # key (`lm_head.base_layer.weight`): the base's own unless its vocabulary was resized
+    # base weights PEFT saved beside the factors (save_embedding_layers: the input and output embeddings), by the
+    # base's parameter name (`lm_head.weight`): the base's own unless its vocabulary was resized
     base_copies: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -110,13 +110,16 @@ class Adapter:
         listed one by one), and the module of every tensor no such name holds."""
         owners = {key.rsplit(".", 1)[0] for key in self.heads}
         listed = [name for name in self.config.get("modules_to_save") or [] if isinstance(name, str) and name]
-
-        def holds(name: str, owner: str) -> bool:  # PEFT matches a name against the end of a module's path
-            return f".{owner}.".find(f".{name}.") >= 0
-
+        holds = module_holds
         names = {name for name in listed if any(holds(name, owner) for owner in owners)}
         names |= {owner for owner in owners if not any(holds(name, owner) for name in names)}
         return sorted(names)
+
+
+def module_holds(name: str, owner: str) -> bool:
+    """A `modules_to_save` name holds the tensors of module `owner` (PEFT matches a name against the end of a
+    module's path; a head of several layers, `classifier.dense`, is held by its top module's name)."""
+    return f".{owner}.".find(f".{name}.") >= 0
 
 
 def content_sha256(adapter: Adapter) -> str:

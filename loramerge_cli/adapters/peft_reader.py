@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule
+from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule, module_holds
 from loramerge_cli.adapters.sources import check_names, default_name, resolve, sha256_file, split_name
 from loramerge_cli.errors import LoramergeError, is_finite_number
 
@@ -177,11 +177,16 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def parse_state_dict(
     tensors: dict[str, torch.Tensor], config: dict, spec: str
 ) -> tuple[dict[str, LoraModule], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Split PEFT keys into LoRA modules (by module path), head tensors (modules_to_save) and copies of
-    LoRA-wrapped modules' base weights (`lm_head.base_layer.weight`: PEFT's save_embedding_layers)."""
+    """Split PEFT keys into LoRA modules (by module path), head tensors (modules_to_save) and copies of base
+    weights, keyed by the base's parameter name (PEFT's save_embedding_layers saves the input and output
+    embeddings: `lm_head.base_layer.weight` when LoRA wraps the module, `lm_head.original_module.weight` when
+    modules_to_save does, else `lm_head.weight`; PEFT loads each over the base's weight). With a config, a
+    tensor is a head only if a `modules_to_save` name (or the task type's head, `score`/`classifier`) holds its
+    module: PEFT loads any other over the base's weight; without one (a bare file), every such tensor is."""
     factors: dict[str, dict[str, torch.Tensor]] = {}
     heads: dict[str, torch.Tensor] = {}
     base_copies: dict[str, torch.Tensor] = {}
+    saved = modules_to_save(config) if config else None
     adapter_names: set[str] = set()
     for key, tensor in tensors.items():
         bare = key.removeprefix(PEFT_PREFIX)
@@ -199,14 +204,16 @@ def parse_state_dict(
         if match is None:
             if bare.endswith(".base_layer.bias"):  # a LoRA-wrapped module's own bias: bias="lora_only" or "all"
                 raise LoramergeError(f"{spec}: trained biases ({key}: bias='lora_only' or 'all') are not supported")
-            if bare.endswith(".base_layer.weight"):  # the base weight of a LoRA-wrapped embedding or lm_head
-                if tensor.is_floating_point():
-                    _check_float_values(tensor, f"{spec}: {key}")
-                base_copies[bare] = tensor
-                continue
+            copy = bare.endswith(".base_layer.weight") or ".original_module." in bare
+            name = bare.replace(".base_layer.", ".").replace(".original_module.", ".") if copy else _head_key(bare)
+            copy = copy or (saved is not None and not any(module_holds(held, name.rsplit(".", 1)[0])
+                                                          for held in saved))
             if tensor.is_floating_point():
-                _check_float_values(tensor, f"{spec}: head {key}")
-            heads[_head_key(bare)] = tensor
+                _check_float_values(tensor, f"{spec}: {key}" if copy else f"{spec}: head {key}")
+            kept = base_copies if copy else heads
+            if name in kept and not torch.equal(kept[name], tensor):  # a head saved with and without its wrapper
+                raise LoramergeError(f"{spec}: {name} is saved twice with different values ({key})")
+            kept[name] = tensor
             continue
         if match["param"] == "bias":
             raise LoramergeError(f"{spec}: LoRA bias terms (lora_bias, {key}) are not supported")
@@ -220,8 +227,8 @@ def parse_state_dict(
         raise LoramergeError(f"{spec}: the file holds several adapters ({', '.join(sorted(adapter_names))})")
     if not factors:
         raise LoramergeError(f"{spec}: no LoRA weights (lora_A / lora_B) in the file")
-    lone_biases = sorted(key for key in heads if key.endswith(".bias") and key.removesuffix(".bias") + ".weight"
-                         not in heads)
+    lone_biases = sorted(key for kept in (heads, base_copies) for key in kept
+                         if key.endswith(".bias") and key.removesuffix(".bias") + ".weight" not in kept)
     if lone_biases:  # a head is a whole module (weight and bias); biases alone are bias="all"'s
         raise LoramergeError(f"{spec}: {lone_biases[0]} is a bias without its module's weight: trained biases "
                              "(bias='all') are not supported")
@@ -269,6 +276,16 @@ def _check_targeted(paths: list[str], config: dict, spec: str) -> None:
             raise LoramergeError(f"{spec}: module {path} has LoRA weights, but the config's target_modules"
                                  f"{''.join(f', {name}' for name in fields)} leave it out: PEFT would not load "
                                  "them (fix adapter_config.json to the modules the file holds)")
+
+
+TASK_TYPE_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                   "QUESTION_ANS": ("qa_outputs",)}  # what PeftModelFor<task type> adds to modules_to_save
+
+
+def modules_to_save(config: dict) -> list[str]:
+    """The module names PEFT saves whole for this config: its `modules_to_save` and its task type's heads."""
+    listed = [name for name in config.get("modules_to_save") or [] if isinstance(name, str) and name]
+    return listed + list(TASK_TYPE_HEADS.get(config.get("task_type") or "", ()))
 
 
 def _head_key(bare: str) -> str:

@@ -27,7 +27,7 @@ from loramerge_cli.adapters.card import (
     portable_source,
 )
 from loramerge_cli.adapters.compat import same_base
-from loramerge_cli.adapters.model import Adapter
+from loramerge_cli.adapters.model import Adapter, module_holds
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.sources import check_names
 from loramerge_cli.adapters.units import unit_sort_key
@@ -261,10 +261,12 @@ def write_merged_adapter(
         lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype)
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
-    if head_adapter is not None:
-        for key, tensor in head_adapter.heads.items():
-            tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype)
-    tensors.update(base_copy_tensors(adapters, modules))  # in their own dtype: PEFT copies them into the base
+    heads = head_adapter.head_modules if head_adapter is not None else None
+    for key, tensor in head_adapter.heads.items() if head_adapter is not None else ():  # in its own dtype (the
+        # copy in heads/ too), --dtype's if given
+        tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype) if dtype is not None and tensor.is_floating_point() \
+            else tensor
+    tensors.update(base_copy_tensors(adapters, modules, heads))  # in their own dtype: PEFT copies them into the base
     ranks = {path: module.rank for path, module in modules.items()}
     config = lora_config(
         ranks,
@@ -274,7 +276,7 @@ def write_merged_adapter(
         fan_in_fan_out=any(module.fan_in_fan_out for module in modules.values()),
         base_model=base,
         task_type=_merged_task_type(adapters, head_adapter),
-        modules_to_save=head_adapter.head_modules if head_adapter is not None else None,
+        modules_to_save=heads,
         # the inputs' base revision, unless --base names another base
         revision=_common([a.config.get("revision") for a in adapters]) if base == inputs_base else None,
     )
@@ -306,16 +308,20 @@ def file_digests(folder: Path) -> dict[str, str]:
             if path.is_file() and path.relative_to(folder).as_posix() not in UNRECORDED}
 
 
-def base_copy_tensors(adapters: list[Adapter], modules: dict) -> dict:
-    """The base weights PEFT saved beside the inputs' factors (lm_head or embedding targets), for the modules
-    written (PEFT loads them into the wrapped module's base layer); the inputs agree on them (compat)."""
+def base_copy_tensors(adapters: list[Adapter], modules: dict, heads: list[str] | None = None) -> dict:
+    """The base weights PEFT saved beside the inputs' factors (save_embedding_layers), keyed as PEFT loads them
+    over the base's: `<module>.base_layer.weight` for a module written with LoRA, `<module>.weight` for one
+    without, none for a module the output saves whole (`heads`, its modules_to_save: the head is what it
+    loads). The inputs agree on them (compat); the most precise copy is written (others may be bfloat16)."""
     tensors = {}
     for adapter in adapters:
         for key, tensor in adapter.base_copies.items():
-            name = f"{PEFT_PREFIX}{key}"
-            if key.removesuffix(".base_layer.weight") in modules and (
-                    name not in tensors or torch.finfo(tensor.dtype).eps < torch.finfo(tensors[name].dtype).eps):
-                tensors[name] = tensor  # the most precise of the copies (others may be rounded to bfloat16)
+            module, parameter = key.rsplit(".", 1)
+            if any(module_holds(name, module) for name in heads or ()):
+                continue
+            name = f"{PEFT_PREFIX}{module}.base_layer.{parameter}" if module in modules else f"{PEFT_PREFIX}{key}"
+            if name not in tensors or torch.finfo(tensor.dtype).eps < torch.finfo(tensors[name].dtype).eps:
+                tensors[name] = tensor
     return tensors
 
 
@@ -497,7 +503,7 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
     for key, tensor in adapter.heads.items():  # in their own dtype (a copy changes no head), --dtype's if given
         tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype) if dtype is not None and tensor.is_floating_point() \
             else tensor
-    tensors.update(base_copy_tensors([adapter], adapter.modules))
+    tensors.update(base_copy_tensors([adapter], adapter.modules, adapter.head_modules))
     paths = sorted(adapter.modules, key=unit_sort_key)
     if {"r", "lora_alpha"} <= set(adapter.config):
         config = {**adapter.config, "target_modules": paths}

@@ -223,17 +223,17 @@ class Evaluator:
         identity = (adapter.name, adapter.source.identity)
         if identity in self.checked_copies:
             return
-        for key, copy in adapter.base_copies.items():
-            name = key.replace(".base_layer.", ".")
+        for name, copy in adapter.base_copies.items():
             try:
                 weight = self.model.get_parameter(name)
             except AttributeError:
-                raise LoramergeError(f"adapter {adapter.name!r}: {key} names no weight of the base model "
-                                     f"{self.base}") from None
+                raise LoramergeError(f"adapter {adapter.name!r}: its saved base weight {name} names no weight of the "
+                                     f"base model {self.base}") from None
             if not same_weights(copy, weight.detach()):  # equal, or rounded to bfloat16
-                raise LoramergeError(f"adapter {adapter.name!r} carries its own {name} (saved as {key}), not the one "
-                                     f"of the base model {self.base} (a resized vocabulary?): evaluate it with the "
-                                     "base it was saved from")
+                raise LoramergeError(f"adapter {adapter.name!r} carries its own {name}, which PEFT loads over the "
+                                     f"base's, and it is not the one of the base model {self.base} (a resized "
+                                     "vocabulary, or a head its config's modules_to_save does not name?): evaluate "
+                                     "it with the base it was saved from")
         self.checked_copies.add(identity)
 
     def _check_targets(self, deltas: dict[str, Delta], owner: str) -> None:

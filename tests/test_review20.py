@@ -197,3 +197,35 @@ def test_a_head_is_written_in_its_own_dtype_without_dtype(setting, tmp_path):
         written = load_file(str(out / "adapter_model.safetensors"))
         assert all(torch.equal(written[key], value.to(dtype)) and written[key].dtype == dtype
                    for key, value in head.items())
+
+
+def test_which_saved_tensors_are_heads_follows_peft_s_modules_to_save_rule():
+    """A head is a module PEFT wraps for `modules_to_save` (a plain suffix match of a module's path, or of a
+    module above it, as PEFT's `_set_trainable`; the task type's head names too); any other whole tensor is a
+    base weight PEFT loads over the base's; without a config, every whole tensor is a head."""
+    import torch
+
+    from loramerge_cli.adapters.peft_reader import parse_state_dict
+
+    prefix = "base_model.model."
+    tensors = {f"{prefix}layers.0.q.lora_A.weight": torch.ones(1, 4),
+               f"{prefix}layers.0.q.lora_B.weight": torch.ones(4, 1),
+               **{f"{prefix}{key}": torch.full((4, 4), float(index)) for index, key in enumerate(
+                   ["pre_classifier.weight", "classifier.dense.weight", "score.weight", "embed_tokens.weight",
+                    "lm_head.original_module.weight", "lm_head.modules_to_save.weight", "lm_head.weight",
+                    "head.modules_to_save.default.weight"])}}
+    tensors[f"{prefix}lm_head.weight"] = tensors[f"{prefix}lm_head.modules_to_save.weight"]
+    config = {"r": 1, "lora_alpha": 1, "target_modules": ["q"], "modules_to_save": ["classifier", "lm_head", "head"],
+              "task_type": "SEQ_CLS"}
+    _, heads, copies = parse_state_dict(tensors, config, "x")
+    assert sorted(heads) == ["classifier.dense.weight", "head.weight", "lm_head.weight", "pre_classifier.weight",
+                             "score.weight"]
+    assert sorted(copies) == ["embed_tokens.weight", "lm_head.weight"]
+    assert float(heads["lm_head.weight"][0, 0]) == 5.0 and float(copies["lm_head.weight"][0, 0]) == 4.0
+    _, heads, copies = parse_state_dict(tensors, {**config, "task_type": None}, "x")
+    assert "score.weight" in copies
+    _, heads, copies = parse_state_dict(tensors, {}, "x")  # a bare file: no config to tell
+    assert list(copies) == ["lm_head.weight"] and "embed_tokens.weight" in heads  # (original_module: the base)
+    tensors[f"{prefix}lm_head.weight"] = tensors[f"{prefix}lm_head.weight"] + 1
+    with pytest.raises(Exception, match="lm_head.weight is saved twice with different values"):
+        parse_state_dict(tensors, config, "x")

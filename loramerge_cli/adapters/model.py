@@ -110,16 +110,20 @@ class Adapter:
         listed one by one), and the module of every tensor no such name holds."""
         owners = {key.rsplit(".", 1)[0] for key in self.heads}
         listed = [name for name in self.config.get("modules_to_save") or [] if isinstance(name, str) and name]
-        holds = module_holds
+
+        def holds(name: str, owner: str) -> bool:  # a name holding a dotted part of the path (`classifier` holds
+            return f".{owner}.".find(f".{name}.") >= 0  # `classifier.dense`, not `pre_classifier`)
+
         names = {name for name in listed if any(holds(name, owner) for owner in owners)}
         names |= {owner for owner in owners if not any(holds(name, owner) for name in names)}
         return sorted(names)
 
 
-def module_holds(name: str, owner: str) -> bool:
-    """A `modules_to_save` name holds the tensors of module `owner` (PEFT matches a name against the end of a
-    module's path; a head of several layers, `classifier.dense`, is held by its top module's name)."""
-    return f".{owner}.".find(f".{name}.") >= 0
+def saved_whole(names, owner: str) -> bool:
+    """PEFT wraps module `owner`, or a module above it, in a ModulesToSaveWrapper for these `modules_to_save`
+    names: its rule is a plain suffix match of the module's path (`classifier` wraps `pre_classifier` too)."""
+    parts = owner.split(".")
+    return any(".".join(parts[:end]).endswith(name) for name in names for end in range(1, len(parts) + 1))
 
 
 def content_sha256(adapter: Adapter) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule, module_holds
+from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule, saved_whole
 from loramerge_cli.adapters.sources import check_names, default_name, resolve, sha256_file, split_name
 from loramerge_cli.errors import LoramergeError, is_finite_number
 
@@ -206,8 +206,7 @@ def parse_state_dict(
                 raise LoramergeError(f"{spec}: trained biases ({key}: bias='lora_only' or 'all') are not supported")
             copy = bare.endswith(".base_layer.weight") or ".original_module." in bare
             name = bare.replace(".base_layer.", ".").replace(".original_module.", ".") if copy else _head_key(bare)
-            copy = copy or (saved is not None and not any(module_holds(held, name.rsplit(".", 1)[0])
-                                                          for held in saved))
+            copy = copy or (saved is not None and not saved_whole(saved, name.rsplit(".", 1)[0]))
             if tensor.is_floating_point():
                 _check_float_values(tensor, f"{spec}: {key}" if copy else f"{spec}: head {key}")
             kept = base_copies if copy else heads
@@ -289,8 +288,9 @@ def modules_to_save(config: dict) -> list[str]:
 
 
 def _head_key(bare: str) -> str:
-    """PEFT saves modules_to_save without their wrapper; older files keep `modules_to_save.NAME.`."""
-    return re.sub(r"\.modules_to_save\.[^.]+\.", ".", bare).replace(".original_module.", ".")
+    """PEFT saves modules_to_save without their wrapper; older files keep `modules_to_save.NAME.`, and
+    save_embedding_layers keeps `lm_head.modules_to_save.weight` (the wrapper, its adapter name removed)."""
+    return re.sub(r"\.modules_to_save\.(?=[^.]+$)|\.modules_to_save\.[^.]+\.", ".", bare)
 
 
 def _make_module(path: str, pair: dict[str, torch.Tensor], config: dict, spec: str) -> LoraModule:

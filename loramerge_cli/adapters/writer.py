@@ -27,7 +27,7 @@ from loramerge_cli.adapters.card import (
     portable_source,
 )
 from loramerge_cli.adapters.compat import same_base
-from loramerge_cli.adapters.model import Adapter, module_holds
+from loramerge_cli.adapters.model import Adapter, saved_whole
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
 from loramerge_cli.adapters.sources import check_names
 from loramerge_cli.adapters.units import unit_sort_key
@@ -317,7 +317,7 @@ def base_copy_tensors(adapters: list[Adapter], modules: dict, heads: list[str] |
     for adapter in adapters:
         for key, tensor in adapter.base_copies.items():
             module, parameter = key.rsplit(".", 1)
-            if any(module_holds(name, module) for name in heads or ()):
+            if saved_whole(heads or (), module):
                 continue
             name = f"{PEFT_PREFIX}{module}.base_layer.{parameter}" if module in modules else f"{PEFT_PREFIX}{key}"
             if name not in tensors or torch.finfo(tensor.dtype).eps < torch.finfo(tensors[name].dtype).eps:

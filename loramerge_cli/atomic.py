@@ -41,8 +41,9 @@ def replacing(path: str | Path) -> Iterator[Path]:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Replace `path` with `text`, atomically."""
-    write_bytes(path, text.encode())
+    """Replace `path` with `text` (UTF-8; a path decoded from bytes in an ASCII locale is written back as its
+    bytes), atomically."""
+    write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:

@@ -229,3 +229,56 @@ def test_which_saved_tensors_are_heads_follows_peft_s_modules_to_save_rule():
     tensors[f"{prefix}lm_head.weight"] = tensors[f"{prefix}lm_head.weight"] + 1
     with pytest.raises(Exception, match="lm_head.weight is saved twice with different values"):
         parse_state_dict(tensors, config, "x")
+
+
+# --- terminals and shells ----------------------------------------------------------------------------------------
+
+def test_paths_and_names_with_brackets_are_printed_as_written(setting, tmp_path):
+    """Rich read `[...]` in a path as markup: `merge --out 'mm[/]z'` wrote the merge, then failed with an internal
+    MarkupError (exit 1); `--out 'mm[exp1]'` said "merged into mm"; an adapter whose base path holds `[red]`
+    showed another path in `inspect`."""
+    import shutil
+
+    from factories import invoke_cli
+
+    for name in ("mm[/]z", "mm[exp1]"):
+        result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--out", tmp_path / name])
+        assert result.exit_code == 0 and f"merged into {tmp_path / name}" in result.stdout, result.output
+    adapter = tmp_path / "odd"
+    shutil.copytree(setting.adapters["alpha"], adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "/m/[red]x[/]"}))
+    result = invoke_cli(["inspect", adapter, setting.adapters["beta"]])
+    assert result.exit_code == 0 and "/m/[red]x[/]" in result.stdout, result.output
+
+
+def _run_in_shell(script: str, tmp_path, **env):
+    import os
+    import subprocess
+    import sys
+
+    command = f"{sys.executable} -c 'from loramerge_cli.cli import main; main()'"
+    return subprocess.run(["bash", "-c", script.replace("LORAMERGE", command)], capture_output=True, text=True,
+                          cwd=tmp_path, env={**os.environ, **env}, timeout=300)
+
+
+def test_a_working_folder_removed_under_the_shell_is_one_line(setting, tmp_path):
+    """`mkdir g && cd g && rmdir ../g && loramerge inspect /abs/a`: torch's import died with "Intel oneMKL FATAL
+    ERROR" and exit 2 (the usage code); search-mask gave an internal FileNotFoundError."""
+    adapter = setting.adapters["alpha"]
+    result = _run_in_shell(f"mkdir gone && cd gone && rmdir ../gone && LORAMERGE inspect {adapter}", tmp_path)
+    assert result.returncode == 1 and result.stderr == "error: the working folder no longer exists: cd to one that " \
+        "does\n", result.stderr
+
+
+def test_a_non_ascii_output_path_in_an_ascii_locale_is_written(setting, tmp_path):
+    """With LC_ALL=C and PYTHONUTF8=0 (no UTF-8 mode), `merge --out 'ünï/out ×'` failed with an internal
+    UnicodeEncodeError writing the model card, which holds the folder's name."""
+    out = tmp_path / "ünï" / "out ×"
+    import shlex
+
+    adapters = " ".join(shlex.quote(str(arg)) for arg in setting.adapter_args())
+    result = _run_in_shell(f"LORAMERGE merge --quiet --adapters {adapters} --out {shlex.quote(str(out))}", tmp_path,
+                           LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", LANG="C")
+    assert result.returncode == 0, result.stderr
+    assert "out ×" in (out / "README.md").read_text(encoding="utf-8")

@@ -293,10 +293,11 @@ def write_merged_adapter(
         if table is not None:
             table.save(staging / "mask.json")
         if recipe is not None:
-            (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8")
+            (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8", errors="surrogateescape")
         (staging / "README.md").write_text(model_card(
             result, adapters, title=Path(out_dir).name, base=base, task_type=task_type, head=head, table=table,
-            recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id), encoding="utf-8")
+            recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id), encoding="utf-8",
+            errors="surrogateescape")  # a path decoded from bytes in an ASCII locale (PYTHONUTF8=0): its bytes
         _write_json({**provenance, "files": file_digests(staging)}, staging / MARKER)  # last: it records the rest
     return Path(out_dir)
 
@@ -461,7 +462,7 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
         if table is not None:
             table.save(staging / "mask.json")
         if recipe is not None:
-            (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8")
+            (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8", errors="surrogateescape")
         beside = file_digests(staging)  # the table and the heads, recorded in every task folder's loramerge.json
         for adapter in adapters:
             if not adapter.modules:

@@ -4,7 +4,9 @@ line and exit 130 (143)."""
 
 
 def main() -> None:
+    import os
     import signal
+    import sys
 
     for number in (signal.SIGINT, signal.SIGTERM):  # until the handler below is in place (its imports: ms)
         signal.signal(number, _exit_before_work)
@@ -12,6 +14,11 @@ def main() -> None:
 
     interrupts.install()
     code = 0
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # removed under the shell: torch's own import would die on it with exit 2
+        sys.stderr.write("error: the working folder no longer exists: cd to one that does\n")
+        raise SystemExit(1) from None
     try:
         from loramerge_cli.cli.app import app
 

@@ -321,7 +321,8 @@ def human_console(quiet: bool = False, json_output: bool = False):
     """Rich console for people (notes, warnings) on stderr; silent under --quiet or --json."""
     from rich.console import Console
 
-    return Console(file=StandardError(), quiet=quiet or json_output)
+    return Console(file=StandardError(), quiet=quiet or json_output, markup=False)  # text as written: a path or
+    # a name may hold brackets (`runs[exp1]/`), which markup would drop or fail on
 
 
 def print_warnings(console, warnings) -> None:
@@ -438,12 +439,13 @@ def write_stdout(text: str) -> None:
 
 def result_console():
     """Rich console for a command's result (its tables): stdout, also under --quiet; when stdout is a file or a
-    pipe, text lines are not wrapped and tables are as wide as their contents (no name cut to `majority_k…`)."""
+    pipe, text lines are not wrapped and tables are as wide as their contents (no name cut to `majority_k…`).
+    No markup: paths and names in titles, cells and lines are printed as written."""
     from rich.console import Console
 
     output = StandardOutput()
     terminal = output.isatty()
-    return Console(file=output, soft_wrap=not terminal, width=None if terminal else 1000)
+    return Console(file=output, soft_wrap=not terminal, width=None if terminal else 1000, markup=False)
 
 
 def emit_json(data: dict, kind: str | None = None) -> None:

@@ -69,7 +69,7 @@ def inspect_command(
     console.print(render.norms_table(summary["norms"], heatmap=coloured))
     if heatmap and not coloured:
         human_console(quiet).print("note: --heatmap needs colours, and this output has none (a pipe or file, NO_COLOR, "
-                              "TERM=dumb): the plain table", highlight=False)
+                              "TERM=dumb): the plain table", highlight=False, soft_wrap=True)
     for line in render.compatibility_lines(summary):
         console.print(line)
 

@@ -48,7 +48,7 @@ class ProgressDisplay:
 
     def __init__(self, quiet: bool = False, inner=None, console: Console | None = None,
                  interval: float = PLAIN_INTERVAL, terminal_only: tuple[str, ...] = ()):
-        self.console = console or Console(file=StandardError())
+        self.console = console or Console(file=StandardError(), markup=False)  # lines as written (paths)
         self.enabled = not quiet
         self.terminal_only = terminal_only  # stages drawn as a bar on a terminal, without plain lines in a log
         self.live = self.enabled and self.console.is_terminal
@@ -63,8 +63,8 @@ class ProgressDisplay:
                                        TimeRemainingColumn)
 
             self._progress = Progress(
-                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+                TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False),
                 console=self.console, transient=True)
             self._progress.start()
         return self

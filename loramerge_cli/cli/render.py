@@ -77,14 +77,16 @@ def norms_table(norms: dict, heatmap: bool = False) -> Table:
     return table
 
 
-def compatibility_lines(summary: dict) -> list[str]:
-    lines = [f"{adapter['name']}: {note}" for adapter in summary["adapters"] for note in adapter.get("notes", [])]
+def compatibility_lines(summary: dict) -> list[Text]:
+    """The notes, each pair's verdict (green or red) and what a merge would refuse, as written (no markup)."""
+    lines = [Text(f"{adapter['name']}: {note}") for adapter in summary["adapters"] for note in adapter.get("notes", [])]
     for pair in summary["pairs"]:
         first, second = pair["adapters"]
-        verdict = "[green]compatible[/]" if pair["compatible"] else "[red]" + "; ".join(pair["problems"]) + "[/]"
-        lines.append(f"{first} / {second}: {verdict}")
+        verdict = Text("compatible", style="green") if pair["compatible"] else \
+            Text("; ".join(pair["problems"]), style="red")
+        lines.append(Text(f"{first} / {second}: ").append_text(verdict))
     refusals = summary["merge_refusals"]
-    lines.append("merge would refuse: " + ("; ".join(refusals) if refusals else "nothing"))
+    lines.append(Text("merge would refuse: " + ("; ".join(refusals) if refusals else "nothing")))
     return lines
 
 

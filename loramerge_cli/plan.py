@@ -22,8 +22,10 @@ from loramerge_cli.adapters.writer import (
     adapter_files,
     as_written,
     check_head,
+    check_head_holds_no_update,
     check_output_dir,
     check_task_folder_names,
+    default_head,
     output_dtype,
     table_files,
     write_merged_adapter,
@@ -252,6 +254,8 @@ def plan_merge(
     if out is not None:
         check_output_dir(out, force, adapter_files(adapters) + spec_inputs + table_files(table))
     check_head(adapters, head)
+    if table is None:  # (with a table, the writer checks the modules it keeps)
+        check_head_holds_no_update(adapters, default_head(adapters, head))
     if table is not None:  # matched to the adapters by task name, as merge --mask does; errors name its file
         table = align_table(table, adapters)
         check_table(table, adapters, origin=table.origin or "mask")

@@ -1,4 +1,4 @@
-"""Review of session 20: each test failed before its fix."""
+"""Review of session 20: each test failed before its fix (but the plan_merge one, which pins a moved check)."""
 
 import json
 
@@ -56,19 +56,19 @@ def test_lambda_auto_s_edge_extension_reaches_its_limits_and_its_warning_names_t
         assert any(6.75 < lam < 8.0 for lam in tried) and "beyond" in warning
 
 
-def test_the_merge_function_refuses_a_truncation_it_would_ignore(setting):
-    """`merging.merge.merge(adapters, MergeConfig(isotropize=True, out_rank=2))` wrote the update at full rank,
-    ignoring out_rank: only plan_merge refused it."""
+def test_plan_merge_refuses_a_truncation_it_would_ignore(setting):
+    """`out_rank` / `energy` given where nothing is truncated are refused by the library's plan, as on the
+    command line (the check now lives with the merge code, beside the settings it reads)."""
     from loramerge_cli import api
     from loramerge_cli.errors import UsageError
-    from loramerge_cli.merging.merge import MergeConfig, merge
+    from loramerge_cli.merging.merge import MergeConfig
 
     adapters = api.load_adapters(setting.adapter_args())
     with pytest.raises(UsageError, match="--out-rank does not apply with --isotropize"):
-        merge(adapters, MergeConfig(merger="ties", isotropize=True, out_rank=2))
+        api.plan_merge(adapters, MergeConfig(merger="ties", isotropize=True, out_rank=2))
     with pytest.raises(UsageError, match="--energy truncates dense merges"):
-        merge(adapters, MergeConfig(merger="tsv", energy=0.9))
-    assert merge(adapters, MergeConfig(merger="ties", out_rank=2)).modules  # a dense merge: truncated
+        api.plan_merge(adapters, MergeConfig(merger="tsv", energy=0.9))
+    assert api.plan_merge(adapters, MergeConfig(merger="ties", out_rank=2))
 
 
 # --- PEFT's saved embedding layers (save_embedding_layers) --------------------------------------------------------
@@ -282,3 +282,25 @@ def test_a_non_ascii_output_path_in_an_ascii_locale_is_written(setting, tmp_path
                            LC_ALL="C", PYTHONUTF8="0", PYTHONCOERCECLOCALE="0", LANG="C")
     assert result.returncode == 0, result.stderr
     assert "out ×" in (out / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_served_head_that_holds_another_adapter_s_update_is_refused(tmp_path):
+    """d saves lm_head whole (modules_to_save) and b has LoRA on lm_head: `merge d b --head d` wrote both the
+    head and b's factors for lm_head, and PEFT, which puts no LoRA on a module it saves whole, dropped b's update
+    as it loaded the merge (exit 0, no word). Refused before any work; another head, or none, merges."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    base = _llama_lm(tmp_path / "base")
+    d = tmp_path / "d"
+    get_peft_model(LlamaForCausalLM.from_pretrained(str(base)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM",
+        init_lora_weights=False)).save_pretrained(str(d))
+    b = _lm_adapter(LlamaForCausalLM.from_pretrained(str(base)), tmp_path / "b", ["q_proj", "lm_head"], 2)
+    one_line(invoke_cli(["merge", "--adapters", d, b, "--head", "d", "--out", tmp_path / "m"]),
+             "d's head, served by the merge (modules_to_save: lm_head), saves lm_head whole, and b has a LoRA update")
+    assert not (tmp_path / "m").exists()
+    assert invoke_cli(["merge", "--adapters", d, b, "--out", tmp_path / "m"]).exit_code == 0  # no head: served none

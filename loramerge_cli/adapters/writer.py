@@ -191,6 +191,24 @@ def check_head(adapters: list[Adapter], head: str | None) -> Adapter | None:
     return by_name[head]
 
 
+def check_head_holds_no_update(adapters: list[Adapter], head: str | None, paths=None) -> None:
+    """The served head (`head`: a task's name, as default_head gives it) saves no module whole that carries a
+    merged update (`paths`: the merged modules, else every input's): PEFT puts no LoRA on a module named in
+    modules_to_save, so that update would be dropped as it loads, without a word."""
+    served = next((adapter for adapter in adapters if adapter.name == head), None)
+    if served is None or not served.heads:
+        return
+    names = served.head_modules
+    updated = paths if paths is not None else {path for adapter in adapters for path in adapter.modules}
+    clash = sorted(path for path in updated if saved_whole(names, path))
+    if clash:
+        owner = next(adapter.name for adapter in adapters if clash[0] in adapter.modules)
+        raise LoramergeError(f"task {head}'s head, served by the merge (modules_to_save: {', '.join(names)}), saves "
+                             f"{clash[0]} whole, and {owner} has a LoRA update on it: PEFT puts no LoRA on a module it "
+                             "saves whole, so that update would be lost; serve another task's head (--head TASK) or "
+                             "merge without that adapter's update there (a weight table)")
+
+
 def default_head(adapters: list[Adapter], head: str | None) -> str | None:
     """--head, else the first task that has one when the inputs' task type makes PEFT expect a head (SEQ_CLS,
     TOKEN_CLS, QUESTION_ANS: so that AutoPeftModelFor<Task> loads the merge) or names none (an image
@@ -247,6 +265,7 @@ def write_merged_adapter(
     head_adapter = check_head(adapters, head)
     check_output_dir(out_dir, force, adapter_files(adapters) + table_files(table))
     modules = {path: module for path, module in result.modules.items() if module.rank > 0}
+    check_head_holds_no_update(adapters, head, modules)
     if not modules or result.settings.lam == 0:  # λ = 0 scales every module to zero
         raise LoramergeError("the merge is empty: every module was pruned or merged to zero"
                              + (" (λ = 0)" if modules else "") + "; nothing to write")

@@ -211,7 +211,10 @@ def merge(
     `api.merge` applies them). docs/algorithms.md, "The merge pipeline", gives the exact semantics.
 
     `progress(path)` is called after each module is done (the CLI's progress bar). `statistics`: the input
-    Gram matrices of methods that read the tasks' data (RegMean; evaluation.grams.collect_grams)."""
+    Gram matrices of methods that read the tasks' data (RegMean; evaluation.grams.collect_grams). `out_rank` and
+    `energy` act only where a result is truncated (dense results): the config may carry them resolved for any
+    method, as the λ tuner's does; `api.plan_merge` refuses them where a caller gives them for nothing
+    (`check_truncation`)."""
     config = config or MergeConfig()
     if not adapters:
         raise LoramergeError("no adapters to merge")
@@ -219,7 +222,6 @@ def merge(
     if table is not None:
         check_table(table, adapters)
     settings = resolve_config(config, len(adapters), table)
-    check_truncation(config, settings)
     return run_merge(adapters, settings, table, progress, statistics=statistics)
 
 

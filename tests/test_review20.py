@@ -304,3 +304,101 @@ def test_a_served_head_that_holds_another_adapter_s_update_is_refused(tmp_path):
              "d's head, served by the merge (modules_to_save: lm_head), saves lm_head whole, and b has a LoRA update")
     assert not (tmp_path / "m").exists()
     assert invoke_cli(["merge", "--adapters", d, b, "--out", tmp_path / "m"]).exit_code == 0  # no head: served none
+
+
+# --- search-mask --strategy nsc -----------------------------------------------------------------------------------
+
+def test_nsc_refuses_merger_settings_it_never_reads(setting, tmp_path):
+    """`--strategy nsc -h` listed every merger option, and `--merger ties` or `--lambda 0.3` ran (exit 0) and
+    changed nothing: NSC learns the coefficients of a task-arithmetic sum itself."""
+    from dataclasses import replace
+
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    from loramerge_cli import api
+    from loramerge_cli.errors import UsageError
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search.runner import SearchRequest
+
+    common = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--strategy", "nsc",
+              "--steps", "1", "--out", tmp_path / "c.json"]
+    for flags, named in ((["--merger", "ties"], "--merger"), (["--lambda", "0.3"], "--lambda"),
+                         (["--merger", "ta"], "--merger"), (["--density", "0.5"], "--density")):
+        one_line(invoke_cli([*common, *flags]), f"{named} does nothing with --strategy nsc", code=2)
+    help_text = invoke_cli(["search-mask", "--strategy", "nsc", "-h"]).stdout
+    assert "--steps" in help_text and "--density" not in help_text and "--knots-scaled" not in help_text
+    assert "--density" in invoke_cli(["search-mask", "--strategy", "surrogate", "-h"]).stdout
+    request = SearchRequest(strategy="nsc", adapters=setting.adapter_args(), merge=MergeConfig(merger="ta"),
+                            tasks=setting.tasks_file, eval=EvalSettings(threads=1))
+    with pytest.raises(UsageError, match="--merger does nothing with --strategy nsc"):
+        api.plan_search(replace(request, merge=MergeConfig(merger="ties")))
+    assert api.plan_search(replace(request, merge=MergeConfig(merger="ta", seed=3)))
+
+
+def test_nsc_warnings_go_to_stderr(setting, tmp_path, monkeypatch):
+    """`search-mask --strategy nsc` printed its "the nsc loss of task … rose" warnings on stdout, with the
+    result, also under --quiet; warnings go to stderr (and --quiet silences them), as every command's do."""
+    from factories import invoke_cli
+
+    from loramerge_cli.search import nsc
+
+    real = nsc.raised_tasks
+    monkeypatch.setattr(nsc, "raised_tasks", lambda *args: (real(*args)[0], ["the nsc loss of task beta rose"]))
+    args = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--strategy", "nsc",
+            "--steps", "1", "--threads", "1", "--out", tmp_path / "c.json"]
+    result = invoke_cli(args)
+    assert result.exit_code == 0, result.output
+    assert "rose" not in result.stdout and "warning: the nsc loss of task beta rose" in result.stderr
+    quiet = invoke_cli([*args[:-1], tmp_path / "q.json", "--quiet"])
+    assert quiet.exit_code == 0 and "rose" not in quiet.stdout + quiet.stderr
+
+
+def test_greedy_and_random_record_the_settings_they_used(setting, tmp_path):
+    """Their `provenance.search` was {budget, sparsity}: the --max-prune cap given was only in the command, and
+    random's sparsity was null instead of the max_prune / 2 it used."""
+    from loramerge_cli.masks import load_table
+
+    from factories import invoke_cli
+
+    for strategy in ("greedy", "random"):
+        out = tmp_path / f"{strategy}.json"
+        result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                             "--strategy", strategy, "--max-prune", "0.5", "--budget", "4", "--threads", "1",
+                             "--out", out])
+        assert result.exit_code == 0, result.output
+        search = load_table(out).provenance["search"]
+        assert search["max_prune"] == 0.5 and search["budget"] == 4
+        if strategy == "random":
+            assert search["sparsity"] == 0.25 and search["pruned"] >= 1
+        else:
+            assert search["max_pruned"] >= 1
+
+
+def test_a_prompt_longer_than_the_tokenizer_s_limit_prints_no_transformers_warning(tmp_path):
+    """`eval --json` on causal-lm prompts longer than the tokenizer's model_max_length printed transformers'
+    "Token indices sequence length is longer than the specified maximum …" on stderr: the prompts are
+    left-truncated to the cap right after, so it was noise, and --json promises a silent stderr."""
+    from eval_fixtures import build_gpt2_lm
+    from transformers import AutoTokenizer
+
+    from loramerge_cli.evaluation.batches import prepare_choices
+
+    base = build_gpt2_lm(tmp_path / "gpt2")
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    (base / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 8}))
+    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        prepared = prepare_choices(["w1 w2 " * 10], [" w1", " w2"], tokenizer, 0, 2, 8, "cpu")
+        AutoTokenizer.from_pretrained(str(base))("w1 w2 " * 10)  # (a fresh one warns once: the test can fail)
+    finally:
+        logger.removeHandler(handler)
+    messages = [record.getMessage() for record in records]
+    assert prepared.count == 1 and len(messages) == 1 and "Token indices" in messages[0]

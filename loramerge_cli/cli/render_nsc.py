@@ -71,7 +71,6 @@ def nsc_summary(table, provenance: dict):
     parts.append(Text("per task, start -> learned: " + "; ".join(
         f"{name} {before:.4f} -> {after:.4f}"
         for name, before, after in zip(per_task["tasks"], per_task["start"], per_task["end"]))))
-    parts += [Text(f"warning: {warning}", style="yellow") for warning in provenance["warnings"]]
     test = provenance.get("test")
     if test:
         parts.append(Text(f"test mean normalized accuracy: ta at its default λ "

@@ -8,7 +8,15 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from loramerge_cli.cli.common import command_errors, command_line, emit_json, examples_epilog, result_console
+from loramerge_cli.cli.common import (
+    command_errors,
+    command_line,
+    emit_json,
+    examples_epilog,
+    human_console,
+    print_warnings,
+    result_console,
+)
 from loramerge_cli.cli.options import (
     adapter_options,
     choice,
@@ -155,11 +163,12 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
             flag = f"--{parameter.name.replace('_', '-')}"
             if parameter.name not in own:
                 raise UsageError(f"{flag} is a setting of --strategy {other.name}, not of {strategy}")
-    shared = {name for names in SHARED_SETTINGS.values() for name in names}
+    shared = {name for names in SHARED_SETTINGS.values() for name in names} | merger_option_names()
     for name in sorted(shared & foreign_options(strategy)):  # given, even at its default value (the library,
         source = ctx.get_parameter_source(name)  # which cannot tell, refuses one changed from its default)
         if source is not None and source.name != "DEFAULT":
-            raise UsageError(f"--{name.replace('_', '-')} does nothing with --strategy {strategy}")
+            raise UsageError(f"--{'lambda' if name == 'lam' else name.replace('_', '-')} does nothing with "
+                             f"--strategy {strategy}")
 
 
 def strategy_settings(flags: dict, strategy: str) -> dict:
@@ -200,6 +209,8 @@ def search_command(ctx: typer.Context, **flags) -> None:
                       highlight=False)
     with console:
         table, provenance = api.search(plan, console)
+    if flags["strategy"] == "nsc" or flags["fitness"] == "nsc":  # (the labelled searches said theirs as they began)
+        print_warnings(human_console(flags["quiet"], flags["json_output"]), provenance.get("warnings", []))
     if flags["json_output"]:
         return emit_json(table.to_json())
     result_console().print(summary(table, provenance))  # the result: stdout
@@ -267,6 +278,11 @@ def search_request(flags: dict, command: str):
     )
 
 
+def merger_option_names() -> set[str]:
+    """The merger options' names (--merger, --lambda as `lam`, every method parameter, …)."""
+    return {parameter.name for parameter in merger_options("ta")}
+
+
 def foreign_options(strategy: str) -> set[str]:
     """The options of other strategies that `strategy` never reads (its help leaves them out): their own settings
     and the shared ones it does not use (a mask strategy reads the label-free objective's, for --fitness nsc)."""
@@ -275,7 +291,8 @@ def foreign_options(strategy: str) -> set[str]:
     owners: dict[str, set[str]] = {}
     for candidate in STRATEGIES.values():
         names = {p.name for p in candidate.parameters} | set(candidate.uses)
-        names |= NSC_OBJECTIVE if candidate.kind == "mask" else set()
+        names |= NSC_OBJECTIVE | merger_option_names() if candidate.kind == "mask" else set()  # (coefficients: a
+        # task-arithmetic sum of their own)
         for name in names:
             owners.setdefault(name, set()).add(candidate.name)
     return {name for name, owned_by in owners.items() if strategy not in owned_by}

@@ -114,7 +114,8 @@ def prepare_choices(
     """One sequence per (example, choice): prompt tokens, then the choice's tokens (left-truncated);
     the tokenizer's other per-token outputs the model `accepted` are concatenated the same way."""
     choice_encodings = encode_choices(choices, tokenizer, max_length, accepted)
-    contexts = [_encoding(tokenizer(prompt), accepted) for prompt in prompts]
+    contexts = [_encoding(tokenizer(prompt, verbose=False), accepted) for prompt in prompts]  # (left-truncated
+    # below: the tokenizer's "longer than the maximum" warning would be noise, on stderr under --json too)
     _refuse_empty([len(context["input_ids"]) for context in contexts], "prompt",
                   "a choice's first token would be scored with no context")
     sequences, lengths = [], []

@@ -149,7 +149,8 @@ def _run_greedy(request, fitness, space: SearchSpace, on_event) -> Outcome:
     history, on_round = _rounds(on_event)
     k_max = max_pruned(request.enmp.max_prune, space.unit_count, space.task_count)
     ledger = greedy_search(fitness, space.unit_count * space.task_count, k_max, _budget(request), on_round)
-    return Outcome(ledger.best(), len(ledger.memo) - 1, history)
+    return Outcome(ledger.best(), len(ledger.memo) - 1, history, settings={
+        "budget": _budget(request), "max_prune": request.enmp.max_prune, "max_pruned": k_max})
 
 
 def _run_random(request, fitness, space: SearchSpace, on_event) -> Outcome:
@@ -161,7 +162,8 @@ def _run_random(request, fitness, space: SearchSpace, on_event) -> Outcome:
     sparsity = request.sparsity if request.sparsity is not None else request.enmp.max_prune / 2
     count = max(1, min(max_pruned(request.enmp.max_prune, space.unit_count, space.task_count), round(sparsity * flat)))
     ledger = random_search(fitness, flat, count, _budget(request), request.enmp.seed, on_round)
-    return Outcome(ledger.best(), len(ledger.memo) - 1, history)
+    return Outcome(ledger.best(), len(ledger.memo) - 1, history, settings={
+        "budget": _budget(request), "max_prune": request.enmp.max_prune, "sparsity": sparsity, "pruned": count})
 
 
 def _run_screened(request, fitness, space: SearchSpace, on_event) -> Outcome:

@@ -8,15 +8,8 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from loramerge_cli.cli.common import (
-    command_errors,
-    command_line,
-    emit_json,
-    examples_epilog,
-    human_console,
-    print_warnings,
-    result_console,
-)
+from loramerge_cli.cli.common import (command_errors, command_line, emit_json, examples_epilog, human_console,
+                                      print_warnings, result_console)
 from loramerge_cli.cli.options import (
     adapter_options,
     choice,

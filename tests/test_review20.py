@@ -402,3 +402,16 @@ def test_a_prompt_longer_than_the_tokenizer_s_limit_prints_no_transformers_warni
         logger.removeHandler(handler)
     messages = [record.getMessage() for record in records]
     assert prepared.count == 1 and len(messages) == 1 and "Token indices" in messages[0]
+
+
+def test_a_matplotlib_that_does_not_start_is_one_line_before_any_work(setting, tmp_path):
+    """`MPLBACKEND=nonsense search-mask --plot p.png` ended in an internal error (matplotlib's ValueError as it
+    imports): an environment matplotlib refuses is said in one line, before any work."""
+    import shlex
+
+    adapters = " ".join(shlex.quote(str(arg)) for arg in setting.adapter_args())
+    result = _run_in_shell(f"LORAMERGE search-mask --adapters {adapters} --tasks {setting.tasks_file} --budget 10 "
+                           f"--plot {tmp_path / 'p.png'} --out {tmp_path / 'm.json'}", tmp_path, MPLBACKEND="nonsense")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --plot: matplotlib does not start") and "MPLBACKEND" in result.stderr
+    assert not (tmp_path / "m.json").exists()

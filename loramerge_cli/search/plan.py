@@ -179,6 +179,10 @@ def check_extras(request: SearchRequest, plot: Path | None) -> None:
                 importlib.import_module(module)
         except ImportError:
             raise LoramergeError(f"{reason} needs {module}: pip install 'loramerge[{extra}]'") from None
+        except ValueError as error:  # matplotlib refuses its environment (MPLBACKEND=nonsense) as it imports
+            reason_line = str(error).split(";")[0]
+            raise LoramergeError(f"{reason}: {module} does not start ({reason_line}; check MPLBACKEND and "
+                                 "matplotlibrc)") from None
 
 
 def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool = False) -> None:

@@ -36,8 +36,9 @@ def _search(setting, *extra):
 
 
 def _request(setting, **changes) -> SearchRequest:
-    if changes.get("strategy") == "nsc":  # it reads none of the mask strategies' settings
+    if changes.get("strategy") == "nsc":  # it reads none of the mask strategies' settings, nor a merger's
         changes.setdefault("enmp", EnmpSettings())
+        changes.setdefault("merge", MergeConfig(merger="ta"))
     return replace(SearchRequest(strategy="screened", adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"),
                                  tasks=setting.tasks_file, eval=EvalSettings(threads=1, batch_size=8),
                                  enmp=EnmpSettings(popsize=4, generations=2, max_prune=0.5, seed=3)), **changes)

@@ -324,7 +324,7 @@ def test_nsc_refuses_merger_settings_it_never_reads(setting, tmp_path):
     common = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--strategy", "nsc",
               "--steps", "1", "--out", tmp_path / "c.json"]
     for flags, named in ((["--merger", "ties"], "--merger"), (["--lambda", "0.3"], "--lambda"),
-                         (["--merger", "ta"], "--merger"), (["--density", "0.5"], "--density")):
+                         (["--method", "ta"], "--method"), (["--density", "0.5"], "--density")):
         one_line(invoke_cli([*common, *flags]), f"{named} does nothing with --strategy nsc", code=2)
     help_text = invoke_cli(["search-mask", "--strategy", "nsc", "-h"]).stdout
     assert "--steps" in help_text and "--density" not in help_text and "--knots-scaled" not in help_text

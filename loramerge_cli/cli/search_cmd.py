@@ -159,7 +159,8 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
     shared = {name for names in SHARED_SETTINGS.values() for name in names} | merger_option_names()
     for name in sorted(shared & foreign_options(strategy)):  # given, even at its default value (the library,
         source = ctx.get_parameter_source(name)  # which cannot tell, refuses one changed from its default)
-        if source is not None and source.name != "DEFAULT":
+        if source is not None and source.name != "DEFAULT" and not (name == "merger" and flags[name] == "ta"):
+            # (--merger ta names the sum NSC weighs)
             raise UsageError(f"--{'lambda' if name == 'lam' else name.replace('_', '-')} does nothing with "
                              f"--strategy {strategy}")
 

@@ -87,13 +87,6 @@ def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
     if request.resume and request.run_dir is None:
         raise UsageError("--resume needs --run-dir")
     Backend(request.backend, request.devices, request.ray_address).check()
-    merger_given = {name: value for name, value in request.merge.given().items()
-                    if not (name == "merger" and value == "ta") and name not in ("compute_dtype", "seed")}
-    if strategy.kind == "coefficients" and merger_given:
-        name = sorted(merger_given)[0]
-        raise UsageError(f"--{'lambda' if name == 'lam' else name.replace('_', '-')} does nothing with --strategy "
-                         f"{strategy.name}: it learns the coefficients of a task-arithmetic sum itself (merge --mask "
-                         "applies them)")
     if strategy.kind == "coefficients" and (request.devices or request.backend == "ray"):
         raise UsageError(f"--strategy {strategy.name} trains on one device (--device); --devices, --workers and "
                          "--backend ray spread the tables a mask search scores (eval's merges, --lambda auto's "
@@ -112,11 +105,24 @@ def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
                              f"{request.sparsity:g})")
     if not request.resume:  # a saved run's settings stand as they were saved (this check came later)
         check_unused(strategy, request)
+        check_merger_unused(strategy, request)
     check_options(strategy, request.options)
     check_needs(strategy, request.options)
     if strategy.check is not None:
         strategy.check(request)
     return strategy
+
+
+def check_merger_unused(strategy, request: SearchRequest) -> None:
+    """A coefficient strategy (NSC) learns the coefficients of a task-arithmetic sum itself: merger settings
+    (bar `merger="ta"`, and the seed, which is the search's) would be ignored, so they are refused."""
+    given = {name: value for name, value in request.merge.given().items()
+             if not (name == "merger" and value == "ta") and name not in ("compute_dtype", "seed")}
+    if strategy.kind == "coefficients" and given:
+        name = sorted(given)[0]
+        raise UsageError(f"--{'lambda' if name == 'lam' else name.replace('_', '-')} does nothing with --strategy "
+                         f"{strategy.name}: it learns the coefficients of a task-arithmetic sum itself (merge --mask "
+                         "applies them)")
 
 
 def check_splits(request: SearchRequest) -> None:

@@ -42,10 +42,10 @@ def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = 
         for key, tensor in adapter.base_copies.items():
             first = copies.setdefault(key, adapter)
             if first is not adapter and not same_weights(first.base_copies[key], tensor):
-                problems.append(f"the saved base weight {key} differs between {first.name} and {adapter.name}: the "
-                                "adapters were saved with different base weights for that module (PEFT's "
-                                "save_embedding_layers: a resized vocabulary?), and one merged adapter can carry only "
-                                "one")
+                problems.append(f"the saved base weight {key} differs between {first.name} and {adapter.name}: PEFT "
+                                "loads a whole tensor that modules_to_save does not name over the base's (saved by "
+                                "save_embedding_layers after a vocabulary resize, or a head missing from the config's "
+                                "modules_to_save?), and one merged adapter can carry only one")
     return problems
 
 

@@ -231,7 +231,7 @@ def grid_search(
     if extended is None:
         return chosen, []
     edge, reached, at_limit = extended
-    if at_limit:
+    if at_limit and chosen == reached:  # (a refinement that moved the best inward found an interior optimum)
         return chosen, [(f"λ auto: the grid was extended from its edge {edge:g} as far as it goes, {reached:g}, and "
                          f"the best λ, {chosen:g}, is still at that end; the optimum may lie beyond (give --lambda "
                          "explicitly)")]

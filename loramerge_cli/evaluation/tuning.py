@@ -195,8 +195,9 @@ def grid_search(
     `means_at(λs, stage)`, if given, scores each stage's new points at once (on a backend's workers).
 
     Exactly `grid` when given; else the coarse grid, its edge extended while the best lies on it, then
-    refine_points between the neighbours of each of the REFINE_AROUND best points (an end point: between it and
-    its one neighbour); `also` with the coarse grid (stage "table"). The warning, if any, names the final best."""
+    refine_points between the neighbours of each of the REFINE_AROUND best points (the best at an end of what
+    was tried, an extension's limit: between it and its one neighbour); `also` with the coarse grid (stage
+    "table"). The warning, if any, names the final best."""
     tried: dict[float, float | None] = {}
 
     def score(points, stage: str) -> None:
@@ -224,9 +225,11 @@ def grid_search(
     leaders = []
     while len(leaders) < min(REFINE_AROUND, len(points)):
         leaders.append(best([lam for lam in points if lam not in leaders]))
-    around = [(points[max(index - 1, 0)], points[min(index + 1, len(points) - 1)])  # an end point: toward its
-              for index in map(points.index, leaders)]  # one neighbour
-    score([lam for low, high in around if low < high for lam in refine_points(low, high)], "refine")
+    around = [(points[index - 1] if index > 0 else points[index] if rank == 0 else None,  # the best at an end
+               points[index + 1] if index + 1 < len(points) else points[index] if rank == 0 else None)  # (at an
+              for rank, index in enumerate(map(points.index, leaders))]  # extension's limit): toward its neighbour
+    score([lam for low, high in around if low is not None and high is not None and low < high
+           for lam in refine_points(low, high)], "refine")
     chosen = best()
     if extended is None:
         return chosen, []

@@ -283,9 +283,10 @@ def foreign_options(strategy: str) -> set[str]:
     from loramerge_cli.search.strategies import NSC_OBJECTIVE, STRATEGIES
 
     owners: dict[str, set[str]] = {}
+    merger_names = merger_option_names()
     for candidate in STRATEGIES.values():
         names = {p.name for p in candidate.parameters} | set(candidate.uses)
-        names |= NSC_OBJECTIVE | merger_option_names() if candidate.kind == "mask" else set()  # (coefficients: a
+        names |= NSC_OBJECTIVE | merger_names if candidate.kind == "mask" else set()  # (coefficients: a
         # task-arithmetic sum of their own)
         for name in names:
             owners.setdefault(name, set()).add(candidate.name)

@@ -415,3 +415,51 @@ def test_a_matplotlib_that_does_not_start_is_one_line_before_any_work(setting, t
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: --plot: matplotlib does not start") and "MPLBACKEND" in result.stderr
     assert not (tmp_path / "m.json").exists()
+
+
+# --- heads of several layers, image classifiers: what the card and the config say ---------------------------------
+
+def test_a_head_of_several_layers_gives_its_class_count():
+    """RoBERTa's `classifier.dense` + `classifier.out_proj` (DistilBERT's `pre_classifier` + `classifier`): the
+    card's snippet left out `num_labels`, so it failed to load (a 3-row out_proj into a 2-class head)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from loramerge_cli.adapters.card import head_classes
+    from loramerge_cli.adapters.model import head_class_count
+
+    roberta = {"classifier.dense.weight": torch.zeros(32, 32), "classifier.dense.bias": torch.zeros(32),
+               "classifier.out_proj.weight": torch.zeros(3, 32), "classifier.out_proj.bias": torch.zeros(3)}
+    distilbert = {"pre_classifier.weight": torch.zeros(32, 32), "classifier.weight": torch.zeros(5, 32)}
+    assert head_class_count(roberta) == 3 and head_class_count(distilbert) == 5
+    assert head_class_count({"score.weight": torch.zeros(4, 32)}) == 4
+    assert head_class_count({"a.weight": torch.zeros(3, 8), "b.weight": torch.zeros(4, 8)}) is None  # cannot tell
+    assert head_classes([SimpleNamespace(name="t1", heads=roberta)], "t1") == 3
+
+
+def test_an_image_classifier_merge_keeps_the_class_it_was_trained_on(tmp_path):
+    """ViT adapters (task_type null) name ViTForImageClassification in PEFT's `auto_mapping`: the merge dropped it,
+    so `AutoPeftModel.from_pretrained(merge)` failed ("Cannot infer the auto class"), and on a base saved as
+    ViTModel the card's snippet loaded `AutoModel` (the adapters' targets not found)."""
+    import warnings
+
+    from eval_fixtures import build_vit_classifier, save_peft_adapter
+    from peft import AutoPeftModel
+
+    from factories import invoke_cli
+
+    base = build_vit_classifier(tmp_path / "vit")
+    adapters = [save_peft_adapter(base, tmp_path / name, ["q_proj", "v_proj"], "ViTForImageClassification", None,
+                                  seed=index, head_modules=["classifier"]) for index, name in enumerate(("a", "b"))]
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "architectures": ["ViTModel"]}))
+    out = tmp_path / "m"
+    assert invoke_cli(["merge", "--adapters", *adapters, "--head", "b", "--out", out]).exit_code == 0
+    mapping = json.loads((out / "adapter_config.json").read_text())["auto_mapping"]
+    assert mapping["base_model_class"] == "ViTForImageClassification"
+    assert "AutoModelForImageClassification.from_pretrained" in (out / "README.md").read_text()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = AutoPeftModel.from_pretrained(str(out), num_labels=3)
+    assert type(model.base_model.model).__name__ == "ViTForImageClassification"

@@ -124,11 +124,11 @@ def _papers(settings) -> list[str]:
 
 
 def head_classes(adapters, head: str | None) -> int | None:
-    """The classes of task `head`'s head (rows of its one 2-D weight), None when unknown or not one matrix."""
+    """The classes of task `head`'s head (model.head_class_count), None when unknown."""
+    from loramerge_cli.adapters.model import head_class_count
+
     adapter = next((a for a in adapters if a.name == head), None)
-    matrices = [value for key, value in (adapter.heads if adapter else {}).items()
-                if key.endswith("weight") and value.dim() == 2]
-    return int(matrices[0].shape[0]) if len(matrices) == 1 else None
+    return head_class_count(adapter.heads) if adapter is not None else None
 
 
 TASK_TYPE_MODEL_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_CLS": "AutoModelForSequenceClassification",
@@ -174,18 +174,30 @@ def base_config(base: str | None) -> dict:
     return loaded if isinstance(loaded, dict) else {}
 
 
-def base_model_class(task_type: str | None, base: str | None) -> str:
-    """The Auto class to load the base with: the task type's, else the one the base's config.json names
-    (base_config), else AutoModel."""
+def base_model_class(task_type: str | None, base: str | None, trained_on: str | None = None) -> str:
+    """The Auto class to load the base with: the task type's, else that of the class the adapters were trained
+    on (`trained_on`: their PEFT `auto_mapping.base_model_class`, ViTForImageClassification on a ViTModel
+    base), else the one the base's config.json names (base_config), else AutoModel."""
     if task_type in TASK_TYPE_MODEL_CLASSES:
         return TASK_TYPE_MODEL_CLASSES[task_type]
     architectures = base_config(base).get("architectures") or []
     if not isinstance(architectures, list):
         architectures = []
-    for suffix, model_class in ARCHITECTURE_MODEL_CLASSES:
-        if architectures and str(architectures[0]).endswith(suffix):
-            return model_class
+    for name in [trained_on] + architectures[:1]:
+        for suffix, model_class in ARCHITECTURE_MODEL_CLASSES:
+            if name and str(name).endswith(suffix):
+                return model_class
     return "AutoModel"
+
+
+def trained_class(adapters) -> str | None:
+    """The model class every input adapter was trained on, from PEFT's `auto_mapping` (None: they differ or
+    do not say)."""
+    names = set()
+    for adapter in adapters:
+        mapping = adapter.config.get("auto_mapping")
+        names.add(mapping.get("base_model_class") if isinstance(mapping, dict) else None)
+    return names.pop() if len(names) == 1 else None
 
 
 def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str | None, has_heads: bool,
@@ -279,7 +291,7 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
     title = repo.rsplit("/", 1)[-1] if repo else title
     settings = result.settings
     hub_base = hub_base_model(base)
-    model_class = base_model_class(task_type, base)
+    model_class = base_model_class(task_type, base, trained_class(adapters))
     data = ModelCardData(base_model=hub_base, library_name="peft", tags=list(TAGS),
                          pipeline_tag=PIPELINE_TAGS.get(model_class))
     named = {adapter.base_model for adapter in adapters if adapter.base_model}

@@ -119,6 +119,16 @@ class Adapter:
         return sorted(names)
 
 
+def head_class_count(head: dict[str, torch.Tensor]) -> int | None:
+    """The classes a head predicts: the rows of its one 2-D weight, or of its one non-square one (a head of
+    several layers: RoBERTa's `classifier.dense` + `classifier.out_proj`, DistilBERT's `pre_classifier` +
+    `classifier`); None when no single matrix says it."""
+    matrices = [value for key, value in head.items() if key.endswith("weight") and value.dim() == 2]
+    if len(matrices) > 1:
+        matrices = [value for value in matrices if value.shape[0] != value.shape[1]]
+    return int(matrices[0].shape[0]) if len(matrices) == 1 else None
+
+
 def saved_whole(names, owner: str) -> bool:
     """PEFT wraps module `owner`, or a module above it, in a ModulesToSaveWrapper for these `modules_to_save`
     names: its rule is a plain suffix match of the module's path (`classifier` wraps `pre_classifier` too)."""

@@ -88,6 +88,7 @@ def lora_config(
     task_type: str | None,
     modules_to_save: list[str] | None,
     revision: str | None = None,
+    auto_mapping: dict | None = None,
 ) -> dict:
     """The adapter_config.json PEFT writes for LoRA, with exact module paths as targets.
 
@@ -122,6 +123,7 @@ def lora_config(
         "layers_to_transform": None,
         "layers_pattern": None,
         "exclude_modules": None,
+        **({"auto_mapping": auto_mapping} if auto_mapping else {}),  # the class AutoPeftModel builds (task_type null)
     }
 
 
@@ -227,6 +229,14 @@ def _merged_task_type(adapters: list[Adapter], head_adapter: Adapter | None) -> 
     return None if head_adapter is None and task_type in HEAD_TASK_TYPES else task_type
 
 
+def _common_mapping(adapters: list[Adapter]) -> dict | None:
+    """The inputs' PEFT `auto_mapping` (the model class they were trained on, which AutoPeftModel builds when the
+    task type is null: an image classifier), when every input has the same one."""
+    mappings = {json.dumps(a.config.get("auto_mapping"), sort_keys=True) for a in adapters}
+    mapping = json.loads(mappings.pop()) if len(mappings) == 1 else None
+    return mapping if isinstance(mapping, dict) and mapping.get("base_model_class") else None
+
+
 def _common(values: list):
     """The one non-empty value all inputs agree on, else None."""
     distinct = {value for value in values if value}
@@ -298,6 +308,7 @@ def write_merged_adapter(
         modules_to_save=heads,
         # the inputs' base revision, unless --base names another base
         revision=_common([a.config.get("revision") for a in adapters]) if base == inputs_base else None,
+        auto_mapping=_common_mapping(adapters),
     )
     inputs = adapter_files(adapters) + table_files(table)
     table = portable_table(table, out_dir, adapters)  # (as the folder holds it)

@@ -236,7 +236,7 @@ def _print_report(report: dict, console, served: str | None, head: str | None) -
     print_warnings(console, report["warnings"])
     if served != head:
         console.print(f"note: no --head: the head of task {served!r} is in modules_to_save, so that the merge loads "
-                      "with AutoPeftModel (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)
+                      "with a task head (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)
     result_console().print(render.merge_table(report))
     for line in push_lines(report["push"]) if "push" in report else []:
         result_console().print(line, markup=False, highlight=False)

@@ -18,6 +18,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from loramerge_cli.adapters.model import head_class_count
 from loramerge_cli.adapters.sources import sha256_file
 from loramerge_cli.errors import LoramergeError, NonFiniteError
 from loramerge_cli.evaluation import batches as batching
@@ -168,8 +169,7 @@ class Evaluator:
         counts = {}
         for task in self.task_file.tasks:
             count = task.class_count
-            weights = [t for key, t in self.heads[task.name].items() if key.endswith("weight") and t.dim() == 2]
-            rows = int(weights[0].shape[0]) if len(weights) == 1 else None
+            rows = head_class_count(self.heads[task.name])
             if count is not None and rows is not None and count != rows:  # before the base loads with `count`
                 hint = f"; set num_labels: {rows} (classes past the names are masked)" if task.labels else ""
                 raise self.task_file.error(f"{task.where}.num_labels", f"the spec gives {count} classes but the "

@@ -254,8 +254,6 @@ def plan_merge(
     if out is not None:
         check_output_dir(out, force, adapter_files(adapters) + spec_inputs + table_files(table))
     check_head(adapters, head)
-    if table is None:  # (with a table, the writer checks the modules it keeps)
-        check_head_holds_no_update(adapters, default_head(adapters, head))
     if table is not None:  # matched to the adapters by task name, as merge --mask does; errors name its file
         table = align_table(table, adapters)
         check_table(table, adapters, origin=table.origin or "mask")
@@ -269,6 +267,9 @@ def plan_merge(
     combined = replace(MergeConfig(**fields, params=params), compute_dtype=config.compute_dtype)
     check_compatible(adapters, allow_base_mismatch)
     settings = resolve_config(combined, len(adapters), None if tuning else table)
+    check_head_holds_no_update(adapters, default_head(adapters, head), {  # the updates a table or weight keeps
+        path for index, adapter in enumerate(adapters) for path in adapter.modules
+        if settings.weights[index] != 0 and (table is None or table.weight(index, path) != 0)})
     if "seed" in config.given() and not settings.method.randomized:
         raise UsageError(f"--seed does nothing with {settings.method.name}: only randomized methods "
                          f"({', '.join(randomized_methods())}) draw")

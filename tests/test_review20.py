@@ -463,3 +463,38 @@ def test_an_image_classifier_merge_keeps_the_class_it_was_trained_on(tmp_path):
         warnings.simplefilter("ignore")
         model = AutoPeftModel.from_pretrained(str(out), num_labels=3)
     assert type(model.base_model.model).__name__ == "ViTForImageClassification"
+
+
+def test_a_served_head_clash_is_refused_before_the_merge_with_a_table_too(tmp_path, monkeypatch):
+    """With `--mask`, the clash of a served head and another adapter's update was found by the writer, after
+    the merge was computed; the plan now checks the updates the table keeps (and lets a table that prunes the
+    clashing update merge)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    from loramerge_cli.merging import merge as merging
+
+    base = _llama_lm(tmp_path / "base")
+    d = tmp_path / "d"
+    get_peft_model(LlamaForCausalLM.from_pretrained(str(base)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM",
+        init_lora_weights=False)).save_pretrained(str(d))
+    b = _lm_adapter(LlamaForCausalLM.from_pretrained(str(base)), tmp_path / "b", ["q_proj", "lm_head"], 2)
+    units = ["lm_head", *(f"model.layers.{block}.self_attn.{kind}" for block in (0, 1)
+                          for kind in ("q_proj", "v_proj"))]
+    for name, b_weight in (("keeps", 1), ("prunes", 0)):  # one unit per module: lm_head's weight per task
+        (tmp_path / f"{name}.json").write_text(json.dumps({"format": "loramerge.mask/v1", "tasks": ["d", "b"],
+                                                           "unit": "module", "units": units,
+                                                           "weights": [[1] * 5, [b_weight, 1, 1, 1, 1]]}))
+    merged = []
+    real = merging.run_merge
+    monkeypatch.setattr(merging, "run_merge", lambda *args, **kwargs: merged.append(1) or real(*args, **kwargs))
+    one_line(invoke_cli(["merge", "--adapters", d, b, "--head", "d", "--mask", tmp_path / "keeps.json",
+                         "--out", tmp_path / "m"]), "saves lm_head whole, and b has a LoRA update")
+    assert not merged and not (tmp_path / "m").exists()
+    result = invoke_cli(["merge", "--adapters", d, b, "--head", "d", "--mask", tmp_path / "prunes.json",
+                         "--out", tmp_path / "m"])
+    assert result.exit_code == 0 and merged, result.output

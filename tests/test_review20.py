@@ -284,22 +284,27 @@ def test_a_non_ascii_output_path_in_an_ascii_locale_is_written(setting, tmp_path
     assert "out ×" in (out / "README.md").read_text(encoding="utf-8")
 
 
-def test_a_served_head_that_holds_another_adapter_s_update_is_refused(tmp_path):
-    """d saves lm_head whole (modules_to_save) and b has LoRA on lm_head: `merge d b --head d` wrote both the
-    head and b's factors for lm_head, and PEFT, which puts no LoRA on a module it saves whole, dropped b's update
-    as it loaded the merge (exit 0, no word). Refused before any work; another head, or none, merges."""
+def _head_and_update(tmp_path):
+    """d saves lm_head whole (modules_to_save), b has LoRA on lm_head: (d, b) folders on one tiny Llama LM."""
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM
-
-    from factories import invoke_cli
-    from test_hostile_inputs import one_line
 
     base = _llama_lm(tmp_path / "base")
     d = tmp_path / "d"
     get_peft_model(LlamaForCausalLM.from_pretrained(str(base)), LoraConfig(
         r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM",
         init_lora_weights=False)).save_pretrained(str(d))
-    b = _lm_adapter(LlamaForCausalLM.from_pretrained(str(base)), tmp_path / "b", ["q_proj", "lm_head"], 2)
+    return d, _lm_adapter(LlamaForCausalLM.from_pretrained(str(base)), tmp_path / "b", ["q_proj", "lm_head"], 2)
+
+
+def test_a_served_head_that_holds_another_adapter_s_update_is_refused(tmp_path):
+    """d saves lm_head whole (modules_to_save) and b has LoRA on lm_head: `merge d b --head d` wrote both the
+    head and b's factors for lm_head, and PEFT, which puts no LoRA on a module it saves whole, dropped b's update
+    as it loaded the merge (exit 0, no word). Refused before any work; another head, or none, merges."""
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    d, b = _head_and_update(tmp_path)
     one_line(invoke_cli(["merge", "--adapters", d, b, "--head", "d", "--out", tmp_path / "m"]),
              "d's head, served by the merge (modules_to_save: lm_head), saves lm_head whole, and b has a LoRA update")
     assert not (tmp_path / "m").exists()
@@ -469,20 +474,12 @@ def test_a_served_head_clash_is_refused_before_the_merge_with_a_table_too(tmp_pa
     """With `--mask`, the clash of a served head and another adapter's update was found by the writer, after
     the merge was computed; the plan now checks the updates the table keeps (and lets a table that prunes the
     clashing update merge)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaForCausalLM
-
     from factories import invoke_cli
     from test_hostile_inputs import one_line
 
     from loramerge_cli.merging import merge as merging
 
-    base = _llama_lm(tmp_path / "base")
-    d = tmp_path / "d"
-    get_peft_model(LlamaForCausalLM.from_pretrained(str(base)), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"], task_type="CAUSAL_LM",
-        init_lora_weights=False)).save_pretrained(str(d))
-    b = _lm_adapter(LlamaForCausalLM.from_pretrained(str(base)), tmp_path / "b", ["q_proj", "lm_head"], 2)
+    d, b = _head_and_update(tmp_path)
     units = ["lm_head", *(f"model.layers.{block}.self_attn.{kind}" for block in (0, 1)
                           for kind in ("q_proj", "v_proj"))]
     for name, b_weight in (("keeps", 1), ("prunes", 0)):  # one unit per module: lm_head's weight per task

@@ -144,6 +144,7 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
     strategy never reads (one whose `needs` switch is off, `--no-screen --greedy-pool 4`, is refused by the
     strategy's own check, for the library too)."""
     from loramerge_cli.errors import UsageError
+    from loramerge_cli.search.rundir import flag_name
     from loramerge_cli.search.strategies import SHARED_SETTINGS, STRATEGIES, strategy_named
 
     strategy = flags["strategy"]
@@ -161,8 +162,7 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
         source = ctx.get_parameter_source(name)  # which cannot tell, refuses one changed from its default)
         if source is not None and source.name != "DEFAULT" and not (name == "merger" and flags[name] == "ta"):
             # (--merger ta names the sum NSC weighs)
-            raise UsageError(f"--{'lambda' if name == 'lam' else name.replace('_', '-')} does nothing with "
-                             f"--strategy {strategy}")
+            raise UsageError(f"{flag_name(name)} does nothing with --strategy {strategy}")
 
 
 def strategy_settings(flags: dict, strategy: str) -> dict:

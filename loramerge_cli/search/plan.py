@@ -13,7 +13,8 @@ from loramerge_cli.errors import LoramergeError, UsageError, check_integer, chec
 from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp_settings import EnmpSettings
 from loramerge_cli.search.nsc_settings import NscSettings
-from loramerge_cli.search.rundir import CONFIG_NAME, RunDirLock, protected_paths, run_dir_files, state_names
+from loramerge_cli.search.rundir import (CONFIG_NAME, RunDirLock, flag_name, protected_paths, run_dir_files,
+                                         state_names)
 from loramerge_cli.search.strategies import (
     DEFAULT_STRATEGY,
     Strategy,
@@ -120,7 +121,7 @@ def check_merger_unused(strategy, request: SearchRequest) -> None:
              if not (name == "merger" and value == "ta") and name not in ("compute_dtype", "seed")}
     if strategy.kind == "coefficients" and given:
         name = sorted(given)[0]
-        raise UsageError(f"--{'lambda' if name == 'lam' else name.replace('_', '-')} does nothing with --strategy "
+        raise UsageError(f"{flag_name(name)} does nothing with --strategy "
                          f"{strategy.name}: it learns the coefficients of a task-arithmetic sum itself (merge --mask "
                          "applies them)")
 

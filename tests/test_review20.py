@@ -495,3 +495,28 @@ def test_a_served_head_clash_is_refused_before_the_merge_with_a_table_too(tmp_pa
     result = invoke_cli(["merge", "--adapters", d, b, "--head", "d", "--mask", tmp_path / "prunes.json",
                          "--out", tmp_path / "m"])
     assert result.exit_code == 0 and merged, result.output
+
+
+def test_a_whole_integer_tensor_two_adapters_carry_is_written_once(setting, tmp_path):
+    """A whole tensor that is not floating point (an index buffer) carried by two adapters: the writer compared
+    the copies' float precision and failed with an internal TypeError (torch.finfo of int64)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from factories import invoke_cli
+
+    folders = []
+    for name in ("alpha", "beta"):
+        folder = tmp_path / name
+        shutil.copytree(setting.adapters[name], folder)
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        save_file({**tensors, "base_model.model.model.position_ids": torch.arange(8)},
+                  str(folder / "adapter_model.safetensors"))
+        folders.append(folder)
+    out = tmp_path / "m"
+    result = invoke_cli(["merge", "--adapters", *folders, "--out", out])
+    assert result.exit_code == 0, result.output
+    assert torch.equal(load_file(str(out / "adapter_model.safetensors"))["base_model.model.model.position_ids"],
+                       torch.arange(8))

@@ -351,7 +351,8 @@ def base_copy_tensors(adapters: list[Adapter], modules: dict, heads: list[str] |
             if saved_whole(heads or (), module):
                 continue
             name = f"{PEFT_PREFIX}{module}.base_layer.{parameter}" if module in modules else f"{PEFT_PREFIX}{key}"
-            if name not in tensors or torch.finfo(tensor.dtype).eps < torch.finfo(tensors[name].dtype).eps:
+            if name not in tensors or (tensor.is_floating_point() and tensors[name].is_floating_point()
+                                       and torch.finfo(tensor.dtype).eps < torch.finfo(tensors[name].dtype).eps):
                 tensors[name] = tensor
     return tensors
 

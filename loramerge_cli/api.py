@@ -164,12 +164,17 @@ def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indice
 
 def write_merged_adapter(result: MergeResult, adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
     """Write a merge result as a PEFT LoRA folder; never into an input adapter's folder (even with force)."""
+    if not isinstance(result, MergeResult):
+        raise UsageError(f"result must be a MergeResult (api.merge returns one), not {result!r}")
+    merge_plan.check_loaded(adapters)
     return writer.write_merged_adapter(result, adapters, out_dir, **options)
 
 
 def write_adapters(adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
     """Write each adapter to OUT/<name>/; never into an input adapter's folder (even with force)."""
+    merge_plan.check_loaded(adapters)
     return writer.write_adapters(adapters, out_dir, **options)
+
 
 def module_norm_squared(module: LoraModule) -> float:
     """‖B̃A‖_F² = trace((B̃ᵀB̃)(AAᵀ)), from the r×r Gram matrices: never forms B̃A."""
@@ -213,7 +218,7 @@ def _summary(adapter: Adapter) -> dict:
         "base_model": adapter.base_model,
         "peft_type": str(adapter.config.get("peft_type", "LORA")).upper(),
         "task_type": adapter.config.get("task_type"),
-        "dtype": str(adapter.dtype).removeprefix("torch."),
+        "dtype": str(adapter.dtype).removeprefix("torch.") if adapter.dtype is not None else None,
         "modules": len(adapter.modules),
         "ranks": _counts(m.rank for m in modules),
         "alphas": _counts(m.alpha for m in modules),
@@ -269,6 +274,7 @@ def _counts(values) -> dict:
 
 def inspect_adapters(adapters: list[Adapter]) -> dict:
     """Everything `loramerge inspect` shows: per-adapter summaries, the norm grid, compatibility."""
+    merge_plan.check_loaded(adapters)
     pairs = []
     for i, first in enumerate(adapters):
         for second in adapters[i + 1:]:

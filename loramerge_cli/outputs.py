@@ -128,7 +128,8 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
     its data and head files and data folders; a local base model's files and folder (`base`, else the spec's
     base_model, else the adapters' one base). Files are what a resume hashes; both are what no output may
     go over or into."""
-    from loramerge_cli.adapters.sources import resolve, split_name
+    from loramerge_cli.adapters.card import is_repo_id
+    from loramerge_cli.adapters.sources import cached_repo_folder, hub_repo_folder, resolve, split_name
     from loramerge_cli.evaluation.specs import load_task_file
 
     files: list[Path] = []
@@ -142,6 +143,9 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
         files += [Path(source.weights_file)] + ([Path(source.config_file)] if source.config_file else [])
         if source.kind in ("dir", "hub"):
             folders.append(Path(source.weights_file).parent)
+        repository = hub_repo_folder(source.weights_file) if source.kind == "hub" else None
+        if repository is not None:  # the whole cached repository (its blobs and refs too)
+            folders.append(repository)
         if source.config_file:
             try:
                 bases.add(json.loads(Path(source.config_file).read_text(encoding="utf-8")).get("base_model_name_or_path"))
@@ -156,6 +160,8 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
     if base and Path(base).expanduser().is_dir():
         files += _files(Path(base).expanduser())
         folders.append(Path(base).expanduser())
+    elif base and is_repo_id(base.partition("@")[0]) and cached_repo_folder(base) is not None:
+        folders.append(cached_repo_folder(base))  # a Hub base in the cache: no output goes into it
     return list(dict.fromkeys(files)), list(dict.fromkeys(folders))
 
 

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from loramerge_cli import outputs
 from loramerge_cli.adapters.compat import check_compatible, configless_warnings
 from loramerge_cli.adapters.model import Adapter
@@ -30,7 +32,7 @@ from loramerge_cli.adapters.writer import (
     table_files,
     write_merged_adapter,
 )
-from loramerge_cli.errors import LoramergeError, UsageError, is_finite_number
+from loramerge_cli.errors import LoramergeError, NonFiniteError, UsageError, is_finite_number
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, align_table, check_table
 from loramerge_cli.merging import merge as merging
@@ -211,6 +213,14 @@ def check_loaded(adapters) -> None:
     if not all(isinstance(adapter, Adapter) for adapter in adapters):
         wrong = next(adapter for adapter in adapters if not isinstance(adapter, Adapter))
         raise UsageError(f"{wrong!r} is not a loaded adapter: load sources with api.load_adapters first")
+    for adapter in adapters:  # as loading checks them: an adapter changed in memory may hold NaN since
+        tensors = [(f"module {path} {factor}", getattr(module, factor))
+                   for path, module in adapter.modules.items() for factor in ("lora_A", "lora_B")]
+        tensors += [(f"head {key}", tensor) for key, tensor in adapter.heads.items()]
+        tensors += [(key, tensor) for key, tensor in adapter.base_copies.items()]
+        for what, tensor in tensors:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise NonFiniteError(f"adapter {adapter.name}: {what} has NaN or Inf values")
 
 
 def check_table_type(table) -> None:

@@ -16,6 +16,10 @@ def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapte
     kept in float64 (in float16 a lora_B × 2 can overflow, in bfloat16 it would be rounded twice): the writer
     rounds it once, to the output's dtype. The row must be the adapter's (the table's task of that name:
     `masks.align_table` orders a table's rows as the adapters are).
+
+    Nothing is copied that the row leaves as it is: the result shares the kept modules' tensors, the heads and
+    the base copies with `adapter` (an adapter of gigabytes is not held twice); clone a tensor before changing
+    it in place.
     """
     from loramerge_cli.masks import table_problem
 

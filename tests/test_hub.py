@@ -125,12 +125,13 @@ def test_an_empty_local_folder_named_like_a_hub_id_says_how_to_ask_for_the_hub(h
 def test_a_snapshot_without_weights_is_named_by_its_spec(hub_cache, llama_task_dirs):
     """A cached revision holding only adapter_config.json (an interrupted download, or a repository with
     adapter_model.bin only): the error named the cache's snapshot folder, not what the user typed, and said
-    nothing of --allow-pickle."""
+    nothing of --allow-pickle; offline, it did not say that the weights may only be missing from the cache."""
     add_snapshot(hub_cache, "3" * 40, llama_task_dirs["rte"], symlinks=False)
     (hub_cache / "snapshots" / ("3" * 40) / "adapter_model.safetensors").unlink()
     set_ref(hub_cache, "partial", "3" * 40)
     with pytest.raises(LoramergeError) as caught:
         load_adapter("org/name@partial")
-    assert str(caught.value) == ("org/name@partial: in its snapshot 333333333333: folder has no "
-                                 "adapter_model.safetensors; a repository with adapter_model.bin only needs "
-                                 "--allow-pickle")
+    assert str(caught.value) == ("org/name@partial: in its snapshot 333333333333: adapter_model.safetensors is "
+                                 "not in the local cache (HF_HUB_OFFLINE is set: the Hub is not asked for it; "
+                                 "download it, or unset HF_HUB_OFFLINE); a repository with adapter_model.bin only "
+                                 "needs --allow-pickle")

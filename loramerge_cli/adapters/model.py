@@ -96,8 +96,10 @@ class Adapter:
         return self.config.get("base_model_name_or_path") or None
 
     @property
-    def dtype(self) -> torch.dtype:
-        return next(iter(self.modules.values())).lora_A.dtype
+    def dtype(self) -> torch.dtype | None:
+        """The factors' dtype; None for an adapter a weight table left without modules."""
+        module = next(iter(self.modules.values()), None)
+        return None if module is None else module.lora_A.dtype
 
     @property
     def units(self) -> list[str]:

@@ -15,7 +15,7 @@ import torch
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule, saved_whole
 from loramerge_cli.adapters.sources import check_names, default_name, resolve, sha256_file, split_name
-from loramerge_cli.errors import LoramergeError, is_finite_number
+from loramerge_cli.errors import LoramergeError, UsageError, is_finite_number
 
 # Config fields that change what a LoRA module computes; loramerge refuses them by name.
 REFUSED_FIELDS = {
@@ -41,8 +41,10 @@ PEFT_PREFIX = "base_model.model."
 
 
 def load_adapter(argument: str, allow_pickle: bool = False, name: str | None = None) -> Adapter:
-    """Resolve and read one adapter given as `[name=]source`."""
-    named = split_name(argument)
+    """Resolve and read one adapter given as `[name=]source` (text, or a path)."""
+    if not isinstance(argument, (str, os.PathLike)):
+        raise UsageError(f"give the adapter's source (a path, name=path or a Hub id), not {argument!r}")
+    named = split_name(os.fspath(argument))
     if name is not None:  # (as a name=source argument is)
         check_names([name])
     files = resolve(named.spec, allow_pickle=allow_pickle)
@@ -68,8 +70,6 @@ def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adap
     if isinstance(arguments, (str, os.PathLike)):  # one source, not a sequence of characters
         arguments = [arguments]
     if not isinstance(arguments, (list, tuple)) or not all(isinstance(a, (str, os.PathLike)) for a in arguments):
-        from loramerge_cli.errors import UsageError
-
         raise UsageError(f"give the adapters' sources (paths, name=path or Hub ids) as a list, not {arguments!r}")
     adapters = [load_adapter(os.fspath(argument), allow_pickle) for argument in arguments]
     seen: dict[str, str] = {}

@@ -189,7 +189,7 @@ def _resolve_dir(path: Path, allow_pickle: bool, kind: str = "dir") -> LocalFile
         if os.path.lexists(config):  # a folder, a dangling link under that name
             raise LoramergeError(f"{config}: not a regular file (a {_kind_of(config)})")
         raise LoramergeError(f"{path}: folder has no {CONFIG_NAME}")
-    return LocalFiles(kind, weights, config)
+    return LocalFiles(kind, weights.absolute(), config.absolute())  # (absolute: the same files after a chdir)
 
 
 def _resolve_file(path: Path, allow_pickle: bool) -> LocalFiles:
@@ -199,7 +199,7 @@ def _resolve_file(path: Path, allow_pickle: bool) -> LocalFiles:
     elif path.suffix != ".safetensors":
         raise LoramergeError(f"{path}: not a .safetensors file or an adapter folder")
     config = path.parent / CONFIG_NAME
-    return LocalFiles("file", path, config if config.is_file() else None)
+    return LocalFiles("file", path.absolute(), config.absolute() if config.is_file() else None)
 
 
 def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
@@ -244,11 +244,32 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
         files = _resolve_dir(folder, allow_pickle, kind="hub")
     except LoramergeError as error:  # named by the spec, not by the cache's snapshot folder
         reason = str(error).removeprefix(f"{folder}: ").removeprefix(f"{folder}{os.sep}")
-        pickle = "" if allow_pickle or f"has no {SAFETENSORS_NAME}" not in reason else \
+        from huggingface_hub import constants
+
+        missing = f"has no {SAFETENSORS_NAME}" in reason
+        if missing and constants.HF_HUB_OFFLINE:  # the snapshot may be cached in part: nothing is fetched now
+            reason = (f"{SAFETENSORS_NAME} is not in the local cache (HF_HUB_OFFLINE is set: the Hub is not asked "
+                      "for it; download it, or unset HF_HUB_OFFLINE)")
+        pickle = "" if allow_pickle or not missing else \
             "; a repository with adapter_model.bin only needs --allow-pickle"
         raise LoramergeError(f"{spec}: in its snapshot {folder.name[:12]}: {reason}{pickle}") from None
     files.repo_id, files.revision = repo_id, folder.name
     return files
+
+
+def hub_repo_folder(path) -> Path | None:
+    """The cached repository folder (models--org--name: its blobs hold the bytes, its refs name them) that a
+    file of a Hub snapshot lies in."""
+    return next((folder for folder in Path(path).parents if folder.name.startswith("models--")), None)
+
+
+def cached_repo_folder(repo_id: str) -> Path | None:
+    """The local Hugging Face cache's folder of a model repository (`org/name[@revision]`), if it holds one."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
+
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id.partition("@")[0], repo_type="model")
+    return folder if folder.is_dir() else None
 
 
 def safetensors_header(path) -> dict | None:

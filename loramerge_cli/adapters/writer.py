@@ -29,7 +29,7 @@ from loramerge_cli.adapters.card import (
 from loramerge_cli.adapters.compat import same_base
 from loramerge_cli.adapters.model import Adapter, saved_whole
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
-from loramerge_cli.adapters.sources import check_names
+from loramerge_cli.adapters.sources import check_names, hub_repo_folder
 from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.merging.merge import MergeResult
@@ -57,7 +57,7 @@ def output_dtype(adapters: list[Adapter], requested: str | torch.dtype | None = 
         if requested not in DTYPES:
             raise LoramergeError(f"--dtype must be one of {', '.join(DTYPES)} (got {requested!r})")
         return DTYPES[requested]
-    dtypes = {adapter.dtype for adapter in adapters}
+    dtypes = {adapter.dtype for adapter in adapters if adapter.dtype is not None}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
 
 
@@ -73,9 +73,9 @@ def adapter_files(adapters: list[Adapter]) -> list[str]:
     files = [path for a in adapters for path in (a.source.weights_file, a.source.config_file) if path]
     folders = [str(Path(a.source.weights_file).parent) for a in adapters if a.source.kind in ("dir", "hub")]
     for adapter in adapters:  # a Hub input's whole cached repository: its blobs hold the bytes, its refs name them
-        if adapter.source.kind == "hub":
-            folders += [str(folder) for folder in Path(adapter.source.weights_file).parents
-                        if folder.name.startswith("models--")][:1]
+        repository = hub_repo_folder(adapter.source.weights_file) if adapter.source.kind == "hub" else None
+        if repository is not None:
+            folders.append(str(repository))
     return files + folders
 
 

@@ -33,7 +33,7 @@ def adapters_table(summary: dict) -> Table:
     fields = {
         "base model": lambda r: r["base_model"] or "?",
         "type": lambda r: r["task_type"] or "-",
-        "dtype": lambda r: r["dtype"],
+        "dtype": lambda r: r["dtype"] or "-",
         "modules": lambda r: f"{r['modules']} in {r['units']} units",
         "ranks": lambda r: _compact(r["ranks"]),
         "alphas": lambda r: _compact(r["alphas"]),

@@ -7,6 +7,7 @@ written to the run directory after every generation, so `resume` continues a kil
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -24,17 +25,22 @@ from loramerge_cli.search.state_io import write_progress
 Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or None)
 
 
+_GLOBAL_NUMPY_STATE = threading.RLock()
+
+
 @contextmanager
 def _search_numpy_state(state) -> Iterator[None]:
     """pycma draws from (and reseeds) numpy's global generator: run it on the search's own saved state,
-    then give the caller's state back untouched."""
-    callers = np.random.get_state()
-    np.random.set_state(state.numpy_rng)
-    try:
-        yield
-    finally:
-        state.numpy_rng = np.random.get_state()
-        np.random.set_state(callers)
+    then give the caller's state back untouched. One search at a time holds the generator (searches in
+    several threads would each save another's state as the caller's)."""
+    with _GLOBAL_NUMPY_STATE:
+        callers = np.random.get_state()
+        np.random.set_state(state.numpy_rng)
+        try:
+            yield
+        finally:
+            state.numpy_rng = np.random.get_state()
+            np.random.set_state(callers)
 
 
 class Fitness(Protocol):

@@ -3,10 +3,9 @@ checked, before either is imported)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from loramerge_cli.errors import UsageError, check_integer, check_seed
+from loramerge_cli.errors import UsageError, check_integer, check_seed, is_finite_number
 
 
 @dataclass
@@ -24,13 +23,15 @@ class EnmpSettings:
 
     def check(self) -> None:
         check_seed(self.seed)
-        if not 0.0 < self.max_prune <= 1.0:
-            raise UsageError("--max-prune must be in (0, 1]")
+        if not (is_finite_number(self.max_prune) and 0.0 < self.max_prune <= 1.0):
+            raise UsageError(f"--max-prune must be a number in (0, 1] (got {self.max_prune!r})")
         check_integer(self.popsize, 2, "--popsize")
         check_integer(self.generations, 1, "--generations")
-        if not (math.isfinite(self.sigma0) and self.sigma0 > 0):
-            raise UsageError(f"--sigma0 must be a finite number > 0 (got {self.sigma0})")
-        if not math.isfinite(self.threshold):
-            raise UsageError(f"--threshold must be a finite number (got {self.threshold})")
-        if not math.isfinite(self.x0):
-            raise UsageError("x0 must be a finite number")
+        if not (is_finite_number(self.sigma0) and self.sigma0 > 0):
+            raise UsageError(f"--sigma0 must be a finite number > 0 (got {self.sigma0!r})")
+        if not is_finite_number(self.threshold):
+            raise UsageError(f"--threshold must be a finite number (got {self.threshold!r})")
+        if not is_finite_number(self.x0):
+            raise UsageError(f"x0 must be a finite number (got {self.x0!r})")
+        if not isinstance(self.addscale, bool):
+            raise UsageError(f"addscale must be true or false (got {self.addscale!r})")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loramerge_cli.errors import UsageError, check_seed
+from loramerge_cli.errors import UsageError, check_integer, check_seed, is_finite_number
 
 OBJECTIVES = ("nsc", "entropy")
 LARGEST = 1e3  # the largest --lr and |--init|: coefficients of the merge's scale (about 1/T), not overflow
@@ -33,14 +33,15 @@ class NscSettings:
                 raise UsageError(f"{name} must be a list of names (got {value!r})")
         if self.objective not in OBJECTIVES:
             raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
-        if self.steps < 1:
-            raise UsageError("--steps must be >= 1")
-        if not 0 < self.lr <= LARGEST:
-            raise UsageError(f"--lr must be > 0 and at most {LARGEST:g} (got {self.lr:g})")
-        if not -LARGEST <= self.init <= LARGEST:
-            raise UsageError(f"--init must be a number from {-LARGEST:g} to {LARGEST:g} (got {self.init:g})")
-        if self.batch_size < 1:
-            raise UsageError("--batch-size must be >= 1")
+        check_integer(self.steps, 1, "--steps")
+        if not (is_finite_number(self.lr) and 0 < self.lr <= LARGEST):
+            raise UsageError(f"--lr must be > 0 and at most {LARGEST:g} (got {self.lr!r})")
+        if not (is_finite_number(self.init) and -LARGEST <= self.init <= LARGEST):
+            raise UsageError(f"--init must be a number from {-LARGEST:g} to {LARGEST:g} (got {self.init!r})")
+        if not (is_finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise UsageError(f"weight_decay must be a finite number >= 0 (got {self.weight_decay!r})")
+        check_integer(self.batch_size, 1, "--batch-size")
         check_seed(self.seed)
-        if self.checkpoint_every < 1:
+        if isinstance(self.checkpoint_every, bool) or not isinstance(self.checkpoint_every, int) \
+                or self.checkpoint_every < 1:
             raise UsageError("checkpoint interval must be >= 1 step")

@@ -69,6 +69,12 @@ class SearchPlan:
 def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
     """Every setting of the request, without reading a file; returns the strategy. `finished`: --resume gives
     back the table of a run that finished (any strategy's, those that cannot resume included)."""
+    from loramerge_cli.evaluation.settings import EvalSettings
+    from loramerge_cli.merging.config import MergeConfig
+
+    for name, kind in (("merge", MergeConfig), ("eval", EvalSettings), ("enmp", EnmpSettings), ("nsc", NscSettings)):
+        if not isinstance(getattr(request, name), kind):
+            raise UsageError(f"SearchRequest.{name} must be a {kind.__name__} (got {getattr(request, name)!r})")
     strategy = strategy_named(request.strategy)
     if not request.adapters:
         raise UsageError("no adapters to search")

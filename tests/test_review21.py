@@ -1,0 +1,171 @@
+"""Review of session 21 (a library user, the Hub cache): each test failed before its fix."""
+
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from loramerge_cli import api
+from loramerge_cli.errors import LoramergeError, NonFiniteError, UsageError
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    from eval_fixtures import build_text_setting
+
+    return build_text_setting(tmp_path_factory.mktemp("review21"))
+
+
+def test_an_input_read_by_a_relative_path_is_refused_as_an_output_after_a_chdir(setting, tmp_path, monkeypatch):
+    """`load_adapters(["prev"])` kept the relative path: after a chdir the writer no longer knew `prev` as an
+    input, and `force=True` replaced a merge the caller was merging again."""
+    shutil.copytree(setting.adapters["alpha"], tmp_path / "prev")
+    (tmp_path / "prev" / "mask.json").write_text("{}")  # as loramerge's own outputs hold: replaceable with force
+    monkeypatch.chdir(tmp_path)
+    adapters = api.load_adapters(["prev", str(setting.adapters["beta"])])
+    result = api.merge(adapters)
+    monkeypatch.chdir(setting.root)
+    before = (tmp_path / "prev" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(LoramergeError, match="refusing to write over an input"):
+        api.write_merged_adapter(result, adapters, tmp_path / "prev", force=True)
+    assert (tmp_path / "prev" / "adapter_model.safetensors").read_bytes() == before
+    assert Path(adapters[0].source.weights_file).is_absolute()
+
+
+@pytest.mark.parametrize("merger", ["ta", "ties", "tsv"])
+def test_an_adapter_made_non_finite_in_memory_is_refused_in_one_line(setting, merger):
+    """ta returned a MergeResult of NaN factors; ties and tsv died in torch.linalg.svd (an internal error)."""
+    adapters = api.load_adapters(setting.adapter_args())
+    path, module = next(iter(adapters[1].modules.items()))
+    module.lora_A[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match=f"^adapter beta: module {path} lora_A has NaN or Inf values$"):
+        api.merge(adapters, api.MergeConfig(merger=merger))
+
+
+def test_an_adapter_a_table_prunes_whole_merges_and_is_inspected(setting):
+    """Adapter.dtype read the first module: a row pruning every unit left none, and merge and inspect died
+    with a bare StopIteration."""
+    adapters = api.load_adapters(setting.adapter_args())
+    units = len(api.ones_table(adapters).units)
+    table = api.from_pruned_indices(adapters, [unit * 3 for unit in range(units)])  # every unit of task 0
+    emptied = api.apply_table(adapters[0], table, 0)
+    assert not emptied.modules and emptied.dtype is None
+    summary = api.inspect_adapters([emptied, *adapters[1:]])
+    assert summary["adapters"][0]["dtype"] is None and summary["adapters"][0]["modules"] == 0
+    merged = api.merge([emptied, *adapters[1:]], api.MergeConfig(merger="ta", lam=0.5))
+    alone = api.merge(adapters[1:], api.MergeConfig(merger="ta", lam=0.5))
+    assert merged.modules.keys() == alone.modules.keys()
+    for path, module in alone.modules.items():  # the emptied task adds nothing
+        delta = (module.lora_B.double() @ module.lora_A.double())
+        other = merged.modules[path].lora_B.double() @ merged.modules[path].lora_A.double()
+        assert torch.allclose(other, delta, rtol=0, atol=1e-6 * float(delta.abs().max()))
+
+
+@pytest.mark.parametrize("call", [
+    lambda adapters: api.inspect_adapters(["x"]),
+    lambda adapters: api.inspect_adapters([]),
+    lambda adapters: api.write_merged_adapter("x", adapters, "out"),
+    lambda adapters: api.write_adapters(["x"], "out"),
+    lambda adapters: api.load_adapter(42),
+    lambda adapters: api.EnmpSettings(max_prune="0.3").check(),
+    lambda adapters: api.EnmpSettings(sigma0="0.3").check(),
+    lambda adapters: api.NscSettings(steps=2.5).check(),
+    lambda adapters: api.NscSettings(lr="0.1").check(),
+])
+def test_wrong_types_are_usage_errors(setting, call):
+    """Each raised a bare AttributeError or TypeError (an internal error) instead of one line."""
+    adapters = api.load_adapters(setting.adapter_args())
+    with pytest.raises(UsageError):
+        call(adapters)
+
+
+@pytest.mark.parametrize("field, value", [("merge", {"merger": "ta"}), ("eval", None), ("enmp", {}), ("nsc", 1)])
+def test_a_search_request_of_wrong_settings_types_is_a_usage_error(setting, field, value):
+    """`SearchRequest(merge={"merger": "ta"})`: AttributeError: 'dict' object has no attribute 'method'."""
+    from dataclasses import replace
+
+    request = api.SearchRequest(adapters=setting.adapter_args(), merge=api.MergeConfig(merger="ta"),
+                                tasks=setting.tasks_file, eval=api.EvalSettings(threads=1))
+    with pytest.raises(UsageError, match=f"^SearchRequest.{field} must be a "):
+        api.plan_search(replace(request, **{field: value}))
+
+
+def test_load_adapter_takes_a_path_as_load_adapters_does(setting):
+    """`api.load_adapter(Path(...))`: AttributeError: 'PosixPath' object has no attribute 'partition'."""
+    assert api.load_adapter(setting.adapters["alpha"]).name == "alpha"
+
+
+def test_searches_in_two_threads_leave_the_caller_s_numpy_state_as_it_was():
+    """Each search saved numpy's global state as "the caller's" and put it back after: two at once each saved
+    the other's, and the caller's generator was left moved."""
+    import sys
+
+    import numpy as np
+
+    from loramerge_cli.search.enmp import EnmpSearch, EnmpSettings
+
+    def fitness(candidates):
+        return [float(-len(pruned) + (sum(pruned) % 7) / 10) for pruned, _ in candidates]
+
+    def search(seed):
+        EnmpSearch(EnmpSettings(seed=seed, popsize=8, generations=30, max_prune=0.5), 6, 4, fitness).run()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        np.random.seed(12345)
+        before = np.random.get_state()[1].copy()
+        for _ in range(3):
+            threads = [threading.Thread(target=search, args=(seed,)) for seed in (1, 2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert np.array_equal(np.random.get_state()[1], before)
+    finally:
+        sys.setswitchinterval(interval)
+
+
+def _cache_folder(cache: Path, repo: str, folder: Path, commit: str) -> None:
+    """`folder`'s files as the main revision of `repo` in a Hub cache (plain files, as a copy may leave them)."""
+    from hub_cache import set_ref
+
+    root = cache / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(folder, root / "snapshots" / commit)
+    set_ref(root, "main", commit)
+
+
+def test_no_evaluation_output_goes_into_a_cached_hub_input_or_hub_base(setting, hub_cache, tmp_path):
+    """`eval` / `search-mask` wrote --out and --run-dir into the cached repository of a Hub adapter (its refs/:
+    huggingface_hub then dropped the repository from the cache) and of a Hub base model (not protected at all);
+    only `merge` protected the whole repository."""
+    import yaml
+
+    from factories import invoke_cli
+
+    cache = hub_cache.parent
+    _cache_folder(cache, "org/base", setting.base, "c" * 40)
+    _cache_folder(cache, "org/alpha", setting.adapters["alpha"], "d" * 40)
+    spec = yaml.safe_load(setting.tasks_file.read_text())
+    spec["base_model"] = "org/base"
+    for task in spec["tasks"]:
+        for split, path in task["data"].items():
+            task["data"][split] = str(path)
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump(spec))
+    adapters = ["alpha=org/alpha", f"beta={setting.adapters['beta']}", f"gamma={setting.adapters['gamma']}"]
+    for out in (cache / "models--org--alpha" / "refs" / "report.json",
+                cache / "models--org--base" / "snapshots" / ("c" * 40) / "report.json",
+                cache / "models--org--base" / "refs" / "report.json"):
+        result = invoke_cli(["eval", "--adapters", *adapters, "--tasks", tasks, "--threads", "1", "--out", out])
+        assert result.exit_code == 1 and "refusing to write over an input" in result.stderr, result.stderr
+        assert not out.exists()
+    run_dir = cache / "models--org--alpha" / "snapshots" / "ffff" / "run"
+    result = invoke_cli(["search-mask", "--adapters", *adapters, "--tasks", tasks, "--merger", "ta", "--strategy",
+                         "greedy", "--budget", "2", "--threads", "1", "--run-dir", run_dir,
+                         "--out", tmp_path / "m.json"])
+    assert result.exit_code == 1 and "refusing to write over an input" in result.stderr, result.stderr
+    assert not run_dir.exists()
+

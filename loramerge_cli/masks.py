@@ -135,8 +135,8 @@ def load_table(path: str | Path) -> WeightTable:
 
 def table_from_text(text: str, path: str | Path) -> WeightTable:
     """The weight table of a table file's text (`path`: where it was read, for errors), validated."""
-    try:
-        data = json.loads(text)
+    try:  # a key given twice: json keeps the last value without a word (a second `weights` hides the first)
+        data = json.loads(text, object_pairs_hook=_object_without_repeats)
     except (ValueError, RecursionError) as error:  # not JSON, a number of over 4,300 digits, nesting too deep
         raise LoramergeError(f"{path}: not a readable JSON mask ({str(error) or 'nested too deep'})") from None
     problem = _structure_problem(data)
@@ -153,6 +153,15 @@ def table_from_text(text: str, path: str | Path) -> WeightTable:
         provenance=data.get("provenance", {}),
         origin=str(path),
     )
+
+
+def _object_without_repeats(pairs: list[tuple[str, object]]) -> dict:
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise ValueError(f"key {key!r} appears twice in one object")
+        seen.add(key)
+    return dict(pairs)
 
 
 def _structure_problem(data) -> str | None:
@@ -268,10 +277,11 @@ def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask
     if table.adapters and len(table.adapters) != len(table.tasks):  # (a table written by hand may name none)
         raise LoramergeError(f"{origin}: lists {len(table.adapters)} adapters for its {len(table.tasks)} tasks")
     for recorded, adapter in zip(table.adapters, adapters):
-        digest = recorded.get("sha256") if isinstance(recorded, dict) else None
-        # a copy of the adapter (apply-mask's, of adapters pruned in memory too) has the same tensors
-        contents = {digest, recorded.get("content_sha256")} if isinstance(recorded, dict) else set()
-        if digest and digest != adapter.source.identity and content_sha256(adapter) not in contents:
+        # the file's sha256, or the tensors' (a copy of the adapter, apply-mask's or one pruned in memory, has the
+        # same tensors): either recorded one identifies it
+        digests = {recorded.get(key) for key in ("sha256", "content_sha256")} - {None, ""} \
+            if isinstance(recorded, dict) else set()
+        if digests and adapter.source.identity not in digests and content_sha256(adapter) not in digests:
             raise LoramergeError(
                 f"{origin}: adapter {adapter.name!r} differs from the one the table was made for (sha256 mismatch)"
             )

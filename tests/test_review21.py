@@ -169,3 +169,35 @@ def test_no_evaluation_output_goes_into_a_cached_hub_input_or_hub_base(setting, 
     assert result.exit_code == 1 and "refusing to write over an input" in result.stderr, result.stderr
     assert not run_dir.exists()
 
+
+
+def test_a_key_given_twice_in_a_table_file_is_refused(setting, tmp_path):
+    """json kept the last of two `weights` (or `scale`) without a word: a table whose first, all-zero `weights`
+    was meant merged as if it held the second."""
+    adapters = api.load_adapters(setting.adapter_args())
+    table = tmp_path / "mask.json"
+    api.from_pruned_indices(adapters, [0]).save(table)
+    text = table.read_text()
+    table.write_text(text.replace('"weights":', '"scale": 0.5, "scale": 2.0, "weights":', 1))
+    with pytest.raises(LoramergeError, match=r"not a readable JSON mask \(key 'scale' appears twice in one object\)"):
+        api.load_table(table)
+    table.write_text(text)
+    assert api.load_table(table).weights[0][0] == 0.0
+
+
+def test_a_table_s_recorded_tensor_digest_is_checked_when_its_file_digest_is_blank(setting, tmp_path):
+    """An empty recorded `sha256` switched the identity check off, `content_sha256` beside it unread: the table
+    was applied to an adapter it was not made for."""
+    import json
+
+    adapters = api.load_adapters(setting.adapter_args())
+    table = tmp_path / "mask.json"
+    api.from_pruned_indices(adapters, [0]).save(table)
+    data = json.loads(table.read_text())
+    data["adapters"][0].update(sha256="", content_sha256="f" * 64)
+    table.write_text(json.dumps(data))
+    with pytest.raises(LoramergeError, match="adapter 'alpha' differs from the one the table was made for"):
+        api.check_table(api.load_table(table), adapters)
+    data["adapters"][0]["content_sha256"] = ""  # nothing recorded: a table written by hand
+    table.write_text(json.dumps(data))
+    api.check_table(api.load_table(table), adapters)

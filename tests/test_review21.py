@@ -201,3 +201,127 @@ def test_a_table_s_recorded_tensor_digest_is_checked_when_its_file_digest_is_bla
     data["adapters"][0]["content_sha256"] = ""  # nothing recorded: a table written by hand
     table.write_text(json.dumps(data))
     api.check_table(api.load_table(table), adapters)
+
+
+def _merge_cli(*args):
+    from factories import invoke_cli
+
+    result = invoke_cli(["merge", *args, "--threads", "1"])
+    assert result.exit_code == 0, result.stderr
+    return result
+
+
+def test_a_recipe_s_per_adapter_densities_follow_the_adapters_by_name(setting, tmp_path):
+    """The recipe wrote `density: 0.3,0.9,0.5` as one flag: rebuilt with `--adapters` in another order, the
+    densities went by position to the wrong adapters (exit 0, another merge)."""
+    a = setting.adapters
+    _merge_cli("--adapters", a["alpha"], a["beta"], a["gamma"], "--merger", "ties", "--density", "0.3,0.9,0.5",
+               "--out", tmp_path / "first")
+    _merge_cli("--config", tmp_path / "first" / "loramerge.yaml", "--adapters", f"gamma={a['gamma']}",
+               f"alpha={a['alpha']}", f"beta={a['beta']}", "--out", tmp_path / "again")
+    _merge_cli("--adapters", a["gamma"], a["alpha"], a["beta"], "--merger", "ties", "--density", "0.5,0.3,0.9",
+               "--out", tmp_path / "expected")
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "again" / weights).read_bytes() == (tmp_path / "expected" / weights).read_bytes()
+
+
+def test_a_recipe_written_through_a_symbolic_link_rebuilds_its_merge(setting, tmp_path, monkeypatch):
+    """`--out link/m`, `link` a symbolic link to a folder elsewhere: the recipe's `../` paths were computed
+    through the link's name, the system climbs from its target, and the rebuild found no adapters."""
+    (tmp_path / "deep" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "link").symlink_to(tmp_path / "deep" / "a" / "b")
+    monkeypatch.chdir(tmp_path / "work")
+    _merge_cli("--adapters", setting.adapters["alpha"], setting.adapters["beta"], "--out", "link/m")
+    _merge_cli("--config", "link/m/loramerge.yaml", "--out", "rebuilt")
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "work" / "rebuilt" / weights).read_bytes() == (tmp_path / "deep/a/b/m" / weights).read_bytes()
+
+
+def _nsc_state(path, *, step=2, history=None, groups=None, drop=()):
+    import json
+
+    from safetensors.torch import save_file
+
+    tensors = {"coefficients": torch.full((3, 4), 0.4), "adamw.step": torch.tensor(float(step)),
+               "adamw.exp_avg": torch.zeros(3, 4), "adamw.exp_avg_sq": torch.zeros(3, 4)}
+    history = history if history is not None else [{"step": k, "loss": 1.0 / k} for k in range(1, step + 1)]
+    groups = groups if groups is not None else [{"params": [0], "lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8,
+                                                 "weight_decay": 0.01}]
+    save_file({key: value for key, value in tensors.items() if key not in drop}, str(path),
+              metadata={"step": str(step), "param_groups": json.dumps(groups), "history": history
+                        if isinstance(history, str) else json.dumps(history)})
+    return path
+
+
+@pytest.mark.parametrize("damage, reason", [
+    ({"drop": ("adamw.exp_avg",)}, "it holds adamw.exp_avg_sq, adamw.step, coefficients, not the coefficients"),
+    ({"groups": [{"lr": "x"}]}, "param_groups is not AdamW's one group"),
+    ({"history": '[{"step": 1, "loss": NaN}, {"step": 2, "loss": 0.5}]'}, "NaN is not a finite number"),
+    ({"history": [{"step": 1, "loss": 1.0}]}, "its history is not one record per step up to its step 2"),
+])
+def test_a_damaged_nsc_state_is_one_line_before_any_model_loads(tmp_path, damage, reason):
+    """A state without AdamW's first moment, or param groups without "params", resumed into an internal
+    KeyError after the model loaded; a NaN loss in its history was written into the table (no JSON then); a step
+    its history does not reach was taken at its word."""
+    from loramerge_cli.search.nsc import read_state
+
+    read_state(_nsc_state(tmp_path / "good.safetensors"))
+    with pytest.raises(LoramergeError, match=f"is not a readable NSC state \\({reason}"):
+        read_state(_nsc_state(tmp_path / "nsc_state.safetensors", **damage))
+
+
+def test_an_nsc_state_saved_past_the_run_s_steps_is_refused(tmp_path):
+    """A state whose step is past --steps was written, as it was, as the finished run's table."""
+    from types import SimpleNamespace
+
+    from loramerge_cli.search.strategies import STRATEGIES
+
+    path = _nsc_state(tmp_path / "nsc_state.safetensors", step=5)
+    check = STRATEGIES["nsc"].check_state
+    check(SimpleNamespace(nsc=api.NscSettings(steps=5)), path, None)
+    with pytest.raises(LoramergeError, match="was saved at step 5, past this run's 4 steps"):
+        check(SimpleNamespace(nsc=api.NscSettings(steps=4)), path, None)
+
+
+@pytest.mark.parametrize("text, reason", [
+    ('{"format": "loramerge.run/v1", "settings": {}, "inputs": [1]}', '"inputs" is not an object'),
+    ('{"format": "loramerge.run/v1", "settings": {}, "flags": "x"}', '"flags" is not an object'),
+    ('{"format": "loramerge.run/v1", "settings": {}, "inputs": {"a": 1}}', '"inputs" maps a path to something'),
+    ('{"format": "loramerge.run/v1", "settings": {"x": Infinity}}', "Infinity is not a finite number"),
+])
+def test_a_damaged_run_configuration_is_one_line(tmp_path, text, reason):
+    """`"inputs": [1]` in config.json: internal error (AttributeError: 'list' object has no attribute 'items')."""
+    from loramerge_cli.search.rundir import read_config
+
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(LoramergeError, match=f"not a readable run configuration \\({reason}"):
+        read_config(tmp_path)
+
+
+def test_a_non_finite_time_saved_in_a_run_directory_is_not_carried_on(tmp_path):
+    """`"seconds": Infinity` in elapsed.json became the table's `"seconds": Infinity` (no JSON) and "in inf s"."""
+    import json
+    import math
+
+    from loramerge_cli.search.state_io import ELAPSED_FORMAT, ELAPSED_NAME, RunClock
+
+    (tmp_path / "config.json").write_text(json.dumps({"format": "loramerge.run/v1", "settings": {}, "run_id": "r"}))
+    for seconds in ("Infinity", "1e999", "NaN"):
+        (tmp_path / ELAPSED_NAME).write_text(f'{{"format": "{ELAPSED_FORMAT}", "seconds": {seconds}, '
+                                             '"run_id": "r"}')
+        clock = RunClock(tmp_path, resume=True)
+        assert clock.before == 0.0 and math.isfinite(clock.seconds())
+    (tmp_path / ELAPSED_NAME).write_text(f'{{"format": "{ELAPSED_FORMAT}", "seconds": 12.5, "run_id": "r"}}')
+    assert RunClock(tmp_path, resume=True).before == 12.5
+
+
+def test_a_nan_in_a_saved_enmp_history_is_refused(tmp_path):
+    """`"mean_fitness": NaN` in a history record of ENMP's state.json was written into the table."""
+    from loramerge_cli.search.enmp import STATE_FORMAT, read_state
+
+    path = tmp_path / "state.json"
+    path.write_text(f'{{"format": "{STATE_FORMAT}", "generation": 1, "history": [{{"mean_fitness": NaN}}], '
+                    '"memo": [[[], null, 0.0, 0]]}')
+    with pytest.raises(LoramergeError, match="not a readable search state \\(NaN is not a finite number"):
+        read_state(path)

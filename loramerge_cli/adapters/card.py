@@ -53,11 +53,23 @@ def hub_base_model(*candidates: str | None) -> str | None:
     return next((name for name in candidates if is_repo_id(name)), None)
 
 
+def relative_path(path: str | Path, folder: str | Path) -> str:
+    """`path` (absolute, or relative to the working folder) relative to `folder`, so that `folder/result` names
+    the same file: spelled through the paths as given, unless a symbolic link on the way makes a `..` climb
+    out of the link's target (then between the resolved paths)."""
+    target = os.path.abspath(os.path.expanduser(str(path)))
+    start = os.path.abspath(folder)
+    lexical = os.path.relpath(target, start)
+    if os.path.realpath(os.path.join(start, lexical)) == os.path.realpath(target):
+        return lexical
+    return os.path.relpath(os.path.realpath(target), os.path.realpath(start))
+
+
 def portable_path(path: str, folder: str | Path) -> str:
     """An absolute local path rewritten relative to `folder`; anything else unchanged."""
     if not os.path.isabs(path):
         return path
-    return os.path.relpath(path, Path(folder).absolute())
+    return relative_path(path, folder)
 
 
 def portable_base(path: str, folder: str | Path) -> str:
@@ -69,11 +81,6 @@ def portable_base(path: str, folder: str | Path) -> str:
 def portable_source(spec: str, folder: str | Path) -> str:
     """An adapter source as written in the outputs: a Hub id as is, a local path relative to `folder`."""
     return spec if is_hub_id(spec.removeprefix("hf://").split("@", 1)[0]) else portable_path(spec, folder)
-
-
-def local_source(path: str, folder: str | Path) -> str:
-    """A local path (absolute, or relative to the working folder) relative to `folder`."""
-    return os.path.relpath(os.path.abspath(os.path.expanduser(path)), Path(folder).absolute())
 
 
 def portable_command(command: str | None, folder: str | Path) -> str | None:
@@ -98,7 +105,7 @@ def portable_inputs(inputs: list[dict], folder: str | Path) -> list[dict]:
     """Provenance input records with their sources made portable: a local file or folder (`kind`) relative to
     `folder`, also when given relative to the working folder (`org/name` is then a local path, not a Hub id);
     else as portable_source."""
-    return [{**record, "source": local_source(str(record["source"]), folder) if record.get("kind") in ("dir", "file")
+    return [{**record, "source": relative_path(str(record["source"]), folder) if record.get("kind") in ("dir", "file")
              else portable_source(str(record["source"]), folder),
              **({"base_model": portable_base(record["base_model"], folder)} if record.get("base_model") else {})}
             for record in inputs]

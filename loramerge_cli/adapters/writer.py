@@ -18,7 +18,7 @@ import torch
 from loramerge_cli import __version__, atomic
 from loramerge_cli.adapters.card import (
     RECIPE_NAME,
-    local_source,
+    relative_path,
     model_card,
     portable_base,
     portable_command,
@@ -407,7 +407,7 @@ def table_file(table, out: str | Path):
 
     def named_from_the_file(spec: str) -> str:
         local = spec and not os.path.isabs(os.path.expanduser(spec)) and os.path.exists(os.path.expanduser(spec))
-        return local_source(spec, folder) if local else spec
+        return relative_path(spec, folder) if local else spec
 
     provenance = dict(table.provenance or {})
     if isinstance(provenance.get("data"), dict) and isinstance(provenance["data"].get("tasks"), str):
@@ -432,7 +432,7 @@ def portable_provenance(provenance: dict, folder: str | Path) -> dict:
     for key in ("lambda_tuning", "input_statistics"):  # the task spec read: a local file (as given: relative to
         read = out.get(key)  # the working folder, or absolute) relative to the folder
         if isinstance(read, dict) and read.get("tasks"):
-            out[key] = {**read, "tasks": local_source(str(read["tasks"]), folder)}
+            out[key] = {**read, "tasks": relative_path(str(read["tasks"]), folder)}
     return out
 
 

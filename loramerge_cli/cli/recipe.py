@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from loramerge_cli.adapters.card import RECIPE_NAME
+from loramerge_cli.adapters.card import RECIPE_NAME, relative_path
 # Parameters that say where and how to run and report, not what to compute: never recorded.
 NOT_RECORDED = {"out", "force", "json_output", "quiet", "debug", "config", "threads", "push_to_hub", "private",
                 "revision", "dry_run", "adapters", "indices", "mask", "devices", "workers", "backend", "ray_address"}
@@ -41,14 +41,14 @@ def is_path(parameter) -> bool:
 
 def adapter_source(adapter, folder: str | Path) -> str:
     """How the recipe in `folder` names an adapter: a Hub id pinned to its commit, or a relative path."""
-    from loramerge_cli.adapters.card import is_hub_id, local_source
+    from loramerge_cli.adapters.card import is_hub_id
 
     source = adapter.source
     if source.kind == "hub" and source.repo_id:
         return f"{source.repo_id}@{source.revision}" if source.revision else source.repo_id
     if source.kind == "hub" or (source.kind not in ("dir", "file") and is_hub_id(source.spec)):
         return source.spec
-    return local_source(source.spec, folder)  # a local `org/name` too (it is read as a path where it exists)
+    return relative_path(source.spec, folder)  # a local `org/name` too (it is read as a path where it exists)
 
 
 def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dict | None = None,
@@ -70,17 +70,21 @@ def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dic
         if value is None or value == option.default or (isinstance(value, (list, tuple)) and not value):
             continue
         if isinstance(value, Path) or (option.name == "base" and (os.path.isabs(value) or os.path.exists(value))):
-            value = os.path.relpath(os.path.abspath(value), Path(folder).absolute())
+            value = relative_path(value, folder)
         values[_flag(option)] = value
     if values.get("lambda") != "auto" and not reads_data:  # λ is resolved: what only its tuning reads goes
         for name in TUNING_ONLY:
             values.pop(name.replace("_", "-"), None)
-    weights = values.pop("weights", None)
-    weight_list = [float(w) for w in str(weights).split(",")] if weights is not None else None
+    # per-adapter values go in the adapters' map, where they follow each adapter by name (a flag's list would be
+    # handed out by position to adapters given in another order)
+    per_adapter = {key: [float(v) for v in str(values.pop(flag)).split(",")] for key, flag in
+                   (("weight", "weights"), ("density", "density"))
+                   if flag in values and (flag == "weights" or "," in str(values[flag]))}
     sources = {}
     for index, adapter in enumerate(adapters):
         source = adapter_source(adapter, folder)
-        sources[adapter.name] = {"path": source, "weight": weight_list[index]} if weight_list else source
+        entry = {key: numbers[index] for key, numbers in per_adapter.items()}
+        sources[adapter.name] = {"path": source, **entry} if entry else source
     recipe = {"adapters": sources, **{key: value for key, value in resolved.items() if value is not None}, **values}
     header = (f"# loramerge {__version__} recipe ({ctx.info_name}); paths are relative to this file.\n"
               f"# Rebuild: loramerge {ctx.info_name} --config {RECIPE_NAME} --out DIR\n")

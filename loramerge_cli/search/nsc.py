@@ -19,10 +19,11 @@ import torch
 
 from loramerge_cli import __version__
 from loramerge_cli import atomic
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, is_finite_number
 from loramerge_cli.evaluation.batches import model_inputs_of
 from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
-from loramerge_cli.search.state_io import RunClock, run_id, searched_data, started_command, write_progress
+from loramerge_cli.search.state_io import (RunClock, loads_finite, run_id, searched_data, started_command,
+                                           write_progress)
 
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
 
@@ -228,15 +229,28 @@ def read_state(path: Path) -> tuple[dict, int, list, list[dict]]:
         with safe_open(str(path), framework="pt") as state:
             tensors = {key: state.get_tensor(key) for key in state.keys()}
             metadata = state.metadata() or {}
-        step, groups, history = int(metadata["step"]), json.loads(metadata["param_groups"]), \
-            json.loads(metadata["history"])
+        step, groups, history = int(metadata["step"]), loads_finite(metadata["param_groups"]), \
+            loads_finite(metadata["history"])
         if not isinstance(groups, list) or not isinstance(history, list):
             raise ValueError("param_groups and history must be lists")
         damaged = [key for key, tensor in tensors.items()
                    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
         if damaged:
             raise ValueError(f"{damaged[0]} holds NaN or Inf")
-    except (OSError, KeyError, ValueError, TypeError, SafetensorError) as error:
+        if not (isinstance(groups[0] if len(groups) == 1 else None, dict) and groups[0].get("params") == [0]):
+            raise ValueError("param_groups is not AdamW's one group of the coefficients")
+        if step < 1 or [record.get("step") if isinstance(record, dict) else None for record in history] != \
+                list(range(1, step + 1)):
+            raise ValueError(f"its history is not one record per step up to its step {step}")
+        if any(not is_finite_number(record.get("loss")) for record in history):
+            raise ValueError("a record of its history has no loss")
+        if set(tensors) != {"coefficients", "adamw.step", "adamw.exp_avg", "adamw.exp_avg_sq"}:
+            raise ValueError(f"it holds {', '.join(sorted(tensors))}, not the coefficients and AdamW's step and "
+                             "moments")
+        if not (tensors["adamw.exp_avg"].shape == tensors["adamw.exp_avg_sq"].shape == tensors["coefficients"].shape
+                and tensors["adamw.step"].numel() == 1):
+            raise ValueError("AdamW's moments are not of the coefficients' shape")
+    except (OSError, KeyError, ValueError, TypeError, SafetensorError, RecursionError) as error:
         raise LoramergeError(f"--resume: {path} is not a readable NSC state ({error})") from None
     return tensors, step, groups, history
 
@@ -251,8 +265,12 @@ def _load_state(run_dir: Path | None, side_path, optimizer) -> tuple[int, list[d
         raise LoramergeError(f"--resume: {path} holds coefficients of another shape")
     with torch.no_grad():
         side_path.coefficients.copy_(coefficients)
+    fresh = optimizer.state_dict()["param_groups"]  # the run's AdamW settings, as this process made them
+    if any(json.loads(json.dumps(fresh[0].get(key))) != groups[0].get(key) for key in ("lr", "betas", "eps",
+                                                                                        "weight_decay")):
+        raise LoramergeError(f"--resume: {path} holds other AdamW settings than this run's: start a new run")
     moments = {key.removeprefix("adamw."): value for key, value in tensors.items()}
-    optimizer.load_state_dict({"state": {0: moments} if moments else {}, "param_groups": groups})
+    optimizer.load_state_dict({"state": {0: moments}, "param_groups": fresh})
     return step, history
 
 

@@ -139,6 +139,12 @@ def read_config(run_dir: Path) -> dict | None:
     def parse(data: dict) -> dict:
         if not isinstance(data.get("settings"), dict):
             raise ValueError('no "settings" object')
+        for key in ("flags", "inputs"):
+            if data.get(key) is not None and not isinstance(data[key], dict):
+                raise ValueError(f'"{key}" is not an object')
+        inputs = data.get("inputs") or {}
+        if not all(isinstance(path, str) and isinstance(digest, str) for path, digest in inputs.items()):
+            raise ValueError('"inputs" maps a path to something other than a sha256')
         return data
 
     return read_json_file(path, CONFIG_FORMAT, "run configuration", parse)

@@ -4,6 +4,7 @@ The strategies' modules use these; `search/rundir.py` manages the folder itself.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -52,9 +53,9 @@ class RunClock:
         self.run_id = run_id(run_dir) if run_dir is not None else None
         if run_dir is not None and resume:
             try:
-                data = json.loads((Path(run_dir) / ELAPSED_NAME).read_bytes())
+                data = loads_finite((Path(run_dir) / ELAPSED_NAME).read_bytes())
                 if data.get("format") == ELAPSED_FORMAT and data.get("run_id") == self.run_id:
-                    self.before = max(0.0, float(data["seconds"]))
+                    self.before = max(0.0, _finite(data["seconds"]))
             except (OSError, ValueError, KeyError, TypeError, AttributeError):
                 pass  # none saved (a run from before this file), or unreadable: this process's seconds only
 
@@ -89,10 +90,27 @@ def searched_data(request) -> dict:
                      "sample_seed": settings.sample_seed}}
 
 
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text} is not a finite number")
+    return number
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def loads_finite(text: str | bytes):
+    """JSON a run directory holds: every number finite (loramerge writes no NaN, Infinity or 1e999; a damaged
+    file would carry them into the table it writes, which is then no JSON)."""
+    return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+
+
 def read_json_file(path: Path, expected: str, what: str, parse: Callable[[dict], T]) -> T:
     """`parse` of a run directory's JSON file whose "format" is `expected`; anything malformed is one line."""
     try:
-        data = json.loads(path.read_bytes())
+        data = loads_finite(path.read_bytes())
         if not isinstance(data, dict) or data.get("format") != expected:
             raise ValueError(f'expected a JSON object with "format": "{expected}"')
         return parse(data)

@@ -263,7 +263,10 @@ def _check_surrogate_state(request, path: Path, space) -> None:
 def _check_nsc_state(request, path: Path, space) -> None:
     from loramerge_cli.search.nsc import read_state
 
-    read_state(path)
+    step = read_state(path)[1]
+    if step > request.nsc.steps:  # it would be written as the table of a run of that many steps
+        raise LoramergeError(f"--resume: {path} was saved at step {step}, past this run's {request.nsc.steps} "
+                             "steps: start a new run")
 
 
 def _surrogate_scoring(request, fitness, workers):

@@ -30,15 +30,18 @@ def setting(tmp_path_factory):
 
 
 def _search(setting, *extra):
+    budget = [] if "--budget" in extra else ["--popsize", "4", "--generations", "2"]  # (greedy's, random's budget)
     return ["search-mask", "--strategy", "screened",
             "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--merger", "ties",
-            "--popsize", "4", "--generations", "2", "--max-prune", "0.5", "--threads", "1", "--seed", "3", *extra]
+            *budget, "--max-prune", "0.5", "--threads", "1", "--seed", "3", *extra]
 
 
 def _request(setting, **changes) -> SearchRequest:
     if changes.get("strategy") == "nsc":  # it reads none of the mask strategies' settings, nor a merger's
         changes.setdefault("enmp", EnmpSettings())
         changes.setdefault("merge", MergeConfig(merger="ta"))
+    if changes.get("budget") is not None and changes.get("strategy") in ("greedy", "random"):
+        changes.setdefault("enmp", EnmpSettings(max_prune=0.5, seed=3))  # (popsize × generations: the default budget)
     return replace(SearchRequest(strategy="screened", adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"),
                                  tasks=setting.tasks_file, eval=EvalSettings(threads=1, batch_size=8),
                                  enmp=EnmpSettings(popsize=4, generations=2, max_prune=0.5, seed=3)), **changes)
@@ -213,7 +216,7 @@ def test_random_masks_respect_the_prune_cap(setting):
     """`--strategy random --sparsity 0.45 --max-prune 0.45` on 2 blocks × 3 tasks: the ρ cap is ⌊0.45·6⌋ = 2
     units, but the masks pruned round(0.45·6) = 3."""
     table, _ = api.search(plan_search(_request(setting, strategy="random", sparsity=0.45, budget=3,
-                                               enmp=EnmpSettings(popsize=4, generations=2, max_prune=0.45, seed=3))))
+                                               enmp=EnmpSettings(max_prune=0.45, seed=3))))
     assert sum(weight == 0 for row in table.weights for weight in row) == 2
 
 

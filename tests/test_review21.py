@@ -325,3 +325,39 @@ def test_a_nan_in_a_saved_enmp_history_is_refused(tmp_path):
                     '"memo": [[[], null, 0.0, 0]]}')
     with pytest.raises(LoramergeError, match="not a readable search state \\(NaN is not a finite number"):
         read_state(path)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fitness", "nsc", "--block-cache-mb", "0"], "--block-cache-mb does nothing with --fitness nsc"),
+    (["--strategy", "nsc", "--block-cache-mb", "0"], "--block-cache-mb does nothing with --strategy nsc"),
+    (["--strategy", "greedy", "--popsize", "4", "--budget", "5"],
+     "--popsize does nothing with --strategy greedy --budget (it only sets the default budget)"),
+    (["--strategy", "random", "--generations", "4", "--budget", "5"],
+     "--generations does nothing with --strategy random --budget (it only sets the default budget)"),
+    (["--strategy", "screened", "--fitness", "nsc", "--halving"],
+     "--halving does nothing with --fitness nsc (successive halving scores labelled accuracy only)"),
+])
+def test_a_search_option_nothing_reads_is_refused(setting, tmp_path, flags, message):
+    """Each ran with exit 0 and changed nothing: the block cache with a label-free fitness, greedy's and
+    random's popsize × generations (their default budget) beside --budget, an explicit --halving with
+    --fitness nsc (--eta was refused there already)."""
+    from factories import invoke_cli
+
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         *flags, "--threads", "1", "--out", tmp_path / "mask.json"])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: {message}", result.stderr
+
+
+def test_nsc_s_help_leaves_out_what_it_refuses():
+    """`search-mask --strategy nsc -h` listed --workers, --devices, --backend, --ray-address and --plot, which
+    it refuses, and --block-cache-mb, which it never reads."""
+    from factories import invoke_cli
+
+    def listed(arguments) -> set[str]:  # the flags that open a line of the option list (two spaces in)
+        lines = invoke_cli(["search-mask", *arguments, "-h"]).stdout.splitlines()
+        return {line.split()[0].strip(",") for line in lines if line.startswith("  --")}
+
+    options = listed(["--strategy", "nsc"])
+    assert not options & {"--workers", "--devices", "--backend", "--ray-address", "--plot", "--block-cache-mb"}
+    assert {"--steps", "--lr", "--device", "--run-dir"} <= options
+    assert {"--workers", "--plot", "--block-cache-mb"} <= listed([])

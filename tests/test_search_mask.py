@@ -249,7 +249,8 @@ def test_parallel_workers_equal_serial(setting, strategy):
 
 @pytest.mark.parametrize("strategy", ["greedy", "random"])
 def test_baselines_use_the_same_budget(setting, strategy):
-    table, provenance = run_search(request(setting, strategy=strategy, budget=5))
+    table, provenance = run_search(request(setting, strategy=strategy, budget=5,  # (popsize × generations would
+                                           enmp=EnmpSettings(max_prune=0.5, seed=3)))  # be the default budget)
     assert provenance["evaluations"] <= 5
     assert provenance["validation"]["fitness"] >= 0.0
     if strategy == "random" and table.pruned_count():

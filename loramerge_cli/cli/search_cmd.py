@@ -145,7 +145,7 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
     strategy's own check, for the library too)."""
     from loramerge_cli.errors import UsageError
     from loramerge_cli.search.rundir import flag_name
-    from loramerge_cli.search.strategies import SHARED_SETTINGS, STRATEGIES, strategy_named
+    from loramerge_cli.search.strategies import SHARED_SETTINGS, STRATEGIES, labelled_only, strategy_named
 
     strategy = flags["strategy"]
     own = {parameter.name for parameter in strategy_named(strategy).parameters}  # a resumed run's: checked
@@ -157,7 +157,9 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
             flag = f"--{parameter.name.replace('_', '-')}"
             if parameter.name not in own:
                 raise UsageError(f"{flag} is a setting of --strategy {other.name}, not of {strategy}")
-    shared = {name for names in SHARED_SETTINGS.values() for name in names} | merger_option_names()
+            if parameter.labelled and flags["fitness"] != "accuracy":  # given, even at its default value
+                raise UsageError(labelled_only(parameter, flags[parameter.name], flags["fitness"]))
+    shared = {name for names in SHARED_SETTINGS.values() for name in names} | merger_option_names() | {"block_cache_mb"}
     for name in sorted(shared & foreign_options(strategy)):  # given, even at its default value (the library,
         source = ctx.get_parameter_source(name)  # which cannot tell, refuses one changed from its default)
         if source is not None and source.name != "DEFAULT" and not (name == "merger" and flags[name] == "ta"):
@@ -277,6 +279,9 @@ def merger_option_names() -> set[str]:
     return {parameter.name for parameter in merger_options("ta")}
 
 
+TABLE_SCORING = frozenset({"workers", "devices", "backend", "ray_address", "plot", "block_cache_mb"})  # (masks)
+
+
 def foreign_options(strategy: str) -> set[str]:
     """The options of other strategies that `strategy` never reads (its help leaves them out): their own settings
     and the shared ones it does not use (a mask strategy reads the label-free objective's, for --fitness nsc)."""
@@ -290,7 +295,10 @@ def foreign_options(strategy: str) -> set[str]:
         # task-arithmetic sum of their own)
         for name in names:
             owners.setdefault(name, set()).add(candidate.name)
-    return {name for name, owned_by in owners.items() if strategy not in owned_by}
+    foreign = {name for name, owned_by in owners.items() if strategy not in owned_by}
+    if STRATEGIES[strategy].kind == "coefficients":  # one model on one device, trained: no tables to spread,
+        foreign |= TABLE_SCORING  # replay or plot
+    return foreign
 
 
 def _strategy_in(args: list[str]) -> str | None:

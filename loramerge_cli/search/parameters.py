@@ -23,6 +23,7 @@ class Parameter:
     off: tuple = ()  # values that switch this setting off: allowed whatever its `needs` are
     low: float | None = None  # the allowed range of a number (inclusive), checked before any work and shown in
     high: float | None = None  # --help; a float is also refused when not finite
+    labelled: bool = False  # read with labelled accuracy only: given with a label-free --fitness, it does nothing
 
     def bounds(self) -> str:
         """The allowed range, as help and errors show it ('' for any value of its type)."""
@@ -60,12 +61,12 @@ SCREENED_PARAMETERS = (
     Parameter("redraws", int, 20, "redraws of a candidate whose table was already scored (0: off).", low=0),
     Parameter("halving", bool, True, "score each generation's new tables on seeded validation subsets first "
               "(successive halving; labelled --fitness accuracy only); the result's fitness is always the "
-              "full set's."),
+              "full set's.", labelled=True),
     Parameter("eta", int, 3, "successive halving keeps the best 1/eta per subset; subsets n/eta, n/eta².",
-              needs=("halving",), low=2),
+              needs=("halving",), low=2, labelled=True),
     Parameter("screen_rungs", int, 1, "score the screen's single units on this many of the halving's rungs, "
               "the full set last (1: the full set only; 2: from n/eta; 3: from n/eta²): cheaper, a less "
-              "exact start.", needs=("screen", "halving"), low=1),
+              "exact start.", needs=("screen", "halving"), low=1, labelled=True),
 )
 
 SURROGATE_PARAMETERS = (

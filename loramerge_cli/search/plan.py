@@ -101,6 +101,9 @@ def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
     label_free = strategy.kind == "coefficients" or request.fitness == "nsc"
     if label_free:
         request.nsc.check()
+        if request.eval.block_cache_mb != EvalSettings.block_cache_mb:  # the accuracy fitness's replay only
+            how = f"--strategy {strategy.name}" if strategy.kind == "coefficients" else "--fitness nsc"
+            raise UsageError(f"--block-cache-mb does nothing with {how}")
         if request.lambda_auto:
             raise UsageError("--lambda auto tunes λ on labelled validation data; give a number with a label-free "
                              "search")

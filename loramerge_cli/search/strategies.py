@@ -55,6 +55,7 @@ class Strategy:
     scoring: Callable | None = None  # (request, fitness, workers) -> (what `run` gets as its fitness, the
     # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
     uses: frozenset[str] = frozenset()  # the SHARED_SETTINGS it reads (the others are refused if changed)
+    budget_from: frozenset[str] = frozenset()  # those of `uses` it reads only to make the default --budget
     library_options: tuple[str, ...] = ()  # `request.options` names it reads besides its parameters, with no flag
     state_file: str | None = None  # where a resumable strategy keeps its state in the run dir (search/rundir.py)
     check_state: Callable | None = None  # (request, path of its state, (units × tasks, ρ cap's units) or None) ->
@@ -99,6 +100,8 @@ def check_unused(strategy: Strategy, request) -> None:
     from dataclasses import fields
 
     uses = strategy.uses | (NSC_OBJECTIVE if request.fitness == "nsc" else frozenset())
+    if request.budget is not None:  # given: what would make the default budget does nothing
+        uses -= strategy.budget_from
     if request.nsc.objective != "nsc":  # the entropy objective measures no targets
         uses -= TARGETS
     for holder, names in SHARED_SETTINGS.items():
@@ -110,7 +113,8 @@ def check_unused(strategy: Strategy, request) -> None:
                 objective = f" --objective {request.nsc.objective}" if entropy else ""
                 raise UsageError(f"--{name.replace('_', '-')} does nothing with --strategy {strategy.name}"
                                  + (f" --fitness {request.fitness}" if request.fitness != "accuracy" else "")
-                                 + objective)
+                                 + objective + (" --budget (it only sets the default budget)"
+                                                if name in strategy.budget_from else ""))
 
 
 def _budget(request) -> int:
@@ -185,10 +189,16 @@ def _check_screened(request) -> None:
     settings.check()
     defaults = ScreenedSettings()
     if request.fitness != "accuracy":  # successive halving needs labelled accuracy: its settings would do nothing
-        for name in ("eta", "screen_rungs"):
-            if getattr(settings, name) != getattr(defaults, name):
-                raise UsageError(f"--{name.replace('_', '-')} does nothing with --fitness {request.fitness} "
-                                 "(successive halving scores labelled accuracy only)")
+        for parameter in SCREENED_PARAMETERS:
+            if parameter.labelled and getattr(settings, parameter.name) != getattr(defaults, parameter.name):
+                raise UsageError(labelled_only(parameter, getattr(settings, parameter.name), request.fitness))
+
+
+def labelled_only(parameter, value, fitness: str) -> str:
+    """The message for a setting read with labelled accuracy only, given with a label-free fitness."""
+    flag = parameter.name.replace("_", "-")
+    flag = f"--no-{flag}" if value is False else f"--{flag}"
+    return f"{flag} does nothing with --fitness {fitness} (successive halving scores labelled accuracy only)"
 
 
 def _check_screened_data(request, examples: dict[str, int]) -> None:
@@ -294,10 +304,12 @@ STRATEGIES: dict[str, Strategy] = {
                      uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale"}),
                      state_file="state.json", check_state=_check_enmp_state),
     "greedy": Strategy("greedy", "leave-one-out: prune the unit that helps most, while it helps", False,
-                       _run_greedy, uses=frozenset({"max_prune", "popsize", "generations", "budget"})),  # popsize ×
+                       _run_greedy, uses=frozenset({"max_prune", "popsize", "generations", "budget"}),
+                       budget_from=frozenset({"popsize", "generations"})),  # popsize ×
     # generations: the budget when --budget is not given
     "random": Strategy("random", "best of N random masks of a fixed sparsity", False, _run_random,
-                       uses=frozenset({"max_prune", "popsize", "generations", "budget", "sparsity"})),
+                       uses=frozenset({"max_prune", "popsize", "generations", "budget", "sparsity"}),
+                       budget_from=frozenset({"popsize", "generations"})),
     "nsc": Strategy("nsc", "learn one coefficient per task and module by gradient descent on unlabeled inputs",
                     True, None, kind="coefficients",
                     uses=frozenset({"steps", "lr", "init", "objective", "target_blocks", "target_modules"}),

@@ -119,10 +119,6 @@ def _positive_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
-def _finite_number(value) -> bool:
-    return is_finite_number(value)
-
-
 def _names(value) -> bool:
     return value is None or isinstance(value, str) or (
         isinstance(value, list) and all(isinstance(item, str) for item in value))
@@ -131,10 +127,10 @@ def _names(value) -> bool:
 # adapter_config.json fields loramerge reads: (check, what it must be). Absent is fine; present must fit.
 FIELD_TYPES = {
     "r": (_positive_int, "a positive integer"),
-    "lora_alpha": (_finite_number, "a finite number"),
+    "lora_alpha": (is_finite_number, "a finite number"),
     "rank_pattern": (lambda v: v is None or (isinstance(v, dict) and all(map(_positive_int, v.values()))),
                      "an object of positive integers"),
-    "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(map(_finite_number, v.values()))),
+    "alpha_pattern": (lambda v: v is None or (isinstance(v, dict) and all(map(is_finite_number, v.values()))),
                       "an object of finite numbers"),
     "use_rslora": (lambda v: v is None or isinstance(v, bool), "true or false"),
     "fan_in_fan_out": (lambda v: v is None or isinstance(v, bool), "true or false"),

@@ -85,8 +85,9 @@ def merge_options() -> list:
         option("eval_dtype", choice(DTYPES) | None, None, show_default=False,
                help="--lambda auto: dtype of the evaluated model. [default: float32]"),
         max_length_option("--lambda auto, regmean: "),
-        threads_option("Torch CPU threads. [default: OMP_NUM_THREADS if set, else torch's; CPUs / N with N workers "
-                       "on this machine scoring the --lambda auto grid]"),
+        threads_option("Torch CPU threads. [default: OMP_NUM_THREADS if set, else torch's, and min(8, CPUs) while "
+                       "--lambda auto or regmean evaluates; CPUs / N with N workers on this machine scoring the "
+                       "--lambda auto grid]"),
         *push_options(),
     ]
 

@@ -13,6 +13,12 @@ from pathlib import Path
 import typer
 
 from loramerge_cli.adapters.card import RECIPE_NAME, relative_path
+from loramerge_cli.merging.registry import PARAMETERS
+
+# What an entry of a recipe's adapters map may hold besides its path: the adapter's weight and each method
+# parameter the registry takes per adapter, by the key the entry names it with and the flag it stands for.
+PER_ADAPTER_KEYS = {"weight": "weights", **{name: name.replace("_", "-") for name, parameter in PARAMETERS.items()
+                                            if parameter.per_adapter}}
 # Parameters that say where and how to run and report, not what to compute: never recorded.
 NOT_RECORDED = {"out", "force", "json_output", "quiet", "debug", "config", "threads", "push_to_hub", "private",
                 "revision", "dry_run", "adapters", "indices", "mask", "devices", "workers", "backend", "ray_address"}
@@ -77,8 +83,7 @@ def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dic
             values.pop(name.replace("_", "-"), None)
     # per-adapter values go in the adapters' map, where they follow each adapter by name (a flag's list would be
     # handed out by position to adapters given in another order)
-    per_adapter = {key: [float(v) for v in str(values.pop(flag)).split(",")] for key, flag in
-                   (("weight", "weights"), ("density", "density"))
+    per_adapter = {key: [float(v) for v in str(values.pop(flag)).split(",")] for key, flag in PER_ADAPTER_KEYS.items()
                    if flag in values and (flag == "weights" or "," in str(values[flag]))}
     sources = {}
     for index, adapter in enumerate(adapters):
@@ -105,37 +110,41 @@ def _local(value: str, folder: Path) -> str:
 
 
 def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
-    """`{name: source | {path, weight, density}}` -> (["name=source", ...], extra flag values)."""
+    """`{name: source | {path, weight, density, …}}` -> (["name=source", ...], extra flag values)."""
     from loramerge_cli.adapters.sources import NAME
 
-    sources, weights, densities = [], [], []
+    sources, given = [], {key: [] for key in PER_ADAPTER_KEYS}
     for name, entry in value.items():
         if not isinstance(name, str) or not NAME.match(name):
             raise typer.BadParameter(f"{origin}: {name!r} is not a task name (an ASCII letter, digit or _ first, "
                                      "then letters, digits, _ . -)")
         if isinstance(entry, dict):
-            unknown = set(entry) - {"path", "source", "weight", "density"}
+            unknown = set(entry) - {"path", "source", *PER_ADAPTER_KEYS}
             if unknown:
                 raise typer.BadParameter(f"{origin}: adapter {name!r}: unknown keys {sorted(unknown)} (it takes path, "
-                                         "weight, density)")
+                                         f"{', '.join(PER_ADAPTER_KEYS)})")
             source = entry["path"] if "path" in entry else entry.get("source")
             _check_source(source, f"{origin}: adapter {name!r}: path")
             sources.append(f"{name}={source}")
-            for key, values in (("weight", weights), ("density", densities)):
+            for key, values in given.items():
                 values.append(_number(entry.get(key), f"{origin}: adapter {name!r}: {key}"))
         else:
             _check_source(entry, f"{origin}: adapter {name!r}")
             sources.append(f"{name}={entry}")
-            weights.append(None)
-            densities.append(None)
+            for values in given.values():
+                values.append(None)
     extra = {}
-    if any(weight is not None for weight in weights):
-        extra["weights"] = ",".join(str(1.0 if weight is None else float(weight)) for weight in weights)
-    given = [density for density in densities if density is not None]
-    if given and len(given) < len(densities):
-        raise typer.BadParameter(f"{origin}: give a density for every adapter or for none")
-    if given:  # as --density d1,d2,… (one value when they are all equal)
-        extra["density"] = str(float(given[0])) if len(set(given)) == 1 else ",".join(str(float(d)) for d in given)
+    for key, values in given.items():
+        numbers = [number for number in values if number is not None]
+        if not numbers:
+            continue
+        if key == "weight":  # an adapter without one weighs 1
+            extra["weights"] = ",".join(str(1.0 if number is None else float(number)) for number in values)
+            continue
+        if len(numbers) < len(values):
+            raise typer.BadParameter(f"{origin}: give a {key} for every adapter or for none")
+        # as --density d1,d2,… (one value when they are all equal)
+        extra[PER_ADAPTER_KEYS[key]] = str(numbers[0]) if len(set(numbers)) == 1 else ",".join(map(str, numbers))
     return sources, extra
 
 

@@ -55,6 +55,7 @@ def search_options() -> list:
     from loramerge_cli.evaluation.settings import EvalSettings
     from loramerge_cli.search.enmp_settings import EnmpSettings
     from loramerge_cli.search.nsc_settings import OBJECTIVES, NscSettings
+    from loramerge_cli.search.plan import FITNESSES
     from loramerge_cli.search.strategies import DEFAULT_STRATEGY, STRATEGIES
 
     strategies = "; ".join(f"{name}: {strategy.help}" for name, strategy in STRATEGIES.items())
@@ -66,7 +67,7 @@ def search_options() -> list:
                show_default=False),
         option("strategy", choice(STRATEGIES), DEFAULT_STRATEGY, help=f"{strategies}. `--strategy NAME -h` lists "
                "the options NAME reads only."),
-        option("fitness", choice(("accuracy", "nsc")), "accuracy", help="Mask strategies: labelled validation "
+        option("fitness", choice(FITNESSES), "accuracy", help="Mask strategies: labelled validation "
                "accuracy, or nsc: % reduction of the label-free --objective loss (no labels read)."),
         setting_option(NscSettings, "objective", annotation=choice(OBJECTIVES), help="Label-free loss: nsc "
                        "(null-space ratio at the targets) or entropy (AdaMerging: mean prediction entropy; "
@@ -193,7 +194,8 @@ def search_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli.cli.progress import ProgressDisplay
 
     console = ProgressDisplay(flags["quiet"] or flags["json_output"])  # progress and logs: stderr
-    if flags["strategy"] == "nsc":
+    coefficients = plan.strategy.kind == "coefficients"
+    if coefficients:
         console.inner, summary = render_nsc.nsc_progress(console, flags["steps"]), render_nsc.nsc_summary
     elif flags["fitness"] == "nsc":
         console.inner = render_nsc.label_free_progress(console, flags["generations"])
@@ -205,7 +207,7 @@ def search_command(ctx: typer.Context, **flags) -> None:
                       highlight=False)
     with console:
         table, provenance = api.search(plan, console)
-    if flags["strategy"] == "nsc" or flags["fitness"] == "nsc":  # (the labelled searches said theirs as they began)
+    if coefficients or flags["fitness"] == "nsc":  # (the labelled searches said theirs as they began)
         print_warnings(human_console(flags["quiet"], flags["json_output"]), provenance.get("warnings", []))
     if flags["json_output"]:
         return emit_json(table.to_json())

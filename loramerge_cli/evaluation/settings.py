@@ -33,6 +33,6 @@ class EvalSettings:
         if not isinstance(self.length_normalize, bool):
             raise UsageError(f"--length-normalize must be true or false (got {self.length_normalize!r})")
         if self.dtype not in (*DTYPES, "float64"):
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {self.dtype!r})")
+            raise UsageError(f"--dtype must be one of {', '.join((*DTYPES, 'float64'))} (got {self.dtype!r})")
         if not isinstance(self.block_cache_mb, (int, float)) or not 0 <= self.block_cache_mb < math.inf:
             raise UsageError("--block-cache-mb must be a number >= 0")

@@ -348,7 +348,7 @@ def methods_using(parameter: str) -> list[str]:
 
 def defaults_text(parameter: str) -> str:
     """Each default of a parameter and the methods and presets that have it, for its help text:
-    "0.2 (ties, magnitude), 0.9 (knots)"."""
+    "0.8 (ties, magnitude, …), 0.9 (knots)"."""
     by_value: dict[str, list[str]] = {}
     for name in methods_using(parameter):
         by_value.setdefault(_shown(METHODS[name].defaults[parameter]), []).append(name)

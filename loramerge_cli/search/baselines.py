@@ -6,9 +6,8 @@ from typing import Callable
 
 import numpy as np
 
+from loramerge_cli.search.decode import Candidate
 from loramerge_cli.search.enmp import Evaluation, Fitness
-
-Candidate = tuple[tuple[int, ...], float | None]
 
 
 class Ledger:

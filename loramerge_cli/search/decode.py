@@ -7,6 +7,8 @@ from decimal import Decimal
 
 import numpy as np
 
+Candidate = tuple[tuple[int, ...], float | None]  # a table to score: (pruned flat indices, λ or None)
+
 
 def max_pruned(ratio: float, unit_count: int, task_count: int) -> int:
     """K_max = ⌊ρ·U·T⌋, exact with ρ read as a decimal (⌊0.29·100⌋ = 29, not 28)."""

@@ -18,12 +18,9 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from loramerge_cli.errors import LoramergeError, is_finite_number
-from loramerge_cli.search.decode import decode_mask, decode_scale, max_pruned
+from loramerge_cli.search.decode import Candidate, decode_mask, decode_scale, max_pruned
 from loramerge_cli.search.enmp_settings import EnmpSettings  # noqa: F401  (imported from here too)
 from loramerge_cli.search.state_io import write_progress
-
-Candidate = tuple[tuple[int, ...], float | None]  # (pruned flat indices, λ or None)
-
 
 _GLOBAL_NUMPY_STATE = threading.RLock()
 

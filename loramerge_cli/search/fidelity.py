@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-Candidate = tuple[tuple[int, ...], float | None]
+from loramerge_cli.search.decode import Candidate
 RungItem = tuple[int, Candidate]  # (rung index, candidate)
 
 

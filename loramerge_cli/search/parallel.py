@@ -12,11 +12,10 @@ from loramerge_cli.errors import LoramergeError, WorkerLost
 from loramerge_cli.search.lifetime import become_worker, signals_blocked
 
 
-def _worker(build, device: str, tasks, results, parent_pid: int | None = None) -> None:
+def _worker(build, device: str, tasks, results, parent_pid: int) -> None:
     """Build a fitness on `device` (via the picklable `build(device)`), then serve candidates; the worker
     ignores Ctrl-C (the parent ends it) and dies with its parent."""
-    if parent_pid is not None:
-        become_worker(parent_pid)
+    become_worker(parent_pid)
     try:
         fitness = build(device)
     except BaseException as error:  # noqa: BLE001 - reported to the parent as one line

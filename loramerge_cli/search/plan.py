@@ -260,7 +260,7 @@ def run_config(request: SearchRequest) -> dict:
         "strategy": request.strategy, "enmp": asdict(request.enmp), "lambda_auto": request.lambda_auto,
         "base": request.base, "budget": request.budget, "sparsity": request.sparsity, "options": request.options,
     }
-    if request.strategy == "nsc" or request.fitness == "nsc":
+    if strategy_named(request.strategy).kind == "coefficients" or request.fitness == "nsc":
         config.update(fitness=request.fitness, nsc=asdict(request.nsc))
     config["device_kind"] = device_kind(request)
     return config

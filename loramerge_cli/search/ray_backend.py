@@ -150,7 +150,6 @@ class RayPool:
                  start_timeout: float = 600.0, timeout: float = 3600.0):
         ray = self.ray = connect(address)
         self.timeout = timeout
-        self.lost = 0  # actors that died during the run
         resources = ray.cluster_resources()
         for kind in ("GPU", "CPU"):  # an actor the cluster cannot place would wait for ever
             needed = sum(actor_resources(device, threads)[f"num_{kind.lower()}s"] for device in devices)
@@ -213,7 +212,6 @@ class RayPool:
 
     def _drop(self, actor, error) -> None:
         self.actors.remove(actor)
-        self.lost += 1
         self.ray.kill(actor)
         if not self.actors:
             raise WorkerLost(f"every Ray worker died (the last: {_first_line(error)})")

@@ -43,7 +43,7 @@ import numpy as np
 
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.events import stage
-from loramerge_cli.search.decode import decode_mask, feasible_tables, max_pruned
+from loramerge_cli.search.decode import Candidate, decode_mask, feasible_tables, max_pruned
 from loramerge_cli.search.enmp import (
     EnmpSettings,
     Evaluation,
@@ -55,13 +55,11 @@ from loramerge_cli.search.enmp import (
 from loramerge_cli.search.parameters import SCREENED_PARAMETERS, check_declared
 from loramerge_cli.search.state_io import write_progress
 
-Candidate = tuple[tuple[int, ...], float | None]
-
 
 @dataclass
 class ScreenedSettings(EnmpSettings):
-    """ENMP's search budget (its x0: the mean of every unit when the screen is off) and the three parts'
-    switches and knobs; `addscale` stays ENMP's."""
+    """ENMP's search budget (its x0: the mean of every unit when the screen is off) and the four parts'
+    switches and knobs (screen, greedy, redraws, halving); `addscale` stays ENMP's."""
 
     screen: bool = True
     redraws: int = 20  # per slot; 0: off

@@ -35,13 +35,12 @@ from typing import Callable
 
 import numpy as np
 
-from loramerge_cli.errors import LoramergeError, UsageError, check_integer, is_finite_number
+from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed, is_finite_number
 from loramerge_cli.search.decode import feasible_tables, max_pruned
 from loramerge_cli.search.enmp import Evaluation, SteppedSearch
 from loramerge_cli.search.parameters import SURROGATE_PARAMETERS, check_declared
 from loramerge_cli.search.state_io import write_progress
 
-Candidate = tuple[tuple[int, ...], float | None]
 STATE_NAME = "surrogate_state.json"
 STATE_FORMAT = "loramerge.surrogate-state/v1"
 SCREEN_CHUNK = 8  # single-unit tables per screen step: a killed screen keeps what it scored
@@ -53,7 +52,7 @@ class SurrogateSettings:
     """The ρ cap, the seed, the budget and the model's priors (fitness points: 100/(T·n) per example)."""
 
     max_prune: float = 0.2
-    seed: int = 0
+    seed: int = 1  # (EnmpSettings' default: the one seed rule, errors.check_seed)
     budget: int | None = None  # distinct full-set evaluations, the screen included (None: 3·U·T)
     proposals: int = 1  # tables proposed (and scored together) per step
     prior_single: float = 1.0  # a: prior standard deviation of one unit's effect, in points
@@ -66,6 +65,7 @@ class SurrogateSettings:
     def check(self) -> None:
         if not is_finite_number(self.max_prune) or not 0 < self.max_prune <= 1:
             raise UsageError(f"--max-prune must be in (0, 1] (got {self.max_prune})")
+        check_seed(self.seed)
         check_integer(self.budget, 1, "--budget")
         check_integer(self.restarts, 1, "restarts")
         check_declared(self, SURROGATE_PARAMETERS)

@@ -175,7 +175,11 @@ def run_job(args) -> dict:
 
     from examples.bundled.build import FULL, build, stamp, up_to_date
 
-    console = Console(stderr=True, log_path=False, soft_wrap=True)  # one unwrapped line per message
+    console = Console(stderr=True, soft_wrap=True)  # one unwrapped line per message (Console.log's table wraps)
+
+    def log(message: str) -> None:
+        console.print(f"{time.strftime('%H:%M:%S')} {message}", highlight=False)
+
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     from loramerge_cli.cli.progress import ProgressDisplay
@@ -189,7 +193,7 @@ def run_job(args) -> dict:
     results = {"settings": {}}
     for setting, search in (("text", not args.no_search), ("image", False)):
         results["settings"][setting] = run_setting(args.out / setting, args.out / "merged" / setting, MERGERS,
-                                                   search, console.log, args.threads)
+                                                   search, log, args.threads)
     results["seconds"] = round(time.perf_counter() - started, 1)
     results["build_seconds"] = built
     Console(width=140).print(render(results))

@@ -204,8 +204,9 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
                              "loramerge.json records what it wrote, by sha256): --force would lose that; move it "
                              "out (or delete it), or give another --out")
     if kind == "file" and not _is_loramerge_output(target, formats):
-        raise LoramergeError(f"--out {out} is not a file of what this command writes ({', '.join(formats)}); "
-                             "refusing to replace it, even with --force")
+        shown = " or ".join(f"{name}…" if name.endswith("/") else name for name in formats)
+        raise LoramergeError(f"--out {out} is not a file of what this command writes (JSON whose \"format\" is "
+                             f"{shown}); refusing to replace it, even with --force")
     if kind == "file" and any((target.parent / name).is_file() for name in (MARKER, RECIPE_NAME)):
         raise LoramergeError(f"--out {out} is part of the output loramerge wrote in {out.parent} (its recipe "
                              "reads it); refusing to replace it, even with --force")

@@ -264,7 +264,7 @@ def test_cli_learns_coefficients_from_inputs_only_and_merge_applies_them(setting
     assert any(abs(v - 0.4) > 1e-3 for row in table.weights for v in row)  # trained away from the init
     per_task = table.provenance["task_losses"]  # each task's objective at the start and learned, printed too
     assert per_task["tasks"] == table.tasks and per_task["start"] != per_task["end"]
-    assert "per task, start -> learned" in result.stdout  # the summary is the result: stdout
+    assert "loss over each task's inputs, start -> learned" in result.stdout  # the summary is the result: stdout
     assert len(table.provenance["warnings"]) == sum(after > before for before, after in
                                                     zip(per_task["start"], per_task["end"]))
     merged = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--mask", out, "--out", tmp_path / "m"])

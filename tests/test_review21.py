@@ -361,3 +361,24 @@ def test_nsc_s_help_leaves_out_what_it_refuses():
     assert not options & {"--workers", "--devices", "--backend", "--ray-address", "--plot", "--block-cache-mb"}
     assert {"--steps", "--lr", "--device", "--run-dir"} <= options
     assert {"--workers", "--plot", "--block-cache-mb"} <= listed([])
+
+
+def test_a_recipe_s_one_density_for_all_is_a_number(setting, tmp_path):
+    """`--density 0.5` was written as `density: '0.5'` (the command line's text), not as a number."""
+    import yaml
+
+    _merge_cli("--adapters", setting.adapters["alpha"], setting.adapters["beta"], "--merger", "ties", "--density",
+               "0.5", "--out", tmp_path / "m")
+    assert yaml.safe_load((tmp_path / "m" / "loramerge.yaml").read_text())["density"] == 0.5
+
+
+def test_a_shared_search_setting_refused_names_the_strategies_that_read_it(setting, tmp_path):
+    """`--popsize 4 --generations 2` with the default strategy said only "does nothing with --strategy
+    surrogate", not which strategy the user may have meant."""
+    from factories import invoke_cli
+
+    result = invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                         "--generations", "2", "--out", tmp_path / "m.json"])
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: --generations does nothing with --strategy surrogate (it is read by --strategy screened, enmp, "
+        "greedy, random)"), result.stderr

@@ -56,7 +56,6 @@ def build(out: Path, settings: ImageSettings) -> dict:
             "name": name,
             "data": {"validation": f"data/{name}/validation", "test": f"data/{name}/test"},
             "labels": CLASS_NAMES, "num_labels": len(CLASS_NAMES), "head": "from-adapter",
-            "limit": max(settings.validation_examples, settings.test_examples),
         })
     common.write_tasks_yaml(out / "tasks.yaml", str(base), "image-classification", tasks)
     return report

@@ -59,7 +59,7 @@ def build(out: Path, settings: TextSettings) -> dict:
             "name": name,
             "data": {"validation": f"data/{name}/validation.jsonl", "test": f"data/{name}/test.jsonl"},
             "text": "text", "label": "label", "num_labels": language.KIND_COUNT,
-            "head": "from-adapter", "limit": max(settings.validation_examples, settings.test_examples),
+            "head": "from-adapter",
         })
     common.write_tasks_yaml(out / "tasks.yaml", str(base), "sequence-classification", tasks)
     return report

@@ -85,6 +85,8 @@ def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dic
     # handed out by position to adapters given in another order)
     per_adapter = {key: [float(v) for v in str(values.pop(flag)).split(",")] for key, flag in PER_ADAPTER_KEYS.items()
                    if flag in values and (flag == "weights" or "," in str(values[flag]))}
+    for flag in set(PER_ADAPTER_KEYS.values()) & values.keys():  # one value for every adapter: a number, as
+        values[flag] = float(values[flag])  # YAML writes it (the command line gives it as text)
     sources = {}
     for index, adapter in enumerate(adapters):
         source = adapter_source(adapter, folder)

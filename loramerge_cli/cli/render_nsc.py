@@ -65,10 +65,11 @@ def nsc_summary(table, provenance: dict):
     for column, unit in enumerate(table.units):
         grid.add_row(unit, *(f"{row[column]:.4f}" for row in table.weights))
     loss = provenance["loss"]
-    parts = [grid, Text(f"{provenance['objective']} loss {loss['first']:.5f} -> {loss['last']:.5f} in "
-                        f"{len(provenance['history'])} steps, {provenance['seconds']:.1f} s")]
+    steps = len(provenance["history"])  # (each step's loss is of its own mini-batches: they may not fall)
+    parts = [grid, Text(f"{provenance['objective']} loss of a step's mini-batches: step 1 {loss['first']:.5f}, step "
+                        f"{steps} {loss['last']:.5f} ({steps} steps, {provenance['seconds']:.1f} s)")]
     per_task = provenance["task_losses"]
-    parts.append(Text("per task, start -> learned: " + "; ".join(
+    parts.append(Text(f"{provenance['objective']} loss over each task's inputs, start -> learned: " + "; ".join(
         f"{name} {before:.4f} -> {after:.4f}"
         for name, before, after in zip(per_task["tasks"], per_task["start"], per_task["end"]))))
     test = provenance.get("test")

@@ -146,7 +146,8 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
     strategy's own check, for the library too)."""
     from loramerge_cli.errors import UsageError
     from loramerge_cli.search.rundir import flag_name
-    from loramerge_cli.search.strategies import SHARED_SETTINGS, STRATEGIES, labelled_only, strategy_named
+    from loramerge_cli.search.strategies import (SHARED_SETTINGS, STRATEGIES, labelled_only, read_by,
+                                                 strategy_named)
 
     strategy = flags["strategy"]
     own = {parameter.name for parameter in strategy_named(strategy).parameters}  # a resumed run's: checked
@@ -165,7 +166,7 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
         source = ctx.get_parameter_source(name)  # which cannot tell, refuses one changed from its default)
         if source is not None and source.name != "DEFAULT" and not (name == "merger" and flags[name] == "ta"):
             # (--merger ta names the sum NSC weighs)
-            raise UsageError(f"{flag_name(name)} does nothing with --strategy {strategy}")
+            raise UsageError(f"{flag_name(name)} does nothing with --strategy {strategy}{read_by(name)}")
 
 
 def strategy_settings(flags: dict, strategy: str) -> dict:

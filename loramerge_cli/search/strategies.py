@@ -94,6 +94,13 @@ TARGETS = frozenset({"target_blocks", "target_modules"})  # read by the nsc obje
 NSC_OBJECTIVE = frozenset({"objective"}) | TARGETS  # what --fitness nsc reads of NSC's settings
 
 
+def read_by(name: str) -> str:
+    """" (it is read by --strategy enmp, screened)": the strategies that read a shared setting, for a message
+    refusing it elsewhere ('' when none does)."""
+    readers = [strategy.name for strategy in STRATEGIES.values() if name in strategy.uses]
+    return f" (it is read by --strategy {', '.join(readers)})" if readers else ""
+
+
 def check_unused(strategy: Strategy, request) -> None:
     """A shared setting changed from its default that the strategy (and its fitness) never reads does nothing:
     a usage error, as the CLI's other strategies' options are."""
@@ -111,10 +118,11 @@ def check_unused(strategy: Strategy, request) -> None:
             if name not in uses and getattr(given, name) != defaults[name]:
                 entropy = name in TARGETS and request.nsc.objective != "nsc"
                 objective = f" --objective {request.nsc.objective}" if entropy else ""
+                why = (" --budget (it only sets the default budget)" if name in strategy.budget_from
+                       else "" if entropy else read_by(name))
                 raise UsageError(f"--{name.replace('_', '-')} does nothing with --strategy {strategy.name}"
                                  + (f" --fitness {request.fitness}" if request.fitness != "accuracy" else "")
-                                 + objective + (" --budget (it only sets the default budget)"
-                                                if name in strategy.budget_from else ""))
+                                 + objective + why)
 
 
 def _budget(request) -> int:

@@ -20,7 +20,9 @@ def heat_legend() -> Text:
 
 
 def _compact(counts: dict) -> str:
-    return ", ".join(f"{value}×{count}" if len(counts) > 1 else str(value) for value, count in counts.items())
+    """{value: modules} as "16" (one value) or "24 (4 modules), 28 (28 modules)"."""
+    return ", ".join(f"{value} ({count} module{'s' * (count != 1)})" if len(counts) > 1 else str(value)
+                     for value, count in counts.items())
 
 
 def adapters_table(summary: dict) -> Table:
@@ -102,7 +104,9 @@ def merge_table(report: dict) -> Table:
     parameters = ", ".join(f"{k}={v}" for k, v in shown.items())
     table.add_row("merger", f"{report['merger']} (method {report['method']}, space {report['space']})")
     table.add_row("parameters", parameters)
-    table.add_row("modules", f"{report['modules']} written, {len(report['omitted'])} omitted (pruned in every task)")
+    omitted = len(report["omitted"])
+    table.add_row("modules", f"{report['modules']} written" + (f", {omitted} left out (pruned in every task)"
+                                                              if omitted else ""))
     table.add_row("ranks", _compact(report["ranks"]))
     if report.get("max_truncation_error") is not None:
         table.add_row("truncation", f"largest relative error {report['max_truncation_error']:.3g}")

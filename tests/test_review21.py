@@ -382,3 +382,51 @@ def test_a_shared_search_setting_refused_names_the_strategies_that_read_it(setti
     assert result.exit_code == 2 and result.stderr.strip() == (
         "error: --generations does nothing with --strategy surrogate (it is read by --strategy screened, enmp, "
         "greedy, random)"), result.stderr
+
+
+def test_a_label_free_screened_run_saved_with_no_halving_still_plans(setting):
+    """A run started (before the refusal of --halving with --fitness nsc) with `--no-halving` recorded
+    halving false: its --resume, and the give-back of its finished table, were refused with no way out."""
+    from dataclasses import replace
+
+    request = api.SearchRequest(adapters=setting.adapter_args(), merge=api.MergeConfig(merger="ta"),
+                                tasks=setting.tasks_file, eval=api.EvalSettings(threads=1), strategy="screened",
+                                fitness="nsc", options={"halving": False})
+    api.plan_search(request)
+    with pytest.raises(UsageError, match="--eta does nothing with --fitness nsc"):
+        api.plan_search(replace(request, options={"halving": True, "eta": 2}))
+
+
+def test_a_recipe_of_equal_per_adapter_densities_rebuilds_the_same_recipe(setting, tmp_path):
+    """`--density 0.5,0.5`: the recipe gave each adapter 0.5, and its rebuild folded them into one `density:
+    0.5` (another recipe, and `parameters.density` 0.5 instead of [0.5, 0.5] in loramerge.json)."""
+    a = setting.adapters
+    _merge_cli("--adapters", a["alpha"], a["beta"], "--merger", "ties", "--density", "0.5,0.5", "--out",
+               tmp_path / "first")
+    _merge_cli("--config", tmp_path / "first" / "loramerge.yaml", "--out", tmp_path / "again")
+    for name in ("loramerge.yaml", "adapter_model.safetensors"):
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
+
+
+def test_a_recipe_path_through_a_link_then_up_names_the_same_file(tmp_path, monkeypatch):
+    """`adlink/../adapters/x` with `adlink` a link: the path was collapsed before the link was followed, and the
+    recipe named a folder that does not exist."""
+    from loramerge_cli.adapters.card import relative_path
+
+    (tmp_path / "data" / "adapters" / "x").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "adlink").symlink_to(tmp_path / "data" / "adapters")
+    monkeypatch.chdir(tmp_path / "work")
+    written = relative_path("adlink/../adapters/x", "out")
+    assert (tmp_path / "work" / "out" / written).resolve() == (tmp_path / "data" / "adapters" / "x")
+    assert relative_path("adlink/x", "out") == "../adlink/x"  # spelled as given where that names the file
+
+
+def test_an_adapter_read_error_names_the_path_as_given(setting, tmp_path, monkeypatch):
+    """Recording absolute paths for loaded adapters made their read errors name the absolute path."""
+    (tmp_path / "bad").mkdir()
+    shutil.copy(setting.adapters["alpha"] / "adapter_model.safetensors", tmp_path / "bad")
+    (tmp_path / "bad" / "adapter_config.json").write_text("{bad")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LoramergeError, match="^bad/adapter_config.json: "):
+        api.load_adapters(["bad"])

@@ -57,8 +57,8 @@ def relative_path(path: str | Path, folder: str | Path) -> str:
     """`path` (absolute, or relative to the working folder) relative to `folder`, so that `folder/result` names
     the same file: spelled through the paths as given, unless a symbolic link on the way makes a `..` climb
     out of the link's target (then between the resolved paths)."""
-    target = os.path.abspath(os.path.expanduser(str(path)))
-    start = os.path.abspath(folder)
+    target = os.path.join(os.getcwd(), os.path.expanduser(str(path)))  # not normalized: `link/..` is the
+    start = os.path.join(os.getcwd(), os.path.expanduser(str(folder)))  # parent of the link's target
     lexical = os.path.relpath(target, start)
     if os.path.realpath(os.path.join(start, lexical)) == os.path.realpath(target):
         return lexical

@@ -56,8 +56,8 @@ def load_adapter(argument: str, allow_pickle: bool = False, name: str | None = N
     source = AdapterSource(
         spec=named.spec,
         kind=files.kind,
-        weights_file=str(files.weights_file),
-        config_file=str(files.config_file) if files.config_file else None,
+        weights_file=str(files.weights_file.absolute()),  # (absolute: the same files after the caller's chdir)
+        config_file=str(files.config_file.absolute()) if files.config_file else None,
         sha256=sha256_file(files.weights_file),
         repo_id=files.repo_id,
         revision=files.revision,

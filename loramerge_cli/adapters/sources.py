@@ -189,7 +189,7 @@ def _resolve_dir(path: Path, allow_pickle: bool, kind: str = "dir") -> LocalFile
         if os.path.lexists(config):  # a folder, a dangling link under that name
             raise LoramergeError(f"{config}: not a regular file (a {_kind_of(config)})")
         raise LoramergeError(f"{path}: folder has no {CONFIG_NAME}")
-    return LocalFiles(kind, weights.absolute(), config.absolute())  # (absolute: the same files after a chdir)
+    return LocalFiles(kind, weights, config)
 
 
 def _resolve_file(path: Path, allow_pickle: bool) -> LocalFiles:
@@ -199,7 +199,7 @@ def _resolve_file(path: Path, allow_pickle: bool) -> LocalFiles:
     elif path.suffix != ".safetensors":
         raise LoramergeError(f"{path}: not a .safetensors file or an adapter folder")
     config = path.parent / CONFIG_NAME
-    return LocalFiles("file", path.absolute(), config.absolute() if config.is_file() else None)
+    return LocalFiles("file", path, config if config.is_file() else None)
 
 
 def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:

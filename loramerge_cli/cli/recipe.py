@@ -145,8 +145,7 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
             continue
         if len(numbers) < len(values):
             raise typer.BadParameter(f"{origin}: give a {key} for every adapter or for none")
-        # as --density d1,d2,… (one value when they are all equal)
-        extra[PER_ADAPTER_KEYS[key]] = str(numbers[0]) if len(set(numbers)) == 1 else ",".join(map(str, numbers))
+        extra[PER_ADAPTER_KEYS[key]] = ",".join(map(str, numbers))  # as --density d1,d2,…
     return sources, extra
 
 

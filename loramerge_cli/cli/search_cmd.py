@@ -159,7 +159,8 @@ def check_strategy_flags(ctx: typer.Context, flags: dict) -> None:
             flag = f"--{parameter.name.replace('_', '-')}"
             if parameter.name not in own:
                 raise UsageError(f"{flag} is a setting of --strategy {other.name}, not of {strategy}")
-            if parameter.labelled and flags["fitness"] != "accuracy":  # given, even at its default value
+            if parameter.labelled and flags["fitness"] != "accuracy" and not flags["resume"]:  # given, even at its
+                # default value (a run saved before this check resumes)
                 raise UsageError(labelled_only(parameter, flags[parameter.name], flags["fitness"]))
     shared = {name for names in SHARED_SETTINGS.values() for name in names} | merger_option_names() | {"block_cache_mb"}
     for name in sorted(shared & foreign_options(strategy)):  # given, even at its default value (the library,

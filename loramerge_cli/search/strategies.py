@@ -197,8 +197,9 @@ def _check_screened(request) -> None:
     settings.check()
     defaults = ScreenedSettings()
     if request.fitness != "accuracy":  # successive halving needs labelled accuracy: its settings would do nothing
-        for parameter in SCREENED_PARAMETERS:
-            if parameter.labelled and getattr(settings, parameter.name) != getattr(defaults, parameter.name):
+        for parameter in SCREENED_PARAMETERS:  # (--no-halving is halving's off: runs saved with it resume)
+            if parameter.labelled and parameter.type is not bool \
+                    and getattr(settings, parameter.name) != getattr(defaults, parameter.name):
                 raise UsageError(labelled_only(parameter, getattr(settings, parameter.name), request.fitness))
 
 

@@ -430,3 +430,22 @@ def test_an_adapter_read_error_names_the_path_as_given(setting, tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     with pytest.raises(LoramergeError, match="^bad/adapter_config.json: "):
         api.load_adapters(["bad"])
+
+
+def test_a_merge_written_after_a_chdir_names_its_inputs_from_its_folder(setting, tmp_path, monkeypatch):
+    """Adapters loaded by a relative path, the caller's chdir, then the write: loramerge.json named each input by
+    the path as given, made relative to the output folder from the new working folder (a folder that does not
+    exist)."""
+    import json
+
+    shutil.copytree(setting.adapters["alpha"], tmp_path / "here" / "alpha")
+    shutil.copytree(setting.adapters["beta"], tmp_path / "here" / "beta")
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here")
+    adapters = api.load_adapters(["alpha", "beta"])
+    result = api.merge(adapters)
+    monkeypatch.chdir(tmp_path / "elsewhere" / "deeper")
+    out = api.write_merged_adapter(result, adapters, tmp_path / "out")
+    inputs = json.loads((out / "loramerge.json").read_text())["inputs"]
+    assert [(out / record["source"]).resolve() for record in inputs] == [tmp_path / "here" / "alpha",
+                                                                         tmp_path / "here" / "beta"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -61,6 +62,12 @@ class AdapterSource:
     # tensors then (content_sha256): what tables, run directories and caches identify it by, not the file's
     modified: str | None = None
     modified_sha256: str | None = None
+
+    @property
+    def local_path(self) -> str:
+        """The local folder (kind "dir") or file ("file") the spec named, absolute: where a recipe or a record
+        finds it from any folder, after a chdir too."""
+        return os.path.dirname(self.weights_file) if self.kind == "dir" else self.weights_file
 
     @property
     def identity(self) -> str:

@@ -369,7 +369,10 @@ def _write_heads(adapters: list[Adapter], folder: Path, dtype: torch.dtype | Non
 
 
 def _inputs(adapters: list[Adapter]) -> list[dict]:
-    return [{"name": a.name, **a.source.describe(), "base_model": a.base_model} for a in adapters]
+    """Provenance records of the adapters; a local one's source is its absolute path (made relative to the
+    output folder as it is written: right whatever folder the caller is in by then)."""
+    return [{"name": a.name, **a.source.describe(), "base_model": a.base_model,
+             **({"source": a.source.local_path} if a.source.kind in ("dir", "file") else {})} for a in adapters]
 
 
 def portable_table(table, folder: str | Path, adapters: list[Adapter]):

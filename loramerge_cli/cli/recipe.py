@@ -54,7 +54,7 @@ def adapter_source(adapter, folder: str | Path) -> str:
         return f"{source.repo_id}@{source.revision}" if source.revision else source.repo_id
     if source.kind == "hub" or (source.kind not in ("dir", "file") and is_hub_id(source.spec)):
         return source.spec
-    return relative_path(source.spec, folder)  # a local `org/name` too (it is read as a path where it exists)
+    return relative_path(source.local_path, folder)  # a local `org/name` too (read as a path where it exists)
 
 
 def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dict | None = None,

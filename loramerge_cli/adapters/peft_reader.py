@@ -71,7 +71,7 @@ def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adap
         arguments = [arguments]
     if not isinstance(arguments, (list, tuple)) or not all(isinstance(a, (str, os.PathLike)) for a in arguments):
         raise UsageError(f"give the adapters' sources (paths, name=path or Hub ids) as a list, not {arguments!r}")
-    adapters = [load_adapter(os.fspath(argument), allow_pickle) for argument in arguments]
+    adapters = [load_adapter(argument, allow_pickle) for argument in arguments]
     seen: dict[str, str] = {}
     for adapter in adapters:
         if adapter.name in seen:

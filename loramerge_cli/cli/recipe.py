@@ -150,8 +150,9 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
 
 
 def per_adapter_values(ctx: typer.Context, flags: dict) -> None:
-    """The recipe's per-adapter `weight` and `density` follow the adapters by name when --adapters on the command
-    line lists them in another order; for other adapters they are refused (not handed out by position)."""
+    """The recipe's per-adapter values (`weight`, `density`: PER_ADAPTER_KEYS) follow the adapters by name when
+    --adapters on the command line lists them in another order; for other adapters they are refused (not
+    handed out by position)."""
     given = ctx.meta.get(PER_ADAPTER) or {}
     source = ctx.get_parameter_source("adapters")
     if not given or source is None or source.name == "DEFAULT_MAP" or not flags.get("adapters"):
@@ -207,7 +208,7 @@ def expand_config(data: dict, path: Path, command, meta: dict | None = None) -> 
         if meta is not None:
             names = [source.partition("=")[0] for source in sources]
             meta[PER_ADAPTER] = {flag: dict(zip(names, value.split(","))) for flag, value in extra.items()
-                                 if flag == "weights" or "," in value}  # (one density for all: any adapters)
+                                 if flag == "weights" or "," in value}  # (one adapter's: any adapter takes it)
         for flag, value in extra.items():
             if flag in data or flag.replace("-", "_") in data:
                 raise typer.BadParameter(f"{path}: give {flag} per adapter or as a flag, not both")

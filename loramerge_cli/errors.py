@@ -19,6 +19,13 @@ class UsageError(LoramergeError):
     """A usage error (exit 2): a flag value or a combination of flags that cannot work, found before any work."""
 
 
+def first_line(error: BaseException) -> str:
+    """An exception's first non-blank line (its type's name when it has no text): how a library's error reaches
+    the user inside one of loramerge's one-line messages."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 MAX_SEED = 2**32 - 1  # numpy's and so pycma's largest seed
 
 

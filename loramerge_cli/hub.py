@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.errors import LoramergeError, UsageError, first_line
 
 
 def is_revision(revision: str) -> bool:
@@ -115,6 +115,6 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                                    commit_message=message, repo_type="model")
     except Exception as error:  # noqa: BLE001 - HTTP errors, offline, an unreachable endpoint (httpx's own errors)
         raise LoramergeError(f"--push-to-hub {repo_id}: upload failed, {folder} is written but not uploaded "
-                             f"({str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+                             f"({first_line(error)})") from None
     report["url"] = getattr(commit, "commit_url", None) or str(commit)
     return report

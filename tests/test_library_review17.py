@@ -52,11 +52,11 @@ def test_a_strategy_parameter_s_declared_range_is_checked_before_any_work(folder
 
     from loramerge_cli.errors import UsageError
     from loramerge_cli.search import strategies
-    from loramerge_cli.search.parameters import Parameter
+    from loramerge_cli.search.parameters import StrategyParameter
 
     toy = replaced(strategies.STRATEGIES["greedy"], name="toy",
-                   parameters=(Parameter("picks", int, 4, "tables to pick.", low=1),
-                               Parameter("share", float, 0.5, "a share.", low=0, high=1)))
+                   parameters=(StrategyParameter("picks", int, 4, "tables to pick.", low=1),
+                               StrategyParameter("share", float, 0.5, "a share.", low=0, high=1)))
     monkeypatch.setitem(strategies.STRATEGIES, "toy", toy)
     for options, message in (({"picks": 0}, "--picks must be >= 1 (got 0)"),
                              ({"picks": -2}, "--picks must be >= 1"),

@@ -212,7 +212,7 @@ def toy_method(monkeypatch):
     def gain_sum(X, present, params):  # the kernel: Σ_t X_t times a gain
         return X.sum(dim=0) * params["gain"]
 
-    monkeypatch.setitem(registry.PARAMETERS, "gain", registry.Parameter("gain", "Factor on the sum.", 0.0, 10.0,
+    monkeypatch.setitem(registry.PARAMETERS, "gain", registry.MethodParameter("gain", "Factor on the sum.", 0.0, 10.0,
                                                                         low_open=True))
     monkeypatch.setitem(registry.METHODS, "toy", registry.Method(
         "toy", "the sum, times a gain", "none", "1", defaults={"gain": 1.0}, elementwise=True, combine=gain_sum))

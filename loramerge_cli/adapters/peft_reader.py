@@ -15,7 +15,7 @@ import torch
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule, saved_whole
 from loramerge_cli.adapters.sources import check_names, default_name, resolve, sha256_file, split_name
-from loramerge_cli.errors import LoramergeError, UsageError, is_finite_number
+from loramerge_cli.errors import LoramergeError, UsageError, first_line, is_finite_number
 
 # Config fields that change what a LoRA module computes; loramerge refuses them by name.
 REFUSED_FIELDS = {
@@ -160,11 +160,11 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-            raise LoramergeError(f"{path}: corrupt or truncated safetensors file ({_first_line(error)})") from None
+            raise LoramergeError(f"{path}: corrupt or truncated safetensors file ({first_line(error)})") from None
     try:  # pickle, only with --allow-pickle (checked by the resolver); torch's restricted unpickler
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure is a data error
-        raise LoramergeError(f"{path}: cannot read pickle file ({_first_line(error)})") from None
+        raise LoramergeError(f"{path}: cannot read pickle file ({first_line(error)})") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise LoramergeError(f"{path}: pickle file is not a flat state dict of tensors")
     return state
@@ -264,7 +264,7 @@ def _check_targeted(paths: list[str], config: dict, spec: str) -> None:
             targeted = check_target_module_exists(view, path)
         except (re.error, TypeError, ValueError) as error:
             raise LoramergeError(f"{spec}: adapter config: target_modules {targets!r} cannot be matched "
-                                 f"({_first_line(error)})") from None
+                                 f"({first_line(error)})") from None
         if not targeted:
             fields = [name for name in ("exclude_modules", "layers_to_transform", "layers_pattern")
                       if config.get(name) not in (None, [], "")]
@@ -330,8 +330,3 @@ def _pattern_value(config: dict, pattern_field: str, path: str, default):
 
     key = get_pattern_key(list(patterns), path)
     return patterns.get(key, default)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

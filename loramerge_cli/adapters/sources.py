@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, first_line
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -238,8 +238,7 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     except RepositoryNotFoundError:
         raise LoramergeError(f"{spec}: {local}repository not found on the Hub (or private)") from None
     except Exception as error:  # noqa: BLE001 - network errors and friends (httpx's are no OSErrors)
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LoramergeError(f"{spec}: cannot download from the Hub: {first}") from None
+        raise LoramergeError(f"{spec}: cannot download from the Hub: {first_line(error)}") from None
     try:
         files = _resolve_dir(folder, allow_pickle, kind="hub")
     except LoramergeError as error:  # named by the spec, not by the cache's snapshot folder

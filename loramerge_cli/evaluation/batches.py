@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, first_line
 
 
 @dataclass
@@ -191,8 +191,7 @@ def model_inputs_of(task: str):
     try:
         yield
     except ValueError as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise LoramergeError(f"task {task}: the model refuses its inputs: {reason}") from error
+        raise LoramergeError(f"task {task}: the model refuses its inputs: {first_line(error)}") from error
 
 
 def classifier_scores(model, task: PreparedTask) -> torch.Tensor:

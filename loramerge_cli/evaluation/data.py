@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loramerge_cli.adapters.sources import read_into
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, first_line
 from loramerge_cli.evaluation.specs import TaskFile, TaskSpec, load_task_file
 
 @dataclass
@@ -137,7 +137,7 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
             try:
                 row = json.loads(line, object_pairs_hook=_Pairs)
             except (ValueError, RecursionError) as error:  # not JSON; a number of over 4,300 digits; deep nesting
-                reason = "" if isinstance(error, json.JSONDecodeError) else f" ({_first_line(error)})"
+                reason = "" if isinstance(error, json.JSONDecodeError) else f" ({first_line(error)})"
                 raise task_file.error(where, f"{path} line {number} is not JSON{reason}") from None
             if not isinstance(row, dict):
                 raise task_file.error(where, f"{path} line {number} is not a JSON object")
@@ -211,11 +211,6 @@ def _label_from_text(text: str):
     except ValueError:
         return text
     return int(number) if number is not None and number.is_integer() else text
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] | None, source: Path) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.errors import LoramergeError, UsageError, first_line
 from loramerge_cli.evaluation.task_types import TaskType
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -68,8 +68,7 @@ def load_base_config(base: str):
         with quiet_transformers():
             return transformers.AutoConfig.from_pretrained(base)
     except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LoramergeError(f"{base}: cannot read the base model's config ({first})") from None
+        raise LoramergeError(f"{base}: cannot read the base model's config ({first_line(error)})") from None
 
 
 def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch.dtype, num_labels: int | None):
@@ -91,8 +90,7 @@ def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch
                 model = model_class.from_pretrained(base, **kwargs)  # the caller's random state is left as it was
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # e.g. truncated weights
         interrupts.check()  # a Ctrl-C that a library turned into an error stays a Ctrl-C
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LoramergeError(f"{base}: cannot load the base model as {class_name} ({first})") from None
+        raise LoramergeError(f"{base}: cannot load the base model as {class_name} ({first_line(error)})") from None
     try:
         return model.to(device).eval()
     except torch.cuda.OutOfMemoryError:  # (torch.OutOfMemoryError from torch 2.5; this name since 1.13)
@@ -112,8 +110,7 @@ def load_preprocessor(base: str, task_type: TaskType):
                 return preprocessor
             tokenizer = preprocessor
     except (OSError, ValueError, KeyError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise LoramergeError(f"{base}: cannot load its tokenizer or image processor ({first})") from None
+        raise LoramergeError(f"{base}: cannot load its tokenizer or image processor ({first_line(error)})") from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise LoramergeError(f"{base}: the tokenizer has neither a pad nor an eos token")

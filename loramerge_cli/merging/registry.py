@@ -38,7 +38,7 @@ DTYPES = ("float32", "float16", "bfloat16")  # dtypes of written weights and of 
 
 
 @dataclass(frozen=True)
-class Parameter:
+class MethodParameter:
     """A method parameter: its type, bounds, help; each method using it gives its own default."""
 
     name: str
@@ -83,35 +83,35 @@ class Parameter:
 
 
 PARAMETERS = {
-    "density": Parameter("density", "Fraction of entries each task keeps when trimming; one value, or one per "
-                         "adapter (d1,d2,...).", 0.0, 1.0, low_open=True, per_adapter=True),
-    "drop_rate": Parameter("drop_rate", "Probability of dropping an entry (DARE).", 0.0, 1.0, high_open=True),
-    "scope": Parameter("scope", "Trim and elect per module, or over the whole adapter.", choices=("module", "adapter"),
-                       type=str),
-    "keep_rule": Parameter("keep_rule", "Trim keeps max(1, D·density rounded half up) entries (round) or "
-                           "int(D·density) (floor: PEFT, mergekit).", choices=("round", "floor"), type=str),
-    "consensus": Parameter("consensus", "Elect each sign by the sum of the values (mass) or of their signs "
-                           "(count: PEFT frequency, mergekit count).", choices=("mass", "count"), type=str),
-    "normalize": Parameter("normalize", "Agreeing entries: mean (count), divided by the sum of the agreeing "
-                           "weights (weight: mergekit), or summed (none).", choices=("count", "weight", "none"),
-                           type=str),
-    "elect_on": Parameter("elect_on", "Elect signs on the weighted updates, or on the unweighted ones (PEFT).",
-                          choices=("weighted", "unweighted"), type=str),
-    "dare_rescale": Parameter("dare_rescale", "DARE: divide kept entries by 1−p (inverse) or keep the L1 norm "
-                              "(l1: mergekit).", choices=("inverse", "l1"), type=str),
-    "gamma": Parameter("gamma", "Breadcrumbs: fraction of the largest-magnitude entries dropped as outliers.",
-                       0.0, 1.0, high_open=True),
-    "epsilon": Parameter("epsilon", "DELLA: spread of the keep probabilities, density − ε/2 … density + ε/2 (at "
-                         "most 2·min(density, 1 − density)).", 0.0, 1.0),
-    "rank_fraction": Parameter("rank_fraction", "CART: components per task, as a fraction of min(m, n).",
-                               0.0, 1.0, low_open=True),
-    "cart_scale": Parameter("cart_scale", "CART: factor on the sum of the low-rank residuals.", 0.0),
-    "common_fraction": Parameter("common_fraction", "Iso-CTS: size of the common subspace, as a fraction "
-                                 "of min(m, n).", 0.0, 1.0),
-    "off_diagonal": Parameter("off_diagonal", "RegMean: factor on the off-diagonal entries of the input Gram "
-                              "matrices (the paper's α; 1: plain least squares).", 0.0, 1.0),
-    "clusters": Parameter("clusters", "LoRA-LEGO: number of clusters = output rank (0: the largest task rank).",
-                          0, type=int),
+    "density": MethodParameter("density", "Fraction of entries each task keeps when trimming; one value, or one per "
+                               "adapter (d1,d2,...).", 0.0, 1.0, low_open=True, per_adapter=True),
+    "drop_rate": MethodParameter("drop_rate", "Probability of dropping an entry (DARE).", 0.0, 1.0, high_open=True),
+    "scope": MethodParameter("scope", "Trim and elect per module, or over the whole adapter.",
+                             choices=("module", "adapter"), type=str),
+    "keep_rule": MethodParameter("keep_rule", "Trim keeps max(1, D·density rounded half up) entries (round) or "
+                                 "int(D·density) (floor: PEFT, mergekit).", choices=("round", "floor"), type=str),
+    "consensus": MethodParameter("consensus", "Elect each sign by the sum of the values (mass) or of their signs "
+                                 "(count: PEFT frequency, mergekit count).", choices=("mass", "count"), type=str),
+    "normalize": MethodParameter("normalize", "Agreeing entries: mean (count), divided by the sum of the agreeing "
+                                 "weights (weight: mergekit), or summed (none).", choices=("count", "weight", "none"),
+                                 type=str),
+    "elect_on": MethodParameter("elect_on", "Elect signs on the weighted updates, or on the unweighted ones (PEFT).",
+                                choices=("weighted", "unweighted"), type=str),
+    "dare_rescale": MethodParameter("dare_rescale", "DARE: divide kept entries by 1−p (inverse) or keep the L1 norm "
+                                    "(l1: mergekit).", choices=("inverse", "l1"), type=str),
+    "gamma": MethodParameter("gamma", "Breadcrumbs: fraction of the largest-magnitude entries dropped as outliers.",
+                             0.0, 1.0, high_open=True),
+    "epsilon": MethodParameter("epsilon", "DELLA: spread of the keep probabilities, density − ε/2 … density + ε/2 (at "
+                               "most 2·min(density, 1 − density)).", 0.0, 1.0),
+    "rank_fraction": MethodParameter("rank_fraction", "CART: components per task, as a fraction of min(m, n).",
+                                     0.0, 1.0, low_open=True),
+    "cart_scale": MethodParameter("cart_scale", "CART: factor on the sum of the low-rank residuals.", 0.0),
+    "common_fraction": MethodParameter("common_fraction", "Iso-CTS: size of the common subspace, as a fraction "
+                                       "of min(m, n).", 0.0, 1.0),
+    "off_diagonal": MethodParameter("off_diagonal", "RegMean: factor on the off-diagonal entries of the input Gram "
+                                    "matrices (the paper's α; 1: plain least squares).", 0.0, 1.0),
+    "clusters": MethodParameter("clusters", "LoRA-LEGO: number of clusters = output rank (0: the largest task rank).",
+                                0, type=int),
 }
 TIES_OPTIONS = {"keep_rule": "round", "consensus": "mass", "normalize": "count", "elect_on": "weighted"}
 

@@ -89,17 +89,25 @@ def cma_options(popsize: int, generations: int, seed: int) -> dict:
     }
 
 
-def new_strategy(settings: EnmpSettings, dimension: int):
+def new_cma(mean: list[float], settings):
+    """pycma's CMA-ES from `mean` with the settings' (ENMP's or the screened search's) σ0, population, generations
+    and seeded normal draws (call it inside `_search_numpy_state`: pycma draws from numpy's global generator
+    too)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         import cma
-    x0 = [settings.x0] * dimension
-    if settings.addscale:
-        x0[-1] = 0.0
     options = cma_options(settings.popsize, settings.generations, settings.seed)
     options["randn"] = SeededNormal(settings.seed)
     with warnings.catch_warnings():  # its constructor adds a global warnings filter: taken back on the way out
-        return cma.CMAEvolutionStrategy(x0, settings.sigma0, options)
+        return cma.CMAEvolutionStrategy(mean, settings.sigma0, options)
+
+
+def new_strategy(settings: EnmpSettings, dimension: int):
+    """The paper's start: every unit at x0 (the scale gene, with --addscale, at 0)."""
+    x0 = [settings.x0] * dimension
+    if settings.addscale:
+        x0[-1] = 0.0
+    return new_cma(x0, settings)
 
 
 class EnmpSearch:

@@ -17,7 +17,7 @@ from collections import deque
 from contextlib import contextmanager, nullcontext
 
 from loramerge_cli import interrupts
-from loramerge_cli.errors import LoramergeError, WorkerLost
+from loramerge_cli.errors import LoramergeError, WorkerLost, first_line
 
 LOGGER = logging.getLogger(__name__)
 ACTOR_PREFIX = "loramerge-worker-"
@@ -233,6 +233,4 @@ class RayPool:
 
 def _first_line(error) -> str:
     """Ray's first line, in loramerge's words (Ray names its own CLI's `--address`, here `--ray-address`)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[0] if lines else type(error).__name__).replace("'--address'", "--ray-address").replace(
-        "--address", "--ray-address")
+    return first_line(error).replace("'--address'", "--ray-address").replace("--address", "--ray-address")

@@ -47,10 +47,9 @@ from loramerge_cli.search.decode import Candidate, decode_mask, feasible_tables,
 from loramerge_cli.search.enmp import (
     EnmpSettings,
     Evaluation,
-    SeededNormal,
     SteppedSearch,
     _search_numpy_state,
-    cma_options,
+    new_cma,
 )
 from loramerge_cli.search.parameters import SCREENED_PARAMETERS, check_declared
 from loramerge_cli.search.state_io import write_progress
@@ -164,13 +163,8 @@ class ScreenedSearch(SteppedSearch):
             self.state.strategy = self._new_strategy([self.settings.x0] * self.dimension)
 
     def _new_strategy(self, mean: list[float]):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            import cma
-        options = cma_options(self.settings.popsize, self.settings.generations, self.settings.seed)
-        options["randn"] = SeededNormal(self.settings.seed)
-        with _search_numpy_state(self.state), warnings.catch_warnings():  # (cma's constructor adds a global filter)
-            return cma.CMAEvolutionStrategy(mean, self.settings.sigma0, options)
+        with _search_numpy_state(self.state):
+            return new_cma(mean, self.settings)
 
     @property
     def last_step(self) -> int:

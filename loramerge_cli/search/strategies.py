@@ -4,7 +4,7 @@ A mask strategy gets the fitness (a batch of candidates -> fitness values), the 
 callback, and returns its best evaluation, how many distinct candidates it scored, and its history. It says
 whether it can resume a run directory; one that cannot is refused with --resume (never silently restarted).
 `nsc` is a coefficient strategy: it learns real weights by gradient descent (search/nsc.py), not masks.
-A strategy declares its own settings as `Parameter`s (search/parameters.py: type, default, range):
+A strategy declares its own settings as `StrategyParameter`s (search/parameters.py: type, default, range):
 search-mask's options are generated from them, the range is checked before any work, and the request
 carries their values in `request.options`.
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from loramerge_cli.errors import LoramergeError, UsageError
-from loramerge_cli.search.parameters import SCREENED_PARAMETERS, SURROGATE_PARAMETERS, Parameter
+from loramerge_cli.search.parameters import SCREENED_PARAMETERS, SURROGATE_PARAMETERS, StrategyParameter
 
 
 @dataclass
@@ -47,7 +47,7 @@ class Strategy:
     resumable: bool
     run: Callable | None  # (request, fitness, SearchSpace, on_event) -> Outcome; None for `nsc`
     kind: str = "mask"  # "mask" (0/1 tables scored by a fitness) or "coefficients" (nsc)
-    parameters: tuple[Parameter, ...] = ()
+    parameters: tuple[StrategyParameter, ...] = ()
     check: Callable | None = None  # (request) -> None: its settings, before any work
     check_data: Callable | None = None  # (request, {task: examples it scores}) -> None, before any model loads
     check_space: Callable | None = None  # (request, units × tasks, most units a table prunes) -> None: what it

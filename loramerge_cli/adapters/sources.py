@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,6 +203,26 @@ def _resolve_file(path: Path, allow_pickle: bool) -> LocalFiles:
     return LocalFiles("file", path, config if config.is_file() else None)
 
 
+@contextmanager
+def hub_requests_time_out(seconds: float):
+    """Within it, a request of huggingface_hub's shared HTTP client that would wait forever gives up after
+    `seconds` (its metadata calls, `repo_info` first, name no timeout: a proxy that accepts the connection and
+    never answers held a Hub source until Ctrl-C); requests with a timeout of their own (downloads) keep it."""
+    from huggingface_hub import get_session
+
+    def bound(request) -> None:
+        if not any(request.extensions.get("timeout", {}).values()):
+            request.extensions = {**request.extensions,
+                                  "timeout": dict.fromkeys(("connect", "read", "write", "pool"), seconds)}
+
+    hooks = get_session().event_hooks
+    hooks["request"].append(bound)
+    try:
+        yield
+    finally:
+        hooks["request"].remove(bound)
+
+
 def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     match = HUB_ID.match(repo_spec)
     if not match:
@@ -221,13 +242,15 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     patterns = [CONFIG_NAME, SAFETENSORS_NAME] + ([PICKLE_NAME] if allow_pickle else [])
     # a mistyped relative path reads as a Hub id (adaptors/rte): say that no such local path exists either
     local = "no such local file or folder, and as a Hub id: " if "@" not in spec and "/" in spec else ""
-    try:
-        folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        from huggingface_hub import constants
+    from huggingface_hub import constants
 
+    try:
+        with hub_requests_time_out(constants.HF_HUB_ETAG_TIMEOUT):
+            folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
         why = (" (HF_HUB_OFFLINE is set: the Hub is not asked)" if constants.HF_HUB_OFFLINE
-               else " and the Hub cannot be reached (offline?)")
+               else f" and the Hub cannot be reached (offline, or no answer within {constants.HF_HUB_ETAG_TIMEOUT} s: "
+               "HF_HUB_ETAG_TIMEOUT)")
         cached = _cached_revisions(repo_id)
         held = f"; the cache holds {repo_id} at {', '.join(cached)}" if cached else ""
         raise LoramergeError(f"{spec}: {local}not in the local Hugging Face cache{why}{held}") from None

@@ -1,10 +1,12 @@
-"""Ctrl-C (SIGINT) and SIGTERM (`timeout`, a CI job cancelled, `docker stop`), told apart from everything else.
+"""Ctrl-C (SIGINT), SIGTERM (`timeout`, a CI job cancelled, `docker stop`) and SIGHUP (a closed terminal or ssh
+session), told apart from everything else. A signal the parent process ignores (SIGHUP under `nohup`, SIGINT for
+a script's background job) stays ignored.
 
 The CLI's handler records that a signal arrived before raising KeyboardInterrupt. Libraries sometimes turn
 that KeyboardInterrupt into another error (safetensors reports a "corrupt" file) or swallow it (a bare
 `except` during an import); the record lets the CLI still answer "interrupted" with exit 130 (SIGTERM:
-"terminated", 143), and lets writers refuse to commit an output after it (`check`). Cleanup runs `shielded`:
-a second Ctrl-C cannot cut it short.
+"terminated", 143; SIGHUP: "hung up", 129), and lets writers refuse to commit an output after it (`check`).
+Cleanup runs `shielded`: a second Ctrl-C cannot cut it short.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ import signal
 import threading
 from contextlib import contextmanager
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+WORDS = {signal.SIGINT: "interrupted", signal.SIGTERM: "terminated",
+         **({signal.SIGHUP: "hung up"} if hasattr(signal, "SIGHUP") else {})}
 _state = {"interrupted": False, "hint": None, "resumable": False, "reported": False, "signal": signal.SIGINT,
           "shielded": 0}
 
@@ -34,11 +38,17 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def handled() -> tuple[int, ...]:
+    """The signals loramerge answers: those of SIGNALS its parent did not set to be ignored (`nohup` ignores
+    SIGHUP; a non-interactive shell starts a background job with SIGINT ignored, so that Ctrl-C is not its)."""
+    return tuple(number for number in SIGNALS if signal.getsignal(number) is not signal.SIG_IGN)
+
+
 def install() -> dict:
     """Record interrupts from now on (main thread only; elsewhere a no-op); returns the handlers it replaced."""
     previous = {}
     if _main_thread():
-        for number in SIGNALS:
+        for number in handled():
             previous[number] = signal.signal(number, _handler)
     return previous
 
@@ -75,7 +85,8 @@ def shielded():
 
 
 def exit_code() -> int:
-    """128 + the signal's number, as a shell reports a process it killed: 130 for Ctrl-C, 143 for SIGTERM."""
+    """128 + the signal's number, as a shell reports a process it killed: 130 for Ctrl-C, 143 for SIGTERM, 129
+    for SIGHUP."""
     return 128 + int(_state["signal"])
 
 
@@ -112,5 +123,5 @@ def message() -> str:
     """The one line an interrupt is reported with (and the record that it was)."""
     _state["reported"] = True
     hint = _state["hint"]
-    word = "terminated" if _state["signal"] == signal.SIGTERM else "interrupted"
+    word = WORDS.get(_state["signal"], "interrupted")
     return f"{word}; {hint}" if hint else f"{word}; nothing was written"

@@ -1,13 +1,16 @@
 """Review of session 22: each test failed before its fix."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
+from factories import write_task_folders
 from hub_cache import MAIN_COMMIT, add_snapshot, set_ref
 
 
@@ -71,3 +74,48 @@ def test_the_hub_timeout_leaves_huggingface_hub_s_client_as_it_was():
     with hub_requests_time_out(3):
         assert len(get_session().event_hooks["request"]) == len(hooks) + 1
     assert get_session().event_hooks["request"] == hooks
+
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+SIGNALLED_MERGE = """import os, signal, sys
+import loramerge_cli.atomic as atomic
+real_save = atomic.save_safetensors
+def save_signalled(*args, **kwargs):  # the signal arrives while the output is being written
+    os.kill(os.getpid(), signal.{name})
+    return real_save(*args, **kwargs)
+atomic.save_safetensors = save_signalled
+sys.argv = ["loramerge", "merge", "--adapters", *{adapters!r}, "--merger", "ta", "--out", {out!r}]
+from loramerge_cli.cli import main
+main()
+"""
+
+
+def _merge_signalled(tmp_path, name: str, ignored: bool) -> subprocess.CompletedProcess:
+    """A merge that receives signal `name` mid-work, in a process whose parent set it to be ignored (`ignored`:
+    SIGHUP under nohup, SIGINT for a script's background job) or not."""
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    driver = tmp_path / "driver.py"
+    driver.write_text(SIGNALLED_MERGE.format(name=name, adapters=[str(folders["a"]), str(folders["b"])],
+                                             out=str(tmp_path / "merged")))
+    number = getattr(signal, name)
+    return subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1"},
+                          preexec_fn=(lambda: signal.signal(number, signal.SIG_IGN)) if ignored else None)
+
+
+def test_a_hang_up_mid_work_is_handled_as_an_interrupt(tmp_path):
+    """SIGHUP (a closed terminal or ssh session) killed the process at once: no line, and the staging folder of
+    the output it was writing stayed behind."""
+    done = _merge_signalled(tmp_path, "SIGHUP", ignored=False)
+    assert done.returncode == 129, (done.returncode, done.stderr[-500:])
+    assert done.stderr.strip().splitlines()[-1] == "hung up; nothing was written"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["driver.py", "inputs"]
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGINT"])
+def test_a_signal_the_parent_ignores_stays_ignored(tmp_path, name):
+    """Under `nohup` (SIGHUP ignored) and as a script's background job (SIGINT ignored), loramerge put its own
+    handler in place: a closed terminal, or a Ctrl-C meant for the foreground job, ended the work."""
+    done = _merge_signalled(tmp_path, name, ignored=True)
+    assert done.returncode == 0, (done.returncode, done.stderr[-500:])
+    assert (tmp_path / "merged" / "adapter_model.safetensors").is_file()

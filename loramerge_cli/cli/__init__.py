@@ -1,6 +1,6 @@
-"""The command-line interface. `main` is the console script: it records Ctrl-C (and SIGTERM) before importing
-anything heavy, so an interrupt at any moment, even during the first imports or while the process ends, is one
-line and exit 130 (143)."""
+"""The command-line interface. `main` is the console script: it records Ctrl-C (and SIGTERM, SIGHUP) before
+importing anything heavy, so an interrupt at any moment, even during the first imports or while the process ends,
+is one line and exit 130 (143, 129)."""
 
 
 def main() -> None:
@@ -8,8 +8,10 @@ def main() -> None:
     import signal
     import sys
 
-    for number in (signal.SIGINT, signal.SIGTERM):  # until the handler below is in place (its imports: ms)
-        signal.signal(number, _exit_before_work)
+    hangup = (signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()
+    for number in (signal.SIGINT, signal.SIGTERM, *hangup):  # until the handler below is in place (its imports:
+        if signal.getsignal(number) is not signal.SIG_IGN:  # ms); one the parent ignores (nohup) stays ignored
+            signal.signal(number, _exit_before_work)
     from loramerge_cli import interrupts
 
     interrupts.install()
@@ -26,7 +28,7 @@ def main() -> None:
     except KeyboardInterrupt:
         _exit_interrupted()
     except SystemExit as exit:
-        if exit.code in (130, 143):
+        if exit.code in (129, 130, 143):
             _exit_interrupted()
         code = exit.code
     try:
@@ -46,7 +48,7 @@ def _finish(code) -> None:
     second one ends the process at once. `code`: SystemExit's (None: 0; a message: printed, 1)."""
     from loramerge_cli import interrupts
 
-    interrupts.restore(dict.fromkeys(interrupts.SIGNALS, _late_signal))
+    interrupts.restore(dict.fromkeys(interrupts.handled(), _late_signal))
     if isinstance(code, str):
         _write_error(code)
     _flush()
@@ -115,7 +117,11 @@ def _exit_before_work(number, frame) -> None:
     import os
     import signal
 
-    os.write(2, (b"terminated" if number == signal.SIGTERM else b"interrupted") + b"; nothing was written\n")
+    word = {signal.SIGTERM: b"terminated", getattr(signal, "SIGHUP", None): b"hung up"}.get(number, b"interrupted")
+    try:  # (no import of loramerge's here: the signal may have come in the middle of one)
+        os.write(2, word + b"; nothing was written\n")
+    except OSError:  # stderr closed, or a terminal that hung up: the exit code says it
+        pass
     os._exit(128 + number)
 
 
@@ -126,7 +132,7 @@ def _exit_interrupted() -> None:
 
     from loramerge_cli import interrupts
 
-    for number in interrupts.SIGNALS:  # leaving anyway: a second Ctrl-C must not cut the cleanup short
+    for number in interrupts.handled():  # leaving anyway: a second Ctrl-C must not cut the cleanup short
         signal.signal(number, signal.SIG_IGN)
     if not interrupts.reported():  # click ends an interrupt during parsing with 130 and no word
         _write_error(interrupts.message())

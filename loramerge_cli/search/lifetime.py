@@ -2,9 +2,9 @@
 
 A worker asks the kernel to kill it when its parent dies (Linux PR_SET_PDEATHSIG), and also watches its
 parent's pid from a thread (every system), so a parent killed with SIGKILL leaves no worker holding memory
-and its caller's pipes. SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (a job cancelled, sent to
-the group) are ignored by workers: the parent alone handles them and ends them, so the interrupt is never
-reported as a worker failure.
+and its caller's pipes. SIGINT (Ctrl-C reaches the whole process group), SIGTERM (a job cancelled, sent to
+the group) and SIGHUP (a closed terminal) are ignored by workers: the parent alone handles them and ends them,
+so the interrupt is never reported as a worker failure.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ import threading
 import time
 from contextlib import contextmanager
 
+from loramerge_cli.interrupts import SIGNALS
+
 PR_SET_PDEATHSIG = 1
 POLL_SECONDS = 0.5
 
 
 @contextmanager
 def signals_blocked():
-    """Block SIGINT and SIGTERM while starting workers: a spawned child inherits the blocked mask through exec,
-    so it cannot die of one before `become_worker` ignores it; the parent gets the pending signal afterwards."""
+    """Block SIGINT, SIGTERM and SIGHUP while starting workers: a spawned child inherits the blocked mask through
+    exec, so it cannot die of one before `become_worker` ignores it; the parent gets the pending signal afterwards."""
     if not hasattr(signal, "pthread_sigmask"):
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, set(SIGNALS))
     try:
         yield
     finally:
@@ -35,11 +37,11 @@ def signals_blocked():
 
 
 def become_worker(parent_pid: int) -> None:
-    """Call first thing in a worker: ignore SIGINT and SIGTERM, die with the parent."""
-    for number in (signal.SIGINT, signal.SIGTERM):
+    """Call first thing in a worker: ignore SIGINT, SIGTERM and SIGHUP, die with the parent."""
+    for number in SIGNALS:
         signal.signal(number, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, set(SIGNALS))
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

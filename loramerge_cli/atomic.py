@@ -12,9 +12,28 @@ from typing import Iterator
 from loramerge_cli.errors import LoramergeError
 
 
+LONGEST_NAME_KEPT = 100  # bytes of a name that a hidden sibling's name repeats (a name may have 255 in all)
+
+
+def sibling_prefix(path: Path) -> str:
+    """The start of the names of `path`'s hidden siblings (a temporary file, a staging folder), one per target:
+    `.NAME.loramerge-`, a long NAME shortened (and told apart by its hash) so that any name the file system
+    allows leaves room for the rest."""
+    name = path.name
+    if len(os.fsencode(name)) > LONGEST_NAME_KEPT:
+        import hashlib
+
+        digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:12]
+        kept = name
+        while len(os.fsencode(kept)) > LONGEST_NAME_KEPT - len(digest) - 1:
+            kept = kept[:-1]
+        name = f"{kept}~{digest}"
+    return f".{name}.loramerge-"
+
+
 def temporary_sibling(path: Path) -> Path:
     """Where `path`'s next version is written first (outputs.clean_debris removes those of dead processes)."""
-    return path.with_name(f".{path.name}.loramerge-{os.getpid()}.tmp")
+    return path.with_name(f"{sibling_prefix(path)}{os.getpid()}.tmp")
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterable
 
+from loramerge_cli import atomic
 from loramerge_cli.adapters.card import RECIPE_NAME
 from loramerge_cli.errors import LoramergeError
 
@@ -297,7 +298,7 @@ def write_result(out: str | Path, text: str, force: bool, formats: tuple[str, ..
     """Write a command's result file when the work is done. What appeared at `out` while the command ran is
     never replaced: without `force` the file is created only where nothing is; with it, what is there now must
     still be what `guard_output` allows. Refused, the result is kept beside it and the error names that file."""
-    from loramerge_cli import atomic, interrupts
+    from loramerge_cli import interrupts
 
     out = Path(out)
     target = Path(os.path.abspath(out.expanduser()))
@@ -425,10 +426,6 @@ def _is_loramerge_output(path: Path, formats: tuple[str, ...]) -> bool:
 
 # --- staging ----------------------------------------------------------------------------------------
 
-def _staging_prefix(target: Path) -> str:
-    return f".{target.name}.loramerge-"
-
-
 def clean_debris(target: str | Path) -> None:
     """Remove staging folders of `target` left by killed runs (their process is gone); a crash between the
     two renames of the fallback replacement left the old output aside: put it back."""
@@ -436,7 +433,7 @@ def clean_debris(target: str | Path) -> None:
     parent = target.parent
     if not parent.is_dir():
         return
-    prefix = _staging_prefix(target)
+    prefix = atomic.sibling_prefix(target)
     for entry in parent.glob(prefix + "*"):
         pid_text, _, rest = entry.name[len(prefix):].partition(".")
         if not pid_text.isdigit() or _alive(int(pid_text)):
@@ -489,7 +486,7 @@ def staged_folder(out_dir: str | Path, force: bool = False, inputs: Iterable[str
     made = [parent for parent in target.parents if not os.path.lexists(parent)]  # removed again on failure
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(target)}{os.getpid()}.", suffix=".tmp",
+        staging = Path(tempfile.mkdtemp(prefix=f"{atomic.sibling_prefix(target)}{os.getpid()}.", suffix=".tmp",
                                         dir=target.parent))
     except OSError as error:
         raise LoramergeError(f"{out_dir}: cannot create the output folder ({error.strerror or error})") from None
@@ -552,7 +549,7 @@ def _replace(staging: Path, target: Path, force: bool, committed: Callable[[], N
                 _put_back(staging, target, swapped=True)
             old = staging  # now holds the old output
         else:
-            old = target.with_name(f"{_staging_prefix(target)}{os.getpid()}.old")
+            old = target.with_name(f"{atomic.sibling_prefix(target)}{os.getpid()}.old")
             os.rename(target, old)  # a crash here: the next run puts `old` back (clean_debris)
             if not _replaceable(old):
                 _put_back(old, target, swapped=False)

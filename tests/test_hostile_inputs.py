@@ -795,7 +795,8 @@ def test_a_closed_stdout_is_one_line_and_exit_1(good):
                              text=True, env={**os.environ, "PYTHONPATH": REPO}, timeout=120,
                              preexec_fn=lambda: os.close(1))
     assert process.returncode == 1, process.stderr
-    assert process.stderr == "error: cannot write to standard output: it is closed\n"
+    assert process.stderr == "error: cannot write to standard output: it is closed (redirect it to a file or " \
+                             "/dev/null)\n"
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")

@@ -119,3 +119,79 @@ def test_a_signal_the_parent_ignores_stays_ignored(tmp_path, name):
     done = _merge_signalled(tmp_path, name, ignored=True)
     assert done.returncode == 0, (done.returncode, done.stderr[-500:])
     assert (tmp_path / "merged" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("unbuffered", [True, False])
+def test_a_large_result_reaches_a_non_blocking_pipe_whole(unbuffered):
+    """A pipe set non-blocking by the process that reads it (some CI runners, Node parents) takes 64 KiB per
+    write: with PYTHONUNBUFFERED=1 the rest of a --json document was dropped and the exit code was 0; buffered,
+    the command failed with "write could not complete without blocking"."""
+    import fcntl
+    import json
+
+    document = {"values": ["x" * 100] * 3000}  # about 300 kB
+    script = 'from loramerge_cli.cli.common import emit_json\nemit_json({"values": ["x" * 100] * 3000})\n'
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, fcntl.F_SETFL, fcntl.fcntl(write_end, fcntl.F_GETFL) | os.O_NONBLOCK)
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    if unbuffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=write_end, stderr=subprocess.PIPE,
+                               env={**env, "PYTHONPATH": str(REPOSITORY)})
+    os.close(write_end)
+    received = b""
+    while chunk := os.read(read_end, 1 << 16):
+        received += chunk
+    os.close(read_end)
+    assert process.wait(timeout=120) == 0, process.stderr.read()
+    assert json.loads(received) == document
+
+
+def test_every_byte_is_written_after_short_writes(monkeypatch):
+    from loramerge_cli.cli import common
+
+    real_write = os.write
+    monkeypatch.setattr(common.os, "write", lambda descriptor, data: real_write(descriptor, bytes(data[:7])))
+    read_end, write_end = os.pipe()
+    data = bytes(range(256)) * 40
+    common.write_all(write_end, data)
+    os.close(write_end)
+    received = b""
+    while chunk := os.read(read_end, 1 << 16):
+        received += chunk
+    assert received == data
+
+
+def test_a_closed_stdout_is_refused_before_the_work(tmp_path):
+    """`merge ... >&-` merged and wrote --out, then failed on printing its result: the same CI step run again
+    was refused (`--out exists`)."""
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    process = subprocess.run([sys.executable, "-m", "loramerge_cli", "merge", "--adapters", str(folders["a"]),
+                              str(folders["b"]), "--out", str(tmp_path / "merged")], stderr=subprocess.PIPE,
+                             text=True, env={**os.environ, "PYTHONPATH": str(REPOSITORY)}, timeout=120,
+                             preexec_fn=lambda: os.close(1))
+    assert process.returncode == 1, process.stderr
+    assert process.stderr.endswith("error: cannot write to standard output: it is closed (redirect it to a file "
+                                   "or /dev/null)\n")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_an_output_name_the_file_system_allows_is_written(tmp_path):
+    """A 240-character --out was refused ("File name too long"): the hidden staging folder beside it repeats the
+    name, and went past the 255 bytes a name may have."""
+    from loramerge_cli import api, atomic, outputs
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    adapters = api.load_adapters([str(folders["a"]), str(folders["b"])])
+    out = tmp_path / ("m" * 240)
+    for force in (False, True):
+        api.write_merged_adapter(api.merge(adapters), adapters, out, force=force)
+        assert (out / "adapter_model.safetensors").is_file()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["inputs", out.name]
+    long_names = ["m" * 255, "ü" * 127, "m" * 254 + "n"]
+    prefixes = [atomic.sibling_prefix(tmp_path / name) for name in long_names]
+    assert len(set(prefixes)) == 3 and all(len(os.fsencode(p + "4194304.abcdefgh.tmp")) <= 255 for p in prefixes)
+    dead = tmp_path / f"{atomic.sibling_prefix(out)}999999999.x.tmp"  # a killed run's staging: cleaned up
+    dead.mkdir()
+    outputs.clean_debris(out)
+    assert not dead.exists()

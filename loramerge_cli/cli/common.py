@@ -288,6 +288,8 @@ def _run(function, args, kwargs, debug: bool):
     """`function` under the error policy of `command_errors`."""
     from loramerge_cli import interrupts
 
+    if sys.stdout is None:  # started with stdout closed (`>&-`): every command ends by printing its result there
+        raise fail("error: cannot write to standard output: it is closed (redirect it to a file or /dev/null)")
     try:
         result = function(*args, **kwargs)
     except (typer.Exit, typer.Abort, typer.BadParameter):
@@ -355,6 +357,19 @@ def stdout_failures():
         raise fail(f"error: cannot write to standard output: {error.strerror or error}") from None
 
 
+def write_all(descriptor: int, data: bytes) -> None:
+    """Every byte of `data` to the file descriptor: a short write goes on where it stopped (Python's own unbuffered
+    stdout, PYTHONUNBUFFERED=1, drops the rest), and a non-blocking pipe that is full is waited on (it raised)."""
+    import select
+
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(descriptor, view):]
+        except BlockingIOError:
+            select.select([], [descriptor], [])
+
+
 class StandardOutput:
     """sys.stdout for a command's product, its failures as `stdout_failures` says (a closed one, `>&-`: one line
     and exit 1)."""
@@ -364,11 +379,21 @@ class StandardOutput:
     def write(self, text: str) -> int:
         with stdout_failures():
             stream = self._stream()
+            encoding = getattr(stream, "encoding", None) or "utf-8"
             try:
-                return stream.write(text)
+                data = text.encode(encoding, getattr(stream, "errors", None) or "strict")
             except UnicodeEncodeError:  # an ASCII or Latin-1 stdout (PYTHONIOENCODING): what it cannot show is
-                encoding = getattr(stream, "encoding", None) or "ascii"  # escaped, as Python's stderr does
-                return stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+                data = text.encode(encoding, "backslashreplace")  # escaped, as Python's stderr does
+            try:
+                descriptor = stream.fileno() if os.name == "posix" else None
+            except (AttributeError, OSError, ValueError):  # a stream in memory (a test's capture)
+                descriptor = None
+            if descriptor is None:
+                stream.write(data.decode(encoding, "surrogateescape"))
+            else:
+                stream.flush()  # what went through sys.stdout before comes first
+                write_all(descriptor, data)
+            return len(text)
 
     def flush(self) -> None:
         with stdout_failures():

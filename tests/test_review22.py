@@ -195,3 +195,154 @@ def test_an_output_name_the_file_system_allows_is_written(tmp_path):
     dead.mkdir()
     outputs.clean_debris(out)
     assert not dead.exists()
+
+
+# --- task data (a hostile review of the evaluation engine's data) ---------------------------------------------
+
+def _image_spec(tmp_path, rows_file: str, task: dict | None = None) -> Path:
+    from eval_fixtures import write_tasks_file
+
+    entry = {"name": "shapes", "data": {"validation": rows_file}, "image": "image", "label": "label",
+             "num_labels": 3, **(task or {})}
+    return write_tasks_file(tmp_path / "tasks.yaml", {"base_model": str(tmp_path / "base"),
+                                                      "model_type": "image-classification", "tasks": [entry]})
+
+
+def _png_bytes(array) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_parquet_files_that_cannot_be_read_are_one_line(tmp_path):
+    """A corrupt, empty or text file named .parquet was an internal error (pyarrow's ArrowInvalid)."""
+    pytest.importorskip("pyarrow")
+    from eval_fixtures import write_tasks_file
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.data import check_task_file
+
+    for content in (b"", b"premise,label\nx,1\n", b"PAR1" + b"\0" * 40):
+        (tmp_path / "v.parquet").write_bytes(content)
+        spec = write_tasks_file(tmp_path / "tasks.yaml", {
+            "base_model": "base", "model_type": "sequence-classification",
+            "tasks": [{"name": "a", "data": {"validation": "v.parquet"}, "text": "premise", "label": "label"}]})
+        with pytest.raises(LoramergeError, match=r"tasks\[0\]\.data\.validation: .*v\.parquet is not a readable "
+                                                 r"parquet file \(") as caught:
+            check_task_file(spec)
+        assert "\n" not in str(caught.value)
+
+
+def test_image_bytes_are_decoded_before_the_model_loads_and_name_their_row(tmp_path):
+    """Bytes in a parquet listing were not decoded by the check: a corrupt one failed after the model loaded, with
+    no row and a memory address (`<_io.BytesIO object at 0x…>`)."""
+    pyarrow = pytest.importorskip("pyarrow")
+    import numpy as np
+    import pyarrow.parquet as parquet
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.data import check_task_file
+
+    good = _png_bytes(np.zeros((8, 8, 3), dtype=np.uint8))
+    images = [{"bytes": good, "path": None}, {"bytes": good[:40], "path": None}]
+    parquet.write_table(pyarrow.table({"image": images, "label": [0, 1]}), tmp_path / "v.parquet")
+    with pytest.raises(LoramergeError, match=r"image bytes in a row of .*v\.parquet: not an image PIL can read "
+                                             r"\(\w+\) \(row 2\)$"):
+        check_task_file(_image_spec(tmp_path, "v.parquet"))
+
+
+def test_wide_pixels_are_refused_and_exif_orientation_is_applied(tmp_path):
+    """A 16-bit grayscale PNG was scored as a white image (RGB conversion clips it), a float TIFF as a black one;
+    a JPEG stored sideways with an EXIF orientation (a phone's portrait photo) was scored sideways, unlike
+    transformers' `load_image` and datasets."""
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.batches import decoded_image
+    from loramerge_cli.evaluation.data import check_task_file
+
+    Image.fromarray(np.full((8, 8), 40000, dtype=np.uint16)).save(tmp_path / "wide.png")
+    (tmp_path / "v.jsonl").write_text('{"image": "wide.png", "label": 0}\n')
+    with pytest.raises(LoramergeError, match=r"wide\.png: I;16\w* pixels \(16/32-bit or float\)"):
+        check_task_file(_image_spec(tmp_path, "v.jsonl"))
+    sideways = Image.fromarray(np.arange(8 * 16 * 3, dtype=np.uint8).reshape(8, 16, 3))
+    exif = sideways.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise to view
+    sideways.save(tmp_path / "photo.jpg", exif=exif)
+    decoded = decoded_image(str(tmp_path / "photo.jpg"))
+    with Image.open(tmp_path / "photo.jpg") as stored:
+        assert stored.size == (16, 8)
+        expected = ImageOps.exif_transpose(stored).convert("RGB")
+    assert decoded.size == (8, 16) and decoded.tobytes() == expected.tobytes()
+
+
+def test_a_csv_row_shorter_than_its_header_names_its_line(tmp_path):
+    """A short row's missing fields read as None: `label None is neither an index nor a name`."""
+    from eval_fixtures import write_tasks_file
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.data import check_task_file
+
+    (tmp_path / "v.csv").write_text("premise,hypothesis,label\nw1,w2,0\nw3,1\n")
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {
+        "base_model": "base", "model_type": "sequence-classification",
+        "tasks": [{"name": "a", "data": {"validation": "v.csv"}, "text": ["premise", "hypothesis"],
+                   "label": "label"}]})
+    with pytest.raises(LoramergeError, match=r"v\.csv line 3 has 2 fields; the header names 3$"):
+        check_task_file(spec)
+
+
+def test_a_label_past_the_model_s_classes_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """Without `num_labels`, a label past the head's width was found only after the base model had loaded."""
+    import yaml
+    from eval_fixtures import build_text_setting
+
+    from factories import invoke_cli
+    from loramerge_cli.evaluation import engine
+
+    setting = build_text_setting(tmp_path / "s", task_names=("alpha", "beta"), rows=6)
+    document = yaml.safe_load(setting.tasks_file.read_text())
+    for task in document["tasks"]:
+        del task["num_labels"]
+    setting.tasks_file.write_text(yaml.safe_dump(document))
+    data = Path(document["tasks"][0]["data"]["validation"])
+    data.write_text(data.read_text() + '{"premise": "w1", "hypothesis": "w2", "label": 7}\n')
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the base model was loaded")
+
+    monkeypatch.setattr(engine, "load_base", no_model)
+    result = invoke_cli(["eval", "--tasks", setting.tasks_file, "--adapters", *setting.adapter_args(),
+                         "--threads", "1"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().endswith(f"label 7 is out of range 0..2 (a row of {data}; the model has 3 classes)")
+
+
+@pytest.mark.parametrize("width", [20, 40, 80, 200])
+def test_a_narrow_terminal_never_breaks_a_number(width):
+    """COLUMNS=40: eval's table folded 43.75 into `43.7` over `5` (read as 43.7); COLUMNS=20: inspect's norms
+    became `0.…`. A table keeps every value whole, or turns into one `column: value` line per value."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    from loramerge_cli.cli.eval_cmd import score_table
+    from loramerge_cli.cli.render import Fitting
+
+    tasks = ["first_kind", "last_kind", "after_marker", "majority_kind"]
+    scores = [0.4375, 0.125, 1.0, 0.5]
+    report = {"split": "validation", "examples": dict.fromkeys(tasks, 128), "tasks": tasks,
+              "rows": [{"name": "merged/ties_with_a_long_name", "accuracy": dict(zip(tasks, scores)),
+                        "mean_accuracy": 0.515625}]}
+    output = io.StringIO()
+    Console(file=output, width=width).print(Fitting(score_table(report, "accuracy (%)", "accuracy",
+                                                                "mean_accuracy")))
+    shown = re.findall(r"\d+(?:\.\d+)?", output.getvalue().replace("(128)", ""))
+    assert ["43.75", "12.50", "100.00", "50.00", "51.56"] == [word for word in shown if "." in word]
+    assert ("┃" in output.getvalue()) == (width >= 80)

@@ -143,16 +143,13 @@ def test_labels_by_name_and_csv(tmp_path):
     assert examples.inputs == [("w1 w2", "w3"), ("w4", "w5")] and examples.labels == [1, 0]
 
 
-def test_parquet_without_pyarrow_is_a_clear_error(tmp_path):
-    try:
-        import pyarrow  # noqa: F401
-    except ImportError:
-        (tmp_path / "rte.parquet").write_bytes(b"PAR1")
-        content = spec(tmp_path)
-        content["tasks"][0]["data"] = {"validation": "rte.parquet"}
-        assert "needs pyarrow" in load_error(tmp_path, content)
-    else:
-        pytest.skip("pyarrow is installed")
+def test_parquet_without_pyarrow_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)  # the parquet extra is not installed
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow.parquet", None)
+    (tmp_path / "rte.parquet").write_bytes(b"PAR1")
+    content = spec(tmp_path)
+    content["tasks"][0]["data"] = {"validation": "rte.parquet"}
+    assert "needs pyarrow" in load_error(tmp_path, content)
 
 
 def test_subsampling_is_seeded_and_val_limit_overrides_limit(tmp_path):

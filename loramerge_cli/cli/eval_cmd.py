@@ -79,6 +79,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     accuracy and normalized accuracy (100 · merged / expert), with averages over tasks."""
     from loramerge_cli.cli.common import given_arguments, human_console, print_warnings, result_console
     from loramerge_cli.cli.progress import ProgressDisplay
+    from loramerge_cli.cli.render import Fitting
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.eval_plan import execute_eval, plan_eval
     from loramerge_cli.evaluation.settings import EvalSettings
@@ -102,7 +103,7 @@ def eval_command(ctx: typer.Context, **flags) -> None:
     print_warnings(human_console(flags["quiet"]), report["warnings"])  # first: a stdout that fails must not lose them
     for title, key, mean_key in (("accuracy (%)", "accuracy", "mean_accuracy"),
                                  ("normalized accuracy (%)", "normalized_accuracy", "mean_normalized_accuracy")):
-        result_console().print(score_table(report, title, key, mean_key))
+        result_console().print(Fitting(score_table(report, title, key, mean_key)))
 
 
 def _percent(value: float | None, scale: float) -> str:
@@ -118,8 +119,8 @@ def score_table(report: dict, title: str, key: str, mean_key: str):
     table = Table(title=f"{title}, {split} split")
     table.add_column("")
     for task in report["tasks"]:
-        table.add_column(f"{task} ({sizes[task]})", justify="right", overflow="fold")  # a narrow terminal wraps
-    table.add_column("average", justify="right", style="bold", overflow="fold")
+        table.add_column(f"{task} ({sizes[task]})", justify="right")  # (Fitting keeps the numbers whole)
+    table.add_column("average", justify="right", style="bold")
     for row in report["rows"]:
         cells = [_percent(row[key].get(task), scale) for task in report["tasks"]]
         table.add_row(row["name"], *cells, _percent(row[mean_key], scale))

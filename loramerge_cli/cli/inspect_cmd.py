@@ -58,9 +58,9 @@ def inspect_command(ctx: typer.Context, **flags) -> None:
         emit_json(summary, "inspect")
         return
     console = result_console()  # the tables are this command's product
-    console.print(render.adapters_table(summary))
+    console.print(render.Fitting(render.adapters_table(summary)))
     coloured = heatmap and console.color_system is not None  # a pipe, a file, NO_COLOR, TERM=dumb: no colours
-    console.print(render.norms_table(summary["norms"], heatmap=coloured))
+    console.print(render.Fitting(render.norms_table(summary["norms"], heatmap=coloured)))
     if heatmap and not coloured:
         human_console(quiet).print("note: --heatmap needs colours, and this output has none (a pipe or file, "
                                    "NO_COLOR, TERM=dumb): the plain table", highlight=False, soft_wrap=True)

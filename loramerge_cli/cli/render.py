@@ -19,6 +19,43 @@ def heat_legend() -> Text:
     return legend
 
 
+NAME_FOLD = 8  # row names and column headers may be folded down to this many characters (a path still reads)
+
+
+class Fitting:
+    """A table in which no value is broken: each column at least as wide as its longest value (a number folded
+    over two lines, `43.7` over `5`, reads as another number; a cut one, `0.…`, as none), row names and headers
+    folded where needed; in a console too narrow for that, each row as a block of `column: value` lines."""
+
+    def __init__(self, table: Table):
+        self.table = table
+
+    def __rich_console__(self, console, options):
+        from rich.cells import cell_len
+
+        columns = self.table.columns
+        widths = []
+        for index, column in enumerate(columns):
+            longest = max((cell_len(word) for cell in column.cells for word in str(cell).split()), default=1)
+            widths.append(max(min(cell_len(str(column.header)), NAME_FOLD), min(longest, NAME_FOLD) if index == 0
+                              else longest))
+        frame = (len(columns) + 1 if self.table.box else 0) + 2 * len(columns)  # rules and cell padding
+        if sum(widths) + frame <= options.max_width:
+            for column, width in zip(columns, widths):
+                column.min_width, column.overflow = width, "fold"
+            yield self.table
+            return
+        if self.table.title:
+            yield Text(str(self.table.title), style="italic")
+        headers = [str(column.header) for column in columns]
+        for cells in zip(*(list(column.cells) for column in columns)):
+            yield Text(f"{headers[0]}: {cells[0]}" if headers[0] else str(cells[0]), style="bold")
+            for header, cell in zip(headers[1:], cells[1:]):
+                yield Text(f"  {header}: ") + (cell if isinstance(cell, Text) else Text(str(cell)))
+        if self.table.caption:
+            yield self.table.caption if isinstance(self.table.caption, Text) else Text(str(self.table.caption))
+
+
 def _compact(counts: dict) -> str:
     """{value: modules} as "16" (one value) or "24 (4 modules), 28 (28 modules)"."""
     return ", ".join(f"{value} ({count} module{'s' * (count != 1)})" if len(counts) > 1 else str(value)

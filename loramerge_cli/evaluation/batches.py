@@ -141,20 +141,51 @@ def prepare_choices(
     return PreparedTask(len(prompts), batches, torch.tensor(lengths, dtype=torch.float64), len(choices))
 
 
-def open_image(value):
-    try:
-        from PIL import Image
-    except ImportError:
-        raise LoramergeError("image tasks need pillow (pip install loramerge[image])") from None
+WIDE_MODES = ("I", "F")  # PIL modes of 16- and 32-bit integer and float pixels (I;16 and its kin start with I)
+
+
+class UnusableImage(ValueError):
+    """An image loramerge cannot score, and why (one line)."""
+
+
+def decoded_image(value):
+    """The image at a path or in bytes, decoded, turned as its EXIF orientation says (as transformers'
+    `load_image` and datasets do: a phone's portrait photo is stored sideways) and in RGB. UnusableImage (one
+    line) for what cannot be used: no image PIL reads, one cut short, one past PIL's decompression-bomb guard,
+    and 16/32-bit or float pixels, which the RGB conversion would clip to white or black without a word."""
     import io
+    import warnings
+
+    from PIL import Image, ImageOps
 
     try:
-        source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
-        with Image.open(source) as image:
-            return image.convert("RGB")
+        with warnings.catch_warnings():  # PIL warns, on stderr, of images near its guard: the guard decides
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value) as image:
+                image.load()
+                if image.mode.startswith(WIDE_MODES):
+                    raise UnusableImage(f"{image.mode} pixels (16/32-bit or float), which an RGB conversion "
+                                        "clips; save it with 8-bit channels")
+                return ImageOps.exif_transpose(image).convert("RGB")
+    except Image.DecompressionBombError:
+        raise UnusableImage(f"larger than PIL's decompression-bomb limit ({2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
+                            "resize it") from None
+    except UnusableImage:
+        raise
     except Exception as error:  # noqa: BLE001 - PIL raises many kinds for a bad file
+        raise UnusableImage(f"not an image PIL can read ({type(error).__name__})") from None
+
+
+def open_image(value):
+    try:
+        import PIL  # noqa: F401
+    except ImportError:
+        raise LoramergeError("image tasks need pillow (pip install loramerge[image])") from None
+    try:
+        return decoded_image(value)
+    except UnusableImage as error:
         where = "image bytes" if isinstance(value, (bytes, bytearray)) else str(value)
-        raise LoramergeError(f"{where}: cannot read image ({error})") from None
+        raise LoramergeError(f"{where}: {error}") from None
 
 
 def prepare_images(

@@ -154,7 +154,16 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
         except ImportError:
             hint = "pip install loramerge[parquet]"
             raise task_file.error(where, f"{path}: reading parquet needs pyarrow ({hint})") from None
-        return parquet.read_table(str(path)).to_pylist()
+        import pyarrow
+
+        try:
+            table = parquet.read_table(str(path))
+        except (pyarrow.ArrowException, OSError) as error:  # no parquet file, cut short, an unknown encoding
+            raise task_file.error(where, f"{path} is not a readable parquet file ({first_line(error)})") from None
+        repeated = [name for index, name in enumerate(table.column_names) if name in table.column_names[:index]]
+        if repeated:  # (as in a CSV header or a JSON object: one of the two would be read without a word)
+            raise task_file.error(where, f"{path}: column {repeated[0]!r} appears twice")
+        return table.to_pylist()
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
 
 
@@ -192,6 +201,10 @@ def _read_csv(path: Path, task_file: TaskFile, where: str) -> list[dict]:
                 if None in row:  # DictReader's key for the fields past the header
                     raise task_file.error(where, f"{path} line {reader.line_num} has {len(header) + len(row[None])} "
                                                  f"fields; the header names {len(header)}")
+                if None in row.values():  # DictReader's value for the fields a short row lacks
+                    fields = sum(value is not None for value in row.values())
+                    raise task_file.error(where, f"{path} line {reader.line_num} has {fields} field"
+                                                 f"{'s' if fields != 1 else ''}; the header names {len(header)}")
                 rows.append(_Row(row, line=reader.line_num))
             return rows
     except csv.Error as error:

@@ -131,6 +131,7 @@ class Evaluator:
         }
         self.heads = {task.name: task_head(task_file, task, self.experts[task.name]) for task in task_file.tasks}
         num_labels = self._num_labels()
+        self._check_label_range(num_labels)  # before the model loads: the base's config says its width
         preprocessor = load_preprocessor(self.base, task_file.type)
         self._check_token_caps(preprocessor)  # before the weights load: a wrong cap is a one-line error at once
         self._placement = {"parked": False}  # shared with this engine's views (copies), as the model is
@@ -148,7 +149,6 @@ class Evaluator:
         self.head_defaults = {
             key: self.parameters[key].detach().clone() for head in self.heads.values() for key in head
         }
-        self._check_label_range()
         self.checked_copies: set[tuple[str, str]] = set()  # adapters whose base-weight copies were checked
         for adapter in experts:
             self._check_base_copies(adapter)
@@ -184,15 +184,19 @@ class Evaluator:
             )
         return next(iter(counts), None)
 
-    def _check_label_range(self) -> None:
+    def _check_label_range(self, num_labels: int | None) -> None:
+        """Every label and masked class within the model's classes: `num_labels` (the spec's or the heads'), else
+        the base model's own (its config, read without the weights)."""
         if not self.task_file.type.classifier:
             return
-        classes = int(self.model.config.num_labels)
+        classes = int(num_labels if num_labels is not None else load_base_config(self.base).num_labels)
         for task in self.task_file.tasks:
             labels = self.examples[task.name].labels or []
             for label in labels:
                 if label >= classes:
-                    raise self.task_file.error(f"{task.where}.label", f"label {label} is out of range 0..{classes - 1}")
+                    source = task.data[self.settings.split]
+                    raise self.task_file.error(f"{task.where}.label", f"label {label} is out of range 0..{classes - 1}"
+                                               f" (a row of {source}; the model has {classes} classes)")
             for masked in task.masked_labels:
                 if masked >= classes:
                     raise self.task_file.error(

@@ -72,22 +72,22 @@ class ImageClassification(TaskType):
         if isinstance(value, str) and not Path(value).is_absolute():
             value = str(source.parent / value) if source.is_file() else value
         if isinstance(value, (bytes, bytearray)):
-            return value
-        if not isinstance(value, str):
+            named = f"image bytes in a row of {source}"
+        elif not isinstance(value, str):
             raise task_file.error(f"{task.where}.image", f"column {column!r} holds {value!r} in a row of {source}: "
                                   "expected an image path or bytes")
-        if not Path(value).is_file():
+        elif not Path(value).is_file():
             raise task_file.error(f"{task.where}.image", f"no such image file {value} (a row of {source})")
-        try:  # decoded: a file that is no image, or is cut short (verify misses a short GIF or BMP), is found
-            from PIL import Image  # before any model loads
+        else:
+            named = value
+        try:  # decoded before any model loads: a file that is no image, or is cut short (verify misses a short
+            from loramerge_cli.evaluation.batches import UnusableImage, decoded_image  # GIF or BMP), is found now
 
-            with Image.open(value) as image:
-                image.load()
+            decoded_image(value).close()
         except ImportError:
             pass  # the missing pillow is reported by the extras check, in one line
-        except Exception as error:  # noqa: BLE001 - PIL raises many kinds for a bad file
-            raise task_file.error(f"{task.where}.image", f"{value}: not an image PIL can read "
-                                  f"({type(error).__name__})") from None
+        except UnusableImage as error:
+            raise task_file.error(f"{task.where}.image", f"{named}: {error}") from None
         return value
 
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):

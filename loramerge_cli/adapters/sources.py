@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,8 @@ def default_name(spec: str) -> str:
     name = Path(spec.rstrip("/\\")).name
     name = name.removesuffix(".safetensors") if name.endswith(".safetensors") else name
     if not NAME.match(name):  # the name goes into recipes and tables, which a rebuild reads back
-        raise LoramergeError(f"{spec}: {name!r} cannot be a task name ({NAME_RULE}): name it, NAME={spec}")
+        raise LoramergeError(f"{spec}: {name!r} cannot be a task name ({NAME_RULE}): name it, "
+                             f"NAME={shlex.quote(spec)}")
     return name
 
 

@@ -319,7 +319,8 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
         statistics = collect_grams(engine, plan.adapters, merging.module_paths(plan.adapters), on_event)
         data_warnings = engine.cap_warnings()
         tuning["input_statistics"] = {"tasks": str(plan.data.tasks), "split": engine.settings.split,
-                                      "examples": {name: len(e) for name, e in engine.examples.items()}}
+                                      "examples": {name: len(e) for name, e in engine.examples.items()},
+                                      **({"max_length": dict(engine.max_lengths)} if engine.max_lengths else {})}
     if plan.tuning is not None:
         from loramerge_cli.evaluation.tuning import search_lambda
         from loramerge_cli.evaluation.workers import tuning_pool

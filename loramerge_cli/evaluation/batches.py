@@ -76,7 +76,7 @@ def _refuse_empty(lengths: list[int], what: str, why: str) -> None:
     empty = [index for index, length in enumerate(lengths) if length == 0]
     if empty:
         raise LoramergeError(f"{len(empty)} example(s) have no tokens (an empty {what}, and the tokenizer adds no "
-                             f"special token), so {why}: give them {what}, or leave them out (the first: example "
+                             f"special token), so {why}: fill in their {what}, or leave them out (the first: example "
                              f"{empty[0] + 1} of those scored)")
 
 

@@ -170,6 +170,12 @@ class Evaluator:
         for task in self.task_file.tasks:
             count = task.class_count
             rows = head_class_count(self.heads[task.name])
+            folders = self.task_file.type.folder_class_count(task)
+            if folders is not None and rows is not None and folders != rows:  # classes renumbered without a word
+                raise self.task_file.error(f"{task.where}.labels", f"without labels or num_labels, the classes are "
+                                           f"the task's {folders} class folders in sorted order, but its head has "
+                                           f"{rows} rows: set num_labels: {rows} (folders named by their indices "
+                                           "keep them) or name the classes in labels, in the head's order")
             if count is not None and rows is not None and count != rows:  # before the base loads with `count`
                 hint = f"; set num_labels: {rows} (classes past the names are masked)" if task.labels else ""
                 raise self.task_file.error(f"{task.where}.num_labels", f"the spec gives {count} classes but the "

@@ -39,6 +39,7 @@ class TaskSpec:
     max_length: int | None = None
     limit: int | None = None
     adapter: str | None = None
+    given: frozenset[str] = frozenset()  # the fields the entry names (a false or empty value is still given)
 
     @property
     def class_count(self) -> int | None:
@@ -201,6 +202,7 @@ def _task_from(entry: dict, index: int, folder: Path, path: Path) -> TaskSpec:
         max_length=_whole(entry.get("max_length")),
         limit=_whole(entry.get("limit")),
         adapter=entry.get("adapter"),
+        given=frozenset(entry),
     )
     if task.head not in (FROM_ADAPTER, NO_HEAD):
         task.head = str(_resolve(folder, task.head))

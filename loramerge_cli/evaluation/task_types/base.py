@@ -28,12 +28,16 @@ class TaskType:
         """Cross-field rules of one task spec entry that the schema cannot say (raise task_file.error). Here: an
         input field of another type is refused (it would be ignored without a word)."""
         for name in INPUT_FIELDS:
-            if getattr(task, name) and name not in self.reads:
+            if (name in task.given or getattr(task, name)) and name not in self.reads:  # `length_normalize: false`
                 raise task_file.error(f"{task.where}.{name}", f"model_type is {self.name}, whose tasks do not read "
                                       f"{name!r}; is the spec's model_type right?")
 
     def folder_rows(self, folder: Path, task_file, task, where: str) -> list[dict] | None:
         """Rows of a split given as a folder, or None when this type reads files only."""
+        return None
+
+    def folder_class_count(self, task) -> int | None:
+        """The classes a task whose classes are its folders has (None: the spec says them, or no folders)."""
         return None
 
     def read_input(self, row: dict, source: Path, task_file, task):

@@ -62,6 +62,12 @@ class ImageClassification(TaskType):
             rows.extend({task.image or "image": str(p), task.label or "label": names.index(class_name)} for p in files)
         return rows
 
+    def folder_class_count(self, task) -> int | None:
+        if task.labels or task.num_labels is not None:
+            return None
+        splits = [Path(path) for path in task.data.values() if Path(path).is_dir()]
+        return len(set().union(*(class_folders(split) for split in splits))) if splits else None
+
     def read_input(self, row: dict, source: Path, task_file, task):
         column = task.image or "image"
         if column not in row:

@@ -129,6 +129,8 @@ def test_merge_regmean_end_to_end(setting, tmp_path):
     assert tuned.exit_code == 0, tuned.stderr
     provenance = json.loads((tmp_path / "tuned" / "loramerge.json").read_text())
     assert provenance["input_statistics"]["examples"] == {name: 12 for name in setting.adapters}
+    assert provenance["input_statistics"]["max_length"] == provenance["lambda_tuning"]["max_length"]  # (the cap
+    assert set(provenance["input_statistics"]["max_length"]) == set(setting.adapters)  # the Gram matrices used)
     assert provenance["lambda_tuning"]["best"] > 0
     invalid = invoke_cli(["search-mask", "--strategy", "screened",
                           "--adapters", *sources, "--merger", "regmean", "--tasks",

@@ -240,15 +240,17 @@ def render(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     from examples.bundled.build import DEFAULT_OUT
+    from examples.arguments import at_least, merger_list
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT, help="bundled example folder (built if needed)")
-    parser.add_argument("--merger", default="ta", help="merger of the candidates (default ta)")
-    parser.add_argument("--candidates", type=int, default=8, help="candidates per pass (default 8)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed runs per candidate and side; the fastest counts")
-    parser.add_argument("--val-limit", type=int, default=256, help="validation examples per task (default 256)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, both sides (default 1)")
+    parser.add_argument("--merger", type=merger_list, default="ta", help="merger of the candidates (default ta)")
+    parser.add_argument("--candidates", type=at_least(1), default=8, help="candidates per pass (default 8)")
+    parser.add_argument("--repeats", type=at_least(1), default=3,
+                        help="timed runs per candidate and side; the fastest counts")
+    parser.add_argument("--val-limit", type=at_least(1), default=256, help="validation examples per task (default 256)")
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads, both sides (default 1)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random masks")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)

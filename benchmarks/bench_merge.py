@@ -270,24 +270,26 @@ def default_params(method: str) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=32, help="transformer blocks (Llama-3-8B has 32)")
-    parser.add_argument("--adapters", type=int, default=6)
-    parser.add_argument("--rank", type=int, default=16)
+    from examples.arguments import at_least, names_of
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--blocks", type=at_least(1), default=32, help="transformer blocks (Llama-3-8B has 32)")
+    parser.add_argument("--adapters", type=at_least(2), default=6)
+    parser.add_argument("--rank", type=at_least(1), default=16)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--dense-output-blocks", type=int, default=1,
                         help="blocks for the methods whose full-space output is dense (ties, magnitude, dare, "
                              "dare_ties): they cost ~30 s per block on one core; reported per block as well")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+    parser.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(),
                         help="torch threads per measurement (use 1 on a shared machine: oversubscribed OpenMP "
                              "threads make timings erratic)")
-    parser.add_argument("--methods", default=",".join(METHODS))
-    parser.add_argument("--spaces", default=",".join(SPACES))
+    parser.add_argument("--methods", type=names_of(METHODS, "method"), default=",".join(METHODS))
+    parser.add_argument("--spaces", type=names_of(SPACES, "space"), default=",".join(SPACES))
     parser.add_argument("--compute-dtype", choices=DTYPES, default="float64", help="loramerge's compute dtype")
     parser.add_argument("--dense-dtype", choices=DTYPES, default="float32", help="the dense formulation's dtype")
     parser.add_argument("--dense-modules", default="model.layers.0.self_attn.k_proj",
                         help="comma-separated module paths for the dense comparison ('' to skip it)")
-    parser.add_argument("--comparisons", default=",".join(COMPARISONS))
+    parser.add_argument("--comparisons", type=names_of(COMPARISONS, "comparison"), default=",".join(COMPARISONS))
     parser.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the previous full-space path (dense T × m·n rows, float64 6-iteration "
                              "range finder) for the dense-output methods, and print the speed-up")

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule  # noqa: E402
 from loramerge_cli.evaluation.functional import SidePath, freeze  # noqa: E402
+from loramerge_cli.evaluation.task_types import TASK_TYPES  # noqa: E402
 from loramerge_cli.merging.merge import module_paths  # noqa: E402
 from loramerge_cli.search.nsc_objectives import EntropyObjective, NullSpaceObjective  # noqa: E402
 from loramerge_cli.search.nsc_targets import resolve_targets  # noqa: E402
@@ -113,6 +114,7 @@ def nsc_like_step(args, objective_name: str):
         objective = NullSpaceObjective(adapters, modules, targets, args.device)
     else:
         objective = EntropyObjective(SimpleNamespace(model_type="sequence-classification",
+                                                     type=TASK_TYPES["sequence-classification"],
                                                      tasks=[SimpleNamespace(name=a.name, masked_labels=[])
                                                             for a in adapters]))
     optimizer = torch.optim.AdamW([side.coefficients], lr=1e-3, weight_decay=0.01)
@@ -206,16 +208,18 @@ def run_phase(phase: str, forwarded: list[str], timing: bool) -> dict:
     """One measurement in a fresh process. For memory on CPU, glibc serves every allocation of 64 KiB or
     more by mmap and gives freed memory back at once, so RSS follows the tensors alive rather than what
     the allocator keeps cached (that costs time: the timing run keeps the default allocator)."""
-    environment = dict(os.environ)
+    environment = {"PYTHONWARNINGS": "ignore::FutureWarning", **os.environ}  # (transformers' deprecation notes)
     if not timing:
         environment.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    output = subprocess.run([sys.executable, __file__, *forwarded, "--phase", phase], check=True,
-                            capture_output=True, text=True, env=environment).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    done = subprocess.run([sys.executable, __file__, *forwarded, "--phase", phase], stdout=subprocess.PIPE,
+                          text=True, env=environment)  # (its stderr is the user's: a failure shows its traceback)
+    if done.returncode != 0:
+        raise SystemExit(f"the {phase} phase failed (exit {done.returncode}; its error is above)")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
@@ -242,13 +246,15 @@ def main() -> None:
     print(f"{args.tasks} tasks, rank {args.rank}, Llama hidden {args.hidden} × {args.layers} blocks, "
           f"{args.batch} × {args.length} tokens per task and step, {args.device}, {args.threads} thread(s)")
     memory = "peak MiB (GPU)" if args.device.startswith("cuda") else "peak RSS MiB"
-    print(f"{'phase':<10}{'s/step':>9}{memory:>16}{'× LoRA':>8}{'saved act. MiB':>16}{'× LoRA':>8}")
+    print(f"{'phase':<10}{'s/step':>9}{'s/task':>9}{memory:>16}{'× LoRA':>8}{'saved act. MiB':>16}{'× LoRA':>8}")
     for phase in PHASES:
         row = results[phase]
         row["peak_vs_lora"] = row["peak_bytes"] / lora_peak
         row["saved_vs_lora"] = row["saved_activation_bytes"] / lora_saved
         label = {"nsc": "NSC", "entropy": "entropy", "lora": "1 LoRA"}[phase]
-        print(f"{label:<10}{row['seconds_per_step']:>9.3f}{row['peak_bytes'] / 2**20:>16.1f}{row['peak_vs_lora']:>8.2f}"
+        row["seconds_per_task"] = row["seconds_per_step"] / (1 if phase == "lora" else args.tasks)
+        print(f"{label:<10}{row['seconds_per_step']:>9.3f}{row['seconds_per_task']:>9.3f}"
+              f"{row['peak_bytes'] / 2**20:>16.1f}{row['peak_vs_lora']:>8.2f}"
               f"{row['saved_activation_bytes'] / 2**20:>16.1f}{row['saved_vs_lora']:>8.2f}")
     print("note: NSC and entropy steps run one forward + backward per task (K of them); 1 LoRA runs one.")
     if args.json:

@@ -193,11 +193,14 @@ def run(args) -> dict:
 
     cost = examples_per_evaluation(fitness)
     best_fitness = generations[-1]["best_fitness"]
+    replayed, blocks_run = fitness.replay.replayed_blocks, fitness.replay.full_blocks  # ENMP's own: the
+    screened = screened_run(cached, args) if args.screened else None  # searches below share the counters
+    surrogate = surrogate_run(cached, args) if args.surrogate else None
     return {
         "enmp_budget": {"full_evaluations": forward, "forward_examples": forward * cost,
                         "best_fitness": best_fitness, "examples_per_point": per_point(forward * cost, best_fitness)},
-        "screened": screened_run(cached, args) if args.screened else None,
-        "surrogate": surrogate_run(cached, args) if args.surrogate else None,
+        "screened": screened,
+        "surrogate": surrogate,
         "settings": {"setting": str(request.tasks), "merger": args.merger, "lambda": problem.settings.lam,
                      "units": len(problem.template.units), "tasks": len(problem.adapters),
                      "enmp": vars(request.enmp), "threads": args.threads, "val_limit": args.val_limit,
@@ -215,7 +218,7 @@ def run(args) -> dict:
                    "candidates": asked, "forward_passes": forward, "forward_share": forward / asked,
                    "distinct_candidates_drawn": len({c for record in generations for c in record["candidates"]}),
                    "module_merges": modules, "module_merges_without_cache": requested,
-                   "blocks_replayed": fitness.replay.replayed_blocks, "blocks_run": fitness.replay.full_blocks,
+                   "blocks_replayed": replayed, "blocks_run": blocks_run,
                    "block_replay": fitness.replay.enabled},
         "naive": {"setup_seconds": naive.setup_seconds, "seconds_per_generation": naive_per_generation,
                   "forward_passes": sum(len(record["candidates"]) for record in generations[:timed]),
@@ -295,25 +298,26 @@ def render(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     from examples.bundled.build import DEFAULT_OUT
+    from examples.arguments import at_least, between, integer_list, merger_list
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT, help="bundled example folder (built if needed)")
-    parser.add_argument("--merger", default="ta", help="merger (default ta)")
+    parser.add_argument("--merger", type=merger_list, default="ta", help="merger (default ta)")
     parser.add_argument("--lam", type=float, help="λ (default: the merger's)")
-    parser.add_argument("--popsize", type=int, default=16)
-    parser.add_argument("--generations", type=int, default=10)
-    parser.add_argument("--naive-generations", type=int, default=0,
+    parser.add_argument("--popsize", type=at_least(2), default=16)
+    parser.add_argument("--generations", type=at_least(1), default=10)
+    parser.add_argument("--naive-generations", type=at_least(0), default=0,
                         help="generations the naive loop replays and times (default 0: all)")
     parser.add_argument("--x0", type=float, default=-1.0)
     parser.add_argument("--sigma0", type=float, default=0.5)
-    parser.add_argument("--max-prune", type=float, default=0.2)
+    parser.add_argument("--max-prune", type=between(0, 1), default=0.2)
     parser.add_argument("--seed", type=int, default=1, help="CMA-ES seed")
     parser.add_argument("--addscale", action="store_true", help="search λ too (one extra gene)")
-    parser.add_argument("--val-limit", type=int, default=256, help="validation examples per task (default 256)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--block-cache-mb", type=float, default=1024,
+    parser.add_argument("--val-limit", type=at_least(1), default=256, help="validation examples per task (default 256)")
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--block-cache-mb", type=at_least(0, float), default=1024,
                         help="cached side: block outputs kept for replay (default 1024; 0: off)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, both sides (default 1)")
+    parser.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads, both sides (default 1)")
     parser.add_argument("--no-screened", dest="screened", action="store_false",
                         help="skip the screened search on the same budget")
     parser.add_argument("--no-surrogate", dest="surrogate", action="store_false",
@@ -322,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--backend", choices=["naive", "ray"], default="naive",
                         help="naive: against the naive loop (default); ray: serial against 1 and 2 Ray CPU actors "
                              "(bench_search_ray.py)")
-    parser.add_argument("--actors", type=lambda text: [int(n) for n in text.split(",")], default=[1, 2],
+    parser.add_argument("--actors", type=lambda text: [int(n) for n in integer_list(text).split(",")], default=[1, 2],
                         help="--backend ray: actor counts (default 1,2)")
     args = parser.parse_args(argv)
     if args.naive_generations < 0:

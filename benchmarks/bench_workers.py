@@ -44,13 +44,14 @@ def timed_search(request: SearchRequest) -> tuple[float, list]:
 
 
 def main() -> None:
+    from examples.arguments import at_least
     from examples.bundled.build import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT, help="bundled example folder (built if needed)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--budget", type=int, default=48, help="full-set evaluations of the surrogate search")
-    parser.add_argument("--val-limit", type=int, default=256)
+    parser.add_argument("--workers", type=at_least(1), default=2)
+    parser.add_argument("--budget", type=at_least(1), default=48, help="full-set evaluations of the surrogate search")
+    parser.add_argument("--val-limit", type=at_least(1), default=256)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 

@@ -143,7 +143,7 @@ def render(report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     from examples.bundled.build import DEFAULT_OUT
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--example", type=Path, default=ROOT / DEFAULT_OUT, help="bundled example folder")
     parser.add_argument("--work", type=Path, required=True, help="folder for merged adapters and run directories")
     parser.add_argument("--json", type=Path, help="also write the report here")

@@ -80,7 +80,7 @@ def build(out_dir: str | Path) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", default="examples/tiny", help="output folder (default: examples/tiny)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

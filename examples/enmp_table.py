@@ -95,18 +95,21 @@ def render(rows: list[dict], seeds, budget, seconds):
     return table
 
 
-def table_parser(description: str, threads: int) -> argparse.ArgumentParser:
-    """The options every search table on the bundled text setting shares."""
+def table_parser(description: str, threads: int, searches: bool = True) -> argparse.ArgumentParser:
+    """The options every search table on the bundled text setting shares (`searches`: also the seeds and the
+    search settings, for the scripts that run searches)."""
+    from examples.arguments import at_least, between, integer_list, merger_list
     from examples.bundled.build import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--seeds", default="1,2,3")
-    parser.add_argument("--mergers", default=",".join(MERGERS))
-    parser.add_argument("--popsize", type=int, default=16)
-    parser.add_argument("--max-prune", type=float, default=0.2)
-    parser.add_argument("--val-limit", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--mergers", type=merger_list, default=",".join(MERGERS))
+    if searches:
+        parser.add_argument("--seeds", type=integer_list, default="1,2,3")
+        parser.add_argument("--popsize", type=at_least(2), default=16)
+        parser.add_argument("--max-prune", type=between(0, 1), default=0.2)
+    parser.add_argument("--val-limit", type=at_least(1), default=256)
+    parser.add_argument("--threads", type=at_least(1), default=threads)
     parser.add_argument("--json", type=Path)
     return parser
 
@@ -131,8 +134,10 @@ def text_evaluators(args, log):
 def main(argv=None):
     from rich.console import Console
 
-    parser = table_parser(__doc__.splitlines()[0], threads=2)
-    parser.add_argument("--generations", type=int, default=15)
+    from examples.arguments import at_least
+
+    parser = table_parser(__doc__.split("\n\n")[0], threads=2)
+    parser.add_argument("--generations", type=at_least(1), default=15)
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     started = time.perf_counter()

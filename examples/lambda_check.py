@@ -72,12 +72,14 @@ def main(argv=None):
     from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
     from loramerge_cli.evaluation.specs import load_task_file
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from examples.arguments import at_least, merger_list, names_of
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--setting", default="text,image")
-    parser.add_argument("--mergers", default=",".join(MERGERS))
-    parser.add_argument("--val-limit", type=int, default=256, help="validation examples per task (main_job's)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--setting", type=names_of(("text", "image"), "setting"), default="text,image")
+    parser.add_argument("--mergers", type=merger_list, default=",".join(MERGERS))
+    parser.add_argument("--val-limit", type=at_least(1), default=256, help="validation examples per task (main_job's)")
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     console = Console(stderr=True)

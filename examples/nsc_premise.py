@@ -79,12 +79,14 @@ def main(argv=None):
 
     from examples.bundled.build import DEFAULT_OUT, build
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from examples.arguments import at_least
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--target-blocks", help="comma-separated block indices (default: NSC's, the last quarter)")
     parser.add_argument("--target-modules", help="comma-separated module names (default: NSC's, v_proj here)")
     parser.add_argument("--table", type=Path, help="a coefficient table to measure too")
-    parser.add_argument("--val-limit", type=int, default=256)
+    parser.add_argument("--val-limit", type=at_least(1), default=256)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     console = Console(stderr=True)

@@ -147,12 +147,14 @@ def main(argv=None):
     from examples.bundled.build import DEFAULT_OUT
     from examples.main_job import bundled_setting
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    from examples.arguments import at_least, integer_list
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--setting", choices=("text", "image"), default="text")
-    parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument("--seeds", type=integer_list, default="1,2,3")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"a subset of {', '.join(ROWS)}")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     unknown = [key for key in args.rows.split(",") if key not in ROWS]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+STRATEGIES = ("surrogate", "screened", "enmp", "greedy", "random")
 ABLATIONS = {"screened_no_screen": {"screen": False}, "screened_no_greedy": {"greedy_pool": 0},
              "screened_no_redraw": {"redraws": 0}, "screened_no_halving": {"halving": False},
              "screened_screen_rungs_2": {"screen_rungs": 2}, "screened_screen_rungs_3": {"screen_rungs": 3}}
@@ -237,18 +238,22 @@ def plot(rows: list[dict], keys, path: Path) -> None:
 def main(argv=None):
     from rich.console import Console
 
+    from examples.arguments import at_least, lambda_map, names_of
     from examples.enmp_table import table_parser, text_evaluators
 
-    parser = table_parser(__doc__.splitlines()[0], threads=1)
-    parser.add_argument("--generations", type=int, default=15, help="paper ENMP's generations (greedy and random "
-                        "get up to popsize × generations evaluations)")
-    parser.add_argument("--screened-generations", type=int, default=8)
-    parser.add_argument("--strategies", default="surrogate,screened,enmp,greedy,random")
+    parser = table_parser(__doc__.split("\n\n")[0], threads=1)
+    parser.add_argument("--generations", type=at_least(1), default=15, help="paper ENMP's generations (greedy and "
+                        "random get up to popsize × generations evaluations)")
+    parser.add_argument("--screened-generations", type=at_least(1), default=8)
+    parser.add_argument("--strategies", type=names_of(STRATEGIES, "strategy"), default=",".join(STRATEGIES),
+                        help="comma-separated; random is given the forward examples of the surrogate search (else the "
+                        "screened one), so it runs beside one of them")
     parser.add_argument("--ablations", default="", help=f"comma-separated: {', '.join(ABLATIONS)}")
-    parser.add_argument("--lambdas", default="", help="merger=λ,… : skip the λ tuning of these mergers")
-    parser.add_argument("--exploit-every", type=int, default=0, help="the surrogate search's --exploit-every")
-    parser.add_argument("--enmp-examples", type=int, help="without the screened search in this run: stop paper ENMP "
-                        "once it has spent this many forward examples")
+    parser.add_argument("--lambdas", type=lambda_map, default={},
+                        help="merger=λ,… : skip the λ tuning of these mergers")
+    parser.add_argument("--exploit-every", type=at_least(0), default=0, help="the surrogate search's --exploit-every")
+    parser.add_argument("--enmp-examples", type=at_least(1), help="without the surrogate or screened search in this "
+                        "run: stop paper ENMP once it has spent this many forward examples")
     parser.add_argument("--runs-jsonl", type=Path, help="append every finished run here as it ends")
     parser.add_argument("--plot", type=Path, help="write a PNG of best validation fitness against forward examples")
     args = parser.parse_args(argv)
@@ -257,14 +262,16 @@ def main(argv=None):
     unknown = [key for key in ablations if key not in ABLATIONS]
     if unknown:
         parser.error(f"--ablations: unknown {', '.join(unknown)}")
+    if "random" in strategies and not {"surrogate", "screened"} & set(strategies):
+        parser.error("--strategies: random is given the surrogate's (or the screened search's) forward examples: "
+                     "list one of them too")
     console = Console(stderr=True)
     started = time.perf_counter()
     tasks_file, adapters, validation, test = text_evaluators(args, console.log)
     seeds = [int(seed) for seed in args.seeds.split(",")]
     budget = {"popsize": args.popsize, "generations": args.generations, "max_prune": args.max_prune,
               "screened_generations": args.screened_generations, "val_limit": args.val_limit,
-              "lambdas": {name: float(value) for name, value in (item.split("=") for item in args.lambdas.split(",")
-                                                                 if item)},
+              "lambdas": args.lambdas,
               "runs_jsonl": str(args.runs_jsonl) if args.runs_jsonl else None, "enmp_examples": args.enmp_examples,
               "exploit_every": args.exploit_every}
     rows = []

@@ -150,22 +150,20 @@ def main(argv=None):
     from rich.console import Console
     from rich.table import Table
 
+    from examples.arguments import at_least, integer_list, lambda_map
     from examples.enmp_table import table_parser, text_evaluators
 
-    parser = table_parser(__doc__.splitlines()[0], threads=2)
-    parser.add_argument("--lambdas", default="", help="merger=λ,… (default: the search tables' tuned λ)")
-    parser.add_argument("--sizes", default="29,86", help="subset sizes, examples per task")
-    parser.add_argument("--subset-seeds", type=int, default=20)
+    parser = table_parser(__doc__.split("\n\n")[0], threads=2, searches=False)
+    parser.add_argument("--lambdas", type=lambda_map, default={},
+                        help="merger=λ,… (default: the search tables' tuned λ)")
+    parser.add_argument("--sizes", type=integer_list, default="29,86", help="subset sizes, examples per task")
+    parser.add_argument("--subset-seeds", type=at_least(1), default=20)
     args = parser.parse_args(argv)
-    try:  # every argument checked before any model loads
-        lambdas = {**LAMBDAS, **{name: float(value) for name, value in (item.split("=") for item in
-                                                                        args.lambdas.split(",") if item)}}
-        sizes = [int(size) for size in args.sizes.split(",")]
-    except ValueError:
-        parser.error("--lambdas takes merger=λ,… and --sizes whole numbers of examples, comma-separated")
+    lambdas = {**LAMBDAS, **args.lambdas}
+    sizes = [int(size) for size in args.sizes.split(",")]
     unknown = [merger for merger in args.mergers.split(",") if merger not in lambdas]
-    if unknown or min(sizes) < 1:
-        parser.error(f"no λ for {', '.join(unknown)} (give --lambdas)" if unknown else "--sizes must be >= 1")
+    if unknown:  # every argument checked before any model loads
+        parser.error(f"no λ for {', '.join(unknown)} (give --lambdas)")
     console = Console(stderr=True)
     _, adapters, validation, _ = text_evaluators(args, console.log)
     rows = []

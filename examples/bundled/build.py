@@ -105,7 +105,7 @@ def _clear(out: Path) -> None:
 def main(argv: list[str] | None = None) -> dict:
     from rich.console import Console
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     parser.add_argument("--tiny", action="store_true", help="a seconds-long miniature, for tests")
     parser.add_argument("--force", action="store_true", help="rebuild even when the folder is up to date")

@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     from examples.bundled.common import THREADS
     from loramerge_cli.evaluation.loading import quiet_transformers
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("examples/.cache/bundled"), help="the built example")
     args = parser.parse_args(argv)
     torch.set_num_threads(THREADS)

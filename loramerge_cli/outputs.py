@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import functools
+import glob
 import hashlib
 import json
 import os
@@ -433,8 +434,9 @@ def clean_debris(target: str | Path) -> None:
     parent = target.parent
     if not parent.is_dir():
         return
-    prefix = atomic.sibling_prefix(target)
-    for entry in parent.glob(prefix + "*"):
+    entries = {entry: prefix for prefix in {atomic.sibling_prefix(target), f".{target.name}.loramerge-"}
+               for entry in parent.glob(glob.escape(prefix) + "*")}  # (and the unshortened names of older versions)
+    for entry, prefix in entries.items():
         pid_text, _, rest = entry.name[len(prefix):].partition(".")
         if not pid_text.isdigit() or _alive(int(pid_text)):
             continue

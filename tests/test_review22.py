@@ -391,3 +391,100 @@ def test_class_folders_that_do_not_fill_the_head_are_refused_before_the_model_lo
     assert result.exit_code == 1, result.output
     assert "the classes are the task's 3 class folders in sorted order, but its head has 4 rows: set num_labels: " \
            "4" in result.stderr
+
+
+# --- a hostile review of this session's own changes -------------------------------------------------------------
+
+def test_the_hub_timeout_bounds_this_thread_s_requests_only_and_needs_request_hooks(monkeypatch):
+    """The hook on huggingface_hub's shared client cut short another thread's request that asked to wait
+    (timeout=None); on a client without request hooks (huggingface_hub 0.x) every Hub source failed."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    from huggingface_hub import get_session
+
+    from loramerge_cli.adapters.sources import hub_requests_time_out
+
+    def waiting_request():
+        return SimpleNamespace(extensions={"timeout": dict.fromkeys(("connect", "read", "write", "pool"))})
+
+    with hub_requests_time_out(3):
+        bound = get_session().event_hooks["request"][-1]
+        here, elsewhere = waiting_request(), waiting_request()
+        thread = threading.Thread(target=bound, args=(elsewhere,))
+        thread.start()
+        thread.join()
+        bound(here)
+    assert set(here.extensions["timeout"].values()) == {3}
+    assert set(elsewhere.extensions["timeout"].values()) == {None}
+    monkeypatch.setattr(huggingface_hub, "get_session", lambda: SimpleNamespace(hooks={"response": []}))
+    with hub_requests_time_out(3):
+        pass
+
+
+def test_a_byte_order_mark_encoding_writes_its_mark_once(tmp_path):
+    """Each write was encoded alone: PYTHONIOENCODING=utf-16 put a byte order mark before every table."""
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    with open(tmp_path / "summary.txt", "wb") as stdout:  # (a file: the stream starts it with the mark)
+        done = subprocess.run([sys.executable, "-m", "loramerge_cli", "inspect", str(folders["a"]),
+                               str(folders["b"])], stdout=stdout, stderr=subprocess.PIPE, timeout=120,
+                              env={**os.environ, "PYTHONPATH": str(REPOSITORY), "PYTHONIOENCODING": "utf-16"})
+    assert done.returncode == 0, done.stderr
+    written = (tmp_path / "summary.txt").read_bytes()
+    assert written.startswith(b"\xff\xfe") and written.count(b"\xff\xfe") == 1
+    assert "compatible" in written.decode("utf-16")
+
+
+def test_debris_of_an_older_version_under_a_long_name_is_cleaned(tmp_path):
+    """Names of 101 to about 230 bytes are shortened in hidden siblings now: the staging folder an older version
+    left (under the whole name) stayed, and an output a crash left aside was not put back."""
+    from loramerge_cli import outputs
+
+    target = tmp_path / ("m" * 150)
+    staging = tmp_path / f".{target.name}.loramerge-999999999.x.tmp"
+    staging.mkdir()
+    aside = tmp_path / f".{target.name}.loramerge-999999998.old"
+    aside.mkdir()
+    outputs.clean_debris(target)
+    assert not staging.exists() and target.is_dir() and not aside.exists()
+
+
+def test_parquet_rows_python_cannot_hold_are_one_line(tmp_path):
+    """A timestamp past year 9999 (in a column no task reads) was an internal error (OverflowError)."""
+    pyarrow = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as parquet
+    from eval_fixtures import write_tasks_file
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.data import check_task_file
+
+    parquet.write_table(pyarrow.table({"premise": ["w1"], "label": [0],
+                                       "when": pyarrow.array([2**62], type=pyarrow.timestamp("us"))}),
+                        tmp_path / "v.parquet")
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {
+        "base_model": "base", "model_type": "sequence-classification",
+        "tasks": [{"name": "a", "data": {"validation": "v.parquet"}, "text": "premise", "label": "label"}]})
+    with pytest.raises(LoramergeError, match=r"v\.parquet: cannot read its rows \("):
+        check_task_file(spec)
+
+
+def test_an_image_a_listing_names_many_times_is_decoded_once_by_the_check(tmp_path, monkeypatch):
+    """The check decoded (and turned, and converted) every row's image: 3,000 rows naming one JPEG took twice
+    as long to check as before."""
+    import numpy as np
+
+    from loramerge_cli.evaluation import batches
+    from loramerge_cli.evaluation.data import check_task_file
+    from loramerge_cli.evaluation.task_types import image_classification
+
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "one.png")
+    (tmp_path / "v.jsonl").write_text('{"image": "one.png", "label": 0}\n' * 50)
+    image_classification._checked_file.cache_clear()
+    decoded = []
+    real = batches.decoded_image
+    monkeypatch.setattr(batches, "decoded_image", lambda *args, **kwargs: decoded.append(args) or real(*args,
+                                                                                                         **kwargs))
+    check_task_file(_image_spec(tmp_path, "v.jsonl"))
+    assert len(decoded) == 1

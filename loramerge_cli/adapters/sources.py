@@ -207,17 +207,26 @@ def _resolve_file(path: Path, allow_pickle: bool) -> LocalFiles:
 
 @contextmanager
 def hub_requests_time_out(seconds: float):
-    """Within it, a request of huggingface_hub's shared HTTP client that would wait forever gives up after
-    `seconds` (its metadata calls, `repo_info` first, name no timeout: a proxy that accepts the connection and
-    never answers held a Hub source until Ctrl-C); requests with a timeout of their own (downloads) keep it."""
+    """Within it, a request this thread makes through huggingface_hub's shared HTTP client and that would wait
+    forever gives up after `seconds` (its metadata calls, `repo_info` first, name no timeout: a proxy that accepts
+    the connection and never answers held a Hub source until Ctrl-C); requests with a timeout of their own
+    (downloads) keep it, and other threads' requests are left alone. A client without request hooks
+    (huggingface_hub before 1.0, on requests) is left as it is."""
+    import threading
+
     from huggingface_hub import get_session
 
+    hooks = getattr(get_session(), "event_hooks", None)
+    if not isinstance(hooks, dict) or not isinstance(hooks.get("request"), list):
+        yield
+        return
+    owner = threading.get_ident()
+
     def bound(request) -> None:
-        if not any(request.extensions.get("timeout", {}).values()):
+        if threading.get_ident() == owner and not any(request.extensions.get("timeout", {}).values()):
             request.extensions = {**request.extensions,
                                   "timeout": dict.fromkeys(("connect", "read", "write", "pool"), seconds)}
 
-    hooks = get_session().event_hooks
     hooks["request"].append(bound)
     try:
         yield

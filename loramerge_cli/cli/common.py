@@ -5,6 +5,7 @@ Nothing here imports torch: `loramerge --help` must answer in well under a secon
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import functools
@@ -384,9 +385,10 @@ class StandardOutput:
                 data = text.encode(encoding, getattr(stream, "errors", None) or "strict")
             except UnicodeEncodeError:  # an ASCII or Latin-1 stdout (PYTHONIOENCODING): what it cannot show is
                 data = text.encode(encoding, "backslashreplace")  # escaped, as Python's stderr does
-            try:
-                descriptor = stream.fileno() if os.name == "posix" else None
-            except (AttributeError, OSError, ValueError):  # a stream in memory (a test's capture)
+            try:  # (a codec that starts with a byte order mark is left to the stream: it writes the mark once)
+                descriptor = stream.fileno() if os.name == "posix" and codecs.lookup(encoding).name not in (
+                    "utf-8-sig", "utf-16", "utf-32") else None
+            except (AttributeError, OSError, ValueError, LookupError):  # a stream in memory (a test's capture)
                 descriptor = None
             if descriptor is None:
                 stream.write(data.decode(encoding, "surrogateescape"))

@@ -51,7 +51,7 @@ class Fitting:
         for cells in zip(*(list(column.cells) for column in columns)):
             yield Text(f"{headers[0]}: {cells[0]}" if headers[0] else str(cells[0]), style="bold")
             for header, cell in zip(headers[1:], cells[1:]):
-                yield Text(f"  {header}: ") + (cell if isinstance(cell, Text) else Text(str(cell)))
+                yield Text(f"  {header}: " if header else "  ") + (cell if isinstance(cell, Text) else Text(str(cell)))
         if self.table.caption:
             yield self.table.caption if isinstance(self.table.caption, Text) else Text(str(self.table.caption))
 

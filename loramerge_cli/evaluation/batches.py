@@ -148,11 +148,17 @@ class UnusableImage(ValueError):
     """An image loramerge cannot score, and why (one line)."""
 
 
-def decoded_image(value):
-    """The image at a path or in bytes, decoded, turned as its EXIF orientation says (as transformers'
-    `load_image` and datasets do: a phone's portrait photo is stored sideways) and in RGB. UnusableImage (one
-    line) for what cannot be used: no image PIL reads, one cut short, one past PIL's decompression-bomb guard,
-    and 16/32-bit or float pixels, which the RGB conversion would clip to white or black without a word."""
+def check_image(value) -> None:
+    """Decode the image at a path or in bytes: UnusableImage (one line) for what cannot be used: no image PIL
+    reads, one cut short, one past PIL's decompression-bomb guard, and 16/32-bit or float pixels, which the RGB
+    conversion would clip to white or black without a word."""
+    decoded_image(value, transform=False)
+
+
+def decoded_image(value, transform: bool = True):
+    """The image at a path or in bytes, checked as `check_image` says, turned as its EXIF orientation says (as
+    transformers' `load_image` and datasets do: a phone's portrait photo is stored sideways) and in RGB
+    (`transform`; else None)."""
     import io
     import warnings
 
@@ -166,7 +172,7 @@ def decoded_image(value):
                 if image.mode.startswith(WIDE_MODES):
                     raise UnusableImage(f"{image.mode} pixels (16/32-bit or float), which an RGB conversion "
                                         "clips; save it with 8-bit channels")
-                return ImageOps.exif_transpose(image).convert("RGB")
+                return ImageOps.exif_transpose(image).convert("RGB") if transform else None
     except Image.DecompressionBombError:
         raise UnusableImage(f"larger than PIL's decompression-bomb limit ({2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
                             "resize it") from None

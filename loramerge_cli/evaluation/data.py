@@ -163,7 +163,11 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
         repeated = [name for index, name in enumerate(table.column_names) if name in table.column_names[:index]]
         if repeated:  # (as in a CSV header or a JSON object: one of the two would be read without a word)
             raise task_file.error(where, f"{path}: column {repeated[0]!r} appears twice")
-        return table.to_pylist()
+        try:
+            return table.to_pylist()
+        except (pyarrow.ArrowException, OverflowError, ValueError) as error:  # a value Python has no type for (a
+            raise task_file.error(where, f"{path}: cannot read its rows ({first_line(error)})") from None  # date
+            # past year 9999)
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
 
 

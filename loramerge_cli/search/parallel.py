@@ -39,7 +39,9 @@ class ParallelFitness:
 
     def __init__(self, build, devices: list[str], start_timeout: float = 600.0):
         context = multiprocessing.get_context("spawn")
-        self.tasks, self.results = context.Queue(), context.Queue()
+        with signals_blocked():  # the queues' locks start multiprocessing's resource tracker: with SIGHUP blocked,
+            self.tasks, self.results = context.Queue(), context.Queue()  # as the workers (a closed terminal
+            # signals the whole group: the tracker died of it and its successor printed tracebacks)
         self.processes = [
             context.Process(target=_worker, args=(build, device, self.tasks, self.results, os.getpid()), daemon=True)
             for device in devices

@@ -3,6 +3,8 @@ as a folder tree `split/class_name/*.png`; a class head on the base."""
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 
 from loramerge_cli.evaluation.task_types.base import TaskType, named_task
@@ -21,6 +23,14 @@ def _index_names(names: list[str], count: int) -> bool:
     order (no `10` sorted before `2`)."""
     return all(name.isdecimal() and str(int(name)) == name and int(name) < count for name in names) and \
         sorted(names) == sorted(names, key=int)
+
+
+@functools.lru_cache(maxsize=4096)
+def _checked_file(path: str, size: int, mtime_ns: int) -> None:
+    """`check_image` of a file, once per path and version (an error is raised again: it is not cached)."""
+    from loramerge_cli.evaluation.batches import check_image
+
+    check_image(path)
 
 
 class ImageClassification(TaskType):
@@ -87,9 +97,13 @@ class ImageClassification(TaskType):
         else:
             named = value
         try:  # decoded before any model loads: a file that is no image, or is cut short (verify misses a short
-            from loramerge_cli.evaluation.batches import UnusableImage, decoded_image  # GIF or BMP), is found now
+            from loramerge_cli.evaluation.batches import UnusableImage, check_image  # GIF or BMP), is found now
 
-            decoded_image(value).close()
+            if isinstance(value, str):  # a listing may name one file many times: checked once
+                stat = os.stat(value)
+                _checked_file(value, stat.st_size, stat.st_mtime_ns)
+            else:
+                check_image(value)
         except ImportError:
             pass  # the missing pillow is reported by the extras check, in one line
         except UnusableImage as error:

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import signal
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The processes the tests start see Ctrl-C and hang-ups as a terminal's foreground job does, however pytest was
+# started (under nohup, or as a script's background job with SIGINT ignored): loramerge, as it should, leaves a
+# signal its parent ignores ignored, and the interrupt tests would then test nothing.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+if hasattr(signal, "SIGHUP"):
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

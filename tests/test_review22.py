@@ -100,7 +100,8 @@ def _merge_signalled(tmp_path, name: str, ignored: bool) -> subprocess.Completed
     number = getattr(signal, name)
     return subprocess.run([sys.executable, str(driver)], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(REPOSITORY), "HF_HUB_OFFLINE": "1"},
-                          preexec_fn=(lambda: signal.signal(number, signal.SIG_IGN)) if ignored else None)
+                          preexec_fn=lambda: signal.signal(number, signal.SIG_IGN if ignored else signal.SIG_DFL))
+    # (set either way: a test run under nohup, or from a script's background job, passes its ignored signals on)
 
 
 def test_a_hang_up_mid_work_is_handled_as_an_interrupt(tmp_path):

@@ -240,11 +240,11 @@ def render(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     from examples.bundled.build import DEFAULT_OUT
-    from examples.arguments import at_least, merger_list
+    from examples.arguments import at_least, merger_name
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT, help="bundled example folder (built if needed)")
-    parser.add_argument("--merger", type=merger_list, default="ta", help="merger of the candidates (default ta)")
+    parser.add_argument("--merger", type=merger_name, default="ta", help="merger of the candidates (default ta)")
     parser.add_argument("--candidates", type=at_least(1), default=8, help="candidates per pass (default 8)")
     parser.add_argument("--repeats", type=at_least(1), default=3,
                         help="timed runs per candidate and side; the fastest counts")

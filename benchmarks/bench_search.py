@@ -298,11 +298,11 @@ def render(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     from examples.bundled.build import DEFAULT_OUT
-    from examples.arguments import at_least, between, integer_list, merger_list
+    from examples.arguments import at_least, fraction, integer_list, merger_name
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT, help="bundled example folder (built if needed)")
-    parser.add_argument("--merger", type=merger_list, default="ta", help="merger (default ta)")
+    parser.add_argument("--merger", type=merger_name, default="ta", help="merger (default ta)")
     parser.add_argument("--lam", type=float, help="λ (default: the merger's)")
     parser.add_argument("--popsize", type=at_least(2), default=16)
     parser.add_argument("--generations", type=at_least(1), default=10)
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="generations the naive loop replays and times (default 0: all)")
     parser.add_argument("--x0", type=float, default=-1.0)
     parser.add_argument("--sigma0", type=float, default=0.5)
-    parser.add_argument("--max-prune", type=between(0, 1), default=0.2)
+    parser.add_argument("--max-prune", type=fraction, default=0.2)
     parser.add_argument("--seed", type=int, default=1, help="CMA-ES seed")
     parser.add_argument("--addscale", action="store_true", help="search λ too (one extra gene)")
     parser.add_argument("--val-limit", type=at_least(1), default=256, help="validation examples per task (default 256)")

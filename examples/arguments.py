@@ -4,32 +4,33 @@ before any model loads (a traceback after a minute of λ tuning was the alternat
 from __future__ import annotations
 
 import argparse
+import math
+
+LARGEST = 2**32 - 1  # the largest seed numpy (so CMA-ES) takes; no count the scripts take is larger
 
 
 def at_least(low: float, kind=int):
-    """A number of `kind` that is >= `low` (`--threads 0` would fail in torch, `--popsize 0` in the library)."""
+    """A finite number of `kind` that is >= `low` (`--threads 0` would fail in torch, `--popsize 0` in the
+    library)."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
                 from None
-        if not value >= low:
-            raise argparse.ArgumentTypeError(f"must be >= {low:g} (got {text})")
+        if not math.isfinite(value) or not low <= value <= LARGEST:
+            raise argparse.ArgumentTypeError(f"must be from {low:g} to {LARGEST} (got {text})")
         return value
 
     return parse
 
 
-def between(low: float, high: float):
-    """A number in [low, high] (a fraction: `--max-prune`)."""
-    def parse(text: str) -> float:
-        value = at_least(low, float)(text)
-        if value > high:
-            raise argparse.ArgumentTypeError(f"must be <= {high:g} (got {text})")
-        return value
-
-    return parse
+def fraction(text: str) -> float:
+    """A number in (0, 1] (`--max-prune`: 0 would prune nothing)."""
+    value = at_least(0, float)(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (got {text})")
+    return value
 
 
 def integer_list(text: str) -> str:
@@ -39,12 +40,15 @@ def integer_list(text: str) -> str:
     return text
 
 
-def names_of(allowed, what: str = "name"):
-    """Comma-separated names, each one of `allowed` (a string, as the scripts split it themselves)."""
+def names_of(allowed, what: str = "name", single: bool = False):
+    """Comma-separated names, each one of `allowed` (a string, as the scripts split it themselves; `single`: one
+    name)."""
     allowed = tuple(allowed)
 
     def parse(text: str) -> str:
-        unknown = [name for name in text.split(",") if name not in allowed]
+        if single and "," in text:
+            raise argparse.ArgumentTypeError(f"one {what} (got {text})")
+        unknown = [name for name in text.split(",") if name and name not in allowed]
         if unknown:
             raise argparse.ArgumentTypeError(f"unknown {what} {unknown[0]!r} (one of: {', '.join(allowed)})")
         return text
@@ -59,6 +63,13 @@ def merger_list(text: str) -> str:
     return names_of(merger_names(), "merger")(text)
 
 
+def merger_name(text: str) -> str:
+    """One merger name of loramerge's registry."""
+    from loramerge_cli.merging.registry import merger_names
+
+    return names_of(merger_names(), "merger", single=True)(text)
+
+
 def lambda_map(text: str) -> dict[str, float]:
     """`merger=λ,…` (empty: none)."""
     lambdas = {}
@@ -66,6 +77,8 @@ def lambda_map(text: str) -> dict[str, float]:
         name, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"{item!r}: expected merger=λ")
-        merger_list(name)
+        merger_name(name)
+        if name in lambdas:
+            raise argparse.ArgumentTypeError(f"{name}: given twice")
         lambdas[name] = at_least(0.0, float)(value)
     return lambdas

@@ -378,7 +378,7 @@ def test_class_folders_that_do_not_fill_the_head_are_refused_before_the_model_lo
     base = build_vit_classifier(tmp_path / "vit", num_labels=4)
     adapter = save_peft_adapter(base, tmp_path / "shapes", ["q_proj", "v_proj"], "ViTForImageClassification", None,
                                 seed=1, head_modules=["classifier"])
-    for name in ("1", "2", "3"):
+    for name in ("0", "1", "2", "3"):
         (tmp_path / "images" / name).mkdir(parents=True)
         Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "images" / name / "x.png")
     spec = write_tasks_file(tmp_path / "tasks.yaml", {"base_model": str(base), "model_type": "image-classification",
@@ -388,35 +388,46 @@ def test_class_folders_that_do_not_fill_the_head_are_refused_before_the_model_lo
         raise AssertionError("the base model was loaded")
 
     monkeypatch.setattr(engine, "load_base", no_model)
-    result = invoke_cli(["eval", "--tasks", spec, "--adapters", f"shapes={adapter}", "--threads", "1"])
-    assert result.exit_code == 1, result.output
-    assert "the classes are the task's 3 class folders in sorted order, but its head has 4 rows: set num_labels: " \
-           "4" in result.stderr
+    for index_named in (True, False):  # 0 … 2 of a 4-wide head number as they are named; 1 … 3 do not
+        ((tmp_path / "images" / "3") if index_named else (tmp_path / "images" / "0")).rename(tmp_path / "aside")
+        result = invoke_cli(["eval", "--tasks", spec, "--adapters", f"shapes={adapter}", "--threads", "1"])
+        assert result.exit_code == 1, result.output
+        if index_named:  # past the check: refused only by the model this test does not load
+            assert "the base model was loaded" in result.stderr
+        else:
+            assert "the classes are the task's 3 class folders in sorted order, but its head has 4 rows: set " \
+                   "num_labels: 4" in result.stderr
+        (tmp_path / "aside").rename(tmp_path / "images" / ("3" if index_named else "0"))
 
 
 # --- a hostile review of this session's own changes -------------------------------------------------------------
 
-def test_the_hub_timeout_bounds_this_thread_s_requests_only_and_needs_request_hooks(monkeypatch):
-    """The hook on huggingface_hub's shared client cut short another thread's request that asked to wait
-    (timeout=None); on a client without request hooks (huggingface_hub 0.x) every Hub source failed."""
+def test_the_hub_timeout_bounds_requests_to_the_hub_only_and_needs_request_hooks(monkeypatch):
+    """The hook on huggingface_hub's shared client cut short a request to another server that asked to wait
+    (timeout=None); on a client without request hooks (huggingface_hub 0.x) every Hub source failed. Requests to
+    the Hub from any thread are bounded: huggingface_hub's download threads ask for Xet tokens with no timeout."""
     from types import SimpleNamespace
+    from urllib.parse import urlsplit
 
     import huggingface_hub
-    from huggingface_hub import get_session
+    from huggingface_hub import constants, get_session
 
     from loramerge_cli.adapters.sources import hub_requests_time_out
 
-    def waiting_request():
-        return SimpleNamespace(extensions={"timeout": dict.fromkeys(("connect", "read", "write", "pool"))})
+    def waiting_request(host):
+        return SimpleNamespace(url=SimpleNamespace(host=host),
+                               extensions={"timeout": dict.fromkeys(("connect", "read", "write", "pool"))})
 
+    hub = urlsplit(constants.ENDPOINT).hostname
     with hub_requests_time_out(3):
         bound = get_session().event_hooks["request"][-1]
-        here, elsewhere = waiting_request(), waiting_request()
-        thread = threading.Thread(target=bound, args=(elsewhere,))
+        here, in_a_thread, elsewhere = waiting_request(hub), waiting_request(hub), waiting_request("example.org")
+        thread = threading.Thread(target=bound, args=(in_a_thread,))
         thread.start()
         thread.join()
         bound(here)
-    assert set(here.extensions["timeout"].values()) == {3}
+        bound(elsewhere)
+    assert set(here.extensions["timeout"].values()) == set(in_a_thread.extensions["timeout"].values()) == {3}
     assert set(elsewhere.extensions["timeout"].values()) == {None}
     monkeypatch.setattr(huggingface_hub, "get_session", lambda: SimpleNamespace(hooks={"response": []}))
     with hub_requests_time_out(3):
@@ -489,3 +500,10 @@ def test_an_image_a_listing_names_many_times_is_decoded_once_by_the_check(tmp_pa
                                                                                                          **kwargs))
     check_task_file(_image_spec(tmp_path, "v.jsonl"))
     assert len(decoded) == 1
+    from loramerge_cli.errors import LoramergeError
+
+    stat = (tmp_path / "one.png").stat()  # replaced by a broken file of the same size, its mtime kept (cp -p):
+    (tmp_path / "one.png").write_bytes(b"\0" * stat.st_size)  # checked again
+    os.utime(tmp_path / "one.png", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(LoramergeError, match="not an image PIL can read"):
+        check_task_file(_image_spec(tmp_path, "v.jsonl"))

@@ -207,23 +207,23 @@ def _resolve_file(path: Path, allow_pickle: bool) -> LocalFiles:
 
 @contextmanager
 def hub_requests_time_out(seconds: float):
-    """Within it, a request this thread makes through huggingface_hub's shared HTTP client and that would wait
-    forever gives up after `seconds` (its metadata calls, `repo_info` first, name no timeout: a proxy that accepts
-    the connection and never answers held a Hub source until Ctrl-C); requests with a timeout of their own
-    (downloads) keep it, and other threads' requests are left alone. A client without request hooks
-    (huggingface_hub before 1.0, on requests) is left as it is."""
-    import threading
+    """Within it, a request to the Hub's endpoint through huggingface_hub's shared HTTP client that would wait
+    forever gives up after `seconds` (its metadata calls, `repo_info` first, and the Xet token requests of its
+    download threads name no timeout: a proxy that accepts the connection and never answers held a Hub source
+    until Ctrl-C); requests with a timeout of their own (downloads) keep it, and requests to other hosts are left
+    alone. A client without request hooks (huggingface_hub before 1.0, on requests) is left as it is."""
+    from urllib.parse import urlsplit
 
-    from huggingface_hub import get_session
+    from huggingface_hub import constants, get_session
 
     hooks = getattr(get_session(), "event_hooks", None)
     if not isinstance(hooks, dict) or not isinstance(hooks.get("request"), list):
         yield
         return
-    owner = threading.get_ident()
+    hub = urlsplit(constants.ENDPOINT).hostname
 
     def bound(request) -> None:
-        if threading.get_ident() == owner and not any(request.extensions.get("timeout", {}).values()):
+        if getattr(request.url, "host", None) == hub and not any(request.extensions.get("timeout", {}).values()):
             request.extensions = {**request.extensions,
                                   "timeout": dict.fromkeys(("connect", "read", "write", "pool"), seconds)}
 

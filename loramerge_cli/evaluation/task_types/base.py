@@ -37,7 +37,8 @@ class TaskType:
         return None
 
     def folder_class_count(self, task) -> int | None:
-        """The classes a task whose classes are its folders has (None: the spec says them, or no folders)."""
+        """The classes a task whose classes are its folders has, where numbering them moves an index (None: the
+        spec says them, no folders, or folders named 0 … k−1)."""
         return None
 
     def read_input(self, row: dict, source: Path, task_file, task):

@@ -26,8 +26,9 @@ def _index_names(names: list[str], count: int) -> bool:
 
 
 @functools.lru_cache(maxsize=4096)
-def _checked_file(path: str, size: int, mtime_ns: int) -> None:
-    """`check_image` of a file, once per path and version (an error is raised again: it is not cached)."""
+def _checked_file(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> None:
+    """`check_image` of a file, once per path and version (its change time too: a copy that kept the mtime is
+    checked again; an error is raised again: it is not cached)."""
     from loramerge_cli.evaluation.batches import check_image
 
     check_image(path)
@@ -76,7 +77,10 @@ class ImageClassification(TaskType):
         if task.labels or task.num_labels is not None:
             return None
         splits = [Path(path) for path in task.data.values() if Path(path).is_dir()]
-        return len(set().union(*(class_folders(split) for split in splits))) if splits else None
+        names = sorted(set().union(*(class_folders(split) for split in splits)), key=lambda name: (len(name), name))
+        if not splits or names == [str(index) for index in range(len(names))]:  # 0 … k−1: their own indices
+            return None
+        return len(names)
 
     def read_input(self, row: dict, source: Path, task_file, task):
         column = task.image or "image"
@@ -101,7 +105,7 @@ class ImageClassification(TaskType):
 
             if isinstance(value, str):  # a listing may name one file many times: checked once
                 stat = os.stat(value)
-                _checked_file(value, stat.st_size, stat.st_mtime_ns)
+                _checked_file(value, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
             else:
                 check_image(value)
         except ImportError:

@@ -28,7 +28,7 @@ def main() -> None:
     except KeyboardInterrupt:
         _exit_interrupted()
     except SystemExit as exit:
-        if exit.code in (129, 130, 143):
+        if exit.code in {128 + number for number in interrupts.SIGNALS}:  # (an interrupt click reported)
             _exit_interrupted()
         code = exit.code
     try:

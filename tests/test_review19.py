@@ -471,9 +471,16 @@ def bare_tokenizer(folder) -> None:
                             model_max_length=64).save_pretrained(str(folder))
 
 
-def test_an_input_with_no_tokens_is_refused_not_scored_from_a_pad_position(tmp_path):
+def test_an_input_with_no_tokens_is_refused_not_scored_from_a_pad_position(tmp_path, monkeypatch):
     """With a tokenizer that adds no BOS, an empty causal-LM prompt had its first choice token scored from the
-    logits at position −1 (the padded row's end), and an empty text was classified from a pad position."""
+    logits at position −1 (the padded row's end), and an empty text was classified from a pad position. Both are
+    refused before the model loads (they were once it had loaded)."""
+    from loramerge_cli.evaluation import engine
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the inputs were checked")
+
+    monkeypatch.setattr(engine, "load_base", no_model)
     from eval_fixtures import build_gpt2_lm, build_llama_classifier, save_peft_adapter, write_jsonl, write_tasks_file
 
     from loramerge_cli.adapters.peft_reader import load_adapters
@@ -491,7 +498,7 @@ def test_an_input_with_no_tokens_is_refused_not_scored_from_a_pad_position(tmp_p
         bare_tokenizer(base)
         adapter = save_peft_adapter(base, root / "a", targets, model_class, peft_type, seed=1,
                                     fan_in_fan_out=model_type == "causal-lm")
-        rows = [{"q": "w1 w2", **label}, {"q": "", **label}]
+        rows = [{"q": "w1 w2", **label}, {"q": " ", **label}]  # whitespace: no token either
         tasks = write_tasks_file(root / "tasks.yaml", {"base_model": str(base), "model_type": model_type, "tasks": [
             {"name": "a", "data": {"validation": str(write_jsonl(root / "v.jsonl", rows))}, **fields}]})
         with pytest.raises(LoramergeError, match=f"task a: 1 example\\(s\\) have no tokens \\({words}"):

@@ -71,9 +71,13 @@ def _longest_first(lengths: list[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
 
 
-def _refuse_empty(lengths: list[int], what: str, why: str) -> None:
-    """An example whose input has no tokens at all (empty text, and a tokenizer that adds none) is refused."""
-    empty = [index for index, length in enumerate(lengths) if length == 0]
+def refuse_empty(inputs: list[tuple[str, ...]], tokenizer, what: str, why: str) -> None:
+    """An example whose input has no tokens at all (empty text, and a tokenizer that adds none) is refused; the
+    engine asks before the model loads. Only a tokenizer that gives an empty text no token can give an input none,
+    so the others tokenise nothing here."""
+    if not inputs or tokenizer(*[""] * len(inputs[0]), verbose=False)["input_ids"]:
+        return
+    empty = [index for index, texts in enumerate(inputs) if not tokenizer(*texts, verbose=False)["input_ids"]]
     if empty:
         raise LoramergeError(f"{len(empty)} example(s) have no tokens (an empty {what}, and the tokenizer adds no "
                              f"special token), so {why}: fill in their {what}, or leave them out (the first: example "
@@ -87,7 +91,6 @@ def prepare_text(
     """Single texts or text pairs, tokenised with the tokenizer's own (pair) template; every per-token
     output the model's forward `accepted` (token_type_ids for BERT) goes with the ids."""
     encoded = [_encoding(tokenizer(*texts, truncation=True, max_length=max_length), accepted) for texts in inputs]
-    _refuse_empty([len(e["input_ids"]) for e in encoded], "text", "the model would classify a pad token")
     batches = []
     for chunk in _chunks(_longest_first([len(e["input_ids"]) for e in encoded]), batch_size):
         batches.append(Batch(torch.tensor(chunk), _padded([encoded[i] for i in chunk], pad_id, device)))
@@ -116,8 +119,6 @@ def prepare_choices(
     choice_encodings = encode_choices(choices, tokenizer, max_length, accepted)
     contexts = [_encoding(tokenizer(prompt, verbose=False), accepted) for prompt in prompts]  # (left-truncated
     # below: the tokenizer's "longer than the maximum" warning would be noise, on stderr under --json too)
-    _refuse_empty([len(context["input_ids"]) for context in contexts], "prompt",
-                  "a choice's first token would be scored with no context")
     sequences, lengths = [], []
     for context in contexts:
         for encoding in choice_encodings:

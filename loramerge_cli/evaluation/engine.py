@@ -133,7 +133,7 @@ class Evaluator:
         num_labels = self._num_labels()
         self._check_label_range(num_labels)  # before the model loads: the base's config says its width
         preprocessor = load_preprocessor(self.base, task_file.type)
-        self._check_token_caps(preprocessor)  # before the weights load: a wrong cap is a one-line error at once
+        self._check_inputs(preprocessor)  # before the weights load: a wrong cap is a one-line error at once
         self._placement = {"parked": False}  # shared with this engine's views (copies), as the model is
         self._model = load_base(self.base, task_file.type, self.device, self.dtype, num_labels)
         self.modules = dict(self.model.named_modules())
@@ -209,9 +209,11 @@ class Evaluator:
                         f"{task.where}.masked_labels", f"label {masked} is out of range 0..{classes - 1}"
                     )
 
-    def _check_token_caps(self, preprocessor) -> None:
-        """Each tokenised task's token cap against the model's positions and the tokenizer's special tokens, and
-        its choices' tokens, from the base's config alone."""
+    def _check_inputs(self, preprocessor) -> None:
+        """Each task's inputs (its task type's check), and each tokenised task's token cap against the model's
+        positions and the tokenizer's special tokens, and its choices' tokens, from the base's config alone."""
+        for task in self.task_file.tasks:
+            self.task_file.type.check_inputs(self.examples[task.name].inputs, task, preprocessor)
         if self.task_file.type.preprocessor_class != "AutoTokenizer":
             return
         from loramerge_cli.evaluation.batches import encode_choices

@@ -50,6 +50,13 @@ class CausalLM(TaskType):
     def label_names(self, task) -> list[str] | None:
         return task.labels or task.choices
 
+    def check_inputs(self, inputs, task, preprocessor) -> None:
+        from loramerge_cli.evaluation.batches import refuse_empty
+
+        with named_task(task):
+            refuse_empty([(prompt,) for prompt in inputs], preprocessor, "prompt",
+                         "a choice's first token would be scored with no context")
+
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):
         from loramerge_cli.evaluation.batches import prepare_choices
 

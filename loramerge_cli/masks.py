@@ -15,7 +15,7 @@ from pathlib import Path
 from loramerge_cli.adapters.model import Adapter, content_sha256
 from loramerge_cli.adapters.units import sorted_units, unit_of
 from loramerge_cli.atomic import write_text
-from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.errors import LoramergeError, UsageError, first_line
 
 FORMAT = "loramerge.mask/v1"
 
@@ -121,8 +121,19 @@ def parse_indices(text: str) -> list[int]:
     return values
 
 
+STANDARD_INPUT = "-"  # the Unix spelling of standard input: `search-mask --json ... | merge --mask -`
+
+
 def load_table(path: str | Path) -> WeightTable:
-    """Read and structurally validate a weight-table JSON file."""
+    """Read and structurally validate a weight-table JSON file (`-`: standard input)."""
+    if str(path) == STANDARD_INPUT:
+        import sys
+
+        try:
+            text = sys.stdin.buffer.read().decode("utf-8")
+        except (OSError, ValueError, AttributeError) as error:  # closed, not a byte stream, not UTF-8
+            raise LoramergeError(f"standard input: not a readable JSON mask ({first_line(error)})") from None
+        return table_from_text(text, "standard input")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -65,9 +65,12 @@ def relative_path(path: str | Path, folder: str | Path) -> str:
     return os.path.relpath(os.path.realpath(target), os.path.realpath(start))
 
 
+DEVICE_FOLDERS = ("/dev/", "/proc/")  # /dev/stdin, /proc/self/fd/3 (bash's <(...)): the same path everywhere
+
+
 def portable_path(path: str, folder: str | Path) -> str:
-    """An absolute local path rewritten relative to `folder`; anything else unchanged."""
-    if not os.path.isabs(path):
+    """An absolute local path rewritten relative to `folder`; a device's (/dev/stdin) and anything else unchanged."""
+    if not os.path.isabs(path) or path.startswith(DEVICE_FOLDERS):
         return path
     return relative_path(path, folder)
 

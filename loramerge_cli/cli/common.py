@@ -226,7 +226,7 @@ def _absolute_paths(ctx: typer.Context, arguments: list[str]) -> list[str]:
                if opt.startswith("--")}
 
     def absolute(value: str, option) -> str:
-        if option is None or os.path.isabs(value):
+        if option is None or os.path.isabs(value) or value == "-":  # `-`: standard input (--mask -)
             return value
         if option.name in SOURCE_KEYS:
             head, sep, tail = value.partition("=")

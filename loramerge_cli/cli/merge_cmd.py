@@ -45,7 +45,7 @@ EPILOG = examples_epilog(
     "loramerge merge --config merged/loramerge.yaml --out again/          # rebuild a merge bit for bit",
     "loramerge merge --adapters a/ b/ --merger ties --out merged/ --push-to-hub me/merged --private --dry-run",
 )
-MASK_HELP = "Weight table JSON (loramerge.mask/v1)."
+MASK_HELP = "Weight table JSON (loramerge.mask/v1); - reads it from standard input (search-mask --json | ...)."
 INDICES_HELP = 'Pruned flat indices "[i, ...]", i = unit·T + task (the ENMP reference\'s --mask).'
 
 

@@ -1,0 +1,69 @@
+"""Review of session 23: each test failed before its fix."""
+
+import json
+import subprocess
+import sys
+
+from factories import write_task_folders
+
+
+def _cli(args, cwd, stdin=None):
+    return subprocess.run([sys.executable, "-m", "loramerge_cli", *map(str, args)], cwd=cwd, input=stdin,
+                          capture_output=True, timeout=300, check=False)
+
+
+def _table(folders) -> dict:
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.adapters.units import sorted_units, unit_of
+
+    adapters = load_adapters([f"{name}={folder}" for name, folder in folders.items()])
+    units = sorted_units({unit_of(path) for path in adapters[0].modules} - {None})
+    weights = [[float((t + u) % 2) for u in range(len(units))] for t in range(len(adapters))]
+    return {"format": "loramerge.mask/v1", "tasks": list(folders), "units": units, "weights": weights}
+
+
+def test_a_table_is_read_from_standard_input_with_mask_dash(tmp_path):
+    """`--mask -` (a pipe from `search-mask --json`) was "mask file not found"; `--mask /dev/stdin` recorded
+    `--mask ../../../dev/stdin` in the output's command. Both now read the same table as the file, and the
+    recorded command names what was given."""
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    table = json.dumps(_table(folders)).encode()
+    (tmp_path / "t.json").write_bytes(table)
+    sources = ["--adapters", *(f"{name}={folder}" for name, folder in folders.items())]
+    from_file = _cli(["merge", *sources, "--mask", "t.json", "--out", "file", "--json"], tmp_path)
+    assert from_file.returncode == 0, from_file.stderr
+    for given, out in (("-", "dash"), ("/dev/stdin", "device")):
+        piped = _cli(["merge", *sources, "--mask", given, "--out", out, "--json"], tmp_path, stdin=table)
+        assert piped.returncode == 0, piped.stderr
+        assert (tmp_path / out / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / "file" / "adapter_model.safetensors").read_bytes()
+        assert json.loads((tmp_path / out / "mask.json").read_text())["weights"] == _table(folders)["weights"]
+        command = json.loads((tmp_path / out / "loramerge.json").read_text())["command"]
+        assert f" --mask {given} " in command, command
+    pruned = _cli(["apply-mask", *sources, "--mask", "-", "--out", "pruned", "--json"], tmp_path, stdin=table)
+    assert pruned.returncode == 0, pruned.stderr
+    assert sorted(path.name for path in (tmp_path / "pruned").iterdir() if path.is_dir()) == ["a", "b"]
+    for bad, words in ((b"{", "Expecting property name"), (b"\xff", "can't decode byte 0xff")):
+        refused = _cli(["merge", *sources, "--mask", "-", "--out", "bad"], tmp_path, stdin=bad)
+        assert refused.returncode == 1
+        lines = refused.stderr.decode().strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: standard input: not a readable JSON mask") \
+            and words in lines[0], lines
+        assert not (tmp_path / "bad").exists()
+
+
+def test_a_recipe_keeps_dash_as_a_standard_stream(tmp_path):
+    """A recipe's `mask: "-"` was read as a file named '-' beside the recipe, and `out: "-"` wrote a folder
+    named '-' there (`--out -` on the command line is refused as standard output)."""
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    table = json.dumps(_table(folders)).encode()
+    adapters = "".join(f"  {name}: {folder}\n" for name, folder in folders.items())
+    (tmp_path / "recipe").mkdir()
+    (tmp_path / "recipe" / "r.yaml").write_text(f"adapters:\n{adapters}mask: \"-\"\nmerger: ta\n")
+    merged = _cli(["merge", "--config", "recipe/r.yaml", "--out", "merged", "--json"], tmp_path, stdin=table)
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads((tmp_path / "merged" / "mask.json").read_text())["weights"] == _table(folders)["weights"]
+    (tmp_path / "recipe" / "out.yaml").write_text(f"adapters:\n{adapters}merger: ta\nout: \"-\"\n")
+    refused = _cli(["merge", "--config", "recipe/out.yaml"], tmp_path)
+    assert refused.returncode == 2 and b"never standard output" in refused.stderr, refused.stderr
+    assert not (tmp_path / "recipe" / "-").exists()

@@ -67,3 +67,16 @@ def test_a_recipe_keeps_dash_as_a_standard_stream(tmp_path):
     refused = _cli(["merge", "--config", "recipe/out.yaml"], tmp_path)
     assert refused.returncode == 2 and b"never standard output" in refused.stderr, refused.stderr
     assert not (tmp_path / "recipe" / "-").exists()
+
+
+def test_the_fitness_plot_steps_up_at_each_table_that_beat_the_best():
+    """The surrogate search's screen is one history record: `--plot` drew "best so far" as one dot at its last
+    evaluation, not the step at the evaluation that found the best table."""
+    from loramerge_cli.search.plots import fitness_figure
+
+    history = [{"generation": 0, "scores": [0.0, -6.25, 6.25, 0.0], "best_fitness": 6.25, "full_evaluations": 4},
+               {"generation": 1, "scores": [1.0, 7.5, 3.0], "best_fitness": 7.5, "full_evaluations": 7}]
+    figure = fitness_figure(history, "ta")
+    line = next(line for line in figure.axes[0].lines if line.get_label() == "best so far")
+    assert list(line.get_xdata()) == [0, 3, 6, 7] and list(line.get_ydata()) == [0.0, 6.25, 7.5, 7.5]
+    assert line.get_drawstyle() == "steps-post"

@@ -60,9 +60,16 @@ def fitness_figure(history: list[dict], title: str):
         spent = [(record["full_evaluations"] - len(record["scores"]) + 1 + index, score)
                  for record in history for index, score in enumerate(record["scores"])]
         axis.scatter([x for x, _ in spent], [y for _, y in spent], s=6, alpha=0.5, color="grey", label="each table")
-    steps = [record.get(kind) for record in history]
+    steps, bests = [record.get(kind) for record in history], [record["best_fitness"] for record in history]
     axis.axhline(0.0, color="grey", linewidth=1, linestyle="--", label="unpruned merge")
-    axis.plot(steps, [record["best_fitness"] for record in history], marker="o", markersize=4, label="best so far")
+    if kind == "full_evaluations":  # a step per table that beat the best so far (the screen is one record)
+        rises = best_so_far(spent, history)
+        last = max([evaluation for evaluation, _ in spent] + [step for step in steps if step is not None], default=0)
+        line = [(0, 0.0), *rises, (last, rises[-1][1] if rises else 0.0)]
+        axis.plot([x for x, _ in line], [y for _, y in line], drawstyle="steps-post", label="best so far")
+        axis.scatter([x for x, _ in rises], [y for _, y in rises], s=14, zorder=3, color=axis.lines[-1].get_color())
+    else:
+        axis.plot(steps, bests, marker="o", markersize=4, label="best so far")
     if history and "mean_fitness" in history[0]:
         axis.plot(steps, [record["mean_fitness"] for record in history], marker=".", alpha=0.7,
                   label="population mean")
@@ -74,6 +81,19 @@ def fitness_figure(history: list[dict], title: str):
     axis.legend(fontsize=8)
     figure.tight_layout()
     return figure
+
+
+def best_so_far(spent: list[tuple[int, float]], history: list[dict]) -> list[tuple[int, float]]:
+    """(evaluation, best fitness) at each evaluation whose table beat the best so far, the unpruned merge's 0
+    counting as the start; a record's own best counts at its last evaluation."""
+    ends = {record["full_evaluations"]: record["best_fitness"] for record in history}
+    rises, best = [], 0.0
+    for evaluation, score in spent:
+        score = max(score, ends.get(evaluation, score))
+        if score > best:
+            best = score
+            rises.append((evaluation, best))
+    return rises
 
 
 def mask_figure(table, title: str):

@@ -123,6 +123,23 @@ def input_files(adapter_args: Iterable[str] = (), *paths: str | Path | None) -> 
     return found
 
 
+def base_model_folders(names: Iterable) -> list[Path]:
+    """The folders of the base models `names` name (adapters' configs, --base): a local folder, or a Hub id's
+    repository in the local cache. A command reads the base (its config for the model card, its weights to
+    evaluate) and writes no output into or over it."""
+    from loramerge_cli.adapters.card import is_repo_id
+    from loramerge_cli.adapters.sources import cached_repo_folder
+
+    folders = []
+    for name in dict.fromkeys(str(name) for name in names if name):
+        local = Path(name).expanduser()
+        if local.is_dir():
+            folders.append(local)
+        elif is_repo_id(name.partition("@")[0]) and cached_repo_folder(name) is not None:
+            folders.append(cached_repo_folder(name))
+    return folders
+
+
 def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
                 allow_pickle: bool = False) -> tuple[list[Path], list[Path]]:
     """(files, folders) a command that evaluates reads, found without loading a model: adapter weights and
@@ -130,8 +147,7 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
     its data and head files and data folders; a local base model's files and folder (`base`, else the spec's
     base_model, else the adapters' one base). Files are what a resume hashes; both are what no output may
     go over or into."""
-    from loramerge_cli.adapters.card import is_repo_id
-    from loramerge_cli.adapters.sources import cached_repo_folder, hub_repo_folder, resolve, split_name
+    from loramerge_cli.adapters.sources import hub_repo_folder, resolve, split_name
     from loramerge_cli.evaluation.specs import load_task_file
 
     files: list[Path] = []
@@ -161,9 +177,7 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
     base = base or (task_file.base_model if task_file else None) or (bases.pop() if len(bases) == 1 else None)
     if base and Path(base).expanduser().is_dir():
         files += _files(Path(base).expanduser())
-        folders.append(Path(base).expanduser())
-    elif base and is_repo_id(base.partition("@")[0]) and cached_repo_folder(base) is not None:
-        folders.append(cached_repo_folder(base))  # a Hub base in the cache: no output goes into it
+    folders += base_model_folders([base, *bases])  # a Hub base in the cache too: no output goes into it
     return list(dict.fromkeys(files)), list(dict.fromkeys(folders))
 
 

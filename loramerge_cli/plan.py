@@ -262,7 +262,7 @@ def plan_merge(
     data = data or tuning
     spec_inputs = task_inputs(adapters, data, tuning)
     if out is not None:
-        check_output_dir(out, force, adapter_files(adapters) + spec_inputs + table_files(table))
+        check_output_dir(out, force, adapter_files(adapters, base) + spec_inputs + table_files(table))
     check_head(adapters, head)
     if table is not None:  # matched to the adapters by task name, as merge --mask does; errors name its file
         table = align_table(table, adapters)
@@ -417,7 +417,7 @@ def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, 
         raise UsageError(f"apply-mask needs a WeightTable (api.load_table, api.weight_table), not {table!r}")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    check_output_dir(out, force, adapter_files(adapters) + table_files(table))
+    check_output_dir(out, force, adapter_files(adapters, base) + table_files(table))
     check_task_folder_names(adapters)  # each task's folder sits beside the table and the recipe
     table = align_table(table, adapters)
     check_table(table, adapters, origin=table.origin or "mask")

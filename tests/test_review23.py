@@ -80,3 +80,39 @@ def test_the_fitness_plot_steps_up_at_each_table_that_beat_the_best():
     line = next(line for line in figure.axes[0].lines if line.get_label() == "best so far")
     assert list(line.get_xdata()) == [0, 3, 6, 7] and list(line.get_ydata()) == [0.0, 6.25, 7.5, 7.5]
     assert line.get_drawstyle() == "steps-post"
+
+
+def _name_base(folders, base: str) -> None:
+    for folder in folders.values():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": base}))
+
+
+def test_no_output_goes_into_a_base_model_without_tasks(tmp_path, hub_cache):
+    """`merge` and `apply-mask` protected the base model's folder (local, or a Hub base's cached repository) only
+    when a task spec was read: `--out base/merged` wrote into the base named by --base or the adapters' configs."""
+    from factories import invoke_cli
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    (tmp_path / "table.json").write_text(json.dumps(_table(folders)))
+    sources = ["--adapters", *(f"{name}={folder}" for name, folder in folders.items())]
+    local, other = tmp_path / "base", tmp_path / "other_base"
+    for folder in (local, other):
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+    hub_base = hub_cache.parent / "models--org--base" / "snapshots" / ("c" * 40)
+    hub_base.mkdir(parents=True)
+    (hub_base / "config.json").write_text("{}")
+    for named, into in ((str(local), local / "merged"), ("org/base", hub_base / "merged"),
+                        ("org/base", hub_base.parent.parent / "merged")):
+        _name_base(folders, named)
+        for command in (["merge", *sources, "--merger", "ta"],
+                        ["apply-mask", *sources, "--mask", tmp_path / "table.json"]):
+            result = invoke_cli([*command, "--out", into])
+            assert result.exit_code == 1 and "input" in result.stderr, (command, into, result.stderr)
+            assert len(result.stderr.strip().splitlines()) == 1 and not into.exists()
+    _name_base(folders, str(local))
+    given = invoke_cli(["merge", *sources, "--merger", "ta", "--base", other, "--out", other / "merged"])
+    assert given.exit_code == 1 and "input" in given.stderr and not (other / "merged").exists(), given.stderr
+    beside = invoke_cli(["merge", *sources, "--merger", "ta", "--base", other, "--out", tmp_path / "merged"])
+    assert beside.exit_code == 0, beside.stderr

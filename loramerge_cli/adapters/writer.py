@@ -67,16 +67,19 @@ def check_output_dir(out_dir: str | Path, force: bool = False, inputs=()) -> Pat
     return guard_output(out_dir, inputs=inputs, force=force, kind="folder")
 
 
-def adapter_files(adapters: list[Adapter]) -> list[str]:
-    """The files the adapters were read from, and the folder of each adapter read as a folder (local or a
-    Hub snapshot): an output must never replace or hold one, nor lie inside such a folder."""
+def adapter_files(adapters: list[Adapter], base: str | os.PathLike | None = None) -> list[str]:
+    """The files the adapters were read from, the folder of each adapter read as a folder (local or a Hub
+    snapshot), and the folders of the base models their configs (and `base`, --base) name: an output must never
+    replace or hold one, nor lie inside such a folder."""
+    from loramerge_cli.outputs import base_model_folders
+
     files = [path for a in adapters for path in (a.source.weights_file, a.source.config_file) if path]
     folders = [str(Path(a.source.weights_file).parent) for a in adapters if a.source.kind in ("dir", "hub")]
     for adapter in adapters:  # a Hub input's whole cached repository: its blobs hold the bytes, its refs name them
         repository = hub_repo_folder(adapter.source.weights_file) if adapter.source.kind == "hub" else None
         if repository is not None:
             folders.append(str(repository))
-    return files + folders
+    return files + folders + [str(folder) for folder in base_model_folders([base, *(a.base_model for a in adapters)])]
 
 
 def lora_config(
@@ -244,8 +247,9 @@ def _common(values: list):
 
 
 def table_files(table) -> list[Path]:
-    """The file a weight table was read from (an input, like the adapters' files), if it was read from one."""
-    return [Path(table.origin)] if table is not None and table.origin else []
+    """The file a weight table was read from (an input, like the adapters' files), if it was read from one (not
+    from standard input)."""
+    return [Path(table.origin)] if table is not None and table.origin and Path(table.origin).exists() else []
 
 
 def write_merged_adapter(
@@ -273,7 +277,7 @@ def write_merged_adapter(
     out_dtype = output_dtype(adapters, dtype)
     head = default_head(adapters, head)
     head_adapter = check_head(adapters, head)
-    check_output_dir(out_dir, force, adapter_files(adapters) + table_files(table))
+    check_output_dir(out_dir, force, adapter_files(adapters, base_model) + table_files(table))
     modules = {path: module for path, module in result.modules.items() if module.rank > 0}
     check_head_holds_no_update(adapters, head, modules)
     if not modules or result.settings.lam == 0:  # λ = 0 scales every module to zero
@@ -310,7 +314,7 @@ def write_merged_adapter(
         revision=_common([a.config.get("revision") for a in adapters]) if base == inputs_base else None,
         auto_mapping=_common_mapping(adapters),
     )
-    inputs = adapter_files(adapters) + table_files(table)
+    inputs = adapter_files(adapters, base_model) + table_files(table)
     table = portable_table(table, out_dir, adapters)  # (as the folder holds it)
     provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table, base)
     provenance.update(extra_provenance or {})

@@ -70,7 +70,7 @@ def build(out_dir: str | Path) -> Path:
     """Write the base model and the three adapters under `out_dir`; returns it."""
     import torch
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # the adapters name their base by it (a relative `tiny/base` reads as a Hub id)
     base_dir = out_dir / "base"
     torch.set_num_threads(1)
     build_base().save_pretrained(str(base_dir))

@@ -116,3 +116,17 @@ def test_no_output_goes_into_a_base_model_without_tasks(tmp_path, hub_cache):
     assert given.exit_code == 1 and "input" in given.stderr and not (other / "merged").exists(), given.stderr
     beside = invoke_cli(["merge", *sources, "--merger", "ta", "--base", other, "--out", tmp_path / "merged"])
     assert beside.exit_code == 0, beside.stderr
+
+
+def test_a_base_folder_spelt_as_a_hub_id_is_warned_before_a_push(tmp_path, monkeypatch):
+    """An adapter naming its base `models/base` (a folder here, relative) was pushed naming the Hub repository
+    models/base, with no warning: the dry run warned only about absolute or ./ paths."""
+    from loramerge_cli.hub import local_paths_warnings
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "models/base"}))
+    assert any("models/base is a folder here, and spelt as a Hub id" in line for line in local_paths_warnings("out"))
+    (tmp_path / "out" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
+    assert local_paths_warnings("out") == []

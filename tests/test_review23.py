@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from factories import write_task_folders
 
 
@@ -130,3 +132,55 @@ def test_a_base_folder_spelt_as_a_hub_id_is_warned_before_a_push(tmp_path, monke
     assert any("models/base is a folder here, and spelt as a Hub id" in line for line in local_paths_warnings("out"))
     (tmp_path / "out" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "org/base"}))
     assert local_paths_warnings("out") == []
+
+
+def test_a_ray_address_that_is_no_ray_cluster_is_refused_in_seconds(tmp_path, capfd):
+    """`--ray-address HOST:PORT` where a web server (or a silent one) listens passed the check, which only opened a
+    connection: the model loaded, then ray.init retried for about 14 minutes with Ray's log lines on stderr, also
+    under --json. `:6379` printed Ray's traceback before the error line."""
+    import http.server
+    import socket
+    import threading
+    import time
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.search.ray_backend import probe
+
+    web = http.server.HTTPServer(("0.0.0.0", 0), http.server.SimpleHTTPRequestHandler)  # ray reads 127.0.0.1
+    silent = socket.create_server(("0.0.0.0", 0))  # as the node's address: listen on every interface
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        for server, port in ((web, web.server_address[1]), (silent, silent.getsockname()[1])):
+            started = time.monotonic()
+            with pytest.raises(LoramergeError, match="accepts connections but does not answer as Ray's GCS"):
+                probe(f"127.0.0.1:{port}", timeout=2.0)
+            assert time.monotonic() - started < 30
+    finally:
+        web.shutdown()
+        silent.close()
+    capfd.readouterr()
+    with pytest.raises(LoramergeError, match="cannot connect to the Ray cluster at :6379"):
+        probe(":6379")
+    assert capfd.readouterr().err == ""
+
+
+def test_a_resume_compares_adapters_by_task_name_and_says_what_was_not_given(tmp_path):
+    """`--resume --adapters a/alpha` was refused against the saved `alpha=a/alpha` (the same task and source), and
+    a flag the saved run had not given read "but the saved run used None"."""
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.search.rundir import normal_flags, resumed_flags, write_config
+
+    folders = write_task_folders(tmp_path / "inputs", names=("alpha", "beta"))
+    named = [f"{name}={folder}" for name, folder in folders.items()]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    write_config(run_dir, {}, normal_flags({"adapters": named, "target_modules": None, "seed": 1}), {})
+    plain = [str(folder) for folder in folders.values()]
+    merged = resumed_flags(run_dir, {"adapters": plain}, {"adapters": plain, "target_modules": None, "seed": 1})
+    assert merged["adapters"] == normal_flags({"adapters": named})["adapters"]
+    swapped = [f"beta={folders['alpha']}", f"alpha={folders['beta']}"]  # names swapped: another search
+    with pytest.raises(LoramergeError, match="--adapters is beta="):
+        resumed_flags(run_dir, {"adapters": swapped}, {"adapters": swapped, "target_modules": None, "seed": 1})
+    with pytest.raises(LoramergeError, match="--target-modules is q_proj but the saved run did not give it"):
+        resumed_flags(run_dir, {"target_modules": "q_proj"}, {"adapters": named, "target_modules": "q_proj",
+                                                             "seed": 1})

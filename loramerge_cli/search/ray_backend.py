@@ -81,9 +81,10 @@ def _environment(**defaults: str):
 
 
 def probe(address: str, timeout: float = 5.0) -> None:
-    """Refuse, in seconds and before any model loads, a cluster address nothing answers at: "auto" with no
-    cluster started on this machine, or a HOST:PORT that accepts no connection (ray.init would retry for
-    minutes). Ray client addresses (ray://) are left to ray.init."""
+    """Refuse, in seconds and before any model loads, a cluster address no Ray cluster answers at: "auto" with
+    no cluster started on this machine, a HOST:PORT that accepts no connection, or one whose server does not
+    speak gRPC, as Ray's GCS does (a web server, a proxy's error page): ray.init would retry for minutes, its
+    log lines on stderr. Ray client addresses (ray://) are left to ray.init."""
     import socket
 
     if address.startswith("ray://"):
@@ -92,11 +93,46 @@ def probe(address: str, timeout: float = 5.0) -> None:
     from ray._private.services import canonicalize_bootstrap_address
 
     try:
-        resolved = canonicalize_bootstrap_address(address) or address
+        with _ray_log_silenced("ray._private.services"):  # it logs a traceback before raising (":6379")
+            resolved = canonicalize_bootstrap_address(address) or address
         host, _, port = resolved.rpartition(":")
-        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout) as connection:
+            speaks = _speaks_http2(connection)
     except (ConnectionError, OSError, ValueError) as error:
         raise LoramergeError(f"cannot connect to the Ray cluster at {address} ({_first_line(error)})") from None
+    if not speaks:
+        raise LoramergeError(f"cannot connect to the Ray cluster at {address} (the port accepts connections but does "
+                             "not answer as Ray's GCS does, with gRPC: is it the cluster's GCS port, 6379 by default?)")
+
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame
+
+
+def _speaks_http2(connection) -> bool:
+    """Whether the server at the other end answers an HTTP/2 (gRPC) client's preface with the server's own: a
+    SETTINGS frame on stream 0 (RFC 9113, 3.4). A web server answers HTTP/1 ("HTTP/1.0 400") or hangs up."""
+    connection.sendall(HTTP2_PREFACE)
+    header = b""
+    try:
+        while len(header) < 9:
+            chunk = connection.recv(9 - len(header))
+            if not chunk:
+                return False
+            header += chunk
+    except TimeoutError:  # (socket.timeout) it accepted and says nothing
+        return False
+    return header[3] == 4 and header[5:9] == bytes(4)
+
+
+@contextmanager
+def _ray_log_silenced(name: str):
+    """Ray's logger `name` quiet while the block runs (its errors reach the user as loramerge's one line)."""
+    logger = logging.getLogger(name)
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def slots(device: str, threads: int | None, address: str | None = None) -> list[str]:

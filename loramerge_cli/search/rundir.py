@@ -201,10 +201,11 @@ def resumed_flags(run_dir: Path, given: dict, values: dict) -> dict | None:
     _check_saved_flags(run_dir / CONFIG_NAME, saved)
     now = normal_flags({name: values[name] for name in given})
     changed = [name for name in given if name not in RUN_ONLY_FLAGS and name in saved
-               and not _same_value(now[name], saved[name])]
+               and not _same_value(*((_named(now[name]), _named(saved[name])) if name == "adapters" else
+                                     (now[name], saved[name])))]
     if changed:
-        differences = "; ".join(f"{flag_name(name)} is {_shown(now[name])} but the saved run used {_shown(saved[name])}"
-                                for name in changed)
+        differences = "; ".join(f"{flag_name(name)} is {_shown(now[name])} but the saved run " + (
+            "did not give it" if saved[name] is None else f"used {_shown(saved[name])}") for name in changed)
         raise LoramergeError(f"--resume: {differences}; drop {'the flag' if len(changed) == 1 else 'these flags'}, "
                              "or start a new run")
     merged = {**values, **{name: value for name, value in saved.items() if name in values and name not in
@@ -228,6 +229,23 @@ def _check_saved_flags(path: Path, saved: dict) -> None:
         if not fits:
             raise LoramergeError(f"--resume: {path}: the saved flag {name} is {value!r}, which no command line gives; "
                                  "give another --run-dir to start over")
+
+
+def _named(adapters):
+    """Adapter arguments each with its task name (`a/rte` is `rte=a/rte`), so a name given or left to the source
+    compares equal."""
+    from loramerge_cli.adapters.sources import default_name, split_name
+
+    if not isinstance(adapters, list):
+        return adapters
+    named = []
+    for argument in adapters:
+        source = split_name(str(argument))
+        try:
+            named.append(argument if source.name else f"{default_name(source.spec)}={source.spec}")
+        except LoramergeError:  # no name can be made of it: compared as given
+            named.append(argument)
+    return named
 
 
 def _same_value(now, saved) -> bool:

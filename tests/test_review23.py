@@ -184,3 +184,6 @@ def test_a_resume_compares_adapters_by_task_name_and_says_what_was_not_given(tmp
     with pytest.raises(LoramergeError, match="--target-modules is q_proj but the saved run did not give it"):
         resumed_flags(run_dir, {"target_modules": "q_proj"}, {"adapters": named, "target_modules": "q_proj",
                                                              "seed": 1})
+    for address in ("local", "host:notaport", "127.0.0.1:99999"):  # ("invalid literal for int()", "Connection refused")
+        with pytest.raises(LoramergeError, match="no port in 1..65535 after the host: give auto, HOST:PORT"):
+            probe(address)

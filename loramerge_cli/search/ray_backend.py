@@ -96,6 +96,8 @@ def probe(address: str, timeout: float = 5.0) -> None:
         with _ray_log_silenced("ray._private.services"):  # it logs a traceback before raising (":6379")
             resolved = canonicalize_bootstrap_address(address) or address
         host, _, port = resolved.rpartition(":")
+        if not (port.isdigit() and 0 < int(port) < 65536):  # "local", "host:notaport", "host:99999"
+            raise ValueError("no port in 1..65535 after the host: give auto, HOST:PORT or ray://HOST:PORT")
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout) as connection:
             speaks = _speaks_http2(connection)
     except (ConnectionError, OSError, ValueError) as error:

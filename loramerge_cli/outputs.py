@@ -124,9 +124,10 @@ def input_files(adapter_args: Iterable[str] = (), *paths: str | Path | None) -> 
 
 
 def base_model_folders(names: Iterable) -> list[Path]:
-    """The folders of the base models `names` name (adapters' configs, --base): a local folder, or a Hub id's
-    repository in the local cache. A command reads the base (its config for the model card, its weights to
-    evaluate) and writes no output into or over it."""
+    """The folders of the base models `names` name (adapters' configs, --base): a local model folder (with its
+    config.json: a config naming `.` or a folder that holds no model protects nothing), or a Hub id's repository
+    in the local cache. A command reads the base (its config for the model card, its weights to evaluate) and
+    writes no output into or over it."""
     from loramerge_cli.adapters.card import is_repo_id
     from loramerge_cli.adapters.sources import cached_repo_folder
 
@@ -134,7 +135,8 @@ def base_model_folders(names: Iterable) -> list[Path]:
     for name in dict.fromkeys(str(name) for name in names if name):
         local = Path(name).expanduser()
         if local.is_dir():
-            folders.append(local)
+            if (local / "config.json").is_file():
+                folders.append(local)
         elif is_repo_id(name.partition("@")[0]) and cached_repo_folder(name) is not None:
             folders.append(cached_repo_folder(name))
     return folders

@@ -118,6 +118,9 @@ def test_no_output_goes_into_a_base_model_without_tasks(tmp_path, hub_cache):
     assert given.exit_code == 1 and "input" in given.stderr and not (other / "merged").exists(), given.stderr
     beside = invoke_cli(["merge", *sources, "--merger", "ta", "--base", other, "--out", tmp_path / "merged"])
     assert beside.exit_code == 0, beside.stderr
+    _name_base(folders, ".")  # the working folder, which holds no model: it protects nothing
+    here = invoke_cli(["merge", *sources, "--merger", "ta", "--out", "merged_here"])
+    assert here.exit_code == 0, here.stderr
 
 
 def test_a_base_folder_spelt_as_a_hub_id_is_warned_before_a_push(tmp_path, monkeypatch):

@@ -77,7 +77,8 @@ def refuse_empty(inputs: list[tuple[str, ...]], tokenizer, what: str, why: str) 
     so the others tokenise nothing here."""
     if not inputs or tokenizer(*[""] * len(inputs[0]), verbose=False)["input_ids"]:
         return
-    empty = [index for index, texts in enumerate(inputs) if not tokenizer(*texts, verbose=False)["input_ids"]]
+    encoded = tokenizer(*[list(column) for column in zip(*inputs)], verbose=False)["input_ids"]  # one batch call
+    empty = [index for index, ids in enumerate(encoded) if not ids]
     if empty:
         raise LoramergeError(f"{len(empty)} example(s) have no tokens (an empty {what}, and the tokenizer adds no "
                              f"special token), so {why}: fill in their {what}, or leave them out (the first: example "

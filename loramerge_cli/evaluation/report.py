@@ -69,9 +69,13 @@ def eval_report(
         score_row("experts", "experts", expert_accuracy, expert_accuracy, warnings),
     ]
     merged = merged or []
+    if pool is not None and merged:
+        pool.reside(engine)  # the workers score the merges: this engine waits in host memory
+        with stage(report, "starting the workers", 1) as step:  # (not in the scoring's time and ETA)
+            pool.start()
+            step()
     with stage(report, "merged × tasks", len(merged) * len(task_file.names)) as step:
         if pool is not None and merged:
-            pool.reside(engine)  # the workers score the merges: this engine waits in host memory
             merged_accuracy = pool([adapter.source.spec for adapter in merged])
         else:
             merged_accuracy = [_score_each_task(engine, adapter, task_file.names, step) for adapter in merged]

@@ -165,6 +165,9 @@ def test_a_ray_address_that_is_no_ray_cluster_is_refused_in_seconds(tmp_path, ca
     with pytest.raises(LoramergeError, match="cannot connect to the Ray cluster at :6379"):
         probe(":6379")
     assert capfd.readouterr().err == ""
+    for address in ("local", "host:notaport", "127.0.0.1:99999"):  # (they read "invalid literal for int()")
+        with pytest.raises(LoramergeError, match="no port in 1..65535 after the host: give auto, HOST:PORT"):
+            probe(address)
 
 
 def test_a_resume_compares_adapters_by_task_name_and_says_what_was_not_given(tmp_path):
@@ -187,6 +190,36 @@ def test_a_resume_compares_adapters_by_task_name_and_says_what_was_not_given(tmp
     with pytest.raises(LoramergeError, match="--target-modules is q_proj but the saved run did not give it"):
         resumed_flags(run_dir, {"target_modules": "q_proj"}, {"adapters": named, "target_modules": "q_proj",
                                                              "seed": 1})
-    for address in ("local", "host:notaport", "127.0.0.1:99999"):  # ("invalid literal for int()", "Connection refused")
-        with pytest.raises(LoramergeError, match="no port in 1..65535 after the host: give auto, HOST:PORT"):
-            probe(address)
+
+
+def test_lora_on_multihead_attention_is_refused_as_such(tmp_path):
+    """PEFT's LoRA on nn.MultiheadAttention saves its out_proj's factors under `mha.base_layer.out_proj`: the
+    reader dropped `.base_layer` and blamed the config's target_modules; with `mha.out_proj` added there, as the
+    message said, the merge wrote `mha.out_proj` factors, which PEFT loads into nothing (the out_proj update lost,
+    exit 0). Also the refusals of target_parameters and lora_bias read as English."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from loramerge_cli.adapters.peft_reader import load_adapter
+    from loramerge_cli.errors import LoramergeError
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+
+    torch.manual_seed(0)
+    model = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["mha"]))
+    model.save_pretrained(str(tmp_path / "mha"))
+    config = json.loads((tmp_path / "mha" / "adapter_config.json").read_text())
+    for targets in (["mha"], ["mha", "mha.out_proj"]):
+        (tmp_path / "mha" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": targets}))
+        with pytest.raises(LoramergeError, match=r"mha\.base_layer\.out_proj\.lora_.*LoRA inside a LoRA-wrapped "
+                                                 r"module \(PEFT's LoRA on nn\.MultiheadAttention"):
+            load_adapter(str(tmp_path / "mha"))
+    for field, words in (("target_parameters", "LoRA on parameters (target_parameters) is not supported"),
+                         ("lora_bias", "a LoRA bias (lora_bias) is not supported")):
+        (tmp_path / "mha" / "adapter_config.json").write_text(json.dumps({**config, field: ["x"]}))
+        with pytest.raises(LoramergeError) as refused:
+            load_adapter(str(tmp_path / "mha"))
+        assert words in str(refused.value)

@@ -20,10 +20,10 @@ from loramerge_cli.errors import LoramergeError, UsageError, first_line, is_fini
 # Config fields that change what a LoRA module computes; loramerge refuses them by name.
 REFUSED_FIELDS = {
     "use_dora": "DoRA",
-    "lora_bias": "LoRA bias terms",
-    "target_parameters": "LoRA on parameters (target_parameters)",
+    "lora_bias": "a LoRA bias",
+    "target_parameters": "LoRA on parameters",
     "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable tokens",
+    "trainable_token_indices": "training chosen token rows",
     "alora_invocation_tokens": "aLoRA",
     "use_qalora": "QALoRA",
     "use_bdlora": "BD-LoRA",
@@ -214,7 +214,10 @@ def parse_state_dict(
             raise LoramergeError(f"{spec}: LoRA bias terms (lora_bias, {key}) are not supported")
         if match["adapter"]:
             adapter_names.add(match["adapter"])
-        path = match["path"].replace(".base_layer", "")
+        path = match["path"].removesuffix(".base_layer")  # (factors saved hanging off the wrapped module)
+        if ".base_layer." in f"{path}.":  # LoRA inside a LoRA-wrapped module: PEFT's nn.MultiheadAttention
+            raise LoramergeError(f"{spec}: {key}: LoRA inside a LoRA-wrapped module (PEFT's LoRA on "
+                                 "nn.MultiheadAttention keeps its out_proj's factors so) is not supported")
         if path in factors and match["factor"] in factors[path]:
             raise LoramergeError(f"{spec}: module {path} appears twice (several adapters in one file?)")
         factors.setdefault(path, {})[match["factor"]] = tensor

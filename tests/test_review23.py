@@ -223,3 +223,14 @@ def test_lora_on_multihead_attention_is_refused_as_such(tmp_path):
         with pytest.raises(LoramergeError) as refused:
             load_adapter(str(tmp_path / "mha"))
         assert words in str(refused.value)
+
+
+def test_search_mask_out_with_a_trailing_slash_is_a_usage_error(tmp_path):
+    """`search-mask --out runs/new/` wrote the table as a file named `new` (Path drops the slash), exit 0; `eval
+    --out` refused it already."""
+    from factories import invoke_cli
+
+    result = invoke_cli(["search-mask", "--adapters", tmp_path / "a", "--tasks", tmp_path / "t.yaml",
+                         "--out", f"{tmp_path / 'new'}/"])
+    assert result.exit_code == 2 and "names a folder: give a file" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()

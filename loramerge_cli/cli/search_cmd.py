@@ -8,8 +8,8 @@ from pathlib import Path
 import typer
 from typer.core import TyperCommand
 
-from loramerge_cli.cli.common import (command_errors, command_line, emit_json, examples_epilog, human_console,
-                                      print_warnings, result_console)
+from loramerge_cli.cli.common import (command_errors, command_line, emit_json, examples_epilog, file_path_value,
+                                      human_console, print_warnings, result_console)
 from loramerge_cli.cli.options import (
     adapter_options,
     choice,
@@ -64,7 +64,7 @@ def search_options() -> list:
         option("tasks", Path | None, None, help=f"Task spec YAML with validation splits. Required {RESUME_ONLY}.",
                show_default=False),
         option("out", Path | None, None, help=f"Weight table JSON to write. Required {RESUME_ONLY}.",
-               show_default=False),
+               parser=file_path_value, show_default=False),
         option("strategy", choice(STRATEGIES), DEFAULT_STRATEGY, help=f"{strategies}. `--strategy NAME -h` lists "
                "the options NAME reads only."),
         option("fitness", choice(FITNESSES), "accuracy", help="Mask strategies: labelled validation "

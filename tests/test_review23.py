@@ -234,3 +234,17 @@ def test_search_mask_out_with_a_trailing_slash_is_a_usage_error(tmp_path):
                          "--out", f"{tmp_path / 'new'}/"])
     assert result.exit_code == 2 and "names a folder: give a file" in result.stderr, result.stderr
     assert not (tmp_path / "new").exists()
+
+
+def test_more_ray_actors_than_this_machine_has_cpus_is_refused_before_any_work():
+    """`--backend ray --workers 99` (a local cluster) scored the experts and started a cluster (16 s) before "the
+    workers need 99 CPUs, the Ray cluster has 2"."""
+    import os
+
+    from loramerge_cli.errors import UsageError
+    from loramerge_cli.search.backends import Backend
+
+    many = ["cpu"] * ((os.cpu_count() or 1) + 1)
+    with pytest.raises(UsageError, match=f"{len(many)} Ray actors on the CPU, and the local Ray cluster"):
+        Backend("ray", many).check_worker_count("--workers")
+    Backend("ray", many, "auto").check_worker_count("--workers")  # another cluster's CPUs: counted when it answers

@@ -75,13 +75,18 @@ class Backend:
                 torch_device(local, flag)
 
     def check_worker_count(self, flag: str = "devices") -> None:
-        """Worker processes on the CPU: at most CPU_OVERSUBSCRIPTION per CPU this process may use."""
+        """Worker processes on the CPU: at most CPU_OVERSUBSCRIPTION per CPU this process may use; Ray actors on a
+        local cluster: at most one per CPU of the machine."""
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         on_cpu = [name for name in self.devices or () if (name or "cpu").split(":")[0] == "cpu"]
         if self.name == "process" and len(on_cpu) > CPU_OVERSUBSCRIPTION * cpus:  # (a few more than the CPUs: fine)
             raise UsageError(f"{flag}: {len(on_cpu)} worker processes on the CPU, where this process may use {cpus} "
                              f"CPUs (at most {CPU_OVERSUBSCRIPTION * cpus} workers: each holds a model, and workers "
                              "beyond the CPUs only compete for them)")
+        machine = os.cpu_count() or 1  # what Ray's local cluster counts
+        if self.name == "ray" and self.address is None and len(on_cpu) > machine:  # known before any model loads
+            raise UsageError(f"{flag}: {len(on_cpu)} Ray actors on the CPU, and the local Ray cluster started for the "
+                             f"run has this machine's {machine} CPUs (each actor reserves at least one)")
 
     def check(self) -> None:
         """The choice itself, before any model loads: Ray's presence, that a cluster answers at `address`, and

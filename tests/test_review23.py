@@ -248,3 +248,22 @@ def test_more_ray_actors_than_this_machine_has_cpus_is_refused_before_any_work()
     with pytest.raises(UsageError, match=f"{len(many)} Ray actors on the CPU, and the local Ray cluster"):
         Backend("ray", many).check_worker_count("--workers")
     Backend("ray", many, "auto").check_worker_count("--workers")  # another cluster's CPUs: counted when it answers
+
+
+class SquareBuilder:
+    """A worker that needs no model: each item's square (for the pools' result callback)."""
+
+    def __call__(self, device):
+        return lambda items: [item * item for item in items]
+
+
+def test_worker_pools_report_each_result_as_it_arrives():
+    """`eval --merged … --workers N` advanced its merged × tasks progress only once every merge was scored (the
+    pool returned them all at once): the bar sat at 0 and its ETA meant nothing. The pool now reports each."""
+    from loramerge_cli.search.backends import Backend, LazyPool
+
+    arrived = []
+    with LazyPool(SquareBuilder(), Backend("process", ["cpu", "cpu"]), "cpu", 1) as pool:
+        values = pool([1, 2, 3, 4], lambda index, value: arrived.append((index, value)))
+    assert values == [1, 4, 9, 16]
+    assert sorted(arrived) == [(0, 1), (1, 4), (2, 9), (3, 16)]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 from loramerge_cli.errors import LoramergeError, UsageError
 
@@ -147,9 +148,9 @@ class LazyPool:
                 engine.park()
             self.workers = self.open_workers()
 
-    def __call__(self, items: list) -> list:
+    def __call__(self, items: list, on_result: Callable[[int, object], None] | None = None) -> list:
         self.start()
-        return self.workers(items)
+        return self.workers(items, on_result)
 
     def __enter__(self) -> "LazyPool":
         return self

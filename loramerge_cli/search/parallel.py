@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import queue as queue_module
 import time
+from typing import Callable
 
 from loramerge_cli.errors import LoramergeError, WorkerLost
 from loramerge_cli.search.lifetime import become_worker, signals_blocked
@@ -74,7 +75,8 @@ class ParallelFitness:
                 self.close(wait=False)
                 raise WorkerLost("a search worker stopped answering")
 
-    def __call__(self, candidates: list) -> list[float]:
+    def __call__(self, candidates: list, on_result: Callable[[int, object], None] | None = None) -> list[float]:
+        """Each candidate's value, in order; `on_result(index, value)` as each arrives (progress)."""
         for index, candidate in enumerate(candidates):
             self.tasks.put((index, candidate))
         values: dict[int, float] = {}
@@ -84,6 +86,8 @@ class ParallelFitness:
                 self.close(wait=False)
                 raise LoramergeError(value)
             values[index] = value
+            if on_result is not None:
+                on_result(index, value)
         return [values[index] for index in range(len(candidates))]
 
     def __enter__(self) -> "ParallelFitness":

@@ -15,6 +15,7 @@ import signal
 import uuid
 from collections import deque
 from contextlib import contextmanager, nullcontext
+from typing import Callable
 
 from loramerge_cli import interrupts
 from loramerge_cli.errors import LoramergeError, WorkerLost, first_line
@@ -219,7 +220,8 @@ class RayPool:
             self.close()
             raise LoramergeError(failed[0])
 
-    def __call__(self, items: list) -> list:
+    def __call__(self, items: list, on_result: Callable[[int, object], None] | None = None) -> list:
+        """Each item's result, in order; `on_result(index, result)` as each arrives (progress)."""
         ray = self.ray
         pending = deque(enumerate(items))
         idle = list(self.actors)
@@ -239,6 +241,8 @@ class RayPool:
                 try:
                     results[index] = ray.get(ref)
                     idle.append(actor)
+                    if on_result is not None:
+                        on_result(index, results[index])
                 except ray.exceptions.RayActorError as error:  # the actor is gone: another takes its item
                     self._drop(actor, error)
                     pending.appendleft((index, item))

@@ -70,7 +70,7 @@ def local_paths_warnings(folder: str | Path) -> list[str]:
     if base and not is_repo_id(base):
         warnings.append(f"the base model is a local path ({base}): the pushed adapter_config.json names it, so "
                         "the adapter loads only where that path exists; --base OWNER/NAME names its Hub id")
-    elif base and Path(base).expanduser().is_dir():  # `models/base`, relative: read as a Hub id by its spelling
+    elif base and (Path(base).expanduser() / "config.json").is_file():  # `models/base`: read as a Hub id
         warnings.append(f"the base model {base} is a folder here, and spelt as a Hub id: the pushed adapter and its "
                         f"card name the Hub repository {base}; --base OWNER/NAME names the base's real Hub id")
     found: dict[str, list[str]] = {}

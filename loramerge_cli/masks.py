@@ -122,18 +122,34 @@ def parse_indices(text: str) -> list[int]:
 
 
 STANDARD_INPUT = "-"  # the Unix spelling of standard input: `search-mask --json ... | merge --mask -`
+STANDARD_INPUT_ORIGIN = "standard input"  # a table's origin when read from there (errors name it)
+
+
+def _standard_input() -> str:
+    """The whole of standard input as UTF-8 text; a terminal, a closed or an empty one is one line."""
+    import sys
+
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:
+        raise LoramergeError("--mask -: standard input is closed; pipe the table in (search-mask ... --json | "
+                             "loramerge merge ... --mask -)")
+    if sys.stdin.isatty():  # a read would wait for typing, without a word
+        raise LoramergeError("--mask -: standard input is a terminal; pipe the table in (search-mask ... --json | "
+                             "loramerge merge ... --mask -) or give its file")
+    try:
+        text = stream.read().decode("utf-8")
+    except (OSError, ValueError) as error:  # not readable, not UTF-8
+        raise LoramergeError(f"{STANDARD_INPUT_ORIGIN}: not a readable JSON mask ({first_line(error)})") from None
+    if not text.strip():
+        raise LoramergeError(f"--mask -: {STANDARD_INPUT_ORIGIN} is empty (did the command before the pipe fail?)")
+    return text
 
 
 def load_table(path: str | Path) -> WeightTable:
-    """Read and structurally validate a weight-table JSON file (`-`: standard input)."""
-    if str(path) == STANDARD_INPUT:
-        import sys
-
-        try:
-            text = sys.stdin.buffer.read().decode("utf-8")
-        except (OSError, ValueError, AttributeError) as error:  # closed, not a byte stream, not UTF-8
-            raise LoramergeError(f"standard input: not a readable JSON mask ({first_line(error)})") from None
-        return table_from_text(text, "standard input")
+    """Read and structurally validate a weight-table JSON file (the text `-`: standard input; Path("-") is a
+    file)."""
+    if isinstance(path, str) and path == STANDARD_INPUT:
+        return table_from_text(_standard_input(), STANDARD_INPUT_ORIGIN)
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")

@@ -130,6 +130,7 @@ def test_a_base_folder_spelt_as_a_hub_id_is_warned_before_a_push(tmp_path, monke
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models" / "base").mkdir(parents=True)
+    (tmp_path / "models" / "base" / "config.json").write_text("{}")  # a model's folder (transformers loads it first)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "models/base"}))
     assert any("models/base is a folder here, and spelt as a Hub id" in line for line in local_paths_warnings("out"))
@@ -217,8 +218,8 @@ def test_lora_on_multihead_attention_is_refused_as_such(tmp_path):
         with pytest.raises(LoramergeError, match=r"mha\.base_layer\.out_proj\.lora_.*LoRA inside a LoRA-wrapped "
                                                  r"module \(PEFT's LoRA on nn\.MultiheadAttention"):
             load_adapter(str(tmp_path / "mha"))
-    for field, words in (("target_parameters", "LoRA on parameters (target_parameters) is not supported"),
-                         ("lora_bias", "a LoRA bias (lora_bias) is not supported")):
+    for field, words in (("target_parameters", "LoRA on parameters (target_parameters): not supported"),
+                         ("lora_bias", "LoRA bias terms (lora_bias): not supported")):
         (tmp_path / "mha" / "adapter_config.json").write_text(json.dumps({**config, field: ["x"]}))
         with pytest.raises(LoramergeError) as refused:
             load_adapter(str(tmp_path / "mha"))
@@ -267,3 +268,66 @@ def test_worker_pools_report_each_result_as_it_arrives():
         values = pool([1, 2, 3, 4], lambda index, value: arrived.append((index, value)))
     assert values == [1, 4, 9, 16]
     assert sorted(arrived) == [(0, 1), (1, 4), (2, 9), (3, 16)]
+
+
+def test_only_a_literal_dash_is_standard_input_and_stream_paths_are_told_apart(tmp_path):
+    """(Review of this session's changes.) `--mask ./-` read standard input, not the file named '-'; a terminal on
+    standard input waited for typing without a word; an empty or closed one read as a JSON error; every /dev/ path
+    (a tmpfs under /dev/shm) was recorded absolute; a table piped through /dev/stdin recorded its task spec as
+    /dev/tasks.yaml; a recipe's `out: new/` lost its slash."""
+    import os
+    import pty
+
+    from loramerge_cli.adapters.card import is_stream_path, portable_path
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    table = _table(folders)
+    sources = ["--adapters", *(f"{name}={folder}" for name, folder in folders.items())]
+    (tmp_path / "-").write_text(json.dumps(table))
+    from_file = _cli(["merge", *sources, "--mask", "./-", "--out", "file", "--json"], tmp_path, stdin=b"garbage")
+    assert from_file.returncode == 0, from_file.stderr
+    piped = {**table, "provenance": {"data": {"tasks": "tasks.yaml"}}}
+    for given, out in (("-", "dash"), ("/dev/stdin", "device")):
+        merged = _cli(["merge", *sources, "--mask", given, "--out", out, "--json"], tmp_path,
+                      stdin=json.dumps(piped).encode())
+        assert merged.returncode == 0, merged.stderr
+        assert json.loads((tmp_path / out / "mask.json").read_text())["provenance"]["data"]["tasks"] == \
+            "../tasks.yaml"  # the working folder's, as the folder names it
+    for stdin, words in ((b"", "standard input is empty"), (None, "standard input is a terminal")):
+        if stdin is None:  # a terminal: the child's standard input is a pty
+            controller, terminal = pty.openpty()
+            refused = subprocess.run([sys.executable, "-m", "loramerge_cli", "merge", *sources, "--mask", "-",
+                                      "--out", "tty"], cwd=tmp_path, stdin=terminal, capture_output=True, timeout=120)
+            os.close(controller)
+            os.close(terminal)
+        else:
+            refused = _cli(["merge", *sources, "--mask", "-", "--out", "empty"], tmp_path, stdin=stdin)
+        assert refused.returncode == 1 and words in refused.stderr.decode(), refused.stderr
+    assert is_stream_path("/dev/stdin") and is_stream_path("/dev/fd/63") and is_stream_path("/proc/self/fd/3")
+    assert not is_stream_path("/dev/shm/run/merged")
+    assert portable_path("/dev/shm/run/a", "/dev/shm/run/merged") == "../a"
+    assert portable_path("/dev/fd/63", "/dev/shm/run/merged") == "/dev/fd/63"
+
+
+def test_a_recipe_keeps_a_trailing_slash(tmp_path):
+    """A recipe's `out: new/` became `DIR/new` (the slash dropped), so search-mask wrote a file named new."""
+    from factories import invoke_cli
+
+    (tmp_path / "r.yaml").write_text(f"adapters:\n  a: {tmp_path / 'a'}\ntasks: t.yaml\nout: new/\n")
+    result = invoke_cli(["search-mask", "--config", tmp_path / "r.yaml"])
+    assert result.exit_code == 2 and "names a folder: give a file" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_tls_ray_cluster_is_only_connected_to(monkeypatch):
+    """With RAY_USE_TLS the GCS speaks TLS first: the HTTP/2 preface check refused such a cluster."""
+    import socket
+
+    from loramerge_cli.search.ray_backend import probe
+
+    server = socket.create_server(("0.0.0.0", 0))  # accepts; answers no HTTP/2 preface
+    try:
+        monkeypatch.setenv("RAY_USE_TLS", "1")
+        probe(f"127.0.0.1:{server.getsockname()[1]}", timeout=2.0)
+    finally:
+        server.close()

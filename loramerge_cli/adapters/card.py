@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import statistics
 from pathlib import Path
@@ -65,12 +66,18 @@ def relative_path(path: str | Path, folder: str | Path) -> str:
     return os.path.relpath(os.path.realpath(target), os.path.realpath(start))
 
 
-DEVICE_FOLDERS = ("/dev/", "/proc/")  # /dev/stdin, /proc/self/fd/3 (bash's <(...)): the same path everywhere
+STREAM_PATH = re.compile(r"^/dev/(stdin|fd/\d+)$|^/proc/(self|\d+)/fd/\d+$")  # bash's <(...): /dev/fd/63
+
+
+def is_stream_path(path: str) -> bool:
+    """Whether `path` names a stream this process was handed (/dev/stdin, /dev/fd/63), the same name anywhere and
+    no file to find again."""
+    return bool(STREAM_PATH.match(str(path)))
 
 
 def portable_path(path: str, folder: str | Path) -> str:
-    """An absolute local path rewritten relative to `folder`; a device's (/dev/stdin) and anything else unchanged."""
-    if not os.path.isabs(path) or path.startswith(DEVICE_FOLDERS):
+    """An absolute local path rewritten relative to `folder`; a stream's (/dev/stdin) and anything else unchanged."""
+    if not os.path.isabs(path) or is_stream_path(path):
         return path
     return relative_path(path, folder)
 

@@ -20,10 +20,10 @@ from loramerge_cli.errors import LoramergeError, UsageError, first_line, is_fini
 # Config fields that change what a LoRA module computes; loramerge refuses them by name.
 REFUSED_FIELDS = {
     "use_dora": "DoRA",
-    "lora_bias": "a LoRA bias",
+    "lora_bias": "LoRA bias terms",
     "target_parameters": "LoRA on parameters",
     "layer_replication": "layer replication",
-    "trainable_token_indices": "training chosen token rows",
+    "trainable_token_indices": "trainable tokens",
     "alora_invocation_tokens": "aLoRA",
     "use_qalora": "QALoRA",
     "use_bdlora": "BD-LoRA",
@@ -101,7 +101,7 @@ def check_supported(config: dict, spec: str) -> None:
         raise LoramergeError(f"{spec}: peft_type {peft_type} is not supported (only LORA)")
     for field_name, what in REFUSED_FIELDS.items():
         if config.get(field_name):
-            raise LoramergeError(f"{spec}: {what} ({field_name}) is not supported; it cannot be merged exactly")
+            raise LoramergeError(f"{spec}: {what} ({field_name}): not supported, as it cannot be merged exactly")
     if config.get("bias", "none") not in ("none", None):
         raise LoramergeError(f"{spec}: trained biases (bias={config['bias']!r}) are not supported")
     init = config.get("init_lora_weights")

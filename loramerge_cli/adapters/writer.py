@@ -18,6 +18,7 @@ import torch
 from loramerge_cli import __version__, atomic
 from loramerge_cli.adapters.card import (
     RECIPE_NAME,
+    is_stream_path,
     relative_path,
     model_card,
     portable_base,
@@ -399,7 +400,9 @@ def portable_table(table, folder: str | Path, adapters: list[Adapter]):
     if isinstance(data, dict) and isinstance(data.get("tasks"), str):  # relative to the table file it was read from
         tasks = data["tasks"]
         if table.origin and not os.path.isabs(os.path.expanduser(tasks)):
-            tasks = os.path.join(os.path.dirname(os.path.abspath(table.origin)), tasks)
+            piped = is_stream_path(table.origin) or not Path(table.origin).is_file()  # relative to the working folder
+            tasks = os.path.abspath(tasks) if piped else os.path.join(os.path.dirname(os.path.abspath(table.origin)),
+                                                                      tasks)
         provenance["data"] = {**data, "tasks": portable_path(tasks, folder)}
     return replace(table, adapters=records, provenance=provenance)
 

@@ -13,6 +13,7 @@ from loramerge_cli.cli.common import (
     emit_json,
     examples_epilog,
     human_console,
+    path_value,
     print_warnings,
     result_console,
 )
@@ -49,8 +50,16 @@ MASK_HELP = "Weight table JSON (loramerge.mask/v1); - reads it from standard inp
 INDICES_HELP = 'Pruned flat indices "[i, ...]", i = unit·T + task (the ENMP reference\'s --mask).'
 
 
+def table_path_value(value):
+    """--mask: a literal `-` is standard input (kept as the text "-"; `./-` is the file named -), else a path."""
+    from loramerge_cli.masks import STANDARD_INPUT
+
+    return STANDARD_INPUT if value == STANDARD_INPUT else path_value(value)
+
+
 def table_options() -> list:
-    return [option("mask", Path | None, None, help=MASK_HELP), option("indices", str | None, None, help=INDICES_HELP)]
+    return [option("mask", Path | None, None, help=MASK_HELP, parser=table_path_value),
+            option("indices", str | None, None, help=INDICES_HELP)]
 
 
 def merge_options() -> list:

@@ -222,7 +222,7 @@ def expand_config(data: dict, path: Path, command, meta: dict | None = None) -> 
             raise typer.BadParameter(f"{path}: {key}: a list is not a path")
         if option is not None and is_path(option) and isinstance(value, str) and value.strip():  # "": refused
             relative = not os.path.isabs(value) and not value.startswith("~") and value != "-"  # -: a standard stream
-            value = str(folder / value) if relative else value
+            value = os.path.join(folder, value) if relative else value  # (a trailing slash kept: a folder)
         elif option is not None and option.name in SOURCE_KEYS and value is not None:  # null: not given
             if isinstance(value, list) and not getattr(option, "multiple", False):
                 raise typer.BadParameter(f"{path}: {key}: a list is not a path or Hub id")

@@ -84,8 +84,9 @@ def _environment(**defaults: str):
 def probe(address: str, timeout: float = 5.0) -> None:
     """Refuse, in seconds and before any model loads, a cluster address no Ray cluster answers at: "auto" with
     no cluster started on this machine, a HOST:PORT that accepts no connection, or one whose server does not
-    speak gRPC, as Ray's GCS does (a web server, a proxy's error page): ray.init would retry for minutes, its
-    log lines on stderr. Ray client addresses (ray://) are left to ray.init."""
+    speak gRPC, as Ray's GCS does (a web server, a proxy's error page; with RAY_USE_TLS the connection only):
+    ray.init would retry for minutes, its log lines on stderr. Ray client addresses (ray://) are left to
+    ray.init."""
     import socket
 
     if address.startswith("ray://"):
@@ -100,7 +101,8 @@ def probe(address: str, timeout: float = 5.0) -> None:
         if not (port.isdigit() and 0 < int(port) < 65536):  # "local", "host:notaport", "host:99999"
             raise ValueError("no port in 1..65535 after the host: give auto, HOST:PORT or ray://HOST:PORT")
         with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout) as connection:
-            speaks = _speaks_http2(connection)
+            # (a cluster with RAY_USE_TLS speaks TLS first: only the connection is checked)
+            speaks = os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true") or _speaks_http2(connection)
     except (ConnectionError, OSError, ValueError) as error:
         raise LoramergeError(f"cannot connect to the Ray cluster at {address} ({_first_line(error)})") from None
     if not speaks:

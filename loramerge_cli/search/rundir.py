@@ -234,18 +234,15 @@ def _check_saved_flags(path: Path, saved: dict) -> None:
 def _named(adapters):
     """Adapter arguments each with its task name (`a/rte` is `rte=a/rte`), so a name given or left to the source
     compares equal."""
-    from loramerge_cli.adapters.sources import default_name, split_name
+    from loramerge_cli.adapters.sources import source_names, split_name
 
     if not isinstance(adapters, list):
         return adapters
-    named = []
-    for argument in adapters:
-        source = split_name(str(argument))
-        try:
-            named.append(argument if source.name else f"{default_name(source.spec)}={source.spec}")
-        except LoramergeError:  # no name can be made of it: compared as given
-            named.append(argument)
-    return named
+    try:
+        names = source_names(adapters)
+    except LoramergeError:  # no names can be made of them: compared as given
+        return adapters
+    return [f"{name}={split_name(argument).spec}" for name, argument in zip(names, adapters)]
 
 
 def _same_value(now, saved) -> bool:

@@ -46,10 +46,12 @@ def is_finite_number(value) -> bool:
         return False
 
 
-def check_integer(value, low: int, flag: str) -> None:
-    """`flag` must be an integer >= low (None: not given)."""
+def check_integer(value, low: int, flag: str, high: int | None = None) -> None:
+    """`flag` must be an integer >= low (and <= high, if given; None: not given)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
         raise UsageError(f"{flag} must be an integer >= {low} (got {value!r})")
+    if value is not None and high is not None and value > high:
+        raise UsageError(f"{flag} must be at most {high} (got {value})")
 
 
 def check_at_least(value, low: float, flag: str) -> None:

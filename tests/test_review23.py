@@ -331,3 +331,41 @@ def test_a_tls_ray_cluster_is_only_connected_to(monkeypatch):
         probe(f"127.0.0.1:{server.getsockname()[1]}", timeout=2.0)
     finally:
         server.close()
+
+
+def test_hostile_recipes_are_one_line_usage_errors(tmp_path, monkeypatch):
+    """(A review of recipes.) An adapter path naming nothing beside the recipe was read from the working folder
+    (one recipe, other adapters from elsewhere); a 500-byte alias bomb grew to gigabytes in a scalar flag, a
+    self-referencing list printed a traceback, /dev/zero as --config read until memory ran out; `drop-rate` and
+    `drop_rate` together let the last win; `path` and `source` of one adapter dropped `source`; --threads 10**20
+    overflowed and 100000 ran out of memory."""
+    from factories import invoke_cli
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rc").mkdir()
+    adapters = "adapters:\n  a: inputs/a\n  b: inputs/b\n"  # relative to the working folder, not to rc/
+    bomb = "merger: [&l0 [x, x, x, x, x, x, x, x, x]" + "".join(
+        f", &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)) + "]\n"
+    cases = {
+        "cwd.yaml": (adapters + "merger: ta\n", "nothing of that name beside the recipe"),
+        "bomb.yaml": (f"adapters:\n  a: {folders['a']}\n  b: {folders['b']}\n" + bomb, "a nested list or a mapping"),
+        "circle.yaml": (f"adapters:\n  a: {folders['a']}\n  b: {folders['b']}\nindices: &c [*c]\n",
+                        "a nested list or a mapping"),
+        "twice.yaml": (f"adapters:\n  a: {folders['a']}\n  b: {folders['b']}\nmerger: dare\ndrop-rate: 0.3\n"
+                       "drop_rate: 0.4\n", "'drop-rate' and 'drop_rate' are one setting, given twice"),
+        "both.yaml": (f"adapters:\n  a: {{path: {folders['a']}, source: {folders['b']}}}\n  b: {folders['b']}\n",
+                      "give path or source (one name for it), not both"),
+        "threads.yaml": (f"adapters:\n  a: {folders['a']}\n  b: {folders['b']}\nthreads: 100000\n",
+                         "less than or equal to 4096"),
+    }
+    for name, (text, words) in cases.items():
+        (tmp_path / "rc" / name).write_text(text)
+        result = invoke_cli(["merge", "--config", f"rc/{name}", "--out", tmp_path / name])
+        assert result.exit_code == 2, (name, result.exit_code, result.stderr[-500:])
+        assert words in result.stderr and len(result.stderr) < 2000, (name, result.stderr[-500:])
+        assert not (tmp_path / name).exists()
+    big = invoke_cli(["merge", "--config", "/dev/zero", "--out", tmp_path / "zero"])
+    assert big.exit_code == 1 and "is over 1 MiB: not a recipe" in big.stderr, big.stderr[-500:]
+    huge = invoke_cli(["merge", "--threads", "99999999999999999999", "--adapters", folders["a"], "--out", "x"])
+    assert huge.exit_code == 2 and "less than or equal to 4096" in huge.stderr, huge.stderr

@@ -483,6 +483,9 @@ def emit_json(data: dict, kind: str | None = None) -> None:
     write_stdout(json.dumps(data, indent=2, default=str) + "\n")
 
 
+RECIPE_MAX_BYTES = 1 << 20
+
+
 def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     """--config callback (eager): the YAML's values become the command's defaults (Click's default_map). With
     --help anywhere on the line, the help comes first, whatever the recipe holds."""
@@ -495,7 +498,11 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     from loramerge_cli.yaml_documents import load_yaml, yaml_problem
 
     try:
-        data = load_yaml(Path(value).read_text(encoding="utf-8"))
+        with open(value, "rb") as file:  # a recipe is a small file: /dev/zero or a log is not read whole
+            raw = file.read(RECIPE_MAX_BYTES + 1)
+        if len(raw) > RECIPE_MAX_BYTES:
+            raise fail(f"error: --config {value} is over {RECIPE_MAX_BYTES // 1024 // 1024} MiB: not a recipe")
+        data = load_yaml(raw.decode("utf-8"))
     except OSError as error:  # a file that cannot be read is bad input (exit 1), as a missing --tasks or --mask
         raise fail(f"error: --config {value}: cannot read it ({error.strerror or error})") from None
     except UnicodeDecodeError as error:
@@ -514,8 +521,16 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     spelled = {opt[2:]: _recipe_key(option) for option in ctx.command.params for opt in getattr(option, "opts", ())
                if opt.startswith("--") and opt[2:] != _recipe_key(option)}  # eval's dtype: eval-dtype
     defaults, ignored, others = {}, [], _other_commands_flags(ctx)
+    spellings: dict[str, str] = {}
     for key, item in data.items():
         flag = str(key).replace("_", "-")
+        if flag in spellings:  # drop-rate and drop_rate: one setting given twice (the last would win)
+            raise typer.BadParameter(f"{value}: {spellings[flag]!r} and {key!r} are one setting, given twice")
+        spellings[flag] = str(key)
+        # (YAML aliases nest lists without bound: the text of one 500-byte recipe's would take gigabytes)
+        if isinstance(item, dict) or (isinstance(item, list) and any(isinstance(v, (list, dict)) for v in item)):
+            raise typer.BadParameter(f"{value}: {key}: a nested list or a mapping is no value for --{flag} (a value, "
+                                     "or a list of values)")
         option = by_flag.get(flag)
         if option is None and flag in spelled:
             ignored.append(f"{flag} (a merge's written dtype; this command reads {spelled[flag]})"

@@ -30,6 +30,7 @@ from loramerge_cli.cli.common import (
 )
 from loramerge_cli.cli.recipe import SOURCE_KEYS
 from loramerge_cli.errors import UsageError
+from loramerge_cli.evaluation.settings import MAX_THREADS
 from loramerge_cli.search.backends import BACKENDS
 
 
@@ -116,7 +117,7 @@ def output_options(config: bool = True) -> list[inspect.Parameter]:
 
 def threads_option(help: str = THREADS_HELP) -> inspect.Parameter:
     """--threads: torch's CPU threads in this process."""
-    return option("threads", int | None, None, min=1, show_default=False, help=help)
+    return option("threads", int | None, None, min=1, max=MAX_THREADS, show_default=False, help=help)
 
 
 MAX_TOKENS = 2**24  # the largest token cap accepted (by --max-length and a task's max_length)

@@ -98,8 +98,10 @@ def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dic
     return header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
 
 
-def _local(value: str, folder: Path) -> str:
-    """A source written in a config file: a path relative to the file if it names one there, else as is."""
+def _local(value: str, folder: Path, origin: str) -> str:
+    """A source written in a config file: a path relative to the file if it names one there, else as is (a Hub
+    id); one that names nothing beside the file but a path in the working folder is refused (the recipe would
+    read other files from elsewhere)."""
     name, sep, spec = value.partition("=")
     if not sep or not name or "/" in name:
         name, sep, spec = "", "", value
@@ -108,6 +110,10 @@ def _local(value: str, folder: Path) -> str:
     candidate = folder / spec
     if candidate.exists() or spec.startswith(("./", "../")):
         spec = str(candidate)
+    elif os.path.exists(spec):
+        raise typer.BadParameter(f"{origin}: {spec}: nothing of that name beside the recipe (its paths are relative "
+                                 f"to it: {candidate}), but a path in the working folder: write it relative to the "
+                                 "recipe, or absolute")
     return f"{name}{sep}{spec}"
 
 
@@ -123,8 +129,10 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
         if isinstance(entry, dict):
             unknown = set(entry) - {"path", "source", *PER_ADAPTER_KEYS}
             if unknown:
-                raise typer.BadParameter(f"{origin}: adapter {name!r}: unknown keys {sorted(unknown)} (it takes path, "
-                                         f"{', '.join(PER_ADAPTER_KEYS)})")
+                raise typer.BadParameter(f"{origin}: adapter {name!r}: unknown keys {sorted(unknown)} (it takes path "
+                                         f"or source, {', '.join(PER_ADAPTER_KEYS)})")
+            if "path" in entry and "source" in entry:  # (one would be dropped without a word)
+                raise typer.BadParameter(f"{origin}: adapter {name!r}: give path or source (one name for it), not both")
             source = entry["path"] if "path" in entry else entry.get("source")
             _check_source(source, f"{origin}: adapter {name!r}: path")
             sources.append(f"{name}={source}")
@@ -228,7 +236,9 @@ def expand_config(data: dict, path: Path, command, meta: dict | None = None) -> 
                 raise typer.BadParameter(f"{path}: {key}: a list is not a path or Hub id")
             for source in value if isinstance(value, list) else [value]:
                 _check_source(source, f"{path}: {key}")
-            value = [_local(v, folder) for v in value] if isinstance(value, list) else _local(value, folder)
+            where = f"{path}: {key}"
+            value = [_local(v, folder, where) for v in value] if isinstance(value, list) else _local(value, folder,
+                                                                                                      where)
         expanded[key] = value
     return expanded
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MAX_THREADS = 4096  # more than any machine's cores: a typo's 10**20 overflowed, 100000 ran out of memory
+
 
 @dataclass
 class EvalSettings:
@@ -28,7 +30,8 @@ class EvalSettings:
         from loramerge_cli.merging.registry import DTYPES
 
         for name, low in (("val_limit", 1), ("batch_size", 1), ("threads", 1), ("max_length", 2)):
-            check_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
+            check_integer(getattr(self, name), low, f"--{name.replace('_', '-')}",
+                          MAX_THREADS if name == "threads" else None)
         check_integer(self.sample_seed, 0, "sample_seed")
         if not isinstance(self.length_normalize, bool):
             raise UsageError(f"--length-normalize must be true or false (got {self.length_normalize!r})")

@@ -334,8 +334,7 @@ def test_a_tls_ray_cluster_is_only_connected_to(monkeypatch):
 
 
 def test_hostile_recipes_are_one_line_usage_errors(tmp_path, monkeypatch):
-    """(A review of recipes.) An adapter path naming nothing beside the recipe was read from the working folder
-    (one recipe, other adapters from elsewhere); a 500-byte alias bomb grew to gigabytes in a scalar flag, a
+    """(A review of recipes.) A 500-byte alias bomb grew to gigabytes in a scalar flag, a
     self-referencing list printed a traceback, /dev/zero as --config read until memory ran out; `drop-rate` and
     `drop_rate` together let the last win; `path` and `source` of one adapter dropped `source`; --threads 10**20
     overflowed and 100000 ran out of memory."""
@@ -344,11 +343,9 @@ def test_hostile_recipes_are_one_line_usage_errors(tmp_path, monkeypatch):
     folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
     monkeypatch.chdir(tmp_path)
     (tmp_path / "rc").mkdir()
-    adapters = "adapters:\n  a: inputs/a\n  b: inputs/b\n"  # relative to the working folder, not to rc/
     bomb = "merger: [&l0 [x, x, x, x, x, x, x, x, x]" + "".join(
         f", &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)) + "]\n"
     cases = {
-        "cwd.yaml": (adapters + "merger: ta\n", "nothing of that name beside the recipe"),
         "bomb.yaml": (f"adapters:\n  a: {folders['a']}\n  b: {folders['b']}\n" + bomb, "a nested list or a mapping"),
         "circle.yaml": (f"adapters:\n  a: {folders['a']}\n  b: {folders['b']}\nindices: &c [*c]\n",
                         "a nested list or a mapping"),
@@ -365,7 +362,21 @@ def test_hostile_recipes_are_one_line_usage_errors(tmp_path, monkeypatch):
         assert result.exit_code == 2, (name, result.exit_code, result.stderr[-500:])
         assert words in result.stderr and len(result.stderr) < 2000, (name, result.stderr[-500:])
         assert not (tmp_path / name).exists()
+    (tmp_path / "rc" / "unknown.yaml").write_text(f"adapters:\n  a: {folders['a']}\nfoo: {{a: 1}}\n")
+    unknown = invoke_cli(["merge", "--config", "rc/unknown.yaml", "--out", tmp_path / "unknown"])
+    assert unknown.exit_code == 2 and "unknown key 'foo'" in unknown.stderr, unknown.stderr
     big = invoke_cli(["merge", "--config", "/dev/zero", "--out", tmp_path / "zero"])
     assert big.exit_code == 1 and "is over 1 MiB: not a recipe" in big.stderr, big.stderr[-500:]
     huge = invoke_cli(["merge", "--threads", "99999999999999999999", "--adapters", folders["a"], "--out", "x"])
     assert huge.exit_code == 2 and "less than or equal to 4096" in huge.stderr, huge.stderr
+
+
+def test_a_recipe_piped_in_reads_paths_from_the_working_folder(tmp_path):
+    """A recipe read from a stream (`--config /dev/stdin`, bash's `<(...)`) resolved its relative paths under /dev
+    (`mask: t.json` was /dev/t.json, not found); they are the working folder's, as a table piped in."""
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    (tmp_path / "t.json").write_text(json.dumps(_table(folders)))
+    recipe = b"adapters: [a=inputs/a, b=inputs/b]\nmask: t.json\n"
+    merged = _cli(["merge", "--config", "/dev/stdin", "--out", "merged", "--json"], tmp_path, stdin=recipe)
+    assert merged.returncode == 0, merged.stderr
+    assert json.loads((tmp_path / "merged" / "mask.json").read_text())["weights"] == _table(folders)["weights"]

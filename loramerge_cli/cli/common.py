@@ -527,10 +527,6 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
         if flag in spellings:  # drop-rate and drop_rate: one setting given twice (the last would win)
             raise typer.BadParameter(f"{value}: {spellings[flag]!r} and {key!r} are one setting, given twice")
         spellings[flag] = str(key)
-        # (YAML aliases nest lists without bound: the text of one 500-byte recipe's would take gigabytes)
-        if isinstance(item, dict) or (isinstance(item, list) and any(isinstance(v, (list, dict)) for v in item)):
-            raise typer.BadParameter(f"{value}: {key}: a nested list or a mapping is no value for --{flag} (a value, "
-                                     "or a list of values)")
         option = by_flag.get(flag)
         if option is None and flag in spelled:
             ignored.append(f"{flag} (a merge's written dtype; this command reads {spelled[flag]})"
@@ -544,6 +540,10 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
                                      "commands)")
         if item is None or (option.name == "force" and item is False):  # `key: null`: not given
             continue
+        # (YAML aliases nest lists without bound: the text of one 500-byte recipe's would take gigabytes)
+        if isinstance(item, dict) or (isinstance(item, list) and any(isinstance(v, (list, dict)) for v in item)):
+            raise typer.BadParameter(f"{value}: {key}: a nested list or a mapping is no value for --{flag} (a value, "
+                                     "or a list of values)")
         if option.name == "force":  # replacing an output is asked for where it is done, not kept in a file
             raise typer.BadParameter(f"{value}: force is given on the command line only (--force), never in a "
                                      "recipe")

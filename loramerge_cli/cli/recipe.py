@@ -98,10 +98,9 @@ def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dic
     return header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
 
 
-def _local(value: str, folder: Path, origin: str) -> str:
+def _local(value: str, folder: Path) -> str:
     """A source written in a config file: a path relative to the file if it names one there, else as is (a Hub
-    id); one that names nothing beside the file but a path in the working folder is refused (the recipe would
-    read other files from elsewhere)."""
+    id, or a path in the working folder: `org/name` may be either, as for the command line)."""
     name, sep, spec = value.partition("=")
     if not sep or not name or "/" in name:
         name, sep, spec = "", "", value
@@ -110,10 +109,6 @@ def _local(value: str, folder: Path, origin: str) -> str:
     candidate = folder / spec
     if candidate.exists() or spec.startswith(("./", "../")):
         spec = str(candidate)
-    elif os.path.exists(spec):
-        raise typer.BadParameter(f"{origin}: {spec}: nothing of that name beside the recipe (its paths are relative "
-                                 f"to it: {candidate}), but a path in the working folder: write it relative to the "
-                                 "recipe, or absolute")
     return f"{name}{sep}{spec}"
 
 
@@ -208,7 +203,9 @@ PER_ADAPTER = "recipe_per_adapter"  # ctx.meta: {flag: {task: value}} of the rec
 def expand_config(data: dict, path: Path, command, meta: dict | None = None) -> dict:
     """A --config mapping with its `adapters` map spread into flags and its paths made relative to the file;
     the map's per-adapter values, by task name, go to `meta` (see `per_adapter_values`)."""
-    folder = path.parent
+    from loramerge_cli.adapters.card import is_stream_path
+
+    folder = Path.cwd() if is_stream_path(path) else path.parent  # a recipe piped in (`<(...)`): the working folder
     options = {option.name: option for option in command.params}
     data = {str(key): value for key, value in data.items()}
     if isinstance(data.get("adapters"), dict):
@@ -236,9 +233,7 @@ def expand_config(data: dict, path: Path, command, meta: dict | None = None) -> 
                 raise typer.BadParameter(f"{path}: {key}: a list is not a path or Hub id")
             for source in value if isinstance(value, list) else [value]:
                 _check_source(source, f"{path}: {key}")
-            where = f"{path}: {key}"
-            value = [_local(v, folder, where) for v in value] if isinstance(value, list) else _local(value, folder,
-                                                                                                      where)
+            value = [_local(v, folder) for v in value] if isinstance(value, list) else _local(value, folder)
         expanded[key] = value
     return expanded
 

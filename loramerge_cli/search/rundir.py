@@ -200,9 +200,12 @@ def resumed_flags(run_dir: Path, given: dict, values: dict) -> dict | None:
         return None
     _check_saved_flags(run_dir / CONFIG_NAME, saved)
     now = normal_flags({name: values[name] for name in given})
-    changed = [name for name in given if name not in RUN_ONLY_FLAGS and name in saved
-               and not _same_value(*((_named(now[name]), _named(saved[name])) if name == "adapters" else
-                                     (now[name], saved[name])))]
+    def differs(name: str) -> bool:
+        if name == "adapters":  # a name given or left to the source: the same task
+            return not _same_value(_named(now[name]), _named(saved[name]))
+        return not _same_value(now[name], saved[name])
+
+    changed = [name for name in given if name not in RUN_ONLY_FLAGS and name in saved and differs(name)]
     if changed:
         differences = "; ".join(f"{flag_name(name)} is {_shown(now[name])} but the saved run " + (
             "did not give it" if saved[name] is None else f"used {_shown(saved[name])}") for name in changed)

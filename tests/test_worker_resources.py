@@ -152,7 +152,7 @@ class RecordingEngine:
 
 
 class FakeWorkers:
-    def __call__(self, items):
+    def __call__(self, items, on_result=None):  # (as ParallelFitness and RayPool)
         return list(items)
 
     def __exit__(self, *exc):

@@ -85,7 +85,12 @@ def merge(adapters: list[Adapter], config: MergeConfig | None = None, table: Wei
           progress: Callable[[str], None] | None = None, **options) -> MergeResult:
     """The merge `loramerge merge` does: the table's recorded settings apply under `config`'s (a conflict needs
     `override=True`), then defaults. `options` are `plan_merge`'s (override, allow_base_mismatch, tuning).
-    `merging.merge.merge` merges with exactly `config` instead."""
+    `merging.merge.merge` merges with exactly `config` instead. It writes nothing: `write_merged_adapter` does,
+    or `plan_merge(..., out=...)` then `write`."""
+    writing = sorted(name for name in ("out", "force", "dtype") if name in options)
+    if writing:
+        raise UsageError(f"api.merge writes nothing, so it takes no {', '.join(writing)}: write its result with "
+                         "write_merged_adapter(result, adapters, out, ...), or plan_merge(..., out=...) then write")
     return merge_plan.execute(plan_merge(adapters, config, table, **options), progress)
 
 
@@ -141,7 +146,7 @@ def evaluate(tasks: str | Path, experts: list[Adapter], merged: list[Adapter] | 
     return eval_report(tasks, experts, merged, settings, **options)
 
 
-def check_table_flags(mask: str | Path | None, indices: str | None) -> None:
+def check_table_flags(mask: str | Path | None, indices: str | list[int] | None) -> None:
     """--mask or --indices (not both), an --indices list well formed: usage, before anything is read."""
     if mask is not None and indices is not None:
         raise UsageError("give --mask or --indices, not both")
@@ -149,7 +154,7 @@ def check_table_flags(mask: str | Path | None, indices: str | None) -> None:
         parse_indices(indices)
 
 
-def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indices: str | None = None):
+def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indices: str | list[int] | None = None):
     """The weight table of a --mask file or an --indices list (None for neither), checked against the adapters."""
     check_table_flags(mask, indices)
     if mask is not None:
@@ -167,12 +172,17 @@ def write_merged_adapter(result: MergeResult, adapters: list[Adapter], out_dir: 
     if not isinstance(result, MergeResult):
         raise UsageError(f"result must be a MergeResult (api.merge returns one), not {result!r}")
     merge_plan.check_loaded(adapters)
-    return writer.write_merged_adapter(result, adapters, out_dir, **options)
+    extra = {**result.provenance, **(options.pop("extra_provenance", None) or {})}  # λ tuning, RegMean's inputs
+    return writer.write_merged_adapter(result, adapters, out_dir, extra_provenance=extra, **options)
 
 
 def write_adapters(adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
-    """Write each adapter to OUT/<name>/; never into an input adapter's folder (even with force)."""
+    """Write each adapter to OUT/<name>/; never into an input adapter's folder (even with force). Without
+    `table=`, OUT/mask.json records the table of ones over them (every unit kept, as written), which marks the
+    folder as apply-mask's output: `force=True` can replace it, as it never replaces a folder of adapters."""
     merge_plan.check_loaded(adapters)
+    if options.get("table") is None:
+        options["table"] = ones_table(adapters)
     return writer.write_adapters(adapters, out_dir, **options)
 
 

@@ -46,6 +46,24 @@ def is_finite_number(value) -> bool:
         return False
 
 
+def plain_value(value):
+    """A numpy number as the Python number it holds (`np.float32(0.5)` is 0.5; lists and tuples item by item):
+    settings a library caller computed with numpy are checked, compared and written to JSON as given by hand."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        return type(value)(plain_value(item) for item in value)
+    return value
+
+
+def plain_fields(settings) -> None:
+    """Every field of a settings dataclass as plain_value gives it (in place)."""
+    from dataclasses import fields
+
+    for item in fields(settings):
+        setattr(settings, item.name, plain_value(getattr(settings, item.name)))
+
+
 def check_integer(value, low: int, flag: str, high: int | None = None) -> None:
     """`flag` must be an integer >= low (and <= high, if given; None: not given)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

@@ -109,13 +109,17 @@ def from_pruned_indices(adapters: list[Adapter], indices: list[int]) -> WeightTa
     return table
 
 
-def parse_indices(text: str) -> list[int]:
-    """--indices as a list of flat (task, unit) indices; a malformed value (or a negative index) is a usage
-    error, an index past the adapters' units a data error (found once they are read)."""
-    try:
-        values = json.loads(text)
-    except (ValueError, RecursionError):  # not JSON, an integer of over 4,300 digits, nesting too deep
-        values = None
+def parse_indices(text: str | list[int]) -> list[int]:
+    """--indices (JSON text, or a list of integers from the library) as a list of flat (task, unit) indices; a
+    malformed value (or a negative index) is a usage error, an index past the adapters' units a data error
+    (found once they are read)."""
+    if isinstance(text, (list, tuple)):
+        values = list(text)
+    else:
+        try:
+            values = json.loads(text) if isinstance(text, (str, bytes)) else None
+        except (ValueError, RecursionError):  # not JSON, an integer of over 4,300 digits, nesting too deep
+            values = None
     if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
         raise UsageError(f"--indices: expected a JSON list of integers >= 0 like \"[3, 17]\", got {text!r}")
     return values

@@ -266,8 +266,9 @@ def test_a_third_review_s_false_refusals_and_messages(folders, tmp_path, monkeyp
     assert invoke_cli(["merge", "--adapters", *_sources(folders), "--out", out, "--force"]).exit_code == 0
     adapters = api.load_adapters(_sources(folders))
     api.write_adapters(adapters, tmp_path / "plain", force=True)
+    (tmp_path / "plain" / "mask.json").unlink()  # then it is as a folder of one's own adapters would be
     with pytest.raises(LoramergeError, match="holds adapter folders but no mask.json"):  # said "no loramerge.json"
-        api.write_adapters(adapters, tmp_path / "plain", force=True)  # as a folder of one's own adapters would be
+        api.write_adapters(adapters, tmp_path / "plain", force=True)
     assert invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out",
                        tmp_path / "pruned"]).exit_code == 0
     guard_output(tmp_path / "pruned" / "a" / "mask.json", kind="file")  # --force of pruned/ would refuse, not delete

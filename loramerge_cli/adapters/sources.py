@@ -57,6 +57,13 @@ class LocalFiles:
     revision: str | None = None
 
 
+def as_sources(arguments) -> list:
+    """Sources as a list (one source given alone is not a sequence of characters), paths (`pathlib.Path`) as the
+    text a command line gives; loaded Adapters (the library API) as they are."""
+    arguments = [arguments] if isinstance(arguments, (str, os.PathLike)) else list(arguments)
+    return [os.fspath(argument) if isinstance(argument, os.PathLike) else argument for argument in arguments]
+
+
 def split_name(argument: str) -> NamedSource:
     """`rte=./adapters/rte` -> (rte, ./adapters/rte); a plain source has no name yet."""
     head, sep, tail = argument.partition("=")

@@ -48,20 +48,13 @@ def check_settings_fit(settings: EvalSettings, task_file, tasks) -> None:
                          f"(model_type {task_file.model_type}) have no choices")
 
 
-def as_sources(arguments) -> list:
-    """Sources as a list (one source given alone is not a sequence of characters)."""
-    import os
-
-    return [arguments] if isinstance(arguments, (str, os.PathLike)) else list(arguments)
-
-
 def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settings: EvalSettings | None = None, *,
               base: str | None = None, run_dir=None, out=None, force: bool = False, allow_pickle: bool = False,
               allow_base_mismatch: bool = False, backend=None) -> EvalPlan:
     """Every check `eval` makes before an adapter or the model loads: the settings, every data row, the inputs,
     the run directory (a score cache) and the report's file (never over an input; an existing report only with
     `force`)."""
-    from loramerge_cli.adapters.sources import check_base_given, source_names
+    from loramerge_cli.adapters.sources import as_sources, check_base_given, source_names
     from loramerge_cli.errors import UsageError
     from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file

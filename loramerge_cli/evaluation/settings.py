@@ -26,8 +26,10 @@ class EvalSettings:
         """Every setting in range (a usage error naming the flag), before any file is read."""
         import math
 
-        from loramerge_cli.errors import UsageError, check_integer
+        from loramerge_cli.errors import UsageError, check_integer, plain_fields
         from loramerge_cli.merging.registry import DTYPES
+
+        plain_fields(self)  # numpy numbers as Python ones
 
         for name, low in (("val_limit", 1), ("batch_size", 1), ("threads", 1), ("max_length", 2)):
             check_integer(getattr(self, name), low, f"--{name.replace('_', '-')}",

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.evaluation.task_types import DEFAULT as DEFAULT_TASK_TYPE
 from loramerge_cli.evaluation.task_types import TASK_TYPES, TaskType
 
@@ -123,6 +123,9 @@ def load_task_file(path: str | Path) -> TaskFile:
 
     from loramerge_cli.yaml_documents import load_yaml, yaml_problem
 
+    if not isinstance(path, (str, os.PathLike)):
+        raise UsageError(f"the task spec is given by its file's path (tasks.yaml), not as {type(path).__name__}: "
+                         "its data paths are read from its folder")
     path = Path(path)
     try:
         document = load_yaml(path.read_text(encoding="utf-8"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loramerge_cli.errors import UsageError, check_integer, check_seed, is_finite_number
+from loramerge_cli.errors import UsageError, check_integer, check_seed, is_finite_number, plain_fields
 
 
 @dataclass
@@ -22,6 +22,7 @@ class EnmpSettings:
     x0: float = -1.0
 
     def check(self) -> None:
+        plain_fields(self)  # numpy numbers as Python ones
         check_seed(self.seed)
         if not (is_finite_number(self.max_prune) and 0.0 < self.max_prune <= 1.0):
             raise UsageError(f"--max-prune must be a number in (0, 1] (got {self.max_prune!r})")

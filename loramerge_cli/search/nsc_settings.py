@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loramerge_cli.errors import UsageError, check_integer, check_seed, is_finite_number
+from loramerge_cli.errors import UsageError, check_integer, check_seed, is_finite_number, plain_fields
 
 OBJECTIVES = ("nsc", "entropy")
 LARGEST = 1e3  # the largest --lr and |--init|: coefficients of the merge's scale (about 1/T), not overflow
@@ -27,6 +27,7 @@ class NscSettings:
     checkpoint_every: int = 10  # steps between run-directory checkpoints
 
     def check(self) -> None:
+        plain_fields(self)  # numpy numbers as Python ones
         for name in ("target_blocks", "target_modules"):  # a string would be read one character at a time
             value = getattr(self, name)
             if value is not None and (isinstance(value, str) or not all(isinstance(item, str) for item in value)):

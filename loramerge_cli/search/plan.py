@@ -53,6 +53,12 @@ class SearchRequest:
     command: str = ""
     flags: dict | None = None  # the CLI's flags, saved in the run dir so that --resume alone can continue
 
+    def __post_init__(self) -> None:
+        from loramerge_cli.adapters.sources import as_sources
+
+        if self.adapters is not None:
+            self.adapters = as_sources(self.adapters)  # `pathlib.Path`s as text, as the command line gives them
+
 
 @dataclass
 class SearchPlan:

@@ -1,0 +1,118 @@
+"""Review of session 24 (the library API as a Python user): each test failed before its fix."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from factories import write_task_folders
+
+
+def _loaded(setting):
+    from loramerge_cli import api
+
+    return api.load_adapters([f"{name}={folder}" for name, folder in setting.adapters.items()])
+
+
+def test_write_merged_adapter_keeps_the_tuning_record(text_setting, tmp_path):
+    """api.write_merged_adapter of a λ-tuned merge wrote no `lambda_tuning` (api.write did): the card read as if
+    λ had been given by hand."""
+    from loramerge_cli import api
+    from loramerge_cli.api import LambdaTuning, MergeConfig
+
+    adapters = _loaded(text_setting)
+    result = api.merge(adapters, MergeConfig(merger="ta"), tuning=LambdaTuning(text_setting.tasks_file, threads=1,
+                                                                                val_limit=8))
+    api.write_merged_adapter(result, adapters, tmp_path / "tuned")
+    recorded = json.loads((tmp_path / "tuned" / "loramerge.json").read_text())
+    assert recorded["lambda_tuning"]["best"] == result.provenance["lambda_tuning"]["best"]
+    assert "lambda_tuning" in result.provenance
+
+
+def test_write_adapters_output_can_be_replaced_with_force(tmp_path):
+    """A folder api.write_adapters wrote without a table could not be replaced even with force=True."""
+    from loramerge_cli import api
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    adapters = api.load_adapters([f"{name}={folder}" for name, folder in folders.items()])
+    api.write_adapters(adapters, tmp_path / "copies")
+    api.write_adapters(adapters, tmp_path / "copies", force=True)
+    table = api.load_table(tmp_path / "copies" / "mask.json")
+    assert table.tasks == ["a", "b"] and all(weight == 1.0 for row in table.weights for weight in row)
+    again = api.load_adapters([f"{name}={tmp_path / 'copies' / name}" for name in ("a", "b")])
+    for first, second in zip(adapters, again):
+        for path, module in first.modules.items():
+            assert (module.lora_B @ module.lora_A).allclose(second.modules[path].lora_B @ second.modules[path].lora_A)
+
+
+def test_paths_are_taken_as_sources(text_setting, tmp_path):
+    """pathlib.Path adapters in plan_eval and SearchRequest failed with AttributeError."""
+    from loramerge_cli import api
+    from loramerge_cli.api import EvalSettings, MergeConfig
+
+    experts = [Path(folder) for folder in text_setting.adapters.values()]
+    plan = api.plan_eval(text_setting.tasks_file, experts, settings=EvalSettings(threads=1, val_limit=4))
+    assert plan.experts == [str(folder) for folder in experts]
+    request = api.SearchRequest(adapters=experts, merge=MergeConfig(), tasks=text_setting.tasks_file,
+                                eval=EvalSettings(threads=1, val_limit=4), strategy="greedy", budget=2)
+    assert api.plan_search(request).request.adapters == [str(folder) for folder in experts]
+
+
+def test_numpy_numbers_are_taken_as_python_ones(tmp_path):
+    """np.float32 energy passed the check and failed writing JSON (raw TypeError); np.float32 density/λ and
+    np.int64 seeds were refused, the seed with a message saying the value was out of range."""
+    np = pytest.importorskip("numpy")
+    from loramerge_cli import api
+    from loramerge_cli.api import EnmpSettings, MergeConfig
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    adapters = api.load_adapters([f"{name}={folder}" for name, folder in folders.items()])
+    for given, plain in (
+        (MergeConfig(merger="ties", energy=np.float32(0.99), density=np.float32(0.5), lam=np.float64(0.5),
+                     weights=[np.float32(1.0), np.float32(0.5)]),
+         MergeConfig(merger="ties", energy=float(np.float32(0.99)), density=0.5, lam=0.5, weights=[1.0, 0.5])),
+        (MergeConfig(merger="dare_ties", seed=np.int64(3), params={"drop_rate": np.float32(0.25)}),
+         MergeConfig(merger="dare_ties", seed=3, drop_rate=0.25)),
+    ):
+        assert given == plain
+        api.write_merged_adapter(api.merge(adapters, given), adapters, tmp_path / "np", force=True)
+        api.write_merged_adapter(api.merge(adapters, plain), adapters, tmp_path / "plain", force=True)
+        assert (tmp_path / "np" / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / "plain" / "adapter_model.safetensors").read_bytes()
+    settings = EnmpSettings(seed=np.int64(7), popsize=np.int32(4), max_prune=np.float32(0.5))
+    settings.check()
+    assert settings.seed == 7 and type(settings.popsize) is int
+
+
+def test_wrong_types_are_usage_errors(text_setting, tmp_path):
+    """A dict task spec raised a raw TypeError; a list of indices one from json."""
+    import yaml
+
+    from loramerge_cli import api
+    from loramerge_cli.errors import UsageError
+
+    adapters = _loaded(text_setting)
+    spec = yaml.safe_load(Path(text_setting.tasks_file).read_text())
+    with pytest.raises(UsageError, match="by its file's path"):
+        api.evaluate(spec, adapters)
+    with pytest.raises(UsageError, match="by its file's path"):
+        api.plan_eval(spec, [str(folder) for folder in text_setting.adapters.values()])
+    assert api.parse_indices([1, 2]) == api.parse_indices("[1, 2]") == [1, 2]
+    table = api.weight_table(adapters, indices=[0])
+    assert table.weights[0][0] == 0.0 and sum(w for row in table.weights for w in row) == \
+        len(table.tasks) * len(table.units) - 1
+    for bad in ([-1], [True], 3, None):
+        with pytest.raises(UsageError):
+            api.parse_indices(bad)
+
+
+def test_merge_refuses_an_output(tmp_path):
+    """api.merge(..., out=...) wrote nothing and returned factors in the output dtype, without a word."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import UsageError
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    adapters = api.load_adapters([f"{name}={folder}" for name, folder in folders.items()])
+    with pytest.raises(UsageError, match="writes nothing"):
+        api.merge(adapters, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()

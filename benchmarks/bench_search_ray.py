@@ -132,3 +132,11 @@ def render_ray(report: dict) -> None:
     overhead = report["overhead_seconds_per_candidate"]
     if overhead is not None:
         print(f"1 actor − serial per candidate, steady generations: {1000 * overhead:.1f} ms (load noise included)")
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("bench_search_ray.py is the Ray part of bench_search.py: run `python benchmarks/bench_search.py "
+          "--backend ray` (--help for its flags)", file=sys.stderr)
+    sys.exit(2)

@@ -11,6 +11,7 @@
 # Also runs the tests marked cuda (tests/test_cuda.py). Exit status: 0 all checks pass, 1 a check failed,
 # 2 no GPU, 124 out of time.
 set -euo pipefail
+case "${1:-}" in -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -18,7 +19,6 @@ PYTHON=${PYTHON:-.venv/bin/python}
 RESULTS=${OUT:+$OUT/gpu_check}
 RESULTS=${RESULTS:-gpu_check}
 LIMIT_S=${GPU_CHECK_LIMIT_S:-480}
-mkdir -p "$RESULTS"
 export HF_HUB_OFFLINE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 started=$(date +%s)
 left() { echo $((LIMIT_S - ($(date +%s) - started))); }
@@ -30,6 +30,7 @@ if not torch.cuda.is_available():
     sys.exit(2)
 print(f"torch {torch.__version__}, {torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}")
 EOF
+mkdir -p "$RESULTS"  # (after the check: a machine without a GPU gets nothing written)
 
 # The bundled example (built once, ~3 minutes on 2 cores; skipped when up to date).
 timeout "$(left)" "$PYTHON" -m examples.bundled.build 2>&1 | tail -n 2

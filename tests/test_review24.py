@@ -116,3 +116,22 @@ def test_merge_refuses_an_output(tmp_path):
     with pytest.raises(UsageError, match="writes nothing"):
         api.merge(adapters, out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_hf_prefix_error_does_not_speak_of_a_local_path(tmp_path, monkeypatch):
+    """`hf://org/name` (the Hub only) missing from the cache said "no such local file or folder, and as a Hub id",
+    as if a local path had been looked for."""
+    import huggingface_hub.constants as constants
+
+    from loramerge_cli.adapters.sources import resolve
+    from loramerge_cli.errors import LoramergeError
+
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(LoramergeError) as hub_only:
+        resolve("hf://org/name")
+    assert str(hub_only.value).startswith("hf://org/name: not in the local Hugging Face cache"), hub_only.value
+    with pytest.raises(LoramergeError, match="^org/name: no such local file or folder, and as a Hub id: not in"):
+        resolve("org/name")

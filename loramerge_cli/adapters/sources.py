@@ -259,7 +259,8 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
 
     patterns = [CONFIG_NAME, SAFETENSORS_NAME] + ([PICKLE_NAME] if allow_pickle else [])
     # a mistyped relative path reads as a Hub id (adaptors/rte): say that no such local path exists either
-    local = "no such local file or folder, and as a Hub id: " if "@" not in spec and "/" in spec else ""
+    local = "no such local file or folder, and as a Hub id: " \
+        if "@" not in spec and "/" in spec and not spec.startswith("hf://") else ""  # (hf://: the Hub only)
     from huggingface_hub import constants
 
     try:

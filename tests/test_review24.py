@@ -1,6 +1,7 @@
 """Review of session 24 (the library API as a Python user): each test failed before its fix."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,97 @@ def test_hf_prefix_error_does_not_speak_of_a_local_path(tmp_path, monkeypatch):
     assert str(hub_only.value).startswith("hf://org/name: not in the local Hugging Face cache"), hub_only.value
     with pytest.raises(LoramergeError, match="^org/name: no such local file or folder, and as a Hub id: not in"):
         resolve("org/name")
+
+
+def _images(folder: Path, classes, count: int = 2, seed: int = 0) -> None:
+    import torch
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    for class_name in classes:
+        (folder / class_name).mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            pixels = (torch.rand(8, 8, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(folder / class_name / f"{index}.png")
+
+
+def test_numbered_class_folders_whose_text_order_is_not_numeric_are_refused(tmp_path):
+    """Folders 0 … 11 were numbered in text order (0, 1, 10, 11, 2, …) without a word, while the docs said folders
+    named by their indices keep them; a head may have been trained on either order, so `labels` must say which."""
+    from eval_fixtures import write_tasks_file
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.data import check_task_file
+
+    names = [str(index) for index in range(12)]
+    _images(tmp_path / "images", names, count=1)
+    for extra in ({}, {"num_labels": 12}):
+        spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "image-classification", "tasks": [
+            {"name": "digits", "data": {"validation": "images"}, **extra}]})
+        with pytest.raises(LoramergeError, match="order as text .0, 1, 10, 11, …. is not their order as numbers"):
+            check_task_file(spec)
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "image-classification", "tasks": [
+        {"name": "digits", "data": {"validation": "images"}, "labels": names}]})
+    assert check_task_file(spec) is not None
+    _images(tmp_path / "few", names[:10], count=1)  # 0 … 9: text and numbers agree
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "image-classification", "tasks": [
+        {"name": "digits", "data": {"validation": "few"}}]})
+    assert check_task_file(spec) is not None
+
+
+@pytest.fixture(scope="module")
+def vit_setting(tmp_path_factory):
+    from eval_fixtures import build_vit_classifier, save_peft_adapter
+
+    root = tmp_path_factory.mktemp("vit")
+    base = build_vit_classifier(root / "base")
+    adapter = save_peft_adapter(base, root / "shapes", ["q_proj", "v_proj"], "AutoModelForImageClassification", None,
+                                seed=5, head_modules=["classifier"])
+    return base, adapter
+
+
+def _eval_images(vit_setting, root: Path, *flags):
+    import subprocess
+    import sys
+
+    from eval_fixtures import write_tasks_file
+
+    base, adapter = vit_setting
+    spec = write_tasks_file(root / "tasks.yaml", {"base_model": str(base), "model_type": "image-classification",
+                                                  "tasks": [{"name": "shapes", "data": {"validation": "images"}}]})
+    return subprocess.run([sys.executable, "-m", "loramerge_cli", "eval", "--adapters", f"shapes={adapter}",
+                           "--tasks", str(spec), "--threads", "1", *flags], capture_output=True, timeout=300,
+                          check=False, cwd=root)
+
+
+def test_image_files_with_non_utf8_names_are_read(vit_setting, tmp_path):
+    """A file whose name is not UTF-8 anywhere in an image folder (a stray text file, a hidden file, an image)
+    was an internal error (UnicodeEncodeError) while the split was fingerprinted."""
+    _images(tmp_path / "images", ("circle", "square", "star"))
+    folder = os.fsencode(tmp_path / "images" / "circle")
+    with open(folder + b"/\xff.txt", "wb") as handle:
+        handle.write(b"x")
+    with open(folder + b"/.\xff.png", "wb") as handle:
+        handle.write(b"not an image, hidden")
+    with open(folder + b"/1.png", "rb") as source, open(folder + b"/\xff\xfe.png", "wb") as handle:
+        handle.write(source.read())
+    result = _eval_images(vit_setting, tmp_path, "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["examples"] == {"shapes": 7}  # six images, and the one named in bytes
+
+
+def test_a_corrupt_exif_block_prints_nothing_under_quiet(vit_setting, tmp_path):
+    """PIL's "Corrupt EXIF data" warning reached stderr (twice, with its source line) under --quiet and --json."""
+    from PIL import Image
+
+    _images(tmp_path / "images", ("circle", "square", "star"))
+    image = Image.open(tmp_path / "images" / "star" / "0.png").convert("RGB")
+    image.save(tmp_path / "images" / "star" / "2.jpg", exif=b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\xff\xff garbage")
+    with pytest.warns(UserWarning, match="Corrupt EXIF"):  # (the file does make PIL warn)
+        from PIL import ImageOps
+
+        with Image.open(tmp_path / "images" / "star" / "2.jpg") as opened:
+            ImageOps.exif_transpose(opened)
+    result = _eval_images(vit_setting, tmp_path, "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b"", result.stderr

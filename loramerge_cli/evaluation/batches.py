@@ -167,8 +167,9 @@ def decoded_image(value, transform: bool = True):
     from PIL import Image, ImageOps
 
     try:
-        with warnings.catch_warnings():  # PIL warns, on stderr, of images near its guard: the guard decides
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # PIL warns, on stderr, of images near its guard (the guard decides) and
+            warnings.simplefilter("ignore")  # of a corrupt EXIF block (the image is used as stored): --quiet and
+            # --json keep stderr for loramerge's own lines
             with Image.open(io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value) as image:
                 image.load()
                 if image.mode.startswith(WIDE_MODES):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,7 @@ def load_examples(
     for value in inputs if task_file.type.inputs_name_files else ():  # files a listing names (images): each
         if isinstance(value, (str, Path)) and Path(value).is_file():  # one's size and mtime, not only the listing
             stat = Path(value).stat()
-            digest.update(f"{value}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(f"{value}:{stat.st_size}:{stat.st_mtime_ns}".encode(errors="surrogateescape"))  # (any name)
     return Examples(task.name, split, inputs, labels, digest.hexdigest(), len(rows_read), limit,
                     "--val-limit" if by_val_limit else "limit")
 
@@ -262,6 +263,6 @@ def _content_hash(source: Path) -> str:
     digest = hashlib.sha256()
     files = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file())
     for file in files:
-        digest.update(str(file.relative_to(source) if file != source else "").encode())
+        digest.update(os.fsencode(file.relative_to(source)) if file != source else b"")  # (any name's bytes)
         read_into(digest, file)
     return digest.hexdigest()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -127,9 +128,9 @@ def base_identity(base: str, model) -> str:
         for file in sorted(path for path in folder.iterdir() if path.is_file()):
             if file.suffix in (".safetensors", ".bin", ".pt", ".pth"):
                 stat = file.stat()
-                digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                digest.update(os.fsencode(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}"))
             else:
-                digest.update(file.name.encode() + b":" + hashlib.sha256(file.read_bytes()).digest())
+                digest.update(os.fsencode(file.name) + b":" + hashlib.sha256(file.read_bytes()).digest())
     else:
         digest.update(f"{base}@{getattr(model.config, '_commit_hash', None)}".encode())
     return digest.hexdigest()

@@ -56,6 +56,13 @@ class ImageClassification(TaskType):
         if not names:
             splits = [Path(path) for path in task.data.values() if Path(path).is_dir()]
             names = sorted(set().union(*(class_folders(split) for split in splits)))
+            numbers = all(name.isdecimal() and str(int(name)) == name for name in names)
+            if numbers and names != sorted(names, key=int):  # `10` sorts before `2` as text
+                shown = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
+                raise task_file.error(
+                    f"{task.where}.labels", f"the class folders are numbers whose order as text ({shown}) is not "
+                    "their order as numbers, and a head may have been trained on either (torchvision's "
+                    "ImageFolder numbers them as text): name the classes in labels, in the head's order")
             if task.num_labels is not None and len(names) < task.num_labels and _index_names(names, task.num_labels):
                 names = [str(index) for index in range(task.num_labels)]  # folders 0 … 8 of a 10-wide head: the
                 # folder names are the class indices (their sorted order agrees), whatever class no split holds

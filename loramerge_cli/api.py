@@ -186,32 +186,39 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, **options) -> P
     return writer.write_adapters(adapters, out_dir, **options)
 
 
-def module_norm_squared(module: LoraModule) -> float:
-    """‖B̃A‖_F² = trace((B̃ᵀB̃)(AAᵀ)), from the r×r Gram matrices: never forms B̃A."""
-    scaled_B, A = module.factors(torch.float64)
-    return float(((scaled_B.T @ scaled_B) * (A @ A.T)).sum())
-
-
 def module_norm(module: LoraModule) -> float:
-    return math.sqrt(max(module_norm_squared(module), 0.0))
+    """‖B̃A‖_F = |scale|·‖BA‖_F, with ‖BA‖_F² = trace((BᵀB)(AAᵀ)) from the r×r Gram matrices: never forms BA. The
+    factors are divided by their largest entries first and the scale applied last, so that a huge lora_alpha gives
+    a huge norm (or inf), never NaN."""
+    B, A = module.lora_B.to(torch.float64), module.lora_A.to(torch.float64)
+    largest_B, largest_A = float(B.abs().max()) if B.numel() else 0.0, float(A.abs().max()) if A.numel() else 0.0
+    if largest_B == 0.0 or largest_A == 0.0:
+        return 0.0
+    B, A = B / largest_B, A / largest_A
+    squared = float(((B.T @ B) * (A @ A.T)).sum())
+    return abs(module.scale) * largest_B * largest_A * math.sqrt(max(squared, 0.0))
 
 
 def norm_grid(adapters: list[Adapter]) -> dict:
-    """‖B̃A‖_F per (unit, task), summed in squares over the unit's modules; None where a task has none.
+    """‖B̃A‖_F per (unit, task), over the unit's modules (the root of their squares' sum); None where a task has
+    none, or where the norm is past float64's range (the adapter's note says so).
 
     Modules outside any block are listed under their own path after the units.
     """
-    squares: dict[str, list[float | None]] = {}
+    norms: dict[str, list[list[float]]] = {}
     for task, adapter in enumerate(adapters):
         for path, module in adapter.modules.items():
-            row = squares.setdefault(module.unit or path, [None] * len(adapters))
-            row[task] = (row[task] or 0.0) + module_norm_squared(module)
+            norms.setdefault(module.unit or path, [[] for _ in adapters])[task].append(module_norm(module))
     block_keys = {m.unit for a in adapters for m in a.modules.values() if m.unit is not None}
     blocks = sorted_units(block_keys)
-    others = sorted(key for key in squares if key not in block_keys)
+    others = sorted(key for key in norms if key not in block_keys)
     rows = blocks + others
-    values = [[None if value is None else math.sqrt(max(value, 0.0)) for value in squares[row]] for row in rows]
+    values = [[_finite_or_none(math.hypot(*cell)) if cell else None for cell in norms[row]] for row in rows]
     return {"tasks": [a.name for a in adapters], "units": rows, "blocks": len(blocks), "values": values}
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
 
 
 def _size_bytes(adapter: Adapter) -> int:
@@ -279,7 +286,7 @@ def _notes(adapter: Adapter) -> list[str]:
 def _counts(values) -> dict:
     """{value: how many modules}, as JSON-friendly strings sorted by value."""
     counts = Counter(values)
-    return {str(int(v) if float(v).is_integer() else v): counts[v] for v in sorted(counts)}
+    return {str(int(v) if float(v).is_integer() and abs(v) < 2**53 else v): counts[v] for v in sorted(counts)}
 
 
 def inspect_adapters(adapters: list[Adapter]) -> dict:

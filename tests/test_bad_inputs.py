@@ -117,7 +117,6 @@ CASES = {
          g[1]], "convolution"),
     "NaN weights": lambda t, g: (["--adapters", _folder(t, adapter=_nan_adapter()), g[1]], "NaN"),
     "Inf weights": lambda t, g: (["--adapters", _folder(t, adapter=_inf_adapter()), g[1]], "Inf"),
-    "duplicate names": lambda t, g: (["--adapters", g[0], g[0]], "name=source"),
     "mask tasks differ": lambda t, g: (
         ["--adapters", *g, *_mask(t, g, lambda d: d.update(tasks=["a", "z"]))], "tasks"),
     "mask units differ": lambda t, g: (
@@ -135,6 +134,7 @@ CASES = {
 # Usage errors (a flag value or combination that cannot work): exit 2, before anything is read. These cases
 # exited 1 before issue 12 (the bug: usage errors exited 2 or 1 depending on the flag).
 USAGE_CASES = {
+    "duplicate names (name=source mends it)": lambda t, g: (["--adapters", g[0], g[0]], "name=source"),
     "unknown method": lambda t, g: (["--adapters", *g, "--merger", "average"], "'average' is not one of"),
     "seed 0": lambda t, g: (["--adapters", *g, "--merger", "dare", "--seed", "0"], "--seed"),
     "lambda auto without tasks": lambda t, g: (["--adapters", *g, "--lambda", "auto"], "--tasks"),

@@ -360,7 +360,7 @@ def test_a_search_recipe_merges_and_a_recipe_s_indices_may_be_a_yaml_list(settin
     assert by_flag.exit_code == 0, by_flag.stderr
     name = "adapter_model.safetensors"
     assert (tmp_path / "listed" / name).read_bytes() == (tmp_path / "flag" / name).read_bytes()
-    one_line(invoke_cli(["inspect", f"x y={setting.adapters['alpha']}"]), "'x y' cannot be a task name")
+    one_line(invoke_cli(["inspect", f"x y={setting.adapters['alpha']}"]), "'x y' cannot be a task name", code=2)
 
 
 def test_force_refuses_an_apply_mask_output_whose_table_or_heads_were_edited(setting, tmp_path):

@@ -230,3 +230,80 @@ def test_a_corrupt_exif_block_prints_nothing_under_quiet(vit_setting, tmp_path):
     result = _eval_images(vit_setting, tmp_path, "--quiet")
     assert result.returncode == 0, result.stderr
     assert result.stderr == b"", result.stderr
+
+
+def _huge_alpha(folder: Path, alpha: float) -> None:
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config["lora_alpha"] = alpha
+    config["alpha_pattern"] = {key: alpha for key in config.get("alpha_pattern") or {}}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+
+
+def test_inspect_of_a_huge_alpha_gives_numbers_not_nan(tmp_path, monkeypatch):
+    """lora_alpha 1e160: the norms were NaN (bare NaN in --json), the heatmap an internal error, the scale a
+    160-digit integer."""
+    from factories import invoke_cli
+
+    from loramerge_cli import api
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    plain = {key: value for key, value in zip(
+        ("a", "b"), api.norm_grid(api.load_adapters([str(folders["a"]), str(folders["b"])]))["values"][0])}
+    _huge_alpha(folders["a"], 1e160)
+    result = invoke_cli(["inspect", folders["a"], folders["b"], "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout, parse_constant=lambda name: pytest.fail(f"{name} in --json"))
+    first_unit = report["norms"]["values"][0]
+    assert first_unit[1] == pytest.approx(plain["b"], rel=1e-12)  # (the plain adapter's norm, unchanged)
+    alpha_before = 3.0  # write_task_folders' first adapter: rank 2, alpha 3
+    assert first_unit[0] == pytest.approx(plain["a"] * 1e160 / alpha_before, rel=1e-9)
+    assert all(len(scale) < 20 for scale in report["adapters"][0]["scales"])
+    monkeypatch.setenv("FORCE_COLOR", "1")
+    assert invoke_cli(["inspect", folders["a"], folders["b"], "--heatmap"]).exit_code == 0
+    _huge_alpha(folders["a"], 1.7e308)  # past float64: null, and the note says why
+    report = json.loads(invoke_cli(["inspect", folders["a"], "--json"]).stdout,
+                        parse_constant=lambda name: pytest.fail(f"{name} in --json"))
+    assert report["norms"]["values"][0] == [None] and "beyond the range" in report["adapters"][0]["notes"][0]
+
+
+def test_inspect_shows_the_scale_and_rslora(tmp_path):
+    """The table showed ranks and alphas only: an rsLoRA adapter (scale α/√r) looked like a plain one (α/r)."""
+    from factories import invoke_cli
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    config = json.loads((folders["b"] / "adapter_config.json").read_text())
+    (folders["b"] / "adapter_config.json").write_text(json.dumps({**config, "use_rslora": True}))
+    result = invoke_cli(["inspect", folders["a"], folders["b"]])
+    assert result.exit_code == 0, result.stderr
+    scales = next(line for line in result.stdout.splitlines() if "scales" in line)
+    assert "(α/r)" in scales and "(rsLoRA: α/√r)" in scales, scales
+
+
+def test_weights_read_by_their_bytes_and_unreadable_ones_said_so(tmp_path):
+    """A folder whose path is not UTF-8 was "corrupt or truncated" (safetensors opens UTF-8 paths only); a weights
+    file that cannot be read was "No such file or directory"; task names mended on the command line are usage
+    errors (exit 2; `x y=` was 1)."""
+    from factories import invoke_cli
+
+    from loramerge_cli.adapters.peft_reader import read_tensors
+    from loramerge_cli.errors import LoramergeError
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    odd = os.fsdecode(os.fsencode(tmp_path) + b"/a\xff")
+    os.rename(folders["a"], odd)
+    result = invoke_cli(["inspect", f"a={odd}", folders["b"], "--json"])
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["adapters"][0]["modules"] > 0
+    (tmp_path / "dir.safetensors").mkdir()
+    with pytest.raises(LoramergeError, match=r"dir.safetensors: cannot read \(Is a directory\)"):
+        read_tensors(tmp_path / "dir.safetensors")
+    if os.geteuid() != 0:  # (root reads any file)
+        weights = folders["b"] / "adapter_model.safetensors"
+        weights.chmod(0)
+        try:
+            with pytest.raises(LoramergeError, match=r"cannot read \(Permission denied\)"):
+                read_tensors(weights)
+        finally:
+            weights.chmod(0o644)
+    for args in ([f"x y={folders['b']}"], [str(folders["b"]), str(folders["b"])]):
+        assert invoke_cli(["inspect", *args]).exit_code == 2

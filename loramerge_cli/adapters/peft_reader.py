@@ -75,7 +75,7 @@ def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adap
     seen: dict[str, str] = {}
     for adapter in adapters:
         if adapter.name in seen:
-            raise LoramergeError(
+            raise UsageError(
                 f"two adapters are named {adapter.name!r} ({seen[adapter.name]}, {adapter.source.spec}); "
                 "name them with name=source"
             )
@@ -151,12 +151,30 @@ def check_field_types(config: dict, spec: str) -> None:
             raise LoramergeError(f"{spec}: adapter_config.json: {name} must be {what} (got {shown})")
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a name of other bytes, as os gives it (surrogate escapes)
+        return False
+    return True
+
+
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
+        try:
+            with open(path, "rb") as handle:  # (a file that cannot be read is not called missing or corrupt)
+                if not _utf8(str(path)):  # safetensors opens UTF-8 paths only: an adapter is small, read it whole
+                    from safetensors.torch import load
+
+                    return load(handle.read())
+        except OSError as error:
+            raise LoramergeError(f"{path}: cannot read ({error.strerror or error})") from None
+        except (SafetensorError, ValueError, RuntimeError) as error:
+            raise LoramergeError(f"{path}: corrupt or truncated safetensors file ({first_line(error)})") from None
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramerge_cli.errors import LoramergeError, first_line
+from loramerge_cli.errors import LoramergeError, UsageError, first_line
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -36,10 +36,10 @@ def name_problems(names: list, what: str = "adapter") -> list[str]:
 
 
 def check_names(names: list, what: str = "adapter") -> None:
-    """One line for the first of `name_problems`."""
+    """One line for the first of `name_problems`: a usage error, since `name=source` on the command line mends it."""
     problems = name_problems(names, what)
     if problems:
-        raise LoramergeError(problems[0])
+        raise UsageError(problems[0])
 
 
 @dataclass
@@ -81,7 +81,7 @@ def default_name(spec: str) -> str:
     name = Path(spec.rstrip("/\\")).name
     name = name.removesuffix(".safetensors") if name.endswith(".safetensors") else name
     if not NAME.match(name):  # the name goes into recipes and tables, which a rebuild reads back
-        raise LoramergeError(f"{spec}: {name!r} cannot be a task name ({NAME_RULE}): name it, "
+        raise UsageError(f"{spec}: {name!r} cannot be a task name ({NAME_RULE}): name it, "
                              f"NAME={shlex.quote(spec)}")
     return name
 
@@ -97,7 +97,7 @@ def source_names(adapters: list) -> list[str]:
         else:
             name, spec = adapter.name, adapter.source.spec
         if name in specs:  # as load_adapters says it, before any is read
-            raise LoramergeError(f"two adapters are named {name!r} ({specs[name]}, {spec}); name them with "
+            raise UsageError(f"two adapters are named {name!r} ({specs[name]}, {spec}); name them with "
                                  "name=source")
         specs[name] = spec
         names.append(name)
@@ -145,7 +145,7 @@ def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:
         return _resolve_hub(spec, spec, allow_pickle)
     head, sep, tail = spec.partition("=")
     if sep and head and tail and os.path.exists(os.path.expanduser(tail)):  # NAME=source, with NAME no task name
-        raise LoramergeError(f"{spec}: {head!r} cannot be a task name ({NAME_RULE})")
+        raise UsageError(f"{spec}: {head!r} cannot be a task name ({NAME_RULE})")
     raise LoramergeError(f"{spec}: no such file or folder (a Hub id looks like org/name[@revision])")
 
 

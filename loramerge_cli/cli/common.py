@@ -307,7 +307,8 @@ def _run(function, args, kwargs, debug: bool):
         if isinstance(error, OSError) and error.errno in STORAGE_ERRORS:  # the machine's, not loramerge's
             resume = interrupts.resume_hint()
             where = f": {error.filename}" if error.filename else ""
-            raise fail(f"error: cannot write{where} ({error.strerror})"
+            verb = "write" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "access"  # (a read too)
+            raise fail(f"error: cannot {verb}{where} ({error.strerror})"
                        + (f"; the run dir keeps what was scored: {resume}" if resume else "")) from None
         if isinstance(error, LoramergeError):
             resume = interrupts.resume_hint() if isinstance(error, WorkerLost) else None

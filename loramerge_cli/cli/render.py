@@ -76,6 +76,7 @@ def adapters_table(summary: dict) -> Table:
         "modules": lambda r: f"{r['modules']} in {r['units']} units",
         "ranks": lambda r: _compact(r["ranks"]),
         "alphas": lambda r: _compact(r["alphas"]),
+        "scales": lambda r: _compact(r["scales"]) + (" (rsLoRA: α/√r)" if r["use_rslora"] else " (α/r)"),
         "targets": lambda r: ", ".join(r["targets"]),
         "heads": lambda r: ", ".join(r["heads"]) or "-",
         "size": lambda r: _size(r["size_bytes"]),

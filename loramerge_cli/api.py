@@ -177,12 +177,8 @@ def write_merged_adapter(result: MergeResult, adapters: list[Adapter], out_dir: 
 
 
 def write_adapters(adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
-    """Write each adapter to OUT/<name>/; never into an input adapter's folder (even with force). Without
-    `table=`, OUT/mask.json records the table of ones over them (every unit kept, as written), which marks the
-    folder as apply-mask's output: `force=True` can replace it, as it never replaces a folder of adapters."""
+    """Write each adapter to OUT/<name>/; never into an input adapter's folder (even with force)."""
     merge_plan.check_loaded(adapters)
-    if options.get("table") is None:
-        options["table"] = ones_table(adapters)
     return writer.write_adapters(adapters, out_dir, **options)
 
 
@@ -196,7 +192,22 @@ def module_norm(module: LoraModule) -> float:
         return 0.0
     B, A = B / largest_B, A / largest_A
     squared = float(((B.T @ B) * (A @ A.T)).sum())
-    return abs(module.scale) * largest_B * largest_A * math.sqrt(max(squared, 0.0))
+    return _product([abs(module.scale), largest_B, largest_A, math.sqrt(max(squared, 0.0))])
+
+
+def _product(values: list[float]) -> float:
+    """The product of non-negative floats, inf only if the product itself is past float64's range (not because
+    a partial product is: 1e300 · 1e30 · 1e-30)."""
+    mantissa, exponent = 1.0, 0
+    for value in values:
+        if value == 0.0:
+            return 0.0
+        fraction, power = math.frexp(value)
+        mantissa, exponent = mantissa * fraction, exponent + power
+    try:
+        return math.ldexp(mantissa, exponent)
+    except OverflowError:
+        return math.inf
 
 
 def norm_grid(adapters: list[Adapter]) -> dict:
@@ -280,6 +291,10 @@ def _notes(adapter: Adapter) -> list[str]:
     overflow = _overflow(adapter)
     if overflow is not None:
         notes.append(overflow)
+    beyond = next((path for path, module in adapter.modules.items() if not math.isfinite(module_norm(module))), None)
+    if beyond is not None:
+        notes.append(f"module {beyond}: its update's norm ‖scale·B·A‖ is past a float64's range; its unit's norm is "
+                     "not shown (null)")
     return notes
 
 

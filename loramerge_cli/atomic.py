@@ -1,6 +1,7 @@
 """The one way loramerge replaces a file: write a temporary sibling, flush it to disk, then rename it over
 the target. A kill at any moment leaves the old file or the new one; a full disk or a missing permission is
-one line; a Ctrl-C that some library swallowed keeps the old file (loramerge_cli.interrupts)."""
+one line; a Ctrl-C that some library swallowed keeps the old file (loramerge_cli.interrupts). Also the one way
+it reads a safetensors file (`read_safetensors`), whatever bytes its path is made of."""
 
 from __future__ import annotations
 
@@ -114,3 +115,24 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as error:  # "Error while serializing: I/O error: No space left on device (os error 28)"
         raise OSError(str(error).split("I/O error: ")[-1].split(" (os error")[0]) from None
+
+
+def read_safetensors(path: str | Path) -> tuple[dict, dict]:
+    """(tensors, metadata) of a safetensors file. safetensors opens UTF-8 paths only: a path of other bytes (as
+    Linux allows) is read whole and parsed from memory. Raises what safetensors raises, OSError, or ValueError."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load
+
+    name = os.fspath(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # surrogate escapes: the name's bytes are not UTF-8
+        with open(name, "rb") as handle:
+            data = handle.read()
+        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]) if len(data) >= 8 else {}
+        metadata = header.get("__metadata__") if isinstance(header, dict) else None
+        return load(data), metadata if isinstance(metadata, dict) else {}
+    with safe_open(name, framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}

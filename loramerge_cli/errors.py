@@ -50,7 +50,13 @@ def plain_value(value):
     """A numpy number as the Python number it holds (`np.float32(0.5)` is 0.5; lists and tuples item by item):
     settings a library caller computed with numpy are checked, compared and written to JSON as given by hand."""
     if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
-        return value.item()
+        import numbers
+
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, numbers.Real):  # (np.longdouble's item() is a longdouble)
+            return float(value)
+        return value.item()  # np.bool_, a 0-d array
     if isinstance(value, (list, tuple)):
         return type(value)(plain_value(item) for item in value)
     return value

@@ -114,7 +114,9 @@ def parse_indices(text: str | list[int]) -> list[int]:
     malformed value (or a negative index) is a usage error, an index past the adapters' units a data error
     (found once they are read)."""
     if isinstance(text, (list, tuple)):
-        values = list(text)
+        from loramerge_cli.errors import plain_value
+
+        values = [plain_value(value) for value in text]  # (numpy's integers too: np.argsort(...)[:k])
     else:
         try:
             values = json.loads(text) if isinstance(text, (str, bytes)) else None

@@ -28,7 +28,8 @@ from loramerge_cli.adapters.card import RECIPE_NAME
 from loramerge_cli.errors import LoramergeError
 
 MARKER = "loramerge.json"  # every adapter folder loramerge writes holds its provenance under this name
-FOLDER_EXTRAS = ("mask.json", "loramerge.yaml")  # beside the adapter folders of apply-mask's output
+ADAPTERS_MARKER = ".loramerge-adapters.json"  # beside the adapter folders loramerge writes (hidden: `out/*` is them)
+FOLDER_EXTRAS = ("mask.json", "loramerge.yaml", ADAPTERS_MARKER)  # beside the adapter folders of apply-mask's output
 ADAPTER_FOLDER_FILES = ("adapter_config.json", "adapter_model.safetensors", MARKER, "mask.json", "loramerge.yaml",
                         "README.md")  # the files of a merge's folder (and heads/)
 TASK_FOLDER_FILES = ("adapter_config.json", "adapter_model.safetensors", MARKER)  # apply-mask's folder of a task
@@ -210,7 +211,7 @@ def _check_replaceable(out: Path, target: Path, force: bool, kind: str, formats:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise LoramergeError(f"--out {out} holds what loramerge did not write there ({shown}): --force would "
                                  "delete it; refusing to replace it (move those out, or give another --out)")
-        if tasks and not (target / "mask.json").is_file():
+        if tasks and not any((target / name).is_file() for name in ("mask.json", ADAPTERS_MARKER)):
             raise LoramergeError(f"--out {out} holds adapter folders but no mask.json, so it cannot be told from a "
                                  "folder of your adapters; refusing to replace it, even with --force")
         raise LoramergeError(f"--out {out} is a folder loramerge did not write (no {MARKER}); refusing to replace "
@@ -365,12 +366,8 @@ def written_by_loramerge(folder: Path) -> bool:
     merges, or merges and a mask, is not one."""
     if (folder / MARKER).is_file() or not any(folder.iterdir()):
         return not foreign_entries(folder)
-    try:  # the table tells apply-mask's output from a user's folder of adapters loramerge wrote one by one
-        table = json.loads((folder / "mask.json").read_bytes())
-        tasks = set(table["tasks"]) if str(table.get("format", "")).startswith("loramerge.mask/") else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
-        return False
-    if tasks is None:
+    tasks = _written_tasks(folder)  # what tells apply-mask's output from a user's folder of adapters loramerge
+    if tasks is None:  # wrote one by one
         return False
     entries = [entry for entry in folder.iterdir() if entry.name not in (*FOLDER_EXTRAS, *SYSTEM_FILES)
                or not entry.is_file()]
@@ -381,6 +378,21 @@ def written_by_loramerge(folder: Path) -> bool:
                     and not _is_merge_folder(entry) and not foreign_entries(entry, files=TASK_FOLDER_FILES)
                     for entry in entries)
             and all(_pruned_heads(entry, tasks - {e.name for e in entries}) for entry in heads))
+
+
+def _written_tasks(folder: Path) -> set[str] | None:
+    """The tasks of the adapter folders written together into `folder` (apply-mask, api.write_adapters), as the
+    table beside them (`mask.json`) or, without one, their marker (ADAPTERS_MARKER) names them; None if neither
+    is loramerge's."""
+    for name, layout in (("mask.json", "loramerge.mask/"), (ADAPTERS_MARKER, "loramerge.adapters/")):
+        if not (folder / name).is_file():
+            continue
+        try:
+            written = json.loads((folder / name).read_bytes())
+            return set(written["tasks"]) if str(written.get("format", "")).startswith(layout) else None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            return None
+    return None
 
 
 def foreign_entries(folder: Path, shown_as: str | None = None,

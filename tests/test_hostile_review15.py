@@ -266,7 +266,7 @@ def test_a_third_review_s_false_refusals_and_messages(folders, tmp_path, monkeyp
     assert invoke_cli(["merge", "--adapters", *_sources(folders), "--out", out, "--force"]).exit_code == 0
     adapters = api.load_adapters(_sources(folders))
     api.write_adapters(adapters, tmp_path / "plain", force=True)
-    (tmp_path / "plain" / "mask.json").unlink()  # then it is as a folder of one's own adapters would be
+    (tmp_path / "plain" / ".loramerge-adapters.json").unlink()  # then it is as a folder of one's own adapters
     with pytest.raises(LoramergeError, match="holds adapter folders but no mask.json"):  # said "no loramerge.json"
         api.write_adapters(adapters, tmp_path / "plain", force=True)
     assert invoke_cli(["apply-mask", "--adapters", *_sources(folders), "--indices", "[0]", "--out",

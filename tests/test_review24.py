@@ -31,15 +31,23 @@ def test_write_merged_adapter_keeps_the_tuning_record(text_setting, tmp_path):
 
 
 def test_write_adapters_output_can_be_replaced_with_force(tmp_path):
-    """A folder api.write_adapters wrote without a table could not be replaced even with force=True."""
+    """A folder api.write_adapters wrote without a table could not be replaced even with force=True. Its marker is
+    hidden, so that `copies/*` names the adapters only (a table of ones as the marker broke that)."""
+    from factories import invoke_cli
+
     from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
 
     folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
     adapters = api.load_adapters([f"{name}={folder}" for name, folder in folders.items()])
     api.write_adapters(adapters, tmp_path / "copies")
     api.write_adapters(adapters, tmp_path / "copies", force=True)
-    table = api.load_table(tmp_path / "copies" / "mask.json")
-    assert table.tasks == ["a", "b"] and all(weight == 1.0 for row in table.weights for weight in row)
+    shown = sorted(path for path in (tmp_path / "copies").iterdir() if not path.name.startswith("."))  # a shell's *
+    assert [path.name for path in shown] == ["a", "b"]
+    assert invoke_cli(["inspect", *shown]).exit_code == 0
+    (tmp_path / "copies" / ".loramerge-adapters.json").unlink()  # then it may be a folder of one's own adapters
+    with pytest.raises(LoramergeError, match="holds adapter folders but no mask.json"):
+        api.write_adapters(adapters, tmp_path / "copies", force=True)
     again = api.load_adapters([f"{name}={tmp_path / 'copies' / name}" for name in ("a", "b")])
     for first, second in zip(adapters, again):
         for path, module in first.modules.items():
@@ -57,6 +65,11 @@ def test_paths_are_taken_as_sources(text_setting, tmp_path):
     request = api.SearchRequest(adapters=experts, merge=MergeConfig(), tasks=text_setting.tasks_file,
                                 eval=EvalSettings(threads=1, val_limit=4), strategy="greedy", budget=2)
     assert api.plan_search(request).request.adapters == [str(folder) for folder in experts]
+    request = api.SearchRequest(adapters=experts, merge=MergeConfig(), tasks=text_setting.tasks_file,
+                                eval=EvalSettings(threads=1, val_limit=4), strategy="greedy", budget=2,
+                                base=Path(text_setting.base), run_dir=str(tmp_path / "run"))
+    planned = api.plan_search(request)  # (base=Path(...) was a raw TypeError reading the run's settings)
+    assert planned.request.base == str(text_setting.base) and planned.request.run_dir == tmp_path / "run"
 
 
 def test_numpy_numbers_are_taken_as_python_ones(tmp_path):
@@ -83,6 +96,12 @@ def test_numpy_numbers_are_taken_as_python_ones(tmp_path):
     settings = EnmpSettings(seed=np.int64(7), popsize=np.int32(4), max_prune=np.float32(0.5))
     settings.check()
     assert settings.seed == 7 and type(settings.popsize) is int
+    assert MergeConfig(lam=np.longdouble(0.5)).lam == 0.5 and type(MergeConfig(lam=np.longdouble(0.5)).lam) is float
+    assert api.parse_indices(list(np.argsort(np.array([3, 1, 2]))[:2])) == [1, 2]
+    request = api.SearchRequest(adapters=[str(folder) for folder in folders.values()], merge=MergeConfig(),
+                                tasks="tasks.yaml", eval=api.EvalSettings(), budget=np.int64(2),
+                                sparsity=np.float32(0.25), options={"redraws": np.int64(2)})
+    assert (type(request.budget), type(request.sparsity), type(request.options["redraws"])) == (int, float, int)
 
 
 def test_wrong_types_are_usage_errors(text_setting, tmp_path):
@@ -263,7 +282,26 @@ def test_inspect_of_a_huge_alpha_gives_numbers_not_nan(tmp_path, monkeypatch):
     _huge_alpha(folders["a"], 1.7e308)  # past float64: null, and the note says why
     report = json.loads(invoke_cli(["inspect", folders["a"], "--json"]).stdout,
                         parse_constant=lambda name: pytest.fail(f"{name} in --json"))
-    assert report["norms"]["values"][0] == [None] and "beyond the range" in report["adapters"][0]["notes"][0]
+    assert report["norms"]["values"][0] == [None]
+    assert any("norm ‖scale·B·A‖ is past a float64's range" in note for note in report["adapters"][0]["notes"])
+
+
+def test_a_norm_is_inf_only_when_it_is():
+    """module_norm multiplied the scale by B's largest entry before A's: 1e300 · 1e30 overflowed though the norm,
+    with A's 1e-30, is about 1e300."""
+    import torch
+
+    from loramerge_cli.adapters.model import LoraModule
+    from loramerge_cli.api import module_norm
+
+    generator = torch.Generator().manual_seed(0)
+    B, A = torch.randn(6, 2, generator=generator, dtype=torch.float64), torch.randn(2, 5, generator=generator,
+                                                                                       dtype=torch.float64)
+    plain = float(torch.linalg.matrix_norm(B @ A))
+    module = LoraModule(path="m", lora_A=A * 1e-30, lora_B=B * 1e30, scale=1e300, alpha=2e300)
+    assert module_norm(module) == pytest.approx(plain * 1e300, rel=1e-12)
+    unscaled = LoraModule(path="m", lora_A=A, lora_B=B, scale=1.0, alpha=2.0)
+    assert module_norm(unscaled) == pytest.approx(plain, rel=1e-12)
 
 
 def test_inspect_shows_the_scale_and_rslora(tmp_path):
@@ -307,3 +345,23 @@ def test_weights_read_by_their_bytes_and_unreadable_ones_said_so(tmp_path):
             weights.chmod(0o644)
     for args in ([f"x y={folders['b']}"], [str(folders["b"]), str(folders["b"])]):
         assert invoke_cli(["inspect", *args]).exit_code == 2
+
+
+def test_every_safetensors_read_takes_a_path_that_is_not_utf8(tmp_path):
+    """Only adapters' weights were read from a non-UTF-8 path; a head file was "not a readable .safetensors head
+    file" and a run dir's saved state "saved by another search" (safetensors opens UTF-8 paths only)."""
+    import torch
+
+    from loramerge_cli.atomic import read_safetensors, save_safetensors
+    from loramerge_cli.evaluation.heads import read_head_file
+    from loramerge_cli.search.state_io import state_run_id
+
+    folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/run\xff"))
+    folder.mkdir()
+    save_safetensors({"score.weight": torch.ones(2, 3)}, folder / "head.safetensors", {"run_id": "abc"})
+    tensors, metadata = read_safetensors(folder / "head.safetensors")
+    assert torch.equal(tensors["score.weight"], torch.ones(2, 3)) and metadata == {"run_id": "abc"}
+    assert torch.equal(read_head_file(folder / "head.safetensors")["score.weight"], torch.ones(2, 3))
+    assert state_run_id(folder / "head.safetensors") == "abc"
+    save_safetensors({"x": torch.zeros(1)}, tmp_path / "plain.safetensors", {"run_id": "def"})
+    assert read_safetensors(tmp_path / "plain.safetensors")[1] == {"run_id": "def"}

@@ -151,32 +151,20 @@ def check_field_types(config: dict, spec: str) -> None:
             raise LoramergeError(f"{spec}: adapter_config.json: {name} must be {what} (got {shown})")
 
 
-def _utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:  # a name of other bytes, as os gives it (surrogate escapes)
-        return False
-    return True
-
-
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
-        from safetensors.torch import load_file
+
+        from loramerge_cli.atomic import read_safetensors
 
         try:
-            with open(path, "rb") as handle:  # (a file that cannot be read is not called missing or corrupt)
-                if not _utf8(str(path)):  # safetensors opens UTF-8 paths only: an adapter is small, read it whole
-                    from safetensors.torch import load
-
-                    return load(handle.read())
+            with open(path, "rb"):  # (a file that cannot be read is not called missing or corrupt)
+                pass
         except OSError as error:
             raise LoramergeError(f"{path}: cannot read ({error.strerror or error})") from None
-        except (SafetensorError, ValueError, RuntimeError) as error:
-            raise LoramergeError(f"{path}: corrupt or truncated safetensors file ({first_line(error)})") from None
         try:
-            return load_file(str(path))
+            return read_safetensors(path)[0]
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise LoramergeError(f"{path}: corrupt or truncated safetensors file ({first_line(error)})") from None
     try:  # pickle, only with --allow-pickle (checked by the resolver); torch's restricted unpickler

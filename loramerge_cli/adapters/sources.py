@@ -58,10 +58,11 @@ class LocalFiles:
 
 
 def as_sources(arguments) -> list:
-    """Sources as a list (one source given alone is not a sequence of characters), paths (`pathlib.Path`) as the
-    text a command line gives; loaded Adapters (the library API) as they are."""
-    arguments = [arguments] if isinstance(arguments, (str, os.PathLike)) else list(arguments)
-    return [os.fspath(argument) if isinstance(argument, os.PathLike) else argument for argument in arguments]
+    """Sources as a list (one source given alone is not a sequence of characters), paths (`pathlib.Path`, bytes)
+    as the text a command line gives; loaded Adapters (the library API) as they are."""
+    arguments = [arguments] if isinstance(arguments, (str, bytes, os.PathLike)) else list(arguments)
+    return [os.fsdecode(argument) if isinstance(argument, (bytes, os.PathLike)) else argument
+            for argument in arguments]
 
 
 def split_name(argument: str) -> NamedSource:

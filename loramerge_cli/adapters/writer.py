@@ -35,6 +35,7 @@ from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.merging.merge import MergeResult
 from loramerge_cli.outputs import (
+    ADAPTERS_MARKER,
     HEADS_FOLDER,
     MARKER,
     UNRECORDED,
@@ -488,10 +489,12 @@ def write_adapter(adapter: Adapter, out_dir: str | Path, force: bool = False, co
 
 def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = False, command: str | None = None,
                    dtype: str | torch.dtype | None = None, table=None, recipe: str | None = None) -> Path:
-    """Write several plain adapters as `out_dir/<name>/`, all or nothing; `table` and `recipe` (YAML text)
-    go to out_dir/mask.json and out_dir/loramerge.yaml. An adapter with no module left (its table row prunes
-    everything) has no folder, since PEFT loads no LoRA adapter without modules; its task head, if any, goes to
-    out_dir/heads/<name>.safetensors, as a merge keeps each task's."""
+    """Write several plain adapters as `out_dir/<name>/`, all or nothing; `table` and `recipe` (YAML text) go to
+    out_dir/mask.json and out_dir/loramerge.yaml. Without a table, out_dir/.loramerge-adapters.json (hidden:
+    `out_dir/*` names the adapters) names the tasks instead: either marks the folder as one `force` may replace.
+    An adapter with no module left (its table row prunes everything) has no folder, since PEFT loads no LoRA
+    adapter without modules; its task head, if any, goes to out_dir/heads/<name>.safetensors, as a merge keeps
+    each task's."""
     check_task_folder_names(adapters)
     if not any(adapter.modules for adapter in adapters):
         raise LoramergeError("every adapter has no modules left; nothing to write")
@@ -504,6 +507,9 @@ def write_adapters(adapters: list[Adapter], out_dir: str | Path, force: bool = F
             table.save(staging / "mask.json")
         if recipe is not None:
             (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8", errors="surrogateescape")
+        if table is None:  # (the table names the tasks otherwise)
+            _write_json({"format": "loramerge.adapters/v1", "tasks": [adapter.name for adapter in adapters]},
+                        staging / ADAPTERS_MARKER)
         beside = file_digests(staging)  # the table and the heads, recorded in every task folder's loramerge.json
         for adapter in adapters:
             if not adapter.modules:

@@ -21,10 +21,11 @@ def head_key(key: str) -> str:
 
 def read_head_file(path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+
+    from loramerge_cli.atomic import read_safetensors
 
     try:
-        tensors = load_file(str(path))
+        tensors = read_safetensors(path)[0]
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise LoramergeError(f"{path}: not a readable .safetensors head file ({error})") from None
     return {head_key(key): tensor for key, tensor in tensors.items()}

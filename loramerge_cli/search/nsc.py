@@ -223,12 +223,12 @@ def _save_state(run_dir: Path, step: int, side_path, optimizer, history: list[di
 
 def read_state(path: Path) -> tuple[dict, int, list, list[dict]]:
     """(tensors, step, AdamW param groups, history) of a saved NSC state; anything malformed is one line."""
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+
+    from loramerge_cli.atomic import read_safetensors
 
     try:
-        with safe_open(str(path), framework="pt") as state:
-            tensors = {key: state.get_tensor(key) for key in state.keys()}
-            metadata = state.metadata() or {}
+        tensors, metadata = read_safetensors(path)
         step, groups, history = int(metadata["step"]), loads_finite(metadata["param_groups"]), \
             loads_finite(metadata["history"])
         if not isinstance(groups, list) or not isinstance(history, list):

@@ -54,10 +54,22 @@ class SearchRequest:
     flags: dict | None = None  # the CLI's flags, saved in the run dir so that --resume alone can continue
 
     def __post_init__(self) -> None:
+        """Paths and numbers as the command line gives them: `pathlib.Path`s as text (the run dir as a Path),
+        numpy numbers as Python's."""
+        import os
+
         from loramerge_cli.adapters.sources import as_sources
+        from loramerge_cli.errors import plain_value
 
         if self.adapters is not None:
-            self.adapters = as_sources(self.adapters)  # `pathlib.Path`s as text, as the command line gives them
+            self.adapters = as_sources(self.adapters)
+        if isinstance(self.base, (bytes, os.PathLike)):
+            self.base = os.fsdecode(self.base)
+        if isinstance(self.run_dir, (str, bytes, os.PathLike)):
+            self.run_dir = Path(os.fsdecode(self.run_dir))
+        self.budget, self.sparsity = plain_value(self.budget), plain_value(self.sparsity)
+        if isinstance(self.options, dict):
+            self.options = {name: plain_value(value) for name, value in self.options.items()}
 
 
 @dataclass

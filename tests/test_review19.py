@@ -501,8 +501,10 @@ def test_an_input_with_no_tokens_is_refused_not_scored_from_a_pad_position(tmp_p
         rows = [{"q": "w1 w2", **label}, {"q": " ", **label}]  # whitespace: no token either
         tasks = write_tasks_file(root / "tasks.yaml", {"base_model": str(base), "model_type": model_type, "tasks": [
             {"name": "a", "data": {"validation": str(write_jsonl(root / "v.jsonl", rows))}, **fields}]})
-        with pytest.raises(LoramergeError, match=f"task a: 1 example\\(s\\) have no tokens \\({words}"):
+        with pytest.raises(LoramergeError, match=f"task a: 1 example\\(s\\) have no tokens \\({words}") as refused:
             Evaluator(load_task_file(tasks), load_adapters([f"a={adapter}"]), EvalSettings(threads=1))
+        assert str(refused.value).endswith(f"(the first: row 2 of {root / 'v.jsonl'})"), refused.value  # (session 24:
+        # it said "example 2 of those scored", no file)
 
 
 def test_odd_rows_are_read_as_meant_or_refused_before_any_model_loads(tmp_path):

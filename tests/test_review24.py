@@ -365,3 +365,60 @@ def test_every_safetensors_read_takes_a_path_that_is_not_utf8(tmp_path):
     assert state_run_id(folder / "head.safetensors") == "abc"
     save_safetensors({"x": torch.zeros(1)}, tmp_path / "plain.safetensors", {"run_id": "def"})
     assert read_safetensors(tmp_path / "plain.safetensors")[1] == {"run_id": "def"}
+
+
+def test_a_task_s_length_normalize_wins_over_the_flag(tmp_path):
+    """`--length-normalize` overrode a task's explicit `length_normalize: false` without a word, and the report did
+    not say which was used."""
+    import torch
+    from eval_fixtures import build_gpt2_lm, save_peft_adapter, write_jsonl, write_tasks_file
+
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.evaluation.engine import EvalSettings, Evaluator, adapter_deltas
+    from loramerge_cli.evaluation.report import eval_report
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    base = build_gpt2_lm(tmp_path / "gpt2")
+    adapter = save_peft_adapter(base, tmp_path / "a", ["c_attn"], "GPT2LMHeadModel", "CAUSAL_LM", seed=1,
+                                fan_in_fan_out=True)
+    rows = [{"q": f"w{index} w2", "answer": index % 2} for index in range(4)]
+    data = str(write_jsonl(tmp_path / "v.jsonl", rows))
+    task = {"name": "a", "data": {"validation": data}, "prompt": "{q}", "choices": [" w1", " w2 w3"],
+            "label": "answer"}
+    scores = {}
+    for given in (None, False, True):
+        spec = write_tasks_file(tmp_path / "tasks.yaml", {"base_model": str(base), "model_type": "causal-lm", "tasks": [
+            {**task, **({} if given is None else {"length_normalize": given})}]})
+        for flag in (False, True):
+            engine = Evaluator(load_task_file(spec), load_adapters([f"a={adapter}"]),
+                               EvalSettings(threads=1, length_normalize=flag))
+            with engine.apply(adapter_deltas(engine.experts["a"])):
+                scores[given, flag] = engine.scores("a")
+    assert torch.equal(scores[False, True], scores[None, False])
+    assert torch.equal(scores[True, False], scores[None, True])
+    assert not torch.equal(scores[None, False], scores[None, True])
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {"base_model": str(base), "model_type": "causal-lm", "tasks": [
+        {**task, "length_normalize": False}]})
+    report = eval_report(spec, load_adapters([f"a={adapter}"]), [], EvalSettings(threads=1, length_normalize=True))
+    assert report["length_normalize"] == {"a": False}
+
+
+def test_choice_names_mask_and_label_cells_read_as_numbers_only_when_they_are(tmp_path):
+    """A causal-LM task's masked_labels could not name a choice (its label column could); a CSV label `1_0` was read
+    as 10 (Python's float takes underscores)."""
+    from eval_fixtures import write_tasks_file
+
+    from loramerge_cli.evaluation.batches import model_inputs_of
+    from loramerge_cli.evaluation.data import _label_from_text
+    from loramerge_cli.evaluation.specs import load_task_file
+    from loramerge_cli.errors import LoramergeError
+
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "causal-lm", "tasks": [
+        {"name": "a", "data": {"validation": "v.jsonl"}, "prompt": "{q}", "choices": [" yes", " no", " maybe"],
+         "masked_labels": [" maybe"]}]})
+    assert load_task_file(spec).tasks[0].masked_labels == [2]
+    assert [_label_from_text(cell) for cell in ("2", "2.0", " 3 ", "True", "1_0", "inf", "nan", "٣")] == \
+        [2, 2, 3, 1, "1_0", "inf", "nan", "٣"]
+    with pytest.raises(LoramergeError, match="task t: the model refuses its inputs: index out of range in self"):
+        with model_inputs_of("t"):  # an embedding lookup past its table (a BERT's token types)
+            raise IndexError("index out of range in self")

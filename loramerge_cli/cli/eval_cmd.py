@@ -60,7 +60,7 @@ def eval_options() -> list:
         threads_option("Torch CPU threads (fixed, for reproducible numbers). [default: OMP_NUM_THREADS if set, "
                        "else min(8, CPUs); CPUs / N with N workers on this machine scoring the merges]"),
         setting_option(EvalSettings, "length_normalize", help="Causal LM: divide each choice's log-likelihood by its "
-               "token count."),
+               "token count (in tasks whose spec does not set length_normalize)."),
         option("run_dir", Path | None, None, help="Folder caching expert and base scores (keyed by adapter and "
                "data hashes)."),
         option("out", Path | None, None, metavar="FILE.json", parser=file_path_value,

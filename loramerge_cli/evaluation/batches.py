@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -71,18 +72,20 @@ def _longest_first(lengths: list[int]) -> list[int]:
     return sorted(range(len(lengths)), key=lambda index: (-lengths[index], index))
 
 
-def refuse_empty(inputs: list[tuple[str, ...]], tokenizer, what: str, why: str) -> None:
-    """An example whose input has no tokens at all (empty text, and a tokenizer that adds none) is refused; the
-    engine asks before the model loads. Only a tokenizer that gives an empty text no token can give an input none,
-    so the others tokenise nothing here."""
+def refuse_empty(inputs: list[tuple[str, ...]], tokenizer, what: str, why: str,
+                 row_of: Callable[[int], str] | None = None) -> None:
+    """An example whose input has no tokens at all (empty text, and a tokenizer that adds none) is refused, naming
+    the first one's row (`row_of`); the engine asks before the model loads. Only a tokenizer that gives an empty
+    text no token can give an input none, so the others tokenise nothing here."""
     if not inputs or tokenizer(*[""] * len(inputs[0]), verbose=False)["input_ids"]:
         return
     encoded = tokenizer(*[list(column) for column in zip(*inputs)], verbose=False)["input_ids"]  # one batch call
     empty = [index for index, ids in enumerate(encoded) if not ids]
     if empty:
+        first = row_of(empty[0]) if row_of is not None else f"example {empty[0] + 1} of those scored"
         raise LoramergeError(f"{len(empty)} example(s) have no tokens (an empty {what}, and the tokenizer adds no "
-                             f"special token), so {why}: fill in their {what}, or leave them out (the first: example "
-                             f"{empty[0] + 1} of those scored)")
+                             f"special token), so {why}: fill in their {what}, or leave them out (the first: "
+                             f"{first})")
 
 
 def prepare_text(
@@ -226,12 +229,15 @@ def prepare_images(
 @contextmanager
 def model_inputs_of(task: str):
     """A ValueError the model's forward raises is about the task's inputs (transformers checks them: T5's
-    classifier wants an end-of-sequence token in every example): one line naming the task, not an internal
-    error."""
+    classifier wants an end-of-sequence token in every example), an IndexError too (an id past an embedding
+    table): one line naming the task, not an internal error."""
     try:
         yield
     except ValueError as error:
         raise LoramergeError(f"task {task}: the model refuses its inputs: {first_line(error)}") from error
+    except IndexError as error:  # an embedding's lookup: a token id or token type past the model's tables
+        raise LoramergeError(f"task {task}: the model refuses its inputs: {first_line(error)} (a token id or token "
+                             "type past the model's embeddings: is the tokenizer the model's?)") from error
 
 
 def classifier_scores(model, task: PreparedTask) -> torch.Tensor:

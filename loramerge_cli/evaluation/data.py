@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
 import json
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loramerge_cli.adapters.sources import read_into
@@ -30,9 +31,17 @@ class Examples:
     rows: int | None = None  # the split's rows before the cap
     limit: int | None = None  # the cap asked for (`--val-limit` on the validation split, else the task's `limit`)
     limit_name: str = "limit"  # what set the cap, as the user wrote it
+    selected: list[int] = field(default_factory=list)  # each example's row in the split, counted from 0
+    source: str = ""  # the split's file or folder
 
     def __len__(self) -> int:
         return len(self.inputs)
+
+    def row_of(self, index: int) -> str:
+        """Where example `index` comes from: `row 5 of data/rte/validation.jsonl` (rows counted from 1)."""
+        if len(self.selected) != len(self.inputs):
+            return f"example {index + 1} of those scored"
+        return f"row {self.selected[index] + 1} of {self.source}"
 
     def above_cap(self) -> bool:
         """The cap is above the split's rows: every row is used (the record names the cap, not the count)."""
@@ -60,7 +69,7 @@ def load_examples(
             stat = Path(value).stat()
             digest.update(f"{value}:{stat.st_size}:{stat.st_mtime_ns}".encode(errors="surrogateescape"))  # (any name)
     return Examples(task.name, split, inputs, labels, digest.hexdigest(), len(rows_read), limit,
-                    "--val-limit" if by_val_limit else "limit")
+                    "--val-limit" if by_val_limit else "limit", list(selected), str(source))
 
 
 def check_data(task_file: TaskFile, splits: list[str] | None = None, labelled: bool = True
@@ -218,17 +227,19 @@ def _read_csv(path: Path, task_file: TaskFile, where: str) -> list[dict]:
         csv.field_size_limit(limit)
 
 
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?", re.ASCII)  # a number as a CSV cell writes one
+
+
 def _label_from_text(text: str):
     """A CSV cell as the value JSON would have given: "2" and "2.0" are 2, "True"/"False" (as pandas writes
     booleans) are 1/0; anything else stays text (a name to look up)."""
     word = text.strip()
     if word.lower() in ("true", "false"):
         return int(word.lower() == "true")
-    try:
-        number = float(word) if word.isascii() else None
-    except ValueError:
+    if not NUMBER.fullmatch(word):  # (float() also reads `1_0` as 10, `inf` and ` nan`)
         return text
-    return int(number) if number is not None and number.is_integer() else text
+    number = float(word)
+    return int(number) if number.is_integer() else text
 
 
 def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] | None, source: Path) -> int:

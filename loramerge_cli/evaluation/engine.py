@@ -213,7 +213,7 @@ class Evaluator:
         """Each task's inputs (its task type's check), and each tokenised task's token cap against the model's
         positions and the tokenizer's special tokens, and its choices' tokens, from the base's config alone."""
         for task in self.task_file.tasks:
-            self.task_file.type.check_inputs(self.examples[task.name].inputs, task, preprocessor)
+            self.task_file.type.check_inputs(self.examples[task.name], task, preprocessor)
         if self.task_file.type.preprocessor_class != "AutoTokenizer":
             return
         from loramerge_cli.evaluation.batches import encode_choices
@@ -446,7 +446,7 @@ class Evaluator:
             "device": self.device.type,
             "data": self.examples[task].fingerprint,
             "head": head,
-            "length_normalize": self.settings.length_normalize,
+            "length_normalize": spec.length_normalized(self.settings.length_normalize),
             "max_length": self.max_lengths.get(task),
         }
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -94,6 +94,8 @@ def eval_report(
         "base_model": engine.base,
         "examples": {task: len(examples) for task, examples in engine.examples.items()},
         "max_length": dict(engine.max_lengths),
+        "length_normalize": {task.name: task.length_normalized(engine.settings.length_normalize)
+                             for task in task_file.tasks if task_file.type.choices},
         "dtype": engine.settings.dtype,  # the model's: accuracies in float16 can differ from float32's
         "rows": rows,
         "warnings": warnings,

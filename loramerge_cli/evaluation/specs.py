@@ -54,6 +54,11 @@ class TaskSpec:
     def where(self) -> str:
         return f"tasks[{self.index}]"
 
+    def length_normalized(self, flag: bool) -> bool:
+        """Whether a choice's log-likelihood is divided by its token count: the task's `length_normalize` where it
+        gives one (`false` too), else the command's --length-normalize (as a task's max_length wins)."""
+        return self.length_normalize if "length_normalize" in self.given else flag
+
     def describe(self) -> dict:
         """Every field that changes a score, for cache keys."""
         return {
@@ -230,10 +235,13 @@ def _resolve(folder: Path, file: str) -> Path:
 
 
 def _masked_index(value, task: TaskSpec, path: Path) -> int:
+    """A masked class by index, or by name as a label column may name it: a name in `labels`, else a choice
+    (causal LM tasks)."""
     if isinstance(value, str):
-        if not task.labels or value not in task.labels:
+        names = task.labels or task.choices
+        if not names or value not in names:
             raise LoramergeError(f"{path}: {task.where}.masked_labels: unknown label name {value!r}")
-        return task.labels.index(value)
+        return names.index(value)
     return _whole(value)
 
 

@@ -49,8 +49,9 @@ class TaskType:
         """Names a label column may use instead of indices."""
         return task.labels
 
-    def check_inputs(self, inputs: list, task, preprocessor) -> None:
-        """Refuse inputs the model could not score, with the preprocessor alone (before the model loads)."""
+    def check_inputs(self, examples, task, preprocessor) -> None:
+        """Refuse inputs (`examples.inputs`) the model could not score, with the preprocessor alone (before the
+        model loads), naming an example by `examples.row_of(index)`."""
 
     def prepare(self, inputs: list, task, preprocessor, model, settings, device, dtype, accepted: frozenset[str]):
         """(PreparedTask, token cap or None): the task's inputs as device batches, built once."""

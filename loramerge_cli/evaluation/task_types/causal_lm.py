@@ -50,12 +50,12 @@ class CausalLM(TaskType):
     def label_names(self, task) -> list[str] | None:
         return task.labels or task.choices
 
-    def check_inputs(self, inputs, task, preprocessor) -> None:
+    def check_inputs(self, examples, task, preprocessor) -> None:
         from loramerge_cli.evaluation.batches import refuse_empty
 
         with named_task(task):
-            refuse_empty([(prompt,) for prompt in inputs], preprocessor, "prompt",
-                         "a choice's first token would be scored with no context")
+            refuse_empty([(prompt,) for prompt in examples.inputs], preprocessor, "prompt",
+                         "a choice's first token would be scored with no context", examples.row_of)
 
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):
         from loramerge_cli.evaluation.batches import prepare_choices
@@ -69,4 +69,4 @@ class CausalLM(TaskType):
     def scores(self, model, prepared, task, settings):
         from loramerge_cli.evaluation.batches import choice_scores
 
-        return choice_scores(model, prepared, settings.length_normalize or task.length_normalize)
+        return choice_scores(model, prepared, task.length_normalized(settings.length_normalize))

@@ -25,11 +25,12 @@ class SequenceClassification(TaskType):
             raise task_file.error(f"{task.where}.text", f"column {missing[0]!r} not in {source}")
         return tuple(text_value(row, column, "text", source, task, task_file) for column in task.text)
 
-    def check_inputs(self, inputs, task, preprocessor) -> None:
+    def check_inputs(self, examples, task, preprocessor) -> None:
         from loramerge_cli.evaluation.batches import refuse_empty
 
         with named_task(task):
-            refuse_empty(inputs, preprocessor, "text", "the model would classify a pad token")
+            refuse_empty(examples.inputs, preprocessor, "text", "the model would classify a pad token",
+                         examples.row_of)
 
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):
         from loramerge_cli.evaluation.batches import prepare_text

@@ -537,7 +537,7 @@ def test_odd_rows_are_read_as_meant_or_refused_before_any_model_loads(tmp_path):
     for value in (None, ["w1"], {"x": 1}):
         with pytest.raises(LoramergeError, match="prompt: column 'q' holds .*expected text"):
             check_task_file(spec("lm", [{"q": value, "answer": 0}], **lm), ["validation"])
-    with pytest.raises(LoramergeError, match="bad format string"):
+    with pytest.raises(LoramergeError, match="column 'q.upper' not in"):  # (session 24: names a column as written)
         check_task_file(spec("method", [{"q": "w1", "answer": 0}], **{**lm, "prompt": "{q.upper}"}), ["validation"])
     for extra in ({"num_labels": 2}, {"head": "none"}):
         with pytest.raises(LoramergeError, match=f"it reads no '{next(iter(extra))}'"):

@@ -422,3 +422,19 @@ def test_choice_names_mask_and_label_cells_read_as_numbers_only_when_they_are(tm
     with pytest.raises(LoramergeError, match="task t: the model refuses its inputs: index out of range in self"):
         with model_inputs_of("t"):  # an embedding lookup past its table (a BERT's token types)
             raise IndexError("index out of range in self")
+
+
+def test_prompt_fields_name_columns_as_written(tmp_path):
+    """`{my-q}` over rows with a `my-q` column was refused as naming no column; `{n:d}` on a number failed, the
+    number having been turned into text first."""
+    from eval_fixtures import write_jsonl, write_tasks_file
+
+    from loramerge_cli.evaluation.data import load_examples
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    write_jsonl(tmp_path / "v.jsonl", [{"my-q": "w1", "n": 5, "x": 2.25, "answer": 0}])
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "causal-lm", "tasks": [
+        {"name": "a", "data": {"validation": "v.jsonl"}, "prompt": "{my-q} {n:03d} {x:.1f} {{q}} {n}",
+         "choices": [" yes", " no"], "label": "answer"}]})
+    task_file = load_task_file(spec)
+    assert load_examples(task_file, task_file.tasks[0], "validation").inputs == ["w1 005 2.2 {q} 5"]

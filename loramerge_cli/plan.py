@@ -317,7 +317,7 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
 
         engine = plan.data.evaluator(plan.adapters, plan.allow_base_mismatch)
         statistics = collect_grams(engine, plan.adapters, merging.module_paths(plan.adapters), on_event)
-        data_warnings = engine.cap_warnings()
+        data_warnings = engine.data_warnings()
         tuning["input_statistics"] = {"tasks": str(plan.data.tasks), "split": engine.settings.split,
                                       "examples": {name: len(e) for name, e in engine.examples.items()},
                                       **({"max_length": dict(engine.max_lengths)} if engine.max_lengths else {})}

@@ -159,8 +159,7 @@ def test_odd_prompts_labels_and_text_values_are_one_line(tmp_path, setting):
     write_jsonl(tmp_path / "q.jsonl", [{"premise": "w1", "hypothesis": "w2", "answer": True}])
     for prompt in ("{premise.x} ?", "{premise[x]} ?"):
         lm["tasks"][0]["prompt"] = prompt
-        with pytest.raises(LoramergeError, match=r"tasks\[0\]\.prompt: column 'premise.x?\[?x?\]?' not in .*look "
-                                                 r"nothing up"):  # (session 24: a field names a column as written)
+        with pytest.raises(LoramergeError, match=r"tasks\[0\]\.prompt: bad format string"):
             check_task_file(write_tasks_file(tmp_path / "lm.yaml", lm), ["validation"])
 
 

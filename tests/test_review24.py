@@ -401,6 +401,16 @@ def test_a_task_s_length_normalize_wins_over_the_flag(tmp_path):
         {**task, "length_normalize": False}]})
     report = eval_report(spec, load_adapters([f"a={adapter}"]), [], EvalSettings(threads=1, length_normalize=True))
     assert report["length_normalize"] == {"a": False}
+    assert any("--length-normalize does not apply to a" in warning for warning in report["warnings"])
+    fingerprints = {}  # the score cache's key follows what is scored (the flag alone would reuse stale scores)
+    for given in (None, False):
+        spec = write_tasks_file(tmp_path / "tasks.yaml", {"base_model": str(base), "model_type": "causal-lm", "tasks": [
+            {**task, **({} if given is None else {"length_normalize": given})}]})
+        for flag in (False, True):
+            engine = Evaluator(load_task_file(spec), load_adapters([f"a={adapter}"]),
+                               EvalSettings(threads=1, length_normalize=flag))
+            fingerprints[given, flag] = engine.fingerprint("a")
+    assert fingerprints[False, True] != fingerprints[None, True]
 
 
 def test_choice_names_mask_and_label_cells_read_as_numbers_only_when_they_are(tmp_path):
@@ -425,16 +435,24 @@ def test_choice_names_mask_and_label_cells_read_as_numbers_only_when_they_are(tm
 
 
 def test_prompt_fields_name_columns_as_written(tmp_path):
-    """`{my-q}` over rows with a `my-q` column was refused as naming no column; `{n:d}` on a number failed, the
-    number having been turned into text first."""
+    """`{my-q}` over rows with a `my-q` column was refused as naming no column (str.format reads it as the key
+    `my-q`); lookups (`{q.upper}`, `{q[0]}`) and positions stay refused, and every other prompt reads as before."""
     from eval_fixtures import write_jsonl, write_tasks_file
 
+    from loramerge_cli.errors import LoramergeError
     from loramerge_cli.evaluation.data import load_examples
     from loramerge_cli.evaluation.specs import load_task_file
 
-    write_jsonl(tmp_path / "v.jsonl", [{"my-q": "w1", "n": 5, "x": 2.25, "answer": 0}])
-    spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "causal-lm", "tasks": [
-        {"name": "a", "data": {"validation": "v.jsonl"}, "prompt": "{my-q} {n:03d} {x:.1f} {{q}} {n}",
-         "choices": [" yes", " no"], "label": "answer"}]})
-    task_file = load_task_file(spec)
-    assert load_examples(task_file, task_file.tasks[0], "validation").inputs == ["w1 005 2.2 {q} 5"]
+    write_jsonl(tmp_path / "v.jsonl", [{"my-q": "w1", "n": 5, "w": 4, "answer": 0}])
+
+    def filled(prompt):
+        spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "causal-lm", "tasks": [
+            {"name": "a", "data": {"validation": "v.jsonl"}, "prompt": prompt, "choices": [" yes", " no"],
+             "label": "answer"}]})
+        task_file = load_task_file(spec)
+        return load_examples(task_file, task_file.tasks[0], "validation").inputs[0]
+
+    assert filled("{my-q} {n} {{q}} {my-q:>{w}}|{n:5}|") == "w1 5 {q}   w1|5    |"  # (numbers as text, as before)
+    for prompt in ("{my-q.upper}", "{n[0]}", "{0}", "{}"):
+        with pytest.raises(LoramergeError, match="bad format string"):
+            filled(prompt)

@@ -32,16 +32,20 @@ class Examples:
     limit: int | None = None  # the cap asked for (`--val-limit` on the validation split, else the task's `limit`)
     limit_name: str = "limit"  # what set the cap, as the user wrote it
     selected: list[int] = field(default_factory=list)  # each example's row in the split, counted from 0
+    lines: list[int | None] = field(default_factory=list)  # each example's line in its file (JSONL, CSV), if any
     source: str = ""  # the split's file or folder
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def row_of(self, index: int) -> str:
-        """Where example `index` comes from: `row 5 of data/rte/validation.jsonl` (rows counted from 1)."""
+        """Where example `index` comes from, as the data's other errors say it: `line 5 of data/v.jsonl` (a CSV
+        row's last line), else `row 5 of data/v.parquet` (rows counted from 1)."""
         if len(self.selected) != len(self.inputs):
             return f"example {index + 1} of those scored"
-        return f"row {self.selected[index] + 1} of {self.source}"
+        line = self.lines[index] if len(self.lines) == len(self.inputs) else None
+        return f"line {line} of {self.source}" if line is not None else f"row {self.selected[index] + 1} of " \
+            f"{self.source}"
 
     def above_cap(self) -> bool:
         """The cap is above the split's rows: every row is used (the record names the cap, not the count)."""
@@ -69,7 +73,8 @@ def load_examples(
             stat = Path(value).stat()
             digest.update(f"{value}:{stat.st_size}:{stat.st_mtime_ns}".encode(errors="surrogateescape"))  # (any name)
     return Examples(task.name, split, inputs, labels, digest.hexdigest(), len(rows_read), limit,
-                    "--val-limit" if by_val_limit else "limit", list(selected), str(source))
+                    "--val-limit" if by_val_limit else "limit", list(selected),
+                    [getattr(row, "line", None) for row in rows], str(source))
 
 
 def check_data(task_file: TaskFile, splits: list[str] | None = None, labelled: bool = True

@@ -420,15 +420,23 @@ class Evaluator:
 
     # --- identity, for caches ------------------------------------------------------------------
 
-    def cap_warnings(self) -> list[str]:
-        """The caps (`--val-limit`, or a task's `limit`) above a split's rows, one line each: all rows are used."""
+    def data_warnings(self) -> list[str]:
+        """What the data does to the settings, one line each: a cap (`--val-limit`, or a task's `limit`) above a
+        split's rows (all rows are used); --length-normalize where a task's spec says `length_normalize: false`
+        (the spec wins)."""
         above: dict[tuple[str, int], list[Examples]] = {}
         for examples in self.examples.values():
             if examples.above_cap():
                 above.setdefault((examples.limit_name, examples.limit), []).append(examples)
-        return [f"{name} {limit} is above the {self.settings.split} rows of "
-                f"{', '.join(f'{e.task} ({e.rows})' for e in tasks)}: every row is used"
-                for (name, limit), tasks in above.items()]
+        warnings = [f"{name} {limit} is above the {self.settings.split} rows of "
+                    f"{', '.join(f'{e.task} ({e.rows})' for e in tasks)}: every row is used"
+                    for (name, limit), tasks in above.items()]
+        kept = [task.name for task in self.task_file.tasks if self.settings.length_normalize and
+                self.task_file.type.choices and not task.length_normalized(True)]
+        if kept:
+            warnings.append(f"--length-normalize does not apply to {', '.join(kept)}: the task spec says "
+                            "length_normalize: false, which wins")
+        return warnings
 
     def fingerprint(self, task: str) -> str:
         """Everything that fixes a task's score apart from the candidate: base, data, head, settings."""

@@ -63,7 +63,7 @@ def eval_report(
         step()
     from loramerge_cli.adapters.compat import configless_warnings
 
-    warnings: list[str] = configless_warnings([*experts, *(merged or [])]) + engine.cap_warnings()
+    warnings: list[str] = configless_warnings([*experts, *(merged or [])]) + engine.data_warnings()
     rows = [
         score_row("base", "base", base_accuracy, expert_accuracy, warnings),
         score_row("experts", "experts", expert_accuracy, expert_accuracy, warnings),

@@ -240,7 +240,9 @@ def _masked_index(value, task: TaskSpec, path: Path) -> int:
     if isinstance(value, str):
         names = task.labels or task.choices
         if not names or value not in names:
-            raise LoramergeError(f"{path}: {task.where}.masked_labels: unknown label name {value!r}")
+            known = f" (names: {', '.join(map(repr, names))}; or give an index)" if names else " (no labels or " \
+                "choices name the classes: give an index)"
+            raise LoramergeError(f"{path}: {task.where}.masked_labels: unknown label name {value!r}{known}")
         return names.index(value)
     return _whole(value)
 

@@ -136,7 +136,7 @@ def search_lambda(
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)
         evaluator = checked_evaluator(load_task_file(tasks_file), adapters, settings, base, allow_base_mismatch)
-        expert_warnings = evaluator.cap_warnings()
+        expert_warnings = evaluator.data_warnings()
     if experts is None:  # (a caller that scored them checked them: check_experts)
         experts = expert_scores(evaluator, ScoreCache(run_dir), report)
         expert_warnings += check_experts(experts, "λ")

@@ -330,7 +330,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
 
     side_path, history = train(problem, settings, run_dir, request.resume, on_step)
     per_task, warnings = raised_tasks(problem, side_path, settings)
-    warnings = problem.engine.cap_warnings() + warnings
+    warnings = problem.engine.data_warnings() + warnings
     provenance = {
         "loramerge": __version__,
         **started_command(request),

@@ -55,7 +55,7 @@ def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
     problem = build_problem(request, _first_device(request))
     lam, tuning = problem.settings.lam, None
     experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
-    warnings = problem.engine.cap_warnings() + check_experts(experts, "λ and the table" if request.lambda_auto
+    warnings = problem.engine.data_warnings() + check_experts(experts, "λ and the table" if request.lambda_auto
                                                              else "the table")
     if request.lambda_auto:
         search = _search_lambda(request, problem, experts, run_dir, on_event)
@@ -88,7 +88,7 @@ def _label_free(request: SearchRequest, run_dir: Path | None, on_event) -> Score
         NscWorkerBuilder(request, fitness.base_lambda, fitness.reference),
         {"fitness": "nsc", "objective": objective, "max_length": dict(fitness.engine.max_lengths),
          "eval_dtype": fitness.engine.settings.dtype,
-         **({"warnings": warnings} if (warnings := fitness.engine.cap_warnings()) else {})},
+         **({"warnings": warnings} if (warnings := fitness.engine.data_warnings()) else {})},
         lambda best: {"unpruned_loss": fitness.reference, "best_loss": fitness.reference * (1 - best.fitness / 100),
                       "fitness": best.fitness},
     )

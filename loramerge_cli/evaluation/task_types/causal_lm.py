@@ -28,37 +28,26 @@ class CausalLM(TaskType):
             raise task_file.error(f"{task.where}.labels", f"{len(task.labels)} names for {len(task.choices)} choices")
 
     def read_input(self, row: dict, source: Path, task_file, task) -> str:
-        """The prompt with each `{field}` filled by the row's column of that exact name (`{my-q}`, `{q.text}` as
-        written: no attribute or index lookups, which would write a method's address), as text; a format spec
-        applies to a number as the number (`{score:.1f}`)."""
+        """The prompt filled in with the row's columns as text (str.format: a field names a column; `{my-q}` too,
+        but no attribute or index lookup, `{q.upper}`, which would write a method's address)."""
         import string
 
-        where = f"{task.where}.prompt"
         try:
-            parts = list(string.Formatter().parse(task.prompt))
+            fields = {name for _, name, _, _ in string.Formatter().parse(task.prompt) if name is not None}
         except ValueError as error:
-            raise task_file.error(where, f"bad format string ({error})") from None
-        pieces = []
-        for literal, name, spec, conversion in parts:
-            pieces.append(literal)
-            if name is None:
-                continue
-            if name == "":
-                raise task_file.error(where, "bad format string ({}: a field names a column, as {question})")
-            if name not in row:
-                lookup = " (a field names a column as written: {a.b} and {a[b]} look nothing up)" \
-                    if any(mark in name for mark in ".[") else ""
-                raise task_file.error(where, f"column {name!r} not in {source}{lookup}")
-            value = text_value(row, name, "prompt", source, task, task_file)
-            if spec and isinstance(row[name], (int, float)):  # (text_value refused bools and non-finite numbers)
-                value = row[name]
-            if conversion:
-                value = {"r": repr, "s": str, "a": ascii}[conversion](value)
-            try:
-                pieces.append(format(value, spec))
-            except (ValueError, TypeError) as error:
-                raise task_file.error(where, f"bad format string ({{{name}:{spec}}}: {error})") from None
-        return "".join(pieces)
+            raise task_file.error(f"{task.where}.prompt", f"bad format string ({error})") from None
+        plain = {name for name in fields if name and not name.isdigit() and not any(mark in name for mark in ".[")}
+        if fields - plain:  # (a number is a position, {} too: format would look for it among no arguments)
+            raise task_file.error(f"{task.where}.prompt", f"bad format string ({{{sorted(fields - plain)[0]}}}: a "
+                                  "field names a column, as {question}, with no lookup in it)")
+        row = {**row, **{name: text_value(row, name, "prompt", source, task, task_file) for name in plain
+                         if name in row}}
+        try:
+            return task.prompt.format(**row)
+        except KeyError as error:
+            raise task_file.error(f"{task.where}.prompt", f"column {error.args[0]!r} not in {source}") from None
+        except (IndexError, ValueError, AttributeError, TypeError) as error:
+            raise task_file.error(f"{task.where}.prompt", f"bad format string ({error})") from None
 
     def label_names(self, task) -> list[str] | None:
         return task.labels or task.choices

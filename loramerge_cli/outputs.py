@@ -174,8 +174,11 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
                 pass  # the loader reports it
     task_file = load_task_file(tasks) if tasks is not None else None
     if task_file is not None:
+        from loramerge_cli.evaluation.data import listed_files
+
         for item in task_file.inputs(adapters=False):  # a task's `adapter:` is one of the adapters
             files += _files(item)
+        files += listed_files(task_file)  # the images a listing names
         folders += [item for item in task_file.inputs() if item.is_dir()]
     base = base or (task_file.base_model if task_file else None) or (bases.pop() if len(bases) == 1 else None)
     if base and Path(base).expanduser().is_dir():

@@ -456,3 +456,31 @@ def test_prompt_fields_name_columns_as_written(tmp_path):
     for prompt in ("{my-q.upper}", "{n[0]}", "{0}", "{}"):
         with pytest.raises(LoramergeError, match="bad format string"):
             filled(prompt)
+
+
+def test_images_a_listing_names_are_inputs_and_their_versions_key_the_scores(tmp_path):
+    """A search's resume hashed a listing file but not the images it names (changed images were scored with the
+    old ones' results); a score cache keyed listed images and base weights by size and mtime only, so an edit
+    that kept both (`cp -p`, `touch -r`) served stale scores."""
+    from eval_fixtures import write_jsonl, write_tasks_file
+
+    from loramerge_cli.evaluation.data import file_version, load_examples
+    from loramerge_cli.evaluation.specs import load_task_file
+    from loramerge_cli.outputs import read_inputs
+
+    _images(tmp_path / "images", ("circle", "square"))
+    rows = [{"image": f"images/{name}/{index}.png", "label": label}
+            for label, name in enumerate(("circle", "square")) for index in range(2)]
+    write_jsonl(tmp_path / "list.jsonl", rows)
+    spec = write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "image-classification", "tasks": [
+        {"name": "shapes", "data": {"validation": "list.jsonl"}, "label": "label", "num_labels": 2}]})
+    files, _ = read_inputs([], spec, None)
+    assert {tmp_path / row["image"] for row in rows} <= set(files)
+    task_file = load_task_file(spec)
+    before = load_examples(task_file, task_file.tasks[0], "validation").fingerprint
+    image = tmp_path / rows[0]["image"]
+    version, stat = file_version(image), image.stat()
+    image.write_bytes(image.read_bytes())  # (same bytes, same size: an edit that kept the size)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the mtime
+    assert file_version(image) != version
+    assert load_examples(task_file, task_file.tasks[0], "validation").fingerprint != before

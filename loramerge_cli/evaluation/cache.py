@@ -49,8 +49,9 @@ def read_cache(file: Path) -> dict[str, float]:
             isinstance(key, str) and len(key) == 64 and set(key) <= set("0123456789abcdef")
             and isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
             for key, value in scores.items()):
-        raise LoramergeError(f"{file} is not a score cache loramerge wrote (it is never written over); give "
-                             "--run-dir a folder of its own")
+        raise LoramergeError(f"{file} is not a score cache loramerge wrote (it is never written over): if it was "
+                             "one, damaged, delete it (its scores are computed again); else give --run-dir a folder "
+                             "of its own")
     return scores
 
 

@@ -69,9 +69,8 @@ def load_examples(
     digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
     digest.update(_content_hash(source).encode())
     for value in inputs if task_file.type.inputs_name_files else ():  # files a listing names (images): each
-        if isinstance(value, (str, Path)) and Path(value).is_file():  # one's size and mtime, not only the listing
-            stat = Path(value).stat()
-            digest.update(f"{value}:{stat.st_size}:{stat.st_mtime_ns}".encode(errors="surrogateescape"))  # (any name)
+        if isinstance(value, (str, Path)) and Path(value).is_file():  # one's version, not only the listing
+            digest.update(f"{value}:{file_version(value)}".encode(errors="surrogateescape"))  # (any name)
     return Examples(task.name, split, inputs, labels, digest.hexdigest(), len(rows_read), limit,
                     "--val-limit" if by_val_limit else "limit", list(selected),
                     [getattr(row, "line", None) for row in rows], str(source))
@@ -101,6 +100,31 @@ def check_data(task_file: TaskFile, splits: list[str] | None = None, labelled: b
                 raise task_file.error(f"{task.where}.label", f"required field is missing (accuracy needs labels{hint})")
             counts[task.name, split] = len(rows)
     return counts
+
+
+def listed_files(task_file: TaskFile) -> list[Path]:
+    """The files the rows of the spec's data files name (an image listing's images): the data too, so a resumed
+    search hashes them and no output goes over one. A data file that cannot be read names none (check_data
+    reports it)."""
+    files = []
+    for task in task_file.tasks:
+        for split, data in task.data.items():
+            source = Path(data)
+            if source.is_file():
+                try:
+                    rows = _read_rows(source, task_file, f"{task.where}.data.{split}")
+                except (LoramergeError, OSError, UnicodeDecodeError):
+                    continue
+                files += task_file.type.named_files(rows, source, task)
+    return list(dict.fromkeys(files))
+
+
+def file_version(path) -> str:
+    """A file's version as its metadata tells it, for score caches: size, modification and change times, inode
+    (an edit that keeps the size and restores the mtime, `cp -p` or `touch -r`, still changes the change time;
+    a file swapped in by `mv`, the inode)."""
+    stat = os.stat(path)
+    return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
 
 
 def check_task_file(path, splits: list[str] | None = None, labelled: bool = True) -> TaskFile:

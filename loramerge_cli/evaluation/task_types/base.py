@@ -49,6 +49,11 @@ class TaskType:
         """Names a label column may use instead of indices."""
         return task.labels
 
+    def named_files(self, rows: list[dict], source: Path, task) -> list[Path]:
+        """The files a data file's rows name (an image listing's images): data too, hashed and protected as the
+        data file is. None by default."""
+        return []
+
     def check_inputs(self, examples, task, preprocessor) -> None:
         """Refuse inputs (`examples.inputs`) the model could not score, with the preprocessor alone (before the
         model loads), naming an example by `examples.row_of(index)`."""

@@ -4,7 +4,6 @@ as a folder tree `split/class_name/*.png`; a class head on the base."""
 from __future__ import annotations
 
 import functools
-import os
 from pathlib import Path
 
 from loramerge_cli.evaluation.task_types.base import TaskType, named_task
@@ -25,9 +24,19 @@ def _index_names(names: list[str], count: int) -> bool:
         sorted(names) == sorted(names, key=int)
 
 
+def _image_value(value, source: Path):
+    """A row's image cell as a path (relative to a listing file's folder) or bytes (Hugging Face datasets' image
+    struct gives either); anything else as it is (read_input refuses it)."""
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, str) and not Path(value).is_absolute():
+        value = str(source.parent / value) if source.is_file() else value
+    return value
+
+
 @functools.lru_cache(maxsize=4096)
-def _checked_file(path: str, size: int, mtime_ns: int, ctime_ns: int, inode: int) -> None:
-    """`check_image` of a file, once per path and version (its change time too: a copy that kept the mtime is
+def _checked_file(path: str, version: str) -> None:
+    """`check_image` of a file, once per path and version (data.file_version: a copy that kept the mtime is
     checked again; an error is raised again: it is not cached)."""
     from loramerge_cli.evaluation.batches import check_image
 
@@ -93,11 +102,7 @@ class ImageClassification(TaskType):
         column = task.image or "image"
         if column not in row:
             raise task_file.error(f"{task.where}.image", f"column {column!r} not in {source}")
-        value = row[column]
-        if isinstance(value, dict):  # Hugging Face datasets' image struct
-            value = value.get("bytes") or value.get("path")
-        if isinstance(value, str) and not Path(value).is_absolute():
-            value = str(source.parent / value) if source.is_file() else value
+        value = _image_value(row[column], source)
         if isinstance(value, (bytes, bytearray)):
             named = f"image bytes in a row of {source}"
         elif not isinstance(value, str):
@@ -111,8 +116,9 @@ class ImageClassification(TaskType):
             from loramerge_cli.evaluation.batches import UnusableImage, check_image  # GIF or BMP), is found now
 
             if isinstance(value, str):  # a listing may name one file many times: checked once
-                stat = os.stat(value)
-                _checked_file(value, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
+                from loramerge_cli.evaluation.data import file_version
+
+                _checked_file(value, file_version(value))
             else:
                 check_image(value)
         except ImportError:
@@ -120,6 +126,11 @@ class ImageClassification(TaskType):
         except UnusableImage as error:
             raise task_file.error(f"{task.where}.image", f"{named}: {error}") from None
         return value
+
+    def named_files(self, rows: list[dict], source: Path, task) -> list[Path]:
+        """The image files a listing's rows name (its bytes rows name none)."""
+        values = [_image_value(row.get(task.image or "image"), source) for row in rows]
+        return [Path(value) for value in values if isinstance(value, str) and Path(value).is_file()]
 
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):
         from loramerge_cli.evaluation.batches import prepare_images

@@ -484,3 +484,18 @@ def test_images_a_listing_names_are_inputs_and_their_versions_key_the_scores(tmp
     os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the mtime
     assert file_version(image) != version
     assert load_examples(task_file, task_file.tasks[0], "validation").fingerprint != before
+
+
+def test_a_resume_refuses_a_changed_listed_image_and_takes_an_older_run(tmp_path):
+    """The resume check: a changed listed image is refused (it was not recorded); a run saved before the images
+    were recorded (its inputs hold the listing only) still resumes, its listing unchanged."""
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.search.rundir import check_inputs
+
+    saved = {"/d/list.jsonl": "a", "/d/images/0.png": "b"}
+    check_inputs(saved, dict(saved), {"/d/images/0.png"})
+    with pytest.raises(LoramergeError, match="0.png changed"):
+        check_inputs(saved, {**saved, "/d/images/0.png": "c"}, {"/d/images/0.png"})
+    check_inputs({"/d/list.jsonl": "a"}, dict(saved), {"/d/images/0.png"})  # an older run's record
+    with pytest.raises(LoramergeError, match="is a new input"):
+        check_inputs({"/d/list.jsonl": "a"}, {**saved, "/d/other.jsonl": "d"}, {"/d/images/0.png"})

@@ -295,16 +295,26 @@ def input_digests(request) -> dict[str, str]:
     return {normal_path(path): sha256_file(Path(path)) for path in dict.fromkeys(input_paths(request))}
 
 
-def check_inputs(saved: dict, current: dict) -> None:
-    """Refuse to resume when an input changed, was removed, or a new one appeared, naming the file."""
+def check_inputs(saved: dict, current: dict, listed: set[str] = frozenset()) -> None:
+    """Refuse to resume when an input changed, was removed, or a new one appeared, naming the file. A new file
+    among `listed` (the images a listing names) is no refusal: with the listing unchanged, it is one a run saved by
+    an earlier loramerge did not record (it recorded the listing only)."""
     for path, digest in saved.items():
         if current.get(path) != digest:
             state = "is gone" if path not in current else "changed (its sha256 differs)"
             raise LoramergeError(f"--resume: {path} {state} since the run started; the saved scores are for "
                                  "the old inputs: start a new run (another --run-dir)")
     for path in current:
-        if path not in saved:
+        if path not in saved and path not in listed:
             raise LoramergeError(f"--resume: {path} is a new input since the run started; start a new run")
+
+
+def listed_inputs(request) -> set[str]:
+    """The files the task spec's listings name (data.listed_files), as input_digests names them."""
+    from loramerge_cli.evaluation.data import listed_files
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    return {normal_path(path) for path in listed_files(load_task_file(request.tasks))}
 
 
 def run_dir_files(run_dir: Path | None) -> list[Path]:

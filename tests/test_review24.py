@@ -458,10 +458,10 @@ def test_prompt_fields_name_columns_as_written(tmp_path):
             filled(prompt)
 
 
-def test_images_a_listing_names_are_inputs_and_their_versions_key_the_scores(tmp_path):
+def test_images_a_listing_names_are_inputs_and_their_content_keys_the_scores(tmp_path):
     """A search's resume hashed a listing file but not the images it names (changed images were scored with the
-    old ones' results); a score cache keyed listed images and base weights by size and mtime only, so an edit
-    that kept both (`cp -p`, `touch -r`) served stale scores."""
+    old ones' results); a score cache keyed listed images by size and mtime only, so an edit that kept both
+    (`cp -p`, `touch -r`) served stale scores. They are keyed by content now, as a folder split's images are."""
     from eval_fixtures import write_jsonl, write_tasks_file
 
     from loramerge_cli.evaluation.data import file_version, load_examples
@@ -478,12 +478,21 @@ def test_images_a_listing_names_are_inputs_and_their_versions_key_the_scores(tmp
     assert {tmp_path / row["image"] for row in rows} <= set(files)
     task_file = load_task_file(spec)
     before = load_examples(task_file, task_file.tasks[0], "validation").fingerprint
-    image = tmp_path / rows[0]["image"]
+    image, other = tmp_path / rows[0]["image"], tmp_path / rows[1]["image"]
     version, stat = file_version(image), image.stat()
-    image.write_bytes(image.read_bytes())  # (same bytes, same size: an edit that kept the size)
-    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the mtime
-    assert file_version(image) != version
+    image.write_bytes(image.read_bytes())  # (the same bytes: the same scores)
+    assert file_version(image) != version  # (the decode check's key sees the write)
+    assert load_examples(task_file, task_file.tasks[0], "validation").fingerprint == before
+    image.write_bytes(other.read_bytes())  # another image, with the old one's mtime
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert load_examples(task_file, task_file.tasks[0], "validation").fingerprint != before
+    from loramerge_cli.merging.config import MergeConfig
+    from loramerge_cli.search.plan import SearchRequest
+    from loramerge_cli.search.rundir import input_paths, listed_inputs
+
+    request = SearchRequest(adapters=[], merge=MergeConfig(), tasks=spec, eval=None)
+    images = {str((tmp_path / row["image"]).resolve()) for row in rows}
+    assert listed_inputs(request) == images and images <= {str(path.resolve()) for path in input_paths(request)}
 
 
 def test_a_resume_refuses_a_changed_listed_image_and_takes_an_older_run(tmp_path):

@@ -69,8 +69,8 @@ def load_examples(
     digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
     digest.update(_content_hash(source).encode())
     for value in inputs if task_file.type.inputs_name_files else ():  # files a listing names (images): each
-        if isinstance(value, (str, Path)) and Path(value).is_file():  # one's version, not only the listing
-            digest.update(f"{value}:{file_version(value)}".encode(errors="surrogateescape"))  # (any name)
+        if isinstance(value, (str, Path)) and Path(value).is_file():  # each one's content, as a folder's
+            digest.update(os.fsencode(str(value)) + b":" + _content_hash(Path(value)).encode())
     return Examples(task.name, split, inputs, labels, digest.hexdigest(), len(rows_read), limit,
                     "--val-limit" if by_val_limit else "limit", list(selected),
                     [getattr(row, "line", None) for row in rows], str(source))
@@ -106,17 +106,28 @@ def listed_files(task_file: TaskFile) -> list[Path]:
     """The files the rows of the spec's data files name (an image listing's images): the data too, so a resumed
     search hashes them and no output goes over one. A data file that cannot be read names none (check_data
     reports it)."""
+    if not task_file.type.inputs_name_files:  # (text rows name no file: nothing to read)
+        return []
     files = []
     for task in task_file.tasks:
         for split, data in task.data.items():
             source = Path(data)
-            if source.is_file():
+            if not source.is_file():
+                continue
+            key = (task_file.type.name, task.image, str(source), file_version(source))
+            if key not in _NAMED_FILES:  # read once per version of the file (a plan asks several times)
                 try:
                     rows = _read_rows(source, task_file, f"{task.where}.data.{split}")
                 except (LoramergeError, OSError, UnicodeDecodeError):
                     continue
-                files += task_file.type.named_files(rows, source, task)
+                if len(_NAMED_FILES) >= 64:
+                    _NAMED_FILES.clear()
+                _NAMED_FILES[key] = task_file.type.named_files(rows, source, task)
+            files += _NAMED_FILES[key]
     return list(dict.fromkeys(files))
+
+
+_NAMED_FILES: dict[tuple, list[Path]] = {}  # listed_files' reading of each data file, by its version
 
 
 def file_version(path) -> str:

@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 
 from loramerge_cli.errors import LoramergeError, UsageError, first_line
-from loramerge_cli.evaluation.data import file_version
 from loramerge_cli.evaluation.task_types import TaskType
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -121,15 +120,16 @@ def load_preprocessor(base: str, task_type: TaskType):
 
 
 def base_identity(base: str, model) -> str:
-    """A cheap fingerprint of the base: its config, each weight file's name and version (data.file_version: size,
-    times, inode), and the content of every other file of the folder (tokenizer, preprocessor: they change the
-    inputs)."""
+    """A cheap fingerprint of the base: its config, each weight file's name, size and mtime (an edit that keeps
+    both is not seen: a search's resume hashes them whole), and the content of every other file of the folder
+    (tokenizer, preprocessor: they change the inputs)."""
     digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
     folder = Path(base)
     if folder.is_dir():
         for file in sorted(path for path in folder.iterdir() if path.is_file()):
-            if file.suffix in (".safetensors", ".bin", ".pt", ".pth"):
-                digest.update(os.fsencode(f"{file.name}:{file_version(file)}"))
+            if file.suffix in (".safetensors", ".bin", ".pt", ".pth"):  # (gigabytes: not read on every command)
+                stat = file.stat()
+                digest.update(os.fsencode(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}"))
             else:
                 digest.update(os.fsencode(file.name) + b":" + hashlib.sha256(file.read_bytes()).digest())
     else:

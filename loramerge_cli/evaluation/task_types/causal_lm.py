@@ -30,13 +30,11 @@ class CausalLM(TaskType):
     def read_input(self, row: dict, source: Path, task_file, task) -> str:
         """The prompt filled in with the row's columns as text (str.format: a field names a column; `{my-q}` too,
         but no attribute or index lookup, `{q.upper}`, which would write a method's address)."""
-        import string
-
         try:
-            fields = {name for _, name, _, _ in string.Formatter().parse(task.prompt) if name is not None}
+            fields = _fields(task.prompt)
         except ValueError as error:
             raise task_file.error(f"{task.where}.prompt", f"bad format string ({error})") from None
-        plain = {name for name in fields if name and not name.isdigit() and not any(mark in name for mark in ".[")}
+        plain = {name for name in fields if name and not name.isdecimal() and not any(mark in name for mark in ".[")}
         if fields - plain:  # (a number is a position, {} too: format would look for it among no arguments)
             raise task_file.error(f"{task.where}.prompt", f"bad format string ({{{sorted(fields - plain)[0]}}}: a "
                                   "field names a column, as {question}, with no lookup in it)")
@@ -72,3 +70,16 @@ class CausalLM(TaskType):
         from loramerge_cli.evaluation.batches import choice_scores
 
         return choice_scores(model, prepared, task.length_normalized(settings.length_normalize))
+
+
+def _fields(text: str) -> set[str]:
+    """The field names of a format string, those inside a field's format spec too (`{q:>{width}}`)."""
+    import string
+
+    names = set()
+    for _, name, spec, _ in string.Formatter().parse(text):
+        if name is not None:
+            names.add(name)
+        if spec:
+            names |= _fields(spec)
+    return names

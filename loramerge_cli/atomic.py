@@ -1,7 +1,7 @@
 """The one way loramerge replaces a file: write a temporary sibling, flush it to disk, then rename it over
 the target. A kill at any moment leaves the old file or the new one; a full disk or a missing permission is
 one line; a Ctrl-C that some library swallowed keeps the old file (loramerge_cli.interrupts). Also the one way
-it reads a safetensors file (`read_safetensors`), whatever bytes its path is made of."""
+it reads a safetensors file (`read_safetensors`, `safetensors_metadata`), whatever bytes its path is made of."""
 
 from __future__ import annotations
 
@@ -117,22 +117,39 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
         raise OSError(str(error).split("I/O error: ")[-1].split(" (os error")[0]) from None
 
 
-def read_safetensors(path: str | Path) -> tuple[dict, dict]:
-    """(tensors, metadata) of a safetensors file. safetensors opens UTF-8 paths only: a path of other bytes (as
-    Linux allows) is read whole and parsed from memory. Raises what safetensors raises, OSError, or ValueError."""
+def read_safetensors(path: str | Path) -> dict:
+    """The tensors of a safetensors file. safetensors opens UTF-8 paths only: a path of other bytes (as Linux
+    allows) is read whole and parsed from memory. Raises what safetensors raises, or OSError."""
+    from safetensors.torch import load, load_file
+
+    name = os.fspath(path)
+    if _utf8(name):
+        return load_file(name)
+    with open(name, "rb") as handle:
+        return load(handle.read())
+
+
+def safetensors_metadata(path: str | Path) -> dict:
+    """The metadata (`__metadata__`) of a safetensors file, whatever bytes its path is made of; {} if it has
+    none. Raises what safetensors raises, OSError, or ValueError."""
     import json
 
     from safetensors import safe_open
-    from safetensors.torch import load
 
     name = os.fspath(path)
+    if _utf8(name):
+        with safe_open(name, framework="pt") as handle:
+            return handle.metadata() or {}
+    with open(name, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def _utf8(name: str) -> bool:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:  # surrogate escapes: the name's bytes are not UTF-8
-        with open(name, "rb") as handle:
-            data = handle.read()
-        header = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]) if len(data) >= 8 else {}
-        metadata = header.get("__metadata__") if isinstance(header, dict) else None
-        return load(data), metadata if isinstance(metadata, dict) else {}
-    with safe_open(name, framework="pt") as handle:
-        return {key: handle.get_tensor(key) for key in handle.keys()}, handle.metadata() or {}
+        return False
+    return True

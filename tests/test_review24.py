@@ -352,19 +352,19 @@ def test_every_safetensors_read_takes_a_path_that_is_not_utf8(tmp_path):
     file" and a run dir's saved state "saved by another search" (safetensors opens UTF-8 paths only)."""
     import torch
 
-    from loramerge_cli.atomic import read_safetensors, save_safetensors
+    from loramerge_cli.atomic import read_safetensors, safetensors_metadata, save_safetensors
     from loramerge_cli.evaluation.heads import read_head_file
     from loramerge_cli.search.state_io import state_run_id
 
     folder = Path(os.fsdecode(os.fsencode(tmp_path) + b"/run\xff"))
     folder.mkdir()
     save_safetensors({"score.weight": torch.ones(2, 3)}, folder / "head.safetensors", {"run_id": "abc"})
-    tensors, metadata = read_safetensors(folder / "head.safetensors")
-    assert torch.equal(tensors["score.weight"], torch.ones(2, 3)) and metadata == {"run_id": "abc"}
+    assert torch.equal(read_safetensors(folder / "head.safetensors")["score.weight"], torch.ones(2, 3))
+    assert safetensors_metadata(folder / "head.safetensors") == {"run_id": "abc"}
     assert torch.equal(read_head_file(folder / "head.safetensors")["score.weight"], torch.ones(2, 3))
     assert state_run_id(folder / "head.safetensors") == "abc"
     save_safetensors({"x": torch.zeros(1)}, tmp_path / "plain.safetensors", {"run_id": "def"})
-    assert read_safetensors(tmp_path / "plain.safetensors")[1] == {"run_id": "def"}
+    assert safetensors_metadata(tmp_path / "plain.safetensors") == {"run_id": "def"}
 
 
 def test_a_task_s_length_normalize_wins_over_the_flag(tmp_path):
@@ -508,3 +508,22 @@ def test_a_resume_refuses_a_changed_listed_image_and_takes_an_older_run(tmp_path
     check_inputs({"/d/list.jsonl": "a"}, dict(saved), {"/d/images/0.png"})  # an older run's record
     with pytest.raises(LoramergeError, match="is a new input"):
         check_inputs({"/d/list.jsonl": "a"}, {**saved, "/d/other.jsonl": "d"}, {"/d/images/0.png"})
+
+
+def test_random_search_stops_once_every_mask_of_its_size_is_scored():
+    """With a budget above the number of masks of its size, random search drew repeats until 100·budget draws
+    (18,750 trajectory rounds for 8 tables), and numbered its rounds attempts // 16 (0, 1, 1, 1, …)."""
+    import math
+
+    from loramerge_cli.search.baselines import random_search
+
+    scored, rounds = [], []
+
+    def fitness(candidates):
+        scored.extend(candidates)
+        return [float(sum(pruned)) for pruned, _ in candidates]
+
+    ledger = random_search(fitness, flat_size=6, pruned_count=2, budget=1000, seed=1, on_round=rounds.append)
+    assert len(scored) == len(set(scored)) == math.comb(6, 2)
+    assert [record["round"] for record in rounds] == list(range(1, len(rounds) + 1)) and len(rounds) < 10
+    assert ledger.best().pruned == (4, 5)

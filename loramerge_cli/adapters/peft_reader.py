@@ -164,7 +164,7 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         except OSError as error:
             raise LoramergeError(f"{path}: cannot read ({error.strerror or error})") from None
         try:
-            return read_safetensors(path)[0]
+            return read_safetensors(path)
         except (SafetensorError, OSError, ValueError, RuntimeError) as error:
             raise LoramergeError(f"{path}: corrupt or truncated safetensors file ({first_line(error)})") from None
     try:  # pickle, only with --allow-pickle (checked by the resolver); torch's restricted unpickler

@@ -25,7 +25,7 @@ def read_head_file(path: str | Path) -> dict[str, torch.Tensor]:
     from loramerge_cli.atomic import read_safetensors
 
     try:
-        tensors = read_safetensors(path)[0]
+        tensors = read_safetensors(path)
     except (SafetensorError, OSError, ValueError, RuntimeError) as error:
         raise LoramergeError(f"{path}: not a readable .safetensors head file ({error})") from None
     return {head_key(key): tensor for key, tensor in tensors.items()}

@@ -59,18 +59,23 @@ def random_search(
     fitness: Fitness, flat_size: int, pruned_count: int, budget: int, seed: int,
     on_round: Callable[[dict], None] = lambda record: None, batch: int = 16,
 ) -> Ledger:
-    """Best of `budget` random masks pruning exactly `pruned_count` units (seeded)."""
+    """Best of `budget` random masks pruning exactly `pruned_count` units (seeded); it stops early once every
+    such mask is scored (a budget above their number would only draw repeats)."""
+    import math
+
     ledger = Ledger(fitness, budget)
     generator = np.random.Generator(np.random.PCG64(seed))
-    attempts = 0
-    while ledger.remaining > 0 and attempts < 100 * budget:
+    possible = math.comb(flat_size, pruned_count) if pruned_count else 0  # (the empty mask: scored already)
+    attempts = round_index = 0
+    while ledger.remaining > 0 and attempts < 100 * budget and len(ledger.memo) - 1 < possible:
         size = min(batch, ledger.remaining)
         candidates = [
             (tuple(sorted(int(i) for i in generator.choice(flat_size, pruned_count, replace=False))), None)
             for _ in range(size)
         ]
         attempts += size
+        round_index += 1
         ledger.evaluate(candidates)
-        on_round({"round": attempts // batch, "best_fitness": ledger.best().fitness,
+        on_round({"round": round_index, "best_fitness": ledger.best().fitness,
                   "distinct_evaluated": len(ledger.memo)})
     return ledger

@@ -225,10 +225,10 @@ def read_state(path: Path) -> tuple[dict, int, list, list[dict]]:
     """(tensors, step, AdamW param groups, history) of a saved NSC state; anything malformed is one line."""
     from safetensors import SafetensorError
 
-    from loramerge_cli.atomic import read_safetensors
+    from loramerge_cli.atomic import read_safetensors, safetensors_metadata
 
     try:
-        tensors, metadata = read_safetensors(path)
+        tensors, metadata = read_safetensors(path), safetensors_metadata(path)
         step, groups, history = int(metadata["step"]), loads_finite(metadata["param_groups"]), \
             loads_finite(metadata["history"])
         if not isinstance(groups, list) or not isinstance(history, list):

@@ -141,9 +141,9 @@ def state_run_id(path: Path) -> str | None:
     """The run id a saved state was marked with (JSON, or a safetensors file's metadata); None if none."""
     try:
         if path.suffix == ".safetensors":
-            from loramerge_cli.atomic import read_safetensors
+            from loramerge_cli.atomic import safetensors_metadata
 
-            value = read_safetensors(path)[1].get("run_id")
+            value = safetensors_metadata(path).get("run_id")
         else:
             value = json.loads(path.read_bytes()).get("run_id")
     except Exception:  # noqa: BLE001 - a damaged state is reported by its strategy's own check

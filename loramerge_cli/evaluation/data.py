@@ -68,9 +68,10 @@ def load_examples(
     digest = hashlib.sha256()
     digest.update(json.dumps({"task": task.describe(), "split": split, "selected": selected}).encode())
     digest.update(_content_hash(source).encode())
-    for value in inputs if task_file.type.inputs_name_files else ():  # files a listing names (images): each
-        if isinstance(value, (str, Path)) and Path(value).is_file():  # each one's content, as a folder's
-            digest.update(os.fsencode(str(value)) + b":" + _content_hash(Path(value)).encode())
+    named = dict.fromkeys(str(value) for value in (inputs if task_file.type.inputs_name_files else ())
+                          if isinstance(value, (str, Path)) and Path(value).is_file())
+    for value in named:  # the files a listing names (images): each one's content, as a folder's images
+        digest.update(os.fsencode(value) + b":" + _content_hash(Path(value)).encode())
     return Examples(task.name, split, inputs, labels, digest.hexdigest(), len(rows_read), limit,
                     "--val-limit" if by_val_limit else "limit", list(selected),
                     [getattr(row, "line", None) for row in rows], str(source))
@@ -131,9 +132,9 @@ _NAMED_FILES: dict[tuple, list[Path]] = {}  # listed_files' reading of each data
 
 
 def file_version(path) -> str:
-    """A file's version as its metadata tells it, for score caches: size, modification and change times, inode
-    (an edit that keeps the size and restores the mtime, `cp -p` or `touch -r`, still changes the change time;
-    a file swapped in by `mv`, the inode)."""
+    """A file's version as its metadata tells it, for what is kept of a file read once (an image's decode check, a
+    listing's named files): size, modification and change times, inode (an edit that keeps the size and restores
+    the mtime, `cp -p` or `touch -r`, still changes the change time; a file swapped in by `mv`, the inode)."""
     stat = os.stat(path)
     return f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ctime_ns}:{stat.st_ino}"
 

@@ -109,6 +109,11 @@ def from_pruned_indices(adapters: list[Adapter], indices: list[int]) -> WeightTa
     return table
 
 
+def shortened(text: str, limit: int = 200) -> str:
+    """A value shown in an error line, cut to `limit` characters (a table's 10⁵ units are not repeated back)."""
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text):,} characters)"
+
+
 def parse_indices(text: str | list[int]) -> list[int]:
     """--indices (JSON text, or a list of integers from the library) as a list of flat (task, unit) indices; a
     malformed value (or a negative index) is a usage error, an index past the adapters' units a data error
@@ -123,7 +128,8 @@ def parse_indices(text: str | list[int]) -> list[int]:
         except (ValueError, RecursionError):  # not JSON, an integer of over 4,300 digits, nesting too deep
             values = None
     if not isinstance(values, list) or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in values):
-        raise UsageError(f"--indices: expected a JSON list of integers >= 0 like \"[3, 17]\", got {text!r}")
+        raise UsageError(f"--indices: expected a JSON list of integers >= 0 like \"[3, 17]\", got "
+                         f"{shortened(repr(text))}")
     return values
 
 
@@ -208,7 +214,7 @@ def _structure_problem(data) -> str | None:
     error = best_match(Draft202012Validator(mask_schema()).iter_errors(data))
     if error is not None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path).lstrip(".")
-        return f"{where or 'mask'}: {error.message}"
+        return f"{where or 'mask'}: {shortened(error.message)}"
     return weights_problem(data["weights"], len(data["tasks"]), len(data["units"]), data.get("scale"))
 
 
@@ -290,7 +296,8 @@ def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask
         raise LoramergeError(f"{origin}: {problem}")
     names = [a.name for a in adapters]
     if table.tasks != names:
-        raise LoramergeError(f"{origin}: tasks {table.tasks} do not match the adapters {names}")
+        raise LoramergeError(f"{origin}: tasks {shortened(str(table.tasks))} do not match the adapters "
+                             f"{shortened(str(names))}")
     if table.unit == "block":
         expected = units_of(adapters)
     else:

@@ -527,3 +527,17 @@ def test_random_search_stops_once_every_mask_of_its_size_is_scored():
     assert len(scored) == len(set(scored)) == math.comb(6, 2)
     assert [record["round"] for record in rounds] == list(range(1, len(rounds) + 1)) and len(rounds) < 10
     assert ledger.best().pruned == (4, 5)
+
+
+def test_table_errors_do_not_repeat_a_huge_input():
+    """A table of 10⁵ tasks, or an --indices of 10⁵ brackets, was repeated back whole in its one-line error."""
+    from loramerge_cli.errors import UsageError
+    from loramerge_cli.masks import FORMAT, _structure_problem, parse_indices
+
+    with pytest.raises(UsageError) as refused:
+        parse_indices("[" * 100_000)
+    assert len(str(refused.value)) < 400 and "100,002 characters" in str(refused.value)
+    units = [f"model.layers.{index}" for index in range(20_000)] + ["model.layers.0"]
+    problem = _structure_problem({"format": FORMAT, "tasks": ["a"], "units": units,
+                            "weights": [[1.0] * len(units)]})
+    assert problem is not None and len(problem) < 400, problem[:500]

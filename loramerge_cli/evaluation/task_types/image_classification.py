@@ -20,8 +20,12 @@ def class_folders(folder: Path) -> set[str]:
 def _index_names(names: list[str], count: int) -> bool:
     """Class folders named by their indices (`0`, `1`, … below `count`), whose sorted order is their numeric
     order (no `10` sorted before `2`)."""
-    return all(name.isdecimal() and str(int(name)) == name and int(name) < count for name in names) and \
-        sorted(names) == sorted(names, key=int)
+    return _numbers(names) and all(int(name) < count for name in names) and sorted(names) == sorted(names, key=int)
+
+
+def _numbers(names: list[str]) -> bool:
+    """Every name is a number written plainly (`7`, not `07` or `٧`)."""
+    return all(name.isdecimal() and str(int(name)) == name for name in names)
 
 
 def _image_value(value, source: Path):
@@ -65,8 +69,7 @@ class ImageClassification(TaskType):
         if not names:
             splits = [Path(path) for path in task.data.values() if Path(path).is_dir()]
             names = sorted(set().union(*(class_folders(split) for split in splits)))
-            numbers = all(name.isdecimal() and str(int(name)) == name for name in names)
-            if numbers and names != sorted(names, key=int):  # `10` sorts before `2` as text
+            if _numbers(names) and names != sorted(names, key=int):  # `10` sorts before `2` as text
                 shown = ", ".join(names[:4]) + (", …" if len(names) > 4 else "")
                 raise task_file.error(
                     f"{task.where}.labels", f"the class folders are numbers whose order as text ({shown}) is not "

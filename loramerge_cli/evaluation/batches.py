@@ -153,21 +153,22 @@ class UnusableImage(ValueError):
     """An image loramerge cannot score, and why (one line)."""
 
 
-def check_image(value) -> None:
+def check_image(value) -> tuple[int, int]:
     """Decode the image at a path or in bytes: UnusableImage (one line) for what cannot be used: no image PIL
     reads, one cut short, one past PIL's decompression-bomb guard, and 16/32-bit or float pixels, which the RGB
-    conversion would clip to white or black without a word."""
-    decoded_image(value, transform=False)
+    conversion would clip to white or black without a word. Returns its (width, height) as turned by
+    `decoded_image`."""
+    return decoded_image(value, transform=False)
 
 
 def decoded_image(value, transform: bool = True):
     """The image at a path or in bytes, checked as `check_image` says, turned as its EXIF orientation says (as
     transformers' `load_image` and datasets do: a phone's portrait photo is stored sideways) and in RGB
-    (`transform`; else None)."""
+    (`transform`; else the turned image's (width, height), without turning it)."""
     import io
     import warnings
 
-    from PIL import Image, ImageOps
+    from PIL import ExifTags, Image, ImageOps
 
     try:
         with warnings.catch_warnings():  # PIL warns, on stderr, of images near its guard (the guard decides) and
@@ -178,7 +179,11 @@ def decoded_image(value, transform: bool = True):
                 if image.mode.startswith(WIDE_MODES):
                     raise UnusableImage(f"{image.mode} pixels (16/32-bit or float), which an RGB conversion "
                                         "clips; save it with 8-bit channels")
-                return ImageOps.exif_transpose(image).convert("RGB") if transform else None
+                if transform:
+                    return ImageOps.exif_transpose(image).convert("RGB")
+                width, height = image.size  # orientations 5 to 8 turn it a quarter (as exif_transpose reads them)
+                turned = image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)
+                return (height, width) if turned else (width, height)
     except Image.DecompressionBombError:
         raise UnusableImage(f"larger than PIL's decompression-bomb limit ({2 * Image.MAX_IMAGE_PIXELS:,} pixels); "
                             "resize it") from None
@@ -200,6 +205,45 @@ def open_image(value):
         raise LoramergeError(f"{where}: {error}") from None
 
 
+def unequal_sizes(sizes: list[tuple[int, int]]) -> LoramergeError:
+    """Images of one batch that the processor leaves at several sizes (it cannot stack them)."""
+    return LoramergeError(f"the images differ in size ({', '.join(f'{w}×{h}' for w, h in sizes[:3])}) and the "
+                          "base's image processor does not resize them (do_resize false): give images of one size")
+
+
+def check_image_batches(sizes: list[tuple[int, int]], processor, batch_size: int, model_class, config) -> None:
+    """Refuse, before the weights load, images (their (width, height), in file order) that `prepare_images` could
+    not batch (a batch of sizes the processor leaves unequal) or the model's forward would refuse (ViT wants its
+    config's image_size): the processor runs on a blank image of each size, and the model, built from its
+    config on the meta device (no weights, no memory), runs on each output shape. Only a ValueError there (a
+    model's own check of its inputs) is a refusal: anything the meta device cannot run is left to the real
+    forward."""
+    from PIL import Image
+
+    try:
+        shapes = {size: tuple(processor(images=[Image.new("RGB", size)], return_tensors="pt")["pixel_values"].shape[1:])
+                  for size in set(sizes)}
+    except Exception:  # noqa: BLE001 - a processor that cannot take a blank image: prepare_images will say
+        return
+    for start in range(0, len(sizes), batch_size):
+        batch = sorted(set(sizes[start : start + batch_size]))
+        if len({shapes[size] for size in batch}) > 1:
+            raise unequal_sizes(batch)
+    try:
+        with torch.device("meta"), torch.random.fork_rng(devices=[]):
+            model = model_class.from_config(config).eval()
+    except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: the real forward checks
+        return
+    for shape in sorted(set(shapes.values())):
+        try:
+            with torch.no_grad():
+                model(pixel_values=torch.zeros((1, *shape), device="meta"))
+        except ValueError:
+            raise
+        except Exception:  # noqa: BLE001 - an operation the meta device lacks is no refusal
+            pass
+
+
 def prepare_images(
     images: list, processor, batch_size: int, device, dtype: torch.dtype, accepted: frozenset[str] = frozenset(),
 ) -> PreparedTask:
@@ -214,9 +258,7 @@ def prepare_images(
             sizes = sorted({image.size for image in decoded})
             if len(sizes) < 2:
                 raise
-            raise LoramergeError(f"the images differ in size ({', '.join(f'{w}×{h}' for w, h in sizes[:3])}) and the "
-                                 "base's image processor does not resize them (do_resize false): give images of one "
-                                 "size") from None
+            raise unequal_sizes(sizes) from None
         inputs = {}
         for key, value in processed.items():
             if key == "pixel_values" or (key in accepted and isinstance(value, torch.Tensor)):

@@ -212,14 +212,14 @@ class Evaluator:
     def _check_inputs(self, preprocessor) -> None:
         """Each task's inputs (its task type's check), and each tokenised task's token cap against the model's
         positions and the tokenizer's special tokens, and its choices' tokens, from the base's config alone."""
+        config = load_base_config(self.base)
         for task in self.task_file.tasks:
-            self.task_file.type.check_inputs(self.examples[task.name], task, preprocessor)
+            self.task_file.type.check_inputs(self.examples[task.name], task, preprocessor, config, self.settings)
         if self.task_file.type.preprocessor_class != "AutoTokenizer":
             return
         from loramerge_cli.evaluation.batches import encode_choices
         from loramerge_cli.evaluation.task_types.base import named_task
 
-        config = load_base_config(self.base)
         for task in self.task_file.tasks:
             cap = token_cap(task, preprocessor, config, self.settings)
             if self.task_file.type.choices:  # each choice's tokens, before the weights load

@@ -54,9 +54,9 @@ class TaskType:
         data file is. None by default."""
         return []
 
-    def check_inputs(self, examples, task, preprocessor) -> None:
-        """Refuse inputs (`examples.inputs`) the model could not score, with the preprocessor alone (before the
-        model loads), naming an example by `examples.row_of(index)`."""
+    def check_inputs(self, examples, task, preprocessor, config, settings) -> None:
+        """Refuse inputs (`examples.inputs`) the model could not score, with the preprocessor and the base's
+        config alone (before the weights load), naming an example by `examples.row_of(index)`."""
 
     def prepare(self, inputs: list, task, preprocessor, model, settings, device, dtype, accepted: frozenset[str]):
         """(PreparedTask, token cap or None): the task's inputs as device batches, built once."""

@@ -50,7 +50,7 @@ class CausalLM(TaskType):
     def label_names(self, task) -> list[str] | None:
         return task.labels or task.choices
 
-    def check_inputs(self, examples, task, preprocessor) -> None:
+    def check_inputs(self, examples, task, preprocessor, config, settings) -> None:
         from loramerge_cli.evaluation.batches import refuse_empty
 
         with named_task(task):

@@ -38,13 +38,21 @@ def _image_value(value, source: Path):
     return value
 
 
-@functools.lru_cache(maxsize=4096)
-def _checked_file(path: str, version: str) -> None:
-    """`check_image` of a file, once per path and version (data.file_version: a copy that kept the mtime is
-    checked again; an error is raised again: it is not cached)."""
+@functools.lru_cache(maxsize=65536)
+def _checked_file(path: str, version: str) -> tuple[int, int]:
+    """`check_image` of a file (its size), once per path and version (data.file_version: a copy that kept the
+    mtime is checked again; an error is raised again: it is not cached)."""
     from loramerge_cli.evaluation.batches import check_image
 
-    check_image(path)
+    return check_image(path)
+
+
+def _image_size(value) -> tuple[int, int]:
+    """(width, height) of a checked image input (a path, or bytes)."""
+    from loramerge_cli.evaluation.batches import check_image
+    from loramerge_cli.evaluation.data import file_version
+
+    return _checked_file(value, file_version(value)) if isinstance(value, str) else check_image(value)
 
 
 class ImageClassification(TaskType):
@@ -116,14 +124,9 @@ class ImageClassification(TaskType):
         else:
             named = value
         try:  # decoded before any model loads: a file that is no image, or is cut short (verify misses a short
-            from loramerge_cli.evaluation.batches import UnusableImage, check_image  # GIF or BMP), is found now
+            from loramerge_cli.evaluation.batches import UnusableImage  # GIF or BMP), is found now
 
-            if isinstance(value, str):  # a listing may name one file many times: checked once
-                from loramerge_cli.evaluation.data import file_version
-
-                _checked_file(value, file_version(value))
-            else:
-                check_image(value)
+            _image_size(value)  # (a listing may name one file many times: checked once)
         except ImportError:
             pass  # the missing pillow is reported by the extras check, in one line
         except UnusableImage as error:
@@ -134,6 +137,17 @@ class ImageClassification(TaskType):
         """The image files a listing's rows name (its bytes rows name none)."""
         values = [_image_value(row.get(task.image or "image"), source) for row in rows]
         return [Path(value) for value in values if isinstance(value, str) and Path(value).is_file()]
+
+    def check_inputs(self, examples, task, preprocessor, config, settings) -> None:
+        """Images the processor could not batch or the model's forward would refuse (batches.check_image_batches)."""
+        import transformers
+
+        from loramerge_cli.evaluation.batches import check_image_batches, model_inputs_of
+        from loramerge_cli.evaluation.loading import quiet_transformers
+
+        with named_task(task), model_inputs_of(task.name), quiet_transformers():
+            check_image_batches([_image_size(value) for value in examples.inputs], preprocessor,
+                                settings.batch_size, getattr(transformers, self.model_class), config)
 
     def prepare(self, inputs, task, preprocessor, model, settings, device, dtype, accepted):
         from loramerge_cli.evaluation.batches import prepare_images

@@ -25,7 +25,7 @@ class SequenceClassification(TaskType):
             raise task_file.error(f"{task.where}.text", f"column {missing[0]!r} not in {source}")
         return tuple(text_value(row, column, "text", source, task, task_file) for column in task.text)
 
-    def check_inputs(self, examples, task, preprocessor) -> None:
+    def check_inputs(self, examples, task, preprocessor, config, settings) -> None:
         from loramerge_cli.evaluation.batches import refuse_empty
 
         with named_task(task):

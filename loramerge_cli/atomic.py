@@ -107,7 +107,7 @@ def write_new(path: str | Path, text: str) -> None:
 
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
     """safetensors' save_file, its I/O failures (a full disk) raised as OSError, as any other write's: the
-    callers report those in one line."""
+    callers report those in one line. The file gets the usual permissions (0666 less the umask)."""
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
@@ -115,6 +115,14 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = No
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as error:  # "Error while serializing: I/O error: No space left on device (os error 28)"
         raise OSError(str(error).split("I/O error: ")[-1].split(" (os error")[0]) from None
+    os.chmod(path, 0o666 & ~user_umask())  # safetensors creates it private (0600), unlike any other file written
+
+
+def user_umask() -> int:
+    """The process's umask (read by setting it, then set back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 def read_safetensors(path: str | Path) -> dict:

@@ -41,6 +41,11 @@ def check_repo_id(repo_id: str | None, dry_run: bool = False, private: bool = Fa
     if constants.HF_HUB_OFFLINE and not dry_run:
         raise LoramergeError(f"--push-to-hub {repo_id}: the Hub is in offline mode (HF_HUB_OFFLINE), so nothing can "
                              "be uploaded; unset it, or add --dry-run to list the files")
+    from huggingface_hub import get_token
+
+    if not dry_run and not get_token():  # the Hub takes no upload without one: said before the merge, not after
+        raise LoramergeError(f"--push-to-hub {repo_id}: no Hugging Face token (log in with `hf auth login`, or set "
+                             "HF_TOKEN), so nothing can be uploaded; or add --dry-run to list the files")
 
 
 def folder_files(folder: str | Path) -> list[str]:

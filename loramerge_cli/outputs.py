@@ -130,7 +130,7 @@ def base_model_folders(names: Iterable) -> list[Path]:
     in the local cache. A command reads the base (its config for the model card, its weights to evaluate) and
     writes no output into or over it."""
     from loramerge_cli.adapters.card import is_repo_id
-    from loramerge_cli.adapters.sources import cached_repo_folder
+    from loramerge_cli.adapters.sources import base_reference, cached_repo_folder
 
     folders = []
     for name in dict.fromkeys(str(name) for name in names if name):
@@ -138,8 +138,8 @@ def base_model_folders(names: Iterable) -> list[Path]:
         if local.is_dir():
             if (local / "config.json").is_file():
                 folders.append(local)
-        elif is_repo_id(name.partition("@")[0]) and cached_repo_folder(name) is not None:
-            folders.append(cached_repo_folder(name))
+        elif is_repo_id(base_reference(name)[0]) and cached_repo_folder(base_reference(name)[0]) is not None:
+            folders.append(cached_repo_folder(base_reference(name)[0]))
     return folders
 
 
@@ -557,8 +557,9 @@ def _remove_staging(staging: Path, made: list[Path]) -> None:
 
 def _apply_umask(folder: Path) -> None:
     """mkdtemp and safetensors create private (0700/0600) entries; give them the usual permissions."""
-    umask = os.umask(0)
-    os.umask(umask)
+    from loramerge_cli.atomic import user_umask
+
+    umask = user_umask()
     folder.chmod(0o777 & ~umask)
     for path in folder.rglob("*"):
         path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)

@@ -65,6 +65,18 @@ class TaskData:
             self.backend.check()
             self.threads = self.backend.threads_each(self.device or "cpu", self.threads)
 
+    def pinned_base(self, adapters: list[Adapter], allow_base_mismatch: bool = False) -> str:
+        """The base model it evaluates (--base, else the spec's, checked against the adapters', else theirs), a
+        Hub base pinned to its commit."""
+        from loramerge_cli.adapters.compat import check_spec_base
+        from loramerge_cli.evaluation.engine import resolve_base
+        from loramerge_cli.evaluation.specs import load_task_file
+
+        task_file = load_task_file(self.tasks)
+        if self.base is None:  # (the evaluators are then given the pinned base: the check is made here)
+            check_spec_base(task_file, adapters, allow_base_mismatch)
+        return resolve_base(task_file, adapters, self.base)
+
     def check_devices(self) -> None:
         """The devices it evaluates on exist here (`Backend.check_devices`): planned once the data is used."""
         from loramerge_cli.search.backends import Backend
@@ -294,13 +306,19 @@ def plan_merge(
     for used in (tuning, data if settings.method.needs_inputs else None):
         if used is not None:
             used.check_devices()
+    base = written_base(base)
+    read = tuning or (data if settings.method.needs_inputs else None)
+    if read is not None:  # the base model it reads, pinned to one commit for the whole merge and its records
+        read_base = read.pinned_base(adapters, allow_base_mismatch)
+        tuning = replace(tuning, base=read_base) if tuning is not None else None
+        data = replace(data, base=read_base) if data is not None else None
+        base = recorded_base(base, read_base, adapters)
     empty = ("λ = 0" if tuning is None and settings.lam == 0 else
              "every weight of the table is 0" if table is not None and not any(map(any, table.weights)) else
              "every --weights value is 0" if settings.weights and not any(settings.weights) else None)
     if out is not None and empty:  # known now: the writer would refuse it after the merge
         raise LoramergeError(f"the merge is empty ({empty}): nothing to write")
-    return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head,
-                     written_base(base),
+    return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head, base,
                      command, tuning, allow_base_mismatch, data if settings.method.needs_inputs else None,
                      float(table_lambda) if tuning is not None and table_lambda is not None else None)
 
@@ -390,10 +408,24 @@ class PrunePlan:
 
 def written_base(base):
     """--base as the configs record it: a Hub id without the `hf://` a source may carry (PEFT and transformers
-    read `org/name`)."""
+    read `org/name`; a revision, `@rev`, goes in the config's `revision`)."""
     if isinstance(base, str) and base.startswith("hf://"):
         return base.removeprefix("hf://")
     return base
+
+
+def recorded_base(base: str | None, read_base: str, adapters: list[Adapter]) -> str | None:
+    """The base a merge that read `read_base` (a Hub base pinned to its commit, or a folder) writes into its
+    configs: that commit, where the configs name that repository (--base's, else the inputs' one base);
+    else `base` as it is."""
+    from loramerge_cli.adapters.sources import base_reference
+
+    name = base_reference(read_base)[0]
+    if name == read_base:  # a local folder: no revision to record
+        return base
+    named = {adapter.base_model for adapter in adapters if adapter.base_model}
+    written = base_reference(base)[0] if base else named.pop() if len(named) == 1 else None
+    return read_base if written is not None and written.removeprefix("hf://") == name else base
 
 
 def base_warnings(base) -> list[str]:
@@ -402,8 +434,10 @@ def base_warnings(base) -> list[str]:
     model."""
     from loramerge_cli.adapters.card import is_repo_id
 
+    from loramerge_cli.adapters.sources import base_reference
+
     base = None if base is None else os.fspath(base)
-    if base is not None and not is_repo_id(base) and not Path(base).expanduser().is_dir():
+    if base is not None and not is_repo_id(base_reference(base)[0]) and not Path(base).expanduser().is_dir():
         return [f"--base {base}: no such folder here; written into the configs as given (a Hub id looks like "
                 "org/name)"]
     return []
@@ -430,7 +464,12 @@ def prune(plan: PrunePlan) -> list[Adapter]:
 
     pruned = [apply_table(adapter, plan.table, index) for index, adapter in enumerate(plan.adapters)]
     if plan.base is not None:
-        pruned = [replace(a, config={**a.config, "base_model_name_or_path": plan.base}) for a in pruned]
+        from loramerge_cli.adapters.sources import base_reference
+
+        name, revision = base_reference(plan.base)  # a revision of another base than the adapter's is dropped
+        pruned = [replace(a, config={**a.config, "base_model_name_or_path": name, "revision": revision or (
+            a.config.get("revision") if a.config.get("base_model_name_or_path") == name else None)})
+            for a in pruned]
     return pruned
 
 

@@ -314,12 +314,16 @@ def test_lambda_auto_uses_the_tuner_and_records_its_grid(sources, tmp_path, monk
         return data.load_task_file(path)
 
     monkeypatch.setattr(data, "check_task_file", checked)
+    from loramerge_cli import plan
+
+    monkeypatch.setattr(plan.TaskData, "pinned_base", lambda self, *args: "tiny/base")  # (no such model here)
     (tmp_path / "tasks.yaml").write_text("model_type: sequence-classification\ntasks:\n" + "".join(
         f"- {{name: {name}, text: s, label: y, data: {{validation: {name}.jsonl}}}}\n" for name in ("a", "b", "c")))
     result = _ok(["merge", "--adapters", *sources, "--merger", "tsv", "--lambda", "auto", "--tasks",
                   tmp_path / "tasks.yaml", "--val-limit", "8", "--out", tmp_path / "m", "--json"])
     assert calls == [("checked", str(tmp_path / "tasks.yaml"), ["validation"]),
-                     ("tsv", str(tmp_path / "tasks.yaml"), {"val_limit": 8, "allow_base_mismatch": False})]
+                     ("tsv", str(tmp_path / "tasks.yaml"), {"val_limit": 8, "base": "tiny/base",
+                                                            "allow_base_mismatch": False})]
     assert "lambda: 0.3" in (tmp_path / "m" / "loramerge.yaml").read_text()  # the recipe holds the tuned λ
     provenance = json.loads((tmp_path / "m" / "loramerge.json").read_text())
     assert provenance["parameters"]["lambda"] == 0.3

@@ -293,6 +293,7 @@ def test_push_failure_is_one_line_and_keeps_the_folder(sources, tmp_path, monkey
         raise OSError("Cannot reach https://huggingface.co: connection refused")
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # online, but the Hub does not answer
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", unreachable)
     result = invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "m", "--push-to-hub", "me/merged"])
     *warnings, error = result.stderr.splitlines()  # the warnings: local paths the upload would publish

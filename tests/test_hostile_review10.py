@@ -423,8 +423,12 @@ def test_push_options_and_repository_ids(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.stderr
     one_line(invoke_cli(["merge", "--adapters", *folders, "--out", "o2", "--push-to-hub", "me/m@dev", "--dry-run"]),
              "the branch goes in --revision")
-    one_line(invoke_cli(["merge", "--adapters", *folders, "--out", "o3", "--base", "org/base@main"]),
-             "a base model is a folder or a Hub id without @revision", 2)
+    result = invoke_cli(["merge", "--adapters", *folders, "--out", "o3", "--base", "org/base@main"])  # (session 25:
+    assert result.exit_code == 0 and "warning: --base" not in result.stderr, result.stderr  # a revision is taken)
+    config = json.loads((tmp_path / "o3" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/base", "main")
+    one_line(invoke_cli(["merge", "--adapters", *folders, "--out", "o4", "--base", "org/base@"]),
+             "a base model is a folder or a Hub id (org/name[@revision])", 2)
 
 
 def test_the_card_names_the_pushed_branch_and_a_hub_base_whatever_the_working_folder(tmp_path, monkeypatch):

@@ -179,8 +179,11 @@ def base_config(base: str | None) -> dict:
     if not config.is_file():
         from huggingface_hub import try_to_load_from_cache
 
+        from loramerge_cli.adapters.sources import base_reference
+
+        name, revision = base_reference(base)
         try:
-            cached = try_to_load_from_cache(base, "config.json")
+            cached = try_to_load_from_cache(name, "config.json", revision=revision)
         except ValueError:  # not a Hub id
             cached = None
         config = Path(cached) if isinstance(cached, str) else None
@@ -218,7 +221,8 @@ def trained_class(adapters) -> str | None:
 
 
 def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str | None, has_heads: bool,
-                 num_labels: int | None = None, model_class: str | None = None, revision: str = "") -> list[str]:
+                 num_labels: int | None = None, model_class: str | None = None, revision: str = "",
+                 base_revision: str | None = None) -> list[str]:
     auto = AUTO_CLASSES.get(task_type or "")
     model_class = model_class or TASK_TYPE_MODEL_CLASSES.get(task_type or "", "AutoModel")
     # a classifier head wider or narrower than the base config's default (2) loads only with its class count
@@ -228,8 +232,9 @@ def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str |
     if auto and base:
         code += [f"from peft import {auto}", "", f"model = {auto}.from_pretrained({repo!r}{branch}{labels})"]
     else:
-        base_line, comment = (repr(base), "") if base else ('"path/to/the/base/model"',
-                                                             "  # the base the inputs were trained on")
+        base_line, comment = (repr(base) + (f", revision={base_revision!r}" if base_revision else ""), "") if base \
+            else ('"path/to/the/base/model"', "  # the base the inputs were trained on")  # (AutoPeft reads the
+        # config's revision itself)
         code += [f"from transformers import {model_class}", "from peft import PeftModel", "",
                  f"base = {model_class}.from_pretrained({base_line}{labels}){comment}",
                  f"model = PeftModel.from_pretrained(base, {repo!r}{branch})"]
@@ -299,7 +304,7 @@ def _truncation_lines(result) -> list[str]:
 
 def model_card(result, adapters, *, title: str, base: str | None, task_type: str | None = None,
                head: str | None = None, table=None, recipe: str | None = None, tuning: dict | None = None,
-               repo_id: str | None = None) -> str:
+               repo_id: str | None = None, base_revision: str | None = None) -> str:
     """README.md of a merged adapter: Hub metadata, method, inputs, table, λ, truncation, recipe, use. `repo_id`:
     the repository it is pushed to (`owner/name@branch` for a branch), which its title and code name."""
     from huggingface_hub import ModelCard, ModelCardData
@@ -344,7 +349,7 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
                   "```bash", "loramerge merge --config loramerge.yaml --out rebuilt/", "```", ""]
     lines += ["## Use", "", *_use_snippet(task_type, hub_base, repo or title, head,
                                           any(a.heads for a in adapters), head_classes(adapters, head),
-                                          model_class, revision),
+                                          model_class, revision, base_revision),
               "", "Provenance (settings, input hashes, per-module truncation) is in `loramerge.json`.", ""]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
     return str(card)

@@ -106,12 +106,92 @@ def source_names(adapters: list) -> list[str]:
 
 
 def check_base_given(base: str | None) -> None:
-    """--base names a local folder or a Hub id: a path that does not exist is neither (one line before any work,
-    not a tokenizer's error once the adapters are read)."""
-    from loramerge_cli.adapters.card import is_hub_id
-
-    if base is not None and not Path(base).expanduser().is_dir() and not is_hub_id(base):
+    """--base names a local folder or a Hub id (`[hf://]org/name[@revision]`): a path that does not exist is
+    neither (one line before any work, not a tokenizer's error once the adapters are read)."""
+    if base is not None and not is_base_source(base):
         raise LoramergeError(f"--base {base}: no such folder, and not a Hugging Face Hub id")
+
+
+def is_base_source(base: str) -> bool:
+    """A local folder, or spelled as a Hub id (`[hf://]org/name[@revision]`)."""
+    from loramerge_cli.adapters.card import is_hub_id, is_repo_id
+
+    if not base.startswith("hf://") and Path(base).expanduser().is_dir():
+        return True
+    name, _ = base_reference(base)
+    return is_hub_id(name) if name == base else is_repo_id(name)
+
+
+def base_reference(base: str) -> tuple[str, str | None]:
+    """(what `from_pretrained` loads, the revision it loads): a local folder as it is; a Hub id
+    `[hf://]org/name[@revision]` as `org/name` and its revision (None: the default branch)."""
+    if not base.startswith("hf://") and (Path(base).expanduser().is_dir() or os.path.exists(base)):
+        return base, None
+    match = HUB_ID.match(base.removeprefix("hf://"))
+    if match is None:
+        return base, None
+    return match["repo"], match["rev"]
+
+
+def pinned_base(base: str) -> str:
+    """A Hub base as `org/name@commit`, the commit its revision names now (the local cache's refs under
+    HF_HUB_OFFLINE, else the Hub's): every load of one run reads that commit, and its records rebuild it. A
+    local folder as it is."""
+    name, revision = base_reference(base)
+    if name == base and not base.startswith("hf://") and Path(base).expanduser().is_dir():
+        return base
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        return f"{name}@{revision}"
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+    with hub_errors(base, name, revision):
+        try:
+            with hub_requests_time_out(constants.HF_HUB_ETAG_TIMEOUT):
+                config = Path(hf_hub_download(name, "config.json", revision=revision))
+        except EntryNotFoundError as error:
+            if isinstance(error, LocalEntryNotFoundError):
+                raise
+            raise LoramergeError(f"{base}: the repository has no config.json (not a model)") from None
+    return f"{name}@{config.parent.name}"  # (snapshots/<commit>/config.json)
+
+
+@contextmanager
+def hub_errors(spec: str, repo_id: str, revision: str | None):
+    """huggingface_hub's errors while `spec` (`repo_id` at `revision`) is read, as one line naming it."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    if revision is not None and any(part.startswith(".") or part.endswith(".lock") or not part
+                                    for part in revision.split("/")):  # as git refuses such ref names
+        raise LoramergeError(f"{spec}: {revision!r} is not a revision (a branch, a tag or a commit)")
+    # a mistyped relative path reads as a Hub id (adaptors/rte): say that no such local path exists either
+    local = "no such local file or folder, and as a Hub id: " \
+        if "@" not in spec and "/" in spec and not spec.startswith("hf://") else ""  # (hf://: the Hub only)
+    try:
+        yield
+    except LocalEntryNotFoundError:
+        why = (" (HF_HUB_OFFLINE is set: the Hub is not asked)" if constants.HF_HUB_OFFLINE
+               else f" and the Hub cannot be reached (offline, or no answer within {constants.HF_HUB_ETAG_TIMEOUT} s: "
+               "HF_HUB_ETAG_TIMEOUT)")
+        cached = _cached_revisions(repo_id)
+        held = f"; the cache holds {repo_id} at {', '.join(cached)}" if cached else ""
+        raise LoramergeError(f"{spec}: {local}not in the local Hugging Face cache{why}{held}") from None
+    except RevisionNotFoundError:
+        raise LoramergeError(f"{spec}: revision {revision!r} not found on the Hub") from None
+    except GatedRepoError:
+        raise LoramergeError(f"{spec}: gated repository; log in with `hf auth login`") from None
+    except RepositoryNotFoundError:
+        raise LoramergeError(f"{spec}: {local}repository not found on the Hub (or private)") from None
+    except LoramergeError:
+        raise
+    except Exception as error:  # noqa: BLE001 - network errors and friends (httpx's are no OSErrors)
+        raise LoramergeError(f"{spec}: cannot download from the Hub: {first_line(error)}") from None
 
 
 def sha256_file(path: Path) -> str:
@@ -247,41 +327,12 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
     if not match:
         raise LoramergeError(f"{spec}: not a Hub id (expected org/name[@revision])")
     repo_id, revision = match["repo"], match["rev"]
-    if revision is not None and any(part.startswith(".") or part.endswith(".lock") or not part
-                                    for part in revision.split("/")):  # as git refuses such ref names
-        raise LoramergeError(f"{spec}: {revision!r} is not a revision (a branch, a tag or a commit)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
+    from huggingface_hub import constants, snapshot_download
 
     patterns = [CONFIG_NAME, SAFETENSORS_NAME] + ([PICKLE_NAME] if allow_pickle else [])
-    # a mistyped relative path reads as a Hub id (adaptors/rte): say that no such local path exists either
-    local = "no such local file or folder, and as a Hub id: " \
-        if "@" not in spec and "/" in spec and not spec.startswith("hf://") else ""  # (hf://: the Hub only)
-    from huggingface_hub import constants
-
-    try:
+    with hub_errors(spec, repo_id, revision):
         with hub_requests_time_out(constants.HF_HUB_ETAG_TIMEOUT):
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except LocalEntryNotFoundError:
-        why = (" (HF_HUB_OFFLINE is set: the Hub is not asked)" if constants.HF_HUB_OFFLINE
-               else f" and the Hub cannot be reached (offline, or no answer within {constants.HF_HUB_ETAG_TIMEOUT} s: "
-               "HF_HUB_ETAG_TIMEOUT)")
-        cached = _cached_revisions(repo_id)
-        held = f"; the cache holds {repo_id} at {', '.join(cached)}" if cached else ""
-        raise LoramergeError(f"{spec}: {local}not in the local Hugging Face cache{why}{held}") from None
-    except RevisionNotFoundError:
-        raise LoramergeError(f"{spec}: revision {revision!r} not found on the Hub") from None
-    except GatedRepoError:
-        raise LoramergeError(f"{spec}: gated repository; log in with `hf auth login`") from None
-    except RepositoryNotFoundError:
-        raise LoramergeError(f"{spec}: {local}repository not found on the Hub (or private)") from None
-    except Exception as error:  # noqa: BLE001 - network errors and friends (httpx's are no OSErrors)
-        raise LoramergeError(f"{spec}: cannot download from the Hub: {first_line(error)}") from None
     try:
         files = _resolve_dir(folder, allow_pickle, kind="hub")
     except LoramergeError as error:  # named by the spec, not by the cache's snapshot folder

@@ -30,7 +30,7 @@ from loramerge_cli.adapters.card import (
 from loramerge_cli.adapters.compat import same_base
 from loramerge_cli.adapters.model import Adapter, saved_whole
 from loramerge_cli.adapters.peft_reader import PEFT_PREFIX
-from loramerge_cli.adapters.sources import check_names, hub_repo_folder
+from loramerge_cli.adapters.sources import base_reference, check_names, hub_repo_folder
 from loramerge_cli.adapters.units import unit_sort_key
 from loramerge_cli.errors import LoramergeError, UsageError
 from loramerge_cli.merging.merge import MergeResult
@@ -290,7 +290,7 @@ def write_merged_adapter(
     # in its plain spelling, whatever the adapters' order)
     inputs_base = None if not bases or not all(same_base(bases[0], other) for other in bases) else \
         bases[0] if len(set(bases)) == 1 else os.path.normpath(bases[0])
-    base = base_model or inputs_base
+    base, revision = base_reference(base_model) if base_model else (inputs_base, None)
     tensors = {}
     for path, module in modules.items():
         lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype)
@@ -312,8 +312,8 @@ def write_merged_adapter(
         base_model=base,
         task_type=_merged_task_type(adapters, head_adapter),
         modules_to_save=heads,
-        # the inputs' base revision, unless --base names another base
-        revision=_common([a.config.get("revision") for a in adapters]) if base == inputs_base else None,
+        # --base's revision, else the inputs' base revision unless --base names another base
+        revision=revision or (_common([a.config.get("revision") for a in adapters]) if base == inputs_base else None),
         auto_mapping=_common_mapping(adapters),
     )
     inputs = adapter_files(adapters, base_model) + table_files(table)
@@ -332,7 +332,8 @@ def write_merged_adapter(
             (staging / RECIPE_NAME).write_text(recipe, encoding="utf-8", errors="surrogateescape")
         (staging / "README.md").write_text(model_card(
             result, adapters, title=Path(out_dir).name, base=base, task_type=task_type, head=head, table=table,
-            recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id), encoding="utf-8",
+            recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id,
+            base_revision=config.get("revision")), encoding="utf-8",
             errors="surrogateescape")  # a path decoded from bytes in an ASCII locale (PYTHONUTF8=0): its bytes
         _write_json({**provenance, "files": file_digests(staging)}, staging / MARKER)  # last: it records the rest
     return Path(out_dir)

@@ -20,6 +20,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
+from loramerge_cli.adapters.sources import HUB_ID
 from loramerge_cli.errors import LoramergeError, UsageError, WorkerLost
 
 MULTI_VALUE_OPTIONS = ("--adapters", "--merged")  # take several values after one flag
@@ -166,8 +167,8 @@ def source_value(value) -> str:
     source = _expanded(_text(value, "source"))
     if os.path.isdir(source):
         return os.path.abspath(source)
-    if "@" in source and not os.path.exists(source):  # written as base_model_name_or_path, which PEFT reads whole
-        raise typer.BadParameter(f"{source}: a base model is a folder or a Hub id without @revision")
+    if "@" in source and not os.path.exists(source) and not HUB_ID.match(source.removeprefix("hf://")):
+        raise typer.BadParameter(f"{source}: a base model is a folder or a Hub id (org/name[@revision])")
     return source
 
 
@@ -281,6 +282,23 @@ def command_errors(function):
     return wrapper
 
 
+def _from_recipe(message: str, args: tuple, kwargs: dict) -> str:
+    """Where a usage error starts by naming a flag that the user did not type but a --config recipe gave
+    (`--density does not apply to method ta` after `--merger ta` over a della recipe): that, and what to do.
+    The command's context is its `ctx` argument."""
+    import re
+
+    ctx = next((value for value in (*args, *kwargs.values())  # (typer's Context, or the click it vendors)
+                if callable(getattr(value, "get_parameter_source", None))), None)
+    flag = re.match(r"--[a-z][a-z-]*", message)
+    if ctx is None or flag is None:
+        return ""
+    option = next((p for p in ctx.command.params if flag.group() in getattr(p, "opts", ())), None)
+    if option is None or getattr(ctx.get_parameter_source(option.name), "name", "") != "DEFAULT_MAP":
+        return ""
+    return f" ({flag.group()} comes from the recipe {ctx.params.get('config')}: delete it there)"
+
+
 # A full disk, a quota, a read-only or forbidden folder, a failing device: one line, not an internal error.
 STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
@@ -296,7 +314,7 @@ def _run(function, args, kwargs, debug: bool):
     except (typer.Exit, typer.Abort, typer.BadParameter):
         raise
     except UsageError as error:
-        raise fail(f"error: {error}", 2) from None
+        raise fail(f"error: {error}{_from_recipe(str(error), args, kwargs)}", 2) from None
     except KeyboardInterrupt:
         raise fail(interrupts.message(), interrupts.exit_code()) from None
     except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
@@ -548,6 +566,12 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
         if option.name == "force":  # replacing an output is asked for where it is done, not kept in a file
             raise typer.BadParameter(f"{value}: force is given on the command line only (--force), never in a "
                                      "recipe")
+        if option.name == "allow_pickle" and item is not False:  # a file handed around must not turn it on
+            raise typer.BadParameter(f"{value}: allow-pickle is given on the command line only (--allow-pickle, "
+                                     "for files you trust: unpickling can run code), never in a recipe: delete it "
+                                     "there")
+        if option.name == "allow_pickle":
+            continue
         if isinstance(item, bool) and not getattr(option, "is_flag", False):  # Python's True would pass for 1
             raise typer.BadParameter(f"{value}: {key}: YAML reads this as {str(item).lower()} (yes, no, on, off "
                                      f"too), which is no value for --{flag}: quote it if it is a name")

@@ -62,7 +62,8 @@ def eval_options() -> list:
         setting_option(EvalSettings, "length_normalize", help="Causal LM: divide each choice's log-likelihood by its "
                "token count (in tasks whose spec does not set length_normalize)."),
         option("run_dir", Path | None, None, help="Folder caching expert and base scores (keyed by adapter and "
-               "data hashes)."),
+               "data hashes; the base model's weight files by name, size and mtime: a copy that keeps all three "
+               "is not seen)."),
         option("out", Path | None, None, metavar="FILE.json", parser=file_path_value,
                help="Also write the report (as --json prints it) "
                "to this file (never over an input; an existing report only with --force)."),

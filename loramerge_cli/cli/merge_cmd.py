@@ -32,7 +32,7 @@ from loramerge_cli.cli.options import (
     with_options,
 )
 from loramerge_cli.cli.recipe import per_adapter_values
-from loramerge_cli.errors import UsageError, check_at_least
+from loramerge_cli.errors import LoramergeError, UsageError, check_at_least
 from loramerge_cli.evaluation.settings import EvalSettings
 from loramerge_cli.merging.registry import DTYPES, randomized_methods
 
@@ -204,8 +204,13 @@ def merge_command(ctx: typer.Context, **flags) -> None:
             report["warnings"] += publishing
         console = human_console(flags["quiet"], flags["json_output"])
         print_warnings(console, publishing)  # before the upload: one that fails ends the command before the report
-        report["push"] = push_folder(flags["out"], flags["push_to_hub"], private=flags["private"],
-                                     revision=flags["revision"], dry_run=flags["dry_run"])
+        try:
+            report["push"] = push_folder(flags["out"], flags["push_to_hub"], private=flags["private"],
+                                         revision=flags["revision"], dry_run=flags["dry_run"])
+        except LoramergeError as error:  # the merge is written: --json still reports it, with the failed push
+            if flags["json_output"]:
+                emit_json({**report, "push": {"repo_id": flags["push_to_hub"], "error": str(error)}}, "merge")
+            raise
     if flags["json_output"]:
         return emit_json(report, "merge")
     _print_report(report, human_console(flags["quiet"]), served, flags["head"])
@@ -230,11 +235,14 @@ def _changed_recipe_inputs(config: Path | None, adapters) -> list[str]:
 
 def _recipe(ctx: typer.Context, plan, result) -> str:
     """loramerge.yaml of this merge: λ as used (tuned or given), the table as the folder's mask.json."""
+    from loramerge_cli.adapters.sources import base_reference
     from loramerge_cli.cli.recipe import build_recipe
 
     lam = result.settings.lam if plan.tuning is not None else ctx.params.get("lam")
-    return build_recipe(ctx, plan.adapters, plan.out, {"lam": lam, "mask": "mask.json" if plan.table else None},
-                        reads_data=plan.data is not None)
+    pinned = {"base": plan.base} if plan.base and base_reference(plan.base)[1] and plan.base != ctx.params.get("base") \
+        else {}
+    return build_recipe(ctx, plan.adapters, plan.out, {"lam": lam, "mask": "mask.json" if plan.table else None,
+                                                       **pinned}, reads_data=plan.data is not None)
 
 
 def _print_report(report: dict, console, served: str | None, head: str | None) -> None:

@@ -21,7 +21,8 @@ PER_ADAPTER_KEYS = {"weight": "weights", **{name: name.replace("_", "-") for nam
                                             if parameter.per_adapter}}
 # Parameters that say where and how to run and report, not what to compute: never recorded.
 NOT_RECORDED = {"out", "force", "json_output", "quiet", "debug", "config", "threads", "push_to_hub", "private",
-                "revision", "dry_run", "adapters", "indices", "mask", "devices", "workers", "backend", "ray_address"}
+                "revision", "dry_run", "adapters", "indices", "mask", "devices", "workers", "backend", "ray_address",
+                "allow_pickle"}  # (unpickling is allowed where it is done: a recipe is handed around)
 # Parameters only --lambda auto reads: dropped once λ is resolved to a number.
 TUNING_ONLY = {"tasks", "val_limit", "device", "batch_size", "max_length", "eval_dtype"}
 SOURCE_KEYS = {"adapters", "merged", "base"}  # strings that may be local paths (else Hub ids)
@@ -77,6 +78,8 @@ def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dic
             continue
         if isinstance(value, Path) or (option.name == "base" and (os.path.isabs(value) or os.path.exists(value))):
             value = relative_path(value, folder)
+        if option.name == "lam" and isinstance(value, str) and value != "auto":  # a number, as a tuned λ is written
+            value = float(value)  # (the command line gives it as text: `lambda: '0.3'` changed type on a rebuild)
         values[_flag(option)] = value
     if values.get("lambda") != "auto" and not reads_data:  # λ is resolved: what only its tuning reads goes
         for name in TUNING_ONLY:

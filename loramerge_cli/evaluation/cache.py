@@ -1,7 +1,9 @@
 """Scores that never change within a run (experts, the base) stored in the run directory.
 
 A score is keyed by the candidate's weights (adapter sha256) and the engine's task fingerprint
-(base model, data selection, head, settings), so a changed input is never served from the cache.
+(base model, data selection, head, settings), so a changed input is not served from the cache; the base
+model's weight files, gigabytes, are known by name, size and mtime (loading.base_identity), so a new file
+copied over one with all three kept (`cp -p`, `rsync -t`) is not seen.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ class ScoreCache:
         if self.file is None:
             return
         write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
+        from loramerge_cli import interrupts
+
+        if interrupts.resume_hint() is None:  # (a search's own line says how to resume it)
+            interrupts.set_hint(f"{self.file} keeps the scores computed so far: the same command reuses them")
 
 
 def read_cache(file: Path) -> dict[str, float]:

@@ -73,29 +73,30 @@ def scale_deltas(deltas: dict[str, Delta], factor: float) -> dict[str, Delta]:
 
 
 def resolve_base(task_file: TaskFile, adapters, base: str | None) -> str:
-    """--base, else the spec's base_model, else the one base every adapter names; one that is neither a folder
-    here nor a Hub id is named as such (not as a tokenizer's error)."""
-    from loramerge_cli.adapters.card import is_hub_id
-    from loramerge_cli.adapters.sources import check_base_given
-
-    def findable(name: str) -> bool:
-        return Path(name).expanduser().is_dir() or is_hub_id(name)
+    """--base, else the spec's base_model, else the one base every adapter names (at the revision their configs
+    name, if they agree on one); one that is neither a folder here nor a Hub id is named as such (not as a
+    tokenizer's error). A Hub base comes back pinned to the commit its revision names now (pinned_base)."""
+    from loramerge_cli.adapters.sources import check_base_given, is_base_source, pinned_base
 
     if base:
         check_base_given(base)
-        return base
+        return pinned_base(base)
     if task_file.base_model:
-        if not findable(task_file.base_model):
+        if not is_base_source(task_file.base_model):
             raise task_file.error("base_model", f"{task_file.base_model}: no such folder, and not a Hugging Face Hub "
                                   "id (--base overrides it)")
-        return task_file.base_model
+        return pinned_base(task_file.base_model)
     named = {adapter.base_model for adapter in adapters if adapter.base_model}
     if len(named) == 1:
         name = named.pop()
-        if not findable(name):
+        if not is_base_source(name):
             raise LoramergeError(f"the adapters' base model {name}: no such folder here, and not a Hugging Face Hub "
                                  "id (use --base)")
-        return name
+        revisions = {adapter.config.get("revision") for adapter in adapters if adapter.base_model}
+        revision = revisions.pop() if len(revisions) == 1 else None  # (PEFT loads the base at this revision)
+        if isinstance(revision, str) and revision and not Path(name).expanduser().is_dir():
+            name = f"{name.removeprefix('hf://')}@{revision}"
+        return pinned_base(name)
     if not named:
         raise LoramergeError(f"{task_file.path}: base_model: not given, and no adapter names its base (use --base)")
     raise LoramergeError(f"{task_file.path}: base_model: not given, and the adapters name several bases (use --base)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from loramerge_cli.adapters.sources import base_reference
 from loramerge_cli.errors import LoramergeError, UsageError, first_line
 from loramerge_cli.evaluation.task_types import TaskType
 
@@ -65,9 +66,10 @@ def load_base_config(base: str):
     """The base model's config (no weights)."""
     import transformers
 
+    name, revision = base_reference(base)
     try:
         with quiet_transformers():
-            return transformers.AutoConfig.from_pretrained(base)
+            return transformers.AutoConfig.from_pretrained(name, revision=revision)
     except (OSError, ValueError, KeyError) as error:
         raise LoramergeError(f"{base}: cannot read the base model's config ({first_line(error)})") from None
 
@@ -88,7 +90,8 @@ def load_base(base: str, task_type: TaskType, device: torch.device, dtype: torch
                 if getattr(load_base_config(base), "num_labels", None) != num_labels:
                     kwargs.update(num_labels=num_labels, ignore_mismatched_sizes=True)
             with torch.random.fork_rng(devices=[]):  # a new head is initialised from torch's global generator:
-                model = model_class.from_pretrained(base, **kwargs)  # the caller's random state is left as it was
+                name, revision = base_reference(base)  # (the caller's random state is left as it was)
+                model = model_class.from_pretrained(name, revision=revision, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:  # e.g. truncated weights
         interrupts.check()  # a Ctrl-C that a library turned into an error stays a Ctrl-C
         raise LoramergeError(f"{base}: cannot load the base model as {class_name} ({first_line(error)})") from None
@@ -106,7 +109,8 @@ def load_preprocessor(base: str, task_type: TaskType):
 
     try:
         with quiet_transformers():
-            preprocessor = getattr(transformers, task_type.preprocessor_class).from_pretrained(base)
+            name, revision = base_reference(base)
+            preprocessor = getattr(transformers, task_type.preprocessor_class).from_pretrained(name, revision=revision)
             if task_type.preprocessor_class != "AutoTokenizer":
                 return preprocessor
             tokenizer = preprocessor

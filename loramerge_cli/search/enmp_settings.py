@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from loramerge_cli.errors import UsageError, check_integer, check_seed, is_finite_number, plain_fields
 
+MOST_CANDIDATES = 100_000  # per generation
+MOST_GENERATIONS = 1_000_000
+
 
 @dataclass
 class EnmpSettings:
@@ -26,8 +29,8 @@ class EnmpSettings:
         check_seed(self.seed)
         if not (is_finite_number(self.max_prune) and 0.0 < self.max_prune <= 1.0):
             raise UsageError(f"--max-prune must be a number in (0, 1] (got {self.max_prune!r})")
-        check_integer(self.popsize, 2, "--popsize")
-        check_integer(self.generations, 1, "--generations")
+        check_integer(self.popsize, 2, "--popsize", MOST_CANDIDATES)  # (a count past these runs for ever: each
+        check_integer(self.generations, 1, "--generations", MOST_GENERATIONS)  # candidate is a validation pass)
         if not (is_finite_number(self.sigma0) and self.sigma0 > 0):
             raise UsageError(f"--sigma0 must be a finite number > 0 (got {self.sigma0!r})")
         if not is_finite_number(self.threshold):

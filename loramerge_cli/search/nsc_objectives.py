@@ -109,7 +109,11 @@ class NullSpaceObjective:
             if not bool(torch.isfinite(norms).all()):  # else they would fail the norm test, and read as padding
                 raise LoramergeError(f"NSC: the activations at {path} are not finite (coefficients grew past the "
                                      "model's range: give a smaller --lr or --init)")
-            rows = rows[norms >= MIN_NORM]
+            kept = rows[norms >= MIN_NORM]
+            if rows.shape[0] and not kept.shape[0]:  # tokens there, each one's activation gone to (near) zero
+                raise LoramergeError(f"NSC: every activation at {path} vanished (norms below {MIN_NORM:g}) under "
+                                     "the coefficients: the training diverged; give a smaller --lr or --init")
+            rows = kept
             sums.append(null_space_ratio(rows, A, gram_inverse).sum())
             counts.append(rows.shape[0])
         return torch.stack(sums), torch.tensor(counts, dtype=torch.float64)

@@ -34,7 +34,7 @@ class NscSettings:
                 raise UsageError(f"{name} must be a list of names (got {value!r})")
         if self.objective not in OBJECTIVES:
             raise UsageError(f"--objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})")
-        check_integer(self.steps, 1, "--steps")
+        check_integer(self.steps, 1, "--steps", 10_000_000)  # (past it, a run would never end)
         if not (is_finite_number(self.lr) and 0 < self.lr <= LARGEST):
             raise UsageError(f"--lr must be > 0 and at most {LARGEST:g} (got {self.lr!r})")
         if not (is_finite_number(self.init) and -LARGEST <= self.init <= LARGEST):

@@ -10,6 +10,7 @@ enmp, …), `trajectory.jsonl`, `elapsed.json` (the seconds spent so far), `best
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -301,12 +302,32 @@ def check_inputs(saved: dict, current: dict, listed: set[str] = frozenset()) -> 
     an earlier loramerge did not record (it recorded the listing only)."""
     for path, digest in saved.items():
         if current.get(path) != digest:
+            moved = _moved_hub_input(path) if path not in current else None
+            if moved:
+                raise LoramergeError(f"--resume: {moved} since the run started; the saved scores are for the old "
+                                     "files: start a new run (another --run-dir)")
             state = "is gone" if path not in current else "changed (its sha256 differs)"
             raise LoramergeError(f"--resume: {path} {state} since the run started; the saved scores are for "
                                  "the old inputs: start a new run (another --run-dir)")
     for path in current:
         if path not in saved and path not in listed:
             raise LoramergeError(f"--resume: {path} is a new input since the run started; start a new run")
+
+
+def _moved_hub_input(path: str) -> str | None:
+    """What happened to a file of the Hub cache that a run read and the same arguments no longer read: its
+    repository's revision now names other files (a branch or tag moved), said with the repository's id and the
+    commit the run read where a snapshot still links to the file; None for a file outside the cache."""
+    from loramerge_cli.adapters.sources import hub_repo_folder
+
+    repository = hub_repo_folder(path)
+    if repository is None or not repository.name.startswith("models--"):
+        return None
+    repo_id = repository.name.removeprefix("models--").replace("--", "/")
+    commits = sorted(link.parent.name for link in (repository / "snapshots").glob("*/*")
+                     if link.is_symlink() and os.path.realpath(link) == os.path.realpath(path))
+    read = f" (the run read commit {commits[0]})" if len(commits) == 1 else ""
+    return f"the Hub repository {repo_id} now resolves to other files than the run read (a branch or tag moved){read}"
 
 
 def listed_inputs(request) -> set[str]:

@@ -183,8 +183,26 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
     base = base or (task_file.base_model if task_file else None) or (bases.pop() if len(bases) == 1 else None)
     if base and Path(base).expanduser().is_dir():
         files += _files(Path(base).expanduser())
+    elif base:
+        files += _hub_base_files(str(base))
     folders += base_model_folders([base, *bases])  # a Hub base in the cache too: no output goes into it
     return list(dict.fromkeys(files)), list(dict.fromkeys(folders))
+
+
+def _hub_base_files(base: str) -> list[Path]:
+    """The files of a Hub base's snapshot at the commit its revision names now (pinned_base), in the local cache:
+    a search's resume hashes them, so a branch that moved since the run started is refused, not scored on
+    another model. None where the base is not cached (its loader reports that)."""
+    from loramerge_cli.adapters.sources import base_reference, cached_repo_folder, pinned_base
+    from loramerge_cli.errors import LoramergeError
+
+    try:
+        name, commit = base_reference(pinned_base(base))
+    except LoramergeError:
+        return []
+    repository = cached_repo_folder(name) if commit else None
+    snapshot = repository / "snapshots" / commit if repository is not None else None
+    return _files(snapshot) if snapshot is not None and snapshot.is_dir() else []
 
 
 def _files(path: Path) -> list[Path]:

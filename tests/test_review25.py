@@ -199,8 +199,8 @@ def test_resume_after_a_hub_branch_moved_names_the_repository(tmp_path):
         blob.write_bytes(blob.name.encode())
         (repository / "snapshots" / commit).mkdir(parents=True)
         (repository / "snapshots" / commit / "adapter_model.safetensors").symlink_to(blob)
-    with pytest.raises(LoramergeError, match=r"^--resume: the Hub repository org/a now resolves to other files than "
-                                             r"the run read \(a branch or tag moved\) \(the run read commit c{40}\)"):
+    with pytest.raises(LoramergeError, match=r"^--resume: since the run started, the Hub repository org/a resolves "
+                                             r"to other files \(a branch or tag moved; the run read commit c{40}\)"):
         check_inputs({str(old): "x"}, {str(new): "y"})
     with pytest.raises(LoramergeError, match="is gone since the run started"):  # outside a cache: as before
         check_inputs({str(tmp_path / "a.safetensors"): "x"}, {})
@@ -388,3 +388,29 @@ def test_the_card_snippet_loads_the_base_at_its_revision():
     assert f"base = AutoModel.from_pretrained('org/vit', revision='{'a' * 40}')" in code
     assert "from_pretrained('org/vit')" in "\n".join(_use_snippet(None, "org/vit", "me/merged", None, False,
                                                                  model_class="AutoModel"))
+
+
+def test_a_search_resume_refuses_a_hub_base_whose_branch_moved(text_setting, hub_base):
+    """A search's resume hashed a local base's files but none of a Hub base's: a run resumed after `main` moved
+    scored its later tables on another model, mixed with the earlier ones."""
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.outputs import read_inputs
+    from loramerge_cli.search.rundir import check_inputs, normal_path
+
+    adapters = [f"{n}={f}" for n, f in text_setting.adapters.items()]
+
+    def digests():
+        import hashlib
+
+        return {normal_path(path): hashlib.sha256(path.read_bytes()).hexdigest()
+                for path in read_inputs(adapters, text_setting.tasks_file, "org/base")[0]}
+
+    saved = digests()
+    assert any("models--org--base" in path for path in saved)
+    check_inputs(saved, digests())
+    (hub_base / "refs" / "main").write_text("b" * 40)
+    with pytest.raises(LoramergeError, match=f"the Hub repository org/base resolves to other files .a branch or tag "
+                                             f"moved; the run read commit {'a' * 40}."):
+        check_inputs(saved, digests())
+    older = {path: digest for path, digest in saved.items() if "models--org--base" not in path}
+    check_inputs(older, digests())  # a run saved before Hub bases were recorded still resumes

@@ -299,18 +299,25 @@ def input_digests(request) -> dict[str, str]:
 def check_inputs(saved: dict, current: dict, listed: set[str] = frozenset()) -> None:
     """Refuse to resume when an input changed, was removed, or a new one appeared, naming the file. A new file
     among `listed` (the images a listing names) is no refusal: with the listing unchanged, it is one a run saved by
-    an earlier loramerge did not record (it recorded the listing only)."""
+    an earlier loramerge did not record (it recorded the listing only); nor is one of a Hub repository the run
+    recorded no file of (a Hub base, which earlier runs did not record)."""
     for path, digest in saved.items():
         if current.get(path) != digest:
             moved = _moved_hub_input(path) if path not in current else None
             if moved:
-                raise LoramergeError(f"--resume: {moved} since the run started; the saved scores are for the old "
+                raise LoramergeError(f"--resume: since the run started, {moved}; the saved scores are for the old "
                                      "files: start a new run (another --run-dir)")
             state = "is gone" if path not in current else "changed (its sha256 differs)"
             raise LoramergeError(f"--resume: {path} {state} since the run started; the saved scores are for "
                                  "the old inputs: start a new run (another --run-dir)")
+    from loramerge_cli.adapters.sources import hub_repo_folder
+
+    recorded_repositories = {hub_repo_folder(path) for path in saved} - {None}
     for path in current:
         if path not in saved and path not in listed:
+            repository = hub_repo_folder(path)
+            if repository is not None and repository not in recorded_repositories:
+                continue  # a Hub base's files, which a run saved by an earlier loramerge did not record
             raise LoramergeError(f"--resume: {path} is a new input since the run started; start a new run")
 
 
@@ -326,8 +333,8 @@ def _moved_hub_input(path: str) -> str | None:
     repo_id = repository.name.removeprefix("models--").replace("--", "/")
     commits = sorted(link.parent.name for link in (repository / "snapshots").glob("*/*")
                      if link.is_symlink() and os.path.realpath(link) == os.path.realpath(path))
-    read = f" (the run read commit {commits[0]})" if len(commits) == 1 else ""
-    return f"the Hub repository {repo_id} now resolves to other files than the run read (a branch or tag moved){read}"
+    read = f"; the run read commit {commits[0]}" if len(commits) == 1 else ""
+    return f"the Hub repository {repo_id} resolves to other files (a branch or tag moved{read})"
 
 
 def listed_inputs(request) -> set[str]:

@@ -162,6 +162,7 @@ def test_a_tuned_merge_rebuilds_on_the_commit_it_read(text_setting, hub_base, tm
     assert "base: org/base@" + "a" * 40 in (first / "loramerge.yaml").read_text()
     config = json.loads((first / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == ("org/base", "a" * 40)
+    assert json.loads((first / "loramerge.json").read_text())["base_model"] == "org/base@" + "a" * 40
     (hub_base / "refs" / "main").write_text("b" * 40)
     result = invoke_cli(["merge", "--config", first / "loramerge.yaml", "--threads", "1", "--out", tmp_path / "again"])
     assert result.exit_code == 0, result.output
@@ -414,3 +415,70 @@ def test_a_search_resume_refuses_a_hub_base_whose_branch_moved(text_setting, hub
         check_inputs(saved, digests())
     older = {path: digest for path, digest in saved.items() if "models--org--base" not in path}
     check_inputs(older, digests())  # a run saved before Hub bases were recorded still resumes
+
+
+def _hub_adapters(text_setting, root: Path, revisions: dict) -> list[str]:
+    """Copies of the text setting's adapters whose configs name `org/base` at the given revision each."""
+    import json
+    import shutil
+
+    sources = []
+    for name, folder in text_setting.adapters.items():
+        copy = root / "adapters" / name
+        shutil.copytree(folder, copy)
+        config = json.loads((copy / "adapter_config.json").read_text())
+        config.update(base_model_name_or_path="org/base", revision=revisions.get(name))
+        (copy / "adapter_config.json").write_text(json.dumps(config))
+        sources.append(f"{name}={copy}")
+    return sources
+
+
+def _spec(text_setting, path: Path, base: str | None) -> Path:
+    import yaml
+
+    spec = yaml.safe_load(text_setting.tasks_file.read_text())
+    spec.pop("base_model")
+    if base:
+        spec["base_model"] = base
+    for task in spec["tasks"]:
+        task["data"] = {split: str(text_setting.tasks_file.parent / file) for split, file in task["data"].items()}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_spec_base_and_the_adapters_revision_agree(text_setting, hub_base, tmp_path):
+    """A spec's `base_model: org/base@v2` was refused as another base than the adapters' `org/base` (at v2); a spec's
+    `org/base` made the adapters' `revision: v2` read `main`; adapters of different revisions were scored on one."""
+    import json
+
+    from factories import invoke_cli
+
+    sources = _hub_adapters(text_setting, tmp_path, dict.fromkeys(text_setting.adapters, "v2"))
+    for base in (None, "org/base", "org/base@v2", "hf://org/base"):
+        spec = _spec(text_setting, tmp_path / "tasks.yaml", base)
+        result = invoke_cli(["eval", "--adapters", *sources, "--tasks", spec, "--threads", "1", "--val-limit", "4",
+                             "--json"])
+        assert result.exit_code == 0, (base, result.output)
+        assert json.loads(result.stdout)["base_model"] == "org/base@" + "b" * 40, base
+    spec = _spec(text_setting, tmp_path / "tasks.yaml", "org/base@main")
+    result = invoke_cli(["eval", "--adapters", *sources, "--tasks", spec, "--threads", "1"])
+    assert result.exit_code == 1 and "trained on (org/base at revision v2)" in result.stderr, result.stderr
+    mixed = _hub_adapters(text_setting, tmp_path / "mixed", {"alpha": "main"} | {"beta": "v2", "gamma": "v2"})
+    result = invoke_cli(["eval", "--adapters", *mixed, "--tasks", _spec(text_setting, tmp_path / "t2.yaml", None),
+                         "--threads", "1"])
+    assert result.exit_code == 1 and "different revisions of their base model" in result.stderr, result.stderr
+
+
+def test_a_local_folder_named_like_a_pinned_hub_base_is_refused(text_setting, hub_base, tmp_path, monkeypatch):
+    """With a folder `org/base` in the working folder, `--base org/base@v2` loaded that folder (transformers reads a
+    local folder first and drops the revision) while the outputs recorded the Hub commit."""
+    import shutil
+
+    from factories import invoke_cli
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(text_setting.base, tmp_path / "org" / "base")
+    result = invoke_cli(["eval", "--adapters", *[f"{n}={f}" for n, f in text_setting.adapters.items()], "--tasks",
+                         text_setting.tasks_file, "--base", "hf://org/base@v2", "--threads", "1"])
+    assert result.exit_code == 1
+    assert "a folder org/base is here, which the model loaders would read instead" in result.stderr, result.stderr

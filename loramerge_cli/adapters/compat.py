@@ -15,12 +15,9 @@ def compatibility_problems(adapters: list[Adapter], allow_base_mismatch: bool = 
     if any(not same_base(str(bases[0]), str(other)) for other in bases[1:]) and not allow_base_mismatch:
         listed = ", ".join(f"{a.name}: {a.base_model}" for a in adapters if a.base_model)
         problems.append(f"adapters come from different base models ({listed}); --allow-base-mismatch overrides")
-    revisions = {a.config.get("revision") or None for a in adapters}
-    if len(revisions) > 1 and not allow_base_mismatch:  # another commit of the base is another base (no
-        # revision: the default branch, which need not be the pinned one)
-        listed = ", ".join(f"{a.name}: {a.config.get('revision') or 'the default branch'}" for a in adapters)
-        problems.append(f"adapters come from different revisions of their base model ({listed}); "
-                        "--allow-base-mismatch overrides")
+    revisions = revision_problem(adapters) if not allow_base_mismatch else None
+    if revisions:
+        problems.append(revisions)
     shapes: dict[str, tuple[str, tuple[int, int]]] = {}  # (fan_in_fan_out need not agree: PEFT orients each
     for adapter in adapters:  # module by its type, whatever a config says)
         for path, module in adapter.modules.items():
@@ -78,17 +75,34 @@ def same_base(first: str, second: str) -> bool:
     return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
+def revision_problem(adapters: list[Adapter]) -> str | None:
+    """Adapters that name different revisions of their base (another commit of a base is another base; none:
+    the default branch, which need not be the pinned one), as a refusal's text."""
+    revisions = {a.config.get("revision") or None for a in adapters}
+    if len(revisions) < 2:
+        return None
+    listed = ", ".join(f"{a.name}: {a.config.get('revision') or 'the default branch'}" for a in adapters)
+    return f"adapters come from different revisions of their base model ({listed}); --allow-base-mismatch overrides"
+
+
 def check_spec_base(task_file, adapters: list[Adapter], allow_base_mismatch: bool = False) -> None:
-    """A task spec's base_model must be the base the adapters record (unless --allow-base-mismatch):
-    adapters scored on another base give meaningless accuracies."""
+    """A task spec's base_model must be the base the adapters record (unless --allow-base-mismatch): adapters
+    scored on another base give meaningless accuracies. A Hub id is compared without `hf://`, and its revision
+    where both name one."""
+    from loramerge_cli.adapters.sources import base_reference
+
     spec_base = getattr(task_file, "base_model", None)
     if not spec_base or allow_base_mismatch:
         return
+    spec_name, spec_revision = base_reference(str(spec_base))
     for adapter in adapters:
-        if adapter.base_model and not same_base(str(spec_base), str(adapter.base_model)):
+        revision = adapter.config.get("revision") or None
+        if adapter.base_model and (not same_base(spec_name, base_reference(str(adapter.base_model))[0]) or (
+                spec_revision and revision and spec_revision != revision)):
+            trained = adapter.base_model + (f" at revision {revision}" if revision else "")
             raise LoramergeError(
                 f"{task_file.path}: base_model {spec_base} differs from the base adapter {adapter.name!r} was "
-                f"trained on ({adapter.base_model}); --allow-base-mismatch overrides"
+                f"trained on ({trained}); --allow-base-mismatch overrides"
             )
 
 

@@ -140,8 +140,9 @@ def pinned_base(base: str) -> str:
     name, revision = base_reference(base)
     if name == base and not base.startswith("hf://") and Path(base).expanduser().is_dir():
         return base
-    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
-        return f"{name}@{revision}"
+    if Path(name).is_dir():  # transformers would load that folder and ignore the revision
+        raise LoramergeError(f"{base}: a folder {name} is here, which the model loaders would read instead of the Hub "
+                             f"repository {name}; run from another folder (or give ./{name} for the folder)")
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 

@@ -318,7 +318,8 @@ def write_merged_adapter(
     )
     inputs = adapter_files(adapters, base_model) + table_files(table)
     table = portable_table(table, out_dir, adapters)  # (as the folder holds it)
-    provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table, base)
+    provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table,
+                                  f"{base}@{config['revision']}" if base and config["revision"] else base)
     provenance.update(extra_provenance or {})
     provenance = portable_provenance(provenance, out_dir)
     task_type = config["task_type"]

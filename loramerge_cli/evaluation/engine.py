@@ -76,28 +76,35 @@ def resolve_base(task_file: TaskFile, adapters, base: str | None) -> str:
     """--base, else the spec's base_model, else the one base every adapter names (at the revision their configs
     name, if they agree on one); one that is neither a folder here nor a Hub id is named as such (not as a
     tokenizer's error). A Hub base comes back pinned to the commit its revision names now (pinned_base)."""
-    from loramerge_cli.adapters.sources import check_base_given, is_base_source, pinned_base
+    from loramerge_cli.adapters.sources import base_reference, check_base_given, is_base_source, pinned_base
+
+    trained = {adapter.base_model for adapter in adapters if adapter.base_model}
+    revisions = {adapter.config.get("revision") or None for adapter in adapters if adapter.base_model}
+    revision = revisions.pop() if len(revisions) == 1 else None  # (PEFT loads the adapters' base at it)
+
+    def at_their_revision(chosen: str) -> str:
+        """A Hub base named without a revision, the adapters' base repository, at the revision they name."""
+        name, given = base_reference(chosen)
+        local = not chosen.startswith("hf://") and Path(chosen).expanduser().is_dir()
+        if local or given or not isinstance(revision, str) or name not in {base_reference(b)[0] for b in trained}:
+            return chosen
+        return f"{name}@{revision}"
 
     if base:
         check_base_given(base)
-        return pinned_base(base)
+        return pinned_base(at_their_revision(base))
     if task_file.base_model:
         if not is_base_source(task_file.base_model):
             raise task_file.error("base_model", f"{task_file.base_model}: no such folder, and not a Hugging Face Hub "
                                   "id (--base overrides it)")
-        return pinned_base(task_file.base_model)
-    named = {adapter.base_model for adapter in adapters if adapter.base_model}
-    if len(named) == 1:
-        name = named.pop()
+        return pinned_base(at_their_revision(task_file.base_model))
+    if len(trained) == 1:
+        name = next(iter(trained))
         if not is_base_source(name):
             raise LoramergeError(f"the adapters' base model {name}: no such folder here, and not a Hugging Face Hub "
                                  "id (use --base)")
-        revisions = {adapter.config.get("revision") for adapter in adapters if adapter.base_model}
-        revision = revisions.pop() if len(revisions) == 1 else None  # (PEFT loads the base at this revision)
-        if isinstance(revision, str) and revision and not Path(name).expanduser().is_dir():
-            name = f"{name.removeprefix('hf://')}@{revision}"
-        return pinned_base(name)
-    if not named:
+        return pinned_base(at_their_revision(name))
+    if not trained:
         raise LoramergeError(f"{task_file.path}: base_model: not given, and no adapter names its base (use --base)")
     raise LoramergeError(f"{task_file.path}: base_model: not given, and the adapters name several bases (use --base)")
 
@@ -466,10 +473,13 @@ def checked_evaluator(task_file: TaskFile, adapters: list, settings: EvalSetting
     """An Evaluator of the adapters, the spec's base checked against theirs before the model loads (unless
     `base`, --base, overrides it), and the model kind against the adapters and the base after
     (adapters/compat.py)."""
-    from loramerge_cli.adapters.compat import check_base_kind, check_spec_base
+    from loramerge_cli.adapters.compat import check_base_kind, check_spec_base, revision_problem
 
     if base is None:
         check_spec_base(task_file, adapters, allow_base_mismatch)
+    mixed = None if allow_base_mismatch else revision_problem(adapters)
+    if mixed:  # one base model scores them all: at most one of those revisions
+        raise LoramergeError(mixed)
     engine = Evaluator(task_file, adapters, settings, base=base, allow_pickle=allow_pickle)
     check_base_kind(engine)
     return engine

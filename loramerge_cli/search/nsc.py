@@ -337,6 +337,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         "loramerge": __version__,
         **started_command(request),
         **searched_data(request),
+        "base_model": problem.engine.base,  # (a Hub base at the commit it was read at)
         "strategy": "nsc",
         "objective": settings.objective,
         "seed": settings.seed,

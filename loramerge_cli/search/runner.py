@@ -247,6 +247,7 @@ def _provenance(request, fitness, outcome, clock: RunClock) -> dict:
         "loramerge": __version__,
         **started_command(request),
         **searched_data(request),
+        "base_model": fitness.engine.base,  # (a Hub base at the commit it was read at)
         "strategy": request.strategy,
         "seed": request.enmp.seed,
         "search": search,

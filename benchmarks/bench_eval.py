@@ -240,7 +240,7 @@ def render(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     from examples.bundled.build import DEFAULT_OUT
-    from examples.arguments import at_least, merger_name
+    from examples.arguments import at_least, merger_name, output_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT, help="bundled example folder (built if needed)")
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=at_least(1), default=32)
     parser.add_argument("--threads", type=at_least(1), default=1, help="torch CPU threads, both sides (default 1)")
     parser.add_argument("--seed", type=int, default=1, help="seed of the random masks")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=output_file, help="also write the results here")
     args = parser.parse_args(argv)
     if args.candidates < 1 or args.repeats < 1:
         parser.error("--candidates and --repeats must be >= 1")
@@ -264,4 +264,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

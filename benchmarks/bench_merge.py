@@ -270,7 +270,7 @@ def default_params(method: str) -> dict:
 
 
 def main(argv=None) -> None:
-    from examples.arguments import at_least, names_of
+    from examples.arguments import at_least, names_of, output_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blocks", type=at_least(1), default=32, help="transformer blocks (Llama-3-8B has 32)")
@@ -293,7 +293,7 @@ def main(argv=None) -> None:
     parser.add_argument("--legacy", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the previous full-space path (dense T × m·n rows, float64 6-iteration "
                              "range finder) for the dense-output methods, and print the speed-up")
-    parser.add_argument("--json", type=Path, help="write all results here")
+    parser.add_argument("--json", type=output_file, help="write all results here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -361,4 +361,6 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

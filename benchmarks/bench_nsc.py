@@ -219,18 +219,20 @@ def run_phase(phase: str, forwarded: list[str], timing: bool) -> dict:
 
 
 def main() -> None:
+    from examples.arguments import at_least, output_file
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=16, help="examples per task and step (NSC default 16)")
-    parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported) after one warm-up")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hidden", type=at_least(1), default=256)
+    parser.add_argument("--layers", type=at_least(1), default=8)
+    parser.add_argument("--length", type=at_least(1), default=64)
+    parser.add_argument("--batch", type=at_least(1), default=16, help="examples per task and step (NSC default 16)")
+    parser.add_argument("--tasks", type=at_least(1), default=4)
+    parser.add_argument("--rank", type=at_least(1), default=16)
+    parser.add_argument("--steps", type=at_least(1), default=3, help="timed steps (median reported) after one warm-up")
+    parser.add_argument("--threads", type=at_least(1), default=1)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--phase", choices=PHASES, help=argparse.SUPPRESS)  # internal: one measurement
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=output_file, help="also write the results here")
     args = parser.parse_args()
     if args.phase:
         print(json.dumps(measure(args)))
@@ -262,4 +264,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

@@ -298,7 +298,7 @@ def render(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     from examples.bundled.build import DEFAULT_OUT
-    from examples.arguments import at_least, fraction, integer_list, merger_name
+    from examples.arguments import at_least, fraction, integer_list, merger_name, output_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / DEFAULT_OUT, help="bundled example folder (built if needed)")
@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
                         help="skip the screened search on the same budget")
     parser.add_argument("--no-surrogate", dest="surrogate", action="store_false",
                         help="skip the surrogate search (the default strategy) at its default budget")
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=output_file, help="also write the results here")
     parser.add_argument("--backend", choices=["naive", "ray"], default="naive",
                         help="naive: against the naive loop (default); ray: serial against 1 and 2 Ray CPU actors "
                              "(bench_search_ray.py)")
@@ -345,4 +345,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

@@ -154,12 +154,25 @@ def spawn(job: dict) -> dict:
     return json.loads(done.stdout)
 
 
+def sizes_list(text: str) -> str:
+    """`BLOCKSxTASKS,…`, each a whole number >= 1 (an argparse type: a bad one is exit 2, before any work)."""
+    import argparse
+
+    for item in text.split(","):
+        blocks, sep, tasks = item.partition("x")
+        if not (sep and blocks.isdigit() and tasks.isdigit() and int(blocks) >= 1 and int(tasks) >= 1):
+            raise argparse.ArgumentTypeError(f"{item!r}: expected BLOCKSxTASKS, both >= 1 (e.g. 8x4)")
+    return text
+
+
 def main(argv=None) -> None:
+    from examples.arguments import at_least, output_file
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="8x4,32x8", help="blocks x tasks, comma-separated")
-    parser.add_argument("--proposals", type=int, help="tables proposed after the screen (default: 2·U·T)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1, help="BLAS threads (set before numpy starts them)")
+    parser.add_argument("--sizes", type=sizes_list, default="8x4,32x8", help="blocks x tasks, comma-separated")
+    parser.add_argument("--proposals", type=at_least(1), help="tables proposed after the screen (default: 2·U·T)")
+    parser.add_argument("--seed", type=at_least(0), default=1)
+    parser.add_argument("--threads", type=at_least(1), default=1, help="BLAS threads (set before numpy starts them)")
     parser.add_argument("--rebuild", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the search rebuilding its kernel every step")
     parser.add_argument("--step-at", help="instead of searching: time one proposal step's linear algebra with "
@@ -167,7 +180,7 @@ def main(argv=None) -> None:
                         "budget ends at 5,376)")
     parser.add_argument("--table-size", type=int, default=40, help="pruned entries of each table after the screen "
                         "(with --step-at; a 224 x 8 search's tables prune up to 358)")
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=output_file)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
@@ -237,4 +250,6 @@ def time_steps(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

@@ -44,7 +44,7 @@ def timed_search(request: SearchRequest) -> tuple[float, list]:
 
 
 def main() -> None:
-    from examples.arguments import at_least
+    from examples.arguments import at_least, output_file
     from examples.bundled.build import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -52,7 +52,7 @@ def main() -> None:
     parser.add_argument("--workers", type=at_least(1), default=2)
     parser.add_argument("--budget", type=at_least(1), default=48, help="full-set evaluations of the surrogate search")
     parser.add_argument("--val-limit", type=at_least(1), default=256)
-    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--json", type=output_file, help="also write the results here")
     args = parser.parse_args()
 
     tasks_file, adapters = setting_paths(args.out)
@@ -76,4 +76,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 LARGEST = 2**32 - 1  # the largest seed numpy (so CMA-ES) takes; no count the scripts take is larger
 
@@ -82,3 +84,44 @@ def lambda_map(text: str) -> dict[str, float]:
             raise argparse.ArgumentTypeError(f"{name}: given twice")
         lambdas[name] = at_least(0.0, float)(value)
     return lambdas
+
+
+def output_file(text: str) -> Path:
+    """A file a script writes when it ends (`--json`): its folder must exist now, not after the run."""
+    path = Path(text).expanduser()
+    if text.endswith("/") or path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} names a folder: give a file")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"no folder {path.parent} to write {path.name} in")
+    return path
+
+
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".eps", ".ps", ".tif", ".tiff", ".webp")
+
+
+def plot_file(text: str) -> Path:
+    """An image file a script draws (`--plot`): an existing folder, and a suffix matplotlib writes."""
+    path = output_file(text)
+    if path.suffix.lower() not in PLOT_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{path.name}: give a file ending in {', '.join(PLOT_SUFFIXES)}")
+    return path
+
+
+def run_script(main) -> None:
+    """A script's entry point, under loramerge's error policy: Ctrl-C is one line and exit 130 (no traceback), a
+    refusal of loramerge's one line and exit 2 (usage) or 1."""
+    from loramerge_cli.errors import LoramergeError, UsageError
+
+    try:
+        result = main()
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except LoramergeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if isinstance(result, int):
+        raise SystemExit(result)

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 # (name, seed, rank, alpha, use_rslora)
 ADAPTERS = [("rte", 1, 4, 8, False), ("mnli", 2, 4, 8, False), ("qnli", 3, 8, 6, True)]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MARKER = ".loramerge-tiny-playground"  # a folder holding it is one this script built (and may build again)
 
 
 def build_base(seed: int = 0):
@@ -71,6 +73,10 @@ def build(out_dir: str | Path) -> Path:
     import torch
 
     out_dir = Path(out_dir).absolute()  # the adapters name their base by it (a relative `tiny/base` reads as a Hub id)
+    if out_dir.exists() and not (out_dir / MARKER).is_file() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise SystemExit(f"error: {out_dir} exists and is not a playground this script built: give a new folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("built by examples/build_tiny.py\n")  # first: a half-built folder is still ours
     base_dir = out_dir / "base"
     torch.set_num_threads(1)
     build_base().save_pretrained(str(base_dir))
@@ -90,4 +96,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line and 130, as loramerge's commands
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None

@@ -98,7 +98,7 @@ def render(rows: list[dict], seeds, budget, seconds):
 def table_parser(description: str, threads: int, searches: bool = True) -> argparse.ArgumentParser:
     """The options every search table on the bundled text setting shares (`searches`: also the seeds and the
     search settings, for the scripts that run searches)."""
-    from examples.arguments import at_least, fraction, integer_list, merger_list
+    from examples.arguments import at_least, fraction, integer_list, merger_list, output_file
     from examples.bundled.build import DEFAULT_OUT
 
     parser = argparse.ArgumentParser(description=description)
@@ -110,7 +110,7 @@ def table_parser(description: str, threads: int, searches: bool = True) -> argpa
         parser.add_argument("--max-prune", type=fraction, default=0.2)
     parser.add_argument("--val-limit", type=at_least(1), default=256)
     parser.add_argument("--threads", type=at_least(1), default=threads)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=output_file)
     return parser
 
 
@@ -155,4 +155,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

@@ -72,7 +72,7 @@ def main(argv=None):
     from loramerge_cli.evaluation.engine import EvalSettings, Evaluator
     from loramerge_cli.evaluation.specs import load_task_file
 
-    from examples.arguments import at_least, merger_list, names_of
+    from examples.arguments import at_least, merger_list, names_of, output_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -80,7 +80,7 @@ def main(argv=None):
     parser.add_argument("--mergers", type=merger_list, default=",".join(MERGERS))
     parser.add_argument("--val-limit", type=at_least(1), default=256, help="validation examples per task (main_job's)")
     parser.add_argument("--threads", type=at_least(1), default=1)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=output_file)
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     torch.set_num_threads(args.threads)
@@ -115,4 +115,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

@@ -79,7 +79,7 @@ def main(argv=None):
 
     from examples.bundled.build import DEFAULT_OUT, build
 
-    from examples.arguments import at_least
+    from examples.arguments import at_least, output_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -87,7 +87,7 @@ def main(argv=None):
     parser.add_argument("--target-modules", help="comma-separated module names (default: NSC's, v_proj here)")
     parser.add_argument("--table", type=Path, help="a coefficient table to measure too")
     parser.add_argument("--val-limit", type=at_least(1), default=256)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=output_file)
     args = parser.parse_args(argv)
     console = Console(stderr=True)
     build(args.out, log=console.log)
@@ -108,4 +108,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

@@ -147,7 +147,7 @@ def main(argv=None):
     from examples.bundled.build import DEFAULT_OUT
     from examples.main_job import bundled_setting
 
-    from examples.arguments import at_least, integer_list
+    from examples.arguments import at_least, integer_list, output_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -155,7 +155,7 @@ def main(argv=None):
     parser.add_argument("--seeds", type=integer_list, default="1,2,3")
     parser.add_argument("--rows", default=",".join(ROWS), help=f"a subset of {', '.join(ROWS)}")
     parser.add_argument("--threads", type=at_least(1), default=1)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=output_file)
     args = parser.parse_args(argv)
     unknown = [key for key in args.rows.split(",") if key not in ROWS]
     if unknown:
@@ -178,4 +178,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

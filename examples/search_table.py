@@ -238,7 +238,7 @@ def plot(rows: list[dict], keys, path: Path) -> None:
 def main(argv=None):
     from rich.console import Console
 
-    from examples.arguments import at_least, lambda_map, names_of
+    from examples.arguments import at_least, lambda_map, names_of, output_file, plot_file
     from examples.enmp_table import table_parser, text_evaluators
 
     parser = table_parser(__doc__.split("\n\n")[0], threads=1)
@@ -254,14 +254,17 @@ def main(argv=None):
     parser.add_argument("--exploit-every", type=at_least(0), default=0, help="the surrogate search's --exploit-every")
     parser.add_argument("--enmp-examples", type=at_least(1), help="without the surrogate or screened search in this "
                         "run: stop paper ENMP once it has spent this many forward examples")
-    parser.add_argument("--runs-jsonl", type=Path, help="append every finished run here as it ends")
-    parser.add_argument("--plot", type=Path, help="write a PNG of best validation fitness against forward examples")
+    parser.add_argument("--runs-jsonl", type=output_file, help="append every finished run here as it ends")
+    parser.add_argument("--plot", type=plot_file,
+                        help="write a PNG of best validation fitness against forward examples")
     args = parser.parse_args(argv)
     strategies = [key for key in args.strategies.split(",") if key]
     ablations = [key for key in args.ablations.split(",") if key]
     unknown = [key for key in ablations if key not in ABLATIONS]
     if unknown:
         parser.error(f"--ablations: unknown {', '.join(unknown)}")
+    if not strategies and not ablations:
+        parser.error("--strategies: name at least one")
     if "random" in strategies and not {"surrogate", "screened"} & set(strategies):
         parser.error("--strategies: random is given the surrogate's (or the screened search's) forward examples: "
                      "list one of them too")
@@ -288,4 +291,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

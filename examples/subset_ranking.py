@@ -166,6 +166,10 @@ def main(argv=None):
         parser.error(f"no λ for {', '.join(unknown)} (give --lambdas)")
     console = Console(stderr=True)
     _, adapters, validation, _ = text_evaluators(args, console.log)
+    smallest = min(len(examples) for examples in validation.examples.values())
+    if max(sizes) >= smallest:  # a subset of all of them is no subset (ρ = 1 by construction)
+        parser.error(f"--sizes {max(sizes)}: every size must be below the {smallest} validation examples per task "
+                     "(--val-limit)")
     rows = []
     for merger in args.mergers.split(","):
         rows += measure(merger, lambdas[merger], adapters, validation, sizes, args.subset_seeds, console.log)
@@ -189,4 +193,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from examples.arguments import run_script
+
+    run_script(main)

@@ -482,3 +482,39 @@ def test_a_local_folder_named_like_a_pinned_hub_base_is_refused(text_setting, hu
                          text_setting.tasks_file, "--base", "hf://org/base@v2", "--threads", "1"])
     assert result.exit_code == 1
     assert "a folder org/base is here, which the model loaders would read instead" in result.stderr, result.stderr
+
+
+def test_the_scripts_check_their_outputs_first_and_stop_on_ctrl_c_in_one_line(tmp_path, capsys):
+    """The example and benchmark scripts wrote --json/--plot after a run of minutes (a missing folder or a .txt plot
+    was then a traceback), and Ctrl-C printed a traceback of 55 to 94 lines."""
+    import argparse
+
+    from examples.arguments import output_file, plot_file, run_script
+
+    with pytest.raises(argparse.ArgumentTypeError, match="no folder"):
+        output_file(str(tmp_path / "missing" / "x.json"))
+    with pytest.raises(argparse.ArgumentTypeError, match="give a file ending in .png"):
+        plot_file(str(tmp_path / "plot.txt"))
+    assert plot_file(str(tmp_path / "plot.png")) == tmp_path / "plot.png"
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as stopped:
+        run_script(interrupted)
+    assert stopped.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
+def test_build_tiny_never_writes_into_a_folder_it_did_not_build(tmp_path):
+    """`build_tiny.py mine` replaced mine/base/config.json with a Llama config, without a word."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "build_tiny.py"
+    spec = importlib.util.spec_from_file_location("build_tiny", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "mine" / "base").mkdir(parents=True)
+    (tmp_path / "mine" / "base" / "config.json").write_text('{"mine": true}')
+    with pytest.raises(SystemExit, match="is not a playground this script built"):
+        module.build(tmp_path / "mine")
+    assert (tmp_path / "mine" / "base" / "config.json").read_text() == '{"mine": true}'

@@ -23,7 +23,7 @@ from pathlib import Path
 from examples.bundled import image, text
 
 HERE = Path(__file__).parent
-DEFAULT_OUT = Path("examples/.cache/bundled")
+DEFAULT_OUT = HERE.resolve().parent / ".cache" / "bundled"  # (the repository's, wherever a script runs from)
 MARKER = ".loramerge-bundled-example"  # written first, so a half-built folder is still known as ours
 LIBRARIES = ("torch", "transformers", "peft", "tokenizers", "scikit-learn", "pillow")
 

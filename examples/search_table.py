@@ -221,12 +221,17 @@ def plot(rows: list[dict], keys, path: Path) -> None:
     axes = list(axes) if len(rows) > 1 else [axes]
     for axis, row in zip(axes, rows):
         for key in keys:
-            curve = row["runs"][key][0]["curve"] if row["runs"].get(key) else []
+            run = row["runs"][key][0] if row["runs"].get(key) else None
+            curve = run["curve"] if run else []
             if curve:  # best so far (a greedy round records its own best, which can fall)
                 bests = list(itertools.accumulate([0.0] + [best for _, best in curve], max))
                 axis.step([0] + [spent for spent, _ in curve], bests, where="post", label=key.replace("_", " "))
+            elif run:  # random masks record no curve: their best, where their examples ran out
+                axis.plot([run["forward_examples"]], [run["fitness"]], "x", label=f"{key} (its end)")
         axis.set_title(f"{row['merger']} (λ {row['lambda']:.3g})")
-        axis.xaxis.set_major_formatter(lambda value, _: f"{value / 1000:.0f}k")
+        from matplotlib.ticker import EngFormatter
+
+        axis.xaxis.set_major_formatter(EngFormatter(sep=""))  # 500, 1.5k, 120k (`:.0f`k read 0k for 500)
         axis.set_xlabel("forward examples")
         axis.set_ylabel("best validation fitness (points)")
         axis.grid(alpha=0.3)

@@ -518,3 +518,24 @@ def test_build_tiny_never_writes_into_a_folder_it_did_not_build(tmp_path):
     with pytest.raises(SystemExit, match="is not a playground this script built"):
         module.build(tmp_path / "mine")
     assert (tmp_path / "mine" / "base" / "config.json").read_text() == '{"mine": true}'
+
+
+def test_eval_of_a_merge_pinned_to_another_revision_warns(text_setting, hub_base, tmp_path):
+    """`eval --base hf://org/base@main --merged m` refused m (made for `org/base`) as a merge of another base, and a
+    merge whose config names `v2` was scored on `main` without a word."""
+    import json
+
+    from factories import invoke_cli
+
+    sources = _hub_adapters(text_setting, tmp_path, dict.fromkeys(text_setting.adapters, "v2"))
+    assert invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "m"]).exit_code == 0
+    spec = _spec(text_setting, tmp_path / "tasks.yaml", None)
+    result = invoke_cli(["eval", "--adapters", *sources, "--tasks", spec, "--merged", tmp_path / "m", "--base",
+                         "hf://org/base@main", "--threads", "1", "--val-limit", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    warnings = json.loads(result.stdout)["warnings"]
+    assert any("its config names revision v2 of org/base" in line and "a" * 40 in line for line in warnings), warnings
+    result = invoke_cli(["eval", "--adapters", *sources, "--tasks", spec, "--merged", tmp_path / "m", "--threads", "1",
+                         "--val-limit", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    assert not any("its config names revision" in line for line in json.loads(result.stdout)["warnings"])

@@ -143,11 +143,35 @@ def check_merged_base(task_file, experts: list[Adapter], merged: list[Adapter], 
                       allow_base_mismatch: bool = False) -> None:
     """Each merged adapter must record a base these tasks are scored with: the spec's, one the experts record, or
     `base` (--base), unless --allow-base-mismatch. A merge of another model is refused before the model loads."""
+    from loramerge_cli.adapters.sources import base_reference
+
     known = [str(b) for b in (getattr(task_file, "base_model", None), *(a.base_model for a in experts), base) if b]
     if not known or allow_base_mismatch:
         return
-    for adapter in merged:
-        if adapter.base_model and not any(same_base(name, str(adapter.base_model)) for name in known):
+    for adapter in merged:  # (a Hub id without its `hf://` and revision: merged_revision_warnings looks at those)
+        if adapter.base_model and not any(same_base(base_reference(name)[0], base_reference(str(adapter.base_model))[0])
+                                          for name in known):
             raise LoramergeError(f"--merged {adapter.source.spec}: made for the base {adapter.base_model}, not "
                                  f"{known[0] if base is None else base}, which these tasks are scored on; "
                                  "--allow-base-mismatch overrides")
+
+
+def merged_revision_warnings(merged: list[Adapter], scored_on: str) -> list[str]:
+    """A merged adapter whose config names a revision of the Hub base that is not the commit the tasks were scored
+    on (`scored_on`, `org/name@commit`): PEFT would load it on that revision."""
+    from loramerge_cli.adapters.sources import base_reference, pinned_base
+
+    name, commit = base_reference(scored_on)
+    warnings = []
+    for adapter in merged:
+        revision = adapter.config.get("revision")
+        if not commit or not revision or base_reference(str(adapter.base_model or ""))[0] != name:
+            continue
+        try:
+            named = pinned_base(f"{name}@{revision}")
+        except LoramergeError:
+            named = None
+        if named != scored_on:
+            warnings.append(f"--merged {adapter.source.spec}: its config names revision {revision} of {name}, which "
+                            f"PEFT loads it on; it was scored on commit {commit}")
+    return warnings

@@ -61,9 +61,10 @@ def eval_report(
     with stage(report, "base model", 1) as step:
         base_accuracy = base_scores(engine, cache)
         step()
-    from loramerge_cli.adapters.compat import configless_warnings
+    from loramerge_cli.adapters.compat import configless_warnings, merged_revision_warnings
 
-    warnings: list[str] = configless_warnings([*experts, *(merged or [])]) + engine.data_warnings()
+    warnings: list[str] = configless_warnings([*experts, *(merged or [])]) + engine.data_warnings() + \
+        merged_revision_warnings(merged or [], engine.base)
     rows = [
         score_row("base", "base", base_accuracy, expert_accuracy, warnings),
         score_row("experts", "experts", expert_accuracy, expert_accuracy, warnings),

@@ -284,9 +284,10 @@ def test_a_recipe_cannot_allow_pickles_and_none_records_it(sources, tmp_path):
     (merged / "recipe.yaml").write_text((merged / "loramerge.yaml").read_text() + "allow-pickle: true\n")
     result = invoke_cli(["merge", "--config", merged / "recipe.yaml", "--out", tmp_path / "again"])
     assert result.exit_code == 2 and "allow-pickle is given on the command line only" in result.stderr, result.stderr
-    (merged / "recipe.yaml").write_text((merged / "loramerge.yaml").read_text() + "allow-pickle: false\n")
-    result = invoke_cli(["merge", "--config", merged / "recipe.yaml", "--out", tmp_path / "again"])
-    assert result.exit_code == 0, result.output
+    for no in ("false", "'false'", "'no'", "0"):
+        (merged / "recipe.yaml").write_text((merged / "loramerge.yaml").read_text() + f"allow-pickle: {no}\n")
+        result = invoke_cli(["merge", "--config", merged / "recipe.yaml", "--out", tmp_path / "again", "--force"])
+        assert result.exit_code == 0, (no, result.output)
 
 
 def test_a_usage_error_about_a_recipe_value_says_it_comes_from_the_recipe(sources, tmp_path):
@@ -299,7 +300,7 @@ def test_a_usage_error_about_a_recipe_value_says_it_comes_from_the_recipe(source
     result = invoke_cli(["merge", "--config", merged / "loramerge.yaml", "--merger", "ta", "--out", tmp_path / "t"])
     assert result.exit_code == 2
     assert result.stderr.strip() == (f"error: --density does not apply to method ta (--density comes from the recipe "
-                                     f"{merged / 'loramerge.yaml'}: delete it there)")
+                                     f"{merged / 'loramerge.yaml'})")
     typed = invoke_cli(["merge", "--adapters", *sources, "--merger", "ta", "--density", "0.5", "--out", tmp_path / "u"])
     assert typed.stderr.strip() == "error: --density does not apply to method ta"
 
@@ -539,3 +540,35 @@ def test_eval_of_a_merge_pinned_to_another_revision_warns(text_setting, hub_base
                          "--val-limit", "4", "--json"])
     assert result.exit_code == 0, result.output
     assert not any("its config names revision" in line for line in json.loads(result.stdout)["warnings"])
+
+
+def test_a_legacy_one_word_hub_base_is_pinned_and_loads(text_setting, tmp_path, monkeypatch):
+    """`--base tinybase` (a one-word Hub id, as `gpt2`) became `tinybase@<commit>`, which no loader read: eval,
+    `--lambda auto` and the searches failed where they had worked."""
+    import hashlib
+    import json
+
+    import huggingface_hub.constants as constants
+
+    from factories import invoke_cli
+
+    repo = tmp_path / "hf" / "hub" / "models--tinybase"
+    snapshot = repo / "snapshots" / ("c" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir()
+    for file in text_setting.base.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(blob)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("c" * 40)
+    for name, value in (("HF_HOME", tmp_path / "hf"), ("HF_HUB_CACHE", tmp_path / "hf" / "hub")):
+        monkeypatch.setenv(name, str(value))
+        monkeypatch.setattr(constants, name, str(value))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    for base in ("tinybase", "tinybase@main", "hf://tinybase"):
+        result = invoke_cli(["eval", "--adapters", *[f"{n}={f}" for n, f in text_setting.adapters.items()], "--tasks",
+                             text_setting.tasks_file, "--base", base, "--threads", "1", "--val-limit", "4", "--json"])
+        assert result.exit_code == 0, (base, result.output)
+        assert json.loads(result.stdout)["base_model"] == "tinybase@" + "c" * 40

@@ -16,6 +16,8 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+BASE_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<rev>[\w./-]+))?$")  # a base: legacy
+# one-word ids too (`gpt2`, `bert-base-uncased`), as transformers loads them
 NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*$")
 
 
@@ -127,7 +129,7 @@ def base_reference(base: str) -> tuple[str, str | None]:
     `[hf://]org/name[@revision]` as `org/name` and its revision (None: the default branch)."""
     if not base.startswith("hf://") and (Path(base).expanduser().is_dir() or os.path.exists(base)):
         return base, None
-    match = HUB_ID.match(base.removeprefix("hf://"))
+    match = BASE_ID.match(base.removeprefix("hf://"))
     if match is None:
         return base, None
     return match["repo"], match["rev"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import typer
 from typer.core import TyperGroup
 
-from loramerge_cli.adapters.sources import HUB_ID
+from loramerge_cli.adapters.sources import BASE_ID
 from loramerge_cli.errors import LoramergeError, UsageError, WorkerLost
 
 MULTI_VALUE_OPTIONS = ("--adapters", "--merged")  # take several values after one flag
@@ -167,7 +167,7 @@ def source_value(value) -> str:
     source = _expanded(_text(value, "source"))
     if os.path.isdir(source):
         return os.path.abspath(source)
-    if "@" in source and not os.path.exists(source) and not HUB_ID.match(source.removeprefix("hf://")):
+    if "@" in source and not os.path.exists(source) and not BASE_ID.match(source.removeprefix("hf://")):
         raise typer.BadParameter(f"{source}: a base model is a folder or a Hub id (org/name[@revision])")
     return source
 
@@ -282,6 +282,12 @@ def command_errors(function):
     return wrapper
 
 
+def _reads_false(value) -> bool:
+    """A recipe's value that says no (`false`, `'false'`, `no`, `off`, `0`)."""
+    return value is False or value == 0 or (isinstance(value, str) and value.strip().lower() in
+                                              ("false", "no", "off", "n", "0", ""))
+
+
 def _from_recipe(message: str, args: tuple, kwargs: dict) -> str:
     """Where a usage error starts by naming a flag that the user did not type but a --config recipe gave
     (`--density does not apply to method ta` after `--merger ta` over a della recipe): that, and what to do.
@@ -296,7 +302,7 @@ def _from_recipe(message: str, args: tuple, kwargs: dict) -> str:
     option = next((p for p in ctx.command.params if flag.group() in getattr(p, "opts", ())), None)
     if option is None or getattr(ctx.get_parameter_source(option.name), "name", "") != "DEFAULT_MAP":
         return ""
-    return f" ({flag.group()} comes from the recipe {ctx.params.get('config')}: delete it there)"
+    return f" ({flag.group()} comes from the recipe {ctx.params.get('config')})"
 
 
 # A full disk, a quota, a read-only or forbidden folder, a failing device: one line, not an internal error.
@@ -566,7 +572,7 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
         if option.name == "force":  # replacing an output is asked for where it is done, not kept in a file
             raise typer.BadParameter(f"{value}: force is given on the command line only (--force), never in a "
                                      "recipe")
-        if option.name == "allow_pickle" and item is not False:  # a file handed around must not turn it on
+        if option.name == "allow_pickle" and not _reads_false(item):  # a file handed around must not turn it on
             raise typer.BadParameter(f"{value}: allow-pickle is given on the command line only (--allow-pickle, "
                                      "for files you trust: unpickling can run code), never in a recipe: delete it "
                                      "there")

@@ -318,8 +318,10 @@ def write_merged_adapter(
     )
     inputs = adapter_files(adapters, base_model) + table_files(table)
     table = portable_table(table, out_dir, adapters)  # (as the folder holds it)
+    hub_revision = config["revision"] if base and not Path(base).expanduser().is_dir() else None  # (a folder's is
+    # no commit: its path stays a path, made relative to the output)
     provenance = merge_provenance(result, adapters, modules, out_dtype, head, command, table,
-                                  f"{base}@{config['revision']}" if base and config["revision"] else base)
+                                  f"{base}@{hub_revision}" if hub_revision else base)
     provenance.update(extra_provenance or {})
     provenance = portable_provenance(provenance, out_dir)
     task_type = config["task_type"]

@@ -290,7 +290,7 @@ def _reads_false(value) -> bool:
 
 def _from_recipe(message: str, args: tuple, kwargs: dict) -> str:
     """Where a usage error starts by naming a flag that the user did not type but a --config recipe gave
-    (`--density does not apply to method ta` after `--merger ta` over a della recipe): that, and what to do.
+    (`--density does not apply to method ta` after `--merger ta` over a della recipe): that the recipe gave it.
     The command's context is its `ctx` argument."""
     import re
 

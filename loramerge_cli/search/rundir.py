@@ -290,10 +290,19 @@ def _inputs(request) -> tuple[list[Path], list[Path]]:
 
 
 def input_digests(request) -> dict[str, str]:
-    """{absolute path: sha256} of every input (input_paths)."""
+    """{absolute path: sha256} of every input (input_paths). A large file of the Hugging Face cache is stored
+    under its sha256 (`blobs/<sha256>`, as the Hub names it): that name is its digest, not gigabytes read again."""
+    import re
+
     from loramerge_cli.adapters.sources import sha256_file
 
-    return {normal_path(path): sha256_file(Path(path)) for path in dict.fromkeys(input_paths(request))}
+    def digest(path: str) -> str:
+        name = Path(path).name
+        if Path(path).parent.name == "blobs" and re.fullmatch(r"[0-9a-f]{64}", name):
+            return name
+        return sha256_file(Path(path))
+
+    return {path: digest(path) for path in dict.fromkeys(normal_path(path) for path in input_paths(request))}
 
 
 def check_inputs(saved: dict, current: dict, listed: set[str] = frozenset()) -> None:

@@ -90,6 +90,9 @@ def main() -> None:
     parser.add_argument("out_dir", nargs="?", default="examples/tiny", help="output folder (default: examples/tiny)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import warnings  # peft 0.21 calls a method transformers 5 deprecates (a FutureWarning on every adapter)
+
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
     out_dir = build(args.out_dir)
     for name, *_ in ADAPTERS:
         print(out_dir / "adapters" / name)

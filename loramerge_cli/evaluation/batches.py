@@ -6,6 +6,7 @@ of each choice's tokens after the prompt (optionally divided by the choice's tok
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
@@ -229,19 +230,32 @@ def check_image_batches(sizes: list[tuple[int, int]], processor, batch_size: int
         batch = sorted(set(sizes[start : start + batch_size]))
         if len({shapes[size] for size in batch}) > 1:
             raise unequal_sizes(batch)
+    for shape in sorted(set(shapes.values())):
+        refusal = _meta_refusal(model_class, type(config), config.to_json_string(), shape)
+        if refusal is not None:
+            raise ValueError(refusal)
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_refusal(model_class, config_class, config_json: str, shape: tuple) -> str | None:
+    """The ValueError's text that the model (of the config `config_json` of `config_class`, built on the meta
+    device) raises on a batch of `shape`, if any; once per model and shape (every task of a spec asks)."""
+    import json
+
     try:
+        config = config_class.from_dict(json.loads(config_json))
         with torch.device("meta"), torch.random.fork_rng(devices=[]):
             model = model_class.from_config(config).eval()
     except Exception:  # noqa: BLE001 - a model that cannot be built on the meta device: the real forward checks
-        return
-    for shape in sorted(set(shapes.values())):
-        try:
-            with torch.no_grad():
-                model(pixel_values=torch.zeros((1, *shape), device="meta"))
-        except ValueError:
-            raise
-        except Exception:  # noqa: BLE001 - an operation the meta device lacks is no refusal
-            pass
+        return None
+    try:
+        with torch.no_grad():
+            model(pixel_values=torch.zeros((1, *shape), device="meta"))
+    except ValueError as error:
+        return str(error)
+    except Exception:  # noqa: BLE001 - an operation the meta device lacks is no refusal
+        pass
+    return None
 
 
 def prepare_images(

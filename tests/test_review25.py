@@ -572,3 +572,20 @@ def test_a_legacy_one_word_hub_base_is_pinned_and_loads(text_setting, tmp_path, 
                              text_setting.tasks_file, "--base", base, "--threads", "1", "--val-limit", "4", "--json"])
         assert result.exit_code == 0, (base, result.output)
         assert json.loads(result.stdout)["base_model"] == "tinybase@" + "c" * 40
+
+
+def test_a_search_table_records_the_hub_base_commit_it_read(text_setting, hub_base, tmp_path):
+    """A search's table recorded `--base org/base@v2` as the command line gave it, or nothing, never the commit read
+    (a local base's path is not recorded: a table names no absolute path)."""
+    import json
+
+    from factories import invoke_cli
+
+    adapters = [f"{n}={f}" for n, f in text_setting.adapters.items()]
+    for base, expected in (("org/base@v2", "org/base@" + "b" * 40), (str(text_setting.base), None)):
+        out = tmp_path / f"{expected is None}.json"
+        result = invoke_cli(["search-mask", "--adapters", *adapters, "--tasks", text_setting.tasks_file, "--base",
+                             base, "--strategy", "greedy", "--budget", "2", "--val-limit", "4", "--threads", "1",
+                             "--out", out])
+        assert result.exit_code == 0, result.output
+        assert json.loads(out.read_text())["provenance"].get("base_model") == expected

@@ -22,8 +22,8 @@ from loramerge_cli import atomic
 from loramerge_cli.errors import LoramergeError, is_finite_number
 from loramerge_cli.evaluation.batches import model_inputs_of
 from loramerge_cli.search.nsc_settings import OBJECTIVES, STATE_NAME, NscSettings  # noqa: F401  (imported from here)
-from loramerge_cli.search.state_io import (RunClock, loads_finite, run_id, searched_data, started_command,
-                                           write_progress)
+from loramerge_cli.search.state_io import (RunClock, hub_base_record, loads_finite, run_id, searched_data,
+                                           started_command, write_progress)
 
 CHECK_EXAMPLES = 256  # per task: the after-training check of each task's objective reads at most these
 
@@ -337,7 +337,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         "loramerge": __version__,
         **started_command(request),
         **searched_data(request),
-        "base_model": problem.engine.base,  # (a Hub base at the commit it was read at)
+        **hub_base_record(problem.engine.base),
         "strategy": "nsc",
         "objective": settings.objective,
         "seed": settings.seed,

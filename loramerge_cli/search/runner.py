@@ -14,7 +14,7 @@ from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
 from loramerge_cli.atomic import write_text
 from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run, record_finished
-from loramerge_cli.search.state_io import RunClock, searched_data, started_command
+from loramerge_cli.search.state_io import RunClock, hub_base_record, searched_data, started_command
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
 
@@ -247,7 +247,7 @@ def _provenance(request, fitness, outcome, clock: RunClock) -> dict:
         "loramerge": __version__,
         **started_command(request),
         **searched_data(request),
-        "base_model": fitness.engine.base,  # (a Hub base at the commit it was read at)
+        **hub_base_record(fitness.engine.base),
         "strategy": request.strategy,
         "seed": request.enmp.seed,
         "search": search,

@@ -82,6 +82,14 @@ class RunClock:
         return total if self.before == 0 else {**total, "seconds_this_process": round(self.this_process(), 3)}
 
 
+def hub_base_record(base: str) -> dict:
+    """{"base_model": `org/name@commit`} for a Hub base (the commit the search read), else {} (a local base's path
+    is this machine's: a table's provenance names no absolute path)."""
+    from loramerge_cli.adapters.sources import base_reference
+
+    return {"base_model": base} if base_reference(base)[1] else {}
+
+
 def searched_data(request) -> dict:
     """{"data": the task spec and which of its examples the search scored}: a table searched from a recipe
     (`--config`) records what it read, not only the recipe's name."""

@@ -433,7 +433,6 @@ def base_warnings(base) -> list[str]:
     path on the machine that loads the output), with a warning, as a typo would send every load to a missing
     model."""
     from loramerge_cli.adapters.card import is_repo_id
-
     from loramerge_cli.adapters.sources import base_reference
 
     base = None if base is None else os.fspath(base)

@@ -15,9 +15,10 @@ from loramerge_cli.errors import LoramergeError, UsageError, first_line
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
-BASE_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)(?:@(?P<rev>[\w./-]+))?$")  # a base: legacy
-# one-word ids too (`gpt2`, `bert-base-uncased`), as transformers loads them
+REVISION = r"(?:@(?P<rev>[\w./-]+))?$"  # `@branch`, `@tag`, `@commit`
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)" + REVISION)
+BASE_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)" + REVISION)  # a base: legacy one-word ids
+# too (`gpt2`, `bert-base-uncased`), as transformers loads them
 NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*$")
 
 

@@ -194,8 +194,9 @@ def train(problem: NscProblem, settings: NscSettings, run_dir: Path | None = Non
         losses = train_step(problem, side_path, settings, step)
         gradient = side_path.coefficients.grad
         if gradient is None or not bool(torch.isfinite(gradient).all()):
-            raise LoramergeError(f"NSC: step {step + 1}: the gradient of the coefficients is not finite: the "
-                                 "training diverged; give a smaller --lr or --init")
+            from loramerge_cli.search.nsc_objectives import DIVERGED
+
+            raise LoramergeError(f"NSC: step {step + 1}: the gradient of the coefficients is not finite: {DIVERGED}")
         optimizer.step()
         step += 1
         record = {"step": step, "loss": sum(losses) / len(losses), "task_losses": losses,

@@ -14,6 +14,7 @@ from loramerge_cli.evaluation.functional import InputRecorder
 from loramerge_cli.search.nsc_targets import HINT
 
 MIN_NORM = 1e-12  # rows with ‖z‖ below this carry no direction and are skipped
+DIVERGED = "the training diverged; give a smaller --lr or --init"  # what every blow-up of the coefficients says
 
 
 def inverse_gram(A: torch.Tensor) -> torch.Tensor:
@@ -108,11 +109,11 @@ class NullSpaceObjective:
             norms = torch.linalg.vector_norm(rows.detach().float(), dim=-1)
             if not bool(torch.isfinite(norms).all()):  # else they would fail the norm test, and read as padding
                 raise LoramergeError(f"NSC: the activations at {path} are not finite (coefficients grew past the "
-                                     "model's range: give a smaller --lr or --init)")
+                                     f"model's range): {DIVERGED}")
             kept = rows[norms >= MIN_NORM]
             if rows.shape[0] and not kept.shape[0]:  # tokens there, each one's activation gone to (near) zero
                 raise LoramergeError(f"NSC: every activation at {path} vanished (norms below {MIN_NORM:g}) under "
-                                     "the coefficients: the training diverged; give a smaller --lr or --init")
+                                     f"the coefficients: {DIVERGED}")
             rows = kept
             sums.append(null_space_ratio(rows, A, gram_inverse).sum())
             counts.append(rows.shape[0])

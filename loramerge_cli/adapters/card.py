@@ -15,6 +15,7 @@ import statistics
 from pathlib import Path
 
 from loramerge_cli import __version__
+from loramerge_cli.merging.registry import shown_parameter
 
 RECIPE_NAME = "loramerge.yaml"  # the recipe every output folder holds (cli/recipe.py)
 TAGS = ["loramerge", "merge", "lora"]
@@ -334,7 +335,7 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
         f"- Merger `{settings.merger}`: method `{settings.method.name}` ({settings.method.summary}) in the "
         f"`{settings.space}` space",
         *(f"- Paper: {paper}" for paper in _papers(settings)),
-        f"- Parameters: {', '.join(f'{k}={v}' for k, v in shown.items())}",
+        f"- Parameters: {', '.join(shown_parameter(k, v) for k, v in shown.items())}",
         *_lambda_lines(tuning, settings.lam),
         *_truncation_lines(result), "",
         "## Inputs", "",

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from loramerge_cli.merging.registry import shown_parameter
+
 HEAT = ("grey35", "blue", "cyan", "green", "yellow", "red")  # low -> high
 HEAT_TEXT = ("white", "white", "black", "black", "black", "white")  # readable on each background
 
@@ -139,7 +141,7 @@ def merge_table(report: dict) -> Table:
         shown.pop("energy", None)
     elif "out_rank" in shown:
         shown.pop("out_rank")
-    parameters = ", ".join(f"{k}={v}" for k, v in shown.items())
+    parameters = ", ".join(shown_parameter(k, v) for k, v in shown.items())
     table.add_row("merger", f"{report['merger']} (method {report['method']}, space {report['space']})")
     table.add_row("parameters", parameters)
     omitted = len(report["omitted"])

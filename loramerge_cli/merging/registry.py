@@ -50,6 +50,7 @@ class MethodParameter:
     choices: tuple[str, ...] = ()
     type: type = float
     per_adapter: bool = False  # also takes one value per adapter (a list; on the command line v1,v2,...)
+    zero_means: str = ""  # what 0 stands for, where it stands for a value chosen per module
 
     def check(self, value) -> str | None:
         """An error message, or None if `value` is allowed."""
@@ -111,8 +112,15 @@ PARAMETERS = {
     "off_diagonal": MethodParameter("off_diagonal", "RegMean: factor on the off-diagonal entries of the input Gram "
                                     "matrices (the paper's α; 1: plain least squares).", 0.0, 1.0),
     "clusters": MethodParameter("clusters", "LoRA-LEGO: number of clusters = output rank (0: the largest task rank).",
-                                0, type=int),
+                                0, type=int, zero_means="the largest task rank"),
 }
+
+
+def shown_parameter(name: str, value) -> str:
+    """`name=value` as a summary or card shows it: a 0 that stands for a value chosen per module says which."""
+    parameter = PARAMETERS.get(name)
+    meaning = parameter.zero_means if parameter is not None and value == 0 and value is not False else ""
+    return f"{name}={value}" + (f" ({meaning})" if meaning else "")
 TIES_OPTIONS = {"keep_rule": "round", "consensus": "mass", "normalize": "count", "elect_on": "weighted"}
 
 

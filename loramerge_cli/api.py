@@ -22,6 +22,7 @@ from loramerge_cli.masks import (
     WeightTable,
     align_table,
     check_table,
+    check_table_type,
     from_pruned_indices,
     load_table,
     ones_table,
@@ -52,7 +53,8 @@ from loramerge_cli.search.nsc_settings import NscSettings
 from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
-    "Adapter", "EnmpSettings", "EvalPlan", "EvalSettings", "LambdaTuning", "MergeConfig", "MergePlan", "MergeResult",
+    "Adapter", "EnmpSettings", "EvalPlan", "EvalSettings", "LambdaTuning", "LoramergeError", "MergeConfig",
+    "MergePlan", "MergeResult", "UsageError",
     "NscSettings", "PrunePlan", "SearchPlan", "SearchRequest", "TaskData", "WeightTable", "apply_table",
     "base_warnings", "check_not_an_input", "check_table", "check_table_flags", "evaluate", "execute", "execute_eval",
     "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table", "local_paths_warnings",
@@ -172,6 +174,7 @@ def write_merged_adapter(result: MergeResult, adapters: list[Adapter], out_dir: 
     if not isinstance(result, MergeResult):
         raise UsageError(f"result must be a MergeResult (api.merge returns one), not {result!r}")
     merge_plan.check_loaded(adapters)
+    check_table_type(options.get("table"))
     extra = {**result.provenance, **(options.pop("extra_provenance", None) or {})}  # λ tuning, RegMean's inputs
     return writer.write_merged_adapter(result, adapters, out_dir, extra_provenance=extra, **options)
 
@@ -179,6 +182,7 @@ def write_merged_adapter(result: MergeResult, adapters: list[Adapter], out_dir: 
 def write_adapters(adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
     """Write each adapter to OUT/<name>/; never into an input adapter's folder (even with force)."""
     merge_plan.check_loaded(adapters)
+    check_table_type(options.get("table"))
     return writer.write_adapters(adapters, out_dir, **options)
 
 

@@ -65,6 +65,8 @@ def local_paths_warnings(folder: str | Path) -> list[str]:
     import json
 
     folder = Path(folder)
+    if not folder.is_dir():
+        raise LoramergeError(f"{folder}: not a folder, so there is nothing to check")
     warnings = []
     try:
         base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")

@@ -22,6 +22,9 @@ FORMAT = "loramerge.mask/v1"
 
 @dataclass
 class WeightTable:
+    """A task × unit table of weights: row t scales task t's LoRA update in each unit (0 prunes it), with the
+    adapters it was made for (source, sha256), the merge it was searched for and the search's provenance."""
+
     tasks: list[str]
     units: list[str]
     weights: list[list[float]]
@@ -77,7 +80,14 @@ def units_of(adapters: list[Adapter]) -> list[str]:
     return sorted_units(unit for adapter in adapters for unit in adapter.units)
 
 
+def check_table_type(table) -> None:
+    """A usage error unless `table` is None or a WeightTable (a path is read by load_table first)."""
+    if table is not None and not isinstance(table, WeightTable):
+        raise UsageError(f"table must be a WeightTable (api.load_table reads a file), not {table!r}")
+
+
 def ones_table(adapters: list[Adapter]) -> WeightTable:
+    """The table that keeps every unit of every adapter (all weights 1)."""
     units = units_of(adapters)
     return WeightTable(
         tasks=[a.name for a in adapters],

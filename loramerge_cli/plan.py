@@ -34,7 +34,7 @@ from loramerge_cli.adapters.writer import (
 )
 from loramerge_cli.errors import LoramergeError, NonFiniteError, UsageError, is_finite_number
 from loramerge_cli.events import Reporter, stage
-from loramerge_cli.masks import WeightTable, align_table, check_table
+from loramerge_cli.masks import WeightTable, align_table, check_table, check_table_type
 from loramerge_cli.merging import merge as merging
 from loramerge_cli.merging.merge import SETTINGS, MergeConfig, MergeResult, ResolvedMerge, resolve_config
 from loramerge_cli.merging.registry import DTYPES, PARAMETERS, randomized_methods
@@ -233,11 +233,6 @@ def check_loaded(adapters) -> None:
         for what, tensor in tensors:
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
                 raise NonFiniteError(f"adapter {adapter.name}: {what} has NaN or Inf values")
-
-
-def check_table_type(table) -> None:
-    if table is not None and not isinstance(table, WeightTable):
-        raise UsageError(f"table must be a WeightTable (api.load_table reads a file), not {table!r}")
 
 
 def plan_merge(

@@ -21,8 +21,9 @@ def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapte
     the base copies with `adapter` (an adapter of gigabytes is not held twice); clone a tensor before changing
     it in place.
     """
-    from loramerge_cli.masks import table_problem
+    from loramerge_cli.masks import check_table_type, table_problem
 
+    check_table_type(table)
     problem = table_problem(table)
     if problem is not None:
         raise LoramergeError(f"the table: {problem}")

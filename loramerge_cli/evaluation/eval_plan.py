@@ -64,6 +64,8 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
 
     experts, merged = as_sources(experts), as_sources(merged or [])
     settings = settings or EvalSettings()
+    if not isinstance(settings, EvalSettings):
+        raise UsageError(f"settings must be an EvalSettings (got {settings!r})")
     settings.check()
     out = Path(out) if out is not None else None
     if out is not None and out.is_dir():

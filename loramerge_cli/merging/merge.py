@@ -83,6 +83,9 @@ class MergedModule:
 
 @dataclass
 class MergeResult:
+    """A merge in memory: each written module's factors (lora_B, lora_A at scale 1), the modules every task left,
+    the resolved settings, warnings and provenance. `api.write_merged_adapter` writes it as a PEFT folder."""
+
     modules: dict[str, MergedModule]
     omitted: list[str]  # every task left these modules: ΔW = 0, not written
     settings: ResolvedMerge

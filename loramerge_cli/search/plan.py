@@ -29,6 +29,9 @@ FITNESSES = ("accuracy", "nsc")
 
 @dataclass
 class SearchRequest:
+    """What `search-mask` is asked: the adapters, the merge, the task spec, evaluation and strategy settings,
+    and the run's files; `plan_search` checks it all before any model loads."""
+
     adapters: list  # sources (str), or loaded Adapters (the library API: nothing is read twice)
     merge: object  # MergeConfig; lam None = the merger's default
     tasks: Path

@@ -250,7 +250,8 @@ def _summary(adapter: Adapter) -> dict:
         "base_model": adapter.base_model,
         "peft_type": str(adapter.config.get("peft_type", "LORA")).upper(),
         "task_type": adapter.config.get("task_type"),
-        "dtype": str(adapter.dtype).removeprefix("torch.") if adapter.dtype is not None else None,
+        "dtype": ",".join(sorted({str(m.lora_A.dtype).removeprefix("torch.") for m in modules} |
+                                 {str(m.lora_B.dtype).removeprefix("torch.") for m in modules})) or None,
         "modules": len(adapter.modules),
         "ranks": _counts(m.rank for m in modules),
         "alphas": _counts(m.alpha for m in modules),

@@ -58,3 +58,79 @@ def test_the_library_exports_its_errors_and_documents_every_public_name():
         value = getattr(api, name)
         doc = inspect.getdoc(value) or ""
         assert doc and not doc.startswith(f"{getattr(value, '__name__', name)}("), name  # (not dataclass's default)
+
+
+def _folder(tmp_path, name: str, **config):
+    from factories import attention_shapes, random_adapter, write_peft_folder
+
+    adapter = random_adapter(name, attention_shapes(), dtype=__import__("torch").float32)
+    return write_peft_folder(tmp_path / name, adapter, config)
+
+
+def test_odd_adapter_configs_and_files_are_one_line_naming_what_is_wrong(tmp_path):
+    """A rank-0 bare file and a pattern key that is no regex were internal errors; a bad exclude_modules,
+    layers_to_transform or layers_pattern was blamed on target_modules; a symlink loop was called dangling."""
+    import torch
+    from safetensors.torch import save_file
+
+    from factories import invoke_cli
+
+    save_file({"base_model.model.model.layers.0.q_proj.lora_A.weight": torch.zeros(0, 4),
+               "base_model.model.model.layers.0.q_proj.lora_B.weight": torch.zeros(4, 0)},
+              str(tmp_path / "r0.safetensors"))
+    targets = ["q_proj", "v_proj"]
+    cases = {
+        tmp_path / "r0.safetensors": r"rank 0 \(lora_A has no rows\)",
+        _folder(tmp_path, "alpha", alpha_pattern={"((": 3}): "adapter config: alpha_pattern: a key is not a valid",
+        _folder(tmp_path, "rank", rank_pattern={"q_proj[": 3}): "adapter config: rank_pattern: a key is not a valid",
+        _folder(tmp_path, "exclude", target_modules=targets, exclude_modules="(("): "exclude_modules '\\(\\(' cannot",
+        _folder(tmp_path, "layers", target_modules=targets, layers_to_transform="abc"): "layers_to_transform 'abc'",
+        _folder(tmp_path, "pattern", target_modules=targets, layers_to_transform=[0, 1], layers_pattern="(("):
+            "layers_pattern '\\(\\(' cannot",
+    }
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    cases[tmp_path / "loop"] = "a symbolic link in a loop"
+    import re
+
+    for path, expected in cases.items():
+        result = invoke_cli(["inspect", str(path)])
+        assert result.exit_code == 1, (path, result.stderr)
+        assert re.search(expected, result.stderr) and result.stderr.count("\n") == 1, (path, result.stderr)
+        assert "internal error" not in result.stderr
+
+
+def test_inspect_names_every_dtype_of_its_factors_and_hedges_on_overflow(tmp_path):
+    import json
+
+    import torch
+
+    from factories import attention_shapes, invoke_cli, random_adapter, write_peft_folder
+
+    adapter = random_adapter("mixed", attention_shapes(), dtype=torch.float32)
+    first = next(iter(adapter.modules.values()))
+    first.lora_A, first.lora_B = first.lora_A.half(), first.lora_B.half()
+    write_peft_folder(tmp_path / "mixed", adapter)
+    summary = json.loads(invoke_cli(["inspect", str(tmp_path / "mixed"), "--json"]).stdout)
+    assert summary["adapters"][0]["dtype"] == "float16,float32"
+    huge = random_adapter("huge", attention_shapes(), dtype=torch.float32)
+    for module in huge.modules.values():
+        module.lora_A, module.lora_B = module.lora_A * 1e30, module.lora_B * 1e30
+    write_peft_folder(tmp_path / "huge", huge)
+    result = invoke_cli(["inspect", str(tmp_path / "huge"), str(tmp_path / "mixed")])
+    assert "merge would refuse: nothing known before merging" in result.stdout, result.stdout
+
+
+def test_lora_lego_scales_with_its_inputs_however_small():
+    """An absolute floor of 1e-30 on norms and rescale factors shrank an update of entries below it ~100×."""
+    import torch
+
+    from loramerge_cli.merging.lowrank import LowRank
+    from loramerge_cli.merging.subspace import lora_lego
+
+    generator = torch.Generator().manual_seed(0)
+    tasks = [LowRank(torch.randn(6, 3, generator=generator, dtype=torch.float64),
+                     torch.randn(3, 5, generator=generator, dtype=torch.float64)) for _ in range(2)]
+    reference = lora_lego(tasks, None, 10, 1).dense()
+    for factor in (1e-40, 1e-20, 1e20):
+        scaled = lora_lego([LowRank(task.left * factor, task.right) for task in tasks], None, 10, 1).dense()
+        torch.testing.assert_close(scaled / factor, reference, rtol=1e-10, atol=0)

@@ -264,15 +264,17 @@ def _check_targeted(paths: list[str], config: dict, spec: str) -> None:
 
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    view = SimpleNamespace(target_modules=targets, exclude_modules=config.get("exclude_modules"),
-                           modules_to_save=config.get("modules_to_save"), target_parameters=None,
-                           layers_to_transform=config.get("layers_to_transform"),
-                           layers_pattern=config.get("layers_pattern"))
+    matched = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
+
+    def view(*names: str) -> SimpleNamespace:
+        return SimpleNamespace(modules_to_save=config.get("modules_to_save"), target_parameters=None,
+                               **{name: config.get(name) if name in names else None for name in matched})
+
     for path in paths:
         try:
-            targeted = check_target_module_exists(view, path)
+            targeted = check_target_module_exists(view(*matched), path)
         except (re.error, TypeError, ValueError) as error:
-            raise LoramergeError(f"{spec}: adapter config: target_modules {targets!r} cannot be matched "
+            raise LoramergeError(f"{spec}: adapter config: {_unmatchable(view, path)} cannot be matched "
                                  f"({first_line(error)})") from None
         if not targeted:
             fields = [name for name in ("exclude_modules", "layers_to_transform", "layers_pattern")
@@ -280,6 +282,22 @@ def _check_targeted(paths: list[str], config: dict, spec: str) -> None:
             raise LoramergeError(f"{spec}: module {path} has LoRA weights, but the config's target_modules"
                                  f"{''.join(f', {name}' for name in fields)} leave it out: PEFT would not load "
                                  "them (fix adapter_config.json to the modules the file holds)")
+
+
+def _unmatchable(view, path: str) -> str:
+    """The config field (with its value) that PEFT's matcher fails on: target_modules alone, else the first
+    field that fails beside it."""
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    culprit = "target_modules"
+    for name, beside in (("exclude_modules", ()), ("layers_to_transform", ()),
+                         ("layers_pattern", ("layers_to_transform",))):  # (read only with layers_to_transform)
+        try:
+            check_target_module_exists(view("target_modules", *beside, name), path)
+        except (re.error, TypeError, ValueError):
+            culprit = name
+            break
+    return f"{culprit} {getattr(view(culprit), culprit)!r}"
 
 
 TASK_TYPE_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
@@ -309,6 +327,8 @@ def _make_module(path: str, pair: dict[str, torch.Tensor], config: dict, spec: s
     if lora_A.dim() != 2 or lora_B.dim() != 2:
         raise LoramergeError(f"{spec}: convolution LoRA ({path}, {lora_A.dim()}-d factors) is not supported")
     rank = lora_A.shape[0]
+    if rank == 0:
+        raise LoramergeError(f"{spec}: module {path}: rank 0 (lora_A has no rows): it changes nothing; drop it")
     if lora_B.shape[1] != rank:
         raise LoramergeError(
             f"{spec}: module {path}: lora_A has rank {rank} but lora_B has {lora_B.shape[1]} columns"
@@ -318,24 +338,29 @@ def _make_module(path: str, pair: dict[str, torch.Tensor], config: dict, spec: s
     for factor, tensor in (("lora_A", lora_A), ("lora_B", lora_B)):
         _check_float_values(tensor, f"{spec}: module {path} {factor}")
     # a config that leaves r or lora_alpha out gets PEFT's defaults, as PeftModel.from_pretrained does
-    config_rank = _pattern_value(config, "rank_pattern", path, config.get("r", PEFT_DEFAULT_R if config else None))
+    config_rank = _pattern_value(config, "rank_pattern", path, spec,
+                                 config.get("r", PEFT_DEFAULT_R if config else None))
     if config and config_rank is not None and int(config_rank) != rank:
         raise LoramergeError(
             f"{spec}: config and weights disagree: module {path} has rank {rank} in the weights "
             f"but r={config_rank} in the config"
         )
-    alpha = float(_pattern_value(config, "alpha_pattern", path,
+    alpha = float(_pattern_value(config, "alpha_pattern", path, spec,
                                  config.get("lora_alpha", PEFT_DEFAULT_ALPHA) if config else rank))
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
     return LoraModule(path, lora_A, lora_B, scale, alpha, bool(config.get("fan_in_fan_out", False)))
 
 
-def _pattern_value(config: dict, pattern_field: str, path: str, default):
+def _pattern_value(config: dict, pattern_field: str, path: str, spec: str, default):
     """A per-module value from rank_pattern / alpha_pattern, matched by PEFT's own rules."""
     patterns = config.get(pattern_field) or {}
     if not patterns:
         return default
     from peft.utils.other import get_pattern_key
 
-    key = get_pattern_key(list(patterns), path)
+    try:
+        key = get_pattern_key(list(patterns), path)
+    except re.error as error:
+        raise LoramergeError(f"{spec}: adapter config: {pattern_field}: a key is not a valid pattern "
+                             f"({first_line(error)})") from None
     return patterns.get(key, default)

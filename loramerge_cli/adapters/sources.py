@@ -252,10 +252,12 @@ def _kind_of(path: Path) -> str:
     """What a path that is no regular file or folder is, for an error."""
     import stat
 
+    import errno
+
     try:
         mode = os.stat(path).st_mode
-    except OSError:
-        return "dangling symbolic link"
+    except OSError as error:
+        return "symbolic link in a loop" if error.errno == errno.ELOOP else "dangling symbolic link"
     for test, name in ((stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
                        (stat.S_ISSOCK, "socket"), (stat.S_ISDIR, "folder")):
         if test(mode):

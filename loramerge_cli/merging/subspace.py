@@ -71,6 +71,17 @@ def iso_cts(tasks: list[Tensorish], common_fraction: float) -> LowRank:
     return LowRank(polar(U_hat) * total.S.mean(), polar(V_hat).T)
 
 
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Each row divided by its Euclidean norm; a zero row stays zero (no floor: tiny rows are rows too)."""
+    norms = x.norm(dim=1, keepdim=True)
+    return x / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def _ratio(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator, 1 where the denominator is 0 (what it scales is then 0)."""
+    return numerator / denominator if bool(denominator > 0) else torch.ones_like(denominator)
+
+
 def lora_lego(tasks: list[LowRank], clusters: int | None, iterations: int, seed: int) -> LowRank:
     """LoRA-LEGO (Zhao et al.): cluster the rank-1 units (b_i, a_i) of every task by k-means on
     [a/‖a‖; b/‖b‖] (K = `clusters`, default the largest task rank; Lloyd iterations from K distinct
@@ -82,8 +93,7 @@ def lora_lego(tasks: list[LowRank], clusters: int | None, iterations: int, seed:
     units = rights.shape[0]
     default = max(task.right.shape[0] for task in tasks)
     K = min(clusters or default, units)
-    features = torch.cat([rights / rights.norm(dim=1, keepdim=True).clamp(min=1e-30),
-                          lefts / lefts.norm(dim=1, keepdim=True).clamp(min=1e-30)], dim=1)
+    features = torch.cat([_unit_rows(rights), _unit_rows(lefts)], dim=1)
     generator = torch.Generator(device="cpu").manual_seed(seed)
     centroids = features[torch.randperm(units, generator=generator)[:K].to(features.device)].clone()
     labels = torch.zeros(units, dtype=torch.long, device=features.device)
@@ -99,8 +109,8 @@ def lora_lego(tasks: list[LowRank], clusters: int | None, iterations: int, seed:
         if not members.any():
             continue
         b_bar, a_bar = lefts[members].mean(dim=0), rights[members].mean(dim=0)
-        b_bar = b_bar * (lefts[members].abs().amax(dim=1).mean() / b_bar.abs().max().clamp(min=1e-30))
-        a_bar = a_bar * (rights[members].abs().amax(dim=1).mean() / a_bar.abs().max().clamp(min=1e-30))
+        b_bar = b_bar * _ratio(lefts[members].abs().amax(dim=1).mean(), b_bar.abs().max())
+        a_bar = a_bar * _ratio(rights[members].abs().amax(dim=1).mean(), a_bar.abs().max())
         b_bars.append(b_bar)
         a_bars.append(a_bar)
     factor = math.sqrt(default) / math.sqrt(K)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from fractions import Fraction
 
 import torch
 
@@ -48,7 +49,12 @@ def dense_svd(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 def _count(size: int, fraction: float, rule: str, at_least_one: bool) -> int:
     if rule == "floor":
         return int(size * fraction)
-    return max(1 if at_least_one else 0, int(size * fraction + 0.5))
+    return max(1 if at_least_one else 0, math.floor(_decimal(fraction) * size + Fraction(1, 2)))
+
+
+def _decimal(fraction: float) -> Fraction:
+    """The fraction as the decimal it is written as (0.29, not 0.28999…): counts are exact in it."""
+    return Fraction(repr(float(fraction)))
 
 
 def trim_rows(X: torch.Tensor, density, present: torch.Tensor | None = None, rule: str = "round",
@@ -178,7 +184,7 @@ def best_rank(X: torch.Tensor, k: int) -> torch.Tensor:
 
 def cart(tasks: list[torch.Tensor], rank_fraction: float, scale: float) -> torch.Tensor:
     mean = sum(tasks) / len(tasks)
-    k = math.ceil(rank_fraction * min(mean.shape))
+    k = math.ceil(_decimal(rank_fraction) * min(mean.shape))
     return mean + scale * sum(best_rank(X - mean, k) for X in tasks)
 
 
@@ -188,7 +194,7 @@ def iso_cts(tasks: list[torch.Tensor], common_fraction: float) -> torch.Tensor:
     if S.numel() == 0:
         return torch.zeros_like(total)
     p = min(total.shape)
-    k = past_ties(S, min(math.ceil(common_fraction * p), S.numel()))
+    k = past_ties(S, min(math.ceil(_decimal(common_fraction) * p), S.numel()))
     lefts, rights = [U[:, :k]], [V[:, :k]]
     for X in tasks:
         U_t, S_t, V_t = dense_svd(X - U[:, :k] @ (U[:, :k].T @ X))

@@ -134,3 +134,48 @@ def test_lora_lego_scales_with_its_inputs_however_small():
     for factor in (1e-40, 1e-20, 1e20):
         scaled = lora_lego([LowRank(task.left * factor, task.right) for task in tasks], None, 10, 1).dense()
         torch.testing.assert_close(scaled / factor, reference, rtol=1e-10, atol=0)
+
+
+def test_counts_from_fractions_are_exact_in_the_decimal_given():
+    """Trim, Breadcrumbs, CART and Iso-CTS computed D·κ in floating point: 50 · 0.29 = 14.499… kept 14 where the
+    documented ⌊D·κ + 0.5⌋ is 15 (ENMP's ρ cap was already exact). The floor rule stays PEFT's float int(D·κ)."""
+    import torch
+
+    from dense_reference import cart as dense_cart
+    from loramerge_cli.merging import elementwise, sparsify, subspace
+
+    assert elementwise.keep_count(50, 0.29) == 15 and elementwise.keep_count(50, 0.29, "floor") == 14
+    assert sparsify.outlier_count(90, 0.35) == 32 and sparsify.outlier_count(90, 0.35, "floor") == 31
+    generator = torch.Generator().manual_seed(0)
+    tasks = [torch.randn(50, 50, generator=generator, dtype=torch.float64) for _ in range(3)]
+    mean = sum(tasks) / 3
+    merged = subspace.cart(tasks, 0.14, 1.0).dense()
+    singular = torch.linalg.svdvals(merged - mean)
+    assert int((singular > 1e-9 * singular[0]).sum()) == 3 * 7  # k = ⌈0.14 · 50⌉ = 7 per task (not 8)
+    torch.testing.assert_close(merged, dense_cart(tasks, 0.14, 1.0))
+
+
+def test_screened_search_ranks_a_larger_rung_first_whatever_the_scores():
+    """−(1000·rung + score) ranked a subset table at +1200 (a weak expert's normalised accuracy) above a full-set
+    table at +5."""
+    from loramerge_cli.search.screened import rung_first
+
+    keys = rung_first([(1, 1200.0), (2, 5.0), (2, -3000.0), (0, 40.0)])
+    assert sorted(range(4), key=keys.__getitem__) == [1, 2, 0, 3]
+    assert rung_first([(1, 3.0), (2, -1.5)]) == [-1003.0, -1998.5]  # (the step of 1000 where scores stay below it)
+
+
+def test_the_max_prune_hint_is_a_value_that_works(text_setting, tmp_path):
+    """"give at least 0.333" for 3 units: ⌊0.333·3⌋ = 0, refused again."""
+    import re
+
+    from factories import invoke_cli
+    from loramerge_cli.search.decode import max_pruned
+
+    result = invoke_cli(["search-mask", "--adapters", *text_setting.adapter_args(), "--tasks", text_setting.tasks_file,
+                         "--max-prune", "0.001", "--threads", "1", "--out", tmp_path / "t.json"])
+    found = re.search(r"none of the (\d+) \(block, task\) units may be pruned .* give at least ([0-9.]+)$",
+                      result.stderr.strip())
+    assert result.exit_code == 1 and found, result.stderr
+    units, hint = int(found.group(1)), float(found.group(2))
+    assert max_pruned(hint, units, 1) == 1 and hint * units < 1.01

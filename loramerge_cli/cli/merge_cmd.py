@@ -79,7 +79,7 @@ def merge_options() -> list:
                "at a rank of at most the adapters' ranks summed: a warning says what that leaves out. "
                "[default: 0.9999]"),
         option("seed", int | None, None, show_default=False, help="Seed of randomized methods "
-               f"({', '.join(randomized_methods())}), >= 1. [default: 1]"),
+               f"({', '.join(randomized_methods())}), 1 … 2^32 − 1. [default: 1]"),
         option("head", str | None, None, help="Also write this task's head as modules_to_save, so a plain PEFT "
                "load serves it."),
         option("base", str | None, None, help="Base model id or path; overrides the configs'."),

@@ -17,7 +17,9 @@ mergekit, see docs/differences.md):
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 
@@ -31,15 +33,22 @@ class TiesOptions:
     elect_on: str = "weighted"
 
 
+def exact_product(fraction: float, size: int) -> Decimal:
+    """fraction · size exactly, the fraction read as the decimal it is written as (0.29 · 50 = 14.5, where
+    floating point gives 14.499…)."""
+    return Decimal(repr(float(fraction))) * size
+
+
 def keep_count(size: int, density: float, rule: str = "round") -> int:
-    """Entries trimming keeps out of `size`: max(1, ⌊D·κ + 0.5⌋) ("round") or int(D·κ) ("floor")."""
+    """Entries trimming keeps out of `size`: max(1, ⌊D·κ + 0.5⌋) with κ read as a decimal ("round"), or int(D·κ)
+    in floating point as PEFT and mergekit compute it ("floor")."""
     if size <= 0:
         return 0
     if density >= 1.0:
         return size
     if rule == "floor":
         return int(size * density)
-    return max(1, int(size * density + 0.5))
+    return max(1, math.floor(exact_product(density, size) + Decimal("0.5")))
 
 
 def row_densities(density, rows: int) -> list[float]:

@@ -10,16 +10,22 @@
 
 from __future__ import annotations
 
+import math
+from decimal import Decimal
+
 import torch
 
 from loramerge_cli.merging import elementwise
 
 
 def outlier_count(size: int, gamma: float, rule: str = "round") -> int:
-    """Entries removed as outliers: ⌊D·γ + 0.5⌋ ("round") or int(D·γ) ("floor"); 0 when γ = 0."""
+    """Entries removed as outliers: ⌊D·γ + 0.5⌋ with γ read as a decimal ("round"), or int(D·γ) in floating point
+    ("floor", mergekit's); 0 when γ = 0."""
     if gamma <= 0.0:
         return 0
-    return int(size * gamma) if rule == "floor" else int(size * gamma + 0.5)
+    if rule == "floor":
+        return int(size * gamma)
+    return math.floor(elementwise.exact_product(gamma, size) + Decimal("0.5"))
 
 
 def breadcrumbs_trim(X: torch.Tensor, density, gamma: float, present: torch.Tensor | None = None,

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from loramerge_cli.merging.elementwise import exact_product
 from loramerge_cli.merging.lowrank import EPS_RANK, LowRank, compact_svd, past_ties, polar, sum_lowrank
 
 Tensorish = torch.Tensor | LowRank
@@ -37,7 +38,7 @@ def cart(tasks: list[Tensorish], rank_fraction: float, scale: float) -> LowRank:
     """CART (Choi et al.): θ̄ + c·Σ_t lowrank_k(X_t − θ̄), θ̄ = mean_t X_t, k = ⌈ρ·min(m, n)⌉."""
     factored = [_factored(task) for task in tasks]
     m, n = factored[0].shape
-    k = math.ceil(rank_fraction * min(m, n))
+    k = math.ceil(exact_product(rank_fraction, min(m, n)))
     mean = _scaled(sum_lowrank(factored), 1.0 / len(factored))
     centred = [_top(sum_lowrank([task, _scaled(mean, -1.0)]), k) for task in factored]
     return sum_lowrank([mean, _scaled(sum_lowrank(centred), scale)])
@@ -57,7 +58,7 @@ def iso_cts(tasks: list[Tensorish], common_fraction: float) -> LowRank:
     total = compact_svd(sum_lowrank(factored))
     if total.S.numel() == 0:
         return LowRank(total.U, total.V.T)
-    k = past_ties(total.S, min(math.ceil(common_fraction * p), total.S.numel()))
+    k = past_ties(total.S, min(math.ceil(exact_product(common_fraction, p)), total.S.numel()))
     U_common, V_common = total.U[:, :k], total.V[:, :k]
     share = (p - k) // len(factored)
     lefts, rights = [U_common], [V_common]

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from decimal import Decimal
-
 import numpy as np
+
+from loramerge_cli.merging.elementwise import exact_product
 
 Candidate = tuple[tuple[int, ...], float | None]  # a table to score: (pruned flat indices, λ or None)
 
 
 def max_pruned(ratio: float, unit_count: int, task_count: int) -> int:
     """K_max = ⌊ρ·U·T⌋, exact with ρ read as a decimal (⌊0.29·100⌋ = 29, not 28)."""
-    return int(math.floor(Decimal(str(ratio)) * unit_count * task_count))
+    return math.floor(exact_product(ratio, unit_count * task_count))
 
 
 def feasible_tables(flat_size: int, k_max: int) -> int:

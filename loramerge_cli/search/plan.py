@@ -5,6 +5,7 @@ refuses a bad request in one line before a model loads. `runner.run_search` then
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -468,7 +469,7 @@ def check_prunable(request: SearchRequest, strategy: Strategy) -> None:
     if space is not None and space[1] < 1:
         units = space[0]
         raise LoramergeError(f"--max-prune {request.enmp.max_prune:g}: none of the {units} (block, task) units may "
-                             f"be pruned (⌊ρ·{units}⌋ = 0); give at least {1 / units:.3g}")
+                             f"be pruned (⌊ρ·{units}⌋ = 0); give at least {math.ceil(1000 / units) / 1000:g}")
     if space is not None and strategy.check_space is not None:
         strategy.check_space(request, *space)
 

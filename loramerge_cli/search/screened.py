@@ -55,6 +55,17 @@ from loramerge_cli.search.parameters import SCREENED_PARAMETERS, check_declared
 from loramerge_cli.search.state_io import write_progress
 
 
+def rung_first(reached: list[tuple[int, float]]) -> list[float]:
+    """What CMA-ES minimises for (largest rung reached, score there): −(step·rung + score), with a step of 1000
+    points, or a power of 1000 above it where scores spread wider (a weak expert's normalised accuracy can
+    exceed 1000), so that a larger rung always ranks first."""
+    step = 1000.0
+    spread = 2 * max((abs(score) for _, score in reached if math.isfinite(score)), default=0.0)
+    while step <= spread:
+        step *= 1000.0
+    return [-(step * level + score) for level, score in reached]
+
+
 @dataclass
 class ScreenedSettings(EnmpSettings):
     """ENMP's search budget (its x0: the mean of every unit when the screen is off) and the four parts'
@@ -318,7 +329,7 @@ class ScreenedSearch(SteppedSearch):
         reached = [self._reached(c) for c in candidates]
         with _search_numpy_state(self.state), warnings.catch_warnings():  # CMA-ES minimises
             warnings.simplefilter("ignore", InjectionWarning)
-            strategy.tell(solutions, [-(1000.0 * level + score) for level, score in reached])
+            strategy.tell(solutions, rung_first(reached))
         if self.settings.redraws and len(fresh) < len(candidates):  # stalled: redraws found no new table
             strategy.sigma *= 2.0
         scored = [score for level, score in reached if level >= 0]

@@ -125,6 +125,23 @@ def user_umask() -> int:
     return umask
 
 
+class TooLarge(ValueError):
+    """A file expected to be small is larger than its limit."""
+
+
+def read_small_file(source, limit: int) -> bytes:
+    """The bytes of a file expected to be small (a path, or an open binary stream), at most `limit` of them: past
+    it, TooLarge (/dev/zero or a log given by mistake is not read whole, until memory runs out). Raises OSError."""
+    if hasattr(source, "read"):
+        raw = source.read(limit + 1)
+    else:
+        with open(source, "rb") as handle:
+            raw = handle.read(limit + 1)
+    if len(raw) > limit:
+        raise TooLarge(f"over {limit // (1 << 20)} MiB")
+    return raw
+
+
 def read_safetensors(path: str | Path) -> dict:
     """The tensors of a safetensors file. safetensors opens UTF-8 paths only: a path of other bytes (as Linux
     allows) is read whole and parsed from memory. Raises what safetensors raises, or OSError."""

@@ -14,11 +14,13 @@ from pathlib import Path
 
 from loramerge_cli.adapters.model import Adapter, content_sha256
 from loramerge_cli.adapters.units import sorted_units, unit_of
-from loramerge_cli.atomic import write_text
+from loramerge_cli.atomic import TooLarge, read_small_file, write_text
 from loramerge_cli.errors import LoramergeError, UsageError, first_line
 
 FORMAT = "loramerge.mask/v1"
 
+
+TABLE_MAX_BYTES = 256 << 20  # a table with a long search history is a few MiB
 
 @dataclass
 class WeightTable:
@@ -159,8 +161,8 @@ def _standard_input() -> str:
         raise LoramergeError("--mask -: standard input is a terminal; pipe the table in (search-mask ... --json | "
                              "loramerge merge ... --mask -) or give its file")
     try:
-        text = stream.read().decode("utf-8")
-    except (OSError, ValueError) as error:  # not readable, not UTF-8
+        text = read_small_file(stream, TABLE_MAX_BYTES).decode("utf-8")
+    except (OSError, ValueError) as error:  # not readable, too large, not UTF-8
         raise LoramergeError(f"{STANDARD_INPUT_ORIGIN}: not a readable JSON mask ({first_line(error)})") from None
     if not text.strip():
         raise LoramergeError(f"--mask -: {STANDARD_INPUT_ORIGIN} is empty (did the command before the pipe fail?)")
@@ -174,9 +176,11 @@ def load_table(path: str | Path) -> WeightTable:
         return table_from_text(_standard_input(), STANDARD_INPUT_ORIGIN)
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_small_file(path, TABLE_MAX_BYTES).decode("utf-8")
     except FileNotFoundError:
         raise LoramergeError(f"{path}: mask file not found") from None
+    except TooLarge as error:
+        raise LoramergeError(f"{path}: {error}: not a weight table") from None
     except (OSError, UnicodeDecodeError) as error:
         raise LoramergeError(f"{path}: not a readable JSON mask ({error})") from None
     return table_from_text(text, path)

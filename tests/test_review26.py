@@ -179,3 +179,20 @@ def test_the_max_prune_hint_is_a_value_that_works(text_setting, tmp_path):
     assert result.exit_code == 1 and found, result.stderr
     units, hint = int(found.group(1)), float(found.group(2))
     assert max_pruned(hint, units, 1) == 1 and hint * units < 1.01
+
+
+def test_an_endless_file_given_as_a_table_or_spec_is_refused_not_read_into_memory(sources, tmp_path, monkeypatch):
+    """`--mask /dev/zero` read until the kernel killed the process (24 GB); so did `--tasks /dev/zero`."""
+    import loramerge_cli.evaluation.specs as specs
+    import loramerge_cli.masks as masks
+    from factories import invoke_cli
+
+    monkeypatch.setattr(masks, "TABLE_MAX_BYTES", 1 << 20)  # (the limits are far above any real file)
+    monkeypatch.setattr(specs, "SPEC_MAX_BYTES", 1 << 20)
+    refused = {("merge", "--mask"): "/dev/zero: over 1 MiB: not a weight table",
+               ("apply-mask", "--mask"): "/dev/zero: over 1 MiB: not a weight table",
+               ("eval", "--tasks"): "/dev/zero: over 1 MiB: not a task spec"}
+    for (command, flag), expected in refused.items():
+        result = invoke_cli([command, "--adapters", *sources, flag, "/dev/zero", "--out", tmp_path / command])
+        assert result.exit_code == 1 and result.stderr == f"error: {expected}\n", result.stderr
+    assert not any(tmp_path.iterdir())

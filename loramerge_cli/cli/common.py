@@ -522,12 +522,12 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
 
     from loramerge_cli.yaml_documents import load_yaml, yaml_problem
 
+    from loramerge_cli.atomic import TooLarge, read_small_file
+
     try:
-        with open(value, "rb") as file:  # a recipe is a small file: /dev/zero or a log is not read whole
-            raw = file.read(RECIPE_MAX_BYTES + 1)
-        if len(raw) > RECIPE_MAX_BYTES:
-            raise fail(f"error: --config {value} is over {RECIPE_MAX_BYTES // 1024 // 1024} MiB: not a recipe")
-        data = load_yaml(raw.decode("utf-8"))
+        data = load_yaml(read_small_file(value, RECIPE_MAX_BYTES).decode("utf-8"))
+    except TooLarge as error:
+        raise fail(f"error: --config {value} is {error}: not a recipe") from None
     except OSError as error:  # a file that cannot be read is bad input (exit 1), as a missing --tasks or --mask
         raise fail(f"error: --config {value}: cannot read it ({error.strerror or error})") from None
     except UnicodeDecodeError as error:

@@ -17,6 +17,7 @@ from loramerge_cli.evaluation.task_types import TASK_TYPES, TaskType
 
 FROM_ADAPTER = "from-adapter"
 NO_HEAD = "none"
+SPEC_MAX_BYTES = 64 << 20  # a task spec names its data files: a few KiB
 
 
 @dataclass
@@ -126,6 +127,7 @@ def load_task_file(path: str | Path) -> TaskFile:
     """Read and validate a tasks.yaml; relative data and head paths are taken from its folder."""
     import yaml
 
+    from loramerge_cli.atomic import TooLarge, read_small_file
     from loramerge_cli.yaml_documents import load_yaml, yaml_problem
 
     if not isinstance(path, (str, os.PathLike)):
@@ -133,7 +135,9 @@ def load_task_file(path: str | Path) -> TaskFile:
                          "its data paths are read from its folder")
     path = Path(path)
     try:
-        document = load_yaml(path.read_text(encoding="utf-8"))
+        document = load_yaml(read_small_file(path, SPEC_MAX_BYTES).decode("utf-8"))
+    except TooLarge as error:
+        raise LoramergeError(f"{path}: {error}: not a task spec") from None
     except OSError as error:
         raise LoramergeError(f"{path}: cannot read task spec ({error.strerror or error})") from None
     except UnicodeDecodeError as error:

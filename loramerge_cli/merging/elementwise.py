@@ -23,6 +23,8 @@ from decimal import Decimal
 
 import torch
 
+from loramerge_cli.merging.counts import exact_product
+
 
 @dataclass(frozen=True)
 class TiesOptions:
@@ -31,12 +33,6 @@ class TiesOptions:
     consensus: str = "mass"
     normalize: str = "count"
     elect_on: str = "weighted"
-
-
-def exact_product(fraction: float, size: int) -> Decimal:
-    """fraction · size exactly, the fraction read as the decimal it is written as (0.29 · 50 = 14.5, where
-    floating point gives 14.499…)."""
-    return Decimal(repr(float(fraction))) * size
 
 
 def keep_count(size: int, density: float, rule: str = "round") -> int:

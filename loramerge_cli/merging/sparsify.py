@@ -16,6 +16,7 @@ from decimal import Decimal
 import torch
 
 from loramerge_cli.merging import elementwise
+from loramerge_cli.merging.counts import exact_product
 
 
 def outlier_count(size: int, gamma: float, rule: str = "round") -> int:
@@ -25,7 +26,7 @@ def outlier_count(size: int, gamma: float, rule: str = "round") -> int:
         return 0
     if rule == "floor":
         return int(size * gamma)
-    return math.floor(elementwise.exact_product(gamma, size) + Decimal("0.5"))
+    return math.floor(exact_product(gamma, size) + Decimal("0.5"))
 
 
 def breadcrumbs_trim(X: torch.Tensor, density, gamma: float, present: torch.Tensor | None = None,

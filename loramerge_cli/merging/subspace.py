@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from loramerge_cli.merging.elementwise import exact_product
+from loramerge_cli.merging.counts import exact_product
 from loramerge_cli.merging.lowrank import EPS_RANK, LowRank, compact_svd, past_ties, polar, sum_lowrank
 
 Tensorish = torch.Tensor | LowRank

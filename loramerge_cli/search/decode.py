@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import numpy as np
 
-from loramerge_cli.merging.elementwise import exact_product
+from loramerge_cli.merging.counts import exact_product
 
 Candidate = tuple[tuple[int, ...], float | None]  # a table to score: (pruned flat indices, λ or None)
 

@@ -179,6 +179,11 @@ def test_the_max_prune_hint_is_a_value_that_works(text_setting, tmp_path):
     assert result.exit_code == 1 and found, result.stderr
     units, hint = int(found.group(1)), float(found.group(2))
     assert max_pruned(hint, units, 1) == 1 and hint * units < 1.01
+    from loramerge_cli.search.plan import smallest_max_prune
+
+    for units in (3, 7, 9, 12, 1000, 3001):  # (1/3 written to 3 significant digits, 0.333, prunes none of 3)
+        hint = smallest_max_prune(units)
+        assert max_pruned(hint, units, 1) >= 1 and (hint == 0.001 or max_pruned(hint - 0.001, units, 1) == 0), units
 
 
 def test_an_endless_file_given_as_a_table_or_spec_is_refused_not_read_into_memory(sources, tmp_path, monkeypatch):

@@ -462,6 +462,11 @@ def unit_space(request: SearchRequest) -> tuple[int, int] | None:
     return len(blocks) * len(request.adapters), max_pruned(request.enmp.max_prune, len(blocks), len(request.adapters))
 
 
+def smallest_max_prune(units: int) -> float:
+    """The smallest --max-prune of three decimals that lets one of `units` units be pruned."""
+    return math.ceil(1000 / units) / 1000
+
+
 def check_prunable(request: SearchRequest, strategy: Strategy) -> None:
     """--max-prune lets at least one (block, task) unit of these adapters be pruned, and the strategy has what it
     needs of their space (the surrogate: a budget that holds its screen)."""
@@ -469,7 +474,7 @@ def check_prunable(request: SearchRequest, strategy: Strategy) -> None:
     if space is not None and space[1] < 1:
         units = space[0]
         raise LoramergeError(f"--max-prune {request.enmp.max_prune:g}: none of the {units} (block, task) units may "
-                             f"be pruned (⌊ρ·{units}⌋ = 0); give at least {math.ceil(1000 / units) / 1000:g}")
+                             f"be pruned (⌊ρ·{units}⌋ = 0); give at least {smallest_max_prune(units):g}")
     if space is not None and strategy.check_space is not None:
         strategy.check_space(request, *space)
 

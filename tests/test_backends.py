@@ -392,3 +392,19 @@ def test_a_ray_run_starts_its_own_cluster_and_ends_on_sigterm_with_143(setting, 
     assert not (tmp_path / "t.json").exists()
     assert _eventually(lambda: not [pid for pid in family if psutil.pid_exists(pid)
                                     and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE], 60)
+
+
+def test_a_cluster_without_room_for_the_workers_is_refused_before_any_model_loads(setting, cluster, monkeypatch):
+    """`--ray-address` of a 2-CPU cluster with 3 workers scored the experts and the unpruned merge first."""
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.search import problem as problem_module
+    from loramerge_cli.search.plan import plan_search
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model loaded")
+
+    monkeypatch.setattr(problem_module, "build_problem", no_model)
+    address = cluster.get_runtime_context().gcs_address
+    with pytest.raises(LoramergeError, match=r"^--backend ray: the workers need 3 CPUs, the Ray cluster has 2$"):
+        plan_search(request(setting, backend="ray", devices=["cpu"] * 3, ray_address=address))
+    plan_search(request(setting, backend="ray", devices=["cpu"] * 2, ray_address=address))  # (room for two)

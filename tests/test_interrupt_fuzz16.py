@@ -210,6 +210,9 @@ def interrupted(*args):
 sys.argv = ['loramerge', 'inspect', '--adapters', {str(folder)!r}]"""
     done = _run_driver(tmp_path, body)
     assert done.returncode == 130 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-500:])
+    # (exit 130 said nothing: a script could not tell that the command's work was whole)
+    finished = "interrupted as it exited: the command had finished (see above)\n"
+    assert moment != "cli._flush" or done.stderr.endswith(finished), done.stderr
 
 
 def test_a_plot_folder_holding_a_folder_named_like_a_picture_is_refused_before_the_search(text_setting, tmp_path,

@@ -201,3 +201,40 @@ def test_an_endless_file_given_as_a_table_or_spec_is_refused_not_read_into_memor
         result = invoke_cli([command, "--adapters", *sources, flag, "/dev/zero", "--out", tmp_path / command])
         assert result.exit_code == 1 and result.stderr == f"error: {expected}\n", result.stderr
     assert not any(tmp_path.iterdir())
+
+
+def test_workers_load_the_base_commit_the_driver_pinned(monkeypatch, tmp_path):
+    """Workers resolved a Hub base's branch again when they started: after the branch moved (or on a machine whose
+    cache names another commit) they scored another model than the driver's reference and the records named."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from loramerge_cli.evaluation.settings import EvalSettings
+    from loramerge_cli.evaluation.workers import EngineSource, LambdaScorer, MergedScorer
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search import backends
+    from loramerge_cli.search.enmp_settings import EnmpSettings
+    from loramerge_cli.search.fidelity import LadderWorkerBuilder
+    from loramerge_cli.search.runner import SearchRequest, WorkerBuilder
+    from loramerge_cli.search.screened import SingleRungBuilder
+
+    pinned = "org/base@" + "a" * 40
+    request = SearchRequest(adapters=["a=x"], merge=MergeConfig(), tasks=tmp_path / "tasks.yaml", eval=EvalSettings(),
+                            enmp=EnmpSettings(), base="org/base")
+    source = EngineSource(tmp_path / "tasks.yaml", ["a=x"], EvalSettings())
+    builders = {
+        "search": (WorkerBuilder(request, 0.5, {}, 0.0), lambda b: b.request.base),
+        "ladder": (SingleRungBuilder(LadderWorkerBuilder(request, 0.5, {}, 0.0, [8], 1)),
+                   lambda b: b.build.request.base),
+        "eval": (MergedScorer(source), lambda b: b.source.base),
+        "lambda": (LambdaScorer(source, MergeConfig(), None), lambda b: b.source.base),
+    }
+    for name, (build, base_of) in builders.items():
+        opened = []
+        monkeypatch.setattr(backends, "open_pool", lambda build, *rest: opened.append(build) or (lambda *a: []))
+        pool = backends.LazyPool(build, SimpleNamespace(), "cpu", 1)
+        pool.reside(SimpleNamespace(base=pinned, park=lambda: None))
+        pool.start()
+        assert base_of(opened[0]) == pinned, name
+        assert base_of(build) != pinned  # (the driver's own request is left as given)
+    assert backends.at_base(replace(source, base="/a/folder"), None).base == "/a/folder"

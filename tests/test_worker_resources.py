@@ -161,7 +161,7 @@ class FakeWorkers:
 
 def lazy_pool() -> LazyPool:
     pool = LazyPool(None, Backend("process", ["cpu", "cpu"]), "cpu", 1)
-    pool.open_workers = FakeWorkers
+    pool.open_workers = lambda base: FakeWorkers()  # (base: the one the resident engines read)
     return pool
 
 
@@ -177,7 +177,7 @@ def test_a_parked_engine_comes_back_at_its_next_use_and_never_on_the_way_out(mon
     assert engine.moves == ["cpu"]
     starting = RecordingEngine()
     with pytest.raises(KeyboardInterrupt), lazy_pool() as pool:
-        pool.open_workers = lambda: (_ for _ in ()).throw(KeyboardInterrupt)
+        pool.open_workers = lambda base: (_ for _ in ()).throw(KeyboardInterrupt)
         pool.reside(starting)
         pool([1])
     assert starting.moves == ["cpu"]

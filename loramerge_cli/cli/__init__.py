@@ -81,6 +81,10 @@ def _leave(code: int, join_threads: bool = False) -> None:
         atexit._run_exitfuncs()
     except BaseException:  # noqa: BLE001 - exiting anyway
         pass
+    if _LATE_SIGNAL:  # the exit code says the signal: one line says the command had ended (its output is whole)
+        from loramerge_cli.interrupts import WORDS
+
+        _write_error(f"{WORDS.get(_LATE_SIGNAL[0], 'stopped')} as it exited: the command had finished (see above)")
     _flush()
     os._exit(128 + _LATE_SIGNAL[0] if _LATE_SIGNAL else code)
 

@@ -90,8 +90,8 @@ class Backend:
                              f"run has this machine's {machine} CPUs (each actor reserves at least one)")
 
     def check(self) -> None:
-        """The choice itself, before any model loads: Ray's presence, that a cluster answers at `address`, and
-        no more worker processes than the CPUs can run."""
+        """The choice itself, before any model loads: Ray's presence, that a cluster answers at `address` (and, the
+        workers given, has room for them), and no more worker processes than the CPUs can run."""
         if self.name not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)} (got {self.name!r})")
         if self.devices is not None and (not isinstance(self.devices, (list, tuple))
@@ -106,9 +106,11 @@ class Backend:
             if importlib.util.find_spec("ray") is None:
                 raise LoramergeError('--backend ray needs Ray: pip install "loramerge[ray]"')
             if self.address is not None:
-                from loramerge_cli.search.ray_backend import probe
+                from loramerge_cli.search.ray_backend import check_capacity, connect, probe
 
                 probe(self.address)
+                if self.devices:  # a cluster of too few CPUs or GPUs, known before any model loads (each actor
+                    check_capacity(connect(self.address), list(self.devices), None)  # takes a CPU at least)
 
 
 def open_pool(build, backend: Backend, device: str = "cpu", threads: int | None = None):
@@ -132,7 +134,7 @@ class LazyPool:
     `reside` are parked in host memory when they start (`Evaluator.park`: back at their next use)."""
 
     def __init__(self, build, backend: Backend, device: str, threads: int | None):
-        self.open_workers = lambda: open_pool(build, backend, device, threads)
+        self.open_workers = lambda base: open_pool(at_base(build, base), backend, device, threads)
         self.workers = None
         self.residents: list = []
 
@@ -146,7 +148,9 @@ class LazyPool:
         if self.workers is None:
             for engine in self.residents:
                 engine.park()
-            self.workers = self.open_workers()
+            base = next((engine.base for engine in self.residents if isinstance(getattr(engine, "base", None), str)),
+                        None)
+            self.workers = self.open_workers(base)
 
     def __call__(self, items: list, on_result: Callable[[int, object], None] | None = None) -> list:
         self.start()
@@ -161,6 +165,26 @@ class LazyPool:
 
     def close(self) -> None:
         self.__exit__(None, None, None)
+
+
+def at_base(build, base: str | None):
+    """`build` with the request or engine source it holds (in nested builders too) reading `base`, the base the
+    driver's engine read (a Hub base pinned to its commit): a worker loads that commit, not the one the branch
+    names when it starts, or the one its own machine's cache names. Builders are dataclasses."""
+    from dataclasses import fields, is_dataclass, replace
+
+    if base is None or not is_dataclass(build) or isinstance(build, type):
+        return build
+    names = {field.name for field in fields(build)}
+    if "base" in names and "tasks" in names:  # a SearchRequest or an EngineSource
+        return replace(build, base=base)
+    changes = {}
+    for name in names:
+        value = getattr(build, name)
+        pinned = at_base(value, base)
+        if pinned is not value:
+            changes[name] = pinned
+    return replace(build, **changes) if changes else build
 
 
 @contextmanager

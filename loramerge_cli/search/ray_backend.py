@@ -22,8 +22,9 @@ from loramerge_cli.errors import LoramergeError, WorkerLost, first_line
 
 LOGGER = logging.getLogger(__name__)
 ACTOR_PREFIX = "loramerge-worker-"
-# Passed on to the actors, which may run on other machines (a cluster) with other environments.
-FORWARDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "HF_HOME", "TRANSFORMERS_OFFLINE")  # no tokens: Ray stores these
+# Passed on to the actors, which may run on other machines (a cluster) with other environments (no tokens: Ray
+# stores these).
+FORWARDED_ENVIRONMENT = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFLINE")
 
 
 def import_ray():
@@ -153,6 +154,16 @@ def slots(device: str, threads: int | None, address: str | None = None) -> list[
     return [device] * max(1, int(resources.get("CPU", 1)) // (threads or 1))
 
 
+def check_capacity(ray, devices: list[str], threads: int | None) -> None:
+    """The cluster can place every actor (one that cannot be placed would wait for ever)."""
+    resources = ray.cluster_resources()
+    for kind in ("GPU", "CPU"):
+        needed = sum(actor_resources(device, threads)[f"num_{kind.lower()}s"] for device in devices)
+        available = int(resources.get(kind, 0))
+        if needed > available:
+            raise LoramergeError(f"--backend ray: the workers need {needed} {kind}s, the Ray cluster has {available}")
+
+
 def actor_resources(device: str, threads: int | None) -> dict:
     """What one actor reserves: a whole GPU (and one CPU), or `threads` CPUs."""
     if device.startswith("cuda"):
@@ -191,13 +202,7 @@ class RayPool:
                  start_timeout: float = 600.0, timeout: float = 3600.0):
         ray = self.ray = connect(address)
         self.timeout = timeout
-        resources = ray.cluster_resources()
-        for kind in ("GPU", "CPU"):  # an actor the cluster cannot place would wait for ever
-            needed = sum(actor_resources(device, threads)[f"num_{kind.lower()}s"] for device in devices)
-            available = int(resources.get(kind, 0))
-            if needed > available:
-                raise LoramergeError(f"--backend ray: the workers need {needed} {kind}s, the Ray cluster has "
-                                     f"{available}")
+        check_capacity(ray, devices, threads)
         environment = {name: os.environ[name] for name in FORWARDED_ENVIRONMENT if name in os.environ}
         remote = ray.remote(Worker)
         run = uuid.uuid4().hex[:8]

@@ -16,6 +16,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ from typing import Callable, Iterable
 from loramerge_cli import atomic
 from loramerge_cli.adapters.card import RECIPE_NAME
 from loramerge_cli.errors import LoramergeError
+
+LOGGER = logging.getLogger(__name__)
 
 MARKER = "loramerge.json"  # every adapter folder loramerge writes holds its provenance under this name
 ADAPTERS_MARKER = ".loramerge-adapters.json"  # beside the adapter folders loramerge writes (hidden: `out/*` is them)
@@ -608,6 +611,9 @@ def _replace(staging: Path, target: Path, force: bool, committed: Callable[[], N
             os.rename(staging, target)
         committed()
         shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(old):  # a file that cannot be deleted (immutable, a read-only subfolder): said, not hidden
+        LOGGER.warning("%s was replaced, but its old content could not be removed completely: what is left "
+                       "is in %s", target, old)
     interrupts.check()
 
 

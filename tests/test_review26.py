@@ -238,3 +238,21 @@ def test_workers_load_the_base_commit_the_driver_pinned(monkeypatch, tmp_path):
         assert base_of(opened[0]) == pinned, name
         assert base_of(build) != pinned  # (the driver's own request is left as given)
     assert backends.at_base(replace(source, base="/a/folder"), None).base == "/a/folder"
+
+
+def test_an_old_output_that_cannot_be_removed_is_named(sources, tmp_path, monkeypatch, caplog):
+    """`merge --force` over an output holding an undeletable file left the old weights in a hidden folder, silently."""
+    import shutil
+
+    from factories import invoke_cli
+    from loramerge_cli import outputs
+
+    assert invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "m"]).exit_code == 0
+    remove = shutil.rmtree
+    monkeypatch.setattr(outputs.shutil, "rmtree", lambda path, ignore_errors=False: None if str(path).endswith(
+        ".tmp") or str(path).endswith(".old") else remove(path, ignore_errors=ignore_errors))  # (as chattr +i does)
+    with caplog.at_level("WARNING", logger="loramerge_cli.outputs"):
+        result = invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "m", "--force", "--lambda", "0.3"])
+    assert result.exit_code == 0, result.stderr
+    left = [path for path in tmp_path.iterdir() if path.name != "m"]
+    assert len(left) == 1 and f"could not be removed completely: what is left is in {left[0]}" in caplog.text

@@ -54,8 +54,8 @@ from loramerge_cli.search.plan import SearchPlan, SearchRequest, plan_search
 
 __all__ = [
     "Adapter", "EnmpSettings", "EvalPlan", "EvalSettings", "LambdaTuning", "LoramergeError", "MergeConfig",
-    "MergePlan", "MergeResult", "UsageError",
-    "NscSettings", "PrunePlan", "SearchPlan", "SearchRequest", "TaskData", "WeightTable", "apply_table",
+    "MergePlan", "MergeResult",
+    "NscSettings", "PrunePlan", "SearchPlan", "SearchRequest", "TaskData", "UsageError", "WeightTable", "apply_table",
     "base_warnings", "check_not_an_input", "check_table", "check_table_flags", "evaluate", "execute", "execute_eval",
     "from_pruned_indices", "inspect_adapters", "load_adapter", "load_adapters", "load_table", "local_paths_warnings",
     "merge", "module_norm", "ones_table", "parse_indices", "plan_eval", "plan_merge", "plan_prune", "plan_search",

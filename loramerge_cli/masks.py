@@ -18,9 +18,8 @@ from loramerge_cli.atomic import TooLarge, read_small_file, write_text
 from loramerge_cli.errors import LoramergeError, UsageError, first_line
 
 FORMAT = "loramerge.mask/v1"
-
-
 TABLE_MAX_BYTES = 256 << 20  # a table with a long search history is a few MiB
+
 
 @dataclass
 class WeightTable:

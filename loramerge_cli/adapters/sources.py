@@ -250,9 +250,8 @@ def _cached_revisions(repo_id: str) -> list[str]:
 
 def _kind_of(path: Path) -> str:
     """What a path that is no regular file or folder is, for an error."""
-    import stat
-
     import errno
+    import stat
 
     try:
         mode = os.stat(path).st_mode

@@ -520,9 +520,8 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
         raise typer.BadParameter("given twice: a run reads one recipe")
     import yaml
 
-    from loramerge_cli.yaml_documents import load_yaml, yaml_problem
-
     from loramerge_cli.atomic import TooLarge, read_small_file
+    from loramerge_cli.yaml_documents import load_yaml, yaml_problem
 
     try:
         data = load_yaml(read_small_file(value, RECIPE_MAX_BYTES).decode("utf-8"))

@@ -121,6 +121,8 @@ def shown_parameter(name: str, value) -> str:
     parameter = PARAMETERS.get(name)
     meaning = parameter.zero_means if parameter is not None and value == 0 and value is not False else ""
     return f"{name}={value}" + (f" ({meaning})" if meaning else "")
+
+
 TIES_OPTIONS = {"keep_rule": "round", "consensus": "mass", "normalize": "count", "elect_on": "weighted"}
 
 

@@ -142,7 +142,7 @@ def evaluate(tasks: str | Path, experts: list[Adapter], merged: list[Adapter] | 
     merge_plan.check_loaded(experts)
     if merged:
         merge_plan.check_loaded(merged)
-    settings = settings or EvalSettings()
+    settings = EvalSettings() if settings is None else settings
     if not isinstance(settings, EvalSettings):
         raise UsageError(f"settings must be an EvalSettings (got {settings!r})")
     return eval_report(tasks, experts, merged, settings, **options)

@@ -35,6 +35,11 @@ def test_library_calls_refuse_a_path_where_a_table_or_settings_object_belongs(so
             call()
     with pytest.raises(api.UsageError, match="settings must be an EvalSettings"):
         api.plan_eval(tmp_path / "tasks.yaml", sources, [], settings={"threads": 1})
+    for falsy in ({}, 0, ""):  # (an empty dict passed as the defaults)
+        with pytest.raises(api.UsageError, match="settings must be an EvalSettings"):
+            api.plan_eval(tmp_path / "tasks.yaml", sources, [], settings=falsy)
+        with pytest.raises(api.UsageError, match="settings must be an EvalSettings"):
+            api.evaluate(tmp_path / "tasks.yaml", adapters, settings=falsy)
     assert not any(tmp_path.iterdir())
 
 
@@ -81,8 +86,9 @@ def test_odd_adapter_configs_and_files_are_one_line_naming_what_is_wrong(tmp_pat
     targets = ["q_proj", "v_proj"]
     cases = {
         tmp_path / "r0.safetensors": r"rank 0 \(lora_A has no rows\)",
-        _folder(tmp_path, "alpha", alpha_pattern={"((": 3}): "adapter config: alpha_pattern: a key is not a valid",
-        _folder(tmp_path, "rank", rank_pattern={"q_proj[": 3}): "adapter config: rank_pattern: a key is not a valid",
+        _folder(tmp_path, "alpha", alpha_pattern={"q_proj": 2, "((": 3}): "alpha_pattern: the key '\\(\\(' is not a",
+        _folder(tmp_path, "rank", rank_pattern={"q_proj[": 3}): r"rank_pattern: the key 'q_proj\[' is not a valid",
+        _folder(tmp_path, "target", target_modules="q_proj["): r"target_modules 'q_proj\[' cannot be matched",
         _folder(tmp_path, "exclude", target_modules=targets, exclude_modules="(("): "exclude_modules '\\(\\(' cannot",
         _folder(tmp_path, "layers", target_modules=targets, layers_to_transform="abc"): "layers_to_transform 'abc'",
         _folder(tmp_path, "pattern", target_modules=targets, layers_to_transform=[0, 1], layers_pattern="(("):

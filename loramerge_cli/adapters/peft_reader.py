@@ -289,15 +289,14 @@ def _unmatchable(view, path: str) -> str:
     field that fails beside it."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    culprit = "target_modules"
-    for name, beside in (("exclude_modules", ()), ("layers_to_transform", ()),
-                         ("layers_pattern", ("layers_to_transform",))):  # (read only with layers_to_transform)
+    for name, beside in (("target_modules", ()), ("exclude_modules", ("target_modules",)),
+                         ("layers_to_transform", ("target_modules",)),
+                         ("layers_pattern", ("target_modules", "layers_to_transform"))):  # (read with the layers)
         try:
-            check_target_module_exists(view("target_modules", *beside, name), path)
+            check_target_module_exists(view(*beside, name), path)
         except (re.error, TypeError, ValueError):
-            culprit = name
-            break
-    return f"{culprit} {getattr(view(culprit), culprit)!r}"
+            return f"{name} {getattr(view(name), name)!r}"
+    return f"target_modules {getattr(view('target_modules'), 'target_modules')!r}"
 
 
 TASK_TYPE_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
@@ -351,6 +350,15 @@ def _make_module(path: str, pair: dict[str, torch.Tensor], config: dict, spec: s
     return LoraModule(path, lora_A, lora_B, scale, alpha, bool(config.get("fan_in_fan_out", False)))
 
 
+def _pattern_error(key: str) -> str | None:
+    """Why `key` is no regular expression (None: it is one)."""
+    try:
+        re.compile(key)
+    except re.error as error:
+        return first_line(error)
+    return None
+
+
 def _pattern_value(config: dict, pattern_field: str, path: str, spec: str, default):
     """A per-module value from rank_pattern / alpha_pattern, matched by PEFT's own rules."""
     patterns = config.get(pattern_field) or {}
@@ -360,7 +368,8 @@ def _pattern_value(config: dict, pattern_field: str, path: str, spec: str, defau
 
     try:
         key = get_pattern_key(list(patterns), path)
-    except re.error as error:
-        raise LoramergeError(f"{spec}: adapter config: {pattern_field}: a key is not a valid pattern "
-                             f"({first_line(error)})") from None
+    except re.error:
+        key, error = next((key, error) for key, error in ((key, _pattern_error(key)) for key in patterns) if error)
+        raise LoramergeError(f"{spec}: adapter config: {pattern_field}: the key {key!r} is not a valid pattern "
+                             f"({error})") from None
     return patterns.get(key, default)

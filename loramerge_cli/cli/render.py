@@ -128,10 +128,8 @@ def compatibility_lines(summary: dict) -> list[Text]:
             Text("; ".join(pair["problems"]), style="red")
         lines.append(Text(f"{first} / {second}: ").append_text(verdict))
     refusals = summary["merge_refusals"]
-    noted = any(adapter.get("notes") for adapter in summary["adapters"])  # (an update past its dtype's range…)
-    lines.append(Text("merge would refuse: " + ("; ".join(refusals) if refusals else
-                                                "nothing known before merging (read the notes above)" if noted
-                                                else "nothing")))
+    lines.append(Text("merge would refuse: " + ("; ".join(refusals) if refusals else  # (an update past its
+                                                "nothing known before merging")))  # dtype's range: found merging)
     return lines
 
 

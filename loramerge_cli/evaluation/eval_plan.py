@@ -63,7 +63,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     from loramerge_cli.search.backends import Backend
 
     experts, merged = as_sources(experts), as_sources(merged or [])
-    settings = settings or EvalSettings()
+    settings = EvalSettings() if settings is None else settings
     if not isinstance(settings, EvalSettings):
         raise UsageError(f"settings must be an EvalSettings (got {settings!r})")
     settings.check()

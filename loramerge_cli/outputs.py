@@ -612,7 +612,7 @@ def _replace(staging: Path, target: Path, force: bool, committed: Callable[[], N
         committed()
         shutil.rmtree(old, ignore_errors=True)
     if os.path.lexists(old):  # a file that cannot be deleted (immutable, a read-only subfolder): said, not hidden
-        LOGGER.warning("warning: %s was replaced, but its old content could not be removed completely: what is left "
+        LOGGER.warning("%s was replaced, but its old content could not be removed completely: what is left "
                        "is in %s", target, old)
     interrupts.check()
 

@@ -1,5 +1,6 @@
 """Defects found by the reviews of 2026-12-07 (eighth session), each test failing on the code before its fix."""
 
+import json
 from pathlib import Path
 
 
@@ -246,8 +247,9 @@ def test_workers_load_the_base_commit_the_driver_pinned(monkeypatch, tmp_path):
     assert backends.at_base(replace(source, base="/a/folder"), None).base == "/a/folder"
 
 
-def test_an_old_output_that_cannot_be_removed_is_named(sources, tmp_path, monkeypatch, caplog):
-    """`merge --force` over an output holding an undeletable file left the old weights in a hidden folder, silently."""
+def test_an_old_output_that_cannot_be_removed_is_named(sources, tmp_path, monkeypatch):
+    """`merge --force` over an output holding an undeletable file left the old weights in a hidden folder, silently;
+    then the line was a bare log line: shown under --quiet, missing from --json's `warnings`."""
     import shutil
 
     from factories import invoke_cli
@@ -257,8 +259,14 @@ def test_an_old_output_that_cannot_be_removed_is_named(sources, tmp_path, monkey
     remove = shutil.rmtree
     monkeypatch.setattr(outputs.shutil, "rmtree", lambda path, ignore_errors=False: None if str(path).endswith(
         ".tmp") or str(path).endswith(".old") else remove(path, ignore_errors=ignore_errors))  # (as chattr +i does)
-    with caplog.at_level("WARNING", logger="loramerge_cli.outputs"):
-        result = invoke_cli(["merge", "--adapters", *sources, "--out", tmp_path / "m", "--force", "--lambda", "0.3"])
+    merge = ["merge", "--adapters", *sources, "--out", tmp_path / "m", "--force"]
+    result = invoke_cli([*merge, "--lambda", "0.3"])
     assert result.exit_code == 0, result.stderr
     left = [path for path in tmp_path.iterdir() if path.name != "m"]
-    assert len(left) == 1 and f"could not be removed completely: what is left is in {left[0]}" in caplog.text
+    line = f"{tmp_path / 'm'} was replaced, but its old content could not be removed completely: what is left is in"
+    assert len(left) == 1 and f"warning: {line} {left[0]}" in " ".join(result.stderr.split())
+    quiet = invoke_cli([*merge, "--lambda", "0.4", "--quiet"])
+    assert quiet.exit_code == 0 and "could not be removed" not in quiet.stderr, quiet.stderr
+    as_json = invoke_cli([*merge, "--lambda", "0.5", "--json"])
+    assert as_json.exit_code == 0 and as_json.stderr == "", as_json.stderr
+    assert [w for w in json.loads(as_json.stdout)["warnings"] if w.startswith(line)]

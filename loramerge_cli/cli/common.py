@@ -10,6 +10,7 @@ import contextlib
 import errno
 import functools
 import json
+import logging
 import math
 import os
 import shlex
@@ -275,11 +276,48 @@ def command_errors(function):
         interrupts.set_hint(None)  # a command run in-process after another: not the other's hint
         previous = interrupts.install()  # the caller's handlers come back afterwards (in-process runs)
         try:
-            return _run(function, args, kwargs, debug)
+            with logged_warnings(bool(kwargs.get("quiet")), bool(kwargs.get("json_output"))):
+                return _run(function, args, kwargs, debug)
         finally:
             interrupts.restore(previous)
 
     return wrapper
+
+
+_LOGGED_WARNINGS: list[list[str]] = []  # per running command (a stack: commands run in-process nest in tests)
+
+
+class _WarningLines(logging.Handler):
+    """The library's logged warnings (an old output that could not be removed, a lost Ray worker) as a command's
+    other warnings: a `warning:` line on stderr but under --quiet or --json, and kept for the --json document."""
+
+    def __init__(self, quiet: bool, json_output: bool):
+        super().__init__(logging.WARNING)
+        self.console = human_console(quiet, json_output)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = record.getMessage()
+        except Exception:  # noqa: BLE001 - a badly formatted message must not end the command
+            line = str(record.msg)
+        self.lines.append(line)
+        print_warnings(self.console, [line])
+
+
+@contextlib.contextmanager
+def logged_warnings(quiet: bool, json_output: bool):
+    """While a command runs, the `loramerge_cli` loggers' warnings go to `_WarningLines` (which also keeps
+    Python's last-resort handler from printing them bare)."""
+    handler = _WarningLines(quiet, json_output)
+    logger = logging.getLogger("loramerge_cli")
+    logger.addHandler(handler)
+    _LOGGED_WARNINGS.append(handler.lines)
+    try:
+        yield handler.lines
+    finally:
+        _LOGGED_WARNINGS.pop()
+        logger.removeHandler(handler)
 
 
 def _reads_false(value) -> bool:
@@ -505,6 +543,10 @@ def emit_json(data: dict, kind: str | None = None) -> None:
     "loramerge.<kind>/v1" (docs/json.md: eval's report and search-mask's table carry their own)."""
     if kind is not None:
         data = {"format": f"loramerge.{kind}/v1", **data}
+    logged = [line for line in (_LOGGED_WARNINGS[-1] if _LOGGED_WARNINGS else []) if line not in
+              data.get("warnings", [])]
+    if logged:  # what the library logged as the command ran (docs/json.md)
+        data = {**data, "warnings": [*data.get("warnings", []), *logged]}
     write_stdout(json.dumps(data, indent=2, default=str) + "\n")
 
 

@@ -141,18 +141,22 @@ def merge_command(ctx: typer.Context, **flags) -> None:
         raise UsageError("--lambda auto needs --tasks FILE (it tunes λ on the validation split)")
     spread, threads = resolve_backend(flags["device"] or "cpu", flags["devices"], flags["workers"], flags["threads"],
                                       flags["backend"], flags["ray_address"])
+    dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags) + _seed_a_recipe_gave_to_an_exact_merger(ctx, flags)
+    config = merge_config(flags)  # flag values are checked before anything is read
+    if flags["mask"] is None and not _reads_tasks(config, flags["lam"] == "auto"):  # (a table may name a method)
+        _refuse_idle_task_flags(flags)
     spec_inputs = []
     if flags["tasks"] is not None:
+        from loramerge_cli.adapters.sources import source_names
         from loramerge_cli.evaluation.data import check_task_file
         from loramerge_cli.evaluation.model_fit import check_model_fit
 
         # the spec and its data, before torch or adapters load
         # (labels only for --lambda auto: RegMean reads the inputs alone)
         task_file = check_task_file(flags["tasks"], ["validation"], labelled=flags["lam"] == "auto")
+        task_file.check_covers(source_names(flags["adapters"]))
         check_model_fit(task_file, flags["adapters"], flags["base"], flags["max_length"], flags["allow_pickle"])
         spec_inputs = task_file.inputs()
-    dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags) + _seed_a_recipe_gave_to_an_exact_merger(ctx, flags)
-    config = merge_config(flags)  # flag values are checked before anything is read
     from loramerge_cli.hub import check_repo_id
 
     check_repo_id(flags["push_to_hub"], flags["dry_run"], flags["private"], flags["revision"])
@@ -176,13 +180,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
                           command=command_line(ctx, local_paths=True), tuning=data if flags["lam"] == "auto" else None,
                           data=data, allow_base_mismatch=flags["allow_base_mismatch"])
     if plan.tuning is None and plan.data is None:  # nothing reads the tasks: their flags would do nothing
-        from loramerge_cli.cli.recipe import TUNING_ONLY
-
-        idle = sorted(name for name in (*TUNING_ONLY, "devices", "workers", "ray_address") if flags[name] is not None)
-        if idle or flags["backend"] != "process":
-            flag = f"--{(idle or ['backend'])[0].replace('_', '-')}"
-            raise UsageError(f"{flag} does nothing here: it serves --lambda auto and the mergers that read the tasks' "
-                             "inputs (regmean)")
+        _refuse_idle_task_flags(flags)
     with ProgressDisplay(flags["quiet"] or flags["json_output"], terminal_only=("merging",)) as display:
         result = api.execute(plan, on_event=display)  # λ grid and merge progress: stderr
     pushed_to = flags["push_to_hub"] and flags["push_to_hub"] + (f"@{flags['revision']}" if flags["revision"] else "")
@@ -231,6 +229,31 @@ def _changed_recipe_inputs(config: Path | None, adapters) -> list[str]:
     return [f"adapter {adapter.name!r} is not the one {config} was written for (sha256 {adapter.source.identity[:12]}… "
             f"where its loramerge.json records {recorded[adapter.name][:12]}…): this is not a rebuild"
             for adapter in adapters if recorded.get(adapter.name, adapter.source.identity) != adapter.source.identity]
+
+
+def _reads_tasks(config, tuned: bool) -> bool:
+    """Whether the merge reads the tasks' data: λ is tuned on them, or its method reads their inputs (RegMean).
+    An unknown merger is left to the plan, which names it."""
+    from loramerge_cli.merging.config import DEFAULT_MERGER
+    from loramerge_cli.merging.registry import PRESETS, method_named
+
+    merger = config.method or config.merger or DEFAULT_MERGER
+    try:
+        return tuned or method_named(PRESETS[merger].method if merger in PRESETS else merger).needs_inputs
+    except KeyError:
+        return True
+
+
+def _refuse_idle_task_flags(flags: dict) -> None:
+    """A usage error for the flags that serve reading the tasks (--tasks and how it is evaluated) where nothing
+    reads them."""
+    from loramerge_cli.cli.recipe import TUNING_ONLY
+
+    idle = sorted(name for name in (*TUNING_ONLY, "devices", "workers", "ray_address") if flags[name] is not None)
+    if idle or flags["backend"] != "process":
+        flag = f"--{(idle or ['backend'])[0].replace('_', '-')}"
+        raise UsageError(f"{flag} does nothing here: it serves --lambda auto and the mergers that read the tasks' "
+                         "inputs (regmean)")
 
 
 def _recipe(ctx: typer.Context, plan, result) -> str:

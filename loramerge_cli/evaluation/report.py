@@ -75,19 +75,20 @@ def eval_report(
         with stage(report, "starting the workers", 1) as step:  # (not in the scoring's time and ETA)
             pool.start()
             step()
-    with stage(report, "merged × tasks", len(merged) * len(task_file.names)) as step:
-        def scored(index: int, accuracy: dict) -> None:  # a worker's merge, as it arrives
-            for task in task_file.names:
-                step(f"{merged[index].name} / {task} {100 * accuracy[task]:.1f}%")
+    if merged:  # (no empty stage on the display)
+        with stage(report, "merged × tasks", len(merged) * len(task_file.names)) as step:
+            def scored(index: int, accuracy: dict) -> None:  # a worker's merge, as it arrives
+                for task in task_file.names:
+                    step(f"{merged[index].name} / {task} {100 * accuracy[task]:.1f}%")
 
-        if pool is not None and merged:
-            merged_accuracy = pool([adapter.source.spec for adapter in merged], scored)
-        else:
-            merged_accuracy = [_score_each_task(engine, adapter, task_file.names, step) for adapter in merged]
-        for adapter, accuracy in zip(merged, merged_accuracy):
-            row = score_row(adapter.name, "merged", accuracy, expert_accuracy, warnings)
-            row["source"] = adapter.source.spec
-            rows.append(row)
+            if pool is not None:
+                merged_accuracy = pool([adapter.source.spec for adapter in merged], scored)
+            else:
+                merged_accuracy = [_score_each_task(engine, adapter, task_file.names, step) for adapter in merged]
+            for adapter, accuracy in zip(merged, merged_accuracy):
+                row = score_row(adapter.name, "merged", accuracy, expert_accuracy, warnings)
+                row["source"] = adapter.source.spec
+                rows.append(row)
     return {
         "format": REPORT_FORMAT,
         "tasks": task_file.names,

@@ -27,7 +27,7 @@ from loramerge_cli.merging.config import (  # noqa: F401  (MergeConfig is import
 )
 from loramerge_cli.merging.full_space import FullSpaceJob, merge_full_space
 from loramerge_cli.merging.lowrank import LowRank, truncate_dense
-from loramerge_cli.merging.registry import PARAMETERS, PRESETS, Method, method_named
+from loramerge_cli.merging.registry import PARAMETERS, PRESETS, Method, merger_names, method_named, method_names
 from loramerge_cli.merging.spaces import SPACES, project
 
 
@@ -140,8 +140,10 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
     method_name = config.method or (preset.method if preset else merger)
     try:
         method = method_named(method_name)
-    except KeyError as error:
-        raise UsageError(str(error.args[0]) + "; presets: " + ", ".join(PRESETS)) from None
+    except KeyError:
+        if config.method is None:  # (the merger's name: --merger, MergeConfig.merger)
+            raise UsageError(f"unknown merger {merger!r} (known: {', '.join(merger_names())})") from None
+        raise UsageError(f"unknown method {method_name!r} (known: {', '.join(method_names())})") from None
     space = config.space or (preset.space if preset else "full")
     if space not in SPACES:
         raise UsageError(f"unknown space {space!r} (known: {', '.join(SPACES)})")

@@ -30,8 +30,40 @@ def record(signum: int) -> None:
 
 def _handler(signum, frame) -> None:
     record(signum)
-    if not _state["shielded"]:  # (Python runs handlers in the main thread, whichever thread the signal reached)
-        raise KeyboardInterrupt
+    if _state["shielded"]:  # (Python runs handlers in the main thread, whichever thread the signal reached)
+        return
+    importing = _native_imports(frame)
+    if importing:  # raised now, the process would abort: raised again once the import is over
+        threading.Thread(target=_deliver_after, args=(importing, signum), daemon=True).start()
+        return
+    raise KeyboardInterrupt
+
+
+# Packages whose import runs C++ that calls back into Python: a KeyboardInterrupt raised in such a callback
+# cannot pass through the C++ (pybind11) and ends the process with "terminate called", SIGABRT (torch's
+# autograd registration, about 1 s into a command).
+NATIVE_PACKAGES = frozenset({"torch"})
+
+
+def _native_imports(frame) -> list:
+    """The module specs of NATIVE_PACKAGES whose import is running in `frame` or its callers."""
+    specs = []
+    while frame is not None:
+        spec = frame.f_globals.get("__spec__")
+        if getattr(spec, "_initializing", False) and spec.name.partition(".")[0] in NATIVE_PACKAGES:
+            specs.append(spec)
+        frame = frame.f_back
+    return specs
+
+
+def _deliver_after(specs: list, signum: int) -> None:
+    """Send the signal again once none of `specs` is being imported any more."""
+    import os
+    import time
+
+    while any(getattr(spec, "_initializing", False) for spec in specs):
+        time.sleep(0.01)
+    os.kill(os.getpid(), signum)
 
 
 def _main_thread() -> bool:

@@ -56,3 +56,73 @@ def test_eval_of_experts_alone_shows_no_merged_stage(text_setting):
                           report=lambda kind, data: stages.append(data["stage"]) if kind == "stage_start" else None)
     assert [row["kind"] for row in report["rows"]] == ["base", "experts"]
     assert "merged × tasks" not in stages and stages, stages
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategy", "enmp", "--sigma0", "1e300"], "--sigma0 must be a number in (0, 1e+06] (got 1e+300)"),
+    (["--strategy", "screened", "--threshold", "-1e300"], "--threshold must be a number in [-1e+06, 1e+06]"),
+    (["--strategy", "screened", "--addscale"], "--addscale does nothing with --strategy screened (it is read by "
+                                               "--strategy enmp)"),
+    (["--strategy", "surrogate", "--addscale"], "--addscale does nothing with --strategy surrogate (it is read by "
+                                                "--strategy enmp)"),
+    (["--strategy", "greedy", "--seed", "5"], "--seed does nothing with --strategy greedy and method ta: neither "
+                                              "draws anything"),
+])
+def test_search_settings_that_cannot_act_are_refused(text_setting, tmp_path, flags, message):
+    """A σ0 or θ of 1e300 ran, pycma's overflow warnings on stderr under --json; --addscale was listed by
+    `--strategy screened -h` and named screened as its reader; greedy recorded a seed no part of it read."""
+    from factories import invoke_cli
+    from test_hostile_inputs import one_line
+
+    adapters = [text_setting.adapters[name] for name in ("alpha", "beta", "gamma")]
+    result = invoke_cli(["search-mask", "--adapters", *adapters, "--tasks", text_setting.tasks_file, *flags,
+                         "--out", tmp_path / "t.json", "--json"])
+    one_line(result, message, code=2)
+    assert not (tmp_path / "t.json").exists()
+
+
+def test_greedy_takes_a_seed_for_a_randomized_merger_and_screened_lists_no_addscale(text_setting, tmp_path):
+    from factories import invoke_cli
+
+    adapters = [text_setting.adapters[name] for name in ("alpha", "beta", "gamma")]
+    result = invoke_cli(["search-mask", "--adapters", *adapters, "--tasks", text_setting.tasks_file, "--strategy",
+                         "greedy", "--merger", "dare", "--seed", "5", "--budget", "1", "--val-limit", "4",
+                         "--threads", "1", "--out", tmp_path / "t.json"])
+    assert result.exit_code == 0, result.stderr
+    assert "--addscale" not in invoke_cli(["search-mask", "--strategy", "screened", "-h"]).stdout
+    assert "--addscale" in invoke_cli(["search-mask", "--strategy", "enmp", "-h"]).stdout
+
+
+def test_ctrl_c_while_torch_is_imported_waits_for_the_import(tmp_path):
+    """A Ctrl-C about 1 s into a command, as torch registers its autograd functions (C++ calling Python), aborted
+    the process (SIGABRT, "terminate called after throwing an instance of 'pybind11::error_already_set'"): the
+    KeyboardInterrupt cannot pass through the C++. It is now raised once the import is over. A stand-in `torch`
+    signals itself in the middle of its import."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_hostile_inputs import REPO
+
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(textwrap.dedent("""
+        import os, signal, time
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(30):
+            time.sleep(0.01)  # (the handler runs between these)
+        WHOLE = True
+    """))
+    script = textwrap.dedent("""
+        import sys, time
+        from loramerge_cli import interrupts
+        interrupts.install()
+        try:
+            import torch
+            time.sleep(5)
+            print("never interrupted")
+        except KeyboardInterrupt:
+            print("interrupted;", "torch imported whole:", getattr(sys.modules.get("torch"), "WHOLE", False))
+    """)
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{REPO}"})
+    assert process.stdout.strip() == "interrupted; torch imported whole: True", (process.stdout, process.stderr)

@@ -234,12 +234,10 @@ def _changed_recipe_inputs(config: Path | None, adapters) -> list[str]:
 def _reads_tasks(config, tuned: bool) -> bool:
     """Whether the merge reads the tasks' data: λ is tuned on them, or its method reads their inputs (RegMean).
     An unknown merger is left to the plan, which names it."""
-    from loramerge_cli.merging.config import DEFAULT_MERGER
-    from loramerge_cli.merging.registry import PRESETS, method_named
+    from loramerge_cli.merging.registry import method_named
 
-    merger = config.method or config.merger or DEFAULT_MERGER
     try:
-        return tuned or method_named(PRESETS[merger].method if merger in PRESETS else merger).needs_inputs
+        return tuned or method_named(config.method_name()).needs_inputs
     except KeyError:
         return True
 

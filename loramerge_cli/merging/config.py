@@ -49,6 +49,14 @@ class MergeConfig:
         chosen = {name: getattr(self, name) for name in SETTINGS if getattr(self, name) is not None}
         return {**chosen, **{name: value for name, value in self.params.items() if value is not None}}
 
+    def method_name(self) -> str:
+        """The method these settings name (not checked to exist): `method`, else the merger's (a preset's
+        method, or the merger itself), else the default merger's."""
+        from loramerge_cli.merging.registry import PRESETS
+
+        merger = self.merger or DEFAULT_MERGER
+        return self.method or (PRESETS[merger].method if merger in PRESETS else merger)
+
     def parameter(self, name: str):
         """A method parameter's given value, or None."""
         return getattr(self, name) if name in SETTINGS else self.params.get(name)

@@ -137,7 +137,7 @@ def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | No
     _check_types(config)
     merger = config.merger or DEFAULT_MERGER
     preset = PRESETS.get(merger)
-    method_name = config.method or (preset.method if preset else merger)
+    method_name = config.method_name()
     try:
         method = method_named(method_name)
     except KeyError:

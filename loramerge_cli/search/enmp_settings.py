@@ -9,6 +9,9 @@ from loramerge_cli.errors import UsageError, check_integer, check_seed, is_finit
 
 MOST_CANDIDATES = 100_000  # per generation
 MOST_GENERATIONS = 1_000_000
+# |σ0| and |θ| above this decide nothing more (x0 = −1: every unit is already a coin flip, or always or never
+# pruned) and only bring CMA-ES nearer to floating-point overflow (σ² near 1e308)
+LARGEST_SEARCH_VALUE = 1e6
 
 
 @dataclass
@@ -31,10 +34,11 @@ class EnmpSettings:
             raise UsageError(f"--max-prune must be a number in (0, 1] (got {self.max_prune!r})")
         check_integer(self.popsize, 2, "--popsize", MOST_CANDIDATES)  # (a count past these runs for ever: each
         check_integer(self.generations, 1, "--generations", MOST_GENERATIONS)  # candidate is a validation pass)
-        if not (is_finite_number(self.sigma0) and self.sigma0 > 0):
-            raise UsageError(f"--sigma0 must be a finite number > 0 (got {self.sigma0!r})")
-        if not is_finite_number(self.threshold):
-            raise UsageError(f"--threshold must be a finite number (got {self.threshold!r})")
+        if not (is_finite_number(self.sigma0) and 0 < self.sigma0 <= LARGEST_SEARCH_VALUE):
+            raise UsageError(f"--sigma0 must be a number in (0, {LARGEST_SEARCH_VALUE:g}] (got {self.sigma0!r})")
+        if not (is_finite_number(self.threshold) and abs(self.threshold) <= LARGEST_SEARCH_VALUE):
+            raise UsageError(f"--threshold must be a number in [-{LARGEST_SEARCH_VALUE:g}, {LARGEST_SEARCH_VALUE:g}] "
+                             f"(got {self.threshold!r})")
         if not is_finite_number(self.x0):
             raise UsageError(f"x0 must be a finite number (got {self.x0!r})")
         if not isinstance(self.addscale, bool):

@@ -51,6 +51,7 @@ from loramerge_cli.search.enmp import (
     _search_numpy_state,
     new_cma,
 )
+from loramerge_cli.search.enmp_settings import LARGEST_SEARCH_VALUE
 from loramerge_cli.search.parameters import SCREENED_PARAMETERS, check_declared
 from loramerge_cli.search.state_io import write_progress
 
@@ -331,7 +332,7 @@ class ScreenedSearch(SteppedSearch):
             warnings.simplefilter("ignore", InjectionWarning)
             strategy.tell(solutions, rung_first(reached))
         if self.settings.redraws and len(fresh) < len(candidates):  # stalled: redraws found no new table
-            strategy.sigma *= 2.0
+            strategy.sigma = min(2.0 * strategy.sigma, LARGEST_SEARCH_VALUE)
         scored = [score for level, score in reached if level >= 0]
         return {"phase": "cma", "mean_fitness": float(np.mean(scored)) if scored else 0.0,
                 "mean_sparsity": float(np.mean([len(c[0]) for c in candidates])) / self.dimension,

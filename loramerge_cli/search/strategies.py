@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.merging.registry import method_named, randomized_methods
+from loramerge_cli.search.enmp_settings import EnmpSettings
 from loramerge_cli.search.parameters import SCREENED_PARAMETERS, SURROGATE_PARAMETERS, StrategyParameter
 
 
@@ -55,6 +57,7 @@ class Strategy:
     scoring: Callable | None = None  # (request, fitness, workers) -> (what `run` gets as its fitness, the
     # picklable builder of the same in a worker process): a strategy that scores more than the plain fitness
     uses: frozenset[str] = frozenset()  # the SHARED_SETTINGS it reads (the others are refused if changed)
+    draws: bool = True  # it reads the seed (greedy does not: its seed serves a randomized merger only)
     budget_from: frozenset[str] = frozenset()  # those of `uses` it reads only to make the default --budget
     library_options: tuple[str, ...] = ()  # `request.options` names it reads besides its parameters, with no flag
     state_file: str | None = None  # where a resumable strategy keeps its state in the run dir (search/rundir.py)
@@ -111,6 +114,11 @@ def check_unused(strategy: Strategy, request) -> None:
         uses -= strategy.budget_from
     if request.nsc.objective != "nsc":  # the entropy objective measures no targets
         uses -= TARGETS
+    if not strategy.draws and request.enmp.seed != EnmpSettings.seed and request.fitness == "accuracy" \
+            and not _merge_draws(request.merge):
+        raise UsageError(f"--seed does nothing with --strategy {strategy.name} and method "
+                         f"{request.merge.method_name()}: neither draws anything (the seed serves the methods "
+                         f"{', '.join(randomized_methods())})")
     for holder, names in SHARED_SETTINGS.items():
         given = getattr(request, holder) if holder else request
         defaults = {f.name: f.default for f in fields(given)}
@@ -123,6 +131,14 @@ def check_unused(strategy: Strategy, request) -> None:
                 raise UsageError(f"--{name.replace('_', '-')} does nothing with --strategy {strategy.name}"
                                  + (f" --fitness {request.fitness}" if request.fitness != "accuracy" else "")
                                  + objective + why)
+
+
+def _merge_draws(config) -> bool:
+    """Whether the merge these settings name depends on the seed (an unknown method: left to the merge's check)."""
+    try:
+        return method_named(config.method_name()).randomized
+    except KeyError:
+        return True
 
 
 def _budget(request) -> int:
@@ -243,10 +259,9 @@ SCREENED = Strategy(
     True, _run_screened,
     parameters=SCREENED_PARAMETERS,
     check=_check_screened, check_data=_check_screened_data, scoring=_screened_scoring,
-    uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale", "budget"}),
+    uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "budget"}),
     library_options=("rungs", "min_examples", "noise_examples"), state_file="screened_state.json",
     check_state=_check_screened_state)
-# (screened reads addscale only to refuse it with its own message)
 
 
 def _run_surrogate(request, fitness, space: SearchSpace, on_event) -> Outcome:
@@ -313,7 +328,7 @@ STRATEGIES: dict[str, Strategy] = {
                      uses=frozenset({"max_prune", "popsize", "generations", "sigma0", "threshold", "addscale"}),
                      state_file="state.json", check_state=_check_enmp_state),
     "greedy": Strategy("greedy", "leave-one-out: prune the unit that helps most, while it helps", False,
-                       _run_greedy, uses=frozenset({"max_prune", "popsize", "generations", "budget"}),
+                       _run_greedy, uses=frozenset({"max_prune", "popsize", "generations", "budget"}), draws=False,
                        budget_from=frozenset({"popsize", "generations"})),  # popsize ×
     # generations: the budget when --budget is not given
     "random": Strategy("random", "best of N random masks of a fixed sparsity", False, _run_random,

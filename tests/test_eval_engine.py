@@ -197,7 +197,7 @@ def test_best_lambda_breaks_ties_towards_the_default_then_the_smaller():
 def test_the_coarse_grid_is_absolute_and_holds_the_default():
     assert coarse_grid(0.4) == list(COARSE_GRID) and COARSE_GRID[0] == 0.05 and COARSE_GRID[-1] == 2.0
     assert coarse_grid(1.0) == sorted([*COARSE_GRID, 1.0])
-    assert coarse_grid(1 / 3) == sorted([*COARSE_GRID, 0.3333])
+    assert coarse_grid(1 / 3) == sorted([*COARSE_GRID, 1 / 3])  # exactly: a tie is the default merge
     assert coarse_grid(0.01) == list(COARSE_GRID)  # outside: the edge extension reaches it if it is best
     assert refine_points(0.3, 0.6) == [0.35, 0.4, 0.45, 0.5, 0.55]
     assert refine_points(1.2, 2.0) == [1.3, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9]

@@ -5,20 +5,6 @@ from pathlib import Path
 import pytest
 
 
-@pytest.fixture(scope="module")
-def fixed_size_vit(tmp_path_factory):
-    """A ViT on 8×8 images whose processor does not resize (do_resize false), with one adapter."""
-    from eval_fixtures import build_vit_classifier, save_peft_adapter
-    from transformers import ViTImageProcessor
-
-    root = tmp_path_factory.mktemp("fixed_vit")
-    base = build_vit_classifier(root / "base")
-    ViTImageProcessor(size={"height": 8, "width": 8}, do_resize=False).save_pretrained(str(base))
-    adapter = save_peft_adapter(base, root / "shapes", ["q_proj", "v_proj"], "AutoModelForImageClassification", None,
-                                seed=5, head_modules=["classifier"])
-    return base, adapter
-
-
 def _image_folder(folder: Path, sizes: list[tuple[int, int]]) -> None:
     from PIL import Image
 

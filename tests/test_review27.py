@@ -1,6 +1,7 @@
 """Defects found by the reviews of 2026-12-07 (ninth session), each test failing on the code before its fix."""
 
 import pytest
+from test_review25 import _engine
 
 
 def test_a_spec_naming_other_tasks_is_refused_before_the_adapters_load(text_setting, tmp_path, monkeypatch):
@@ -126,3 +127,30 @@ def test_ctrl_c_while_torch_is_imported_waits_for_the_import(tmp_path):
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                              env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{tmp_path}:{REPO}"})
     assert process.stdout.strip() == "interrupted; torch imported whole: True", (process.stdout, process.stderr)
+
+
+def test_a_huge_image_beside_small_ones_is_refused_without_processing_a_blank_one(fixed_size_vit, tmp_path,
+                                                                                  monkeypatch):
+    """With a processor that does not resize, a 12000×12000 image among 8×8 ones was refused after the processor
+    ran on a blank image of its size (6.4 GB and minutes); the sizes alone tell."""
+    from PIL import Image
+
+    from loramerge_cli.errors import LoramergeError
+
+    drawn = []
+    new = Image.new
+    monkeypatch.setattr(Image, "new", lambda mode, size, *rest: drawn.append(tuple(size)) or new(mode, size, *rest))
+    with pytest.raises(LoramergeError, match=r"^task shapes: the images differ in size \(8×8, 2000×2000\)"):
+        _engine(fixed_size_vit, tmp_path, monkeypatch, [(8, 8), (8, 8), (2000, 2000)])
+    assert (2000, 2000) not in drawn[3:], drawn  # (the first three made the images)
+
+
+def test_lambda_auto_scores_the_default_and_the_tables_lambda_exactly():
+    """The grid held 0.3333 for a default of 1/3 (and a table's λ rounded to 4 digits): on a tie `--lambda auto`
+    wrote another adapter than the default merge, and the table's own merge was never scored."""
+    from loramerge_cli.evaluation.tuning import grid_search
+
+    assert grid_search(lambda lam, stage: 50.0, 1 / 3)[0] == 1 / 3
+    table_lambda = 0.123456789
+    assert grid_search(lambda lam, stage: 60.0 if lam == table_lambda else 50.0, 1 / 3,
+                       also=(table_lambda,))[0] == table_lambda

@@ -221,6 +221,11 @@ def check_image_batches(sizes: list[tuple[int, int]], processor, batch_size: int
     forward."""
     from PIL import Image
 
+    if not any(getattr(processor, switch, False) for switch in ("do_resize", "do_center_crop", "do_pad")):
+        for start in range(0, len(sizes), batch_size):  # the sizes are the shapes: known without a blank image
+            batch = sorted(set(sizes[start : start + batch_size]))  # as large as the largest (6 GB at 12000²)
+            if len(batch) > 1:
+                raise unequal_sizes(batch)
     try:
         shapes = {size: tuple(processor(images=[Image.new("RGB", size)], return_tensors="pt")["pixel_values"].shape[1:])
                   for size in set(sizes)}

@@ -36,10 +36,11 @@ def _rounded(value: float) -> float:
 
 
 def coarse_grid(default_lambda: float | None = None) -> list[float]:
-    """The coarse grid, with the method's default λ added when it lies inside it."""
+    """The coarse grid, with the method's default λ added, exactly (1/3, not 0.3333: a tie then gives the
+    default merge byte for byte), when it lies inside it."""
     points = set(COARSE_GRID)
     if default_lambda is not None and COARSE_GRID[0] <= default_lambda <= COARSE_GRID[-1]:
-        points.add(_rounded(default_lambda))
+        points.add(float(default_lambda))
     return sorted(points)
 
 
@@ -219,7 +220,7 @@ def grid_search(
                              f"{min(grid):g} … {max(grid):g}; the optimum may lie beyond it")]
         return chosen, []
     score(coarse_grid(default_lambda), "coarse")
-    score([_rounded(lam) for lam in also], "table")
+    score([float(lam) for lam in also], "table")  # exactly: auto is then never below the table's own merge
     extended = _extend_edges(score, best)
     points = sorted(tried)
     leaders = []

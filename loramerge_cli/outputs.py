@@ -112,17 +112,21 @@ def check_not_an_input(out: str | Path, inputs: Iterable[str | Path], flag: str 
 
 
 def input_files(adapter_args: Iterable[str] = (), *paths: str | Path | None) -> list[Path]:
-    """The local files and folders a command reads (adapter sources as given, a mask, a task spec and its
-    data), found without loading anything: what guard_output protects."""
-    from loramerge_cli.adapters.sources import CONFIG_NAME, split_name
+    """The local files and folders a command reads (adapter sources as given, a Hub adapter's repository in the
+    local cache, a mask, a task spec and its data), found without loading anything: what guard_output
+    protects."""
+    from loramerge_cli.adapters.sources import CONFIG_NAME, HUB_ID, cached_repo_folder, split_name
 
     found = []
     for argument in adapter_args:
-        path = Path(split_name(argument).spec).expanduser()
-        if path.exists():
+        spec = split_name(argument).spec
+        path = Path(spec).expanduser()
+        if path.exists() and not spec.startswith("hf://"):
             found.append(path)
             if path.is_file() and (path.parent / CONFIG_NAME).is_file():
                 found.append(path.parent / CONFIG_NAME)
+        elif HUB_ID.match(spec.removeprefix("hf://")) and cached_repo_folder(spec.removeprefix("hf://")) is not None:
+            found.append(cached_repo_folder(spec.removeprefix("hf://")))
     found += [Path(path) for path in paths if path is not None and Path(path).exists()]
     return found
 

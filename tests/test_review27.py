@@ -154,3 +154,60 @@ def test_lambda_auto_scores_the_default_and_the_tables_lambda_exactly():
     table_lambda = 0.123456789
     assert grid_search(lambda lam, stage: 60.0 if lam == table_lambda else 50.0, 1 / 3,
                        also=(table_lambda,))[0] == table_lambda
+
+
+def test_a_hub_base_with_the_hub_unreachable_fails_at_once_in_one_line(tmp_path):
+    """`--base org/name` with the Hub unreachable (and not HF_HUB_OFFLINE): huggingface_hub's hf_hub_download
+    retried five times with back-off (about 50 s, a "Retrying in …" line each, under --json too), and waited 60 s
+    per try on a Hub that accepts connections and never answers."""
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_hostile_inputs import REPO
+
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = textwrap.dedent("""
+        from loramerge_cli.adapters.sources import pinned_base
+        from loramerge_cli.errors import LoramergeError
+        try:
+            pinned_base("org/nobase")
+        except LoramergeError as error:
+            print(error)
+    """)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": REPO, "HF_HUB_CACHE": str(tmp_path / "cache"),
+           "HF_HOME": str(tmp_path / "home"), "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    assert process.stdout.startswith("org/nobase: ") and "not in the local Hugging Face cache and the Hub cannot be " \
+        "reached" in process.stdout, (process.stdout, process.stderr)
+    assert "Retrying" not in process.stderr, process.stderr
+
+
+def test_merge_into_a_cached_hub_input_writes_nothing_there(hub_cache, llama_task_dirs, tmp_path):
+    """`merge --out` inside a Hub input's cached repository created (and removed) a probe file there before the
+    refusal: the Hub inputs were not among the inputs checked first."""
+    import os
+
+    from factories import invoke_cli
+
+    before = {path: os.stat(path).st_mtime_ns for path in [hub_cache, *hub_cache.rglob("*")]}
+    out = hub_cache / "merged"
+    created = []
+    real_open = os.open
+
+    def watching_open(path, flags, *rest, **kwargs):
+        if flags & os.O_CREAT and str(hub_cache) in os.fspath(path):
+            created.append(os.fspath(path))
+        return real_open(path, flags, *rest, **kwargs)
+
+    os.open = watching_open
+    try:
+        result = invoke_cli(["merge", "--adapters", "org/name@main", f"mnli={llama_task_dirs['mnli']}", "--out", out])
+    finally:
+        os.open = real_open
+    assert result.exit_code == 1 and "input" in result.stderr, result.stderr
+    assert created == [] and not out.exists()
+    assert {path: os.stat(path).st_mtime_ns for path in [hub_cache, *hub_cache.rglob("*")]} == before

@@ -146,18 +146,18 @@ def pinned_base(base: str) -> str:
     if Path(name).is_dir():  # transformers would load that folder and ignore the revision
         raise LoramergeError(f"{base}: a folder {name} is here, which the model loaders would read instead of the Hub "
                              f"repository {name}; run from another folder (or give ./{name} for the folder)")
-    from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+    from huggingface_hub import constants, snapshot_download
 
-    with hub_errors(base, name, revision):
-        try:
-            with hub_requests_time_out(constants.HF_HUB_ETAG_TIMEOUT):
-                config = Path(hf_hub_download(name, "config.json", revision=revision))
-        except EntryNotFoundError as error:
-            if isinstance(error, LocalEntryNotFoundError):
-                raise
-            raise LoramergeError(f"{base}: the repository has no config.json (not a model)") from None
-    return f"{name}@{config.parent.name}"  # (snapshots/<commit>/config.json)
+    # (snapshot_download asks the Hub once, and gives up in one line; hf_hub_download retried an unreachable Hub
+    # five times with a 60 s timeout of its own, printing each retry)
+    with hub_errors(base, name, revision), hub_requests_time_out(constants.HF_HUB_ETAG_TIMEOUT):
+        snapshot = Path(snapshot_download(name, revision=revision, allow_patterns=["config.json"]))
+    if not (snapshot / "config.json").is_file():
+        if constants.HF_HUB_OFFLINE:
+            raise LoramergeError(f"{base}: config.json is not in the local cache at {snapshot.name[:12]} "
+                                 "(HF_HUB_OFFLINE is set: the Hub is not asked for it)")
+        raise LoramergeError(f"{base}: the repository has no config.json (not a model)")
+    return f"{name}@{snapshot.name}"  # (snapshots/<commit>)
 
 
 @contextmanager

@@ -169,10 +169,10 @@ def merge_command(ctx: typer.Context, **flags) -> None:
         dtype=flags["eval_dtype"], threads=threads, backend=spread)
     api.check_table_flags(flags["mask"], flags["indices"])  # the range of --indices once the adapters are read
     from loramerge_cli.adapters.writer import check_output_dir, default_head
-    from loramerge_cli.outputs import input_files
+    from loramerge_cli.outputs import base_model_folders, input_files
 
     check_output_dir(flags["out"], flags["force"],  # before loading anything
-                     input_files(flags["adapters"], flags["mask"], *spec_inputs))
+                     input_files(flags["adapters"], flags["mask"], *spec_inputs) + base_model_folders([flags["base"]]))
     adapters = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
     table = api.weight_table(adapters, flags["mask"], flags["indices"])
     plan = api.plan_merge(adapters, config, table, override=flags["override"], out=flags["out"],

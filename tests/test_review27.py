@@ -211,3 +211,17 @@ def test_merge_into_a_cached_hub_input_writes_nothing_there(hub_cache, llama_tas
     assert result.exit_code == 1 and "input" in result.stderr, result.stderr
     assert created == [] and not out.exists()
     assert {path: os.stat(path).st_mtime_ns for path in [hub_cache, *hub_cache.rglob("*")]} == before
+
+
+def test_resuming_with_another_strategys_setting_names_it_so(text_setting, tmp_path):
+    """`--resume --eta 2` on a surrogate run said "--eta is 2 but the saved run used 3", as if the run had used it."""
+    from factories import invoke_cli
+
+    adapters = [text_setting.adapters[name] for name in ("alpha", "beta", "gamma")]
+    run = ["search-mask", "--run-dir", tmp_path / "run", "--threads", "1"]
+    first = invoke_cli([*run, "--adapters", *adapters, "--tasks", text_setting.tasks_file, "--val-limit", "4",
+                        "--out", tmp_path / "t.json"])
+    assert first.exit_code == 0, first.stderr
+    resumed = invoke_cli([*run, "--resume", "--eta", "2"])
+    assert resumed.exit_code == 2 and "--eta is a setting of --strategy screened, not of surrogate" in resumed.stderr, \
+        resumed.stderr

@@ -229,6 +229,7 @@ def resumed_flags(ctx: typer.Context, flags: dict) -> dict:
         sources = {name: ctx.get_parameter_source(name) for name in flags}  # typer vendors click: compare names
         given = [name for name, value in flags.items()
                  if value is not None and sources[name] is not None and sources[name].name != "DEFAULT"]
+        _check_own_settings_of_the_saved_strategy(ctx, flags, given)
         saved = saved_flags(flags["run_dir"], given, flags)
         if saved is None and not flags["adapters"]:
             from loramerge_cli.errors import LoramergeError
@@ -243,6 +244,17 @@ def resumed_flags(ctx: typer.Context, flags: dict) -> dict:
         if not flags[name]:
             raise typer.BadParameter(f"missing (needed {RESUME_ONLY})", param_hint=f"'--{name}'")
     return flags
+
+
+def _check_own_settings_of_the_saved_strategy(ctx: typer.Context, flags: dict, given: list[str]) -> None:
+    """On resume without --strategy, another strategy's setting given now is named as that (the saved flags hold
+    every setting, another strategy's at its default: "--eta is 2 but the saved run used 3" read as if it ran)."""
+    from loramerge_cli.search.rundir import read_config
+    from loramerge_cli.search.strategies import STRATEGIES
+
+    saved = ((read_config(Path(flags["run_dir"])) or {}).get("flags") or {}).get("strategy")
+    if "strategy" not in given and isinstance(saved, str) and saved in STRATEGIES:
+        check_strategy_flags(ctx, {**flags, "strategy": saved})
 
 
 def search_request(flags: dict, command: str):

@@ -225,3 +225,17 @@ def test_resuming_with_another_strategys_setting_names_it_so(text_setting, tmp_p
     resumed = invoke_cli([*run, "--resume", "--eta", "2"])
     assert resumed.exit_code == 2 and "--eta is a setting of --strategy screened, not of surrogate" in resumed.stderr, \
         resumed.stderr
+
+
+def test_a_truncated_cached_hub_file_is_named_by_its_spec(hub_cache):
+    """A corrupt cached blob was named by its path deep in the cache; the other cache errors name the spec."""
+    from hub_cache import V2_COMMIT
+
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
+
+    weights = hub_cache / "snapshots" / V2_COMMIT / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(LoramergeError, match=rf"^org/name@v2: in its snapshot {V2_COMMIT[:12]}: "
+                                             r"adapter_model.safetensors: corrupt or truncated safetensors file"):
+        api.load_adapters(["org/name@v2"])

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -49,9 +50,10 @@ def load_adapter(argument: str, allow_pickle: bool = False, name: str | None = N
         check_names([name])
     files = resolve(named.spec, allow_pickle=allow_pickle)
     adapter_name = name or named.name or default_name(named.spec)
-    config = read_config(files.config_file) if files.config_file else {}
-    check_supported(config, named.spec)
-    tensors = read_tensors(files.weights_file)
+    with _named_by_spec(files, named.spec):
+        config = read_config(files.config_file) if files.config_file else {}
+        check_supported(config, named.spec)
+        tensors = read_tensors(files.weights_file)
     modules, heads, base_copies = parse_state_dict(tensors, config, named.spec)
     source = AdapterSource(
         spec=named.spec,
@@ -63,6 +65,20 @@ def load_adapter(argument: str, allow_pickle: bool = False, name: str | None = N
         revision=files.revision,
     )
     return Adapter(adapter_name, source, config, modules, heads, base_copies)
+
+
+@contextmanager
+def _named_by_spec(files, spec: str):
+    """A Hub adapter's file errors named as its other errors are, by the spec and the snapshot ("org/name@main:
+    in its snapshot 1a2b…: adapter_model.safetensors: corrupt …"), not by a path deep in the cache."""
+    try:
+        yield
+    except LoramergeError as error:
+        folder = f"{Path(files.weights_file).parent}{os.sep}"
+        if files.kind != "hub" or not str(error).startswith(folder):
+            raise
+        raise LoramergeError(f"{spec}: in its snapshot {Path(folder).name[:12]}: {str(error).removeprefix(folder)}") \
+            from None
 
 
 def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adapter]:

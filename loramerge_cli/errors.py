@@ -26,6 +26,16 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def brief(value) -> str:
+    """repr() of a value for a one-line message, bounded: a few items per list, a few levels, long text cut (YAML
+    aliases make a 500-byte recipe's value a list whose full repr takes gigabytes)."""
+    import reprlib
+
+    shortened = reprlib.Repr()
+    shortened.maxlevel, shortened.maxlist, shortened.maxdict, shortened.maxstring, shortened.maxother = 2, 4, 4, 60, 60
+    return shortened.repr(value)
+
+
 MAX_SEED = 2**32 - 1  # numpy's and so pycma's largest seed
 
 

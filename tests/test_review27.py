@@ -239,3 +239,38 @@ def test_a_truncated_cached_hub_file_is_named_by_its_spec(hub_cache):
     with pytest.raises(LoramergeError, match=rf"^org/name@v2: in its snapshot {V2_COMMIT[:12]}: "
                                              r"adapter_model.safetensors: corrupt or truncated safetensors file"):
         api.load_adapters(["org/name@v2"])
+
+
+def _nested_alias_list() -> str:
+    """A YAML list of 9⁸ × 9 strings of 20 characters through aliases (600 bytes; its repr: about 9 GB)."""
+    inner = ['&a0 ["' + "x" * 20 + '"' + (',"' + "x" * 20 + '"') * 8 + "]"] + [
+        f"&a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "[" + ", ".join(inner) + "]"
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (lambda: f"adapters:\n  rte: {{path: x, weight: {_nested_alias_list()}}}\n",
+     "adapter 'rte': weight must be a number (got [['xxxxxxxxxxxxxxxxxxxx', "),
+    (lambda: f"adapters:\n  rte: {_nested_alias_list()}\n", "adapter 'rte': [['xxxxxxxxxxxxxxxxxxxx', "),
+    (lambda: 'merger: [&s "%s", %s]\n' % ("a" * 400_000, ",".join(["*s"] * 150_000)),
+     "merger: its 150,001 values come to over 1 MiB of text"),
+    (lambda: 'adapters: [&s "%s", %s]\n' % ("a" * 400_000, ",".join(["*s"] * 150_000)),
+     "adapters: its 150,001 values come to over 1 MiB of text"),
+])
+def test_recipes_of_aliased_values_are_refused_in_one_short_line(tmp_path, recipe, message):
+    """A 600-byte recipe whose wrong-typed value was printed whole (about 9 GB of text: MemoryError traceback), or
+    an 850 KB one whose list of one aliased string was joined with commas (60 GB)."""
+    import resource
+    import subprocess
+    import sys
+
+    from test_hostile_inputs import REPO
+
+    (tmp_path / "r.yaml").write_text(recipe())
+    limit = 2 << 30  # (the old code asked for gigabytes: a MemoryError, not the machine's memory)
+    process = subprocess.run(
+        [sys.executable, "-m", "loramerge_cli", "merge", "--config", "r.yaml", "--out", "o", "--threads", "1"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": REPO},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert process.returncode == 2 and message in process.stderr, process.stderr[-2000:]
+    assert len(process.stderr) < 1000 and "Traceback" not in process.stderr

@@ -22,7 +22,7 @@ import typer
 from typer.core import TyperGroup
 
 from loramerge_cli.adapters.sources import BASE_ID
-from loramerge_cli.errors import LoramergeError, UsageError, WorkerLost
+from loramerge_cli.errors import LoramergeError, UsageError, WorkerLost, brief
 
 MULTI_VALUE_OPTIONS = ("--adapters", "--merged")  # take several values after one flag
 
@@ -550,9 +550,6 @@ def emit_json(data: dict, kind: str | None = None) -> None:
     write_stdout(json.dumps(data, indent=2, default=str) + "\n")
 
 
-RECIPE_MAX_BYTES = 1 << 20
-
-
 def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     """--config callback (eager): the YAML's values become the command's defaults (Click's default_map). With
     --help anywhere on the line, the help comes first, whatever the recipe holds."""
@@ -563,10 +560,11 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     import yaml
 
     from loramerge_cli.atomic import TooLarge, read_small_file
+    from loramerge_cli.cli.recipe import MAX_BYTES, expand_config
     from loramerge_cli.yaml_documents import load_yaml, yaml_problem
 
     try:
-        data = load_yaml(read_small_file(value, RECIPE_MAX_BYTES).decode("utf-8"))
+        data = load_yaml(read_small_file(value, MAX_BYTES).decode("utf-8"))
     except TooLarge as error:
         raise fail(f"error: --config {value} is {error}: not a recipe") from None
     except OSError as error:  # a file that cannot be read is bad input (exit 1), as a missing --tasks or --mask
@@ -580,8 +578,6 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{value} must map flag names to values")
-    from loramerge_cli.cli.recipe import expand_config
-
     data = expand_config(data, Path(value), ctx.command, ctx.meta)
     by_flag = {_recipe_key(option): option for option in ctx.command.params if _recipe_key(option)}
     spelled = {opt[2:]: _recipe_key(option) for option in ctx.command.params for opt in getattr(option, "opts", ())
@@ -602,7 +598,7 @@ def load_config_defaults(ctx: typer.Context, param: typer.CallbackParam, value):
             ignored.append(flag)
             continue
         if option is None or option.name in ("config", "help"):
-            raise typer.BadParameter(f"{value}: unknown key {key!r} (keys are the flag names of loramerge's "
+            raise typer.BadParameter(f"{value}: unknown key {brief(key)} (keys are the flag names of loramerge's "
                                      "commands)")
         if item is None or (option.name == "force" and item is False):  # `key: null`: not given
             continue

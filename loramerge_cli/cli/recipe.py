@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from loramerge_cli.adapters.card import RECIPE_NAME, relative_path
+from loramerge_cli.errors import brief
 from loramerge_cli.merging.registry import PARAMETERS
 
 # What an entry of a recipe's adapters map may hold besides its path: the adapter's weight and each method
@@ -122,7 +123,7 @@ def _adapter_map(value: dict, origin: str) -> tuple[list[str], dict]:
     sources, given = [], {key: [] for key in PER_ADAPTER_KEYS}
     for name, entry in value.items():
         if not isinstance(name, str) or not NAME.match(name):
-            raise typer.BadParameter(f"{origin}: {name!r} is not a task name (an ASCII letter, digit or _ first, "
+            raise typer.BadParameter(f"{origin}: {brief(name)} is not a task name (an ASCII letter, digit or _ first, "
                                      "then letters, digits, _ . -)")
         if isinstance(entry, dict):
             unknown = set(entry) - {"path", "source", *PER_ADAPTER_KEYS}
@@ -187,7 +188,7 @@ def _number(value, where: str) -> float | None:
     except ValueError:
         number = None
     if number is None or not math.isfinite(number):
-        raise typer.BadParameter(f"{where} must be a number (got {value!r})")
+        raise typer.BadParameter(f"{where} must be a number (got {brief(value)})")
     return number
 
 
@@ -195,12 +196,15 @@ def _check_source(value, where: str) -> None:
     """A recipe's adapter or base source is text that names something (YAML reads `5`, `null` and dates as other
     things; str() of them would name a file "None")."""
     if not isinstance(value, str):
-        raise typer.BadParameter(f"{where}: {value!r} is not a path or Hub id (quote it)")
+        raise typer.BadParameter(f"{where}: {brief(value)} is not a path or Hub id (quote it)")
     if not value.strip():
         raise typer.BadParameter(f"{where}: the source is empty")
 
 
 PER_ADAPTER = "recipe_per_adapter"  # ctx.meta: {flag: {task: value}} of the recipe's adapters map
+
+
+MAX_BYTES = 1 << 20  # a recipe file's, and its values' once YAML aliases are spelled out
 
 
 def expand_config(data: dict, path: Path, command, meta: dict | None = None) -> dict:
@@ -224,6 +228,9 @@ def expand_config(data: dict, path: Path, command, meta: dict | None = None) -> 
         data["adapters"] = sources
     expanded = {}
     for key, value in data.items():
+        if isinstance(value, list) and sum(len(v) if isinstance(v, str) else 24 for v in value) > MAX_BYTES:
+            raise typer.BadParameter(f"{path}: {key}: its {len(value):,} values come to over {MAX_BYTES >> 20} MiB "
+                                     "of text (one YAML alias repeated?): no value")
         option = options.get(key.replace("-", "_")) or next(
             (o for o in command.params if f"--{key}" in getattr(o, "opts", ())), None)
         if option is not None and is_path(option) and isinstance(value, list):

@@ -10,12 +10,14 @@ from loramerge_cli.errors import LoramergeError, UsageError, first_line
 
 
 def is_revision(revision: str) -> bool:
-    """A branch name git and the Hub take: letters, digits, - _ . /; no '..', no '//', no leading or trailing '/'
-    or '.', no '.lock' ending."""
+    """A branch name git and the Hub take (`git check-ref-format --branch`): letters, digits, - _ . /; no '..',
+    no empty part between slashes, no part starting with '.' or ending with '.lock', no '.' or '-' at the ends,
+    not HEAD."""
     import re
 
-    return (bool(re.fullmatch(r"[\w.\-/]+", revision)) and ".." not in revision and "//" not in revision
-            and not revision.startswith(("/", ".", "-")) and not revision.endswith(("/", ".", ".lock")))
+    return (bool(re.fullmatch(r"[\w.\-/]+", revision)) and ".." not in revision and revision != "HEAD"
+            and not revision.startswith("-") and not revision.endswith(".")
+            and all(part and not part.startswith(".") and not part.endswith(".lock") for part in revision.split("/")))
 
 
 def check_repo_id(repo_id: str | None, dry_run: bool = False, private: bool = False,
@@ -101,7 +103,8 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
                 dry_run: bool = False, message: str = "Upload merged adapter (loramerge)") -> dict:
     """Create the repository if needed and upload the folder in one commit; with `dry_run`, only list the files.
 
-    Returns {repo_id, revision, private, files, dry_run, url}. The repository id and the folder are checked first,
+    Returns {repo_id, revision, private, files, dry_run, url} (`private`: after an upload, the repository's
+    visibility as the Hub says it, None if it did not). The repository id and the folder are checked first,
     for a dry run too: a folder that does not exist or holds no file is an error, never an empty listing.
     """
     check_repo_id(repo_id, dry_run, private, revision)
@@ -118,13 +121,39 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False, revi
 
     api = HfApi()
     try:
-        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        if private:  # (create_repo ignores `private` for a repository that exists)
+            _check_not_public(api, repo_id)
+        # None, not False: a new repository takes its organisation's default visibility (private for some)
+        api.create_repo(repo_id, private=True if private else None, repo_type="model", exist_ok=True)
         if revision is not None:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # an earlier push's heads and table that this merge lacks go: the card lists what the folder holds
         commit = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision,
-                                   commit_message=message, repo_type="model")
+                                   commit_message=message, repo_type="model", delete_patterns=STALE_OUTPUTS)
+    except LoramergeError:
+        raise
     except Exception as error:  # noqa: BLE001 - HTTP errors, offline, an unreachable endpoint (httpx's own errors)
         raise LoramergeError(f"--push-to-hub {repo_id}: upload failed, {folder} is written but not uploaded "
                              f"({first_line(error)})") from None
     report["url"] = getattr(commit, "commit_url", None) or str(commit)
+    try:  # the visibility the repository has (an organisation's default, for one made now without --private)
+        report["private"] = bool(api.repo_info(repo_id).private)
+    except Exception:  # noqa: BLE001 - the upload is done: its report stands without this
+        report["private"] = None
     return report
+
+
+STALE_OUTPUTS = ["heads/*", "mask.json"]  # a merge's outputs that another merge of the same repository may lack
+
+
+def _check_not_public(api, repo_id: str) -> None:
+    """--private to a repository that exists and is public would upload there publicly: refused."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        public = getattr(api.repo_info(repo_id), "private", None) is False
+    except RepositoryNotFoundError:
+        return
+    if public:
+        raise LoramergeError(f"--push-to-hub {repo_id} --private: the repository exists and is public, so the "
+                             "upload would be public; make it private on the Hub first, or drop --private")

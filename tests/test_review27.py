@@ -274,3 +274,93 @@ def test_recipes_of_aliased_values_are_refused_in_one_short_line(tmp_path, recip
         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
     assert process.returncode == 2 and message in process.stderr, process.stderr[-2000:]
     assert len(process.stderr) < 1000 and "Traceback" not in process.stderr
+
+
+def _mocked_hub(monkeypatch, existing_private=None):
+    """HfApi's calls recorded (nothing leaves the machine); `existing_private`: the repository exists with that
+    visibility (None: it does not, until create_repo)."""
+    from types import SimpleNamespace
+
+    import huggingface_hub
+    import huggingface_hub.constants
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    calls = []
+    state = {"private": existing_private}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls.append(("create_repo", kwargs))
+        if state["private"] is None:
+            state["private"] = bool(kwargs.get("private"))  # (None: the organisation's default, here public)
+
+    def repo_info(self, repo_id, **kwargs):
+        if state["private"] is None:
+            raise RepositoryNotFoundError("404", response=SimpleNamespace(status_code=404, headers={}, request=None))
+        return SimpleNamespace(private=state["private"])
+
+    def upload_folder(self, **kwargs):
+        calls.append(("upload_folder", kwargs))
+        return SimpleNamespace(commit_url="https://hub/commit/1")
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_" + "x" * 34)
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", repo_info)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+def test_a_push_leaves_visibility_to_the_hub_and_removes_an_earlier_pushs_leftovers(tmp_path, monkeypatch):
+    """create_repo got private=False without --private (an organisation's private default overridden); an
+    earlier push's heads/ and mask.json stayed on the Hub beside a card that no longer lists them."""
+    from loramerge_cli import api
+
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "adapter_config.json").write_text("{}")
+    calls = _mocked_hub(monkeypatch)
+    report = api.push_folder(tmp_path / "merged", "me/merged")
+    (_, created), (_, uploaded) = calls
+    assert created["private"] is None and report["private"] is False
+    assert {"heads/*", "mask.json"} <= set(uploaded["delete_patterns"])
+
+
+def test_private_to_an_existing_public_repository_is_refused(tmp_path, monkeypatch):
+    """create_repo ignores `private` for a repository that exists: `--private` uploaded publicly and reported
+    "private": true."""
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
+
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "adapter_config.json").write_text("{}")
+    calls = _mocked_hub(monkeypatch, existing_private=False)
+    with pytest.raises(LoramergeError, match="the repository exists and is public"):
+        api.push_folder(tmp_path / "merged", "me/merged", private=True)
+    assert calls == []
+    calls = _mocked_hub(monkeypatch)  # a new one: made private
+    assert api.push_folder(tmp_path / "merged", "me/merged", private=True)["private"] is True
+    assert calls[0][1]["private"] is True
+
+
+@pytest.mark.parametrize("revision", ["a/.b", "a/b.lock/c", "HEAD", "x/.hidden/y"])
+def test_revisions_git_refuses_are_refused(revision):
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.hub import check_repo_id
+
+    with pytest.raises(LoramergeError, match="not a branch name"):
+        check_repo_id("me/merged", dry_run=True, revision=revision)
+    check_repo_id("me/merged", dry_run=True, revision="release/v1.2-rc_3")
+
+
+def test_a_card_names_a_local_input_with_a_pipe_in_one_cell(folders, tmp_path):
+    """A folder named `v1|v2` split the card's inputs row (the sha256 dropped, the revision column wrong)."""
+    import shutil
+
+    from factories import invoke_cli
+
+    shutil.copytree(folders["a"], tmp_path / "v1|v2")
+    result = invoke_cli(["merge", "--adapters", f"fk={tmp_path / 'v1|v2'}", str(folders["b"]), "--out",
+                         tmp_path / "m"])
+    assert result.exit_code == 0, result.stderr
+    row = next(line for line in (tmp_path / "m" / "README.md").read_text().splitlines() if line.startswith("| fk |"))
+    cells = [cell for cell in row.replace("\\|", "").split("|")[1:-1]]
+    assert len(cells) == 4 and "`v1\\|v2`" in row and cells[3].strip().startswith("`"), row

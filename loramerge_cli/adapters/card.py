@@ -128,7 +128,18 @@ def _source_label(adapter) -> str:
     if source.kind == "hub" and source.repo_id:
         return f"[{source.repo_id}](https://huggingface.co/{source.repo_id}){changed}"
     weights = Path(source.weights_file)
-    return f"local `{weights.parent.name if source.kind == 'dir' else weights.name}`{changed}"
+    return f"local {code_cell(weights.parent.name if source.kind == 'dir' else weights.name)}{changed}"
+
+
+def code_cell(text: str) -> str:
+    """`text` as inline code in a Markdown table cell, whatever it holds: `|` escaped (a table splits cells on it
+    even in code), line breaks written as \\n, and a fence longer than any run of backticks inside."""
+    import re
+
+    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("|", "\\|")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def _papers(settings) -> list[str]:
@@ -275,7 +286,7 @@ def _table_lines(table, lam: float) -> list[str]:
         lines += ["", "| task | pruned | units |", "|---|---|---|"]
         for task, row in zip(table.tasks, table.weights):
             pruned = [unit for unit, value in zip(table.units, row) if value == 0]
-            lines.append(f"| {task} | {len(pruned)} | {', '.join(f'`{u}`' for u in pruned) or '—'} |")
+            lines.append(f"| {task} | {len(pruned)} | {', '.join(map(code_cell, pruned)) or '—'} |")
     scaled = [value for row in table.weights for value in row if value not in (0, 1)]
     if scaled:
         lines += ["", f"{len(scaled)} units carry a coefficient other than 0 or 1: min {min(scaled):.4g}, "

@@ -152,10 +152,10 @@ def truncate_dense(
     else:
         kept = torch.cumsum(S.double() ** 2, 0) / total
         reached = (kept >= energy).nonzero()
+        # Not reached with every singular value kept is rounding (Σσ² a hair below ‖X‖²), not a cap.
         rank = int(reached[0]) + 1 if reached.numel() else S.numel()
-        if rank > max_rank or not reached.numel():
-            capped = True
-            rank = min(rank, max_rank)
+        capped = rank > max_rank
+        rank = min(rank, max_rank)
     U, Vt = canonical_signs(U[:, :rank], Vh[:rank].T)
     factors = LowRank(U * S[:rank], Vt.T)
     # The factors are an orthogonal projection of X, so ‖X − P X‖² = ‖X‖² − Σ_{i≤k} σ_i²; measure the

@@ -146,6 +146,11 @@ def set_hint(text: str | None, resumable: bool = False) -> None:
     _state.update(hint=text, resumable=resumable)
 
 
+def hint() -> str | None:
+    """What the 'interrupted' message would add now."""
+    return _state["hint"]
+
+
 def resume_hint() -> str | None:
     """The hint when it says how to resume (a search with a run directory), else None."""
     return _state["hint"] if _state["resumable"] else None

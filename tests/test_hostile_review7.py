@@ -31,9 +31,10 @@ def setting(tmp_path_factory):
 
 def _search(setting, *extra):
     budget = [] if "--budget" in extra else ["--popsize", "4", "--generations", "2"]  # (greedy's, random's budget)
+    seed = [] if "greedy" in extra else ["--seed", "3"]  # (greedy draws nothing: --seed is refused)
     return ["search-mask", "--strategy", "screened",
             "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--merger", "ties",
-            *budget, "--max-prune", "0.5", "--threads", "1", "--seed", "3", *extra]
+            *budget, "--max-prune", "0.5", "--threads", "1", *seed, *extra]
 
 
 def _request(setting, **changes) -> SearchRequest:
@@ -81,7 +82,7 @@ def test_a_finished_greedy_run_dir_is_not_taken_over_by_the_next_search(setting,
     before = {name: _digest(run_dir / name) for name in ("best.json", "config.json")}
     second = invoke_cli(_search(setting, "--strategy", "random", "--budget", "3", "--run-dir", run_dir,
                                 "--out", tmp_path / "g2.json"))
-    assert second.exit_code == 1 and "already holds a search (best.json)" in second.stderr
+    assert second.exit_code == 1 and "already holds a finished search" in second.stderr
     assert {name: _digest(run_dir / name) for name in before} == before
 
 
@@ -479,15 +480,19 @@ def test_the_nsc_eta_after_a_resume_counts_only_this_process_s_steps(monkeypatch
     assert "step  470/3000" in console.file.getvalue() and "eta 42m10s" in console.file.getvalue()
 
 
-def test_a_finished_greedy_run_dir_does_not_suggest_resume(setting, tmp_path):
-    """Rerun in a finished greedy run dir: "already holds a search (best.json); pass --resume to continue it",
-    then with --resume: "--strategy greedy cannot resume a run"."""
+def test_a_finished_greedy_run_dir_offers_its_table(setting, tmp_path):
+    """Rerun in a finished greedy run dir: refused, naming --resume, which gives the finished table back (it said
+    "cannot be resumed" while --resume did give the table)."""
     run = tmp_path / "g"
     assert invoke_cli(_search(setting, "--strategy", "greedy", "--budget", "2", "--run-dir", run, "--out",
                               tmp_path / "a.json")).exit_code == 0
     again = invoke_cli(_search(setting, "--strategy", "greedy", "--budget", "2", "--run-dir", run, "--out",
                                tmp_path / "b.json"))
-    assert again.exit_code == 1 and "cannot be resumed" in again.stderr and "--resume" not in again.stderr
+    assert again.exit_code == 1 and "finished search: pass --resume to get its table" in again.stderr
+    resumed = invoke_cli(_search(setting, "--strategy", "greedy", "--budget", "2", "--run-dir", run, "--out",
+                                 tmp_path / "b.json", "--resume"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert (tmp_path / "b.json").read_bytes() == (tmp_path / "a.json").read_bytes()
 
 
 # --- a review of merge, apply-mask and the library's merge API -------------------------------------------------

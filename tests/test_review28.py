@@ -14,3 +14,40 @@ def test_energy_one_does_not_call_a_full_rank_factorisation_capped():
         assert factors.left.shape[1] == 16 and error < 1e-5 and not capped, (seed, error)
     _, _, capped = truncate_dense(torch.randn(32, 32, generator=torch.Generator().manual_seed(0)), None, 1.0, 16)
     assert capped  # rank 32 needed, 16 allowed: the cap binds
+
+
+def test_an_interrupted_greedy_run_restarts_with_the_same_command(tmp_path):
+    """Greedy interrupted once it had saved its clock: the hint said scores.json "the same command reuses them",
+    the same command was refused ("a finished greedy or random search"), and --resume was refused too."""
+    from dataclasses import replace
+
+    import pytest
+    from eval_fixtures import build_text_setting
+    from loramerge_cli import interrupts
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.runner import SearchRequest, run_search
+
+    setting = build_text_setting(tmp_path / "setting")
+    request = SearchRequest(strategy="greedy", adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"),
+                            tasks=setting.tasks_file, eval=EvalSettings(threads=1, batch_size=8),
+                            enmp=EnmpSettings(max_prune=0.5), budget=6, run_dir=tmp_path / "run")
+    plain, _ = run_search(replace(request, run_dir=None))
+
+    def interrupt(kind, data):
+        if (tmp_path / "run" / "elapsed.json").exists():
+            raise KeyboardInterrupt
+
+    interrupts.reset()
+    with pytest.raises(KeyboardInterrupt):
+        run_search(request, on_event=interrupt)
+    assert "keeps no state to resume: rerun the command" in interrupts.hint()
+    assert not (tmp_path / "run" / "finished.json").exists()
+    with pytest.raises(LoramergeError, match="unfinished search with other settings"):
+        run_search(replace(request, budget=5))
+    again, _ = run_search(request)
+    assert again.weights == plain.weights
+    with pytest.raises(LoramergeError, match="already holds a finished search: pass --resume"):
+        run_search(request)

@@ -234,7 +234,7 @@ def test_resume_refuses_changed_settings(setting, tmp_path):
     run_search(request(setting, run_dir=tmp_path))
     with pytest.raises(LoramergeError, match="settings differ"):
         run_search(request(setting, run_dir=tmp_path, resume=True, merge=MergeConfig(merger="ta")))
-    with pytest.raises(LoramergeError, match="already holds a search"):
+    with pytest.raises(LoramergeError, match="already holds a finished search"):
         run_search(request(setting, run_dir=tmp_path))
 
 

@@ -36,7 +36,7 @@ class ScoreCache:
         write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
         from loramerge_cli import interrupts
 
-        if interrupts.resume_hint() is None:  # (a search's own line says how to resume it)
+        if interrupts.hint() is None:  # (a search's own line says how to resume it, or to rerun it)
             interrupts.set_hint(f"{self.file} keeps the scores computed so far: the same command reuses them")
 
 

@@ -261,13 +261,37 @@ def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool =
                 check_state_run(run_dir / strategy.state_file, saved.get("run_id"))
         return
     held = [name for name in state_names() if (run_dir / name).exists()]
-    if held:  # a search's state, or a finished one's table (greedy and random save only best.json)
-        resumable = held[0] in rundir.strategy_states()
-        raise LoramergeError(f"{run_dir} already holds a search ({held[0]}); "
-                             + ("pass --resume to continue it, or give another --run-dir" if resumable else
-                                "it cannot be resumed (a finished greedy or random search): give another --run-dir"))
+    if (run_dir / rundir.FINISHED_NAME).exists():
+        raise LoramergeError(f"{run_dir} already holds a finished search: pass --resume to get its table, or give "
+                             "another --run-dir")
+    states = [name for name in held if name in rundir.strategy_states()]
+    if states:
+        raise LoramergeError(f"{run_dir} already holds a search ({states[0]}); pass --resume to continue it, or give "
+                             "another --run-dir")
+    if held:  # an unfinished run that saved no state (greedy, random, or killed early): the same command restarts
+        changes = _changes_from_saved(saved, config, digests)
+        if changes:
+            raise LoramergeError(f"{run_dir} already holds an unfinished search with other settings ({changes}); "
+                                 "give another --run-dir")
+        if write:
+            for name in held:  # its partial record, which the restarted run writes again
+                (run_dir / name).unlink(missing_ok=True)
     if write:
         rundir.write_config(run_dir, config, request.flags, digests, request.command)
+
+
+def _changes_from_saved(saved: dict | None, config: dict, digests: dict) -> str | None:
+    """How a run directory's saved configuration differs from this run's (settings, then inputs), or None."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("settings"), dict):
+        return "no readable config.json"
+    saved_settings = with_settings_added_since(saved["settings"])
+    if "device_kind" not in saved_settings:
+        saved_settings = {**saved_settings, "device_kind": config["device_kind"]}
+    if comparable(saved_settings) != comparable(config):
+        return "; ".join(setting_changes(comparable(config), comparable(saved_settings)))
+    changed = sorted(path for path in set(saved.get("inputs") or {}) | set(digests)
+                     if (saved.get("inputs") or {}).get(path) != digests.get(path))
+    return f"{changed[0]} is not the input it ran on" if changed else None
 
 
 def run_config(request: SearchRequest) -> dict:

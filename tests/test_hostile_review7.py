@@ -41,8 +41,10 @@ def _request(setting, **changes) -> SearchRequest:
     if changes.get("strategy") == "nsc":  # it reads none of the mask strategies' settings, nor a merger's
         changes.setdefault("enmp", EnmpSettings())
         changes.setdefault("merge", MergeConfig(merger="ta"))
-    if changes.get("budget") is not None and changes.get("strategy") in ("greedy", "random"):
-        changes.setdefault("enmp", EnmpSettings(max_prune=0.5, seed=3))  # (popsize × generations: the default budget)
+    if changes.get("strategy") in ("greedy", "random"):
+        seed = 3 if changes["strategy"] == "random" else EnmpSettings.seed  # (greedy and ties draw nothing)
+        sized = {} if changes.get("budget") is not None else {"popsize": 4, "generations": 2}  # (or the budget)
+        changes.setdefault("enmp", EnmpSettings(max_prune=0.5, seed=seed, **sized))
     return replace(SearchRequest(strategy="screened", adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"),
                                  tasks=setting.tasks_file, eval=EvalSettings(threads=1, batch_size=8),
                                  enmp=EnmpSettings(popsize=4, generations=2, max_prune=0.5, seed=3)), **changes)

@@ -51,3 +51,22 @@ def test_an_interrupted_greedy_run_restarts_with_the_same_command(tmp_path):
     assert again.weights == plain.weights
     with pytest.raises(LoramergeError, match="already holds a finished search: pass --resume"):
         run_search(request)
+
+
+def test_a_recipe_seed_is_dropped_by_a_search_that_draws_nothing(tmp_path):
+    """A shared recipe with `seed: 7` (for a dare merge) and `search-mask --strategy greedy --merger ties`: exit 2
+    ("--seed does nothing"), while merge drops such a seed with a warning. Typed on the command line it stays a
+    usage error."""
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+
+    setting = build_text_setting(tmp_path / "setting")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("merger: dare\nseed: 7\n")
+    command = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+               "--strategy", "greedy", "--merger", "ties", "--budget", "1", "--val-limit", "4", "--threads", "1"]
+    result = invoke_cli([*command, "--config", recipe, "--out", tmp_path / "a.json"])
+    assert result.exit_code == 0, result.stderr
+    assert "the recipe's seed dropped: --strategy greedy and ties draw nothing" in result.stderr
+    typed = invoke_cli([*command, "--seed", "7", "--out", tmp_path / "b.json"])
+    assert typed.exit_code == 2 and "--seed does nothing" in typed.stderr

@@ -189,12 +189,14 @@ def search_command(ctx: typer.Context, **flags) -> None:
     per_adapter_values(ctx, flags)
     flags = resumed_flags(ctx, flags)
     check_strategy_flags(ctx, flags)
+    dropped = _seed_a_recipe_gave_to_a_search_that_draws_nothing(ctx, flags)
     plan = plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],
                        plot=flags["plot"])
     from loramerge_cli import api
     from loramerge_cli.cli import render, render_nsc
     from loramerge_cli.cli.progress import ProgressDisplay
 
+    print_warnings(human_console(flags["quiet"], flags["json_output"]), dropped)
     console = ProgressDisplay(flags["quiet"] or flags["json_output"])  # progress and logs: stderr
     coefficients = plan.strategy.kind == "coefficients"
     if coefficients:
@@ -214,6 +216,22 @@ def search_command(ctx: typer.Context, **flags) -> None:
     if flags["json_output"]:
         return emit_json(table.to_json())
     result_console().print(summary(table, provenance))  # the result: stdout
+
+
+def _seed_a_recipe_gave_to_a_search_that_draws_nothing(ctx: typer.Context, flags: dict) -> list[str]:
+    """A recipe's seed (a merge recipe's, say) for a strategy and a merge that draw nothing (greedy, ties): dropped,
+    with a warning, as merge drops it; typed on the command line it is refused by the plan."""
+    if getattr(ctx.get_parameter_source("seed"), "name", "") != "DEFAULT_MAP" or flags["fitness"] != "accuracy":
+        return []
+    from loramerge_cli.search.enmp_settings import EnmpSettings
+    from loramerge_cli.search.strategies import STRATEGIES, merge_draws
+
+    strategy = STRATEGIES.get(flags["strategy"])
+    config = merge_config(flags)
+    if strategy is None or strategy.draws or merge_draws(config) or flags["seed"] == EnmpSettings.seed:
+        return []
+    flags["seed"] = EnmpSettings.seed
+    return [f"the recipe's seed dropped: --strategy {strategy.name} and {config.method_name()} draw nothing"]
 
 
 def resumed_flags(ctx: typer.Context, flags: dict) -> dict:

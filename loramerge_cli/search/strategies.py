@@ -115,7 +115,7 @@ def check_unused(strategy: Strategy, request) -> None:
     if request.nsc.objective != "nsc":  # the entropy objective measures no targets
         uses -= TARGETS
     if not strategy.draws and request.enmp.seed != EnmpSettings.seed and request.fitness == "accuracy" \
-            and not _merge_draws(request.merge):
+            and not merge_draws(request.merge):
         raise UsageError(f"--seed does nothing with --strategy {strategy.name} and method "
                          f"{request.merge.method_name()}: neither draws anything (the seed serves the methods "
                          f"{', '.join(randomized_methods())})")
@@ -133,7 +133,7 @@ def check_unused(strategy: Strategy, request) -> None:
                                  + objective + why)
 
 
-def _merge_draws(config) -> bool:
+def merge_draws(config) -> bool:
     """Whether the merge these settings name depends on the seed (an unknown method: left to the merge's check)."""
     try:
         return method_named(config.method_name()).randomized

@@ -70,3 +70,43 @@ def test_a_recipe_seed_is_dropped_by_a_search_that_draws_nothing(tmp_path):
     assert "the recipe's seed dropped: --strategy greedy and ties draw nothing" in result.stderr
     typed = invoke_cli([*command, "--seed", "7", "--out", tmp_path / "b.json"])
     assert typed.exit_code == 2 and "--seed does nothing" in typed.stderr
+
+
+def test_a_cached_hub_base_commit_asks_nothing_and_an_unreachable_hub_is_named(tmp_path):
+    """With the Hub unreachable (not HF_HUB_OFFLINE): `--base org/base@<commit>` held in the cache was looked up
+    again (snapshot_download lists the tree even for a commit: five "Retrying" lines, ~23 s); and a cached repo
+    whose snapshot lacks config.json was called "the repository has no config.json" though the Hub was never
+    asked."""
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_hostile_inputs import REPO
+
+    cache = tmp_path / "cache"
+    for repo, commit, name in (("base", "a" * 40, "config.json"), ("nocfg", "b" * 40, "README.md")):
+        snapshot = cache / f"models--org--{repo}" / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        (snapshot / name).write_text("{}")
+        (cache / f"models--org--{repo}" / "refs").mkdir()
+        (cache / f"models--org--{repo}" / "refs" / "main").write_text(commit)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    script = textwrap.dedent(f"""
+        from loramerge_cli.adapters.sources import pinned_base
+        from loramerge_cli.errors import LoramergeError
+        print(pinned_base("org/base@{'a' * 40}"))
+        try:
+            pinned_base("org/nocfg")
+        except LoramergeError as error:
+            print(error)
+    """)
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": REPO, "HF_HUB_CACHE": str(cache),
+           "HF_HOME": str(tmp_path / "home"), "HF_ENDPOINT": f"http://127.0.0.1:{port}"}
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
+    lines = process.stdout.splitlines()
+    assert lines[0] == f"org/base@{'a' * 40}", (process.stdout, process.stderr)
+    assert lines[1].startswith("org/nocfg: config.json is not in the local cache") and "could not be reached" in lines[1]
+    assert "Retrying" not in process.stderr, process.stderr

@@ -146,8 +146,11 @@ def pinned_base(base: str) -> str:
     if Path(name).is_dir():  # transformers would load that folder and ignore the revision
         raise LoramergeError(f"{base}: a folder {name} is here, which the model loaders would read instead of the Hub "
                              f"repository {name}; run from another folder (or give ./{name} for the folder)")
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import constants, snapshot_download, try_to_load_from_cache
 
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision) \
+            and isinstance(try_to_load_from_cache(name, "config.json", revision=revision), str):
+        return f"{name}@{revision}"  # a commit never moves: its cached config is all there is to ask
     # (snapshot_download asks the Hub once, and gives up in one line; hf_hub_download retried an unreachable Hub
     # five times with a 60 s timeout of its own, printing each retry)
     with hub_errors(base, name, revision), hub_requests_time_out(constants.HF_HUB_ETAG_TIMEOUT):
@@ -156,8 +159,23 @@ def pinned_base(base: str) -> str:
         if constants.HF_HUB_OFFLINE:
             raise LoramergeError(f"{base}: config.json is not in the local cache at {snapshot.name[:12]} "
                                  "(HF_HUB_OFFLINE is set: the Hub is not asked for it)")
-        raise LoramergeError(f"{base}: the repository has no config.json (not a model)")
+        if _listed_without_config(name, snapshot.name):
+            raise LoramergeError(f"{base}: the repository has no config.json (not a model)")
+        raise LoramergeError(f"{base}: config.json is not in the local cache at {snapshot.name[:12]}, and the Hub "
+                             f"could not be reached to list the repository (offline, or no answer within "
+                             f"{constants.HF_HUB_ETAG_TIMEOUT} s: HF_HUB_ETAG_TIMEOUT)")
     return f"{name}@{snapshot.name}"  # (snapshots/<commit>)
+
+
+def _listed_without_config(repo_id: str, commit: str) -> bool:
+    """Whether the cache holds the Hub's listing of `repo_id` at `commit` (snapshot_download saves it when the
+    Hub answers; it returns a cached snapshot silently when the Hub cannot be reached) and it has no config.json."""
+    try:
+        from huggingface_hub import get_cached_repo_tree  # (recent huggingface_hub only)
+
+        return "config.json" not in {entry.path for entry in get_cached_repo_tree(repo_id, revision=commit)}
+    except Exception:  # noqa: BLE001 - no listing cached (the Hub did not answer), or an older huggingface_hub
+        return False
 
 
 @contextmanager

@@ -108,5 +108,75 @@ def test_a_cached_hub_base_commit_asks_nothing_and_an_unreachable_hub_is_named(t
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
     lines = process.stdout.splitlines()
     assert lines[0] == f"org/base@{'a' * 40}", (process.stdout, process.stderr)
-    assert lines[1].startswith("org/nocfg: config.json is not in the local cache") and "could not be reached" in lines[1]
+    assert lines[1].startswith("org/nocfg: config.json is not in the local cache"), lines
+    assert "could not be reached" in lines[1]
     assert "Retrying" not in process.stderr, process.stderr
+
+
+def test_a_dumb_terminal_gets_the_plain_progress_lines():
+    """`TERM=dumb` (a terminal on which rich draws no bar): nothing was shown until the result, neither a bar nor
+    the plain lines a log gets."""
+    import io
+
+    from loramerge_cli.cli.progress import ProgressDisplay
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, _environ={"TERM": "dumb"})
+    with ProgressDisplay(console=console) as display:
+        assert not display.live
+        display("stage_start", {"stage": "experts", "total": 2})
+        display("stage_step", {"stage": "experts"})
+        display("stage_step", {"stage": "experts"})
+    assert "experts: 2 steps" in out.getvalue() and "experts: 2/2" in out.getvalue()
+
+
+def test_a_bar_drawn_after_its_first_steps_counts_from_the_search_start():
+    """The search's evaluations bar began at its first event, after the first 8 tables were scored: it said
+    0:00:00 elapsed and a frozen `eta 0:00:01` while the line above said 23 s."""
+    import io
+    import re
+    import time
+
+    from loramerge_cli.cli.progress import ProgressDisplay
+    from loramerge_cli.cli.render import search_progress
+    from rich.console import Console
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=200, _environ={"TERM": "xterm"})
+    with ProgressDisplay(console=console) as display:
+        on_event = search_progress(display, 5)
+        on_event("start", {"reference": 50.0, "lambda": 0.5, "units": 8, "tasks": 2})
+        time.sleep(0.4)  # the first 8 tables
+        on_event("screen", {"full_evaluations": 8, "total": 40, "new_evaluations": 8, "best_fitness": 1.0, "tables": [],
+                            "scores": [],
+                            "seconds_per_evaluation": 0.05, "forward_examples": 64})
+        task = display._progress.tasks[0]
+        elapsed = task.elapsed
+        text = str(display._progress.columns[4].render(task))
+    assert elapsed >= 0.4
+    assert re.fullmatch(r"eta \d+s", text), text
+
+
+def test_narrow_terminals_cut_no_merge_value_nor_coefficient(llama_task_dirs, tmp_path, monkeypatch):
+    """On a 28-column terminal merge's result table cut its values (`density=0.…`), and the NSC coefficient table
+    cut its numbers to `0.…` at 60 columns: they fold, or become `name: value` lines, as inspect's and eval's do."""
+    import io
+    import sys
+
+    from factories import invoke_cli
+    from loramerge_cli.cli import merge_cmd
+    from loramerge_cli.cli.render_nsc import nsc_summary
+    from loramerge_cli.masks import WeightTable
+    from rich.console import Console
+
+    monkeypatch.setattr(merge_cmd, "result_console", lambda: Console(file=sys.stdout, width=28, markup=False))
+    result = invoke_cli(["merge", "--adapters", *llama_task_dirs.values(), "--merger", "ties",
+                         "--out", tmp_path / "m", "--threads", "1"])
+    assert result.exit_code == 0 and "…" not in result.stdout and "density=0.8" in result.stdout, result.stdout
+    units = [f"base_model.model.model.layers.{i}.self_attn.v_proj" for i in range(2)]
+    table = WeightTable(tasks=["majority_kind", "first_kind"], units=units, weights=[[0.8125, 1.0625], [0.5, 0.75]])
+    provenance = {"loss": {"first": 1.0, "last": 0.5}, "history": [{}, {}], "seconds": 1.0, "objective": "nsc",
+                  "task_losses": {"tasks": table.tasks, "start": [1.0, 1.0], "end": [0.5, 0.5]}}
+    out = io.StringIO()
+    Console(file=out, width=60).print(nsc_summary(table, provenance))
+    assert "…" not in out.getvalue() and all(f"{v:.4f}" in out.getvalue() for v in (0.8125, 1.0625, 0.5, 0.75))

@@ -276,7 +276,7 @@ def _print_report(report: dict, console, served: str | None, head: str | None) -
     if served != head:
         console.print(f"note: no --head: the head of task {served!r} is in modules_to_save, so that the merge loads "
                       "with a task head (--head TASK picks another)", markup=False, highlight=False, soft_wrap=True)
-    result_console().print(render.merge_table(report))
+    result_console().print(render.Fitting(render.merge_table(report)))  # (no value cut)
     for line in push_lines(report["push"]) if "push" in report else []:
         result_console().print(line, markup=False, highlight=False)
 

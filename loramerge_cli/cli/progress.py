@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 
 from rich.console import Console
+from rich.text import Text
 
 from loramerge_cli.cli.common import StandardError
 
@@ -34,6 +35,20 @@ def eta(started: float, done: int, total: int | None, now: float | None = None) 
     return duration(elapsed / done * max(0, total - done))
 
 
+def _eta_column():
+    """A bar's time left at the mean pace since its stage began, as the plain lines compute it (rich's own
+    estimate uses the recent pace, and none at all while the steps come in batches)."""
+    from rich.progress import ProgressColumn
+
+    class EtaColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            left = eta(task.start_time, int(task.completed), task.total, task.get_time()) \
+                if task.start_time is not None and task.total is not None and not task.finished else None
+            return Text(f"eta {left}" if left else "", style="progress.remaining")
+
+    return EtaColumn()
+
+
 @dataclass
 class _Stage:
     total: int | None
@@ -51,7 +66,8 @@ class ProgressDisplay:
         self.console = console or Console(file=StandardError(), markup=False)  # lines as written (paths)
         self.enabled = not quiet
         self.terminal_only = terminal_only  # stages drawn as a bar on a terminal, without plain lines in a log
-        self.live = self.enabled and self.console.is_terminal
+        # (on a dumb terminal rich draws no bar: the plain lines instead)
+        self.live = self.enabled and self.console.is_terminal and not self.console.is_dumb_terminal
         self.inner = inner
         self.interval = interval
         self.stages: dict[str, _Stage] = {}
@@ -59,12 +75,11 @@ class ProgressDisplay:
 
     def __enter__(self) -> ProgressDisplay:
         if self.live:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
             self._progress = Progress(
                 TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False),
+                _eta_column(), TextColumn("{task.fields[info]}", markup=False),
                 console=self.console, transient=True)
             self._progress.start()
         return self
@@ -92,10 +107,14 @@ class ProgressDisplay:
         elif self.inner is not None:
             self.inner(kind, data)
 
-    def start(self, name: str, total: int | None) -> None:
-        stage = self.stages[name] = _Stage(total)
+    def start(self, name: str, total: int | None, started: float | None = None) -> None:
+        """A stage of `total` steps (None: unknown), begun now or at `started` (time.monotonic(): a stage whose bar
+        is drawn once its first steps are done)."""
+        stage = self.stages[name] = _Stage(total) if started is None else _Stage(total, started)
         if self._progress is not None:
             stage.task_id = self._progress.add_task(name, total=total, info="")
+            if started is not None:  # (rich's clock is time.monotonic too)
+                next(task for task in self._progress.tasks if task.id == stage.task_id).start_time = started
         elif self.enabled and total != 1:
             self.console.print(f"{name}: {total} steps" if total else f"{name} …", highlight=False, soft_wrap=True)
             stage.last_line = stage.started

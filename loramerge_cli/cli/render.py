@@ -193,7 +193,7 @@ def search_progress(console, generations: int):
             before = clock["before"]
             left = eta(clock["started"], done - before, generations - before)
             if live and "generations" not in console.stages:  # started here: the label-free start differs
-                console.start("generations", generations - before)  # those this process runs
+                console.start("generations", generations - before, clock["started"])  # those this process runs
             console.print(
                 f"gen {done:>3}/{generations}  best {data['best_fitness']:+.3f}  "
                 f"mean {data['mean_fitness']:+.3f}  sparsity {100 * data['mean_sparsity']:.1f}%  "
@@ -220,7 +220,7 @@ def search_progress(console, generations: int):
                 clock["before"] = done - data["new_evaluations"]
             before = clock["before"]
             if live and "evaluations" not in console.stages:
-                console.start("evaluations", total - before)
+                console.start("evaluations", total - before, clock["started"])
             tables = "".join(f"{table} {score:+.3f}  " for table, score in zip(data["tables"], data["scores"]))
             console.print(f"{'screen' if kind == 'screen' else 'table '} {done:>4}/{total}  "
                           + (tables if kind == "proposal" else "")
@@ -264,7 +264,7 @@ def search_summary(table, provenance: dict):
         + ("; that is every table the --max-prune cap allows, so no budget could buy more"
            if provenance.get("every_allowed_table_scored") else "")
     )
-    parts = [mask_heatmap(table), lines]
+    parts = [Fitting(mask_heatmap(table)), lines]
     test = provenance.get("test")
     if test:
         parts.append(Text(f"test mean normalized accuracy {test['unpruned_mean_normalized_accuracy']:.2f} -> "

@@ -25,7 +25,7 @@ def nsc_progress(console, steps: int, every: int = 10):
             if clock.get("before") is None:  # steps done before this process (a resumed run) took no time here
                 clock["before"] = data["step"] - 1
                 if live:
-                    console.start("NSC steps", steps - clock["before"])
+                    console.start("NSC steps", steps - clock["before"], clock["started"])
             before = clock["before"]
             if live:
                 console.advance("NSC steps", f"loss {data['loss']:.5f}")
@@ -58,16 +58,19 @@ def nsc_summary(table, provenance: dict):
     from rich.console import Group
     from rich.table import Table
 
+    from loramerge_cli.cli.render import Fitting
+
     grid = Table(title="learned coefficients (rows: modules, columns: tasks)", title_justify="left")
-    grid.add_column("module", no_wrap=True)
+    grid.add_column("module")
     for task in table.tasks:
         grid.add_column(task, justify="right")
     for column, unit in enumerate(table.units):
         grid.add_row(unit, *(f"{row[column]:.4f}" for row in table.weights))
     loss = provenance["loss"]
     steps = len(provenance["history"])  # (each step's loss is of its own mini-batches: they may not fall)
-    parts = [grid, Text(f"{provenance['objective']} loss of a step's mini-batches: step 1 {loss['first']:.5f}, step "
-                        f"{steps} {loss['last']:.5f} ({steps} steps, {provenance['seconds']:.1f} s)")]
+    parts = [Fitting(grid), Text(f"{provenance['objective']} loss of a step's mini-batches: step 1 "
+                                 f"{loss['first']:.5f}, step {steps} {loss['last']:.5f} ({steps} steps, "
+                                 f"{provenance['seconds']:.1f} s)")]
     per_task = provenance["task_losses"]
     parts.append(Text(f"{provenance['objective']} loss over each task's inputs, start -> learned: " + "; ".join(
         f"{name} {before:.4f} -> {after:.4f}"
@@ -83,10 +86,10 @@ def nsc_summary(table, provenance: dict):
 def label_free_summary(table, provenance: dict):
     from rich.console import Group
 
-    from loramerge_cli.cli.render import mask_heatmap
+    from loramerge_cli.cli.render import Fitting, mask_heatmap
 
     validation = provenance["validation"]
-    parts = [mask_heatmap(table), Text(
+    parts = [Fitting(mask_heatmap(table)), Text(
         f"pruned {table.pruned_count()} of {len(table.tasks) * len(table.units)} units; validation "
         f"{provenance['objective']} loss {validation['unpruned_loss']:.5f} -> {validation['best_loss']:.5f} "
         f"({validation['fitness']:+.2f}%); {provenance['evaluations']} evaluations in {provenance['seconds']:.1f} s")]

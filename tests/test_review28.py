@@ -180,3 +180,24 @@ def test_narrow_terminals_cut_no_merge_value_nor_coefficient(llama_task_dirs, tm
     out = io.StringIO()
     Console(file=out, width=60).print(nsc_summary(table, provenance))
     assert "…" not in out.getvalue() and all(f"{v:.4f}" in out.getvalue() for v in (0.8125, 1.0625, 0.5, 0.75))
+
+
+def test_a_symlinked_adapter_keeps_its_name_in_the_run_and_the_resume_line_keeps_force(tmp_path):
+    """`--adapters a/ b/` (symlinks to other names) saved the targets' paths bare, so `--resume` named the tasks
+    after the targets ("no task for adapter(s) first_kind, …"); and "resume with: …" left out --force, so the
+    line printed failed with "--out … already exists; pass --force"."""
+    from loramerge_cli.search.rundir import normal_adapter
+    from loramerge_cli.search.runner import SearchRequest, resume_command
+
+    target = tmp_path / "adapters" / "first_kind"
+    target.mkdir(parents=True)
+    (tmp_path / "a").symlink_to(target)
+    assert normal_adapter(str(tmp_path / "a") + "/") == f"a={target}"
+    assert normal_adapter(str(target)) == str(target)  # (a plain folder: saved as before)
+    assert normal_adapter(f"b={tmp_path / 'a'}") == f"b={target}"
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.merging.merge import MergeConfig
+
+    request = SearchRequest(adapters=[], merge=MergeConfig(), tasks="t.yaml", eval=EvalSettings(),
+                            run_dir=tmp_path / "run", flags={"force": True})
+    assert resume_command(request).endswith("--resume --force")

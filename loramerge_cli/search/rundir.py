@@ -169,14 +169,25 @@ def normal_path(value) -> str:
 
 
 def normal_adapter(argument: str) -> str:
-    """`[name=]source` with a local source made absolute; Hub ids unchanged."""
-    from loramerge_cli.adapters.sources import split_name
+    """`[name=]source` with a local source made absolute; Hub ids unchanged. An unnamed source whose name the
+    absolute path would change (a symlink `a` to `adapters/rte`) keeps it, as `a=/…/adapters/rte`."""
+    from loramerge_cli.adapters.sources import default_name, split_name
 
     named = split_name(argument)
     if not Path(named.spec).expanduser().exists():
         return argument
     path = normal_path(named.spec)
-    return f"{named.name}={path}" if named.name else path
+    name = named.name
+    if name is None:
+        def name_of(spec: str) -> str | None:
+            try:
+                return default_name(spec)
+            except LoramergeError:  # (not a task name: the spelling given is refused where it is named)
+                return None
+
+        given = name_of(named.spec)
+        name = given if given != name_of(path) else None
+    return f"{name}={path}" if name else path
 
 
 def normal_flags(flags: dict) -> dict:

@@ -108,6 +108,8 @@ def resume_command(request: SearchRequest) -> str:
     for name, default in HOW_IT_RUNS.items():
         if flags.get(name) not in (None, default):
             words += [f"--{name.replace('_', '-')}", str(flags[name])]
+    if flags.get("force"):  # (the --out it was allowed to replace is still there)
+        words.append("--force")
     return shlex.join(words)
 
 

@@ -201,3 +201,25 @@ def test_a_symlinked_adapter_keeps_its_name_in_the_run_and_the_resume_line_keeps
     request = SearchRequest(adapters=[], merge=MergeConfig(), tasks="t.yaml", eval=EvalSettings(),
                             run_dir=tmp_path / "run", flags={"force": True})
     assert resume_command(request).endswith("--resume --force")
+
+
+def test_two_owners_of_one_option_name_are_named_as_the_command_line_is_built(monkeypatch):
+    """Two strategies each declaring a setting `k` (or a method parameter named `budget`) crashed every command at
+    start with `ValueError: duplicate parameter name: 'k'`, from inspect, naming no owner."""
+    from dataclasses import replace
+
+    import pytest
+    from loramerge_cli.cli import options
+    from loramerge_cli.cli.search_cmd import strategy_options
+    from loramerge_cli.search import strategies
+    from loramerge_cli.search.parameters import StrategyParameter
+
+    k = StrategyParameter("k", int, 2, "units pruned")
+    for name in ("first_toy", "second_toy"):
+        toy = replace(strategies.STRATEGIES["greedy"], name=name, parameters=(k,))
+        monkeypatch.setitem(strategies.STRATEGIES, name, toy)
+    with pytest.raises(TypeError, match="strategies 'first_toy' and 'second_toy' both declare a setting named 'k'"):
+        strategy_options()
+    budget = options.option("budget", int, 1, help="x")
+    with pytest.raises(TypeError, match="two options of one command are named --budget"):
+        options.signature([budget], [budget])

@@ -82,7 +82,13 @@ def choice(names):
 def signature(*groups: list[inspect.Parameter]) -> inspect.Signature:
     """The signature of a command taking the Typer context and every option of `groups`, in order."""
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
-    return inspect.Signature([context, *(parameter for group in groups for parameter in group)])
+    parameters = [context, *(parameter for group in groups for parameter in group)]
+    names = [parameter.name for parameter in parameters]
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:  # a registered parameter (a merge method's, a strategy's) named like another option of the command
+        raise TypeError(f"two options of one command are named --{twice[0].replace('_', '-')}: a merge method's or "
+                        "a search strategy's declared parameter needs a name no other option of the command has")
+    return inspect.Signature(parameters)
 
 
 def with_options(*groups: list[inspect.Parameter]):

@@ -129,9 +129,13 @@ def strategy_options() -> list:
     """Each strategy's own settings (its registered `parameters`), as options named after them."""
     from loramerge_cli.search.strategies import STRATEGIES
 
-    options = []
+    options, owners = [], {}
     for strategy in STRATEGIES.values():
         for parameter in strategy.parameters:
+            if parameter.name in owners:  # one option each: a second owner would make the command line ambiguous
+                raise TypeError(f"strategies {owners[parameter.name]!r} and {strategy.name!r} both declare a setting "
+                                f"named {parameter.name!r}: each search-mask option has one owner, rename one")
+            owners[parameter.name] = strategy.name
             flags = parameter.flags or ((f"--{parameter.name}/--no-{parameter.name}",) if parameter.type is bool
                                         else ())
             allowed = f" Allowed: {parameter.bounds()}." if parameter.bounds() else ""

@@ -16,7 +16,7 @@ from loramerge_cli.adapters.model import Adapter, LoraModule
 from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
 from loramerge_cli.adapters.units import sorted_units
 from loramerge_cli.adapters.writer import write_adapter
-from loramerge_cli.errors import LoramergeError, UsageError
+from loramerge_cli.errors import LoramergeError, UsageError, brief, expect, expect_adapters
 from loramerge_cli.hub import local_paths_warnings, push_folder
 from loramerge_cli.masks import (
     WeightTable,
@@ -106,6 +106,8 @@ def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind
     from loramerge_cli.outputs import holds, write_result
     from loramerge_cli.search.rundir import BEST_NAME
 
+    expect(plan, SearchPlan, "search runs a plan (api.plan_search(request))")
+
     if plan.out is not None and plan.finished is None:  # (a plan searched twice: its table is there now)
         from loramerge_cli.outputs import guard_output
 
@@ -144,7 +146,7 @@ def evaluate(tasks: str | Path, experts: list[Adapter], merged: list[Adapter] | 
         merge_plan.check_loaded(merged)
     settings = EvalSettings() if settings is None else settings
     if not isinstance(settings, EvalSettings):
-        raise UsageError(f"settings must be an EvalSettings (got {settings!r})")
+        raise UsageError(f"settings must be an EvalSettings (got {brief(settings)})")
     return eval_report(tasks, experts, merged, settings, **options)
 
 
@@ -172,7 +174,7 @@ def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indice
 def write_merged_adapter(result: MergeResult, adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
     """Write a merge result as a PEFT LoRA folder; never into an input adapter's folder (even with force)."""
     if not isinstance(result, MergeResult):
-        raise UsageError(f"result must be a MergeResult (api.merge returns one), not {result!r}")
+        raise UsageError(f"result must be a MergeResult (api.merge returns one), not {brief(result)}")
     merge_plan.check_loaded(adapters)
     check_table_type(options.get("table"))
     extra = {**result.provenance, **(options.pop("extra_provenance", None) or {})}  # λ tuning, RegMean's inputs
@@ -190,6 +192,7 @@ def module_norm(module: LoraModule) -> float:
     """‖B̃A‖_F = |scale|·‖BA‖_F, with ‖BA‖_F² = trace((BᵀB)(AAᵀ)) from the r×r Gram matrices: never forms BA. The
     factors are divided by their largest entries first and the scale applied last, so that a huge lora_alpha gives
     a huge norm (or inf), never NaN."""
+    expect(module, LoraModule, "module_norm takes a LoraModule (one of an adapter's modules' values)")
     B, A = module.lora_B.to(torch.float64), module.lora_A.to(torch.float64)
     largest_B, largest_A = float(B.abs().max()) if B.numel() else 0.0, float(A.abs().max()) if A.numel() else 0.0
     if largest_B == 0.0 or largest_A == 0.0:
@@ -220,6 +223,7 @@ def norm_grid(adapters: list[Adapter]) -> dict:
 
     Modules outside any block are listed under their own path after the units.
     """
+    expect_adapters(adapters, "norm_grid")
     norms: dict[str, list[list[float]]] = {}
     for task, adapter in enumerate(adapters):
         for path, module in adapter.modules.items():

@@ -36,12 +36,27 @@ def brief(value) -> str:
     return shortened.repr(value)
 
 
+def expect(value, kind, what: str) -> None:
+    """A usage error unless `value` is a `kind` (a class or a tuple of them); `what` says what was expected."""
+    if not isinstance(value, kind):
+        raise UsageError(f"{what}, not {brief(value)}")
+
+
+def expect_adapters(adapters, what: str) -> None:
+    """A usage error unless `adapters` is a list (or tuple) of loaded adapters."""
+    from loramerge_cli.adapters.model import Adapter
+
+    if not isinstance(adapters, (list, tuple)) or not all(isinstance(adapter, Adapter) for adapter in adapters):
+        raise UsageError(f"{what} takes loaded adapters (api.load_adapters), not {brief(adapters)}")
+
+
 MAX_SEED = 2**32 - 1  # numpy's and so pycma's largest seed
 
 
 def check_seed(seed: int | None, flag: str = "--seed") -> None:
     """The one seed rule, for every strategy and merge: an integer in 1 … 2^32 − 1 (pycma reads 0 as 'seed
-    from the clock'; numpy, under CMA-ES, takes no larger one)."""
+    from the clock'; numpy, under CMA-ES, takes no larger one). A numpy integer is the integer it holds."""
+    seed = plain_value(seed)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 1 <= seed <= MAX_SEED):
         raise UsageError(f"{flag} must be an integer from 1 to {MAX_SEED} (0 would mean a clock seed to CMA-ES)")
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 from loramerge_cli.adapters.model import Adapter, content_sha256
 from loramerge_cli.adapters.units import sorted_units, unit_of
 from loramerge_cli.atomic import TooLarge, read_small_file, write_text
-from loramerge_cli.errors import LoramergeError, UsageError, first_line
+from loramerge_cli.errors import LoramergeError, UsageError, brief, expect, expect_adapters, first_line
 
 FORMAT = "loramerge.mask/v1"
 TABLE_MAX_BYTES = 256 << 20  # a table with a long search history is a few MiB
@@ -84,7 +85,7 @@ def units_of(adapters: list[Adapter]) -> list[str]:
 def check_table_type(table) -> None:
     """A usage error unless `table` is None or a WeightTable (a path is read by load_table first)."""
     if table is not None and not isinstance(table, WeightTable):
-        raise UsageError(f"table must be a WeightTable (api.load_table reads a file), not {table!r}")
+        raise UsageError(f"table must be a WeightTable (api.load_table reads a file), not {brief(table)}")
 
 
 def ones_table(adapters: list[Adapter]) -> WeightTable:
@@ -173,6 +174,7 @@ def load_table(path: str | Path) -> WeightTable:
     file)."""
     if isinstance(path, str) and path == STANDARD_INPUT:
         return table_from_text(_standard_input(), STANDARD_INPUT_ORIGIN)
+    expect(path, (str, os.PathLike), "load_table reads a file: give its path")
     path = Path(path)
     try:
         text = read_small_file(path, TABLE_MAX_BYTES).decode("utf-8")
@@ -304,6 +306,8 @@ def table_problem(table: WeightTable) -> str | None:
 def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask") -> None:
     """The table must be well formed (one finite weight per task and unit) and name the same tasks, units and
     adapter weights (sha256) as the inputs."""
+    expect(table, WeightTable, "check_table takes a WeightTable (api.load_table reads a file)")
+    expect_adapters(adapters, "check_table")
     problem = table_problem(table)  # (built in code too)
     if problem is not None:
         raise LoramergeError(f"{origin}: {problem}")

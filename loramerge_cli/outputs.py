@@ -268,12 +268,12 @@ UNRECORDED = (MARKER, RECIPE_NAME)  # loramerge's own record, and the recipe: ed
 
 def output_digest(path: Path) -> str:
     """The sha256 loramerge.json records for a file it wrote (text files with their line ends as LF)."""
-    stat = path.stat()
-    return _digest(str(path), stat.st_mtime_ns, stat.st_size)
+    stat = path.stat()  # (the change time too: an edit that restores the modification time, `touch -r`, is seen)
+    return _digest(str(path), stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_size)
 
 
 @functools.lru_cache(maxsize=256)
-def _digest(path: str, mtime_ns: int, size: int) -> str:  # one read per file and version, however many checks
+def _digest(path: str, mtime_ns: int, ctime_ns: int, inode: int, size: int) -> str:  # one read per file version
     from loramerge_cli.adapters.sources import sha256_file
 
     if Path(path).suffix in TEXT_SUFFIXES:

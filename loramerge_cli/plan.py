@@ -32,7 +32,7 @@ from loramerge_cli.adapters.writer import (
     table_files,
     write_merged_adapter,
 )
-from loramerge_cli.errors import LoramergeError, NonFiniteError, UsageError, is_finite_number
+from loramerge_cli.errors import LoramergeError, NonFiniteError, UsageError, brief, expect, is_finite_number
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, align_table, check_table, check_table_type
 from loramerge_cli.merging import merge as merging
@@ -258,7 +258,7 @@ def plan_merge(
     check_loaded(adapters)
     check_table_type(table)
     if not isinstance(config, MergeConfig):
-        raise UsageError(f"config must be a MergeConfig (got {config!r})")
+        raise UsageError(f"config must be a MergeConfig (got {brief(config)})")
     if tuning is not None and config.lam not in (None, "auto"):
         raise UsageError(f"λ is given ({config.lam}) and tuned (tuning=): give one (tuning= is --lambda auto)")
     for name, value, kinds in (("base", base, (str, os.PathLike)), ("head", head, str), ("command", command, str)):
@@ -324,6 +324,7 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
     called after each module; `on_event` receives the progress stages (loramerge_cli.events). A plan with an
     output keeps each merged module as it will be written (the output dtype, checked against its range as it
     is finished), so the merge holds one module in float64 at a time; without one, the float64 factors."""
+    expect(plan, MergePlan, "execute runs a merge plan (api.plan_merge; api.execute_eval runs an eval plan)")
     settings, tuning, statistics, engine, data_warnings = plan.settings, {}, None, None, []
     if plan.data is not None:
         from loramerge_cli.evaluation.grams import collect_grams
@@ -380,6 +381,8 @@ def write(plan: MergePlan, result: MergeResult, recipe: str | None = None, repo_
     """Write the merge where the plan says (the output guard runs again: the disk may have changed).
     `recipe` (YAML text) becomes loramerge.yaml; `repo_id` is the Hub id the model card's code loads
     (`owner/name@branch` for a branch)."""
+    expect(plan, MergePlan, "write takes the merge plan (api.plan_merge)")
+    expect(result, MergeResult, "write takes the MergeResult api.execute returns")
     if plan.out is None:
         raise UsageError("the plan has no output folder (give out= to plan_merge)")
     outputs.check_not_an_input(plan.out, task_inputs(plan.adapters, plan.data, plan.tuning))
@@ -442,7 +445,7 @@ def plan_prune(adapters: list[Adapter], table: WeightTable, out: str | Path, *, 
     """Check the dtype, the output (never an input) and the table against the adapters, before any work."""
     check_loaded(adapters)
     if not isinstance(table, WeightTable):
-        raise UsageError(f"apply-mask needs a WeightTable (api.load_table, api.weight_table), not {table!r}")
+        raise UsageError(f"apply-mask needs a WeightTable (api.load_table, api.weight_table), not {brief(table)}")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     check_output_dir(out, force, adapter_files(adapters, base) + table_files(table))

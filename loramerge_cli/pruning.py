@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from loramerge_cli.adapters.model import Adapter, content_sha256
-from loramerge_cli.errors import LoramergeError
+from loramerge_cli.errors import LoramergeError, expect, plain_value
 from loramerge_cli.masks import WeightTable
 
 
@@ -23,11 +23,13 @@ def apply_table(adapter: Adapter, table: WeightTable, task_index: int) -> Adapte
     """
     from loramerge_cli.masks import check_table_type, table_problem
 
+    expect(adapter, Adapter, "apply_table takes a loaded adapter (api.load_adapter)")
     check_table_type(table)
     problem = table_problem(table)
     if problem is not None:
         raise LoramergeError(f"the table: {problem}")
     rows = len(table.tasks)
+    task_index = plain_value(task_index)  # (np.int64(0) is row 0)
     if isinstance(task_index, bool) or not isinstance(task_index, int) or not 0 <= task_index < rows:
         raise LoramergeError(f"task index {task_index!r} is not a row of the table (0 to {rows - 1})")
     if table.tasks[task_index] != adapter.name:

@@ -223,3 +223,58 @@ def test_two_owners_of_one_option_name_are_named_as_the_command_line_is_built(mo
     budget = options.option("budget", int, 1, help="x")
     with pytest.raises(TypeError, match="two options of one command are named --budget"):
         options.signature([budget], [budget])
+
+
+def test_the_library_refuses_the_wrong_kind_of_object_in_one_short_line(llama_task_dirs, tmp_path):
+    """Loaded adapters given to plan_eval passed the plan and were refused by execute_eval in a 177,000-character
+    message; type errors printed the whole object (100,000 characters for two adapters); a plan of the wrong kind,
+    a path for a table or an adapter, or None for a path, failed deep inside with AttributeError or TypeError."""
+    import numpy as np
+    import pytest
+    from loramerge_cli import api
+    from loramerge_cli.errors import UsageError
+
+    adapters = api.load_adapters(list(llama_task_dirs.values()))
+    table = api.ones_table(adapters)
+    paths = [str(path) for path in llama_task_dirs.values()]
+    module = next(iter(adapters[0].modules.values()))
+    merge_plan = api.plan_merge(adapters, api.MergeConfig(merger="ta"), out=tmp_path / "m")
+    calls = [lambda: api.plan_eval(str(tmp_path / "tasks.yaml"), adapters, []),
+             lambda: api.load_adapters(adapters), lambda: api.merge(adapters, adapters[0]),
+             lambda: api.write_merged_adapter(adapters, adapters, tmp_path / "w"),
+             lambda: api.search(merge_plan), lambda: api.execute_eval(merge_plan), lambda: api.write(merge_plan, None),
+             lambda: api.check_table("mask.json", adapters), lambda: api.check_table(table, paths),
+             lambda: api.apply_table(paths[0], table, 0), lambda: api.module_norm(adapters[0]),
+             lambda: api.norm_grid(paths), lambda: api.load_table(None)]
+    for call in calls:
+        with pytest.raises(UsageError) as error:
+            call()
+        assert len(str(error.value)) < 400 and "\n" not in str(error.value), str(error.value)[:400]
+    assert api.apply_table(adapters[0], table, np.int64(0)).name == adapters[0].name  # numpy's integers are integers
+    assert api.module_norm(module) > 0
+    api.check_table(table, adapters)
+
+
+def test_a_numpy_seed_is_a_seed():
+    """`EnmpSettings(seed=np.int64(1))`: "--seed must be an integer from 1 to 4294967295"."""
+    import numpy as np
+    from loramerge_cli.errors import check_seed
+
+    check_seed(np.int64(1))
+    check_seed(np.uint32(2**32 - 1))
+
+
+def test_a_hand_edit_that_keeps_size_and_mtime_is_seen_in_the_same_process(tmp_path):
+    """The digest cache was keyed by path, mtime and size: an edit keeping both (`touch -r`) was not seen by a
+    second check in one process, so `--force` replaced a hand-edited output the CLI would have refused."""
+    import os
+
+    from loramerge_cli.outputs import output_digest
+
+    path = tmp_path / "README.md"
+    path.write_text("aaaa\n")
+    before = output_digest(path)
+    stat = os.stat(path)
+    path.write_text("bbbb\n")
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert output_digest(path) != before

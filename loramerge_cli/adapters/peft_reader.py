@@ -16,7 +16,7 @@ import torch
 
 from loramerge_cli.adapters.model import Adapter, AdapterSource, LoraModule, saved_whole
 from loramerge_cli.adapters.sources import check_names, default_name, resolve, sha256_file, split_name
-from loramerge_cli.errors import LoramergeError, UsageError, first_line, is_finite_number
+from loramerge_cli.errors import LoramergeError, UsageError, brief, first_line, is_finite_number
 
 # Config fields that change what a LoRA module computes; loramerge refuses them by name.
 REFUSED_FIELDS = {
@@ -86,7 +86,7 @@ def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adap
     if isinstance(arguments, (str, os.PathLike)):  # one source, not a sequence of characters
         arguments = [arguments]
     if not isinstance(arguments, (list, tuple)) or not all(isinstance(a, (str, os.PathLike)) for a in arguments):
-        raise UsageError(f"give the adapters' sources (paths, name=path or Hub ids) as a list, not {arguments!r}")
+        raise UsageError(f"give the adapters' sources (paths, name=path or Hub ids) as a list, not {brief(arguments)}")
     adapters = [load_adapter(argument, allow_pickle) for argument in arguments]
     seen: dict[str, str] = {}
     for adapter in adapters:

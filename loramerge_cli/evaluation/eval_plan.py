@@ -55,7 +55,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     the run directory (a score cache) and the report's file (never over an input; an existing report only with
     `force`)."""
     from loramerge_cli.adapters.sources import as_sources, check_base_given, source_names
-    from loramerge_cli.errors import UsageError
+    from loramerge_cli.errors import UsageError, brief
     from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
     from loramerge_cli.evaluation.model_fit import check_model_fit
@@ -63,9 +63,12 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     from loramerge_cli.search.backends import Backend
 
     experts, merged = as_sources(experts), as_sources(merged or [])
+    if not all(isinstance(source, str) for source in [*experts, *merged]):  # (workers load them by source)
+        raise UsageError("plan_eval takes the adapters' sources (paths, name=path, Hub ids), not loaded adapters: "
+                         "api.evaluate scores loaded ones")
     settings = EvalSettings() if settings is None else settings
     if not isinstance(settings, EvalSettings):
-        raise UsageError(f"settings must be an EvalSettings (got {settings!r})")
+        raise UsageError(f"settings must be an EvalSettings (got {brief(settings)})")
     settings.check()
     out = Path(out) if out is not None else None
     if out is not None and out.is_dir():
@@ -97,6 +100,10 @@ def execute_eval(plan: EvalPlan, report=None) -> dict:
     """Load the adapters, score them (the merges on the plan's workers, if any) and write the report to the
     plan's file; returns the report."""
     import json
+
+    from loramerge_cli.errors import expect
+
+    expect(plan, EvalPlan, "execute_eval runs an eval plan (api.plan_eval; api.execute runs a merge plan)")
 
     from loramerge_cli.adapters.peft_reader import load_adapters
     from loramerge_cli.evaluation.report import check_request, eval_report

@@ -30,11 +30,11 @@ class MergeConfig:
     def __post_init__(self) -> None:
         """A setting with a field may come in `params` too (every method parameter can be given there): it moves
         to its field, and the same setting given both ways with two values is refused."""
-        from loramerge_cli.errors import UsageError, plain_fields, plain_value
+        from loramerge_cli.errors import UsageError, brief, plain_fields, plain_value
 
         plain_fields(self)  # numpy numbers as Python ones
         if not isinstance(self.params, dict):
-            raise UsageError(f"params must be a dict of method parameters by name (got {self.params!r})")
+            raise UsageError(f"params must be a dict of method parameters by name (got {brief(self.params)})")
         self.params = {name: plain_value(value) for name, value in self.params.items()}
         moved = {name: value for name, value in self.params.items() if name in SETTINGS and value is not None}
         for name, value in moved.items():

@@ -15,7 +15,7 @@ import torch
 from loramerge_cli.adapters.compat import check_compatible
 from loramerge_cli.adapters.model import Adapter
 from loramerge_cli.adapters.units import unit_sort_key
-from loramerge_cli.errors import LoramergeError, UsageError, check_seed, is_finite_number
+from loramerge_cli.errors import LoramergeError, UsageError, brief, check_seed, is_finite_number
 from loramerge_cli.masks import WeightTable, check_table
 from loramerge_cli.merging import elementwise, spectral
 from loramerge_cli.merging.config import (  # noqa: F401  (MergeConfig is imported from here too)
@@ -117,7 +117,7 @@ def _check_types(config: MergeConfig) -> None:
     weights = config.weights
     if weights is not None and (isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__")
                                 or not all(_finite_real(w) for w in weights)):
-        raise UsageError(f"--weights must be a list of finite numbers, one per adapter (got {weights!r})")
+        raise UsageError(f"--weights must be a list of finite numbers, one per adapter (got {brief(weights)})")
     if config.out_rank is not None and (isinstance(config.out_rank, bool) or not isinstance(config.out_rank, int)):
         raise UsageError(f"--out-rank must be a whole number (got {config.out_rank!r})")
     if config.energy is not None and not _finite_real(config.energy):

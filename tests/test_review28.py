@@ -47,8 +47,15 @@ def test_an_interrupted_greedy_run_restarts_with_the_same_command(tmp_path):
     assert not (tmp_path / "run" / "finished.json").exists()
     with pytest.raises(LoramergeError, match="unfinished search with other settings"):
         run_search(replace(request, budget=5))
+    (tmp_path / "run" / "elapsed.json").unlink()
+    (tmp_path / "run" / "elapsed.json").mkdir()  # (a restart removed it: IsADirectoryError, "internal error")
+    with pytest.raises(LoramergeError, match="elapsed.json is not a file"):
+        run_search(request)
+    (tmp_path / "run" / "elapsed.json").rmdir()
     again, _ = run_search(request)
     assert again.weights == plain.weights
+    # a Ctrl-C between the finished run and its --out names --resume, which gives the table (not "rerun")
+    assert "the search had finished" in interrupts.hint() and "--resume" in interrupts.hint()
     with pytest.raises(LoramergeError, match="already holds a finished search: pass --resume"):
         run_search(request)
 
@@ -278,3 +285,35 @@ def test_a_hand_edit_that_keeps_size_and_mtime_is_seen_in_the_same_process(tmp_p
     path.write_text("bbbb\n")
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert output_digest(path) != before
+
+
+def test_a_search_refused_the_run_dir_lock_leaves_the_holder_s_files(tmp_path, monkeypatch):
+    """Two searches started together on a new run dir: the one refused the lock ("in use by another search")
+    removed what the other had written since its first look (its config.json and .lock, or the whole folder), so
+    the finished search could neither be resumed nor rerun, and a third could lock the folder beside it."""
+    import pytest
+    from filelock import FileLock
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search import rundir
+    from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.runner import SearchRequest, run_search
+
+    run_dir = tmp_path / "run"
+    holder = FileLock(str(run_dir / ".lock"))
+    enter = rundir.RunDirLock.__enter__
+
+    def the_other_search_first(self):  # it makes the folder, locks it and saves its configuration meanwhile
+        run_dir.mkdir(exist_ok=True)
+        holder.acquire()
+        (run_dir / "config.json").write_text("{}")
+        return enter(self)
+
+    monkeypatch.setattr(rundir.RunDirLock, "__enter__", the_other_search_first)
+    request = SearchRequest(strategy="random", adapters=["a"], merge=MergeConfig(merger="ties"), tasks="t.yaml",
+                            eval=EvalSettings(), enmp=EnmpSettings(max_prune=0.5), budget=2, run_dir=run_dir)
+    with pytest.raises(LoramergeError, match="in use by another search"):
+        run_search(request)
+    assert (run_dir / "config.json").is_file() and (run_dir / ".lock").exists()
+    holder.release()

@@ -269,6 +269,9 @@ def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool =
         raise LoramergeError(f"{run_dir} already holds a search ({states[0]}); pass --resume to continue it, or give "
                              "another --run-dir")
     if held:  # an unfinished run that saved no state (greedy, random, or killed early): the same command restarts
+        odd = next((name for name in held if not (run_dir / name).is_file()), None)
+        if odd is not None:
+            raise LoramergeError(f"{run_dir / odd} is not a file; give --run-dir a folder of its own")
         changes = _changes_from_saved(saved, config, digests)
         if changes:
             raise LoramergeError(f"{run_dir} already holds an unfinished search with other settings ({changes}); "

@@ -123,15 +123,21 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
 
     run_dir = Path(request.run_dir)
     before = {path.name for path in run_dir.iterdir()} if run_dir.is_dir() else None
+    held = False
     try:
         with RunDirLock(run_dir):
+            held = True
             table, provenance = _run_search(request, on_event)
             text = table.text()  # the run's table, then the mark that it finished (still holding the lock)
             write_text(run_dir / BEST_NAME, text)
             record_finished(run_dir, text)
+            from loramerge_cli import interrupts
+
+            interrupts.set_hint(f"the search had finished; its table: {resume_command(request)}", resumable=True)
             return table, provenance
     except Exception:  # refused, or failed, before saving any state (Ctrl-C keeps the run dir: it resumes)
-        forget_refused_run(run_dir, before)
+        if held:  # (a run refused the lock leaves the folder to the search that holds it)
+            forget_refused_run(run_dir, before)
         raise
 
 

@@ -317,3 +317,31 @@ def test_a_search_refused_the_run_dir_lock_leaves_the_holder_s_files(tmp_path, m
         run_search(request)
     assert (run_dir / "config.json").is_file() and (run_dir / ".lock").exists()
     holder.release()
+
+
+def test_a_finished_run_gives_its_table_from_a_run_dir_it_cannot_lock(tmp_path, monkeypatch):
+    """A finished run dir on a read-only mount: `--resume` refused with "--run-dir R: cannot use it (Read-only
+    file system)" (taking the lock opens .lock for writing), though only its table is read."""
+    from dataclasses import replace
+
+    from eval_fixtures import build_text_setting
+    from loramerge_cli import api
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search import rundir
+    from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.runner import SearchRequest
+
+    setting = build_text_setting(tmp_path / "setting")
+    request = SearchRequest(strategy="random", adapters=setting.adapter_args(), merge=MergeConfig(merger="ties"),
+                            tasks=setting.tasks_file, eval=EvalSettings(threads=1, batch_size=8),
+                            enmp=EnmpSettings(max_prune=0.5), budget=2, run_dir=tmp_path / "run")
+    table, _ = api.search(api.plan_search(request))
+
+    def read_only(self):
+        raise LoramergeError(f"--run-dir {self.run_dir}: cannot use it (Read-only file system)")
+
+    monkeypatch.setattr(rundir.RunDirLock, "__enter__", read_only)
+    again, _ = api.search(api.plan_search(replace(request, resume=True), out=tmp_path / "table.json"))
+    assert again.weights == table.weights and (tmp_path / "table.json").is_file()

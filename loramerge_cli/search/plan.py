@@ -389,8 +389,9 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
             if foreign:
                 raise LoramergeError(f"--run-dir {run_dir} holds {foreign[0]}, which no search of loramerge wrote "
                                      "there; give a new folder")
-        RunDirLock(run_dir).check_free()
-        check_creatable(run_dir, f"--run-dir {run_dir}: cannot write in it")  # a resume too, before any work
+        if finished is None:  # (a finished run's table is only read: from a read-only copy too)
+            RunDirLock(run_dir).check_free()
+            check_creatable(run_dir, f"--run-dir {run_dir}: cannot write in it")  # a resume too, before any work
         read_cache(run_dir / CACHE_NAME)  # a scores.json loramerge did not write is refused, not written into
 
 

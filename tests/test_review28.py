@@ -345,3 +345,50 @@ def test_a_finished_run_gives_its_table_from_a_run_dir_it_cannot_lock(tmp_path, 
     monkeypatch.setattr(rundir.RunDirLock, "__enter__", read_only)
     again, _ = api.search(api.plan_search(replace(request, resume=True), out=tmp_path / "table.json"))
     assert again.weights == table.weights and (tmp_path / "table.json").is_file()
+
+
+def test_apply_mask_of_real_weights_says_which_merges_of_the_copies_equal_merge_mask(llama_task_dirs, tmp_path):
+    """An NSC table applied with apply-mask: "merge them with --lambda 1 (and the merger you choose) to get what
+    merge --mask gives", but `--normalize weight` (and `--elect-on unweighted`) read each task's weight, which the
+    copies cannot carry: 0.60 of ΔW apart. The warning now says so; a default TIES merge of the copies is equal."""
+    from dataclasses import replace
+
+    import torch
+    from factories import invoke_cli
+    from loramerge_cli import api
+    from safetensors.torch import load_file
+
+    adapters = api.load_adapters(list(llama_task_dirs.values()))
+    ones = api.ones_table(adapters)
+    weights = [[0.5 + 0.25 * ((task + unit) % 3) for unit in range(len(ones.units))] for task in range(2)]
+    mask = tmp_path / "table.json"
+    replace(ones, weights=weights, scale=1.0).save(mask)
+    applied = invoke_cli(["apply-mask", "--adapters", *llama_task_dirs.values(), "--mask", mask,
+                          "--out", tmp_path / "copies", "--threads", "1"])
+    assert applied.exit_code == 0 and "except with --normalize weight or --elect-on unweighted" in applied.stderr
+    copies = [tmp_path / "copies" / name for name in llama_task_dirs]
+
+    def delta(folder):
+        tensors = load_file(folder / "adapter_model.safetensors")
+        return {key[: -len(".lora_A.weight")]: tensors[key.replace("lora_A", "lora_B")].double()
+                @ tensors[key].double() for key in tensors if key.endswith("lora_A.weight")}
+
+    def merged(*args):
+        out = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        result = invoke_cli(["merge", *args, "--merger", "ties", "--out-rank", "64", "--out", out, "--threads", "1"])
+        assert result.exit_code == 0, result.stderr
+        return delta(out)
+
+    def apart(first, second):
+        return max(float(torch.linalg.norm(first[k] - second[k]) / torch.linalg.norm(first[k])) for k in first)
+
+    by_mask = merged("--adapters", *llama_task_dirs.values(), "--mask", mask)
+    assert apart(by_mask, merged("--adapters", *copies, "--lambda", "1")) < 1e-5
+    by_mask_weight = merged("--adapters", *llama_task_dirs.values(), "--mask", mask, "--normalize", "weight",
+                            "--override")
+    assert apart(by_mask_weight, merged("--adapters", *copies, "--lambda", "1", "--normalize", "weight")) > 1e-3
+    unit_table = replace(ones, scale=1.0)
+    unit_table.save(tmp_path / "ones.json")
+    plain = invoke_cli(["apply-mask", "--adapters", *llama_task_dirs.values(), "--mask", tmp_path / "ones.json",
+                        "--out", tmp_path / "copies1", "--threads", "1"])
+    assert plain.exit_code == 0 and "--normalize weight" not in plain.stderr

@@ -64,7 +64,7 @@ def apply_mask_command(ctx: typer.Context, **flags) -> None:
         {"name": a.name, "folder": str(out / a.name) if a.modules else None, "modules": len(a.modules),
          "removed": len(original.modules) - len(a.modules)} for a, original in zip(pruned, loaded)],
         "warnings": configless_warnings(loaded) + api.base_warnings(plan.base)
-        + _lambda_warning(plan.table, [bool(a.modules) for a in pruned])
+        + _lambda_warning(plan.table, [bool(a.modules) for a in pruned]) + _fractional_warning(plan.table)
         + [_pruned_entirely(a, out, len(pruned)) for a in pruned if not a.modules]}
     if flags["json_output"]:
         return emit_json(report, "apply-mask")
@@ -80,6 +80,16 @@ def _pruned_entirely(adapter, out, task_count: int) -> str:
     return (f"the table prunes every module of {adapter.name!r}: no folder is written for it (PEFT loads no LoRA "
             f"adapter without modules){head}. A merge of the others gives merge --mask's result at merge --mask's "
             f"λ: a default λ of 1/T counts all {task_count} tasks there, so pass it (--lambda)")
+
+
+def _fractional_warning(table) -> list[str]:
+    """A table of real weights (NSC's): the copies carry each weight in their factors, which is what merge --mask
+    does with it, except where a TIES merge reads the weights themselves."""
+    if all(value in (0, 1) for row in table.weights for value in row):
+        return []
+    return ["the table's weights other than 0 and 1 are in the copies' factors (lora_B × weight): a merge of the "
+            "copies gives merge --mask's result, to rounding, except with --normalize weight or --elect-on "
+            "unweighted, which read each task's weight itself (the copies carry none)"]
 
 
 def _lambda_warning(table, kept: list[bool]) -> list[str]:

@@ -392,3 +392,17 @@ def test_apply_mask_of_real_weights_says_which_merges_of_the_copies_equal_merge_
     plain = invoke_cli(["apply-mask", "--adapters", *llama_task_dirs.values(), "--mask", tmp_path / "ones.json",
                         "--out", tmp_path / "copies1", "--threads", "1"])
     assert plain.exit_code == 0 and "--normalize weight" not in plain.stderr
+
+
+def test_the_lambda_grid_shows_how_many_points_each_stage_scores(text_setting, tmp_path):
+    """`merge --lambda auto`'s grid, the longest part of the merge, had no total (`λ grid 0/?`, no ETA): the coarse
+    grid and the refinement now are stages of known size, each with its time left."""
+    import re
+
+    from factories import invoke_cli
+
+    result = invoke_cli(["merge", "--adapters", *text_setting.adapter_args(), "--merger", "ties", "--lambda", "auto",
+                         "--tasks", text_setting.tasks_file, "--out", tmp_path / "m", "--threads", "1"])
+    assert result.exit_code == 0, result.stderr
+    assert re.search(r"^λ grid: \d+ steps$", result.stderr, re.M), result.stderr
+    assert re.search(r"^λ grid, refined: \d+ steps$", result.stderr, re.M), result.stderr

@@ -291,7 +291,7 @@ def test_cli_progress_on_stderr_summary_on_stdout(setting, tmp_path):
             "--lambda", "auto", "--popsize", "4", "--generations", "2", "--max-prune", "0.5", "--threads", "1"]
     loud = invoke_cli([*args, "--out", str(tmp_path / "a.json"), "--plot", str(tmp_path / "plots")])
     assert loud.exit_code == 0, loud.stderr
-    assert re.search(r"λ grid: \d+, \d+s elapsed", loud.stderr) and "experts: 3/3" in loud.stderr
+    assert re.search(r"λ grid: \d+/\d+, \d+s elapsed", loud.stderr) and "experts: 3/3" in loud.stderr
     assert "scoring the unpruned merge: 1/1" in loud.stderr
     assert "gen   1/2" in loud.stderr and "eta" in loud.stderr
     assert "pruned" in loud.stdout and "gen " not in loud.stdout

@@ -28,6 +28,9 @@ COARSE_GRID = (0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.2, 1.6, 2.0)  
 EDGE_FACTOR = 1.5  # an edge extends by this factor per step
 EDGE_LIMITS = (0.005, 8.0)  # … but not beyond these
 REFINE_INTERVALS = 8  # the refinement step is the first 1-2-5 step >= (gap between the neighbours) / 8
+# Each stage of the grid search, as its progress is shown (the points of a stage are known as it starts).
+STAGE_NAMES = {"given": "λ grid", "coarse": "λ grid", "table": "λ of the table", "edge": "λ grid, extended",
+               "refine": "λ grid, refined"}
 REFINE_AROUND = 2  # the best coarse points refined around (validation curves can have two close peaks)
 
 
@@ -148,6 +151,10 @@ def search_lambda(
     non_finite: list[str] = []  # each λ whose merged model gave NaN or Inf, and why
 
     def means_at(lams: list[float], stage: str) -> list[float | None]:
+        with progress_stage(report, STAGE_NAMES.get(stage, "λ grid"), len(lams)) as step:  # (each with its ETA)
+            return scored(lams, stage, step)
+
+    def scored(lams: list[float], stage: str, step) -> list[float | None]:
         if pool is not None:
             all_scores = pool(lams)
         else:
@@ -166,9 +173,8 @@ def search_lambda(
             step(f"λ {lam:.4g}: {'—' if mean is None else f'{mean:.2f}'}")
         return [record["mean_normalized_accuracy"] for record in records[-len(lams):]]
 
-    with progress_stage(report, "λ grid", len(grid) if grid is not None else None) as step:
-        best, warnings = grid_search(lambda lam, stage: means_at([lam], stage)[0], default_lambda, grid,
-                                     means_at=means_at, also=also)
+    best, warnings = grid_search(lambda lam, stage: means_at([lam], stage)[0], default_lambda, grid,
+                                 means_at=means_at, also=also)
     warnings = expert_warnings + warnings
     if non_finite:
         if len(non_finite) == len(records):

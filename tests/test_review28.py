@@ -406,3 +406,46 @@ def test_the_lambda_grid_shows_how_many_points_each_stage_scores(text_setting, t
     assert result.exit_code == 0, result.stderr
     assert re.search(r"^λ grid: \d+ steps$", result.stderr, re.M), result.stderr
     assert re.search(r"^λ grid, refined: \d+ steps$", result.stderr, re.M), result.stderr
+
+
+def test_ray_s_raylet_messages_leave_stdout_to_the_result(capsys, monkeypatch):
+    """A Ray worker killed mid-search: the raylet's "A worker died or was killed …" line was printed on stdout by
+    Ray's driver (whatever log_to_driver says), before the --json document, which then did not parse."""
+    import pytest
+
+    pytest.importorskip("ray")
+    from loramerge_cli.search.ray_backend import import_ray, raylet_messages_logged
+
+    import_ray()
+    from ray._private import worker as ray_worker
+
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", ray_worker.print_to_stdstream)  # (restored after)
+    raylet_messages_logged()
+    raylet_messages_logged()  # (once per process: a second connect wraps nothing twice)
+    ray_worker.print_to_stdstream({"lines": ["A worker died or was killed"], "pid": "raylet", "is_err": False},
+                                  ignore_prefix=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_a_ray_client_address_is_checked_before_any_work(monkeypatch):
+    """`--ray-address ray://HOST:PORT` passed the probe untested and failed after the models loaded, always, with the
+    `ray` extra ("Ray Client requires pip package `ray[client]`")."""
+    import importlib.util
+    import socket
+
+    import pytest
+
+    pytest.importorskip("ray")
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.search.ray_backend import probe
+
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    if importlib.util.find_spec("grpc") is None:
+        with pytest.raises(LoramergeError, match=r"needs Ray Client \(pip install 'ray\[client\]'\)"):
+            probe(f"ray://127.0.0.1:{port}")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "grpc" else real(name, *a))
+    with pytest.raises(LoramergeError, match="cannot connect to the Ray cluster at ray://"):
+        probe(f"ray://127.0.0.1:{port}", timeout=2.0)

@@ -66,8 +66,29 @@ def connect(address: str | None = None):
             except (ConnectionError, ValueError, RuntimeError) as error:
                 where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
                 raise LoramergeError(f"cannot connect to {where} ({_first_line(error)})") from None
+        raylet_messages_logged()
         interrupts.check()
     return ray
+
+
+def raylet_messages_logged() -> None:
+    """The raylet's error messages (a worker died, a node ran out of memory) go to this module's log, not to
+    stdout, where Ray's driver prints them whatever `log_to_driver` says: stdout holds a command's result (its
+    --json document), and loss of a worker is said by loramerge in one line. Other output Ray prints is left."""
+    from ray._private import worker as ray_worker
+
+    printing = getattr(ray_worker, "print_to_stdstream", None)
+    if printing is None or getattr(printing, "raylet_logged", False):
+        return
+
+    def logged(data, ignore_prefix: bool):
+        if data.get("pid") != "raylet":
+            return printing(data, ignore_prefix)
+        for line in data.get("lines", []):
+            LOGGER.info("raylet: %s", line)
+
+    logged.raylet_logged = True
+    ray_worker.print_to_stdstream = logged
 
 
 @contextmanager
@@ -86,18 +107,25 @@ def probe(address: str, timeout: float = 5.0) -> None:
     """Refuse, in seconds and before any model loads, a cluster address no Ray cluster answers at: "auto" with
     no cluster started on this machine, a HOST:PORT that accepts no connection, or one whose server does not
     speak gRPC, as Ray's GCS does (a web server, a proxy's error page; with RAY_USE_TLS the connection only):
-    ray.init would retry for minutes, its log lines on stderr. Ray client addresses (ray://) are left to
-    ray.init."""
+    ray.init would retry for minutes, its log lines on stderr. A Ray client address (ray://HOST[:PORT], port
+    10001 by default) needs Ray Client's package (grpcio, in `ray[client]`) and a server that speaks gRPC."""
+    import importlib.util
     import socket
 
-    if address.startswith("ray://"):
-        return
     import_ray()
     from ray._private.services import canonicalize_bootstrap_address
 
+    client = address.startswith("ray://")
+    if client and importlib.util.find_spec("grpc") is None:
+        raise LoramergeError(f"cannot connect to the Ray cluster at {address}: a ray:// address needs Ray Client "
+                             "(pip install 'ray[client]'); or give the cluster's GCS address, HOST:6379")
     try:
-        with _ray_log_silenced("ray._private.services"):  # it logs a traceback before raising (":6379")
-            resolved = canonicalize_bootstrap_address(address) or address
+        if client:
+            resolved = address.removeprefix("ray://")
+            resolved = resolved if ":" in resolved else f"{resolved}:10001"
+        else:
+            with _ray_log_silenced("ray._private.services"):  # it logs a traceback before raising (":6379")
+                resolved = canonicalize_bootstrap_address(address) or address
         host, _, port = resolved.rpartition(":")
         if not (port.isdigit() and 0 < int(port) < 65536):  # "local", "host:notaport", "host:99999"
             raise ValueError("no port in 1..65535 after the host: give auto, HOST:PORT or ray://HOST:PORT")
@@ -107,8 +135,9 @@ def probe(address: str, timeout: float = 5.0) -> None:
     except (ConnectionError, OSError, ValueError) as error:
         raise LoramergeError(f"cannot connect to the Ray cluster at {address} ({_first_line(error)})") from None
     if not speaks:
+        server, port = ("Ray Client's server", "10001") if client else ("Ray's GCS", "6379")
         raise LoramergeError(f"cannot connect to the Ray cluster at {address} (the port accepts connections but does "
-                             "not answer as Ray's GCS does, with gRPC: is it the cluster's GCS port, 6379 by default?)")
+                             f"not answer as {server} does, with gRPC: is it {server}'s port, {port} by default?)")
 
 
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])  # + an empty SETTINGS frame

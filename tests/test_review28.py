@@ -77,6 +77,15 @@ def test_a_recipe_seed_is_dropped_by_a_search_that_draws_nothing(tmp_path):
     assert "the recipe's seed dropped: --strategy greedy and ties draw nothing" in result.stderr
     typed = invoke_cli([*command, "--seed", "7", "--out", tmp_path / "b.json"])
     assert typed.exit_code == 2 and "--seed does nothing" in typed.stderr
+    # with a run dir, the same command resumes ("--seed is 7 but the saved run used 1"), also with the recipe alone
+    run = [*command, "--config", recipe, "--run-dir", tmp_path / "run", "--out", tmp_path / "c.json"]
+    assert invoke_cli(run).exit_code == 0
+    resumed = invoke_cli([*run, "--resume"])
+    assert resumed.exit_code == 0, resumed.stderr
+    ties_recipe = tmp_path / "ties.yaml"
+    ties_recipe.write_text("merger: ties\nseed: 7\n")
+    alone = invoke_cli(["search-mask", "--run-dir", tmp_path / "run", "--resume", "--config", ties_recipe])
+    assert alone.exit_code == 0, alone.stderr
 
 
 def test_a_cached_hub_base_commit_asks_nothing_and_an_unreachable_hub_is_named(tmp_path):
@@ -449,3 +458,21 @@ def test_a_ray_client_address_is_checked_before_any_work(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "grpc" else real(name, *a))
     with pytest.raises(LoramergeError, match="cannot connect to the Ray cluster at ray://"):
         probe(f"ray://127.0.0.1:{port}", timeout=2.0)
+
+
+def test_a_table_without_headers_shows_none_when_it_becomes_lines():
+    """merge's result table (no header row) in a 25-column terminal became `what: merger` / `value: ties …`
+    lines: its internal column names, never meant to be shown."""
+    import io
+
+    from loramerge_cli.cli.render import Fitting
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    table.add_row("merger", "ties (method ties, space full)")
+    out = io.StringIO()
+    Console(file=out, width=25).print(Fitting(table))
+    assert "what" not in out.getvalue() and "value" not in out.getvalue() and "merger" in out.getvalue()

@@ -36,11 +36,11 @@ class Fitting:
         from rich.cells import cell_len
 
         columns = self.table.columns
+        headers = [str(column.header) if self.table.show_header else "" for column in columns]  # (hidden: none)
         widths = []
-        for index, column in enumerate(columns):
+        for index, (column, header) in enumerate(zip(columns, headers)):
             longest = max((cell_len(word) for cell in column.cells for word in str(cell).split()), default=1)
-            widths.append(max(min(cell_len(str(column.header)), NAME_FOLD), min(longest, NAME_FOLD) if index == 0
-                              else longest))
+            widths.append(max(min(cell_len(header), NAME_FOLD), min(longest, NAME_FOLD) if index == 0 else longest))
         frame = (len(columns) + 1 if self.table.box else 0) + 2 * len(columns)  # rules and cell padding
         if sum(widths) + frame <= options.max_width:
             for column, width in zip(columns, widths):
@@ -49,7 +49,6 @@ class Fitting:
             return
         if self.table.title:
             yield Text(str(self.table.title), style="italic")
-        headers = [str(column.header) for column in columns]
         for cells in zip(*(list(column.cells) for column in columns)):
             yield Text(f"{headers[0]}: {cells[0]}" if headers[0] else str(cells[0]), style="bold")
             for header, cell in zip(headers[1:], cells[1:]):

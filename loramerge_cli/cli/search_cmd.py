@@ -191,9 +191,9 @@ def search_command(ctx: typer.Context, **flags) -> None:
     from loramerge_cli.search.plan import plan_search  # torch-free: a bad request is refused in a moment
 
     per_adapter_values(ctx, flags)
+    dropped = _seed_a_recipe_gave_to_a_search_that_draws_nothing(ctx, flags)  # (before a resume compares it)
     flags = resumed_flags(ctx, flags)
     check_strategy_flags(ctx, flags)
-    dropped = _seed_a_recipe_gave_to_a_search_that_draws_nothing(ctx, flags)
     plan = plan_search(search_request(flags, command_line(ctx)), out=flags["out"], force=flags["force"],
                        plot=flags["plot"])
     from loramerge_cli import api
@@ -225,13 +225,25 @@ def search_command(ctx: typer.Context, **flags) -> None:
 def _seed_a_recipe_gave_to_a_search_that_draws_nothing(ctx: typer.Context, flags: dict) -> list[str]:
     """A recipe's seed (a merge recipe's, say) for a strategy and a merge that draw nothing (greedy, ties): dropped,
     with a warning, as merge drops it; typed on the command line it is refused by the plan."""
-    if getattr(ctx.get_parameter_source("seed"), "name", "") != "DEFAULT_MAP" or flags["fitness"] != "accuracy":
+    def source(name: str) -> str:
+        return getattr(ctx.get_parameter_source(name), "name", "")
+
+    if source("seed") != "DEFAULT_MAP":
         return []
     from loramerge_cli.search.enmp_settings import EnmpSettings
+    from loramerge_cli.search.rundir import read_config
     from loramerge_cli.search.strategies import STRATEGIES, merge_draws
 
-    strategy = STRATEGIES.get(flags["strategy"])
-    config = merge_config(flags)
+    effective = dict(flags)  # on --resume, what the saved run used where the command line says nothing
+    if flags["resume"] and flags["run_dir"] is not None:
+        saved = (read_config(Path(flags["run_dir"])) or {}).get("flags")
+        for name in ("strategy", "fitness", "merger", "method"):
+            if isinstance(saved, dict) and name in saved and source(name) in ("", "DEFAULT"):
+                effective[name] = saved[name]
+    strategy = STRATEGIES.get(effective["strategy"])
+    if effective["fitness"] != "accuracy":
+        return []
+    config = merge_config(effective)
     if strategy is None or strategy.draws or merge_draws(config) or flags["seed"] == EnmpSettings.seed:
         return []
     flags["seed"] = EnmpSettings.seed

@@ -473,6 +473,7 @@ def test_a_table_without_headers_shows_none_when_it_becomes_lines():
     table.add_column("what")
     table.add_column("value")
     table.add_row("merger", "ties (method ties, space full)")
+    table.add_row("parameters", "weights=[1.0,1.0,1.0,1.0],density=0.8")  # (one word wider than the terminal)
     out = io.StringIO()
     Console(file=out, width=25).print(Fitting(table))
     assert "what" not in out.getvalue() and "value" not in out.getvalue() and "merger" in out.getvalue()

@@ -119,15 +119,11 @@ def _seed_a_recipe_gave_to_an_exact_merger(ctx: typer.Context, flags: dict) -> l
     warning; typed on the command line it is refused by the plan."""
     if flags["seed"] is None or getattr(ctx.get_parameter_source("seed"), "name", "") != "DEFAULT_MAP":
         return []
-    from loramerge_cli.merging.config import DEFAULT_MERGER
-    from loramerge_cli.merging.registry import PRESETS
-
-    merger = flags["merger"] or DEFAULT_MERGER
-    method = flags["method"] or (PRESETS[merger].method if merger in PRESETS else merger)
-    if method in randomized_methods():
+    config = merge_config(flags)
+    if config.draws():
         return []
     flags["seed"] = ctx.params["seed"] = None
-    return [f"the recipe's seed dropped: {method} draws nothing"]
+    return [f"the recipe's seed dropped: {config.method_name()} draws nothing"]
 
 
 @command_errors

@@ -232,7 +232,7 @@ def _seed_a_recipe_gave_to_a_search_that_draws_nothing(ctx: typer.Context, flags
         return []
     from loramerge_cli.search.enmp_settings import EnmpSettings
     from loramerge_cli.search.rundir import read_config
-    from loramerge_cli.search.strategies import STRATEGIES, merge_draws
+    from loramerge_cli.search.strategies import STRATEGIES
 
     effective = dict(flags)  # on --resume, what the saved run used where the command line says nothing
     if flags["resume"] and flags["run_dir"] is not None:
@@ -244,7 +244,7 @@ def _seed_a_recipe_gave_to_a_search_that_draws_nothing(ctx: typer.Context, flags
     if effective["fitness"] != "accuracy":
         return []
     config = merge_config(effective)
-    if strategy is None or strategy.draws or merge_draws(config) or flags["seed"] == EnmpSettings.seed:
+    if strategy is None or strategy.draws or config.draws() or flags["seed"] == EnmpSettings.seed:
         return []
     flags["seed"] = EnmpSettings.seed
     return [f"the recipe's seed dropped: --strategy {strategy.name} and {config.method_name()} draw nothing"]

@@ -57,6 +57,16 @@ class MergeConfig:
         merger = self.merger or DEFAULT_MERGER
         return self.method or (PRESETS[merger].method if merger in PRESETS else merger)
 
+    def draws(self) -> bool:
+        """Whether the merge these settings name depends on the seed (an unknown method: True, left to the merge's
+        check, which names it)."""
+        from loramerge_cli.merging.registry import method_named
+
+        try:
+            return method_named(self.method_name()).randomized
+        except KeyError:
+            return True
+
     def parameter(self, name: str):
         """A method parameter's given value, or None."""
         return getattr(self, name) if name in SETTINGS else self.params.get(name)

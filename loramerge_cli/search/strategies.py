@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from loramerge_cli.errors import LoramergeError, UsageError
-from loramerge_cli.merging.registry import method_named, randomized_methods
+from loramerge_cli.merging.registry import randomized_methods
 from loramerge_cli.search.enmp_settings import EnmpSettings
 from loramerge_cli.search.parameters import SCREENED_PARAMETERS, SURROGATE_PARAMETERS, StrategyParameter
 
@@ -115,7 +115,7 @@ def check_unused(strategy: Strategy, request) -> None:
     if request.nsc.objective != "nsc":  # the entropy objective measures no targets
         uses -= TARGETS
     if not strategy.draws and request.enmp.seed != EnmpSettings.seed and request.fitness == "accuracy" \
-            and not merge_draws(request.merge):
+            and not request.merge.draws():
         raise UsageError(f"--seed does nothing with --strategy {strategy.name} and method "
                          f"{request.merge.method_name()}: neither draws anything (the seed serves the methods "
                          f"{', '.join(randomized_methods())})")
@@ -131,14 +131,6 @@ def check_unused(strategy: Strategy, request) -> None:
                 raise UsageError(f"--{name.replace('_', '-')} does nothing with --strategy {strategy.name}"
                                  + (f" --fitness {request.fitness}" if request.fitness != "accuracy" else "")
                                  + objective + why)
-
-
-def merge_draws(config) -> bool:
-    """Whether the merge these settings name depends on the seed (an unknown method: left to the merge's check)."""
-    try:
-        return method_named(config.method_name()).randomized
-    except KeyError:
-        return True
 
 
 def _budget(request) -> int:

@@ -13,11 +13,10 @@ def is_revision(revision: str) -> bool:
     """A branch name git and the Hub take (`git check-ref-format --branch`): letters, digits, - _ . /; no '..',
     no empty part between slashes, no part starting with '.' or ending with '.lock', no '.' or '-' at the ends,
     not HEAD."""
-    import re
+    from loramerge_cli.adapters.sources import ref_parts_valid
 
     return (bool(re.fullmatch(r"[\w.\-/]+", revision)) and ".." not in revision and revision != "HEAD"
-            and not revision.startswith("-") and not revision.endswith(".")
-            and all(part and not part.startswith(".") and not part.endswith(".lock") for part in revision.split("/")))
+            and not revision.startswith("-") and not revision.endswith(".") and ref_parts_valid(revision))
 
 
 def check_repo_id(repo_id: str | None, dry_run: bool = False, private: bool = False,

@@ -178,6 +178,11 @@ def _listed_without_config(repo_id: str, commit: str) -> bool:
         return False
 
 
+def ref_parts_valid(revision: str) -> bool:
+    """Each '/'-separated part of a git ref name as git takes it: not empty, no leading '.', no '.lock' ending."""
+    return all(part and not part.startswith(".") and not part.endswith(".lock") for part in revision.split("/"))
+
+
 @contextmanager
 def hub_errors(spec: str, repo_id: str, revision: str | None):
     """huggingface_hub's errors while `spec` (`repo_id` at `revision`) is read, as one line naming it."""
@@ -189,8 +194,7 @@ def hub_errors(spec: str, repo_id: str, revision: str | None):
         RevisionNotFoundError,
     )
 
-    if revision is not None and any(part.startswith(".") or part.endswith(".lock") or not part
-                                    for part in revision.split("/")):  # as git refuses such ref names
+    if revision is not None and not ref_parts_valid(revision):
         raise LoramergeError(f"{spec}: {revision!r} is not a revision (a branch, a tag or a commit)")
     # a mistyped relative path reads as a Hub id (adaptors/rte): say that no such local path exists either
     local = "no such local file or folder, and as a Hub id: " \

@@ -16,7 +16,7 @@ from loramerge_cli.adapters.model import Adapter, LoraModule
 from loramerge_cli.adapters.peft_reader import load_adapter, load_adapters
 from loramerge_cli.adapters.units import sorted_units
 from loramerge_cli.adapters.writer import write_adapter
-from loramerge_cli.errors import LoramergeError, UsageError, brief, expect, expect_adapters
+from loramerge_cli.errors import LoramergeError, UsageError, expect, expect_adapters
 from loramerge_cli.hub import local_paths_warnings, push_folder
 from loramerge_cli.masks import (
     WeightTable,
@@ -145,8 +145,7 @@ def evaluate(tasks: str | Path, experts: list[Adapter], merged: list[Adapter] | 
     if merged:
         merge_plan.check_loaded(merged)
     settings = EvalSettings() if settings is None else settings
-    if not isinstance(settings, EvalSettings):
-        raise UsageError(f"settings must be an EvalSettings (got {brief(settings)})")
+    expect(settings, EvalSettings, "settings must be an EvalSettings")
     return eval_report(tasks, experts, merged, settings, **options)
 
 
@@ -173,8 +172,7 @@ def weight_table(adapters: list[Adapter], mask: str | Path | None = None, indice
 
 def write_merged_adapter(result: MergeResult, adapters: list[Adapter], out_dir: str | Path, **options) -> Path:
     """Write a merge result as a PEFT LoRA folder; never into an input adapter's folder (even with force)."""
-    if not isinstance(result, MergeResult):
-        raise UsageError(f"result must be a MergeResult (api.merge returns one), not {brief(result)}")
+    expect(result, MergeResult, "result must be a MergeResult (api.merge returns one)")
     merge_plan.check_loaded(adapters)
     check_table_type(options.get("table"))
     extra = {**result.provenance, **(options.pop("extra_provenance", None) or {})}  # λ tuning, RegMean's inputs

@@ -16,7 +16,7 @@ from pathlib import Path
 from loramerge_cli.adapters.model import Adapter, content_sha256
 from loramerge_cli.adapters.units import sorted_units, unit_of
 from loramerge_cli.atomic import TooLarge, read_small_file, write_text
-from loramerge_cli.errors import LoramergeError, UsageError, brief, expect, expect_adapters, first_line
+from loramerge_cli.errors import LoramergeError, UsageError, expect, expect_adapters, first_line
 
 FORMAT = "loramerge.mask/v1"
 TABLE_MAX_BYTES = 256 << 20  # a table with a long search history is a few MiB
@@ -84,8 +84,8 @@ def units_of(adapters: list[Adapter]) -> list[str]:
 
 def check_table_type(table) -> None:
     """A usage error unless `table` is None or a WeightTable (a path is read by load_table first)."""
-    if table is not None and not isinstance(table, WeightTable):
-        raise UsageError(f"table must be a WeightTable (api.load_table reads a file), not {brief(table)}")
+    if table is not None:
+        expect(table, WeightTable, "table must be a WeightTable (api.load_table reads a file)")
 
 
 def ones_table(adapters: list[Adapter]) -> WeightTable:

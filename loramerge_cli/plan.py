@@ -257,8 +257,7 @@ def plan_merge(
     config = config or MergeConfig()
     check_loaded(adapters)
     check_table_type(table)
-    if not isinstance(config, MergeConfig):
-        raise UsageError(f"config must be a MergeConfig (got {brief(config)})")
+    expect(config, MergeConfig, "config must be a MergeConfig")
     if tuning is not None and config.lam not in (None, "auto"):
         raise UsageError(f"λ is given ({config.lam}) and tuned (tuning=): give one (tuning= is --lambda auto)")
     for name, value, kinds in (("base", base, (str, os.PathLike)), ("head", head, str), ("command", command, str)):

@@ -55,7 +55,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     the run directory (a score cache) and the report's file (never over an input; an existing report only with
     `force`)."""
     from loramerge_cli.adapters.sources import as_sources, check_base_given, source_names
-    from loramerge_cli.errors import UsageError, brief
+    from loramerge_cli.errors import UsageError, expect
     from loramerge_cli.evaluation.cache import check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
     from loramerge_cli.evaluation.model_fit import check_model_fit
@@ -67,8 +67,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
         raise UsageError("plan_eval takes the adapters' sources (paths, name=path, Hub ids), not loaded adapters: "
                          "api.evaluate scores loaded ones")
     settings = EvalSettings() if settings is None else settings
-    if not isinstance(settings, EvalSettings):
-        raise UsageError(f"settings must be an EvalSettings (got {brief(settings)})")
+    expect(settings, EvalSettings, "settings must be an EvalSettings")
     settings.check()
     out = Path(out) if out is not None else None
     if out is not None and out.is_dir():

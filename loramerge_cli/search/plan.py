@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from loramerge_cli.adapters.sources import check_base_given
-from loramerge_cli.errors import LoramergeError, UsageError, brief, check_integer, check_seed
+from loramerge_cli.errors import LoramergeError, UsageError, check_integer, check_seed, expect
 from loramerge_cli.search.backends import Backend
 from loramerge_cli.search.enmp_settings import EnmpSettings
 from loramerge_cli.search.nsc_settings import NscSettings
@@ -95,8 +95,7 @@ def check_request(request: SearchRequest, finished: bool = False) -> Strategy:
     from loramerge_cli.merging.config import MergeConfig
 
     for name, kind in (("merge", MergeConfig), ("eval", EvalSettings), ("enmp", EnmpSettings), ("nsc", NscSettings)):
-        if not isinstance(getattr(request, name), kind):
-            raise UsageError(f"SearchRequest.{name} must be a {kind.__name__} (got {brief(getattr(request, name))})")
+        expect(getattr(request, name), kind, f"SearchRequest.{name} must be a {kind.__name__}")
     strategy = strategy_named(request.strategy)
     if not request.adapters:
         raise UsageError("no adapters to search")

@@ -217,8 +217,8 @@ def search_command(ctx: typer.Context, **flags) -> None:
         table, provenance = api.search(plan, console)
     if coefficients or flags["fitness"] == "nsc":  # (the labelled searches said theirs as they began)
         print_warnings(human_console(flags["quiet"], flags["json_output"]), provenance.get("warnings", []))
-    if flags["json_output"]:
-        return emit_json(table.to_json())
+    if flags["json_output"]:  # (what the command dropped is in the document's warnings, not in the table)
+        return emit_json({**table.to_json(), **({"warnings": dropped} if dropped else {})})
     result_console().print(summary(table, provenance))  # the result: stdout
 
 

@@ -19,3 +19,20 @@ def test_search_json_carries_the_dropped_recipe_seed_warning(tmp_path):
     document = json.loads(result.stdout)
     assert any("the recipe's seed dropped" in line for line in document["warnings"]), document.get("warnings")
     assert "warnings" not in json.loads((tmp_path / "a.json").read_text())  # the table written: no such key
+
+
+def test_random_prunes_round_of_the_decimal_product(tmp_path):
+    """`--strategy random --sparsity 0.7` on 45 (block, task) units pruned 31 (0.7·45 in floating point is
+    31.4999…), where the documented rule, Python's round halving to even, gives 32."""
+    from eval_fixtures import build_text_setting
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search.enmp import EnmpSettings
+    from loramerge_cli.search.runner import SearchRequest, run_search
+
+    setting = build_text_setting(tmp_path / "setting", rows=4, layers=15)
+    request = SearchRequest(strategy="random", adapters=setting.adapter_args(), merge=MergeConfig(),
+                            tasks=setting.tasks_file, eval=EvalSettings(threads=1, batch_size=8),
+                            enmp=EnmpSettings(max_prune=1.0), budget=1, sparsity=0.7)
+    _, provenance = run_search(request)
+    assert provenance["search"]["pruned"] == 32, provenance["search"]

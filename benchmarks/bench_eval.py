@@ -62,9 +62,14 @@ def setting_paths(out: Path) -> tuple[Path, list[str]]:
     """The text setting's tasks.yaml (built if needed) and its `name=adapter folder` arguments."""
     import yaml
 
-    from examples.bundled.build import build
+    from examples.bundled.build import FULL, build, stamp, up_to_date
 
-    build(out)
+    if up_to_date(out.resolve(), stamp(FULL)):
+        build(out)
+    else:  # (minutes of silence otherwise)
+        print(f"building the bundled example in {out} (a fresh build takes 3–4 min on 2 cores) …", file=sys.stderr,
+              flush=True)
+        build(out, log=lambda message: print(f"build: {message}", file=sys.stderr, flush=True))
     setting = out / "text"
     tasks_file = setting / "tasks.yaml"
     names = [task["name"] for task in yaml.safe_load(tasks_file.read_text())["tasks"]]

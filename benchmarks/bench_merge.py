@@ -277,9 +277,9 @@ def main(argv=None) -> None:
     parser.add_argument("--adapters", type=at_least(2), default=6)
     parser.add_argument("--rank", type=at_least(1), default=16)
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--dense-output-blocks", type=int, default=1,
+    parser.add_argument("--dense-output-blocks", type=at_least(1), default=1,
                         help="blocks for the methods whose full-space output is dense (ties, magnitude, dare, "
-                             "dare_ties): they cost ~30 s per block on one core; reported per block as well")
+                             "dare_ties): they cost seconds per block on one core; reported per block as well")
     parser.add_argument("--threads", type=at_least(1), default=torch.get_num_threads(),
                         help="torch threads per measurement (use 1 on a shared machine: oversubscribed OpenMP "
                              "threads make timings erratic)")

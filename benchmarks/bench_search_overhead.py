@@ -9,8 +9,9 @@ Run by hand (never from the tests):
 
 A size is blocks x tasks (224 x 8: Llama-3-8B's 32 layers × 7 projections as blocks, 8 adapters). The screen
 scores every single-unit table first (U·T of them), then `--proposals` tables are proposed (default: the
-default budget's 2·U·T). Seconds exclude the fitness; each run is a subprocess, and its peak MB the peak
-resident memory (ru_maxrss, numpy's import included: about 40 MB).
+default budget's 2·U·T). Seconds exclude the fitness and the imports; each run is a subprocess, and its peak MB
+the peak resident memory (ru_maxrss, the imports of numpy and torch, whose triangular solves the search uses,
+included: about 230 MB).
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def run(units: int, tasks: int, proposals: int, seed: int, rebuild: bool) -> dic
     settings = SurrogateSettings(seed=seed, budget=units * tasks + proposals)
     if rebuild:
         Posterior.of = staticmethod(posterior_rebuilt)
+    import torch  # noqa: F401 - imported by the search's first triangular solve: not part of its time
     started = time.perf_counter()
     _, spent = run_surrogate(settings, fitness, units, tasks)
     seconds = time.perf_counter() - started - fitness.seconds
@@ -150,7 +152,7 @@ def spawn(job: dict) -> dict:
     done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job), "--threads", str(threads)],
                           capture_output=True, text=True)
     if done.returncode:
-        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]}
+        return {"error": (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1].removeprefix("error: ")}
     return json.loads(done.stdout)
 
 
@@ -165,24 +167,41 @@ def sizes_list(text: str) -> str:
     return text
 
 
+def counts_list(text: str) -> list[int]:
+    """`N,…`, each a whole number (an argparse type: a bad one is exit 2, before any work)."""
+    if not all(item.isdigit() for item in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected whole numbers, comma-separated (e.g. 1800,3600)")
+    return [int(item) for item in text.split(",")]
+
+
 def main(argv=None) -> None:
     from examples.arguments import at_least, output_file
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=sizes_list, default="8x4,32x8", help="blocks x tasks, comma-separated")
     parser.add_argument("--proposals", type=at_least(1), help="tables proposed after the screen (default: 2·U·T)")
-    parser.add_argument("--seed", type=at_least(0), default=1)
+    parser.add_argument("--seed", type=at_least(1), default=1)
     parser.add_argument("--threads", type=at_least(1), default=1, help="BLAS threads (set before numpy starts them)")
     parser.add_argument("--rebuild", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the search rebuilding its kernel every step")
-    parser.add_argument("--step-at", help="instead of searching: time one proposal step's linear algebra with "
-                        "this many tables scored, comma-separated (e.g. 1800,3600,5376: a 224 x 8 search's default "
-                        "budget ends at 5,376)")
-    parser.add_argument("--table-size", type=int, default=40, help="pruned entries of each table after the screen "
-                        "(with --step-at; a 224 x 8 search's tables prune up to 358)")
+    parser.add_argument("--step-at", type=counts_list,
+                        help="instead of searching: time one proposal step's linear algebra with this many tables "
+                        "scored, comma-separated (e.g. 1800,3600,5376: a 224 x 8 search's default budget ends at "
+                        "5,376)")
+    parser.add_argument("--table-size", type=at_least(1), default=40,
+                        help="pruned entries of each table after the screen (with --step-at; a 224 x 8 search's "
+                        "tables prune up to 358)")
     parser.add_argument("--json", type=output_file)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.step_at:
+        for size in args.sizes.split(","):
+            units, tasks = (int(part) for part in size.split("x"))
+            if args.table_size > units * tasks:
+                parser.error(f"--table-size {args.table_size}: a {size} table has {units * tasks} entries")
+            if min(args.step_at) < units * tasks + 2:
+                parser.error(f"--step-at {min(args.step_at)}: a {size} search has scored {units * tasks + 1} tables "
+                             "once its screen is done (give more)")
     try:
         from threadpoolctl import threadpool_limits
         threadpool_limits(args.threads)
@@ -225,6 +244,8 @@ def main(argv=None) -> None:
             for side in ("grown", "rebuilt"):
                 row.get(side, {}).pop("tables", None)
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if any("error" in row["grown"] for row in rows):  # (the rebuilt side may run out of memory: reported)
+        raise SystemExit(1)
 
 
 def time_steps(args) -> None:
@@ -234,7 +255,7 @@ def time_steps(args) -> None:
           f"{'gathered s':>10} {'ratio':>6} {'peak MB':>8}")
     for size in args.sizes.split(","):
         units, tasks = (int(part) for part in size.split("x"))
-        for tables in (int(count) for count in args.step_at.split(",")):
+        for tables in args.step_at:
             row = spawn({"units": units, "tasks": tasks, "tables": tables, "table_size": args.table_size,
                          "seed": args.seed, "threads": args.threads})
             rows.append({"units": units, "tasks": tasks, **row})
@@ -247,6 +268,8 @@ def time_steps(args) -> None:
                   f"{row['peak_mb']:8.0f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    if any("error" in row for row in rows):
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

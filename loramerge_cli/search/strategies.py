@@ -181,7 +181,8 @@ def _run_random(request, fitness, space: SearchSpace, on_event) -> Outcome:
     history, on_round = _rounds(on_event)
     flat = space.unit_count * space.task_count
     sparsity = request.sparsity if request.sparsity is not None else request.enmp.max_prune / 2
-    count = max(1, min(max_pruned(request.enmp.max_prune, space.unit_count, space.task_count), round(exact_product(sparsity, flat))))
+    count = max(1, min(max_pruned(request.enmp.max_prune, space.unit_count, space.task_count),
+                       round(exact_product(sparsity, flat))))
     ledger = random_search(fitness, flat, count, _budget(request), request.enmp.seed, on_round)
     return Outcome(ledger.best(), len(ledger.memo) - 1, history, settings={
         "budget": _budget(request), "max_prune": request.enmp.max_prune, "sparsity": sparsity, "pruned": count})

@@ -36,3 +36,61 @@ def test_random_prunes_round_of_the_decimal_product(tmp_path):
                             enmp=EnmpSettings(max_prune=1.0), budget=1, sparsity=0.7)
     _, provenance = run_search(request)
     assert provenance["search"]["pruned"] == 32, provenance["search"]
+
+
+LAUNCHER = '''
+import os, signal, sys
+fired = []
+def profile(frame, event, arg):
+    if event == "call" and not fired and {condition}:
+        fired.append(1)
+        {action}
+sys.setprofile(profile)
+sys.argv = ["loramerge", *sys.argv[1:]]
+from loramerge_cli.cli import main
+main()
+'''
+
+
+def _launch(tmp_path, condition: str, action: str, arguments: list):
+    import os
+    import subprocess
+    import sys
+
+    from test_hostile_inputs import REPO
+
+    launcher = tmp_path / "launcher.txt"
+    launcher.write_text(LAUNCHER.format(condition=condition, action=action))
+    return subprocess.run([sys.executable, str(launcher), *map(str, arguments)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": REPO}, timeout=300)
+
+
+def test_ctrl_c_while_an_option_builds_a_dataclass_is_exit_130(tmp_path):
+    """Ctrl-C while --mask was parsed (its parser imports loramerge_cli.masks, whose dataclass WeightTable was
+    being built): Python 3.11 turns a KeyboardInterrupt inside Field.__set_name__ into a RuntimeError, which
+    nothing caught for the command: exit 1 and a 65-line traceback instead of one line and exit 130."""
+    from factories import write_task_folders
+
+    folders = write_task_folders(tmp_path / "in", names=("a", "b"), blocks=1)
+    done = _launch(tmp_path, 'frame.f_code.co_name == "__set_name__" and getattr(frame.f_locals.get("owner"), '
+                   '"__name__", "") == "WeightTable"', "os.kill(os.getpid(), signal.SIGINT)",
+                   ["apply-mask", "--adapters", *folders.values(), "--mask", tmp_path / "m.json", "--out",
+                    tmp_path / "out"])
+    assert done.returncode == 130 and done.stderr.strip().splitlines() == ["interrupted; nothing was written"], \
+        (done.returncode, done.stderr[-3000:])
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_inside_a_finalizer_prints_one_line(tmp_path):
+    """Ctrl-C while Python ran a `__del__` (regex's, during apply-mask): exit 130, but stderr first held
+    "Exception ignored in: <function …__del__>" and the KeyboardInterrupt's traceback."""
+    from factories import write_task_folders
+
+    folders = write_task_folders(tmp_path / "in", names=("a", "b"), blocks=1)
+    action = ('class Finalized:\n            def __del__(self):\n                os.kill(os.getpid(), signal.SIGINT)'
+              '\n                sum(range(10000))\n        Finalized()')
+    done = _launch(tmp_path, 'frame.f_code.co_name == "check_output_dir"', action,
+                   ["apply-mask", "--adapters", *folders.values(), "--indices", "[0]", "--out", tmp_path / "out"])
+    assert done.returncode == 130 and done.stderr.strip().splitlines() == ["interrupted; nothing was written"], \
+        (done.returncode, done.stderr[-3000:])
+    assert not (tmp_path / "out").exists()

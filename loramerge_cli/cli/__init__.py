@@ -15,6 +15,7 @@ def main() -> None:
     from loramerge_cli import interrupts
 
     interrupts.install()
+    sys.unraisablehook = _quiet_interrupted_finalizers(sys.unraisablehook)
     code = 0
     try:
         os.getcwd()
@@ -31,10 +32,28 @@ def main() -> None:
         if exit.code in {128 + number for number in interrupts.SIGNALS}:  # (an interrupt click reported)
             _exit_interrupted()
         code = exit.code
+    except Exception:  # the interrupt turned into another error where nothing catches it for the command (a
+        if interrupts.interrupted():  # dataclass built while an option is parsed: RuntimeError from __set_name__)
+            _exit_interrupted()
+        raise
     try:
         _finish(code)
     except KeyboardInterrupt:  # before _finish put its own handler in place
         _exit_interrupted()
+
+
+def _quiet_interrupted_finalizers(default_hook):
+    """sys.unraisablehook: the KeyboardInterrupt an interrupt raised inside a finalizer (`__del__`), which
+    Python cannot propagate and prints as "Exception ignored in …", is left unprinted: the interrupt is recorded,
+    and the command ends with its one line."""
+    def hook(unraisable) -> None:
+        from loramerge_cli import interrupts
+
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and interrupts.interrupted():
+            return
+        default_hook(unraisable)
+
+    return hook
 
 
 _LATE_SIGNAL: list[int] = []  # a signal that arrived after the command finished, while the process ends

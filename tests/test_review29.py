@@ -94,3 +94,83 @@ def test_ctrl_c_inside_a_finalizer_prints_one_line(tmp_path):
     assert done.returncode == 130 and done.stderr.strip().splitlines() == ["interrupted; nothing was written"], \
         (done.returncode, done.stderr[-3000:])
     assert not (tmp_path / "out").exists()
+
+
+def _written_update(folder, path):
+    """B·A of `path` as written in `folder`, in float64, times the scale its config gives."""
+    from loramerge_cli.adapters.peft_reader import load_adapter
+
+    adapter = load_adapter(str(folder))
+    module = adapter.modules[path]
+    return module.scale * module.lora_B.double() @ module.lora_A.double()
+
+
+def _reference(folders, path, lam):
+    """Σ_t λ·s_t·B_t A_t in float64 (task arithmetic) from the folders as read."""
+    from loramerge_cli.adapters.peft_reader import load_adapter
+
+    total = 0
+    for folder in folders:
+        module = load_adapter(str(folder)).modules[path]
+        total = total + lam * module.scale * module.lora_B.double() @ module.lora_A.double()
+    return total
+
+
+def test_a_tiny_update_is_written_exactly_or_refused_never_as_zero(tmp_path):
+    """`merge --lambda 1e-50` wrote every lora_B as 0 with exit 0 and no warning (λ = 0 is refused as empty): the
+    update's whole magnitude sat in B, which float32 cannot hold; TSV and friends did the same on adapters of
+    1e-30-sized factors (the SVD's S in B). An update that no balancing of B and A can hold is refused."""
+    import torch
+    from factories import attention_shapes, invoke_cli, random_adapter, write_peft_folder
+
+    shapes = attention_shapes(blocks=1, m=12, n=10)
+    folders = [write_peft_folder(tmp_path / name, random_adapter(name, shapes, rank=2, seed=index,
+                                                                 dtype=torch.float32))
+               for index, name in enumerate(("a", "b"))]
+    path = next(iter(shapes))
+    result = invoke_cli(["merge", "--adapters", *folders, "--lambda", "1e-50", "--out", tmp_path / "tiny"])
+    assert result.exit_code == 0, result.stderr
+    written, expected = _written_update(tmp_path / "tiny", path), _reference(folders, path, 1e-50)
+    assert float((written - expected).norm() / expected.norm()) < 1e-6
+    small = []
+    for index, name in enumerate(("c", "d", "e")):
+        adapter = random_adapter(name, shapes, rank=2, seed=10 + index, dtype=torch.float32)
+        for module in adapter.modules.values():
+            module.lora_A.mul_(1e-30)
+            module.lora_B.mul_(1e-30)
+        small.append(write_peft_folder(tmp_path / name, adapter))
+    result = invoke_cli(["merge", "--adapters", *small, "--merger", "tsv", "--out", tmp_path / "tsv"])
+    assert result.exit_code == 0, result.stderr
+    assert float(_written_update(tmp_path / "tsv", path).abs().max()) > 0  # (was 0 exactly)
+    gone = invoke_cli(["merge", "--adapters", *folders, "--lambda", "1e-200", "--out", tmp_path / "gone"])
+    assert gone.exit_code == 1 and "below the range of float32" in gone.stderr, gone.stderr
+    assert len(gone.stderr.strip().splitlines()) == 1 and not (tmp_path / "gone").exists()
+
+
+def test_float16_task_arithmetic_balances_each_component(tmp_path):
+    """Two float16 adapters, one with large B and small A (α = 200), the other the reverse: their task arithmetic
+    (largest entry 288) fits float16, but one power of two for the whole module put B·λ·s = 3e6 and A = 6e4 out of
+    range together: "NaN or Inf values (beyond the range of float16?)", nothing written."""
+    import torch
+    from factories import attention_shapes, invoke_cli, random_adapter, write_peft_folder
+
+    shapes = attention_shapes(blocks=1, m=16, n=12)
+    path = next(iter(shapes))
+    p = random_adapter("p", shapes, rank=2, alpha=200.0, seed=1, dtype=torch.float32)
+    q = random_adapter("q", shapes, rank=2, alpha=2.0, seed=2, dtype=torch.float32)
+    for module in p.modules.values():
+        module.lora_B.mul_(6e4 / float(module.lora_B.abs().max()))
+        module.lora_A.mul_(1e-4 / float(module.lora_A.abs().max()))
+    for module in q.modules.values():
+        module.lora_B.mul_(1e-3 / float(module.lora_B.abs().max()))
+        module.lora_A.mul_(6e4 / float(module.lora_A.abs().max()))
+    folders = []
+    for name, adapter in (("p", p), ("q", q)):
+        for module in adapter.modules.values():
+            module.lora_A, module.lora_B = module.lora_A.half(), module.lora_B.half()
+        folders.append(write_peft_folder(tmp_path / name, adapter))
+    result = invoke_cli(["merge", "--adapters", *folders, "--out", tmp_path / "merged"])
+    assert result.exit_code == 0, result.stderr
+    written, expected = _written_update(tmp_path / "merged", path), _reference(folders, path, 0.5)
+    assert float(expected.abs().max()) < 65504
+    assert float((written - expected).norm() / expected.norm()) < 2e-3  # float16 rounding

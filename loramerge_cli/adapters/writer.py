@@ -7,7 +7,6 @@ failure never leaves a half-written output and `force` replaces an existing one 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections import Counter
 from dataclasses import replace
@@ -132,16 +131,30 @@ def lora_config(
     }
 
 
-def balanced_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dtype):
-    """(B, A) in `dtype`. In float16 (largest 65504, subnormal below 6e-5) B is divided and A multiplied by one
-    power of two that brings their largest entries together: B·A is unchanged (exact in binary), and a merge
-    that puts every magnitude in B (λ, S of an SVD) neither overflows nor loses digits to subnormals."""
-    if dtype == torch.float16:
-        largest_B, largest_A = float(lora_B.abs().max()), float(lora_A.abs().max())
-        if largest_B > 0 and largest_A > 0 and math.isfinite(largest_B) and math.isfinite(largest_A):
-            shift = round(math.log2(largest_B / largest_A) / 2)
-            lora_B, lora_A = lora_B.double() * 2.0 ** -shift, lora_A.double() * 2.0 ** shift
-    return lora_B.to(dtype), lora_A.to(dtype)
+def balanced_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dtype, what: str = ""):
+    """(B, A) in `dtype`. Where the cast would lose a rank-1 component's digits (a factor's largest entry past
+    half the dtype's largest, or below its smallest normal / eps, so that its entries turn subnormal or zero), B's
+    column is divided and A's row multiplied by the power of two that brings their largest entries together: B·A
+    is unchanged (exact in binary). A merge puts every magnitude in B (λ, S of an SVD): in float16 (largest
+    65504, subnormal below 6e-5) that is the common case; in float32 a tiny λ or update. A module whose update
+    would still be written as zero is refused, naming it (`what`)."""
+    info = torch.finfo(dtype)
+    B, A = lora_B.double(), lora_A.double()
+    largest_B, largest_A = B.abs().amax(dim=0), A.abs().amax(dim=1)
+    present = (largest_B > 0) & (largest_A > 0) & torch.isfinite(largest_B) & torch.isfinite(largest_A)
+    lost = (torch.minimum(largest_B, largest_A) < info.tiny / info.eps) | \
+        (torch.maximum(largest_B, largest_A) > info.max / 2)
+    shift = torch.where(present & lost, torch.round(torch.log2(largest_B / largest_A) / 2), 0.0)
+    if bool(shift.any()):
+        B, A = B * torch.exp2(-shift)[None, :], A * torch.exp2(shift)[:, None]
+    written_B, written_A = B.to(dtype), A.to(dtype)
+    if bool(present.any()) and not bool(((written_B.abs().amax(dim=0) > 0) & (written_A.abs().amax(dim=1) > 0)
+                                         & present).any()):
+        largest = float((largest_B * largest_A)[present].max())
+        raise LoramergeError(f"{what or 'a module'}: the update B·A (entries up to about {largest:.3g}) is below "
+                             f"the range of {str(dtype).removeprefix('torch.')}: it would be written as zero; "
+                             "nothing written")
+    return written_B, written_A
 
 
 def as_written(module, dtype: torch.dtype):
@@ -150,7 +163,7 @@ def as_written(module, dtype: torch.dtype):
     if module.rank == 0:
         return module
     check_updates_in_range({module.path: module}, dtype)
-    lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, dtype)
+    lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, dtype, f"module {module.path}")
     return replace(module, lora_B=lora_B, lora_A=lora_A)
 
 
@@ -293,7 +306,7 @@ def write_merged_adapter(
     base, revision = base_reference(base_model) if base_model else (inputs_base, None)
     tensors = {}
     for path, module in modules.items():
-        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype)
+        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype, f"module {path}")
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
     heads = head_adapter.head_modules if head_adapter is not None else None
@@ -549,7 +562,8 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
     check_updates_in_range(adapter.modules, out_dtype, owner=f"adapter {adapter.name!r}: ")
     tensors = {}
     for path, module in adapter.modules.items():
-        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype)
+        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype,
+                                          f"adapter {adapter.name!r}: module {path}")
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
     for key, tensor in adapter.heads.items():  # in their own dtype (a copy changes no head), --dtype's if given

@@ -257,7 +257,7 @@ def _summary(adapter: Adapter) -> dict:
         "modules": len(adapter.modules),
         "ranks": _counts(m.rank for m in modules),
         "alphas": _counts(m.alpha for m in modules),
-        "scales": _counts(round(m.scale, 8) for m in modules),
+        "scales": _counts(float(f"{m.scale:.8g}") for m in modules),  # (8 significant digits: 1e-12/3 is no 0)
         "use_rslora": bool(adapter.config.get("use_rslora", False)),
         "fan_in_fan_out": any(m.fan_in_fan_out for m in modules),
         "targets": target_names([m.path for m in modules], adapter.config.get("target_modules")),

@@ -26,6 +26,22 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def shell_words(words) -> str:
+    """A command for a one-line message, each word quoted as a POSIX shell reads it; a word holding a newline or
+    another control character in bash's $'…' quoting, which keeps the line one line and the word intact."""
+    import shlex
+
+    def quoted(word: str) -> str:
+        if word.isprintable():
+            return shlex.quote(word)
+        escaped = "".join(char if char.isprintable() and char not in "\\'" else
+                          "\\" + char if char in "\\'" else f"\\x{ord(char):02x}" if ord(char) < 128 else
+                          f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}" for char in word)
+        return f"$'{escaped}'"
+
+    return " ".join(quoted(str(word)) for word in words)
+
+
 def brief(value) -> str:
     """repr() of a value for a one-line message, bounded: a few items per list, a few levels, long text cut (YAML
     aliases make a 500-byte recipe's value a list whose full repr takes gigabytes)."""

@@ -174,3 +174,49 @@ def test_float16_task_arithmetic_balances_each_component(tmp_path):
     written, expected = _written_update(tmp_path / "merged", path), _reference(folders, path, 0.5)
     assert float(expected.abs().max()) < 65504
     assert float((written - expected).norm() / expected.norm()) < 2e-3  # float16 rounding
+
+
+def test_inspect_tells_tiny_scales_apart_and_notes_an_update_past_float64(tmp_path):
+    """inspect rounded scales to 8 decimals: α = 1e-12 at r = 3 showed scale 0 (beside a norm of 4e-12); and an
+    update whose scale·B overflows float64 (α = 1e307) got no "beyond the range" note (the check scaled B first,
+    then skipped the module as non-finite)."""
+    import torch
+    from factories import attention_shapes, random_adapter, write_peft_folder
+    from loramerge_cli import api
+
+    shapes = attention_shapes(blocks=1, m=6, n=5)
+    tiny = random_adapter("tiny", shapes, rank=3, alpha=1e-12, dtype=torch.float32)
+    huge = random_adapter("huge", shapes, rank=1, alpha=1e307, dtype=torch.float32)
+    for module in huge.modules.values():
+        module.lora_B.fill_(1e3)
+        module.lora_A.fill_(1e-10)
+    report = api.inspect_adapters(api.load_adapters([str(write_peft_folder(tmp_path / "tiny", tiny)),
+                                                     str(write_peft_folder(tmp_path / "huge", huge))]))
+    tiny_row, huge_row = report["adapters"]
+    assert list(tiny_row["scales"]) == ["3.3333333e-13"], tiny_row["scales"]
+    assert any("beyond the range of float32" in note for note in huge_row["notes"]), huge_row["notes"]
+
+
+def test_hints_naming_a_path_with_a_newline_stay_one_line_and_exact(tmp_path):
+    """A folder whose name holds a newline: the hint `NAME='…'` became `NAME='…/new line'` once the message was
+    made one line (the newline a space), naming no such folder; the same for a resume command's run dir."""
+    import subprocess
+
+    import pytest
+    from factories import attention_shapes, random_adapter, write_peft_folder
+    from loramerge_cli.adapters.sources import default_name
+    from loramerge_cli.errors import UsageError
+    from loramerge_cli.evaluation.engine import EvalSettings
+    from loramerge_cli.merging.merge import MergeConfig
+    from loramerge_cli.search.runner import SearchRequest, resume_command
+
+    folder = write_peft_folder(tmp_path / "new\nline", random_adapter("x", attention_shapes(blocks=1, m=6, n=5)))
+    with pytest.raises(UsageError) as error:
+        default_name(str(folder))
+    hint = str(error.value).split("NAME=", 1)[1]
+    assert "\n" not in hint
+    echoed = subprocess.run(["bash", "-c", f"printf %s {hint}"], capture_output=True, text=True).stdout
+    assert echoed == str(folder), (hint, echoed)
+    line = resume_command(SearchRequest(adapters=[], tasks=None, merge=MergeConfig(), eval=EvalSettings(),
+                                        run_dir=tmp_path / "run\nhere"))
+    assert "\n" not in line and "$'" in line

@@ -5,12 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from loramerge_cli.errors import LoramergeError, UsageError, first_line
+from loramerge_cli.errors import LoramergeError, UsageError, first_line, shell_words
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -86,7 +85,7 @@ def default_name(spec: str) -> str:
     name = name.removesuffix(".safetensors") if name.endswith(".safetensors") else name
     if not NAME.match(name):  # the name goes into recipes and tables, which a rebuild reads back
         raise UsageError(f"{spec}: {name!r} cannot be a task name ({NAME_RULE}): name it, "
-                             f"NAME={shlex.quote(spec)}")
+                             f"NAME={shell_words([spec])}")
     return name
 
 

@@ -174,12 +174,12 @@ def check_updates_in_range(modules: dict, dtype: torch.dtype, owner: str = "") -
     rows at a time) is needed only where the bound is past it."""
     limit = torch.finfo(dtype).max
     for path, module in modules.items():
-        B, A = module.lora_B.double() * getattr(module, "scale", 1.0), module.lora_A.double()
+        B, A, scale = module.lora_B.double(), module.lora_A.double(), abs(float(getattr(module, "scale", 1.0)))
         if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
             continue  # non-finite factors: check_finite names them as it writes
-        if float(torch.linalg.matrix_norm(B)) * float(torch.linalg.matrix_norm(A)) <= limit:
-            continue
-        largest = max(float((rows @ A).abs().max()) for rows in B.split(1024))
+        if scale * float(torch.linalg.matrix_norm(B)) * float(torch.linalg.matrix_norm(A)) <= limit:
+            continue  # (the scale applied last, as a Python float: scale·B past float64 is inf, not skipped)
+        largest = scale * max(float((rows @ A).abs().max()) for rows in B.split(1024))
         if not largest <= limit:
             what = f"{owner}module {path}: the update scale·B·A" if owner else f"module {path}: the merged update B·A"
             raise LoramergeError(f"{what} reaches {largest:.3g}, beyond the range of "

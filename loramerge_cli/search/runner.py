@@ -99,8 +99,7 @@ FITNESSES: dict[str, Callable] = {"accuracy": _labelled, "nsc": _label_free}
 
 def resume_command(request: SearchRequest) -> str:
     """The command that resumes this run as it ran (its threads, devices and backend; not saved in the run)."""
-    import shlex
-
+    from loramerge_cli.errors import shell_words
     from loramerge_cli.search.rundir import HOW_IT_RUNS
 
     words = ["loramerge", "search-mask", "--run-dir", str(request.run_dir), "--resume"]
@@ -110,7 +109,7 @@ def resume_command(request: SearchRequest) -> str:
             words += [f"--{name.replace('_', '-')}", str(flags[name])]
     if flags.get("force"):  # (the --out it was allowed to replace is still there)
         words.append("--force")
-    return shlex.join(words)
+    return shell_words(words)  # (one line, whatever the run dir's name holds)
 
 
 def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = lambda kind, data: None):

@@ -220,3 +220,26 @@ def test_hints_naming_a_path_with_a_newline_stay_one_line_and_exact(tmp_path):
     line = resume_command(SearchRequest(adapters=[], tasks=None, merge=MergeConfig(), eval=EvalSettings(),
                                         run_dir=tmp_path / "run\nhere"))
     assert "\n" not in line and "$'" in line
+
+
+def test_search_refuses_an_empty_merge_and_nsc_an_all_zero_table(tmp_path):
+    """`search-mask --lambda 0` (or --weights 0,0,0) searched merges that are all empty, scored every table the
+    same and wrote one that merge --mask refuses ("the merge is empty"); NSC with --init 0 and a step too small to
+    move a float32 coefficient wrote an all-zero table, refused the same way; --fitness with --strategy nsc did
+    nothing and was taken."""
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+
+    setting = build_text_setting(tmp_path / "setting")
+    common = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+              "--val-limit", "4", "--threads", "1"]
+    for empty in (["--lambda", "0"], ["--weights", "0,0,0"]):
+        result = invoke_cli([*common, "--strategy", "greedy", "--budget", "2", *empty, "--out", tmp_path / "e.json"])
+        assert result.exit_code == 2 and "makes every merge empty" in result.stderr, result.stderr
+    zero = invoke_cli([*common, "--strategy", "nsc", "--init", "0", "--lr", "1e-300", "--steps", "1",
+                       "--out", tmp_path / "z.json"])
+    assert zero.exit_code == 1 and "every coefficient NSC learned is 0" in zero.stderr, zero.stderr
+    assert not (tmp_path / "z.json").exists()
+    fitness = invoke_cli([*common, "--strategy", "nsc", "--steps", "1", "--fitness", "nsc",
+                          "--out", tmp_path / "f.json"])
+    assert fitness.exit_code == 2 and "--fitness does nothing with --strategy nsc" in fitness.stderr, fitness.stderr

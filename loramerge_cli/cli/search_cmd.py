@@ -347,7 +347,7 @@ def foreign_options(strategy: str) -> set[str]:
             owners.setdefault(name, set()).add(candidate.name)
     foreign = {name for name, owned_by in owners.items() if strategy not in owned_by}
     if STRATEGIES[strategy].kind == "coefficients":  # one model on one device, trained: no tables to spread,
-        foreign |= TABLE_SCORING  # replay or plot
+        foreign |= TABLE_SCORING | {"fitness"}  # replay or plot; it is its own label-free fitness
     return foreign
 
 

@@ -357,6 +357,9 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
         adapters=adapter_records(problem.adapters), scale=1.0,
         provenance=provenance,
     )
+    if not any(map(any, table.weights)):  # (merge --mask refuses it: "the merge is empty")
+        raise LoramergeError(f"every coefficient NSC learned is 0 (--init {settings.init:g}, --lr {settings.lr:g}: "
+                             "too small a step to move them?): the table would merge nothing; nothing written")
     if request.report_test:  # the training engine (its model on the device) goes before the test one loads
         from loramerge_cli.evaluation.engine import release_device_memory
 

@@ -512,6 +512,11 @@ def check_merge_settings(request: SearchRequest) -> None:
     from loramerge_cli.merging.merge import resolve_config
 
     resolve_config(request.merge, len(request.adapters))
+    config = request.merge
+    empty = ("--lambda 0" if config.lam == 0 else
+             "--weights all 0" if config.weights and not any(config.weights) else None)
+    if empty:  # (merge refuses to write such a merge; a search would score every table the same)
+        raise UsageError(f"{empty} makes every merge empty: each table would score the same; nothing to search")
 
 
 def _same(first, second) -> bool:

@@ -110,6 +110,9 @@ def check_unused(strategy: Strategy, request) -> None:
     a usage error, as the CLI's other strategies' options are."""
     from dataclasses import fields
 
+    if strategy.kind == "coefficients" and request.fitness != "accuracy":  # (it is its own label-free fitness)
+        raise UsageError(f"--fitness does nothing with --strategy {strategy.name}: it learns its coefficients from "
+                         "unlabeled inputs (--fitness picks how mask strategies score tables)")
     uses = strategy.uses | (NSC_OBJECTIVE if request.fitness == "nsc" else frozenset())
     if request.budget is not None:  # given: what would make the default budget does nothing
         uses -= strategy.budget_from

@@ -29,15 +29,15 @@ def first_line(error: BaseException) -> str:
 def shell_words(words) -> str:
     """A command for a one-line message, each word quoted as a POSIX shell reads it; a word holding a newline or
     another control character in bash's $'…' quoting, which keeps the line one line and the word intact."""
+    import os
     import shlex
 
     def quoted(word: str) -> str:
         if word.isprintable():
             return shlex.quote(word)
-        escaped = "".join(char if char.isprintable() and char not in "\\'" else
-                          "\\" + char if char in "\\'" else f"\\x{ord(char):02x}" if ord(char) < 128 else
-                          f"\\u{ord(char):04x}" if ord(char) < 0x10000 else f"\\U{ord(char):08x}" for char in word)
-        return f"$'{escaped}'"
+        return "$'" + "".join(  # a character not printable as it is: its bytes as the file system has them
+            "\\" + char if char in "\\'" else char if char.isprintable() else
+            "".join(f"\\x{byte:02x}" for byte in os.fsencode(char)) for char in word) + "'"
 
     return " ".join(quoted(str(word)) for word in words)
 

@@ -116,10 +116,11 @@ def _reference(folders, path, lam):
     return total
 
 
-def test_a_tiny_update_is_written_exactly_or_refused_never_as_zero(tmp_path):
+def test_a_tiny_update_is_written_exactly_or_as_zero_with_a_warning(tmp_path):
     """`merge --lambda 1e-50` wrote every lora_B as 0 with exit 0 and no warning (λ = 0 is refused as empty): the
     update's whole magnitude sat in B, which float32 cannot hold; TSV and friends did the same on adapters of
-    1e-30-sized factors (the SVD's S in B). An update that no balancing of B and A can hold is refused."""
+    1e-30-sized factors (the SVD's S in B). An update that no balancing of B and A can hold is written as zero
+    with a warning naming the module."""
     import torch
     from factories import attention_shapes, invoke_cli, random_adapter, write_peft_folder
 
@@ -143,8 +144,8 @@ def test_a_tiny_update_is_written_exactly_or_refused_never_as_zero(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert float(_written_update(tmp_path / "tsv", path).abs().max()) > 0  # (was 0 exactly)
     gone = invoke_cli(["merge", "--adapters", *folders, "--lambda", "1e-200", "--out", tmp_path / "gone"])
-    assert gone.exit_code == 1 and "below the range of float32" in gone.stderr, gone.stderr
-    assert len(gone.stderr.strip().splitlines()) == 1 and not (tmp_path / "gone").exists()
+    assert gone.exit_code == 0 and "is below the range of float32: written as zero" in gone.stderr, gone.stderr
+    # (a cancelling merge's rounding noise is written as zero too, with the same warning, not refused)
 
 
 def test_float16_task_arithmetic_balances_each_component(tmp_path):

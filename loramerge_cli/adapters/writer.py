@@ -7,6 +7,7 @@ failure never leaves a half-written output and `force` replaces an existing one 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections import Counter
 from dataclasses import replace
@@ -44,6 +45,7 @@ from loramerge_cli.outputs import (
     staged_folder,
 )
 
+LOGGER = logging.getLogger(__name__)
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 HEAD_TASK_TYPES = {"SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS"}  # PEFT task types that wrap a head module
@@ -137,7 +139,7 @@ def balanced_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dt
     column is divided and A's row multiplied by the power of two that brings their largest entries together: B·A
     is unchanged (exact in binary). A merge puts every magnitude in B (λ, S of an SVD): in float16 (largest
     65504, subnormal below 6e-5) that is the common case; in float32 a tiny λ or update. A module whose update
-    would still be written as zero is refused, naming it (`what`)."""
+    is still written as zero is logged as a warning, naming it (`what`)."""
     info = torch.finfo(dtype)
     B, A = lora_B.double(), lora_A.double()
     largest_B, largest_A = B.abs().amax(dim=0), A.abs().amax(dim=1)
@@ -149,11 +151,10 @@ def balanced_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dt
         B, A = B * torch.exp2(-shift)[None, :], A * torch.exp2(shift)[:, None]
     written_B, written_A = B.to(dtype), A.to(dtype)
     if bool(present.any()) and not bool(((written_B.abs().amax(dim=0) > 0) & (written_A.abs().amax(dim=1) > 0)
-                                         & present).any()):
+                                         & present).any()):  # (rounding noise of a cancelling merge, or a tiny λ)
         largest = float((largest_B * largest_A)[present].max())
-        raise LoramergeError(f"{what or 'a module'}: the update B·A (entries up to about {largest:.3g}) is below "
-                             f"the range of {str(dtype).removeprefix('torch.')}: it would be written as zero; "
-                             "nothing written")
+        LOGGER.warning("%s: its update B·A (entries up to about %.3g) is below the range of %s: written as zero",
+                       what or "a module", largest, str(dtype).removeprefix("torch."))
     return written_B, written_A
 
 

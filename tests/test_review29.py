@@ -244,3 +244,20 @@ def test_search_refuses_an_empty_merge_and_nsc_an_all_zero_table(tmp_path):
     fitness = invoke_cli([*common, "--strategy", "nsc", "--steps", "1", "--fitness", "nsc",
                           "--out", tmp_path / "f.json"])
     assert fitness.exit_code == 2 and "--fitness does nothing with --strategy nsc" in fitness.stderr, fitness.stderr
+
+
+def test_shell_words_round_trip_odd_names_through_bash():
+    """Each word `shell_words` quotes comes back from bash byte for byte, in any locale: a name with a byte that is
+    not UTF-8 (Python's surrogate escape) was written as `\\udcff`, which bash turns into three other bytes."""
+    import os
+    import subprocess
+
+    from loramerge_cli.errors import shell_words
+
+    words = ["plain", "a b", "it's", "tab\there", "new\nline", "back\\slash\n", os.fsdecode(b"bad\xffname"),
+             "\u00e9\u0085\u2028", "\U000e0001x", "$HOME `x` !"]
+    script = f"for word in {shell_words(words)}; do printf '%s\\0' \"$word\"; done"
+    for locale in ("C", "C.UTF-8"):
+        out = subprocess.run(["bash", "-c", script], capture_output=True,
+                             env={"LC_ALL": locale, "PATH": "/usr/bin:/bin"}).stdout
+        assert out.split(b"\0")[:-1] == [os.fsencode(word) for word in words], (locale, out)

@@ -31,6 +31,7 @@ from loramerge_cli.adapters.writer import (
     output_dtype,
     table_files,
     write_merged_adapter,
+    zeroed_warning,
 )
 from loramerge_cli.errors import LoramergeError, NonFiniteError, UsageError, brief, expect, is_finite_number
 from loramerge_cli.events import Reporter, stage
@@ -357,12 +358,13 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
             if progress is not None:
                 progress(path)
 
-        out_dtype = output_dtype(plan.adapters, plan.dtype)
-        finish = (lambda module: as_written(module, out_dtype)) if plan.out is not None else None
+        out_dtype, zeroed = output_dtype(plan.adapters, plan.dtype), {}
+        finish = (lambda module: as_written(module, out_dtype, zeroed)) if plan.out is not None else None
         result = merging.run_merge(plan.adapters, settings, plan.table, progress=advance, statistics=statistics,
                                    finish=finish)
     result.provenance.update(tuning)
     result.warnings[:0] = configless_warnings(plan.adapters) + base_warnings(plan.base) + data_warnings
+    result.warnings += [zeroed_warning(zeroed, out_dtype)] if zeroed else []
     return result
 
 

@@ -116,7 +116,7 @@ def _reference(folders, path, lam):
     return total
 
 
-def test_a_tiny_update_is_written_exactly_or_as_zero_with_a_warning(tmp_path):
+def test_a_tiny_update_is_written_exactly_or_as_zero_with_a_warning(tmp_path, caplog):
     """`merge --lambda 1e-50` wrote every lora_B as 0 with exit 0 and no warning (λ = 0 is refused as empty): the
     update's whole magnitude sat in B, which float32 cannot hold; TSV and friends did the same on adapters of
     1e-30-sized factors (the SVD's S in B). An update that no balancing of B and A can hold is written as zero
@@ -145,7 +145,18 @@ def test_a_tiny_update_is_written_exactly_or_as_zero_with_a_warning(tmp_path):
     assert float(_written_update(tmp_path / "tsv", path).abs().max()) > 0  # (was 0 exactly)
     gone = invoke_cli(["merge", "--adapters", *folders, "--lambda", "1e-200", "--out", tmp_path / "gone"])
     assert gone.exit_code == 0 and "is below the range of float32: written as zero" in gone.stderr, gone.stderr
-    # (a cancelling merge's rounding noise is written as zero too, with the same warning, not refused)
+    # (a cancelling merge's rounding noise is written as zero too, with the same warning, not refused); the
+    # library's writer says it once, through the loramerge_cli logger
+    import logging
+
+    from loramerge_cli import api
+    from loramerge_cli.api import MergeConfig
+
+    adapters = api.load_adapters([str(folder) for folder in folders])
+    with caplog.at_level(logging.WARNING, logger="loramerge_cli"):
+        api.write_merged_adapter(api.merge(adapters, MergeConfig(lam=1e-200)), adapters, tmp_path / "library")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 1 and "2 modules" in lines[0] and "written as zero" in lines[0], lines
 
 
 def test_float16_task_arithmetic_balances_each_component(tmp_path):

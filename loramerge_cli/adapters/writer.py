@@ -133,13 +133,15 @@ def lora_config(
     }
 
 
-def balanced_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dtype, what: str = ""):
+def balanced_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dtype, path: str = "",
+                     zeroed: dict | None = None):
     """(B, A) in `dtype`. Where the cast would lose a rank-1 component's digits (a factor's largest entry past
     half the dtype's largest, or below its smallest normal / eps, so that its entries turn subnormal or zero), B's
     column is divided and A's row multiplied by the power of two that brings their largest entries together: B·A
     is unchanged (exact in binary). A merge puts every magnitude in B (λ, S of an SVD): in float16 (largest
-    65504, subnormal below 6e-5) that is the common case; in float32 a tiny λ or update. A module whose update
-    is still written as zero is logged as a warning, naming it (`what`)."""
+    65504, subnormal below 6e-5) that is the common case; in float32 a tiny λ or update. A module whose update is
+    still written as zero (a cancelling merge's rounding noise, λ = 1e-200) goes into `zeroed` ({path: its
+    largest entry}; zeroed_warning says them all in one line)."""
     info = torch.finfo(dtype)
     B, A = lora_B.double(), lora_A.double()
     largest_B, largest_A = B.abs().amax(dim=0), A.abs().amax(dim=1)
@@ -150,21 +152,30 @@ def balanced_factors(lora_B: torch.Tensor, lora_A: torch.Tensor, dtype: torch.dt
     if bool(shift.any()):
         B, A = B * torch.exp2(-shift)[None, :], A * torch.exp2(shift)[:, None]
     written_B, written_A = B.to(dtype), A.to(dtype)
-    if bool(present.any()) and not bool(((written_B.abs().amax(dim=0) > 0) & (written_A.abs().amax(dim=1) > 0)
-                                         & present).any()):  # (rounding noise of a cancelling merge, or a tiny λ)
-        largest = float((largest_B * largest_A)[present].max())
-        LOGGER.warning("%s: its update B·A (entries up to about %.3g) is below the range of %s: written as zero",
-                       what or "a module", largest, str(dtype).removeprefix("torch."))
+    if zeroed is not None and bool(present.any()) and not bool(
+            ((written_B.abs().amax(dim=0) > 0) & (written_A.abs().amax(dim=1) > 0) & present).any()):
+        zeroed[path] = float((largest_B * largest_A)[present].max())
     return written_B, written_A
 
 
-def as_written(module, dtype: torch.dtype):
+def zeroed_warning(zeroed: dict, dtype: torch.dtype, owner: str = "") -> str | None:
+    """One line for the modules balanced_factors found written as zero (None when there are none)."""
+    if not zeroed:
+        return None
+    paths = sorted(zeroed, key=unit_sort_key)
+    named = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+    return (f"{owner}{len(paths)} module{'s' if len(paths) > 1 else ''} ({named}): the update B·A (entries up to "
+            f"about {max(zeroed.values()):.3g}) is below the range of {str(dtype).removeprefix('torch.')}: "
+            "written as zero")
+
+
+def as_written(module, dtype: torch.dtype, zeroed: dict | None = None):
     """A merged module with its factors as the writer writes them in `dtype` (balanced), its update B·A
-    checked against `dtype`'s range first."""
+    checked against `dtype`'s range first; `zeroed` as balanced_factors'."""
     if module.rank == 0:
         return module
     check_updates_in_range({module.path: module}, dtype)
-    lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, dtype, f"module {module.path}")
+    lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, dtype, module.path, zeroed)
     return replace(module, lora_B=lora_B, lora_A=lora_A)
 
 
@@ -305,11 +316,13 @@ def write_merged_adapter(
     inputs_base = None if not bases or not all(same_base(bases[0], other) for other in bases) else \
         bases[0] if len(set(bases)) == 1 else os.path.normpath(bases[0])
     base, revision = base_reference(base_model) if base_model else (inputs_base, None)
-    tensors = {}
+    tensors, zeroed = {}, {}
     for path, module in modules.items():
-        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype, f"module {path}")
+        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype, path, zeroed)
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
+    if zeroed:  # (a plan's merge found them as it finished each module, and said so in its result)
+        LOGGER.warning(zeroed_warning(zeroed, out_dtype))
     heads = head_adapter.head_modules if head_adapter is not None else None
     for key, tensor in head_adapter.heads.items() if head_adapter is not None else ():  # in its own dtype (the
         # copy in heads/ too), --dtype's if given
@@ -561,12 +574,13 @@ def write_adapter_files(adapter: Adapter, folder: Path, command: str | None = No
         raise LoramergeError(f"adapter {adapter.name!r} has no modules left; nothing to write")
     out_dtype = output_dtype([adapter], dtype)
     check_updates_in_range(adapter.modules, out_dtype, owner=f"adapter {adapter.name!r}: ")
-    tensors = {}
+    tensors, zeroed = {}, {}
     for path, module in adapter.modules.items():
-        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype,
-                                          f"adapter {adapter.name!r}: module {path}")
+        lora_B, lora_A = balanced_factors(module.lora_B, module.lora_A, out_dtype, path, zeroed)
         tensors[f"{PEFT_PREFIX}{path}.lora_A.weight"] = lora_A
         tensors[f"{PEFT_PREFIX}{path}.lora_B.weight"] = lora_B
+    if zeroed:
+        LOGGER.warning(zeroed_warning(zeroed, out_dtype, owner=f"adapter {adapter.name!r}: "))
     for key, tensor in adapter.heads.items():  # in their own dtype (a copy changes no head), --dtype's if given
         tensors[f"{PEFT_PREFIX}{key}"] = tensor.to(out_dtype) if dtype is not None and tensor.is_floating_point() \
             else tensor

@@ -272,3 +272,23 @@ def test_shell_words_round_trip_odd_names_through_bash():
         out = subprocess.run(["bash", "-c", script], capture_output=True,
                              env={"LC_ALL": locale, "PATH": "/usr/bin:/bin"}).stdout
         assert out.split(b"\0")[:-1] == [os.fsencode(word) for word in words], (locale, out)
+
+
+def test_two_commands_sharing_a_score_cache_keep_each_others_scores(tmp_path):
+    """Two `eval --run-dir R` at once: each wrote the scores.json it had read at its start plus its own, so the
+    last to write dropped the other's entries (4 runs in 9 lost 3 or 6 of 12); and a file that stopped being a
+    score cache meanwhile was written over."""
+    import json
+
+    import pytest
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.cache import ScoreCache, read_cache
+
+    first, second = ScoreCache(tmp_path), ScoreCache(tmp_path)
+    first.put({"a" * 64: 0.5})
+    second.put({"b" * 64: 0.25})
+    assert read_cache(tmp_path / "scores.json") == {"a" * 64: 0.5, "b" * 64: 0.25}
+    (tmp_path / "scores.json").write_text(json.dumps({"accuracy": 0.9}))  # a user's file appeared there
+    with pytest.raises(LoramergeError, match="not a score cache"):
+        first.put({"c" * 64: 0.75})
+    assert json.loads((tmp_path / "scores.json").read_text()) == {"accuracy": 0.9}

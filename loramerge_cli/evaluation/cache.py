@@ -33,6 +33,9 @@ class ScoreCache:
         self.scores.update(entries)
         if self.file is None:
             return
+        # what another command sharing the run dir added since this one read it is kept (the file is re-read
+        # just before it is replaced), and a file that is no longer a score cache is not written over
+        self.scores = {**read_cache(self.file), **self.scores}
         write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
         from loramerge_cli import interrupts
 

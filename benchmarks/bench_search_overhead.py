@@ -188,16 +188,16 @@ def main(argv=None) -> None:
                         help="instead of searching: time one proposal step's linear algebra with this many tables "
                         "scored, comma-separated (e.g. 1800,3600,5376: a 224 x 8 search's default budget ends at "
                         "5,376)")
-    parser.add_argument("--table-size", type=at_least(1), default=40,
-                        help="pruned entries of each table after the screen (with --step-at; a 224 x 8 search's "
-                        "tables prune up to 358)")
+    parser.add_argument("--table-size", type=at_least(1),
+                        help="pruned entries of each table after the screen (with --step-at; default 40, or a "
+                        "size's entries if fewer; a 224 x 8 search's tables prune up to 358)")
     parser.add_argument("--json", type=output_file)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.step_at:
         for size in args.sizes.split(","):
             units, tasks = (int(part) for part in size.split("x"))
-            if args.table_size > units * tasks:
+            if args.table_size is not None and args.table_size > units * tasks:
                 parser.error(f"--table-size {args.table_size}: a {size} table has {units * tasks} entries")
             if min(args.step_at) < units * tasks + 2:
                 parser.error(f"--step-at {min(args.step_at)}: a {size} search has scored {units * tasks + 1} tables "
@@ -256,7 +256,8 @@ def time_steps(args) -> None:
     for size in args.sizes.split(","):
         units, tasks = (int(part) for part in size.split("x"))
         for tables in args.step_at:
-            row = spawn({"units": units, "tasks": tasks, "tables": tables, "table_size": args.table_size,
+            table_size = args.table_size if args.table_size is not None else min(40, units * tasks)
+            row = spawn({"units": units, "tasks": tasks, "tables": tables, "table_size": table_size,
                          "seed": args.seed, "threads": args.threads})
             rows.append({"units": units, "tasks": tasks, **row})
             if "error" in row:

@@ -37,7 +37,14 @@ from loramerge_cli.errors import LoramergeError, NonFiniteError, UsageError, bri
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, align_table, check_table, check_table_type
 from loramerge_cli.merging import merge as merging
-from loramerge_cli.merging.merge import SETTINGS, MergeConfig, MergeResult, ResolvedMerge, resolve_config
+from loramerge_cli.merging.merge import (
+    SETTINGS,
+    MergeConfig,
+    MergeResult,
+    ResolvedMerge,
+    resolve_config,
+    zero_by_settings,
+)
 from loramerge_cli.merging.registry import DTYPES, PARAMETERS, randomized_methods
 
 
@@ -308,9 +315,8 @@ def plan_merge(
         tuning = replace(tuning, base=read_base) if tuning is not None else None
         data = replace(data, base=read_base) if data is not None else None
         base = recorded_base(base, read_base, adapters)
-    empty = ("λ = 0" if tuning is None and settings.lam == 0 else
-             "every weight of the table is 0" if table is not None and not any(map(any, table.weights)) else
-             "every --weights value is 0" if settings.weights and not any(settings.weights) else None)
+    empty = (zero_by_settings(None if tuning is not None else settings.lam, settings.weights)
+             or ("every weight of the table is 0" if table is not None and not any(map(any, table.weights)) else None))
     if out is not None and empty:  # known now: the writer would refuse it after the merge
         raise LoramergeError(f"the merge is empty ({empty}): nothing to write")
     return MergePlan(adapters, settings, table, Path(out) if out is not None else None, force, dtype, head, base,

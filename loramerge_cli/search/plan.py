@@ -509,14 +509,12 @@ def check_prunable(request: SearchRequest, strategy: Strategy) -> None:
 def check_merge_settings(request: SearchRequest) -> None:
     """The merger's settings, resolved as the search will (parameter bounds, weights per adapter, λ, space):
     refused here, not after the adapters load. Imports torch, so it follows the torch-free checks."""
-    from loramerge_cli.merging.merge import resolve_config
+    from loramerge_cli.merging.merge import resolve_config, zero_by_settings
 
     resolve_config(request.merge, len(request.adapters))
-    config = request.merge
-    empty = ("--lambda 0" if config.lam == 0 else
-             "--weights all 0" if config.weights and not any(config.weights) else None)
+    empty = zero_by_settings(request.merge.lam, request.merge.weights)
     if empty:  # (merge refuses to write such a merge; a search would score every table the same)
-        raise UsageError(f"{empty} makes every merge empty: each table would score the same; nothing to search")
+        raise UsageError(f"{empty}: every merge is empty, so each table would score the same; nothing to search")
 
 
 def _same(first, second) -> bool:

@@ -43,23 +43,30 @@ def torch_device(name: str, flag: str = "--device") -> torch.device:
 
 @contextmanager
 def quiet_transformers():
-    """No warnings about freshly initialised heads (heads are swapped per task) and no progress bars."""
+    """No warnings about freshly initialised heads (heads are swapped per task) and no progress bars; the caller's
+    settings are restored as they were, huggingface_hub's per-group progress-bar states included (transformers'
+    enable_progress_bar would turn every hub bar on)."""
+    import importlib
     import warnings
 
     from transformers.utils import logging
 
-    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        with warnings.catch_warnings():
+    hub_bars = importlib.import_module("huggingface_hub.utils.tqdm").progress_bar_states
+    level, bars, hub_states = logging.get_verbosity(), logging.is_progress_bar_enabled(), dict(hub_bars)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Cannot (en|dis)able progress bars", UserWarning)  # HF_HUB_DISABLE_… set
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+        try:
             # peft 0.21 calls a method transformers 5 deprecates; nothing a caller can change.
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             yield
-    finally:
-        logging.set_verbosity(level)
-        if bars:
-            logging.enable_progress_bar()
+        finally:
+            logging.set_verbosity(level)
+            if bars:
+                logging.enable_progress_bar()
+            hub_bars.clear()
+            hub_bars.update(hub_states)
 
 
 def load_base_config(base: str):

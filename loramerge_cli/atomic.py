@@ -33,8 +33,17 @@ def sibling_prefix(path: Path) -> str:
 
 
 def temporary_sibling(path: Path) -> Path:
-    """Where `path`'s next version is written first (outputs.clean_debris removes those of dead processes)."""
-    return path.with_name(f"{sibling_prefix(path)}{os.getpid()}.tmp")
+    """A new empty file beside `path` where its next version is written first: `.NAME.loramerge-PID.RANDOM.tmp`
+    (outputs.clean_debris removes those of dead processes), created exclusively under a name no one can guess,
+    so a link planted beside `path` is never written through; with the user's umask, like `path`."""
+    import tempfile
+
+    handle, name = tempfile.mkstemp(prefix=f"{sibling_prefix(path)}{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(handle, 0o666 & ~user_umask())  # mkstemp's file is private (0600)
+    finally:
+        os.close(handle)
+    return Path(name)
 
 
 @contextmanager
@@ -44,20 +53,26 @@ def replacing(path: str | Path) -> Iterator[Path]:
     from loramerge_cli import interrupts
 
     path = Path(path)
-    temporary = temporary_sibling(path)  # created with the user's umask, like `path`
+    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_sibling(path)
         yield temporary
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         interrupts.check()  # a Ctrl-C some library swallowed: keep the previous file
         _commit(temporary, path)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        _remove(temporary)
         raise LoramergeError(f"{path}: cannot write it ({error.strerror or error})") from None
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        _remove(temporary)
         raise
+
+
+def _remove(temporary: Path | None) -> None:
+    if temporary is not None:
+        temporary.unlink(missing_ok=True)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -82,9 +97,10 @@ def write_new(path: str | Path, text: str) -> None:
     from loramerge_cli import interrupts
 
     path = Path(path)
-    temporary = temporary_sibling(path)
+    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = temporary_sibling(path)
         temporary.write_bytes(text.encode())
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -102,7 +118,7 @@ def write_new(path: str | Path, text: str) -> None:
     except OSError as error:
         raise LoramergeError(f"{path}: cannot write it ({error.strerror or error})") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        _remove(temporary)
 
 
 def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:

@@ -63,15 +63,15 @@ def local_paths_warnings(folder: str | Path) -> list[str]:
     """What an upload would publish of this machine: paths in the folder's text files that lie outside it (an
     absolute path, or ../…: they show the folder layout, often a user name), and a base model that is a local
     path (the pushed adapter then loads only here). Warnings: a recipe names its inputs by path on purpose."""
-    import json
+    from loramerge_cli.adapters.peft_reader import read_config
 
     folder = Path(folder)
     if not folder.is_dir():
         raise LoramergeError(f"{folder}: not a folder, so there is nothing to check")
     warnings = []
     try:
-        base = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (OSError, ValueError):
+        base = read_config(folder / "adapter_config.json").get("base_model_name_or_path")
+    except LoramergeError:
         base = None
     from loramerge_cli.adapters.card import is_repo_id
 

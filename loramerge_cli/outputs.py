@@ -157,6 +157,7 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
     its data and head files and data folders; a local base model's files and folder (`base`, else the spec's
     base_model, else the adapters' one base). Files are what a resume hashes; both are what no output may
     go over or into."""
+    from loramerge_cli.adapters.peft_reader import read_config
     from loramerge_cli.adapters.sources import hub_repo_folder, resolve, split_name
     from loramerge_cli.evaluation.specs import load_task_file
 
@@ -176,8 +177,8 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
             folders.append(repository)
         if source.config_file:
             try:
-                bases.add(json.loads(Path(source.config_file).read_text(encoding="utf-8")).get("base_model_name_or_path"))
-            except (OSError, ValueError, AttributeError):
+                bases.add(read_config(Path(source.config_file)).get("base_model_name_or_path"))
+            except LoramergeError:
                 pass  # the loader reports it
     task_file = load_task_file(tasks) if tasks is not None else None
     if task_file is not None:

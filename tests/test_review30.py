@@ -40,3 +40,79 @@ def test_quiet_transformers_says_nothing_when_the_environment_pins_the_hub_bars(
                               cwd=ROOT, env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": value}, timeout=300)
         assert done.returncode == 0, done.stderr
         assert done.stderr == "", done.stderr
+
+
+def test_a_link_planted_at_a_temporary_name_is_never_written_through(tmp_path):
+    """Files were first written to `.NAME.loramerge-PID.tmp`, opened following links: a link planted there for
+    the running pid (an `exec`ed shell's, or a range of coming pids) had any file, an input adapter's included,
+    overwritten with the output."""
+    from loramerge_cli import atomic
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    out = tmp_path / "out"
+    out.mkdir()
+    for pid in range(os.getpid() - 2, os.getpid() + 3):
+        (out / f".mask.json.loramerge-{pid}.tmp").symlink_to(victim)
+    atomic.write_text(out / "mask.json", "{}\n")
+    atomic.write_new(out / "best.json", "{}\n")
+    assert victim.read_text() == "mine"
+    assert (out / "mask.json").read_text() == "{}\n" and not (out / "mask.json").is_symlink()
+    assert (out / "best.json").read_text() == "{}\n"
+    first, second = atomic.temporary_sibling(out / "a"), atomic.temporary_sibling(out / "a")
+    assert first != second and first.name.startswith(f".a.loramerge-{os.getpid()}.")
+    assert oct(first.stat().st_mode & 0o777) == oct(0o666 & ~atomic.user_umask())
+
+
+def _copy_of_an_adapter(tmp_path, **config_updates):
+    import json
+
+    from factories import write_task_folders
+
+    folders = write_task_folders(tmp_path / "adapters", names=("a", "b"))
+    config_file = folders["a"] / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config.update(config_updates)
+    config_file.write_text(json.dumps(config))
+    return folders
+
+
+def test_an_adapter_config_too_large_for_any_adapter_is_refused_without_reading_it_whole(tmp_path):
+    from factories import invoke_cli
+
+    folders = _copy_of_an_adapter(tmp_path)
+    config_file = folders["a"] / "adapter_config.json"
+    config_file.write_text(config_file.read_text() + " " * (17 << 20))  # valid JSON, 17 MiB
+    result = invoke_cli(["inspect", folders["a"]])
+    assert result.exit_code == 1 and "over 16 MiB" in result.stderr and len(result.stderr.splitlines()) == 1, \
+        result.stderr
+
+
+def test_revision_and_auto_mapping_of_the_wrong_type_are_one_line(tmp_path):
+    """`"revision": {"a": 1}` or `"auto_mapping": {"base_model_class": ["x"]}` passed inspect and made merge fail
+    with "internal error: TypeError: unhashable type" (the second after the merge was computed)."""
+    from factories import invoke_cli
+
+    for field, value, said in (("revision", {"a": 1}, "revision must be a string"),
+                               ("auto_mapping", {"base_model_class": ["x"]}, "auto_mapping must be an object of names")):
+        folders = _copy_of_an_adapter(tmp_path / field, **{field: value})
+        for command in (["inspect", folders["a"]],
+                        ["merge", "--adapters", folders["a"], folders["b"], "--out", tmp_path / field / "out"]):
+            result = invoke_cli(command)
+            assert result.exit_code == 1 and said in result.stderr, (command, result.stderr)
+        assert not (tmp_path / field / "out").exists()
+
+
+def test_a_lora_module_listed_in_modules_to_save_is_named_as_such(tmp_path):
+    """A module in both target_modules and modules_to_save: the refusal said target_modules leave it out."""
+    import json
+
+    from factories import invoke_cli
+
+    folders = _copy_of_an_adapter(tmp_path)
+    config = json.loads((folders["a"] / "adapter_config.json").read_text())
+    module = config["target_modules"][0]
+    config["modules_to_save"] = [module.split(".")[-1]]
+    (folders["a"] / "adapter_config.json").write_text(json.dumps(config))
+    result = invoke_cli(["inspect", folders["a"]])
+    assert result.exit_code == 1 and "modules_to_save lists it" in result.stderr, result.stderr

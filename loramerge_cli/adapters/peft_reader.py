@@ -99,10 +99,15 @@ def load_adapters(arguments: list[str], allow_pickle: bool = False) -> list[Adap
     return adapters
 
 
+CONFIG_MAX_BYTES = 16 << 20  # PEFT writes a few KB (a rank_pattern of every module: a few hundred)
+
+
 def read_config(path: Path) -> dict:
+    from loramerge_cli.atomic import read_small_file
+
     try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as error:  # a number of over 4,300 digits, nesting too deep
+        config = json.loads(read_small_file(path, CONFIG_MAX_BYTES).decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as error:  # a number of over 4,300 digits, nesting too deep; TooLarge
         raise LoramergeError(f"{path}: not a readable JSON adapter config ({str(error) or 'nested too deep'})") \
             from None
     if not isinstance(config, dict):
@@ -155,6 +160,9 @@ FIELD_TYPES = {
                         "a list of names"),
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string"),
     "task_type": (lambda v: v is None or isinstance(v, str), "a string"),
+    "revision": (lambda v: v is None or isinstance(v, str), "a string"),
+    "auto_mapping": (lambda v: v is None or (isinstance(v, dict) and all(
+        item is None or isinstance(item, str) for item in v.values())), "an object of names"),
 }
 
 
@@ -292,6 +300,11 @@ def _check_targeted(paths: list[str], config: dict, spec: str) -> None:
         except (re.error, TypeError, ValueError) as error:
             raise LoramergeError(f"{spec}: adapter config: {_unmatchable(view, path)} cannot be matched "
                                  f"({first_line(error)})") from None
+        if not targeted and config.get("modules_to_save") and check_target_module_exists(
+                SimpleNamespace(**{**vars(view(*matched)), "modules_to_save": None}), path):
+            raise LoramergeError(f"{spec}: module {path} has LoRA weights, but the config's modules_to_save lists it: "
+                                 "PEFT would save that module whole and not load them (fix adapter_config.json to "
+                                 "the modules the file holds)")
         if not targeted:
             fields = [name for name in ("exclude_modules", "layers_to_transform", "layers_pattern")
                       if config.get(name) not in (None, [], "")]

@@ -3,7 +3,6 @@ adapter loads (the engine checks the same on the loaded model: engine.py, compat
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from loramerge_cli.errors import LoramergeError
@@ -48,6 +47,7 @@ def check_model_fit(task_file: TaskFile, adapters, base: str | None = None, max_
     type, and no token cap given (a task's `max_length`, else `max_length`) is above the positions of the base
     (`base`, else the spec's, else the adapters' one base; its config.json, in a folder or the Hub cache)."""
     from loramerge_cli.adapters.card import base_config
+    from loramerge_cli.adapters.peft_reader import read_config
     from loramerge_cli.adapters.sources import default_name, resolve, split_name
 
     bases = set()
@@ -56,8 +56,8 @@ def check_model_fit(task_file: TaskFile, adapters, base: str | None = None, max_
             named = split_name(argument)
             config_file = resolve(named.spec, allow_pickle=allow_pickle).config_file
             try:
-                config = json.loads(Path(config_file).read_text(encoding="utf-8")) if config_file else {}
-            except (OSError, ValueError):
+                config = read_config(Path(config_file)) if config_file else {}
+            except LoramergeError:
                 continue  # the loader reports it
             name = named.name or default_name(named.spec)
         else:  # a loaded Adapter (the library API)

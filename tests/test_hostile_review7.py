@@ -585,4 +585,4 @@ def test_lambda_0_is_an_empty_merge(setting, tmp_path):
     """`merge --lambda 0` wrote an all-zero adapter with exit 0, while `--weights 0,0,0` is refused with "the
     merge is empty … nothing to write"."""
     result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--lambda", "0", "--out", tmp_path / "m"])
-    assert result.exit_code == 1 and "the merge is empty" in result.stderr and not (tmp_path / "m").exists()
+    assert result.exit_code == 2 and "the merge is empty" in result.stderr and not (tmp_path / "m").exists()

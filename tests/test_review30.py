@@ -116,3 +116,62 @@ def test_a_lora_module_listed_in_modules_to_save_is_named_as_such(tmp_path):
     (folders["a"] / "adapter_config.json").write_text(json.dumps(config))
     result = invoke_cli(["inspect", folders["a"]])
     assert result.exit_code == 1 and "modules_to_save lists it" in result.stderr, result.stderr
+
+
+def test_the_lambda_grid_progress_moves_as_each_lambda_is_scored(tmp_path, monkeypatch):
+    """A λ grid scored every λ of its stage, then stepped its bar through all of them at once: on a terminal the
+    bar read `0/13 … eta ?` for the whole stage."""
+    from eval_fixtures import build_text_setting
+    from loramerge_cli import api
+    from loramerge_cli.evaluation import tuning
+    from loramerge_cli.merging.merge import MergeConfig
+
+    setting = build_text_setting(tmp_path / "setting")
+    adapters = api.load_adapters(setting.adapter_args())
+    seen = []
+    scores = tuning.finite_scores
+    monkeypatch.setattr(tuning, "finite_scores", lambda *a: (seen.append("scored"), scores(*a))[1])
+
+    def report(kind, data):
+        if kind == "stage_step" and data["stage"].startswith("λ"):
+            seen.append("step")
+
+    best, records = tuning.tune_lambda(adapters, MergeConfig(merger="ta"), None, setting.tasks_file,
+                                       grid=[0.2, 0.4, 0.6], val_limit=4, threads=1, report=report)
+    assert len(records) == 3 and best in (0.2, 0.4, 0.6)
+    assert seen == ["scored", "step"] * 3, seen
+
+
+def test_numbers_python_reads_but_no_one_means_are_refused():
+    """`--lambda 1_0` merged with λ = 10 and `--lambda ٣` with λ = 3 (Python's float reads both); --weights too."""
+    import pytest
+
+    from loramerge_cli.cli.common import parse_float_list, parse_lambda
+    from loramerge_cli.errors import UsageError
+
+    for text in ("1_0", "٣", "0x1p-3", "1e", ".", "nan", "inf", "-inf", "+", "1.0.0"):
+        with pytest.raises(UsageError):
+            parse_lambda(text)
+        with pytest.raises(UsageError):
+            parse_float_list(f"1,{text}", "--weights")
+    assert [parse_lambda(text) for text in ("0.5", "-2", "1e-3", ".5", "5.", "+1E+2", " 0.25 ")] == \
+        [0.5, -2.0, 1e-3, 0.5, 5.0, 100.0, 0.25]
+    assert parse_float_list("1, 0.5,2e-1", "--weights") == [1.0, 0.5, 0.2]
+
+
+def test_merge_with_lambda_0_or_every_weight_0_is_bad_usage_before_anything_loads(tmp_path, monkeypatch):
+    """`merge --lambda 0` (or `-0`, `1e-400`, `--weights 0,0`) read the adapters, then exited 1; search-mask
+    refuses the same with exit 2 before anything loads."""
+    from factories import invoke_cli, write_task_folders
+    from loramerge_cli import api
+
+    folders = write_task_folders(tmp_path / "adapters", names=("a", "b"))
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("the adapters were loaded")
+
+    monkeypatch.setattr(api, "load_adapters", loaded)
+    for flags in (["--lambda", "0"], ["--lambda", "-0"], ["--lambda", "1e-400"], ["--weights", "0,0"]):
+        result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], *flags, "--out", tmp_path / "m"])
+        assert result.exit_code == 2 and "the merge is empty" in result.stderr, (flags, result.stderr)
+        assert not (tmp_path / "m").exists()

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -647,11 +648,22 @@ def _other_commands_flags(ctx: typer.Context) -> set[str]:
             if (key := _recipe_key(option))}
 
 
+DECIMAL_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def decimal_number(text: str) -> float:
+    """A number as people write it (`0.5`, `-2`, `1e-3`): ValueError for what Python's float() also reads but no
+    one means as a number here (`1_0` is 10, `٣` is 3, `nan`, `inf`)."""
+    if not DECIMAL_NUMBER.fullmatch(text.strip()):
+        raise ValueError(text)
+    return float(text)
+
+
 def parse_float_list(text: str | None, flag: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(part) for part in text.split(",")]
+        return [decimal_number(part) for part in text.split(",")]
     except ValueError:
         raise UsageError(f"{flag}: expected numbers separated by commas, got {text!r}") from None
 
@@ -661,7 +673,7 @@ def parse_lambda(text: str | None) -> float | str | None:
     if text is None or text == "auto":
         return text
     try:
-        value = float(text)
+        value = decimal_number(text)
     except ValueError:
         value = float("nan")
     if not math.isfinite(value):

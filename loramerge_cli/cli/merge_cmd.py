@@ -139,6 +139,11 @@ def merge_command(ctx: typer.Context, **flags) -> None:
                                       flags["backend"], flags["ray_address"])
     dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags) + _seed_a_recipe_gave_to_an_exact_merger(ctx, flags)
     config = merge_config(flags)  # flag values are checked before anything is read
+    from loramerge_cli.merging.merge import zero_by_settings
+
+    empty = zero_by_settings(config.lam, config.weights)  # (λ auto: config.lam is None)
+    if empty:
+        raise UsageError(f"the merge is empty ({empty}): nothing to write")
     if flags["mask"] is None and not _reads_tasks(config, flags["lam"] == "auto"):  # (a table may name a method)
         _refuse_idle_task_flags(flags)
     spec_inputs = []

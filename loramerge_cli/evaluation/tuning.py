@@ -155,23 +155,31 @@ def search_lambda(
             return scored(lams, stage, step)
 
     def scored(lams: list[float], stage: str, step) -> list[float | None]:
-        if pool is not None:
-            all_scores = pool(lams)
-        else:
-            all_scores = [finite_scores(evaluator, scale_deltas(unit_deltas, lam)) for lam in lams]
-        for lam, scores in zip(lams, all_scores):
+        def record(lam: float, scores: dict[str, float] | str) -> dict:
             if isinstance(scores, str):  # NaN or Inf at this λ: no score, the grid goes on
-                non_finite.append(f"λ {lam:g}: {scores}")
-                records.append({"lambda": lam, "stage": stage, "accuracy": {}, "normalized_accuracy": {},
-                                "mean_normalized_accuracy": None, "non_finite": scores})
-                step(f"λ {lam:.4g}: NaN or Inf")
-                continue
+                return {"lambda": lam, "stage": stage, "accuracy": {}, "normalized_accuracy": {},
+                        "mean_normalized_accuracy": None, "non_finite": scores}
             normalized, _ = normalized_accuracy(scores, experts)
-            mean = mean_defined(normalized)
-            records.append({"lambda": lam, "stage": stage, "accuracy": scores, "normalized_accuracy": normalized,
-                            "mean_normalized_accuracy": mean})
-            step(f"λ {lam:.4g}: {'—' if mean is None else f'{mean:.2f}'}")
-        return [record["mean_normalized_accuracy"] for record in records[-len(lams):]]
+            return {"lambda": lam, "stage": stage, "accuracy": scores, "normalized_accuracy": normalized,
+                    "mean_normalized_accuracy": mean_defined(normalized)}
+
+        def shown(done: dict) -> None:  # the progress bar moves as each λ is scored
+            mean = done["mean_normalized_accuracy"]
+            step(f"λ {done['lambda']:.4g}: " + ("NaN or Inf" if "non_finite" in done else
+                                                 "—" if mean is None else f"{mean:.2f}"))
+
+        if pool is not None:
+            done = pool(lams, lambda index, scores: shown(record(lams[index], scores)))
+            stage_records = [record(lam, scores) for lam, scores in zip(lams, done)]
+        else:
+            stage_records = []
+            for lam in lams:
+                stage_records.append(record(lam, finite_scores(evaluator, scale_deltas(unit_deltas, lam))))
+                shown(stage_records[-1])
+        records.extend(stage_records)
+        non_finite.extend(f"λ {done['lambda']:g}: {done['non_finite']}" for done in stage_records
+                          if "non_finite" in done)
+        return [done["mean_normalized_accuracy"] for done in stage_records]
 
     best, warnings = grid_search(lambda lam, stage: means_at([lam], stage)[0], default_lambda, grid,
                                  means_at=means_at, also=also)

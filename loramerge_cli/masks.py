@@ -256,7 +256,11 @@ def align_table(table: WeightTable, adapters: list[Adapter]) -> WeightTable:
         merger = {key: [value[i] for i in order] if key in per_adapter and isinstance(value, list)
                   and len(value) == len(order) else value for key, value in merger.items()}
     recorded = [table.adapters[i] for i in order] if len(table.adapters) == len(order) else table.adapters
-    return replace(table, tasks=names, weights=[table.weights[i] for i in order], adapters=recorded, merger=merger)
+    provenance = table.provenance  # a search's record (flat indices, history) stays in the order it ran in, named
+    if isinstance(provenance, dict) and provenance and "task_order" not in provenance:
+        provenance = {**provenance, "task_order": list(table.tasks)}
+    return replace(table, tasks=names, weights=[table.weights[i] for i in order], adapters=recorded, merger=merger,
+                   provenance=provenance)
 
 
 def weights_problem(weights, task_count: int, unit_count: int, scale) -> str | None:

@@ -93,8 +93,9 @@ def test_revision_and_auto_mapping_of_the_wrong_type_are_one_line(tmp_path):
     with "internal error: TypeError: unhashable type" (the second after the merge was computed)."""
     from factories import invoke_cli
 
-    for field, value, said in (("revision", {"a": 1}, "revision must be a string"),
-                               ("auto_mapping", {"base_model_class": ["x"]}, "auto_mapping must be an object of names")):
+    for field, value, said in (
+            ("revision", {"a": 1}, "revision must be a string"),
+            ("auto_mapping", {"base_model_class": ["x"]}, "auto_mapping must be an object of names")):
         folders = _copy_of_an_adapter(tmp_path / field, **{field: value})
         for command in (["inspect", folders["a"]],
                         ["merge", "--adapters", folders["a"], folders["b"], "--out", tmp_path / field / "out"]):
@@ -175,3 +176,65 @@ def test_merge_with_lambda_0_or_every_weight_0_is_bad_usage_before_anything_load
         result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], *flags, "--out", tmp_path / "m"])
         assert result.exit_code == 2 and "the merge is empty" in result.stderr, (flags, result.stderr)
         assert not (tmp_path / "m").exists()
+
+
+def test_a_table_aligned_to_adapters_in_another_order_names_the_order_of_its_provenance(tmp_path):
+    """merge/apply-mask with the adapters in another order than the search's wrote mask.json with its rows in the
+    new order but `pruned_flat_indices` (i = u·T + t) and `history` in the old one, unsaid: the file contradicted
+    itself (index 0 pruned alpha in the search, read as beta in the copy)."""
+    from factories import write_task_folders
+    from loramerge_cli import api
+    from loramerge_cli.masks import align_table, load_table
+
+    folders = write_task_folders(tmp_path / "adapters", names=("a", "b", "c"), blocks=2)
+    adapters = api.load_adapters([str(folders[name]) for name in ("a", "b", "c")])
+    units = sorted({module.rsplit(".", 2)[0] for module in adapters[0].modules if "layers" in module})[:2]
+    table = api.WeightTable(tasks=["a", "b", "c"], units=units, weights=[[0, 1], [1, 1], [1, 1]],
+                            provenance={"pruned_flat_indices": [0], "history": [{"best_pruned": [0]}]})
+    reordered = [adapters[1], adapters[2], adapters[0]]
+    aligned = align_table(table, reordered)
+    assert aligned.tasks == ["b", "c", "a"] and aligned.weights == [[1, 1], [1, 1], [0, 1]]
+    provenance = aligned.provenance
+    assert provenance["task_order"] == ["a", "b", "c"] and provenance["pruned_flat_indices"] == [0]
+    unit, task = divmod(provenance["pruned_flat_indices"][0], len(provenance["task_order"]))
+    assert aligned.weights[aligned.tasks.index(provenance["task_order"][task])][unit] == 0
+    aligned.save(tmp_path / "copy.json")
+    again = align_table(load_table(tmp_path / "copy.json"), [adapters[2], adapters[0], adapters[1]])
+    assert again.provenance["task_order"] == ["a", "b", "c"]  # the order the search ran in, however often copied
+    assert align_table(table, adapters) is table
+
+
+def test_search_mask_help_says_lambda_defaults_without_a_mask_table():
+    """search-mask's --lambda help began "a --mask table's scale, else …": search-mask takes no --mask."""
+    from factories import invoke_cli
+
+    result = invoke_cli(["search-mask", "--help"])
+    shown = " ".join(result.stdout.split())
+    assert result.exit_code == 0 and "[default: the method's" in shown and "--mask table" not in shown
+    merge_help = invoke_cli(["merge", "--help"]).stdout
+    assert "a --mask table's scale" in " ".join(merge_help.split())
+
+
+def test_a_regmean_recipe_names_the_thread_count_its_rebuild_needs(tmp_path):
+    """The recipe left --threads out (as it does every flag of where a command runs), so its own `# Rebuild:`
+    line rebuilt a regmean merge made with --threads 1 at another count: other bits (1.2e-7 in B·A)."""
+    import hashlib
+
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+
+    setting = build_text_setting(tmp_path / "setting")
+    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "regmean", "--tasks",
+                         setting.tasks_file, "--val-limit", "4", "--threads", "1", "--out", tmp_path / "m"])
+    assert result.exit_code == 0, result.stderr
+    recipe = (tmp_path / "m" / "loramerge.yaml").read_text()
+    rebuild = next(line for line in recipe.splitlines() if line.startswith("# Rebuild:"))
+    assert rebuild.endswith("--out DIR --threads 1"), rebuild
+    again = invoke_cli(["merge", "--config", tmp_path / "m" / "loramerge.yaml", "--out", tmp_path / "again",
+                        "--threads", "1"])
+    assert again.exit_code == 0, again.stderr
+    digest = [hashlib.sha256((folder / "adapter_model.safetensors").read_bytes()).hexdigest()
+              for folder in (tmp_path / "m", tmp_path / "again")]
+    assert digest[0] == digest[1]
+    plain = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--out", tmp_path / "ta"])
+    assert plain.exit_code == 0 and "--out DIR\n" in (tmp_path / "ta" / "loramerge.yaml").read_text()

@@ -263,8 +263,15 @@ def _recipe(ctx: typer.Context, plan, result) -> str:
     lam = result.settings.lam if plan.tuning is not None else ctx.params.get("lam")
     pinned = {"base": plan.base} if plan.base and base_reference(plan.base)[1] and plan.base != ctx.params.get("base") \
         else {}
-    return build_recipe(ctx, plan.adapters, plan.out, {"lam": lam, "mask": "mask.json" if plan.table else None,
-                                                       **pinned}, reads_data=plan.data is not None)
+    rebuild = ""
+    if plan.data is not None:  # the inputs a merge reads (RegMean) are computed with a rounding of this count
+        import torch
+
+        from loramerge_cli.evaluation.engine import default_threads
+
+        rebuild = f" --threads {default_threads(plan.data.threads) or torch.get_num_threads()}"
+    resolved = {"lam": lam, "mask": "mask.json" if plan.table else None, **pinned}
+    return build_recipe(ctx, plan.adapters, plan.out, resolved, reads_data=plan.data is not None, rebuild_flags=rebuild)
 
 
 def _print_report(report: dict, console, served: str | None, head: str | None) -> None:

@@ -188,8 +188,9 @@ def resolve_backend(device: str, devices: str | None, workers: int | None, threa
     return spread, spread.threads_each(device, threads)
 
 
-def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]:
-    """--merger, --method, --space, --lambda, --weights, every registered method parameter, --knots-scaled."""
+def merger_options(default_merger: str | None = None, tables: bool = True) -> list[inspect.Parameter]:
+    """--merger, --method, --space, --lambda, --weights, every registered method parameter, --knots-scaled;
+    `tables`: the command merges a --mask table (whose scale or λ is --lambda's default)."""
     from loramerge_cli.merging.registry import (
         PARAMETERS,
         PRESETS,
@@ -201,6 +202,7 @@ def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]
     )
 
     shown = default_merger or "ta"
+    from_table = "a --mask table's scale, else the λ it recorded, else " if tables else ""
     options = [
         option("merger", choice(merger_names()) | None, default_merger, show_default=False, help=(
             f"Preset ({', '.join(PRESETS)}) or method; its parameters are the defaults. [default: {shown}]")),
@@ -208,8 +210,7 @@ def merger_options(default_merger: str | None = None) -> list[inspect.Parameter]
         option("space", choice(SPACES) | None, None, help="Override the space the method acts in."),
         option("lam", str | None, None, "--lambda", show_default=False, help=(
             "λ, the factor on the merged update: a number, or 'auto' (tuned on --tasks). "
-            f"[default: a --mask table's scale, else the λ it recorded, else the method's: "
-            f"{lambda_defaults_text()}; T = the number of adapters]")),
+            f"[default: {from_table}the method's: {lambda_defaults_text()}; T = the number of adapters]")),
         option("weights", str | None, None, show_default=False, help=(
             "Per-adapter weights w1,w2,... in task order, applied before the method. [default: 1]")),
     ]

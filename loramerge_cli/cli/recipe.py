@@ -60,11 +60,11 @@ def adapter_source(adapter, folder: str | Path) -> str:
 
 
 def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dict | None = None,
-                 reads_data: bool = False) -> str:
+                 reads_data: bool = False, rebuild_flags: str = "") -> str:
     """The resolved recipe of the command `ctx` ran, for a file in `folder`: the adapters by name, then every
     flag that was given a value (`resolved` overrides them, e.g. the tuned λ; None drops a key). The task
     data's flags stay when the method reads the tasks' inputs (`reads_data`: RegMean), else only with
-    --lambda auto."""
+    --lambda auto. `rebuild_flags`: what the rebuild line adds (the thread count whose rounding a result has)."""
     import yaml
 
     from loramerge_cli import __version__
@@ -98,7 +98,7 @@ def build_recipe(ctx: typer.Context, adapters, folder: str | Path, resolved: dic
         sources[adapter.name] = {"path": source, **entry} if entry else source
     recipe = {"adapters": sources, **{key: value for key, value in resolved.items() if value is not None}, **values}
     header = (f"# loramerge {__version__} recipe ({ctx.info_name}); paths are relative to this file.\n"
-              f"# Rebuild: loramerge {ctx.info_name} --config {RECIPE_NAME} --out DIR\n")
+              f"# Rebuild: loramerge {ctx.info_name} --config {RECIPE_NAME} --out DIR{rebuild_flags}\n")
     return header + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
 
 

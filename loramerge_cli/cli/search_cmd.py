@@ -326,7 +326,7 @@ def search_request(flags: dict, command: str):
 
 def merger_option_names() -> set[str]:
     """The merger options' names (--merger, --lambda as `lam`, every method parameter, …)."""
-    return {parameter.name for parameter in merger_options("ta")}
+    return {parameter.name for parameter in merger_options("ta", tables=False)}
 
 
 TABLE_SCORING = frozenset({"workers", "devices", "backend", "ray_address", "plot", "block_cache_mb"})  # (masks)
@@ -383,6 +383,6 @@ class SearchMaskCommand(TyperCommand):
 
 def register(app: typer.Typer) -> None:
     """Add `search-mask`, its merger options generated from the method registry as it is now."""
-    command = with_options(adapter_options(required=RESUME_ONLY), merger_options("ta"), search_options(),
+    command = with_options(adapter_options(required=RESUME_ONLY), merger_options("ta", tables=False), search_options(),
                            output_options())
     app.command("search-mask", epilog=EPILOG, cls=SearchMaskCommand)(command(search_command))

@@ -108,6 +108,11 @@ def resolve_base(task_file: TaskFile, adapters, base: str | None) -> str:
         raise LoramergeError(f"{task_file.path}: base_model: not given, and no adapter names its base (use --base)")
     raise LoramergeError(f"{task_file.path}: base_model: not given, and the adapters name several bases (use --base)")
 
+def default_threads(threads: int | None) -> int | None:
+    """The torch CPU threads an evaluation sets: `threads`, else None where OMP_NUM_THREADS is set (torch
+    reads it: the user's choice), else min(8, CPUs)."""
+    return threads or (None if os.environ.get("OMP_NUM_THREADS") else min(8, os.cpu_count() or 1))
+
 
 class Evaluator:
     """Scores candidates (experts, merges, the base) on every task of a spec, one split.
@@ -126,7 +131,7 @@ class Evaluator:
         self.task_file = task_file
         self.settings = settings = settings or EvalSettings()
         settings.check()
-        threads = settings.threads or (None if os.environ.get("OMP_NUM_THREADS") else min(8, os.cpu_count() or 1))
+        threads = default_threads(settings.threads)
         if threads:  # OMP_NUM_THREADS, when set, is the user's choice: only --threads overrides it
             torch.set_num_threads(threads)
         self.experts = match_adapters(task_file, experts, allow_pickle)

@@ -185,12 +185,12 @@ def read_inputs(adapters, tasks: str | Path | None, base: str | None = None,
         from loramerge_cli.evaluation.data import listed_files
 
         for item in task_file.inputs(adapters=False):  # a task's `adapter:` is one of the adapters
-            files += _files(item)
+            files += files_under(item)
         files += listed_files(task_file)  # the images a listing names
         folders += [item for item in task_file.inputs() if item.is_dir()]
     base = base or (task_file.base_model if task_file else None) or (bases.pop() if len(bases) == 1 else None)
     if base and Path(base).expanduser().is_dir():
-        files += _files(Path(base).expanduser())
+        files += files_under(Path(base).expanduser())
     elif base:
         files += _hub_base_files(str(base))
     folders += base_model_folders([base, *bases])  # a Hub base in the cache too: no output goes into it
@@ -210,10 +210,11 @@ def _hub_base_files(base: str) -> list[Path]:
         return []
     repository = cached_repo_folder(name) if commit else None
     snapshot = repository / "snapshots" / commit if repository is not None else None
-    return _files(snapshot) if snapshot is not None and snapshot.is_dir() else []
+    return files_under(snapshot) if snapshot is not None and snapshot.is_dir() else []
 
 
-def _files(path: Path) -> list[Path]:
+def files_under(path: Path) -> list[Path]:
+    """The files a data or model path names: itself, or every file under a folder (hidden ones aside)."""
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     return [path] if path.is_file() else []

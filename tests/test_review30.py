@@ -238,3 +238,24 @@ def test_a_regmean_recipe_names_the_thread_count_its_rebuild_needs(tmp_path):
     assert digest[0] == digest[1]
     plain = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--out", tmp_path / "ta"])
     assert plain.exit_code == 0 and "--out DIR\n" in (tmp_path / "ta" / "loramerge.yaml").read_text()
+
+
+def test_resume_does_not_refuse_a_changed_test_split_the_search_never_scores(tmp_path):
+    """--resume refused when a task's test file changed, though a search scores tables on the validation split
+    only (--report-test scores the test split once, at the end); a changed validation file is still refused."""
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+
+    setting = build_text_setting(tmp_path / "setting")
+    search = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--strategy",
+              "surrogate", "--budget", "6", "--val-limit", "4", "--threads", "1", "--run-dir", tmp_path / "run"]
+    first = invoke_cli([*search, "--out", tmp_path / "a.json"])
+    assert first.exit_code == 0, first.stderr
+    test_file = tmp_path / "setting" / "data" / "alpha" / "test.jsonl"
+    test_file.write_text(test_file.read_text().splitlines()[0] + "\n")
+    resumed = invoke_cli([*search, "--resume", "--report-test", "--out", tmp_path / "b.json"])
+    assert resumed.exit_code == 0, resumed.stderr
+    validation = tmp_path / "setting" / "data" / "alpha" / "validation.jsonl"
+    validation.write_text(validation.read_text().splitlines()[0] + "\n")
+    refused = invoke_cli([*search, "--resume", "--out", tmp_path / "c.json"])
+    assert refused.exit_code == 1 and "validation.jsonl changed" in refused.stderr, refused.stderr

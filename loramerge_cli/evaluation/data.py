@@ -103,17 +103,17 @@ def check_data(task_file: TaskFile, splits: list[str] | None = None, labelled: b
     return counts
 
 
-def listed_files(task_file: TaskFile) -> list[Path]:
+def listed_files(task_file: TaskFile, splits=None) -> list[Path]:
     """The files the rows of the spec's data files name (an image listing's images): the data too, so a resumed
     search hashes them and no output goes over one. A data file that cannot be read names none (check_data
-    reports it)."""
+    reports it). `splits`: only those splits' data files (None: every split)."""
     if not task_file.type.inputs_name_files:  # (text rows name no file: nothing to read)
         return []
     files = []
     for task in task_file.tasks:
         for split, data in task.data.items():
             source = Path(data)
-            if not source.is_file():
+            if not source.is_file() or (splits is not None and split not in splits):
                 continue
             key = (task_file.type.name, task.image, str(source), file_version(source))
             if key not in _NAMED_FILES:  # read once per version of the file (a plan asks several times)

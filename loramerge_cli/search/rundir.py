@@ -313,16 +313,39 @@ def input_digests(request) -> dict[str, str]:
             return name
         return sha256_file(Path(path))
 
-    return {path: digest(path) for path in dict.fromkeys(normal_path(path) for path in input_paths(request))}
+    unscored = unscored_inputs(request)
+    return {path: digest(path) for path in dict.fromkeys(normal_path(path) for path in input_paths(request))
+            if path not in unscored}
 
 
-def check_inputs(saved: dict, current: dict, listed: set[str] = frozenset()) -> None:
+def unscored_inputs(request) -> set[str]:
+    """The data files (and the files their listings name) of the splits a search scores no table on: the test
+    split, which --report-test scores once the search is over. No saved score depends on them, so a resume
+    neither hashes them nor refuses when they changed. A file the searched split reads too is not among them."""
+    from loramerge_cli.evaluation.data import listed_files
+    from loramerge_cli.evaluation.specs import load_task_file
+    from loramerge_cli.outputs import files_under
+
+    task_file = load_task_file(request.tasks)
+    searched = request.eval.split
+
+    def read_by(splits) -> set[str]:
+        data = [Path(task.data[split]) for task in task_file.tasks for split in splits & task.data.keys()]
+        return {normal_path(path) for path in [*(file for item in data for file in files_under(item)),
+                                               *listed_files(task_file, splits)]}
+
+    others = {split for task in task_file.tasks for split in task.data} - {searched}
+    return read_by(others) - read_by({searched})
+
+
+def check_inputs(saved: dict, current: dict, listed: set[str] = frozenset(), unscored: set[str] = frozenset()) -> None:
     """Refuse to resume when an input changed, was removed, or a new one appeared, naming the file. A new file
     among `listed` (the images a listing names) is no refusal: with the listing unchanged, it is one a run saved by
     an earlier loramerge did not record (it recorded the listing only); nor is one of a Hub repository the run
-    recorded no file of (a Hub base, which earlier runs did not record)."""
+    recorded no file of (a Hub base, which earlier runs did not record). A file among `unscored` (unscored_inputs,
+    which earlier runs recorded) is not compared."""
     for path, digest in saved.items():
-        if current.get(path) != digest:
+        if path not in unscored and current.get(path) != digest:
             moved = _moved_hub_input(path) if path not in current else None
             if moved:
                 raise LoramergeError(f"--resume: since the run started, {moved}; the saved scores are for the old "

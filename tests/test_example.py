@@ -20,11 +20,23 @@ TEXT_TASKS = list(language.TASKS)
 IMAGE_TASKS = list(image.TRANSFORMS)
 
 
+BUILD_LOG: list[str] = []
+
+
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory) -> Path:
     out = (tmp_path_factory.mktemp("bundled") / "example").resolve()  # as the builder writes base paths
-    build.build(out, build.TINY)
+    build.build(out, build.TINY, log=BUILD_LOG.append)
     return out
+
+
+def test_the_build_says_each_stage_as_it_starts(bundled):
+    """The full build is minutes of training; it said two lines in all (a log looked hung for 13 minutes)."""
+    said = "\n".join(BUILD_LOG)
+    for name, tasks in (("text", TEXT_TASKS), ("image", IMAGE_TASKS)):
+        assert f"{name}: pretraining the base model" in said
+        for index, task in enumerate(tasks):
+            assert f"{name}: training adapter {task} ({index + 1} of {len(tasks)})" in said, said
 
 
 def _rows(path: Path) -> list[dict]:

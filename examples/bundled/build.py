@@ -77,9 +77,9 @@ def build(out: Path, scale: Scale = FULL, force: bool = False, log=lambda messag
     started = time.perf_counter()
     with deterministic(), quiet_transformers():
         log("text setting: tokenizer, base model, four adapters")
-        text_experts = text.build(out / "text", scale.text)
+        text_experts = text.build(out / "text", scale.text, log)
         log("image setting: base ViT, three adapters")
-        image_experts = image.build(out / "image", scale.image)
+        image_experts = image.build(out / "image", scale.image, log)
     record = {
         "stamp": key,
         "settings": asdict(scale),

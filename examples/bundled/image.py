@@ -36,17 +36,19 @@ class ImageSettings:
     seed: int = 23
 
 
-def build(out: Path, settings: ImageSettings) -> dict:
+def build(out: Path, settings: ImageSettings, log=lambda message: None) -> dict:
     """Write base/, adapters/<task>/, data/<task>/{validation,test}/<digit>/*.png and tasks.yaml under `out`."""
     splits = _digit_splits(settings)
     base = (out / "base").resolve()
     processor = _processor()
     processor.save_pretrained(base)
+    log("image: pretraining the base model")
     model = _pretrain(processor, splits["train"], settings)
     model.save_pretrained(base)
     report = {}
     tasks = []
     for index, (name, transform) in enumerate(TRANSFORMS.items()):
+        log(f"image: training adapter {name} ({index + 1} of {len(TRANSFORMS)})")
         task_splits = {split: (np.ascontiguousarray(transform(images)), labels)
                        for split, (images, labels) in splits.items()}
         for split in ("validation", "test"):

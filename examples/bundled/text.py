@@ -32,18 +32,20 @@ class TextSettings:
     seed: int = 11
 
 
-def build(out: Path, settings: TextSettings) -> dict:
+def build(out: Path, settings: TextSettings, log=lambda message: None) -> dict:
     """Write base/, adapters/<task>/, data/<task>/{validation,test}.jsonl and tasks.yaml under `out`."""
     words = language.vocabulary()
     kind_of = {w: k for k, group in enumerate(words) for w in group}
     base = (out / "base").resolve()
     tokenizer = _tokenizer(words)
     tokenizer.save_pretrained(base)
+    log("text: pretraining the base model")
     model = _pretrain(tokenizer, words, settings)
     model.save_pretrained(base)
     report = {}
     tasks = []
     for index, (name, rule) in enumerate(language.TASKS.items()):
+        log(f"text: training adapter {name} ({index + 1} of {len(language.TASKS)})")
         seed = settings.seed * 100 + index
         splits = {
             split: _examples(rule, kind_of, words, count, seed * 10 + offset)

@@ -665,7 +665,7 @@ def parse_float_list(text: str | None, flag: str) -> list[float] | None:
     try:
         return [decimal_number(part) for part in text.split(",")]
     except ValueError:
-        raise UsageError(f"{flag}: expected numbers separated by commas, got {text!r}") from None
+        raise UsageError(f"{flag}: expected finite numbers separated by commas, got {text!r}") from None
 
 
 def parse_lambda(text: str | None) -> float | str | None:

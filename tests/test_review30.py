@@ -259,3 +259,80 @@ def test_resume_does_not_refuse_a_changed_test_split_the_search_never_scores(tmp
     validation.write_text(validation.read_text().splitlines()[0] + "\n")
     refused = invoke_cli([*search, "--resume", "--out", tmp_path / "c.json"])
     assert refused.exit_code == 1 and "validation.jsonl changed" in refused.stderr, refused.stderr
+
+
+def test_the_eta_counts_down_between_steps_instead_of_climbing():
+    """The bar's ETA was the mean pace counted to now: while a step ran, `1/6 … eta 18s` became `eta 28s`, then
+    `eta 40s` (the stage ended 14 s later)."""
+    from loramerge_cli.cli.progress import eta
+
+    assert eta(0.0, 1, 3, now=2.0, stepped=2.0) == "4s"
+    assert eta(0.0, 1, 3, now=5.0, stepped=2.0) == "1s"  # (the old estimate: 10s)
+    assert eta(0.0, 1, 3, now=9.0, stepped=2.0) == "0s"
+    assert eta(0.0, 2, 4, now=10.0) == "10s" and eta(0.0, 0, 4) == "?" and eta(0.0, 1, None) is None
+
+
+def _plain_display(**options):
+    import io
+
+    from rich.console import Console
+
+    from loramerge_cli.cli.progress import ProgressDisplay
+
+    stream = io.StringIO()
+    return ProgressDisplay(console=Console(file=stream, force_terminal=False, width=200), **options), stream
+
+
+def test_a_merges_progress_reaches_a_log_once_it_lasts():
+    """`merge … 2>log` (or TERM=dumb) showed no progress at all for the merge itself (a terminal-only stage),
+    however long it ran; a quick one still says nothing."""
+    display, stream = _plain_display(terminal_only=("merging",), interval=0.0)
+    with display:
+        display("stage_start", {"stage": "merging", "total": 3})
+        for _ in range(3):
+            display("stage_step", {"stage": "merging", "info": ""})
+        display("stage_end", {"stage": "merging"})
+    assert "merging: 1/3" in stream.getvalue() and "merging: 3/3" in stream.getvalue(), stream.getvalue()
+    display, stream = _plain_display(terminal_only=("merging",))
+    with display:
+        display("stage_start", {"stage": "merging", "total": 300})
+        for _ in range(300):
+            display("stage_step", {"stage": "merging", "info": ""})
+        display("stage_end", {"stage": "merging"})
+    assert stream.getvalue() == ""
+
+
+def test_eval_steps_the_base_model_per_task(tmp_path):
+    """The base model's stage was one step for all tasks: `base model 0/1 … eta ?` for its whole length."""
+    from eval_fixtures import build_text_setting
+    from loramerge_cli import api
+    from loramerge_cli.evaluation.engine import EvalSettings
+
+    setting = build_text_setting(tmp_path / "setting")
+    events = []
+    api.evaluate(setting.tasks_file, api.load_adapters(setting.adapter_args()), [],
+                 settings=EvalSettings(threads=1, val_limit=4), report=lambda kind, data: events.append((kind, data)))
+    starts = [data for kind, data in events if kind == "stage_start" and data["stage"] == "base model"]
+    steps = [data for kind, data in events if kind == "stage_step" and data["stage"] == "base model"]
+    assert starts == [{"stage": "base model", "total": 3}] and len(steps) == 3, events
+
+
+def test_a_greedy_search_draws_a_bar_from_its_start():
+    """greedy and random drew no bar at all on a terminal, and every strategy's bar came only with its first
+    generation or table (20 s of blank display after the unpruned merge's line)."""
+    import io
+
+    from rich.console import Console
+
+    from loramerge_cli.cli.progress import ProgressDisplay
+    from loramerge_cli.cli.render import search_progress
+
+    display = ProgressDisplay(console=Console(file=io.StringIO(), force_terminal=True, width=200))
+    display.inner = search_progress(display, 4, budget=8)
+    with display:
+        display("start", {"reference": 50.0, "lambda": 0.5, "units": 2, "tasks": 3})
+        assert "searching" in display.stages
+        display("round", {"round": 1, "best_fitness": 1.0, "distinct_evaluated": 7})
+        assert "searching" not in display.stages and display.stages["evaluations"].done == 6
+        display("round", {"round": 2, "best_fitness": 1.5, "distinct_evaluated": 9})
+        assert display.stages["evaluations"].done == 8 and display.stages["evaluations"].total == 8

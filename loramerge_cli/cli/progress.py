@@ -25,24 +25,27 @@ def duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
-def eta(started: float, done: int, total: int | None, now: float | None = None) -> str | None:
-    """Time left at the mean pace so far ('?' before the first step, None without a total)."""
+def eta(started: float, done: int, total: int | None, now: float | None = None,
+        stepped: float | None = None) -> str | None:
+    """Time left at the mean pace of the steps done ('?' before the first step, None without a total), counted
+    down from the last step (`stepped`, else `now`): a step under way does not make it climb."""
     if not total:
         return None
     if done <= 0:
         return "?"
-    elapsed = (now if now is not None else time.monotonic()) - started
-    return duration(elapsed / done * max(0, total - done))
+    now = now if now is not None else time.monotonic()
+    stepped = now if stepped is None else stepped
+    return duration(max(0.0, (stepped - started) / done * max(0, total - done) - (now - stepped)))
 
 
 def _eta_column():
     """A bar's time left at the mean pace since its stage began, as the plain lines compute it (rich's own
-    estimate uses the recent pace, and none at all while the steps come in batches)."""
+    estimate uses the recent pace, and none at all while the steps come in batches), counted down between steps."""
     from rich.progress import ProgressColumn
 
     class EtaColumn(ProgressColumn):
         def render(self, task) -> Text:
-            left = eta(task.start_time, int(task.completed), task.total, task.get_time()) \
+            left = eta(task.start_time, int(task.completed), task.total, task.get_time(), task.fields.get("stepped")) \
                 if task.start_time is not None and task.total is not None and not task.finished else None
             return Text(f"eta {left}" if left else "", style="progress.remaining")
 
@@ -65,7 +68,7 @@ class ProgressDisplay:
                  interval: float = PLAIN_INTERVAL, terminal_only: tuple[str, ...] = ()):
         self.console = console or Console(file=StandardError(), markup=False)  # lines as written (paths)
         self.enabled = not quiet
-        self.terminal_only = terminal_only  # stages drawn as a bar on a terminal, without plain lines in a log
+        self.terminal_only = terminal_only  # stages of many quick steps: in a log, plain lines only after an interval
         # (on a dumb terminal rich draws no bar: the plain lines instead)
         self.live = self.enabled and self.console.is_terminal and not self.console.is_dumb_terminal
         self.inner = inner
@@ -96,8 +99,6 @@ class ProgressDisplay:
             (self._progress.console if self._progress is not None else self.console).print(*objects, **options)
 
     def __call__(self, kind: str, data: dict) -> None:
-        if kind.startswith("stage_") and data["stage"] in self.terminal_only and not self.live:
-            return
         if kind == "stage_start":
             self.start(data["stage"], data.get("total"))
         elif kind == "stage_step":
@@ -112,9 +113,11 @@ class ProgressDisplay:
         is drawn once its first steps are done)."""
         stage = self.stages[name] = _Stage(total) if started is None else _Stage(total, started)
         if self._progress is not None:
-            stage.task_id = self._progress.add_task(name, total=total, info="")
+            stage.task_id = self._progress.add_task(name, total=total, info="", stepped=stage.started)
             if started is not None:  # (rich's clock is time.monotonic too)
                 next(task for task in self._progress.tasks if task.id == stage.task_id).start_time = started
+        elif name in self.terminal_only:  # (many quick steps) a plain line only once it has lasted an interval
+            stage.last_line = stage.started
         elif self.enabled and total != 1:
             self.console.print(f"{name}: {total} steps" if total else f"{name} …", highlight=False, soft_wrap=True)
             stage.last_line = stage.started
@@ -125,10 +128,11 @@ class ProgressDisplay:
         stage = self.stages[name]
         stage.done += 1
         if self._progress is not None and stage.task_id is not None:
-            self._progress.update(stage.task_id, advance=1, info=info)
+            self._progress.update(stage.task_id, advance=1, info=info, stepped=time.monotonic())
             return
         now = time.monotonic()
-        if self.enabled and (now - stage.last_line >= self.interval or stage.done == stage.total):
+        last = stage.done == stage.total and (name not in self.terminal_only or stage.last_line > stage.started)
+        if self.enabled and (now - stage.last_line >= self.interval or last):
             stage.last_line = now
             of = f"/{stage.total}" if stage.total else ""
             left = eta(stage.started, stage.done, stage.total, now)

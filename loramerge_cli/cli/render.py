@@ -164,9 +164,10 @@ def _score(value: float | None, digits: int = 2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def search_progress(console, generations: int):
+def search_progress(console, generations: int, budget: int | None = None):
     """A callback for run_search: one line per generation (or greedy/random round), with the time left,
-    on the console; on a live ProgressDisplay also a generations bar with ETA and the best so far."""
+    on the console; on a live ProgressDisplay also a bar with ETA and the best so far (generations, or
+    evaluations of the `budget`), and a "searching" one, with its elapsed time, until that bar's first step."""
     import time
 
     from loramerge_cli.cli.common import print_warnings
@@ -185,6 +186,8 @@ def search_progress(console, generations: int):
                 f"{data['units']} units × {data['tasks']} tasks", highlight=False)
             print_warnings(console, data.get("warnings", []))
             clock["started"] = time.monotonic()
+            if live:
+                console.start("searching", None)
         elif kind == "generation":
             done = data.get("cma_generation", data["generation"])  # the screened search's steps include others
             if clock.get("before") is None:  # generations done before this process (a resumed run) took no time here
@@ -192,6 +195,7 @@ def search_progress(console, generations: int):
             before = clock["before"]
             left = eta(clock["started"], done - before, generations - before)
             if live and "generations" not in console.stages:  # started here: the label-free start differs
+                console.finish("searching")
                 console.start("generations", generations - before, clock["started"])  # those this process runs
             console.print(
                 f"gen {done:>3}/{generations}  best {data['best_fitness']:+.3f}  "
@@ -219,6 +223,7 @@ def search_progress(console, generations: int):
                 clock["before"] = done - data["new_evaluations"]
             before = clock["before"]
             if live and "evaluations" not in console.stages:
+                console.finish("searching")
                 console.start("evaluations", total - before, clock["started"])
             tables = "".join(f"{table} {score:+.3f}  " for table, score in zip(data["tables"], data["scores"]))
             console.print(f"{'screen' if kind == 'screen' else 'table '} {done:>4}/{total}  "
@@ -228,9 +233,18 @@ def search_progress(console, generations: int):
                           f"forward examples {data['forward_examples']}", highlight=False)
             for _ in range(data["new_evaluations"]) if live else ():
                 console.advance("evaluations", f"best {data['best_fitness']:+.3f}")
-        elif kind == "round":
+        elif kind == "round":  # greedy, random: the budget is distinct tables beside the unpruned merge
+            done, before = data["distinct_evaluated"] - 1, clock.setdefault("scored", 0)
+            left = f"  eta {eta(clock['started'], done, budget)}" if budget else ""
             console.print(f"round {data['round']:>3}  best {data['best_fitness']:+.3f}  "
-                          f"distinct {data['distinct_evaluated']}", highlight=False)
+                          f"distinct {data['distinct_evaluated']}{left}", highlight=False)
+            if live and budget:
+                if "evaluations" not in console.stages:
+                    console.finish("searching")
+                    console.start("evaluations", budget, clock["started"])
+                for _ in range(max(0, done - before)):
+                    console.advance("evaluations", f"best {data['best_fitness']:+.3f}")
+            clock["scored"] = done
 
     return on_event
 

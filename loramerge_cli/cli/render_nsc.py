@@ -68,9 +68,10 @@ def nsc_summary(table, provenance: dict):
         grid.add_row(unit, *(f"{row[column]:.4f}" for row in table.weights))
     loss = provenance["loss"]
     steps = len(provenance["history"])  # (each step's loss is of its own mini-batches: they may not fall)
+    training = sum(record.get("seconds", 0.0) for record in provenance["history"])
     parts = [Fitting(grid), Text(f"{provenance['objective']} loss of a step's mini-batches: step 1 "
-                                 f"{loss['first']:.5f}, step {steps} {loss['last']:.5f} ({steps} steps, "
-                                 f"{provenance['seconds']:.1f} s)")]
+                                 f"{loss['first']:.5f}, step {steps} {loss['last']:.5f} ({steps} steps in "
+                                 f"{training:.1f} s; {provenance['seconds']:.1f} s in all)")]
     per_task = provenance["task_losses"]
     parts.append(Text(f"{provenance['objective']} loss over each task's inputs, start -> learned: " + "; ".join(
         f"{name} {before:.4f} -> {after:.4f}"

@@ -209,7 +209,9 @@ def search_command(ctx: typer.Context, **flags) -> None:
         console.inner = render_nsc.label_free_progress(console, flags["generations"])
         summary = render_nsc.label_free_summary
     else:
-        console.inner, summary = render.search_progress(console, flags["generations"]), render.search_summary
+        rounds_budget = flags["budget"] or flags["popsize"] * flags["generations"]  # (greedy/random's default)
+        console.inner = render.search_progress(console, flags["generations"], rounds_budget)
+        summary = render.search_summary
     if plan.finished is not None:  # nothing to search: the finished run's table, to --out if not there yet
         console.print(f"the search in {flags['run_dir']} had already finished: nothing to resume; its table:",
                       highlight=False)

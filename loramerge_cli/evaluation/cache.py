@@ -100,10 +100,20 @@ def expert_scores(engine, cache: ScoreCache, report=None) -> dict[str, float]:
     return out
 
 
-def base_scores(engine, cache: ScoreCache) -> dict[str, float]:
-    """The base model's accuracy on every task (with each task's head)."""
-    keys = {task: score_key("base", "", engine.fingerprint(task)) for task in engine.task_file.names}
-    missing = [task for task, key in keys.items() if cache.get(key) is None]
-    if missing:
-        cache.put({keys[task]: value for task, value in engine.score_base(missing).items()})
-    return {task: cache.get(key) for task, key in keys.items()}
+def base_scores(engine, cache: ScoreCache, report=None) -> dict[str, float]:
+    """The base model's accuracy on every task (with each task's head); `report` receives a progress stage, a
+    step per task."""
+    from loramerge_cli.events import stage
+
+    out, fresh = {}, {}
+    with stage(report, "base model", len(engine.task_file.names)) as step:
+        for task in engine.task_file.names:
+            key = score_key("base", "", engine.fingerprint(task))
+            value = cache.get(key)
+            if value is None:
+                value = fresh[key] = engine.score_base([task])[task]
+            out[task] = value
+            step(f"{task} {100 * value:.1f}%")
+    if fresh:
+        cache.put(fresh)
+    return out

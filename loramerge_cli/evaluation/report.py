@@ -58,9 +58,7 @@ def eval_report(
         engine.check_adapter(adapter)
     cache = ScoreCache(run_dir)
     expert_accuracy = expert_scores(engine, cache, report)
-    with stage(report, "base model", 1) as step:
-        base_accuracy = base_scores(engine, cache)
-        step()
+    base_accuracy = base_scores(engine, cache, report)
     from loramerge_cli.adapters.compat import configless_warnings, merged_revision_warnings
 
     warnings: list[str] = configless_warnings([*experts, *(merged or [])]) + engine.data_warnings() + \

@@ -336,3 +336,40 @@ def test_a_greedy_search_draws_a_bar_from_its_start():
         assert "searching" not in display.stages and display.stages["evaluations"].done == 6
         display("round", {"round": 2, "best_fitness": 1.5, "distinct_evaluated": 9})
         assert display.stages["evaluations"].done == 8 and display.stages["evaluations"].total == 8
+
+
+def test_a_task_types_extras_are_checked_by_every_command_that_reads_the_spec(tmp_path, monkeypatch):
+    """docs/contributing.md: a task type's `extras` are checked before any work. Only search-mask did: `eval` and
+    `merge --lambda auto` loaded the model, then failed with "internal error: ModuleNotFoundError"."""
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+    from loramerge_cli.evaluation import task_types
+    from loramerge_cli.evaluation.task_types.sequence_classification import SequenceClassification
+
+    class NeedsExtra(SequenceClassification):
+        name = "needs-extra-classification"
+        extras = (("nonexistent_module_xyz", "xyzextra"),)
+
+    monkeypatch.setitem(task_types.TASK_TYPES, NeedsExtra.name, NeedsExtra())
+    setting = build_text_setting(tmp_path / "setting")
+    spec = tmp_path / "setting" / "tasks.yaml"
+    spec.write_text(spec.read_text().replace("model_type: sequence-classification", f"model_type: {NeedsExtra.name}"))
+    said = "needs nonexistent_module_xyz: pip install 'loramerge[xyzextra]'"
+    adapters = ["--adapters", *setting.adapter_args(), "--threads", "1"]
+    for command in (["eval", *adapters, "--tasks", spec, "--out", tmp_path / "e.json"],
+                    ["merge", *adapters, "--lambda", "auto", "--tasks", spec, "--out", tmp_path / "m"],
+                    ["search-mask", *adapters, "--tasks", spec, "--out", tmp_path / "s.json"]):
+        result = invoke_cli(command)
+        assert result.exit_code == 1 and said in result.stderr, (command[0], result.stderr)
+
+
+def test_a_registered_parameter_named_help_is_refused_like_any_other_clash(monkeypatch):
+    """A merge method's parameter named `help` built a command whose --help took a value ("Option '--help'
+    requires an argument"); the docs promise a TypeError naming any clash."""
+    import pytest
+
+    from loramerge_cli.cli.options import option, signature
+
+    with pytest.raises(TypeError, match="--help"):
+        signature([option("help", float | None, None)])
+    signature([option("helpful", float | None, None)])

@@ -83,7 +83,7 @@ def signature(*groups: list[inspect.Parameter]) -> inspect.Signature:
     """The signature of a command taking the Typer context and every option of `groups`, in order."""
     context = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
     parameters = [context, *(parameter for group in groups for parameter in group)]
-    names = [parameter.name for parameter in parameters]
+    names = [parameter.name for parameter in parameters] + ["help"]  # (--help: every command's, -h beside it)
     twice = sorted({name for name in names if names.count(name) > 1})
     if twice:  # a registered parameter (a merge method's, a strategy's) named like another option of the command
         raise TypeError(f"two options of one command are named --{twice[0].replace('_', '-')}: a merge method's or "

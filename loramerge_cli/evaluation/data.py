@@ -77,11 +77,26 @@ def load_examples(
                     [getattr(row, "line", None) for row in rows], str(source))
 
 
+def check_type_extras(task_file: TaskFile) -> None:
+    """The optional libraries the spec's task type declares (`extras`: module, pip extra), imported now: a
+    missing one is one line naming its extra, before any model loads."""
+    import importlib
+
+    for module, extra in task_file.type.extras:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise LoramergeError(f"{task_file.model_type} tasks needs {module}: pip install 'loramerge[{extra}]'") \
+                from None
+
+
 def check_data(task_file: TaskFile, splits: list[str] | None = None, labelled: bool = True
                ) -> dict[tuple[str, str], int]:
     """Read every row of every task's splits (all of them, or `splits` where the task has them) and check
     its input columns and labels: the errors `load_examples` would raise, before any model loads; `labelled`:
-    every split must have labels (accuracy is scored on it). Returns the rows of each (task, split)."""
+    every split must have labels (accuracy is scored on it). Returns the rows of each (task, split). The
+    libraries the task type declares (`extras`) are imported first."""
+    check_type_extras(task_file)
     counts = {}
     for task in task_file.tasks:
         for split in splits or list(task.data):

@@ -194,7 +194,7 @@ def check_splits(request: SearchRequest) -> None:
 
 def check_extras(request: SearchRequest, plot: Path | None) -> None:
     """The optional libraries the search will import, imported now rather than after the work: matplotlib
-    for --plot, pillow for image tasks, pyarrow for parquet data."""
+    for --plot, pyarrow for parquet data."""
     import importlib
 
     from loramerge_cli.evaluation.specs import load_task_file
@@ -202,8 +202,7 @@ def check_extras(request: SearchRequest, plot: Path | None) -> None:
     task_file = load_task_file(request.tasks)
     splits = [request.eval.split] + (["test"] if request.report_test else [])
     files = [str(task.data.get(split, "")) for task in task_file.tasks for split in splits]
-    needed = [("matplotlib", "plot", "--plot")] if plot is not None else []
-    needed += [(module, extra, f"{task_file.model_type} tasks") for module, extra in task_file.type.extras]
+    needed = [("matplotlib", "plot", "--plot")] if plot is not None else []  # (the task type's: check_data)
     if any(name.endswith(".parquet") for name in files):
         needed.append(("pyarrow", "parquet", "parquet data"))
     for module, extra, reason in needed:

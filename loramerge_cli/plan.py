@@ -43,8 +43,8 @@ from loramerge_cli.merging.merge import (
     MergeResult,
     ResolvedMerge,
     resolve_config,
-    zero_by_settings,
 )
+from loramerge_cli.merging.config import zero_by_settings
 from loramerge_cli.merging.registry import DTYPES, PARAMETERS, randomized_methods
 
 

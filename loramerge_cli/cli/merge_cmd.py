@@ -139,7 +139,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
                                       flags["backend"], flags["ray_address"])
     dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags) + _seed_a_recipe_gave_to_an_exact_merger(ctx, flags)
     config = merge_config(flags)  # flag values are checked before anything is read
-    from loramerge_cli.merging.merge import zero_by_settings
+    from loramerge_cli.merging.config import zero_by_settings
 
     empty = zero_by_settings(config.lam, config.weights)  # (λ auto: config.lam is None)
     if empty:

@@ -75,3 +75,11 @@ class MergeConfig:
 SETTINGS = ("merger", "method", "space", "lam", "weights", "density", "drop_rate", "scope", "knots_scaled", "seed",
             "out_rank", "energy", "isotropize")  # MergeConfig's fields that a weight table may record (lam as "lambda")
 DEFAULT_MERGER, DEFAULT_SEED, DEFAULT_ENERGY = "ta", 1, 0.9999
+
+
+def zero_by_settings(lam: float | None, weights) -> str | None:
+    """Why every merge with λ `lam` and task weights `weights` is zero whatever it merges ("λ = 0", "every
+    --weights value is 0"), None when it need not be: merge refuses to write one, search-mask to search one."""
+    if lam == 0:
+        return "λ = 0"
+    return "every --weights value is 0" if weights and not any(weights) else None

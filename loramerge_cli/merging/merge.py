@@ -132,14 +132,6 @@ def _check_types(config: MergeConfig) -> None:
         raise UsageError(f"compute_dtype must be torch.float32 or torch.float64 (got {config.compute_dtype!r})")
 
 
-def zero_by_settings(lam: float | None, weights) -> str | None:
-    """Why every merge with λ `lam` and task weights `weights` is zero whatever it merges ("λ = 0", "every
-    --weights value is 0"), None when it need not be: merge refuses to write one, search-mask to search one."""
-    if lam == 0:
-        return "λ = 0"
-    return "every --weights value is 0" if weights and not any(weights) else None
-
-
 def resolve_config(config: MergeConfig, task_count: int, table: WeightTable | None = None) -> ResolvedMerge:
     """Fill defaults (preset, then method) and validate every parameter."""
     _check_types(config)

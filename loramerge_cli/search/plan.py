@@ -509,7 +509,8 @@ def check_prunable(request: SearchRequest, strategy: Strategy) -> None:
 def check_merge_settings(request: SearchRequest) -> None:
     """The merger's settings, resolved as the search will (parameter bounds, weights per adapter, λ, space):
     refused here, not after the adapters load. Imports torch, so it follows the torch-free checks."""
-    from loramerge_cli.merging.merge import resolve_config, zero_by_settings
+    from loramerge_cli.merging.config import zero_by_settings
+    from loramerge_cli.merging.merge import resolve_config
 
     resolve_config(request.merge, len(request.adapters))
     empty = zero_by_settings(request.merge.lam, request.merge.weights)

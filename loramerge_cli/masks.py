@@ -327,10 +327,11 @@ def check_table(table: WeightTable, adapters: list[Adapter], origin: str = "mask
     twice = next((u for u in table.units if u in seen or seen.add(u)), None)
     if twice is not None:  # (a file's schema says so; a table built in code too)
         raise LoramergeError(f"{origin}: lists unit {twice} twice")
-    missing = [u for u in table.units if u not in expected]
+    known = set(expected)  # (a module table of a mixture of experts: tens of thousands of units)
+    missing = [u for u in table.units if u not in known]
     # a module table lists every module, in any order (a module left out would keep weight 1 unsaid)
-    if missing or (table.units != expected if table.unit == "block" else set(table.units) != set(expected)):
-        absent = [u for u in expected if u not in table.units]
+    if missing or (table.units != expected if table.unit == "block" else seen != known):
+        absent = [u for u in expected if u not in seen]
         count = f"{len(table.units)} of the adapters' {len(expected)} units"
         extra = (f"unknown units {missing[:3]}" if missing else f"lists {count} (missing: {absent[:3]})" if absent
                  else f"lists the adapters' {len(expected)} units in another order (theirs: {expected[:3]}…)")

@@ -323,10 +323,10 @@ def _edited_beside(folder: Path) -> list[str]:
             break
     if not isinstance(recorded, dict):
         return []
-    edited = []
+    edited, tasks = [], set(task_folders)
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        if any(child == path or child in path.parents for child in task_folders):
+        if path in tasks or not tasks.isdisjoint(path.parents):
             continue
         if path.is_file() and not path.is_symlink() and name not in UNRECORDED and path.name not in SYSTEM_FILES \
                 and recorded.get(name) != output_digest(path):

@@ -315,6 +315,9 @@ def test_eval_steps_the_base_model_per_task(tmp_path):
     starts = [data for kind, data in events if kind == "stage_start" and data["stage"] == "base model"]
     steps = [data for kind, data in events if kind == "stage_step" and data["stage"] == "base model"]
     assert starts == [{"stage": "base model", "total": 3}] and len(steps) == 3, events
+    # before the experts' stage, seconds of loading were drawn as nothing at all
+    first = next(data["stage"] for kind, data in events if kind == "stage_start")
+    assert first == "loading the model and data", events
 
 
 def test_a_greedy_search_draws_a_bar_from_its_start():

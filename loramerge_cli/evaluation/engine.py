@@ -474,10 +474,11 @@ class Evaluator:
 
 
 def checked_evaluator(task_file: TaskFile, adapters: list, settings: EvalSettings, base: str | None = None,
-                      allow_base_mismatch: bool = False, allow_pickle: bool = False) -> Evaluator:
+                      allow_base_mismatch: bool = False, allow_pickle: bool = False, report=None) -> Evaluator:
     """An Evaluator of the adapters, the spec's base checked against theirs before the model loads (unless
     `base`, --base, overrides it), and the model kind against the adapters and the base after
-    (adapters/compat.py)."""
+    (adapters/compat.py). `report` receives the loading as a progress stage (its elapsed time: seconds)."""
+    from loramerge_cli.events import stage
     from loramerge_cli.adapters.compat import check_base_kind, check_spec_base, revision_problem
 
     if base is None:
@@ -485,7 +486,9 @@ def checked_evaluator(task_file: TaskFile, adapters: list, settings: EvalSetting
     mixed = None if allow_base_mismatch else revision_problem(adapters)
     if mixed:  # one base model scores them all: at most one of those revisions
         raise LoramergeError(mixed)
-    engine = Evaluator(task_file, adapters, settings, base=base, allow_pickle=allow_pickle)
+    with stage(report, "loading the model and data", 1) as step:
+        engine = Evaluator(task_file, adapters, settings, base=base, allow_pickle=allow_pickle)
+        step()
     check_base_kind(engine)
     return engine
 

@@ -53,7 +53,7 @@ def eval_report(
     task_file.check_covers([adapter.name for adapter in experts])  # as plan_eval (and so `eval`) says it
     check_settings_fit(settings, task_file, tasks_file)  # (eval_plan's, torch-free)
     check_merged_base(task_file, experts, merged or [], base, allow_base_mismatch)  # before the model loads
-    engine = checked_evaluator(task_file, experts, settings, base, allow_base_mismatch, allow_pickle)
+    engine = checked_evaluator(task_file, experts, settings, base, allow_base_mismatch, allow_pickle, report)
     for adapter in merged or []:  # a merge of another model is refused before any scoring, naming it
         engine.check_adapter(adapter)
     cache = ScoreCache(run_dir)

@@ -139,7 +139,8 @@ def search_lambda(
     if evaluator is None:  # (a caller that built it says its caps)
         settings = EvalSettings(split=split, val_limit=val_limit, device=device, dtype=dtype, batch_size=batch_size,
                                 threads=threads, max_length=max_length)
-        evaluator = checked_evaluator(load_task_file(tasks_file), adapters, settings, base, allow_base_mismatch)
+        evaluator = checked_evaluator(load_task_file(tasks_file), adapters, settings, base, allow_base_mismatch,
+                                      report=report)
         expert_warnings = evaluator.data_warnings()
     if experts is None:  # (a caller that scored them checked them: check_experts)
         experts = expert_scores(evaluator, ScoreCache(run_dir), report)

@@ -27,8 +27,9 @@ class Problem:
     engine: object  # Evaluator
 
 
-def build_problem(request, device: str | None = None, lam: float | None = None) -> Problem:
-    """The Problem of a SearchRequest, its evaluator on `device` (default: the request's) at λ `lam`."""
+def build_problem(request, device: str | None = None, lam: float | None = None, report=None) -> Problem:
+    """The Problem of a SearchRequest, its evaluator on `device` (default: the request's) at λ `lam`; `report`
+    receives the loading as a progress stage."""
     from loramerge_cli.adapters.compat import check_compatible
     from loramerge_cli.evaluation.engine import checked_evaluator
     from loramerge_cli.evaluation.specs import load_task_file
@@ -43,7 +44,7 @@ def build_problem(request, device: str | None = None, lam: float | None = None) 
     eval_settings = replace(request.eval, device=device) if device else request.eval
     task_file.check_covers([a.name for a in adapters])
     engine = checked_evaluator(task_file, adapters, eval_settings, request.base, request.allow_base_mismatch,
-                               request.allow_pickle)
+                               request.allow_pickle, report)
     return Problem(adapters, settings, ones_table(adapters), engine)
 
 

@@ -52,7 +52,7 @@ def _labelled(request: SearchRequest, run_dir: Path | None, on_event) -> Scored:
     from loramerge_cli.evaluation.metrics import check_experts
     from loramerge_cli.search.fitness import AccuracyFitness
 
-    problem = build_problem(request, _first_device(request))
+    problem = build_problem(request, _first_device(request), report=on_event)
     lam, tuning = problem.settings.lam, None
     experts = expert_scores(problem.engine, ScoreCache(run_dir), on_event)
     warnings = problem.engine.data_warnings() + check_experts(experts, "λ and the table" if request.lambda_auto

@@ -1,6 +1,7 @@
 """Defects found by the review round of 2026-12-07 (late evening); each test fails on the code before its fix."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -95,13 +96,18 @@ def test_revision_and_auto_mapping_of_the_wrong_type_are_one_line(tmp_path):
 
     for field, value, said in (
             ("revision", {"a": 1}, "revision must be a string"),
-            ("auto_mapping", {"base_model_class": ["x"]}, "auto_mapping must be an object of names")):
+            ("auto_mapping", {"base_model_class": ["x"]}, "auto_mapping must be an object whose base_model_class")):
         folders = _copy_of_an_adapter(tmp_path / field, **{field: value})
         for command in (["inspect", folders["a"]],
                         ["merge", "--adapters", folders["a"], folders["b"], "--out", tmp_path / field / "out"]):
             result = invoke_cli(command)
             assert result.exit_code == 1 and said in result.stderr, (command, result.stderr)
         assert not (tmp_path / field / "out").exists()
+    unsloth = {"base_model_class": "LlamaForSequenceClassification", "parent_library": "transformers.models.llama",
+               "unsloth_fixed": True}  # as Unsloth saves it: accepted
+    folders = _copy_of_an_adapter(tmp_path / "unsloth", auto_mapping=unsloth)
+    result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], "--out", tmp_path / "unsloth" / "out"])
+    assert result.exit_code == 0, result.stderr
 
 
 def test_a_lora_module_listed_in_modules_to_save_is_named_as_such(tmp_path):
@@ -176,6 +182,10 @@ def test_merge_with_lambda_0_or_every_weight_0_is_bad_usage_before_anything_load
         result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], *flags, "--out", tmp_path / "m"])
         assert result.exit_code == 2 and "the merge is empty" in result.stderr, (flags, result.stderr)
         assert not (tmp_path / "m").exists()
+    for flags, said in ((["--weights", "0,0,0"], "3 values for 2 adapters"),
+                        (["--lambda", "0", "--merger", "ties", "--density", "5"], "density")):
+        result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], *flags, "--out", tmp_path / "m"])
+        assert result.exit_code == 2 and said in result.stderr, (flags, result.stderr)  # the wrong value first
 
 
 def test_a_table_aligned_to_adapters_in_another_order_names_the_order_of_its_provenance(tmp_path):
@@ -249,12 +259,18 @@ def test_resume_does_not_refuse_a_changed_test_split_the_search_never_scores(tmp
     setting = build_text_setting(tmp_path / "setting")
     search = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--strategy",
               "surrogate", "--budget", "6", "--val-limit", "4", "--threads", "1", "--run-dir", tmp_path / "run"]
-    first = invoke_cli([*search, "--out", tmp_path / "a.json"])
+    first = invoke_cli([*search, "--report-test", "--out", tmp_path / "a.json"])
     assert first.exit_code == 0, first.stderr
     test_file = tmp_path / "setting" / "data" / "alpha" / "test.jsonl"
     test_file.write_text(test_file.read_text().splitlines()[0] + "\n")
+    # a finished run's table holds test scores of the old file: refused, as before
+    stale = invoke_cli([*search, "--resume", "--report-test", "--out", tmp_path / "b.json"])
+    assert stale.exit_code == 1 and "test.jsonl changed" in stale.stderr, stale.stderr
+    (tmp_path / "run" / "finished.json").unlink()  # as a run killed after its last checkpoint
     resumed = invoke_cli([*search, "--resume", "--report-test", "--out", tmp_path / "b.json"])
     assert resumed.exit_code == 0, resumed.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["provenance"]["test"] != \
+        json.loads((tmp_path / "a.json").read_text())["provenance"]["test"]  # scored on the new test file
     validation = tmp_path / "setting" / "data" / "alpha" / "validation.jsonl"
     validation.write_text(validation.read_text().splitlines()[0] + "\n")
     refused = invoke_cli([*search, "--resume", "--out", tmp_path / "c.json"])

@@ -161,8 +161,9 @@ FIELD_TYPES = {
     "base_model_name_or_path": (lambda v: v is None or isinstance(v, str), "a string"),
     "task_type": (lambda v: v is None or isinstance(v, str), "a string"),
     "revision": (lambda v: v is None or isinstance(v, str), "a string"),
-    "auto_mapping": (lambda v: v is None or (isinstance(v, dict) and all(
-        item is None or isinstance(item, str) for item in v.values())), "an object of names"),
+    "auto_mapping": (lambda v: v is None or (isinstance(v, dict) and (  # (Unsloth adds "unsloth_fixed": true)
+        v.get("base_model_class") is None or isinstance(v["base_model_class"], str))),
+        "an object whose base_model_class is a name"),
 }
 
 

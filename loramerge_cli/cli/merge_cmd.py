@@ -126,6 +126,21 @@ def _seed_a_recipe_gave_to_an_exact_merger(ctx: typer.Context, flags: dict) -> l
     return [f"the recipe's seed dropped: {config.method_name()} draws nothing"]
 
 
+def _refuse_an_empty_merge(config, adapter_count: int, complete: bool) -> None:
+    """λ = 0 or every weight 0 is bad usage, said before the adapters load; after the settings' own errors when
+    the flags are the whole merge (`complete`: no table to add settings), which a wrong value would otherwise
+    hide behind this one."""
+    from loramerge_cli.merging.config import zero_by_settings
+
+    if complete:
+        from loramerge_cli.merging.merge import resolve_config
+
+        resolve_config(config, adapter_count)
+    empty = zero_by_settings(config.lam, config.weights)  # (λ auto: config.lam is None)
+    if empty:
+        raise UsageError(f"the merge is empty ({empty}): nothing to write")
+
+
 @command_errors
 def merge_command(ctx: typer.Context, **flags) -> None:
     """Merge LoRA adapters into one adapter: weight table -> space -> method -> λ, written as exact LoRA
@@ -139,11 +154,6 @@ def merge_command(ctx: typer.Context, **flags) -> None:
                                       flags["backend"], flags["ray_address"])
     dropped = _truncation_a_recipe_gave_with_isotropize(ctx, flags) + _seed_a_recipe_gave_to_an_exact_merger(ctx, flags)
     config = merge_config(flags)  # flag values are checked before anything is read
-    from loramerge_cli.merging.config import zero_by_settings
-
-    empty = zero_by_settings(config.lam, config.weights)  # (λ auto: config.lam is None)
-    if empty:
-        raise UsageError(f"the merge is empty ({empty}): nothing to write")
     if flags["mask"] is None and not _reads_tasks(config, flags["lam"] == "auto"):  # (a table may name a method)
         _refuse_idle_task_flags(flags)
     spec_inputs = []
@@ -174,6 +184,7 @@ def merge_command(ctx: typer.Context, **flags) -> None:
 
     check_output_dir(flags["out"], flags["force"],  # before loading anything
                      input_files(flags["adapters"], flags["mask"], *spec_inputs) + base_model_folders([flags["base"]]))
+    _refuse_an_empty_merge(config, len(flags["adapters"]), flags["mask"] is None)
     adapters = api.load_adapters(flags["adapters"], allow_pickle=flags["allow_pickle"])
     table = api.weight_table(adapters, flags["mask"], flags["indices"])
     plan = api.plan_merge(adapters, config, table, override=flags["override"], out=flags["out"],

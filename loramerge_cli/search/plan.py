@@ -252,7 +252,7 @@ def prepare_run_dir(request: SearchRequest, write: bool = True, finished: bool =
             raise LoramergeError(f"--resume: the settings differ from the saved run's "
                                  f"({'; '.join(setting_changes(comparable(config), comparable(saved_settings)))})")
         rundir.check_inputs(saved.get("inputs") or {}, digests, rundir.listed_inputs(request),
-                            rundir.unscored_inputs(request))
+                            set() if finished else rundir.unscored_inputs(request))
         space = unit_space(request)  # a damaged state, or one of another search, is one line before any work
         for strategy in STRATEGIES.values():
             if strategy.state_file and (run_dir / strategy.state_file).is_file():

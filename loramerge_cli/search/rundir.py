@@ -313,15 +313,14 @@ def input_digests(request) -> dict[str, str]:
             return name
         return sha256_file(Path(path))
 
-    unscored = unscored_inputs(request)
-    return {path: digest(path) for path in dict.fromkeys(normal_path(path) for path in input_paths(request))
-            if path not in unscored}
+    return {path: digest(path) for path in dict.fromkeys(normal_path(path) for path in input_paths(request))}
 
 
 def unscored_inputs(request) -> set[str]:
     """The data files (and the files their listings name) of the splits a search scores no table on: the test
-    split, which --report-test scores once the search is over. No saved score depends on them, so a resume
-    neither hashes them nor refuses when they changed. A file the searched split reads too is not among them."""
+    split, which --report-test scores once the search is over. No score of an unfinished run depends on them, so
+    resuming one does not refuse when they changed (a finished run's table may hold test scores: it does). A
+    file the searched split reads too is not among them."""
     from loramerge_cli.evaluation.data import listed_files
     from loramerge_cli.evaluation.specs import load_task_file
     from loramerge_cli.outputs import files_under

@@ -108,6 +108,19 @@ def test_revision_and_auto_mapping_of_the_wrong_type_are_one_line(tmp_path):
     folders = _copy_of_an_adapter(tmp_path / "unsloth", auto_mapping=unsloth)
     result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], "--out", tmp_path / "unsloth" / "out"])
     assert result.exit_code == 0, result.stderr
+    # a NaN in it (Python's reader takes one) is not copied: the written config is strict JSON
+    folders = _copy_of_an_adapter(tmp_path / "nan", auto_mapping={**unsloth, "unsloth_fixed": float("nan")})
+    other = json.loads((folders["b"] / "adapter_config.json").read_text())
+    other["auto_mapping"] = {**unsloth, "unsloth_fixed": float("nan")}
+    (folders["b"] / "adapter_config.json").write_text(json.dumps(other))  # (json.dumps writes NaN)
+    result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], "--out", tmp_path / "nan" / "out"])
+    assert result.exit_code == 0, result.stderr
+
+    def no_constants(name):
+        raise ValueError(name)
+
+    written = json.loads((tmp_path / "nan" / "out" / "adapter_config.json").read_text(), parse_constant=no_constants)
+    assert written["auto_mapping"]["base_model_class"] == "LlamaForSequenceClassification"
 
 
 def test_a_lora_module_listed_in_modules_to_save_is_named_as_such(tmp_path):

@@ -264,7 +264,17 @@ def _common_mapping(adapters: list[Adapter]) -> dict | None:
     task type is null: an image classifier), when every input has the same one."""
     mappings = {json.dumps(a.config.get("auto_mapping"), sort_keys=True) for a in adapters}
     mapping = json.loads(mappings.pop()) if len(mappings) == 1 else None
-    return mapping if isinstance(mapping, dict) and mapping.get("base_model_class") else None
+    if not isinstance(mapping, dict) or not mapping.get("base_model_class"):
+        return None
+    return {key: value for key, value in mapping.items() if _strict_json(value)}  # (Python reads NaN; JSON has none)
+
+
+def _strict_json(value) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        return False
+    return True
 
 
 def _common(values: list):

@@ -199,6 +199,14 @@ def test_merge_with_lambda_0_or_every_weight_0_is_bad_usage_before_anything_load
                         (["--lambda", "0", "--merger", "ties", "--density", "5"], "density")):
         result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], *flags, "--out", tmp_path / "m"])
         assert result.exit_code == 2 and said in result.stderr, (flags, result.stderr)  # the wrong value first
+    monkeypatch.undo()
+    table = tmp_path / "t.json"
+    from loramerge_cli.masks import ones_table
+
+    ones_table(api.load_adapters([str(folders["a"]), str(folders["b"])])).save(table)
+    result = invoke_cli(["merge", "--adapters", folders["a"], folders["b"], "--mask", table, "--weights", "0,0,0",
+                         "--out", tmp_path / "m"])
+    assert result.exit_code == 2 and "3 values for 2 adapters" in result.stderr, result.stderr
 
 
 def test_a_table_aligned_to_adapters_in_another_order_names_the_order_of_its_provenance(tmp_path):

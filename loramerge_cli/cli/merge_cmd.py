@@ -137,7 +137,7 @@ def _refuse_an_empty_merge(config, adapter_count: int, complete: bool) -> None:
 
         resolve_config(config, adapter_count)
     empty = zero_by_settings(config.lam, config.weights)  # (λ auto: config.lam is None)
-    if empty:
+    if empty and (config.lam == 0 or len(config.weights) == adapter_count):  # (else the plan names the count)
         raise UsageError(f"the merge is empty ({empty}): nothing to write")
 
 

@@ -341,8 +341,8 @@ def check_inputs(saved: dict, current: dict, listed: set[str] = frozenset(), uns
     """Refuse to resume when an input changed, was removed, or a new one appeared, naming the file. A new file
     among `listed` (the images a listing names) is no refusal: with the listing unchanged, it is one a run saved by
     an earlier loramerge did not record (it recorded the listing only); nor is one of a Hub repository the run
-    recorded no file of (a Hub base, which earlier runs did not record). A file among `unscored` (unscored_inputs,
-    which earlier runs recorded) is not compared."""
+    recorded no file of (a Hub base, which earlier runs did not record). A file among `unscored` (unscored_inputs:
+    an unfinished run's test split, whose digest is recorded all the same) is not compared."""
     for path, digest in saved.items():
         if path not in unscored and current.get(path) != digest:
             moved = _moved_hub_input(path) if path not in current else None

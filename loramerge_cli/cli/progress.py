@@ -144,6 +144,7 @@ class ProgressDisplay:
         stage = self.stages.pop(name, None)
         if stage is not None and self._progress is not None and stage.task_id is not None:
             self._progress.remove_task(stage.task_id)
-        elif stage is not None and self.enabled and stage.total is None and stage.done:  # its size is known now
+        elif stage is not None and self.enabled and stage.total is None and stage.done and (  # its size is known now
+                name not in self.terminal_only or stage.last_line > stage.started):
             self.console.print(f"{name}: {stage.done}, {duration(time.monotonic() - stage.started)} elapsed",
                                highlight=False, markup=False, soft_wrap=True)

@@ -104,8 +104,9 @@ def without_labels(task_file):
     return replace(task_file, tasks=[replace(task, label=None) for task in task_file.tasks])
 
 
-def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
-    """Load and check everything before the first step: adapters, tasks, model, targets, inputs."""
+def build_nsc_problem(request, batch_size: int | None = 1, report=None) -> NscProblem:
+    """Load and check everything before the first step: adapters, tasks, model, targets, inputs; `report`
+    receives the loading as a progress stage."""
     from loramerge_cli.adapters.compat import check_compatible
     from loramerge_cli.evaluation.engine import checked_evaluator
     from loramerge_cli.evaluation.functional import freeze
@@ -123,7 +124,7 @@ def build_nsc_problem(request, batch_size: int | None = 1) -> NscProblem:
     task_file.check_covers(names)
     eval_settings = replace(request.eval, batch_size=batch_size or request.eval.batch_size)
     engine = checked_evaluator(task_file, adapters, eval_settings, request.base, request.allow_base_mismatch,
-                               request.allow_pickle)
+                               request.allow_pickle, report)
     freeze(engine.model)
     paths = module_paths(adapters)
     if settings.objective == "entropy":
@@ -323,7 +324,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
     settings.check()
     run_dir = Path(request.run_dir) if request.run_dir else None
     clock = RunClock(run_dir, request.resume)
-    problem = build_nsc_problem(request)
+    problem = build_nsc_problem(request, report=on_event)
     on_event("nsc_start", {"objective": settings.objective, "targets": problem.targets,
                            "modules": len(problem.paths), "tasks": len(problem.adapters)})
 

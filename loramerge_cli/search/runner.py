@@ -198,7 +198,7 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
 
         del scored, fitness, evaluate, on_progress
         release_device_memory()
-        provenance["test"] = _test_report(request, lam, best_lambda, best.pruned)
+        provenance["test"] = _test_report(request, lam, best_lambda, best.pruned, on_event)
     table = replace(pruned_table(template, best.pruned), scale=best.lam if request.enmp.addscale else None,
                     merger=merger, provenance=provenance)
     return table, provenance
@@ -269,14 +269,15 @@ def _provenance(request, fitness, outcome, clock: RunClock) -> dict:
     }
 
 
-def _test_report(request: SearchRequest, lam: float, best_lambda: float, pruned: tuple[int, ...]) -> dict:
+def _test_report(request: SearchRequest, lam: float, best_lambda: float, pruned: tuple[int, ...],
+                 on_event=None) -> dict:
     """Mean normalized test accuracy of the unpruned merge and of the best table (--report-test)."""
     from loramerge_cli.evaluation.cache import ScoreCache, expert_scores
     from loramerge_cli.search.fitness import AccuracyFitness
 
     test_request = replace(request, eval=replace(request.eval, split="test", val_limit=None))
-    problem = build_problem(test_request, lam=lam)
-    experts = expert_scores(problem.engine, ScoreCache(request.run_dir))
+    problem = build_problem(test_request, lam=lam, report=on_event)
+    experts = expert_scores(problem.engine, ScoreCache(request.run_dir), on_event)
     fitness = AccuracyFitness(problem.adapters, problem.settings, problem.template, problem.engine, experts)
     best = fitness.score(pruned, best_lambda)
     return {"unpruned_mean_normalized_accuracy": fitness.reference, "best_mean_normalized_accuracy": best,

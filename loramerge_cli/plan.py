@@ -100,8 +100,10 @@ class TaskData:
             options["device"] = self.backend.devices[0]
         return options
 
-    def evaluator(self, adapters: list[Adapter], allow_base_mismatch: bool = False, threads: int | None = None):
-        """An Evaluator of the adapters on the validation split (the spec's base checked against theirs)."""
+    def evaluator(self, adapters: list[Adapter], allow_base_mismatch: bool = False, threads: int | None = None,
+                  report: Reporter | None = None):
+        """An Evaluator of the adapters on the validation split (the spec's base checked against theirs); `report`
+        receives the loading as a progress stage."""
         from loramerge_cli.evaluation.engine import checked_evaluator
         from loramerge_cli.evaluation.settings import EvalSettings
         from loramerge_cli.evaluation.specs import load_task_file
@@ -109,7 +111,7 @@ class TaskData:
         options = {name: value for name, value in self.options().items() if name not in ("base", "threads")}
         threads = threads if threads is not None else self.threads
         return checked_evaluator(load_task_file(self.tasks), adapters, EvalSettings(threads=threads, **options),
-                                 self.base, allow_base_mismatch)
+                                 self.base, allow_base_mismatch, report=report)
 
 
 LambdaTuning = TaskData  # `--lambda auto`'s data (the name api users know)
@@ -335,7 +337,7 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
     if plan.data is not None:
         from loramerge_cli.evaluation.grams import collect_grams
 
-        engine = plan.data.evaluator(plan.adapters, plan.allow_base_mismatch)
+        engine = plan.data.evaluator(plan.adapters, plan.allow_base_mismatch, report=on_event)
         statistics = collect_grams(engine, plan.adapters, merging.module_paths(plan.adapters), on_event)
         data_warnings = engine.data_warnings()
         tuning["input_statistics"] = {"tasks": str(plan.data.tasks), "split": engine.settings.split,

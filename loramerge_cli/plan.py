@@ -37,14 +37,8 @@ from loramerge_cli.errors import LoramergeError, NonFiniteError, UsageError, bri
 from loramerge_cli.events import Reporter, stage
 from loramerge_cli.masks import WeightTable, align_table, check_table, check_table_type
 from loramerge_cli.merging import merge as merging
-from loramerge_cli.merging.merge import (
-    SETTINGS,
-    MergeConfig,
-    MergeResult,
-    ResolvedMerge,
-    resolve_config,
-)
 from loramerge_cli.merging.config import zero_by_settings
+from loramerge_cli.merging.merge import SETTINGS, MergeConfig, MergeResult, ResolvedMerge, resolve_config
 from loramerge_cli.merging.registry import DTYPES, PARAMETERS, randomized_methods
 
 

@@ -77,17 +77,21 @@ def load_examples(
                     [getattr(row, "line", None) for row in rows], str(source))
 
 
-def check_type_extras(task_file: TaskFile) -> None:
-    """The optional libraries the spec's task type declares (`extras`: module, pip extra), imported now: a
-    missing one is one line naming its extra, before any model loads."""
+def require_module(module: str, extra: str, reason: str, load=None) -> None:
+    """Import an optional library now (`load`, else importlib's import of `module`): a missing one is one line
+    naming the pip extra that brings it, said before any work."""
     import importlib
 
+    try:
+        (load or (lambda: importlib.import_module(module)))()
+    except ImportError:
+        raise LoramergeError(f"{reason} needs {module}: pip install 'loramerge[{extra}]'") from None
+
+
+def check_type_extras(task_file: TaskFile) -> None:
+    """The optional libraries the spec's task type declares (`extras`: module, pip extra), imported now."""
     for module, extra in task_file.type.extras:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise LoramergeError(f"{task_file.model_type} tasks needs {module}: pip install 'loramerge[{extra}]'") \
-                from None
+        require_module(module, extra, f"{task_file.model_type} tasks")
 
 
 def check_data(task_file: TaskFile, splits: list[str] | None = None, labelled: bool = True

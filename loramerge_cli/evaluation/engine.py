@@ -108,6 +108,7 @@ def resolve_base(task_file: TaskFile, adapters, base: str | None) -> str:
         raise LoramergeError(f"{task_file.path}: base_model: not given, and no adapter names its base (use --base)")
     raise LoramergeError(f"{task_file.path}: base_model: not given, and the adapters name several bases (use --base)")
 
+
 def default_threads(threads: int | None) -> int | None:
     """The torch CPU threads an evaluation sets: `threads`, else None where OMP_NUM_THREADS is set (torch
     reads it: the user's choice), else min(8, CPUs)."""
@@ -478,8 +479,8 @@ def checked_evaluator(task_file: TaskFile, adapters: list, settings: EvalSetting
     """An Evaluator of the adapters, the spec's base checked against theirs before the model loads (unless
     `base`, --base, overrides it), and the model kind against the adapters and the base after
     (adapters/compat.py). `report` receives the loading as a progress stage (its elapsed time: seconds)."""
-    from loramerge_cli.events import stage
     from loramerge_cli.adapters.compat import check_base_kind, check_spec_base, revision_problem
+    from loramerge_cli.events import stage
 
     if base is None:
         check_spec_base(task_file, adapters, allow_base_mismatch)

@@ -195,8 +195,7 @@ def check_splits(request: SearchRequest) -> None:
 def check_extras(request: SearchRequest, plot: Path | None) -> None:
     """The optional libraries the search will import, imported now rather than after the work: matplotlib
     for --plot, pyarrow for parquet data."""
-    import importlib
-
+    from loramerge_cli.evaluation.data import require_module
     from loramerge_cli.evaluation.specs import load_task_file
 
     task_file = load_task_file(request.tasks)
@@ -206,15 +205,11 @@ def check_extras(request: SearchRequest, plot: Path | None) -> None:
     if any(name.endswith(".parquet") for name in files):
         needed.append(("pyarrow", "parquet", "parquet data"))
     for module, extra, reason in needed:
+        load = None
+        if module == "matplotlib":
+            from loramerge_cli.search.plots import import_matplotlib as load
         try:
-            if module == "matplotlib":
-                from loramerge_cli.search.plots import import_matplotlib
-
-                import_matplotlib()
-            else:
-                importlib.import_module(module)
-        except ImportError:
-            raise LoramergeError(f"{reason} needs {module}: pip install 'loramerge[{extra}]'") from None
+            require_module(module, extra, reason, load)
         except ValueError as error:  # matplotlib refuses its environment (MPLBACKEND=nonsense) as it imports
             reason_line = str(error).split(";")[0]
             raise LoramergeError(f"{reason}: {module} does not start ({reason_line}; check MPLBACKEND and "

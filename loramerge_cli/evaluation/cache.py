@@ -17,6 +17,8 @@ from loramerge_cli.atomic import write_text
 from loramerge_cli.errors import LoramergeError
 
 CACHE_NAME = "scores.json"
+CACHE_LOCK_NAME = ".scores.lock"  # held only while the cache is re-read and replaced
+CACHE_LOCK_SECONDS = 60
 
 
 class ScoreCache:
@@ -33,10 +35,18 @@ class ScoreCache:
         self.scores.update(entries)
         if self.file is None:
             return
-        # what another command sharing the run dir added since this one read it is kept (the file is re-read
-        # just before it is replaced), and a file that is no longer a score cache is not written over
-        self.scores = {**read_cache(self.file), **self.scores}
-        write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
+        # what another command sharing the run dir added since this one read it is kept: the file is re-read
+        # and replaced under a lock that every writer takes (without it, two commands could both re-read, and
+        # the second rename lose the first's scores); a file that is no longer a score cache is not written over
+        from filelock import FileLock, Timeout
+
+        try:
+            with FileLock(str(self.file.with_name(CACHE_LOCK_NAME)), timeout=CACHE_LOCK_SECONDS):
+                self.scores = {**read_cache(self.file), **self.scores}
+                write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
+        except Timeout:
+            raise LoramergeError(f"{self.file}: another command held its lock for {CACHE_LOCK_SECONDS} s; the scores "
+                                 "of this one were not saved (they are computed again next time)") from None
         from loramerge_cli import interrupts
 
         if interrupts.hint() is None:  # (a search's own line says how to resume it, or to rerun it)

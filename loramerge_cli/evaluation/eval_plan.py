@@ -56,7 +56,7 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     `force`)."""
     from loramerge_cli.adapters.sources import as_sources, check_base_given, source_names
     from loramerge_cli.errors import UsageError, expect
-    from loramerge_cli.evaluation.cache import check_run_dir
+    from loramerge_cli.evaluation.cache import CACHE_LOCK_NAME, CACHE_NAME, check_run_dir
     from loramerge_cli.evaluation.data import check_task_file
     from loramerge_cli.evaluation.model_fit import check_model_fit
     from loramerge_cli.outputs import check_not_an_input, guard_output, read_inputs
@@ -87,7 +87,8 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
         check_run_dir(run_dir, files + folders)
     if out is not None:
         if run_dir is not None:
-            check_not_an_input(out, [Path(run_dir) / "scores.json"], role="run-directory file")
+            check_not_an_input(out, [Path(run_dir) / name for name in (CACHE_NAME, CACHE_LOCK_NAME)],
+                               role="run-directory file")
         guard_output(out, inputs=files + folders, force=force, kind="file", formats=(REPORT_FORMAT,))
     (backend or Backend()).check_devices(settings.device)  # last: it imports torch for a device other than cpu
     return EvalPlan(Path(tasks), list(experts), list(merged or []), settings, base,

@@ -3,8 +3,8 @@ the sha256 of every input it reads, so `--resume` continues that search or refus
 
 Files (all written atomically; none is a pickle): `config.json` (settings, the command's flags, input
 digests), the strategy's state (the file its registry entry names: `surrogate_state.json`, `state.json` for
-enmp, …), `trajectory.jsonl`, `elapsed.json` (the seconds spent so far), `best.json`, `scores.json`, and
-`.lock` (held while a search runs).
+enmp, …), `trajectory.jsonl`, `elapsed.json` (the seconds spent so far), `best.json`, `scores.json`,
+`.lock` (held while a search runs) and `.scores.lock` (held while `scores.json` is replaced).
 """
 
 from __future__ import annotations
@@ -391,7 +391,9 @@ def run_dir_files(run_dir: Path | None) -> list[Path]:
     """The run directory's own state files (an --out must not replace them)."""
     if run_dir is None:
         return []
-    return [Path(run_dir) / name for name in (CONFIG_NAME, LOCK_NAME, "scores.json", *state_names())]
+    from loramerge_cli.evaluation.cache import CACHE_LOCK_NAME, CACHE_NAME
+
+    return [Path(run_dir) / name for name in (CONFIG_NAME, LOCK_NAME, CACHE_NAME, CACHE_LOCK_NAME, *state_names())]
 
 
 def refuse_pickle_state(run_dir: Path) -> None:

@@ -26,3 +26,21 @@ def test_two_commands_sharing_a_score_cache_lose_no_score(tmp_path):
         process.join(120)
         assert process.exitcode == 0
     assert len(read_cache(Path(tmp_path) / "scores.json")) == 3 * 150
+
+
+def test_inspect_lists_compatible_pairs_in_one_line_past_a_few_adapters():
+    # 128 adapters printed 8,128 "a / b: compatible" lines; incompatible pairs keep a line each
+    from loramerge_cli.cli.render import compatibility_lines
+
+    def summary(count, bad=()):
+        names = [f"t{i}" for i in range(count)]
+        pairs = [{"adapters": [a, b], "compatible": (a, b) not in bad, "problems": ["rank differs"]}
+                 for i, a in enumerate(names) for b in names[i + 1:]]
+        return {"adapters": [{"name": name} for name in names], "pairs": pairs, "merge_refusals": []}
+
+    lines = [line.plain for line in compatibility_lines(summary(128))]
+    assert lines == ["all 8128 pairs: compatible", "merge would refuse: nothing known before merging"]
+    lines = [line.plain for line in compatibility_lines(summary(5, bad={("t0", "t3")}))]
+    assert lines[:2] == ["t0 / t3: rank differs", "the other 9 pairs: compatible"]
+    lines = [line.plain for line in compatibility_lines(summary(3))]
+    assert lines[:3] == ["t0 / t1: compatible", "t0 / t2: compatible", "t1 / t2: compatible"]

@@ -118,14 +118,24 @@ def norms_table(norms: dict, heatmap: bool = False) -> Table:
     return table
 
 
+PAIRS_LISTED = 6  # (4 adapters)
+
+
 def compatibility_lines(summary: dict) -> list[Text]:
-    """The notes, each pair's verdict (green or red) and what a merge would refuse, as written (no markup)."""
+    """The notes, the pairs' verdicts (green or red) and what a merge would refuse, as written (no markup). Past
+    PAIRS_LISTED pairs, only incompatible ones have a line each (128 adapters make 8,128 pairs; --json has all)."""
     lines = [Text(f"{adapter['name']}: {note}") for adapter in summary["adapters"] for note in adapter.get("notes", [])]
-    for pair in summary["pairs"]:
+    pairs = summary["pairs"]
+    listed = pairs if len(pairs) <= PAIRS_LISTED else [pair for pair in pairs if not pair["compatible"]]
+    for pair in listed:
         first, second = pair["adapters"]
         verdict = Text("compatible", style="green") if pair["compatible"] else \
             Text("; ".join(pair["problems"]), style="red")
         lines.append(Text(f"{first} / {second}: ").append_text(verdict))
+    if len(listed) < len(pairs):
+        rest = len(pairs) - len(listed)
+        lines.append(Text(f"{'the other' if listed else 'all'} {rest} pairs: ").append_text(
+            Text("compatible", style="green")))
     refusals = summary["merge_refusals"]
     lines.append(Text("merge would refuse: " + ("; ".join(refusals) if refusals else  # (an update past its
                                                 "nothing known before merging")))  # dtype's range: found merging)

@@ -44,3 +44,21 @@ def test_inspect_lists_compatible_pairs_in_one_line_past_a_few_adapters():
     assert lines[:2] == ["t0 / t3: rank differs", "the other 9 pairs: compatible"]
     lines = [line.plain for line in compatibility_lines(summary(3))]
     assert lines[:3] == ["t0 / t1: compatible", "t0 / t2: compatible", "t1 / t2: compatible"]
+
+
+def test_nsc_says_when_no_coefficient_moved_from_init(tmp_path):
+    # --lr too small to change a float32 coefficient wrote a table of --init everywhere without a word
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+
+    from loramerge_cli.masks import load_table
+
+    setting = build_text_setting(tmp_path / "setting")
+    common = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--strategy",
+              "nsc", "--steps", "2", "--batch-size", "4", "--threads", "1"]
+    still = invoke_cli([*common, "--lr", "1e-12", "--out", tmp_path / "still.json"])
+    assert still.exit_code == 0, still.stderr
+    assert "no coefficient moved from --init 0.4 in 2 steps" in " ".join(still.stderr.split())
+    assert any("no coefficient moved" in line for line in load_table(tmp_path / "still.json").provenance["warnings"])
+    moved = invoke_cli([*common, "--out", tmp_path / "moved.json"])
+    assert moved.exit_code == 0 and "no coefficient moved" not in moved.stderr, moved.stderr

@@ -314,6 +314,18 @@ def raised_tasks(problem: NscProblem, side_path, settings: NscSettings) -> tuple
     return {"tasks": names, "start": start, "end": end, "examples": examples}, warnings
 
 
+def unmoved_coefficients(side_path, settings: NscSettings) -> list[str]:
+    """A warning when training left every coefficient at --init (an --lr too small to change a float32
+    coefficient): the table is then --init everywhere, learned from nothing."""
+    with torch.no_grad():
+        coefficients = side_path.coefficients[side_path.present]
+        unmoved = bool(torch.all(coefficients == torch.tensor(settings.init, dtype=coefficients.dtype)))
+    if not unmoved:
+        return []
+    return [f"no coefficient moved from --init {settings.init:g} in {settings.steps} steps (--lr {settings.lr:g} "
+            "too small a step to change them?): the table is --init everywhere"]
+
+
 # --- end to end -------------------------------------------------------------------------------------
 
 def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: None):
@@ -334,7 +346,7 @@ def run_nsc(request, on_event: Callable[[str, dict], None] = lambda kind, data: 
 
     side_path, history = train(problem, settings, run_dir, request.resume, on_step)
     per_task, warnings = raised_tasks(problem, side_path, settings)
-    warnings = problem.engine.data_warnings() + warnings
+    warnings = problem.engine.data_warnings() + warnings + unmoved_coefficients(side_path, settings)
     provenance = {
         "loramerge": __version__,
         **started_command(request),

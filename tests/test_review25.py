@@ -266,7 +266,8 @@ def test_a_recipe_cannot_allow_pickles_and_none_records_it(sources, tmp_path):
     result = invoke_cli(["merge", "--adapters", *sources, "--allow-pickle", "--out", merged])
     assert result.exit_code == 0, result.output
     assert "allow-pickle" not in (merged / "loramerge.yaml").read_text()
-    assert "allow-pickle" not in (merged / "README.md").read_text()
+    recipe_section = (merged / "README.md").read_text().split("## Recipe", 1)[1]  # (its Command: the exact line)
+    assert "allow-pickle" not in recipe_section
     (merged / "recipe.yaml").write_text((merged / "loramerge.yaml").read_text() + "allow-pickle: true\n")
     result = invoke_cli(["merge", "--config", merged / "recipe.yaml", "--out", tmp_path / "again"])
     assert result.exit_code == 2 and "allow-pickle is given on the command line only" in result.stderr, result.stderr

@@ -62,3 +62,28 @@ def test_nsc_says_when_no_coefficient_moved_from_init(tmp_path):
     assert any("no coefficient moved" in line for line in load_table(tmp_path / "still.json").provenance["warnings"])
     moved = invoke_cli([*common, "--out", tmp_path / "moved.json"])
     assert moved.exit_code == 0 and "no coefficient moved" not in moved.stderr, moved.stderr
+
+
+def test_the_model_card_names_the_command_the_rebuild_flags_and_the_data_lambda_was_tuned_on(tmp_path):
+    # the card's rebuild line left out the --threads a regmean rebuild needs, the card had no command line (the
+    # spec's "exact command line"), and a λ tuned on --val-limit examples read as tuned on the whole split
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+
+    setting = build_text_setting(tmp_path / "setting")
+    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--merger", "regmean", "--tasks",
+                         setting.tasks_file, "--val-limit", "4", "--threads", "1", "--out", tmp_path / "m"])
+    assert result.exit_code == 0, result.stderr
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "loramerge merge --config loramerge.yaml --out rebuilt/ --threads 1\n" in card
+    command = card.split("## Command", 1)[1].split("```bash\n", 1)[1].split("\n", 1)[0]
+    assert command.startswith("loramerge merge ") and "--merger regmean" in command and "--val-limit 4" in command
+    tuned = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--lambda", "auto", "--tasks",
+                        setting.tasks_file, "--val-limit", "4", "--threads", "1", "--out", tmp_path / "t", "--json"])
+    assert tuned.exit_code == 0, tuned.stderr
+    assert "λ tuned on 4 examples per task of the validation split (sample seed 0)" in \
+        (tmp_path / "t" / "README.md").read_text()
+    import json
+
+    tuning = json.loads((tmp_path / "t" / "loramerge.json").read_text())["lambda_tuning"]
+    assert (tuning["split"], tuning["val_limit"], tuning["sample_seed"]) == ("validation", 4, 0)

@@ -262,8 +262,10 @@ def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str |
 def _lambda_lines(tuning: dict | None, lam: float) -> list[str]:
     if not tuning:
         return [f"- λ (factor on the merged update): {lam:.6g}"]
-    lines = [f"- λ tuned on the validation split: **{tuning['best']:.6g}** (largest mean normalized accuracy "
-             "on the grid)", "",
+    split, limit = tuning.get("split", "validation"), tuning.get("val_limit")
+    scored = f"{limit} examples per task of the {split} split (sample seed {tuning.get('sample_seed', 0)})" \
+        if limit is not None else f"the {split} split"
+    lines = [f"- λ tuned on {scored}: **{tuning['best']:.6g}** (largest mean normalized accuracy on the grid)", "",
              "| λ | mean normalized accuracy (%) |", "|---|---|"]
     for record in tuning["grid"]:
         mark = " ←" if record["lambda"] == tuning["best"] else ""
@@ -316,9 +318,10 @@ def _truncation_lines(result) -> list[str]:
 
 def model_card(result, adapters, *, title: str, base: str | None, task_type: str | None = None,
                head: str | None = None, table=None, recipe: str | None = None, tuning: dict | None = None,
-               repo_id: str | None = None, base_revision: str | None = None) -> str:
-    """README.md of a merged adapter: Hub metadata, method, inputs, table, λ, truncation, recipe, use. `repo_id`:
-    the repository it is pushed to (`owner/name@branch` for a branch), which its title and code name."""
+               repo_id: str | None = None, base_revision: str | None = None, command: str | None = None) -> str:
+    """README.md of a merged adapter: Hub metadata, method, inputs, table, λ, truncation, command, recipe, use.
+    `repo_id`: the repository it is pushed to (`owner/name@branch` for a branch), which its title and code name;
+    `command`: the command line that wrote it, its paths relative to the folder (portable_command)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     repo, _, revision = (repo_id or "").partition("@")
@@ -355,10 +358,15 @@ def model_card(result, adapters, *, title: str, base: str | None, task_type: str
         "",
         *_table_lines(table, settings.lam),
     ]
+    if command:
+        lines += ["## Command", "", "The command that wrote this folder (paths relative to it):", "",
+                  "```bash", command, "```", ""]
     if recipe:
-        lines += ["## Recipe", "", "`loramerge.yaml` (adapter paths relative to this folder) rebuilds this adapter "
+        rebuild = next((line.removeprefix("# Rebuild: ") for line in recipe.splitlines()
+                        if line.startswith("# Rebuild: ")), f"loramerge merge --config {RECIPE_NAME} --out DIR")
+        lines += ["## Recipe", "", f"`{RECIPE_NAME}` (adapter paths relative to this folder) rebuilds this adapter "
                   "bit for bit:", "", "```yaml", recipe.rstrip("\n"), "```", "",
-                  "```bash", "loramerge merge --config loramerge.yaml --out rebuilt/", "```", ""]
+                  "```bash", rebuild.replace("--out DIR", "--out rebuilt/"), "```", ""]
     lines += ["## Use", "", *_use_snippet(task_type, hub_base, repo or title, head,
                                           any(a.heads for a in adapters), head_classes(adapters, head),
                                           model_class, revision, base_revision),

@@ -373,7 +373,7 @@ def write_merged_adapter(
         (staging / "README.md").write_text(model_card(
             result, adapters, title=Path(out_dir).name, base=base, task_type=task_type, head=head, table=table,
             recipe=recipe, tuning=provenance.get("lambda_tuning"), repo_id=repo_id,
-            base_revision=config.get("revision")), encoding="utf-8",
+            base_revision=config.get("revision"), command=provenance.get("command")), encoding="utf-8",
             errors="surrogateescape")  # a path decoded from bytes in an ASCII locale (PYTHONUTF8=0): its bytes
         _write_json({**provenance, "files": file_digests(staging)}, staging / MARKER)  # last: it records the rest
     return Path(out_dir)

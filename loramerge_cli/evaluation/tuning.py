@@ -78,6 +78,7 @@ class LambdaSearch:
     warnings: list[str] = field(default_factory=list)
     max_length: dict[str, int] = field(default_factory=dict)  # text tasks: the token cap each used
     dtype: str | None = None  # the evaluation's
+    data: dict = field(default_factory=dict)  # which examples were scored: split, val_limit, sample_seed
 
     def describe(self) -> dict:
         """The JSON form written to the output's provenance and `--json`."""
@@ -85,7 +86,7 @@ class LambdaSearch:
         return {"best": self.best, "default": self.default,
                 "best_mean_normalized_accuracy": best["mean_normalized_accuracy"],
                 "grid": sorted(self.records, key=lambda record: record["lambda"]), "warnings": list(self.warnings),
-                "max_length": dict(self.max_length), "dtype": self.dtype}
+                "max_length": dict(self.max_length), "dtype": self.dtype, **self.data}
 
 
 def tune_lambda(adapters: list, config, table, tasks_file, **options) -> tuple[float, list[dict]]:
@@ -190,8 +191,9 @@ def search_lambda(
             raise NonFiniteError(f"λ auto: every λ tried gave NaN or Inf ({non_finite[0]})")
         warnings.append(f"λ auto: {len(non_finite)} of {len(records)} λs gave NaN or Inf and were not scored "
                         f"({non_finite[0]})")
-    return LambdaSearch(best, default_lambda, records, warnings, dict(evaluator.max_lengths),
-                        evaluator.settings.dtype)
+    chosen = evaluator.settings
+    return LambdaSearch(best, default_lambda, records, warnings, dict(evaluator.max_lengths), chosen.dtype,
+                        {"split": chosen.split, "val_limit": chosen.val_limit, "sample_seed": chosen.sample_seed})
 
 
 def finite_scores(evaluator: Evaluator, deltas) -> dict[str, float] | str:

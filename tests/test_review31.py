@@ -87,3 +87,31 @@ def test_the_model_card_names_the_command_the_rebuild_flags_and_the_data_lambda_
 
     tuning = json.loads((tmp_path / "t" / "loramerge.json").read_text())["lambda_tuning"]
     assert (tuning["split"], tuning["val_limit"], tuning["sample_seed"]) == ("validation", 4, 0)
+
+
+def test_a_hub_base_named_by_a_file_is_not_replaced_by_a_folder_of_that_name_here(tmp_path, monkeypatch):
+    # an adapter config or a spec naming the Hub's org/tbase read a folder org/tbase of the working folder, and every
+    # record still named the Hub repository (without a commit)
+    from types import SimpleNamespace
+
+    import pytest
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation.engine import resolve_base
+    from loramerge_cli.evaluation.specs import _base_model
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "org" / "tbase").mkdir(parents=True)
+    adapters = [SimpleNamespace(base_model="org/tbase", config={}) for _ in range(2)]
+    spec = SimpleNamespace(base_model=None, path=tmp_path / "tasks.yaml")
+    with pytest.raises(LoramergeError, match="a folder org/tbase is here"):
+        resolve_base(spec, adapters, None)
+    with pytest.raises(LoramergeError, match="a folder org/tbase is here"):
+        resolve_base(SimpleNamespace(base_model="org/tbase", path=spec.path), adapters, None)
+    assert resolve_base(spec, adapters, "./org/tbase") == "./org/tbase"  # typed as a path: the folder
+    assert resolve_base(spec, adapters, "org/tbase") == "org/tbase"  # typed: a folder here wins, as documented
+    # a spec's base found in the spec's folder is a path, whatever its spelling
+    (tmp_path / "specs" / "base").mkdir(parents=True)
+    assert _base_model("base", tmp_path / "specs") == str(tmp_path / "specs" / "base")
+    assert _base_model("base", __import__("pathlib").Path("specs")) == "./specs/base"
+    assert resolve_base(SimpleNamespace(base_model="./specs/base", path=spec.path), adapters, None) == "./specs/base"

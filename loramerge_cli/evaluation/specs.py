@@ -230,7 +230,10 @@ def _base_model(name: str | None, folder: Path) -> str | None:
     if name is None or name.startswith("hf://"):
         return name
     local = _resolve(folder, name)
-    return str(local) if local.exists() or name.startswith(("./", "../")) else name
+    if not (local.exists() or name.startswith(("./", "../"))):
+        return name
+    # spelled as a path (`./base`, not `base` or `specs/base`, which read as Hub ids)
+    return str(local) if local.is_absolute() else os.path.join(".", local)
 
 
 def _resolve(folder: Path, file: str) -> Path:

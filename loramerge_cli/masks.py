@@ -100,10 +100,11 @@ def ones_table(adapters: list[Adapter]) -> WeightTable:
 
 
 def adapter_records(adapters: list[Adapter]) -> list[dict]:
-    """What a table records of its adapters: the sha256 that identifies each (its file's, or its tensors' once
-    changed in memory) and the sha256 of its tensors, which a copy written by apply-mask or a merge keeps."""
-    return [{"source": a.source.spec, "sha256": a.source.identity, "content_sha256": content_sha256(a)}
-            for a in adapters]
+    """What a table records of its adapters: the source as given (a Hub adapter's commit beside it), the sha256
+    that identifies each (its file's, or its tensors' once changed in memory) and the sha256 of its tensors, which a
+    copy written by apply-mask or a merge keeps."""
+    return [{"source": a.source.spec, **a.source.hub_record(), "sha256": a.source.identity,
+             "content_sha256": content_sha256(a)} for a in adapters]
 
 
 def from_pruned_indices(adapters: list[Adapter], indices: list[int]) -> WeightTable:

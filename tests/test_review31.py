@@ -115,3 +115,20 @@ def test_a_hub_base_named_by_a_file_is_not_replaced_by_a_folder_of_that_name_her
     assert _base_model("base", tmp_path / "specs") == str(tmp_path / "specs" / "base")
     assert _base_model("base", __import__("pathlib").Path("specs")) == "./specs/base"
     assert resolve_base(SimpleNamespace(base_model="./specs/base", path=spec.path), adapters, None) == "./specs/base"
+
+
+def test_a_table_records_the_commit_of_a_hub_adapter(hub_cache):
+    # adapters[].source was the id as typed (`org/name@v2`, `org/name`): after the branch moved, a table could not
+    # say which commit it was made for
+    from hub_cache import MAIN_COMMIT, V2_COMMIT
+
+    from loramerge_cli.adapters.peft_reader import load_adapters
+    from loramerge_cli.masks import adapter_records, load_table, ones_table
+
+    adapters = load_adapters(["a=org/name", "b=org/name@v2"])
+    records = adapter_records(adapters)
+    assert [(r["source"], r["repo_id"], r["revision"]) for r in records] == [
+        ("org/name", "org/name", MAIN_COMMIT), ("org/name@v2", "org/name", V2_COMMIT)]
+    table = ones_table(adapters)
+    table.save(hub_cache.parent / "t.json")
+    assert load_table(hub_cache.parent / "t.json").adapters[1]["revision"] == V2_COMMIT  # (the schema takes it)

@@ -74,12 +74,13 @@ class AdapterSource:
         """The sha256 that identifies these weights: the file's, or the tensors' once changed in memory."""
         return self.modified_sha256 or self.sha256
 
+    def hub_record(self) -> dict:
+        """A Hub adapter's `repo_id` and `revision` (the commit read, whatever branch or tag named it); {} else."""
+        return {"repo_id": self.repo_id, "revision": self.revision} if self.repo_id else {}
+
     def describe(self) -> dict:
         """For provenance: the file read (its sha256) and, if so, how it was changed in memory."""
-        out = {"source": self.spec, "kind": self.kind, "sha256": self.sha256}
-        if self.repo_id:
-            out["repo_id"] = self.repo_id
-            out["revision"] = self.revision
+        out = {"source": self.spec, "kind": self.kind, "sha256": self.sha256, **self.hub_record()}
         if self.modified:
             out.update(modified=self.modified, modified_sha256=self.modified_sha256)
         return out

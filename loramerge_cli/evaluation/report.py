@@ -85,7 +85,7 @@ def eval_report(
                 merged_accuracy = [_score_each_task(engine, adapter, task_file.names, step) for adapter in merged]
             for adapter, accuracy in zip(merged, merged_accuracy):
                 row = score_row(adapter.name, "merged", accuracy, expert_accuracy, warnings)
-                row["source"] = adapter.source.spec
+                row.update(source=adapter.source.spec, **adapter.source.hub_record())
                 rows.append(row)
     return {
         "format": REPORT_FORMAT,
@@ -98,6 +98,8 @@ def eval_report(
                              for task in task_file.tasks if task_file.type.choices},
         "dtype": engine.settings.dtype,  # the model's: accuracies in float16 can differ from float32's
         "rows": rows,
+        "experts": [{"name": adapter.name, "source": adapter.source.spec, **adapter.source.hub_record(),
+                     "sha256": adapter.source.identity} for adapter in experts],
         "warnings": warnings,
     }
 

@@ -132,3 +132,16 @@ def test_a_table_records_the_commit_of_a_hub_adapter(hub_cache):
     table = ones_table(adapters)
     table.save(hub_cache.parent / "t.json")
     assert load_table(hub_cache.parent / "t.json").adapters[1]["revision"] == V2_COMMIT  # (the schema takes it)
+
+
+def test_an_adapter_naming_revision_main_is_of_the_same_base_as_one_naming_none():
+    # huggingface_hub reads `main` where no revision is given: both adapters load the same base files
+    from types import SimpleNamespace
+
+    from loramerge_cli.adapters.compat import revision_problem
+
+    def adapter(name, revision):
+        return SimpleNamespace(name=name, config={"revision": revision} if revision is not None else {})
+
+    assert revision_problem([adapter("a", "main"), adapter("b", None), adapter("c", "")]) is None
+    assert "a: v1, b: the default branch" in revision_problem([adapter("a", "v1"), adapter("b", None)])

@@ -75,10 +75,19 @@ def same_base(first: str, second: str) -> bool:
     return a.exists() and b.exists() and a.resolve() == b.resolve()
 
 
+def trained_revision(adapter: Adapter) -> str | None:
+    """The revision of its base an adapter's config names; None for none and for the default branch by name (the
+    loaders read `main`, huggingface_hub's DEFAULT_REVISION, where none is given)."""
+    from huggingface_hub.constants import DEFAULT_REVISION
+
+    revision = adapter.config.get("revision") or None
+    return None if revision == DEFAULT_REVISION else revision
+
+
 def revision_problem(adapters: list[Adapter]) -> str | None:
-    """Adapters that name different revisions of their base (another commit of a base is another base; none:
-    the default branch, which need not be the pinned one), as a refusal's text."""
-    revisions = {a.config.get("revision") or None for a in adapters}
+    """Adapters that name different revisions of their base (another commit of a base is another base; none or
+    `main`: the default branch, which need not be the pinned one), as a refusal's text."""
+    revisions = {trained_revision(a) for a in adapters}
     if len(revisions) < 2:
         return None
     listed = ", ".join(f"{a.name}: {a.config.get('revision') or 'the default branch'}" for a in adapters)
@@ -96,7 +105,7 @@ def check_spec_base(task_file, adapters: list[Adapter], allow_base_mismatch: boo
         return
     spec_name, spec_revision = base_reference(str(spec_base))
     for adapter in adapters:
-        revision = adapter.config.get("revision") or None
+        revision = trained_revision(adapter)
         if adapter.base_model and (not same_base(spec_name, base_reference(str(adapter.base_model))[0]) or (
                 spec_revision and revision and spec_revision != revision)):
             trained = adapter.base_model + (f" at revision {revision}" if revision else "")

@@ -89,10 +89,11 @@ def resolve_base(task_file: TaskFile, adapters, base: str | None) -> str:
     """--base, else the spec's base_model, else the one base every adapter names (at the revision their configs
     name, if they agree on one); one that is neither a folder here nor a Hub id is named as such (not as a
     tokenizer's error). A Hub base comes back pinned to the commit its revision names now (pinned_base)."""
+    from loramerge_cli.adapters.compat import trained_revision
     from loramerge_cli.adapters.sources import base_reference, check_base_given, is_base_source, pinned_base
 
     trained = {adapter.base_model for adapter in adapters if adapter.base_model}
-    revisions = {adapter.config.get("revision") or None for adapter in adapters if adapter.base_model}
+    revisions = {trained_revision(adapter) for adapter in adapters if adapter.base_model}
     revision = revisions.pop() if len(revisions) == 1 else None  # (PEFT loads the adapters' base at it)
 
     def at_their_revision(chosen: str) -> str:

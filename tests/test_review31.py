@@ -145,3 +145,38 @@ def test_an_adapter_naming_revision_main_is_of_the_same_base_as_one_naming_none(
 
     assert revision_problem([adapter("a", "main"), adapter("b", None), adapter("c", "")]) is None
     assert "a: v1, b: the default branch" in revision_problem([adapter("a", "v1"), adapter("b", None)])
+
+
+def test_an_adapter_in_a_snapshot_subfolder_is_named_where_it_is(hub_cache, llama_task_dirs):
+    # offline, the error said the weights were not in the cache and to download them: they were, in sub/
+    import pytest
+    from hub_cache import add_snapshot, set_ref
+
+    from loramerge_cli.adapters.peft_reader import load_adapter
+    from loramerge_cli.errors import LoramergeError
+
+    commit = "5" * 40
+    add_snapshot(hub_cache, commit, llama_task_dirs["rte"], symlinks=False)
+    snapshot = hub_cache / "snapshots" / commit
+    (snapshot / "sub").mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (snapshot / name).rename(snapshot / "sub" / name)
+    (snapshot / "adapter_config.json").write_text((snapshot / "sub" / "adapter_config.json").read_text())
+    set_ref(hub_cache, "nested", commit)
+    with pytest.raises(LoramergeError, match=r"not at the repository's top level but in sub/") as caught:
+        load_adapter("org/name@nested")
+    assert "unset HF_HUB_OFFLINE" not in str(caught.value)
+    assert load_adapter(str(snapshot / "sub")).name == "sub"  # the folder the error names
+
+
+def test_a_non_ascii_name_is_no_hub_id(tmp_path, monkeypatch):
+    # `org/rté` was taken for a Hub id (\w is Unicode) and, offline, failed as "cannot download from the Hub"
+    import pytest
+
+    from loramerge_cli.adapters.peft_reader import load_adapter
+    from loramerge_cli.errors import LoramergeError
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(LoramergeError, match=r"^org/rté: no such file or folder \(a Hub id looks like"):
+        load_adapter("org/rté")

@@ -15,9 +15,9 @@ CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 REVISION = r"(?:@(?P<rev>[\w./-]+))?$"  # `@branch`, `@tag`, `@commit`
-HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)" + REVISION)
-BASE_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)" + REVISION)  # a base: legacy one-word ids
-# too (`gpt2`, `bert-base-uncased`), as transformers loads them
+HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)" + REVISION, re.ASCII)  # (as the Hub: ASCII names)
+# a base: legacy one-word ids too (`gpt2`, `bert-base-uncased`), as transformers loads them
+BASE_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*(?:/[\w.-]+)?)" + REVISION, re.ASCII)
 NAME = re.compile(r"^[A-Za-z0-9_][\w.-]*$")
 
 
@@ -366,7 +366,12 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
         from huggingface_hub import constants
 
         missing = f"has no {SAFETENSORS_NAME}" in reason
-        if missing and constants.HF_HUB_OFFLINE:  # the snapshot may be cached in part: nothing is fetched now
+        nested = sorted(path.parent.relative_to(folder).as_posix() for path in folder.glob(f"*/**/{SAFETENSORS_NAME}"))
+        if missing and nested:  # an adapter in a subfolder: no download would put it at the top
+            reason = (f"{SAFETENSORS_NAME} is not at the repository's top level but in {nested[0]}/ (a Hub id names no "
+                      f"subfolder: give the folder {folder / nested[0]}, or download it with hf download {repo_id} "
+                      f"--include '{nested[0]}/*' --local-dir DIR)")
+        elif missing and constants.HF_HUB_OFFLINE:  # the snapshot may be cached in part: nothing is fetched now
             reason = (f"{SAFETENSORS_NAME} is not in the local cache (HF_HUB_OFFLINE is set: the Hub is not asked "
                       "for it; download it, or unset HF_HUB_OFFLINE)")
         pickle = "" if allow_pickle or not missing else \

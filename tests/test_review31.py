@@ -180,3 +180,19 @@ def test_a_non_ascii_name_is_no_hub_id(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(LoramergeError, match=r"^org/rté: no such file or folder \(a Hub id looks like"):
         load_adapter("org/rté")
+
+
+def test_a_stale_ref_does_not_hide_what_the_cache_holds(hub_cache):
+    # huggingface_hub's scan_cache_dir drops a repository with one ref whose snapshot is gone: the refusal of a
+    # missing revision lost its list of the cached ones
+    import pytest
+    from hub_cache import MAIN_COMMIT, V2_COMMIT, set_ref
+
+    from loramerge_cli.adapters.peft_reader import load_adapter
+    from loramerge_cli.errors import LoramergeError
+
+    set_ref(hub_cache, "ghost", "9" * 40)
+    with pytest.raises(LoramergeError) as caught:
+        load_adapter("org/name@nope")
+    assert f"the cache holds org/name at {MAIN_COMMIT}, {V2_COMMIT}, main, v2" in str(caught.value)
+    assert "ghost" not in str(caught.value)

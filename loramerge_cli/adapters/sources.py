@@ -257,16 +257,21 @@ def resolve(spec: str, allow_pickle: bool = False) -> LocalFiles:
 
 def _cached_revisions(repo_id: str) -> list[str]:
     """The branch names and commits (whole: snapshot_download takes no shorter one) of a model repository in the
-    local Hugging Face cache."""
-    from huggingface_hub import constants, scan_cache_dir
-
-    try:
-        cache = scan_cache_dir(constants.HF_HUB_CACHE)  # the cache snapshot_download reads (its default is bound
-        # when its module is first imported)
-    except Exception:  # noqa: BLE001 - no cache folder, or one that cannot be read: nothing to list
+    local Hugging Face cache. Only that repository's folder is read (scan_cache_dir reads the whole cache, and
+    drops a repository with one ref whose snapshot is gone); a ref to no snapshot is left out."""
+    folder = cached_repo_folder(repo_id)
+    if folder is None:
         return []
-    return sorted({name for repo in cache.repos if repo.repo_id == repo_id and repo.repo_type == "model"
-                   for revision in repo.revisions for name in (*revision.refs, revision.commit_hash)})
+    names = set()
+    try:
+        commits = {path.name for path in (folder / "snapshots").iterdir() if path.is_dir()}
+        names.update(commits)
+        for ref in (folder / "refs").rglob("*"):
+            if ref.is_file() and ref.read_text(encoding="utf-8", errors="replace").strip() in commits:
+                names.add(ref.relative_to(folder / "refs").as_posix())
+    except OSError:  # a folder that cannot be read: what was listed so far
+        pass
+    return sorted(names)
 
 
 def _kind_of(path: Path) -> str:

@@ -269,6 +269,9 @@ def plan_merge(
             raise UsageError(f"{name} must be a string (got {value!r})")
     if dtype is not None and dtype not in DTYPES:
         raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
+    if override and table is None:
+        raise UsageError("--override does nothing without --mask: it lets flags replace the merge settings a weight "
+                         "table records")
     data = data or tuning
     spec_inputs = task_inputs(adapters, data, tuning)
     if out is not None:

@@ -196,3 +196,18 @@ def test_a_stale_ref_does_not_hide_what_the_cache_holds(hub_cache):
         load_adapter("org/name@nope")
     assert f"the cache holds org/name at {MAIN_COMMIT}, {V2_COMMIT}, main, v2" in str(caught.value)
     assert "ghost" not in str(caught.value)
+
+
+def test_flags_that_do_nothing_are_usage_errors_as_everywhere_else(tmp_path):
+    # merge refuses every flag that does nothing here; these three were taken without a word
+    from factories import invoke_cli, write_task_folders
+
+    folders = write_task_folders(tmp_path / "inputs", names=("a", "b"))
+    sources = [str(folders["a"]), str(folders["b"])]
+    merged = invoke_cli(["merge", "--adapters", *sources, "--override", "--out", tmp_path / "m"])
+    assert merged.exit_code == 2 and "--override does nothing without --mask" in merged.stderr, merged.stderr
+    assert not (tmp_path / "m").exists()
+    shown = invoke_cli(["inspect", *sources, "--heatmap", "--json"])
+    assert shown.exit_code == 2 and "--heatmap does nothing with --json" in shown.stderr and not shown.stdout
+    scored = invoke_cli(["eval", "--adapters", *sources, "--tasks", tmp_path / "tasks.yaml", "--force"])
+    assert scored.exit_code == 2 and "--force does nothing without --out" in scored.stderr, scored.stderr

@@ -19,6 +19,7 @@ from loramerge_cli.cli.common import (
     result_console,
 )
 from loramerge_cli.cli.options import option, output_options, threads_option, with_options
+from loramerge_cli.errors import UsageError
 
 EPILOG = examples_epilog(
     "loramerge inspect adapters/rte adapters/mnli adapters/qnli",
@@ -49,6 +50,8 @@ def inspect_command(ctx: typer.Context, **flags) -> None:
     given = [*(sources or []), *(adapters or [])]
     if not given:  # before the heavy imports: a usage error is instant
         raise typer.BadParameter("give the adapters to inspect (positional or --adapters)", param_hint="ADAPTER")
+    if heatmap and flags["json_output"]:
+        raise UsageError("--heatmap does nothing with --json: it colours the norm grid of the tables")
     from loramerge_cli import api
     from loramerge_cli.cli import render
 

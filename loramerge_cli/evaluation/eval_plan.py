@@ -70,6 +70,8 @@ def plan_eval(tasks, experts: list[str], merged: list[str] | None = None, settin
     expect(settings, EvalSettings, "settings must be an EvalSettings")
     settings.check()
     out = Path(out) if out is not None else None
+    if force and out is None:
+        raise UsageError("--force does nothing without --out: it lets --out replace an existing report")
     if out is not None and out.is_dir():
         raise UsageError(f"--out {out} is a folder: give a file (missing folders above it are made)")
     if backend is not None:

@@ -211,3 +211,40 @@ def test_flags_that_do_nothing_are_usage_errors_as_everywhere_else(tmp_path):
     assert shown.exit_code == 2 and "--heatmap does nothing with --json" in shown.stderr and not shown.stdout
     scored = invoke_cli(["eval", "--adapters", *sources, "--tasks", tmp_path / "tasks.yaml", "--force"])
     assert scored.exit_code == 2 and "--force does nothing without --out" in scored.stderr, scored.stderr
+
+
+def test_greedy_history_says_the_best_so_far_never_a_rejected_round():
+    # the last round's best addition (rejected: it lowered the fitness) was recorded as `best_fitness` with its
+    # table, so the plot's "best so far" fell and the history ended on a table the search did not return
+    from loramerge_cli.search.baselines import greedy_search
+
+    gains = {0: 1.0, 1: 0.5, 2: -2.0}
+
+    def fitness(candidates):  # additive gains: 0 then 1 help, 2 hurts
+        return [sum(gains[i] for i in pruned) for pruned, _ in candidates]
+
+    rounds = []
+    ledger = greedy_search(fitness, 3, 3, 100, rounds.append)
+    assert ledger.best().pruned == (0, 1)
+    assert [(r["best_fitness"], r["pruned"]) for r in rounds] == [(1.0, [0]), (1.5, [0, 1]), (1.5, [0, 1])]
+    assert (rounds[-1]["round_best_fitness"], rounds[-1]["round_best_pruned"]) == (-0.5, [0, 1, 2])
+
+
+def test_greedy_and_random_write_their_trajectory_to_the_run_dir(tmp_path):
+    # --run-dir's help promises trajectory.jsonl after every step; greedy and random wrote none
+    import json
+
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+
+    from loramerge_cli.masks import load_table
+
+    setting = build_text_setting(tmp_path / "setting")
+    common = ["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file, "--val-limit", "4",
+              "--threads", "1"]
+    for strategy in ("greedy", "random"):
+        run_dir, out = tmp_path / f"run-{strategy}", tmp_path / f"{strategy}.json"
+        result = invoke_cli([*common, "--strategy", strategy, "--budget", "6", "--run-dir", run_dir, "--out", out])
+        assert result.exit_code == 0, result.stderr
+        lines = [json.loads(line) for line in (run_dir / "trajectory.jsonl").read_text().splitlines()]
+        assert lines and lines == load_table(out).provenance["history"]

@@ -46,12 +46,16 @@ def greedy_search(
         if not evaluated:
             break
         best = min(evaluated, key=lambda e: (-e.fitness, e.order))
+        improves = best.fitness > current
+        if improves:
+            pruned, current = best.pruned, best.fitness
         round_index += 1
-        on_round({"round": round_index, "best_fitness": best.fitness, "pruned": list(best.pruned),
+        kept = ledger.best()  # the best so far (the round's best is kept only when it improves)
+        on_round({"round": round_index, "best_fitness": kept.fitness, "pruned": list(kept.pruned),
+                  "round_best_fitness": best.fitness, "round_best_pruned": list(best.pruned),
                   "distinct_evaluated": len(ledger.memo)})
-        if best.fitness <= current:
+        if not improves:
             break
-        pruned, current = best.pruned, best.fitness
     return ledger
 
 

@@ -156,11 +156,17 @@ def _run_enmp(request, fitness, space: SearchSpace, on_event) -> Outcome:
     return Outcome(best, len(search.state.memo) - 1, search.state.history)
 
 
-def _rounds(on_event) -> tuple[list[dict], Callable[[dict], None]]:
+def _rounds(on_event, run_dir: Path | None) -> tuple[list[dict], Callable[[dict], None]]:
+    """The history of a search of rounds (greedy, random), sent as "round" events and, with a run directory,
+    written to its trajectory.jsonl after every round (they keep no state to resume from)."""
+    from loramerge_cli.search.state_io import write_progress
+
     history: list[dict] = []
 
     def on_round(record: dict) -> None:
         history.append(record)
+        if run_dir is not None:
+            write_progress(run_dir, None, None, history)
         on_event("round", record)
 
     return history, on_round
@@ -170,7 +176,7 @@ def _run_greedy(request, fitness, space: SearchSpace, on_event) -> Outcome:
     from loramerge_cli.search.baselines import greedy_search
     from loramerge_cli.search.decode import max_pruned
 
-    history, on_round = _rounds(on_event)
+    history, on_round = _rounds(on_event, space.run_dir)
     k_max = max_pruned(request.enmp.max_prune, space.unit_count, space.task_count)
     ledger = greedy_search(fitness, space.unit_count * space.task_count, k_max, _budget(request), on_round)
     return Outcome(ledger.best(), len(ledger.memo) - 1, history, settings={
@@ -181,7 +187,7 @@ def _run_random(request, fitness, space: SearchSpace, on_event) -> Outcome:
     from loramerge_cli.search.baselines import random_search
     from loramerge_cli.search.decode import max_pruned
 
-    history, on_round = _rounds(on_event)
+    history, on_round = _rounds(on_event, space.run_dir)
     flat = space.unit_count * space.task_count
     sparsity = request.sparsity if request.sparsity is not None else request.enmp.max_prune / 2
     count = max(1, min(max_pruned(request.enmp.max_prune, space.unit_count, space.task_count),

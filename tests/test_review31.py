@@ -248,3 +248,31 @@ def test_greedy_and_random_write_their_trajectory_to_the_run_dir(tmp_path):
         assert result.exit_code == 0, result.stderr
         lines = [json.loads(line) for line in (run_dir / "trajectory.jsonl").read_text().splitlines()]
         assert lines and lines == load_table(out).provenance["history"]
+
+
+def test_a_screened_search_that_saw_every_table_says_why_it_stopped():
+    # with halving, a search stopped at generation 4 of 60 (every table the cap allows scored, some on a subset
+    # only) and said nothing of why
+    from test_screened_search import GAINS, table_ladder
+
+    from loramerge_cli.search.screened import ScreenedSettings, run_screened
+
+    settings = ScreenedSettings(popsize=6, generations=60, seed=1, max_prune=0.17)  # at most 2 of 12: 79 tables
+    best, spent = run_screened(settings, table_ladder(GAINS), 4, 3)
+    assert spent["every_table_seen"] and spent["full_evaluations"] < 78 and len(spent["history"]) < 60
+    best, spent = run_screened(ScreenedSettings(popsize=6, generations=5, seed=1, max_prune=0.25),
+                               table_ladder(GAINS), 4, 3)
+    assert not spent["every_table_seen"]
+    from rich.console import Console
+
+    from loramerge_cli.cli.render import search_summary
+    from loramerge_cli.masks import WeightTable
+
+    table = WeightTable(tasks=["a", "b", "c"], units=["u0", "u1", "u2", "u3"], weights=[[1.0] * 4] * 3)
+    provenance = {"validation": {"unpruned_mean_normalized_accuracy": 90.0, "best_mean_normalized_accuracy": 91.0,
+                                 "fitness": 1.0}, "evaluations": 40, "forward_examples": 4000, "seconds": 1.0,
+                  "every_allowed_table_scored": False, "every_allowed_table_seen": True}
+    console = Console(width=400, record=True)
+    console.print(search_summary(table, provenance))
+    assert "it stopped there: every table the --max-prune cap allows was scored, some on a validation subset" in \
+        console.export_text()

@@ -286,6 +286,8 @@ def search_summary(table, provenance: dict):
         f"examples in {provenance['seconds']:.1f} s"
         + ("; that is every table the --max-prune cap allows, so no budget could buy more"
            if provenance.get("every_allowed_table_scored") else "")
+        + ("; it stopped there: every table the --max-prune cap allows was scored, some on a validation subset "
+           "only (successive halving left them there)" if provenance.get("every_allowed_table_seen") else "")
     )
     parts = [Fitting(mask_heatmap(table)), lines]
     test = provenance.get("test")

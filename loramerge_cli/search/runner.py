@@ -190,6 +190,8 @@ def _run_search(request: SearchRequest, on_event: Callable[[str, dict], None]):
     # too, tables are without number)
     provenance["every_allowed_table_scored"] = not request.enmp.addscale and outcome.evaluations >= allowed_tables(
         space.unit_count * space.task_count, request.enmp.max_prune)
+    if outcome.every_table_seen and not provenance["every_allowed_table_scored"]:  # (why a search ended early)
+        provenance["every_allowed_table_seen"] = True  # some on a validation subset only: halving left them there
     provenance.update(scored.provenance)
     provenance["validation"] = scored.validation(best)
     merger = {**fitness.unit_settings.describe(), "lambda": best_lambda}

@@ -490,7 +490,8 @@ def run_screened(settings: ScreenedSettings, fitness, unit_count: int, task_coun
     state = search.state
     return best, {"full_evaluations": len(state.memo) - 1, "forward_examples": state.forward_examples,
                   "history": state.history, "rung_examples": list(ladder.costs), "prior": state.prior,
-                  "forward_passes": state.forward_passes + 1}  # every evaluation run, the full set's reference
+                  "forward_passes": state.forward_passes + 1,  # every evaluation run, the full set's reference
+                  "every_table_seen": search._all_scored()}
 
 
 # -- search-mask glue (the strategy registry's entry and worker processes) --------------------------

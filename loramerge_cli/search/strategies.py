@@ -41,6 +41,7 @@ class Outcome:
     forward_examples: int | None = None  # examples run through the model (None: evaluations × the set's size)
     settings: dict | None = None  # the resolved settings the provenance records (None: ENMP's or the budget)
     forward_passes: int | None = None  # evaluations run, references included (None: each distinct table once)
+    every_table_seen: bool = False  # it stopped because every table the ρ cap allows was scored, some on a subset
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,7 @@ def _run_screened(request, fitness, space: SearchSpace, on_event) -> Outcome:
     best, spent = run_screened(settings, fitness, space.unit_count, space.task_count, space.run_dir, space.resume,
                                on_event)
     return Outcome(best, spent["full_evaluations"], spent["history"], spent["forward_examples"], asdict(settings),
-                   spent["forward_passes"])
+                   spent["forward_passes"], spent["every_table_seen"])
 
 
 def _check_screened(request) -> None:

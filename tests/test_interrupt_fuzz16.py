@@ -94,7 +94,7 @@ def test_search_plots_are_written_whole_and_a_broken_one_is_drawn_again(tmp_path
     folder = tmp_path / "plots"
     folder.mkdir()
     (folder / "fitness.png").write_bytes(b"")  # cut short by a kill
-    paths = write_plots(_table(), history, folder, keep_existing=True)
+    paths = write_plots(_table(), history, folder)
     assert all(path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for path in paths)
     saving = matplotlib.figure.Figure.savefig
 

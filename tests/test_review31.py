@@ -276,3 +276,69 @@ def test_a_screened_search_that_saw_every_table_says_why_it_stopped():
     console.print(search_summary(table, provenance))
     assert "it stopped there: every table the --max-prune cap allows was scored, some on a validation subset" in \
         console.export_text()
+
+
+def test_plot_pictures_are_protected_as_outputs_and_drawn_for_this_search(tmp_path):
+    # --force replaced a user's fitness.png and wrote through a symbolic link (a dangling one even without --force);
+    # a finished run resumed with a folder of another search's pictures kept them, even with --force
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+
+    from loramerge_cli.search.plots import drawn_digest
+
+    setting = build_text_setting(tmp_path / "setting")
+
+    def search(run, plots, *extra, strategy="greedy"):
+        return invoke_cli(["search-mask", "--adapters", *setting.adapter_args(), "--tasks", setting.tasks_file,
+                           "--val-limit", "4", "--threads", "1", "--strategy", strategy, "--budget", "4",
+                           "--run-dir", tmp_path / run, "--out", tmp_path / f"{run}.json", "--plot", tmp_path / plots,
+                           *extra])
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "fitness.png").write_bytes(b"my notes")
+    refused = search("r0", "mine", "--force")
+    assert refused.exit_code == 1 and "not a picture loramerge drew" in refused.stderr, refused.stderr
+    assert (mine / "fitness.png").read_bytes() == b"my notes"
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "mask.png").symlink_to(tmp_path / "nowhere.txt")
+    refused = search("r1", "linked")
+    assert refused.exit_code == 1 and "symbolic link" in refused.stderr and not (tmp_path / "nowhere.txt").exists()
+
+    assert search("a", "plots_a").exit_code == 0
+    picture = tmp_path / "plots_a" / "fitness.png"
+    assert drawn_digest(picture)  # marked as ours, with what it shows
+    drawn = picture.read_bytes()
+    again = invoke_cli(["search-mask", "--run-dir", tmp_path / "a", "--resume", "--threads", "1",
+                        "--plot", tmp_path / "plots_a"])
+    assert again.exit_code == 0 and picture.read_bytes() == drawn, again.stderr  # this run's: left as they are
+    assert search("b", "plots_b", strategy="random").exit_code == 0
+    other = ["search-mask", "--run-dir", tmp_path / "a", "--resume", "--threads", "1", "--plot", tmp_path / "plots_b"]
+    refused = invoke_cli(other)
+    assert refused.exit_code == 1 and "of another search; pass --force" in refused.stderr, refused.stderr
+    assert invoke_cli([*other, "--force"]).exit_code == 0
+    assert (tmp_path / "plots_b" / "fitness.png").read_bytes() == drawn
+
+
+def test_plots_name_the_strategy_and_the_fitness_and_tick_whole_steps():
+    # one record gave ticks -0.045 … 0.045 on an integer axis; --fitness nsc was labelled as points of accuracy;
+    # the titles did not say which strategy searched
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from loramerge_cli.masks import WeightTable
+    from loramerge_cli.search.plots import fitness_figure, search_title
+
+    figure = fitness_figure([{"round": 1, "best_fitness": 2.0}], "t")
+    axis = figure.axes[0]
+    assert all(float(tick).is_integer() for tick in axis.get_xticks())
+    assert "points over the unpruned merge" in axis.get_ylabel()
+    label = fitness_figure([{"generation": 0, "best_fitness": 2.0}], "t", "nsc").axes[0].get_ylabel()
+    assert "label-free loss" in label
+    table = WeightTable(tasks=["a"], units=["u"], weights=[[1.0]], merger={"merger": "ta"},
+                        provenance={"strategy": "surrogate", "seed": 1})
+    assert search_title(table) == "surrogate search, ta, seed 1"

@@ -339,7 +339,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
     loramerge wrote). An --out that already holds a finished run's table (`finished`) is left as it is."""
     from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
     from loramerge_cli.outputs import check_creatable, check_not_an_input, check_not_working_folder, guard_output, holds
-    from loramerge_cli.search.plots import PLOT_NAMES
+    from loramerge_cli.search.plots import PLOT_NAMES, drawn_digest, plots_digest
 
     run_files = run_dir_files(request.run_dir)
     if out is not None:
@@ -362,15 +362,31 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
             raise LoramergeError(f"--plot {plot} exists and is not a folder; give a folder for "
                                  f"{' and '.join(PLOT_NAMES)}")
         pictures = [plot / name for name in PLOT_NAMES]
+        linked = [picture for picture in pictures if picture.is_symlink()]
+        if linked:  # (as every output: never written through, even with --force)
+            raise LoramergeError(f"--plot {plot}: {linked[0].name} there is a symbolic link; it is never written "
+                                 "through: give another --plot folder")
         odd = [picture for picture in pictures if picture.exists() and not picture.is_file()]
         if odd:  # (a folder of that name: the pictures would fail only after the search)
             raise LoramergeError(f"--plot {plot}: {odd[0].name} there is not a file; give another --plot folder")
         if out is not None and any(_same(out, path) for path in (plot, *pictures)):
             raise UsageError(f"--out {out} is where --plot draws; give the table another name")
         existing = [picture for picture in pictures if picture.exists()]
-        if existing and not force and finished is None:  # a finished run's pictures are left as they are
-            raise LoramergeError(f"--plot {plot} already holds {existing[0].name}; pass --force to replace it")
-        if finished is None or not existing:  # (a finished run's pictures are not drawn again)
+        drawn = {picture: drawn_digest(picture) for picture in existing}
+        foreign = [picture for picture, digest in drawn.items() if digest is None]
+        if foreign:  # a user's file, or one an older version drew: not replaced, even with --force
+            raise LoramergeError(f"--plot {plot}: {foreign[0].name} there is not a picture loramerge drew; it is never "
+                                 "written over: give another --plot folder (or move it away)")
+        if finished is not None:  # a finished run's pictures are left as they are; another search's are not
+            from loramerge_cli.masks import table_from_text
+
+            done = table_from_text(finished, "the finished run's table")
+            expected = plots_digest(done, (done.provenance or {}).get("history") or [])
+            existing = [picture for picture, digest in drawn.items() if digest != expected]
+        if existing and not force:
+            raise LoramergeError(f"--plot {plot} already holds {existing[0].name}"
+                                 f"{' of another search' if finished is not None else ''}; pass --force to replace it")
+        if existing or not drawn:
             check_creatable(plot, f"--plot {plot}: cannot write the plots there")  # not after the search
     if request.run_dir is not None:
         run_dir = Path(request.run_dir)

@@ -37,10 +37,12 @@ def new_figure(figsize: tuple[float, float], columns: int = 1):
 
 
 def search_title(table) -> str:
-    """'ta, λ 0.4, seed 1': what the search merged with, for plot titles."""
+    """'surrogate search, ta, λ 0.4, seed 1': the strategy and what it merged with, for plot titles."""
     merger = table.merger if isinstance(table.merger, dict) else {}
-    seed = (table.provenance or {}).get("seed", merger.get("seed"))
-    parts = [str(merger.get("merger") or "?")]
+    provenance = table.provenance or {}
+    seed = provenance.get("seed", merger.get("seed"))
+    parts = [f"{provenance['strategy']} search"] if provenance.get("strategy") else []
+    parts.append(str(merger.get("merger") or "?"))
     lam = table.scale if table.scale is not None else merger.get("lambda")
     if lam is not None:
         parts.append(f"λ {float(lam):.3g}")
@@ -49,8 +51,13 @@ def search_title(table) -> str:
     return ", ".join(parts)
 
 
-def fitness_figure(history: list[dict], title: str):
-    """Best and mean fitness per generation (or round): integer ticks, markers, the unpruned merge at zero."""
+FITNESS_LABELS = {"accuracy": "fitness (points over the unpruned merge)",
+                  "nsc": "fitness (% of the unpruned merge's label-free loss removed)"}
+
+
+def fitness_figure(history: list[dict], title: str, fitness: str = "accuracy"):
+    """Best and mean fitness per generation (or round): integer ticks, markers, the unpruned merge at zero;
+    `fitness` names what the values are (the search's --fitness)."""
     from matplotlib.ticker import MaxNLocator
 
     figure, axis = new_figure((6, 3.5))
@@ -74,8 +81,12 @@ def fitness_figure(history: list[dict], title: str):
         axis.plot(steps, [record["mean_fitness"] for record in history], marker=".", alpha=0.7,
                   label="population mean")
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    low, high = axis.get_xlim()
+    if high - low < 2:  # (one record: the locator falls back to fractions below a range of 1)
+        middle = round((low + high) / 2)
+        axis.set_xlim(middle - 1, middle + 1)
     axis.set_xlabel(kind.replace("_", " ").replace("full evaluations", "full-set evaluations"))
-    axis.set_ylabel("fitness (points over the unpruned merge)")
+    axis.set_ylabel(FITNESS_LABELS.get(fitness, f"fitness ({fitness})"))
     axis.set_title(f"search fitness ({title})", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -132,30 +143,53 @@ def _short(unit: str) -> str:
 PLOT_NAMES = ("fitness.png", "mask.png")
 
 
-def write_plots(table, history: list[dict], folder: str | Path, keep_existing: bool = False) -> list[Path]:
-    """fitness.png and mask.png (PLOT_NAMES) in `folder`, each written whole or not at all; returns the paths.
-    `keep_existing`: a complete picture already there is left as it is (a finished run resumed again: its
-    pictures were drawn then)."""
+SOFTWARE = "loramerge"  # the PNG's Software text: a picture loramerge drew (only those are ever replaced)
+
+
+def plots_digest(table, history: list[dict]) -> str:
+    """The sha256 of what the pictures show (the table, its title, the history), kept in each PNG's Description:
+    a picture of this search is left as it is, one of another search is told apart."""
+    import hashlib
+    import json
+
+    shown = {"title": search_title(table), "fitness": (table.provenance or {}).get("fitness", "accuracy"),
+             "tasks": table.tasks, "units": table.units, "unit": table.unit, "weights": table.weights,
+             "history": history}
+    return hashlib.sha256(json.dumps(shown, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def drawn_digest(path: Path) -> str | None:
+    """The Description digest of a whole PNG that loramerge drew ("" for one without it); None for any other file
+    (a user's picture, one cut short, not a PNG)."""
+    try:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image.load()  # (reads to the end: a file cut short raises)
+            text = dict(getattr(image, "text", {}) or {})
+    except Exception:  # noqa: BLE001 - not a PNG, truncated, unreadable: not a picture of ours
+        return None
+    if image.format != "PNG" or not str(text.get("Software", "")).startswith(SOFTWARE):
+        return None
+    return str(text.get("Description", ""))
+
+
+def write_plots(table, history: list[dict], folder: str | Path) -> list[Path]:
+    """fitness.png and mask.png (PLOT_NAMES) in `folder`, each written whole or not at all (a picture already
+    showing the same is left as it is); returns the paths. Each PNG says it is loramerge's, and what it shows
+    (plots_digest)."""
+    from loramerge_cli import __version__
     from loramerge_cli.atomic import replacing
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    title = search_title(table)
-    drawers = (lambda: fitness_figure(history, title), lambda: mask_figure(table, title))
+    title, digest = search_title(table), plots_digest(table, history)
+    fitness = (table.provenance or {}).get("fitness", "accuracy")
+    drawers = (lambda: fitness_figure(history, title, fitness), lambda: mask_figure(table, title))
     paths = [folder / name for name in PLOT_NAMES]
+    metadata = {"Software": f"{SOFTWARE} {__version__}", "Description": digest}
     for path, draw in zip(paths, drawers):
-        if not (keep_existing and _whole_png(path)):
+        if path.is_symlink() or drawn_digest(path) != digest:
             with replacing(path) as temporary:
-                draw().savefig(temporary, dpi=110, format="png")
+                draw().savefig(temporary, dpi=110, format="png", metadata=metadata)
     return paths
-
-
-def _whole_png(path: Path) -> bool:
-    """A PNG file from its signature to its closing IEND chunk (one cut short by an older version is not)."""
-    try:
-        with open(path, "rb") as handle:
-            start = handle.read(8)
-            handle.seek(max(0, path.stat().st_size - 12))
-            return start == b"\x89PNG\r\n\x1a\n" and handle.read(12)[4:8] == b"IEND"
-    except OSError:
-        return False

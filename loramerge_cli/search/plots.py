@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from loramerge_cli.errors import LoramergeError
@@ -161,17 +162,33 @@ def plots_digest(table, history: list[dict]) -> str:
 def drawn_digest(path: Path) -> str | None:
     """The Description digest of a whole PNG that loramerge drew ("" for one without it); None for any other file
     (a user's picture, one cut short, not a PNG)."""
+    import warnings
+
+    if not _whole_png(path):
+        return None
     try:
         from PIL import Image
 
-        with Image.open(path) as image:
-            image.load()  # (reads to the end: a file cut short raises)
-            text = dict(getattr(image, "text", {}) or {})
-    except Exception:  # noqa: BLE001 - not a PNG, truncated, unreadable: not a picture of ours
+        with warnings.catch_warnings():  # (a huge picture's DecompressionBombWarning: its pixels are never read)
+            warnings.simplefilter("ignore")
+            with Image.open(path) as image:  # the chunks before the pixels: where the text is written
+                text = dict(image.info)
+    except Exception:  # noqa: BLE001 - not a PNG Pillow reads, unreadable: not a picture of ours
         return None
-    if image.format != "PNG" or not str(text.get("Software", "")).startswith(SOFTWARE):
+    if not str(text.get("Software", "")).startswith(SOFTWARE):
         return None
     return str(text.get("Description", ""))
+
+
+def _whole_png(path: Path) -> bool:
+    """A PNG file from its signature to its closing IEND chunk (one cut short is not)."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 12))
+            return start == b"\x89PNG\r\n\x1a\n" and handle.read(12)[4:8] == b"IEND"
+    except OSError:
+        return False
 
 
 def write_plots(table, history: list[dict], folder: str | Path) -> list[Path]:

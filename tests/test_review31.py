@@ -89,14 +89,11 @@ def test_the_model_card_names_the_command_the_rebuild_flags_and_the_data_lambda_
     assert (tuning["split"], tuning["val_limit"], tuning["sample_seed"]) == ("validation", 4, 0)
 
 
-def test_a_hub_base_named_by_a_file_is_not_replaced_by_a_folder_of_that_name_here(tmp_path, monkeypatch):
-    # an adapter config or a spec naming the Hub's org/tbase read a folder org/tbase of the working folder, and every
-    # record still named the Hub repository (without a commit)
+def test_a_base_named_by_a_file_and_read_from_a_folder_here_is_recorded_as_that_folder(tmp_path, monkeypatch):
+    # an adapter config or a spec naming `org/tbase` read a folder org/tbase of the working folder (as the model
+    # loaders do, and as PEFT records a base trained from that folder), and every record named the Hub repository
     from types import SimpleNamespace
 
-    import pytest
-
-    from loramerge_cli.errors import LoramergeError
     from loramerge_cli.evaluation.engine import resolve_base
     from loramerge_cli.evaluation.specs import _base_model
 
@@ -104,11 +101,9 @@ def test_a_hub_base_named_by_a_file_is_not_replaced_by_a_folder_of_that_name_her
     (tmp_path / "org" / "tbase").mkdir(parents=True)
     adapters = [SimpleNamespace(base_model="org/tbase", config={}) for _ in range(2)]
     spec = SimpleNamespace(base_model=None, path=tmp_path / "tasks.yaml")
-    with pytest.raises(LoramergeError, match="a folder org/tbase is here"):
-        resolve_base(spec, adapters, None)
-    with pytest.raises(LoramergeError, match="a folder org/tbase is here"):
-        resolve_base(SimpleNamespace(base_model="org/tbase", path=spec.path), adapters, None)
-    assert resolve_base(spec, adapters, "./org/tbase") == "./org/tbase"  # typed as a path: the folder
+    assert resolve_base(spec, adapters, None) == "./org/tbase"
+    assert resolve_base(SimpleNamespace(base_model="org/tbase", path=spec.path), adapters, None) == "./org/tbase"
+    assert resolve_base(spec, adapters, "./org/tbase") == "./org/tbase"
     assert resolve_base(spec, adapters, "org/tbase") == "org/tbase"  # typed: a folder here wins, as documented
     # a spec's base found in the spec's folder is a path, whatever its spelling
     (tmp_path / "specs" / "base").mkdir(parents=True)
@@ -342,3 +337,36 @@ def test_plots_name_the_strategy_and_the_fitness_and_tick_whole_steps():
     table = WeightTable(tasks=["a"], units=["u"], weights=[[1.0]], merger={"merger": "ta"},
                         provenance={"strategy": "surrogate", "seed": 1})
     assert search_title(table) == "surrogate search, ta, seed 1"
+
+
+def test_the_score_cache_lock_never_costs_the_scores(tmp_path, monkeypatch):
+    # a .scores.lock folder or link failed with an internal error once the scores were computed; a lock held by
+    # another process (or another user's lock file) failed the whole command and lost its report
+    import pytest
+    from filelock import FileLock
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.evaluation import cache
+
+    for odd in ("folder", "link"):
+        run_dir = tmp_path / odd
+        run_dir.mkdir()
+        lock = run_dir / ".scores.lock"
+        lock.mkdir() if odd == "folder" else lock.symlink_to(tmp_path / "victim.txt")
+        with pytest.raises(LoramergeError, match=r"\.scores\.lock is not a file loramerge wrote"):
+            cache.check_run_dir(run_dir, [])
+    monkeypatch.setattr(cache, "CACHE_LOCK_SECONDS", 0.2)
+    held = FileLock(str(tmp_path / ".scores.lock"))
+    held.acquire()
+    try:
+        cache.ScoreCache(tmp_path).put({"a" * 64: 0.5})  # saved unlocked once the wait is over
+    finally:
+        held.release()
+    assert cache.read_cache(tmp_path / "scores.json") == {"a" * 64: 0.5}
+
+    def refused(self, *args, **kwargs):  # another user's lock file in a shared run dir
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(FileLock, "acquire", refused)
+    cache.ScoreCache(tmp_path).put({"b" * 64: 0.25})
+    assert len(cache.read_cache(tmp_path / "scores.json")) == 2

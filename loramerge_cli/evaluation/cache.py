@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from loramerge_cli.atomic import write_text
 from loramerge_cli.errors import LoramergeError
 
 CACHE_NAME = "scores.json"
 CACHE_LOCK_NAME = ".scores.lock"  # held only while the cache is re-read and replaced
-CACHE_LOCK_SECONDS = 60
+CACHE_LOCK_SECONDS = 10
 
 
 class ScoreCache:
@@ -38,19 +40,32 @@ class ScoreCache:
         # what another command sharing the run dir added since this one read it is kept: the file is re-read
         # and replaced under a lock that every writer takes (without it, two commands could both re-read, and
         # the second rename lose the first's scores); a file that is no longer a score cache is not written over
-        from filelock import FileLock, Timeout
-
-        try:
-            with FileLock(str(self.file.with_name(CACHE_LOCK_NAME)), timeout=CACHE_LOCK_SECONDS):
-                self.scores = {**read_cache(self.file), **self.scores}
-                write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
-        except Timeout:
-            raise LoramergeError(f"{self.file}: another command held its lock for {CACHE_LOCK_SECONDS} s; the scores "
-                                 "of this one were not saved (they are computed again next time)") from None
+        with cache_lock(self.file.with_name(CACHE_LOCK_NAME)):
+            self.scores = {**read_cache(self.file), **self.scores}
+            write_text(self.file, json.dumps(self.scores, indent=1, sort_keys=True))
         from loramerge_cli import interrupts
 
         if interrupts.hint() is None:  # (a search's own line says how to resume it, or to rerun it)
             interrupts.set_hint(f"{self.file} keeps the scores computed so far: the same command reuses them")
+
+
+@contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """The score cache's lock for the block, at best: one that cannot be taken (another user's lock file in a
+    shared run dir, one held past CACHE_LOCK_SECONDS) leaves the block unlocked, as before there was a lock (two
+    writers at that moment can lose a score, computed again next time), never the command's work."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(path), timeout=CACHE_LOCK_SECONDS)
+    try:
+        lock.acquire()
+    except (Timeout, OSError):
+        lock = None
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def read_cache(file: Path) -> dict[str, float]:
@@ -82,7 +97,17 @@ def check_run_dir(run_dir, inputs: list) -> None:
     check_not_working_folder(run_dir, "--run-dir")
     check_not_an_input(run_dir, inputs, "--run-dir")
     check_creatable(run_dir, f"--run-dir {run_dir}: cannot write scores there")
-    read_cache(Path(run_dir) / CACHE_NAME)
+    check_cache_files(Path(run_dir))
+
+
+def check_cache_files(run_dir: Path) -> None:
+    """A run dir's score cache is one loramerge wrote (or none), and its lock, if there, a file (not a folder or
+    a link, which the lock would fail on, or write through, once the scores are computed)."""
+    read_cache(run_dir / CACHE_NAME)
+    lock = run_dir / CACHE_LOCK_NAME
+    if lock.is_symlink() or (lock.exists() and lock.is_dir()):
+        raise LoramergeError(f"{lock} is not a file loramerge wrote (a {'link' if lock.is_symlink() else 'folder'}); "
+                             "give --run-dir a folder of its own")
 
 
 def score_key(kind: str, weights_sha256: str, fingerprint: str) -> str:

@@ -72,17 +72,13 @@ def scale_deltas(deltas: dict[str, Delta], factor: float) -> dict[str, Delta]:
     return {path: delta.scaled(factor) for path, delta in deltas.items()}
 
 
-def not_shadowed(name: str, origin: str) -> str:
-    """A base a file names (a spec, the adapters' configs) spelled as a Hub id, refused when a folder of that name
-    is in the working folder: the model loaders would read the folder, and the records would name the Hub's
-    repository (a --base typed so is the user's choice: a folder here wins, recorded as a path)."""
+def as_loaded(name: str) -> str:
+    """A base a file names (a spec, the adapters' configs) spelled as a Hub id where a folder of that name is in the
+    working folder, as the model loaders read it: that folder, recorded as a path (`./org/name`), never as the
+    Hub's repository (PEFT records a base trained from a folder `tb/base` so, and the loaders read a folder first)."""
     from loramerge_cli.adapters.card import is_repo_id
 
-    if is_repo_id(name) and Path(name).is_dir():
-        raise LoramergeError(f"{origin} {name} is a Hugging Face Hub id, and a folder {name} is here, which the model "
-                             f"loaders would read instead; run from another folder, or give --base ./{name} to use "
-                             "the folder")
-    return name
+    return f"./{name}" if is_repo_id(name) and Path(name).is_dir() else name
 
 
 def resolve_base(task_file: TaskFile, adapters, base: str | None) -> str:
@@ -111,13 +107,13 @@ def resolve_base(task_file: TaskFile, adapters, base: str | None) -> str:
         if not is_base_source(task_file.base_model):
             raise task_file.error("base_model", f"{task_file.base_model}: no such folder, and not a Hugging Face Hub "
                                   "id (--base overrides it)")
-        return pinned_base(at_their_revision(not_shadowed(task_file.base_model, f"{task_file.path}: base_model")))
+        return pinned_base(at_their_revision(as_loaded(task_file.base_model)))
     if len(trained) == 1:
         name = next(iter(trained))
         if not is_base_source(name):
             raise LoramergeError(f"the adapters' base model {name}: no such folder here, and not a Hugging Face Hub "
                                  "id (use --base)")
-        return pinned_base(at_their_revision(not_shadowed(name, "the adapters' base model")))
+        return pinned_base(at_their_revision(as_loaded(name)))
     if not trained:
         raise LoramergeError(f"{task_file.path}: base_model: not given, and no adapter names its base (use --base)")
     raise LoramergeError(f"{task_file.path}: base_model: not given, and the adapters name several bases (use --base)")

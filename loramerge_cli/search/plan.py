@@ -337,7 +337,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
     """--out (a file), --plot (a folder for PLOT_NAMES) and --run-dir (a folder): none over, holding or inside
     an input, the working folder, or each other; nothing of the user's replaced (--force: only what
     loramerge wrote). An --out that already holds a finished run's table (`finished`) is left as it is."""
-    from loramerge_cli.evaluation.cache import CACHE_NAME, read_cache
+    from loramerge_cli.evaluation.cache import check_cache_files
     from loramerge_cli.outputs import check_creatable, check_not_an_input, check_not_working_folder, guard_output, holds
     from loramerge_cli.search.plots import PLOT_NAMES, drawn_digest, plots_digest
 
@@ -402,7 +402,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         if finished is None:  # (a finished run's table is only read: from a read-only copy too)
             RunDirLock(run_dir).check_free()
             check_creatable(run_dir, f"--run-dir {run_dir}: cannot write in it")  # a resume too, before any work
-        read_cache(run_dir / CACHE_NAME)  # a scores.json loramerge did not write is refused, not written into
+        check_cache_files(run_dir)  # a scores.json loramerge did not write is refused, not written into
 
 
 # Strategy options added after runs were saved, with the value that reproduces such a run.

@@ -81,12 +81,17 @@ def test_the_model_card_names_the_command_the_rebuild_flags_and_the_data_lambda_
     tuned = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--lambda", "auto", "--tasks",
                         setting.tasks_file, "--val-limit", "4", "--threads", "1", "--out", tmp_path / "t", "--json"])
     assert tuned.exit_code == 0, tuned.stderr
-    assert "λ tuned on 4 examples per task of the validation split (sample seed 0)" in \
-        (tmp_path / "t" / "README.md").read_text()
+    assert "λ tuned on the validation split (4 examples per task)" in (tmp_path / "t" / "README.md").read_text()
     import json
 
     tuning = json.loads((tmp_path / "t" / "loramerge.json").read_text())["lambda_tuning"]
     assert (tuning["split"], tuning["val_limit"], tuning["sample_seed"]) == ("validation", 4, 0)
+    assert set(tuning["examples"].values()) == {4}
+    whole = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--lambda", "auto", "--tasks",
+                        setting.tasks_file, "--val-limit", "1000", "--threads", "1", "--out", tmp_path / "w"])
+    assert whole.exit_code == 0, whole.stderr  # (a limit above the rows: the card says what was scored)
+    counts = json.loads((tmp_path / "w" / "loramerge.json").read_text())["lambda_tuning"]["examples"]
+    assert max(counts.values()) < 1000 and "1000 examples" not in (tmp_path / "w" / "README.md").read_text()
 
 
 def test_a_base_named_by_a_file_and_read_from_a_folder_here_is_recorded_as_that_folder(tmp_path, monkeypatch):
@@ -160,7 +165,7 @@ def test_an_adapter_in_a_snapshot_subfolder_is_named_where_it_is(hub_cache, llam
     set_ref(hub_cache, "nested", commit)
     with pytest.raises(LoramergeError, match=r"not at the repository's top level but in sub/") as caught:
         load_adapter("org/name@nested")
-    assert "unset HF_HUB_OFFLINE" not in str(caught.value)
+    assert "unset HF_HUB_OFFLINE" not in str(caught.value) and "allow-pickle" not in str(caught.value)
     assert load_adapter(str(snapshot / "sub")).name == "sub"  # the folder the error names
 
 
@@ -370,3 +375,13 @@ def test_the_score_cache_lock_never_costs_the_scores(tmp_path, monkeypatch):
     monkeypatch.setattr(FileLock, "acquire", refused)
     cache.ScoreCache(tmp_path).put({"b" * 64: 0.25})
     assert len(cache.read_cache(tmp_path / "scores.json")) == 2
+
+
+def test_a_recorded_command_has_no_absolute_path_after_a_named_flag_value(tmp_path):
+    # `--adapters=alpha=/abs/path` was split at its first `=` only: the model card's command kept the absolute path
+    from loramerge_cli.adapters.card import portable_command
+
+    folder = tmp_path / "out"
+    command = f"loramerge merge --adapters=alpha={tmp_path}/a beta={tmp_path}/b --base={tmp_path}/base --out={folder}"
+    assert portable_command(command, folder) == \
+        "loramerge merge --adapters=alpha=../a beta=../b --base=../base --out=."

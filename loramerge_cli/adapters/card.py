@@ -105,9 +105,11 @@ def portable_command(command: str | None, folder: str | Path) -> str | None:
         return command
     tokens = []
     for token in split:
-        head, sep, tail = token.partition("=")
-        if sep and os.path.isabs(tail):
-            token = head + sep + portable_path(tail, folder)
+        # the first `=` after which an absolute path begins: `--flag=/p`, `name=/p`, `--adapters=name=/p`
+        cut = next((index for index, char in enumerate(token) if char == "=" and os.path.isabs(token[index + 1:])),
+                   None)
+        if cut is not None:
+            token = token[:cut + 1] + portable_path(token[cut + 1:], folder)
         tokens.append(portable_path(token, folder))
     return shlex.join(tokens)
 
@@ -262,9 +264,10 @@ def _use_snippet(task_type: str | None, base: str | None, repo: str, head: str |
 def _lambda_lines(tuning: dict | None, lam: float) -> list[str]:
     if not tuning:
         return [f"- λ (factor on the merged update): {lam:.6g}"]
-    split, limit = tuning.get("split", "validation"), tuning.get("val_limit")
-    scored = f"{limit} examples per task of the {split} split (sample seed {tuning.get('sample_seed', 0)})" \
-        if limit is not None else f"the {split} split"
+    counts = sorted(set((tuning.get("examples") or {}).values()))
+    scored = f"the {tuning.get('split', 'validation')} split" + (
+        f" ({counts[0]} examples per task)" if len(counts) == 1 else
+        f" ({counts[0]}–{counts[-1]} examples per task)" if counts else "")
     lines = [f"- λ tuned on {scored}: **{tuning['best']:.6g}** (largest mean normalized accuracy on the grid)", "",
              "| λ | mean normalized accuracy (%) |", "|---|---|"]
     for record in tuning["grid"]:

@@ -379,7 +379,7 @@ def _resolve_hub(repo_spec: str, spec: str, allow_pickle: bool) -> LocalFiles:
         elif missing and constants.HF_HUB_OFFLINE:  # the snapshot may be cached in part: nothing is fetched now
             reason = (f"{SAFETENSORS_NAME} is not in the local cache (HF_HUB_OFFLINE is set: the Hub is not asked "
                       "for it; download it, or unset HF_HUB_OFFLINE)")
-        pickle = "" if allow_pickle or not missing else \
+        pickle = "" if allow_pickle or not missing or nested else \
             "; a repository with adapter_model.bin only needs --allow-pickle"
         raise LoramergeError(f"{spec}: in its snapshot {folder.name[:12]}: {reason}{pickle}") from None
     files.repo_id, files.revision = repo_id, folder.name

@@ -78,7 +78,7 @@ class LambdaSearch:
     warnings: list[str] = field(default_factory=list)
     max_length: dict[str, int] = field(default_factory=dict)  # text tasks: the token cap each used
     dtype: str | None = None  # the evaluation's
-    data: dict = field(default_factory=dict)  # which examples were scored: split, val_limit, sample_seed
+    data: dict = field(default_factory=dict)  # which examples were scored: split, val_limit, sample_seed, examples
 
     def describe(self) -> dict:
         """The JSON form written to the output's provenance and `--json`."""
@@ -193,7 +193,8 @@ def search_lambda(
                         f"({non_finite[0]})")
     chosen = evaluator.settings
     return LambdaSearch(best, default_lambda, records, warnings, dict(evaluator.max_lengths), chosen.dtype,
-                        {"split": chosen.split, "val_limit": chosen.val_limit, "sample_seed": chosen.sample_seed})
+                        {"split": chosen.split, "val_limit": chosen.val_limit, "sample_seed": chosen.sample_seed,
+                         "examples": {name: len(examples) for name, examples in evaluator.examples.items()}})
 
 
 def finite_scores(evaluator: Evaluator, deltas) -> dict[str, float] | str:

@@ -130,7 +130,7 @@ def search(plan: SearchPlan, on_event: Callable[[str, dict], None] = lambda kind
     if plan.plot is not None:
         from loramerge_cli.search.plots import write_plots
 
-        write_plots(table, provenance["history"], plan.plot)
+        write_plots(table, provenance["history"], plan.plot, plan.force)
     return table, provenance
 
 

@@ -91,9 +91,9 @@ def _commit(temporary: Path, path: Path) -> None:
     os.replace(temporary, path)
 
 
-def write_new(path: str | Path, text: str) -> None:
-    """Create `path` with `text`, atomically, only where nothing is: FileExistsError if something is there,
-    even if it appeared a moment ago (the finished file is linked into place, never renamed over it)."""
+def write_new(path: str | Path, text: str | bytes) -> None:
+    """Create `path` with `text` (or bytes), atomically, only where nothing is: FileExistsError if something is
+    there, even if it appeared a moment ago (the finished file is linked into place, never renamed over it)."""
     from loramerge_cli import interrupts
 
     path = Path(path)
@@ -101,7 +101,7 @@ def write_new(path: str | Path, text: str) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = temporary_sibling(path)
-        temporary.write_bytes(text.encode())
+        temporary.write_bytes(text if isinstance(text, bytes) else text.encode())
         with open(temporary, "rb+") as handle:
             os.fsync(handle.fileno())
         interrupts.check()

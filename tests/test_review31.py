@@ -385,3 +385,70 @@ def test_a_recorded_command_has_no_absolute_path_after_a_named_flag_value(tmp_pa
     command = f"loramerge merge --adapters=alpha={tmp_path}/a beta={tmp_path}/b --base={tmp_path}/base --out={folder}"
     assert portable_command(command, folder) == \
         "loramerge merge --adapters=alpha=../a beta=../b --base=../base --out=."
+
+
+def test_pictures_that_appear_during_a_search_are_not_written_over(tmp_path):
+    # the check before the search was the only one: a user's file put in the --plot folder while the search ran,
+    # or a second search's pictures, were replaced without --force (two searches left a mixed pair)
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.masks import WeightTable
+    from loramerge_cli.search.plots import drawn_digest, write_plots
+
+    def table(strategy):
+        return WeightTable(tasks=["a", "b"], units=["u0", "u1"], weights=[[1.0, 0.0], [1.0, 1.0]],
+                           merger={"merger": "ta"}, provenance={"strategy": strategy, "seed": 1})
+
+    history = [{"round": 1, "best_fitness": 1.0}]
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    (folder / "fitness.png").write_bytes(b"my notes")  # appeared during the search
+    with pytest.raises(LoramergeError, match=r"fitness.png appeared or changed while the search ran; it was not "
+                                             r"replaced, this search's picture is in .*fitness\.loramerge-"):
+        write_plots(table("greedy"), history, folder, force=True)
+    assert (folder / "fitness.png").read_bytes() == b"my notes" and drawn_digest(folder / "mask.png")
+    other = tmp_path / "other"
+    write_plots(table("greedy"), history, other)
+    first = drawn_digest(other / "fitness.png")
+    with pytest.raises(LoramergeError, match="appeared or changed"):  # a second search, without --force
+        write_plots(table("random"), history, other)
+    assert drawn_digest(other / "fitness.png") == drawn_digest(other / "mask.png") == first  # no mixed pair
+    write_plots(table("random"), history, other, force=True)  # with it: replaced, both
+    assert drawn_digest(other / "fitness.png") == drawn_digest(other / "mask.png") != first
+
+
+def test_only_loramerge_s_own_mark_counts(tmp_path):
+    # any Software text starting with "loramerge" counted: another tool's "loramergeX" picture was replaced
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from PIL import Image, PngImagePlugin
+
+    from loramerge_cli.search.plots import drawn_digest
+
+    for software, expected in (("loramergeX tool", None), ("loramerge 0.1.0", "d"), ("loramerge", "d")):
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", software)
+        info.add_text("Description", "d")
+        Image.new("RGB", (2, 2)).save(tmp_path / "p.png", pnginfo=info)
+        assert drawn_digest(tmp_path / "p.png") == expected, software
+
+
+def test_an_interrupt_after_a_picture_was_written_says_so(tmp_path):
+    # a Ctrl-C between the two pictures said "interrupted; nothing was written" with fitness.png replaced
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    from loramerge_cli import interrupts
+    from loramerge_cli.masks import WeightTable
+    from loramerge_cli.search.plots import write_plots
+
+    interrupts.reset()
+    try:
+        table = WeightTable(tasks=["a"], units=["u"], weights=[[1.0]], merger={"merger": "ta"})
+        write_plots(table, [{"round": 1, "best_fitness": 1.0}], tmp_path)
+        assert "fitness.png and " in interrupts.hint() and "mask.png were drawn whole before it" in interrupts.hint()
+    finally:
+        interrupts.reset()

@@ -386,7 +386,7 @@ def check_outputs(request: SearchRequest, out, force: bool, plot, inputs: list[P
         if existing and not force:
             raise LoramergeError(f"--plot {plot} already holds {existing[0].name}"
                                  f"{' of another search' if finished is not None else ''}; pass --force to replace it")
-        if existing or not drawn:
+        if existing or len(drawn) < len(pictures):  # some picture will be written
             check_creatable(plot, f"--plot {plot}: cannot write the plots there")  # not after the search
     if request.run_dir is not None:
         run_dir = Path(request.run_dir)

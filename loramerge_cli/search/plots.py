@@ -175,7 +175,7 @@ def drawn_digest(path: Path) -> str | None:
                 text = dict(image.info)
     except Exception:  # noqa: BLE001 - not a PNG Pillow reads, unreadable: not a picture of ours
         return None
-    if not str(text.get("Software", "")).startswith(SOFTWARE):
+    if str(text.get("Software", "")).partition(" ")[0] != SOFTWARE:  # ("loramergeX tool" is another's)
         return None
     return str(text.get("Description", ""))
 
@@ -191,22 +191,62 @@ def _whole_png(path: Path) -> bool:
         return False
 
 
-def write_plots(table, history: list[dict], folder: str | Path) -> list[Path]:
-    """fitness.png and mask.png (PLOT_NAMES) in `folder`, each written whole or not at all (a picture already
-    showing the same is left as it is); returns the paths. Each PNG says it is loramerge's, and what it shows
-    (plots_digest)."""
-    from loramerge_cli import __version__
-    from loramerge_cli.atomic import replacing
+def write_plots(table, history: list[dict], folder: str | Path, force: bool = False) -> list[Path]:
+    """fitness.png and mask.png (PLOT_NAMES) in `folder`, both drawn before either is written, each written whole
+    (a picture already showing the same is left as it is); returns the paths. Each PNG says it is loramerge's, and
+    what it shows (plots_digest). What is there when they are written is checked again, as `--out` is: without
+    `force` a picture is created only where nothing is, with it only a picture loramerge drew is replaced; one
+    that appeared or changed during the search is kept, this search's picture written beside it (and named in
+    the error)."""
+    import io
+
+    from loramerge_cli import __version__, interrupts
+    from loramerge_cli.atomic import write_bytes, write_new
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     title, digest = search_title(table), plots_digest(table, history)
     fitness = (table.provenance or {}).get("fitness", "accuracy")
-    drawers = (lambda: fitness_figure(history, title, fitness), lambda: mask_figure(table, title))
-    paths = [folder / name for name in PLOT_NAMES]
     metadata = {"Software": f"{SOFTWARE} {__version__}", "Description": digest}
-    for path, draw in zip(paths, drawers):
-        if path.is_symlink() or drawn_digest(path) != digest:
-            with replacing(path) as temporary:
-                draw().savefig(temporary, dpi=110, format="png", metadata=metadata)
-    return paths
+    pictures = {}
+    for name, draw in zip(PLOT_NAMES, (lambda: fitness_figure(history, title, fitness),
+                                       lambda: mask_figure(table, title))):
+        buffer = io.BytesIO()
+        draw().savefig(buffer, dpi=110, format="png", metadata=metadata)
+        pictures[folder / name] = buffer.getvalue()
+    before, written, kept = interrupts.hint(), [], []
+    for path, data in pictures.items():
+        found = None if path.is_symlink() else drawn_digest(path)
+        if found == digest:  # (this search's picture already)
+            continue
+        try:
+            if force and found is not None:
+                write_bytes(path, data)
+            else:
+                write_new(path, data)
+        except FileExistsError:
+            kept.append((path, _beside(path, data)))
+            continue
+        written.append(str(path))
+        note = f"{' and '.join(written)} {'was' if len(written) == 1 else 'were'} drawn whole before it"
+        interrupts.set_hint(f"{before}; {note}" if before else note, resumable=interrupts.resume_hint() is not None)
+    if kept:
+        path, beside = kept[0]
+        raise LoramergeError(f"--plot {folder}: {path.name} appeared or changed while the search ran; it was not "
+                             f"replaced, this search's picture is in {beside}")
+    return list(pictures)
+
+
+def _beside(path: Path, data: bytes) -> Path:
+    """A free name beside `path` holding `data` (`fitness.loramerge-PID-N.png`)."""
+    from loramerge_cli.atomic import write_new
+
+    for attempt in range(1, 1000):
+        beside = path.with_name(f"{path.stem}.loramerge-{os.getpid()}-{attempt}{path.suffix}")
+        try:
+            write_new(beside, data)
+            return beside
+        except FileExistsError:
+            continue
+    raise LoramergeError(f"--plot {path.parent}: {path.name} appeared or changed while the search ran, and no free "
+                         "name beside it was found")

@@ -337,7 +337,8 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
         engine = plan.data.evaluator(plan.adapters, plan.allow_base_mismatch, report=on_event)
         statistics = collect_grams(engine, plan.adapters, merging.module_paths(plan.adapters), on_event)
         data_warnings = engine.data_warnings()
-        tuning["input_statistics"] = {"tasks": str(plan.data.tasks), "split": engine.settings.split,
+        tuning["input_statistics"] = {"tasks": str(plan.data.tasks), "base_model": engine.base,
+                                      "split": engine.settings.split,
                                       "examples": {name: len(e) for name, e in engine.examples.items()},
                                       **({"max_length": dict(engine.max_lengths)} if engine.max_lengths else {})}
     if plan.tuning is not None:
@@ -355,7 +356,8 @@ def execute(plan: MergePlan, progress: Callable[[str], None] | None = None,
                                    **({"also": (plan.table_lambda,)} if plan.table_lambda is not None else {}),
                                    **({"pool": pool} if pool is not None else {}))
         settings = replace(settings, lam=float(search.best))
-        tuning["lambda_tuning"] = {"tasks": str(plan.tuning.tasks), **search.describe()}
+        tuning["lambda_tuning"] = {"tasks": str(plan.tuning.tasks), "base_model": plan.tuning.base,
+                                   **search.describe()}
     modules = {path for adapter in plan.adapters for path in adapter.modules}
     with stage(on_event, "merging", len(modules)) as step:
         def advance(path: str) -> None:

@@ -385,6 +385,8 @@ def test_a_recorded_command_has_no_absolute_path_after_a_named_flag_value(tmp_pa
     command = f"loramerge merge --adapters=alpha={tmp_path}/a beta={tmp_path}/b --base={tmp_path}/base --out={folder}"
     assert portable_command(command, folder) == \
         "loramerge merge --adapters=alpha=../a beta=../b --base=../base --out=."
+    assert portable_command(f"loramerge merge --adapters {tmp_path}/d=/a", folder) == \
+        "loramerge merge --adapters ../d=/a"  # (a path with `=/` in it is one path)
 
 
 def test_pictures_that_appear_during_a_search_are_not_written_over(tmp_path):
@@ -405,15 +407,15 @@ def test_pictures_that_appear_during_a_search_are_not_written_over(tmp_path):
     folder = tmp_path / "plots"
     folder.mkdir()
     (folder / "fitness.png").write_bytes(b"my notes")  # appeared during the search
-    with pytest.raises(LoramergeError, match=r"fitness.png appeared or changed while the search ran; it was not "
+    with pytest.raises(LoramergeError, match=r"fitness.png appeared or changed while the search ran; not "
                                              r"replaced, this search's picture is in .*fitness\.loramerge-"):
         write_plots(table("greedy"), history, folder, force=True)
     assert (folder / "fitness.png").read_bytes() == b"my notes" and drawn_digest(folder / "mask.png")
     other = tmp_path / "other"
     write_plots(table("greedy"), history, other)
     first = drawn_digest(other / "fitness.png")
-    with pytest.raises(LoramergeError, match="appeared or changed"):  # a second search, without --force
-        write_plots(table("random"), history, other)
+    with pytest.raises(LoramergeError, match="fitness.png and mask.png appeared or changed .* pictures are in "):
+        write_plots(table("random"), history, other)  # a second search, without --force: both named
     assert drawn_digest(other / "fitness.png") == drawn_digest(other / "mask.png") == first  # no mixed pair
     write_plots(table("random"), history, other, force=True)  # with it: replaced, both
     assert drawn_digest(other / "fitness.png") == drawn_digest(other / "mask.png") != first
@@ -452,3 +454,30 @@ def test_an_interrupt_after_a_picture_was_written_says_so(tmp_path):
         assert "fitness.png and " in interrupts.hint() and "mask.png were drawn whole before it" in interrupts.hint()
     finally:
         interrupts.reset()
+
+
+def test_a_merge_tuned_on_a_base_read_from_a_folder_here_records_that_folder(tmp_path, monkeypatch):
+    # the adapters name `org/tbase`, a folder of the working folder: λ was tuned on it, and nothing recorded that
+    import json
+    import shutil
+
+    import yaml
+    from eval_fixtures import build_text_setting
+    from factories import invoke_cli
+
+    setting = build_text_setting(tmp_path / "setting")
+    work = tmp_path / "work"
+    shutil.copytree(setting.base, work / "org" / "tbase")
+    for folder in setting.adapters.values():
+        config = json.loads((folder / "adapter_config.json").read_text())
+        (folder / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/tbase"}))
+    spec = yaml.safe_load(setting.tasks_file.read_text())
+    del spec["base_model"]
+    (setting.root / "tasks_nobase.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke_cli(["merge", "--adapters", *setting.adapter_args(), "--lambda", "auto", "--tasks",
+                         setting.root / "tasks_nobase.yaml", "--val-limit", "4", "--threads", "1", "--out", work / "m"])
+    assert result.exit_code == 0, result.stderr
+    tuning = json.loads((work / "m" / "loramerge.json").read_text())["lambda_tuning"]
+    assert tuning["base_model"] == "../org/tbase"  # (relative to the output, as every local path it records)

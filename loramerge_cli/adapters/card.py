@@ -105,9 +105,10 @@ def portable_command(command: str | None, folder: str | Path) -> str | None:
         return command
     tokens = []
     for token in split:
-        # the first `=` after which an absolute path begins: `--flag=/p`, `name=/p`, `--adapters=name=/p`
-        cut = next((index for index, char in enumerate(token) if char == "=" and os.path.isabs(token[index + 1:])),
-                   None)
+        # a path as a whole (`/a/d=/b` is one); else the first `=` after which an absolute path begins: `--flag=/p`,
+        # `name=/p`, `--adapters=name=/p`
+        cut = None if os.path.isabs(token) else next(
+            (index for index, char in enumerate(token) if char == "=" and os.path.isabs(token[index + 1:])), None)
         if cut is not None:
             token = token[:cut + 1] + portable_path(token[cut + 1:], folder)
         tokens.append(portable_path(token, folder))

@@ -484,8 +484,15 @@ def portable_provenance(provenance: dict, folder: str | Path) -> dict:
     for key in ("lambda_tuning", "input_statistics"):  # the task spec read: a local file (as given: relative to
         read = out.get(key)  # the working folder, or absolute) relative to the folder
         if isinstance(read, dict) and read.get("tasks"):
-            out[key] = {**read, "tasks": relative_path(str(read["tasks"]), folder)}
+            out[key] = {**read, "tasks": relative_path(str(read["tasks"]), folder),
+                        **({"base_model": _read_base(read["base_model"], folder)} if read.get("base_model") else {})}
     return out
+
+
+def _read_base(base: str, folder: str | Path) -> str:
+    """The base a merge read to tune λ or gather statistics: a folder here (`./org/name` too) relative to the
+    output folder, a Hub base (`org/name@commit`) as it is."""
+    return relative_path(base, folder) if os.path.isdir(os.path.expanduser(base)) else base
 
 
 def merge_provenance(result, adapters, modules, out_dtype, head, command, table, base) -> dict:

@@ -214,7 +214,8 @@ def write_plots(table, history: list[dict], folder: str | Path, force: bool = Fa
         buffer = io.BytesIO()
         draw().savefig(buffer, dpi=110, format="png", metadata=metadata)
         pictures[folder / name] = buffer.getvalue()
-    before, written, kept = interrupts.hint(), [], []
+    before, written = interrupts.hint(), []
+    kept: list[tuple[Path, Path]] = []
     for path, data in pictures.items():
         found = None if path.is_symlink() else drawn_digest(path)
         if found == digest:  # (this search's picture already)
@@ -224,16 +225,18 @@ def write_plots(table, history: list[dict], folder: str | Path, force: bool = Fa
                 write_bytes(path, data)
             else:
                 write_new(path, data)
+            written.append(str(path))
         except FileExistsError:
-            kept.append((path, _beside(path, data)))
-            continue
-        written.append(str(path))
+            beside = _beside(path, data)
+            kept.append((path, beside))
+            written.append(f"{beside} (beside {path.name}, which appeared during the search)")
         note = f"{' and '.join(written)} {'was' if len(written) == 1 else 'were'} drawn whole before it"
         interrupts.set_hint(f"{before}; {note}" if before else note, resumable=interrupts.resume_hint() is not None)
     if kept:
-        path, beside = kept[0]
-        raise LoramergeError(f"--plot {folder}: {path.name} appeared or changed while the search ran; it was not "
-                             f"replaced, this search's picture is in {beside}")
+        names = " and ".join(path.name for path, _ in kept)
+        raise LoramergeError(f"--plot {folder}: {names} appeared or changed while the search ran; not replaced, this "
+                             f"search's {'picture is' if len(kept) == 1 else 'pictures are'} in "
+                             f"{' and '.join(str(beside) for _, beside in kept)}")
     return list(pictures)
 
 

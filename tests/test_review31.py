@@ -481,3 +481,63 @@ def test_a_merge_tuned_on_a_base_read_from_a_folder_here_records_that_folder(tmp
     assert result.exit_code == 0, result.stderr
     tuning = json.loads((work / "m" / "loramerge.json").read_text())["lambda_tuning"]
     assert tuning["base_model"] == "../org/tbase"  # (relative to the output, as every local path it records)
+
+
+def _spec_on(tmp_path, data_name: str, **task_fields):
+    from eval_fixtures import write_tasks_file
+
+    task = {"name": "rte", "data": {"validation": data_name}, "text": ["premise", "hypothesis"], "label": "label",
+            "labels": ["entailment", "not_entailment"], **task_fields}
+    return write_tasks_file(tmp_path / "tasks.yaml", {"model_type": "sequence-classification", "tasks": [task]})
+
+
+def _examples(tasks_file):
+    from loramerge_cli.evaluation.data import load_examples
+    from loramerge_cli.evaluation.specs import load_task_file
+
+    task_file = load_task_file(tasks_file)
+    return load_examples(task_file, task_file.tasks[0], "validation")
+
+
+def test_parquet_reads_like_json_lines(tmp_path):
+    # an unused nanosecond timestamp column (pandas writes them) refused the whole file; a column named twice was
+    # "not a readable parquet file"; a float32 text read as 0.10000000149011612
+    import pyarrow
+    import pyarrow.parquet as parquet
+    import pytest
+
+    from loramerge_cli.errors import LoramergeError
+
+    stamps = pyarrow.array([1700000000123456789, 1700000000123456790], pyarrow.timestamp("ns"))
+    table = pyarrow.table({"premise": pyarrow.array([0.1, 2.5], pyarrow.float32()), "hypothesis": ["w1", "w2"],
+                           "label": [0, 1], "created_at": stamps})
+    parquet.write_table(table, tmp_path / "rte.parquet")
+    examples = _examples(_spec_on(tmp_path, "rte.parquet"))
+    assert examples.inputs == [("0.1", "w1"), ("2.5", "w2")] and examples.labels == [0, 1]
+    with pytest.raises(LoramergeError, match=r"column 'created_at' holds a value Python cannot read"):
+        _examples(_spec_on(tmp_path, "rte.parquet", text=["created_at", "hypothesis"]))
+    twice = pyarrow.Table.from_arrays([pyarrow.array(["a"]), pyarrow.array(["b"]), pyarrow.array([0])],
+                                      names=["premise", "premise", "label"])
+    parquet.write_table(twice, tmp_path / "twice.parquet")
+    with pytest.raises(LoramergeError, match=r"twice.parquet: column 'premise' appears twice$"):
+        _examples(_spec_on(tmp_path, "twice.parquet"))
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(LoramergeError, match=r"folder is a folder; this task type reads a file"):
+        _examples(_spec_on(tmp_path, "folder"))
+
+
+def test_a_number_that_names_another_class_is_refused_in_every_format(tmp_path):
+    # labels ['1', '0', '2']: a CSV cell 0 was the name '0' (class 1), a JSON 0 the index 0, without a word
+    import pytest
+    from eval_fixtures import write_jsonl
+
+    from loramerge_cli.errors import LoramergeError
+
+    (tmp_path / "rte.csv").write_text("premise,hypothesis,label\nw1,w2,0\n")
+    write_jsonl(tmp_path / "rte.jsonl", [{"premise": "w1", "hypothesis": "w2", "label": 0}])
+    for name in ("rte.csv", "rte.jsonl"):
+        with pytest.raises(LoramergeError, match=r"label 0 in .* is ambiguous: class 0 is '1', and '0' names class 1"):
+            _examples(_spec_on(tmp_path, name, labels=["1", "0", "2"]))
+    write_jsonl(tmp_path / "named.jsonl", [{"premise": "w1", "hypothesis": "w2", "label": "0"}])
+    assert _examples(_spec_on(tmp_path, "named.jsonl", labels=["1", "0", "2"])).labels == [1]  # JSON text: a name
+    assert _examples(_spec_on(tmp_path, "rte.csv", labels=["0", "1", "2"])).labels == [0]  # numbers = indices

@@ -181,6 +181,8 @@ def _split_rows(task_file: TaskFile, task: TaskSpec, split: str) -> tuple[list[d
             rows, class_names = _read_rows(source, task_file, where), task.labels
         except UnicodeDecodeError as error:
             raise task_file.error(where, f"{source} is not UTF-8 text (byte {error.start})") from None
+    elif source.is_dir():
+        raise task_file.error(where, f"{source} is a folder; this task type reads a file (jsonl, csv, parquet)")
     else:
         raise task_file.error(where, f"no such file {source}")
     if not rows:
@@ -227,18 +229,43 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
         import pyarrow
 
         try:
+            names = parquet.read_schema(str(path)).names
+            repeated = [name for index, name in enumerate(names) if name in names[:index]]
+            if repeated:  # (as in a CSV header or a JSON object: one of the two would be read without a word)
+                raise task_file.error(where, f"{path}: column {repeated[0]!r} appears twice")
             table = parquet.read_table(str(path))
         except (pyarrow.ArrowException, OSError) as error:  # no parquet file, cut short, an unknown encoding
             raise task_file.error(where, f"{path} is not a readable parquet file ({first_line(error)})") from None
-        repeated = [name for index, name in enumerate(table.column_names) if name in table.column_names[:index]]
-        if repeated:  # (as in a CSV header or a JSON object: one of the two would be read without a word)
-            raise task_file.error(where, f"{path}: column {repeated[0]!r} appears twice")
-        try:
-            return table.to_pylist()
-        except (pyarrow.ArrowException, OverflowError, ValueError) as error:  # a value Python has no type for (a
-            raise task_file.error(where, f"{path}: cannot read its rows ({first_line(error)})") from None  # date
-            # past year 9999)
+        columns = [_parquet_values(table.column(index)) for index in range(table.num_columns)]
+        return [dict(zip(names, values)) for values in zip(*columns)] if columns else [{} for _ in range(table.num_rows)]
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
+
+
+class Unreadable:
+    """A parquet value Python has no type for (a nanosecond timestamp, a date past year 9999): a column no task
+    reads may hold them; one it reads is refused, naming this."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return f"a value Python cannot read ({self.reason})"
+
+
+def _parquet_values(column) -> list:
+    """A parquet column's values as JSON would give them: a float32 or float16 as the decimal it was written as
+    (0.1, not 0.10000000149011612), a value Python cannot read as Unreadable."""
+    import numpy
+    import pyarrow
+
+    try:
+        values = column.to_pylist()
+    except (pyarrow.ArrowException, OverflowError, ValueError) as error:
+        return [Unreadable(first_line(error))] * len(column)
+    if pyarrow.types.is_floating(column.type) and column.type.bit_width < 64:
+        narrow = numpy.float32 if column.type.bit_width == 32 else numpy.float16
+        values = [value if value is None else float(str(narrow(value))) for value in values]
+    return values
 
 
 class _Pairs(dict):
@@ -308,9 +335,11 @@ def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] |
     if column not in row:
         raise task_file.error(where, f"column {column!r} missing in a row of {source}")
     value = row[column]
+    names = names or task_file.type.label_names(task)
     if isinstance(value, str):
-        names = names or task_file.type.label_names(task)
         if names and value in names:
+            if source.suffix.lower() == ".csv":  # (a CSV cell is text: `1` may be a name or an index)
+                _check_unambiguous(_label_from_text(value), names, task_file, where, source)
             return names.index(value)
         value = _label_from_text(value)
         if isinstance(value, str):
@@ -322,11 +351,25 @@ def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] |
         value = int(value)
     if not isinstance(value, int):
         raise task_file.error(where, f"label {value!r} is neither an index nor a name")
+    _check_unambiguous(value, names, task_file, where, source)
     classes = task.class_count
     if value < 0 or (classes is not None and value >= classes):
         upper = f"0..{classes - 1}" if classes is not None else ">= 0"
         raise task_file.error(where, f"label {value} is out of range {upper}")
     return value
+
+
+def _check_unambiguous(value, names: list[str] | None, task_file: TaskFile, where: str, source: Path) -> None:
+    """A number that is also the name of another class (`1` with labels `['1', '2', '3']`: index 1 is '2', the
+    name '1' is class 0) is refused: read as an index in one format and as a name in another (a CSV cell is
+    text), it would change the labels without a word."""
+    if not isinstance(value, int) or isinstance(value, bool) or not names or str(value) not in names:
+        return
+    named = names.index(str(value))
+    if named != value and value < len(names):
+        raise task_file.error(where, f"label {value} in {source} is ambiguous: class {value} is {names[value]!r}, and "
+                                     f"{str(value)!r} names class {named}; write the data's labels as names (text "
+                                     "that is no number), or list `labels` so that each number names its own index")
 
 
 def _content_hash(source: Path) -> str:

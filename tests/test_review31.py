@@ -541,3 +541,6 @@ def test_a_number_that_names_another_class_is_refused_in_every_format(tmp_path):
     write_jsonl(tmp_path / "named.jsonl", [{"premise": "w1", "hypothesis": "w2", "label": "0"}])
     assert _examples(_spec_on(tmp_path, "named.jsonl", labels=["1", "0", "2"])).labels == [1]  # JSON text: a name
     assert _examples(_spec_on(tmp_path, "rte.csv", labels=["0", "1", "2"])).labels == [0]  # numbers = indices
+    write_jsonl(tmp_path / "minus.jsonl", [{"premise": "w1", "hypothesis": "w2", "label": -1}])
+    with pytest.raises(LoramergeError, match=r"label -1 is out of range"):  # (no index: not ambiguous)
+        _examples(_spec_on(tmp_path, "minus.jsonl", labels=["-1", "1"]))

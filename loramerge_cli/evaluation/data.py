@@ -366,7 +366,7 @@ def _check_unambiguous(value, names: list[str] | None, task_file: TaskFile, wher
     if not isinstance(value, int) or isinstance(value, bool) or not names or str(value) not in names:
         return
     named = names.index(str(value))
-    if named != value and value < len(names):
+    if named != value and 0 <= value < len(names):
         raise task_file.error(where, f"label {value} in {source} is ambiguous: class {value} is {names[value]!r}, and "
                                      f"{str(value)!r} names class {named}; write the data's labels as names (text "
                                      "that is no number), or list `labels` so that each number names its own index")

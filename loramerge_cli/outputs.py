@@ -356,7 +356,9 @@ def write_result(out: str | Path, text: str, force: bool, formats: tuple[str, ..
             atomic.write_text(target, text)
         else:
             atomic.write_new(target, text)
-        interrupts.set_hint(f"{out} was written whole before it")  # a Ctrl-C while the result is printed
+        written = f"{out} was written whole before it"  # a Ctrl-C while the result is printed (or plotted)
+        previous = interrupts.resume_hint()  # (a finished search's: how to get its table and pictures again)
+        interrupts.set_hint(f"{previous}; {written}" if previous else written, resumable=previous is not None)
         return
     except FileExistsError:
         reason = "appeared while the command ran"

@@ -544,3 +544,20 @@ def test_a_number_that_names_another_class_is_refused_in_every_format(tmp_path):
     write_jsonl(tmp_path / "minus.jsonl", [{"premise": "w1", "hypothesis": "w2", "label": -1}])
     with pytest.raises(LoramergeError, match=r"label -1 is out of range"):  # (no index: not ambiguous)
         _examples(_spec_on(tmp_path, "minus.jsonl", labels=["-1", "1"]))
+
+
+def test_an_interrupt_after_a_search_wrote_its_table_still_says_how_to_get_it_again(tmp_path):
+    # writing --out replaced the run dir's hint: a Ctrl-C while the pictures were drawn said only that the table
+    # was written, not the --resume that draws them (README: the line says how to resume a search with a run dir)
+    from loramerge_cli import interrupts
+    from loramerge_cli.outputs import write_result
+
+    interrupts.reset()
+    try:
+        interrupts.set_hint("the search had finished; its table: loramerge search-mask --run-dir R --resume",
+                            resumable=True)
+        write_result(tmp_path / "mask.json", "{}", force=False)
+        assert interrupts.resume_hint() == ("the search had finished; its table: loramerge search-mask --run-dir R "
+                                            f"--resume; {tmp_path / 'mask.json'} was written whole before it")
+    finally:
+        interrupts.reset()

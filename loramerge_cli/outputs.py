@@ -565,6 +565,11 @@ def staged_folder(out_dir: str | Path, force: bool = False, inputs: Iterable[str
     except OSError as error:
         _remove_staging(staging, made)
         raise LoramergeError(f"{out_dir}: cannot write the output ({error.strerror or error})") from None
+    except LoramergeError as error:  # a file of the folder that could not be written: named in the output
+        _remove_staging(staging, made)
+        if str(staging) not in str(error):
+            raise
+        raise type(error)(str(error).replace(str(staging), str(out_dir))) from None
     except BaseException:
         _remove_staging(staging, made)
         raise

@@ -561,3 +561,70 @@ def test_an_interrupt_after_a_search_wrote_its_table_still_says_how_to_get_it_ag
                                             f"--resume; {tmp_path / 'mask.json'} was written whole before it")
     finally:
         interrupts.reset()
+
+
+def test_running_out_of_files_or_memory_is_the_machine_s_one_line(capsys):
+    # `ulimit -n 16` with --workers, or `ulimit -v`, ended in "internal error: OSError/MemoryError"
+    import errno
+
+    import pytest
+    import typer
+
+    from loramerge_cli import interrupts
+    from loramerge_cli.cli.common import _run
+
+    def raising(error):
+        def function():
+            raise error
+        return function
+
+    interrupts.reset()
+    for error, expected in ((OSError(errno.EMFILE, "Too many open files"), "error: too many open files (Too many "
+                             "open files): raise the limit (ulimit -n) or use fewer --workers"),
+                            (MemoryError(), "error: out of memory: raise the memory limit (ulimit -v)")):
+        with pytest.raises(typer.Exit) as caught:
+            _run(raising(error), (), {}, debug=False)
+        assert caught.value.exit_code == 1
+        assert capsys.readouterr().err.startswith(expected)
+
+
+def test_a_file_of_an_output_folder_that_cannot_be_written_is_named_in_the_output(tmp_path):
+    # apply-mask under `ulimit -f` named the hidden staging folder, already removed
+    import pytest
+
+    from loramerge_cli.errors import LoramergeError
+    from loramerge_cli.outputs import staged_folder
+
+    with pytest.raises(LoramergeError) as caught:
+        with staged_folder(tmp_path / "pruned") as staging:
+            raise LoramergeError(f"{staging / 'mask.json'}: cannot write it (File too large)")
+    assert str(caught.value) == f"{tmp_path / 'pruned'}/mask.json: cannot write it (File too large)"
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_a_search_that_failed_before_saving_names_no_resume(tmp_path, monkeypatch):
+    # a worker that failed to start: the run dir was removed, and the line still said "resume with: … --run-dir R"
+    from types import SimpleNamespace
+
+    import pytest
+
+    from loramerge_cli import interrupts
+    from loramerge_cli.errors import WorkerLost
+    from loramerge_cli.search import runner
+
+    run_dir = tmp_path / "run"
+
+    def failing(request, on_event):
+        run_dir.mkdir(exist_ok=True)
+        (run_dir / "config.json").write_text("{}")
+        interrupts.set_hint(f"resume with: loramerge search-mask --run-dir {run_dir} --resume", resumable=True)
+        raise WorkerLost("a search worker died (exit code 1)")
+
+    monkeypatch.setattr(runner, "_run_search", failing)
+    interrupts.reset()
+    try:
+        with pytest.raises(WorkerLost):
+            runner.run_search(SimpleNamespace(run_dir=run_dir))
+        assert not run_dir.exists() and interrupts.resume_hint() is None
+    finally:
+        interrupts.reset()

@@ -373,6 +373,14 @@ def _run(function, args, kwargs, debug: bool):
             verb = "write" if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) else "access"  # (a read too)
             raise fail(f"error: cannot {verb}{where} ({error.strerror})"
                        + (f"; the run dir keeps what was scored: {resume}" if resume else "")) from None
+        resume = interrupts.resume_hint()
+        kept = f"; the run dir keeps what was scored: {resume}" if resume else ""
+        if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):  # `ulimit -n`: the machine's
+            raise fail(f"error: too many open files ({error.strerror}): raise the limit (ulimit -n) or use fewer "
+                       f"--workers{kept}") from None
+        if isinstance(error, MemoryError):  # `ulimit -v`, a cgroup, or too little memory: the machine's
+            raise fail(f"error: out of memory{f' ({error})' if str(error) else ''}: raise the memory limit (ulimit -v) "
+                       f"or give the command more memory{kept}") from None
         if isinstance(error, LoramergeError):
             resume = interrupts.resume_hint() if isinstance(error, WorkerLost) else None
             raise fail(f"error: {error}" + (f"; the run dir keeps what was scored: {resume}" if resume else "")) \

@@ -237,7 +237,9 @@ def _read_rows(path: Path, task_file: TaskFile, where: str) -> list[dict]:
         except (pyarrow.ArrowException, OSError) as error:  # no parquet file, cut short, an unknown encoding
             raise task_file.error(where, f"{path} is not a readable parquet file ({first_line(error)})") from None
         columns = [_parquet_values(table.column(index)) for index in range(table.num_columns)]
-        return [dict(zip(names, values)) for values in zip(*columns)] if columns else [{} for _ in range(table.num_rows)]
+        if not columns:
+            return [{} for _ in range(table.num_rows)]
+        return [dict(zip(names, values)) for values in zip(*columns)]
     raise task_file.error(where, f"{path}: unsupported data format {suffix or '(none)'} (jsonl, csv, parquet)")
 
 

@@ -13,7 +13,7 @@ from loramerge_cli.events import stage
 from loramerge_cli.search.plan import SearchRequest, check_request, prepare_run_dir, with_shared_threads
 from loramerge_cli.search.problem import Problem, build_problem  # noqa: F401  (imported from here by callers)
 from loramerge_cli.atomic import write_text
-from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run, record_finished
+from loramerge_cli.search.rundir import BEST_NAME, forget_refused_run, record_finished, state_names
 from loramerge_cli.search.state_io import RunClock, hub_base_record, searched_data, started_command
 from loramerge_cli.search.strategies import STRATEGIES, SearchSpace  # noqa: F401
 
@@ -137,6 +137,10 @@ def run_search(request: SearchRequest, on_event: Callable[[str, dict], None] = l
     except Exception:  # refused, or failed, before saving any state (Ctrl-C keeps the run dir: it resumes)
         if held:  # (a run refused the lock leaves the folder to the search that holds it)
             forget_refused_run(run_dir, before)
+            if not any((run_dir / name).exists() for name in state_names()):  # nothing left to resume
+                from loramerge_cli import interrupts
+
+                interrupts.set_hint(None)
         raise
 
 

@@ -353,7 +353,6 @@ def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] |
         value = int(value)
     if not isinstance(value, int):
         raise task_file.error(where, f"label {value!r} is neither an index nor a name")
-    _check_unambiguous(value, names, task_file, where, source)
     classes = task.class_count
     if value < 0 or (classes is not None and value >= classes):
         upper = f"0..{classes - 1}" if classes is not None else ">= 0"
@@ -362,16 +361,16 @@ def _label_of(row: dict, task_file: TaskFile, task: TaskSpec, names: list[str] |
 
 
 def _check_unambiguous(value, names: list[str] | None, task_file: TaskFile, where: str, source: Path) -> None:
-    """A number that is also the name of another class (`1` with labels `['1', '2', '3']`: index 1 is '2', the
-    name '1' is class 0) is refused: read as an index in one format and as a name in another (a CSV cell is
-    text), it would change the labels without a word."""
+    """A CSV cell that is a number and also the name of another class (`1` with labels `['1', '2', '3']`: index 1
+    is '2', the name '1' is class 0) is refused: CSV has no types to tell a name from an index (JSON Lines and
+    parquet do: a number is an index, a string a name), so the same rows would read otherwise in another format."""
     if not isinstance(value, int) or isinstance(value, bool) or not names or str(value) not in names:
         return
     named = names.index(str(value))
     if named != value and 0 <= value < len(names):
         raise task_file.error(where, f"label {value} in {source} is ambiguous: class {value} is {names[value]!r}, and "
-                                     f"{str(value)!r} names class {named}; write the data's labels as names (text "
-                                     "that is no number), or list `labels` so that each number names its own index")
+                                     f"{str(value)!r} names class {named}; write the labels as names that are no "
+                                     "numbers, or the data as JSON Lines or parquet (a number is an index there)")
 
 
 def _content_hash(source: Path) -> str:

@@ -508,12 +508,14 @@ def test_parquet_reads_like_json_lines(tmp_path):
 
     from loramerge_cli.errors import LoramergeError
 
-    stamps = pyarrow.array([1700000000123456789, 1700000000123456790], pyarrow.timestamp("ns"))
-    table = pyarrow.table({"premise": pyarrow.array([0.1, 2.5], pyarrow.float32()), "hypothesis": ["w1", "w2"],
-                           "label": [0, 1], "created_at": stamps})
+    stamps = pyarrow.array([1700000000123456789, 1700000000123456790, 0], pyarrow.timestamp("ns"))
+    table = pyarrow.table({"premise": pyarrow.array([0.1, 2.5, 123456792.0], pyarrow.float32()),
+                           "hypothesis": pyarrow.array([0.1, 65504.0, 12352.0], pyarrow.float16()),
+                           "label": [0, 1, 0], "created_at": stamps})
     parquet.write_table(table, tmp_path / "rte.parquet")
     examples = _examples(_spec_on(tmp_path, "rte.parquet"))
-    assert examples.inputs == [("0.1", "w1"), ("2.5", "w2")] and examples.labels == [0, 1]
+    assert examples.inputs == [("0.1", "0.1"), ("2.5", "65504.0"), ("123456792.0", "12352.0")]
+    assert examples.labels == [0, 1, 0]
     with pytest.raises(LoramergeError, match=r"column 'created_at' holds a value Python cannot read"):
         _examples(_spec_on(tmp_path, "rte.parquet", text=["created_at", "hypothesis"]))
     twice = pyarrow.Table.from_arrays([pyarrow.array(["a"]), pyarrow.array(["b"]), pyarrow.array([0])],
@@ -580,7 +582,9 @@ def test_running_out_of_files_or_memory_is_the_machine_s_one_line(capsys):
     interrupts.reset()
     for error, expected in ((OSError(errno.EMFILE, "Too many open files"), "error: too many open files (Too many "
                              "open files): raise the limit (ulimit -n) or use fewer --workers"),
-                            (MemoryError(), "error: out of memory: raise the memory limit (ulimit -v)")):
+                            (MemoryError(), "error: out of memory: raise the memory limit (ulimit -v)"),
+                            (ImportError("libscipy_openblas.so: failed to map segment from shared object"),
+                             "error: out of memory (libscipy_openblas.so: failed to map segment")):
         with pytest.raises(typer.Exit) as caught:
             _run(raising(error), (), {}, debug=False)
         assert caught.value.exit_code == 1

@@ -378,7 +378,9 @@ def _run(function, args, kwargs, debug: bool):
         if isinstance(error, OSError) and error.errno in (errno.EMFILE, errno.ENFILE):  # `ulimit -n`: the machine's
             raise fail(f"error: too many open files ({error.strerror}): raise the limit (ulimit -n) or use fewer "
                        f"--workers{kept}") from None
-        if isinstance(error, MemoryError):  # `ulimit -v`, a cgroup, or too little memory: the machine's
+        if isinstance(error, MemoryError) or (isinstance(error, ImportError) and any(  # a library loaded late
+                sign in str(error) for sign in ("failed to map segment", "Cannot allocate memory"))):  # under it
+            # (`ulimit -v`, a cgroup, or too little memory: the machine's)
             raise fail(f"error: out of memory{f' ({error})' if str(error) else ''}: raise the memory limit (ulimit -v) "
                        f"or give the command more memory{kept}") from None
         if isinstance(error, LoramergeError):

@@ -257,6 +257,8 @@ class Unreadable:
 def _parquet_values(column) -> list:
     """A parquet column's values as JSON would give them: a float32 or float16 as the decimal it was written as
     (0.1, not 0.10000000149011612), a value Python cannot read as Unreadable."""
+    import math
+
     import numpy
     import pyarrow
 
@@ -264,9 +266,10 @@ def _parquet_values(column) -> list:
         values = column.to_pylist()
     except (pyarrow.ArrowException, OverflowError, ValueError) as error:
         return [Unreadable(first_line(error))] * len(column)
-    if pyarrow.types.is_floating(column.type) and column.type.bit_width < 64:
-        narrow = numpy.float32 if column.type.bit_width == 32 else numpy.float16
-        values = [value if value is None else float(str(narrow(value))) for value in values]
+    if pyarrow.types.is_floating(column.type) and column.type.bit_width < 64:  # (a whole number is exact as it is:
+        narrow = numpy.float32 if column.type.bit_width == 32 else numpy.float16  # 65504, not 65500)
+        values = [value if value is None or not math.isfinite(value) or value.is_integer()
+                  else float(str(narrow(value))) for value in values]
     return values
 
 

@@ -366,16 +366,23 @@ def write_result(out: str | Path, text: str, force: bool, formats: tuple[str, ..
         if not os.path.lexists(target) or "refusing to replace" not in str(error):
             raise
         reason = "changed while the command ran"
-    for attempt in range(1, 1000):  # a free name beside it (a pid repeats across runs in containers)
-        kept = target.with_name(f"{target.stem}.loramerge-{os.getpid()}-{attempt}{target.suffix}")
-        try:
-            atomic.write_new(kept, text)
-            break
-        except FileExistsError:
-            continue
-    else:
+    kept = write_beside(target, text)
+    if kept is None:
         raise LoramergeError(f"--out {out} {reason}; it was not replaced, and no free name beside it was found")
     raise LoramergeError(f"--out {out} {reason}; it was not replaced, the result is in {kept}")
+
+
+def write_beside(target: Path, data: str | bytes) -> Path | None:
+    """`data` written whole under a free name beside `target` (`NAME.loramerge-PID-N.SUFFIX`: a pid repeats
+    across runs in containers), for a result whose place was taken while the command ran; None if none is free."""
+    for attempt in range(1, 1000):
+        kept = target.with_name(f"{target.stem}.loramerge-{os.getpid()}-{attempt}{target.suffix}")
+        try:
+            atomic.write_new(kept, data)
+            return kept
+        except FileExistsError:
+            continue
+    return None
 
 
 def in_run_dir(path: Path) -> bool:

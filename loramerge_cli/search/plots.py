@@ -202,6 +202,7 @@ def write_plots(table, history: list[dict], folder: str | Path, force: bool = Fa
 
     from loramerge_cli import __version__, interrupts
     from loramerge_cli.atomic import write_bytes, write_new
+    from loramerge_cli.outputs import write_beside
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -227,7 +228,10 @@ def write_plots(table, history: list[dict], folder: str | Path, force: bool = Fa
                 write_new(path, data)
             written.append(str(path))
         except FileExistsError:
-            beside = _beside(path, data)
+            beside = write_beside(path, data)
+            if beside is None:
+                raise LoramergeError(f"--plot {folder}: {path.name} appeared or changed while the search ran, and no "
+                                     "free name beside it was found") from None
             kept.append((path, beside))
             written.append(f"{beside} (beside {path.name}, which appeared during the search)")
         note = f"{' and '.join(written)} {'was' if len(written) == 1 else 'were'} drawn whole before it"
@@ -238,18 +242,3 @@ def write_plots(table, history: list[dict], folder: str | Path, force: bool = Fa
                              f"search's {'picture is' if len(kept) == 1 else 'pictures are'} in "
                              f"{' and '.join(str(beside) for _, beside in kept)}")
     return list(pictures)
-
-
-def _beside(path: Path, data: bytes) -> Path:
-    """A free name beside `path` holding `data` (`fitness.loramerge-PID-N.png`)."""
-    from loramerge_cli.atomic import write_new
-
-    for attempt in range(1, 1000):
-        beside = path.with_name(f"{path.stem}.loramerge-{os.getpid()}-{attempt}{path.suffix}")
-        try:
-            write_new(beside, data)
-            return beside
-        except FileExistsError:
-            continue
-    raise LoramergeError(f"--plot {path.parent}: {path.name} appeared or changed while the search ran, and no free "
-                         "name beside it was found")
